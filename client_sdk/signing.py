@@ -1,0 +1,127 @@
+"""Signing and verifying exact bytes: envelopes and evidence.
+
+Both are signed over the DSSE pre-authentication encoding,
+``PAE(type, payload) = "DSSEv1" SP len(type) SP type SP len(payload) SP payload``, so a
+signature over one kind of message can never be replayed as another. The algorithm travels
+with the signature (crypto agility) and must match the certificate's key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from client_sdk import pb
+
+__all__ = [
+    "ENVELOPE_PAYLOAD_TYPE",
+    "EVIDENCE_PAYLOAD_TYPE",
+    "SignatureError",
+    "Signer",
+    "algorithm_of_key",
+    "key_id",
+    "pae",
+    "sha256",
+    "verify_signature",
+]
+
+ENVELOPE_PAYLOAD_TYPE = "chapar.envelope.v1"
+EVIDENCE_PAYLOAD_TYPE = "chapar.evidence.v1"
+
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+
+
+class SignatureError(Exception):
+    """A signature does not verify; ``reason`` is an UPPER_SNAKE code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE pre-authentication encoding of ``payload`` under ``payload_type``."""
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def key_id(cert: x509.Certificate) -> bytes:
+    """SHA-256 of the certificate's DER: the key id carried in signatures."""
+    return sha256(cert.public_bytes(serialization.Encoding.DER))
+
+
+def algorithm_of_key(key: PublicKey | PrivateKey) -> pb.SignatureAlgorithm.ValueType:
+    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
+        return pb.SignatureAlgorithm.SIGNATURE_ALGORITHM_ED25519
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) and isinstance(
+        key.curve, ec.SECP256R1
+    ):
+        return pb.SignatureAlgorithm.SIGNATURE_ALGORITHM_ECDSA_P256_SHA256
+    raise ValueError(f"unsupported signing key type {type(key).__name__}")
+
+
+class Signer:
+    """Signs with one private key and its certificate."""
+
+    __slots__ = ("_key", "algorithm", "certificate", "key_id")
+
+    def __init__(self, private_key: PrivateKey, certificate: x509.Certificate) -> None:
+        self._key = private_key
+        self.certificate = certificate
+        self.algorithm = algorithm_of_key(private_key)
+        if algorithm_of_key(certificate.public_key()) != self.algorithm:  # type: ignore[arg-type]
+            raise ValueError("the private key does not match the certificate")
+        self.key_id = key_id(certificate)
+
+    @classmethod
+    def from_files(cls, key_path: Path, cert_path: Path) -> Signer:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{key_path}: unsupported signing key type")
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        return cls(key, cert)
+
+    def sign(self, payload_type: str, payload: bytes) -> pb.Signature:
+        data = pae(payload_type, payload)
+        if isinstance(self._key, ed25519.Ed25519PrivateKey):
+            value = self._key.sign(data)
+        else:
+            value = self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return pb.Signature(algorithm=self.algorithm, key_id=self.key_id, value=value)
+
+
+def verify_signature(
+    cert: x509.Certificate, payload_type: str, payload: bytes, signature: pb.Signature
+) -> None:
+    """Raises SignatureError unless ``signature`` over ``payload`` is valid for ``cert``."""
+    if signature.key_id != key_id(cert):
+        raise SignatureError("SIGNATURE_KEY_MISMATCH", "signature key id does not match the certificate")
+    public_key = cert.public_key()
+    if not isinstance(public_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+        raise SignatureError("SIGNATURE_ALGORITHM_MISMATCH", "unsupported certificate key type")
+    try:
+        expected = algorithm_of_key(public_key)
+    except ValueError as exc:
+        raise SignatureError("SIGNATURE_ALGORITHM_MISMATCH", str(exc)) from exc
+    if signature.algorithm != expected:
+        raise SignatureError(
+            "SIGNATURE_ALGORITHM_MISMATCH", "signature algorithm does not match the certificate key"
+        )
+    data = pae(payload_type, payload)
+    try:
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signature.value, data)
+        else:
+            public_key.verify(signature.value, data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature as exc:
+        raise SignatureError("SIGNATURE_INVALID", "signature does not verify") from exc

@@ -1,0 +1,214 @@
+"""Offline verification: certificate chains, letters and evidence.
+
+An auditor needs only the root CA certificate(s) plus the certificates that travel with a
+letter (``GetEnvelopeResponse.certificates``) to check every signature of a letter's
+evidence chain. Nodes and the hub use the same code for what they receive.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import DecodeError
+
+from client_sdk import pb
+from client_sdk.identity import Identity, identity_of_certificate
+from client_sdk.signing import (
+    ENVELOPE_PAYLOAD_TYPE,
+    EVIDENCE_PAYLOAD_TYPE,
+    SignatureError,
+    key_id,
+    sha256,
+    verify_signature,
+)
+
+__all__ = [
+    "CertificateUsage",
+    "TrustStore",
+    "VerificationError",
+    "load_pem_certificates",
+]
+
+CertificateUsage = Literal["signing", "tls"]
+_MAX_CHAIN = 4
+
+
+class VerificationError(Exception):
+    """Something does not verify; ``reason`` is an UPPER_SNAKE code (an ErrorInfo reason)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def load_pem_certificates(path: Path) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(path.read_bytes())
+
+
+@dataclass
+class TrustStore:
+    """Root CAs, known intermediates, known signing certificates and revoked serials.
+
+    Chain checks are cached per certificate (by key id), so verifying many letters from
+    the same agency costs one signature check each, not three.
+    """
+
+    roots: list[x509.Certificate]
+    intermediates: list[x509.Certificate] = field(default_factory=list)
+    revoked_serials: set[int] = field(default_factory=set)
+    _by_key_id: dict[bytes, x509.Certificate] = field(default_factory=dict)
+    _chain_ok: dict[tuple[bytes, CertificateUsage], Identity] = field(default_factory=dict)
+
+    @classmethod
+    def from_pem_files(cls, roots: Path, intermediates: Path | None = None) -> TrustStore:
+        store = cls(load_pem_certificates(roots))
+        if intermediates is not None:
+            store.intermediates.extend(load_pem_certificates(intermediates))
+        return store
+
+    def add_certificates(self, certs: Iterable[x509.Certificate | bytes]) -> None:
+        """Adds certificates (DER bytes or objects): CA ones as intermediates, others by key id."""
+        for item in certs:
+            cert = x509.load_der_x509_certificate(item) if isinstance(item, bytes) else item
+            if _is_ca(cert):
+                if all(c != cert for c in self.intermediates):
+                    self.intermediates.append(cert)
+            else:
+                self._by_key_id[key_id(cert)] = cert
+
+    def certificate(self, kid: bytes) -> x509.Certificate | None:
+        return self._by_key_id.get(kid)
+
+    def set_revoked(self, serials: Iterable[int]) -> None:
+        self.revoked_serials = set(serials)
+        self._chain_ok.clear()
+
+    def verify_certificate(
+        self, cert: x509.Certificate, usage: CertificateUsage, at: dt.datetime | None = None
+    ) -> Identity:
+        """Checks chain to a root, validity at ``at``, key usage and revocation.
+
+        Returns the certificate's Chapar identity.
+        """
+        when = at or dt.datetime.now(dt.UTC)
+        kid = key_id(cert)
+        cached = self._chain_ok.get((kid, usage))
+        if cached is not None and _valid_at(cert, when):
+            return cached
+        identity = identity_of_certificate(cert)
+        if identity is None:
+            raise VerificationError("CERTIFICATE_NO_IDENTITY", "certificate has no Chapar SAN URI")
+        _check_usage(cert, usage)
+        current = cert
+        for _ in range(_MAX_CHAIN):
+            if current.serial_number in self.revoked_serials:
+                raise VerificationError("CERTIFICATE_REVOKED", f"certificate {current.serial_number:x} is revoked")
+            if not _valid_at(current, when):
+                raise VerificationError("CERTIFICATE_EXPIRED", "certificate not valid at the time of use")
+            root = self._issuer_in(current, self.roots)
+            if root is not None:
+                if not _valid_at(root, when):
+                    raise VerificationError("CERTIFICATE_EXPIRED", "root CA not valid at the time of use")
+                self._chain_ok[(kid, usage)] = identity
+                return identity
+            issuer = self._issuer_in(current, self.intermediates)
+            if issuer is None:
+                raise VerificationError("CERTIFICATE_UNTRUSTED", "certificate does not chain to a trusted root")
+            current = issuer
+        raise VerificationError("CERTIFICATE_UNTRUSTED", "certificate chain too long")
+
+    @staticmethod
+    def _issuer_in(cert: x509.Certificate, candidates: list[x509.Certificate]) -> x509.Certificate | None:
+        for candidate in candidates:
+            if candidate.subject != cert.issuer or not _is_ca(candidate):
+                continue
+            try:
+                cert.verify_directly_issued_by(candidate)
+            except (ValueError, TypeError, Exception):  # noqa: BLE001 - any failure means "not this issuer"
+                continue
+            return candidate
+        return None
+
+    def _signer(self, signature: pb.Signature, at: dt.datetime) -> tuple[x509.Certificate, Identity]:
+        cert = self._by_key_id.get(signature.key_id)
+        if cert is None:
+            raise VerificationError("SIGNER_UNKNOWN", "no known certificate for the signature's key id")
+        return cert, self.verify_certificate(cert, "signing", at)
+
+    def verify_envelope(self, envelope: pb.Envelope, at: dt.datetime | None = None) -> pb.EnvelopeHeader:
+        """Verifies signature, signer identity and body digest, then parses the header."""
+        when = at or dt.datetime.now(dt.UTC)
+        cert, identity = self._signer(envelope.signature, when)
+        try:
+            verify_signature(cert, ENVELOPE_PAYLOAD_TYPE, envelope.header, envelope.signature)
+        except SignatureError as exc:
+            raise VerificationError(exc.reason, str(exc)) from exc
+        try:
+            header = pb.EnvelopeHeader.FromString(envelope.header)
+        except DecodeError as exc:
+            raise VerificationError("HEADER_MALFORMED", "header bytes are not an EnvelopeHeader") from exc
+        if identity.kind != "agency" or identity.agency != header.sender.agency:
+            raise VerificationError(
+                "SENDER_MISMATCH", f"letter from {header.sender.agency} signed by {identity.uri}"
+            )
+        if header.body_sha256 != sha256(envelope.body) or header.body_size != len(envelope.body):
+            raise VerificationError("BODY_DIGEST_MISMATCH", "body does not match the signed digest")
+        return header
+
+    def verify_evidence(self, evidence: pb.Evidence) -> pb.EvidenceContent:
+        """Verifies an evidence's signature and that its signer is its stated issuer."""
+        try:
+            content = pb.EvidenceContent.FromString(evidence.content)
+        except DecodeError as exc:
+            raise VerificationError("EVIDENCE_MALFORMED", "evidence content is malformed") from exc
+        when = content.event_time.ToDatetime(tzinfo=dt.UTC) if content.HasField("event_time") else None
+        cert, identity = self._signer(evidence.signature, when or dt.datetime.now(dt.UTC))
+        try:
+            verify_signature(cert, EVIDENCE_PAYLOAD_TYPE, evidence.content, evidence.signature)
+        except SignatureError as exc:
+            raise VerificationError(exc.reason, str(exc)) from exc
+        if identity.uri != content.issuer:
+            raise VerificationError(
+                "ISSUER_MISMATCH", f"evidence says issuer {content.issuer} but {identity.uri} signed it"
+            )
+        return content
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _valid_at(cert: x509.Certificate, when: dt.datetime) -> bool:
+    return cert.not_valid_before_utc <= when <= cert.not_valid_after_utc
+
+
+def _check_usage(cert: x509.Certificate, usage: CertificateUsage) -> None:
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise VerificationError("CERTIFICATE_USAGE", "certificate has no key usage") from exc
+    if _is_ca(cert):
+        raise VerificationError("CERTIFICATE_USAGE", "a CA certificate cannot be used directly")
+    if usage == "signing":
+        if not (ku.digital_signature and ku.content_commitment):
+            raise VerificationError("CERTIFICATE_USAGE", "not a signing certificate (contentCommitment)")
+        return
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise VerificationError("CERTIFICATE_USAGE", "TLS certificate without extended key usage") from exc
+    if x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH not in eku or ku.content_commitment:
+        raise VerificationError("CERTIFICATE_USAGE", "not a TLS certificate")
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)

@@ -1,0 +1,53 @@
+"""The one error type of the core, carrying its canonical gRPC code and ErrorInfo reason.
+
+The rpc layer turns a ChaparError into a gRPC status with a ``google.rpc.ErrorInfo``
+(domain ``chapar.exchange``) in exactly one place (``node.rpc.errors``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+
+__all__ = ["ERROR_DOMAIN", "ChaparError", "Code"]
+
+ERROR_DOMAIN = "chapar.exchange"
+
+
+class Code(enum.IntEnum):
+    """Canonical status codes (google.rpc.Code) the core uses."""
+
+    INVALID_ARGUMENT = 3
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+class ChaparError(Exception):
+    """A refusal with a canonical code, an UPPER_SNAKE reason and dynamic metadata."""
+
+    def __init__(
+        self,
+        code: Code,
+        reason: str,
+        message: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[tuple[str, str]] = (),
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata = dict(metadata or {})
+        self.field_violations = list(field_violations)
+        self.retry_after_s = retry_after_s
+
+    def __repr__(self) -> str:
+        return f"ChaparError({self.code.name}, {self.reason!r}, {self.message!r})"
