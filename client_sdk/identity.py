@@ -24,7 +24,8 @@ __all__ = [
     "is_agency_code",
 ]
 
-AGENCY_CODE_RE = re.compile(r"[A-Z0-9.\-]{2,64}")
+# At least one letter or digit, so a code can never be "." or ".." when used as a path segment.
+AGENCY_CODE_RE = re.compile(r"(?=[.\-]*[A-Z0-9])[A-Z0-9.\-]{2,64}")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{0,63}")
 _PREFIX = "urn:chapar:"
 

@@ -63,7 +63,7 @@ class TrustStore:
     intermediates: list[x509.Certificate] = field(default_factory=list)
     revoked_serials: set[int] = field(default_factory=set)
     _by_key_id: dict[bytes, x509.Certificate] = field(default_factory=dict)
-    _chain_ok: dict[tuple[bytes, CertificateUsage], Identity] = field(default_factory=dict)
+    _chain_ok: dict[tuple[bytes, CertificateUsage], _Verified] = field(default_factory=dict)
 
     @classmethod
     def from_pem_files(cls, roots: Path, intermediates: Path | None = None) -> TrustStore:
@@ -87,7 +87,6 @@ class TrustStore:
 
     def set_revoked(self, serials: Iterable[int]) -> None:
         self.revoked_serials = set(serials)
-        self._chain_ok.clear()
 
     def verify_certificate(
         self, cert: x509.Certificate, usage: CertificateUsage, at: dt.datetime | None = None
@@ -97,36 +96,53 @@ class TrustStore:
         Returns the certificate's Chapar identity.
         """
         when = at or dt.datetime.now(dt.UTC)
+        if when.tzinfo is None:
+            raise VerificationError("BAD_TIME", "verification time must be timezone-aware")
         kid = key_id(cert)
         cached = self._chain_ok.get((kid, usage))
-        if cached is not None and _valid_at(cert, when):
-            return cached
+        if cached is not None and cached.start <= when <= cached.end:
+            # Revocation is checked on every use, so a serial revoked after caching still counts.
+            if self.revoked_serials.isdisjoint(cached.serials):
+                return cached.identity
+            raise VerificationError("CERTIFICATE_REVOKED", "a certificate of the chain is revoked")
         identity = identity_of_certificate(cert)
         if identity is None:
             raise VerificationError("CERTIFICATE_NO_IDENTITY", "certificate has no Chapar SAN URI")
         _check_usage(cert, usage)
+        chain = [cert]
         current = cert
         for _ in range(_MAX_CHAIN):
             if current.serial_number in self.revoked_serials:
                 raise VerificationError("CERTIFICATE_REVOKED", f"certificate {current.serial_number:x} is revoked")
             if not _valid_at(current, when):
                 raise VerificationError("CERTIFICATE_EXPIRED", "certificate not valid at the time of use")
-            root = self._issuer_in(current, self.roots)
+            cas_below = len(chain) - 1  # CA certificates between the leaf and the issuer
+            root = self._issuer_in(current, self.roots, cas_below)
             if root is not None:
+                chain.append(root)
                 if not _valid_at(root, when):
                     raise VerificationError("CERTIFICATE_EXPIRED", "root CA not valid at the time of use")
-                self._chain_ok[(kid, usage)] = identity
+                verified = _Verified(
+                    identity,
+                    max(c.not_valid_before_utc for c in chain),
+                    min(c.not_valid_after_utc for c in chain),
+                    frozenset(c.serial_number for c in chain),
+                )
+                self._chain_ok[(kid, usage)] = verified
                 return identity
-            issuer = self._issuer_in(current, self.intermediates)
+            issuer = self._issuer_in(current, self.intermediates, cas_below)
             if issuer is None:
                 raise VerificationError("CERTIFICATE_UNTRUSTED", "certificate does not chain to a trusted root")
+            chain.append(issuer)
             current = issuer
         raise VerificationError("CERTIFICATE_UNTRUSTED", "certificate chain too long")
 
     @staticmethod
-    def _issuer_in(cert: x509.Certificate, candidates: list[x509.Certificate]) -> x509.Certificate | None:
+    def _issuer_in(
+        cert: x509.Certificate, candidates: list[x509.Certificate], cas_below: int
+    ) -> x509.Certificate | None:
         for candidate in candidates:
-            if candidate.subject != cert.issuer or not _is_ca(candidate):
+            if candidate.subject != cert.issuer or not _may_issue(candidate, cas_below):
                 continue
             try:
                 cert.verify_directly_issued_by(candidate)
@@ -178,6 +194,28 @@ class TrustStore:
                 "ISSUER_MISMATCH", f"evidence says issuer {content.issuer} but {identity.uri} signed it"
             )
         return content
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A verified chain: the leaf's identity, when the whole chain is valid, its serials."""
+
+    identity: Identity
+    start: dt.datetime
+    end: dt.datetime
+    serials: frozenset[int]
+
+
+def _may_issue(ca: x509.Certificate, cas_below: int) -> bool:
+    """A CA with keyCertSign whose path length allows ``cas_below`` CAs under it."""
+    try:
+        bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+        ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    if not bc.ca or not ku.key_cert_sign:
+        return False
+    return bc.path_length is None or cas_below <= bc.path_length
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -201,6 +201,7 @@ class ConnectResponse(_message.Message):
     RELAY_RESULTS_FIELD_NUMBER: _builtins.int
     DELIVERIES_FIELD_NUMBER: _builtins.int
     EVIDENCE_FIELD_NUMBER: _builtins.int
+    RECEIPT_ACKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___ConnectWelcome:
         """First frame of the stream."""
@@ -217,6 +218,10 @@ class ConnectResponse(_message.Message):
     def evidence(self) -> Global___EvidenceBatch:
         """Evidence about letters the node sent (DELIVERY, HANDOVER, ...); acknowledge each."""
 
+    @_builtins.property
+    def receipt_acks(self) -> Global___EvidenceAckBatch:
+        """Acknowledges receipts frames: the hub has stored these evidence ids."""
+
     def __init__(
         self,
         *,
@@ -224,12 +229,13 @@ class ConnectResponse(_message.Message):
         relay_results: Global___EvidenceBatch | None = ...,
         deliveries: Global___EnvelopeBatch | None = ...,
         evidence: Global___EvidenceBatch | None = ...,
+        receipt_acks: Global___EvidenceAckBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "evidence", b"evidence", "frame", b"frame", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "evidence", b"evidence", "frame", b"frame", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "evidence", b"evidence", "frame", b"frame", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "evidence", b"evidence", "frame", b"frame", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["welcome", "relay_results", "deliveries", "evidence"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["welcome", "relay_results", "deliveries", "evidence", "receipt_acks"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 

@@ -1,0 +1,304 @@
+"""The node role: an agency's gateway (NodeService for its back-ends).
+
+The node validates, numbers and signs letters, keeps outbox and inbox, and issues
+SUBMISSION_ACCEPTANCE, DELIVERY and HANDOVER evidence with the agency's signing key. It
+talks to the hub through ``node.rpc.hub_link.HubLink``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from client_sdk import pb
+from client_sdk.shams import format_shams, parse_shams
+from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, key_id, sha256
+from client_sdk.trust import TrustStore
+from node.config import NodeConfig
+from node.core.directory import DirectoryView
+from node.core.errors import ChaparError, Code
+from node.core.evidence import evidence_content
+from node.core.letters import build_header, validate_draft
+from node.rpc.errors import abort, to_submit_error
+from node.rpc.peer import peer_identity
+from node.storage.node_store import NewLetter, NodeStore
+
+__all__ = ["Agency"]
+
+log = logging.getLogger("chapar.node")
+E = pb.EvidenceEvent
+_INBOX_BATCH = 64
+_MAX_BATCH = 1024
+
+
+class Agency(pb.NodeServiceServicer):
+    """State shared by the node's servicer and its hub link."""
+
+    def __init__(self, config: NodeConfig, store: NodeStore, signer: Signer, trust: TrustStore) -> None:
+        self.config = config
+        self.store = store
+        self.signer = signer
+        self.trust = trust
+        self.identity = config.identity
+        self.directory: DirectoryView | None = None
+        self.outbox_changed = asyncio.Event()
+        self.receipts_changed = asyncio.Event()
+        self.inbox_changed = asyncio.Condition()
+        self.hub_connected = False
+
+    # -- directory ------------------------------------------------------------------------
+
+    async def set_directory(self, directory: pb.Directory, *, persist: bool = True) -> None:
+        self.trust.add_certificates(directory.intermediate_certificates)
+        self.trust.add_certificates(directory.hub_signing_certificates)
+        known: list[tuple[bytes, bytes]] = []
+        for der in [*directory.hub_signing_certificates,
+                    *(c for a in directory.agencies for c in a.signing_certificates)]:
+            self.trust.add_certificates([der])
+            from cryptography import x509
+
+            known.append((key_id(x509.load_der_x509_certificate(der)), der))
+        known.append((self.signer.key_id, self.signer.certificate.public_bytes(Encoding.DER)))
+        self.trust.add_certificates([self.signer.certificate])
+        await self.store.remember_certificates(known)
+        self.directory = DirectoryView(directory)
+        if persist:
+            await self.store.save_directory(directory)
+        log.info("directory version %d: %d agencies", directory.version, len(directory.agencies))
+
+    def _require_directory(self) -> DirectoryView:
+        if self.directory is None:
+            raise ChaparError(Code.UNAVAILABLE, "DIRECTORY_UNAVAILABLE",
+                              "the node has not yet fetched the directory from the hub",
+                              retry_after_s=1.0)
+        return self.directory
+
+    # -- evidence ---------------------------------------------------------------------------
+
+    def sign_evidence(self, content: bytes) -> pb.Evidence:
+        return pb.Evidence(content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content))
+
+    # -- authorisation ----------------------------------------------------------------------
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        identity = peer_identity(context, self.trust)
+        if identity.kind not in ("client", "agency") or identity.agency != self.config.agency:
+            raise ChaparError(Code.PERMISSION_DENIED, "NOT_THIS_AGENCY",
+                              f"{identity.uri} may not use the node of {self.config.agency}",
+                              metadata={"identity": identity.uri})
+
+    # -- submission -------------------------------------------------------------------------
+
+    async def _submit(self, requests: Sequence[pb.SubmitEnvelopeRequest]) -> list[pb.Receipt | ChaparError]:
+        directory = self._require_directory()
+        now = dt.datetime.now(dt.UTC)
+        results: list[pb.Receipt | ChaparError] = []
+        valid: list[tuple[int, pb.LetterDraft, pb.Shams | None]] = []
+        for i, request in enumerate(requests):
+            try:
+                if len(request.request_id) > 128:
+                    raise ChaparError(Code.INVALID_ARGUMENT, "INVALID_REQUEST_ID",
+                                      "request_id is longer than 128 characters",
+                                      field_violations=[("request_id", "too long")])
+                draft = validate_draft(request.draft, sender=self.config.agency, directory=directory,
+                                       limits=self.config.limits, now=now)
+                root = await self._thread_root(draft) if draft.HasField("in_reply_to") else None
+                valid.append((i, draft, root))
+                results.append(ChaparError(Code.INTERNAL, "PENDING", ""))  # replaced below
+            except ChaparError as exc:
+                results.append(exc)
+        if not valid:
+            return results
+        sender = self.config.agency
+        agency_uri = self.identity.uri
+
+        def build(j: int, shams: pb.Shams) -> NewLetter:
+            _, draft, root = valid[j]
+            header = build_header(draft, sender=sender, shams=shams, now=now, thread_root=root)
+            envelope = pb.Envelope(header=header, signature=self.signer.sign(ENVELOPE_PAYLOAD_TYPE, header),
+                                   body=draft.body)
+            digest = sha256(header)
+            content = evidence_content(E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE, issuer=agency_uri,
+                                       shams=shams, envelope_sha256=digest, recipient="", now=now)
+            evidence = self.sign_evidence(content)
+            text = format_shams(shams)
+            receipt = pb.Receipt(shams=shams, shams_text=text, envelope_sha256=digest, evidence=evidence)
+            return NewLetter(text, envelope, digest, [r.agency for r in draft.recipients], receipt,
+                             pb.EvidenceContent.FromString(content).evidence_id)
+
+        receipts = await self.store.submit(
+            [requests[i].request_id for i, _, _ in valid], origin=sender,
+            domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=now.year, build=build)
+        for (i, _, _), receipt in zip(valid, receipts, strict=True):
+            results[i] = receipt
+        self.outbox_changed.set()
+        return results
+
+    async def _thread_root(self, draft: pb.LetterDraft) -> pb.Shams | None:
+        parent = await self.store.letter(format_shams(draft.in_reply_to))
+        if parent is None:
+            return None
+        header = pb.EnvelopeHeader.FromString(parent.envelope.header)
+        return header.thread_root if header.HasField("thread_root") else header.shams
+
+    async def SubmitEnvelope(self, request: pb.SubmitEnvelopeRequest,
+                             context: grpc.aio.ServicerContext) -> pb.SubmitEnvelopeResponse:  # type: ignore[type-arg]
+        try:
+            self._authorize(context)
+            (result,) = await self._submit([request])
+            if isinstance(result, ChaparError):
+                raise result
+        except ChaparError as exc:
+            log.info("submission refused: %s %s", exc.reason, exc.message)
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.SubmitEnvelopeResponse(receipt=result)
+
+    async def _batch(self, requests: Sequence[pb.SubmitEnvelopeRequest]) -> list[pb.SubmitResult]:
+        if len(requests) > _MAX_BATCH:
+            raise ChaparError(Code.RESOURCE_EXHAUSTED, "BATCH_TOO_LARGE",
+                              f"at most {_MAX_BATCH} letters per batch", metadata={"limit": str(_MAX_BATCH)})
+        out: list[pb.SubmitResult] = []
+        for request, result in zip(requests, await self._submit(requests), strict=True):
+            if isinstance(result, ChaparError):
+                out.append(pb.SubmitResult(request_id=request.request_id, error=to_submit_error(result)))
+            else:
+                out.append(pb.SubmitResult(request_id=request.request_id, receipt=result))
+        return out
+
+    async def BatchSubmitEnvelopes(self, request: pb.BatchSubmitEnvelopesRequest,
+                                   context: grpc.aio.ServicerContext) -> pb.BatchSubmitEnvelopesResponse:  # type: ignore[type-arg]
+        try:
+            self._authorize(context)
+            results = await self._batch(request.requests)
+        except ChaparError as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.BatchSubmitEnvelopesResponse(results=results)
+
+    async def StreamSubmitEnvelopes(self, request_iterator: AsyncIterator[pb.StreamSubmitEnvelopesRequest],
+                                    context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        try:
+            self._authorize(context)
+        except ChaparError as exc:
+            await abort(context, exc)
+            return
+        # Batches are processed concurrently (group commit joins them) and answered in order.
+        pending: asyncio.Queue[asyncio.Task[list[pb.SubmitResult]] | None] = asyncio.Queue(8)
+
+        async def read() -> None:
+            try:
+                async for frame in request_iterator:
+                    await pending.put(asyncio.create_task(self._batch(frame.requests)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    results = await task
+                except ChaparError as exc:
+                    await abort(context, exc)
+                    return
+                await context.write(pb.StreamSubmitEnvelopesResponse(results=results))
+            await reader
+        finally:
+            reader.cancel()
+
+    # -- inbox ------------------------------------------------------------------------------
+
+    async def StreamInbox(self, request: pb.StreamInboxRequest,
+                          context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        try:
+            self._authorize(context)
+        except ChaparError as exc:
+            await abort(context, exc)
+            return
+        mailbox = request.mailbox
+        cursor = 0
+        while True:
+            async with self.inbox_changed:
+                rows = await self.store.unacked_inbox(cursor, _INBOX_BATCH)
+                if not rows:
+                    await self.inbox_changed.wait()
+                    continue
+            cursor = rows[-1][0]
+            letters = []
+            for _, shams, mailboxes, envelope, delivery, received_at in rows:
+                if mailbox and mailbox not in mailboxes.split("\n"):
+                    continue
+                letter = pb.InboxLetter(envelope=pb.Envelope.FromString(envelope), shams=parse_shams(shams),
+                                        shams_text=shams, delivery=pb.Evidence.FromString(delivery))
+                letter.receive_time.FromDatetime(dt.datetime.fromtimestamp(received_at, dt.UTC))
+                letters.append(letter)
+            if letters:
+                await context.write(pb.StreamInboxResponse(letters=letters))
+
+    async def notify_inbox(self) -> None:
+        async with self.inbox_changed:
+            self.inbox_changed.notify_all()
+
+    async def AckEnvelope(self, request: pb.AckEnvelopeRequest,
+                          context: grpc.aio.ServicerContext) -> pb.AckEnvelopeResponse:  # type: ignore[type-arg]
+        try:
+            self._authorize(context)
+            shams = self._shams_of(request.shams)
+            agency_uri = self.identity.uri
+
+            def make_handover(envelope: pb.Envelope) -> pb.Evidence:
+                header = pb.EnvelopeHeader.FromString(envelope.header)
+                return self.sign_evidence(evidence_content(
+                    E.EVIDENCE_EVENT_HANDOVER, issuer=agency_uri, shams=header.shams,
+                    envelope_sha256=sha256(envelope.header), recipient=self.config.agency,
+                    now=dt.datetime.now(dt.UTC)))
+
+            evidence = await self.store.acknowledge(shams, make_handover)
+        except ChaparError as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        self.receipts_changed.set()
+        return pb.AckEnvelopeResponse(evidence=evidence)
+
+    @staticmethod
+    def _shams_of(shams: pb.Shams) -> str:
+        from node.core.letters import validate_shams
+
+        validate_shams(shams, "shams")
+        return format_shams(shams)
+
+    async def GetEnvelope(self, request: pb.GetEnvelopeRequest,
+                          context: grpc.aio.ServicerContext) -> pb.GetEnvelopeResponse:  # type: ignore[type-arg]
+        try:
+            self._authorize(context)
+            shams = self._shams_of(request.shams)
+            letter = await self.store.letter(shams)
+            if letter is None:
+                raise ChaparError(Code.NOT_FOUND, "LETTER_NOT_FOUND", f"no letter {shams} at this node",
+                                  metadata={"shams": shams})
+        except ChaparError as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        key_ids = [letter.envelope.signature.key_id, *(e.signature.key_id for e in letter.evidence)]
+        certs = await self.store.certificates(key_ids)
+        if self.directory is not None:
+            certs.extend(self.directory.message.intermediate_certificates)
+        return pb.GetEnvelopeResponse(
+            envelope=letter.envelope, direction=letter.direction, evidence=letter.evidence,
+            certificates=certs,
+            statuses=[pb.RecipientStatus(agency=a, state=s) for a, s in letter.statuses.items()])  # type: ignore[arg-type]
+
+    async def ListAgencies(self, request: pb.ListAgenciesRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListAgenciesResponse:  # type: ignore[type-arg]
+        try:
+            self._authorize(context)
+            directory = self._require_directory()
+        except ChaparError as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.ListAgenciesResponse(agencies=directory.message.agencies, directory_version=directory.version)

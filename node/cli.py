@@ -1,0 +1,75 @@
+"""The ``chapar`` command: PKI, servers, client commands and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from node.config import ConfigError, load_hub_config, load_node_config
+
+__all__ = ["main"]
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from node.server import configure_logging, serve_hub, serve_node
+
+    configure_logging(ns.log_level)
+    try:
+        if ns.role == "hub":
+            asyncio.run(serve_hub(load_hub_config(ns.config)))
+        else:
+            asyncio.run(serve_node(load_node_config(ns.config)))
+    except ConfigError as exc:
+        print(f"error: configuration {ns.config}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _demo(ns: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    try:
+        return asyncio.run(run_demo(ns.serve))
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chapar", description="Chapar: signed inter-agency correspondence over mutual TLS."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for role, text in (("hub", "the national exchange hub"), ("node", "an agency's node")):
+        p = sub.add_parser(role, help=f"run {text}")
+        rsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+        serve = rsub.add_parser("serve", help=f"serve as {text} until SIGTERM")
+        serve.add_argument("--config", type=Path, required=True, help="TOML configuration file")
+        serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        serve.set_defaults(func=_serve, role=role)
+    demo = sub.add_parser("demo", help="run a hub and two nodes on loopback and exchange signed letters")
+    demo.add_argument(
+        "--serve", type=Path, metavar="DIR", default=None,
+        help="keep the servers running with their PKI and configuration in DIR until interrupted",
+    )
+    demo.set_defaults(func=_demo)
+
+    from certs.cli import register as register_pki
+    from node.cli_client import register as register_client
+
+    register_pki(sub)
+    register_client(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    code: int = ns.func(ns)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

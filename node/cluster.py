@@ -1,0 +1,249 @@
+"""A hub and agency nodes as real processes on loopback, with a fresh development PKI.
+
+Used by ``chapar demo``, the integration tests and (later) the load-test harness and
+fault injection: ``kill``, ``terminate`` and ``restart`` act on real processes. After its
+first start a server keeps its port (its configuration is rewritten with it), so peers and
+clients reconnect to the same address after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from certs.pki import PkiLayout, init_pki
+from client_sdk.credentials import Credentials
+
+__all__ = ["Cluster", "ServerProcess"]
+
+Role = Literal["hub", "node"]
+_READY_TIMEOUT_S = 30.0
+
+
+@dataclass
+class ServerProcess:
+    """One ``chapar hub serve`` or ``chapar node serve`` process."""
+
+    name: str
+    role: Role
+    config: Path
+    ready_file: Path
+    log_file: Path
+    address: str = ""
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.ready_file.unlink()
+        log = self.log_file.open("ab")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node", self.role, "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    async def wait_ready(self, timeout: float = _READY_TIMEOUT_S) -> str:
+        """Waits for the process to write its ready file; returns its address."""
+        assert self.proc is not None
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                info = json.loads(self.ready_file.read_text())
+                if info.get("pid") == self.proc.pid:
+                    first = not self.address
+                    self.address = str(info["address"])
+                    if first:
+                        self._pin_port()
+                    return self.address
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def _pin_port(self) -> None:
+        text = self.config.read_text()
+        self.config.write_text(text.replace('listen = "127.0.0.1:0"', f'listen = "{self.address}"'))
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait for a clean exit; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def pause(self) -> None:
+        """SIGSTOP: the process hangs without closing its connections."""
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    async def restart(self) -> str:
+        self.terminate()
+        self.start()
+        return await self.wait_ready()
+
+
+def _toml_path(path: Path) -> str:
+    return json.dumps(str(path))
+
+
+class Cluster:
+    """A hub and its agency nodes under one directory."""
+
+    def __init__(self, root: Path, pki: PkiLayout, hub: ServerProcess, nodes: dict[str, ServerProcess]):
+        self.root = root
+        self.pki = pki
+        self.hub = hub
+        self.nodes = nodes
+
+    @classmethod
+    async def start(
+        cls,
+        root: Path,
+        agencies: Sequence[str],
+        *,
+        hub_name: str = "national",
+        signing_algorithm: Literal["ed25519", "ecdsa-p256"] = "ed25519",
+        node_settings: str = "",
+        hub_settings: str = "",
+        agency_states: dict[str, str] | None = None,
+        without_node: Sequence[str] = (),
+    ) -> Cluster:
+        """Makes a PKI and configurations under ``root``, starts the hub then the nodes.
+
+        Agencies in ``without_node`` get certificates and a directory entry but no node.
+        """
+        root.mkdir(parents=True, exist_ok=True)
+        pki = init_pki(root / "pki", hub=hub_name, agencies=agencies, signing_algorithm=signing_algorithm,
+                       auditors=["auditor"])
+        hub = cls._hub_process(root, pki, hub_name, agencies, hub_settings, agency_states or {})
+        hub.start()
+        await hub.wait_ready()
+        nodes = {
+            code: cls._node_process(root, pki, code, hub.address, node_settings)
+            for code in agencies
+            if code not in without_node
+        }
+        for proc in nodes.values():
+            proc.start()
+        for proc in nodes.values():
+            await proc.wait_ready()
+        return cls(root, pki, hub, nodes)
+
+    @staticmethod
+    def _hub_process(root: Path, pki: PkiLayout, name: str, agencies: Sequence[str], extra: str,
+                     states: dict[str, str]) -> ServerProcess:
+        d = root / "hub"
+        d.mkdir(exist_ok=True)
+        hub_dir = pki.hub_dir(name)
+        lines = [
+            "[hub]",
+            f"name = {json.dumps(name)}",
+            'listen = "127.0.0.1:0"',
+            'database = "hub.db"',
+            'ready_file = "ready.json"',
+            extra,
+            "[tls]",
+            f"ca = {_toml_path(pki.root_cert)}",
+            f"cert = {_toml_path(hub_dir / 'tls.crt')}",
+            f"key = {_toml_path(hub_dir / 'tls.key')}",
+            "[signing]",
+            f"cert = {_toml_path(hub_dir / 'signing.crt')}",
+            f"key = {_toml_path(hub_dir / 'signing.key')}",
+            f"intermediates = {_toml_path(pki.intermediate_cert)}",
+        ]
+        for code in agencies:
+            lines += [
+                "[[agencies]]",
+                f"code = {json.dumps(code)}",
+                f"name = {json.dumps('Agency ' + code)}",
+                f"state = {json.dumps(states.get(code, 'active'))}",
+                f"signing_certificates = [{_toml_path(pki.agency_dir(code) / 'signing.crt')}]",
+            ]
+        config = d / "hub.toml"
+        config.write_text("\n".join(lines) + "\n")
+        return ServerProcess("hub", "hub", config, d / "ready.json", d / "hub.log")
+
+    @staticmethod
+    def _node_process(root: Path, pki: PkiLayout, code: str, hub_address: str, extra: str) -> ServerProcess:
+        d = root / f"node-{code}"
+        d.mkdir(exist_ok=True)
+        a = pki.agency_dir(code)
+        config = d / "node.toml"
+        config.write_text("\n".join([
+            "[node]",
+            f"agency = {json.dumps(code)}",
+            'listen = "127.0.0.1:0"',
+            f"hub = {json.dumps(hub_address)}",
+            'database = "node.db"',
+            'ready_file = "ready.json"',
+            extra,
+            "[tls]",
+            f"ca = {_toml_path(pki.root_cert)}",
+            f"cert = {_toml_path(a / 'tls.crt')}",
+            f"key = {_toml_path(a / 'tls.key')}",
+            "[signing]",
+            f"cert = {_toml_path(a / 'signing.crt')}",
+            f"key = {_toml_path(a / 'signing.key')}",
+            f"intermediates = {_toml_path(pki.intermediate_cert)}",
+        ]) + "\n")
+        return ServerProcess(f"node-{code}", "node", config, d / "ready.json", d / "node.log")
+
+    def credentials(self, agency: str) -> Credentials:
+        """The back-end client credentials of ``agency``."""
+        return Credentials.from_pki(self.pki.root, agency)
+
+    def addresses(self) -> dict[str, object]:
+        return {
+            "hub": self.hub.address,
+            "nodes": {code: p.address for code, p in self.nodes.items()},
+            "pki": str(self.pki.root),
+        }
+
+    def write_addresses(self, path: Path) -> None:
+        path.write_text(json.dumps(self.addresses(), indent=2) + "\n")
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM every process (nodes first); returns their exit codes."""
+        codes = {name: p.terminate() for name, p in self.nodes.items()}
+        codes["hub"] = self.hub.terminate()
+        return codes

@@ -1,0 +1,265 @@
+"""Configuration: one TOML file per node or hub, validated at start.
+
+A bad file stops start-up with a ConfigError naming the key and what is wrong with it.
+Relative paths are resolved against the directory of the configuration file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client_sdk.identity import Identity, is_agency_code
+from node.core.letters import LetterLimits
+from node.storage.db import Durability
+
+__all__ = [
+    "AgencyEntry",
+    "ConfigError",
+    "HubConfig",
+    "NodeConfig",
+    "SigningConfig",
+    "TlsConfig",
+    "load_hub_config",
+    "load_node_config",
+]
+
+DEFAULT_LISTEN = "127.0.0.1:0"
+_STATES = ("active", "suspended", "retired")
+_ALGORITHMS = ("ed25519", "ecdsa-p256")
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    cert: Path
+    key: Path
+    algorithm: str | None = None
+    intermediates: Path | None = None
+
+
+@dataclass(frozen=True)
+class AgencyEntry:
+    code: str
+    name: str
+    state: str
+    signing_certificates: list[Path]
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    name: str
+    listen: str
+    database: Path
+    tls: TlsConfig
+    signing: SigningConfig
+    agencies: list[AgencyEntry]
+    ready_file: Path | None = None
+    durability: Durability = "full"
+    grace_s: float = 5.0
+    delivery_window: int = 1024
+
+    @property
+    def identity(self) -> Identity:
+        return Identity.for_hub(self.name)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    agency: str
+    listen: str
+    hub: str
+    database: Path
+    tls: TlsConfig
+    signing: SigningConfig
+    limits: LetterLimits = field(default_factory=LetterLimits)
+    ready_file: Path | None = None
+    durability: Durability = "full"
+    grace_s: float = 5.0
+    relay_batch: int = 256
+
+    @property
+    def identity(self) -> Identity:
+        return Identity.for_agency(self.agency)
+
+
+class _Table:
+    """Typed access to one TOML table, with the key path for messages."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, base: Path) -> None:
+        self.data = data
+        self.path = path
+        self.base = base
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def table(self, key: str, *, required: bool = True) -> _Table:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise ConfigError(f"[{self._key(key)}]: missing table")
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self._key(key)}: must be a table")
+        return _Table(value, self._key(key), self.base)
+
+    def str(self, key: str, default: str | None = None) -> str:
+        value = self.data.get(key, default)
+        if value is None:
+            raise ConfigError(f"{self._key(key)}: missing")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self._key(key)}: must be a non-empty string")
+        return value
+
+    def int(self, key: str, default: int, *, minimum: int = 1) -> int:
+        value = self.data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{self._key(key)}: must be an integer >= {minimum}")
+        return value
+
+    def float(self, key: str, default: float) -> float:
+        value = self.data.get(key, default)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{self._key(key)}: must be a number >= 0")
+        return float(value)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.str(key, default)
+        if value not in choices:
+            raise ConfigError(f"{self._key(key)}: must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    def path_(self, key: str, *, must_exist: bool = True, default: str | None = None) -> Path:
+        raw = self.str(key, default)
+        path = (self.base / raw).resolve()
+        if must_exist and not path.is_file():
+            raise ConfigError(f"{self._key(key)}: no such file {path}")
+        return path
+
+    def optional_path(self, key: str, *, must_exist: bool = True) -> Path | None:
+        if key not in self.data:
+            return None
+        return self.path_(key, must_exist=must_exist)
+
+    def listen(self, key: str) -> str:
+        value = self.str(key, DEFAULT_LISTEN)
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"{self._key(key)}: must be HOST:PORT, not {value!r}")
+        return value
+
+
+def _read(path: Path) -> _Table:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such configuration file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return _Table(data, "", path.parent.resolve())
+
+
+def _tls(t: _Table) -> TlsConfig:
+    tls = t.table("tls")
+    return TlsConfig(ca=tls.path_("ca"), cert=tls.path_("cert"), key=tls.path_("key"))
+
+
+def _signing(t: _Table) -> SigningConfig:
+    s = t.table("signing")
+    algorithm = s.choice("algorithm", "auto", ("auto", *_ALGORITHMS))
+    return SigningConfig(
+        cert=s.path_("cert"),
+        key=s.path_("key"),
+        algorithm=None if algorithm == "auto" else algorithm,
+        intermediates=s.optional_path("intermediates"),
+    )
+
+
+def load_hub_config(path: Path) -> HubConfig:
+    t = _read(path)
+    hub = t.table("hub")
+    name = hub.str("name")
+    try:
+        Identity.for_hub(name)
+    except ValueError as exc:
+        raise ConfigError(f"hub.name: {exc}") from exc
+    agencies: list[AgencyEntry] = []
+    raw = t.data.get("agencies", [])
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("[[agencies]]: at least one agency is required")
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(f"agencies[{i}]: must be a table")
+        a = _Table(item, f"agencies[{i}]", t.base)
+        code = a.str("code")
+        if not is_agency_code(code):
+            raise ConfigError(f"agencies[{i}].code: {code!r} is not 2-64 characters of A-Z 0-9 . -")
+        if code in seen:
+            raise ConfigError(f"agencies[{i}].code: {code} is listed twice")
+        seen.add(code)
+        certs = item.get("signing_certificates")
+        if not isinstance(certs, list) or not certs or not all(isinstance(c, str) for c in certs):
+            raise ConfigError(f"agencies[{i}].signing_certificates: must be a list of file paths")
+        paths = []
+        for j, c in enumerate(certs):
+            p = (t.base / c).resolve()
+            if not p.is_file():
+                raise ConfigError(f"agencies[{i}].signing_certificates[{j}]: no such file {p}")
+            paths.append(p)
+        agencies.append(
+            AgencyEntry(code, a.str("name", code), a.choice("state", "active", _STATES), paths)
+        )
+    return HubConfig(
+        name=name,
+        listen=hub.listen("listen"),
+        database=hub.path_("database", must_exist=False, default="hub.db"),
+        tls=_tls(t),
+        signing=_signing(t),
+        agencies=agencies,
+        ready_file=hub.optional_path("ready_file", must_exist=False),
+        durability=hub.choice("durability", "full", ("full", "normal")),  # type: ignore[arg-type]
+        grace_s=hub.float("shutdown_grace_s", 5.0),
+        delivery_window=hub.int("delivery_window", 1024),
+    )
+
+
+def load_node_config(path: Path) -> NodeConfig:
+    t = _read(path)
+    node = t.table("node")
+    agency = node.str("agency")
+    if not is_agency_code(agency):
+        raise ConfigError(f"node.agency: {agency!r} is not 2-64 characters of A-Z 0-9 . -")
+    limits = t.table("limits", required=False)
+    defaults = LetterLimits()
+    return NodeConfig(
+        agency=agency,
+        listen=node.listen("listen"),
+        hub=node.listen("hub"),
+        database=node.path_("database", must_exist=False, default="node.db"),
+        tls=_tls(t),
+        signing=_signing(t),
+        limits=LetterLimits(
+            max_body_bytes=limits.int("max_body_bytes", defaults.max_body_bytes),
+            max_recipients=limits.int("max_recipients", defaults.max_recipients),
+            max_subject_chars=limits.int("max_subject_chars", defaults.max_subject_chars),
+        ),
+        ready_file=node.optional_path("ready_file", must_exist=False),
+        durability=node.choice("durability", "full", ("full", "normal")),  # type: ignore[arg-type]
+        grace_s=node.float("shutdown_grace_s", 5.0),
+        relay_batch=node.int("relay_batch", 256),
+    )

@@ -1,0 +1,46 @@
+"""Evidence content: what each issuer states about a letter (ETSI EN 319 522 events).
+
+Only the content is built here; signing happens in the shell with the issuer's key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from client_sdk import pb
+
+__all__ = ["evidence_content", "event_name"]
+
+
+def evidence_content(
+    event: pb.EvidenceEvent.ValueType,
+    *,
+    issuer: str,
+    shams: pb.Shams | None,
+    envelope_sha256: bytes,
+    recipient: str,
+    now: dt.datetime,
+    reason: str = "",
+    detail: str = "",
+    evidence_id: str | None = None,
+) -> bytes:
+    """Serialised EvidenceContent, ready to sign."""
+    content = pb.EvidenceContent(
+        evidence_id=evidence_id or str(uuid.uuid4()),
+        event=event,
+        issuer=issuer,
+        envelope_sha256=envelope_sha256,
+        recipient=recipient,
+        reason=reason,
+        detail=detail,
+    )
+    if shams is not None:
+        content.shams.CopyFrom(shams)
+    content.event_time.FromDatetime(now)
+    return content.SerializeToString(deterministic=True)
+
+
+def event_name(event: int) -> str:
+    """``EVIDENCE_EVENT_DELIVERY`` -> ``DELIVERY``."""
+    return pb.EvidenceEvent.Name(event).removeprefix("EVIDENCE_EVENT_")  # type: ignore[arg-type]

@@ -1,0 +1,190 @@
+"""Letters: validating what a back-end submits and building the header the node signs.
+
+The node validates a draft completely before anything is numbered or stored, so a refused
+letter leaves no trace. Text is normalised to Unicode NFC (TCVN 6909 requires Unicode for
+Vietnamese correspondence; NFC gives one byte form per text) and control characters are
+refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import unicodedata
+from dataclasses import dataclass
+
+from client_sdk import pb
+from client_sdk.identity import is_agency_code
+from client_sdk.signing import sha256
+from node.core.directory import DirectoryView
+from node.core.errors import ChaparError, Code
+
+__all__ = [
+    "DEFAULT_CONTENT_TYPE",
+    "LetterLimits",
+    "build_header",
+    "normalise_text",
+    "validate_draft",
+    "validate_shams",
+]
+
+DEFAULT_CONTENT_TYPE = "text/plain; charset=utf-8"
+_KINDS = frozenset(pb.LetterKind.values())
+_PRIORITIES = frozenset(pb.Priority.values())
+_NEEDS_PARENT = frozenset({pb.LetterKind.LETTER_KIND_REPLY, pb.LetterKind.LETTER_KIND_STATUS_UPDATE})
+
+
+@dataclass(frozen=True, slots=True)
+class LetterLimits:
+    """Size limits for one letter (configuration ``[limits]``)."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_recipients: int = 100
+    max_subject_chars: int = 1000
+    max_mailbox_chars: int = 128
+
+
+def _invalid(reason: str, message: str, field: str, **metadata: str) -> ChaparError:
+    return ChaparError(
+        Code.INVALID_ARGUMENT, reason, message, metadata=metadata, field_violations=[(field, message)]
+    )
+
+
+def normalise_text(value: str, field: str, *, max_chars: int, required: bool) -> str:
+    """NFC-normalises ``value``; refuses control characters, over-long and (if required) empty text."""
+    text = unicodedata.normalize("NFC", value)
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
+        raise _invalid("INVALID_TEXT", f"{field} contains control characters", field)
+    if required and not text.strip():
+        raise _invalid("EMPTY_FIELD", f"{field} must not be empty", field)
+    if len(text) > max_chars:
+        raise _invalid("TEXT_TOO_LONG", f"{field} is longer than {max_chars} characters", field)
+    return text
+
+
+def validate_shams(shams: pb.Shams, field: str) -> None:
+    if (
+        not is_agency_code(shams.origin)
+        or shams.domain not in (pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL)
+        or not 1000 <= shams.year <= 9999
+        or shams.sequence < 1
+    ):
+        raise _invalid("INVALID_SHAMS", f"{field} is not a valid SHAMS number", field)
+
+
+def validate_draft(
+    draft: pb.LetterDraft,
+    *,
+    sender: str,
+    directory: DirectoryView,
+    limits: LetterLimits,
+    now: dt.datetime,
+) -> pb.LetterDraft:
+    """Checks a draft and returns a normalised copy; raises ChaparError on the first fault.
+
+    Recipients must be valid, distinct, present and active in the directory; the sender must
+    be active. Attachments need the document store, which this node does not have yet.
+    """
+    directory.require_sender(sender)
+    out = pb.LetterDraft()
+    out.CopyFrom(draft)
+    if not draft.recipients:
+        raise _invalid("NO_RECIPIENTS", "a letter needs at least one recipient", "draft.recipients")
+    if len(draft.recipients) > limits.max_recipients:
+        raise _invalid(
+            "TOO_MANY_RECIPIENTS",
+            f"at most {limits.max_recipients} recipients",
+            "draft.recipients",
+            limit=str(limits.max_recipients),
+        )
+    seen: set[tuple[str, str]] = set()
+    for i, (src, dst) in enumerate(zip(draft.recipients, out.recipients, strict=True)):
+        field = f"draft.recipients[{i}]"
+        if not is_agency_code(src.agency):
+            raise _invalid("INVALID_AGENCY_CODE", f"{field}.agency is not an agency code", f"{field}.agency")
+        dst.mailbox = normalise_text(
+            src.mailbox, f"{field}.mailbox", max_chars=limits.max_mailbox_chars, required=False
+        )
+        key = (dst.agency, dst.mailbox)
+        if key in seen:
+            raise _invalid("DUPLICATE_RECIPIENT", f"{field} is listed twice", field, agency=src.agency)
+        seen.add(key)
+    for i, recipient in enumerate(out.recipients):
+        directory.require_recipient(recipient.agency, f"draft.recipients[{i}].agency")
+    out.subject = normalise_text(
+        draft.subject, "draft.subject", max_chars=limits.max_subject_chars, required=True
+    )
+    out.sender_mailbox = normalise_text(
+        draft.sender_mailbox, "draft.sender_mailbox", max_chars=limits.max_mailbox_chars, required=False
+    )
+    if len(draft.body) > limits.max_body_bytes:
+        raise ChaparError(
+            Code.RESOURCE_EXHAUSTED,
+            "BODY_TOO_LARGE",
+            f"body is larger than {limits.max_body_bytes} bytes",
+            metadata={"limit": str(limits.max_body_bytes), "size": str(len(draft.body))},
+        )
+    if draft.kind not in _KINDS:
+        raise _invalid("INVALID_KIND", "unknown letter kind", "draft.kind")
+    if draft.kind == pb.LetterKind.LETTER_KIND_UNSPECIFIED:
+        out.kind = pb.LetterKind.LETTER_KIND_LETTER
+    if draft.priority not in _PRIORITIES:
+        raise _invalid("INVALID_PRIORITY", "unknown priority", "draft.priority")
+    if draft.priority == pb.Priority.PRIORITY_UNSPECIFIED:
+        out.priority = pb.Priority.PRIORITY_NORMAL
+    if draft.HasField("in_reply_to"):
+        validate_shams(draft.in_reply_to, "draft.in_reply_to")
+    elif out.kind in _NEEDS_PARENT:
+        raise _invalid(
+            "MISSING_IN_REPLY_TO", "a reply or status update needs in_reply_to", "draft.in_reply_to"
+        )
+    out.content_type = normalise_text(
+        draft.content_type or DEFAULT_CONTENT_TYPE, "draft.content_type", max_chars=255, required=True
+    )
+    if draft.HasField("expire_time") and draft.expire_time.ToDatetime(tzinfo=dt.UTC) <= now:
+        raise _invalid("EXPIRE_TIME_PAST", "expire_time is in the past", "draft.expire_time")
+    if draft.attachments:
+        raise ChaparError(
+            Code.UNIMPLEMENTED,
+            "ATTACHMENTS_UNSUPPORTED",
+            "this node has no document store yet; send the letter without attachments",
+        )
+    if draft.HasField("metadata"):
+        md = out.metadata
+        for name in ("document_code", "signer_title", "signer_name"):
+            setattr(
+                md,
+                name,
+                normalise_text(getattr(md, name), f"draft.metadata.{name}", max_chars=255, required=False),
+            )
+    return out
+
+
+def build_header(
+    draft: pb.LetterDraft,
+    *,
+    sender: str,
+    shams: pb.Shams,
+    now: dt.datetime,
+    thread_root: pb.Shams | None = None,
+) -> bytes:
+    """The header bytes to sign for a validated draft (deterministic serialisation)."""
+    header = pb.EnvelopeHeader(
+        shams=shams,
+        sender=pb.Address(agency=sender, mailbox=draft.sender_mailbox),
+        recipients=draft.recipients,
+        subject=draft.subject,
+        kind=draft.kind,
+        priority=draft.priority,
+        content_type=draft.content_type,
+        body_sha256=sha256(draft.body),
+        body_size=len(draft.body),
+    )
+    header.create_time.FromDatetime(now)
+    if draft.HasField("expire_time"):
+        header.expire_time.CopyFrom(draft.expire_time)
+    if draft.HasField("in_reply_to"):
+        header.in_reply_to.CopyFrom(draft.in_reply_to)
+        header.thread_root.CopyFrom(thread_root if thread_root is not None else draft.in_reply_to)
+    if draft.HasField("metadata"):
+        header.metadata.CopyFrom(draft.metadata)
+    return header.SerializeToString(deterministic=True)

@@ -1,0 +1,307 @@
+"""The hub role: directory, store-and-forward relay, evidence routing.
+
+One ``Connect`` stream per agency node. The identity of the node is the SAN URI of its TLS
+client certificate; a header or signature speaking for any other agency is a security
+violation and ends the stream with PERMISSION_DENIED. Every other fault in a letter is
+answered with signed RELAY_REJECTION evidence and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from cryptography import x509
+
+from client_sdk import pb
+from client_sdk.shams import format_shams
+from client_sdk.signing import EVIDENCE_PAYLOAD_TYPE, Signer, sha256
+from client_sdk.trust import TrustStore, VerificationError
+from node.config import HubConfig
+from node.core.directory import DirectoryView
+from node.core.errors import ChaparError, Code
+from node.core.evidence import evidence_content
+from node.core.letters import validate_shams
+from node.rpc.errors import abort
+from node.rpc.peer import peer_identity
+from node.storage.hub_store import HubStore, IncomingLetter
+
+__all__ = ["Hub", "build_directory"]
+
+log = logging.getLogger("chapar.hub")
+E = pb.EvidenceEvent
+_RECEIPT_EVENTS = frozenset(
+    {E.EVIDENCE_EVENT_DELIVERY, E.EVIDENCE_EVENT_DELIVERY_FAILURE, E.EVIDENCE_EVENT_HANDOVER}
+)
+_OUT_FRAMES = 16
+_PUSH_BATCH = 256
+
+
+def build_directory(config: HubConfig, signer: Signer, intermediates: Sequence[x509.Certificate]) -> pb.Directory:
+    """The directory message the hub publishes, from its configuration."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    states = {"active": pb.AGENCY_STATE_ACTIVE, "suspended": pb.AGENCY_STATE_SUSPENDED,
+              "retired": pb.AGENCY_STATE_RETIRED}
+    directory = pb.Directory(
+        version=int(time.time()),
+        hub=config.identity.uri,
+        hub_signing_certificates=[signer.certificate.public_bytes(Encoding.DER)],
+        intermediate_certificates=[c.public_bytes(Encoding.DER) for c in intermediates],
+    )
+    for entry in config.agencies:
+        certs = []
+        for path in entry.signing_certificates:
+            for cert in x509.load_pem_x509_certificates(path.read_bytes()):
+                certs.append(cert.public_bytes(Encoding.DER))
+        directory.agencies.add(
+            code=entry.code, display_name=entry.name, state=states[entry.state], signing_certificates=certs
+        )
+    directory.update_time.FromDatetime(dt.datetime.now(dt.UTC))
+    return directory
+
+
+@dataclass(eq=False)
+class _Session:
+    agency: str
+    out: asyncio.Queue[pb.ConnectResponse] = field(default_factory=lambda: asyncio.Queue(_OUT_FRAMES))
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: set[str] = field(default_factory=set)
+
+
+class Hub(pb.HubServiceServicer):
+    def __init__(self, config: HubConfig, store: HubStore, signer: Signer, trust: TrustStore,
+                 directory: pb.Directory) -> None:
+        self.config = config
+        self.store = store
+        self.signer = signer
+        self.trust = trust
+        self.directory = DirectoryView(directory)
+        self.identity = config.identity
+        self._sessions: dict[str, _Session] = {}
+        trust.add_certificates(directory.intermediate_certificates)
+        trust.add_certificates(directory.hub_signing_certificates)
+        for agency in directory.agencies:
+            trust.add_certificates(agency.signing_certificates)
+
+    @property
+    def connected(self) -> int:
+        return len(self._sessions)
+
+    def _sign(self, content: bytes) -> pb.Evidence:
+        return pb.Evidence(content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content))
+
+    def _agency_of(self, context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
+        identity = peer_identity(context, self.trust)
+        if identity.kind != "agency":
+            raise ChaparError(Code.PERMISSION_DENIED, "NOT_AN_AGENCY_NODE",
+                              f"{identity.uri} is not an agency node", metadata={"identity": identity.uri})
+        self.directory.require_sender(identity.agency)
+        return identity.agency
+
+    async def GetDirectory(self, request: pb.GetDirectoryRequest,
+                           context: grpc.aio.ServicerContext) -> pb.GetDirectoryResponse:  # type: ignore[type-arg]
+        try:
+            self._agency_of(context)
+        except ChaparError as exc:
+            await abort(context, exc)
+        return pb.GetDirectoryResponse(directory=self.directory.message)
+
+    async def Connect(self, request_iterator: AsyncIterator[pb.ConnectRequest],
+                      context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        try:
+            agency = self._agency_of(context)
+        except ChaparError as exc:
+            await abort(context, exc)
+            return
+        old = self._sessions.get(agency)
+        if old is not None:
+            log.info("node %s reconnected; closing its previous stream", agency)
+            old.closed.set()
+        session = _Session(agency)
+        self._sessions[agency] = session
+        log.info("node %s connected", agency)
+        await context.write(pb.ConnectResponse(
+            welcome=pb.ConnectWelcome(hub=self.identity.uri, directory_version=self.directory.version)))
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        pusher = asyncio.create_task(self._push(session))
+        closed = asyncio.create_task(session.closed.wait())
+        getter: asyncio.Task[pb.ConnectResponse] | None = None
+        try:
+            while True:
+                getter = asyncio.create_task(session.out.get())
+                done, _ = await asyncio.wait({getter, reader, pusher, closed},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    await context.write(getter.result())
+                    continue
+                break
+            for task in (reader, pusher):
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    if isinstance(exc, ChaparError):
+                        log.warning("closing stream of %s: %s %s", agency, exc.reason, exc.message)
+                        await abort(context, exc)
+                    raise exc  # type: ignore[misc]
+        finally:
+            for task in (reader, pusher, closed, getter):
+                if task is not None:
+                    task.cancel()
+            if self._sessions.get(agency) is session:
+                del self._sessions[agency]
+            log.info("node %s disconnected", agency)
+
+    async def _read(self, session: _Session, frames: AsyncIterator[pb.ConnectRequest]) -> None:
+        async for frame in frames:
+            kind = frame.WhichOneof("frame")
+            if kind == "envelopes":
+                results = await self._relay(session.agency, frame.envelopes.envelopes)
+                await session.out.put(pb.ConnectResponse(relay_results=pb.EvidenceBatch(evidence=results)))
+            elif kind == "receipts":
+                ids = await self._receipts(session, frame.receipts.evidence)
+                await session.out.put(pb.ConnectResponse(receipt_acks=pb.EvidenceAckBatch(evidence_ids=ids)))
+            elif kind == "evidence_acks":
+                await self.store.ack_notices(session.agency, frame.evidence_acks.evidence_ids)
+
+    # -- relay ----------------------------------------------------------------------------
+
+    def _check_letter(self, agency: str, envelope: pb.Envelope) -> IncomingLetter:
+        """Verifies one letter from ``agency``; ChaparError says why it is refused."""
+        signer_cert = self.trust.certificate(envelope.signature.key_id)
+        if signer_cert is None:
+            raise ChaparError(Code.INVALID_ARGUMENT, "SIGNER_UNKNOWN",
+                              "the signing key is not in the directory")
+        try:
+            identity = self.trust.verify_certificate(signer_cert, "signing")
+            if identity.agency != agency:
+                raise ChaparError(Code.PERMISSION_DENIED, "SENDER_MISMATCH",
+                                  f"node {agency} sent a letter signed by {identity.uri}",
+                                  metadata={"node": agency, "signer": identity.uri})
+            header = self.trust.verify_envelope(envelope)
+        except VerificationError as exc:
+            code = Code.PERMISSION_DENIED if exc.reason == "SENDER_MISMATCH" else Code.INVALID_ARGUMENT
+            raise ChaparError(code, exc.reason, str(exc), metadata={"node": agency}) from exc
+        if header.sender.agency != agency:  # verify_envelope ties it to the signer; belt and braces
+            raise ChaparError(Code.PERMISSION_DENIED, "SENDER_MISMATCH",
+                              f"node {agency} sent a letter from {header.sender.agency}")
+        validate_shams(header.shams, "header.shams")
+        if header.shams.origin != agency:
+            raise ChaparError(Code.PERMISSION_DENIED, "SENDER_MISMATCH",
+                              f"node {agency} sent a letter numbered by {header.shams.origin}")
+        if not header.recipients:
+            raise ChaparError(Code.INVALID_ARGUMENT, "NO_RECIPIENTS", "letter has no recipients")
+        for i, r in enumerate(header.recipients):
+            self.directory.require_recipient(r.agency, f"header.recipients[{i}].agency")
+        return IncomingLetter(
+            shams=format_shams(header.shams), sender=agency,
+            recipients=[r.agency for r in header.recipients],
+            envelope=envelope.SerializeToString(), envelope_sha256=sha256(envelope.header),
+        )
+
+    async def _relay(self, agency: str, envelopes: Sequence[pb.Envelope]) -> list[pb.Evidence]:
+        now = dt.datetime.now(dt.UTC)
+        outcomes: list[IncomingLetter | pb.Evidence] = []
+        for envelope in envelopes:
+            try:
+                outcomes.append(self._check_letter(agency, envelope))
+            except ChaparError as exc:
+                if exc.code == Code.PERMISSION_DENIED:
+                    raise
+                log.warning("relay rejected from %s: %s %s", agency, exc.reason, exc.message)
+                outcomes.append(self._sign(evidence_content(
+                    E.EVIDENCE_EVENT_RELAY_REJECTION, issuer=self.identity.uri, shams=_try_shams(envelope),
+                    envelope_sha256=sha256(envelope.header), recipient="", now=now,
+                    reason=exc.reason, detail=exc.message)))
+        letters = [o for o in outcomes if isinstance(o, IncomingLetter)]
+
+        def make_relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:
+            header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(letter.envelope).header)
+            return self._sign(evidence_content(
+                E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, issuer=self.identity.uri, shams=header.shams,
+                envelope_sha256=letter.envelope_sha256, recipient=recipient, now=now))
+
+        stored = iter(await self.store.accept(letters, make_relay) if letters else [])
+        results: list[pb.Evidence] = []
+        for outcome in outcomes:
+            if isinstance(outcome, IncomingLetter):
+                results.extend(next(stored))
+                for r in outcome.recipients:
+                    self._wake(r)
+            else:
+                results.append(outcome)
+        return results
+
+    # -- receipts from recipients -----------------------------------------------------------
+
+    async def _receipts(self, session: _Session, evidence: Sequence[pb.Evidence]) -> list[str]:
+        agency = session.agency
+        valid: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
+        ids: list[str] = []
+        for item in evidence:
+            try:
+                content = self.trust.verify_evidence(item)
+            except VerificationError as exc:
+                log.warning("receipt from %s refused: %s %s", agency, exc.reason, exc)
+                continue
+            ids.append(content.evidence_id)
+            shams = format_shams(content.shams)
+            if (content.issuer != f"urn:chapar:agency:{agency}" or content.recipient != agency
+                    or content.event not in _RECEIPT_EVENTS):
+                log.warning("receipt from %s about someone else refused: %s", agency, content.evidence_id)
+                continue
+            if not await self.store.is_recipient(shams, agency):
+                log.warning("receipt from %s for a letter not addressed to it: %s", agency, shams)
+                continue
+            session.inflight.discard(shams)
+            valid.append((item, content, shams))
+        if valid:
+            for sender in await self.store.record_receipts(agency, valid):
+                self._wake(sender)
+        session.wake.set()
+        return ids
+
+    # -- pushing deliveries and notices -------------------------------------------------------
+
+    def _wake(self, agency: str) -> None:
+        session = self._sessions.get(agency)
+        if session is not None:
+            session.wake.set()
+
+    async def _push(self, session: _Session) -> None:
+        last_queue = 0
+        last_notice = 0
+        window = self.config.delivery_window
+        while True:
+            session.wake.clear()
+            sent = False
+            room = window - len(session.inflight)
+            if room > 0:
+                rows = await self.store.queued(session.agency, last_queue, min(room, _PUSH_BATCH))
+                if rows:
+                    last_queue = rows[-1][0]
+                    session.inflight.update(r[1] for r in rows)
+                    batch = pb.EnvelopeBatch(envelopes=[pb.Envelope.FromString(r[2]) for r in rows])
+                    await session.out.put(pb.ConnectResponse(deliveries=batch))
+                    sent = True
+            notices = await self.store.notices(session.agency, last_notice, _PUSH_BATCH)
+            if notices:
+                last_notice = notices[-1][0]
+                batch2 = pb.EvidenceBatch(evidence=[pb.Evidence.FromString(n[1]) for n in notices])
+                await session.out.put(pb.ConnectResponse(evidence=batch2))
+                sent = True
+            if not sent:
+                await session.wake.wait()
+
+
+def _try_shams(envelope: pb.Envelope) -> pb.Shams | None:
+    try:
+        header = pb.EnvelopeHeader.FromString(envelope.header)
+    except Exception:  # noqa: BLE001 - an unparseable header simply has no number to quote
+        return None
+    return header.shams if header.HasField("shams") else None

@@ -1,0 +1,1 @@
+"""The gRPC shell: servicers, the hub link, error mapping and peer identity."""

@@ -1,0 +1,268 @@
+"""The node's side of ``HubService.Connect``: one outbound stream, kept up with backoff.
+
+Up the stream go the outbox (in batches, with a bounded number in flight), and the
+evidence this node issued as a recipient until the hub acknowledges it. Down come relay
+results, letters for this agency (verified, stored once, answered with DELIVERY or
+DELIVERY_FAILURE evidence) and evidence about the agency's own letters (stored, then
+acknowledged). Everything is persisted before it is acknowledged, so a dropped stream only
+means resending: nothing is lost and the stores de-duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+from collections.abc import Sequence
+
+import grpc
+
+from client_sdk import pb
+from client_sdk.shams import format_shams
+from client_sdk.signing import sha256
+from client_sdk.trust import VerificationError
+from node.agency import Agency
+from node.core.evidence import evidence_content
+
+__all__ = ["HubLink"]
+
+log = logging.getLogger("chapar.link")
+E = pb.EvidenceEvent
+_INITIAL_BACKOFF_S = 0.2
+_MAX_BACKOFF_S = 10.0
+_RECEIPT_BATCH = 256
+
+
+class HubLink:
+    def __init__(self, agency: Agency, credentials: grpc.ChannelCredentials) -> None:
+        self.agency = agency
+        self.credentials = credentials
+        self.connected = asyncio.Event()
+        self._stopping = False
+        self._wake = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Keeps a stream to the hub up until stopped: exponential backoff with full jitter."""
+        backoff = _INITIAL_BACKOFF_S
+        while not self._stopping:
+            started = asyncio.get_running_loop().time()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("hub stream ended: %s %s", exc.code().name, exc.details())
+            except Exception:
+                log.exception("hub stream failed")
+            finally:
+                self.connected.clear()
+                self.agency.hub_connected = False
+            if self._stopping:
+                return
+            if asyncio.get_running_loop().time() - started > 5.0:
+                backoff = _INITIAL_BACKOFF_S
+            delay = random.uniform(0, backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        options = [
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+        async with grpc.aio.secure_channel(self.agency.config.hub, self.credentials, options=options) as channel:
+            stub = pb.HubServiceStub(channel)
+            call = stub.Connect()
+            directory_version = self.agency.directory.version if self.agency.directory else 0
+            await call.write(pb.ConnectRequest(hello=pb.ConnectHello(
+                software_version="chapar/0.1", directory_version=directory_version)))
+            first = await call.read()
+            if first is grpc.aio.EOF or first.WhichOneof("frame") != "welcome":
+                raise RuntimeError("hub did not welcome the node")
+            if first.welcome.directory_version != directory_version:
+                response = await stub.GetDirectory(pb.GetDirectoryRequest(), timeout=30)
+                await self.agency.set_directory(response.directory)
+            log.info("connected to hub %s", first.welcome.hub)
+            self.connected.set()
+            self.agency.hub_connected = True
+            session = _Session(self, call)
+            await session.run()
+
+
+class _Session:
+    """One stream's worth of state: what is in flight on it."""
+
+    def __init__(self, link: HubLink, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        self.link = link
+        self.agency = link.agency
+        self.call = call
+        self.lock = asyncio.Lock()
+        self.relaying: dict[bytes, str] = {}  # envelope digest -> shams, sent and not answered
+        self.receipts_sent: set[str] = set()
+
+    async def write(self, frame: pb.ConnectRequest) -> None:
+        async with self.lock:
+            await self.call.write(frame)
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read())
+        writer = asyncio.create_task(self._send())
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            reader.cancel()
+            writer.cancel()
+            self.call.cancel()
+
+    def _wake(self) -> None:
+        self.link._wake.set()
+
+    async def _send(self) -> None:
+        agency = self.agency
+        batch = agency.config.relay_batch
+        window = batch * 4
+        cursor = 0
+        while not self.link._stopping:
+            self.link._wake.clear()
+            agency.outbox_changed.clear()
+            agency.receipts_changed.clear()
+            sent = False
+            if len(self.relaying) < window:
+                rows = await agency.store.outbox_to_relay(cursor, batch)
+                if rows:
+                    cursor = rows[-1][0]
+                    envelopes = []
+                    for _, shams, blob in rows:
+                        envelope = pb.Envelope.FromString(blob)
+                        self.relaying[sha256(envelope.header)] = shams
+                        envelopes.append(envelope)
+                    await self.write(pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes)))
+                    sent = True
+            receipts = [
+                e for e in await agency.store.receipts_to_send(_RECEIPT_BATCH + len(self.receipts_sent))
+                if _evidence_id(e) not in self.receipts_sent
+            ][:_RECEIPT_BATCH]
+            if receipts:
+                self.receipts_sent.update(_evidence_id(e) for e in receipts)
+                await self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts)))
+                sent = True
+            if not sent:
+                waits = [asyncio.create_task(ev.wait()) for ev in
+                         (self.link._wake, agency.outbox_changed, agency.receipts_changed)]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+
+    async def _read(self) -> None:
+        while True:
+            frame = await self.call.read()
+            if frame is grpc.aio.EOF:
+                raise RuntimeError("hub closed the stream")
+            kind = frame.WhichOneof("frame")
+            if kind == "relay_results":
+                await self._relay_results(frame.relay_results.evidence)
+            elif kind == "deliveries":
+                await self._deliveries(frame.deliveries.envelopes)
+            elif kind == "evidence":
+                await self._evidence(frame.evidence.evidence)
+            elif kind == "receipt_acks":
+                ids = list(frame.receipt_acks.evidence_ids)
+                await self.agency.store.receipts_acknowledged(ids)
+                self.receipts_sent.difference_update(ids)
+            self._wake()
+
+    def _verify(self, evidence: Sequence[pb.Evidence]) -> list[tuple[pb.Evidence, pb.EvidenceContent]]:
+        out = []
+        for item in evidence:
+            try:
+                out.append((item, self.agency.trust.verify_evidence(item)))
+            except VerificationError as exc:
+                log.error("evidence from the hub does not verify (%s): %s", exc.reason, exc)
+        return out
+
+    async def _relay_results(self, evidence: Sequence[pb.Evidence]) -> None:
+        items = []
+        for item, content in self._verify(evidence):
+            shams = self.relaying.pop(content.envelope_sha256, None)
+            if shams is None:
+                shams = format_shams(content.shams) if content.HasField("shams") else ""
+            if not shams:
+                continue
+            if content.event == E.EVIDENCE_EVENT_RELAY_REJECTION:
+                log.error("hub rejected %s: %s %s", shams, content.reason, content.detail)
+            items.append((item, content, shams))
+        if items:
+            await self.agency.store.record_sender_evidence(items)
+
+    async def _evidence(self, evidence: Sequence[pb.Evidence]) -> None:
+        verified = self._verify(evidence)
+        items = [(e, c, format_shams(c.shams)) for e, c in verified if c.HasField("shams")]
+        if items:
+            await self.agency.store.record_sender_evidence(items)
+        # Acknowledge what we stored and what can never verify (it would only come back).
+        ids = [_evidence_id(e) for e in evidence]
+        await self.write(pb.ConnectRequest(evidence_acks=pb.EvidenceAckBatch(evidence_ids=ids)))
+
+    async def _deliveries(self, envelopes: Sequence[pb.Envelope]) -> None:
+        agency = self.agency
+        me = agency.config.agency
+        now = dt.datetime.now(dt.UTC)
+        good: list[tuple[str, str, list[str], pb.Envelope]] = []
+        failures: list[tuple[str, pb.Evidence]] = []
+        for envelope in envelopes:
+            digest = sha256(envelope.header)
+            try:
+                header = agency.trust.verify_envelope(envelope)
+                mine = [r for r in header.recipients if r.agency == me]
+                if not mine:
+                    raise VerificationError("NOT_A_RECIPIENT", f"letter is not addressed to {me}")
+            except VerificationError as exc:
+                log.error("refusing a delivered letter: %s %s", exc.reason, exc)
+                shams_pb = _header_shams(envelope)
+                failures.append((format_shams(shams_pb) if shams_pb else "", agency.sign_evidence(
+                    evidence_content(E.EVIDENCE_EVENT_DELIVERY_FAILURE, issuer=agency.identity.uri,
+                                     shams=shams_pb, envelope_sha256=digest, recipient=me, now=now,
+                                     reason=exc.reason, detail=str(exc)))))
+                continue
+            good.append((format_shams(header.shams), header.sender.agency,
+                         [r.mailbox for r in mine], envelope))
+
+        def make_delivery(i: int) -> pb.Evidence:
+            envelope = good[i][3]
+            header = pb.EnvelopeHeader.FromString(envelope.header)
+            return agency.sign_evidence(evidence_content(
+                E.EVIDENCE_EVENT_DELIVERY, issuer=agency.identity.uri, shams=header.shams,
+                envelope_sha256=sha256(envelope.header), recipient=me, now=now))
+
+        receipts: list[pb.Evidence] = []
+        if good:
+            receipts.extend(await agency.store.store_incoming(good, make_delivery))
+            await agency.notify_inbox()
+        if failures:
+            await agency.store.store_issued(failures)
+            receipts.extend(e for _, e in failures)
+        self.receipts_sent.update(_evidence_id(e) for e in receipts)
+        await self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts)))
+
+
+def _evidence_id(evidence: pb.Evidence) -> str:
+    return pb.EvidenceContent.FromString(evidence.content).evidence_id
+
+
+def _header_shams(envelope: pb.Envelope) -> pb.Shams | None:
+    try:
+        header = pb.EnvelopeHeader.FromString(envelope.header)
+    except Exception:  # noqa: BLE001 - unparseable: no number to quote
+        return None
+    return header.shams if header.HasField("shams") else None

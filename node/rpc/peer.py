@@ -1,0 +1,35 @@
+"""Who is on the other end of a call: the identity in the peer's TLS client certificate.
+
+The TLS layer has already checked the chain against our root CA; here we read the
+certificate grpc hands us (``x509_pem_cert``), check its usage and revocation with the
+trust store, and take the identity from its SAN URI, never from the CN or a message field.
+"""
+
+from __future__ import annotations
+
+import grpc
+from cryptography import x509
+
+from client_sdk.identity import Identity
+from client_sdk.trust import TrustStore, VerificationError
+from node.core.errors import ChaparError, Code
+
+__all__ = ["peer_identity"]
+
+
+def peer_identity(context: grpc.aio.ServicerContext, trust: TrustStore) -> Identity:  # type: ignore[type-arg]
+    auth = context.auth_context()
+    pems = auth.get("x509_pem_cert") or []
+    if not pems:
+        raise ChaparError(Code.UNAUTHENTICATED, "NO_CLIENT_CERTIFICATE", "a client certificate is required")
+    try:
+        cert = x509.load_pem_x509_certificate(pems[0])
+        return trust.verify_certificate(cert, "tls")
+    except VerificationError as exc:
+        raise ChaparError(
+            Code.UNAUTHENTICATED, exc.reason, f"client certificate refused: {exc}"
+        ) from exc
+    except ValueError as exc:
+        raise ChaparError(
+            Code.UNAUTHENTICATED, "CERTIFICATE_MALFORMED", "client certificate unreadable"
+        ) from exc

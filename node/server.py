@@ -1,0 +1,215 @@
+"""Running a hub or a node: TLS, gRPC server, health, reflection, signals, ready file.
+
+``serve_hub`` and ``serve_node`` run until SIGTERM or SIGINT, then stop taking calls, let
+calls in flight finish within the configured grace period, and close the database after
+its writer has committed what was queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from client_sdk import pb
+from client_sdk.identity import Identity, identity_of_certificate
+from client_sdk.signing import Signer
+from client_sdk.trust import TrustStore
+from node.config import ConfigError, HubConfig, NodeConfig, SigningConfig, TlsConfig
+
+__all__ = ["check_key_file", "configure_logging", "serve_hub", "serve_node"]
+
+log = logging.getLogger("chapar.server")
+_MAX_MESSAGE = 64 * 1024 * 1024
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """One JSON object per line on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def check_key_file(path: Path, key: str) -> bytes:
+    """Reads a private key, refusing one that group or others can read."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{key}: {path} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+    return path.read_bytes()
+
+
+def _trust(tls: TlsConfig, signing: SigningConfig) -> TrustStore:
+    trust = TrustStore.from_pem_files(tls.ca)
+    chain = x509.load_pem_x509_certificates(tls.cert.read_bytes())
+    trust.add_certificates(chain[1:])
+    if signing.intermediates is not None:
+        trust.add_certificates(x509.load_pem_x509_certificates(signing.intermediates.read_bytes()))
+    return trust
+
+
+def _check_identity(path: Path, key: str, expected: Identity) -> None:
+    cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    found = identity_of_certificate(cert)
+    if found != expected:
+        raise ConfigError(f"{key}: {path} speaks for {found.uri if found else 'nobody'}, not {expected.uri}")
+
+
+def _signer(signing: SigningConfig, expected: Identity) -> Signer:
+    check_key_file(signing.key, "signing.key")
+    _check_identity(signing.cert, "signing.cert", expected)
+    signer = Signer.from_files(signing.key, signing.cert)
+    if signing.algorithm is not None:
+        wanted = {
+            "ed25519": pb.SignatureAlgorithm.SIGNATURE_ALGORITHM_ED25519,
+            "ecdsa-p256": pb.SignatureAlgorithm.SIGNATURE_ALGORITHM_ECDSA_P256_SHA256,
+        }[signing.algorithm]
+        if signer.algorithm != wanted:
+            raise ConfigError(f"signing.algorithm: is {signing.algorithm} but {signing.key} is another key type")
+    return signer
+
+
+def _server_credentials(tls: TlsConfig, expected: Identity) -> grpc.ServerCredentials:
+    key = check_key_file(tls.key, "tls.key")
+    _check_identity(tls.cert, "tls.cert", expected)
+    return grpc.ssl_server_credentials(
+        [(key, tls.cert.read_bytes())], root_certificates=tls.ca.read_bytes(), require_client_auth=True
+    )
+
+
+def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes(),
+        private_key=check_key_file(tls.key, "tls.key"),
+        certificate_chain=tls.cert.read_bytes(),
+    )
+
+
+def _write_ready(path: Path | None, address: str, role: str) -> None:
+    if path is None:
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"address": address, "pid": os.getpid(), "role": role}))
+    tmp.replace(path)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _start(server: grpc.aio.Server, listen: str, creds: grpc.ServerCredentials, service: str,
+                 health_servicer: health.aio.HealthServicer) -> str:
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    port = server.add_secure_port(listen, creds)
+    if port == 0:
+        raise ConfigError(f"listen: cannot bind {listen}")
+    await server.start()
+    host = listen.rpartition(":")[0]
+    return f"{host}:{port}"
+
+
+async def serve_hub(config: HubConfig) -> None:
+    from node.hub import Hub, build_directory
+    from node.storage.hub_store import HubStore
+
+    creds = _server_credentials(config.tls, config.identity)
+    signer = _signer(config.signing, config.identity)
+    trust = _trust(config.tls, config.signing)
+    directory = build_directory(config, signer, trust.intermediates)
+    store = await HubStore.open(config.database, config.durability)
+    hub = Hub(config, store, signer, trust, directory)
+    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    pb.add_HubServiceServicer_to_server(hub, server)
+    health_servicer = health.aio.HealthServicer()
+    try:
+        address = await _start(server, config.listen, creds, pb.HUB_SERVICE_NAME, health_servicer)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(pb.HUB_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        _write_ready(config.ready_file, address, "hub")
+        log.info("hub %s listening on %s", config.name, address)
+        await _until_signalled()
+        log.info("hub stopping (grace %.1fs)", config.grace_s)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(config.grace_s)
+    finally:
+        await store.close()
+        log.info("hub stopped")
+
+
+async def serve_node(config: NodeConfig) -> None:
+    from node.agency import Agency
+    from node.rpc.hub_link import HubLink
+    from node.storage.node_store import NodeStore
+
+    creds = _server_credentials(config.tls, config.identity)
+    signer = _signer(config.signing, config.identity)
+    trust = _trust(config.tls, config.signing)
+    link_creds = channel_credentials(config.tls)
+    store = await NodeStore.open(config.database, config.durability)
+    agency = Agency(config, store, signer, trust)
+    cached = await store.load_directory()
+    if cached is not None:
+        await agency.set_directory(cached, persist=False)
+    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    pb.add_NodeServiceServicer_to_server(agency, server)
+    health_servicer = health.aio.HealthServicer()
+    link = HubLink(agency, link_creds)
+    link_task = asyncio.create_task(link.run(), name="hub-link")
+    try:
+        address = await _start(server, config.listen, creds, pb.NODE_SERVICE_NAME, health_servicer)
+        status = health_pb2.HealthCheckResponse.SERVING
+        await health_servicer.set("", status)
+        await health_servicer.set(pb.NODE_SERVICE_NAME, status)
+        _write_ready(config.ready_file, address, "node")
+        log.info("node %s listening on %s", config.agency, address)
+        await _until_signalled()
+        log.info("node stopping (grace %.1fs)", config.grace_s)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(config.grace_s)
+    finally:
+        link.stop()
+        link_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await link_task
+        await store.close()
+        log.info("node stopped")

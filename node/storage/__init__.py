@@ -1,0 +1,1 @@
+"""Persistence: SQLite through aiosqlite, behind small store classes (node and hub)."""

@@ -1,0 +1,250 @@
+"""The hub's tables: letters, one durable queue per recipient, evidence and notices.
+
+A *notice* is evidence waiting to be routed back to a letter's sender (DELIVERY,
+HANDOVER ...); it stays until the sender's node acknowledges it. A queue row stays until the
+recipient's node answers with DELIVERY or DELIVERY_FAILURE evidence. Both survive restarts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from client_sdk import pb
+from node.core import lifecycle
+from node.storage.db import Database, Durability
+
+__all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
+
+MIGRATIONS = [
+    """
+    CREATE TABLE letters (
+        shams TEXT PRIMARY KEY,
+        sender TEXT NOT NULL,
+        envelope BLOB NOT NULL,
+        envelope_sha256 BLOB NOT NULL,
+        relay_evidence BLOB NOT NULL,  -- EvidenceBatch: one RELAY_ACCEPTANCE per recipient
+        accepted_at REAL NOT NULL
+    );
+    CREATE TABLE queue (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        recipient TEXT NOT NULL,
+        shams TEXT NOT NULL REFERENCES letters (shams),
+        enqueued_at REAL NOT NULL,
+        UNIQUE (recipient, shams)
+    );
+    CREATE INDEX queue_by_recipient ON queue (recipient, id);
+    CREATE TABLE evidence (
+        evidence_id TEXT PRIMARY KEY,
+        shams TEXT NOT NULL,
+        event INTEGER NOT NULL,
+        evidence BLOB NOT NULL,
+        recorded_at REAL NOT NULL
+    );
+    CREATE INDEX evidence_by_shams ON evidence (shams);
+    CREATE TABLE notices (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agency TEXT NOT NULL,
+        evidence_id TEXT NOT NULL,
+        evidence BLOB NOT NULL,
+        UNIQUE (agency, evidence_id)
+    );
+    CREATE INDEX notices_by_agency ON notices (agency, id);
+    CREATE TABLE recipient_state (
+        shams TEXT NOT NULL, recipient TEXT NOT NULL, state INTEGER NOT NULL,
+        PRIMARY KEY (shams, recipient)
+    );
+    """,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingLetter:
+    """A verified letter the hub is about to accept."""
+
+    shams: str
+    sender: str
+    recipients: Sequence[str]
+    envelope: bytes
+    envelope_sha256: bytes
+
+
+class HubStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: Path, durability: Durability = "full") -> HubStore:
+        return cls(await Database.open(path, MIGRATIONS, durability))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def accept(
+        self,
+        letters: Sequence[IncomingLetter],
+        make_relay: Callable[[IncomingLetter, str], pb.Evidence],
+    ) -> list[list[pb.Evidence]]:
+        """Queues each letter for each recipient once; returns its RELAY_ACCEPTANCE evidence.
+
+        A letter already accepted (same SHAMS number) is not stored again: its original
+        relay evidence is returned.
+        """
+
+        async def job(conn: aiosqlite.Connection) -> list[list[pb.Evidence]]:
+            now = time.time()
+            out: list[list[pb.Evidence]] = []
+            for letter in letters:
+                async with conn.execute(
+                    "SELECT relay_evidence FROM letters WHERE shams = ?", (letter.shams,)
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    out.append(list(pb.EvidenceBatch.FromString(row[0]).evidence))
+                    continue
+                recipients = list(dict.fromkeys(letter.recipients))
+                relays = [make_relay(letter, r) for r in recipients]
+                batch = pb.EvidenceBatch(evidence=relays)
+                await conn.execute(
+                    "INSERT INTO letters (shams, sender, envelope, envelope_sha256, relay_evidence,"
+                    " accepted_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        letter.shams,
+                        letter.sender,
+                        letter.envelope,
+                        letter.envelope_sha256,
+                        batch.SerializeToString(),
+                        now,
+                    ),
+                )
+                await conn.executemany(
+                    "INSERT INTO queue (recipient, shams, enqueued_at) VALUES (?, ?, ?)",
+                    [(r, letter.shams, now) for r in recipients],
+                )
+                await conn.executemany(
+                    "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (
+                            pb.EvidenceContent.FromString(e.content).evidence_id,
+                            letter.shams,
+                            pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+                            e.SerializeToString(),
+                            now,
+                        )
+                        for e in relays
+                    ],
+                )
+                await conn.executemany(
+                    "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, ?)",
+                    [(letter.shams, r, lifecycle.RELAYED) for r in recipients],
+                )
+                out.append(relays)
+            return out
+
+        return await self.db.write(job)
+
+    async def queued(self, recipient: str, after: int, limit: int) -> list[tuple[int, str, bytes]]:
+        """(queue id, shams, envelope) waiting for ``recipient``, in arrival order."""
+        rows = await self.db.fetchall(
+            "SELECT q.id, q.shams, l.envelope FROM queue q JOIN letters l ON l.shams = q.shams "
+            "WHERE q.recipient = ? AND q.id > ? ORDER BY q.id LIMIT ?",
+            (recipient, after, limit),
+        )
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    async def queue_depth(self, recipient: str | None = None) -> int:
+        if recipient is None:
+            row = await self.db.fetchone("SELECT count(*) FROM queue")
+        else:
+            row = await self.db.fetchone("SELECT count(*) FROM queue WHERE recipient = ?", (recipient,))
+        return int(row[0]) if row else 0
+
+    async def sender_of(self, shams: str) -> str | None:
+        row = await self.db.fetchone("SELECT sender FROM letters WHERE shams = ?", (shams,))
+        return str(row[0]) if row else None
+
+    async def record_receipts(
+        self, recipient: str, items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]]
+    ) -> list[str]:
+        """Stores evidence a recipient node issued, routes it to the sender, dequeues.
+
+        ``items`` are (evidence, content, shams) already verified as issued by ``recipient``
+        about a letter addressed to it. Returns the senders who have new notices.
+        """
+
+        async def job(conn: aiosqlite.Connection) -> list[str]:
+            now = time.time()
+            senders: list[str] = []
+            for evidence, content, shams in items:
+                async with conn.execute("SELECT sender FROM letters WHERE shams = ?", (shams,)) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    continue
+                sender = str(row[0])
+                blob = evidence.SerializeToString()
+                cur2 = await conn.execute(
+                    "INSERT OR IGNORE INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (content.evidence_id, shams, content.event, blob, now),
+                )
+                if content.event in (
+                    pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
+                    pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
+                ):
+                    await conn.execute(
+                        "DELETE FROM queue WHERE recipient = ? AND shams = ?", (recipient, shams)
+                    )
+                if cur2.rowcount == 0:
+                    continue
+                await conn.execute(
+                    "INSERT OR IGNORE INTO notices (agency, evidence_id, evidence) VALUES (?, ?, ?)",
+                    (sender, content.evidence_id, blob),
+                )
+                async with conn.execute(
+                    "SELECT state FROM recipient_state WHERE shams = ? AND recipient = ?",
+                    (shams, recipient),
+                ) as cur:
+                    srow = await cur.fetchone()
+                if srow is not None:
+                    step = lifecycle.advance(int(srow[0]), content.event)
+                    if step.changed:
+                        await conn.execute(
+                            "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?",
+                            (step.state, shams, recipient),
+                        )
+                senders.append(sender)
+            return senders
+
+        return await self.db.write(job)
+
+    async def is_recipient(self, shams: str, agency: str) -> bool:
+        row = await self.db.fetchone(
+            "SELECT 1 FROM recipient_state WHERE shams = ? AND recipient = ?", (shams, agency)
+        )
+        return row is not None
+
+    async def notices(self, agency: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        rows = await self.db.fetchall(
+            "SELECT id, evidence FROM notices WHERE agency = ? AND id > ? ORDER BY id LIMIT ?",
+            (agency, after, limit),
+        )
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
+    async def ack_notices(self, agency: str, evidence_ids: Sequence[str]) -> None:
+        async def job(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(
+                "DELETE FROM notices WHERE agency = ? AND evidence_id = ?",
+                [(agency, e) for e in evidence_ids],
+            )
+
+        await self.db.write(job)
+
+    async def count(self, table: str) -> int:
+        assert table in {"letters", "queue", "evidence", "notices"}
+        row = await self.db.fetchone(f"SELECT count(*) FROM {table}")  # noqa: S608
+        return int(row[0]) if row else 0

@@ -1,0 +1,450 @@
+"""The node's tables: SHAMS counters, outbox, inbox, evidence, per-recipient state.
+
+Every method that changes state is one job of the group-committing writer, so what it
+writes lands whole or not at all. Signing happens inside the submission job, after the
+SHAMS number is allocated and before the rows are written, so a number is never used
+without its row and never skipped (the counter update rolls back with the rows).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from client_sdk import pb
+from node.core import lifecycle
+from node.core.errors import ChaparError, Code
+from node.storage.db import Database, Durability
+
+__all__ = ["MIGRATIONS", "NewLetter", "NodeStore", "StoredLetter"]
+
+MIGRATIONS = [
+    """
+    CREATE TABLE shams_counter (
+        origin TEXT NOT NULL, domain TEXT NOT NULL, year INTEGER NOT NULL,
+        last INTEGER NOT NULL, PRIMARY KEY (origin, domain, year)
+    );
+    CREATE TABLE outbox (
+        shams TEXT PRIMARY KEY,
+        request_id TEXT UNIQUE,
+        envelope BLOB NOT NULL,
+        envelope_sha256 BLOB NOT NULL,
+        receipt BLOB NOT NULL,
+        relay_state INTEGER NOT NULL DEFAULT 0,  -- 0 to relay, 1 relayed, 2 rejected
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX outbox_to_relay ON outbox (relay_state) WHERE relay_state = 0;
+    CREATE TABLE inbox (
+        shams TEXT PRIMARY KEY,
+        sender TEXT NOT NULL,
+        mailboxes TEXT NOT NULL,
+        envelope BLOB NOT NULL,
+        delivery BLOB NOT NULL,
+        handover BLOB,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX inbox_unacked ON inbox (handover) WHERE handover IS NULL;
+    CREATE TABLE evidence (
+        evidence_id TEXT PRIMARY KEY,
+        shams TEXT NOT NULL,
+        event INTEGER NOT NULL,
+        evidence BLOB NOT NULL,
+        to_send INTEGER NOT NULL DEFAULT 0,  -- 1: a receipt the hub has not acknowledged
+        recorded_at REAL NOT NULL
+    );
+    CREATE INDEX evidence_by_shams ON evidence (shams);
+    CREATE INDEX evidence_to_send ON evidence (to_send) WHERE to_send = 1;
+    CREATE TABLE recipient_state (
+        shams TEXT NOT NULL, recipient TEXT NOT NULL, state INTEGER NOT NULL,
+        PRIMARY KEY (shams, recipient)
+    );
+    CREATE TABLE certificates (key_id BLOB PRIMARY KEY, der BLOB NOT NULL);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+    """,
+]
+
+_DOMAIN_LETTER = {
+    pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING: "O",
+    pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL: "I",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NewLetter:
+    """A signed letter ready to store: built by the node once its number is known."""
+
+    shams_text: str
+    envelope: pb.Envelope
+    envelope_sha256: bytes
+    recipients: Sequence[str]
+    receipt: pb.Receipt
+    evidence_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredLetter:
+    """A letter as GetEnvelope returns it."""
+
+    direction: pb.LetterDirection.ValueType
+    envelope: pb.Envelope
+    evidence: list[pb.Evidence]
+    statuses: dict[str, int]
+
+
+class NodeStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: Path, durability: Durability = "full") -> NodeStore:
+        return cls(await Database.open(path, MIGRATIONS, durability))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # -- submission ---------------------------------------------------------------------
+
+    async def submit(
+        self,
+        request_ids: Sequence[str],
+        *,
+        origin: str,
+        domain: pb.ShamsDomain.ValueType,
+        year: int,
+        build: Callable[[int, pb.Shams], NewLetter],
+    ) -> list[pb.Receipt]:
+        """Numbers, builds (signs) and stores letters; a known request_id returns its receipt.
+
+        ``build(i, shams)`` makes letter ``i`` of the batch under ``shams``. Letters are
+        numbered in batch order.
+        """
+
+        async def job(conn: aiosqlite.Connection) -> list[pb.Receipt]:
+            known: dict[str, pb.Receipt] = {}
+            ids = [r for r in request_ids if r]
+            for chunk in _chunks(ids, 500):
+                marks = ",".join("?" * len(chunk))
+                async with conn.execute(
+                    f"SELECT request_id, receipt FROM outbox WHERE request_id IN ({marks})",  # noqa: S608
+                    chunk,
+                ) as cur:
+                    for rid, blob in await cur.fetchall():
+                        known[rid] = pb.Receipt.FromString(blob)
+            new_index = [i for i, rid in enumerate(request_ids) if not rid or rid not in known]
+            # The same request_id twice in one batch is one letter.
+            firsts: dict[str, int] = {}
+            fresh: list[int] = []
+            for i in new_index:
+                rid = request_ids[i]
+                if rid and rid in firsts:
+                    continue
+                if rid:
+                    firsts[rid] = i
+                fresh.append(i)
+            letter = _DOMAIN_LETTER[domain]
+            await conn.execute(
+                "INSERT OR IGNORE INTO shams_counter (origin, domain, year, last) VALUES (?, ?, ?, 0)",
+                (origin, letter, year),
+            )
+            async with conn.execute(
+                "UPDATE shams_counter SET last = last + ? WHERE origin = ? AND domain = ? AND year = ? "
+                "RETURNING last",
+                (len(fresh), origin, letter, year),
+            ) as cur:
+                row = await cur.fetchone()
+            assert row is not None
+            first_seq = int(row[0]) - len(fresh) + 1
+            now = time.time()
+            built: dict[int, NewLetter] = {}
+            for offset, i in enumerate(fresh):
+                shams = pb.Shams(origin=origin, domain=domain, year=year, sequence=first_seq + offset)
+                built[i] = build(i, shams)
+            await conn.executemany(
+                "INSERT INTO outbox (shams, request_id, envelope, envelope_sha256, receipt, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        b.shams_text,
+                        request_ids[i] or None,
+                        b.envelope.SerializeToString(),
+                        b.envelope_sha256,
+                        b.receipt.SerializeToString(),
+                        now,
+                    )
+                    for i, b in built.items()
+                ],
+            )
+            await conn.executemany(
+                "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (
+                        b.evidence_id,
+                        b.shams_text,
+                        pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
+                        b.receipt.evidence.SerializeToString(),
+                        now,
+                    )
+                    for b in built.values()
+                ],
+            )
+            await conn.executemany(
+                "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, ?)",
+                [
+                    (b.shams_text, r, lifecycle.SUBMITTED)
+                    for b in built.values()
+                    for r in dict.fromkeys(b.recipients)
+                ],
+            )
+            out: list[pb.Receipt] = []
+            for i, rid in enumerate(request_ids):
+                if i in built:
+                    out.append(built[i].receipt)
+                elif rid in known:
+                    out.append(known[rid])
+                else:
+                    out.append(built[firsts[rid]].receipt)
+            return out
+
+        return await self.db.write(job)
+
+    async def outbox_to_relay(self, after: int, limit: int) -> list[tuple[int, str, bytes]]:
+        """(rowid, shams, envelope bytes) of letters not yet relayed, oldest first."""
+        rows = await self.db.fetchall(
+            "SELECT rowid, shams, envelope FROM outbox WHERE relay_state = 0 AND rowid > ? "
+            "ORDER BY rowid LIMIT ?",
+            (after, limit),
+        )
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    # -- evidence about letters we sent -------------------------------------------------
+
+    async def record_sender_evidence(
+        self, items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]]
+    ) -> None:
+        """Stores relay results and routed evidence (evidence, content, shams text).
+
+        Idempotent on evidence id; moves each recipient's state along the lifecycle table.
+        """
+
+        async def job(conn: aiosqlite.Connection) -> None:
+            now = time.time()
+            for evidence, content, shams in items:
+                cur = await conn.execute(
+                    "INSERT OR IGNORE INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (content.evidence_id, shams, content.event, evidence.SerializeToString(), now),
+                )
+                if cur.rowcount == 0:
+                    continue
+                if content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE:
+                    await conn.execute(
+                        "UPDATE outbox SET relay_state = 1 WHERE shams = ? AND relay_state = 0", (shams,)
+                    )
+                elif content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_REJECTION:
+                    await conn.execute("UPDATE outbox SET relay_state = 2 WHERE shams = ?", (shams,))
+                await _advance(conn, shams, content.recipient, content.event)
+
+        await self.db.write(job)
+
+    async def mark_relay_rejected(self, shams: str) -> None:
+        async def job(conn: aiosqlite.Connection) -> None:
+            await conn.execute("UPDATE outbox SET relay_state = 2 WHERE shams = ?", (shams,))
+
+        await self.db.write(job)
+
+    # -- letters we receive ---------------------------------------------------------------
+
+    async def store_incoming(
+        self,
+        letters: Sequence[tuple[str, str, Sequence[str], pb.Envelope]],
+        make_delivery: Callable[[int], pb.Evidence],
+    ) -> list[pb.Evidence]:
+        """Stores received letters (shams, sender, mailboxes, envelope) once each.
+
+        Returns the DELIVERY evidence of each: the stored one for a letter already in the
+        inbox (a redelivery), else a new one from ``make_delivery(i)``, queued for the hub.
+        """
+
+        async def job(conn: aiosqlite.Connection) -> list[pb.Evidence]:
+            now = time.time()
+            out: list[pb.Evidence] = []
+            for i, (shams, sender, mailboxes, envelope) in enumerate(letters):
+                async with conn.execute("SELECT delivery FROM inbox WHERE shams = ?", (shams,)) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    out.append(pb.Evidence.FromString(row[0]))
+                    continue
+                evidence = make_delivery(i)
+                content = pb.EvidenceContent.FromString(evidence.content)
+                blob = evidence.SerializeToString()
+                await conn.execute(
+                    "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (shams, sender, "\n".join(mailboxes), envelope.SerializeToString(), blob, now),
+                )
+                await conn.execute(
+                    "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
+                    " VALUES (?, ?, ?, ?, 1, ?)",
+                    (content.evidence_id, shams, content.event, blob, now),
+                )
+                out.append(evidence)
+            return out
+
+        return await self.db.write(job)
+
+    async def unacked_inbox(
+        self, after: int, limit: int
+    ) -> list[tuple[int, str, str, bytes, bytes, float]]:
+        """(rowid, shams, mailboxes, envelope, delivery evidence, received_at), oldest first."""
+        rows = await self.db.fetchall(
+            "SELECT rowid, shams, mailboxes, envelope, delivery, received_at FROM inbox "
+            "WHERE handover IS NULL AND rowid > ? ORDER BY rowid LIMIT ?",
+            (after, limit),
+        )
+        return [(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), bytes(r[4]), float(r[5])) for r in rows]
+
+    async def acknowledge(
+        self, shams: str, make_handover: Callable[[pb.Envelope], pb.Evidence]
+    ) -> pb.Evidence:
+        """Issues HANDOVER evidence for an inbox letter once; a second call returns the same."""
+
+        async def job(conn: aiosqlite.Connection) -> pb.Evidence:
+            async with conn.execute("SELECT envelope, handover FROM inbox WHERE shams = ?", (shams,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise ChaparError(
+                    Code.NOT_FOUND,
+                    "LETTER_NOT_FOUND",
+                    f"no letter {shams} in the inbox",
+                    metadata={"shams": shams},
+                )
+            if row[1] is not None:
+                return pb.Evidence.FromString(row[1])
+            evidence = make_handover(pb.Envelope.FromString(row[0]))
+            content = pb.EvidenceContent.FromString(evidence.content)
+            blob = evidence.SerializeToString()
+            await conn.execute("UPDATE inbox SET handover = ? WHERE shams = ?", (blob, shams))
+            await conn.execute(
+                "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
+                " VALUES (?, ?, ?, ?, 1, ?)",
+                (content.evidence_id, shams, content.event, blob, time.time()),
+            )
+            return evidence
+
+        return await self.db.write(job)
+
+    async def receipts_to_send(self, limit: int) -> list[pb.Evidence]:
+        rows = await self.db.fetchall(
+            "SELECT evidence FROM evidence WHERE to_send = 1 ORDER BY rowid LIMIT ?", (limit,)
+        )
+        return [pb.Evidence.FromString(r[0]) for r in rows]
+
+    async def receipts_acknowledged(self, evidence_ids: Sequence[str]) -> None:
+        async def job(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(
+                "UPDATE evidence SET to_send = 0 WHERE evidence_id = ?", [(e,) for e in evidence_ids]
+            )
+
+        await self.db.write(job)
+
+    # -- lookups --------------------------------------------------------------------------
+
+    async def letter(self, shams: str) -> StoredLetter | None:
+        direction: pb.LetterDirection.ValueType
+        row = await self.db.fetchone("SELECT envelope FROM outbox WHERE shams = ?", (shams,))
+        if row is not None:
+            direction = pb.LetterDirection.LETTER_DIRECTION_OUTGOING
+        else:
+            row = await self.db.fetchone("SELECT envelope FROM inbox WHERE shams = ?", (shams,))
+            if row is None:
+                return None
+            direction = pb.LetterDirection.LETTER_DIRECTION_INCOMING
+        evidence = [
+            pb.Evidence.FromString(r[0])
+            for r in await self.db.fetchall(
+                "SELECT evidence FROM evidence WHERE shams = ? ORDER BY rowid", (shams,)
+            )
+        ]
+        statuses = {
+            str(r[0]): int(r[1])
+            for r in await self.db.fetchall(
+                "SELECT recipient, state FROM recipient_state WHERE shams = ? ORDER BY recipient", (shams,)
+            )
+        }
+        return StoredLetter(direction, pb.Envelope.FromString(row[0]), evidence, statuses)
+
+    async def count(self, table: str) -> int:
+        assert table in {"outbox", "inbox", "evidence"}
+        row = await self.db.fetchone(f"SELECT count(*) FROM {table}")  # noqa: S608
+        return int(row[0]) if row else 0
+
+    async def remember_certificates(self, certs: Sequence[tuple[bytes, bytes]]) -> None:
+        """Keeps (key id, DER) of every signer seen, so old evidence stays verifiable."""
+
+        async def job(conn: aiosqlite.Connection) -> None:
+            await conn.executemany("INSERT OR IGNORE INTO certificates (key_id, der) VALUES (?, ?)", certs)
+
+        await self.db.write(job)
+
+    async def save_directory(self, directory: pb.Directory) -> None:
+        """Keeps the last directory so the node can take submissions while the hub is down."""
+        blob = directory.SerializeToString()
+
+        async def job(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('directory', ?)", (blob,)
+            )
+
+        await self.db.write(job)
+
+    async def load_directory(self) -> pb.Directory | None:
+        row = await self.db.fetchone("SELECT value FROM meta WHERE key = 'directory'")
+        return pb.Directory.FromString(row[0]) if row else None
+
+    async def store_issued(self, items: Sequence[tuple[str, pb.Evidence]]) -> None:
+        """Stores evidence this node issued as a recipient (shams, evidence), to send to the hub."""
+
+        async def job(conn: aiosqlite.Connection) -> None:
+            now = time.time()
+            await conn.executemany(
+                "INSERT OR IGNORE INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
+                " VALUES (?, ?, ?, ?, 1, ?)",
+                [
+                    (c.evidence_id, shams, c.event, e.SerializeToString(), now)
+                    for shams, e in items
+                    for c in [pb.EvidenceContent.FromString(e.content)]
+                ],
+            )
+
+        await self.db.write(job)
+
+    async def certificates(self, key_ids: Sequence[bytes]) -> list[bytes]:
+        out: list[bytes] = []
+        for kid in dict.fromkeys(key_ids):
+            row = await self.db.fetchone("SELECT der FROM certificates WHERE key_id = ?", (kid,))
+            if row is not None:
+                out.append(bytes(row[0]))
+        return out
+
+
+async def _advance(conn: aiosqlite.Connection, shams: str, recipient: str, event: int) -> None:
+    async with conn.execute(
+        "SELECT state FROM recipient_state WHERE shams = ? AND recipient = ?", (shams, recipient)
+    ) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return
+    step = lifecycle.advance(int(row[0]), event)
+    if step.changed:
+        await conn.execute(
+            "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?",
+            (step.state, shams, recipient),
+        )
+
+
+def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

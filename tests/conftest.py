@@ -1,0 +1,36 @@
+"""Shared fixtures: a real hub and agency nodes as processes on loopback, with real mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.cluster import Cluster
+
+AGENCY_A = "000.00.00.G22"
+AGENCY_B = "10861234567"
+AGENCY_C = "MOFA.IR"  # in the directory with certificates, but no running node: tests act as it
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("cluster")
+    started = asyncio.run(Cluster.start(root, [AGENCY_A, AGENCY_B, AGENCY_C], without_node=[AGENCY_C]))
+    try:
+        yield started
+    finally:
+        codes = started.stop()
+        assert all(code == 0 for code in codes.values()), codes
+
+
+def db_count(path: Path, sql: str, params: tuple[object, ...] = ()) -> int:
+    """Counts rows in a server's SQLite database (read-only; WAL lets us read alongside)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute(sql, params).fetchone()[0])
+    finally:
+        conn.close()

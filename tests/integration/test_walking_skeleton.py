@@ -1,0 +1,230 @@
+"""The walking skeleton end to end: real hub and node processes, real mTLS on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+
+import grpc
+import pytest
+
+from client_sdk import ExchangeClient, NotFound, pb
+from client_sdk.errors import from_rpc_error
+from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer
+from client_sdk.trust import VerificationError
+from node.cluster import Cluster
+from node.core.letters import build_header
+from node.demo import EXPECTED_CHAIN, wait_for_chain
+from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, db_count
+
+pytestmark = pytest.mark.integration
+
+
+def _node_db(cluster: Cluster, code: str):  # type: ignore[no-untyped-def]
+    return cluster.root / f"node-{code}" / "node.db"
+
+
+def _hub_db(cluster: Cluster):  # type: ignore[no-untyped-def]
+    return cluster.root / "hub" / "hub.db"
+
+
+async def _next_letter(client: ExchangeClient, shams: str, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    async def find():  # type: ignore[no-untyped-def]
+        async for letter in client.inbox():
+            if letter.shams == shams:
+                return letter
+        raise AssertionError("inbox stream ended")
+
+    return await asyncio.wait_for(find(), timeout)
+
+
+async def test_letter_travels_a_to_b_with_every_evidence_signature_verified(cluster: Cluster) -> None:
+    async with (
+        ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
+        ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+    ):
+        receipt = await a.send(to=[AGENCY_B], subject="Budget 2026", body="Please confirm.")
+        assert receipt.shams.startswith(f"{AGENCY_A}/O/")
+        assert receipt.content().event == pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
+
+        letter = await _next_letter(b, receipt.shams)
+        assert letter.sender == AGENCY_A
+        assert letter.body == b"Please confirm."
+        assert letter.subject == "Budget 2026"
+        handover = await letter.ack()
+        assert pb.EvidenceContent.FromString(handover.content).event == pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER
+
+        tracking = await wait_for_chain(a, receipt.shams)
+        trust = cluster.credentials(AGENCY_A).trust_store()
+        verified = tracking.verify(trust)
+        events = [v.event for v in verified]
+        assert events[: len(EXPECTED_CHAIN)] == list(EXPECTED_CHAIN)
+        issuers = {v.event: v.issuer for v in verified}
+        assert issuers["SUBMISSION_ACCEPTANCE"] == f"urn:chapar:agency:{AGENCY_A}"
+        assert issuers["RELAY_ACCEPTANCE"] == "urn:chapar:hub:national"
+        assert issuers["DELIVERY"] == f"urn:chapar:agency:{AGENCY_B}"
+        assert issuers["HANDOVER"] == f"urn:chapar:agency:{AGENCY_B}"
+        assert tracking.statuses == {AGENCY_B: "HANDED_OVER"}
+
+        # One flipped bit in any evidence is caught by the offline verifier.
+        forged = pb.Evidence()
+        forged.CopyFrom(tracking.evidence[2])
+        forged.content = forged.content[:-1] + bytes([forged.content[-1] ^ 1])
+        tracking.evidence[2] = forged
+        with pytest.raises(VerificationError):
+            tracking.verify(cluster.credentials(AGENCY_A).trust_store())
+
+
+async def test_reply_carries_in_reply_to_and_thread_root(cluster: Cluster) -> None:
+    async with (
+        ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
+        ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+    ):
+        first = await a.send(to=[AGENCY_B], subject="Inquiry", body="?", kind="inquiry")
+        await (await _next_letter(b, first.shams)).ack()
+        reply = await b.send(to=[AGENCY_A], subject="Re: Inquiry", body="!", kind="reply", in_reply_to=first.shams)
+        got = await _next_letter(a, reply.shams)
+        assert got.in_reply_to == first.shams
+        assert got.header.thread_root == got.header.in_reply_to
+        await got.ack()
+
+
+async def test_duplicate_submit_with_same_request_id_returns_original_receipt(cluster: Cluster) -> None:
+    db = _node_db(cluster, AGENCY_A)
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        request_id = str(uuid.uuid4())
+        first = await a.send(to=[AGENCY_B], subject="Once", body="only once", request_id=request_id)
+        rows = db_count(db, "SELECT count(*) FROM outbox")
+        counter = db_count(db, "SELECT max(last) FROM shams_counter")
+        again = await a.send(to=[AGENCY_B], subject="Once", body="only once", request_id=request_id)
+        assert again.shams == first.shams
+        assert again.evidence.SerializeToString() == first.evidence.SerializeToString()
+        assert db_count(db, "SELECT count(*) FROM outbox") == rows
+        assert db_count(db, "SELECT max(last) FROM shams_counter") == counter
+
+
+async def test_unknown_recipient_is_not_found_and_nothing_is_stored(cluster: Cluster) -> None:
+    db = _node_db(cluster, AGENCY_A)
+    rows = db_count(db, "SELECT count(*) FROM outbox")
+    counter = db_count(db, "SELECT max(last) FROM shams_counter")
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        with pytest.raises(NotFound) as err:
+            await a.send(to=["NO.SUCH.AGENCY"], subject="Lost?", body="x")
+    assert err.value.reason == "UNKNOWN_RECIPIENT"
+    assert err.value.metadata.get("agency") == "NO.SUCH.AGENCY"
+    assert db_count(db, "SELECT count(*) FROM outbox") == rows
+    assert db_count(db, "SELECT max(last) FROM shams_counter") == counter
+
+
+# -- a hostile or broken node, talking raw gRPC to the hub with real certificates --------
+
+
+def _tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
+    d = cluster.pki.agency_dir(code)
+    return grpc.ssl_channel_credentials(
+        root_certificates=cluster.pki.root_cert.read_bytes(),
+        private_key=(d / "tls.key").read_bytes(),
+        certificate_chain=(d / "tls.crt").read_bytes(),
+    )
+
+
+def _letter(cluster: Cluster, *, signer_code: str, sender: str, to: str, sequence: int) -> pb.Envelope:
+    d = cluster.pki.agency_dir(signer_code)
+    signer = Signer.from_files(d / "signing.key", d / "signing.crt")
+    body = b"raw letter"
+    draft = pb.LetterDraft(
+        recipients=[pb.Address(agency=to)], subject="raw", body=body,
+        kind=pb.LetterKind.LETTER_KIND_LETTER, priority=pb.Priority.PRIORITY_NORMAL,
+        content_type="text/plain; charset=utf-8",
+    )
+    shams = pb.Shams(origin=sender, domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=sequence)
+    header = build_header(draft, sender=sender, shams=shams, now=dt.datetime.now(dt.UTC))
+    return pb.Envelope(header=header, signature=signer.sign(ENVELOPE_PAYLOAD_TYPE, header), body=body)
+
+
+async def _relay_as(cluster: Cluster, code: str, envelopes: list[pb.Envelope]) -> pb.ConnectResponse:
+    """Connects to the hub as ``code``'s node and sends one batch; returns the hub's answer."""
+    async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, code)) as channel:
+        call = pb.HubServiceStub(channel).Connect()
+        await call.write(pb.ConnectRequest(hello=pb.ConnectHello(software_version="test")))
+        welcome = await call.read()
+        assert welcome.WhichOneof("frame") == "welcome"
+        await call.write(pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes)))
+        while True:
+            frame = await call.read()
+            if frame is grpc.aio.EOF:
+                raise AssertionError("stream ended without an answer")
+            if frame.WhichOneof("frame") == "relay_results":
+                call.cancel()
+                return frame
+
+
+async def test_valid_raw_letter_from_a_third_agency_is_relayed(cluster: Cluster) -> None:
+    """Positive control for the hostile cases below: the same path accepts a good letter."""
+    seq = 1_000 + uuid.uuid4().int % 1_000_000
+    answer = await _relay_as(cluster, AGENCY_C, [_letter(cluster, signer_code=AGENCY_C, sender=AGENCY_C,
+                                                         to=AGENCY_B, sequence=seq)])
+    (evidence,) = answer.relay_results.evidence
+    content = pb.EvidenceContent.FromString(evidence.content)
+    assert content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE
+    assert content.recipient == AGENCY_B
+
+
+@pytest.mark.parametrize("signer_code", [AGENCY_C, AGENCY_A], ids=["own-key", "stolen-key"])
+async def test_header_sender_other_than_tls_identity_is_permission_denied(cluster: Cluster, signer_code: str) -> None:
+    hub_db = _hub_db(cluster)
+    letters = db_count(hub_db, "SELECT count(*) FROM letters")
+    forged = _letter(cluster, signer_code=signer_code, sender=AGENCY_A, to=AGENCY_B, sequence=999_999)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _relay_as(cluster, AGENCY_C, [forged])
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert from_rpc_error(err.value).reason == "SENDER_MISMATCH"
+    assert db_count(hub_db, "SELECT count(*) FROM letters") == letters
+
+
+async def test_tampered_header_is_rejected_and_nothing_is_stored(cluster: Cluster) -> None:
+    hub_db = _hub_db(cluster)
+    letters = db_count(hub_db, "SELECT count(*) FROM letters")
+    envelope = _letter(cluster, signer_code=AGENCY_C, sender=AGENCY_C, to=AGENCY_B, sequence=777_777)
+    header = pb.EnvelopeHeader.FromString(envelope.header)
+    header.subject = "raw, but changed after signing"
+    envelope.header = header.SerializeToString()
+    answer = await _relay_as(cluster, AGENCY_C, [envelope])
+    (evidence,) = answer.relay_results.evidence
+    content = pb.EvidenceContent.FromString(evidence.content)
+    assert content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_REJECTION
+    assert content.reason == "SIGNATURE_INVALID"
+    assert db_count(hub_db, "SELECT count(*) FROM letters") == letters
+    assert db_count(_node_db(cluster, AGENCY_B), "SELECT count(*) FROM inbox WHERE shams = ?",
+                    (f"{AGENCY_C}/O/2026/0777777",)) == 0
+
+
+@pytest.mark.parametrize("target", ["hub", "node"])
+async def test_client_without_certificate_cannot_connect(cluster: Cluster, target: str) -> None:
+    address = cluster.hub.address if target == "hub" else cluster.nodes[AGENCY_A].address
+    creds = grpc.ssl_channel_credentials(root_certificates=cluster.pki.root_cert.read_bytes())
+    async with grpc.aio.secure_channel(address, creds) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            if target == "hub":
+                await pb.HubServiceStub(channel).GetDirectory(pb.GetDirectoryRequest(), timeout=10)
+            else:
+                await pb.NodeServiceStub(channel).ListAgencies(pb.ListAgenciesRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_thousand_concurrent_submissions_get_unique_gapless_numbers_and_all_arrive(cluster: Cluster) -> None:
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        receipts = await asyncio.gather(
+            *(a.send(to=[AGENCY_B], subject=f"n{i}", body=f"letter {i}") for i in range(1000))
+        )
+    sequences = sorted(int(r.shams.rsplit("/", 1)[1]) for r in receipts)
+    assert sequences == list(range(sequences[0], sequences[0] + 1000))
+    wanted = {r.shams for r in receipts}
+    inbox = _node_db(cluster, AGENCY_B)
+    marks = ",".join("?" * len(wanted))
+    deadline = asyncio.get_running_loop().time() + 60
+    while (n := db_count(inbox, f"SELECT count(*) FROM inbox WHERE shams IN ({marks})", tuple(wanted))) < 1000:
+        assert asyncio.get_running_loop().time() < deadline, f"only {n} of 1000 delivered"
+        await asyncio.sleep(0.2)
+    assert n == 1000
