@@ -1,0 +1,518 @@
+"""The development PKI: key generation, certificate issuance and the on-disk layout.
+
+This module owns everything ``chapar pki`` writes: a root CA, one intermediate CA and, under
+it, the TLS, signing and client certificates of a hub, its agencies and optional auditors
+(see ``certs/README.md`` for the layout). It also offers the generic building blocks
+(:func:`generate_key`, :func:`issue_certificate`, :func:`write_key`, :func:`write_certs`,
+:func:`load_key`, :func:`load_certs`) that security tests use to forge expired, not-yet-valid,
+self-signed, foreign-CA and wrong-usage certificates.
+
+Identity is only ever carried in a ``urn:chapar:`` SAN URI (see ``client_sdk.identity``);
+the subject CN is a human-readable label and nothing reads it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from client_sdk.identity import Identity
+
+__all__ = [
+    "CertificateKind",
+    "KeyAlgorithm",
+    "PkiError",
+    "PkiLayout",
+    "PrivateKey",
+    "SubjectKey",
+    "generate_key",
+    "init_pki",
+    "issue_certificate",
+    "load_certs",
+    "load_key",
+    "write_certs",
+    "write_key",
+]
+
+KeyAlgorithm = Literal["ed25519", "ecdsa-p256"]
+CertificateKind = Literal["root", "intermediate", "tls", "client", "signing"]
+# The key types Chapar itself uses (the same pair client_sdk.signing accepts).
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+# A subject may be given by its private key (the usual case) or by its public key alone
+# (issuing for a key held elsewhere, e.g. a renewal).
+SubjectKey = CertificateIssuerPrivateKeyTypes | CertificatePublicKeyTypes
+
+_KEY_ALGORITHMS: tuple[str, ...] = get_args(KeyAlgorithm)
+_KINDS: tuple[str, ...] = get_args(CertificateKind)
+
+# Lifetimes: a dev root outlives everything it signs; leaves default to a year and
+# init_pki keeps them inside the intermediate's lifetime.
+ROOT_VALIDITY = dt.timedelta(days=3650)
+INTERMEDIATE_VALIDITY = dt.timedelta(days=1825)
+LEAF_VALIDITY = dt.timedelta(days=365)
+# Backdating not_before tolerates small clock differences between the machines of a test
+# or demo; without it a certificate minted a second ago can look "not yet valid" elsewhere.
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+_DEFAULT_LIFETIME: dict[str, dt.timedelta] = {
+    "root": ROOT_VALIDITY,
+    "intermediate": INTERMEDIATE_VALIDITY,
+    "tls": LEAF_VALIDITY,
+    "client": LEAF_VALIDITY,
+    "signing": LEAF_VALIDITY,
+}
+# The public key types a certificate of ours may carry; every one of them can also issue.
+_PublicKey = (
+    ec.EllipticCurvePublicKey
+    | ed25519.Ed25519PublicKey
+    | ed448.Ed448PublicKey
+    | rsa.RSAPublicKey
+    | dsa.DSAPublicKey
+)
+# X.520 upper bound for a CommonName; cryptography refuses longer values, and a 64-character
+# agency code plus a label would exceed it.
+_CN_MAX = 64
+_ORGANIZATION = "Chapar development PKI"
+ROOT_COMMON_NAME = "Chapar Development Root CA"
+INTERMEDIATE_COMMON_NAME = "Chapar Development Intermediate CA"
+# Loopback names on every TLS certificate so gRPC's host name check passes whether a test
+# dials localhost, 127.0.0.1 or [::1]. Identity still comes only from the URI.
+_LOOPBACK_SANS: tuple[x509.GeneralName, ...] = (
+    x509.DNSName("localhost"),
+    x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+    x509.IPAddress(ipaddress.IPv6Address("::1")),
+)
+_BACKEND_CLIENT_NAME = "backend"
+
+_KEY_MODE = 0o600
+_CERT_MODE = 0o644
+
+
+class PkiError(ValueError):
+    """Bad input to the PKI tooling or a refusal (e.g. an existing PKI); the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class PkiLayout:
+    """Where the files of a development PKI rooted at ``root`` live."""
+
+    root: Path
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def root_cert(self) -> Path:
+        return self.ca_dir / "root.crt"
+
+    @property
+    def root_key(self) -> Path:
+        return self.ca_dir / "root.key"
+
+    @property
+    def intermediate_cert(self) -> Path:
+        return self.ca_dir / "intermediate.crt"
+
+    @property
+    def intermediate_key(self) -> Path:
+        return self.ca_dir / "intermediate.key"
+
+    def hub_dir(self, name: str) -> Path:
+        """``hub/<NAME>/``: tls.crt/key and signing.crt/key."""
+        return self.root / "hub" / name
+
+    def agency_dir(self, code: str) -> Path:
+        """``agencies/<CODE>/``: tls, signing and the back-end's client certificate."""
+        return self.root / "agencies" / code
+
+    def auditor_dir(self, name: str) -> Path:
+        """``auditors/<NAME>/``: client.crt/key."""
+        return self.root / "auditors" / name
+
+
+# ---------------------------------------------------------------------------------------
+# Keys and files
+
+
+def generate_key(algorithm: KeyAlgorithm) -> PrivateKey:
+    """A new private key: Ed25519, or ECDSA on P-256."""
+    if algorithm == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if algorithm == "ecdsa-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise PkiError(
+        f"unknown key algorithm {algorithm!r} (expected one of {', '.join(_KEY_ALGORITHMS)})"
+    )
+
+
+def _write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Writes ``data`` to ``path`` through a fresh file created with ``mode``.
+
+    The temporary file is created with O_EXCL and its final mode, so a private key is never
+    readable by others, not even for a moment, and an existing file at ``path`` (whatever
+    its mode, or a symlink) is replaced rather than written through.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_key(path: Path, key: CertificateIssuerPrivateKeyTypes) -> None:
+    """Writes ``key`` as unencrypted PKCS#8 PEM, mode 0600 from creation."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_new_file(path, pem, _KEY_MODE)
+
+
+def write_certs(path: Path, certs: Iterable[x509.Certificate]) -> None:
+    """Writes the certificates as concatenated PEM (leaf first for a chain), mode 0644."""
+    pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
+    if not pem:
+        raise PkiError(f"{path}: no certificates to write")
+    _write_new_file(path, pem, _CERT_MODE)
+
+
+def load_key(path: Path) -> PrivateKey:
+    """Reads an unencrypted PEM private key of a type Chapar uses (Ed25519 or ECDSA)."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"{path}: not an unencrypted PEM private key ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        raise PkiError(f"{path}: unsupported private key type {type(key).__name__}")
+    return key
+
+
+def load_certs(path: Path) -> list[x509.Certificate]:
+    """Reads every certificate of a PEM file (a chain file yields leaf then intermediate)."""
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError as exc:
+        raise PkiError(f"{path}: no PEM certificates ({exc})") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Issuing
+
+
+def _public_key_of(key: SubjectKey) -> _PublicKey:
+    if isinstance(
+        key,
+        ec.EllipticCurvePrivateKey
+        | ed25519.Ed25519PrivateKey
+        | ed448.Ed448PrivateKey
+        | rsa.RSAPrivateKey
+        | dsa.DSAPrivateKey,
+    ):
+        return key.public_key()
+    if isinstance(key, _PublicKey):
+        return key
+    raise PkiError(f"unsupported subject key type {type(key).__name__}")
+
+
+def _hash_for(issuer_key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
+    # EdDSA (and other pure signature schemes) hash internally and must be given None.
+    if isinstance(issuer_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | dsa.DSAPrivateKey):
+        return hashes.SHA256()
+    return None
+
+
+def _default_common_name(kind: CertificateKind, identity_uri: str | None) -> str:
+    if kind == "root":
+        return ROOT_COMMON_NAME
+    if kind == "intermediate":
+        return INTERMEDIATE_COMMON_NAME
+    label = identity_uri.removeprefix("urn:chapar:") if identity_uri else "unnamed"
+    return f"{label} {kind}"
+
+
+def _key_usage(
+    *, digital_signature: bool = False, content_commitment: bool = False, ca: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=content_commitment,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def issue_certificate(
+    *,
+    issuer_cert: x509.Certificate | None,
+    issuer_key: CertificateIssuerPrivateKeyTypes,
+    subject_key: SubjectKey,
+    identity_uri: str | None,
+    kind: CertificateKind,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    common_name: str | None = None,
+    extra_sans: Sequence[x509.GeneralName] = (),
+) -> x509.Certificate:
+    """Issues one certificate of ``kind`` for ``subject_key``, signed with ``issuer_key``.
+
+    ``issuer_cert=None`` makes it self-signed (issuer name = subject name). ``identity_uri``
+    becomes the SAN URI (None: no Chapar identity at all); ``extra_sans`` are appended
+    as-is. The profile (basic constraints, key usage, extended key usage) follows ``kind``:
+
+    * root / intermediate: CA, path length 1 / 0, keyCertSign + cRLSign.
+    * tls: serverAuth + clientAuth, digitalSignature, plus loopback DNS/IP SANs.
+    * client: clientAuth, digitalSignature.
+    * signing: digitalSignature + contentCommitment, no extended key usage.
+
+    Nothing here checks that the inputs make sense (a key that does not match
+    ``issuer_cert``, a validity in the past, a URI that is not Chapar's): tests rely on
+    being able to forge exactly such certificates.
+    """
+    if kind not in _KINDS:
+        raise PkiError(f"unknown certificate kind {kind!r} (expected one of {', '.join(_KINDS)})")
+    public_key = _public_key_of(subject_key)
+    start = not_before if not_before is not None else dt.datetime.now(dt.UTC) - CLOCK_SKEW
+    end = not_after if not_after is not None else start + CLOCK_SKEW + _DEFAULT_LIFETIME[kind]
+    if end <= start:
+        raise PkiError(
+            f"not_after ({end.isoformat()}) must be later than not_before ({start.isoformat()})"
+        )
+
+    label = (common_name or _default_common_name(kind, identity_uri))[:_CN_MAX]
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, label),
+        ]
+    )
+    issuer_name = issuer_cert.subject if issuer_cert is not None else subject
+
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+    if issuer_cert is None:
+        # Self-signed: the authority key is the signing key itself.
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+    else:
+        try:
+            issuer_ski = issuer_cert.extensions.get_extension_for_class(
+                x509.SubjectKeyIdentifier
+            ).value
+            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski)
+        except x509.ExtensionNotFound:
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                _public_key_of(issuer_cert.public_key())
+            )
+
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(ski, critical=False)
+        .add_extension(aki, critical=False)
+    )
+
+    if kind in ("root", "intermediate"):
+        # Root may sign one level of CA (the intermediate); the intermediate signs only leaves.
+        path_length = 1 if kind == "root" else 0
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=path_length), critical=True
+        )
+        builder = builder.add_extension(_key_usage(ca=True), critical=True)
+    else:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=False, path_length=None), critical=True
+        )
+        if kind == "signing":
+            # contentCommitment (non-repudiation) is what marks a key as signing letters and
+            # evidence; client_sdk.trust refuses it for TLS, so the two roles never mix.
+            builder = builder.add_extension(
+                _key_usage(digital_signature=True, content_commitment=True), critical=True
+            )
+        else:
+            builder = builder.add_extension(_key_usage(digital_signature=True), critical=True)
+            usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+            if kind == "tls":
+                # Nodes and the hub are both servers and clients of each other's streams.
+                usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+
+    names: list[x509.GeneralName] = []
+    if identity_uri is not None:
+        names.append(x509.UniformResourceIdentifier(identity_uri))
+    if kind == "tls":
+        names.extend(_LOOPBACK_SANS)
+    names.extend(extra_sans)
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+
+    return builder.sign(issuer_key, _hash_for(issuer_key))
+
+
+# ---------------------------------------------------------------------------------------
+# The whole development PKI
+
+
+@dataclass(frozen=True, slots=True)
+class _Issuer:
+    cert: x509.Certificate
+    key: PrivateKey
+
+
+def _validated_identities(
+    hub: str, agencies: Sequence[str], auditors: Sequence[str]
+) -> tuple[Identity, list[Identity], list[Identity]]:
+    """Checks every name before anything is written, so bad input leaves no partial PKI."""
+    if isinstance(agencies, str) or isinstance(auditors, str):
+        # A bare string is a Sequence[str] too; "ABC" would become agencies A, B and C.
+        raise PkiError("agencies and auditors must be lists of names, not a single string")
+    try:
+        hub_identity = Identity.for_hub(hub)
+        agency_identities = [Identity.for_agency(code) for code in agencies]
+        auditor_identities = [Identity.for_auditor(name) for name in auditors]
+    except ValueError as exc:
+        raise PkiError(str(exc)) from exc
+    for identity in agency_identities:
+        # The agency code names a directory, and the code syntax admits "..", which would
+        # write the agency's files one level up, over the PKI root.
+        if identity.agency == "..":
+            raise PkiError(f"invalid agency code {identity.agency!r}: not a usable directory name")
+    for kind, values in (("agency", list(agencies)), ("auditor", list(auditors))):
+        duplicates = sorted({v for v in values if values.count(v) > 1})
+        if duplicates:
+            raise PkiError(f"{kind} given more than once: {', '.join(duplicates)}")
+    return hub_identity, agency_identities, auditor_identities
+
+
+def _issue_leaf(
+    issuer: _Issuer,
+    directory: Path,
+    stem: str,
+    kind: CertificateKind,
+    identity: Identity,
+    algorithm: KeyAlgorithm,
+    not_after: dt.datetime,
+) -> None:
+    key = generate_key(algorithm)
+    cert = issue_certificate(
+        issuer_cert=issuer.cert,
+        issuer_key=issuer.key,
+        subject_key=key,
+        identity_uri=identity.uri,
+        kind=kind,
+        not_after=not_after,
+    )
+    write_key(directory / f"{stem}.key", key)
+    # TLS and client files carry the intermediate too: gRPC sends exactly what it is given,
+    # and peers trust only the root, so the chain must travel with the leaf.
+    chain = [cert] if kind == "signing" else [cert, issuer.cert]
+    write_certs(directory / f"{stem}.crt", chain)
+
+
+def init_pki(
+    directory: Path,
+    *,
+    hub: str,
+    agencies: Sequence[str],
+    signing_algorithm: KeyAlgorithm = "ed25519",
+    auditors: Sequence[str] = (),
+    force: bool = False,
+    validity_days: int = 365,
+) -> PkiLayout:
+    """Creates a complete development PKI under ``directory`` and returns its layout.
+
+    Refuses to overwrite an existing PKI (``ca/root.crt`` or ``ca/root.key`` present) unless
+    ``force``; with ``force`` the files it writes are replaced and any others are left alone.
+    Leaf certificates are valid for ``validity_days``; TLS and client keys are always
+    ECDSA P-256, signing keys follow ``signing_algorithm``.
+    """
+    if signing_algorithm not in _KEY_ALGORITHMS:
+        raise PkiError(
+            f"unknown signing algorithm {signing_algorithm!r} "
+            f"(expected one of {', '.join(_KEY_ALGORITHMS)})"
+        )
+    max_days = INTERMEDIATE_VALIDITY.days
+    if not 1 <= validity_days <= max_days:
+        # A leaf that outlives its intermediate would fail chain validation at the end anyway.
+        raise PkiError(f"validity_days must be between 1 and {max_days}, got {validity_days}")
+    hub_identity, agency_identities, auditor_identities = _validated_identities(
+        hub, agencies, auditors
+    )
+
+    layout = PkiLayout(Path(directory))
+    if layout.root.exists() and not layout.root.is_dir():
+        raise PkiError(f"{layout.root} exists and is not a directory")
+    if not force and (layout.root_cert.exists() or layout.root_key.exists()):
+        raise PkiError(
+            f"a PKI already exists in {layout.root} ({layout.root_cert} is present); "
+            "use --force / force=True to replace it"
+        )
+    layout.root.mkdir(parents=True, exist_ok=True)
+
+    now = dt.datetime.now(dt.UTC)
+    root_key = generate_key("ecdsa-p256")
+    root_cert = issue_certificate(
+        issuer_cert=None, issuer_key=root_key, subject_key=root_key, identity_uri=None, kind="root"
+    )
+    intermediate_key = generate_key("ecdsa-p256")
+    intermediate_cert = issue_certificate(
+        issuer_cert=root_cert,
+        issuer_key=root_key,
+        subject_key=intermediate_key,
+        identity_uri=None,
+        kind="intermediate",
+    )
+    write_key(layout.root_key, root_key)
+    write_certs(layout.root_cert, [root_cert])
+    write_key(layout.intermediate_key, intermediate_key)
+    write_certs(layout.intermediate_cert, [intermediate_cert])
+
+    issuer = _Issuer(intermediate_cert, intermediate_key)
+    leaf_end = min(now + dt.timedelta(days=validity_days), intermediate_cert.not_valid_after_utc)
+
+    hub_dir = layout.hub_dir(hub_identity.name)
+    _issue_leaf(issuer, hub_dir, "tls", "tls", hub_identity, "ecdsa-p256", leaf_end)
+    _issue_leaf(issuer, hub_dir, "signing", "signing", hub_identity, signing_algorithm, leaf_end)
+
+    for agency in agency_identities:
+        agency_dir = layout.agency_dir(agency.agency)
+        backend = Identity.for_client(agency.agency, _BACKEND_CLIENT_NAME)
+        _issue_leaf(issuer, agency_dir, "tls", "tls", agency, "ecdsa-p256", leaf_end)
+        _issue_leaf(issuer, agency_dir, "signing", "signing", agency, signing_algorithm, leaf_end)
+        _issue_leaf(issuer, agency_dir, "client", "client", backend, "ecdsa-p256", leaf_end)
+
+    for auditor in auditor_identities:
+        auditor_dir = layout.auditor_dir(auditor.name)
+        _issue_leaf(issuer, auditor_dir, "client", "client", auditor, "ecdsa-p256", leaf_end)
+
+    return layout

@@ -1,0 +1,620 @@
+"""Tests of the development PKI (certs.pki, certs.cli) against client_sdk's verifier."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import stat
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from certs import cli
+from certs.pki import (
+    KeyAlgorithm,
+    PkiError,
+    PkiLayout,
+    generate_key,
+    init_pki,
+    issue_certificate,
+    load_certs,
+    load_key,
+    write_certs,
+    write_key,
+)
+from client_sdk import pb
+from client_sdk.identity import Identity
+from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer, verify_signature
+from client_sdk.trust import TrustStore, VerificationError
+
+HUB = "national-hub"
+AGENCIES = ("000.00.00.G22", "10101010101")
+AUDITOR = "court"
+
+
+def _init(directory: Path, algorithm: KeyAlgorithm = "ed25519") -> PkiLayout:
+    return init_pki(
+        directory, hub=HUB, agencies=AGENCIES, auditors=[AUDITOR], signing_algorithm=algorithm
+    )
+
+
+@pytest.fixture(scope="module", params=["ed25519", "ecdsa-p256"])
+def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> PkiLayout:
+    algorithm: KeyAlgorithm = request.param
+    return _init(tmp_path_factory.mktemp(f"pki-{algorithm}") / "pki", algorithm)
+
+
+def _store(layout: PkiLayout) -> TrustStore:
+    return TrustStore(
+        roots=load_certs(layout.root_cert), intermediates=load_certs(layout.intermediate_cert)
+    )
+
+
+def _leaf(path: Path) -> x509.Certificate:
+    return load_certs(path)[0]
+
+
+def _expected_files(layout: PkiLayout) -> list[Path]:
+    files = [layout.root_cert, layout.root_key, layout.intermediate_cert, layout.intermediate_key]
+    for stem in ("tls", "signing"):
+        files += [layout.hub_dir(HUB) / f"{stem}.crt", layout.hub_dir(HUB) / f"{stem}.key"]
+    for code in AGENCIES:
+        for stem in ("tls", "signing", "client"):
+            files += [
+                layout.agency_dir(code) / f"{stem}.crt",
+                layout.agency_dir(code) / f"{stem}.key",
+            ]
+    files += [
+        layout.auditor_dir(AUDITOR) / "client.crt",
+        layout.auditor_dir(AUDITOR) / "client.key",
+    ]
+    return files
+
+
+# -- layout and files ---------------------------------------------------------------------
+
+
+def test_layout_paths(tmp_path: Path) -> None:
+    layout = PkiLayout(tmp_path)
+    assert layout.root_cert == tmp_path / "ca" / "root.crt"
+    assert layout.root_key == tmp_path / "ca" / "root.key"
+    assert layout.intermediate_cert == tmp_path / "ca" / "intermediate.crt"
+    assert layout.intermediate_key == tmp_path / "ca" / "intermediate.key"
+    assert layout.hub_dir("h") == tmp_path / "hub" / "h"
+    assert layout.agency_dir("AB") == tmp_path / "agencies" / "AB"
+    assert layout.auditor_dir("a") == tmp_path / "auditors" / "a"
+
+
+def test_all_files_exist_and_nothing_else(layout: PkiLayout) -> None:
+    expected = set(_expected_files(layout))
+    written = {p for p in layout.root.rglob("*") if p.is_file()}
+    assert written == expected
+
+
+def test_key_files_are_private_and_certs_readable(layout: PkiLayout) -> None:
+    for path in _expected_files(layout):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if path.suffix == ".key":
+            assert mode == 0o600, path
+        else:
+            assert mode & 0o022 == 0, path
+            assert mode & 0o444 == 0o444 or mode == 0o600, path
+
+
+def test_chain_files_carry_the_intermediate(layout: PkiLayout) -> None:
+    intermediate = load_certs(layout.intermediate_cert)
+    assert len(intermediate) == 1
+    assert len(load_certs(layout.root_cert)) == 1
+    chain_files = [layout.hub_dir(HUB) / "tls.crt", layout.auditor_dir(AUDITOR) / "client.crt"]
+    for code in AGENCIES:
+        chain_files += [layout.agency_dir(code) / "tls.crt", layout.agency_dir(code) / "client.crt"]
+    for path in chain_files:
+        certs = load_certs(path)
+        assert len(certs) == 2, path
+        assert certs[1] == intermediate[0], path
+        certs[0].verify_directly_issued_by(certs[1])
+    for path in [layout.hub_dir(HUB) / "signing.crt"] + [
+        layout.agency_dir(c) / "signing.crt" for c in AGENCIES
+    ]:
+        assert len(load_certs(path)) == 1, path
+
+
+def test_keys_match_their_certificates(layout: PkiLayout) -> None:
+    for path in _expected_files(layout):
+        if path.suffix != ".key":
+            continue
+        key = load_key(path)
+        cert = _leaf(path.with_suffix(".crt"))
+        assert key.public_key() == cert.public_key(), path
+
+
+def test_ca_profiles(layout: PkiLayout) -> None:
+    root = _leaf(layout.root_cert)
+    intermediate = _leaf(layout.intermediate_cert)
+    root.verify_directly_issued_by(root)
+    intermediate.verify_directly_issued_by(root)
+    for cert, path_length, years in ((root, 1, 10), (intermediate, 0, 5)):
+        assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+        assert bc.critical
+        assert bc.value.ca
+        assert bc.value.path_length == path_length
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        assert ku.key_cert_sign
+        assert ku.crl_sign
+        assert not ku.digital_signature
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        assert abs(lifetime.days - 365 * years) <= 3
+    ski = intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    aki = intermediate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    root_ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == root_ski.digest
+    assert ski.digest != root_ski.digest
+
+
+def test_tls_certificate_profile(layout: PkiLayout) -> None:
+    cert = _leaf(layout.agency_dir(AGENCIES[0]) / "tls.crt")
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical
+    assert not bc.value.ca
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical
+    assert ku.value.digital_signature
+    assert not ku.value.content_commitment
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        f"urn:chapar:agency:{AGENCIES[0]}"
+    ]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
+
+
+def test_client_certificate_profile(layout: PkiLayout) -> None:
+    cert = _leaf(layout.agency_dir(AGENCIES[0]) / "client.crt")
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.UniformResourceIdentifier(f"urn:chapar:client:{AGENCIES[0]}:backend")]
+
+
+def test_signing_certificate_profile(layout: PkiLayout, request: pytest.FixtureRequest) -> None:
+    cert = _leaf(layout.agency_dir(AGENCIES[0]) / "signing.crt")
+    algorithm = request.node.callspec.params["layout"]
+    expected_type = {"ed25519": ed25519.Ed25519PublicKey, "ecdsa-p256": ec.EllipticCurvePublicKey}
+    assert isinstance(cert.public_key(), expected_type[algorithm])
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical
+    assert ku.value.digital_signature
+    assert ku.value.content_commitment
+    with pytest.raises(x509.ExtensionNotFound):
+        cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.UniformResourceIdentifier(f"urn:chapar:agency:{AGENCIES[0]}")]
+
+
+def test_leaves_are_backdated_and_inside_the_intermediate(layout: PkiLayout) -> None:
+    now = dt.datetime.now(dt.UTC)
+    intermediate = _leaf(layout.intermediate_cert)
+    for path in _expected_files(layout):
+        if path.suffix != ".crt" or path.parent.name == "ca":
+            continue
+        cert = _leaf(path)
+        assert (
+            now - dt.timedelta(minutes=6)
+            < cert.not_valid_before_utc
+            < now - dt.timedelta(minutes=4)
+        )
+        assert cert.not_valid_after_utc <= intermediate.not_valid_after_utc
+        assert abs((cert.not_valid_after_utc - now).days - 365) <= 1
+
+
+# -- verification with client_sdk.trust ---------------------------------------------------
+
+
+def test_every_certificate_verifies_with_its_identity(layout: PkiLayout) -> None:
+    store = _store(layout)
+    hub = Identity.for_hub(HUB)
+    assert store.verify_certificate(_leaf(layout.hub_dir(HUB) / "tls.crt"), "tls") == hub
+    assert store.verify_certificate(_leaf(layout.hub_dir(HUB) / "signing.crt"), "signing") == hub
+    for code in AGENCIES:
+        agency = Identity.for_agency(code)
+        directory = layout.agency_dir(code)
+        assert store.verify_certificate(_leaf(directory / "tls.crt"), "tls") == agency
+        assert store.verify_certificate(_leaf(directory / "signing.crt"), "signing") == agency
+        assert store.verify_certificate(_leaf(directory / "client.crt"), "tls") == (
+            Identity.for_client(code, "backend")
+        )
+    assert store.verify_certificate(
+        _leaf(layout.auditor_dir(AUDITOR) / "client.crt"), "tls"
+    ) == Identity.for_auditor(AUDITOR)
+
+
+def test_trust_store_from_pem_files(layout: PkiLayout) -> None:
+    store = TrustStore.from_pem_files(layout.root_cert, layout.intermediate_cert)
+    cert = _leaf(layout.agency_dir(AGENCIES[1]) / "tls.crt")
+    assert store.verify_certificate(cert, "tls") == Identity.for_agency(AGENCIES[1])
+
+
+def test_chain_learned_from_tls_file(layout: PkiLayout) -> None:
+    # A peer that only knows the root learns the intermediate from the chain file.
+    store = TrustStore(roots=load_certs(layout.root_cert))
+    leaf, intermediate = load_certs(layout.hub_dir(HUB) / "tls.crt")
+    store.add_certificates([intermediate])
+    assert store.verify_certificate(leaf, "tls") == Identity.for_hub(HUB)
+
+
+@pytest.mark.parametrize(
+    ("stem", "usage"), [("signing", "tls"), ("tls", "signing"), ("client", "signing")]
+)
+def test_wrong_usage_is_refused(layout: PkiLayout, stem: str, usage: str) -> None:
+    cert = _leaf(layout.agency_dir(AGENCIES[0]) / f"{stem}.crt")
+    with pytest.raises(VerificationError) as info:
+        _store(layout).verify_certificate(cert, usage)  # type: ignore[arg-type]
+    assert info.value.reason == "CERTIFICATE_USAGE"
+
+
+def test_ca_certificate_is_refused_as_leaf(layout: PkiLayout) -> None:
+    intermediate = _leaf(layout.intermediate_cert)
+    key = load_key(layout.intermediate_key)
+    forged = issue_certificate(
+        issuer_cert=_leaf(layout.root_cert),
+        issuer_key=load_key(layout.root_key),
+        subject_key=key,
+        identity_uri="urn:chapar:agency:EVIL",
+        kind="intermediate",
+    )
+    assert forged.subject == intermediate.subject
+    with pytest.raises(VerificationError) as info:
+        _store(layout).verify_certificate(forged, "tls")
+    assert info.value.reason == "CERTIFICATE_USAGE"
+
+
+@pytest.mark.parametrize("algorithm", ["ed25519", "ecdsa-p256"])
+def test_signing_keys_work_with_signer(tmp_path: Path, algorithm: KeyAlgorithm) -> None:
+    layout = init_pki(tmp_path, hub=HUB, agencies=["AB"], signing_algorithm=algorithm)
+    directory = layout.agency_dir("AB")
+    signer = Signer.from_files(directory / "signing.key", directory / "signing.crt")
+    expected = {
+        "ed25519": pb.SignatureAlgorithm.SIGNATURE_ALGORITHM_ED25519,
+        "ecdsa-p256": pb.SignatureAlgorithm.SIGNATURE_ALGORITHM_ECDSA_P256_SHA256,
+    }[algorithm]
+    assert signer.algorithm == expected
+    signature = signer.sign(ENVELOPE_PAYLOAD_TYPE, b"header bytes")
+    verify_signature(signer.certificate, ENVELOPE_PAYLOAD_TYPE, b"header bytes", signature)
+    store = _store(layout)
+    assert store.verify_certificate(signer.certificate, "signing") == Identity.for_agency("AB")
+    hub_signer = Signer.from_files(
+        layout.hub_dir(HUB) / "signing.key", layout.hub_dir(HUB) / "signing.crt"
+    )
+    assert hub_signer.algorithm == expected
+
+
+# -- refusals -----------------------------------------------------------------------------
+
+
+def test_init_twice_without_force_is_refused(tmp_path: Path) -> None:
+    layout = init_pki(tmp_path, hub=HUB, agencies=["AB"])
+    before = layout.root_cert.read_bytes()
+    with pytest.raises(PkiError, match="already exists"):
+        init_pki(tmp_path, hub=HUB, agencies=["AB"])
+    assert layout.root_cert.read_bytes() == before
+    # force replaces the CA and everything issued under it.
+    init_pki(tmp_path, hub=HUB, agencies=["AB"], force=True)
+    assert layout.root_cert.read_bytes() != before
+    assert stat.S_IMODE(layout.root_key.stat().st_mode) == 0o600
+    store = _store(layout)
+    store.verify_certificate(_leaf(layout.agency_dir("AB") / "tls.crt"), "tls")
+
+
+def test_force_rewrites_a_loosened_key_file_as_private(tmp_path: Path) -> None:
+    layout = init_pki(tmp_path, hub=HUB, agencies=["AB"])
+    layout.root_key.chmod(0o644)
+    init_pki(tmp_path, hub=HUB, agencies=["AB"], force=True)
+    assert stat.S_IMODE(layout.root_key.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("hub", "agencies", "auditors", "message"),
+    [
+        (HUB, ["ab"], [], "invalid agency code"),
+        (HUB, ["A"], [], "invalid agency code"),
+        (HUB, ["A/B"], [], "invalid agency code"),
+        (HUB, [".."], [], "invalid agency code"),
+        ("Hub", ["AB"], [], "invalid hub name"),
+        ("../hub", ["AB"], [], "invalid hub name"),
+        (HUB, ["AB"], ["Court"], "invalid auditor name"),
+        (HUB, ["AB", "AB"], [], "more than once"),
+        (HUB, "AB", [], "not a single string"),
+    ],
+)
+def test_invalid_names_are_refused_before_writing(
+    tmp_path: Path, hub: str, agencies: list[str], auditors: list[str], message: str
+) -> None:
+    target = tmp_path / "pki"
+    with pytest.raises(PkiError, match=message):
+        init_pki(target, hub=hub, agencies=agencies, auditors=auditors)
+    assert not target.exists()
+
+
+def test_pki_error_is_a_value_error() -> None:
+    assert issubclass(PkiError, ValueError)
+
+
+def test_bad_validity_and_algorithm_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(PkiError, match="validity_days"):
+        init_pki(tmp_path, hub=HUB, agencies=["AB"], validity_days=0)
+    with pytest.raises(PkiError, match="signing algorithm"):
+        init_pki(tmp_path, hub=HUB, agencies=["AB"], signing_algorithm="rsa")  # type: ignore[arg-type]
+
+
+def test_certificate_from_an_unrelated_root_is_untrusted(layout: PkiLayout) -> None:
+    # Same subject names as the real CA, so only the signature check tells them apart.
+    other_root_key = generate_key("ecdsa-p256")
+    other_root = issue_certificate(
+        issuer_cert=None,
+        issuer_key=other_root_key,
+        subject_key=other_root_key,
+        identity_uri=None,
+        kind="root",
+    )
+    assert other_root.subject == _leaf(layout.root_cert).subject
+    other_intermediate_key = generate_key("ecdsa-p256")
+    other_intermediate = issue_certificate(
+        issuer_cert=other_root,
+        issuer_key=other_root_key,
+        subject_key=other_intermediate_key,
+        identity_uri=None,
+        kind="intermediate",
+    )
+    store = _store(layout)
+    for issuer_cert, issuer_key in (
+        (other_root, other_root_key),
+        (other_intermediate, other_intermediate_key),
+    ):
+        forged = issue_certificate(
+            issuer_cert=issuer_cert,
+            issuer_key=issuer_key,
+            subject_key=generate_key("ecdsa-p256"),
+            identity_uri=f"urn:chapar:agency:{AGENCIES[0]}",
+            kind="tls",
+        )
+        with pytest.raises(VerificationError) as info:
+            store.verify_certificate(forged, "tls")
+        assert info.value.reason == "CERTIFICATE_UNTRUSTED"
+    # Even when the foreign intermediate is offered alongside, as a peer would send it.
+    store.add_certificates([other_intermediate])
+    with pytest.raises(VerificationError) as info:
+        store.verify_certificate(forged, "tls")
+    assert info.value.reason == "CERTIFICATE_UNTRUSTED"
+
+
+def test_self_signed_leaf_is_untrusted(layout: PkiLayout) -> None:
+    key = generate_key("ed25519")
+    forged = issue_certificate(
+        issuer_cert=None,
+        issuer_key=key,
+        subject_key=key,
+        identity_uri=f"urn:chapar:agency:{AGENCIES[0]}",
+        kind="signing",
+    )
+    forged.verify_directly_issued_by(forged)
+    with pytest.raises(VerificationError) as info:
+        _store(layout).verify_certificate(forged, "signing")
+    assert info.value.reason == "CERTIFICATE_UNTRUSTED"
+
+
+@pytest.mark.parametrize(
+    ("not_before", "not_after"),
+    [
+        # Expired, but after the CA's own not_before (now - 5 minutes), so that the
+        # certificate is valid at some moment the chain is.
+        (dt.timedelta(minutes=-4), dt.timedelta(minutes=-1)),
+        (dt.timedelta(days=1), dt.timedelta(days=30)),  # not yet valid
+    ],
+)
+def test_certificate_outside_validity_is_refused(
+    layout: PkiLayout, not_before: dt.timedelta, not_after: dt.timedelta
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    cert = issue_certificate(
+        issuer_cert=_leaf(layout.intermediate_cert),
+        issuer_key=load_key(layout.intermediate_key),
+        subject_key=generate_key("ecdsa-p256"),
+        identity_uri=f"urn:chapar:agency:{AGENCIES[0]}",
+        kind="signing",
+        not_before=now + not_before,
+        not_after=now + not_after,
+    )
+    store = _store(layout)
+    with pytest.raises(VerificationError) as info:
+        store.verify_certificate(cert, "signing")
+    assert info.value.reason == "CERTIFICATE_EXPIRED"
+    # The same certificate is fine at a time inside its validity.
+    assert store.verify_certificate(cert, "signing", at=now + not_before + dt.timedelta(seconds=30))
+
+
+def test_certificate_without_identity_is_refused(layout: PkiLayout) -> None:
+    cert = issue_certificate(
+        issuer_cert=_leaf(layout.intermediate_cert),
+        issuer_key=load_key(layout.intermediate_key),
+        subject_key=generate_key("ecdsa-p256"),
+        identity_uri=None,
+        kind="tls",
+        common_name="urn:chapar:agency:AB",
+    )
+    with pytest.raises(VerificationError) as info:
+        _store(layout).verify_certificate(cert, "tls")
+    assert info.value.reason == "CERTIFICATE_NO_IDENTITY"
+
+
+# -- building blocks ----------------------------------------------------------------------
+
+
+def test_issue_certificate_rejects_inverted_validity() -> None:
+    key = generate_key("ecdsa-p256")
+    now = dt.datetime.now(dt.UTC)
+    with pytest.raises(PkiError, match="not_after"):
+        issue_certificate(
+            issuer_cert=None,
+            issuer_key=key,
+            subject_key=key,
+            identity_uri=None,
+            kind="root",
+            not_before=now,
+            not_after=now,
+        )
+
+
+def test_issue_certificate_accepts_a_public_subject_key_and_long_codes() -> None:
+    ca_key = generate_key("ecdsa-p256")
+    ca = issue_certificate(
+        issuer_cert=None, issuer_key=ca_key, subject_key=ca_key, identity_uri=None, kind="root"
+    )
+    code = "A" * 64
+    subject = generate_key("ed25519")
+    cert = issue_certificate(
+        issuer_cert=ca,
+        issuer_key=ca_key,
+        subject_key=subject.public_key(),
+        identity_uri=Identity.for_client(code, "backend").uri,
+        kind="client",
+    )
+    assert cert.public_key() == subject.public_key()
+    store = TrustStore(roots=[ca])
+    assert store.verify_certificate(cert, "tls") == Identity.for_client(code, "backend")
+
+
+def test_init_with_a_64_character_agency_code(tmp_path: Path) -> None:
+    code = "0" * 64
+    layout = init_pki(tmp_path, hub=HUB, agencies=[code])
+    cert = _leaf(layout.agency_dir(code) / "client.crt")
+    assert _store(layout).verify_certificate(cert, "tls") == Identity.for_client(code, "backend")
+
+
+def test_write_key_and_certs_round_trip(tmp_path: Path) -> None:
+    key = generate_key("ed25519")
+    write_key(tmp_path / "sub" / "k.key", key)
+    assert stat.S_IMODE((tmp_path / "sub" / "k.key").stat().st_mode) == 0o600
+    loaded = load_key(tmp_path / "sub" / "k.key")
+    assert loaded.public_key() == key.public_key()
+    cert = issue_certificate(
+        issuer_cert=None, issuer_key=key, subject_key=key, identity_uri=None, kind="root"
+    )
+    write_certs(tmp_path / "c.crt", [cert, cert])
+    assert load_certs(tmp_path / "c.crt") == [cert, cert]
+    assert not list(tmp_path.rglob("*.tmp"))
+    with pytest.raises(PkiError):
+        load_key(tmp_path / "c.crt")
+    with pytest.raises(PkiError):
+        write_certs(tmp_path / "empty.crt", [])
+
+
+# -- the certificates in a real mTLS handshake --------------------------------------------
+
+
+@pytest.fixture
+def health_server(layout: PkiLayout) -> Iterator[int]:
+    directory = layout.hub_dir(HUB)
+    credentials = grpc.ssl_server_credentials(
+        [((directory / "tls.key").read_bytes(), (directory / "tls.crt").read_bytes())],
+        root_certificates=layout.root_cert.read_bytes(),
+        require_client_auth=True,
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None).wait()
+
+
+@pytest.mark.parametrize("stem", ["tls", "client"])
+def test_certificates_work_for_grpc_mtls(layout: PkiLayout, health_server: int, stem: str) -> None:
+    directory = layout.agency_dir(AGENCIES[0])
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=layout.root_cert.read_bytes(),
+        private_key=(directory / f"{stem}.key").read_bytes(),
+        certificate_chain=(directory / f"{stem}.crt").read_bytes(),
+    )
+    with grpc.secure_channel(f"127.0.0.1:{health_server}", credentials) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_unrelated_client_certificate_fails_the_handshake(
+    layout: PkiLayout, health_server: int, tmp_path: Path
+) -> None:
+    other = init_pki(tmp_path, hub=HUB, agencies=["AB"])
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=layout.root_cert.read_bytes(),
+        private_key=(other.agency_dir("AB") / "tls.key").read_bytes(),
+        certificate_chain=(other.agency_dir("AB") / "tls.crt").read_bytes(),
+    )
+    with (
+        grpc.secure_channel(f"127.0.0.1:{health_server}", credentials) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def test_cli_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "pki"
+    argv = ["pki", "init", "--dir", str(target), "--hub", HUB, "--agency", "AB", "--agency", "CD"]
+    code = cli.main([*argv, "--auditor", AUDITOR, "--signing-algorithm", "ecdsa-p256"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert err == ""
+    assert str(target / "ca" / "root.crt") in out
+    assert "urn:chapar:agency:CD" in out
+    assert "urn:chapar:auditor:court" in out
+    layout = PkiLayout(target)
+    signer = Signer.from_files(
+        layout.agency_dir("CD") / "signing.key", layout.agency_dir("CD") / "signing.crt"
+    )
+    assert isinstance(signer.certificate.public_key(), ec.EllipticCurvePublicKey)
+    assert (layout.auditor_dir(AUDITOR) / "client.crt").exists()
+
+    # A second run is refused with one line on stderr and no traceback.
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "already exists" in err
+    assert "Traceback" not in err
+    assert cli.main([*argv, "--force"]) == 0
+
+
+def test_cli_bad_agency_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["pki", "init", "--dir", str(tmp_path), "--hub", HUB, "--agency", "x"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err.strip() == "chapar pki init: error: invalid agency code 'x'"
+
+
+def test_cli_requires_an_agency(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["pki", "init", "--dir", str(tmp_path), "--hub", HUB])
+    assert info.value.code == 2
+    assert "--agency" in capsys.readouterr().err
