@@ -62,7 +62,9 @@ def generate(out: Path = DEFAULT_OUT) -> list[Path]:
                 continue
             dst = out / src.relative_to(tmp)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            text = _IMPORT_RE.sub(lambda m: f"{m.group(1)} {_PKG_PREFIX}{m.group(2)}", src.read_text())
+            text = _IMPORT_RE.sub(
+                lambda m: f"{m.group(1)} {_PKG_PREFIX}{m.group(2)}", src.read_text()
+            )
             dst.write_text(text)
             written.append(dst)
     for directory in [out, *[p for p in out.rglob("*") if p.is_dir()]]:

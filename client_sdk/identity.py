@@ -102,7 +102,9 @@ def identity_of_certificate(cert: x509.Certificate) -> Identity | None:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(_PREFIX)]
+    uris = [
+        u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(_PREFIX)
+    ]
     if len(uris) != 1:
         return None
     try:

@@ -105,7 +105,9 @@ def verify_signature(
 ) -> None:
     """Raises SignatureError unless ``signature`` over ``payload`` is valid for ``cert``."""
     if signature.key_id != key_id(cert):
-        raise SignatureError("SIGNATURE_KEY_MISMATCH", "signature key id does not match the certificate")
+        raise SignatureError(
+            "SIGNATURE_KEY_MISMATCH", "signature key id does not match the certificate"
+        )
     public_key = cert.public_key()
     if not isinstance(public_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
         raise SignatureError("SIGNATURE_ALGORITHM_MISMATCH", "unsupported certificate key type")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import DecodeError
 
@@ -113,15 +114,21 @@ class TrustStore:
         current = cert
         for _ in range(_MAX_CHAIN):
             if current.serial_number in self.revoked_serials:
-                raise VerificationError("CERTIFICATE_REVOKED", f"certificate {current.serial_number:x} is revoked")
+                raise VerificationError(
+                    "CERTIFICATE_REVOKED", f"certificate {current.serial_number:x} is revoked"
+                )
             if not _valid_at(current, when):
-                raise VerificationError("CERTIFICATE_EXPIRED", "certificate not valid at the time of use")
+                raise VerificationError(
+                    "CERTIFICATE_EXPIRED", "certificate not valid at the time of use"
+                )
             cas_below = len(chain) - 1  # CA certificates between the leaf and the issuer
             root = self._issuer_in(current, self.roots, cas_below)
             if root is not None:
                 chain.append(root)
                 if not _valid_at(root, when):
-                    raise VerificationError("CERTIFICATE_EXPIRED", "root CA not valid at the time of use")
+                    raise VerificationError(
+                        "CERTIFICATE_EXPIRED", "root CA not valid at the time of use"
+                    )
                 verified = _Verified(
                     identity,
                     max(c.not_valid_before_utc for c in chain),
@@ -132,7 +139,9 @@ class TrustStore:
                 return identity
             issuer = self._issuer_in(current, self.intermediates, cas_below)
             if issuer is None:
-                raise VerificationError("CERTIFICATE_UNTRUSTED", "certificate does not chain to a trusted root")
+                raise VerificationError(
+                    "CERTIFICATE_UNTRUSTED", "certificate does not chain to a trusted root"
+                )
             chain.append(issuer)
             current = issuer
         raise VerificationError("CERTIFICATE_UNTRUSTED", "certificate chain too long")
@@ -146,18 +155,24 @@ class TrustStore:
                 continue
             try:
                 cert.verify_directly_issued_by(candidate)
-            except (ValueError, TypeError, Exception):  # noqa: BLE001 - any failure means "not this issuer"
-                continue
+            except (ValueError, TypeError, InvalidSignature):
+                continue  # not this issuer: try the next candidate
             return candidate
         return None
 
-    def _signer(self, signature: pb.Signature, at: dt.datetime) -> tuple[x509.Certificate, Identity]:
+    def _signer(
+        self, signature: pb.Signature, at: dt.datetime
+    ) -> tuple[x509.Certificate, Identity]:
         cert = self._by_key_id.get(signature.key_id)
         if cert is None:
-            raise VerificationError("SIGNER_UNKNOWN", "no known certificate for the signature's key id")
+            raise VerificationError(
+                "SIGNER_UNKNOWN", "no known certificate for the signature's key id"
+            )
         return cert, self.verify_certificate(cert, "signing", at)
 
-    def verify_envelope(self, envelope: pb.Envelope, at: dt.datetime | None = None) -> pb.EnvelopeHeader:
+    def verify_envelope(
+        self, envelope: pb.Envelope, at: dt.datetime | None = None
+    ) -> pb.EnvelopeHeader:
         """Verifies signature, signer identity and body digest, then parses the header."""
         when = at or dt.datetime.now(dt.UTC)
         cert, identity = self._signer(envelope.signature, when)
@@ -168,7 +183,9 @@ class TrustStore:
         try:
             header = pb.EnvelopeHeader.FromString(envelope.header)
         except DecodeError as exc:
-            raise VerificationError("HEADER_MALFORMED", "header bytes are not an EnvelopeHeader") from exc
+            raise VerificationError(
+                "HEADER_MALFORMED", "header bytes are not an EnvelopeHeader"
+            ) from exc
         if identity.kind != "agency" or identity.agency != header.sender.agency:
             raise VerificationError(
                 "SENDER_MISMATCH", f"letter from {header.sender.agency} signed by {identity.uri}"
@@ -183,7 +200,9 @@ class TrustStore:
             content = pb.EvidenceContent.FromString(evidence.content)
         except DecodeError as exc:
             raise VerificationError("EVIDENCE_MALFORMED", "evidence content is malformed") from exc
-        when = content.event_time.ToDatetime(tzinfo=dt.UTC) if content.HasField("event_time") else None
+        when = (
+            content.event_time.ToDatetime(tzinfo=dt.UTC) if content.HasField("event_time") else None
+        )
         cert, identity = self._signer(evidence.signature, when or dt.datetime.now(dt.UTC))
         try:
             verify_signature(cert, EVIDENCE_PAYLOAD_TYPE, evidence.content, evidence.signature)
@@ -191,7 +210,8 @@ class TrustStore:
             raise VerificationError(exc.reason, str(exc)) from exc
         if identity.uri != content.issuer:
             raise VerificationError(
-                "ISSUER_MISMATCH", f"evidence says issuer {content.issuer} but {identity.uri} signed it"
+                "ISSUER_MISMATCH",
+                f"evidence says issuer {content.issuer} but {identity.uri} signed it",
             )
         return content
 
@@ -238,12 +258,16 @@ def _check_usage(cert: x509.Certificate, usage: CertificateUsage) -> None:
         raise VerificationError("CERTIFICATE_USAGE", "a CA certificate cannot be used directly")
     if usage == "signing":
         if not (ku.digital_signature and ku.content_commitment):
-            raise VerificationError("CERTIFICATE_USAGE", "not a signing certificate (contentCommitment)")
+            raise VerificationError(
+                "CERTIFICATE_USAGE", "not a signing certificate (contentCommitment)"
+            )
         return
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound as exc:
-        raise VerificationError("CERTIFICATE_USAGE", "TLS certificate without extended key usage") from exc
+        raise VerificationError(
+            "CERTIFICATE_USAGE", "TLS certificate without extended key usage"
+        ) from exc
     if x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH not in eku or ku.content_commitment:
         raise VerificationError("CERTIFICATE_USAGE", "not a TLS certificate")
 

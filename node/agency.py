@@ -39,7 +39,9 @@ _MAX_BATCH = 1024
 class Agency(pb.NodeServiceServicer):
     """State shared by the node's servicer and its hub link."""
 
-    def __init__(self, config: NodeConfig, store: NodeStore, signer: Signer, trust: TrustStore) -> None:
+    def __init__(
+        self, config: NodeConfig, store: NodeStore, signer: Signer, trust: TrustStore
+    ) -> None:
         self.config = config
         self.store = store
         self.signer = signer
@@ -57,8 +59,10 @@ class Agency(pb.NodeServiceServicer):
         self.trust.add_certificates(directory.intermediate_certificates)
         self.trust.add_certificates(directory.hub_signing_certificates)
         known: list[tuple[bytes, bytes]] = []
-        for der in [*directory.hub_signing_certificates,
-                    *(c for a in directory.agencies for c in a.signing_certificates)]:
+        for der in [
+            *directory.hub_signing_certificates,
+            *(c for a in directory.agencies for c in a.signing_certificates),
+        ]:
             self.trust.add_certificates([der])
             from cryptography import x509
 
@@ -73,28 +77,38 @@ class Agency(pb.NodeServiceServicer):
 
     def _require_directory(self) -> DirectoryView:
         if self.directory is None:
-            raise ChaparError(Code.UNAVAILABLE, "DIRECTORY_UNAVAILABLE",
-                              "the node has not yet fetched the directory from the hub",
-                              retry_after_s=1.0)
+            raise ChaparError(
+                Code.UNAVAILABLE,
+                "DIRECTORY_UNAVAILABLE",
+                "the node has not yet fetched the directory from the hub",
+                retry_after_s=1.0,
+            )
         return self.directory
 
     # -- evidence ---------------------------------------------------------------------------
 
     def sign_evidence(self, content: bytes) -> pb.Evidence:
-        return pb.Evidence(content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content))
+        return pb.Evidence(
+            content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content)
+        )
 
     # -- authorisation ----------------------------------------------------------------------
 
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         identity = peer_identity(context, self.trust)
         if identity.kind not in ("client", "agency") or identity.agency != self.config.agency:
-            raise ChaparError(Code.PERMISSION_DENIED, "NOT_THIS_AGENCY",
-                              f"{identity.uri} may not use the node of {self.config.agency}",
-                              metadata={"identity": identity.uri})
+            raise ChaparError(
+                Code.PERMISSION_DENIED,
+                "NOT_THIS_AGENCY",
+                f"{identity.uri} may not use the node of {self.config.agency}",
+                metadata={"identity": identity.uri},
+            )
 
     # -- submission -------------------------------------------------------------------------
 
-    async def _submit(self, requests: Sequence[pb.SubmitEnvelopeRequest]) -> list[pb.Receipt | ChaparError]:
+    async def _submit(
+        self, requests: Sequence[pb.SubmitEnvelopeRequest]
+    ) -> list[pb.Receipt | ChaparError]:
         directory = self._require_directory()
         now = dt.datetime.now(dt.UTC)
         results: list[pb.Receipt | ChaparError] = []
@@ -102,11 +116,19 @@ class Agency(pb.NodeServiceServicer):
         for i, request in enumerate(requests):
             try:
                 if len(request.request_id) > 128:
-                    raise ChaparError(Code.INVALID_ARGUMENT, "INVALID_REQUEST_ID",
-                                      "request_id is longer than 128 characters",
-                                      field_violations=[("request_id", "too long")])
-                draft = validate_draft(request.draft, sender=self.config.agency, directory=directory,
-                                       limits=self.config.limits, now=now)
+                    raise ChaparError(
+                        Code.INVALID_ARGUMENT,
+                        "INVALID_REQUEST_ID",
+                        "request_id is longer than 128 characters",
+                        field_violations=[("request_id", "too long")],
+                    )
+                draft = validate_draft(
+                    request.draft,
+                    sender=self.config.agency,
+                    directory=directory,
+                    limits=self.config.limits,
+                    now=now,
+                )
                 root = await self._thread_root(draft) if draft.HasField("in_reply_to") else None
                 valid.append((i, draft, root))
                 results.append(ChaparError(Code.INTERNAL, "PENDING", ""))  # replaced below
@@ -120,20 +142,41 @@ class Agency(pb.NodeServiceServicer):
         def build(j: int, shams: pb.Shams) -> NewLetter:
             _, draft, root = valid[j]
             header = build_header(draft, sender=sender, shams=shams, now=now, thread_root=root)
-            envelope = pb.Envelope(header=header, signature=self.signer.sign(ENVELOPE_PAYLOAD_TYPE, header),
-                                   body=draft.body)
+            envelope = pb.Envelope(
+                header=header,
+                signature=self.signer.sign(ENVELOPE_PAYLOAD_TYPE, header),
+                body=draft.body,
+            )
             digest = sha256(header)
-            content = evidence_content(E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE, issuer=agency_uri,
-                                       shams=shams, envelope_sha256=digest, recipient="", now=now)
+            content = evidence_content(
+                E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
+                issuer=agency_uri,
+                shams=shams,
+                envelope_sha256=digest,
+                recipient="",
+                now=now,
+            )
             evidence = self.sign_evidence(content)
             text = format_shams(shams)
-            receipt = pb.Receipt(shams=shams, shams_text=text, envelope_sha256=digest, evidence=evidence)
-            return NewLetter(text, envelope, digest, [r.agency for r in draft.recipients], receipt,
-                             pb.EvidenceContent.FromString(content).evidence_id)
+            receipt = pb.Receipt(
+                shams=shams, shams_text=text, envelope_sha256=digest, evidence=evidence
+            )
+            return NewLetter(
+                text,
+                envelope,
+                digest,
+                [r.agency for r in draft.recipients],
+                receipt,
+                pb.EvidenceContent.FromString(content).evidence_id,
+            )
 
         receipts = await self.store.submit(
-            [requests[i].request_id for i, _, _ in valid], origin=sender,
-            domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=now.year, build=build)
+            [requests[i].request_id for i, _, _ in valid],
+            origin=sender,
+            domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING,
+            year=now.year,
+            build=build,
+        )
         for (i, _, _), receipt in zip(valid, receipts, strict=True):
             results[i] = receipt
         self.outbox_changed.set()
@@ -146,8 +189,9 @@ class Agency(pb.NodeServiceServicer):
         header = pb.EnvelopeHeader.FromString(parent.envelope.header)
         return header.thread_root if header.HasField("thread_root") else header.shams
 
-    async def SubmitEnvelope(self, request: pb.SubmitEnvelopeRequest,
-                             context: grpc.aio.ServicerContext) -> pb.SubmitEnvelopeResponse:  # type: ignore[type-arg]
+    async def SubmitEnvelope(
+        self, request: pb.SubmitEnvelopeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitEnvelopeResponse:
         try:
             self._authorize(context)
             (result,) = await self._submit([request])
@@ -161,18 +205,25 @@ class Agency(pb.NodeServiceServicer):
 
     async def _batch(self, requests: Sequence[pb.SubmitEnvelopeRequest]) -> list[pb.SubmitResult]:
         if len(requests) > _MAX_BATCH:
-            raise ChaparError(Code.RESOURCE_EXHAUSTED, "BATCH_TOO_LARGE",
-                              f"at most {_MAX_BATCH} letters per batch", metadata={"limit": str(_MAX_BATCH)})
+            raise ChaparError(
+                Code.RESOURCE_EXHAUSTED,
+                "BATCH_TOO_LARGE",
+                f"at most {_MAX_BATCH} letters per batch",
+                metadata={"limit": str(_MAX_BATCH)},
+            )
         out: list[pb.SubmitResult] = []
         for request, result in zip(requests, await self._submit(requests), strict=True):
             if isinstance(result, ChaparError):
-                out.append(pb.SubmitResult(request_id=request.request_id, error=to_submit_error(result)))
+                out.append(
+                    pb.SubmitResult(request_id=request.request_id, error=to_submit_error(result))
+                )
             else:
                 out.append(pb.SubmitResult(request_id=request.request_id, receipt=result))
         return out
 
-    async def BatchSubmitEnvelopes(self, request: pb.BatchSubmitEnvelopesRequest,
-                                   context: grpc.aio.ServicerContext) -> pb.BatchSubmitEnvelopesResponse:  # type: ignore[type-arg]
+    async def BatchSubmitEnvelopes(
+        self, request: pb.BatchSubmitEnvelopesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchSubmitEnvelopesResponse:
         try:
             self._authorize(context)
             results = await self._batch(request.requests)
@@ -181,8 +232,11 @@ class Agency(pb.NodeServiceServicer):
             raise AssertionError("unreachable") from exc
         return pb.BatchSubmitEnvelopesResponse(results=results)
 
-    async def StreamSubmitEnvelopes(self, request_iterator: AsyncIterator[pb.StreamSubmitEnvelopesRequest],
-                                    context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+    async def StreamSubmitEnvelopes(  # type: ignore[override]  # answers via context.write
+        self,
+        request_iterator: AsyncIterator[pb.StreamSubmitEnvelopesRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         try:
             self._authorize(context)
         except ChaparError as exc:
@@ -213,8 +267,9 @@ class Agency(pb.NodeServiceServicer):
 
     # -- inbox ------------------------------------------------------------------------------
 
-    async def StreamInbox(self, request: pb.StreamInboxRequest,
-                          context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+    async def StreamInbox(  # type: ignore[override]  # answers via context.write
+        self, request: pb.StreamInboxRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         try:
             self._authorize(context)
         except ChaparError as exc:
@@ -233,8 +288,12 @@ class Agency(pb.NodeServiceServicer):
             for _, shams, mailboxes, envelope, delivery, received_at in rows:
                 if mailbox and mailbox not in mailboxes.split("\n"):
                     continue
-                letter = pb.InboxLetter(envelope=pb.Envelope.FromString(envelope), shams=parse_shams(shams),
-                                        shams_text=shams, delivery=pb.Evidence.FromString(delivery))
+                letter = pb.InboxLetter(
+                    envelope=pb.Envelope.FromString(envelope),
+                    shams=parse_shams(shams),
+                    shams_text=shams,
+                    delivery=pb.Evidence.FromString(delivery),
+                )
                 letter.receive_time.FromDatetime(dt.datetime.fromtimestamp(received_at, dt.UTC))
                 letters.append(letter)
             if letters:
@@ -244,8 +303,9 @@ class Agency(pb.NodeServiceServicer):
         async with self.inbox_changed:
             self.inbox_changed.notify_all()
 
-    async def AckEnvelope(self, request: pb.AckEnvelopeRequest,
-                          context: grpc.aio.ServicerContext) -> pb.AckEnvelopeResponse:  # type: ignore[type-arg]
+    async def AckEnvelope(
+        self, request: pb.AckEnvelopeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AckEnvelopeResponse:
         try:
             self._authorize(context)
             shams = self._shams_of(request.shams)
@@ -253,10 +313,16 @@ class Agency(pb.NodeServiceServicer):
 
             def make_handover(envelope: pb.Envelope) -> pb.Evidence:
                 header = pb.EnvelopeHeader.FromString(envelope.header)
-                return self.sign_evidence(evidence_content(
-                    E.EVIDENCE_EVENT_HANDOVER, issuer=agency_uri, shams=header.shams,
-                    envelope_sha256=sha256(envelope.header), recipient=self.config.agency,
-                    now=dt.datetime.now(dt.UTC)))
+                return self.sign_evidence(
+                    evidence_content(
+                        E.EVIDENCE_EVENT_HANDOVER,
+                        issuer=agency_uri,
+                        shams=header.shams,
+                        envelope_sha256=sha256(envelope.header),
+                        recipient=self.config.agency,
+                        now=dt.datetime.now(dt.UTC),
+                    )
+                )
 
             evidence = await self.store.acknowledge(shams, make_handover)
         except ChaparError as exc:
@@ -272,15 +338,20 @@ class Agency(pb.NodeServiceServicer):
         validate_shams(shams, "shams")
         return format_shams(shams)
 
-    async def GetEnvelope(self, request: pb.GetEnvelopeRequest,
-                          context: grpc.aio.ServicerContext) -> pb.GetEnvelopeResponse:  # type: ignore[type-arg]
+    async def GetEnvelope(
+        self, request: pb.GetEnvelopeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetEnvelopeResponse:
         try:
             self._authorize(context)
             shams = self._shams_of(request.shams)
             letter = await self.store.letter(shams)
             if letter is None:
-                raise ChaparError(Code.NOT_FOUND, "LETTER_NOT_FOUND", f"no letter {shams} at this node",
-                                  metadata={"shams": shams})
+                raise ChaparError(
+                    Code.NOT_FOUND,
+                    "LETTER_NOT_FOUND",
+                    f"no letter {shams} at this node",
+                    metadata={"shams": shams},
+                )
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -289,16 +360,25 @@ class Agency(pb.NodeServiceServicer):
         if self.directory is not None:
             certs.extend(self.directory.message.intermediate_certificates)
         return pb.GetEnvelopeResponse(
-            envelope=letter.envelope, direction=letter.direction, evidence=letter.evidence,
+            envelope=letter.envelope,
+            direction=letter.direction,
+            evidence=letter.evidence,
             certificates=certs,
-            statuses=[pb.RecipientStatus(agency=a, state=s) for a, s in letter.statuses.items()])  # type: ignore[arg-type]
+            statuses=[
+                pb.RecipientStatus(agency=a, state=pb.DeliveryState.ValueType(s))
+                for a, s in letter.statuses.items()
+            ],
+        )
 
-    async def ListAgencies(self, request: pb.ListAgenciesRequest,
-                           context: grpc.aio.ServicerContext) -> pb.ListAgenciesResponse:  # type: ignore[type-arg]
+    async def ListAgencies(
+        self, request: pb.ListAgenciesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAgenciesResponse:
         try:
             self._authorize(context)
             directory = self._require_directory()
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
-        return pb.ListAgenciesResponse(agencies=directory.message.agencies, directory_version=directory.version)
+        return pb.ListAgenciesResponse(
+            agencies=directory.message.agencies, directory_version=directory.version
+        )

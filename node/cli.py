@@ -48,11 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
         rsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
         serve = rsub.add_parser("serve", help=f"serve as {text} until SIGTERM")
         serve.add_argument("--config", type=Path, required=True, help="TOML configuration file")
-        serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        serve.add_argument(
+            "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        )
         serve.set_defaults(func=_serve, role=role)
-    demo = sub.add_parser("demo", help="run a hub and two nodes on loopback and exchange signed letters")
+    demo = sub.add_parser(
+        "demo", help="run a hub and two nodes on loopback and exchange signed letters"
+    )
     demo.add_argument(
-        "--serve", type=Path, metavar="DIR", default=None,
+        "--serve",
+        type=Path,
+        metavar="DIR",
+        default=None,
         help="keep the servers running with their PKI and configuration in DIR until interrupted",
     )
     demo.set_defaults(func=_demo)

@@ -66,7 +66,9 @@ class ServerProcess:
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 info = json.loads(self.ready_file.read_text())
                 if info.get("pid") == self.proc.pid:
@@ -129,7 +131,9 @@ def _toml_path(path: Path) -> str:
 class Cluster:
     """A hub and its agency nodes under one directory."""
 
-    def __init__(self, root: Path, pki: PkiLayout, hub: ServerProcess, nodes: dict[str, ServerProcess]):
+    def __init__(
+        self, root: Path, pki: PkiLayout, hub: ServerProcess, nodes: dict[str, ServerProcess]
+    ):
         self.root = root
         self.pki = pki
         self.hub = hub
@@ -152,9 +156,14 @@ class Cluster:
 
         Agencies in ``without_node`` get certificates and a directory entry but no node.
         """
-        root.mkdir(parents=True, exist_ok=True)
-        pki = init_pki(root / "pki", hub=hub_name, agencies=agencies, signing_algorithm=signing_algorithm,
-                       auditors=["auditor"])
+        root.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before any server runs
+        pki = init_pki(
+            root / "pki",
+            hub=hub_name,
+            agencies=agencies,
+            signing_algorithm=signing_algorithm,
+            auditors=["auditor"],
+        )
         hub = cls._hub_process(root, pki, hub_name, agencies, hub_settings, agency_states or {})
         hub.start()
         await hub.wait_ready()
@@ -170,8 +179,14 @@ class Cluster:
         return cls(root, pki, hub, nodes)
 
     @staticmethod
-    def _hub_process(root: Path, pki: PkiLayout, name: str, agencies: Sequence[str], extra: str,
-                     states: dict[str, str]) -> ServerProcess:
+    def _hub_process(
+        root: Path,
+        pki: PkiLayout,
+        name: str,
+        agencies: Sequence[str],
+        extra: str,
+        states: dict[str, str],
+    ) -> ServerProcess:
         d = root / "hub"
         d.mkdir(exist_ok=True)
         hub_dir = pki.hub_dir(name)
@@ -204,28 +219,35 @@ class Cluster:
         return ServerProcess("hub", "hub", config, d / "ready.json", d / "hub.log")
 
     @staticmethod
-    def _node_process(root: Path, pki: PkiLayout, code: str, hub_address: str, extra: str) -> ServerProcess:
+    def _node_process(
+        root: Path, pki: PkiLayout, code: str, hub_address: str, extra: str
+    ) -> ServerProcess:
         d = root / f"node-{code}"
         d.mkdir(exist_ok=True)
         a = pki.agency_dir(code)
         config = d / "node.toml"
-        config.write_text("\n".join([
-            "[node]",
-            f"agency = {json.dumps(code)}",
-            'listen = "127.0.0.1:0"',
-            f"hub = {json.dumps(hub_address)}",
-            'database = "node.db"',
-            'ready_file = "ready.json"',
-            extra,
-            "[tls]",
-            f"ca = {_toml_path(pki.root_cert)}",
-            f"cert = {_toml_path(a / 'tls.crt')}",
-            f"key = {_toml_path(a / 'tls.key')}",
-            "[signing]",
-            f"cert = {_toml_path(a / 'signing.crt')}",
-            f"key = {_toml_path(a / 'signing.key')}",
-            f"intermediates = {_toml_path(pki.intermediate_cert)}",
-        ]) + "\n")
+        config.write_text(
+            "\n".join(
+                [
+                    "[node]",
+                    f"agency = {json.dumps(code)}",
+                    'listen = "127.0.0.1:0"',
+                    f"hub = {json.dumps(hub_address)}",
+                    'database = "node.db"',
+                    'ready_file = "ready.json"',
+                    extra,
+                    "[tls]",
+                    f"ca = {_toml_path(pki.root_cert)}",
+                    f"cert = {_toml_path(a / 'tls.crt')}",
+                    f"key = {_toml_path(a / 'tls.key')}",
+                    "[signing]",
+                    f"cert = {_toml_path(a / 'signing.crt')}",
+                    f"key = {_toml_path(a / 'signing.key')}",
+                    f"intermediates = {_toml_path(pki.intermediate_cert)}",
+                ]
+            )
+            + "\n"
+        )
         return ServerProcess(f"node-{code}", "node", config, d / "ready.json", d / "node.log")
 
     def credentials(self, agency: str) -> Credentials:

@@ -10,7 +10,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from client_sdk.identity import Identity, is_agency_code
 from node.core.letters import LetterLimits
@@ -117,7 +117,7 @@ class _Table:
             raise ConfigError(f"{self._key(key)}: must be a table")
         return _Table(value, self._key(key), self.base)
 
-    def str(self, key: str, default: str | None = None) -> str:
+    def text(self, key: str, default: str | None = None) -> str:
         value = self.data.get(key, default)
         if value is None:
             raise ConfigError(f"{self._key(key)}: missing")
@@ -125,26 +125,28 @@ class _Table:
             raise ConfigError(f"{self._key(key)}: must be a non-empty string")
         return value
 
-    def int(self, key: str, default: int, *, minimum: int = 1) -> int:
+    def integer(self, key: str, default: int, *, minimum: int = 1) -> int:
         value = self.data.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"{self._key(key)}: must be an integer >= {minimum}")
         return value
 
-    def float(self, key: str, default: float) -> float:
+    def number(self, key: str, default: float) -> float:
         value = self.data.get(key, default)
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{self._key(key)}: must be a number >= 0")
         return float(value)
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.str(key, default)
+        value = self.text(key, default)
         if value not in choices:
-            raise ConfigError(f"{self._key(key)}: must be one of {', '.join(choices)}, not {value!r}")
+            raise ConfigError(
+                f"{self._key(key)}: must be one of {', '.join(choices)}, not {value!r}"
+            )
         return value
 
     def path_(self, key: str, *, must_exist: bool = True, default: str | None = None) -> Path:
-        raw = self.str(key, default)
+        raw = self.text(key, default)
         path = (self.base / raw).resolve()
         if must_exist and not path.is_file():
             raise ConfigError(f"{self._key(key)}: no such file {path}")
@@ -156,7 +158,7 @@ class _Table:
         return self.path_(key, must_exist=must_exist)
 
     def listen(self, key: str) -> str:
-        value = self.str(key, DEFAULT_LISTEN)
+        value = self.text(key, DEFAULT_LISTEN)
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"{self._key(key)}: must be HOST:PORT, not {value!r}")
@@ -192,7 +194,7 @@ def _signing(t: _Table) -> SigningConfig:
 def load_hub_config(path: Path) -> HubConfig:
     t = _read(path)
     hub = t.table("hub")
-    name = hub.str("name")
+    name = hub.text("name")
     try:
         Identity.for_hub(name)
     except ValueError as exc:
@@ -206,7 +208,7 @@ def load_hub_config(path: Path) -> HubConfig:
         if not isinstance(item, dict):
             raise ConfigError(f"agencies[{i}]: must be a table")
         a = _Table(item, f"agencies[{i}]", t.base)
-        code = a.str("code")
+        code = a.text("code")
         if not is_agency_code(code):
             raise ConfigError(f"agencies[{i}].code: {code!r} is not 2-64 characters of A-Z 0-9 . -")
         if code in seen:
@@ -222,7 +224,7 @@ def load_hub_config(path: Path) -> HubConfig:
                 raise ConfigError(f"agencies[{i}].signing_certificates[{j}]: no such file {p}")
             paths.append(p)
         agencies.append(
-            AgencyEntry(code, a.str("name", code), a.choice("state", "active", _STATES), paths)
+            AgencyEntry(code, a.text("name", code), a.choice("state", "active", _STATES), paths)
         )
     return HubConfig(
         name=name,
@@ -232,16 +234,16 @@ def load_hub_config(path: Path) -> HubConfig:
         signing=_signing(t),
         agencies=agencies,
         ready_file=hub.optional_path("ready_file", must_exist=False),
-        durability=hub.choice("durability", "full", ("full", "normal")),  # type: ignore[arg-type]
-        grace_s=hub.float("shutdown_grace_s", 5.0),
-        delivery_window=hub.int("delivery_window", 1024),
+        durability=cast(Durability, hub.choice("durability", "full", ("full", "normal"))),
+        grace_s=hub.number("shutdown_grace_s", 5.0),
+        delivery_window=hub.integer("delivery_window", 1024),
     )
 
 
 def load_node_config(path: Path) -> NodeConfig:
     t = _read(path)
     node = t.table("node")
-    agency = node.str("agency")
+    agency = node.text("agency")
     if not is_agency_code(agency):
         raise ConfigError(f"node.agency: {agency!r} is not 2-64 characters of A-Z 0-9 . -")
     limits = t.table("limits", required=False)
@@ -254,12 +256,12 @@ def load_node_config(path: Path) -> NodeConfig:
         tls=_tls(t),
         signing=_signing(t),
         limits=LetterLimits(
-            max_body_bytes=limits.int("max_body_bytes", defaults.max_body_bytes),
-            max_recipients=limits.int("max_recipients", defaults.max_recipients),
-            max_subject_chars=limits.int("max_subject_chars", defaults.max_subject_chars),
+            max_body_bytes=limits.integer("max_body_bytes", defaults.max_body_bytes),
+            max_recipients=limits.integer("max_recipients", defaults.max_recipients),
+            max_subject_chars=limits.integer("max_subject_chars", defaults.max_subject_chars),
         ),
         ready_file=node.optional_path("ready_file", must_exist=False),
-        durability=node.choice("durability", "full", ("full", "normal")),  # type: ignore[arg-type]
-        grace_s=node.float("shutdown_grace_s", 5.0),
-        relay_batch=node.int("relay_batch", 256),
+        durability=cast(Durability, node.choice("durability", "full", ("full", "normal"))),
+        grace_s=node.number("shutdown_grace_s", 5.0),
+        relay_batch=node.integer("relay_batch", 256),
     )

@@ -31,7 +31,9 @@ async def wait_for_chain(client: ExchangeClient, shams: str, timeout: float = 30
     while True:
         tracking = await client.track(shams)
         events = {
-            pb.EvidenceEvent.Name(pb.EvidenceContent.FromString(e.content).event).removeprefix("EVIDENCE_EVENT_")
+            pb.EvidenceEvent.Name(pb.EvidenceContent.FromString(e.content).event).removeprefix(
+                "EVIDENCE_EVENT_"
+            )
             for e in tracking.evidence
         }
         if set(EXPECTED_CHAIN) <= events:
@@ -49,7 +51,9 @@ def _print_chain(title: str, shams: str, tracking: Tracking, trust: TrustStore) 
         print(f"  VERIFICATION FAILED: {exc.reason}: {exc}")
         return False
     for item in verified:
-        print(f"  {item.event:<22} by {item.issuer:<34} {item.event_time:%H:%M:%S.%f}  signature verified")
+        print(
+            f"  {item.event:<22} by {item.issuer:<34} {item.event_time:%H:%M:%S.%f}  signature verified"
+        )
     events = [v.event for v in verified]
     missing = [e for e in EXPECTED_CHAIN if e not in events]
     if missing:
@@ -66,15 +70,25 @@ async def _exchange(cluster: Cluster) -> bool:
         ExchangeClient(cluster.nodes[AGENCY_A].address, creds_a) as a,
         ExchangeClient(cluster.nodes[AGENCY_B].address, creds_b) as b,
     ):
-        letter = await a.send(to=[AGENCY_B], subject="Yêu cầu phối hợp — request for cooperation",
-                              body="Kính gửi: please confirm the figures of the 2026 budget report.\n")
+        letter = await a.send(
+            to=[AGENCY_B],
+            subject="Yêu cầu phối hợp — request for cooperation",
+            body="Kính gửi: please confirm the figures of the 2026 budget report.\n",
+        )
         print(f"A ({AGENCY_A}) sent {letter.shams}")
         inbox = b.inbox()
         received = await anext(inbox)
-        print(f"B ({AGENCY_B}) received {received.shams} from {received.sender}: {received.subject}")
+        print(
+            f"B ({AGENCY_B}) received {received.shams} from {received.sender}: {received.subject}"
+        )
         await received.ack()
-        reply = await b.send(to=[AGENCY_A], subject="Re: request for cooperation", kind="reply",
-                             in_reply_to=received.shams, body="The figures are confirmed.\n")
+        reply = await b.send(
+            to=[AGENCY_A],
+            subject="Re: request for cooperation",
+            kind="reply",
+            in_reply_to=received.shams,
+            body="The figures are confirmed.\n",
+        )
         print(f"B replied {reply.shams} (in reply to {received.shams})")
         got = await anext(a.inbox())
         print(f"A received {got.shams} in reply to {got.in_reply_to}")
@@ -86,25 +100,35 @@ async def _exchange(cluster: Cluster) -> bool:
             tracking = await wait_for_chain(client, receipt.shams)
             ok = _print_chain(title, receipt.shams, tracking, creds.trust_store()) and ok
         with contextlib.suppress(Exception):
-            await inbox.aclose()  # type: ignore[attr-defined]
+            await inbox.aclose()
     return ok
 
 
 async def run_demo(serve_dir: Path | None = None) -> int:
     with contextlib.ExitStack() as stack:
-        root = serve_dir if serve_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        root = (
+            serve_dir
+            if serve_dir is not None
+            else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        )
         print(f"Starting a hub and two agency nodes on loopback in {root} ...")
         cluster = await Cluster.start(root, [AGENCY_A, AGENCY_B])
         try:
-            print(f"hub {cluster.hub.address}; node {AGENCY_A} {cluster.nodes[AGENCY_A].address}; "
-                  f"node {AGENCY_B} {cluster.nodes[AGENCY_B].address}")
+            print(
+                f"hub {cluster.hub.address}; node {AGENCY_A} {cluster.nodes[AGENCY_A].address}; "
+                f"node {AGENCY_B} {cluster.nodes[AGENCY_B].address}"
+            )
             ok = await _exchange(cluster)
-            print("\nAll evidence chains verified." if ok else "\nSome evidence chain did NOT verify.")
+            print(
+                "\nAll evidence chains verified." if ok else "\nSome evidence chain did NOT verify."
+            )
             if serve_dir is not None:
                 cluster.write_addresses(serve_dir / "addresses.json")
-                print(f"\nServers keep running; addresses in {serve_dir / 'addresses.json'}. "
-                      f"Try: chapar send --demo {serve_dir} --agency {AGENCY_A} --to {AGENCY_B} "
-                      "--subject hello --body hi\nPress Ctrl-C to stop.")
+                print(
+                    f"\nServers keep running; addresses in {serve_dir / 'addresses.json'}. "
+                    f"Try: chapar send --demo {serve_dir} --agency {AGENCY_A} --to {AGENCY_B} "
+                    "--subject hello --body hi\nPress Ctrl-C to stop."
+                )
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.Event().wait()
         finally:

@@ -42,12 +42,17 @@ _OUT_FRAMES = 16
 _PUSH_BATCH = 256
 
 
-def build_directory(config: HubConfig, signer: Signer, intermediates: Sequence[x509.Certificate]) -> pb.Directory:
+def build_directory(
+    config: HubConfig, signer: Signer, intermediates: Sequence[x509.Certificate]
+) -> pb.Directory:
     """The directory message the hub publishes, from its configuration."""
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    states = {"active": pb.AGENCY_STATE_ACTIVE, "suspended": pb.AGENCY_STATE_SUSPENDED,
-              "retired": pb.AGENCY_STATE_RETIRED}
+    states = {
+        "active": pb.AGENCY_STATE_ACTIVE,
+        "suspended": pb.AGENCY_STATE_SUSPENDED,
+        "retired": pb.AGENCY_STATE_RETIRED,
+    }
     directory = pb.Directory(
         version=int(time.time()),
         hub=config.identity.uri,
@@ -60,7 +65,10 @@ def build_directory(config: HubConfig, signer: Signer, intermediates: Sequence[x
             for cert in x509.load_pem_x509_certificates(path.read_bytes()):
                 certs.append(cert.public_bytes(Encoding.DER))
         directory.agencies.add(
-            code=entry.code, display_name=entry.name, state=states[entry.state], signing_certificates=certs
+            code=entry.code,
+            display_name=entry.name,
+            state=states[entry.state],
+            signing_certificates=certs,
         )
     directory.update_time.FromDatetime(dt.datetime.now(dt.UTC))
     return directory
@@ -69,15 +77,23 @@ def build_directory(config: HubConfig, signer: Signer, intermediates: Sequence[x
 @dataclass(eq=False)
 class _Session:
     agency: str
-    out: asyncio.Queue[pb.ConnectResponse] = field(default_factory=lambda: asyncio.Queue(_OUT_FRAMES))
+    out: asyncio.Queue[pb.ConnectResponse] = field(
+        default_factory=lambda: asyncio.Queue(_OUT_FRAMES)
+    )
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: set[str] = field(default_factory=set)
 
 
 class Hub(pb.HubServiceServicer):
-    def __init__(self, config: HubConfig, store: HubStore, signer: Signer, trust: TrustStore,
-                 directory: pb.Directory) -> None:
+    def __init__(
+        self,
+        config: HubConfig,
+        store: HubStore,
+        signer: Signer,
+        trust: TrustStore,
+        directory: pb.Directory,
+    ) -> None:
         self.config = config
         self.store = store
         self.signer = signer
@@ -95,26 +111,34 @@ class Hub(pb.HubServiceServicer):
         return len(self._sessions)
 
     def _sign(self, content: bytes) -> pb.Evidence:
-        return pb.Evidence(content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content))
+        return pb.Evidence(
+            content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content)
+        )
 
-    def _agency_of(self, context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
+    def _agency_of(self, context: grpc.aio.ServicerContext) -> str:
         identity = peer_identity(context, self.trust)
         if identity.kind != "agency":
-            raise ChaparError(Code.PERMISSION_DENIED, "NOT_AN_AGENCY_NODE",
-                              f"{identity.uri} is not an agency node", metadata={"identity": identity.uri})
+            raise ChaparError(
+                Code.PERMISSION_DENIED,
+                "NOT_AN_AGENCY_NODE",
+                f"{identity.uri} is not an agency node",
+                metadata={"identity": identity.uri},
+            )
         self.directory.require_sender(identity.agency)
         return identity.agency
 
-    async def GetDirectory(self, request: pb.GetDirectoryRequest,
-                           context: grpc.aio.ServicerContext) -> pb.GetDirectoryResponse:  # type: ignore[type-arg]
+    async def GetDirectory(
+        self, request: pb.GetDirectoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDirectoryResponse:
         try:
             self._agency_of(context)
         except ChaparError as exc:
             await abort(context, exc)
         return pb.GetDirectoryResponse(directory=self.directory.message)
 
-    async def Connect(self, request_iterator: AsyncIterator[pb.ConnectRequest],
-                      context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+    async def Connect(  # type: ignore[override]  # answers via context.write
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
+    ) -> None:
         try:
             agency = self._agency_of(context)
         except ChaparError as exc:
@@ -127,8 +151,13 @@ class Hub(pb.HubServiceServicer):
         session = _Session(agency)
         self._sessions[agency] = session
         log.info("node %s connected", agency)
-        await context.write(pb.ConnectResponse(
-            welcome=pb.ConnectWelcome(hub=self.identity.uri, directory_version=self.directory.version)))
+        await context.write(
+            pb.ConnectResponse(
+                welcome=pb.ConnectWelcome(
+                    hub=self.identity.uri, directory_version=self.directory.version
+                )
+            )
+        )
         reader = asyncio.create_task(self._read(session, request_iterator))
         pusher = asyncio.create_task(self._push(session))
         closed = asyncio.create_task(session.closed.wait())
@@ -136,23 +165,26 @@ class Hub(pb.HubServiceServicer):
         try:
             while True:
                 getter = asyncio.create_task(session.out.get())
-                done, _ = await asyncio.wait({getter, reader, pusher, closed},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, reader, pusher, closed}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter in done:
                     await context.write(getter.result())
                     continue
                 break
-            for task in (reader, pusher):
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    exc = task.exception()
-                    if isinstance(exc, ChaparError):
-                        log.warning("closing stream of %s: %s %s", agency, exc.reason, exc.message)
-                        await abort(context, exc)
-                    raise exc  # type: ignore[misc]
+            for ended in (reader, pusher):
+                failure = ended.exception() if ended.done() and not ended.cancelled() else None
+                if isinstance(failure, ChaparError):
+                    log.warning(
+                        "closing stream of %s: %s %s", agency, failure.reason, failure.message
+                    )
+                    await abort(context, failure)
+                if failure is not None:
+                    raise failure
         finally:
-            for task in (reader, pusher, closed, getter):
-                if task is not None:
-                    task.cancel()
+            for pending in (reader, pusher, closed, getter):
+                if pending is not None:
+                    pending.cancel()
             if self._sessions.get(agency) is session:
                 del self._sessions[agency]
             log.info("node %s disconnected", agency)
@@ -162,10 +194,14 @@ class Hub(pb.HubServiceServicer):
             kind = frame.WhichOneof("frame")
             if kind == "envelopes":
                 results = await self._relay(session.agency, frame.envelopes.envelopes)
-                await session.out.put(pb.ConnectResponse(relay_results=pb.EvidenceBatch(evidence=results)))
+                await session.out.put(
+                    pb.ConnectResponse(relay_results=pb.EvidenceBatch(evidence=results))
+                )
             elif kind == "receipts":
                 ids = await self._receipts(session, frame.receipts.evidence)
-                await session.out.put(pb.ConnectResponse(receipt_acks=pb.EvidenceAckBatch(evidence_ids=ids)))
+                await session.out.put(
+                    pb.ConnectResponse(receipt_acks=pb.EvidenceAckBatch(evidence_ids=ids))
+                )
             elif kind == "evidence_acks":
                 await self.store.ack_notices(session.agency, frame.evidence_acks.evidence_ids)
 
@@ -175,33 +211,47 @@ class Hub(pb.HubServiceServicer):
         """Verifies one letter from ``agency``; ChaparError says why it is refused."""
         signer_cert = self.trust.certificate(envelope.signature.key_id)
         if signer_cert is None:
-            raise ChaparError(Code.INVALID_ARGUMENT, "SIGNER_UNKNOWN",
-                              "the signing key is not in the directory")
+            raise ChaparError(
+                Code.INVALID_ARGUMENT, "SIGNER_UNKNOWN", "the signing key is not in the directory"
+            )
         try:
             identity = self.trust.verify_certificate(signer_cert, "signing")
             if identity.agency != agency:
-                raise ChaparError(Code.PERMISSION_DENIED, "SENDER_MISMATCH",
-                                  f"node {agency} sent a letter signed by {identity.uri}",
-                                  metadata={"node": agency, "signer": identity.uri})
+                raise ChaparError(
+                    Code.PERMISSION_DENIED,
+                    "SENDER_MISMATCH",
+                    f"node {agency} sent a letter signed by {identity.uri}",
+                    metadata={"node": agency, "signer": identity.uri},
+                )
             header = self.trust.verify_envelope(envelope)
         except VerificationError as exc:
-            code = Code.PERMISSION_DENIED if exc.reason == "SENDER_MISMATCH" else Code.INVALID_ARGUMENT
+            code = (
+                Code.PERMISSION_DENIED if exc.reason == "SENDER_MISMATCH" else Code.INVALID_ARGUMENT
+            )
             raise ChaparError(code, exc.reason, str(exc), metadata={"node": agency}) from exc
         if header.sender.agency != agency:  # verify_envelope ties it to the signer; belt and braces
-            raise ChaparError(Code.PERMISSION_DENIED, "SENDER_MISMATCH",
-                              f"node {agency} sent a letter from {header.sender.agency}")
+            raise ChaparError(
+                Code.PERMISSION_DENIED,
+                "SENDER_MISMATCH",
+                f"node {agency} sent a letter from {header.sender.agency}",
+            )
         validate_shams(header.shams, "header.shams")
         if header.shams.origin != agency:
-            raise ChaparError(Code.PERMISSION_DENIED, "SENDER_MISMATCH",
-                              f"node {agency} sent a letter numbered by {header.shams.origin}")
+            raise ChaparError(
+                Code.PERMISSION_DENIED,
+                "SENDER_MISMATCH",
+                f"node {agency} sent a letter numbered by {header.shams.origin}",
+            )
         if not header.recipients:
             raise ChaparError(Code.INVALID_ARGUMENT, "NO_RECIPIENTS", "letter has no recipients")
         for i, r in enumerate(header.recipients):
             self.directory.require_recipient(r.agency, f"header.recipients[{i}].agency")
         return IncomingLetter(
-            shams=format_shams(header.shams), sender=agency,
+            shams=format_shams(header.shams),
+            sender=agency,
             recipients=[r.agency for r in header.recipients],
-            envelope=envelope.SerializeToString(), envelope_sha256=sha256(envelope.header),
+            envelope=envelope.SerializeToString(),
+            envelope_sha256=sha256(envelope.header),
         )
 
     async def _relay(self, agency: str, envelopes: Sequence[pb.Envelope]) -> list[pb.Evidence]:
@@ -214,17 +264,34 @@ class Hub(pb.HubServiceServicer):
                 if exc.code == Code.PERMISSION_DENIED:
                     raise
                 log.warning("relay rejected from %s: %s %s", agency, exc.reason, exc.message)
-                outcomes.append(self._sign(evidence_content(
-                    E.EVIDENCE_EVENT_RELAY_REJECTION, issuer=self.identity.uri, shams=_try_shams(envelope),
-                    envelope_sha256=sha256(envelope.header), recipient="", now=now,
-                    reason=exc.reason, detail=exc.message)))
+                outcomes.append(
+                    self._sign(
+                        evidence_content(
+                            E.EVIDENCE_EVENT_RELAY_REJECTION,
+                            issuer=self.identity.uri,
+                            shams=_try_shams(envelope),
+                            envelope_sha256=sha256(envelope.header),
+                            recipient="",
+                            now=now,
+                            reason=exc.reason,
+                            detail=exc.message,
+                        )
+                    )
+                )
         letters = [o for o in outcomes if isinstance(o, IncomingLetter)]
 
         def make_relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:
             header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(letter.envelope).header)
-            return self._sign(evidence_content(
-                E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, issuer=self.identity.uri, shams=header.shams,
-                envelope_sha256=letter.envelope_sha256, recipient=recipient, now=now))
+            return self._sign(
+                evidence_content(
+                    E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+                    issuer=self.identity.uri,
+                    shams=header.shams,
+                    envelope_sha256=letter.envelope_sha256,
+                    recipient=recipient,
+                    now=now,
+                )
+            )
 
         stored = iter(await self.store.accept(letters, make_relay) if letters else [])
         results: list[pb.Evidence] = []
@@ -251,9 +318,14 @@ class Hub(pb.HubServiceServicer):
                 continue
             ids.append(content.evidence_id)
             shams = format_shams(content.shams)
-            if (content.issuer != f"urn:chapar:agency:{agency}" or content.recipient != agency
-                    or content.event not in _RECEIPT_EVENTS):
-                log.warning("receipt from %s about someone else refused: %s", agency, content.evidence_id)
+            if (
+                content.issuer != f"urn:chapar:agency:{agency}"
+                or content.recipient != agency
+                or content.event not in _RECEIPT_EVENTS
+            ):
+                log.warning(
+                    "receipt from %s about someone else refused: %s", agency, content.evidence_id
+                )
                 continue
             if not await self.store.is_recipient(shams, agency):
                 log.warning("receipt from %s for a letter not addressed to it: %s", agency, shams)
@@ -302,6 +374,6 @@ class Hub(pb.HubServiceServicer):
 def _try_shams(envelope: pb.Envelope) -> pb.Shams | None:
     try:
         header = pb.EnvelopeHeader.FromString(envelope.header)
-    except Exception:  # noqa: BLE001 - an unparseable header simply has no number to quote
+    except Exception:
         return None
     return header.shams if header.HasField("shams") else None

@@ -68,7 +68,9 @@ def check_key_file(path: Path, key: str) -> bytes:
     """Reads a private key, refusing one that group or others can read."""
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{key}: {path} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+        raise ConfigError(
+            f"{key}: {path} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it"
+        )
     return path.read_bytes()
 
 
@@ -85,7 +87,9 @@ def _check_identity(path: Path, key: str, expected: Identity) -> None:
     cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
     found = identity_of_certificate(cert)
     if found != expected:
-        raise ConfigError(f"{key}: {path} speaks for {found.uri if found else 'nobody'}, not {expected.uri}")
+        raise ConfigError(
+            f"{key}: {path} speaks for {found.uri if found else 'nobody'}, not {expected.uri}"
+        )
 
 
 def _signer(signing: SigningConfig, expected: Identity) -> Signer:
@@ -98,7 +102,9 @@ def _signer(signing: SigningConfig, expected: Identity) -> Signer:
             "ecdsa-p256": pb.SignatureAlgorithm.SIGNATURE_ALGORITHM_ECDSA_P256_SHA256,
         }[signing.algorithm]
         if signer.algorithm != wanted:
-            raise ConfigError(f"signing.algorithm: is {signing.algorithm} but {signing.key} is another key type")
+            raise ConfigError(
+                f"signing.algorithm: is {signing.algorithm} but {signing.key} is another key type"
+            )
     return signer
 
 
@@ -106,7 +112,9 @@ def _server_credentials(tls: TlsConfig, expected: Identity) -> grpc.ServerCreden
     key = check_key_file(tls.key, "tls.key")
     _check_identity(tls.cert, "tls.cert", expected)
     return grpc.ssl_server_credentials(
-        [(key, tls.cert.read_bytes())], root_certificates=tls.ca.read_bytes(), require_client_auth=True
+        [(key, tls.cert.read_bytes())],
+        root_certificates=tls.ca.read_bytes(),
+        require_client_auth=True,
     )
 
 
@@ -134,11 +142,21 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def _start(server: grpc.aio.Server, listen: str, creds: grpc.ServerCredentials, service: str,
-                 health_servicer: health.aio.HealthServicer) -> str:
+async def _start(
+    server: grpc.aio.Server,
+    listen: str,
+    creds: grpc.ServerCredentials,
+    service: str,
+    health_servicer: health.aio.HealthServicer,
+) -> str:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        [
+            service,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
     )
     port = server.add_secure_port(listen, creds)
     if port == 0:

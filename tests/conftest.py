@@ -19,7 +19,9 @@ AGENCY_C = "MOFA.IR"  # in the directory with certificates, but no running node:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
-    started = asyncio.run(Cluster.start(root, [AGENCY_A, AGENCY_B, AGENCY_C], without_node=[AGENCY_C]))
+    started = asyncio.run(
+        Cluster.start(root, [AGENCY_A, AGENCY_B, AGENCY_C], without_node=[AGENCY_C])
+    )
     try:
         yield started
     finally:

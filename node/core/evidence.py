@@ -10,7 +10,7 @@ import uuid
 
 from client_sdk import pb
 
-__all__ = ["evidence_content", "event_name"]
+__all__ = ["event_name", "evidence_content"]
 
 
 def evidence_content(

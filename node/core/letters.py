@@ -30,7 +30,9 @@ __all__ = [
 DEFAULT_CONTENT_TYPE = "text/plain; charset=utf-8"
 _KINDS = frozenset(pb.LetterKind.values())
 _PRIORITIES = frozenset(pb.Priority.values())
-_NEEDS_PARENT = frozenset({pb.LetterKind.LETTER_KIND_REPLY, pb.LetterKind.LETTER_KIND_STATUS_UPDATE})
+_NEEDS_PARENT = frozenset(
+    {pb.LetterKind.LETTER_KIND_REPLY, pb.LetterKind.LETTER_KIND_STATUS_UPDATE}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,11 @@ class LetterLimits:
 
 def _invalid(reason: str, message: str, field: str, **metadata: str) -> ChaparError:
     return ChaparError(
-        Code.INVALID_ARGUMENT, reason, message, metadata=metadata, field_violations=[(field, message)]
+        Code.INVALID_ARGUMENT,
+        reason,
+        message,
+        metadata=metadata,
+        field_violations=[(field, message)],
     )
 
 
@@ -64,7 +70,8 @@ def normalise_text(value: str, field: str, *, max_chars: int, required: bool) ->
 def validate_shams(shams: pb.Shams, field: str) -> None:
     if (
         not is_agency_code(shams.origin)
-        or shams.domain not in (pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL)
+        or shams.domain
+        not in (pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL)
         or not 1000 <= shams.year <= 9999
         or shams.sequence < 1
     ):
@@ -100,13 +107,17 @@ def validate_draft(
     for i, (src, dst) in enumerate(zip(draft.recipients, out.recipients, strict=True)):
         field = f"draft.recipients[{i}]"
         if not is_agency_code(src.agency):
-            raise _invalid("INVALID_AGENCY_CODE", f"{field}.agency is not an agency code", f"{field}.agency")
+            raise _invalid(
+                "INVALID_AGENCY_CODE", f"{field}.agency is not an agency code", f"{field}.agency"
+            )
         dst.mailbox = normalise_text(
             src.mailbox, f"{field}.mailbox", max_chars=limits.max_mailbox_chars, required=False
         )
         key = (dst.agency, dst.mailbox)
         if key in seen:
-            raise _invalid("DUPLICATE_RECIPIENT", f"{field} is listed twice", field, agency=src.agency)
+            raise _invalid(
+                "DUPLICATE_RECIPIENT", f"{field} is listed twice", field, agency=src.agency
+            )
         seen.add(key)
     for i, recipient in enumerate(out.recipients):
         directory.require_recipient(recipient.agency, f"draft.recipients[{i}].agency")
@@ -114,7 +125,10 @@ def validate_draft(
         draft.subject, "draft.subject", max_chars=limits.max_subject_chars, required=True
     )
     out.sender_mailbox = normalise_text(
-        draft.sender_mailbox, "draft.sender_mailbox", max_chars=limits.max_mailbox_chars, required=False
+        draft.sender_mailbox,
+        "draft.sender_mailbox",
+        max_chars=limits.max_mailbox_chars,
+        required=False,
     )
     if len(draft.body) > limits.max_body_bytes:
         raise ChaparError(
@@ -138,7 +152,10 @@ def validate_draft(
             "MISSING_IN_REPLY_TO", "a reply or status update needs in_reply_to", "draft.in_reply_to"
         )
     out.content_type = normalise_text(
-        draft.content_type or DEFAULT_CONTENT_TYPE, "draft.content_type", max_chars=255, required=True
+        draft.content_type or DEFAULT_CONTENT_TYPE,
+        "draft.content_type",
+        max_chars=255,
+        required=True,
     )
     if draft.HasField("expire_time") and draft.expire_time.ToDatetime(tzinfo=dt.UTC) <= now:
         raise _invalid("EXPIRE_TIME_PAST", "expire_time is in the past", "draft.expire_time")
@@ -154,7 +171,9 @@ def validate_draft(
             setattr(
                 md,
                 name,
-                normalise_text(getattr(md, name), f"draft.metadata.{name}", max_chars=255, required=False),
+                normalise_text(
+                    getattr(md, name), f"draft.metadata.{name}", max_chars=255, required=False
+                ),
             )
     return out
 

@@ -24,7 +24,11 @@ def status_code(error: ChaparError) -> grpc.StatusCode:
 def to_status(error: ChaparError) -> status_pb2.Status:
     details: list[any_pb2.Any] = []
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata))
+    info.Pack(
+        error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+        )
+    )
     details.append(info)
     if error.field_violations:
         bad = any_pb2.Any()
@@ -51,7 +55,7 @@ def to_status(error: ChaparError) -> status_pb2.Status:
     return status_pb2.Status(code=int(error.code), message=error.message, details=details)
 
 
-async def abort(context: grpc.aio.ServicerContext, error: ChaparError) -> None:  # type: ignore[type-arg]
+async def abort(context: grpc.aio.ServicerContext, error: ChaparError) -> None:
     """Ends the call with the error's status; never returns."""
     status = to_status(error)
     await context.abort(

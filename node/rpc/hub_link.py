@@ -77,12 +77,19 @@ class HubLink:
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ]
-        async with grpc.aio.secure_channel(self.agency.config.hub, self.credentials, options=options) as channel:
+        async with grpc.aio.secure_channel(
+            self.agency.config.hub, self.credentials, options=options
+        ) as channel:
             stub = pb.HubServiceStub(channel)
             call = stub.Connect()
             directory_version = self.agency.directory.version if self.agency.directory else 0
-            await call.write(pb.ConnectRequest(hello=pb.ConnectHello(
-                software_version="chapar/0.1", directory_version=directory_version)))
+            await call.write(
+                pb.ConnectRequest(
+                    hello=pb.ConnectHello(
+                        software_version="chapar/0.1", directory_version=directory_version
+                    )
+                )
+            )
             first = await call.read()
             if first is grpc.aio.EOF or first.WhichOneof("frame") != "welcome":
                 raise RuntimeError("hub did not welcome the node")
@@ -99,7 +106,7 @@ class HubLink:
 class _Session:
     """One stream's worth of state: what is in flight on it."""
 
-    def __init__(self, link: HubLink, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+    def __init__(self, link: HubLink, call: grpc.aio.StreamStreamCall) -> None:
         self.link = link
         self.agency = link.agency
         self.call = call
@@ -145,10 +152,15 @@ class _Session:
                         envelope = pb.Envelope.FromString(blob)
                         self.relaying[sha256(envelope.header)] = shams
                         envelopes.append(envelope)
-                    await self.write(pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes)))
+                    await self.write(
+                        pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes))
+                    )
                     sent = True
             receipts = [
-                e for e in await agency.store.receipts_to_send(_RECEIPT_BATCH + len(self.receipts_sent))
+                e
+                for e in await agency.store.receipts_to_send(
+                    _RECEIPT_BATCH + len(self.receipts_sent)
+                )
                 if _evidence_id(e) not in self.receipts_sent
             ][:_RECEIPT_BATCH]
             if receipts:
@@ -156,8 +168,10 @@ class _Session:
                 await self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts)))
                 sent = True
             if not sent:
-                waits = [asyncio.create_task(ev.wait()) for ev in
-                         (self.link._wake, agency.outbox_changed, agency.receipts_changed)]
+                waits = [
+                    asyncio.create_task(ev.wait())
+                    for ev in (self.link._wake, agency.outbox_changed, agency.receipts_changed)
+                ]
                 try:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -182,7 +196,9 @@ class _Session:
                 self.receipts_sent.difference_update(ids)
             self._wake()
 
-    def _verify(self, evidence: Sequence[pb.Evidence]) -> list[tuple[pb.Evidence, pb.EvidenceContent]]:
+    def _verify(
+        self, evidence: Sequence[pb.Evidence]
+    ) -> list[tuple[pb.Evidence, pb.EvidenceContent]]:
         out = []
         for item in evidence:
             try:
@@ -230,20 +246,46 @@ class _Session:
             except VerificationError as exc:
                 log.error("refusing a delivered letter: %s %s", exc.reason, exc)
                 shams_pb = _header_shams(envelope)
-                failures.append((format_shams(shams_pb) if shams_pb else "", agency.sign_evidence(
-                    evidence_content(E.EVIDENCE_EVENT_DELIVERY_FAILURE, issuer=agency.identity.uri,
-                                     shams=shams_pb, envelope_sha256=digest, recipient=me, now=now,
-                                     reason=exc.reason, detail=str(exc)))))
+                failures.append(
+                    (
+                        format_shams(shams_pb) if shams_pb else "",
+                        agency.sign_evidence(
+                            evidence_content(
+                                E.EVIDENCE_EVENT_DELIVERY_FAILURE,
+                                issuer=agency.identity.uri,
+                                shams=shams_pb,
+                                envelope_sha256=digest,
+                                recipient=me,
+                                now=now,
+                                reason=exc.reason,
+                                detail=str(exc),
+                            )
+                        ),
+                    )
+                )
                 continue
-            good.append((format_shams(header.shams), header.sender.agency,
-                         [r.mailbox for r in mine], envelope))
+            good.append(
+                (
+                    format_shams(header.shams),
+                    header.sender.agency,
+                    [r.mailbox for r in mine],
+                    envelope,
+                )
+            )
 
         def make_delivery(i: int) -> pb.Evidence:
             envelope = good[i][3]
             header = pb.EnvelopeHeader.FromString(envelope.header)
-            return agency.sign_evidence(evidence_content(
-                E.EVIDENCE_EVENT_DELIVERY, issuer=agency.identity.uri, shams=header.shams,
-                envelope_sha256=sha256(envelope.header), recipient=me, now=now))
+            return agency.sign_evidence(
+                evidence_content(
+                    E.EVIDENCE_EVENT_DELIVERY,
+                    issuer=agency.identity.uri,
+                    shams=header.shams,
+                    envelope_sha256=sha256(envelope.header),
+                    recipient=me,
+                    now=now,
+                )
+            )
 
         receipts: list[pb.Evidence] = []
         if good:
@@ -263,6 +305,6 @@ def _evidence_id(evidence: pb.Evidence) -> str:
 def _header_shams(envelope: pb.Envelope) -> pb.Shams | None:
     try:
         header = pb.EnvelopeHeader.FromString(envelope.header)
-    except Exception:  # noqa: BLE001 - unparseable: no number to quote
+    except Exception:
         return None
     return header.shams if header.HasField("shams") else None

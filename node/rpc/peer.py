@@ -17,11 +17,13 @@ from node.core.errors import ChaparError, Code
 __all__ = ["peer_identity"]
 
 
-def peer_identity(context: grpc.aio.ServicerContext, trust: TrustStore) -> Identity:  # type: ignore[type-arg]
+def peer_identity(context: grpc.aio.ServicerContext, trust: TrustStore) -> Identity:
     auth = context.auth_context()
     pems = auth.get("x509_pem_cert") or []
     if not pems:
-        raise ChaparError(Code.UNAUTHENTICATED, "NO_CLIENT_CERTIFICATE", "a client certificate is required")
+        raise ChaparError(
+            Code.UNAUTHENTICATED, "NO_CLIENT_CERTIFICATE", "a client certificate is required"
+        )
     try:
         cert = x509.load_pem_x509_certificate(pems[0])
         return trust.verify_certificate(cert, "tls")

@@ -32,7 +32,9 @@ MAX_BATCH = 512
 @dataclass
 class _Pending:
     job: Job[Any]
-    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Database:
@@ -61,7 +63,9 @@ class Database:
         await conn.execute("PRAGMA journal_mode=WAL")
         # FULL fsyncs the WAL at every commit (survives power loss); NORMAL only at
         # checkpoints (survives a process crash, may lose the last commits on power loss).
-        await conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
+        await conn.execute(
+            f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}"
+        )
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=10000")
         return conn
@@ -76,7 +80,9 @@ class Database:
                 f"{self.path}: schema version {version} is newer than this program ({len(migrations)})"
             )
         for number, script in enumerate(migrations[version:], start=version + 1):
-            await self._writer.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+            await self._writer.executescript(
+                f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;"
+            )
             log.info("migrated %s to schema version %d", self.path.name, number)
         self._reader = await self._connect()
         self._task = asyncio.create_task(self._run(), name=f"db-writer:{self.path.name}")
@@ -139,7 +145,7 @@ class Database:
             log.exception("transaction failed; %d jobs not committed", len(batch))
             try:
                 await conn.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001 - already rolled back by SQLite
+            except Exception:
                 log.debug("rollback after failed commit", exc_info=True)
             for pending in batch:
                 if not pending.future.done():

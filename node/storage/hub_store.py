@@ -161,7 +161,9 @@ class HubStore:
         if recipient is None:
             row = await self.db.fetchone("SELECT count(*) FROM queue")
         else:
-            row = await self.db.fetchone("SELECT count(*) FROM queue WHERE recipient = ?", (recipient,))
+            row = await self.db.fetchone(
+                "SELECT count(*) FROM queue WHERE recipient = ?", (recipient,)
+            )
         return int(row[0]) if row else 0
 
     async def sender_of(self, shams: str) -> str | None:
@@ -181,7 +183,9 @@ class HubStore:
             now = time.time()
             senders: list[str] = []
             for evidence, content, shams in items:
-                async with conn.execute("SELECT sender FROM letters WHERE shams = ?", (shams,)) as cur:
+                async with conn.execute(
+                    "SELECT sender FROM letters WHERE shams = ?", (shams,)
+                ) as cur:
                     row = await cur.fetchone()
                 if row is None:
                     continue

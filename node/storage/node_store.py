@@ -161,7 +161,9 @@ class NodeStore:
             now = time.time()
             built: dict[int, NewLetter] = {}
             for offset, i in enumerate(fresh):
-                shams = pb.Shams(origin=origin, domain=domain, year=year, sequence=first_seq + offset)
+                shams = pb.Shams(
+                    origin=origin, domain=domain, year=year, sequence=first_seq + offset
+                )
                 built[i] = build(i, shams)
             await conn.executemany(
                 "INSERT INTO outbox (shams, request_id, envelope, envelope_sha256, receipt, created_at)"
@@ -242,10 +244,13 @@ class NodeStore:
                     continue
                 if content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE:
                     await conn.execute(
-                        "UPDATE outbox SET relay_state = 1 WHERE shams = ? AND relay_state = 0", (shams,)
+                        "UPDATE outbox SET relay_state = 1 WHERE shams = ? AND relay_state = 0",
+                        (shams,),
                     )
                 elif content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_REJECTION:
-                    await conn.execute("UPDATE outbox SET relay_state = 2 WHERE shams = ?", (shams,))
+                    await conn.execute(
+                        "UPDATE outbox SET relay_state = 2 WHERE shams = ?", (shams,)
+                    )
                 await _advance(conn, shams, content.recipient, content.event)
 
         await self.db.write(job)
@@ -273,7 +278,9 @@ class NodeStore:
             now = time.time()
             out: list[pb.Evidence] = []
             for i, (shams, sender, mailboxes, envelope) in enumerate(letters):
-                async with conn.execute("SELECT delivery FROM inbox WHERE shams = ?", (shams,)) as cur:
+                async with conn.execute(
+                    "SELECT delivery FROM inbox WHERE shams = ?", (shams,)
+                ) as cur:
                     row = await cur.fetchone()
                 if row is not None:
                     out.append(pb.Evidence.FromString(row[0]))
@@ -305,7 +312,9 @@ class NodeStore:
             "WHERE handover IS NULL AND rowid > ? ORDER BY rowid LIMIT ?",
             (after, limit),
         )
-        return [(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), bytes(r[4]), float(r[5])) for r in rows]
+        return [
+            (int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), bytes(r[4]), float(r[5])) for r in rows
+        ]
 
     async def acknowledge(
         self, shams: str, make_handover: Callable[[pb.Envelope], pb.Evidence]
@@ -313,7 +322,9 @@ class NodeStore:
         """Issues HANDOVER evidence for an inbox letter once; a second call returns the same."""
 
         async def job(conn: aiosqlite.Connection) -> pb.Evidence:
-            async with conn.execute("SELECT envelope, handover FROM inbox WHERE shams = ?", (shams,)) as cur:
+            async with conn.execute(
+                "SELECT envelope, handover FROM inbox WHERE shams = ?", (shams,)
+            ) as cur:
                 row = await cur.fetchone()
             if row is None:
                 raise ChaparError(
@@ -346,7 +357,8 @@ class NodeStore:
     async def receipts_acknowledged(self, evidence_ids: Sequence[str]) -> None:
         async def job(conn: aiosqlite.Connection) -> None:
             await conn.executemany(
-                "UPDATE evidence SET to_send = 0 WHERE evidence_id = ?", [(e,) for e in evidence_ids]
+                "UPDATE evidence SET to_send = 0 WHERE evidence_id = ?",
+                [(e,) for e in evidence_ids],
             )
 
         await self.db.write(job)
@@ -372,7 +384,8 @@ class NodeStore:
         statuses = {
             str(r[0]): int(r[1])
             for r in await self.db.fetchall(
-                "SELECT recipient, state FROM recipient_state WHERE shams = ? ORDER BY recipient", (shams,)
+                "SELECT recipient, state FROM recipient_state WHERE shams = ? ORDER BY recipient",
+                (shams,),
             )
         }
         return StoredLetter(direction, pb.Envelope.FromString(row[0]), evidence, statuses)
@@ -386,7 +399,9 @@ class NodeStore:
         """Keeps (key id, DER) of every signer seen, so old evidence stays verifiable."""
 
         async def job(conn: aiosqlite.Connection) -> None:
-            await conn.executemany("INSERT OR IGNORE INTO certificates (key_id, der) VALUES (?, ?)", certs)
+            await conn.executemany(
+                "INSERT OR IGNORE INTO certificates (key_id, der) VALUES (?, ?)", certs
+            )
 
         await self.db.write(job)
 

@@ -39,7 +39,9 @@ async def _next_letter(client: ExchangeClient, shams: str, timeout: float = 20.0
     return await asyncio.wait_for(find(), timeout)
 
 
-async def test_letter_travels_a_to_b_with_every_evidence_signature_verified(cluster: Cluster) -> None:
+async def test_letter_travels_a_to_b_with_every_evidence_signature_verified(
+    cluster: Cluster,
+) -> None:
     async with (
         ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
         ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
@@ -53,7 +55,10 @@ async def test_letter_travels_a_to_b_with_every_evidence_signature_verified(clus
         assert letter.body == b"Please confirm."
         assert letter.subject == "Budget 2026"
         handover = await letter.ack()
-        assert pb.EvidenceContent.FromString(handover.content).event == pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER
+        assert (
+            pb.EvidenceContent.FromString(handover.content).event
+            == pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER
+        )
 
         tracking = await wait_for_chain(a, receipt.shams)
         trust = cluster.credentials(AGENCY_A).trust_store()
@@ -83,14 +88,18 @@ async def test_reply_carries_in_reply_to_and_thread_root(cluster: Cluster) -> No
     ):
         first = await a.send(to=[AGENCY_B], subject="Inquiry", body="?", kind="inquiry")
         await (await _next_letter(b, first.shams)).ack()
-        reply = await b.send(to=[AGENCY_A], subject="Re: Inquiry", body="!", kind="reply", in_reply_to=first.shams)
+        reply = await b.send(
+            to=[AGENCY_A], subject="Re: Inquiry", body="!", kind="reply", in_reply_to=first.shams
+        )
         got = await _next_letter(a, reply.shams)
         assert got.in_reply_to == first.shams
         assert got.header.thread_root == got.header.in_reply_to
         await got.ack()
 
 
-async def test_duplicate_submit_with_same_request_id_returns_original_receipt(cluster: Cluster) -> None:
+async def test_duplicate_submit_with_same_request_id_returns_original_receipt(
+    cluster: Cluster,
+) -> None:
     db = _node_db(cluster, AGENCY_A)
     async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
         request_id = str(uuid.uuid4())
@@ -129,21 +138,32 @@ def _tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
     )
 
 
-def _letter(cluster: Cluster, *, signer_code: str, sender: str, to: str, sequence: int) -> pb.Envelope:
+def _letter(
+    cluster: Cluster, *, signer_code: str, sender: str, to: str, sequence: int
+) -> pb.Envelope:
     d = cluster.pki.agency_dir(signer_code)
     signer = Signer.from_files(d / "signing.key", d / "signing.crt")
     body = b"raw letter"
     draft = pb.LetterDraft(
-        recipients=[pb.Address(agency=to)], subject="raw", body=body,
-        kind=pb.LetterKind.LETTER_KIND_LETTER, priority=pb.Priority.PRIORITY_NORMAL,
+        recipients=[pb.Address(agency=to)],
+        subject="raw",
+        body=body,
+        kind=pb.LetterKind.LETTER_KIND_LETTER,
+        priority=pb.Priority.PRIORITY_NORMAL,
         content_type="text/plain; charset=utf-8",
     )
-    shams = pb.Shams(origin=sender, domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=sequence)
+    shams = pb.Shams(
+        origin=sender, domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=sequence
+    )
     header = build_header(draft, sender=sender, shams=shams, now=dt.datetime.now(dt.UTC))
-    return pb.Envelope(header=header, signature=signer.sign(ENVELOPE_PAYLOAD_TYPE, header), body=body)
+    return pb.Envelope(
+        header=header, signature=signer.sign(ENVELOPE_PAYLOAD_TYPE, header), body=body
+    )
 
 
-async def _relay_as(cluster: Cluster, code: str, envelopes: list[pb.Envelope]) -> pb.ConnectResponse:
+async def _relay_as(
+    cluster: Cluster, code: str, envelopes: list[pb.Envelope]
+) -> pb.ConnectResponse:
     """Connects to the hub as ``code``'s node and sends one batch; returns the hub's answer."""
     async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, code)) as channel:
         call = pb.HubServiceStub(channel).Connect()
@@ -163,8 +183,11 @@ async def _relay_as(cluster: Cluster, code: str, envelopes: list[pb.Envelope]) -
 async def test_valid_raw_letter_from_a_third_agency_is_relayed(cluster: Cluster) -> None:
     """Positive control for the hostile cases below: the same path accepts a good letter."""
     seq = 1_000 + uuid.uuid4().int % 1_000_000
-    answer = await _relay_as(cluster, AGENCY_C, [_letter(cluster, signer_code=AGENCY_C, sender=AGENCY_C,
-                                                         to=AGENCY_B, sequence=seq)])
+    answer = await _relay_as(
+        cluster,
+        AGENCY_C,
+        [_letter(cluster, signer_code=AGENCY_C, sender=AGENCY_C, to=AGENCY_B, sequence=seq)],
+    )
     (evidence,) = answer.relay_results.evidence
     content = pb.EvidenceContent.FromString(evidence.content)
     assert content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE
@@ -172,10 +195,14 @@ async def test_valid_raw_letter_from_a_third_agency_is_relayed(cluster: Cluster)
 
 
 @pytest.mark.parametrize("signer_code", [AGENCY_C, AGENCY_A], ids=["own-key", "stolen-key"])
-async def test_header_sender_other_than_tls_identity_is_permission_denied(cluster: Cluster, signer_code: str) -> None:
+async def test_header_sender_other_than_tls_identity_is_permission_denied(
+    cluster: Cluster, signer_code: str
+) -> None:
     hub_db = _hub_db(cluster)
     letters = db_count(hub_db, "SELECT count(*) FROM letters")
-    forged = _letter(cluster, signer_code=signer_code, sender=AGENCY_A, to=AGENCY_B, sequence=999_999)
+    forged = _letter(
+        cluster, signer_code=signer_code, sender=AGENCY_A, to=AGENCY_B, sequence=999_999
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _relay_as(cluster, AGENCY_C, [forged])
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -186,7 +213,9 @@ async def test_header_sender_other_than_tls_identity_is_permission_denied(cluste
 async def test_tampered_header_is_rejected_and_nothing_is_stored(cluster: Cluster) -> None:
     hub_db = _hub_db(cluster)
     letters = db_count(hub_db, "SELECT count(*) FROM letters")
-    envelope = _letter(cluster, signer_code=AGENCY_C, sender=AGENCY_C, to=AGENCY_B, sequence=777_777)
+    envelope = _letter(
+        cluster, signer_code=AGENCY_C, sender=AGENCY_C, to=AGENCY_B, sequence=777_777
+    )
     header = pb.EnvelopeHeader.FromString(envelope.header)
     header.subject = "raw, but changed after signing"
     envelope.header = header.SerializeToString()
@@ -196,8 +225,14 @@ async def test_tampered_header_is_rejected_and_nothing_is_stored(cluster: Cluste
     assert content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_REJECTION
     assert content.reason == "SIGNATURE_INVALID"
     assert db_count(hub_db, "SELECT count(*) FROM letters") == letters
-    assert db_count(_node_db(cluster, AGENCY_B), "SELECT count(*) FROM inbox WHERE shams = ?",
-                    (f"{AGENCY_C}/O/2026/0777777",)) == 0
+    assert (
+        db_count(
+            _node_db(cluster, AGENCY_B),
+            "SELECT count(*) FROM inbox WHERE shams = ?",
+            (f"{AGENCY_C}/O/2026/0777777",),
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize("target", ["hub", "node"])
@@ -205,15 +240,19 @@ async def test_client_without_certificate_cannot_connect(cluster: Cluster, targe
     address = cluster.hub.address if target == "hub" else cluster.nodes[AGENCY_A].address
     creds = grpc.ssl_channel_credentials(root_certificates=cluster.pki.root_cert.read_bytes())
     async with grpc.aio.secure_channel(address, creds) as channel:
+        call = (
+            pb.HubServiceStub(channel).GetDirectory(pb.GetDirectoryRequest(), timeout=10)
+            if target == "hub"
+            else pb.NodeServiceStub(channel).ListAgencies(pb.ListAgenciesRequest(), timeout=10)
+        )
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            if target == "hub":
-                await pb.HubServiceStub(channel).GetDirectory(pb.GetDirectoryRequest(), timeout=10)
-            else:
-                await pb.NodeServiceStub(channel).ListAgencies(pb.ListAgenciesRequest(), timeout=10)
+            await call
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_thousand_concurrent_submissions_get_unique_gapless_numbers_and_all_arrive(cluster: Cluster) -> None:
+async def test_thousand_concurrent_submissions_get_unique_gapless_numbers_and_all_arrive(
+    cluster: Cluster,
+) -> None:
     async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
         receipts = await asyncio.gather(
             *(a.send(to=[AGENCY_B], subject=f"n{i}", body=f"letter {i}") for i in range(1000))
@@ -224,7 +263,9 @@ async def test_thousand_concurrent_submissions_get_unique_gapless_numbers_and_al
     inbox = _node_db(cluster, AGENCY_B)
     marks = ",".join("?" * len(wanted))
     deadline = asyncio.get_running_loop().time() + 60
-    while (n := db_count(inbox, f"SELECT count(*) FROM inbox WHERE shams IN ({marks})", tuple(wanted))) < 1000:
+    while (
+        n := db_count(inbox, f"SELECT count(*) FROM inbox WHERE shams IN ({marks})", tuple(wanted))
+    ) < 1000:
         assert asyncio.get_running_loop().time() < deadline, f"only {n} of 1000 delivered"
         await asyncio.sleep(0.2)
     assert n == 1000
