@@ -52,6 +52,7 @@ class Agency(pb.NodeServiceServicer):
         self.receipts_changed = asyncio.Event()
         self.inbox_changed = asyncio.Condition()
         self.hub_connected = False
+        self.directory_ready = asyncio.Event()
 
     # -- directory ------------------------------------------------------------------------
 
@@ -71,6 +72,7 @@ class Agency(pb.NodeServiceServicer):
         self.trust.add_certificates([self.signer.certificate])
         await self.store.remember_certificates(known)
         self.directory = DirectoryView(directory)
+        self.directory_ready.set()
         if persist:
             await self.store.save_directory(directory)
         log.info("directory version %d: %d agencies", directory.version, len(directory.agencies))

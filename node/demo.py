@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import tempfile
 from pathlib import Path
 
@@ -129,8 +130,11 @@ async def run_demo(serve_dir: Path | None = None) -> int:
                     f"Try: chapar send --demo {serve_dir} --agency {AGENCY_A} --to {AGENCY_B} "
                     "--subject hello --body hi\nPress Ctrl-C to stop."
                 )
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.Event().wait()
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, stop.set)
+                await stop.wait()
         finally:
             codes = cluster.stop()
             print("Stopped: " + ", ".join(f"{name} exit {code}" for name, code in codes.items()))

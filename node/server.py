@@ -215,12 +215,20 @@ async def serve_node(config: NodeConfig) -> None:
     link_task = asyncio.create_task(link.run(), name="hub-link")
     try:
         address = await _start(server, config.listen, creds, pb.NODE_SERVICE_NAME, health_servicer)
-        status = health_pb2.HealthCheckResponse.SERVING
-        await health_servicer.set("", status)
-        await health_servicer.set(pb.NODE_SERVICE_NAME, status)
-        _write_ready(config.ready_file, address, "node")
         log.info("node %s listening on %s", config.agency, address)
-        await _until_signalled()
+        stop = asyncio.create_task(_until_signalled())
+        # Ready means able to take submissions: listening and holding a directory (cached
+        # from an earlier run, or fetched from the hub). Until then submit says UNAVAILABLE.
+        ready = asyncio.create_task(agency.directory_ready.wait())
+        await asyncio.wait({stop, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            status = health_pb2.HealthCheckResponse.SERVING
+            await health_servicer.set("", status)
+            await health_servicer.set(pb.NODE_SERVICE_NAME, status)
+            _write_ready(config.ready_file, address, "node")
+            log.info("node %s ready", config.agency)
+        ready.cancel()
+        await stop
         log.info("node stopping (grace %.1fs)", config.grace_s)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(config.grace_s)

@@ -10,6 +10,7 @@ commit. Reads go through a second connection, which in WAL mode sees committed d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Database:
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.commits = 0
         self.jobs = 0
 
@@ -71,25 +73,31 @@ class Database:
         return conn
 
     async def _open(self, migrations: Sequence[str]) -> None:
-        self._writer = await self._connect()
-        async with self._writer.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if version > len(migrations):
-            raise RuntimeError(
-                f"{self.path}: schema version {version} is newer than this program ({len(migrations)})"
-            )
-        for number, script in enumerate(migrations[version:], start=version + 1):
-            await self._writer.executescript(
-                f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;"
-            )
-            log.info("migrated %s to schema version %d", self.path.name, number)
-        self._reader = await self._connect()
+        try:
+            self._writer = await self._connect()
+            async with self._writer.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > len(migrations):
+                raise RuntimeError(
+                    f"{self.path}: schema version {version} is newer than this program ({len(migrations)})"
+                )
+            for number, script in enumerate(migrations[version:], start=version + 1):
+                await self._writer.executescript(
+                    f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;"
+                )
+                log.info("migrated %s to schema version %d", self.path.name, number)
+            self._reader = await self._connect()
+        except BaseException:
+            # A refused or half-applied migration must neither hold the write lock nor leak
+            # a connection (aiosqlite's thread would keep the process alive).
+            await self._close_connections(rollback=True)
+            raise
         self._task = asyncio.create_task(self._run(), name=f"db-writer:{self.path.name}")
 
     async def write(self, job: Job[T]) -> T:
         """Runs ``job`` in the next group-committed transaction and returns its result."""
-        if self._task is None or self._task.done():
+        if self._closing or self._task is None or self._task.done():
             raise RuntimeError("database is closed")
         pending = _Pending(job)
         self._queue.put_nowait(pending)
@@ -162,11 +170,24 @@ class Database:
                 pending.future.set_result(value)
 
     async def close(self) -> None:
-        """Lets queued jobs finish, then closes both connections."""
+        """Lets queued jobs finish, refuses new ones, then closes both connections."""
+        self._closing = True
         if self._task is not None and not self._task.done():
             self._queue.put_nowait(None)
             await self._task
+        # Anything still queued (behind the stop marker) is answered, never left waiting.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and not item.future.done():
+                item.future.set_exception(RuntimeError("database is closed"))
+        await self._close_connections(rollback=False)
+
+    async def _close_connections(self, *, rollback: bool) -> None:
         for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
+            if conn is None:
+                continue
+            if rollback and conn.in_transaction:
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+            await conn.close()
         self._reader = self._writer = None

@@ -1,0 +1,732 @@
+"""The async client agency back-ends use to talk to their node (``NodeService``).
+
+This module owns the mapping between Python values and the NodeService messages, and the
+one I/O seam: a ``grpc.aio.Channel``. ``ExchangeClient(target, credentials)`` dials the node
+over mutual TLS; ``ExchangeClient.from_channel(channel)`` takes any channel (tests inject an
+in-process one). Every ``grpc.RpcError`` is translated in ``_translated`` into a
+``client_sdk.errors.ChaparError`` subclass.
+
+::
+
+    async with ExchangeClient("node.example:7443", Credentials.from_pki(pki, "G22")) as c:
+        receipt = await c.send(to=["000.00.00.G01"], subject="Budget", body="...")
+        async for letter in c.inbox():
+            await letter.ack()
+
+Submissions are idempotent on ``request_id`` (AIP-155): submitting again with the same id,
+e.g. after ``Unavailable``, returns the original receipt and stores nothing new. ``send``
+makes a fresh id per call unless given one; a ``Draft`` makes its id once, when it is
+created, so resubmitting the same ``Draft`` objects is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, cast
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from client_sdk import pb
+from client_sdk.credentials import Credentials
+from client_sdk.errors import ChaparError, InternalError, from_rpc_error, from_submit_error
+from client_sdk.shams import format_shams, parse_shams
+from client_sdk.signing import sha256
+from client_sdk.trust import TrustStore, VerificationError
+
+if TYPE_CHECKING:
+    from client_sdk._pb.chapar.exchange.v1.node_service_pb2_grpc import NodeServiceAsyncStub
+
+__all__ = [
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_STREAM_BATCH_SIZE",
+    "DEFAULT_TIMEOUT",
+    "MAX_BATCH_SIZE",
+    "TEXT_PLAIN",
+    "Draft",
+    "ExchangeClient",
+    "KindLike",
+    "Letter",
+    "PriorityLike",
+    "Receipt",
+    "Recipient",
+    "ShamsLike",
+    "Tracking",
+    "VerifiedEvidence",
+    "to_letter_kind",
+    "to_priority",
+]
+
+DEFAULT_TIMEOUT: Final = 30.0
+"""Seconds a unary call may take unless the call says otherwise (None: no deadline)."""
+MAX_BATCH_SIZE: Final = 256
+"""Letters per BatchSubmitEnvelopes call; ``send_many`` splits larger lists."""
+DEFAULT_STREAM_BATCH_SIZE: Final = 64
+DEFAULT_MAX_IN_FLIGHT: Final = 4
+"""Stream batches written but not yet answered; bounds memory and keeps the pipe full."""
+DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+"""Message size limit of channels the client creates (gRPC's default is 4 MiB)."""
+TEXT_PLAIN: Final = "text/plain; charset=utf-8"
+
+Recipient: TypeAlias = "str | tuple[str, str]"
+"""An agency code, or ``(agency code, mailbox)``."""
+KindLike: TypeAlias = "pb.LetterKind.ValueType | int | str"
+"""A LetterKind value, or its name: "letter", "reply", "status-update", "LETTER_KIND_REPLY"."""
+PriorityLike: TypeAlias = "pb.Priority.ValueType | int | str"
+"""A Priority value, or its name: "normal", "urgent", "very-urgent", "PRIORITY_EXPRESS"."""
+ShamsLike: TypeAlias = "str | pb.Shams"
+"""A SHAMS number, in canonical text or structured form."""
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """One letter to submit, as ``send`` takes it; ``request_id`` is fixed at creation."""
+
+    to: Sequence[Recipient]
+    subject: str
+    body: bytes | str = b""
+    kind: KindLike = "letter"
+    in_reply_to: ShamsLike | None = None
+    priority: PriorityLike | None = None
+    content_type: str | None = None
+    expire_time: dt.datetime | None = None
+    request_id: str | None = None
+    metadata: pb.DocumentMetadata | None = None
+    attachments: Sequence[pb.AttachmentRef] = ()
+    sender_mailbox: str = ""
+
+    def __post_init__(self) -> None:
+        # A bare string is a Sequence[str] too; it means one recipient, not its characters.
+        to = (self.to,) if isinstance(self.to, str) else tuple(self.to)
+        object.__setattr__(self, "to", to)
+        if not self.request_id:
+            object.__setattr__(self, "request_id", str(uuid.uuid4()))
+        if self.expire_time is not None and self.expire_time.utcoffset() is None:
+            raise ValueError("expire_time must be timezone-aware")
+
+    def to_request(self) -> pb.SubmitEnvelopeRequest:
+        """The SubmitEnvelopeRequest for this letter; raises ValueError on a bad value."""
+        request = pb.SubmitEnvelopeRequest(request_id=self.request_id or "")
+        draft = request.draft
+        for recipient in self.to:
+            if isinstance(recipient, str):
+                draft.recipients.add(agency=recipient)
+            else:
+                agency, mailbox = recipient
+                draft.recipients.add(agency=agency, mailbox=mailbox)
+        draft.subject = self.subject
+        draft.kind = to_letter_kind(self.kind)
+        if self.priority is not None:
+            draft.priority = to_priority(self.priority)
+        if isinstance(self.body, str):
+            draft.body = self.body.encode()
+            draft.content_type = TEXT_PLAIN if self.content_type is None else self.content_type
+        else:
+            draft.body = self.body
+            if self.content_type is not None:
+                draft.content_type = self.content_type
+        if self.in_reply_to is not None:
+            draft.in_reply_to.CopyFrom(_shams_pb(self.in_reply_to))
+        if self.expire_time is not None:
+            draft.expire_time.FromDatetime(self.expire_time)
+        if self.metadata is not None:
+            draft.metadata.CopyFrom(self.metadata)
+        if self.attachments:
+            draft.attachments.extend(self.attachments)
+        if self.sender_mailbox:
+            draft.sender_mailbox = self.sender_mailbox
+        return request
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The node accepted a letter: its number and the signed SUBMISSION_ACCEPTANCE."""
+
+    shams: str
+    shams_pb: pb.Shams
+    envelope_sha256: bytes
+    evidence: pb.Evidence
+    request_id: str
+
+    @classmethod
+    def from_pb(cls, receipt: pb.Receipt, request_id: str) -> Receipt:
+        return cls(
+            shams=receipt.shams_text or format_shams(receipt.shams),
+            shams_pb=receipt.shams,
+            envelope_sha256=receipt.envelope_sha256,
+            evidence=receipt.evidence,
+            request_id=request_id,
+        )
+
+    def content(self) -> pb.EvidenceContent:
+        """The evidence's content, parsed but not verified (see ``ExchangeClient.track``)."""
+        return pb.EvidenceContent.FromString(self.evidence.content)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedEvidence:
+    """One evidence whose signature, issuer and binding to the letter were checked."""
+
+    event: str
+    issuer: str
+    recipient: str
+    event_time: dt.datetime | None
+    reason: str
+    evidence_id: str
+    content: pb.EvidenceContent
+
+    @classmethod
+    def from_content(cls, content: pb.EvidenceContent) -> VerifiedEvidence:
+        return cls(
+            event=_enum_name(pb.EvidenceEvent.Name, content.event, "EVIDENCE_EVENT_"),
+            issuer=content.issuer,
+            recipient=content.recipient,
+            event_time=_time(content, "event_time"),
+            reason=content.reason,
+            evidence_id=content.evidence_id,
+            content=content,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _LetterFields:
+    """What a received letter says; shared by the async and the sync letter."""
+
+    shams: str
+    shams_pb: pb.Shams
+    sender: str
+    recipients: tuple[str, ...]
+    subject: str
+    body: bytes
+    kind: str
+    in_reply_to: str | None
+    create_time: dt.datetime | None
+    receive_time: dt.datetime | None
+    envelope: pb.Envelope
+    header: pb.EnvelopeHeader
+    delivery: pb.Evidence
+
+    @staticmethod
+    def _parse(item: pb.InboxLetter) -> dict[str, Any]:
+        # The node verified the signature before storing the letter, so the header bytes
+        # are trusted enough to parse; ``verify`` re-checks everything offline.
+        try:
+            header = pb.EnvelopeHeader.FromString(item.envelope.header)
+        except DecodeError as exc:
+            raise InternalError(
+                "inbox letter with a malformed header", reason="MALFORMED_RESPONSE"
+            ) from exc
+        shams_pb = item.shams if item.HasField("shams") else header.shams
+        return {
+            "shams": item.shams_text or format_shams(shams_pb),
+            "shams_pb": shams_pb,
+            "sender": header.sender.agency,
+            "recipients": tuple(r.agency for r in header.recipients),
+            "subject": header.subject,
+            "body": item.envelope.body,
+            "kind": _enum_name(pb.LetterKind.Name, header.kind, "LETTER_KIND_"),
+            "in_reply_to": (
+                format_shams(header.in_reply_to) if header.HasField("in_reply_to") else None
+            ),
+            "create_time": _time(header, "create_time"),
+            "receive_time": _time(item, "receive_time"),
+            "envelope": item.envelope,
+            "header": header,
+            "delivery": item.delivery,
+        }
+
+    @property
+    def text(self) -> str:
+        """The body decoded as UTF-8 (invalid bytes replaced)."""
+        return self.body.decode("utf-8", errors="replace")
+
+    def verify(self, trust: TrustStore) -> VerifiedEvidence:
+        """Re-verifies the sender's signature and this node's DELIVERY evidence.
+
+        ``trust`` must know the signing certificates involved (e.g. from ``agencies()`` or
+        ``track``). Raises ``client_sdk.trust.VerificationError`` on any failure.
+        """
+        (delivery,) = _verify_letter(trust, self.envelope, [self.delivery])
+        if delivery.content.event != pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY:
+            raise VerificationError("EVIDENCE_MISMATCH", f"expected DELIVERY, got {delivery.event}")
+        return delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Letter(_LetterFields):
+    """A letter from the inbox stream; ``await letter.ack()`` hands it over."""
+
+    _client: ExchangeClient = field(repr=False, compare=False)
+
+    async def ack(self) -> pb.Evidence:
+        """Acknowledges the letter; returns the node's HANDOVER evidence (idempotent)."""
+        return await self._client.ack(self.shams_pb)
+
+
+@dataclass(frozen=True, slots=True)
+class Tracking:
+    """A letter as the node knows it: envelope, per-recipient state and evidence."""
+
+    shams: str
+    envelope: pb.Envelope
+    header: pb.EnvelopeHeader
+    direction: str
+    statuses: dict[str, str]
+    evidence: list[pb.Evidence]
+    certificates: list[bytes]
+
+    def verify(self, trust: TrustStore) -> list[VerifiedEvidence]:
+        """Verifies the letter and every evidence offline, in order.
+
+        Adds the response's certificates to ``trust`` (they still have to chain to its
+        roots), checks the sender's signature and body digest, then each evidence's
+        signature, issuer, and that it concerns this very letter (SHAMS and header digest).
+        Raises ``client_sdk.trust.VerificationError`` on the first failure.
+        """
+        trust.add_certificates(self.certificates)
+        return _verify_letter(trust, self.envelope, self.evidence)
+
+
+class _Feed(Protocol):
+    async def next_batch(self) -> list[Draft]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ExchangeClient:
+    """Async client of one node; use as ``async with ExchangeClient(...) as client``.
+
+    The ``timeout`` of a call (seconds) becomes its gRPC deadline rather than an
+    ``asyncio.timeout``: the node learns it too and stops working on an abandoned call.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        credentials: Credentials,
+        *,
+        server_name: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """Dials ``target`` (``host:port``) over mutual TLS.
+
+        ``server_name`` overrides the name the node's TLS certificate is checked against
+        (when dialling an address that is not in the certificate); ``timeout`` is the
+        default deadline of unary calls in seconds; ``options`` are extra channel options.
+        """
+        channel_options = [
+            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            *options,
+        ]
+        if server_name:
+            channel_options.append(("grpc.ssl_target_name_override", server_name))
+        channel = grpc.aio.secure_channel(
+            target, credentials.channel_credentials(), options=channel_options
+        )
+        self._setup(channel, owns_channel=True, timeout=timeout)
+
+    @classmethod
+    def from_channel(
+        cls, channel: grpc.aio.Channel, *, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> ExchangeClient:
+        """A client over an existing channel, which the caller keeps and closes."""
+        client = cls.__new__(cls)
+        client._setup(channel, owns_channel=False, timeout=timeout)
+        return client
+
+    def _setup(
+        self, channel: grpc.aio.Channel, *, owns_channel: bool, timeout: float | None
+    ) -> None:
+        self._channel = channel
+        self._owns_channel = owns_channel
+        self._timeout = timeout
+        self._stub = cast("NodeServiceAsyncStub", pb.NodeServiceStub(channel))
+
+    async def __aenter__(self) -> ExchangeClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel if this client created it."""
+        if self._owns_channel:
+            self._owns_channel = False
+            await self._channel.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self._timeout if timeout is None else timeout
+
+    async def send(
+        self,
+        *,
+        to: Sequence[Recipient],
+        subject: str,
+        body: bytes | str,
+        kind: KindLike = "letter",
+        in_reply_to: ShamsLike | None = None,
+        priority: PriorityLike | None = None,
+        content_type: str | None = None,
+        expire_time: dt.datetime | None = None,
+        request_id: str | None = None,
+        metadata: pb.DocumentMetadata | None = None,
+        attachments: Sequence[pb.AttachmentRef] = (),
+        sender_mailbox: str = "",
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Submits one letter and returns its receipt.
+
+        ``to`` holds agency codes or ``(agency, mailbox)`` pairs. A ``str`` body is sent
+        as UTF-8 with content type ``text/plain; charset=utf-8``. Without ``request_id`` a
+        UUID is generated; passing the id of an earlier submission returns its original
+        receipt (``receipt.request_id`` tells it), which makes retries safe.
+        """
+        draft = Draft(
+            to=to,
+            subject=subject,
+            body=body,
+            kind=kind,
+            in_reply_to=in_reply_to,
+            priority=priority,
+            content_type=content_type,
+            expire_time=expire_time,
+            request_id=request_id,
+            metadata=metadata,
+            attachments=attachments,
+            sender_mailbox=sender_mailbox,
+        )
+        request = draft.to_request()
+        with _translated():
+            response: pb.SubmitEnvelopeResponse = await self._stub.SubmitEnvelope(
+                request, timeout=self._deadline(timeout)
+            )
+        return Receipt.from_pb(response.receipt, request.request_id)
+
+    async def send_many(
+        self,
+        letters: Sequence[Draft],
+        *,
+        timeout: float | None = None,
+    ) -> list[Receipt | ChaparError]:
+        """Submits many letters with BatchSubmitEnvelopes, at most 256 per call.
+
+        Returns one receipt or error per letter, in order. A failure of a whole call
+        raises; letters of earlier calls were accepted, and submitting the same drafts
+        again returns their receipts.
+        """
+        results: list[Receipt | ChaparError] = []
+        for start in range(0, len(letters), MAX_BATCH_SIZE):
+            requests = [d.to_request() for d in letters[start : start + MAX_BATCH_SIZE]]
+            with _translated():
+                response: pb.BatchSubmitEnvelopesResponse = await self._stub.BatchSubmitEnvelopes(
+                    pb.BatchSubmitEnvelopesRequest(requests=requests),
+                    timeout=self._deadline(timeout),
+                )
+            results.extend(_results(response.results, requests))
+        return results
+
+    async def send_stream(
+        self,
+        drafts: AsyncIterable[Draft] | Iterable[Draft],
+        *,
+        batch_size: int = DEFAULT_STREAM_BATCH_SIZE,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> AsyncGenerator[Receipt | ChaparError, None]:
+        """Submits letters over one StreamSubmitEnvelopes stream; the high-throughput path.
+
+        Drafts are grouped into frames of up to ``batch_size`` (a frame takes what is ready,
+        so a slow producer does not wait for a full frame) with up to ``max_in_flight``
+        frames unanswered. Yields one receipt or error per draft, in order. A plain
+        iterable is read on the event loop and must not block.
+        """
+        if batch_size < 1 or batch_size > MAX_BATCH_SIZE or max_in_flight < 1:
+            raise ValueError("need 1 <= batch_size <= 256 and max_in_flight >= 1")
+        feed: _Feed = (
+            _AsyncFeed(drafts, batch_size, max_in_flight)
+            if isinstance(drafts, AsyncIterable)
+            else _SyncFeed(drafts, batch_size)
+        )
+        with _translated():
+            call = self._stub.StreamSubmitEnvelopes()
+        window = asyncio.Semaphore(max_in_flight)
+        written: asyncio.Queue[list[pb.SubmitEnvelopeRequest] | None] = asyncio.Queue()
+
+        async def write_all() -> None:
+            try:
+                while batch := await feed.next_batch():
+                    await window.acquire()
+                    requests = [d.to_request() for d in batch]
+                    with _translated():
+                        await call.write(pb.StreamSubmitEnvelopesRequest(requests=requests))
+                    written.put_nowait(requests)
+                with _translated():
+                    await call.done_writing()
+            finally:
+                written.put_nowait(None)
+
+        writer = asyncio.create_task(write_all())
+        try:
+            while (requests := await written.get()) is not None:
+                with _translated():
+                    response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise InternalError(
+                        "the node closed the stream before answering", reason="MALFORMED_RESPONSE"
+                    )
+                window.release()
+                for result in _results(response.results, requests):
+                    yield result
+            await writer  # re-raises what stopped the writer: a bad draft, a broken stream
+            with _translated():
+                extra = await call.read()  # the final status; raises if it is an error
+            if extra is not grpc.aio.EOF:
+                raise InternalError("unexpected answer on the stream", reason="MALFORMED_RESPONSE")
+        finally:
+            writer.cancel()
+            call.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await feed.aclose()
+
+    async def inbox(self, mailbox: str | None = None) -> AsyncGenerator[Letter, None]:
+        """Streams letters not yet acknowledged, then new ones as they arrive (endless).
+
+        A letter comes again on a new stream until it is acknowledged with ``ack``.
+        """
+        with _translated():
+            call = self._stub.StreamInbox(pb.StreamInboxRequest(mailbox=mailbox or ""))
+        try:
+            with _translated():
+                async for response in call:
+                    for item in response.letters:
+                        yield Letter(**Letter._parse(item), _client=self)
+        finally:
+            call.cancel()
+
+    async def ack(self, shams: ShamsLike, *, timeout: float | None = None) -> pb.Evidence:
+        """Acknowledges a received letter; returns the HANDOVER evidence (idempotent)."""
+        request = pb.AckEnvelopeRequest(shams=_shams_pb(shams))
+        with _translated():
+            response: pb.AckEnvelopeResponse = await self._stub.AckEnvelope(
+                request, timeout=self._deadline(timeout)
+            )
+        return response.evidence
+
+    async def track(self, shams: ShamsLike, *, timeout: float | None = None) -> Tracking:
+        """Fetches a letter this agency sent or received, with its evidence and states."""
+        request = pb.GetEnvelopeRequest(shams=_shams_pb(shams))
+        with _translated():
+            response: pb.GetEnvelopeResponse = await self._stub.GetEnvelope(
+                request, timeout=self._deadline(timeout)
+            )
+        try:
+            header = pb.EnvelopeHeader.FromString(response.envelope.header)
+        except DecodeError as exc:
+            raise InternalError(
+                "letter with a malformed header", reason="MALFORMED_RESPONSE"
+            ) from exc
+        return Tracking(
+            shams=format_shams(header.shams if header.HasField("shams") else _shams_pb(shams)),
+            envelope=response.envelope,
+            header=header,
+            direction=_enum_name(pb.LetterDirection.Name, response.direction, "LETTER_DIRECTION_"),
+            statuses={
+                s.agency: _enum_name(pb.DeliveryState.Name, s.state, "DELIVERY_STATE_")
+                for s in response.statuses
+            },
+            evidence=list(response.evidence),
+            certificates=list(response.certificates),
+        )
+
+    async def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
+        """The agencies of the exchange, as the node last fetched them from the hub."""
+        with _translated():
+            response: pb.ListAgenciesResponse = await self._stub.ListAgencies(
+                pb.ListAgenciesRequest(), timeout=self._deadline(timeout)
+            )
+        return list(response.agencies)
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """The one boundary where gRPC failures become ChaparError subclasses."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc
+
+
+def _results(
+    results: Sequence[pb.SubmitResult], requests: Sequence[pb.SubmitEnvelopeRequest]
+) -> list[Receipt | ChaparError]:
+    if len(results) != len(requests):
+        raise InternalError(
+            f"{len(results)} results for {len(requests)} letters", reason="MALFORMED_RESPONSE"
+        )
+    out: list[Receipt | ChaparError] = []
+    for result, request in zip(results, requests, strict=True):
+        if result.request_id and result.request_id != request.request_id:
+            raise InternalError("results out of order", reason="MALFORMED_RESPONSE")
+        outcome = result.WhichOneof("outcome")
+        if outcome == "receipt":
+            out.append(Receipt.from_pb(result.receipt, request.request_id))
+        elif outcome == "error":
+            out.append(from_submit_error(result.error))
+        else:
+            out.append(InternalError("result without an outcome", reason="MALFORMED_RESPONSE"))
+    return out
+
+
+class _SyncFeed:
+    """Batches from a plain iterable, read on the event loop."""
+
+    def __init__(self, drafts: Iterable[Draft], size: int) -> None:
+        self._drafts = iter(drafts)
+        self._size = size
+
+    async def next_batch(self) -> list[Draft]:
+        return list(islice(self._drafts, self._size))
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _End:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: BaseException
+
+
+class _AsyncFeed:
+    """Batches from an async iterable: a pump task fills a bounded queue, and a batch is
+    whatever is ready (at least one draft), so a trickle is sent at once and a flood in
+    full frames, at the cost of one queue put and get per draft."""
+
+    def __init__(self, drafts: AsyncIterable[Draft], size: int, depth: int) -> None:
+        self._queue: asyncio.Queue[Draft | _End | _Failed] = asyncio.Queue(maxsize=size * depth)
+        self._size = size
+        self._held: _End | _Failed | None = None
+        self._pump = asyncio.create_task(self._run(drafts))
+
+    async def _run(self, drafts: AsyncIterable[Draft]) -> None:
+        try:
+            async for draft in drafts:
+                await self._queue.put(draft)
+        except Exception as exc:  # handed to the writer, which raises it to the caller
+            await self._queue.put(_Failed(exc))
+        else:
+            await self._queue.put(_End())
+
+    async def next_batch(self) -> list[Draft]:
+        batch: list[Draft] = []
+        item = self._held or await self._queue.get()
+        while True:
+            if isinstance(item, _End | _Failed):
+                # Send what came before the end or the failure first.
+                self._held = item
+                if batch:
+                    return batch
+                if isinstance(item, _Failed):
+                    raise item.error
+                return batch
+            batch.append(item)
+            if len(batch) >= self._size:
+                return batch
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return batch
+
+    async def aclose(self) -> None:
+        self._pump.cancel()
+        await asyncio.gather(self._pump, return_exceptions=True)
+
+
+def _verify_letter(
+    trust: TrustStore, envelope: pb.Envelope, evidence: Iterable[pb.Evidence]
+) -> list[VerifiedEvidence]:
+    # Verify the signature as of the letter's own creation time, as verify_evidence does
+    # with the event time, so a letter stays verifiable after its signer's certificate
+    # expires; revocation is checked regardless of time.
+    try:
+        claimed = pb.EnvelopeHeader.FromString(envelope.header)
+    except DecodeError as exc:
+        raise VerificationError(
+            "HEADER_MALFORMED", "header bytes are not an EnvelopeHeader"
+        ) from exc
+    header = trust.verify_envelope(envelope, at=_time(claimed, "create_time"))
+    digest = sha256(envelope.header)
+    verified: list[VerifiedEvidence] = []
+    for item in evidence:
+        content = trust.verify_evidence(item)
+        if content.shams != header.shams or content.envelope_sha256 != digest:
+            raise VerificationError(
+                "EVIDENCE_MISMATCH",
+                f"evidence {content.evidence_id} is about another letter than "
+                f"{format_shams(header.shams)}",
+            )
+        verified.append(VerifiedEvidence.from_content(content))
+    return verified
+
+
+def _shams_pb(shams: ShamsLike) -> pb.Shams:
+    return parse_shams(shams) if isinstance(shams, str) else shams
+
+
+def _time(message: Any, name: str) -> dt.datetime | None:
+    if not message.HasField(name):
+        return None
+    when: dt.datetime = getattr(message, name).ToDatetime(tzinfo=dt.UTC)
+    return when
+
+
+def _enum_name(name_of: Any, value: int, prefix: str) -> str:
+    try:
+        name: str = name_of(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix)
+
+
+def _enum_value(value_of: Any, value: int | str, prefix: str, what: str) -> int:
+    if isinstance(value, str):
+        name = value.strip().upper().replace("-", "_").replace(" ", "_")
+        if not name.startswith(prefix):
+            name = prefix + name
+        try:
+            number: int = value_of(name)
+        except ValueError:
+            raise ValueError(f"unknown {what} {value!r}") from None
+        return number
+    return value
+
+
+def to_letter_kind(value: KindLike) -> pb.LetterKind.ValueType:
+    """The LetterKind of a value or a name such as "reply" or "status-update"."""
+    number = _enum_value(pb.LetterKind.Value, value, "LETTER_KIND_", "letter kind")
+    if number not in _LETTER_KINDS:
+        raise ValueError(f"unknown letter kind {value!r}")
+    return pb.LetterKind.ValueType(number)
+
+
+def to_priority(value: PriorityLike) -> pb.Priority.ValueType:
+    """The Priority of a value or a name such as "urgent"."""
+    number = _enum_value(pb.Priority.Value, value, "PRIORITY_", "priority")
+    if number not in _PRIORITIES:
+        raise ValueError(f"unknown priority {value!r}")
+    return pb.Priority.ValueType(number)
+
+
+_LETTER_KINDS: Final = frozenset(pb.LetterKind.values())
+_PRIORITIES: Final = frozenset(pb.Priority.values())

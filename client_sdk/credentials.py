@@ -1,0 +1,112 @@
+"""The mutual-TLS material a back-end presents to its node, and the roots it trusts.
+
+A back-end system authenticates with a client certificate whose SAN URI is
+``urn:chapar:client:<CODE>:<NAME>``; the same root CA certificate that checks the node's TLS
+certificate also anchors the offline verification of letters and evidence. Files are read
+and checked once, here, so a wrong path or a mixed-up PEM fails with a clear message
+instead of an opaque TLS handshake error.
+
+Development PKI layout (``chapar pki``)::
+
+    <pki>/ca/root.crt, <pki>/ca/intermediate.crt
+    <pki>/agencies/<CODE>/{tls,signing,client}.{crt,key}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from client_sdk.identity import Identity, identity_of_certificate
+from client_sdk.trust import TrustStore
+
+__all__ = ["DEFAULT_CLIENT_NAME", "Credentials"]
+
+DEFAULT_CLIENT_NAME = "backend"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """PEM root certificate(s), client private key and client certificate chain."""
+
+    root_certificates: bytes
+    private_key: bytes = field(repr=False)
+    certificate_chain: bytes
+
+    def __post_init__(self) -> None:
+        _load_certificates(self.root_certificates, "root certificates")
+        _load_certificates(self.certificate_chain, "client certificate chain")
+        try:
+            serialization.load_pem_private_key(self.private_key, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"client private key is not a PEM private key: {exc}") from None
+
+    @classmethod
+    def from_files(cls, ca: Path, cert: Path, key: Path) -> Credentials:
+        """Reads the root CA, the client certificate chain and the client key (PEM)."""
+        return cls(
+            root_certificates=Path(ca).read_bytes(),
+            private_key=Path(key).read_bytes(),
+            certificate_chain=Path(cert).read_bytes(),
+        )
+
+    @classmethod
+    def from_pki(
+        cls, pki_dir: Path, agency: str, *, client: str = DEFAULT_CLIENT_NAME
+    ) -> Credentials:
+        """Reads an agency's client credentials from a PKI directory.
+
+        The default client (``backend``) is ``agencies/<CODE>/client.{crt,key}``; another
+        client name ``NAME`` is looked up as ``agencies/<CODE>/client-NAME.{crt,key}``.
+        """
+        Identity.for_client(agency, client)  # validates both before they become paths
+        pki = Path(pki_dir)
+        stem = "client" if client == DEFAULT_CLIENT_NAME else f"client-{client}"
+        folder = pki / "agencies" / agency
+        return cls.from_files(
+            pki / "ca" / "root.crt", folder / f"{stem}.crt", folder / f"{stem}.key"
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials for ``grpc.aio.secure_channel``: our chain and key, their roots."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+    def identity(self) -> Identity | None:
+        """The Chapar identity of the client certificate (the first of the chain)."""
+        return identity_of_certificate(_load_certificates(self.certificate_chain, "chain")[0])
+
+    def trust_store(self) -> TrustStore:
+        """A TrustStore anchored at the root certificates, for verifying evidence.
+
+        The CA certificates of our own chain are added as intermediates, so signing
+        certificates from the same intermediate verify without fetching it.
+        """
+        store = TrustStore(_load_certificates(self.root_certificates, "root certificates"))
+        chain = _load_certificates(self.certificate_chain, "client certificate chain")
+        store.add_certificates(c for c in chain if _is_ca(c))
+        return store
+
+
+def _load_certificates(pem: bytes, what: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise ValueError(f"{what}: not PEM certificates ({exc})") from None
+    if not certs:
+        raise ValueError(f"{what}: no certificate found")
+    return certs
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False

@@ -1,0 +1,235 @@
+"""The SDK's exceptions and the one place gRPC failures become them.
+
+Every failure a node reports is a gRPC status with a canonical code and a
+``google.rpc.Status`` in the trailing metadata holding one ``ErrorInfo`` (domain
+``chapar.exchange``, UPPER_SNAKE ``reason``, dynamic values in ``metadata``), plus
+``BadRequest`` field violations or ``RetryInfo`` where they apply. The client catches
+``grpc.RpcError`` at one boundary and raises the matching class with ``raise ... from exc``.
+
+Exception tree::
+
+    ChaparError                 any refusal or failure; .code .reason .message .metadata
+    ├── InvalidArgument         INVALID_ARGUMENT      malformed letter, bad field
+    ├── NotFound                NOT_FOUND             unknown recipient or letter
+    ├── AlreadyExists           ALREADY_EXISTS
+    ├── PermissionDenied        PERMISSION_DENIED     identity mismatch, not a party
+    ├── Unauthenticated         UNAUTHENTICATED       no or bad client certificate
+    ├── FailedPrecondition      FAILED_PRECONDITION   suspended agency, revoked certificate,
+    │                                                 expired letter
+    ├── ResourceExhausted       RESOURCE_EXHAUSTED    size or queue quota
+    ├── Unavailable             UNAVAILABLE           node, hub or peer down: retry
+    ├── DeadlineExceeded        DEADLINE_EXCEEDED     the call's timeout ran out: retry
+    └── InternalError           any other code (INTERNAL, UNKNOWN, CANCELLED, ...) and
+                                answers the SDK cannot make sense of
+
+Submitting again after ``Unavailable`` or ``DeadlineExceeded`` is safe when the same
+``request_id`` is used: the node returns the original receipt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+
+from client_sdk import pb
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "AlreadyExists",
+    "ChaparError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InternalError",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "from_rpc_error",
+    "from_submit_error",
+]
+
+ERROR_DOMAIN = "chapar.exchange"
+# The trailing metadata key of the binary google.rpc.Status (gRPC's rich error model).
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class ChaparError(Exception):
+    """A call failed: canonical ``code``, ErrorInfo ``reason`` and ``metadata``.
+
+    ``reason`` is "" when the failure did not come with an ErrorInfo (e.g. the node could
+    not be reached). ``field_violations`` lists ``(field, description)`` pairs from a
+    ``BadRequest``; ``retry_after`` is the delay in seconds from a ``RetryInfo``.
+    """
+
+    default_code: Any = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[tuple[str, str]] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code: grpc.StatusCode = code if code is not None else self.default_code
+        self.reason = reason
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.field_violations: list[tuple[str, str]] = list(field_violations)
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """True when trying again later (with the same request_id) may succeed."""
+        return self.retry_after is not None or self.code in _RETRYABLE_CODES
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code.name}, reason={self.reason!r}, "
+            f"message={self.message!r})"
+        )
+
+
+class InvalidArgument(ChaparError):
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ChaparError):
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ChaparError):
+    default_code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(ChaparError):
+    default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(ChaparError):
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class FailedPrecondition(ChaparError):
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ChaparError):
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ChaparError):
+    default_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ChaparError):
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class InternalError(ChaparError):
+    default_code = grpc.StatusCode.INTERNAL
+
+
+_RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_CLASS_OF_CODE: dict[grpc.StatusCode, type[ChaparError]] = {
+    cls.default_code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        Unauthenticated,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+    )
+}
+# grpc.StatusCode values are (int, name) pairs; google.rpc.Code uses the int.
+_STATUS_CODE_OF_INT: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _error(
+    code: grpc.StatusCode,
+    message: str,
+    *,
+    reason: str = "",
+    metadata: Mapping[str, str] | None = None,
+    field_violations: Sequence[tuple[str, str]] = (),
+    retry_after: float | None = None,
+) -> ChaparError:
+    cls = _CLASS_OF_CODE.get(code, InternalError)
+    return cls(
+        message,
+        code=code,
+        reason=reason,
+        metadata=metadata,
+        field_violations=field_violations,
+        retry_after=retry_after,
+    )
+
+
+def from_rpc_error(exc: grpc.RpcError) -> ChaparError:
+    """Translates a failed call (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
+    code_of = getattr(exc, "code", None)
+    code = code_of() if callable(code_of) else None
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    details_of = getattr(exc, "details", None)
+    details = details_of() if callable(details_of) else None
+    status = _rich_status(exc)
+    if status is None:
+        return _error(code, details or code.name)
+    reason = ""
+    metadata: dict[str, str] = {}
+    violations: list[tuple[str, str]] = []
+    retry_after: float | None = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+            metadata.update(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend((v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+    return _error(
+        code,
+        status.message or details or code.name,
+        reason=reason,
+        metadata=metadata,
+        field_violations=violations,
+        retry_after=retry_after,
+    )
+
+
+def from_submit_error(err: pb.SubmitError) -> ChaparError:
+    """Translates the per-letter error of a batch or stream submission."""
+    code = _STATUS_CODE_OF_INT.get(err.code, grpc.StatusCode.UNKNOWN)
+    return _error(code, err.message or code.name, reason=err.reason, metadata=err.metadata)
+
+
+def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:
+    trailing_of = getattr(exc, "trailing_metadata", None)
+    trailing = trailing_of() if callable(trailing_of) else None
+    for key, value in trailing or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            try:
+                return status_pb2.Status.FromString(value)
+            except DecodeError:
+                return None
+    return None

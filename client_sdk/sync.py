@@ -1,0 +1,312 @@
+"""The blocking twin of ``ExchangeClient`` for back-ends without an event loop.
+
+``SyncExchangeClient`` runs a private event loop in a background thread and forwards each
+call to an ``ExchangeClient`` living on it (``asyncio.run_coroutine_threadsafe``), so both
+clients share one implementation and behave identically: same arguments, same results,
+same exceptions. Streams become blocking iterators.
+
+::
+
+    with SyncExchangeClient("node.example:7443", Credentials.from_pki(pki, "G22")) as c:
+        receipt = c.send(to=["000.00.00.G01"], subject="Budget", body="...")
+        for letter in c.inbox():
+            letter.ack()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import queue
+import threading
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+import grpc
+
+from client_sdk import pb
+from client_sdk.client import (
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_STREAM_BATCH_SIZE,
+    DEFAULT_TIMEOUT,
+    Draft,
+    ExchangeClient,
+    KindLike,
+    PriorityLike,
+    Receipt,
+    Recipient,
+    ShamsLike,
+    Tracking,
+    _LetterFields,
+)
+from client_sdk.credentials import Credentials
+from client_sdk.errors import ChaparError
+
+__all__ = ["SyncExchangeClient", "SyncLetter"]
+
+_T = TypeVar("_T")
+_POLL_SECONDS = 0.1  # how often blocked helper threads look whether they should stop
+
+
+class _LoopThread:
+    """An event loop running forever in a daemon thread; ``run`` blocks on a coroutine."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="chapar-sdk-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            # KeyboardInterrupt in the caller's thread: do not leave the call running.
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.run(self.loop.shutdown_asyncgens())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+@dataclass(frozen=True, slots=True)
+class SyncLetter(_LetterFields):
+    """A letter from ``SyncExchangeClient.inbox``; ``letter.ack()`` blocks."""
+
+    _client: SyncExchangeClient = field(repr=False, compare=False)
+
+    def ack(self) -> pb.Evidence:
+        """Acknowledges the letter; returns the node's HANDOVER evidence (idempotent)."""
+        return self._client.ack(self.shams_pb)
+
+
+class SyncExchangeClient:
+    """Blocking client of one node; use as ``with SyncExchangeClient(...) as client``."""
+
+    def __init__(
+        self,
+        target: str,
+        credentials: Credentials,
+        *,
+        server_name: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """Same arguments as ``ExchangeClient``."""
+
+        async def make() -> ExchangeClient:
+            return ExchangeClient(
+                target, credentials, server_name=server_name, timeout=timeout, options=options
+            )
+
+        self._start(make)
+
+    @classmethod
+    def from_channel_factory(
+        cls,
+        make_channel: Callable[[], grpc.aio.Channel],
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> SyncExchangeClient:
+        """A client over a channel made by ``make_channel``, called on the client's loop.
+
+        A ``grpc.aio`` channel belongs to the loop it was made on, hence a factory rather
+        than a channel. The client closes the channel when it is closed.
+        """
+
+        async def make() -> ExchangeClient:
+            client = ExchangeClient.from_channel(make_channel(), timeout=timeout)
+            client._owns_channel = True
+            return client
+
+        client = cls.__new__(cls)
+        client._start(make)
+        return client
+
+    def _start(self, make: Callable[[], Coroutine[Any, Any, ExchangeClient]]) -> None:
+        self._portal = _LoopThread()
+        try:
+            self._client = self._portal.run(make())
+        except BaseException:
+            self._portal.close()
+            raise
+
+    def __enter__(self) -> SyncExchangeClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel (if the client made it) and stops the background loop."""
+        if self._portal.loop.is_closed():
+            return
+        try:
+            self._portal.run(self._client.close())
+        finally:
+            self._portal.close()
+
+    def send(
+        self,
+        *,
+        to: Sequence[Recipient],
+        subject: str,
+        body: bytes | str,
+        kind: KindLike = "letter",
+        in_reply_to: ShamsLike | None = None,
+        priority: PriorityLike | None = None,
+        content_type: str | None = None,
+        expire_time: dt.datetime | None = None,
+        request_id: str | None = None,
+        metadata: pb.DocumentMetadata | None = None,
+        attachments: Sequence[pb.AttachmentRef] = (),
+        sender_mailbox: str = "",
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Submits one letter; see ``ExchangeClient.send``."""
+        return self._portal.run(
+            self._client.send(
+                to=to,
+                subject=subject,
+                body=body,
+                kind=kind,
+                in_reply_to=in_reply_to,
+                priority=priority,
+                content_type=content_type,
+                expire_time=expire_time,
+                request_id=request_id,
+                metadata=metadata,
+                attachments=attachments,
+                sender_mailbox=sender_mailbox,
+                timeout=timeout,
+            )
+        )
+
+    def send_many(
+        self, letters: Sequence[Draft], *, timeout: float | None = None
+    ) -> list[Receipt | ChaparError]:
+        """Submits many letters; see ``ExchangeClient.send_many``."""
+        return self._portal.run(self._client.send_many(letters, timeout=timeout))
+
+    def send_stream(
+        self,
+        drafts: Iterable[Draft],
+        *,
+        batch_size: int = DEFAULT_STREAM_BATCH_SIZE,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> Iterator[Receipt | ChaparError]:
+        """Submits letters over one stream; see ``ExchangeClient.send_stream``.
+
+        ``drafts`` is read in a helper thread, so it may block (e.g. on a queue).
+        """
+        stop = threading.Event()
+        handoff: queue.Queue[Draft | _End | _Failed] = queue.Queue(
+            maxsize=batch_size * max_in_flight
+        )
+        feeder = threading.Thread(
+            target=_feed, args=(drafts, handoff, stop), name="chapar-sdk-feed", daemon=True
+        )
+        feeder.start()
+        results = self._client.send_stream(
+            _drain(handoff), batch_size=batch_size, max_in_flight=max_in_flight
+        )
+        try:
+            yield from self._iterate(results)
+        finally:
+            # The feeder notices within _POLL_SECONDS, unless it is blocked inside
+            # ``drafts`` itself; it is a daemon thread, so it is not joined.
+            stop.set()
+
+    def inbox(self, mailbox: str | None = None) -> Iterator[SyncLetter]:
+        """Blocking iterator over the inbox stream; see ``ExchangeClient.inbox``."""
+        for letter in self._iterate(self._client.inbox(mailbox)):
+            shared = {f.name: getattr(letter, f.name) for f in fields(_LetterFields)}
+            yield SyncLetter(**shared, _client=self)
+
+    def ack(self, shams: ShamsLike, *, timeout: float | None = None) -> pb.Evidence:
+        """Acknowledges a received letter; see ``ExchangeClient.ack``."""
+        return self._portal.run(self._client.ack(shams, timeout=timeout))
+
+    def track(self, shams: ShamsLike, *, timeout: float | None = None) -> Tracking:
+        """Fetches a letter with its evidence; see ``ExchangeClient.track``."""
+        return self._portal.run(self._client.track(shams, timeout=timeout))
+
+    def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
+        """The agencies of the exchange; see ``ExchangeClient.agencies``."""
+        return self._portal.run(self._client.agencies(timeout=timeout))
+
+    def _iterate(self, stream: AsyncGenerator[_T, None]) -> Iterator[_T]:
+        """Drives an async iterator on the loop, one item per blocking step."""
+        try:
+            while True:
+                try:
+                    item = self._portal.run(_next(stream))
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            if not self._portal.loop.is_closed():
+                self._portal.run(stream.aclose())
+
+
+async def _next(stream: AsyncGenerator[_T, None]) -> _T:
+    return await anext(stream)
+
+
+class _End:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: BaseException
+
+
+def _feed(
+    drafts: Iterable[Draft], handoff: queue.Queue[Draft | _End | _Failed], stop: threading.Event
+) -> None:
+    """Feeder thread: moves drafts from a blocking iterable to the loop's side."""
+
+    def put(item: Draft | _End | _Failed) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=_POLL_SECONDS)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    try:
+        for draft in drafts:
+            if not put(draft):
+                return
+    except Exception as exc:  # raised to the caller through the stream
+        put(_Failed(exc))
+    else:
+        put(_End())
+
+
+async def _drain(handoff: queue.Queue[Draft | _End | _Failed]) -> AsyncGenerator[Draft, None]:
+    """Loop side of the hand-off: takes what is ready, waits in a thread when empty."""
+    while True:
+        try:
+            item = handoff.get_nowait()
+        except queue.Empty:
+            try:
+                # A bounded wait, so the helper thread ends soon after the stream does.
+                item = await asyncio.to_thread(handoff.get, True, _POLL_SECONDS)
+            except queue.Empty:
+                continue
+        if isinstance(item, _End):
+            return
+        if isinstance(item, _Failed):
+            raise item.error
+        yield item

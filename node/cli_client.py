@@ -1,0 +1,375 @@
+"""The client-side ``chapar`` commands: ``send``, ``inbox``, ``track`` and ``agencies``.
+
+They are what an operator or a script does in place of an agency back-end, and they are
+built only on the public SDK (``client_sdk``), so they double as its smallest example.
+``node.cli`` builds the main parser and calls ``register``. Each command finds its node
+and credentials one of three ways::
+
+    --demo DIR --agency CODE              DIR/addresses.json names the node and the PKI
+    --pki DIR --agency CODE --node H:P    the agency's back-end client certificate
+    --ca F --cert F --key F --node H:P    explicit PEM files
+
+Failures print one line, ``error: <CODE> <REASON>: <message>``, on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client_sdk import ChaparError, Credentials, ExchangeClient, Letter, Tracking, pb
+from client_sdk.trust import VerificationError
+
+__all__ = ["register"]
+
+_ADDRESSES_FILE = "addresses.json"
+_EXIT_INTERRUPTED = 130
+
+
+class _UsageError(Exception):
+    """A problem with the command line or local files; ``reason`` is UPPER_SNAKE."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Connection:
+    target: str
+    credentials: Credentials
+    server_name: str | None
+
+    def client(self) -> ExchangeClient:
+        return ExchangeClient(self.target, self.credentials, server_name=self.server_name)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``send``, ``inbox``, ``track`` and ``agencies`` to the ``chapar`` parser."""
+    common = _connection_options()
+
+    send = subparsers.add_parser(
+        "send", parents=[common], help="submit a letter to the node and print its receipt"
+    )
+    send.add_argument(
+        "--to",
+        action="append",
+        required=True,
+        metavar="CODE[:MAILBOX]",
+        help="recipient agency (repeatable)",
+    )
+    send.add_argument("--subject", required=True)
+    body = send.add_mutually_exclusive_group(required=True)
+    body.add_argument("--body", metavar="TEXT", help="the letter's text")
+    body.add_argument("--body-file", type=Path, metavar="PATH", help="read the body from PATH")
+    send.add_argument("--content-type", help="media type of --body-file (default: text)")
+    send.add_argument("--kind", default="letter", choices=_names(pb.LetterKind, "LETTER_KIND_"))
+    send.add_argument("--priority", choices=_names(pb.Priority, "PRIORITY_"))
+    send.add_argument("--in-reply-to", metavar="SHAMS")
+    send.add_argument("--request-id", metavar="ID", help="idempotency key (default: a UUID)")
+    send.add_argument("--json", action="store_true", help="print JSON")
+    send.set_defaults(func=_handler(_send))
+
+    inbox = subparsers.add_parser(
+        "inbox", parents=[common], help="print letters waiting in the agency's inbox"
+    )
+    inbox.add_argument("--mailbox", help="only letters for this mailbox")
+    inbox.add_argument("--ack", action="store_true", help="acknowledge (hand over) each letter")
+    inbox.add_argument("--limit", type=int, metavar="N", help="stop after N letters")
+    inbox.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="stop listening after SECONDS"
+    )
+    inbox.add_argument("--json", action="store_true", help="print one JSON object per letter")
+    inbox.set_defaults(func=_handler(_inbox))
+
+    track = subparsers.add_parser(
+        "track", parents=[common], help="show a letter's state and verify its evidence"
+    )
+    track.add_argument("shams", metavar="SHAMS", help="e.g. 000.00.00.G22/O/2026/0000042")
+    track.add_argument("--json", action="store_true", help="print JSON")
+    track.set_defaults(func=_handler(_track))
+
+    agencies = subparsers.add_parser(
+        "agencies", parents=[common], help="list the agencies of the exchange"
+    )
+    agencies.add_argument("--json", action="store_true", help="print JSON")
+    agencies.set_defaults(func=_handler(_agencies))
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("node and credentials")
+    group.add_argument("--node", metavar="HOST:PORT", help="address of the agency's node")
+    group.add_argument("--agency", metavar="CODE", help="agency code (with --pki or --demo)")
+    group.add_argument("--pki", type=Path, metavar="DIR", help="PKI directory (chapar pki)")
+    group.add_argument(
+        "--demo", type=Path, metavar="DIR", help=f"demo directory ({_ADDRESSES_FILE})"
+    )
+    group.add_argument("--ca", type=Path, metavar="PEM", help="root CA certificate")
+    group.add_argument("--cert", type=Path, metavar="PEM", help="client certificate chain")
+    group.add_argument("--key", type=Path, metavar="PEM", help="client private key")
+    group.add_argument(
+        "--server-name", metavar="NAME", help="name to check the node's TLS certificate against"
+    )
+    return parent
+
+
+def _names(enum: Any, prefix: str) -> list[str]:
+    names: list[str] = enum.DESCRIPTOR.values_by_name
+    return [n.removeprefix(prefix).lower() for n in names if not n.endswith("_UNSPECIFIED")]
+
+
+def _connection(ns: argparse.Namespace) -> _Connection:
+    target: str | None = ns.node
+    if ns.demo is not None:
+        agency = _require_agency(ns, "--demo")
+        try:
+            addresses = json.loads((ns.demo / _ADDRESSES_FILE).read_text())
+            pki = Path(addresses["pki"])
+            target = target or addresses["nodes"][agency]
+        except KeyError as exc:
+            raise _UsageError(
+                "DEMO_INCOMPLETE", f"{ns.demo / _ADDRESSES_FILE} has no entry {exc}"
+            ) from None
+        credentials = Credentials.from_pki(pki, agency)
+    elif ns.pki is not None:
+        credentials = Credentials.from_pki(ns.pki, _require_agency(ns, "--pki"))
+    elif ns.ca is not None and ns.cert is not None and ns.key is not None:
+        credentials = Credentials.from_files(ns.ca, ns.cert, ns.key)
+    else:
+        raise _UsageError(
+            "CREDENTIALS_MISSING",
+            "give --demo DIR --agency CODE, --pki DIR --agency CODE, or --ca/--cert/--key",
+        )
+    if not target:
+        raise _UsageError("NODE_MISSING", "give --node HOST:PORT")
+    return _Connection(target, credentials, ns.server_name)
+
+
+def _require_agency(ns: argparse.Namespace, option: str) -> str:
+    if not ns.agency:
+        raise _UsageError("AGENCY_MISSING", f"{option} needs --agency CODE")
+    agency: str = ns.agency
+    return agency
+
+
+def _handler(
+    command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+) -> Callable[[argparse.Namespace], int]:
+    """Runs a command's coroutine; turns every expected failure into one stderr line."""
+
+    def handler(ns: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(command(ns))
+        except ChaparError as exc:
+            return _fail(exc.code.name, exc.reason, exc.message)
+        except VerificationError as exc:
+            return _fail("VERIFICATION_FAILED", exc.reason, str(exc))
+        except _UsageError as exc:
+            return _fail("INVALID_ARGUMENT", exc.reason, str(exc))
+        except OSError as exc:
+            return _fail("INVALID_ARGUMENT", "FILE_UNREADABLE", str(exc))
+        except ValueError as exc:
+            return _fail("INVALID_ARGUMENT", "BAD_VALUE", str(exc))
+        except KeyboardInterrupt:
+            return _EXIT_INTERRUPTED
+
+    return handler
+
+
+def _fail(code: str, reason: str, message: str) -> int:
+    label = f"{code} {reason}" if reason else code
+    print(f"error: {label}: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def _recipient(text: str) -> str | tuple[str, str]:
+    agency, sep, mailbox = text.partition(":")
+    return (agency, mailbox) if sep else agency
+
+
+def _evidence(content: pb.EvidenceContent) -> dict[str, Any]:
+    return {
+        "event": pb.EvidenceEvent.Name(content.event).removeprefix("EVIDENCE_EVENT_"),
+        "evidence_id": content.evidence_id,
+        "issuer": content.issuer,
+        "recipient": content.recipient,
+        "event_time": (
+            content.event_time.ToJsonString() if content.HasField("event_time") else None
+        ),
+        "reason": content.reason,
+    }
+
+
+def _evidence_line(described: dict[str, Any]) -> str:
+    parts = [described["event"], described["event_time"] or "-", described["issuer"]]
+    if described["recipient"]:
+        parts.append(f"recipient {described['recipient']}")
+    if described["reason"]:
+        parts.append(f"reason {described['reason']}")
+    parts.append(f"id {described['evidence_id']}")
+    return "  ".join(parts)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False), flush=True)
+
+
+async def _send(ns: argparse.Namespace) -> int:
+    connection = _connection(ns)
+    body: bytes | str = ns.body if ns.body is not None else ns.body_file.read_bytes()
+    async with connection.client() as client:
+        receipt = await client.send(
+            to=[_recipient(t) for t in ns.to],
+            subject=ns.subject,
+            body=body,
+            kind=ns.kind,
+            priority=ns.priority,
+            in_reply_to=ns.in_reply_to,
+            content_type=ns.content_type,
+            request_id=ns.request_id,
+        )
+    evidence = _evidence(receipt.content())
+    if ns.json:
+        _print_json(
+            {
+                "shams": receipt.shams,
+                "request_id": receipt.request_id,
+                "envelope_sha256": receipt.envelope_sha256.hex(),
+                "evidence": evidence,
+            }
+        )
+    else:
+        print(receipt.shams)
+        print(_evidence_line(evidence))
+    return 0
+
+
+def _letter_json(letter: Letter, handover: pb.Evidence | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "shams": letter.shams,
+        "from": letter.sender,
+        "to": list(letter.recipients),
+        "subject": letter.subject,
+        "kind": letter.kind,
+        "in_reply_to": letter.in_reply_to,
+        "create_time": letter.create_time.isoformat() if letter.create_time else None,
+        "content_type": letter.header.content_type,
+        "body": letter.text,
+    }
+    if handover is not None:
+        out["handover"] = _evidence(pb.EvidenceContent.FromString(handover.content))
+    return out
+
+
+async def _inbox(ns: argparse.Namespace) -> int:
+    if ns.limit is not None and ns.limit < 1:
+        raise _UsageError("BAD_LIMIT", "--limit must be at least 1")
+    connection = _connection(ns)
+    count = 0
+    async with connection.client() as client:
+        with contextlib.suppress(TimeoutError):
+            async with (
+                asyncio.timeout(ns.timeout),
+                contextlib.aclosing(client.inbox(ns.mailbox)) as letters,
+            ):
+                async for letter in letters:
+                    if ns.json:
+                        handover = await letter.ack() if ns.ack else None
+                        _print_json(_letter_json(letter, handover))
+                    else:
+                        first_line = next(iter(letter.text.splitlines()), "")
+                        print(
+                            f"{letter.shams}  from {letter.sender}  {letter.subject}"
+                            f"  | {first_line}",
+                            flush=True,
+                        )
+                        if ns.ack:
+                            handover = await letter.ack()
+                            content = pb.EvidenceContent.FromString(handover.content)
+                            print(f"  {_evidence_line(_evidence(content))}", flush=True)
+                    count += 1
+                    if ns.limit is not None and count >= ns.limit:
+                        break
+    return 0
+
+
+async def _track(ns: argparse.Namespace) -> int:
+    connection = _connection(ns)
+    async with connection.client() as client:
+        tracking = await client.track(ns.shams)
+    failure: VerificationError | None = None
+    try:
+        verified = [
+            _evidence(v.content) for v in tracking.verify(connection.credentials.trust_store())
+        ]
+    except VerificationError as exc:
+        failure = exc
+        verified = [_unverified(e) for e in tracking.evidence]
+    _print_tracking(ns, tracking, verified, verified=failure is None)
+    if failure is not None:
+        raise failure
+    return 0
+
+
+def _unverified(evidence: pb.Evidence) -> dict[str, Any]:
+    try:
+        return _evidence(pb.EvidenceContent.FromString(evidence.content))
+    except ValueError:  # DecodeError is a ValueError: print what can be printed
+        return {"event": "MALFORMED", "evidence_id": "", "issuer": "", "recipient": "",
+                "event_time": None, "reason": ""}  # fmt: skip
+
+
+def _print_tracking(
+    ns: argparse.Namespace, tracking: Tracking, evidence: list[dict[str, Any]], *, verified: bool
+) -> None:
+    header = tracking.header
+    if ns.json:
+        _print_json(
+            {
+                "shams": tracking.shams,
+                "direction": tracking.direction,
+                "from": header.sender.agency,
+                "subject": header.subject,
+                "statuses": tracking.statuses,
+                "evidence": [{**e, "verified": verified} for e in evidence],
+                "verified": verified,
+            }
+        )
+        return
+    print(f"{tracking.shams}  {tracking.direction}  from {header.sender.agency}")
+    print(f"subject: {header.subject}")
+    print("recipients:")
+    for agency, state in tracking.statuses.items():
+        print(f"  {agency}  {state}")
+    print("evidence:")
+    for described in evidence:
+        suffix = "  verified" if verified else ""
+        print(f"  {_evidence_line(described)}{suffix}")
+
+
+async def _agencies(ns: argparse.Namespace) -> int:
+    connection = _connection(ns)
+    async with connection.client() as client:
+        agencies = await client.agencies()
+    rows = [
+        {
+            "code": a.code,
+            "display_name": a.display_name,
+            "state": pb.AgencyState.Name(a.state).removeprefix("AGENCY_STATE_"),
+        }
+        for a in agencies
+    ]
+    if ns.json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            print(f"{row['code']}  {row['state']}  {row['display_name']}")
+    return 0

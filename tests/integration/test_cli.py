@@ -1,0 +1,127 @@
+"""The ``chapar`` command as a person at a terminal uses it: demo, send, inbox, track."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from node.demo import AGENCY_A, AGENCY_B, EXPECTED_CHAIN
+
+pytestmark = pytest.mark.integration
+CHAPAR = [sys.executable, "-m", "node"]
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CHAPAR, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_demo_prints_every_chain_verified_and_exits_zero() -> None:
+    result = _run("demo", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "All evidence chains verified." in out
+    for event in EXPECTED_CHAIN:
+        assert out.count(f"{event} ") >= 2, out  # in the letter's chain and the reply's
+    assert out.count("signature verified") == 2 * len(EXPECTED_CHAIN)
+    assert "hub exit 0" in out
+
+
+def test_demo_serve_keeps_servers_for_send_inbox_and_track(tmp_path: Path) -> None:
+    demo_dir = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [*CHAPAR, "demo", "--serve", str(demo_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        addresses = demo_dir / "addresses.json"
+        deadline = time.monotonic() + 90
+        while not addresses.exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "demo --serve did not write addresses.json"
+            time.sleep(0.2)
+        info = json.loads(addresses.read_text())
+        assert set(info["nodes"]) == {AGENCY_A, AGENCY_B}
+        assert info["hub"].startswith("127.0.0.1:")
+
+        sent = _run(
+            "send",
+            "--demo",
+            str(demo_dir),
+            "--agency",
+            AGENCY_A,
+            "--to",
+            AGENCY_B,
+            "--subject",
+            "By hand",
+            "--body",
+            "typed at a terminal",
+            "--json",
+        )
+        assert sent.returncode == 0, sent.stderr
+        shams = json.loads(sent.stdout)["shams"]
+        assert shams.startswith(f"{AGENCY_A}/O/")
+
+        inbox = _run(
+            "inbox",
+            "--demo",
+            str(demo_dir),
+            "--agency",
+            AGENCY_B,
+            "--ack",
+            "--limit",
+            "1",
+            "--timeout",
+            "30",
+        )
+        assert inbox.returncode == 0, inbox.stderr
+        assert shams in inbox.stdout
+
+        deadline = time.monotonic() + 30
+        while True:
+            track = _run("track", "--demo", str(demo_dir), "--agency", AGENCY_A, shams)
+            if "HANDOVER" in track.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert track.returncode == 0, track.stdout + track.stderr
+        for event in EXPECTED_CHAIN:
+            assert event in track.stdout
+
+        bad = _run(
+            "send",
+            "--demo",
+            str(demo_dir),
+            "--agency",
+            AGENCY_A,
+            "--to",
+            "NO.SUCH",
+            "--subject",
+            "x",
+            "--body",
+            "y",
+        )
+        assert bad.returncode == 1
+        assert "NOT_FOUND" in bad.stderr
+        assert "UNKNOWN_RECIPIENT" in bad.stderr
+        assert "Traceback" not in bad.stderr
+    finally:
+        pids = [json.loads(p.read_text())["pid"] for p in demo_dir.glob("*/ready.json")]
+        proc.send_signal(signal.SIGTERM)  # the demo alone: it must stop its servers itself
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "hub exit 0" in out
+    assert len(pids) == 3
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

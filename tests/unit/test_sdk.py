@@ -1,0 +1,1031 @@
+"""The client SDK against an in-process fake node: mapping, errors, streams, verification."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from hypothesis import given
+from hypothesis import strategies as st
+
+import client_sdk
+from client_sdk import (
+    ChaparError,
+    Credentials,
+    Draft,
+    ExchangeClient,
+    Receipt,
+    SyncExchangeClient,
+    errors,
+    format_shams,
+    parse_shams,
+    pb,
+)
+from client_sdk.identity import is_agency_code
+from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, sha256
+from client_sdk.trust import TrustStore, VerificationError
+from node import cli_client
+
+SENDER = "000.00.00.G22"
+OTHER = "000.00.00.G01"
+
+
+# --- a fake node --------------------------------------------------------------------------
+
+
+def rich_metadata(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: dict[str, str] | None = None,
+    *,
+    retry_seconds: float | None = None,
+    violations: tuple[tuple[str, str], ...] = (),
+) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata as the node writes it: google.rpc.Status with ErrorInfo etc."""
+    details = []
+    info = error_details_pb2.ErrorInfo(
+        domain=errors.ERROR_DOMAIN, reason=reason, metadata=metadata or {}
+    )
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    details.append(packed)
+    if violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                for f, d in violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad)
+        details.append(packed)
+    if retry_seconds is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(dt.timedelta(seconds=retry_seconds))
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(packed)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+@dataclass
+class Abort:
+    code: grpc.StatusCode
+    message: str
+    trailing: tuple[tuple[str, bytes], ...] = ()
+
+
+def shams_of(sequence: int) -> pb.Shams:
+    return pb.Shams(
+        origin=SENDER, domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=sequence
+    )
+
+
+class FakeNode(pb.NodeServiceServicer):
+    """Records requests and answers like a node, numbering letters 1, 2, 3 ..."""
+
+    def __init__(self) -> None:
+        self.submits: list[pb.SubmitEnvelopeRequest] = []
+        self.batches: list[pb.BatchSubmitEnvelopesRequest] = []
+        self.frames: list[pb.StreamSubmitEnvelopesRequest] = []
+        self.acks: list[pb.AckEnvelopeRequest] = []
+        self.inbox_requests: list[pb.StreamInboxRequest] = []
+        self.inbox_batches: list[list[pb.InboxLetter]] = []
+        self.get_response = pb.GetEnvelopeResponse()
+        self.abort: Abort | None = None
+        self.sequence = 0
+
+    def receipt(self, request: pb.SubmitEnvelopeRequest) -> pb.Receipt:
+        self.sequence += 1
+        shams = shams_of(self.sequence)
+        content = pb.EvidenceContent(
+            evidence_id=str(uuid.uuid4()),
+            event=pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
+            issuer=f"urn:chapar:agency:{SENDER}",
+            shams=shams,
+            envelope_sha256=sha256(request.SerializeToString()),
+            detail=request.request_id,
+        )
+        return pb.Receipt(
+            shams=shams,
+            shams_text=format_shams(shams),
+            envelope_sha256=content.envelope_sha256,
+            evidence=pb.Evidence(content=content.SerializeToString()),
+        )
+
+    def result(self, request: pb.SubmitEnvelopeRequest) -> pb.SubmitResult:
+        if request.draft.subject == "bad":
+            return pb.SubmitResult(
+                request_id=request.request_id,
+                error=pb.SubmitError(
+                    code=grpc.StatusCode.NOT_FOUND.value[0],
+                    reason="UNKNOWN_RECIPIENT",
+                    message="no such agency",
+                    metadata={"agency": request.draft.recipients[0].agency},
+                ),
+            )
+        return pb.SubmitResult(request_id=request.request_id, receipt=self.receipt(request))
+
+    async def _maybe_abort(self, context: Any) -> None:
+        if self.abort is not None:
+            await context.abort(
+                self.abort.code, self.abort.message, trailing_metadata=self.abort.trailing
+            )
+
+    async def SubmitEnvelope(
+        self, request: pb.SubmitEnvelopeRequest, context: Any
+    ) -> pb.SubmitEnvelopeResponse:
+        await self._maybe_abort(context)
+        self.submits.append(request)
+        return pb.SubmitEnvelopeResponse(receipt=self.receipt(request))
+
+    async def BatchSubmitEnvelopes(
+        self, request: pb.BatchSubmitEnvelopesRequest, context: Any
+    ) -> pb.BatchSubmitEnvelopesResponse:
+        await self._maybe_abort(context)
+        self.batches.append(request)
+        return pb.BatchSubmitEnvelopesResponse(results=[self.result(r) for r in request.requests])
+
+    async def StreamSubmitEnvelopes(
+        self, request_iterator: AsyncIterator[pb.StreamSubmitEnvelopesRequest], context: Any
+    ) -> AsyncIterator[pb.StreamSubmitEnvelopesResponse]:
+        async for frame in request_iterator:
+            self.frames.append(frame)
+            yield pb.StreamSubmitEnvelopesResponse(results=[self.result(r) for r in frame.requests])
+
+    async def StreamInbox(
+        self, request: pb.StreamInboxRequest, context: Any
+    ) -> AsyncIterator[pb.StreamInboxResponse]:
+        self.inbox_requests.append(request)
+        for batch in self.inbox_batches:
+            yield pb.StreamInboxResponse(letters=batch)
+        await asyncio.Event().wait()  # like a real node: the stream stays open
+
+    async def AckEnvelope(
+        self, request: pb.AckEnvelopeRequest, context: Any
+    ) -> pb.AckEnvelopeResponse:
+        self.acks.append(request)
+        content = pb.EvidenceContent(
+            evidence_id="handover-1",
+            event=pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER,
+            shams=request.shams,
+        )
+        return pb.AckEnvelopeResponse(evidence=pb.Evidence(content=content.SerializeToString()))
+
+    async def GetEnvelope(
+        self, request: pb.GetEnvelopeRequest, context: Any
+    ) -> pb.GetEnvelopeResponse:
+        await self._maybe_abort(context)
+        return self.get_response
+
+    async def ListAgencies(
+        self, request: pb.ListAgenciesRequest, context: Any
+    ) -> pb.ListAgenciesResponse:
+        return pb.ListAgenciesResponse(
+            agencies=[pb.Agency(code=OTHER, display_name="Ministry", state=pb.AGENCY_STATE_ACTIVE)],
+            directory_version=3,
+        )
+
+
+@pytest.fixture
+async def fake_node() -> AsyncIterator[tuple[FakeNode, str]]:
+    fake = FakeNode()
+    server = grpc.aio.server()
+    pb.add_NodeServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield fake, f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+@pytest.fixture
+async def client(fake_node: tuple[FakeNode, str]) -> AsyncIterator[ExchangeClient]:
+    channel = grpc.aio.insecure_channel(fake_node[1])
+    yield ExchangeClient.from_channel(channel)
+    await channel.close()
+
+
+# --- a small PKI ----------------------------------------------------------------------------
+
+
+@dataclass
+class Pki:
+    root: x509.Certificate
+    intermediate: x509.Certificate
+    signer: Signer
+    dir: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _issue(
+    subject: str,
+    public_key: Any,
+    issuer: tuple[x509.Certificate, Any] | None,
+    issuer_key: Any,
+    *,
+    ca: bool = False,
+    signing: bool = False,
+    tls: bool = False,
+    uri: str | None = None,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer[0].subject if issuer else _name(subject))
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca,
+                content_commitment=signing,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    sans: list[x509.GeneralName] = []
+    if uri:
+        sans.append(x509.UniformResourceIdentifier(uri))
+    if tls:
+        sans.append(x509.DNSName("localhost"))
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            critical=False,
+        )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _key_pem(key: Any) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Root, intermediate, SENDER's signing key, TLS for a node, a back-end client cert."""
+    directory = tmp_path_factory.mktemp("pki")
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _issue("Root", root_key.public_key(), None, root_key, ca=True)
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    inter = _issue("Inter", inter_key.public_key(), (root, root_key), root_key, ca=True)
+    sign_key = ed25519.Ed25519PrivateKey.generate()
+    sign_cert = _issue(
+        "sign",
+        sign_key.public_key(),
+        (inter, inter_key),
+        inter_key,
+        signing=True,
+        uri=f"urn:chapar:agency:{SENDER}",
+    )
+    (directory / "ca").mkdir()
+    (directory / "ca" / "root.crt").write_bytes(_pem(root))
+    (directory / "ca" / "intermediate.crt").write_bytes(_pem(inter))
+    for stem, uri in (("tls", f"urn:chapar:agency:{SENDER}"), ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(
+            stem,
+            key.public_key(),
+            (inter, inter_key),
+            inter_key,
+            tls=True,
+            uri=uri or f"urn:chapar:client:{SENDER}:backend",
+        )
+        folder = directory / "agencies" / SENDER
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{stem}.crt").write_bytes(_pem(cert, inter))
+        (folder / f"{stem}.key").write_bytes(_key_pem(key))
+    return Pki(root, inter, Signer(sign_key, sign_cert), directory)
+
+
+def signed_letter(pki: Pki, sequence: int, subject: str = "Budget 2026") -> pb.Envelope:
+    body = f"Dear colleagues,\nletter {sequence}".encode()
+    header = pb.EnvelopeHeader(
+        shams=shams_of(sequence),
+        sender=pb.Address(agency=SENDER),
+        recipients=[pb.Address(agency=OTHER, mailbox="desk")],
+        subject=subject,
+        kind=pb.LetterKind.LETTER_KIND_REPLY,
+        in_reply_to=pb.Shams(
+            origin=OTHER, domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=2025, sequence=7
+        ),
+        content_type="text/plain; charset=utf-8",
+        body_sha256=sha256(body),
+        body_size=len(body),
+    )
+    header.create_time.FromDatetime(dt.datetime.now(dt.UTC))
+    header_bytes = header.SerializeToString()
+    signature = pki.signer.sign(ENVELOPE_PAYLOAD_TYPE, header_bytes)
+    return pb.Envelope(header=header_bytes, signature=signature, body=body)
+
+
+def signed_evidence(
+    pki: Pki, envelope: pb.Envelope, event: pb.EvidenceEvent.ValueType, recipient: str = OTHER
+) -> pb.Evidence:
+    header = pb.EnvelopeHeader.FromString(envelope.header)
+    content = pb.EvidenceContent(
+        evidence_id=str(uuid.uuid4()),
+        event=event,
+        issuer=f"urn:chapar:agency:{SENDER}",
+        shams=header.shams,
+        envelope_sha256=sha256(envelope.header),
+        recipient=recipient,
+    )
+    content.event_time.FromDatetime(dt.datetime.now(dt.UTC))
+    data = content.SerializeToString()
+    return pb.Evidence(content=data, signature=pki.signer.sign(EVIDENCE_PAYLOAD_TYPE, data))
+
+
+def get_response(pki: Pki, envelope: pb.Envelope) -> pb.GetEnvelopeResponse:
+    return pb.GetEnvelopeResponse(
+        envelope=envelope,
+        direction=pb.LetterDirection.LETTER_DIRECTION_OUTGOING,
+        evidence=[
+            signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE),
+            signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY),
+        ],
+        certificates=[pki.signer.certificate.public_bytes(serialization.Encoding.DER)],
+        statuses=[
+            pb.RecipientStatus(agency=OTHER, state=pb.DeliveryState.DELIVERY_STATE_DELIVERED)
+        ],
+    )
+
+
+# --- SHAMS ----------------------------------------------------------------------------------
+
+
+@given(
+    origin=st.from_regex(r"[A-Z0-9.\-]{2,64}", fullmatch=True).filter(is_agency_code),
+    domain=st.sampled_from(
+        [pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL]
+    ),
+    year=st.integers(1, 9999),
+    sequence=st.integers(1, 2**63 - 1),
+)
+def test_shams_text_round_trips(origin: str, domain: Any, year: int, sequence: int) -> None:
+    shams = pb.Shams(origin=origin, domain=domain, year=year, sequence=sequence)
+    text = format_shams(shams)
+    assert parse_shams(text) == shams
+    assert format_shams(parse_shams(text)) == text
+
+
+def test_format_shams_is_canonical() -> None:
+    assert format_shams(shams_of(42)) == "000.00.00.G22/O/2026/0000042"
+    big = pb.Shams(
+        origin="G22", domain=pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL, year=1404, sequence=123456789
+    )
+    assert format_shams(big) == "G22/I/1404/123456789"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "G22/O/2026",
+        "G22/O/2026/0000042/1",
+        "g22/O/2026/0000042",
+        "G/O/2026/0000042",
+        "G22/X/2026/0000042",
+        "G22/o/2026/0000042",
+        "G22/O/26/0000042",
+        "G22/O/0000/0000042",
+        "G22/O/\uff12\uff10\uff12\uff16/0000042",
+        "G22/O/2026/42",
+        "G22/O/2026/00000042",
+        "G22/O/2026/0000000",
+        "G22/O/2026/-000042",
+        "G22/O/2026/99999999999999999999",
+        "G22/O/2026/0000042\n",
+        " G22/O/2026/0000042",
+    ],
+)
+def test_parse_shams_rejects_malformed(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid SHAMS number"):
+        parse_shams(text)
+
+
+def test_format_shams_rejects_invalid_numbers() -> None:
+    with pytest.raises(ValueError, match="domain"):
+        format_shams(pb.Shams(origin="G22", year=2026, sequence=1))
+    with pytest.raises(ValueError, match="sequence"):
+        format_shams(shams_of(0))
+
+
+# --- send -----------------------------------------------------------------------------------
+
+
+async def test_send_maps_every_field_and_returns_receipt(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake = fake_node[0]
+    expire = dt.datetime(2026, 5, 1, 12, 30, tzinfo=dt.UTC)
+    receipt = await client.send(
+        to=[OTHER, ("000.00.00.G05", "legal")],
+        subject="Budget 2026",
+        body="سلام, xin chào",
+        kind="reply",
+        in_reply_to="000.00.00.G01/O/2025/0000007",
+        priority="very-urgent",
+        expire_time=expire,
+        request_id="req-1",
+        metadata=pb.DocumentMetadata(document_code="12/BTC"),
+    )
+    (request,) = fake.submits
+    draft = request.draft
+    assert request.request_id == "req-1"
+    assert [(a.agency, a.mailbox) for a in draft.recipients] == [
+        (OTHER, ""),
+        ("000.00.00.G05", "legal"),
+    ]
+    assert draft.subject == "Budget 2026"
+    assert draft.body == "سلام, xin chào".encode()
+    assert draft.content_type == "text/plain; charset=utf-8"
+    assert draft.kind == pb.LetterKind.LETTER_KIND_REPLY
+    assert draft.priority == pb.Priority.PRIORITY_VERY_URGENT
+    assert format_shams(draft.in_reply_to) == "000.00.00.G01/O/2025/0000007"
+    assert draft.expire_time.ToDatetime(tzinfo=dt.UTC) == expire
+    assert draft.metadata.document_code == "12/BTC"
+
+    assert isinstance(receipt, Receipt)
+    assert receipt.shams == "000.00.00.G22/O/2026/0000001"
+    assert receipt.shams_pb == shams_of(1)
+    assert receipt.request_id == "req-1"
+    assert receipt.envelope_sha256 == sha256(request.SerializeToString())
+    content = receipt.content()
+    assert content.event == pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
+    assert content.detail == "req-1"
+
+
+async def test_send_defaults_bytes_body_and_fresh_request_id(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    first = await client.send(to=OTHER, subject="s", body=b"\x00\x01")
+    second = await client.send(to=[OTHER], subject="s", body=b"\x00\x01")
+    a, b = fake_node[0].submits
+    assert [r.agency for r in a.draft.recipients] == [OTHER]  # a bare str is one recipient
+    assert a.draft.body == b"\x00\x01"
+    assert a.draft.content_type == ""  # the node's default applies
+    assert a.draft.kind == pb.LetterKind.LETTER_KIND_LETTER
+    assert a.draft.priority == pb.Priority.PRIORITY_UNSPECIFIED
+    assert not a.draft.HasField("in_reply_to")
+    assert str(uuid.UUID(a.request_id)) == a.request_id
+    assert a.request_id != b.request_id
+    assert (first.request_id, second.request_id) == (a.request_id, b.request_id)
+
+
+def test_draft_rejects_bad_values_before_any_call() -> None:
+    with pytest.raises(ValueError, match="letter kind"):
+        Draft(to=[OTHER], subject="s", kind="memo").to_request()
+    with pytest.raises(ValueError, match="priority"):
+        Draft(to=[OTHER], subject="s", priority=99).to_request()
+    with pytest.raises(ValueError, match="invalid SHAMS"):
+        Draft(to=[OTHER], subject="s", in_reply_to="nope").to_request()
+    with pytest.raises(ValueError, match="timezone"):
+        Draft(to=[OTHER], subject="s", expire_time=dt.datetime(2026, 1, 1))
+
+
+def test_draft_keeps_its_request_id_so_resubmitting_is_idempotent() -> None:
+    draft = Draft(to=[OTHER], subject="s", body="x")
+    assert draft.request_id
+    assert draft.to_request().request_id == draft.to_request().request_id == draft.request_id
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+async def test_abort_with_error_info_becomes_not_found(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake_node[0].abort = Abort(
+        grpc.StatusCode.NOT_FOUND,
+        "unknown recipient 000.00.00.G99",
+        rich_metadata(
+            grpc.StatusCode.NOT_FOUND,
+            "unknown recipient 000.00.00.G99",
+            "UNKNOWN_RECIPIENT",
+            {"agency": "000.00.00.G99"},
+        ),
+    )
+    with pytest.raises(errors.NotFound) as caught:
+        await client.send(to=["000.00.00.G99"], subject="s", body="b")
+    err = caught.value
+    assert err.code == grpc.StatusCode.NOT_FOUND
+    assert err.reason == "UNKNOWN_RECIPIENT"
+    assert err.message == "unknown recipient 000.00.00.G99"
+    assert err.metadata == {"agency": "000.00.00.G99"}
+    assert err.retry_after is None
+    assert not err.retryable
+    assert isinstance(err.__cause__, grpc.RpcError)
+
+
+async def test_retry_info_becomes_retry_after(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake_node[0].abort = Abort(
+        grpc.StatusCode.UNAVAILABLE,
+        "hub unreachable",
+        rich_metadata(
+            grpc.StatusCode.UNAVAILABLE, "hub unreachable", "HUB_UNAVAILABLE", retry_seconds=2.5
+        ),
+    )
+    with pytest.raises(errors.Unavailable) as caught:
+        await client.send(to=[OTHER], subject="s", body="b")
+    assert caught.value.retry_after == 2.5
+    assert caught.value.reason == "HUB_UNAVAILABLE"
+    assert caught.value.retryable
+
+
+async def test_bad_request_field_violations_are_kept(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake_node[0].abort = Abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "bad letter",
+        rich_metadata(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "bad letter",
+            "INVALID_FIELD",
+            violations=(("draft.subject", "must not be empty"),),
+        ),
+    )
+    with pytest.raises(errors.InvalidArgument) as caught:
+        await client.send(to=[OTHER], subject="", body="b")
+    assert caught.value.field_violations == [("draft.subject", "must not be empty")]
+
+
+async def test_abort_without_details_keeps_code_and_message(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake_node[0].abort = Abort(grpc.StatusCode.DATA_LOSS, "disk gone")
+    with pytest.raises(errors.InternalError) as caught:
+        await client.track("000.00.00.G22/O/2026/0000001")
+    assert caught.value.code == grpc.StatusCode.DATA_LOSS
+    assert (caught.value.reason, caught.value.message) == ("", "disk gone")
+
+
+async def test_unreachable_node_is_unavailable() -> None:
+    async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
+        client = ExchangeClient.from_channel(channel, timeout=5)
+        with pytest.raises(errors.Unavailable):
+            await client.agencies()
+
+
+# --- batches and streams --------------------------------------------------------------------
+
+
+async def test_send_many_returns_receipts_and_errors_in_order(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    drafts = [Draft(to=[OTHER], subject="ok" if i % 3 else "bad", body="x") for i in range(300)]
+    results = await client.send_many(drafts)
+    fake = fake_node[0]
+    assert [len(b.requests) for b in fake.batches] == [256, 44]
+    assert len(results) == 300
+    for i, (draft, result) in enumerate(zip(drafts, results, strict=True)):
+        if i % 3:
+            assert isinstance(result, Receipt)
+            assert result.request_id == draft.request_id
+        else:
+            assert isinstance(result, errors.NotFound)
+            assert result.reason == "UNKNOWN_RECIPIENT"
+            assert result.metadata == {"agency": OTHER}
+    receipts = [r for r in results if isinstance(r, Receipt)]
+    assert [r.shams_pb.sequence for r in receipts] == list(range(1, 201))
+
+
+async def test_send_many_of_nothing_makes_no_call(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    assert await client.send_many([]) == []
+    assert fake_node[0].batches == []
+
+
+async def test_send_stream_yields_results_in_order_across_batches(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    drafts = [Draft(to=[OTHER], subject="bad" if i == 70 else f"n{i}") for i in range(150)]
+    results = [r async for r in client.send_stream(drafts, batch_size=64, max_in_flight=2)]
+    fake = fake_node[0]
+    assert [len(f.requests) for f in fake.frames] == [64, 64, 22]
+    sent = [r.request_id for f in fake.frames for r in f.requests]
+    assert sent == [d.request_id for d in drafts]
+    assert isinstance(results[70], errors.NotFound)
+    ok = [r for r in results if isinstance(r, Receipt)]
+    assert len(ok) == 149
+    assert [r.request_id for r in ok] == [d.request_id for i, d in enumerate(drafts) if i != 70]
+
+
+async def test_send_stream_sends_a_trickle_without_waiting_for_full_batches(
+    client: ExchangeClient,
+) -> None:
+    # A producer that waits for each result before making the next draft would deadlock
+    # if the stream waited for a full batch.
+    answered = asyncio.Event()
+
+    async def one_at_a_time() -> AsyncIterator[Draft]:
+        for i in range(3):
+            answered.clear()
+            yield Draft(to=[OTHER], subject=f"t{i}")
+            await answered.wait()
+
+    seen: list[str] = []
+    async with asyncio.timeout(10):
+        async for result in client.send_stream(one_at_a_time(), batch_size=64):
+            assert isinstance(result, Receipt)
+            seen.append(result.shams)
+            answered.set()
+    assert seen == [f"000.00.00.G22/O/2026/000000{i}" for i in (1, 2, 3)]
+
+
+async def test_send_stream_raises_what_broke_the_producer(client: ExchangeClient) -> None:
+    async def broken() -> AsyncIterator[Draft]:
+        yield Draft(to=[OTHER], subject="first")
+        raise RuntimeError("producer failed")
+
+    results: list[Receipt | ChaparError] = []
+
+    async def consume() -> None:
+        async for result in client.send_stream(broken()):
+            results.append(result)
+
+    with pytest.raises(RuntimeError, match="producer failed"):
+        await consume()
+    assert len(results) == 1
+    assert isinstance(results[0], Receipt)
+
+
+# --- inbox ----------------------------------------------------------------------------------
+
+
+async def test_inbox_yields_letters_and_ack_hands_over(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    fake = fake_node[0]
+    envelopes = [signed_letter(pki, n) for n in (1, 2, 3)]
+    items = [
+        pb.InboxLetter(
+            envelope=env,
+            shams=shams_of(n),
+            shams_text=format_shams(shams_of(n)),
+            delivery=signed_evidence(pki, env, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY),
+        )
+        for n, env in zip((1, 2, 3), envelopes, strict=True)
+    ]
+    fake.inbox_batches = [items[:2], items[2:]]
+    letters = []
+    async with contextlib.aclosing(client.inbox(mailbox="desk")) as inbox:
+        async for letter in inbox:
+            letters.append(letter)
+            if len(letters) == 3:
+                break
+    assert fake.inbox_requests[0].mailbox == "desk"
+    assert [letter.shams for letter in letters] == [
+        "000.00.00.G22/O/2026/0000001",
+        "000.00.00.G22/O/2026/0000002",
+        "000.00.00.G22/O/2026/0000003",
+    ]
+    second = letters[1]
+    assert second.sender == SENDER
+    assert second.recipients == (OTHER,)
+    assert second.subject == "Budget 2026"
+    assert second.text == "Dear colleagues,\nletter 2"
+    assert second.kind == "REPLY"
+    assert second.in_reply_to == "000.00.00.G01/O/2025/0000007"
+    assert second.create_time is not None
+    assert second.create_time.tzinfo is not None
+    assert second.envelope == envelopes[1]
+
+    evidence = await second.ack()
+    assert [a.shams for a in fake.acks] == [shams_of(2)]
+    content = pb.EvidenceContent.FromString(evidence.content)
+    assert content.event == pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER
+
+    trust = TrustStore([pki.root], [pki.intermediate])
+    trust.add_certificates([pki.signer.certificate])
+    delivery = second.verify(trust)
+    assert (delivery.event, delivery.recipient) == ("DELIVERY", OTHER)
+
+
+# --- track and verify -----------------------------------------------------------------------
+
+
+async def test_track_verifies_letter_and_evidence(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    envelope = signed_letter(pki, 5)
+    fake_node[0].get_response = get_response(pki, envelope)
+    tracking = await client.track(shams_of(5))
+    assert tracking.shams == "000.00.00.G22/O/2026/0000005"
+    assert tracking.direction == "OUTGOING"
+    assert tracking.statuses == {OTHER: "DELIVERED"}
+    assert tracking.header.subject == "Budget 2026"
+    verified = tracking.verify(TrustStore([pki.root], [pki.intermediate]))
+    assert [v.event for v in verified] == ["SUBMISSION_ACCEPTANCE", "DELIVERY"]
+    assert all(v.issuer == f"urn:chapar:agency:{SENDER}" for v in verified)
+    assert verified[1].recipient == OTHER
+    assert verified[1].event_time is not None
+
+
+async def test_track_verify_rejects_tampered_and_foreign_evidence(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    envelope = signed_letter(pki, 6)
+    response = get_response(pki, envelope)
+    tampered = pb.EvidenceContent.FromString(response.evidence[1].content)
+    tampered.recipient = "000.00.00.G77"
+    response.evidence[1].content = tampered.SerializeToString()
+    fake_node[0].get_response = response
+    tracking = await client.track("000.00.00.G22/O/2026/0000006")
+    with pytest.raises(VerificationError) as caught:
+        tracking.verify(TrustStore([pki.root], [pki.intermediate]))
+    assert caught.value.reason == "SIGNATURE_INVALID"
+
+    # Validly signed evidence about another letter is not evidence about this one.
+    response = get_response(pki, envelope)
+    response.evidence.append(
+        signed_evidence(pki, signed_letter(pki, 7), pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY)
+    )
+    fake_node[0].get_response = response
+    tracking = await client.track("000.00.00.G22/O/2026/0000006")
+    with pytest.raises(VerificationError) as caught:
+        tracking.verify(TrustStore([pki.root], [pki.intermediate]))
+    assert caught.value.reason == "EVIDENCE_MISMATCH"
+
+
+async def test_track_verify_needs_the_right_root(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    fake_node[0].get_response = get_response(pki, signed_letter(pki, 8))
+    tracking = await client.track("000.00.00.G22/O/2026/0000008")
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_root = _issue("Other", other_key.public_key(), None, other_key, ca=True)
+    with pytest.raises(VerificationError) as caught:
+        tracking.verify(TrustStore([other_root], [pki.intermediate]))
+    assert caught.value.reason == "CERTIFICATE_UNTRUSTED"
+
+
+async def test_agencies_lists_the_directory(client: ExchangeClient) -> None:
+    (agency,) = await client.agencies()
+    assert (agency.code, agency.state) == (OTHER, pb.AGENCY_STATE_ACTIVE)
+
+
+# --- sync client ----------------------------------------------------------------------------
+
+
+async def test_sync_client_sends_and_streams_like_the_async_one(
+    fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    fake, target = fake_node
+    fake.inbox_batches = [
+        [
+            pb.InboxLetter(
+                envelope=signed_letter(pki, 9),
+                shams=shams_of(9),
+                delivery=signed_evidence(
+                    pki, signed_letter(pki, 9), pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY
+                ),
+            )
+        ]
+    ]
+
+    def blocking() -> tuple[Receipt, list[Receipt | ChaparError], str, int]:
+        with SyncExchangeClient.from_channel_factory(
+            lambda: grpc.aio.insecure_channel(target)
+        ) as sync:
+            receipt = sync.send(to=[OTHER], subject="sync", body="hello", request_id="r-sync")
+            streamed = list(sync.send_stream(Draft(to=[OTHER], subject=f"s{i}") for i in range(5)))
+            inbox = sync.inbox()
+            letter = next(inbox)
+            handover = letter.ack()
+            inbox.close()
+            fake.abort = Abort(grpc.StatusCode.NOT_FOUND, "gone")
+            with pytest.raises(errors.NotFound):
+                sync.track("000.00.00.G22/O/2026/0000009")
+        event = pb.EvidenceContent.FromString(handover.content).event
+        return receipt, streamed, letter.shams, event
+
+    receipt, streamed, shams, event = await asyncio.to_thread(blocking)
+    (request,) = fake.submits
+    assert request.request_id == "r-sync"
+    assert request.draft.body == b"hello"
+    assert request.draft.content_type == "text/plain; charset=utf-8"
+    assert receipt.shams == "000.00.00.G22/O/2026/0000001"
+    assert [r.shams for r in streamed if isinstance(r, Receipt)] == [
+        f"000.00.00.G22/O/2026/000000{i}" for i in range(2, 7)
+    ]
+    assert shams == "000.00.00.G22/O/2026/0000009"
+    assert event == pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER
+    assert [a.shams for a in fake.acks] == [shams_of(9)]
+
+
+# --- credentials and CLI over real mutual TLS ----------------------------------------------
+
+
+def test_credentials_from_pki_reads_the_agency_client_files(pki: Pki) -> None:
+    creds = Credentials.from_pki(pki.dir, SENDER)
+    identity = creds.identity()
+    assert identity is not None
+    assert identity.uri == f"urn:chapar:client:{SENDER}:backend"
+    assert "private_key" not in repr(creds)
+    store = creds.trust_store()
+    store.add_certificates([pki.signer.certificate])
+    assert store.verify_certificate(pki.signer.certificate, "signing").agency == SENDER
+    with pytest.raises(ValueError, match="invalid client identity"):
+        Credentials.from_pki(pki.dir, "../etc")
+    with pytest.raises(ValueError, match="not PEM"):
+        Credentials(b"junk", b"junk", b"junk")
+
+
+@pytest.fixture
+async def tls_node(
+    pki: Pki, fake_node: tuple[FakeNode, str]
+) -> AsyncIterator[tuple[FakeNode, str]]:
+    folder = pki.dir / "agencies" / SENDER
+    server = grpc.aio.server()
+    pb.add_NodeServiceServicer_to_server(fake_node[0], server)
+    creds = grpc.ssl_server_credentials(
+        [((folder / "tls.key").read_bytes(), (folder / "tls.crt").read_bytes())],
+        root_certificates=(pki.dir / "ca" / "root.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    await server.start()
+    yield fake_node[0], f"localhost:{port}"
+    await server.stop(None)
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="chapar")
+    cli_client.register(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args(argv)
+    code: int = ns.func(ns)
+    return code
+
+
+async def test_cli_send_and_track_over_mutual_tls(
+    tls_node: tuple[FakeNode, str], pki: Pki, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fake, target = tls_node
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "addresses.json").write_text(
+        json.dumps({"hub": "127.0.0.1:1", "nodes": {SENDER: target}, "pki": str(pki.dir)})
+    )
+    code = await asyncio.to_thread(
+        run_cli, "send", "--demo", str(demo), "--agency", SENDER, "--to", OTHER,
+        "--subject", "Budget", "--body", "hello", "--kind", "inquiry", "--json",
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    printed = json.loads(out)
+    assert printed["shams"] == "000.00.00.G22/O/2026/0000001"
+    assert printed["evidence"]["event"] == "SUBMISSION_ACCEPTANCE"
+    assert fake.submits[0].draft.kind == pb.LetterKind.LETTER_KIND_INQUIRY
+
+    fake.get_response = get_response(pki, signed_letter(pki, 1))
+    code = await asyncio.to_thread(
+        run_cli, "track", "000.00.00.G22/O/2026/0000001", "--pki", str(pki.dir),
+        "--agency", SENDER, "--node", target,
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert "OUTGOING" in out
+    assert f"{OTHER}  DELIVERED" in out
+    assert out.count("verified") == 2
+
+    fake.abort = Abort(
+        grpc.StatusCode.NOT_FOUND,
+        "no such letter",
+        rich_metadata(grpc.StatusCode.NOT_FOUND, "no such letter", "LETTER_NOT_FOUND"),
+    )
+    code = await asyncio.to_thread(
+        run_cli, "track", "000.00.00.G22/O/2026/0000099", "--demo", str(demo), "--agency", SENDER
+    )
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err == "error: NOT_FOUND LETTER_NOT_FOUND: no such letter\n"
+
+
+async def test_cli_inbox_acks_and_agencies_over_mutual_tls(
+    tls_node: tuple[FakeNode, str], pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake, target = tls_node
+    envelope = signed_letter(pki, 4, subject="Circular 4")
+    fake.inbox_batches = [
+        [
+            pb.InboxLetter(
+                envelope=envelope,
+                shams=shams_of(4),
+                delivery=signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY),
+            )
+        ]
+    ]
+    conn = ["--pki", str(pki.dir), "--agency", SENDER, "--node", target]
+    code = await asyncio.to_thread(run_cli, "inbox", *conn, "--ack", "--limit", "1")
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    first, second = out.splitlines()
+    assert first == (f"000.00.00.G22/O/2026/0000004  from {SENDER}  Circular 4  | Dear colleagues,")
+    assert second.startswith("  HANDOVER ")
+    assert [a.shams for a in fake.acks] == [shams_of(4)]
+
+    # Without --limit the stream stays open: --timeout ends the listening, not in error.
+    code = await asyncio.to_thread(run_cli, "inbox", *conn, "--json", "--timeout", "0.5")
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    (line,) = out.splitlines()
+    assert json.loads(line)["subject"] == "Circular 4"
+    assert len(fake.acks) == 1
+
+    code = await asyncio.to_thread(run_cli, "agencies", *conn, "--json")
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert json.loads(out) == [{"code": OTHER, "display_name": "Ministry", "state": "ACTIVE"}]
+
+    def sync_agencies() -> list[pb.Agency]:
+        with SyncExchangeClient(target, Credentials.from_pki(pki.dir, SENDER)) as sync:
+            return sync.agencies()
+
+    assert [a.code for a in await asyncio.to_thread(sync_agencies)] == [OTHER]
+
+
+def test_cli_reports_missing_credentials_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("agencies", "--node", "127.0.0.1:1") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: INVALID_ARGUMENT CREDENTIALS_MISSING: ")
+    assert err.count("\n") == 1
+
+
+# --- public names ---------------------------------------------------------------------------
+
+
+def test_public_names_are_exactly_the_documented_ones() -> None:
+    assert set(client_sdk.__all__) == {
+        "ExchangeClient",
+        "SyncExchangeClient",
+        "Credentials",
+        "Receipt",
+        "Letter",
+        "Tracking",
+        "VerifiedEvidence",
+        "Draft",
+        "ChaparError",
+        "InvalidArgument",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "Unauthenticated",
+        "FailedPrecondition",
+        "ResourceExhausted",
+        "Unavailable",
+        "DeadlineExceeded",
+        "InternalError",
+        "format_shams",
+        "parse_shams",
+    }
+    for name in client_sdk.__all__:
+        assert getattr(client_sdk, name).__module__.startswith("client_sdk.")
+    classes = [getattr(errors, n) for n in errors.__all__ if isinstance(getattr(errors, n), type)]
+    assert len(classes) == 11
+    assert all(issubclass(c, ChaparError) for c in classes)

@@ -1,0 +1,764 @@
+"""Storage: the group-committing Database, the node's store and the hub's store.
+
+Real SQLite files under tmp_path; no signing (envelopes and evidence are plain messages
+whose content is a real EvidenceContent, which is all the stores look at).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+
+from client_sdk import pb
+from client_sdk.shams import format_shams
+from node.core import lifecycle
+from node.core.errors import ChaparError, Code
+from node.storage.db import Database
+from node.storage.hub_store import HubStore, IncomingLetter
+from node.storage.node_store import NewLetter, NodeStore
+
+ORIGIN = "000.00.00.G22"
+RECIPIENT_B = "10101010101"
+RECIPIENT_C = "MOF.IR"
+OUT = pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING
+YEAR = 2026
+E = pb.EvidenceEvent
+
+TABLE_T = ["CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL UNIQUE);"]
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _evidence(
+    event: pb.EvidenceEvent.ValueType,
+    *,
+    shams: pb.Shams | None = None,
+    recipient: str = RECIPIENT_B,
+    evidence_id: str | None = None,
+    issuer: str = "urn:chapar:hub:national-hub",
+) -> tuple[pb.Evidence, pb.EvidenceContent]:
+    content = pb.EvidenceContent(
+        evidence_id=evidence_id or str(uuid.uuid4()),
+        event=event,
+        issuer=issuer,
+        recipient=recipient,
+    )
+    if shams is not None:
+        content.shams.CopyFrom(shams)
+    blob = content.SerializeToString(deterministic=True)
+    return pb.Evidence(content=blob, signature=pb.Signature(value=b"sig:" + blob[:8])), content
+
+
+def _new_letter(shams: pb.Shams, recipients: Sequence[str] = (RECIPIENT_B,)) -> NewLetter:
+    text = format_shams(shams)
+    header = pb.EnvelopeHeader(
+        shams=shams, sender=pb.Address(agency=shams.origin)
+    ).SerializeToString()
+    digest = hashlib.sha256(header).digest()
+    evidence, content = _evidence(E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE, shams=shams)
+    receipt = pb.Receipt(shams=shams, shams_text=text, envelope_sha256=digest, evidence=evidence)
+    return NewLetter(
+        shams_text=text,
+        envelope=pb.Envelope(header=header, body=b"body of " + text.encode()),
+        envelope_sha256=digest,
+        recipients=list(recipients),
+        receipt=receipt,
+        evidence_id=content.evidence_id,
+    )
+
+
+class Builder:
+    """A build() for NodeStore.submit that records what it was asked to build."""
+
+    def __init__(self, recipients: Sequence[str] = (RECIPIENT_B,), fail_at: int | None = None):
+        self.recipients = recipients
+        self.fail_at = fail_at
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, i: int, shams: pb.Shams) -> NewLetter:
+        self.calls.append((i, shams.sequence))
+        if i == self.fail_at:
+            raise RuntimeError(f"signer failed on letter {i}")
+        return _new_letter(shams, self.recipients)
+
+
+def _shams(sequence: int, origin: str = ORIGIN) -> pb.Shams:
+    return pb.Shams(origin=origin, domain=OUT, year=YEAR, sequence=sequence)
+
+
+async def _submit_one(
+    store: NodeStore, request_id: str, build: Callable[[int, pb.Shams], NewLetter]
+) -> pb.Receipt:
+    (receipt,) = await store.submit([request_id], origin=ORIGIN, domain=OUT, year=YEAR, build=build)
+    return receipt
+
+
+async def _counter(store: NodeStore) -> int | None:
+    row = await store.db.fetchone(
+        "SELECT last FROM shams_counter WHERE origin = ? AND domain = 'O' AND year = ?",
+        (ORIGIN, YEAR),
+    )
+    return None if row is None else int(row[0])
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = await Database.open(tmp_path / "t.db", TABLE_T, durability="normal")
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[NodeStore]:
+    node_store = await NodeStore.open(tmp_path / "node.db", durability="normal")
+    yield node_store
+    await node_store.close()
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> AsyncIterator[HubStore]:
+    hub_store = await HubStore.open(tmp_path / "hub.db", durability="normal")
+    yield hub_store
+    await hub_store.close()
+
+
+def _insert(
+    value: str, *, fail: BaseException | None = None
+) -> Callable[[aiosqlite.Connection], Awaitable[str]]:
+    async def job(conn: aiosqlite.Connection) -> str:
+        await conn.execute("INSERT INTO t (v) VALUES (?)", (value,))
+        if fail is not None:
+            raise fail
+        return value
+
+    return job
+
+
+async def _user_version(db: Database) -> int:
+    row = await db.fetchone("PRAGMA user_version")
+    assert row is not None
+    return int(row[0])
+
+
+async def _values(db: Database) -> list[str]:
+    return [str(r[0]) for r in await db.fetchall("SELECT v FROM t ORDER BY v")]
+
+
+# -- Database -------------------------------------------------------------------------------
+
+
+async def test_migrations_set_user_version_and_run_only_new_scripts(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    first = ["CREATE TABLE a (x INTEGER);", "CREATE TABLE b (y INTEGER);"]
+    database = await Database.open(path, first)
+    assert await _user_version(database) == 2
+    await database.close()
+
+    # Re-running the first two scripts would fail (CREATE TABLE without IF NOT EXISTS).
+    database = await Database.open(path, [*first, "CREATE TABLE c (z INTEGER);"])
+    try:
+        assert await _user_version(database) == 3
+        tables = await database.fetchall(
+            "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name"
+        )
+        assert [r[0] for r in tables] == ["a", "b", "c"]
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+async def opened(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[aiosqlite.Connection]]:
+    """Every aiosqlite connection opened during the test; any left open is closed afterwards.
+
+    An unclosed aiosqlite connection keeps a non-daemon worker thread alive (and, with
+    warnings as errors, its __del__ never stops it), which would hang the test process.
+    """
+    connections: list[aiosqlite.Connection] = []
+    real_connect = aiosqlite.connect
+
+    def tracking_connect(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
+        conn = real_connect(*args, **kwargs)
+        connections.append(conn)
+        return conn
+
+    monkeypatch.setattr(aiosqlite, "connect", tracking_connect)
+    yield connections
+    await _close_leaked(connections)
+
+
+def _still_open(connections: list[aiosqlite.Connection]) -> list[aiosqlite.Connection]:
+    return [c for c in connections if c._connection is not None]
+
+
+async def _close_leaked(connections: list[aiosqlite.Connection]) -> int:
+    leaked = _still_open(connections)
+    for conn in leaked:
+        await conn.close()
+    return len(leaked)
+
+
+async def test_database_newer_than_the_program_is_refused_without_leaking_a_connection(
+    tmp_path: Path, opened: list[aiosqlite.Connection]
+) -> None:
+    path = tmp_path / "m.db"
+    database = await Database.open(path, ["CREATE TABLE a (x);", "CREATE TABLE b (y);"])
+    await database.close()
+    with pytest.raises(RuntimeError, match="schema version 2 is newer than this program"):
+        await Database.open(path, ["CREATE TABLE a (x);"])
+    assert await _close_leaked(opened) == 0, "Database.open left its writer connection open"
+
+
+async def test_failed_migration_is_atomic_and_does_not_leak_a_connection(
+    tmp_path: Path, opened: list[aiosqlite.Connection]
+) -> None:
+    path = tmp_path / "m.db"
+    good = "CREATE TABLE a (x);"
+    database = await Database.open(path, [good])
+    await database.close()
+    with pytest.raises(aiosqlite.OperationalError):
+        await Database.open(path, [good, "CREATE TABLE b (y); THIS IS NOT SQL;"])
+    leaked = await _close_leaked(opened)
+    database = await Database.open(path, [good])
+    try:
+        assert await _user_version(database) == 1
+        tables = await database.fetchall("SELECT name FROM sqlite_master WHERE type='table'")
+        assert [r[0] for r in tables] == ["a"]  # the half-run migration left nothing
+    finally:
+        await database.close()
+    assert leaked == 0, "Database.open left its writer connection open after a failed migration"
+
+
+async def test_journal_mode_is_wal(db: Database) -> None:
+    row = await db.fetchone("PRAGMA journal_mode")
+    assert row is not None
+    assert row[0] == "wal"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [ValueError("job refused"), None],
+    ids=["job-raises", "constraint-violation"],
+)
+async def test_failing_job_is_rolled_back_alone_and_others_in_its_batch_commit(
+    db: Database, failure: ValueError | None
+) -> None:
+    await db.write(_insert("existing"))
+    commits_before = db.commits
+
+    async def violating(conn: aiosqlite.Connection) -> str:
+        # Inserts a row, then violates UNIQUE with a second: the first row must not survive.
+        await conn.execute("INSERT INTO t (v) VALUES ('bad')")
+        await conn.execute("INSERT INTO t (v) VALUES ('existing')")
+        return "bad"
+
+    bad = violating if failure is None else _insert("bad", fail=failure)
+    results = list(
+        await asyncio.gather(
+            db.write(_insert("a")),
+            db.write(_insert("b")),
+            db.write(bad),
+            db.write(_insert("c")),
+            db.write(_insert("d")),
+            return_exceptions=True,
+        )
+    )
+    assert db.commits == commits_before + 1  # all five in one transaction
+    assert results[:2] == ["a", "b"]
+    assert results[3:] == ["c", "d"]
+    if failure is None:
+        assert isinstance(results[2], aiosqlite.IntegrityError)
+    else:
+        assert results[2] is failure
+    assert await _values(db) == ["a", "b", "c", "d", "existing"]
+
+
+async def test_concurrent_writes_are_group_committed(db: Database) -> None:
+    jobs_before, commits_before = db.jobs, db.commits
+    results = await asyncio.gather(*(db.write(_insert(f"v{i:03d}")) for i in range(300)))
+    assert results == [f"v{i:03d}" for i in range(300)]
+    assert db.jobs - jobs_before == 300
+    assert db.commits - commits_before < 300
+    assert db.commits < db.jobs
+    assert len(await _values(db)) == 300
+
+
+async def test_committed_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    database = await Database.open(path, TABLE_T)
+    await asyncio.gather(*(database.write(_insert(f"row{i}")) for i in range(10)))
+    await database.close()
+    reopened = await Database.open(path, TABLE_T)
+    try:
+        assert await _values(reopened) == sorted(f"row{i}" for i in range(10))
+        assert await _user_version(reopened) == 1
+    finally:
+        await reopened.close()
+
+
+async def test_close_finishes_jobs_already_queued(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    database = await Database.open(path, TABLE_T)
+    tasks = [asyncio.create_task(database.write(_insert(f"q{i}"))) for i in range(5)]
+    await asyncio.sleep(0)  # let each task queue its job
+    await database.close()
+    assert [t.result() for t in tasks] == [f"q{i}" for i in range(5)]
+    reopened = await Database.open(path, TABLE_T)
+    try:
+        assert await _values(reopened) == [f"q{i}" for i in range(5)]
+    finally:
+        await reopened.close()
+
+
+async def test_write_after_close_is_refused(tmp_path: Path) -> None:
+    database = await Database.open(tmp_path / "c.db", TABLE_T)
+    await database.close()
+    with pytest.raises(RuntimeError, match="database is closed"):
+        await database.write(_insert("late"))
+
+
+async def test_write_racing_close_is_answered_not_left_hanging(tmp_path: Path) -> None:
+    # A servicer may still write while the server shuts down: the caller must get an answer
+    # (its result, or an error), never wait forever on a job nobody will run.
+    database = await Database.open(tmp_path / "race.db", TABLE_T)
+    closing = asyncio.create_task(database.close())
+    # Runs right after close() has queued its stop marker, before the writer task sees it.
+    writing = asyncio.create_task(database.write(_insert("racing")))
+    done, _ = await asyncio.wait({writing}, timeout=2)
+    await closing
+    if not done:
+        writing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+        pytest.fail("db.write() issued during close() was never answered")
+    exc = writing.exception()
+    assert exc is None or isinstance(exc, RuntimeError), exc
+    if exc is None:
+        assert writing.result() == "racing"
+
+
+# -- NodeStore: submission ---------------------------------------------------------------------
+
+
+async def test_concurrent_submissions_get_gapless_unique_sequences(store: NodeStore) -> None:
+    build = Builder()
+    receipts = await asyncio.gather(*(_submit_one(store, f"req-{i}", build) for i in range(1000)))
+    sequences = [r.shams.sequence for r in receipts]
+    assert sorted(sequences) == list(range(1, 1001))
+    assert {r.shams_text for r in receipts} == {format_shams(_shams(n)) for n in range(1, 1001)}
+    assert await store.count("outbox") == 1000
+    assert await store.count("evidence") == 1000
+    assert await _counter(store) == 1000
+    assert store.db.commits < store.db.jobs
+
+
+async def test_batch_is_numbered_in_order(store: NodeStore) -> None:
+    receipts = await store.submit(
+        ["a", "b", "c"], origin=ORIGIN, domain=OUT, year=YEAR, build=Builder()
+    )
+    assert [r.shams.sequence for r in receipts] == [1, 2, 3]
+
+
+async def test_counters_are_separate_per_year_and_domain(store: NodeStore) -> None:
+    build = Builder()
+    (r2026,) = await store.submit(["x1"], origin=ORIGIN, domain=OUT, year=2026, build=build)
+    (r2027,) = await store.submit(["x2"], origin=ORIGIN, domain=OUT, year=2027, build=build)
+    (internal,) = await store.submit(
+        ["x3"], origin=ORIGIN, domain=pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL, year=2026, build=build
+    )
+    assert [r.shams.sequence for r in (r2026, r2027, internal)] == [1, 1, 1]
+    assert internal.shams_text == f"{ORIGIN}/I/2026/0000001"
+
+
+async def test_repeated_request_id_returns_the_original_receipt(store: NodeStore) -> None:
+    build = Builder()
+    first = await _submit_one(store, "req-1", build)
+    again = await _submit_one(store, "req-1", build)
+    assert again.SerializeToString() == first.SerializeToString()
+    assert build.calls == [(0, 1)]  # nothing was built (signed) the second time
+    assert await store.count("outbox") == 1
+    assert await store.count("evidence") == 1
+    assert await _counter(store) == 1
+    nxt = await _submit_one(store, "req-2", build)
+    assert nxt.shams.sequence == 2
+
+
+async def test_same_request_id_twice_in_one_batch_is_one_letter(store: NodeStore) -> None:
+    build = Builder()
+    receipts = await store.submit(
+        ["dup", "other", "dup"], origin=ORIGIN, domain=OUT, year=YEAR, build=build
+    )
+    assert [r.shams.sequence for r in receipts] == [1, 2, 1]
+    assert receipts[0].SerializeToString() == receipts[2].SerializeToString()
+    assert build.calls == [(0, 1), (1, 2)]
+    assert await store.count("outbox") == 2
+    assert await _counter(store) == 2
+
+
+async def test_concurrent_retries_of_one_request_id_store_one_letter(store: NodeStore) -> None:
+    build = Builder()
+    receipts = await asyncio.gather(*(_submit_one(store, "retry", build) for _ in range(20)))
+    assert {r.SerializeToString() for r in receipts} == {receipts[0].SerializeToString()}
+    assert receipts[0].shams.sequence == 1
+    assert len(build.calls) == 1
+    assert await store.count("outbox") == 1
+
+
+async def test_empty_request_ids_are_distinct_letters(store: NodeStore) -> None:
+    receipts = await store.submit(["", ""], origin=ORIGIN, domain=OUT, year=YEAR, build=Builder())
+    assert [r.shams.sequence for r in receipts] == [1, 2]
+    assert await store.count("outbox") == 2
+
+
+async def test_failed_build_leaves_the_counter_and_tables_unchanged(store: NodeStore) -> None:
+    await _submit_one(store, "before", Builder())
+    with pytest.raises(RuntimeError, match="signer failed on letter 1"):
+        await store.submit(
+            ["f0", "f1", "f2"], origin=ORIGIN, domain=OUT, year=YEAR, build=Builder(fail_at=1)
+        )
+    assert await _counter(store) == 1
+    assert await store.count("outbox") == 1
+    assert await store.count("evidence") == 1
+    after = await _submit_one(store, "after", Builder())
+    assert after.shams.sequence == 2
+    # The failed request ids were not remembered: a retry is a fresh letter.
+    retry = await _submit_one(store, "f0", Builder())
+    assert retry.shams.sequence == 3
+
+
+async def test_failed_build_in_a_shared_batch_leaves_no_gap_for_the_others(
+    store: NodeStore,
+) -> None:
+    results = await asyncio.gather(
+        _submit_one(store, "ok-1", Builder()),
+        _submit_one(store, "bad", Builder(fail_at=0)),
+        _submit_one(store, "ok-2", Builder()),
+        return_exceptions=True,
+    )
+    first, failed, second = results
+    assert isinstance(failed, RuntimeError)
+    assert isinstance(first, pb.Receipt)
+    assert isinstance(second, pb.Receipt)
+    assert [first.shams.sequence, second.shams.sequence] == [1, 2]
+    assert await _counter(store) == 2
+
+
+async def test_submission_creates_submitted_state_per_distinct_recipient(store: NodeStore) -> None:
+    build = Builder(recipients=[RECIPIENT_B, RECIPIENT_C, RECIPIENT_B])
+    receipt = await _submit_one(store, "r", build)
+    letter = await store.letter(receipt.shams_text)
+    assert letter is not None
+    assert letter.direction == pb.LetterDirection.LETTER_DIRECTION_OUTGOING
+    assert letter.statuses == {RECIPIENT_B: lifecycle.SUBMITTED, RECIPIENT_C: lifecycle.SUBMITTED}
+    assert [pb.EvidenceContent.FromString(e.content).event for e in letter.evidence] == [
+        E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
+    ]
+    to_relay = await store.outbox_to_relay(0, 10)
+    assert [(shams, env) for _, shams, env in to_relay] == [
+        (receipt.shams_text, letter.envelope.SerializeToString())
+    ]
+
+
+# -- NodeStore: evidence about letters we sent -------------------------------------------------
+
+
+async def test_sender_evidence_advances_recipient_state_per_lifecycle(store: NodeStore) -> None:
+    receipt = await _submit_one(store, "r", Builder(recipients=[RECIPIENT_B, RECIPIENT_C]))
+    text, shams = receipt.shams_text, receipt.shams
+
+    async def record(
+        event: pb.EvidenceEvent.ValueType, recipient: str, eid: str | None = None
+    ) -> None:
+        evidence, content = _evidence(event, shams=shams, recipient=recipient, evidence_id=eid)
+        await store.record_sender_evidence([(evidence, content, text)])
+
+    async def statuses() -> dict[str, int]:
+        letter = await store.letter(text)
+        assert letter is not None
+        return letter.statuses
+
+    await record(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, RECIPIENT_B)
+    assert await statuses() == {RECIPIENT_B: lifecycle.RELAYED, RECIPIENT_C: lifecycle.SUBMITTED}
+    assert await store.outbox_to_relay(0, 10) == []  # relayed: no longer waiting to go up
+
+    await record(E.EVIDENCE_EVENT_DELIVERY, RECIPIENT_C)  # out of order: skips RELAYED
+    await record(E.EVIDENCE_EVENT_DELIVERY, RECIPIENT_B)
+    assert await statuses() == {RECIPIENT_B: lifecycle.DELIVERED, RECIPIENT_C: lifecycle.DELIVERED}
+
+    await record(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, RECIPIENT_C)  # late: no step back
+    await record(E.EVIDENCE_EVENT_HANDOVER, RECIPIENT_B)
+    await record(E.EVIDENCE_EVENT_EXPIRY, RECIPIENT_B)  # terminal: stays handed over
+    assert await statuses() == {
+        RECIPIENT_B: lifecycle.HANDED_OVER,
+        RECIPIENT_C: lifecycle.DELIVERED,
+    }
+    assert await store.count("evidence") == 1 + 6
+
+
+async def test_sender_evidence_is_idempotent_on_evidence_id(store: NodeStore) -> None:
+    receipt = await _submit_one(store, "r", Builder())
+    text = receipt.shams_text
+    failure = _evidence(E.EVIDENCE_EVENT_RELAY_FAILURE, shams=receipt.shams, evidence_id="ev-1")
+    await store.record_sender_evidence([(*failure, text), (*failure, text)])
+    await store.record_sender_evidence([(*failure, text)])
+    # The same id again, even claiming another event, is the evidence already recorded.
+    relabelled = _evidence(
+        E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, shams=receipt.shams, evidence_id="ev-1"
+    )
+    await store.record_sender_evidence([(*relabelled, text)])
+    letter = await store.letter(text)
+    assert letter is not None
+    assert letter.statuses == {RECIPIENT_B: lifecycle.FAILED}
+    assert await store.count("evidence") == 2
+    assert [e.SerializeToString() for e in letter.evidence][1] == failure[0].SerializeToString()
+
+
+async def test_relay_rejection_marks_the_letter_rejected_and_stops_relaying(
+    store: NodeStore,
+) -> None:
+    receipt = await _submit_one(store, "r", Builder())
+    rejection = _evidence(E.EVIDENCE_EVENT_RELAY_REJECTION, shams=receipt.shams)
+    await store.record_sender_evidence([(*rejection, receipt.shams_text)])
+    letter = await store.letter(receipt.shams_text)
+    assert letter is not None
+    assert letter.statuses == {RECIPIENT_B: lifecycle.REJECTED}
+    assert await store.outbox_to_relay(0, 10) == []
+
+
+# -- NodeStore: letters we receive -------------------------------------------------------------
+
+
+def _incoming(sequence: int) -> tuple[str, str, list[str], pb.Envelope]:
+    shams = _shams(sequence, origin=RECIPIENT_C)
+    header = pb.EnvelopeHeader(shams=shams).SerializeToString()
+    return (
+        format_shams(shams),
+        RECIPIENT_C,
+        ["legal", "registry"],
+        pb.Envelope(header=header, body=b"hi"),
+    )
+
+
+class DeliveryMaker:
+    def __init__(self, event: pb.EvidenceEvent.ValueType = E.EVIDENCE_EVENT_DELIVERY) -> None:
+        self.event = event
+        self.calls = 0
+
+    def __call__(self, _arg: object) -> pb.Evidence:
+        self.calls += 1
+        evidence, _ = _evidence(self.event, issuer=f"urn:chapar:agency:{RECIPIENT_B}")
+        return evidence
+
+
+async def test_incoming_letter_is_stored_once_and_redelivery_returns_stored_delivery(
+    store: NodeStore,
+) -> None:
+    letter = _incoming(1)
+    first_maker = DeliveryMaker()
+    (first,) = await store.store_incoming([letter], first_maker)
+    second_maker = DeliveryMaker()
+    (again,) = await store.store_incoming([letter], second_maker)
+    assert again.SerializeToString() == first.SerializeToString()
+    assert (first_maker.calls, second_maker.calls) == (1, 0)
+    assert await store.count("inbox") == 1
+    assert await store.count("evidence") == 1
+    assert [e.SerializeToString() for e in await store.receipts_to_send(10)] == [
+        first.SerializeToString()
+    ]
+    rows = await store.unacked_inbox(0, 10)
+    assert [(r[1], r[2], r[3], r[4]) for r in rows] == [
+        (letter[0], "legal\nregistry", letter[3].SerializeToString(), first.SerializeToString())
+    ]
+    stored = await store.letter(letter[0])
+    assert stored is not None
+    assert stored.direction == pb.LetterDirection.LETTER_DIRECTION_INCOMING
+
+
+async def test_same_letter_twice_in_one_delivery_batch_is_stored_once(store: NodeStore) -> None:
+    maker = DeliveryMaker()
+    first, second, other = await store.store_incoming(
+        [_incoming(1), _incoming(1), _incoming(2)], maker
+    )
+    assert first.SerializeToString() == second.SerializeToString()
+    assert other.SerializeToString() != first.SerializeToString()
+    assert maker.calls == 2
+    assert await store.count("inbox") == 2
+
+
+async def test_acknowledge_is_idempotent(store: NodeStore) -> None:
+    letter = _incoming(1)
+    await store.store_incoming([letter], DeliveryMaker())
+    seen: list[pb.Envelope] = []
+
+    def make_handover(envelope: pb.Envelope) -> pb.Evidence:
+        seen.append(envelope)
+        evidence, _ = _evidence(E.EVIDENCE_EVENT_HANDOVER)
+        return evidence
+
+    first = await store.acknowledge(letter[0], make_handover)
+    again = await store.acknowledge(letter[0], make_handover)
+    assert again.SerializeToString() == first.SerializeToString()
+    assert seen == [letter[3]]
+    assert await store.unacked_inbox(0, 10) == []
+    events = [
+        pb.EvidenceContent.FromString(e.content).event for e in await store.receipts_to_send(10)
+    ]
+    assert events == [E.EVIDENCE_EVENT_DELIVERY, E.EVIDENCE_EVENT_HANDOVER]
+
+
+async def test_acknowledging_an_unknown_letter_is_not_found(store: NodeStore) -> None:
+    unknown = format_shams(_shams(99, origin=RECIPIENT_C))
+    with pytest.raises(ChaparError) as info:
+        await store.acknowledge(unknown, lambda _env: pb.Evidence())
+    assert (info.value.code, info.value.reason) == (Code.NOT_FOUND, "LETTER_NOT_FOUND")
+    assert info.value.metadata == {"shams": unknown}
+
+
+async def test_acknowledged_receipts_are_no_longer_to_send(store: NodeStore) -> None:
+    (delivery,) = await store.store_incoming([_incoming(1)], DeliveryMaker())
+    eid = pb.EvidenceContent.FromString(delivery.content).evidence_id
+    await store.receipts_acknowledged([eid])
+    assert await store.receipts_to_send(10) == []
+    assert await store.count("evidence") == 1
+
+
+# -- HubStore ---------------------------------------------------------------------------------
+
+
+def _hub_letter(
+    sequence: int = 1, recipients: Sequence[str] = (RECIPIENT_B, RECIPIENT_C)
+) -> IncomingLetter:
+    shams = _shams(sequence)
+    header = pb.EnvelopeHeader(shams=shams).SerializeToString()
+    envelope = pb.Envelope(header=header, body=b"letter").SerializeToString()
+    return IncomingLetter(
+        shams=format_shams(shams),
+        sender=ORIGIN,
+        recipients=list(recipients),
+        envelope=envelope,
+        envelope_sha256=hashlib.sha256(header).digest(),
+    )
+
+
+class RelayMaker:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, letter: IncomingLetter, recipient: str) -> pb.Evidence:
+        self.calls.append((letter.shams, recipient))
+        evidence, _ = _evidence(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, recipient=recipient)
+        return evidence
+
+
+def _recipient_of(evidence: pb.Evidence) -> str:
+    return pb.EvidenceContent.FromString(evidence.content).recipient
+
+
+async def _hub_state(hub: HubStore, shams: str, recipient: str) -> int | None:
+    row = await hub.db.fetchone(
+        "SELECT state FROM recipient_state WHERE shams = ? AND recipient = ?", (shams, recipient)
+    )
+    return None if row is None else int(row[0])
+
+
+async def test_hub_accepts_a_letter_once_and_returns_the_original_relay_evidence(
+    hub: HubStore,
+) -> None:
+    letter = _hub_letter(recipients=[RECIPIENT_B, RECIPIENT_C, RECIPIENT_B])
+    maker = RelayMaker()
+    (relays,) = await hub.accept([letter], maker)
+    assert [_recipient_of(e) for e in relays] == [RECIPIENT_B, RECIPIENT_C]
+    assert await hub.queue_depth() == 2
+    assert await hub.queue_depth(RECIPIENT_B) == 1
+
+    second_maker = RelayMaker()
+    (again,) = await hub.accept([letter], second_maker)
+    assert [e.SerializeToString() for e in again] == [e.SerializeToString() for e in relays]
+    assert second_maker.calls == []
+    assert await hub.queue_depth() == 2
+    assert await hub.count("letters") == 1
+    assert await hub.count("evidence") == 2
+    assert await hub.sender_of(letter.shams) == ORIGIN
+    assert await hub.is_recipient(letter.shams, RECIPIENT_C)
+    assert not await hub.is_recipient(letter.shams, ORIGIN)
+    assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.RELAYED
+    queued = await hub.queued(RECIPIENT_B, 0, 10)
+    assert [(s, env) for _, s, env in queued] == [(letter.shams, letter.envelope)]
+
+
+async def test_hub_accepts_a_letter_twice_in_one_batch_once(hub: HubStore) -> None:
+    letter = _hub_letter()
+    maker = RelayMaker()
+    first, second = await hub.accept([letter, letter], maker)
+    assert [e.SerializeToString() for e in first] == [e.SerializeToString() for e in second]
+    assert len(maker.calls) == 2
+    assert await hub.queue_depth() == 2
+
+
+async def test_delivery_receipt_dequeues_and_notifies_the_sender(hub: HubStore) -> None:
+    letter = _hub_letter()
+    await hub.accept([letter], RelayMaker())
+    delivery = _evidence(E.EVIDENCE_EVENT_DELIVERY, shams=_shams(1), recipient=RECIPIENT_B)
+
+    senders = await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)])
+    assert senders == [ORIGIN]
+    assert await hub.queue_depth(RECIPIENT_B) == 0
+    assert await hub.queue_depth(RECIPIENT_C) == 1  # C's copy is still waiting
+    assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.DELIVERED
+    assert await _hub_state(hub, letter.shams, RECIPIENT_C) == lifecycle.RELAYED
+    notices = await hub.notices(ORIGIN, 0, 10)
+    assert [blob for _, blob in notices] == [delivery[0].SerializeToString()]
+    assert await hub.notices(RECIPIENT_B, 0, 10) == []
+
+    # A redelivered receipt is not a second notice.
+    assert await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)]) == []
+    assert len(await hub.notices(ORIGIN, 0, 10)) == 1
+
+    await hub.ack_notices(ORIGIN, [delivery[1].evidence_id])
+    assert await hub.notices(ORIGIN, 0, 10) == []
+    assert await hub.count("notices") == 0
+    assert await hub.count("evidence") == 3  # two relays and the delivery
+
+
+async def test_handover_receipt_notifies_without_touching_the_queue(hub: HubStore) -> None:
+    letter = _hub_letter(recipients=[RECIPIENT_B])
+    await hub.accept([letter], RelayMaker())
+    delivery = _evidence(E.EVIDENCE_EVENT_DELIVERY, recipient=RECIPIENT_B)
+    handover = _evidence(E.EVIDENCE_EVENT_HANDOVER, recipient=RECIPIENT_B)
+    assert await hub.record_receipts(RECIPIENT_B, [(*handover, letter.shams)]) == [ORIGIN]
+    assert await hub.queue_depth(RECIPIENT_B) == 1  # not yet confirmed stored
+    assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.HANDED_OVER
+    await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)])
+    assert await hub.queue_depth(RECIPIENT_B) == 0
+    assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.HANDED_OVER
+    ids = [pb.EvidenceContent.FromString(pb.Evidence.FromString(b).content).evidence_id
+           for _, b in await hub.notices(ORIGIN, 0, 10)]  # fmt: skip
+    assert ids == [handover[1].evidence_id, delivery[1].evidence_id]
+
+
+async def test_receipt_for_an_unknown_letter_is_ignored(hub: HubStore) -> None:
+    delivery = _evidence(E.EVIDENCE_EVENT_DELIVERY)
+    assert await hub.record_receipts(RECIPIENT_B, [(*delivery, "NOBODY/O/2026/0000001")]) == []
+    assert await hub.count("evidence") == 0
+    assert await hub.count("notices") == 0
+
+
+async def test_hub_queue_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "hub-restart.db"
+    first = await HubStore.open(path)
+    letter = _hub_letter()
+    await first.accept([letter], RelayMaker())
+    await first.close()
+    second = await HubStore.open(path)
+    try:
+        assert await second.queue_depth() == 2
+        assert [s for _, s, _ in await second.queued(RECIPIENT_C, 0, 10)] == [letter.shams]
+    finally:
+        await second.close()
