@@ -281,17 +281,19 @@ class Tracking:
     statuses: dict[str, str]
     evidence: list[pb.Evidence]
     certificates: list[bytes]
+    body_purged: bool = False
 
     def verify(self, trust: TrustStore) -> list[VerifiedEvidence]:
         """Verifies the letter and every evidence offline, in order.
 
         Adds the response's certificates to ``trust`` (they still have to chain to its
-        roots), checks the sender's signature and body digest, then each evidence's
-        signature, issuer, and that it concerns this very letter (SHAMS and header digest).
-        Raises ``client_sdk.trust.VerificationError`` on the first failure.
+        roots), checks the sender's signature and body digest (unless retention purged the
+        body: ``body_purged``), then each evidence's signature, issuer, and that it concerns
+        this very letter (SHAMS and header digest). Raises
+        ``client_sdk.trust.VerificationError`` on the first failure.
         """
         trust.add_certificates(self.certificates)
-        return _verify_letter(trust, self.envelope, self.evidence)
+        return _verify_letter(trust, self.envelope, self.evidence, check_body=not self.body_purged)
 
 
 class _Feed(Protocol):
@@ -544,6 +546,7 @@ class ExchangeClient:
             },
             evidence=list(response.evidence),
             certificates=list(response.certificates),
+            body_purged=response.body_purged,
         )
 
     async def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
@@ -654,7 +657,11 @@ class _AsyncFeed:
 
 
 def _verify_letter(
-    trust: TrustStore, envelope: pb.Envelope, evidence: Iterable[pb.Evidence]
+    trust: TrustStore,
+    envelope: pb.Envelope,
+    evidence: Iterable[pb.Evidence],
+    *,
+    check_body: bool = True,
 ) -> list[VerifiedEvidence]:
     # Verify the signature as of the letter's own creation time, as verify_evidence does
     # with the event time, so a letter stays verifiable after its signer's certificate
@@ -665,7 +672,9 @@ def _verify_letter(
         raise VerificationError(
             "HEADER_MALFORMED", "header bytes are not an EnvelopeHeader"
         ) from exc
-    header = trust.verify_envelope(envelope, at=_time(claimed, "create_time"))
+    header = trust.verify_envelope(
+        envelope, at=_time(claimed, "create_time"), check_body=check_body
+    )
     digest = sha256(envelope.header)
     verified: list[VerifiedEvidence] = []
     for item in evidence:

@@ -48,6 +48,7 @@ from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
     GetDirectoryResponse as GetDirectoryResponse,
 )
+from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import QueueStatus as QueueStatus
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2_grpc import (
     HubServiceServicer as HubServiceServicer,
 )

@@ -8,8 +8,10 @@ talks to the hub through ``node.rpc.hub_link.HubLink``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -50,9 +52,43 @@ class Agency(pb.NodeServiceServicer):
         self.directory: DirectoryView | None = None
         self.outbox_changed = asyncio.Event()
         self.receipts_changed = asyncio.Event()
-        self.inbox_changed = asyncio.Condition()
         self.hub_connected = False
         self.directory_ready = asyncio.Event()
+        # Replaced by a fresh event at every inbox change; a waiter captures the current
+        # one before reading, so no change between read and wait is missed.
+        self._inbox_signal = asyncio.Event()
+        self.closing = asyncio.Event()
+        self.full_recipients: frozenset[str] = frozenset()
+        self.quota_retry_after_s = 30.0
+        self._purger: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._purger = asyncio.create_task(self._purge_loop(), name="retention")
+
+    async def stop(self) -> None:
+        self.closing.set()
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.purge_interval_s)
+            try:
+                await self.purge()
+            except Exception:
+                log.exception("retention failed")
+
+    async def purge(self) -> int:
+        """Drops bodies of letters done with more than retention_s ago (evidence stays)."""
+        before = time.time() - self.config.retention_s
+        total = 0
+        while (n := await self.store.purge(before)) > 0:
+            total += n
+        if total:
+            log.info("retention: purged %d letter bodies", total)
+        return total
 
     # -- directory ------------------------------------------------------------------------
 
@@ -131,6 +167,7 @@ class Agency(pb.NodeServiceServicer):
                     limits=self.config.limits,
                     now=now,
                 )
+                self._check_quota(draft)
                 root = await self._thread_root(draft) if draft.HasField("in_reply_to") else None
                 valid.append((i, draft, root))
                 results.append(ChaparError(Code.INTERNAL, "PENDING", ""))  # replaced below
@@ -183,6 +220,20 @@ class Agency(pb.NodeServiceServicer):
             results[i] = receipt
         self.outbox_changed.set()
         return results
+
+    def _check_quota(self, draft: pb.LetterDraft) -> None:
+        """Refuses letters to recipients whose hub queue is full (the hub tells us which)."""
+        if not self.full_recipients:
+            return
+        for recipient in draft.recipients:
+            if recipient.agency in self.full_recipients:
+                raise ChaparError(
+                    Code.RESOURCE_EXHAUSTED,
+                    "RECIPIENT_QUEUE_FULL",
+                    f"the hub queue of {recipient.agency} is full; retry later",
+                    metadata={"agency": recipient.agency},
+                    retry_after_s=self.quota_retry_after_s,
+                )
 
     async def _thread_root(self, draft: pb.LetterDraft) -> pb.Shams | None:
         parent = await self.store.letter(format_shams(draft.in_reply_to))
@@ -279,31 +330,37 @@ class Agency(pb.NodeServiceServicer):
             return
         mailbox = request.mailbox
         cursor = 0
-        while True:
-            async with self.inbox_changed:
+        closing = asyncio.create_task(self.closing.wait())
+        try:
+            while not self.closing.is_set():
+                signal = self._inbox_signal
                 rows = await self.store.unacked_inbox(cursor, _INBOX_BATCH)
                 if not rows:
-                    await self.inbox_changed.wait()
+                    changed = asyncio.create_task(signal.wait())
+                    await asyncio.wait({changed, closing}, return_when=asyncio.FIRST_COMPLETED)
+                    changed.cancel()
                     continue
-            cursor = rows[-1][0]
-            letters = []
-            for _, shams, mailboxes, envelope, delivery, received_at in rows:
-                if mailbox and mailbox not in mailboxes.split("\n"):
-                    continue
-                letter = pb.InboxLetter(
-                    envelope=pb.Envelope.FromString(envelope),
-                    shams=parse_shams(shams),
-                    shams_text=shams,
-                    delivery=pb.Evidence.FromString(delivery),
-                )
-                letter.receive_time.FromDatetime(dt.datetime.fromtimestamp(received_at, dt.UTC))
-                letters.append(letter)
-            if letters:
-                await context.write(pb.StreamInboxResponse(letters=letters))
+                cursor = rows[-1][0]
+                letters = []
+                for _, shams, mailboxes, envelope, delivery, received_at in rows:
+                    if mailbox and mailbox not in mailboxes.split("\n"):
+                        continue
+                    letter = pb.InboxLetter(
+                        envelope=pb.Envelope.FromString(envelope),
+                        shams=parse_shams(shams),
+                        shams_text=shams,
+                        delivery=pb.Evidence.FromString(delivery),
+                    )
+                    letter.receive_time.FromDatetime(dt.datetime.fromtimestamp(received_at, dt.UTC))
+                    letters.append(letter)
+                if letters:
+                    await context.write(pb.StreamInboxResponse(letters=letters))
+        finally:
+            closing.cancel()
 
-    async def notify_inbox(self) -> None:
-        async with self.inbox_changed:
-            self.inbox_changed.notify_all()
+    def notify_inbox(self) -> None:
+        signal, self._inbox_signal = self._inbox_signal, asyncio.Event()
+        signal.set()
 
     async def AckEnvelope(
         self, request: pb.AckEnvelopeRequest, context: grpc.aio.ServicerContext
@@ -366,6 +423,7 @@ class Agency(pb.NodeServiceServicer):
             direction=letter.direction,
             evidence=letter.evidence,
             certificates=certs,
+            body_purged=letter.body_purged,
             statuses=[
                 pb.RecipientStatus(agency=a, state=pb.DeliveryState.ValueType(s))
                 for a, s in letter.statuses.items()

@@ -71,6 +71,11 @@ class HubConfig:
     durability: Durability = "full"
     grace_s: float = 5.0
     delivery_window: int = 1024
+    queue_quota: int = 100_000
+    quota_retry_after_s: float = 30.0
+    expiry_interval_s: float = 1.0
+    retention_s: float = 30 * 86400.0
+    purge_interval_s: float = 3600.0
 
     @property
     def identity(self) -> Identity:
@@ -90,6 +95,9 @@ class NodeConfig:
     durability: Durability = "full"
     grace_s: float = 5.0
     relay_batch: int = 256
+    reconnect_max_s: float = 10.0
+    retention_s: float = 30 * 86400.0
+    purge_interval_s: float = 3600.0
 
     @property
     def identity(self) -> Identity:
@@ -237,6 +245,11 @@ def load_hub_config(path: Path) -> HubConfig:
         durability=cast(Durability, hub.choice("durability", "full", ("full", "normal"))),
         grace_s=hub.number("shutdown_grace_s", 5.0),
         delivery_window=hub.integer("delivery_window", 1024),
+        queue_quota=hub.integer("queue_quota", 100_000),
+        quota_retry_after_s=hub.number("quota_retry_after_s", 30.0),
+        expiry_interval_s=hub.number("expiry_interval_s", 1.0),
+        retention_s=hub.number("retention_s", 30 * 86400.0),
+        purge_interval_s=hub.number("purge_interval_s", 3600.0),
     )
 
 
@@ -264,4 +277,7 @@ def load_node_config(path: Path) -> NodeConfig:
         durability=cast(Durability, node.choice("durability", "full", ("full", "normal"))),
         grace_s=node.number("shutdown_grace_s", 5.0),
         relay_batch=node.integer("relay_batch", 256),
+        reconnect_max_s=node.number("reconnect_max_s", 10.0),
+        retention_s=node.number("retention_s", 30 * 86400.0),
+        purge_interval_s=node.number("purge_interval_s", 3600.0),
     )

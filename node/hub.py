@@ -9,17 +9,18 @@ answered with signed RELAY_REJECTION evidence and nothing is stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from cryptography import x509
 
 from client_sdk import pb
-from client_sdk.shams import format_shams
+from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import EVIDENCE_PAYLOAD_TYPE, Signer, sha256
 from client_sdk.trust import TrustStore, VerificationError
 from node.config import HubConfig
@@ -83,6 +84,7 @@ class _Session:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: set[str] = field(default_factory=set)
+    status_sent: int = -1
 
 
 class Hub(pb.HubServiceServicer):
@@ -101,6 +103,10 @@ class Hub(pb.HubServiceServicer):
         self.directory = DirectoryView(directory)
         self.identity = config.identity
         self._sessions: dict[str, _Session] = {}
+        self._depth: dict[str, int] = {}
+        self._full: set[str] = set()
+        self._status_version = 0
+        self._tasks: list[asyncio.Task[None]] = []
         trust.add_certificates(directory.intermediate_certificates)
         trust.add_certificates(directory.hub_signing_certificates)
         for agency in directory.agencies:
@@ -109,6 +115,127 @@ class Hub(pb.HubServiceServicer):
     @property
     def connected(self) -> int:
         return len(self._sessions)
+
+    # -- lifecycle of the hub itself ------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads queue depths and starts the expiry and retention loops."""
+        self._depth = await self.store.depths()
+        for recipient in list(self._depth):
+            self._update_full(recipient)
+        self._tasks = [
+            asyncio.create_task(
+                self._every(self.config.expiry_interval_s, self.expire_due), name="expiry"
+            ),
+            asyncio.create_task(
+                self._every(self.config.purge_interval_s, self.purge), name="retention"
+            ),
+        ]
+
+    def close_sessions(self) -> None:
+        """Ends every Connect stream cleanly (shutdown): nodes reconnect and resend."""
+        for session in list(self._sessions.values()):
+            session.closed.set()
+
+    async def stop(self) -> None:
+        self.close_sessions()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @staticmethod
+    async def _every(interval: float, action: Callable[[], Awaitable[int]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await action()
+            except Exception:
+                log.exception("periodic %s failed", getattr(action, "__name__", "task"))
+
+    # -- quotas ---------------------------------------------------------------------------
+
+    def _count(self, recipient: str, delta: int) -> None:
+        self._depth[recipient] = max(0, self._depth.get(recipient, 0) + delta)
+        self._update_full(recipient)
+
+    def _update_full(self, recipient: str) -> None:
+        """Full at the quota; not full again below 90% of it, so the flag does not flap."""
+        depth = self._depth.get(recipient, 0)
+        quota = self.config.queue_quota
+        if recipient not in self._full and depth >= quota:
+            self._full.add(recipient)
+        elif recipient in self._full and depth < quota * 0.9:
+            self._full.discard(recipient)
+        else:
+            return
+        log.warning(
+            "queue of %s is %s (%d letters)",
+            recipient,
+            "full" if recipient in self._full else "no longer full",
+            depth,
+        )
+        self._status_version += 1
+        for session in self._sessions.values():
+            session.wake.set()
+
+    def _queue_status(self) -> pb.QueueStatus:
+        return pb.QueueStatus(
+            full_recipients=sorted(self._full),
+            retry_after_ms=int(self.config.quota_retry_after_s * 1000),
+        )
+
+    # -- expiry and retention -------------------------------------------------------------
+
+    async def expire_due(self) -> int:
+        """Issues EXPIRY evidence for queued letters past their expire_time."""
+        now = dt.datetime.now(dt.UTC)
+        rows = await self.store.expired(now.timestamp(), 500)
+        items = []
+        for recipient, shams, digest, sender in rows:
+            session = self._sessions.get(recipient)
+            if session is not None and shams in session.inflight:
+                continue  # being delivered right now: its receipt decides
+            content = evidence_content(
+                E.EVIDENCE_EVENT_EXPIRY,
+                issuer=self.identity.uri,
+                shams=parse_shams(shams),
+                envelope_sha256=digest,
+                recipient=recipient,
+                now=now,
+                reason="LETTER_EXPIRED",
+                detail="not delivered before its expire_time",
+            )
+            evidence = self._sign(content)
+            items.append(
+                (
+                    recipient,
+                    shams,
+                    sender,
+                    evidence,
+                    pb.EvidenceContent.FromString(content).evidence_id,
+                )
+            )
+        if not items:
+            return 0
+        done = await self.store.expire(items)
+        for recipient, sender in done:
+            self._count(recipient, -1)
+            self._wake(sender)
+        if done:
+            log.info("expired %d queued letters", len(done))
+        return len(done)
+
+    async def purge(self) -> int:
+        """Drops envelopes of letters that left every queue more than retention_s ago."""
+        before = time.time() - self.config.retention_s
+        total = 0
+        while (n := await self.store.purge(before)) > 0:
+            total += n
+        if total:
+            log.info("retention: purged %d envelopes", total)
+        return total
 
     def _sign(self, content: bytes) -> pb.Evidence:
         return pb.Evidence(
@@ -247,6 +374,9 @@ class Hub(pb.HubServiceServicer):
         for i, r in enumerate(header.recipients):
             self.directory.require_recipient(r.agency, f"header.recipients[{i}].agency")
         return IncomingLetter(
+            expire_at=header.expire_time.ToDatetime(tzinfo=dt.UTC).timestamp()
+            if header.HasField("expire_time")
+            else None,
             shams=format_shams(header.shams),
             sender=agency,
             recipients=[r.agency for r in header.recipients],
@@ -279,8 +409,10 @@ class Hub(pb.HubServiceServicer):
                     )
                 )
         letters = [o for o in outcomes if isinstance(o, IncomingLetter)]
+        queued: list[str] = []
 
         def make_relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:
+            queued.append(recipient)  # only called for letters stored now, not duplicates
             header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(letter.envelope).header)
             return self._sign(
                 evidence_content(
@@ -294,6 +426,8 @@ class Hub(pb.HubServiceServicer):
             )
 
         stored = iter(await self.store.accept(letters, make_relay) if letters else [])
+        for recipient in queued:
+            self._count(recipient, +1)
         results: list[pb.Evidence] = []
         for outcome in outcomes:
             if isinstance(outcome, IncomingLetter):
@@ -333,8 +467,11 @@ class Hub(pb.HubServiceServicer):
             session.inflight.discard(shams)
             valid.append((item, content, shams))
         if valid:
-            for sender in await self.store.record_receipts(agency, valid):
+            senders, dequeued = await self.store.record_receipts(agency, valid)
+            for sender in senders:
                 self._wake(sender)
+            if dequeued:
+                self._count(agency, -dequeued)
         session.wake.set()
         return ids
 
@@ -352,6 +489,9 @@ class Hub(pb.HubServiceServicer):
         while True:
             session.wake.clear()
             sent = False
+            if session.status_sent != self._status_version:
+                session.status_sent = self._status_version
+                await session.out.put(pb.ConnectResponse(queue_status=self._queue_status()))
             room = window - len(session.inflight)
             if room > 0:
                 rows = await self.store.queued(session.agency, last_queue, min(room, _PUSH_BATCH))

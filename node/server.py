@@ -176,6 +176,7 @@ async def serve_hub(config: HubConfig) -> None:
     directory = build_directory(config, signer, trust.intermediates)
     store = await HubStore.open(config.database, config.durability)
     hub = Hub(config, store, signer, trust, directory)
+    await hub.start()
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     pb.add_HubServiceServicer_to_server(hub, server)
     health_servicer = health.aio.HealthServicer()
@@ -188,8 +189,10 @@ async def serve_hub(config: HubConfig) -> None:
         await _until_signalled()
         log.info("hub stopping (grace %.1fs)", config.grace_s)
         await health_servicer.enter_graceful_shutdown()
+        hub.close_sessions()
         await server.stop(config.grace_s)
     finally:
+        await hub.stop()
         await store.close()
         log.info("hub stopped")
 
@@ -213,6 +216,7 @@ async def serve_node(config: NodeConfig) -> None:
     health_servicer = health.aio.HealthServicer()
     link = HubLink(agency, link_creds)
     link_task = asyncio.create_task(link.run(), name="hub-link")
+    agency.start()
     try:
         address = await _start(server, config.listen, creds, pb.NODE_SERVICE_NAME, health_servicer)
         log.info("node %s listening on %s", config.agency, address)
@@ -231,8 +235,10 @@ async def serve_node(config: NodeConfig) -> None:
         await stop
         log.info("node stopping (grace %.1fs)", config.grace_s)
         await health_servicer.enter_graceful_shutdown()
+        agency.closing.set()  # inbox streams end now instead of at the end of the grace
         await server.stop(config.grace_s)
     finally:
+        await agency.stop()
         link.stop()
         link_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -30,7 +30,6 @@ __all__ = ["HubLink"]
 log = logging.getLogger("chapar.link")
 E = pb.EvidenceEvent
 _INITIAL_BACKOFF_S = 0.2
-_MAX_BACKOFF_S = 10.0
 _RECEIPT_BATCH = 256
 
 
@@ -67,7 +66,7 @@ class HubLink:
             if asyncio.get_running_loop().time() - started > 5.0:
                 backoff = _INITIAL_BACKOFF_S
             delay = random.uniform(0, backoff)
-            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            backoff = min(backoff * 2, self.agency.config.reconnect_max_s)
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
@@ -190,6 +189,11 @@ class _Session:
                 await self._deliveries(frame.deliveries.envelopes)
             elif kind == "evidence":
                 await self._evidence(frame.evidence.evidence)
+            elif kind == "queue_status":
+                status = frame.queue_status
+                self.agency.full_recipients = frozenset(status.full_recipients)
+                if status.retry_after_ms > 0:
+                    self.agency.quota_retry_after_s = status.retry_after_ms / 1000
             elif kind == "receipt_acks":
                 ids = list(frame.receipt_acks.evidence_ids)
                 await self.agency.store.receipts_acknowledged(ids)
@@ -290,7 +294,7 @@ class _Session:
         receipts: list[pb.Evidence] = []
         if good:
             receipts.extend(await agency.store.store_incoming(good, make_delivery))
-            await agency.notify_inbox()
+            agency.notify_inbox()
         if failures:
             await agency.store.store_issued(failures)
             receipts.extend(e for _, e in failures)

@@ -59,6 +59,14 @@ MIGRATIONS = [
         PRIMARY KEY (shams, recipient)
     );
     """,
+    # 2: expiry and retention.
+    """
+    ALTER TABLE queue ADD COLUMN expire_at REAL;
+    CREATE INDEX queue_expiry ON queue (expire_at) WHERE expire_at IS NOT NULL;
+    CREATE INDEX queue_by_shams ON queue (shams);
+    ALTER TABLE letters ADD COLUMN purged INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX letters_to_purge ON letters (accepted_at) WHERE purged = 0;
+    """,
 ]
 
 
@@ -71,6 +79,7 @@ class IncomingLetter:
     recipients: Sequence[str]
     envelope: bytes
     envelope_sha256: bytes
+    expire_at: float | None = None
 
 
 class HubStore:
@@ -122,8 +131,8 @@ class HubStore:
                     ),
                 )
                 await conn.executemany(
-                    "INSERT INTO queue (recipient, shams, enqueued_at) VALUES (?, ?, ?)",
-                    [(r, letter.shams, now) for r in recipients],
+                    "INSERT INTO queue (recipient, shams, enqueued_at, expire_at) VALUES (?, ?, ?, ?)",
+                    [(r, letter.shams, now, letter.expire_at) for r in recipients],
                 )
                 await conn.executemany(
                     "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
@@ -152,10 +161,78 @@ class HubStore:
         """(queue id, shams, envelope) waiting for ``recipient``, in arrival order."""
         rows = await self.db.fetchall(
             "SELECT q.id, q.shams, l.envelope FROM queue q JOIN letters l ON l.shams = q.shams "
-            "WHERE q.recipient = ? AND q.id > ? ORDER BY q.id LIMIT ?",
-            (recipient, after, limit),
+            "WHERE q.recipient = ? AND q.id > ? AND (q.expire_at IS NULL OR q.expire_at > ?) "
+            "ORDER BY q.id LIMIT ?",
+            (recipient, after, time.time(), limit),
         )
         return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    async def depths(self) -> dict[str, int]:
+        """Queue depth per recipient (read once at start; the hub counts from there)."""
+        rows = await self.db.fetchall("SELECT recipient, count(*) FROM queue GROUP BY recipient")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def expired(self, now: float, limit: int) -> list[tuple[str, str, bytes, str]]:
+        """(recipient, shams, envelope digest, sender) of queued letters past their expire_time."""
+        rows = await self.db.fetchall(
+            "SELECT q.recipient, q.shams, l.envelope_sha256, l.sender FROM queue q "
+            "JOIN letters l ON l.shams = q.shams WHERE q.expire_at IS NOT NULL AND q.expire_at <= ? "
+            "ORDER BY q.expire_at LIMIT ?",
+            (now, limit),
+        )
+        return [(str(r[0]), str(r[1]), bytes(r[2]), str(r[3])) for r in rows]
+
+    async def expire(
+        self, items: Sequence[tuple[str, str, str, pb.Evidence, str]]
+    ) -> list[tuple[str, str]]:
+        """Removes expired letters from queues with their EXPIRY evidence.
+
+        ``items`` are (recipient, shams, sender, evidence, evidence id). Returns the
+        (recipient, sender) pairs actually expired (a letter delivered meanwhile is skipped).
+        """
+
+        async def job(conn: aiosqlite.Connection) -> list[tuple[str, str]]:
+            now = time.time()
+            done: list[tuple[str, str]] = []
+            for recipient, shams, sender, evidence, evidence_id in items:
+                cur = await conn.execute(
+                    "DELETE FROM queue WHERE recipient = ? AND shams = ?", (recipient, shams)
+                )
+                if cur.rowcount == 0:
+                    continue
+                blob = evidence.SerializeToString()
+                await conn.execute(
+                    "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (evidence_id, shams, pb.EvidenceEvent.EVIDENCE_EVENT_EXPIRY, blob, now),
+                )
+                await conn.execute(
+                    "INSERT INTO notices (agency, evidence_id, evidence) VALUES (?, ?, ?)",
+                    (sender, evidence_id, blob),
+                )
+                await _advance(conn, shams, recipient, pb.EvidenceEvent.EVIDENCE_EVENT_EXPIRY)
+                done.append((recipient, sender))
+            return done
+
+        return await self.db.write(job)
+
+    async def purge(self, before: float, limit: int = 1000) -> int:
+        """Drops the envelopes of letters no longer queued and accepted before ``before``.
+
+        The letter row (number, sender, digest, relay evidence) and all evidence stay, so
+        a late resubmission is still recognised and every evidence still verifies.
+        """
+
+        async def job(conn: aiosqlite.Connection) -> int:
+            cur = await conn.execute(
+                "UPDATE letters SET envelope = x'', purged = 1 WHERE rowid IN ("
+                " SELECT rowid FROM letters l WHERE l.purged = 0 AND l.accepted_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.shams = l.shams) LIMIT ?)",
+                (before, limit),
+            )
+            return int(cur.rowcount)
+
+        return await self.db.write(job)
 
     async def queue_depth(self, recipient: str | None = None) -> int:
         if recipient is None:
@@ -172,16 +249,18 @@ class HubStore:
 
     async def record_receipts(
         self, recipient: str, items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]]
-    ) -> list[str]:
+    ) -> tuple[list[str], int]:
         """Stores evidence a recipient node issued, routes it to the sender, dequeues.
 
         ``items`` are (evidence, content, shams) already verified as issued by ``recipient``
-        about a letter addressed to it. Returns the senders who have new notices.
+        about a letter addressed to it. Returns the senders who have new notices and how many
+        letters left ``recipient``'s queue.
         """
 
-        async def job(conn: aiosqlite.Connection) -> list[str]:
+        async def job(conn: aiosqlite.Connection) -> tuple[list[str], int]:
             now = time.time()
             senders: list[str] = []
+            dequeued = 0
             for evidence, content, shams in items:
                 async with conn.execute(
                     "SELECT sender FROM letters WHERE shams = ?", (shams,)
@@ -200,29 +279,19 @@ class HubStore:
                     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
                     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
                 ):
-                    await conn.execute(
+                    deleted = await conn.execute(
                         "DELETE FROM queue WHERE recipient = ? AND shams = ?", (recipient, shams)
                     )
+                    dequeued += deleted.rowcount
                 if cur2.rowcount == 0:
                     continue
                 await conn.execute(
                     "INSERT OR IGNORE INTO notices (agency, evidence_id, evidence) VALUES (?, ?, ?)",
                     (sender, content.evidence_id, blob),
                 )
-                async with conn.execute(
-                    "SELECT state FROM recipient_state WHERE shams = ? AND recipient = ?",
-                    (shams, recipient),
-                ) as cur:
-                    srow = await cur.fetchone()
-                if srow is not None:
-                    step = lifecycle.advance(int(srow[0]), content.event)
-                    if step.changed:
-                        await conn.execute(
-                            "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?",
-                            (step.state, shams, recipient),
-                        )
+                await _advance(conn, shams, recipient, content.event)
                 senders.append(sender)
-            return senders
+            return senders, dequeued
 
         return await self.db.write(job)
 
@@ -252,3 +321,18 @@ class HubStore:
         assert table in {"letters", "queue", "evidence", "notices"}
         row = await self.db.fetchone(f"SELECT count(*) FROM {table}")  # noqa: S608
         return int(row[0]) if row else 0
+
+
+async def _advance(conn: aiosqlite.Connection, shams: str, recipient: str, event: int) -> None:
+    async with conn.execute(
+        "SELECT state FROM recipient_state WHERE shams = ? AND recipient = ?", (shams, recipient)
+    ) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return
+    step = lifecycle.advance(int(row[0]), event)
+    if step.changed:
+        await conn.execute(
+            "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?",
+            (step.state, shams, recipient),
+        )

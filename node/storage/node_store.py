@@ -65,7 +65,22 @@ MIGRATIONS = [
     CREATE TABLE certificates (key_id BLOB PRIMARY KEY, der BLOB NOT NULL);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
     """,
+    # 2: retention keeps header and signature of old letters but drops their bodies.
+    """
+    ALTER TABLE outbox ADD COLUMN purged INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE inbox ADD COLUMN purged INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX outbox_to_purge ON outbox (created_at) WHERE purged = 0;
+    CREATE INDEX inbox_to_purge ON inbox (received_at) WHERE purged = 0;
+    """,
 ]
+
+_FINAL = (lifecycle.DELIVERED, *lifecycle.TERMINAL)
+# A sent letter is done when no recipient is still short of DELIVERED (or a terminal state).
+_OUTBOX_DONE = (
+    "relay_state != 0 AND created_at < ? AND NOT EXISTS (SELECT 1 FROM recipient_state s "
+    "WHERE s.shams = outbox.shams AND s.state NOT IN (?, ?, ?, ?, ?))"
+)
+assert len(_FINAL) == _OUTBOX_DONE.count("?") - 1
 
 _DOMAIN_LETTER = {
     pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING: "O",
@@ -93,6 +108,7 @@ class StoredLetter:
     envelope: pb.Envelope
     evidence: list[pb.Evidence]
     statuses: dict[str, int]
+    body_purged: bool = False
 
 
 class NodeStore:
@@ -367,11 +383,15 @@ class NodeStore:
 
     async def letter(self, shams: str) -> StoredLetter | None:
         direction: pb.LetterDirection.ValueType
-        row = await self.db.fetchone("SELECT envelope FROM outbox WHERE shams = ?", (shams,))
+        row = await self.db.fetchone(
+            "SELECT envelope, purged FROM outbox WHERE shams = ?", (shams,)
+        )
         if row is not None:
             direction = pb.LetterDirection.LETTER_DIRECTION_OUTGOING
         else:
-            row = await self.db.fetchone("SELECT envelope FROM inbox WHERE shams = ?", (shams,))
+            row = await self.db.fetchone(
+                "SELECT envelope, purged FROM inbox WHERE shams = ?", (shams,)
+            )
             if row is None:
                 return None
             direction = pb.LetterDirection.LETTER_DIRECTION_INCOMING
@@ -388,7 +408,45 @@ class NodeStore:
                 (shams,),
             )
         }
-        return StoredLetter(direction, pb.Envelope.FromString(row[0]), evidence, statuses)
+        return StoredLetter(
+            direction, pb.Envelope.FromString(row[0]), evidence, statuses, bool(row[1])
+        )
+
+    async def purge(self, before: float, limit: int = 500) -> int:
+        """Drops the bodies of letters done with before ``before``; returns how many.
+
+        Sent letters qualify once every recipient has at least DELIVERED (or ended
+        otherwise); received ones once handed over. Header, signature and every evidence stay.
+        """
+
+        async def job(conn: aiosqlite.Connection) -> int:
+            count = 0
+            for table, clause in (
+                (
+                    "outbox",
+                    _OUTBOX_DONE,
+                ),
+                ("inbox", "handover IS NOT NULL AND received_at < ?"),
+            ):
+                params = (before, *_FINAL) if table == "outbox" else (before,)
+                async with conn.execute(
+                    f"SELECT rowid, envelope FROM {table} WHERE purged = 0 AND {clause} LIMIT ?",  # noqa: S608
+                    (*params, limit),
+                ) as cur:
+                    rows = await cur.fetchall()
+                stripped = []
+                for rowid, blob in rows:
+                    envelope = pb.Envelope.FromString(blob)
+                    envelope.ClearField("body")
+                    stripped.append((envelope.SerializeToString(), rowid))
+                await conn.executemany(
+                    f"UPDATE {table} SET envelope = ?, purged = 1 WHERE rowid = ?",  # noqa: S608
+                    stripped,
+                )
+                count += len(stripped)
+            return count
+
+        return await self.db.write(job)
 
     async def count(self, table: str) -> int:
         assert table in {"outbox", "inbox", "evidence"}

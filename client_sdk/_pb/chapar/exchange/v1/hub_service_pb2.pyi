@@ -202,6 +202,7 @@ class ConnectResponse(_message.Message):
     DELIVERIES_FIELD_NUMBER: _builtins.int
     EVIDENCE_FIELD_NUMBER: _builtins.int
     RECEIPT_ACKS_FIELD_NUMBER: _builtins.int
+    QUEUE_STATUS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___ConnectWelcome:
         """First frame of the stream."""
@@ -222,6 +223,10 @@ class ConnectResponse(_message.Message):
     def receipt_acks(self) -> Global___EvidenceAckBatch:
         """Acknowledges receipts frames: the hub has stored these evidence ids."""
 
+    @_builtins.property
+    def queue_status(self) -> Global___QueueStatus:
+        """Which recipients' queues are full; sent after the welcome and whenever it changes."""
+
     def __init__(
         self,
         *,
@@ -230,16 +235,48 @@ class ConnectResponse(_message.Message):
         deliveries: Global___EnvelopeBatch | None = ...,
         evidence: Global___EvidenceBatch | None = ...,
         receipt_acks: Global___EvidenceAckBatch | None = ...,
+        queue_status: Global___QueueStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "evidence", b"evidence", "frame", b"frame", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "evidence", b"evidence", "frame", b"frame", "queue_status", b"queue_status", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "evidence", b"evidence", "frame", b"frame", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "evidence", b"evidence", "frame", b"frame", "queue_status", b"queue_status", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["welcome", "relay_results", "deliveries", "evidence", "receipt_acks"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["welcome", "relay_results", "deliveries", "evidence", "receipt_acks", "queue_status"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class QueueStatus(_message.Message):
+    """QueueStatus lists recipients whose hub queue has reached its quota. A node refuses new
+    letters to them with RESOURCE_EXHAUSTED (and RetryInfo) until they leave the list; letters
+    it has already accepted are still relayed, so nothing accepted is ever dropped.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FULL_RECIPIENTS_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    retry_after_ms: _builtins.int
+    """How long a node should tell its back-ends to wait before retrying, in milliseconds."""
+    @_builtins.property
+    def full_recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Agency codes of the recipients whose queue is full."""
+
+    def __init__(
+        self,
+        *,
+        full_recipients: _abc.Iterable[_builtins.str] | None = ...,
+        retry_after_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["full_recipients", b"full_recipients", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueStatus: _TypeAlias = QueueStatus  # noqa: Y015
 
 @_typing.final
 class GetDirectoryRequest(_message.Message):

@@ -646,8 +646,13 @@ class GetEnvelopeResponse(_message.Message):
     EVIDENCE_FIELD_NUMBER: _builtins.int
     CERTIFICATES_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
+    BODY_PURGED_FIELD_NUMBER: _builtins.int
     direction: Global___LetterDirection.ValueType
     """Whether this agency sent or received it."""
+    body_purged: _builtins.bool
+    """True when retention has removed the body: the header and signature remain, and the
+    signature still verifies, but the body digest can no longer be checked.
+    """
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope:
         """The signed letter."""
@@ -674,10 +679,11 @@ class GetEnvelopeResponse(_message.Message):
         evidence: _abc.Iterable[_evidence_pb2.Evidence] | None = ...,
         certificates: _abc.Iterable[_builtins.bytes] | None = ...,
         statuses: _abc.Iterable[Global___RecipientStatus] | None = ...,
+        body_purged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "direction", b"direction", "envelope", b"envelope", "evidence", b"evidence", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_purged", b"body_purged", "certificates", b"certificates", "direction", b"direction", "envelope", b"envelope", "evidence", b"evidence", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
