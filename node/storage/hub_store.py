@@ -67,6 +67,14 @@ MIGRATIONS = [
     ALTER TABLE letters ADD COLUMN purged INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX letters_to_purge ON letters (accepted_at) WHERE purged = 0;
     """,
+    # 3: envelopes in their own table. Retention deletes whole rows, so whole pages return
+    # to SQLite's free list and are reused; emptying a blob inside a row freed nothing.
+    """
+    CREATE TABLE envelopes (shams TEXT PRIMARY KEY, envelope BLOB NOT NULL);
+    INSERT INTO envelopes (shams, envelope)
+        SELECT shams, envelope FROM letters WHERE purged = 0 ORDER BY rowid;
+    ALTER TABLE letters DROP COLUMN envelope;
+    """,
 ]
 
 
@@ -119,16 +127,19 @@ class HubStore:
                 relays = [make_relay(letter, r) for r in recipients]
                 batch = pb.EvidenceBatch(evidence=relays)
                 await conn.execute(
-                    "INSERT INTO letters (shams, sender, envelope, envelope_sha256, relay_evidence,"
-                    " accepted_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO letters (shams, sender, envelope_sha256, relay_evidence,"
+                    " accepted_at) VALUES (?, ?, ?, ?, ?)",
                     (
                         letter.shams,
                         letter.sender,
-                        letter.envelope,
                         letter.envelope_sha256,
                         batch.SerializeToString(),
                         now,
                     ),
+                )
+                await conn.execute(
+                    "INSERT INTO envelopes (shams, envelope) VALUES (?, ?)",
+                    (letter.shams, letter.envelope),
                 )
                 await conn.executemany(
                     "INSERT INTO queue (recipient, shams, enqueued_at, expire_at) VALUES (?, ?, ?, ?)",
@@ -160,7 +171,7 @@ class HubStore:
     async def queued(self, recipient: str, after: int, limit: int) -> list[tuple[int, str, bytes]]:
         """(queue id, shams, envelope) waiting for ``recipient``, in arrival order."""
         rows = await self.db.fetchall(
-            "SELECT q.id, q.shams, l.envelope FROM queue q JOIN letters l ON l.shams = q.shams "
+            "SELECT q.id, q.shams, e.envelope FROM queue q JOIN envelopes e ON e.shams = q.shams "
             "WHERE q.recipient = ? AND q.id > ? AND (q.expire_at IS NULL OR q.expire_at > ?) "
             "ORDER BY q.id LIMIT ?",
             (recipient, after, time.time(), limit),
@@ -224,13 +235,15 @@ class HubStore:
         """
 
         async def job(conn: aiosqlite.Connection) -> int:
-            cur = await conn.execute(
-                "UPDATE letters SET envelope = x'', purged = 1 WHERE rowid IN ("
-                " SELECT rowid FROM letters l WHERE l.purged = 0 AND l.accepted_at < ?"
-                " AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.shams = l.shams) LIMIT ?)",
+            async with conn.execute(
+                "SELECT l.shams FROM letters l WHERE l.purged = 0 AND l.accepted_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.shams = l.shams) LIMIT ?",
                 (before, limit),
-            )
-            return int(cur.rowcount)
+            ) as cur:
+                done = [(r[0],) for r in await cur.fetchall()]
+            await conn.executemany("DELETE FROM envelopes WHERE shams = ?", done)
+            await conn.executemany("UPDATE letters SET purged = 1 WHERE shams = ?", done)
+            return len(done)
 
         return await self.db.write(job)
 

@@ -72,6 +72,14 @@ MIGRATIONS = [
     CREATE INDEX outbox_to_purge ON outbox (created_at) WHERE purged = 0;
     CREATE INDEX inbox_to_purge ON inbox (received_at) WHERE purged = 0;
     """,
+    # 3: bodies in their own table (box 'O' outbox, 'I' inbox). Retention deletes whole
+    # rows, so whole pages return to the free list; emptying a blob in place freed nothing.
+    # outbox/inbox keep the envelope without its body; rows from before keep theirs inline.
+    """
+    CREATE TABLE bodies (
+        box TEXT NOT NULL, shams TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (box, shams)
+    );
+    """,
 ]
 
 _FINAL = (lifecycle.DELIVERED, *lifecycle.TERMINAL)
@@ -188,13 +196,17 @@ class NodeStore:
                     (
                         b.shams_text,
                         request_ids[i] or None,
-                        b.envelope.SerializeToString(),
+                        _without_body(b.envelope),
                         b.envelope_sha256,
                         b.receipt.SerializeToString(),
                         now,
                     )
                     for i, b in built.items()
                 ],
+            )
+            await conn.executemany(
+                "INSERT INTO bodies (box, shams, body) VALUES ('O', ?, ?)",
+                [(b.shams_text, b.envelope.body) for b in built.values()],
             )
             await conn.executemany(
                 "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at) VALUES (?, ?, ?, ?, ?)",
@@ -232,11 +244,12 @@ class NodeStore:
     async def outbox_to_relay(self, after: int, limit: int) -> list[tuple[int, str, bytes]]:
         """(rowid, shams, envelope bytes) of letters not yet relayed, oldest first."""
         rows = await self.db.fetchall(
-            "SELECT rowid, shams, envelope FROM outbox WHERE relay_state = 0 AND rowid > ? "
-            "ORDER BY rowid LIMIT ?",
+            "SELECT o.rowid, o.shams, o.envelope, b.body FROM outbox o "
+            "LEFT JOIN bodies b ON b.box = 'O' AND b.shams = o.shams "
+            "WHERE o.relay_state = 0 AND o.rowid > ? ORDER BY o.rowid LIMIT ?",
             (after, limit),
         )
-        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+        return [(int(r[0]), str(r[1]), _with_body(r[2], r[3])) for r in rows]
 
     # -- evidence about letters we sent -------------------------------------------------
 
@@ -307,7 +320,11 @@ class NodeStore:
                 await conn.execute(
                     "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    (shams, sender, "\n".join(mailboxes), envelope.SerializeToString(), blob, now),
+                    (shams, sender, "\n".join(mailboxes), _without_body(envelope), blob, now),
+                )
+                await conn.execute(
+                    "INSERT INTO bodies (box, shams, body) VALUES ('I', ?, ?)",
+                    (shams, envelope.body),
                 )
                 await conn.execute(
                     "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
@@ -324,12 +341,14 @@ class NodeStore:
     ) -> list[tuple[int, str, str, bytes, bytes, float]]:
         """(rowid, shams, mailboxes, envelope, delivery evidence, received_at), oldest first."""
         rows = await self.db.fetchall(
-            "SELECT rowid, shams, mailboxes, envelope, delivery, received_at FROM inbox "
-            "WHERE handover IS NULL AND rowid > ? ORDER BY rowid LIMIT ?",
+            "SELECT i.rowid, i.shams, i.mailboxes, i.envelope, i.delivery, i.received_at, b.body "
+            "FROM inbox i LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams "
+            "WHERE i.handover IS NULL AND i.rowid > ? ORDER BY i.rowid LIMIT ?",
             (after, limit),
         )
         return [
-            (int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), bytes(r[4]), float(r[5])) for r in rows
+            (int(r[0]), str(r[1]), str(r[2]), _with_body(r[3], r[6]), bytes(r[4]), float(r[5]))
+            for r in rows
         ]
 
     async def acknowledge(
@@ -339,7 +358,9 @@ class NodeStore:
 
         async def job(conn: aiosqlite.Connection) -> pb.Evidence:
             async with conn.execute(
-                "SELECT envelope, handover FROM inbox WHERE shams = ?", (shams,)
+                "SELECT i.envelope, i.handover, b.body FROM inbox i "
+                "LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams WHERE i.shams = ?",
+                (shams,),
             ) as cur:
                 row = await cur.fetchone()
             if row is None:
@@ -351,7 +372,7 @@ class NodeStore:
                 )
             if row[1] is not None:
                 return pb.Evidence.FromString(row[1])
-            evidence = make_handover(pb.Envelope.FromString(row[0]))
+            evidence = make_handover(pb.Envelope.FromString(_with_body(row[0], row[2])))
             content = pb.EvidenceContent.FromString(evidence.content)
             blob = evidence.SerializeToString()
             await conn.execute("UPDATE inbox SET handover = ? WHERE shams = ?", (blob, shams))
@@ -384,13 +405,17 @@ class NodeStore:
     async def letter(self, shams: str) -> StoredLetter | None:
         direction: pb.LetterDirection.ValueType
         row = await self.db.fetchone(
-            "SELECT envelope, purged FROM outbox WHERE shams = ?", (shams,)
+            "SELECT o.envelope, o.purged, b.body FROM outbox o "
+            "LEFT JOIN bodies b ON b.box = 'O' AND b.shams = o.shams WHERE o.shams = ?",
+            (shams,),
         )
         if row is not None:
             direction = pb.LetterDirection.LETTER_DIRECTION_OUTGOING
         else:
             row = await self.db.fetchone(
-                "SELECT envelope, purged FROM inbox WHERE shams = ?", (shams,)
+                "SELECT i.envelope, i.purged, b.body FROM inbox i "
+                "LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams WHERE i.shams = ?",
+                (shams,),
             )
             if row is None:
                 return None
@@ -408,9 +433,8 @@ class NodeStore:
                 (shams,),
             )
         }
-        return StoredLetter(
-            direction, pb.Envelope.FromString(row[0]), evidence, statuses, bool(row[1])
-        )
+        envelope = pb.Envelope.FromString(_with_body(row[0], row[2]))
+        return StoredLetter(direction, envelope, evidence, statuses, bool(row[1]))
 
     async def purge(self, before: float, limit: int = 500) -> int:
         """Drops the bodies of letters done with before ``before``; returns how many.
@@ -421,29 +445,34 @@ class NodeStore:
 
         async def job(conn: aiosqlite.Connection) -> int:
             count = 0
-            for table, clause in (
-                (
-                    "outbox",
-                    _OUTBOX_DONE,
-                ),
-                ("inbox", "handover IS NOT NULL AND received_at < ?"),
+            for table, box, clause in (
+                ("outbox", "O", _OUTBOX_DONE),
+                ("inbox", "I", "handover IS NOT NULL AND received_at < ?"),
             ):
                 params = (before, *_FINAL) if table == "outbox" else (before,)
                 async with conn.execute(
-                    f"SELECT rowid, envelope FROM {table} WHERE purged = 0 AND {clause} LIMIT ?",  # noqa: S608
+                    f"SELECT rowid, shams, envelope FROM {table} WHERE purged = 0 AND {clause} LIMIT ?",  # noqa: S608
                     (*params, limit),
                 ) as cur:
-                    rows = await cur.fetchall()
-                stripped = []
-                for rowid, blob in rows:
+                    rows = list(await cur.fetchall())
+                # Rows from before schema 3 hold their body inline: strip it there too.
+                inline = []
+                for rowid, _, blob in rows:
                     envelope = pb.Envelope.FromString(blob)
-                    envelope.ClearField("body")
-                    stripped.append((envelope.SerializeToString(), rowid))
+                    if envelope.body:
+                        inline.append((_without_body(envelope), rowid))
                 await conn.executemany(
-                    f"UPDATE {table} SET envelope = ?, purged = 1 WHERE rowid = ?",  # noqa: S608
-                    stripped,
+                    f"UPDATE {table} SET envelope = ? WHERE rowid = ?",  # noqa: S608
+                    inline,
                 )
-                count += len(stripped)
+                await conn.executemany(
+                    "DELETE FROM bodies WHERE box = ? AND shams = ?", [(box, r[1]) for r in rows]
+                )
+                await conn.executemany(
+                    f"UPDATE {table} SET purged = 1 WHERE rowid = ?",  # noqa: S608
+                    [(r[0],) for r in rows],
+                )
+                count += len(rows)
             return count
 
         return await self.db.write(job)
@@ -521,3 +550,19 @@ async def _advance(conn: aiosqlite.Connection, shams: str, recipient: str, event
 
 def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _without_body(envelope: pb.Envelope) -> bytes:
+    """The envelope as stored in outbox/inbox: header and signature; the body is kept apart."""
+    stored = pb.Envelope()
+    stored.CopyFrom(envelope)
+    stored.ClearField("body")
+    return stored.SerializeToString()
+
+
+def _with_body(stored: bytes, body: bytes | None) -> bytes:
+    """Re-forms the full envelope. Serialised protobuf messages merge when concatenated, so
+    appending a message holding only the body field gives the whole envelope, cheaply."""
+    if body is None:
+        return bytes(stored)
+    return bytes(stored) + pb.Envelope(body=body).SerializeToString()

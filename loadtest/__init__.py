@@ -1,0 +1,1 @@
+"""Load and soak measurements for Chapar; they drive real processes through the public SDK."""
