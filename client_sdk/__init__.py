@@ -16,6 +16,7 @@ from client_sdk.client import Tracking as Tracking
 from client_sdk.client import VerifiedEvidence as VerifiedEvidence
 from client_sdk.credentials import Credentials as Credentials
 from client_sdk.errors import AlreadyExists as AlreadyExists
+from client_sdk.errors import Cancelled as Cancelled
 from client_sdk.errors import ChaparError as ChaparError
 from client_sdk.errors import DeadlineExceeded as DeadlineExceeded
 from client_sdk.errors import FailedPrecondition as FailedPrecondition
@@ -32,6 +33,7 @@ from client_sdk.sync import SyncExchangeClient as SyncExchangeClient
 
 __all__ = [
     "AlreadyExists",
+    "Cancelled",
     "ChaparError",
     "Credentials",
     "DeadlineExceeded",

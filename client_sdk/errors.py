@@ -19,11 +19,13 @@ Exception tree::
     ├── ResourceExhausted       RESOURCE_EXHAUSTED    size or queue quota
     ├── Unavailable             UNAVAILABLE           node, hub or peer down: retry
     ├── DeadlineExceeded        DEADLINE_EXCEEDED     the call's timeout ran out: retry
-    └── InternalError           any other code (INTERNAL, UNKNOWN, CANCELLED, ...) and
-                                answers the SDK cannot make sense of
+    ├── Cancelled               CANCELLED             the call was cancelled, e.g. by a node
+    │                                                 shutting down: retry
+    └── InternalError           any other code (INTERNAL, UNKNOWN, ...) and answers the SDK
+                                cannot make sense of
 
-Submitting again after ``Unavailable`` or ``DeadlineExceeded`` is safe when the same
-``request_id`` is used: the node returns the original receipt.
+Submitting again after ``Unavailable``, ``DeadlineExceeded`` or ``Cancelled`` is safe when
+the same ``request_id`` is used: the node returns the original receipt.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from client_sdk import pb
 __all__ = [
     "ERROR_DOMAIN",
     "AlreadyExists",
+    "Cancelled",
     "ChaparError",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -135,11 +138,19 @@ class DeadlineExceeded(ChaparError):
     default_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Cancelled(ChaparError):
+    default_code = grpc.StatusCode.CANCELLED
+
+
 class InternalError(ChaparError):
     default_code = grpc.StatusCode.INTERNAL
 
 
-_RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED reaches a caller that did not cancel only when the server cancelled the call
+# (a node stopping, say): whether it took effect is unknown, exactly as with UNAVAILABLE.
+_RETRYABLE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 _CLASS_OF_CODE: dict[grpc.StatusCode, type[ChaparError]] = {
     cls.default_code: cls
     for cls in (
@@ -152,6 +163,7 @@ _CLASS_OF_CODE: dict[grpc.StatusCode, type[ChaparError]] = {
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,
+        Cancelled,
     )
 }
 # grpc.StatusCode values are (int, name) pairs; google.rpc.Code uses the int.

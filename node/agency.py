@@ -29,6 +29,7 @@ from node.core.letters import build_header, validate_draft
 from node.rpc.errors import abort, to_submit_error
 from node.rpc.peer import peer_identity
 from node.storage.node_store import NewLetter, NodeStore
+from node.tasks import drain, every
 
 __all__ = ["Agency"]
 
@@ -63,7 +64,9 @@ class Agency(pb.NodeServiceServicer):
         self._purger: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._purger = asyncio.create_task(self._purge_loop(), name="retention")
+        self._purger = asyncio.create_task(
+            every(self.config.purge_interval_s, self.purge, "retention"), name="retention"
+        )
 
     async def stop(self) -> None:
         self.closing.set()
@@ -72,20 +75,10 @@ class Agency(pb.NodeServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._purger
 
-    async def _purge_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.purge_interval_s)
-            try:
-                await self.purge()
-            except Exception:
-                log.exception("retention failed")
-
     async def purge(self) -> int:
         """Drops bodies of letters done with more than retention_s ago (evidence stays)."""
         before = time.time() - self.config.retention_s
-        total = 0
-        while (n := await self.store.purge(before)) > 0:
-            total += n
+        total = await drain(lambda: self.store.purge(before))
         if total:
             log.info("retention: purged %d letter bodies", total)
         return total

@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,10 +27,11 @@ from node.config import HubConfig
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
-from node.core.letters import validate_shams
+from node.core.letters import quoted_shams, validate_shams
 from node.rpc.errors import abort
 from node.rpc.peer import peer_identity
 from node.storage.hub_store import HubStore, IncomingLetter
+from node.tasks import drain, every
 
 __all__ = ["Hub", "build_directory"]
 
@@ -125,10 +126,10 @@ class Hub(pb.HubServiceServicer):
             self._update_full(recipient)
         self._tasks = [
             asyncio.create_task(
-                self._every(self.config.expiry_interval_s, self.expire_due), name="expiry"
+                every(self.config.expiry_interval_s, self.expire_due, "expiry"), name="expiry"
             ),
             asyncio.create_task(
-                self._every(self.config.purge_interval_s, self.purge), name="retention"
+                every(self.config.purge_interval_s, self.purge, "retention"), name="retention"
             ),
         ]
 
@@ -144,15 +145,6 @@ class Hub(pb.HubServiceServicer):
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-    @staticmethod
-    async def _every(interval: float, action: Callable[[], Awaitable[int]]) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await action()
-            except Exception:
-                log.exception("periodic %s failed", getattr(action, "__name__", "task"))
 
     # -- quotas ---------------------------------------------------------------------------
 
@@ -230,9 +222,7 @@ class Hub(pb.HubServiceServicer):
     async def purge(self) -> int:
         """Drops envelopes of letters that left every queue more than retention_s ago."""
         before = time.time() - self.config.retention_s
-        total = 0
-        while (n := await self.store.purge(before)) > 0:
-            total += n
+        total = await drain(lambda: self.store.purge(before))
         if total:
             log.info("retention: purged %d envelopes", total)
         return total
@@ -399,7 +389,7 @@ class Hub(pb.HubServiceServicer):
                         evidence_content(
                             E.EVIDENCE_EVENT_RELAY_REJECTION,
                             issuer=self.identity.uri,
-                            shams=_try_shams(envelope),
+                            shams=quoted_shams(envelope),
                             envelope_sha256=sha256(envelope.header),
                             recipient="",
                             now=now,
@@ -509,11 +499,3 @@ class Hub(pb.HubServiceServicer):
                 sent = True
             if not sent:
                 await session.wake.wait()
-
-
-def _try_shams(envelope: pb.Envelope) -> pb.Shams | None:
-    try:
-        header = pb.EnvelopeHeader.FromString(envelope.header)
-    except Exception:
-        return None
-    return header.shams if header.HasField("shams") else None

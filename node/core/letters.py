@@ -12,6 +12,8 @@ import datetime as dt
 import unicodedata
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from client_sdk import pb
 from client_sdk.identity import is_agency_code
 from client_sdk.signing import sha256
@@ -23,6 +25,7 @@ __all__ = [
     "LetterLimits",
     "build_header",
     "normalise_text",
+    "quoted_shams",
     "validate_draft",
     "validate_shams",
 ]
@@ -207,3 +210,12 @@ def build_header(
     if draft.HasField("metadata"):
         header.metadata.CopyFrom(draft.metadata)
     return header.SerializeToString(deterministic=True)
+
+
+def quoted_shams(envelope: pb.Envelope) -> pb.Shams | None:
+    """The number an envelope's header claims, *unverified*: only to quote in a rejection."""
+    try:
+        header = pb.EnvelopeHeader.FromString(envelope.header)
+    except DecodeError:
+        return None
+    return header.shams if header.HasField("shams") else None

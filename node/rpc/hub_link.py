@@ -24,6 +24,7 @@ from client_sdk.signing import sha256
 from client_sdk.trust import VerificationError
 from node.agency import Agency
 from node.core.evidence import evidence_content
+from node.core.letters import quoted_shams
 
 __all__ = ["HubLink"]
 
@@ -249,7 +250,7 @@ class _Session:
                     raise VerificationError("NOT_A_RECIPIENT", f"letter is not addressed to {me}")
             except VerificationError as exc:
                 log.error("refusing a delivered letter: %s %s", exc.reason, exc)
-                shams_pb = _header_shams(envelope)
+                shams_pb = quoted_shams(envelope)
                 failures.append(
                     (
                         format_shams(shams_pb) if shams_pb else "",
@@ -304,11 +305,3 @@ class _Session:
 
 def _evidence_id(evidence: pb.Evidence) -> str:
     return pb.EvidenceContent.FromString(evidence.content).evidence_id
-
-
-def _header_shams(envelope: pb.Envelope) -> pb.Shams | None:
-    try:
-        header = pb.EnvelopeHeader.FromString(envelope.header)
-    except Exception:
-        return None
-    return header.shams if header.HasField("shams") else None

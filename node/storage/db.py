@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
-__all__ = ["Database", "Durability", "Job"]
+__all__ = ["Database", "Durability", "Job", "Store"]
 
 T = TypeVar("T")
 Job = Callable[[aiosqlite.Connection], Awaitable[T]]
@@ -191,3 +191,22 @@ class Database:
                     await conn.execute("ROLLBACK")
             await conn.close()
         self._reader = self._writer = None
+
+
+class Store:
+    """Base of the node and hub stores: one database with its own list of migrations."""
+
+    MIGRATIONS: Sequence[str] = ()
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls: type[S], path: Path, durability: Durability = "full") -> S:
+        return cls(await Database.open(path, cls.MIGRATIONS, durability))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+S = TypeVar("S", bound=Store)

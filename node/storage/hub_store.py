@@ -10,13 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiosqlite
 
 from client_sdk import pb
 from node.core import lifecycle
-from node.storage.db import Database, Durability
+from node.storage.db import Store
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
 
@@ -90,16 +89,8 @@ class IncomingLetter:
     expire_at: float | None = None
 
 
-class HubStore:
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    @classmethod
-    async def open(cls, path: Path, durability: Durability = "full") -> HubStore:
-        return cls(await Database.open(path, MIGRATIONS, durability))
-
-    async def close(self) -> None:
-        await self.db.close()
+class HubStore(Store):
+    MIGRATIONS = MIGRATIONS
 
     async def accept(
         self,

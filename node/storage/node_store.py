@@ -11,14 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiosqlite
 
 from client_sdk import pb
 from node.core import lifecycle
 from node.core.errors import ChaparError, Code
-from node.storage.db import Database, Durability
+from node.storage.db import Store
 
 __all__ = ["MIGRATIONS", "NewLetter", "NodeStore", "StoredLetter"]
 
@@ -119,16 +118,8 @@ class StoredLetter:
     body_purged: bool = False
 
 
-class NodeStore:
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    @classmethod
-    async def open(cls, path: Path, durability: Durability = "full") -> NodeStore:
-        return cls(await Database.open(path, MIGRATIONS, durability))
-
-    async def close(self) -> None:
-        await self.db.close()
+class NodeStore(Store):
+    MIGRATIONS = MIGRATIONS
 
     # -- submission ---------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from client_sdk import (
     ExchangeClient,
     Receipt,
     ResourceExhausted,
-    Unavailable,
     pb,
 )
 from client_sdk.trust import TrustStore
@@ -99,8 +98,8 @@ async def send_all(
                 try:
                     results = await a.send_many(chunk, timeout=10)
                     break
-                except (Unavailable, ChaparError) as exc:
-                    if not exc.retryable and not isinstance(exc, Unavailable):
+                except ChaparError as exc:
+                    if not exc.retryable:  # UNAVAILABLE, CANCELLED by a stopping node, ...
                         raise
                     await asyncio.sleep(0.2)
             for draft, result in zip(chunk, results, strict=True):

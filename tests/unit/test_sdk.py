@@ -604,6 +604,15 @@ async def test_abort_without_details_keeps_code_and_message(
     assert (caught.value.reason, caught.value.message) == ("", "disk gone")
 
 
+async def test_server_cancelled_call_is_cancelled_and_retryable(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake_node[0].abort = Abort(grpc.StatusCode.CANCELLED, "server shutting down")
+    with pytest.raises(errors.Cancelled) as caught:
+        await client.track("000.00.00.G22/O/2026/0000001")
+    assert caught.value.retryable
+
+
 async def test_unreachable_node_is_unavailable() -> None:
     async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
         client = ExchangeClient.from_channel(channel, timeout=5)
@@ -1020,6 +1029,7 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         "ResourceExhausted",
         "Unavailable",
         "DeadlineExceeded",
+        "Cancelled",
         "InternalError",
         "format_shams",
         "parse_shams",
@@ -1027,5 +1037,5 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
     for name in client_sdk.__all__:
         assert getattr(client_sdk, name).__module__.startswith("client_sdk.")
     classes = [getattr(errors, n) for n in errors.__all__ if isinstance(getattr(errors, n), type)]
-    assert len(classes) == 11
+    assert len(classes) == 12
     assert all(issubclass(c, ChaparError) for c in classes)
