@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -26,6 +27,10 @@ def _serve(ns: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        # One JSON log line with the cause, not a bare traceback on the terminal.
+        logging.getLogger("chapar.server").exception("stopped by an unexpected error")
+        return 1
     return 0
 
 

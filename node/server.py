@@ -38,6 +38,9 @@ _SERVER_OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # gRPC sets SO_REUSEPORT by default: another process could then bind our port and take
+    # a share of our connections. A clash must fail the bind instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -158,7 +161,10 @@ async def _start(
         ],
         server,
     )
-    port = server.add_secure_port(listen, creds)
+    try:
+        port = server.add_secure_port(listen, creds)
+    except RuntimeError as exc:  # grpc raises this when the bind fails
+        raise ConfigError(f"listen: cannot bind {listen} (address in use?)") from exc
     if port == 0:
         raise ConfigError(f"listen: cannot bind {listen}")
     await server.start()

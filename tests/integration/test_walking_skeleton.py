@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -269,3 +272,18 @@ async def test_thousand_concurrent_submissions_get_unique_gapless_numbers_and_al
         assert asyncio.get_running_loop().time() < deadline, f"only {n} of 1000 delivered"
         await asyncio.sleep(0.2)
     assert n == 1000
+
+
+def test_second_server_on_a_port_in_use_refuses_to_start(cluster: Cluster, tmp_path: Path) -> None:
+    """No SO_REUSEPORT: another process must not be able to share (and steal from) our port."""
+    config = tmp_path / "hub.toml"
+    config.write_text(cluster.hub.config.read_text())  # pinned to the running hub's port
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "hub", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot bind" in result.stderr
