@@ -307,7 +307,10 @@ class Agency(pb.NodeServiceServicer):
                     await abort(context, exc)
                     return
                 await context.write(pb.StreamSubmitEnvelopesResponse(results=results))
-            await reader
+            try:
+                await reader
+            except ChaparError as exc:  # a malformed or oversized frame ends the stream
+                await abort(context, exc)
         finally:
             reader.cancel()
 

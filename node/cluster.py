@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ class ServerProcess:
     ready_file: Path
     log_file: Path
     address: str = ""
+    metrics: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -74,6 +76,7 @@ class ServerProcess:
                 if info.get("pid") == self.proc.pid:
                     first = not self.address
                     self.address = str(info["address"])
+                    self.metrics = str(info.get("metrics", ""))
                     if first:
                         self._pin_port()
                     return self.address
@@ -81,8 +84,14 @@ class ServerProcess:
         raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
 
     def _pin_port(self) -> None:
-        text = self.config.read_text()
-        self.config.write_text(text.replace('listen = "127.0.0.1:0"', f'listen = "{self.address}"'))
+        # Only the gRPC port, anchored to its line: metrics_listen also ends in "listen = ".
+        text = re.sub(
+            r'^listen = "127\.0\.0\.1:0"$',
+            f'listen = "{self.address}"',
+            self.config.read_text(),
+            flags=re.M,
+        )
+        self.config.write_text(text)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -196,6 +205,7 @@ class Cluster:
             'listen = "127.0.0.1:0"',
             'database = "hub.db"',
             'ready_file = "ready.json"',
+            'metrics_listen = "127.0.0.1:0"',
             extra,
             "[tls]",
             f"ca = {_toml_path(pki.root_cert)}",
@@ -235,6 +245,7 @@ class Cluster:
                     f"hub = {json.dumps(hub_address)}",
                     'database = "node.db"',
                     'ready_file = "ready.json"',
+                    'metrics_listen = "127.0.0.1:0"',
                     extra,
                     "[tls]",
                     f"ca = {_toml_path(pki.root_cert)}",

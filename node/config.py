@@ -69,6 +69,8 @@ class HubConfig:
     agencies: list[AgencyEntry]
     ready_file: Path | None = None
     durability: Durability = "full"
+    metrics_listen: str = ""
+    max_frame_bytes: int = 32 * 1024 * 1024
     grace_s: float = 5.0
     delivery_window: int = 1024
     queue_quota: int = 100_000
@@ -93,6 +95,9 @@ class NodeConfig:
     limits: LetterLimits = field(default_factory=LetterLimits)
     ready_file: Path | None = None
     durability: Durability = "full"
+    metrics_listen: str = ""
+    max_message_bytes: int = 16 * 1024 * 1024
+    relay_frame_bytes: int = 8 * 1024 * 1024
     grace_s: float = 5.0
     relay_batch: int = 256
     reconnect_max_s: float = 10.0
@@ -165,7 +170,9 @@ class _Table:
             return None
         return self.path_(key, must_exist=must_exist)
 
-    def listen(self, key: str) -> str:
+    def listen(self, key: str, *, optional: bool = False) -> str:
+        if optional and key not in self.data:
+            return ""
         value = self.text(key, DEFAULT_LISTEN)
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
@@ -243,6 +250,8 @@ def load_hub_config(path: Path) -> HubConfig:
         agencies=agencies,
         ready_file=hub.optional_path("ready_file", must_exist=False),
         durability=cast(Durability, hub.choice("durability", "full", ("full", "normal"))),
+        metrics_listen=hub.listen("metrics_listen", optional=True),
+        max_frame_bytes=hub.integer("max_frame_bytes", 32 * 1024 * 1024),
         grace_s=hub.number("shutdown_grace_s", 5.0),
         delivery_window=hub.integer("delivery_window", 1024),
         queue_quota=hub.integer("queue_quota", 100_000),
@@ -275,6 +284,9 @@ def load_node_config(path: Path) -> NodeConfig:
         ),
         ready_file=node.optional_path("ready_file", must_exist=False),
         durability=cast(Durability, node.choice("durability", "full", ("full", "normal"))),
+        metrics_listen=node.listen("metrics_listen", optional=True),
+        max_message_bytes=limits.integer("max_message_bytes", 16 * 1024 * 1024),
+        relay_frame_bytes=node.integer("relay_frame_bytes", 8 * 1024 * 1024),
         grace_s=node.number("shutdown_grace_s", 5.0),
         relay_batch=node.integer("relay_batch", 256),
         reconnect_max_s=node.number("reconnect_max_s", 10.0),

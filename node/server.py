@@ -28,11 +28,13 @@ from client_sdk.identity import Identity, identity_of_certificate
 from client_sdk.signing import Signer
 from client_sdk.trust import TrustStore
 from node.config import ConfigError, HubConfig, NodeConfig, SigningConfig, TlsConfig
+from node.rpc.wire import add_servicer
 
 __all__ = ["check_key_file", "configure_logging", "serve_hub", "serve_node"]
 
 log = logging.getLogger("chapar.server")
-_MAX_MESSAGE = 64 * 1024 * 1024
+# gRPC's own hard cap; the roles' configured limits (checked with a reason) are lower.
+_MAX_MESSAGE = 256 * 1024 * 1024
 _SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
     ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -129,11 +131,12 @@ def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
     )
 
 
-def _write_ready(path: Path | None, address: str, role: str) -> None:
+def _write_ready(path: Path | None, address: str, role: str, metrics: str) -> None:
     if path is None:
         return
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid(), "role": role}))
+    info = {"address": address, "pid": os.getpid(), "role": role, "metrics": metrics}
+    tmp.write_text(json.dumps(info))
     tmp.replace(path)
 
 
@@ -143,6 +146,18 @@ async def _until_signalled() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def _metrics(listen: str) -> str:
+    if not listen:
+        return ""
+    from node.metrics import serve_metrics
+
+    try:
+        _, _, address = serve_metrics(listen)
+    except OSError as exc:
+        raise ConfigError(f"metrics_listen: cannot bind {listen}: {exc}") from exc
+    return address
 
 
 async def _start(
@@ -184,13 +199,14 @@ async def serve_hub(config: HubConfig) -> None:
     hub = Hub(config, store, signer, trust, directory)
     await hub.start()
     server = grpc.aio.server(options=_SERVER_OPTIONS)
-    pb.add_HubServiceServicer_to_server(hub, server)
+    add_servicer(server, hub, pb.HUB_SERVICE, limit=config.max_frame_bytes)
+    metrics = _metrics(config.metrics_listen)
     health_servicer = health.aio.HealthServicer()
     try:
         address = await _start(server, config.listen, creds, pb.HUB_SERVICE_NAME, health_servicer)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(pb.HUB_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        _write_ready(config.ready_file, address, "hub")
+        _write_ready(config.ready_file, address, "hub", metrics)
         log.info("hub %s listening on %s", config.name, address)
         await _until_signalled()
         log.info("hub stopping (grace %.1fs)", config.grace_s)
@@ -218,7 +234,8 @@ async def serve_node(config: NodeConfig) -> None:
     if cached is not None:
         await agency.set_directory(cached, persist=False)
     server = grpc.aio.server(options=_SERVER_OPTIONS)
-    pb.add_NodeServiceServicer_to_server(agency, server)
+    add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
+    metrics = _metrics(config.metrics_listen)
     health_servicer = health.aio.HealthServicer()
     link = HubLink(agency, link_creds)
     link_task = asyncio.create_task(link.run(), name="hub-link")
@@ -235,7 +252,7 @@ async def serve_node(config: NodeConfig) -> None:
             status = health_pb2.HealthCheckResponse.SERVING
             await health_servicer.set("", status)
             await health_servicer.set(pb.NODE_SERVICE_NAME, status)
-            _write_ready(config.ready_file, address, "node")
+            _write_ready(config.ready_file, address, "node", metrics)
             log.info("node %s ready", config.agency)
         ready.cancel()
         await stop

@@ -10,6 +10,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from client_sdk import pb
 from node.core.errors import ERROR_DOMAIN, ChaparError
+from node.metrics import count_rejection
 
 __all__ = ["abort", "status_code", "to_status", "to_submit_error"]
 
@@ -57,6 +58,7 @@ def to_status(error: ChaparError) -> status_pb2.Status:
 
 async def abort(context: grpc.aio.ServicerContext, error: ChaparError) -> None:
     """Ends the call with the error's status; never returns."""
+    count_rejection(error.code.name, error.reason)
     status = to_status(error)
     await context.abort(
         status_code(error),
@@ -67,6 +69,7 @@ async def abort(context: grpc.aio.ServicerContext, error: ChaparError) -> None:
 
 def to_submit_error(error: ChaparError) -> pb.SubmitError:
     """The per-letter form of an error inside a batch or stream result."""
+    count_rejection(error.code.name, error.reason)
     return pb.SubmitError(
         code=int(error.code) if int(error.code) in code_pb2.Code.values() else code_pb2.UNKNOWN,
         reason=error.reason,

@@ -146,12 +146,17 @@ class _Session:
             if len(self.relaying) < window:
                 rows = await agency.store.outbox_to_relay(cursor, batch)
                 if rows:
-                    cursor = rows[-1][0]
-                    envelopes = []
-                    for _, shams, blob in rows:
+                    envelopes: list[pb.Envelope] = []
+                    size = 0
+                    for rowid, shams, blob in rows:
+                        # Keep frames under the hub's frame limit; the first always goes.
+                        if envelopes and size + len(blob) > agency.config.relay_frame_bytes:
+                            break
                         envelope = pb.Envelope.FromString(blob)
                         self.relaying[sha256(envelope.header)] = shams
                         envelopes.append(envelope)
+                        size += len(blob)
+                        cursor = rowid
                     await self.write(
                         pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes))
                     )

@@ -1,0 +1,111 @@
+"""Registering servicers so that requests arrive as bytes and are parsed here.
+
+gRPC's own deserializer answers a malformed message with a bare INTERNAL status and an
+oversized one with RESOURCE_EXHAUSTED without any reason. Parsing ourselves gives every
+such request a canonical code with an ErrorInfo reason (MALFORMED_MESSAGE,
+MESSAGE_TOO_LARGE), counted in the metrics, and the server carries on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from node.core.errors import ChaparError, Code
+from node.rpc.errors import abort
+
+__all__ = ["add_servicer", "parse"]
+
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
+def parse(cls: type[Message], raw: bytes, limit: int) -> Any:
+    """``cls`` parsed from ``raw``; ChaparError when too large or not a valid message."""
+    if len(raw) > limit:
+        raise ChaparError(
+            Code.RESOURCE_EXHAUSTED,
+            "MESSAGE_TOO_LARGE",
+            f"message of {len(raw)} bytes is over the limit of {limit}",
+            metadata={"limit": str(limit), "size": str(len(raw))},
+        )
+    try:
+        return cls.FromString(raw)
+    except (DecodeError, UnicodeDecodeError) as exc:
+        raise ChaparError(
+            Code.INVALID_ARGUMENT,
+            "MALFORMED_MESSAGE",
+            f"not a valid {cls.DESCRIPTOR.full_name}",
+            metadata={"type": cls.DESCRIPTOR.full_name},
+        ) from exc
+
+
+async def _parsed(raw: AsyncIterator[bytes], cls: type[Message], limit: int) -> AsyncIterator[Any]:
+    async for item in raw:
+        yield parse(cls, item, limit)
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def add_servicer(
+    server: grpc.aio.Server, servicer: object, service: ServiceDescriptor, *, limit: int
+) -> None:
+    """Registers every method of ``service`` implemented by ``servicer`` with raw requests.
+
+    Stream handlers get an iterator that raises ChaparError on a bad frame; they end the
+    stream with that error (the hub's Connect and the node's StreamSubmitEnvelopes do).
+    """
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        impl = getattr(servicer, method.name)
+        cls = message_factory.GetMessageClass(method.input_type)
+        handler: Callable[[Any, Context], Awaitable[Any]]
+        if method.client_streaming:
+            handler = _stream_in(impl, cls, limit)
+            make = (
+                grpc.stream_stream_rpc_method_handler
+                if method.server_streaming
+                else grpc.stream_unary_rpc_method_handler
+            )
+        else:
+            handler = _unary_in(impl, cls, limit)
+            make = (
+                grpc.unary_stream_rpc_method_handler
+                if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+        handlers[method.name] = make(
+            handler, request_deserializer=None, response_serializer=_serialize
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
+def _unary_in(
+    impl: Callable[[Any, Context], Awaitable[Any]], cls: type[Message], limit: int
+) -> Callable[[bytes, Context], Awaitable[Any]]:
+    async def handler(raw: bytes, context: Context) -> Any:
+        try:
+            request = parse(cls, raw, limit)
+        except ChaparError as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return await impl(request, context)
+
+    return handler
+
+
+def _stream_in(
+    impl: Callable[[AsyncIterator[Any], Context], Awaitable[Any]], cls: type[Message], limit: int
+) -> Callable[[AsyncIterator[bytes], Context], Awaitable[Any]]:
+    async def handler(raw: AsyncIterator[bytes], context: Context) -> Any:
+        return await impl(_parsed(raw, cls, limit), context)
+
+    return handler
