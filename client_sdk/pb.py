@@ -39,6 +39,7 @@ from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import ConnectHello as Co
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import ConnectRequest as ConnectRequest
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import ConnectResponse as ConnectResponse
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import ConnectWelcome as ConnectWelcome
+from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import DirectoryUpdate as DirectoryUpdate
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import EnvelopeBatch as EnvelopeBatch
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
     EvidenceAckBatch as EvidenceAckBatch,

@@ -99,6 +99,7 @@ class Agency(pb.NodeServiceServicer):
             known.append((key_id(x509.load_der_x509_certificate(der)), der))
         known.append((self.signer.key_id, self.signer.certificate.public_bytes(Encoding.DER)))
         self.trust.add_certificates([self.signer.certificate])
+        self.trust.set_revoked(int(s, 16) for s in directory.revoked_serials)
         await self.store.remember_certificates(known)
         self.directory = DirectoryView(directory)
         self.directory_ready.set()

@@ -19,7 +19,7 @@ def _serve(ns: argparse.Namespace) -> int:
     configure_logging(ns.log_level)
     try:
         if ns.role == "hub":
-            asyncio.run(serve_hub(load_hub_config(ns.config)))
+            asyncio.run(serve_hub(load_hub_config(ns.config), ns.config))
         else:
             asyncio.run(serve_node(load_node_config(ns.config)))
     except ConfigError as exc:

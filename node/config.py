@@ -25,6 +25,7 @@ __all__ = [
     "TlsConfig",
     "load_hub_config",
     "load_node_config",
+    "read_revocations",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:0"
@@ -78,6 +79,10 @@ class HubConfig:
     expiry_interval_s: float = 1.0
     retention_s: float = 30 * 86400.0
     purge_interval_s: float = 3600.0
+    revocation_file: Path | None = None
+    reload_interval_s: float = 5.0
+    clock_skew_s: float = 300.0
+    max_letter_age_s: float = 7 * 86400.0
 
     @property
     def identity(self) -> Identity:
@@ -259,7 +264,33 @@ def load_hub_config(path: Path) -> HubConfig:
         expiry_interval_s=hub.number("expiry_interval_s", 1.0),
         retention_s=hub.number("retention_s", 30 * 86400.0),
         purge_interval_s=hub.number("purge_interval_s", 3600.0),
+        revocation_file=hub.optional_path("revocation_file", must_exist=False),
+        reload_interval_s=hub.number("reload_interval_s", 5.0),
+        clock_skew_s=hub.number("clock_skew_s", 300.0),
+        max_letter_age_s=hub.number("max_letter_age_s", 7 * 86400.0),
     )
+
+
+def read_revocations(path: Path | None) -> list[str]:
+    """Revoked serials (hexadecimal, one per line, '#' comments) from the revocation file.
+
+    A missing file means nothing is revoked; a malformed line is a ConfigError.
+    """
+    if path is None or not path.exists():
+        return []
+    serials: list[str] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        text = line.split("#", 1)[0].strip().lower().removeprefix("0x")
+        if not text:
+            continue
+        try:
+            int(text, 16)
+        except ValueError:
+            raise ConfigError(
+                f"revocation_file {path}, line {number}: {line!r} is not a hexadecimal serial"
+            ) from None
+        serials.append(text)
+    return serials
 
 
 def load_node_config(path: Path) -> NodeConfig:

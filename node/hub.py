@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from cryptography import x509
@@ -23,13 +24,14 @@ from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import EVIDENCE_PAYLOAD_TYPE, Signer, sha256
 from client_sdk.trust import TrustStore, VerificationError
-from node.config import HubConfig
+from node.config import ConfigError, HubConfig, load_hub_config, read_revocations
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams, validate_shams
+from node.metrics import count_rejection
 from node.rpc.errors import abort
-from node.rpc.peer import peer_identity
+from node.rpc.peer import peer_certificate
 from node.storage.hub_store import HubStore, IncomingLetter
 from node.tasks import drain, every
 
@@ -45,9 +47,16 @@ _PUSH_BATCH = 256
 
 
 def build_directory(
-    config: HubConfig, signer: Signer, intermediates: Sequence[x509.Certificate]
+    config: HubConfig,
+    signer: Signer,
+    intermediates: Sequence[x509.Certificate],
+    *,
+    version: int | None = None,
 ) -> pb.Directory:
-    """The directory message the hub publishes, from its configuration."""
+    """The directory message the hub publishes: its configuration plus the revocation file.
+
+    The version defaults to the current time, so it grows across hub restarts too.
+    """
     from cryptography.hazmat.primitives.serialization import Encoding
 
     states = {
@@ -56,7 +65,8 @@ def build_directory(
         "retired": pb.AGENCY_STATE_RETIRED,
     }
     directory = pb.Directory(
-        version=int(time.time()),
+        version=version if version is not None else int(time.time()),
+        revoked_serials=read_revocations(config.revocation_file),
         hub=config.identity.uri,
         hub_signing_certificates=[signer.certificate.public_bytes(Encoding.DER)],
         intermediate_certificates=[c.public_bytes(Encoding.DER) for c in intermediates],
@@ -86,6 +96,8 @@ class _Session:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: set[str] = field(default_factory=set)
     status_sent: int = -1
+    directory_sent: int = 0
+    serial: int = 0
 
 
 class Hub(pb.HubServiceServicer):
@@ -96,22 +108,82 @@ class Hub(pb.HubServiceServicer):
         signer: Signer,
         trust: TrustStore,
         directory: pb.Directory,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path
         self.store = store
         self.signer = signer
         self.trust = trust
         self.directory = DirectoryView(directory)
         self.identity = config.identity
+        self._sources = self._source_stamps()
         self._sessions: dict[str, _Session] = {}
         self._depth: dict[str, int] = {}
         self._full: set[str] = set()
         self._status_version = 0
         self._tasks: list[asyncio.Task[None]] = []
-        trust.add_certificates(directory.intermediate_certificates)
-        trust.add_certificates(directory.hub_signing_certificates)
+        self._trust_directory(directory)
+
+    def _trust_directory(self, directory: pb.Directory) -> None:
+        self.trust.add_certificates(directory.intermediate_certificates)
+        self.trust.add_certificates(directory.hub_signing_certificates)
         for agency in directory.agencies:
-            trust.add_certificates(agency.signing_certificates)
+            self.trust.add_certificates(agency.signing_certificates)
+        self.trust.set_revoked(int(s, 16) for s in directory.revoked_serials)
+
+    # -- directory changes without a restart -------------------------------------------------
+
+    def _source_stamps(self) -> tuple[float, ...]:
+        stamps = []
+        for path in (self.config_path, self.config.revocation_file):
+            try:
+                stamps.append(path.stat().st_mtime if path is not None else 0.0)
+            except FileNotFoundError:
+                stamps.append(-1.0)
+        return tuple(stamps)
+
+    async def reload_if_changed(self) -> int:
+        """Re-reads the configuration and revocation file when either changed.
+
+        A new directory version is published to every connected node; streams of nodes
+        now revoked, suspended or retired are closed. A bad file is logged and ignored
+        (the running directory stays).
+        """
+        stamps = self._source_stamps()
+        if stamps == self._sources:
+            return 0
+        self._sources = stamps
+        try:
+            config = load_hub_config(self.config_path) if self.config_path else self.config
+            directory = build_directory(
+                config, self.signer, self.trust.intermediates, version=self.directory.version + 1
+            )
+        except (ConfigError, OSError, ValueError) as exc:
+            log.error("directory not reloaded, keeping version %d: %s", self.directory.version, exc)
+            return 0
+        self.config = config
+        self._trust_directory(directory)
+        self.directory = DirectoryView(directory)
+        log.info(
+            "directory version %d: %d agencies, %d revoked serials",
+            directory.version,
+            len(directory.agencies),
+            len(directory.revoked_serials),
+        )
+        revoked = set(self.trust.revoked_serials)
+        for session in list(self._sessions.values()):
+            agency = self.directory.agency(session.agency)
+            if (
+                session.serial in revoked
+                or agency is None
+                or agency.state != pb.AGENCY_STATE_ACTIVE
+            ):
+                log.warning("closing the stream of %s: no longer admitted", session.agency)
+                session.closed.set()
+            else:
+                session.wake.set()
+        return 1
 
     @property
     def connected(self) -> int:
@@ -130,6 +202,10 @@ class Hub(pb.HubServiceServicer):
             ),
             asyncio.create_task(
                 every(self.config.purge_interval_s, self.purge, "retention"), name="retention"
+            ),
+            asyncio.create_task(
+                every(self.config.reload_interval_s, self.reload_if_changed, "reload"),
+                name="reload",
             ),
         ]
 
@@ -233,7 +309,11 @@ class Hub(pb.HubServiceServicer):
         )
 
     def _agency_of(self, context: grpc.aio.ServicerContext) -> str:
-        identity = peer_identity(context, self.trust)
+        return self._peer(context)[0]
+
+    def _peer(self, context: grpc.aio.ServicerContext) -> tuple[str, int]:
+        """The connected node's agency code and TLS certificate serial, if admitted."""
+        cert, identity = peer_certificate(context, self.trust)
         if identity.kind != "agency":
             raise ChaparError(
                 Code.PERMISSION_DENIED,
@@ -242,7 +322,7 @@ class Hub(pb.HubServiceServicer):
                 metadata={"identity": identity.uri},
             )
         self.directory.require_sender(identity.agency)
-        return identity.agency
+        return identity.agency, cert.serial_number
 
     async def GetDirectory(
         self, request: pb.GetDirectoryRequest, context: grpc.aio.ServicerContext
@@ -257,7 +337,7 @@ class Hub(pb.HubServiceServicer):
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
     ) -> None:
         try:
-            agency = self._agency_of(context)
+            agency, serial = self._peer(context)
         except ChaparError as exc:
             await abort(context, exc)
             return
@@ -265,7 +345,7 @@ class Hub(pb.HubServiceServicer):
         if old is not None:
             log.info("node %s reconnected; closing its previous stream", agency)
             old.closed.set()
-        session = _Session(agency)
+        session = _Session(agency, serial=serial, directory_sent=self.directory.version)
         self._sessions[agency] = session
         log.info("node %s connected", agency)
         await context.write(
@@ -363,6 +443,7 @@ class Hub(pb.HubServiceServicer):
             raise ChaparError(Code.INVALID_ARGUMENT, "NO_RECIPIENTS", "letter has no recipients")
         for i, r in enumerate(header.recipients):
             self.directory.require_recipient(r.agency, f"header.recipients[{i}].agency")
+        self._check_create_time(header)
         return IncomingLetter(
             expire_at=header.expire_time.ToDatetime(tzinfo=dt.UTC).timestamp()
             if header.HasField("expire_time")
@@ -374,6 +455,23 @@ class Hub(pb.HubServiceServicer):
             envelope_sha256=sha256(envelope.header),
         )
 
+    def _check_create_time(self, header: pb.EnvelopeHeader) -> None:
+        """The sender's clock may be ahead by clock_skew_s at most; a letter may have waited
+        in an outbox (hub outage) for max_letter_age_s at most."""
+        if not header.HasField("create_time"):
+            raise ChaparError(
+                Code.INVALID_ARGUMENT, "CREATE_TIME_MISSING", "header has no create_time"
+            )
+        created = header.create_time.ToDatetime(tzinfo=dt.UTC).timestamp()
+        now = time.time()
+        if created > now + self.config.clock_skew_s or created < now - self.config.max_letter_age_s:
+            raise ChaparError(
+                Code.INVALID_ARGUMENT,
+                "CREATE_TIME_OUT_OF_WINDOW",
+                f"create_time is {created - now:+.0f}s from the hub's clock",
+                metadata={"offset_s": f"{created - now:.0f}"},
+            )
+
     async def _relay(self, agency: str, envelopes: Sequence[pb.Envelope]) -> list[pb.Evidence]:
         now = dt.datetime.now(dt.UTC)
         outcomes: list[IncomingLetter | pb.Evidence] = []
@@ -384,6 +482,7 @@ class Hub(pb.HubServiceServicer):
                 if exc.code == Code.PERMISSION_DENIED:
                     raise
                 log.warning("relay rejected from %s: %s %s", agency, exc.reason, exc.message)
+                count_rejection(exc.code.name, exc.reason)
                 outcomes.append(
                     self._sign(
                         evidence_content(
@@ -420,12 +519,31 @@ class Hub(pb.HubServiceServicer):
             self._count(recipient, +1)
         results: list[pb.Evidence] = []
         for outcome in outcomes:
-            if isinstance(outcome, IncomingLetter):
-                results.extend(next(stored))
-                for r in outcome.recipients:
-                    self._wake(r)
-            else:
+            if not isinstance(outcome, IncomingLetter):
                 results.append(outcome)
+                continue
+            relays = next(stored)
+            if not relays:  # the number is taken by a different letter: a replay or a forgery
+                count_rejection(Code.ALREADY_EXISTS.name, "SHAMS_REUSED")
+                log.warning("relay rejected from %s: SHAMS_REUSED %s", agency, outcome.shams)
+                results.append(
+                    self._sign(
+                        evidence_content(
+                            E.EVIDENCE_EVENT_RELAY_REJECTION,
+                            issuer=self.identity.uri,
+                            shams=parse_shams(outcome.shams),
+                            envelope_sha256=outcome.envelope_sha256,
+                            recipient="",
+                            now=now,
+                            reason="SHAMS_REUSED",
+                            detail="another letter already carries this number",
+                        )
+                    )
+                )
+                continue
+            results.extend(relays)
+            for r in outcome.recipients:
+                self._wake(r)
         return results
 
     # -- receipts from recipients -----------------------------------------------------------
@@ -479,6 +597,13 @@ class Hub(pb.HubServiceServicer):
         while True:
             session.wake.clear()
             sent = False
+            if session.directory_sent != self.directory.version:
+                session.directory_sent = self.directory.version
+                await session.out.put(
+                    pb.ConnectResponse(
+                        directory_update=pb.DirectoryUpdate(version=self.directory.version)
+                    )
+                )
             if session.status_sent != self._status_version:
                 session.status_sent = self._status_version
                 await session.out.put(pb.ConnectResponse(queue_status=self._queue_status()))

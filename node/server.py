@@ -187,7 +187,7 @@ async def _start(
     return f"{host}:{port}"
 
 
-async def serve_hub(config: HubConfig) -> None:
+async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
     from node.hub import Hub, build_directory
     from node.storage.hub_store import HubStore
 
@@ -196,7 +196,7 @@ async def serve_hub(config: HubConfig) -> None:
     trust = _trust(config.tls, config.signing)
     directory = build_directory(config, signer, trust.intermediates)
     store = await HubStore.open(config.database, config.durability)
-    hub = Hub(config, store, signer, trust, directory)
+    hub = Hub(config, store, signer, trust, directory, config_path)
     await hub.start()
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     add_servicer(server, hub, pb.HUB_SERVICE, limit=config.max_frame_bytes)

@@ -41,10 +41,18 @@ class HubLink:
         self.connected = asyncio.Event()
         self._stopping = False
         self._wake = asyncio.Event()
+        self._stub: pb.HubServiceStub | None = None
 
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+
+    async def refresh_directory(self) -> None:
+        """Fetches the hub's current directory (revocations, agency states) and applies it."""
+        if self._stub is None:
+            return
+        response = await self._stub.GetDirectory(pb.GetDirectoryRequest(), timeout=30)
+        await self.agency.set_directory(response.directory)
 
     async def run(self) -> None:
         """Keeps a stream to the hub up until stopped: exponential backoff with full jitter."""
@@ -93,9 +101,9 @@ class HubLink:
             first = await call.read()
             if first is grpc.aio.EOF or first.WhichOneof("frame") != "welcome":
                 raise RuntimeError("hub did not welcome the node")
+            self._stub = stub
             if first.welcome.directory_version != directory_version:
-                response = await stub.GetDirectory(pb.GetDirectoryRequest(), timeout=30)
-                await self.agency.set_directory(response.directory)
+                await self.refresh_directory()
             log.info("connected to hub %s", first.welcome.hub)
             self.connected.set()
             self.agency.hub_connected = True
@@ -195,6 +203,11 @@ class _Session:
                 await self._deliveries(frame.deliveries.envelopes)
             elif kind == "evidence":
                 await self._evidence(frame.evidence.evidence)
+            elif kind == "directory_update":
+                if self.agency.directory is None or (
+                    frame.directory_update.version != self.agency.directory.version
+                ):
+                    await self.link.refresh_directory()
             elif kind == "queue_status":
                 status = frame.queue_status
                 self.agency.full_recipients = frozenset(status.full_recipients)

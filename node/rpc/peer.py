@@ -14,10 +14,17 @@ from client_sdk.identity import Identity
 from client_sdk.trust import TrustStore, VerificationError
 from node.core.errors import ChaparError, Code
 
-__all__ = ["peer_identity"]
+__all__ = ["peer_certificate", "peer_identity"]
 
 
 def peer_identity(context: grpc.aio.ServicerContext, trust: TrustStore) -> Identity:
+    return peer_certificate(context, trust)[1]
+
+
+def peer_certificate(
+    context: grpc.aio.ServicerContext, trust: TrustStore
+) -> tuple[x509.Certificate, Identity]:
+    """The peer's verified TLS certificate and its identity; UNAUTHENTICATED otherwise."""
     auth = context.auth_context()
     pems = auth.get("x509_pem_cert") or []
     if not pems:
@@ -26,7 +33,7 @@ def peer_identity(context: grpc.aio.ServicerContext, trust: TrustStore) -> Ident
         )
     try:
         cert = x509.load_pem_x509_certificate(pems[0])
-        return trust.verify_certificate(cert, "tls")
+        return cert, trust.verify_certificate(cert, "tls")
     except VerificationError as exc:
         raise ChaparError(
             Code.UNAUTHENTICATED, exc.reason, f"client certificate refused: {exc}"

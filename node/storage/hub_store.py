@@ -99,8 +99,9 @@ class HubStore(Store):
     ) -> list[list[pb.Evidence]]:
         """Queues each letter for each recipient once; returns its RELAY_ACCEPTANCE evidence.
 
-        A letter already accepted (same SHAMS number) is not stored again: its original
-        relay evidence is returned.
+        A letter already accepted (same SHAMS number, same header digest) is not stored
+        again: its original relay evidence is returned. A *different* letter under a number
+        already taken gets an empty list and nothing is stored.
         """
 
         async def job(conn: aiosqlite.Connection) -> list[list[pb.Evidence]]:
@@ -108,11 +109,13 @@ class HubStore(Store):
             out: list[list[pb.Evidence]] = []
             for letter in letters:
                 async with conn.execute(
-                    "SELECT relay_evidence FROM letters WHERE shams = ?", (letter.shams,)
+                    "SELECT relay_evidence, envelope_sha256 FROM letters WHERE shams = ?",
+                    (letter.shams,),
                 ) as cur:
                     row = await cur.fetchone()
                 if row is not None:
-                    out.append(list(pb.EvidenceBatch.FromString(row[0]).evidence))
+                    same = bytes(row[1]) == letter.envelope_sha256
+                    out.append(list(pb.EvidenceBatch.FromString(row[0]).evidence) if same else [])
                     continue
                 recipients = list(dict.fromkeys(letter.recipients))
                 relays = [make_relay(letter, r) for r in recipients]

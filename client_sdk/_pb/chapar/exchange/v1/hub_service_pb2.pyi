@@ -203,6 +203,7 @@ class ConnectResponse(_message.Message):
     EVIDENCE_FIELD_NUMBER: _builtins.int
     RECEIPT_ACKS_FIELD_NUMBER: _builtins.int
     QUEUE_STATUS_FIELD_NUMBER: _builtins.int
+    DIRECTORY_UPDATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___ConnectWelcome:
         """First frame of the stream."""
@@ -227,6 +228,12 @@ class ConnectResponse(_message.Message):
     def queue_status(self) -> Global___QueueStatus:
         """Which recipients' queues are full; sent after the welcome and whenever it changes."""
 
+    @_builtins.property
+    def directory_update(self) -> Global___DirectoryUpdate:
+        """The directory changed (an agency added, suspended or retired, a certificate
+        revoked); the node fetches it with GetDirectory.
+        """
+
     def __init__(
         self,
         *,
@@ -236,16 +243,39 @@ class ConnectResponse(_message.Message):
         evidence: Global___EvidenceBatch | None = ...,
         receipt_acks: Global___EvidenceAckBatch | None = ...,
         queue_status: Global___QueueStatus | None = ...,
+        directory_update: Global___DirectoryUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "evidence", b"evidence", "frame", b"frame", "queue_status", b"queue_status", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "directory_update", b"directory_update", "evidence", b"evidence", "frame", b"frame", "queue_status", b"queue_status", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "evidence", b"evidence", "frame", b"frame", "queue_status", b"queue_status", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "directory_update", b"directory_update", "evidence", b"evidence", "frame", b"frame", "queue_status", b"queue_status", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["welcome", "relay_results", "deliveries", "evidence", "receipt_acks", "queue_status"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["welcome", "relay_results", "deliveries", "evidence", "receipt_acks", "queue_status", "directory_update"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class DirectoryUpdate(_message.Message):
+    """DirectoryUpdate announces a new directory version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The new version."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DirectoryUpdate: _TypeAlias = DirectoryUpdate  # noqa: Y015
 
 @_typing.final
 class QueueStatus(_message.Message):
