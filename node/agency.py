@@ -12,12 +12,14 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from client_sdk import pb
+from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, key_id, sha256
 from client_sdk.trust import TrustStore
@@ -28,7 +30,7 @@ from node.core.evidence import evidence_content
 from node.core.letters import build_header, validate_draft
 from node.rpc.errors import abort, to_submit_error
 from node.rpc.peer import peer_identity
-from node.storage.node_store import NewLetter, NodeStore
+from node.storage.node_store import NewLetter, NodeStore, StoredLetter
 from node.tasks import drain, every
 
 __all__ = ["Agency"]
@@ -37,6 +39,27 @@ log = logging.getLogger("chapar.node")
 E = pb.EvidenceEvent
 _INBOX_BATCH = 64
 _MAX_BATCH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """A caller's identity and the mailboxes it may use (None: all of them)."""
+
+    identity: Identity
+    mailboxes: frozenset[str] | None
+
+    def may_see(self, mailboxes: Iterable[str]) -> bool:
+        return self.mailboxes is None or not self.mailboxes.isdisjoint(mailboxes)
+
+    def require(self, mailboxes: Iterable[str], what: str) -> None:
+        boxes = list(mailboxes)
+        if not self.may_see(boxes):
+            raise ChaparError(
+                Code.PERMISSION_DENIED,
+                "MAILBOX_NOT_ALLOWED",
+                f"{self.identity.uri} may not use {what}",
+                metadata={"identity": self.identity.uri, "mailboxes": ",".join(boxes)},
+            )
 
 
 class Agency(pb.NodeServiceServicer):
@@ -126,8 +149,22 @@ class Agency(pb.NodeServiceServicer):
 
     # -- authorisation ----------------------------------------------------------------------
 
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+    def _authorize(self, context: grpc.aio.ServicerContext, *, read_only: bool = False) -> Access:
+        """Who is calling and what they may touch.
+
+        The agency's own back-end clients (and its node identity) are admitted, limited to
+        their configured mailboxes; an auditor may read (``read_only`` calls) and nothing else.
+        """
         identity = peer_identity(context, self.trust)
+        if identity.kind == "auditor":
+            if read_only:
+                return Access(identity, None)
+            raise ChaparError(
+                Code.PERMISSION_DENIED,
+                "AUDITOR_READ_ONLY",
+                f"{identity.uri} may read, not act",
+                metadata={"identity": identity.uri},
+            )
         if identity.kind not in ("client", "agency") or identity.agency != self.config.agency:
             raise ChaparError(
                 Code.PERMISSION_DENIED,
@@ -135,11 +172,13 @@ class Agency(pb.NodeServiceServicer):
                 f"{identity.uri} may not use the node of {self.config.agency}",
                 metadata={"identity": identity.uri},
             )
+        mailboxes = self.config.clients.get(identity.name) if identity.kind == "client" else None
+        return Access(identity, mailboxes)
 
     # -- submission -------------------------------------------------------------------------
 
     async def _submit(
-        self, requests: Sequence[pb.SubmitEnvelopeRequest]
+        self, requests: Sequence[pb.SubmitEnvelopeRequest], access: Access
     ) -> list[pb.Receipt | ChaparError]:
         directory = self._require_directory()
         now = dt.datetime.now(dt.UTC)
@@ -161,6 +200,7 @@ class Agency(pb.NodeServiceServicer):
                     limits=self.config.limits,
                     now=now,
                 )
+                access.require([draft.sender_mailbox], f"the mailbox {draft.sender_mailbox!r}")
                 self._check_quota(draft)
                 root = await self._thread_root(draft) if draft.HasField("in_reply_to") else None
                 valid.append((i, draft, root))
@@ -240,8 +280,8 @@ class Agency(pb.NodeServiceServicer):
         self, request: pb.SubmitEnvelopeRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitEnvelopeResponse:
         try:
-            self._authorize(context)
-            (result,) = await self._submit([request])
+            access = self._authorize(context)
+            (result,) = await self._submit([request], access)
             if isinstance(result, ChaparError):
                 raise result
         except ChaparError as exc:
@@ -250,7 +290,9 @@ class Agency(pb.NodeServiceServicer):
             raise AssertionError("unreachable") from exc
         return pb.SubmitEnvelopeResponse(receipt=result)
 
-    async def _batch(self, requests: Sequence[pb.SubmitEnvelopeRequest]) -> list[pb.SubmitResult]:
+    async def _batch(
+        self, requests: Sequence[pb.SubmitEnvelopeRequest], access: Access
+    ) -> list[pb.SubmitResult]:
         if len(requests) > _MAX_BATCH:
             raise ChaparError(
                 Code.RESOURCE_EXHAUSTED,
@@ -259,7 +301,7 @@ class Agency(pb.NodeServiceServicer):
                 metadata={"limit": str(_MAX_BATCH)},
             )
         out: list[pb.SubmitResult] = []
-        for request, result in zip(requests, await self._submit(requests), strict=True):
+        for request, result in zip(requests, await self._submit(requests, access), strict=True):
             if isinstance(result, ChaparError):
                 out.append(
                     pb.SubmitResult(request_id=request.request_id, error=to_submit_error(result))
@@ -272,8 +314,8 @@ class Agency(pb.NodeServiceServicer):
         self, request: pb.BatchSubmitEnvelopesRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchSubmitEnvelopesResponse:
         try:
-            self._authorize(context)
-            results = await self._batch(request.requests)
+            access = self._authorize(context)
+            results = await self._batch(request.requests, access)
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -285,7 +327,7 @@ class Agency(pb.NodeServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> None:
         try:
-            self._authorize(context)
+            access = self._authorize(context)
         except ChaparError as exc:
             await abort(context, exc)
             return
@@ -295,7 +337,7 @@ class Agency(pb.NodeServiceServicer):
         async def read() -> None:
             try:
                 async for frame in request_iterator:
-                    await pending.put(asyncio.create_task(self._batch(frame.requests)))
+                    await pending.put(asyncio.create_task(self._batch(frame.requests, access)))
             finally:
                 await pending.put(None)
 
@@ -321,7 +363,9 @@ class Agency(pb.NodeServiceServicer):
         self, request: pb.StreamInboxRequest, context: grpc.aio.ServicerContext
     ) -> None:
         try:
-            self._authorize(context)
+            access = self._authorize(context)
+            if request.mailbox:
+                access.require([request.mailbox], f"the mailbox {request.mailbox!r}")
         except ChaparError as exc:
             await abort(context, exc)
             return
@@ -340,7 +384,8 @@ class Agency(pb.NodeServiceServicer):
                 cursor = rows[-1][0]
                 letters = []
                 for _, shams, mailboxes, envelope, delivery, received_at in rows:
-                    if mailbox and mailbox not in mailboxes.split("\n"):
+                    boxes = mailboxes.split("\n")
+                    if (mailbox and mailbox not in boxes) or not access.may_see(boxes):
                         continue
                     letter = pb.InboxLetter(
                         envelope=pb.Envelope.FromString(envelope),
@@ -363,8 +408,11 @@ class Agency(pb.NodeServiceServicer):
         self, request: pb.AckEnvelopeRequest, context: grpc.aio.ServicerContext
     ) -> pb.AckEnvelopeResponse:
         try:
-            self._authorize(context)
+            access = self._authorize(context)
             shams = self._shams_of(request.shams)
+            boxes = await self.store.inbox_mailboxes(shams)
+            if boxes is not None:
+                access.require(boxes, f"the letter {shams}")
             agency_uri = self.identity.uri
 
             def make_handover(envelope: pb.Envelope) -> pb.Evidence:
@@ -387,6 +435,13 @@ class Agency(pb.NodeServiceServicer):
         self.receipts_changed.set()
         return pb.AckEnvelopeResponse(evidence=evidence)
 
+    def _mailboxes_of(self, letter: StoredLetter) -> list[str]:
+        """This agency's mailboxes a letter belongs to: its sender's, or its recipients'."""
+        header = pb.EnvelopeHeader.FromString(letter.envelope.header)
+        if letter.direction == pb.LetterDirection.LETTER_DIRECTION_OUTGOING:
+            return [header.sender.mailbox]
+        return [r.mailbox for r in header.recipients if r.agency == self.config.agency]
+
     @staticmethod
     def _shams_of(shams: pb.Shams) -> str:
         from node.core.letters import validate_shams
@@ -398,7 +453,7 @@ class Agency(pb.NodeServiceServicer):
         self, request: pb.GetEnvelopeRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetEnvelopeResponse:
         try:
-            self._authorize(context)
+            access = self._authorize(context, read_only=True)
             shams = self._shams_of(request.shams)
             letter = await self.store.letter(shams)
             if letter is None:
@@ -408,6 +463,7 @@ class Agency(pb.NodeServiceServicer):
                     f"no letter {shams} at this node",
                     metadata={"shams": shams},
                 )
+            access.require(self._mailboxes_of(letter), f"the letter {shams}")
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -431,7 +487,7 @@ class Agency(pb.NodeServiceServicer):
         self, request: pb.ListAgenciesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAgenciesResponse:
         try:
-            self._authorize(context)
+            self._authorize(context, read_only=True)
             directory = self._require_directory()
         except ChaparError as exc:
             await abort(context, exc)

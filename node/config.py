@@ -7,6 +7,7 @@ Relative paths are resolved against the directory of the configuration file.
 from __future__ import annotations
 
 import tomllib
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,8 @@ class NodeConfig:
     reconnect_max_s: float = 10.0
     retention_s: float = 30 * 86400.0
     purge_interval_s: float = 3600.0
+    # Back-end client name -> the mailboxes it may use; a client not listed may use all.
+    clients: dict[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def identity(self) -> Identity:
@@ -293,6 +296,24 @@ def read_revocations(path: Path | None) -> list[str]:
     return serials
 
 
+def _clients(t: _Table) -> dict[str, frozenset[str]]:
+    raw = t.data.get("clients", [])
+    if not isinstance(raw, list):
+        raise ConfigError("[[clients]]: must be an array of tables")
+    clients: dict[str, frozenset[str]] = {}
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(f"clients[{i}]: must be a table")
+        name = _Table(item, f"clients[{i}]", t.base).text("name")
+        mailboxes = item.get("mailboxes")
+        if not isinstance(mailboxes, list) or not all(isinstance(m, str) for m in mailboxes):
+            raise ConfigError(f"clients[{i}].mailboxes: must be a list of mailbox names")
+        if name in clients:
+            raise ConfigError(f"clients[{i}].name: {name} is listed twice")
+        clients[name] = frozenset(unicodedata.normalize("NFC", m) for m in mailboxes)
+    return clients
+
+
 def load_node_config(path: Path) -> NodeConfig:
     t = _read(path)
     node = t.table("node")
@@ -321,6 +342,7 @@ def load_node_config(path: Path) -> NodeConfig:
         grace_s=node.number("shutdown_grace_s", 5.0),
         relay_batch=node.integer("relay_batch", 256),
         reconnect_max_s=node.number("reconnect_max_s", 10.0),
+        clients=_clients(t),
         retention_s=node.number("retention_s", 30 * 86400.0),
         purge_interval_s=node.number("purge_interval_s", 3600.0),
     )

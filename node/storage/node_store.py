@@ -376,6 +376,11 @@ class NodeStore(Store):
 
         return await self.db.write(job)
 
+    async def inbox_mailboxes(self, shams: str) -> list[str] | None:
+        """The mailboxes a received letter is addressed to here, or None if not received."""
+        row = await self.db.fetchone("SELECT mailboxes FROM inbox WHERE shams = ?", (shams,))
+        return str(row[0]).split("\n") if row is not None else None
+
     async def receipts_to_send(self, limit: int) -> list[pb.Evidence]:
         rows = await self.db.fetchall(
             "SELECT evidence FROM evidence WHERE to_send = 1 ORDER BY rowid LIMIT ?", (limit,)
