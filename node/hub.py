@@ -308,11 +308,12 @@ class Hub(pb.HubServiceServicer):
             content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content)
         )
 
-    def _agency_of(self, context: grpc.aio.ServicerContext) -> str:
-        return self._peer(context)[0]
+    def _peer(self, context: grpc.aio.ServicerContext, *, active: bool = True) -> tuple[str, int]:
+        """The connected node's agency code and TLS certificate serial, if admitted.
 
-    def _peer(self, context: grpc.aio.ServicerContext) -> tuple[str, int]:
-        """The connected node's agency code and TLS certificate serial, if admitted."""
+        ``active=False`` admits a suspended or retired agency too (never a revoked
+        certificate): it may still read the directory, to learn its own state.
+        """
         cert, identity = peer_certificate(context, self.trust)
         if identity.kind != "agency":
             raise ChaparError(
@@ -321,14 +322,22 @@ class Hub(pb.HubServiceServicer):
                 f"{identity.uri} is not an agency node",
                 metadata={"identity": identity.uri},
             )
-        self.directory.require_sender(identity.agency)
+        if active:
+            self.directory.require_sender(identity.agency)
+        elif self.directory.agency(identity.agency) is None:
+            raise ChaparError(
+                Code.PERMISSION_DENIED,
+                "UNKNOWN_SENDER",
+                f"no agency {identity.agency} in the directory",
+                metadata={"agency": identity.agency},
+            )
         return identity.agency, cert.serial_number
 
     async def GetDirectory(
         self, request: pb.GetDirectoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDirectoryResponse:
         try:
-            self._agency_of(context)
+            self._peer(context, active=False)
         except ChaparError as exc:
             await abort(context, exc)
         return pb.GetDirectoryResponse(directory=self.directory.message)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -98,8 +99,9 @@ def _check_identity(path: Path, key: str, expected: Identity) -> None:
 
 
 def _signer(signing: SigningConfig, expected: Identity) -> Signer:
-    check_key_file(signing.key, "signing.key")
+    key = check_key_file(signing.key, "signing.key")
     _check_identity(signing.cert, "signing.cert", expected)
+    _check_key_matches(key, signing.cert, "signing.key")
     signer = Signer.from_files(signing.key, signing.cert)
     if signing.algorithm is not None:
         wanted = {
@@ -113,9 +115,27 @@ def _signer(signing: SigningConfig, expected: Identity) -> Signer:
     return signer
 
 
+def _check_key_matches(key_pem: bytes, cert_path: Path, key: str) -> None:
+    """A key that is not the certificate's is named here (gRPC would say only 'cannot bind')."""
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{key}: not a readable unencrypted PEM private key") from exc
+    cert = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    ours = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    theirs = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if ours != theirs:
+        raise ConfigError(f"{key}: does not match the public key of {cert_path}")
+
+
 def _server_credentials(tls: TlsConfig, expected: Identity) -> grpc.ServerCredentials:
     key = check_key_file(tls.key, "tls.key")
     _check_identity(tls.cert, "tls.cert", expected)
+    _check_key_matches(key, tls.cert, "tls.key")
     return grpc.ssl_server_credentials(
         [(key, tls.cert.read_bytes())],
         root_certificates=tls.ca.read_bytes(),
@@ -124,6 +144,7 @@ def _server_credentials(tls: TlsConfig, expected: Identity) -> grpc.ServerCreden
 
 
 def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
+    """The node's credentials towards the hub (the same TLS certificate and key)."""
     return grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes(),
         private_key=check_key_file(tls.key, "tls.key"),

@@ -11,6 +11,7 @@ means resending: nothing is lost and the stores de-duplicate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -98,7 +99,16 @@ class HubLink:
                     )
                 )
             )
-            first = await call.read()
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    # This agency was suspended or retired: learn it from the directory,
+                    # so this node refuses submissions instead of queueing them.
+                    self._stub = stub
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await self.refresh_directory()
+                raise
             if first is grpc.aio.EOF or first.WhichOneof("frame") != "welcome":
                 raise RuntimeError("hub did not welcome the node")
             self._stub = stub

@@ -271,7 +271,15 @@ class NodeStore(Store):
                     await conn.execute(
                         "UPDATE outbox SET relay_state = 2 WHERE shams = ?", (shams,)
                     )
-                await _advance(conn, shams, content.recipient, content.event)
+                if content.recipient:
+                    await _advance(conn, shams, content.recipient, content.event)
+                else:  # about the whole letter (a relay rejection): every recipient moves
+                    async with conn.execute(
+                        "SELECT recipient FROM recipient_state WHERE shams = ?", (shams,)
+                    ) as cur:
+                        recipients = [str(r[0]) for r in await cur.fetchall()]
+                    for recipient in recipients:
+                        await _advance(conn, shams, recipient, content.event)
 
         await self.db.write(job)
 

@@ -532,6 +532,18 @@ async def test_relay_rejection_marks_the_letter_rejected_and_stops_relaying(
     assert await store.outbox_to_relay(0, 10) == []
 
 
+async def test_relay_rejection_of_the_whole_letter_moves_every_recipient(
+    store: NodeStore,
+) -> None:
+    """The hub rejects a letter as a whole (recipient ""): no recipient may stay SUBMITTED."""
+    receipt = await _submit_one(store, "whole", Builder())
+    rejection = _evidence(E.EVIDENCE_EVENT_RELAY_REJECTION, shams=receipt.shams, recipient="")
+    await store.record_sender_evidence([(*rejection, receipt.shams_text)])
+    letter = await store.letter(receipt.shams_text)
+    assert letter is not None
+    assert set(letter.statuses.values()) == {lifecycle.REJECTED}
+
+
 # -- NodeStore: letters we receive -------------------------------------------------------------
 
 

@@ -1,0 +1,827 @@
+"""Security of letters and evidence against real hub and node processes (mutual TLS).
+
+One cluster for the whole module: agencies A and B with nodes, C without (the tests speak
+raw gRPC to the hub as C's node). The hub re-reads its configuration and revocation file
+every 0.2 s, so revocations and suspensions take effect without restarting anything;
+every test that changes either restores it in a ``finally`` and waits for the change to
+reach the nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import itertools
+import os
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from certs.pki import generate_key, issue_certificate, load_certs, load_key
+from client_sdk import (
+    Credentials,
+    ExchangeClient,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    pb,
+)
+from client_sdk.errors import from_rpc_error
+from client_sdk.shams import format_shams
+from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, sha256
+from client_sdk.trust import TrustStore, VerificationError
+from node.cluster import Cluster
+from node.core.evidence import evidence_content
+
+pytestmark = pytest.mark.integration
+
+A = "000.00.00.G22"
+B = "10861234567"
+C = "MOFA.IR"  # in the directory, no node: the tests act as its node
+E = pb.EvidenceEvent
+HUB_NAME = "national"
+HUB_SETTINGS = "\n".join(
+    [
+        'revocation_file = "revoked.txt"',
+        "reload_interval_s = 0.2",
+        "clock_skew_s = 60",
+        "max_letter_age_s = 86400",
+    ]
+)
+NODE_SETTINGS = "\n".join(
+    [
+        "reconnect_max_s = 1.0",
+        "[[clients]]",
+        'name = "registry"',
+        'mailboxes = ["registry"]',
+    ]
+)
+PROPAGATION_S = 10.0  # hub reload (0.2 s) + directory_update + the node's refetch, generously
+DELIVERED = {"DELIVERED", "HANDED_OVER"}
+YEAR = dt.datetime.now(dt.UTC).year
+_sequences = itertools.count(101)
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("security")
+    started = asyncio.run(
+        Cluster.start(
+            root,
+            [A, B, C],
+            without_node=[C],
+            hub_settings=HUB_SETTINGS,
+            node_settings=NODE_SETTINGS,
+        )
+    )
+    try:
+        yield started
+    finally:
+        codes = started.stop()
+        assert all(code == 0 for code in codes.values()), codes
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _hub_db(cluster: Cluster) -> Path:
+    return cluster.root / "hub" / "hub.db"
+
+
+def _node_db(cluster: Cluster, code: str) -> Path:
+    return cluster.root / f"node-{code}" / "node.db"
+
+
+def _count(db: Path, sql: str, params: tuple[object, ...] = ()) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute(sql, params).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _revocation_file(cluster: Cluster) -> Path:
+    return cluster.root / "hub" / "revoked.txt"
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    """Writes through a temporary file and a rename, so the hub never reads half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _serial(path: Path) -> str:
+    """The hexadecimal serial of the first certificate in a PEM file, as the file lists it."""
+    return format(load_certs(path)[0].serial_number, "x")
+
+
+async def _eventually(
+    probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = PROPAGATION_S
+) -> T:
+    """Calls ``probe`` until it returns something other than None/False."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if result is not None and result is not False:
+            return result
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def _list_agencies(
+    cluster: Cluster, code: str, credentials: Credentials | None = None
+) -> pb.ListAgenciesResponse:
+    """Raw ListAgencies on ``code``'s node (A's back-end credentials unless told)."""
+    creds = credentials or cluster.credentials(code)
+    async with grpc.aio.secure_channel(
+        cluster.nodes[code].address, creds.channel_credentials()
+    ) as channel:
+        response: pb.ListAgenciesResponse = await pb.NodeServiceStub(channel).ListAgencies(
+            pb.ListAgenciesRequest(), timeout=10
+        )
+        return response
+
+
+def _auditor(cluster: Cluster) -> Credentials:
+    d = cluster.pki.auditor_dir("auditor")
+    return Credentials.from_files(
+        ca=cluster.pki.root_cert, cert=d / "client.crt", key=d / "client.key"
+    )
+
+
+async def _versions(cluster: Cluster) -> dict[str, int]:
+    """Each node's directory version, read with the auditor's (never revoked) credentials."""
+    auditor = _auditor(cluster)
+    return {
+        code: (await _list_agencies(cluster, code, auditor)).directory_version
+        for code in cluster.nodes
+    }
+
+
+async def _wait_for_new_directory(cluster: Cluster, before: dict[str, int]) -> dict[str, int]:
+    """Waits until every node holds a directory version newer than ``before``."""
+
+    async def newer() -> dict[str, int] | None:
+        now = await _versions(cluster)
+        return now if all(now[c] > before[c] for c in before) else None
+
+    return await _eventually(newer, f"a directory version newer than {before}")
+
+
+@contextlib.asynccontextmanager
+async def _revoked(cluster: Cluster, *cert_files: Path) -> AsyncIterator[None]:
+    """Lists the certificates' serials in the revocation file until the block ends.
+
+    Waits for the new directory to reach every node on the way in and on the way out.
+    """
+    path = _revocation_file(cluster)
+    before = await _versions(cluster)
+    _write_replacing(path, "".join(f"{_serial(f)}  # revoked by a test\n" for f in cert_files))
+    try:
+        await _wait_for_new_directory(cluster, before)
+        yield
+    finally:
+        before = await _versions(cluster)
+        _write_replacing(path, "")
+        await _wait_for_new_directory(cluster, before)
+
+
+def _client(cluster: Cluster, code: str) -> ExchangeClient:
+    return ExchangeClient(cluster.nodes[code].address, cluster.credentials(code))
+
+
+async def _status(client: ExchangeClient, shams: str, agency: str) -> str:
+    return (await client.track(shams)).statuses.get(agency, "")
+
+
+async def _wait_delivered(client: ExchangeClient, shams: str, agency: str) -> None:
+    async def delivered() -> bool:
+        return await _status(client, shams, agency) in DELIVERED
+
+    await _eventually(delivered, f"{shams} delivered to {agency}", timeout=20)
+
+
+def _contents(evidence: list[pb.Evidence]) -> list[pb.EvidenceContent]:
+    return [pb.EvidenceContent.FromString(e.content) for e in evidence]
+
+
+# -- raw hub access as C's node (copied from test_walking_skeleton) ----------------------
+
+
+def _tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
+    d = cluster.pki.agency_dir(code)
+    return grpc.ssl_channel_credentials(
+        root_certificates=cluster.pki.root_cert.read_bytes(),
+        private_key=(d / "tls.key").read_bytes(),
+        certificate_chain=(d / "tls.crt").read_bytes(),
+    )
+
+
+def _signer(cluster: Cluster, code: str) -> Signer:
+    d = cluster.pki.agency_dir(code)
+    return Signer.from_files(d / "signing.key", d / "signing.crt")
+
+
+def _shams(sequence: int, origin: str = C) -> pb.Shams:
+    return pb.Shams(
+        origin=origin, domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=YEAR, sequence=sequence
+    )
+
+
+def _header(
+    *,
+    sequence: int,
+    subject: str = "raw",
+    body: bytes = b"raw letter",
+    created: dt.datetime | None = None,
+    to: str = B,
+) -> bytes:
+    """A header from C, built field by field so create_time can be anything."""
+    header = pb.EnvelopeHeader(
+        shams=_shams(sequence),
+        sender=pb.Address(agency=C),
+        recipients=[pb.Address(agency=to)],
+        subject=subject,
+        kind=pb.LetterKind.LETTER_KIND_LETTER,
+        priority=pb.Priority.PRIORITY_NORMAL,
+        content_type="text/plain; charset=utf-8",
+        body_sha256=sha256(body),
+        body_size=len(body),
+    )
+    header.create_time.FromDatetime(created or dt.datetime.now(dt.UTC))
+    return header.SerializeToString(deterministic=True)
+
+
+def _letter(
+    cluster: Cluster,
+    *,
+    sequence: int,
+    subject: str = "raw",
+    body: bytes = b"raw letter",
+    created: dt.datetime | None = None,
+    signer: Signer | None = None,
+    to: str = B,
+) -> pb.Envelope:
+    header = _header(sequence=sequence, subject=subject, body=body, created=created, to=to)
+    signer = signer or _signer(cluster, C)
+    return pb.Envelope(
+        header=header, signature=signer.sign(ENVELOPE_PAYLOAD_TYPE, header), body=body
+    )
+
+
+async def _hub_answer(
+    cluster: Cluster, request: pb.ConnectRequest, frame: str
+) -> pb.ConnectResponse:
+    """Connects to the hub as C's node, sends one frame, returns the first ``frame`` answer."""
+    async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, C)) as channel:
+        call = pb.HubServiceStub(channel).Connect()
+        await call.write(pb.ConnectRequest(hello=pb.ConnectHello(software_version="test")))
+        welcome = await call.read()
+        assert welcome.WhichOneof("frame") == "welcome"
+        await call.write(request)
+        while True:
+            answer = await asyncio.wait_for(call.read(), 10)
+            if answer is grpc.aio.EOF:
+                raise AssertionError("stream ended without an answer")
+            if answer.WhichOneof("frame") == frame:
+                call.cancel()
+                response: pb.ConnectResponse = answer
+                return response
+
+
+def _hub_trust(cluster: Cluster) -> TrustStore:
+    trust = TrustStore.from_pem_files(cluster.pki.root_cert, cluster.pki.intermediate_cert)
+    trust.add_certificates(load_certs(cluster.pki.hub_dir(HUB_NAME) / "signing.crt"))
+    return trust
+
+
+async def _relay_one(cluster: Cluster, envelope: pb.Envelope) -> pb.EvidenceContent:
+    """Relays one letter as C; returns the hub's single answer, its signature verified."""
+    answer = await _hub_answer(
+        cluster,
+        pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=[envelope])),
+        "relay_results",
+    )
+    (evidence,) = answer.relay_results.evidence
+    content = _hub_trust(cluster).verify_evidence(evidence)
+    assert content.issuer == f"urn:chapar:hub:{HUB_NAME}"
+    assert content.envelope_sha256 == sha256(envelope.header)
+    return content
+
+
+def _letters_with(cluster: Cluster, sequence: int) -> int:
+    return _count(
+        _hub_db(cluster),
+        "SELECT count(*) FROM letters WHERE shams = ?",
+        (format_shams(_shams(sequence)),),
+    )
+
+
+# -- 1. the hub's relay checks ---------------------------------------------------------
+
+
+def _one_hour_ahead(cluster: Cluster, seq: int) -> pb.Envelope:
+    return _letter(cluster, sequence=seq, created=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+
+
+def _two_days_old(cluster: Cluster, seq: int) -> pb.Envelope:
+    return _letter(cluster, sequence=seq, created=dt.datetime.now(dt.UTC) - dt.timedelta(days=2))
+
+
+def _ed25519_labelled_ecdsa(cluster: Cluster, seq: int) -> pb.Envelope:
+    envelope = _letter(cluster, sequence=seq)
+    assert envelope.signature.algorithm == pb.SignatureAlgorithm.SIGNATURE_ALGORITHM_ED25519
+    envelope.signature.algorithm = pb.SignatureAlgorithm.SIGNATURE_ALGORITHM_ECDSA_P256_SHA256
+    return envelope
+
+
+def _signed_by_unlisted_key(cluster: Cluster, seq: int) -> pb.Envelope:
+    """A fresh key with a certificate validly issued for C, but not in the directory."""
+    key = generate_key("ed25519")
+    cert = issue_certificate(
+        issuer_cert=load_certs(cluster.pki.intermediate_cert)[0],
+        issuer_key=load_key(cluster.pki.intermediate_key),
+        subject_key=key,
+        identity_uri=f"urn:chapar:agency:{C}",
+        kind="signing",
+    )
+    return _letter(cluster, sequence=seq, signer=Signer(key, cert))
+
+
+def _body_changed_after_signing(cluster: Cluster, seq: int) -> pb.Envelope:
+    envelope = _letter(cluster, sequence=seq, body=b"the signed body")
+    envelope.body = b"another body"
+    return envelope
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        (_one_hour_ahead, "CREATE_TIME_OUT_OF_WINDOW"),
+        (_two_days_old, "CREATE_TIME_OUT_OF_WINDOW"),
+        (_ed25519_labelled_ecdsa, "SIGNATURE_ALGORITHM_MISMATCH"),
+        (_signed_by_unlisted_key, "SIGNER_UNKNOWN"),
+        (_body_changed_after_signing, "BODY_DIGEST_MISMATCH"),
+    ],
+    ids=["create-time-1h-ahead", "create-time-2d-old", "algorithm-label", "unlisted-key", "body"],
+)
+async def test_hub_rejects_faulty_letter_with_signed_reason_and_stores_nothing(
+    cluster: Cluster, forge: Callable[[Cluster, int], pb.Envelope], reason: str
+) -> None:
+    letters = _count(_hub_db(cluster), "SELECT count(*) FROM letters")
+    seq = next(_sequences)
+    content = await _relay_one(cluster, forge(cluster, seq))
+    assert content.event == E.EVIDENCE_EVENT_RELAY_REJECTION
+    assert content.reason == reason
+    assert content.recipient == ""
+    assert format_shams(content.shams) == format_shams(_shams(seq))
+    assert _count(_hub_db(cluster), "SELECT count(*) FROM letters") == letters
+    assert _letters_with(cluster, seq) == 0
+
+
+async def test_reused_number_is_rejected_and_the_original_letter_keeps_its_evidence(
+    cluster: Cluster,
+) -> None:
+    hub_db = _hub_db(cluster)
+    seq = next(_sequences)
+    x = _letter(cluster, sequence=seq, subject="X: the first letter under this number")
+    y = _letter(cluster, sequence=seq, subject="Y: another letter under the same number")
+
+    letters = _count(hub_db, "SELECT count(*) FROM letters")
+    first = await _relay_one(cluster, x)
+    assert first.event == E.EVIDENCE_EVENT_RELAY_ACCEPTANCE
+    assert first.recipient == B
+    assert _count(hub_db, "SELECT count(*) FROM letters") == letters + 1
+
+    reused = await _relay_one(cluster, y)
+    assert reused.event == E.EVIDENCE_EVENT_RELAY_REJECTION
+    assert reused.reason == "SHAMS_REUSED"
+    assert reused.envelope_sha256 == sha256(y.header)
+    assert _count(hub_db, "SELECT count(*) FROM letters") == letters + 1
+    # The stored letter under the number is still X.
+    assert (
+        _count(
+            hub_db,
+            "SELECT count(*) FROM letters WHERE shams = ? AND envelope_sha256 = ?",
+            (format_shams(_shams(seq)), sha256(x.header)),
+        )
+        == 1
+    )
+
+    again = await _relay_one(cluster, x)
+    assert again.event == E.EVIDENCE_EVENT_RELAY_ACCEPTANCE
+    assert again.evidence_id == first.evidence_id
+    assert _count(hub_db, "SELECT count(*) FROM letters") == letters + 1
+
+
+# -- 2. evidence signed by someone other than its issuer -----------------------------------
+
+
+def _forged_delivery(cluster: Cluster, letter: pb.Envelope) -> pb.Evidence:
+    """DELIVERY evidence claiming to come from B, signed with C's signing key."""
+    # C would gain by it: the hub would take C's letter as delivered on B's word.
+    header = pb.EnvelopeHeader.FromString(letter.header)
+    content = evidence_content(
+        E.EVIDENCE_EVENT_DELIVERY,
+        issuer=f"urn:chapar:agency:{B}",
+        shams=header.shams,
+        envelope_sha256=sha256(letter.header),
+        recipient=header.recipients[0].agency,
+        now=dt.datetime.now(dt.UTC),
+    )
+    return pb.Evidence(
+        content=content, signature=_signer(cluster, C).sign(EVIDENCE_PAYLOAD_TYPE, content)
+    )
+
+
+async def test_evidence_signed_by_other_than_its_issuer_is_neither_stored_nor_acknowledged(
+    cluster: Cluster,
+) -> None:
+    hub_db = _hub_db(cluster)
+    # Addressed to C (no node): nothing else adds evidence about it while the test runs.
+    letter = _letter(cluster, sequence=next(_sequences), subject="falsely receipted", to=C)
+    shams = format_shams(pb.EnvelopeHeader.FromString(letter.header).shams)
+    assert (await _relay_one(cluster, letter)).event == E.EVIDENCE_EVENT_RELAY_ACCEPTANCE
+    forged = _forged_delivery(cluster, letter)
+    forged_id = pb.EvidenceContent.FromString(forged.content).evidence_id
+    # Control: evidence C really issued (about a letter not addressed to C) verifies, so it
+    # is acknowledged (and still not stored): the frame was read and answered.
+    honest_content = evidence_content(
+        E.EVIDENCE_EVENT_DELIVERY_FAILURE,
+        issuer=f"urn:chapar:agency:{C}",
+        shams=_shams(next(_sequences)),
+        envelope_sha256=sha256(b"no such letter"),
+        recipient=C,
+        now=dt.datetime.now(dt.UTC),
+        reason="TEST",
+    )
+    honest = pb.Evidence(
+        content=honest_content,
+        signature=_signer(cluster, C).sign(EVIDENCE_PAYLOAD_TYPE, honest_content),
+    )
+    honest_id = pb.EvidenceContent.FromString(honest_content).evidence_id
+
+    evidence_rows = _count(hub_db, "SELECT count(*) FROM evidence WHERE shams = ?", (shams,))
+    assert evidence_rows == 1  # its RELAY_ACCEPTANCE
+    answer = await _hub_answer(
+        cluster,
+        pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=[forged, honest])),
+        "receipt_acks",
+    )
+    acked = list(answer.receipt_acks.evidence_ids)
+    assert forged_id not in acked
+    assert acked == [honest_id]
+    assert (
+        _count(hub_db, "SELECT count(*) FROM evidence WHERE shams = ?", (shams,)) == evidence_rows
+    )
+    assert _count(hub_db, "SELECT count(*) FROM evidence WHERE evidence_id = ?", (forged_id,)) == 0
+    # Still queued for C: the forged DELIVERY did not take it off the queue.
+    assert (
+        _count(hub_db, "SELECT count(*) FROM queue WHERE recipient = ? AND shams = ?", (C, shams))
+        == 1
+    )
+
+
+def test_trust_store_refuses_evidence_signed_by_other_than_its_issuer(cluster: Cluster) -> None:
+    trust = TrustStore.from_pem_files(cluster.pki.root_cert, cluster.pki.intermediate_cert)
+    trust.add_certificates(load_certs(cluster.pki.agency_dir(C) / "signing.crt"))
+    forged = _forged_delivery(cluster, _letter(cluster, sequence=next(_sequences)))
+    with pytest.raises(VerificationError) as err:
+        trust.verify_evidence(forged)
+    assert err.value.reason == "ISSUER_MISMATCH"
+
+
+# -- 3. revocation without a restart ---------------------------------------------------
+
+
+async def test_revoked_signing_certificate_gets_letters_rejected_at_the_hub_until_unrevoked(
+    cluster: Cluster,
+) -> None:
+    signing = cluster.pki.agency_dir(B) / "signing.crt"
+    before = (await _list_agencies(cluster, A)).directory_version
+    async with _client(cluster, B) as b:
+        async with _revoked(cluster, signing):
+            after = (await _list_agencies(cluster, A)).directory_version
+            assert after > before
+            receipt = await b.send(to=[A], subject="signed with a revoked key", body="x")
+
+            async def rejection() -> pb.EvidenceContent | None:
+                tracking = await b.track(receipt.shams)
+                found = [
+                    c
+                    for c in _contents(tracking.evidence)
+                    if c.event == E.EVIDENCE_EVENT_RELAY_REJECTION
+                ]
+                return found[0] if found else None
+
+            rejected = await _eventually(rejection, "the hub's RELAY_REJECTION at node B")
+            assert rejected.reason == "CERTIFICATE_REVOKED"
+            assert rejected.issuer == f"urn:chapar:hub:{HUB_NAME}"
+            assert (
+                _count(
+                    _hub_db(cluster),
+                    "SELECT count(*) FROM letters WHERE shams = ?",
+                    (receipt.shams,),
+                )
+                == 0
+            )
+            assert (
+                _count(
+                    _node_db(cluster, A),
+                    "SELECT count(*) FROM inbox WHERE shams = ?",
+                    (receipt.shams,),
+                )
+                == 0
+            )
+            # The lifecycle must say so too (checked last, after the recovery below).
+            statuses_when_rejected = (await b.track(receipt.shams)).statuses
+
+        again = await b.send(to=[A], subject="signed with the un-revoked key", body="y")
+        await _wait_delivered(b, again.shams, A)
+        assert (
+            _count(
+                _node_db(cluster, A), "SELECT count(*) FROM inbox WHERE shams = ?", (receipt.shams,)
+            )
+            == 0
+        )
+    assert statuses_when_rejected == {A: "REJECTED"}
+
+
+async def test_revoked_client_certificate_is_refused_by_its_node_until_unrevoked(
+    cluster: Cluster,
+) -> None:
+    client_cert = cluster.pki.agency_dir(A) / "client.crt"
+    async with _client(cluster, A) as a:
+        assert await a.agencies()
+        async with _revoked(cluster, client_cert):
+
+            async def refused() -> Unauthenticated | None:
+                try:
+                    await a.agencies()
+                except Unauthenticated as exc:
+                    return exc
+                return None
+
+            err = await _eventually(refused, "node A refusing its revoked back-end client")
+            assert err.reason == "CERTIFICATE_REVOKED"
+            with pytest.raises(Unauthenticated) as again:
+                await a.send(to=[B], subject="from a revoked client", body="x")
+            assert again.value.reason == "CERTIFICATE_REVOKED"
+
+        async def admitted() -> bool:
+            try:
+                return bool(await a.agencies())
+            except Unauthenticated:
+                return False
+
+        await _eventually(admitted, "node A admitting the un-revoked client again")
+        receipt = await a.send(to=[B], subject="from the un-revoked client", body="y")
+        assert receipt.shams.startswith(f"{A}/O/")
+
+
+async def _hub_directory_as_c(cluster: Cluster) -> pb.GetDirectoryResponse:
+    async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, C)) as channel:
+        response: pb.GetDirectoryResponse = await pb.HubServiceStub(channel).GetDirectory(
+            pb.GetDirectoryRequest(), timeout=10
+        )
+        return response
+
+
+async def test_revoked_node_tls_certificate_is_refused_by_the_hub_until_unrevoked(
+    cluster: Cluster,
+) -> None:
+    assert (await _hub_directory_as_c(cluster)).directory.version > 0
+    tls = cluster.pki.agency_dir(C) / "tls.crt"
+    async with _revoked(cluster, tls):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _hub_directory_as_c(cluster)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert from_rpc_error(err.value).reason == "CERTIFICATE_REVOKED"
+    directory = (await _hub_directory_as_c(cluster)).directory
+    assert _serial(tls) not in directory.revoked_serials
+
+
+# -- 4. suspension without a restart ---------------------------------------------------
+
+
+def _with_state(config: str, code: str, state: str) -> str:
+    pattern = re.compile(rf'(code = "{re.escape(code)}"\nname = "[^"\n]*"\nstate = )"[a-z]+"')
+    changed, n = pattern.subn(rf'\1"{state}"', config)
+    assert n == 1, f"no [[agencies]] block for {code} in the hub configuration"
+    return changed
+
+
+async def _state_at(cluster: Cluster, node: str, code: str) -> int:
+    agencies = (await _list_agencies(cluster, node, _auditor(cluster))).agencies
+    return next(a.state for a in agencies if a.code == code)
+
+
+async def _wait_state(
+    cluster: Cluster, node: str, code: str, state: pb.AgencyState.ValueType
+) -> bool:
+    async def reached() -> bool:
+        return await _state_at(cluster, node, code) == state
+
+    await _eventually(reached, f"node {node} seeing {code} as {pb.AgencyState.Name(state)}")
+    return True
+
+
+async def test_suspended_agency_can_neither_send_nor_receive_until_reactivated(
+    cluster: Cluster,
+) -> None:
+    config = cluster.hub.config
+    original = config.read_text()
+    outbox_a = _count(_node_db(cluster, A), "SELECT count(*) FROM outbox")
+    outbox_b = _count(_node_db(cluster, B), "SELECT count(*) FROM outbox")
+    async with _client(cluster, A) as a, _client(cluster, B) as b:
+        try:
+            _write_replacing(config, _with_state(original, B, "suspended"))
+            await _wait_state(cluster, A, B, pb.AGENCY_STATE_SUSPENDED)
+            with pytest.raises(FailedPrecondition) as to_b:
+                await a.send(to=[B], subject="to a suspended agency", body="x")
+            assert to_b.value.reason == "RECIPIENT_INACTIVE"
+            assert to_b.value.metadata.get("agency") == B
+            assert _count(_node_db(cluster, A), "SELECT count(*) FROM outbox") == outbox_a
+
+            # B's node must learn it too, although the hub closes B's stream on suspension.
+            # Its refusal is checked after the recovery below, so one failure does not hide
+            # whether reactivation works.
+            with contextlib.suppress(AssertionError):
+                await _wait_state(cluster, B, B, pb.AGENCY_STATE_SUSPENDED)
+            from_b: FailedPrecondition | None = None
+            try:
+                await b.send(to=[A], subject="from a suspended agency", body="x")
+            except FailedPrecondition as exc:
+                from_b = exc
+            outbox_b_while_suspended = _count(_node_db(cluster, B), "SELECT count(*) FROM outbox")
+        finally:
+            _write_replacing(config, original)
+            await _wait_state(cluster, A, B, pb.AGENCY_STATE_ACTIVE)
+            await _wait_state(cluster, B, B, pb.AGENCY_STATE_ACTIVE)
+
+        to_b_again = await a.send(to=[B], subject="to B, active again", body="y")
+        from_b_again = await b.send(to=[A], subject="from B, active again", body="y")
+        await _wait_delivered(a, to_b_again.shams, B)
+        await _wait_delivered(b, from_b_again.shams, A)
+
+    assert from_b is not None, "node B accepted a letter from B while B was suspended"
+    assert from_b.reason == "SENDER_INACTIVE"
+    assert outbox_b_while_suspended == outbox_b
+
+
+# -- 5. authorisation at the node --------------------------------------------------------
+
+
+async def test_auditor_may_track_and_verify_but_not_send_or_read_the_inbox(
+    cluster: Cluster,
+) -> None:
+    credentials = _auditor(cluster)
+    outbox = _count(_node_db(cluster, A), "SELECT count(*) FROM outbox")
+    async with (
+        _client(cluster, A) as a,
+        ExchangeClient(cluster.nodes[A].address, credentials) as auditor,
+    ):
+        receipt = await a.send(to=[B], subject="for the auditor's eyes", body="audited")
+        await _wait_delivered(a, receipt.shams, B)
+        outbox += 1
+
+        tracking = await auditor.track(receipt.shams)
+        verified = tracking.verify(credentials.trust_store())
+        events = [v.event for v in verified]
+        assert events[0] == "SUBMISSION_ACCEPTANCE"
+        assert {"RELAY_ACCEPTANCE", "DELIVERY"} <= set(events)
+        assert all(v.issuer for v in verified)
+        assert tracking.statuses[B] in DELIVERED
+
+        with pytest.raises(PermissionDenied) as send:
+            await auditor.send(to=[B], subject="an auditor writing", body="x")
+        assert send.value.reason == "AUDITOR_READ_ONLY"
+        letters = auditor.inbox()
+        with pytest.raises(PermissionDenied) as inbox:
+            await anext(letters)
+        await letters.aclose()
+        assert inbox.value.reason == "AUDITOR_READ_ONLY"
+    assert _count(_node_db(cluster, A), "SELECT count(*) FROM outbox") == outbox
+
+
+async def test_node_knows_nothing_of_a_letter_between_two_other_agencies(
+    cluster: Cluster,
+) -> None:
+    async with _client(cluster, B) as b, _client(cluster, A) as a:
+        receipt = await b.send(to=[C], subject="between B and C", body="not for A")
+        assert (await b.track(receipt.shams)).statuses.get(C) in {"SUBMITTED", "RELAYED"}
+        with pytest.raises(NotFound) as err:
+            await a.track(receipt.shams)
+    assert err.value.reason == "LETTER_NOT_FOUND"
+
+
+def _registry_credentials(cluster: Cluster) -> Credentials:
+    """A back-end client "registry" of A, issued by the intermediate (chain: leaf + CA)."""
+    intermediate = load_certs(cluster.pki.intermediate_cert)[0]
+    key = generate_key("ecdsa-p256")
+    cert = issue_certificate(
+        issuer_cert=intermediate,
+        issuer_key=load_key(cluster.pki.intermediate_key),
+        subject_key=key,
+        identity_uri=f"urn:chapar:client:{A}:registry",
+        kind="client",
+    )
+    return Credentials(
+        root_certificates=cluster.pki.root_cert.read_bytes(),
+        private_key=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        certificate_chain=b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (cert, intermediate)
+        ),
+    )
+
+
+async def _inbox_for(client: ExchangeClient, seconds: float) -> set[str]:
+    """The SHAMS numbers an inbox stream yields within ``seconds``."""
+    seen: set[str] = set()
+
+    async def read() -> None:
+        async with contextlib.aclosing(client.inbox()) as letters:
+            async for letter in letters:
+                seen.add(letter.shams)
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(read(), seconds)
+    return seen
+
+
+async def test_client_limited_to_a_mailbox_sees_and_acts_only_on_that_mailbox(
+    cluster: Cluster,
+) -> None:
+    registry_credentials = _registry_credentials(cluster)
+    identity = registry_credentials.identity()
+    assert identity is not None
+    assert identity.uri == f"urn:chapar:client:{A}:registry"
+    inbox_a = _node_db(cluster, A)
+    async with (
+        _client(cluster, B) as b,
+        _client(cluster, A) as backend,
+        ExchangeClient(cluster.nodes[A].address, registry_credentials) as registry,
+    ):
+        to_registry = await b.send(to=[(A, "registry")], subject="for the registry", body="r")
+        to_legal = await b.send(to=[(A, "legal")], subject="for legal", body="l")
+
+        async def both_arrived() -> bool:
+            return (
+                _count(
+                    inbox_a,
+                    "SELECT count(*) FROM inbox WHERE shams IN (?, ?)",
+                    (to_registry.shams, to_legal.shams),
+                )
+                == 2
+            )
+
+        await _eventually(both_arrived, "both letters in A's inbox", timeout=20)
+
+        assert await _inbox_for(registry, 1.0) == {to_registry.shams}
+        everything = await _inbox_for(backend, 1.0)
+        assert {to_registry.shams, to_legal.shams} <= everything
+
+        with pytest.raises(PermissionDenied) as ack:
+            await registry.ack(to_legal.shams)
+        assert ack.value.reason == "MAILBOX_NOT_ALLOWED"
+        assert (
+            _count(
+                inbox_a,
+                "SELECT count(*) FROM inbox WHERE shams = ? AND handover IS NOT NULL",
+                (to_legal.shams,),
+            )
+            == 0
+        )
+        with pytest.raises(PermissionDenied) as track:
+            await registry.track(to_legal.shams)
+        assert track.value.reason == "MAILBOX_NOT_ALLOWED"
+        assert (await registry.track(to_registry.shams)).direction == "INCOMING"
+
+        outbox = _count(inbox_a, "SELECT count(*) FROM outbox")
+        with pytest.raises(PermissionDenied) as send:
+            await registry.send(to=[B], subject="as legal", body="x", sender_mailbox="legal")
+        assert send.value.reason == "MAILBOX_NOT_ALLOWED"
+        assert _count(inbox_a, "SELECT count(*) FROM outbox") == outbox
+        sent = await registry.send(
+            to=[B], subject="as the registry", body="x", sender_mailbox="registry"
+        )
+        assert sent.shams.startswith(f"{A}/O/")
+        assert (await registry.track(sent.shams)).header.sender.mailbox == "registry"
+
+        await registry.ack(to_registry.shams)
+        await backend.ack(to_legal.shams)
