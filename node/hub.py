@@ -28,7 +28,7 @@ from node.config import ConfigError, HubConfig, load_hub_config, read_revocation
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
-from node.core.letters import quoted_shams, validate_shams
+from node.core.letters import quoted_shams, valid_timestamp, validate_shams
 from node.metrics import count_rejection
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
@@ -471,6 +471,11 @@ class Hub(pb.HubServiceServicer):
             raise ChaparError(
                 Code.INVALID_ARGUMENT, "CREATE_TIME_MISSING", "header has no create_time"
             )
+        for name in ("create_time", "expire_time"):
+            if header.HasField(name) and not valid_timestamp(getattr(header, name)):
+                raise ChaparError(
+                    Code.INVALID_ARGUMENT, "INVALID_TIME", f"header {name} is not a valid time"
+                )
         created = header.create_time.ToDatetime(tzinfo=dt.UTC).timestamp()
         now = time.time()
         if created > now + self.config.clock_skew_s or created < now - self.config.max_letter_age_s:

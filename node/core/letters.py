@@ -13,6 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from client_sdk import pb
 from client_sdk.identity import is_agency_code
@@ -26,6 +27,7 @@ __all__ = [
     "build_header",
     "normalise_text",
     "quoted_shams",
+    "valid_timestamp",
     "validate_draft",
     "validate_shams",
 ]
@@ -68,6 +70,16 @@ def normalise_text(value: str, field: str, *, max_chars: int, required: bool) ->
     if len(text) > max_chars:
         raise _invalid("TEXT_TOO_LONG", f"{field} is longer than {max_chars} characters", field)
     return text
+
+
+# google.protobuf.Timestamp's valid range: 0001-01-01 to 9999-12-31, nanos in [0, 1e9).
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def valid_timestamp(ts: Timestamp) -> bool:
+    """True when ``ts`` is inside the range a Timestamp may hold (else it cannot convert)."""
+    return _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000
 
 
 def validate_shams(shams: pb.Shams, field: str) -> None:
@@ -160,8 +172,11 @@ def validate_draft(
         max_chars=255,
         required=True,
     )
-    if draft.HasField("expire_time") and draft.expire_time.ToDatetime(tzinfo=dt.UTC) <= now:
-        raise _invalid("EXPIRE_TIME_PAST", "expire_time is in the past", "draft.expire_time")
+    if draft.HasField("expire_time"):
+        if not valid_timestamp(draft.expire_time):
+            raise _invalid("INVALID_TIME", "expire_time is not a valid time", "draft.expire_time")
+        if draft.expire_time.ToDatetime(tzinfo=dt.UTC) <= now:
+            raise _invalid("EXPIRE_TIME_PAST", "expire_time is in the past", "draft.expire_time")
     if draft.attachments:
         raise ChaparError(
             Code.UNIMPLEMENTED,
@@ -170,6 +185,10 @@ def validate_draft(
         )
     if draft.HasField("metadata"):
         md = out.metadata
+        if md.HasField("due_time") and not valid_timestamp(md.due_time):
+            raise _invalid(
+                "INVALID_TIME", "due_time is not a valid time", "draft.metadata.due_time"
+            )
         for name in ("document_code", "signer_title", "signer_name"):
             setattr(
                 md,
