@@ -38,7 +38,7 @@ from client_sdk.credentials import Credentials
 from client_sdk.errors import ChaparError, InternalError, from_rpc_error, from_submit_error
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import sha256
-from client_sdk.trust import TrustStore, VerificationError
+from client_sdk.trust import TrustStore, VerificationError, valid_timestamp
 
 if TYPE_CHECKING:
     from client_sdk._pb.chapar.exchange.v1.node_service_pb2_grpc import NodeServiceAsyncStub
@@ -694,7 +694,7 @@ def _shams_pb(shams: ShamsLike) -> pb.Shams:
 
 
 def _time(message: Any, name: str) -> dt.datetime | None:
-    if not message.HasField(name):
+    if not message.HasField(name) or not valid_timestamp(getattr(message, name)):
         return None
     when: dt.datetime = getattr(message, name).ToDatetime(tzinfo=dt.UTC)
     return when

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from client_sdk import pb
 from client_sdk.identity import Identity, identity_of_certificate
@@ -34,6 +35,7 @@ __all__ = [
     "TrustStore",
     "VerificationError",
     "load_pem_certificates",
+    "valid_timestamp",
 ]
 
 CertificateUsage = Literal["signing", "tls"]
@@ -202,6 +204,8 @@ class TrustStore:
             content = pb.EvidenceContent.FromString(evidence.content)
         except DecodeError as exc:
             raise VerificationError("EVIDENCE_MALFORMED", "evidence content is malformed") from exc
+        if content.HasField("event_time") and not valid_timestamp(content.event_time):
+            raise VerificationError("EVIDENCE_MALFORMED", "evidence event_time is not a valid time")
         when = (
             content.event_time.ToDatetime(tzinfo=dt.UTC) if content.HasField("event_time") else None
         )
@@ -238,6 +242,16 @@ def _may_issue(ca: x509.Certificate, cas_below: int) -> bool:
     if not bc.ca or not ku.key_cert_sign:
         return False
     return bc.path_length is None or cas_below <= bc.path_length
+
+
+# google.protobuf.Timestamp's valid range: 0001-01-01 to 9999-12-31, nanos in [0, 1e9).
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def valid_timestamp(ts: Timestamp) -> bool:
+    """True when ``ts`` is inside the range a Timestamp may hold (else it cannot convert)."""
+    return _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

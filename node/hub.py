@@ -571,9 +571,15 @@ class Hub(pb.HubServiceServicer):
                 content = self.trust.verify_evidence(item)
             except VerificationError as exc:
                 log.warning("receipt from %s refused: %s %s", agency, exc.reason, exc)
+                count_rejection(Code.INVALID_ARGUMENT.name, exc.reason)
+                continue
+            try:
+                shams = format_shams(content.shams)
+            except ValueError:
+                log.warning("receipt from %s without a valid number refused", agency)
+                count_rejection(Code.INVALID_ARGUMENT.name, "INVALID_SHAMS")
                 continue
             ids.append(content.evidence_id)
-            shams = format_shams(content.shams)
             if (
                 content.issuer != f"urn:chapar:agency:{agency}"
                 or content.recipient != agency

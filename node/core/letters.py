@@ -13,11 +13,11 @@ import unicodedata
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from client_sdk import pb
 from client_sdk.identity import is_agency_code
 from client_sdk.signing import sha256
+from client_sdk.trust import valid_timestamp
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 
@@ -70,16 +70,6 @@ def normalise_text(value: str, field: str, *, max_chars: int, required: bool) ->
     if len(text) > max_chars:
         raise _invalid("TEXT_TOO_LONG", f"{field} is longer than {max_chars} characters", field)
     return text
-
-
-# google.protobuf.Timestamp's valid range: 0001-01-01 to 9999-12-31, nanos in [0, 1e9).
-_MIN_SECONDS = -62_135_596_800
-_MAX_SECONDS = 253_402_300_799
-
-
-def valid_timestamp(ts: Timestamp) -> bool:
-    """True when ``ts`` is inside the range a Timestamp may hold (else it cannot convert)."""
-    return _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000
 
 
 def validate_shams(shams: pb.Shams, field: str) -> None:

@@ -108,25 +108,25 @@ async def test_duplicate_submit_with_same_request_id_returns_original_receipt(
         request_id = str(uuid.uuid4())
         first = await a.send(to=[AGENCY_B], subject="Once", body="only once", request_id=request_id)
         rows = db_count(db, "SELECT count(*) FROM outbox")
-        counter = db_count(db, "SELECT max(last) FROM shams_counter")
+        counter = db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter")
         again = await a.send(to=[AGENCY_B], subject="Once", body="only once", request_id=request_id)
         assert again.shams == first.shams
         assert again.evidence.SerializeToString() == first.evidence.SerializeToString()
         assert db_count(db, "SELECT count(*) FROM outbox") == rows
-        assert db_count(db, "SELECT max(last) FROM shams_counter") == counter
+        assert db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter") == counter
 
 
 async def test_unknown_recipient_is_not_found_and_nothing_is_stored(cluster: Cluster) -> None:
     db = _node_db(cluster, AGENCY_A)
     rows = db_count(db, "SELECT count(*) FROM outbox")
-    counter = db_count(db, "SELECT max(last) FROM shams_counter")
+    counter = db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter")
     async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
         with pytest.raises(NotFound) as err:
             await a.send(to=["NO.SUCH.AGENCY"], subject="Lost?", body="x")
     assert err.value.reason == "UNKNOWN_RECIPIENT"
     assert err.value.metadata.get("agency") == "NO.SUCH.AGENCY"
     assert db_count(db, "SELECT count(*) FROM outbox") == rows
-    assert db_count(db, "SELECT max(last) FROM shams_counter") == counter
+    assert db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter") == counter
 
 
 # -- a hostile or broken node, talking raw gRPC to the hub with real certificates --------
