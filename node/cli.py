@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_pki(sub)
     register_client(sub)
+    # The harness drives the system through the SDK; only the command lives here.
+    from loadtest.harness import register as register_loadtest
+
+    register_loadtest(sub)
     return parser
 
 

@@ -1,0 +1,102 @@
+"""The load harness itself: its report is complete and honest, with and without a fault.
+
+These check correctness of the measurement (counts, fields, lost/duplicates), never speed:
+speed is measured by `chapar loadtest` and written up in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest.harness import Params, run
+
+pytestmark = pytest.mark.integration
+
+STAGES = ("submit_accepted", "submit_delivered", "submit_handover")
+
+
+def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) -> None:
+    report = asyncio.run(run(Params(letters=300, senders=2, baseline_s=0.5, batch=32), tmp_path))
+    for key in (
+        "letters",
+        "delivered",
+        "lost",
+        "duplicates",
+        "elapsed_s",
+        "throughput_lps",
+        "baseline_lps",
+        "ratio",
+        "latency_ms",
+        "processes",
+        "params",
+        "machine",
+    ):
+        assert key in report, key
+    assert report["letters"] == 300
+    assert report["delivered"] == 300
+    assert report["handed_over"] == 300
+    assert (report["lost"], report["duplicates"], report["verify_failures"]) == (0, 0, 0)
+    assert report["baseline_lps"] > 0
+    assert report["throughput_lps"] > 0
+    latency = report["latency_ms"]
+    assert isinstance(latency, dict)
+    for stage in STAGES:
+        q = latency[stage]
+        assert 0 < q["p50"] <= q["p95"] <= q["p99"] <= q["max"], (stage, q)
+    processes = report["processes"]
+    assert isinstance(processes, dict)
+    assert set(processes) == {"hub", "node-SENDER.A", "node-RECIPIENT.B", "loadgen"}
+    assert all(p["cpu_s"] > 0 and p["peak_rss_mb"] > 10 for p in processes.values())
+
+
+def test_cli_run_with_a_hub_crash_loses_nothing_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "loadtest",
+            "--letters",
+            "900",
+            "--senders",
+            "2",
+            "--rate",
+            "300",
+            "--fault",
+            "kill-hub@1.5s",
+            "--baseline-seconds",
+            "0",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["letters"] == 900
+    assert (report["lost"], report["duplicates"]) == (0, 0)
+    assert report["params"]["faults"] == ["kill-hub@1.5s"]
+    assert "throughput" in result.stdout
+    assert "lost 0" in result.stdout
+
+
+def test_cli_refuses_a_malformed_fault_spec() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "loadtest", "--fault", "explode-hub@1s"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "bad fault" in result.stderr
