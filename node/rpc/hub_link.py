@@ -131,6 +131,7 @@ class _Session:
         self.lock = asyncio.Lock()
         self.relaying: dict[bytes, str] = {}  # envelope digest -> shams, sent and not answered
         self.receipts_sent: set[str] = set()
+        self.receipt_cursor = 0  # rowid of the last receipt row read on this stream
 
     async def write(self, frame: pb.ConnectRequest) -> None:
         async with self.lock:
@@ -179,16 +180,16 @@ class _Session:
                         pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes))
                     )
                     sent = True
-            receipts = [
-                e
-                for e in await agency.store.receipts_to_send(
-                    _RECEIPT_BATCH + len(self.receipts_sent)
-                )
-                if _evidence_id(e) not in self.receipts_sent
-            ][:_RECEIPT_BATCH]
-            if receipts:
-                self.receipts_sent.update(_evidence_id(e) for e in receipts)
-                await self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts)))
+            pending = await agency.store.receipts_after(self.receipt_cursor, _RECEIPT_BATCH)
+            if pending:
+                self.receipt_cursor = pending[-1][0]
+                # Receipts already sent straight after storing deliveries are skipped.
+                receipts = [e for _, eid, e in pending if eid not in self.receipts_sent]
+                if receipts:
+                    self.receipts_sent.update(eid for _, eid, _ in pending)
+                    await self.write(
+                        pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts))
+                    )
                 sent = True
             if not sent:
                 waits = [

@@ -389,11 +389,22 @@ class NodeStore(Store):
         row = await self.db.fetchone("SELECT mailboxes FROM inbox WHERE shams = ?", (shams,))
         return str(row[0]).split("\n") if row is not None else None
 
-    async def receipts_to_send(self, limit: int) -> list[pb.Evidence]:
+    async def receipts_to_send(self, limit: int, after: int = 0) -> list[pb.Evidence]:
+        """Receipts the hub has not acknowledged, oldest first (see ``receipts_after``)."""
+        return [e for _, _, e in await self.receipts_after(after, limit)]
+
+    async def receipts_after(self, after: int, limit: int) -> list[tuple[int, str, pb.Evidence]]:
+        """(rowid, evidence id, evidence) of unacknowledged receipts after rowid ``after``.
+
+        A cursor, not a filter: each call reads only rows it has not seen, so the cost does
+        not grow with the number of receipts still waiting for the hub's acknowledgement.
+        """
         rows = await self.db.fetchall(
-            "SELECT evidence FROM evidence WHERE to_send = 1 ORDER BY rowid LIMIT ?", (limit,)
+            "SELECT rowid, evidence_id, evidence FROM evidence WHERE to_send = 1 AND rowid > ? "
+            "ORDER BY rowid LIMIT ?",
+            (after, limit),
         )
-        return [pb.Evidence.FromString(r[0]) for r in rows]
+        return [(int(r[0]), str(r[1]), pb.Evidence.FromString(r[2])) for r in rows]
 
     async def receipts_acknowledged(self, evidence_ids: Sequence[str]) -> None:
         async def job(conn: aiosqlite.Connection) -> None:
