@@ -1,10 +1,16 @@
-"""One SQLite database: WAL mode, versioned migrations, one writer task with group commit.
+"""One SQLite database: WAL mode, versioned migrations, one writer thread with group commit.
 
-Every write is a *job* (an async function of the connection). The writer task takes all
-jobs waiting, runs them in one transaction, each inside its own SAVEPOINT, and commits once:
-durability costs one fsync per batch, not per letter. A job that raises is rolled back to its
+Every write is a *job*: a plain (synchronous) function of the writer's ``sqlite3``
+connection. The writer task takes all jobs waiting and hands them to the writer thread in
+one go, which runs them in one transaction, each inside its own SAVEPOINT, and commits once:
+durability costs one fsync per batch, not per letter, and the event loop pays one thread
+hand-off per batch, not one per statement. A job that raises is rolled back to its
 savepoint alone (never a half-written row) and its caller gets the exception; the others
-commit. Reads go through a second connection, which in WAL mode sees committed data only.
+commit. Reads go through a second connection (aiosqlite), which in WAL mode sees committed
+data only.
+
+Jobs run outside the event loop, so they must not touch asyncio objects; they may sign
+(cryptography releases the GIL) and build protobuf messages.
 """
 
 from __future__ import annotations
@@ -12,22 +18,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
-__all__ = ["Database", "Durability", "Job", "Store"]
+from node.core import lifecycle
+
+__all__ = ["Database", "Durability", "Job", "Store", "advance_state"]
 
 T = TypeVar("T")
-Job = Callable[[aiosqlite.Connection], Awaitable[T]]
+Job = Callable[[sqlite3.Connection], T]
 Durability = Literal["full", "normal"]
 log = logging.getLogger(__name__)
 
 # Most jobs one transaction takes; bounds latency of the first job of a batch.
 MAX_BATCH = 512
+
+_Outcome = tuple[Any, BaseException | None]
 
 
 @dataclass
@@ -38,13 +50,25 @@ class _Pending:
     )
 
 
+def _pragmas(durability: Durability) -> list[str]:
+    # FULL fsyncs the WAL at every commit (survives power loss); NORMAL only at
+    # checkpoints (survives a process crash, may lose the last commits on power loss).
+    return [
+        "PRAGMA journal_mode=WAL",
+        f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}",
+        "PRAGMA foreign_keys=ON",
+        "PRAGMA busy_timeout=10000",
+    ]
+
+
 class Database:
-    """An open SQLite database with a writer task. Use ``await Database.open(...)``."""
+    """An open SQLite database with a writer thread. Use ``await Database.open(...)``."""
 
     def __init__(self, path: Path, durability: Durability = "full") -> None:
         self.path = path
         self.durability = durability
-        self._writer: aiosqlite.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"db-writer-{path.name}")
+        self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -60,37 +84,32 @@ class Database:
         await db._open(migrations)
         return db
 
-    async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        await conn.execute("PRAGMA journal_mode=WAL")
-        # FULL fsyncs the WAL at every commit (survives power loss); NORMAL only at
-        # checkpoints (survives a process crash, may lose the last commits on power loss).
-        await conn.execute(
-            f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}"
-        )
-        await conn.execute("PRAGMA foreign_keys=ON")
-        await conn.execute("PRAGMA busy_timeout=10000")
-        return conn
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _connect_writer(self, migrations: Sequence[str]) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        self._writer = conn
+        for pragma in _pragmas(self.durability):
+            conn.execute(pragma)
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(migrations):
+            raise RuntimeError(
+                f"{self.path}: schema version {version} is newer than this program ({len(migrations)})"
+            )
+        for number, script in enumerate(migrations[version:], start=version + 1):
+            conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+            log.info("migrated %s to schema version %d", self.path.name, number)
 
     async def _open(self, migrations: Sequence[str]) -> None:
         try:
-            self._writer = await self._connect()
-            async with self._writer.execute("PRAGMA user_version") as cur:
-                row = await cur.fetchone()
-            version = int(row[0]) if row else 0
-            if version > len(migrations):
-                raise RuntimeError(
-                    f"{self.path}: schema version {version} is newer than this program ({len(migrations)})"
-                )
-            for number, script in enumerate(migrations[version:], start=version + 1):
-                await self._writer.executescript(
-                    f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;"
-                )
-                log.info("migrated %s to schema version %d", self.path.name, number)
-            self._reader = await self._connect()
+            await self._in_thread(self._connect_writer, migrations)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            for pragma in _pragmas(self.durability):
+                await self._reader.execute(pragma)
         except BaseException:
             # A refused or half-applied migration must neither hold the write lock nor leak
-            # a connection (aiosqlite's thread would keep the process alive).
+            # a connection or a thread (either would keep the process alive).
             await self._close_connections(rollback=True)
             raise
         self._task = asyncio.create_task(self._run(), name=f"db-writer:{self.path.name}")
@@ -115,8 +134,6 @@ class Database:
             return await cur.fetchone()
 
     async def _run(self) -> None:
-        assert self._writer is not None
-        conn = self._writer
         while True:
             first = await self._queue.get()
             if first is None:
@@ -129,39 +146,47 @@ class Database:
                     stop = True
                     break
                 batch.append(item)
-            await self._commit_batch(conn, batch)
+            await self._commit_batch(batch)
             if stop:
                 return
 
-    async def _commit_batch(self, conn: aiosqlite.Connection, batch: list[_Pending]) -> None:
-        results: list[tuple[_Pending, Any, BaseException | None]] = []
+    def _run_jobs(self, jobs: list[Job[Any]]) -> list[_Outcome]:
+        """In the writer thread: one transaction, one savepoint per job, one commit."""
+        conn = self._writer
+        assert conn is not None
+        outcomes: list[_Outcome] = []
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            await conn.execute("BEGIN IMMEDIATE")
-            for pending in batch:
-                await conn.execute("SAVEPOINT job")
+            for job in jobs:
+                conn.execute("SAVEPOINT job")
                 try:
-                    value = await pending.job(conn)
+                    value = job(conn)
                 except Exception as exc:  # the job's own failure: undo it alone
-                    await conn.execute("ROLLBACK TO job")
-                    await conn.execute("RELEASE job")
-                    results.append((pending, None, exc))
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((None, exc))
                 else:
-                    await conn.execute("RELEASE job")
-                    results.append((pending, value, None))
-            await conn.execute("COMMIT")
+                    conn.execute("RELEASE job")
+                    outcomes.append((value, None))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
+        try:
+            outcomes = await self._in_thread(self._run_jobs, [p.job for p in batch])
         except Exception as exc:
             log.exception("transaction failed; %d jobs not committed", len(batch))
-            try:
-                await conn.execute("ROLLBACK")
-            except Exception:
-                log.debug("rollback after failed commit", exc_info=True)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
         self.commits += 1
         self.jobs += len(batch)
-        for pending, value, error in results:
+        for pending, (value, error) in zip(batch, outcomes, strict=True):
             if pending.future.done():
                 continue
             if error is not None:
@@ -182,15 +207,22 @@ class Database:
                 item.future.set_exception(RuntimeError("database is closed"))
         await self._close_connections(rollback=False)
 
+    def _close_writer(self, rollback: bool) -> None:
+        conn, self._writer = self._writer, None
+        if conn is None:
+            return
+        if rollback and conn.in_transaction:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+        conn.close()
+
     async def _close_connections(self, *, rollback: bool) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is None:
-                continue
-            if rollback and conn.in_transaction:
-                with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
-            await conn.close()
-        self._reader = self._writer = None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
+        if self._writer is not None:
+            await self._in_thread(self._close_writer, rollback)
+        self._thread.shutdown(wait=True)
 
 
 class Store:
@@ -210,3 +242,18 @@ class Store:
 
 
 S = TypeVar("S", bound=Store)
+
+
+def advance_state(conn: sqlite3.Connection, shams: str, recipient: str, event: int) -> None:
+    """Moves one recipient's lifecycle state forward for ``event`` (never backwards)."""
+    row = conn.execute(
+        "SELECT state FROM recipient_state WHERE shams = ? AND recipient = ?", (shams, recipient)
+    ).fetchone()
+    if row is None:
+        return
+    step = lifecycle.advance(int(row[0]), event)
+    if step.changed:
+        conn.execute(
+            "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?",
+            (step.state, shams, recipient),
+        )

@@ -7,15 +7,14 @@ recipient's node answers with DELIVERY or DELIVERY_FAILURE evidence. Both surviv
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import aiosqlite
-
 from client_sdk import pb
 from node.core import lifecycle
-from node.storage.db import Store
+from node.storage.db import Store, advance_state
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
 
@@ -104,15 +103,14 @@ class HubStore(Store):
         already taken gets an empty list and nothing is stored.
         """
 
-        async def job(conn: aiosqlite.Connection) -> list[list[pb.Evidence]]:
+        def job(conn: sqlite3.Connection) -> list[list[pb.Evidence]]:
             now = time.time()
             out: list[list[pb.Evidence]] = []
             for letter in letters:
-                async with conn.execute(
+                row = conn.execute(
                     "SELECT relay_evidence, envelope_sha256 FROM letters WHERE shams = ?",
                     (letter.shams,),
-                ) as cur:
-                    row = await cur.fetchone()
+                ).fetchone()
                 if row is not None:
                     same = bytes(row[1]) == letter.envelope_sha256
                     out.append(list(pb.EvidenceBatch.FromString(row[0]).evidence) if same else [])
@@ -120,7 +118,7 @@ class HubStore(Store):
                 recipients = list(dict.fromkeys(letter.recipients))
                 relays = [make_relay(letter, r) for r in recipients]
                 batch = pb.EvidenceBatch(evidence=relays)
-                await conn.execute(
+                conn.execute(
                     "INSERT INTO letters (shams, sender, envelope_sha256, relay_evidence,"
                     " accepted_at) VALUES (?, ?, ?, ?, ?)",
                     (
@@ -131,15 +129,15 @@ class HubStore(Store):
                         now,
                     ),
                 )
-                await conn.execute(
+                conn.execute(
                     "INSERT INTO envelopes (shams, envelope) VALUES (?, ?)",
                     (letter.shams, letter.envelope),
                 )
-                await conn.executemany(
+                conn.executemany(
                     "INSERT INTO queue (recipient, shams, enqueued_at, expire_at) VALUES (?, ?, ?, ?)",
                     [(r, letter.shams, now, letter.expire_at) for r in recipients],
                 )
-                await conn.executemany(
+                conn.executemany(
                     "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
                     " VALUES (?, ?, ?, ?, ?)",
                     [
@@ -153,7 +151,7 @@ class HubStore(Store):
                         for e in relays
                     ],
                 )
-                await conn.executemany(
+                conn.executemany(
                     "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, ?)",
                     [(letter.shams, r, lifecycle.RELAYED) for r in recipients],
                 )
@@ -196,26 +194,26 @@ class HubStore(Store):
         (recipient, sender) pairs actually expired (a letter delivered meanwhile is skipped).
         """
 
-        async def job(conn: aiosqlite.Connection) -> list[tuple[str, str]]:
+        def job(conn: sqlite3.Connection) -> list[tuple[str, str]]:
             now = time.time()
             done: list[tuple[str, str]] = []
             for recipient, shams, sender, evidence, evidence_id in items:
-                cur = await conn.execute(
+                cur = conn.execute(
                     "DELETE FROM queue WHERE recipient = ? AND shams = ?", (recipient, shams)
                 )
                 if cur.rowcount == 0:
                     continue
                 blob = evidence.SerializeToString()
-                await conn.execute(
+                conn.execute(
                     "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
                     " VALUES (?, ?, ?, ?, ?)",
                     (evidence_id, shams, pb.EvidenceEvent.EVIDENCE_EVENT_EXPIRY, blob, now),
                 )
-                await conn.execute(
+                conn.execute(
                     "INSERT INTO notices (agency, evidence_id, evidence) VALUES (?, ?, ?)",
                     (sender, evidence_id, blob),
                 )
-                await _advance(conn, shams, recipient, pb.EvidenceEvent.EVIDENCE_EVENT_EXPIRY)
+                advance_state(conn, shams, recipient, pb.EvidenceEvent.EVIDENCE_EVENT_EXPIRY)
                 done.append((recipient, sender))
             return done
 
@@ -228,15 +226,17 @@ class HubStore(Store):
         a late resubmission is still recognised and every evidence still verifies.
         """
 
-        async def job(conn: aiosqlite.Connection) -> int:
-            async with conn.execute(
-                "SELECT l.shams FROM letters l WHERE l.purged = 0 AND l.accepted_at < ?"
-                " AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.shams = l.shams) LIMIT ?",
-                (before, limit),
-            ) as cur:
-                done = [(r[0],) for r in await cur.fetchall()]
-            await conn.executemany("DELETE FROM envelopes WHERE shams = ?", done)
-            await conn.executemany("UPDATE letters SET purged = 1 WHERE shams = ?", done)
+        def job(conn: sqlite3.Connection) -> int:
+            done = [
+                (r[0],)
+                for r in conn.execute(
+                    "SELECT l.shams FROM letters l WHERE l.purged = 0 AND l.accepted_at < ?"
+                    " AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.shams = l.shams) LIMIT ?",
+                    (before, limit),
+                ).fetchall()
+            ]
+            conn.executemany("DELETE FROM envelopes WHERE shams = ?", done)
+            conn.executemany("UPDATE letters SET purged = 1 WHERE shams = ?", done)
             return len(done)
 
         return await self.db.write(job)
@@ -264,20 +264,19 @@ class HubStore(Store):
         letters left ``recipient``'s queue.
         """
 
-        async def job(conn: aiosqlite.Connection) -> tuple[list[str], int]:
+        def job(conn: sqlite3.Connection) -> tuple[list[str], int]:
             now = time.time()
             senders: list[str] = []
             dequeued = 0
             for evidence, content, shams in items:
-                async with conn.execute(
+                row = conn.execute(
                     "SELECT sender FROM letters WHERE shams = ?", (shams,)
-                ) as cur:
-                    row = await cur.fetchone()
+                ).fetchone()
                 if row is None:
                     continue
                 sender = str(row[0])
                 blob = evidence.SerializeToString()
-                cur2 = await conn.execute(
+                cur2 = conn.execute(
                     "INSERT OR IGNORE INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
                     " VALUES (?, ?, ?, ?, ?)",
                     (content.evidence_id, shams, content.event, blob, now),
@@ -286,17 +285,17 @@ class HubStore(Store):
                     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
                     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
                 ):
-                    deleted = await conn.execute(
+                    deleted = conn.execute(
                         "DELETE FROM queue WHERE recipient = ? AND shams = ?", (recipient, shams)
                     )
                     dequeued += deleted.rowcount
                 if cur2.rowcount == 0:
                     continue
-                await conn.execute(
+                conn.execute(
                     "INSERT OR IGNORE INTO notices (agency, evidence_id, evidence) VALUES (?, ?, ?)",
                     (sender, content.evidence_id, blob),
                 )
-                await _advance(conn, shams, recipient, content.event)
+                advance_state(conn, shams, recipient, content.event)
                 senders.append(sender)
             return senders, dequeued
 
@@ -316,8 +315,8 @@ class HubStore(Store):
         return [(int(r[0]), bytes(r[1])) for r in rows]
 
     async def ack_notices(self, agency: str, evidence_ids: Sequence[str]) -> None:
-        async def job(conn: aiosqlite.Connection) -> None:
-            await conn.executemany(
+        def job(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "DELETE FROM notices WHERE agency = ? AND evidence_id = ?",
                 [(agency, e) for e in evidence_ids],
             )
@@ -328,18 +327,3 @@ class HubStore(Store):
         assert table in {"letters", "queue", "evidence", "notices"}
         row = await self.db.fetchone(f"SELECT count(*) FROM {table}")  # noqa: S608
         return int(row[0]) if row else 0
-
-
-async def _advance(conn: aiosqlite.Connection, shams: str, recipient: str, event: int) -> None:
-    async with conn.execute(
-        "SELECT state FROM recipient_state WHERE shams = ? AND recipient = ?", (shams, recipient)
-    ) as cur:
-        row = await cur.fetchone()
-    if row is None:
-        return
-    step = lifecycle.advance(int(row[0]), event)
-    if step.changed:
-        await conn.execute(
-            "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?",
-            (step.state, shams, recipient),
-        )

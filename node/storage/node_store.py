@@ -8,16 +8,15 @@ without its row and never skipped (the counter update rolls back with the rows).
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import aiosqlite
-
 from client_sdk import pb
 from node.core import lifecycle
 from node.core.errors import ChaparError, Code
-from node.storage.db import Store
+from node.storage.db import Store, advance_state
 
 __all__ = ["MIGRATIONS", "NewLetter", "NodeStore", "StoredLetter"]
 
@@ -138,17 +137,16 @@ class NodeStore(Store):
         numbered in batch order.
         """
 
-        async def job(conn: aiosqlite.Connection) -> list[pb.Receipt]:
+        def job(conn: sqlite3.Connection) -> list[pb.Receipt]:
             known: dict[str, pb.Receipt] = {}
             ids = [r for r in request_ids if r]
             for chunk in _chunks(ids, 500):
                 marks = ",".join("?" * len(chunk))
-                async with conn.execute(
+                for rid, blob in conn.execute(
                     f"SELECT request_id, receipt FROM outbox WHERE request_id IN ({marks})",  # noqa: S608
                     chunk,
-                ) as cur:
-                    for rid, blob in await cur.fetchall():
-                        known[rid] = pb.Receipt.FromString(blob)
+                ).fetchall():
+                    known[rid] = pb.Receipt.FromString(blob)
             new_index = [i for i, rid in enumerate(request_ids) if not rid or rid not in known]
             # The same request_id twice in one batch is one letter.
             firsts: dict[str, int] = {}
@@ -161,16 +159,15 @@ class NodeStore(Store):
                     firsts[rid] = i
                 fresh.append(i)
             letter = _DOMAIN_LETTER[domain]
-            await conn.execute(
+            conn.execute(
                 "INSERT OR IGNORE INTO shams_counter (origin, domain, year, last) VALUES (?, ?, ?, 0)",
                 (origin, letter, year),
             )
-            async with conn.execute(
+            row = conn.execute(
                 "UPDATE shams_counter SET last = last + ? WHERE origin = ? AND domain = ? AND year = ? "
                 "RETURNING last",
                 (len(fresh), origin, letter, year),
-            ) as cur:
-                row = await cur.fetchone()
+            ).fetchone()
             assert row is not None
             first_seq = int(row[0]) - len(fresh) + 1
             now = time.time()
@@ -180,7 +177,7 @@ class NodeStore(Store):
                     origin=origin, domain=domain, year=year, sequence=first_seq + offset
                 )
                 built[i] = build(i, shams)
-            await conn.executemany(
+            conn.executemany(
                 "INSERT INTO outbox (shams, request_id, envelope, envelope_sha256, receipt, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [
@@ -195,11 +192,11 @@ class NodeStore(Store):
                     for i, b in built.items()
                 ],
             )
-            await conn.executemany(
+            conn.executemany(
                 "INSERT INTO bodies (box, shams, body) VALUES ('O', ?, ?)",
                 [(b.shams_text, b.envelope.body) for b in built.values()],
             )
-            await conn.executemany(
+            conn.executemany(
                 "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at) VALUES (?, ?, ?, ?, ?)",
                 [
                     (
@@ -212,7 +209,7 @@ class NodeStore(Store):
                     for b in built.values()
                 ],
             )
-            await conn.executemany(
+            conn.executemany(
                 "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, ?)",
                 [
                     (b.shams_text, r, lifecycle.SUBMITTED)
@@ -252,10 +249,10 @@ class NodeStore(Store):
         Idempotent on evidence id; moves each recipient's state along the lifecycle table.
         """
 
-        async def job(conn: aiosqlite.Connection) -> None:
+        def job(conn: sqlite3.Connection) -> None:
             now = time.time()
             for evidence, content, shams in items:
-                cur = await conn.execute(
+                cur = conn.execute(
                     "INSERT OR IGNORE INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
                     " VALUES (?, ?, ?, ?, ?)",
                     (content.evidence_id, shams, content.event, evidence.SerializeToString(), now),
@@ -263,29 +260,29 @@ class NodeStore(Store):
                 if cur.rowcount == 0:
                     continue
                 if content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE:
-                    await conn.execute(
+                    conn.execute(
                         "UPDATE outbox SET relay_state = 1 WHERE shams = ? AND relay_state = 0",
                         (shams,),
                     )
                 elif content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_REJECTION:
-                    await conn.execute(
-                        "UPDATE outbox SET relay_state = 2 WHERE shams = ?", (shams,)
-                    )
+                    conn.execute("UPDATE outbox SET relay_state = 2 WHERE shams = ?", (shams,))
                 if content.recipient:
-                    await _advance(conn, shams, content.recipient, content.event)
+                    advance_state(conn, shams, content.recipient, content.event)
                 else:  # about the whole letter (a relay rejection): every recipient moves
-                    async with conn.execute(
-                        "SELECT recipient FROM recipient_state WHERE shams = ?", (shams,)
-                    ) as cur:
-                        recipients = [str(r[0]) for r in await cur.fetchall()]
+                    recipients = [
+                        str(r[0])
+                        for r in conn.execute(
+                            "SELECT recipient FROM recipient_state WHERE shams = ?", (shams,)
+                        ).fetchall()
+                    ]
                     for recipient in recipients:
-                        await _advance(conn, shams, recipient, content.event)
+                        advance_state(conn, shams, recipient, content.event)
 
         await self.db.write(job)
 
     async def mark_relay_rejected(self, shams: str) -> None:
-        async def job(conn: aiosqlite.Connection) -> None:
-            await conn.execute("UPDATE outbox SET relay_state = 2 WHERE shams = ?", (shams,))
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE outbox SET relay_state = 2 WHERE shams = ?", (shams,))
 
         await self.db.write(job)
 
@@ -302,30 +299,29 @@ class NodeStore(Store):
         inbox (a redelivery), else a new one from ``make_delivery(i)``, queued for the hub.
         """
 
-        async def job(conn: aiosqlite.Connection) -> list[pb.Evidence]:
+        def job(conn: sqlite3.Connection) -> list[pb.Evidence]:
             now = time.time()
             out: list[pb.Evidence] = []
             for i, (shams, sender, mailboxes, envelope) in enumerate(letters):
-                async with conn.execute(
+                row = conn.execute(
                     "SELECT delivery FROM inbox WHERE shams = ?", (shams,)
-                ) as cur:
-                    row = await cur.fetchone()
+                ).fetchone()
                 if row is not None:
                     out.append(pb.Evidence.FromString(row[0]))
                     continue
                 evidence = make_delivery(i)
                 content = pb.EvidenceContent.FromString(evidence.content)
                 blob = evidence.SerializeToString()
-                await conn.execute(
+                conn.execute(
                     "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (shams, sender, "\n".join(mailboxes), _without_body(envelope), blob, now),
                 )
-                await conn.execute(
+                conn.execute(
                     "INSERT INTO bodies (box, shams, body) VALUES ('I', ?, ?)",
                     (shams, envelope.body),
                 )
-                await conn.execute(
+                conn.execute(
                     "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
                     " VALUES (?, ?, ?, ?, 1, ?)",
                     (content.evidence_id, shams, content.event, blob, now),
@@ -355,13 +351,12 @@ class NodeStore(Store):
     ) -> pb.Evidence:
         """Issues HANDOVER evidence for an inbox letter once; a second call returns the same."""
 
-        async def job(conn: aiosqlite.Connection) -> pb.Evidence:
-            async with conn.execute(
+        def job(conn: sqlite3.Connection) -> pb.Evidence:
+            row = conn.execute(
                 "SELECT i.envelope, i.handover, b.body FROM inbox i "
                 "LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams WHERE i.shams = ?",
                 (shams,),
-            ) as cur:
-                row = await cur.fetchone()
+            ).fetchone()
             if row is None:
                 raise ChaparError(
                     Code.NOT_FOUND,
@@ -374,8 +369,8 @@ class NodeStore(Store):
             evidence = make_handover(pb.Envelope.FromString(_with_body(row[0], row[2])))
             content = pb.EvidenceContent.FromString(evidence.content)
             blob = evidence.SerializeToString()
-            await conn.execute("UPDATE inbox SET handover = ? WHERE shams = ?", (blob, shams))
-            await conn.execute(
+            conn.execute("UPDATE inbox SET handover = ? WHERE shams = ?", (blob, shams))
+            conn.execute(
                 "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
                 " VALUES (?, ?, ?, ?, 1, ?)",
                 (content.evidence_id, shams, content.event, blob, time.time()),
@@ -407,8 +402,8 @@ class NodeStore(Store):
         return [(int(r[0]), str(r[1]), pb.Evidence.FromString(r[2])) for r in rows]
 
     async def receipts_acknowledged(self, evidence_ids: Sequence[str]) -> None:
-        async def job(conn: aiosqlite.Connection) -> None:
-            await conn.executemany(
+        def job(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "UPDATE evidence SET to_send = 0 WHERE evidence_id = ?",
                 [(e,) for e in evidence_ids],
             )
@@ -458,32 +453,33 @@ class NodeStore(Store):
         otherwise); received ones once handed over. Header, signature and every evidence stay.
         """
 
-        async def job(conn: aiosqlite.Connection) -> int:
+        def job(conn: sqlite3.Connection) -> int:
             count = 0
             for table, box, clause in (
                 ("outbox", "O", _OUTBOX_DONE),
                 ("inbox", "I", "handover IS NOT NULL AND received_at < ?"),
             ):
                 params = (before, *_FINAL) if table == "outbox" else (before,)
-                async with conn.execute(
-                    f"SELECT rowid, shams, envelope FROM {table} WHERE purged = 0 AND {clause} LIMIT ?",  # noqa: S608
-                    (*params, limit),
-                ) as cur:
-                    rows = list(await cur.fetchall())
+                rows = list(
+                    conn.execute(
+                        f"SELECT rowid, shams, envelope FROM {table} WHERE purged = 0 AND {clause} LIMIT ?",  # noqa: S608
+                        (*params, limit),
+                    ).fetchall()
+                )
                 # Rows from before schema 3 hold their body inline: strip it there too.
                 inline = []
                 for rowid, _, blob in rows:
                     envelope = pb.Envelope.FromString(blob)
                     if envelope.body:
                         inline.append((_without_body(envelope), rowid))
-                await conn.executemany(
+                conn.executemany(
                     f"UPDATE {table} SET envelope = ? WHERE rowid = ?",  # noqa: S608
                     inline,
                 )
-                await conn.executemany(
+                conn.executemany(
                     "DELETE FROM bodies WHERE box = ? AND shams = ?", [(box, r[1]) for r in rows]
                 )
-                await conn.executemany(
+                conn.executemany(
                     f"UPDATE {table} SET purged = 1 WHERE rowid = ?",  # noqa: S608
                     [(r[0],) for r in rows],
                 )
@@ -500,8 +496,8 @@ class NodeStore(Store):
     async def remember_certificates(self, certs: Sequence[tuple[bytes, bytes]]) -> None:
         """Keeps (key id, DER) of every signer seen, so old evidence stays verifiable."""
 
-        async def job(conn: aiosqlite.Connection) -> None:
-            await conn.executemany(
+        def job(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "INSERT OR IGNORE INTO certificates (key_id, der) VALUES (?, ?)", certs
             )
 
@@ -511,8 +507,8 @@ class NodeStore(Store):
         """Keeps the last directory so the node can take submissions while the hub is down."""
         blob = directory.SerializeToString()
 
-        async def job(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('directory', ?)", (blob,)
             )
 
@@ -525,9 +521,9 @@ class NodeStore(Store):
     async def store_issued(self, items: Sequence[tuple[str, pb.Evidence]]) -> None:
         """Stores evidence this node issued as a recipient (shams, evidence), to send to the hub."""
 
-        async def job(conn: aiosqlite.Connection) -> None:
+        def job(conn: sqlite3.Connection) -> None:
             now = time.time()
-            await conn.executemany(
+            conn.executemany(
                 "INSERT OR IGNORE INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
                 " VALUES (?, ?, ?, ?, 1, ?)",
                 [
@@ -546,21 +542,6 @@ class NodeStore(Store):
             if row is not None:
                 out.append(bytes(row[0]))
         return out
-
-
-async def _advance(conn: aiosqlite.Connection, shams: str, recipient: str, event: int) -> None:
-    async with conn.execute(
-        "SELECT state FROM recipient_state WHERE shams = ? AND recipient = ?", (shams, recipient)
-    ) as cur:
-        row = await cur.fetchone()
-    if row is None:
-        return
-    step = lifecycle.advance(int(row[0]), event)
-    if step.changed:
-        await conn.execute(
-            "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?",
-            (step.state, shams, recipient),
-        )
 
 
 def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:

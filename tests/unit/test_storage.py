@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
+import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +134,9 @@ async def hub(tmp_path: Path) -> AsyncIterator[HubStore]:
 
 def _insert(
     value: str, *, fail: BaseException | None = None
-) -> Callable[[aiosqlite.Connection], Awaitable[str]]:
-    async def job(conn: aiosqlite.Connection) -> str:
-        await conn.execute("INSERT INTO t (v) VALUES (?)", (value,))
+) -> Callable[[sqlite3.Connection], str]:
+    def job(conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO t (v) VALUES (?)", (value,))
         if fail is not None:
             raise fail
         return value
@@ -178,8 +180,9 @@ async def test_migrations_set_user_version_and_run_only_new_scripts(tmp_path: Pa
 async def opened(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[aiosqlite.Connection]]:
     """Every aiosqlite connection opened during the test; any left open is closed afterwards.
 
-    An unclosed aiosqlite connection keeps a non-daemon worker thread alive (and, with
-    warnings as errors, its __del__ never stops it), which would hang the test process.
+    An unclosed aiosqlite connection (the reader) or writer thread is a non-daemon thread
+    left alive (and, with warnings as errors, its __del__ never stops it), which would hang
+    the test process.
     """
     connections: list[aiosqlite.Connection] = []
     real_connect = aiosqlite.connect
@@ -199,10 +202,12 @@ def _still_open(connections: list[aiosqlite.Connection]) -> list[aiosqlite.Conne
 
 
 async def _close_leaked(connections: list[aiosqlite.Connection]) -> int:
+    """Closes leaked reader connections; counts them and any writer thread still alive."""
     leaked = _still_open(connections)
     for conn in leaked:
         await conn.close()
-    return len(leaked)
+    writers = [t for t in threading.enumerate() if t.name.startswith("db-writer")]
+    return len(leaked) + len(writers)
 
 
 async def test_database_newer_than_the_program_is_refused_without_leaking_a_connection(
@@ -223,7 +228,7 @@ async def test_failed_migration_is_atomic_and_does_not_leak_a_connection(
     good = "CREATE TABLE a (x);"
     database = await Database.open(path, [good])
     await database.close()
-    with pytest.raises(aiosqlite.OperationalError):
+    with pytest.raises(sqlite3.OperationalError):
         await Database.open(path, [good, "CREATE TABLE b (y); THIS IS NOT SQL;"])
     leaked = await _close_leaked(opened)
     database = await Database.open(path, [good])
@@ -253,10 +258,10 @@ async def test_failing_job_is_rolled_back_alone_and_others_in_its_batch_commit(
     await db.write(_insert("existing"))
     commits_before = db.commits
 
-    async def violating(conn: aiosqlite.Connection) -> str:
+    def violating(conn: sqlite3.Connection) -> str:
         # Inserts a row, then violates UNIQUE with a second: the first row must not survive.
-        await conn.execute("INSERT INTO t (v) VALUES ('bad')")
-        await conn.execute("INSERT INTO t (v) VALUES ('existing')")
+        conn.execute("INSERT INTO t (v) VALUES ('bad')")
+        conn.execute("INSERT INTO t (v) VALUES ('existing')")
         return "bad"
 
     bad = violating if failure is None else _insert("bad", fail=failure)
@@ -274,7 +279,7 @@ async def test_failing_job_is_rolled_back_alone_and_others_in_its_batch_commit(
     assert results[:2] == ["a", "b"]
     assert results[3:] == ["c", "d"]
     if failure is None:
-        assert isinstance(results[2], aiosqlite.IntegrityError)
+        assert isinstance(results[2], sqlite3.IntegrityError)
     else:
         assert results[2] is failure
     assert await _values(db) == ["a", "b", "c", "d", "existing"]
