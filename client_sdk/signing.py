@@ -23,6 +23,7 @@ __all__ = [
     "EVIDENCE_PAYLOAD_TYPE",
     "SignatureError",
     "Signer",
+    "Verifier",
     "algorithm_of_key",
     "key_id",
     "pae",
@@ -100,30 +101,45 @@ class Signer:
         return pb.Signature(algorithm=self.algorithm, key_id=self.key_id, value=value)
 
 
+class Verifier:
+    """Checks signatures against one certificate's public key (parsed once, reused)."""
+
+    __slots__ = ("_key", "algorithm", "key_id")
+
+    def __init__(self, cert: x509.Certificate) -> None:
+        self.key_id = key_id(cert)
+        public_key = cert.public_key()
+        if not isinstance(public_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+            raise SignatureError("SIGNATURE_ALGORITHM_MISMATCH", "unsupported certificate key type")
+        try:
+            self.algorithm = algorithm_of_key(public_key)
+        except ValueError as exc:
+            raise SignatureError("SIGNATURE_ALGORITHM_MISMATCH", str(exc)) from exc
+        self._key = public_key
+
+    def verify(self, payload_type: str, payload: bytes, signature: pb.Signature) -> None:
+        """Raises SignatureError unless ``signature`` over ``payload`` is valid for the key."""
+        if signature.key_id != self.key_id:
+            raise SignatureError(
+                "SIGNATURE_KEY_MISMATCH", "signature key id does not match the certificate"
+            )
+        if signature.algorithm != self.algorithm:
+            raise SignatureError(
+                "SIGNATURE_ALGORITHM_MISMATCH",
+                "signature algorithm does not match the certificate key",
+            )
+        data = pae(payload_type, payload)
+        try:
+            if isinstance(self._key, ed25519.Ed25519PublicKey):
+                self._key.verify(signature.value, data)
+            else:
+                self._key.verify(signature.value, data, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature as exc:
+            raise SignatureError("SIGNATURE_INVALID", "signature does not verify") from exc
+
+
 def verify_signature(
     cert: x509.Certificate, payload_type: str, payload: bytes, signature: pb.Signature
 ) -> None:
     """Raises SignatureError unless ``signature`` over ``payload`` is valid for ``cert``."""
-    if signature.key_id != key_id(cert):
-        raise SignatureError(
-            "SIGNATURE_KEY_MISMATCH", "signature key id does not match the certificate"
-        )
-    public_key = cert.public_key()
-    if not isinstance(public_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
-        raise SignatureError("SIGNATURE_ALGORITHM_MISMATCH", "unsupported certificate key type")
-    try:
-        expected = algorithm_of_key(public_key)
-    except ValueError as exc:
-        raise SignatureError("SIGNATURE_ALGORITHM_MISMATCH", str(exc)) from exc
-    if signature.algorithm != expected:
-        raise SignatureError(
-            "SIGNATURE_ALGORITHM_MISMATCH", "signature algorithm does not match the certificate key"
-        )
-    data = pae(payload_type, payload)
-    try:
-        if isinstance(public_key, ed25519.Ed25519PublicKey):
-            public_key.verify(signature.value, data)
-        else:
-            public_key.verify(signature.value, data, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature as exc:
-        raise SignatureError("SIGNATURE_INVALID", "signature does not verify") from exc
+    Verifier(cert).verify(payload_type, payload, signature)

@@ -25,9 +25,9 @@ from client_sdk.signing import (
     ENVELOPE_PAYLOAD_TYPE,
     EVIDENCE_PAYLOAD_TYPE,
     SignatureError,
+    Verifier,
     key_id,
     sha256,
-    verify_signature,
 )
 
 __all__ = [
@@ -66,6 +66,7 @@ class TrustStore:
     intermediates: list[x509.Certificate] = field(default_factory=list)
     revoked_serials: set[int] = field(default_factory=set)
     _by_key_id: dict[bytes, x509.Certificate] = field(default_factory=dict)
+    _verifiers: dict[bytes, Verifier] = field(default_factory=dict)
     _chain_ok: dict[tuple[bytes, CertificateUsage], _Verified] = field(default_factory=dict)
 
     @classmethod
@@ -83,7 +84,9 @@ class TrustStore:
                 if all(c != cert for c in self.intermediates):
                     self.intermediates.append(cert)
             else:
-                self._by_key_id[key_id(cert)] = cert
+                kid = key_id(cert)
+                self._by_key_id[kid] = cert
+                self._verifiers.pop(kid, None)
 
     def certificate(self, kid: bytes) -> x509.Certificate | None:
         return self._by_key_id.get(kid)
@@ -92,16 +95,22 @@ class TrustStore:
         self.revoked_serials = set(serials)
 
     def verify_certificate(
-        self, cert: x509.Certificate, usage: CertificateUsage, at: dt.datetime | None = None
+        self,
+        cert: x509.Certificate,
+        usage: CertificateUsage,
+        at: dt.datetime | None = None,
+        *,
+        kid: bytes | None = None,
     ) -> Identity:
         """Checks chain to a root, validity at ``at``, key usage and revocation.
 
-        Returns the certificate's Chapar identity.
+        Returns the certificate's Chapar identity. ``kid``: the certificate's key id when the
+        caller already knows it (it found the certificate by it).
         """
         when = at or dt.datetime.now(dt.UTC)
         if when.tzinfo is None:
             raise VerificationError("BAD_TIME", "verification time must be timezone-aware")
-        kid = key_id(cert)
+        kid = kid or key_id(cert)
         cached = self._chain_ok.get((kid, usage))
         if cached is not None and cached.start <= when <= cached.end:
             # Revocation is checked on every use, so a serial revoked after caching still counts.
@@ -162,24 +171,30 @@ class TrustStore:
             return candidate
         return None
 
-    def _signer(
-        self, signature: pb.Signature, at: dt.datetime
-    ) -> tuple[x509.Certificate, Identity]:
-        cert = self._by_key_id.get(signature.key_id)
+    def _signer(self, signature: pb.Signature, at: dt.datetime) -> tuple[Verifier, Identity]:
+        kid = signature.key_id
+        cert = self._by_key_id.get(kid)
         if cert is None:
             raise VerificationError(
                 "SIGNER_UNKNOWN", "no known certificate for the signature's key id"
             )
-        return cert, self.verify_certificate(cert, "signing", at)
+        identity = self.verify_certificate(cert, "signing", at, kid=kid)
+        verifier = self._verifiers.get(kid)
+        if verifier is None:
+            try:
+                verifier = self._verifiers[kid] = Verifier(cert)
+            except SignatureError as exc:
+                raise VerificationError(exc.reason, str(exc)) from exc
+        return verifier, identity
 
     def verify_envelope(
         self, envelope: pb.Envelope, at: dt.datetime | None = None, *, check_body: bool = True
     ) -> pb.EnvelopeHeader:
         """Verifies signature, signer identity and body digest, then parses the header."""
         when = at or dt.datetime.now(dt.UTC)
-        cert, identity = self._signer(envelope.signature, when)
+        verifier, identity = self._signer(envelope.signature, when)
         try:
-            verify_signature(cert, ENVELOPE_PAYLOAD_TYPE, envelope.header, envelope.signature)
+            verifier.verify(ENVELOPE_PAYLOAD_TYPE, envelope.header, envelope.signature)
         except SignatureError as exc:
             raise VerificationError(exc.reason, str(exc)) from exc
         try:
@@ -209,9 +224,9 @@ class TrustStore:
         when = (
             content.event_time.ToDatetime(tzinfo=dt.UTC) if content.HasField("event_time") else None
         )
-        cert, identity = self._signer(evidence.signature, when or dt.datetime.now(dt.UTC))
+        verifier, identity = self._signer(evidence.signature, when or dt.datetime.now(dt.UTC))
         try:
-            verify_signature(cert, EVIDENCE_PAYLOAD_TYPE, evidence.content, evidence.signature)
+            verifier.verify(EVIDENCE_PAYLOAD_TYPE, evidence.content, evidence.signature)
         except SignatureError as exc:
             raise VerificationError(exc.reason, str(exc)) from exc
         if identity.uri != content.issuer:

@@ -366,19 +366,13 @@ class Hub(pb.HubServiceServicer):
         )
         reader = asyncio.create_task(self._read(session, request_iterator))
         pusher = asyncio.create_task(self._push(session))
+        writer = asyncio.create_task(self._write(session, context))
         closed = asyncio.create_task(session.closed.wait())
-        getter: asyncio.Task[pb.ConnectResponse] | None = None
         try:
-            while True:
-                getter = asyncio.create_task(session.out.get())
-                done, _ = await asyncio.wait(
-                    {getter, reader, pusher, closed}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter in done:
-                    await context.write(getter.result())
-                    continue
-                break
-            for ended in (reader, pusher):
+            await asyncio.wait(
+                {reader, pusher, writer, closed}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for ended in (reader, pusher, writer):
                 failure = ended.exception() if ended.done() and not ended.cancelled() else None
                 if isinstance(failure, ChaparError):
                     log.warning(
@@ -388,12 +382,17 @@ class Hub(pb.HubServiceServicer):
                 if failure is not None:
                     raise failure
         finally:
-            for pending in (reader, pusher, closed, getter):
-                if pending is not None:
-                    pending.cancel()
+            for pending in (reader, pusher, writer, closed):
+                pending.cancel()
             if self._sessions.get(agency) is session:
                 del self._sessions[agency]
             log.info("node %s disconnected", agency)
+
+    @staticmethod
+    async def _write(session: _Session, context: grpc.aio.ServicerContext) -> None:
+        """Sends the session's frames in order; one task for the stream's life."""
+        while True:
+            await context.write(await session.out.get())
 
     async def _read(self, session: _Session, frames: AsyncIterator[pb.ConnectRequest]) -> None:
         async for frame in frames:
@@ -589,13 +588,12 @@ class Hub(pb.HubServiceServicer):
                     "receipt from %s about someone else refused: %s", agency, content.evidence_id
                 )
                 continue
-            if not await self.store.is_recipient(shams, agency):
-                log.warning("receipt from %s for a letter not addressed to it: %s", agency, shams)
-                continue
-            session.inflight.discard(shams)
             valid.append((item, content, shams))
         if valid:
-            senders, dequeued = await self.store.record_receipts(agency, valid)
+            senders, dequeued, strangers = await self.store.record_receipts(agency, valid)
+            for shams in strangers:
+                log.warning("receipt from %s for a letter not addressed to it: %s", agency, shams)
+            session.inflight.difference_update(s for _, _, s in valid)
             for sender in senders:
                 self._wake(sender)
             if dequeued:

@@ -256,23 +256,27 @@ class HubStore(Store):
 
     async def record_receipts(
         self, recipient: str, items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]]
-    ) -> tuple[list[str], int]:
+    ) -> tuple[list[str], int, list[str]]:
         """Stores evidence a recipient node issued, routes it to the sender, dequeues.
 
-        ``items`` are (evidence, content, shams) already verified as issued by ``recipient``
-        about a letter addressed to it. Returns the senders who have new notices and how many
-        letters left ``recipient``'s queue.
+        ``items`` are (evidence, content, shams) already verified as issued by ``recipient``.
+        Returns the senders who have new notices, how many letters left ``recipient``'s
+        queue, and the numbers of letters not addressed to ``recipient`` (refused).
         """
 
-        def job(conn: sqlite3.Connection) -> tuple[list[str], int]:
+        def job(conn: sqlite3.Connection) -> tuple[list[str], int, list[str]]:
             now = time.time()
             senders: list[str] = []
+            strangers: list[str] = []
             dequeued = 0
             for evidence, content, shams in items:
                 row = conn.execute(
-                    "SELECT sender FROM letters WHERE shams = ?", (shams,)
+                    "SELECT l.sender FROM recipient_state s JOIN letters l ON l.shams = s.shams"
+                    " WHERE s.shams = ? AND s.recipient = ?",
+                    (shams, recipient),
                 ).fetchone()
                 if row is None:
+                    strangers.append(shams)
                     continue
                 sender = str(row[0])
                 blob = evidence.SerializeToString()
@@ -297,7 +301,7 @@ class HubStore(Store):
                 )
                 advance_state(conn, shams, recipient, content.event)
                 senders.append(sender)
-            return senders, dequeued
+            return senders, dequeued, strangers
 
         return await self.db.write(job)
 

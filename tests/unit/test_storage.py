@@ -724,7 +724,10 @@ async def test_delivery_receipt_dequeues_and_notifies_the_sender(hub: HubStore) 
     await hub.accept([letter], RelayMaker())
     delivery = _evidence(E.EVIDENCE_EVENT_DELIVERY, shams=_shams(1), recipient=RECIPIENT_B)
 
-    senders, dequeued = await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)])
+    senders, dequeued, strangers = await hub.record_receipts(
+        RECIPIENT_B, [(*delivery, letter.shams)]
+    )
+    assert strangers == []
     assert senders == [ORIGIN]
     assert dequeued == 1
     assert await hub.queue_depth(RECIPIENT_B) == 0
@@ -736,7 +739,7 @@ async def test_delivery_receipt_dequeues_and_notifies_the_sender(hub: HubStore) 
     assert await hub.notices(RECIPIENT_B, 0, 10) == []
 
     # A redelivered receipt is not a second notice.
-    assert await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)]) == ([], 0)
+    assert await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)]) == ([], 0, [])
     assert len(await hub.notices(ORIGIN, 0, 10)) == 1
 
     await hub.ack_notices(ORIGIN, [delivery[1].evidence_id])
@@ -750,10 +753,10 @@ async def test_handover_receipt_notifies_without_touching_the_queue(hub: HubStor
     await hub.accept([letter], RelayMaker())
     delivery = _evidence(E.EVIDENCE_EVENT_DELIVERY, recipient=RECIPIENT_B)
     handover = _evidence(E.EVIDENCE_EVENT_HANDOVER, recipient=RECIPIENT_B)
-    assert await hub.record_receipts(RECIPIENT_B, [(*handover, letter.shams)]) == ([ORIGIN], 0)
+    assert await hub.record_receipts(RECIPIENT_B, [(*handover, letter.shams)]) == ([ORIGIN], 0, [])
     assert await hub.queue_depth(RECIPIENT_B) == 1  # not yet confirmed stored
     assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.HANDED_OVER
-    assert await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)]) == ([ORIGIN], 1)
+    assert await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)]) == ([ORIGIN], 1, [])
     assert await hub.queue_depth(RECIPIENT_B) == 0
     assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.HANDED_OVER
     ids = [pb.EvidenceContent.FromString(pb.Evidence.FromString(b).content).evidence_id
@@ -763,7 +766,11 @@ async def test_handover_receipt_notifies_without_touching_the_queue(hub: HubStor
 
 async def test_receipt_for_an_unknown_letter_is_ignored(hub: HubStore) -> None:
     delivery = _evidence(E.EVIDENCE_EVENT_DELIVERY)
-    assert await hub.record_receipts(RECIPIENT_B, [(*delivery, "NOBODY/O/2026/0000001")]) == ([], 0)
+    assert await hub.record_receipts(RECIPIENT_B, [(*delivery, "NOBODY/O/2026/0000001")]) == (
+        [],
+        0,
+        ["NOBODY/O/2026/0000001"],
+    )
     assert await hub.count("evidence") == 0
     assert await hub.count("notices") == 0
 
@@ -780,3 +787,18 @@ async def test_hub_queue_survives_a_restart(tmp_path: Path) -> None:
         assert [s for _, s, _ in await second.queued(RECIPIENT_C, 0, 10)] == [letter.shams]
     finally:
         await second.close()
+
+
+async def test_receipt_from_an_agency_the_letter_is_not_addressed_to_is_refused(
+    hub: HubStore,
+) -> None:
+    letter = _hub_letter(recipients=[RECIPIENT_B])
+    await hub.accept([letter], RelayMaker())
+    delivery = _evidence(E.EVIDENCE_EVENT_DELIVERY, recipient=RECIPIENT_C)
+    assert await hub.record_receipts(RECIPIENT_C, [(*delivery, letter.shams)]) == (
+        [],
+        0,
+        [letter.shams],
+    )
+    assert await hub.queue_depth(RECIPIENT_B) == 1
+    assert await hub.count("notices") == 0
