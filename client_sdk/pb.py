@@ -32,6 +32,9 @@ from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import Signature as Signatur
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import (
     SignatureAlgorithm as SignatureAlgorithm,
 )
+from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import (
+    BatchInclusionProof as BatchInclusionProof,
+)
 from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import Evidence as Evidence
 from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import EvidenceContent as EvidenceContent
 from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import EvidenceEvent as EvidenceEvent

@@ -9,6 +9,7 @@ with the signature (crypto agility) and must match the certificate's key.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -20,12 +21,17 @@ from client_sdk import pb
 
 __all__ = [
     "ENVELOPE_PAYLOAD_TYPE",
+    "EVIDENCE_BATCH_PAYLOAD_TYPE",
     "EVIDENCE_PAYLOAD_TYPE",
     "SignatureError",
     "Signer",
     "Verifier",
     "algorithm_of_key",
+    "batch_tree_head",
     "key_id",
+    "merkle_leaf",
+    "merkle_root_from_path",
+    "merkle_tree",
     "pae",
     "sha256",
     "verify_signature",
@@ -33,6 +39,10 @@ __all__ = [
 
 ENVELOPE_PAYLOAD_TYPE = "chapar.envelope.v1"
 EVIDENCE_PAYLOAD_TYPE = "chapar.evidence.v1"
+EVIDENCE_BATCH_PAYLOAD_TYPE = "chapar.evidence-batch.v1"
+# Leaves per signed tree: bounds the proof an evidence carries (8 hashes at 256).
+MAX_EVIDENCE_BATCH = 256
+_MAX_TREE_SIZE = 1 << 32
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -100,6 +110,34 @@ class Signer:
             value = self._key.sign(data, ec.ECDSA(hashes.SHA256()))
         return pb.Signature(algorithm=self.algorithm, key_id=self.key_id, value=value)
 
+    def sign_evidence(self, contents: Sequence[bytes]) -> list[pb.Evidence]:
+        """Signs evidence contents: one alone, several as Merkle batches of one signature.
+
+        Each returned evidence verifies on its own (see ``Evidence`` in evidence.proto).
+        """
+        if len(contents) == 1:
+            return [
+                pb.Evidence(
+                    content=contents[0], signature=self.sign(EVIDENCE_PAYLOAD_TYPE, contents[0])
+                )
+            ]
+        out: list[pb.Evidence] = []
+        for start in range(0, len(contents), MAX_EVIDENCE_BATCH):
+            chunk = contents[start : start + MAX_EVIDENCE_BATCH]
+            root, paths = merkle_tree([merkle_leaf(c) for c in chunk])
+            signature = self.sign(EVIDENCE_BATCH_PAYLOAD_TYPE, batch_tree_head(len(chunk), root))
+            out.extend(
+                pb.Evidence(
+                    content=content,
+                    signature=signature,
+                    batch_proof=pb.BatchInclusionProof(
+                        tree_size=len(chunk), leaf_index=i, path=path
+                    ),
+                )
+                for i, (content, path) in enumerate(zip(chunk, paths, strict=True))
+            )
+        return out
+
 
 class Verifier:
     """Checks signatures against one certificate's public key (parsed once, reused)."""
@@ -143,3 +181,57 @@ def verify_signature(
 ) -> None:
     """Raises SignatureError unless ``signature`` over ``payload`` is valid for ``cert``."""
     Verifier(cert).verify(payload_type, payload, signature)
+
+
+# -- Merkle batches (RFC 9162 section 2.1) -------------------------------------------------
+
+
+def merkle_leaf(content: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + content).digest()
+
+
+def _node(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def merkle_tree(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
+    """The root of the tree over ``leaves`` (leaf hashes) and each leaf's audit path."""
+    n = len(leaves)
+    if n == 0:
+        raise ValueError("a Merkle tree needs at least one leaf")
+    if n == 1:
+        return leaves[0], [[]]
+    k = 1 << ((n - 1).bit_length() - 1)  # the largest power of two below n
+    left, left_paths = merkle_tree(leaves[:k])
+    right, right_paths = merkle_tree(leaves[k:])
+    paths = [[*p, right] for p in left_paths] + [[*p, left] for p in right_paths]
+    return _node(left, right), paths
+
+
+def merkle_root_from_path(
+    leaf: bytes, index: int, size: int, path: Sequence[bytes]
+) -> bytes | None:
+    """The root an inclusion proof leads to (RFC 9162 2.1.3.2), or None if it is malformed."""
+    if not 0 <= index < size <= _MAX_TREE_SIZE or any(len(p) != 32 for p in path):
+        return None
+    fn, sn = index, size - 1
+    r = leaf
+    for p in path:
+        if sn == 0:
+            return None
+        if fn & 1 or fn == sn:
+            r = _node(p, r)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = _node(r, p)
+        fn >>= 1
+        sn >>= 1
+    return r if sn == 0 else None
+
+
+def batch_tree_head(size: int, root: bytes) -> bytes:
+    """What a batch signature covers (inside PAE): the tree size and its root."""
+    return size.to_bytes(8, "big") + root

@@ -23,6 +23,7 @@ from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, key_id, sha256
 from client_sdk.trust import TrustStore
+from node.batching import BatchSigner
 from node.config import NodeConfig
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
@@ -71,6 +72,7 @@ class Agency(pb.NodeServiceServicer):
         self.config = config
         self.store = store
         self.signer = signer
+        self.batch_signer = BatchSigner(self.seal_evidence)
         self.trust = trust
         self.identity = config.identity
         self.directory: DirectoryView | None = None
@@ -146,6 +148,13 @@ class Agency(pb.NodeServiceServicer):
         return pb.Evidence(
             content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content)
         )
+
+    def seal_evidence(self, items: Sequence[pb.Evidence]) -> None:
+        """Signs unsigned evidence in place, several at once under one batch signature."""
+        for item, signed in zip(
+            items, self.signer.sign_evidence([e.content for e in items]), strict=True
+        ):
+            item.CopyFrom(signed)
 
     # -- authorisation ----------------------------------------------------------------------
 
@@ -229,7 +238,7 @@ class Agency(pb.NodeServiceServicer):
                 recipient="",
                 now=now,
             )
-            evidence = self.sign_evidence(content)
+            evidence = pb.Evidence(content=content)  # signed with the batch: seal_evidence
             text = format_shams(shams)
             receipt = pb.Receipt(
                 shams=shams, shams_text=text, envelope_sha256=digest, evidence=evidence
@@ -249,6 +258,7 @@ class Agency(pb.NodeServiceServicer):
             domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING,
             year=now.year,
             build=build,
+            seal=self.seal_evidence,
         )
         for (i, _, _), receipt in zip(valid, receipts, strict=True):
             results[i] = receipt
@@ -410,25 +420,31 @@ class Agency(pb.NodeServiceServicer):
         try:
             access = self._authorize(context)
             shams = self._shams_of(request.shams)
-            boxes = await self.store.inbox_mailboxes(shams)
-            if boxes is not None:
-                access.require(boxes, f"the letter {shams}")
-            agency_uri = self.identity.uri
-
-            def make_handover(envelope: pb.Envelope) -> pb.Evidence:
-                header = pb.EnvelopeHeader.FromString(envelope.header)
-                return self.sign_evidence(
+            entry = await self.store.inbox_entry(shams)
+            if entry is None:
+                raise ChaparError(
+                    Code.NOT_FOUND,
+                    "LETTER_NOT_FOUND",
+                    f"no letter {shams} in the inbox",
+                    metadata={"shams": shams},
+                )
+            boxes, header_bytes, evidence = entry
+            access.require(boxes, f"the letter {shams}")
+            if evidence is None:  # else acknowledged before: the same evidence again
+                header = pb.EnvelopeHeader.FromString(header_bytes)
+                # Signed together with the HANDOVERs of concurrent acknowledgements.
+                signed = await self.batch_signer.sign(
                     evidence_content(
                         E.EVIDENCE_EVENT_HANDOVER,
-                        issuer=agency_uri,
+                        issuer=self.identity.uri,
                         shams=header.shams,
-                        envelope_sha256=sha256(envelope.header),
+                        envelope_sha256=sha256(header_bytes),
                         recipient=self.config.agency,
                         now=dt.datetime.now(dt.UTC),
                     )
                 )
-
-            evidence = await self.store.acknowledge(shams, make_handover)
+                # If a concurrent call stored its HANDOVER first, the store returns that one.
+                evidence = await self.store.acknowledge(shams, lambda _: signed)
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc

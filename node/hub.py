@@ -308,6 +308,13 @@ class Hub(pb.HubServiceServicer):
             content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content)
         )
 
+    def _seal(self, items: Sequence[pb.Evidence]) -> None:
+        """Signs unsigned evidence in place, several at once under one batch signature."""
+        for item, signed in zip(
+            items, self.signer.sign_evidence([e.content for e in items]), strict=True
+        ):
+            item.CopyFrom(signed)
+
     def _peer(self, context: grpc.aio.ServicerContext, *, active: bool = True) -> tuple[str, int]:
         """The connected node's agency code and TLS certificate serial, if admitted.
 
@@ -457,6 +464,7 @@ class Hub(pb.HubServiceServicer):
             if header.HasField("expire_time")
             else None,
             shams=format_shams(header.shams),
+            shams_pb=header.shams,
             sender=agency,
             recipients=[r.agency for r in header.recipients],
             envelope=envelope.SerializeToString(),
@@ -515,19 +523,17 @@ class Hub(pb.HubServiceServicer):
 
         def make_relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:
             queued.append(recipient)  # only called for letters stored now, not duplicates
-            header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(letter.envelope).header)
-            return self._sign(
-                evidence_content(
-                    E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
-                    issuer=self.identity.uri,
-                    shams=header.shams,
-                    envelope_sha256=letter.envelope_sha256,
-                    recipient=recipient,
-                    now=now,
-                )
+            content = evidence_content(
+                E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+                issuer=self.identity.uri,
+                shams=letter.shams_pb or parse_shams(letter.shams),
+                envelope_sha256=letter.envelope_sha256,
+                recipient=recipient,
+                now=now,
             )
+            return pb.Evidence(content=content)  # signed with the batch: _seal
 
-        stored = iter(await self.store.accept(letters, make_relay) if letters else [])
+        stored = iter(await self.store.accept(letters, make_relay, self._seal) if letters else [])
         for recipient in queued:
             self._count(recipient, +1)
         results: list[pb.Evidence] = []

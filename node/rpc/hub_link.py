@@ -310,20 +310,21 @@ class _Session:
         def make_delivery(i: int) -> pb.Evidence:
             envelope = good[i][3]
             header = pb.EnvelopeHeader.FromString(envelope.header)
-            return agency.sign_evidence(
-                evidence_content(
-                    E.EVIDENCE_EVENT_DELIVERY,
-                    issuer=agency.identity.uri,
-                    shams=header.shams,
-                    envelope_sha256=sha256(envelope.header),
-                    recipient=me,
-                    now=now,
-                )
+            content = evidence_content(
+                E.EVIDENCE_EVENT_DELIVERY,
+                issuer=agency.identity.uri,
+                shams=header.shams,
+                envelope_sha256=sha256(envelope.header),
+                recipient=me,
+                now=now,
             )
+            return pb.Evidence(content=content)  # signed with the batch: seal_evidence
 
         receipts: list[pb.Evidence] = []
         if good:
-            receipts.extend(await agency.store.store_incoming(good, make_delivery))
+            receipts.extend(
+                await agency.store.store_incoming(good, make_delivery, agency.seal_evidence)
+            )
             agency.notify_inbox()
         if failures:
             await agency.store.store_issued(failures)

@@ -86,6 +86,7 @@ class IncomingLetter:
     envelope: bytes
     envelope_sha256: bytes
     expire_at: float | None = None
+    shams_pb: pb.Shams | None = None  # the parsed number, when the caller has it
 
 
 class HubStore(Store):
@@ -95,67 +96,77 @@ class HubStore(Store):
         self,
         letters: Sequence[IncomingLetter],
         make_relay: Callable[[IncomingLetter, str], pb.Evidence],
+        seal: Callable[[Sequence[pb.Evidence]], None] | None = None,
     ) -> list[list[pb.Evidence]]:
         """Queues each letter for each recipient once; returns its RELAY_ACCEPTANCE evidence.
 
         A letter already accepted (same SHAMS number, same header digest) is not stored
         again: its original relay evidence is returned. A *different* letter under a number
-        already taken gets an empty list and nothing is stored.
+        already taken gets an empty list and nothing is stored. ``make_relay`` builds each new
+        evidence; ``seal``, if given, then signs all of them at once, in place, before they
+        are stored.
         """
 
         def job(conn: sqlite3.Connection) -> list[list[pb.Evidence]]:
             now = time.time()
             out: list[list[pb.Evidence]] = []
+            new: dict[str, tuple[IncomingLetter, list[str], list[pb.Evidence]]] = {}
             for letter in letters:
+                first = new.get(letter.shams)
+                if first is not None:  # the same number twice in one batch
+                    same = first[0].envelope_sha256 == letter.envelope_sha256
+                    out.append(first[2] if same else [])
+                    continue
                 row = conn.execute(
                     "SELECT relay_evidence, envelope_sha256 FROM letters WHERE shams = ?",
                     (letter.shams,),
                 ).fetchone()
                 if row is not None:
                     same = bytes(row[1]) == letter.envelope_sha256
-                    out.append(list(pb.EvidenceBatch.FromString(row[0]).evidence) if same else [])
+                    out.append(_relay_evidence(conn, letter.shams, bytes(row[0])) if same else [])
                     continue
                 recipients = list(dict.fromkeys(letter.recipients))
                 relays = [make_relay(letter, r) for r in recipients]
-                batch = pb.EvidenceBatch(evidence=relays)
-                conn.execute(
-                    "INSERT INTO letters (shams, sender, envelope_sha256, relay_evidence,"
-                    " accepted_at) VALUES (?, ?, ?, ?, ?)",
-                    (
-                        letter.shams,
-                        letter.sender,
-                        letter.envelope_sha256,
-                        batch.SerializeToString(),
-                        now,
-                    ),
-                )
-                conn.execute(
-                    "INSERT INTO envelopes (shams, envelope) VALUES (?, ?)",
-                    (letter.shams, letter.envelope),
-                )
-                conn.executemany(
-                    "INSERT INTO queue (recipient, shams, enqueued_at, expire_at) VALUES (?, ?, ?, ?)",
-                    [(r, letter.shams, now, letter.expire_at) for r in recipients],
-                )
-                conn.executemany(
-                    "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (
-                            pb.EvidenceContent.FromString(e.content).evidence_id,
-                            letter.shams,
-                            pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
-                            e.SerializeToString(),
-                            now,
-                        )
-                        for e in relays
-                    ],
-                )
-                conn.executemany(
-                    "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, ?)",
-                    [(letter.shams, r, lifecycle.RELAYED) for r in recipients],
-                )
+                new[letter.shams] = (letter, recipients, relays)
                 out.append(relays)
+            if not new:
+                return out
+            if seal is not None:
+                seal([e for _, _, relays in new.values() for e in relays])
+            # The relay evidence lives in `evidence` only; `letters.relay_evidence` is left
+            # empty (rows written by earlier versions still hold a copy, read first).
+            conn.executemany(
+                "INSERT INTO letters (shams, sender, envelope_sha256, relay_evidence,"
+                " accepted_at) VALUES (?, ?, ?, x'', ?)",
+                [(s, lt.sender, lt.envelope_sha256, now) for s, (lt, _, _) in new.items()],
+            )
+            conn.executemany(
+                "INSERT INTO envelopes (shams, envelope) VALUES (?, ?)",
+                [(s, lt.envelope) for s, (lt, _, _) in new.items()],
+            )
+            conn.executemany(
+                "INSERT INTO queue (recipient, shams, enqueued_at, expire_at) VALUES (?, ?, ?, ?)",
+                [(r, s, now, lt.expire_at) for s, (lt, rs, _) in new.items() for r in rs],
+            )
+            conn.executemany(
+                "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [
+                    (
+                        pb.EvidenceContent.FromString(e.content).evidence_id,
+                        s,
+                        pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+                        e.SerializeToString(),
+                        now,
+                    )
+                    for s, (_, _, relays) in new.items()
+                    for e in relays
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, ?)",
+                [(s, r, lifecycle.RELAYED) for s, (_, rs, _) in new.items() for r in rs],
+            )
             return out
 
         return await self.db.write(job)
@@ -331,3 +342,14 @@ class HubStore(Store):
         assert table in {"letters", "queue", "evidence", "notices"}
         row = await self.db.fetchone(f"SELECT count(*) FROM {table}")  # noqa: S608
         return int(row[0]) if row else 0
+
+
+def _relay_evidence(conn: sqlite3.Connection, shams: str, kept: bytes) -> list[pb.Evidence]:
+    """The RELAY_ACCEPTANCE evidence of an accepted letter, in recipient order."""
+    if kept:  # a copy kept inline by earlier versions
+        return list(pb.EvidenceBatch.FromString(kept).evidence)
+    rows = conn.execute(
+        "SELECT evidence FROM evidence WHERE shams = ? AND event = ? ORDER BY rowid",
+        (shams, pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE),
+    ).fetchall()
+    return [pb.Evidence.FromString(r[0]) for r in rows]

@@ -130,11 +130,13 @@ class NodeStore(Store):
         domain: pb.ShamsDomain.ValueType,
         year: int,
         build: Callable[[int, pb.Shams], NewLetter],
+        seal: Callable[[Sequence[pb.Evidence]], None] | None = None,
     ) -> list[pb.Receipt]:
         """Numbers, builds (signs) and stores letters; a known request_id returns its receipt.
 
         ``build(i, shams)`` makes letter ``i`` of the batch under ``shams``. Letters are
-        numbered in batch order.
+        numbered in batch order. ``seal``, if given, then signs the receipts' evidence all
+        at once, in place, before anything is stored.
         """
 
         def job(conn: sqlite3.Connection) -> list[pb.Receipt]:
@@ -177,6 +179,8 @@ class NodeStore(Store):
                     origin=origin, domain=domain, year=year, sequence=first_seq + offset
                 )
                 built[i] = build(i, shams)
+            if seal is not None:
+                seal([b.receipt.evidence for b in built.values()])
             conn.executemany(
                 "INSERT INTO outbox (shams, request_id, envelope, envelope_sha256, receipt, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -292,17 +296,23 @@ class NodeStore(Store):
         self,
         letters: Sequence[tuple[str, str, Sequence[str], pb.Envelope]],
         make_delivery: Callable[[int], pb.Evidence],
+        seal: Callable[[Sequence[pb.Evidence]], None] | None = None,
     ) -> list[pb.Evidence]:
         """Stores received letters (shams, sender, mailboxes, envelope) once each.
 
         Returns the DELIVERY evidence of each: the stored one for a letter already in the
         inbox (a redelivery), else a new one from ``make_delivery(i)``, queued for the hub.
+        ``seal``, if given, signs the new evidence at once, in place, before it is stored.
         """
 
         def job(conn: sqlite3.Connection) -> list[pb.Evidence]:
             now = time.time()
             out: list[pb.Evidence] = []
-            for i, (shams, sender, mailboxes, envelope) in enumerate(letters):
+            new: dict[str, tuple[int, pb.Evidence]] = {}
+            for i, (shams, _, _, _) in enumerate(letters):
+                if shams in new:
+                    out.append(new[shams][1])
+                    continue
                 row = conn.execute(
                     "SELECT delivery FROM inbox WHERE shams = ?", (shams,)
                 ).fetchone()
@@ -310,23 +320,36 @@ class NodeStore(Store):
                     out.append(pb.Evidence.FromString(row[0]))
                     continue
                 evidence = make_delivery(i)
-                content = pb.EvidenceContent.FromString(evidence.content)
-                blob = evidence.SerializeToString()
-                conn.execute(
-                    "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (shams, sender, "\n".join(mailboxes), _without_body(envelope), blob, now),
-                )
-                conn.execute(
-                    "INSERT INTO bodies (box, shams, body) VALUES ('I', ?, ?)",
-                    (shams, envelope.body),
-                )
-                conn.execute(
-                    "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
-                    " VALUES (?, ?, ?, ?, 1, ?)",
-                    (content.evidence_id, shams, content.event, blob, now),
-                )
+                new[shams] = (i, evidence)
                 out.append(evidence)
+            if not new:
+                return out
+            if seal is not None:
+                seal([e for _, e in new.values()])
+            rows = []
+            for shams, (i, evidence) in new.items():
+                _, sender, mailboxes, envelope = letters[i]
+                content = pb.EvidenceContent.FromString(evidence.content)
+                rows.append(
+                    (shams, sender, mailboxes, envelope, content, evidence.SerializeToString())
+                )
+            conn.executemany(
+                "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (s, snd, "\n".join(m), _without_body(env), blob, now)
+                    for s, snd, m, env, _, blob in rows
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO bodies (box, shams, body) VALUES ('I', ?, ?)",
+                [(s, env.body) for s, _, _, env, _, _ in rows],
+            )
+            conn.executemany(
+                "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
+                " VALUES (?, ?, ?, ?, 1, ?)",
+                [(c.evidence_id, s, c.event, blob, now) for s, _, _, _, c, blob in rows],
+            )
             return out
 
         return await self.db.write(job)
@@ -379,10 +402,15 @@ class NodeStore(Store):
 
         return await self.db.write(job)
 
-    async def inbox_mailboxes(self, shams: str) -> list[str] | None:
-        """The mailboxes a received letter is addressed to here, or None if not received."""
-        row = await self.db.fetchone("SELECT mailboxes FROM inbox WHERE shams = ?", (shams,))
-        return str(row[0]).split("\n") if row is not None else None
+    async def inbox_entry(self, shams: str) -> tuple[list[str], bytes, pb.Evidence | None] | None:
+        """(mailboxes, header bytes, HANDOVER evidence if issued) of a received letter."""
+        row = await self.db.fetchone(
+            "SELECT mailboxes, envelope, handover FROM inbox WHERE shams = ?", (shams,)
+        )
+        if row is None:
+            return None
+        handover = pb.Evidence.FromString(row[2]) if row[2] is not None else None
+        return str(row[0]).split("\n"), pb.Envelope.FromString(row[1]).header, handover
 
     async def receipts_to_send(self, limit: int, after: int = 0) -> list[pb.Evidence]:
         """Receipts the hub has not acknowledged, oldest first (see ``receipts_after``)."""

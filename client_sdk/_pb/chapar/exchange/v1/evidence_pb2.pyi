@@ -4,9 +4,11 @@ isort:skip_file
 """
 
 from client_sdk._pb.chapar.exchange.v1 import envelope_pb2 as _envelope_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -75,34 +77,78 @@ Global___EvidenceEvent: _TypeAlias = EvidenceEvent  # noqa: Y015
 class Evidence(_message.Message):
     """Evidence is a signed statement by a node or the hub about one letter and one recipient.
 
-    Like the envelope header, the content travels as the exact signed bytes: the signature
-    covers PAE("chapar.evidence.v1", content). Anyone holding the CA certificates and the
-    issuer's signing certificate can verify it offline.
+    Like the envelope header, the content travels as the exact signed bytes. Anyone holding
+    the CA certificates and the issuer's signing certificate can verify it offline.
+
+    An issuer signs either one evidence alone (no batch_proof; the signature covers
+    PAE("chapar.evidence.v1", content)) or many at once: then the evidences are the leaves
+    of a Merkle tree (RFC 9162 section 2.1: leaf hash SHA-256(0x00 || content), node hash
+    SHA-256(0x01 || left || right)), the signature covers
+    PAE("chapar.evidence-batch.v1", uint64_be(tree_size) || root), and batch_proof carries
+    the inclusion path from this content to that root. Each evidence still verifies alone.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CONTENT_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    BATCH_PROOF_FIELD_NUMBER: _builtins.int
     content: _builtins.bytes
     """Serialized EvidenceContent, exactly as signed."""
     @_builtins.property
     def signature(self) -> _envelope_pb2.Signature:
-        """The issuer's signature over PAE("chapar.evidence.v1", content)."""
+        """The issuer's signature, over the content or over the batch's tree head."""
+
+    @_builtins.property
+    def batch_proof(self) -> Global___BatchInclusionProof:
+        """Set when the signature covers a batch: where this content sits in the signed tree."""
 
     def __init__(
         self,
         *,
         content: _builtins.bytes = ...,
         signature: _envelope_pb2.Signature | None = ...,
+        batch_proof: Global___BatchInclusionProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_proof", b"batch_proof", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_proof", b"batch_proof", "content", b"content", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Evidence: _TypeAlias = Evidence  # noqa: Y015
+
+@_typing.final
+class BatchInclusionProof(_message.Message):
+    """BatchInclusionProof is an RFC 9162 inclusion proof of one evidence in a signed batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    tree_size: _builtins.int
+    """Number of leaves of the signed tree."""
+    leaf_index: _builtins.int
+    """Index of this evidence's leaf, from 0."""
+    @_builtins.property
+    def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The audit path, leaf to root: 32-byte SHA-256 node hashes."""
+
+    def __init__(
+        self,
+        *,
+        tree_size: _builtins.int = ...,
+        leaf_index: _builtins.int = ...,
+        path: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leaf_index", b"leaf_index", "path", b"path", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchInclusionProof: _TypeAlias = BatchInclusionProof  # noqa: Y015
 
 @_typing.final
 class EvidenceContent(_message.Message):

@@ -1,0 +1,227 @@
+"""Evidence signed in batches: Merkle inclusion proofs (RFC 9162) under one signature.
+
+Each evidence of a batch must verify on its own, exactly like one signed alone, and no
+change to content, proof or signature may pass, whether or not the batch's signature was
+already seen (the verifier caches verified tree heads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from certs.pki import PkiLayout, init_pki, load_certs
+from client_sdk import pb
+from client_sdk.signing import (
+    MAX_EVIDENCE_BATCH,
+    Signer,
+    merkle_leaf,
+    merkle_root_from_path,
+    merkle_tree,
+)
+from client_sdk.trust import TrustStore, VerificationError
+from node.batching import BatchSigner
+
+HUB = "hub.test"
+AGENCY = "000.00.00.G22"
+
+
+def _reference_root(leaves: list[bytes]) -> bytes:
+    """RFC 9162 MTH written straight from its definition (no paths), to check against."""
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    left, right = _reference_root(leaves[:k]), _reference_root(leaves[k:])
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def _leaves(n: int) -> list[bytes]:
+    return [merkle_leaf(f"evidence {i}".encode()) for i in range(n)]
+
+
+@pytest.mark.parametrize("size", [*range(1, 18), 31, 32, 33, 100, 256])
+def test_every_leaf_proves_into_the_reference_root(size: int) -> None:
+    leaves = _leaves(size)
+    root, paths = merkle_tree(leaves)
+    assert root == _reference_root(leaves)
+    for index, (leaf, path) in enumerate(zip(leaves, paths, strict=True)):
+        assert merkle_root_from_path(leaf, index, size, path) == root
+
+
+@given(st.integers(min_value=2, max_value=70), st.data())
+def test_a_proof_does_not_fit_another_leaf_index_or_size(size: int, data: st.DataObject) -> None:
+    leaves = _leaves(size)
+    root, paths = merkle_tree(leaves)
+    index = data.draw(st.integers(min_value=0, max_value=size - 1))
+    other = data.draw(st.integers(min_value=0, max_value=size - 1).filter(lambda i: i != index))
+    path = paths[index]
+    assert merkle_root_from_path(leaves[other], index, size, path) != root
+    assert merkle_root_from_path(leaves[index], other, size, path) != root
+    # (A different tree size can lead to the same root for some leaves: that is why the
+    # signature covers the size with the root; see test_any_change_fails... "size".)
+    if path:
+        assert merkle_root_from_path(leaves[index], index, size, path[:-1]) != root
+        flipped = bytes([path[0][0] ^ 1]) + path[0][1:]
+        assert merkle_root_from_path(leaves[index], index, size, [flipped, *path[1:]]) != root
+    assert merkle_root_from_path(leaves[index], index, size, [*path, root]) != root
+
+
+def test_malformed_proofs_are_refused() -> None:
+    leaf = merkle_leaf(b"x")
+    assert merkle_root_from_path(leaf, 0, 0, []) is None  # empty tree
+    assert merkle_root_from_path(leaf, 3, 3, [leaf, leaf]) is None  # index outside
+    assert merkle_root_from_path(leaf, 0, 2, [b"short"]) is None  # not a hash
+    assert merkle_root_from_path(leaf, 0, 2, []) is None  # path too short for the size
+    assert merkle_root_from_path(leaf, 0, 1 << 40, [leaf]) is None  # absurd size
+
+
+# -- signing and verifying with real certificates ---------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["ed25519", "ecdsa-p256"])
+def pki(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> PkiLayout:
+    return init_pki(
+        tmp_path_factory.mktemp(f"batch-{request.param}") / "pki",
+        hub=HUB,
+        agencies=[AGENCY],
+        signing_algorithm=request.param,
+    )
+
+
+def _signer(pki: PkiLayout) -> Signer:
+    directory = pki.agency_dir(AGENCY)
+    return Signer.from_files(directory / "signing.key", directory / "signing.crt")
+
+
+def _trust(pki: PkiLayout, signer: Signer) -> TrustStore:
+    store = TrustStore(
+        roots=load_certs(pki.root_cert), intermediates=load_certs(pki.intermediate_cert)
+    )
+    store.add_certificates([signer.certificate])
+    return store
+
+
+def _content(i: int) -> bytes:
+    content = pb.EvidenceContent(
+        evidence_id=f"id-{i}",
+        event=pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
+        issuer=f"urn:chapar:agency:{AGENCY}",
+        recipient=AGENCY,
+    )
+    content.event_time.GetCurrentTime()
+    return content.SerializeToString()
+
+
+def test_a_batch_has_one_signature_and_each_evidence_verifies_alone(pki: PkiLayout) -> None:
+    signer = _signer(pki)
+    batch = signer.sign_evidence([_content(i) for i in range(7)])
+    assert len({e.signature.value for e in batch}) == 1
+    assert all(e.HasField("batch_proof") for e in batch)
+    for i, evidence in enumerate(batch):
+        # A fresh store each time: nothing cached from the other members.
+        content = _trust(pki, signer).verify_evidence(evidence)
+        assert content.evidence_id == f"id-{i}"
+
+
+def test_one_evidence_alone_is_signed_as_before(pki: PkiLayout) -> None:
+    signer = _signer(pki)
+    (single,) = signer.sign_evidence([_content(0)])
+    assert not single.HasField("batch_proof")
+    assert _trust(pki, signer).verify_evidence(single).evidence_id == "id-0"
+
+
+def test_big_batches_are_split_into_trees_of_bounded_size(pki: PkiLayout) -> None:
+    signer = _signer(pki)
+    batch = signer.sign_evidence([_content(i) for i in range(MAX_EVIDENCE_BATCH + 3)])
+    assert {e.batch_proof.tree_size for e in batch} == {MAX_EVIDENCE_BATCH, 3}
+    assert len({e.signature.value for e in batch}) == 2
+    trust = _trust(pki, signer)
+    assert [trust.verify_evidence(e).evidence_id for e in batch][
+        -1
+    ] == f"id-{MAX_EVIDENCE_BATCH + 2}"
+
+
+def _tampered(evidence: pb.Evidence, how: str, other: pb.Evidence) -> pb.Evidence:
+    forged = pb.Evidence()
+    forged.CopyFrom(evidence)
+    if how == "content":
+        content = pb.EvidenceContent.FromString(evidence.content)
+        content.recipient = "SOMEONE.ELSE"
+        forged.content = content.SerializeToString()
+    elif how == "index":
+        forged.batch_proof.leaf_index = (evidence.batch_proof.leaf_index + 1) % 7
+    elif how == "path":
+        forged.batch_proof.path[0] = bytes(32)
+    elif how == "size":
+        forged.batch_proof.tree_size = 8
+    elif how == "other-batch-signature":
+        forged.signature.CopyFrom(other.signature)
+    elif how == "proof-dropped":
+        forged.ClearField("batch_proof")
+    return forged
+
+
+@pytest.mark.parametrize(
+    "how", ["content", "index", "path", "size", "other-batch-signature", "proof-dropped"]
+)
+def test_any_change_fails_even_after_the_batch_verified(pki: PkiLayout, how: str) -> None:
+    signer = _signer(pki)
+    batch = signer.sign_evidence([_content(i) for i in range(7)])
+    other = signer.sign_evidence([_content(i) for i in range(100, 103)])
+    trust = _trust(pki, signer)
+    for evidence in batch:  # fills the verified-tree-head cache
+        trust.verify_evidence(evidence)
+    with pytest.raises(VerificationError) as info:
+        trust.verify_evidence(_tampered(batch[2], how, other[0]))
+    assert info.value.reason in {"SIGNATURE_INVALID", "EVIDENCE_PROOF_INVALID"}
+
+
+def test_a_cached_batch_still_fails_once_its_signer_is_revoked(pki: PkiLayout) -> None:
+    signer = _signer(pki)
+    batch = signer.sign_evidence([_content(i) for i in range(4)])
+    trust = _trust(pki, signer)
+    trust.verify_evidence(batch[0])
+    trust.set_revoked([signer.certificate.serial_number])
+    with pytest.raises(VerificationError) as info:
+        trust.verify_evidence(batch[1])
+    assert info.value.reason == "CERTIFICATE_REVOKED"
+
+
+# -- BatchSigner: concurrent requests share one signature -----------------------------------
+
+
+async def test_concurrent_requests_are_sealed_together(pki: PkiLayout) -> None:
+    signer = _signer(pki)
+    seals: list[int] = []
+
+    def seal(items: Sequence[pb.Evidence]) -> None:
+        seals.append(len(items))
+        for item, signed in zip(
+            items, signer.sign_evidence([e.content for e in items]), strict=True
+        ):
+            item.CopyFrom(signed)
+
+    batcher = BatchSigner(seal, linger_s=0.01, max_batch=8)
+    signed = await asyncio.gather(*(batcher.sign(_content(i)) for i in range(20)))
+    assert seals == [8, 8, 4]
+    trust = _trust(pki, signer)
+    assert [trust.verify_evidence(e).evidence_id for e in signed] == [f"id-{i}" for i in range(20)]
+    assert len({e.signature.value for e in signed}) == 3
+
+
+async def test_a_failing_seal_reaches_every_waiting_caller() -> None:
+    def seal(items: Sequence[pb.Evidence]) -> None:
+        raise RuntimeError("signing key unavailable")
+
+    batcher = BatchSigner(seal, linger_s=0.001)
+    results = await asyncio.gather(
+        *(batcher.sign(_content(i)) for i in range(3)), return_exceptions=True
+    )
+    assert [type(r) for r in results] == [RuntimeError] * 3
