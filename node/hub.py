@@ -93,6 +93,10 @@ class _Session:
         default_factory=lambda: asyncio.Queue(_OUT_FRAMES)
     )
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # What the pusher must read again: set when something was stored for this agency (or
+    # room freed in its delivery window), cleared when read. A wake without them is cheap.
+    queue_dirty: bool = True
+    notices_dirty: bool = True
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: set[str] = field(default_factory=set)
     status_sent: int = -1
@@ -290,7 +294,7 @@ class Hub(pb.HubServiceServicer):
         done = await self.store.expire(items)
         for recipient, sender in done:
             self._count(recipient, -1)
-            self._wake(sender)
+            self._wake(sender, notices=True)
         if done:
             log.info("expired %d queued letters", len(done))
         return len(done)
@@ -562,7 +566,7 @@ class Hub(pb.HubServiceServicer):
                 continue
             results.extend(relays)
             for r in outcome.recipients:
-                self._wake(r)
+                self._wake(r, queue=True)
         return results
 
     # -- receipts from recipients -----------------------------------------------------------
@@ -601,17 +605,20 @@ class Hub(pb.HubServiceServicer):
                 log.warning("receipt from %s for a letter not addressed to it: %s", agency, shams)
             session.inflight.difference_update(s for _, _, s in valid)
             for sender in senders:
-                self._wake(sender)
+                self._wake(sender, notices=True)
             if dequeued:
                 self._count(agency, -dequeued)
+        session.queue_dirty = True  # room in its delivery window
         session.wake.set()
         return ids
 
     # -- pushing deliveries and notices -------------------------------------------------------
 
-    def _wake(self, agency: str) -> None:
+    def _wake(self, agency: str, *, queue: bool = False, notices: bool = False) -> None:
         session = self._sessions.get(agency)
         if session is not None:
+            session.queue_dirty |= queue
+            session.notices_dirty |= notices
             session.wake.set()
 
     async def _push(self, session: _Session) -> None:
@@ -632,15 +639,22 @@ class Hub(pb.HubServiceServicer):
                 session.status_sent = self._status_version
                 await session.out.put(pb.ConnectResponse(queue_status=self._queue_status()))
             room = window - len(session.inflight)
-            if room > 0:
-                rows = await self.store.queued(session.agency, last_queue, min(room, _PUSH_BATCH))
+            if room > 0 and session.queue_dirty:
+                session.queue_dirty = False
+                limit = min(room, _PUSH_BATCH)
+                rows = await self.store.queued(session.agency, last_queue, limit)
+                session.queue_dirty |= len(rows) == limit  # there may be more
                 if rows:
                     last_queue = rows[-1][0]
                     session.inflight.update(r[1] for r in rows)
                     batch = pb.EnvelopeBatch(envelopes=[pb.Envelope.FromString(r[2]) for r in rows])
                     await session.out.put(pb.ConnectResponse(deliveries=batch))
                     sent = True
-            notices = await self.store.notices(session.agency, last_notice, _PUSH_BATCH)
+            notices = []
+            if session.notices_dirty:
+                session.notices_dirty = False
+                notices = await self.store.notices(session.agency, last_notice, _PUSH_BATCH)
+                session.notices_dirty |= len(notices) == _PUSH_BATCH
             if notices:
                 last_notice = notices[-1][0]
                 batch2 = pb.EvidenceBatch(evidence=[pb.Evidence.FromString(n[1]) for n in notices])

@@ -157,12 +157,20 @@ class _Session:
         batch = agency.config.relay_batch
         window = batch * 4
         cursor = 0
+        # What must be read again: set by the agency's signals, cleared when read, so a
+        # wake-up with nothing new costs no database read.
+        outbox_dirty = receipts_dirty = True
         while not self.link._stopping:
             self.link._wake.clear()
-            agency.outbox_changed.clear()
-            agency.receipts_changed.clear()
+            if agency.outbox_changed.is_set():
+                agency.outbox_changed.clear()
+                outbox_dirty = True
+            if agency.receipts_changed.is_set():
+                agency.receipts_changed.clear()
+                receipts_dirty = True
             sent = False
-            if len(self.relaying) < window:
+            if outbox_dirty and len(self.relaying) < window:
+                outbox_dirty = False
                 rows = await agency.store.outbox_to_relay(cursor, batch)
                 if rows:
                     envelopes: list[pb.Envelope] = []
@@ -176,21 +184,26 @@ class _Session:
                         envelopes.append(envelope)
                         size += len(blob)
                         cursor = rowid
+                    # A full read or a frame cut short by size: more may be waiting.
+                    outbox_dirty = len(rows) == batch or len(envelopes) < len(rows)
                     await self.write(
                         pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes))
                     )
                     sent = True
-            pending = await agency.store.receipts_after(self.receipt_cursor, _RECEIPT_BATCH)
-            if pending:
-                self.receipt_cursor = pending[-1][0]
-                # Receipts already sent straight after storing deliveries are skipped.
-                receipts = [e for _, eid, e in pending if eid not in self.receipts_sent]
-                if receipts:
-                    self.receipts_sent.update(eid for _, eid, _ in pending)
-                    await self.write(
-                        pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts))
-                    )
-                sent = True
+            if receipts_dirty:
+                receipts_dirty = False
+                pending = await agency.store.receipts_after(self.receipt_cursor, _RECEIPT_BATCH)
+                receipts_dirty = len(pending) == _RECEIPT_BATCH
+                if pending:
+                    self.receipt_cursor = pending[-1][0]
+                    # Receipts already sent straight after storing deliveries are skipped.
+                    receipts = [e for _, eid, e in pending if eid not in self.receipts_sent]
+                    if receipts:
+                        self.receipts_sent.update(eid for _, eid, _ in pending)
+                        await self.write(
+                            pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts))
+                        )
+                        sent = True
             if not sent:
                 waits = [
                     asyncio.create_task(ev.wait())
