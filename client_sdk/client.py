@@ -266,8 +266,12 @@ class Letter(_LetterFields):
     _client: ExchangeClient = field(repr=False, compare=False)
 
     async def ack(self) -> pb.Evidence:
-        """Acknowledges the letter; returns the node's HANDOVER evidence (idempotent)."""
-        return await self._client.ack(self.shams_pb)
+        """Acknowledges the letter; returns the node's HANDOVER evidence (idempotent).
+
+        Acknowledgements made at about the same time (within 2 ms) travel together in
+        one ``BatchAckEnvelopes`` call; each still gets its own evidence or exception.
+        """
+        return await self._client._acks.ack(self.shams_pb)
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +356,7 @@ class ExchangeClient:
         self._owns_channel = owns_channel
         self._timeout = timeout
         self._stub = cast("NodeServiceAsyncStub", pb.NodeServiceStub(channel))
+        self._acks = _AckGatherer(self)
 
     async def __aenter__(self) -> ExchangeClient:
         return self
@@ -361,6 +366,7 @@ class ExchangeClient:
 
     async def close(self) -> None:
         """Closes the channel if this client created it."""
+        await self._acks.flush()
         if self._owns_channel:
             self._owns_channel = False
             await self._channel.close()
@@ -522,6 +528,25 @@ class ExchangeClient:
             )
         return response.evidence
 
+    async def ack_many(
+        self, numbers: Sequence[ShamsLike], *, timeout: float | None = None
+    ) -> list[pb.Evidence | ChaparError]:
+        """Acknowledges several letters in one call: per letter, HANDOVER evidence or error."""
+        request = pb.BatchAckEnvelopesRequest(shams=[_shams_pb(n) for n in numbers])
+        with _translated():
+            response: pb.BatchAckEnvelopesResponse = await self._stub.BatchAckEnvelopes(
+                request, timeout=self._deadline(timeout)
+            )
+        if len(response.results) != len(numbers):
+            raise InternalError(
+                f"node answered {len(response.results)} of {len(numbers)} acknowledgements",
+                reason="MALFORMED_RESPONSE",
+            )
+        return [
+            from_submit_error(r.error) if r.HasField("error") else r.evidence
+            for r in response.results
+        ]
+
     async def track(self, shams: ShamsLike, *, timeout: float | None = None) -> Tracking:
         """Fetches a letter this agency sent or received, with its evidence and states."""
         request = pb.GetEnvelopeRequest(shams=_shams_pb(shams))
@@ -609,6 +634,62 @@ class _End:
 @dataclass(frozen=True, slots=True)
 class _Failed:
     error: BaseException
+
+
+class _AckGatherer:
+    """Gathers concurrent ``Letter.ack()`` calls into ``BatchAckEnvelopes`` calls."""
+
+    def __init__(self, client: ExchangeClient, linger_s: float = 0.002, max_batch: int = 256):
+        self._client = client
+        self._linger_s = linger_s
+        self._max_batch = max_batch
+        self._pending: list[tuple[pb.Shams, asyncio.Future[pb.Evidence]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def ack(self, shams: pb.Shams) -> pb.Evidence:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[pb.Evidence] = loop.create_future()
+        self._pending.append((shams, done))
+        if len(self._pending) >= self._max_batch:
+            self._send_pending()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._linger_s, self._send_pending)
+        return await done
+
+    async def flush(self) -> None:
+        """Sends what is waiting and waits for every call in flight."""
+        self._send_pending()
+        if self._calls:
+            await asyncio.gather(*self._calls, return_exceptions=True)
+
+    def _send_pending(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._call(batch))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _call(self, batch: list[tuple[pb.Shams, asyncio.Future[pb.Evidence]]]) -> None:
+        try:
+            outcomes = await self._client.ack_many([s for s, _ in batch])
+        except BaseException as exc:  # the call failed as a whole: every caller learns it
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, done), outcome in zip(batch, outcomes, strict=True):
+            if done.done():
+                continue
+            if isinstance(outcome, ChaparError):
+                done.set_exception(outcome)
+            else:
+                done.set_result(outcome)
 
 
 class _AsyncFeed:

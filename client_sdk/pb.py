@@ -70,6 +70,13 @@ from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
     AckEnvelopeResponse as AckEnvelopeResponse,
 )
+from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import AckResult as AckResult
+from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
+    BatchAckEnvelopesRequest as BatchAckEnvelopesRequest,
+)
+from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
+    BatchAckEnvelopesResponse as BatchAckEnvelopesResponse,
+)
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
     BatchSubmitEnvelopesRequest as BatchSubmitEnvelopesRequest,
 )

@@ -235,6 +235,12 @@ class SyncExchangeClient:
         """Acknowledges a received letter; see ``ExchangeClient.ack``."""
         return self._portal.run(self._client.ack(shams, timeout=timeout))
 
+    def ack_many(
+        self, numbers: Sequence[ShamsLike], *, timeout: float | None = None
+    ) -> list[pb.Evidence | ChaparError]:
+        """Acknowledges several letters in one call; see ``ExchangeClient.ack_many``."""
+        return self._portal.run(self._client.ack_many(numbers, timeout=timeout))
+
     def track(self, shams: ShamsLike, *, timeout: float | None = None) -> Tracking:
         """Fetches a letter with its evidence; see ``ExchangeClient.track``."""
         return self._portal.run(self._client.track(shams, timeout=timeout))

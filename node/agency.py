@@ -40,6 +40,7 @@ log = logging.getLogger("chapar.node")
 E = pb.EvidenceEvent
 _INBOX_BATCH = 64
 _MAX_BATCH = 1024
+_MAX_ACK_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,37 +420,73 @@ class Agency(pb.NodeServiceServicer):
     ) -> pb.AckEnvelopeResponse:
         try:
             access = self._authorize(context)
-            shams = self._shams_of(request.shams)
-            entry = await self.store.inbox_entry(shams)
-            if entry is None:
-                raise ChaparError(
-                    Code.NOT_FOUND,
-                    "LETTER_NOT_FOUND",
-                    f"no letter {shams} in the inbox",
-                    metadata={"shams": shams},
-                )
-            boxes, header_bytes, evidence = entry
-            access.require(boxes, f"the letter {shams}")
-            if evidence is None:  # else acknowledged before: the same evidence again
-                header = pb.EnvelopeHeader.FromString(header_bytes)
-                # Signed together with the HANDOVERs of concurrent acknowledgements.
-                signed = await self.batch_signer.sign(
-                    evidence_content(
-                        E.EVIDENCE_EVENT_HANDOVER,
-                        issuer=self.identity.uri,
-                        shams=header.shams,
-                        envelope_sha256=sha256(header_bytes),
-                        recipient=self.config.agency,
-                        now=dt.datetime.now(dt.UTC),
-                    )
-                )
-                # If a concurrent call stored its HANDOVER first, the store returns that one.
-                evidence = await self.store.acknowledge(shams, lambda _: signed)
+            evidence = await self._acknowledge(request.shams, access)
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
-        self.receipts_changed.set()
         return pb.AckEnvelopeResponse(evidence=evidence)
+
+    async def BatchAckEnvelopes(
+        self, request: pb.BatchAckEnvelopesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchAckEnvelopesResponse:
+        try:
+            access = self._authorize(context)
+            if len(request.shams) > _MAX_ACK_BATCH:
+                raise ChaparError(
+                    Code.INVALID_ARGUMENT,
+                    "BATCH_TOO_LARGE",
+                    f"at most {_MAX_ACK_BATCH} letters per acknowledgement batch",
+                    field_violations=[("shams", f"{len(request.shams)} numbers")],
+                )
+        except ChaparError as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        # Concurrently: the HANDOVERs are signed as one batch and stored in one commit.
+        outcomes = await asyncio.gather(
+            *(self._acknowledge(shams, access) for shams in request.shams),
+            return_exceptions=True,
+        )
+        results = []
+        for outcome in outcomes:
+            if isinstance(outcome, ChaparError):
+                results.append(pb.AckResult(error=to_submit_error(outcome)))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append(pb.AckResult(evidence=outcome))
+        return pb.BatchAckEnvelopesResponse(results=results)
+
+    async def _acknowledge(self, shams_pb: pb.Shams, access: Access) -> pb.Evidence:
+        """HANDOVER evidence for one received letter, issued once (ChaparError if refused)."""
+        shams = self._shams_of(shams_pb)
+        entry = await self.store.inbox_entry(shams)
+        if entry is None:
+            raise ChaparError(
+                Code.NOT_FOUND,
+                "LETTER_NOT_FOUND",
+                f"no letter {shams} in the inbox",
+                metadata={"shams": shams},
+            )
+        boxes, header_bytes, evidence = entry
+        access.require(boxes, f"the letter {shams}")
+        if evidence is not None:  # acknowledged before: the same evidence again
+            return evidence
+        header = pb.EnvelopeHeader.FromString(header_bytes)
+        # Signed together with the HANDOVERs of concurrent acknowledgements.
+        signed = await self.batch_signer.sign(
+            evidence_content(
+                E.EVIDENCE_EVENT_HANDOVER,
+                issuer=self.identity.uri,
+                shams=header.shams,
+                envelope_sha256=sha256(header_bytes),
+                recipient=self.config.agency,
+                now=dt.datetime.now(dt.UTC),
+            )
+        )
+        # If a concurrent call stored its HANDOVER first, the store returns that one.
+        stored = await self.store.acknowledge(shams, lambda _: signed)
+        self.receipts_changed.set()
+        return stored
 
     def _mailboxes_of(self, letter: StoredLetter) -> list[str]:
         """This agency's mailboxes a letter belongs to: its sender's, or its recipients'."""

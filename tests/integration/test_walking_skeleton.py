@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client_sdk import ExchangeClient, NotFound, pb
+from certs.pki import load_certs
+from client_sdk import Draft, ExchangeClient, NotFound, Receipt, pb
 from client_sdk.errors import from_rpc_error
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer
 from client_sdk.trust import VerificationError
@@ -287,3 +288,43 @@ def test_second_server_on_a_port_in_use_refuses_to_start(cluster: Cluster, tmp_p
     )
     assert result.returncode == 2, result.stderr
     assert "cannot bind" in result.stderr
+
+
+async def test_acknowledgements_travel_in_batches_each_with_its_own_outcome(
+    cluster: Cluster,
+) -> None:
+    async with (
+        ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
+        ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+    ):
+        receipts = await a.send_many(
+            [Draft(to=[AGENCY_B], subject=f"batch ack {i}", body=f"letter {i}") for i in range(3)]
+        )
+        numbers = [r.shams for r in receipts if isinstance(r, Receipt)]
+        letters = [await _next_letter(b, n) for n in numbers]
+        unknown = f"{AGENCY_A}/O/{dt.datetime.now(dt.UTC).year}/9999999"
+
+        # Concurrent Letter.ack() calls are gathered; every caller gets its own evidence.
+        first = await asyncio.gather(letters[0].ack(), letters[1].ack())
+        outcomes = await b.ack_many([numbers[0], numbers[2], unknown, numbers[2]])
+
+        assert isinstance(outcomes[2], NotFound)
+        assert outcomes[2].reason == "LETTER_NOT_FOUND"
+        assert outcomes[0] == first[0]  # acknowledging again returns the same evidence
+        assert outcomes[1] == outcomes[3]  # twice in one batch: one HANDOVER
+        trust = cluster.credentials(AGENCY_B).trust_store()
+        trust.add_certificates(load_certs(cluster.pki.agency_dir(AGENCY_B) / "signing.crt"))
+        handovers = [first[0], first[1], outcomes[1]]
+        for number, evidence in zip(numbers, handovers, strict=True):
+            assert isinstance(evidence, pb.Evidence)
+            content = trust.verify_evidence(evidence)
+            assert content.event == pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER
+            assert f"{content.shams.sequence:07d}" in number
+        assert (
+            db_count(
+                _node_db(cluster, AGENCY_B),
+                "SELECT count(*) FROM evidence WHERE event = ? AND shams IN (?, ?, ?)",
+                (pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER, *numbers),
+            )
+            == 3
+        )

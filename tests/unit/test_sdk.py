@@ -107,6 +107,7 @@ class FakeNode(pb.NodeServiceServicer):
         self.batches: list[pb.BatchSubmitEnvelopesRequest] = []
         self.frames: list[pb.StreamSubmitEnvelopesRequest] = []
         self.acks: list[pb.AckEnvelopeRequest] = []
+        self.ack_batches: list[int] = []
         self.inbox_requests: list[pb.StreamInboxRequest] = []
         self.inbox_batches: list[list[pb.InboxLetter]] = []
         self.get_response = pb.GetEnvelopeResponse()
@@ -189,6 +190,16 @@ class FakeNode(pb.NodeServiceServicer):
             shams=request.shams,
         )
         return pb.AckEnvelopeResponse(evidence=pb.Evidence(content=content.SerializeToString()))
+
+    async def BatchAckEnvelopes(
+        self, request: pb.BatchAckEnvelopesRequest, context: Any
+    ) -> pb.BatchAckEnvelopesResponse:
+        self.ack_batches.append(len(request.shams))
+        results = []
+        for shams in request.shams:
+            one = await self.AckEnvelope(pb.AckEnvelopeRequest(shams=shams), context)
+            results.append(pb.AckResult(evidence=one.evidence))
+        return pb.BatchAckEnvelopesResponse(results=results)
 
     async def GetEnvelope(
         self, request: pb.GetEnvelopeRequest, context: Any
@@ -754,6 +765,16 @@ async def test_inbox_yields_letters_and_ack_hands_over(
     trust.add_certificates([pki.signer.certificate])
     delivery = second.verify(trust)
     assert (delivery.event, delivery.recipient) == ("DELIVERY", OTHER)
+
+    # Acknowledgements made together travel in one call, each with its own answer.
+    fake.acks.clear()
+    both = await asyncio.gather(letters[0].ack(), letters[2].ack())
+    assert fake.ack_batches == [1, 2]
+    assert [a.shams for a in fake.acks] == [shams_of(1), shams_of(3)]
+    assert [pb.EvidenceContent.FromString(e.content).shams for e in both] == [
+        shams_of(1),
+        shams_of(3),
+    ]
 
 
 # --- track and verify -----------------------------------------------------------------------

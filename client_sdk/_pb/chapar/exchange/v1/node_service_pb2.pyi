@@ -612,6 +612,86 @@ class AckEnvelopeResponse(_message.Message):
 Global___AckEnvelopeResponse: _TypeAlias = AckEnvelopeResponse  # noqa: Y015
 
 @_typing.final
+class BatchAckEnvelopesRequest(_message.Message):
+    """BatchAckEnvelopesRequest acknowledges several received letters (at most 1,000)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shams(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Shams]:
+        """The letters' national numbers."""
+
+    def __init__(
+        self,
+        *,
+        shams: _abc.Iterable[_envelope_pb2.Shams] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shams", b"shams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchAckEnvelopesRequest: _TypeAlias = BatchAckEnvelopesRequest  # noqa: Y015
+
+@_typing.final
+class AckResult(_message.Message):
+    """AckResult is the outcome of one acknowledgement of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def evidence(self) -> _evidence_pb2.Evidence:
+        """Signed HANDOVER evidence (the same on every acknowledgement of the letter)."""
+
+    @_builtins.property
+    def error(self) -> Global___SubmitError:
+        """Why this letter could not be acknowledged."""
+
+    def __init__(
+        self,
+        *,
+        evidence: _evidence_pb2.Evidence | None = ...,
+        error: Global___SubmitError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "evidence", b"evidence", "outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "evidence", b"evidence", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["evidence", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___AckResult: _TypeAlias = AckResult  # noqa: Y015
+
+@_typing.final
+class BatchAckEnvelopesResponse(_message.Message):
+    """BatchAckEnvelopesResponse answers BatchAckEnvelopes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AckResult]:
+        """One result per requested number, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AckResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchAckEnvelopesResponse: _TypeAlias = BatchAckEnvelopesResponse  # noqa: Y015
+
+@_typing.final
 class GetEnvelopeRequest(_message.Message):
     """GetEnvelopeRequest asks for a letter."""
 

@@ -63,6 +63,11 @@ class NodeServiceStub:
                 request_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.AckEnvelopeRequest.SerializeToString,
                 response_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.AckEnvelopeResponse.FromString,
                 _registered_method=True)
+        self.BatchAckEnvelopes = channel.unary_unary(
+                '/chapar.exchange.v1.NodeService/BatchAckEnvelopes',
+                request_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesRequest.SerializeToString,
+                response_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesResponse.FromString,
+                _registered_method=True)
         self.GetEnvelope = channel.unary_unary(
                 '/chapar.exchange.v1.NodeService/GetEnvelope',
                 request_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.GetEnvelopeRequest.SerializeToString,
@@ -122,6 +127,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchAckEnvelopes(self, request, context):
+        """Acknowledges many letters in one call; each gets its HANDOVER evidence or its own
+        error, in request order. The SDK's Letter.ack() gathers concurrent calls into this.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetEnvelope(self, request, context):
         """Returns a letter this agency sent or received, with every evidence the node holds
         about it and the certificates needed to verify them.
@@ -164,6 +177,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.AckEnvelope,
                     request_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.AckEnvelopeRequest.FromString,
                     response_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.AckEnvelopeResponse.SerializeToString,
+            ),
+            'BatchAckEnvelopes': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchAckEnvelopes,
+                    request_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesRequest.FromString,
+                    response_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesResponse.SerializeToString,
             ),
             'GetEnvelope': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEnvelope,
@@ -315,6 +333,33 @@ class NodeService:
             '/chapar.exchange.v1.NodeService/AckEnvelope',
             chapar_dot_exchange_dot_v1_dot_node__service__pb2.AckEnvelopeRequest.SerializeToString,
             chapar_dot_exchange_dot_v1_dot_node__service__pb2.AckEnvelopeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchAckEnvelopes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chapar.exchange.v1.NodeService/BatchAckEnvelopes',
+            chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesRequest.SerializeToString,
+            chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesResponse.FromString,
             options,
             channel_credentials,
             insecure,

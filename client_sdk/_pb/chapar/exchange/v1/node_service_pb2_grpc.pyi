@@ -56,6 +56,10 @@ class NodeServiceStub:
     """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
     the same evidence.
     """
+    BatchAckEnvelopes: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.BatchAckEnvelopesRequest, _node_service_pb2.BatchAckEnvelopesResponse]
+    """Acknowledges many letters in one call; each gets its HANDOVER evidence or its own
+    error, in request order. The SDK's Letter.ack() gathers concurrent calls into this.
+    """
     GetEnvelope: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.GetEnvelopeRequest, _node_service_pb2.GetEnvelopeResponse]
     """Returns a letter this agency sent or received, with every evidence the node holds
     about it and the certificates needed to verify them.
@@ -90,6 +94,10 @@ class NodeServiceAsyncStub(NodeServiceStub):
     AckEnvelope: _aio.UnaryUnaryMultiCallable[_node_service_pb2.AckEnvelopeRequest, _node_service_pb2.AckEnvelopeResponse]  # type: ignore[assignment]
     """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
     the same evidence.
+    """
+    BatchAckEnvelopes: _aio.UnaryUnaryMultiCallable[_node_service_pb2.BatchAckEnvelopesRequest, _node_service_pb2.BatchAckEnvelopesResponse]  # type: ignore[assignment]
+    """Acknowledges many letters in one call; each gets its HANDOVER evidence or its own
+    error, in request order. The SDK's Letter.ack() gathers concurrent calls into this.
     """
     GetEnvelope: _aio.UnaryUnaryMultiCallable[_node_service_pb2.GetEnvelopeRequest, _node_service_pb2.GetEnvelopeResponse]  # type: ignore[assignment]
     """Returns a letter this agency sent or received, with every evidence the node holds
@@ -152,6 +160,16 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_node_service_pb2.AckEnvelopeResponse, _abc.Awaitable[_node_service_pb2.AckEnvelopeResponse]]:
         """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
         the same evidence.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchAckEnvelopes(
+        self,
+        request: _node_service_pb2.BatchAckEnvelopesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_service_pb2.BatchAckEnvelopesResponse, _abc.Awaitable[_node_service_pb2.BatchAckEnvelopesResponse]]:
+        """Acknowledges many letters in one call; each gets its HANDOVER evidence or its own
+        error, in request order. The SDK's Letter.ack() gathers concurrent calls into this.
         """
 
     @_abc_1.abstractmethod
