@@ -33,7 +33,7 @@ from node.metrics import count_rejection
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
 from node.storage.hub_store import HubStore, IncomingLetter
-from node.tasks import drain, every
+from node.tasks import drain, every, handle_concurrently
 
 __all__ = ["Hub", "build_directory"]
 
@@ -44,6 +44,8 @@ _RECEIPT_EVENTS = frozenset(
 )
 _OUT_FRAMES = 16
 _PUSH_BATCH = 256
+# Frames of one stream handled at once (their store jobs share commits).
+_FRAMES_IN_FLIGHT = 8
 
 
 def build_directory(
@@ -406,7 +408,7 @@ class Hub(pb.HubServiceServicer):
             await context.write(await session.out.get())
 
     async def _read(self, session: _Session, frames: AsyncIterator[pb.ConnectRequest]) -> None:
-        async for frame in frames:
+        async def handle(frame: pb.ConnectRequest) -> None:
             kind = frame.WhichOneof("frame")
             if kind == "envelopes":
                 results = await self._relay(session.agency, frame.envelopes.envelopes)
@@ -420,6 +422,8 @@ class Hub(pb.HubServiceServicer):
                 )
             elif kind == "evidence_acks":
                 await self.store.ack_notices(session.agency, frame.evidence_acks.evidence_ids)
+
+        await handle_concurrently(frames, handle, _FRAMES_IN_FLIGHT)
 
     # -- relay ----------------------------------------------------------------------------
 

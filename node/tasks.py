@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
-__all__ = ["drain", "every"]
+__all__ = ["drain", "every", "handle_concurrently"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("chapar.tasks")
 
@@ -27,3 +30,24 @@ async def drain(step: Callable[[], Awaitable[int]]) -> int:
     while (n := await step()) > 0:
         total += n
     return total
+
+
+async def handle_concurrently(
+    frames: AsyncIterable[T], handle: Callable[[T], Coroutine[Any, Any, None]], limit: int
+) -> None:
+    """Handles each frame of a stream in its own task, at most ``limit`` at once.
+
+    Handlers start in arrival order, so whatever a handler hands to the store before its
+    first wait (a group-commit job) is queued in arrival order; their commits then share
+    transactions instead of waiting for each other's. The first handler to fail ends the
+    whole stream with its exception (the others are cancelled).
+    """
+    slots = asyncio.Semaphore(limit)
+    try:
+        async with asyncio.TaskGroup() as group:
+            async for frame in frames:
+                await slots.acquire()
+                task = group.create_task(handle(frame))
+                task.add_done_callback(lambda _: slots.release())
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None

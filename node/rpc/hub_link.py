@@ -15,7 +15,7 @@ import contextlib
 import datetime as dt
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -26,6 +26,7 @@ from client_sdk.trust import VerificationError
 from node.agency import Agency
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
+from node.tasks import handle_concurrently
 
 __all__ = ["HubLink"]
 
@@ -33,6 +34,8 @@ log = logging.getLogger("chapar.link")
 E = pb.EvidenceEvent
 _INITIAL_BACKOFF_S = 0.2
 _RECEIPT_BATCH = 256
+# Frames from the hub handled at once (their store jobs share commits).
+_FRAMES_IN_FLIGHT = 8
 
 
 class HubLink:
@@ -215,33 +218,39 @@ class _Session:
                     for w in waits:
                         w.cancel()
 
-    async def _read(self) -> None:
+    async def _frames(self) -> AsyncIterator[pb.ConnectResponse]:
         while True:
             frame = await self.call.read()
             if frame is grpc.aio.EOF:
                 raise RuntimeError("hub closed the stream")
-            kind = frame.WhichOneof("frame")
-            if kind == "relay_results":
-                await self._relay_results(frame.relay_results.evidence)
-            elif kind == "deliveries":
-                await self._deliveries(frame.deliveries.envelopes)
-            elif kind == "evidence":
-                await self._evidence(frame.evidence.evidence)
-            elif kind == "directory_update":
-                if self.agency.directory is None or (
-                    frame.directory_update.version != self.agency.directory.version
-                ):
-                    await self.link.refresh_directory()
-            elif kind == "queue_status":
-                status = frame.queue_status
-                self.agency.full_recipients = frozenset(status.full_recipients)
-                if status.retry_after_ms > 0:
-                    self.agency.quota_retry_after_s = status.retry_after_ms / 1000
-            elif kind == "receipt_acks":
-                ids = list(frame.receipt_acks.evidence_ids)
-                await self.agency.store.receipts_acknowledged(ids)
-                self.receipts_sent.difference_update(ids)
-            self._wake()
+            yield frame
+
+    async def _read(self) -> None:
+        await handle_concurrently(self._frames(), self._handle, _FRAMES_IN_FLIGHT)
+
+    async def _handle(self, frame: pb.ConnectResponse) -> None:
+        kind = frame.WhichOneof("frame")
+        if kind == "relay_results":
+            await self._relay_results(frame.relay_results.evidence)
+        elif kind == "deliveries":
+            await self._deliveries(frame.deliveries.envelopes)
+        elif kind == "evidence":
+            await self._evidence(frame.evidence.evidence)
+        elif kind == "directory_update":
+            if self.agency.directory is None or (
+                frame.directory_update.version != self.agency.directory.version
+            ):
+                await self.link.refresh_directory()
+        elif kind == "queue_status":
+            status = frame.queue_status
+            self.agency.full_recipients = frozenset(status.full_recipients)
+            if status.retry_after_ms > 0:
+                self.agency.quota_retry_after_s = status.retry_after_ms / 1000
+        elif kind == "receipt_acks":
+            ids = list(frame.receipt_acks.evidence_ids)
+            await self.agency.store.receipts_acknowledged(ids)
+            self.receipts_sent.difference_update(ids)
+        self._wake()
 
     def _verify(
         self, evidence: Sequence[pb.Evidence]
