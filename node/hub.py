@@ -29,7 +29,14 @@ from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams, valid_timestamp, validate_shams
-from node.metrics import count_rejection
+from node.metrics import (
+    EXPIRED,
+    RELAY_DUPLICATES,
+    RELAY_REJECTED,
+    RELAYED,
+    count_rejection,
+    count_verification_failure,
+)
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
 from node.storage.hub_store import HubStore, IncomingLetter
@@ -288,6 +295,7 @@ class Hub(pb.HubServiceServicer):
         if not items:
             return 0
         done = await self.store.expire(items)
+        EXPIRED.inc(len(done))
         for recipient, sender in done:
             self._count(recipient, -1)
             self._wake(sender)
@@ -431,6 +439,7 @@ class Hub(pb.HubServiceServicer):
                 )
             header = self.trust.verify_envelope(envelope)
         except VerificationError as exc:
+            count_verification_failure("envelope", exc.reason)
             code = (
                 Code.PERMISSION_DENIED if exc.reason == "SENDER_MISMATCH" else Code.INVALID_ARGUMENT
             )
@@ -495,7 +504,13 @@ class Hub(pb.HubServiceServicer):
             except ChaparError as exc:
                 if exc.code == Code.PERMISSION_DENIED:
                     raise
-                log.warning("relay rejected from %s: %s %s", agency, exc.reason, exc.message)
+                log.warning(
+                    "relay rejected from %s: %s %s",
+                    agency,
+                    exc.reason,
+                    exc.message,
+                    extra={"peer": agency, "reason": exc.reason},
+                )
                 count_rejection(exc.code.name, exc.reason)
                 outcomes.append(
                     self._sign(
@@ -512,10 +527,13 @@ class Hub(pb.HubServiceServicer):
                     )
                 )
         letters = [o for o in outcomes if isinstance(o, IncomingLetter)]
+        RELAY_REJECTED.inc(len(outcomes) - len(letters))
         queued: list[str] = []
+        fresh: set[str] = set()
 
         def make_relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:
             queued.append(recipient)  # only called for letters stored now, not duplicates
+            fresh.add(letter.shams)
             header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(letter.envelope).header)
             return self._sign(
                 evidence_content(
@@ -539,6 +557,7 @@ class Hub(pb.HubServiceServicer):
             relays = next(stored)
             if not relays:  # the number is taken by a different letter: a replay or a forgery
                 count_rejection(Code.ALREADY_EXISTS.name, "SHAMS_REUSED")
+                RELAY_REJECTED.inc()
                 log.warning("relay rejected from %s: SHAMS_REUSED %s", agency, outcome.shams)
                 results.append(
                     self._sign(
@@ -556,8 +575,13 @@ class Hub(pb.HubServiceServicer):
                 )
                 continue
             results.extend(relays)
+            if outcome.shams in fresh:
+                log.info("letter relayed", extra={"shams": outcome.shams, "peer": agency})
+            else:
+                RELAY_DUPLICATES.inc()
             for r in outcome.recipients:
                 self._wake(r)
+        RELAYED.inc(len(queued))
         return results
 
     # -- receipts from recipients -----------------------------------------------------------
@@ -570,6 +594,7 @@ class Hub(pb.HubServiceServicer):
             try:
                 content = self.trust.verify_evidence(item)
             except VerificationError as exc:
+                count_verification_failure("evidence", exc.reason)
                 log.warning("receipt from %s refused: %s %s", agency, exc.reason, exc)
                 count_rejection(Code.INVALID_ARGUMENT.name, exc.reason)
                 continue

@@ -60,6 +60,16 @@ class Database:
         await db._open(migrations)
         return db
 
+    @property
+    def is_open(self) -> bool:
+        """Connected with a live writer and not closing (gRPC health reads this)."""
+        return (
+            self._writer is not None
+            and not self._closing
+            and self._task is not None
+            and not self._task.done()
+        )
+
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         await conn.execute("PRAGMA journal_mode=WAL")
