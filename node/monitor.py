@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class _Common:
 
     def _files(self, now: float) -> None:
         m.BYTES_STORED.set(store_bytes(self.database))
+        usage = shutil.disk_usage(self.database.parent)
+        m.STORE_FS_FREE.set(usage.free)
+        m.STORE_FS_SIZE.set(usage.total)
         for name, path in self.certificates.items():
             try:
                 m.CERT_EXPIRY.labels(certificate=name).set(certificate_expiry(path, now))

@@ -216,7 +216,7 @@ async def _watch_node_health(servicer: health.aio.HealthServicer, agency: Agency
 
 
 def _metrics(listen: str, role: str) -> str:
-    m.set_build_info(role)
+    m.register_role(role)
     if not listen:
         return ""
     from node.metrics import serve_metrics
