@@ -6,6 +6,7 @@ Relative paths are resolved against the directory of the configuration file.
 
 from __future__ import annotations
 
+import re
 import tomllib
 import unicodedata
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ __all__ = [
     "NodeConfig",
     "SigningConfig",
     "TlsConfig",
+    "config_keys",
     "load_hub_config",
     "load_node_config",
     "read_revocations",
@@ -143,6 +145,15 @@ class _Table:
         self.children.append(table)
         return table
 
+    def key_paths(self) -> set[str]:
+        """Dotted paths of the leaf keys read here and below (list indices dropped)."""
+        base = re.sub(r"\[\d+\]", "", self.path)
+        paths = {f"{base}.{k}" if base else k for k in self.known}
+        for child in self.children:
+            paths.discard(re.sub(r"\[\d+\]", "", child.path))
+            paths |= child.key_paths()
+        return paths
+
     def reject_unknown(self) -> None:
         """A key nobody read is a typo or a setting this version lacks: refuse it."""
         for key in self.data:
@@ -248,6 +259,23 @@ def _signing(t: _Table) -> SigningConfig:
 
 def load_hub_config(path: Path) -> HubConfig:
     t = _read(path)
+    config = _hub_config(t)
+    t.reject_unknown()
+    return config
+
+
+def config_keys(role: str, path: Path) -> set[str]:
+    """Every key the parser of ``role`` (hub or node) reads, as dotted paths.
+
+    ``agencies[0].code`` becomes ``agencies.code``. Used to check that docs/OPERATIONS.md
+    documents exactly the keys there are.
+    """
+    t = _read(path)
+    _hub_config(t) if role == "hub" else _node_config(t)
+    return t.key_paths()
+
+
+def _hub_config(t: _Table) -> HubConfig:
     hub = t.table("hub")
     name = hub.text("name")
     try:
@@ -281,7 +309,7 @@ def load_hub_config(path: Path) -> HubConfig:
         agencies.append(
             AgencyEntry(code, a.text("name", code), a.choice("state", "active", _STATES), paths)
         )
-    config = HubConfig(
+    return HubConfig(
         name=name,
         listen=hub.listen("listen"),
         database=hub.path_("database", must_exist=False, default="hub.db"),
@@ -306,8 +334,6 @@ def load_hub_config(path: Path) -> HubConfig:
         metrics_interval_s=hub.positive("metrics_interval_s", 5.0),
         metrics_top_n=hub.integer("metrics_top_n", 10),
     )
-    t.reject_unknown()
-    return config
 
 
 def read_revocations(path: Path | None) -> list[str]:
@@ -353,13 +379,19 @@ def _clients(t: _Table) -> dict[str, frozenset[str]]:
 
 def load_node_config(path: Path) -> NodeConfig:
     t = _read(path)
+    config = _node_config(t)
+    t.reject_unknown()
+    return config
+
+
+def _node_config(t: _Table) -> NodeConfig:
     node = t.table("node")
     agency = node.text("agency")
     if not is_agency_code(agency):
         raise ConfigError(f"node.agency: {agency!r} is not 2-64 characters of A-Z 0-9 . -")
     limits = t.table("limits", required=False)
     defaults = LetterLimits()
-    config = NodeConfig(
+    return NodeConfig(
         agency=agency,
         listen=node.listen("listen"),
         hub=node.listen("hub"),
@@ -384,5 +416,3 @@ def load_node_config(path: Path) -> NodeConfig:
         purge_interval_s=node.number("purge_interval_s", 3600.0),
         metrics_interval_s=node.positive("metrics_interval_s", 5.0),
     )
-    t.reject_unknown()
-    return config
