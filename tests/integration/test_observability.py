@@ -27,6 +27,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from client_sdk import ExchangeClient, pb
 from client_sdk.errors import NotFound
@@ -291,3 +295,202 @@ def test_prometheus_finds_data_for_every_dashboard_and_alert_expression(
         assert [float(s["value"][1]) for s in handed] == [5.0]  # type: ignore[index]
         top = _query(base, 'chapar_hub_queue_top_depth{rank="1"}')
         assert [s["metric"]["agency"] for s in top] == [AGENCY_C]  # type: ignore[index]
+
+
+# -- JSON logs ------------------------------------------------------------------------------
+
+
+def _log_entries(path: Path) -> list[dict[str, object]]:
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            entry = json.loads(line)  # every line one JSON object, or this fails
+            assert isinstance(entry, dict), f"{path}:{number}"
+            entries.append(entry)
+    return entries
+
+
+def test_json_logs_name_shams_request_id_and_peer_never_bodies_or_keys(
+    obs: Cluster, traffic: Traffic
+) -> None:
+    shams, request_id = traffic.delivered[0]
+    client_a = f"urn:chapar:client:{AGENCY_A}:backend"
+    time.sleep(0.5)  # log lines of the last acknowledgements are flushed
+    hub = _log_entries(obs.hub.log_file)
+    node_a = _log_entries(obs.nodes[AGENCY_A].log_file)
+    node_b = _log_entries(obs.nodes[AGENCY_B].log_file)
+
+    def find(entries: list[dict[str, object]], message: str) -> dict[str, object]:
+        found = [e for e in entries if e["message"] == message and e.get("shams") == shams]
+        assert len(found) == 1, (message, [e for e in entries if e.get("shams") == shams])
+        return found[0]
+
+    accepted = find(node_a, "letter accepted")
+    assert accepted["request_id"] == request_id
+    assert accepted["peer"] == client_a
+    assert find(hub, "letter relayed")["peer"] == AGENCY_A
+    assert find(node_b, "letter delivered")["peer"] == AGENCY_A
+    assert find(node_b, "letter handed over")["peer"] == f"urn:chapar:client:{AGENCY_B}:backend"
+    for entries in (hub, node_a, node_b):
+        assert {"time", "level", "logger", "message"} <= set(entries[0])
+    for path in (obs.hub.log_file, *(p.log_file for p in obs.nodes.values())):
+        text = path.read_text()
+        assert SECRET_BODY not in text, path
+        assert "PRIVATE KEY" not in text, path
+
+
+# -- chapar status --------------------------------------------------------------------------
+
+
+def test_status_shows_queues_peers_certificates_and_last_errors(
+    obs: Cluster, traffic: Traffic
+) -> None:
+    time.sleep(1.0)  # two refreshes of the gauges after the traffic
+    hub = subprocess.run(
+        [*CHAPAR, "status", obs.hub.metrics], capture_output=True, text=True, check=False
+    )
+    assert hub.returncode == 0, hub.stderr
+    out = hub.stdout
+    assert f"Chapar hub at {obs.hub.metrics}" in out
+    assert "READY (SERVING)" in out
+    assert re.search(r"Connected nodes\s+2\n", out), out
+    assert re.search(rf"\s1\s+{re.escape(AGENCY_C)}\s+[1-9]", out), out  # the queue for C
+    assert "Certificate tls" in out
+    assert "Certificate signing" in out
+    assert "PERMISSION_DENIED / NOT_AN_AGENCY_NODE" in out
+
+    node = subprocess.run(
+        [*CHAPAR, "status", obs.nodes[AGENCY_A].metrics],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert node.returncode == 0, node.stderr
+    out = node.stdout
+    assert "Chapar node" in out
+    assert re.search(r"Hub stream\s+up", out), out
+    assert re.search(r"submit accepted [1-9]", out), out
+    assert "NOT_FOUND / UNKNOWN_RECIPIENT" in out
+    assert re.search(r"Certificate tls\s+expires in 3\d\d days", out), out
+
+    down = subprocess.run(
+        [*CHAPAR, "status", f"127.0.0.1:{_free_port()}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert down.returncode == 1
+    assert "cannot read metrics" in down.stderr
+    assert "Traceback" not in down.stderr
+
+
+# -- configuration errors stop start-up -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ('metrics_listen = "127.0.0.1:0"', 'metrics_listn = "127.0.0.1:0"'),
+            "node.metrics_listn: unknown key",
+        ),
+        (
+            ("reconnect_max_s = 1.0", 'reconnect_max_s = "soon"'),
+            "node.reconnect_max_s: must be a number >= 0",
+        ),
+        (
+            ("metrics_interval_s = 0.5", "metrics_interval_s = 0"),
+            "node.metrics_interval_s: must be a number > 0",
+        ),
+        (
+            ('metrics_listen = "127.0.0.1:0"', 'metrics_listen = "localhost"'),
+            "node.metrics_listen: must be HOST:PORT, not 'localhost'",
+        ),
+        (("[tls]", '[tls]\ncrl = "x"'), "tls.crl: unknown key"),
+    ],
+    ids=["unknown-key", "wrong-type", "out-of-range", "bad-address", "unknown-in-table"],
+)
+def test_bad_node_configuration_stops_start_up_naming_the_key(
+    obs: Cluster, tmp_path: Path, edit: tuple[str, str], message: str
+) -> None:
+    text = obs.nodes[AGENCY_A].config.read_text()
+    assert edit[0] in text
+    bad = text.replace(edit[0], edit[1], 1)
+    bad = bad.replace('database = "node.db"', f"database = {json.dumps(str(tmp_path / 'n.db'))}")
+    config = tmp_path / "node.toml"
+    config.write_text(bad)
+    result = subprocess.run(
+        [*CHAPAR, "node", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "n.db").exists()  # stopped before opening anything
+
+
+# -- reflection and health (last: stops and restarts the hub) --------------------------------
+
+
+def test_reflection_lets_standard_tools_explore_node_and_hub(obs: Cluster) -> None:
+    creds = obs.credentials(AGENCY_A).channel_credentials()
+    for address, service in (
+        (obs.nodes[AGENCY_A].address, pb.NODE_SERVICE_NAME),
+        (obs.hub.address, pb.HUB_SERVICE_NAME),
+    ):
+        with grpc.secure_channel(address, creds) as channel:
+            db = ProtoReflectionDescriptorDatabase(channel)
+            services = set(db.get_services())
+            assert {service, "grpc.health.v1.Health"} <= services, services
+            methods = db.FindFileContainingSymbol(service)
+            assert methods.name.startswith("chapar/exchange/v1/")
+
+
+async def _health(address: str, creds: grpc.ChannelCredentials, service: str = "") -> str:
+    async with grpc.aio.secure_channel(address, creds) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
+async def _wait_health(address: str, creds: grpc.ChannelCredentials, want: str) -> float:
+    start = time.monotonic()
+    while True:
+        states = {await _health(address, creds, s) for s in ("", pb.NODE_SERVICE_NAME)}
+        if states == {want}:
+            return time.monotonic() - start
+        assert time.monotonic() - start < 30, f"health {states}, want {want}"
+        await asyncio.sleep(0.1)
+
+
+def _gauge(address: str, name: str) -> float:
+    for line in _scrape(address).splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the metrics of {address}")
+
+
+def test_node_health_is_not_serving_while_its_hub_stream_is_down(obs: Cluster) -> None:
+    creds = obs.credentials(AGENCY_A).channel_credentials()
+    node = obs.nodes[AGENCY_A]
+
+    async def run() -> None:
+        assert await _health(obs.hub.address, creds) == "SERVING"
+        assert await _health(obs.hub.address, creds, pb.HUB_SERVICE_NAME) == "SERVING"
+        await _wait_health(node.address, creds, "SERVING")
+        obs.hub.terminate()
+        await _wait_health(node.address, creds, "NOT_SERVING")
+        await asyncio.sleep(1.2)  # the gauges follow within metrics_interval_s
+        assert _gauge(node.metrics, "chapar_ready") == 0
+        assert _gauge(node.metrics, "chapar_node_hub_connected") == 0
+        await obs.hub.restart()
+        await _wait_health(node.address, creds, "SERVING")
+        await asyncio.sleep(1.2)
+        assert _gauge(node.metrics, "chapar_ready") == 1
+        assert _gauge(node.metrics, "chapar_node_hub_connected") == 1
+        assert _gauge(node.metrics, "chapar_hub_link_reconnects_total") >= 1
+
+    asyncio.run(run())
