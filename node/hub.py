@@ -196,6 +196,10 @@ class Hub(pb.HubServiceServicer):
     def connected(self) -> int:
         return len(self._sessions)
 
+    def queue_depths(self) -> dict[str, int]:
+        """Letters queued per recipient as counted for the quotas (a copy, for the metrics)."""
+        return dict(self._depth)
+
     # -- lifecycle of the hub itself ------------------------------------------------------
 
     async def start(self) -> None:

@@ -116,6 +116,48 @@ def _servers(cluster: Cluster) -> list[tuple[str, str]]:
     return [("hub", cluster.hub.metrics)] + [(c, p.metrics) for c, p in cluster.nodes.items()]
 
 
+def _samples(address: str) -> dict[str, float]:
+    """``name{labels}`` -> value of a server's scrape."""
+    out = {}
+    for line in _scrape(address).splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_counters_and_stage_latencies_match_the_letters_sent(
+    obs: Cluster, traffic: Traffic
+) -> None:
+    """Three letters A -> B handed over, one A -> C queued, one refused at A."""
+    a, b = obs.nodes[AGENCY_A].metrics, obs.nodes[AGENCY_B].metrics
+    deadline = time.monotonic() + 15
+    while True:  # the stage histograms follow within metrics_interval_s
+        sa = _samples(a)
+        if sa.get('chapar_letter_stage_seconds_count{stage="delivery_to_handover"}') == 3:
+            break
+        assert time.monotonic() < deadline, sa
+        time.sleep(0.2)
+    assert sa['chapar_letter_stage_seconds_count{stage="submit_to_relay"}'] == 4
+    assert sa['chapar_letter_stage_seconds_count{stage="relay_to_delivery"}'] == 3
+    for stage in ("submit_to_relay", "relay_to_delivery", "delivery_to_handover"):
+        assert 0 < sa[f'chapar_letter_stage_seconds_sum{{stage="{stage}"}}'] < 60
+    assert sa['chapar_letters_total{outcome="accepted",stage="submit"}'] == 4
+    assert sa['chapar_letters_total{outcome="rejected",stage="submit"}'] == 1
+    assert sa['chapar_rejections_total{code="NOT_FOUND",reason="UNKNOWN_RECIPIENT"}'] == 1
+    sb = _samples(b)
+    assert sb['chapar_letters_total{outcome="delivered",stage="delivery"}'] == 3
+    assert sb['chapar_letters_total{outcome="handed_over",stage="handover"}'] == 3
+    assert sb['chapar_letter_stage_seconds_count{stage="delivery_to_handover"}'] == 0  # A's letters
+    hub = _samples(obs.hub.metrics)
+    assert hub['chapar_letters_total{outcome="accepted",stage="relay"}'] == 4
+    assert hub["chapar_hub_connected_nodes"] == 2
+    assert hub["chapar_hub_queue_depth"] == 1
+    assert hub[f'chapar_hub_queue_top_depth{{agency="{AGENCY_C}",rank="1"}}'] == 1
+    assert not any(k.startswith("chapar_node_") for k in hub)  # each role its own metrics
+    assert not any(k.startswith("chapar_hub_queue") for k in sa)
+
+
 # -- promtool and a real Prometheus -------------------------------------------------------
 
 
