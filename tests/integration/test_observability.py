@@ -390,7 +390,7 @@ def test_status_shows_queues_peers_certificates_and_last_errors(
     obs: Cluster, traffic: Traffic
 ) -> None:
     deadline = time.monotonic() + 15
-    while _samples(obs.hub.metrics)["chapar_hub_queue_depth"] != 1:  # gauges refreshed
+    while _samples(obs.hub.metrics)["chapar_hub_queue_depth"] < 1:  # gauges refreshed
         assert time.monotonic() < deadline
         time.sleep(0.2)
     hub = subprocess.run(
