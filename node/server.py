@@ -195,15 +195,21 @@ async def _set_health(servicer: health.aio.HealthServicer, service: str, *, serv
     m.READY.set(1 if serving else 0)
 
 
-async def _watch_node_health(servicer: health.aio.HealthServicer, agency: Agency) -> None:
+def _node_serving(agency: Agency) -> bool:
     """SERVING while the store is open, a directory is held and the hub stream is up.
 
     Without the hub a node still accepts letters into its outbox, but it cannot deliver,
     relay or learn revocations: a load balancer or operator should see it as not ready.
     """
-    serving: bool | None = None
+    return agency.directory is not None and agency.hub_connected and agency.store.db.is_open
+
+
+async def _watch_node_health(
+    servicer: health.aio.HealthServicer, agency: Agency, serving: bool
+) -> None:
     while True:
-        now = agency.directory is not None and agency.hub_connected and agency.store.db.is_open
+        await asyncio.sleep(_HEALTH_POLL_S)
+        now = _node_serving(agency)
         if now != serving:
             serving = now
             await _set_health(servicer, pb.NODE_SERVICE_NAME, serving=now)
@@ -212,7 +218,6 @@ async def _watch_node_health(servicer: health.aio.HealthServicer, agency: Agency
                 "health: %s",
                 "SERVING" if now else "NOT_SERVING (hub stream down)",
             )
-        await asyncio.sleep(_HEALTH_POLL_S)
 
 
 def _metrics(listen: str, role: str) -> str:
@@ -236,6 +241,8 @@ async def _start(
     health_servicer: health.aio.HealthServicer,
 ) -> str:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # grpcio-health-checking starts "" as SERVING; nothing is ready before we say so.
+    await _set_health(health_servicer, service, serving=False)
     reflection.enable_server_reflection(
         [
             service,
@@ -325,9 +332,11 @@ async def serve_node(config: NodeConfig) -> None:
         await asyncio.wait({stop, ready}, return_when=asyncio.FIRST_COMPLETED)
         watcher: asyncio.Task[None] | None = None
         if ready.done():
+            serving = _node_serving(agency)
+            await _set_health(health_servicer, pb.NODE_SERVICE_NAME, serving=serving)
             _write_ready(config.ready_file, address, "node", metrics)
             log.info("node %s ready", config.agency)
-            watcher = asyncio.create_task(_watch_node_health(health_servicer, agency))
+            watcher = asyncio.create_task(_watch_node_health(health_servicer, agency, serving))
         ready.cancel()
         await stop
         log.info("node stopping (grace %.1fs)", config.grace_s)
