@@ -31,6 +31,7 @@ from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams, valid_timestamp, validate_shams
 from node.metrics import (
     EXPIRED,
+    HUB_CONNECTED_NODES,
     RELAY_DUPLICATES,
     RELAY_REJECTED,
     RELAYED,
@@ -368,6 +369,7 @@ class Hub(pb.HubServiceServicer):
             old.closed.set()
         session = _Session(agency, serial=serial, directory_sent=self.directory.version)
         self._sessions[agency] = session
+        HUB_CONNECTED_NODES.set(len(self._sessions))
         log.info("node %s connected", agency)
         await context.write(
             pb.ConnectResponse(
@@ -405,6 +407,7 @@ class Hub(pb.HubServiceServicer):
                     pending.cancel()
             if self._sessions.get(agency) is session:
                 del self._sessions[agency]
+            HUB_CONNECTED_NODES.set(len(self._sessions))
             log.info("node %s disconnected", agency)
 
     async def _read(self, session: _Session, frames: AsyncIterator[pb.ConnectRequest]) -> None:

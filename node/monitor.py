@@ -216,7 +216,8 @@ class HubMonitor(_Common):
         m.HUB_QUEUE_DEPTH.set(sum(depths.values()))
         row = await db.fetchone("SELECT enqueued_at FROM queue ORDER BY id LIMIT 1")
         m.HUB_QUEUE_OLDEST_AGE.set(max(0.0, now - float(row[0])) if row else 0.0)
-        top = sorted(depths.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_n]
+        nonempty = [(agency, depth) for agency, depth in depths.items() if depth > 0]
+        top = sorted(nonempty, key=lambda kv: (-kv[1], kv[0]))[: self.top_n]
         current: set[tuple[str, str]] = set()
         for rank, (agency, depth) in enumerate(top, start=1):
             labels = (str(rank), agency)

@@ -201,6 +201,7 @@ def _node_serving(agency: Agency) -> bool:
     Without the hub a node still accepts letters into its outbox, but it cannot deliver,
     relay or learn revocations: a load balancer or operator should see it as not ready.
     """
+    m.HUB_CONNECTED.set(1 if agency.hub_connected else 0)  # in step with health
     return agency.directory is not None and agency.hub_connected and agency.store.db.is_open
 
 

@@ -70,6 +70,15 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
 def _count(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -120,11 +129,9 @@ def render(snap: Snapshot, target: str) -> str:
         if value > 0
     ]
     lines.append(f"Letters              {', '.join(letters) if letters else 'none yet'}")
-    stored = snap.value("chapar_store_bytes")
-    free = snap.value("chapar_store_filesystem_free_bytes")
     lines.append(
-        f"Database             {_count(stored / 1e6 if stored is not None else None)} MB"
-        f"   disk free {_count(free / 1e9 if free is not None else None)} GB"
+        f"Database             {_bytes(snap.value('chapar_store_bytes'))}"
+        f"   disk free {_bytes(snap.value('chapar_store_filesystem_free_bytes'))}"
     )
     for labels, seconds in snap.series("chapar_certificate_expiry_seconds"):
         lines.append(f"Certificate {labels.get('certificate', '?'):<9} expires in {_age(seconds)}")
