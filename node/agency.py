@@ -29,6 +29,7 @@ from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
 from node.core.letters import build_header, validate_draft
+from node.metrics import HANDED_OVER, SUBMIT_REJECTED, SUBMITTED
 from node.rpc.errors import abort, to_submit_error
 from node.rpc.peer import peer_identity
 from node.storage.node_store import NewLetter, NodeStore, StoredLetter
@@ -62,6 +63,10 @@ class Access:
                 f"{self.identity.uri} may not use {what}",
                 metadata={"identity": self.identity.uri, "mailboxes": ",".join(boxes)},
             )
+
+
+def _log_letter(message: str, shams: str, request_id: str, access: Access) -> None:
+    log.info(message, extra={"shams": shams, "request_id": request_id, "peer": access.identity.uri})
 
 
 class Agency(pb.NodeServiceServicer):
@@ -217,6 +222,7 @@ class Agency(pb.NodeServiceServicer):
                 results.append(ChaparError(Code.INTERNAL, "PENDING", ""))  # replaced below
             except ChaparError as exc:
                 results.append(exc)
+        SUBMIT_REJECTED.inc(len(requests) - len(valid))
         if not valid:
             return results
         sender = self.config.agency
@@ -263,6 +269,8 @@ class Agency(pb.NodeServiceServicer):
         )
         for (i, _, _), receipt in zip(valid, receipts, strict=True):
             results[i] = receipt
+            _log_letter("letter accepted", receipt.shams_text, requests[i].request_id, access)
+        SUBMITTED.inc(len(valid))
         self.outbox_changed.set()
         return results
 
@@ -485,6 +493,9 @@ class Agency(pb.NodeServiceServicer):
         )
         # If a concurrent call stored its HANDOVER first, the store returns that one.
         stored = await self.store.acknowledge(shams, lambda _: signed)
+        if stored is signed:  # issued now, not by a concurrent call
+            HANDED_OVER.inc()
+            _log_letter("letter handed over", shams, "", access)
         self.receipts_changed.set()
         return stored
 

@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from certs.cli import register as register_pki
     from node.cli_client import register as register_client
+    from node.status import register as register_status
 
     register_pki(sub)
     register_client(sub)
+    register_status(sub)
     # The harness drives the system through the SDK; only the command lives here.
     from loadtest.harness import register as register_loadtest
 

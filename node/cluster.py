@@ -270,6 +270,11 @@ class Cluster:
             "hub": self.hub.address,
             "nodes": {code: p.address for code, p in self.nodes.items()},
             "pki": str(self.pki.root),
+            # Prometheus /metrics of every server, HOST:PORT ("" if a server serves none).
+            "metrics": {
+                "hub": self.hub.metrics,
+                "nodes": {code: p.metrics for code, p in self.nodes.items()},
+            },
         }
 
     def write_addresses(self, path: Path) -> None:

@@ -6,6 +6,7 @@ Relative paths are resolved against the directory of the configuration file.
 
 from __future__ import annotations
 
+import re
 import tomllib
 import unicodedata
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ __all__ = [
     "NodeConfig",
     "SigningConfig",
     "TlsConfig",
+    "config_keys",
     "load_hub_config",
     "load_node_config",
     "read_revocations",
@@ -84,6 +86,8 @@ class HubConfig:
     reload_interval_s: float = 5.0
     clock_skew_s: float = 300.0
     max_letter_age_s: float = 7 * 86400.0
+    metrics_interval_s: float = 5.0
+    metrics_top_n: int = 10
 
     @property
     def identity(self) -> Identity:
@@ -111,6 +115,7 @@ class NodeConfig:
     purge_interval_s: float = 3600.0
     # Back-end client name -> the mailboxes it may use; a client not listed may use all.
     clients: dict[str, frozenset[str]] = field(default_factory=dict)
+    metrics_interval_s: float = 5.0
 
     @property
     def identity(self) -> Identity:
@@ -124,22 +129,52 @@ class _Table:
         self.data = data
         self.path = path
         self.base = base
+        # Keys read so far, and the tables opened below this one: what is left is unknown.
+        self.known: set[str] = set()
+        self.children: list[_Table] = []
 
     def _key(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
+    def get(self, key: str, default: Any = None) -> Any:
+        self.known.add(key)
+        return self.data.get(key, default)
+
+    def child(self, data: Mapping[str, Any], path: str) -> _Table:
+        table = _Table(data, path, self.base)
+        self.children.append(table)
+        return table
+
+    def key_paths(self) -> set[str]:
+        """Dotted paths of the leaf keys read here and below (list indices dropped)."""
+        base = re.sub(r"\[\d+\]", "", self.path)
+        paths = {f"{base}.{k}" if base else k for k in self.known}
+        for child in self.children:
+            paths.discard(re.sub(r"\[\d+\]", "", child.path))
+            paths |= child.key_paths()
+        return paths
+
+    def reject_unknown(self) -> None:
+        """A key nobody read is a typo or a setting this version lacks: refuse it."""
+        for key in self.data:
+            if key not in self.known:
+                what = "table" if isinstance(self.data[key], dict | list) else "key"
+                raise ConfigError(f"{self._key(key)}: unknown {what}")
+        for child in self.children:
+            child.reject_unknown()
+
     def table(self, key: str, *, required: bool = True) -> _Table:
-        value = self.data.get(key)
+        value = self.get(key)
         if value is None:
             if required:
                 raise ConfigError(f"[{self._key(key)}]: missing table")
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{self._key(key)}: must be a table")
-        return _Table(value, self._key(key), self.base)
+        return self.child(value, self._key(key))
 
     def text(self, key: str, default: str | None = None) -> str:
-        value = self.data.get(key, default)
+        value = self.get(key, default)
         if value is None:
             raise ConfigError(f"{self._key(key)}: missing")
         if not isinstance(value, str) or not value:
@@ -147,15 +182,21 @@ class _Table:
         return value
 
     def integer(self, key: str, default: int, *, minimum: int = 1) -> int:
-        value = self.data.get(key, default)
+        value = self.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ConfigError(f"{self._key(key)}: must be an integer >= {minimum}")
         return value
 
     def number(self, key: str, default: float) -> float:
-        value = self.data.get(key, default)
+        value = self.get(key, default)
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{self._key(key)}: must be a number >= 0")
+        return float(value)
+
+    def positive(self, key: str, default: float) -> float:
+        value = self.get(key, default)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{self._key(key)}: must be a number > 0")
         return float(value)
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
@@ -175,11 +216,13 @@ class _Table:
 
     def optional_path(self, key: str, *, must_exist: bool = True) -> Path | None:
         if key not in self.data:
+            self.known.add(key)
             return None
         return self.path_(key, must_exist=must_exist)
 
     def listen(self, key: str, *, optional: bool = False) -> str:
         if optional and key not in self.data:
+            self.known.add(key)
             return ""
         value = self.text(key, DEFAULT_LISTEN)
         host, sep, port = value.rpartition(":")
@@ -216,6 +259,23 @@ def _signing(t: _Table) -> SigningConfig:
 
 def load_hub_config(path: Path) -> HubConfig:
     t = _read(path)
+    config = _hub_config(t)
+    t.reject_unknown()
+    return config
+
+
+def config_keys(role: str, path: Path) -> set[str]:
+    """Every key the parser of ``role`` (hub or node) reads, as dotted paths.
+
+    ``agencies[0].code`` becomes ``agencies.code``. Used to check that docs/OPERATIONS.md
+    documents exactly the keys there are.
+    """
+    t = _read(path)
+    _hub_config(t) if role == "hub" else _node_config(t)
+    return t.key_paths()
+
+
+def _hub_config(t: _Table) -> HubConfig:
     hub = t.table("hub")
     name = hub.text("name")
     try:
@@ -223,21 +283,21 @@ def load_hub_config(path: Path) -> HubConfig:
     except ValueError as exc:
         raise ConfigError(f"hub.name: {exc}") from exc
     agencies: list[AgencyEntry] = []
-    raw = t.data.get("agencies", [])
+    raw = t.get("agencies", [])
     if not isinstance(raw, list) or not raw:
         raise ConfigError("[[agencies]]: at least one agency is required")
     seen: set[str] = set()
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise ConfigError(f"agencies[{i}]: must be a table")
-        a = _Table(item, f"agencies[{i}]", t.base)
+        a = t.child(item, f"agencies[{i}]")
         code = a.text("code")
         if not is_agency_code(code):
             raise ConfigError(f"agencies[{i}].code: {code!r} is not 2-64 characters of A-Z 0-9 . -")
         if code in seen:
             raise ConfigError(f"agencies[{i}].code: {code} is listed twice")
         seen.add(code)
-        certs = item.get("signing_certificates")
+        certs = a.get("signing_certificates")
         if not isinstance(certs, list) or not certs or not all(isinstance(c, str) for c in certs):
             raise ConfigError(f"agencies[{i}].signing_certificates: must be a list of file paths")
         paths = []
@@ -271,6 +331,8 @@ def load_hub_config(path: Path) -> HubConfig:
         reload_interval_s=hub.number("reload_interval_s", 5.0),
         clock_skew_s=hub.number("clock_skew_s", 300.0),
         max_letter_age_s=hub.number("max_letter_age_s", 7 * 86400.0),
+        metrics_interval_s=hub.positive("metrics_interval_s", 5.0),
+        metrics_top_n=hub.integer("metrics_top_n", 10),
     )
 
 
@@ -297,15 +359,16 @@ def read_revocations(path: Path | None) -> list[str]:
 
 
 def _clients(t: _Table) -> dict[str, frozenset[str]]:
-    raw = t.data.get("clients", [])
+    raw = t.get("clients", [])
     if not isinstance(raw, list):
         raise ConfigError("[[clients]]: must be an array of tables")
     clients: dict[str, frozenset[str]] = {}
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise ConfigError(f"clients[{i}]: must be a table")
-        name = _Table(item, f"clients[{i}]", t.base).text("name")
-        mailboxes = item.get("mailboxes")
+        c = t.child(item, f"clients[{i}]")
+        name = c.text("name")
+        mailboxes = c.get("mailboxes")
         if not isinstance(mailboxes, list) or not all(isinstance(m, str) for m in mailboxes):
             raise ConfigError(f"clients[{i}].mailboxes: must be a list of mailbox names")
         if name in clients:
@@ -316,6 +379,12 @@ def _clients(t: _Table) -> dict[str, frozenset[str]]:
 
 def load_node_config(path: Path) -> NodeConfig:
     t = _read(path)
+    config = _node_config(t)
+    t.reject_unknown()
+    return config
+
+
+def _node_config(t: _Table) -> NodeConfig:
     node = t.table("node")
     agency = node.text("agency")
     if not is_agency_code(agency):
@@ -345,4 +414,5 @@ def load_node_config(path: Path) -> NodeConfig:
         clients=_clients(t),
         retention_s=node.number("retention_s", 30 * 86400.0),
         purge_interval_s=node.number("purge_interval_s", 3600.0),
+        metrics_interval_s=node.positive("metrics_interval_s", 5.0),
     )

@@ -125,6 +125,10 @@ async def run_demo(serve_dir: Path | None = None) -> int:
             )
             if serve_dir is not None:
                 cluster.write_addresses(serve_dir / "addresses.json")
+                metrics = [f"hub {cluster.hub.metrics}"] + [
+                    f"node {code} {p.metrics}" for code, p in cluster.nodes.items()
+                ]
+                print("Prometheus metrics: " + "; ".join(metrics))
                 print(
                     f"\nServers keep running; addresses in {serve_dir / 'addresses.json'}. "
                     f"Try: chapar send --demo {serve_dir} --agency {AGENCY_A} --to {AGENCY_B} "

@@ -29,7 +29,15 @@ from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams, valid_timestamp, validate_shams
-from node.metrics import count_rejection
+from node.metrics import (
+    EXPIRED,
+    HUB_CONNECTED_NODES,
+    RELAY_DUPLICATES,
+    RELAY_REJECTED,
+    RELAYED,
+    count_rejection,
+    count_verification_failure,
+)
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
 from node.storage.hub_store import HubStore, IncomingLetter
@@ -195,6 +203,10 @@ class Hub(pb.HubServiceServicer):
     def connected(self) -> int:
         return len(self._sessions)
 
+    def queue_depths(self) -> dict[str, int]:
+        """Letters queued per recipient as counted for the quotas (a copy, for the metrics)."""
+        return dict(self._depth)
+
     # -- lifecycle of the hub itself ------------------------------------------------------
 
     async def start(self) -> None:
@@ -294,6 +306,7 @@ class Hub(pb.HubServiceServicer):
         if not items:
             return 0
         done = await self.store.expire(items)
+        EXPIRED.inc(len(done))
         for recipient, sender in done:
             self._count(recipient, -1)
             self._wake(sender, notices=True)
@@ -369,6 +382,7 @@ class Hub(pb.HubServiceServicer):
             old.closed.set()
         session = _Session(agency, serial=serial, directory_sent=self.directory.version)
         self._sessions[agency] = session
+        HUB_CONNECTED_NODES.set(len(self._sessions))
         log.info("node %s connected", agency)
         await context.write(
             pb.ConnectResponse(
@@ -399,6 +413,7 @@ class Hub(pb.HubServiceServicer):
                 pending.cancel()
             if self._sessions.get(agency) is session:
                 del self._sessions[agency]
+            HUB_CONNECTED_NODES.set(len(self._sessions))
             log.info("node %s disconnected", agency)
 
     @staticmethod
@@ -445,6 +460,7 @@ class Hub(pb.HubServiceServicer):
                 )
             header = self.trust.verify_envelope(envelope)
         except VerificationError as exc:
+            count_verification_failure("envelope", exc.reason)
             code = (
                 Code.PERMISSION_DENIED if exc.reason == "SENDER_MISMATCH" else Code.INVALID_ARGUMENT
             )
@@ -510,7 +526,13 @@ class Hub(pb.HubServiceServicer):
             except ChaparError as exc:
                 if exc.code == Code.PERMISSION_DENIED:
                     raise
-                log.warning("relay rejected from %s: %s %s", agency, exc.reason, exc.message)
+                log.warning(
+                    "relay rejected from %s: %s %s",
+                    agency,
+                    exc.reason,
+                    exc.message,
+                    extra={"peer": agency, "reason": exc.reason},
+                )
                 count_rejection(exc.code.name, exc.reason)
                 outcomes.append(
                     self._sign(
@@ -527,10 +549,13 @@ class Hub(pb.HubServiceServicer):
                     )
                 )
         letters = [o for o in outcomes if isinstance(o, IncomingLetter)]
+        RELAY_REJECTED.inc(len(outcomes) - len(letters))
         queued: list[str] = []
+        fresh: set[str] = set()
 
         def make_relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:
             queued.append(recipient)  # only called for letters stored now, not duplicates
+            fresh.add(letter.shams)
             content = evidence_content(
                 E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
                 issuer=self.identity.uri,
@@ -552,6 +577,7 @@ class Hub(pb.HubServiceServicer):
             relays = next(stored)
             if not relays:  # the number is taken by a different letter: a replay or a forgery
                 count_rejection(Code.ALREADY_EXISTS.name, "SHAMS_REUSED")
+                RELAY_REJECTED.inc()
                 log.warning("relay rejected from %s: SHAMS_REUSED %s", agency, outcome.shams)
                 results.append(
                     self._sign(
@@ -569,8 +595,13 @@ class Hub(pb.HubServiceServicer):
                 )
                 continue
             results.extend(relays)
+            if outcome.shams in fresh:
+                log.info("letter relayed", extra={"shams": outcome.shams, "peer": agency})
+            else:
+                RELAY_DUPLICATES.inc()
             for r in outcome.recipients:
                 self._wake(r, queue=True)
+        RELAYED.inc(len(queued))
         return results
 
     # -- receipts from recipients -----------------------------------------------------------
@@ -583,6 +614,7 @@ class Hub(pb.HubServiceServicer):
             try:
                 content = self.trust.verify_evidence(item)
             except VerificationError as exc:
+                count_verification_failure("evidence", exc.reason)
                 log.warning("receipt from %s refused: %s %s", agency, exc.reason, exc)
                 count_rejection(Code.INVALID_ARGUMENT.name, exc.reason)
                 continue

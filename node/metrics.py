@@ -1,27 +1,262 @@
-"""Prometheus metrics of the node and hub roles (prometheus-client).
+"""Prometheus metrics of the node and hub roles (prometheus-client): every definition.
 
-Label values are bounded: reasons are this program's own UPPER_SNAKE codes, never an
-agency code or anything a peer chooses freely.
+Label values are bounded: reasons are this program's own UPPER_SNAKE codes (or a
+``VerificationError`` reason, also ours), stages and outcomes are fixed words below, and
+never an agency code or anything a peer chooses freely. The one exception is the hub's
+top-N queue gauge, whose ``agency`` label takes at most ``metrics_top_n`` values at a time
+(the N largest queues; ranks are fixed ``1``..``N``), and whose old series are removed at
+every refresh, so a scrape never carries more than N of them.
+
+Hot-path counters are resolved to their label children once, here, and incremented by batch
+size. Gauges that describe state (queue depth, oldest letter, bytes stored, certificate
+expiry, connected nodes) are set by a periodic task in ``node.monitor``, off the hot path.
 """
 
 from __future__ import annotations
 
+import platform
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, start_http_server
+import grpc
+from prometheus_client import (
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
 
-__all__ = ["REJECTIONS", "count_rejection", "serve_metrics"]
+__all__ = [
+    "BUILD",
+    "BYTES_STORED",
+    "CERT_EXPIRY",
+    "DUPLICATES",
+    "HUB_CONNECTED",
+    "HUB_CONNECTED_NODES",
+    "HUB_LETTERS",
+    "HUB_QUEUE_DEPTH",
+    "HUB_QUEUE_OLDEST_AGE",
+    "HUB_QUEUE_TOP_AGE",
+    "HUB_QUEUE_TOP_DEPTH",
+    "LAST_REJECTION",
+    "NODE_INBOX_UNACKED",
+    "NODE_LETTERS",
+    "NODE_OUTBOX_DEPTH",
+    "NODE_OUTBOX_OLDEST_AGE",
+    "READY",
+    "RECONNECTS",
+    "REJECTIONS",
+    "STAGE_SECONDS",
+    "STORE_FS_FREE",
+    "STORE_FS_SIZE",
+    "VERIFICATION_FAILURES",
+    "count_rejection",
+    "count_verification_failure",
+    "register_role",
+    "serve_metrics",
+]
+
+VERSION = "0.1.0"
+
+# -- counters (hot path) ------------------------------------------------------------------
 
 REJECTIONS = Counter(
     "chapar_rejections",
     "Calls, letters, evidence and frames refused, by canonical code and reason.",
     ["code", "reason"],
 )
+LAST_REJECTION = Gauge(
+    "chapar_last_rejection_timestamp_seconds",
+    "Unix time of the latest refusal, by canonical code and reason.",
+    ["code", "reason"],
+)
+# Metrics of one role are created unregistered (registry=None) and registered by
+# ``register_role``, so a node does not export the hub's series and the other way round.
+# The two ``chapar_letters`` objects are one metric name; each process registers one.
+_LETTERS_HELP = (
+    "Letters through each stage. stage: submit (node), relay (hub, per recipient), delivery "
+    "(recipient node), handover (recipient node), expiry (hub, per recipient); outcome: "
+    "accepted, rejected, delivered, failed, handed_over, expired."
+)
+NODE_LETTERS = Counter("chapar_letters", _LETTERS_HELP, ["stage", "outcome"], registry=None)
+HUB_LETTERS = Counter("chapar_letters", _LETTERS_HELP, ["stage", "outcome"], registry=None)
+SUBMITTED = NODE_LETTERS.labels(stage="submit", outcome="accepted")
+SUBMIT_REJECTED = NODE_LETTERS.labels(stage="submit", outcome="rejected")
+DELIVERED = NODE_LETTERS.labels(stage="delivery", outcome="delivered")
+DELIVERY_FAILED = NODE_LETTERS.labels(stage="delivery", outcome="failed")
+HANDED_OVER = NODE_LETTERS.labels(stage="handover", outcome="handed_over")
+RELAYED = HUB_LETTERS.labels(stage="relay", outcome="accepted")
+RELAY_REJECTED = HUB_LETTERS.labels(stage="relay", outcome="rejected")
+EXPIRED = HUB_LETTERS.labels(stage="expiry", outcome="expired")
+
+DUPLICATES = Counter(
+    "chapar_duplicates_suppressed",
+    "Letters received again and answered from what was stored, not stored twice.",
+    ["stage"],
+    registry=None,
+)
+RELAY_DUPLICATES = DUPLICATES.labels(stage="relay")
+RECONNECTS = Counter(
+    "chapar_hub_link_reconnects",
+    "Times a node's stream to the hub ended and was dialled again (retries).",
+    registry=None,
+)
+VERIFICATION_FAILURES = Counter(
+    "chapar_verification_failures",
+    "Signatures and certificates that did not verify, by what was checked and the reason.",
+    ["kind", "reason"],
+)
+
+# -- histograms ---------------------------------------------------------------------------
+
+STAGE_SECONDS = Histogram(
+    "chapar_letter_stage_seconds",
+    "Seconds a letter took per stage, from signed evidence times observed at the sending node: "
+    "submit_to_relay (SUBMISSION_ACCEPTANCE to RELAY_ACCEPTANCE), relay_to_delivery "
+    "(RELAY_ACCEPTANCE to DELIVERY), delivery_to_handover (DELIVERY to HANDOVER).",
+    ["stage"],
+    registry=None,
+    buckets=(
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1,
+        2.5,
+        5,
+        10,
+        30,
+        60,
+        300,
+        900,
+        3600,
+        14400,
+        86400,
+    ),
+)
+
+# -- gauges (set by node.monitor) ---------------------------------------------------------
+
+READY = Gauge(
+    "chapar_ready",
+    "1 when the server reports SERVING on gRPC health (store open, directory loaded and, for "
+    "a node, its hub stream up), else 0.",
+)
+HUB_CONNECTED = Gauge(
+    "chapar_node_hub_connected", "1 while the node's stream to the hub is up.", registry=None
+)
+NODE_OUTBOX_DEPTH = Gauge(
+    "chapar_node_outbox_depth",
+    "Letters accepted by the node and not yet relayed by the hub.",
+    registry=None,
+)
+NODE_OUTBOX_OLDEST_AGE = Gauge(
+    "chapar_node_outbox_oldest_age_seconds",
+    "Age of the oldest letter waiting in the node's outbox (0 when empty).",
+    registry=None,
+)
+NODE_INBOX_UNACKED = Gauge(
+    "chapar_node_inbox_unacked",
+    "Letters delivered to the node and not yet handed over.",
+    registry=None,
+)
+HUB_CONNECTED_NODES = Gauge(
+    "chapar_hub_connected_nodes", "Agency nodes with a Connect stream up.", registry=None
+)
+HUB_QUEUE_DEPTH = Gauge(
+    "chapar_hub_queue_depth", "Letters queued at the hub, all recipients.", registry=None
+)
+HUB_QUEUE_OLDEST_AGE = Gauge(
+    "chapar_hub_queue_oldest_age_seconds",
+    "Age of the oldest letter queued at the hub, all recipients (0 when empty).",
+    registry=None,
+)
+HUB_QUEUE_TOP_DEPTH = Gauge(
+    "chapar_hub_queue_top_depth",
+    "Depth of the N deepest recipient queues (rank 1 is the deepest; N = metrics_top_n).",
+    ["rank", "agency"],
+    registry=None,
+)
+HUB_QUEUE_TOP_AGE = Gauge(
+    "chapar_hub_queue_top_oldest_age_seconds",
+    "Age of the oldest letter in each of the N deepest recipient queues.",
+    ["rank", "agency"],
+    registry=None,
+)
+BYTES_STORED = Gauge(
+    "chapar_store_bytes", "Bytes on disk of the server's database (main file, WAL and shm)."
+)
+STORE_FS_FREE = Gauge(
+    "chapar_store_filesystem_free_bytes",
+    "Bytes available to the server on the filesystem holding its database.",
+)
+STORE_FS_SIZE = Gauge(
+    "chapar_store_filesystem_size_bytes", "Size of the filesystem holding the database."
+)
+CERT_EXPIRY = Gauge(
+    "chapar_certificate_expiry_seconds",
+    "Seconds until each configured local certificate expires (negative: expired).",
+    ["certificate"],
+)
+BUILD = Info("chapar_build", "Version of the running program and of its main libraries.")
 
 
-def count_rejection(code: str, reason: str) -> None:
-    REJECTIONS.labels(code=code, reason=reason or "UNSPECIFIED").inc()
+_ROLE_METRICS = {
+    "node": (
+        NODE_LETTERS,
+        RECONNECTS,
+        STAGE_SECONDS,
+        HUB_CONNECTED,
+        NODE_OUTBOX_DEPTH,
+        NODE_OUTBOX_OLDEST_AGE,
+        NODE_INBOX_UNACKED,
+    ),
+    "hub": (
+        HUB_LETTERS,
+        DUPLICATES,
+        HUB_CONNECTED_NODES,
+        HUB_QUEUE_DEPTH,
+        HUB_QUEUE_OLDEST_AGE,
+        HUB_QUEUE_TOP_DEPTH,
+        HUB_QUEUE_TOP_AGE,
+    ),
+}
+_registered: set[str] = set()
+
+
+def register_role(role: str) -> None:
+    """Exports the metrics of ``role`` (hub or node) and the build info; once per process."""
+    if role in _registered:
+        return
+    _registered.add(role)
+    # ``*_created`` samples double the series count and no dashboard of ours reads them.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
+    for metric in _ROLE_METRICS[role]:
+        REGISTRY.register(metric)
+    BUILD.info(
+        {
+            "version": VERSION,
+            "role": role,
+            "python": platform.python_version(),
+            "grpc": grpc.__version__,
+        }
+    )
+
+
+def count_rejection(code: str, reason: str, n: int = 1) -> None:
+    reason = reason or "UNSPECIFIED"
+    REJECTIONS.labels(code=code, reason=reason).inc(n)
+    LAST_REJECTION.labels(code=code, reason=reason).set_to_current_time()
+
+
+def count_verification_failure(kind: str, reason: str) -> None:
+    """``kind``: envelope, evidence or certificate."""
+    VERIFICATION_FAILURES.labels(kind=kind, reason=reason or "UNSPECIFIED").inc()
 
 
 def serve_metrics(listen: str) -> tuple[WSGIServer, threading.Thread, str]:

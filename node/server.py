@@ -17,6 +17,7 @@ import stat
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from cryptography import x509
@@ -28,12 +29,17 @@ from client_sdk import pb
 from client_sdk.identity import Identity, identity_of_certificate
 from client_sdk.signing import Signer
 from client_sdk.trust import TrustStore
+from node import metrics as m
 from node.config import ConfigError, HubConfig, NodeConfig, SigningConfig, TlsConfig
 from node.rpc.wire import add_servicer
 
-__all__ = ["check_key_file", "configure_logging", "serve_hub", "serve_node"]
+__all__ = ["LOG_FIELDS", "check_key_file", "configure_logging", "serve_hub", "serve_node"]
+
+if TYPE_CHECKING:
+    from node.agency import Agency
 
 log = logging.getLogger("chapar.server")
+_HEALTH_POLL_S = 0.25
 # gRPC's own hard cap; the roles' configured limits (checked with a reason) are lower.
 _MAX_MESSAGE = 256 * 1024 * 1024
 _SERVER_OPTIONS = [
@@ -47,15 +53,24 @@ _SERVER_OPTIONS = [
 ]
 
 
+# Context fields a log call may pass with ``extra={...}``; each becomes a JSON key. Only
+# identifiers: never keys, certificates' private parts or letter bodies.
+LOG_FIELDS = ("shams", "request_id", "peer", "agency", "reason", "count")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name in LOG_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None and value != "":
+                entry[name] = value
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -169,7 +184,45 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-def _metrics(listen: str) -> str:
+async def _set_health(servicer: health.aio.HealthServicer, service: str, *, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    await servicer.set("", status)
+    await servicer.set(service, status)
+    m.READY.set(1 if serving else 0)
+
+
+def _node_serving(agency: Agency) -> bool:
+    """SERVING while the store is open, a directory is held and the hub stream is up.
+
+    Without the hub a node still accepts letters into its outbox, but it cannot deliver,
+    relay or learn revocations: a load balancer or operator should see it as not ready.
+    """
+    m.HUB_CONNECTED.set(1 if agency.hub_connected else 0)  # in step with health
+    return agency.directory is not None and agency.hub_connected and agency.store.db.is_open
+
+
+async def _watch_node_health(
+    servicer: health.aio.HealthServicer, agency: Agency, serving: bool
+) -> None:
+    while True:
+        await asyncio.sleep(_HEALTH_POLL_S)
+        now = _node_serving(agency)
+        if now != serving:
+            serving = now
+            await _set_health(servicer, pb.NODE_SERVICE_NAME, serving=now)
+            log.log(
+                logging.INFO if now else logging.WARNING,
+                "health: %s",
+                "SERVING" if now else "NOT_SERVING (hub stream down)",
+            )
+
+
+def _metrics(listen: str, role: str) -> str:
+    m.register_role(role)
     if not listen:
         return ""
     from node.metrics import serve_metrics
@@ -189,6 +242,8 @@ async def _start(
     health_servicer: health.aio.HealthServicer,
 ) -> str:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # grpcio-health-checking starts "" as SERVING; nothing is ready before we say so.
+    await _set_health(health_servicer, service, serving=False)
     reflection.enable_server_reflection(
         [
             service,
@@ -210,6 +265,7 @@ async def _start(
 
 async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
     from node.hub import Hub, build_directory
+    from node.monitor import HubMonitor
     from node.storage.hub_store import HubStore
 
     creds = _server_credentials(config.tls, config.identity)
@@ -221,12 +277,14 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
     await hub.start()
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     add_servicer(server, hub, pb.HUB_SERVICE, limit=config.max_frame_bytes)
-    metrics = _metrics(config.metrics_listen)
+    metrics = _metrics(config.metrics_listen, "hub")
     health_servicer = health.aio.HealthServicer()
+    monitor = HubMonitor(hub)
+    monitor.start()
     try:
         address = await _start(server, config.listen, creds, pb.HUB_SERVICE_NAME, health_servicer)
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set(pb.HUB_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        # The store is open and the directory built (both above): the hub is ready.
+        await _set_health(health_servicer, pb.HUB_SERVICE_NAME, serving=True)
         _write_ready(config.ready_file, address, "hub", metrics)
         log.info("hub %s listening on %s", config.name, address)
         await _until_signalled()
@@ -235,6 +293,7 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         hub.close_sessions()
         await server.stop(config.grace_s)
     finally:
+        await monitor.stop()
         await hub.stop()
         await store.close()
         log.info("hub stopped")
@@ -242,6 +301,7 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
 
 async def serve_node(config: NodeConfig) -> None:
     from node.agency import Agency
+    from node.monitor import NodeMonitor
     from node.rpc.hub_link import HubLink
     from node.storage.node_store import NodeStore
 
@@ -256,9 +316,11 @@ async def serve_node(config: NodeConfig) -> None:
         await agency.set_directory(cached, persist=False)
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
-    metrics = _metrics(config.metrics_listen)
+    metrics = _metrics(config.metrics_listen, "node")
     health_servicer = health.aio.HealthServicer()
     link = HubLink(agency, link_creds)
+    monitor = NodeMonitor(agency)
+    monitor.start()
     link_task = asyncio.create_task(link.run(), name="hub-link")
     agency.start()
     try:
@@ -269,19 +331,25 @@ async def serve_node(config: NodeConfig) -> None:
         # from an earlier run, or fetched from the hub). Until then submit says UNAVAILABLE.
         ready = asyncio.create_task(agency.directory_ready.wait())
         await asyncio.wait({stop, ready}, return_when=asyncio.FIRST_COMPLETED)
+        watcher: asyncio.Task[None] | None = None
         if ready.done():
-            status = health_pb2.HealthCheckResponse.SERVING
-            await health_servicer.set("", status)
-            await health_servicer.set(pb.NODE_SERVICE_NAME, status)
+            serving = _node_serving(agency)
+            await _set_health(health_servicer, pb.NODE_SERVICE_NAME, serving=serving)
             _write_ready(config.ready_file, address, "node", metrics)
             log.info("node %s ready", config.agency)
+            watcher = asyncio.create_task(_watch_node_health(health_servicer, agency, serving))
         ready.cancel()
         await stop
         log.info("node stopping (grace %.1fs)", config.grace_s)
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        m.READY.set(0)
         await health_servicer.enter_graceful_shutdown()
         agency.closing.set()  # inbox streams end now instead of at the end of the grace
         await server.stop(config.grace_s)
     finally:
+        await monitor.stop()
         await agency.stop()
         link.stop()
         link_task.cancel()

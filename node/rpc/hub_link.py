@@ -26,6 +26,7 @@ from client_sdk.trust import VerificationError
 from node.agency import Agency
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
+from node.metrics import DELIVERED, DELIVERY_FAILED, RECONNECTS, count_verification_failure
 from node.tasks import handle_concurrently
 
 __all__ = ["HubLink"]
@@ -76,6 +77,7 @@ class HubLink:
                 self.agency.hub_connected = False
             if self._stopping:
                 return
+            RECONNECTS.inc()
             if asyncio.get_running_loop().time() - started > 5.0:
                 backoff = _INITIAL_BACKOFF_S
             delay = random.uniform(0, backoff)
@@ -260,6 +262,7 @@ class _Session:
             try:
                 out.append((item, self.agency.trust.verify_evidence(item)))
             except VerificationError as exc:
+                count_verification_failure("evidence", exc.reason)
                 log.error("evidence from the hub does not verify (%s): %s", exc.reason, exc)
         return out
 
@@ -300,6 +303,7 @@ class _Session:
                 if not mine:
                     raise VerificationError("NOT_A_RECIPIENT", f"letter is not addressed to {me}")
             except VerificationError as exc:
+                count_verification_failure("envelope", exc.reason)
                 log.error("refusing a delivered letter: %s %s", exc.reason, exc)
                 shams_pb = quoted_shams(envelope)
                 failures.append(
@@ -348,6 +352,10 @@ class _Session:
                 await agency.store.store_incoming(good, make_delivery, agency.seal_evidence)
             )
             agency.notify_inbox()
+            DELIVERED.inc(len(good))
+            for shams, sender, _, _ in good:
+                log.info("letter delivered", extra={"shams": shams, "peer": sender})
+        DELIVERY_FAILED.inc(len(failures))
         if failures:
             await agency.store.store_issued(failures)
             receipts.extend(e for _, e in failures)

@@ -13,6 +13,7 @@ from cryptography import x509
 from client_sdk.identity import Identity
 from client_sdk.trust import TrustStore, VerificationError
 from node.core.errors import ChaparError, Code
+from node.metrics import count_verification_failure
 
 __all__ = ["peer_certificate", "peer_identity"]
 
@@ -35,6 +36,7 @@ def peer_certificate(
         cert = x509.load_pem_x509_certificate(pems[0])
         return cert, trust.verify_certificate(cert, "tls")
     except VerificationError as exc:
+        count_verification_failure("certificate", exc.reason)
         raise ChaparError(
             Code.UNAUTHENTICATED, exc.reason, f"client certificate refused: {exc}"
         ) from exc

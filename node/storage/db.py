@@ -84,6 +84,16 @@ class Database:
         await db._open(migrations)
         return db
 
+    @property
+    def is_open(self) -> bool:
+        """Connected with a live writer and not closing (gRPC health reads this)."""
+        return (
+            self._writer is not None
+            and not self._closing
+            and self._task is not None
+            and not self._task.done()
+        )
+
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 

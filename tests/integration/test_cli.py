@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,21 @@ def test_demo_serve_keeps_servers_for_send_inbox_and_track(tmp_path: Path) -> No
         assert "NOT_FOUND" in bad.stderr
         assert "UNKNOWN_RECIPIENT" in bad.stderr
         assert "Traceback" not in bad.stderr
+
+        # Every server's metrics address is listed, for pointing a Prometheus at the demo.
+        metrics = info["metrics"]
+        assert set(metrics["nodes"]) == {AGENCY_A, AGENCY_B}
+        for address in [metrics["hub"], *metrics["nodes"].values()]:
+            assert address.startswith("127.0.0.1:")
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+                assert b"chapar_build_info{" in response.read()
+        hub_status = _run("status", "--demo", str(demo_dir), "hub")
+        assert hub_status.returncode == 0, hub_status.stderr
+        assert "Chapar hub" in hub_status.stdout
+        assert "READY (SERVING)" in hub_status.stdout
+        node_status = _run("status", "--demo", str(demo_dir), AGENCY_B)
+        assert node_status.returncode == 0, node_status.stderr
+        assert "handover handed_over" in node_status.stdout
     finally:
         pids = [json.loads(p.read_text())["pid"] for p in demo_dir.glob("*/ready.json")]
         proc.send_signal(signal.SIGTERM)  # the demo alone: it must stop its servers itself

@@ -1,0 +1,189 @@
+"""``chapar status TARGET``: one screen about a running node or hub, for a person at a terminal.
+
+It reads the server's Prometheus endpoint, the same numbers the dashboards and alerts use,
+so the terminal and the dashboards never disagree, and it needs no new RPC, no credentials
+and no write access: only network reach to the metrics port (which operators bind to a
+management network). TARGET is ``HOST:PORT`` of the metrics endpoint, or with ``--demo DIR``
+the word ``hub`` or an agency code from ``DIR/addresses.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = ["Snapshot", "fetch", "register", "render"]
+
+_LAST_ERRORS = 5
+
+
+@dataclass
+class Snapshot:
+    """The samples of one scrape: name -> list of (labels, value)."""
+
+    samples: dict[str, list[tuple[dict[str, str], float]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
+    def value(self, name: str, default: float | None = None, **labels: str) -> float | None:
+        for got, value in self.samples.get(name, []):
+            if all(got.get(k) == v for k, v in labels.items()):
+                return value
+        return default
+
+    def series(self, name: str) -> list[tuple[dict[str, str], float]]:
+        return self.samples.get(name, [])
+
+
+def parse(text: str) -> Snapshot:
+    snap = Snapshot()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            snap.samples[sample.name].append((dict(sample.labels), float(sample.value)))
+    return snap
+
+
+def fetch(address: str, timeout: float = 10.0) -> Snapshot:
+    url = address if address.startswith(("http://", "https://")) else f"http://{address}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
+        return parse(response.read().decode("utf-8"))
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def render(snap: Snapshot, target: str) -> str:
+    build = snap.series("chapar_build_info")
+    info = build[0][0] if build else {}
+    role = info.get("role", "?")
+    ready = snap.value("chapar_ready")
+    lines = [
+        f"Chapar {role} at {target}   version {info.get('version', '?')}   "
+        f"{'READY (SERVING)' if ready == 1 else 'NOT READY (NOT_SERVING)'}",
+        "",
+    ]
+    if role == "hub":
+        lines += [
+            f"Connected nodes      {_count(snap.value('chapar_hub_connected_nodes'))}",
+            f"Letters queued       {_count(snap.value('chapar_hub_queue_depth'))}",
+            f"Oldest queued        {_age(snap.value('chapar_hub_queue_oldest_age_seconds'))}",
+        ]
+        ages = {
+            labels["agency"]: v
+            for labels, v in snap.series("chapar_hub_queue_top_oldest_age_seconds")
+        }
+        top = sorted(
+            snap.series("chapar_hub_queue_top_depth"), key=lambda s: int(s[0].get("rank", "0"))
+        )
+        if top:
+            lines.append("Deepest queues       rank  agency                 depth  oldest")
+            for labels, depth in top:
+                agency = labels.get("agency", "?")
+                lines.append(
+                    f"                     {labels.get('rank', '?'):>4}  {agency:<20} "
+                    f"{depth:>7.0f}  {_age(ages.get(agency))}"
+                )
+    else:
+        connected = snap.value("chapar_node_hub_connected")
+        lines += [
+            f"Hub stream           {'up' if connected == 1 else 'DOWN'}"
+            f"   (reconnects {_count(snap.value('chapar_hub_link_reconnects_total'))})",
+            f"Outbox (to relay)    {_count(snap.value('chapar_node_outbox_depth'))}"
+            f"   oldest {_age(snap.value('chapar_node_outbox_oldest_age_seconds'))}",
+            f"Inbox (not acked)    {_count(snap.value('chapar_node_inbox_unacked'))}",
+        ]
+    letters = [
+        f"{labels['stage']} {labels['outcome']} {value:.0f}"
+        for labels, value in snap.series("chapar_letters_total")
+        if value > 0
+    ]
+    lines.append(f"Letters              {', '.join(letters) if letters else 'none yet'}")
+    lines.append(
+        f"Database             {_bytes(snap.value('chapar_store_bytes'))}"
+        f"   disk free {_bytes(snap.value('chapar_store_filesystem_free_bytes'))}"
+    )
+    for labels, seconds in snap.series("chapar_certificate_expiry_seconds"):
+        lines.append(f"Certificate {labels.get('certificate', '?'):<9} expires in {_age(seconds)}")
+    counts = {
+        (labels["code"], labels["reason"]): v
+        for labels, v in snap.series("chapar_rejections_total")
+    }
+    last = sorted(
+        snap.series("chapar_last_rejection_timestamp_seconds"), key=lambda s: s[1], reverse=True
+    )[:_LAST_ERRORS]
+    if last:
+        lines.append("Last errors          when (UTC)  code / reason (count)")
+        for labels, when in last:
+            key = (labels["code"], labels["reason"])
+            at = dt.datetime.fromtimestamp(when, dt.UTC).strftime("%H:%M:%S")
+            lines.append(
+                f"                     {at}    {key[0]} / {key[1]} ({counts.get(key, 0):.0f})"
+            )
+    else:
+        lines.append("Last errors          none")
+    return "\n".join(lines)
+
+
+def _resolve(ns: argparse.Namespace) -> str:
+    if ns.demo is None:
+        return str(ns.target)
+    metrics = json.loads((ns.demo / "addresses.json").read_text())["metrics"]
+    if ns.target == "hub":
+        return str(metrics["hub"])
+    try:
+        return str(metrics["nodes"][ns.target])
+    except KeyError:
+        raise SystemExit(f"error: no node {ns.target} in {ns.demo / 'addresses.json'}") from None
+
+
+def _status(ns: argparse.Namespace) -> int:
+    address = _resolve(ns)
+    try:
+        snap = fetch(address)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"error: cannot read metrics at {address}: {exc}", file=sys.stderr)
+        return 1
+    print(render(snap, address))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="one screen about a running node or hub (from its metrics)")
+    p.add_argument(
+        "target", help="HOST:PORT of the metrics endpoint, or with --demo: hub or an agency code"
+    )
+    p.add_argument(
+        "--demo", type=Path, metavar="DIR", help="read addresses from DIR/addresses.json"
+    )
+    p.set_defaults(func=_status)

@@ -1,0 +1,543 @@
+"""What operators see, against real processes: metrics, Prometheus, dashboards and alert rules,
+health, reflection, JSON logs, configuration errors and ``chapar status``.
+
+One cluster for the module (A and B with nodes, C without, so letters to C stay queued at
+the hub), with gauges refreshed every 0.5 s. The health test stops and restarts the hub, so
+it runs last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from client_sdk import ExchangeClient, pb
+from client_sdk.errors import NotFound
+from node.cluster import Cluster
+from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+RULES = sorted((ROOT / "ops" / "prometheus").glob("*.yml"))
+DASHBOARDS = sorted((ROOT / "ops" / "grafana").glob("*.json"))
+CHAPAR = [sys.executable, "-m", "node"]
+SECRET_BODY = f"BODY-SECRET-{uuid.uuid4()}"
+
+
+@dataclass
+class Traffic:
+    """What the module's letters were: for the log and status tests to look for."""
+
+    delivered: list[tuple[str, str]]  # (shams, request_id) A -> B, acknowledged by B
+    queued: str  # A -> C, no node: waits at the hub
+
+
+@pytest.fixture(scope="module")
+def obs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("obs")
+    started = asyncio.run(
+        Cluster.start(
+            root,
+            [AGENCY_A, AGENCY_B, AGENCY_C],
+            without_node=[AGENCY_C],
+            node_settings="metrics_interval_s = 0.5\nreconnect_max_s = 1.0",
+            hub_settings="metrics_interval_s = 0.5",
+        )
+    )
+    try:
+        yield started
+    finally:
+        codes = started.stop()
+        assert all(code == 0 for code in codes.values()), codes
+
+
+async def _send_traffic(cluster: Cluster, letters: int = 3) -> Traffic:
+    """Letters A -> B (handed over), one A -> C (queued), and a refusal at node and hub."""
+    delivered = []
+    async with (
+        ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
+        ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+    ):
+        for i in range(letters):
+            rid = f"obs-{uuid.uuid4()}"
+            receipt = await a.send(
+                to=[AGENCY_B], subject=f"metrics {i}", body=SECRET_BODY, request_id=rid
+            )
+            delivered.append((receipt.shams, rid))
+        inbox = b.inbox()
+        for _ in range(letters):
+            letter = await asyncio.wait_for(anext(inbox), 30)
+            await letter.ack()
+        await inbox.aclose()
+        queued = await a.send(to=[AGENCY_C], subject="waits", body=SECRET_BODY)
+        with pytest.raises(NotFound):  # a refusal at the node: UNKNOWN_RECIPIENT
+            await a.send(to=["NO.SUCH"], subject="x", body="y")
+    # A refusal at the hub: a back-end client is not an agency node.
+    creds = cluster.credentials(AGENCY_A).channel_credentials()
+    async with grpc.aio.secure_channel(cluster.hub.address, creds) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pb.HubServiceStub(channel).GetDirectory(pb.GetDirectoryRequest(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    return Traffic(delivered, queued.shams)
+
+
+@pytest.fixture(scope="module")
+def traffic(obs: Cluster) -> Traffic:
+    return asyncio.run(_send_traffic(obs))
+
+
+def _scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def _servers(cluster: Cluster) -> list[tuple[str, str]]:
+    return [("hub", cluster.hub.metrics)] + [(c, p.metrics) for c, p in cluster.nodes.items()]
+
+
+def _samples(address: str) -> dict[str, float]:
+    """``name{labels}`` -> value of a server's scrape."""
+    out = {}
+    for line in _scrape(address).splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_counters_and_stage_latencies_match_the_letters_sent(
+    obs: Cluster, traffic: Traffic
+) -> None:
+    """Three letters A -> B handed over, one A -> C queued, one refused at A."""
+    a, b = obs.nodes[AGENCY_A].metrics, obs.nodes[AGENCY_B].metrics
+    deadline = time.monotonic() + 15
+    while True:  # the stage histograms follow within metrics_interval_s
+        sa = _samples(a)
+        if sa.get('chapar_letter_stage_seconds_count{stage="delivery_to_handover"}') == 3:
+            break
+        assert time.monotonic() < deadline, sa
+        time.sleep(0.2)
+    assert sa['chapar_letter_stage_seconds_count{stage="submit_to_relay"}'] == 4
+    assert sa['chapar_letter_stage_seconds_count{stage="relay_to_delivery"}'] == 3
+    for stage in ("submit_to_relay", "relay_to_delivery", "delivery_to_handover"):
+        assert 0 < sa[f'chapar_letter_stage_seconds_sum{{stage="{stage}"}}'] < 60
+    assert sa['chapar_letters_total{outcome="accepted",stage="submit"}'] == 4
+    assert sa['chapar_letters_total{outcome="rejected",stage="submit"}'] == 1
+    assert sa['chapar_rejections_total{code="NOT_FOUND",reason="UNKNOWN_RECIPIENT"}'] == 1
+    sb = _samples(b)
+    assert sb['chapar_letters_total{outcome="delivered",stage="delivery"}'] == 3
+    assert sb['chapar_letters_total{outcome="handed_over",stage="handover"}'] == 3
+    assert sb['chapar_letter_stage_seconds_count{stage="delivery_to_handover"}'] == 0  # A's letters
+    deadline = time.monotonic() + 15
+    while (hub := _samples(obs.hub.metrics))["chapar_hub_queue_depth"] != 1:
+        assert time.monotonic() < deadline, hub  # gauges follow within metrics_interval_s
+        time.sleep(0.2)
+    assert hub['chapar_letters_total{outcome="accepted",stage="relay"}'] == 4
+    assert hub["chapar_hub_connected_nodes"] == 2
+    assert hub[f'chapar_hub_queue_top_depth{{agency="{AGENCY_C}",rank="1"}}'] == 1
+    assert not any(k.startswith("chapar_node_") for k in hub)  # each role its own metrics
+    assert not any(k.startswith("chapar_hub_queue") for k in sa)
+
+
+# -- promtool and a real Prometheus -------------------------------------------------------
+
+
+def _prometheus_tools() -> tuple[str, str]:
+    """promtool and prometheus from Debian's package, installed here if missing."""
+    if shutil.which("promtool") is None or shutil.which("prometheus") is None:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.skip("prometheus is not installed and apt-get cannot install it (not root)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]
+        result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
+        if result.returncode != 0:
+            subprocess.run(["apt-get", "update"], capture_output=True, env=env, check=False)
+            result = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
+        if result.returncode != 0:
+            pytest.skip(f"apt-get install prometheus failed: {result.stderr[-500:]}")
+    promtool, prometheus = shutil.which("promtool"), shutil.which("prometheus")
+    assert promtool
+    assert prometheus
+    return promtool, prometheus
+
+
+def test_metrics_of_hub_and_node_pass_promtool_check_metrics(
+    obs: Cluster, traffic: Traffic
+) -> None:
+    promtool, _ = _prometheus_tools()
+    for name, address in _servers(obs):
+        text = _scrape(address)
+        assert "chapar_build_info{" in text, name
+        checked = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+        )
+        assert checked.returncode == 0, f"{name}: {checked.stdout}{checked.stderr}"
+        assert checked.stdout.strip() == "", name  # no lint findings either
+        assert checked.stderr.strip() == "", name
+
+
+def test_alert_rules_pass_promtool_check_rules() -> None:
+    promtool, _ = _prometheus_tools()
+    assert RULES, "no rule files in ops/prometheus"
+    checked = subprocess.run(
+        [promtool, "check", "rules", *map(str, RULES)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target, with Grafana's variables given test values."""
+    out = []
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        assert board["schemaVersion"] >= 36
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"]
+                expr = expr.replace("$__rate_interval", "1m").replace("$instance", ".+")
+                assert "$" not in expr, f"{path.name}: unknown variable in {expr}"
+                out.append((f"{path.name}: {panel['title']}", expr))
+    return out
+
+
+def rule_count() -> int:
+    return sum(len(re.findall(r"^\s*- (?:alert|record):", p.read_text(), re.M)) for p in RULES)
+
+
+def rule_expressions(base: str) -> list[tuple[str, str]]:
+    """(alert, PromQL) of every rule as Prometheus loaded it from ops/prometheus, with
+    comparisons made ``bool`` so that a healthy system answers too.
+
+    ``x > 3600`` finds nothing while all is well; ``x > bool 3600`` answers 0 for every
+    series it compares, which proves the series the alert watches exist.
+    """
+    with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10) as r:
+        groups = json.loads(r.read())["data"]["groups"]
+    out = []
+    for group in groups:
+        for rule in group["rules"]:
+            assert rule["health"] in ("ok", "unknown"), rule
+            expr = re.sub(r"\s(==|!=|>=|<=|>|<)\s+(?!bool)", r" \1 bool ", rule["query"])
+            out.append((f"{group['file']}: {rule['name']}", expr))
+    assert len(out) == rule_count()
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _query(base: str, expr: str) -> list[object]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", answer
+    result = answer["data"]["result"]
+    return result if isinstance(result, list) else [result]
+
+
+@contextlib.contextmanager
+def _prometheus(binary: str, cluster: Cluster, tmp_path: Path) -> Iterator[str]:
+    config = {
+        "global": {"scrape_interval": "500ms", "evaluation_interval": "1s"},
+        "rule_files": [str(p) for p in RULES],
+        "scrape_configs": [
+            {"job_name": "chapar-hub", "static_configs": [{"targets": [cluster.hub.metrics]}]},
+            {
+                "job_name": "chapar-node",
+                "static_configs": [{"targets": [p.metrics for p in cluster.nodes.values()]}],
+            },
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = _free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    break
+            assert time.monotonic() < deadline, "prometheus did not become ready"
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_prometheus_finds_data_for_every_dashboard_and_alert_expression(
+    obs: Cluster, traffic: Traffic, tmp_path: Path
+) -> None:
+    _, prometheus = _prometheus_tools()
+    with _prometheus(prometheus, obs, tmp_path) as base:
+        expressions = dashboard_expressions() + rule_expressions(base)
+        assert len(expressions) > 30
+        deadline = time.monotonic() + 30
+        while len([s for s in _query(base, "up == 1")]) < 3:
+            assert time.monotonic() < deadline, _query(base, "up")
+            time.sleep(0.3)
+        asyncio.run(_send_traffic(obs, letters=2))  # counters move while Prometheus watches
+        time.sleep(2.0)  # a few scrapes after the traffic, for rate() and the histograms
+        missing = expressions
+        deadline = time.monotonic() + 30
+        while missing and time.monotonic() < deadline:
+            missing = [(w, e) for w, e in missing if not _query(base, e)]
+            if missing:
+                time.sleep(1.0)
+        assert not missing, "expressions with no data:\n" + "\n".join(
+            f"{w}: {e}" for w, e in missing
+        )
+        rule_expressions(base)  # after evaluating for a while, still no rule in error
+        # And the values agree with what happened: 3 + 2 handed over at B, letters queued for C.
+        handed = _query(base, 'sum(chapar_letters_total{stage="handover"})')
+        assert [float(s["value"][1]) for s in handed] == [5.0]  # type: ignore[index]
+        top = _query(base, 'chapar_hub_queue_top_depth{rank="1"}')
+        assert [s["metric"]["agency"] for s in top] == [AGENCY_C]  # type: ignore[index]
+
+
+# -- JSON logs ------------------------------------------------------------------------------
+
+
+def _log_entries(path: Path) -> list[dict[str, object]]:
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            entry = json.loads(line)  # every line one JSON object, or this fails
+            assert isinstance(entry, dict), f"{path}:{number}"
+            entries.append(entry)
+    return entries
+
+
+def test_json_logs_name_shams_request_id_and_peer_never_bodies_or_keys(
+    obs: Cluster, traffic: Traffic
+) -> None:
+    shams, request_id = traffic.delivered[0]
+    client_a = f"urn:chapar:client:{AGENCY_A}:backend"
+    time.sleep(0.5)  # log lines of the last acknowledgements are flushed
+    hub = _log_entries(obs.hub.log_file)
+    node_a = _log_entries(obs.nodes[AGENCY_A].log_file)
+    node_b = _log_entries(obs.nodes[AGENCY_B].log_file)
+
+    def find(entries: list[dict[str, object]], message: str) -> dict[str, object]:
+        found = [e for e in entries if e["message"] == message and e.get("shams") == shams]
+        assert len(found) == 1, (message, [e for e in entries if e.get("shams") == shams])
+        return found[0]
+
+    accepted = find(node_a, "letter accepted")
+    assert accepted["request_id"] == request_id
+    assert accepted["peer"] == client_a
+    assert find(hub, "letter relayed")["peer"] == AGENCY_A
+    assert find(node_b, "letter delivered")["peer"] == AGENCY_A
+    assert find(node_b, "letter handed over")["peer"] == f"urn:chapar:client:{AGENCY_B}:backend"
+    for entries in (hub, node_a, node_b):
+        assert {"time", "level", "logger", "message"} <= set(entries[0])
+    for path in (obs.hub.log_file, *(p.log_file for p in obs.nodes.values())):
+        text = path.read_text()
+        assert SECRET_BODY not in text, path
+        assert "PRIVATE KEY" not in text, path
+
+
+# -- chapar status --------------------------------------------------------------------------
+
+
+def test_status_shows_queues_peers_certificates_and_last_errors(
+    obs: Cluster, traffic: Traffic
+) -> None:
+    deadline = time.monotonic() + 15
+    while _samples(obs.hub.metrics)["chapar_hub_queue_depth"] < 1:  # gauges refreshed
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    hub = subprocess.run(
+        [*CHAPAR, "status", obs.hub.metrics], capture_output=True, text=True, check=False
+    )
+    assert hub.returncode == 0, hub.stderr
+    out = hub.stdout
+    assert f"Chapar hub at {obs.hub.metrics}" in out
+    assert "READY (SERVING)" in out
+    assert re.search(r"Connected nodes\s+2\n", out), out
+    assert re.search(rf"\s1\s+{re.escape(AGENCY_C)}\s+[1-9]", out), out  # the queue for C
+    assert "Certificate tls" in out
+    assert "Certificate signing" in out
+    assert "PERMISSION_DENIED / NOT_AN_AGENCY_NODE" in out
+
+    node = subprocess.run(
+        [*CHAPAR, "status", obs.nodes[AGENCY_A].metrics],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert node.returncode == 0, node.stderr
+    out = node.stdout
+    assert "Chapar node" in out
+    assert re.search(r"Hub stream\s+up", out), out
+    assert re.search(r"submit accepted [1-9]", out), out
+    assert "NOT_FOUND / UNKNOWN_RECIPIENT" in out
+    assert re.search(r"Certificate tls\s+expires in 3\d\d days", out), out
+
+    down = subprocess.run(
+        [*CHAPAR, "status", f"127.0.0.1:{_free_port()}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert down.returncode == 1
+    assert "cannot read metrics" in down.stderr
+    assert "Traceback" not in down.stderr
+
+
+# -- configuration errors stop start-up -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ('metrics_listen = "127.0.0.1:0"', 'metrics_listn = "127.0.0.1:0"'),
+            "node.metrics_listn: unknown key",
+        ),
+        (
+            ("reconnect_max_s = 1.0", 'reconnect_max_s = "soon"'),
+            "node.reconnect_max_s: must be a number >= 0",
+        ),
+        (
+            ("metrics_interval_s = 0.5", "metrics_interval_s = 0"),
+            "node.metrics_interval_s: must be a number > 0",
+        ),
+        (
+            ('metrics_listen = "127.0.0.1:0"', 'metrics_listen = "localhost"'),
+            "node.metrics_listen: must be HOST:PORT, not 'localhost'",
+        ),
+        (("[tls]", '[tls]\ncrl = "x"'), "tls.crl: unknown key"),
+    ],
+    ids=["unknown-key", "wrong-type", "out-of-range", "bad-address", "unknown-in-table"],
+)
+def test_bad_node_configuration_stops_start_up_naming_the_key(
+    obs: Cluster, tmp_path: Path, edit: tuple[str, str], message: str
+) -> None:
+    text = obs.nodes[AGENCY_A].config.read_text()
+    assert edit[0] in text
+    bad = text.replace(edit[0], edit[1], 1)
+    bad = bad.replace('database = "node.db"', f"database = {json.dumps(str(tmp_path / 'n.db'))}")
+    config = tmp_path / "node.toml"
+    config.write_text(bad)
+    result = subprocess.run(
+        [*CHAPAR, "node", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "n.db").exists()  # stopped before opening anything
+
+
+# -- reflection and health (last: stops and restarts the hub) --------------------------------
+
+
+def test_reflection_lets_standard_tools_explore_node_and_hub(obs: Cluster) -> None:
+    creds = obs.credentials(AGENCY_A).channel_credentials()
+    for address, service in (
+        (obs.nodes[AGENCY_A].address, pb.NODE_SERVICE_NAME),
+        (obs.hub.address, pb.HUB_SERVICE_NAME),
+    ):
+        with grpc.secure_channel(address, creds) as channel:
+            db = ProtoReflectionDescriptorDatabase(channel)
+            services = set(db.get_services())
+            assert {service, "grpc.health.v1.Health"} <= services, services
+            methods = db.FindFileContainingSymbol(service)
+            assert methods.name.startswith("chapar/exchange/v1/")
+
+
+async def _health(address: str, creds: grpc.ChannelCredentials, service: str = "") -> str:
+    async with grpc.aio.secure_channel(address, creds) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
+async def _wait_health(address: str, creds: grpc.ChannelCredentials, want: str) -> float:
+    start = time.monotonic()
+    while True:
+        states = {await _health(address, creds, s) for s in ("", pb.NODE_SERVICE_NAME)}
+        if states == {want}:
+            return time.monotonic() - start
+        assert time.monotonic() - start < 30, f"health {states}, want {want}"
+        await asyncio.sleep(0.1)
+
+
+def _gauge(address: str, name: str) -> float:
+    for line in _scrape(address).splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the metrics of {address}")
+
+
+def test_node_health_is_not_serving_while_its_hub_stream_is_down(obs: Cluster) -> None:
+    creds = obs.credentials(AGENCY_A).channel_credentials()
+    node = obs.nodes[AGENCY_A]
+
+    async def run() -> None:
+        assert await _health(obs.hub.address, creds) == "SERVING"
+        assert await _health(obs.hub.address, creds, pb.HUB_SERVICE_NAME) == "SERVING"
+        await _wait_health(node.address, creds, "SERVING")
+        obs.hub.terminate()
+        await _wait_health(node.address, creds, "NOT_SERVING")
+        await asyncio.sleep(1.2)  # the gauges follow within metrics_interval_s
+        assert _gauge(node.metrics, "chapar_ready") == 0
+        assert _gauge(node.metrics, "chapar_node_hub_connected") == 0
+        await obs.hub.restart()
+        await _wait_health(node.address, creds, "SERVING")
+        await asyncio.sleep(1.2)
+        assert _gauge(node.metrics, "chapar_ready") == 1
+        assert _gauge(node.metrics, "chapar_node_hub_connected") == 1
+        assert _gauge(node.metrics, "chapar_hub_link_reconnects_total") >= 1
+
+    asyncio.run(run())

@@ -1,0 +1,109 @@
+"""docs/OPERATIONS.md documents exactly the keys the configuration parser reads; unknown keys fail."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, config_keys, load_hub_config, load_node_config
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "OPERATIONS.md"
+_FILES = ("ca.crt", "tls.crt", "tls.key", "signing.crt", "signing.key", "inter.crt", "a.crt")
+_COMMON = """
+[tls]
+ca = "ca.crt"
+cert = "tls.crt"
+key = "tls.key"
+[signing]
+cert = "signing.crt"
+key = "signing.key"
+intermediates = "inter.crt"
+"""
+HUB = (
+    '[hub]\nname = "national"\n'
+    + _COMMON
+    + '[[agencies]]\ncode = "AA.BB"\nsigning_certificates = ["a.crt"]\n'
+)
+NODE = (
+    '[node]\nagency = "AA.BB"\nhub = "127.0.0.1:1"\n'
+    + _COMMON
+    + '[[clients]]\nname = "backend"\nmailboxes = ["x"]\n'
+)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    for name in _FILES:
+        (tmp_path / name).write_text("")  # the parser checks existence, not content
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def _documented(section: str) -> set[str]:
+    """Backticked keys in the first column of the table under ``### <section>``."""
+    text = DOCS.read_text()
+    start = text.index("\n", text.index(f"### {section}"))
+    following = re.search(r"^#", text[start:], flags=re.M)
+    end = start + following.start() if following else len(text)
+    keys: set[str] = set()
+    for line in text[start:end].splitlines():
+        if line.startswith("| `"):
+            first = line.split("|")[1]
+            keys.update(re.findall(r"`([a-z_]+\.[a-z_.]+)`", first))
+    return keys
+
+
+@pytest.mark.parametrize(("role", "section", "text"), [("hub", "Hub", HUB), ("node", "Node", NODE)])
+def test_every_config_key_is_documented_and_every_documented_key_exists(
+    tmp_path: Path, role: str, section: str, text: str
+) -> None:
+    parsed = config_keys(role, _write(tmp_path, text))
+    documented = _documented(section)
+    assert parsed - documented == set(), "keys read by node/config.py but not documented"
+    assert documented - parsed == set(), "keys documented but not read by node/config.py"
+
+
+@pytest.mark.parametrize(
+    ("load", "text", "extra", "key"),
+    [
+        (
+            load_node_config,
+            NODE,
+            ("[node]", '[node]\nmetrics_listn = "127.0.0.1:0"'),
+            "node.metrics_listn",
+        ),
+        (load_node_config, NODE, ("[tls]", '[tls]\npassword = "x"'), "tls.password"),
+        (
+            load_node_config,
+            NODE,
+            ('name = "backend"', 'name = "backend"\nmailbox = "x"'),
+            "clients[0].mailbox",
+        ),
+        (
+            load_hub_config,
+            HUB,
+            ('name = "national"', 'name = "national"\n[hub.extra]\nx = 1'),
+            "hub.extra",
+        ),
+        (
+            load_hub_config,
+            HUB,
+            ('code = "AA.BB"', 'code = "AA.BB"\nstatus = "active"'),
+            "agencies[0].status",
+        ),
+    ],
+)
+def test_unknown_key_is_refused_by_its_path(
+    tmp_path: Path, load: object, text: str, extra: tuple[str, str], key: str
+) -> None:
+    path = _write(tmp_path, text.replace(*extra, 1))
+    assert callable(load)
+    with pytest.raises(ConfigError, match=re.escape(key) + ": unknown"):
+        load(path)
+
+
+def test_valid_configurations_load(tmp_path: Path) -> None:
+    assert load_node_config(_write(tmp_path, NODE)).metrics_interval_s == 5.0
+    assert load_hub_config(_write(tmp_path, HUB)).metrics_top_n == 10
