@@ -9,7 +9,7 @@ with the signature (crypto agility) and must match the certificate's key.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -84,10 +84,16 @@ def algorithm_of_key(key: PublicKey | PrivateKey) -> pb.SignatureAlgorithm.Value
 class Signer:
     """Signs with one private key and its certificate."""
 
-    __slots__ = ("_key", "algorithm", "certificate", "key_id")
+    __slots__ = ("_sign", "algorithm", "certificate", "key_id")
 
     def __init__(self, private_key: PrivateKey, certificate: x509.Certificate) -> None:
-        self._key = private_key
+        # The key's operation, chosen once: isinstance against cryptography's ABCs is slow.
+        self._sign: Callable[[bytes], bytes]
+        if isinstance(private_key, ed25519.Ed25519PrivateKey):
+            self._sign = private_key.sign
+        else:
+            ec_key, ecdsa = private_key, ec.ECDSA(hashes.SHA256())
+            self._sign = lambda data: ec_key.sign(data, ecdsa)
         self.certificate = certificate
         self.algorithm = algorithm_of_key(private_key)
         if algorithm_of_key(certificate.public_key()) != self.algorithm:  # type: ignore[arg-type]
@@ -103,11 +109,7 @@ class Signer:
         return cls(key, cert)
 
     def sign(self, payload_type: str, payload: bytes) -> pb.Signature:
-        data = pae(payload_type, payload)
-        if isinstance(self._key, ed25519.Ed25519PrivateKey):
-            value = self._key.sign(data)
-        else:
-            value = self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+        value = self._sign(pae(payload_type, payload))
         return pb.Signature(algorithm=self.algorithm, key_id=self.key_id, value=value)
 
     def sign_evidence(self, contents: Sequence[bytes]) -> list[pb.Evidence]:
@@ -142,7 +144,7 @@ class Signer:
 class Verifier:
     """Checks signatures against one certificate's public key (parsed once, reused)."""
 
-    __slots__ = ("_key", "algorithm", "key_id")
+    __slots__ = ("_check", "algorithm", "key_id")
 
     def __init__(self, cert: x509.Certificate) -> None:
         self.key_id = key_id(cert)
@@ -153,7 +155,13 @@ class Verifier:
             self.algorithm = algorithm_of_key(public_key)
         except ValueError as exc:
             raise SignatureError("SIGNATURE_ALGORITHM_MISMATCH", str(exc)) from exc
-        self._key = public_key
+        # The key's check, chosen once: isinstance against cryptography's key ABCs is slow.
+        self._check: Callable[[bytes, bytes], None]
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            self._check = public_key.verify
+        else:
+            ec_key, ecdsa = public_key, ec.ECDSA(hashes.SHA256())
+            self._check = lambda value, data: ec_key.verify(value, data, ecdsa)
 
     def verify(self, payload_type: str, payload: bytes, signature: pb.Signature) -> None:
         """Raises SignatureError unless ``signature`` over ``payload`` is valid for the key."""
@@ -168,10 +176,7 @@ class Verifier:
             )
         data = pae(payload_type, payload)
         try:
-            if isinstance(self._key, ed25519.Ed25519PublicKey):
-                self._key.verify(signature.value, data)
-            else:
-                self._key.verify(signature.value, data, ec.ECDSA(hashes.SHA256()))
+            self._check(signature.value, data)
         except InvalidSignature as exc:
             raise SignatureError("SIGNATURE_INVALID", "signature does not verify") from exc
 
