@@ -450,7 +450,9 @@ class Hub(pb.HubServiceServicer):
                 Code.INVALID_ARGUMENT, "SIGNER_UNKNOWN", "the signing key is not in the directory"
             )
         try:
-            identity = self.trust.verify_certificate(signer_cert, "signing")
+            identity = self.trust.verify_certificate(
+                signer_cert, "signing", kid=envelope.signature.key_id
+            )
             if identity.agency != agency:
                 raise ChaparError(
                     Code.PERMISSION_DENIED,
