@@ -29,7 +29,7 @@ import aiosqlite
 
 from node.core import lifecycle
 
-__all__ = ["Database", "Durability", "Job", "Store", "advance_state"]
+__all__ = ["Database", "Durability", "Job", "Store", "advance_state", "advance_states", "existing"]
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
@@ -267,3 +267,56 @@ def advance_state(conn: sqlite3.Connection, shams: str, recipient: str, event: i
             "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?",
             (step.state, shams, recipient),
         )
+
+
+def _chunks(items: Sequence[T], size: int = 500) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def existing(conn: sqlite3.Connection, sql_prefix: str, keys: Sequence[str]) -> set[str]:
+    """The keys ``sql_prefix + "(?, ?, ...)"`` finds, queried 500 at a time.
+
+    ``sql_prefix`` is a constant of the caller's ending in ``IN``; only placeholders are
+    added to it, never values.
+    """
+    found: set[str] = set()
+    for chunk in _chunks(list(dict.fromkeys(keys))):
+        marks = ",".join("?" * len(chunk))
+        found.update(str(r[0]) for r in conn.execute(f"{sql_prefix} ({marks})", chunk))
+    return found
+
+
+def advance_states(conn: sqlite3.Connection, moves: Sequence[tuple[str, str | None, int]]) -> None:
+    """Applies (shams, recipient, event) moves in order; recipient None moves every
+    recipient of the letter. States only move forward (the lifecycle table decides).
+    Reads the states concerned in one query and writes the changed ones in one batch."""
+    if not moves:
+        return
+    states: dict[tuple[str, str], int] = {}
+    for chunk in _chunks(list(dict.fromkeys(m[0] for m in moves))):
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(
+            f"SELECT shams, recipient, state FROM recipient_state WHERE shams IN ({marks})",  # noqa: S608
+            chunk,
+        )
+        for shams, recipient, state in rows:
+            states[(str(shams), str(recipient))] = int(state)
+    by_letter: dict[str, list[str]] = {}
+    for shams, recipient in states:
+        by_letter.setdefault(shams, []).append(recipient)
+    changed: dict[tuple[str, str], int] = {}
+    for shams, recipient, event in moves:
+        for key in (
+            [(shams, r) for r in by_letter.get(shams, [])]
+            if recipient is None
+            else [(shams, recipient)]
+        ):
+            if key not in states:
+                continue
+            step = lifecycle.advance(states[key], event)
+            if step.changed:
+                states[key] = changed[key] = step.state
+    conn.executemany(
+        "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?",
+        [(state, shams, recipient) for (shams, recipient), state in changed.items()],
+    )

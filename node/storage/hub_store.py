@@ -14,9 +14,14 @@ from dataclasses import dataclass
 
 from client_sdk import pb
 from node.core import lifecycle
-from node.storage.db import Store, advance_state
+from node.storage.db import Store, advance_state, advance_states, existing
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
+
+_DEQUEUING = (
+    pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
+    pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
+)
 
 MIGRATIONS = [
     """
@@ -277,42 +282,43 @@ class HubStore(Store):
 
         def job(conn: sqlite3.Connection) -> tuple[list[str], int, list[str]]:
             now = time.time()
-            senders: list[str] = []
-            strangers: list[str] = []
-            dequeued = 0
-            for evidence, content, shams in items:
-                row = conn.execute(
-                    "SELECT l.sender FROM recipient_state s JOIN letters l ON l.shams = s.shams"
-                    " WHERE s.shams = ? AND s.recipient = ?",
-                    (shams, recipient),
-                ).fetchone()
-                if row is None:
-                    strangers.append(shams)
-                    continue
-                sender = str(row[0])
-                blob = evidence.SerializeToString()
-                cur2 = conn.execute(
-                    "INSERT OR IGNORE INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (content.evidence_id, shams, content.event, blob, now),
-                )
-                if content.event in (
-                    pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
-                    pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
-                ):
-                    deleted = conn.execute(
-                        "DELETE FROM queue WHERE recipient = ? AND shams = ?", (recipient, shams)
-                    )
-                    dequeued += deleted.rowcount
-                if cur2.rowcount == 0:
-                    continue
-                conn.execute(
-                    "INSERT OR IGNORE INTO notices (agency, evidence_id, evidence) VALUES (?, ?, ?)",
-                    (sender, content.evidence_id, blob),
-                )
-                advance_state(conn, shams, recipient, content.event)
-                senders.append(sender)
-            return senders, dequeued, strangers
+            sender_of: dict[str, str] = {}
+            numbers = list(dict.fromkeys(shams for _, _, shams in items))
+            for start in range(0, len(numbers), 500):
+                chunk = numbers[start : start + 500]
+                marks = ",".join("?" * len(chunk))  # placeholders only, never values
+                sql = f"SELECT s.shams, l.sender FROM recipient_state s JOIN letters l ON l.shams = s.shams WHERE s.recipient = ? AND s.shams IN ({marks})"  # noqa: S608
+                rows = conn.execute(sql, (recipient, *chunk))
+                sender_of.update((str(r[0]), str(r[1])) for r in rows)
+            strangers = [shams for _, _, shams in items if shams not in sender_of]
+            ours = [item for item in items if item[2] in sender_of]
+            known = existing(
+                conn,
+                "SELECT evidence_id FROM evidence WHERE evidence_id IN",
+                [c.evidence_id for _, c, _ in ours],
+            )
+            new: list[tuple[str, pb.EvidenceContent, str, bytes]] = []
+            for evidence, content, shams in ours:
+                if content.evidence_id not in known:
+                    known.add(content.evidence_id)
+                    new.append((shams, content, sender_of[shams], evidence.SerializeToString()))
+            conn.executemany(
+                "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(c.evidence_id, shams, c.event, blob, now) for shams, c, _, blob in new],
+            )
+            # A DELIVERY (or DELIVERY_FAILURE) dequeues, even when resent: its first copy's
+            # acknowledgement may have been lost with a stream.
+            dequeued = conn.executemany(
+                "DELETE FROM queue WHERE recipient = ? AND shams = ?",
+                [(recipient, shams) for _, c, shams in ours if c.event in _DEQUEUING],
+            ).rowcount
+            conn.executemany(
+                "INSERT OR IGNORE INTO notices (agency, evidence_id, evidence) VALUES (?, ?, ?)",
+                [(sender, c.evidence_id, blob) for _, c, sender, blob in new],
+            )
+            advance_states(conn, [(shams, recipient, c.event) for shams, c, _, _ in new])
+            return [sender for _, _, sender, _ in new], max(dequeued, 0), strangers
 
         return await self.db.write(job)
 

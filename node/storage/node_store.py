@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from client_sdk import pb
 from node.core import lifecycle
 from node.core.errors import ChaparError, Code
-from node.storage.db import Store, advance_state
+from node.storage.db import Store, advance_states, existing
 
 __all__ = ["MIGRATIONS", "NewLetter", "NodeStore", "StoredLetter"]
+
+E = pb.EvidenceEvent
 
 MIGRATIONS = [
     """
@@ -255,32 +257,31 @@ class NodeStore(Store):
 
         def job(conn: sqlite3.Connection) -> None:
             now = time.time()
-            for evidence, content, shams in items:
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (content.evidence_id, shams, content.event, evidence.SerializeToString(), now),
-                )
-                if cur.rowcount == 0:
-                    continue
-                if content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE:
-                    conn.execute(
-                        "UPDATE outbox SET relay_state = 1 WHERE shams = ? AND relay_state = 0",
-                        (shams,),
-                    )
-                elif content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_REJECTION:
-                    conn.execute("UPDATE outbox SET relay_state = 2 WHERE shams = ?", (shams,))
-                if content.recipient:
-                    advance_state(conn, shams, content.recipient, content.event)
-                else:  # about the whole letter (a relay rejection): every recipient moves
-                    recipients = [
-                        str(r[0])
-                        for r in conn.execute(
-                            "SELECT recipient FROM recipient_state WHERE shams = ?", (shams,)
-                        ).fetchall()
-                    ]
-                    for recipient in recipients:
-                        advance_state(conn, shams, recipient, content.event)
+            known = existing(
+                conn,
+                "SELECT evidence_id FROM evidence WHERE evidence_id IN",
+                [c.evidence_id for _, c, _ in items],
+            )
+            new: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
+            for item in items:
+                if item[1].evidence_id not in known:
+                    known.add(item[1].evidence_id)
+                    new.append(item)
+            conn.executemany(
+                "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(c.evidence_id, s, c.event, e.SerializeToString(), now) for e, c, s in new],
+            )
+            conn.executemany(
+                "UPDATE outbox SET relay_state = 1 WHERE shams = ? AND relay_state = 0",
+                [(s,) for _, c, s in new if c.event == E.EVIDENCE_EVENT_RELAY_ACCEPTANCE],
+            )
+            conn.executemany(
+                "UPDATE outbox SET relay_state = 2 WHERE shams = ?",
+                [(s,) for _, c, s in new if c.event == E.EVIDENCE_EVENT_RELAY_REJECTION],
+            )
+            # Evidence without a recipient is about the whole letter (a relay rejection).
+            advance_states(conn, [(s, c.recipient or None, c.event) for _, c, s in new])
 
         await self.db.write(job)
 

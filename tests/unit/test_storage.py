@@ -802,3 +802,20 @@ async def test_receipt_from_an_agency_the_letter_is_not_addressed_to_is_refused(
     )
     assert await hub.queue_depth(RECIPIENT_B) == 1
     assert await hub.count("notices") == 0
+
+
+async def test_one_batch_of_sender_evidence_moves_states_in_its_order(store: NodeStore) -> None:
+    receipt = await _submit_one(store, "batch", Builder(recipients=[RECIPIENT_B, RECIPIENT_C]))
+    text, shams = receipt.shams_text, receipt.shams
+    batch = [
+        _evidence(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, shams=shams, recipient=RECIPIENT_B),
+        _evidence(E.EVIDENCE_EVENT_HANDOVER, shams=shams, recipient=RECIPIENT_B),
+        _evidence(E.EVIDENCE_EVENT_DELIVERY, shams=shams, recipient=RECIPIENT_B),  # late
+        _evidence(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, shams=shams, recipient=RECIPIENT_C),
+    ]
+    await store.record_sender_evidence([(*item, text) for item in [*batch, batch[0]]])
+    letter = await store.letter(text)
+    assert letter is not None
+    assert letter.statuses == {RECIPIENT_B: lifecycle.HANDED_OVER, RECIPIENT_C: lifecycle.RELAYED}
+    assert await store.count("evidence") == 1 + 4
+    assert await store.outbox_to_relay(0, 10) == []
