@@ -18,11 +18,13 @@ from client_sdk.credentials import Credentials as Credentials
 from client_sdk.errors import AlreadyExists as AlreadyExists
 from client_sdk.errors import Cancelled as Cancelled
 from client_sdk.errors import ChaparError as ChaparError
+from client_sdk.errors import DataLoss as DataLoss
 from client_sdk.errors import DeadlineExceeded as DeadlineExceeded
 from client_sdk.errors import FailedPrecondition as FailedPrecondition
 from client_sdk.errors import InternalError as InternalError
 from client_sdk.errors import InvalidArgument as InvalidArgument
 from client_sdk.errors import NotFound as NotFound
+from client_sdk.errors import OutOfRange as OutOfRange
 from client_sdk.errors import PermissionDenied as PermissionDenied
 from client_sdk.errors import ResourceExhausted as ResourceExhausted
 from client_sdk.errors import Unauthenticated as Unauthenticated
@@ -36,6 +38,7 @@ __all__ = [
     "Cancelled",
     "ChaparError",
     "Credentials",
+    "DataLoss",
     "DeadlineExceeded",
     "Draft",
     "ExchangeClient",
@@ -44,6 +47,7 @@ __all__ = [
     "InvalidArgument",
     "Letter",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "Receipt",
     "ResourceExhausted",

@@ -29,6 +29,7 @@ from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams, valid_timestamp, validate_shams
+from node.hub_documents import DocumentRelay
 from node.metrics import count_rejection
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
@@ -124,6 +125,7 @@ class Hub(pb.HubServiceServicer):
         self._status_version = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._trust_directory(directory)
+        self.documents = DocumentRelay(self)
 
     def _trust_directory(self, directory: pb.Directory) -> None:
         self.trust.add_certificates(directory.intermediate_certificates)
@@ -342,6 +344,18 @@ class Hub(pb.HubServiceServicer):
             await abort(context, exc)
         return pb.GetDirectoryResponse(directory=self.directory.message)
 
+    async def FetchDocument(  # type: ignore[override]  # answers via context.write
+        self, request: pb.FetchDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await self.documents.fetch(request, context)
+
+    async def PushDocument(
+        self,
+        request_iterator: AsyncIterator[pb.PushDocumentRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.PushDocumentResponse:
+        return await self.documents.push(request_iterator, context)
+
     async def Connect(  # type: ignore[override]  # answers via context.write
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
     ) -> None:
@@ -512,6 +526,7 @@ class Hub(pb.HubServiceServicer):
                     )
                 )
         letters = [o for o in outcomes if isinstance(o, IncomingLetter)]
+        await self.documents.grant(letters)
         queued: list[str] = []
 
         def make_relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:

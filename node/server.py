@@ -187,11 +187,13 @@ async def _start(
     creds: grpc.ServerCredentials,
     service: str,
     health_servicer: health.aio.HealthServicer,
+    *more_services: str,
 ) -> str:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [
             service,
+            *more_services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
@@ -242,6 +244,8 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
 
 async def serve_node(config: NodeConfig) -> None:
     from node.agency import Agency
+    from node.document_store import DocumentStore
+    from node.documents import Documents
     from node.rpc.hub_link import HubLink
     from node.storage.node_store import NodeStore
 
@@ -251,18 +255,34 @@ async def serve_node(config: NodeConfig) -> None:
     link_creds = channel_credentials(config.tls)
     store = await NodeStore.open(config.database, config.durability)
     agency = Agency(config, store, signer, trust)
+    try:
+        document_store = DocumentStore(config.documents_dir, config.documents)
+    except OSError as exc:
+        raise ConfigError(f"documents.directory: cannot use {config.documents_dir}: {exc}") from exc
+    agency.document_store = document_store
+    documents = Documents(agency, document_store)
     cached = await store.load_directory()
     if cached is not None:
         await agency.set_directory(cached, persist=False)
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
+    add_servicer(server, documents, pb.DOCUMENT_SERVICE, limit=config.max_message_bytes)
     metrics = _metrics(config.metrics_listen)
     health_servicer = health.aio.HealthServicer()
     link = HubLink(agency, link_creds)
+    link.document_store = document_store
+    documents.link = link
     link_task = asyncio.create_task(link.run(), name="hub-link")
     agency.start()
     try:
-        address = await _start(server, config.listen, creds, pb.NODE_SERVICE_NAME, health_servicer)
+        address = await _start(
+            server,
+            config.listen,
+            creds,
+            pb.NODE_SERVICE_NAME,
+            health_servicer,
+            pb.DOCUMENT_SERVICE_NAME,
+        )
         log.info("node %s listening on %s", config.agency, address)
         stop = asyncio.create_task(_until_signalled())
         # Ready means able to take submissions: listening and holding a directory (cached
@@ -273,6 +293,7 @@ async def serve_node(config: NodeConfig) -> None:
             status = health_pb2.HealthCheckResponse.SERVING
             await health_servicer.set("", status)
             await health_servicer.set(pb.NODE_SERVICE_NAME, status)
+            await health_servicer.set(pb.DOCUMENT_SERVICE_NAME, status)
             _write_ready(config.ready_file, address, "node", metrics)
             log.info("node %s ready", config.agency)
         ready.cancel()

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -26,6 +27,9 @@ from client_sdk.trust import VerificationError
 from node.agency import Agency
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
+
+if TYPE_CHECKING:
+    from node.document_store import DocumentStore
 
 __all__ = ["HubLink"]
 
@@ -43,6 +47,23 @@ class HubLink:
         self._stopping = False
         self._wake = asyncio.Event()
         self._stub: pb.HubServiceStub | None = None
+        self.document_store: DocumentStore | None = None
+        self._pushes: set[asyncio.Task[None]] = set()
+
+    @property
+    def stub(self) -> pb.HubServiceStub | None:
+        """The hub's stub while connected (document fetches ride on the same channel)."""
+        return self._stub
+
+    def on_document_request(self, request: pb.DocumentRequest) -> None:
+        """The hub wants one of our documents: push it on a call of its own."""
+        from node.documents import push
+
+        if self._stub is None or self.document_store is None:
+            return
+        task = asyncio.create_task(push(self._stub, self.document_store, request))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
 
     def stop(self) -> None:
         self._stopping = True
@@ -224,6 +245,8 @@ class _Session:
                 self.agency.full_recipients = frozenset(status.full_recipients)
                 if status.retry_after_ms > 0:
                     self.agency.quota_retry_after_s = status.retry_after_ms / 1000
+            elif kind == "document_request":
+                self.link.on_document_request(frame.document_request)
             elif kind == "receipt_acks":
                 ids = list(frame.receipt_acks.evidence_ids)
                 await self.agency.store.receipts_acknowledged(ids)

@@ -74,6 +74,16 @@ MIGRATIONS = [
         SELECT shams, envelope FROM letters WHERE purged = 0 ORDER BY rowid;
     ALTER TABLE letters DROP COLUMN envelope;
     """,
+    # 4: which agencies may fetch which documents: the recipients of letters referencing
+    # a digest of the letter's sender (the owner). Written from verified, signed headers.
+    """
+    CREATE TABLE document_grants (
+        sha256 BLOB NOT NULL,
+        owner TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        PRIMARY KEY (sha256, owner, recipient)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -323,6 +333,24 @@ class HubStore(Store):
             )
 
         await self.db.write(job)
+
+    async def grant_documents(self, grants: Sequence[tuple[bytes, str, str]]) -> None:
+        """Records (digest, owner, recipient) grants; repeating one is harmless."""
+
+        async def job(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(
+                "INSERT OR IGNORE INTO document_grants (sha256, owner, recipient) VALUES (?, ?, ?)",
+                grants,
+            )
+
+        await self.db.write(job)
+
+    async def may_fetch(self, digest: bytes, owner: str, recipient: str) -> bool:
+        row = await self.db.fetchone(
+            "SELECT 1 FROM document_grants WHERE sha256 = ? AND owner = ? AND recipient = ?",
+            (digest, owner, recipient),
+        )
+        return row is not None
 
     async def count(self, table: str) -> int:
         assert table in {"letters", "queue", "evidence", "notices"}
