@@ -2,12 +2,14 @@
 
 ``ExchangeClient`` (async) and ``SyncExchangeClient`` (blocking) talk to the node's
 ``NodeService``; failures are ``ChaparError`` subclasses; ``Tracking.verify`` and
-``Letter.verify`` check signatures and evidence offline against the root CA. The generated
+``Letter.verify`` check signatures and evidence offline against the root CA; attachments
+travel as addresses (``send(..., attachments=[Path(...)])``, ``letter.attachments[0].save``). The generated
 messages are ``client_sdk.pb``; signing and verification primitives are in
 ``client_sdk.signing`` and ``client_sdk.trust``.
 """
 
 from client_sdk import pb as pb
+from client_sdk.client import Attachment as Attachment
 from client_sdk.client import Draft as Draft
 from client_sdk.client import ExchangeClient as ExchangeClient
 from client_sdk.client import Letter as Letter
@@ -35,6 +37,7 @@ from client_sdk.sync import SyncExchangeClient as SyncExchangeClient
 
 __all__ = [
     "AlreadyExists",
+    "Attachment",
     "Cancelled",
     "ChaparError",
     "Credentials",

@@ -30,7 +30,6 @@ import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
-    AsyncIterator,
     Iterable,
     Iterator,
     Sequence,
@@ -637,16 +636,26 @@ class ExchangeClient:
         size = (await asyncio.to_thread(path.stat)).st_size
         hasher = hashlib.sha256()
 
-        async def parts() -> AsyncIterator[pb.UploadDocumentRequest]:
-            yield pb.UploadDocumentRequest(header=pb.UploadHeader(media_type=media, size=size))
-            async for chunk in read_chunks(path):
-                hasher.update(chunk)
-                yield pb.UploadDocumentRequest(chunk=chunk)
-
+        header = pb.UploadDocumentRequest(header=pb.UploadHeader(media_type=media, size=size))
         with _translated():
-            response: pb.UploadDocumentResponse = await self._documents.UploadDocument(
-                parts(), timeout=timeout
-            )
+            call = self._documents.UploadDocument(timeout=timeout)
+            try:
+                await call.write(header)
+                # The node accepts or refuses the header before any content is sent.
+                accepted = await call.read()
+                if accepted is grpc.aio.EOF:
+                    raise InternalError("the node ended the upload", reason="MALFORMED_RESPONSE")
+                async with contextlib.aclosing(read_chunks(path)) as chunks:
+                    async for chunk in chunks:
+                        hasher.update(chunk)
+                        await call.write(pb.UploadDocumentRequest(chunk=chunk))
+                await call.done_writing()
+                response = await call.read()
+            finally:
+                call.cancel()
+        if response is grpc.aio.EOF or not response.HasField("document"):
+            raise InternalError("the node did not say where it stored the file",
+                                reason="MALFORMED_RESPONSE")  # fmt: skip
         document = response.document
         if document.sha256 != hasher.digest() or document.size != size:
             raise DataLoss(
@@ -723,9 +732,10 @@ class ExchangeClient:
         hasher = hashlib.sha256()
         offset = 0
         if await asyncio.to_thread(part.exists):
-            async for chunk in read_chunks(part):
-                hasher.update(chunk)
-                offset += len(chunk)
+            async with contextlib.aclosing(read_chunks(part)) as chunks:
+                async for chunk in chunks:
+                    hasher.update(chunk)
+                    offset += len(chunk)
         if expected_size is not None and offset > expected_size:
             await asyncio.to_thread(part.unlink)
             hasher, offset = hashlib.sha256(), 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Final
 
@@ -27,7 +27,7 @@ def digest_of_uri(uri: str) -> bytes:
     return bytes.fromhex(match[1])
 
 
-async def read_chunks(path: Path, offset: int = 0) -> AsyncIterator[bytes]:
+async def read_chunks(path: Path, offset: int = 0) -> AsyncGenerator[bytes, None]:
     """The content of ``path`` from ``offset``, one chunk at a time."""
     f = await asyncio.to_thread(path.open, "rb")
     try:

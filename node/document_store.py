@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -55,7 +55,7 @@ class DocumentStore:
             check_size(expected_size, self.limits)
         return DocumentWriter(self, expected_size, expected_sha256)
 
-    def read(self, digest: bytes, offset: int = 0) -> AsyncIterator[bytes]:
+    def read(self, digest: bytes, offset: int = 0) -> AsyncGenerator[bytes, None]:
         """The chunks of a stored document from ``offset`` (FileNotFoundError if absent)."""
         return read_chunks(self.path(digest), offset)
 

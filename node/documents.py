@@ -49,11 +49,11 @@ class Documents(pb.DocumentServiceServicer):
 
     # -- upload -------------------------------------------------------------------------
 
-    async def UploadDocument(
+    async def UploadDocument(  # type: ignore[override]  # answers via context.write
         self,
         request_iterator: AsyncIterator[pb.UploadDocumentRequest],
         context: grpc.aio.ServicerContext,
-    ) -> pb.UploadDocumentResponse:
+    ) -> None:
         try:
             self.agency._authorize(context)
             first = await anext(request_iterator, None)
@@ -70,6 +70,7 @@ class Documents(pb.DocumentServiceServicer):
                 raise ChaparError(Code.INVALID_ARGUMENT, "INVALID_SIZE", "header.size is negative")
             writer = self.store.writer(expected_size=header.size, expected_sha256=header.sha256)
             try:
+                await context.write(pb.UploadDocumentResponse())  # header accepted: send on
                 async for message in request_iterator:
                     if message.WhichOneof("part") != "chunk":
                         raise ChaparError(
@@ -84,11 +85,13 @@ class Documents(pb.DocumentServiceServicer):
         except ChaparError as exc:
             log.info("upload refused: %s %s", exc.reason, exc.message)
             await abort(context, exc)
-            raise AssertionError("unreachable") from exc
+            return
         uri = document_uri(self.agency.config.agency, digest)
         log.info("document %s stored (%d bytes%s)", uri, size, ", existed" if existed else "")
-        return pb.UploadDocumentResponse(
-            document=pb.DocumentInfo(uri=uri, sha256=digest, size=size), existed=existed
+        await context.write(
+            pb.UploadDocumentResponse(
+                document=pb.DocumentInfo(uri=uri, sha256=digest, size=size), existed=existed
+            )
         )
 
     # -- stat and download ----------------------------------------------------------------
@@ -148,13 +151,14 @@ class Documents(pb.DocumentServiceServicer):
         # is dropped (the next download fetches it again) instead of served twice.
         hasher = hashlib.sha256() if request.offset == 0 else None
         first = True
-        async for chunk in self.store.read(digest, request.offset):
-            if hasher is not None:
-                hasher.update(chunk)
-            await context.write(
-                pb.DownloadDocumentResponse(document=info if first else None, chunk=chunk)
-            )
-            first = False
+        async with contextlib.aclosing(self.store.read(digest, request.offset)) as chunks:
+            async for chunk in chunks:
+                if hasher is not None:
+                    hasher.update(chunk)
+                await context.write(
+                    pb.DownloadDocumentResponse(document=info if first else None, chunk=chunk)
+                )
+                first = False
         if first:
             await context.write(pb.DownloadDocumentResponse(document=info))
         if hasher is not None and hasher.digest() != digest:
@@ -246,17 +250,28 @@ async def push(stub: pb.HubServiceStub, store: DocumentStore, request: pb.Docume
     """Answers the hub's document_request: streams the document from the asked offset."""
     size = store.size(request.sha256)
 
-    async def parts() -> AsyncIterator[pb.PushDocumentRequest]:
+    call = stub.PushDocument()
+    try:
         if size is None or request.offset < 0 or request.offset > size:
-            yield pb.PushDocumentRequest(
-                header=pb.PushHeader(
-                    request_id=request.request_id, error_reason="DOCUMENT_NOT_FOUND"
+            await call.write(
+                pb.PushDocumentRequest(
+                    header=pb.PushHeader(
+                        request_id=request.request_id, error_reason="DOCUMENT_NOT_FOUND"
+                    )
                 )
             )
-            return
-        yield pb.PushDocumentRequest(header=pb.PushHeader(request_id=request.request_id, size=size))
-        async for chunk in store.read(request.sha256, request.offset):
-            yield pb.PushDocumentRequest(chunk=chunk)
-
-    with contextlib.suppress(grpc.aio.AioRpcError):
-        await stub.PushDocument(parts())
+        else:
+            await call.write(
+                pb.PushDocumentRequest(
+                    header=pb.PushHeader(request_id=request.request_id, size=size)
+                )
+            )
+            async with contextlib.aclosing(store.read(request.sha256, request.offset)) as chunks:
+                async for chunk in chunks:
+                    await call.write(pb.PushDocumentRequest(chunk=chunk))
+        await call.done_writing()
+        await call
+    except asyncio.InvalidStateError:
+        log.info("push of %s ended early by the hub", request.request_id)
+    except grpc.aio.AioRpcError as exc:
+        log.warning("push of %s ended: %s %s", request.request_id, exc.code(), exc.details())

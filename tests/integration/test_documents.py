@@ -14,13 +14,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from client_sdk import ExchangeClient, Letter, pb
+from client_sdk import ExchangeClient, Letter, SyncExchangeClient, pb
 from client_sdk.errors import (
     DataLoss,
     InvalidArgument,
@@ -155,6 +155,26 @@ async def test_attachment_goes_a_to_b_through_the_hub_and_arrives_intact(
     assert not (tmp_path / "out" / "report.pdf.part").exists()
 
 
+def test_sync_client_sends_and_saves_an_attachment(docs_cluster: Cluster, tmp_path: Path) -> None:
+    source = tmp_path / "notes.txt"
+    source.write_text("Biên bản họp\n" * 1000, encoding="utf-8")
+    a_node, b_node = docs_cluster.nodes[AGENCY_A], docs_cluster.nodes[AGENCY_B]
+    with (
+        SyncExchangeClient(a_node.address, docs_cluster.credentials(AGENCY_A)) as a,
+        SyncExchangeClient(b_node.address, docs_cluster.credentials(AGENCY_B)) as b,
+    ):
+        receipt = a.send(to=[AGENCY_B], subject="minutes", body="attached", attachments=[source])
+        for letter in b.inbox():
+            letter.ack()
+            if letter.shams == receipt.shams:
+                break
+        (attachment,) = letter.attachments
+        assert (attachment.media_type, attachment.file_name) == ("text/plain", "notes.txt")
+        saved = attachment.save(tmp_path / "notes-copy.txt")
+        assert b"".join(b.download(attachment.uri, offset=4)) == source.read_bytes()[4:]
+    assert saved.read_bytes() == source.read_bytes()
+
+
 async def test_concurrent_uploads_of_the_same_content_store_it_once(
     docs_cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -267,18 +287,16 @@ async def test_upload_whose_content_is_not_the_announced_digest_is_refused(
     docs_cluster: Cluster,
 ) -> None:
     async with _client(docs_cluster, AGENCY_A) as a:
-        stub = pb.DocumentServiceStub(a._channel)
-
-        async def parts() -> AsyncIterator[pb.UploadDocumentRequest]:
-            yield pb.UploadDocumentRequest(
-                header=pb.UploadHeader(
-                    media_type="text/plain", size=5, sha256=hashlib.sha256(b"hello").digest()
-                )
-            )
-            yield pb.UploadDocumentRequest(chunk=b"hellO")
-
+        call = pb.DocumentServiceStub(a._channel).UploadDocument()
+        header = pb.UploadHeader(
+            media_type="text/plain", size=5, sha256=hashlib.sha256(b"hello").digest()
+        )
+        await call.write(pb.UploadDocumentRequest(header=header))
+        assert not (await call.read()).HasField("document")  # header accepted
+        await call.write(pb.UploadDocumentRequest(chunk=b"hellO"))
+        await call.done_writing()
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.UploadDocument(parts())
+            await call.read()
     assert info.value.code() == grpc.StatusCode.DATA_LOSS
     assert not _temp_files(docs_cluster, AGENCY_A)
     assert hashlib.sha256(b"hellO").hexdigest() not in {
@@ -289,25 +307,16 @@ async def test_upload_whose_content_is_not_the_announced_digest_is_refused(
 # -- limits and references ---------------------------------------------------------------------
 
 
-async def test_file_over_the_limit_is_refused_before_anything_is_stored(
+async def test_file_over_the_limit_is_refused_at_its_header_before_anything_is_stored(
     docs_cluster: Cluster,
 ) -> None:
     before = _stored_files(docs_cluster, AGENCY_A)
     async with _client(docs_cluster, AGENCY_A) as a:
-        stub = pb.DocumentServiceStub(a._channel)
-        sent = 0
-
-        async def parts() -> AsyncIterator[pb.UploadDocumentRequest]:
-            nonlocal sent
-            yield pb.UploadDocumentRequest(
-                header=pb.UploadHeader(media_type="application/pdf", size=GIB + 1)
-            )
-            for _ in range(64):  # the node refuses at the header; these never all go
-                sent += 1
-                yield pb.UploadDocumentRequest(chunk=b"x" * 65536)
-
+        call = pb.DocumentServiceStub(a._channel).UploadDocument()
+        header = pb.UploadHeader(media_type="application/pdf", size=GIB + 1)
+        await call.write(pb.UploadDocumentRequest(header=header))
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.UploadDocument(parts())
+            await call.read()  # refused before a single byte of content is sent
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _stored_files(docs_cluster, AGENCY_A) == before
     assert not _temp_files(docs_cluster, AGENCY_A)

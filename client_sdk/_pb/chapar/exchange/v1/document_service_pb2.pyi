@@ -110,7 +110,9 @@ Global___UploadDocumentRequest: _TypeAlias = UploadDocumentRequest  # noqa: Y015
 
 @_typing.final
 class UploadDocumentResponse(_message.Message):
-    """UploadDocumentResponse answers an upload."""
+    """UploadDocumentResponse answers an upload: first the acceptance of its header (empty),
+    then the stored document.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -120,7 +122,7 @@ class UploadDocumentResponse(_message.Message):
     """True when the node already held this content (it was stored once)."""
     @_builtins.property
     def document(self) -> Global___DocumentInfo:
-        """Where the file now lives, and its digest and size."""
+        """Where the file now lives, and its digest and size; unset in the acceptance."""
 
     def __init__(
         self,

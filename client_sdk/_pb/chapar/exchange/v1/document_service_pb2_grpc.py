@@ -42,7 +42,7 @@ class DocumentServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.UploadDocument = channel.stream_unary(
+        self.UploadDocument = channel.stream_stream(
                 '/chapar.exchange.v1.DocumentService/UploadDocument',
                 request_serializer=chapar_dot_exchange_dot_v1_dot_document__service__pb2.UploadDocumentRequest.SerializeToString,
                 response_deserializer=chapar_dot_exchange_dot_v1_dot_document__service__pb2.UploadDocumentResponse.FromString,
@@ -72,9 +72,11 @@ class DocumentServiceServicer:
 
     def UploadDocument(self, request_iterator, context):
         """Uploads one file as a stream of chunks: the first message is the header, every later
-        one a chunk. Returns the file's address, digest and size. A file over the node's size
-        limit is refused with RESOURCE_EXHAUSTED before it is stored; a partial upload is never
-        visible.
+        one a chunk. The node answers the header at once, with an empty response when it
+        accepts it, or ends the call with the refusal (a media type not allowed, a size over
+        the limit: RESOURCE_EXHAUSTED before anything is stored), so a client learns it before
+        sending the content. After the last chunk (half-close) the node answers with the
+        file's address, digest and size. A partial upload is never visible.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,7 +101,7 @@ class DocumentServiceServicer:
 
 def add_DocumentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'UploadDocument': grpc.stream_unary_rpc_method_handler(
+            'UploadDocument': grpc.stream_stream_rpc_method_handler(
                     servicer.UploadDocument,
                     request_deserializer=chapar_dot_exchange_dot_v1_dot_document__service__pb2.UploadDocumentRequest.FromString,
                     response_serializer=chapar_dot_exchange_dot_v1_dot_document__service__pb2.UploadDocumentResponse.SerializeToString,
@@ -144,7 +146,7 @@ class DocumentService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/chapar.exchange.v1.DocumentService/UploadDocument',

@@ -41,11 +41,13 @@ class DocumentServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DocumentServiceAsyncStub: ...
-    UploadDocument: _grpc.StreamUnaryMultiCallable[_document_service_pb2.UploadDocumentRequest, _document_service_pb2.UploadDocumentResponse]
+    UploadDocument: _grpc.StreamStreamMultiCallable[_document_service_pb2.UploadDocumentRequest, _document_service_pb2.UploadDocumentResponse]
     """Uploads one file as a stream of chunks: the first message is the header, every later
-    one a chunk. Returns the file's address, digest and size. A file over the node's size
-    limit is refused with RESOURCE_EXHAUSTED before it is stored; a partial upload is never
-    visible.
+    one a chunk. The node answers the header at once, with an empty response when it
+    accepts it, or ends the call with the refusal (a media type not allowed, a size over
+    the limit: RESOURCE_EXHAUSTED before anything is stored), so a client learns it before
+    sending the content. After the last chunk (half-close) the node answers with the
+    file's address, digest and size. A partial upload is never visible.
     """
     DownloadDocument: _grpc.UnaryStreamMultiCallable[_document_service_pb2.DownloadDocumentRequest, _document_service_pb2.DownloadDocumentResponse]
     """Streams a document from a byte offset (to resume an interrupted download). A document
@@ -68,11 +70,13 @@ class DocumentServiceAsyncStub(DocumentServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    UploadDocument: _aio.StreamUnaryMultiCallable[_document_service_pb2.UploadDocumentRequest, _document_service_pb2.UploadDocumentResponse]  # type: ignore[assignment]
+    UploadDocument: _aio.StreamStreamMultiCallable[_document_service_pb2.UploadDocumentRequest, _document_service_pb2.UploadDocumentResponse]  # type: ignore[assignment]
     """Uploads one file as a stream of chunks: the first message is the header, every later
-    one a chunk. Returns the file's address, digest and size. A file over the node's size
-    limit is refused with RESOURCE_EXHAUSTED before it is stored; a partial upload is never
-    visible.
+    one a chunk. The node answers the header at once, with an empty response when it
+    accepts it, or ends the call with the refusal (a media type not allowed, a size over
+    the limit: RESOURCE_EXHAUSTED before anything is stored), so a client learns it before
+    sending the content. After the last chunk (half-close) the node answers with the
+    file's address, digest and size. A partial upload is never visible.
     """
     DownloadDocument: _aio.UnaryStreamMultiCallable[_document_service_pb2.DownloadDocumentRequest, _document_service_pb2.DownloadDocumentResponse]  # type: ignore[assignment]
     """Streams a document from a byte offset (to resume an interrupted download). A document
@@ -98,11 +102,13 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_document_service_pb2.UploadDocumentRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_document_service_pb2.UploadDocumentResponse, _abc.Awaitable[_document_service_pb2.UploadDocumentResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_document_service_pb2.UploadDocumentResponse], _abc.AsyncIterator[_document_service_pb2.UploadDocumentResponse]]:
         """Uploads one file as a stream of chunks: the first message is the header, every later
-        one a chunk. Returns the file's address, digest and size. A file over the node's size
-        limit is refused with RESOURCE_EXHAUSTED before it is stored; a partial upload is never
-        visible.
+        one a chunk. The node answers the header at once, with an empty response when it
+        accepts it, or ends the call with the refusal (a media type not allowed, a size over
+        the limit: RESOURCE_EXHAUSTED before anything is stored), so a client learns it before
+        sending the content. After the last chunk (half-close) the node answers with the
+        file's address, digest and size. A partial upload is never visible.
         """
 
     @_abc_1.abstractmethod
