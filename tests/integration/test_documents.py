@@ -360,6 +360,26 @@ async def test_submit_refuses_references_the_node_does_not_hold_or_with_another_
     assert missing_info.value.reason == "DOCUMENT_NOT_FOUND"
 
 
+def test_cli_fetch_by_a_non_recipient_prints_one_error_line(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "memo.pdf"
+    _write_random(source, 20_000)
+    sent, _ = _cli(docs_cluster, AGENCY_A, "send", "--to", AGENCY_B, "--subject", "memo",
+                   "--body", "b", "--attach", str(source))  # fmt: skip
+    (ref,) = sent["attachments"]  # type: ignore[misc]
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "fetch", ref["uri"], "--out", str(tmp_path / "x.pdf"),
+         "--pki", str(docs_cluster.pki.root), "--agency", AGENCY_C,
+         "--node", docs_cluster.nodes[AGENCY_C].address],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: PERMISSION_DENIED NOT_A_RECIPIENT: ")
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "x.pdf").exists()
+
+
 # -- one gibibyte, flat memory -------------------------------------------------------------------
 
 _MEASURED_CLI = """
