@@ -75,7 +75,7 @@ class DocumentWriter:
         self.size = 0
         self._hash = hashlib.sha256()
         fd, name = tempfile.mkstemp(dir=store._tmp, prefix="part-")
-        self._path = Path(name)
+        self.path = Path(name)
         self._file: BinaryIO = os.fdopen(fd, "wb")
 
     def write(self, chunk: bytes) -> None:
@@ -88,6 +88,7 @@ class DocumentWriter:
                 check_size(self.size + len(chunk), self.store.limits)
             raise _size_mismatch(self.expected_size, self.size + len(chunk))
         self._file.write(chunk)
+        self._file.flush()  # readers may follow the file while it grows
         self._hash.update(chunk)
         self.size += len(chunk)
 
@@ -114,7 +115,7 @@ class DocumentWriter:
             target = self.store.path(digest)
             target.parent.mkdir(exist_ok=True)
             try:
-                os.link(self._path, target)
+                os.link(self.path, target)
                 existed = False
             except FileExistsError:
                 existed = True
@@ -127,7 +128,7 @@ class DocumentWriter:
         if not self._file.closed:
             self._file.close()
         with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
+            self.path.unlink()
 
 
 def _size_mismatch(expected: int, actual: int) -> ChaparError:

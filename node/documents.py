@@ -19,16 +19,17 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import grpc
 
 from client_sdk import pb
+from client_sdk.documents import CHUNK_BYTES
 from client_sdk.errors import from_rpc_error
 from node.agency import Agency
 from node.core.documents import check_media_type, check_size, document_uri, parse_document_uri
 from node.core.errors import ChaparError, Code
-from node.document_store import DocumentStore
+from node.document_store import DocumentStore, DocumentWriter
 from node.rpc.errors import abort
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class Documents(pb.DocumentServiceServicer):
         self.agency = agency
         self.store = store
         self.link: HubLink | None = None
-        self._fetching: dict[bytes, asyncio.Lock] = {}
+        self._fetches: dict[bytes, _Fetch] = {}
 
     # -- upload -------------------------------------------------------------------------
 
@@ -115,6 +116,7 @@ class Documents(pb.DocumentServiceServicer):
     async def DownloadDocument(  # type: ignore[override]  # answers via context.write
         self, request: pb.DownloadDocumentRequest, context: grpc.aio.ServicerContext
     ) -> None:
+        joined: tuple[_Fetch, BinaryIO] | None = None
         try:
             self.agency._authorize(context, read_only=True)
             owner, digest = parse_document_uri(request.uri)
@@ -134,7 +136,19 @@ class Documents(pb.DocumentServiceServicer):
                         f"this node holds no document {request.uri}",
                         metadata={"uri": request.uri},
                     )
-                size = await self.fetch(request.uri, digest)
+                joined = self._join_fetch(request.uri, digest)
+            if joined is not None:
+                try:
+                    size = await joined[0].total()
+                except BaseException:
+                    joined[1].close()
+                    raise
+            else:  # held here, or a fetch completed between the two looks
+                size = self.store.size(digest)
+            if size is None:
+                raise ChaparError(
+                    Code.UNAVAILABLE, "DOCUMENT_MOVING", "retry the download", retry_after_s=0.1
+                )
             if request.offset > size:
                 raise ChaparError(
                     Code.OUT_OF_RANGE,
@@ -143,10 +157,15 @@ class Documents(pb.DocumentServiceServicer):
                     metadata={"size": str(size)},
                 )
         except ChaparError as exc:
+            if joined is not None:
+                joined[1].close()
             log.info("download refused: %s %s", exc.reason, exc.message)
             await abort(context, exc)
             return
         info = pb.DocumentInfo(uri=request.uri, sha256=digest, size=size)
+        if joined is not None:
+            await self._relay_fetch(*joined, request.offset, info, context)
+            return
         # A whole-file read is checked on the way out too: a copy corrupted on this disk
         # is dropped (the next download fetches it again) instead of served twice.
         hasher = hashlib.sha256() if request.offset == 0 else None
@@ -177,33 +196,90 @@ class Documents(pb.DocumentServiceServicer):
 
     # -- fetching from the owner through the hub ------------------------------------------
 
-    async def fetch(self, uri: str, digest: bytes) -> int:
-        """Fetches another agency's document into the store; returns its size.
+    def _join_fetch(self, uri: str, digest: bytes) -> tuple[_Fetch, BinaryIO] | None:
+        """The fetch of ``digest`` under way (or a new one), with its file open for reading.
 
-        One fetch per digest at a time; a second downloader waits and then reads the copy.
+        One fetch per digest at a time. None when a fetch completed meanwhile: the store
+        holds the document. No await here, so nothing moves between the checks.
         """
-        lock = self._fetching.setdefault(digest, asyncio.Lock())
-        async with lock:
-            size = self.store.size(digest)
-            if size is not None:
-                return size
+        fetch = self._fetches.get(digest)
+        if fetch is not None:
             try:
-                return await self._fetch(uri, digest)
-            finally:
-                self._fetching.pop(digest, None)
-
-    async def _fetch(self, uri: str, digest: bytes) -> int:
-        link = self.link
-        stub = link.stub if link is not None else None
-        if stub is None:
-            raise ChaparError(
-                Code.UNAVAILABLE,
-                "HUB_UNAVAILABLE",
-                "the node is not connected to the hub; retry",
-                retry_after_s=1.0,
-            )
+                return fetch, fetch.open_reader()
+            except FileNotFoundError:  # that fetch has just ended
+                if self.store.size(digest) is not None:
+                    return None
         writer = self.store.writer(expected_sha256=digest)
+        fetch = _Fetch(writer)
+        reader = fetch.open_reader()
+        self._fetches[digest] = fetch
+        fetch.task = asyncio.create_task(self._fetch(uri, digest, fetch))
+
+        def ended(task: asyncio.Task[int]) -> None:
+            if self._fetches.get(digest) is fetch:
+                del self._fetches[digest]
+            if not task.cancelled():
+                task.exception()  # retrieved: a failure is logged by _fetch and sent to readers
+
+        fetch.task.add_done_callback(ended)
+        return fetch, reader
+
+    async def _relay_fetch(
+        self,
+        fetch: _Fetch,
+        reader: BinaryIO,
+        offset: int,
+        info: pb.DocumentInfo,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Serves a document while it is being fetched: reads the growing temporary file.
+
+        The client gets the bytes as they arrive; the fetch checks the digest at the end,
+        and a mismatch ends this stream with DATA_LOSS too (the SDK then keeps nothing).
+        """
         try:
+            first = True
+            position = offset
+            while True:
+                seen = fetch.changed
+                available = fetch.writer.size
+                if position < available:
+                    await asyncio.to_thread(reader.seek, position)
+                    chunk = await asyncio.to_thread(
+                        reader.read, min(CHUNK_BYTES, available - position)
+                    )
+                    position += len(chunk)
+                    await context.write(
+                        pb.DownloadDocumentResponse(document=info if first else None, chunk=chunk)
+                    )
+                    first = False
+                    continue
+                if fetch.task is not None and fetch.task.done():
+                    break
+                await seen.wait()
+            if first:
+                await context.write(pb.DownloadDocumentResponse(document=info))
+        finally:
+            reader.close()
+        assert fetch.task is not None
+        error = fetch.task.exception()
+        if isinstance(error, ChaparError):
+            await abort(context, error)
+        elif error is not None:
+            raise error
+
+    async def _fetch(self, uri: str, digest: bytes, fetch: _Fetch) -> int:
+        writer = fetch.writer
+        try:
+            link = self.link
+            stub = link.stub if link is not None else None
+            if stub is None:
+                raise ChaparError(
+                    Code.UNAVAILABLE,
+                    "HUB_UNAVAILABLE",
+                    "the node is not connected to the hub; retry",
+                    retry_after_s=1.0,
+                )
             for attempt in range(1, _FETCH_ATTEMPTS + 1):
                 offset = writer.size
                 try:
@@ -212,7 +288,9 @@ class Documents(pb.DocumentServiceServicer):
                         if message.size:
                             check_size(message.size, self.store.limits)
                             writer.expected_size = message.size
+                            fetch.announce(message.size)
                         writer.write(message.chunk)
+                        fetch.notify()
                     break
                 except grpc.aio.AioRpcError as exc:
                     error = from_rpc_error(exc)
@@ -232,11 +310,48 @@ class Documents(pb.DocumentServiceServicer):
                     log.warning(
                         "fetch of %s broke at %d bytes (%s); resuming", uri, writer.size, exc.code()
                     )
+            fetch.announce(writer.size)
             _, size, _ = await writer.commit()
+        except ChaparError as exc:
+            log.warning("fetch of %s failed: %s %s", uri, exc.reason, exc.message)
+            raise
         finally:
             writer.discard()
+            fetch.notify(final=True)
         log.info("fetched %s (%d bytes), digest verified", uri, size)
         return size
+
+
+class _Fetch:
+    """One document being fetched through the hub, and the downloads waiting on it."""
+
+    def __init__(self, writer: DocumentWriter) -> None:
+        self.writer = writer
+        self.task: asyncio.Task[int] | None = None
+        self.changed = asyncio.Event()
+        self._size: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def open_reader(self) -> BinaryIO:
+        """The temporary file, opened before it can be renamed or removed."""
+        return self.writer.path.open("rb")
+
+    def announce(self, size: int) -> None:
+        if not self._size.done():
+            self._size.set_result(size)
+
+    def notify(self, *, final: bool = False) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+        if final and not self._size.done():
+            self._size.cancel()
+
+    async def total(self) -> int:
+        """The document's size once the owner announced it; the fetch's error otherwise."""
+        assert self.task is not None
+        await asyncio.wait({self._size, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._size.done() and not self._size.cancelled():
+            return self._size.result()
+        return await self.task  # raises what ended the fetch
 
 
 def _code(code: grpc.StatusCode) -> Code:
