@@ -389,6 +389,10 @@ class ExchangeClient:
         channel_options = [
             ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            # A fixed 1 MiB receive window: a large download cannot make the client buffer
+            # more than that (BDP probing lets it grow); ``options`` may override it.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 1024 * 1024),
             *options,
         ]
         if server_name:

@@ -44,6 +44,12 @@ _SERVER_OPTIONS = [
     # gRPC sets SO_REUSEPORT by default: another process could then bind our port and take
     # a share of our connections. A clash must fail the bind instead.
     ("grpc.so_reuseport", 0),
+    # A fixed 1 MiB receive window per stream instead of BDP-probed growth: with probing,
+    # a 1 GiB document stream let windows (and buffered bytes) grow until the hub's peak
+    # RSS passed 150 MB under load; fixed, it stays within a few MB of idle at the same
+    # transfer rate on loopback (docs/BENCHMARKS.md).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 1024 * 1024),
 ]
 
 

@@ -106,6 +106,9 @@ class HubLink:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # Fixed receive window (see node.server): memory flat while documents stream.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 1024 * 1024),
         ]
         async with grpc.aio.secure_channel(
             self.agency.config.hub, self.credentials, options=options
