@@ -8,6 +8,7 @@ recipient. The 1 GiB test measures the peak RSS of every process, the CLI client
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -378,6 +379,49 @@ def test_cli_fetch_by_a_non_recipient_prints_one_error_line(
     assert result.stderr.startswith("error: PERMISSION_DENIED NOT_A_RECIPIENT: ")
     assert result.stderr.count("\n") == 1
     assert not (tmp_path / "x.pdf").exists()
+
+
+def _node_tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
+    d = cluster.pki.agency_dir(code)
+    return grpc.ssl_channel_credentials(
+        root_certificates=cluster.pki.root_cert.read_bytes(),
+        private_key=(d / "tls.key").read_bytes(),
+        certificate_chain=(d / "tls.crt").read_bytes(),
+    )
+
+
+async def test_hub_takes_a_push_only_for_a_request_it_sent_that_node(
+    docs_cluster: Cluster,
+) -> None:
+    async with grpc.aio.secure_channel(
+        docs_cluster.hub.address, _node_tls(docs_cluster, AGENCY_C)
+    ) as channel:
+        call = pb.HubServiceStub(channel).PushDocument()
+        header = pb.PushHeader(request_id="guessed-request-id", size=5)
+        await call.write(pb.PushDocumentRequest(header=header))
+        with contextlib.suppress(asyncio.InvalidStateError):
+            await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "NO_SUCH_REQUEST" in str(info.value.trailing_metadata())
+
+
+async def test_hub_refuses_a_fetch_by_a_node_without_a_grant(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "granted.pdf"
+    _write_random(source, 1000)
+    async with _client(docs_cluster, AGENCY_B) as b:
+        ref, _ = await _send_with(docs_cluster, source, b)
+    async with grpc.aio.secure_channel(
+        docs_cluster.hub.address, _node_tls(docs_cluster, AGENCY_C)
+    ) as channel:
+        call = pb.HubServiceStub(channel).FetchDocument(pb.FetchDocumentRequest(uri=ref.uri))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 # -- one gibibyte, flat memory -------------------------------------------------------------------
