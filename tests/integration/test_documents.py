@@ -29,6 +29,7 @@ from client_sdk.errors import (
     OutOfRange,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from loadtest.harness import proc_stats
 from node.cluster import Cluster
@@ -379,6 +380,34 @@ def test_cli_fetch_by_a_non_recipient_prints_one_error_line(
     assert result.stderr.startswith("error: PERMISSION_DENIED NOT_A_RECIPIENT: ")
     assert result.stderr.count("\n") == 1
     assert not (tmp_path / "x.pdf").exists()
+
+
+async def test_owner_offline_is_unavailable_and_the_fetch_works_once_it_is_back(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "later.pdf"
+    digest = _write_random(source, 400_000)
+    owner = docs_cluster.nodes[AGENCY_A]
+    async with _client(docs_cluster, AGENCY_B) as b:
+        _, letter = await _send_with(docs_cluster, source, b)
+        await asyncio.to_thread(owner.terminate)
+        try:
+            with pytest.raises(Unavailable) as info:
+                await letter.attachments[0].save(tmp_path / "later-copy.pdf")
+            assert info.value.reason == "OWNER_OFFLINE"
+            assert info.value.retryable
+        finally:
+            owner.start()
+            await owner.wait_ready()
+        deadline = time.monotonic() + 30
+        while True:  # the owner's node reconnects to the hub with backoff
+            try:
+                saved = await letter.attachments[0].save(tmp_path / "later-copy.pdf")
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "the owner's node did not come back"
+                await asyncio.sleep(0.2)
+    assert _sha256_file(saved) == digest
 
 
 def _node_tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
