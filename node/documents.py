@@ -263,10 +263,13 @@ class Documents(pb.DocumentServiceServicer):
             reader.close()
         assert fetch.task is not None
         error = fetch.task.exception()
-        if isinstance(error, ChaparError):
+        if error is not None and not isinstance(error, ChaparError):
+            log.error("fetch of %s failed: %r", info.uri, error)
+            error = ChaparError(
+                Code.INTERNAL, "FETCH_FAILED", "the node could not store the document; retry"
+            )
+        if error is not None:
             await abort(context, error)
-        elif error is not None:
-            raise error
 
     async def _fetch(self, uri: str, digest: bytes, fetch: _Fetch) -> int:
         writer = fetch.writer
@@ -282,8 +285,8 @@ class Documents(pb.DocumentServiceServicer):
                 )
             for attempt in range(1, _FETCH_ATTEMPTS + 1):
                 offset = writer.size
+                call = stub.FetchDocument(pb.FetchDocumentRequest(uri=uri, offset=offset))
                 try:
-                    call = stub.FetchDocument(pb.FetchDocumentRequest(uri=uri, offset=offset))
                     async for message in call:
                         if message.size:
                             check_size(message.size, self.store.limits)
@@ -310,6 +313,8 @@ class Documents(pb.DocumentServiceServicer):
                     log.warning(
                         "fetch of %s broke at %d bytes (%s); resuming", uri, writer.size, exc.code()
                     )
+                finally:
+                    call.cancel()  # a no-op when it ended; stops the hub when we refuse
             fetch.announce(writer.size)
             _, size, _ = await writer.commit()
         except ChaparError as exc:
@@ -351,7 +356,15 @@ class _Fetch:
         await asyncio.wait({self._size, self.task}, return_when=asyncio.FIRST_COMPLETED)
         if self._size.done() and not self._size.cancelled():
             return self._size.result()
-        return await self.task  # raises what ended the fetch
+        try:
+            return await self.task  # raises what ended the fetch
+        except (ChaparError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.error("fetch failed: %r", exc)
+            raise ChaparError(
+                Code.INTERNAL, "FETCH_FAILED", "the node could not store the document; retry"
+            ) from exc
 
 
 def _code(code: grpc.StatusCode) -> Code:
