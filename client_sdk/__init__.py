@@ -2,12 +2,14 @@
 
 ``ExchangeClient`` (async) and ``SyncExchangeClient`` (blocking) talk to the node's
 ``NodeService``; failures are ``ChaparError`` subclasses; ``Tracking.verify`` and
-``Letter.verify`` check signatures and evidence offline against the root CA. The generated
+``Letter.verify`` check signatures and evidence offline against the root CA; attachments
+travel as addresses (``send(..., attachments=[Path(...)])``, ``letter.attachments[0].save``). The generated
 messages are ``client_sdk.pb``; signing and verification primitives are in
 ``client_sdk.signing`` and ``client_sdk.trust``.
 """
 
 from client_sdk import pb as pb
+from client_sdk.client import Attachment as Attachment
 from client_sdk.client import Draft as Draft
 from client_sdk.client import ExchangeClient as ExchangeClient
 from client_sdk.client import Letter as Letter
@@ -18,11 +20,13 @@ from client_sdk.credentials import Credentials as Credentials
 from client_sdk.errors import AlreadyExists as AlreadyExists
 from client_sdk.errors import Cancelled as Cancelled
 from client_sdk.errors import ChaparError as ChaparError
+from client_sdk.errors import DataLoss as DataLoss
 from client_sdk.errors import DeadlineExceeded as DeadlineExceeded
 from client_sdk.errors import FailedPrecondition as FailedPrecondition
 from client_sdk.errors import InternalError as InternalError
 from client_sdk.errors import InvalidArgument as InvalidArgument
 from client_sdk.errors import NotFound as NotFound
+from client_sdk.errors import OutOfRange as OutOfRange
 from client_sdk.errors import PermissionDenied as PermissionDenied
 from client_sdk.errors import ResourceExhausted as ResourceExhausted
 from client_sdk.errors import Unauthenticated as Unauthenticated
@@ -33,9 +37,11 @@ from client_sdk.sync import SyncExchangeClient as SyncExchangeClient
 
 __all__ = [
     "AlreadyExists",
+    "Attachment",
     "Cancelled",
     "ChaparError",
     "Credentials",
+    "DataLoss",
     "DeadlineExceeded",
     "Draft",
     "ExchangeClient",
@@ -44,6 +50,7 @@ __all__ = [
     "InvalidArgument",
     "Letter",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "Receipt",
     "ResourceExhausted",

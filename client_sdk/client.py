@@ -24,10 +24,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
+import mimetypes
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, cast
 
 import grpc
@@ -35,12 +44,23 @@ from google.protobuf.message import DecodeError
 
 from client_sdk import pb
 from client_sdk.credentials import Credentials
-from client_sdk.errors import ChaparError, InternalError, from_rpc_error, from_submit_error
+from client_sdk.documents import digest_of_uri, read_chunks
+from client_sdk.errors import (
+    ChaparError,
+    DataLoss,
+    InternalError,
+    InvalidArgument,
+    from_rpc_error,
+    from_submit_error,
+)
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import sha256
 from client_sdk.trust import TrustStore, VerificationError, valid_timestamp
 
 if TYPE_CHECKING:
+    from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
+        DocumentServiceAsyncStub,
+    )
     from client_sdk._pb.chapar.exchange.v1.node_service_pb2_grpc import NodeServiceAsyncStub
 
 __all__ = [
@@ -50,6 +70,8 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_BATCH_SIZE",
     "TEXT_PLAIN",
+    "Attachment",
+    "AttachmentLike",
     "Draft",
     "ExchangeClient",
     "KindLike",
@@ -83,6 +105,8 @@ PriorityLike: TypeAlias = "pb.Priority.ValueType | int | str"
 """A Priority value, or its name: "normal", "urgent", "very-urgent", "PRIORITY_EXPRESS"."""
 ShamsLike: TypeAlias = "str | pb.Shams"
 """A SHAMS number, in canonical text or structured form."""
+AttachmentLike: TypeAlias = "pb.AttachmentRef | Path"
+"""A reference to a document already uploaded, or a file to upload first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,10 +284,48 @@ class _LetterFields:
 
 
 @dataclass(frozen=True, slots=True)
+class Attachment:
+    """An attachment of a received letter: its address, digest, size, type and name.
+
+    ``await attachment.save(path)`` downloads it through the agency's own node and checks
+    size and SHA-256 against the signed reference before the file appears at ``path``.
+    """
+
+    uri: str
+    sha256: bytes
+    size: int
+    media_type: str
+    file_name: str
+    _client: ExchangeClient = field(repr=False, compare=False)
+
+    @classmethod
+    def from_ref(cls, ref: pb.AttachmentRef, client: ExchangeClient) -> Attachment:
+        return cls(ref.uri, ref.sha256, ref.size, ref.media_type, ref.file_name, client)
+
+    def ref(self) -> pb.AttachmentRef:
+        return pb.AttachmentRef(
+            uri=self.uri,
+            sha256=self.sha256,
+            size=self.size,
+            media_type=self.media_type,
+            file_name=self.file_name,
+        )
+
+    async def save(self, path: Path | str, *, timeout: float | None = None) -> Path:
+        """Downloads to ``path`` (resuming ``<path>.part`` if there is one); see ``fetch``."""
+        return await self._client.fetch(self.ref(), path, timeout=timeout)
+
+
+@dataclass(frozen=True, slots=True)
 class Letter(_LetterFields):
     """A letter from the inbox stream; ``await letter.ack()`` hands it over."""
 
     _client: ExchangeClient = field(repr=False, compare=False)
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        """The letter's attachments (references signed by the sender)."""
+        return [Attachment.from_ref(r, self._client) for r in self.header.attachments]
 
     async def ack(self) -> pb.Evidence:
         """Acknowledges the letter; returns the node's HANDOVER evidence (idempotent).
@@ -331,6 +393,10 @@ class ExchangeClient:
         channel_options = [
             ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            # A fixed 1 MiB receive window: a large download cannot make the client buffer
+            # more than that (BDP probing lets it grow); ``options`` may override it.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 1024 * 1024),
             *options,
         ]
         if server_name:
@@ -357,6 +423,7 @@ class ExchangeClient:
         self._timeout = timeout
         self._stub = cast("NodeServiceAsyncStub", pb.NodeServiceStub(channel))
         self._acks = _AckGatherer(self)
+        self._documents = cast("DocumentServiceAsyncStub", pb.DocumentServiceStub(channel))
 
     async def __aenter__(self) -> ExchangeClient:
         return self
@@ -387,7 +454,7 @@ class ExchangeClient:
         expire_time: dt.datetime | None = None,
         request_id: str | None = None,
         metadata: pb.DocumentMetadata | None = None,
-        attachments: Sequence[pb.AttachmentRef] = (),
+        attachments: Sequence[AttachmentLike] = (),
         sender_mailbox: str = "",
         timeout: float | None = None,
     ) -> Receipt:
@@ -397,7 +464,10 @@ class ExchangeClient:
         as UTF-8 with content type ``text/plain; charset=utf-8``. Without ``request_id`` a
         UUID is generated; passing the id of an earlier submission returns its original
         receipt (``receipt.request_id`` tells it), which makes retries safe.
+        ``attachments`` holds references from ``upload`` or paths of files, which are
+        uploaded first (identical content is stored once, so uploading again is harmless).
         """
+        refs = [a if isinstance(a, pb.AttachmentRef) else await self.upload(a) for a in attachments]
         draft = Draft(
             to=to,
             subject=subject,
@@ -409,7 +479,7 @@ class ExchangeClient:
             expire_time=expire_time,
             request_id=request_id,
             metadata=metadata,
-            attachments=attachments,
+            attachments=refs,
             sender_mailbox=sender_mailbox,
         )
         request = draft.to_request()
@@ -573,6 +643,156 @@ class ExchangeClient:
             certificates=list(response.certificates),
             body_purged=response.body_purged,
         )
+
+    # -- documents ----------------------------------------------------------------------
+
+    async def upload(
+        self,
+        path: Path | str,
+        *,
+        media_type: str | None = None,
+        file_name: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.AttachmentRef:
+        """Uploads a file to the node's document store, in chunks; returns its reference.
+
+        The media type is guessed from the file name unless given. The node's digest is
+        checked against the one computed while reading (DataLoss if they differ). No
+        deadline unless ``timeout`` is given: a large file takes as long as it takes.
+        """
+        path = Path(path)
+        media = media_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        size = (await asyncio.to_thread(path.stat)).st_size
+        hasher = hashlib.sha256()
+
+        header = pb.UploadDocumentRequest(header=pb.UploadHeader(media_type=media, size=size))
+        with _translated():
+            call = self._documents.UploadDocument(timeout=timeout)
+            try:
+                await call.write(header)
+                # The node accepts or refuses the header before any content is sent.
+                accepted = await call.read()
+                if accepted is grpc.aio.EOF:
+                    raise InternalError("the node ended the upload", reason="MALFORMED_RESPONSE")
+                async with contextlib.aclosing(read_chunks(path)) as chunks:
+                    async for chunk in chunks:
+                        hasher.update(chunk)
+                        await call.write(pb.UploadDocumentRequest(chunk=chunk))
+                await call.done_writing()
+                response = await call.read()
+            finally:
+                call.cancel()
+        if response is grpc.aio.EOF or not response.HasField("document"):
+            raise InternalError("the node did not say where it stored the file",
+                                reason="MALFORMED_RESPONSE")  # fmt: skip
+        document = response.document
+        if document.sha256 != hasher.digest() or document.size != size:
+            raise DataLoss(
+                f"the node stored {document.size} bytes with another digest than {path}",
+                reason="DIGEST_MISMATCH",
+            )
+        return pb.AttachmentRef(
+            uri=document.uri,
+            sha256=document.sha256,
+            size=document.size,
+            media_type=media,
+            file_name=file_name if file_name is not None else path.name,
+        )
+
+    async def stat(self, uri: str, *, timeout: float | None = None) -> pb.StatDocumentResponse:
+        """Whether the node holds a document, with its digest and size."""
+        with _translated():
+            response: pb.StatDocumentResponse = await self._documents.StatDocument(
+                pb.StatDocumentRequest(uri=uri), timeout=self._deadline(timeout)
+            )
+        return response
+
+    async def download(
+        self, uri: str, *, offset: int = 0, timeout: float | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """Streams a document's bytes from ``offset``, through the agency's own node.
+
+        The bytes are not checked here; ``fetch`` checks them against the digest.
+        """
+        async for response in self._download(uri, offset, timeout):
+            if response.chunk:
+                yield response.chunk
+
+    async def _download(
+        self, uri: str, offset: int, timeout: float | None
+    ) -> AsyncGenerator[pb.DownloadDocumentResponse, None]:
+        with _translated():
+            call = self._documents.DownloadDocument(
+                pb.DownloadDocumentRequest(uri=uri, offset=offset), timeout=timeout
+            )
+        try:
+            with _translated():
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()
+
+    async def fetch(
+        self,
+        document: pb.AttachmentRef | str,
+        path: Path | str,
+        *,
+        timeout: float | None = None,
+    ) -> Path:
+        """Downloads a document to ``path``, resuming ``<path>.part`` when it exists.
+
+        The file appears at ``path`` only when its size and SHA-256 are those of the
+        reference (or of the address, for a bare URI); otherwise the partial file is
+        deleted and DataLoss is raised.
+        """
+        uri = document if isinstance(document, str) else document.uri
+        try:
+            expected = digest_of_uri(uri)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), reason="INVALID_DOCUMENT_URI") from exc
+        expected_size = document.size if isinstance(document, pb.AttachmentRef) else None
+        if isinstance(document, pb.AttachmentRef) and document.sha256 != expected:
+            raise InvalidArgument(
+                "the reference's digest is not the one in its address",
+                reason="DOCUMENT_DIGEST_MISMATCH",
+            )
+        path = Path(path)
+        part = path.with_name(path.name + ".part")
+        hasher = hashlib.sha256()
+        offset = 0
+        if await asyncio.to_thread(part.exists):
+            async with contextlib.aclosing(read_chunks(part)) as chunks:
+                async for chunk in chunks:
+                    hasher.update(chunk)
+                    offset += len(chunk)
+        if expected_size is not None and offset > expected_size:
+            await asyncio.to_thread(part.unlink)
+            hasher, offset = hashlib.sha256(), 0
+        out = await asyncio.to_thread(part.open, "ab")
+        try:
+            async for response in self._download(uri, offset, timeout):
+                if response.HasField("document") and expected_size is None:
+                    expected_size = response.document.size
+                if response.chunk:
+                    hasher.update(response.chunk)
+                    await asyncio.to_thread(out.write, response.chunk)
+                    offset += len(response.chunk)
+        except BaseException as exc:
+            out.close()
+            # Nothing to resume from, or what came is known bad: leave no file behind.
+            if offset == 0 or isinstance(exc, DataLoss):
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+            raise
+        out.close()
+        if offset != expected_size or hasher.digest() != expected:
+            await asyncio.to_thread(part.unlink)
+            raise DataLoss(
+                f"downloaded {offset} bytes that are not the document {uri}; nothing kept",
+                reason="DIGEST_MISMATCH",
+                metadata={"uri": uri},
+            )
+        await asyncio.to_thread(part.replace, path)
+        return path
 
     async def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
         """The agencies of the exchange, as the node last fetched them from the hub."""

@@ -21,6 +21,8 @@ Exception tree::
     ├── DeadlineExceeded        DEADLINE_EXCEEDED     the call's timeout ran out: retry
     ├── Cancelled               CANCELLED             the call was cancelled, e.g. by a node
     │                                                 shutting down: retry
+    ├── OutOfRange              OUT_OF_RANGE          a download offset past the end
+    ├── DataLoss                DATA_LOSS             a document's content is not its digest
     └── InternalError           any other code (INTERNAL, UNKNOWN, ...) and answers the SDK
                                 cannot make sense of
 
@@ -44,11 +46,13 @@ __all__ = [
     "AlreadyExists",
     "Cancelled",
     "ChaparError",
+    "DataLoss",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InternalError",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "Unauthenticated",
@@ -142,6 +146,14 @@ class Cancelled(ChaparError):
     default_code = grpc.StatusCode.CANCELLED
 
 
+class OutOfRange(ChaparError):
+    default_code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class DataLoss(ChaparError):
+    default_code = grpc.StatusCode.DATA_LOSS
+
+
 class InternalError(ChaparError):
     default_code = grpc.StatusCode.INTERNAL
 
@@ -164,6 +176,8 @@ _CLASS_OF_CODE: dict[grpc.StatusCode, type[ChaparError]] = {
         Unavailable,
         DeadlineExceeded,
         Cancelled,
+        OutOfRange,
+        DataLoss,
     )
 }
 # grpc.StatusCode values are (int, name) pairs; google.rpc.Code uses the int.

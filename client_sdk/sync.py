@@ -21,6 +21,7 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -30,6 +31,7 @@ from client_sdk.client import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_STREAM_BATCH_SIZE,
     DEFAULT_TIMEOUT,
+    AttachmentLike,
     Draft,
     ExchangeClient,
     KindLike,
@@ -43,7 +45,7 @@ from client_sdk.client import (
 from client_sdk.credentials import Credentials
 from client_sdk.errors import ChaparError
 
-__all__ = ["SyncExchangeClient", "SyncLetter"]
+__all__ = ["SyncAttachment", "SyncExchangeClient", "SyncLetter"]
 
 _T = TypeVar("_T")
 _POLL_SECONDS = 0.1  # how often blocked helper threads look whether they should stop
@@ -78,10 +80,43 @@ class _LoopThread:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncAttachment:
+    """An attachment of a received letter; ``attachment.save(path)`` blocks."""
+
+    uri: str
+    sha256: bytes
+    size: int
+    media_type: str
+    file_name: str
+    _client: SyncExchangeClient = field(repr=False, compare=False)
+
+    def ref(self) -> pb.AttachmentRef:
+        return pb.AttachmentRef(
+            uri=self.uri,
+            sha256=self.sha256,
+            size=self.size,
+            media_type=self.media_type,
+            file_name=self.file_name,
+        )
+
+    def save(self, path: Path | str, *, timeout: float | None = None) -> Path:
+        """Downloads and verifies the attachment; see ``ExchangeClient.fetch``."""
+        return self._client.fetch(self.ref(), path, timeout=timeout)
+
+
+@dataclass(frozen=True, slots=True)
 class SyncLetter(_LetterFields):
     """A letter from ``SyncExchangeClient.inbox``; ``letter.ack()`` blocks."""
 
     _client: SyncExchangeClient = field(repr=False, compare=False)
+
+    @property
+    def attachments(self) -> list[SyncAttachment]:
+        """The letter's attachments (references signed by the sender)."""
+        return [
+            SyncAttachment(r.uri, r.sha256, r.size, r.media_type, r.file_name, self._client)
+            for r in self.header.attachments
+        ]
 
     def ack(self) -> pb.Evidence:
         """Acknowledges the letter; returns the node's HANDOVER evidence (idempotent)."""
@@ -167,7 +202,7 @@ class SyncExchangeClient:
         expire_time: dt.datetime | None = None,
         request_id: str | None = None,
         metadata: pb.DocumentMetadata | None = None,
-        attachments: Sequence[pb.AttachmentRef] = (),
+        attachments: Sequence[AttachmentLike] = (),
         sender_mailbox: str = "",
         timeout: float | None = None,
     ) -> Receipt:
@@ -248,6 +283,35 @@ class SyncExchangeClient:
     def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
         """The agencies of the exchange; see ``ExchangeClient.agencies``."""
         return self._portal.run(self._client.agencies(timeout=timeout))
+
+    def upload(
+        self,
+        path: Path | str,
+        *,
+        media_type: str | None = None,
+        file_name: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.AttachmentRef:
+        """Uploads a file to the document store; see ``ExchangeClient.upload``."""
+        return self._portal.run(
+            self._client.upload(path, media_type=media_type, file_name=file_name, timeout=timeout)
+        )
+
+    def fetch(
+        self, document: pb.AttachmentRef | str, path: Path | str, *, timeout: float | None = None
+    ) -> Path:
+        """Downloads and verifies a document; see ``ExchangeClient.fetch``."""
+        return self._portal.run(self._client.fetch(document, path, timeout=timeout))
+
+    def download(
+        self, uri: str, *, offset: int = 0, timeout: float | None = None
+    ) -> Iterator[bytes]:
+        """Blocking iterator over a document's bytes; see ``ExchangeClient.download``."""
+        return self._iterate(self._client.download(uri, offset=offset, timeout=timeout))
+
+    def stat(self, uri: str, *, timeout: float | None = None) -> pb.StatDocumentResponse:
+        """Whether the node holds a document; see ``ExchangeClient.stat``."""
+        return self._portal.run(self._client.stat(uri, timeout=timeout))
 
     def _iterate(self, stream: AsyncGenerator[_T, None]) -> Iterator[_T]:
         """Drives an async iterator on the loop, one item per blocking step."""

@@ -31,7 +31,7 @@ from loadtest.baseline import measure_baseline
 from node import faults
 from node.cluster import Cluster, ServerProcess
 
-__all__ = ["Params", "register", "run"]
+__all__ = ["Params", "proc_stats", "register", "run"]
 
 A, B = "SENDER.A", "RECIPIENT.B"
 _FAST_RECONNECT = [
@@ -92,6 +92,11 @@ def _percentiles(values: list[float]) -> dict[str, float]:
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
 
     return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": round(ordered[-1] * 1000, 2)}
+
+
+def proc_stats(proc: ServerProcess) -> dict[str, float]:
+    """CPU seconds and peak RSS in MB of a running server process (tests use it too)."""
+    return _proc_stats(proc)
 
 
 def _proc_stats(proc: ServerProcess) -> dict[str, float]:

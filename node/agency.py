@@ -29,6 +29,7 @@ from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
 from node.core.letters import build_header, validate_draft
+from node.document_store import DocumentStore
 from node.metrics import HANDED_OVER, SUBMIT_REJECTED, SUBMITTED
 from node.rpc.errors import abort, to_submit_error
 from node.rpc.peer import peer_identity
@@ -93,6 +94,7 @@ class Agency(pb.NodeServiceServicer):
         self.full_recipients: frozenset[str] = frozenset()
         self.quota_retry_after_s = 30.0
         self._purger: asyncio.Task[None] | None = None
+        self.document_store: DocumentStore | None = None
 
     def start(self) -> None:
         self._purger = asyncio.create_task(
@@ -214,8 +216,10 @@ class Agency(pb.NodeServiceServicer):
                     directory=directory,
                     limits=self.config.limits,
                     now=now,
+                    documents=self.config.documents,
                 )
                 access.require([draft.sender_mailbox], f"the mailbox {draft.sender_mailbox!r}")
+                self._check_documents(draft)
                 self._check_quota(draft)
                 root = await self._thread_root(draft) if draft.HasField("in_reply_to") else None
                 valid.append((i, draft, root))
@@ -273,6 +277,28 @@ class Agency(pb.NodeServiceServicer):
         SUBMITTED.inc(len(valid))
         self.outbox_changed.set()
         return results
+
+    def _check_documents(self, draft: pb.LetterDraft) -> None:
+        """Every attachment must be in this node's store, with the size the reference says."""
+        for i, ref in enumerate(draft.attachments):
+            store = self.document_store
+            size = store.size(ref.sha256) if store is not None else None
+            if size is None:
+                raise ChaparError(
+                    Code.NOT_FOUND,
+                    "DOCUMENT_NOT_FOUND",
+                    f"this node holds no document {ref.uri}; upload it first",
+                    metadata={"uri": ref.uri},
+                    field_violations=[(f"draft.attachments[{i}].uri", "not in the store")],
+                )
+            if size != ref.size:
+                raise ChaparError(
+                    Code.INVALID_ARGUMENT,
+                    "DOCUMENT_SIZE_MISMATCH",
+                    f"{ref.uri} has {size} bytes, not {ref.size}",
+                    metadata={"uri": ref.uri, "size": str(size)},
+                    field_violations=[(f"draft.attachments[{i}].size", "differs from the store")],
+                )
 
     def _check_quota(self, draft: pb.LetterDraft) -> None:
         """Refuses letters to recipients whose hub queue is full (the hub tells us which)."""

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from node.memory import flat_malloc
+
+    flat_malloc()  # before any gRPC thread exists: see node/memory.py
     ns = build_parser().parse_args(argv)
     code: int = ns.func(ns)
     return code

@@ -1,4 +1,4 @@
-"""The client-side ``chapar`` commands: ``send``, ``inbox``, ``track`` and ``agencies``.
+"""The client-side ``chapar`` commands: ``send``, ``inbox``, ``track``, ``fetch``, ``agencies``.
 
 They are what an operator or a script does in place of an agency back-end, and they are
 built only on the public SDK (``client_sdk``), so they double as its smallest example.
@@ -74,8 +74,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     send.add_argument("--priority", choices=_names(pb.Priority, "PRIORITY_"))
     send.add_argument("--in-reply-to", metavar="SHAMS")
     send.add_argument("--request-id", metavar="ID", help="idempotency key (default: a UUID)")
+    send.add_argument(
+        "--attach",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="upload FILE to the node's document store and reference it (repeatable)",
+    )
     send.add_argument("--json", action="store_true", help="print JSON")
     send.set_defaults(func=_handler(_send))
+
+    fetch = subparsers.add_parser(
+        "fetch",
+        parents=[common],
+        help="download a document through the node; the file appears only if its digest checks",
+    )
+    fetch.add_argument("uri", metavar="URI", help="chapar://<agency>/documents/sha256/<hex>")
+    fetch.add_argument("--out", type=Path, required=True, metavar="PATH", help="where to save it")
+    fetch.add_argument("--json", action="store_true", help="print JSON")
+    fetch.set_defaults(func=_handler(_fetch))
 
     inbox = subparsers.add_parser(
         "inbox", parents=[common], help="print letters waiting in the agency's inbox"
@@ -235,8 +253,11 @@ async def _send(ns: argparse.Namespace) -> int:
             in_reply_to=ns.in_reply_to,
             content_type=ns.content_type,
             request_id=ns.request_id,
+            attachments=list(ns.attach),
         )
+        tracking = await client.track(receipt.shams) if ns.attach else None
     evidence = _evidence(receipt.content())
+    refs = list(tracking.header.attachments) if tracking is not None else []
     if ns.json:
         _print_json(
             {
@@ -244,11 +265,36 @@ async def _send(ns: argparse.Namespace) -> int:
                 "request_id": receipt.request_id,
                 "envelope_sha256": receipt.envelope_sha256.hex(),
                 "evidence": evidence,
+                "attachments": [_ref_json(r) for r in refs],
             }
         )
     else:
         print(receipt.shams)
         print(_evidence_line(evidence))
+        for ref in refs:
+            print(f"attachment {ref.uri}  {ref.size} bytes  {ref.media_type}  {ref.file_name}")
+    return 0
+
+
+def _ref_json(ref: pb.AttachmentRef) -> dict[str, Any]:
+    return {
+        "uri": ref.uri,
+        "sha256": ref.sha256.hex(),
+        "size": ref.size,
+        "media_type": ref.media_type,
+        "file_name": ref.file_name,
+    }
+
+
+async def _fetch(ns: argparse.Namespace) -> int:
+    connection = _connection(ns)
+    async with connection.client() as client:
+        path = await client.fetch(ns.uri, ns.out)
+    size = path.stat().st_size
+    if ns.json:
+        _print_json({"uri": ns.uri, "path": str(path), "size": size, "verified": True})
+    else:
+        print(f"{path}  {size} bytes  SHA-256 verified")
     return 0
 
 
@@ -263,6 +309,7 @@ def _letter_json(letter: Letter, handover: pb.Evidence | None) -> dict[str, Any]
         "create_time": letter.create_time.isoformat() if letter.create_time else None,
         "content_type": letter.header.content_type,
         "body": letter.text,
+        "attachments": [_ref_json(r) for r in letter.header.attachments],
     }
     if handover is not None:
         out["handover"] = _evidence(pb.EvidenceContent.FromString(handover.content))
@@ -291,6 +338,8 @@ async def _inbox(ns: argparse.Namespace) -> int:
                             f"  | {first_line}",
                             flush=True,
                         )
+                        for ref in letter.header.attachments:
+                            print(f"  attachment {ref.uri}  {ref.size} bytes  {ref.file_name}")
                         if ns.ack:
                             handover = await letter.ack()
                             content = pb.EvidenceContent.FromString(handover.content)

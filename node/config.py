@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from client_sdk.identity import Identity, is_agency_code
+from node.core.documents import DocumentLimits, base_media_type
 from node.core.letters import LetterLimits
 from node.storage.db import Durability
 
@@ -116,6 +117,8 @@ class NodeConfig:
     # Back-end client name -> the mailboxes it may use; a client not listed may use all.
     clients: dict[str, frozenset[str]] = field(default_factory=dict)
     metrics_interval_s: float = 5.0
+    documents: DocumentLimits = field(default_factory=DocumentLimits)
+    documents_dir: Path = Path("documents")
 
     @property
     def identity(self) -> Identity:
@@ -377,6 +380,25 @@ def _clients(t: _Table) -> dict[str, frozenset[str]]:
     return clients
 
 
+def _documents(t: _Table) -> tuple[DocumentLimits, Path]:
+    docs = t.table("documents", required=False)
+    defaults = DocumentLimits()
+    raw = docs.get("media_types", sorted(defaults.media_types))
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or not all(isinstance(m, str) and "/" in m and m == base_media_type(m) for m in raw)
+    ):
+        raise ConfigError(
+            "documents.media_types: must be a non-empty list of lower-case type/subtype strings"
+        )
+    limits = DocumentLimits(
+        max_file_bytes=docs.integer("max_file_bytes", defaults.max_file_bytes),
+        media_types=frozenset(raw),
+    )
+    return limits, docs.path_("directory", must_exist=False, default="documents")
+
+
 def load_node_config(path: Path) -> NodeConfig:
     t = _read(path)
     config = _node_config(t)
@@ -391,6 +413,7 @@ def _node_config(t: _Table) -> NodeConfig:
         raise ConfigError(f"node.agency: {agency!r} is not 2-64 characters of A-Z 0-9 . -")
     limits = t.table("limits", required=False)
     defaults = LetterLimits()
+    documents, documents_dir = _documents(t)
     return NodeConfig(
         agency=agency,
         listen=node.listen("listen"),
@@ -415,4 +438,6 @@ def _node_config(t: _Table) -> NodeConfig:
         retention_s=node.number("retention_s", 30 * 86400.0),
         purge_interval_s=node.number("purge_interval_s", 3600.0),
         metrics_interval_s=node.positive("metrics_interval_s", 5.0),
+        documents=documents,
+        documents_dir=documents_dir,
     )

@@ -1,16 +1,20 @@
 """``chapar demo``: a hub and two agency nodes on loopback exchanging signed letters.
 
 Agency A (a Vietnamese organ code) writes to agency B (an Iranian 11-digit legal-entity
-id); B receives and acknowledges it and answers with a reply; A receives the reply. For each
+id), attaching a PDF: the file goes to A's document store and only its address travels with
+the letter. B receives and acknowledges it, downloads the attachment through its own node
+(which fetches it from A through the hub and checks its SHA-256), and answers with a reply;
+A receives the reply. For each
 letter the sender's evidence chain (SUBMISSION_ACCEPTANCE, RELAY_ACCEPTANCE, DELIVERY,
 HANDOVER) is fetched and every signature verified against the root CA alone. Exit status 0
-only if every chain verified.
+only if every chain verified and the attachment arrived intact.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import signal
 import tempfile
 from pathlib import Path
@@ -63,10 +67,40 @@ def _print_chain(title: str, shams: str, tracking: Tracking, trust: TrustStore) 
     return True
 
 
+def _sample_pdf(path: Path) -> Path:
+    """A small, valid one-page PDF (the demo's attachment)."""
+    text = b"BT /F1 18 Tf 72 720 Td (Budget report 2026) Tj ET"
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+        b" /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(text), text),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
+    path.write_bytes(bytes(out))
+    return path
+
+
 async def _exchange(cluster: Cluster) -> bool:
     creds_a = cluster.credentials(AGENCY_A)
     creds_b = cluster.credentials(AGENCY_B)
     ok = True
+    files = cluster.root / "files"
+    files.mkdir(exist_ok=True)
+    report = _sample_pdf(files / "budget-report-2026.pdf")
     async with (
         ExchangeClient(cluster.nodes[AGENCY_A].address, creds_a) as a,
         ExchangeClient(cluster.nodes[AGENCY_B].address, creds_b) as b,
@@ -75,13 +109,26 @@ async def _exchange(cluster: Cluster) -> bool:
             to=[AGENCY_B],
             subject="Yêu cầu phối hợp — request for cooperation",
             body="Kính gửi: please confirm the figures of the 2026 budget report.\n",
+            attachments=[report],
         )
-        print(f"A ({AGENCY_A}) sent {letter.shams}")
+        print(f"A ({AGENCY_A}) sent {letter.shams} with the attachment {report.name}")
         inbox = b.inbox()
         received = await anext(inbox)
         print(
             f"B ({AGENCY_B}) received {received.shams} from {received.sender}: {received.subject}"
         )
+        for attachment in received.attachments:
+            print(f"  attachment {attachment.uri} ({attachment.size} bytes)")
+            saved = await attachment.save(files / f"received-{attachment.file_name}")
+            intact = hashlib.sha256(saved.read_bytes()).digest() == attachment.sha256
+            ok = intact and saved.read_bytes() == report.read_bytes() and ok
+            print(
+                f"  saved to {saved}: "
+                + ("arrived intact, SHA-256 verified" if intact else "CORRUPTED")
+            )
+        if not received.attachments:
+            print("  the attachment is MISSING")
+            ok = False
         await received.ack()
         reply = await b.send(
             to=[AGENCY_A],

@@ -29,6 +29,7 @@ from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams, valid_timestamp, validate_shams
+from node.hub_documents import DocumentRelay, document_grants
 from node.metrics import (
     EXPIRED,
     HUB_CONNECTED_NODES,
@@ -138,6 +139,7 @@ class Hub(pb.HubServiceServicer):
         self._status_version = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._trust_directory(directory)
+        self.documents = DocumentRelay(self)
 
     def _trust_directory(self, directory: pb.Directory) -> None:
         self.trust.add_certificates(directory.intermediate_certificates)
@@ -368,6 +370,18 @@ class Hub(pb.HubServiceServicer):
             await abort(context, exc)
         return pb.GetDirectoryResponse(directory=self.directory.message)
 
+    async def FetchDocument(  # type: ignore[override]  # answers via context.write
+        self, request: pb.FetchDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await self.documents.fetch(request, context)
+
+    async def PushDocument(
+        self,
+        request_iterator: AsyncIterator[pb.PushDocumentRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.PushDocumentResponse:
+        return await self.documents.push(request_iterator, context)
+
     async def Connect(  # type: ignore[override]  # answers via context.write
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
     ) -> None:
@@ -491,6 +505,7 @@ class Hub(pb.HubServiceServicer):
             else None,
             shams=format_shams(header.shams),
             shams_pb=header.shams,
+            grants=document_grants(header, agency) if header.attachments else (),
             sender=agency,
             recipients=[r.agency for r in header.recipients],
             envelope=envelope.SerializeToString(),

@@ -50,6 +50,12 @@ _SERVER_OPTIONS = [
     # gRPC sets SO_REUSEPORT by default: another process could then bind our port and take
     # a share of our connections. A clash must fail the bind instead.
     ("grpc.so_reuseport", 0),
+    # A fixed 1 MiB receive window per stream instead of BDP-probed growth: with probing,
+    # a 1 GiB document stream let windows (and buffered bytes) grow until the hub's peak
+    # RSS passed 150 MB under load; fixed, it stays within a few MB of idle at the same
+    # transfer rate on loopback (docs/BENCHMARKS.md).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 1024 * 1024),
 ]
 
 
@@ -184,14 +190,14 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def _set_health(servicer: health.aio.HealthServicer, service: str, *, serving: bool) -> None:
+async def _set_health(servicer: health.aio.HealthServicer, *services: str, serving: bool) -> None:
     status = (
         health_pb2.HealthCheckResponse.SERVING
         if serving
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
-    await servicer.set("", status)
-    await servicer.set(service, status)
+    for service in ("", *services):
+        await servicer.set(service, status)
     m.READY.set(1 if serving else 0)
 
 
@@ -213,7 +219,7 @@ async def _watch_node_health(
         now = _node_serving(agency)
         if now != serving:
             serving = now
-            await _set_health(servicer, pb.NODE_SERVICE_NAME, serving=now)
+            await _set_health(servicer, pb.NODE_SERVICE_NAME, pb.DOCUMENT_SERVICE_NAME, serving=now)
             log.log(
                 logging.INFO if now else logging.WARNING,
                 "health: %s",
@@ -240,13 +246,15 @@ async def _start(
     creds: grpc.ServerCredentials,
     service: str,
     health_servicer: health.aio.HealthServicer,
+    *more_services: str,
 ) -> str:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # grpcio-health-checking starts "" as SERVING; nothing is ready before we say so.
-    await _set_health(health_servicer, service, serving=False)
+    await _set_health(health_servicer, service, *more_services, serving=False)
     reflection.enable_server_reflection(
         [
             service,
+            *more_services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
@@ -301,6 +309,8 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
 
 async def serve_node(config: NodeConfig) -> None:
     from node.agency import Agency
+    from node.document_store import DocumentStore
+    from node.documents import Documents
     from node.monitor import NodeMonitor
     from node.rpc.hub_link import HubLink
     from node.storage.node_store import NodeStore
@@ -311,20 +321,36 @@ async def serve_node(config: NodeConfig) -> None:
     link_creds = channel_credentials(config.tls)
     store = await NodeStore.open(config.database, config.durability)
     agency = Agency(config, store, signer, trust)
+    try:
+        document_store = DocumentStore(config.documents_dir, config.documents)
+    except OSError as exc:
+        raise ConfigError(f"documents.directory: cannot use {config.documents_dir}: {exc}") from exc
+    agency.document_store = document_store
+    documents = Documents(agency, document_store)
     cached = await store.load_directory()
     if cached is not None:
         await agency.set_directory(cached, persist=False)
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
+    add_servicer(server, documents, pb.DOCUMENT_SERVICE, limit=config.max_message_bytes)
     metrics = _metrics(config.metrics_listen, "node")
     health_servicer = health.aio.HealthServicer()
     link = HubLink(agency, link_creds)
+    link.document_store = document_store
+    documents.link = link
     monitor = NodeMonitor(agency)
     monitor.start()
     link_task = asyncio.create_task(link.run(), name="hub-link")
     agency.start()
     try:
-        address = await _start(server, config.listen, creds, pb.NODE_SERVICE_NAME, health_servicer)
+        address = await _start(
+            server,
+            config.listen,
+            creds,
+            pb.NODE_SERVICE_NAME,
+            health_servicer,
+            pb.DOCUMENT_SERVICE_NAME,
+        )
         log.info("node %s listening on %s", config.agency, address)
         stop = asyncio.create_task(_until_signalled())
         # Ready means able to take submissions: listening and holding a directory (cached
@@ -334,7 +360,9 @@ async def serve_node(config: NodeConfig) -> None:
         watcher: asyncio.Task[None] | None = None
         if ready.done():
             serving = _node_serving(agency)
-            await _set_health(health_servicer, pb.NODE_SERVICE_NAME, serving=serving)
+            await _set_health(
+                health_servicer, pb.NODE_SERVICE_NAME, pb.DOCUMENT_SERVICE_NAME, serving=serving
+            )
             _write_ready(config.ready_file, address, "node", metrics)
             log.info("node %s ready", config.agency)
             watcher = asyncio.create_task(_watch_node_health(health_servicer, agency, serving))

@@ -19,6 +19,7 @@ from client_sdk.identity import is_agency_code
 from client_sdk.signing import sha256
 from client_sdk.trust import valid_timestamp
 from node.core.directory import DirectoryView
+from node.core.documents import DocumentLimits, validate_attachments
 from node.core.errors import ChaparError, Code
 
 __all__ = [
@@ -90,11 +91,13 @@ def validate_draft(
     directory: DirectoryView,
     limits: LetterLimits,
     now: dt.datetime,
+    documents: DocumentLimits | None = None,
 ) -> pb.LetterDraft:
     """Checks a draft and returns a normalised copy; raises ChaparError on the first fault.
 
     Recipients must be valid, distinct, present and active in the directory; the sender must
-    be active. Attachments need the document store, which this node does not have yet.
+    be active. Attachment references must be well formed and name the sender's own
+    documents (whether the node holds them is checked by the caller, against its store).
     """
     directory.require_sender(sender)
     out = pb.LetterDraft()
@@ -168,11 +171,17 @@ def validate_draft(
         if draft.expire_time.ToDatetime(tzinfo=dt.UTC) <= now:
             raise _invalid("EXPIRE_TIME_PAST", "expire_time is in the past", "draft.expire_time")
     if draft.attachments:
-        raise ChaparError(
-            Code.UNIMPLEMENTED,
-            "ATTACHMENTS_UNSUPPORTED",
-            "this node has no document store yet; send the letter without attachments",
+        validate_attachments(
+            list(draft.attachments), sender=sender, limits=documents or DocumentLimits()
         )
+        for i, ref in enumerate(out.attachments):
+            field = f"draft.attachments[{i}]"
+            ref.media_type = normalise_text(
+                ref.media_type, f"{field}.media_type", max_chars=255, required=True
+            )
+            ref.file_name = normalise_text(
+                ref.file_name, f"{field}.file_name", max_chars=255, required=False
+            )
     if draft.HasField("metadata"):
         md = out.metadata
         if md.HasField("due_time") and not valid_timestamp(md.due_time):
@@ -209,6 +218,7 @@ def build_header(
         content_type=draft.content_type,
         body_sha256=sha256(draft.body),
         body_size=len(draft.body),
+        attachments=draft.attachments,
     )
     header.create_time.FromDatetime(now)
     if draft.HasField("expire_time"):

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import random
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -28,6 +29,9 @@ from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
 from node.metrics import DELIVERED, DELIVERY_FAILED, RECONNECTS, count_verification_failure
 from node.tasks import handle_concurrently
+
+if TYPE_CHECKING:
+    from node.document_store import DocumentStore
 
 __all__ = ["HubLink"]
 
@@ -47,6 +51,23 @@ class HubLink:
         self._stopping = False
         self._wake = asyncio.Event()
         self._stub: pb.HubServiceStub | None = None
+        self.document_store: DocumentStore | None = None
+        self._pushes: set[asyncio.Task[None]] = set()
+
+    @property
+    def stub(self) -> pb.HubServiceStub | None:
+        """The hub's stub while connected (document fetches ride on the same channel)."""
+        return self._stub
+
+    def on_document_request(self, request: pb.DocumentRequest) -> None:
+        """The hub wants one of our documents: push it on a call of its own."""
+        from node.documents import push
+
+        if self._stub is None or self.document_store is None:
+            return
+        task = asyncio.create_task(push(self._stub, self.document_store, request))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
 
     def stop(self) -> None:
         self._stopping = True
@@ -90,6 +111,9 @@ class HubLink:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # Fixed receive window (see node.server): memory flat while documents stream.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 1024 * 1024),
         ]
         async with grpc.aio.secure_channel(
             self.agency.config.hub, self.credentials, options=options
@@ -248,6 +272,8 @@ class _Session:
             self.agency.full_recipients = frozenset(status.full_recipients)
             if status.retry_after_ms > 0:
                 self.agency.quota_retry_after_s = status.retry_after_ms / 1000
+        elif kind == "document_request":
+            self.link.on_document_request(frame.document_request)
         elif kind == "receipt_acks":
             ids = list(frame.receipt_acks.evidence_ids)
             await self.agency.store.receipts_acknowledged(ids)

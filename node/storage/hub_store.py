@@ -78,6 +78,16 @@ MIGRATIONS = [
         SELECT shams, envelope FROM letters WHERE purged = 0 ORDER BY rowid;
     ALTER TABLE letters DROP COLUMN envelope;
     """,
+    # 4: which agencies may fetch which documents: the recipients of letters referencing
+    # a digest of the letter's sender (the owner). Written from verified, signed headers.
+    """
+    CREATE TABLE document_grants (
+        sha256 BLOB NOT NULL,
+        owner TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        PRIMARY KEY (sha256, owner, recipient)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -92,6 +102,7 @@ class IncomingLetter:
     envelope_sha256: bytes
     expire_at: float | None = None
     shams_pb: pb.Shams | None = None  # the parsed number, when the caller has it
+    grants: Sequence[tuple[bytes, str, str]] = ()  # (digest, owner, recipient) document fetches
 
 
 class HubStore(Store):
@@ -171,6 +182,10 @@ class HubStore(Store):
             conn.executemany(
                 "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, ?)",
                 [(s, r, lifecycle.RELAYED) for s, (_, rs, _) in new.items() for r in rs],
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO document_grants (sha256, owner, recipient) VALUES (?, ?, ?)",
+                [g for lt, _, _ in new.values() for g in lt.grants],
             )
             return out
 
@@ -343,6 +358,13 @@ class HubStore(Store):
             )
 
         await self.db.write(job)
+
+    async def may_fetch(self, digest: bytes, owner: str, recipient: str) -> bool:
+        row = await self.db.fetchone(
+            "SELECT 1 FROM document_grants WHERE sha256 = ? AND owner = ? AND recipient = ?",
+            (digest, owner, recipient),
+        )
+        return row is not None
 
     async def count(self, table: str) -> int:
         assert table in {"letters", "queue", "evidence", "notices"}

@@ -405,10 +405,25 @@ _CASES = [
         "UNKNOWN_RECIPIENT",
     ),
     Case(
-        "attachments",
+        "attachment-uri-not-a-document-address",
         _serialized(attachments=[pb.AttachmentRef(uri="doc://1")]),
-        grpc.StatusCode.UNIMPLEMENTED,
-        "ATTACHMENTS_UNSUPPORTED",
+        INVALID,
+        "INVALID_DOCUMENT_URI",
+    ),
+    Case(
+        "attachment-not-held-by-the-node",
+        _serialized(
+            attachments=[
+                pb.AttachmentRef(
+                    uri=f"chapar://{AGENCY_A}/documents/sha256/" + "ab" * 32,
+                    sha256=b"\xab" * 32,
+                    size=10,
+                    media_type="application/pdf",
+                )
+            ]
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "DOCUMENT_NOT_FOUND",
     ),
 ]
 

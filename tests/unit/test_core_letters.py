@@ -245,8 +245,23 @@ def _case(
 R0 = "draft.recipients[0]"
 R1 = "draft.recipients[1]"
 ATTACHMENT = pb.AttachmentRef(
-    uri=f"chapar://{SENDER}/documents/sha256/" + "0" * 64, sha256=b"\0" * 32, size=1
+    uri=f"chapar://{SENDER}/documents/sha256/" + "0" * 64,
+    sha256=b"\0" * 32,
+    size=1,
+    media_type="application/pdf",
+    file_name="report.pdf",
 )
+
+
+def _ref(**changes: object) -> pb.AttachmentRef:
+    ref = pb.AttachmentRef()
+    ref.CopyFrom(ATTACHMENT)
+    for name, value in changes.items():
+        setattr(ref, name, value)
+    return ref
+
+
+A0 = "draft.attachments[0]"
 NFC_TWINS = [
     pb.Address(agency=ACTIVE, mailbox=VIET_COMPOSED),
     pb.Address(agency=ACTIVE, mailbox=VIET_DECOMPOSED),
@@ -308,8 +323,26 @@ REFUSALS = [
     _case("expire-time-past", _ts(NOW - dt.timedelta(days=1)), INVALID, "EXPIRE_TIME_PAST",
           "draft.expire_time"),
     _case("expire-time-now", _ts(NOW), INVALID, "EXPIRE_TIME_PAST", "draft.expire_time"),
-    _case("attachments", _draft(attachments=[ATTACHMENT]), Code.UNIMPLEMENTED,
-          "ATTACHMENTS_UNSUPPORTED", None),
+    _case("attachment-uri-not-chapar", _draft(attachments=[_ref(uri="doc://1")]), INVALID,
+          "INVALID_DOCUMENT_URI", f"{A0}.uri"),
+    _case("attachment-uri-uppercase-hex",
+          _draft(attachments=[_ref(uri=ATTACHMENT.uri[:-64] + "A" * 64)]), INVALID,
+          "INVALID_DOCUMENT_URI", f"{A0}.uri"),
+    _case("attachment-of-another-agency",
+          _draft(attachments=[_ref(uri=ATTACHMENT.uri.replace(SENDER, ACTIVE))]), INVALID,
+          "DOCUMENT_NOT_OWNED", f"{A0}.uri"),
+    _case("attachment-digest-not-its-uri", _draft(attachments=[_ref(sha256=b"\1" * 32)]),
+          INVALID, "DOCUMENT_DIGEST_MISMATCH", f"{A0}.sha256"),
+    _case("attachment-negative-size", _draft(attachments=[_ref(size=-1)]), INVALID,
+          "INVALID_SIZE", f"{A0}.size"),
+    _case("attachment-over-the-size-limit", _draft(attachments=[_ref(size=2**40)]),
+          Code.RESOURCE_EXHAUSTED, "DOCUMENT_TOO_LARGE", None),
+    _case("attachment-media-type-not-allowed",
+          _draft(attachments=[_ref(media_type="application/x-msdownload")]), INVALID,
+          "MEDIA_TYPE_NOT_ALLOWED", f"{A0}.media_type"),
+    _case("attachment-file-name-with-control-characters",
+          _draft(attachments=[_ref(file_name="a\x00.pdf")]), INVALID, "INVALID_TEXT",
+          f"{A0}.file_name"),
 ]  # fmt: skip
 
 
@@ -366,6 +399,15 @@ ROOT = pb.Shams(origin=ACTIVE_2, domain=pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL, ye
 def _header(draft: pb.LetterDraft, thread_root: pb.Shams | None = None) -> pb.EnvelopeHeader:
     data = build_header(draft, sender=SENDER, shams=SHAMS, now=NOW, thread_root=thread_root)
     return pb.EnvelopeHeader.FromString(data)
+
+
+def test_attachment_references_are_signed_into_the_header_normalised() -> None:
+    ref = _ref(file_name=VIET_DECOMPOSED + ".pdf", media_type="application/pdf")
+    header = _header(_validate(_draft(attachments=[ref])))
+    (got,) = header.attachments
+    assert (got.uri, got.sha256, got.size) == (ATTACHMENT.uri, ATTACHMENT.sha256, 1)
+    assert got.media_type == "application/pdf"
+    assert got.file_name == VIET_COMPOSED + ".pdf"
 
 
 def test_header_carries_sender_shams_recipients_and_body_digest() -> None:

@@ -609,7 +609,7 @@ async def test_abort_without_details_keeps_code_and_message(
     client: ExchangeClient, fake_node: tuple[FakeNode, str]
 ) -> None:
     fake_node[0].abort = Abort(grpc.StatusCode.DATA_LOSS, "disk gone")
-    with pytest.raises(errors.InternalError) as caught:
+    with pytest.raises(errors.DataLoss) as caught:
         await client.track("000.00.00.G22/O/2026/0000001")
     assert caught.value.code == grpc.StatusCode.DATA_LOSS
     assert (caught.value.reason, caught.value.message) == ("", "disk gone")
@@ -1040,6 +1040,7 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         "Tracking",
         "VerifiedEvidence",
         "Draft",
+        "Attachment",
         "ChaparError",
         "InvalidArgument",
         "NotFound",
@@ -1051,6 +1052,8 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         "Unavailable",
         "DeadlineExceeded",
         "Cancelled",
+        "OutOfRange",
+        "DataLoss",
         "InternalError",
         "format_shams",
         "parse_shams",
@@ -1058,5 +1061,5 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
     for name in client_sdk.__all__:
         assert getattr(client_sdk, name).__module__.startswith("client_sdk.")
     classes = [getattr(errors, n) for n in errors.__all__ if isinstance(getattr(errors, n), type)]
-    assert len(classes) == 12
+    assert len(classes) == 14
     assert all(issubclass(c, ChaparError) for c in classes)

@@ -204,6 +204,7 @@ class ConnectResponse(_message.Message):
     RECEIPT_ACKS_FIELD_NUMBER: _builtins.int
     QUEUE_STATUS_FIELD_NUMBER: _builtins.int
     DIRECTORY_UPDATE_FIELD_NUMBER: _builtins.int
+    DOCUMENT_REQUEST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___ConnectWelcome:
         """First frame of the stream."""
@@ -234,6 +235,10 @@ class ConnectResponse(_message.Message):
         revoked); the node fetches it with GetDirectory.
         """
 
+    @_builtins.property
+    def document_request(self) -> Global___DocumentRequest:
+        """Another agency fetches one of this node's documents; answer with PushDocument."""
+
     def __init__(
         self,
         *,
@@ -244,16 +249,47 @@ class ConnectResponse(_message.Message):
         receipt_acks: Global___EvidenceAckBatch | None = ...,
         queue_status: Global___QueueStatus | None = ...,
         directory_update: Global___DirectoryUpdate | None = ...,
+        document_request: Global___DocumentRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "directory_update", b"directory_update", "evidence", b"evidence", "frame", b"frame", "queue_status", b"queue_status", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "directory_update", b"directory_update", "document_request", b"document_request", "evidence", b"evidence", "frame", b"frame", "queue_status", b"queue_status", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "directory_update", b"directory_update", "evidence", b"evidence", "frame", b"frame", "queue_status", b"queue_status", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "directory_update", b"directory_update", "document_request", b"document_request", "evidence", b"evidence", "frame", b"frame", "queue_status", b"queue_status", "receipt_acks", b"receipt_acks", "relay_results", b"relay_results", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["welcome", "relay_results", "deliveries", "evidence", "receipt_acks", "queue_status", "directory_update"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["welcome", "relay_results", "deliveries", "evidence", "receipt_acks", "queue_status", "directory_update", "document_request"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class DocumentRequest(_message.Message):
+    """DocumentRequest asks a node to push one of its documents to the hub."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Names the push (first message of PushDocument)."""
+    sha256: _builtins.bytes
+    """SHA-256 of the document."""
+    offset: _builtins.int
+    """Byte offset to start from."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        sha256: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "request_id", b"request_id", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentRequest: _TypeAlias = DocumentRequest  # noqa: Y015
 
 @_typing.final
 class DirectoryUpdate(_message.Message):
@@ -348,3 +384,137 @@ class GetDirectoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetDirectoryResponse: _TypeAlias = GetDirectoryResponse  # noqa: Y015
+
+@_typing.final
+class FetchDocumentRequest(_message.Message):
+    """FetchDocumentRequest asks the hub for another agency's document."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URI_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    uri: _builtins.str
+    """chapar://<agency>/documents/sha256/<hex>"""
+    offset: _builtins.int
+    """Byte offset to start from."""
+    def __init__(
+        self,
+        *,
+        uri: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchDocumentRequest: _TypeAlias = FetchDocumentRequest  # noqa: Y015
+
+@_typing.final
+class FetchDocumentResponse(_message.Message):
+    """FetchDocumentResponse is one message of a fetch stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """Full size of the document; set in the first message only."""
+    chunk: _builtins.bytes
+    """The next piece of the document."""
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchDocumentResponse: _TypeAlias = FetchDocumentResponse  # noqa: Y015
+
+@_typing.final
+class PushHeader(_message.Message):
+    """PushHeader opens a push."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request_id of the DocumentRequest being answered."""
+    size: _builtins.int
+    """Full size of the document."""
+    error_reason: _builtins.str
+    """Set when the node cannot serve the document (e.g. DOCUMENT_NOT_FOUND); no chunks follow."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        size: _builtins.int = ...,
+        error_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_reason", b"error_reason", "request_id", b"request_id", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushHeader: _TypeAlias = PushHeader  # noqa: Y015
+
+@_typing.final
+class PushDocumentRequest(_message.Message):
+    """PushDocumentRequest is one message of a push stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next piece of the document."""
+    @_builtins.property
+    def header(self) -> Global___PushHeader:
+        """First message."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___PushHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___PushDocumentRequest: _TypeAlias = PushDocumentRequest  # noqa: Y015
+
+@_typing.final
+class PushDocumentResponse(_message.Message):
+    """PushDocumentResponse ends a push."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_RELAYED_FIELD_NUMBER: _builtins.int
+    bytes_relayed: _builtins.int
+    """Bytes the hub passed on."""
+    def __init__(
+        self,
+        *,
+        bytes_relayed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_relayed", b"bytes_relayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushDocumentResponse: _TypeAlias = PushDocumentResponse  # noqa: Y015

@@ -48,6 +48,16 @@ class HubServiceStub:
                 request_serializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.GetDirectoryRequest.SerializeToString,
                 response_deserializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.GetDirectoryResponse.FromString,
                 _registered_method=True)
+        self.FetchDocument = channel.unary_stream(
+                '/chapar.exchange.v1.HubService/FetchDocument',
+                request_serializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.FetchDocumentRequest.SerializeToString,
+                response_deserializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.FetchDocumentResponse.FromString,
+                _registered_method=True)
+        self.PushDocument = channel.stream_unary(
+                '/chapar.exchange.v1.HubService/PushDocument',
+                request_serializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentRequest.SerializeToString,
+                response_deserializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentResponse.FromString,
+                _registered_method=True)
 
 
 class HubServiceServicer:
@@ -74,6 +84,24 @@ class HubServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchDocument(self, request, context):
+        """Fetches a document of another agency from a byte offset. The hub admits only an agency
+        that is a recipient of a letter referencing the document's digest (PERMISSION_DENIED
+        otherwise), asks the owning node with a document_request frame on its Connect stream,
+        and pipes the chunks that node pushes, with backpressure. No node needs an inbound port.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushDocument(self, request_iterator, context):
+        """The owning node's answer to a document_request: a client stream whose first message
+        names the request, then the document's chunks from the requested offset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -86,6 +114,16 @@ def add_HubServiceServicer_to_server(servicer, server):
                     servicer.GetDirectory,
                     request_deserializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.GetDirectoryRequest.FromString,
                     response_serializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.GetDirectoryResponse.SerializeToString,
+            ),
+            'FetchDocument': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchDocument,
+                    request_deserializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.FetchDocumentRequest.FromString,
+                    response_serializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.FetchDocumentResponse.SerializeToString,
+            ),
+            'PushDocument': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushDocument,
+                    request_deserializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentRequest.FromString,
+                    response_serializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -146,6 +184,60 @@ class HubService:
             '/chapar.exchange.v1.HubService/GetDirectory',
             chapar_dot_exchange_dot_v1_dot_hub__service__pb2.GetDirectoryRequest.SerializeToString,
             chapar_dot_exchange_dot_v1_dot_hub__service__pb2.GetDirectoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chapar.exchange.v1.HubService/FetchDocument',
+            chapar_dot_exchange_dot_v1_dot_hub__service__pb2.FetchDocumentRequest.SerializeToString,
+            chapar_dot_exchange_dot_v1_dot_hub__service__pb2.FetchDocumentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushDocument(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/chapar.exchange.v1.HubService/PushDocument',
+            chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentRequest.SerializeToString,
+            chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentResponse.FromString,
             options,
             channel_credentials,
             insecure,

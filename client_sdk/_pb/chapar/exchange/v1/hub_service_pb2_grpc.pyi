@@ -45,6 +45,16 @@ class HubServiceStub:
     """
     GetDirectory: _grpc.UnaryUnaryMultiCallable[_hub_service_pb2.GetDirectoryRequest, _hub_service_pb2.GetDirectoryResponse]
     """Returns the current directory."""
+    FetchDocument: _grpc.UnaryStreamMultiCallable[_hub_service_pb2.FetchDocumentRequest, _hub_service_pb2.FetchDocumentResponse]
+    """Fetches a document of another agency from a byte offset. The hub admits only an agency
+    that is a recipient of a letter referencing the document's digest (PERMISSION_DENIED
+    otherwise), asks the owning node with a document_request frame on its Connect stream,
+    and pipes the chunks that node pushes, with backpressure. No node needs an inbound port.
+    """
+    PushDocument: _grpc.StreamUnaryMultiCallable[_hub_service_pb2.PushDocumentRequest, _hub_service_pb2.PushDocumentResponse]
+    """The owning node's answer to a document_request: a client stream whose first message
+    names the request, then the document's chunks from the requested offset.
+    """
 
 @_typing.type_check_only
 class HubServiceAsyncStub(HubServiceStub):
@@ -63,6 +73,16 @@ class HubServiceAsyncStub(HubServiceStub):
     """
     GetDirectory: _aio.UnaryUnaryMultiCallable[_hub_service_pb2.GetDirectoryRequest, _hub_service_pb2.GetDirectoryResponse]  # type: ignore[assignment]
     """Returns the current directory."""
+    FetchDocument: _aio.UnaryStreamMultiCallable[_hub_service_pb2.FetchDocumentRequest, _hub_service_pb2.FetchDocumentResponse]  # type: ignore[assignment]
+    """Fetches a document of another agency from a byte offset. The hub admits only an agency
+    that is a recipient of a letter referencing the document's digest (PERMISSION_DENIED
+    otherwise), asks the owning node with a document_request frame on its Connect stream,
+    and pipes the chunks that node pushes, with backpressure. No node needs an inbound port.
+    """
+    PushDocument: _aio.StreamUnaryMultiCallable[_hub_service_pb2.PushDocumentRequest, _hub_service_pb2.PushDocumentResponse]  # type: ignore[assignment]
+    """The owning node's answer to a document_request: a client stream whose first message
+    names the request, then the document's chunks from the requested offset.
+    """
 
 class HubServiceServicer(metaclass=_abc_1.ABCMeta):
     """HubService is what agency nodes use to talk to the national exchange hub.
@@ -90,5 +110,27 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_hub_service_pb2.GetDirectoryResponse, _abc.Awaitable[_hub_service_pb2.GetDirectoryResponse]]:
         """Returns the current directory."""
+
+    @_abc_1.abstractmethod
+    def FetchDocument(
+        self,
+        request: _hub_service_pb2.FetchDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_hub_service_pb2.FetchDocumentResponse], _abc.AsyncIterator[_hub_service_pb2.FetchDocumentResponse]]:
+        """Fetches a document of another agency from a byte offset. The hub admits only an agency
+        that is a recipient of a letter referencing the document's digest (PERMISSION_DENIED
+        otherwise), asks the owning node with a document_request frame on its Connect stream,
+        and pipes the chunks that node pushes, with backpressure. No node needs an inbound port.
+        """
+
+    @_abc_1.abstractmethod
+    def PushDocument(
+        self,
+        request_iterator: _MaybeAsyncIterator[_hub_service_pb2.PushDocumentRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_service_pb2.PushDocumentResponse, _abc.Awaitable[_hub_service_pb2.PushDocumentResponse]]:
+        """The owning node's answer to a document_request: a client stream whose first message
+        names the request, then the document's chunks from the requested offset.
+        """
 
 def add_HubServiceServicer_to_server(servicer: HubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

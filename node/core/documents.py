@@ -1,0 +1,148 @@
+"""Documents: addresses, limits and the rules for attachment references (no I/O).
+
+A document is addressed by its owner and its content: ``chapar://<agency>/documents/
+sha256/<hex>``. Only the address travels with a letter; the header's reference adds the
+digest, size, media type and file name, and the sender's signature covers all of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from client_sdk import pb
+from node.core.errors import ChaparError, Code
+
+__all__ = [
+    "DEFAULT_MAX_FILE_BYTES",
+    "DEFAULT_MEDIA_TYPES",
+    "MAX_ATTACHMENTS",
+    "DocumentLimits",
+    "base_media_type",
+    "check_media_type",
+    "check_size",
+    "document_uri",
+    "parse_document_uri",
+    "validate_attachments",
+]
+
+DEFAULT_MAX_FILE_BYTES = 2 * 1024 * 1024 * 1024
+MAX_ATTACHMENTS = 100
+DEFAULT_MEDIA_TYPES = frozenset(
+    {
+        "application/pdf",
+        "application/msword",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "application/vnd.ms-excel",
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "application/vnd.ms-powerpoint",
+        "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+        "application/vnd.oasis.opendocument.text",
+        "application/vnd.oasis.opendocument.spreadsheet",
+        "application/xml",
+        "text/plain",
+        "text/csv",
+        "image/png",
+        "image/jpeg",
+        "image/tiff",
+    }
+)
+_URI = re.compile(r"chapar://(?P<agency>[A-Z0-9.\-]{2,64})/documents/sha256/(?P<hex>[0-9a-f]{64})")
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentLimits:
+    """What the document store accepts (configuration ``[documents]``)."""
+
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    media_types: frozenset[str] = field(default_factory=lambda: DEFAULT_MEDIA_TYPES)
+
+
+def document_uri(agency: str, digest: bytes) -> str:
+    return f"chapar://{agency}/documents/sha256/{digest.hex()}"
+
+
+def parse_document_uri(uri: str, field: str = "uri") -> tuple[str, bytes]:
+    """(owning agency, SHA-256) of a document address; INVALID_ARGUMENT otherwise."""
+    match = _URI.fullmatch(uri)
+    if match is None:
+        raise ChaparError(
+            Code.INVALID_ARGUMENT,
+            "INVALID_DOCUMENT_URI",
+            f"{field} is not chapar://<agency>/documents/sha256/<64 hex digits>",
+            field_violations=[(field, "not a document address")],
+        )
+    return match["agency"], bytes.fromhex(match["hex"])
+
+
+def base_media_type(media_type: str) -> str:
+    """``type/subtype`` in lower case, without parameters (``; charset=...``)."""
+    return media_type.split(";", 1)[0].strip().lower()
+
+
+def check_media_type(media_type: str, limits: DocumentLimits, field: str) -> None:
+    if base_media_type(media_type) not in limits.media_types:
+        raise ChaparError(
+            Code.INVALID_ARGUMENT,
+            "MEDIA_TYPE_NOT_ALLOWED",
+            f"{field} {media_type!r} is not an allowed media type",
+            metadata={"media_type": media_type[:100]},
+            field_violations=[(field, "media type not allowed")],
+        )
+
+
+def check_size(size: int, limits: DocumentLimits) -> None:
+    """RESOURCE_EXHAUSTED for a file over the limit (checked before anything is stored)."""
+    if size > limits.max_file_bytes:
+        raise ChaparError(
+            Code.RESOURCE_EXHAUSTED,
+            "DOCUMENT_TOO_LARGE",
+            f"document of {size} bytes is over the limit of {limits.max_file_bytes}",
+            metadata={"limit": str(limits.max_file_bytes), "size": str(size)},
+        )
+
+
+def validate_attachments(
+    refs: list[pb.AttachmentRef], *, sender: str, limits: DocumentLimits
+) -> None:
+    """Checks the form of a draft's attachment references.
+
+    Each must address a document of the sending agency whose address agrees with its
+    digest, with a size within the limit and an allowed media type. Whether the node holds
+    that content is the store's question (``Agency`` asks it before numbering).
+    """
+    if len(refs) > MAX_ATTACHMENTS:
+        raise ChaparError(
+            Code.INVALID_ARGUMENT,
+            "TOO_MANY_ATTACHMENTS",
+            f"at most {MAX_ATTACHMENTS} attachments",
+            metadata={"limit": str(MAX_ATTACHMENTS)},
+            field_violations=[("draft.attachments", "too many")],
+        )
+    for i, ref in enumerate(refs):
+        field = f"draft.attachments[{i}]"
+        owner, digest = parse_document_uri(ref.uri, f"{field}.uri")
+        if owner != sender:
+            raise ChaparError(
+                Code.INVALID_ARGUMENT,
+                "DOCUMENT_NOT_OWNED",
+                f"{field}.uri is a document of {owner}; upload it to this node first",
+                metadata={"owner": owner},
+                field_violations=[(f"{field}.uri", "not a document of the sender")],
+            )
+        if ref.sha256 != digest:
+            raise ChaparError(
+                Code.INVALID_ARGUMENT,
+                "DOCUMENT_DIGEST_MISMATCH",
+                f"{field}.sha256 is not the digest in its uri",
+                field_violations=[(f"{field}.sha256", "differs from the uri")],
+            )
+        if ref.size < 0:
+            raise ChaparError(
+                Code.INVALID_ARGUMENT,
+                "INVALID_SIZE",
+                f"{field}.size is negative",
+                field_violations=[(f"{field}.size", "negative")],
+            )
+        check_size(ref.size, limits)
+        check_media_type(ref.media_type, limits, f"{field}.media_type")

@@ -1,0 +1,148 @@
+"""The node's document store: content-addressed files on disk, outside SQLite.
+
+A document lives at ``<dir>/sha256/<first two hex digits>/<hex>``. Every write goes to a
+temporary file under ``<dir>/tmp`` while its SHA-256 is computed chunk by chunk; only when
+digest and size are right is it linked into place (``os.link`` is atomic and fails if the
+name exists, so concurrent uploads of the same content store it once). A partial or
+refused upload is never visible, and memory stays flat for any file size: the store never
+holds more than one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import BinaryIO
+
+from client_sdk.documents import CHUNK_BYTES, read_chunks
+from node.core.documents import DocumentLimits, check_size
+from node.core.errors import ChaparError, Code
+
+__all__ = ["CHUNK_BYTES", "DocumentStore", "DocumentWriter"]
+
+
+class DocumentStore:
+    def __init__(self, root: Path, limits: DocumentLimits) -> None:
+        self.root = root
+        self.limits = limits
+        self._tmp = root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        (root / "sha256").mkdir(exist_ok=True)
+        # Leftovers of uploads cut short by a crash: never visible, now removed.
+        for stale in self._tmp.iterdir():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+    def path(self, digest: bytes) -> Path:
+        hexdigest = digest.hex()
+        return self.root / "sha256" / hexdigest[:2] / hexdigest
+
+    def size(self, digest: bytes) -> int | None:
+        """The size of a stored document, or None when it is not here."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def writer(self, *, expected_size: int = 0, expected_sha256: bytes = b"") -> DocumentWriter:
+        """A new temporary file; RESOURCE_EXHAUSTED at once if ``expected_size`` is too big."""
+        if expected_size:
+            check_size(expected_size, self.limits)
+        return DocumentWriter(self, expected_size, expected_sha256)
+
+    def read(self, digest: bytes, offset: int = 0) -> AsyncGenerator[bytes, None]:
+        """The chunks of a stored document from ``offset`` (FileNotFoundError if absent)."""
+        return read_chunks(self.path(digest), offset)
+
+    def remove(self, digest: bytes) -> None:
+        """Drops a copy found corrupt; the next download fetches it again."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path(digest).unlink()
+
+
+class DocumentWriter:
+    """One document being written: a temporary file and a running SHA-256."""
+
+    def __init__(self, store: DocumentStore, expected_size: int, expected_sha256: bytes) -> None:
+        self.store = store
+        self.expected_size = expected_size
+        self.expected_sha256 = expected_sha256
+        self.size = 0
+        self._hash = hashlib.sha256()
+        fd, name = tempfile.mkstemp(dir=store._tmp, prefix="part-")
+        self.path = Path(name)
+        self._file: BinaryIO = os.fdopen(fd, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        """Appends a chunk; RESOURCE_EXHAUSTED (and nothing kept) past the size limit."""
+        if self.size + len(chunk) > self.store.limits.max_file_bytes or (
+            self.expected_size and self.size + len(chunk) > self.expected_size
+        ):
+            self.discard()
+            if self.size + len(chunk) > self.store.limits.max_file_bytes:
+                check_size(self.size + len(chunk), self.store.limits)
+            raise _size_mismatch(self.expected_size, self.size + len(chunk))
+        self._file.write(chunk)
+        self._file.flush()  # readers may follow the file while it grows
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    async def commit(self) -> tuple[bytes, int, bool]:
+        """Checks digest and size, then links the file into place.
+
+        Returns (digest, size, existed). DATA_LOSS / DIGEST_MISMATCH or INVALID_ARGUMENT /
+        SIZE_MISMATCH when the content is not what was expected; nothing is kept then.
+        """
+        digest = self._hash.digest()
+        try:
+            if self.expected_size and self.size != self.expected_size:
+                raise _size_mismatch(self.expected_size, self.size)
+            if self.expected_sha256 and digest != self.expected_sha256:
+                raise ChaparError(
+                    Code.DATA_LOSS,
+                    "DIGEST_MISMATCH",
+                    "the content's SHA-256 is not the expected one; nothing was stored",
+                    metadata={"expected": self.expected_sha256.hex(), "actual": digest.hex()},
+                )
+            self._file.flush()
+            await asyncio.to_thread(os.fsync, self._file.fileno())
+            self._file.close()
+            target = self.store.path(digest)
+            target.parent.mkdir(exist_ok=True)
+            try:
+                os.link(self.path, target)
+                existed = False
+            except FileExistsError:
+                existed = True
+            await asyncio.to_thread(_fsync_dir, target.parent)
+        finally:
+            self.discard()
+        return digest, self.size, existed
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _size_mismatch(expected: int, actual: int) -> ChaparError:
+    return ChaparError(
+        Code.INVALID_ARGUMENT,
+        "SIZE_MISMATCH",
+        f"the content has {actual} bytes or more, not the {expected} announced",
+        metadata={"expected": str(expected), "actual": str(actual)},
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

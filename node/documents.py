@@ -1,0 +1,405 @@
+"""The node's DocumentService, and its two sides of moving documents through the hub.
+
+* Back-ends upload (client stream) into the store, download (server stream from an
+  offset) and stat. Same mutual TLS and authorisation as NodeService.
+* A document of another agency is fetched at its first download: ``HubService.
+  FetchDocument`` streams it from the owning node through the hub; this node writes it to
+  a temporary file while hashing it and keeps it only when size and SHA-256 match the
+  address (DATA_LOSS / DIGEST_MISMATCH otherwise, nothing kept). A broken fetch resumes
+  from the bytes already written.
+* When the hub asks for one of this agency's documents (a ``document_request`` frame on
+  the Connect stream), ``push`` answers with a node-initiated ``PushDocument`` stream:
+  the node never needs an inbound port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, BinaryIO
+
+import grpc
+
+from client_sdk import pb
+from client_sdk.documents import CHUNK_BYTES
+from client_sdk.errors import from_rpc_error
+from node.agency import Agency
+from node.core.documents import check_media_type, check_size, document_uri, parse_document_uri
+from node.core.errors import ChaparError, Code
+from node.document_store import DocumentStore, DocumentWriter
+from node.rpc.errors import abort
+
+if TYPE_CHECKING:
+    from node.rpc.hub_link import HubLink
+
+__all__ = ["Documents", "push"]
+
+log = logging.getLogger("chapar.documents")
+_FETCH_ATTEMPTS = 3
+
+
+class Documents(pb.DocumentServiceServicer):
+    def __init__(self, agency: Agency, store: DocumentStore) -> None:
+        self.agency = agency
+        self.store = store
+        self.link: HubLink | None = None
+        self._fetches: dict[bytes, _Fetch] = {}
+
+    # -- upload -------------------------------------------------------------------------
+
+    async def UploadDocument(  # type: ignore[override]  # answers via context.write
+        self,
+        request_iterator: AsyncIterator[pb.UploadDocumentRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        try:
+            self.agency._authorize(context)
+            first = await anext(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise ChaparError(
+                    Code.INVALID_ARGUMENT,
+                    "UPLOAD_HEADER_MISSING",
+                    "the first message of an upload must be its header",
+                    field_violations=[("header", "missing")],
+                )
+            header = first.header
+            check_media_type(header.media_type, self.store.limits, "header.media_type")
+            if header.size < 0:
+                raise ChaparError(Code.INVALID_ARGUMENT, "INVALID_SIZE", "header.size is negative")
+            writer = self.store.writer(expected_size=header.size, expected_sha256=header.sha256)
+            try:
+                await context.write(pb.UploadDocumentResponse())  # header accepted: send on
+                async for message in request_iterator:
+                    if message.WhichOneof("part") != "chunk":
+                        raise ChaparError(
+                            Code.INVALID_ARGUMENT,
+                            "UNEXPECTED_HEADER",
+                            "only the first message of an upload is a header",
+                        )
+                    writer.write(message.chunk)
+                digest, size, existed = await writer.commit()
+            finally:
+                writer.discard()
+        except ChaparError as exc:
+            log.info("upload refused: %s %s", exc.reason, exc.message)
+            await abort(context, exc)
+            return
+        uri = document_uri(self.agency.config.agency, digest)
+        log.info("document %s stored (%d bytes%s)", uri, size, ", existed" if existed else "")
+        await context.write(
+            pb.UploadDocumentResponse(
+                document=pb.DocumentInfo(uri=uri, sha256=digest, size=size), existed=existed
+            )
+        )
+
+    # -- stat and download ----------------------------------------------------------------
+
+    async def StatDocument(
+        self, request: pb.StatDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatDocumentResponse:
+        try:
+            self.agency._authorize(context, read_only=True)
+            _, digest = parse_document_uri(request.uri)
+        except ChaparError as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        size = self.store.size(digest)
+        if size is None:
+            return pb.StatDocumentResponse(stored=False)
+        return pb.StatDocumentResponse(
+            stored=True, document=pb.DocumentInfo(uri=request.uri, sha256=digest, size=size)
+        )
+
+    async def DownloadDocument(  # type: ignore[override]  # answers via context.write
+        self, request: pb.DownloadDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        joined: tuple[_Fetch, BinaryIO] | None = None
+        try:
+            self.agency._authorize(context, read_only=True)
+            owner, digest = parse_document_uri(request.uri)
+            if request.offset < 0:
+                raise ChaparError(
+                    Code.INVALID_ARGUMENT,
+                    "INVALID_OFFSET",
+                    "offset is negative",
+                    field_violations=[("offset", "negative")],
+                )
+            size = self.store.size(digest)
+            if size is None:
+                if owner == self.agency.config.agency:
+                    raise ChaparError(
+                        Code.NOT_FOUND,
+                        "DOCUMENT_NOT_FOUND",
+                        f"this node holds no document {request.uri}",
+                        metadata={"uri": request.uri},
+                    )
+                joined = self._join_fetch(request.uri, digest)
+            if joined is not None:
+                try:
+                    size = await joined[0].total()
+                except BaseException:
+                    joined[1].close()
+                    raise
+            else:  # held here, or a fetch completed between the two looks
+                size = self.store.size(digest)
+            if size is None:
+                raise ChaparError(
+                    Code.UNAVAILABLE, "DOCUMENT_MOVING", "retry the download", retry_after_s=0.1
+                )
+            if request.offset > size:
+                raise ChaparError(
+                    Code.OUT_OF_RANGE,
+                    "OFFSET_OUT_OF_RANGE",
+                    f"offset {request.offset} is past the end ({size} bytes)",
+                    metadata={"size": str(size)},
+                )
+        except ChaparError as exc:
+            if joined is not None:
+                joined[1].close()
+            log.info("download refused: %s %s", exc.reason, exc.message)
+            await abort(context, exc)
+            return
+        info = pb.DocumentInfo(uri=request.uri, sha256=digest, size=size)
+        if joined is not None:
+            await self._relay_fetch(*joined, request.offset, info, context)
+            return
+        # A whole-file read is checked on the way out too: a copy corrupted on this disk
+        # is dropped (the next download fetches it again) instead of served twice.
+        hasher = hashlib.sha256() if request.offset == 0 else None
+        first = True
+        async with contextlib.aclosing(self.store.read(digest, request.offset)) as chunks:
+            async for chunk in chunks:
+                if hasher is not None:
+                    hasher.update(chunk)
+                await context.write(
+                    pb.DownloadDocumentResponse(document=info if first else None, chunk=chunk)
+                )
+                first = False
+        if first:
+            await context.write(pb.DownloadDocumentResponse(document=info))
+        if hasher is not None and hasher.digest() != digest:
+            log.error("stored document %s is corrupt; dropping this copy", request.uri)
+            if owner != self.agency.config.agency:
+                self.store.remove(digest)
+            await abort(
+                context,
+                ChaparError(
+                    Code.DATA_LOSS,
+                    "DIGEST_MISMATCH",
+                    "the stored copy does not match its digest",
+                    metadata={"uri": request.uri},
+                ),
+            )
+
+    # -- fetching from the owner through the hub ------------------------------------------
+
+    def _join_fetch(self, uri: str, digest: bytes) -> tuple[_Fetch, BinaryIO] | None:
+        """The fetch of ``digest`` under way (or a new one), with its file open for reading.
+
+        One fetch per digest at a time. None when a fetch completed meanwhile: the store
+        holds the document. No await here, so nothing moves between the checks.
+        """
+        fetch = self._fetches.get(digest)
+        if fetch is not None:
+            try:
+                return fetch, fetch.open_reader()
+            except FileNotFoundError:  # that fetch has just ended
+                if self.store.size(digest) is not None:
+                    return None
+        writer = self.store.writer(expected_sha256=digest)
+        fetch = _Fetch(writer)
+        reader = fetch.open_reader()
+        self._fetches[digest] = fetch
+        fetch.task = asyncio.create_task(self._fetch(uri, digest, fetch))
+
+        def ended(task: asyncio.Task[int]) -> None:
+            if self._fetches.get(digest) is fetch:
+                del self._fetches[digest]
+            if not task.cancelled():
+                task.exception()  # retrieved: a failure is logged by _fetch and sent to readers
+
+        fetch.task.add_done_callback(ended)
+        return fetch, reader
+
+    async def _relay_fetch(
+        self,
+        fetch: _Fetch,
+        reader: BinaryIO,
+        offset: int,
+        info: pb.DocumentInfo,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Serves a document while it is being fetched: reads the growing temporary file.
+
+        The client gets the bytes as they arrive; the fetch checks the digest at the end,
+        and a mismatch ends this stream with DATA_LOSS too (the SDK then keeps nothing).
+        """
+        try:
+            first = True
+            position = offset
+            while True:
+                seen = fetch.changed
+                available = fetch.writer.size
+                if position < available:
+                    await asyncio.to_thread(reader.seek, position)
+                    chunk = await asyncio.to_thread(
+                        reader.read, min(CHUNK_BYTES, available - position)
+                    )
+                    position += len(chunk)
+                    await context.write(
+                        pb.DownloadDocumentResponse(document=info if first else None, chunk=chunk)
+                    )
+                    first = False
+                    continue
+                if fetch.task is not None and fetch.task.done():
+                    break
+                await seen.wait()
+            if first:
+                await context.write(pb.DownloadDocumentResponse(document=info))
+        finally:
+            reader.close()
+        assert fetch.task is not None
+        error = fetch.task.exception()
+        if error is not None and not isinstance(error, ChaparError):
+            log.error("fetch of %s failed: %r", info.uri, error)
+            error = ChaparError(
+                Code.INTERNAL, "FETCH_FAILED", "the node could not store the document; retry"
+            )
+        if error is not None:
+            await abort(context, error)
+
+    async def _fetch(self, uri: str, digest: bytes, fetch: _Fetch) -> int:
+        writer = fetch.writer
+        try:
+            link = self.link
+            stub = link.stub if link is not None else None
+            if stub is None:
+                raise ChaparError(
+                    Code.UNAVAILABLE,
+                    "HUB_UNAVAILABLE",
+                    "the node is not connected to the hub; retry",
+                    retry_after_s=1.0,
+                )
+            for attempt in range(1, _FETCH_ATTEMPTS + 1):
+                offset = writer.size
+                call = stub.FetchDocument(pb.FetchDocumentRequest(uri=uri, offset=offset))
+                try:
+                    async for message in call:
+                        if message.size:
+                            check_size(message.size, self.store.limits)
+                            writer.expected_size = message.size
+                            fetch.announce(message.size)
+                        writer.write(message.chunk)
+                        fetch.notify()
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    error = from_rpc_error(exc)
+                    retry = exc.code() in (
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.INTERNAL,
+                        grpc.StatusCode.CANCELLED,
+                    )
+                    if not retry or attempt == _FETCH_ATTEMPTS or writer.size == offset:
+                        raise ChaparError(
+                            _code(exc.code()),
+                            error.reason or exc.code().name,
+                            f"fetching {uri} through the hub: {error.message}",
+                            metadata={"uri": uri, **error.metadata},
+                            retry_after_s=error.retry_after,
+                        ) from exc
+                    log.warning(
+                        "fetch of %s broke at %d bytes (%s); resuming", uri, writer.size, exc.code()
+                    )
+                finally:
+                    call.cancel()  # a no-op when it ended; stops the hub when we refuse
+            fetch.announce(writer.size)
+            _, size, _ = await writer.commit()
+        except ChaparError as exc:
+            log.warning("fetch of %s failed: %s %s", uri, exc.reason, exc.message)
+            raise
+        finally:
+            writer.discard()
+            fetch.notify(final=True)
+        log.info("fetched %s (%d bytes), digest verified", uri, size)
+        return size
+
+
+class _Fetch:
+    """One document being fetched through the hub, and the downloads waiting on it."""
+
+    def __init__(self, writer: DocumentWriter) -> None:
+        self.writer = writer
+        self.task: asyncio.Task[int] | None = None
+        self.changed = asyncio.Event()
+        self._size: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def open_reader(self) -> BinaryIO:
+        """The temporary file, opened before it can be renamed or removed."""
+        return self.writer.path.open("rb")
+
+    def announce(self, size: int) -> None:
+        if not self._size.done():
+            self._size.set_result(size)
+
+    def notify(self, *, final: bool = False) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+        if final and not self._size.done():
+            self._size.cancel()
+
+    async def total(self) -> int:
+        """The document's size once the owner announced it; the fetch's error otherwise."""
+        assert self.task is not None
+        await asyncio.wait({self._size, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._size.done() and not self._size.cancelled():
+            return self._size.result()
+        try:
+            return await self.task  # raises what ended the fetch
+        except (ChaparError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.error("fetch failed: %r", exc)
+            raise ChaparError(
+                Code.INTERNAL, "FETCH_FAILED", "the node could not store the document; retry"
+            ) from exc
+
+
+def _code(code: grpc.StatusCode) -> Code:
+    try:
+        return Code(code.value[0])
+    except ValueError:
+        return Code.UNAVAILABLE
+
+
+async def push(stub: pb.HubServiceStub, store: DocumentStore, request: pb.DocumentRequest) -> None:
+    """Answers the hub's document_request: streams the document from the asked offset."""
+    size = store.size(request.sha256)
+
+    call = stub.PushDocument()
+    try:
+        if size is None or request.offset < 0 or request.offset > size:
+            await call.write(
+                pb.PushDocumentRequest(
+                    header=pb.PushHeader(
+                        request_id=request.request_id, error_reason="DOCUMENT_NOT_FOUND"
+                    )
+                )
+            )
+        else:
+            await call.write(
+                pb.PushDocumentRequest(
+                    header=pb.PushHeader(request_id=request.request_id, size=size)
+                )
+            )
+            async with contextlib.aclosing(store.read(request.sha256, request.offset)) as chunks:
+                async for chunk in chunks:
+                    await call.write(pb.PushDocumentRequest(chunk=chunk))
+        await call.done_writing()
+        await call
+    except asyncio.InvalidStateError:
+        log.info("push of %s ended early by the hub", request.request_id)
+    except grpc.aio.AioRpcError as exc:
+        log.warning("push of %s ended: %s %s", request.request_id, exc.code(), exc.details())

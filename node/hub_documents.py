@@ -1,0 +1,185 @@
+"""The hub's part in moving documents: who may fetch what, and the pipe between nodes.
+
+The hub stores no document. When a node fetches another agency's document
+(``FetchDocument``), the hub checks that the node's agency is a recipient of a letter from
+the owner that references that digest (grants are recorded from each verified, signed
+header before the letter is accepted), asks the owning node with a ``document_request``
+frame on its Connect stream, and pipes the chunks the owner pushes (``PushDocument``, a
+node-initiated call) through a queue of a few chunks: memory stays flat and a slow
+reader slows the owner down (backpressure), whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+
+from client_sdk import pb
+from node.core.documents import parse_document_uri
+from node.core.errors import ChaparError, Code
+from node.rpc.errors import abort
+
+if TYPE_CHECKING:
+    from node.hub import Hub
+
+__all__ = ["DocumentRelay"]
+
+log = logging.getLogger("chapar.hub.documents")
+_QUEUE_CHUNKS = 4
+_OWNER_ANSWER_S = 30.0
+
+
+@dataclass(eq=False)
+class _Transfer:
+    owner: str
+    queue: asyncio.Queue[pb.PushHeader | bytes | None] = field(
+        default_factory=lambda: asyncio.Queue(_QUEUE_CHUNKS)
+    )
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class DocumentRelay:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self._transfers: dict[str, _Transfer] = {}
+
+    async def fetch(
+        self, request: pb.FetchDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        transfer: _Transfer | None = None
+        request_id = str(uuid.uuid4())
+        try:
+            agency, _ = self.hub._peer(context)
+            owner, digest = parse_document_uri(request.uri)
+            if request.offset < 0:
+                raise ChaparError(Code.INVALID_ARGUMENT, "INVALID_OFFSET", "offset is negative")
+            if owner == agency or not await self.hub.store.may_fetch(digest, owner, agency):
+                raise ChaparError(
+                    Code.PERMISSION_DENIED,
+                    "NOT_A_RECIPIENT",
+                    f"{agency} is not a recipient of a letter from {owner} referencing "
+                    "this document",
+                    metadata={"agency": agency, "uri": request.uri},
+                )
+            session = self.hub._sessions.get(owner)
+            if session is None:
+                raise ChaparError(
+                    Code.UNAVAILABLE,
+                    "OWNER_OFFLINE",
+                    f"the node of {owner} is not connected; retry later",
+                    metadata={"owner": owner},
+                    retry_after_s=5.0,
+                )
+            transfer = _Transfer(owner)
+            self._transfers[request_id] = transfer
+            await session.out.put(
+                pb.ConnectResponse(
+                    document_request=pb.DocumentRequest(
+                        request_id=request_id, sha256=digest, offset=request.offset
+                    )
+                )
+            )
+            try:
+                header = await asyncio.wait_for(transfer.queue.get(), _OWNER_ANSWER_S)
+            except TimeoutError:
+                raise ChaparError(
+                    Code.UNAVAILABLE,
+                    "OWNER_NOT_ANSWERING",
+                    f"the node of {owner} did not answer; retry later",
+                    retry_after_s=5.0,
+                ) from None
+            if not isinstance(header, pb.PushHeader) or header.error_reason:
+                raise ChaparError(
+                    Code.NOT_FOUND,
+                    "DOCUMENT_NOT_FOUND",
+                    f"the node of {owner} does not hold {request.uri}",
+                    metadata={"uri": request.uri},
+                )
+        except ChaparError as exc:
+            log.info("fetch refused: %s %s", exc.reason, exc.message)
+            self._end(request_id, transfer)
+            await abort(context, exc)
+            return
+        try:
+            await context.write(pb.FetchDocumentResponse(size=header.size))
+            while (item := await transfer.queue.get()) is not None:
+                if isinstance(item, bytes):
+                    await context.write(pb.FetchDocumentResponse(chunk=item))
+        finally:
+            self._end(request_id, transfer)
+
+    def _end(self, request_id: str, transfer: _Transfer | None) -> None:
+        self._transfers.pop(request_id, None)
+        if transfer is not None:
+            transfer.gone.set()
+
+    async def push(
+        self,
+        request_iterator: AsyncIterator[pb.PushDocumentRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.PushDocumentResponse:
+        relayed = 0
+        try:
+            agency, _ = self.hub._peer(context)
+            first = await anext(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise ChaparError(
+                    Code.INVALID_ARGUMENT, "PUSH_HEADER_MISSING", "a push starts with its header"
+                )
+            transfer = self._transfers.get(first.header.request_id)
+            if transfer is None or transfer.owner != agency:
+                raise ChaparError(
+                    Code.NOT_FOUND,
+                    "NO_SUCH_REQUEST",
+                    "no document request of this node is waiting under that id",
+                )
+            await self._put(transfer, first.header)
+            async for message in request_iterator:
+                await self._put(transfer, message.chunk)
+                relayed += len(message.chunk)
+            await self._put(transfer, None)
+        except ChaparError as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.PushDocumentResponse(bytes_relayed=relayed)
+
+    @staticmethod
+    async def _put(transfer: _Transfer, item: pb.PushHeader | bytes | None) -> None:
+        """Waits for room in the pipe; CANCELLED when the fetching node has gone."""
+        put = asyncio.create_task(transfer.queue.put(item))
+        gone = asyncio.create_task(transfer.gone.wait())
+        try:
+            await asyncio.wait({put, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not put.done():
+                put.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await put
+        if not put.done() or put.cancelled():
+            raise ChaparError(
+                Code.UNAVAILABLE, "FETCH_ENDED", "the fetching node is gone", retry_after_s=1.0
+            )
+
+
+def document_grants(header: pb.EnvelopeHeader, sender: str) -> list[tuple[bytes, str, str]]:
+    """(digest, owner, recipient) fetches a verified letter allows: each recipient may fetch
+    the documents it references. Only the sender's own documents are granted (a node
+    refuses to number a letter referencing anyone else's). The hub records them in the
+    same transaction that accepts the letter, so no accepted letter lacks its grants."""
+    grants: list[tuple[bytes, str, str]] = []
+    for ref in header.attachments:
+        try:
+            owner, digest = parse_document_uri(ref.uri)
+        except ChaparError:
+            continue
+        if owner == sender and digest == ref.sha256:
+            grants.extend((digest, owner, r.agency) for r in header.recipients)
+    return grants

@@ -1,0 +1,530 @@
+"""Attachments travel as addresses: the document store, end to end on real processes.
+
+A module cluster with nodes for A, B and C: A uploads and sends, B is the recipient and
+downloads through its own node (which fetches from A through the hub), C is not a
+recipient. The 1 GiB test measures the peak RSS of every process, the CLI clients included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client_sdk import ExchangeClient, Letter, SyncExchangeClient, pb
+from client_sdk.errors import (
+    DataLoss,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from loadtest.harness import proc_stats
+from node.cluster import Cluster
+from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C
+
+pytestmark = pytest.mark.integration
+
+GIB = 1024 * 1024 * 1024
+_SETTINGS = f"""
+[documents]
+max_file_bytes = {GIB}
+media_types = ["application/pdf", "application/octet-stream", "text/plain"]
+"""
+_RSS_LIMIT_MB = 150.0
+
+
+@pytest.fixture(scope="module")
+def docs_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("docs")
+    started = asyncio.run(
+        Cluster.start(root, [AGENCY_A, AGENCY_B, AGENCY_C], node_settings=_SETTINGS)
+    )
+    try:
+        yield started
+    finally:
+        codes = started.stop()
+        assert all(code == 0 for code in codes.values()), codes
+
+
+def _client(cluster: Cluster, agency: str) -> ExchangeClient:
+    return ExchangeClient(cluster.nodes[agency].address, cluster.credentials(agency))
+
+
+def _store(cluster: Cluster, agency: str) -> Path:
+    return cluster.nodes[agency].config.parent / "documents"
+
+
+def _stored_files(cluster: Cluster, agency: str) -> list[Path]:
+    return sorted(p for p in (_store(cluster, agency) / "sha256").rglob("*") if p.is_file())
+
+
+def _temp_files(cluster: Cluster, agency: str) -> list[Path]:
+    return list((_store(cluster, agency) / "tmp").iterdir())
+
+
+def _write_random(path: Path, size: int, chunk: int = 4 * 1024 * 1024) -> str:
+    """Random content streamed to disk (never whole in memory); returns its SHA-256 hex."""
+    digest = hashlib.sha256()
+    with path.open("wb") as f:
+        left = size
+        while left:
+            data = os.urandom(min(chunk, left))
+            digest.update(data)
+            f.write(data)
+            left -= len(data)
+    return digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while data := f.read(4 * 1024 * 1024):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+async def _receive(client: ExchangeClient, shams: str, timeout: float = 30.0) -> Letter:
+    async with asyncio.timeout(timeout):
+        async for letter in client.inbox():
+            if letter.shams == shams:
+                await letter.ack()
+                return letter
+    raise AssertionError("inbox ended")
+
+
+async def _send_with(
+    cluster: Cluster, path: Path, b: ExchangeClient
+) -> tuple[pb.AttachmentRef, Letter]:
+    """A sends B a letter attaching ``path``; B's client receives it."""
+    async with _client(cluster, AGENCY_A) as a:
+        receipt = await a.send(to=[AGENCY_B], subject=f"with {path.name}",
+                               body="see the attachment", attachments=[path])  # fmt: skip
+        tracking = await a.track(receipt.shams)
+    (ref,) = tracking.header.attachments
+    return ref, await _receive(b, receipt.shams)
+
+
+# -- the path of an attachment ---------------------------------------------------------------
+
+
+async def test_attachment_goes_a_to_b_through_the_hub_and_arrives_intact(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "report.pdf"
+    digest = _write_random(source, 3 * 1024 * 1024 + 17)
+    b = _client(docs_cluster, AGENCY_B)
+    ref, letter = await _send_with(docs_cluster, source, b)
+    assert ref.uri == f"chapar://{AGENCY_A}/documents/sha256/{digest}"
+    assert (ref.sha256.hex(), ref.size) == (digest, source.stat().st_size)
+    assert (ref.media_type, ref.file_name) == ("application/pdf", "report.pdf")
+    # The reference is part of the signed header the recipient verified.
+    (attachment,) = letter.attachments
+    assert attachment.uri == ref.uri
+    assert attachment.sha256 == ref.sha256
+    async with b:
+        assert not (await b.stat(ref.uri)).stored
+        (tmp_path / "out").mkdir()
+        saved = await attachment.save(tmp_path / "out" / "report.pdf")
+        assert _sha256_file(saved) == digest
+        stat = await b.stat(ref.uri)
+        assert stat.stored
+        assert stat.document.size == ref.size
+    # B's node kept a verified copy; nothing partial is left anywhere.
+    assert any(p.name == digest for p in _stored_files(docs_cluster, AGENCY_B))
+    assert not _temp_files(docs_cluster, AGENCY_A)
+    assert not _temp_files(docs_cluster, AGENCY_B)
+    assert not (tmp_path / "out" / "report.pdf.part").exists()
+
+
+def test_sync_client_sends_and_saves_an_attachment(docs_cluster: Cluster, tmp_path: Path) -> None:
+    source = tmp_path / "notes.txt"
+    source.write_text("Biên bản họp\n" * 1000, encoding="utf-8")
+    a_node, b_node = docs_cluster.nodes[AGENCY_A], docs_cluster.nodes[AGENCY_B]
+    with (
+        SyncExchangeClient(a_node.address, docs_cluster.credentials(AGENCY_A)) as a,
+        SyncExchangeClient(b_node.address, docs_cluster.credentials(AGENCY_B)) as b,
+    ):
+        receipt = a.send(to=[AGENCY_B], subject="minutes", body="attached", attachments=[source])
+        for letter in b.inbox():
+            letter.ack()
+            if letter.shams == receipt.shams:
+                break
+        (attachment,) = letter.attachments
+        assert (attachment.media_type, attachment.file_name) == ("text/plain", "notes.txt")
+        saved = attachment.save(tmp_path / "notes-copy.txt")
+        assert b"".join(b.download(attachment.uri, offset=4)) == source.read_bytes()[4:]
+    assert saved.read_bytes() == source.read_bytes()
+
+
+async def test_concurrent_uploads_of_the_same_content_store_it_once(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "same.pdf"
+    digest = _write_random(source, 2 * 1024 * 1024 + 5)
+    before = {p.name for p in _stored_files(docs_cluster, AGENCY_A)}
+    async with _client(docs_cluster, AGENCY_A) as a:
+        refs = await asyncio.gather(*(a.upload(source) for _ in range(8)))
+    assert {r.uri for r in refs} == {f"chapar://{AGENCY_A}/documents/sha256/{digest}"}
+    after = [p for p in _stored_files(docs_cluster, AGENCY_A) if p.name not in before]
+    assert [p.name for p in after] == [digest]
+    assert after[0].stat().st_size == source.stat().st_size
+    assert not _temp_files(docs_cluster, AGENCY_A)
+
+
+async def test_agency_that_is_not_a_recipient_is_refused(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "secret.pdf"
+    _write_random(source, 300_000)
+    async with _client(docs_cluster, AGENCY_B) as b:
+        ref, _ = await _send_with(docs_cluster, source, b)
+    async with _client(docs_cluster, AGENCY_C) as c:
+        with pytest.raises(PermissionDenied) as info:
+            await c.fetch(ref, tmp_path / "stolen.pdf")
+    assert info.value.reason == "NOT_A_RECIPIENT"
+    assert not (tmp_path / "stolen.pdf").exists()
+    assert not (tmp_path / "stolen.pdf.part").exists()
+    assert ref.sha256.hex() not in {p.name for p in _stored_files(docs_cluster, AGENCY_C)}
+
+
+async def test_interrupted_download_resumes_from_its_offset(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "long.pdf"
+    digest = _write_random(source, 5 * 1024 * 1024 + 3)
+    content = source.read_bytes()
+    out = tmp_path / "long-copy.pdf"
+    part = out.with_name(out.name + ".part")
+    async with _client(docs_cluster, AGENCY_B) as b:
+        ref, letter = await _send_with(docs_cluster, source, b)
+        # A download cut after three chunks: the bytes so far are in <out>.part.
+        stream = b.download(ref.uri)
+        with part.open("wb") as f:
+            got = 0
+            async for chunk in stream:
+                f.write(chunk)
+                got += 1
+                if got == 3:
+                    break
+        await stream.aclose()
+        offset = part.stat().st_size
+        assert 0 < offset < len(content)
+        # The node serves exactly the tail from an offset ...
+        tail = b"".join([c async for c in b.download(ref.uri, offset=offset)])
+        assert tail == content[offset:]
+        # ... and save() resumes from the partial file instead of starting again.
+        saved = await letter.attachments[0].save(out)
+        assert _sha256_file(saved) == digest
+        assert not part.exists()
+        with pytest.raises(OutOfRange) as info:
+            async for _ in b.download(ref.uri, offset=len(content) + 1):
+                pass
+        assert info.value.reason == "OFFSET_OUT_OF_RANGE"
+
+
+async def test_corrupted_byte_at_the_owner_is_detected_and_nothing_is_kept(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "tampered.pdf"
+    size = 1024 * 1024 + 1
+    digest = _write_random(source, size)
+    async with _client(docs_cluster, AGENCY_B) as b:
+        _, letter = await _send_with(docs_cluster, source, b)
+        stored = next(p for p in _stored_files(docs_cluster, AGENCY_A) if p.name == digest)
+        _flip_byte(stored, size // 2)
+        with pytest.raises(DataLoss) as info:
+            await letter.attachments[0].save(tmp_path / "bad.pdf")
+        assert info.value.reason == "DIGEST_MISMATCH"
+        assert not (tmp_path / "bad.pdf").exists()
+        assert not (tmp_path / "bad.pdf.part").exists()
+        assert digest not in {p.name for p in _stored_files(docs_cluster, AGENCY_B)}
+        assert not _temp_files(docs_cluster, AGENCY_B)
+        _flip_byte(stored, size // 2)  # repaired at the owner: the same reference now works
+        saved = await letter.attachments[0].save(tmp_path / "good.pdf")
+    assert _sha256_file(saved) == digest
+
+
+async def test_corrupted_byte_in_the_recipient_copy_is_detected_and_refetched(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "copy.pdf"
+    size = 700_001
+    digest = _write_random(source, size)
+    async with _client(docs_cluster, AGENCY_B) as b:
+        _, letter = await _send_with(docs_cluster, source, b)
+        await letter.attachments[0].save(tmp_path / "first.pdf")
+        copy = next(p for p in _stored_files(docs_cluster, AGENCY_B) if p.name == digest)
+        _flip_byte(copy, size - 1)
+        with pytest.raises(DataLoss) as info:
+            await letter.attachments[0].save(tmp_path / "second.pdf")
+        assert info.value.reason == "DIGEST_MISMATCH"
+        assert not (tmp_path / "second.pdf").exists()
+        assert not (tmp_path / "second.pdf.part").exists()
+        saved = await letter.attachments[0].save(tmp_path / "third.pdf")  # fetched again
+    assert _sha256_file(saved) == digest
+
+
+async def test_upload_whose_content_is_not_the_announced_digest_is_refused(
+    docs_cluster: Cluster,
+) -> None:
+    async with _client(docs_cluster, AGENCY_A) as a:
+        call = pb.DocumentServiceStub(a._channel).UploadDocument()
+        header = pb.UploadHeader(
+            media_type="text/plain", size=5, sha256=hashlib.sha256(b"hello").digest()
+        )
+        await call.write(pb.UploadDocumentRequest(header=header))
+        assert not (await call.read()).HasField("document")  # header accepted
+        await call.write(pb.UploadDocumentRequest(chunk=b"hellO"))
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    assert not _temp_files(docs_cluster, AGENCY_A)
+    assert hashlib.sha256(b"hellO").hexdigest() not in {
+        p.name for p in _stored_files(docs_cluster, AGENCY_A)
+    }
+
+
+# -- limits and references ---------------------------------------------------------------------
+
+
+async def test_file_over_the_limit_is_refused_at_its_header_before_anything_is_stored(
+    docs_cluster: Cluster,
+) -> None:
+    before = _stored_files(docs_cluster, AGENCY_A)
+    async with _client(docs_cluster, AGENCY_A) as a:
+        call = pb.DocumentServiceStub(a._channel).UploadDocument()
+        header = pb.UploadHeader(media_type="application/pdf", size=GIB + 1)
+        await call.write(pb.UploadDocumentRequest(header=header))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()  # refused before a single byte of content is sent
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _stored_files(docs_cluster, AGENCY_A) == before
+    assert not _temp_files(docs_cluster, AGENCY_A)
+
+
+async def test_media_type_not_allowed_is_refused(docs_cluster: Cluster, tmp_path: Path) -> None:
+    program = tmp_path / "setup.exe"
+    program.write_bytes(b"MZ" + os.urandom(1000))
+    async with _client(docs_cluster, AGENCY_A) as a:
+        with pytest.raises(InvalidArgument) as info:
+            await a.upload(program, media_type="application/x-msdownload")
+    assert info.value.reason == "MEDIA_TYPE_NOT_ALLOWED"
+
+
+async def test_submit_refuses_references_the_node_does_not_hold_or_with_another_size(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "held.pdf"
+    _write_random(source, 10_000)
+    async with _client(docs_cluster, AGENCY_A) as a:
+        ref = await a.upload(source)
+        wrong_size = pb.AttachmentRef()
+        wrong_size.CopyFrom(ref)
+        wrong_size.size = 9_999
+        with pytest.raises(InvalidArgument) as size_info:
+            await a.send(to=[AGENCY_B], subject="s", body="b", attachments=[wrong_size])
+        missing = pb.AttachmentRef(
+            uri=f"chapar://{AGENCY_A}/documents/sha256/" + "cd" * 32,
+            sha256=b"\xcd" * 32,
+            size=10,
+            media_type="application/pdf",
+        )
+        with pytest.raises(NotFound) as missing_info:
+            await a.send(to=[AGENCY_B], subject="s", body="b", attachments=[missing])
+        big = pb.AttachmentRef()
+        big.CopyFrom(ref)
+        big.size = GIB + 1
+        with pytest.raises(ResourceExhausted):
+            await a.send(to=[AGENCY_B], subject="s", body="b", attachments=[big])
+    assert size_info.value.reason == "DOCUMENT_SIZE_MISMATCH"
+    assert missing_info.value.reason == "DOCUMENT_NOT_FOUND"
+
+
+def test_cli_fetch_by_a_non_recipient_prints_one_error_line(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "memo.pdf"
+    _write_random(source, 20_000)
+    sent, _ = _cli(docs_cluster, AGENCY_A, "send", "--to", AGENCY_B, "--subject", "memo",
+                   "--body", "b", "--attach", str(source))  # fmt: skip
+    (ref,) = sent["attachments"]  # type: ignore[misc]
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "fetch", ref["uri"], "--out", str(tmp_path / "x.pdf"),
+         "--pki", str(docs_cluster.pki.root), "--agency", AGENCY_C,
+         "--node", docs_cluster.nodes[AGENCY_C].address],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: PERMISSION_DENIED NOT_A_RECIPIENT: ")
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "x.pdf").exists()
+
+
+async def test_owner_offline_is_unavailable_and_the_fetch_works_once_it_is_back(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "later.pdf"
+    digest = _write_random(source, 400_000)
+    owner = docs_cluster.nodes[AGENCY_A]
+    async with _client(docs_cluster, AGENCY_B) as b:
+        _, letter = await _send_with(docs_cluster, source, b)
+        await asyncio.to_thread(owner.terminate)
+        try:
+            with pytest.raises(Unavailable) as info:
+                await letter.attachments[0].save(tmp_path / "later-copy.pdf")
+            assert info.value.reason == "OWNER_OFFLINE"
+            assert info.value.retryable
+        finally:
+            owner.start()
+            await owner.wait_ready()
+        deadline = time.monotonic() + 30
+        while True:  # the owner's node reconnects to the hub with backoff
+            try:
+                saved = await letter.attachments[0].save(tmp_path / "later-copy.pdf")
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "the owner's node did not come back"
+                await asyncio.sleep(0.2)
+    assert _sha256_file(saved) == digest
+
+
+def _node_tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
+    d = cluster.pki.agency_dir(code)
+    return grpc.ssl_channel_credentials(
+        root_certificates=cluster.pki.root_cert.read_bytes(),
+        private_key=(d / "tls.key").read_bytes(),
+        certificate_chain=(d / "tls.crt").read_bytes(),
+    )
+
+
+async def test_hub_takes_a_push_only_for_a_request_it_sent_that_node(
+    docs_cluster: Cluster,
+) -> None:
+    async with grpc.aio.secure_channel(
+        docs_cluster.hub.address, _node_tls(docs_cluster, AGENCY_C)
+    ) as channel:
+        call = pb.HubServiceStub(channel).PushDocument()
+        header = pb.PushHeader(request_id="guessed-request-id", size=5)
+        await call.write(pb.PushDocumentRequest(header=header))
+        with contextlib.suppress(asyncio.InvalidStateError):
+            await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "NO_SUCH_REQUEST" in str(info.value.trailing_metadata())
+
+
+async def test_hub_refuses_a_fetch_by_a_node_without_a_grant(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "granted.pdf"
+    _write_random(source, 1000)
+    async with _client(docs_cluster, AGENCY_B) as b:
+        ref, _ = await _send_with(docs_cluster, source, b)
+    async with grpc.aio.secure_channel(
+        docs_cluster.hub.address, _node_tls(docs_cluster, AGENCY_C)
+    ) as channel:
+        call = pb.HubServiceStub(channel).FetchDocument(pb.FetchDocumentRequest(uri=ref.uri))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# -- one gibibyte, flat memory -------------------------------------------------------------------
+
+_MEASURED_CLI = """
+import resource, sys
+from node.cli import main
+code = 0
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code or 0
+print(f"PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _cli(cluster: Cluster, agency: str, *args: str) -> tuple[dict[str, object], float]:
+    """Runs a ``chapar`` client command in its own process; (JSON output, peak RSS MB)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURED_CLI, *args, "--pki", str(cluster.pki.root),
+         "--agency", agency, "--node", cluster.nodes[agency].address, "--json"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    peak = next(
+        int(line.split("=")[1]) / 1024
+        for line in result.stderr.splitlines()
+        if line.startswith("PEAK_RSS_KB=")
+    )
+    return json.loads(result.stdout.splitlines()[-1]), peak
+
+
+async def test_one_gib_file_goes_a_to_hub_to_b_with_every_process_under_150_mb(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "big.bin"
+    digest = _write_random(source, GIB)
+    out = tmp_path / "big-copy.bin"
+    try:
+        started = time.monotonic()
+        sent, send_rss = await asyncio.to_thread(
+            _cli, docs_cluster, AGENCY_A, "send", "--to", AGENCY_B, "--subject", "1 GiB",
+            "--body", "attached", "--attach", str(source),
+        )  # fmt: skip
+        uploaded = time.monotonic()
+        (ref,) = sent["attachments"]  # type: ignore[misc]
+        assert ref["sha256"] == digest
+        assert ref["size"] == GIB
+        fetched, fetch_rss = await asyncio.to_thread(
+            _cli, docs_cluster, AGENCY_B, "fetch", ref["uri"], "--out", str(out)
+        )
+        done = time.monotonic()
+        assert fetched["size"] == GIB
+        assert _sha256_file(out) == digest
+        peaks = {
+            "hub": proc_stats(docs_cluster.hub)["peak_rss_mb"],
+            **{
+                f"node {code}": proc_stats(proc)["peak_rss_mb"]
+                for code, proc in docs_cluster.nodes.items()
+            },
+            "client send": round(send_rss, 1),
+            "client fetch": round(fetch_rss, 1),
+        }
+        upload_s, transfer_s = uploaded - started, done - uploaded
+        report = {
+            "peak_rss_mb": peaks,
+            "upload_s": round(upload_s, 1),
+            "upload_mb_s": round(GIB / 2**20 / upload_s, 1),
+            "fetch_s": round(transfer_s, 1),
+            "fetch_mb_s": round(GIB / 2**20 / transfer_s, 1),
+        }
+        print(json.dumps(report))
+        assert all(0 < v < _RSS_LIMIT_MB for v in peaks.values()), report
+    finally:
+        source.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)

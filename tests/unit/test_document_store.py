@@ -1,0 +1,137 @@
+"""The document store on disk (node.document_store) and document addresses (node.core.documents).
+
+Real files under tmp_path: what is visible after a write, a refusal, or a crash's leftovers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from node.core.documents import DocumentLimits, document_uri, parse_document_uri
+from node.core.errors import ChaparError, Code
+from node.document_store import DocumentStore
+
+LIMITS = DocumentLimits(max_file_bytes=1000, media_types=frozenset({"application/pdf"}))
+
+
+def _store(tmp_path: Path) -> DocumentStore:
+    return DocumentStore(tmp_path / "docs", LIMITS)
+
+
+def _visible(store: DocumentStore) -> list[Path]:
+    return sorted(p for p in (store.root / "sha256").rglob("*") if p.is_file())
+
+
+def _temporary(store: DocumentStore) -> list[Path]:
+    return list((store.root / "tmp").iterdir())
+
+
+async def test_written_document_appears_only_at_commit_under_its_digest(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    writer = store.writer()
+    for piece in (b"Budget ", b"report ", b"2026"):
+        writer.write(piece)
+    assert _visible(store) == []
+    assert len(_temporary(store)) == 1
+    digest, size, existed = await writer.commit()
+    assert digest == hashlib.sha256(b"Budget report 2026").digest()
+    assert (size, existed) == (18, False)
+    assert _visible(store) == [store.path(digest)]
+    assert store.path(digest).read_bytes() == b"Budget report 2026"
+    assert store.size(digest) == 18
+    assert _temporary(store) == []
+    assert b"".join([c async for c in store.read(digest, 7)]) == b"report 2026"
+
+
+async def test_same_content_written_twice_is_stored_once(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    first, second = store.writer(), store.writer()
+    first.write(b"same")
+    second.write(b"same")
+    assert (await first.commit())[2] is False
+    assert (await second.commit())[2] is True
+    assert len(_visible(store)) == 1
+    assert _temporary(store) == []
+
+
+async def test_content_growing_past_the_limit_is_refused_and_nothing_kept(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    writer = store.writer()
+    writer.write(b"x" * 600)
+    with pytest.raises(ChaparError) as info:
+        writer.write(b"x" * 401)
+    assert (info.value.code, info.value.reason) == (Code.RESOURCE_EXHAUSTED, "DOCUMENT_TOO_LARGE")
+    assert info.value.metadata == {"limit": "1000", "size": "1001"}
+    assert _visible(store) == []
+    assert _temporary(store) == []
+
+
+def test_announced_size_over_the_limit_is_refused_before_a_file_exists(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    with pytest.raises(ChaparError) as info:
+        store.writer(expected_size=1001)
+    assert info.value.code == Code.RESOURCE_EXHAUSTED
+    assert _temporary(store) == []
+
+
+async def test_content_that_is_not_the_expected_digest_is_refused_and_nothing_kept(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path)
+    writer = store.writer(expected_sha256=hashlib.sha256(b"hello").digest())
+    writer.write(b"hellO")
+    with pytest.raises(ChaparError) as info:
+        await writer.commit()
+    assert (info.value.code, info.value.reason) == (Code.DATA_LOSS, "DIGEST_MISMATCH")
+    assert _visible(store) == []
+    assert _temporary(store) == []
+
+
+@pytest.mark.parametrize(("announced", "sent"), [(5, b"four"), (3, b"four")])
+async def test_content_of_another_size_than_announced_is_refused(
+    tmp_path: Path, announced: int, sent: bytes
+) -> None:
+    store = _store(tmp_path)
+    writer = store.writer(expected_size=announced)
+
+    async def upload() -> None:
+        writer.write(sent)
+        await writer.commit()
+
+    with pytest.raises(ChaparError) as info:
+        await upload()
+    assert (info.value.code, info.value.reason) == (Code.INVALID_ARGUMENT, "SIZE_MISMATCH")
+    assert _visible(store) == []
+    assert _temporary(store) == []
+
+
+def test_leftovers_of_an_interrupted_upload_are_removed_at_start(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    writer = store.writer()
+    writer.write(b"half an upload")  # never committed: the process died here
+    writer._file.close()
+    assert len(_temporary(store)) == 1
+    again = _store(tmp_path)
+    assert _temporary(again) == []
+    assert _visible(again) == []
+
+
+def test_document_address_round_trips_and_refuses_anything_else() -> None:
+    digest = hashlib.sha256(b"x").digest()
+    uri = document_uri("000.00.00.G22", digest)
+    assert uri == f"chapar://000.00.00.G22/documents/sha256/{digest.hex()}"
+    assert parse_document_uri(uri) == ("000.00.00.G22", digest)
+    for bad in (
+        uri.upper(),
+        uri + "0",
+        uri.replace("chapar://", "https://"),
+        uri.replace("/sha256/", "/md5/"),
+        f"chapar://g22/documents/sha256/{digest.hex()}",
+        "",
+    ):
+        with pytest.raises(ChaparError) as info:
+            parse_document_uri(bad)
+        assert info.value.reason == "INVALID_DOCUMENT_URI"
