@@ -342,6 +342,7 @@ def _report(
                 ]
             ),
         },
+        "windows": _windows(stats, delivered, start, sent_done),
         "processes": processes,
         "params": asdict(p),
         "machine": {
@@ -349,6 +350,27 @@ def _report(
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
+    }
+
+
+def _windows(
+    stats: _Stats, delivered: set[str], start: float, sent_done: float
+) -> dict[str, object]:
+    """Delivered letters per window of the sending period (60 s windows when it lasted two
+    minutes or more, else 10 s): the first and last full windows show any degradation."""
+    span = sent_done - start
+    size = 60.0 if span >= 120 else 10.0
+    count = int(span // size)
+    bins = [0] * count
+    for shams in delivered:
+        i = int((stats.delivered[shams] - start) // size)
+        if 0 <= i < count:
+            bins[i] += 1
+    rates = [round(n / size, 1) for n in bins]
+    return {
+        "window_s": size,
+        "delivered_lps": rates,
+        "last_over_first": round(rates[-1] / rates[0], 3) if count >= 2 and rates[0] else None,
     }
 
 
@@ -366,6 +388,13 @@ def _summary(report: dict[str, object]) -> str:
         q = lat[stage]
         rows.append(
             f"{stage:<18} p50 {q['p50']} ms  p95 {q['p95']} ms  p99 {q['p99']} ms  max {q['max']} ms"
+        )
+    windows = report["windows"]
+    assert isinstance(windows, dict)
+    if windows["delivered_lps"]:
+        rows.append(
+            f"per {windows['window_s']:.0f} s window  {windows['delivered_lps']} letters/s"
+            f"   last/first {windows['last_over_first']}"
         )
     procs = report["processes"]
     assert isinstance(procs, dict)

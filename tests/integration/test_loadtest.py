@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.harness import Params, run
+from loadtest.harness import Params, _Stats, _windows, run
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +33,7 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
         "baseline_lps",
         "ratio",
         "latency_ms",
+        "windows",
         "processes",
         "params",
         "machine",
@@ -100,3 +101,20 @@ def test_cli_refuses_a_malformed_fault_spec() -> None:
     )
     assert result.returncode == 2
     assert "bad fault" in result.stderr
+
+
+def test_windows_show_the_delivery_rate_of_the_sending_period_and_its_drift() -> None:
+    stats = _Stats()
+    # 40 s of sending: 100 letters/s in the first 10 s window falling to 50/s in the last,
+    # then a drain after sending stopped, which no full window covers.
+    times = [i / 100 for i in range(1000)] + [30 + i / 50 for i in range(500)] + [41.0, 42.0]
+    stats.delivered = {f"L{i}": 1000.0 + t for i, t in enumerate(times)}
+    windows = _windows(stats, set(stats.delivered), start=1000.0, sent_done=1040.0)
+    assert windows == {
+        "window_s": 10.0,
+        "delivered_lps": [100.0, 0.0, 0.0, 50.0],
+        "last_over_first": 0.5,
+    }
+    long = _windows(stats, set(stats.delivered), start=1000.0, sent_done=1130.0)
+    assert long["window_s"] == 60.0
+    assert long["delivered_lps"] == [25.0, 0.0]
