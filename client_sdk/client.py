@@ -284,23 +284,14 @@ class _LetterFields:
 
 
 @dataclass(frozen=True, slots=True)
-class Attachment:
-    """An attachment of a received letter: its address, digest, size, type and name.
-
-    ``await attachment.save(path)`` downloads it through the agency's own node and checks
-    size and SHA-256 against the signed reference before the file appears at ``path``.
-    """
+class _AttachmentFields:
+    """What a letter's signed header says of one attachment (shared by the sync twin)."""
 
     uri: str
     sha256: bytes
     size: int
     media_type: str
     file_name: str
-    _client: ExchangeClient = field(repr=False, compare=False)
-
-    @classmethod
-    def from_ref(cls, ref: pb.AttachmentRef, client: ExchangeClient) -> Attachment:
-        return cls(ref.uri, ref.sha256, ref.size, ref.media_type, ref.file_name, client)
 
     def ref(self) -> pb.AttachmentRef:
         return pb.AttachmentRef(
@@ -310,6 +301,21 @@ class Attachment:
             media_type=self.media_type,
             file_name=self.file_name,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment(_AttachmentFields):
+    """An attachment of a received letter: its address, digest, size, type and name.
+
+    ``await attachment.save(path)`` downloads it through the agency's own node and checks
+    size and SHA-256 against the signed reference before the file appears at ``path``.
+    """
+
+    _client: ExchangeClient = field(repr=False, compare=False)
+
+    @classmethod
+    def from_ref(cls, ref: pb.AttachmentRef, client: ExchangeClient) -> Attachment:
+        return cls(ref.uri, ref.sha256, ref.size, ref.media_type, ref.file_name, client)
 
     async def save(self, path: Path | str, *, timeout: float | None = None) -> Path:
         """Downloads to ``path`` (resuming ``<path>.part`` if there is one); see ``fetch``."""

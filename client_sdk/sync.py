@@ -40,6 +40,7 @@ from client_sdk.client import (
     Recipient,
     ShamsLike,
     Tracking,
+    _AttachmentFields,
     _LetterFields,
 )
 from client_sdk.credentials import Credentials
@@ -80,24 +81,10 @@ class _LoopThread:
 
 
 @dataclass(frozen=True, slots=True)
-class SyncAttachment:
+class SyncAttachment(_AttachmentFields):
     """An attachment of a received letter; ``attachment.save(path)`` blocks."""
 
-    uri: str
-    sha256: bytes
-    size: int
-    media_type: str
-    file_name: str
     _client: SyncExchangeClient = field(repr=False, compare=False)
-
-    def ref(self) -> pb.AttachmentRef:
-        return pb.AttachmentRef(
-            uri=self.uri,
-            sha256=self.sha256,
-            size=self.size,
-            media_type=self.media_type,
-            file_name=self.file_name,
-        )
 
     def save(self, path: Path | str, *, timeout: float | None = None) -> Path:
         """Downloads and verifies the attachment; see ``ExchangeClient.fetch``."""

@@ -26,7 +26,7 @@ from client_sdk.trust import TrustStore
 from node.batching import BatchSigner
 from node.config import NodeConfig
 from node.core.directory import DirectoryView
-from node.core.errors import ChaparError, Code
+from node.core.errors import ChaparError, Code, letter_not_found
 from node.core.evidence import evidence_content
 from node.core.letters import build_header, validate_draft
 from node.document_store import DocumentStore
@@ -495,12 +495,7 @@ class Agency(pb.NodeServiceServicer):
         shams = self._shams_of(shams_pb)
         entry = await self.store.inbox_entry(shams)
         if entry is None:
-            raise ChaparError(
-                Code.NOT_FOUND,
-                "LETTER_NOT_FOUND",
-                f"no letter {shams} in the inbox",
-                metadata={"shams": shams},
-            )
+            raise letter_not_found(shams, "in the inbox")
         boxes, header_bytes, evidence = entry
         access.require(boxes, f"the letter {shams}")
         if evidence is not None:  # acknowledged before: the same evidence again
@@ -547,12 +542,7 @@ class Agency(pb.NodeServiceServicer):
             shams = self._shams_of(request.shams)
             letter = await self.store.letter(shams)
             if letter is None:
-                raise ChaparError(
-                    Code.NOT_FOUND,
-                    "LETTER_NOT_FOUND",
-                    f"no letter {shams} at this node",
-                    metadata={"shams": shams},
-                )
+                raise letter_not_found(shams, "at this node")
             access.require(self._mailboxes_of(letter), f"the letter {shams}")
         except ChaparError as exc:
             await abort(context, exc)

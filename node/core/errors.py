@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 
-__all__ = ["ERROR_DOMAIN", "ChaparError", "Code"]
+__all__ = ["ERROR_DOMAIN", "ChaparError", "Code", "letter_not_found"]
 
 ERROR_DOMAIN = "chapar.exchange"
 
@@ -54,3 +54,10 @@ class ChaparError(Exception):
 
     def __repr__(self) -> str:
         return f"ChaparError({self.code.name}, {self.reason!r}, {self.message!r})"
+
+
+def letter_not_found(shams: str, where: str) -> ChaparError:
+    """NOT_FOUND / LETTER_NOT_FOUND for a letter this node does not hold ``where``."""
+    return ChaparError(
+        Code.NOT_FOUND, "LETTER_NOT_FOUND", f"no letter {shams} {where}", metadata={"shams": shams}
+    )

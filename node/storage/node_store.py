@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from client_sdk import pb
 from node.core import lifecycle
-from node.core.errors import ChaparError, Code
+from node.core.errors import letter_not_found
 from node.storage.db import Store, advance_states, existing
 
 __all__ = ["MIGRATIONS", "NewLetter", "NodeStore", "StoredLetter"]
@@ -382,12 +382,7 @@ class NodeStore(Store):
                 (shams,),
             ).fetchone()
             if row is None:
-                raise ChaparError(
-                    Code.NOT_FOUND,
-                    "LETTER_NOT_FOUND",
-                    f"no letter {shams} in the inbox",
-                    metadata={"shams": shams},
-                )
+                raise letter_not_found(shams, "in the inbox")
             if row[1] is not None:
                 return pb.Evidence.FromString(row[1])
             evidence = make_handover(pb.Envelope.FromString(_with_body(row[0], row[2])))
