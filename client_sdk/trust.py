@@ -40,6 +40,7 @@ __all__ = [
     "TrustStore",
     "VerificationError",
     "load_pem_certificates",
+    "seconds_of",
     "valid_timestamp",
 ]
 
@@ -297,6 +298,11 @@ def _may_issue(ca: x509.Certificate, cas_below: int) -> bool:
 # google.protobuf.Timestamp's valid range: 0001-01-01 to 9999-12-31, nanos in [0, 1e9).
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
+
+
+def seconds_of(ts: Timestamp) -> float:
+    """A Timestamp as POSIX seconds (cheaper than ToDatetime().timestamp(), same value)."""
+    return ts.seconds + ts.nanos / 1e9
 
 
 def valid_timestamp(ts: Timestamp) -> bool:

@@ -23,7 +23,7 @@ from cryptography import x509
 from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import EVIDENCE_PAYLOAD_TYPE, Signer, sha256
-from client_sdk.trust import TrustStore, VerificationError
+from client_sdk.trust import TrustStore, VerificationError, seconds_of
 from node.config import ConfigError, HubConfig, load_hub_config, read_revocations
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
@@ -500,9 +500,7 @@ class Hub(pb.HubServiceServicer):
             self.directory.require_recipient(r.agency, f"header.recipients[{i}].agency")
         self._check_create_time(header)
         return IncomingLetter(
-            expire_at=header.expire_time.ToDatetime(tzinfo=dt.UTC).timestamp()
-            if header.HasField("expire_time")
-            else None,
+            expire_at=seconds_of(header.expire_time) if header.HasField("expire_time") else None,
             shams=format_shams(header.shams),
             shams_pb=header.shams,
             grants=document_grants(header, agency) if header.attachments else (),
@@ -524,7 +522,7 @@ class Hub(pb.HubServiceServicer):
                 raise ChaparError(
                     Code.INVALID_ARGUMENT, "INVALID_TIME", f"header {name} is not a valid time"
                 )
-        created = header.create_time.ToDatetime(tzinfo=dt.UTC).timestamp()
+        created = seconds_of(header.create_time)
         now = time.time()
         if created > now + self.config.clock_skew_s or created < now - self.config.max_letter_age_s:
             raise ChaparError(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import shutil
 import time
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 
 from client_sdk import pb
+from client_sdk.trust import seconds_of
 from node import metrics as m
 
 if TYPE_CHECKING:
@@ -166,12 +166,12 @@ class NodeMonitor(_Common):
         for shams, content in wanted:
             before = self._anchor(shams, content)
             if before is not None:
-                elapsed = content.event_time.ToDatetime(tzinfo=dt.UTC).timestamp() - before
+                elapsed = seconds_of(content.event_time) - before
                 _STAGE_CHILDREN[_STAGES[content.event][1]].observe(max(0.0, elapsed))
 
     def _remember(self, shams: str, content: pb.EvidenceContent) -> None:
         key = (shams, content.event, content.recipient)
-        self._times[key] = content.event_time.ToDatetime(tzinfo=dt.UTC).timestamp()
+        self._times[key] = seconds_of(content.event_time)
         while len(self._times) > _MAX_REMEMBERED:  # bounded: the oldest go first
             self._times.pop(next(iter(self._times)))
 

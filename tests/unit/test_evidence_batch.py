@@ -8,10 +8,12 @@ already seen (the verifier caches verified tree heads).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 from collections.abc import Sequence
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,7 +26,7 @@ from client_sdk.signing import (
     merkle_root_from_path,
     merkle_tree,
 )
-from client_sdk.trust import TrustStore, VerificationError
+from client_sdk.trust import TrustStore, VerificationError, seconds_of
 from node.batching import BatchSigner
 
 HUB = "hub.test"
@@ -225,3 +227,13 @@ async def test_a_failing_seal_reaches_every_waiting_caller() -> None:
         *(batcher.sign(_content(i)) for i in range(3)), return_exceptions=True
     )
     assert [type(r) for r in results] == [RuntimeError] * 3
+
+
+@given(
+    st.integers(min_value=-62_135_596_800, max_value=253_402_300_799),
+    st.integers(min_value=0, max_value=999_999_999),
+)
+def test_seconds_of_a_timestamp_is_what_todatetime_says(seconds: int, nanos: int) -> None:
+    ts = Timestamp(seconds=seconds, nanos=nanos)
+    expected = ts.ToDatetime(tzinfo=dt.UTC).timestamp()
+    assert seconds_of(ts) == pytest.approx(expected, abs=1e-6)
