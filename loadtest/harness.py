@@ -19,6 +19,7 @@ import os
 import platform
 import random
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -423,8 +424,21 @@ def _cmd(ns: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     random.seed(0)
-    with tempfile.TemporaryDirectory(prefix="chapar-load-") as tmp:
-        report = asyncio.run(run(p, Path(tmp)))
+
+    async def main(tmp: Path) -> dict[str, object]:
+        # SIGTERM (a CI timeout, kill) cancels the run like Ctrl-C: the cluster is stopped
+        # by run()'s own clean-up, never left running.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run(p, tmp)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="chapar-load-") as tmp:
+            report = asyncio.run(main(Path(tmp)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: servers stopped, no report", file=sys.stderr)
+        return 130
     print(_summary(report))
     if ns.json:
         ns.json.write_text(json.dumps(report, indent=2) + "\n")
