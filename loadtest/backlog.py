@@ -69,6 +69,7 @@ class Params:
     window_s: float = 10.0
     fill_durability: str = "normal"
     stall_timeout_s: float = 120.0
+    drain_limit_s: float = 0.0  # stop watching the drain after this long (0: until done)
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -222,6 +223,8 @@ async def _drain(cluster: Cluster, p: Params) -> dict[str, object]:
     samples: list[tuple[float, int]] = [(0.0, 0)]
     last_change = time.perf_counter()
     while samples[-1][1] < p.letters:
+        if p.drain_limit_s and samples[-1][0] >= p.drain_limit_s:
+            break  # a partial run: rates and RSS so far, no end-to-end check
         await asyncio.sleep(1.0)
         n = _count(inbox_db, "SELECT max(rowid) FROM inbox")
         now = time.perf_counter()
@@ -236,19 +239,22 @@ async def _drain(cluster: Cluster, p: Params) -> dict[str, object]:
                 f"  hub RSS {_rss_mb(cluster.hub)} MB  B RSS {_rss_mb(node)} MB"
             )
     drain_s = samples[-1][0]
+    drained = samples[-1][1]
     hub_db = cluster.root / "hub" / "hub.db"
-    while (depth := _count(hub_db, "SELECT count(*) FROM queue")) > 0:
+    while drained == p.letters and (depth := _count(hub_db, "SELECT count(*) FROM queue")) > 0:
         if time.perf_counter() - started - drain_s > p.stall_timeout_s:
             raise TimeoutError(f"hub queue still holds {depth} letters")
         await asyncio.sleep(0.5)
-    empty_s = time.perf_counter() - started
+    empty_s = time.perf_counter() - started if drained == p.letters else None
     windows = _windows(samples, p.window_s)
     return {
         "recipient_ready_s": round(ready_s, 2),
+        "drained": drained,
+        "partial": drained < p.letters,
         "drain_s": round(drain_s, 1),
-        "drain_lps": round(p.letters / drain_s, 1),
+        "drain_lps": round(drained / drain_s, 1),
         "drain_lps_windows": windows,
-        "hub_queue_empty_s": round(empty_s, 1),
+        "hub_queue_empty_s": round(empty_s, 1) if empty_s is not None else None,
         "samples": len(samples),
     }
 
@@ -283,6 +289,7 @@ def _verify(cluster: Cluster, p: Params) -> dict[str, int]:
         "hub_delivery_evidence": _count(
             hub_db, "SELECT count(*) FROM evidence WHERE event = ?", (E.EVIDENCE_EVENT_DELIVERY,)
         ),
+        "notices_for_sender": _count(hub_db, "SELECT count(*) FROM notices WHERE agency = ?", (A,)),
     }
 
 
@@ -306,9 +313,9 @@ async def run(p: Params, workdir: Path) -> dict[str, object]:
         _progress(f"hub idle {p.idle_s}s with the backlog: RSS {_rss_mb(hub)} MB")
         report.update(await _drain(cluster, p))
         stats = {"hub": _proc_stats(hub), "recipient": _proc_stats(cluster.nodes[B])}
-        report["verified"] = _verify(cluster, p)
     finally:
         codes = cluster.stop()
+    report["verified"] = _verify(cluster, p)
     report["hub_peak_rss_mb"] = stats["hub"]["peak_rss_mb"]
     report["recipient_peak_rss_mb"] = stats["recipient"]["peak_rss_mb"]
     report["cpu_s"] = {
@@ -329,17 +336,25 @@ async def run(p: Params, workdir: Path) -> dict[str, object]:
 
 
 def passed(report: dict[str, object]) -> bool:
-    """Every letter delivered exactly once, queue empty, clean exits."""
+    """Every letter delivered exactly once, queue empty, clean exits.
+
+    For a run cut short (``--drain-limit-seconds``): what arrived arrived once, with its
+    evidence, and every other letter is still queued at the hub.
+    """
     v = report["verified"]
     assert isinstance(v, dict)
     n = report["letters"]
+    assert isinstance(n, int)
     codes = report["exit_codes"]
     assert isinstance(codes, dict)
-    return (
-        v["inbox_rows"] == v["distinct_numbers"] == v["delivery_evidence"] == n
-        and v["missing"] == v["unexpected"] == v["duplicates"] == v["hub_queue"] == 0
+    once = (
+        v["inbox_rows"] == v["distinct_numbers"] == v["delivery_evidence"]
+        and v["unexpected"] == v["duplicates"] == 0
         and all(c == 0 for c in codes.values())
     )
+    if report["partial"]:
+        return once and v["hub_queue"] >= v["missing"] == n - v["inbox_rows"]
+    return once and v["inbox_rows"] == n and v["missing"] == v["hub_queue"] == 0
 
 
 def summary(report: dict[str, object]) -> str:
@@ -351,7 +366,7 @@ def summary(report: dict[str, object]) -> str:
             f" {report['fill_lps']}/s, hub db {report['hub_db_mb']} MB)",
             f"hub RSS              after start {report['hub_rss_mb_after_start']} MB, idle with"
             f" backlog {report['hub_rss_mb_idle_with_backlog']} MB, peak {report['hub_peak_rss_mb']} MB",
-            f"drain                {report['drain_s']} s, {report['drain_lps']} letters/s"
+            f"drain                {report['drained']} letters in {report['drain_s']} s, {report['drain_lps']} letters/s"
             f" (queue empty at {report['hub_queue_empty_s']} s)",
             f"per {report['params']['window_s']:.0f} s window     {report['drain_lps_windows']}",  # type: ignore[index]
             f"recipient peak RSS   {report['recipient_peak_rss_mb']} MB",
@@ -371,6 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--window-seconds", type=float, default=Params.window_s)
     parser.add_argument("--fill-durability", choices=["full", "normal"], default="normal")
+    parser.add_argument(
+        "--drain-limit-seconds",
+        type=float,
+        default=0.0,
+        help="stop after watching the drain this long (a partial run; 0: until drained)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep the cluster here (default: temporary)")
     parser.add_argument("--json", type=Path, help="write the report here")
     ns = parser.parse_args(argv)
@@ -383,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_s=ns.idle_seconds,
         window_s=ns.window_seconds,
         fill_durability=ns.fill_durability,
+        drain_limit_s=ns.drain_limit_seconds,
     )
     with contextlib.ExitStack() as stack:
         workdir = ns.workdir or Path(
