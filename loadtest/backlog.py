@@ -21,6 +21,9 @@ A's node never runs: the hub keeps the DELIVERY notices for A (as it would for a
 sender that is offline), so the drain measures the hub -> recipient path alone.
 
     python -m loadtest.backlog --letters 100000 --json docs/bench/backlog_100k.json
+
+``--drain-limit-seconds S`` stops watching the drain after S seconds (a partial run: rates
+and RSS so far; the check is then that what arrived arrived once and the rest is queued).
 """
 
 from __future__ import annotations
