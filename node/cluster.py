@@ -165,7 +165,42 @@ class Cluster:
 
         Agencies in ``without_node`` get certificates and a directory entry but no node.
         """
-        root.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before any server runs
+        cluster = cls.prepare(
+            root,
+            agencies,
+            hub_name=hub_name,
+            signing_algorithm=signing_algorithm,
+            hub_settings=hub_settings,
+            agency_states=agency_states,
+        )
+        cluster.hub.start()
+        await cluster.hub.wait_ready()
+        nodes = [
+            cluster.add_node(code, node_settings) for code in agencies if code not in without_node
+        ]
+        for proc in nodes:
+            proc.start()
+        for proc in nodes:
+            await proc.wait_ready()
+        return cluster
+
+    @classmethod
+    def prepare(
+        cls,
+        root: Path,
+        agencies: Sequence[str],
+        *,
+        hub_name: str = "national",
+        signing_algorithm: Literal["ed25519", "ecdsa-p256"] = "ed25519",
+        hub_settings: str = "",
+        agency_states: dict[str, str] | None = None,
+    ) -> Cluster:
+        """The PKI and the hub's configuration under ``root``; nothing is started.
+
+        Lets a caller work on the hub's database before the hub runs (``loadtest.backlog``
+        pre-fills it); nodes are added with ``add_node`` once the hub has its address.
+        """
+        root.mkdir(parents=True, exist_ok=True)
         pki = init_pki(
             root / "pki",
             hub=hub_name,
@@ -174,18 +209,15 @@ class Cluster:
             auditors=["auditor"],
         )
         hub = cls._hub_process(root, pki, hub_name, agencies, hub_settings, agency_states or {})
-        hub.start()
-        await hub.wait_ready()
-        nodes = {
-            code: cls._node_process(root, pki, code, hub.address, node_settings)
-            for code in agencies
-            if code not in without_node
-        }
-        for proc in nodes.values():
-            proc.start()
-        for proc in nodes.values():
-            await proc.wait_ready()
-        return cls(root, pki, hub, nodes)
+        return cls(root, pki, hub, {})
+
+    def add_node(self, code: str, settings: str = "") -> ServerProcess:
+        """Configures (does not start) the node of ``code``; the hub must have been started."""
+        if not self.hub.address:
+            raise RuntimeError("the hub has no address yet: start it first")
+        proc = self._node_process(self.root, self.pki, code, self.hub.address, settings)
+        self.nodes[code] = proc
+        return proc
 
     @staticmethod
     def _hub_process(
