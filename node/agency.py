@@ -475,20 +475,68 @@ class Agency(pb.NodeServiceServicer):
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
-        # Concurrently: the HANDOVERs are signed as one batch and stored in one commit.
-        outcomes = await asyncio.gather(
-            *(self._acknowledge(shams, access) for shams in request.shams),
-            return_exceptions=True,
+        outcomes = await self._acknowledge_many(request.shams, access)
+        return pb.BatchAckEnvelopesResponse(
+            results=[
+                pb.AckResult(error=to_submit_error(o))
+                if isinstance(o, ChaparError)
+                else pb.AckResult(evidence=o)
+                for o in outcomes
+            ]
         )
-        results = []
-        for outcome in outcomes:
-            if isinstance(outcome, ChaparError):
-                results.append(pb.AckResult(error=to_submit_error(outcome)))
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                results.append(pb.AckResult(evidence=outcome))
-        return pb.BatchAckEnvelopesResponse(results=results)
+
+    async def _acknowledge_many(
+        self, numbers: Sequence[pb.Shams], access: Access
+    ) -> list[pb.Evidence | ChaparError]:
+        """HANDOVER evidence per number, or why not: one read, one signature, one job."""
+        texts: list[str | ChaparError] = []
+        for number in numbers:
+            try:
+                texts.append(self._shams_of(number))
+            except ChaparError as exc:
+                texts.append(exc)
+        entries = await self.store.inbox_entries([t for t in texts if isinstance(t, str)])
+        outcomes: list[pb.Evidence | ChaparError | str] = []
+        contents: dict[str, bytes] = {}  # numbers to hand over now, once each
+        now = dt.datetime.now(dt.UTC)
+        for text in texts:
+            if isinstance(text, ChaparError):
+                outcomes.append(text)
+                continue
+            entry = entries.get(text)
+            if entry is None:
+                outcomes.append(letter_not_found(text, "in the inbox"))
+                continue
+            boxes, header_bytes, evidence = entry
+            try:
+                access.require(boxes, f"the letter {text}")
+            except ChaparError as exc:
+                outcomes.append(exc)
+                continue
+            if evidence is not None:  # acknowledged before: the same evidence again
+                outcomes.append(evidence)
+                continue
+            if text not in contents:
+                contents[text] = evidence_content(
+                    E.EVIDENCE_EVENT_HANDOVER,
+                    issuer=self.identity.uri,
+                    shams=pb.EnvelopeHeader.FromString(header_bytes).shams,
+                    envelope_sha256=sha256(header_bytes),
+                    recipient=self.config.agency,
+                    now=now,
+                )
+            outcomes.append(text)
+        issued: dict[str, pb.Evidence] = {}
+        if contents:
+            signed = self.signer.sign_evidence(list(contents.values()))
+            stored = await self.store.record_handovers(list(zip(contents, signed, strict=True)))
+            for text, mine, standing in zip(contents, signed, stored, strict=True):
+                issued[text] = standing
+                if standing is mine:  # issued now, not by a concurrent call
+                    HANDED_OVER.inc()
+                    _log_letter("letter handed over", text, "", access)
+            self.receipts_changed.set()
+        return [issued[o] if isinstance(o, str) else o for o in outcomes]
 
     async def _acknowledge(self, shams_pb: pb.Shams, access: Access) -> pb.Evidence:
         """HANDOVER evidence for one received letter, issued once (ChaparError if refused)."""

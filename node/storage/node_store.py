@@ -398,6 +398,58 @@ class NodeStore(Store):
 
         return await self.db.write(job)
 
+    async def record_handovers(self, items: Sequence[tuple[str, pb.Evidence]]) -> list[pb.Evidence]:
+        """Stores HANDOVER evidence (shams, evidence) for received letters, once each.
+
+        Returns per item the evidence that stands: this one, or the one stored before (an
+        earlier or concurrent acknowledgement). Every number must be in the inbox.
+        """
+
+        def job(conn: sqlite3.Connection) -> list[pb.Evidence]:
+            now = time.time()
+            out: list[pb.Evidence] = []
+            for shams, evidence in items:
+                blob = evidence.SerializeToString()
+                if conn.execute(
+                    "UPDATE inbox SET handover = ? WHERE shams = ? AND handover IS NULL",
+                    (blob, shams),
+                ).rowcount:
+                    content = pb.EvidenceContent.FromString(evidence.content)
+                    conn.execute(
+                        "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send,"
+                        " recorded_at) VALUES (?, ?, ?, ?, 1, ?)",
+                        (content.evidence_id, shams, content.event, blob, now),
+                    )
+                    out.append(evidence)
+                    continue
+                row = conn.execute(
+                    "SELECT handover FROM inbox WHERE shams = ?", (shams,)
+                ).fetchone()
+                if row is None or row[0] is None:
+                    raise letter_not_found(shams, "in the inbox")
+                out.append(pb.Evidence.FromString(row[0]))
+            return out
+
+        return await self.db.write(job)
+
+    async def inbox_entries(
+        self, numbers: Sequence[str]
+    ) -> dict[str, tuple[list[str], bytes, pb.Evidence | None]]:
+        """``inbox_entry`` for many numbers in one read; numbers not received are absent."""
+        out: dict[str, tuple[list[str], bytes, pb.Evidence | None]] = {}
+        unique = list(dict.fromkeys(numbers))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))  # placeholders only, never values
+            sql = f"SELECT shams, mailboxes, envelope, handover FROM inbox WHERE shams IN ({marks})"  # noqa: S608
+            for shams, boxes, envelope, handover in await self.db.fetchall(sql, chunk):
+                out[str(shams)] = (
+                    str(boxes).split("\n"),
+                    pb.Envelope.FromString(envelope).header,
+                    pb.Evidence.FromString(handover) if handover is not None else None,
+                )
+        return out
+
     async def inbox_entry(self, shams: str) -> tuple[list[str], bytes, pb.Evidence | None] | None:
         """(mailboxes, header bytes, HANDOVER evidence if issued) of a received letter."""
         row = await self.db.fetchone(

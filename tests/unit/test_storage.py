@@ -819,3 +819,22 @@ async def test_one_batch_of_sender_evidence_moves_states_in_its_order(store: Nod
     assert letter.statuses == {RECIPIENT_B: lifecycle.HANDED_OVER, RECIPIENT_C: lifecycle.RELAYED}
     assert await store.count("evidence") == 1 + 4
     assert await store.outbox_to_relay(0, 10) == []
+
+
+async def test_handovers_recorded_in_a_batch_stand_once_each(store: NodeStore) -> None:
+    first, second = _incoming(1), _incoming(2)
+    await store.store_incoming([first, second], DeliveryMaker())
+    entries = await store.inbox_entries([first[0], second[0], "NOBODY/O/2026/0000001"])
+    assert set(entries) == {first[0], second[0]}
+    assert entries[first[0]] == (["legal", "registry"], first[3].header, None)
+
+    h1, _ = _evidence(E.EVIDENCE_EVENT_HANDOVER, recipient=RECIPIENT_B)
+    h2, _ = _evidence(E.EVIDENCE_EVENT_HANDOVER, recipient=RECIPIENT_B)
+    late, _ = _evidence(E.EVIDENCE_EVENT_HANDOVER, recipient=RECIPIENT_B)
+    stored = await store.record_handovers([(first[0], h1), (second[0], h2), (first[0], late)])
+    assert stored == [h1, h2, h1]  # the later one for the same letter does not replace it
+    assert (await store.inbox_entries([first[0]]))[first[0]][2] == h1
+    assert await store.count("evidence") == 2 + 2  # two deliveries, two handovers
+    with pytest.raises(ChaparError) as info:
+        await store.record_handovers([("NOBODY/O/2026/0000001", late)])
+    assert info.value.reason == "LETTER_NOT_FOUND"
