@@ -182,13 +182,13 @@ class NodeMonitor(_Common):
         return self._times.get((shams, event, recipient))
 
     async def _load_anchors(self, shams: Sequence[str]) -> None:
-        for start in range(0, len(shams), 500):
-            chunk = shams[start : start + 500]
-            marks = ",".join("?" * len(chunk))  # placeholders only, never values
-            sql = f"SELECT shams, evidence FROM evidence WHERE shams IN ({marks}) AND event IN (?, ?, ?)"  # noqa: S608
-            rows = await self.agency.store.db.fetchall(sql, (*chunk, *sorted(_ANCHORS)))
-            for s, blob in rows:
-                self._remember(str(s), _content(blob))
+        rows = await self.agency.store.db.fetchall_in(
+            "SELECT shams, evidence FROM evidence WHERE event IN (?, ?, ?) AND shams IN ({marks})",
+            shams,
+            sorted(_ANCHORS),
+        )
+        for s, blob in rows:
+            self._remember(str(s), _content(blob))
 
 
 def _content(blob: object) -> pb.EvidenceContent:

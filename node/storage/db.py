@@ -29,7 +29,16 @@ import aiosqlite
 
 from node.core import lifecycle
 
-__all__ = ["Database", "Durability", "Job", "Store", "advance_state", "advance_states", "existing"]
+__all__ = [
+    "Database",
+    "Durability",
+    "Job",
+    "Store",
+    "advance_state",
+    "advance_states",
+    "existing",
+    "rows_in",
+]
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
@@ -137,6 +146,15 @@ class Database:
         assert self._reader is not None
         async with self._reader.execute(sql, params) as cur:
             return list(await cur.fetchall())
+
+    async def fetchall_in(
+        self, sql: str, keys: Sequence[object], params: Sequence[object] = ()
+    ) -> list[aiosqlite.Row]:
+        """``fetchall`` for every key, as ``rows_in`` does in a job."""
+        rows: list[aiosqlite.Row] = []
+        for marks, chunk in _in_lists(keys):
+            rows.extend(await self.fetchall(sql.format(marks=marks), (*params, *chunk)))
+        return rows
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
         assert self._reader is not None
@@ -269,21 +287,33 @@ def advance_state(conn: sqlite3.Connection, shams: str, recipient: str, event: i
         )
 
 
-def _chunks(items: Sequence[T], size: int = 500) -> list[Sequence[T]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+_IN_CHUNK = 500  # keys per IN list, well under SQLite's limit on bound parameters
 
 
-def existing(conn: sqlite3.Connection, sql_prefix: str, keys: Sequence[str]) -> set[str]:
-    """The keys ``sql_prefix + "(?, ?, ...)"`` finds, queried 500 at a time.
+def _in_lists(keys: Sequence[object]) -> list[tuple[str, list[object]]]:
+    """(placeholders, keys) per ``_IN_CHUNK`` distinct keys, for ``... IN ({marks})``."""
+    unique = list(dict.fromkeys(keys))
+    chunks = [unique[i : i + _IN_CHUNK] for i in range(0, len(unique), _IN_CHUNK)]
+    return [(",".join("?" * len(chunk)), chunk) for chunk in chunks]
 
-    ``sql_prefix`` is a constant of the caller's ending in ``IN``; only placeholders are
-    added to it, never values.
+
+def rows_in(
+    conn: sqlite3.Connection, sql: str, keys: Sequence[object], params: Sequence[object] = ()
+) -> list[Any]:
+    """Rows of ``sql`` for every key, ``_IN_CHUNK`` keys per query.
+
+    ``sql`` is a constant of the caller's holding ``{marks}`` where the IN list goes, after
+    ``params``; only placeholders are put in it, never values.
     """
-    found: set[str] = set()
-    for chunk in _chunks(list(dict.fromkeys(keys))):
-        marks = ",".join("?" * len(chunk))
-        found.update(str(r[0]) for r in conn.execute(f"{sql_prefix} ({marks})", chunk))
-    return found
+    rows: list[Any] = []
+    for marks, chunk in _in_lists(keys):
+        rows.extend(conn.execute(sql.format(marks=marks), (*params, *chunk)))
+    return rows
+
+
+def existing(conn: sqlite3.Connection, sql: str, keys: Sequence[str]) -> set[str]:
+    """The keys ``sql`` (see ``rows_in``) finds: the first column of its rows."""
+    return {str(r[0]) for r in rows_in(conn, sql, keys)}
 
 
 def advance_states(conn: sqlite3.Connection, moves: Sequence[tuple[str, str | None, int]]) -> None:
@@ -292,18 +322,17 @@ def advance_states(conn: sqlite3.Connection, moves: Sequence[tuple[str, str | No
     Reads the states concerned in one query and writes the changed ones in one batch."""
     if not moves:
         return
-    states: dict[tuple[str, str], int] = {}
-    for chunk in _chunks(list(dict.fromkeys(m[0] for m in moves))):
-        marks = ",".join("?" * len(chunk))
-        rows = conn.execute(
-            f"SELECT shams, recipient, state FROM recipient_state WHERE shams IN ({marks})",  # noqa: S608
-            chunk,
+    states: dict[tuple[str, str], int] = {
+        (str(shams), str(recipient)): int(state)
+        for shams, recipient, state in rows_in(
+            conn,
+            "SELECT shams, recipient, state FROM recipient_state WHERE shams IN ({marks})",
+            [m[0] for m in moves],
         )
-        for shams, recipient, state in rows:
-            states[(str(shams), str(recipient))] = int(state)
+    }
     by_letter: dict[str, list[str]] = {}
-    for shams, recipient in states:
-        by_letter.setdefault(shams, []).append(recipient)
+    for letter, who in states:
+        by_letter.setdefault(letter, []).append(who)
     changed: dict[tuple[str, str], int] = {}
     for shams, recipient, event in moves:
         for key in (

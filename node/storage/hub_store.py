@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from client_sdk import pb
 from node.core import lifecycle
-from node.storage.db import Store, advance_state, advance_states, existing
+from node.storage.db import Store, advance_state, advance_states, existing, rows_in
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
 
@@ -297,19 +297,21 @@ class HubStore(Store):
 
         def job(conn: sqlite3.Connection) -> tuple[list[str], int, list[str]]:
             now = time.time()
-            sender_of: dict[str, str] = {}
-            numbers = list(dict.fromkeys(shams for _, _, shams in items))
-            for start in range(0, len(numbers), 500):
-                chunk = numbers[start : start + 500]
-                marks = ",".join("?" * len(chunk))  # placeholders only, never values
-                sql = f"SELECT s.shams, l.sender FROM recipient_state s JOIN letters l ON l.shams = s.shams WHERE s.recipient = ? AND s.shams IN ({marks})"  # noqa: S608
-                rows = conn.execute(sql, (recipient, *chunk))
-                sender_of.update((str(r[0]), str(r[1])) for r in rows)
+            sender_of = {
+                str(shams): str(sender)
+                for shams, sender in rows_in(
+                    conn,
+                    "SELECT s.shams, l.sender FROM recipient_state s JOIN letters l"
+                    " ON l.shams = s.shams WHERE s.recipient = ? AND s.shams IN ({marks})",
+                    [shams for _, _, shams in items],
+                    (recipient,),
+                )
+            }
             strangers = [shams for _, _, shams in items if shams not in sender_of]
             ours = [item for item in items if item[2] in sender_of]
             known = existing(
                 conn,
-                "SELECT evidence_id FROM evidence WHERE evidence_id IN",
+                "SELECT evidence_id FROM evidence WHERE evidence_id IN ({marks})",
                 [c.evidence_id for _, c, _ in ours],
             )
             new: list[tuple[str, pb.EvidenceContent, str, bytes]] = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from client_sdk import pb
 from node.core import lifecycle
 from node.core.errors import letter_not_found
-from node.storage.db import Store, advance_states, existing
+from node.storage.db import Store, advance_states, existing, rows_in
 
 __all__ = ["MIGRATIONS", "NewLetter", "NodeStore", "StoredLetter"]
 
@@ -142,15 +142,14 @@ class NodeStore(Store):
         """
 
         def job(conn: sqlite3.Connection) -> list[pb.Receipt]:
-            known: dict[str, pb.Receipt] = {}
-            ids = [r for r in request_ids if r]
-            for chunk in _chunks(ids, 500):
-                marks = ",".join("?" * len(chunk))
-                for rid, blob in conn.execute(
-                    f"SELECT request_id, receipt FROM outbox WHERE request_id IN ({marks})",  # noqa: S608
-                    chunk,
-                ).fetchall():
-                    known[rid] = pb.Receipt.FromString(blob)
+            known: dict[str, pb.Receipt] = {
+                str(rid): pb.Receipt.FromString(blob)
+                for rid, blob in rows_in(
+                    conn,
+                    "SELECT request_id, receipt FROM outbox WHERE request_id IN ({marks})",
+                    [r for r in request_ids if r],
+                )
+            }
             new_index = [i for i, rid in enumerate(request_ids) if not rid or rid not in known]
             # The same request_id twice in one batch is one letter.
             firsts: dict[str, int] = {}
@@ -259,7 +258,7 @@ class NodeStore(Store):
             now = time.time()
             known = existing(
                 conn,
-                "SELECT evidence_id FROM evidence WHERE evidence_id IN",
+                "SELECT evidence_id FROM evidence WHERE evidence_id IN ({marks})",
                 [c.evidence_id for _, c, _ in items],
             )
             new: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
@@ -436,19 +435,18 @@ class NodeStore(Store):
         self, numbers: Sequence[str]
     ) -> dict[str, tuple[list[str], bytes, pb.Evidence | None]]:
         """``inbox_entry`` for many numbers in one read; numbers not received are absent."""
-        out: dict[str, tuple[list[str], bytes, pb.Evidence | None]] = {}
-        unique = list(dict.fromkeys(numbers))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
-            marks = ",".join("?" * len(chunk))  # placeholders only, never values
-            sql = f"SELECT shams, mailboxes, envelope, handover FROM inbox WHERE shams IN ({marks})"  # noqa: S608
-            for shams, boxes, envelope, handover in await self.db.fetchall(sql, chunk):
-                out[str(shams)] = (
-                    str(boxes).split("\n"),
-                    pb.Envelope.FromString(envelope).header,
-                    pb.Evidence.FromString(handover) if handover is not None else None,
-                )
-        return out
+        rows = await self.db.fetchall_in(
+            "SELECT shams, mailboxes, envelope, handover FROM inbox WHERE shams IN ({marks})",
+            numbers,
+        )
+        return {
+            str(shams): (
+                str(boxes).split("\n"),
+                pb.Envelope.FromString(envelope).header,
+                pb.Evidence.FromString(handover) if handover is not None else None,
+            )
+            for shams, boxes, envelope, handover in rows
+        }
 
     async def inbox_entry(self, shams: str) -> tuple[list[str], bytes, pb.Evidence | None] | None:
         """(mailboxes, header bytes, HANDOVER evidence if issued) of a received letter."""
@@ -618,10 +616,6 @@ class NodeStore(Store):
             if row is not None:
                 out.append(bytes(row[0]))
         return out
-
-
-def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _without_body(envelope: pb.Envelope) -> bytes:
