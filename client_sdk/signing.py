@@ -112,6 +112,11 @@ class Signer:
         value = self._sign(pae(payload_type, payload))
         return pb.Signature(algorithm=self.algorithm, key_id=self.key_id, value=value)
 
+    def seal_evidence(self, items: Sequence[pb.Evidence]) -> None:
+        """Signs evidence built unsigned (content only) in place, as ``sign_evidence``."""
+        for item, signed in zip(items, self.sign_evidence([e.content for e in items]), strict=True):
+            item.CopyFrom(signed)
+
     def sign_evidence(self, contents: Sequence[bytes]) -> list[pb.Evidence]:
         """Signs evidence contents: one alone, several as Merkle batches of one signature.
 

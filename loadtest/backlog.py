@@ -122,11 +122,6 @@ async def fill_hub(cluster: Cluster, p: Params) -> dict[str, float]:
         body=body,
     )
 
-    def seal(items: Sequence[pb.Evidence]) -> None:  # as Hub._seal
-        signed = hub_signer.sign_evidence([e.content for e in items])
-        for item, done in zip(items, signed, strict=True):
-            item.CopyFrom(done)
-
     def letters(first: int, count: int) -> tuple[list[IncomingLetter], dt.datetime]:
         now = dt.datetime.now(dt.UTC)
         out = []
@@ -173,7 +168,9 @@ async def fill_hub(cluster: Cluster, p: Params) -> dict[str, float]:
         for first in range(1, p.letters + 1, p.batch):
             batch, now = letters(first, min(p.batch, p.letters + 1 - first))
             make_relay = make_relay_at(now)
-            pending.add(asyncio.create_task(store.accept(batch, make_relay, seal)))
+            pending.add(
+                asyncio.create_task(store.accept(batch, make_relay, hub_signer.seal_evidence))
+            )
             if len(pending) >= _IN_FLIGHT:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 stored += sum(len(t.result()) for t in done)

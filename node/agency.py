@@ -21,9 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
-from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, key_id, sha256
+from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer, key_id, sha256
 from client_sdk.trust import TrustStore
-from node.batching import BatchSigner
 from node.config import NodeConfig
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code, letter_not_found
@@ -79,7 +78,6 @@ class Agency(pb.NodeServiceServicer):
         self.config = config
         self.store = store
         self.signer = signer
-        self.batch_signer = BatchSigner(self.seal_evidence)
         self.trust = trust
         self.identity = config.identity
         self.directory: DirectoryView | None = None
@@ -153,16 +151,8 @@ class Agency(pb.NodeServiceServicer):
     # -- evidence ---------------------------------------------------------------------------
 
     def sign_evidence(self, content: bytes) -> pb.Evidence:
-        return pb.Evidence(
-            content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content)
-        )
-
-    def seal_evidence(self, items: Sequence[pb.Evidence]) -> None:
-        """Signs unsigned evidence in place, several at once under one batch signature."""
-        for item, signed in zip(
-            items, self.signer.sign_evidence([e.content for e in items]), strict=True
-        ):
-            item.CopyFrom(signed)
+        (evidence,) = self.signer.sign_evidence([content])
+        return evidence
 
     # -- authorisation ----------------------------------------------------------------------
 
@@ -249,7 +239,7 @@ class Agency(pb.NodeServiceServicer):
                 recipient="",
                 now=now,
             )
-            evidence = pb.Evidence(content=content)  # signed with the batch: seal_evidence
+            evidence = pb.Evidence(content=content)  # signed with the batch: seal
             text = format_shams(shams)
             receipt = pb.Receipt(
                 shams=shams, shams_text=text, envelope_sha256=digest, evidence=evidence
@@ -269,7 +259,7 @@ class Agency(pb.NodeServiceServicer):
             domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING,
             year=now.year,
             build=build,
-            seal=self.seal_evidence,
+            seal=self.signer.seal_evidence,
         )
         for (i, _, _), receipt in zip(valid, receipts, strict=True):
             results[i] = receipt
@@ -454,7 +444,9 @@ class Agency(pb.NodeServiceServicer):
     ) -> pb.AckEnvelopeResponse:
         try:
             access = self._authorize(context)
-            evidence = await self._acknowledge(request.shams, access)
+            (evidence,) = await self._acknowledge_many([request.shams], access)
+            if isinstance(evidence, ChaparError):
+                raise evidence
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -537,36 +529,6 @@ class Agency(pb.NodeServiceServicer):
                     _log_letter("letter handed over", text, "", access)
             self.receipts_changed.set()
         return [issued[o] if isinstance(o, str) else o for o in outcomes]
-
-    async def _acknowledge(self, shams_pb: pb.Shams, access: Access) -> pb.Evidence:
-        """HANDOVER evidence for one received letter, issued once (ChaparError if refused)."""
-        shams = self._shams_of(shams_pb)
-        entry = await self.store.inbox_entry(shams)
-        if entry is None:
-            raise letter_not_found(shams, "in the inbox")
-        boxes, header_bytes, evidence = entry
-        access.require(boxes, f"the letter {shams}")
-        if evidence is not None:  # acknowledged before: the same evidence again
-            return evidence
-        header = pb.EnvelopeHeader.FromString(header_bytes)
-        # Signed together with the HANDOVERs of concurrent acknowledgements.
-        signed = await self.batch_signer.sign(
-            evidence_content(
-                E.EVIDENCE_EVENT_HANDOVER,
-                issuer=self.identity.uri,
-                shams=header.shams,
-                envelope_sha256=sha256(header_bytes),
-                recipient=self.config.agency,
-                now=dt.datetime.now(dt.UTC),
-            )
-        )
-        # If a concurrent call stored its HANDOVER first, the store returns that one.
-        stored = await self.store.acknowledge(shams, lambda _: signed)
-        if stored is signed:  # issued now, not by a concurrent call
-            HANDED_OVER.inc()
-            _log_letter("letter handed over", shams, "", access)
-        self.receipts_changed.set()
-        return stored
 
     def _mailboxes_of(self, letter: StoredLetter) -> list[str]:
         """This agency's mailboxes a letter belongs to: its sender's, or its recipients'."""

@@ -22,7 +22,7 @@ from cryptography import x509
 
 from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
-from client_sdk.signing import EVIDENCE_PAYLOAD_TYPE, Signer, sha256
+from client_sdk.signing import Signer, sha256
 from client_sdk.trust import TrustStore, VerificationError, seconds_of
 from node.config import ConfigError, HubConfig, load_hub_config, read_revocations
 from node.core.directory import DirectoryView
@@ -325,16 +325,8 @@ class Hub(pb.HubServiceServicer):
         return total
 
     def _sign(self, content: bytes) -> pb.Evidence:
-        return pb.Evidence(
-            content=content, signature=self.signer.sign(EVIDENCE_PAYLOAD_TYPE, content)
-        )
-
-    def _seal(self, items: Sequence[pb.Evidence]) -> None:
-        """Signs unsigned evidence in place, several at once under one batch signature."""
-        for item, signed in zip(
-            items, self.signer.sign_evidence([e.content for e in items]), strict=True
-        ):
-            item.CopyFrom(signed)
+        (evidence,) = self.signer.sign_evidence([content])
+        return evidence
 
     def _peer(self, context: grpc.aio.ServicerContext, *, active: bool = True) -> tuple[str, int]:
         """The connected node's agency code and TLS certificate serial, if admitted.
@@ -579,9 +571,13 @@ class Hub(pb.HubServiceServicer):
                 recipient=recipient,
                 now=now,
             )
-            return pb.Evidence(content=content)  # signed with the batch: _seal
+            return pb.Evidence(content=content)  # signed with the batch: seal_evidence
 
-        stored = iter(await self.store.accept(letters, make_relay, self._seal) if letters else [])
+        stored = iter(
+            await self.store.accept(letters, make_relay, self.signer.seal_evidence)
+            if letters
+            else []
+        )
         for recipient in queued:
             self._count(recipient, +1)
         results: list[pb.Evidence] = []

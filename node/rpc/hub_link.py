@@ -375,7 +375,7 @@ class _Session:
         receipts: list[pb.Evidence] = []
         if good:
             receipts.extend(
-                await agency.store.store_incoming(good, make_delivery, agency.seal_evidence)
+                await agency.store.store_incoming(good, make_delivery, agency.signer.seal_evidence)
             )
             agency.notify_inbox()
             DELIVERED.inc(len(good))

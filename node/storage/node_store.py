@@ -369,34 +369,6 @@ class NodeStore(Store):
             for r in rows
         ]
 
-    async def acknowledge(
-        self, shams: str, make_handover: Callable[[pb.Envelope], pb.Evidence]
-    ) -> pb.Evidence:
-        """Issues HANDOVER evidence for an inbox letter once; a second call returns the same."""
-
-        def job(conn: sqlite3.Connection) -> pb.Evidence:
-            row = conn.execute(
-                "SELECT i.envelope, i.handover, b.body FROM inbox i "
-                "LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams WHERE i.shams = ?",
-                (shams,),
-            ).fetchone()
-            if row is None:
-                raise letter_not_found(shams, "in the inbox")
-            if row[1] is not None:
-                return pb.Evidence.FromString(row[1])
-            evidence = make_handover(pb.Envelope.FromString(_with_body(row[0], row[2])))
-            content = pb.EvidenceContent.FromString(evidence.content)
-            blob = evidence.SerializeToString()
-            conn.execute("UPDATE inbox SET handover = ? WHERE shams = ?", (blob, shams))
-            conn.execute(
-                "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
-                " VALUES (?, ?, ?, ?, 1, ?)",
-                (content.evidence_id, shams, content.event, blob, time.time()),
-            )
-            return evidence
-
-        return await self.db.write(job)
-
     async def record_handovers(self, items: Sequence[tuple[str, pb.Evidence]]) -> list[pb.Evidence]:
         """Stores HANDOVER evidence (shams, evidence) for received letters, once each.
 
@@ -447,16 +419,6 @@ class NodeStore(Store):
             )
             for shams, boxes, envelope, handover in rows
         }
-
-    async def inbox_entry(self, shams: str) -> tuple[list[str], bytes, pb.Evidence | None] | None:
-        """(mailboxes, header bytes, HANDOVER evidence if issued) of a received letter."""
-        row = await self.db.fetchone(
-            "SELECT mailboxes, envelope, handover FROM inbox WHERE shams = ?", (shams,)
-        )
-        if row is None:
-            return None
-        handover = pb.Evidence.FromString(row[2]) if row[2] is not None else None
-        return str(row[0]).split("\n"), pb.Envelope.FromString(row[1]).header, handover
 
     async def receipts_to_send(self, limit: int, after: int = 0) -> list[pb.Evidence]:
         """Receipts the hub has not acknowledged, oldest first (see ``receipts_after``)."""

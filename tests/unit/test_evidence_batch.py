@@ -7,10 +7,8 @@ already seen (the verifier caches verified tree heads).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
-from collections.abc import Sequence
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -27,7 +25,6 @@ from client_sdk.signing import (
     merkle_tree,
 )
 from client_sdk.trust import TrustStore, VerificationError, seconds_of
-from node.batching import BatchSigner
 
 HUB = "hub.test"
 AGENCY = "000.00.00.G22"
@@ -194,39 +191,6 @@ def test_a_cached_batch_still_fails_once_its_signer_is_revoked(pki: PkiLayout) -
     with pytest.raises(VerificationError) as info:
         trust.verify_evidence(batch[1])
     assert info.value.reason == "CERTIFICATE_REVOKED"
-
-
-# -- BatchSigner: concurrent requests share one signature -----------------------------------
-
-
-async def test_concurrent_requests_are_sealed_together(pki: PkiLayout) -> None:
-    signer = _signer(pki)
-    seals: list[int] = []
-
-    def seal(items: Sequence[pb.Evidence]) -> None:
-        seals.append(len(items))
-        for item, signed in zip(
-            items, signer.sign_evidence([e.content for e in items]), strict=True
-        ):
-            item.CopyFrom(signed)
-
-    batcher = BatchSigner(seal, linger_s=0.01, max_batch=8)
-    signed = await asyncio.gather(*(batcher.sign(_content(i)) for i in range(20)))
-    assert seals == [8, 8, 4]
-    trust = _trust(pki, signer)
-    assert [trust.verify_evidence(e).evidence_id for e in signed] == [f"id-{i}" for i in range(20)]
-    assert len({e.signature.value for e in signed}) == 3
-
-
-async def test_a_failing_seal_reaches_every_waiting_caller() -> None:
-    def seal(items: Sequence[pb.Evidence]) -> None:
-        raise RuntimeError("signing key unavailable")
-
-    batcher = BatchSigner(seal, linger_s=0.001)
-    results = await asyncio.gather(
-        *(batcher.sign(_content(i)) for i in range(3)), return_exceptions=True
-    )
-    assert [type(r) for r in results] == [RuntimeError] * 3
 
 
 @given(

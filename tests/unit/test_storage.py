@@ -612,17 +612,9 @@ async def test_same_letter_twice_in_one_delivery_batch_is_stored_once(store: Nod
 async def test_acknowledge_is_idempotent(store: NodeStore) -> None:
     letter = _incoming(1)
     await store.store_incoming([letter], DeliveryMaker())
-    seen: list[pb.Envelope] = []
-
-    def make_handover(envelope: pb.Envelope) -> pb.Evidence:
-        seen.append(envelope)
-        evidence, _ = _evidence(E.EVIDENCE_EVENT_HANDOVER)
-        return evidence
-
-    first = await store.acknowledge(letter[0], make_handover)
-    again = await store.acknowledge(letter[0], make_handover)
+    (first,) = await store.record_handovers([(letter[0], _evidence(E.EVIDENCE_EVENT_HANDOVER)[0])])
+    (again,) = await store.record_handovers([(letter[0], _evidence(E.EVIDENCE_EVENT_HANDOVER)[0])])
     assert again.SerializeToString() == first.SerializeToString()
-    assert seen == [letter[3]]
     assert await store.unacked_inbox(0, 10) == []
     events = [
         pb.EvidenceContent.FromString(e.content).event for e in await store.receipts_to_send(10)
@@ -633,7 +625,7 @@ async def test_acknowledge_is_idempotent(store: NodeStore) -> None:
 async def test_acknowledging_an_unknown_letter_is_not_found(store: NodeStore) -> None:
     unknown = format_shams(_shams(99, origin=RECIPIENT_C))
     with pytest.raises(ChaparError) as info:
-        await store.acknowledge(unknown, lambda _env: pb.Evidence())
+        await store.record_handovers([(unknown, _evidence(E.EVIDENCE_EVENT_HANDOVER)[0])])
     assert (info.value.code, info.value.reason) == (Code.NOT_FOUND, "LETTER_NOT_FOUND")
     assert info.value.metadata == {"shams": unknown}
 
