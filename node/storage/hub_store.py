@@ -339,12 +339,6 @@ class HubStore(Store):
 
         return await self.db.write(job)
 
-    async def is_recipient(self, shams: str, agency: str) -> bool:
-        row = await self.db.fetchone(
-            "SELECT 1 FROM recipient_state WHERE shams = ? AND recipient = ?", (shams, agency)
-        )
-        return row is not None
-
     async def notices(self, agency: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         rows = await self.db.fetchall(
             "SELECT id, evidence FROM notices WHERE agency = ? AND id > ? ORDER BY id LIMIT ?",
