@@ -466,12 +466,9 @@ class NodeStore(Store):
             if row is None:
                 return None
             direction = pb.LetterDirection.LETTER_DIRECTION_INCOMING
-        evidence = [
-            pb.Evidence.FromString(r[0])
-            for r in await self.db.fetchall(
-                "SELECT evidence FROM evidence WHERE shams = ? ORDER BY rowid", (shams,)
-            )
-        ]
+        # States first, evidence second: a state and its evidence commit together, and each
+        # read sees at least what the one before saw, so every state shown has its evidence
+        # shown too (the evidence may be a step ahead, never behind).
         statuses = {
             str(r[0]): int(r[1])
             for r in await self.db.fetchall(
@@ -479,6 +476,12 @@ class NodeStore(Store):
                 (shams,),
             )
         }
+        evidence = [
+            pb.Evidence.FromString(r[0])
+            for r in await self.db.fetchall(
+                "SELECT evidence FROM evidence WHERE shams = ? ORDER BY rowid", (shams,)
+            )
+        ]
         envelope = pb.Envelope.FromString(_with_body(row[0], row[2]))
         return StoredLetter(direction, envelope, evidence, statuses, bool(row[1]))
 
