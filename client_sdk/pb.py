@@ -48,6 +48,9 @@ from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
 )
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import Address as Address
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import AttachmentRef as AttachmentRef
+from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import (
+    BatchInclusionProof as BatchInclusionProof,
+)
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import DocumentMetadata as DocumentMetadata
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import Envelope as Envelope
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import EnvelopeHeader as EnvelopeHeader
@@ -58,9 +61,6 @@ from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import ShamsDomain as ShamsD
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import Signature as Signature
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import (
     SignatureAlgorithm as SignatureAlgorithm,
-)
-from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import (
-    BatchInclusionProof as BatchInclusionProof,
 )
 from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import Evidence as Evidence
 from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import EvidenceContent as EvidenceContent

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from client_sdk import pb
 
 __all__ = [
+    "ENVELOPE_BATCH_PAYLOAD_TYPE",
     "ENVELOPE_PAYLOAD_TYPE",
     "EVIDENCE_BATCH_PAYLOAD_TYPE",
     "EVIDENCE_PAYLOAD_TYPE",
@@ -38,9 +39,10 @@ __all__ = [
 ]
 
 ENVELOPE_PAYLOAD_TYPE = "chapar.envelope.v1"
+ENVELOPE_BATCH_PAYLOAD_TYPE = "chapar.envelope-batch.v1"
 EVIDENCE_PAYLOAD_TYPE = "chapar.evidence.v1"
 EVIDENCE_BATCH_PAYLOAD_TYPE = "chapar.evidence-batch.v1"
-# Leaves per signed tree: bounds the proof an evidence carries (8 hashes at 256).
+# Leaves per signed tree: bounds the proof an evidence or envelope carries (8 hashes at 256).
 MAX_EVIDENCE_BATCH = 256
 _MAX_TREE_SIZE = 1 << 32
 
@@ -122,26 +124,44 @@ class Signer:
 
         Each returned evidence verifies on its own (see ``Evidence`` in evidence.proto).
         """
-        if len(contents) == 1:
-            return [
-                pb.Evidence(
-                    content=contents[0], signature=self.sign(EVIDENCE_PAYLOAD_TYPE, contents[0])
-                )
-            ]
-        out: list[pb.Evidence] = []
-        for start in range(0, len(contents), MAX_EVIDENCE_BATCH):
-            chunk = contents[start : start + MAX_EVIDENCE_BATCH]
+        return [
+            pb.Evidence(content=content, signature=signature, batch_proof=proof)
+            for content, signature, proof in self.sign_many(
+                EVIDENCE_PAYLOAD_TYPE, EVIDENCE_BATCH_PAYLOAD_TYPE, contents
+            )
+        ]
+
+    def seal_envelopes(self, envelopes: Sequence[pb.Envelope]) -> None:
+        """Signs envelopes built unsigned (header and body) in place: one alone, several as
+        Merkle batches of one signature (see ``Envelope`` in envelope.proto)."""
+        signed = self.sign_many(
+            ENVELOPE_PAYLOAD_TYPE, ENVELOPE_BATCH_PAYLOAD_TYPE, [e.header for e in envelopes]
+        )
+        for envelope, (_, signature, proof) in zip(envelopes, signed, strict=True):
+            envelope.signature.CopyFrom(signature)
+            if proof is not None:
+                envelope.batch_proof.CopyFrom(proof)
+
+    def sign_many(
+        self, single_type: str, batch_type: str, payloads: Sequence[bytes]
+    ) -> list[tuple[bytes, pb.Signature, pb.BatchInclusionProof | None]]:
+        """Each payload with its signature and, when signed in a batch, its inclusion proof:
+        one payload is signed alone under ``single_type``; several are the leaves of Merkle
+        trees of at most MAX_EVIDENCE_BATCH, each tree head signed once under ``batch_type``."""
+        if len(payloads) == 1:
+            return [(payloads[0], self.sign(single_type, payloads[0]), None)]
+        out: list[tuple[bytes, pb.Signature, pb.BatchInclusionProof | None]] = []
+        for start in range(0, len(payloads), MAX_EVIDENCE_BATCH):
+            chunk = payloads[start : start + MAX_EVIDENCE_BATCH]
             root, paths = merkle_tree([merkle_leaf(c) for c in chunk])
-            signature = self.sign(EVIDENCE_BATCH_PAYLOAD_TYPE, batch_tree_head(len(chunk), root))
+            signature = self.sign(batch_type, batch_tree_head(len(chunk), root))
             out.extend(
-                pb.Evidence(
-                    content=content,
-                    signature=signature,
-                    batch_proof=pb.BatchInclusionProof(
-                        tree_size=len(chunk), leaf_index=i, path=path
-                    ),
+                (
+                    payload,
+                    signature,
+                    pb.BatchInclusionProof(tree_size=len(chunk), leaf_index=i, path=path),
                 )
-                for i, (content, path) in enumerate(zip(chunk, paths, strict=True))
+                for i, (payload, path) in enumerate(zip(chunk, paths, strict=True))
             )
         return out
 

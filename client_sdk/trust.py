@@ -23,6 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from client_sdk import pb
 from client_sdk.identity import Identity, identity_of_certificate
 from client_sdk.signing import (
+    ENVELOPE_BATCH_PAYLOAD_TYPE,
     ENVELOPE_PAYLOAD_TYPE,
     EVIDENCE_BATCH_PAYLOAD_TYPE,
     EVIDENCE_PAYLOAD_TYPE,
@@ -73,7 +74,7 @@ class TrustStore:
     revoked_serials: set[int] = field(default_factory=set)
     _by_key_id: dict[bytes, x509.Certificate] = field(default_factory=dict)
     _verifiers: dict[bytes, Verifier] = field(default_factory=dict)
-    _batch_heads: OrderedDict[tuple[bytes, int, bytes, bytes], None] = field(
+    _batch_heads: OrderedDict[tuple[bytes, str, int, bytes, bytes], None] = field(
         default_factory=OrderedDict
     )
     _chain_ok: dict[tuple[bytes, CertificateUsage], _Verified] = field(default_factory=dict)
@@ -203,7 +204,16 @@ class TrustStore:
         when = at or dt.datetime.now(dt.UTC)
         verifier, identity = self._signer(envelope.signature, when)
         try:
-            verifier.verify(ENVELOPE_PAYLOAD_TYPE, envelope.header, envelope.signature)
+            if envelope.HasField("batch_proof"):
+                self._verify_batch_member(
+                    verifier,
+                    ENVELOPE_BATCH_PAYLOAD_TYPE,
+                    envelope.header,
+                    envelope.signature,
+                    envelope.batch_proof,
+                )
+            else:
+                verifier.verify(ENVELOPE_PAYLOAD_TYPE, envelope.header, envelope.signature)
         except SignatureError as exc:
             raise VerificationError(exc.reason, str(exc)) from exc
         try:
@@ -236,7 +246,13 @@ class TrustStore:
         verifier, identity = self._signer(evidence.signature, when or dt.datetime.now(dt.UTC))
         try:
             if evidence.HasField("batch_proof"):
-                self._verify_batch_member(verifier, evidence)
+                self._verify_batch_member(
+                    verifier,
+                    EVIDENCE_BATCH_PAYLOAD_TYPE,
+                    evidence.content,
+                    evidence.signature,
+                    evidence.batch_proof,
+                )
             else:
                 verifier.verify(EVIDENCE_PAYLOAD_TYPE, evidence.content, evidence.signature)
         except SignatureError as exc:
@@ -248,23 +264,33 @@ class TrustStore:
             )
         return content
 
-    def _verify_batch_member(self, verifier: Verifier, evidence: pb.Evidence) -> None:
+    def _verify_batch_member(
+        self,
+        verifier: Verifier,
+        batch_type: str,
+        payload: bytes,
+        signature: pb.Signature,
+        proof: pb.BatchInclusionProof,
+    ) -> None:
         """Checks the inclusion proof, then the tree head's signature (once per batch)."""
-        proof = evidence.batch_proof
         root = merkle_root_from_path(
-            merkle_leaf(evidence.content), proof.leaf_index, proof.tree_size, list(proof.path)
+            merkle_leaf(payload), proof.leaf_index, proof.tree_size, list(proof.path)
         )
         if root is None:
-            raise SignatureError("EVIDENCE_PROOF_INVALID", "the batch inclusion proof is malformed")
+            reason = "EVIDENCE" if batch_type == EVIDENCE_BATCH_PAYLOAD_TYPE else "ENVELOPE"
+            raise SignatureError(
+                f"{reason}_PROOF_INVALID", "the batch inclusion proof is malformed"
+            )
         head = batch_tree_head(proof.tree_size, root)
         # A signature that verified once over these exact bytes with this key verifies again:
         # the cache saves the public-key operation, never a check (revocation and validity
-        # of the signer are checked on every call, above).
-        seen = (verifier.key_id, evidence.signature.algorithm, evidence.signature.value, head)
+        # of the signer are checked on every call, above). The payload type is part of the
+        # key: an envelope batch's head never stands for an evidence batch's.
+        seen = (verifier.key_id, batch_type, signature.algorithm, signature.value, head)
         if seen in self._batch_heads:
             self._batch_heads.move_to_end(seen)
             return
-        verifier.verify(EVIDENCE_BATCH_PAYLOAD_TYPE, head, evidence.signature)
+        verifier.verify(batch_type, head, signature)
         self._batch_heads[seen] = None
         if len(self._batch_heads) > _BATCH_HEADS_KEPT:
             self._batch_heads.popitem(last=False)

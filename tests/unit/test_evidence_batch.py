@@ -204,3 +204,90 @@ def test_seconds_of_a_timestamp_is_what_todatetime_says(seconds: int, nanos: int
     # ToDatetime keeps microseconds (up to 1 us less), and far from 1970 a float's own
     # resolution is coarser than that (4 us at 2**34 s): allow both, nothing more.
     assert abs(seconds_of(ts) - expected) <= 1e-6 + 2 * math.ulp(expected)
+
+
+# -- envelopes signed in batches -----------------------------------------------------------
+
+
+def _envelopes(n: int, start: int = 0) -> list[pb.Envelope]:
+    out = []
+    for i in range(start, start + n):
+        body = f"letter {i}".encode()
+        header = pb.EnvelopeHeader(
+            shams=pb.Shams(origin=AGENCY, year=2026, sequence=i + 1),
+            sender=pb.Address(agency=AGENCY),
+            recipients=[pb.Address(agency="000.00.00.B01")],
+            subject=f"subject {i}",
+            body_sha256=hashlib.sha256(body).digest(),
+            body_size=len(body),
+        )
+        out.append(pb.Envelope(header=header.SerializeToString(), body=body))
+    return out
+
+
+def test_a_submitted_batch_of_envelopes_has_one_signature_and_each_verifies_alone(
+    pki: PkiLayout,
+) -> None:
+    signer = _signer(pki)
+    envelopes = _envelopes(5)
+    signer.seal_envelopes(envelopes)
+    assert len({e.signature.value for e in envelopes}) == 1
+    assert [e.batch_proof.leaf_index for e in envelopes] == [0, 1, 2, 3, 4]
+    for i, envelope in enumerate(envelopes):
+        header = _trust(pki, signer).verify_envelope(envelope)  # a fresh cache each time
+        assert header.subject == f"subject {i}"
+    (single,) = lone = _envelopes(1)
+    signer.seal_envelopes(lone)
+    assert not single.HasField("batch_proof")
+    assert _trust(pki, signer).verify_envelope(single).subject == "subject 0"
+
+
+@pytest.mark.parametrize(
+    "how", ["header", "index", "path", "size", "other-batch-signature", "proof-dropped"]
+)
+def test_any_change_to_a_batched_envelope_fails_after_its_batch_verified(
+    pki: PkiLayout, how: str
+) -> None:
+    signer = _signer(pki)
+    envelopes, others = _envelopes(7), _envelopes(3, start=100)
+    signer.seal_envelopes(envelopes)
+    signer.seal_envelopes(others)
+    trust = _trust(pki, signer)
+    for envelope in envelopes:  # fills the verified-tree-head cache
+        trust.verify_envelope(envelope)
+    forged = pb.Envelope()
+    forged.CopyFrom(envelopes[2])
+    if how == "header":
+        header = pb.EnvelopeHeader.FromString(forged.header)
+        header.subject = "forged"
+        forged.header = header.SerializeToString()
+    elif how == "index":
+        forged.batch_proof.leaf_index = 3
+    elif how == "path":
+        forged.batch_proof.path[0] = bytes(32)
+    elif how == "size":
+        forged.batch_proof.tree_size = 8
+    elif how == "other-batch-signature":
+        forged.signature.CopyFrom(others[0].signature)
+    elif how == "proof-dropped":
+        forged.ClearField("batch_proof")
+    with pytest.raises(VerificationError) as info:
+        trust.verify_envelope(forged)
+    assert info.value.reason in {"SIGNATURE_INVALID", "ENVELOPE_PROOF_INVALID"}
+
+
+def test_an_evidence_batch_signature_never_passes_for_envelopes(pki: PkiLayout) -> None:
+    """Same key, same leaf bytes, same tree: only the signed payload type differs, and the
+    verifier's cache of verified tree heads must not let one kind stand for the other."""
+    signer = _signer(pki)
+    evidence = signer.sign_evidence([_content(i) for i in range(4)])
+    trust = _trust(pki, signer)
+    for item in evidence:  # caches the tree head as a verified evidence batch
+        trust.verify_evidence(item)
+    for item in evidence:
+        envelope = pb.Envelope(
+            header=item.content, signature=item.signature, batch_proof=item.batch_proof
+        )
+        with pytest.raises(VerificationError) as info:
+            trust.verify_envelope(envelope, check_body=False)
+        assert info.value.reason == "SIGNATURE_INVALID"

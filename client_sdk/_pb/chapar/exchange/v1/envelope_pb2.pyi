@@ -153,6 +153,13 @@ class Envelope(_message.Message):
     and only then parses them as an EnvelopeHeader. The signature covers
     PAE("chapar.envelope.v1", header), the DSSE pre-authentication encoding. The body is bound
     to the header through EnvelopeHeader.body_sha256 and attachments through their digests.
+
+    A node that submits many letters at once may sign them as one Merkle batch, as evidence
+    is signed (evidence.proto): the headers are the leaves (RFC 9162 section 2.1: leaf hash
+    SHA-256(0x00 || header)), the signature covers
+    PAE("chapar.envelope-batch.v1", uint64_be(tree_size) || root), and batch_proof carries
+    the inclusion path from this header to that root. Each envelope still verifies alone,
+    and a verifier checks each batch's signature once.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -160,13 +167,20 @@ class Envelope(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
+    BATCH_PROOF_FIELD_NUMBER: _builtins.int
     header: _builtins.bytes
     """Serialized EnvelopeHeader, exactly as signed."""
     body: _builtins.bytes
     """The letter's own content; its SHA-256 and size are in the header."""
     @_builtins.property
     def signature(self) -> Global___Signature:
-        """The sending agency's signature over PAE("chapar.envelope.v1", header)."""
+        """The sending agency's signature over PAE("chapar.envelope.v1", header), or over the
+        tree head of the batch the header belongs to.
+        """
+
+    @_builtins.property
+    def batch_proof(self) -> Global___BatchInclusionProof:
+        """Set when the signature covers a batch: where this header sits in the signed tree."""
 
     def __init__(
         self,
@@ -174,10 +188,11 @@ class Envelope(_message.Message):
         header: _builtins.bytes = ...,
         signature: Global___Signature | None = ...,
         body: _builtins.bytes = ...,
+        batch_proof: Global___BatchInclusionProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_proof", b"batch_proof", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "header", b"header", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_proof", b"batch_proof", "body", b"body", "header", b"header", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -445,3 +460,35 @@ class Signature(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Signature: _TypeAlias = Signature  # noqa: Y015
+
+@_typing.final
+class BatchInclusionProof(_message.Message):
+    """BatchInclusionProof is an RFC 9162 inclusion proof of one evidence in a signed batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    tree_size: _builtins.int
+    """Number of leaves of the signed tree."""
+    leaf_index: _builtins.int
+    """Index of this evidence's leaf, from 0."""
+    @_builtins.property
+    def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The audit path, leaf to root: 32-byte SHA-256 node hashes."""
+
+    def __init__(
+        self,
+        *,
+        tree_size: _builtins.int = ...,
+        leaf_index: _builtins.int = ...,
+        path: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leaf_index", b"leaf_index", "path", b"path", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchInclusionProof: _TypeAlias = BatchInclusionProof  # noqa: Y015

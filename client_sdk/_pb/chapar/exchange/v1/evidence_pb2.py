@@ -26,19 +26,17 @@ from client_sdk._pb.chapar.exchange.v1 import envelope_pb2 as chapar_dot_exchang
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!chapar/exchange/v1/evidence.proto\x12\x12\x63hapar.exchange.v1\x1a!chapar/exchange/v1/envelope.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x01\n\x08\x45vidence\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x30\n\tsignature\x18\x02 \x01(\x0b\x32\x1d.chapar.exchange.v1.Signature\x12<\n\x0b\x62\x61tch_proof\x18\x03 \x01(\x0b\x32\'.chapar.exchange.v1.BatchInclusionProof\"J\n\x13\x42\x61tchInclusionProof\x12\x11\n\ttree_size\x18\x01 \x01(\x04\x12\x12\n\nleaf_index\x18\x02 \x01(\x04\x12\x0c\n\x04path\x18\x03 \x03(\x0c\"\x8e\x02\n\x0f\x45videnceContent\x12\x13\n\x0b\x65vidence_id\x18\x01 \x01(\t\x12\x30\n\x05\x65vent\x18\x02 \x01(\x0e\x32!.chapar.exchange.v1.EvidenceEvent\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06issuer\x18\x04 \x01(\t\x12(\n\x05shams\x18\x05 \x01(\x0b\x32\x19.chapar.exchange.v1.Shams\x12\x17\n\x0f\x65nvelope_sha256\x18\x06 \x01(\x0c\x12\x11\n\trecipient\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t*\xe7\x02\n\rEvidenceEvent\x12\x1e\n\x1a\x45VIDENCE_EVENT_UNSPECIFIED\x10\x00\x12(\n$EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE\x10\x01\x12\'\n#EVIDENCE_EVENT_SUBMISSION_REJECTION\x10\x02\x12#\n\x1f\x45VIDENCE_EVENT_RELAY_ACCEPTANCE\x10\x03\x12\"\n\x1e\x45VIDENCE_EVENT_RELAY_REJECTION\x10\x04\x12 \n\x1c\x45VIDENCE_EVENT_RELAY_FAILURE\x10\x05\x12\x1b\n\x17\x45VIDENCE_EVENT_DELIVERY\x10\x06\x12#\n\x1f\x45VIDENCE_EVENT_DELIVERY_FAILURE\x10\x07\x12\x1b\n\x17\x45VIDENCE_EVENT_HANDOVER\x10\x08\x12\x19\n\x15\x45VIDENCE_EVENT_EXPIRY\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!chapar/exchange/v1/evidence.proto\x12\x12\x63hapar.exchange.v1\x1a!chapar/exchange/v1/envelope.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x01\n\x08\x45vidence\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x30\n\tsignature\x18\x02 \x01(\x0b\x32\x1d.chapar.exchange.v1.Signature\x12<\n\x0b\x62\x61tch_proof\x18\x03 \x01(\x0b\x32\'.chapar.exchange.v1.BatchInclusionProof\"\x8e\x02\n\x0f\x45videnceContent\x12\x13\n\x0b\x65vidence_id\x18\x01 \x01(\t\x12\x30\n\x05\x65vent\x18\x02 \x01(\x0e\x32!.chapar.exchange.v1.EvidenceEvent\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06issuer\x18\x04 \x01(\t\x12(\n\x05shams\x18\x05 \x01(\x0b\x32\x19.chapar.exchange.v1.Shams\x12\x17\n\x0f\x65nvelope_sha256\x18\x06 \x01(\x0c\x12\x11\n\trecipient\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t*\xe7\x02\n\rEvidenceEvent\x12\x1e\n\x1a\x45VIDENCE_EVENT_UNSPECIFIED\x10\x00\x12(\n$EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE\x10\x01\x12\'\n#EVIDENCE_EVENT_SUBMISSION_REJECTION\x10\x02\x12#\n\x1f\x45VIDENCE_EVENT_RELAY_ACCEPTANCE\x10\x03\x12\"\n\x1e\x45VIDENCE_EVENT_RELAY_REJECTION\x10\x04\x12 \n\x1c\x45VIDENCE_EVENT_RELAY_FAILURE\x10\x05\x12\x1b\n\x17\x45VIDENCE_EVENT_DELIVERY\x10\x06\x12#\n\x1f\x45VIDENCE_EVENT_DELIVERY_FAILURE\x10\x07\x12\x1b\n\x17\x45VIDENCE_EVENT_HANDOVER\x10\x08\x12\x19\n\x15\x45VIDENCE_EVENT_EXPIRY\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chapar.exchange.v1.evidence_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVIDENCEEVENT']._serialized_start=617
-  _globals['_EVIDENCEEVENT']._serialized_end=976
+  _globals['_EVIDENCEEVENT']._serialized_start=541
+  _globals['_EVIDENCEEVENT']._serialized_end=900
   _globals['_EVIDENCE']._serialized_start=126
   _globals['_EVIDENCE']._serialized_end=265
-  _globals['_BATCHINCLUSIONPROOF']._serialized_start=267
-  _globals['_BATCHINCLUSIONPROOF']._serialized_end=341
-  _globals['_EVIDENCECONTENT']._serialized_start=344
-  _globals['_EVIDENCECONTENT']._serialized_end=614
+  _globals['_EVIDENCECONTENT']._serialized_start=268
+  _globals['_EVIDENCECONTENT']._serialized_end=538
 # @@protoc_insertion_point(module_scope)

@@ -4,11 +4,9 @@ isort:skip_file
 """
 
 from client_sdk._pb.chapar.exchange.v1 import envelope_pb2 as _envelope_pb2
-from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
-from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -100,7 +98,7 @@ class Evidence(_message.Message):
         """The issuer's signature, over the content or over the batch's tree head."""
 
     @_builtins.property
-    def batch_proof(self) -> Global___BatchInclusionProof:
+    def batch_proof(self) -> _envelope_pb2.BatchInclusionProof:
         """Set when the signature covers a batch: where this content sits in the signed tree."""
 
     def __init__(
@@ -108,7 +106,7 @@ class Evidence(_message.Message):
         *,
         content: _builtins.bytes = ...,
         signature: _envelope_pb2.Signature | None = ...,
-        batch_proof: Global___BatchInclusionProof | None = ...,
+        batch_proof: _envelope_pb2.BatchInclusionProof | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch_proof", b"batch_proof", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -117,38 +115,6 @@ class Evidence(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Evidence: _TypeAlias = Evidence  # noqa: Y015
-
-@_typing.final
-class BatchInclusionProof(_message.Message):
-    """BatchInclusionProof is an RFC 9162 inclusion proof of one evidence in a signed batch."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TREE_SIZE_FIELD_NUMBER: _builtins.int
-    LEAF_INDEX_FIELD_NUMBER: _builtins.int
-    PATH_FIELD_NUMBER: _builtins.int
-    tree_size: _builtins.int
-    """Number of leaves of the signed tree."""
-    leaf_index: _builtins.int
-    """Index of this evidence's leaf, from 0."""
-    @_builtins.property
-    def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """The audit path, leaf to root: 32-byte SHA-256 node hashes."""
-
-    def __init__(
-        self,
-        *,
-        tree_size: _builtins.int = ...,
-        leaf_index: _builtins.int = ...,
-        path: _abc.Iterable[_builtins.bytes] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leaf_index", b"leaf_index", "path", b"path", "tree_size", b"tree_size"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___BatchInclusionProof: _TypeAlias = BatchInclusionProof  # noqa: Y015
 
 @_typing.final
 class EvidenceContent(_message.Message):
