@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
-from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer, key_id, sha256
+from client_sdk.signing import Signer, key_id, sha256
 from client_sdk.trust import TrustStore
 from node.config import NodeConfig
 from node.core.directory import DirectoryView
@@ -225,11 +225,7 @@ class Agency(pb.NodeServiceServicer):
         def build(j: int, shams: pb.Shams) -> NewLetter:
             _, draft, root = valid[j]
             header = build_header(draft, sender=sender, shams=shams, now=now, thread_root=root)
-            envelope = pb.Envelope(
-                header=header,
-                signature=self.signer.sign(ENVELOPE_PAYLOAD_TYPE, header),
-                body=draft.body,
-            )
+            envelope = pb.Envelope(header=header, body=draft.body)  # signed with the batch: seal
             digest = sha256(header)
             content = evidence_content(
                 E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
@@ -259,7 +255,7 @@ class Agency(pb.NodeServiceServicer):
             domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING,
             year=now.year,
             build=build,
-            seal=self.signer.seal_evidence,
+            seal=self._seal_letters,
         )
         for (i, _, _), receipt in zip(valid, receipts, strict=True):
             results[i] = receipt
@@ -267,6 +263,11 @@ class Agency(pb.NodeServiceServicer):
         SUBMITTED.inc(len(valid))
         self.outbox_changed.set()
         return results
+
+    def _seal_letters(self, letters: Sequence[NewLetter]) -> None:
+        """Signs a submitted batch: its envelopes as one Merkle batch, then its evidence."""
+        self.signer.seal_envelopes([letter.envelope for letter in letters])
+        self.signer.seal_evidence([letter.receipt.evidence for letter in letters])
 
     def _check_documents(self, draft: pb.LetterDraft) -> None:
         """Every attachment must be in this node's store, with the size the reference says."""

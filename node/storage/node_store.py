@@ -132,13 +132,14 @@ class NodeStore(Store):
         domain: pb.ShamsDomain.ValueType,
         year: int,
         build: Callable[[int, pb.Shams], NewLetter],
-        seal: Callable[[Sequence[pb.Evidence]], None] | None = None,
+        seal: Callable[[Sequence[NewLetter]], None] | None = None,
     ) -> list[pb.Receipt]:
         """Numbers, builds (signs) and stores letters; a known request_id returns its receipt.
 
         ``build(i, shams)`` makes letter ``i`` of the batch under ``shams``. Letters are
-        numbered in batch order. ``seal``, if given, then signs the receipts' evidence all
-        at once, in place, before anything is stored.
+        numbered in batch order. ``seal``, if given, then signs the built letters (their
+        envelopes and their receipts' evidence) all at once, in place, before anything is
+        stored.
         """
 
         def job(conn: sqlite3.Connection) -> list[pb.Receipt]:
@@ -181,7 +182,7 @@ class NodeStore(Store):
                 )
                 built[i] = build(i, shams)
             if seal is not None:
-                seal([b.receipt.evidence for b in built.values()])
+                seal(list(built.values()))
             conn.executemany(
                 "INSERT INTO outbox (shams, request_id, envelope, envelope_sha256, receipt, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",

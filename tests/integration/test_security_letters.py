@@ -365,16 +365,50 @@ def _body_changed_after_signing(cluster: Cluster, seq: int) -> pb.Envelope:
     return envelope
 
 
+def _batch_sealed(cluster: Cluster, seq: int) -> list[pb.Envelope]:
+    """Letter ``seq`` and the next number, signed as one Merkle batch (as nodes sign)."""
+    pair = [_letter(cluster, sequence=seq + i, subject=f"batch {i}") for i in range(2)]
+    for envelope in pair:
+        envelope.ClearField("signature")
+    _signer(cluster, C).seal_envelopes(pair)
+    assert all(e.HasField("batch_proof") for e in pair)
+    return pair
+
+
+def _batch_member_changed_after_signing(cluster: Cluster, seq: int) -> pb.Envelope:
+    envelope = _batch_sealed(cluster, seq)[0]
+    header = pb.EnvelopeHeader.FromString(envelope.header)
+    header.subject = "changed after signing"
+    envelope.header = header.SerializeToString(deterministic=True)
+    return envelope
+
+
+def _batch_member_with_another_leaf_index(cluster: Cluster, seq: int) -> pb.Envelope:
+    envelope = _batch_sealed(cluster, seq)[0]
+    envelope.batch_proof.leaf_index = 1
+    return envelope
+
+
 @pytest.mark.parametrize(
     ("forge", "reason"),
     [
+        (_batch_member_changed_after_signing, "SIGNATURE_INVALID"),
+        (_batch_member_with_another_leaf_index, "SIGNATURE_INVALID"),
         (_one_hour_ahead, "CREATE_TIME_OUT_OF_WINDOW"),
         (_two_days_old, "CREATE_TIME_OUT_OF_WINDOW"),
         (_ed25519_labelled_ecdsa, "SIGNATURE_ALGORITHM_MISMATCH"),
         (_signed_by_unlisted_key, "SIGNER_UNKNOWN"),
         (_body_changed_after_signing, "BODY_DIGEST_MISMATCH"),
     ],
-    ids=["create-time-1h-ahead", "create-time-2d-old", "algorithm-label", "unlisted-key", "body"],
+    ids=[
+        "batch-header",
+        "batch-leaf-index",
+        "create-time-1h-ahead",
+        "create-time-2d-old",
+        "algorithm-label",
+        "unlisted-key",
+        "body",
+    ],
 )
 async def test_hub_rejects_faulty_letter_with_signed_reason_and_stores_nothing(
     cluster: Cluster, forge: Callable[[Cluster, int], pb.Envelope], reason: str
@@ -388,6 +422,15 @@ async def test_hub_rejects_faulty_letter_with_signed_reason_and_stores_nothing(
     assert format_shams(content.shams) == format_shams(_shams(seq))
     assert _count(_hub_db(cluster), "SELECT count(*) FROM letters") == letters
     assert _letters_with(cluster, seq) == 0
+
+
+async def test_hub_relays_letters_signed_as_one_batch_each_on_its_own(cluster: Cluster) -> None:
+    seq = next(_sequences)
+    next(_sequences)  # the batch uses two numbers
+    for envelope in _batch_sealed(cluster, seq):
+        content = await _relay_one(cluster, envelope)
+        assert content.event == E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, content.reason
+        assert _letters_with(cluster, pb.EnvelopeHeader.FromString(envelope.header).shams.sequence)
 
 
 async def test_reused_number_is_rejected_and_the_original_letter_keeps_its_evidence(

@@ -328,3 +328,30 @@ async def test_acknowledgements_travel_in_batches_each_with_its_own_outcome(
             )
             == 3
         )
+
+
+async def test_a_submitted_batch_is_signed_once_and_each_letter_verifies_alone(
+    cluster: Cluster,
+) -> None:
+    async with (
+        ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
+        ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+    ):
+        receipts = await a.send_many(
+            [
+                Draft(to=[AGENCY_B], subject=f"signed batch {i}", body=f"letter {i}")
+                for i in range(3)
+            ]
+        )
+        numbers = [r.shams for r in receipts if isinstance(r, Receipt)]
+        letters = [await _next_letter(b, n) for n in numbers]  # the SDK verified each
+        assert [letter.subject for letter in letters] == [f"signed batch {i}" for i in range(3)]
+        for letter in letters:
+            await letter.ack()
+        envelopes = [(await wait_for_chain(a, n)).envelope for n in numbers]
+        assert len({e.signature.value for e in envelopes}) == 1
+        assert sorted(e.batch_proof.leaf_index for e in envelopes) == [0, 1, 2]
+        assert {e.batch_proof.tree_size for e in envelopes} == {3}
+        for number in numbers:  # offline, each alone, with a fresh trust store
+            tracking = await a.track(number)
+            tracking.verify(cluster.credentials(AGENCY_A).trust_store())
