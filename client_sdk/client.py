@@ -26,7 +26,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import mimetypes
-import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -53,9 +52,10 @@ from client_sdk.errors import (
     from_rpc_error,
     from_submit_error,
 )
+from client_sdk.ids import random_uuid
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import sha256
-from client_sdk.trust import TrustStore, VerificationError, valid_timestamp
+from client_sdk.trust import TrustStore, VerificationError, datetime_of, valid_timestamp
 
 if TYPE_CHECKING:
     from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
@@ -131,7 +131,7 @@ class Draft:
         to = (self.to,) if isinstance(self.to, str) else tuple(self.to)
         object.__setattr__(self, "to", to)
         if not self.request_id:
-            object.__setattr__(self, "request_id", str(uuid.uuid4()))
+            object.__setattr__(self, "request_id", random_uuid())
         if self.expire_time is not None and self.expire_time.utcoffset() is None:
             raise ValueError("expire_time must be timezone-aware")
 
@@ -1003,8 +1003,7 @@ def _shams_pb(shams: ShamsLike) -> pb.Shams:
 def _time(message: Any, name: str) -> dt.datetime | None:
     if not message.HasField(name) or not valid_timestamp(getattr(message, name)):
         return None
-    when: dt.datetime = getattr(message, name).ToDatetime(tzinfo=dt.UTC)
-    return when
+    return datetime_of(getattr(message, name))
 
 
 def _enum_name(name_of: Any, value: int, prefix: str) -> str:

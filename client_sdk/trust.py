@@ -40,6 +40,7 @@ __all__ = [
     "CertificateUsage",
     "TrustStore",
     "VerificationError",
+    "datetime_of",
     "load_pem_certificates",
     "seconds_of",
     "valid_timestamp",
@@ -240,9 +241,7 @@ class TrustStore:
             raise VerificationError("EVIDENCE_MALFORMED", "evidence content is malformed") from exc
         if content.HasField("event_time") and not valid_timestamp(content.event_time):
             raise VerificationError("EVIDENCE_MALFORMED", "evidence event_time is not a valid time")
-        when = (
-            content.event_time.ToDatetime(tzinfo=dt.UTC) if content.HasField("event_time") else None
-        )
+        when = datetime_of(content.event_time) if content.HasField("event_time") else None
         verifier, identity = self._signer(evidence.signature, when or dt.datetime.now(dt.UTC))
         try:
             if evidence.HasField("batch_proof"):
@@ -324,6 +323,15 @@ def _may_issue(ca: x509.Certificate, cas_below: int) -> bool:
 # google.protobuf.Timestamp's valid range: 0001-01-01 to 9999-12-31, nanos in [0, 1e9).
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def datetime_of(ts: Timestamp) -> dt.datetime:
+    """A valid Timestamp as an aware UTC datetime: what ``ToDatetime(tzinfo=dt.UTC)`` gives
+    (microseconds, rounded toward zero), without its per-call cost."""
+    return _EPOCH + dt.timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def seconds_of(ts: Timestamp) -> float:

@@ -6,9 +6,9 @@ Only the content is built here; signing happens in the shell with the issuer's k
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 
 from client_sdk import pb
+from client_sdk.ids import random_uuid
 
 __all__ = ["event_name", "evidence_content"]
 
@@ -27,7 +27,7 @@ def evidence_content(
 ) -> bytes:
     """Serialised EvidenceContent, ready to sign."""
     content = pb.EvidenceContent(
-        evidence_id=evidence_id or str(uuid.uuid4()),
+        evidence_id=evidence_id or random_uuid(),
         event=event,
         issuer=issuer,
         envelope_sha256=envelope_sha256,

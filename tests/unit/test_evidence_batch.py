@@ -25,7 +25,7 @@ from client_sdk.signing import (
     merkle_root_from_path,
     merkle_tree,
 )
-from client_sdk.trust import TrustStore, VerificationError, seconds_of
+from client_sdk.trust import TrustStore, VerificationError, datetime_of, seconds_of
 
 HUB = "hub.test"
 AGENCY = "000.00.00.G22"
@@ -291,3 +291,13 @@ def test_an_evidence_batch_signature_never_passes_for_envelopes(pki: PkiLayout) 
         with pytest.raises(VerificationError) as info:
             trust.verify_envelope(envelope, check_body=False)
         assert info.value.reason == "SIGNATURE_INVALID"
+
+
+@given(
+    st.integers(min_value=-62_135_596_800, max_value=253_402_300_799),
+    st.integers(min_value=0, max_value=999_999_999),
+)
+def test_datetime_of_a_timestamp_is_exactly_what_todatetime_says(seconds: int, nanos: int) -> None:
+    ts = Timestamp(seconds=seconds, nanos=nanos)
+    assert datetime_of(ts) == ts.ToDatetime(tzinfo=dt.UTC)
+    assert datetime_of(ts).tzinfo is dt.UTC
