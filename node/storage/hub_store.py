@@ -127,19 +127,25 @@ class HubStore(Store):
             now = time.time()
             out: list[list[pb.Evidence]] = []
             new: dict[str, tuple[IncomingLetter, list[str], list[pb.Evidence]]] = {}
+            taken: dict[str, tuple[bytes, bytes]] = {
+                str(shams): (bytes(kept), bytes(digest))
+                for shams, kept, digest in rows_in(
+                    conn,
+                    "SELECT shams, relay_evidence, envelope_sha256 FROM letters"
+                    " WHERE shams IN ({marks})",
+                    [letter.shams for letter in letters],
+                )
+            }
             for letter in letters:
                 first = new.get(letter.shams)
                 if first is not None:  # the same number twice in one batch
                     same = first[0].envelope_sha256 == letter.envelope_sha256
                     out.append(first[2] if same else [])
                     continue
-                row = conn.execute(
-                    "SELECT relay_evidence, envelope_sha256 FROM letters WHERE shams = ?",
-                    (letter.shams,),
-                ).fetchone()
+                row = taken.get(letter.shams)
                 if row is not None:
-                    same = bytes(row[1]) == letter.envelope_sha256
-                    out.append(_relay_evidence(conn, letter.shams, bytes(row[0])) if same else [])
+                    same = row[1] == letter.envelope_sha256
+                    out.append(_relay_evidence(conn, letter.shams, row[0]) if same else [])
                     continue
                 recipients = list(dict.fromkeys(letter.recipients))
                 relays = [make_relay(letter, r) for r in recipients]
