@@ -295,6 +295,35 @@ async def test_concurrent_writes_are_group_committed(db: Database) -> None:
     assert len(await _values(db)) == 300
 
 
+async def test_on_commit_runs_in_commit_order_once_committed_even_for_a_cancelled_caller(
+    db: Database,
+) -> None:
+    committed: list[str] = []
+    commits_before = db.commits
+
+    def record(value: str) -> None:
+        committed.append(value)
+
+    async def resumed(value: str) -> None:
+        await db.write(_insert(value), on_commit=record)
+        assert value in committed  # before the caller resumes
+
+    first = asyncio.ensure_future(resumed("a"))
+    cancelled = asyncio.ensure_future(db.write(_insert("b"), on_commit=record))
+    refused = asyncio.ensure_future(
+        db.write(_insert("bad", fail=ValueError("no")), on_commit=record)
+    )
+    last = asyncio.ensure_future(resumed("c"))
+    await asyncio.sleep(0)  # all four are queued for one transaction
+    cancelled.cancel()
+    with pytest.raises(ValueError, match="no"):
+        await refused
+    await asyncio.gather(first, last)
+    assert db.commits == commits_before + 1
+    assert committed == ["a", "b", "c"]  # "b" committed although its caller left
+    assert await _values(db) == ["a", "b", "c"]
+
+
 async def test_committed_data_survives_close_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
     database = await Database.open(path, TABLE_T)
