@@ -260,7 +260,7 @@ class Agency(pb.NodeServiceServicer):
                 digest,
                 [r.agency for r in draft.recipients],
                 receipt,
-                pb.EvidenceContent.FromString(content).evidence_id,
+                pb.EvidenceContent.FromString(content),
             )
 
         receipts = await self.store.submit(

@@ -73,7 +73,7 @@ def _new_letter(shams: pb.Shams, recipients: Sequence[str] = (RECIPIENT_B,)) -> 
         envelope_sha256=digest,
         recipients=list(recipients),
         receipt=receipt,
-        evidence_id=content.evidence_id,
+        content=content,
     )
 
 
@@ -576,6 +576,58 @@ async def test_relay_rejection_of_the_whole_letter_moves_every_recipient(
     letter = await store.letter(receipt.shams_text)
     assert letter is not None
     assert set(letter.statuses.values()) == {lifecycle.REJECTED}
+
+
+async def test_every_evidence_stored_is_handed_to_the_listener_once_after_commit(
+    store: NodeStore,
+) -> None:
+    """The node monitor learns of evidence from the store: each new row once, none twice,
+    nothing from a write that failed, and the content as stored (events in order)."""
+    seen: list[tuple[str, pb.EvidenceEvent.ValueType]] = []
+
+    def listener(items: Sequence[tuple[str, pb.EvidenceContent]]) -> None:
+        seen.extend((shams, content.event) for shams, content in items)
+
+    store.on_evidence_stored = listener
+    with pytest.raises(RuntimeError):
+        await store.submit(
+            ["x", "y"], origin=ORIGIN, domain=OUT, year=YEAR, build=Builder(fail_at=1)
+        )
+    assert seen == []
+    receipt = await _submit_one(store, "r", Builder())
+    await _submit_one(store, "r", Builder())  # a retry: the receipt stored before
+    text = receipt.shams_text
+    relay = (*_evidence(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, shams=receipt.shams), text)
+    await store.record_sender_evidence([relay, relay])
+    await store.record_sender_evidence([relay])
+    letter = _incoming(1)
+    await store.store_incoming([letter, letter], DeliveryMaker())
+    await store.store_incoming([letter], DeliveryMaker())
+    handover = _evidence(E.EVIDENCE_EVENT_HANDOVER)[0]
+    await store.record_handovers([(letter[0], handover)])
+    await store.record_handovers([(letter[0], _evidence(E.EVIDENCE_EVENT_HANDOVER)[0])])
+    failure = _evidence(E.EVIDENCE_EVENT_DELIVERY_FAILURE)[0]
+    await store.store_issued([("", failure), ("", failure)])
+    assert seen == [
+        (text, E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE),
+        (text, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE),
+        (letter[0], E.EVIDENCE_EVENT_DELIVERY),
+        (letter[0], E.EVIDENCE_EVENT_HANDOVER),
+        ("", E.EVIDENCE_EVENT_DELIVERY_FAILURE),
+    ]
+    assert await store.count("evidence") == len(seen)
+
+
+async def test_a_failing_evidence_listener_does_not_fail_the_write(
+    store: NodeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    def listener(items: Sequence[tuple[str, pb.EvidenceContent]]) -> None:
+        raise ValueError("observer bug")
+
+    store.on_evidence_stored = listener
+    receipt = await _submit_one(store, "r", Builder())
+    assert await store.letter(receipt.shams_text) is not None
+    assert "commit callback failed" in caplog.text
 
 
 # -- NodeStore: letters we receive -------------------------------------------------------------
