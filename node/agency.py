@@ -65,8 +65,18 @@ class Access:
             )
 
 
-def _log_letter(message: str, shams: str, request_id: str, access: Access) -> None:
-    log.info(message, extra={"shams": shams, "request_id": request_id, "peer": access.identity.uri})
+def _log_letters(
+    message: str, shams: list[str], access: Access, request_ids: list[str] | None = None
+) -> None:
+    """One INFO line for a batch of letters: their numbers as a JSON array, in order.
+
+    ``request_ids``, when any is set, is aligned with ``shams`` ("" where none was given).
+    Callers check ``log.isEnabledFor(logging.INFO)`` first, so nothing is built when off.
+    """
+    extra: dict[str, object] = {"shams": shams, "count": len(shams), "peer": access.identity.uri}
+    if request_ids is not None and any(request_ids):
+        extra["request_ids"] = request_ids
+    log.info(message, extra=extra)
 
 
 class Agency(pb.NodeServiceServicer):
@@ -246,7 +256,7 @@ class Agency(pb.NodeServiceServicer):
                 digest,
                 [r.agency for r in draft.recipients],
                 receipt,
-                pb.EvidenceContent.FromString(content).evidence_id,
+                pb.EvidenceContent.FromString(content),
             )
 
         receipts = await self.store.submit(
@@ -259,7 +269,13 @@ class Agency(pb.NodeServiceServicer):
         )
         for (i, _, _), receipt in zip(valid, receipts, strict=True):
             results[i] = receipt
-            _log_letter("letter accepted", receipt.shams_text, requests[i].request_id, access)
+        if log.isEnabledFor(logging.INFO):
+            _log_letters(
+                "letters accepted",
+                [r.shams_text for r in receipts],
+                access,
+                [requests[i].request_id for i, _, _ in valid],
+            )
         SUBMITTED.inc(len(valid))
         self.outbox_changed.set()
         return results
@@ -523,11 +539,14 @@ class Agency(pb.NodeServiceServicer):
         if contents:
             signed = self.signer.sign_evidence(list(contents.values()))
             stored = await self.store.record_handovers(list(zip(contents, signed, strict=True)))
+            handed: list[str] = []
             for text, mine, standing in zip(contents, signed, stored, strict=True):
                 issued[text] = standing
                 if standing is mine:  # issued now, not by a concurrent call
-                    HANDED_OVER.inc()
-                    _log_letter("letter handed over", text, "", access)
+                    handed.append(text)
+            HANDED_OVER.inc(len(handed))
+            if handed and log.isEnabledFor(logging.INFO):
+                _log_letters("letters handed over", handed, access)
             self.receipts_changed.set()
         return [issued[o] if isinstance(o, str) else o for o in outcomes]
 

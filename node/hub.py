@@ -581,6 +581,7 @@ class Hub(pb.HubServiceServicer):
         for recipient in queued:
             self._count(recipient, +1)
         results: list[pb.Evidence] = []
+        relayed: list[str] = []
         for outcome in outcomes:
             if not isinstance(outcome, IncomingLetter):
                 results.append(outcome)
@@ -607,12 +608,16 @@ class Hub(pb.HubServiceServicer):
                 continue
             results.extend(relays)
             if outcome.shams in fresh:
-                log.info("letter relayed", extra={"shams": outcome.shams, "peer": agency})
+                relayed.append(outcome.shams)
             else:
                 RELAY_DUPLICATES.inc()
             for r in outcome.recipients:
                 self._wake(r, queue=True)
         RELAYED.inc(len(queued))
+        if relayed and log.isEnabledFor(logging.INFO):  # one line per frame, not per letter
+            log.info(
+                "letters relayed", extra={"shams": relayed, "count": len(relayed), "peer": agency}
+            )
         return results
 
     # -- receipts from recipients -----------------------------------------------------------

@@ -3,10 +3,12 @@
 One periodic task per server (every ``metrics_interval_s``) reads the store with cheap,
 indexed queries and sets the gauges of ``node.metrics``: queue and outbox depths, the age
 of the oldest waiting letter, bytes on disk, seconds until each local certificate expires,
-connected nodes. At a node it also reads the evidence it stored since the last pass and
-observes how long each of its own letters took from one signed event to the next; the
-times are the signed ``event_time`` of the evidence, so the figure is the one the evidence
-proves, and nothing is added to the paths letters take.
+connected nodes. At a node the monitor also observes how long each of its own letters took
+from one signed event to the next: the node store hands it every evidence it stores, already
+parsed, once the write has committed (``NodeStore.on_evidence_stored``). The times are the
+signed ``event_time`` of the evidence, so the figure is the one the evidence proves; the
+store pays a dictionary look-up per evidence, and an earlier event not in memory is read
+from the store by the periodic task, once per batch.
 """
 
 from __future__ import annotations
@@ -111,9 +113,14 @@ class NodeMonitor(_Common):
             config.metrics_interval_s,
         )
         self.agency = agency
-        self._cursor: int | None = None
+        self._prefix = config.agency + "/"
         # (shams, event, recipient) -> signed event time, of this node's recent letters.
         self._times: dict[tuple[str, int, str], float] = {}
+        # Stage events whose earlier event was not in memory: the next refresh reads it.
+        self._waiting: list[tuple[str, pb.EvidenceContent]] = []
+        # Histograms cover this process's lifetime, from the evidence it stores; history
+        # serves only as the earlier event.
+        agency.store.on_evidence_stored = self.evidence_stored
 
     async def refresh(self) -> None:
         now = time.time()
@@ -128,46 +135,41 @@ class NodeMonitor(_Common):
         row = await db.fetchone("SELECT count(*) FROM inbox WHERE handover IS NULL")
         m.NODE_INBOX_UNACKED.set(int(row[0]) if row else 0)
         self._files(now)
-        await self._observe_stages()
+        await self._observe_waiting()
 
-    async def _observe_stages(self) -> None:
-        db = self.agency.store.db
-        if self._cursor is None:  # histograms cover this process's lifetime, not history
-            row = await db.fetchone("SELECT coalesce(max(rowid), 0) FROM evidence")
-            self._cursor = int(row[0]) if row else 0
-        prefix = self.agency.config.agency + "/"
-        while True:
-            # Only our own letters (numbered by this agency): each letter is observed at
-            # exactly one node, the sender's, which receives all four kinds of evidence.
-            rows = await db.fetchall(
-                "SELECT rowid, shams, evidence FROM evidence WHERE rowid > ? "
-                "AND substr(shams, 1, ?) = ? ORDER BY rowid LIMIT ?",
-                (self._cursor, len(prefix), prefix, _EVIDENCE_BATCH),
-            )
-            if not rows:
-                return
-            self._cursor = int(rows[-1][0])
-            await self._observe([(str(r[1]), _content(r[2])) for r in rows])
-            if len(rows) < _EVIDENCE_BATCH:
-                return
-
-    async def _observe(self, items: Sequence[tuple[str, pb.EvidenceContent]]) -> None:
-        """Observes each stage whose earlier event is known: seen in this pass or an earlier
-        one (evidence is stored in order), else looked up once per batch in the store."""
+    def evidence_stored(self, items: Sequence[tuple[str, pb.EvidenceContent]]) -> None:
+        """Observes each stage whose earlier event is in memory; the others wait for the
+        next refresh. Called by the store with the evidence one write stored, in order."""
         wanted: list[tuple[str, pb.EvidenceContent]] = []
         for shams, content in items:
+            # Only our own letters (numbered by this agency): each letter is observed at
+            # exactly one node, the sender's, which stores all four kinds of evidence.
+            if not shams.startswith(self._prefix):
+                continue
             if content.event in _ANCHORS:
                 self._remember(shams, content)
             if content.event in _STAGES:
                 wanted.append((shams, content))
-        missing = {s for s, c in wanted if self._anchor(s, c) is None}
-        if missing:
-            await self._load_anchors(sorted(missing))
         for shams, content in wanted:
             before = self._anchor(shams, content)
-            if before is not None:
-                elapsed = seconds_of(content.event_time) - before
-                _STAGE_CHILDREN[_STAGES[content.event][1]].observe(max(0.0, elapsed))
+            if before is None:
+                self._waiting.append((shams, content))
+            else:
+                _observe(content, before)
+
+    async def _observe_waiting(self) -> None:
+        """Observes the waiting stages whose earlier event the store holds: one query per
+        batch of ``_EVIDENCE_BATCH``. A stage with no earlier event stored is dropped."""
+        waiting, self._waiting = self._waiting, []
+        for i in range(0, len(waiting), _EVIDENCE_BATCH):
+            batch = waiting[i : i + _EVIDENCE_BATCH]
+            missing = {s for s, c in batch if self._anchor(s, c) is None}
+            if missing:
+                await self._load_anchors(sorted(missing))
+            for shams, content in batch:
+                before = self._anchor(shams, content)
+                if before is not None:
+                    _observe(content, before)
 
     def _remember(self, shams: str, content: pb.EvidenceContent) -> None:
         key = (shams, content.event, content.recipient)
@@ -189,6 +191,11 @@ class NodeMonitor(_Common):
         )
         for s, blob in rows:
             self._remember(str(s), _content(blob))
+
+
+def _observe(content: pb.EvidenceContent, before: float) -> None:
+    elapsed = seconds_of(content.event_time) - before
+    _STAGE_CHILDREN[_STAGES[content.event][1]].observe(max(0.0, elapsed))
 
 
 def _content(blob: object) -> pb.EvidenceContent:

@@ -60,8 +60,9 @@ _SERVER_OPTIONS = [
 
 
 # Context fields a log call may pass with ``extra={...}``; each becomes a JSON key. Only
-# identifiers: never keys, certificates' private parts or letter bodies.
-LOG_FIELDS = ("shams", "request_id", "peer", "agency", "reason", "count")
+# identifiers: never keys, certificates' private parts or letter bodies. Lines about a
+# batch of letters carry ``shams`` (and ``request_ids``, aligned) as JSON arrays.
+LOG_FIELDS = ("shams", "request_ids", "peer", "agency", "reason", "count")
 
 
 class _JsonFormatter(logging.Formatter):

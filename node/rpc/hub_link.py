@@ -379,8 +379,16 @@ class _Session:
             )
             agency.notify_inbox()
             DELIVERED.inc(len(good))
-            for shams, sender, _, _ in good:
-                log.info("letter delivered", extra={"shams": shams, "peer": sender})
+            if log.isEnabledFor(logging.INFO):
+                # One line per frame and sending agency, so ``peer`` stays one agency code.
+                by_sender: dict[str, list[str]] = {}
+                for shams, sender, _, _ in good:
+                    by_sender.setdefault(sender, []).append(shams)
+                for sender, numbers in by_sender.items():
+                    log.info(
+                        "letters delivered",
+                        extra={"shams": numbers, "count": len(numbers), "peer": sender},
+                    )
         DELIVERY_FAILED.inc(len(failures))
         if failures:
             await agency.store.store_issued(failures)

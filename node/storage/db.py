@@ -54,6 +54,7 @@ _Outcome = tuple[Any, BaseException | None]
 @dataclass
 class _Pending:
     job: Job[Any]
+    on_commit: Callable[[Any], None] | None = None
     future: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -133,11 +134,16 @@ class Database:
             raise
         self._task = asyncio.create_task(self._run(), name=f"db-writer:{self.path.name}")
 
-    async def write(self, job: Job[T]) -> T:
-        """Runs ``job`` in the next group-committed transaction and returns its result."""
+    async def write(self, job: Job[T], on_commit: Callable[[T], None] | None = None) -> T:
+        """Runs ``job`` in the next group-committed transaction and returns its result.
+
+        ``on_commit(result)``, if given, runs in the event loop once the job has committed,
+        before its caller resumes, in commit order, and even if the caller was cancelled
+        meanwhile; never for a job rolled back. Its exceptions are logged, not raised.
+        """
         if self._closing or self._task is None or self._task.done():
             raise RuntimeError("database is closed")
-        pending = _Pending(job)
+        pending = _Pending(job, on_commit)
         self._queue.put_nowait(pending)
         result: T = await pending.future
         return result
@@ -215,6 +221,11 @@ class Database:
         self.commits += 1
         self.jobs += len(batch)
         for pending, (value, error) in zip(batch, outcomes, strict=True):
+            if error is None and pending.on_commit is not None:
+                try:
+                    pending.on_commit(value)
+                except Exception:
+                    log.exception("commit callback failed")
             if pending.future.done():
                 continue
             if error is not None:

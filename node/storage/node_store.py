@@ -4,6 +4,10 @@ Every method that changes state is one job of the group-committing writer, so wh
 writes lands whole or not at all. Signing happens inside the submission job, after the
 SHAMS number is allocated and before the rows are written, so a number is never used
 without its row and never skipped (the counter update rolls back with the rows).
+
+Every evidence row written is handed, once committed, to ``NodeStore.on_evidence_stored``
+(the node monitor's stage latencies) as the (SHAMS text, parsed content) pair the writer
+already had, so nobody reads and parses the rows again.
 """
 
 from __future__ import annotations
@@ -12,15 +16,20 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from client_sdk import pb
 from node.core import lifecycle
 from node.core.errors import letter_not_found
-from node.storage.db import Store, advance_states, existing, rows_in
+from node.storage.db import Database, Job, Store, advance_states, existing, rows_in
 
-__all__ = ["MIGRATIONS", "NewLetter", "NodeStore", "StoredLetter"]
+__all__ = ["MIGRATIONS", "EvidenceListener", "NewLetter", "NodeStore", "StoredLetter"]
 
 E = pb.EvidenceEvent
+T = TypeVar("T")
+# (SHAMS text, parsed content) of the evidence rows one job wrote, in their order.
+_Stored = list[tuple[str, pb.EvidenceContent]]
+EvidenceListener = Callable[[Sequence[tuple[str, pb.EvidenceContent]]], None]
 
 MIGRATIONS = [
     """
@@ -105,7 +114,7 @@ class NewLetter:
     envelope_sha256: bytes
     recipients: Sequence[str]
     receipt: pb.Receipt
-    evidence_id: str
+    content: pb.EvidenceContent  # of the receipt's SUBMISSION_ACCEPTANCE evidence, parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +130,21 @@ class StoredLetter:
 
 class NodeStore(Store):
     MIGRATIONS = MIGRATIONS
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.on_evidence_stored: EvidenceListener | None = None
+
+    async def _write(self, job: Job[tuple[T, _Stored]]) -> T:
+        """Runs a job that returns (result, evidence it stored); the evidence goes to
+        ``on_evidence_stored`` at commit, in commit order, even if our caller is cancelled
+        meanwhile. The listener's failure is logged and never fails the write."""
+        result, _ = await self.db.write(job, on_commit=self._stored)
+        return result
+
+    def _stored(self, value: tuple[object, _Stored]) -> None:
+        if value[1] and self.on_evidence_stored is not None:
+            self.on_evidence_stored(value[1])
 
     # -- submission ---------------------------------------------------------------------
 
@@ -142,7 +166,7 @@ class NodeStore(Store):
         stored.
         """
 
-        def job(conn: sqlite3.Connection) -> list[pb.Receipt]:
+        def job(conn: sqlite3.Connection) -> tuple[list[pb.Receipt], _Stored]:
             known: dict[str, pb.Receipt] = {
                 str(rid): pb.Receipt.FromString(blob)
                 for rid, blob in rows_in(
@@ -206,7 +230,7 @@ class NodeStore(Store):
                 "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at) VALUES (?, ?, ?, ?, ?)",
                 [
                     (
-                        b.evidence_id,
+                        b.content.evidence_id,
                         b.shams_text,
                         pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
                         b.receipt.evidence.SerializeToString(),
@@ -231,9 +255,9 @@ class NodeStore(Store):
                     out.append(known[rid])
                 else:
                     out.append(built[firsts[rid]].receipt)
-            return out
+            return out, [(b.shams_text, b.content) for b in built.values()]
 
-        return await self.db.write(job)
+        return await self._write(job)
 
     async def outbox_to_relay(self, after: int, limit: int) -> list[tuple[int, str, bytes]]:
         """(rowid, shams, envelope bytes) of letters not yet relayed, oldest first."""
@@ -255,7 +279,7 @@ class NodeStore(Store):
         Idempotent on evidence id; moves each recipient's state along the lifecycle table.
         """
 
-        def job(conn: sqlite3.Connection) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[None, _Stored]:
             now = time.time()
             known = existing(
                 conn,
@@ -282,8 +306,9 @@ class NodeStore(Store):
             )
             # Evidence without a recipient is about the whole letter (a relay rejection).
             advance_states(conn, [(s, c.recipient or None, c.event) for _, c, s in new])
+            return None, [(s, c) for _, c, s in new]
 
-        await self.db.write(job)
+        await self._write(job)
 
     async def mark_relay_rejected(self, shams: str) -> None:
         def job(conn: sqlite3.Connection) -> None:
@@ -306,7 +331,7 @@ class NodeStore(Store):
         ``seal``, if given, signs the new evidence at once, in place, before it is stored.
         """
 
-        def job(conn: sqlite3.Connection) -> list[pb.Evidence]:
+        def job(conn: sqlite3.Connection) -> tuple[list[pb.Evidence], _Stored]:
             now = time.time()
             out: list[pb.Evidence] = []
             new: dict[str, tuple[int, pb.Evidence]] = {}
@@ -324,7 +349,7 @@ class NodeStore(Store):
                 new[shams] = (i, evidence)
                 out.append(evidence)
             if not new:
-                return out
+                return out, []
             if seal is not None:
                 seal([e for _, e in new.values()])
             rows = []
@@ -351,9 +376,9 @@ class NodeStore(Store):
                 " VALUES (?, ?, ?, ?, 1, ?)",
                 [(c.evidence_id, s, c.event, blob, now) for s, _, _, _, c, blob in rows],
             )
-            return out
+            return out, [(s, c) for s, _, _, _, c, _ in rows]
 
-        return await self.db.write(job)
+        return await self._write(job)
 
     async def unacked_inbox(
         self, after: int, limit: int
@@ -377,9 +402,10 @@ class NodeStore(Store):
         earlier or concurrent acknowledgement). Every number must be in the inbox.
         """
 
-        def job(conn: sqlite3.Connection) -> list[pb.Evidence]:
+        def job(conn: sqlite3.Connection) -> tuple[list[pb.Evidence], _Stored]:
             now = time.time()
             out: list[pb.Evidence] = []
+            stored: _Stored = []
             for shams, evidence in items:
                 blob = evidence.SerializeToString()
                 if conn.execute(
@@ -393,6 +419,7 @@ class NodeStore(Store):
                         (content.evidence_id, shams, content.event, blob, now),
                     )
                     out.append(evidence)
+                    stored.append((shams, content))
                     continue
                 row = conn.execute(
                     "SELECT handover FROM inbox WHERE shams = ?", (shams,)
@@ -400,9 +427,9 @@ class NodeStore(Store):
                 if row is None or row[0] is None:
                     raise letter_not_found(shams, "in the inbox")
                 out.append(pb.Evidence.FromString(row[0]))
-            return out
+            return out, stored
 
-        return await self.db.write(job)
+        return await self._write(job)
 
     async def inbox_entries(
         self, numbers: Sequence[str]
@@ -561,19 +588,20 @@ class NodeStore(Store):
     async def store_issued(self, items: Sequence[tuple[str, pb.Evidence]]) -> None:
         """Stores evidence this node issued as a recipient (shams, evidence), to send to the hub."""
 
-        def job(conn: sqlite3.Connection) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[None, _Stored]:
             now = time.time()
-            conn.executemany(
-                "INSERT OR IGNORE INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
-                " VALUES (?, ?, ?, ?, 1, ?)",
-                [
-                    (c.evidence_id, shams, c.event, e.SerializeToString(), now)
-                    for shams, e in items
-                    for c in [pb.EvidenceContent.FromString(e.content)]
-                ],
-            )
+            stored: _Stored = []
+            for shams, evidence in items:  # rare (refused letters): one statement each
+                content = pb.EvidenceContent.FromString(evidence.content)
+                if conn.execute(
+                    "INSERT OR IGNORE INTO evidence (evidence_id, shams, event, evidence, to_send,"
+                    " recorded_at) VALUES (?, ?, ?, ?, 1, ?)",
+                    (content.evidence_id, shams, content.event, evidence.SerializeToString(), now),
+                ).rowcount:
+                    stored.append((shams, content))
+            return None, stored
 
-        await self.db.write(job)
+        await self._write(job)
 
     async def certificates(self, key_ids: Sequence[bytes]) -> list[bytes]:
         out: list[bytes] = []

@@ -354,9 +354,16 @@ def _log_entries(path: Path) -> list[dict[str, object]]:
     return entries
 
 
+def _numbers(entry: dict[str, object]) -> list[object]:
+    """The SHAMS numbers a log line names: a JSON array on lines about letters."""
+    numbers = entry.get("shams")
+    return numbers if isinstance(numbers, list) else []
+
+
 def test_json_logs_name_shams_request_id_and_peer_never_bodies_or_keys(
     obs: Cluster, traffic: Traffic
 ) -> None:
+    """One line per batch of letters per step, naming each letter of the batch by number."""
     shams, request_id = traffic.delivered[0]
     client_a = f"urn:chapar:client:{AGENCY_A}:backend"
     time.sleep(0.5)  # log lines of the last acknowledgements are flushed
@@ -365,16 +372,30 @@ def test_json_logs_name_shams_request_id_and_peer_never_bodies_or_keys(
     node_b = _log_entries(obs.nodes[AGENCY_B].log_file)
 
     def find(entries: list[dict[str, object]], message: str) -> dict[str, object]:
-        found = [e for e in entries if e["message"] == message and e.get("shams") == shams]
-        assert len(found) == 1, (message, [e for e in entries if e.get("shams") == shams])
+        found = [e for e in entries if e["message"] == message and shams in _numbers(e)]
+        assert len(found) == 1, (message, [e for e in entries if shams in _numbers(e)])
+        numbers = _numbers(found[0])
+        assert found[0]["count"] == len(numbers) == len(set(numbers))
         return found[0]
 
-    accepted = find(node_a, "letter accepted")
-    assert accepted["request_id"] == request_id
+    accepted = find(node_a, "letters accepted")
+    request_ids = accepted["request_ids"]
+    assert isinstance(request_ids, list)
+    assert len(request_ids) == len(_numbers(accepted))
+    assert request_ids[_numbers(accepted).index(shams)] == request_id
     assert accepted["peer"] == client_a
-    assert find(hub, "letter relayed")["peer"] == AGENCY_A
-    assert find(node_b, "letter delivered")["peer"] == AGENCY_A
-    assert find(node_b, "letter handed over")["peer"] == f"urn:chapar:client:{AGENCY_B}:backend"
+    assert find(hub, "letters relayed")["peer"] == AGENCY_A
+    assert find(node_b, "letters delivered")["peer"] == AGENCY_A
+    assert find(node_b, "letters handed over")["peer"] == f"urn:chapar:client:{AGENCY_B}:backend"
+    for entries, message in (
+        (node_a, "letters accepted"),
+        (hub, "letters relayed"),
+        (node_b, "letters delivered"),
+        (node_b, "letters handed over"),
+    ):  # batching loses no letter and names none twice
+        logged = [n for e in entries if e["message"] == message for n in _numbers(e)]
+        for number, _ in traffic.delivered:
+            assert logged.count(number) == 1, (message, number, logged)
     for entries in (hub, node_a, node_b):
         assert {"time", "level", "logger", "message"} <= set(entries[0])
     for path in (obs.hub.log_file, *(p.log_file for p in obs.nodes.values())):

@@ -1,11 +1,10 @@
-"""The node monitor's stage latencies, from evidence rows in a real node database."""
+"""The node monitor's stage latencies, from the evidence a real node store stores."""
 
 from __future__ import annotations
 
 import datetime as dt
 import sqlite3
 import types
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,27 +28,62 @@ async def store(tmp_path: Path) -> AsyncIterator[NodeStore]:
     await opened.close()
 
 
-def _insert(path: Path, origin: str, seq: int, event: int, recipient: str, at_s: float) -> None:
+def _content(origin: str, seq: int, event: int, recipient: str, at_s: float) -> pb.EvidenceContent:
     shams = pb.Shams(
         origin=origin, domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=seq
     )
-    content = evidence_content(
-        event,  # type: ignore[arg-type]
-        issuer="urn:chapar:hub:national",
-        shams=shams,
-        envelope_sha256=b"\0" * 32,
-        recipient=recipient,
-        now=T0 + dt.timedelta(seconds=at_s),
+    return pb.EvidenceContent.FromString(
+        evidence_content(
+            event,  # type: ignore[arg-type]
+            issuer="urn:chapar:hub:national",
+            shams=shams,
+            envelope_sha256=b"\0" * 32,
+            recipient=recipient,
+            now=T0 + dt.timedelta(seconds=at_s),
+            evidence_id=f"{origin}/{seq}/{event}/{recipient}",  # the same evidence, the same id
+        )
     )
-    evidence = pb.Evidence(content=content).SerializeToString()
+
+
+def _insert(path: Path, origin: str, seq: int, event: int, recipient: str, at_s: float) -> None:
+    """Evidence stored before the monitor (an earlier run): written behind the store's back."""
+    content = _content(origin, seq, event, recipient, at_s)
     conn = sqlite3.connect(path)
     with conn:
         conn.execute(
             "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at) "
             "VALUES (?, ?, ?, ?, 0)",
-            (str(uuid.uuid4()), f"{origin}/O/2026/{seq}", event, evidence),
+            (
+                content.evidence_id,
+                f"{origin}/O/2026/{seq}",
+                event,
+                pb.Evidence(content=content.SerializeToString()).SerializeToString(),
+            ),
         )
     conn.close()
+
+
+async def _store(store: NodeStore, evidence: list[tuple[str, int, int, str, float]]) -> None:
+    """Evidence (origin, sequence, event, recipient, time) stored now, in one write."""
+    items = []
+    for origin, seq, event, recipient, at_s in evidence:
+        content = _content(origin, seq, event, recipient, at_s)
+        items.append(
+            (pb.Evidence(content=content.SerializeToString()), content, f"{origin}/O/2026/{seq}")
+        )
+    await store.record_sender_evidence(items)
+
+
+def _monitor(store: NodeStore, db: Path) -> NodeMonitor:
+    config = types.SimpleNamespace(
+        agency=ME,
+        database=db,
+        tls=types.SimpleNamespace(cert=db.parent / "none.crt"),
+        signing=types.SimpleNamespace(cert=db.parent / "none.crt"),
+        metrics_interval_s=1.0,
+    )
+    agency = types.SimpleNamespace(config=config, store=store, hub_connected=True)
+    return NodeMonitor(agency)  # type: ignore[arg-type]
 
 
 def _counts() -> dict[str, tuple[float, float]]:
@@ -80,43 +114,62 @@ async def test_stage_latencies_come_from_evidence_times_of_own_letters_only(
     store: NodeStore, tmp_path: Path
 ) -> None:
     db = tmp_path / "node.db"
-    config = types.SimpleNamespace(
-        agency=ME,
-        database=db,
-        tls=types.SimpleNamespace(cert=tmp_path / "none.crt"),
-        signing=types.SimpleNamespace(cert=tmp_path / "none.crt"),
-        metrics_interval_s=1.0,
-    )
-    agency = types.SimpleNamespace(config=config, store=store, hub_connected=True)
-    monitor = NodeMonitor(agency)  # type: ignore[arg-type]
+    monitor = _monitor(store, db)
     # History before the monitor starts is not observed, but serves as the earlier event.
     _insert(db, ME, 1, E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE, "", 0)
     _insert(db, ME, 1, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, "X.Y", 0.5)
     before = _counts()
-    await monitor._observe_stages()
+    await monitor._observe_waiting()
     assert _delta(before) == {}
 
-    _insert(db, ME, 1, E.EVIDENCE_EVENT_DELIVERY, "X.Y", 2.5)  # anchor read from the store
-    _insert(db, ME, 1, E.EVIDENCE_EVENT_HANDOVER, "X.Y", 10.0)
-    _insert(db, ME, 2, E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE, "", 20.0)
-    _insert(db, ME, 2, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, "X.Y", 20.25)
-    _insert(db, ME, 2, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, "Z.Z", 20.75)
-    _insert(db, ME, 2, E.EVIDENCE_EVENT_DELIVERY, "Z.Z", 21.0)
-    # A letter of another agency that we received: its sender observes it, not us.
-    _insert(db, "OTHER", 7, E.EVIDENCE_EVENT_DELIVERY, ME, 30.0)
-    _insert(db, "OTHER", 7, E.EVIDENCE_EVENT_HANDOVER, ME, 31.0)
-    # A delivery whose relay acceptance we never stored: nothing to measure from.
-    _insert(db, ME, 3, E.EVIDENCE_EVENT_DELIVERY, "X.Y", 40.0)
-    before = _counts()
-    await monitor._observe_stages()
+    await _store(
+        store,
+        [
+            (ME, 1, E.EVIDENCE_EVENT_DELIVERY, "X.Y", 2.5),  # anchor read from the store
+            (ME, 1, E.EVIDENCE_EVENT_HANDOVER, "X.Y", 10.0),
+            (ME, 2, E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE, "", 20.0),
+            (ME, 2, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, "X.Y", 20.25),
+        ],
+    )
+    await _store(
+        store,
+        [
+            (ME, 2, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, "Z.Z", 20.75),
+            (ME, 2, E.EVIDENCE_EVENT_DELIVERY, "Z.Z", 21.0),
+            # A letter of another agency that we received: its sender observes it, not us.
+            ("OTHER", 7, E.EVIDENCE_EVENT_DELIVERY, ME, 30.0),
+            ("OTHER", 7, E.EVIDENCE_EVENT_HANDOVER, ME, 31.0),
+            # A delivery whose relay acceptance we never stored: nothing to measure from.
+            (ME, 3, E.EVIDENCE_EVENT_DELIVERY, "X.Y", 40.0),
+        ],
+    )
+    # Observed as stored, from the earlier events in memory; the others wait for a refresh.
     assert _delta(before) == {
-        "relay_to_delivery": (2, 2.0 + 0.25),
+        "relay_to_delivery": (1, 0.25),
         "delivery_to_handover": (1, 7.5),
         "submit_to_relay": (2, 0.25 + 0.75),
     }
     before = _counts()
-    await monitor._observe_stages()  # the cursor moved on: nothing observed twice
+    await monitor._observe_waiting()  # one read of the earlier events not in memory
+    assert _delta(before) == {"relay_to_delivery": (1, 2.0)}
+    before = _counts()
+    await _store(store, [(ME, 2, E.EVIDENCE_EVENT_DELIVERY, "Z.Z", 21.0)])  # again: not stored
+    await monitor._observe_waiting()
     assert _delta(before) == {}
+
+
+async def test_stage_whose_earlier_event_is_stored_later_is_observed_at_refresh(
+    store: NodeStore, tmp_path: Path
+) -> None:
+    """Frames from the hub are stored concurrently: a delivery may commit before the relay
+    acceptance it follows. The stage waits and is observed once the earlier one is known."""
+    monitor = _monitor(store, tmp_path / "node.db")
+    before = _counts()
+    await _store(store, [(ME, 5, E.EVIDENCE_EVENT_DELIVERY, "X.Y", 3.0)])
+    await _store(store, [(ME, 5, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, "X.Y", 1.0)])
+    assert _delta(before) == {}
+    await monitor._observe_waiting()
+    assert _delta(before) == {"relay_to_delivery": (1, 2.0)}
 
 
 def test_store_bytes_counts_database_wal_and_shm(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def _new_letter(shams: pb.Shams, recipients: Sequence[str] = (RECIPIENT_B,)) -> 
         envelope_sha256=digest,
         recipients=list(recipients),
         receipt=receipt,
-        evidence_id=content.evidence_id,
+        content=content,
     )
 
 
@@ -293,6 +293,35 @@ async def test_concurrent_writes_are_group_committed(db: Database) -> None:
     assert db.commits - commits_before < 300
     assert db.commits < db.jobs
     assert len(await _values(db)) == 300
+
+
+async def test_on_commit_runs_in_commit_order_once_committed_even_for_a_cancelled_caller(
+    db: Database,
+) -> None:
+    committed: list[str] = []
+    commits_before = db.commits
+
+    def record(value: str) -> None:
+        committed.append(value)
+
+    async def resumed(value: str) -> None:
+        await db.write(_insert(value), on_commit=record)
+        assert value in committed  # before the caller resumes
+
+    first = asyncio.ensure_future(resumed("a"))
+    cancelled = asyncio.ensure_future(db.write(_insert("b"), on_commit=record))
+    refused = asyncio.ensure_future(
+        db.write(_insert("bad", fail=ValueError("no")), on_commit=record)
+    )
+    last = asyncio.ensure_future(resumed("c"))
+    await asyncio.sleep(0)  # all four are queued for one transaction
+    cancelled.cancel()
+    with pytest.raises(ValueError, match="no"):
+        await refused
+    await asyncio.gather(first, last)
+    assert db.commits == commits_before + 1
+    assert committed == ["a", "b", "c"]  # "b" committed although its caller left
+    assert await _values(db) == ["a", "b", "c"]
 
 
 async def test_committed_data_survives_close_and_reopen(tmp_path: Path) -> None:
@@ -547,6 +576,58 @@ async def test_relay_rejection_of_the_whole_letter_moves_every_recipient(
     letter = await store.letter(receipt.shams_text)
     assert letter is not None
     assert set(letter.statuses.values()) == {lifecycle.REJECTED}
+
+
+async def test_every_evidence_stored_is_handed_to_the_listener_once_after_commit(
+    store: NodeStore,
+) -> None:
+    """The node monitor learns of evidence from the store: each new row once, none twice,
+    nothing from a write that failed, and the content as stored (events in order)."""
+    seen: list[tuple[str, pb.EvidenceEvent.ValueType]] = []
+
+    def listener(items: Sequence[tuple[str, pb.EvidenceContent]]) -> None:
+        seen.extend((shams, content.event) for shams, content in items)
+
+    store.on_evidence_stored = listener
+    with pytest.raises(RuntimeError):
+        await store.submit(
+            ["x", "y"], origin=ORIGIN, domain=OUT, year=YEAR, build=Builder(fail_at=1)
+        )
+    assert seen == []
+    receipt = await _submit_one(store, "r", Builder())
+    await _submit_one(store, "r", Builder())  # a retry: the receipt stored before
+    text = receipt.shams_text
+    relay = (*_evidence(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, shams=receipt.shams), text)
+    await store.record_sender_evidence([relay, relay])
+    await store.record_sender_evidence([relay])
+    letter = _incoming(1)
+    await store.store_incoming([letter, letter], DeliveryMaker())
+    await store.store_incoming([letter], DeliveryMaker())
+    handover = _evidence(E.EVIDENCE_EVENT_HANDOVER)[0]
+    await store.record_handovers([(letter[0], handover)])
+    await store.record_handovers([(letter[0], _evidence(E.EVIDENCE_EVENT_HANDOVER)[0])])
+    failure = _evidence(E.EVIDENCE_EVENT_DELIVERY_FAILURE)[0]
+    await store.store_issued([("", failure), ("", failure)])
+    assert seen == [
+        (text, E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE),
+        (text, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE),
+        (letter[0], E.EVIDENCE_EVENT_DELIVERY),
+        (letter[0], E.EVIDENCE_EVENT_HANDOVER),
+        ("", E.EVIDENCE_EVENT_DELIVERY_FAILURE),
+    ]
+    assert await store.count("evidence") == len(seen)
+
+
+async def test_a_failing_evidence_listener_does_not_fail_the_write(
+    store: NodeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    def listener(items: Sequence[tuple[str, pb.EvidenceContent]]) -> None:
+        raise ValueError("observer bug")
+
+    store.on_evidence_stored = listener
+    receipt = await _submit_one(store, "r", Builder())
+    assert await store.letter(receipt.shams_text) is not None
+    assert "commit callback failed" in caplog.text
 
 
 # -- NodeStore: letters we receive -------------------------------------------------------------
