@@ -52,7 +52,7 @@ from client_sdk.errors import (
     from_rpc_error,
     from_submit_error,
 )
-from client_sdk.ids import random_uuid
+from client_sdk.ids import uuid7
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import sha256
 from client_sdk.trust import TrustStore, VerificationError, datetime_of, valid_timestamp
@@ -131,7 +131,7 @@ class Draft:
         to = (self.to,) if isinstance(self.to, str) else tuple(self.to)
         object.__setattr__(self, "to", to)
         if not self.request_id:
-            object.__setattr__(self, "request_id", random_uuid())
+            object.__setattr__(self, "request_id", uuid7())
         if self.expire_time is not None and self.expire_time.utcoffset() is None:
             raise ValueError("expire_time must be timezone-aware")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 
 from client_sdk import pb
-from client_sdk.ids import random_uuid
+from client_sdk.ids import uuid7
 
 __all__ = ["event_name", "evidence_content"]
 
@@ -27,7 +27,7 @@ def evidence_content(
 ) -> bytes:
     """Serialised EvidenceContent, ready to sign."""
     content = pb.EvidenceContent(
-        evidence_id=evidence_id or random_uuid(),
+        evidence_id=evidence_id or uuid7(),
         event=event,
         issuer=issuer,
         envelope_sha256=envelope_sha256,
