@@ -220,43 +220,54 @@ def merkle_leaf(content: bytes) -> bytes:
     return hashlib.sha256(b"\x00" + content).digest()
 
 
-def _node(left: bytes, right: bytes) -> bytes:
-    return hashlib.sha256(b"\x01" + left + right).digest()
-
-
 def merkle_tree(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
-    """The root of the tree over ``leaves`` (leaf hashes) and each leaf's audit path."""
+    """The root of the tree over ``leaves`` (leaf hashes) and each leaf's audit path.
+
+    Built level by level: a level's unpaired last node moves up unchanged, which gives
+    RFC 9162's tree (split at the largest power of two below n) without recursion.
+    """
     n = len(leaves)
     if n == 0:
         raise ValueError("a Merkle tree needs at least one leaf")
-    if n == 1:
-        return leaves[0], [[]]
-    k = 1 << ((n - 1).bit_length() - 1)  # the largest power of two below n
-    left, left_paths = merkle_tree(leaves[:k])
-    right, right_paths = merkle_tree(leaves[k:])
-    paths = [[*p, right] for p in left_paths] + [[*p, left] for p in right_paths]
-    return _node(left, right), paths
+    sha = hashlib.sha256
+    paths: list[list[bytes]] = [[] for _ in range(n)]
+    # Which node of the current level each leaf sits under: leaves of one node share it.
+    under = list(range(n))
+    level = list(leaves)
+    while len(level) > 1:
+        size = len(level)
+        for leaf, node in enumerate(under):
+            sibling = node ^ 1
+            if sibling < size:
+                paths[leaf].append(level[sibling])
+            under[leaf] = node >> 1
+        level = [
+            sha(b"\x01" + level[i] + level[i + 1]).digest() if i + 1 < size else level[i]
+            for i in range(0, size, 2)
+        ]
+    return level[0], paths
 
 
 def merkle_root_from_path(
     leaf: bytes, index: int, size: int, path: Sequence[bytes]
 ) -> bytes | None:
     """The root an inclusion proof leads to (RFC 9162 2.1.3.2), or None if it is malformed."""
-    if not 0 <= index < size <= _MAX_TREE_SIZE or any(len(p) != 32 for p in path):
+    if not 0 <= index < size <= _MAX_TREE_SIZE:
         return None
+    sha = hashlib.sha256
     fn, sn = index, size - 1
     r = leaf
     for p in path:
-        if sn == 0:
+        if sn == 0 or len(p) != 32:
             return None
         if fn & 1 or fn == sn:
-            r = _node(p, r)
+            r = sha(b"\x01" + p + r).digest()
             if not fn & 1:
                 while fn and not fn & 1:
                     fn >>= 1
                     sn >>= 1
         else:
-            r = _node(r, p)
+            r = sha(b"\x01" + r + p).digest()
         fn >>= 1
         sn >>= 1
     return r if sn == 0 else None

@@ -583,7 +583,7 @@ def test_evidence_content_without_shams_or_id_gets_a_fresh_uuid() -> None:
 
     first, second = make(), make()
     assert not first.HasField("shams")
-    assert uuid.UUID(first.evidence_id).version == 4
+    assert uuid.UUID(first.evidence_id).version == 7
     assert first.evidence_id != second.evidence_id
 
 
