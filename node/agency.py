@@ -39,7 +39,10 @@ __all__ = ["Agency"]
 
 log = logging.getLogger("chapar.node")
 E = pb.EvidenceEvent
-_INBOX_BATCH = 64
+_INBOX_BATCH = 256
+# An inbox frame stops at this many bytes of letters (one always goes): well under what
+# the SDK accepts (64 MiB), and large letters are not all read at once.
+_INBOX_FRAME_BYTES = 8 * 1024 * 1024
 _MAX_BATCH = 1024
 _MAX_ACK_BATCH = 1000
 
@@ -427,7 +430,7 @@ class Agency(pb.NodeServiceServicer):
         try:
             while not self.closing.is_set():
                 signal = self._inbox_signal
-                rows = await self.store.unacked_inbox(cursor, _INBOX_BATCH)
+                rows = await self.store.unacked_inbox(cursor, _INBOX_BATCH, _INBOX_FRAME_BYTES)
                 if not rows:
                     changed = asyncio.create_task(signal.wait())
                     await asyncio.wait({changed, closing}, return_when=asyncio.FIRST_COMPLETED)

@@ -53,6 +53,9 @@ _RECEIPT_EVENTS = frozenset(
 )
 _OUT_FRAMES = 16
 _PUSH_BATCH = 256
+# A deliveries frame stops at this many bytes of envelopes (one letter always goes): well
+# under what a node accepts (64 MiB), and large letters are not all read at once.
+_PUSH_FRAME_BYTES = 8 * 1024 * 1024
 # Frames of one stream handled at once (their store jobs share commits).
 _FRAMES_IN_FLIGHT = 8
 
@@ -694,8 +697,8 @@ class Hub(pb.HubServiceServicer):
             if room > 0 and session.queue_dirty:
                 session.queue_dirty = False
                 limit = min(room, _PUSH_BATCH)
-                rows = await self.store.queued(session.agency, last_queue, limit)
-                session.queue_dirty |= len(rows) == limit  # there may be more
+                rows = await self.store.queued(session.agency, last_queue, limit, _PUSH_FRAME_BYTES)
+                session.queue_dirty |= bool(rows)  # a full or size-cut frame: there may be more
                 if rows:
                     last_queue = rows[-1][0]
                     session.inflight.update(r[1] for r in rows)

@@ -322,6 +322,17 @@ def rows_in(
     return rows
 
 
+def fits(sizes: Sequence[int], max_bytes: int) -> int:
+    """How many of ``sizes``, from the first, fit in ``max_bytes``: at least one (a frame
+    always carries something), then as many as stay within the limit."""
+    total = 0
+    for count, size in enumerate(sizes):
+        total += size
+        if count and total > max_bytes:
+            return count
+    return len(sizes)
+
+
 def existing(conn: sqlite3.Connection, sql: str, keys: Sequence[str]) -> set[str]:
     """The keys ``sql`` (see ``rows_in``) finds: the first column of its rows."""
     return {str(r[0]) for r in rows_in(conn, sql, keys)}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from client_sdk import pb
 from node.core import lifecycle
-from node.storage.db import Store, advance_state, advance_states, existing, rows_in
+from node.storage.db import Store, advance_state, advance_states, existing, fits, rows_in
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
 
@@ -197,13 +197,27 @@ class HubStore(Store):
 
         return await self.db.write(job)
 
-    async def queued(self, recipient: str, after: int, limit: int) -> list[tuple[int, str, bytes]]:
-        """(queue id, shams, envelope) waiting for ``recipient``, in arrival order."""
-        rows = await self.db.fetchall(
-            "SELECT q.id, q.shams, e.envelope FROM queue q JOIN envelopes e ON e.shams = q.shams "
+    async def queued(
+        self, recipient: str, after: int, limit: int, max_bytes: int
+    ) -> list[tuple[int, str, bytes]]:
+        """(queue id, shams, envelope) waiting for ``recipient``, in arrival order: at most
+        ``limit`` letters and ``max_bytes`` of envelopes (but always one). The sizes are
+        read first, so large letters are never all loaded at once."""
+        waiting = (
+            "FROM queue q JOIN envelopes e ON e.shams = q.shams "
             "WHERE q.recipient = ? AND q.id > ? AND (q.expire_at IS NULL OR q.expire_at > ?) "
-            "ORDER BY q.id LIMIT ?",
-            (recipient, after, time.time(), limit),
+        )
+        now = time.time()
+        sizes = await self.db.fetchall(
+            f"SELECT q.id, length(e.envelope) {waiting} ORDER BY q.id LIMIT ?",
+            (recipient, after, now, limit),
+        )
+        count = fits([int(r[1]) for r in sizes], max_bytes)
+        if not count:
+            return []
+        rows = await self.db.fetchall(
+            f"SELECT q.id, q.shams, e.envelope {waiting} AND q.id <= ? ORDER BY q.id LIMIT ?",
+            (recipient, after, now, int(sizes[count - 1][0]), count),
         )
         return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 

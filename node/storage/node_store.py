@@ -21,7 +21,7 @@ from typing import TypeVar
 from client_sdk import pb
 from node.core import lifecycle
 from node.core.errors import letter_not_found
-from node.storage.db import Database, Job, Store, advance_states, existing, rows_in
+from node.storage.db import Database, Job, Store, advance_states, existing, fits, rows_in
 
 __all__ = ["MIGRATIONS", "EvidenceListener", "NewLetter", "NodeStore", "StoredLetter"]
 
@@ -381,14 +381,27 @@ class NodeStore(Store):
         return await self._write(job)
 
     async def unacked_inbox(
-        self, after: int, limit: int
+        self, after: int, limit: int, max_bytes: int
     ) -> list[tuple[int, str, str, bytes, bytes, float]]:
-        """(rowid, shams, mailboxes, envelope, delivery evidence, received_at), oldest first."""
+        """(rowid, shams, mailboxes, envelope, delivery evidence, received_at), oldest first:
+        at most ``limit`` letters and ``max_bytes`` of envelopes and bodies (but always one).
+        The sizes are read first, so large letters are never all loaded at once."""
+        unacked = (
+            "FROM inbox i LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams "
+            "WHERE i.handover IS NULL AND i.rowid > ? "
+        )
+        sizes = await self.db.fetchall(
+            "SELECT i.rowid, length(i.envelope) + coalesce(length(b.body), 0) "
+            f"{unacked} ORDER BY i.rowid LIMIT ?",
+            (after, limit),
+        )
+        count = fits([int(r[1]) for r in sizes], max_bytes)
+        if not count:
+            return []
         rows = await self.db.fetchall(
             "SELECT i.rowid, i.shams, i.mailboxes, i.envelope, i.delivery, i.received_at, b.body "
-            "FROM inbox i LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams "
-            "WHERE i.handover IS NULL AND i.rowid > ? ORDER BY i.rowid LIMIT ?",
-            (after, limit),
+            f"{unacked} AND i.rowid <= ? ORDER BY i.rowid LIMIT ?",
+            (after, int(sizes[count - 1][0]), count),
         )
         return [
             (int(r[0]), str(r[1]), str(r[2]), _with_body(r[3], r[6]), bytes(r[4]), float(r[5]))

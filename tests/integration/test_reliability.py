@@ -172,6 +172,43 @@ async def test_offline_recipient_gets_every_letter_in_submission_order_after_rec
         )
 
 
+async def test_a_backlog_of_the_largest_letters_reaches_the_back_end_in_frames_it_accepts(
+    tmp_path: Path,
+) -> None:
+    """24 letters at the body limit (4 MiB) wait for an offline recipient: 96 MiB, more than
+    a node or the SDK accepts in one message (64 MiB), so the hub's deliveries and the
+    node's inbox stream must cut their frames by size, not only by count."""
+    big = [
+        Draft(to=[B], subject=f"big {i}", body=bytes([i]) * (4 * 1024 * 1024 - 4096))
+        for i in range(24)
+    ]
+    async with started(tmp_path) as cluster:
+        await asyncio.to_thread(cluster.nodes[B].terminate)
+        receipts = await send_all(cluster, big, batch=3)  # under 16 MiB a call
+        await eventually(
+            lambda: count(cluster, "hub", "SELECT count(*) FROM queue") == 24, what="queued"
+        )
+        cluster.nodes[B].start()
+        await cluster.nodes[B].wait_ready()
+        bodies: dict[str, bytes] = {}
+        async with client(cluster, B) as b:
+
+            async def read_all() -> None:
+                async for letter in b.inbox():
+                    bodies[letter.shams] = letter.body
+                    await letter.ack()
+                    if len(bodies) == len(big):
+                        return
+
+            await asyncio.wait_for(read_all(), 120)
+        assert set(bodies) == {r.shams for r in receipts.values()}
+        by_subject = {r.shams: d for d, r in zip(big, receipts.values(), strict=True)}
+        assert all(bodies[s] == by_subject[s].body for s in bodies)
+        await eventually(
+            lambda: count(cluster, "hub", "SELECT count(*) FROM queue") == 0, what="dequeue"
+        )
+
+
 # -- 2. the hub down ------------------------------------------------------------------------
 
 

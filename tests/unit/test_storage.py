@@ -22,7 +22,7 @@ from client_sdk import pb
 from client_sdk.shams import format_shams
 from node.core import lifecycle
 from node.core.errors import ChaparError, Code
-from node.storage.db import Database
+from node.storage.db import Database, fits
 from node.storage.hub_store import HubStore, IncomingLetter
 from node.storage.node_store import NewLetter, NodeStore
 
@@ -670,7 +670,7 @@ async def test_incoming_letter_is_stored_once_and_redelivery_returns_stored_deli
     assert [e.SerializeToString() for e in await store.receipts_to_send(10)] == [
         first.SerializeToString()
     ]
-    rows = await store.unacked_inbox(0, 10)
+    rows = await store.unacked_inbox(0, 10, 1 << 20)
     assert [(r[1], r[2], r[3], r[4]) for r in rows] == [
         (letter[0], "legal\nregistry", letter[3].SerializeToString(), first.SerializeToString())
     ]
@@ -696,7 +696,7 @@ async def test_acknowledge_is_idempotent(store: NodeStore) -> None:
     (first,) = await store.record_handovers([(letter[0], _evidence(E.EVIDENCE_EVENT_HANDOVER)[0])])
     (again,) = await store.record_handovers([(letter[0], _evidence(E.EVIDENCE_EVENT_HANDOVER)[0])])
     assert again.SerializeToString() == first.SerializeToString()
-    assert await store.unacked_inbox(0, 10) == []
+    assert await store.unacked_inbox(0, 10, 1 << 20) == []
     events = [
         pb.EvidenceContent.FromString(e.content).event for e in await store.receipts_to_send(10)
     ]
@@ -779,7 +779,7 @@ async def test_hub_accepts_a_letter_once_and_returns_the_original_relay_evidence
     assert await _hub_state(hub, letter.shams, RECIPIENT_C) is not None  # a recipient
     assert await _hub_state(hub, letter.shams, ORIGIN) is None  # not one
     assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.RELAYED
-    queued = await hub.queued(RECIPIENT_B, 0, 10)
+    queued = await hub.queued(RECIPIENT_B, 0, 10, 1 << 20)
     assert [(s, env) for _, s, env in queued] == [(letter.shams, letter.envelope)]
 
 
@@ -857,7 +857,7 @@ async def test_hub_queue_survives_a_restart(tmp_path: Path) -> None:
     second = await HubStore.open(path)
     try:
         assert await second.queue_depth() == 2
-        assert [s for _, s, _ in await second.queued(RECIPIENT_C, 0, 10)] == [letter.shams]
+        assert [s for _, s, _ in await second.queued(RECIPIENT_C, 0, 10, 1 << 20)] == [letter.shams]
     finally:
         await second.close()
 
@@ -911,3 +911,36 @@ async def test_handovers_recorded_in_a_batch_stand_once_each(store: NodeStore) -
     with pytest.raises(ChaparError) as info:
         await store.record_handovers([("NOBODY/O/2026/0000001", late)])
     assert info.value.reason == "LETTER_NOT_FOUND"
+
+
+def test_fits_takes_at_least_one_then_what_stays_within_the_limit() -> None:
+    assert fits([], 10) == 0
+    assert fits([50], 10) == 1  # one always goes, however large
+    assert fits([4, 6, 1], 10) == 2
+    assert fits([4, 6], 10) == 2
+    assert fits([11, 1], 10) == 1
+
+
+async def test_hub_queue_reads_stop_at_the_byte_limit_and_go_on_from_there(
+    hub: HubStore,
+) -> None:
+    letters = [_hub_letter(sequence=i, recipients=[RECIPIENT_B]) for i in range(1, 6)]
+    await hub.accept(letters, RelayMaker())
+    size = len(letters[0].envelope)
+    first = await hub.queued(RECIPIENT_B, 0, 10, 2 * size)
+    assert [s for _, s, _ in first] == [lt.shams for lt in letters[:2]]
+    rest = await hub.queued(RECIPIENT_B, first[-1][0], 10, 1)  # below one letter: one
+    assert [s for _, s, _ in rest] == [letters[2].shams]
+    tail = await hub.queued(RECIPIENT_B, rest[-1][0], 10, 100 * size)
+    assert [env for _, _, env in tail] == [lt.envelope for lt in letters[3:]]
+
+
+async def test_inbox_reads_stop_at_the_byte_limit_counting_bodies(store: NodeStore) -> None:
+    letters = [_incoming(i) for i in range(1, 5)]
+    await store.store_incoming(letters, DeliveryMaker())
+    one = len(letters[0][3].SerializeToString())
+    rows = await store.unacked_inbox(0, 10, 3 * one)
+    assert [r[1] for r in rows] == [lt[0] for lt in letters[:3]]
+    assert [r[3] for r in rows] == [lt[3].SerializeToString() for lt in letters[:3]]
+    rest = await store.unacked_inbox(rows[-1][0], 10, 0)
+    assert [r[1] for r in rest] == [letters[3][0]]
