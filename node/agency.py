@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -45,6 +46,8 @@ _INBOX_BATCH = 256
 _INBOX_FRAME_BYTES = 8 * 1024 * 1024
 _MAX_BATCH = 1024
 _MAX_ACK_BATCH = 1000
+# Letters numbered and signed together at most (several calls' worth; trees of 256).
+_MAX_SIGNING_GROUP = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,18 @@ class Access:
                 f"{self.identity.uri} may not use {what}",
                 metadata={"identity": self.identity.uri, "mailboxes": ",".join(boxes)},
             )
+
+
+@dataclass(slots=True)
+class _Submission:
+    """Validated letters of one call or stream frame, waiting to be numbered and stored."""
+
+    request_ids: list[str]
+    items: list[tuple[pb.LetterDraft, pb.Shams | None]]  # (draft, thread root)
+    now: dt.datetime
+    future: asyncio.Future[list[pb.Receipt]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 def _log_letters(
@@ -101,6 +116,8 @@ class Agency(pb.NodeServiceServicer):
         # Replaced by a fresh event at every inbox change; a waiter captures the current
         # one before reading, so no change between read and wait is missed.
         self._inbox_signal = asyncio.Event()
+        self._waiting: list[_Submission] = []  # validated letters waiting to be stored
+        self._storer: asyncio.Task[None] | None = None
         self.closing = asyncio.Event()
         self.full_recipients: frozenset[str] = frozenset()
         self.quota_retry_after_s = 30.0
@@ -232,43 +249,12 @@ class Agency(pb.NodeServiceServicer):
         SUBMIT_REJECTED.inc(len(requests) - len(valid))
         if not valid:
             return results
-        sender = self.config.agency
-        agency_uri = self.identity.uri
-
-        def build(j: int, shams: pb.Shams) -> NewLetter:
-            _, draft, root = valid[j]
-            header = build_header(draft, sender=sender, shams=shams, now=now, thread_root=root)
-            envelope = pb.Envelope(header=header, body=draft.body)  # signed with the batch: seal
-            digest = sha256(header)
-            content = evidence_content(
-                E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
-                issuer=agency_uri,
-                shams=shams,
-                envelope_sha256=digest,
-                recipient="",
-                now=now,
+        receipts = await self._store_letters(
+            _Submission(
+                [requests[i].request_id for i, _, _ in valid],
+                [(draft, root) for _, draft, root in valid],
+                now,
             )
-            evidence = pb.Evidence(content=content)  # signed with the batch: seal
-            text = format_shams(shams)
-            receipt = pb.Receipt(
-                shams=shams, shams_text=text, envelope_sha256=digest, evidence=evidence
-            )
-            return NewLetter(
-                text,
-                envelope,
-                digest,
-                [r.agency for r in draft.recipients],
-                receipt,
-                pb.EvidenceContent.FromString(content),
-            )
-
-        receipts = await self.store.submit(
-            [requests[i].request_id for i, _, _ in valid],
-            origin=sender,
-            domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING,
-            year=now.year,
-            build=build,
-            seal=self._seal_letters,
         )
         for (i, _, _), receipt in zip(valid, receipts, strict=True):
             results[i] = receipt
@@ -282,6 +268,96 @@ class Agency(pb.NodeServiceServicer):
         SUBMITTED.inc(len(valid))
         self.outbox_changed.set()
         return results
+
+    async def _store_letters(self, submission: _Submission) -> list[pb.Receipt]:
+        """Numbers, signs and stores validated letters; returns their receipts.
+
+        Submissions that arrive while an earlier one is being stored wait and are then
+        stored together, as one batch under one signature (a group commit for signing):
+        at moderate load, when each call or stream frame carries one letter, the hub, the
+        recipient and its back-end then verify one signature for many letters. An idle
+        node stores a submission at once.
+        """
+        # A caller cancelled meanwhile (a dropped stream) never reads its outcome: mark it
+        # read, so that asyncio does not report an unretrieved exception.
+        submission.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._waiting.append(submission)
+        if self._storer is None or self._storer.done():
+            self._storer = asyncio.create_task(self._store_waiting())
+        return await asyncio.shield(submission.future)
+
+    async def _store_waiting(self) -> None:
+        while self._waiting:
+            year = self._waiting[0].now.year  # a batch is numbered within one year
+            group: list[_Submission] = []
+            rest: list[_Submission] = []
+            size = 0
+            for s in self._waiting:
+                if s.now.year == year and (not group or size + len(s.items) <= _MAX_SIGNING_GROUP):
+                    group.append(s)
+                    size += len(s.items)
+                else:
+                    rest.append(s)
+            self._waiting = rest
+            items = [(s, item) for s in group for item in s.items]
+            try:
+                receipts = await self.store.submit(
+                    [rid for s in group for rid in s.request_ids],
+                    origin=self.config.agency,
+                    domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING,
+                    year=year,
+                    build=functools.partial(self._build_nth, items),
+                    seal=self._seal_letters,
+                )
+            except Exception as exc:  # each caller gets the failure (nothing was stored)
+                for s in group:
+                    if not s.future.done():
+                        s.future.set_exception(exc)
+                continue
+            except BaseException:  # cancelled with the node: so are the waiting calls
+                for s in [*group, *self._waiting]:
+                    s.future.cancel()
+                raise
+            start = 0
+            for s in group:
+                if not s.future.done():
+                    s.future.set_result(receipts[start : start + len(s.items)])
+                start += len(s.items)
+
+    def _build_nth(
+        self,
+        items: Sequence[tuple[_Submission, tuple[pb.LetterDraft, pb.Shams | None]]],
+        j: int,
+        shams: pb.Shams,
+    ) -> NewLetter:
+        submission, (draft, root) = items[j]
+        now = submission.now
+        header = build_header(
+            draft, sender=self.config.agency, shams=shams, now=now, thread_root=root
+        )
+        envelope = pb.Envelope(header=header, body=draft.body)  # signed with the batch: seal
+        digest = sha256(header)
+        content = evidence_content(
+            E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
+            issuer=self.identity.uri,
+            shams=shams,
+            envelope_sha256=digest,
+            recipient="",
+            now=now,
+        )
+        evidence = pb.Evidence(content=content)  # signed with the batch: seal
+        text = format_shams(shams)
+        receipt = pb.Receipt(
+            shams=shams, shams_text=text, envelope_sha256=digest, evidence=evidence
+        )
+        return NewLetter(
+            text,
+            envelope,
+            digest,
+            [r.agency for r in draft.recipients],
+            receipt,
+            pb.EvidenceContent.FromString(content),
+        )
 
     def _seal_letters(self, letters: Sequence[NewLetter]) -> None:
         """Signs a submitted batch: its envelopes as one Merkle batch, then its evidence."""

@@ -355,3 +355,21 @@ async def test_a_submitted_batch_is_signed_once_and_each_letter_verifies_alone(
         for number in numbers:  # offline, each alone, with a fresh trust store
             tracking = await a.track(number)
             tracking.verify(cluster.credentials(AGENCY_A).trust_store())
+
+
+async def test_concurrent_submissions_are_signed_together_and_each_caller_gets_its_own(
+    cluster: Cluster,
+) -> None:
+    """Calls that arrive while an earlier one is being stored are stored as one signed
+    batch; each caller still gets the receipt of its own letter."""
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        subjects = [f"together {i}" for i in range(20)]
+        receipts = await asyncio.gather(
+            *(a.send(to=[AGENCY_B], subject=s, body=s) for s in subjects)
+        )
+        trackings = [await a.track(r.shams) for r in receipts]
+    assert [t.header.subject for t in trackings] == subjects
+    signatures = {t.envelope.signature.value for t in trackings}
+    assert len(signatures) < len(subjects)  # some were signed together
+    for tracking in trackings:
+        tracking.verify(cluster.credentials(AGENCY_A).trust_store())
