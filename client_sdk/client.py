@@ -34,7 +34,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, cast
 
@@ -69,6 +69,7 @@ __all__ = [
     "DEFAULT_STREAM_BATCH_SIZE",
     "DEFAULT_TIMEOUT",
     "MAX_BATCH_SIZE",
+    "STREAM_FRAME_BYTES",
     "TEXT_PLAIN",
     "Attachment",
     "AttachmentLike",
@@ -839,15 +840,38 @@ def _results(
     return out
 
 
+# A stream frame of drafts stops at this many bytes of bodies (one draft always goes):
+# under the 16 MiB a node accepts in one message, whatever the batch size.
+STREAM_FRAME_BYTES: Final = 8 * 1024 * 1024
+
+
+def _body_bytes(draft: Draft) -> int:
+    body = draft.body
+    return len(body) if isinstance(body, bytes) else len(body.encode())
+
+
 class _SyncFeed:
     """Batches from a plain iterable, read on the event loop."""
 
     def __init__(self, drafts: Iterable[Draft], size: int) -> None:
         self._drafts = iter(drafts)
         self._size = size
+        self._held: Draft | None = None  # read, but did not fit in the last frame
 
     async def next_batch(self) -> list[Draft]:
-        return list(islice(self._drafts, self._size))
+        batch: list[Draft] = []
+        total = 0
+        pending = [self._held] if self._held is not None else []
+        self._held = None
+        for draft in chain(pending, self._drafts):
+            total += _body_bytes(draft)
+            if batch and total > STREAM_FRAME_BYTES:
+                self._held = draft
+                return batch
+            batch.append(draft)
+            if len(batch) >= self._size:
+                return batch
+        return batch
 
     async def aclose(self) -> None:
         pass
@@ -926,7 +950,7 @@ class _AsyncFeed:
     def __init__(self, drafts: AsyncIterable[Draft], size: int, depth: int) -> None:
         self._queue: asyncio.Queue[Draft | _End | _Failed] = asyncio.Queue(maxsize=size * depth)
         self._size = size
-        self._held: _End | _Failed | None = None
+        self._held: Draft | _End | _Failed | None = None
         self._pump = asyncio.create_task(self._run(drafts))
 
     async def _run(self, drafts: AsyncIterable[Draft]) -> None:
@@ -940,7 +964,9 @@ class _AsyncFeed:
 
     async def next_batch(self) -> list[Draft]:
         batch: list[Draft] = []
+        total = 0
         item = self._held or await self._queue.get()
+        self._held = None
         while True:
             if isinstance(item, _End | _Failed):
                 # Send what came before the end or the failure first.
@@ -949,6 +975,10 @@ class _AsyncFeed:
                     return batch
                 if isinstance(item, _Failed):
                     raise item.error
+                return batch
+            total += _body_bytes(item)
+            if batch and total > STREAM_FRAME_BYTES:
+                self._held = item  # the next frame starts with it
                 return batch
             batch.append(item)
             if len(batch) >= self._size:
