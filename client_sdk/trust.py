@@ -204,19 +204,7 @@ class TrustStore:
         """Verifies signature, signer identity and body digest, then parses the header."""
         when = at or dt.datetime.now(dt.UTC)
         verifier, identity = self._signer(envelope.signature, when)
-        try:
-            if envelope.HasField("batch_proof"):
-                self._verify_batch_member(
-                    verifier,
-                    ENVELOPE_BATCH_PAYLOAD_TYPE,
-                    envelope.header,
-                    envelope.signature,
-                    envelope.batch_proof,
-                )
-            else:
-                verifier.verify(ENVELOPE_PAYLOAD_TYPE, envelope.header, envelope.signature)
-        except SignatureError as exc:
-            raise VerificationError(exc.reason, str(exc)) from exc
+        self._check_signed(verifier, ENVELOPE_PAYLOAD_TYPE, envelope.header, envelope)
         try:
             header = pb.EnvelopeHeader.FromString(envelope.header)
         except DecodeError as exc:
@@ -243,25 +231,35 @@ class TrustStore:
             raise VerificationError("EVIDENCE_MALFORMED", "evidence event_time is not a valid time")
         when = datetime_of(content.event_time) if content.HasField("event_time") else None
         verifier, identity = self._signer(evidence.signature, when or dt.datetime.now(dt.UTC))
-        try:
-            if evidence.HasField("batch_proof"):
-                self._verify_batch_member(
-                    verifier,
-                    EVIDENCE_BATCH_PAYLOAD_TYPE,
-                    evidence.content,
-                    evidence.signature,
-                    evidence.batch_proof,
-                )
-            else:
-                verifier.verify(EVIDENCE_PAYLOAD_TYPE, evidence.content, evidence.signature)
-        except SignatureError as exc:
-            raise VerificationError(exc.reason, str(exc)) from exc
+        self._check_signed(verifier, EVIDENCE_PAYLOAD_TYPE, evidence.content, evidence)
         if identity.uri != content.issuer:
             raise VerificationError(
                 "ISSUER_MISMATCH",
                 f"evidence says issuer {content.issuer} but {identity.uri} signed it",
             )
         return content
+
+    def _check_signed(
+        self,
+        verifier: Verifier,
+        payload_type: str,
+        payload: bytes,
+        signed: pb.Envelope | pb.Evidence,
+    ) -> None:
+        """Checks ``signed``'s signature over ``payload``: alone, or as a batch member."""
+        try:
+            if signed.HasField("batch_proof"):
+                self._verify_batch_member(
+                    verifier,
+                    _BATCH_TYPE[payload_type],
+                    payload,
+                    signed.signature,
+                    signed.batch_proof,
+                )
+            else:
+                verifier.verify(payload_type, payload, signed.signature)
+        except SignatureError as exc:
+            raise VerificationError(exc.reason, str(exc)) from exc
 
     def _verify_batch_member(
         self,
@@ -296,6 +294,11 @@ class TrustStore:
 
 
 _BATCH_HEADS_KEPT = 4096
+# The payload type a batch of each kind is signed under.
+_BATCH_TYPE = {
+    ENVELOPE_PAYLOAD_TYPE: ENVELOPE_BATCH_PAYLOAD_TYPE,
+    EVIDENCE_PAYLOAD_TYPE: EVIDENCE_BATCH_PAYLOAD_TYPE,
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -290,6 +290,16 @@ def test_second_server_on_a_port_in_use_refuses_to_start(cluster: Cluster, tmp_p
     assert "cannot bind" in result.stderr
 
 
+async def _three_sent_and_received(a: ExchangeClient, b: ExchangeClient, subject: str):  # type: ignore[no-untyped-def]
+    """Sends three letters A -> B in one batch; returns their numbers and B's letters."""
+    receipts = await a.send_many(
+        [Draft(to=[AGENCY_B], subject=f"{subject} {i}", body=f"letter {i}") for i in range(3)]
+    )
+    numbers = [r.shams for r in receipts if isinstance(r, Receipt)]
+    assert len(numbers) == 3, receipts
+    return numbers, [await _next_letter(b, n) for n in numbers]
+
+
 async def test_acknowledgements_travel_in_batches_each_with_its_own_outcome(
     cluster: Cluster,
 ) -> None:
@@ -297,11 +307,7 @@ async def test_acknowledgements_travel_in_batches_each_with_its_own_outcome(
         ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
         ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
     ):
-        receipts = await a.send_many(
-            [Draft(to=[AGENCY_B], subject=f"batch ack {i}", body=f"letter {i}") for i in range(3)]
-        )
-        numbers = [r.shams for r in receipts if isinstance(r, Receipt)]
-        letters = [await _next_letter(b, n) for n in numbers]
+        numbers, letters = await _three_sent_and_received(a, b, "batch ack")
         unknown = f"{AGENCY_A}/O/{dt.datetime.now(dt.UTC).year}/9999999"
 
         # Concurrent Letter.ack() calls are gathered; every caller gets its own evidence.
@@ -337,14 +343,7 @@ async def test_a_submitted_batch_is_signed_once_and_each_letter_verifies_alone(
         ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
         ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
     ):
-        receipts = await a.send_many(
-            [
-                Draft(to=[AGENCY_B], subject=f"signed batch {i}", body=f"letter {i}")
-                for i in range(3)
-            ]
-        )
-        numbers = [r.shams for r in receipts if isinstance(r, Receipt)]
-        letters = [await _next_letter(b, n) for n in numbers]  # the SDK verified each
+        numbers, letters = await _three_sent_and_received(a, b, "signed batch")  # SDK-verified
         assert [letter.subject for letter in letters] == [f"signed batch {i}" for i in range(3)]
         for letter in letters:
             await letter.ack()
