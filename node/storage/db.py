@@ -64,6 +64,10 @@ def _pragmas(durability: Durability) -> list[str]:
     # FULL fsyncs the WAL at every commit (survives power loss); NORMAL only at
     # checkpoints (survives a process crash, may lose the last commits on power loss).
     return [
+        # Only takes effect on a new database (before its first table and before WAL).
+        # Envelopes with their batch proofs are just over 2 KB: at 4 KB a page holds
+        # one, at 8 KB three, so 8 KB pages cut the hub's envelope table by about 40 %.
+        "PRAGMA page_size=8192",
         "PRAGMA journal_mode=WAL",
         f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}",
         "PRAGMA foreign_keys=ON",
