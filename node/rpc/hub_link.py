@@ -41,6 +41,8 @@ _INITIAL_BACKOFF_S = 0.2
 _RECEIPT_BATCH = 256
 # Frames from the hub handled at once (their store jobs share commits).
 _FRAMES_IN_FLIGHT = 8
+# Frames our own sender may have queued before it waits for the writer to catch up.
+_QUEUED_FRAMES = 8
 
 
 class HubLink:
@@ -157,25 +159,38 @@ class _Session:
         self.link = link
         self.agency = link.agency
         self.call = call
-        self.lock = asyncio.Lock()
+        # Frames go out through one writer task: a handler of incoming frames never waits
+        # for the network. (With writes under a lock, a blocked write - the hub not reading
+        # because its own writes to us were blocked - stopped our reading too: both ends
+        # waited for each other with full flow-control windows, seen after a hub restart.)
+        self.outgoing: asyncio.Queue[pb.ConnectRequest] = asyncio.Queue()
         self.relaying: dict[bytes, str] = {}  # envelope digest -> shams, sent and not answered
         self.receipts_sent: set[str] = set()
         self.receipt_cursor = 0  # rowid of the last receipt row read on this stream
 
     async def write(self, frame: pb.ConnectRequest) -> None:
-        async with self.lock:
+        """Queues a frame for the stream's writer task; returns at once."""
+        self.outgoing.put_nowait(frame)
+
+    async def _write_all(self) -> None:
+        while True:
+            frame = await self.outgoing.get()
             await self.call.write(frame)
+            self.outgoing.task_done()
 
     async def run(self) -> None:
-        reader = asyncio.create_task(self._read())
-        writer = asyncio.create_task(self._send())
+        tasks = {
+            asyncio.create_task(self._read()),
+            asyncio.create_task(self._send()),
+            asyncio.create_task(self._write_all()),
+        }
         try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
         finally:
-            reader.cancel()
-            writer.cancel()
+            for task in tasks:
+                task.cancel()
             self.call.cancel()
 
     def _wake(self) -> None:
@@ -190,6 +205,8 @@ class _Session:
         # wake-up with nothing new costs no database read.
         outbox_dirty = receipts_dirty = True
         while not self.link._stopping:
+            if self.outgoing.qsize() >= _QUEUED_FRAMES:
+                await self.outgoing.join()  # the hub reads slowly: wait for it, not memory
             self.link._wake.clear()
             if agency.outbox_changed.is_set():
                 agency.outbox_changed.clear()
