@@ -27,7 +27,7 @@ from client_sdk.trust import TrustStore
 from node.config import NodeConfig
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code, letter_not_found
-from node.core.evidence import evidence_content
+from node.core.evidence import evidence_content, evidence_message
 from node.core.letters import build_header, validate_draft
 from node.document_store import DocumentStore
 from node.metrics import HANDED_OVER, SUBMIT_REJECTED, SUBMITTED
@@ -337,7 +337,7 @@ class Agency(pb.NodeServiceServicer):
         )
         envelope = pb.Envelope(header=header, body=draft.body)  # signed with the batch: seal
         digest = sha256(header)
-        content = evidence_content(
+        content = evidence_message(
             E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
             issuer=self.identity.uri,
             shams=shams,
@@ -345,7 +345,8 @@ class Agency(pb.NodeServiceServicer):
             recipient="",
             now=now,
         )
-        evidence = pb.Evidence(content=content)  # signed with the batch: seal
+        # Signed with the batch: seal.
+        evidence = pb.Evidence(content=content.SerializeToString(deterministic=True))
         text = format_shams(shams)
         receipt = pb.Receipt(
             shams=shams, shams_text=text, envelope_sha256=digest, evidence=evidence
@@ -356,7 +357,7 @@ class Agency(pb.NodeServiceServicer):
             digest,
             [r.agency for r in draft.recipients],
             receipt,
-            pb.EvidenceContent.FromString(content),
+            content,
         )
 
     def _seal_letters(self, letters: Sequence[NewLetter]) -> None:

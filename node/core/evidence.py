@@ -10,7 +10,7 @@ import datetime as dt
 from client_sdk import pb
 from client_sdk.ids import uuid7
 
-__all__ = ["event_name", "evidence_content"]
+__all__ = ["event_name", "evidence_content", "evidence_message"]
 
 
 def evidence_content(
@@ -25,7 +25,34 @@ def evidence_content(
     detail: str = "",
     evidence_id: str | None = None,
 ) -> bytes:
-    """Serialised EvidenceContent, ready to sign."""
+    """Serialised EvidenceContent, ready to sign (``evidence_message``, serialised)."""
+    return evidence_message(
+        event,
+        issuer=issuer,
+        shams=shams,
+        envelope_sha256=envelope_sha256,
+        recipient=recipient,
+        now=now,
+        reason=reason,
+        detail=detail,
+        evidence_id=evidence_id,
+    ).SerializeToString(deterministic=True)
+
+
+def evidence_message(
+    event: pb.EvidenceEvent.ValueType,
+    *,
+    issuer: str,
+    shams: pb.Shams | None,
+    envelope_sha256: bytes,
+    recipient: str,
+    now: dt.datetime,
+    reason: str = "",
+    detail: str = "",
+    evidence_id: str | None = None,
+) -> pb.EvidenceContent:
+    """An EvidenceContent with a fresh id unless given; for a caller that needs both the
+    message and its bytes (serialise it deterministically, as ``evidence_content`` does)."""
     content = pb.EvidenceContent(
         evidence_id=evidence_id or uuid7(),
         event=event,
@@ -38,7 +65,7 @@ def evidence_content(
     if shams is not None:
         content.shams.CopyFrom(shams)
     content.event_time.FromDatetime(now)
-    return content.SerializeToString(deterministic=True)
+    return content
 
 
 def event_name(event: int) -> str:

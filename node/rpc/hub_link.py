@@ -168,8 +168,8 @@ class _Session:
         self.receipts_sent: set[str] = set()
         self.receipt_cursor = 0  # rowid of the last receipt row read on this stream
 
-    async def write(self, frame: pb.ConnectRequest) -> None:
-        """Queues a frame for the stream's writer task; returns at once."""
+    def write(self, frame: pb.ConnectRequest) -> None:
+        """Queues a frame for the stream's writer task (``_write_all``)."""
         self.outgoing.put_nowait(frame)
 
     async def _write_all(self) -> None:
@@ -232,9 +232,7 @@ class _Session:
                         cursor = rowid
                     # A full read or a frame cut short by size: more may be waiting.
                     outbox_dirty = len(rows) == batch or len(envelopes) < len(rows)
-                    await self.write(
-                        pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes))
-                    )
+                    self.write(pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes)))
                     sent = True
             if receipts_dirty:
                 receipts_dirty = False
@@ -246,9 +244,7 @@ class _Session:
                     receipts = [e for _, eid, e in pending if eid not in self.receipts_sent]
                     if receipts:
                         self.receipts_sent.update(eid for _, eid, _ in pending)
-                        await self.write(
-                            pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts))
-                        )
+                        self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts)))
                         sent = True
             if not sent:
                 waits = [
@@ -330,7 +326,7 @@ class _Session:
             await self.agency.store.record_sender_evidence(items)
         # Acknowledge what we stored and what can never verify (it would only come back).
         ids = [_evidence_id(e) for e in evidence]
-        await self.write(pb.ConnectRequest(evidence_acks=pb.EvidenceAckBatch(evidence_ids=ids)))
+        self.write(pb.ConnectRequest(evidence_acks=pb.EvidenceAckBatch(evidence_ids=ids)))
 
     async def _deliveries(self, envelopes: Sequence[pb.Envelope]) -> None:
         agency = self.agency
@@ -411,7 +407,7 @@ class _Session:
             await agency.store.store_issued(failures)
             receipts.extend(e for _, e in failures)
         self.receipts_sent.update(_evidence_id(e) for e in receipts)
-        await self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts)))
+        self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts)))
 
 
 def _evidence_id(evidence: pb.Evidence) -> str:
