@@ -134,7 +134,11 @@ def test_counters_and_stage_latencies_match_the_letters_sent(
     deadline = time.monotonic() + 15
     while True:  # the stage histograms follow within metrics_interval_s
         sa = _samples(a)
-        if sa.get('chapar_letter_stage_seconds_count{stage="delivery_to_handover"}') == 3:
+        # Both: the A -> C letter is sent last, so its relay can come after the handovers.
+        if (
+            sa.get('chapar_letter_stage_seconds_count{stage="delivery_to_handover"}') == 3
+            and sa.get('chapar_letter_stage_seconds_count{stage="submit_to_relay"}') == 4
+        ):
             break
         assert time.monotonic() < deadline, sa
         time.sleep(0.2)
