@@ -218,22 +218,28 @@ class HubMonitor(_Common):
     async def refresh(self) -> None:
         now = time.time()
         db = self.hub.store.db
-        m.HUB_CONNECTED_NODES.set(self.hub.connected)
         depths = self.hub.queue_depths()  # counted in memory; a GROUP BY costs 0.1 s at 1M
-        m.HUB_QUEUE_DEPTH.set(sum(depths.values()))
-        row = await db.fetchone("SELECT enqueued_at FROM queue ORDER BY id LIMIT 1")
-        m.HUB_QUEUE_OLDEST_AGE.set(max(0.0, now - float(row[0])) if row else 0.0)
         nonempty = [(agency, depth) for agency, depth in depths.items() if depth > 0]
         top = sorted(nonempty, key=lambda kv: (-kv[1], kv[0]))[: self.top_n]
-        current: set[tuple[str, str]] = set()
-        for rank, (agency, depth) in enumerate(top, start=1):
-            labels = (str(rank), agency)
-            current.add(labels)
-            m.HUB_QUEUE_TOP_DEPTH.labels(*labels).set(depth)
+        # Read first, then set every gauge at once: a scrape between two awaits would see
+        # the new total beside the old top-N.
+        row = await db.fetchone("SELECT enqueued_at FROM queue ORDER BY id LIMIT 1")
+        oldest = max(0.0, now - float(row[0])) if row else 0.0
+        ages: list[float] = []
+        for agency, _ in top:
             row = await db.fetchone(
                 "SELECT enqueued_at FROM queue WHERE recipient = ? ORDER BY id LIMIT 1", (agency,)
             )
-            m.HUB_QUEUE_TOP_AGE.labels(*labels).set(max(0.0, now - float(row[0])) if row else 0.0)
+            ages.append(max(0.0, now - float(row[0])) if row else 0.0)
+        m.HUB_CONNECTED_NODES.set(self.hub.connected)
+        m.HUB_QUEUE_DEPTH.set(sum(depths.values()))
+        m.HUB_QUEUE_OLDEST_AGE.set(oldest)
+        current: set[tuple[str, str]] = set()
+        for rank, ((agency, depth), age) in enumerate(zip(top, ages, strict=True), start=1):
+            labels = (str(rank), agency)
+            current.add(labels)
+            m.HUB_QUEUE_TOP_DEPTH.labels(*labels).set(depth)
+            m.HUB_QUEUE_TOP_AGE.labels(*labels).set(age)
         for labels in self._top - current:  # bounded: only the current N series remain
             m.HUB_QUEUE_TOP_DEPTH.remove(*labels)
             m.HUB_QUEUE_TOP_AGE.remove(*labels)
