@@ -503,15 +503,23 @@ class Agency(pb.NodeServiceServicer):
             return
         mailbox = request.mailbox
         cursor = 0
+        more = True  # a new stream reads at once
+        signal = self._inbox_signal
         closing = asyncio.create_task(self.closing.wait())
         try:
             while not self.closing.is_set():
-                signal = self._inbox_signal
-                rows = await self.store.unacked_inbox(cursor, _INBOX_BATCH, _INBOX_FRAME_BYTES)
-                if not rows:
+                if not more:
+                    # Until a letter is stored after the last read began (its signal is the
+                    # one taken before that read, so none is missed).
                     changed = asyncio.create_task(signal.wait())
                     await asyncio.wait({changed, closing}, return_when=asyncio.FIRST_COMPLETED)
                     changed.cancel()
+                    more = True
+                    continue
+                signal = self._inbox_signal
+                rows = await self.store.unacked_inbox(cursor, _INBOX_BATCH, _INBOX_FRAME_BYTES)
+                more = rows.more
+                if not rows:
                     continue
                 cursor = rows[-1][0]
                 letters = []

@@ -663,7 +663,7 @@ class Hub(pb.HubServiceServicer):
                 self._wake(sender, notices=True)
             if dequeued:
                 self._count(agency, -dequeued)
-        session.queue_dirty = True  # room in its delivery window
+        # Room in its delivery window: a read the window cut short left queue_dirty set.
         session.wake.set()
         return ids
 
@@ -698,7 +698,9 @@ class Hub(pb.HubServiceServicer):
                 session.queue_dirty = False
                 limit = min(room, _PUSH_BATCH)
                 rows = await self.store.queued(session.agency, last_queue, limit, _PUSH_FRAME_BYTES)
-                session.queue_dirty |= bool(rows)  # a full or size-cut frame: there may be more
+                # A frame cut by the window, the batch or its size: read on at once. A letter
+                # stored meanwhile set queue_dirty itself.
+                session.queue_dirty |= rows.more
                 if rows:
                     last_queue = rows[-1][0]
                     session.inflight.update(r[1] for r in rows)

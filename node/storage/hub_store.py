@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from client_sdk import pb
 from node.core import lifecycle
-from node.storage.db import Store, advance_state, advance_states, existing, fits, rows_in
+from node.storage.db import Page, Store, advance_state, advance_states, existing, fits, rows_in
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
 
@@ -199,10 +199,11 @@ class HubStore(Store):
 
     async def queued(
         self, recipient: str, after: int, limit: int, max_bytes: int
-    ) -> list[tuple[int, str, bytes]]:
+    ) -> Page[tuple[int, str, bytes]]:
         """(queue id, shams, envelope) waiting for ``recipient``, in arrival order: at most
-        ``limit`` letters and ``max_bytes`` of envelopes (but always one). The sizes are
-        read first, so large letters are never all loaded at once."""
+        ``limit`` letters and ``max_bytes`` of envelopes (but always one); ``more`` if the
+        read stopped at either limit. The sizes are read first, so large letters are never
+        all loaded at once."""
         waiting = (
             "FROM queue q JOIN envelopes e ON e.shams = q.shams "
             "WHERE q.recipient = ? AND q.id > ? AND (q.expire_at IS NULL OR q.expire_at > ?) "
@@ -214,12 +215,15 @@ class HubStore(Store):
         )
         count = fits([int(r[1]) for r in sizes], max_bytes)
         if not count:
-            return []
+            return Page([], more=False)
         rows = await self.db.fetchall(
             f"SELECT q.id, q.shams, e.envelope {waiting} AND q.id <= ? ORDER BY q.id LIMIT ?",
             (recipient, after, now, int(sizes[count - 1][0]), count),
         )
-        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+        return Page(
+            [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows],
+            more=len(sizes) == limit or count < len(sizes),
+        )
 
     async def depths(self) -> dict[str, int]:
         """Queue depth per recipient (read once at start; the hub counts from there)."""

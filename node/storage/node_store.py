@@ -21,7 +21,7 @@ from typing import TypeVar
 from client_sdk import pb
 from node.core import lifecycle
 from node.core.errors import letter_not_found
-from node.storage.db import Database, Job, Store, advance_states, existing, fits, rows_in
+from node.storage.db import Database, Job, Page, Store, advance_states, existing, fits, rows_in
 
 __all__ = ["MIGRATIONS", "EvidenceListener", "NewLetter", "NodeStore", "StoredLetter"]
 
@@ -382,10 +382,11 @@ class NodeStore(Store):
 
     async def unacked_inbox(
         self, after: int, limit: int, max_bytes: int
-    ) -> list[tuple[int, str, str, bytes, bytes, float]]:
+    ) -> Page[tuple[int, str, str, bytes, bytes, float]]:
         """(rowid, shams, mailboxes, envelope, delivery evidence, received_at), oldest first:
-        at most ``limit`` letters and ``max_bytes`` of envelopes and bodies (but always one).
-        The sizes are read first, so large letters are never all loaded at once."""
+        at most ``limit`` letters and ``max_bytes`` of envelopes and bodies (but always one);
+        ``more`` if the read stopped at either limit. The sizes are read first, so large
+        letters are never all loaded at once."""
         unacked = (
             "FROM inbox i LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams "
             "WHERE i.handover IS NULL AND i.rowid > ? "
@@ -397,16 +398,19 @@ class NodeStore(Store):
         )
         count = fits([int(r[1]) for r in sizes], max_bytes)
         if not count:
-            return []
+            return Page([], more=False)
         rows = await self.db.fetchall(
             "SELECT i.rowid, i.shams, i.mailboxes, i.envelope, i.delivery, i.received_at, b.body "
             f"{unacked} AND i.rowid <= ? ORDER BY i.rowid LIMIT ?",
             (after, int(sizes[count - 1][0]), count),
         )
-        return [
-            (int(r[0]), str(r[1]), str(r[2]), _with_body(r[3], r[6]), bytes(r[4]), float(r[5]))
-            for r in rows
-        ]
+        return Page(
+            [
+                (int(r[0]), str(r[1]), str(r[2]), _with_body(r[3], r[6]), bytes(r[4]), float(r[5]))
+                for r in rows
+            ],
+            more=len(sizes) == limit or count < len(sizes),
+        )
 
     async def record_handovers(self, items: Sequence[tuple[str, pb.Evidence]]) -> list[pb.Evidence]:
         """Stores HANDOVER evidence (shams, evidence) for received letters, once each.

@@ -172,6 +172,31 @@ async def test_offline_recipient_gets_every_letter_in_submission_order_after_rec
         )
 
 
+async def test_a_backlog_larger_than_the_delivery_window_drains_as_receipts_free_room(
+    tmp_path: Path,
+) -> None:
+    """With 5 letters in flight at most, the hub reads the rest of the queue only when the
+    recipient's receipts free room: the read the window cut short must be taken up again."""
+    async with started(tmp_path, hub_settings="delivery_window = 5") as cluster:
+        await asyncio.to_thread(cluster.nodes[B].terminate)
+        receipts = await send_all(cluster, drafts(60))
+        await eventually(
+            lambda: count(cluster, "hub", "SELECT count(*) FROM queue") == 60, what="queued"
+        )
+        cluster.nodes[B].start()
+        await cluster.nodes[B].wait_ready()
+        await eventually(
+            lambda: count(cluster, f"node-{B}", "SELECT count(*) FROM inbox") == 60,
+            timeout=30,
+            what="delivery through a window of 5",
+        )
+        arrived = {str(r[0]) for r in query(cluster, f"node-{B}", "SELECT shams FROM inbox")}
+        assert arrived == {r.shams for r in receipts.values()}
+        await eventually(
+            lambda: count(cluster, "hub", "SELECT count(*) FROM queue") == 0, what="dequeue"
+        )
+
+
 async def test_a_backlog_of_the_largest_letters_reaches_the_back_end_in_frames_it_accepts(
     tmp_path: Path,
 ) -> None:

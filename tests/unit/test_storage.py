@@ -929,10 +929,16 @@ async def test_hub_queue_reads_stop_at_the_byte_limit_and_go_on_from_there(
     size = len(letters[0].envelope)
     first = await hub.queued(RECIPIENT_B, 0, 10, 2 * size)
     assert [s for _, s, _ in first] == [lt.shams for lt in letters[:2]]
+    assert first.more  # cut by size: the pusher reads on at once
     rest = await hub.queued(RECIPIENT_B, first[-1][0], 10, 1)  # below one letter: one
     assert [s for _, s, _ in rest] == [letters[2].shams]
+    assert rest.more
     tail = await hub.queued(RECIPIENT_B, rest[-1][0], 10, 100 * size)
     assert [env for _, _, env in tail] == [lt.envelope for lt in letters[3:]]
+    assert not tail.more  # all there was: the pusher waits for a signal
+    cut = await hub.queued(RECIPIENT_B, 0, 5, 100 * size)
+    assert len(cut) == 5
+    assert cut.more  # cut by the count: there may be more
 
 
 async def test_inbox_reads_stop_at_the_byte_limit_counting_bodies(store: NodeStore) -> None:
@@ -942,5 +948,8 @@ async def test_inbox_reads_stop_at_the_byte_limit_counting_bodies(store: NodeSto
     rows = await store.unacked_inbox(0, 10, 3 * one)
     assert [r[1] for r in rows] == [lt[0] for lt in letters[:3]]
     assert [r[3] for r in rows] == [lt[3].SerializeToString() for lt in letters[:3]]
+    assert rows.more
     rest = await store.unacked_inbox(rows[-1][0], 10, 0)
     assert [r[1] for r in rest] == [letters[3][0]]
+    assert not rest.more
+    assert (await store.unacked_inbox(0, 4, 100 * one)).more  # cut by the count
