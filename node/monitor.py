@@ -18,6 +18,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,9 @@ class NodeMonitor(_Common):
         self.agency = agency
         self._prefix = config.agency + "/"
         # (shams, event, recipient) -> signed event time, of this node's recent letters.
-        self._times: dict[tuple[str, int, str], float] = {}
+        # Insertion-ordered for eviction: a plain dict popped from the front with
+        # next(iter(...)) scans the deleted slots before it, 39 us an event at 100,000.
+        self._times: OrderedDict[tuple[str, int, str], float] = OrderedDict()
         # Stage events whose earlier event was not in memory: the next refresh reads it.
         self._waiting: list[tuple[str, pb.EvidenceContent]] = []
         # Histograms cover this process's lifetime, from the evidence it stores; history
@@ -175,7 +178,7 @@ class NodeMonitor(_Common):
         key = (shams, content.event, content.recipient)
         self._times[key] = seconds_of(content.event_time)
         while len(self._times) > _MAX_REMEMBERED:  # bounded: the oldest go first
-            self._times.pop(next(iter(self._times)))
+            self._times.popitem(last=False)
 
     def _anchor(self, shams: str, content: pb.EvidenceContent) -> float | None:
         event = _STAGES[content.event][0]

@@ -172,6 +172,28 @@ async def test_stage_whose_earlier_event_is_stored_later_is_observed_at_refresh(
     assert _delta(before) == {"relay_to_delivery": (1, 2.0)}
 
 
+async def test_remembered_event_times_are_bounded_and_the_oldest_go_first(
+    store: NodeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("node.monitor._MAX_REMEMBERED", 3)
+    monitor = _monitor(store, tmp_path / "node.db")
+    await _store(
+        store, [(ME, i, E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE, "", float(i)) for i in range(1, 6)]
+    )
+    assert [shams for shams, _, _ in monitor._times] == [f"{ME}/O/2026/{i}" for i in (3, 4, 5)]
+    before = _counts()
+    await _store(
+        store,
+        [
+            (ME, 5, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, "X.Y", 5.5),  # its anchor is remembered
+            (ME, 1, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, "X.Y", 1.5),  # forgotten: read at refresh
+        ],
+    )
+    assert _delta(before) == {"submit_to_relay": (1, 0.5)}
+    await monitor._observe_waiting()
+    assert _delta(before) == {"submit_to_relay": (2, 1.0)}
+
+
 def test_store_bytes_counts_database_wal_and_shm(tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     assert store_bytes(db) == 0
