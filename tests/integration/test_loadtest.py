@@ -10,11 +10,12 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from loadtest.harness import Params, _Stats, _windows, run
+from loadtest.harness import Params, _Pacer, _Stats, _windows, run
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +119,16 @@ def test_windows_show_the_delivery_rate_of_the_sending_period_and_its_drift() ->
     long = _windows(stats, set(stats.delivered), start=1000.0, sent_done=1130.0)
     assert long["window_s"] == 60.0
     assert long["delivered_lps"] == [25.0, 0.0]
+
+
+async def test_a_late_sender_keeps_the_schedule_so_its_lateness_counts_in_latency() -> None:
+    pacer = _Pacer(100.0)  # a slot every 10 ms
+    first = await pacer.wait()
+    await asyncio.sleep(0.05)  # the exchange held the sender back for five slots
+    late = [await pacer.wait() for _ in range(5)]
+    # No slot skipped: the late letters keep their due times (in the past), and go at once.
+    assert late == pytest.approx([first + 0.01 * k for k in range(1, 6)])
+    assert all(slot < time.perf_counter() for slot in late)
+    flat_out = _Pacer(0.0)
+    before = time.perf_counter()
+    assert before <= await flat_out.wait() <= time.perf_counter()
