@@ -42,7 +42,7 @@ from node.metrics import (
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
 from node.storage.hub_store import HubStore, IncomingLetter
-from node.tasks import drain, every, handle_concurrently
+from node.tasks import Cadence, drain, every, handle_concurrently
 
 __all__ = ["Hub", "build_directory"]
 
@@ -58,6 +58,9 @@ _PUSH_BATCH = 256
 _PUSH_FRAME_BYTES = 8 * 1024 * 1024
 # Frames of one stream handled at once (their store jobs share commits).
 _FRAMES_IN_FLIGHT = 8
+# Evidence for a letter's sender (DELIVERY, HANDOVER, ...) goes at most this often per
+# stream: a node's tracking sees it at most this much later, in fuller frames.
+_NOTICE_INTERVAL_S = 0.05
 
 
 def build_directory(
@@ -116,6 +119,10 @@ class _Session:
     status_sent: int = -1
     directory_sent: int = 0
     serial: int = 0
+    notice_cadence: Cadence = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.notice_cadence = Cadence(_NOTICE_INTERVAL_S, self.wake.set)
 
 
 class Hub(pb.HubServiceServicer):
@@ -420,6 +427,7 @@ class Hub(pb.HubServiceServicer):
         finally:
             for pending in (reader, pusher, writer, closed):
                 pending.cancel()
+            session.notice_cadence.close()
             if self._sessions.get(agency) is session:
                 del self._sessions[agency]
             HUB_CONNECTED_NODES.set(len(self._sessions))
@@ -708,7 +716,7 @@ class Hub(pb.HubServiceServicer):
                     await session.out.put(pb.ConnectResponse(deliveries=batch))
                     sent = True
             notices = []
-            if session.notices_dirty:
+            if session.notices_dirty and session.notice_cadence.ready():
                 session.notices_dirty = False
                 notices = await self.store.notices(session.agency, last_notice, _PUSH_BATCH)
                 session.notices_dirty |= len(notices) == _PUSH_BATCH
@@ -716,6 +724,8 @@ class Hub(pb.HubServiceServicer):
                 last_notice = notices[-1][0]
                 batch2 = pb.EvidenceBatch(evidence=[pb.Evidence.FromString(n[1]) for n in notices])
                 await session.out.put(pb.ConnectResponse(evidence=batch2))
+                if not session.notices_dirty:  # a full frame's rest goes at once
+                    session.notice_cadence.sent()
                 sent = True
             if not sent:
                 await session.wake.wait()

@@ -28,7 +28,7 @@ from node.agency import Agency
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
 from node.metrics import DELIVERED, DELIVERY_FAILED, RECONNECTS, count_verification_failure
-from node.tasks import handle_concurrently
+from node.tasks import Cadence, handle_concurrently
 
 if TYPE_CHECKING:
     from node.document_store import DocumentStore
@@ -43,6 +43,12 @@ _RECEIPT_BATCH = 256
 _FRAMES_IN_FLIGHT = 8
 # Frames our own sender may have queued before it waits for the writer to catch up.
 _QUEUED_FRAMES = 8
+# Receipts (DELIVERY, HANDOVER, ...) go to the hub at most this often: at moderate rates
+# in fuller frames, each also a transaction and an acknowledgement less; the letters'
+# senders see their evidence at most this much later.
+_RECEIPT_INTERVAL_S = 0.05
+# Receipts in one frame at most.
+_RECEIPT_FRAME = 1024
 
 
 class HubLink:
@@ -167,6 +173,9 @@ class _Session:
         self.relaying: dict[bytes, str] = {}  # envelope digest -> shams, sent and not answered
         self.receipts_sent: set[str] = set()
         self.receipt_cursor = 0  # rowid of the last receipt row read on this stream
+        # DELIVERY evidence of letters just stored, waiting for the receipt cadence.
+        self.pending_receipts: list[pb.Evidence] = []
+        self.receipt_cadence = Cadence(_RECEIPT_INTERVAL_S, self._wake)
 
     def write(self, frame: pb.ConnectRequest) -> None:
         """Queues a frame for the stream's writer task (``_write_all``)."""
@@ -191,6 +200,7 @@ class _Session:
         finally:
             for task in tasks:
                 task.cancel()
+            self.receipt_cadence.close()
             self.call.cancel()
 
     def _wake(self) -> None:
@@ -234,18 +244,24 @@ class _Session:
                     outbox_dirty = len(rows) == batch or len(envelopes) < len(rows)
                     self.write(pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes)))
                     sent = True
-            if receipts_dirty:
-                receipts_dirty = False
-                pending = await agency.store.receipts_after(self.receipt_cursor, _RECEIPT_BATCH)
-                receipts_dirty = len(pending) == _RECEIPT_BATCH
-                if pending:
-                    self.receipt_cursor = pending[-1][0]
-                    # Receipts already sent straight after storing deliveries are skipped.
-                    receipts = [e for _, eid, e in pending if eid not in self.receipts_sent]
-                    if receipts:
+            if (receipts_dirty or self.pending_receipts) and self.receipt_cadence.ready():
+                receipts, self.pending_receipts = self.pending_receipts, []
+                if receipts_dirty:
+                    receipts_dirty = False
+                    pending = await agency.store.receipts_after(self.receipt_cursor, _RECEIPT_BATCH)
+                    receipts_dirty = len(pending) == _RECEIPT_BATCH
+                    if pending:
+                        self.receipt_cursor = pending[-1][0]
+                        # Those of deliveries just stored are in pending_receipts already.
+                        receipts += [e for _, eid, e in pending if eid not in self.receipts_sent]
                         self.receipts_sent.update(eid for _, eid, _ in pending)
-                        self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts)))
-                        sent = True
+                for start in range(0, len(receipts), _RECEIPT_FRAME):
+                    chunk = receipts[start : start + _RECEIPT_FRAME]
+                    self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=chunk)))
+                if receipts:
+                    sent = True
+                    if not receipts_dirty:  # a full read's rest goes at once
+                        self.receipt_cadence.sent()
             if not sent:
                 waits = [
                     asyncio.create_task(ev.wait())
@@ -407,7 +423,8 @@ class _Session:
             await agency.store.store_issued(failures)
             receipts.extend(e for _, e in failures)
         self.receipts_sent.update(_evidence_id(e) for e in receipts)
-        self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=receipts)))
+        self.pending_receipts.extend(receipts)  # sent by _send, at the receipt cadence
+        self._wake()
 
 
 def _evidence_id(evidence: pb.Evidence) -> str:
