@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from client_sdk import Draft, ExchangeClient
+from client_sdk import Draft, ExchangeClient, Letter
 from loadtest.harness import proc_stats
 from node.cluster import Cluster
 
@@ -51,12 +51,20 @@ async def measure(
             ExchangeClient(cluster.nodes[A].address, cluster.credentials(A)) as a,
             ExchangeClient(cluster.nodes[B].address, cluster.credentials(B)) as b,
         ):
+            acks: set[asyncio.Task[None]] = set()
+
+            async def ack(letter: Letter) -> None:
+                nonlocal handed_over
+                await letter.ack()
+                handed_over += 1
 
             async def read_and_ack() -> None:
-                nonlocal handed_over
+                # Acknowledged concurrently, as a back-end keeping up would: the SDK gathers
+                # the acknowledgements of a frame into one call.
                 async for letter in b.inbox():
-                    await letter.ack()
-                    handed_over += 1
+                    task = asyncio.create_task(ack(letter))
+                    acks.add(task)
+                    task.add_done_callback(acks.discard)
 
             reader = asyncio.create_task(read_and_ack())
             await a.send(to=[B], subject="warm-up", body="x" * 1500)
