@@ -156,7 +156,7 @@ class Database:
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         """All rows of a query, in one trip to the reader's thread (executing, fetching and
         closing a cursor as three awaits cost three, each a thread wake-up and an event-loop
-        turn: at a few letters a second, most of a server's CPU)."""
+        turn, which is what a letter travelling alone mostly costs)."""
         assert self._reader is not None
         return list(await self._reader.execute_fetchall(sql, params))
 
