@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,3 +38,14 @@ def db_count(path: Path, sql: str, params: tuple[object, ...] = ()) -> int:
         return int(conn.execute(sql, params).fetchone()[0])
     finally:
         conn.close()
+
+
+def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Runs ``python -m module args`` as a user would, capturing its text output."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -8,11 +8,11 @@ inbox once, verified, with DELIVERY evidence, and the hub's queue ends empty.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_module
 
 pytestmark = pytest.mark.integration
 
@@ -21,26 +21,10 @@ N = 2000
 
 def test_a_prefilled_backlog_drains_exactly_once_with_a_small_hub(tmp_path: Path) -> None:
     out = tmp_path / "backlog.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.backlog",
-            "--letters",
-            str(N),
-            "--idle-seconds",
-            "1",
-            "--window-seconds",
-            "2",
-            "--workdir",
-            str(tmp_path / "cluster"),
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run_module(
+        "loadtest.backlog",
+        *("--letters", str(N), "--idle-seconds", "1", "--window-seconds", "2"),
+        *("--workdir", str(tmp_path / "cluster"), "--json", str(out)),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())

@@ -7,36 +7,20 @@ process's share is reported, and two sizes give a fit of a fixed and a per-lette
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_module
 
 pytestmark = pytest.mark.integration
 
 
 def test_each_batch_is_handed_over_and_each_process_is_counted(tmp_path: Path) -> None:
     out = tmp_path / "cost.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.batch_cost",
-            "--sizes",
-            "1",
-            "4",
-            "--batches",
-            "3",
-            "--pause-seconds",
-            "0.1",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run_module(
+        "loadtest.batch_cost",
+        *("--sizes", "1", "4", "--batches", "3", "--pause-seconds", "0.1", "--json", str(out)),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
@@ -51,12 +35,6 @@ def test_each_batch_is_handed_over_and_each_process_is_counted(tmp_path: Path) -
 
 
 def test_sizes_out_of_range_are_refused() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.batch_cost", "--sizes", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_module("loadtest.batch_cost", "--sizes", "0", timeout=60)
     assert result.returncode == 2
     assert "sizes must be" in result.stderr

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from loadtest.harness import Params, _Pacer, _Stats, _windows, run
+from tests.conftest import run_module
 
 pytestmark = pytest.mark.integration
 
@@ -59,29 +58,11 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
 
 def test_cli_run_with_a_hub_crash_loses_nothing_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node",
-            "loadtest",
-            "--letters",
-            "900",
-            "--senders",
-            "2",
-            "--rate",
-            "300",
-            "--fault",
-            "kill-hub@1.5s",
-            "--baseline-seconds",
-            "0",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_module(
+        "node",
+        *("loadtest", "--letters", "900", "--senders", "2", "--rate", "300"),
+        *("--fault", "kill-hub@1.5s", "--baseline-seconds", "0", "--json", str(out)),
         timeout=240,
-        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
@@ -93,13 +74,7 @@ def test_cli_run_with_a_hub_crash_loses_nothing_and_writes_json(tmp_path: Path) 
 
 
 def test_cli_refuses_a_malformed_fault_spec() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "node", "loadtest", "--fault", "explode-hub@1s"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_module("node", "loadtest", "--fault", "explode-hub@1s", timeout=60)
     assert result.returncode == 2
     assert "bad fault" in result.stderr
 
