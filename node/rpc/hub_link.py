@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from client_sdk import pb
 from client_sdk.shams import format_shams
@@ -340,8 +341,12 @@ class _Session:
         items = [(e, c, format_shams(c.shams)) for e, c in verified if c.HasField("shams")]
         if items:
             await self.agency.store.record_sender_evidence(items)
-        # Acknowledge what we stored and what can never verify (it would only come back).
-        ids = [_evidence_id(e) for e in evidence]
+        # Acknowledge what we stored and what can never verify (it would only come back);
+        # content too malformed to name its id cannot be acknowledged, but must not stop
+        # the stream either.
+        stored = {id(e) for e, _ in verified}
+        ids = [c.evidence_id for _, c in verified]
+        ids += [i for e in evidence if id(e) not in stored and (i := _quoted_evidence_id(e))]
         self.write(pb.ConnectRequest(evidence_acks=pb.EvidenceAckBatch(evidence_ids=ids)))
 
     async def _deliveries(self, envelopes: Sequence[pb.Envelope]) -> None:
@@ -429,3 +434,11 @@ class _Session:
 
 def _evidence_id(evidence: pb.Evidence) -> str:
     return pb.EvidenceContent.FromString(evidence.content).evidence_id
+
+
+def _quoted_evidence_id(evidence: pb.Evidence) -> str:
+    """The id an evidence that did not verify claims, or "" if its content is malformed."""
+    try:
+        return _evidence_id(evidence)
+    except DecodeError:
+        return ""

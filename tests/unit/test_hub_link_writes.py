@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+from google.protobuf.message import DecodeError
+
 from client_sdk import pb
+from client_sdk.trust import VerificationError
 from node.rpc.hub_link import _Session
 
 
@@ -49,3 +52,44 @@ async def test_writes_return_at_once_while_the_stream_cannot_take_them_and_keep_
         assert [f.evidence_acks.evidence_ids[0] for f in waiting] == ["e1", "e2", "e3", "e4"]
     finally:
         writer.cancel()
+
+
+class _Trust:
+    """Verifies evidence whose issuer is "good"; the rest fails as a real store would."""
+
+    def verify_evidence(self, evidence: pb.Evidence) -> pb.EvidenceContent:
+        try:
+            content = pb.EvidenceContent.FromString(evidence.content)
+        except DecodeError as exc:
+            raise VerificationError("EVIDENCE_MALFORMED", "malformed") from exc
+        if content.issuer != "good":
+            raise VerificationError("SIGNATURE_INVALID", "does not verify")
+        return content
+
+
+def _evidence(evidence_id: str, issuer: str) -> pb.Evidence:
+    content = pb.EvidenceContent(evidence_id=evidence_id, issuer=issuer)
+    content.shams.origin = "SENDER.A"
+    content.shams.year = 2026
+    content.shams.domain = pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING
+    content.shams.sequence = 1
+    return pb.Evidence(content=content.SerializeToString())
+
+
+async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_not_stop_the_stream() -> (
+    None
+):
+    stored: list[str] = []
+
+    async def record(items: list[tuple[pb.Evidence, pb.EvidenceContent, str]]) -> None:
+        stored.extend(c.evidence_id for _, c, _ in items)
+
+    agency = SimpleNamespace(trust=_Trust(), store=SimpleNamespace(record_sender_evidence=record))
+    link = SimpleNamespace(agency=agency, _wake=asyncio.Event(), _stopping=False)
+    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+    garbage = pb.Evidence(content=b"\xff\xff\xff")
+    await session._evidence([_evidence("e1", "good"), _evidence("e2", "forger"), garbage])
+    assert stored == ["e1"]
+    (frame,) = [session.outgoing.get_nowait() for _ in range(session.outgoing.qsize())]
+    # The stored one and the one that can never verify; the unnamed one cannot be.
+    assert sorted(frame.evidence_acks.evidence_ids) == ["e1", "e2"]
