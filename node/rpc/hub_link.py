@@ -312,11 +312,14 @@ class _Session:
 
     def _verify(
         self, evidence: Sequence[pb.Evidence]
-    ) -> list[tuple[pb.Evidence, pb.EvidenceContent]]:
+    ) -> list[tuple[pb.Evidence, pb.EvidenceContent, str]]:
+        """The evidence that verifies, with its content and its SHAMS number as text ("" if
+        it names none); the rest is counted and logged."""
         out = []
         for item in evidence:
             try:
-                out.append((item, self.agency.trust.verify_evidence(item)))
+                content = self.agency.trust.verify_evidence(item)
+                out.append((item, content, _shams_text(content)))
             except VerificationError as exc:
                 count_verification_failure("evidence", exc.reason)
                 log.error("evidence from the hub does not verify (%s): %s", exc.reason, exc)
@@ -324,10 +327,8 @@ class _Session:
 
     async def _relay_results(self, evidence: Sequence[pb.Evidence]) -> None:
         items = []
-        for item, content in self._verify(evidence):
-            shams = self.relaying.pop(content.envelope_sha256, None)
-            if shams is None:
-                shams = format_shams(content.shams) if content.HasField("shams") else ""
+        for item, content, text in self._verify(evidence):
+            shams = self.relaying.pop(content.envelope_sha256, None) or text
             if not shams:
                 continue
             if content.event == E.EVIDENCE_EVENT_RELAY_REJECTION:
@@ -338,14 +339,14 @@ class _Session:
 
     async def _evidence(self, evidence: Sequence[pb.Evidence]) -> None:
         verified = self._verify(evidence)
-        items = [(e, c, format_shams(c.shams)) for e, c in verified if c.HasField("shams")]
+        items = [(e, c, shams) for e, c, shams in verified if shams]
         if items:
             await self.agency.store.record_sender_evidence(items)
         # Acknowledge what we stored and what can never verify (it would only come back);
         # content too malformed to name its id cannot be acknowledged, but must not stop
         # the stream either.
-        stored = {id(e) for e, _ in verified}
-        ids = [c.evidence_id for _, c in verified]
+        stored = {id(e) for e, _, _ in verified}
+        ids = [c.evidence_id for _, c, _ in verified]
         ids += [i for e in evidence if id(e) not in stored and (i := _quoted_evidence_id(e))]
         self.write(pb.ConnectRequest(evidence_acks=pb.EvidenceAckBatch(evidence_ids=ids)))
 
@@ -434,6 +435,17 @@ class _Session:
 
 def _evidence_id(evidence: pb.Evidence) -> str:
     return pb.EvidenceContent.FromString(evidence.content).evidence_id
+
+
+def _shams_text(content: pb.EvidenceContent) -> str:
+    """The number an evidence is about, as text; "" if it names none. A signed evidence
+    with an invalid number does not verify (it would otherwise stop the stream)."""
+    if not content.HasField("shams"):
+        return ""
+    try:
+        return format_shams(content.shams)
+    except ValueError as exc:
+        raise VerificationError("INVALID_SHAMS", str(exc)) from exc
 
 
 def _quoted_evidence_id(evidence: pb.Evidence) -> str:

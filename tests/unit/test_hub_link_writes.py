@@ -88,8 +88,14 @@ async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_no
     link = SimpleNamespace(agency=agency, _wake=asyncio.Event(), _stopping=False)
     session = _Session(link, _StuckCall())  # type: ignore[arg-type]
     garbage = pb.Evidence(content=b"\xff\xff\xff")
-    await session._evidence([_evidence("e1", "good"), _evidence("e2", "forger"), garbage])
+    bad_number = _evidence("e3", "good")  # signed, but about no valid SHAMS number
+    content = pb.EvidenceContent.FromString(bad_number.content)
+    content.shams.domain = 0
+    bad_number.content = content.SerializeToString()
+    await session._evidence(
+        [_evidence("e1", "good"), _evidence("e2", "forger"), garbage, bad_number]
+    )
     assert stored == ["e1"]
     (frame,) = [session.outgoing.get_nowait() for _ in range(session.outgoing.qsize())]
-    # The stored one and the one that can never verify; the unnamed one cannot be.
-    assert sorted(frame.evidence_acks.evidence_ids) == ["e1", "e2"]
+    # The stored one and those that can never verify; the unnamed one cannot be.
+    assert sorted(frame.evidence_acks.evidence_ids) == ["e1", "e2", "e3"]
