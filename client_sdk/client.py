@@ -502,15 +502,17 @@ class ExchangeClient:
         *,
         timeout: float | None = None,
     ) -> list[Receipt | ChaparError]:
-        """Submits many letters with BatchSubmitEnvelopes, at most 256 per call.
+        """Submits many letters with BatchSubmitEnvelopes: calls of at most 256 letters and
+        ``STREAM_FRAME_BYTES`` of bodies (one letter always goes), under what a node takes.
 
         Returns one receipt or error per letter, in order. A failure of a whole call
         raises; letters of earlier calls were accepted, and submitting the same drafts
         again returns their receipts.
         """
         results: list[Receipt | ChaparError] = []
-        for start in range(0, len(letters), MAX_BATCH_SIZE):
-            requests = [d.to_request() for d in letters[start : start + MAX_BATCH_SIZE]]
+        calls = _SyncFeed(letters, MAX_BATCH_SIZE)
+        while batch := await calls.next_batch():
+            requests = [d.to_request() for d in batch]
             with _translated():
                 response: pb.BatchSubmitEnvelopesResponse = await self._stub.BatchSubmitEnvelopes(
                     pb.BatchSubmitEnvelopesRequest(requests=requests),

@@ -372,3 +372,15 @@ async def test_concurrent_submissions_are_signed_together_and_each_caller_gets_i
     assert len(signatures) < len(subjects)  # some were signed together
     for tracking in trackings:
         tracking.verify(cluster.credentials(AGENCY_A).trust_store())
+
+
+async def test_send_many_splits_calls_by_size_so_large_letters_all_go(cluster: Cluster) -> None:
+    """Six letters of 3 MiB: 18 MiB, more than a node takes in one call (16 MiB)."""
+    drafts = [
+        Draft(to=[AGENCY_C], subject=f"large {i}", body=bytes([i]) * (3 * 1024 * 1024))
+        for i in range(6)
+    ]
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        results = await a.send_many(drafts, timeout=60)
+    assert all(isinstance(r, Receipt) for r in results), results
+    assert len({r.shams for r in results if isinstance(r, Receipt)}) == 6
