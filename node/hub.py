@@ -42,7 +42,7 @@ from node.metrics import (
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
 from node.storage.hub_store import HubStore, IncomingLetter
-from node.tasks import Cadence, drain, every, handle_concurrently
+from node.tasks import BOOKKEEPING_INTERVAL_S, Cadence, drain, every, handle_concurrently
 
 __all__ = ["Hub", "build_directory"]
 
@@ -58,9 +58,6 @@ _PUSH_BATCH = 256
 _PUSH_FRAME_BYTES = 8 * 1024 * 1024
 # Frames of one stream handled at once (their store jobs share commits).
 _FRAMES_IN_FLIGHT = 8
-# Evidence for a letter's sender (DELIVERY, HANDOVER, ...) goes at most this often per
-# stream: a node's tracking sees it at most this much later, in fuller frames.
-_NOTICE_INTERVAL_S = 0.05
 
 
 def build_directory(
@@ -122,7 +119,7 @@ class _Session:
     notice_cadence: Cadence = field(init=False)
 
     def __post_init__(self) -> None:
-        self.notice_cadence = Cadence(_NOTICE_INTERVAL_S, self.wake.set)
+        self.notice_cadence = Cadence(BOOKKEEPING_INTERVAL_S, self.wake.set)
 
 
 class Hub(pb.HubServiceServicer):

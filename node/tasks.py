@@ -7,11 +7,16 @@ import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["Cadence", "drain", "every", "handle_concurrently"]
+__all__ = ["BOOKKEEPING_INTERVAL_S", "Cadence", "drain", "every", "handle_concurrently"]
 
 T = TypeVar("T")
 
 log = logging.getLogger("chapar.tasks")
+
+
+# How often bookkeeping frames may go on one hub stream (evidence for a letter's sender,
+# a recipient's receipts): their readers see them at most this much later.
+BOOKKEEPING_INTERVAL_S = 0.05
 
 
 class Cadence:

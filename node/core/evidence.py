@@ -6,37 +6,15 @@ Only the content is built here; signing happens in the shell with the issuer's k
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
+from typing import ParamSpec
 
 from client_sdk import pb
 from client_sdk.ids import uuid7
 
 __all__ = ["event_name", "evidence_content", "evidence_message"]
 
-
-def evidence_content(
-    event: pb.EvidenceEvent.ValueType,
-    *,
-    issuer: str,
-    shams: pb.Shams | None,
-    envelope_sha256: bytes,
-    recipient: str,
-    now: dt.datetime,
-    reason: str = "",
-    detail: str = "",
-    evidence_id: str | None = None,
-) -> bytes:
-    """Serialised EvidenceContent, ready to sign (``evidence_message``, serialised)."""
-    return evidence_message(
-        event,
-        issuer=issuer,
-        shams=shams,
-        envelope_sha256=envelope_sha256,
-        recipient=recipient,
-        now=now,
-        reason=reason,
-        detail=detail,
-        evidence_id=evidence_id,
-    ).SerializeToString(deterministic=True)
+P = ParamSpec("P")
 
 
 def evidence_message(
@@ -51,8 +29,8 @@ def evidence_message(
     detail: str = "",
     evidence_id: str | None = None,
 ) -> pb.EvidenceContent:
-    """An EvidenceContent with a fresh id unless given; for a caller that needs both the
-    message and its bytes (serialise it deterministically, as ``evidence_content`` does)."""
+    """An EvidenceContent with a fresh id unless given (``evidence_content`` gives its
+    bytes, serialised deterministically, ready to sign)."""
     content = pb.EvidenceContent(
         evidence_id=evidence_id or uuid7(),
         event=event,
@@ -66,6 +44,17 @@ def evidence_message(
         content.shams.CopyFrom(shams)
     content.event_time.FromDatetime(now)
     return content
+
+
+def _serialised(build: Callable[P, pb.EvidenceContent]) -> Callable[P, bytes]:
+    def serialised(*args: P.args, **kwargs: P.kwargs) -> bytes:
+        return build(*args, **kwargs).SerializeToString(deterministic=True)
+
+    return serialised
+
+
+# Serialised EvidenceContent, ready to sign: ``evidence_message``'s bytes, same arguments.
+evidence_content = _serialised(evidence_message)
 
 
 def event_name(event: int) -> str:

@@ -29,7 +29,7 @@ from node.agency import Agency
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
 from node.metrics import DELIVERED, DELIVERY_FAILED, RECONNECTS, count_verification_failure
-from node.tasks import Cadence, handle_concurrently
+from node.tasks import BOOKKEEPING_INTERVAL_S, Cadence, handle_concurrently
 
 if TYPE_CHECKING:
     from node.document_store import DocumentStore
@@ -44,10 +44,6 @@ _RECEIPT_BATCH = 256
 _FRAMES_IN_FLIGHT = 8
 # Frames our own sender may have queued before it waits for the writer to catch up.
 _QUEUED_FRAMES = 8
-# Receipts (DELIVERY, HANDOVER, ...) go to the hub at most this often: at moderate rates
-# in fuller frames, each also a transaction and an acknowledgement less; the letters'
-# senders see their evidence at most this much later.
-_RECEIPT_INTERVAL_S = 0.05
 # Receipts in one frame at most.
 _RECEIPT_FRAME = 1024
 
@@ -176,7 +172,7 @@ class _Session:
         self.receipt_cursor = 0  # rowid of the last receipt row read on this stream
         # DELIVERY evidence of letters just stored, waiting for the receipt cadence.
         self.pending_receipts: list[pb.Evidence] = []
-        self.receipt_cadence = Cadence(_RECEIPT_INTERVAL_S, self._wake)
+        self.receipt_cadence = Cadence(BOOKKEEPING_INTERVAL_S, self._wake)
 
     def write(self, frame: pb.ConnectRequest) -> None:
         """Queues a frame for the stream's writer task (``_write_all``)."""
