@@ -43,6 +43,7 @@ __all__ = [
     "datetime_of",
     "load_pem_certificates",
     "seconds_of",
+    "set_timestamp",
     "valid_timestamp",
 ]
 
@@ -335,6 +336,16 @@ def datetime_of(ts: Timestamp) -> dt.datetime:
     """A valid Timestamp as an aware UTC datetime: what ``ToDatetime(tzinfo=dt.UTC)`` gives
     (microseconds, rounded toward zero), without its per-call cost."""
     return _EPOCH + dt.timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+def set_timestamp(ts: Timestamp, when: dt.datetime) -> None:
+    """Sets ``ts`` to ``when`` (aware, or naive meaning UTC): what ``FromDatetime`` does,
+    at a tenth of its cost (it goes through a time tuple and ``calendar.timegm``)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    delta = when - _EPOCH
+    ts.seconds = delta.days * 86_400 + delta.seconds
+    ts.nanos = delta.microseconds * 1000
 
 
 def seconds_of(ts: Timestamp) -> float:

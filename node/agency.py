@@ -23,7 +23,7 @@ from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, key_id, sha256
-from client_sdk.trust import TrustStore
+from client_sdk.trust import TrustStore, set_timestamp
 from node.config import NodeConfig
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code, letter_not_found
@@ -533,7 +533,9 @@ class Agency(pb.NodeServiceServicer):
                         shams_text=shams,
                         delivery=pb.Evidence.FromString(delivery),
                     )
-                    letter.receive_time.FromDatetime(dt.datetime.fromtimestamp(received_at, dt.UTC))
+                    set_timestamp(
+                        letter.receive_time, dt.datetime.fromtimestamp(received_at, dt.UTC)
+                    )
                     letters.append(letter)
                 if letters:
                     await context.write(pb.StreamInboxResponse(letters=letters))

@@ -47,6 +47,7 @@ _STAGES = {
     E.EVIDENCE_EVENT_HANDOVER: (E.EVIDENCE_EVENT_DELIVERY, "delivery_to_handover"),
 }
 _ANCHORS = frozenset(before for before, _ in _STAGES.values())
+_SUBMISSION = E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
 _STAGE_CHILDREN = {stage: m.STAGE_SECONDS.labels(stage=stage) for _, stage in _STAGES.values()}
 
 
@@ -183,7 +184,7 @@ class NodeMonitor(_Common):
     def _anchor(self, shams: str, content: pb.EvidenceContent) -> float | None:
         event = _STAGES[content.event][0]
         # Submission acceptance is about the whole letter; the others per recipient.
-        recipient = "" if event == E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE else content.recipient
+        recipient = "" if event == _SUBMISSION else content.recipient
         return self._times.get((shams, event, recipient))
 
     async def _load_anchors(self, shams: Sequence[str]) -> None:

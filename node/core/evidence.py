@@ -11,6 +11,7 @@ from typing import ParamSpec
 
 from client_sdk import pb
 from client_sdk.ids import uuid7
+from client_sdk.trust import set_timestamp
 
 __all__ = ["event_name", "evidence_content", "evidence_message"]
 
@@ -42,7 +43,7 @@ def evidence_message(
     )
     if shams is not None:
         content.shams.CopyFrom(shams)
-    content.event_time.FromDatetime(now)
+    set_timestamp(content.event_time, now)
     return content
 
 

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from client_sdk import pb
 from client_sdk.identity import is_agency_code
 from client_sdk.signing import sha256
-from client_sdk.trust import valid_timestamp
+from client_sdk.trust import set_timestamp, valid_timestamp
 from node.core.directory import DirectoryView
 from node.core.documents import DocumentLimits, validate_attachments
 from node.core.errors import ChaparError, Code
@@ -73,11 +73,16 @@ def normalise_text(value: str, field: str, *, max_chars: int, required: bool) ->
     return text
 
 
+# Read once: each attribute of a protobuf enum wrapper is a Python-level __getattr__.
+_SHAMS_DOMAINS = frozenset(
+    (pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL)
+)
+
+
 def validate_shams(shams: pb.Shams, field: str) -> None:
     if (
         not is_agency_code(shams.origin)
-        or shams.domain
-        not in (pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL)
+        or shams.domain not in _SHAMS_DOMAINS
         or not 1000 <= shams.year <= 9999
         or shams.sequence < 1
     ):
@@ -220,7 +225,7 @@ def build_header(
         body_size=len(draft.body),
         attachments=draft.attachments,
     )
-    header.create_time.FromDatetime(now)
+    set_timestamp(header.create_time, now)
     if draft.HasField("expire_time"):
         header.expire_time.CopyFrom(draft.expire_time)
     if draft.HasField("in_reply_to"):

@@ -25,7 +25,13 @@ from client_sdk.signing import (
     merkle_root_from_path,
     merkle_tree,
 )
-from client_sdk.trust import TrustStore, VerificationError, datetime_of, seconds_of
+from client_sdk.trust import (
+    TrustStore,
+    VerificationError,
+    datetime_of,
+    seconds_of,
+    set_timestamp,
+)
 
 HUB = "hub.test"
 AGENCY = "000.00.00.G22"
@@ -301,3 +307,15 @@ def test_datetime_of_a_timestamp_is_exactly_what_todatetime_says(seconds: int, n
     ts = Timestamp(seconds=seconds, nanos=nanos)
     assert datetime_of(ts) == ts.ToDatetime(tzinfo=dt.UTC)
     assert datetime_of(ts).tzinfo is dt.UTC
+
+
+@given(
+    st.datetimes(
+        timezones=st.sampled_from([None, dt.UTC, dt.timezone(dt.timedelta(hours=3, minutes=30))])
+    )
+)
+def test_set_timestamp_gives_exactly_what_fromdatetime_gives(when: dt.datetime) -> None:
+    ours, theirs = Timestamp(), Timestamp()
+    set_timestamp(ours, when)
+    theirs.FromDatetime(when)
+    assert (ours.seconds, ours.nanos) == (theirs.seconds, theirs.nanos)
