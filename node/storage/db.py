@@ -9,14 +9,6 @@ savepoint alone (never a half-written row) and its caller gets the exception; th
 commit. Reads go through a second connection (aiosqlite), which in WAL mode sees committed
 data only.
 
-Under ``durability = "full"`` a commit waits for its fsync (2 to 3 ms here), and the writer
-is busy meanwhile. A job written with ``sync=False`` records something whose loss on a power
-failure only makes work be done again (an acknowledgement: the peer resends, and every
-receiver is idempotent). A batch made only of such jobs commits without the fsync; the next
-synced commit's fsync makes it durable with everything before it, since the WAL is one file
-written in commit order: a power failure can lose a suffix of unsynced commits, never a
-synced commit, nor anything that a synced commit follows.
-
 Jobs run outside the event loop, so they must not touch asyncio objects; they may sign
 (cryptography releases the GIL) and build protobuf messages.
 """
@@ -64,7 +56,6 @@ _Outcome = tuple[Any, BaseException | None]
 class _Pending:
     job: Job[Any]
     on_commit: Callable[[Any], None] | None = None
-    sync: bool = True
     future: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -99,7 +90,6 @@ class Database:
         self._closing = False
         self.commits = 0
         self.jobs = 0
-        self._syncing = True  # the writer's synchronous mode is FULL (under "full")
 
     @classmethod
     async def open(
@@ -149,20 +139,16 @@ class Database:
             raise
         self._task = asyncio.create_task(self._run(), name=f"db-writer:{self.path.name}")
 
-    async def write(
-        self, job: Job[T], on_commit: Callable[[T], None] | None = None, *, sync: bool = True
-    ) -> T:
+    async def write(self, job: Job[T], on_commit: Callable[[T], None] | None = None) -> T:
         """Runs ``job`` in the next group-committed transaction and returns its result.
 
         ``on_commit(result)``, if given, runs in the event loop once the job has committed,
         before its caller resumes, in commit order, and even if the caller was cancelled
         meanwhile; never for a job rolled back. Its exceptions are logged, not raised.
-        ``sync=False``: the job may be lost on a power failure (see the module's notes),
-        so only for what the other side repeats until it is recorded.
         """
         if self._closing or self._task is None or self._task.done():
             raise RuntimeError("database is closed")
-        pending = _Pending(job, on_commit, sync)
+        pending = _Pending(job, on_commit)
         self._queue.put_nowait(pending)
         result: T = await pending.future
         return result
@@ -205,14 +191,10 @@ class Database:
             if stop:
                 return
 
-    def _run_jobs(self, jobs: list[Job[Any]], sync: bool = True) -> list[_Outcome]:
-        """In the writer thread: one transaction, one savepoint per job, one commit.
-        ``sync=False`` skips the commit's fsync under full durability."""
+    def _run_jobs(self, jobs: list[Job[Any]]) -> list[_Outcome]:
+        """In the writer thread: one transaction, one savepoint per job, one commit."""
         conn = self._writer
         assert conn is not None
-        if self.durability == "full" and sync != self._syncing:
-            conn.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
-            self._syncing = sync
         outcomes: list[_Outcome] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -236,9 +218,7 @@ class Database:
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
-            outcomes = await self._in_thread(
-                self._run_jobs, [p.job for p in batch], any(p.sync for p in batch)
-            )
+            outcomes = await self._in_thread(self._run_jobs, [p.job for p in batch])
         except Exception as exc:
             log.exception("transaction failed; %d jobs not committed", len(batch))
             for pending in batch:

@@ -371,17 +371,13 @@ class HubStore(Store):
         return [(int(r[0]), bytes(r[1])) for r in rows]
 
     async def ack_notices(self, agency: str, evidence_ids: Sequence[str]) -> None:
-        """Forgets notices ``agency`` has stored. Without an fsync of its own: lost to a
-        power failure, the notices are sent again and the node, which stores evidence
-        idempotently by id, acknowledges them again."""
-
         def job(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "DELETE FROM notices WHERE agency = ? AND evidence_id = ?",
                 [(agency, e) for e in evidence_ids],
             )
 
-        await self.db.write(job, sync=False)
+        await self.db.write(job)
 
     async def may_fetch(self, digest: bytes, owner: str, recipient: str) -> bool:
         row = await self.db.fetchone(

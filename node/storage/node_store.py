@@ -487,17 +487,13 @@ class NodeStore(Store):
         return [(int(r[0]), str(r[1]), pb.Evidence.FromString(r[2])) for r in rows]
 
     async def receipts_acknowledged(self, evidence_ids: Sequence[str]) -> None:
-        """Marks receipts the hub has stored. Without an fsync of its own: lost to a power
-        failure, the receipts are sent again and the hub, which stores evidence
-        idempotently by id, acknowledges them again."""
-
         def job(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "UPDATE evidence SET to_send = 0 WHERE evidence_id = ?",
                 [(e,) for e in evidence_ids],
             )
 
-        await self.db.write(job, sync=False)
+        await self.db.write(job)
 
     # -- lookups --------------------------------------------------------------------------
 

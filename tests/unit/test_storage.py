@@ -285,41 +285,6 @@ async def test_failing_job_is_rolled_back_alone_and_others_in_its_batch_commit(
     assert await _values(db) == ["a", "b", "c", "d", "existing"]
 
 
-def _synchronous(conn: sqlite3.Connection) -> int:
-    """The writer's synchronous mode as the job commits under it: 2 FULL, 1 NORMAL."""
-    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
-
-
-async def test_only_a_batch_of_unsynced_jobs_commits_without_its_fsync(tmp_path: Path) -> None:
-    database = await Database.open(tmp_path / "full.db", TABLE_T)  # durability "full"
-    try:
-        assert await database.write(_synchronous) == 2
-        assert await database.write(_synchronous, sync=False) == 1
-        assert await database.write(_synchronous) == 2  # back to FULL after one without
-        # One synced job in a batch makes the whole batch's commit synced.
-        commits = database.commits
-        together = await asyncio.gather(
-            database.write(_synchronous, sync=False), database.write(_synchronous)
-        )
-        assert database.commits == commits + 1
-        assert together == [2, 2]
-        # An unsynced commit is still a commit: what it wrote is there, and is read back.
-        await database.write(_insert("quick"), sync=False)
-        assert await _values(database) == ["quick"]
-    finally:
-        await database.close()
-    reopened = await Database.open(tmp_path / "full.db", TABLE_T)
-    try:
-        assert await _values(reopened) == ["quick"]
-    finally:
-        await reopened.close()
-
-
-async def test_a_normal_durability_database_never_syncs_at_commit(db: Database) -> None:
-    assert await db.write(_synchronous) == 1
-    assert await db.write(_synchronous, sync=False) == 1
-
-
 async def test_concurrent_writes_are_group_committed(db: Database) -> None:
     jobs_before, commits_before = db.jobs, db.commits
     results = await asyncio.gather(*(db.write(_insert(f"v{i:03d}")) for i in range(300)))
