@@ -239,6 +239,8 @@ class Agency(pb.NodeServiceServicer):
                     documents=self.config.documents,
                 )
                 access.require([draft.sender_mailbox], f"the mailbox {draft.sender_mailbox!r}")
+                for ref in draft.attachments:
+                    await self.require_document(access, ref.sha256, ref.uri)
                 self._check_documents(draft)
                 self._check_quota(draft)
                 root = await self._thread_root(draft) if draft.HasField("in_reply_to") else None
@@ -358,12 +360,30 @@ class Agency(pb.NodeServiceServicer):
             [r.agency for r in draft.recipients],
             receipt,
             content,
+            draft.sender_mailbox,
+            [a.sha256 for a in draft.attachments],
         )
 
     def _seal_letters(self, letters: Sequence[NewLetter]) -> None:
         """Signs a submitted batch: its envelopes as one Merkle batch, then its evidence."""
         self.signer.seal_envelopes([letter.envelope for letter in letters])
         self.signer.seal_evidence([letter.receipt.evidence for letter in letters])
+
+    async def require_document(self, access: Access, digest: bytes, uri: str) -> None:
+        """A client limited to some mailboxes may use (download, stat, attach) a document
+        only if it uploaded it or it is attached to a letter sent from or delivered to one
+        of those mailboxes; refused before anything says whether the node holds it."""
+        if access.mailboxes is None:
+            return
+        if await self.store.may_use_document(digest, access.identity.name, access.mailboxes):
+            return
+        raise ChaparError(
+            Code.PERMISSION_DENIED,
+            "MAILBOX_NOT_ALLOWED",
+            f"{access.identity.uri} may not use {uri}: it is attached to no letter of its"
+            " mailboxes and it did not upload it",
+            metadata={"identity": access.identity.uri, "uri": uri},
+        )
 
     def _check_documents(self, draft: pb.LetterDraft) -> None:
         """Every attachment must be in this node's store, with the size the reference says."""

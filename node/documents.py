@@ -56,7 +56,7 @@ class Documents(pb.DocumentServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> None:
         try:
-            self.agency._authorize(context)
+            access = self.agency._authorize(context)
             first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise ChaparError(
@@ -89,6 +89,8 @@ class Documents(pb.DocumentServiceServicer):
             return
         uri = document_uri(self.agency.config.agency, digest)
         log.info("document %s stored (%d bytes%s)", uri, size, ", existed" if existed else "")
+        if access.identity.kind == "client":  # it may use what it uploaded (require_document)
+            await self.agency.store.record_upload(digest, access.identity.name)
         await context.write(
             pb.UploadDocumentResponse(
                 document=pb.DocumentInfo(uri=uri, sha256=digest, size=size), existed=existed
@@ -101,8 +103,9 @@ class Documents(pb.DocumentServiceServicer):
         self, request: pb.StatDocumentRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatDocumentResponse:
         try:
-            self.agency._authorize(context, read_only=True)
+            access = self.agency._authorize(context, read_only=True)
             _, digest = parse_document_uri(request.uri)
+            await self.agency.require_document(access, digest, request.uri)
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -118,8 +121,9 @@ class Documents(pb.DocumentServiceServicer):
     ) -> None:
         joined: tuple[_Fetch, BinaryIO] | None = None
         try:
-            self.agency._authorize(context, read_only=True)
+            access = self.agency._authorize(context, read_only=True)
             owner, digest = parse_document_uri(request.uri)
+            await self.agency.require_document(access, digest, request.uri)
             if request.offset < 0:
                 raise ChaparError(
                     Code.INVALID_ARGUMENT,

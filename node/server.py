@@ -321,6 +321,8 @@ async def serve_node(config: NodeConfig) -> None:
     trust = _trust(config.tls, config.signing)
     link_creds = channel_credentials(config.tls)
     store = await NodeStore.open(config.database, config.durability)
+    if indexed := await store.index_documents():
+        log.info("indexed the attachments of %d letters stored before this version", indexed)
     agency = Agency(config, store, signer, trust)
     try:
         document_store = DocumentStore(config.documents_dir, config.documents)

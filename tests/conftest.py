@@ -10,7 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from certs.pki import generate_key, issue_certificate, load_certs, load_key
+from client_sdk import Credentials
 from node.cluster import Cluster
 
 AGENCY_A = "000.00.00.G22"
@@ -48,4 +51,29 @@ def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.Comp
         text=True,
         timeout=timeout,
         check=False,
+    )
+
+
+def client_credentials(cluster: Cluster, agency: str, name: str) -> Credentials:
+    """A back-end client ``name`` of ``agency``, issued by the intermediate (chain: leaf + CA);
+    a ``[[clients]]`` entry of that name limits it to its mailboxes."""
+    intermediate = load_certs(cluster.pki.intermediate_cert)[0]
+    key = generate_key("ecdsa-p256")
+    cert = issue_certificate(
+        issuer_cert=intermediate,
+        issuer_key=load_key(cluster.pki.intermediate_key),
+        subject_key=key,
+        identity_uri=f"urn:chapar:client:{agency}:{name}",
+        kind="client",
+    )
+    return Credentials(
+        root_certificates=cluster.pki.root_cert.read_bytes(),
+        private_key=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        certificate_chain=b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (cert, intermediate)
+        ),
     )

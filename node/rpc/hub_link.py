@@ -351,6 +351,7 @@ class _Session:
         me = agency.config.agency
         now = dt.datetime.now(dt.UTC)
         good: list[tuple[str, str, list[str], pb.Envelope]] = []
+        documents: list[list[bytes]] = []  # each good letter's attachments (SHA-256)
         failures: list[tuple[str, pb.Evidence]] = []
         for envelope in envelopes:
             digest = sha256(envelope.header)
@@ -389,6 +390,7 @@ class _Session:
                     envelope,
                 )
             )
+            documents.append([a.sha256 for a in header.attachments])
 
         def make_delivery(i: int) -> pb.Evidence:
             envelope = good[i][3]
@@ -406,7 +408,9 @@ class _Session:
         receipts: list[pb.Evidence] = []
         if good:
             receipts.extend(
-                await agency.store.store_incoming(good, make_delivery, agency.signer.seal_evidence)
+                await agency.store.store_incoming(
+                    good, make_delivery, agency.signer.seal_evidence, documents
+                )
             )
             agency.notify_inbox()
             DELIVERED.inc(len(good))

@@ -93,7 +93,21 @@ MIGRATIONS = [
         box TEXT NOT NULL, shams TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (box, shams)
     );
     """,
+    # 4: who may use a stored document. A client limited to some mailboxes ([[clients]])
+    # may download, stat or attach a document only when it uploaded it or when it is
+    # attached to a letter sent from or delivered to one of those mailboxes. Letters stored
+    # before this version are indexed once at start (NodeStore.index_documents).
+    """
+    CREATE TABLE letter_documents (
+        sha256 BLOB NOT NULL, mailbox TEXT NOT NULL, shams TEXT NOT NULL,
+        PRIMARY KEY (sha256, mailbox, shams)
+    ) WITHOUT ROWID;
+    CREATE TABLE document_uploads (
+        sha256 BLOB NOT NULL, client TEXT NOT NULL, PRIMARY KEY (sha256, client)
+    ) WITHOUT ROWID;
+    """,
 ]
+_DOCUMENTS_INDEXED = "letter_documents_indexed"
 
 _FINAL = (lifecycle.DELIVERED, *lifecycle.TERMINAL)
 # A sent letter is done when no recipient is still short of DELIVERED (or a terminal state).
@@ -119,6 +133,8 @@ class NewLetter:
     recipients: Sequence[str]
     receipt: pb.Receipt
     content: pb.EvidenceContent  # of the receipt's SUBMISSION_ACCEPTANCE evidence, parsed
+    mailbox: str = ""  # the sender's mailbox
+    documents: Sequence[bytes] = ()  # SHA-256 of each attachment
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +267,9 @@ class NodeStore(Store):
                     for r in dict.fromkeys(b.recipients)
                 ],
             )
+            _index_documents(
+                conn, [(b.shams_text, [b.mailbox], b.documents) for b in built.values()]
+            )
             out: list[pb.Receipt] = []
             for i, rid in enumerate(request_ids):
                 if i in built:
@@ -327,12 +346,14 @@ class NodeStore(Store):
         letters: Sequence[tuple[str, str, Sequence[str], pb.Envelope]],
         make_delivery: Callable[[int], pb.Evidence],
         seal: Callable[[Sequence[pb.Evidence]], None] | None = None,
+        documents: Sequence[Sequence[bytes]] = (),
     ) -> list[pb.Evidence]:
         """Stores received letters (shams, sender, mailboxes, envelope) once each.
 
         Returns the DELIVERY evidence of each: the stored one for a letter already in the
         inbox (a redelivery), else a new one from ``make_delivery(i)``, queued for the hub.
         ``seal``, if given, signs the new evidence at once, in place, before it is stored.
+        ``documents[i]``, if given, are the SHA-256 digests of letter ``i``'s attachments.
         """
 
         def job(conn: sqlite3.Connection) -> tuple[list[pb.Evidence], _Stored]:
@@ -380,6 +401,11 @@ class NodeStore(Store):
                 " VALUES (?, ?, ?, ?, 1, ?)",
                 [(c.evidence_id, s, c.event, blob, now) for s, _, _, _, c, blob in rows],
             )
+            if documents:
+                _index_documents(
+                    conn,
+                    [(shams, letters[i][2], documents[i]) for shams, (i, _) in new.items()],
+                )
             return out, [(s, c) for s, _, _, _, c, _ in rows]
 
         return await self._write(job)
@@ -591,6 +617,58 @@ class NodeStore(Store):
 
         await self.db.write(job)
 
+    async def record_upload(self, digest: bytes, client: str) -> None:
+        """Remembers that back-end client ``client`` uploaded document ``digest``."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO document_uploads (sha256, client) VALUES (?, ?)",
+                (digest, client),
+            )
+
+        await self.db.write(job)
+
+    async def may_use_document(self, digest: bytes, client: str, mailboxes: frozenset[str]) -> bool:
+        """True when ``client`` uploaded ``digest`` or it is attached to a letter sent from
+        or delivered to one of ``mailboxes``."""
+        if await self.db.fetchone(
+            "SELECT 1 FROM document_uploads WHERE sha256 = ? AND client = ?", (digest, client)
+        ):
+            return True
+        return bool(
+            await self.db.fetchall_in(
+                "SELECT 1 FROM letter_documents WHERE sha256 = ? AND mailbox IN ({marks}) LIMIT 1",
+                sorted(mailboxes),
+                (digest,),
+            )
+        )
+
+    async def index_documents(self) -> int:
+        """Indexes the attachments of letters stored before ``letter_documents`` existed,
+        once; returns how many letters had some."""
+
+        def job(conn: sqlite3.Connection) -> int:
+            if conn.execute("SELECT 1 FROM meta WHERE key = ?", (_DOCUMENTS_INDEXED,)).fetchone():
+                return 0
+            items: list[tuple[str, Sequence[str], Sequence[bytes]]] = []
+            for shams, envelope in conn.execute("SELECT shams, envelope FROM outbox"):
+                header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(envelope).header)
+                if header.attachments:
+                    digests = [a.sha256 for a in header.attachments]
+                    items.append((str(shams), [header.sender.mailbox], digests))
+            for shams, boxes, envelope in conn.execute(
+                "SELECT shams, mailboxes, envelope FROM inbox"
+            ):
+                header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(envelope).header)
+                if header.attachments:
+                    digests = [a.sha256 for a in header.attachments]
+                    items.append((str(shams), str(boxes).split("\n"), digests))
+            _index_documents(conn, items)
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, x'01')", (_DOCUMENTS_INDEXED,))
+            return len(items)
+
+        return await self.db.write(job)
+
     async def save_directory(self, directory: pb.Directory) -> None:
         """Keeps the last directory so the node can take submissions while the hub is down."""
         blob = directory.SerializeToString()
@@ -647,3 +725,18 @@ def _with_body(stored: bytes, body: bytes | None) -> bytes:
     if body is None:
         return bytes(stored)
     return bytes(stored) + pb.Envelope(body=body).SerializeToString()
+
+
+def _index_documents(
+    conn: sqlite3.Connection, items: Sequence[tuple[str, Sequence[str], Sequence[bytes]]]
+) -> None:
+    """Rows of ``letter_documents`` for (shams, this agency's mailboxes, digests) items."""
+    conn.executemany(
+        "INSERT OR IGNORE INTO letter_documents (sha256, mailbox, shams) VALUES (?, ?, ?)",
+        [
+            (digest, mailbox, shams)
+            for shams, mailboxes, digests in items
+            for digest in digests
+            for mailbox in mailboxes
+        ],
+    )

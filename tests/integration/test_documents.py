@@ -33,7 +33,7 @@ from client_sdk.errors import (
 )
 from loadtest.harness import proc_stats
 from node.cluster import Cluster
-from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C
+from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, client_credentials
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +42,9 @@ _SETTINGS = f"""
 [documents]
 max_file_bytes = {GIB}
 media_types = ["application/pdf", "application/octet-stream", "text/plain"]
+[[clients]]
+name = "registry"
+mailboxes = ["registry"]
 """
 _RSS_LIMIT_MB = 150.0
 
@@ -206,6 +209,83 @@ async def test_agency_that_is_not_a_recipient_is_refused(
     assert not (tmp_path / "stolen.pdf").exists()
     assert not (tmp_path / "stolen.pdf.part").exists()
     assert ref.sha256.hex() not in {p.name for p in _stored_files(docs_cluster, AGENCY_C)}
+
+
+async def _read(client: ExchangeClient, uri: str) -> bytes:
+    return b"".join([chunk async for chunk in client.download(uri)])
+
+
+async def test_a_client_limited_to_a_mailbox_uses_only_the_documents_of_its_mailboxes(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    """B's "registry" client ([[clients]]: mailboxes ["registry"]) may download, stat and
+    attach what a letter of its mailbox carries, or what it uploaded; not what A sent to
+    B's legal department, though B's node holds it, nor what legal sent."""
+    files = {}
+    for name in ("legal", "registry", "own", "legal-out", "for-registry"):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_bytes(os.urandom(3000))
+    registry_credentials = client_credentials(docs_cluster, AGENCY_B, "registry")
+    async with (
+        _client(docs_cluster, AGENCY_A) as a,
+        _client(docs_cluster, AGENCY_B) as b,
+        ExchangeClient(docs_cluster.nodes[AGENCY_B].address, registry_credentials) as registry,
+    ):
+        refs = {}
+        for box in ("legal", "registry"):
+            receipt = await a.send(
+                to=[(AGENCY_B, box)],
+                subject=f"for {box}",
+                body="attached",
+                attachments=[files[box]],
+            )
+            (refs[box],) = (await a.track(receipt.shams)).header.attachments
+            await _receive(b, receipt.shams)
+        # Held at B once the unlimited back-end has read it: only the mailbox decides.
+        assert await _read(b, refs["legal"].uri) == files["legal"].read_bytes()
+        sent_by_legal = await b.send(
+            to=[AGENCY_A],
+            subject="from legal",
+            body="x",
+            sender_mailbox="legal",
+            attachments=[files["legal-out"]],
+        )
+        (legal_out,) = (await b.track(sent_by_legal.shams)).header.attachments
+
+        for refused in (
+            _read(registry, refs["legal"].uri),
+            registry.stat(refs["legal"].uri),
+            _read(registry, legal_out.uri),
+            registry.send(
+                to=[AGENCY_A],
+                subject="fwd",
+                body="x",
+                sender_mailbox="registry",
+                attachments=[legal_out],
+            ),
+        ):
+            with pytest.raises(PermissionDenied) as err:
+                await refused
+            assert err.value.reason == "MAILBOX_NOT_ALLOWED"
+
+        assert await _read(registry, refs["registry"].uri) == files["registry"].read_bytes()
+        own = await registry.upload(files["own"])
+        assert (await registry.stat(own.uri)).stored
+        assert await _read(registry, own.uri) == files["own"].read_bytes()
+        sent = await registry.send(
+            to=[AGENCY_A], subject="ours", body="x", sender_mailbox="registry", attachments=[own]
+        )
+        assert sent.shams.startswith(f"{AGENCY_B}/O/")
+        # Sent from the registry's mailbox by the unlimited back-end: the registry's too.
+        sent_for_registry = await b.send(
+            to=[AGENCY_A],
+            subject="from the registry",
+            body="x",
+            sender_mailbox="registry",
+            attachments=[files["for-registry"]],
+        )
+        (for_registry,) = (await b.track(sent_for_registry.shams)).header.attachments
+        assert await _read(registry, for_registry.uri) == files["for-registry"].read_bytes()
 
 
 async def test_interrupted_download_resumes_from_its_offset(

@@ -23,7 +23,6 @@ from typing import TypeVar
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from certs.pki import generate_key, issue_certificate, load_certs, load_key
 from client_sdk import (
@@ -41,6 +40,7 @@ from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Sig
 from client_sdk.trust import TrustStore, VerificationError
 from node.cluster import Cluster
 from node.core.evidence import evidence_content
+from tests.conftest import client_credentials
 
 pytestmark = pytest.mark.integration
 
@@ -769,30 +769,6 @@ async def test_node_knows_nothing_of_a_letter_between_two_other_agencies(
     assert err.value.reason == "LETTER_NOT_FOUND"
 
 
-def _registry_credentials(cluster: Cluster) -> Credentials:
-    """A back-end client "registry" of A, issued by the intermediate (chain: leaf + CA)."""
-    intermediate = load_certs(cluster.pki.intermediate_cert)[0]
-    key = generate_key("ecdsa-p256")
-    cert = issue_certificate(
-        issuer_cert=intermediate,
-        issuer_key=load_key(cluster.pki.intermediate_key),
-        subject_key=key,
-        identity_uri=f"urn:chapar:client:{A}:registry",
-        kind="client",
-    )
-    return Credentials(
-        root_certificates=cluster.pki.root_cert.read_bytes(),
-        private_key=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        certificate_chain=b"".join(
-            c.public_bytes(serialization.Encoding.PEM) for c in (cert, intermediate)
-        ),
-    )
-
-
 async def _inbox_for(client: ExchangeClient, seconds: float) -> set[str]:
     """The SHAMS numbers an inbox stream yields within ``seconds``."""
     seen: set[str] = set()
@@ -810,7 +786,7 @@ async def _inbox_for(client: ExchangeClient, seconds: float) -> set[str]:
 async def test_client_limited_to_a_mailbox_sees_and_acts_only_on_that_mailbox(
     cluster: Cluster,
 ) -> None:
-    registry_credentials = _registry_credentials(cluster)
+    registry_credentials = client_credentials(cluster, A, "registry")
     identity = registry_credentials.identity()
     assert identity is not None
     assert identity.uri == f"urn:chapar:client:{A}:registry"

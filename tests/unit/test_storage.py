@@ -7,6 +7,7 @@ whose content is a real EvidenceContent, which is all the stores look at).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import sqlite3
 import threading
@@ -24,7 +25,7 @@ from node.core import lifecycle
 from node.core.errors import ChaparError, Code
 from node.storage.db import Database, fits
 from node.storage.hub_store import HubStore, IncomingLetter
-from node.storage.node_store import NewLetter, NodeStore
+from node.storage.node_store import MIGRATIONS, NewLetter, NodeStore
 
 ORIGIN = "000.00.00.G22"
 RECIPIENT_B = "10101010101"
@@ -953,3 +954,88 @@ async def test_inbox_reads_stop_at_the_byte_limit_counting_bodies(store: NodeSto
     assert [r[1] for r in rest] == [letters[3][0]]
     assert not rest.more
     assert (await store.unacked_inbox(0, 4, 100 * one)).more  # cut by the count
+
+
+# -- who may use a document --------------------------------------------------------------
+
+
+def _with_attachments(
+    header: pb.EnvelopeHeader, digests: Sequence[bytes], mailbox: str = ""
+) -> pb.Envelope:
+    header.sender.mailbox = mailbox or header.sender.mailbox
+    for d in digests:
+        header.attachments.add(
+            uri=f"chapar://{header.sender.agency}/documents/sha256/{d.hex()}", sha256=d, size=1
+        )
+    return pb.Envelope(header=header.SerializeToString(), body=b"b")
+
+
+async def test_documents_of_letters_sent_received_or_uploaded_are_usable_by_their_mailboxes(
+    store: NodeStore,
+) -> None:
+    sent, received, uploaded, other = (hashlib.sha256(n).digest() for n in (b"1", b"2", b"3", b"4"))
+    legal, registry = frozenset({"legal"}), frozenset({"registry"})
+
+    def build(_i: int, shams: pb.Shams) -> NewLetter:
+        letter = _new_letter(shams)
+        envelope = _with_attachments(
+            pb.EnvelopeHeader.FromString(letter.envelope.header), [sent], "legal"
+        )
+        return dataclasses.replace(letter, envelope=envelope, mailbox="legal", documents=[sent])
+
+    await _submit_one(store, "with-attachment", build)
+    shams, sender, _, _ = _incoming(1)
+    envelope = _with_attachments(pb.EnvelopeHeader(shams=_shams(1, RECIPIENT_C)), [received])
+    await store.store_incoming(
+        [(shams, sender, ["registry"], envelope)], DeliveryMaker(), documents=[[received]]
+    )
+    await store.record_upload(uploaded, "clerk")
+
+    assert await store.may_use_document(sent, "clerk", legal)
+    assert not await store.may_use_document(sent, "clerk", registry)
+    assert await store.may_use_document(received, "clerk", registry)
+    assert not await store.may_use_document(received, "clerk", legal)
+    assert await store.may_use_document(uploaded, "clerk", frozenset())
+    assert not await store.may_use_document(uploaded, "someone-else", legal | registry)
+    assert not await store.may_use_document(other, "clerk", legal | registry)
+
+
+async def test_letters_stored_before_the_document_index_are_indexed_once(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    sent, received = hashlib.sha256(b"sent").digest(), hashlib.sha256(b"received").digest()
+    old = await Database.open(path, MIGRATIONS[:3])  # the schema before letter_documents
+    outgoing = _with_attachments(
+        pb.EnvelopeHeader(shams=_shams(7), sender=pb.Address(agency=ORIGIN)), [sent], "legal"
+    )
+    incoming = _with_attachments(pb.EnvelopeHeader(shams=_shams(8, RECIPIENT_C)), [received])
+
+    def job(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO outbox (shams, envelope, envelope_sha256, receipt, created_at)"
+            " VALUES (?, ?, x'00', x'00', 0)",
+            (format_shams(_shams(7)), outgoing.SerializeToString()),
+        )
+        conn.execute(
+            "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
+            " VALUES (?, ?, ?, ?, x'00', 0)",
+            (
+                format_shams(_shams(8, RECIPIENT_C)),
+                RECIPIENT_C,
+                "legal\nregistry",
+                incoming.SerializeToString(),
+            ),
+        )
+
+    await old.write(job)
+    await old.close()
+
+    store = await NodeStore.open(path)
+    try:
+        assert not await store.may_use_document(sent, "clerk", frozenset({"legal"}))
+        assert await store.index_documents() == 2
+        assert await store.may_use_document(sent, "clerk", frozenset({"legal"}))
+        assert not await store.may_use_document(sent, "clerk", frozenset({"registry"}))
+        assert await store.may_use_document(received, "clerk", frozenset({"registry"}))
+        assert await store.index_documents() == 0  # once
+    finally:
+        await store.close()
