@@ -38,7 +38,11 @@ if TYPE_CHECKING:
 __all__ = ["Documents", "push"]
 
 log = logging.getLogger("chapar.documents")
-_FETCH_ATTEMPTS = 3
+# A fetch that broke after some bytes goes on from them for as long as this passes
+# between two bytes, trying again every _RESUME_PAUSE_S (the hub or the owner restarting).
+_RESUME_WAIT_S = 15.0
+_RESUME_PAUSE_S = 0.2
+_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
 
 
 class Documents(pb.DocumentServiceServicer):
@@ -266,7 +270,15 @@ class Documents(pb.DocumentServiceServicer):
         finally:
             reader.close()
         assert fetch.task is not None
-        error = fetch.task.exception()
+        if fetch.task.cancelled():  # the node is stopping, or the hub link never came back
+            error: BaseException | None = ChaparError(
+                Code.UNAVAILABLE,
+                "FETCH_INTERRUPTED",
+                "the fetch through the hub was interrupted; retry the download",
+                retry_after_s=1.0,
+            )
+        else:
+            error = fetch.task.exception()
         if error is not None and not isinstance(error, ChaparError):
             log.error("fetch of %s failed: %r", info.uri, error)
             error = ChaparError(
@@ -276,20 +288,35 @@ class Documents(pb.DocumentServiceServicer):
             await abort(context, error)
 
     async def _fetch(self, uri: str, digest: bytes, fetch: _Fetch) -> int:
+        """Fetches ``uri`` into ``fetch.writer`` through the hub.
+
+        A first call that fails before a byte arrives is answered at once (the owner is
+        offline, the hub refuses): the back-end retries. Once bytes have come, a break
+        (the call ends with UNAVAILABLE, INTERNAL or CANCELLED, or the hub link closes its
+        channel when the hub goes away) is resumed from the bytes held, on the link as it
+        is now: waiting for it to reconnect and for the owner to be back, for up to
+        ``_RESUME_WAIT_S`` without a new byte.
+        """
         writer = fetch.writer
+        loop = asyncio.get_running_loop()
+        resume_by: float | None = None  # set at a break: when to stop trying to go on
         try:
             link = self.link
-            stub = link.stub if link is not None else None
-            if stub is None:
-                raise ChaparError(
-                    Code.UNAVAILABLE,
-                    "HUB_UNAVAILABLE",
-                    "the node is not connected to the hub; retry",
-                    retry_after_s=1.0,
-                )
-            for attempt in range(1, _FETCH_ATTEMPTS + 1):
+            while True:
+                stub = None
+                if link is not None:
+                    wait = 0.0 if resume_by is None else max(0.0, resume_by - loop.time())
+                    stub = link.stub if resume_by is None else await link.wait_stub(wait)
+                if stub is None:
+                    raise ChaparError(
+                        Code.UNAVAILABLE,
+                        "HUB_UNAVAILABLE",
+                        "the node is not connected to the hub; retry",
+                        retry_after_s=1.0,
+                    )
                 offset = writer.size
                 call = stub.FetchDocument(pb.FetchDocumentRequest(uri=uri, offset=offset))
+                failure: grpc.aio.AioRpcError | None = None
                 try:
                     async for message in call:
                         if message.size:
@@ -299,26 +326,39 @@ class Documents(pb.DocumentServiceServicer):
                         writer.write(message.chunk)
                         fetch.notify()
                     break
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    # Not us: the hub link closed the call's channel (the hub went away).
                 except grpc.aio.AioRpcError as exc:
-                    error = from_rpc_error(exc)
-                    retry = exc.code() in (
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.INTERNAL,
-                        grpc.StatusCode.CANCELLED,
-                    )
-                    if not retry or attempt == _FETCH_ATTEMPTS or writer.size == offset:
-                        raise ChaparError(
-                            _code(exc.code()),
-                            error.reason or exc.code().name,
-                            f"fetching {uri} through the hub: {error.message}",
-                            metadata={"uri": uri, **error.metadata},
-                            retry_after_s=error.retry_after,
-                        ) from exc
-                    log.warning(
-                        "fetch of %s broke at %d bytes (%s); resuming", uri, writer.size, exc.code()
-                    )
+                    if exc.code() not in _RESUMABLE:
+                        raise _fetch_error(uri, exc) from exc
+                    failure = exc
                 finally:
                     call.cancel()  # a no-op when it ended; stops the hub when we refuse
+                if writer.size > offset:
+                    resume_by = loop.time() + _RESUME_WAIT_S  # progress: a fresh budget
+                elif resume_by is None and failure is not None:
+                    raise _fetch_error(uri, failure) from failure  # not a byte yet
+                elif resume_by is None:
+                    resume_by = loop.time() + _RESUME_WAIT_S
+                elif loop.time() >= resume_by:
+                    if failure is not None:
+                        raise _fetch_error(uri, failure) from failure
+                    raise ChaparError(
+                        Code.UNAVAILABLE,
+                        "HUB_UNAVAILABLE",
+                        "the hub link did not come back; retry",
+                        retry_after_s=1.0,
+                    )
+                log.warning(
+                    "fetch of %s broke at %d bytes (%s); resuming",
+                    uri,
+                    writer.size,
+                    failure.code().name if failure is not None else "hub link closed",
+                )
+                await asyncio.sleep(_RESUME_PAUSE_S)
             fetch.announce(writer.size)
             _, size, _ = await writer.commit()
         except ChaparError as exc:
@@ -329,6 +369,17 @@ class Documents(pb.DocumentServiceServicer):
             fetch.notify(final=True)
         log.info("fetched %s (%d bytes), digest verified", uri, size)
         return size
+
+
+def _fetch_error(uri: str, exc: grpc.aio.AioRpcError) -> ChaparError:
+    error = from_rpc_error(exc)
+    return ChaparError(
+        _code(exc.code()),
+        error.reason or exc.code().name,
+        f"fetching {uri} through the hub: {error.message}",
+        metadata={"uri": uri, **error.metadata},
+        retry_after_s=error.retry_after,
+    )
 
 
 class _Fetch:

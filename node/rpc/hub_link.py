@@ -64,6 +64,14 @@ class HubLink:
         """The hub's stub while connected (document fetches ride on the same channel)."""
         return self._stub
 
+    async def wait_stub(self, timeout: float) -> pb.HubServiceStub | None:
+        """The hub's stub once connected, waiting up to ``timeout`` seconds for the link to
+        come back; None if it does not."""
+        if self._stub is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.connected.wait(), timeout)
+        return self._stub
+
     def on_document_request(self, request: pb.DocumentRequest) -> None:
         """The hub wants one of our documents: push it on a call of its own."""
         from node.documents import push
@@ -101,6 +109,7 @@ class HubLink:
             finally:
                 self.connected.clear()
                 self.agency.hub_connected = False
+                self._stub = None  # its channel is closed with the session
             if self._stopping:
                 return
             RECONNECTS.inc()

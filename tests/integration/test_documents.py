@@ -490,6 +490,40 @@ async def test_owner_offline_is_unavailable_and_the_fetch_works_once_it_is_back(
     assert _sha256_file(saved) == digest
 
 
+async def test_a_fetch_cut_by_a_hub_restart_resumes_from_its_offset(tmp_path: Path) -> None:
+    """The hub restarts while B's node fetches a document from A through it: B's node
+    reconnects and goes on from the bytes it has, and B's back-end, reading all along,
+    gets the whole document in one download."""
+    size = 96 * 1024 * 1024
+    source = tmp_path / "large.bin"
+    digest = _write_random(source, size)
+    settings = "reconnect_max_s = 0.5\n" + _SETTINGS
+    cluster = await Cluster.start(tmp_path / "c", [AGENCY_A, AGENCY_B], node_settings=settings)
+    try:
+        async with _client(cluster, AGENCY_B) as b:
+            ref, _ = await _send_with(cluster, source, b)
+            received = hashlib.sha256()
+            got = 0
+            restarted = False
+            async with asyncio.timeout(120), contextlib.aclosing(b.download(ref.uri)) as chunks:
+                async for chunk in chunks:
+                    received.update(chunk)
+                    got += len(chunk)
+                    if not restarted and got >= 8 * 1024 * 1024:
+                        restarted = True
+                        await asyncio.to_thread(cluster.hub.terminate)
+                        cluster.hub.start()
+                        await cluster.hub.wait_ready()
+            assert restarted
+        assert got == size
+        assert received.hexdigest() == digest
+        log = (cluster.root / f"node-{AGENCY_B}" / "node.log").read_text()
+        assert "resuming" in log  # it went on from its offset, not from the start
+    finally:
+        codes = cluster.stop()
+    assert all(code == 0 for code in codes.values()), codes
+
+
 def _node_tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
     d = cluster.pki.agency_dir(code)
     return grpc.ssl_channel_credentials(
