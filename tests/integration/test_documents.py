@@ -215,6 +215,16 @@ async def _read(client: ExchangeClient, uri: str) -> bytes:
     return b"".join([chunk async for chunk in client.download(uri)])
 
 
+async def _sent_from(b: ExchangeClient, mailbox: str, path: Path) -> pb.AttachmentRef:
+    """B's back-end sends A a letter from ``mailbox`` attaching ``path``; its reference."""
+    receipt = await b.send(
+        to=[AGENCY_A], subject=f"from {mailbox}", body="x", sender_mailbox=mailbox,
+        attachments=[path],
+    )  # fmt: skip
+    (ref,) = (await b.track(receipt.shams)).header.attachments
+    return ref
+
+
 async def test_a_client_limited_to_a_mailbox_uses_only_the_documents_of_its_mailboxes(
     docs_cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -243,14 +253,7 @@ async def test_a_client_limited_to_a_mailbox_uses_only_the_documents_of_its_mail
             await _receive(b, receipt.shams)
         # Held at B once the unlimited back-end has read it: only the mailbox decides.
         assert await _read(b, refs["legal"].uri) == files["legal"].read_bytes()
-        sent_by_legal = await b.send(
-            to=[AGENCY_A],
-            subject="from legal",
-            body="x",
-            sender_mailbox="legal",
-            attachments=[files["legal-out"]],
-        )
-        (legal_out,) = (await b.track(sent_by_legal.shams)).header.attachments
+        legal_out = await _sent_from(b, "legal", files["legal-out"])
 
         for refused in (
             _read(registry, refs["legal"].uri),
@@ -277,14 +280,7 @@ async def test_a_client_limited_to_a_mailbox_uses_only_the_documents_of_its_mail
         )
         assert sent.shams.startswith(f"{AGENCY_B}/O/")
         # Sent from the registry's mailbox by the unlimited back-end: the registry's too.
-        sent_for_registry = await b.send(
-            to=[AGENCY_A],
-            subject="from the registry",
-            body="x",
-            sender_mailbox="registry",
-            attachments=[files["for-registry"]],
-        )
-        (for_registry,) = (await b.track(sent_for_registry.shams)).header.attachments
+        for_registry = await _sent_from(b, "registry", files["for-registry"])
         assert await _read(registry, for_registry.uri) == files["for-registry"].read_bytes()
 
 
