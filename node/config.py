@@ -75,6 +75,7 @@ class HubConfig:
     ready_file: Path | None = None
     durability: Durability = "full"
     metrics_listen: str = ""
+    metrics_tls: bool = False  # /metrics over HTTPS, clients need a certificate of the CA
     max_frame_bytes: int = 32 * 1024 * 1024
     grace_s: float = 5.0
     delivery_window: int = 1024
@@ -107,6 +108,7 @@ class NodeConfig:
     ready_file: Path | None = None
     durability: Durability = "full"
     metrics_listen: str = ""
+    metrics_tls: bool = False  # /metrics over HTTPS, clients need a certificate of the CA
     max_message_bytes: int = 16 * 1024 * 1024
     relay_frame_bytes: int = 8 * 1024 * 1024
     grace_s: float = 5.0
@@ -201,6 +203,12 @@ class _Table:
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{self._key(key)}: must be a number > 0")
         return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: must be true or false")
+        return value
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(key, default)
@@ -322,6 +330,7 @@ def _hub_config(t: _Table) -> HubConfig:
         ready_file=hub.optional_path("ready_file", must_exist=False),
         durability=cast(Durability, hub.choice("durability", "full", ("full", "normal"))),
         metrics_listen=hub.listen("metrics_listen", optional=True),
+        metrics_tls=hub.flag("metrics_tls", False),
         max_frame_bytes=hub.integer("max_frame_bytes", 32 * 1024 * 1024),
         grace_s=hub.number("shutdown_grace_s", 5.0),
         delivery_window=hub.integer("delivery_window", 1024),
@@ -429,6 +438,7 @@ def _node_config(t: _Table) -> NodeConfig:
         ready_file=node.optional_path("ready_file", must_exist=False),
         durability=cast(Durability, node.choice("durability", "full", ("full", "normal"))),
         metrics_listen=node.listen("metrics_listen", optional=True),
+        metrics_tls=node.flag("metrics_tls", False),
         max_message_bytes=limits.integer("max_message_bytes", 16 * 1024 * 1024),
         relay_frame_bytes=node.integer("relay_frame_bytes", 8 * 1024 * 1024),
         grace_s=node.number("shutdown_grace_s", 5.0),

@@ -15,7 +15,9 @@ expiry, connected nodes) are set by a periodic task in ``node.monitor``, off the
 from __future__ import annotations
 
 import platform
+import ssl
 import threading
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -28,6 +30,9 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
+
+if TYPE_CHECKING:
+    from node.config import TlsConfig
 
 __all__ = [
     "BUILD",
@@ -259,8 +264,23 @@ def count_verification_failure(kind: str, reason: str) -> None:
     VERIFICATION_FAILURES.labels(kind=kind, reason=reason or "UNSPECIFIED").inc()
 
 
-def serve_metrics(listen: str) -> tuple[WSGIServer, threading.Thread, str]:
-    """Serves /metrics on ``HOST:PORT`` (port 0 picks one); returns the bound address."""
+def serve_metrics(
+    listen: str, tls: TlsConfig | None = None
+) -> tuple[WSGIServer, threading.Thread, str]:
+    """Serves /metrics on ``HOST:PORT`` (port 0 picks one); returns where to scrape it:
+    ``HOST:PORT`` over plain HTTP, or with ``tls`` an ``https://`` URL served with the
+    server's certificate that requires a client certificate chaining to ``tls.ca``."""
     host, _, port = listen.rpartition(":")
-    server, thread = start_http_server(int(port), addr=host)
-    return server, thread, f"{host}:{server.server_port}"
+    if tls is None:
+        server, thread = start_http_server(int(port), addr=host)
+        return server, thread, f"{host}:{server.server_port}"
+    server, thread = start_http_server(
+        int(port),
+        addr=host,
+        certfile=str(tls.cert),
+        keyfile=str(tls.key),
+        client_cafile=str(tls.ca),
+        client_auth_required=True,
+        tls_min_version=ssl.TLSVersion.TLSv1_2,
+    )
+    return server, thread, f"https://{host}:{server.server_port}/metrics"

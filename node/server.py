@@ -228,16 +228,16 @@ async def _watch_node_health(
             )
 
 
-def _metrics(listen: str, role: str) -> str:
+def _metrics(listen: str, role: str, tls: TlsConfig | None) -> str:
     m.register_role(role)
     if not listen:
         return ""
     from node.metrics import serve_metrics
 
     try:
-        _, _, address = serve_metrics(listen)
-    except OSError as exc:
-        raise ConfigError(f"metrics_listen: cannot bind {listen}: {exc}") from exc
+        _, _, address = serve_metrics(listen, tls)
+    except OSError as exc:  # ssl.SSLError (a certificate or key that will not load) too
+        raise ConfigError(f"metrics_listen: cannot serve {listen}: {exc}") from exc
     return address
 
 
@@ -286,7 +286,7 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
     await hub.start()
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     add_servicer(server, hub, pb.HUB_SERVICE, limit=config.max_frame_bytes)
-    metrics = _metrics(config.metrics_listen, "hub")
+    metrics = _metrics(config.metrics_listen, "hub", config.tls if config.metrics_tls else None)
     health_servicer = health.aio.HealthServicer()
     monitor = HubMonitor(hub)
     monitor.start()
@@ -336,7 +336,7 @@ async def serve_node(config: NodeConfig) -> None:
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
     add_servicer(server, documents, pb.DOCUMENT_SERVICE, limit=config.max_message_bytes)
-    metrics = _metrics(config.metrics_listen, "node")
+    metrics = _metrics(config.metrics_listen, "node", config.tls if config.metrics_tls else None)
     health_servicer = health.aio.HealthServicer()
     link = HubLink(agency, link_creds)
     link.document_store = document_store

@@ -1,10 +1,12 @@
 """``chapar status TARGET``: one screen about a running node or hub, for a person at a terminal.
 
 It reads the server's Prometheus endpoint, the same numbers the dashboards and alerts use,
-so the terminal and the dashboards never disagree, and it needs no new RPC, no credentials
-and no write access: only network reach to the metrics port (which operators bind to a
-management network). TARGET is ``HOST:PORT`` of the metrics endpoint, or with ``--demo DIR``
-the word ``hub`` or an agency code from ``DIR/addresses.json``.
+so the terminal and the dashboards never disagree, and it needs no new RPC and no write
+access: only network reach to the metrics port (which operators bind to a management
+network) and, where a server has ``metrics_tls = true``, a certificate of the national CA
+(``--ca``, ``--cert``, ``--key``). TARGET is ``HOST:PORT`` of the metrics endpoint, an
+``https://`` URL, or with ``--demo DIR`` the word ``hub`` or an agency code from
+``DIR/addresses.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["Snapshot", "fetch", "register", "render"]
+__all__ = ["Snapshot", "client_context", "fetch", "register", "render"]
 
 _LAST_ERRORS = 5
 
@@ -52,10 +55,18 @@ def parse(text: str) -> Snapshot:
     return snap
 
 
-def fetch(address: str, timeout: float = 10.0) -> Snapshot:
+def fetch(address: str, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> Snapshot:
+    """Scrapes ``address`` (``HOST:PORT`` or a URL); ``tls`` for an https:// endpoint."""
     url = address if address.startswith(("http://", "https://")) else f"http://{address}/metrics"
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
+    with urllib.request.urlopen(url, timeout=timeout, context=tls) as response:  # noqa: S310 - http(s) only
         return parse(response.read().decode("utf-8"))
+
+
+def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """Verifies the server against ``ca`` and presents ``cert`` (with its chain) and ``key``."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(cert), str(key))
+    return context
 
 
 def _age(seconds: float | None) -> str:
@@ -169,9 +180,14 @@ def _resolve(ns: argparse.Namespace) -> str:
 
 def _status(ns: argparse.Namespace) -> int:
     address = _resolve(ns)
+    tls_files = (ns.ca, ns.cert, ns.key)
+    if any(tls_files) and not all(tls_files):
+        print("error: --ca, --cert and --key go together", file=sys.stderr)
+        return 2
     try:
-        snap = fetch(address)
-    except (urllib.error.URLError, OSError) as exc:
+        tls = client_context(ns.ca, ns.cert, ns.key) if ns.ca else None
+        snap = fetch(address, tls=tls)
+    except (urllib.error.URLError, OSError) as exc:  # ssl.SSLError is an OSError
         print(f"error: cannot read metrics at {address}: {exc}", file=sys.stderr)
         return 1
     print(render(snap, address))
@@ -186,4 +202,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--demo", type=Path, metavar="DIR", help="read addresses from DIR/addresses.json"
     )
+    p.add_argument("--ca", type=Path, help="CA certificate (for metrics_tls servers)")
+    p.add_argument("--cert", type=Path, help="client certificate, with its chain")
+    p.add_argument("--key", type=Path, help="client private key")
     p.set_defaults(func=_status)

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -454,6 +458,88 @@ def test_status_shows_queues_peers_certificates_and_last_errors(
     assert down.returncode == 1
     assert "cannot read metrics" in down.stderr
     assert "Traceback" not in down.stderr
+
+
+def test_metrics_tls_serves_only_clients_with_a_certificate_of_the_national_ca(
+    tmp_path: Path,
+) -> None:
+    from certs.pki import generate_key, issue_certificate
+    from node.status import client_context, fetch
+
+    cluster = asyncio.run(
+        Cluster.start(
+            tmp_path,
+            [AGENCY_A],
+            hub_settings="metrics_tls = true",
+            node_settings="metrics_tls = true",
+        )
+    )
+    try:
+        pki, a = cluster.pki, cluster.pki.agency_dir(AGENCY_A)
+        good = client_context(pki.root_cert, a / "tls.crt", a / "tls.key")
+        anonymous = ssl.create_default_context(cafile=str(pki.root_cert))
+        ca_key, key = generate_key("ecdsa-p256"), generate_key("ecdsa-p256")
+        ca = issue_certificate(
+            issuer_cert=None, issuer_key=ca_key, subject_key=ca_key, identity_uri=None, kind="root"
+        )
+        cert = issue_certificate(
+            issuer_cert=ca, issuer_key=ca_key, subject_key=key,
+            identity_uri=f"urn:chapar:agency:{AGENCY_A}", kind="tls",
+        )  # fmt: skip
+        stranger = _context_with(pki.root_cert, cert, key, tmp_path)  # another CA's certificate
+        for server in (cluster.hub, cluster.nodes[AGENCY_A]):
+            url = server.metrics
+            assert url.startswith("https://127.0.0.1:"), url
+            assert url.endswith("/metrics"), url
+            assert fetch(url, tls=good).value("chapar_ready") is not None
+            # No client certificate, one from another CA, plain HTTP: nothing is served.
+            _assert_tls_refuses(url, anonymous)
+            _assert_tls_refuses(url, stranger)
+            with pytest.raises((ConnectionError, http.client.HTTPException)):
+                fetch(url.replace("https://", "http://"))
+        status = subprocess.run(
+            [*CHAPAR, "status", cluster.hub.metrics, "--ca", str(pki.root_cert),
+             "--cert", str(a / "tls.crt"), "--key", str(a / "tls.key")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        assert "READY (SERVING)" in status.stdout
+        refused = subprocess.run(
+            [*CHAPAR, "status", cluster.hub.metrics], capture_output=True, text=True, check=False
+        )
+        assert refused.returncode == 1
+        assert "cannot read metrics" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        codes = cluster.stop()
+    assert all(code == 0 for code in codes.values()), codes
+
+
+def _assert_tls_refuses(url: str, context: ssl.SSLContext) -> None:
+    """The handshake, or under TLS 1.3 the first read after it, fails with an SSL error
+    (urllib wraps it in URLError when it comes during the handshake)."""
+    from node.status import fetch
+
+    with pytest.raises((ssl.SSLError, urllib.error.URLError)) as info:
+        fetch(url, tls=context)
+    error = info.value
+    assert isinstance(error, ssl.SSLError) or isinstance(error.reason, ssl.SSLError), error
+
+
+def _context_with(ca: Path, cert: Any, key: Any, where: Path) -> ssl.SSLContext:
+    from cryptography.hazmat.primitives import serialization
+
+    (where / "c.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (where / "c.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    from node.status import client_context
+
+    return client_context(ca, where / "c.crt", where / "c.key")
 
 
 # -- configuration errors stop start-up -----------------------------------------------------

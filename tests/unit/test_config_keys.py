@@ -107,3 +107,14 @@ def test_unknown_key_is_refused_by_its_path(
 def test_valid_configurations_load(tmp_path: Path) -> None:
     assert load_node_config(_write(tmp_path, NODE)).metrics_interval_s == 5.0
     assert load_hub_config(_write(tmp_path, HUB)).metrics_top_n == 10
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ('"yes"', None)])
+def test_metrics_tls_is_a_boolean(tmp_path: Path, value: str, expected: bool | None) -> None:
+    for load, text, section in ((load_node_config, NODE, "node"), (load_hub_config, HUB, "hub")):
+        path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]\nmetrics_tls = {value}"))
+        if expected is None:
+            with pytest.raises(ConfigError, match=f"{section}.metrics_tls: must be true or false"):
+                load(path)
+        else:
+            assert load(path).metrics_tls is expected
