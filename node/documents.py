@@ -270,13 +270,8 @@ class Documents(pb.DocumentServiceServicer):
         finally:
             reader.close()
         assert fetch.task is not None
-        if fetch.task.cancelled():  # the node is stopping, or the hub link never came back
-            error: BaseException | None = ChaparError(
-                Code.UNAVAILABLE,
-                "FETCH_INTERRUPTED",
-                "the fetch through the hub was interrupted; retry the download",
-                retry_after_s=1.0,
-            )
+        if fetch.task.cancelled():  # the node is stopping
+            error: BaseException | None = _interrupted()
         else:
             error = fetch.task.exception()
         if error is not None and not isinstance(error, ChaparError):
@@ -371,6 +366,15 @@ class Documents(pb.DocumentServiceServicer):
         return size
 
 
+def _interrupted() -> ChaparError:
+    return ChaparError(
+        Code.UNAVAILABLE,
+        "FETCH_INTERRUPTED",
+        "the fetch through the hub was interrupted; retry the download",
+        retry_after_s=1.0,
+    )
+
+
 def _fetch_error(uri: str, exc: grpc.aio.AioRpcError) -> ChaparError:
     error = from_rpc_error(exc)
     return ChaparError(
@@ -413,8 +417,15 @@ class _Fetch:
             return self._size.result()
         try:
             return await self.task  # raises what ended the fetch
-        except (ChaparError, asyncio.CancelledError):
+        except ChaparError:
             raise
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # our download itself is cancelled
+            # The fetch was (the node is stopping): an answer, not a silent cancellation,
+            # which would leave the back-end's call without a status.
+            raise _interrupted() from None
         except Exception as exc:
             log.error("fetch failed: %r", exc)
             raise ChaparError(

@@ -135,3 +135,34 @@ def test_document_address_round_trips_and_refuses_anything_else() -> None:
         with pytest.raises(ChaparError) as info:
             parse_document_uri(bad)
         assert info.value.reason == "INVALID_DOCUMENT_URI"
+
+
+async def test_a_download_waiting_on_a_cancelled_fetch_gets_an_answer_not_a_cancellation(
+    tmp_path: Path,
+) -> None:
+    """A fetch cancelled under a waiting download (the node stopping) must end that
+    download with a status: a CancelledError out of the handler sends the client none."""
+    import asyncio
+
+    from node.documents import _Fetch
+
+    fetch = _Fetch(_store(tmp_path).writer())
+    try:
+        fetch.task = asyncio.create_task(asyncio.sleep(3600))
+        waiting = asyncio.create_task(fetch.total())
+        await asyncio.sleep(0)
+        fetch.task.cancel()
+        with pytest.raises(ChaparError) as info:
+            await waiting
+        assert info.value.code == Code.UNAVAILABLE
+        assert info.value.reason == "FETCH_INTERRUPTED"
+        # A download cancelled itself still ends cancelled.
+        fetch.task = asyncio.create_task(asyncio.sleep(3600))
+        waiting = asyncio.create_task(fetch.total())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        fetch.task.cancel()
+    finally:
+        fetch.writer.discard()
