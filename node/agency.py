@@ -137,12 +137,32 @@ class Agency(pb.NodeServiceServicer):
                 await self._purger
 
     async def purge(self) -> int:
-        """Drops bodies of letters done with more than retention_s ago (evidence stays)."""
+        """Drops bodies of letters done with more than retention_s ago (evidence stays),
+        then, with ``[documents] retention_s``, the documents no kept letter needs."""
         before = time.time() - self.config.retention_s
         total = await drain(lambda: self.store.purge(before))
         if total:
             log.info("retention: purged %d letter bodies", total)
+        if self.config.documents_retention_s > 0 and self.document_store is not None:
+            await self.purge_documents(time.time() - self.config.documents_retention_s)
         return total
+
+    async def purge_documents(self, cutoff: float) -> int:
+        """Removes the documents unused since ``cutoff`` (uploaded, fetched, re-uploaded or
+        attached to a letter before it) that no letter whose body is kept references."""
+        store = self.document_store
+        assert store is not None
+        candidates = await asyncio.to_thread(store.unused_since, cutoff)
+        removed = 0
+        for start in range(0, len(candidates), 500):
+            chunk = candidates[start : start + 500]
+            in_use = await self.store.documents_in_use(chunk)
+            # No await from the mtime check to the unlink: a submission attaching one of
+            # these touches it first (_check_documents), and it is then kept.
+            removed += sum(store.remove_unused(d, cutoff) for d in chunk if d not in in_use)
+        if removed:
+            log.info("retention: removed %d documents", removed)
+        return removed
 
     # -- directory ------------------------------------------------------------------------
 
@@ -390,6 +410,8 @@ class Agency(pb.NodeServiceServicer):
         for i, ref in enumerate(draft.attachments):
             store = self.document_store
             size = store.size(ref.sha256) if store is not None else None
+            if store is not None and size is not None:
+                store.touch(ref.sha256)  # in use again: document retention counts from now
             if size is None:
                 raise ChaparError(
                     Code.NOT_FOUND,

@@ -121,6 +121,9 @@ class NodeConfig:
     metrics_interval_s: float = 5.0
     documents: DocumentLimits = field(default_factory=DocumentLimits)
     documents_dir: Path = Path("documents")
+    # Documents older than this that no letter kept whole still references are removed;
+    # 0 keeps every document.
+    documents_retention_s: float = 0.0
 
     @property
     def identity(self) -> Identity:
@@ -389,7 +392,7 @@ def _clients(t: _Table) -> dict[str, frozenset[str]]:
     return clients
 
 
-def _documents(t: _Table) -> tuple[DocumentLimits, Path]:
+def _documents(t: _Table) -> tuple[DocumentLimits, Path, float]:
     docs = t.table("documents", required=False)
     defaults = DocumentLimits()
     raw = docs.get("media_types", sorted(defaults.media_types))
@@ -405,7 +408,8 @@ def _documents(t: _Table) -> tuple[DocumentLimits, Path]:
         max_file_bytes=docs.integer("max_file_bytes", defaults.max_file_bytes),
         media_types=frozenset(raw),
     )
-    return limits, docs.path_("directory", must_exist=False, default="documents")
+    directory = docs.path_("directory", must_exist=False, default="documents")
+    return limits, directory, docs.number("retention_s", 0.0)
 
 
 def load_node_config(path: Path) -> NodeConfig:
@@ -422,7 +426,7 @@ def _node_config(t: _Table) -> NodeConfig:
         raise ConfigError(f"node.agency: {agency!r} is not 2-64 characters of A-Z 0-9 . -")
     limits = t.table("limits", required=False)
     defaults = LetterLimits()
-    documents, documents_dir = _documents(t)
+    documents, documents_dir, documents_retention_s = _documents(t)
     return NodeConfig(
         agency=agency,
         listen=node.listen("listen"),
@@ -450,4 +454,5 @@ def _node_config(t: _Table) -> NodeConfig:
         metrics_interval_s=node.positive("metrics_interval_s", 5.0),
         documents=documents,
         documents_dir=documents_dir,
+        documents_retention_s=documents_retention_s,
     )

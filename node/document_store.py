@@ -64,6 +64,33 @@ class DocumentStore:
         with contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()
 
+    def touch(self, digest: bytes) -> None:
+        """Marks a document as used now (retention counts from its last use)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(digest))
+
+    def unused_since(self, cutoff: float) -> list[bytes]:
+        """Digests of the documents last written or touched before ``cutoff`` (a walk of
+        the store: run it in a thread)."""
+        found: list[bytes] = []
+        for folder in (self.root / "sha256").iterdir():
+            for entry in os.scandir(folder):
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    if entry.stat().st_mtime < cutoff:
+                        found.append(bytes.fromhex(entry.name))
+        return found
+
+    def remove_unused(self, digest: bytes, cutoff: float) -> bool:
+        """Removes a document still unused since ``cutoff``; False if it was used since."""
+        path = self.path(digest)
+        try:
+            if path.stat().st_mtime >= cutoff:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
 
 class DocumentWriter:
     """One document being written: a temporary file and a running SHA-256."""

@@ -643,6 +643,16 @@ class NodeStore(Store):
             )
         )
 
+    async def documents_in_use(self, digests: Sequence[bytes]) -> set[bytes]:
+        """The ``digests`` attached to a letter whose body is still kept (not purged)."""
+        rows = await self.db.fetchall_in(
+            "SELECT DISTINCT d.sha256 FROM letter_documents d WHERE d.sha256 IN ({marks}) AND ("
+            " EXISTS (SELECT 1 FROM outbox o WHERE o.shams = d.shams AND o.purged = 0) OR"
+            " EXISTS (SELECT 1 FROM inbox i WHERE i.shams = d.shams AND i.purged = 0))",
+            digests,
+        )
+        return {bytes(r[0]) for r in rows}
+
     async def index_documents(self) -> int:
         """Indexes the attachments of letters stored before ``letter_documents`` existed,
         once; returns how many letters had some."""

@@ -520,6 +520,48 @@ async def test_a_fetch_cut_by_a_hub_restart_resumes_from_its_offset(tmp_path: Pa
     assert all(code == 0 for code in codes.values()), codes
 
 
+async def test_document_retention_removes_what_no_kept_letter_needs(tmp_path: Path) -> None:
+    """[documents] retention_s = 1: a document goes once unused for a second and every
+    letter referencing it has had its body purged; one attached to a letter still on its
+    way stays, however old."""
+    settings = "retention_s = 1\npurge_interval_s = 0.3\n" + _SETTINGS.replace(
+        "[documents]\n", "[documents]\nretention_s = 1\n"
+    )
+    cluster = await Cluster.start(
+        tmp_path / "c",
+        [AGENCY_A, AGENCY_B, AGENCY_C],
+        node_settings=settings,
+        without_node=[AGENCY_C],
+    )
+    files = {}
+    for name in ("loose", "delivered", "pending"):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_bytes(os.urandom(2000))
+    try:
+        async with _client(cluster, AGENCY_A) as a, _client(cluster, AGENCY_B) as b:
+            loose = await a.upload(files["loose"])
+            ref, _ = await _send_with(cluster, files["delivered"], b)
+            assert await _read(b, ref.uri) == files["delivered"].read_bytes()  # B holds a copy
+            await a.send(to=[AGENCY_C], subject="waits", body="x", attachments=[files["pending"]])
+
+        def held(agency: str) -> set[str]:
+            return {p.name for p in _stored_files(cluster, agency)}
+
+        deadline = time.monotonic() + 30
+        while held(AGENCY_A) & {loose.sha256.hex(), ref.sha256.hex()} or ref.sha256.hex() in held(
+            AGENCY_B
+        ):
+            assert time.monotonic() < deadline, (held(AGENCY_A), held(AGENCY_B))
+            await asyncio.sleep(0.2)
+        pending = hashlib.sha256(files["pending"].read_bytes()).hexdigest()
+        assert pending in held(AGENCY_A)  # its letter to C is not delivered: body kept
+        log = (cluster.root / f"node-{AGENCY_A}" / "node.log").read_text()
+        assert "retention: removed" in log
+    finally:
+        codes = cluster.stop()
+    assert all(code == 0 for code in codes.values()), codes
+
+
 def _node_tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
     d = cluster.pki.agency_dir(code)
     return grpc.ssl_channel_credentials(

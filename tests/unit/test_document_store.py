@@ -6,6 +6,8 @@ Real files under tmp_path: what is visible after a write, a refusal, or a crash'
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,30 @@ async def test_a_download_waiting_on_a_cancelled_fetch_gets_an_answer_not_a_canc
         fetch.task.cancel()
     finally:
         fetch.writer.discard()
+
+
+async def _stored(store: DocumentStore, content: bytes, mtime: float | None = None) -> bytes:
+    writer = store.writer()
+    writer.write(content)
+    digest, _, _ = await writer.commit()
+    if mtime is not None:
+        os.utime(store.path(digest), (mtime, mtime))
+    return digest
+
+
+async def test_only_documents_unused_since_the_cutoff_are_candidates_and_removed(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path)
+    now = time.time()
+    old = await _stored(store, b"old", now - 1000)
+    touched = await _stored(store, b"touched again", now - 1000)
+    fresh = await _stored(store, b"fresh")
+    store.touch(touched)
+    assert store.unused_since(now - 100) == [old]
+    assert store.remove_unused(old, now - 100)
+    assert not store.remove_unused(old, now - 100)  # already gone
+    assert not store.remove_unused(fresh, now - 100)  # used since the cutoff
+    assert store.size(old) is None
+    assert store.size(touched) == len(b"touched again")
+    assert store.size(fresh) == len(b"fresh")

@@ -1039,3 +1039,30 @@ async def test_letters_stored_before_the_document_index_are_indexed_once(tmp_pat
         assert await store.index_documents() == 0  # once
     finally:
         await store.close()
+
+
+async def test_a_document_is_in_use_while_a_letter_referencing_it_keeps_its_body(
+    store: NodeStore,
+) -> None:
+    sent, received, loose = (hashlib.sha256(n).digest() for n in (b"s", b"r", b"l"))
+
+    def build(_i: int, shams: pb.Shams) -> NewLetter:
+        return dataclasses.replace(_new_letter(shams), documents=[sent])
+
+    await _submit_one(store, "attaching", build)
+    shams, sender, boxes, envelope = _incoming(2)
+    await store.store_incoming(
+        [(shams, sender, boxes, envelope)], DeliveryMaker(), documents=[[received]]
+    )
+    assert await store.documents_in_use([sent, received, loose]) == {sent, received}
+
+    def purged(table: str) -> Callable[[sqlite3.Connection], None]:
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(f"UPDATE {table} SET purged = 1")
+
+        return job
+
+    await store.db.write(purged("outbox"))
+    assert await store.documents_in_use([sent, received, loose]) == {received}
+    await store.db.write(purged("inbox"))
+    assert await store.documents_in_use([sent, received, loose]) == set()
