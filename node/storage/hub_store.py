@@ -305,10 +305,6 @@ class HubStore(Store):
             )
         return int(row[0]) if row else 0
 
-    async def sender_of(self, shams: str) -> str | None:
-        row = await self.db.fetchone("SELECT sender FROM letters WHERE shams = ?", (shams,))
-        return str(row[0]) if row else None
-
     async def record_receipts(
         self, recipient: str, items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]]
     ) -> tuple[list[str], int, list[str]]:
