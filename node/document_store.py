@@ -74,10 +74,11 @@ class DocumentStore:
         the store: run it in a thread)."""
         found: list[bytes] = []
         for folder in (self.root / "sha256").iterdir():
-            for entry in os.scandir(folder):
-                with contextlib.suppress(FileNotFoundError, ValueError):
-                    if entry.stat().st_mtime < cutoff:
-                        found.append(bytes.fromhex(entry.name))
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    with contextlib.suppress(FileNotFoundError, ValueError):
+                        if entry.stat().st_mtime < cutoff:
+                            found.append(bytes.fromhex(entry.name))
         return found
 
     def remove_unused(self, digest: bytes, cutoff: float) -> bool:
