@@ -15,6 +15,7 @@ import os
 import signal
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ __all__ = ["LOG_FIELDS", "check_key_file", "configure_logging", "serve_hub", "se
 
 if TYPE_CHECKING:
     from node.agency import Agency
+    from node.storage.db import Database
 
 log = logging.getLogger("chapar.server")
 _HEALTH_POLL_S = 0.25
@@ -228,8 +230,11 @@ async def _watch_node_health(
             )
 
 
-def _metrics(listen: str, role: str, tls: TlsConfig | None) -> str:
+def _metrics(listen: str, role: str, tls: TlsConfig | None, db: Database) -> str:
     m.register_role(role)
+    main = threading.get_ident()  # this runs in the event loop's thread
+    m.track_thread_cpu("event_loop", lambda: main)
+    m.track_thread_cpu("db_writer", lambda: db.writer_thread)
     if not listen:
         return ""
     from node.metrics import serve_metrics
@@ -286,7 +291,9 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
     await hub.start()
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     add_servicer(server, hub, pb.HUB_SERVICE, limit=config.max_frame_bytes)
-    metrics = _metrics(config.metrics_listen, "hub", config.tls if config.metrics_tls else None)
+    metrics = _metrics(
+        config.metrics_listen, "hub", config.tls if config.metrics_tls else None, store.db
+    )
     health_servicer = health.aio.HealthServicer()
     monitor = HubMonitor(hub)
     monitor.start()
@@ -336,7 +343,9 @@ async def serve_node(config: NodeConfig) -> None:
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
     add_servicer(server, documents, pb.DOCUMENT_SERVICE, limit=config.max_message_bytes)
-    metrics = _metrics(config.metrics_listen, "node", config.tls if config.metrics_tls else None)
+    metrics = _metrics(
+        config.metrics_listen, "node", config.tls if config.metrics_tls else None, store.db
+    )
     health_servicer = health.aio.HealthServicer()
     link = HubLink(agency, link_creds)
     link.document_store = document_store

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ class Database:
         self._closing = False
         self.commits = 0
         self.jobs = 0
+        self.writer_thread: int | None = None  # its thread id, once the writer has run
 
     @classmethod
     async def open(
@@ -113,6 +115,7 @@ class Database:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _connect_writer(self, migrations: Sequence[str]) -> None:
+        self.writer_thread = threading.get_ident()  # runs in the writer thread
         conn = sqlite3.connect(self.path, isolation_level=None)
         self._writer = conn
         for pragma in _pragmas(self.durability):

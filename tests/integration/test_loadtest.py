@@ -54,6 +54,10 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
     assert isinstance(processes, dict)
     assert set(processes) == {"hub", "node-SENDER.A", "node-RECIPIENT.B", "loadgen"}
     assert all(p["cpu_s"] > 0 and p["peak_rss_mb"] > 10 for p in processes.values())
+    for name in ("hub", "node-SENDER.A", "node-RECIPIENT.B"):  # the servers' own threads
+        server = processes[name]
+        assert 0 < server["db_writer_cpu_s"] < server["cpu_s"], server
+        assert 0 < server["event_loop_cpu_s"] <= server["cpu_s"], server
 
 
 def test_cli_run_with_a_hub_crash_loses_nothing_and_writes_json(tmp_path: Path) -> None:

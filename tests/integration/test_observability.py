@@ -38,6 +38,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from client_sdk import ExchangeClient, pb
 from client_sdk.errors import NotFound
+from loadtest.harness import proc_stats
 from node.cluster import Cluster
 from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C
 
@@ -166,6 +167,12 @@ def test_counters_and_stage_latencies_match_the_letters_sent(
     assert hub[f'chapar_hub_queue_top_depth{{agency="{AGENCY_C}",rank="1"}}'] == 1
     assert not any(k.startswith("chapar_node_") for k in hub)  # each role its own metrics
     assert not any(k.startswith("chapar_hub_queue") for k in sa)
+    # The threads that do the work, from their own CPU clocks: both worked, and no thread
+    # used more CPU than the process has.
+    for samples, server in ((hub, obs.hub), (sa, obs.nodes[AGENCY_A])):
+        loop = samples['chapar_thread_cpu_seconds_total{thread="event_loop"}']
+        writer = samples['chapar_thread_cpu_seconds_total{thread="db_writer"}']
+        assert 0 < writer < loop <= proc_stats(server)["cpu_s"] + 0.05, (loop, writer)
 
 
 # -- promtool and a real Prometheus -------------------------------------------------------
