@@ -852,6 +852,28 @@ def _body_bytes(draft: Draft) -> int:
     return len(body) if isinstance(body, bytes) else len(body.encode())
 
 
+class _Frame:
+    """The drafts of one stream frame: at most ``size`` of them and STREAM_FRAME_BYTES of
+    bodies, and always at least one (a single letter at the limit still goes)."""
+
+    def __init__(self, size: int) -> None:
+        self.drafts: list[Draft] = []
+        self._size = size
+        self._bytes = 0
+
+    def take(self, draft: Draft) -> bool:
+        """Adds ``draft``; False (and not added) when it must start the next frame."""
+        self._bytes += _body_bytes(draft)
+        if self.drafts and self._bytes > STREAM_FRAME_BYTES:
+            return False
+        self.drafts.append(draft)
+        return True
+
+    @property
+    def full(self) -> bool:
+        return len(self.drafts) >= self._size
+
+
 class _SyncFeed:
     """Batches from a plain iterable, read on the event loop."""
 
@@ -861,19 +883,16 @@ class _SyncFeed:
         self._held: Draft | None = None  # read, but did not fit in the last frame
 
     async def next_batch(self) -> list[Draft]:
-        batch: list[Draft] = []
-        total = 0
+        frame = _Frame(self._size)
         pending = [self._held] if self._held is not None else []
         self._held = None
         for draft in chain(pending, self._drafts):
-            total += _body_bytes(draft)
-            if batch and total > STREAM_FRAME_BYTES:
+            if not frame.take(draft):
                 self._held = draft
-                return batch
-            batch.append(draft)
-            if len(batch) >= self._size:
-                return batch
-        return batch
+                break
+            if frame.full:
+                break
+        return frame.drafts
 
     async def aclose(self) -> None:
         pass
@@ -965,30 +984,27 @@ class _AsyncFeed:
             await self._queue.put(_End())
 
     async def next_batch(self) -> list[Draft]:
-        batch: list[Draft] = []
-        total = 0
+        frame = _Frame(self._size)
         item = self._held or await self._queue.get()
         self._held = None
         while True:
             if isinstance(item, _End | _Failed):
                 # Send what came before the end or the failure first.
                 self._held = item
-                if batch:
-                    return batch
+                if frame.drafts:
+                    return frame.drafts
                 if isinstance(item, _Failed):
                     raise item.error
-                return batch
-            total += _body_bytes(item)
-            if batch and total > STREAM_FRAME_BYTES:
+                return frame.drafts
+            if not frame.take(item):
                 self._held = item  # the next frame starts with it
-                return batch
-            batch.append(item)
-            if len(batch) >= self._size:
-                return batch
+                return frame.drafts
+            if frame.full:
+                return frame.drafts
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                return batch
+                return frame.drafts
 
     async def aclose(self) -> None:
         self._pump.cancel()
