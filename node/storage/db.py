@@ -172,6 +172,20 @@ class Database:
             rows.extend(await self.fetchall(sql.format(marks=marks), (*params, *chunk)))
         return rows
 
+    async def fetch_page(
+        self, sizes_sql: str, rows_sql: str, params: Sequence[Any], limit: int, max_bytes: int
+    ) -> Page[aiosqlite.Row]:
+        """Rows read in two steps so that large rows are never all loaded at once:
+        ``sizes_sql`` (params, then ``limit``) gives (key, size) in key order; as many as
+        fit in ``max_bytes`` (at least one) are then read with ``rows_sql`` (params, then
+        the last key taken and the count). ``more`` if the read stopped at either limit."""
+        sizes = await self.fetchall(sizes_sql, (*params, limit))
+        count = fits([int(r[1]) for r in sizes], max_bytes)
+        if not count:
+            return Page([], more=False)
+        rows = await self.fetchall(rows_sql, (*params, int(sizes[count - 1][0]), count))
+        return Page(rows, more=len(sizes) == limit or count < len(sizes))
+
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
         assert self._reader is not None
         async with self._reader.execute(sql, params) as cur:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from client_sdk import pb
 from node.core import lifecycle
-from node.storage.db import Page, Store, advance_state, advance_states, existing, fits, rows_in
+from node.storage.db import Page, Store, advance_state, advance_states, existing, rows_in
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
 
@@ -208,22 +208,14 @@ class HubStore(Store):
             "FROM queue q JOIN envelopes e ON e.shams = q.shams "
             "WHERE q.recipient = ? AND q.id > ? AND (q.expire_at IS NULL OR q.expire_at > ?) "
         )
-        now = time.time()
-        sizes = await self.db.fetchall(
+        page = await self.db.fetch_page(
             f"SELECT q.id, length(e.envelope) {waiting} ORDER BY q.id LIMIT ?",
-            (recipient, after, now, limit),
-        )
-        count = fits([int(r[1]) for r in sizes], max_bytes)
-        if not count:
-            return Page([], more=False)
-        rows = await self.db.fetchall(
             f"SELECT q.id, q.shams, e.envelope {waiting} AND q.id <= ? ORDER BY q.id LIMIT ?",
-            (recipient, after, now, int(sizes[count - 1][0]), count),
+            (recipient, after, time.time()),
+            limit,
+            max_bytes,
         )
-        return Page(
-            [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows],
-            more=len(sizes) == limit or count < len(sizes),
-        )
+        return Page([(int(r[0]), str(r[1]), bytes(r[2])) for r in page], page.more)
 
     async def depths(self) -> dict[str, int]:
         """Queue depth per recipient (read once at start; the hub counts from there)."""

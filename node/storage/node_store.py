@@ -21,7 +21,7 @@ from typing import TypeVar
 from client_sdk import pb
 from node.core import lifecycle
 from node.core.errors import letter_not_found
-from node.storage.db import Database, Job, Page, Store, advance_states, existing, fits, rows_in
+from node.storage.db import Database, Job, Page, Store, advance_states, existing, rows_in
 
 __all__ = ["MIGRATIONS", "EvidenceListener", "NewLetter", "NodeStore", "StoredLetter"]
 
@@ -421,25 +421,21 @@ class NodeStore(Store):
             "FROM inbox i LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams "
             "WHERE i.handover IS NULL AND i.rowid > ? "
         )
-        sizes = await self.db.fetchall(
+        page = await self.db.fetch_page(
             "SELECT i.rowid, length(i.envelope) + coalesce(length(b.body), 0) "
             f"{unacked} ORDER BY i.rowid LIMIT ?",
-            (after, limit),
-        )
-        count = fits([int(r[1]) for r in sizes], max_bytes)
-        if not count:
-            return Page([], more=False)
-        rows = await self.db.fetchall(
             "SELECT i.rowid, i.shams, i.mailboxes, i.envelope, i.delivery, i.received_at, b.body "
             f"{unacked} AND i.rowid <= ? ORDER BY i.rowid LIMIT ?",
-            (after, int(sizes[count - 1][0]), count),
+            (after,),
+            limit,
+            max_bytes,
         )
         return Page(
             [
                 (int(r[0]), str(r[1]), str(r[2]), _with_body(r[3], r[6]), bytes(r[4]), float(r[5]))
-                for r in rows
+                for r in page
             ],
-            more=len(sizes) == limit or count < len(sizes),
+            page.more,
         )
 
     async def record_handovers(self, items: Sequence[tuple[str, pb.Evidence]]) -> list[pb.Evidence]:
