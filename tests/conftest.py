@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -52,6 +54,16 @@ def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.Comp
         timeout=timeout,
         check=False,
     )
+
+
+def run_module_json(
+    module: str, *args: str, out: Path, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``run_module`` with ``--json out``: asserts it succeeded, returns it and the report."""
+    result = run_module(module, *args, "--json", str(out), timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report: dict[str, Any] = json.loads(out.read_text())
+    return result, report
 
 
 def client_credentials(cluster: Cluster, agency: str, name: str) -> Credentials:

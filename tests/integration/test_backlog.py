@@ -7,12 +7,11 @@ inbox once, verified, with DELIVERY evidence, and the hub's queue ends empty.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import run_module_json
 
 pytestmark = pytest.mark.integration
 
@@ -20,14 +19,12 @@ N = 2000
 
 
 def test_a_prefilled_backlog_drains_exactly_once_with_a_small_hub(tmp_path: Path) -> None:
-    out = tmp_path / "backlog.json"
-    result = run_module(
+    result, report = run_module_json(
         "loadtest.backlog",
         *("--letters", str(N), "--idle-seconds", "1", "--window-seconds", "2"),
-        *("--workdir", str(tmp_path / "cluster"), "--json", str(out)),
+        *("--workdir", str(tmp_path / "cluster")),
+        out=tmp_path / "backlog.json",
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(out.read_text())
     assert report["letters"] == N
     assert report["verified"] == {
         "inbox_rows": N,

@@ -6,24 +6,21 @@ process's share is reported, and two sizes give a fit of a fixed and a per-lette
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import run_module, run_module_json
 
 pytestmark = pytest.mark.integration
 
 
 def test_each_batch_is_handed_over_and_each_process_is_counted(tmp_path: Path) -> None:
-    out = tmp_path / "cost.json"
-    result = run_module(
+    result, report = run_module_json(
         "loadtest.batch_cost",
-        *("--sizes", "1", "4", "--batches", "3", "--pause-seconds", "0.1", "--json", str(out)),
+        *("--sizes", "1", "4", "--batches", "3", "--pause-seconds", "0.1"),
+        out=tmp_path / "cost.json",
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(out.read_text())
     assert [(r["size"], r["handed_over"]) for r in report["rows"]] == [(1, 3), (4, 12)]
     for row in report["rows"]:
         costs = row["cpu_ms_per_batch"]

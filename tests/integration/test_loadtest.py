@@ -7,14 +7,13 @@ speed is measured by `chapar loadtest` and written up in docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
 import pytest
 
 from loadtest.harness import Params, _Pacer, _Stats, _windows, run
-from tests.conftest import run_module
+from tests.conftest import run_module, run_module_json
 
 pytestmark = pytest.mark.integration
 
@@ -61,15 +60,13 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
 
 
 def test_cli_run_with_a_hub_crash_loses_nothing_and_writes_json(tmp_path: Path) -> None:
-    out = tmp_path / "report.json"
-    result = run_module(
+    result, report = run_module_json(
         "node",
         *("loadtest", "--letters", "900", "--senders", "2", "--rate", "300"),
-        *("--fault", "kill-hub@1.5s", "--baseline-seconds", "0", "--json", str(out)),
+        *("--fault", "kill-hub@1.5s", "--baseline-seconds", "0"),
+        out=tmp_path / "report.json",
         timeout=240,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(out.read_text())
     assert report["letters"] == 900
     assert (report["lost"], report["duplicates"]) == (0, 0)
     assert report["params"]["faults"] == ["kill-hub@1.5s"]
