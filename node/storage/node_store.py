@@ -268,7 +268,8 @@ class NodeStore(Store):
                 ],
             )
             _index_documents(
-                conn, [(b.shams_text, [b.mailbox], b.documents) for b in built.values()]
+                conn,
+                [(b.shams_text, [b.mailbox], b.documents) for b in built.values() if b.documents],
             )
             out: list[pb.Receipt] = []
             for i, rid in enumerate(request_ids):
@@ -404,7 +405,11 @@ class NodeStore(Store):
             if documents:
                 _index_documents(
                     conn,
-                    [(shams, letters[i][2], documents[i]) for shams, (i, _) in new.items()],
+                    [
+                        (shams, letters[i][2], documents[i])
+                        for shams, (i, _) in new.items()
+                        if documents[i]
+                    ],
                 )
             return out, [(s, c) for s, _, _, _, c, _ in rows]
 
@@ -657,18 +662,15 @@ class NodeStore(Store):
             if conn.execute("SELECT 1 FROM meta WHERE key = ?", (_DOCUMENTS_INDEXED,)).fetchone():
                 return 0
             items: list[tuple[str, Sequence[str], Sequence[bytes]]] = []
-            for shams, envelope in conn.execute("SELECT shams, envelope FROM outbox"):
-                header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(envelope).header)
-                if header.attachments:
-                    digests = [a.sha256 for a in header.attachments]
-                    items.append((str(shams), [header.sender.mailbox], digests))
+            # Sent letters belong to the sender's mailbox, received ones to those stored.
             for shams, boxes, envelope in conn.execute(
-                "SELECT shams, mailboxes, envelope FROM inbox"
+                "SELECT shams, NULL, envelope FROM outbox"
+                " UNION ALL SELECT shams, mailboxes, envelope FROM inbox"
             ):
                 header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(envelope).header)
                 if header.attachments:
-                    digests = [a.sha256 for a in header.attachments]
-                    items.append((str(shams), str(boxes).split("\n"), digests))
+                    mailboxes = [header.sender.mailbox] if boxes is None else boxes.split("\n")
+                    items.append((str(shams), mailboxes, [a.sha256 for a in header.attachments]))
             _index_documents(conn, items)
             conn.execute("INSERT INTO meta (key, value) VALUES (?, x'01')", (_DOCUMENTS_INDEXED,))
             return len(items)
