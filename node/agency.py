@@ -410,7 +410,7 @@ class Agency(pb.NodeServiceServicer):
         for i, ref in enumerate(draft.attachments):
             store = self.document_store
             size = store.size(ref.sha256) if store is not None else None
-            if store is not None and size is not None:
+            if store is not None and size is not None and self.config.documents_retention_s:
                 store.touch(ref.sha256)  # in use again: document retention counts from now
             if size is None:
                 raise ChaparError(
