@@ -300,17 +300,14 @@ class Documents(pb.DocumentServiceServicer):
         try:
             link = self.link
             while True:
-                stub = None
-                if link is not None:
-                    wait = 0.0 if resume_by is None else max(0.0, resume_by - loop.time())
-                    stub = link.stub if resume_by is None else await link.wait_stub(wait)
+                if link is None:
+                    stub = None
+                elif resume_by is None:
+                    stub = link.stub
+                else:  # after a break: the link may be reconnecting
+                    stub = await link.wait_stub(max(0.0, resume_by - loop.time()))
                 if stub is None:
-                    raise ChaparError(
-                        Code.UNAVAILABLE,
-                        "HUB_UNAVAILABLE",
-                        "the node is not connected to the hub; retry",
-                        retry_after_s=1.0,
-                    )
+                    raise _hub_unavailable("the node is not connected to the hub")
                 offset = writer.size
                 call = stub.FetchDocument(pb.FetchDocumentRequest(uri=uri, offset=offset))
                 failure: grpc.aio.AioRpcError | None = None
@@ -343,12 +340,7 @@ class Documents(pb.DocumentServiceServicer):
                 elif loop.time() >= resume_by:
                     if failure is not None:
                         raise _fetch_error(uri, failure) from failure
-                    raise ChaparError(
-                        Code.UNAVAILABLE,
-                        "HUB_UNAVAILABLE",
-                        "the hub link did not come back; retry",
-                        retry_after_s=1.0,
-                    )
+                    raise _hub_unavailable("the hub link did not come back")
                 log.warning(
                     "fetch of %s broke at %d bytes (%s); resuming",
                     uri,
@@ -366,6 +358,10 @@ class Documents(pb.DocumentServiceServicer):
             fetch.notify(final=True)
         log.info("fetched %s (%d bytes), digest verified", uri, size)
         return size
+
+
+def _hub_unavailable(why: str) -> ChaparError:
+    return ChaparError(Code.UNAVAILABLE, "HUB_UNAVAILABLE", f"{why}; retry", retry_after_s=1.0)
 
 
 def _interrupted() -> ChaparError:
