@@ -1,12 +1,15 @@
 """``chapar loadtest``: how much the exchange carries, checked letter by letter.
 
-Starts a hub and agency nodes as real processes (fresh PKI, mTLS on loopback) and drives
-them only through the public client_sdk: S concurrent senders stream letters from agency A
-to agency B, flat out or at a fixed offered rate, for a number of letters or a duration,
-optionally with faults (``--fault kill-hub@10s``). B's back-end reads its inbox, verifies
-each letter's signature and DELIVERY evidence, and acknowledges it (HANDOVER). The report:
-throughput, latency percentiles per stage, lost and duplicated letters, CPU seconds and
-peak RSS of every process, and a same-run raw gRPC streaming baseline for the ratio.
+Starts a hub and N agency nodes as real processes (fresh PKI, mTLS on loopback), or
+targets running servers by address (``--targets FILE``, see ``loadtest.targets``), and
+drives them only through the public client_sdk. The nodes form a chain: S concurrent
+senders, spread over every node but the last, stream letters from each node to the next
+(two nodes: agency A to agency B), flat out or at a fixed offered rate, for a number of
+letters or a duration, optionally with faults (``--fault kill-hub@10s``). Each receiving
+node's back-end reads its inbox, verifies each letter's signature and DELIVERY evidence,
+and acknowledges it (HANDOVER). The report: throughput, latency percentiles per stage,
+lost, duplicated and misrouted letters, CPU seconds and peak RSS of every process, and a
+same-run raw gRPC streaming baseline for the ratio.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
 import random
 import resource
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -27,15 +32,28 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from certs.pki import init_pki
 from client_sdk import ChaparError, Draft, ExchangeClient, Receipt
 from loadtest.baseline import measure_baseline
+from loadtest.targets import Endpoint, Targets, TargetsError, load_targets
 from node import faults
 from node.cluster import Cluster, ServerProcess
-from node.status import fetch
+from node.status import Snapshot, fetch
 
-__all__ = ["Params", "proc_stats", "register", "run"]
+__all__ = ["Params", "node_names", "proc_stats", "register", "run"]
 
 A, B = "SENDER.A", "RECIPIENT.B"
+MAX_NODES = 26
+
+
+def node_names(n: int) -> list[str]:
+    """The agencies of a local run, in chain order: the historic pair for two nodes (so
+    reports stay comparable), AGENCY.A, AGENCY.B, ... for more."""
+    if not 2 <= n <= MAX_NODES:
+        raise ValueError(f"a run needs 2 to {MAX_NODES} nodes, not {n}")
+    return [A, B] if n == 2 else [f"AGENCY.{chr(ord('A') + k)}" for k in range(n)]
+
+
 _FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
@@ -54,7 +72,9 @@ class Params:
     verify: bool = True
     baseline_s: float = 3.0
     drain_timeout_s: float = 120.0
-    durability: str = "full"
+    durability: str = "full"  # of the harness's own servers; running targets keep theirs
+    nodes: int = 2
+    targets: str = ""  # the targets file, when the run drove running servers
 
 
 @dataclass
@@ -62,9 +82,11 @@ class _Stats:
     submitted: dict[str, float] = field(default_factory=dict)  # request id -> time queued
     accepted: dict[str, float] = field(default_factory=dict)  # shams -> time of receipt
     sent_at: dict[str, float] = field(default_factory=dict)  # shams -> time queued
-    delivered: dict[str, float] = field(default_factory=dict)  # shams -> time in B's inbox
+    delivered: dict[str, float] = field(default_factory=dict)  # shams -> time in its inbox
     handed_over: dict[str, float] = field(default_factory=dict)
     duplicates: int = 0
+    misrouted: set[str] = field(default_factory=set)  # in an inbox it was not addressed to
+    foreign: set[str] = field(default_factory=set)  # letters from agencies not driven here
     verify_failures: int = 0
     refused: int = 0
 
@@ -143,9 +165,75 @@ def _thread_cpu(proc: ServerProcess) -> dict[str, float]:
     return out
 
 
+class _Probe:
+    """CPU and memory of one server: from /proc for the harness's own processes (their
+    whole life), from the server's metrics for running targets (the run's span: the
+    counters read at the start are subtracted; other traffic on the server counts too)."""
+
+    def __init__(
+        self,
+        proc: ServerProcess | None = None,
+        metrics: str = "",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.proc, self.metrics, self.tls = proc, metrics, tls
+        self.base: dict[str, float] = {}
+
+    def begin(self) -> None:
+        if self.proc is None:
+            self.base = self._scrape()
+
+    def end(self) -> dict[str, float]:
+        if self.proc is not None:
+            return _proc_stats(self.proc)
+        now = self._scrape()
+        if "cpu_s" not in now or "cpu_s" not in self.base:
+            return {}
+        out = {
+            k: round(v - self.base.get(k, 0.0), 2)
+            for k, v in now.items()
+            if k.endswith("_cpu_s") or k == "cpu_s"
+        }
+        out.update({k: v for k, v in now.items() if k.endswith("_mb")})
+        return out
+
+    def _scrape(self) -> dict[str, float]:
+        if not self.metrics:
+            return {}
+        try:
+            snap = fetch(self.metrics, timeout=5.0, tls=self.tls)
+        except OSError:
+            return {}
+        return _figures(snap)
+
+
+def _figures(snap: Snapshot) -> dict[str, float]:
+    """CPU seconds and memory a server exports (prometheus-client's process collector,
+    our thread clocks and peak RSS)."""
+    out: dict[str, float] = {}
+    sources = {
+        "cpu_s": ("process_cpu_seconds_total", {}),
+        "event_loop_cpu_s": ("chapar_thread_cpu_seconds_total", {"thread": "event_loop"}),
+        "db_writer_cpu_s": ("chapar_thread_cpu_seconds_total", {"thread": "db_writer"}),
+    }
+    for key, (name, labels) in sources.items():
+        value = snap.value(name, None, **labels)
+        if value is not None:
+            out[key] = value
+    for key, name in (
+        ("rss_mb", "process_resident_memory_bytes"),
+        ("peak_rss_mb", "chapar_process_peak_resident_memory_bytes"),
+    ):
+        value = snap.value(name)
+        if value is not None:
+            out[key] = round(value / 2**20, 1)
+    return out
+
+
 async def _sender(
     i: int,
     client: ExchangeClient,
+    to: str,
     p: Params,
     stats: _Stats,
     pacer: _Pacer,
@@ -168,7 +256,7 @@ async def _sender(
             yield draft
         while more():
             slot = await pacer.wait()
-            draft = Draft(to=[B], subject=f"load {i}-{made}", body=body, request_id=f"{i}-{made}")
+            draft = Draft(to=[to], subject=f"load {i}-{made}", body=body, request_id=f"{i}-{made}")
             made += 1
             stats.submitted[draft.request_id or ""] = slot
             unanswered[draft.request_id or ""] = draft
@@ -194,9 +282,11 @@ async def _sender(
         retry = list(unanswered.values())
 
 
-async def _consumer(cluster: Cluster, p: Params, stats: _Stats) -> None:
-    """B's back-end: reads, verifies, acknowledges; reconnects after a fault."""
-    creds = cluster.credentials(B)
+async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _Stats) -> None:
+    """A receiving node's back-end: reads, verifies, acknowledges its letters from the
+    driven agencies (``routes``: sender -> recipient); reconnects after a fault. Letters
+    from other agencies are counted and left for the agency's own reader."""
+    creds = node.credentials
     acks = asyncio.Semaphore(256)
     pending: set[asyncio.Task[None]] = set()
 
@@ -212,14 +302,19 @@ async def _consumer(cluster: Cluster, p: Params, stats: _Stats) -> None:
 
     while True:
         try:
-            async with ExchangeClient(
-                cluster.nodes[B].address, creds, options=_FAST_RECONNECT
-            ) as b:
+            async with ExchangeClient(node.address, creds, options=_FAST_RECONNECT) as b:
                 trust = creds.trust_store()
                 for agency in await b.agencies():
                     trust.add_certificates(agency.signing_certificates)
                 async for letter in b.inbox():
                     now = time.perf_counter()
+                    to = routes.get(letter.shams.partition("/")[0])
+                    if to != node.agency:
+                        if to is None:
+                            stats.foreign.add(letter.shams)
+                        else:
+                            stats.misrouted.add(letter.shams)
+                        continue
                     if letter.shams in stats.delivered:
                         if letter.shams in stats.handed_over:
                             stats.duplicates += 1
@@ -251,47 +346,76 @@ async def _progress(stats: _Stats, start: float, stop: asyncio.Event) -> None:
         print(file=sys.stderr)
 
 
-async def run(p: Params, workdir: Path) -> dict[str, object]:
-    settings = f'durability = "{p.durability}"\nreconnect_max_s = 1.0'
-    cluster = await Cluster.start(
-        workdir, [A, B], node_settings=settings, hub_settings=f'durability = "{p.durability}"'
-    )
+async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[str, object]:
+    """One run: on a cluster of the harness's own, or on the running ``targets``."""
+    cluster: Cluster | None = None
+    if targets is None:
+        names = node_names(p.nodes)
+        settings = f'durability = "{p.durability}"\nreconnect_max_s = 1.0'
+        cluster = await Cluster.start(
+            workdir, names, node_settings=settings, hub_settings=f'durability = "{p.durability}"'
+        )
+        nodes = [Endpoint(c, cluster.nodes[c].address, cluster.credentials(c)) for c in names]
+        probes = {"hub": _Probe(cluster.hub)}
+        probes.update({f"node-{c}": _Probe(cluster.nodes[c]) for c in names})
+    else:
+        if p.faults:
+            raise ValueError("faults need the harness's own servers, not --targets")
+        nodes = list(targets.nodes)
+        probes = {"hub": _Probe(metrics=targets.hub_metrics, tls=targets.hub_metrics_tls)}
+        probes.update(
+            {f"node-{n.agency}": _Probe(metrics=n.metrics, tls=n.metrics_tls) for n in nodes}
+        )
+    senders = nodes[:-1]
+    if p.senders < len(senders):
+        raise ValueError(f"{len(nodes)} nodes need at least {len(senders)} senders")
+    routes = {a.agency: b.agency for a, b in itertools.pairwise(nodes)}
     stats = _Stats()
     body = "x" * p.body_bytes
     try:
-        baseline_payload = _sample_envelope(cluster)
         baseline = (
-            await measure_baseline(
-                baseline_payload,
-                ca=cluster.pki.root_cert,
-                server_cert=cluster.pki.agency_dir(B) / "tls.crt",
-                server_key=cluster.pki.agency_dir(B) / "tls.key",
-                client_cert=cluster.pki.agency_dir(A) / "tls.crt",
-                client_key=cluster.pki.agency_dir(A) / "tls.key",
-                seconds=p.baseline_s,
-                workdir=workdir,
-            )
+            await _baseline(cluster, (nodes[0].agency, nodes[1].agency), p.baseline_s, workdir)
             if p.baseline_s > 0
             else {"lps": 0.0}
         )
-        consumer = asyncio.create_task(_consumer(cluster, p, stats))
+        for probe in probes.values():
+            probe.begin()
+        consumers = [asyncio.create_task(_consumer(n, routes, p, stats)) for n in nodes[1:]]
         start = time.perf_counter()
         stop = asyncio.Event()
         progress = asyncio.create_task(_progress(stats, start, stop))
-        fault_tasks = [
-            asyncio.create_task(
-                faults.inject(cluster, faults.parse_fault(f), sender=A, recipient=B)
-            )
-            for f in p.faults
-        ]
+        fault_tasks = []
+        if cluster is not None:  # the sender is the chain's first node, the recipient its last
+            ends = {"sender": nodes[0].agency, "recipient": nodes[-1].agency}
+            fault_tasks = [
+                asyncio.create_task(faults.inject(cluster, faults.parse_fault(f), **ends))
+                for f in p.faults
+            ]
         pacer = _Pacer(p.rate)
         deadline = start + p.duration_s if p.duration_s else None
         per = None if p.duration_s else -(-p.letters // p.senders)
-        async with ExchangeClient(
-            cluster.nodes[A].address, cluster.credentials(A), options=_FAST_RECONNECT
-        ) as a:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(
+                    ExchangeClient(n.address, n.credentials, options=_FAST_RECONNECT)
+                )
+                for n in senders
+            ]
             await asyncio.gather(
-                *(_sender(i, a, p, stats, pacer, per, deadline, body) for i in range(p.senders))
+                *(
+                    _sender(
+                        i,
+                        clients[i % len(senders)],
+                        routes[senders[i % len(senders)].agency],
+                        p,
+                        stats,
+                        pacer,
+                        per,
+                        deadline,
+                        body,
+                    )
+                    for i in range(p.senders)
+                )
             )
         sent_done = time.perf_counter()
         for task in fault_tasks:
@@ -304,19 +428,62 @@ async def run(p: Params, workdir: Path) -> dict[str, object]:
             await asyncio.sleep(0.2)
         stop.set()
         await progress
-        processes = {
-            "hub": _proc_stats(cluster.hub),
-            **{f"node-{c}": _proc_stats(s) for c, s in cluster.nodes.items()},
-        }
-        consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
+        processes = {name: figures for name, probe in probes.items() if (figures := probe.end())}
+        for consumer in consumers:
+            consumer.cancel()
+        for consumer in consumers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
     finally:
-        cluster.stop()
-    return _report(p, stats, start, sent_done, baseline["lps"], processes)
+        if cluster is not None:
+            cluster.stop()
+    report = _report(p, stats, start, sent_done, baseline["lps"], processes)
+    report["routes"] = _routes(routes, stats)
+    return report
 
 
-def _sample_envelope(cluster: Cluster) -> bytes:
+async def _baseline(
+    cluster: Cluster | None, pair: tuple[str, str], seconds: float, workdir: Path
+) -> dict[str, float]:
+    """The raw gRPC stream on this machine between the TLS certificates of ``pair``
+    (client, server) in the cluster's PKI, or, for running targets, in a throwaway PKI:
+    the same key types and chain as the exchange's."""
+    if cluster is not None:
+        pki = cluster.pki
+    else:
+        pair = (A, B)
+        pki = await asyncio.to_thread(
+            init_pki, workdir / "baseline-pki", hub="national", agencies=list(pair)
+        )
+    client, server = (pki.agency_dir(code) for code in pair)
+    return await measure_baseline(
+        _sample_envelope(),
+        ca=pki.root_cert,
+        server_cert=server / "tls.crt",
+        server_key=server / "tls.key",
+        client_cert=client / "tls.crt",
+        client_key=client / "tls.key",
+        seconds=seconds,
+        workdir=workdir,
+    )
+
+
+def _routes(routes: dict[str, str], stats: _Stats) -> list[dict[str, object]]:
+    """Letters accepted and delivered on each hop of the chain."""
+    accepted: dict[str, int] = dict.fromkeys(routes, 0)
+    delivered: dict[str, int] = dict.fromkeys(routes, 0)
+    for shams in stats.accepted:
+        origin = shams.partition("/")[0]
+        if origin in accepted:
+            accepted[origin] += 1
+            delivered[origin] += shams in stats.delivered
+    return [
+        {"from": a, "to": b, "letters": accepted[a], "delivered": delivered[a]}
+        for a, b in routes.items()
+    ]
+
+
+def _sample_envelope() -> bytes:
     """Bytes of the size of one signed 1.5 KB letter, for the baseline."""
     from client_sdk import pb
 
@@ -350,6 +517,8 @@ def _report(
         "handed_over": len(accepted & set(stats.handed_over)),
         "lost": len(accepted - delivered),
         "duplicates": stats.duplicates,
+        "misrouted": len(stats.misrouted),
+        "foreign": len(stats.foreign),
         "verify_failures": stats.verify_failures,
         "elapsed_s": round(elapsed, 3),
         "send_s": round(sent_done - start, 3),
@@ -411,7 +580,7 @@ def _summary(report: dict[str, object]) -> str:
     rows = [
         f"letters accepted   {report['letters']}",
         f"delivered          {report['delivered']}   lost {report['lost']}   duplicates {report['duplicates']}"
-        f"   verify failures {report['verify_failures']}",
+        f"   misrouted {report['misrouted']}   verify failures {report['verify_failures']}",
         f"throughput         {report['throughput_lps']} letters/s (baseline {report['baseline_lps']}/s,"
         f" ratio {report['ratio']})",
     ]
@@ -426,6 +595,17 @@ def _summary(report: dict[str, object]) -> str:
         q = lat[stage]
         rows.append(
             f"{stage:<18} p50 {q['p50']} ms  p95 {q['p95']} ms  p99 {q['p99']} ms  max {q['max']} ms"
+        )
+    routes = report.get("routes", [])
+    assert isinstance(routes, list)
+    if len(routes) > 1:
+        rows.append(
+            "routes             "
+            + "   ".join(f"{r['from']}->{r['to']} {r['delivered']}/{r['letters']}" for r in routes)
+        )
+    if report["foreign"]:
+        rows.append(
+            f"foreign            {report['foreign']} letters from other agencies, left unread"
         )
     windows = report["windows"]
     assert isinstance(windows, dict)
@@ -442,7 +622,8 @@ def _summary(report: dict[str, object]) -> str:
             if "db_writer_cpu_s" in s
             else ""
         )
-        rows.append(f"{name:<18} cpu {s['cpu_s']} s{threads}  peak RSS {s['peak_rss_mb']} MB")
+        memory = f"  peak RSS {s['peak_rss_mb']} MB" if "peak_rss_mb" in s else ""
+        rows.append(f"{name:<18} cpu {s['cpu_s']} s{threads}{memory}")
     return "\n".join(rows)
 
 
@@ -458,13 +639,28 @@ def _cmd(ns: argparse.Namespace) -> int:
         verify=not ns.no_verify,
         baseline_s=ns.baseline_seconds,
         durability=ns.durability,
+        nodes=ns.nodes,
+        targets=str(ns.targets or ""),
     )
-    for spec in p.faults:
-        try:
+    targets = None
+    try:
+        for spec in p.faults:
             faults.parse_fault(spec)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        if ns.targets is not None:
+            if p.faults:
+                raise ValueError("--fault needs the harness's own servers, not --targets")
+            if ns.nodes != 2:
+                raise ValueError(
+                    "--nodes is for the harness's own servers; the targets file lists them"
+                )
+            targets = load_targets(ns.targets)
+        needed = (len(targets.nodes) if targets else p.nodes) - 1
+        node_names(needed + 1)
+        if p.senders < needed:
+            raise ValueError(f"{needed + 1} nodes need at least {needed} senders (--senders)")
+    except (ValueError, TargetsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     random.seed(0)
 
     async def main(tmp: Path) -> dict[str, object]:
@@ -473,7 +669,7 @@ def _cmd(ns: argparse.Namespace) -> int:
         task = asyncio.current_task()
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await run(p, tmp)
+        return await run(p, tmp, targets)
 
     try:
         with tempfile.TemporaryDirectory(prefix="chapar-load-") as tmp:
@@ -486,7 +682,8 @@ def _cmd(ns: argparse.Namespace) -> int:
         ns.json.write_text(json.dumps(report, indent=2) + "\n")
     return (
         0
-        if report["lost"] == 0 and report["duplicates"] == 0 and report["verify_failures"] == 0
+        if report["lost"] == report["duplicates"] == report["misrouted"] == 0
+        and report["verify_failures"] == 0
         else 1
     )
 
@@ -511,5 +708,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sp.add_argument("--no-verify", action="store_true", help="skip verifying each received letter")
     sp.add_argument("--baseline-seconds", type=float, default=3.0, help="0 skips the raw baseline")
     sp.add_argument("--durability", choices=["full", "normal"], default="full")
+    sp.add_argument(
+        "--nodes",
+        type=int,
+        default=2,
+        help=f"agency nodes to start, 2 to {MAX_NODES}: letters go from each to the next",
+    )
+    sp.add_argument(
+        "--targets",
+        type=Path,
+        help="drive running servers listed in this TOML file instead (see loadtest/targets.py)",
+    )
     sp.add_argument("--json", type=Path, help="write the report here")
     sp.set_defaults(func=_cmd)

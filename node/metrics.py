@@ -15,6 +15,7 @@ expiry, connected nodes) are set by a periodic task in ``node.monitor``, off the
 from __future__ import annotations
 
 import platform
+import resource
 import ssl
 import threading
 import time
@@ -55,6 +56,7 @@ __all__ = [
     "NODE_LETTERS",
     "NODE_OUTBOX_DEPTH",
     "NODE_OUTBOX_OLDEST_AGE",
+    "PEAK_RSS",
     "READY",
     "RECONNECTS",
     "REJECTIONS",
@@ -213,6 +215,11 @@ CERT_EXPIRY = Gauge(
     "Seconds until each configured local certificate expires (negative: expired).",
     ["certificate"],
 )
+PEAK_RSS = Gauge(
+    "chapar_process_peak_resident_memory_bytes",
+    "Largest resident memory the process has had since it started (getrusage ru_maxrss).",
+)
+PEAK_RSS.set_function(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 BUILD = Info("chapar_build", "Version of the running program and of its main libraries.")
 
 

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.harness import Params, _Pacer, _Stats, _windows, run
+from client_sdk import ExchangeClient
+from loadtest.harness import A, B, Params, _Pacer, _Stats, _windows, run
+from node.cluster import Cluster
+from node.status import fetch
 from tests.conftest import run_module, run_module_json
 
 pytestmark = pytest.mark.integration
@@ -108,3 +111,93 @@ async def test_a_late_sender_keeps_the_schedule_so_its_lateness_counts_in_latenc
     flat_out = _Pacer(0.0)
     before = time.perf_counter()
     assert before <= await flat_out.wait() <= time.perf_counter()
+
+
+def test_more_nodes_form_a_chain_and_every_hop_is_checked(tmp_path: Path) -> None:
+    report = asyncio.run(
+        run(Params(letters=300, senders=2, nodes=3, baseline_s=0.3, batch=32), tmp_path)
+    )
+    # Two senders over the two sending nodes: A's letters go to B, B's to C.
+    assert report["routes"] == [
+        {"from": "AGENCY.A", "to": "AGENCY.B", "letters": 150, "delivered": 150},
+        {"from": "AGENCY.B", "to": "AGENCY.C", "letters": 150, "delivered": 150},
+    ]
+    assert (report["lost"], report["duplicates"], report["misrouted"]) == (0, 0, 0)
+    assert report["handed_over"] == 300
+    assert report["baseline_lps"] > 0
+    processes = report["processes"]
+    assert isinstance(processes, dict)
+    assert set(processes) == {"hub", "node-AGENCY.A", "node-AGENCY.B", "node-AGENCY.C", "loadgen"}
+
+
+async def test_targets_drive_running_servers_and_leave_other_agencies_letters_alone(
+    tmp_path: Path,
+) -> None:
+    other = "OTHER.C"
+    cluster = await Cluster.start(tmp_path / "servers", [A, B, other])
+    try:
+        async with ExchangeClient(
+            cluster.nodes[other].address, cluster.credentials(other)
+        ) as client:
+            theirs = await client.send(to=[B], subject="not the harness's", body="keep me")
+        entries = "".join(
+            f'''
+[[nodes]]
+agency = "{code}"
+address = "{cluster.nodes[code].address}"
+cert = "agencies/{code}/client.crt"
+key = "agencies/{code}/client.key"
+metrics = "{cluster.nodes[code].metrics}"
+'''
+            for code in (A, B)
+        )
+        targets = cluster.pki.root / "targets.toml"
+        targets.write_text(f'ca = "ca/root.crt"\nhub_metrics = "{cluster.hub.metrics}"\n{entries}')
+        _, report = await asyncio.to_thread(
+            run_module_json,
+            "node",
+            *("loadtest", "--targets", str(targets), "--letters", "200", "--senders", "2"),
+            *("--baseline-seconds", "0.3"),
+            out=tmp_path / "report.json",
+        )
+        assert report["letters"] == report["delivered"] == report["handed_over"] == 200
+        assert (report["lost"], report["duplicates"], report["misrouted"]) == (0, 0, 0)
+        assert report["foreign"] == 1
+        assert report["baseline_lps"] > 0
+        assert report["params"]["targets"] == str(targets)
+        # The letters went through these servers, not servers of the harness's own: the
+        # hub relayed the harness's 200 and the other agency's one.
+        relayed = fetch(cluster.hub.metrics).value(
+            "chapar_letters_total", stage="relay", outcome="accepted"
+        )
+        assert relayed == 201
+        # Their CPU over the run and their memory, read from their metrics.
+        processes = report["processes"]
+        assert set(processes) == {"hub", f"node-{A}", f"node-{B}", "loadgen"}
+        for name in ("hub", f"node-{A}", f"node-{B}"):
+            server = processes[name]
+            assert 0 < server["db_writer_cpu_s"] < server["cpu_s"], server
+            assert 10 < server["rss_mb"] <= server["peak_rss_mb"], server
+        # The other agency's letter was counted and left for B's own back-end.
+        async with ExchangeClient(cluster.nodes[B].address, cluster.credentials(B)) as client:
+            inbox = client.inbox()
+            first = await asyncio.wait_for(anext(aiter(inbox)), 10)
+        assert first.shams == theirs.shams
+    finally:
+        cluster.stop()
+
+
+def test_cli_refuses_an_unusable_targets_file_with_a_clear_error(tmp_path: Path) -> None:
+    single = tmp_path / "one.toml"
+    single.write_text('ca = "ca.crt"\n[[nodes]]\nagency = "SENDER.A"\naddress = "127.0.0.1:1"\n')
+    for args, message in (
+        (("--targets", str(single)), "at least two [[nodes]]"),
+        (("--targets", str(tmp_path / "missing.toml")), "cannot read"),
+        (("--targets", str(single), "--fault", "kill-hub@1s"), "needs the harness's own"),
+        (("--nodes", "30"), "2 to 26 nodes"),
+        (("--nodes", "4", "--senders", "2"), "at least 3 senders"),
+    ):
+        result = run_module("node", "loadtest", *args, timeout=60)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr

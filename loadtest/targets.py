@@ -1,0 +1,124 @@
+"""Running servers for ``chapar loadtest --targets FILE``: a TOML file naming the nodes.
+
+The harness then starts nothing: it drives the listed agency nodes through ``client_sdk``
+as their back-ends, and reads each server's CPU and memory from its Prometheus metrics.
+Letters go from each listed node to the next one, so list at least two::
+
+    ca = "pki/ca/root.crt"              # the CA the servers' TLS certificates chain to
+    hub_metrics = "10.0.0.5:9100"       # optional: the hub's /metrics, for its figures
+
+    [[nodes]]
+    agency = "SENDER.A"
+    address = "10.0.0.6:7001"           # the node's agency API
+    cert = "pki/agencies/SENDER.A/client.crt"   # a back-end client of that agency
+    key = "pki/agencies/SENDER.A/client.key"
+    metrics = "10.0.0.6:9101"           # optional; an https:// URL uses cert and key
+
+    [[nodes]]
+    agency = "RECIPIENT.B"
+    ...
+
+Relative paths are read from the file's folder. Use agencies kept for testing: the harness
+acknowledges the letters it finds from the listed agencies, as their back-end would.
+"""
+
+from __future__ import annotations
+
+import ssl
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from client_sdk.credentials import Credentials
+from client_sdk.identity import is_agency_code
+from node.status import client_context
+
+__all__ = ["Endpoint", "Targets", "TargetsError", "load_targets"]
+
+_TOP_KEYS = {"ca", "hub_metrics", "nodes"}
+_NODE_KEYS = {"agency", "address", "cert", "key", "metrics"}
+
+
+class TargetsError(ValueError):
+    """The targets file cannot be used; the message says which entry and why."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One agency node: where its agency API listens, a back-end's credentials for it,
+    and where its metrics are ("" when not given)."""
+
+    agency: str
+    address: str
+    credentials: Credentials
+    metrics: str = ""
+    metrics_tls: ssl.SSLContext | None = None
+
+
+@dataclass(frozen=True)
+class Targets:
+    nodes: tuple[Endpoint, ...]  # letters go from each node to the next
+    hub_metrics: str = ""
+    hub_metrics_tls: ssl.SSLContext | None = None
+
+
+def load_targets(path: Path) -> Targets:
+    """Reads and checks a targets file; TargetsError says what is wrong with it."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise TargetsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetsError(f"{path} is not valid TOML: {exc}") from None
+    _no_unknown(data, _TOP_KEYS, str(path))
+    base = path.parent
+    ca = _path(base, data, "ca", str(path))
+    entries = data.get("nodes")
+    if not isinstance(entries, list) or len(entries) < 2:
+        raise TargetsError(f"{path}: list at least two [[nodes]]; letters go from each to the next")
+    nodes: list[Endpoint] = []
+    for i, entry in enumerate(entries, 1):
+        where = f"{path}: [[nodes]] entry {i}"
+        if not isinstance(entry, dict):
+            raise TargetsError(f"{where} is not a table")
+        _no_unknown(entry, _NODE_KEYS, where)
+        agency = _text(entry, "agency", where)
+        if not is_agency_code(agency):
+            raise TargetsError(f"{where}: {agency!r} is not an agency code")
+        if any(n.agency == agency for n in nodes):
+            raise TargetsError(f"{where}: agency {agency} is listed twice")
+        cert, key = _path(base, entry, "cert", where), _path(base, entry, "key", where)
+        try:
+            credentials = Credentials.from_files(ca, cert, key)
+        except (OSError, ValueError) as exc:
+            raise TargetsError(f"{where}: {exc}") from None
+        identity = credentials.identity()
+        if identity is None or identity.kind != "client" or identity.agency != agency:
+            who = identity.uri if identity is not None else "no Chapar identity"
+            raise TargetsError(f"{where}: {cert} is not a back-end client of {agency} ({who})")
+        metrics = str(entry.get("metrics", ""))
+        tls = client_context(ca, cert, key) if metrics.startswith("https://") else None
+        nodes.append(Endpoint(agency, _text(entry, "address", where), credentials, metrics, tls))
+    hub_metrics = str(data.get("hub_metrics", ""))
+    hub_tls = None
+    if hub_metrics.startswith("https://"):  # any listed back-end's certificate will do
+        first = entries[0]
+        hub_tls = client_context(ca, _path(base, first, "cert", ""), _path(base, first, "key", ""))
+    return Targets(tuple(nodes), hub_metrics, hub_tls)
+
+
+def _no_unknown(table: dict[str, object], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise TargetsError(f"{where}: unknown key(s) {', '.join(unknown)}")
+
+
+def _text(table: dict[str, object], key: str, where: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise TargetsError(f"{where}: {key} is required (a string)")
+    return value
+
+
+def _path(base: Path, table: dict[str, object], key: str, where: str) -> Path:
+    return base / _text(table, key, where)
