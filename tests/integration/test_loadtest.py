@@ -140,6 +140,8 @@ async def test_targets_drive_running_servers_and_leave_other_agencies_letters_al
             cluster.nodes[other].address, cluster.credentials(other)
         ) as client:
             theirs = await client.send(to=[B], subject="not the harness's", body="keep me")
+        async with ExchangeClient(cluster.nodes[A].address, cluster.credentials(A)) as client:
+            await client.send(to=[B], subject="left by an earlier run", body="x")
         entries = "".join(
             f'''
 [[nodes]]
@@ -166,11 +168,11 @@ metrics = "{cluster.nodes[code].metrics}"
         assert report["baseline_lps"] > 0
         assert report["params"]["targets"] == str(targets)
         # The letters went through these servers, not servers of the harness's own: the
-        # hub relayed the harness's 200 and the other agency's one.
+        # hub relayed the harness's 200, the earlier run's and the other agency's one.
         relayed = fetch(cluster.hub.metrics).value(
             "chapar_letters_total", stage="relay", outcome="accepted"
         )
-        assert relayed == 201
+        assert relayed == 202
         # Their CPU over the run and their memory, read from their metrics.
         processes = report["processes"]
         assert set(processes) == {"hub", f"node-{A}", f"node-{B}", "loadgen"}
@@ -178,10 +180,13 @@ metrics = "{cluster.nodes[code].metrics}"
             server = processes[name]
             assert 0 < server["db_writer_cpu_s"] < server["cpu_s"], server
             assert 10 < server["rss_mb"] <= server["peak_rss_mb"], server
-        # The other agency's letter was counted and left for B's own back-end.
+        # The earlier run's letter was acknowledged (it is A's, a driven agency) but not
+        # counted; the other agency's letter was counted and left for B's own back-end.
         async with ExchangeClient(cluster.nodes[B].address, cluster.credentials(B)) as client:
-            inbox = client.inbox()
-            first = await asyncio.wait_for(anext(aiter(inbox)), 10)
+            inbox = aiter(client.inbox())
+            first = await asyncio.wait_for(anext(inbox), 10)
+            with pytest.raises(TimeoutError):  # nothing else is left unacknowledged
+                await asyncio.wait_for(anext(inbox), 1.0)
         assert first.shams == theirs.shams
     finally:
         cluster.stop()
