@@ -20,26 +20,37 @@ BOOKKEEPING_INTERVAL_S = 0.05
 
 
 class Cadence:
-    """At most one send every ``interval_s``: the first after a quiet spell goes at once,
-    a later one waits out the interval and then carries all that gathered meanwhile.
+    """At most one send every ``interval_s``: the first after a quiet spell goes at once
+    (or, with ``linger_s``, after gathering that long), a later one waits out the interval
+    and then carries all that gathered meanwhile.
 
     For bookkeeping frames nobody waits on (evidence for a letter's sender, a recipient's
     receipts): at moderate rates they come in fewer, fuller frames, each frame a gRPC
     message, a store transaction and a signature check less at both ends; a lone letter's
-    frame is not delayed.
+    frame is not delayed, unless ``linger_s`` asks it to wait for company (a recipient's
+    DELIVERY receipt for the HANDOVER of a back-end that reads at once).
     """
 
-    def __init__(self, interval_s: float, wake: Callable[[], None]) -> None:
+    def __init__(self, interval_s: float, wake: Callable[[], None], linger_s: float = 0.0) -> None:
         self.interval_s = interval_s
+        self.linger_s = linger_s
         self._wake = wake
         self._next = 0.0
+        self._waiting = False  # a frame is held until _next
         self._timer: asyncio.TimerHandle | None = None
 
     def ready(self) -> bool:
         """Whether a frame may go now; if not, ``wake`` is called when it may."""
         loop = asyncio.get_running_loop()
-        if loop.time() >= self._next:
+        now = loop.time()
+        if not self._waiting and now >= self._next:  # the first after a quiet spell
+            if not self.linger_s:
+                return True
+            self._next = now + self.linger_s
+        if now >= self._next:
+            self._waiting = False
             return True
+        self._waiting = True
         if self._timer is None:
             self._timer = loop.call_at(self._next, self._fire)
         return False

@@ -181,7 +181,12 @@ class _Session:
         self.receipt_cursor = 0  # rowid of the last receipt row read on this stream
         # DELIVERY evidence of letters just stored, waiting for the receipt cadence.
         self.pending_receipts: list[pb.Evidence] = []
-        self.receipt_cadence = Cadence(BOOKKEEPING_INTERVAL_S, self._wake)
+        # A lone delivery's DELIVERY receipt waits for its HANDOVER too, when the back-end
+        # reads at once: one receipts frame, one store transaction at the hub, one notice
+        # to the sender and one acknowledgement each way instead of two.
+        self.receipt_cadence = Cadence(
+            BOOKKEEPING_INTERVAL_S, self._wake, linger_s=BOOKKEEPING_INTERVAL_S
+        )
 
     def write(self, frame: pb.ConnectRequest) -> None:
         """Queues a frame for the stream's writer task (``_write_all``)."""
