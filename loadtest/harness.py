@@ -157,12 +157,10 @@ def _thread_cpu(proc: ServerProcess) -> dict[str, float]:
         snap = fetch(proc.metrics, timeout=5.0)
     except OSError:  # urllib's errors are OSErrors: the figures are a bonus, not the run
         return {}
-    out = {}
-    for thread in ("event_loop", "db_writer"):
-        value = snap.value("chapar_thread_cpu_seconds_total", thread=thread)
-        if value is not None:
-            out[f"{thread}_cpu_s"] = round(value, 2)
-    return out
+    figures = _figures(snap)
+    return {
+        k: round(figures[k], 2) for k in ("event_loop_cpu_s", "db_writer_cpu_s") if k in figures
+    }
 
 
 class _Probe:
@@ -348,6 +346,9 @@ async def _progress(stats: _Stats, start: float, stop: asyncio.Event) -> None:
 
 async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[str, object]:
     """One run: on a cluster of the harness's own, or on the running ``targets``."""
+    count = p.nodes if targets is None else len(targets.nodes)
+    if p.senders < count - 1:  # checked before any server starts
+        raise ValueError(f"{count} nodes need at least {count - 1} senders")
     cluster: Cluster | None = None
     if targets is None:
         names = node_names(p.nodes)
@@ -367,8 +368,6 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
             {f"node-{n.agency}": _Probe(metrics=n.metrics, tls=n.metrics_tls) for n in nodes}
         )
     senders = nodes[:-1]
-    if p.senders < len(senders):
-        raise ValueError(f"{len(nodes)} nodes need at least {len(senders)} senders")
     routes = {a.agency: b.agency for a, b in itertools.pairwise(nodes)}
     stats = _Stats()
     body = "x" * p.body_bytes
