@@ -29,6 +29,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from client_sdk.credentials import Credentials
 from client_sdk.identity import is_agency_code
 from node.status import client_context
@@ -77,6 +80,7 @@ def load_targets(path: Path) -> Targets:
     if not isinstance(entries, list) or len(entries) < 2:
         raise TargetsError(f"{path}: list at least two [[nodes]]; letters go from each to the next")
     nodes: list[Endpoint] = []
+    first_files: tuple[Path, Path] | None = None  # a back-end's certificate, for hub_metrics
     for i, entry in enumerate(entries, 1):
         where = f"{path}: [[nodes]] entry {i}"
         if not isinstance(entry, dict):
@@ -92,19 +96,37 @@ def load_targets(path: Path) -> Targets:
             credentials = Credentials.from_files(ca, cert, key)
         except (OSError, ValueError) as exc:
             raise TargetsError(f"{where}: {exc}") from None
+        if not _key_matches(credentials):
+            raise TargetsError(f"{where}: {key} is not the private key of {cert}")
         identity = credentials.identity()
         if identity is None or identity.kind != "client" or identity.agency != agency:
             who = identity.uri if identity is not None else "no Chapar identity"
             raise TargetsError(f"{where}: {cert} is not a back-end client of {agency} ({who})")
+        first_files = first_files or (cert, key)
         metrics = str(entry.get("metrics", ""))
-        tls = client_context(ca, cert, key) if metrics.startswith("https://") else None
+        tls = _metrics_tls(metrics, ca, cert, key)
         nodes.append(Endpoint(agency, _text(entry, "address", where), credentials, metrics, tls))
-    hub_metrics = str(data.get("hub_metrics", ""))
-    hub_tls = None
-    if hub_metrics.startswith("https://"):  # any listed back-end's certificate will do
-        first = entries[0]
-        hub_tls = client_context(ca, _path(base, first, "cert", ""), _path(base, first, "key", ""))
-    return Targets(tuple(nodes), hub_metrics, hub_tls)
+    assert first_files is not None
+    hub_metrics = str(data.get("hub_metrics", ""))  # any listed back-end's certificate will do
+    return Targets(tuple(nodes), hub_metrics, _metrics_tls(hub_metrics, ca, *first_files))
+
+
+def _key_matches(credentials: Credentials) -> bool:
+    """Whether the private key belongs to the chain's first certificate (a mismatch would
+    only show as TLS handshakes failing, retried for ever)."""
+    cert = x509.load_pem_x509_certificates(credentials.certificate_chain)[0]
+    key = serialization.load_pem_private_key(credentials.private_key, password=None)
+    return bool(cert.public_key() == key.public_key())
+
+
+def _metrics_tls(metrics: str, ca: Path, cert: Path, key: Path) -> ssl.SSLContext | None:
+    """The client context for an https:// metrics URL (None for plain HTTP)."""
+    if not metrics.startswith("https://"):
+        return None
+    try:
+        return client_context(ca, cert, key)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise TargetsError(f"metrics {metrics}: cannot use {cert} and {key}: {exc}") from None
 
 
 def _no_unknown(table: dict[str, object], known: set[str], where: str) -> None:

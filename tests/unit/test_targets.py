@@ -54,6 +54,12 @@ def test_a_chain_of_nodes_with_paths_read_from_the_files_folder(pki: Path) -> No
         ('ca = "ca/root.crt"\n' + _node(A) + _node(A), "listed twice"),
         ('ca = "ca/root.crt"\n' + _node(A) + _node(B, cert_of=A), "is not a back-end client of"),
         ('ca = "ca/root.crt"\n' + _node(A) + _node("b@d"), "is not an agency code"),
+        (
+            'ca = "ca/root.crt"\n'
+            + _node(A)
+            + _node(B).replace(f"agencies/{B}/client.key", f"agencies/{A}/client.key"),
+            "is not the private key of",
+        ),
         ('ca = "ca/root.crt"\nhub = 1\n' + _node(A) + _node(B), "unknown key(s) hub"),
         ('ca = "ca/root.crt"\n' + _node(A, extra="port = 1\n") + _node(B), "unknown key(s) port"),
         (_node(A) + _node(B), "ca is required"),
