@@ -24,7 +24,7 @@ from typing import Literal, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
@@ -78,11 +78,7 @@ _DEFAULT_LIFETIME: dict[str, dt.timedelta] = {
 }
 # The public key types a certificate of ours may carry; every one of them can also issue.
 _PublicKey = (
-    ec.EllipticCurvePublicKey
-    | ed25519.Ed25519PublicKey
-    | ed448.Ed448PublicKey
-    | rsa.RSAPublicKey
-    | dsa.DSAPublicKey
+    ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey | rsa.RSAPublicKey
 )
 # X.520 upper bound for a CommonName; cryptography refuses longer values, and a 64-character
 # agency code plus a label would exceed it.
@@ -228,8 +224,7 @@ def _public_key_of(key: SubjectKey) -> _PublicKey:
         ec.EllipticCurvePrivateKey
         | ed25519.Ed25519PrivateKey
         | ed448.Ed448PrivateKey
-        | rsa.RSAPrivateKey
-        | dsa.DSAPrivateKey,
+        | rsa.RSAPrivateKey,
     ):
         return key.public_key()
     if isinstance(key, _PublicKey):
@@ -239,9 +234,12 @@ def _public_key_of(key: SubjectKey) -> _PublicKey:
 
 def _hash_for(issuer_key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
     # EdDSA (and other pure signature schemes) hash internally and must be given None.
-    if isinstance(issuer_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | dsa.DSAPrivateKey):
+    if isinstance(issuer_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         return hashes.SHA256()
-    return None
+    if isinstance(issuer_key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return None
+    # DSA (which cryptography now deprecates) and any other type is not ours to issue with.
+    raise PkiError(f"unsupported issuer key type {type(issuer_key).__name__}")
 
 
 def _default_common_name(kind: CertificateKind, identity_uri: str | None) -> str:

@@ -361,6 +361,31 @@ def test_bad_validity_and_algorithm_are_refused(tmp_path: Path) -> None:
         init_pki(tmp_path, hub=HUB, agencies=["AB"], signing_algorithm="rsa")  # type: ignore[arg-type]
 
 
+@pytest.mark.filterwarnings("ignore:DSA is deprecated")
+def test_dsa_keys_are_refused_with_a_clear_error() -> None:
+    # cryptography deprecates DSA; certs/pki.py no longer names it, so importing it stays
+    # warning-free, and a DSA key handed in programmatically is refused, not half-used.
+    from cryptography.hazmat.primitives.asymmetric import dsa
+
+    dsa_key = dsa.generate_private_key(key_size=2048)
+    with pytest.raises(PkiError, match="unsupported issuer key type DSAPrivateKey"):
+        issue_certificate(
+            issuer_cert=None,
+            issuer_key=dsa_key,
+            subject_key=generate_key("ed25519"),
+            identity_uri=None,
+            kind="root",
+        )
+    with pytest.raises(PkiError, match="unsupported subject key type DSAPrivateKey"):
+        issue_certificate(
+            issuer_cert=None,
+            issuer_key=generate_key("ed25519"),
+            subject_key=dsa_key,
+            identity_uri=None,
+            kind="root",
+        )
+
+
 def test_certificate_from_an_unrelated_root_is_untrusted(layout: PkiLayout) -> None:
     # Same subject names as the real CA, so only the signature check tells them apart.
     other_root_key = generate_key("ecdsa-p256")
