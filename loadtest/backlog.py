@@ -33,8 +33,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import os
-import platform
 import resource
 import sqlite3
 import sys
@@ -49,6 +47,7 @@ from client_sdk import pb
 from client_sdk.shams import format_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer, sha256
 from loadtest.harness import _proc_stats
+from loadtest.machine import machine
 from node.cluster import Cluster, ServerProcess
 from node.config import load_hub_config
 from node.core.evidence import evidence_content
@@ -326,12 +325,7 @@ async def run(p: Params, workdir: Path) -> dict[str, object]:
     }
     report["exit_codes"] = codes
     report["params"] = asdict(p)
-    report["machine"] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "sqlite": sqlite3.sqlite_version,
-    }
+    report["machine"] = machine()
     return report
 
 

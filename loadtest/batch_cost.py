@@ -27,6 +27,7 @@ from pathlib import Path
 
 from client_sdk import Draft, ExchangeClient, Letter
 from loadtest.harness import proc_stats
+from loadtest.machine import machine
 from node.cluster import Cluster
 
 __all__ = ["measure"]
@@ -106,7 +107,7 @@ async def measure(
                 await reader
     finally:
         cluster.stop()
-    report: dict[str, object] = {"pause_s": pause_s, "rows": rows}
+    report: dict[str, object] = {"pause_s": pause_s, "rows": rows, "machine": machine()}
     if len(rows) >= 2:
         first, last = rows[0], rows[-1]
         t0, t1 = float(first["cpu_ms_per_batch_total"]), float(last["cpu_ms_per_batch_total"])  # type: ignore[arg-type]

@@ -20,7 +20,6 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import random
 import resource
 import signal
@@ -35,6 +34,7 @@ from pathlib import Path
 from certs.pki import init_pki
 from client_sdk import ChaparError, Draft, ExchangeClient, Receipt
 from loadtest.baseline import measure_baseline
+from loadtest.machine import machine
 from loadtest.targets import Endpoint, Targets, TargetsError, load_targets
 from node import faults
 from node.cluster import Cluster, ServerProcess
@@ -551,11 +551,7 @@ def _report(
         "windows": _windows(stats, delivered, start, sent_done),
         "processes": processes,
         "params": asdict(p),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
     }
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import sqlite3
 import tempfile
 import time
 from pathlib import Path
 
 from client_sdk import Draft, ExchangeClient, Receipt
+from loadtest.machine import machine
 from node.cluster import Cluster
 
 __all__ = ["measure"]
@@ -122,11 +122,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     ns = parser.parse_args()
     result = {
-        "machine": {
-            "cpus": __import__("os").cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "with_retention": asyncio.run(measure(ns.rounds, ns.letters, ns.body_bytes, True)),
         "without_retention": asyncio.run(measure(ns.rounds, ns.letters, ns.body_bytes, False)),
     }

@@ -46,6 +46,9 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
     assert report["handed_over"] == 300
     assert (report["lost"], report["duplicates"], report["verify_failures"]) == (0, 0, 0)
     assert report["baseline_lps"] > 0
+    # What the figures were measured with: a new grpcio or cryptography moves them too.
+    packages = report["machine"]["packages"]
+    assert all(packages[p] not in ("", "absent") for p in ("grpcio", "protobuf", "cryptography"))
     assert report["throughput_lps"] > 0
     latency = report["latency_ms"]
     assert isinstance(latency, dict)
