@@ -9,15 +9,20 @@ STAMP  := $(VENV)/.installed
 BUF    := node_modules/.bin/buf
 BUF_STAMP := node_modules/.installed
 
-.PHONY: install demo test check lint typecheck buflint proto clean
+.PHONY: install lock demo test check lint typecheck buflint proto clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# Writes what .venv holds now into constraints.txt, keeping its header.
+lock: $(STAMP)
+	{ grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 $(BUF_STAMP): package.json
 	npm install --no-audit --no-fund --silent
