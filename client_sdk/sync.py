@@ -30,6 +30,7 @@ from client_sdk import pb
 from client_sdk.client import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_STREAM_BATCH_SIZE,
+    DEFAULT_STREAM_LINGER_S,
     DEFAULT_TIMEOUT,
     AttachmentLike,
     Draft,
@@ -224,6 +225,7 @@ class SyncExchangeClient:
         *,
         batch_size: int = DEFAULT_STREAM_BATCH_SIZE,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        linger_s: float = DEFAULT_STREAM_LINGER_S,
     ) -> Iterator[Receipt | ChaparError]:
         """Submits letters over one stream; see ``ExchangeClient.send_stream``.
 
@@ -238,7 +240,7 @@ class SyncExchangeClient:
         )
         feeder.start()
         results = self._client.send_stream(
-            _drain(handoff), batch_size=batch_size, max_in_flight=max_in_flight
+            _drain(handoff), batch_size=batch_size, max_in_flight=max_in_flight, linger_s=linger_s
         )
         try:
             yield from self._iterate(results)

@@ -698,6 +698,14 @@ async def test_send_stream_sends_a_trickle_without_waiting_for_full_batches(
     assert seen == [f"000.00.00.G22/O/2026/000000{i}" for i in (1, 2, 3)]
 
 
+async def test_send_stream_refuses_a_bad_batch_size_or_linger(client: ExchangeClient) -> None:
+    drafts = [Draft(to=[OTHER], subject="x")]
+    for kwargs in ({"batch_size": 0}, {"batch_size": 257}, {"linger_s": -0.001}, {"linger_s": 2}):
+        with pytest.raises(ValueError, match="need"):
+            async for _ in client.send_stream(drafts, **kwargs):  # type: ignore[arg-type]
+                pass
+
+
 async def test_send_stream_raises_what_broke_the_producer(client: ExchangeClient) -> None:
     async def broken() -> AsyncIterator[Draft]:
         yield Draft(to=[OTHER], subject="first")

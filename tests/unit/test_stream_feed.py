@@ -42,3 +42,38 @@ async def test_async_feed_frames_stop_at_the_byte_limit_and_keep_every_draft_in_
 async def test_one_draft_over_the_limit_still_goes_alone_and_count_still_limits() -> None:
     assert await _frames(_SyncFeed(_drafts([3 * STREAM_FRAME_BYTES, 1]), 64)) == [["0"], ["1"]]
     assert await _frames(_SyncFeed(_drafts([1] * 5), 2)) == [["0", "1"], ["2", "3"], ["4"]]
+
+
+async def _first_frame_of_a_trickle(linger_s: float) -> list[str]:
+    async def trickle() -> AsyncIterator[Draft]:
+        for draft in _drafts([10] * 6):
+            yield draft
+            await asyncio.sleep(0.05)
+
+    feed = _AsyncFeed(trickle(), 64, 8, linger_s)
+    try:
+        return [d.subject for d in await feed.next_batch()]
+    finally:
+        await feed.aclose()
+
+
+async def test_a_frame_that_is_not_full_lingers_once_for_more_drafts() -> None:
+    # A draft every 50 ms: without a linger each goes alone; lingering 0.2 s, the first
+    # frame takes those that came meanwhile (about four) and no more than came.
+    assert await _first_frame_of_a_trickle(0.0) == ["0"]
+    first = await _first_frame_of_a_trickle(0.2)
+    assert 2 <= len(first) <= 6
+    assert first == [str(i) for i in range(len(first))]
+
+
+async def test_a_flood_and_the_end_of_the_drafts_never_linger() -> None:
+    async def produce() -> AsyncIterator[Draft]:
+        for draft in _drafts([10] * 5):
+            yield draft
+
+    feed = _AsyncFeed(produce(), 2, 8, linger_s=30.0)
+    await asyncio.sleep(0.01)  # let the pump queue everything, then the end marker
+    # Full frames go at once, and the last (short) one has the end behind it: a linger
+    # here would take 30 s and time the test out.
+    frames = await asyncio.wait_for(_frames(feed), timeout=5)
+    assert frames == [["0", "1"], ["2", "3"], ["4"]]
