@@ -42,7 +42,14 @@ from node.metrics import (
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
 from node.storage.hub_store import HubStore, IncomingLetter
-from node.tasks import BOOKKEEPING_INTERVAL_S, Cadence, drain, every, handle_concurrently
+from node.tasks import (
+    BOOKKEEPING_INTERVAL_S,
+    LETTER_INTERVAL_S,
+    Cadence,
+    drain,
+    every,
+    handle_concurrently,
+)
 
 __all__ = ["Hub", "build_directory"]
 
@@ -117,9 +124,11 @@ class _Session:
     directory_sent: int = 0
     serial: int = 0
     notice_cadence: Cadence = field(init=False)
+    delivery_cadence: Cadence = field(init=False)
 
     def __post_init__(self) -> None:
         self.notice_cadence = Cadence(BOOKKEEPING_INTERVAL_S, self.wake.set)
+        self.delivery_cadence = Cadence(LETTER_INTERVAL_S, self.wake.set)
 
 
 class Hub(pb.HubServiceServicer):
@@ -425,6 +434,7 @@ class Hub(pb.HubServiceServicer):
             for pending in (reader, pusher, writer, closed):
                 pending.cancel()
             session.notice_cadence.close()
+            session.delivery_cadence.close()
             if self._sessions.get(agency) is session:
                 del self._sessions[agency]
             HUB_CONNECTED_NODES.set(len(self._sessions))
@@ -699,7 +709,7 @@ class Hub(pb.HubServiceServicer):
                 session.status_sent = self._status_version
                 await session.out.put(pb.ConnectResponse(queue_status=self._queue_status()))
             room = window - len(session.inflight)
-            if room > 0 and session.queue_dirty:
+            if room > 0 and session.queue_dirty and session.delivery_cadence.ready():
                 session.queue_dirty = False
                 limit = min(room, _PUSH_BATCH)
                 rows = await self.store.queued(session.agency, last_queue, limit, _PUSH_FRAME_BYTES)
@@ -712,6 +722,8 @@ class Hub(pb.HubServiceServicer):
                     batch = pb.EnvelopeBatch(envelopes=[pb.Envelope.FromString(r[2]) for r in rows])
                     await session.out.put(pb.ConnectResponse(deliveries=batch))
                     sent = True
+                    if not session.queue_dirty:  # a cut frame's rest goes at once
+                        session.delivery_cadence.sent()
             notices = []
             if session.notices_dirty and session.notice_cadence.ready():
                 session.notices_dirty = False

@@ -29,7 +29,7 @@ from node.agency import Agency
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
 from node.metrics import DELIVERED, DELIVERY_FAILED, RECONNECTS, count_verification_failure
-from node.tasks import BOOKKEEPING_INTERVAL_S, Cadence, handle_concurrently
+from node.tasks import BOOKKEEPING_INTERVAL_S, LETTER_INTERVAL_S, Cadence, handle_concurrently
 
 if TYPE_CHECKING:
     from node.document_store import DocumentStore
@@ -187,6 +187,7 @@ class _Session:
         self.receipt_cadence = Cadence(
             BOOKKEEPING_INTERVAL_S, self._wake, linger_s=BOOKKEEPING_INTERVAL_S
         )
+        self.relay_cadence = Cadence(LETTER_INTERVAL_S, self._wake)
 
     def write(self, frame: pb.ConnectRequest) -> None:
         """Queues a frame for the stream's writer task (``_write_all``)."""
@@ -212,6 +213,7 @@ class _Session:
             for task in tasks:
                 task.cancel()
             self.receipt_cadence.close()
+            self.relay_cadence.close()
             self.call.cancel()
 
     def _wake(self) -> None:
@@ -236,7 +238,7 @@ class _Session:
                 agency.receipts_changed.clear()
                 receipts_dirty = True
             sent = False
-            if outbox_dirty and len(self.relaying) < window:
+            if outbox_dirty and len(self.relaying) < window and self.relay_cadence.ready():
                 outbox_dirty = False
                 rows = await agency.store.outbox_to_relay(cursor, batch)
                 if rows:
@@ -255,6 +257,8 @@ class _Session:
                     outbox_dirty = len(rows) == batch or len(envelopes) < len(rows)
                     self.write(pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes)))
                     sent = True
+                    if not outbox_dirty:  # a full read's rest goes at once
+                        self.relay_cadence.sent()
             if (receipts_dirty or self.pending_receipts) and self.receipt_cadence.ready():
                 receipts, self.pending_receipts = self.pending_receipts, []
                 if receipts_dirty:
