@@ -33,6 +33,7 @@ from pathlib import Path
 
 from certs.pki import init_pki
 from client_sdk import ChaparError, Draft, ExchangeClient, Receipt
+from client_sdk.client import DEFAULT_STREAM_LINGER_S
 from loadtest.baseline import measure_baseline
 from loadtest.machine import machine
 from loadtest.targets import Endpoint, Targets, TargetsError, load_targets
@@ -68,6 +69,7 @@ class Params:
     rate: float = 0.0  # offered letters per second in total; 0 = flat out
     body_bytes: int = 1500
     batch: int = 64
+    linger_ms: float = DEFAULT_STREAM_LINGER_S * 1000  # send_stream's linger_s, in ms
     faults: tuple[str, ...] = ()
     verify: bool = True
     baseline_s: float = 3.0
@@ -263,7 +265,9 @@ async def _sender(
     retry: list[Draft] = []
     while True:
         try:
-            async for result in client.send_stream(drafts(retry), batch_size=p.batch):
+            async for result in client.send_stream(
+                drafts(retry), batch_size=p.batch, linger_s=p.linger_ms / 1000
+            ):
                 if isinstance(result, Receipt):
                     now = time.perf_counter()
                     unanswered.pop(result.request_id, None)
@@ -637,6 +641,7 @@ def _cmd(ns: argparse.Namespace) -> int:
         rate=ns.rate,
         body_bytes=ns.body_bytes,
         batch=ns.batch,
+        linger_ms=ns.linger_ms,
         faults=tuple(ns.fault),
         verify=not ns.no_verify,
         baseline_s=ns.baseline_seconds,
@@ -648,6 +653,8 @@ def _cmd(ns: argparse.Namespace) -> int:
     try:
         for spec in p.faults:
             faults.parse_fault(spec)
+        if not 0 <= p.linger_ms <= 1000:
+            raise ValueError("--linger-ms must be 0 to 1000")
         if ns.targets is not None:
             if p.faults:
                 raise ValueError("--fault needs the harness's own servers, not --targets")
@@ -704,6 +711,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     sp.add_argument("--body-bytes", type=int, default=1500)
     sp.add_argument("--batch", type=int, default=64, help="letters per stream frame")
+    sp.add_argument(
+        "--linger-ms",
+        type=float,
+        default=DEFAULT_STREAM_LINGER_S * 1000,
+        help="how long a stream frame that is not full waits for more letters (0 to 1000)",
+    )
     sp.add_argument(
         "--fault", action="append", default=[], help="e.g. kill-hub@10s, stop-recipient@5s:30s"
     )

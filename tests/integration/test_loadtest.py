@@ -204,6 +204,7 @@ def test_cli_refuses_an_unusable_targets_file_with_a_clear_error(tmp_path: Path)
         (("--targets", str(single), "--fault", "kill-hub@1s"), "needs the harness's own"),
         (("--nodes", "30"), "2 to 26 nodes"),
         (("--nodes", "4", "--senders", "2"), "at least 3 senders"),
+        (("--linger-ms", "-1"), "--linger-ms must be 0 to 1000"),
     ):
         result = run_module("node", "loadtest", *args, timeout=60)
         assert result.returncode == 2, (args, result.stderr)
