@@ -58,9 +58,13 @@ async def measure_baseline(
     client_key: Path,
     seconds: float = 3.0,
     workdir: Path,
+    rate: float = 0.0,
 ) -> dict[str, float]:
-    """Streams ``payload`` flat out for about ``seconds``; returns messages per second."""
+    """Streams ``payload`` for about ``seconds``, flat out or, with ``rate``, one message
+    every 1/rate s; returns messages, elapsed_s, lps and the CPU milliseconds a message of
+    both processes together (``cpu_ms_per_message``): what gRPC alone costs at that pace."""
     ready = workdir / "baseline-ready.json"
+    ready.unlink(missing_ok=True)  # an earlier measurement's server is gone
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -96,22 +100,42 @@ async def measure_baseline(
             call = channel.stream_unary(
                 METHOD, request_serializer=None, response_deserializer=None
             )()
-            sent = 0
+            await call.write(payload)  # the handshake and the first message, not counted
+            cpu_before = _cpu_s(os.getpid()) + _cpu_s(proc.pid)
             start = time.perf_counter()
             end = start + seconds
-            while True:
-                for _ in range(256):
+            if rate > 0:
+                interval = 1.0 / rate
+                slot = start
+                while slot < end:
+                    delay = slot - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                     await call.write(payload)
-                sent += 256
-                if time.perf_counter() >= end:
-                    break
+                    slot += interval
+            else:
+                while time.perf_counter() < end:
+                    for _ in range(256):
+                        await call.write(payload)
             await call.done_writing()
-            received = int(await call)
+            received = int(await call) - 1
             elapsed = time.perf_counter() - start
-        return {"messages": float(received), "elapsed_s": elapsed, "lps": received / elapsed}
+            cpu = _cpu_s(os.getpid()) + _cpu_s(proc.pid) - cpu_before
+        return {
+            "messages": float(received),
+            "elapsed_s": elapsed,
+            "lps": received / elapsed,
+            "cpu_ms_per_message": cpu / received * 1000 if received else 0.0,
+        }
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

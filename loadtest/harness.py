@@ -80,6 +80,15 @@ class Params:
 
 
 @dataclass
+class Baseline:
+    """The raw gRPC stream's figures: flat out, and CPU a message at the run's rate."""
+
+    lps: float = 0.0
+    cpu_ms_per_message: float = 0.0
+    paced_cpu_ms_per_message: float = 0.0  # 0 for a flat-out run
+
+
+@dataclass
 class _Stats:
     submitted: dict[str, float] = field(default_factory=dict)  # request id -> time queued
     accepted: dict[str, float] = field(default_factory=dict)  # shams -> time of receipt
@@ -115,6 +124,11 @@ class _Pacer:
         if delay > 0:
             await asyncio.sleep(delay)
         return slot
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -376,13 +390,19 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
     stats = _Stats()
     body = "x" * p.body_bytes
     try:
-        baseline = (
-            await _baseline(cluster, (nodes[0].agency, nodes[1].agency), p.baseline_s, workdir)
-            if p.baseline_s > 0
-            else {"lps": 0.0}
-        )
+        pair = (nodes[0].agency, nodes[1].agency)
+        # Flat out for the ratio; at a fixed rate also paced, one message a slot, for what
+        # gRPC alone costs at this run's pace (a message costs more CPU the fewer there are).
+        baseline = Baseline()
+        if p.baseline_s > 0:
+            flat = await _baseline(cluster, pair, p.baseline_s, workdir)
+            baseline = Baseline(flat["lps"], flat["cpu_ms_per_message"])
+            if p.rate > 0:
+                paced = await _baseline(cluster, pair, p.baseline_s, workdir, rate=p.rate)
+                baseline.paced_cpu_ms_per_message = paced["cpu_ms_per_message"]
         for probe in probes.values():
             probe.begin()
+        own_cpu = _own_cpu()  # the load generator's CPU counts from here, not the baseline's
         consumers = [asyncio.create_task(_consumer(n, routes, p, stats)) for n in nodes[1:]]
         start = time.perf_counter()
         stop = asyncio.Event()
@@ -437,7 +457,11 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
     finally:
         if cluster is not None:
             cluster.stop()
-    report = _report(p, stats, start, sent_done, baseline["lps"], processes)
+    processes["loadgen"] = {
+        "cpu_s": round(_own_cpu() - own_cpu, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    report = _report(p, stats, start, sent_done, baseline, processes)
     report["routes"] = _routes(routes, stats)
     return report
 
@@ -453,11 +477,15 @@ def _drained(stats: _Stats) -> bool:
 
 
 async def _baseline(
-    cluster: Cluster | None, pair: tuple[str, str], seconds: float, workdir: Path
+    cluster: Cluster | None,
+    pair: tuple[str, str],
+    seconds: float,
+    workdir: Path,
+    rate: float = 0.0,
 ) -> dict[str, float]:
     """The raw gRPC stream on this machine between the TLS certificates of ``pair``
     (client, server) in the cluster's PKI, or, for running targets, in a throwaway PKI:
-    the same key types and chain as the exchange's."""
+    the same key types and chain as the exchange's. Flat out, or paced at ``rate``."""
     if cluster is not None:
         pki = cluster.pki
     else:
@@ -475,6 +503,7 @@ async def _baseline(
         client_key=client / "tls.key",
         seconds=seconds,
         workdir=workdir,
+        rate=rate,
     )
 
 
@@ -506,7 +535,7 @@ def _report(
     stats: _Stats,
     start: float,
     sent_done: float,
-    baseline_lps: float,
+    baseline: Baseline,
     processes: dict[str, dict[str, float]],
 ) -> dict[str, object]:
     accepted = set(stats.accepted)
@@ -514,11 +543,11 @@ def _report(
     last = max((stats.delivered[s] for s in delivered), default=start)
     elapsed = max(last - start, 1e-9)
     throughput = len(delivered) / elapsed
-    self_usage = resource.getrusage(resource.RUSAGE_SELF)
-    processes["loadgen"] = {
-        "cpu_s": round(self_usage.ru_utime + self_usage.ru_stime, 2),
-        "peak_rss_mb": round(self_usage.ru_maxrss / 1024, 1),
-    }
+    baseline_lps = baseline.lps
+    # CPU a letter over every process, and that in raw gRPC messages of the same pace: a
+    # letter costs this many one-way stream messages (both ends' CPU counted).
+    cpu_ms = sum(f["cpu_s"] for f in processes.values()) / max(len(delivered), 1) * 1000
+    raw_ms = baseline.paced_cpu_ms_per_message or baseline.cpu_ms_per_message
     return {
         "letters": len(accepted),
         "submitted": len(stats.submitted),
@@ -537,6 +566,9 @@ def _report(
         "throughput_lps": round(throughput, 1),
         "baseline_lps": round(baseline_lps, 1),
         "ratio": round(throughput / baseline_lps, 3) if baseline_lps else None,
+        "baseline": asdict(baseline),
+        "cpu_ms_per_letter": round(cpu_ms, 3),
+        "letter_in_messages": round(cpu_ms / raw_ms, 1) if raw_ms else None,
         "latency_ms": {
             "submit_accepted": _percentiles(
                 [stats.accepted[s] - stats.sent_at[s] for s in accepted]
@@ -589,6 +621,12 @@ def _summary(report: dict[str, object]) -> str:
         f"   misrouted {report['misrouted']}   verify failures {report['verify_failures']}",
         f"throughput         {report['throughput_lps']} letters/s (baseline {report['baseline_lps']}/s,"
         f" ratio {report['ratio']})",
+        f"cpu a letter       {report['cpu_ms_per_letter']} ms, all processes"
+        + (
+            f" (= {report['letter_in_messages']} raw gRPC messages at this pace)"
+            if report["letter_in_messages"]
+            else ""
+        ),
     ]
     params = report["params"]
     assert isinstance(params, dict)

@@ -24,7 +24,9 @@ STAGES = ("submit_accepted", "submit_delivered", "submit_handover")
 
 
 def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) -> None:
-    report = asyncio.run(run(Params(letters=300, senders=2, baseline_s=0.5, batch=32), tmp_path))
+    report = asyncio.run(
+        run(Params(letters=300, senders=2, rate=1000, baseline_s=0.5, batch=32), tmp_path)
+    )
     for key in (
         "letters",
         "delivered",
@@ -46,6 +48,12 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
     assert report["handed_over"] == 300
     assert (report["lost"], report["duplicates"], report["verify_failures"]) == (0, 0, 0)
     assert report["baseline_lps"] > 0
+    # The raw stream flat out and paced at the run's rate, where a message costs more CPU;
+    # a letter (signed, stored, relayed, evidenced) costs more than one raw message.
+    baseline = report["baseline"]
+    assert baseline["cpu_ms_per_message"] > 0
+    assert baseline["paced_cpu_ms_per_message"] > baseline["cpu_ms_per_message"]
+    assert report["letter_in_messages"] > 1
     # What the figures were measured with: a new grpcio or cryptography moves them too.
     packages = report["machine"]["packages"]
     assert all(packages[p] not in ("", "absent") for p in ("grpcio", "protobuf", "cryptography"))
@@ -59,6 +67,8 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
     assert isinstance(processes, dict)
     assert set(processes) == {"hub", "node-SENDER.A", "node-RECIPIENT.B", "loadgen"}
     assert all(p["cpu_s"] > 0 and p["peak_rss_mb"] > 10 for p in processes.values())
+    cpu_ms = sum(p["cpu_s"] for p in processes.values()) / 300 * 1000
+    assert report["cpu_ms_per_letter"] == pytest.approx(cpu_ms, abs=0.01)
     for name in ("hub", "node-SENDER.A", "node-RECIPIENT.B"):  # the servers' own threads
         server = processes[name]
         assert 0 < server["db_writer_cpu_s"] < server["cpu_s"], server
