@@ -25,7 +25,6 @@ acknowledges the letters it finds from the listed agencies, as their back-end wo
 from __future__ import annotations
 
 import ssl
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +33,10 @@ from cryptography.hazmat.primitives import serialization
 
 from client_sdk.credentials import Credentials
 from client_sdk.identity import is_agency_code
+from node.config import ConfigError, Table, read_table
 from node.status import client_context
 
 __all__ = ["Endpoint", "Targets", "TargetsError", "load_targets"]
-
-_TOP_KEYS = {"ca", "hub_metrics", "nodes"}
-_NODE_KEYS = {"agency", "address", "cert", "key", "metrics"}
 
 
 class TargetsError(ValueError):
@@ -66,48 +63,55 @@ class Targets:
 
 
 def load_targets(path: Path) -> Targets:
-    """Reads and checks a targets file; TargetsError says what is wrong with it."""
+    """Reads and checks a targets file; TargetsError says what is wrong with it. The
+    checks and their wording are the servers' configuration files' (``node.config``)."""
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise TargetsError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TargetsError(f"{path} is not valid TOML: {exc}") from None
-    _no_unknown(data, _TOP_KEYS, str(path))
-    base = path.parent
-    ca = _path(base, data, "ca", str(path))
-    entries = data.get("nodes")
+        return _targets(read_table(path))
+    except ConfigError as exc:
+        raise TargetsError(
+            f"targets file {exc}"
+            if str(exc).startswith(str(path))
+            else f"targets file {path}: {exc}"
+        ) from None
+
+
+def _targets(t: Table) -> Targets:
+    ca = t.path_("ca")
+    entries = t.get("nodes", [])
     if not isinstance(entries, list) or len(entries) < 2:
-        raise TargetsError(f"{path}: list at least two [[nodes]]; letters go from each to the next")
+        raise ConfigError("list at least two [[nodes]]; letters go from each to the next")
     nodes: list[Endpoint] = []
     first_files: tuple[Path, Path] | None = None  # a back-end's certificate, for hub_metrics
-    for i, entry in enumerate(entries, 1):
-        where = f"{path}: [[nodes]] entry {i}"
+    for i, entry in enumerate(entries):
+        where = f"nodes[{i}]"
         if not isinstance(entry, dict):
-            raise TargetsError(f"{where} is not a table")
-        _no_unknown(entry, _NODE_KEYS, where)
-        agency = _text(entry, "agency", where)
+            raise ConfigError(f"{where}: must be a table")
+        n = t.child(entry, where)
+        agency = n.text("agency")
         if not is_agency_code(agency):
-            raise TargetsError(f"{where}: {agency!r} is not an agency code")
-        if any(n.agency == agency for n in nodes):
-            raise TargetsError(f"{where}: agency {agency} is listed twice")
-        cert, key = _path(base, entry, "cert", where), _path(base, entry, "key", where)
+            raise ConfigError(f"{where}.agency: {agency!r} is not an agency code")
+        if any(e.agency == agency for e in nodes):
+            raise ConfigError(f"{where}.agency: {agency} is listed twice")
+        cert, key = n.path_("cert"), n.path_("key")
         try:
             credentials = Credentials.from_files(ca, cert, key)
         except (OSError, ValueError) as exc:
-            raise TargetsError(f"{where}: {exc}") from None
+            raise ConfigError(f"{where}: {exc}") from None
         if not _key_matches(credentials):
-            raise TargetsError(f"{where}: {key} is not the private key of {cert}")
+            raise ConfigError(f"{where}: {key} is not the private key of {cert}")
         identity = credentials.identity()
         if identity is None or identity.kind != "client" or identity.agency != agency:
             who = identity.uri if identity is not None else "no Chapar identity"
-            raise TargetsError(f"{where}: {cert} is not a back-end client of {agency} ({who})")
+            raise ConfigError(f"{where}: {cert} is not a back-end client of {agency} ({who})")
         first_files = first_files or (cert, key)
-        metrics = str(entry.get("metrics", ""))
-        tls = _metrics_tls(metrics, ca, cert, key)
-        nodes.append(Endpoint(agency, _text(entry, "address", where), credentials, metrics, tls))
+        metrics = n.optional_text("metrics")
+        address = n.text("address")
+        nodes.append(
+            Endpoint(agency, address, credentials, metrics, _metrics_tls(metrics, ca, cert, key))
+        )
     assert first_files is not None
-    hub_metrics = str(data.get("hub_metrics", ""))  # any listed back-end's certificate will do
+    hub_metrics = t.optional_text("hub_metrics")  # any listed back-end's certificate will do
+    t.reject_unknown()
     return Targets(tuple(nodes), hub_metrics, _metrics_tls(hub_metrics, ca, *first_files))
 
 
@@ -126,21 +130,4 @@ def _metrics_tls(metrics: str, ca: Path, cert: Path, key: Path) -> ssl.SSLContex
     try:
         return client_context(ca, cert, key)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise TargetsError(f"metrics {metrics}: cannot use {cert} and {key}: {exc}") from None
-
-
-def _no_unknown(table: dict[str, object], known: set[str], where: str) -> None:
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise TargetsError(f"{where}: unknown key(s) {', '.join(unknown)}")
-
-
-def _text(table: dict[str, object], key: str, where: str) -> str:
-    value = table.get(key)
-    if not isinstance(value, str) or not value:
-        raise TargetsError(f"{where}: {key} is required (a string)")
-    return value
-
-
-def _path(base: Path, table: dict[str, object], key: str, where: str) -> Path:
-    return base / _text(table, key, where)
+        raise ConfigError(f"metrics {metrics}: cannot use {cert} and {key}: {exc}") from None

@@ -25,11 +25,13 @@ __all__ = [
     "HubConfig",
     "NodeConfig",
     "SigningConfig",
+    "Table",
     "TlsConfig",
     "config_keys",
     "load_hub_config",
     "load_node_config",
     "read_revocations",
+    "read_table",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:0"
@@ -130,8 +132,9 @@ class NodeConfig:
         return Identity.for_agency(self.agency)
 
 
-class _Table:
-    """Typed access to one TOML table, with the key path for messages."""
+class Table:
+    """Typed access to one TOML table, with the key path for messages (ConfigError). Also
+    read by other TOML files of ours (``loadtest.targets``): one set of checks, one wording."""
 
     def __init__(self, data: Mapping[str, Any], path: str, base: Path) -> None:
         self.data = data
@@ -139,7 +142,7 @@ class _Table:
         self.base = base
         # Keys read so far, and the tables opened below this one: what is left is unknown.
         self.known: set[str] = set()
-        self.children: list[_Table] = []
+        self.children: list[Table] = []
 
     def _key(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -148,8 +151,8 @@ class _Table:
         self.known.add(key)
         return self.data.get(key, default)
 
-    def child(self, data: Mapping[str, Any], path: str) -> _Table:
-        table = _Table(data, path, self.base)
+    def child(self, data: Mapping[str, Any], path: str) -> Table:
+        table = Table(data, path, self.base)
         self.children.append(table)
         return table
 
@@ -171,7 +174,7 @@ class _Table:
         for child in self.children:
             child.reject_unknown()
 
-    def table(self, key: str, *, required: bool = True) -> _Table:
+    def table(self, key: str, *, required: bool = True) -> Table:
         value = self.get(key)
         if value is None:
             if required:
@@ -188,6 +191,13 @@ class _Table:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{self._key(key)}: must be a non-empty string")
         return value
+
+    def optional_text(self, key: str) -> str:
+        """The key's non-empty string, or "" when the key is absent."""
+        if key not in self.data:
+            self.known.add(key)
+            return ""
+        return self.text(key)
 
     def integer(self, key: str, default: int, *, minimum: int = 1) -> int:
         value = self.get(key, default)
@@ -245,22 +255,24 @@ class _Table:
         return value
 
 
-def _read(path: Path) -> _Table:
+def read_table(path: Path) -> Table:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such configuration file") from exc
+    except OSError as exc:  # a folder, no permission ...
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return _Table(data, "", path.parent.resolve())
+    return Table(data, "", path.parent.resolve())
 
 
-def _tls(t: _Table) -> TlsConfig:
+def _tls(t: Table) -> TlsConfig:
     tls = t.table("tls")
     return TlsConfig(ca=tls.path_("ca"), cert=tls.path_("cert"), key=tls.path_("key"))
 
 
-def _signing(t: _Table) -> SigningConfig:
+def _signing(t: Table) -> SigningConfig:
     s = t.table("signing")
     algorithm = s.choice("algorithm", "auto", ("auto", *_ALGORITHMS))
     return SigningConfig(
@@ -272,7 +284,7 @@ def _signing(t: _Table) -> SigningConfig:
 
 
 def load_hub_config(path: Path) -> HubConfig:
-    t = _read(path)
+    t = read_table(path)
     config = _hub_config(t)
     t.reject_unknown()
     return config
@@ -284,12 +296,12 @@ def config_keys(role: str, path: Path) -> set[str]:
     ``agencies[0].code`` becomes ``agencies.code``. Used to check that docs/OPERATIONS.md
     documents exactly the keys there are.
     """
-    t = _read(path)
+    t = read_table(path)
     _hub_config(t) if role == "hub" else _node_config(t)
     return t.key_paths()
 
 
-def _hub_config(t: _Table) -> HubConfig:
+def _hub_config(t: Table) -> HubConfig:
     hub = t.table("hub")
     name = hub.text("name")
     try:
@@ -373,7 +385,7 @@ def read_revocations(path: Path | None) -> list[str]:
     return serials
 
 
-def _clients(t: _Table) -> dict[str, frozenset[str]]:
+def _clients(t: Table) -> dict[str, frozenset[str]]:
     raw = t.get("clients", [])
     if not isinstance(raw, list):
         raise ConfigError("[[clients]]: must be an array of tables")
@@ -392,7 +404,7 @@ def _clients(t: _Table) -> dict[str, frozenset[str]]:
     return clients
 
 
-def _documents(t: _Table) -> tuple[DocumentLimits, Path, float]:
+def _documents(t: Table) -> tuple[DocumentLimits, Path, float]:
     docs = t.table("documents", required=False)
     defaults = DocumentLimits()
     raw = docs.get("media_types", sorted(defaults.media_types))
@@ -413,13 +425,13 @@ def _documents(t: _Table) -> tuple[DocumentLimits, Path, float]:
 
 
 def load_node_config(path: Path) -> NodeConfig:
-    t = _read(path)
+    t = read_table(path)
     config = _node_config(t)
     t.reject_unknown()
     return config
 
 
-def _node_config(t: _Table) -> NodeConfig:
+def _node_config(t: Table) -> NodeConfig:
     node = t.table("node")
     agency = node.text("agency")
     if not is_agency_code(agency):

@@ -210,7 +210,7 @@ def test_cli_refuses_an_unusable_targets_file_with_a_clear_error(tmp_path: Path)
     single.write_text('ca = "ca.crt"\n[[nodes]]\nagency = "SENDER.A"\naddress = "127.0.0.1:1"\n')
     for args, message in (
         (("--targets", str(single)), "at least two [[nodes]]"),
-        (("--targets", str(tmp_path / "missing.toml")), "cannot read"),
+        (("--targets", str(tmp_path / "missing.toml")), "no such configuration file"),
         (("--targets", str(single), "--fault", "kill-hub@1s"), "needs the harness's own"),
         (("--nodes", "30"), "2 to 26 nodes"),
         (("--nodes", "4", "--senders", "2"), "at least 3 senders"),

@@ -60,15 +60,22 @@ def test_a_chain_of_nodes_with_paths_read_from_the_files_folder(pki: Path) -> No
             + _node(B).replace(f"agencies/{B}/client.key", f"agencies/{A}/client.key"),
             "is not the private key of",
         ),
-        ('ca = "ca/root.crt"\nhub = 1\n' + _node(A) + _node(B), "unknown key(s) hub"),
-        ('ca = "ca/root.crt"\n' + _node(A, extra="port = 1\n") + _node(B), "unknown key(s) port"),
-        (_node(A) + _node(B), "ca is required"),
-        ('ca = "ca/missing.crt"\n' + _node(A) + _node(B), "No such file"),
-        ('ca = "ca/root.crt"\n[[nodes]]\nagency = "SENDER.A"\n' + _node(B), "cert is required"),
-        ("ca = [", "is not valid TOML"),
+        ('ca = "ca/root.crt"\nhub = 1\n' + _node(A) + _node(B), "targets.toml: hub: unknown key"),
+        ('ca = "ca/root.crt"\n' + _node(A, extra="port = 1\n") + _node(B), "nodes[0].port: unknown key"),
+        (_node(A) + _node(B), "ca: missing"),
+        ('ca = "ca/missing.crt"\n' + _node(A) + _node(B), "ca: no such file"),
+        ('ca = "ca/root.crt"\n[[nodes]]\nagency = "SENDER.A"\n' + _node(B), "nodes[0].cert: missing"),
+        ("ca = [", "targets.toml: not valid TOML"),
     ],
 )
 def test_an_unusable_file_is_refused_with_what_is_wrong(pki: Path, text: str, message: str) -> None:
     with pytest.raises(TargetsError) as refused:
         load_targets(_write(pki, text))
     assert message in str(refused.value)
+
+
+def test_a_path_that_cannot_be_read_is_refused_not_raised(tmp_path: Path) -> None:
+    # A folder: an OSError other than "no such file", which used to escape as a traceback
+    # from the servers' configuration reader this file now shares.
+    with pytest.raises(TargetsError, match="cannot read"):
+        load_targets(tmp_path)
