@@ -99,7 +99,7 @@ DEFAULT_STREAM_LINGER_S: Final = 0.005
 """How long a stream frame that is not full waits, once, for more drafts (as Kafka's
 producer ``linger.ms``). A back-end sending a few hundred letters a second then sends a few
 letters a frame instead of one: measured at 1,000 letters/s, the p99 from submit to delivery
-fell from 130-180 ms to 83-93 ms (docs/BENCHMARKS.md, sixth round). A flood never waits: its
+fell from 114-180 ms to 83-93 ms (docs/BENCHMARKS.md, sixth round). A flood never waits: its
 frames fill at once. 0 sends each frame as soon as one draft is ready."""
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """Message size limit of channels the client creates (gRPC's default is 4 MiB)."""

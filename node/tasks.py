@@ -20,7 +20,8 @@ BOOKKEEPING_INTERVAL_S = 0.05
 # How often frames of letters may go on one hub stream (a node relaying its outbox, the hub
 # delivering a queue) once one has gone: the first after a quiet spell goes at once, and at
 # a few hundred letters a second the rest go a few a frame rather than one. Measured at an
-# offered 1,000 letters/s: p99 submit-to-delivered 83-93 ms -> 67-82 ms (BENCHMARKS.md).
+# offered 1,000 letters/s, four alternating pairs: p99 submit-to-delivered 83-93 ms without,
+# 67-82 ms with (BENCHMARKS.md, sixth round).
 LETTER_INTERVAL_S = 0.005
 
 
