@@ -76,10 +76,10 @@ def load_targets(path: Path) -> Targets:
 
 
 def _targets(t: Table) -> Targets:
-    ca = t.path_("ca")
     entries = t.get("nodes", [])
     if not isinstance(entries, list) or len(entries) < 2:
         raise ConfigError("list at least two [[nodes]]; letters go from each to the next")
+    ca = t.path_("ca")
     nodes: list[Endpoint] = []
     first_files: tuple[Path, Path] | None = None  # a back-end's certificate, for hub_metrics
     for i, entry in enumerate(entries):
