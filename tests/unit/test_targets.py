@@ -61,10 +61,16 @@ def test_a_chain_of_nodes_with_paths_read_from_the_files_folder(pki: Path) -> No
             "is not the private key of",
         ),
         ('ca = "ca/root.crt"\nhub = 1\n' + _node(A) + _node(B), "targets.toml: hub: unknown key"),
-        ('ca = "ca/root.crt"\n' + _node(A, extra="port = 1\n") + _node(B), "nodes[0].port: unknown key"),
+        (
+            'ca = "ca/root.crt"\n' + _node(A, extra="port = 1\n") + _node(B),
+            "nodes[0].port: unknown key",
+        ),
         (_node(A) + _node(B), "ca: missing"),
         ('ca = "ca/missing.crt"\n' + _node(A) + _node(B), "ca: no such file"),
-        ('ca = "ca/root.crt"\n[[nodes]]\nagency = "SENDER.A"\n' + _node(B), "nodes[0].cert: missing"),
+        (
+            'ca = "ca/root.crt"\n[[nodes]]\nagency = "SENDER.A"\n' + _node(B),
+            "nodes[0].cert: missing",
+        ),
         ("ca = [", "targets.toml: not valid TOML"),
     ],
 )
