@@ -75,6 +75,7 @@ class Params:
     baseline_s: float = 3.0
     drain_timeout_s: float = 120.0
     durability: str = "full"  # of the harness's own servers; running targets keep theirs
+    signing: str = "ed25519"  # the signing keys of the harness's own PKI (or ecdsa-p256)
     nodes: int = 2
     targets: str = ""  # the targets file, when the run drove running servers
 
@@ -372,7 +373,11 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
         names = node_names(p.nodes)
         settings = f'durability = "{p.durability}"\nreconnect_max_s = 1.0'
         cluster = await Cluster.start(
-            workdir, names, node_settings=settings, hub_settings=f'durability = "{p.durability}"'
+            workdir,
+            names,
+            signing_algorithm="ecdsa-p256" if p.signing == "ecdsa-p256" else "ed25519",
+            node_settings=settings,
+            hub_settings=f'durability = "{p.durability}"',
         )
         nodes = [Endpoint(c, cluster.nodes[c].address, cluster.credentials(c)) for c in names]
         probes = {"hub": _Probe(cluster.hub)}
@@ -684,6 +689,7 @@ def _cmd(ns: argparse.Namespace) -> int:
         verify=not ns.no_verify,
         baseline_s=ns.baseline_seconds,
         durability=ns.durability,
+        signing=ns.signing if ns.targets is None else "",  # running targets keep theirs
         nodes=ns.nodes,
         targets=str(ns.targets or ""),
     )
@@ -761,6 +767,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sp.add_argument("--no-verify", action="store_true", help="skip verifying each received letter")
     sp.add_argument("--baseline-seconds", type=float, default=3.0, help="0 skips the raw baseline")
     sp.add_argument("--durability", choices=["full", "normal"], default="full")
+    sp.add_argument(
+        "--signing",
+        choices=["ed25519", "ecdsa-p256"],
+        default="ed25519",
+        help="signing keys of the harness's own PKI (running targets keep theirs)",
+    )
     sp.add_argument(
         "--nodes",
         type=int,

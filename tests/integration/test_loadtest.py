@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from certs.pki import load_certs
 from client_sdk import ExchangeClient
 from loadtest.harness import A, B, Params, _Pacer, _Stats, _windows, run
 from node.cluster import Cluster
@@ -127,9 +129,12 @@ async def test_a_late_sender_keeps_the_schedule_so_its_lateness_counts_in_latenc
 
 
 def test_more_nodes_form_a_chain_and_every_hop_is_checked(tmp_path: Path) -> None:
-    report = asyncio.run(
-        run(Params(letters=300, senders=2, nodes=3, baseline_s=0.3, batch=32), tmp_path)
-    )
+    params = Params(letters=300, senders=2, nodes=3, baseline_s=0.3, batch=32, signing="ecdsa-p256")
+    report = asyncio.run(run(params, tmp_path))
+    # The run's PKI signed with P-256 (--signing), and every letter still verified.
+    signing = load_certs(tmp_path / "pki" / "agencies" / "AGENCY.A" / "signing.crt")[0]
+    assert isinstance(signing.public_key(), ec.EllipticCurvePublicKey)
+    assert report["verify_failures"] == 0
     # Two senders over the two sending nodes: A's letters go to B, B's to C.
     assert report["routes"] == [
         {"from": "AGENCY.A", "to": "AGENCY.B", "letters": 150, "delivered": 150},
