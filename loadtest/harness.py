@@ -368,6 +368,8 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
     count = p.nodes if targets is None else len(targets.nodes)
     if p.senders < count - 1:  # checked before any server starts
         raise ValueError(f"{count} nodes need at least {count - 1} senders")
+    if targets is None and p.signing not in ("ed25519", "ecdsa-p256"):
+        raise ValueError(f"signing must be ed25519 or ecdsa-p256, not {p.signing!r}")
     cluster: Cluster | None = None
     if targets is None:
         names = node_names(p.nodes)

@@ -225,3 +225,9 @@ def test_cli_refuses_an_unusable_targets_file_with_a_clear_error(tmp_path: Path)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_run_refuses_an_unknown_signing_algorithm_before_starting_servers(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="signing must be ed25519 or ecdsa-p256"):
+        asyncio.run(run(Params(letters=10, signing="rsa"), tmp_path))
+    assert not (tmp_path / "pki").exists()  # refused before any PKI or server
