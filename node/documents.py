@@ -319,7 +319,11 @@ class Documents(pb.DocumentServiceServicer):
                             fetch.announce(message.size)
                         writer.write(message.chunk)
                         fetch.notify()
-                    break
+                    if not writer.expected_size or writer.size >= writer.expected_size:
+                        break
+                    # Ended without an error but short of the size announced: the hub's
+                    # relay was cut (a hub shutting down ends the owner's push as if it
+                    # were complete). Go on from the bytes held, as after a break.
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
@@ -345,7 +349,7 @@ class Documents(pb.DocumentServiceServicer):
                     "fetch of %s broke at %d bytes (%s); resuming",
                     uri,
                     writer.size,
-                    failure.code().name if failure is not None else "hub link closed",
+                    failure.code().name if failure is not None else "ended early",
                 )
                 await asyncio.sleep(_RESUME_PAUSE_S)
             fetch.announce(writer.size)

@@ -39,7 +39,8 @@ _OWNER_ANSWER_S = 30.0
 @dataclass(eq=False)
 class _Transfer:
     owner: str
-    queue: asyncio.Queue[pb.PushHeader | bytes | None] = field(
+    offset: int = 0  # where the fetch asked the owner's push to start
+    queue: asyncio.Queue[pb.PushHeader | bytes | ChaparError | None] = field(
         default_factory=lambda: asyncio.Queue(_QUEUE_CHUNKS)
     )
     gone: asyncio.Event = field(default_factory=asyncio.Event)
@@ -77,7 +78,7 @@ class DocumentRelay:
                     metadata={"owner": owner},
                     retry_after_s=5.0,
                 )
-            transfer = _Transfer(owner)
+            transfer = _Transfer(owner, request.offset)
             self._transfers[request_id] = transfer
             await session.out.put(
                 pb.ConnectResponse(
@@ -110,6 +111,8 @@ class DocumentRelay:
         try:
             await context.write(pb.FetchDocumentResponse(size=header.size))
             while (item := await transfer.queue.get()) is not None:
+                if isinstance(item, ChaparError):  # the push broke: the fetcher resumes
+                    await abort(context, item)
                 if isinstance(item, bytes):
                     await context.write(pb.FetchDocumentResponse(chunk=item))
         finally:
@@ -144,6 +147,19 @@ class DocumentRelay:
             async for message in request_iterator:
                 await self._put(transfer, message.chunk)
                 relayed += len(message.chunk)
+            if not first.header.error_reason and transfer.offset + relayed != first.header.size:
+                # The stream ended short of (or past) the document: a cancelled call ends
+                # the request iterator like a finished one (the hub shutting down). The
+                # fetch must then fail in a way its node resumes from, never end "OK".
+                cut = ChaparError(
+                    Code.UNAVAILABLE,
+                    "PUSH_INTERRUPTED",
+                    f"the owner's push ended after {transfer.offset + relayed} of "
+                    f"{first.header.size} bytes; retry from the bytes received",
+                    retry_after_s=1.0,
+                )
+                await self._put(transfer, cut)
+                raise cut
             await self._put(transfer, None)
         except ChaparError as exc:
             await abort(context, exc)
@@ -151,7 +167,7 @@ class DocumentRelay:
         return pb.PushDocumentResponse(bytes_relayed=relayed)
 
     @staticmethod
-    async def _put(transfer: _Transfer, item: pb.PushHeader | bytes | None) -> None:
+    async def _put(transfer: _Transfer, item: pb.PushHeader | bytes | ChaparError | None) -> None:
         """Waits for room in the pipe; CANCELLED when the fetching node has gone."""
         put = asyncio.create_task(transfer.queue.put(item))
         gone = asyncio.create_task(transfer.gone.wait())

@@ -1,0 +1,97 @@
+"""The hub's document relay ends a fetch OK only when the owner pushed the whole document.
+
+A hub shutting down ends an owner's PushDocument call as if the owner had finished (the
+request iterator just stops). The relay then used to end the fetch with OK after part of
+the document, and the fetching node stored a short file and failed with SIZE_MISMATCH
+instead of resuming. Driven here with stand-ins for the hub and the gRPC contexts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+
+from client_sdk import pb
+from node.hub_documents import DocumentRelay
+
+OWNER, FETCHER = "SENDER.A", "RECIPIENT.B"
+URI = f"chapar://{OWNER}/documents/sha256/{'ab' * 32}"
+
+
+class _Context:
+    def __init__(self, agency: str) -> None:
+        self.agency = agency
+        self.written: list[Any] = []
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    async def write(self, message: Any) -> None:
+        self.written.append(message)
+
+    async def abort(self, code: grpc.StatusCode, details: str, **_: Any) -> None:
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError()
+
+
+class _Hub:
+    def __init__(self) -> None:
+        self.out: asyncio.Queue[pb.ConnectResponse] = asyncio.Queue()
+        self._sessions = {OWNER: SimpleNamespace(out=self.out)}
+        self.store = SimpleNamespace(may_fetch=self._may_fetch)
+
+    @staticmethod
+    async def _may_fetch(digest: bytes, owner: str, agency: str) -> bool:
+        return True
+
+    @staticmethod
+    def _peer(context: _Context) -> tuple[str, int]:
+        return context.agency, 1
+
+
+async def _relay(offset: int, size: int, pushed: list[bytes]) -> tuple[_Context, _Context]:
+    """Runs a fetch from ``offset`` and the owner's push of ``pushed`` chunks; returns the
+    fetch's and the push's contexts once both ended."""
+    relay = DocumentRelay(_Hub())  # type: ignore[arg-type]
+    hub: _Hub = relay.hub  # type: ignore[assignment]
+    fetching, pushing = _Context(FETCHER), _Context(OWNER)
+    fetch = asyncio.create_task(
+        relay.fetch(pb.FetchDocumentRequest(uri=URI, offset=offset), fetching)  # type: ignore[arg-type]
+    )
+    request = (await asyncio.wait_for(hub.out.get(), 5)).document_request
+
+    async def push() -> AsyncIterator[pb.PushDocumentRequest]:
+        yield pb.PushDocumentRequest(header=pb.PushHeader(request_id=request.request_id, size=size))
+        for chunk in pushed:
+            yield pb.PushDocumentRequest(chunk=chunk)
+
+    with contextlib.suppress(grpc.aio.AbortError):
+        await relay.push(push(), pushing)  # type: ignore[arg-type]
+    with contextlib.suppress(grpc.aio.AbortError):
+        await asyncio.wait_for(fetch, 5)
+    return fetching, pushing
+
+
+async def test_a_push_cut_short_ends_the_fetch_unavailable_so_the_node_resumes() -> None:
+    fetching, pushing = await _relay(0, 100, [b"x" * 40])
+    assert fetching.aborted is not None
+    assert fetching.aborted[0] == grpc.StatusCode.UNAVAILABLE
+    assert "ended after 40 of 100 bytes" in fetching.aborted[1]
+    assert [m.chunk for m in fetching.written if m.chunk] == [b"x" * 40]  # what came, came
+    assert pushing.aborted is not None
+    assert pushing.aborted[0] == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(("offset", "pushed"), [(0, [b"x" * 60, b"y" * 40]), (60, [b"y" * 40])])
+async def test_a_whole_push_from_the_asked_offset_ends_the_fetch_ok(
+    offset: int, pushed: list[bytes]
+) -> None:
+    fetching, pushing = await _relay(offset, 100, pushed)
+    assert fetching.aborted is None
+    assert pushing.aborted is None
+    assert fetching.written[0].size == 100
+    assert b"".join(m.chunk for m in fetching.written[1:]) == b"".join(pushed)
