@@ -28,6 +28,7 @@ __all__ = ["Cluster", "ServerProcess"]
 
 Role = Literal["hub", "node"]
 _READY_TIMEOUT_S = 30.0
+_BIND_REFUSED = "(address in use?)"  # node.server's words when its listen address is taken
 
 
 @dataclass
@@ -68,6 +69,14 @@ class ServerProcess:
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             if self.proc.poll() is not None:
+                if self.address and _BIND_REFUSED in self.log_tail(3):
+                    # A restart on its pinned port lost a race: the port came from the
+                    # ephemeral range, and a connection made while the server was down
+                    # (a peer reconnecting can even connect to itself) holds it for a
+                    # moment. Start again until the deadline.
+                    await asyncio.sleep(0.2)
+                    self.start()
+                    continue
                 raise RuntimeError(
                     f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
                 )
