@@ -195,3 +195,50 @@ async def test_only_documents_unused_since_the_cutoff_are_candidates_and_removed
     assert store.size(old) is None
     assert store.size(touched) == len(b"touched again")
     assert store.size(fresh) == len(b"fresh")
+
+
+async def test_a_fetch_that_ends_without_error_but_short_resumes_from_the_bytes_held(
+    tmp_path: Path,
+) -> None:
+    """A fetch call that ends OK short of the size the owner announced (the hub's relay
+    cut as it shut down) is a break, resumed from the offset held, not a finished file."""
+    from collections.abc import AsyncIterator
+    from types import SimpleNamespace
+
+    from client_sdk import pb
+    from node.documents import Documents, _Fetch
+
+    content = os.urandom(100)
+    digest = hashlib.sha256(content).digest()
+    offsets: list[int] = []
+
+    class _Call:
+        def __init__(self, offset: int) -> None:
+            self.offset = offset
+
+        async def __aiter__(self) -> AsyncIterator[pb.FetchDocumentResponse]:
+            if self.offset == 0:  # the first call: announced 100 bytes, ends after 40
+                yield pb.FetchDocumentResponse(size=len(content))
+                yield pb.FetchDocumentResponse(chunk=content[:40])
+            else:
+                yield pb.FetchDocumentResponse(chunk=content[self.offset :])
+
+        def cancel(self) -> None:
+            pass
+
+    class _Stub:
+        def FetchDocument(self, request: pb.FetchDocumentRequest) -> _Call:
+            offsets.append(request.offset)
+            return _Call(request.offset)
+
+    async def wait_stub(timeout: float) -> _Stub:
+        return _Stub()
+
+    store = _store(tmp_path)
+    documents = Documents(agency=None, store=store)  # type: ignore[arg-type]
+    documents.link = SimpleNamespace(stub=_Stub(), wait_stub=wait_stub)  # type: ignore[assignment]
+    fetch = _Fetch(store.writer(expected_sha256=digest))
+    uri = document_uri("SENDER.A", digest)
+    assert await documents._fetch(uri, digest, fetch) == len(content)
+    assert offsets == [0, 40]
+    assert store.path(digest).read_bytes() == content
