@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import resource
 import sqlite3
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from typing import cast
 from client_sdk import pb
 from client_sdk.shams import format_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer, sha256
+from loadtest.cpu import own_cpu_s
 from loadtest.harness import _proc_stats
 from loadtest.machine import machine
 from node.cluster import Cluster, ServerProcess
@@ -296,7 +296,7 @@ async def run(p: Params, workdir: Path) -> dict[str, object]:
     cluster = Cluster.prepare(workdir, [A, B])
     report: dict[str, object] = {"letters": p.letters}
     report.update(await fill_hub(cluster, p))
-    fill_usage = resource.getrusage(resource.RUSAGE_SELF)
+    fill_cpu_s = own_cpu_s()
     hub = cluster.hub
     try:
         started = time.perf_counter()
@@ -318,7 +318,7 @@ async def run(p: Params, workdir: Path) -> dict[str, object]:
     report["hub_peak_rss_mb"] = stats["hub"]["peak_rss_mb"]
     report["recipient_peak_rss_mb"] = stats["recipient"]["peak_rss_mb"]
     report["cpu_s"] = {
-        "fill": round(fill_usage.ru_utime + fill_usage.ru_stime, 1),
+        "fill": round(fill_cpu_s, 1),
         "hub_idle": idle["cpu_s"],
         "hub": stats["hub"]["cpu_s"],
         "recipient": stats["recipient"]["cpu_s"],

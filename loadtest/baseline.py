@@ -19,6 +19,8 @@ from pathlib import Path
 
 import grpc
 
+from loadtest.cpu import own_cpu_s, process_cpu_s
+
 __all__ = ["measure_baseline"]
 
 METHOD = "/chapar.loadtest.v1.Baseline/Stream"
@@ -101,7 +103,7 @@ async def measure_baseline(
                 METHOD, request_serializer=None, response_deserializer=None
             )()
             await call.write(payload)  # the handshake and the first message, not counted
-            cpu_before = _cpu_s(os.getpid()) + _cpu_s(proc.pid)
+            cpu_before = own_cpu_s() + process_cpu_s(proc.pid)
             start = time.perf_counter()
             end = start + seconds
             if rate > 0:
@@ -120,7 +122,7 @@ async def measure_baseline(
             await call.done_writing()
             received = int(await call) - 1
             elapsed = time.perf_counter() - start
-            cpu = _cpu_s(os.getpid()) + _cpu_s(proc.pid) - cpu_before
+            cpu = own_cpu_s() + process_cpu_s(proc.pid) - cpu_before
         return {
             "messages": float(received),
             "elapsed_s": elapsed,
@@ -130,12 +132,6 @@ async def measure_baseline(
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

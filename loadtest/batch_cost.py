@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from client_sdk import Draft, ExchangeClient, Letter
+from loadtest.cpu import own_cpu_s
 from loadtest.harness import proc_stats
 from loadtest.machine import machine
 from node.cluster import Cluster
@@ -33,11 +33,6 @@ from node.cluster import Cluster
 __all__ = ["measure"]
 
 A, B = "SENDER.A", "RECIPIENT.B"
-
-
-def _own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def measure(
@@ -76,7 +71,7 @@ async def measure(
             rows: list[dict[str, object]] = []
             for size in sizes:
                 before = {s.name: proc_stats(s)["cpu_s"] for s in servers}
-                mine = _own_cpu()
+                mine = own_cpu_s()
                 expected = handed_over + batches * size
                 for i in range(batches):
                     drafts = [
@@ -92,7 +87,7 @@ async def measure(
                 per_batch = {
                     name: round((after[name] - before[name]) / batches * 1000, 2) for name in after
                 }
-                per_batch["back-ends"] = round((_own_cpu() - mine) / batches * 1000, 2)
+                per_batch["back-ends"] = round((own_cpu_s() - mine) / batches * 1000, 2)
                 rows.append(
                     {
                         "size": size,

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import random
 import resource
 import signal
@@ -35,6 +34,7 @@ from certs.pki import init_pki
 from client_sdk import ChaparError, Draft, ExchangeClient, Receipt
 from client_sdk.client import DEFAULT_STREAM_LINGER_S
 from loadtest.baseline import measure_baseline
+from loadtest.cpu import own_cpu_s, process_cpu_s
 from loadtest.machine import machine
 from loadtest.targets import Endpoint, Targets, TargetsError, load_targets
 from node import faults
@@ -127,11 +127,6 @@ class _Pacer:
         return slot
 
 
-def _own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
@@ -153,9 +148,7 @@ def _proc_stats(proc: ServerProcess) -> dict[str, float]:
     if proc.proc is None or proc.proc.poll() is not None:
         return {"cpu_s": 0.0, "peak_rss_mb": 0.0}
     pid = proc.proc.pid
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    cpu = process_cpu_s(pid)
     peak = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -409,7 +402,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
                 baseline.paced_cpu_ms_per_message = paced["cpu_ms_per_message"]
         for probe in probes.values():
             probe.begin()
-        own_cpu = _own_cpu()  # the load generator's CPU counts from here, not the baseline's
+        own_cpu = own_cpu_s()  # the load generator's CPU counts from here, not the baseline's
         consumers = [asyncio.create_task(_consumer(n, routes, p, stats)) for n in nodes[1:]]
         start = time.perf_counter()
         stop = asyncio.Event()
@@ -465,7 +458,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
         if cluster is not None:
             cluster.stop()
     processes["loadgen"] = {
-        "cpu_s": round(_own_cpu() - own_cpu, 2),
+        "cpu_s": round(own_cpu_s() - own_cpu, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     report = _report(p, stats, start, sent_done, baseline, processes)
