@@ -104,11 +104,16 @@ def test_windows_show_the_delivery_rate_of_the_sending_period_and_its_drift() ->
     # then a drain after sending stopped, which no full window covers.
     times = [i / 100 for i in range(1000)] + [30 + i / 50 for i in range(500)] + [41.0, 42.0]
     stats.delivered = {f"L{i}": 1000.0 + t for i, t in enumerate(times)}
+    # Each letter took 20 ms, but those sent in the third window took 500 ms.
+    stats.sent_at = {
+        s: t - (0.5 if 1020.0 <= t - 0.5 < 1030.0 else 0.02) for s, t in stats.delivered.items()
+    }
     windows = _windows(stats, set(stats.delivered), start=1000.0, sent_done=1040.0)
     assert windows == {
         "window_s": 10.0,
         "delivered_lps": [100.0, 0.0, 0.0, 50.0],
         "last_over_first": 0.5,
+        "submit_delivered_p99_ms": [20.0, 0.0, 500.0, 20.0],
     }
     long = _windows(stats, set(stats.delivered), start=1000.0, sent_done=1130.0)
     assert long["window_s"] == 60.0
