@@ -344,8 +344,9 @@ class Letter(_LetterFields):
     async def ack(self) -> pb.Evidence:
         """Acknowledges the letter; returns the node's HANDOVER evidence (idempotent).
 
-        Acknowledgements made at about the same time (within 2 ms) travel together in
-        one ``BatchAckEnvelopes`` call; each still gets its own evidence or exception.
+        Acknowledgements made in the same event-loop turn, or while an earlier call is in
+        flight, travel together in one ``BatchAckEnvelopes`` call; each still gets its own
+        evidence or exception.
         """
         return await self._client._acks.ack(self.shams_pb)
 
@@ -920,14 +921,21 @@ class _Failed:
 
 
 class _AckGatherer:
-    """Gathers concurrent ``Letter.ack()`` calls into ``BatchAckEnvelopes`` calls."""
+    """Gathers concurrent ``Letter.ack()`` calls into ``BatchAckEnvelopes`` calls.
 
-    def __init__(self, client: ExchangeClient, linger_s: float = 0.002, max_batch: int = 256):
+    Acknowledgements go at the end of the event-loop turn they were made in, in one call,
+    unless a call is already in flight: then they gather until it returns and go together
+    in the next (group commit, as the node stores submissions). A back-end acknowledging one
+    letter at a time never waits for company; one acknowledging hundreds a second sends them
+    a few a call, as many as arrive during a round trip. A full batch goes at once.
+    """
+
+    def __init__(self, client: ExchangeClient, max_batch: int = 256):
         self._client = client
-        self._linger_s = linger_s
         self._max_batch = max_batch
         self._pending: list[tuple[pb.Shams, asyncio.Future[pb.Evidence]]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._scheduled = False  # a send is due at the end of this turn
+        self._in_flight = 0
         self._calls: set[asyncio.Task[None]] = set()
 
     async def ack(self, shams: pb.Shams) -> pb.Evidence:
@@ -936,25 +944,31 @@ class _AckGatherer:
         self._pending.append((shams, done))
         if len(self._pending) >= self._max_batch:
             self._send_pending()
-        elif self._timer is None:
-            self._timer = loop.call_later(self._linger_s, self._send_pending)
+        elif not self._in_flight and not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._send_pending)
         return await done
 
     async def flush(self) -> None:
         """Sends what is waiting and waits for every call in flight."""
         self._send_pending()
-        if self._calls:
+        while self._calls:
             await asyncio.gather(*self._calls, return_exceptions=True)
 
     def _send_pending(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._scheduled = False
         batch, self._pending = self._pending, []
         if batch:
+            self._in_flight += 1
             task = asyncio.get_running_loop().create_task(self._call(batch))
             self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
+            task.add_done_callback(self._call_done)
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        self._calls.discard(task)
+        self._in_flight -= 1
+        if self._pending and not self._in_flight and not self._scheduled:
+            self._send_pending()  # what gathered meanwhile goes now, together
 
     async def _call(self, batch: list[tuple[pb.Shams, asyncio.Future[pb.Evidence]]]) -> None:
         try:

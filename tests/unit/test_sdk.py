@@ -108,6 +108,8 @@ class FakeNode(pb.NodeServiceServicer):
         self.frames: list[pb.StreamSubmitEnvelopesRequest] = []
         self.acks: list[pb.AckEnvelopeRequest] = []
         self.ack_batches: list[int] = []
+        self.ack_gate: asyncio.Event | None = None  # when set, ack calls wait for it
+        self.ack_called = asyncio.Event()  # set by each BatchAckEnvelopes call
         self.inbox_requests: list[pb.StreamInboxRequest] = []
         self.inbox_batches: list[list[pb.InboxLetter]] = []
         self.get_response = pb.GetEnvelopeResponse()
@@ -195,6 +197,9 @@ class FakeNode(pb.NodeServiceServicer):
         self, request: pb.BatchAckEnvelopesRequest, context: Any
     ) -> pb.BatchAckEnvelopesResponse:
         self.ack_batches.append(len(request.shams))
+        self.ack_called.set()
+        if self.ack_gate is not None:
+            await self.ack_gate.wait()
         results = []
         for shams in request.shams:
             one = await self.AckEnvelope(pb.AckEnvelopeRequest(shams=shams), context)
@@ -783,6 +788,43 @@ async def test_inbox_yields_letters_and_ack_hands_over(
         shams_of(1),
         shams_of(3),
     ]
+
+
+async def test_acks_gather_while_a_call_is_in_flight_and_go_together_after_it(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake = fake_node[0]
+    fake.ack_gate = asyncio.Event()
+    first = asyncio.create_task(client._acks.ack(shams_of(1)))
+    await asyncio.wait_for(fake.ack_called.wait(), 5)  # a lone one goes at once, alone
+    later = []
+    for n in (2, 3, 4):  # one per event-loop turn, while the first call is held
+        later.append(asyncio.create_task(client._acks.ack(shams_of(n))))
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert fake.ack_batches == [1]  # no call while one is in flight: they gather
+    fake.ack_gate.set()
+    evidence = await asyncio.gather(first, *later)
+    assert fake.ack_batches == [1, 3]  # then all three in one call
+    assert [pb.EvidenceContent.FromString(e.content).shams for e in evidence] == [
+        shams_of(n) for n in (1, 2, 3, 4)
+    ]
+
+
+async def test_a_full_batch_of_acks_goes_without_waiting_for_the_call_in_flight(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake = fake_node[0]
+    fake.ack_gate = asyncio.Event()
+    client._acks._max_batch = 2
+    first = asyncio.create_task(client._acks.ack(shams_of(1)))
+    await asyncio.wait_for(fake.ack_called.wait(), 5)
+    fake.ack_called.clear()
+    full = [asyncio.create_task(client._acks.ack(shams_of(n))) for n in (2, 3)]
+    await asyncio.wait_for(fake.ack_called.wait(), 5)
+    assert fake.ack_batches == [1, 2]  # the full batch did not wait for the first call
+    fake.ack_gate.set()
+    await asyncio.gather(first, *full)
 
 
 # --- track and verify -----------------------------------------------------------------------
