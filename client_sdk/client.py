@@ -25,10 +25,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import math
 import mimetypes
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
+    Callable,
     Iterable,
     Iterator,
     Sequence,
@@ -540,18 +542,27 @@ class ExchangeClient:
         """Submits letters over one StreamSubmitEnvelopes stream; the high-throughput path.
 
         Drafts are grouped into frames of up to ``batch_size`` with up to ``max_in_flight``
-        frames unanswered. A frame takes what is ready; if that is less than a full frame,
-        it waits ``linger_s`` once for more (so a slow producer never waits for a full
-        frame, and a lone draft goes at most ``linger_s`` late). Yields one receipt or error
-        per draft, in order. A plain iterable is read on the event loop and must not block;
+        frames unanswered. A frame takes what is ready; if that is less than a full frame
+        and the stream is busy (an earlier frame unanswered, or one sent within
+        ``linger_s``), it waits ``linger_s`` once for more: a slow producer never waits for
+        a full frame, a draft on a quiet stream goes at once, and one on a busy stream at
+        most ``linger_s`` late. Yields one receipt
+        or error per draft, in order. A plain iterable is read on the event loop and must not block;
         everything it yields is ready, so it never lingers.
         """
         if batch_size < 1 or batch_size > MAX_BATCH_SIZE or max_in_flight < 1:
             raise ValueError("need 1 <= batch_size <= 256 and max_in_flight >= 1")
         if not 0 <= linger_s <= 1:
             raise ValueError("need 0 <= linger_s <= 1")
+        loop = asyncio.get_running_loop()
+        unanswered = 0  # frames written and not yet answered
+        last_sent = -math.inf
+
+        def busy() -> bool:
+            return unanswered > 0 or loop.time() - last_sent < linger_s
+
         feed: _Feed = (
-            _AsyncFeed(drafts, batch_size, max_in_flight, linger_s)
+            _AsyncFeed(drafts, batch_size, max_in_flight, linger_s, busy=busy)
             if isinstance(drafts, AsyncIterable)
             else _SyncFeed(drafts, batch_size)
         )
@@ -561,12 +572,15 @@ class ExchangeClient:
         written: asyncio.Queue[list[pb.SubmitEnvelopeRequest] | None] = asyncio.Queue()
 
         async def write_all() -> None:
+            nonlocal unanswered, last_sent
             try:
                 while batch := await feed.next_batch():
                     await window.acquire()
                     requests = [d.to_request() for d in batch]
                     with _translated():
                         await call.write(pb.StreamSubmitEnvelopesRequest(requests=requests))
+                    unanswered += 1
+                    last_sent = loop.time()
                     written.put_nowait(requests)
                 with _translated():
                     await call.done_writing()
@@ -583,6 +597,7 @@ class ExchangeClient:
                         "the node closed the stream before answering", reason="MALFORMED_RESPONSE"
                     )
                 window.release()
+                unanswered -= 1
                 for result in _results(response.results, requests):
                     yield result
             await writer  # re-raises what stopped the writer: a bad draft, a broken stream
@@ -991,16 +1006,23 @@ class _AckGatherer:
 
 class _AsyncFeed:
     """Batches from an async iterable: a pump task fills a bounded queue, and a batch is
-    whatever is ready (at least one draft) plus, when that is not a full frame, what comes
-    within ``linger_s``: a flood goes in full frames, a trickle a few drafts a frame, at the
-    cost of one queue put and get per draft."""
+    whatever is ready (at least one draft) plus, when that is not a full frame and ``busy()``
+    (an earlier frame is unanswered), what comes within ``linger_s``: a flood goes in full
+    frames, a trickle a few drafts a frame, a draft on a quiet stream at once, at the cost of
+    one queue put and get per draft."""
 
     def __init__(
-        self, drafts: AsyncIterable[Draft], size: int, depth: int, linger_s: float = 0.0
+        self,
+        drafts: AsyncIterable[Draft],
+        size: int,
+        depth: int,
+        linger_s: float = 0.0,
+        busy: Callable[[], bool] = lambda: True,
     ) -> None:
         self._queue: asyncio.Queue[Draft | _End | _Failed] = asyncio.Queue(maxsize=size * depth)
         self._size = size
         self._linger_s = linger_s
+        self._busy = busy
         self._held: Draft | _End | _Failed | None = None
         self._pump = asyncio.create_task(self._run(drafts))
 
@@ -1032,7 +1054,7 @@ class _AsyncFeed:
                 return frame.drafts
             if frame.full:
                 return frame.drafts
-            if self._queue.empty() and not lingered:
+            if self._queue.empty() and not lingered and self._busy():
                 lingered = True
                 await asyncio.sleep(self._linger_s)
             try:

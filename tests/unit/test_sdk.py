@@ -711,6 +711,36 @@ async def test_send_stream_refuses_a_bad_batch_size_or_linger(client: ExchangeCl
                 pass
 
 
+async def test_send_stream_sends_at_once_on_a_quiet_stream_and_lingers_on_a_busy_one(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    # Quiet: no frame unanswered and none sent within the linger. The first draft finds a
+    # new stream, the second one second after the first was answered: both go at once.
+    # The third comes right after the second's answer, so it waits the linger (1 s).
+    answered = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    produced: list[float] = []
+
+    async def drafts() -> AsyncIterator[Draft]:
+        for i, pause in enumerate((1.1, 0.0, None)):
+            produced.append(loop.time())
+            yield Draft(to=[OTHER], subject=f"s{i}")
+            await answered.wait()
+            answered.clear()
+            if pause:
+                await asyncio.sleep(pause)
+
+    took = []
+    async for result in client.send_stream(drafts(), linger_s=1.0):
+        assert isinstance(result, Receipt)
+        took.append(loop.time() - produced[len(took)])
+        answered.set()
+    assert took[0] < 0.9
+    assert took[1] < 0.9
+    assert took[2] >= 1.0
+    assert [len(f.requests) for f in fake_node[0].frames] == [1, 1, 1]
+
+
 async def test_send_stream_raises_what_broke_the_producer(client: ExchangeClient) -> None:
     async def broken() -> AsyncIterator[Draft]:
         yield Draft(to=[OTHER], subject="first")

@@ -77,3 +77,19 @@ async def test_a_flood_and_the_end_of_the_drafts_never_linger() -> None:
     # here would take 30 s and time the test out.
     frames = await asyncio.wait_for(_frames(feed), timeout=5)
     assert frames == [["0", "1"], ["2", "3"], ["4"]]
+
+
+async def test_a_quiet_stream_never_lingers() -> None:
+    # busy() is False when no earlier frame is unanswered: a draft then goes at once,
+    # whatever the linger (30 s here would time the test out).
+    async def trickle() -> AsyncIterator[Draft]:
+        for draft in _drafts([10] * 3):
+            yield draft
+            await asyncio.sleep(0.05)
+
+    feed = _AsyncFeed(trickle(), 64, 8, linger_s=30.0, busy=lambda: False)
+    try:
+        first = await asyncio.wait_for(feed.next_batch(), timeout=5)
+    finally:
+        await feed.aclose()
+    assert [d.subject for d in first] == ["0"]
