@@ -459,8 +459,8 @@ class Hub(pb.HubServiceServicer):
                 await session.out.put(
                     pb.ConnectResponse(receipt_acks=pb.EvidenceAckBatch(evidence_ids=ids))
                 )
-            elif kind == "evidence_acks":
-                await self.store.ack_notices(session.agency, frame.evidence_acks.evidence_ids)
+            elif kind == "evidence_acks":  # rides on the next transaction
+                self.store.ack_notices_later(session.agency, frame.evidence_acks.evidence_ids)
 
         await handle_concurrently(frames, handle, _FRAMES_IN_FLIGHT)
 

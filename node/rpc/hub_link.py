@@ -320,7 +320,7 @@ class _Session:
             self.link.on_document_request(frame.document_request)
         elif kind == "receipt_acks":
             ids = list(frame.receipt_acks.evidence_ids)
-            await self.agency.store.receipts_acknowledged(ids)
+            self.agency.store.receipts_acknowledged_later(ids)  # rides on the next transaction
             self.receipts_sent.difference_update(ids)
         self._wake()
 

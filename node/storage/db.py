@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # Most jobs one transaction takes; bounds latency of the first job of a batch.
 MAX_BATCH = 512
+# A job handed to ``write_later`` waits at most this long for a transaction to join.
+DEFERRED_WRITE_S = 1.0
 # A checkpoint runs at most this often, and only after commits.
 CHECKPOINT_INTERVAL_S = 0.25
 # SQLite's own automatic checkpoint, run by the commit that takes the WAL past this many
@@ -108,6 +110,8 @@ class Database:
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._committed = asyncio.Event()
+        self._deferred: list[Job[Any]] = []
+        self._deferred_timer: asyncio.TimerHandle | None = None
         self.commits = 0
         self.jobs = 0
         self.checkpoints = 0
@@ -225,6 +229,39 @@ class Database:
         result: T = await pending.future
         return result
 
+    def write_later(self, job: Job[Any]) -> None:
+        """Runs ``job`` in the next transaction, whenever that is, or in one of its own
+        after ``DEFERRED_WRITE_S``; nobody waits for it, and a failure is logged.
+
+        For bookkeeping whose loss in a crash costs only a resend that the other end
+        de-duplicates (forgetting what a peer has acknowledged): riding on another
+        transaction saves its own commit, fsync and thread hand-off, which is most of what
+        such a write costs. ``close`` writes what is still waiting.
+        """
+        if self._closing or self._task is None or self._task.done():
+            log.warning("%s is closing: a deferred write is dropped", self.path.name)
+            return
+        self._deferred.append(job)
+        if self._deferred_timer is None:
+            self._deferred_timer = asyncio.get_running_loop().call_later(
+                DEFERRED_WRITE_S, self._queue_deferred
+            )
+
+    def _take_deferred(self) -> list[_Pending]:
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+            self._deferred_timer = None
+        jobs, self._deferred = self._deferred, []
+        pending = [_Pending(job) for job in jobs]
+        for item in pending:
+            item.future.add_done_callback(_log_deferred_failure)
+        return pending
+
+    def _queue_deferred(self) -> None:
+        self._deferred_timer = None
+        for item in self._take_deferred():
+            self._queue.put_nowait(item)
+
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         """All rows of a query, in one trip to the reader's thread (executing, fetching and
         closing a cursor as three awaits cost three, each a thread wake-up and an event-loop
@@ -273,6 +310,7 @@ class Database:
                     stop = True
                     break
                 batch.append(item)
+            batch.extend(self._take_deferred())  # bookkeeping rides along
             await self._commit_batch(batch)
             if stop:
                 return
@@ -331,6 +369,8 @@ class Database:
         """Lets queued jobs finish, refuses new ones, then closes both connections."""
         self._closing = True
         if self._task is not None and not self._task.done():
+            for deferred in self._take_deferred():
+                self._queue.put_nowait(deferred)
             self._queue.put_nowait(None)
             await self._task
         # Anything still queued (behind the stop marker) is answered, never left waiting.
@@ -366,6 +406,11 @@ class Database:
         if self._writer is not None:
             await self._in_thread(self._close_writer, rollback)
         self._thread.shutdown(wait=True)
+
+
+def _log_deferred_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.error("a deferred write failed", exc_info=error)
 
 
 class Store:

@@ -358,14 +358,18 @@ class HubStore(Store):
         )
         return [(int(r[0]), bytes(r[1])) for r in rows]
 
-    async def ack_notices(self, agency: str, evidence_ids: Sequence[str]) -> None:
+    def ack_notices_later(self, agency: str, evidence_ids: Sequence[str]) -> None:
+        """Forgets notices their sender's node acknowledged, in the next transaction
+        (``Database.write_later``): a notice whose deletion a crash lost is sent again, and
+        the sender's node stores it once."""
+
         def job(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "DELETE FROM notices WHERE agency = ? AND evidence_id = ?",
                 [(agency, e) for e in evidence_ids],
             )
 
-        await self.db.write(job)
+        self.db.write_later(job)
 
     async def may_fetch(self, digest: bytes, owner: str, recipient: str) -> bool:
         row = await self.db.fetchone(

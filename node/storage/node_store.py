@@ -513,14 +513,18 @@ class NodeStore(Store):
         )
         return [(int(r[0]), str(r[1]), pb.Evidence.FromString(r[2])) for r in rows]
 
-    async def receipts_acknowledged(self, evidence_ids: Sequence[str]) -> None:
+    def receipts_acknowledged_later(self, evidence_ids: Sequence[str]) -> None:
+        """Marks receipts the hub acknowledged as sent, in the next transaction
+        (``Database.write_later``): a receipt whose mark a crash lost is sent again, and the
+        hub stores it once."""
+
         def job(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "UPDATE evidence SET to_send = 0 WHERE evidence_id = ?",
                 [(e,) for e in evidence_ids],
             )
 
-        await self.db.write(job)
+        self.db.write_later(job)
 
     # -- lookups --------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from client_sdk import pb
 from client_sdk.shams import format_shams
 from node.core import lifecycle
 from node.core.errors import ChaparError, Code
+from node.storage import db as db_module
 from node.storage.db import BACKSTOP_CHECKPOINT_PAGES, Database, fits
 from node.storage.hub_store import HubStore, IncomingLetter
 from node.storage.node_store import MIGRATIONS, NewLetter, NodeStore
@@ -424,6 +425,52 @@ async def test_a_failed_checkpoint_is_logged_and_writes_go_on(
         await database.close()
 
 
+async def test_a_deferred_write_rides_on_the_next_transaction(db: Database) -> None:
+    commits = db.commits
+    db.write_later(_insert("later"))
+    await asyncio.sleep(0.05)
+    assert await _values(db) == []  # nothing written on its own yet
+    assert await db.write(_insert("now")) == "now"
+    assert db.commits == commits + 1  # one transaction for both
+    assert await _values(db) == ["later", "now"]
+
+
+async def test_a_deferred_write_goes_alone_when_nothing_else_is_written(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db_module, "DEFERRED_WRITE_S", 0.05)
+    db.write_later(_insert("alone"))
+    for _ in range(100):
+        if await _values(db):
+            break
+        await asyncio.sleep(0.02)
+    assert await _values(db) == ["alone"]
+
+
+async def test_close_writes_what_was_deferred(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    database = await Database.open(path, TABLE_T)
+    database.write_later(_insert("deferred"))
+    await database.close()
+    reopened = await Database.open(path, TABLE_T)
+    try:
+        assert await _values(reopened) == ["deferred"]
+    finally:
+        await reopened.close()
+
+
+async def test_a_failing_deferred_write_is_logged_and_the_others_commit(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="node.storage.db"):
+        db.write_later(_insert("bad", fail=ValueError("refused")))
+        db.write_later(_insert("good"))
+        await db.write(_insert("now"))
+        await asyncio.sleep(0)  # the failure's callback runs
+    assert "a deferred write failed" in caplog.text
+    assert await _values(db) == ["good", "now"]
+
+
 # -- NodeStore: submission ---------------------------------------------------------------------
 
 
@@ -760,7 +807,9 @@ async def test_acknowledging_an_unknown_letter_is_not_found(store: NodeStore) ->
 async def test_acknowledged_receipts_are_no_longer_to_send(store: NodeStore) -> None:
     (delivery,) = await store.store_incoming([_incoming(1)], DeliveryMaker())
     eid = pb.EvidenceContent.FromString(delivery.content).evidence_id
-    await store.receipts_acknowledged([eid])
+    store.receipts_acknowledged_later([eid])
+    assert await store.receipts_to_send(10) == [delivery]  # not yet written
+    await store.db.write(lambda conn: None)  # it rides on the next transaction
     assert await store.receipts_to_send(10) == []
     assert await store.count("evidence") == 1
 
@@ -863,7 +912,8 @@ async def test_delivery_receipt_dequeues_and_notifies_the_sender(hub: HubStore) 
     assert await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)]) == ([], 0, [])
     assert len(await hub.notices(ORIGIN, 0, 10)) == 1
 
-    await hub.ack_notices(ORIGIN, [delivery[1].evidence_id])
+    hub.ack_notices_later(ORIGIN, [delivery[1].evidence_id])
+    await hub.db.write(lambda conn: None)  # it rides on the next transaction
     assert await hub.notices(ORIGIN, 0, 10) == []
     assert await hub.count("notices") == 0
     assert await hub.count("evidence") == 3  # two relays and the delivery
