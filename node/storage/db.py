@@ -11,9 +11,6 @@ data only.
 
 Jobs run outside the event loop, so they must not touch asyncio objects; they may sign
 (cryptography releases the GIL) and build protobuf messages.
-
-Checkpoints (copying committed pages from the WAL into the database file) run on a third
-connection in a thread of their own, beside the writer, not inside its commits.
 """
 
 from __future__ import annotations
@@ -54,14 +51,6 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 512
 # A job handed to ``write_later`` waits at most this long for a transaction to join.
 DEFERRED_WRITE_S = 1.0
-# A checkpoint runs at most this often, and only after commits.
-CHECKPOINT_INTERVAL_S = 0.25
-# SQLite's own automatic checkpoint, run by the commit that takes the WAL past this many
-# pages (its default is 1,000), stays as a backstop should the checkpoints beside the
-# writer fall behind or fail: the WAL stays bounded either way.
-BACKSTOP_CHECKPOINT_PAGES = 16_384
-# Once a checkpoint has let the WAL restart, SQLite truncates the file to this size.
-WAL_SIZE_LIMIT_BYTES = 64 * 2**20
 
 _Outcome = tuple[Any, BaseException | None]
 
@@ -106,15 +95,10 @@ class Database:
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix=f"db-checkpoint-{path.name}")
-        self._checkpoint_conn: sqlite3.Connection | None = None
-        self._checkpoint_task: asyncio.Task[None] | None = None
-        self._committed = asyncio.Event()
         self._deferred: list[Job[Any]] = []
         self._deferred_timer: asyncio.TimerHandle | None = None
         self.commits = 0
         self.jobs = 0
-        self.checkpoints = 0
         self.writer_thread: int | None = None  # its thread id, once the writer has run
 
     @classmethod
@@ -144,9 +128,6 @@ class Database:
         self._writer = conn
         for pragma in _pragmas(self.durability):
             conn.execute(pragma)
-        # Checkpoints are the checkpointer's (``_checkpoints``); this is the backstop.
-        conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")
-        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > len(migrations):
             raise RuntimeError(
@@ -162,58 +143,12 @@ class Database:
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in _pragmas(self.durability):
                 await self._reader.execute(pragma)
-            self._checkpoint_conn = await asyncio.get_running_loop().run_in_executor(
-                self._checkpointer, self._connect_checkpointer
-            )
         except BaseException:
             # A refused or half-applied migration must neither hold the write lock nor leak
             # a connection or a thread (either would keep the process alive).
             await self._close_connections(rollback=True)
             raise
         self._task = asyncio.create_task(self._run(), name=f"db-writer:{self.path.name}")
-        self._checkpoint_task = asyncio.create_task(
-            self._checkpoints(), name=f"db-checkpoint:{self.path.name}"
-        )
-
-    def _connect_checkpointer(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        for pragma in _pragmas(self.durability):
-            conn.execute(pragma)
-        return conn
-
-    async def _checkpoints(self) -> None:
-        """Checkpoints after commits, at most every ``CHECKPOINT_INTERVAL_S``.
-
-        SQLite's automatic checkpoint runs inside the commit that takes the WAL past its
-        threshold, so that commit (and every letter in it) also waits for the copy and an
-        fsync of the database file: several times a second per database at 1,000 letters/s
-        (the WAL grows by three or four pages a letter). A PASSIVE checkpoint on a
-        connection of its own runs alongside the writer and the readers and never waits for
-        them; the writer's next transaction then restarts the WAL from its beginning.
-        """
-        while True:
-            await self._committed.wait()
-            self._committed.clear()
-            try:
-                await self.checkpoint()
-            except Exception:  # the writer's backstop still bounds the WAL
-                log.exception("checkpoint of %s failed", self.path.name)
-            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
-
-    async def checkpoint(self) -> tuple[int, int, int]:
-        """A PASSIVE checkpoint now, beside the writer: SQLite's (busy, pages in the WAL,
-        pages checkpointed)."""
-        conn = self._checkpoint_conn
-        if conn is None:
-            raise RuntimeError("database is closed")
-
-        def run() -> tuple[int, int, int]:
-            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            return int(row[0]), int(row[1]), int(row[2])
-
-        result = await asyncio.get_running_loop().run_in_executor(self._checkpointer, run)
-        self.checkpoints += 1
-        return result
 
     async def write(self, job: Job[T], on_commit: Callable[[T], None] | None = None) -> T:
         """Runs ``job`` in the next group-committed transaction and returns its result.
@@ -351,7 +286,6 @@ class Database:
             return
         self.commits += 1
         self.jobs += len(batch)
-        self._committed.set()
         for pending, (value, error) in zip(batch, outcomes, strict=True):
             if error is None and pending.on_commit is not None:
                 try:
@@ -390,16 +324,6 @@ class Database:
         conn.close()
 
     async def _close_connections(self, *, rollback: bool) -> None:
-        # The checkpointer first: the writer, closing last, checkpoints what is left itself.
-        task, self._checkpoint_task = self._checkpoint_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        conn, self._checkpoint_conn = self._checkpoint_conn, None
-        if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._checkpointer, conn.close)
-        self._checkpointer.shutdown(wait=True)
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.close()

@@ -25,7 +25,7 @@ from client_sdk.shams import format_shams
 from node.core import lifecycle
 from node.core.errors import ChaparError, Code
 from node.storage import db as db_module
-from node.storage.db import BACKSTOP_CHECKPOINT_PAGES, Database, fits
+from node.storage.db import Database, fits
 from node.storage.hub_store import HubStore, IncomingLetter
 from node.storage.node_store import MIGRATIONS, NewLetter, NodeStore
 
@@ -379,50 +379,6 @@ async def test_write_racing_close_is_answered_not_left_hanging(tmp_path: Path) -
     assert exc is None or isinstance(exc, RuntimeError), exc
     if exc is None:
         assert writing.result() == "racing"
-
-
-async def test_checkpoints_run_beside_the_writer_not_in_its_commits(tmp_path: Path) -> None:
-    database = await Database.open(tmp_path / "w.db", TABLE_T)
-    try:
-        # The writer's own automatic checkpoint is only the backstop, far past SQLite's 1,000.
-        backstop = await database.write(
-            lambda conn: int(conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
-        )
-        assert backstop == BACKSTOP_CHECKPOINT_PAGES > 1000
-        await asyncio.gather(*(database.write(_insert(f"{i:04d}" + "x" * 4000)) for i in range(50)))
-        for _ in range(100):  # the checkpointer follows commits within CHECKPOINT_INTERVAL_S
-            if database.checkpoints:
-                break
-            await asyncio.sleep(0.05)
-        assert database.checkpoints >= 1
-        busy, pages, done = await database.checkpoint()
-        assert pages > 0
-        assert (busy, done) == (0, pages)  # everything committed is copied
-        assert len(await _values(database)) == 50
-    finally:
-        await database.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("db-checkpoint")]
-
-
-async def test_a_failed_checkpoint_is_logged_and_writes_go_on(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    database = await Database.open(tmp_path / "f.db", TABLE_T)
-    try:
-        conn = database._checkpoint_conn
-        assert conn is not None
-        await asyncio.get_running_loop().run_in_executor(database._checkpointer, conn.close)
-        with caplog.at_level(logging.ERROR, logger="node.storage.db"):
-            await database.write(_insert("first"))
-            for _ in range(100):
-                if "checkpoint of f.db failed" in caplog.text:
-                    break
-                await asyncio.sleep(0.05)
-        assert "checkpoint of f.db failed" in caplog.text
-        assert await database.write(_insert("second")) == "second"
-        assert await _values(database) == ["first", "second"]
-    finally:
-        await database.close()
 
 
 async def test_a_deferred_write_rides_on_the_next_transaction(db: Database) -> None:
