@@ -320,8 +320,11 @@ class _Session:
             self.link.on_document_request(frame.document_request)
         elif kind == "receipt_acks":
             ids = list(frame.receipt_acks.evidence_ids)
-            self.agency.store.receipts_acknowledged_later(ids)  # rides on the next transaction
-            self.receipts_sent.difference_update(ids)
+            # The mark rides on the next transaction; until it commits, a read of unsent
+            # receipts still returns them, and receipts_sent keeps them from going twice.
+            self.agency.store.receipts_acknowledged_later(
+                ids, lambda _: self.receipts_sent.difference_update(ids)
+            )
         self._wake()
 
     def _verify(

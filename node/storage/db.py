@@ -95,7 +95,7 @@ class Database:
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._deferred: list[Job[Any]] = []
+        self._deferred: list[tuple[Job[Any], Callable[[Any], None] | None]] = []
         self._deferred_timer: asyncio.TimerHandle | None = None
         self.commits = 0
         self.jobs = 0
@@ -164,9 +164,10 @@ class Database:
         result: T = await pending.future
         return result
 
-    def write_later(self, job: Job[Any]) -> None:
+    def write_later(self, job: Job[T], on_commit: Callable[[T], None] | None = None) -> None:
         """Runs ``job`` in the next transaction, whenever that is, or in one of its own
         after ``DEFERRED_WRITE_S``; nobody waits for it, and a failure is logged.
+        ``on_commit`` as for ``write``.
 
         For bookkeeping whose loss in a crash costs only a resend that the other end
         de-duplicates (forgetting what a peer has acknowledged): riding on another
@@ -176,7 +177,7 @@ class Database:
         if self._closing or self._task is None or self._task.done():
             log.warning("%s is closing: a deferred write is dropped", self.path.name)
             return
-        self._deferred.append(job)
+        self._deferred.append((job, on_commit))
         if self._deferred_timer is None:
             self._deferred_timer = asyncio.get_running_loop().call_later(
                 DEFERRED_WRITE_S, self._queue_deferred
@@ -187,7 +188,7 @@ class Database:
             self._deferred_timer.cancel()
             self._deferred_timer = None
         jobs, self._deferred = self._deferred, []
-        pending = [_Pending(job) for job in jobs]
+        pending = [_Pending(job, on_commit) for job, on_commit in jobs]
         for item in pending:
             item.future.add_done_callback(_log_deferred_failure)
         return pending

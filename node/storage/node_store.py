@@ -513,10 +513,12 @@ class NodeStore(Store):
         )
         return [(int(r[0]), str(r[1]), pb.Evidence.FromString(r[2])) for r in rows]
 
-    def receipts_acknowledged_later(self, evidence_ids: Sequence[str]) -> None:
+    def receipts_acknowledged_later(
+        self, evidence_ids: Sequence[str], on_commit: Callable[[None], None] | None = None
+    ) -> None:
         """Marks receipts the hub acknowledged as sent, in the next transaction
         (``Database.write_later``): a receipt whose mark a crash lost is sent again, and the
-        hub stores it once."""
+        hub stores it once. ``on_commit`` runs once the mark is committed."""
 
         def job(conn: sqlite3.Connection) -> None:
             conn.executemany(
@@ -524,7 +526,7 @@ class NodeStore(Store):
                 [(e,) for e in evidence_ids],
             )
 
-        self.db.write_later(job)
+        self.db.write_later(job, on_commit)
 
     # -- lookups --------------------------------------------------------------------------
 

@@ -99,3 +99,29 @@ async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_no
     (frame,) = [session.outgoing.get_nowait() for _ in range(session.outgoing.qsize())]
     # The stored one and those that can never verify; the unnamed one cannot be.
     assert sorted(frame.evidence_acks.evidence_ids) == ["e1", "e2", "e3"]
+
+
+class _DeferringStore:
+    """Records deferred receipt marks and their commit callbacks, committing nothing."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[list[str], object]] = []
+
+    def receipts_acknowledged_later(self, ids: list[str], on_commit: object) -> None:
+        self.marks.append((ids, on_commit))
+
+
+async def test_acknowledged_receipts_stay_marked_sent_until_their_mark_commits() -> None:
+    # Until the to_send mark commits, a read of unsent receipts still returns them; only
+    # receipts_sent keeps them from going to the hub a second time.
+    store = _DeferringStore()
+    link = SimpleNamespace(agency=SimpleNamespace(store=store), _wake=asyncio.Event())
+    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+    session.receipts_sent.update({"r1", "r2", "r3"})
+    frame = pb.ConnectResponse(receipt_acks=pb.EvidenceAckBatch(evidence_ids=["r1", "r2"]))
+    await session._handle(frame)
+    ((ids, on_commit),) = store.marks
+    assert ids == ["r1", "r2"]
+    assert session.receipts_sent == {"r1", "r2", "r3"}  # not yet committed
+    on_commit(None)  # type: ignore[operator]
+    assert session.receipts_sent == {"r3"}

@@ -383,11 +383,14 @@ async def test_write_racing_close_is_answered_not_left_hanging(tmp_path: Path) -
 
 async def test_a_deferred_write_rides_on_the_next_transaction(db: Database) -> None:
     commits = db.commits
-    db.write_later(_insert("later"))
+    committed: list[str] = []
+    db.write_later(_insert("later"), committed.append)
     await asyncio.sleep(0.05)
     assert await _values(db) == []  # nothing written on its own yet
+    assert committed == []
     assert await db.write(_insert("now")) == "now"
     assert db.commits == commits + 1  # one transaction for both
+    assert committed == ["later"]  # its callback ran once it had committed
     assert await _values(db) == ["later", "now"]
 
 
