@@ -98,11 +98,12 @@ DEFAULT_STREAM_BATCH_SIZE: Final = 64
 DEFAULT_MAX_IN_FLIGHT: Final = 4
 """Stream batches written but not yet answered; bounds memory and keeps the pipe full."""
 DEFAULT_STREAM_LINGER_S: Final = 0.005
-"""How long a stream frame that is not full waits, once, for more drafts (as Kafka's
-producer ``linger.ms``). A back-end sending a few hundred letters a second then sends a few
-letters a frame instead of one: measured at 1,000 letters/s, the p99 from submit to delivery
-fell from 114-180 ms to 83-93 ms (docs/BENCHMARKS.md, sixth round). A flood never waits: its
-frames fill at once. 0 sends each frame as soon as one draft is ready."""
+"""How long a stream frame that is not full waits, once, for more drafts when the stream is
+busy (as Kafka's producer ``linger.ms``). A back-end sending a few hundred letters a second
+then sends a few letters a frame instead of one: measured at 1,000 letters/s, the p99 from
+submit to delivery fell from 114-180 ms to 83-93 ms (docs/BENCHMARKS.md, sixth round). A
+flood never waits: its frames fill at once; nor does a draft on a quiet stream. 0 sends
+each frame as soon as one draft is ready."""
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """Message size limit of channels the client creates (gRPC's default is 4 MiB)."""
 TEXT_PLAIN: Final = "text/plain; charset=utf-8"
@@ -546,9 +547,9 @@ class ExchangeClient:
         and the stream is busy (an earlier frame unanswered, or one sent within
         ``linger_s``), it waits ``linger_s`` once for more: a slow producer never waits for
         a full frame, a draft on a quiet stream goes at once, and one on a busy stream at
-        most ``linger_s`` late. Yields one receipt
-        or error per draft, in order. A plain iterable is read on the event loop and must not block;
-        everything it yields is ready, so it never lingers.
+        most ``linger_s`` late. Yields one receipt or error per draft, in order. A plain
+        iterable is read on the event loop and must not block; everything it yields is
+        ready, so it never lingers.
         """
         if batch_size < 1 or batch_size > MAX_BATCH_SIZE or max_in_flight < 1:
             raise ValueError("need 1 <= batch_size <= 256 and max_in_flight >= 1")
@@ -950,8 +951,7 @@ class _AckGatherer:
         self._max_batch = max_batch
         self._pending: list[tuple[pb.Shams, asyncio.Future[pb.Evidence]]] = []
         self._scheduled = False  # a send is due at the end of this turn
-        self._in_flight = 0
-        self._calls: set[asyncio.Task[None]] = set()
+        self._calls: set[asyncio.Task[None]] = set()  # calls in flight
 
     async def ack(self, shams: pb.Shams) -> pb.Evidence:
         loop = asyncio.get_running_loop()
@@ -959,7 +959,7 @@ class _AckGatherer:
         self._pending.append((shams, done))
         if len(self._pending) >= self._max_batch:
             self._send_pending()
-        elif not self._in_flight and not self._scheduled:
+        elif not self._calls and not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._send_pending)
         return await done
@@ -974,15 +974,13 @@ class _AckGatherer:
         self._scheduled = False
         batch, self._pending = self._pending, []
         if batch:
-            self._in_flight += 1
             task = asyncio.get_running_loop().create_task(self._call(batch))
             self._calls.add(task)
             task.add_done_callback(self._call_done)
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
         self._calls.discard(task)
-        self._in_flight -= 1
-        if self._pending and not self._in_flight and not self._scheduled:
+        if self._pending and not self._calls and not self._scheduled:
             self._send_pending()  # what gathered meanwhile goes now, together
 
     async def _call(self, batch: list[tuple[pb.Shams, asyncio.Future[pb.Evidence]]]) -> None:
@@ -1007,9 +1005,9 @@ class _AckGatherer:
 class _AsyncFeed:
     """Batches from an async iterable: a pump task fills a bounded queue, and a batch is
     whatever is ready (at least one draft) plus, when that is not a full frame and ``busy()``
-    (an earlier frame is unanswered), what comes within ``linger_s``: a flood goes in full
-    frames, a trickle a few drafts a frame, a draft on a quiet stream at once, at the cost of
-    one queue put and get per draft."""
+    (the stream has a frame unanswered or sent within the linger), what comes within
+    ``linger_s``: a flood goes in full frames, a trickle a few drafts a frame, a draft on a
+    quiet stream at once, at the cost of one queue put and get per draft."""
 
     def __init__(
         self,

@@ -29,8 +29,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast, get_args
 
-from certs.pki import init_pki
+from certs.pki import KeyAlgorithm, init_pki
 from client_sdk import ChaparError, Draft, ExchangeClient, Receipt
 from client_sdk.client import DEFAULT_STREAM_LINGER_S
 from loadtest.baseline import measure_baseline
@@ -44,6 +45,7 @@ from node.status import Snapshot, fetch
 __all__ = ["Params", "node_names", "proc_stats", "register", "run"]
 
 A, B = "SENDER.A", "RECIPIENT.B"
+_SIGNING: tuple[str, ...] = get_args(KeyAlgorithm)  # the PKI's signing key types
 MAX_NODES = 26
 
 
@@ -361,8 +363,8 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
     count = p.nodes if targets is None else len(targets.nodes)
     if p.senders < count - 1:  # checked before any server starts
         raise ValueError(f"{count} nodes need at least {count - 1} senders")
-    if targets is None and p.signing not in ("ed25519", "ecdsa-p256"):
-        raise ValueError(f"signing must be ed25519 or ecdsa-p256, not {p.signing!r}")
+    if targets is None and p.signing not in _SIGNING:
+        raise ValueError(f"signing must be {' or '.join(_SIGNING)}, not {p.signing!r}")
     cluster: Cluster | None = None
     if targets is None:
         names = node_names(p.nodes)
@@ -370,7 +372,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
         cluster = await Cluster.start(
             workdir,
             names,
-            signing_algorithm="ecdsa-p256" if p.signing == "ecdsa-p256" else "ed25519",
+            signing_algorithm=cast(KeyAlgorithm, p.signing),
             node_settings=settings,
             hub_settings=f'durability = "{p.durability}"',
         )
@@ -772,7 +774,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sp.add_argument("--durability", choices=["full", "normal"], default="full")
     sp.add_argument(
         "--signing",
-        choices=["ed25519", "ecdsa-p256"],
+        choices=_SIGNING,
         default="ed25519",
         help="signing keys of the harness's own PKI (running targets keep theirs)",
     )

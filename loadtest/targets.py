@@ -66,13 +66,13 @@ def load_targets(path: Path) -> Targets:
     """Reads and checks a targets file; TargetsError says what is wrong with it. The
     checks and their wording are the servers' configuration files' (``node.config``)."""
     try:
-        return _targets(read_table(path))
+        table = read_table(path)  # its messages name the file
     except ConfigError as exc:
-        raise TargetsError(
-            f"targets file {exc}"
-            if str(exc).startswith(str(path))
-            else f"targets file {path}: {exc}"
-        ) from None
+        raise TargetsError(f"targets file {exc}") from None
+    try:
+        return _targets(table)
+    except ConfigError as exc:
+        raise TargetsError(f"targets file {path}: {exc}") from None
 
 
 def _targets(t: Table) -> Targets:

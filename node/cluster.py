@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from certs.pki import PkiLayout, init_pki
+from certs.pki import KeyAlgorithm, PkiLayout, init_pki
 from client_sdk.credentials import Credentials
 
 __all__ = ["Cluster", "ServerProcess"]
@@ -164,7 +164,7 @@ class Cluster:
         agencies: Sequence[str],
         *,
         hub_name: str = "national",
-        signing_algorithm: Literal["ed25519", "ecdsa-p256"] = "ed25519",
+        signing_algorithm: KeyAlgorithm = "ed25519",
         node_settings: str = "",
         hub_settings: str = "",
         agency_states: dict[str, str] | None = None,
@@ -200,7 +200,7 @@ class Cluster:
         agencies: Sequence[str],
         *,
         hub_name: str = "national",
-        signing_algorithm: Literal["ed25519", "ecdsa-p256"] = "ed25519",
+        signing_algorithm: KeyAlgorithm = "ed25519",
         hub_settings: str = "",
         agency_states: dict[str, str] | None = None,
     ) -> Cluster:
