@@ -31,6 +31,7 @@ __all__ = [
     "batch_tree_head",
     "key_id",
     "merkle_leaf",
+    "merkle_paths_hold",
     "merkle_root_from_path",
     "merkle_tree",
     "pae",
@@ -246,6 +247,23 @@ def merkle_tree(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
             for i in range(0, size, 2)
         ]
     return level[0], paths
+
+
+def merkle_paths_hold(leaves: Sequence[bytes], paths: Sequence[Sequence[bytes]]) -> bytes | None:
+    """The root over ``leaves`` (every leaf hash of one tree, in order) when each
+    ``paths[i]`` is exactly leaf i's audit path in it, else None.
+
+    For a whole batch this proves what ``merkle_root_from_path`` would for each member,
+    with one hash a leaf instead of one a leaf and level. None only means "not shown
+    here": a caller checks the members one by one then.
+    """
+    if len(leaves) != len(paths):
+        return None
+    root, expected = merkle_tree(leaves)
+    for got, want in zip(paths, expected, strict=True):
+        if got != want:
+            return None
+    return root
 
 
 def merkle_root_from_path(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +32,7 @@ from client_sdk.signing import (
     batch_tree_head,
     key_id,
     merkle_leaf,
+    merkle_paths_hold,
     merkle_root_from_path,
     sha256,
 )
@@ -203,9 +204,38 @@ class TrustStore:
         self, envelope: pb.Envelope, at: dt.datetime | None = None, *, check_body: bool = True
     ) -> pb.EnvelopeHeader:
         """Verifies signature, signer identity and body digest, then parses the header."""
+        return self._verify_envelope(envelope, at, check_body, None)
+
+    def verify_envelopes(
+        self,
+        envelopes: Sequence[pb.Envelope],
+        at: Sequence[dt.datetime | None] | None = None,
+        *,
+        check_body: bool = True,
+    ) -> list[pb.EnvelopeHeader | VerificationError]:
+        """``verify_envelope`` for each envelope (``at[i]`` its time), in order, each failure
+        returned in its place. Whole batches among them have their inclusion proofs checked
+        together (see ``merkle_paths_hold``); the outcome is the same as one by one."""
+        roots = _whole_batch_roots([(e.header, e) for e in envelopes])
+        out: list[pb.EnvelopeHeader | VerificationError] = []
+        for i, envelope in enumerate(envelopes):
+            try:
+                when = at[i] if at is not None else None
+                out.append(self._verify_envelope(envelope, when, check_body, roots.get(i)))
+            except VerificationError as exc:
+                out.append(exc)
+        return out
+
+    def _verify_envelope(
+        self,
+        envelope: pb.Envelope,
+        at: dt.datetime | None,
+        check_body: bool,
+        root: bytes | None,
+    ) -> pb.EnvelopeHeader:
         when = at or dt.datetime.now(dt.UTC)
         verifier, identity = self._signer(envelope.signature, when)
-        self._check_signed(verifier, ENVELOPE_PAYLOAD_TYPE, envelope.header, envelope)
+        self._check_signed(verifier, ENVELOPE_PAYLOAD_TYPE, envelope.header, envelope, root)
         try:
             header = pb.EnvelopeHeader.FromString(envelope.header)
         except DecodeError as exc:
@@ -224,6 +254,24 @@ class TrustStore:
 
     def verify_evidence(self, evidence: pb.Evidence) -> pb.EvidenceContent:
         """Verifies an evidence's signature and that its signer is its stated issuer."""
+        return self._verify_evidence(evidence, None)
+
+    def verify_evidence_many(
+        self, evidence: Sequence[pb.Evidence]
+    ) -> list[pb.EvidenceContent | VerificationError]:
+        """``verify_evidence`` for each item, in order, each failure returned in its place.
+        Whole batches among them have their inclusion proofs checked together (see
+        ``merkle_paths_hold``); the outcome is the same as one by one."""
+        roots = _whole_batch_roots([(e.content, e) for e in evidence])
+        out: list[pb.EvidenceContent | VerificationError] = []
+        for i, item in enumerate(evidence):
+            try:
+                out.append(self._verify_evidence(item, roots.get(i)))
+            except VerificationError as exc:
+                out.append(exc)
+        return out
+
+    def _verify_evidence(self, evidence: pb.Evidence, root: bytes | None) -> pb.EvidenceContent:
         try:
             content = pb.EvidenceContent.FromString(evidence.content)
         except DecodeError as exc:
@@ -232,7 +280,7 @@ class TrustStore:
             raise VerificationError("EVIDENCE_MALFORMED", "evidence event_time is not a valid time")
         when = datetime_of(content.event_time) if content.HasField("event_time") else None
         verifier, identity = self._signer(evidence.signature, when or dt.datetime.now(dt.UTC))
-        self._check_signed(verifier, EVIDENCE_PAYLOAD_TYPE, evidence.content, evidence)
+        self._check_signed(verifier, EVIDENCE_PAYLOAD_TYPE, evidence.content, evidence, root)
         if identity.uri != content.issuer:
             raise VerificationError(
                 "ISSUER_MISMATCH",
@@ -246,8 +294,10 @@ class TrustStore:
         payload_type: str,
         payload: bytes,
         signed: pb.Envelope | pb.Evidence,
+        root: bytes | None,
     ) -> None:
-        """Checks ``signed``'s signature over ``payload``: alone, or as a batch member."""
+        """Checks ``signed``'s signature over ``payload``: alone, or as a batch member
+        (``root``: where its inclusion proof leads, if ``_whole_batch_roots`` showed it)."""
         try:
             if signed.HasField("batch_proof"):
                 self._verify_batch_member(
@@ -256,6 +306,7 @@ class TrustStore:
                     payload,
                     signed.signature,
                     signed.batch_proof,
+                    root,
                 )
             else:
                 verifier.verify(payload_type, payload, signed.signature)
@@ -269,11 +320,14 @@ class TrustStore:
         payload: bytes,
         signature: pb.Signature,
         proof: pb.BatchInclusionProof,
+        root: bytes | None,
     ) -> None:
-        """Checks the inclusion proof, then the tree head's signature (once per batch)."""
-        root = merkle_root_from_path(
-            merkle_leaf(payload), proof.leaf_index, proof.tree_size, list(proof.path)
-        )
+        """Checks the inclusion proof (unless ``root`` says where it was shown to lead),
+        then the tree head's signature (once per batch)."""
+        if root is None:
+            root = merkle_root_from_path(
+                merkle_leaf(payload), proof.leaf_index, proof.tree_size, list(proof.path)
+            )
         if root is None:
             reason = "EVIDENCE" if batch_type == EVIDENCE_BATCH_PAYLOAD_TYPE else "ENVELOPE"
             raise SignatureError(
@@ -292,6 +346,41 @@ class TrustStore:
         self._batch_heads[seen] = None
         if len(self._batch_heads) > _BATCH_HEADS_KEPT:
             self._batch_heads.popitem(last=False)
+
+
+def _whole_batch_roots(
+    members: Sequence[tuple[bytes, pb.Envelope | pb.Evidence]],
+) -> dict[int, bytes]:
+    """For members (payload, signed) that make up a whole batch here, every leaf of one
+    signed tree exactly once, the root their inclusion proofs lead to, by member index.
+
+    A member of no whole batch, or of one whose proofs do not all hold, is absent: it is
+    checked on its own, which finds its fault. Grouped by signature value and tree size,
+    which a batch's members share; the signature itself is checked afterwards, as always.
+    """
+    groups: dict[tuple[bytes, int], list[int]] = {}
+    for i, (_, signed) in enumerate(members):
+        if signed.HasField("batch_proof"):
+            key = (signed.signature.value, signed.batch_proof.tree_size)
+            groups.setdefault(key, []).append(i)
+    roots: dict[int, bytes] = {}
+    for (_, size), indices in groups.items():
+        if size < 2 or len(indices) != size:
+            continue
+        order: list[int] = [-1] * size
+        for i in indices:
+            at = members[i][1].batch_proof.leaf_index
+            if at >= size or order[at] >= 0:
+                break
+            order[at] = i
+        else:
+            root = merkle_paths_hold(
+                [merkle_leaf(members[i][0]) for i in order],
+                [members[i][1].batch_proof.path for i in order],
+            )
+            if root is not None:
+                roots.update(dict.fromkeys(indices, root))
+    return roots
 
 
 _BATCH_HEADS_KEPT = 4096

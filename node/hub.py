@@ -466,8 +466,14 @@ class Hub(pb.HubServiceServicer):
 
     # -- relay ----------------------------------------------------------------------------
 
-    def _check_letter(self, agency: str, envelope: pb.Envelope) -> IncomingLetter:
-        """Verifies one letter from ``agency``; ChaparError says why it is refused."""
+    def _check_letter(
+        self,
+        agency: str,
+        envelope: pb.Envelope,
+        verified: pb.EnvelopeHeader | VerificationError,
+    ) -> IncomingLetter:
+        """Checks one letter from ``agency``, given what ``TrustStore.verify_envelopes`` said
+        of it; ChaparError says why it is refused."""
         signer_cert = self.trust.certificate(envelope.signature.key_id)
         if signer_cert is None:
             raise ChaparError(
@@ -484,7 +490,9 @@ class Hub(pb.HubServiceServicer):
                     f"node {agency} sent a letter signed by {identity.uri}",
                     metadata={"node": agency, "signer": identity.uri},
                 )
-            header = self.trust.verify_envelope(envelope)
+            if isinstance(verified, VerificationError):
+                raise verified
+            header = verified
         except VerificationError as exc:
             count_verification_failure("envelope", exc.reason)
             code = (
@@ -545,9 +553,11 @@ class Hub(pb.HubServiceServicer):
     async def _relay(self, agency: str, envelopes: Sequence[pb.Envelope]) -> list[pb.Evidence]:
         now = dt.datetime.now(dt.UTC)
         outcomes: list[IncomingLetter | pb.Evidence] = []
-        for envelope in envelopes:
+        for envelope, verified in zip(
+            envelopes, self.trust.verify_envelopes(envelopes), strict=True
+        ):
             try:
-                outcomes.append(self._check_letter(agency, envelope))
+                outcomes.append(self._check_letter(agency, envelope, verified))
             except ChaparError as exc:
                 if exc.code == Code.PERMISSION_DENIED:
                     raise
@@ -644,13 +654,11 @@ class Hub(pb.HubServiceServicer):
         agency = session.agency
         valid: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
         ids: list[str] = []
-        for item in evidence:
-            try:
-                content = self.trust.verify_evidence(item)
-            except VerificationError as exc:
-                count_verification_failure("evidence", exc.reason)
-                log.warning("receipt from %s refused: %s %s", agency, exc.reason, exc)
-                count_rejection(Code.INVALID_ARGUMENT.name, exc.reason)
+        for item, content in zip(evidence, self.trust.verify_evidence_many(evidence), strict=True):
+            if isinstance(content, VerificationError):
+                count_verification_failure("evidence", content.reason)
+                log.warning("receipt from %s refused: %s %s", agency, content.reason, content)
+                count_rejection(Code.INVALID_ARGUMENT.name, content.reason)
                 continue
             try:
                 shams = format_shams(content.shams)

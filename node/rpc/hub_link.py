@@ -333,9 +333,12 @@ class _Session:
         """The evidence that verifies, with its content and its SHAMS number as text ("" if
         it names none); the rest is counted and logged."""
         out = []
-        for item in evidence:
+        for item, content in zip(
+            evidence, self.agency.trust.verify_evidence_many(evidence), strict=True
+        ):
             try:
-                content = self.agency.trust.verify_evidence(item)
+                if isinstance(content, VerificationError):
+                    raise content
                 out.append((item, content, _shams_text(content)))
             except VerificationError as exc:
                 count_verification_failure("evidence", exc.reason)
@@ -374,10 +377,14 @@ class _Session:
         good: list[tuple[str, str, list[str], pb.Envelope]] = []
         documents: list[list[bytes]] = []  # each good letter's attachments (SHA-256)
         failures: list[tuple[str, pb.Evidence]] = []
-        for envelope in envelopes:
+        for envelope, verified in zip(
+            envelopes, agency.trust.verify_envelopes(envelopes), strict=True
+        ):
             digest = sha256(envelope.header)
             try:
-                header = agency.trust.verify_envelope(envelope)
+                if isinstance(verified, VerificationError):
+                    raise verified
+                header = verified
                 mine = [r for r in header.recipients if r.agency == me]
                 if not mine:
                     raise VerificationError("NOT_A_RECIPIENT", f"letter is not addressed to {me}")

@@ -22,6 +22,7 @@ from client_sdk.signing import (
     MAX_EVIDENCE_BATCH,
     Signer,
     merkle_leaf,
+    merkle_paths_hold,
     merkle_root_from_path,
     merkle_tree,
 )
@@ -77,6 +78,23 @@ def test_a_proof_does_not_fit_another_leaf_index_or_size(size: int, data: st.Dat
         flipped = bytes([path[0][0] ^ 1]) + path[0][1:]
         assert merkle_root_from_path(leaves[index], index, size, [flipped, *path[1:]]) != root
     assert merkle_root_from_path(leaves[index], index, size, [*path, root]) != root
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13, 64, 100])
+def test_a_whole_tree_holds_only_with_every_path_exact(size: int) -> None:
+    leaves = _leaves(size)
+    root, paths = merkle_tree(leaves)
+    assert merkle_paths_hold(leaves, paths) == root
+    assert merkle_paths_hold(leaves, paths[:-1]) is None
+    for i in {0, size // 2, size - 1}:
+        if paths[i]:
+            wrong = [list(p) for p in paths]
+            wrong[i][-1] = bytes(32)
+            assert merkle_paths_hold(leaves, wrong) is None
+        if size > 1:
+            swapped = list(leaves)
+            swapped[i], swapped[(i + 1) % size] = swapped[(i + 1) % size], swapped[i]
+            assert merkle_paths_hold(swapped, paths) is None
 
 
 def test_malformed_proofs_are_refused() -> None:
@@ -319,3 +337,91 @@ def test_set_timestamp_gives_exactly_what_fromdatetime_gives(when: dt.datetime) 
     set_timestamp(ours, when)
     theirs.FromDatetime(when)
     assert (ours.seconds, ours.nanos) == (theirs.seconds, theirs.nanos)
+
+
+# -- verifying many at once ------------------------------------------------------------------
+
+
+def _outcome(result: pb.EvidenceContent | pb.EnvelopeHeader | VerificationError) -> str:
+    if isinstance(result, VerificationError):
+        return f"error {result.reason}"
+    if isinstance(result, pb.EvidenceContent):
+        return result.evidence_id
+    return result.subject
+
+
+def _one_by_one(trust: TrustStore, items: list[pb.Evidence]) -> list[str]:
+    out = []
+    for item in items:
+        try:
+            out.append(_outcome(trust.verify_evidence(item)))
+        except VerificationError as exc:
+            out.append(_outcome(exc))
+    return out
+
+
+_HOW = ["content", "index", "path", "size", "other-batch-signature", "proof-dropped"]
+
+
+@given(st.data())
+def test_many_at_once_says_what_one_by_one_says(pki: PkiLayout, data: st.DataObject) -> None:
+    """Whole batches, parts of batches, repeats, strays and forgeries, in any order: each
+    item's outcome is the one it gets alone, from a store that has seen nothing yet."""
+    signer = _signer(pki)
+    batch = signer.sign_evidence([_content(i) for i in range(7)])
+    other = signer.sign_evidence([_content(i) for i in range(100, 103)])
+    (single,) = signer.sign_evidence([_content(200)])
+    pool = [*batch, *other, single]
+    items = data.draw(st.lists(st.sampled_from(pool), max_size=14))
+    if data.draw(st.booleans()):
+        items = [*batch, *items]  # a whole batch, so the batch path is taken
+    items = data.draw(st.permutations(items))
+    for _ in range(data.draw(st.integers(min_value=0, max_value=2))):
+        if items:
+            at = data.draw(st.integers(min_value=0, max_value=len(items) - 1))
+            how = data.draw(st.sampled_from(_HOW))
+            if how == "path" and not items[at].batch_proof.path:
+                how = "content"  # a lone item has no path to change
+            items = [*items[:at], _tampered(items[at], how, other[0]), *items[at + 1 :]]
+    many = [_outcome(r) for r in _trust(pki, signer).verify_evidence_many(items)]
+    assert many == _one_by_one(_trust(pki, signer), items)
+
+
+@pytest.mark.parametrize("how", _HOW)
+def test_a_forged_member_of_a_whole_batch_fails_and_the_rest_verify(
+    pki: PkiLayout, how: str
+) -> None:
+    signer = _signer(pki)
+    batch = signer.sign_evidence([_content(i) for i in range(7)])
+    other = signer.sign_evidence([_content(i) for i in range(100, 103)])
+    items = [*batch[:2], _tampered(batch[2], how, other[0]), *batch[3:]]
+    outcomes = [_outcome(r) for r in _trust(pki, signer).verify_evidence_many(items)]
+    assert outcomes[2] in {"error SIGNATURE_INVALID", "error EVIDENCE_PROOF_INVALID"}
+    assert outcomes[:2] + outcomes[3:] == [f"id-{i}" for i in (0, 1, 3, 4, 5, 6)]
+
+
+def test_envelopes_many_at_once_match_one_by_one(pki: PkiLayout) -> None:
+    signer = _signer(pki)
+    envelopes, others = _envelopes(6), _envelopes(3, start=100)
+    signer.seal_envelopes(envelopes)
+    signer.seal_envelopes(others)
+    forged = pb.Envelope()
+    forged.CopyFrom(envelopes[4])
+    forged.batch_proof.path[0] = bytes(32)
+    cut = pb.Envelope()
+    cut.CopyFrom(envelopes[1])
+    cut.body = b"not the signed body"
+    items = [*others[:2], *envelopes[:4], forged, envelopes[5], cut]
+    trust = _trust(pki, signer)
+    many = [_outcome(r) for r in trust.verify_envelopes(items)]
+    fresh = _trust(pki, signer)
+    alone = []
+    for envelope in items:
+        try:
+            alone.append(_outcome(fresh.verify_envelope(envelope)))
+        except VerificationError as exc:
+            alone.append(_outcome(exc))
+    assert many == alone
+    assert many[6] in {"error SIGNATURE_INVALID", "error ENVELOPE_PROOF_INVALID"}
+    assert many[8] == "error BODY_DIGEST_MISMATCH"
+    assert [*many[:6], many[7]] == [f"subject {i}" for i in (100, 101, 0, 1, 2, 3, 5)]

@@ -66,6 +66,17 @@ class _Trust:
             raise VerificationError("SIGNATURE_INVALID", "does not verify")
         return content
 
+    def verify_evidence_many(
+        self, evidence: list[pb.Evidence]
+    ) -> list[pb.EvidenceContent | VerificationError]:
+        out: list[pb.EvidenceContent | VerificationError] = []
+        for item in evidence:
+            try:
+                out.append(self.verify_evidence(item))
+            except VerificationError as exc:
+                out.append(exc)
+        return out
+
 
 def _evidence(evidence_id: str, issuer: str) -> pb.Evidence:
     content = pb.EvidenceContent(evidence_id=evidence_id, issuer=issuer)
