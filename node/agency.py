@@ -29,6 +29,7 @@ from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code, letter_not_found
 from node.core.evidence import evidence_content, evidence_message
 from node.core.letters import build_header, validate_draft
+from node.core.splice import Field
 from node.document_store import DocumentStore
 from node.metrics import HANDED_OVER, SUBMIT_REJECTED, SUBMITTED
 from node.rpc.errors import abort, to_submit_error
@@ -44,6 +45,9 @@ _INBOX_BATCH = 256
 # An inbox frame stops at this many bytes of letters (one always goes): well under what
 # the SDK accepts (64 MiB), and large letters are not all read at once.
 _INBOX_FRAME_BYTES = 8 * 1024 * 1024
+_INBOX_LETTERS = Field(pb.StreamInboxResponse, "letters")
+_INBOX_ENVELOPE = Field(pb.InboxLetter, "envelope")
+_INBOX_DELIVERY = Field(pb.InboxLetter, "delivery")
 _MAX_BATCH = 1024
 _MAX_ACK_BATCH = 1000
 # Letters numbered and signed together at most (several calls' worth; trees of 256).
@@ -569,18 +573,22 @@ class Agency(pb.NodeServiceServicer):
                     boxes = mailboxes.split("\n")
                     if (mailbox and mailbox not in boxes) or not access.may_see(boxes):
                         continue
-                    letter = pb.InboxLetter(
-                        envelope=pb.Envelope.FromString(envelope),
-                        shams=parse_shams(shams),
-                        shams_text=shams,
-                        delivery=pb.Evidence.FromString(delivery),
-                    )
+                    # The stored envelope and evidence are spliced in as they are.
+                    fields = pb.InboxLetter(shams=parse_shams(shams), shams_text=shams)
                     set_timestamp(
-                        letter.receive_time, dt.datetime.fromtimestamp(received_at, dt.UTC)
+                        fields.receive_time, dt.datetime.fromtimestamp(received_at, dt.UTC)
                     )
-                    letters.append(letter)
+                    letters.append(
+                        b"".join(
+                            (
+                                fields.SerializeToString(),
+                                _INBOX_ENVELOPE.one(envelope),
+                                _INBOX_DELIVERY.one(delivery),
+                            )
+                        )
+                    )
                 if letters:
-                    await context.write(pb.StreamInboxResponse(letters=letters))
+                    await context.write(_INBOX_LETTERS.many(letters))
         finally:
             closing.cancel()
 

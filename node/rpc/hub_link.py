@@ -28,7 +28,9 @@ from client_sdk.trust import VerificationError
 from node.agency import Agency
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
+from node.core.splice import Field
 from node.metrics import DELIVERED, DELIVERY_FAILED, RECONNECTS, count_verification_failure
+from node.rpc.wire import serialize
 from node.tasks import BOOKKEEPING_INTERVAL_S, LETTER_INTERVAL_S, Cadence, handle_concurrently
 
 if TYPE_CHECKING:
@@ -44,6 +46,9 @@ _RECEIPT_BATCH = 256
 _FRAMES_IN_FLIGHT = 8
 # Frames our own sender may have queued before it waits for the writer to catch up.
 _QUEUED_FRAMES = 8
+_CONNECT = f"/{pb.HUB_SERVICE.full_name}/Connect"
+_RELAY = Field(pb.ConnectRequest, "envelopes")
+_ENVELOPES = Field(pb.EnvelopeBatch, "envelopes")
 # Receipts in one frame at most.
 _RECEIPT_FRAME = 1024
 
@@ -133,7 +138,12 @@ class HubLink:
             self.agency.config.hub, self.credentials, options=options
         ) as channel:
             stub = pb.HubServiceStub(channel)
-            call = stub.Connect()
+            # Like stub.Connect(), but frames may also be spliced bytes (node.core.splice).
+            call = channel.stream_stream(
+                _CONNECT,
+                request_serializer=serialize,
+                response_deserializer=pb.ConnectResponse.FromString,
+            )()
             directory_version = self.agency.directory.version if self.agency.directory else 0
             await call.write(
                 pb.ConnectRequest(
@@ -175,7 +185,7 @@ class _Session:
         # for the network. (With writes under a lock, a blocked write - the hub not reading
         # because its own writes to us were blocked - stopped our reading too: both ends
         # waited for each other with full flow-control windows, seen after a hub restart.)
-        self.outgoing: asyncio.Queue[pb.ConnectRequest] = asyncio.Queue()
+        self.outgoing: asyncio.Queue[pb.ConnectRequest | bytes] = asyncio.Queue()
         self.relaying: dict[bytes, str] = {}  # envelope digest -> shams, sent and not answered
         self.receipts_sent: set[str] = set()
         self.receipt_cursor = 0  # rowid of the last receipt row read on this stream
@@ -189,7 +199,7 @@ class _Session:
         )
         self.relay_cadence = Cadence(LETTER_INTERVAL_S, self._wake)
 
-    def write(self, frame: pb.ConnectRequest) -> None:
+    def write(self, frame: pb.ConnectRequest | bytes) -> None:
         """Queues a frame for the stream's writer task (``_write_all``)."""
         self.outgoing.put_nowait(frame)
 
@@ -242,20 +252,20 @@ class _Session:
                 outbox_dirty = False
                 rows = await agency.store.outbox_to_relay(cursor, batch)
                 if rows:
-                    envelopes: list[pb.Envelope] = []
+                    envelopes: list[bytes] = []
                     size = 0
-                    for rowid, shams, blob in rows:
+                    for rowid, shams, blob, digest in rows:
                         # Keep frames under the hub's frame limit; the first always goes.
                         if envelopes and size + len(blob) > agency.config.relay_frame_bytes:
                             break
-                        envelope = pb.Envelope.FromString(blob)
-                        self.relaying[sha256(envelope.header)] = shams
-                        envelopes.append(envelope)
+                        self.relaying[digest] = shams
+                        envelopes.append(blob)
                         size += len(blob)
                         cursor = rowid
                     # A full read or a frame cut short by size: more may be waiting.
                     outbox_dirty = len(rows) == batch or len(envelopes) < len(rows)
-                    self.write(pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=envelopes)))
+                    # Spliced as stored (node.core.splice): not parsed and serialised again.
+                    self.write(_RELAY.one(_ENVELOPES.many(envelopes)))
                     sent = True
                     if not outbox_dirty:  # a full read's rest goes at once
                         self.relay_cadence.sent()

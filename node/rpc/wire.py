@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError, Message
 from node.core.errors import ChaparError, Code
 from node.rpc.errors import abort
 
-__all__ = ["add_servicer", "parse"]
+__all__ = ["add_servicer", "parse", "serialize"]
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -49,8 +49,9 @@ async def _parsed(raw: AsyncIterator[bytes], cls: type[Message], limit: int) -> 
         yield parse(cls, item, limit)
 
 
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+def serialize(message: Message | bytes) -> bytes:
+    """A message serialised; bytes are taken as one already (see ``node.core.splice``)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def add_servicer(
@@ -81,7 +82,7 @@ def add_servicer(
                 else grpc.unary_unary_rpc_method_handler
             )
         handlers[method.name] = make(
-            handler, request_deserializer=None, response_serializer=_serialize
+            handler, request_deserializer=None, response_serializer=serialize
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)

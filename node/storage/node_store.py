@@ -21,6 +21,7 @@ from typing import TypeVar
 from client_sdk import pb
 from node.core import lifecycle
 from node.core.errors import letter_not_found
+from node.core.splice import Field
 from node.storage.db import Database, Job, Page, Store, advance_states, existing, rows_in
 
 __all__ = ["MIGRATIONS", "EvidenceListener", "NewLetter", "NodeStore", "StoredLetter"]
@@ -108,6 +109,7 @@ MIGRATIONS = [
     """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
+_BODY = Field(pb.Envelope, "body")
 
 _FINAL = (lifecycle.DELIVERED, *lifecycle.TERMINAL)
 # A sent letter is done when no recipient is still short of DELIVERED (or a terminal state).
@@ -283,15 +285,16 @@ class NodeStore(Store):
 
         return await self._write(job)
 
-    async def outbox_to_relay(self, after: int, limit: int) -> list[tuple[int, str, bytes]]:
-        """(rowid, shams, envelope bytes) of letters not yet relayed, oldest first."""
+    async def outbox_to_relay(self, after: int, limit: int) -> list[tuple[int, str, bytes, bytes]]:
+        """(rowid, shams, envelope bytes, header digest) of letters not yet relayed, oldest
+        first."""
         rows = await self.db.fetchall(
-            "SELECT o.rowid, o.shams, o.envelope, b.body FROM outbox o "
+            "SELECT o.rowid, o.shams, o.envelope, b.body, o.envelope_sha256 FROM outbox o "
             "LEFT JOIN bodies b ON b.box = 'O' AND b.shams = o.shams "
             "WHERE o.relay_state = 0 AND o.rowid > ? ORDER BY o.rowid LIMIT ?",
             (after, limit),
         )
-        return [(int(r[0]), str(r[1]), _with_body(r[2], r[3])) for r in rows]
+        return [(int(r[0]), str(r[1]), _with_body(r[2], r[3]), bytes(r[4])) for r in rows]
 
     # -- evidence about letters we sent -------------------------------------------------
 
@@ -735,10 +738,10 @@ def _without_body(envelope: pb.Envelope) -> bytes:
 
 def _with_body(stored: bytes, body: bytes | None) -> bytes:
     """Re-forms the full envelope. Serialised protobuf messages merge when concatenated, so
-    appending a message holding only the body field gives the whole envelope, cheaply."""
-    if body is None:
+    appending the body field gives the whole envelope, cheaply."""
+    if not body:
         return bytes(stored)
-    return bytes(stored) + pb.Envelope(body=body).SerializeToString()
+    return bytes(stored) + _BODY.one(body)
 
 
 def _index_documents(

@@ -547,8 +547,12 @@ async def test_submission_creates_submitted_state_per_distinct_recipient(store: 
         E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
     ]
     to_relay = await store.outbox_to_relay(0, 10)
-    assert [(shams, env) for _, shams, env in to_relay] == [
-        (receipt.shams_text, letter.envelope.SerializeToString())
+    assert [(shams, env, digest) for _, shams, env, digest in to_relay] == [
+        (
+            receipt.shams_text,
+            letter.envelope.SerializeToString(),
+            hashlib.sha256(letter.envelope.header).digest(),
+        )
     ]
 
 
