@@ -64,7 +64,9 @@ def _invalid(reason: str, message: str, field: str, **metadata: str) -> ChaparEr
 def normalise_text(value: str, field: str, *, max_chars: int, required: bool) -> str:
     """NFC-normalises ``value``; refuses control characters, over-long and (if required) empty text."""
     text = unicodedata.normalize("NFC", value)
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
+    # Printable text, the usual case, has no control or surrogate character (both are
+    # "Other" to isprintable); only the rest is read a character at a time.
+    if not text.isprintable() and any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
         raise _invalid("INVALID_TEXT", f"{field} contains control characters", field)
     if required and not text.strip():
         raise _invalid("EMPTY_FIELD", f"{field} must not be empty", field)

@@ -35,6 +35,7 @@ from node.core.letters import (
     DEFAULT_CONTENT_TYPE,
     LetterLimits,
     build_header,
+    normalise_text,
     validate_draft,
 )
 
@@ -678,3 +679,27 @@ def test_evidence_signature_from_another_key_is_a_key_mismatch(signer: Signer) -
 )
 def test_event_name_drops_the_enum_prefix(event: int, name: str) -> None:
     assert event_name(event) == name
+
+
+@given(st.text(alphabet=st.characters(codec=None), max_size=30))
+def test_text_is_refused_exactly_when_it_holds_a_control_or_surrogate_character(
+    value: str,
+) -> None:
+    """The printable shortcut must not change what is refused: Cf (e.g. the zero-width
+    non-joiner of Persian text) and non-ASCII spaces pass, Cc and Cs never do."""
+    nfc = unicodedata.normalize("NFC", value)
+    expected_bad = any(unicodedata.category(ch) in ("Cc", "Cs") for ch in nfc)
+    if expected_bad:
+        with pytest.raises(ChaparError) as info:
+            normalise_text(value, "f", max_chars=1000, required=False)
+        assert info.value.reason == "INVALID_TEXT"
+    else:
+        assert normalise_text(value, "f", max_chars=1000, required=False) == nfc
+
+
+@pytest.mark.parametrize(
+    "text", ["\u0646\u0627\u0645\u0647\u200c\u0647\u0627", "a\u00a0b", "a\u2028b", "x\u00adx"]
+)
+def test_text_that_is_not_printable_but_has_no_control_character_passes(text: str) -> None:
+    assert not text.isprintable()
+    assert normalise_text(text, "f", max_chars=100, required=True) == text
