@@ -40,6 +40,9 @@ __all__ = ["HubLink"]
 
 log = logging.getLogger("chapar.link")
 E = pb.EvidenceEvent
+# Read once: each attribute of a protobuf enum wrapper is a Python-level __getattr__.
+_RELAY_REJECTION = E.EVIDENCE_EVENT_RELAY_REJECTION
+_DELIVERY = E.EVIDENCE_EVENT_DELIVERY
 _INITIAL_BACKOFF_S = 0.2
 _RECEIPT_BATCH = 256
 # Frames from the hub handled at once (their store jobs share commits).
@@ -361,7 +364,7 @@ class _Session:
             shams = self.relaying.pop(content.envelope_sha256, None) or text
             if not shams:
                 continue
-            if content.event == E.EVIDENCE_EVENT_RELAY_REJECTION:
+            if content.event == _RELAY_REJECTION:
                 log.error("hub rejected %s: %s %s", shams, content.reason, content.detail)
             items.append((item, content, shams))
         if items:
@@ -434,7 +437,7 @@ class _Session:
             envelope = good[i][3]
             header = pb.EnvelopeHeader.FromString(envelope.header)
             content = evidence_content(
-                E.EVIDENCE_EVENT_DELIVERY,
+                _DELIVERY,
                 issuer=agency.identity.uri,
                 shams=header.shams,
                 envelope_sha256=sha256(envelope.header),
