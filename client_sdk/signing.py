@@ -117,8 +117,9 @@ class Signer:
 
     def seal_evidence(self, items: Sequence[pb.Evidence]) -> None:
         """Signs evidence built unsigned (content only) in place, as ``sign_evidence``."""
-        for item, signed in zip(items, self.sign_evidence([e.content for e in items]), strict=True):
-            item.CopyFrom(signed)
+        self._seal(
+            items, EVIDENCE_PAYLOAD_TYPE, EVIDENCE_BATCH_PAYLOAD_TYPE, [e.content for e in items]
+        )
 
     def sign_evidence(self, contents: Sequence[bytes]) -> list[pb.Evidence]:
         """Signs evidence contents: one alone, several as Merkle batches of one signature.
@@ -135,13 +136,28 @@ class Signer:
     def seal_envelopes(self, envelopes: Sequence[pb.Envelope]) -> None:
         """Signs envelopes built unsigned (header and body) in place: one alone, several as
         Merkle batches of one signature (see ``Envelope`` in envelope.proto)."""
-        signed = self.sign_many(
-            ENVELOPE_PAYLOAD_TYPE, ENVELOPE_BATCH_PAYLOAD_TYPE, [e.header for e in envelopes]
+        self._seal(
+            envelopes,
+            ENVELOPE_PAYLOAD_TYPE,
+            ENVELOPE_BATCH_PAYLOAD_TYPE,
+            [e.header for e in envelopes],
         )
-        for envelope, (_, signature, proof) in zip(envelopes, signed, strict=True):
-            envelope.signature.CopyFrom(signature)
-            if proof is not None:
-                envelope.batch_proof.CopyFrom(proof)
+
+    def _seal(
+        self,
+        items: Sequence[pb.Envelope | pb.Evidence],
+        single_type: str,
+        batch_type: str,
+        payloads: Sequence[bytes],
+    ) -> None:
+        """Sets each item's signature and inclusion proof (none when signed alone)."""
+        signed = self.sign_many(single_type, batch_type, payloads)
+        for item, (_, signature, proof) in zip(items, signed, strict=True):
+            item.signature.CopyFrom(signature)
+            if proof is None:
+                item.ClearField("batch_proof")
+            else:
+                item.batch_proof.CopyFrom(proof)
 
     def sign_many(
         self, single_type: str, batch_type: str, payloads: Sequence[bytes]
