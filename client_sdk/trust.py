@@ -207,21 +207,16 @@ class TrustStore:
         return self._verify_envelope(envelope, at, check_body, None)
 
     def verify_envelopes(
-        self,
-        envelopes: Sequence[pb.Envelope],
-        at: Sequence[dt.datetime | None] | None = None,
-        *,
-        check_body: bool = True,
+        self, envelopes: Sequence[pb.Envelope], *, check_body: bool = True
     ) -> list[pb.EnvelopeHeader | VerificationError]:
-        """``verify_envelope`` for each envelope (``at[i]`` its time), in order, each failure
-        returned in its place. Whole batches among them have their inclusion proofs checked
-        together (see ``merkle_paths_hold``); the outcome is the same as one by one."""
+        """``verify_envelope`` (as of now) for each envelope, in order, each failure returned
+        in its place. Whole batches among them have their inclusion proofs checked together
+        (see ``merkle_paths_hold``); the outcome is the same as one by one."""
         roots = _whole_batch_roots([(e.header, e) for e in envelopes])
         out: list[pb.EnvelopeHeader | VerificationError] = []
         for i, envelope in enumerate(envelopes):
             try:
-                when = at[i] if at is not None else None
-                out.append(self._verify_envelope(envelope, when, check_body, roots.get(i)))
+                out.append(self._verify_envelope(envelope, None, check_body, roots.get(i)))
             except VerificationError as exc:
                 out.append(exc)
         return out
