@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -350,11 +352,14 @@ def _outcome(result: pb.EvidenceContent | pb.EnvelopeHeader | VerificationError)
     return result.subject
 
 
-def _one_by_one(trust: TrustStore, items: list[pb.Evidence]) -> list[str]:
+def _one_by_one(
+    verify: Callable[[Any], pb.EvidenceContent | pb.EnvelopeHeader], items: Sequence[Any]
+) -> list[str]:
+    """Each item's outcome when verified alone, in order."""
     out = []
     for item in items:
         try:
-            out.append(_outcome(trust.verify_evidence(item)))
+            out.append(_outcome(verify(item)))
         except VerificationError as exc:
             out.append(_outcome(exc))
     return out
@@ -384,7 +389,7 @@ def test_many_at_once_says_what_one_by_one_says(pki: PkiLayout, data: st.DataObj
                 how = "content"  # a lone item has no path to change
             items = [*items[:at], _tampered(items[at], how, other[0]), *items[at + 1 :]]
     many = [_outcome(r) for r in _trust(pki, signer).verify_evidence_many(items)]
-    assert many == _one_by_one(_trust(pki, signer), items)
+    assert many == _one_by_one(_trust(pki, signer).verify_evidence, items)
 
 
 @pytest.mark.parametrize("how", _HOW)
@@ -414,14 +419,7 @@ def test_envelopes_many_at_once_match_one_by_one(pki: PkiLayout) -> None:
     items = [*others[:2], *envelopes[:4], forged, envelopes[5], cut]
     trust = _trust(pki, signer)
     many = [_outcome(r) for r in trust.verify_envelopes(items)]
-    fresh = _trust(pki, signer)
-    alone = []
-    for envelope in items:
-        try:
-            alone.append(_outcome(fresh.verify_envelope(envelope)))
-        except VerificationError as exc:
-            alone.append(_outcome(exc))
-    assert many == alone
+    assert many == _one_by_one(_trust(pki, signer).verify_envelope, items)
     assert many[6] in {"error SIGNATURE_INVALID", "error ENVELOPE_PROOF_INVALID"}
     assert many[8] == "error BODY_DIGEST_MISMATCH"
     assert [*many[:6], many[7]] == [f"subject {i}" for i in (100, 101, 0, 1, 2, 3, 5)]
