@@ -52,6 +52,8 @@ _QUEUED_FRAMES = 8
 _CONNECT = f"/{pb.HUB_SERVICE.full_name}/Connect"
 _RELAY = Field(pb.ConnectRequest, "envelopes")
 _ENVELOPES = Field(pb.EnvelopeBatch, "envelopes")
+_RECEIPTS = Field(pb.ConnectRequest, "receipts")
+_EVIDENCE = Field(pb.EvidenceBatch, "evidence")
 # Receipts in one frame at most.
 _RECEIPT_FRAME = 1024
 
@@ -193,7 +195,7 @@ class _Session:
         self.receipts_sent: set[str] = set()
         self.receipt_cursor = 0  # rowid of the last receipt row read on this stream
         # DELIVERY evidence of letters just stored, waiting for the receipt cadence.
-        self.pending_receipts: list[pb.Evidence] = []
+        self.pending_receipts: list[bytes] = []  # serialised, spliced into frames
         # A lone delivery's DELIVERY receipt waits for its HANDOVER too, when the back-end
         # reads at once: one receipts frame, one store transaction at the hub, one notice
         # to the sender and one acknowledgement each way instead of two.
@@ -285,7 +287,7 @@ class _Session:
                         self.receipts_sent.update(eid for _, eid, _ in pending)
                 for start in range(0, len(receipts), _RECEIPT_FRAME):
                     chunk = receipts[start : start + _RECEIPT_FRAME]
-                    self.write(pb.ConnectRequest(receipts=pb.EvidenceBatch(evidence=chunk)))
+                    self.write(_RECEIPTS.one(_EVIDENCE.many(chunk)))
                 if receipts:
                     sent = True
                     if not receipts_dirty:  # a full read's rest goes at once
@@ -470,7 +472,8 @@ class _Session:
             await agency.store.store_issued(failures)
             receipts.extend(e for _, e in failures)
         self.receipts_sent.update(_evidence_id(e) for e in receipts)
-        self.pending_receipts.extend(receipts)  # sent by _send, at the receipt cadence
+        # Sent by _send, at the receipt cadence.
+        self.pending_receipts.extend(e.SerializeToString() for e in receipts)
         self._wake()
 
 

@@ -501,10 +501,11 @@ class NodeStore(Store):
 
     async def receipts_to_send(self, limit: int, after: int = 0) -> list[pb.Evidence]:
         """Receipts the hub has not acknowledged, oldest first (see ``receipts_after``)."""
-        return [e for _, _, e in await self.receipts_after(after, limit)]
+        return [pb.Evidence.FromString(e) for _, _, e in await self.receipts_after(after, limit)]
 
-    async def receipts_after(self, after: int, limit: int) -> list[tuple[int, str, pb.Evidence]]:
-        """(rowid, evidence id, evidence) of unacknowledged receipts after rowid ``after``.
+    async def receipts_after(self, after: int, limit: int) -> list[tuple[int, str, bytes]]:
+        """(rowid, evidence id, serialised evidence) of unacknowledged receipts after rowid
+        ``after``.
 
         A cursor, not a filter: each call reads only rows it has not seen, so the cost does
         not grow with the number of receipts still waiting for the hub's acknowledgement.
@@ -514,7 +515,7 @@ class NodeStore(Store):
             "ORDER BY rowid LIMIT ?",
             (after, limit),
         )
-        return [(int(r[0]), str(r[1]), pb.Evidence.FromString(r[2])) for r in rows]
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
     def receipts_acknowledged_later(
         self, evidence_ids: Sequence[str], on_commit: Callable[[None], None] | None = None
