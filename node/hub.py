@@ -29,7 +29,7 @@ from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams, valid_timestamp, validate_shams
-from node.core.splice import Field
+from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
 from node.hub_documents import DocumentRelay, document_grants
 from node.metrics import (
     EXPIRED,
@@ -70,9 +70,7 @@ _PUSH_FRAME_BYTES = 8 * 1024 * 1024
 _FRAMES_IN_FLIGHT = 8
 # Deliveries and notices go out as stored, spliced into their frames (node.core.splice).
 _DELIVERIES = Field(pb.ConnectResponse, "deliveries")
-_ENVELOPES = Field(pb.EnvelopeBatch, "envelopes")
 _NOTICES = Field(pb.ConnectResponse, "evidence")
-_EVIDENCE = Field(pb.EvidenceBatch, "evidence")
 
 
 def build_directory(
@@ -736,7 +734,7 @@ class Hub(pb.HubServiceServicer):
                 if rows:
                     last_queue = rows[-1][0]
                     session.inflight.update(r[1] for r in rows)
-                    await session.out.put(_DELIVERIES.one(_ENVELOPES.many(r[2] for r in rows)))
+                    await session.out.put(_DELIVERIES.one(ENVELOPE_BATCH.many(r[2] for r in rows)))
                     sent = True
                     if not session.queue_dirty:  # a cut frame's rest goes at once
                         session.delivery_cadence.sent()
@@ -747,7 +745,7 @@ class Hub(pb.HubServiceServicer):
                 session.notices_dirty |= len(notices) == _PUSH_BATCH
             if notices:
                 last_notice = notices[-1][0]
-                await session.out.put(_NOTICES.one(_EVIDENCE.many(n[1] for n in notices)))
+                await session.out.put(_NOTICES.one(EVIDENCE_BATCH.many(n[1] for n in notices)))
                 if not session.notices_dirty:  # a full frame's rest goes at once
                     session.notice_cadence.sent()
                 sent = True

@@ -18,7 +18,9 @@ from collections.abc import Iterable
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-__all__ = ["Field"]
+from client_sdk import pb
+
+__all__ = ["ENVELOPE_BATCH", "EVIDENCE_BATCH", "Field"]
 
 _LENGTH_DELIMITED = 2
 _SPLICEABLE = (
@@ -59,3 +61,8 @@ class Field:
         for value in values:
             parts += (tag, _varint(len(value)), value)
         return b"".join(parts)
+
+
+# The batches that carry stored letters and evidence in the hub stream's frames.
+ENVELOPE_BATCH = Field(pb.EnvelopeBatch, "envelopes")
+EVIDENCE_BATCH = Field(pb.EvidenceBatch, "evidence")

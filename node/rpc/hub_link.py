@@ -28,7 +28,7 @@ from client_sdk.trust import VerificationError
 from node.agency import Agency
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
-from node.core.splice import Field
+from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
 from node.metrics import DELIVERED, DELIVERY_FAILED, RECONNECTS, count_verification_failure
 from node.rpc.wire import serialize
 from node.tasks import BOOKKEEPING_INTERVAL_S, LETTER_INTERVAL_S, Cadence, handle_concurrently
@@ -51,9 +51,7 @@ _FRAMES_IN_FLIGHT = 8
 _QUEUED_FRAMES = 8
 _CONNECT = f"/{pb.HUB_SERVICE.full_name}/Connect"
 _RELAY = Field(pb.ConnectRequest, "envelopes")
-_ENVELOPES = Field(pb.EnvelopeBatch, "envelopes")
 _RECEIPTS = Field(pb.ConnectRequest, "receipts")
-_EVIDENCE = Field(pb.EvidenceBatch, "evidence")
 # Receipts in one frame at most.
 _RECEIPT_FRAME = 1024
 
@@ -270,7 +268,7 @@ class _Session:
                     # A full read or a frame cut short by size: more may be waiting.
                     outbox_dirty = len(rows) == batch or len(envelopes) < len(rows)
                     # Spliced as stored (node.core.splice): not parsed and serialised again.
-                    self.write(_RELAY.one(_ENVELOPES.many(envelopes)))
+                    self.write(_RELAY.one(ENVELOPE_BATCH.many(envelopes)))
                     sent = True
                     if not outbox_dirty:  # a full read's rest goes at once
                         self.relay_cadence.sent()
@@ -287,7 +285,7 @@ class _Session:
                         self.receipts_sent.update(eid for _, eid, _ in pending)
                 for start in range(0, len(receipts), _RECEIPT_FRAME):
                     chunk = receipts[start : start + _RECEIPT_FRAME]
-                    self.write(_RECEIPTS.one(_EVIDENCE.many(chunk)))
+                    self.write(_RECEIPTS.one(EVIDENCE_BATCH.many(chunk)))
                 if receipts:
                     sent = True
                     if not receipts_dirty:  # a full read's rest goes at once
