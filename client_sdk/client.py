@@ -100,12 +100,12 @@ DEFAULT_MAX_IN_FLIGHT: Final = 4
 DEFAULT_STREAM_LINGER_S: Final = 0.02
 """How long a stream frame that is not full waits, once, for more drafts when the stream is
 busy (as Kafka's producer ``linger.ms``). A back-end sending a few hundred letters a second
-then sends several letters a frame instead of one or two, and the frame's size carries
-through the exchange: the node signs them as one batch, and they travel to the hub, the
-recipient and its back-end in fewer, fuller frames and transactions. Measured at an offered
-1,000 letters/s (docs/BENCHMARKS.md, ninth round): 5 -> 20 ms cut the CPU a letter of the
-whole exchange by 5-12 %, and the p99 from submit to delivery did not get worse; at 250/s
-it cut the CPU by 17-22 % and added about 10 ms to the median. A flood never waits: its
+then sends several letters a frame instead of one or two: at an offered 1,000 letters/s
+over four streams, 6 a frame instead of 2.7, so the submission hop, which carried most of
+the exchange's gRPC messages, carries less than half as many. Measured there
+(docs/BENCHMARKS.md, ninth round): 5 -> 20 ms cut the CPU a letter of the whole exchange
+by 5-12 %, and the p99 from submit to delivery did not get worse; at 250/s it cut the CPU
+by 17-22 % and added about 10 ms to the median. A flood never waits: its
 frames fill at once; nor does a draft on a quiet stream (no frame unanswered, none sent
 within the linger), so a back-end sending a letter now and then sees no delay. 0 sends
 each frame as soon as one draft is ready."""
