@@ -389,6 +389,7 @@ class _Session:
         now = dt.datetime.now(dt.UTC)
         good: list[tuple[str, str, list[str], pb.Envelope]] = []
         documents: list[list[bytes]] = []  # each good letter's attachments (SHA-256)
+        verified_ids: list[tuple[pb.Shams, bytes]] = []  # each good letter's number and digest
         failures: list[tuple[str, pb.Evidence]] = []
         for envelope, verified in zip(
             envelopes, agency.trust.verify_envelopes(envelopes), strict=True
@@ -432,15 +433,15 @@ class _Session:
                 )
             )
             documents.append([a.sha256 for a in header.attachments])
+            verified_ids.append((header.shams, digest))
 
         def make_delivery(i: int) -> pb.Evidence:
-            envelope = good[i][3]
-            header = pb.EnvelopeHeader.FromString(envelope.header)
+            shams, digest = verified_ids[i]  # as verified above: not parsed and hashed again
             content = evidence_content(
                 _DELIVERY,
                 issuer=agency.identity.uri,
-                shams=header.shams,
-                envelope_sha256=sha256(envelope.header),
+                shams=shams,
+                envelope_sha256=digest,
                 recipient=me,
                 now=now,
             )
