@@ -112,8 +112,6 @@ each frame as soon as one draft is ready."""
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """Message size limit of channels the client creates (gRPC's default is 4 MiB)."""
 TEXT_PLAIN: Final = "text/plain; charset=utf-8"
-# Read once: each attribute of a protobuf enum wrapper is a Python-level __getattr__.
-_DELIVERY = pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY
 
 Recipient: TypeAlias = "str | tuple[str, str]"
 """An agency code, or ``(agency code, mailbox)``."""
@@ -296,7 +294,7 @@ class _LetterFields:
         ``track``). Raises ``client_sdk.trust.VerificationError`` on any failure.
         """
         (delivery,) = _verify_letter(trust, self.envelope, [self.delivery])
-        if delivery.content.event != _DELIVERY:
+        if delivery.content.event != pb.EVIDENCE_EVENT_DELIVERY:
             raise VerificationError("EVIDENCE_MISMATCH", f"expected DELIVERY, got {delivery.event}")
         return delivery
 

@@ -40,11 +40,6 @@ from node.tasks import drain, every
 __all__ = ["Agency"]
 
 log = logging.getLogger("chapar.node")
-E = pb.EvidenceEvent
-# Read once: each attribute of a protobuf enum wrapper is a Python-level __getattr__.
-_SUBMISSION_ACCEPTANCE = E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
-_HANDOVER = E.EVIDENCE_EVENT_HANDOVER
-_OUTGOING = pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING
 _INBOX_BATCH = 256
 # An inbox frame stops at this many bytes of letters (one always goes): well under what
 # the SDK accepts (64 MiB), and large letters are not all read at once.
@@ -334,7 +329,7 @@ class Agency(pb.NodeServiceServicer):
                 receipts = await self.store.submit(
                     [rid for s in group for rid in s.request_ids],
                     origin=self.config.agency,
-                    domain=_OUTGOING,
+                    domain=pb.SHAMS_DOMAIN_OUTGOING,
                     year=year,
                     build=functools.partial(self._build_nth, items),
                     seal=self._seal_letters,
@@ -368,7 +363,7 @@ class Agency(pb.NodeServiceServicer):
         envelope = pb.Envelope(header=header, body=draft.body)  # signed with the batch: seal
         digest = sha256(header)
         content = evidence_message(
-            _SUBMISSION_ACCEPTANCE,
+            pb.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
             issuer=self.identity.uri,
             shams=shams,
             envelope_sha256=digest,
@@ -671,7 +666,7 @@ class Agency(pb.NodeServiceServicer):
                 continue
             if text not in contents:
                 contents[text] = evidence_content(
-                    _HANDOVER,
+                    pb.EVIDENCE_EVENT_HANDOVER,
                     issuer=self.identity.uri,
                     shams=pb.EnvelopeHeader.FromString(header_bytes).shams,
                     envelope_sha256=sha256(header_bytes),

@@ -56,8 +56,6 @@ __all__ = ["Hub", "build_directory"]
 
 log = logging.getLogger("chapar.hub")
 E = pb.EvidenceEvent
-# Read once: each attribute of a protobuf enum wrapper is a Python-level __getattr__.
-_RELAY_ACCEPTANCE = E.EVIDENCE_EVENT_RELAY_ACCEPTANCE
 _RECEIPT_EVENTS = frozenset(
     {E.EVIDENCE_EVENT_DELIVERY, E.EVIDENCE_EVENT_DELIVERY_FAILURE, E.EVIDENCE_EVENT_HANDOVER}
 )
@@ -599,7 +597,7 @@ class Hub(pb.HubServiceServicer):
             queued.append(recipient)  # only called for letters stored now, not duplicates
             fresh.add(letter.shams)
             content = evidence_content(
-                _RELAY_ACCEPTANCE,
+                pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
                 issuer=self.identity.uri,
                 shams=letter.shams_pb or parse_shams(letter.shams),
                 envelope_sha256=letter.envelope_sha256,

@@ -76,10 +76,6 @@ def normalise_text(value: str, field: str, *, max_chars: int, required: bool) ->
 
 
 # Read once: each attribute of a protobuf enum wrapper is a Python-level __getattr__.
-_KIND_UNSPECIFIED = pb.LetterKind.LETTER_KIND_UNSPECIFIED
-_KIND_LETTER = pb.LetterKind.LETTER_KIND_LETTER
-_PRIORITY_UNSPECIFIED = pb.Priority.PRIORITY_UNSPECIFIED
-_PRIORITY_NORMAL = pb.Priority.PRIORITY_NORMAL
 _SHAMS_DOMAINS = frozenset(
     (pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL)
 )
@@ -158,12 +154,12 @@ def validate_draft(
         )
     if draft.kind not in _KINDS:
         raise _invalid("INVALID_KIND", "unknown letter kind", "draft.kind")
-    if draft.kind == _KIND_UNSPECIFIED:
-        out.kind = _KIND_LETTER
+    if draft.kind == pb.LETTER_KIND_UNSPECIFIED:
+        out.kind = pb.LETTER_KIND_LETTER
     if draft.priority not in _PRIORITIES:
         raise _invalid("INVALID_PRIORITY", "unknown priority", "draft.priority")
-    if draft.priority == _PRIORITY_UNSPECIFIED:
-        out.priority = _PRIORITY_NORMAL
+    if draft.priority == pb.PRIORITY_UNSPECIFIED:
+        out.priority = pb.PRIORITY_NORMAL
     if draft.HasField("in_reply_to"):
         validate_shams(draft.in_reply_to, "draft.in_reply_to")
     elif out.kind in _NEEDS_PARENT:

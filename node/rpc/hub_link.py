@@ -40,9 +40,6 @@ __all__ = ["HubLink"]
 
 log = logging.getLogger("chapar.link")
 E = pb.EvidenceEvent
-# Read once: each attribute of a protobuf enum wrapper is a Python-level __getattr__.
-_RELAY_REJECTION = E.EVIDENCE_EVENT_RELAY_REJECTION
-_DELIVERY = E.EVIDENCE_EVENT_DELIVERY
 _INITIAL_BACKOFF_S = 0.2
 _RECEIPT_BATCH = 256
 # Frames from the hub handled at once (their store jobs share commits).
@@ -364,7 +361,7 @@ class _Session:
             shams = self.relaying.pop(content.envelope_sha256, None) or text
             if not shams:
                 continue
-            if content.event == _RELAY_REJECTION:
+            if content.event == pb.EVIDENCE_EVENT_RELAY_REJECTION:
                 log.error("hub rejected %s: %s %s", shams, content.reason, content.detail)
             items.append((item, content, shams))
         if items:
@@ -438,7 +435,7 @@ class _Session:
         def make_delivery(i: int) -> pb.Evidence:
             shams, digest = verified_ids[i]  # as verified above: not parsed and hashed again
             content = evidence_content(
-                _DELIVERY,
+                pb.EVIDENCE_EVENT_DELIVERY,
                 issuer=agency.identity.uri,
                 shams=shams,
                 envelope_sha256=digest,

@@ -18,8 +18,6 @@ from node.storage.db import Page, Store, advance_state, advance_states, existing
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
 
-# Read once: each attribute of a protobuf enum wrapper is a Python-level __getattr__.
-_RELAY_ACCEPTANCE = pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE
 _DEQUEUING = (
     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
@@ -179,7 +177,7 @@ class HubStore(Store):
                     (
                         pb.EvidenceContent.FromString(e.content).evidence_id,
                         s,
-                        _RELAY_ACCEPTANCE,
+                        pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
                         e.SerializeToString(),
                         now,
                     )
@@ -392,6 +390,6 @@ def _relay_evidence(conn: sqlite3.Connection, shams: str, kept: bytes) -> list[p
         return list(pb.EvidenceBatch.FromString(kept).evidence)
     rows = conn.execute(
         "SELECT evidence FROM evidence WHERE shams = ? AND event = ? ORDER BY rowid",
-        (shams, _RELAY_ACCEPTANCE),
+        (shams, pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE),
     ).fetchall()
     return [pb.Evidence.FromString(r[0]) for r in rows]

@@ -26,11 +26,6 @@ from node.storage.db import Database, Job, Page, Store, advance_states, existing
 
 __all__ = ["MIGRATIONS", "EvidenceListener", "NewLetter", "NodeStore", "StoredLetter"]
 
-E = pb.EvidenceEvent
-# Read once: each attribute of a protobuf enum wrapper is a Python-level __getattr__.
-_SUBMISSION_ACCEPTANCE = E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
-_RELAY_ACCEPTANCE = E.EVIDENCE_EVENT_RELAY_ACCEPTANCE
-_RELAY_REJECTION = E.EVIDENCE_EVENT_RELAY_REJECTION
 T = TypeVar("T")
 # (SHAMS text, parsed content) of the evidence rows one job wrote, in their order.
 _Stored = list[tuple[str, pb.EvidenceContent]]
@@ -254,7 +249,7 @@ class NodeStore(Store):
                     (
                         b.content.evidence_id,
                         b.shams_text,
-                        _SUBMISSION_ACCEPTANCE,
+                        pb.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
                         b.receipt.evidence.SerializeToString(),
                         now,
                     )
@@ -325,11 +320,11 @@ class NodeStore(Store):
             )
             conn.executemany(
                 "UPDATE outbox SET relay_state = 1 WHERE shams = ? AND relay_state = 0",
-                [(s,) for _, c, s in new if c.event == _RELAY_ACCEPTANCE],
+                [(s,) for _, c, s in new if c.event == pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE],
             )
             conn.executemany(
                 "UPDATE outbox SET relay_state = 2 WHERE shams = ?",
-                [(s,) for _, c, s in new if c.event == _RELAY_REJECTION],
+                [(s,) for _, c, s in new if c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION],
             )
             # Evidence without a recipient is about the whole letter (a relay rejection).
             advance_states(conn, [(s, c.recipient or None, c.event) for _, c, s in new])
