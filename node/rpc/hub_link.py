@@ -31,6 +31,7 @@ from node.core.letters import quoted_shams
 from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
 from node.metrics import DELIVERED, DELIVERY_FAILED, RECONNECTS, count_verification_failure
 from node.rpc.wire import serialize
+from node.storage.node_store import StoredEvidence
 from node.tasks import BOOKKEEPING_INTERVAL_S, LETTER_INTERVAL_S, Cadence, handle_concurrently
 
 if TYPE_CHECKING:
@@ -444,7 +445,7 @@ class _Session:
             )
             return pb.Evidence(content=content)  # signed with the batch: seal_evidence
 
-        receipts: list[pb.Evidence] = []
+        receipts: list[StoredEvidence] = []
         if good:
             receipts.extend(
                 await agency.store.store_incoming(
@@ -466,10 +467,10 @@ class _Session:
         DELIVERY_FAILED.inc(len(failures))
         if failures:
             await agency.store.store_issued(failures)
-            receipts.extend(e for _, e in failures)
-        self.receipts_sent.update(_evidence_id(e) for e in receipts)
+            receipts.extend(StoredEvidence.of(e.SerializeToString()) for _, e in failures)
+        self.receipts_sent.update(r.evidence_id for r in receipts)
         # Sent by _send, at the receipt cadence.
-        self.pending_receipts.extend(e.SerializeToString() for e in receipts)
+        self.pending_receipts.extend(r.blob for r in receipts)
         self._wake()
 
 

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from client_sdk import pb
 from node.core import lifecycle
@@ -24,11 +24,32 @@ from node.core.errors import letter_not_found
 from node.core.splice import Field
 from node.storage.db import Database, Job, Page, Store, advance_states, existing, rows_in
 
-__all__ = ["MIGRATIONS", "EvidenceListener", "NewLetter", "NodeStore", "StoredLetter"]
+__all__ = [
+    "MIGRATIONS",
+    "EvidenceListener",
+    "NewLetter",
+    "NodeStore",
+    "StoredEvidence",
+    "StoredLetter",
+]
 
 T = TypeVar("T")
 # (SHAMS text, parsed content) of the evidence rows one job wrote, in their order.
 _Stored = list[tuple[str, pb.EvidenceContent]]
+
+
+class StoredEvidence(NamedTuple):
+    """An evidence as stored and sent: its id and its serialised ``pb.Evidence``."""
+
+    evidence_id: str
+    blob: bytes
+
+    @classmethod
+    def of(cls, blob: bytes) -> StoredEvidence:
+        evidence = pb.Evidence.FromString(blob)
+        return cls(pb.EvidenceContent.FromString(evidence.content).evidence_id, blob)
+
+
 EvidenceListener = Callable[[Sequence[tuple[str, pb.EvidenceContent]]], None]
 
 MIGRATIONS = [
@@ -346,43 +367,44 @@ class NodeStore(Store):
         make_delivery: Callable[[int], pb.Evidence],
         seal: Callable[[Sequence[pb.Evidence]], None] | None = None,
         documents: Sequence[Sequence[bytes]] = (),
-    ) -> list[pb.Evidence]:
+    ) -> list[StoredEvidence]:
         """Stores received letters (shams, sender, mailboxes, envelope) once each.
 
-        Returns the DELIVERY evidence of each: the stored one for a letter already in the
-        inbox (a redelivery), else a new one from ``make_delivery(i)``, queued for the hub.
-        ``seal``, if given, signs the new evidence at once, in place, before it is stored.
-        ``documents[i]``, if given, are the SHA-256 digests of letter ``i``'s attachments.
+        Returns the DELIVERY evidence of each, serialised with its id: the stored one for a
+        letter already in the inbox (a redelivery), else a new one from ``make_delivery(i)``,
+        queued for the hub. ``seal``, if given, signs the new evidence at once, in place,
+        before it is stored. ``documents[i]``, if given, are the SHA-256 digests of letter
+        ``i``'s attachments.
         """
 
-        def job(conn: sqlite3.Connection) -> tuple[list[pb.Evidence], _Stored]:
+        def job(conn: sqlite3.Connection) -> tuple[list[StoredEvidence], _Stored]:
             now = time.time()
-            out: list[pb.Evidence] = []
+            out: list[StoredEvidence | int] = []  # an int: the i of a new letter's evidence
             new: dict[str, tuple[int, pb.Evidence]] = {}
             for i, (shams, _, _, _) in enumerate(letters):
                 if shams in new:
-                    out.append(new[shams][1])
+                    out.append(new[shams][0])
                     continue
                 row = conn.execute(
                     "SELECT delivery FROM inbox WHERE shams = ?", (shams,)
                 ).fetchone()
                 if row is not None:
-                    out.append(pb.Evidence.FromString(row[0]))
+                    out.append(StoredEvidence.of(row[0]))
                     continue
-                evidence = make_delivery(i)
-                new[shams] = (i, evidence)
-                out.append(evidence)
+                new[shams] = (i, make_delivery(i))
+                out.append(i)
             if not new:
-                return out, []
+                return [e for e in out if isinstance(e, StoredEvidence)], []
             if seal is not None:
                 seal([e for _, e in new.values()])
             rows = []
+            made: dict[int, StoredEvidence] = {}
             for shams, (i, evidence) in new.items():
                 _, sender, mailboxes, envelope = letters[i]
                 content = pb.EvidenceContent.FromString(evidence.content)
-                rows.append(
-                    (shams, sender, mailboxes, envelope, content, evidence.SerializeToString())
-                )
+                blob = evidence.SerializeToString()
+                made[i] = StoredEvidence(content.evidence_id, blob)
+                rows.append((shams, sender, mailboxes, envelope, content, blob))
             conn.executemany(
                 "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -409,7 +431,8 @@ class NodeStore(Store):
                         if documents[i]
                     ],
                 )
-            return out, [(s, c) for s, _, _, _, c, _ in rows]
+            stored = [made[e] if isinstance(e, int) else e for e in out]
+            return stored, [(s, c) for s, _, _, _, c, _ in rows]
 
         return await self._write(job)
 

@@ -62,6 +62,10 @@ def _evidence(
     return pb.Evidence(content=blob, signature=pb.Signature(value=b"sig:" + blob[:8])), content
 
 
+def _content(evidence: bytes) -> pb.EvidenceContent:
+    return pb.EvidenceContent.FromString(pb.Evidence.FromString(evidence).content)
+
+
 def _new_letter(shams: pb.Shams, recipients: Sequence[str] = (RECIPIENT_B,)) -> NewLetter:
     text = format_shams(shams)
     header = pb.EnvelopeHeader(
@@ -719,16 +723,15 @@ async def test_incoming_letter_is_stored_once_and_redelivery_returns_stored_deli
     (first,) = await store.store_incoming([letter], first_maker)
     second_maker = DeliveryMaker()
     (again,) = await store.store_incoming([letter], second_maker)
-    assert again.SerializeToString() == first.SerializeToString()
+    assert again == first
+    assert first.evidence_id == _content(first.blob).evidence_id
     assert (first_maker.calls, second_maker.calls) == (1, 0)
     assert await store.count("inbox") == 1
     assert await store.count("evidence") == 1
-    assert [e.SerializeToString() for e in await store.receipts_to_send(10)] == [
-        first.SerializeToString()
-    ]
+    assert [e.SerializeToString() for e in await store.receipts_to_send(10)] == [first.blob]
     rows = await store.unacked_inbox(0, 10, 1 << 20)
     assert [(r[1], r[2], r[3], r[4]) for r in rows] == [
-        (letter[0], "legal\nregistry", letter[3].SerializeToString(), first.SerializeToString())
+        (letter[0], "legal\nregistry", letter[3].SerializeToString(), first.blob)
     ]
     stored = await store.letter(letter[0])
     assert stored is not None
@@ -740,8 +743,12 @@ async def test_same_letter_twice_in_one_delivery_batch_is_stored_once(store: Nod
     first, second, other = await store.store_incoming(
         [_incoming(1), _incoming(1), _incoming(2)], maker
     )
-    assert first.SerializeToString() == second.SerializeToString()
-    assert other.SerializeToString() != first.SerializeToString()
+    assert first == second
+    assert other.evidence_id != first.evidence_id
+    assert [_content(e.blob).evidence_id for e in (first, other)] == [
+        first.evidence_id,
+        other.evidence_id,
+    ]
     assert maker.calls == 2
     assert await store.count("inbox") == 2
 
@@ -769,9 +776,9 @@ async def test_acknowledging_an_unknown_letter_is_not_found(store: NodeStore) ->
 
 async def test_acknowledged_receipts_are_no_longer_to_send(store: NodeStore) -> None:
     (delivery,) = await store.store_incoming([_incoming(1)], DeliveryMaker())
-    eid = pb.EvidenceContent.FromString(delivery.content).evidence_id
-    store.receipts_acknowledged_later([eid])
-    assert await store.receipts_to_send(10) == [delivery]  # not yet written
+    store.receipts_acknowledged_later([delivery.evidence_id])
+    # not yet written:
+    assert [e.SerializeToString() for e in await store.receipts_to_send(10)] == [delivery.blob]
     await store.db.write(lambda conn: None)  # it rides on the next transaction
     assert await store.receipts_to_send(10) == []
     assert await store.count("evidence") == 1
