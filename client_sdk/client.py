@@ -30,6 +30,7 @@ import mimetypes
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
     Callable,
     Iterable,
     Iterator,
@@ -51,6 +52,7 @@ from client_sdk.errors import (
     DataLoss,
     InternalError,
     InvalidArgument,
+    Unavailable,
     from_rpc_error,
     from_submit_error,
 )
@@ -583,12 +585,12 @@ class ExchangeClient:
                 while batch := await feed.next_batch():
                     await window.acquire()
                     requests = [d.to_request() for d in batch]
-                    with _translated():
+                    async with _write_translated(call):
                         await call.write(pb.StreamSubmitEnvelopesRequest(requests=requests))
                     unanswered += 1
                     last_sent = loop.time()
                     written.put_nowait(requests)
-                with _translated():
+                async with _write_translated(call):
                     await call.done_writing()
             finally:
                 written.put_nowait(None)
@@ -596,8 +598,17 @@ class ExchangeClient:
         writer = asyncio.create_task(write_all())
         try:
             while (requests := await written.get()) is not None:
-                with _translated():
-                    response = await call.read()
+                try:
+                    with _translated():
+                        response = await call.read()
+                except ChaparError as error:
+                    # A write that met the end of the stream marks the call INTERNAL; the
+                    # writer then raises what it learnt, which says more.
+                    if error.code == grpc.StatusCode.INTERNAL:
+                        await asyncio.wait([writer], timeout=1.0)
+                        if writer.done() and not writer.cancelled() and writer.exception():
+                            raise cast(BaseException, writer.exception()) from error
+                    raise
                 if response is grpc.aio.EOF:
                     raise InternalError(
                         "the node closed the stream before answering", reason="MALFORMED_RESPONSE"
@@ -853,6 +864,37 @@ def _translated() -> Iterator[None]:
         yield
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from exc
+
+
+@contextlib.asynccontextmanager
+async def _write_translated(call: Any) -> AsyncIterator[None]:
+    """A stream write's failures as ChaparError: the call's own status when it had ended
+    (grpc.aio says only "RPC already finished"), and Unavailable when the stream ended
+    under the write, which grpc reports as INTERNAL with the node's status lost. Either
+    way the frames unanswered may or may not have been taken: resubmitting their drafts
+    (same request ids) is safe."""
+    try:
+        yield
+    except asyncio.InvalidStateError:
+        code = await call.code()
+        if code == grpc.StatusCode.OK:
+            raise InternalError(
+                "the node closed the stream before answering", reason="MALFORMED_RESPONSE"
+            ) from None
+        status = grpc.aio.AioRpcError(
+            code,
+            await call.initial_metadata(),
+            await call.trailing_metadata(),
+            await call.details(),
+        )
+        raise from_rpc_error(status) from None
+    except grpc.RpcError as exc:
+        error = from_rpc_error(exc)
+        if error.code == grpc.StatusCode.INTERNAL:
+            raise Unavailable(
+                "the stream ended while a frame was being written", reason="STREAM_ENDED"
+            ) from exc
+        raise error from exc
 
 
 def _results(

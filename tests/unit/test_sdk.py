@@ -114,6 +114,7 @@ class FakeNode(pb.NodeServiceServicer):
         self.inbox_batches: list[list[pb.InboxLetter]] = []
         self.get_response = pb.GetEnvelopeResponse()
         self.abort: Abort | None = None
+        self.break_stream_at: int | None = None  # a submission stream fails on this frame
         self.sequence = 0
 
     def receipt(self, request: pb.SubmitEnvelopeRequest) -> pb.Receipt:
@@ -172,6 +173,8 @@ class FakeNode(pb.NodeServiceServicer):
     ) -> AsyncIterator[pb.StreamSubmitEnvelopesResponse]:
         async for frame in request_iterator:
             self.frames.append(frame)
+            if self.break_stream_at is not None and len(self.frames) == self.break_stream_at:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "node restarting")
             yield pb.StreamSubmitEnvelopesResponse(results=[self.result(r) for r in frame.requests])
 
     async def StreamInbox(
@@ -756,6 +759,21 @@ async def test_send_stream_raises_what_broke_the_producer(client: ExchangeClient
         await consume()
     assert len(results) == 1
     assert isinstance(results[0], Receipt)
+
+
+async def test_send_stream_raises_unavailable_when_the_node_ends_the_stream_under_a_write(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    # The node ends the stream at its first frame while the writer still has frames to
+    # write: whichever of the write or the read meets the end, the caller gets the status
+    # as a ChaparError, not asyncio's "RPC already finished".
+    fake_node[0].break_stream_at = 1
+    for _ in range(5):
+        fake_node[0].frames.clear()
+        drafts = [Draft(to=[OTHER], subject=f"w{i}") for i in range(400)]
+        with pytest.raises(errors.Unavailable):
+            async for _ in client.send_stream(drafts, batch_size=1, max_in_flight=64):
+                pass
 
 
 # --- inbox ----------------------------------------------------------------------------------
