@@ -22,6 +22,7 @@ created, so resubmitting the same ``Draft`` objects is always safe.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import hashlib
@@ -86,6 +87,7 @@ __all__ = [
     "Receipt",
     "Recipient",
     "ShamsLike",
+    "SharedStream",
     "Tracking",
     "VerifiedEvidence",
     "to_letter_kind",
@@ -628,6 +630,19 @@ class ExchangeClient:
             await asyncio.gather(writer, return_exceptions=True)
             await feed.aclose()
 
+    def shared_stream(
+        self,
+        *,
+        batch_size: int = DEFAULT_STREAM_BATCH_SIZE,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        linger_s: float = DEFAULT_STREAM_LINGER_S,
+    ) -> SharedStream:
+        """A ``SharedStream``: one submission stream for many concurrent callers,
+        ``await shared.send(draft)`` each. Use it as ``async with``."""
+        return SharedStream(
+            self, batch_size=batch_size, max_in_flight=max_in_flight, linger_s=linger_s
+        )
+
     async def inbox(self, mailbox: str | None = None) -> AsyncGenerator[Letter, None]:
         """Streams letters not yet acknowledged, then new ones as they arrive (endless).
 
@@ -981,6 +996,117 @@ class _End:
 @dataclass(frozen=True, slots=True)
 class _Failed:
     error: BaseException
+
+
+class SharedStream:
+    """One ``send_stream`` that any number of tasks submit over, one draft each call.
+
+    ``await shared.send(draft)`` returns that draft's receipt or raises its refusal, and
+    drafts of concurrent callers travel together, in the frames ``send_stream`` makes (its
+    linger rule applies). Back-ends with many producers (request handlers, workers) get the
+    fuller frames of one stream instead of the small frames of one stream each. Measured at
+    an offered 1,000 letters/s (docs/BENCHMARKS.md, tenth round): one stream instead of four
+    cost the whole exchange about a fifth less CPU a letter and cut the median from
+    submission to delivery by about a third.
+
+    The stream opens with the first ``send`` and stays open until ``aclose`` (or the end
+    of ``async with``), which waits for the drafts already given. If the stream breaks,
+    every draft sent on it and not yet answered raises the error; a ``Draft`` keeps its
+    ``request_id``, so sending it again is safe (the node returns the original receipt).
+    Drafts given meanwhile go on a new stream. A draft whose caller was cancelled before
+    it went is not sent. Each draft is checked (``Draft.to_request``) in ``send``, so a bad
+    value raises there and never breaks the stream for the others.
+    """
+
+    def __init__(
+        self,
+        client: ExchangeClient,
+        *,
+        batch_size: int = DEFAULT_STREAM_BATCH_SIZE,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        linger_s: float = DEFAULT_STREAM_LINGER_S,
+    ) -> None:
+        if batch_size < 1 or batch_size > MAX_BATCH_SIZE or max_in_flight < 1:
+            raise ValueError("need 1 <= batch_size <= 256 and max_in_flight >= 1")
+        if not 0 <= linger_s <= 1:
+            raise ValueError("need 0 <= linger_s <= 1")
+        self._client = client
+        self._batch_size = batch_size
+        self._max_in_flight = max_in_flight
+        self._linger_s = linger_s
+        self._queue: asyncio.Queue[tuple[Draft, asyncio.Future[Receipt]] | None] = asyncio.Queue()
+        self._sent: collections.deque[asyncio.Future[Receipt]] = collections.deque()
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> SharedStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def send(self, draft: Draft) -> Receipt:
+        """Submits ``draft`` on the shared stream; its receipt, or its refusal raised."""
+        if self._closed:
+            raise RuntimeError("the shared stream is closed")
+        draft.to_request()  # a bad value raises here, for this caller only
+        done: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((draft, done))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        return await done
+
+    async def aclose(self) -> None:
+        """Ends the stream once every draft given so far is answered."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put_nowait(None)
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+        while not self._queue.empty():  # given after a break, with no stream to go on
+            item = self._queue.get_nowait()
+            if item is not None and not item[1].done():
+                item[1].set_exception(RuntimeError("the shared stream is closed"))
+
+    async def _drafts(self) -> AsyncIterator[Draft]:
+        while (item := await self._queue.get()) is not None:
+            draft, done = item
+            if done.done():  # its caller was cancelled: not sent
+                continue
+            self._sent.append(done)
+            yield draft
+
+    async def _run(self) -> None:
+        try:
+            stream = self._client.send_stream(
+                self._drafts(),
+                batch_size=self._batch_size,
+                max_in_flight=self._max_in_flight,
+                linger_s=self._linger_s,
+            )
+            async with contextlib.aclosing(stream):
+                async for result in stream:
+                    done = self._sent.popleft()
+                    if done.done():
+                        continue
+                    if isinstance(result, ChaparError):
+                        done.set_exception(result)
+                    else:
+                        done.set_result(result)
+        except BaseException as exc:
+            while self._sent:
+                done = self._sent.popleft()
+                if done.done():
+                    continue
+                if isinstance(exc, Exception):
+                    done.set_exception(exc)
+                else:
+                    done.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            if not self._closed and not self._queue.empty():
+                self._runner = asyncio.create_task(self._run())
 
 
 class _AckGatherer:

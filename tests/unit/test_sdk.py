@@ -776,6 +776,67 @@ async def test_send_stream_raises_unavailable_when_the_node_ends_the_stream_unde
                 pass
 
 
+async def test_shared_stream_answers_each_concurrent_caller_and_sends_them_together(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    drafts = [Draft(to=[OTHER], subject="bad" if i == 7 else f"c{i}") for i in range(40)]
+    async with client.shared_stream(batch_size=16) as shared:
+        outcomes = await asyncio.gather(*(shared.send(d) for d in drafts), return_exceptions=True)
+    assert isinstance(outcomes[7], errors.NotFound)
+    ok = [o for o in outcomes if isinstance(o, Receipt)]
+    assert [o.request_id for o in ok] == [d.request_id for i, d in enumerate(drafts) if i != 7]
+    frames = fake_node[0].frames
+    assert [len(f.requests) for f in frames] == [16, 16, 8]  # one stream, full frames
+    assert [r.request_id for f in frames for r in f.requests] == [d.request_id for d in drafts]
+
+
+async def test_shared_stream_refuses_a_bad_draft_to_its_caller_only(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    async with client.shared_stream() as shared:
+        before, odd, after = await asyncio.gather(
+            shared.send(Draft(to=[OTHER], subject="before")),
+            shared.send(Draft(to=[OTHER], subject="odd", kind="no-such-kind")),
+            shared.send(Draft(to=[OTHER], subject="after")),
+            return_exceptions=True,
+        )
+    assert isinstance(odd, ValueError)
+    assert isinstance(before, Receipt)
+    assert isinstance(after, Receipt)
+    sent = [r.draft.subject for f in fake_node[0].frames for r in f.requests]
+    assert sent == ["before", "after"]
+    with pytest.raises(RuntimeError, match="closed"):
+        await shared.send(Draft(to=[OTHER], subject="late"))
+
+
+async def test_shared_stream_break_fails_the_unanswered_and_the_next_send_reopens(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake = fake_node[0]
+    fake.break_stream_at = 2
+    first, lost = Draft(to=[OTHER], subject="a"), Draft(to=[OTHER], subject="b")
+    async with client.shared_stream() as shared:
+        assert isinstance(await shared.send(first), Receipt)
+        with pytest.raises(errors.Unavailable):
+            await shared.send(lost)
+        again = await shared.send(lost)  # the same draft, so the same request id
+    assert again.request_id == lost.request_id
+    assert [[r.draft.subject for r in f.requests] for f in fake.frames] == [["a"], ["b"], ["b"]]
+
+
+async def test_shared_stream_does_not_send_a_draft_whose_caller_gave_up(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    async with client.shared_stream() as shared:
+        given_up = asyncio.create_task(shared.send(Draft(to=[OTHER], subject="gone")))
+        await asyncio.sleep(0)  # it is queued, the stream not yet reading
+        given_up.cancel()
+        kept = await shared.send(Draft(to=[OTHER], subject="kept"))
+    assert given_up.cancelled()
+    assert kept.shams == "000.00.00.G22/O/2026/0000001"
+    assert [r.draft.subject for f in fake_node[0].frames for r in f.requests] == ["kept"]
+
+
 # --- inbox ----------------------------------------------------------------------------------
 
 
