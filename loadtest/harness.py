@@ -4,7 +4,8 @@ Starts a hub and N agency nodes as real processes (fresh PKI, mTLS on loopback),
 targets running servers by address (``--targets FILE``, see ``loadtest.targets``), and
 drives them only through the public client_sdk. The nodes form a chain: S concurrent
 senders, spread over every node but the last, stream letters from each node to the next
-(two nodes: agency A to agency B), flat out or at a fixed offered rate, for a number of
+(two nodes: agency A to agency B), each on a stream of its own or, with ``--shared``, all
+of a node's senders on one ``SharedStream`` (one letter a call), flat out or at a fixed offered rate, for a number of
 letters or a duration, optionally with faults (``--fault kill-hub@10s``). Each receiving
 node's back-end reads its inbox, verifies each letter's signature and DELIVERY evidence,
 and acknowledges it (HANDOVER). The report: throughput, latency percentiles per stage,
@@ -33,7 +34,7 @@ from typing import cast, get_args
 
 from certs.pki import KeyAlgorithm, init_pki
 from client_sdk import ChaparError, Draft, ExchangeClient, Receipt
-from client_sdk.client import DEFAULT_STREAM_LINGER_S
+from client_sdk.client import DEFAULT_MAX_IN_FLIGHT, DEFAULT_STREAM_LINGER_S, SharedStream
 from loadtest.baseline import measure_baseline
 from loadtest.cpu import own_cpu_s, process_cpu_s
 from loadtest.machine import machine
@@ -68,6 +69,7 @@ class Params:
     letters: int = 10_000
     duration_s: float = 0.0  # when set, send for this long instead of a fixed count
     senders: int = 4
+    shared: bool = False  # the senders of a node share one stream (SharedStream)
     rate: float = 0.0  # offered letters per second in total; 0 = flat out
     body_bytes: int = 1500
     batch: int = 64
@@ -294,6 +296,58 @@ async def _sender(
         retry = list(unanswered.values())
 
 
+async def _shared_sender(
+    i: int,
+    shared: SharedStream,
+    to: str,
+    p: Params,
+    stats: _Stats,
+    pacer: _Pacer,
+    quota: int | None,
+    deadline: float | None,
+    body: str,
+) -> None:
+    """As ``_sender``, but the senders of a node share its stream: each letter is one
+    ``SharedStream.send``, and one whose stream broke is sent again (same request id).
+    Flat out, at most as many letters are unanswered as the stream's frames in flight hold."""
+    made = 0
+    window = asyncio.Semaphore(p.batch * DEFAULT_MAX_IN_FLIGHT)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(draft: Draft) -> None:
+        try:
+            while True:
+                try:
+                    receipt = await shared.send(draft)
+                except ChaparError as exc:
+                    if not exc.retryable:
+                        stats.refused += 1
+                        return
+                    await asyncio.sleep(0.3)
+                    continue
+                stats.accepted[receipt.shams] = time.perf_counter()
+                stats.sent_at[receipt.shams] = stats.submitted[receipt.request_id]
+                return
+        finally:
+            window.release()
+
+    def more() -> bool:
+        if quota is not None:
+            return made < quota
+        return deadline is not None and time.perf_counter() < deadline
+
+    while more():
+        await window.acquire()
+        slot = await pacer.wait()
+        draft = Draft(to=[to], subject=f"load {i}-{made}", body=body, request_id=f"{i}-{made}")
+        made += 1
+        stats.submitted[draft.request_id or ""] = slot
+        task = asyncio.create_task(one(draft))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+
+
 async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _Stats) -> None:
     """A receiving node's back-end: reads, verifies, acknowledges its letters from the
     driven agencies (``routes``: sender -> recipient); reconnects after a fault. Letters
@@ -426,22 +480,46 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
                 )
                 for n in senders
             ]
-            await asyncio.gather(
-                *(
-                    _sender(
-                        i,
-                        clients[i % len(senders)],
-                        routes[senders[i % len(senders)].agency],
-                        p,
-                        stats,
-                        pacer,
-                        per,
-                        deadline,
-                        body,
+            if p.shared:
+                streams = [
+                    await stack.enter_async_context(
+                        c.shared_stream(batch_size=p.batch, linger_s=p.linger_ms / 1000)
                     )
-                    for i in range(p.senders)
+                    for c in clients
+                ]
+                await asyncio.gather(
+                    *(
+                        _shared_sender(
+                            i,
+                            streams[i % len(senders)],
+                            routes[senders[i % len(senders)].agency],
+                            p,
+                            stats,
+                            pacer,
+                            per,
+                            deadline,
+                            body,
+                        )
+                        for i in range(p.senders)
+                    )
                 )
-            )
+            else:
+                await asyncio.gather(
+                    *(
+                        _sender(
+                            i,
+                            clients[i % len(senders)],
+                            routes[senders[i % len(senders)].agency],
+                            p,
+                            stats,
+                            pacer,
+                            per,
+                            deadline,
+                            body,
+                        )
+                        for i in range(p.senders)
+                    )
+                )
         sent_done = time.perf_counter()
         for task in fault_tasks:
             await task
@@ -686,6 +764,7 @@ def _cmd(ns: argparse.Namespace) -> int:
         letters=ns.letters,
         duration_s=ns.duration,
         senders=ns.senders,
+        shared=ns.shared,
         rate=ns.rate,
         body_bytes=ns.body_bytes,
         batch=ns.batch,
@@ -754,7 +833,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sp.add_argument(
         "--duration", type=float, default=0.0, help="send for this many seconds instead"
     )
-    sp.add_argument("--senders", type=int, default=4, help="concurrent submission streams")
+    sp.add_argument(
+        "--senders",
+        type=int,
+        default=4,
+        help="concurrent submission streams (with --shared: senders on one stream a node)",
+    )
+    sp.add_argument(
+        "--shared",
+        action="store_true",
+        help="the senders of a node share one stream (SharedStream), one letter a call",
+    )
     sp.add_argument(
         "--rate", type=float, default=0.0, help="offered letters/s in total (0: flat out)"
     )

@@ -92,6 +92,25 @@ def test_cli_run_with_a_hub_crash_loses_nothing_and_writes_json(tmp_path: Path) 
     assert "lost 0" in result.stdout
 
 
+def test_senders_sharing_a_stream_lose_nothing_when_the_sending_node_is_killed(
+    tmp_path: Path,
+) -> None:
+    # Three senders on one SharedStream: the sending node dies under it, every letter on the
+    # broken stream is sent again on a new one (same request id), and none is lost or doubled.
+    result, report = run_module_json(
+        "node",
+        *("loadtest", "--letters", "900", "--senders", "3", "--shared", "--rate", "300"),
+        *("--fault", "kill-node@1.5s", "--baseline-seconds", "0"),
+        out=tmp_path / "report.json",
+        timeout=240,
+    )
+    assert report["params"]["shared"] is True
+    assert report["letters"] == 900
+    assert report["delivered"] == 900
+    assert (report["lost"], report["duplicates"], report["refused"]) == (0, 0, 0)
+    assert "lost 0" in result.stdout
+
+
 def test_cli_refuses_a_malformed_fault_spec() -> None:
     result = run_module("node", "loadtest", "--fault", "explode-hub@1s", timeout=60)
     assert result.returncode == 2
