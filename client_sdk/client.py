@@ -40,7 +40,7 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, TypeVar, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -93,6 +93,8 @@ __all__ = [
     "to_letter_kind",
     "to_priority",
 ]
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT: Final = 30.0
 """Seconds a unary call may take unless the call says otherwise (None: no deadline)."""
@@ -1087,22 +1089,10 @@ class SharedStream:
             )
             async with contextlib.aclosing(stream):
                 async for result in stream:
-                    done = self._sent.popleft()
-                    if done.done():
-                        continue
-                    if isinstance(result, ChaparError):
-                        done.set_exception(result)
-                    else:
-                        done.set_result(result)
+                    _settle(self._sent.popleft(), result)
         except BaseException as exc:
             while self._sent:
-                done = self._sent.popleft()
-                if done.done():
-                    continue
-                if isinstance(exc, Exception):
-                    done.set_exception(exc)
-                else:
-                    done.cancel()
+                _settle(self._sent.popleft(), exc)
             if not isinstance(exc, Exception):
                 raise
             if not self._closed and not self._queue.empty():
@@ -1161,18 +1151,25 @@ class _AckGatherer:
             outcomes = await self._client.ack_many([s for s, _ in batch])
         except BaseException as exc:  # the call failed as a whole: every caller learns it
             for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
+                _settle(done, exc)
             if not isinstance(exc, Exception):
                 raise
             return
         for (_, done), outcome in zip(batch, outcomes, strict=True):
-            if done.done():
-                continue
-            if isinstance(outcome, ChaparError):
-                done.set_exception(outcome)
-            else:
-                done.set_result(outcome)
+            _settle(done, outcome)
+
+
+def _settle(done: asyncio.Future[T], outcome: T | BaseException) -> None:
+    """Gives a waiting caller its outcome (an exception raised to it; a cancellation
+    cancels it), unless it stopped waiting."""
+    if done.done():
+        return
+    if not isinstance(outcome, BaseException):
+        done.set_result(outcome)
+    elif isinstance(outcome, Exception):
+        done.set_exception(outcome)
+    else:
+        done.cancel()
 
 
 class _AsyncFeed:

@@ -27,10 +27,10 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast, get_args
+from typing import Any, cast, get_args
 
 from certs.pki import KeyAlgorithm, init_pki
 from client_sdk import ChaparError, Draft, ExchangeClient, Receipt
@@ -242,35 +242,50 @@ def _figures(snap: Snapshot) -> dict[str, float]:
     return out
 
 
-async def _sender(
-    i: int,
-    client: ExchangeClient,
-    to: str,
-    p: Params,
-    stats: _Stats,
-    pacer: _Pacer,
-    quota: int | None,
-    deadline: float | None,
-    body: str,
-) -> None:
+@dataclass
+class _Plan:
+    """What a sending node's senders share: where their letters go, the schedule, the
+    tallies."""
+
+    to: str
+    p: Params
+    stats: _Stats
+    pacer: _Pacer
+    quota: int | None  # letters a sender makes, unless it sends until the deadline
+    deadline: float | None
+    body: str
+
+    def more(self, made: int) -> bool:
+        if self.quota is not None:
+            return made < self.quota
+        return self.deadline is not None and time.perf_counter() < self.deadline
+
+    async def draft(self, i: int, made: int) -> Draft:
+        """Sender ``i``'s next letter, at its slot (latencies count from the slot)."""
+        slot = await self.pacer.wait()
+        draft = Draft(
+            to=[self.to], subject=f"load {i}-{made}", body=self.body, request_id=f"{i}-{made}"
+        )
+        self.stats.submitted[draft.request_id or ""] = slot
+        return draft
+
+    def accepted(self, receipt: Receipt) -> None:
+        self.stats.accepted[receipt.shams] = time.perf_counter()
+        self.stats.sent_at[receipt.shams] = self.stats.submitted[receipt.request_id]
+
+
+async def _sender(i: int, client: ExchangeClient, plan: _Plan) -> None:
     """Streams letters; after a failure resubmits the unanswered ones (same request ids)."""
     made = 0
     unanswered: dict[str, Draft] = {}
-
-    def more() -> bool:
-        if quota is not None:
-            return made < quota
-        return deadline is not None and time.perf_counter() < deadline
 
     async def drafts(retry: list[Draft]) -> AsyncIterator[Draft]:
         nonlocal made
         for draft in retry:
             yield draft
-        while more():
-            slot = await pacer.wait()
-            draft = Draft(to=[to], subject=f"load {i}-{made}", body=body, request_id=f"{i}-{made}")
+        while plan.more(made):
+            draft = await plan.draft(i, made)
             made += 1
-            stats.submitted[draft.request_id or ""] = slot
             unanswered[draft.request_id or ""] = draft
             yield draft
 
@@ -278,15 +293,13 @@ async def _sender(
     while True:
         try:
             async for result in client.send_stream(
-                drafts(retry), batch_size=p.batch, linger_s=p.linger_ms / 1000
+                drafts(retry), batch_size=plan.p.batch, linger_s=plan.p.linger_ms / 1000
             ):
                 if isinstance(result, Receipt):
-                    now = time.perf_counter()
                     unanswered.pop(result.request_id, None)
-                    stats.accepted[result.shams] = now
-                    stats.sent_at[result.shams] = stats.submitted[result.request_id]
+                    plan.accepted(result)
                 else:
-                    stats.refused += 1
+                    plan.stats.refused += 1
         except ChaparError:
             await asyncio.sleep(0.3)
             retry = list(unanswered.values())
@@ -296,52 +309,32 @@ async def _sender(
         retry = list(unanswered.values())
 
 
-async def _shared_sender(
-    i: int,
-    shared: SharedStream,
-    to: str,
-    p: Params,
-    stats: _Stats,
-    pacer: _Pacer,
-    quota: int | None,
-    deadline: float | None,
-    body: str,
-) -> None:
+async def _shared_sender(i: int, shared: SharedStream, plan: _Plan) -> None:
     """As ``_sender``, but the senders of a node share its stream: each letter is one
     ``SharedStream.send``, and one whose stream broke is sent again (same request id).
     Flat out, at most as many letters are unanswered as the stream's frames in flight hold."""
     made = 0
-    window = asyncio.Semaphore(p.batch * DEFAULT_MAX_IN_FLIGHT)
+    window = asyncio.Semaphore(plan.p.batch * DEFAULT_MAX_IN_FLIGHT)
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(draft: Draft) -> None:
         try:
             while True:
                 try:
-                    receipt = await shared.send(draft)
+                    plan.accepted(await shared.send(draft))
                 except ChaparError as exc:
-                    if not exc.retryable:
-                        stats.refused += 1
-                        return
-                    await asyncio.sleep(0.3)
-                    continue
-                stats.accepted[receipt.shams] = time.perf_counter()
-                stats.sent_at[receipt.shams] = stats.submitted[receipt.request_id]
+                    if exc.retryable:
+                        await asyncio.sleep(0.3)
+                        continue
+                    plan.stats.refused += 1
                 return
         finally:
             window.release()
 
-    def more() -> bool:
-        if quota is not None:
-            return made < quota
-        return deadline is not None and time.perf_counter() < deadline
-
-    while more():
+    while plan.more(made):
         await window.acquire()
-        slot = await pacer.wait()
-        draft = Draft(to=[to], subject=f"load {i}-{made}", body=body, request_id=f"{i}-{made}")
+        draft = await plan.draft(i, made)
         made += 1
-        stats.submitted[draft.request_id or ""] = slot
         task = asyncio.create_task(one(draft))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -480,46 +473,25 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
                 )
                 for n in senders
             ]
-            if p.shared:
-                streams = [
+            streams = (
+                [
                     await stack.enter_async_context(
                         c.shared_stream(batch_size=p.batch, linger_s=p.linger_ms / 1000)
                     )
                     for c in clients
                 ]
-                await asyncio.gather(
-                    *(
-                        _shared_sender(
-                            i,
-                            streams[i % len(senders)],
-                            routes[senders[i % len(senders)].agency],
-                            p,
-                            stats,
-                            pacer,
-                            per,
-                            deadline,
-                            body,
-                        )
-                        for i in range(p.senders)
-                    )
-                )
-            else:
-                await asyncio.gather(
-                    *(
-                        _sender(
-                            i,
-                            clients[i % len(senders)],
-                            routes[senders[i % len(senders)].agency],
-                            p,
-                            stats,
-                            pacer,
-                            per,
-                            deadline,
-                            body,
-                        )
-                        for i in range(p.senders)
-                    )
-                )
+                if p.shared
+                else []
+            )
+
+            def sender(i: int) -> Coroutine[Any, Any, None]:
+                at = i % len(senders)
+                plan = _Plan(routes[senders[at].agency], p, stats, pacer, per, deadline, body)
+                if p.shared:
+                    return _shared_sender(i, streams[at], plan)
+                return _sender(i, clients[at], plan)
+
+            await asyncio.gather(*(sender(i) for i in range(p.senders)))
         sent_done = time.perf_counter()
         for task in fault_tasks:
             await task
