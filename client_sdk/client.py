@@ -562,10 +562,7 @@ class ExchangeClient:
         iterable is read on the event loop and must not block; everything it yields is
         ready, so it never lingers.
         """
-        if batch_size < 1 or batch_size > MAX_BATCH_SIZE or max_in_flight < 1:
-            raise ValueError("need 1 <= batch_size <= 256 and max_in_flight >= 1")
-        if not 0 <= linger_s <= 1:
-            raise ValueError("need 0 <= linger_s <= 1")
+        _check_stream_options(batch_size, max_in_flight, linger_s)
         loop = asyncio.get_running_loop()
         unanswered = 0  # frames written and not yet answered
         last_sent = -math.inf
@@ -610,8 +607,11 @@ class ExchangeClient:
                     # writer then raises what it learnt, which says more.
                     if error.code == grpc.StatusCode.INTERNAL:
                         await asyncio.wait([writer], timeout=1.0)
-                        if writer.done() and not writer.cancelled() and writer.exception():
-                            raise cast(BaseException, writer.exception()) from error
+                        cause = (
+                            writer.exception() if writer.done() and not writer.cancelled() else None
+                        )
+                        if cause is not None:
+                            raise cause from error
                     raise
                 if response is grpc.aio.EOF:
                     raise InternalError(
@@ -883,6 +883,13 @@ def _translated() -> Iterator[None]:
         raise from_rpc_error(exc) from exc
 
 
+def _check_stream_options(batch_size: int, max_in_flight: int, linger_s: float) -> None:
+    if batch_size < 1 or batch_size > MAX_BATCH_SIZE or max_in_flight < 1:
+        raise ValueError("need 1 <= batch_size <= 256 and max_in_flight >= 1")
+    if not 0 <= linger_s <= 1:
+        raise ValueError("need 0 <= linger_s <= 1")
+
+
 @contextlib.asynccontextmanager
 async def _write_translated(call: Any) -> AsyncIterator[None]:
     """A stream write's failures as ChaparError: the call's own status when it had ended
@@ -1028,10 +1035,7 @@ class SharedStream:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         linger_s: float = DEFAULT_STREAM_LINGER_S,
     ) -> None:
-        if batch_size < 1 or batch_size > MAX_BATCH_SIZE or max_in_flight < 1:
-            raise ValueError("need 1 <= batch_size <= 256 and max_in_flight >= 1")
-        if not 0 <= linger_s <= 1:
-            raise ValueError("need 0 <= linger_s <= 1")
+        _check_stream_options(batch_size, max_in_flight, linger_s)
         self._client = client
         self._batch_size = batch_size
         self._max_in_flight = max_in_flight

@@ -379,32 +379,30 @@ class NodeStore(Store):
 
         def job(conn: sqlite3.Connection) -> tuple[list[StoredEvidence], _Stored]:
             now = time.time()
-            out: list[StoredEvidence | int] = []  # an int: the i of a new letter's evidence
+            found: dict[str, StoredEvidence] = {}  # by number: stored before, or new below
             new: dict[str, tuple[int, pb.Evidence]] = {}
             for i, (shams, _, _, _) in enumerate(letters):
-                if shams in new:
-                    out.append(new[shams][0])
+                if shams in found or shams in new:
                     continue
                 row = conn.execute(
                     "SELECT delivery FROM inbox WHERE shams = ?", (shams,)
                 ).fetchone()
                 if row is not None:
-                    out.append(StoredEvidence.of(row[0]))
+                    found[shams] = StoredEvidence.of(row[0])
                     continue
                 new[shams] = (i, make_delivery(i))
-                out.append(i)
-            if not new:
-                return [e for e in out if isinstance(e, StoredEvidence)], []
-            if seal is not None:
+            if seal is not None and new:
                 seal([e for _, e in new.values()])
             rows = []
-            made: dict[int, StoredEvidence] = {}
             for shams, (i, evidence) in new.items():
                 _, sender, mailboxes, envelope = letters[i]
                 content = pb.EvidenceContent.FromString(evidence.content)
                 blob = evidence.SerializeToString()
-                made[i] = StoredEvidence(content.evidence_id, blob)
+                found[shams] = StoredEvidence(content.evidence_id, blob)
                 rows.append((shams, sender, mailboxes, envelope, content, blob))
+            out = [found[shams] for shams, _, _, _ in letters]
+            if not new:
+                return out, []
             conn.executemany(
                 "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -431,8 +429,7 @@ class NodeStore(Store):
                         if documents[i]
                     ],
                 )
-            stored = [made[e] if isinstance(e, int) else e for e in out]
-            return stored, [(s, c) for s, _, _, _, c, _ in rows]
+            return out, [(s, c) for s, _, _, _, c, _ in rows]
 
         return await self._write(job)
 
