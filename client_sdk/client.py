@@ -16,7 +16,9 @@ in-process one). Every ``grpc.RpcError`` is translated in ``_translated`` into a
 Submissions are idempotent on ``request_id`` (AIP-155): submitting again with the same id,
 e.g. after ``Unavailable``, returns the original receipt and stores nothing new. ``send``
 makes a fresh id per call unless given one; a ``Draft`` makes its id once, when it is
-created, so resubmitting the same ``Draft`` objects is always safe.
+created, so resubmitting the same ``Draft`` objects is always safe. An id already used for
+a different letter is refused (``AlreadyExists``, reason ``REQUEST_ID_REUSED``): ids are
+the node's, shared by all its back-ends.
 """
 
 from __future__ import annotations

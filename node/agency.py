@@ -79,11 +79,20 @@ class _Submission:
     """Validated letters of one call or stream frame, waiting to be numbered and stored."""
 
     request_ids: list[str]
+    digests: list[bytes]  # of each request's draft as sent (b"" without a request_id)
     items: list[tuple[pb.LetterDraft, pb.Shams | None]]  # (draft, thread root)
     now: dt.datetime
-    future: asyncio.Future[list[pb.Receipt]] = field(
+    future: asyncio.Future[list[pb.Receipt | ChaparError]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+
+def _request_digest(request: pb.SubmitEnvelopeRequest) -> bytes:
+    """What a request asked for, to tell a retry from another letter under a used
+    request_id: SHA-256 of its draft as sent (a retry sends the same draft)."""
+    if not request.request_id:
+        return b""
+    return sha256(request.draft.SerializeToString(deterministic=True))
 
 
 def _log_letters(
@@ -271,31 +280,37 @@ class Agency(pb.NodeServiceServicer):
                 results.append(ChaparError(Code.INTERNAL, "PENDING", ""))  # replaced below
             except ChaparError as exc:
                 results.append(exc)
-        SUBMIT_REJECTED.inc(len(requests) - len(valid))
         if not valid:
+            SUBMIT_REJECTED.inc(len(requests))
             return results
-        receipts = await self._store_letters(
+        outcomes = await self._store_letters(
             _Submission(
                 [requests[i].request_id for i, _, _ in valid],
+                [_request_digest(requests[i]) for i, _, _ in valid],
                 [(draft, root) for _, draft, root in valid],
                 now,
             )
         )
-        for (i, _, _), receipt in zip(valid, receipts, strict=True):
-            results[i] = receipt
-        if log.isEnabledFor(logging.INFO):
+        accepted: list[tuple[str, str]] = []  # (SHAMS text, request_id)
+        for (i, _, _), outcome in zip(valid, outcomes, strict=True):
+            results[i] = outcome
+            if isinstance(outcome, pb.Receipt):
+                accepted.append((outcome.shams_text, requests[i].request_id))
+        SUBMIT_REJECTED.inc(len(requests) - len(accepted))
+        if accepted and log.isEnabledFor(logging.INFO):
             _log_letters(
                 "letters accepted",
-                [r.shams_text for r in receipts],
+                [shams for shams, _ in accepted],
                 access,
-                [requests[i].request_id for i, _, _ in valid],
+                [rid for _, rid in accepted],
             )
-        SUBMITTED.inc(len(valid))
+        SUBMITTED.inc(len(accepted))
         self.outbox_changed.set()
         return results
 
-    async def _store_letters(self, submission: _Submission) -> list[pb.Receipt]:
-        """Numbers, signs and stores validated letters; returns their receipts.
+    async def _store_letters(self, submission: _Submission) -> list[pb.Receipt | ChaparError]:
+        """Numbers, signs and stores validated letters; returns their receipts (or, for a
+        request_id used before for another letter, its refusal).
 
         Submissions that arrive while an earlier one is being stored wait and are then
         stored together, as one batch under one signature (a group commit for signing):
@@ -333,6 +348,7 @@ class Agency(pb.NodeServiceServicer):
                     year=year,
                     build=functools.partial(self._build_nth, items),
                     seal=self._seal_letters,
+                    digests=[d for s in group for d in s.digests],
                 )
             except Exception as exc:  # each caller gets the failure (nothing was stored)
                 for s in group:

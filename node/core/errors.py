@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 
-__all__ = ["ERROR_DOMAIN", "ChaparError", "Code", "letter_not_found"]
+__all__ = ["ERROR_DOMAIN", "ChaparError", "Code", "letter_not_found", "request_id_reused"]
 
 ERROR_DOMAIN = "chapar.exchange"
 
@@ -60,4 +60,17 @@ def letter_not_found(shams: str, where: str) -> ChaparError:
     """NOT_FOUND / LETTER_NOT_FOUND for a letter this node does not hold ``where``."""
     return ChaparError(
         Code.NOT_FOUND, "LETTER_NOT_FOUND", f"no letter {shams} {where}", metadata={"shams": shams}
+    )
+
+
+def request_id_reused(request_id: str) -> ChaparError:
+    """ALREADY_EXISTS / REQUEST_ID_REUSED: a request_id that named a different letter before.
+
+    Answering with that letter's receipt would tell the caller its own letter went when
+    it did not, and hand it another letter's number."""
+    return ChaparError(
+        Code.ALREADY_EXISTS,
+        "REQUEST_ID_REUSED",
+        f"request_id {request_id!r} was used for a different letter; use a new one",
+        metadata={"request_id": request_id},
     )

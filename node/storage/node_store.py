@@ -20,7 +20,7 @@ from typing import NamedTuple, TypeVar
 
 from client_sdk import pb
 from node.core import lifecycle
-from node.core.errors import letter_not_found
+from node.core.errors import ChaparError, letter_not_found, request_id_reused
 from node.core.splice import Field
 from node.storage.db import Database, Job, Page, Store, advance_states, existing, rows_in
 
@@ -123,6 +123,12 @@ MIGRATIONS = [
         sha256 BLOB NOT NULL, client TEXT NOT NULL, PRIMARY KEY (sha256, client)
     ) WITHOUT ROWID;
     """,
+    # 5: what each request_id asked for (SHA-256 of its validated draft), so that a
+    # request_id used again for a different letter is refused instead of answered with
+    # the first letter's receipt. Rows from before have none and are answered as before.
+    """
+    ALTER TABLE outbox ADD COLUMN request_digest BLOB;
+    """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
 _BODY = Field(pb.Envelope, "body")
@@ -195,35 +201,38 @@ class NodeStore(Store):
         year: int,
         build: Callable[[int, pb.Shams], NewLetter],
         seal: Callable[[Sequence[NewLetter]], None] | None = None,
-    ) -> list[pb.Receipt]:
+        digests: Sequence[bytes] = (),
+    ) -> list[pb.Receipt | ChaparError]:
         """Numbers, builds (signs) and stores letters; a known request_id returns its receipt.
 
         ``build(i, shams)`` makes letter ``i`` of the batch under ``shams``. Letters are
         numbered in batch order. ``seal``, if given, then signs the built letters (their
         envelopes and their receipts' evidence) all at once, in place, before anything is
-        stored.
+        stored. ``digests`` (aligned with ``request_ids``, b"" for none) says what each
+        request asked for: a request_id known with another digest, here or earlier in the
+        batch, gets ``REQUEST_ID_REUSED`` in its place instead of a receipt.
         """
+        wanted = digests or [b""] * len(request_ids)
 
-        def job(conn: sqlite3.Connection) -> tuple[list[pb.Receipt], _Stored]:
-            known: dict[str, pb.Receipt] = {
-                str(rid): pb.Receipt.FromString(blob)
-                for rid, blob in rows_in(
+        def job(conn: sqlite3.Connection) -> tuple[list[pb.Receipt | ChaparError], _Stored]:
+            known: dict[str, tuple[bytes, bytes]] = {
+                str(rid): (blob, digest or b"")
+                for rid, blob, digest in rows_in(
                     conn,
-                    "SELECT request_id, receipt FROM outbox WHERE request_id IN ({marks})",
+                    "SELECT request_id, receipt, request_digest FROM outbox"
+                    " WHERE request_id IN ({marks})",
                     [r for r in request_ids if r],
                 )
             }
-            new_index = [i for i, rid in enumerate(request_ids) if not rid or rid not in known]
             # The same request_id twice in one batch is one letter.
             firsts: dict[str, int] = {}
             fresh: list[int] = []
-            for i in new_index:
-                rid = request_ids[i]
-                if rid and rid in firsts:
-                    continue
-                if rid:
+            for i, rid in enumerate(request_ids):
+                if not rid:
+                    fresh.append(i)
+                elif rid not in known and rid not in firsts:
                     firsts[rid] = i
-                fresh.append(i)
+                    fresh.append(i)
             letter = _DOMAIN_LETTER[domain]
             conn.execute(
                 "INSERT OR IGNORE INTO shams_counter (origin, domain, year, last) VALUES (?, ?, ?, 0)",
@@ -246,12 +255,14 @@ class NodeStore(Store):
             if seal is not None:
                 seal(list(built.values()))
             conn.executemany(
-                "INSERT INTO outbox (shams, request_id, envelope, envelope_sha256, receipt, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO outbox"
+                " (shams, request_id, request_digest, envelope, envelope_sha256, receipt, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         b.shams_text,
                         request_ids[i] or None,
+                        wanted[i] or None,
                         _without_body(b.envelope),
                         b.envelope_sha256,
                         b.receipt.SerializeToString(),
@@ -289,14 +300,20 @@ class NodeStore(Store):
                 conn,
                 [(b.shams_text, [b.mailbox], b.documents) for b in built.values() if b.documents],
             )
-            out: list[pb.Receipt] = []
+            out: list[pb.Receipt | ChaparError] = []
             for i, rid in enumerate(request_ids):
                 if i in built:
                     out.append(built[i].receipt)
-                elif rid in known:
-                    out.append(known[rid])
+                    continue
+                if rid in known:
+                    blob, digest = known[rid]
+                    receipt = pb.Receipt.FromString(blob)
                 else:
-                    out.append(built[firsts[rid]].receipt)
+                    digest = wanted[firsts[rid]]
+                    receipt = built[firsts[rid]].receipt
+                # A row from before digests were kept, or a caller that gave none: as before.
+                same = not digest or not wanted[i] or digest == wanted[i]
+                out.append(receipt if same else request_id_reused(rid))
             return out, [(b.shams_text, b.content) for b in built.values()]
 
         return await self._write(job)

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from certs.pki import load_certs
-from client_sdk import Draft, ExchangeClient, NotFound, Receipt, pb
+from client_sdk import AlreadyExists, Draft, ExchangeClient, NotFound, Receipt, pb
 from client_sdk.errors import from_rpc_error
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer
 from client_sdk.trust import VerificationError
@@ -115,6 +115,44 @@ async def test_duplicate_submit_with_same_request_id_returns_original_receipt(
         assert again.evidence.SerializeToString() == first.evidence.SerializeToString()
         assert db_count(db, "SELECT count(*) FROM outbox") == rows
         assert db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter") == counter
+
+
+async def test_request_id_used_again_for_a_different_letter_is_refused_and_nothing_is_stored(
+    cluster: Cluster,
+) -> None:
+    """A retry gets its receipt; another letter under a used request_id gets
+    ALREADY_EXISTS / REQUEST_ID_REUSED, not the first letter's receipt (which would say it
+    went when it did not), alone or in a stream frame beside other letters."""
+    db = _node_db(cluster, AGENCY_A)
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        request_id = str(uuid.uuid4())
+        first = await a.send(to=[AGENCY_B], subject="First", body="one", request_id=request_id)
+        rows = db_count(db, "SELECT count(*) FROM outbox")
+        counter = db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter")
+        with pytest.raises(AlreadyExists) as err:
+            await a.send(to=[AGENCY_B], subject="Second", body="two", request_id=request_id)
+        assert err.value.reason == "REQUEST_ID_REUSED"
+        assert err.value.metadata.get("request_id") == request_id
+        assert db_count(db, "SELECT count(*) FROM outbox") == rows
+        assert db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter") == counter
+        again = await a.send(to=[AGENCY_B], subject="First", body="one", request_id=request_id)
+        assert again.shams == first.shams
+
+        fresh = str(uuid.uuid4())
+        drafts = [
+            Draft(to=[AGENCY_B], subject="Third", body="three", request_id=fresh),
+            Draft(to=[AGENCY_B], subject="Fourth", body="four", request_id=fresh),
+            Draft(to=[AGENCY_B], subject="Second", body="two", request_id=request_id),
+            Draft(to=[AGENCY_B], subject="Fifth", body="five"),
+        ]
+        results = [r async for r in a.send_stream(drafts)]
+    third, fourth, second, fifth = results
+    assert isinstance(third, Receipt)
+    assert isinstance(fifth, Receipt)
+    for refused in (fourth, second):
+        assert isinstance(refused, AlreadyExists)
+        assert refused.reason == "REQUEST_ID_REUSED"
+    assert db_count(db, "SELECT count(*) FROM outbox") == rows + 2
 
 
 async def test_unknown_recipient_is_not_found_and_nothing_is_stored(cluster: Cluster) -> None:

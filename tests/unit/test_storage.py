@@ -492,6 +492,63 @@ async def test_same_request_id_twice_in_one_batch_is_one_letter(store: NodeStore
     assert await _counter(store) == 2
 
 
+async def test_request_id_used_again_for_another_letter_is_refused(store: NodeStore) -> None:
+    build = Builder()
+    (first,) = await store.submit(
+        ["r"], origin=ORIGIN, domain=OUT, year=YEAR, build=build, digests=[b"letter one"]
+    )
+    (same,) = await store.submit(
+        ["r"], origin=ORIGIN, domain=OUT, year=YEAR, build=build, digests=[b"letter one"]
+    )
+    (other,) = await store.submit(
+        ["r"], origin=ORIGIN, domain=OUT, year=YEAR, build=build, digests=[b"letter two"]
+    )
+    assert isinstance(first, pb.Receipt)
+    assert isinstance(same, pb.Receipt)
+    assert same.SerializeToString() == first.SerializeToString()
+    assert isinstance(other, ChaparError)
+    assert (other.code, other.reason) == (Code.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    assert other.metadata == {"request_id": "r"}
+    assert build.calls == [(0, 1)]  # nothing built (numbered, signed) for the refused one
+    assert await store.count("outbox") == 1
+    assert await _counter(store) == 1
+
+
+async def test_request_id_for_two_letters_in_one_batch_refuses_the_second(
+    store: NodeStore,
+) -> None:
+    outcomes = await store.submit(
+        ["dup", "dup", "x", "dup"],
+        origin=ORIGIN,
+        domain=OUT,
+        year=YEAR,
+        build=Builder(),
+        digests=[b"a", b"b", b"c", b"a"],
+    )
+    first, refused, other, retry = outcomes
+    assert isinstance(first, pb.Receipt)
+    assert isinstance(other, pb.Receipt)
+    assert [first.shams.sequence, other.shams.sequence] == [1, 2]
+    assert isinstance(refused, ChaparError)
+    assert refused.reason == "REQUEST_ID_REUSED"
+    assert isinstance(retry, pb.Receipt)
+    assert retry.SerializeToString() == first.SerializeToString()
+    assert await store.count("outbox") == 2
+    assert await _counter(store) == 2
+
+
+async def test_a_request_id_stored_without_its_digest_answers_any_retry(store: NodeStore) -> None:
+    """Rows from before schema version 5 have no digest: a retry gets their receipt, as
+    before (nothing tells a retry from another letter there)."""
+    first = await _submit_one(store, "old", Builder())
+    (again,) = await store.submit(
+        ["old"], origin=ORIGIN, domain=OUT, year=YEAR, build=Builder(), digests=[b"any"]
+    )
+    assert isinstance(again, pb.Receipt)
+    assert again.SerializeToString() == first.SerializeToString()
+    assert await store.count("outbox") == 1
+
+
 async def test_concurrent_retries_of_one_request_id_store_one_letter(store: NodeStore) -> None:
     build = Builder()
     receipts = await asyncio.gather(*(_submit_one(store, "retry", build) for _ in range(20)))

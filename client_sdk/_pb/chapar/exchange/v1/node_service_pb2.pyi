@@ -378,7 +378,10 @@ class SubmitEnvelopeRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     DRAFT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency key (AIP-155); a UUID is recommended."""
+    """Client-chosen idempotency key (AIP-155); a UUID is recommended. The same key with
+    the same draft is a retry (the original receipt); with another draft it is refused
+    with ALREADY_EXISTS, reason REQUEST_ID_REUSED. Keys are the node's, not per client.
+    """
     @_builtins.property
     def draft(self) -> Global___LetterDraft:
         """The letter."""

@@ -90,7 +90,8 @@ class NodeServiceServicer:
     def SubmitEnvelope(self, request, context):
         """Submits one letter. The node validates it, numbers it (SHAMS), signs it, stores it in
         its outbox and answers with signed SUBMISSION_ACCEPTANCE evidence. Retrying with the
-        same request_id returns the original receipt and stores nothing new.
+        same request_id returns the original receipt and stores nothing new; a different
+        letter under a request_id already used is refused (ALREADY_EXISTS, REQUEST_ID_REUSED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,8 @@ class NodeServiceStub:
     SubmitEnvelope: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.SubmitEnvelopeRequest, _node_service_pb2.SubmitEnvelopeResponse]
     """Submits one letter. The node validates it, numbers it (SHAMS), signs it, stores it in
     its outbox and answers with signed SUBMISSION_ACCEPTANCE evidence. Retrying with the
-    same request_id returns the original receipt and stores nothing new.
+    same request_id returns the original receipt and stores nothing new; a different
+    letter under a request_id already used is refused (ALREADY_EXISTS, REQUEST_ID_REUSED).
     """
     BatchSubmitEnvelopes: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.BatchSubmitEnvelopesRequest, _node_service_pb2.BatchSubmitEnvelopesResponse]
     """Submits many letters in one call; each gets its own receipt or error."""
@@ -79,7 +80,8 @@ class NodeServiceAsyncStub(NodeServiceStub):
     SubmitEnvelope: _aio.UnaryUnaryMultiCallable[_node_service_pb2.SubmitEnvelopeRequest, _node_service_pb2.SubmitEnvelopeResponse]  # type: ignore[assignment]
     """Submits one letter. The node validates it, numbers it (SHAMS), signs it, stores it in
     its outbox and answers with signed SUBMISSION_ACCEPTANCE evidence. Retrying with the
-    same request_id returns the original receipt and stores nothing new.
+    same request_id returns the original receipt and stores nothing new; a different
+    letter under a request_id already used is refused (ALREADY_EXISTS, REQUEST_ID_REUSED).
     """
     BatchSubmitEnvelopes: _aio.UnaryUnaryMultiCallable[_node_service_pb2.BatchSubmitEnvelopesRequest, _node_service_pb2.BatchSubmitEnvelopesResponse]  # type: ignore[assignment]
     """Submits many letters in one call; each gets its own receipt or error."""
@@ -121,7 +123,8 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_node_service_pb2.SubmitEnvelopeResponse, _abc.Awaitable[_node_service_pb2.SubmitEnvelopeResponse]]:
         """Submits one letter. The node validates it, numbers it (SHAMS), signs it, stores it in
         its outbox and answers with signed SUBMISSION_ACCEPTANCE evidence. Retrying with the
-        same request_id returns the original receipt and stores nothing new.
+        same request_id returns the original receipt and stores nothing new; a different
+        letter under a request_id already used is refused (ALREADY_EXISTS, REQUEST_ID_REUSED).
         """
 
     @_abc_1.abstractmethod
