@@ -35,6 +35,7 @@ from typing import Any, cast, get_args
 from certs.pki import KeyAlgorithm, init_pki
 from client_sdk import ChaparError, Draft, ExchangeClient, Receipt
 from client_sdk.client import DEFAULT_MAX_IN_FLIGHT, DEFAULT_STREAM_LINGER_S, SharedStream
+from client_sdk.ids import uuid7
 from loadtest.baseline import measure_baseline
 from loadtest.cpu import own_cpu_s, process_cpu_s
 from loadtest.machine import machine
@@ -254,6 +255,7 @@ class _Plan:
     quota: int | None  # letters a sender makes, unless it sends until the deadline
     deadline: float | None
     body: str
+    run: str  # this run's tag: request ids are new in every run, also on running targets
 
     def more(self, made: int) -> bool:
         if self.quota is not None:
@@ -264,7 +266,10 @@ class _Plan:
         """Sender ``i``'s next letter, at its slot (latencies count from the slot)."""
         slot = await self.pacer.wait()
         draft = Draft(
-            to=[self.to], subject=f"load {i}-{made}", body=self.body, request_id=f"{i}-{made}"
+            to=[self.to],
+            subject=f"load {i}-{made}",
+            body=self.body,
+            request_id=f"{self.run}-{i}-{made}",
         )
         self.stats.submitted[draft.request_id or ""] = slot
         return draft
@@ -464,6 +469,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
                 for f in p.faults
             ]
         pacer = _Pacer(p.rate)
+        run = uuid7()
         deadline = start + p.duration_s if p.duration_s else None
         per = None if p.duration_s else -(-p.letters // p.senders)
         async with contextlib.AsyncExitStack() as stack:
@@ -486,7 +492,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
 
             def sender(i: int) -> Coroutine[Any, Any, None]:
                 at = i % len(senders)
-                plan = _Plan(routes[senders[at].agency], p, stats, pacer, per, deadline, body)
+                plan = _Plan(routes[senders[at].agency], p, stats, pacer, per, deadline, body, run)
                 if p.shared:
                     return _shared_sender(i, streams[at], plan)
                 return _sender(i, clients[at], plan)

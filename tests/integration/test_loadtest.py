@@ -230,6 +230,17 @@ metrics = "{cluster.nodes[code].metrics}"
             with pytest.raises(TimeoutError):  # nothing else is left unacknowledged
                 await asyncio.wait_for(anext(inbox), 1.0)
         assert first.shams == theirs.shams
+        # A second run on the same servers sends new letters: its request ids are its own,
+        # so the nodes do not answer them with the first run's receipts.
+        _, again = await asyncio.to_thread(
+            run_module_json,
+            "node",
+            *("loadtest", "--targets", str(targets), "--letters", "100", "--senders", "2"),
+            *("--baseline-seconds", "0"),
+            out=tmp_path / "again.json",
+        )
+        assert again["letters"] == again["delivered"] == again["handed_over"] == 100
+        assert (again["lost"], again["duplicates"], again["refused"]) == (0, 0, 0)
     finally:
         cluster.stop()
 
