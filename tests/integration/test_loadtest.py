@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -172,6 +173,20 @@ def test_more_nodes_form_a_chain_and_every_hop_is_checked(tmp_path: Path) -> Non
     assert set(processes) == {"hub", "node-AGENCY.A", "node-AGENCY.B", "node-AGENCY.C", "loadgen"}
 
 
+async def _run_on_targets(
+    targets: Path, letters: int, baseline_s: float, out: Path
+) -> dict[str, Any]:
+    """``chapar loadtest --targets`` with two senders, as a user runs it; its report."""
+    _, report = await asyncio.to_thread(
+        run_module_json,
+        "node",
+        *("loadtest", "--targets", str(targets), "--letters", str(letters), "--senders", "2"),
+        *("--baseline-seconds", str(baseline_s)),
+        out=out,
+    )
+    return report
+
+
 async def test_targets_drive_running_servers_and_leave_other_agencies_letters_alone(
     tmp_path: Path,
 ) -> None:
@@ -197,13 +212,7 @@ metrics = "{cluster.nodes[code].metrics}"
         )
         targets = cluster.pki.root / "targets.toml"
         targets.write_text(f'ca = "ca/root.crt"\nhub_metrics = "{cluster.hub.metrics}"\n{entries}')
-        _, report = await asyncio.to_thread(
-            run_module_json,
-            "node",
-            *("loadtest", "--targets", str(targets), "--letters", "200", "--senders", "2"),
-            *("--baseline-seconds", "0.3"),
-            out=tmp_path / "report.json",
-        )
+        report = await _run_on_targets(targets, 200, 0.3, tmp_path / "report.json")
         assert report["letters"] == report["delivered"] == report["handed_over"] == 200
         assert (report["lost"], report["duplicates"], report["misrouted"]) == (0, 0, 0)
         assert report["foreign"] == 1
@@ -232,13 +241,7 @@ metrics = "{cluster.nodes[code].metrics}"
         assert first.shams == theirs.shams
         # A second run on the same servers sends new letters: its request ids are its own,
         # so the nodes do not answer them with the first run's receipts.
-        _, again = await asyncio.to_thread(
-            run_module_json,
-            "node",
-            *("loadtest", "--targets", str(targets), "--letters", "100", "--senders", "2"),
-            *("--baseline-seconds", "0"),
-            out=tmp_path / "again.json",
-        )
+        again = await _run_on_targets(targets, 100, 0, tmp_path / "again.json")
         assert again["letters"] == again["delivered"] == again["handed_over"] == 100
         assert (again["lost"], again["duplicates"], again["refused"]) == (0, 0, 0)
     finally:

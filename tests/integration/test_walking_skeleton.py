@@ -29,6 +29,14 @@ def _node_db(cluster: Cluster, code: str):  # type: ignore[no-untyped-def]
     return cluster.root / f"node-{code}" / "node.db"
 
 
+def _outbox_and_counter(db: Path) -> tuple[int, int]:
+    """Letters in a node's outbox and the highest SHAMS sequence it gave out."""
+    return (
+        db_count(db, "SELECT count(*) FROM outbox"),
+        db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter"),
+    )
+
+
 def _hub_db(cluster: Cluster):  # type: ignore[no-untyped-def]
     return cluster.root / "hub" / "hub.db"
 
@@ -108,13 +116,11 @@ async def test_duplicate_submit_with_same_request_id_returns_original_receipt(
     async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
         request_id = str(uuid.uuid4())
         first = await a.send(to=[AGENCY_B], subject="Once", body="only once", request_id=request_id)
-        rows = db_count(db, "SELECT count(*) FROM outbox")
-        counter = db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter")
+        before = _outbox_and_counter(db)
         again = await a.send(to=[AGENCY_B], subject="Once", body="only once", request_id=request_id)
         assert again.shams == first.shams
         assert again.evidence.SerializeToString() == first.evidence.SerializeToString()
-        assert db_count(db, "SELECT count(*) FROM outbox") == rows
-        assert db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter") == counter
+        assert _outbox_and_counter(db) == before
 
 
 async def test_request_id_used_again_for_a_different_letter_is_refused_and_nothing_is_stored(
@@ -127,14 +133,12 @@ async def test_request_id_used_again_for_a_different_letter_is_refused_and_nothi
     async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
         request_id = str(uuid.uuid4())
         first = await a.send(to=[AGENCY_B], subject="First", body="one", request_id=request_id)
-        rows = db_count(db, "SELECT count(*) FROM outbox")
-        counter = db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter")
+        before = _outbox_and_counter(db)
         with pytest.raises(AlreadyExists) as err:
             await a.send(to=[AGENCY_B], subject="Second", body="two", request_id=request_id)
         assert err.value.reason == "REQUEST_ID_REUSED"
         assert err.value.metadata.get("request_id") == request_id
-        assert db_count(db, "SELECT count(*) FROM outbox") == rows
-        assert db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter") == counter
+        assert _outbox_and_counter(db) == before
         again = await a.send(to=[AGENCY_B], subject="First", body="one", request_id=request_id)
         assert again.shams == first.shams
 
@@ -152,20 +156,18 @@ async def test_request_id_used_again_for_a_different_letter_is_refused_and_nothi
     for refused in (fourth, second):
         assert isinstance(refused, AlreadyExists)
         assert refused.reason == "REQUEST_ID_REUSED"
-    assert db_count(db, "SELECT count(*) FROM outbox") == rows + 2
+    assert _outbox_and_counter(db) == (before[0] + 2, before[1] + 2)
 
 
 async def test_unknown_recipient_is_not_found_and_nothing_is_stored(cluster: Cluster) -> None:
     db = _node_db(cluster, AGENCY_A)
-    rows = db_count(db, "SELECT count(*) FROM outbox")
-    counter = db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter")
+    before = _outbox_and_counter(db)
     async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
         with pytest.raises(NotFound) as err:
             await a.send(to=["NO.SUCH.AGENCY"], subject="Lost?", body="x")
     assert err.value.reason == "UNKNOWN_RECIPIENT"
     assert err.value.metadata.get("agency") == "NO.SUCH.AGENCY"
-    assert db_count(db, "SELECT count(*) FROM outbox") == rows
-    assert db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter") == counter
+    assert _outbox_and_counter(db) == before
 
 
 # -- a hostile or broken node, talking raw gRPC to the hub with real certificates --------
