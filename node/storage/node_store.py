@@ -123,7 +123,7 @@ MIGRATIONS = [
         sha256 BLOB NOT NULL, client TEXT NOT NULL, PRIMARY KEY (sha256, client)
     ) WITHOUT ROWID;
     """,
-    # 5: what each request_id asked for (SHA-256 of its validated draft), so that a
+    # 5: what each request_id asked for (SHA-256 of its draft as sent), so that a
     # request_id used again for a different letter is refused instead of answered with
     # the first letter's receipt. Rows from before have none and are answered as before.
     """
