@@ -393,8 +393,31 @@ class Tracking:
         return _verify_letter(trust, self.envelope, self.evidence, check_body=not self.body_purged)
 
 
+class _Submittable(Protocol):
+    """What a submission stream sends: a ``Draft``, or a ``_Ready`` request."""
+
+    @property
+    def body(self) -> bytes | str: ...
+
+    def to_request(self) -> pb.SubmitEnvelopeRequest: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """A draft's request, built (and so checked) before it was handed to the stream."""
+
+    request: pb.SubmitEnvelopeRequest
+
+    @property
+    def body(self) -> bytes:
+        return self.request.draft.body
+
+    def to_request(self) -> pb.SubmitEnvelopeRequest:
+        return self.request
+
+
 class _Feed(Protocol):
-    async def next_batch(self) -> list[Draft]: ...
+    async def next_batch(self) -> list[_Submittable]: ...
 
     async def aclose(self) -> None: ...
 
@@ -545,7 +568,7 @@ class ExchangeClient:
             results.extend(_results(response.results, requests))
         return results
 
-    async def send_stream(
+    def send_stream(
         self,
         drafts: AsyncIterable[Draft] | Iterable[Draft],
         *,
@@ -564,6 +587,19 @@ class ExchangeClient:
         iterable is read on the event loop and must not block; everything it yields is
         ready, so it never lingers.
         """
+        return self._submit_stream(
+            drafts, batch_size=batch_size, max_in_flight=max_in_flight, linger_s=linger_s
+        )
+
+    async def _submit_stream(
+        self,
+        drafts: AsyncIterable[_Submittable] | Iterable[_Submittable],
+        *,
+        batch_size: int,
+        max_in_flight: int,
+        linger_s: float,
+    ) -> AsyncGenerator[Receipt | ChaparError, None]:
+        """``send_stream``, for drafts or requests built already (``SharedStream``)."""
         _check_stream_options(batch_size, max_in_flight, linger_s)
         loop = asyncio.get_running_loop()
         unanswered = 0  # frames written and not yet answered
@@ -949,7 +985,7 @@ def _results(
 STREAM_FRAME_BYTES: Final = 8 * 1024 * 1024
 
 
-def _body_bytes(draft: Draft) -> int:
+def _body_bytes(draft: _Submittable) -> int:
     body = draft.body
     return len(body) if isinstance(body, bytes) else len(body.encode())
 
@@ -959,11 +995,11 @@ class _Frame:
     bodies, and always at least one (a single letter at the limit still goes)."""
 
     def __init__(self, size: int) -> None:
-        self.drafts: list[Draft] = []
+        self.drafts: list[_Submittable] = []
         self._size = size
         self._bytes = 0
 
-    def take(self, draft: Draft) -> bool:
+    def take(self, draft: _Submittable) -> bool:
         """Adds ``draft``; False (and not added) when it must start the next frame."""
         self._bytes += _body_bytes(draft)
         if self.drafts and self._bytes > STREAM_FRAME_BYTES:
@@ -979,12 +1015,12 @@ class _Frame:
 class _SyncFeed:
     """Batches from a plain iterable, read on the event loop."""
 
-    def __init__(self, drafts: Iterable[Draft], size: int) -> None:
+    def __init__(self, drafts: Iterable[_Submittable], size: int) -> None:
         self._drafts = iter(drafts)
         self._size = size
-        self._held: Draft | None = None  # read, but did not fit in the last frame
+        self._held: _Submittable | None = None  # read, but did not fit in the last frame
 
-    async def next_batch(self) -> list[Draft]:
+    async def next_batch(self) -> list[_Submittable]:
         frame = _Frame(self._size)
         pending = [self._held] if self._held is not None else []
         self._held = None
@@ -1042,7 +1078,7 @@ class SharedStream:
         self._batch_size = batch_size
         self._max_in_flight = max_in_flight
         self._linger_s = linger_s
-        self._queue: asyncio.Queue[tuple[Draft, asyncio.Future[Receipt]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[_Ready, asyncio.Future[Receipt]] | None] = asyncio.Queue()
         self._sent: collections.deque[asyncio.Future[Receipt]] = collections.deque()
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
@@ -1057,9 +1093,9 @@ class SharedStream:
         """Submits ``draft`` on the shared stream; its receipt, or its refusal raised."""
         if self._closed:
             raise RuntimeError("the shared stream is closed")
-        draft.to_request()  # a bad value raises here, for this caller only
+        ready = _Ready(draft.to_request())  # a bad value raises here, for this caller only
         done: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((draft, done))
+        self._queue.put_nowait((ready, done))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run())
         return await done
@@ -1077,17 +1113,17 @@ class SharedStream:
             if item is not None and not item[1].done():
                 item[1].set_exception(RuntimeError("the shared stream is closed"))
 
-    async def _drafts(self) -> AsyncIterator[Draft]:
+    async def _drafts(self) -> AsyncIterator[_Ready]:
         while (item := await self._queue.get()) is not None:
-            draft, done = item
+            ready, done = item
             if done.done():  # its caller was cancelled: not sent
                 continue
             self._sent.append(done)
-            yield draft
+            yield ready
 
     async def _run(self) -> None:
         try:
-            stream = self._client.send_stream(
+            stream = self._client._submit_stream(
                 self._drafts(),
                 batch_size=self._batch_size,
                 max_in_flight=self._max_in_flight,
@@ -1187,20 +1223,22 @@ class _AsyncFeed:
 
     def __init__(
         self,
-        drafts: AsyncIterable[Draft],
+        drafts: AsyncIterable[_Submittable],
         size: int,
         depth: int,
         linger_s: float = 0.0,
         busy: Callable[[], bool] = lambda: True,
     ) -> None:
-        self._queue: asyncio.Queue[Draft | _End | _Failed] = asyncio.Queue(maxsize=size * depth)
+        self._queue: asyncio.Queue[_Submittable | _End | _Failed] = asyncio.Queue(
+            maxsize=size * depth
+        )
         self._size = size
         self._linger_s = linger_s
         self._busy = busy
-        self._held: Draft | _End | _Failed | None = None
+        self._held: _Submittable | _End | _Failed | None = None
         self._pump = asyncio.create_task(self._run(drafts))
 
-    async def _run(self, drafts: AsyncIterable[Draft]) -> None:
+    async def _run(self, drafts: AsyncIterable[_Submittable]) -> None:
         try:
             async for draft in drafts:
                 await self._queue.put(draft)
@@ -1209,7 +1247,7 @@ class _AsyncFeed:
         else:
             await self._queue.put(_End())
 
-    async def next_batch(self) -> list[Draft]:
+    async def next_batch(self) -> list[_Submittable]:
         frame = _Frame(self._size)
         item = self._held or await self._queue.get()
         self._held = None

@@ -790,6 +790,27 @@ async def test_shared_stream_answers_each_concurrent_caller_and_sends_them_toget
     assert [r.request_id for f in frames for r in f.requests] == [d.request_id for d in drafts]
 
 
+async def test_shared_stream_builds_each_draft_once(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request a ``send`` builds to check its draft is the one that goes."""
+    built: list[str] = []
+    real = Draft.to_request
+
+    def counting(draft: Draft) -> pb.SubmitEnvelopeRequest:
+        built.append(draft.subject)
+        return real(draft)
+
+    monkeypatch.setattr(Draft, "to_request", counting)
+    drafts = [Draft(to=[OTHER], subject=f"once {i}") for i in range(20)]
+    async with client.shared_stream(batch_size=8) as shared:
+        receipts = await asyncio.gather(*(shared.send(d) for d in drafts))
+    assert [r.request_id for r in receipts] == [d.request_id for d in drafts]
+    assert sorted(built) == sorted(d.subject for d in drafts)
+    sent = [r.draft.subject for f in fake_node[0].frames for r in f.requests]
+    assert sent == [d.subject for d in drafts]
+
+
 async def test_shared_stream_refuses_a_bad_draft_to_its_caller_only(
     client: ExchangeClient, fake_node: tuple[FakeNode, str]
 ) -> None:
