@@ -5,8 +5,9 @@ targets running servers by address (``--targets FILE``, see ``loadtest.targets``
 drives them only through the public client_sdk. The nodes form a chain: S concurrent
 senders, spread over every node but the last, stream letters from each node to the next
 (two nodes: agency A to agency B), each on a stream of its own or, with ``--shared``, all
-of a node's senders on one ``SharedStream`` (one letter a call), flat out or at a fixed offered rate, for a number of
-letters or a duration, optionally with faults (``--fault kill-hub@10s``). Each receiving
+of a node's senders on one ``SharedStream`` (one letter a call), flat out or at a fixed
+offered rate, for a number of letters or a duration, optionally with faults
+(``--fault kill-hub@10s``). Each receiving
 node's back-end reads its inbox, verifies each letter's signature and DELIVERY evidence,
 and acknowledges it (HANDOVER). The report: throughput, latency percentiles per stage,
 lost, duplicated and misrouted letters, CPU seconds and peak RSS of every process, and a
@@ -255,7 +256,7 @@ class _Plan:
     quota: int | None  # letters a sender makes, unless it sends until the deadline
     deadline: float | None
     body: str
-    run: str  # this run's tag: request ids are new in every run, also on running targets
+    tag: str  # this run's: request ids are new in every run, also on running targets
 
     def more(self, made: int) -> bool:
         if self.quota is not None:
@@ -269,7 +270,7 @@ class _Plan:
             to=[self.to],
             subject=f"load {i}-{made}",
             body=self.body,
-            request_id=f"{self.run}-{i}-{made}",
+            request_id=f"{self.tag}-{i}-{made}",
         )
         self.stats.submitted[draft.request_id or ""] = slot
         return draft
@@ -469,7 +470,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
                 for f in p.faults
             ]
         pacer = _Pacer(p.rate)
-        run = uuid7()
+        tag = uuid7()  # this run's request ids are its own
         deadline = start + p.duration_s if p.duration_s else None
         per = None if p.duration_s else -(-p.letters // p.senders)
         async with contextlib.AsyncExitStack() as stack:
@@ -492,7 +493,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
 
             def sender(i: int) -> Coroutine[Any, Any, None]:
                 at = i % len(senders)
-                plan = _Plan(routes[senders[at].agency], p, stats, pacer, per, deadline, body, run)
+                plan = _Plan(routes[senders[at].agency], p, stats, pacer, per, deadline, body, tag)
                 if p.shared:
                     return _shared_sender(i, streams[at], plan)
                 return _sender(i, clients[at], plan)
