@@ -53,6 +53,7 @@ from client_sdk.documents import digest_of_uri, read_chunks
 from client_sdk.errors import (
     ChaparError,
     DataLoss,
+    FailedPrecondition,
     InternalError,
     InvalidArgument,
     Unavailable,
@@ -919,6 +920,15 @@ def _translated() -> Iterator[None]:
         yield
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from exc
+    except grpc.aio.UsageError as exc:
+        # grpc.aio's answer to a call on a closed channel: the call never went out. A letter
+        # read from a closed client's inbox is acknowledged through a new client (the node
+        # streams it again there, since it was not acknowledged).
+        if "closed" not in str(exc):
+            raise
+        raise FailedPrecondition(
+            "the client is closed: the call was not made", reason="CLIENT_CLOSED"
+        ) from exc
 
 
 def _check_stream_options(batch_size: int, max_in_flight: int, linger_s: float) -> None:

@@ -15,7 +15,8 @@ Exception tree::
     ├── PermissionDenied        PERMISSION_DENIED     identity mismatch, not a party
     ├── Unauthenticated         UNAUTHENTICATED       no or bad client certificate
     ├── FailedPrecondition      FAILED_PRECONDITION   suspended agency, revoked certificate,
-    │                                                 expired letter
+    │                                                 expired letter; a call on a closed
+    │                                                 client (reason CLIENT_CLOSED)
     ├── ResourceExhausted       RESOURCE_EXHAUSTED    size or queue quota
     ├── Unavailable             UNAVAILABLE           node, hub or peer down: retry
     ├── DeadlineExceeded        DEADLINE_EXCEEDED     the call's timeout ran out: retry

@@ -920,6 +920,36 @@ async def test_inbox_yields_letters_and_ack_hands_over(
     ]
 
 
+async def test_a_letter_acknowledged_after_its_client_closed_gets_client_closed(
+    fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    # A back-end that reconnects after a node restart still holds letters of the old
+    # client; acknowledging one must raise a ChaparError it can handle, not grpc's own.
+    fake = fake_node[0]
+    envelope = signed_letter(pki, 1)
+    fake.inbox_batches = [
+        [
+            pb.InboxLetter(
+                envelope=envelope,
+                shams=shams_of(1),
+                delivery=signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY),
+            )
+        ]
+    ]
+    channel = grpc.aio.insecure_channel(fake_node[1])
+    client = ExchangeClient.from_channel(channel)
+    async with contextlib.aclosing(client.inbox()) as inbox:
+        letter = await anext(inbox)
+    await channel.close()
+
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        await letter.ack()
+    assert (caught.value.reason, caught.value.retryable) == ("CLIENT_CLOSED", False)
+    with pytest.raises(errors.FailedPrecondition):
+        await client.agencies()
+    assert fake.acks == []
+
+
 async def test_acks_gather_while_a_call_is_in_flight_and_go_together_after_it(
     client: ExchangeClient, fake_node: tuple[FakeNode, str]
 ) -> None:
