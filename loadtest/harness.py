@@ -362,7 +362,9 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
                     await letter.ack()  # type: ignore[attr-defined]
                     stats.handed_over.setdefault(letter.shams, time.perf_counter())  # type: ignore[attr-defined]
                     return
-                except ChaparError:
+                except ChaparError as exc:
+                    if not exc.retryable:  # e.g. CLIENT_CLOSED: it comes again on the next
+                        return
                     await asyncio.sleep(0.2)
 
     while True:
@@ -380,16 +382,18 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
                         else:
                             stats.misrouted.add(letter.shams)
                         continue
-                    if letter.shams in stats.delivered:
-                        if letter.shams in stats.handed_over:
-                            stats.duplicates += 1
+                    if letter.shams in stats.handed_over:
+                        stats.duplicates += 1
                         continue
-                    stats.delivered[letter.shams] = now
-                    if p.verify:
-                        try:
-                            letter.verify(trust)
-                        except Exception:
-                            stats.verify_failures += 1
+                    if letter.shams not in stats.delivered:
+                        stats.delivered[letter.shams] = now
+                        if p.verify:
+                            try:
+                                letter.verify(trust)
+                            except Exception:
+                                stats.verify_failures += 1
+                    # else: streamed again after a reconnect, not yet acknowledged (an ack
+                    # through the closed client can no longer go): acknowledged on this one
                     task = asyncio.create_task(ack(letter))
                     pending.add(task)
                     task.add_done_callback(pending.discard)

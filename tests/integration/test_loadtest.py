@@ -112,6 +112,25 @@ def test_senders_sharing_a_stream_lose_nothing_when_the_sending_node_is_killed(
     assert "lost 0" in result.stdout
 
 
+def test_letters_read_when_the_recipient_node_is_killed_are_all_handed_over(
+    tmp_path: Path,
+) -> None:
+    # The recipient's node dies under its back-end: letters read but not yet acknowledged
+    # come again on the reconnected inbox and are acknowledged there. Before, an ack through
+    # the closed client raised grpc's own UsageError and was dropped, the letter streamed
+    # again was taken for one already seen, and the run waited out its drain.
+    _, report = run_module_json(
+        "node",
+        *("loadtest", "--letters", "900", "--senders", "2", "--rate", "300"),
+        *("--fault", "kill-recipient@1.5s", "--baseline-seconds", "0"),
+        out=tmp_path / "report.json",
+        timeout=240,
+    )
+    assert report["letters"] == 900
+    assert (report["delivered"], report["handed_over"]) == (900, 900)
+    assert (report["lost"], report["duplicates"], report["verify_failures"]) == (0, 0, 0)
+
+
 def test_cli_refuses_a_malformed_fault_spec() -> None:
     result = run_module("node", "loadtest", "--fault", "explode-hub@1s", timeout=60)
     assert result.returncode == 2
