@@ -45,7 +45,7 @@ from client_sdk.client import (
     _LetterFields,
 )
 from client_sdk.credentials import Credentials
-from client_sdk.errors import ChaparError
+from client_sdk.errors import ChaparError, FailedPrecondition
 
 __all__ = ["SyncAttachment", "SyncExchangeClient", "SyncLetter"]
 
@@ -64,6 +64,11 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        if self.loop.is_closed():  # the client was closed: as the async client says it
+            coro.close()
+            raise FailedPrecondition(
+                "the client is closed: the call was not made", reason="CLIENT_CLOSED"
+            )
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result()

@@ -1082,6 +1082,9 @@ async def test_sync_client_sends_and_streams_like_the_async_one(
             fake.abort = Abort(grpc.StatusCode.NOT_FOUND, "gone")
             with pytest.raises(errors.NotFound):
                 sync.track("000.00.00.G22/O/2026/0000009")
+        with pytest.raises(errors.FailedPrecondition) as closed:  # as the async client
+            letter.ack()
+        assert closed.value.reason == "CLIENT_CLOSED"
         event = pb.EvidenceContent.FromString(handover.content).event
         return receipt, streamed, letter.shams, event
 
