@@ -181,8 +181,9 @@ def _thread_cpu(proc: ServerProcess) -> dict[str, float]:
 
 class _Probe:
     """CPU and memory of one server: from /proc for the harness's own processes (their
-    whole life), from the server's metrics for running targets (the run's span: the
-    counters read at the start are subtracted; other traffic on the server counts too)."""
+    whole life, every life when a fault restarted them: ``bank`` is called before each
+    end), from the server's metrics for running targets (the run's span: the counters read
+    at the start are subtracted; other traffic on the server counts too)."""
 
     def __init__(
         self,
@@ -192,14 +193,24 @@ class _Probe:
     ) -> None:
         self.proc, self.metrics, self.tls = proc, metrics, tls
         self.base: dict[str, float] = {}
+        self.earlier: dict[str, float] = {}  # the lives a fault ended, summed
+        self.restarts = 0
 
     def begin(self) -> None:
         if self.proc is None:
             self.base = self._scrape()
 
+    def bank(self) -> None:
+        """Keeps what the process has used so far: a fault is about to end it."""
+        if self.proc is None:
+            return
+        self.earlier = _add_lives(self.earlier, _proc_stats(self.proc))
+        self.restarts += 1
+
     def end(self) -> dict[str, float]:
         if self.proc is not None:
-            return _proc_stats(self.proc)
+            stats = _add_lives(self.earlier, _proc_stats(self.proc))
+            return stats | ({"restarts": self.restarts} if self.restarts else {})
         now = self._scrape()
         if "cpu_s" not in now or "cpu_s" not in self.base:
             return {}
@@ -219,6 +230,17 @@ class _Probe:
         except OSError:
             return {}
         return _figures(snap)
+
+
+def _add_lives(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Two lives of one process: CPU seconds add up, the peak RSS is the higher one."""
+    out = dict(a)
+    for key, value in b.items():
+        if key == "peak_rss_mb":
+            out[key] = max(out.get(key, 0.0), value)
+        else:
+            out[key] = round(out.get(key, 0.0) + value, 2)
+    return out
 
 
 def _figures(snap: Snapshot) -> dict[str, float]:
@@ -469,8 +491,16 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
         fault_tasks = []
         if cluster is not None:  # the sender is the chain's first node, the recipient its last
             ends = {"sender": nodes[0].agency, "recipient": nodes[-1].agency}
+            by_proc = {id(probe.proc): probe for probe in probes.values()}
             fault_tasks = [
-                asyncio.create_task(faults.inject(cluster, faults.parse_fault(f), **ends))
+                asyncio.create_task(
+                    faults.inject(
+                        cluster,
+                        faults.parse_fault(f),
+                        **ends,
+                        before_end=lambda proc: by_proc[id(proc)].bank(),
+                    )
+                )
                 for f in p.faults
             ]
         pacer = _Pacer(p.rate)
@@ -685,10 +715,13 @@ def _windows(
 def _summary(report: dict[str, object]) -> str:
     lat = report["latency_ms"]
     assert isinstance(lat, dict)
+    unhanded = cast(int, report["delivered"]) - cast(int, report["handed_over"])
     rows = [
         f"letters accepted   {report['letters']}",
         f"delivered          {report['delivered']}   lost {report['lost']}   duplicates {report['duplicates']}"
         f"   misrouted {report['misrouted']}   verify failures {report['verify_failures']}",
+        f"handed over        {report['handed_over']}"
+        + (f"   NOT HANDED OVER {unhanded}" if unhanded else ""),
         f"throughput         {report['throughput_lps']} letters/s (baseline {report['baseline_lps']}/s,"
         f" ratio {report['ratio']})",
         f"cpu a letter       {report['cpu_ms_per_letter']} ms, all processes"
@@ -738,7 +771,8 @@ def _summary(report: dict[str, object]) -> str:
             else ""
         )
         memory = f"  peak RSS {s['peak_rss_mb']} MB" if "peak_rss_mb" in s else ""
-        rows.append(f"{name:<18} cpu {s['cpu_s']} s{threads}{memory}")
+        lives = f"  ({int(s['restarts']) + 1} lives)" if s.get("restarts") else ""
+        rows.append(f"{name:<18} cpu {s['cpu_s']} s{threads}{memory}{lives}")
     return "\n".join(rows)
 
 
@@ -804,6 +838,7 @@ def _cmd(ns: argparse.Namespace) -> int:
         0
         if report["lost"] == report["duplicates"] == report["misrouted"] == 0
         and report["verify_failures"] == 0
+        and report["handed_over"] == report["delivered"]
         else 1
     )
 

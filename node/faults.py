@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -89,10 +90,21 @@ async def hang(proc: ServerProcess, seconds: float) -> None:
         proc.resume()
 
 
-async def inject(cluster: Cluster, fault: Fault, *, sender: str, recipient: str) -> None:
-    """Waits until ``fault.at_s`` (from now), then applies it."""
+async def inject(
+    cluster: Cluster,
+    fault: Fault,
+    *,
+    sender: str,
+    recipient: str,
+    before_end: Callable[[ServerProcess], None] | None = None,
+) -> None:
+    """Waits until ``fault.at_s`` (from now), then applies it. ``before_end`` is called with
+    the process just before a fault ends it (kill, term, stop; not pause), so that a caller
+    can read what that life of the process used."""
     proc = resolve(cluster, fault.target, sender=sender, recipient=recipient)
     await asyncio.sleep(fault.at_s)
+    if before_end is not None and fault.action != "pause":
+        before_end(proc)
     if fault.action == "kill":
         await crash(proc, fault.duration_s)
     elif fault.action in ("stop", "term"):
