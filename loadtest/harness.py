@@ -200,11 +200,14 @@ class _Probe:
         if self.proc is None:
             self.base = self._scrape()
 
-    def bank(self) -> None:
-        """Keeps what the process has used so far: a fault is about to end it."""
+    async def bank(self) -> None:
+        """Keeps what the process has used so far: a fault is about to end it. Read in a
+        thread: the metrics scrape must not stall the load generator's loop (nor wait out
+        its timeout on a hung server there)."""
         if self.proc is None:
             return
-        self.earlier = _add_lives(self.earlier, _proc_stats(self.proc))
+        life = await asyncio.to_thread(_proc_stats, self.proc)
+        self.earlier = _add_lives(self.earlier, life)
         self.restarts += 1
 
     def end(self) -> dict[str, float]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,15 +96,15 @@ async def inject(
     *,
     sender: str,
     recipient: str,
-    before_end: Callable[[ServerProcess], None] | None = None,
+    before_end: Callable[[ServerProcess], Awaitable[None]] | None = None,
 ) -> None:
-    """Waits until ``fault.at_s`` (from now), then applies it. ``before_end`` is called with
-    the process just before a fault ends it (kill, term, stop; not pause), so that a caller
-    can read what that life of the process used."""
+    """Waits until ``fault.at_s`` (from now), then applies it. ``before_end`` is awaited
+    with the process just before a fault ends it (kill, term, stop; not pause), so that a
+    caller can read what that life of the process used."""
     proc = resolve(cluster, fault.target, sender=sender, recipient=recipient)
     await asyncio.sleep(fault.at_s)
     if before_end is not None and fault.action != "pause":
-        before_end(proc)
+        await before_end(proc)
     if fault.action == "kill":
         await crash(proc, fault.duration_s)
     elif fault.action in ("stop", "term"):

@@ -148,7 +148,7 @@ def test_a_probe_counts_every_life_of_a_process_a_fault_restarted() -> None:
             while process_cpu_s(server.proc.pid) < 0.3 and time.monotonic() < deadline:
                 time.sleep(0.05)
             if life == 0:
-                probe.bank()
+                asyncio.run(probe.bank())
             else:
                 figures = probe.end()
         finally:
