@@ -926,9 +926,12 @@ def _translated() -> Iterator[None]:
         # streams it again there, since it was not acknowledged).
         if "closed" not in str(exc):
             raise
-        raise FailedPrecondition(
-            "the client is closed: the call was not made", reason="CLIENT_CLOSED"
-        ) from exc
+        raise _client_closed() from exc
+
+
+def _client_closed() -> FailedPrecondition:
+    """A call on a closed client (async or blocking): it was not made."""
+    return FailedPrecondition("the client is closed: the call was not made", reason="CLIENT_CLOSED")
 
 
 def _check_stream_options(batch_size: int, max_in_flight: int, linger_s: float) -> None:

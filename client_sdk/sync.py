@@ -42,10 +42,11 @@ from client_sdk.client import (
     ShamsLike,
     Tracking,
     _AttachmentFields,
+    _client_closed,
     _LetterFields,
 )
 from client_sdk.credentials import Credentials
-from client_sdk.errors import ChaparError, FailedPrecondition
+from client_sdk.errors import ChaparError
 
 __all__ = ["SyncAttachment", "SyncExchangeClient", "SyncLetter"]
 
@@ -66,9 +67,7 @@ class _LoopThread:
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         if self.loop.is_closed():  # the client was closed: as the async client says it
             coro.close()
-            raise FailedPrecondition(
-                "the client is closed: the call was not made", reason="CLIENT_CLOSED"
-            )
+            raise _client_closed()
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result()
