@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import random
@@ -28,13 +29,13 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast, get_args
 
 from certs.pki import KeyAlgorithm, init_pki
-from client_sdk import ChaparError, Draft, ExchangeClient, Receipt
+from client_sdk import ChaparError, Draft, ExchangeClient, Letter, Receipt
 from client_sdk.client import DEFAULT_MAX_IN_FLIGHT, DEFAULT_STREAM_LINGER_S, SharedStream
 from client_sdk.ids import uuid7
 from loadtest.baseline import measure_baseline
@@ -380,21 +381,34 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
     acks = asyncio.Semaphore(256)
     pending: set[asyncio.Task[None]] = set()
 
-    async def ack(letter: object) -> None:
+    current: ExchangeClient | None = None  # the connection the inbox is read on now
+
+    async def on_current(shams: str) -> object:
+        assert current is not None  # set before any letter is read
+        return await current.ack(shams)
+
+    async def ack(letter: Letter) -> None:
         async with acks:
-            for _ in range(50):
+            acknowledge: Callable[[], Awaitable[object]] = letter.ack
+            while True:
                 try:
-                    await letter.ack()  # type: ignore[attr-defined]
-                    stats.handed_over.setdefault(letter.shams, time.perf_counter())  # type: ignore[attr-defined]
+                    await acknowledge()
+                    stats.handed_over.setdefault(letter.shams, time.perf_counter())
                     return
                 except ChaparError as exc:
-                    if not exc.retryable:  # e.g. CLIENT_CLOSED: it comes again on the next
+                    if exc.reason == "CLIENT_CLOSED":
+                        # Its client closed in a reconnect, maybe after the node had taken
+                        # the ack (the letter then does not come again): acknowledged again,
+                        # which is idempotent, on the connection of the moment.
+                        acknowledge = functools.partial(on_current, letter.shams)
+                    elif not exc.retryable:
                         return
                     await asyncio.sleep(0.2)
 
     while True:
         try:
             async with ExchangeClient(node.address, creds, options=_FAST_RECONNECT) as b:
+                current = b
                 trust = creds.trust_store()
                 for agency in await b.agencies():
                     trust.add_certificates(agency.signing_certificates)
