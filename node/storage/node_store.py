@@ -12,6 +12,7 @@ already had, so nobody reads and parses the rows again.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -696,28 +697,37 @@ class NodeStore(Store):
         )
         return {bytes(r[0]) for r in rows}
 
-    async def index_documents(self) -> int:
+    async def index_documents(self, chunk: int = 1000) -> int:
         """Indexes the attachments of letters stored before ``letter_documents`` existed,
-        once; returns how many letters had some."""
+        once; returns how many letters had some.
 
-        def job(conn: sqlite3.Connection) -> int:
-            if conn.execute("SELECT 1 FROM meta WHERE key = ?", (_DOCUMENTS_INDEXED,)).fetchone():
-                return 0
-            items: list[tuple[str, Sequence[str], Sequence[bytes]]] = []
-            # Sent letters belong to the sender's mailbox, received ones to those stored.
-            for shams, boxes, envelope in conn.execute(
-                "SELECT shams, NULL, envelope FROM outbox"
-                " UNION ALL SELECT shams, mailboxes, envelope FROM inbox"
-            ):
-                header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(envelope).header)
-                if header.attachments:
-                    mailboxes = [header.sender.mailbox] if boxes is None else boxes.split("\n")
-                    items.append((str(shams), mailboxes, [a.sha256 for a in header.attachments]))
-            _index_documents(conn, items)
-            conn.execute("INSERT INTO meta (key, value) VALUES (?, x'01')", (_DOCUMENTS_INDEXED,))
-            return len(items)
+        ``chunk`` letters a transaction, so that neither a transaction nor the memory it
+        takes grows with the database. Indexing twice is harmless (INSERT OR IGNORE), so a
+        start stopped half-way starts over; letters stored meanwhile index themselves.
+        """
+        if await self.db.fetchone("SELECT 1 FROM meta WHERE key = ?", (_DOCUMENTS_INDEXED,)):
+            return 0
+        indexed = 0
+        # Sent letters belong to the sender's mailbox, received ones to those stored.
+        for query in (
+            "SELECT rowid, shams, NULL, envelope FROM outbox WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            "SELECT rowid, shams, mailboxes, envelope FROM inbox WHERE rowid > ? ORDER BY rowid"
+            " LIMIT ?",
+        ):
+            after, more = 0, True
+            while more:
+                after, count, more = await self.db.write(
+                    functools.partial(_index_stored_documents, query, after, chunk)
+                )
+                indexed += count
 
-        return await self.db.write(job)
+        def done(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, x'01')", (_DOCUMENTS_INDEXED,)
+            )
+
+        await self.db.write(done)
+        return indexed
 
     async def save_directory(self, directory: pb.Directory) -> None:
         """Keeps the last directory so the node can take submissions while the hub is down."""
@@ -775,6 +785,23 @@ def _with_body(stored: bytes, body: bytes | None) -> bytes:
     if not body:
         return bytes(stored)
     return bytes(stored) + _BODY.one(body)
+
+
+def _index_stored_documents(
+    query: str, after: int, limit: int, conn: sqlite3.Connection
+) -> tuple[int, int, bool]:
+    """Indexes the attachments of up to ``limit`` stored letters after rowid ``after``
+    (``query``: rowid, shams, mailboxes or NULL for a sent letter, envelope); returns the
+    last rowid read, how many letters had attachments, and whether more may follow."""
+    rows = conn.execute(query, (after, limit)).fetchall()
+    items: list[tuple[str, Sequence[str], Sequence[bytes]]] = []
+    for _, shams, boxes, envelope in rows:
+        header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(envelope).header)
+        if header.attachments:
+            mailboxes = [header.sender.mailbox] if boxes is None else boxes.split("\n")
+            items.append((str(shams), mailboxes, [a.sha256 for a in header.attachments]))
+    _index_documents(conn, items)
+    return (int(rows[-1][0]) if rows else after), len(items), len(rows) == limit
 
 
 def _index_documents(

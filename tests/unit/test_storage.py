@@ -1124,20 +1124,29 @@ async def test_documents_of_letters_sent_received_or_uploaded_are_usable_by_thei
     assert not await store.may_use_document(other, "clerk", legal | registry)
 
 
-async def test_letters_stored_before_the_document_index_are_indexed_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [1, 1000])  # a transaction a letter, or all in one
+async def test_letters_stored_before_the_document_index_are_indexed_once(
+    tmp_path: Path, chunk: int
+) -> None:
     path = tmp_path / "old.db"
     sent, received = hashlib.sha256(b"sent").digest(), hashlib.sha256(b"received").digest()
     old = await Database.open(path, MIGRATIONS[:3])  # the schema before letter_documents
     outgoing = _with_attachments(
         pb.EnvelopeHeader(shams=_shams(7), sender=pb.Address(agency=ORIGIN)), [sent], "legal"
     )
+    later = _with_attachments(
+        pb.EnvelopeHeader(shams=_shams(9), sender=pb.Address(agency=ORIGIN)), [sent], "registry"
+    )
     incoming = _with_attachments(pb.EnvelopeHeader(shams=_shams(8, RECIPIENT_C)), [received])
 
     def job(conn: sqlite3.Connection) -> None:
-        conn.execute(
+        conn.executemany(
             "INSERT INTO outbox (shams, envelope, envelope_sha256, receipt, created_at)"
             " VALUES (?, ?, x'00', x'00', 0)",
-            (format_shams(_shams(7)), outgoing.SerializeToString()),
+            [
+                (format_shams(_shams(7)), outgoing.SerializeToString()),
+                (format_shams(_shams(9)), later.SerializeToString()),
+            ],
         )
         conn.execute(
             "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
@@ -1156,9 +1165,10 @@ async def test_letters_stored_before_the_document_index_are_indexed_once(tmp_pat
     store = await NodeStore.open(path)
     try:
         assert not await store.may_use_document(sent, "clerk", frozenset({"legal"}))
-        assert await store.index_documents() == 2
+        assert await store.index_documents(chunk=chunk) == 3
         assert await store.may_use_document(sent, "clerk", frozenset({"legal"}))
-        assert not await store.may_use_document(sent, "clerk", frozenset({"registry"}))
+        assert await store.may_use_document(sent, "clerk", frozenset({"registry"}))  # the 2nd
+        assert not await store.may_use_document(sent, "clerk", frozenset({"archive"}))
         assert await store.may_use_document(received, "clerk", frozenset({"registry"}))
         assert await store.index_documents() == 0  # once
     finally:
