@@ -41,6 +41,7 @@ from client_sdk.ids import uuid7
 from loadtest.baseline import measure_baseline
 from loadtest.cpu import own_cpu_s, process_cpu_s
 from loadtest.machine import machine
+from loadtest.reference import Reference, median_of, per_window
 from loadtest.targets import Endpoint, Targets, TargetsError, load_targets
 from node import faults
 from node.cluster import Cluster, ServerProcess
@@ -487,6 +488,8 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
     routes = {a.agency: b.agency for a, b in itertools.pairwise(nodes)}
     stats = _Stats()
     body = "x" * p.body_bytes
+    reference = Reference(workdir / "reference.jsonl")
+    samples: list[tuple[float, float]] = []
     try:
         pair = (nodes[0].agency, nodes[1].agency)
         # Flat out for the ratio; at a fixed rate also paced, one message a slot, for what
@@ -500,6 +503,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
                 baseline.paced_cpu_ms_per_message = paced["cpu_ms_per_message"]
         for probe in probes.values():
             probe.begin()
+        reference.start()
         own_cpu = own_cpu_s()  # the load generator's CPU counts from here, not the baseline's
         consumers = [asyncio.create_task(_consumer(n, routes, p, stats)) for n in nodes[1:]]
         start = time.perf_counter()
@@ -558,6 +562,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
             await asyncio.sleep(0.2)
         stop.set()
         await progress
+        samples = reference.stop()
         processes = {name: figures for name, probe in probes.items() if (figures := probe.end())}
         for consumer in consumers:
             consumer.cancel()
@@ -565,13 +570,14 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
     finally:
+        reference.stop()
         if cluster is not None:
             cluster.stop()
     processes["loadgen"] = {
         "cpu_s": round(own_cpu_s() - own_cpu, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    report = _report(p, stats, start, sent_done, baseline, processes)
+    report = _report(p, stats, start, sent_done, baseline, processes, samples)
     report["routes"] = _routes(routes, stats)
     return report
 
@@ -647,6 +653,7 @@ def _report(
     sent_done: float,
     baseline: Baseline,
     processes: dict[str, dict[str, float]],
+    reference: list[tuple[float, float]] | None = None,
 ) -> dict[str, object]:
     accepted = set(stats.accepted)
     delivered = accepted & set(stats.delivered)
@@ -694,7 +701,10 @@ def _report(
                 ]
             ),
         },
-        "windows": _windows(stats, delivered, start, sent_done),
+        # The machine's own speed during the run: the CPU time of a fixed loop, its median
+        # (per window below). Figures of two runs compare only if these are alike.
+        "reference_cpu_ms": median_of(reference or []),
+        "windows": _windows(stats, delivered, start, sent_done, reference or []),
         "processes": processes,
         "params": asdict(p),
         "machine": machine(),
@@ -702,12 +712,18 @@ def _report(
 
 
 def _windows(
-    stats: _Stats, delivered: set[str], start: float, sent_done: float
+    stats: _Stats,
+    delivered: set[str],
+    start: float,
+    sent_done: float,
+    reference: list[tuple[float, float]],
 ) -> dict[str, object]:
     """Delivered letters per window of the sending period (60 s windows when it lasted two
     minutes or more, else 10 s): the first and last full windows show any degradation.
     Also the p99 from submission to delivery of the letters whose slot fell in each window:
-    whether a long run's tail is spread over it or made in a few bad windows."""
+    whether a long run's tail is spread over it or made in a few bad windows; and the
+    reference loop's CPU time in each (loadtest.reference): whether the machine itself
+    was slower in those windows."""
     span = sent_done - start
     size = 60.0 if span >= 120 else 10.0
     count = int(span // size)
@@ -726,6 +742,7 @@ def _windows(
         "delivered_lps": rates,
         "last_over_first": round(rates[-1] / rates[0], 3) if count >= 2 and rates[0] else None,
         "submit_delivered_p99_ms": [_percentiles(v)["p99"] for v in latencies],
+        "reference_cpu_ms": per_window(reference, start, size, count),
     }
 
 
@@ -779,6 +796,7 @@ def _summary(report: dict[str, object]) -> str:
             f"   last/first {windows['last_over_first']}"
         )
         rows.append(f"  p99 delivered ms {windows['submit_delivered_p99_ms']}")
+        rows.append(f"  reference loop ms {windows['reference_cpu_ms']}")
     procs = report["processes"]
     assert isinstance(procs, dict)
     for name, s in procs.items():

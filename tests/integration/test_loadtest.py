@@ -65,6 +65,8 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
     packages = report["machine"]["packages"]
     assert all(packages[p] not in ("", "absent") for p in ("grpcio", "protobuf", "cryptography"))
     assert report["throughput_lps"] > 0
+    # The machine's speed during the run: the reference loop ran beside it.
+    assert 0 < report["reference_cpu_ms"] < 1000
     latency = report["latency_ms"]
     assert isinstance(latency, dict)
     for stage in STAGES:
@@ -175,14 +177,19 @@ def test_windows_show_the_delivery_rate_of_the_sending_period_and_its_drift() ->
     stats.sent_at = {
         s: t - (0.5 if 1020.0 <= t - 0.5 < 1030.0 else 0.02) for s, t in stats.delivered.items()
     }
-    windows = _windows(stats, set(stats.delivered), start=1000.0, sent_done=1040.0)
+    # The reference loop took 1 ms a second, 2 ms in the third window, and was not heard
+    # from in the last; samples before the start and after sending count in no window.
+    reference = [(1000.0 + t + 0.5, 2.0 if 20 <= t < 30 else 1.0) for t in range(-5, 30)]
+    reference += [(1045.0, 9.0)]
+    windows = _windows(stats, set(stats.delivered), 1000.0, 1040.0, reference)
     assert windows == {
         "window_s": 10.0,
         "delivered_lps": [100.0, 0.0, 0.0, 50.0],
         "last_over_first": 0.5,
         "submit_delivered_p99_ms": [20.0, 0.0, 500.0, 20.0],
+        "reference_cpu_ms": [1.0, 1.0, 2.0, None],
     }
-    long = _windows(stats, set(stats.delivered), start=1000.0, sent_done=1130.0)
+    long = _windows(stats, set(stats.delivered), 1000.0, 1130.0, [])
     assert long["window_s"] == 60.0
     assert long["delivered_lps"] == [25.0, 0.0]
 
