@@ -19,9 +19,10 @@ from pathlib import Path
 
 import grpc
 
+from certs.pki import PkiLayout
 from loadtest.cpu import own_cpu_s, process_cpu_s
 
-__all__ = ["measure_baseline"]
+__all__ = ["measure_baseline", "measure_between"]
 
 METHOD = "/chapar.loadtest.v1.Baseline/Stream"
 
@@ -132,6 +133,30 @@ async def measure_baseline(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def measure_between(
+    pki: PkiLayout,
+    pair: tuple[str, str],
+    payload: bytes,
+    *,
+    seconds: float,
+    workdir: Path,
+    rate: float = 0.0,
+) -> dict[str, float]:
+    """``measure_baseline`` between the TLS certificates of ``pair`` (client, server)."""
+    client, server = (pki.agency_dir(code) for code in pair)
+    return await measure_baseline(
+        payload,
+        ca=pki.root_cert,
+        server_cert=server / "tls.crt",
+        server_key=server / "tls.key",
+        client_cert=client / "tls.crt",
+        client_key=client / "tls.key",
+        seconds=seconds,
+        workdir=workdir,
+        rate=rate,
+    )
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from certs.pki import KeyAlgorithm, init_pki
 from client_sdk import ChaparError, Draft, ExchangeClient, Letter, Receipt
 from client_sdk.client import DEFAULT_MAX_IN_FLIGHT, DEFAULT_STREAM_LINGER_S, SharedStream
 from client_sdk.ids import uuid7
-from loadtest.baseline import measure_baseline
+from loadtest.baseline import measure_between
 from loadtest.cpu import own_cpu_s, process_cpu_s
 from loadtest.machine import machine
 from loadtest.reference import Reference, median_of, per_window
@@ -609,17 +609,8 @@ async def _baseline(
         pki = await asyncio.to_thread(
             init_pki, workdir / "baseline-pki", hub="national", agencies=list(pair)
         )
-    client, server = (pki.agency_dir(code) for code in pair)
-    return await measure_baseline(
-        _sample_envelope(),
-        ca=pki.root_cert,
-        server_cert=server / "tls.crt",
-        server_key=server / "tls.key",
-        client_cert=client / "tls.crt",
-        client_key=client / "tls.key",
-        seconds=seconds,
-        workdir=workdir,
-        rate=rate,
+    return await measure_between(
+        pki, pair, _sample_envelope(), seconds=seconds, workdir=workdir, rate=rate
     )
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from certs.pki import init_pki
-from loadtest.baseline import measure_baseline
+from loadtest.baseline import measure_between
 from loadtest.machine import machine
 
 __all__ = ["measure"]
@@ -34,19 +34,10 @@ async def measure(
 ) -> dict[str, object]:
     """A row a rate: messages, lps, cpu_us_per_message (both processes)."""
     pki = await asyncio.to_thread(init_pki, workdir / "pki", hub="national", agencies=list(_PAIR))
-    client, server = (pki.agency_dir(code) for code in _PAIR)
     rows = []
     for rate in rates:
-        got = await measure_baseline(
-            b"x" * payload_bytes,
-            ca=pki.root_cert,
-            server_cert=server / "tls.crt",
-            server_key=server / "tls.key",
-            client_cert=client / "tls.crt",
-            client_key=client / "tls.key",
-            seconds=seconds,
-            workdir=workdir,
-            rate=rate,
+        got = await measure_between(
+            pki, _PAIR, b"x" * payload_bytes, seconds=seconds, workdir=workdir, rate=rate
         )
         rows.append(
             {
