@@ -441,15 +441,36 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
             await asyncio.sleep(0.3)
 
 
-async def _progress(stats: _Stats, start: float, stop: asyncio.Event) -> None:
+def _progress_line(stats: _Stats, elapsed: float, p: Params, sending: bool) -> str:
+    """The live line: a bar of the run done (of its duration or of its letters while
+    sending, then of the accepted letters handed over while draining) and the counts."""
+    if sending:
+        done = elapsed / p.duration_s if p.duration_s else len(stats.accepted) / max(p.letters, 1)
+    else:
+        done = len(stats.handed_over) / max(len(stats.accepted), 1)
+    done = min(max(done, 0.0), 1.0)
+    filled = round(done * _BAR_WIDTH)
+    bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
+    phase = "sending " if sending else "draining"
+    return (
+        f"[{bar}] {done:4.0%} {phase} {elapsed:6.1f}s  accepted {len(stats.accepted):8d}"
+        f"  delivered {len(stats.delivered):8d}  handed over {len(stats.handed_over):8d}"
+        f"  ({len(stats.delivered) / max(elapsed, 1e-9):7.0f}/s)"
+    )
+
+
+_BAR_WIDTH = 20
+
+
+async def _progress(
+    stats: _Stats, start: float, stop: asyncio.Event, p: Params, sent: asyncio.Event
+) -> None:
+    """A live line on standard error: redrawn every second on a terminal, a line every
+    5 s otherwise (a log)."""
     tty = sys.stderr.isatty()
     while not stop.is_set():
         await asyncio.sleep(1.0 if tty else 5.0)
-        elapsed = time.perf_counter() - start
-        line = (
-            f"{elapsed:6.1f}s  accepted {len(stats.accepted):8d}  delivered {len(stats.delivered):8d}"
-            f"  handed over {len(stats.handed_over):8d}  ({len(stats.delivered) / elapsed:7.0f}/s)"
-        )
+        line = _progress_line(stats, time.perf_counter() - start, p, not sent.is_set())
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
     if tty:
         print(file=sys.stderr)
@@ -507,8 +528,8 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
         own_cpu = own_cpu_s()  # the load generator's CPU counts from here, not the baseline's
         consumers = [asyncio.create_task(_consumer(n, routes, p, stats)) for n in nodes[1:]]
         start = time.perf_counter()
-        stop = asyncio.Event()
-        progress = asyncio.create_task(_progress(stats, start, stop))
+        stop, sent = asyncio.Event(), asyncio.Event()
+        progress = asyncio.create_task(_progress(stats, start, stop, p, sent))
         fault_tasks = []
         if cluster is not None:  # the sender is the chain's first node, the recipient its last
             ends = {"sender": nodes[0].agency, "recipient": nodes[-1].agency}
@@ -555,6 +576,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
 
             await asyncio.gather(*(sender(i) for i in range(p.senders)))
         sent_done = time.perf_counter()
+        sent.set()
         for task in fault_tasks:
             await task
         drain_until = time.perf_counter() + p.drain_timeout_s

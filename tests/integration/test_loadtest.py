@@ -20,7 +20,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from certs.pki import load_certs
 from client_sdk import ExchangeClient
 from loadtest.cpu import process_cpu_s
-from loadtest.harness import A, B, Params, _Pacer, _Probe, _Stats, _windows, run
+from loadtest.harness import (
+    A,
+    B,
+    Params,
+    _Pacer,
+    _Probe,
+    _progress_line,
+    _Stats,
+    _windows,
+    run,
+)
 from node.cluster import Cluster, ServerProcess
 from node.status import fetch
 from tests.conftest import run_module, run_module_json
@@ -192,6 +202,22 @@ def test_windows_show_the_delivery_rate_of_the_sending_period_and_its_drift() ->
     long = _windows(stats, set(stats.delivered), 1000.0, 1130.0, [])
     assert long["window_s"] == 60.0
     assert long["delivered_lps"] == [25.0, 0.0]
+
+
+def test_the_progress_bar_shows_the_run_done_then_the_drain() -> None:
+    stats = _Stats()
+    stats.accepted = {f"L{i}": 0.0 for i in range(400)}
+    stats.delivered = dict.fromkeys(list(stats.accepted)[:300], 0.0)
+    stats.handed_over = dict.fromkeys(list(stats.accepted)[:100], 0.0)
+    # A 60 s run 15 s in: a quarter of its time; 400 of 1,000 letters: 40 %.
+    timed = _progress_line(stats, 15.0, Params(duration_s=60.0), sending=True)
+    assert timed.startswith("[#####---------------]  25% sending ")
+    counted = _progress_line(stats, 15.0, Params(letters=1000), sending=True)
+    assert counted.startswith("[########------------]  40% sending ")
+    # Sending over: the bar follows the accepted letters handed over, 100 of 400.
+    draining = _progress_line(stats, 61.0, Params(duration_s=60.0), sending=False)
+    assert draining.startswith("[#####---------------]  25% draining")
+    assert "accepted      400  delivered      300  handed over      100" in draining
 
 
 async def test_a_late_sender_keeps_the_schedule_so_its_lateness_counts_in_latency() -> None:
