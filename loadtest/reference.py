@@ -1,12 +1,13 @@
 """How fast the machine itself was during a run: a fixed piece of work, timed once a second.
 
 On a shared virtual machine the same instructions take more CPU time in some minutes than
-in others (a busy neighbour on the host's other hyperthread, the host's clock), and nothing
-inside the guest says so: no steal time, no iowait. At a fixed offered rate the exchange's
-CPU a letter, and with it the tail latency, follow that speed. So the harness starts this
-small process beside the servers and reports, for each window of the run, the median CPU
-time of the same pure-Python loop: a run whose windows differ in it ran on a machine that
-changed speed under it, whatever the exchange did.
+in others (whatever the host is doing; nothing inside the guest says so: no steal time, no
+iowait). At a fixed offered rate the exchange's CPU a letter, and with it the tail
+latency, follow that speed. So the harness starts this small process beside the servers
+and reports, for each window of the run, the median CPU time of the same pure-Python
+loop: a run whose windows differ in it ran on a machine that changed speed under it,
+whatever the exchange did. Its own CPU (about 0.1 % of a core) is in no process's
+figures. With ``--targets`` it measures the load generator's machine, not the servers'.
 
     python -m loadtest.reference    (JSON lines on stdout: {"t": perf_counter, "cpu_ms": ...};
                                     perf_counter is CLOCK_MONOTONIC, one clock for every process)
