@@ -584,7 +584,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
             await asyncio.sleep(0.2)
         stop.set()
         await progress
-        samples = reference.stop()
+        samples = await asyncio.to_thread(reference.stop)  # may wait for a first sample
         processes = {name: figures for name, probe in probes.items() if (figures := probe.end())}
         for consumer in consumers:
             consumer.cancel()

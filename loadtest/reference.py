@@ -82,9 +82,15 @@ class Reference:
         )
 
     def stop(self) -> list[tuple[float, float]]:
-        """Ends the process (again: nothing) and reads what it wrote."""
+        """Ends the process (again: nothing) and reads what it wrote. A run shorter than
+        the process's start-up still gets its first sample: up to 5 s are given for it."""
         proc, self._proc = self._proc, None
         if proc is not None:
+            deadline = time.monotonic() + 5.0
+            while (
+                proc.poll() is None and time.monotonic() < deadline and not self.path.stat().st_size
+            ):
+                time.sleep(0.01)
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)

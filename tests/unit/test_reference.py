@@ -31,3 +31,10 @@ def test_the_reference_process_writes_samples_until_stopped(tmp_path: Path) -> N
     assert reference.stop() == samples  # stopping again changes nothing
     assert 1 <= len(samples) <= 3  # one a second
     assert all(before < at < time.perf_counter() and ms > 0 for at, ms in samples)
+
+
+def test_a_run_shorter_than_the_process_start_up_still_gets_a_sample(tmp_path: Path) -> None:
+    reference = Reference(tmp_path / "reference.jsonl")
+    reference.start()
+    samples = reference.stop()  # at once: the process has not written yet
+    assert len(samples) == 1
