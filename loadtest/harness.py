@@ -29,7 +29,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast, get_args
@@ -666,7 +666,7 @@ def _report(
     sent_done: float,
     baseline: Baseline,
     processes: dict[str, dict[str, float]],
-    reference: list[tuple[float, float]] | None = None,
+    reference: Sequence[tuple[float, float]] = (),
 ) -> dict[str, object]:
     accepted = set(stats.accepted)
     delivered = accepted & set(stats.delivered)
@@ -716,8 +716,8 @@ def _report(
         },
         # The machine's own speed during the run: the CPU time of a fixed loop, its median
         # (per window below). Figures of two runs compare only if these are alike.
-        "reference_cpu_ms": median_of(reference or []),
-        "windows": _windows(stats, delivered, start, sent_done, reference or []),
+        "reference_cpu_ms": median_of(reference),
+        "windows": _windows(stats, delivered, start, sent_done, reference),
         "processes": processes,
         "params": asdict(p),
         "machine": machine(),
@@ -729,7 +729,7 @@ def _windows(
     delivered: set[str],
     start: float,
     sent_done: float,
-    reference: list[tuple[float, float]],
+    reference: Sequence[tuple[float, float]],
 ) -> dict[str, object]:
     """Delivered letters per window of the sending period (60 s windows when it lasted two
     minutes or more, else 10 s): the first and last full windows show any degradation.

@@ -71,6 +71,7 @@ class Reference:
         self.path = path
         self._proc: subprocess.Popen[bytes] | None = None
         self._out: IO[bytes] | None = None
+        self._samples: list[tuple[float, float]] | None = None  # read once, when stopped
 
     def start(self) -> None:
         self._out = self.path.open("wb")
@@ -82,8 +83,11 @@ class Reference:
         )
 
     def stop(self) -> list[tuple[float, float]]:
-        """Ends the process (again: nothing) and reads what it wrote. A run shorter than
-        the process's start-up still gets its first sample: up to 5 s are given for it."""
+        """Ends the process and reads what it wrote (again: the same samples). A run
+        shorter than the process's start-up still gets its first sample: up to 5 s are
+        given for it."""
+        if self._samples is not None:
+            return self._samples
         proc, self._proc = self._proc, None
         if proc is not None:
             deadline = time.monotonic() + 5.0
@@ -108,6 +112,8 @@ class Reference:
                     samples.append((float(item["t"]), float(item["cpu_ms"])))
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by the end
+        if proc is not None:
+            self._samples = samples
         return samples
 
 
