@@ -51,8 +51,10 @@ from client_sdk import pb
 from client_sdk.credentials import Credentials
 from client_sdk.documents import digest_of_uri, read_chunks
 from client_sdk.errors import (
+    Cancelled,
     ChaparError,
     DataLoss,
+    DeadlineExceeded,
     FailedPrecondition,
     InternalError,
     InvalidArgument,
@@ -361,9 +363,9 @@ class Letter(_LetterFields):
     async def ack(self) -> pb.Evidence:
         """Acknowledges the letter; returns the node's HANDOVER evidence (idempotent).
 
-        Acknowledgements made in the same event-loop turn, or while an earlier call is in
-        flight, travel together in one ``BatchAckEnvelopes`` call; each still gets its own
-        evidence or exception.
+        Acknowledgements made in the same event-loop turn, or while an earlier batch is
+        unanswered, travel together in one batch on the client's acknowledgement stream
+        (``StreamAckEnvelopes``); each still gets its own evidence or exception.
         """
         return await self._client._acks.ack(self.shams_pb)
 
@@ -488,7 +490,7 @@ class ExchangeClient:
 
     async def close(self) -> None:
         """Closes the channel if this client created it."""
-        await self._acks.flush()
+        await self._acks.close()
         if self._owns_channel:
             self._owns_channel = False
             await self._channel.close()
@@ -1155,13 +1157,15 @@ class SharedStream:
 
 
 class _AckGatherer:
-    """Gathers concurrent ``Letter.ack()`` calls into ``BatchAckEnvelopes`` calls.
+    """Gathers concurrent ``Letter.ack()`` calls into batches on one acknowledgement
+    stream (``StreamAckEnvelopes``; ``BatchAckEnvelopes`` calls with a node without it).
 
-    Acknowledgements go at the end of the event-loop turn they were made in, in one call,
-    unless a call is already in flight: then they gather until it returns and go together
-    in the next (group commit, as the node stores submissions). A back-end acknowledging one
-    letter at a time never waits for company; one acknowledging hundreds a second sends them
-    a few a call, as many as arrive during a round trip. A full batch goes at once.
+    Acknowledgements go at the end of the event-loop turn they were made in, in one batch,
+    unless a batch is already unanswered: then they gather until it is answered and go
+    together in the next (group commit, as the node stores submissions). A back-end
+    acknowledging one letter at a time never waits for company; one acknowledging hundreds a
+    second sends them a few a batch, as many as arrive during a round trip. A full batch
+    goes at once.
     """
 
     def __init__(self, client: ExchangeClient, max_batch: int = 256):
@@ -1170,6 +1174,7 @@ class _AckGatherer:
         self._pending: list[tuple[pb.Shams, asyncio.Future[pb.Evidence]]] = []
         self._scheduled = False  # a send is due at the end of this turn
         self._calls: set[asyncio.Task[None]] = set()  # calls in flight
+        self._stream: _AckStream | None = _AckStream(client)  # None: the node has none
 
     async def ack(self, shams: pb.Shams) -> pb.Evidence:
         loop = asyncio.get_running_loop()
@@ -1188,6 +1193,24 @@ class _AckGatherer:
         while self._calls:
             await asyncio.gather(*self._calls, return_exceptions=True)
 
+    async def close(self) -> None:
+        """``flush``, then ends the acknowledgement stream."""
+        await self.flush()
+        if self._stream is not None:
+            await self._stream.close()
+
+    async def _send(self, numbers: list[pb.Shams]) -> list[pb.Evidence | ChaparError]:
+        """One batch over the acknowledgement stream; by ``BatchAckEnvelopes`` calls from
+        the first time a node says it has no such stream (an older node)."""
+        if self._stream is not None:
+            try:
+                return await self._stream.ack_many(numbers)
+            except ChaparError as exc:
+                if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._stream = None
+        return await self._client.ack_many(numbers)
+
     def _send_pending(self) -> None:
         self._scheduled = False
         batch, self._pending = self._pending, []
@@ -1203,7 +1226,7 @@ class _AckGatherer:
 
     async def _call(self, batch: list[tuple[pb.Shams, asyncio.Future[pb.Evidence]]]) -> None:
         try:
-            outcomes = await self._client.ack_many([s for s, _ in batch])
+            outcomes = await self._send([s for s, _ in batch])
         except BaseException as exc:  # the call failed as a whole: every caller learns it
             for _, done in batch:
                 _settle(done, exc)
@@ -1212,6 +1235,103 @@ class _AckGatherer:
             return
         for (_, done), outcome in zip(batch, outcomes, strict=True):
             _settle(done, outcome)
+
+
+class _AckStream:
+    """Acknowledgement batches over one ``StreamAckEnvelopes`` stream, answered in order.
+
+    The stream opens with the first batch and stays open; a batch costs one write and one
+    read on it instead of a unary call. When the stream breaks, every batch unanswered on
+    it raises the error (acknowledging again is safe: the node answers with the same
+    HANDOVER evidence), and the next batch opens a new stream. A batch unanswered within
+    the client's deadline ends the stream too.
+    """
+
+    def __init__(self, client: ExchangeClient) -> None:
+        self._client = client
+        self._open: _AckCall | None = None
+
+    async def ack_many(self, numbers: list[pb.Shams]) -> list[pb.Evidence | ChaparError]:
+        current = self._open
+        if current is None or current.call.done():
+            with _translated():
+                call = self._client._stub.StreamAckEnvelopes()
+            current = self._open = _AckCall(call)
+        # Answers come in order: a batch's future stays in line even when its caller
+        # stops waiting (the future is then cancelled, and its answer dropped).
+        done: asyncio.Future[pb.StreamAckEnvelopesResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        current.waiting.append(done)
+        try:
+            async with _write_translated(current.call):
+                await current.call.write(pb.StreamAckEnvelopesRequest(shams=numbers))
+        except ChaparError as exc:  # the stream is broken: nothing unanswered will be
+            done.cancel()
+            current.fail(exc)
+            raise
+        try:
+            response = await asyncio.wait_for(done, self._client._deadline(None))
+        except TimeoutError:
+            error = DeadlineExceeded(
+                "no answer to an acknowledgement batch in time", reason="ACK_TIMEOUT"
+            )
+            current.fail(error)
+            raise error from None
+        if len(response.results) != len(numbers):
+            raise InternalError(
+                f"node answered {len(response.results)} of {len(numbers)} acknowledgements",
+                reason="MALFORMED_RESPONSE",
+            )
+        return [
+            from_submit_error(r.error) if r.HasField("error") else r.evidence
+            for r in response.results
+        ]
+
+    async def close(self) -> None:
+        """Ends the stream; ``flush`` has left no batch waiting on it."""
+        current, self._open = self._open, None
+        if current is None:
+            return
+        with contextlib.suppress(Exception):  # ended already
+            await current.call.done_writing()
+        with contextlib.suppress(TimeoutError):  # the node ends the stream in turn
+            await asyncio.wait_for(asyncio.shield(current.reader), 5)
+        current.fail(Cancelled("the client closed", reason="CLIENT_CLOSED"))
+
+
+class _AckCall:
+    """One acknowledgement stream and the batches waiting for its answers, oldest first."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.waiting: collections.deque[asyncio.Future[pb.StreamAckEnvelopesResponse]] = (
+            collections.deque()
+        )
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        error: BaseException
+        try:
+            with _translated():
+                async for response in self.call:
+                    if not self.waiting:
+                        raise InternalError(
+                            "an answer to no acknowledgement batch", reason="MALFORMED_RESPONSE"
+                        )
+                    _settle(self.waiting.popleft(), response)
+            error = Unavailable("the node ended the acknowledgement stream", reason="STREAM_ENDED")
+        except BaseException as exc:  # every batch unanswered learns why
+            error = exc
+        self.fail(error)
+
+    def fail(self, error: BaseException) -> None:
+        """Every batch unanswered raises ``error``; the stream ends."""
+        if not isinstance(error, Exception):  # the call was cancelled under the reader
+            error = Cancelled("the acknowledgement stream was cancelled", reason="STREAM_ENDED")
+        while self.waiting:
+            _settle(self.waiting.popleft(), error)
+        self.call.cancel()
 
 
 def _settle(done: asyncio.Future[T], outcome: T | BaseException) -> None:

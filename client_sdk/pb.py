@@ -173,6 +173,12 @@ from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import Receipt as Receipt
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import RecipientStatus as RecipientStatus
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
+    StreamAckEnvelopesRequest as StreamAckEnvelopesRequest,
+)
+from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
+    StreamAckEnvelopesResponse as StreamAckEnvelopesResponse,
+)
+from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
     StreamInboxRequest as StreamInboxRequest,
 )
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (

@@ -13,8 +13,9 @@ import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -49,6 +50,8 @@ _INBOX_ENVELOPE = Field(pb.InboxLetter, "envelope")
 _INBOX_DELIVERY = Field(pb.InboxLetter, "delivery")
 _MAX_BATCH = 1024
 _MAX_ACK_BATCH = 1000
+F = TypeVar("F")
+R = TypeVar("R")
 # Letters numbered and signed together at most (several calls' worth; trees of 256).
 _MAX_SIGNING_GROUP = 4096
 
@@ -107,6 +110,42 @@ def _log_letters(
     if request_ids is not None and any(request_ids):
         extra["request_ids"] = request_ids
     log.info(message, extra=extra)
+
+
+async def _answer_in_order(
+    frames: AsyncIterator[F],
+    handle: Callable[[F], Coroutine[Any, Any, R]],
+    respond: Callable[[R], object],
+    context: grpc.aio.ServicerContext,
+) -> None:
+    """Answers a stream's frames in order, handling them concurrently (group commit joins
+    their writes; at most eight wait ahead of the answer being written). A ChaparError,
+    from handling a frame or from reading one (malformed, oversized), ends the stream with
+    that error."""
+    pending: asyncio.Queue[asyncio.Task[R] | None] = asyncio.Queue(8)
+
+    async def read() -> None:
+        try:
+            async for frame in frames:
+                await pending.put(asyncio.create_task(handle(frame)))
+        finally:
+            await pending.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (task := await pending.get()) is not None:
+            try:
+                result = await task
+            except ChaparError as exc:
+                await abort(context, exc)
+                return
+            await context.write(respond(result))
+        try:
+            await reader
+        except ChaparError as exc:
+            await abort(context, exc)
+    finally:
+        reader.cancel()
 
 
 class Agency(pb.NodeServiceServicer):
@@ -524,31 +563,12 @@ class Agency(pb.NodeServiceServicer):
         except ChaparError as exc:
             await abort(context, exc)
             return
-        # Batches are processed concurrently (group commit joins them) and answered in order.
-        pending: asyncio.Queue[asyncio.Task[list[pb.SubmitResult]] | None] = asyncio.Queue(8)
-
-        async def read() -> None:
-            try:
-                async for frame in request_iterator:
-                    await pending.put(asyncio.create_task(self._batch(frame.requests, access)))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (task := await pending.get()) is not None:
-                try:
-                    results = await task
-                except ChaparError as exc:
-                    await abort(context, exc)
-                    return
-                await context.write(pb.StreamSubmitEnvelopesResponse(results=results))
-            try:
-                await reader
-            except ChaparError as exc:  # a malformed or oversized frame ends the stream
-                await abort(context, exc)
-        finally:
-            reader.cancel()
+        await _answer_in_order(
+            request_iterator,
+            lambda frame: self._batch(frame.requests, access),
+            lambda results: pb.StreamSubmitEnvelopesResponse(results=results),
+            context,
+        )
 
     # -- inbox ------------------------------------------------------------------------------
 
@@ -629,25 +649,45 @@ class Agency(pb.NodeServiceServicer):
     ) -> pb.BatchAckEnvelopesResponse:
         try:
             access = self._authorize(context)
-            if len(request.shams) > _MAX_ACK_BATCH:
-                raise ChaparError(
-                    Code.INVALID_ARGUMENT,
-                    "BATCH_TOO_LARGE",
-                    f"at most {_MAX_ACK_BATCH} letters per acknowledgement batch",
-                    field_violations=[("shams", f"{len(request.shams)} numbers")],
-                )
+            results = await self._ack_batch(request.shams, access)
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
-        outcomes = await self._acknowledge_many(request.shams, access)
-        return pb.BatchAckEnvelopesResponse(
-            results=[
-                pb.AckResult(error=to_submit_error(o))
-                if isinstance(o, ChaparError)
-                else pb.AckResult(evidence=o)
-                for o in outcomes
-            ]
+        return pb.BatchAckEnvelopesResponse(results=results)
+
+    async def StreamAckEnvelopes(  # type: ignore[override]  # answers via context.write
+        self,
+        request_iterator: AsyncIterator[pb.StreamAckEnvelopesRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        try:
+            access = self._authorize(context)
+        except ChaparError as exc:
+            await abort(context, exc)
+            return
+        await _answer_in_order(
+            request_iterator,
+            lambda frame: self._ack_batch(frame.shams, access),
+            lambda results: pb.StreamAckEnvelopesResponse(results=results),
+            context,
         )
+
+    async def _ack_batch(self, numbers: Sequence[pb.Shams], access: Access) -> list[pb.AckResult]:
+        """One acknowledgement batch's results; ChaparError when the batch is too large."""
+        if len(numbers) > _MAX_ACK_BATCH:
+            raise ChaparError(
+                Code.INVALID_ARGUMENT,
+                "BATCH_TOO_LARGE",
+                f"at most {_MAX_ACK_BATCH} letters per acknowledgement batch",
+                field_violations=[("shams", f"{len(numbers)} numbers")],
+            )
+        outcomes = await self._acknowledge_many(numbers, access)
+        return [
+            pb.AckResult(error=to_submit_error(o))
+            if isinstance(o, ChaparError)
+            else pb.AckResult(evidence=o)
+            for o in outcomes
+        ]
 
     async def _acknowledge_many(
         self, numbers: Sequence[pb.Shams], access: Access

@@ -35,7 +35,7 @@ from client_sdk import (
     pb,
 )
 from client_sdk.errors import from_rpc_error
-from client_sdk.shams import format_shams
+from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, sha256
 from client_sdk.trust import TrustStore, VerificationError
 from node.cluster import Cluster
@@ -818,6 +818,12 @@ async def test_client_limited_to_a_mailbox_sees_and_acts_only_on_that_mailbox(
         with pytest.raises(PermissionDenied) as ack:
             await registry.ack(to_legal.shams)
         assert ack.value.reason == "MAILBOX_NOT_ALLOWED"
+        # The same per letter in a batch, as a call and on the acknowledgement stream.
+        (batched,) = await registry.ack_many([to_legal.shams])
+        assert isinstance(batched, PermissionDenied), batched
+        with pytest.raises(PermissionDenied) as streamed:
+            await registry._acks.ack(parse_shams(to_legal.shams))  # what Letter.ack() does
+        assert (batched.reason, streamed.value.reason) == ("MAILBOX_NOT_ALLOWED",) * 2
         assert (
             _count(
                 inbox_a,

@@ -15,6 +15,7 @@ import pytest
 from certs.pki import load_certs
 from client_sdk import AlreadyExists, Draft, ExchangeClient, NotFound, Receipt, pb
 from client_sdk.errors import from_rpc_error
+from client_sdk.shams import parse_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer
 from client_sdk.trust import VerificationError
 from node.cluster import Cluster
@@ -374,6 +375,41 @@ async def test_acknowledgements_travel_in_batches_each_with_its_own_outcome(
             )
             == 3
         )
+
+
+async def test_the_acknowledgement_stream_answers_frames_in_order_and_ends_on_a_bad_one(
+    cluster: Cluster,
+) -> None:
+    async with (
+        ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
+        ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+    ):
+        numbers, letters = await _three_sent_and_received(a, b, "ack stream")
+        unknown = f"{AGENCY_A}/O/{dt.datetime.now(dt.UTC).year}/9999998"
+        shams = [parse_shams(n) for n in (*numbers, unknown)]
+        call = b._stub.StreamAckEnvelopes()
+        await call.write(pb.StreamAckEnvelopesRequest(shams=[shams[0], shams[3]]))
+        await call.write(pb.StreamAckEnvelopesRequest(shams=[shams[1], shams[0]]))
+        first, second = await call.read(), await call.read()
+        assert [r.WhichOneof("outcome") for r in first.results] == ["evidence", "error"]
+        assert first.results[1].error.reason == "LETTER_NOT_FOUND"
+        assert [r.WhichOneof("outcome") for r in second.results] == ["evidence", "evidence"]
+        assert second.results[1].evidence == first.results[0].evidence  # the same HANDOVER
+        contents = [
+            pb.EvidenceContent.FromString(r.evidence.content)
+            for r in (first.results[0], second.results[0])
+        ]
+        assert [c.shams for c in contents] == shams[:2]
+        assert {c.event for c in contents} == {pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER}
+
+        await call.write(pb.StreamAckEnvelopesRequest(shams=[shams[2]] * 1001))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        error = from_rpc_error(caught.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BATCH_TOO_LARGE")
+        # Only that stream ended: Letter.ack() goes on the SDK's own.
+        evidence = await letters[2].ack()
+        assert pb.EvidenceContent.FromString(evidence.content).shams == shams[2]
 
 
 async def test_a_submitted_batch_is_signed_once_and_each_letter_verifies_alone(

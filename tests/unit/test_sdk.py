@@ -8,7 +8,7 @@ import contextlib
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,12 @@ class FakeNode(pb.NodeServiceServicer):
         self.acks: list[pb.AckEnvelopeRequest] = []
         self.ack_batches: list[int] = []
         self.ack_gate: asyncio.Event | None = None  # when set, ack calls wait for it
-        self.ack_called = asyncio.Event()  # set by each BatchAckEnvelopes call
+        self.ack_called = asyncio.Event()  # set by each acknowledgement batch
+        self.ack_stream = True  # False: StreamAckEnvelopes is UNIMPLEMENTED (an older node)
+        self.ack_stream_calls = 0  # acknowledgement streams asked for
+        self.ack_streams_ended = 0  # ... and ended by the client, every batch answered
+        self.unary_ack_calls = 0  # BatchAckEnvelopes calls
+        self.break_ack_stream = False  # the next acknowledgement batch ends its stream
         self.inbox_requests: list[pb.StreamInboxRequest] = []
         self.inbox_batches: list[list[pb.InboxLetter]] = []
         self.get_response = pb.GetEnvelopeResponse()
@@ -196,18 +201,50 @@ class FakeNode(pb.NodeServiceServicer):
         )
         return pb.AckEnvelopeResponse(evidence=pb.Evidence(content=content.SerializeToString()))
 
-    async def BatchAckEnvelopes(
-        self, request: pb.BatchAckEnvelopesRequest, context: Any
-    ) -> pb.BatchAckEnvelopesResponse:
-        self.ack_batches.append(len(request.shams))
+    async def _ack_results(self, numbers: Sequence[pb.Shams], context: Any) -> list[pb.AckResult]:
+        self.ack_batches.append(len(numbers))
         self.ack_called.set()
         if self.ack_gate is not None:
             await self.ack_gate.wait()
         results = []
-        for shams in request.shams:
+        for shams in numbers:
             one = await self.AckEnvelope(pb.AckEnvelopeRequest(shams=shams), context)
             results.append(pb.AckResult(evidence=one.evidence))
-        return pb.BatchAckEnvelopesResponse(results=results)
+        return results
+
+    async def BatchAckEnvelopes(
+        self, request: pb.BatchAckEnvelopesRequest, context: Any
+    ) -> pb.BatchAckEnvelopesResponse:
+        self.unary_ack_calls += 1
+        return pb.BatchAckEnvelopesResponse(results=await self._ack_results(request.shams, context))
+
+    async def StreamAckEnvelopes(
+        self, request_iterator: AsyncIterator[pb.StreamAckEnvelopesRequest], context: Any
+    ) -> AsyncIterator[pb.StreamAckEnvelopesResponse]:
+        self.ack_stream_calls += 1
+        if not self.ack_stream:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        # Like a real node: frames are handled concurrently and answered in order.
+        answers: asyncio.Queue[asyncio.Task[list[pb.AckResult]] | str | None] = asyncio.Queue()
+
+        async def read() -> None:
+            async for frame in request_iterator:
+                if self.break_ack_stream:
+                    self.break_ack_stream = False
+                    self.ack_batches.append(len(frame.shams))
+                    await answers.put("break")
+                    return
+                await answers.put(asyncio.create_task(self._ack_results(frame.shams, context)))
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        while (answer := await answers.get()) is not None:
+            if answer == "break":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "node restarting")
+            assert not isinstance(answer, str)
+            yield pb.StreamAckEnvelopesResponse(results=await answer)
+        await reader
+        self.ack_streams_ended += 1
 
     async def GetEnvelope(
         self, request: pb.GetEnvelopeRequest, context: Any
@@ -985,6 +1022,69 @@ async def test_a_full_batch_of_acks_goes_without_waiting_for_the_call_in_flight(
     assert fake.ack_batches == [1, 2]  # the full batch did not wait for the first call
     fake.ack_gate.set()
     await asyncio.gather(first, *full)
+
+
+async def test_acks_go_on_one_stream_that_the_client_ends_when_it_closes(
+    fake_node: tuple[FakeNode, str],
+) -> None:
+    fake = fake_node[0]
+    channel = grpc.aio.insecure_channel(fake_node[1])
+    client = ExchangeClient.from_channel(channel)
+    evidence = [await client._acks.ack(shams_of(n)) for n in (1, 2, 3)]  # one at a time
+    assert [pb.EvidenceContent.FromString(e.content).shams for e in evidence] == [
+        shams_of(n) for n in (1, 2, 3)
+    ]
+    assert (fake.ack_stream_calls, fake.unary_ack_calls, fake.ack_batches) == (1, 0, [1, 1, 1])
+    assert fake.ack_streams_ended == 0
+    await client.close()
+    assert fake.ack_streams_ended == 1  # half-closed by the client, not cancelled
+    await channel.close()
+
+
+async def test_acks_fall_back_to_batch_calls_with_a_node_without_the_stream(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake = fake_node[0]
+    fake.ack_stream = False
+    first = await client._acks.ack(shams_of(1))
+    second = await client._acks.ack(shams_of(2))
+    assert [pb.EvidenceContent.FromString(e.content).shams for e in (first, second)] == [
+        shams_of(1),
+        shams_of(2),
+    ]
+    # The stream is asked for once; from then on every batch is a BatchAckEnvelopes call.
+    assert (fake.ack_stream_calls, fake.unary_ack_calls) == (1, 2)
+
+
+async def test_a_broken_ack_stream_fails_its_batch_and_the_next_ack_opens_another(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    fake = fake_node[0]
+    await client._acks.ack(shams_of(1))
+    fake.break_ack_stream = True
+    with pytest.raises(errors.Unavailable):
+        await client._acks.ack(shams_of(2))
+    again = await client._acks.ack(shams_of(2))  # acknowledging again is safe
+    assert pb.EvidenceContent.FromString(again.content).shams == shams_of(2)
+    assert (fake.ack_stream_calls, fake.unary_ack_calls) == (2, 0)
+
+
+async def test_an_ack_batch_unanswered_in_time_raises_and_ends_its_stream(
+    fake_node: tuple[FakeNode, str],
+) -> None:
+    fake = fake_node[0]
+    fake.ack_gate = asyncio.Event()
+    channel = grpc.aio.insecure_channel(fake_node[1])
+    client = ExchangeClient.from_channel(channel, timeout=0.3)
+    with pytest.raises(errors.DeadlineExceeded) as caught:
+        await client._acks.ack(shams_of(1))
+    assert caught.value.reason == "ACK_TIMEOUT"
+    fake.ack_gate.set()
+    again = await client._acks.ack(shams_of(1))
+    assert pb.EvidenceContent.FromString(again.content).shams == shams_of(1)
+    assert fake.ack_stream_calls == 2  # the late answer could not be matched: a new stream
+    await client.close()
+    await channel.close()
 
 
 # --- track and verify -----------------------------------------------------------------------

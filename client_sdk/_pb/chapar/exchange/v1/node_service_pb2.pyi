@@ -695,6 +695,54 @@ class BatchAckEnvelopesResponse(_message.Message):
 Global___BatchAckEnvelopesResponse: _TypeAlias = BatchAckEnvelopesResponse  # noqa: Y015
 
 @_typing.final
+class StreamAckEnvelopesRequest(_message.Message):
+    """StreamAckEnvelopesRequest is one batch of acknowledgements on the stream (at most 1,000)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shams(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Shams]:
+        """The letters' national numbers."""
+
+    def __init__(
+        self,
+        *,
+        shams: _abc.Iterable[_envelope_pb2.Shams] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shams", b"shams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAckEnvelopesRequest: _TypeAlias = StreamAckEnvelopesRequest  # noqa: Y015
+
+@_typing.final
+class StreamAckEnvelopesResponse(_message.Message):
+    """StreamAckEnvelopesResponse answers one StreamAckEnvelopesRequest, in stream order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AckResult]:
+        """One result per requested number, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AckResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAckEnvelopesResponse: _TypeAlias = StreamAckEnvelopesResponse  # noqa: Y015
+
+@_typing.final
 class GetEnvelopeRequest(_message.Message):
     """GetEnvelopeRequest asks for a letter."""
 

@@ -68,6 +68,11 @@ class NodeServiceStub:
                 request_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesRequest.SerializeToString,
                 response_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesResponse.FromString,
                 _registered_method=True)
+        self.StreamAckEnvelopes = channel.stream_stream(
+                '/chapar.exchange.v1.NodeService/StreamAckEnvelopes',
+                request_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.StreamAckEnvelopesRequest.SerializeToString,
+                response_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.StreamAckEnvelopesResponse.FromString,
+                _registered_method=True)
         self.GetEnvelope = channel.unary_unary(
                 '/chapar.exchange.v1.NodeService/GetEnvelope',
                 request_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.GetEnvelopeRequest.SerializeToString,
@@ -136,6 +141,16 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamAckEnvelopes(self, request_iterator, context):
+        """Acknowledges letters over one long-lived stream, in batches; each request is answered
+        by one response holding a result per number, in the same order. A malformed or
+        oversized request ends the stream with its error. The SDK's Letter.ack() uses this
+        stream (and BatchAckEnvelopes with a node that does not implement it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetEnvelope(self, request, context):
         """Returns a letter this agency sent or received, with every evidence the node holds
         about it and the certificates needed to verify them.
@@ -183,6 +198,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.BatchAckEnvelopes,
                     request_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesRequest.FromString,
                     response_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesResponse.SerializeToString,
+            ),
+            'StreamAckEnvelopes': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamAckEnvelopes,
+                    request_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.StreamAckEnvelopesRequest.FromString,
+                    response_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.StreamAckEnvelopesResponse.SerializeToString,
             ),
             'GetEnvelope': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEnvelope,
@@ -361,6 +381,33 @@ class NodeService:
             '/chapar.exchange.v1.NodeService/BatchAckEnvelopes',
             chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesRequest.SerializeToString,
             chapar_dot_exchange_dot_v1_dot_node__service__pb2.BatchAckEnvelopesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAckEnvelopes(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/chapar.exchange.v1.NodeService/StreamAckEnvelopes',
+            chapar_dot_exchange_dot_v1_dot_node__service__pb2.StreamAckEnvelopesRequest.SerializeToString,
+            chapar_dot_exchange_dot_v1_dot_node__service__pb2.StreamAckEnvelopesResponse.FromString,
             options,
             channel_credentials,
             insecure,

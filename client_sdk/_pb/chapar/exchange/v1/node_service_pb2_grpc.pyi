@@ -61,6 +61,12 @@ class NodeServiceStub:
     """Acknowledges many letters in one call; each gets its HANDOVER evidence or its own
     error, in request order. The SDK's Letter.ack() gathers concurrent calls into this.
     """
+    StreamAckEnvelopes: _grpc.StreamStreamMultiCallable[_node_service_pb2.StreamAckEnvelopesRequest, _node_service_pb2.StreamAckEnvelopesResponse]
+    """Acknowledges letters over one long-lived stream, in batches; each request is answered
+    by one response holding a result per number, in the same order. A malformed or
+    oversized request ends the stream with its error. The SDK's Letter.ack() uses this
+    stream (and BatchAckEnvelopes with a node that does not implement it).
+    """
     GetEnvelope: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.GetEnvelopeRequest, _node_service_pb2.GetEnvelopeResponse]
     """Returns a letter this agency sent or received, with every evidence the node holds
     about it and the certificates needed to verify them.
@@ -100,6 +106,12 @@ class NodeServiceAsyncStub(NodeServiceStub):
     BatchAckEnvelopes: _aio.UnaryUnaryMultiCallable[_node_service_pb2.BatchAckEnvelopesRequest, _node_service_pb2.BatchAckEnvelopesResponse]  # type: ignore[assignment]
     """Acknowledges many letters in one call; each gets its HANDOVER evidence or its own
     error, in request order. The SDK's Letter.ack() gathers concurrent calls into this.
+    """
+    StreamAckEnvelopes: _aio.StreamStreamMultiCallable[_node_service_pb2.StreamAckEnvelopesRequest, _node_service_pb2.StreamAckEnvelopesResponse]  # type: ignore[assignment]
+    """Acknowledges letters over one long-lived stream, in batches; each request is answered
+    by one response holding a result per number, in the same order. A malformed or
+    oversized request ends the stream with its error. The SDK's Letter.ack() uses this
+    stream (and BatchAckEnvelopes with a node that does not implement it).
     """
     GetEnvelope: _aio.UnaryUnaryMultiCallable[_node_service_pb2.GetEnvelopeRequest, _node_service_pb2.GetEnvelopeResponse]  # type: ignore[assignment]
     """Returns a letter this agency sent or received, with every evidence the node holds
@@ -173,6 +185,18 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_node_service_pb2.BatchAckEnvelopesResponse, _abc.Awaitable[_node_service_pb2.BatchAckEnvelopesResponse]]:
         """Acknowledges many letters in one call; each gets its HANDOVER evidence or its own
         error, in request order. The SDK's Letter.ack() gathers concurrent calls into this.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamAckEnvelopes(
+        self,
+        request_iterator: _MaybeAsyncIterator[_node_service_pb2.StreamAckEnvelopesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_service_pb2.StreamAckEnvelopesResponse], _abc.AsyncIterator[_node_service_pb2.StreamAckEnvelopesResponse]]:
+        """Acknowledges letters over one long-lived stream, in batches; each request is answered
+        by one response holding a result per number, in the same order. A malformed or
+        oversized request ends the stream with its error. The SDK's Letter.ack() uses this
+        stream (and BatchAckEnvelopes with a node that does not implement it).
         """
 
     @_abc_1.abstractmethod
