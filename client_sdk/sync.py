@@ -111,8 +111,11 @@ class SyncLetter(_LetterFields):
         ]
 
     def ack(self) -> pb.Evidence:
-        """Acknowledges the letter; returns the node's HANDOVER evidence (idempotent)."""
-        return self._client.ack(self.shams_pb)
+        """Acknowledges the letter; returns the node's HANDOVER evidence (idempotent).
+
+        As ``Letter.ack``: on the client's acknowledgement stream, together with the
+        acknowledgements other threads make meanwhile."""
+        return self._client._portal.run(self._client._client._acks.ack(self.shams_pb))
 
 
 class SyncExchangeClient:

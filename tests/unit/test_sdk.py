@@ -1200,6 +1200,7 @@ async def test_sync_client_sends_and_streams_like_the_async_one(
     assert shams == "000.00.00.G22/O/2026/0000009"
     assert event == pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER
     assert [a.shams for a in fake.acks] == [shams_of(9)]
+    assert (fake.ack_stream_calls, fake.ack_batches) == (1, [1])  # on the stream, as async
 
 
 # --- credentials and CLI over real mutual TLS ----------------------------------------------
