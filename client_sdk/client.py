@@ -719,15 +719,7 @@ class ExchangeClient:
             response: pb.BatchAckEnvelopesResponse = await self._stub.BatchAckEnvelopes(
                 request, timeout=self._deadline(timeout)
             )
-        if len(response.results) != len(numbers):
-            raise InternalError(
-                f"node answered {len(response.results)} of {len(numbers)} acknowledgements",
-                reason="MALFORMED_RESPONSE",
-            )
-        return [
-            from_submit_error(r.error) if r.HasField("error") else r.evidence
-            for r in response.results
-        ]
+        return _ack_outcomes(response.results, numbers)
 
     async def track(self, shams: ShamsLike, *, timeout: float | None = None) -> Tracking:
         """Fetches a letter this agency sent or received, with its evidence and states."""
@@ -1278,15 +1270,7 @@ class _AckStream:
             )
             current.fail(error)
             raise error from None
-        if len(response.results) != len(numbers):
-            raise InternalError(
-                f"node answered {len(response.results)} of {len(numbers)} acknowledgements",
-                reason="MALFORMED_RESPONSE",
-            )
-        return [
-            from_submit_error(r.error) if r.HasField("error") else r.evidence
-            for r in response.results
-        ]
+        return _ack_outcomes(response.results, numbers)
 
     async def close(self) -> None:
         """Ends the stream; ``flush`` has left no batch waiting on it."""
@@ -1332,6 +1316,18 @@ class _AckCall:
         while self.waiting:
             _settle(self.waiting.popleft(), error)
         self.call.cancel()
+
+
+def _ack_outcomes(
+    results: Sequence[pb.AckResult], numbers: Sequence[object]
+) -> list[pb.Evidence | ChaparError]:
+    """A batch's HANDOVER evidence or error per number, in order."""
+    if len(results) != len(numbers):
+        raise InternalError(
+            f"node answered {len(results)} of {len(numbers)} acknowledgements",
+            reason="MALFORMED_RESPONSE",
+        )
+    return [from_submit_error(r.error) if r.HasField("error") else r.evidence for r in results]
 
 
 def _settle(done: asyncio.Future[T], outcome: T | BaseException) -> None:

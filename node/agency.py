@@ -558,16 +558,11 @@ class Agency(pb.NodeServiceServicer):
         request_iterator: AsyncIterator[pb.StreamSubmitEnvelopesRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        try:
-            access = self._authorize(context)
-        except ChaparError as exc:
-            await abort(context, exc)
-            return
-        await _answer_in_order(
+        await self._answer_frames(
             request_iterator,
-            lambda frame: self._batch(frame.requests, access),
-            lambda results: pb.StreamSubmitEnvelopesResponse(results=results),
             context,
+            lambda frame, access: self._batch(frame.requests, access),
+            lambda results: pb.StreamSubmitEnvelopesResponse(results=results),
         )
 
     # -- inbox ------------------------------------------------------------------------------
@@ -660,17 +655,27 @@ class Agency(pb.NodeServiceServicer):
         request_iterator: AsyncIterator[pb.StreamAckEnvelopesRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
+        await self._answer_frames(
+            request_iterator,
+            context,
+            lambda frame, access: self._ack_batch(frame.shams, access),
+            lambda results: pb.StreamAckEnvelopesResponse(results=results),
+        )
+
+    async def _answer_frames(
+        self,
+        frames: AsyncIterator[F],
+        context: grpc.aio.ServicerContext,
+        handle: Callable[[F, Access], Coroutine[Any, Any, R]],
+        respond: Callable[[R], object],
+    ) -> None:
+        """A stream of batches from an authorised client, each answered in order."""
         try:
             access = self._authorize(context)
         except ChaparError as exc:
             await abort(context, exc)
             return
-        await _answer_in_order(
-            request_iterator,
-            lambda frame: self._ack_batch(frame.shams, access),
-            lambda results: pb.StreamAckEnvelopesResponse(results=results),
-            context,
-        )
+        await _answer_in_order(frames, lambda frame: handle(frame, access), respond, context)
 
     async def _ack_batch(self, numbers: Sequence[pb.Shams], access: Access) -> list[pb.AckResult]:
         """One acknowledgement batch's results; ChaparError when the batch is too large."""
