@@ -117,21 +117,28 @@ async def _answer_in_order(
     handle: Callable[[F], Coroutine[Any, Any, R]],
     respond: Callable[[R], object],
     context: grpc.aio.ServicerContext,
+    closing: asyncio.Event | None = None,
 ) -> None:
     """Answers a stream's frames in order, handling them concurrently (group commit joins
     their writes; at most eight wait ahead of the answer being written). A ChaparError,
     from handling a frame or from reading one (malformed, oversized), ends the stream with
-    that error."""
+    that error. With ``closing``, once it is set no more frames are read: those read are
+    answered and the stream ends (OK), so that it does not hold the server's stop for its
+    whole grace period."""
     pending: asyncio.Queue[asyncio.Task[R] | None] = asyncio.Queue(8)
 
     async def read() -> None:
         try:
             async for frame in frames:
                 await pending.put(asyncio.create_task(handle(frame)))
+        except asyncio.CancelledError:
+            if closing is None or not closing.is_set():
+                raise
         finally:
             await pending.put(None)
 
     reader = asyncio.create_task(read())
+    stopper = None if closing is None else asyncio.create_task(_cancel_when(closing, reader))
     try:
         while (task := await pending.get()) is not None:
             try:
@@ -146,6 +153,13 @@ async def _answer_in_order(
             await abort(context, exc)
     finally:
         reader.cancel()
+        if stopper is not None:
+            stopper.cancel()
+
+
+async def _cancel_when(event: asyncio.Event, task: asyncio.Task[None]) -> None:
+    await event.wait()
+    task.cancel()
 
 
 class Agency(pb.NodeServiceServicer):
@@ -655,11 +669,14 @@ class Agency(pb.NodeServiceServicer):
         request_iterator: AsyncIterator[pb.StreamAckEnvelopesRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
+        # Ends when the node stops, as the inbox streams do: a back-end keeps it open for
+        # as long as it runs, and acknowledging again on a new stream is safe.
         await self._answer_frames(
             request_iterator,
             context,
             lambda frame, access: self._ack_batch(frame.shams, access),
             lambda results: pb.StreamAckEnvelopesResponse(results=results),
+            closing=self.closing,
         )
 
     async def _answer_frames(
@@ -668,6 +685,7 @@ class Agency(pb.NodeServiceServicer):
         context: grpc.aio.ServicerContext,
         handle: Callable[[F, Access], Coroutine[Any, Any, R]],
         respond: Callable[[R], object],
+        closing: asyncio.Event | None = None,
     ) -> None:
         """A stream of batches from an authorised client, each answered in order."""
         try:
@@ -675,7 +693,9 @@ class Agency(pb.NodeServiceServicer):
         except ChaparError as exc:
             await abort(context, exc)
             return
-        await _answer_in_order(frames, lambda frame: handle(frame, access), respond, context)
+        await _answer_in_order(
+            frames, lambda frame: handle(frame, access), respond, context, closing
+        )
 
     async def _ack_batch(self, numbers: Sequence[pb.Shams], access: Access) -> list[pb.AckResult]:
         """One acknowledgement batch's results; ChaparError when the batch is too large."""

@@ -1,14 +1,18 @@
-"""A server restarted on its pinned port waits out whoever holds the port for a moment."""
+"""Servers stopping and restarting: a restart on its pinned port waits out whoever holds
+the port for a moment; a node stops without waiting for its back-ends' streams."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 
+from client_sdk import ExchangeClient, Unavailable
 from node.cluster import Cluster
 
 A = "SENDER.A"
+B = "RECIPIENT.B"
 
 
 async def test_a_restart_whose_port_is_briefly_taken_comes_up_on_the_same_port(
@@ -33,5 +37,38 @@ async def test_a_restart_whose_port_is_briefly_taken_comes_up_on_the_same_port(
         squatter.close()
         assert await asyncio.wait_for(waiting, 20) == address
         assert "(address in use?)" in hub.log_file.read_text()
+    finally:
+        cluster.stop()
+
+
+async def test_a_node_stops_at_once_while_a_back_end_holds_its_acknowledgement_stream(
+    tmp_path: Path,
+) -> None:
+    # A back-end keeps its acknowledgement stream open for as long as it runs. The node's
+    # stop ends that stream, as it ends inbox streams, instead of waiting out its grace
+    # period (60 s here: terminate gives up after 30 s and kills, exit code -9).
+    cluster = await Cluster.start(tmp_path, [A, B], node_settings="shutdown_grace_s = 60")
+    node = cluster.nodes[B]
+    try:
+        async with (
+            ExchangeClient(cluster.nodes[A].address, cluster.credentials(A)) as a,
+            ExchangeClient(node.address, cluster.credentials(B)) as b,
+        ):
+            await a.send(to=[B], subject="before the stop", body="x")
+            async with contextlib.aclosing(b.inbox()) as inbox:
+                letter = await anext(inbox)
+            first = await letter.ack()  # the stream is open from now on
+            assert await asyncio.to_thread(node.terminate, 30) == 0
+            node.start()
+            await node.wait_ready()
+            for _ in range(60):  # the channel reconnects to the restarted node
+                try:
+                    again = await letter.ack()  # on a new stream; the same evidence
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.5)
+            else:
+                raise AssertionError("no acknowledgement after the node's restart")
+            assert again == first
     finally:
         cluster.stop()

@@ -144,8 +144,9 @@ class NodeServiceServicer:
     def StreamAckEnvelopes(self, request_iterator, context):
         """Acknowledges letters over one long-lived stream, in batches; each request is answered
         by one response holding a result per number, in the same order. A malformed or
-        oversized request ends the stream with its error. The SDK's Letter.ack() uses this
-        stream (and BatchAckEnvelopes with a node that does not implement it).
+        oversized request ends the stream with its error; a node that stops answers what it
+        has read and ends the stream (OK). The SDK's Letter.ack() uses this stream (and
+        BatchAckEnvelopes with a node that does not implement it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -64,8 +64,9 @@ class NodeServiceStub:
     StreamAckEnvelopes: _grpc.StreamStreamMultiCallable[_node_service_pb2.StreamAckEnvelopesRequest, _node_service_pb2.StreamAckEnvelopesResponse]
     """Acknowledges letters over one long-lived stream, in batches; each request is answered
     by one response holding a result per number, in the same order. A malformed or
-    oversized request ends the stream with its error. The SDK's Letter.ack() uses this
-    stream (and BatchAckEnvelopes with a node that does not implement it).
+    oversized request ends the stream with its error; a node that stops answers what it
+    has read and ends the stream (OK). The SDK's Letter.ack() uses this stream (and
+    BatchAckEnvelopes with a node that does not implement it).
     """
     GetEnvelope: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.GetEnvelopeRequest, _node_service_pb2.GetEnvelopeResponse]
     """Returns a letter this agency sent or received, with every evidence the node holds
@@ -110,8 +111,9 @@ class NodeServiceAsyncStub(NodeServiceStub):
     StreamAckEnvelopes: _aio.StreamStreamMultiCallable[_node_service_pb2.StreamAckEnvelopesRequest, _node_service_pb2.StreamAckEnvelopesResponse]  # type: ignore[assignment]
     """Acknowledges letters over one long-lived stream, in batches; each request is answered
     by one response holding a result per number, in the same order. A malformed or
-    oversized request ends the stream with its error. The SDK's Letter.ack() uses this
-    stream (and BatchAckEnvelopes with a node that does not implement it).
+    oversized request ends the stream with its error; a node that stops answers what it
+    has read and ends the stream (OK). The SDK's Letter.ack() uses this stream (and
+    BatchAckEnvelopes with a node that does not implement it).
     """
     GetEnvelope: _aio.UnaryUnaryMultiCallable[_node_service_pb2.GetEnvelopeRequest, _node_service_pb2.GetEnvelopeResponse]  # type: ignore[assignment]
     """Returns a letter this agency sent or received, with every evidence the node holds
@@ -195,8 +197,9 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_node_service_pb2.StreamAckEnvelopesResponse], _abc.AsyncIterator[_node_service_pb2.StreamAckEnvelopesResponse]]:
         """Acknowledges letters over one long-lived stream, in batches; each request is answered
         by one response holding a result per number, in the same order. A malformed or
-        oversized request ends the stream with its error. The SDK's Letter.ack() uses this
-        stream (and BatchAckEnvelopes with a node that does not implement it).
+        oversized request ends the stream with its error; a node that stops answers what it
+        has read and ends the stream (OK). The SDK's Letter.ack() uses this stream (and
+        BatchAckEnvelopes with a node that does not implement it).
         """
 
     @_abc_1.abstractmethod
