@@ -655,9 +655,7 @@ class ExchangeClient:
                             raise cause from error
                     raise
                 if response is grpc.aio.EOF:
-                    raise InternalError(
-                        "the node closed the stream before answering", reason="MALFORMED_RESPONSE"
-                    )
+                    raise _stream_ended()
                 window.release()
                 unanswered -= 1
                 for result in _results(response.results, requests):
@@ -938,18 +936,16 @@ def _check_stream_options(batch_size: int, max_in_flight: int, linger_s: float) 
 @contextlib.asynccontextmanager
 async def _write_translated(call: Any) -> AsyncIterator[None]:
     """A stream write's failures as ChaparError: the call's own status when it had ended
-    (grpc.aio says only "RPC already finished"), and Unavailable when the stream ended
-    under the write, which grpc reports as INTERNAL with the node's status lost. Either
-    way the frames unanswered may or may not have been taken: resubmitting their drafts
-    (same request ids) is safe."""
+    (grpc.aio says only "RPC already finished"; an OK end is a stopping node's, see
+    ``_stream_ended``), and Unavailable when the stream ended under the write, which grpc
+    reports as INTERNAL with the node's status lost. Either way the frames unanswered may
+    or may not have been taken: resubmitting their drafts (same request ids) is safe."""
     try:
         yield
     except asyncio.InvalidStateError:
         code = await call.code()
         if code == grpc.StatusCode.OK:
-            raise InternalError(
-                "the node closed the stream before answering", reason="MALFORMED_RESPONSE"
-            ) from None
+            raise _stream_ended() from None
         status = grpc.aio.AioRpcError(
             code,
             await call.initial_metadata(),
@@ -964,6 +960,12 @@ async def _write_translated(call: Any) -> AsyncIterator[None]:
                 "the stream ended while a frame was being written", reason="STREAM_ENDED"
             ) from exc
         raise error from exc
+
+
+def _stream_ended() -> Unavailable:
+    """A stream the node ended (OK) with frames unanswered: a stopping node answers what it
+    has read and ends its streams; the rest may be sent again (same request ids)."""
+    return Unavailable("the node ended the stream (it is stopping)", reason="STREAM_ENDED")
 
 
 def _results(
@@ -1304,7 +1306,7 @@ class _AckCall:
                             "an answer to no acknowledgement batch", reason="MALFORMED_RESPONSE"
                         )
                     _settle(self.waiting.popleft(), response)
-            error = Unavailable("the node ended the acknowledgement stream", reason="STREAM_ENDED")
+            error = _stream_ended()
         except BaseException as exc:  # every batch unanswered learns why
             error = exc
         self.fail(error)

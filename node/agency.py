@@ -572,11 +572,14 @@ class Agency(pb.NodeServiceServicer):
         request_iterator: AsyncIterator[pb.StreamSubmitEnvelopesRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
+        # Ends when the node stops (see StreamAckEnvelopes); the SDK raises Unavailable for
+        # the frames it had not read, which are sent again under their request ids.
         await self._answer_frames(
             request_iterator,
             context,
             lambda frame, access: self._batch(frame.requests, access),
             lambda results: pb.StreamSubmitEnvelopesResponse(results=results),
+            closing=self.closing,
         )
 
     # -- inbox ------------------------------------------------------------------------------

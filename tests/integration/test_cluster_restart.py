@@ -8,7 +8,7 @@ import contextlib
 import socket
 from pathlib import Path
 
-from client_sdk import ExchangeClient, Unavailable
+from client_sdk import Draft, ExchangeClient, Unavailable
 from node.cluster import Cluster
 
 A = "SENDER.A"
@@ -70,5 +70,35 @@ async def test_a_node_stops_at_once_while_a_back_end_holds_its_acknowledgement_s
             else:
                 raise AssertionError("no acknowledgement after the node's restart")
             assert again == first
+    finally:
+        cluster.stop()
+
+
+async def test_a_node_stops_at_once_while_a_back_end_holds_a_shared_submission_stream(
+    tmp_path: Path,
+) -> None:
+    # The README's advice for busy back-ends is one SharedStream for all their producers,
+    # open for as long as they run: the node's stop ends it too (60 s grace, as above).
+    cluster = await Cluster.start(tmp_path, [A, B], node_settings="shutdown_grace_s = 60")
+    node = cluster.nodes[A]
+    try:
+        async with (
+            ExchangeClient(node.address, cluster.credentials(A)) as a,
+            a.shared_stream() as shared,
+        ):
+            first = await shared.send(Draft(to=[B], subject="before the stop", body="x"))
+            assert await asyncio.to_thread(node.terminate, 30) == 0
+            node.start()
+            await node.wait_ready()
+            draft = Draft(to=[B], subject="after the restart", body="y")
+            for _ in range(60):  # a new stream, once the channel has reconnected
+                try:
+                    second = await shared.send(draft)
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.5)
+            else:
+                raise AssertionError("no submission after the node's restart")
+            assert second.shams != first.shams
     finally:
         cluster.stop()

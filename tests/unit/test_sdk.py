@@ -120,6 +120,7 @@ class FakeNode(pb.NodeServiceServicer):
         self.get_response = pb.GetEnvelopeResponse()
         self.abort: Abort | None = None
         self.break_stream_at: int | None = None  # a submission stream fails on this frame
+        self.end_stream_at: int | None = None  # ... or ends (OK, unanswered), as a node stopping
         self.sequence = 0
 
     def receipt(self, request: pb.SubmitEnvelopeRequest) -> pb.Receipt:
@@ -180,6 +181,8 @@ class FakeNode(pb.NodeServiceServicer):
             self.frames.append(frame)
             if self.break_stream_at is not None and len(self.frames) == self.break_stream_at:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "node restarting")
+            if self.end_stream_at is not None and len(self.frames) == self.end_stream_at:
+                return
             yield pb.StreamSubmitEnvelopesResponse(results=[self.result(r) for r in frame.requests])
 
     async def StreamInbox(
@@ -811,6 +814,31 @@ async def test_send_stream_raises_unavailable_when_the_node_ends_the_stream_unde
         with pytest.raises(errors.Unavailable):
             async for _ in client.send_stream(drafts, batch_size=1, max_in_flight=64):
                 pass
+
+
+async def test_a_stream_a_stopping_node_ended_unanswered_raises_a_retryable_error(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    # A stopping node answers the frames it has read and ends the stream (OK): the drafts
+    # it had not read may go again under their request ids, so the error is retryable.
+    fake = fake_node[0]
+    fake.end_stream_at = 2
+    drafts = [Draft(to=[OTHER], subject=f"e{i}") for i in range(3)]
+    got: list[Receipt | ChaparError] = []
+
+    async def send() -> None:
+        async for result in client.send_stream(drafts, batch_size=1, max_in_flight=1):
+            got.append(result)
+
+    with pytest.raises(errors.Unavailable) as caught:
+        await send()
+    assert (caught.value.reason, caught.value.retryable) == ("STREAM_ENDED", True)
+    assert [r.request_id for r in got if isinstance(r, Receipt)] == [drafts[0].request_id]
+    fake.end_stream_at = None
+    again = [r async for r in client.send_stream(drafts[1:])]  # the same drafts: safe
+    assert [r.request_id for r in again if isinstance(r, Receipt)] == [
+        d.request_id for d in drafts[1:]
+    ]
 
 
 async def test_shared_stream_answers_each_concurrent_caller_and_sends_them_together(
