@@ -117,14 +117,13 @@ async def _answer_in_order(
     handle: Callable[[F], Coroutine[Any, Any, R]],
     respond: Callable[[R], object],
     context: grpc.aio.ServicerContext,
-    closing: asyncio.Event | None = None,
+    closing: asyncio.Event,
 ) -> None:
     """Answers a stream's frames in order, handling them concurrently (group commit joins
     their writes; at most eight wait ahead of the answer being written). A ChaparError,
     from handling a frame or from reading one (malformed, oversized), ends the stream with
-    that error. With ``closing``, once it is set no more frames are read: those read are
-    answered and the stream ends (OK), so that it does not hold the server's stop for its
-    whole grace period."""
+    that error. Once ``closing`` is set no more frames are read: those read are answered
+    and the stream ends (OK)."""
     pending: asyncio.Queue[asyncio.Task[R] | None] = asyncio.Queue(8)
 
     async def read() -> None:
@@ -132,13 +131,13 @@ async def _answer_in_order(
             async for frame in frames:
                 await pending.put(asyncio.create_task(handle(frame)))
         except asyncio.CancelledError:
-            if closing is None or not closing.is_set():
+            if not closing.is_set():
                 raise
         finally:
             await pending.put(None)
 
     reader = asyncio.create_task(read())
-    stopper = None if closing is None else asyncio.create_task(_cancel_when(closing, reader))
+    stopper = asyncio.create_task(_cancel_when(closing, reader))
     try:
         while (task := await pending.get()) is not None:
             try:
@@ -153,8 +152,7 @@ async def _answer_in_order(
             await abort(context, exc)
     finally:
         reader.cancel()
-        if stopper is not None:
-            stopper.cancel()
+        stopper.cancel()
 
 
 async def _cancel_when(event: asyncio.Event, task: asyncio.Task[None]) -> None:
@@ -572,14 +570,11 @@ class Agency(pb.NodeServiceServicer):
         request_iterator: AsyncIterator[pb.StreamSubmitEnvelopesRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        # Ends when the node stops (see StreamAckEnvelopes); the SDK raises Unavailable for
-        # the frames it had not read, which are sent again under their request ids.
         await self._answer_frames(
             request_iterator,
             context,
             lambda frame, access: self._batch(frame.requests, access),
             lambda results: pb.StreamSubmitEnvelopesResponse(results=results),
-            closing=self.closing,
         )
 
     # -- inbox ------------------------------------------------------------------------------
@@ -672,14 +667,11 @@ class Agency(pb.NodeServiceServicer):
         request_iterator: AsyncIterator[pb.StreamAckEnvelopesRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        # Ends when the node stops, as the inbox streams do: a back-end keeps it open for
-        # as long as it runs, and acknowledging again on a new stream is safe.
         await self._answer_frames(
             request_iterator,
             context,
             lambda frame, access: self._ack_batch(frame.shams, access),
             lambda results: pb.StreamAckEnvelopesResponse(results=results),
-            closing=self.closing,
         )
 
     async def _answer_frames(
@@ -688,16 +680,19 @@ class Agency(pb.NodeServiceServicer):
         context: grpc.aio.ServicerContext,
         handle: Callable[[F, Access], Coroutine[Any, Any, R]],
         respond: Callable[[R], object],
-        closing: asyncio.Event | None = None,
     ) -> None:
-        """A stream of batches from an authorised client, each answered in order."""
+        """A stream of batches from an authorised client, each answered in order. It ends
+        when the node stops, as inbox streams do, once the batches it has read are
+        answered: a back-end keeps such a stream open for as long as it runs, and would
+        otherwise hold the stop for its whole grace period. The SDK raises Unavailable for
+        batches not read, which go again (request ids; acknowledgements are idempotent)."""
         try:
             access = self._authorize(context)
         except ChaparError as exc:
             await abort(context, exc)
             return
         await _answer_in_order(
-            frames, lambda frame: handle(frame, access), respond, context, closing
+            frames, lambda frame: handle(frame, access), respond, context, self.closing
         )
 
     async def _ack_batch(self, numbers: Sequence[pb.Shams], access: Access) -> list[pb.AckResult]:

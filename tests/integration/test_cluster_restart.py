@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from client_sdk import Draft, ExchangeClient, Unavailable
-from node.cluster import Cluster
+from node.cluster import Cluster, ServerProcess
 
 A = "SENDER.A"
 B = "RECIPIENT.B"
+T = TypeVar("T")
 
 
 async def test_a_restart_whose_port_is_briefly_taken_comes_up_on_the_same_port(
@@ -58,18 +61,8 @@ async def test_a_node_stops_at_once_while_a_back_end_holds_its_acknowledgement_s
             async with contextlib.aclosing(b.inbox()) as inbox:
                 letter = await anext(inbox)
             first = await letter.ack()  # the stream is open from now on
-            assert await asyncio.to_thread(node.terminate, 30) == 0
-            node.start()
-            await node.wait_ready()
-            for _ in range(60):  # the channel reconnects to the restarted node
-                try:
-                    again = await letter.ack()  # on a new stream; the same evidence
-                    break
-                except Unavailable:
-                    await asyncio.sleep(0.5)
-            else:
-                raise AssertionError("no acknowledgement after the node's restart")
-            assert again == first
+            again = await _stopped_at_once_then(node, letter.ack)  # on a new stream
+            assert again == first  # the same evidence
     finally:
         cluster.stop()
 
@@ -87,18 +80,22 @@ async def test_a_node_stops_at_once_while_a_back_end_holds_a_shared_submission_s
             a.shared_stream() as shared,
         ):
             first = await shared.send(Draft(to=[B], subject="before the stop", body="x"))
-            assert await asyncio.to_thread(node.terminate, 30) == 0
-            node.start()
-            await node.wait_ready()
             draft = Draft(to=[B], subject="after the restart", body="y")
-            for _ in range(60):  # a new stream, once the channel has reconnected
-                try:
-                    second = await shared.send(draft)
-                    break
-                except Unavailable:
-                    await asyncio.sleep(0.5)
-            else:
-                raise AssertionError("no submission after the node's restart")
+            second = await _stopped_at_once_then(node, lambda: shared.send(draft))
             assert second.shams != first.shams
     finally:
         cluster.stop()
+
+
+async def _stopped_at_once_then(node: ServerProcess, again: Callable[[], Awaitable[T]]) -> T:
+    """Stops ``node`` with SIGTERM (given 30 s against its 60 s grace), starts it again and
+    returns ``again()`` once the client's channel has reconnected."""
+    assert await asyncio.to_thread(node.terminate, 30) == 0
+    node.start()
+    await node.wait_ready()
+    for _ in range(60):
+        try:
+            return await again()
+        except Unavailable:
+            await asyncio.sleep(0.5)
+    raise AssertionError("the restarted node was not reached")
