@@ -163,6 +163,16 @@ def _client_channel(cluster: Cluster, code: str) -> grpc.aio.Channel:
     )
 
 
+def _hub_channel_as_c(cluster: Cluster) -> grpc.aio.Channel:
+    """A channel to the hub as C's node, which takes the hub's frames as a node does (up to
+    64 MiB): pushes of letters queued for C by earlier tests may be over gRPC's 4 MiB."""
+    return grpc.aio.secure_channel(
+        cluster.hub.address,
+        _node_tls(cluster, AGENCY_C),
+        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+    )
+
+
 def _node_tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
     """The TLS identity of ``code``'s node, for talking to the hub as that node."""
     d = cluster.pki.agency_dir(code)
@@ -627,9 +637,7 @@ async def _hub_refuses_frame(
     before = await _rejections(cluster.hub)
 
     async def send() -> None:
-        async with grpc.aio.secure_channel(
-            cluster.hub.address, _node_tls(cluster, AGENCY_C)
-        ) as channel:
+        async with _hub_channel_as_c(cluster) as channel:
             call = await _open_connect(channel)
             await call.write(raw)
             await _answer(call, None)
@@ -677,9 +685,7 @@ def _signer(directory: Path) -> Signer:
 async def _send_frames_as_c(
     cluster: Cluster, frame: pb.ConnectRequest, wanted: str
 ) -> pb.ConnectResponse | Refusal:
-    async with grpc.aio.secure_channel(
-        cluster.hub.address, _node_tls(cluster, AGENCY_C)
-    ) as channel:
+    async with _hub_channel_as_c(cluster) as channel:
         call = await _open_connect(channel)
         try:
             await call.write(frame.SerializeToString())
@@ -1029,9 +1035,7 @@ def _expected(raw: bytes) -> tuple[str, int]:
 
 
 async def _fuzz_stream(cluster: Cluster, frames: list[Frame]) -> None:
-    async with grpc.aio.secure_channel(
-        cluster.hub.address, _node_tls(cluster, AGENCY_C)
-    ) as channel:
+    async with _hub_channel_as_c(cluster) as channel:
         call = await _open_connect(channel)
         try:
             for frame in [*frames, Frame("receipts")]:  # the last one probes the stream
