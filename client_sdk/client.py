@@ -17,8 +17,9 @@ Submissions are idempotent on ``request_id`` (AIP-155): submitting again with th
 e.g. after ``Unavailable``, returns the original receipt and stores nothing new. ``send``
 makes a fresh id per call unless given one; a ``Draft`` makes its id once, when it is
 created, so resubmitting the same ``Draft`` objects is always safe. An id already used for
-a different letter is refused (``AlreadyExists``, reason ``REQUEST_ID_REUSED``): ids are
-the node's, shared by all its back-ends.
+a different letter is refused (``AlreadyExists``, reason ``REQUEST_ID_REUSED``). Each
+back-end's ids are its own (kept per client certificate identity): two back-ends of one
+agency may use the same id for different letters.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from node.document_store import DocumentStore
 from node.metrics import HANDED_OVER, SUBMIT_REJECTED, SUBMITTED
 from node.rpc.errors import abort, to_submit_error
 from node.rpc.peer import peer_identity
-from node.storage.node_store import NewLetter, NodeStore, StoredLetter
+from node.storage.node_store import NewLetter, NodeStore, StoredLetter, request_key
 from node.tasks import drain, every
 
 __all__ = ["Agency"]
@@ -50,6 +51,7 @@ _INBOX_ENVELOPE = Field(pb.InboxLetter, "envelope")
 _INBOX_DELIVERY = Field(pb.InboxLetter, "delivery")
 _MAX_BATCH = 1024
 _MAX_ACK_BATCH = 1000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # not in a request_id (the store's scope mark)
 F = TypeVar("F")
 R = TypeVar("R")
 # Letters numbered and signed together at most (several calls' worth; trees of 256).
@@ -313,6 +315,13 @@ class Agency(pb.NodeServiceServicer):
                         "request_id is longer than 128 characters",
                         field_violations=[("request_id", "too long")],
                     )
+                if _CONTROL.search(request.request_id):
+                    raise ChaparError(
+                        Code.INVALID_ARGUMENT,
+                        "INVALID_REQUEST_ID",
+                        "request_id holds a control character",
+                        field_violations=[("request_id", "control character")],
+                    )
                 draft = validate_draft(
                     request.draft,
                     sender=self.config.agency,
@@ -336,7 +345,7 @@ class Agency(pb.NodeServiceServicer):
             return results
         outcomes = await self._store_letters(
             _Submission(
-                [requests[i].request_id for i, _, _ in valid],
+                [request_key(access.identity.uri, requests[i].request_id) for i, _, _ in valid],
                 [_request_digest(requests[i]) for i, _, _ in valid],
                 [(draft, root) for _, draft, root in valid],
                 now,

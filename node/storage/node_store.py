@@ -32,6 +32,7 @@ __all__ = [
     "NodeStore",
     "StoredEvidence",
     "StoredLetter",
+    "request_key",
 ]
 
 T = TypeVar("T")
@@ -132,6 +133,20 @@ MIGRATIONS = [
     """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
+# Between a client's identity and its request_id in the stored key (ids may not hold it).
+_REQUEST_SCOPE = "\n"
+
+
+def request_key(client: str, request_id: str) -> str:
+    """How a client's request_id is kept: each client's ids are its own, so two back-ends
+    of one agency that both count from 1 do not refuse each other's letters. "" stays ""."""
+    return f"{client}{_REQUEST_SCOPE}{request_id}" if request_id else ""
+
+
+def _bare_request_id(key: str) -> str:
+    return key.split(_REQUEST_SCOPE, 1)[-1]
+
+
 _BODY = Field(pb.Envelope, "body")
 
 _FINAL = (lifecycle.DELIVERED, *lifecycle.TERMINAL)
@@ -211,20 +226,30 @@ class NodeStore(Store):
         envelopes and their receipts' evidence) all at once, in place, before anything is
         stored. ``digests`` (aligned with ``request_ids``, b"" for none) says what each
         request asked for: a request_id known with another digest, here or earlier in the
-        batch, gets ``REQUEST_ID_REUSED`` in its place instead of a receipt.
+        batch, gets ``REQUEST_ID_REUSED`` in its place instead of a receipt. Request ids
+        are stored as given; the node gives them as ``request_key(client, request_id)``.
         """
         wanted = digests or [b""] * len(request_ids)
+        keys = [r for r in request_ids if r]
+        # A row stored before request ids were scoped holds the bare id (schema 5 and
+        # before): a retry across the upgrade still finds it.
+        bare = {k: _bare_request_id(k) for k in keys if _REQUEST_SCOPE in k}
 
         def job(conn: sqlite3.Connection) -> tuple[list[pb.Receipt | ChaparError], _Stored]:
-            known: dict[str, tuple[bytes, bytes]] = {
+            rows: dict[str, tuple[bytes, bytes]] = {
                 str(rid): (blob, digest or b"")
                 for rid, blob, digest in rows_in(
                     conn,
                     "SELECT request_id, receipt, request_digest FROM outbox"
                     " WHERE request_id IN ({marks})",
-                    [r for r in request_ids if r],
+                    list(dict.fromkeys([*keys, *bare.values()])),
                 )
             }
+            known: dict[str, tuple[bytes, bytes]] = {}
+            for key in keys:
+                row = rows.get(key) or (rows.get(bare[key]) if key in bare else None)
+                if row is not None:
+                    known[key] = row
             # The same request_id twice in one batch is one letter.
             firsts: dict[str, int] = {}
             fresh: list[int] = []
@@ -314,7 +339,7 @@ class NodeStore(Store):
                     receipt = built[firsts[rid]].receipt
                 # A row from before digests were kept, or a caller that gave none: as before.
                 same = not digest or not wanted[i] or digest == wanted[i]
-                out.append(receipt if same else request_id_reused(rid))
+                out.append(receipt if same else request_id_reused(_bare_request_id(rid)))
             return out, [(b.shams_text, b.content) for b in built.values()]
 
         return await self._write(job)

@@ -393,6 +393,12 @@ _CASES = [
         "INVALID_REQUEST_ID",
     ),
     Case(
+        "request-id-control-character",
+        lambda: _request(request_id="order\n1").SerializeToString(),
+        INVALID,
+        "INVALID_REQUEST_ID",
+    ),
+    Case(
         "in-reply-to-invalid",
         _serialized(
             kind=pb.LetterKind.LETTER_KIND_REPLY,

@@ -21,7 +21,7 @@ from client_sdk.trust import VerificationError
 from node.cluster import Cluster
 from node.core.letters import build_header
 from node.demo import EXPECTED_CHAIN, wait_for_chain
-from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, db_count
+from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, client_credentials, db_count
 
 pytestmark = pytest.mark.integration
 
@@ -158,6 +158,28 @@ async def test_request_id_used_again_for_a_different_letter_is_refused_and_nothi
         assert isinstance(refused, AlreadyExists)
         assert refused.reason == "REQUEST_ID_REUSED"
     assert _outbox_and_counter(db) == (before[0] + 2, before[1] + 2)
+
+
+async def test_each_back_end_has_its_own_request_ids(cluster: Cluster) -> None:
+    """Two back-ends of one agency that pick the same request_id each get their own letter
+    (their ids are their own), and each one's retry its own receipt."""
+    request_id = "order-1"  # a back-end counting its own requests
+    async with (
+        ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
+        ExchangeClient(
+            cluster.nodes[AGENCY_A].address, client_credentials(cluster, AGENCY_A, "archive")
+        ) as archive,
+    ):
+        mine = await a.send(to=[AGENCY_B], subject="Mine", body="1", request_id=request_id)
+        theirs = await archive.send(
+            to=[AGENCY_B], subject="Theirs", body="2", request_id=request_id
+        )
+        assert mine.shams != theirs.shams
+        again = await archive.send(to=[AGENCY_B], subject="Theirs", body="2", request_id=request_id)
+        assert again.shams == theirs.shams
+        with pytest.raises(AlreadyExists) as err:
+            await a.send(to=[AGENCY_B], subject="Theirs", body="2", request_id=request_id)
+        assert err.value.metadata.get("request_id") == request_id
 
 
 async def test_unknown_recipient_is_not_found_and_nothing_is_stored(cluster: Cluster) -> None:

@@ -27,7 +27,7 @@ from node.core.errors import ChaparError, Code
 from node.storage import db as db_module
 from node.storage.db import Database, fits
 from node.storage.hub_store import HubStore, IncomingLetter
-from node.storage.node_store import MIGRATIONS, NewLetter, NodeStore
+from node.storage.node_store import MIGRATIONS, NewLetter, NodeStore, request_key
 
 ORIGIN = "000.00.00.G22"
 RECIPIENT_B = "10101010101"
@@ -535,6 +535,59 @@ async def test_request_id_for_two_letters_in_one_batch_refuses_the_second(
     assert retry.SerializeToString() == first.SerializeToString()
     assert await store.count("outbox") == 2
     assert await _counter(store) == 2
+
+
+async def test_request_ids_are_each_clients_own(store: NodeStore) -> None:
+    """Two back-ends of one agency may both use "r": each gets its own letter, and its
+    retries its own receipt; a refusal names the id as the client gave it."""
+    one, two = request_key("urn:c:one", "r"), request_key("urn:c:two", "r")
+    build = Builder()
+    (first,) = await store.submit(
+        [one], origin=ORIGIN, domain=OUT, year=YEAR, build=build, digests=[b"a"]
+    )
+    (second,) = await store.submit(
+        [two], origin=ORIGIN, domain=OUT, year=YEAR, build=build, digests=[b"b"]
+    )
+    assert isinstance(first, pb.Receipt)
+    assert isinstance(second, pb.Receipt)
+    assert [first.shams.sequence, second.shams.sequence] == [1, 2]
+    retries = await store.submit(
+        [two, one, two],
+        origin=ORIGIN,
+        domain=OUT,
+        year=YEAR,
+        build=build,
+        digests=[b"b", b"a", b"a"],
+    )
+    assert retries[0] == second
+    assert retries[1] == first
+    refused = retries[2]
+    assert isinstance(refused, ChaparError)
+    assert (refused.reason, refused.metadata) == ("REQUEST_ID_REUSED", {"request_id": "r"})
+    assert await store.count("outbox") == 2
+
+
+async def test_a_request_id_stored_before_ids_were_scoped_answers_its_retry(
+    store: NodeStore,
+) -> None:
+    """A row from before request ids were kept per client holds the bare id: a retry
+    after the upgrade finds it instead of storing the letter twice."""
+    (old,) = await store.submit(
+        ["old"], origin=ORIGIN, domain=OUT, year=YEAR, build=Builder(), digests=[b"a"]
+    )
+    scoped = request_key("urn:c:one", "old")
+    again, other = await store.submit(
+        [scoped, request_key("urn:c:two", "old")],
+        origin=ORIGIN,
+        domain=OUT,
+        year=YEAR,
+        build=Builder(),
+        digests=[b"a", b"b"],
+    )
+    assert again == old
+    assert isinstance(other, ChaparError)
+    assert (other.reason, other.metadata) == ("REQUEST_ID_REUSED", {"request_id": "old"})
+    assert await store.count("outbox") == 1
 
 
 async def test_a_request_id_stored_without_its_digest_answers_any_retry(store: NodeStore) -> None:

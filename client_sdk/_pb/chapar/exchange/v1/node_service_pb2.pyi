@@ -380,7 +380,9 @@ class SubmitEnvelopeRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen idempotency key (AIP-155); a UUID is recommended. The same key with
     the same draft is a retry (the original receipt); with another draft it is refused
-    with ALREADY_EXISTS, reason REQUEST_ID_REUSED. Keys are the node's, not per client.
+    with ALREADY_EXISTS, reason REQUEST_ID_REUSED. Keys are each client's own (its
+    certificate identity): two back-ends may use the same key. At most 128 characters,
+    no control characters (INVALID_REQUEST_ID).
     """
     @_builtins.property
     def draft(self) -> Global___LetterDraft:
