@@ -115,7 +115,7 @@ class SyncLetter(_LetterFields):
 
         As ``Letter.ack``: on the client's acknowledgement stream, together with the
         acknowledgements other threads make meanwhile."""
-        return self._client._portal.run(self._client._client._acks.ack(self.shams_pb))
+        return self._client._ack_letter(self.shams_pb)
 
 
 class SyncExchangeClient:
@@ -265,6 +265,10 @@ class SyncExchangeClient:
     def ack(self, shams: ShamsLike, *, timeout: float | None = None) -> pb.Evidence:
         """Acknowledges a received letter; see ``ExchangeClient.ack``."""
         return self._portal.run(self._client.ack(shams, timeout=timeout))
+
+    def _ack_letter(self, shams: pb.Shams) -> pb.Evidence:
+        """What ``SyncLetter.ack`` does: ``Letter.ack``'s gathered batches on the stream."""
+        return self._portal.run(self._client._acks.ack(shams))
 
     def ack_many(
         self, numbers: Sequence[ShamsLike], *, timeout: float | None = None

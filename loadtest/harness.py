@@ -441,6 +441,9 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
             await asyncio.sleep(0.3)
 
 
+_BAR_WIDTH = 20
+
+
 def _progress_line(stats: _Stats, elapsed: float, p: Params, sending: bool) -> str:
     """The live line: a bar of the run done (of its duration or of its letters while
     sending, then of the accepted letters handed over while draining) and the counts."""
@@ -457,9 +460,6 @@ def _progress_line(stats: _Stats, elapsed: float, p: Params, sending: bool) -> s
         f"  delivered {len(stats.delivered):8d}  handed over {len(stats.handed_over):8d}"
         f"  ({len(stats.delivered) / max(elapsed, 1e-9):7.0f}/s)"
     )
-
-
-_BAR_WIDTH = 20
 
 
 async def _progress(
