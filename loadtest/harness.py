@@ -37,9 +37,8 @@ from typing import Any, cast, get_args
 from certs.pki import KeyAlgorithm, init_pki
 from client_sdk import ChaparError, Draft, ExchangeClient, Letter, Receipt
 from client_sdk.client import DEFAULT_MAX_IN_FLIGHT, DEFAULT_STREAM_LINGER_S, SharedStream
-from client_sdk.ids import uuid7
 from loadtest.baseline import measure_between
-from loadtest.cpu import own_cpu_s, process_cpu_s
+from loadtest.cpu import disk_write_mb, own_cpu_s, process_cpu_s
 from loadtest.machine import machine
 from loadtest.reference import Reference, median_of, per_window
 from loadtest.targets import Endpoint, Targets, TargetsError, load_targets
@@ -152,7 +151,8 @@ def proc_stats(proc: ServerProcess) -> dict[str, float]:
 
 
 def _proc_stats(proc: ServerProcess) -> dict[str, float]:
-    """CPU seconds (utime + stime) and peak RSS (VmHWM) of a running server process."""
+    """CPU seconds (utime + stime), peak RSS (VmHWM) and MB written to storage of a running
+    server process."""
     if proc.proc is None or proc.proc.poll() is not None:
         return {"cpu_s": 0.0, "peak_rss_mb": 0.0}
     pid = proc.proc.pid
@@ -161,7 +161,11 @@ def _proc_stats(proc: ServerProcess) -> dict[str, float]:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             peak = int(line.split()[1]) / 1024
-    stats = {"cpu_s": round(cpu, 2), "peak_rss_mb": round(peak, 1)}
+    stats = {
+        "cpu_s": round(cpu, 2),
+        "peak_rss_mb": round(peak, 1),
+        "disk_write_mb": round(disk_write_mb(pid), 1),
+    }
     stats.update(_thread_cpu(proc))
     return stats
 
@@ -283,7 +287,6 @@ class _Plan:
     quota: int | None  # letters a sender makes, unless it sends until the deadline
     deadline: float | None
     body: str
-    tag: str  # this run's: request ids are new in every run, also on running targets
 
     def more(self, made: int) -> bool:
         if self.quota is not None:
@@ -297,8 +300,7 @@ class _Plan:
             to=[self.to],
             subject=f"load {i}-{made}",
             body=self.body,
-            request_id=f"{self.tag}-{i}-{made}",
-        )
+        )  # its request id the SDK's own (time-ordered): new in every run, also on targets
         self.stats.submitted[draft.request_id or ""] = slot
         return draft
 
@@ -546,7 +548,6 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
                 for f in p.faults
             ]
         pacer = _Pacer(p.rate)
-        tag = uuid7()  # this run's request ids are its own
         deadline = start + p.duration_s if p.duration_s else None
         per = None if p.duration_s else -(-p.letters // p.senders)
         async with contextlib.AsyncExitStack() as stack:
@@ -569,7 +570,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
 
             def sender(i: int) -> Coroutine[Any, Any, None]:
                 at = i % len(senders)
-                plan = _Plan(routes[senders[at].agency], p, stats, pacer, per, deadline, body, tag)
+                plan = _Plan(routes[senders[at].agency], p, stats, pacer, per, deadline, body)
                 if p.shared:
                     return _shared_sender(i, streams[at], plan)
                 return _sender(i, clients[at], plan)
@@ -677,6 +678,10 @@ def _report(
     # CPU a letter over every process, and that in raw gRPC messages of the same pace: a
     # letter costs this many one-way stream messages (both ends' CPU counted).
     cpu_ms = sum(f["cpu_s"] for f in processes.values()) / max(len(delivered), 1) * 1000
+    # What the servers wrote to storage a letter (databases, write-ahead logs, logs); only
+    # for servers this run started (/proc), not for running targets.
+    written = [f["disk_write_mb"] for f in processes.values() if "disk_write_mb" in f]
+    disk_kb = sum(written) * 1024 / max(len(delivered), 1) if written else None
     raw_ms = baseline.paced_cpu_ms_per_message or baseline.cpu_ms_per_message
     return {
         "letters": len(accepted),
@@ -698,6 +703,7 @@ def _report(
         "ratio": round(throughput / baseline_lps, 3) if baseline_lps else None,
         "baseline": asdict(baseline),
         "cpu_ms_per_letter": round(cpu_ms, 3),
+        "disk_kb_per_letter": round(disk_kb, 1) if disk_kb is not None else None,
         "letter_in_messages": round(cpu_ms / raw_ms, 1) if raw_ms else None,
         "latency_ms": {
             "submit_accepted": _percentiles(
@@ -778,6 +784,8 @@ def _summary(report: dict[str, object]) -> str:
             else ""
         ),
     ]
+    if report.get("disk_kb_per_letter") is not None:
+        rows.append(f"disk writes        {report['disk_kb_per_letter']} KB a letter, all servers")
     params = report["params"]
     assert isinstance(params, dict)
     if params["rate"]:
@@ -819,6 +827,8 @@ def _summary(report: dict[str, object]) -> str:
             else ""
         )
         memory = f"  peak RSS {s['peak_rss_mb']} MB" if "peak_rss_mb" in s else ""
+        if "disk_write_mb" in s:
+            memory += f"  wrote {s['disk_write_mb']} MB"
         lives = f"  ({int(s['restarts']) + 1} lives)" if s.get("restarts") else ""
         rows.append(f"{name:<18} cpu {s['cpu_s']} s{threads}{memory}{lives}")
     return "\n".join(rows)

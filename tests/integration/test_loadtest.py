@@ -28,6 +28,7 @@ from loadtest.harness import (
     _Probe,
     _progress_line,
     _Stats,
+    _summary,
     _windows,
     run,
 )
@@ -92,6 +93,14 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
         server = processes[name]
         assert 0 < server["db_writer_cpu_s"] < server["cpu_s"], server
         assert 0 < server["event_loop_cpu_s"] <= server["cpu_s"], server
+        # Every server stored the letters (the WAL's pages and its checkpoints): at least a
+        # body's 1.5 KB a letter, and what they wrote adds up to the report's figure.
+        assert server["disk_write_mb"] > 300 * 1.5 / 1024, server
+    written = sum(
+        processes[n]["disk_write_mb"] for n in ("hub", "node-SENDER.A", "node-RECIPIENT.B")
+    )
+    assert report["disk_kb_per_letter"] == pytest.approx(written * 1024 / 300, abs=0.1)
+    assert "disk writes" in _summary(report)
 
 
 def test_cli_run_with_a_hub_crash_loses_nothing_and_writes_json(tmp_path: Path) -> None:
@@ -311,6 +320,7 @@ metrics = "{cluster.nodes[code].metrics}"
             server = processes[name]
             assert 0 < server["db_writer_cpu_s"] < server["cpu_s"], server
             assert 10 < server["rss_mb"] <= server["peak_rss_mb"], server
+        assert report["disk_kb_per_letter"] is None  # no /proc of their own to read
         # The earlier run's letter was acknowledged (it is A's, a driven agency) but not
         # counted; the other agency's letter was counted and left for B's own back-end.
         async with ExchangeClient(cluster.nodes[B].address, cluster.credentials(B)) as client:
