@@ -232,8 +232,16 @@ class NodeStore(Store):
         wanted = digests or [b""] * len(request_ids)
         keys = [r for r in request_ids if r]
         # A row stored before request ids were scoped holds the bare id (schema 5 and
-        # before): a retry across the upgrade still finds it.
+        # before): a retry across the upgrade still finds it. Every client's ids were one
+        # namespace then, so the bare row answers only the same draft (same digest): another
+        # back-end counting from 1 since is not refused, nor given that letter's receipt
+        # (which would leave its own letter unsent). A row without a digest (before schema
+        # 5) answers no scoped retry: a letter stored twice beats one never stored.
         bare = {k: _bare_request_id(k) for k in keys if _REQUEST_SCOPE in k}
+        asked: dict[str, bytes] = {}  # each id's digest as first given in this batch
+        for rid, digest in zip(request_ids, wanted, strict=True):
+            if rid:
+                asked.setdefault(rid, digest)
 
         def job(conn: sqlite3.Connection) -> tuple[list[pb.Receipt | ChaparError], _Stored]:
             rows: dict[str, tuple[bytes, bytes]] = {
@@ -247,7 +255,11 @@ class NodeStore(Store):
             }
             known: dict[str, tuple[bytes, bytes]] = {}
             for key in keys:
-                row = rows.get(key) or (rows.get(bare[key]) if key in bare else None)
+                row = rows.get(key)
+                if row is None and key in bare:
+                    old = rows.get(bare[key])
+                    if old is not None and old[1] and old[1] == asked[key]:
+                        row = old
                 if row is not None:
                     known[key] = row
             # The same request_id twice in one batch is one letter.

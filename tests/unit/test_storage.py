@@ -571,7 +571,9 @@ async def test_a_request_id_stored_before_ids_were_scoped_answers_its_retry(
     store: NodeStore,
 ) -> None:
     """A row from before request ids were kept per client holds the bare id: a retry
-    after the upgrade finds it instead of storing the letter twice."""
+    after the upgrade finds it instead of storing the letter twice. Another back-end's
+    letter under that id since is its own letter: neither refused nor given the old one's
+    receipt (which would leave it unsent)."""
     (old,) = await store.submit(
         ["old"], origin=ORIGIN, domain=OUT, year=YEAR, build=Builder(), digests=[b"a"]
     )
@@ -585,9 +587,40 @@ async def test_a_request_id_stored_before_ids_were_scoped_answers_its_retry(
         digests=[b"a", b"b"],
     )
     assert again == old
-    assert isinstance(other, ChaparError)
-    assert (other.reason, other.metadata) == ("REQUEST_ID_REUSED", {"request_id": "old"})
-    assert await store.count("outbox") == 1
+    assert isinstance(other, pb.Receipt)
+    assert other.shams.sequence == 2
+    assert await store.count("outbox") == 2
+    # The other back-end's retry gets its own letter's receipt, not the old one's.
+    (retry,) = await store.submit(
+        [request_key("urn:c:two", "old")],
+        origin=ORIGIN,
+        domain=OUT,
+        year=YEAR,
+        build=Builder(),
+        digests=[b"b"],
+    )
+    assert retry == other
+
+
+async def test_a_bare_request_id_without_its_digest_answers_no_scoped_request(
+    store: NodeStore,
+) -> None:
+    """A row from before schema version 5 has neither scope nor digest: nothing tells its
+    retry from another back-end's letter under the same id, so a scoped request is a new
+    letter: a retry of that very letter across the upgrade is stored twice, which its
+    sender sees, rather than another back-end's letter never stored, which nobody sees."""
+    old = await _submit_one(store, "1", Builder())
+    (mine,) = await store.submit(
+        [request_key("urn:c:two", "1")],
+        origin=ORIGIN,
+        domain=OUT,
+        year=YEAR,
+        build=Builder(),
+        digests=[b"b"],
+    )
+    assert isinstance(mine, pb.Receipt)
+    assert mine.shams.sequence == old.shams.sequence + 1
+    assert await store.count("outbox") == 2
 
 
 async def test_a_request_id_stored_without_its_digest_answers_any_retry(store: NodeStore) -> None:
