@@ -1189,10 +1189,13 @@ class _AckGatherer:
             await asyncio.gather(*self._calls, return_exceptions=True)
 
     async def close(self) -> None:
-        """``flush``, then ends the acknowledgement stream."""
+        """``flush``, then ends the acknowledgement stream. A letter acknowledged after
+        this (a client on a channel its caller keeps open) goes by a ``BatchAckEnvelopes``
+        call: no stream outlives ``close``."""
         await self.flush()
-        if self._stream is not None:
-            await self._stream.close()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
 
     async def _send(self, numbers: list[pb.Shams]) -> list[pb.Evidence | ChaparError]:
         """One batch over the acknowledgement stream; by ``BatchAckEnvelopes`` calls from
@@ -1245,33 +1248,43 @@ class _AckStream:
     def __init__(self, client: ExchangeClient) -> None:
         self._client = client
         self._open: _AckCall | None = None
+        # One write at a time: gRPC takes no second write on a call while one is under
+        # way (it fails the whole call), and full batches go while others are unanswered.
+        self._writing = asyncio.Lock()
 
     async def ack_many(self, numbers: list[pb.Shams]) -> list[pb.Evidence | ChaparError]:
-        current = self._open
-        if current is None or current.call.done():
-            with _translated():
-                call = self._client._stub.StreamAckEnvelopes()
-            current = self._open = _AckCall(call)
         # Answers come in order: a batch's future stays in line even when its caller
         # stops waiting (the future is then cancelled, and its answer dropped).
         done: asyncio.Future[pb.StreamAckEnvelopesResponse] = (
             asyncio.get_running_loop().create_future()
         )
-        current.waiting.append(done)
+        current: _AckCall | None = None
         try:
-            async with _write_translated(current.call):
-                await current.call.write(pb.StreamAckEnvelopesRequest(shams=numbers))
-        except ChaparError as exc:  # the stream is broken: nothing unanswered will be
-            done.cancel()
-            current.fail(exc)
-            raise
-        try:
-            response = await asyncio.wait_for(done, self._client._deadline(None))
+            # The deadline covers the wait for earlier writes and a write the node does
+            # not take (flow control), as well as the answer.
+            async with asyncio.timeout(self._client._deadline(None)):
+                async with self._writing:  # in line in the order written
+                    current = self._open
+                    if current is None or current.call.done():
+                        with _translated():
+                            call = self._client._stub.StreamAckEnvelopes()
+                        current = self._open = _AckCall(call)
+                    current.waiting.append(done)
+                    try:
+                        async with _write_translated(current.call):
+                            await current.call.write(pb.StreamAckEnvelopesRequest(shams=numbers))
+                    except ChaparError as exc:  # the stream is broken: no answer will come
+                        done.cancel()
+                        current.fail(exc)
+                        raise
+                response = await done
         except TimeoutError:
             error = DeadlineExceeded(
                 "no answer to an acknowledgement batch in time", reason="ACK_TIMEOUT"
             )
-            current.fail(error)
+            done.cancel()
+            if current is not None:  # written or being written: the stream ends
+                current.fail(error)
             raise error from None
         return _ack_outcomes(response.results, numbers)
 

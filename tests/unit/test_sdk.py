@@ -1052,6 +1052,22 @@ async def test_a_full_batch_of_acks_goes_without_waiting_for_the_call_in_flight(
     await asyncio.gather(first, *full)
 
 
+async def test_more_acks_in_one_turn_than_a_batch_holds_share_the_stream_one_write_at_a_time(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    # A back-end acknowledging a whole inbox at once: the full batches go while another is
+    # unanswered, so two batches are written on the one stream at the same moment. gRPC
+    # takes one write at a time on a call (a second fails the whole call): they must queue.
+    fake = fake_node[0]
+    numbers = range(1, 2 * 256 + 2)
+    evidence = await asyncio.gather(*(client._acks.ack(shams_of(n)) for n in numbers))
+    assert [pb.EvidenceContent.FromString(e.content).shams for e in evidence] == [
+        shams_of(n) for n in numbers
+    ]
+    assert sorted(fake.ack_batches) == [1, 256, 256]
+    assert (fake.ack_stream_calls, fake.unary_ack_calls) == (1, 0)
+
+
 async def test_acks_go_on_one_stream_that_the_client_ends_when_it_closes(
     fake_node: tuple[FakeNode, str],
 ) -> None:
@@ -1066,6 +1082,11 @@ async def test_acks_go_on_one_stream_that_the_client_ends_when_it_closes(
     assert fake.ack_streams_ended == 0
     await client.close()
     assert fake.ack_streams_ended == 1  # half-closed by the client, not cancelled
+    # The channel is the caller's and stays open: a letter acknowledged after close goes
+    # by one call, and no stream is left open behind the closed client.
+    late = await client._acks.ack(shams_of(4))
+    assert pb.EvidenceContent.FromString(late.content).shams == shams_of(4)
+    assert (fake.ack_stream_calls, fake.unary_ack_calls) == (1, 1)
     await channel.close()
 
 
