@@ -126,22 +126,28 @@ async def _answer_in_order(
     from handling a frame or from reading one (malformed, oversized), ends the stream with
     that error. Once ``closing`` is set no more frames are read: those read are answered
     and the stream ends (OK)."""
-    pending: asyncio.Queue[asyncio.Task[R] | None] = asyncio.Queue(8)
+    # The places ahead are a semaphore, not the queue's bound: the reader's last word
+    # (None) must never wait for a place, or a reader cancelled then (the node stopping,
+    # the caller gone) would leave the answers waiting for it, or itself waiting forever.
+    pending: asyncio.Queue[asyncio.Task[R] | None] = asyncio.Queue()
+    places = asyncio.Semaphore(8)
 
     async def read() -> None:
         try:
             async for frame in frames:
-                await pending.put(asyncio.create_task(handle(frame)))
+                await places.acquire()
+                pending.put_nowait(asyncio.create_task(handle(frame)))
         except asyncio.CancelledError:
             if not closing.is_set():
                 raise
         finally:
-            await pending.put(None)
+            pending.put_nowait(None)
 
     reader = asyncio.create_task(read())
     stopper = asyncio.create_task(_cancel_when(closing, reader))
     try:
         while (task := await pending.get()) is not None:
+            places.release()
             try:
                 result = await task
             except ChaparError as exc:
@@ -155,6 +161,16 @@ async def _answer_in_order(
     finally:
         reader.cancel()
         stopper.cancel()
+        while not pending.empty():  # frames handled that no answer will carry
+            if (left := pending.get_nowait()) is not None:
+                left.add_done_callback(_outcome_unheard)
+
+
+def _outcome_unheard(task: asyncio.Task[Any]) -> None:
+    """A frame's outcome its stream ended before answering (what it stored stays stored,
+    and a retry is answered from it): retrieved, so asyncio does not log it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _cancel_when(event: asyncio.Event, task: asyncio.Task[None]) -> None:
