@@ -394,16 +394,20 @@ class NodeStore(Store):
                 " VALUES (?, ?, ?, ?, ?)",
                 [(c.evidence_id, s, c.event, e.SerializeToString(), now) for e, c, s in new],
             )
+            # Evidence already stored moves the letter on too: a letter to this node's own
+            # agency has its DELIVERY and HANDOVER stored first as the recipient's, and they
+            # come back here as its sender's. A repeat moves nothing (states only go
+            # forward, the relay state is set once).
             conn.executemany(
                 "UPDATE outbox SET relay_state = 1 WHERE shams = ? AND relay_state = 0",
-                [(s,) for _, c, s in new if c.event == pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE],
+                [(s,) for _, c, s in items if c.event == pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE],
             )
             conn.executemany(
                 "UPDATE outbox SET relay_state = 2 WHERE shams = ?",
-                [(s,) for _, c, s in new if c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION],
+                [(s,) for _, c, s in items if c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION],
             )
             # Evidence without a recipient is about the whole letter (a relay rejection).
-            advance_states(conn, [(s, c.recipient or None, c.event) for _, c, s in new])
+            advance_states(conn, [(s, c.recipient or None, c.event) for _, c, s in items])
             return None, [(s, c) for _, c, s in new]
 
         await self._write(job)

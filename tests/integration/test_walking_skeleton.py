@@ -94,6 +94,26 @@ async def test_letter_travels_a_to_b_with_every_evidence_signature_verified(
             tracking.verify(cluster.credentials(AGENCY_A).trust_store())
 
 
+async def test_a_letter_to_its_own_agency_reaches_handed_over_for_its_sender(
+    cluster: Cluster,
+) -> None:
+    # One node is sender and recipient: it stores the DELIVERY and HANDOVER evidence as
+    # the recipient, and then the hub routes them back to it as the letter's sender.
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        receipt = await a.send(to=[(AGENCY_A, "registry")], subject="Internal", body="memo")
+        letter = await _next_letter(a, receipt.shams)
+        assert (letter.sender, letter.recipients) == (AGENCY_A, (AGENCY_A,))
+        await letter.ack()
+        tracking = await wait_for_chain(a, receipt.shams)
+        deadline = asyncio.get_running_loop().time() + 20
+        while tracking.statuses != {AGENCY_A: "HANDED_OVER"}:
+            assert asyncio.get_running_loop().time() < deadline, tracking.statuses
+            await asyncio.sleep(0.1)
+            tracking = await a.track(receipt.shams)
+        events = [v.event for v in tracking.verify(cluster.credentials(AGENCY_A).trust_store())]
+        assert events[: len(EXPECTED_CHAIN)] == list(EXPECTED_CHAIN)
+
+
 async def test_reply_carries_in_reply_to_and_thread_root(cluster: Cluster) -> None:
     async with (
         ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
