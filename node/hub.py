@@ -557,7 +557,8 @@ class Hub(pb.HubServiceServicer):
 
     async def _relay(self, agency: str, envelopes: Sequence[pb.Envelope]) -> list[pb.Evidence]:
         now = dt.datetime.now(dt.UTC)
-        outcomes: list[IncomingLetter | pb.Evidence] = []
+        outcomes: list[IncomingLetter | pb.Evidence | list[pb.Evidence]] = []
+        refused: dict[int, tuple[ChaparError, pb.Envelope]] = {}
         for envelope, verified in zip(
             envelopes, self.trust.verify_envelopes(envelopes), strict=True
         ):
@@ -566,30 +567,43 @@ class Hub(pb.HubServiceServicer):
             except ChaparError as exc:
                 if exc.code == Code.PERMISSION_DENIED:
                     raise
+                refused[len(outcomes)] = (exc, envelope)
+                outcomes.append([])  # a rejection, unless it is a letter already accepted
+        if refused:
+            # A letter sent again because the answer to it was lost is judged by what held
+            # when it was accepted: since then it may have aged out of the window, its
+            # signer's certificate expired or its recipient been suspended. It stays
+            # accepted; a rejection now would contradict the evidence already signed.
+            kept = await self.store.accepted_relays(
+                agency, [(quoted_shams(e), sha256(e.header)) for _, e in refused.values()]
+            )
+            for at, (error, envelope) in refused.items():
+                relays = kept.get(sha256(envelope.header))
+                if relays:
+                    outcomes[at] = relays
+                    continue
                 log.warning(
                     "relay rejected from %s: %s %s",
                     agency,
-                    exc.reason,
-                    exc.message,
-                    extra={"peer": agency, "reason": exc.reason},
+                    error.reason,
+                    error.message,
+                    extra={"peer": agency, "reason": error.reason},
                 )
-                count_rejection(exc.code.name, exc.reason)
-                outcomes.append(
-                    self._sign(
-                        evidence_content(
-                            E.EVIDENCE_EVENT_RELAY_REJECTION,
-                            issuer=self.identity.uri,
-                            shams=quoted_shams(envelope),
-                            envelope_sha256=sha256(envelope.header),
-                            recipient="",
-                            now=now,
-                            reason=exc.reason,
-                            detail=exc.message,
-                        )
+                count_rejection(error.code.name, error.reason)
+                outcomes[at] = self._sign(
+                    evidence_content(
+                        E.EVIDENCE_EVENT_RELAY_REJECTION,
+                        issuer=self.identity.uri,
+                        shams=quoted_shams(envelope),
+                        envelope_sha256=sha256(envelope.header),
+                        recipient="",
+                        now=now,
+                        reason=error.reason,
+                        detail=error.message,
                     )
                 )
         letters = [o for o in outcomes if isinstance(o, IncomingLetter)]
-        RELAY_REJECTED.inc(len(outcomes) - len(letters))
+        RELAY_REJECTED.inc(sum(isinstance(o, pb.Evidence) for o in outcomes))
         queued: list[str] = []
         fresh: set[str] = set()
 
@@ -606,16 +620,31 @@ class Hub(pb.HubServiceServicer):
             )
             return pb.Evidence(content=content)  # signed with the batch: seal_evidence
 
+        def committed(kept: list[list[pb.Evidence]]) -> None:
+            # At the commit, in the event loop, even if this frame's handler was cancelled
+            # meanwhile (its node reconnected): the queue depths and the pushes to the
+            # recipients follow what was stored, not who was still waiting for it.
+            for recipient in queued:
+                self._count(recipient, +1)
+            for letter, relays in zip(letters, kept, strict=True):
+                if relays:
+                    for r in letter.recipients:
+                        self._wake(r, queue=True)
+
         stored = iter(
-            await self.store.accept(letters, make_relay, self.signer.seal_evidence)
+            await self.store.accept(
+                letters, make_relay, self.signer.seal_evidence, on_commit=committed
+            )
             if letters
             else []
         )
-        for recipient in queued:
-            self._count(recipient, +1)
         results: list[pb.Evidence] = []
         relayed: list[str] = []
         for outcome in outcomes:
+            if isinstance(outcome, list):  # accepted before: sent again
+                RELAY_DUPLICATES.inc()
+                results.extend(outcome)
+                continue
             if not isinstance(outcome, IncomingLetter):
                 results.append(outcome)
                 continue
@@ -644,8 +673,6 @@ class Hub(pb.HubServiceServicer):
                 relayed.append(outcome.shams)
             else:
                 RELAY_DUPLICATES.inc()
-            for r in outcome.recipients:
-                self._wake(r, queue=True)
         RELAYED.inc(len(queued))
         if relayed and log.isEnabledFor(logging.INFO):  # one line per frame, not per letter
             log.info(
@@ -683,14 +710,25 @@ class Hub(pb.HubServiceServicer):
                 continue
             valid.append((item, content, shams))
         if valid:
-            senders, dequeued, strangers = await self.store.record_receipts(agency, valid)
+
+            def committed(outcome: tuple[list[str], int, list[str]]) -> None:
+                # At the commit, even if this handler was cancelled meanwhile: a resent
+                # receipt dequeues nothing, so a depth not counted now never would be.
+                senders, dequeued, _ = outcome
+                for sender in senders:
+                    self._wake(sender, notices=True)
+                if dequeued:
+                    self._count(agency, -dequeued)
+
+            _, _, strangers = await self.store.record_receipts(agency, valid, committed)
             for shams in strangers:
-                log.warning("receipt from %s for a letter not addressed to it: %s", agency, shams)
+                log.warning(
+                    "receipt from %s refused: the letter %s is not addressed to it, or the"
+                    " receipt names another letter",
+                    agency,
+                    shams,
+                )
             session.inflight.difference_update(s for _, _, s in valid)
-            for sender in senders:
-                self._wake(sender, notices=True)
-            if dequeued:
-                self._count(agency, -dequeued)
         # Room in its delivery window: a read the window cut short left queue_dirty set.
         session.wake.set()
         return ids

@@ -7,14 +7,16 @@ recipient's node answers with DELIVERY or DELIVERY_FAILURE evidence. Both surviv
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from client_sdk import pb
+from client_sdk.shams import format_shams
 from node.core import lifecycle
-from node.storage.db import Page, Store, advance_state, advance_states, existing, rows_in
+from node.storage.db import Page, Store, advance_state, advance_states, rows_in
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
 
@@ -113,6 +115,7 @@ class HubStore(Store):
         letters: Sequence[IncomingLetter],
         make_relay: Callable[[IncomingLetter, str], pb.Evidence],
         seal: Callable[[Sequence[pb.Evidence]], None] | None = None,
+        on_commit: Callable[[list[list[pb.Evidence]]], None] | None = None,
     ) -> list[list[pb.Evidence]]:
         """Queues each letter for each recipient once; returns its RELAY_ACCEPTANCE evidence.
 
@@ -195,7 +198,38 @@ class HubStore(Store):
             )
             return out
 
-        return await self.db.write(job)
+        return await self.db.write(job, on_commit)
+
+    async def accepted_relays(
+        self, sender: str, letters: Sequence[tuple[pb.Shams | None, bytes]]
+    ) -> dict[bytes, list[pb.Evidence]]:
+        """The RELAY_ACCEPTANCE evidence of those of ``letters`` (number as claimed, header
+        digest) already accepted from ``sender``, by header digest: a letter sent again
+        after the answer to it was lost."""
+        wanted: dict[str, bytes] = {}
+        for shams, digest in letters:
+            if shams is not None:
+                with contextlib.suppress(ValueError):  # no valid number: never accepted
+                    wanted[format_shams(shams)] = digest
+        if not wanted:
+            return {}
+        out: dict[bytes, list[pb.Evidence]] = {}
+        for shams, kept, digest, who in await self.db.fetchall_in(
+            "SELECT shams, relay_evidence, envelope_sha256, sender FROM letters"
+            " WHERE shams IN ({marks})",
+            list(wanted),
+        ):
+            if who != sender or bytes(digest) != wanted[str(shams)]:
+                continue
+            if kept:  # a copy kept inline by earlier versions
+                out[bytes(digest)] = list(pb.EvidenceBatch.FromString(kept).evidence)
+                continue
+            rows = await self.db.fetchall(
+                "SELECT evidence FROM evidence WHERE shams = ? AND event = ? ORDER BY rowid",
+                (str(shams), pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE),
+            )
+            out[bytes(digest)] = [pb.Evidence.FromString(r[0]) for r in rows]
+        return out
 
     async def queued(
         self, recipient: str, after: int, limit: int, max_bytes: int
@@ -298,34 +332,58 @@ class HubStore(Store):
         return int(row[0]) if row else 0
 
     async def record_receipts(
-        self, recipient: str, items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]]
+        self,
+        recipient: str,
+        items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]],
+        on_commit: Callable[[tuple[list[str], int, list[str]]], None] | None = None,
     ) -> tuple[list[str], int, list[str]]:
         """Stores evidence a recipient node issued, routes it to the sender, dequeues.
 
         ``items`` are (evidence, content, shams) already verified as issued by ``recipient``.
         Returns the senders who have new notices, how many letters left ``recipient``'s
-        queue, and the numbers of letters not addressed to ``recipient`` (refused).
+        queue, and the numbers of letters refused: not addressed to ``recipient``, or
+        naming another letter's digest than the one queued under that number, or under an
+        evidence id already stored about another letter. ``on_commit`` gets the same, once
+        committed (even if the caller was cancelled meanwhile).
         """
 
         def job(conn: sqlite3.Connection) -> tuple[list[str], int, list[str]]:
             now = time.time()
-            sender_of = {
-                str(shams): str(sender)
-                for shams, sender in rows_in(
+            letter_of = {
+                str(shams): (str(sender), bytes(digest))
+                for shams, sender, digest in rows_in(
                     conn,
-                    "SELECT s.shams, l.sender FROM recipient_state s JOIN letters l"
-                    " ON l.shams = s.shams WHERE s.recipient = ? AND s.shams IN ({marks})",
+                    "SELECT s.shams, l.sender, l.envelope_sha256 FROM recipient_state s"
+                    " JOIN letters l ON l.shams = s.shams"
+                    " WHERE s.recipient = ? AND s.shams IN ({marks})",
                     [shams for _, _, shams in items],
                     (recipient,),
                 )
             }
-            strangers = [shams for _, _, shams in items if shams not in sender_of]
-            ours = [item for item in items if item[2] in sender_of]
-            known = existing(
-                conn,
-                "SELECT evidence_id FROM evidence WHERE evidence_id IN ({marks})",
-                [c.evidence_id for _, c, _ in ours],
-            )
+            stored_about = {
+                str(evidence_id): str(shams)
+                for evidence_id, shams in rows_in(
+                    conn,
+                    "SELECT evidence_id, shams FROM evidence WHERE evidence_id IN ({marks})",
+                    [c.evidence_id for _, c, _ in items],
+                )
+            }
+            # A receipt stands for the letter queued under its number only if it names that
+            # letter's digest; an evidence id already stored stands only for its own letter
+            # (a resent receipt), so that no receipt dequeues a letter without its evidence.
+            ours: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
+            strangers: list[str] = []
+            for evidence, content, shams in items:
+                if (
+                    shams in letter_of
+                    and content.envelope_sha256 == letter_of[shams][1]
+                    and stored_about.get(content.evidence_id, shams) == shams
+                ):
+                    ours.append((evidence, content, shams))
+                else:
+                    strangers.append(shams)
+            sender_of = {shams: letter_of[shams][0] for _, _, shams in ours}
+            known = set(stored_about)
             new: list[tuple[str, pb.EvidenceContent, str, bytes]] = []
             for evidence, content, shams in ours:
                 if content.evidence_id not in known:
@@ -349,7 +407,7 @@ class HubStore(Store):
             advance_states(conn, [(shams, recipient, c.event) for shams, c, _, _ in new])
             return [sender for _, _, sender, _ in new], max(dequeued, 0), strangers
 
-        return await self.db.write(job)
+        return await self.db.write(job, on_commit)
 
     async def notices(self, agency: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         rows = await self.db.fetchall(

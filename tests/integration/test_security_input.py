@@ -775,6 +775,41 @@ def _signed_letter(cluster: Cluster, **times: timestamp_pb2.Timestamp) -> pb.Env
     )
 
 
+async def test_a_letter_sent_again_after_aging_out_of_the_window_stays_accepted(
+    cluster: Cluster,
+) -> None:
+    """The hub accepted a letter and the answer was lost (a broken stream); by the time the
+    node sends it again it is older than the hub's window (seven days by default). It is
+    the letter already queued: the hub answers with its RELAY_ACCEPTANCE again, not with a
+    RELAY_REJECTION that would contradict the evidence it signed."""
+    nearly_too_old = dt.datetime.now(dt.UTC) - dt.timedelta(days=7) + dt.timedelta(seconds=2)
+    created = timestamp_pb2.Timestamp()
+    created.FromDatetime(nearly_too_old)
+    frame = pb.ConnectRequest(
+        envelopes=pb.EnvelopeBatch(envelopes=[_signed_letter(cluster, create_time=created)])
+    )
+    first = await _send_frames_as_c(cluster, frame, "relay_results")
+    assert isinstance(first, pb.ConnectResponse), first
+    (accepted,) = first.relay_results.evidence
+    event = pb.EvidenceContent.FromString(accepted.content).event
+    assert event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE
+    await asyncio.sleep(3)  # now out of the window: a new letter this old is rejected
+    again = await _send_frames_as_c(cluster, frame, "relay_results")
+    assert isinstance(again, pb.ConnectResponse), again
+    assert [e.SerializeToString() for e in again.relay_results.evidence] == [
+        accepted.SerializeToString()
+    ]
+    other = _signed_letter(cluster, create_time=created)  # another letter as old
+    answer = await _send_frames_as_c(
+        cluster, pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=[other])), "relay_results"
+    )
+    assert isinstance(answer, pb.ConnectResponse), answer
+    (rejection,) = answer.relay_results.evidence
+    content = pb.EvidenceContent.FromString(rejection.content)
+    assert content.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_REJECTION
+    assert content.reason == "CREATE_TIME_OUT_OF_WINDOW"
+
+
 @pytest.mark.parametrize(
     "times",
     [

@@ -21,7 +21,7 @@ import aiosqlite
 import pytest
 
 from client_sdk import pb
-from client_sdk.shams import format_shams
+from client_sdk.shams import format_shams, parse_shams
 from node.core import lifecycle
 from node.core.errors import ChaparError, Code
 from node.storage import db as db_module
@@ -49,12 +49,14 @@ def _evidence(
     recipient: str = RECIPIENT_B,
     evidence_id: str | None = None,
     issuer: str = "urn:chapar:hub:national-hub",
+    envelope_sha256: bytes = b"",
 ) -> tuple[pb.Evidence, pb.EvidenceContent]:
     content = pb.EvidenceContent(
         evidence_id=evidence_id or str(uuid.uuid4()),
         event=event,
         issuer=issuer,
         recipient=recipient,
+        envelope_sha256=envelope_sha256,
     )
     if shams is not None:
         content.shams.CopyFrom(shams)
@@ -955,6 +957,19 @@ class RelayMaker:
         return evidence
 
 
+def _receipt(
+    event: pb.EvidenceEvent.ValueType, letter: IncomingLetter, recipient: str, **kw: Any
+) -> tuple[pb.Evidence, pb.EvidenceContent]:
+    """A recipient's receipt about ``letter``: its number and its header's digest."""
+    return _evidence(
+        event,
+        shams=parse_shams(letter.shams),
+        recipient=recipient,
+        envelope_sha256=letter.envelope_sha256,
+        **kw,
+    )
+
+
 def _recipient_of(evidence: pb.Evidence) -> str:
     return pb.EvidenceContent.FromString(evidence.content).recipient
 
@@ -1005,7 +1020,7 @@ async def test_hub_accepts_a_letter_twice_in_one_batch_once(hub: HubStore) -> No
 async def test_delivery_receipt_dequeues_and_notifies_the_sender(hub: HubStore) -> None:
     letter = _hub_letter()
     await hub.accept([letter], RelayMaker())
-    delivery = _evidence(E.EVIDENCE_EVENT_DELIVERY, shams=_shams(1), recipient=RECIPIENT_B)
+    delivery = _receipt(E.EVIDENCE_EVENT_DELIVERY, letter, RECIPIENT_B)
 
     senders, dequeued, strangers = await hub.record_receipts(
         RECIPIENT_B, [(*delivery, letter.shams)]
@@ -1035,8 +1050,8 @@ async def test_delivery_receipt_dequeues_and_notifies_the_sender(hub: HubStore) 
 async def test_handover_receipt_notifies_without_touching_the_queue(hub: HubStore) -> None:
     letter = _hub_letter(recipients=[RECIPIENT_B])
     await hub.accept([letter], RelayMaker())
-    delivery = _evidence(E.EVIDENCE_EVENT_DELIVERY, recipient=RECIPIENT_B)
-    handover = _evidence(E.EVIDENCE_EVENT_HANDOVER, recipient=RECIPIENT_B)
+    delivery = _receipt(E.EVIDENCE_EVENT_DELIVERY, letter, RECIPIENT_B)
+    handover = _receipt(E.EVIDENCE_EVENT_HANDOVER, letter, RECIPIENT_B)
     assert await hub.record_receipts(RECIPIENT_B, [(*handover, letter.shams)]) == ([ORIGIN], 0, [])
     assert await hub.queue_depth(RECIPIENT_B) == 1  # not yet confirmed stored
     assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.HANDED_OVER
@@ -1046,6 +1061,71 @@ async def test_handover_receipt_notifies_without_touching_the_queue(hub: HubStor
     ids = [pb.EvidenceContent.FromString(pb.Evidence.FromString(b).content).evidence_id
            for _, b in await hub.notices(ORIGIN, 0, 10)]  # fmt: skip
     assert ids == [handover[1].evidence_id, delivery[1].evidence_id]
+
+
+async def test_a_receipt_naming_another_letters_digest_is_refused_and_dequeues_nothing(
+    hub: HubStore,
+) -> None:
+    # A DELIVERY is proof of this letter only if it names this letter's header digest.
+    letter = _hub_letter(recipients=[RECIPIENT_B])
+    await hub.accept([letter], RelayMaker())
+    wrong = _evidence(
+        E.EVIDENCE_EVENT_DELIVERY,
+        shams=parse_shams(letter.shams),
+        recipient=RECIPIENT_B,
+        envelope_sha256=hashlib.sha256(b"another header").digest(),
+    )
+    assert await hub.record_receipts(RECIPIENT_B, [(*wrong, letter.shams)]) == (
+        [],
+        0,
+        [letter.shams],
+    )
+    assert await hub.queue_depth(RECIPIENT_B) == 1
+    assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.RELAYED
+    assert await hub.notices(ORIGIN, 0, 10) == []
+
+
+async def test_a_receipt_reusing_another_letters_evidence_id_dequeues_nothing(
+    hub: HubStore,
+) -> None:
+    # A resent receipt (same id, same letter) dequeues, as its first copy's answer may have
+    # been lost; an id already stored about another letter would dequeue this one with no
+    # evidence of its delivery stored anywhere.
+    first, second = _hub_letter(1, [RECIPIENT_B]), _hub_letter(2, [RECIPIENT_B])
+    await hub.accept([first, second], RelayMaker())
+    delivered = _receipt(E.EVIDENCE_EVENT_DELIVERY, first, RECIPIENT_B)
+    assert await hub.record_receipts(RECIPIENT_B, [(*delivered, first.shams)]) == (
+        [ORIGIN],
+        1,
+        [],
+    )
+    reused = _receipt(
+        E.EVIDENCE_EVENT_DELIVERY, second, RECIPIENT_B, evidence_id=delivered[1].evidence_id
+    )
+    assert await hub.record_receipts(RECIPIENT_B, [(*reused, second.shams)]) == (
+        [],
+        0,
+        [second.shams],
+    )
+    assert await hub.queue_depth(RECIPIENT_B) == 1
+    assert await hub.record_receipts(RECIPIENT_B, [(*delivered, first.shams)]) == ([], 0, [])
+
+
+async def test_a_receipt_is_counted_at_its_commit_even_if_its_caller_stopped_waiting(
+    hub: HubStore,
+) -> None:
+    letter = _hub_letter(recipients=[RECIPIENT_B])
+    await hub.accept([letter], RelayMaker())
+    delivery = _receipt(E.EVIDENCE_EVENT_DELIVERY, letter, RECIPIENT_B)
+    seen: list[tuple[list[str], int, list[str]]] = []
+    call = asyncio.ensure_future(
+        hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)], seen.append)
+    )
+    await asyncio.sleep(0)  # its job is queued
+    call.cancel()
+    await hub.db.write(lambda conn: None)  # committed behind it
+    assert seen == [([ORIGIN], 1, [])]
+    assert await hub.queue_depth(RECIPIENT_B) == 0
 
 
 async def test_receipt_for_an_unknown_letter_is_ignored(hub: HubStore) -> None:
@@ -1078,7 +1158,7 @@ async def test_receipt_from_an_agency_the_letter_is_not_addressed_to_is_refused(
 ) -> None:
     letter = _hub_letter(recipients=[RECIPIENT_B])
     await hub.accept([letter], RelayMaker())
-    delivery = _evidence(E.EVIDENCE_EVENT_DELIVERY, recipient=RECIPIENT_C)
+    delivery = _receipt(E.EVIDENCE_EVENT_DELIVERY, letter, RECIPIENT_C)
     assert await hub.record_receipts(RECIPIENT_C, [(*delivery, letter.shams)]) == (
         [],
         0,
