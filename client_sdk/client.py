@@ -688,7 +688,10 @@ class ExchangeClient:
     async def inbox(self, mailbox: str | None = None) -> AsyncGenerator[Letter, None]:
         """Streams letters not yet acknowledged, then new ones as they arrive (endless).
 
-        A letter comes again on a new stream until it is acknowledged with ``ack``.
+        A letter comes again on a new stream until it is acknowledged with ``ack``. A node
+        that stops ends the stream: ``Unavailable`` (reason ``STREAM_ENDED``, retryable),
+        as on the submission streams, so that a back-end reading in a loop learns it and
+        reads again, rather than finding its loop ended as if the inbox had no end.
         """
         with _translated():
             call = self._stub.StreamInbox(pb.StreamInboxRequest(mailbox=mailbox or ""))
@@ -697,6 +700,7 @@ class ExchangeClient:
                 async for response in call:
                     for item in response.letters:
                         yield Letter(**Letter._parse(item), _client=self)
+            raise _stream_ended()
         finally:
             call.cancel()
 
@@ -920,6 +924,17 @@ def _translated() -> Iterator[None]:
         if "closed" not in str(exc):
             raise
         raise _client_closed() from exc
+    except asyncio.CancelledError:
+        # grpc.aio raises CancelledError from a call cancelled under it: the channel closed
+        # (``close()`` from another task) while a stream was being read or written. That is
+        # no cancellation of our caller's task (which would be marked as cancelling): a
+        # ChaparError, so that the caller learns its stream ended, and why.
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise Cancelled(
+            "the call was cancelled: its client was closed", reason="CLIENT_CLOSED"
+        ) from None
 
 
 def _client_closed() -> FailedPrecondition:

@@ -117,6 +117,8 @@ class FakeNode(pb.NodeServiceServicer):
         self.break_ack_stream = False  # the next acknowledgement batch ends its stream
         self.inbox_requests: list[pb.StreamInboxRequest] = []
         self.inbox_batches: list[list[pb.InboxLetter]] = []
+        self.inbox_ends = False  # the inbox stream ends (OK) after its batches: a node stopping
+        self.inbox_opened = asyncio.Event()  # set by each inbox stream
         self.get_response = pb.GetEnvelopeResponse()
         self.abort: Abort | None = None
         self.break_stream_at: int | None = None  # a submission stream fails on this frame
@@ -189,9 +191,11 @@ class FakeNode(pb.NodeServiceServicer):
         self, request: pb.StreamInboxRequest, context: Any
     ) -> AsyncIterator[pb.StreamInboxResponse]:
         self.inbox_requests.append(request)
+        self.inbox_opened.set()
         for batch in self.inbox_batches:
             yield pb.StreamInboxResponse(letters=batch)
-        await asyncio.Event().wait()  # like a real node: the stream stays open
+        if not self.inbox_ends:
+            await asyncio.Event().wait()  # like a real node: the stream stays open
 
     async def AckEnvelope(
         self, request: pb.AckEnvelopeRequest, context: Any
@@ -983,6 +987,51 @@ async def test_inbox_yields_letters_and_ack_hands_over(
         shams_of(1),
         shams_of(3),
     ]
+
+
+async def test_an_inbox_stream_the_node_ends_raises_stream_ended_after_its_letters(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    # A stopping node ends the inbox stream (OK): the back-end's reading loop must learn
+    # it (and read again), not end as if the inbox had no more letters, ever.
+    fake = fake_node[0]
+    envelope = signed_letter(pki, 1)
+    fake.inbox_batches = [
+        [
+            pb.InboxLetter(
+                envelope=envelope,
+                shams=shams_of(1),
+                delivery=signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY),
+            )
+        ]
+    ]
+    fake.inbox_ends = True
+    read: list[str] = []
+
+    async def read_all() -> None:
+        async for letter in client.inbox():
+            read.append(letter.shams)
+
+    with pytest.raises(errors.Unavailable) as caught:
+        await read_all()
+    assert read == ["000.00.00.G22/O/2026/0000001"]
+    assert (caught.value.reason, caught.value.retryable) == ("STREAM_ENDED", True)
+
+
+async def test_an_inbox_read_when_its_channel_closes_raises_client_closed_not_cancelled(
+    fake_node: tuple[FakeNode, str],
+) -> None:
+    # A shutdown handler closes the client while a task reads the inbox: grpc.aio cancels
+    # the call under the reader, which must get a ChaparError, not a CancelledError that
+    # reads as its own task's cancellation (a TaskGroup would then swallow it).
+    channel = grpc.aio.insecure_channel(fake_node[1])
+    client = ExchangeClient.from_channel(channel)
+    reading = asyncio.create_task(anext(client.inbox()))
+    await asyncio.wait_for(fake_node[0].inbox_opened.wait(), 5)
+    await channel.close()
+    with pytest.raises(errors.Cancelled) as caught:
+        await asyncio.wait_for(reading, 5)
+    assert caught.value.reason == "CLIENT_CLOSED"
 
 
 async def test_a_letter_acknowledged_after_its_client_closed_gets_client_closed(
