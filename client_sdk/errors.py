@@ -245,9 +245,18 @@ def from_rpc_error(exc: grpc.RpcError) -> ChaparError:
 
 
 def from_submit_error(err: pb.SubmitError) -> ChaparError:
-    """Translates the per-letter error of a batch or stream submission."""
+    """Translates the per-letter error of a batch or stream submission (with its retry
+    delay, so that ``retryable`` says the same as for the call's own status)."""
     code = _STATUS_CODE_OF_INT.get(err.code, grpc.StatusCode.UNKNOWN)
-    return _error(code, err.message or code.name, reason=err.reason, metadata=err.metadata)
+    return _error(
+        code,
+        err.message or code.name,
+        reason=err.reason,
+        metadata=err.metadata,
+        retry_after=(
+            err.retry_delay.ToTimedelta().total_seconds() if err.HasField("retry_delay") else None
+        ),
+    )
 
 
 def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:

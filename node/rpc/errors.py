@@ -43,15 +43,8 @@ def to_status(error: ChaparError) -> status_pb2.Status:
         )
         details.append(bad)
     if error.retry_after_s is not None:
-        seconds = math.floor(error.retry_after_s)
         retry = any_pb2.Any()
-        retry.Pack(
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(
-                    seconds=seconds, nanos=int((error.retry_after_s - seconds) * 1e9)
-                )
-            )
-        )
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=_duration(error.retry_after_s)))
         details.append(retry)
     return status_pb2.Status(code=int(error.code), message=error.message, details=details)
 
@@ -68,11 +61,18 @@ async def abort(context: grpc.aio.ServicerContext, error: ChaparError) -> None:
 
 
 def to_submit_error(error: ChaparError) -> pb.SubmitError:
-    """The per-letter form of an error inside a batch or stream result."""
+    """The per-letter form of an error inside a batch or stream result; its retry delay
+    too, which a status carries as RetryInfo."""
     count_rejection(error.code.name, error.reason)
     return pb.SubmitError(
         code=int(error.code) if int(error.code) in code_pb2.Code.values() else code_pb2.UNKNOWN,
         reason=error.reason,
         message=error.message,
         metadata=error.metadata,
+        retry_delay=_duration(error.retry_after_s) if error.retry_after_s is not None else None,
     )
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = math.floor(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))

@@ -391,6 +391,14 @@ async def test_full_recipient_queue_refuses_new_letters_with_retry_info_and_drop
             assert refused.reason == "RECIPIENT_QUEUE_FULL"
             assert refused.retry_after == pytest.approx(7.0)
             assert refused.metadata["agency"] == B
+            # The same refusal for a letter of a batch or of a stream carries its delay too,
+            # so that it reads as retryable there as well (it read as final before).
+            (in_batch,) = await a.send_many([Draft(to=[B], subject="batch", body="x")])
+            streamed = [r async for r in a.send_stream([Draft(to=[B], subject="stream", body="x")])]
+            for result in (in_batch, *streamed):
+                assert isinstance(result, ResourceExhausted), result
+                assert result.reason == "RECIPIENT_QUEUE_FULL"
+                assert (result.retry_after, result.retryable) == (pytest.approx(7.0), True)
             assert len(accepted) >= quota
             outbox = count(cluster, f"node-{A}", "SELECT count(*) FROM outbox")
             assert outbox == len(accepted)  # the refused letter left no row

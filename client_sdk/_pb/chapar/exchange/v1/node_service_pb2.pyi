@@ -8,6 +8,7 @@ from client_sdk._pb.chapar.exchange.v1 import envelope_pb2 as _envelope_pb2
 from client_sdk._pb.chapar.exchange.v1 import evidence_pb2 as _evidence_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -235,6 +236,7 @@ class SubmitError(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """Canonical gRPC status code (google.rpc.Code)."""
     reason: _builtins.str
@@ -245,6 +247,13 @@ class SubmitError(_message.Message):
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Dynamic values, as in ErrorInfo.metadata."""
 
+    @_builtins.property
+    def retry_delay(self) -> _duration_pb2.Duration:
+        """When set, the same letter (same request_id) may be accepted if sent again after this
+        long, as google.rpc.RetryInfo says of a whole call (RESOURCE_EXHAUSTED,
+        RECIPIENT_QUEUE_FULL: the recipient's hub queue is full for now).
+        """
+
     def __init__(
         self,
         *,
@@ -252,10 +261,11 @@ class SubmitError(_message.Message):
         reason: _builtins.str = ...,
         message: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        retry_delay: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_delay", b"retry_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "metadata", b"metadata", "reason", b"reason", "retry_delay", b"retry_delay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
