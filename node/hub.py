@@ -411,21 +411,21 @@ class Hub(pb.HubServiceServicer):
         self._sessions[agency] = session
         HUB_CONNECTED_NODES.set(len(self._sessions))
         log.info("node %s connected", agency)
-        await context.write(
-            pb.ConnectResponse(
-                welcome=pb.ConnectWelcome(
-                    hub=self.identity.uri, directory_version=self.directory.version
+        tasks: list[asyncio.Task[object]] = []
+        try:  # from here on the session is registered: whatever happens, it is removed
+            await context.write(
+                pb.ConnectResponse(
+                    welcome=pb.ConnectWelcome(
+                        hub=self.identity.uri, directory_version=self.directory.version
+                    )
                 )
             )
-        )
-        reader = asyncio.create_task(self._read(session, request_iterator))
-        pusher = asyncio.create_task(self._push(session))
-        writer = asyncio.create_task(self._write(session, context))
-        closed = asyncio.create_task(session.closed.wait())
-        try:
-            await asyncio.wait(
-                {reader, pusher, writer, closed}, return_when=asyncio.FIRST_COMPLETED
-            )
+            reader = asyncio.create_task(self._read(session, request_iterator))
+            pusher = asyncio.create_task(self._push(session))
+            writer = asyncio.create_task(self._write(session, context))
+            closed = asyncio.create_task(session.closed.wait())
+            tasks = [reader, pusher, writer, closed]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for ended in (reader, pusher, writer):
                 failure = ended.exception() if ended.done() and not ended.cancelled() else None
                 if isinstance(failure, ChaparError):
@@ -436,7 +436,7 @@ class Hub(pb.HubServiceServicer):
                 if failure is not None:
                     raise failure
         finally:
-            for pending in (reader, pusher, writer, closed):
+            for pending in tasks:
                 pending.cancel()
             session.notice_cadence.close()
             session.delivery_cadence.close()
