@@ -612,13 +612,13 @@ class ExchangeClient:
         def busy() -> bool:
             return unanswered > 0 or loop.time() - last_sent < linger_s
 
+        with _translated():  # first: a call refused (a closed client) leaves no feed running
+            call = self._stub.StreamSubmitEnvelopes()
         feed: _Feed = (
             _AsyncFeed(drafts, batch_size, max_in_flight, linger_s, busy=busy)
             if isinstance(drafts, AsyncIterable)
             else _SyncFeed(drafts, batch_size)
         )
-        with _translated():
-            call = self._stub.StreamSubmitEnvelopes()
         window = asyncio.Semaphore(max_in_flight)
         written: asyncio.Queue[list[pb.SubmitEnvelopeRequest] | None] = asyncio.Queue()
 
@@ -1105,6 +1105,7 @@ class SharedStream:
         self._linger_s = linger_s
         self._queue: asyncio.Queue[tuple[_Ready, asyncio.Future[Receipt]] | None] = asyncio.Queue()
         self._sent: collections.deque[asyncio.Future[Receipt]] = collections.deque()
+        self._taken = 0  # drafts taken from the queue onto a stream, ever
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -1144,9 +1145,11 @@ class SharedStream:
             if done.done():  # its caller was cancelled: not sent
                 continue
             self._sent.append(done)
+            self._taken += 1
             yield ready
 
     async def _run(self) -> None:
+        taken = self._taken
         try:
             stream = self._client._submit_stream(
                 self._drafts(),
@@ -1162,8 +1165,23 @@ class SharedStream:
                 _settle(self._sent.popleft(), exc)
             if not isinstance(exc, Exception):
                 raise
-            if not self._closed and not self._queue.empty():
+            if self._taken == taken:
+                # No stream could take a draft (a closed client): the waiting ones learn
+                # why, instead of a new stream after another failing the same way.
+                self._fail_waiting(exc)
+            elif not self._closed and not self._queue.empty():
                 self._runner = asyncio.create_task(self._run())
+
+    def _fail_waiting(self, error: Exception) -> None:
+        ends = 0
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is None:
+                ends += 1
+            else:
+                _settle(item[1], error)
+        for _ in range(ends):  # aclose's mark stays
+            self._queue.put_nowait(None)
 
 
 class _AckGatherer:

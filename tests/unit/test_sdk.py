@@ -1034,6 +1034,22 @@ async def test_an_inbox_read_when_its_channel_closes_raises_client_closed_not_ca
     assert caught.value.reason == "CLIENT_CLOSED"
 
 
+async def test_sends_on_a_closed_client_leave_no_task_behind(
+    fake_node: tuple[FakeNode, str],
+) -> None:
+    channel = grpc.aio.insecure_channel(fake_node[1])
+    client = ExchangeClient.from_channel(channel)
+    await channel.close()
+    before = asyncio.all_tasks()
+    for n in range(3):  # each a new stream, refused before it is made
+        with pytest.raises(errors.FailedPrecondition):
+            async with client.shared_stream() as shared:
+                await shared.send(Draft(to=[OTHER], subject=f"late {n}"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert asyncio.all_tasks() - before == set()
+
+
 async def test_a_letter_acknowledged_after_its_client_closed_gets_client_closed(
     fake_node: tuple[FakeNode, str], pki: Pki
 ) -> None:
