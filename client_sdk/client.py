@@ -66,7 +66,13 @@ from client_sdk.errors import (
 from client_sdk.ids import uuid7
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import sha256
-from client_sdk.trust import TrustStore, VerificationError, datetime_of, valid_timestamp
+from client_sdk.trust import (
+    TrustStore,
+    VerificationError,
+    check_attestation,
+    datetime_of,
+    valid_timestamp,
+)
 
 if TYPE_CHECKING:
     from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
@@ -1477,6 +1483,7 @@ def _verify_letter(
         envelope, at=_time(claimed, "create_time"), check_body=check_body
     )
     digest = sha256(envelope.header)
+    recipients = {r.agency for r in header.recipients}
     verified: list[VerifiedEvidence] = []
     for item in evidence:
         content = trust.verify_evidence(item)
@@ -1486,6 +1493,7 @@ def _verify_letter(
                 f"evidence {content.evidence_id} is about another letter than "
                 f"{format_shams(header.shams)}",
             )
+        check_attestation(content, sender=header.sender.agency, recipients=recipients)
         verified.append(VerifiedEvidence.from_content(content))
     return verified
 

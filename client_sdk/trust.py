@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,6 +41,7 @@ __all__ = [
     "CertificateUsage",
     "TrustStore",
     "VerificationError",
+    "check_attestation",
     "datetime_of",
     "load_pem_certificates",
     "seconds_of",
@@ -341,6 +342,63 @@ class TrustStore:
         self._batch_heads[seen] = None
         if len(self._batch_heads) > _BATCH_HEADS_KEPT:
             self._batch_heads.popitem(last=False)
+
+
+_E = pb.EvidenceEvent
+# Who may attest what: a signature proves who signed; this says whether that signer's word
+# counts for the event (ETSI EN 319 522: the sender's service accepts the submission, the
+# relay relays or expires, the recipient's service delivers and hands over).
+_BY_SENDER = frozenset(
+    {_E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE, _E.EVIDENCE_EVENT_SUBMISSION_REJECTION}
+)
+_BY_HUB = frozenset(
+    {
+        _E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        _E.EVIDENCE_EVENT_RELAY_REJECTION,
+        _E.EVIDENCE_EVENT_RELAY_FAILURE,
+        _E.EVIDENCE_EVENT_EXPIRY,
+    }
+)
+_BY_RECIPIENT = frozenset(
+    {_E.EVIDENCE_EVENT_DELIVERY, _E.EVIDENCE_EVENT_DELIVERY_FAILURE, _E.EVIDENCE_EVENT_HANDOVER}
+)
+
+
+def check_attestation(
+    content: pb.EvidenceContent,
+    *,
+    sender: str | None = None,
+    recipients: Collection[str] | None = None,
+) -> None:
+    """That the evidence's (verified) issuer may attest its event: the sender's agency a
+    submission, a hub a relay or an expiry, the agency it names as ``recipient`` a delivery
+    or a handover. With the letter's ``sender`` and ``recipients`` (agency codes), also that
+    it names them. Otherwise ``VerificationError`` ``ISSUER_NOT_ALLOWED``: an agency's
+    signature on a HANDOVER it claims for another, or on a relay, proves nothing.
+    """
+    try:
+        issuer: Identity | None = Identity.parse(content.issuer)
+    except ValueError:
+        issuer = None
+    event, named = content.event, content.recipient
+    if issuer is None:
+        allowed = False
+    elif event in _BY_SENDER:
+        allowed = issuer.kind == "agency" and sender in (None, issuer.agency)
+    elif event in _BY_HUB:
+        allowed = issuer.kind == "hub"
+    elif event in _BY_RECIPIENT:
+        allowed = issuer.kind == "agency" and bool(named) and issuer.agency == named
+    else:
+        allowed = False
+    if allowed and named and recipients is not None and named not in recipients:
+        allowed = False
+    if not allowed:
+        raise VerificationError(
+            "ISSUER_NOT_ALLOWED",
+            f"{content.issuer} may not attest {_E.Name(event)}"
+            + (f" for {named}" if named else ""),
+        )
 
 
 def _whole_batch_roots(

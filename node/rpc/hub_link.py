@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from client_sdk import pb
 from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
-from client_sdk.trust import VerificationError
+from client_sdk.trust import VerificationError, check_attestation
 from node.agency import Agency
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
@@ -350,6 +350,7 @@ class _Session:
             try:
                 if isinstance(content, VerificationError):
                     raise content
+                check_attestation(content)  # a relay by the hub, a delivery by its recipient
                 out.append((item, content, _shams_text(content)))
             except VerificationError as exc:
                 count_verification_failure("evidence", exc.reason)

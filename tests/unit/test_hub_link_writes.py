@@ -54,15 +54,20 @@ async def test_writes_return_at_once_while_the_stream_cannot_take_them_and_keep_
         writer.cancel()
 
 
+HUB = "urn:chapar:hub:national"
+AN_AGENCY = "urn:chapar:agency:000.00.00.G77"
+
+
 class _Trust:
-    """Verifies evidence whose issuer is "good"; the rest fails as a real store would."""
+    """Verifies evidence whose issuer is the hub or an agency (as if signed by them); the
+    rest fails as a real store would."""
 
     def verify_evidence(self, evidence: pb.Evidence) -> pb.EvidenceContent:
         try:
             content = pb.EvidenceContent.FromString(evidence.content)
         except DecodeError as exc:
             raise VerificationError("EVIDENCE_MALFORMED", "malformed") from exc
-        if content.issuer != "good":
+        if content.issuer not in (HUB, AN_AGENCY):
             raise VerificationError("SIGNATURE_INVALID", "does not verify")
         return content
 
@@ -79,7 +84,13 @@ class _Trust:
 
 
 def _evidence(evidence_id: str, issuer: str) -> pb.Evidence:
-    content = pb.EvidenceContent(evidence_id=evidence_id, issuer=issuer)
+    """A RELAY_ACCEPTANCE, which only a hub may attest."""
+    content = pb.EvidenceContent(
+        evidence_id=evidence_id,
+        issuer=issuer,
+        event=pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        recipient="000.00.00.G77",
+    )
     content.shams.origin = "SENDER.A"
     content.shams.year = 2026
     content.shams.domain = pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING
@@ -99,17 +110,19 @@ async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_no
     link = SimpleNamespace(agency=agency, _wake=asyncio.Event(), _stopping=False)
     session = _Session(link, _StuckCall())  # type: ignore[arg-type]
     garbage = pb.Evidence(content=b"\xff\xff\xff")
-    bad_number = _evidence("e3", "good")  # signed, but about no valid SHAMS number
+    bad_number = _evidence("e3", HUB)  # signed, but about no valid SHAMS number
     content = pb.EvidenceContent.FromString(bad_number.content)
     content.shams.domain = 0
     bad_number.content = content.SerializeToString()
+    # Signed by an agency, which may not attest a relay (a hub that passes it on is wrong).
+    not_its_to_attest = _evidence("e4", AN_AGENCY)
     await session._evidence(
-        [_evidence("e1", "good"), _evidence("e2", "forger"), garbage, bad_number]
+        [_evidence("e1", HUB), _evidence("e2", "forger"), garbage, bad_number, not_its_to_attest]
     )
     assert stored == ["e1"]
     (frame,) = [session.outgoing.get_nowait() for _ in range(session.outgoing.qsize())]
     # The stored one and those that can never verify; the unnamed one cannot be.
-    assert sorted(frame.evidence_acks.evidence_ids) == ["e1", "e2", "e3"]
+    assert sorted(frame.evidence_acks.evidence_ids) == ["e1", "e2", "e3", "e4"]
 
 
 class _DeferringStore:

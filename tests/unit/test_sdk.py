@@ -295,6 +295,11 @@ class Pki:
     intermediate: x509.Certificate
     signer: Signer
     dir: Path
+    recipient_signer: Signer  # OTHER's: its node signs DELIVERY and HANDOVER
+
+    @property
+    def signing_certificates(self) -> list[x509.Certificate]:
+        return [self.signer.certificate, self.recipient_signer.certificate]
 
 
 def _name(cn: str) -> x509.Name:
@@ -382,6 +387,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         signing=True,
         uri=f"urn:chapar:agency:{SENDER}",
     )
+    other_key = ed25519.Ed25519PrivateKey.generate()
+    other_cert = _issue(
+        "sign-other",
+        other_key.public_key(),
+        (inter, inter_key),
+        inter_key,
+        signing=True,
+        uri=f"urn:chapar:agency:{OTHER}",
+    )
     (directory / "ca").mkdir()
     (directory / "ca" / "root.crt").write_bytes(_pem(root))
     (directory / "ca" / "intermediate.crt").write_bytes(_pem(inter))
@@ -399,7 +413,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{stem}.crt").write_bytes(_pem(cert, inter))
         (folder / f"{stem}.key").write_bytes(_key_pem(key))
-    return Pki(root, inter, Signer(sign_key, sign_cert), directory)
+    return Pki(root, inter, Signer(sign_key, sign_cert), directory, Signer(other_key, other_cert))
 
 
 def signed_letter(pki: Pki, sequence: int, subject: str = "Budget 2026") -> pb.Envelope:
@@ -424,20 +438,32 @@ def signed_letter(pki: Pki, sequence: int, subject: str = "Budget 2026") -> pb.E
 
 
 def signed_evidence(
-    pki: Pki, envelope: pb.Envelope, event: pb.EvidenceEvent.ValueType, recipient: str = OTHER
+    pki: Pki,
+    envelope: pb.Envelope,
+    event: pb.EvidenceEvent.ValueType,
+    recipient: str = OTHER,
+    *,
+    by_sender: bool | None = None,
 ) -> pb.Evidence:
+    """Evidence as its issuer signs it: a submission by the sender's node, the rest by the
+    recipient's (``by_sender`` overrides, for forgeries)."""
+    if by_sender is None:
+        by_sender = event == pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
+    signer, issuer = (pki.signer, SENDER) if by_sender else (pki.recipient_signer, OTHER)
     header = pb.EnvelopeHeader.FromString(envelope.header)
     content = pb.EvidenceContent(
         evidence_id=str(uuid.uuid4()),
         event=event,
-        issuer=f"urn:chapar:agency:{SENDER}",
+        issuer=f"urn:chapar:agency:{issuer}",
         shams=header.shams,
         envelope_sha256=sha256(envelope.header),
-        recipient=recipient,
+        recipient=recipient
+        if event != pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
+        else "",
     )
     content.event_time.FromDatetime(dt.datetime.now(dt.UTC))
     data = content.SerializeToString()
-    return pb.Evidence(content=data, signature=pki.signer.sign(EVIDENCE_PAYLOAD_TYPE, data))
+    return pb.Evidence(content=data, signature=signer.sign(EVIDENCE_PAYLOAD_TYPE, data))
 
 
 def get_response(pki: Pki, envelope: pb.Envelope) -> pb.GetEnvelopeResponse:
@@ -448,7 +474,7 @@ def get_response(pki: Pki, envelope: pb.Envelope) -> pb.GetEnvelopeResponse:
             signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE),
             signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY),
         ],
-        certificates=[pki.signer.certificate.public_bytes(serialization.Encoding.DER)],
+        certificates=[c.public_bytes(serialization.Encoding.DER) for c in pki.signing_certificates],
         statuses=[
             pb.RecipientStatus(agency=OTHER, state=pb.DeliveryState.DELIVERY_STATE_DELIVERED)
         ],
@@ -974,7 +1000,7 @@ async def test_inbox_yields_letters_and_ack_hands_over(
     assert content.event == pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER
 
     trust = TrustStore([pki.root], [pki.intermediate])
-    trust.add_certificates([pki.signer.certificate])
+    trust.add_certificates(pki.signing_certificates)
     delivery = second.verify(trust)
     assert (delivery.event, delivery.recipient) == ("DELIVERY", OTHER)
 
@@ -1216,7 +1242,10 @@ async def test_track_verifies_letter_and_evidence(
     assert tracking.header.subject == "Budget 2026"
     verified = tracking.verify(TrustStore([pki.root], [pki.intermediate]))
     assert [v.event for v in verified] == ["SUBMISSION_ACCEPTANCE", "DELIVERY"]
-    assert all(v.issuer == f"urn:chapar:agency:{SENDER}" for v in verified)
+    assert [v.issuer for v in verified] == [
+        f"urn:chapar:agency:{SENDER}",  # the sender's node accepted the submission
+        f"urn:chapar:agency:{OTHER}",  # the recipient's node delivered
+    ]
     assert verified[1].recipient == OTHER
     assert verified[1].event_time is not None
 
@@ -1245,6 +1274,46 @@ async def test_track_verify_rejects_tampered_and_foreign_evidence(
     with pytest.raises(VerificationError) as caught:
         tracking.verify(TrustStore([pki.root], [pki.intermediate]))
     assert caught.value.reason == "EVIDENCE_MISMATCH"
+
+
+@pytest.mark.parametrize(
+    ("event", "recipient", "by_sender"),
+    [
+        # the sender's own key on the recipient's HANDOVER, naming the recipient
+        (pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER, OTHER, True),
+        # the recipient's key on a HANDOVER it claims for an agency that is no recipient
+        (pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER, "000.00.00.G77", False),
+        # an agency's key on what only the hub attests
+        (pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE, OTHER, False),
+        # the recipient's key on the sender's acceptance
+        (pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE, "", False),
+    ],
+    ids=[
+        "handover-by-sender",
+        "handover-for-a-stranger",
+        "relay-by-agency",
+        "submission-by-recipient",
+    ],
+)
+async def test_track_verify_refuses_evidence_its_signer_may_not_attest(
+    client: ExchangeClient,
+    fake_node: tuple[FakeNode, str],
+    pki: Pki,
+    event: pb.EvidenceEvent.ValueType,
+    recipient: str,
+    by_sender: bool,
+) -> None:
+    # Validly signed, about this very letter, and still no evidence: a signature proves who
+    # signed, not that the signer's word counts for the event. Verified before this check,
+    # a sender could show a HANDOVER "by" its recipient signed with its own key.
+    envelope = signed_letter(pki, 8)
+    response = get_response(pki, envelope)
+    response.evidence.append(signed_evidence(pki, envelope, event, recipient, by_sender=by_sender))
+    fake_node[0].get_response = response
+    tracking = await client.track("000.00.00.G22/O/2026/0000008")
+    with pytest.raises(VerificationError) as caught:
+        tracking.verify(TrustStore([pki.root], [pki.intermediate]))
+    assert caught.value.reason == "ISSUER_NOT_ALLOWED"
 
 
 async def test_track_verify_needs_the_right_root(
