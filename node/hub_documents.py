@@ -43,7 +43,40 @@ class _Transfer:
     queue: asyncio.Queue[pb.PushHeader | bytes | ChaparError | None] = field(
         default_factory=lambda: asyncio.Queue(_QUEUE_CHUNKS)
     )
-    gone: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # the fetch ended
+    # The push ended without its last word (its node died or went away, its stream broke):
+    # what the fetch reads once the chunks already queued are out.
+    broken: ChaparError | None = None
+    cut: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def break_off(self, error: ChaparError) -> None:
+        if self.broken is None:
+            self.broken = error
+            self.cut.set()
+
+    async def take(self) -> pb.PushHeader | bytes | ChaparError | None:
+        """The next item the push sent, or, once those are out, why it broke off."""
+        if self.queue.empty() and self.broken is not None:
+            return self.broken
+        get = asyncio.ensure_future(self.queue.get())
+        cut = asyncio.ensure_future(self.cut.wait())
+        try:
+            await asyncio.wait({get, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+            if not get.done():
+                get.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await get
+        if get.done() and not get.cancelled():
+            return get.result()
+        return self._after_break()
+
+    def _after_break(self) -> pb.PushHeader | bytes | ChaparError | None:
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        assert self.broken is not None
+        return self.broken
 
 
 class DocumentRelay:
@@ -54,8 +87,19 @@ class DocumentRelay:
     async def fetch(
         self, request: pb.FetchDocumentRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        transfer: _Transfer | None = None
         request_id = str(uuid.uuid4())
+        try:  # whatever ends the fetch (its caller gone too), the transfer is ended
+            await self._fetch(request, context, request_id)
+        finally:
+            self._end(request_id, self._transfers.get(request_id))
+
+    async def _fetch(
+        self,
+        request: pb.FetchDocumentRequest,
+        context: grpc.aio.ServicerContext,
+        request_id: str,
+    ) -> None:
+        transfer: _Transfer | None = None
         try:
             agency, _ = self.hub._peer(context)
             owner, digest = parse_document_uri(request.uri)
@@ -88,7 +132,7 @@ class DocumentRelay:
                 )
             )
             try:
-                header = await asyncio.wait_for(transfer.queue.get(), _OWNER_ANSWER_S)
+                header = await asyncio.wait_for(transfer.take(), _OWNER_ANSWER_S)
             except TimeoutError:
                 raise ChaparError(
                     Code.UNAVAILABLE,
@@ -96,6 +140,8 @@ class DocumentRelay:
                     f"the node of {owner} did not answer; retry later",
                     retry_after_s=5.0,
                 ) from None
+            if isinstance(header, ChaparError):  # the push broke off before its header
+                raise header
             if not isinstance(header, pb.PushHeader) or header.error_reason:
                 raise ChaparError(
                     Code.NOT_FOUND,
@@ -108,15 +154,12 @@ class DocumentRelay:
             self._end(request_id, transfer)
             await abort(context, exc)
             return
-        try:
-            await context.write(pb.FetchDocumentResponse(size=header.size))
-            while (item := await transfer.queue.get()) is not None:
-                if isinstance(item, ChaparError):  # the push broke: the fetcher resumes
-                    await abort(context, item)
-                if isinstance(item, bytes):
-                    await context.write(pb.FetchDocumentResponse(chunk=item))
-        finally:
-            self._end(request_id, transfer)
+        await context.write(pb.FetchDocumentResponse(size=header.size))
+        while (item := await transfer.take()) is not None:
+            if isinstance(item, ChaparError):  # the push broke: the fetcher resumes
+                await abort(context, item)
+            if isinstance(item, bytes):
+                await context.write(pb.FetchDocumentResponse(chunk=item))
 
     def _end(self, request_id: str, transfer: _Transfer | None) -> None:
         self._transfers.pop(request_id, None)
@@ -129,6 +172,8 @@ class DocumentRelay:
         context: grpc.aio.ServicerContext,
     ) -> pb.PushDocumentResponse:
         relayed = 0
+        transfer: _Transfer | None = None
+        finished = False
         try:
             agency, _ = self.hub._peer(context)
             first = await anext(request_iterator, None)
@@ -161,9 +206,23 @@ class DocumentRelay:
                 await self._put(transfer, cut)
                 raise cut
             await self._put(transfer, None)
+            finished = True
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
+        finally:
+            if transfer is not None and not finished:
+                # Ended any other way (its node gone, its call cancelled, a malformed
+                # frame): the fetch must learn it, not wait for the next chunk for ever.
+                transfer.break_off(
+                    ChaparError(
+                        Code.UNAVAILABLE,
+                        "PUSH_INTERRUPTED",
+                        f"the owner's push broke off after {transfer.offset + relayed} bytes;"
+                        " retry from the bytes received",
+                        retry_after_s=1.0,
+                    )
+                )
         return pb.PushDocumentResponse(bytes_relayed=relayed)
 
     @staticmethod

@@ -520,6 +520,39 @@ async def test_a_fetch_cut_by_a_hub_restart_resumes_from_its_offset(tmp_path: Pa
     assert all(code == 0 for code in codes.values()), codes
 
 
+async def test_a_fetch_whose_owner_dies_mid_push_resumes_once_the_owner_is_back(
+    tmp_path: Path,
+) -> None:
+    """A's node is killed while it pushes a document to B through the hub: the hub must
+    tell B's fetch that the push broke (it waited for the next chunk for ever), so that B's
+    node tries again and, once A's node is back, goes on from the bytes it has."""
+    size = 96 * 1024 * 1024
+    source = tmp_path / "large.bin"
+    digest = _write_random(source, size)
+    settings = "reconnect_max_s = 0.5\n" + _SETTINGS
+    cluster = await Cluster.start(tmp_path / "c", [AGENCY_A, AGENCY_B], node_settings=settings)
+    try:
+        async with _client(cluster, AGENCY_B) as b:
+            ref, _ = await _send_with(cluster, source, b)
+            received = hashlib.sha256()
+            got = 0
+            killed = False
+            async with asyncio.timeout(90), contextlib.aclosing(b.download(ref.uri)) as chunks:
+                async for chunk in chunks:
+                    received.update(chunk)
+                    got += len(chunk)
+                    if not killed and got >= 8 * 1024 * 1024:
+                        killed = True
+                        cluster.nodes[AGENCY_A].kill()
+                        cluster.nodes[AGENCY_A].start()
+                        await cluster.nodes[AGENCY_A].wait_ready()
+            assert killed
+        assert got == size
+        assert received.hexdigest() == digest
+    finally:
+        cluster.stop()
+
+
 async def test_document_retention_removes_what_no_kept_letter_needs(tmp_path: Path) -> None:
     """[documents] retention_s = 1: a document goes once unused for a second and every
     letter referencing it has had its body purged; one attached to a letter still on its
