@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from client_sdk import pb
-from node.core.documents import parse_document_uri
+from node.core.documents import parse_document_uri, senders_documents
 from node.core.errors import ChaparError, Code
 from node.rpc.errors import abort
 
@@ -249,12 +249,8 @@ def document_grants(header: pb.EnvelopeHeader, sender: str) -> list[tuple[bytes,
     the documents it references. Only the sender's own documents are granted (a node
     refuses to number a letter referencing anyone else's). The hub records them in the
     same transaction that accepts the letter, so no accepted letter lacks its grants."""
-    grants: list[tuple[bytes, str, str]] = []
-    for ref in header.attachments:
-        try:
-            owner, digest = parse_document_uri(ref.uri)
-        except ChaparError:
-            continue
-        if owner == sender and digest == ref.sha256:
-            grants.extend((digest, owner, r.agency) for r in header.recipients)
-    return grants
+    return [
+        (digest, sender, r.agency)
+        for digest in senders_documents(header, sender)
+        for r in header.recipients
+    ]

@@ -75,6 +75,24 @@ def parse_document_uri(uri: str, field: str = "uri") -> tuple[str, bytes]:
     return match["agency"], bytes.fromhex(match["hex"])
 
 
+def senders_documents(header: pb.EnvelopeHeader, sender: str) -> list[bytes]:
+    """SHA-256 of those attachments of a verified letter that are its sender's own
+    documents: an address the sender owns, naming the digest the header gives. Only those
+    can be fetched (from the sender, through the hub), so only those are granted to the
+    recipients and indexed for their mailboxes; a reference to anyone else's document, or
+    whose address and digest differ, is one an honest node refuses to number, and gives a
+    recipient's mailbox no right to a document its node happens to hold."""
+    out: list[bytes] = []
+    for ref in header.attachments:
+        try:
+            owner, digest = parse_document_uri(ref.uri)
+        except ChaparError:
+            continue
+        if owner == sender and digest == ref.sha256:
+            out.append(digest)
+    return out
+
+
 def base_media_type(media_type: str) -> str:
     """``type/subtype`` in lower case, without parameters (``; charset=...``)."""
     return media_type.split(";", 1)[0].strip().lower()

@@ -26,6 +26,7 @@ from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
 from client_sdk.trust import VerificationError, check_attestation
 from node.agency import Agency
+from node.core.documents import senders_documents
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
 from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
@@ -431,7 +432,7 @@ class _Session:
                     envelope,
                 )
             )
-            documents.append([a.sha256 for a in header.attachments])
+            documents.append(senders_documents(header, header.sender.agency))
             verified_ids.append((header.shams, digest))
 
         def make_delivery(i: int) -> pb.Evidence:

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import os
+import sqlite3
 import unicodedata
 import urllib.request
 import uuid
@@ -34,6 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client_sdk import ExchangeClient, pb
 from client_sdk.errors import ChaparError as SdkError
 from client_sdk.errors import InvalidArgument, ResourceExhausted
+from client_sdk.shams import format_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, sha256
 from node.cluster import Cluster, ServerProcess
 from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, db_count
@@ -747,8 +750,13 @@ async def test_signed_receipt_with_invalid_shams_is_not_a_crash(cluster: Cluster
         _assert_hub_status_allowed(answer)
 
 
-def _signed_letter(cluster: Cluster, **times: timestamp_pb2.Timestamp) -> pb.Envelope:
-    """A letter from C to B, correct in every respect but the given timestamps."""
+def _signed_letter(
+    cluster: Cluster,
+    attachments: tuple[pb.AttachmentRef, ...] = (),
+    **times: timestamp_pb2.Timestamp,
+) -> pb.Envelope:
+    """A letter from C to B, correct in every respect but the given timestamps (and
+    attachment references, which the hub and B's node take as they are)."""
     body = b"time travel"
     header = pb.EnvelopeHeader(
         shams=pb.Shams(
@@ -765,6 +773,7 @@ def _signed_letter(cluster: Cluster, **times: timestamp_pb2.Timestamp) -> pb.Env
         content_type="text/plain; charset=utf-8",
         body_sha256=sha256(body),
         body_size=len(body),
+        attachments=attachments,
     )
     header.create_time.FromDatetime(dt.datetime.now(dt.UTC))
     for name, value in times.items():
@@ -773,6 +782,56 @@ def _signed_letter(cluster: Cluster, **times: timestamp_pb2.Timestamp) -> pb.Env
     return pb.Envelope(
         header=raw, signature=_c_signer(cluster).sign(ENVELOPE_PAYLOAD_TYPE, raw), body=body
     )
+
+
+async def test_attachment_references_to_others_documents_give_the_recipient_no_rights(
+    cluster: Cluster,
+) -> None:
+    """A (wrong) sender node signs a letter to B whose attachments name a digest B's node
+    may hold for another of its mailboxes, under B's address or under another digest's.
+    B's node must not index them for the letter's mailbox: only the sender's own documents
+    (its address, its digest) count, as at the hub. The proper one is indexed."""
+    own, others = os.urandom(32), os.urandom(32)
+
+    def ref(owner: str, digest: bytes, named: bytes | None = None) -> pb.AttachmentRef:
+        return pb.AttachmentRef(
+            uri=f"chapar://{owner}/documents/sha256/{digest.hex()}",
+            sha256=named if named is not None else digest,
+            size=10,
+            media_type="application/pdf",
+            file_name="x.pdf",
+        )
+
+    envelope = _signed_letter(
+        cluster,
+        attachments=(
+            ref(AGENCY_C, own),  # C's own document: indexed
+            ref(AGENCY_B, others),  # B's own store: not C's to give
+            ref(AGENCY_C, own, named=others),  # address and digest differ
+        ),
+    )
+    shams = format_shams(pb.EnvelopeHeader.FromString(envelope.header).shams)
+    frame = pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=[envelope]))
+    answer = await _send_frames_as_c(cluster, frame, "relay_results")
+    assert isinstance(answer, pb.ConnectResponse), answer
+    b_db = cluster.root / f"node-{AGENCY_B}" / "node.db"
+    deadline = asyncio.get_running_loop().time() + 20
+    while not db_count(b_db, "SELECT count(*) FROM inbox WHERE shams = ?", (shams,)):
+        assert asyncio.get_running_loop().time() < deadline, "not delivered"
+        await asyncio.sleep(0.1)
+    indexed = {
+        bytes(d)
+        for d in _rows(b_db, "SELECT sha256 FROM letter_documents WHERE shams = ?", (shams,))
+    }
+    assert indexed == {own}
+
+
+def _rows(path: Path, sql: str, params: tuple[object, ...]) -> list[object]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in conn.execute(sql, params)]
+    finally:
+        conn.close()
 
 
 async def test_a_letter_sent_again_after_aging_out_of_the_window_stays_accepted(
