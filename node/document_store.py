@@ -147,6 +147,10 @@ class DocumentWriter:
                 existed = False
             except FileExistsError:
                 existed = True
+                # Uploaded again: a use, counted before the first await below, since
+                # retention (which runs between awaits) would otherwise be free to remove
+                # the file this upload is about to name.
+                self.store.touch(digest)
             await asyncio.to_thread(_fsync_dir, target.parent)
         finally:
             self.discard()

@@ -93,8 +93,6 @@ class Documents(pb.DocumentServiceServicer):
             return
         uri = document_uri(self.agency.config.agency, digest)
         log.info("document %s stored (%d bytes%s)", uri, size, ", existed" if existed else "")
-        if existed and self.agency.config.documents_retention_s:
-            self.store.touch(digest)  # uploaded again: document retention counts from now
         if access.identity.kind == "client":  # it may use what it uploaded (require_document)
             await self.agency.store.record_upload(digest, access.identity.name)
         await context.write(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from node import document_store
 from node.core.documents import DocumentLimits, document_uri, parse_document_uri
 from node.core.errors import ChaparError, Code
 from node.document_store import DocumentStore
@@ -57,6 +58,33 @@ async def test_same_content_written_twice_is_stored_once(tmp_path: Path) -> None
     assert (await second.commit())[2] is True
     assert len(_visible(store)) == 1
     assert _temporary(store) == []
+
+
+async def test_an_upload_of_a_stored_document_counts_as_its_use_before_retention_can_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Retention removes documents unused since its cutoff, between two awaits of the event
+    # loop. Uploading a document the store holds is a use of it: it must count before the
+    # commit's first await, or retention could take the file the upload is about to name.
+    store = _store(tmp_path)
+    first = store.writer()
+    first.write(b"kept")
+    digest, _, _ = await first.commit()
+    stale = time.time() - 1000
+    os.utime(store.path(digest), (stale, stale))
+    removed: list[bool] = []
+    real = document_store._fsync_dir
+
+    def retention_meanwhile(path: Path) -> None:  # runs where the commit awaits
+        removed.append(store.remove_unused(digest, time.time() - 100))
+        real(path)
+
+    monkeypatch.setattr(document_store, "_fsync_dir", retention_meanwhile)
+    again = store.writer()
+    again.write(b"kept")
+    assert (await again.commit())[2] is True
+    assert removed == [False]
+    assert store.path(digest).exists()
 
 
 async def test_content_growing_past_the_limit_is_refused_and_nothing_kept(tmp_path: Path) -> None:
