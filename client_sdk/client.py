@@ -59,6 +59,7 @@ from client_sdk.errors import (
     FailedPrecondition,
     InternalError,
     InvalidArgument,
+    OutOfRange,
     Unavailable,
     from_rpc_error,
     from_submit_error,
@@ -881,6 +882,7 @@ class ExchangeClient:
         if expected_size is not None and offset > expected_size:
             await asyncio.to_thread(part.unlink)
             hasher, offset = hashlib.sha256(), 0
+        resumed_from = offset
         out = await asyncio.to_thread(part.open, "ab")
         try:
             async for response in self._download(uri, offset, timeout):
@@ -890,6 +892,14 @@ class ExchangeClient:
                     hasher.update(response.chunk)
                     await asyncio.to_thread(out.write, response.chunk)
                     offset += len(response.chunk)
+        except OutOfRange:
+            out.close()
+            if not resumed_from:
+                raise
+            # The partial file is longer than the document (left by another download to
+            # this path): no piece of it. Start again rather than fail so at every retry.
+            await asyncio.to_thread(part.unlink, missing_ok=True)
+            return await self.fetch(document, path, timeout=timeout)
         except BaseException as exc:
             out.close()
             # Nothing to resume from, or what came is known bad: leave no file behind.
