@@ -16,6 +16,7 @@ same exceptions. Streams become blocking iterators.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import queue
 import threading
@@ -59,6 +60,7 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self._closing = False
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="chapar-sdk-loop", daemon=True
         )
@@ -71,6 +73,10 @@ class _LoopThread:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result()
+        except concurrent.futures.CancelledError:
+            if self._closing:  # another thread closed the client under this call
+                raise _client_closed() from None
+            raise
         except BaseException:
             # KeyboardInterrupt in the caller's thread: do not leave the call running.
             future.cancel()
@@ -79,10 +85,21 @@ class _LoopThread:
     def close(self) -> None:
         if self.loop.is_closed():
             return
+        self._closing = True
+        # Calls other threads still wait on (a stream waiting for drafts or letters) end
+        # now, each caller with CLIENT_CLOSED: once the loop stops they would wait for ever.
+        self.run(_cancel_others())
         self.run(self.loop.shutdown_asyncgens())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+async def _cancel_others() -> None:
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import queue
+import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -1334,6 +1336,41 @@ async def test_agencies_lists_the_directory(client: ExchangeClient) -> None:
 
 
 # --- sync client ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reading", ["send_stream", "inbox"])
+async def test_a_sync_client_closed_from_another_thread_ends_a_blocked_reader(
+    fake_node: tuple[FakeNode, str], reading: str
+) -> None:
+    # One thread waits on a stream (drafts that have not come yet, or an empty inbox);
+    # another closes the client at shutdown. The waiting thread must learn it, not wait
+    # for ever on a loop that no longer runs, nor get a bare CancelledError.
+    target = fake_node[1]
+    outcome: list[BaseException] = []
+    sync = SyncExchangeClient.from_channel_factory(lambda: grpc.aio.insecure_channel(target))
+    work: queue.Queue[Draft | None] = queue.Queue()
+
+    def reader() -> None:
+        try:
+            if reading == "send_stream":
+                for _ in sync.send_stream(iter(work.get, None)):
+                    pass
+            else:
+                for _ in sync.inbox():
+                    pass
+        except BaseException as exc:  # what the reader learns
+            outcome.append(exc)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    await asyncio.sleep(0.5)  # the reader is waiting
+    await asyncio.to_thread(sync.close)
+    await asyncio.to_thread(thread.join, 10)
+    work.put(None)
+    assert not thread.is_alive(), "the reader is still waiting"
+    (error,) = outcome
+    assert isinstance(error, errors.ChaparError), repr(error)
+    assert error.reason == "CLIENT_CLOSED"
 
 
 async def test_sync_client_sends_and_streams_like_the_async_one(
