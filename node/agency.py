@@ -381,7 +381,6 @@ class Agency(pb.NodeServiceServicer):
                 [rid for _, rid in accepted],
             )
         SUBMITTED.inc(len(accepted))
-        self.outbox_changed.set()
         return results
 
     async def _store_letters(self, submission: _Submission) -> list[pb.Receipt | ChaparError]:
@@ -435,6 +434,11 @@ class Agency(pb.NodeServiceServicer):
                 for s in [*group, *self._waiting]:
                     s.future.cancel()
                 raise
+            # Here, at the commit, not in the calls that wait for it: one cancelled
+            # meanwhile (its deadline passed) would leave its letters unrelayed until the
+            # next submission woke the hub link.
+            if any(isinstance(r, pb.Receipt) for r in receipts):
+                self.outbox_changed.set()
             start = 0
             for s in group:
                 if not s.future.done():
@@ -781,7 +785,12 @@ class Agency(pb.NodeServiceServicer):
         issued: dict[str, pb.Evidence] = {}
         if contents:
             signed = self.signer.sign_evidence(list(contents.values()))
-            stored = await self.store.record_handovers(list(zip(contents, signed, strict=True)))
+            stored = await self.store.record_handovers(
+                list(zip(contents, signed, strict=True)),
+                # At the commit, even if this call is cancelled meanwhile (its deadline):
+                # a retry finds the handover stored and would not wake the hub link.
+                on_commit=lambda _: self.receipts_changed.set(),
+            )
             handed: list[str] = []
             for text, mine, standing in zip(contents, signed, stored, strict=True):
                 issued[text] = standing
@@ -790,7 +799,6 @@ class Agency(pb.NodeServiceServicer):
             HANDED_OVER.inc(len(handed))
             if handed and log.isEnabledFor(logging.INFO):
                 _log_letters("letters handed over", handed, access)
-            self.receipts_changed.set()
         return [issued[o] if isinstance(o, str) else o for o in outcomes]
 
     def _mailboxes_of(self, letter: StoredLetter) -> list[str]:

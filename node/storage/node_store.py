@@ -195,16 +195,22 @@ class NodeStore(Store):
         super().__init__(db)
         self.on_evidence_stored: EvidenceListener | None = None
 
-    async def _write(self, job: Job[tuple[T, _Stored]]) -> T:
+    async def _write(
+        self, job: Job[tuple[T, _Stored]], on_commit: Callable[[T], None] | None = None
+    ) -> T:
         """Runs a job that returns (result, evidence it stored); the evidence goes to
         ``on_evidence_stored`` at commit, in commit order, even if our caller is cancelled
-        meanwhile. The listener's failure is logged and never fails the write."""
-        result, _ = await self.db.write(job, on_commit=self._stored)
-        return result
+        meanwhile, and so does the result to ``on_commit``. The listener's failure is
+        logged and never fails the write."""
 
-    def _stored(self, value: tuple[object, _Stored]) -> None:
-        if value[1] and self.on_evidence_stored is not None:
-            self.on_evidence_stored(value[1])
+        def committed(value: tuple[T, _Stored]) -> None:
+            if value[1] and self.on_evidence_stored is not None:
+                self.on_evidence_stored(value[1])
+            if on_commit is not None:
+                on_commit(value[0])
+
+        result, _ = await self.db.write(job, on_commit=committed)
+        return result
 
     # -- submission ---------------------------------------------------------------------
 
@@ -520,7 +526,11 @@ class NodeStore(Store):
             page.more,
         )
 
-    async def record_handovers(self, items: Sequence[tuple[str, pb.Evidence]]) -> list[pb.Evidence]:
+    async def record_handovers(
+        self,
+        items: Sequence[tuple[str, pb.Evidence]],
+        on_commit: Callable[[list[pb.Evidence]], None] | None = None,
+    ) -> list[pb.Evidence]:
         """Stores HANDOVER evidence (shams, evidence) for received letters, once each.
 
         Returns per item the evidence that stands: this one, or the one stored before (an
@@ -554,7 +564,7 @@ class NodeStore(Store):
                 out.append(pb.Evidence.FromString(row[0]))
             return out, stored
 
-        return await self._write(job)
+        return await self._write(job, on_commit)
 
     async def inbox_entries(
         self, numbers: Sequence[str]

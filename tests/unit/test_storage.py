@@ -1185,6 +1185,28 @@ async def test_one_batch_of_sender_evidence_moves_states_in_its_order(store: Nod
     assert await store.outbox_to_relay(0, 10) == []
 
 
+async def test_handovers_are_announced_at_their_commit_even_if_their_caller_stopped_waiting(
+    store: NodeStore,
+) -> None:
+    # The node wakes its hub link from here: a caller cancelled meanwhile (an acknowledgement
+    # past its deadline) must not take the signal with it, since the handover is stored.
+    shams = _shams(1)
+    text = format_shams(shams)
+    envelope = pb.Envelope(header=pb.EnvelopeHeader(shams=shams).SerializeToString())
+    await store.store_incoming(
+        [(text, ORIGIN, [""], envelope)],
+        lambda i: _evidence(E.EVIDENCE_EVENT_DELIVERY, shams=shams)[0],
+    )
+    handover, _ = _evidence(E.EVIDENCE_EVENT_HANDOVER, shams=shams)
+    seen: list[list[pb.Evidence]] = []
+    call = asyncio.ensure_future(store.record_handovers([(text, handover)], seen.append))
+    await asyncio.sleep(0)  # its job is queued
+    call.cancel()
+    await store.db.write(lambda conn: None)  # committed behind it
+    assert len(seen) == 1
+    assert [e.SerializeToString() for e in seen[0]] == [handover.SerializeToString()]
+
+
 async def test_handovers_recorded_in_a_batch_stand_once_each(store: NodeStore) -> None:
     first, second = _incoming(1), _incoming(2)
     await store.store_incoming([first, second], DeliveryMaker())
