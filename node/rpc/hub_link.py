@@ -390,7 +390,7 @@ class _Session:
         good: list[tuple[str, str, list[str], pb.Envelope]] = []
         documents: list[list[bytes]] = []  # each good letter's attachments (SHA-256)
         verified_ids: list[tuple[pb.Shams, bytes]] = []  # each good letter's number and digest
-        failures: list[tuple[str, pb.Evidence]] = []
+        refused: list[tuple[pb.Shams | None, bytes, VerificationError]] = []
         for envelope, verified in zip(
             envelopes, agency.trust.verify_envelopes(envelopes), strict=True
         ):
@@ -403,26 +403,7 @@ class _Session:
                 if not mine:
                     raise VerificationError("NOT_A_RECIPIENT", f"letter is not addressed to {me}")
             except VerificationError as exc:
-                count_verification_failure("envelope", exc.reason)
-                log.error("refusing a delivered letter: %s %s", exc.reason, exc)
-                shams_pb = quoted_shams(envelope)
-                failures.append(
-                    (
-                        format_shams(shams_pb) if shams_pb else "",
-                        agency.sign_evidence(
-                            evidence_content(
-                                E.EVIDENCE_EVENT_DELIVERY_FAILURE,
-                                issuer=agency.identity.uri,
-                                shams=shams_pb,
-                                envelope_sha256=digest,
-                                recipient=me,
-                                now=now,
-                                reason=exc.reason,
-                                detail=str(exc),
-                            )
-                        ),
-                    )
-                )
+                refused.append((quoted_shams(envelope), digest, exc))
                 continue
             good.append(
                 (
@@ -466,14 +447,68 @@ class _Session:
                         "letters delivered",
                         extra={"shams": numbers, "count": len(numbers), "peer": sender},
                     )
-        DELIVERY_FAILED.inc(len(failures))
-        if failures:
-            await agency.store.store_issued(failures)
-            receipts.extend(StoredEvidence.of(e.SerializeToString()) for _, e in failures)
+        if refused:
+            receipts.extend(await self._refusals(refused, now))
         self.receipts_sent.update(r.evidence_id for r in receipts)
         # Sent by _send, at the receipt cadence.
         self.pending_receipts.extend(r.blob for r in receipts)
         self._wake()
+
+    async def _refusals(
+        self, refused: Sequence[tuple[pb.Shams | None, bytes, VerificationError]], now: dt.datetime
+    ) -> list[StoredEvidence]:
+        """DELIVERY_FAILURE evidence for letters that fail their checks, except those this
+        node answered before (delivered again after a lost receipt): they get the same
+        answer again, a DELIVERY or the first DELIVERY_FAILURE, so that a certificate that
+        expired or was revoked meanwhile does not contradict a delivery, nor does a second
+        refusal double the first."""
+        agency = self.agency
+        me = agency.config.agency
+        texts = [_quoted_text(s) for s, _, _ in refused]
+        earlier = await agency.store.earlier_answers(
+            [(t, digest) for t, (_, digest, _) in zip(texts, refused, strict=True)],
+            agency.identity.uri,
+        )
+        out: list[StoredEvidence] = []
+        failures: list[tuple[str, pb.Evidence]] = []
+        for text, (shams, digest, exc) in zip(texts, refused, strict=True):
+            if digest in earlier:
+                out.append(earlier[digest])
+                continue
+            count_verification_failure("envelope", exc.reason)
+            log.error("refusing a delivered letter: %s %s", exc.reason, exc)
+            failures.append(
+                (
+                    text,
+                    agency.sign_evidence(
+                        evidence_content(
+                            E.EVIDENCE_EVENT_DELIVERY_FAILURE,
+                            issuer=agency.identity.uri,
+                            shams=shams,
+                            envelope_sha256=digest,
+                            recipient=me,
+                            now=now,
+                            reason=exc.reason,
+                            detail=str(exc),
+                        )
+                    ),
+                )
+            )
+        DELIVERY_FAILED.inc(len(failures))
+        if failures:
+            await agency.store.store_issued(failures)
+            out.extend(StoredEvidence.of(e.SerializeToString()) for _, e in failures)
+        return out
+
+
+def _quoted_text(shams: pb.Shams | None) -> str:
+    """A refused letter's number as it claims it, as text; "" when it names none valid."""
+    if shams is None:
+        return ""
+    try:
+        return format_shams(shams)
+    except ValueError:
+        return ""
 
 
 def _evidence_id(evidence: pb.Evidence) -> str:

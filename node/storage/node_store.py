@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 from client_sdk import pb
+from client_sdk.signing import sha256
 from node.core import lifecycle
 from node.core.errors import ChaparError, letter_not_found, request_id_reused
 from node.core.splice import Field
@@ -794,6 +795,38 @@ class NodeStore(Store):
     async def load_directory(self) -> pb.Directory | None:
         row = await self.db.fetchone("SELECT value FROM meta WHERE key = 'directory'")
         return pb.Directory.FromString(row[0]) if row else None
+
+    async def earlier_answers(
+        self, letters: Sequence[tuple[str, bytes]], issuer: str
+    ) -> dict[bytes, StoredEvidence]:
+        """This node's answer to letters delivered to it before (number, header digest), by
+        digest: the DELIVERY of one in its inbox, else a DELIVERY_FAILURE it issued for it.
+        For a letter delivered again that now fails its checks (its signer's certificate
+        expired or revoked meanwhile): answered as the first time, not contradicted."""
+        out: dict[bytes, StoredEvidence] = {}
+        wanted: dict[str, set[bytes]] = {}
+        for shams, digest in letters:
+            if shams:
+                wanted.setdefault(shams, set()).add(digest)
+        if not wanted:
+            return out
+        for shams, envelope, delivery in await self.db.fetchall_in(
+            "SELECT shams, envelope, delivery FROM inbox WHERE shams IN ({marks})", list(wanted)
+        ):
+            digest = sha256(pb.Envelope.FromString(envelope).header)
+            if digest in wanted[str(shams)]:
+                out[digest] = StoredEvidence.of(bytes(delivery))
+        for shams, blob in await self.db.fetchall_in(
+            "SELECT shams, evidence FROM evidence WHERE event = ? AND shams IN ({marks})"
+            " ORDER BY rowid",
+            list(wanted),
+            (pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,),
+        ):
+            content = pb.EvidenceContent.FromString(pb.Evidence.FromString(blob).content)
+            digest = content.envelope_sha256
+            if content.issuer == issuer and digest in wanted[str(shams)]:
+                out.setdefault(digest, StoredEvidence(content.evidence_id, bytes(blob)))
+        return out
 
     async def store_issued(self, items: Sequence[tuple[str, pb.Evidence]]) -> None:
         """Stores evidence this node issued as a recipient (shams, evidence), to send to the hub."""

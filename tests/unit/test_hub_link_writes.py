@@ -13,8 +13,10 @@ from types import SimpleNamespace
 from google.protobuf.message import DecodeError
 
 from client_sdk import pb
+from client_sdk.signing import sha256
 from client_sdk.trust import VerificationError
 from node.rpc.hub_link import _Session
+from node.storage.node_store import StoredEvidence
 
 
 class _StuckCall:
@@ -149,3 +151,61 @@ async def test_acknowledged_receipts_stay_marked_sent_until_their_mark_commits()
     assert session.receipts_sent == {"r1", "r2", "r3"}  # not yet committed
     on_commit(None)  # type: ignore[operator]
     assert session.receipts_sent == {"r3"}
+
+
+class _AnsweringStore:
+    """A node store that answered one letter before (its digest ``known``)."""
+
+    def __init__(self, known: bytes, earlier: pb.Evidence) -> None:
+        self.known, self.earlier = known, earlier
+        self.issued: list[tuple[str, pb.Evidence]] = []
+
+    async def earlier_answers(
+        self, letters: list[tuple[str, bytes]], issuer: str
+    ) -> dict[bytes, StoredEvidence]:
+        return {
+            d: StoredEvidence("earlier", self.earlier.SerializeToString())
+            for _, d in letters
+            if d == self.known
+        }
+
+    async def store_issued(self, items: list[tuple[str, pb.Evidence]]) -> None:
+        self.issued.extend(items)
+
+
+async def test_a_letter_delivered_again_that_now_fails_its_checks_gets_its_first_answer() -> None:
+    # A letter this node stored (or refused) before comes again (its receipt was lost)
+    # and now fails its checks, say its signer's certificate expired meanwhile: the node
+    # answers as the first time, not with a DELIVERY_FAILURE contradicting its DELIVERY.
+    # A letter never seen that fails them is refused, once.
+    def envelope(n: int) -> pb.Envelope:
+        shams = pb.Shams(
+            origin="000.00.00.G01", domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=n
+        )
+        return pb.Envelope(header=pb.EnvelopeHeader(shams=shams).SerializeToString())
+
+    seen, unseen = envelope(1), envelope(2)
+    earlier = pb.Evidence(content=b"the DELIVERY it got the first time")
+    store = _AnsweringStore(sha256(seen.header), earlier)
+    signed: list[pb.EvidenceContent] = []
+
+    def sign_evidence(content: bytes) -> pb.Evidence:
+        signed.append(pb.EvidenceContent.FromString(content))
+        return pb.Evidence(content=content)
+
+    expired = VerificationError("CERTIFICATE_EXPIRED", "the signer's certificate expired")
+    agency = SimpleNamespace(
+        config=SimpleNamespace(agency="000.00.00.G02"),
+        identity=SimpleNamespace(uri="urn:chapar:agency:000.00.00.G02"),
+        trust=SimpleNamespace(verify_envelopes=lambda envelopes: [expired] * len(envelopes)),
+        store=store,
+        sign_evidence=sign_evidence,
+    )
+    link = SimpleNamespace(agency=agency, _wake=asyncio.Event(), _stopping=False)
+    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+    await session._deliveries([seen, unseen])
+    assert session.pending_receipts[0] == earlier.SerializeToString()
+    assert [c.event for c in signed] == [pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE]
+    assert signed[0].shams.sequence == 2
+    assert [shams for shams, _ in store.issued] == ["000.00.00.G01/O/2026/0000002"]
+    assert len(session.pending_receipts) == 2

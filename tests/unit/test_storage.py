@@ -1185,6 +1185,47 @@ async def test_one_batch_of_sender_evidence_moves_states_in_its_order(store: Nod
     assert await store.outbox_to_relay(0, 10) == []
 
 
+async def test_earlier_answers_are_a_delivered_letters_delivery_or_the_first_refusal(
+    store: NodeStore,
+) -> None:
+    me = "urn:chapar:agency:000.00.00.G02"
+    delivered, refused = _shams(1), _shams(2)
+    header = pb.EnvelopeHeader(shams=delivered).SerializeToString()
+    digest = hashlib.sha256(header).digest()
+    delivery, _ = _evidence(E.EVIDENCE_EVENT_DELIVERY, shams=delivered)
+    await store.store_incoming(
+        [(format_shams(delivered), ORIGIN, [""], pb.Envelope(header=header, body=b"x"))],
+        lambda i: delivery,
+    )
+    refused_digest = hashlib.sha256(b"refused header").digest()
+    failure, failure_content = _evidence(
+        E.EVIDENCE_EVENT_DELIVERY_FAILURE,
+        shams=refused,
+        issuer=me,
+        envelope_sha256=refused_digest,
+    )
+    await store.store_issued([(format_shams(refused), failure)])
+    answers = await store.earlier_answers(
+        [
+            (format_shams(delivered), digest),
+            (format_shams(refused), refused_digest),
+            (format_shams(delivered), hashlib.sha256(b"another header").digest()),  # not it
+            ("", refused_digest),  # no number: never answered
+        ],
+        me,
+    )
+    assert set(answers) == {digest, refused_digest}
+    assert answers[digest].blob == delivery.SerializeToString()
+    assert answers[refused_digest].evidence_id == failure_content.evidence_id
+    # Another node's refusal (an issuer not this node) is not this node's answer.
+    assert (
+        await store.earlier_answers(
+            [(format_shams(refused), refused_digest)], "urn:chapar:agency:000.00.00.G03"
+        )
+        == {}
+    )
+
+
 async def test_handovers_are_announced_at_their_commit_even_if_their_caller_stopped_waiting(
     store: NodeStore,
 ) -> None:
