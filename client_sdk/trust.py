@@ -8,6 +8,7 @@ evidence chain. Nodes and the hub use the same code for what they receive.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -364,6 +365,15 @@ _BY_RECIPIENT = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=1024)
+def _issuer(uri: str) -> Identity | None:
+    """An issuer's parsed identity (a few issuers sign every evidence: parsed once each)."""
+    try:
+        return Identity.parse(uri)
+    except ValueError:
+        return None
+
+
 def check_attestation(
     content: pb.EvidenceContent,
     *,
@@ -376,10 +386,7 @@ def check_attestation(
     it names them. Otherwise ``VerificationError`` ``ISSUER_NOT_ALLOWED``: an agency's
     signature on a HANDOVER it claims for another, or on a relay, proves nothing.
     """
-    try:
-        issuer: Identity | None = Identity.parse(content.issuer)
-    except ValueError:
-        issuer = None
+    issuer = _issuer(content.issuer)
     event, named = content.event, content.recipient
     if issuer is None:
         allowed = False
