@@ -468,6 +468,16 @@ def signed_evidence(
     return pb.Evidence(content=data, signature=signer.sign(EVIDENCE_PAYLOAD_TYPE, data))
 
 
+def inbox_letter(pki: Pki, sequence: int, subject: str = "Budget 2026") -> pb.InboxLetter:
+    """A letter as the inbox stream brings it: signed, with its DELIVERY evidence."""
+    envelope = signed_letter(pki, sequence, subject)
+    return pb.InboxLetter(
+        envelope=envelope,
+        shams=shams_of(sequence),
+        delivery=signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY),
+    )
+
+
 def get_response(pki: Pki, envelope: pb.Envelope) -> pb.GetEnvelopeResponse:
     return pb.GetEnvelopeResponse(
         envelope=envelope,
@@ -1023,16 +1033,7 @@ async def test_an_inbox_stream_the_node_ends_raises_stream_ended_after_its_lette
     # A stopping node ends the inbox stream (OK): the back-end's reading loop must learn
     # it (and read again), not end as if the inbox had no more letters, ever.
     fake = fake_node[0]
-    envelope = signed_letter(pki, 1)
-    fake.inbox_batches = [
-        [
-            pb.InboxLetter(
-                envelope=envelope,
-                shams=shams_of(1),
-                delivery=signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY),
-            )
-        ]
-    ]
+    fake.inbox_batches = [[inbox_letter(pki, 1)]]
     fake.inbox_ends = True
     read: list[str] = []
 
@@ -1084,16 +1085,7 @@ async def test_a_letter_acknowledged_after_its_client_closed_gets_client_closed(
     # A back-end that reconnects after a node restart still holds letters of the old
     # client; acknowledging one must raise a ChaparError it can handle, not grpc's own.
     fake = fake_node[0]
-    envelope = signed_letter(pki, 1)
-    fake.inbox_batches = [
-        [
-            pb.InboxLetter(
-                envelope=envelope,
-                shams=shams_of(1),
-                delivery=signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY),
-            )
-        ]
-    ]
+    fake.inbox_batches = [[inbox_letter(pki, 1)]]
     channel = grpc.aio.insecure_channel(fake_node[1])
     client = ExchangeClient.from_channel(channel)
     async with contextlib.aclosing(client.inbox()) as inbox:
@@ -1515,16 +1507,7 @@ async def test_cli_inbox_acks_and_agencies_over_mutual_tls(
     tls_node: tuple[FakeNode, str], pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fake, target = tls_node
-    envelope = signed_letter(pki, 4, subject="Circular 4")
-    fake.inbox_batches = [
-        [
-            pb.InboxLetter(
-                envelope=envelope,
-                shams=shams_of(4),
-                delivery=signed_evidence(pki, envelope, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY),
-            )
-        ]
-    ]
+    fake.inbox_batches = [[inbox_letter(pki, 4, subject="Circular 4")]]
     conn = ["--pki", str(pki.dir), "--agency", SENDER, "--node", target]
     code = await asyncio.to_thread(run_cli, "inbox", *conn, "--ack", "--limit", "1")
     out, err = capsys.readouterr()
