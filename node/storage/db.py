@@ -263,6 +263,11 @@ class Database:
                 try:
                     value = job(conn)
                 except Exception as exc:  # the job's own failure: undo it alone
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (SQLITE_FULL, an I/O
+                        # error), savepoints and all: every job of the batch fails with
+                        # this error, not with "no such savepoint".
+                        raise
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     outcomes.append((None, exc))

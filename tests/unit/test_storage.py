@@ -294,6 +294,27 @@ async def test_failing_job_is_rolled_back_alone_and_others_in_its_batch_commit(
     assert await _values(db) == ["a", "b", "c", "d", "existing"]
 
 
+async def test_a_full_disk_fails_the_whole_batch_with_its_own_error_and_keeps_nothing(
+    db: Database,
+) -> None:
+    # SQLITE_FULL rolls the whole transaction back, savepoints and all: every job of the
+    # batch must learn the disk is full (not "no such savepoint"), and nothing is kept.
+    await db.write(lambda conn: conn.execute("PRAGMA max_page_count = 8").fetchone())
+    await db.write(_insert("before"))
+
+    def too_big(conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO t (v) VALUES (?)", ("x" * 200_000,))
+        return "big"
+
+    results = await asyncio.gather(
+        db.write(_insert("a")), db.write(too_big), db.write(_insert("c")), return_exceptions=True
+    )
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+    assert all("full" in str(r) for r in results), results
+    assert await _values(db) == ["before"]
+    assert await db.write(_insert("after")) == "after"  # the writer goes on
+
+
 async def test_concurrent_writes_are_group_committed(db: Database) -> None:
     jobs_before, commits_before = db.jobs, db.commits
     results = await asyncio.gather(*(db.write(_insert(f"v{i:03d}")) for i in range(300)))
