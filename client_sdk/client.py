@@ -1102,7 +1102,10 @@ class SharedStream:
     every draft sent on it and not yet answered raises the error; a ``Draft`` keeps its
     ``request_id``, so sending it again is safe (the node returns the original receipt).
     Drafts given meanwhile go on a new stream. A draft whose caller was cancelled before
-    it went is not sent. Each draft is checked (``Draft.to_request``) in ``send``, so a bad
+    the stream took it is not sent; the stream takes drafts up to a few frames
+    (``batch_size * max_in_flight``) ahead of the wire, so one taken already may still be
+    sent, and accepted, under its ``request_id`` (sending it again returns that receipt).
+    Each draft is checked (``Draft.to_request``) in ``send``, so a bad
     value raises there and never breaks the stream for the others.
     """
 
