@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import BinaryIO
@@ -63,6 +64,15 @@ class DocumentStore:
         """Drops a copy found corrupt; the next download fetches it again."""
         with contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()
+
+    def quarantine(self, digest: bytes) -> None:
+        """Moves aside this agency's own document found corrupt (kept, for inspection, in
+        ``corrupt/``): nobody can send it a good copy, but uploading the file again now
+        stores it afresh instead of finding the corrupt copy in its place."""
+        aside = self.root / "corrupt"
+        aside.mkdir(exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path(digest), aside / f"{digest.hex()}.{time.time_ns()}")
 
     def touch(self, digest: bytes) -> None:
         """Marks a document as used now (retention counts from its last use)."""

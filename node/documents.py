@@ -189,9 +189,15 @@ class Documents(pb.DocumentServiceServicer):
         if first:
             await context.write(pb.DownloadDocumentResponse(document=info))
         if hasher is not None and hasher.digest() != digest:
-            log.error("stored document %s is corrupt; dropping this copy", request.uri)
             if owner != self.agency.config.agency:
-                self.store.remove(digest)
+                log.error("stored document %s is corrupt; dropping this copy", request.uri)
+                self.store.remove(digest)  # the next download fetches it again
+            else:
+                log.error(
+                    "our document %s is corrupt; moved aside: upload it again to repair it",
+                    request.uri,
+                )
+                self.store.quarantine(digest)
             await abort(
                 context,
                 ChaparError(

@@ -350,6 +350,27 @@ async def test_corrupted_byte_at_the_owner_is_detected_and_nothing_is_kept(
     assert _sha256_file(saved) == digest
 
 
+async def test_a_corrupt_copy_of_an_agencys_own_document_is_repaired_by_uploading_it_again(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    # The owner's node finds its own copy corrupt when it serves it. It cannot fetch it
+    # from anyone, but the copy must not stay in place either: uploading the file again
+    # (the back-end's only way to repair it) would find it "existing" and keep it.
+    source = tmp_path / "own.pdf"
+    size = 300 * 1024 + 7
+    digest = _write_random(source, size)
+    async with _client(docs_cluster, AGENCY_A) as a:
+        ref = await a.upload(source)
+        stored = next(p for p in _stored_files(docs_cluster, AGENCY_A) if p.name == digest)
+        _flip_byte(stored, size // 3)
+        with pytest.raises(DataLoss) as info:
+            await _read(a, ref.uri)
+        assert info.value.reason == "DIGEST_MISMATCH"
+        again = await a.upload(source)
+        assert again.uri == ref.uri
+        assert hashlib.sha256(await _read(a, ref.uri)).hexdigest() == digest
+
+
 async def test_corrupted_byte_in_the_recipient_copy_is_detected_and_refetched(
     docs_cluster: Cluster, tmp_path: Path
 ) -> None:
