@@ -558,7 +558,7 @@ class Hub(pb.HubServiceServicer):
     async def _relay(self, agency: str, envelopes: Sequence[pb.Envelope]) -> list[pb.Evidence]:
         now = dt.datetime.now(dt.UTC)
         outcomes: list[IncomingLetter | pb.Evidence | list[pb.Evidence]] = []
-        refused: dict[int, tuple[ChaparError, pb.Envelope]] = {}
+        refused: dict[int, tuple[ChaparError, pb.Envelope, bytes]] = {}  # and header digest
         for envelope, verified in zip(
             envelopes, self.trust.verify_envelopes(envelopes), strict=True
         ):
@@ -567,7 +567,7 @@ class Hub(pb.HubServiceServicer):
             except ChaparError as exc:
                 if exc.code == Code.PERMISSION_DENIED:
                     raise
-                refused[len(outcomes)] = (exc, envelope)
+                refused[len(outcomes)] = (exc, envelope, sha256(envelope.header))
                 outcomes.append([])  # a rejection, unless it is a letter already accepted
         if refused:
             # A letter sent again because the answer to it was lost is judged by what held
@@ -575,10 +575,10 @@ class Hub(pb.HubServiceServicer):
             # signer's certificate expired or its recipient been suspended. It stays
             # accepted; a rejection now would contradict the evidence already signed.
             kept = await self.store.accepted_relays(
-                agency, [(quoted_shams(e), sha256(e.header)) for _, e in refused.values()]
+                agency, [(quoted_shams(e), digest) for _, e, digest in refused.values()]
             )
-            for at, (error, envelope) in refused.items():
-                relays = kept.get(sha256(envelope.header))
+            for at, (error, envelope, digest) in refused.items():
+                relays = kept.get(digest)
                 if relays:
                     outcomes[at] = relays
                     continue
@@ -595,7 +595,7 @@ class Hub(pb.HubServiceServicer):
                         E.EVIDENCE_EVENT_RELAY_REJECTION,
                         issuer=self.identity.uri,
                         shams=quoted_shams(envelope),
-                        envelope_sha256=sha256(envelope.header),
+                        envelope_sha256=digest,
                         recipient="",
                         now=now,
                         reason=error.reason,

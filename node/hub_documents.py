@@ -56,27 +56,20 @@ class _Transfer:
 
     async def take(self) -> pb.PushHeader | bytes | ChaparError | None:
         """The next item the push sent, or, once those are out, why it broke off."""
-        if self.queue.empty() and self.broken is not None:
-            return self.broken
-        get = asyncio.ensure_future(self.queue.get())
-        cut = asyncio.ensure_future(self.cut.wait())
-        try:
-            await asyncio.wait({get, cut}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            cut.cancel()
-            if not get.done():
-                get.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await get
-        if get.done() and not get.cancelled():
-            return get.result()
-        return self._after_break()
-
-    def _after_break(self) -> pb.PushHeader | bytes | ChaparError | None:
-        if not self.queue.empty():
-            return self.queue.get_nowait()
-        assert self.broken is not None
-        return self.broken
+        if self.broken is None:  # wait for the next item, or for the push to break off
+            get = asyncio.ensure_future(self.queue.get())
+            cut = asyncio.ensure_future(self.cut.wait())
+            try:
+                await asyncio.wait({get, cut}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cut.cancel()
+                if not get.done():
+                    get.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await get
+            if get.done() and not get.cancelled():
+                return get.result()
+        return self.queue.get_nowait() if not self.queue.empty() else self.broken
 
 
 class DocumentRelay:

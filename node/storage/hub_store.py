@@ -206,20 +206,21 @@ class HubStore(Store):
         """The RELAY_ACCEPTANCE evidence of those of ``letters`` (number as claimed, header
         digest) already accepted from ``sender``, by header digest: a letter sent again
         after the answer to it was lost."""
-        wanted: dict[str, bytes] = {}
-        for shams, digest in letters:
+        numbers: set[str] = set()
+        for shams, _ in letters:
             if shams is not None:
                 with contextlib.suppress(ValueError):  # no valid number: never accepted
-                    wanted[format_shams(shams)] = digest
-        if not wanted:
-            return {}
+                    numbers.add(format_shams(shams))
+        # A header digest names one letter, hence one number: several claims of a number
+        # with other headers are each looked for by their own digest.
+        digests = {digest for _, digest in letters}
         out: dict[bytes, list[pb.Evidence]] = {}
         for shams, kept, digest, who in await self.db.fetchall_in(
             "SELECT shams, relay_evidence, envelope_sha256, sender FROM letters"
             " WHERE shams IN ({marks})",
-            list(wanted),
+            list(numbers),
         ):
-            if who != sender or bytes(digest) != wanted[str(shams)]:
+            if who != sender or bytes(digest) not in digests:
                 continue
             if kept:  # a copy kept inline by earlier versions
                 out[bytes(digest)] = list(pb.EvidenceBatch.FromString(kept).evidence)
