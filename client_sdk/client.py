@@ -82,6 +82,7 @@ if TYPE_CHECKING:
     from client_sdk._pb.chapar.exchange.v1.node_service_pb2_grpc import NodeServiceAsyncStub
 
 __all__ = [
+    "DEFAULT_KEEPALIVE_S",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_STREAM_BATCH_SIZE",
@@ -128,6 +129,12 @@ by 17-22 % and added about 10 ms to the median. A flood never waits: its
 frames fill at once; nor does a draft on a quiet stream (no frame unanswered, none sent
 within the linger), so a back-end sending a letter now and then sees no delay. 0 sends
 each frame as soon as one draft is ready."""
+DEFAULT_KEEPALIVE_S: Final = 20.0
+"""Seconds between the pings a client's channel sends while a call is open. A node that
+does not answer one within half that (a node that hangs, or a connection a firewall or a
+vanished host dropped without a FIN or RST) ends the client's calls with ``Unavailable``:
+an ``inbox()`` stream or a ``send_stream`` that would wait for ever on a silent connection
+fails within 1.5 x this, so the back-end reconnects. Nodes accept pings every 5 s or more."""
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """Message size limit of channels the client creates (gRPC's default is 4 MiB)."""
 TEXT_PLAIN: Final = "text/plain; charset=utf-8"
@@ -447,15 +454,32 @@ class ExchangeClient:
         *,
         server_name: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
+        keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         """Dials ``target`` (``host:port``) over mutual TLS.
 
         ``server_name`` overrides the name the node's TLS certificate is checked against
         (when dialling an address that is not in the certificate); ``timeout`` is the
-        default deadline of unary calls in seconds; ``options`` are extra channel options.
+        default deadline of unary calls in seconds; ``keepalive_s`` the interval of pings
+        while a call is open (``DEFAULT_KEEPALIVE_S``; None sends none); ``options`` are
+        extra channel options.
         """
+        keepalive = []
+        if keepalive_s is not None:
+            if keepalive_s <= 0:
+                raise ValueError("keepalive_s must be > 0 or None")
+            keepalive = [
+                ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
+                ("grpc.keepalive_timeout_ms", round(keepalive_s * 500)),
+                # grpc 1.85 waits for a keepalive ping's answer this long (1 min by default).
+                ("grpc.http2.ping_timeout_ms", round(keepalive_s * 500)),
+                # gRPC stops pinging after two pings with nothing sent: a quiet inbox
+                # stream must keep pinging.
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
         channel_options = [
+            *keepalive,
             ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             # A fixed 1 MiB receive window: a large download cannot make the client buffer

@@ -29,6 +29,7 @@ import grpc
 
 from client_sdk import pb
 from client_sdk.client import (
+    DEFAULT_KEEPALIVE_S,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_STREAM_BATCH_SIZE,
     DEFAULT_STREAM_LINGER_S,
@@ -145,13 +146,19 @@ class SyncExchangeClient:
         *,
         server_name: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
+        keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         """Same arguments as ``ExchangeClient``."""
 
         async def make() -> ExchangeClient:
             return ExchangeClient(
-                target, credentials, server_name=server_name, timeout=timeout, options=options
+                target,
+                credentials,
+                server_name=server_name,
+                timeout=timeout,
+                keepalive_s=keepalive_s,
+                options=options,
             )
 
         self._start(make)

@@ -92,6 +92,7 @@ class HubConfig:
     max_letter_age_s: float = 7 * 86400.0
     metrics_interval_s: float = 5.0
     metrics_top_n: int = 10
+    keepalive_s: float = 20.0
 
     @property
     def identity(self) -> Identity:
@@ -126,6 +127,7 @@ class NodeConfig:
     # Documents older than this that no letter kept whole still references are removed;
     # 0 keeps every document.
     documents_retention_s: float = 0.0
+    keepalive_s: float = 20.0
 
     @property
     def identity(self) -> Identity:
@@ -360,6 +362,7 @@ def _hub_config(t: Table) -> HubConfig:
         max_letter_age_s=hub.number("max_letter_age_s", 7 * 86400.0),
         metrics_interval_s=hub.positive("metrics_interval_s", 5.0),
         metrics_top_n=hub.integer("metrics_top_n", 10),
+        keepalive_s=hub.positive("keepalive_s", 20.0),
     )
 
 
@@ -467,4 +470,5 @@ def _node_config(t: Table) -> NodeConfig:
         documents=documents,
         documents_dir=documents_dir,
         documents_retention_s=documents_retention_s,
+        keepalive_s=node.positive("keepalive_s", 20.0),
     )

@@ -47,8 +47,10 @@ _MAX_MESSAGE = 256 * 1024 * 1024
 _SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
     ("grpc.max_send_message_length", _MAX_MESSAGE),
+    # Peers may ping every 5 s (ours ping every ``keepalive_s``, 20 s by default); more
+    # often and gRPC ends their connection (GOAWAY, "too_many_pings").
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     # gRPC sets SO_REUSEPORT by default: another process could then bind our port and take
     # a share of our connections. A clash must fail the bind instead.
     ("grpc.so_reuseport", 0),
@@ -59,6 +61,25 @@ _SERVER_OPTIONS = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 1024 * 1024),
 ]
+
+
+def _server_options(keepalive_s: float) -> list[tuple[str, int]]:
+    """The server's options; it pings each peer's connection every ``keepalive_s``.
+
+    A peer that does not answer within half that (a node or back-end that hangs, or whose
+    host vanished, with no FIN or RST) has its connection closed: its calls end, a hub's
+    session with it ends (its letters go to its next session), a node's inbox stream ends
+    (its unacknowledged letters go again), rather than waiting on TCP for many minutes.
+    """
+    return [
+        *_SERVER_OPTIONS,
+        ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(keepalive_s * 500)),
+        # grpc 1.85 waits for a keepalive ping's answer this long (1 min by default).
+        ("grpc.http2.ping_timeout_ms", round(keepalive_s * 500)),
+        # gRPC stops pinging after two pings with no data sent; an idle stream needs more.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 # Context fields a log call may pass with ``extra={...}``; each becomes a JSON key. Only
@@ -289,7 +310,7 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
     store = await HubStore.open(config.database, config.durability)
     hub = Hub(config, store, signer, trust, directory, config_path)
     await hub.start()
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    server = grpc.aio.server(options=_server_options(config.keepalive_s))
     add_servicer(server, hub, pb.HUB_SERVICE, limit=config.max_frame_bytes)
     metrics = _metrics(
         config.metrics_listen, "hub", config.tls if config.metrics_tls else None, store.db
@@ -340,7 +361,7 @@ async def serve_node(config: NodeConfig) -> None:
     cached = await store.load_directory()
     if cached is not None:
         await agency.set_directory(cached, persist=False)
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    server = grpc.aio.server(options=_server_options(config.keepalive_s))
     add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
     add_servicer(server, documents, pb.DOCUMENT_SERVICE, limit=config.max_message_bytes)
     metrics = _metrics(

@@ -128,8 +128,13 @@ class HubLink:
 
     async def _session(self) -> None:
         options = [
-            ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            # A hub that stops answering pings (hung, or its host gone without a FIN) ends
+            # the session within 1.5 x keepalive_s, and the node reconnects.
+            ("grpc.keepalive_time_ms", round(self.agency.config.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", round(self.agency.config.keepalive_s * 500)),
+            # grpc 1.85 waits for a keepalive ping's answer this long (1 min by default).
+            ("grpc.http2.ping_timeout_ms", round(self.agency.config.keepalive_s * 500)),
+            ("grpc.http2.max_pings_without_data", 0),  # an idle session keeps pinging
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             # Fixed receive window (see node.server): memory flat while documents stream.

@@ -118,3 +118,17 @@ def test_metrics_tls_is_a_boolean(tmp_path: Path, value: str, expected: bool | N
                 load(path)
         else:
             assert load(path).metrics_tls is expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", 20.0), ("2.5", 2.5), ("0", None)])
+def test_keepalive_is_a_positive_number_of_seconds(
+    tmp_path: Path, value: str, expected: float | None
+) -> None:
+    for load, text, section in ((load_node_config, NODE, "node"), (load_hub_config, HUB, "hub")):
+        setting = f"\nkeepalive_s = {value}" if value else ""
+        path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]{setting}"))
+        if expected is None:
+            with pytest.raises(ConfigError, match=f"{section}.keepalive_s: must be a number > 0"):
+                load(path)
+        else:
+            assert load(path).keepalive_s == expected
