@@ -17,6 +17,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -225,30 +226,47 @@ async def _set_health(servicer: health.aio.HealthServicer, *services: str, servi
     m.READY.set(1 if serving else 0)
 
 
-def _node_serving(agency: Agency) -> bool:
-    """SERVING while the store is open, a directory is held and the hub stream is up.
+def _store_trouble(db: Database) -> str:
+    """Why a server's store keeps it from SERVING, or ""."""
+    if not db.is_open:
+        return "database closed"
+    if db.write_failing:  # until a commit succeeds again
+        return "database not writable"
+    return ""
+
+
+def _node_trouble(agency: Agency) -> str:
+    """Why the node is not SERVING, or "": it serves while its store is open and writing,
+    a directory is held and the hub stream is up.
 
     Without the hub a node still accepts letters into its outbox, but it cannot deliver,
     relay or learn revocations: a load balancer or operator should see it as not ready.
     """
     m.HUB_CONNECTED.set(1 if agency.hub_connected else 0)  # in step with health
-    return agency.directory is not None and agency.hub_connected and agency.store.db.is_open
+    if agency.directory is None:
+        return "no directory"
+    if not agency.hub_connected:
+        return "hub stream down"
+    return _store_trouble(agency.store.db)
 
 
-async def _watch_node_health(
-    servicer: health.aio.HealthServicer, agency: Agency, serving: bool
+async def _watch_health(
+    servicer: health.aio.HealthServicer,
+    services: Sequence[str],
+    trouble: Callable[[], str],
+    serving: bool,
 ) -> None:
+    """Polls ``trouble()`` and sets health (and ``chapar_ready``) when it changes."""
     while True:
         await asyncio.sleep(_HEALTH_POLL_S)
-        now = _node_serving(agency)
-        if now != serving:
-            serving = now
-            await _set_health(servicer, pb.NODE_SERVICE_NAME, pb.DOCUMENT_SERVICE_NAME, serving=now)
-            log.log(
-                logging.INFO if now else logging.WARNING,
-                "health: %s",
-                "SERVING" if now else "NOT_SERVING (hub stream down)",
-            )
+        why = trouble()
+        if (not why) != serving:
+            serving = not why
+            await _set_health(servicer, *services, serving=serving)
+            if serving:
+                log.info("health: SERVING")
+            else:
+                log.warning("health: NOT_SERVING (%s)", why)
 
 
 def _metrics(listen: str, role: str, tls: TlsConfig | None, db: Database) -> str:
@@ -324,8 +342,16 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         await _set_health(health_servicer, pb.HUB_SERVICE_NAME, serving=True)
         _write_ready(config.ready_file, address, "hub", metrics)
         log.info("hub %s listening on %s", config.name, address)
+        watcher = asyncio.create_task(
+            _watch_health(
+                health_servicer, (pb.HUB_SERVICE_NAME,), lambda: _store_trouble(store.db), True
+            )
+        )
         await _until_signalled()
         log.info("hub stopping (grace %.1fs)", config.grace_s)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        m.READY.set(0)
         await health_servicer.enter_graceful_shutdown()
         hub.close_sessions()
         await server.stop(config.grace_s)
@@ -392,13 +418,14 @@ async def serve_node(config: NodeConfig) -> None:
         await asyncio.wait({stop, ready}, return_when=asyncio.FIRST_COMPLETED)
         watcher: asyncio.Task[None] | None = None
         if ready.done():
-            serving = _node_serving(agency)
-            await _set_health(
-                health_servicer, pb.NODE_SERVICE_NAME, pb.DOCUMENT_SERVICE_NAME, serving=serving
-            )
+            services = (pb.NODE_SERVICE_NAME, pb.DOCUMENT_SERVICE_NAME)
+            serving = not _node_trouble(agency)
+            await _set_health(health_servicer, *services, serving=serving)
             _write_ready(config.ready_file, address, "node", metrics)
             log.info("node %s ready", config.agency)
-            watcher = asyncio.create_task(_watch_node_health(health_servicer, agency, serving))
+            watcher = asyncio.create_task(
+                _watch_health(health_servicer, services, lambda: _node_trouble(agency), serving)
+            )
         ready.cancel()
         await stop
         log.info("node stopping (grace %.1fs)", config.grace_s)

@@ -100,6 +100,9 @@ class Database:
         self.commits = 0
         self.jobs = 0
         self.writer_thread: int | None = None  # its thread id, once the writer has run
+        # Set when a transaction fails (a full disk, an I/O error, a read-only file), cleared
+        # by the next commit: health reads it, so a store that cannot write is not SERVING.
+        self.write_failing = False
 
     @classmethod
     async def open(
@@ -285,11 +288,13 @@ class Database:
         try:
             outcomes = await self._in_thread(self._run_jobs, [p.job for p in batch])
         except Exception as exc:
+            self.write_failing = True
             log.exception("transaction failed; %d jobs not committed", len(batch))
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
+        self.write_failing = False
         self.commits += 1
         self.jobs += len(batch)
         for pending, (value, error) in zip(batch, outcomes, strict=True):

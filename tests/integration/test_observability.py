@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -663,3 +664,47 @@ def test_node_health_is_not_serving_while_its_hub_stream_is_down(obs: Cluster) -
         assert _gauge(node.metrics, "chapar_hub_link_reconnects_total") >= 1
 
     asyncio.run(run())
+
+
+async def test_hub_health_is_not_serving_while_its_store_cannot_write(tmp_path: Path) -> None:
+    # Another process holds the database's write lock (a backup tool, an operator's
+    # sqlite3 shell): the hub's commits wait out busy_timeout (10 s) and fail. Health and
+    # chapar_ready must say so, and come back with the next commit; nothing is lost.
+    cluster = await Cluster.start(
+        tmp_path, [AGENCY_A, AGENCY_B], node_settings="reconnect_max_s = 1.0"
+    )
+    creds = cluster.credentials(AGENCY_A).channel_credentials()
+    hub = cluster.hub
+
+    async def health_becomes(want: str) -> None:
+        start = time.monotonic()
+        while await _health(hub.address, creds, pb.HUB_SERVICE_NAME) != want:
+            assert time.monotonic() - start < 40, f"hub health never became {want}"
+            await asyncio.sleep(0.1)
+        assert await _health(hub.address, creds) == want
+
+    try:
+        await health_becomes("SERVING")
+        lock = sqlite3.connect(cluster.root / "hub" / "hub.db", timeout=1)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            async with ExchangeClient(
+                cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)
+            ) as a:
+                receipt = await a.send(to=[AGENCY_B], subject="while locked", body="x")
+            await health_becomes("NOT_SERVING")
+            assert _gauge(hub.metrics, "chapar_ready") == 0
+        finally:
+            lock.rollback()
+            lock.close()
+        await health_becomes("SERVING")
+        assert _gauge(hub.metrics, "chapar_ready") == 1
+        async with (
+            ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+            contextlib.aclosing(b.inbox()) as inbox,
+        ):
+            letter = await asyncio.wait_for(anext(inbox), 60)
+        assert letter.shams == receipt.shams
+    finally:
+        codes = cluster.stop()
+        assert set(codes.values()) == {0}, codes

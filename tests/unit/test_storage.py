@@ -312,7 +312,9 @@ async def test_a_full_disk_fails_the_whole_batch_with_its_own_error_and_keeps_no
     assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
     assert all("full" in str(r) for r in results), results
     assert await _values(db) == ["before"]
+    assert db.write_failing  # health reads it: the store is not SERVING
     assert await db.write(_insert("after")) == "after"  # the writer goes on
+    assert not db.write_failing
 
 
 async def test_concurrent_writes_are_group_committed(db: Database) -> None:
