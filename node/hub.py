@@ -569,6 +569,45 @@ class Hub(pb.HubServiceServicer):
                     raise
                 refused[len(outcomes)] = (exc, envelope, sha256(envelope.header))
                 outcomes.append([])  # a rejection, unless it is a letter already accepted
+        # The letters go to the store before this handler's first wait: frames are handled
+        # concurrently, and a queue keeps the order in which their jobs were handed in
+        # (node.tasks.handle_concurrently). Refusals, which may need a look-up, come after.
+        letters = [o for o in outcomes if isinstance(o, IncomingLetter)]
+        queued: list[str] = []
+        fresh: set[str] = set()
+
+        def make_relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:
+            queued.append(recipient)  # only called for letters stored now, not duplicates
+            fresh.add(letter.shams)
+            content = evidence_content(
+                pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+                issuer=self.identity.uri,
+                shams=letter.shams_pb or parse_shams(letter.shams),
+                envelope_sha256=letter.envelope_sha256,
+                recipient=recipient,
+                now=now,
+            )
+            return pb.Evidence(content=content)  # signed with the batch: seal_evidence
+
+        def committed(kept: list[list[pb.Evidence]]) -> None:
+            # At the commit, in the event loop, even if this frame's handler was cancelled
+            # meanwhile (its node reconnected): the queue depths and the pushes to the
+            # recipients follow what was stored, not who was still waiting for it.
+            RELAYED.inc(len(queued))  # counted with what was stored, as the depths
+            for recipient in queued:
+                self._count(recipient, +1)
+            for letter, relays in zip(letters, kept, strict=True):
+                if relays:
+                    for r in letter.recipients:
+                        self._wake(r, queue=True)
+
+        stored = iter(
+            await self.store.accept(
+                letters, make_relay, self.signer.seal_evidence, on_commit=committed
+            )
+            if letters
+            else []
+        )
         if refused:
             # A letter sent again because the answer to it was lost is judged by what held
             # when it was accepted: since then it may have aged out of the window, its
@@ -602,42 +641,7 @@ class Hub(pb.HubServiceServicer):
                         detail=error.message,
                     )
                 )
-        letters = [o for o in outcomes if isinstance(o, IncomingLetter)]
         RELAY_REJECTED.inc(sum(isinstance(o, pb.Evidence) for o in outcomes))
-        queued: list[str] = []
-        fresh: set[str] = set()
-
-        def make_relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:
-            queued.append(recipient)  # only called for letters stored now, not duplicates
-            fresh.add(letter.shams)
-            content = evidence_content(
-                pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
-                issuer=self.identity.uri,
-                shams=letter.shams_pb or parse_shams(letter.shams),
-                envelope_sha256=letter.envelope_sha256,
-                recipient=recipient,
-                now=now,
-            )
-            return pb.Evidence(content=content)  # signed with the batch: seal_evidence
-
-        def committed(kept: list[list[pb.Evidence]]) -> None:
-            # At the commit, in the event loop, even if this frame's handler was cancelled
-            # meanwhile (its node reconnected): the queue depths and the pushes to the
-            # recipients follow what was stored, not who was still waiting for it.
-            for recipient in queued:
-                self._count(recipient, +1)
-            for letter, relays in zip(letters, kept, strict=True):
-                if relays:
-                    for r in letter.recipients:
-                        self._wake(r, queue=True)
-
-        stored = iter(
-            await self.store.accept(
-                letters, make_relay, self.signer.seal_evidence, on_commit=committed
-            )
-            if letters
-            else []
-        )
         results: list[pb.Evidence] = []
         relayed: list[str] = []
         for outcome in outcomes:
@@ -673,7 +677,6 @@ class Hub(pb.HubServiceServicer):
                 relayed.append(outcome.shams)
             else:
                 RELAY_DUPLICATES.inc()
-        RELAYED.inc(len(queued))
         if relayed and log.isEnabledFor(logging.INFO):  # one line per frame, not per letter
             log.info(
                 "letters relayed", extra={"shams": relayed, "count": len(relayed), "peer": agency}

@@ -1,0 +1,85 @@
+"""A node's relay frames are handled concurrently at the hub, and a recipient's queue keeps
+the order in which their letters were handed to the store: one sender's letters to one
+recipient arrive in submission order only if each frame hands its letters in before its
+first wait. A frame holding a refused letter (its recipient suspended, say) used to wait
+first for a look-up of letters sent again, so the next frame's letters went in ahead.
+Driven with stand-ins for the hub's store, trust and signer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+from client_sdk import pb
+from node.core.errors import ChaparError, Code
+from node.hub import Hub
+from node.storage.hub_store import IncomingLetter
+from node.tasks import handle_concurrently
+
+SENDER, RECIPIENT = "SENDER.A", "RECIPIENT.B"
+REFUSED = b"to a suspended agency"
+
+
+class _Hub:
+    """What Hub._relay uses of the hub; records the order letters reach the store."""
+
+    def __init__(self) -> None:
+        self.handed_in: list[str] = []
+        self.identity = SimpleNamespace(uri="urn:chapar:hub:test")
+        self.trust = SimpleNamespace(verify_envelopes=lambda envelopes: [None] * len(envelopes))
+        self.signer = SimpleNamespace(
+            seal_evidence=None,
+            sign_evidence=lambda contents: [pb.Evidence(content=c) for c in contents],
+        )
+        self.store = SimpleNamespace(accept=self._accept, accepted_relays=self._accepted_relays)
+
+    def _sign(self, content: bytes) -> pb.Evidence:
+        return Hub._sign(self, content)  # type: ignore[arg-type]
+
+    def _check_letter(self, agency: str, envelope: pb.Envelope, verified: object) -> IncomingLetter:
+        if envelope.header == REFUSED:
+            raise ChaparError(Code.FAILED_PRECONDITION, "RECIPIENT_SUSPENDED", "suspended")
+        name = envelope.header.decode()
+        return IncomingLetter(name, agency, [RECIPIENT], b"", name.encode().ljust(32, b"."))
+
+    def _accept(
+        self, letters: Sequence[IncomingLetter], *_: Any, **__: Any
+    ) -> Coroutine[Any, Any, list[list[pb.Evidence]]]:
+        self.handed_in.extend(letter.shams for letter in letters)  # the job is queued now
+
+        async def committed() -> list[list[pb.Evidence]]:
+            await asyncio.sleep(0.01)
+            return [[pb.Evidence()] for _ in letters]
+
+        return committed()
+
+    @staticmethod
+    async def _accepted_relays(*_: Any) -> dict[bytes, list[pb.Evidence]]:
+        await asyncio.sleep(0.01)  # a read on the store's reader thread
+        return {}
+
+
+async def test_a_frame_with_a_refused_letter_keeps_its_place_in_the_queue() -> None:
+    hub = _Hub()
+    frames = [
+        [pb.Envelope(header=b"L1"), pb.Envelope(header=REFUSED), pb.Envelope(header=b"L2")],
+        [pb.Envelope(header=b"L3"), pb.Envelope(header=b"L4")],
+    ]
+    answers: list[list[pb.Evidence]] = []
+
+    async def arriving() -> AsyncIterator[list[pb.Envelope]]:
+        for frame in frames:
+            yield frame
+
+    async def relay(frame: list[pb.Envelope]) -> None:
+        answers.append(await Hub._relay(hub, SENDER, frame))  # type: ignore[arg-type]
+
+    await handle_concurrently(arriving(), relay, 4)
+    assert hub.handed_in == ["L1", "L2", "L3", "L4"]
+    # The refused letter is still answered, in its place: a signed RELAY_REJECTION.
+    first = next(a for a in answers if len(a) == 3)
+    rejection = pb.EvidenceContent.FromString(first[1].content)
+    assert rejection.event == pb.EVIDENCE_EVENT_RELAY_REJECTION
+    assert rejection.reason == "RECIPIENT_SUSPENDED"
