@@ -33,7 +33,7 @@ from node.core.evidence import evidence_content, evidence_message
 from node.core.letters import build_header, validate_draft
 from node.core.splice import Field
 from node.document_store import DocumentStore
-from node.metrics import HANDED_OVER, SUBMIT_REJECTED, SUBMITTED
+from node.metrics import SUBMIT_REJECTED
 from node.rpc.errors import abort, to_submit_error
 from node.rpc.peer import peer_identity
 from node.storage.node_store import NewLetter, NodeStore, StoredLetter, request_key
@@ -380,8 +380,7 @@ class Agency(pb.NodeServiceServicer):
                 access,
                 [rid for _, rid in accepted],
             )
-        SUBMITTED.inc(len(accepted))
-        return results
+        return results  # counted at the commit (node.monitor)
 
     async def _store_letters(self, submission: _Submission) -> list[pb.Receipt | ChaparError]:
         """Numbers, signs and stores validated letters; returns their receipts (or, for a
@@ -796,7 +795,6 @@ class Agency(pb.NodeServiceServicer):
                 issued[text] = standing
                 if standing is mine:  # issued now, not by a concurrent call
                     handed.append(text)
-            HANDED_OVER.inc(len(handed))
             if handed and log.isEnabledFor(logging.INFO):
                 _log_letters("letters handed over", handed, access)
         return [issued[o] if isinstance(o, str) else o for o in outcomes]

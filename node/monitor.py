@@ -49,6 +49,16 @@ _STAGES = {
 _ANCHORS = frozenset(before for before, _ in _STAGES.values())
 _SUBMISSION = E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
 _STAGE_CHILDREN = {stage: m.STAGE_SECONDS.labels(stage=stage) for _, stage in _STAGES.values()}
+# This node's own evidence, counted as letters at the commit that stored it: a submission
+# retried under its request id, a letter delivered again or an acknowledgement repeated
+# finds its evidence stored and counts nothing, and a call cancelled after its commit
+# still counts.
+_COUNTED = {
+    E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE: m.SUBMITTED,
+    E.EVIDENCE_EVENT_DELIVERY: m.DELIVERED,
+    E.EVIDENCE_EVENT_DELIVERY_FAILURE: m.DELIVERY_FAILED,
+    E.EVIDENCE_EVENT_HANDOVER: m.HANDED_OVER,
+}
 
 
 def store_bytes(database: Path) -> int:
@@ -116,6 +126,7 @@ class NodeMonitor(_Common):
         )
         self.agency = agency
         self._prefix = config.agency + "/"
+        self._issuer = agency.identity.uri
         # (shams, event, recipient) -> signed event time, of this node's recent letters.
         # Insertion-ordered for eviction: a plain dict popped from the front with
         # next(iter(...)) scans the deleted slots before it, 39 us an event at 100,000.
@@ -145,6 +156,12 @@ class NodeMonitor(_Common):
         """Observes each stage whose earlier event is in memory; the others wait for the
         next refresh. Called by the store with the evidence one write stored, in order."""
         wanted: list[tuple[str, pb.EvidenceContent]] = []
+        counts: dict[pb.EvidenceEvent.ValueType, int] = {}
+        for _, content in items:
+            if content.event in _COUNTED and content.issuer == self._issuer:
+                counts[content.event] = counts.get(content.event, 0) + 1
+        for event, n in counts.items():
+            _COUNTED[event].inc(n)
         for shams, content in items:
             # Only our own letters (numbered by this agency): each letter is observed at
             # exactly one node, the sender's, which stores all four kinds of evidence.

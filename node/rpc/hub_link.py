@@ -30,7 +30,7 @@ from node.core.documents import senders_documents
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams
 from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
-from node.metrics import DELIVERED, DELIVERY_FAILED, RECONNECTS, count_verification_failure
+from node.metrics import RECONNECTS, count_verification_failure
 from node.rpc.wire import serialize
 from node.storage.node_store import StoredEvidence
 from node.tasks import BOOKKEEPING_INTERVAL_S, LETTER_INTERVAL_S, Cadence, handle_concurrently
@@ -440,8 +440,7 @@ class _Session:
                     good, make_delivery, agency.signer.seal_evidence, documents
                 )
             )
-            agency.notify_inbox()
-            DELIVERED.inc(len(good))
+            agency.notify_inbox()  # DELIVERED is counted at the commit (node.monitor)
             if log.isEnabledFor(logging.INFO):
                 # One line per frame and sending agency, so ``peer`` stays one agency code.
                 by_sender: dict[str, list[str]] = {}
@@ -499,7 +498,6 @@ class _Session:
                     ),
                 )
             )
-        DELIVERY_FAILED.inc(len(failures))
         if failures:
             await agency.store.store_issued(failures)
             out.extend(StoredEvidence.of(e.SerializeToString()) for _, e in failures)

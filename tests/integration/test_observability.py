@@ -708,3 +708,30 @@ async def test_hub_health_is_not_serving_while_its_store_cannot_write(tmp_path: 
     finally:
         codes = cluster.stop()
         assert set(codes.values()) == {0}, codes
+
+
+async def test_letters_are_counted_once_however_often_their_calls_are_retried(
+    tmp_path: Path,
+) -> None:
+    # A submission retried under its request id and an acknowledgement made twice find
+    # their evidence stored: the letter counts once, at the commit that stored it.
+    cluster = await Cluster.start(tmp_path, [AGENCY_A, AGENCY_B])
+    try:
+        async with (
+            ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
+            ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+        ):
+            first = await a.send(to=[AGENCY_B], subject="once", body="x", request_id="once")
+            again = await a.send(to=[AGENCY_B], subject="once", body="x", request_id="once")
+            assert again.shams == first.shams
+            async with contextlib.aclosing(b.inbox()) as inbox:
+                letter = await asyncio.wait_for(anext(inbox), 30)
+            assert await letter.ack() == await b.ack(letter.shams)
+        sa = _samples(cluster.nodes[AGENCY_A].metrics)
+        sb = _samples(cluster.nodes[AGENCY_B].metrics)
+        assert sa['chapar_letters_total{outcome="accepted",stage="submit"}'] == 1
+        assert sb['chapar_letters_total{outcome="delivered",stage="delivery"}'] == 1
+        assert sb['chapar_letters_total{outcome="handed_over",stage="handover"}'] == 1
+    finally:
+        codes = cluster.stop()
+        assert set(codes.values()) == {0}, codes
