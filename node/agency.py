@@ -14,18 +14,19 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, key_id, sha256
-from client_sdk.trust import TrustStore, set_timestamp
+from client_sdk.trust import TrustStore, VerificationError, set_timestamp
 from node.config import NodeConfig
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code, letter_not_found
@@ -35,7 +36,7 @@ from node.core.splice import Field
 from node.document_store import DocumentStore
 from node.metrics import SUBMIT_REJECTED
 from node.rpc.errors import abort, to_submit_error
-from node.rpc.peer import peer_identity
+from node.rpc.peer import peer_certificate
 from node.storage.node_store import NewLetter, NodeStore, StoredLetter, request_key
 from node.tasks import drain, every
 
@@ -178,6 +179,20 @@ async def _cancel_when(event: asyncio.Event, task: asyncio.Task[None]) -> None:
     task.cancel()
 
 
+@dataclass(eq=False)
+class _OpenStream:
+    """A back-end's long-lived stream: who it is, and why it ended early (if it did)."""
+
+    access: Access
+    certificate: x509.Certificate
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    refused: ChaparError | None = None  # set when its certificate was revoked
+
+    @property
+    def identity(self) -> Identity:
+        return self.access.identity
+
+
 class Agency(pb.NodeServiceServicer):
     """State shared by the node's servicer and its hub link."""
 
@@ -200,6 +215,10 @@ class Agency(pb.NodeServiceServicer):
         self._waiting: list[_Submission] = []  # validated letters waiting to be stored
         self._storer: asyncio.Task[None] | None = None
         self.closing = asyncio.Event()
+        # The back-ends' open streams (inbox, submission, acknowledgement), each with the
+        # TLS certificate it was admitted with, checked again whenever the directory brings
+        # revocations: a stream whose certificate (or a CA above it) is revoked ends.
+        self._streams: dict[_OpenStream, x509.Certificate] = {}
         self.full_recipients: frozenset[str] = frozenset()
         self.quota_retry_after_s = 30.0
         self._purger: asyncio.Task[None] | None = None
@@ -210,8 +229,14 @@ class Agency(pb.NodeServiceServicer):
             every(self.config.purge_interval_s, self.purge, "retention"), name="retention"
         )
 
-    async def stop(self) -> None:
+    def end_streams(self) -> None:
+        """The node is stopping: every back-end stream ends once what it read is answered."""
         self.closing.set()
+        for stream in self._streams:
+            stream.ended.set()
+
+    async def stop(self) -> None:
+        self.end_streams()
         if self._purger is not None:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -262,6 +287,15 @@ class Agency(pb.NodeServiceServicer):
         known.append((self.signer.key_id, self.signer.certificate.public_bytes(Encoding.DER)))
         self.trust.add_certificates([self.signer.certificate])
         self.trust.set_revoked(int(s, 16) for s in directory.revoked_serials)
+        for stream, certificate in self._streams.items():
+            try:
+                self.trust.verify_certificate(certificate, "tls")
+            except VerificationError as exc:
+                log.warning("ending a stream of %s: %s", stream.identity.uri, exc.reason)
+                stream.refused = ChaparError(
+                    Code.UNAUTHENTICATED, exc.reason, f"client certificate refused: {exc}"
+                )
+                stream.ended.set()
         await self.store.remember_certificates(known)
         self.directory = DirectoryView(directory)
         self.directory_ready.set()
@@ -293,7 +327,9 @@ class Agency(pb.NodeServiceServicer):
         The agency's own back-end clients (and its node identity) are admitted, limited to
         their configured mailboxes; an auditor may read (``read_only`` calls) and nothing else.
         """
-        identity = peer_identity(context, self.trust)
+        return self._access(peer_certificate(context, self.trust)[1], read_only=read_only)
+
+    def _access(self, identity: Identity, *, read_only: bool = False) -> Access:
         if identity.kind == "auditor":
             if read_only:
                 return Access(identity, None)
@@ -611,19 +647,28 @@ class Agency(pb.NodeServiceServicer):
         self, request: pb.StreamInboxRequest, context: grpc.aio.ServicerContext
     ) -> None:
         try:
-            access = self._authorize(context)
+            stream = self._open_stream(context)
             if request.mailbox:
-                access.require([request.mailbox], f"the mailbox {request.mailbox!r}")
+                stream.access.require([request.mailbox], f"the mailbox {request.mailbox!r}")
         except ChaparError as exc:
             await abort(context, exc)
             return
+        with self._registered(stream):
+            await self._send_inbox(request, context, stream)
+        if stream.refused is not None:
+            await abort(context, stream.refused)
+
+    async def _send_inbox(
+        self, request: pb.StreamInboxRequest, context: grpc.aio.ServicerContext, stream: _OpenStream
+    ) -> None:
+        access = stream.access
         mailbox = request.mailbox
         cursor = 0
         more = True  # a new stream reads at once
         signal = self._inbox_signal
-        closing = asyncio.create_task(self.closing.wait())
+        closing = asyncio.create_task(stream.ended.wait())
         try:
-            while not self.closing.is_set():
+            while not stream.ended.is_set():
                 if not more:
                     # Until a letter is stored after the last read began (its signal is the
                     # one taken before that read, so none is missed).
@@ -715,13 +760,32 @@ class Agency(pb.NodeServiceServicer):
         otherwise hold the stop for its whole grace period. The SDK raises Unavailable for
         batches not read, which go again (request ids; acknowledgements are idempotent)."""
         try:
-            access = self._authorize(context)
+            stream = self._open_stream(context)
         except ChaparError as exc:
             await abort(context, exc)
             return
-        await _answer_in_order(
-            frames, lambda frame: handle(frame, access), respond, context, self.closing
-        )
+        with self._registered(stream):
+            await _answer_in_order(
+                frames, lambda frame: handle(frame, stream.access), respond, context, stream.ended
+            )
+        if stream.refused is not None:
+            await abort(context, stream.refused)
+
+    def _open_stream(self, context: grpc.aio.ServicerContext) -> _OpenStream:
+        """An authorised back-end stream, with the certificate it was admitted with."""
+        certificate, identity = peer_certificate(context, self.trust)
+        return _OpenStream(self._access(identity), certificate)
+
+    @contextlib.contextmanager
+    def _registered(self, stream: _OpenStream) -> Iterator[None]:
+        """Keeps ``stream`` where a stop or a revocation can end it, while it runs."""
+        self._streams[stream] = stream.certificate
+        if self.closing.is_set():
+            stream.ended.set()
+        try:
+            yield
+        finally:
+            del self._streams[stream]
 
     async def _ack_batch(self, numbers: Sequence[pb.Shams], access: Access) -> list[pb.AckResult]:
         """One acknowledgement batch's results; ChaparError when the batch is too large."""

@@ -114,6 +114,7 @@ def build_directory(
 @dataclass(eq=False)
 class _Session:
     agency: str
+    certificate: x509.Certificate  # the TLS certificate it was admitted with
     # Frames to send: messages, or frames spliced from stored bytes (node.core.splice).
     out: asyncio.Queue[pb.ConnectResponse | bytes] = field(
         default_factory=lambda: asyncio.Queue(_OUT_FRAMES)
@@ -127,7 +128,6 @@ class _Session:
     inflight: set[str] = field(default_factory=set)
     status_sent: int = -1
     directory_sent: int = 0
-    serial: int = 0
     notice_cadence: Cadence = field(init=False)
     delivery_cadence: Cadence = field(init=False)
 
@@ -208,18 +208,18 @@ class Hub(pb.HubServiceServicer):
             len(directory.agencies),
             len(directory.revoked_serials),
         )
-        revoked = set(self.trust.revoked_serials)
         for session in list(self._sessions.values()):
             agency = self.directory.agency(session.agency)
-            if (
-                session.serial in revoked
-                or agency is None
-                or agency.state != pb.AGENCY_STATE_ACTIVE
-            ):
+            try:  # the whole chain, as at connection: a revoked CA above it counts too
+                self.trust.verify_certificate(session.certificate, "tls")
+                admitted = agency is not None and agency.state == pb.AGENCY_STATE_ACTIVE
+            except VerificationError:
+                admitted = False
+            if admitted:
+                session.wake.set()
+            else:
                 log.warning("closing the stream of %s: no longer admitted", session.agency)
                 session.closed.set()
-            else:
-                session.wake.set()
         return 1
 
     @property
@@ -349,8 +349,10 @@ class Hub(pb.HubServiceServicer):
         (evidence,) = self.signer.sign_evidence([content])
         return evidence
 
-    def _peer(self, context: grpc.aio.ServicerContext, *, active: bool = True) -> tuple[str, int]:
-        """The connected node's agency code and TLS certificate serial, if admitted.
+    def _peer(
+        self, context: grpc.aio.ServicerContext, *, active: bool = True
+    ) -> tuple[str, x509.Certificate]:
+        """The connected node's agency code and TLS certificate, if admitted.
 
         ``active=False`` admits a suspended or retired agency too (never a revoked
         certificate): it may still read the directory, to learn its own state.
@@ -372,7 +374,7 @@ class Hub(pb.HubServiceServicer):
                 f"no agency {identity.agency} in the directory",
                 metadata={"agency": identity.agency},
             )
-        return identity.agency, cert.serial_number
+        return identity.agency, cert
 
     async def GetDirectory(
         self, request: pb.GetDirectoryRequest, context: grpc.aio.ServicerContext
@@ -399,7 +401,7 @@ class Hub(pb.HubServiceServicer):
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
     ) -> None:
         try:
-            agency, serial = self._peer(context)
+            agency, certificate = self._peer(context)
         except ChaparError as exc:
             await abort(context, exc)
             return
@@ -407,7 +409,7 @@ class Hub(pb.HubServiceServicer):
         if old is not None:
             log.info("node %s reconnected; closing its previous stream", agency)
             old.closed.set()
-        session = _Session(agency, serial=serial, directory_sent=self.directory.version)
+        session = _Session(agency, certificate, directory_sent=self.directory.version)
         self._sessions[agency] = session
         HUB_CONNECTED_NODES.set(len(self._sessions))
         log.info("node %s connected", agency)

@@ -434,7 +434,7 @@ async def serve_node(config: NodeConfig) -> None:
             await asyncio.gather(watcher, return_exceptions=True)
         m.READY.set(0)
         await health_servicer.enter_graceful_shutdown()
-        agency.closing.set()  # inbox streams end now instead of at the end of the grace
+        agency.end_streams()  # back-end streams end now, not at the end of the grace
         await server.stop(config.grace_s)
     finally:
         await monitor.stop()

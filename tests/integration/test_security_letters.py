@@ -27,6 +27,7 @@ import pytest
 from certs.pki import generate_key, issue_certificate, load_certs, load_key
 from client_sdk import (
     Credentials,
+    Draft,
     ExchangeClient,
     FailedPrecondition,
     NotFound,
@@ -631,6 +632,37 @@ async def test_revoked_client_certificate_is_refused_by_its_node_until_unrevoked
         await _eventually(admitted, "node A admitting the un-revoked client again")
         receipt = await a.send(to=[B], subject="from the un-revoked client", body="y")
         assert receipt.shams.startswith(f"{A}/O/")
+
+
+async def test_a_revoked_client_loses_the_streams_it_had_open(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # A back-end keeps its inbox and submission streams open for as long as it runs: a
+    # revocation must end them, not only refuse its next call.
+    reader, writer = (
+        client_credentials(cluster, B, "reader"),
+        client_credentials(cluster, A, "writer"),
+    )
+    chains = tmp_path / "reader.crt", tmp_path / "writer.crt"
+    for path, creds in zip(chains, (reader, writer), strict=True):
+        path.write_bytes(creds.certificate_chain)
+    async with (
+        ExchangeClient(cluster.nodes[A].address, writer) as a,
+        ExchangeClient(cluster.nodes[B].address, reader) as b,
+        a.shared_stream() as shared,
+        contextlib.aclosing(b.inbox()) as inbox,
+    ):
+        first = await shared.send(Draft(to=[B], subject="before the revocation", body="x"))
+        while (letter := await asyncio.wait_for(anext(inbox), 30)).shams != first.shams:
+            await letter.ack()  # earlier tests' letters
+        await letter.ack()
+        async with _revoked(cluster, *chains):
+            with pytest.raises(Unauthenticated) as ended:
+                await asyncio.wait_for(anext(inbox), 20)
+            assert ended.value.reason == "CERTIFICATE_REVOKED"
+            with pytest.raises(Unauthenticated) as refused:
+                await shared.send(Draft(to=[B], subject="after the revocation", body="y"))
+            assert refused.value.reason == "CERTIFICATE_REVOKED"
 
 
 async def _hub_directory_as_c(cluster: Cluster) -> pb.GetDirectoryResponse:
