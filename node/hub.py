@@ -154,6 +154,7 @@ class Hub(pb.HubServiceServicer):
         self.directory = DirectoryView(directory)
         self.identity = config.identity
         self._sources = self._source_stamps()
+        self._vanished_logged = False
         self._sessions: dict[str, _Session] = {}
         self._depth: dict[str, int] = {}
         self._full: set[str] = set()
@@ -190,15 +191,29 @@ class Hub(pb.HubServiceServicer):
         stamps = self._source_stamps()
         if stamps == self._sources:
             return 0
-        self._sources = stamps
+        if stamps[1] == -1.0 and self._sources[1] != -1.0:
+            # The revocation file was there and is gone: most likely an editor or a tool
+            # replacing it, caught mid-way; lifting every revocation on that would be the
+            # worst reading. Emptying the file lifts them.
+            if not self._vanished_logged:
+                log.error(
+                    "revocation file %s is missing; keeping the %d revoked serials in force",
+                    self.config.revocation_file,
+                    len(self.directory.message.revoked_serials),
+                )
+                self._vanished_logged = True
+            return 0
+        self._vanished_logged = False
         try:
             config = load_hub_config(self.config_path) if self.config_path else self.config
             directory = build_directory(
                 config, self.signer, self.trust.intermediates, version=self.directory.version + 1
             )
         except (ConfigError, OSError, ValueError) as exc:
+            self._sources = stamps  # logged once; read again when a file changes
             log.error("directory not reloaded, keeping version %d: %s", self.directory.version, exc)
             return 0
+        self._sources = stamps
         self.config = config
         self._trust_directory(directory)
         self.directory = DirectoryView(directory)

@@ -66,6 +66,7 @@ NODE_SETTINGS = "\n".join(
         'mailboxes = ["registry"]',
     ]
 )
+RELOAD_S = 0.2  # the hub's reload_interval_s above
 PROPAGATION_S = 10.0  # hub reload (0.2 s) + directory_update + the node's refetch, generously
 DELIVERED = {"DELIVERED", "HANDED_OVER"}
 YEAR = dt.datetime.now(dt.UTC).year
@@ -663,6 +664,27 @@ async def test_a_revoked_client_loses_the_streams_it_had_open(
             with pytest.raises(Unauthenticated) as refused:
                 await shared.send(Draft(to=[B], subject="after the revocation", body="y"))
             assert refused.value.reason == "CERTIFICATE_REVOKED"
+
+
+async def test_a_revocation_file_that_vanishes_keeps_its_revocations(cluster: Cluster) -> None:
+    # An editor saving by rename, or a deploy tool, leaves the file missing for a moment;
+    # a reload then must not lift every revocation. Emptying the file lifts them.
+    client_cert = cluster.pki.agency_dir(A) / "client.crt"
+    path = _revocation_file(cluster)
+    async with _client(cluster, A) as a, _revoked(cluster, client_cert):
+        before = await _versions(cluster)
+        path.unlink()
+        try:
+            await asyncio.sleep(3 * RELOAD_S)  # several reloads' time
+            assert await _versions(cluster) == before
+            with pytest.raises(Unauthenticated):
+                await a.agencies()
+            assert "revocation file" in cluster.hub.log_file.read_text()
+        finally:
+            _write_replacing(path, f"{_serial(client_cert)}\n")
+        # Back with the same serials: whatever the hub publishes, A's client stays refused.
+        with pytest.raises(Unauthenticated):
+            await a.agencies()
 
 
 async def _hub_directory_as_c(cluster: Cluster) -> pb.GetDirectoryResponse:
