@@ -55,6 +55,7 @@ from node.tasks import (
 __all__ = ["Hub", "build_directory"]
 
 log = logging.getLogger("chapar.hub")
+_EXPIRY_PAGE = 500  # queued letters past their expire_time read at a time
 E = pb.EvidenceEvent
 _RECEIPT_EVENTS = frozenset(
     {E.EVIDENCE_EVENT_DELIVERY, E.EVIDENCE_EVENT_DELIVERY_FAILURE, E.EVIDENCE_EVENT_HANDOVER}
@@ -315,9 +316,35 @@ class Hub(pb.HubServiceServicer):
     async def expire_due(self) -> int:
         """Issues EXPIRY evidence for queued letters past their expire_time."""
         now = dt.datetime.now(dt.UTC)
-        rows = await self.store.expired(now.timestamp(), 500)
+        items: list[tuple[str, str, str, pb.Evidence, str]] = []
+        after = (float("-inf"), 0)
+        # Pages of letters being delivered are read past, not stopped at: a recipient whose
+        # window is full of expired letters must not hold up every other queue's expiry.
+        while not items:
+            rows = await self.store.expired(now.timestamp(), _EXPIRY_PAGE, after)
+            if not rows:
+                break
+            after = rows[-1][4]
+            items = self._expiries(rows, now)
+            if len(rows) < _EXPIRY_PAGE:
+                break
+        if not items:
+            return 0
+        done = await self.store.expire(items)
+        EXPIRED.inc(len(done))
+        for recipient, sender in done:
+            self._count(recipient, -1)
+            self._wake(sender, notices=True)
+        if done:
+            log.info("expired %d queued letters", len(done))
+        return len(done)
+
+    def _expiries(
+        self, rows: Sequence[tuple[str, str, bytes, str, object]], now: dt.datetime
+    ) -> list[tuple[str, str, str, pb.Evidence, str]]:
+        """EXPIRY evidence for those of ``rows`` not being delivered right now."""
         items = []
-        for recipient, shams, digest, sender in rows:
+        for recipient, shams, digest, sender, _ in rows:
             session = self._sessions.get(recipient)
             if session is not None and shams in session.inflight:
                 continue  # being delivered right now: its receipt decides
@@ -331,26 +358,9 @@ class Hub(pb.HubServiceServicer):
                 reason="LETTER_EXPIRED",
                 detail="not delivered before its expire_time",
             )
-            evidence = self._sign(content)
-            items.append(
-                (
-                    recipient,
-                    shams,
-                    sender,
-                    evidence,
-                    pb.EvidenceContent.FromString(content).evidence_id,
-                )
-            )
-        if not items:
-            return 0
-        done = await self.store.expire(items)
-        EXPIRED.inc(len(done))
-        for recipient, sender in done:
-            self._count(recipient, -1)
-            self._wake(sender, notices=True)
-        if done:
-            log.info("expired %d queued letters", len(done))
-        return len(done)
+            evidence_id = pb.EvidenceContent.FromString(content).evidence_id
+            items.append((recipient, shams, sender, self._sign(content), evidence_id))
+        return items
 
     async def purge(self) -> int:
         """Drops envelopes of letters that left every queue more than retention_s ago."""

@@ -257,15 +257,21 @@ class HubStore(Store):
         rows = await self.db.fetchall("SELECT recipient, count(*) FROM queue GROUP BY recipient")
         return {str(r[0]): int(r[1]) for r in rows}
 
-    async def expired(self, now: float, limit: int) -> list[tuple[str, str, bytes, str]]:
-        """(recipient, shams, envelope digest, sender) of queued letters past their expire_time."""
+    async def expired(
+        self, now: float, limit: int, after: tuple[float, int] = (float("-inf"), 0)
+    ) -> list[tuple[str, str, bytes, str, tuple[float, int]]]:
+        """(recipient, shams, envelope digest, sender, place) of queued letters past their
+        expire_time, by expire_time; ``after`` a row's place, to read on past it."""
         rows = await self.db.fetchall(
-            "SELECT q.recipient, q.shams, l.envelope_sha256, l.sender FROM queue q "
-            "JOIN letters l ON l.shams = q.shams WHERE q.expire_at IS NOT NULL AND q.expire_at <= ? "
-            "ORDER BY q.expire_at LIMIT ?",
-            (now, limit),
+            "SELECT q.recipient, q.shams, l.envelope_sha256, l.sender, q.expire_at, q.id"
+            " FROM queue q JOIN letters l ON l.shams = q.shams"
+            " WHERE q.expire_at IS NOT NULL AND q.expire_at <= ? AND (q.expire_at, q.id) > (?, ?)"
+            " ORDER BY q.expire_at, q.id LIMIT ?",
+            (now, after[0], after[1], limit),
         )
-        return [(str(r[0]), str(r[1]), bytes(r[2]), str(r[3])) for r in rows]
+        return [
+            (str(r[0]), str(r[1]), bytes(r[2]), str(r[3]), (float(r[4]), int(r[5]))) for r in rows
+        ]
 
     async def expire(
         self, items: Sequence[tuple[str, str, str, pb.Evidence, str]]
