@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from client_sdk import pb
+from client_sdk.identity import Identity
 from node import metrics as m
 from node.core.evidence import evidence_content
 from node.monitor import NodeMonitor, certificate_expiry, store_bytes
@@ -82,7 +83,9 @@ def _monitor(store: NodeStore, db: Path) -> NodeMonitor:
         signing=types.SimpleNamespace(cert=db.parent / "none.crt"),
         metrics_interval_s=1.0,
     )
-    agency = types.SimpleNamespace(config=config, store=store, hub_connected=True)
+    agency = types.SimpleNamespace(
+        config=config, store=store, hub_connected=True, identity=Identity.for_agency(ME)
+    )
     return NodeMonitor(agency)  # type: ignore[arg-type]
 
 
