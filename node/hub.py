@@ -216,6 +216,8 @@ class Hub(pb.HubServiceServicer):
             return 0
         self._sources = stamps
         self.config = config
+        for recipient in list(self._depth):  # against the quota as reloaded
+            self._update_full(recipient)
         self._trust_directory(directory)
         self.directory = DirectoryView(directory)
         log.info(

@@ -374,7 +374,8 @@ async def test_full_recipient_queue_refuses_new_letters_with_retry_info_and_drop
 ) -> None:
     quota = 20
     async with started(
-        tmp_path, hub_settings=f"queue_quota = {quota}\nquota_retry_after_s = 7"
+        tmp_path,
+        hub_settings=f"queue_quota = {quota}\nquota_retry_after_s = 7\nreload_interval_s = 0.2",
     ) as cluster:
         await asyncio.to_thread(cluster.nodes[B].terminate)
         accepted: list[Receipt] = []
@@ -402,6 +403,21 @@ async def test_full_recipient_queue_refuses_new_letters_with_retry_info_and_drop
             assert len(accepted) >= quota
             outbox = count(cluster, f"node-{A}", "SELECT count(*) FROM outbox")
             assert outbox == len(accepted)  # the refused letter left no row
+
+            # A quota raised in the hub's configuration frees the queue at the next reload,
+            # with the recipient still away (the queue's depth does not change for it).
+            config = cluster.root / "hub" / "hub.toml"
+            text = config.read_text()
+            assert f"queue_quota = {quota}\n" in text
+            config.write_text(text.replace(f"queue_quota = {quota}\n", "queue_quota = 1000\n"))
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    accepted.append(await a.send(to=[B], subject="quota raised", body="x"))
+                    break
+                except ResourceExhausted:
+                    assert time.monotonic() < deadline, "the raised quota was never applied"
+                    await asyncio.sleep(0.2)
 
             cluster.nodes[B].start()
             await cluster.nodes[B].wait_ready()
