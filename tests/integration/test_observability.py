@@ -735,3 +735,59 @@ async def test_letters_are_counted_once_however_often_their_calls_are_retried(
     finally:
         codes = cluster.stop()
         assert set(codes.values()) == {0}, codes
+
+
+def test_the_error_rate_alert_fires_for_one_stage_that_fails_among_busy_ones(
+    tmp_path: Path,
+) -> None:
+    # A node refusing 10 % of its submissions while it also receives letters: the refused
+    # share of all its letters is under 5 %, of its submissions it is not.
+    promtool, _ = _prometheus_tools()
+    node = '{job="chapar-node", instance="n1", stage="%s", outcome="%s"}'
+    series = {
+        node % ("submit", "accepted"): "0+540x30",
+        node % ("submit", "rejected"): "0+60x30",
+        node % ("delivery", "delivered"): "0+600x30",
+        node % ("handover", "handed_over"): "0+600x30",
+    }
+    test = {
+        "rule_files": [str(p) for p in RULES],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f"chapar_letters_total{labels}", "values": values}
+                    for labels, values in series.items()
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "20m",
+                        "alertname": "ChaparHighErrorRate",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "job": "chapar-node",
+                                    "instance": "n1",
+                                    "stage": "submit",
+                                },
+                                "exp_annotations": {
+                                    "summary": "More than 5% of the letters at the submit stage"
+                                    " of n1 are rejected or fail",
+                                    "description": "chapar_rejections_total by reason says why."
+                                    " At the hub, accepted letters count once per recipient.",
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "error_rate_test.yml"
+    path.write_text(json.dumps(test))  # JSON is YAML
+    result = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
