@@ -384,6 +384,10 @@ async def serve_node(config: NodeConfig) -> None:
         raise ConfigError(f"documents.directory: cannot use {config.documents_dir}: {exc}") from exc
     agency.document_store = document_store
     documents = Documents(agency, document_store)
+    # Trust stores only add: a signing certificate a directory listed once still verifies
+    # after a restart, as it does without one, so that letters and evidence its key signed
+    # before it left the directory (a key rotated while they waited) are not refused.
+    trust.add_certificates(await store.known_certificates())
     cached = await store.load_directory()
     if cached is not None:
         await agency.set_directory(cached, persist=False)

@@ -713,6 +713,10 @@ class NodeStore(Store):
 
         await self.db.write(job)
 
+    async def known_certificates(self) -> list[bytes]:
+        """Every signing certificate (DER) a directory has listed here, oldest first."""
+        return [bytes(r[0]) for r in await self.db.fetchall("SELECT der FROM certificates")]
+
     async def record_upload(self, digest: bytes, client: str) -> None:
         """Remembers that back-end client ``client`` uploaded document ``digest``."""
 

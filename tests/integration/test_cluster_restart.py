@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from client_sdk import Draft, ExchangeClient, Unavailable
+import grpc
+from cryptography.hazmat.primitives import serialization
+
+from certs.pki import generate_key, issue_certificate, load_certs, load_key
+from client_sdk import Draft, ExchangeClient, Unavailable, pb
+from client_sdk.identity import Identity
 from node.cluster import Cluster, ServerProcess
+from tests.conftest import db_count
 
 A = "SENDER.A"
 B = "RECIPIENT.B"
@@ -99,3 +108,92 @@ async def _stopped_at_once_then(node: ServerProcess, again: Callable[[], Awaitab
         except Unavailable:
             await asyncio.sleep(0.5)
     raise AssertionError("the restarted node was not reached")
+
+
+async def test_a_restarted_node_still_verifies_a_key_rotated_out_while_its_letters_waited(
+    tmp_path: Path,
+) -> None:
+    # A's signing key is rotated out of the directory (the hub lists another certificate)
+    # while a letter it signed waits at the hub for B, which is down. Without a restart a
+    # node keeps every signing certificate it has seen; after one it must too, or B refuses
+    # the letter (DELIVERY_FAILURE, SIGNER_UNKNOWN) and it is lost to B.
+    cluster = await Cluster.start(tmp_path, [A, B], hub_settings="reload_interval_s = 0.2")
+    try:
+        recipient = cluster.nodes[B]
+        assert await asyncio.to_thread(recipient.terminate, 30) == 0
+        async with ExchangeClient(cluster.nodes[A].address, cluster.credentials(A)) as a:
+            receipt = await a.send(to=[B], subject="signed with the old key", body="x")
+            hub_db = cluster.root / "hub" / "hub.db"
+
+            async def queued() -> bool:
+                return db_count(hub_db, "SELECT count(*) FROM queue") == 1
+
+            await _until(queued)
+            config = cluster.root / "hub" / "hub.toml"
+            old = json.dumps(str(cluster.pki.agency_dir(A) / "signing.crt"))
+            assert old in config.read_text()
+            new = json.dumps(str(_new_signing_certificate(cluster, tmp_path)))
+            config.write_text(config.read_text().replace(old, new))
+            old_der = load_certs(cluster.pki.agency_dir(A) / "signing.crt")[0].public_bytes(
+                serialization.Encoding.DER
+            )
+
+            async def rotated() -> bool:
+                (entry,) = [e for e in await a.agencies() if e.code == A]
+                return old_der not in entry.signing_certificates
+
+            await _until(rotated)
+        # B fetched that directory before its last stop (it was up, its backlog still
+        # queued): it starts with the new directory cached, which lists A's new key only.
+        async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, B)) as channel:
+            answer = await pb.HubServiceStub(channel).GetDirectory(
+                pb.GetDirectoryRequest(), timeout=10
+            )
+        assert old_der not in {c for e in answer.directory.agencies for c in e.signing_certificates}
+        with contextlib.closing(sqlite3.connect(cluster.root / f"node-{B}" / "node.db")) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('directory', ?)",
+                (answer.directory.SerializeToString(),),
+            )
+            db.commit()
+        recipient.start()
+        await recipient.wait_ready()
+        async with (
+            ExchangeClient(recipient.address, cluster.credentials(B)) as b,
+            contextlib.aclosing(b.inbox()) as inbox,
+        ):
+            letter = await asyncio.wait_for(anext(inbox), 30)
+        assert letter.shams == receipt.shams
+    finally:
+        cluster.stop()
+
+
+async def _until(probe: Callable[[], Awaitable[bool]], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not await probe():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+def _new_signing_certificate(cluster: Cluster, where: Path) -> Path:
+    """Another signing certificate for A, issued by the exchange's intermediate CA."""
+    cert = issue_certificate(
+        issuer_cert=load_certs(cluster.pki.intermediate_cert)[0],
+        issuer_key=load_key(cluster.pki.intermediate_key),
+        subject_key=generate_key("ed25519"),
+        identity_uri=Identity.for_agency(A).uri,
+        kind="signing",
+    )
+    path = where / "new-signing.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
+    """The node's own TLS credentials, to talk to the hub as that node."""
+    d = cluster.pki.agency_dir(code)
+    return grpc.ssl_channel_credentials(
+        root_certificates=cluster.pki.root_cert.read_bytes(),
+        private_key=(d / "tls.key").read_bytes(),
+        certificate_chain=(d / "tls.crt").read_bytes(),
+    )
