@@ -31,7 +31,7 @@ from node.config import NodeConfig
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code, letter_not_found
 from node.core.evidence import evidence_content, evidence_message
-from node.core.letters import build_header, validate_draft
+from node.core.letters import build_header, normalise_text, validate_draft
 from node.core.splice import Field
 from node.document_store import DocumentStore
 from node.metrics import SUBMIT_REJECTED
@@ -648,21 +648,28 @@ class Agency(pb.NodeServiceServicer):
     ) -> None:
         try:
             stream = self._open_stream(context)
-            if request.mailbox:
-                stream.access.require([request.mailbox], f"the mailbox {request.mailbox!r}")
+            # Checked and normalised as a draft's mailboxes are, which is how letters
+            # store them: a decomposed spelling names the same mailbox.
+            mailbox = normalise_text(
+                request.mailbox,
+                "mailbox",
+                max_chars=self.config.limits.max_mailbox_chars,
+                required=False,
+            )
+            if mailbox:
+                stream.access.require([mailbox], f"the mailbox {mailbox!r}")
         except ChaparError as exc:
             await abort(context, exc)
             return
         with self._registered(stream):
-            await self._send_inbox(request, context, stream)
+            await self._send_inbox(mailbox, context, stream)
         if stream.refused is not None:
             await abort(context, stream.refused)
 
     async def _send_inbox(
-        self, request: pb.StreamInboxRequest, context: grpc.aio.ServicerContext, stream: _OpenStream
+        self, mailbox: str, context: grpc.aio.ServicerContext, stream: _OpenStream
     ) -> None:
         access = stream.access
-        mailbox = request.mailbox
         cursor = 0
         more = True  # a new stream reads at once
         signal = self._inbox_signal

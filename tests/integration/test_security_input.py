@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import json
 import os
 import sqlite3
 import unicodedata
@@ -39,7 +40,7 @@ from client_sdk.errors import InvalidArgument, ResourceExhausted
 from client_sdk.shams import format_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, sha256
 from node.cluster import Cluster, ServerProcess
-from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, db_count
+from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, client_credentials, db_count
 
 pytestmark = pytest.mark.integration
 
@@ -238,11 +239,14 @@ def _ts(seconds: int, nanos: int = 0) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
 
 
-async def _delivered(receiver: ExchangeClient, shams: str, timeout: float = 30.0) -> object:
-    """The letter ``shams`` from the receiver's inbox (acknowledged, to keep the inbox short)."""
+async def _delivered(
+    receiver: ExchangeClient, shams: str, timeout: float = 30.0, mailbox: str | None = None
+) -> object:
+    """The letter ``shams`` from the receiver's inbox (acknowledged, to keep the inbox short),
+    read from the stream of ``mailbox`` when one is given."""
 
     async def find() -> object:
-        async with contextlib.aclosing(receiver.inbox()) as letters:
+        async with contextlib.aclosing(receiver.inbox(mailbox)) as letters:
             async for letter in letters:
                 if letter.shams == shams:
                     await letter.ack()
@@ -605,6 +609,55 @@ async def test_decomposed_vietnamese_is_accepted_and_arrives_nfc(cluster: Cluste
     assert letter.subject == unicodedata.normalize("NFC", VIET_NFD)  # type: ignore[attr-defined]
     (recipient,) = letter.header.recipients  # type: ignore[attr-defined]
     assert recipient.mailbox == unicodedata.normalize("NFC", mailbox)
+
+
+# A mailbox the back-end spells decomposed (NFD), as some input methods and platforms do.
+MAILBOX_VIET = "Ph\u00f2ng v\u0103n th\u01b0"
+MAILBOX_VIET_NFD = unicodedata.normalize("NFD", MAILBOX_VIET)
+
+
+async def test_inbox_of_a_decomposed_mailbox_is_normalised_and_delivers(cluster: Cluster) -> None:
+    """StreamInbox's mailbox is NFC-normalised like a draft's: letters to "Phòng văn thư"
+    are read by a back-end that spells it decomposed (the stream used to deliver nothing)."""
+    assert MAILBOX_VIET_NFD != MAILBOX_VIET
+    mailbox = f"{MAILBOX_VIET} {uuid.uuid4().hex[:8]}"  # this test's letter only
+    async with (
+        ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
+        ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+    ):
+        receipt = await a.send(to=[(AGENCY_B, mailbox)], subject="NFC inbox", body="x")
+        letter = await _delivered(
+            b, receipt.shams, timeout=20, mailbox=unicodedata.normalize("NFD", mailbox)
+        )
+    (recipient,) = letter.header.recipients  # type: ignore[attr-defined]
+    assert recipient.mailbox == mailbox
+
+
+@pytest.mark.parametrize(
+    ("mailbox", "reason"),
+    [
+        ("reg\x00istry", "INVALID_TEXT"),
+        ("\x1b[2J", "INVALID_TEXT"),
+        ("next\u0085line", "INVALID_TEXT"),
+        ("m" * 129, "TEXT_TOO_LONG"),
+    ],
+    ids=["nul", "escape", "nel", "129-chars"],
+)
+async def test_inbox_mailbox_that_no_draft_may_name_is_refused(
+    cluster: Cluster, mailbox: str, reason: str
+) -> None:
+    """The mailbox of StreamInbox is checked as a draft's mailboxes are (a stream for a
+    mailbox no letter can have used to be opened and stay silent)."""
+
+    async def read() -> None:
+        async with (
+            ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+            contextlib.aclosing(b.inbox(mailbox)) as letters,
+        ):
+            await asyncio.wait_for(anext(letters), 5)  # a refusal comes at once
+
+    refusal = await _assert_refused_on_node(cluster, AGENCY_B, read, INVALID, reason)
+    assert refusal.details.startswith("mailbox "), refusal
 
 
 async def test_node_keeps_serving_after_bad_input(cluster: Cluster) -> None:
@@ -1190,7 +1243,8 @@ async def test_hub_keeps_serving_after_bad_frames(cluster: Cluster) -> None:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Hub max_frame_bytes and node A's [limits] max_message_bytes both 64 KiB."""
+    """Hub max_frame_bytes and node A's [limits] max_message_bytes both 64 KiB; each node's
+    back-end client "phong" is limited to the mailbox MAILBOX_VIET."""
     root = tmp_path_factory.mktemp("small-limits")
     started = asyncio.run(
         Cluster.start(
@@ -1198,6 +1252,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             [AGENCY_A, AGENCY_B, AGENCY_C],
             without_node=[AGENCY_C],
             hub_settings=f"max_frame_bytes = {SMALL}",
+            node_settings=f'[[clients]]\nname = "phong"\nmailboxes = [{json.dumps(MAILBOX_VIET)}]',
         )
     )
     try:
@@ -1250,6 +1305,24 @@ async def test_connect_frame_over_hub_limit_is_message_too_large(small: Cluster)
     raw = frame.SerializeToString()
     refusal = await _hub_refuses_frame(small, raw, EXHAUSTED, "MESSAGE_TOO_LARGE")
     assert refusal.metadata == {"limit": str(SMALL), "size": str(len(raw))}
+
+
+async def test_client_limited_to_a_mailbox_reads_its_inbox_by_the_decomposed_name(
+    small: Cluster,
+) -> None:
+    """A client limited to "Phòng văn thư" that asks for the inbox of that mailbox spelt
+    decomposed gets its letters (it used to be refused: PERMISSION_DENIED /
+    MAILBOX_NOT_ALLOWED, the name compared before NFC)."""
+    async with (
+        ExchangeClient(small.nodes[AGENCY_A].address, small.credentials(AGENCY_A)) as a,
+        ExchangeClient(
+            small.nodes[AGENCY_B].address, client_credentials(small, AGENCY_B, "phong")
+        ) as phong,
+    ):
+        receipt = await a.send(to=[(AGENCY_B, MAILBOX_VIET_NFD)], subject="NFC inbox", body="x")
+        letter = await _delivered(phong, receipt.shams, timeout=20, mailbox=MAILBOX_VIET_NFD)
+    (recipient,) = letter.header.recipients  # type: ignore[attr-defined]
+    assert recipient.mailbox == MAILBOX_VIET
 
 
 async def test_small_cluster_keeps_serving(small: Cluster) -> None:

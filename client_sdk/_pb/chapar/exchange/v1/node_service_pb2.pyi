@@ -540,7 +540,10 @@ class StreamInboxRequest(_message.Message):
 
     MAILBOX_FIELD_NUMBER: _builtins.int
     mailbox: _builtins.str
-    """Only letters addressed to this mailbox; empty means every letter of the agency."""
+    """Only letters addressed to this mailbox; empty means every letter of the agency.
+    Normalised to NFC and checked as a draft's mailboxes are: no control characters
+    (INVALID_TEXT), at most limits.max_mailbox_chars characters (TEXT_TOO_LONG).
+    """
     def __init__(
         self,
         *,
