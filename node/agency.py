@@ -52,7 +52,9 @@ _INBOX_ENVELOPE = Field(pb.InboxLetter, "envelope")
 _INBOX_DELIVERY = Field(pb.InboxLetter, "delivery")
 _MAX_BATCH = 1024
 _MAX_ACK_BATCH = 1000
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # not in a request_id (the store's scope mark)
+# Not in a request_id (the store's scope mark): C0, DEL and C1, every Unicode control
+# character (category Cc), as in a letter's text.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 F = TypeVar("F")
 R = TypeVar("R")
 # Letters numbered and signed together at most (several calls' worth; trees of 256).

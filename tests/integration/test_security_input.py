@@ -405,6 +405,15 @@ _CASES = [
         INVALID,
         "INVALID_REQUEST_ID",
     ),
+    *(
+        Case(
+            f"request-id-c1-control-{name}",
+            lambda text=text: _request(request_id=f"order{text}1").SerializeToString(),
+            INVALID,
+            "INVALID_REQUEST_ID",
+        )
+        for name, text in [("nel", "\u0085"), ("csi", "\u009b"), ("pad", "\u0080")]
+    ),
     Case(
         "in-reply-to-invalid",
         _serialized(
