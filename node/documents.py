@@ -43,6 +43,7 @@ log = logging.getLogger("chapar.documents")
 _RESUME_WAIT_S = 15.0
 _RESUME_PAUSE_S = 0.2
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
+_DIGEST_BYTES = hashlib.sha256().digest_size
 
 
 class Documents(pb.DocumentServiceServicer):
@@ -73,6 +74,16 @@ class Documents(pb.DocumentServiceServicer):
             check_media_type(header.media_type, self.store.limits, "header.media_type")
             if header.size < 0:
                 raise ChaparError(Code.INVALID_ARGUMENT, "INVALID_SIZE", "header.size is negative")
+            if header.sha256 and len(header.sha256) != _DIGEST_BYTES:
+                # Refused with the header, not after the content it could never match.
+                raise ChaparError(
+                    Code.INVALID_ARGUMENT,
+                    "INVALID_DIGEST",
+                    f"header.sha256 is {len(header.sha256)} bytes, not {_DIGEST_BYTES}"
+                    " (a SHA-256 digest, raw; empty when unknown)",
+                    metadata={"size": str(len(header.sha256))},
+                    field_violations=[("header.sha256", "not a 32-byte SHA-256 digest")],
+                )
             writer = self.store.writer(expected_size=header.size, expected_sha256=header.sha256)
             try:
                 await context.write(pb.UploadDocumentResponse())  # header accepted: send on

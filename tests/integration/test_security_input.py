@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import hashlib
 import json
 import os
 import sqlite3
@@ -102,6 +103,7 @@ class Refusal:
     domain: str
     metadata: dict[str, str]
     details: str
+    fields: tuple[str, ...] = ()  # of its google.rpc.BadRequest field violations
 
 
 def _refusal(err: grpc.aio.AioRpcError) -> Refusal:
@@ -110,12 +112,23 @@ def _refusal(err: grpc.aio.AioRpcError) -> Refusal:
         if key == "grpc-status-details-bin":
             status = status_pb2.Status.FromString(value)
             assert status.code == err.code().value[0], (status.code, err.code())
+            fields: tuple[str, ...] = ()
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    fields = tuple(v.field for v in bad.field_violations)
             for detail in status.details:
                 if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                     info = error_details_pb2.ErrorInfo()
                     detail.Unpack(info)
                     return Refusal(
-                        err.code(), info.reason, info.domain, dict(info.metadata), err.details()
+                        err.code(),
+                        info.reason,
+                        info.domain,
+                        dict(info.metadata),
+                        err.details(),
+                        fields,
                     )
     return Refusal(err.code(), "", "", {}, err.details() or "")
 
@@ -672,6 +685,57 @@ async def test_inbox_mailbox_that_no_draft_may_name_is_refused(
 async def test_node_keeps_serving_after_bad_input(cluster: Cluster) -> None:
     assert cluster.nodes[AGENCY_A].running
     await _still_serving(cluster, "bad submissions")
+
+
+# -- DocumentService uploads -----------------------------------------------------------------
+
+
+def _temp_files(cluster: Cluster, code: str) -> list[Path]:
+    return list((cluster.root / f"node-{code}" / "documents" / "tmp").iterdir())
+
+
+async def _upload(
+    cluster: Cluster, code: str, messages: list[pb.UploadDocumentRequest], *, answers: int
+) -> None:
+    """Sends ``messages`` on an upload and reads ``answers`` answers after the first (the
+    header's); anything the node refuses raises AioRpcError. Half-closes after the last."""
+    async with _client_channel(cluster, code) as channel:
+        call = pb.DocumentServiceStub(channel).UploadDocument()
+        try:
+            await call.write(messages[0])
+            first = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+            assert first is not grpc.aio.EOF
+            assert not first.HasField("document"), first
+            for message in messages[1:]:
+                await call.write(message)
+            await call.done_writing()
+            for _ in range(answers):
+                await asyncio.wait_for(call.read(), READ_TIMEOUT)
+        finally:
+            call.cancel()
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [b"\xab" * 31, b"\xab" * 33, hashlib.sha256(b"x").hexdigest().encode()],
+    ids=["31-bytes", "33-bytes", "hex-text"],
+)
+async def test_upload_header_with_a_digest_not_32_bytes_is_refused_before_content(
+    cluster: Cluster, digest: bytes
+) -> None:
+    """An announced SHA-256 that cannot be one is refused in the header's answer, not after
+    the whole file was streamed (DATA_LOSS / DIGEST_MISMATCH, as it used to be)."""
+    header = pb.UploadHeader(media_type="text/plain", size=1, sha256=digest)
+    refusal = await _assert_refused_on_node(
+        cluster,
+        AGENCY_A,
+        lambda: _upload(cluster, AGENCY_A, [pb.UploadDocumentRequest(header=header)], answers=0),
+        INVALID,
+        "INVALID_DIGEST",
+    )
+    assert refusal.fields == ("header.sha256",), refusal
+    assert refusal.metadata == {"size": str(len(digest))}, refusal
+    assert not _temp_files(cluster, AGENCY_A)
 
 
 # -- 2. HubService.Connect frames ----------------------------------------------------------

@@ -62,7 +62,10 @@ class UploadHeader(_message.Message):
     once; the upload fails if the content does not have this size.
     """
     sha256: _builtins.bytes
-    """Expected SHA-256, if known (empty: unknown); the upload fails if the content differs."""
+    """Expected SHA-256, if known (empty: unknown); the upload fails if the content differs.
+    The 32 raw bytes of the digest: any other length is refused with the header
+    (INVALID_ARGUMENT, INVALID_DIGEST).
+    """
     def __init__(
         self,
         *,
