@@ -26,6 +26,8 @@ from node.core.errors import ChaparError, Code
 
 __all__ = ["CHUNK_BYTES", "DocumentStore", "DocumentWriter"]
 
+_DIGEST_BYTES = hashlib.sha256().digest_size
+
 
 class DocumentStore:
     def __init__(self, root: Path, limits: DocumentLimits) -> None:
@@ -44,7 +46,10 @@ class DocumentStore:
         return self.root / "sha256" / hexdigest[:2] / hexdigest
 
     def size(self, digest: bytes) -> int | None:
-        """The size of a stored document, or None when it is not here."""
+        """The size of a stored document, or None when it is not here (or ``digest`` is
+        not 32 bytes: an empty one's path would be the sha256/ directory itself)."""
+        if len(digest) != _DIGEST_BYTES:
+            return None
         try:
             return self.path(digest).stat().st_size
         except FileNotFoundError:

@@ -270,3 +270,52 @@ async def test_a_fetch_that_ends_without_error_but_short_resumes_from_the_bytes_
     assert await documents._fetch(uri, digest, fetch) == len(content)
     assert offsets == [0, 40]
     assert store.path(digest).read_bytes() == content
+
+
+@pytest.mark.parametrize("digest", [b"", b"\xab" * 31], ids=["empty", "31-bytes"])
+def test_a_digest_that_is_not_32_bytes_names_no_stored_document(
+    tmp_path: Path, digest: bytes
+) -> None:
+    """An empty digest's path is the store's sha256/ directory itself: its size was taken
+    for a document's, and a push of it then failed reading a directory."""
+    store = _store(tmp_path)
+    assert store.size(digest) is None
+
+
+@pytest.mark.parametrize("digest", [b"", b"\xab" * 31], ids=["empty", "31-bytes"])
+async def test_a_push_asked_for_a_digest_that_is_not_32_bytes_says_not_found(
+    tmp_path: Path, digest: bytes
+) -> None:
+    """The hub's document_request names the document by its digest; one that cannot be a
+    SHA-256 is answered DOCUMENT_NOT_FOUND, as any document the node does not hold."""
+    import asyncio
+    from collections.abc import Generator
+
+    from client_sdk import pb
+    from node.documents import push
+
+    store = _store(tmp_path)
+    writer = store.writer()
+    writer.write(b"held")
+    await writer.commit()
+    writer.discard()
+    sent: list[pb.PushDocumentRequest] = []
+
+    class _Call:
+        async def write(self, message: pb.PushDocumentRequest) -> None:
+            sent.append(message)
+
+        async def done_writing(self) -> None:
+            pass
+
+        def __await__(self) -> Generator[None, None, pb.PushDocumentResponse]:
+            return asyncio.sleep(0, pb.PushDocumentResponse()).__await__()
+
+    class _Stub:
+        def PushDocument(self) -> _Call:
+            return _Call()
+
+    request = pb.DocumentRequest(request_id="r1", sha256=digest)
+    await push(_Stub(), store, request)  # type: ignore[arg-type]
+    assert [m.WhichOneof("part") for m in sent] == ["header"]
+    assert sent[0].header.error_reason == "DOCUMENT_NOT_FOUND"
