@@ -88,11 +88,21 @@ class Documents(pb.DocumentServiceServicer):
             try:
                 await context.write(pb.UploadDocumentResponse())  # header accepted: send on
                 async for message in request_iterator:
-                    if message.WhichOneof("part") != "chunk":
+                    part = message.WhichOneof("part")
+                    if part == "header":
                         raise ChaparError(
                             Code.INVALID_ARGUMENT,
                             "UNEXPECTED_HEADER",
                             "only the first message of an upload is a header",
+                            field_violations=[("header", "after the first message")],
+                        )
+                    if part is None:
+                        raise ChaparError(
+                            Code.INVALID_ARGUMENT,
+                            "UPLOAD_PART_MISSING",
+                            "a message of an upload after its header must be a chunk;"
+                            " this one has no part set",
+                            field_violations=[("chunk", "missing")],
                         )
                     writer.write(message.chunk)
                 digest, size, existed = await writer.commit()

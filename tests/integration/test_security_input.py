@@ -706,9 +706,11 @@ async def _upload(
             first = await asyncio.wait_for(call.read(), READ_TIMEOUT)
             assert first is not grpc.aio.EOF
             assert not first.HasField("document"), first
-            for message in messages[1:]:
-                await call.write(message)
-            await call.done_writing()
+            # A refusal may end the call before all is written: its status is then read.
+            with contextlib.suppress(asyncio.InvalidStateError):
+                for message in messages[1:]:
+                    await call.write(message)
+                await call.done_writing()
             for _ in range(answers):
                 await asyncio.wait_for(call.read(), READ_TIMEOUT)
         finally:
@@ -735,6 +737,35 @@ async def test_upload_header_with_a_digest_not_32_bytes_is_refused_before_conten
     )
     assert refusal.fields == ("header.sha256",), refusal
     assert refusal.metadata == {"size": str(len(digest))}, refusal
+    assert not _temp_files(cluster, AGENCY_A)
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (pb.UploadDocumentRequest(), "UPLOAD_PART_MISSING"),
+        (
+            pb.UploadDocumentRequest(header=pb.UploadHeader(media_type="text/plain")),
+            "UNEXPECTED_HEADER",
+        ),
+    ],
+    ids=["no-part", "second-header"],
+)
+async def test_upload_message_after_the_header_that_is_not_a_chunk_is_refused(
+    cluster: Cluster, extra: pb.UploadDocumentRequest, reason: str
+) -> None:
+    """Each gets its own reason: a message with no part set used to be called a header."""
+    header = pb.UploadDocumentRequest(header=pb.UploadHeader(media_type="text/plain", size=2))
+    messages = [header, pb.UploadDocumentRequest(chunk=b"a"), extra]
+    await _assert_refused_on_node(
+        cluster,
+        AGENCY_A,
+        lambda: _upload(
+            cluster, AGENCY_A, [*messages, pb.UploadDocumentRequest(chunk=b"b")], answers=1
+        ),
+        INVALID,
+        reason,
+    )
     assert not _temp_files(cluster, AGENCY_A)
 
 

@@ -83,7 +83,10 @@ Global___UploadHeader: _TypeAlias = UploadHeader  # noqa: Y015
 
 @_typing.final
 class UploadDocumentRequest(_message.Message):
-    """UploadDocumentRequest is one message of an upload stream."""
+    """UploadDocumentRequest is one message of an upload stream. Any other order ends the
+    call with INVALID_ARGUMENT: UPLOAD_HEADER_MISSING (the first message is not a header),
+    UNEXPECTED_HEADER (a later one is), UPLOAD_PART_MISSING (a later one has no part set).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
