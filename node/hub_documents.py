@@ -183,6 +183,22 @@ class DocumentRelay:
                 )
             await self._put(transfer, first.header)
             async for message in request_iterator:
+                part = message.WhichOneof("part")
+                if part == "header":
+                    raise ChaparError(
+                        Code.INVALID_ARGUMENT,
+                        "UNEXPECTED_HEADER",
+                        "only the first message of a push is a header",
+                        field_violations=[("header", "after the first message")],
+                    )
+                if part is None:
+                    raise ChaparError(
+                        Code.INVALID_ARGUMENT,
+                        "PUSH_PART_MISSING",
+                        "a message of a push after its header must be a chunk;"
+                        " this one has no part set",
+                        field_violations=[("chunk", "missing")],
+                    )
                 await self._put(transfer, message.chunk)
                 relayed += len(message.chunk)
             if not first.header.error_reason and transfer.offset + relayed != first.header.size:

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from client_sdk import pb
 from node.hub_documents import DocumentRelay
@@ -29,12 +30,24 @@ class _Context:
         self.agency = agency
         self.written: list[Any] = []
         self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.reason = ""  # of the abort's ErrorInfo
 
     async def write(self, message: Any) -> None:
         self.written.append(message)
 
-    async def abort(self, code: grpc.StatusCode, details: str, **_: Any) -> None:
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, bytes], ...] = (),
+    ) -> None:
         self.aborted = (code, details)
+        for key, value in trailing_metadata:
+            if key == "grpc-status-details-bin":
+                for detail in status_pb2.Status.FromString(value).details:
+                    info = error_details_pb2.ErrorInfo()
+                    if detail.Unpack(info):
+                        self.reason = info.reason
         raise grpc.aio.AbortError()
 
 
@@ -53,9 +66,11 @@ class _Hub:
         return context.agency, 1
 
 
-async def _relay(offset: int, size: int, pushed: list[bytes]) -> tuple[_Context, _Context]:
-    """Runs a fetch from ``offset`` and the owner's push of ``pushed`` chunks; returns the
-    fetch's and the push's contexts once both ended."""
+async def _relay(
+    offset: int, size: int, pushed: list[bytes | pb.PushDocumentRequest]
+) -> tuple[_Context, _Context]:
+    """Runs a fetch from ``offset`` and the owner's push of ``pushed`` chunks (or messages
+    as they are); returns the fetch's and the push's contexts once both ended."""
     relay = DocumentRelay(_Hub())  # type: ignore[arg-type]
     hub: _Hub = relay.hub  # type: ignore[assignment]
     fetching, pushing = _Context(FETCHER), _Context(OWNER)
@@ -66,8 +81,8 @@ async def _relay(offset: int, size: int, pushed: list[bytes]) -> tuple[_Context,
 
     async def push() -> AsyncIterator[pb.PushDocumentRequest]:
         yield pb.PushDocumentRequest(header=pb.PushHeader(request_id=request.request_id, size=size))
-        for chunk in pushed:
-            yield pb.PushDocumentRequest(chunk=chunk)
+        for item in pushed:
+            yield pb.PushDocumentRequest(chunk=item) if isinstance(item, bytes) else item
 
     with contextlib.suppress(grpc.aio.AbortError):
         await relay.push(push(), pushing)  # type: ignore[arg-type]
@@ -95,3 +110,27 @@ async def test_a_whole_push_from_the_asked_offset_ends_the_fetch_ok(
     assert pushing.aborted is None
     assert fetching.written[0].size == 100
     assert b"".join(m.chunk for m in fetching.written[1:]) == b"".join(pushed)
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (pb.PushDocumentRequest(header=pb.PushHeader(size=100)), "UNEXPECTED_HEADER"),
+        (pb.PushDocumentRequest(), "PUSH_PART_MISSING"),
+    ],
+    ids=["second-header", "no-part"],
+)
+async def test_a_push_message_after_the_header_that_is_not_a_chunk_is_refused(
+    extra: pb.PushDocumentRequest, reason: str
+) -> None:
+    """Once passed over as an empty chunk: the push is refused with its own reason, and the
+    fetch is not ended OK on what such an owner sends (it breaks off, to be resumed)."""
+    fetching, pushing = await _relay(0, 100, [b"x" * 60, extra, b"y" * 40])
+    assert pushing.aborted is not None
+    assert (pushing.aborted[0], pushing.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
+    assert fetching.aborted is not None
+    assert (fetching.aborted[0], fetching.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "PUSH_INTERRUPTED",
+    )
+    assert b"".join(m.chunk for m in fetching.written[1:]) == b"x" * 60

@@ -469,7 +469,11 @@ Global___PushHeader: _TypeAlias = PushHeader  # noqa: Y015
 
 @_typing.final
 class PushDocumentRequest(_message.Message):
-    """PushDocumentRequest is one message of a push stream."""
+    """PushDocumentRequest is one message of a push stream: the header, then chunks. Any other
+    order ends the push with INVALID_ARGUMENT: PUSH_HEADER_MISSING (the first message is not
+    a header), UNEXPECTED_HEADER (a later one is), PUSH_PART_MISSING (a later one has no part
+    set); the fetch it answers breaks off, to be resumed.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
