@@ -580,6 +580,33 @@ async def test_malformed_batch_and_stream_frame_are_malformed_message(cluster: C
     await _assert_refused_on_node(cluster, AGENCY_A, stream_garbage, INVALID, "MALFORMED_MESSAGE")
 
 
+async def test_batch_or_stream_frame_over_1024_letters_is_refused_whole(cluster: Cluster) -> None:
+    """The limit the proto states: BATCH_TOO_LARGE, nothing of the batch stored."""
+    requests = [_request(subject=f"letter {i}") for i in range(1025)]
+    batch = pb.BatchSubmitEnvelopesRequest(requests=requests).SerializeToString()
+    refusal = await _assert_refused_on_node(
+        cluster,
+        AGENCY_A,
+        lambda: _raw_unary(cluster, AGENCY_A, BATCH, batch),
+        EXHAUSTED,
+        "BATCH_TOO_LARGE",
+    )
+    assert refusal.metadata == {"limit": "1024"}
+
+    async def stream_too_many() -> None:
+        frame = pb.StreamSubmitEnvelopesRequest(requests=requests)
+        async with _client_channel(cluster, AGENCY_A) as channel:
+            call = channel.stream_stream(
+                STREAM, request_serializer=None, response_deserializer=None
+            )()
+            await call.write(frame.SerializeToString())
+            await call.done_writing()
+            async for _ in call:
+                raise AssertionError("answered a frame over the limit")
+
+    await _assert_refused_on_node(cluster, AGENCY_A, stream_too_many, EXHAUSTED, "BATCH_TOO_LARGE")
+
+
 _SDK_CASES = [
     ("duplicate", {"to": [AGENCY_B, AGENCY_B]}, "DUPLICATE_RECIPIENT"),
     ("lower-case-code", {"to": [AGENCY_C.lower()]}, "INVALID_AGENCY_CODE"),

@@ -438,7 +438,9 @@ Global___SubmitEnvelopeResponse: _TypeAlias = SubmitEnvelopeResponse  # noqa: Y0
 
 @_typing.final
 class BatchSubmitEnvelopesRequest(_message.Message):
-    """BatchSubmitEnvelopesRequest submits many letters."""
+    """BatchSubmitEnvelopesRequest submits many letters: at most 1,024. A larger batch is
+    refused whole, nothing stored (RESOURCE_EXHAUSTED, BATCH_TOO_LARGE, metadata "limit").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -486,7 +488,10 @@ Global___BatchSubmitEnvelopesResponse: _TypeAlias = BatchSubmitEnvelopesResponse
 
 @_typing.final
 class StreamSubmitEnvelopesRequest(_message.Message):
-    """StreamSubmitEnvelopesRequest is one batch on the submission stream."""
+    """StreamSubmitEnvelopesRequest is one batch on the submission stream: at most 1,024
+    letters. A larger one ends the stream (RESOURCE_EXHAUSTED, BATCH_TOO_LARGE), its
+    letters not stored; frames read before it are answered first.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
