@@ -39,6 +39,7 @@ __all__ = ["LOG_FIELDS", "check_key_file", "configure_logging", "serve_hub", "se
 
 if TYPE_CHECKING:
     from node.agency import Agency
+    from node.rpc.hub_link import HubLink
     from node.storage.db import Database
 
 log = logging.getLogger("chapar.server")
@@ -325,18 +326,24 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
     signer = _signer(config.signing, config.identity)
     trust = _trust(config.tls, config.signing)
     directory = build_directory(config, signer, trust.intermediates)
-    store = await HubStore.open(config.database, config.durability)
-    hub = Hub(config, store, signer, trust, directory, config_path)
-    await hub.start()
-    server = grpc.aio.server(options=_server_options(config.keepalive_s))
-    add_servicer(server, hub, pb.HUB_SERVICE, limit=config.max_frame_bytes)
-    metrics = _metrics(
-        config.metrics_listen, "hub", config.tls if config.metrics_tls else None, store.db
-    )
-    health_servicer = health.aio.HealthServicer()
-    monitor = HubMonitor(hub)
-    monitor.start()
-    try:
+    async with contextlib.AsyncExitStack() as cleanup:
+        # From here on whatever was opened is closed again, however start-up or serving
+        # ends: left open, the store's writer (not a daemon thread) keeps the process alive.
+        store = await HubStore.open(config.database, config.durability)
+        cleanup.callback(log.info, "hub stopped")
+        cleanup.push_async_callback(store.close)
+        hub = Hub(config, store, signer, trust, directory, config_path)
+        cleanup.push_async_callback(hub.stop)
+        await hub.start()
+        server = grpc.aio.server(options=_server_options(config.keepalive_s))
+        add_servicer(server, hub, pb.HUB_SERVICE, limit=config.max_frame_bytes)
+        metrics = _metrics(
+            config.metrics_listen, "hub", config.tls if config.metrics_tls else None, store.db
+        )
+        health_servicer = health.aio.HealthServicer()
+        monitor = HubMonitor(hub)
+        cleanup.push_async_callback(monitor.stop)
+        monitor.start()
         address = await _start(server, config.listen, creds, pb.HUB_SERVICE_NAME, health_servicer)
         # The store is open and the directory built (both above): the hub is ready.
         await _set_health(health_servicer, pb.HUB_SERVICE_NAME, serving=True)
@@ -355,11 +362,6 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         await health_servicer.enter_graceful_shutdown()
         hub.close_sessions()
         await server.stop(config.grace_s)
-    finally:
-        await monitor.stop()
-        await hub.stop()
-        await store.close()
-        log.info("hub stopped")
 
 
 async def serve_node(config: NodeConfig) -> None:
@@ -374,38 +376,48 @@ async def serve_node(config: NodeConfig) -> None:
     signer = _signer(config.signing, config.identity)
     trust = _trust(config.tls, config.signing)
     link_creds = channel_credentials(config.tls)
-    store = await NodeStore.open(config.database, config.durability)
-    if indexed := await store.index_documents():
-        log.info("indexed the attachments of %d letters stored before this version", indexed)
-    agency = Agency(config, store, signer, trust)
-    try:
-        document_store = DocumentStore(config.documents_dir, config.documents)
-    except OSError as exc:
-        raise ConfigError(f"documents.directory: cannot use {config.documents_dir}: {exc}") from exc
-    agency.document_store = document_store
-    documents = Documents(agency, document_store)
-    # Trust stores only add: a signing certificate a directory listed once still verifies
-    # after a restart, as it does without one, so that letters and evidence its key signed
-    # before it left the directory (a key rotated while they waited) are not refused.
-    trust.add_certificates(await store.known_certificates())
-    cached = await store.load_directory()
-    if cached is not None:
-        await agency.set_directory(cached, persist=False)
-    server = grpc.aio.server(options=_server_options(config.keepalive_s))
-    add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
-    add_servicer(server, documents, pb.DOCUMENT_SERVICE, limit=config.max_message_bytes)
-    metrics = _metrics(
-        config.metrics_listen, "node", config.tls if config.metrics_tls else None, store.db
-    )
-    health_servicer = health.aio.HealthServicer()
-    link = HubLink(agency, link_creds)
-    link.document_store = document_store
-    documents.link = link
-    monitor = NodeMonitor(agency)
-    monitor.start()
-    link_task = asyncio.create_task(link.run(), name="hub-link")
-    agency.start()
-    try:
+    async with contextlib.AsyncExitStack() as cleanup:
+        # From here on whatever was opened is closed again, however start-up or serving
+        # ends: left open, the store's writer (not a daemon thread) keeps the process alive.
+        # Stopped in the reverse order: monitor, agency, hub link, store.
+        store = await NodeStore.open(config.database, config.durability)
+        cleanup.callback(log.info, "node stopped")
+        cleanup.push_async_callback(store.close)
+        if indexed := await store.index_documents():
+            log.info("indexed the attachments of %d letters stored before this version", indexed)
+        agency = Agency(config, store, signer, trust)
+        try:
+            document_store = DocumentStore(config.documents_dir, config.documents)
+        except OSError as exc:
+            raise ConfigError(
+                f"documents.directory: cannot use {config.documents_dir}: {exc}"
+            ) from exc
+        agency.document_store = document_store
+        documents = Documents(agency, document_store)
+        # Trust stores only add: a signing certificate a directory listed once still
+        # verifies after a restart, as it does without one, so that letters and evidence its
+        # key signed before it left the directory (rotated while they waited) are not refused.
+        trust.add_certificates(await store.known_certificates())
+        cached = await store.load_directory()
+        if cached is not None:
+            await agency.set_directory(cached, persist=False)
+        server = grpc.aio.server(options=_server_options(config.keepalive_s))
+        add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
+        add_servicer(server, documents, pb.DOCUMENT_SERVICE, limit=config.max_message_bytes)
+        metrics = _metrics(
+            config.metrics_listen, "node", config.tls if config.metrics_tls else None, store.db
+        )
+        health_servicer = health.aio.HealthServicer()
+        link = HubLink(agency, link_creds)
+        link.document_store = document_store
+        documents.link = link
+        link_task = asyncio.create_task(link.run(), name="hub-link")
+        cleanup.push_async_callback(_stop_link, link, link_task)
+        agency.start()
+        cleanup.push_async_callback(agency.stop)
+        monitor = NodeMonitor(agency)
+        monitor.start()
+        cleanup.push_async_callback(monitor.stop)
         address = await _start(
             server,
             config.listen,
@@ -440,12 +452,10 @@ async def serve_node(config: NodeConfig) -> None:
         await health_servicer.enter_graceful_shutdown()
         agency.end_streams()  # back-end streams end now, not at the end of the grace
         await server.stop(config.grace_s)
-    finally:
-        await monitor.stop()
-        await agency.stop()
-        link.stop()
-        link_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await link_task
-        await store.close()
-        log.info("node stopped")
+
+
+async def _stop_link(link: HubLink, task: asyncio.Task[None]) -> None:
+    link.stop()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from node.cluster import Cluster
 from node.demo import AGENCY_A, AGENCY_B, EXPECTED_CHAIN
 
 pytestmark = pytest.mark.integration
@@ -142,3 +143,50 @@ def test_demo_serve_keeps_servers_for_send_inbox_and_track(tmp_path: Path) -> No
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# -- start-up errors: one line, an exit code, and the process ends ---------------------------
+
+
+def _server_configs(root: Path) -> dict[str, Path]:
+    """Configurations of a hub and a node (PKI made, nothing started), by role."""
+    cluster = Cluster.prepare(root, [AGENCY_A, AGENCY_B])
+    cluster.hub.address = "127.0.0.1:9"  # nobody listens: the node must not get that far
+    cluster.add_node(AGENCY_A)
+    return {"hub": cluster.hub.config, "node": cluster.nodes[AGENCY_A].config}
+
+
+def _serve_briefly(role: str, config: Path) -> subprocess.CompletedProcess[str]:
+    """``chapar ROLE serve``, expected to fail at start-up: a hang is a failure too."""
+    try:
+        return _run(role, "serve", "--config", str(config), timeout=15)
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        pytest.fail(f"{role} serve did not exit after a start-up error:\n{err}")
+
+
+def _assert_one_error_line(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert text in errors[0], result.stderr
+
+
+@pytest.mark.parametrize("role", ["hub", "node"])
+def test_serve_exits_when_the_metrics_address_cannot_be_bound(tmp_path: Path, role: str) -> None:
+    """The store is open by then: its writer thread must not keep the process alive."""
+    config = _server_configs(tmp_path)[role]
+    text = config.read_text()
+    config.write_text(
+        text.replace('metrics_listen = "127.0.0.1:0"', 'metrics_listen = "192.0.2.1:9100"')
+    )
+    result = _serve_briefly(role, config)
+    _assert_one_error_line(result, 2, "metrics_listen: cannot serve 192.0.2.1:9100")
+
+
+def test_node_serve_exits_when_the_documents_directory_cannot_be_made(tmp_path: Path) -> None:
+    config = _server_configs(tmp_path)["node"]
+    config.write_text(config.read_text() + '[documents]\ndirectory = "/etc/passwd/docs"\n')
+    result = _serve_briefly("node", config)
+    _assert_one_error_line(result, 2, "documents.directory: cannot use /etc/passwd/docs")
