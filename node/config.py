@@ -6,10 +6,11 @@ Relative paths are resolved against the directory of the configuration file.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:0"
+# keepalive_s becomes gRPC options in milliseconds, which must fit in 32 bits; pings more
+# often than every second are no use (and the hub refuses pings every < 5 s without data).
+KEEPALIVE_RANGE_S = (1.0, 3600.0)
 _STATES = ("active", "suspended", "retired")
 _ALGORITHMS = ("ed25519", "ecdsa-p256")
 
@@ -208,16 +212,30 @@ class Table:
         return value
 
     def number(self, key: str, default: float) -> float:
-        value = self.get(key, default)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{self._key(key)}: must be a number >= 0")
-        return float(value)
+        return self._number(key, default, ">= 0", lambda v: v >= 0)
 
     def positive(self, key: str, default: float) -> float:
+        return self._number(key, default, "> 0", lambda v: v > 0)
+
+    def between(self, key: str, default: float, low: float, high: float) -> float:
+        return self._number(key, default, f"from {low:g} to {high:g}", lambda v: low <= v <= high)
+
+    def _number(self, key: str, default: float, rule: str, fits: Callable[[float], bool]) -> float:
+        """A finite number that ``fits`` (described by ``rule``): NaN compares False with
+        everything, so an unguarded ``< 0`` let it (and inf) through to where it breaks."""
         value = self.get(key, default)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{self._key(key)}: must be a number > 0")
-        return float(value)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: must be a number {rule}")
+        try:
+            number = float(value)  # an integer of 309 digits or more overflows
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            shown = f", not {value}" if isinstance(value, float) else ""
+            raise ConfigError(f"{self._key(key)}: must be a finite number {rule}{shown}")
+        if not fits(number):
+            raise ConfigError(f"{self._key(key)}: must be a number {rule}")
+        return number
 
     def flag(self, key: str, default: bool) -> bool:
         value = self.get(key, default)
@@ -362,7 +380,7 @@ def _hub_config(t: Table) -> HubConfig:
         max_letter_age_s=hub.number("max_letter_age_s", 7 * 86400.0),
         metrics_interval_s=hub.positive("metrics_interval_s", 5.0),
         metrics_top_n=hub.integer("metrics_top_n", 10),
-        keepalive_s=hub.positive("keepalive_s", 20.0),
+        keepalive_s=hub.between("keepalive_s", 20.0, *KEEPALIVE_RANGE_S),
     )
 
 
@@ -470,5 +488,5 @@ def _node_config(t: Table) -> NodeConfig:
         documents=documents,
         documents_dir=documents_dir,
         documents_retention_s=documents_retention_s,
-        keepalive_s=node.positive("keepalive_s", 20.0),
+        keepalive_s=node.between("keepalive_s", 20.0, *KEEPALIVE_RANGE_S),
     )

@@ -128,7 +128,38 @@ def test_keepalive_is_a_positive_number_of_seconds(
         setting = f"\nkeepalive_s = {value}" if value else ""
         path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]{setting}"))
         if expected is None:
-            with pytest.raises(ConfigError, match=f"{section}.keepalive_s: must be a number > 0"):
+            with pytest.raises(
+                ConfigError, match=f"{section}.keepalive_s: must be a number from 1 to 3600"
+            ):
                 load(path)
         else:
             assert load(path).keepalive_s == expected
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "+nan", "1" + "0" * 400])
+@pytest.mark.parametrize(
+    "key",
+    ["keepalive_s", "metrics_interval_s", "retention_s", "shutdown_grace_s", "purge_interval_s"],
+)
+def test_seconds_must_be_finite(tmp_path: Path, key: str, value: str) -> None:
+    """NaN passed "< 0" unrefused and reached grpc's options (a traceback at start-up)."""
+    for load, text, section in ((load_node_config, NODE, "node"), (load_hub_config, HUB, "hub")):
+        path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]\n{key} = {value}"))
+        with pytest.raises(ConfigError, match=f"^{section}.{key}: must be a finite number"):
+            load(path)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1.0), ("3600", 3600.0), ("1.5", 1.5)])
+def test_keepalive_in_range_is_taken(tmp_path: Path, value: str, expected: float) -> None:
+    for load, text, section in ((load_node_config, NODE, "node"), (load_hub_config, HUB, "hub")):
+        path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]\nkeepalive_s = {value}"))
+        assert load(path).keepalive_s == expected
+
+
+@pytest.mark.parametrize("value", ["0.5", "3601", "3e6", "-1"])
+def test_keepalive_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
+    """3e6 s is 3e9 ms: past gRPC's 32-bit options, it failed deep in grpc at start-up."""
+    for load, text, section in ((load_node_config, NODE, "node"), (load_hub_config, HUB, "hub")):
+        path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]\nkeepalive_s = {value}"))
+        with pytest.raises(ConfigError, match=f"^{section}.keepalive_s: must be a number from 1"):
+            load(path)
