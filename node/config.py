@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from cryptography import x509
+
 from client_sdk.identity import Identity, is_agency_code
 from node.core.documents import DocumentLimits, base_media_type
 from node.core.letters import LetterLimits
@@ -31,6 +33,7 @@ __all__ = [
     "config_keys",
     "load_hub_config",
     "load_node_config",
+    "read_certificates",
     "read_revocations",
     "read_table",
 ]
@@ -285,6 +288,19 @@ def read_table(path: Path) -> Table:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     return Table(data, "", path.parent.resolve())
+
+
+def read_certificates(path: Path, key: str) -> list[x509.Certificate]:
+    """The PEM certificates in ``path`` (at least one); else a ConfigError naming ``key``
+    (a key file given for a certificate is the usual mix-up)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not a PEM certificate: {path}") from exc
 
 
 def _tls(t: Table) -> TlsConfig:

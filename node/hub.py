@@ -24,7 +24,13 @@ from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, sha256
 from client_sdk.trust import TrustStore, VerificationError, seconds_of
-from node.config import ConfigError, HubConfig, load_hub_config, read_revocations
+from node.config import (
+    ConfigError,
+    HubConfig,
+    load_hub_config,
+    read_certificates,
+    read_revocations,
+)
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.evidence import evidence_content
@@ -97,10 +103,10 @@ def build_directory(
         hub_signing_certificates=[signer.certificate.public_bytes(Encoding.DER)],
         intermediate_certificates=[c.public_bytes(Encoding.DER) for c in intermediates],
     )
-    for entry in config.agencies:
+    for i, entry in enumerate(config.agencies):
         certs = []
-        for path in entry.signing_certificates:
-            for cert in x509.load_pem_x509_certificates(path.read_bytes()):
+        for j, path in enumerate(entry.signing_certificates):
+            for cert in read_certificates(path, f"agencies[{i}].signing_certificates[{j}]"):
                 certs.append(cert.public_bytes(Encoding.DER))
         directory.agencies.add(
             code=entry.code,

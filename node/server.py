@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -32,7 +31,14 @@ from client_sdk.identity import Identity, identity_of_certificate
 from client_sdk.signing import Signer
 from client_sdk.trust import TrustStore
 from node import metrics as m
-from node.config import ConfigError, HubConfig, NodeConfig, SigningConfig, TlsConfig
+from node.config import (
+    ConfigError,
+    HubConfig,
+    NodeConfig,
+    SigningConfig,
+    TlsConfig,
+    read_certificates,
+)
 from node.rpc.wire import add_servicer
 
 __all__ = ["LOG_FIELDS", "check_key_file", "configure_logging", "serve_hub", "serve_node"]
@@ -128,16 +134,16 @@ def check_key_file(path: Path, key: str) -> bytes:
 
 
 def _trust(tls: TlsConfig, signing: SigningConfig) -> TrustStore:
-    trust = TrustStore.from_pem_files(tls.ca)
-    chain = x509.load_pem_x509_certificates(tls.cert.read_bytes())
+    trust = TrustStore(read_certificates(tls.ca, "tls.ca"))
+    chain = read_certificates(tls.cert, "tls.cert")
     trust.add_certificates(chain[1:])
     if signing.intermediates is not None:
-        trust.add_certificates(x509.load_pem_x509_certificates(signing.intermediates.read_bytes()))
+        trust.add_certificates(read_certificates(signing.intermediates, "signing.intermediates"))
     return trust
 
 
 def _check_identity(path: Path, key: str, expected: Identity) -> None:
-    cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    cert = read_certificates(path, key)[0]
     found = identity_of_certificate(cert)
     if found != expected:
         raise ConfigError(
@@ -148,7 +154,7 @@ def _check_identity(path: Path, key: str, expected: Identity) -> None:
 def _signer(signing: SigningConfig, expected: Identity) -> Signer:
     key = check_key_file(signing.key, "signing.key")
     _check_identity(signing.cert, "signing.cert", expected)
-    _check_key_matches(key, signing.cert, "signing.key")
+    _check_key_matches(key, signing.cert, "signing.key", "signing.cert")
     signer = Signer.from_files(signing.key, signing.cert)
     if signing.algorithm is not None:
         wanted = {
@@ -162,13 +168,13 @@ def _signer(signing: SigningConfig, expected: Identity) -> Signer:
     return signer
 
 
-def _check_key_matches(key_pem: bytes, cert_path: Path, key: str) -> None:
+def _check_key_matches(key_pem: bytes, cert_path: Path, key: str, cert_key: str) -> None:
     """A key that is not the certificate's is named here (gRPC would say only 'cannot bind')."""
     try:
         private = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{key}: not a readable unencrypted PEM private key") from exc
-    cert = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    cert = read_certificates(cert_path, cert_key)[0]
     ours = private.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -182,7 +188,7 @@ def _check_key_matches(key_pem: bytes, cert_path: Path, key: str) -> None:
 def _server_credentials(tls: TlsConfig, expected: Identity) -> grpc.ServerCredentials:
     key = check_key_file(tls.key, "tls.key")
     _check_identity(tls.cert, "tls.cert", expected)
-    _check_key_matches(key, tls.cert, "tls.key")
+    _check_key_matches(key, tls.cert, "tls.key", "tls.cert")
     return grpc.ssl_server_credentials(
         [(key, tls.cert.read_bytes())],
         root_certificates=tls.ca.read_bytes(),

@@ -148,11 +148,17 @@ def test_demo_serve_keeps_servers_for_send_inbox_and_track(tmp_path: Path) -> No
 # -- start-up errors: one line, an exit code, and the process ends ---------------------------
 
 
-def _server_configs(root: Path) -> dict[str, Path]:
-    """Configurations of a hub and a node (PKI made, nothing started), by role."""
+def _prepared(root: Path) -> Cluster:
+    """A hub's and a node's configurations and PKI under ``root``; nothing started."""
     cluster = Cluster.prepare(root, [AGENCY_A, AGENCY_B])
     cluster.hub.address = "127.0.0.1:9"  # nobody listens: the node must not get that far
     cluster.add_node(AGENCY_A)
+    return cluster
+
+
+def _server_configs(root: Path) -> dict[str, Path]:
+    """Configurations of a hub and a node (PKI made, nothing started), by role."""
+    cluster = _prepared(root)
     return {"hub": cluster.hub.config, "node": cluster.nodes[AGENCY_A].config}
 
 
@@ -190,3 +196,40 @@ def test_node_serve_exits_when_the_documents_directory_cannot_be_made(tmp_path: 
     config.write_text(config.read_text() + '[documents]\ndirectory = "/etc/passwd/docs"\n')
     result = _serve_briefly("node", config)
     _assert_one_error_line(result, 2, "documents.directory: cannot use /etc/passwd/docs")
+
+
+@pytest.mark.parametrize(
+    ("role", "key"),
+    [
+        ("node", "tls.cert"),
+        ("hub", "tls.cert"),
+        ("node", "tls.ca"),
+        ("node", "signing.cert"),
+        ("hub", "signing.cert"),
+        ("hub", "signing.intermediates"),
+        ("hub", "agencies[0].signing_certificates[0]"),
+    ],
+)
+def test_serve_names_a_file_that_is_not_a_certificate(tmp_path: Path, role: str, key: str) -> None:
+    """A key file (the usual mix-up) or any other file where a certificate belongs."""
+    cluster = _prepared(tmp_path)
+    pki = cluster.pki
+    own = pki.hub_dir("national") if role == "hub" else pki.agency_dir(AGENCY_A)
+    not_a_cert = tmp_path / "notes.txt"
+    not_a_cert.write_text("not a certificate\n")
+    original, replacement = {
+        "tls.cert": (own / "tls.crt", own / "tls.key"),
+        "tls.ca": (pki.root_cert, not_a_cert),
+        "signing.cert": (own / "signing.crt", own / "signing.key"),
+        "signing.intermediates": (pki.intermediate_cert, not_a_cert),
+        "agencies[0].signing_certificates[0]": (
+            pki.agency_dir(AGENCY_A) / "signing.crt",
+            not_a_cert,
+        ),
+    }[key]
+    config = cluster.hub.config if role == "hub" else cluster.nodes[AGENCY_A].config
+    text = config.read_text()
+    assert text.count(json.dumps(str(original))) == 1
+    config.write_text(text.replace(json.dumps(str(original)), json.dumps(str(replacement))))
+    result = _serve_briefly(role, config)
+    _assert_one_error_line(result, 2, f"{key}: not a PEM certificate")
