@@ -148,14 +148,7 @@ def _connection(ns: argparse.Namespace) -> _Connection:
     target: str | None = ns.node
     if ns.demo is not None:
         agency = _require_agency(ns, "--demo")
-        try:
-            addresses = json.loads((ns.demo / _ADDRESSES_FILE).read_text())
-            pki = Path(addresses["pki"])
-            target = target or addresses["nodes"][agency]
-        except KeyError as exc:
-            raise _UsageError(
-                "DEMO_INCOMPLETE", f"{ns.demo / _ADDRESSES_FILE} has no entry {exc}"
-            ) from None
+        pki, target = _demo_addresses(ns.demo / _ADDRESSES_FILE, agency, target)
         credentials = Credentials.from_pki(pki, agency)
     elif ns.pki is not None:
         credentials = Credentials.from_pki(ns.pki, _require_agency(ns, "--pki"))
@@ -169,6 +162,24 @@ def _connection(ns: argparse.Namespace) -> _Connection:
     if not target:
         raise _UsageError("NODE_MISSING", "give --node HOST:PORT")
     return _Connection(target, credentials, ns.server_name)
+
+
+def _demo_addresses(path: Path, agency: str, target: str | None) -> tuple[Path, str]:
+    """The PKI directory from ``addresses.json``, and ``target`` or else the address of
+    ``agency``'s node there."""
+    addresses = json.loads(path.read_text())  # OSError, ValueError: the handler's words
+    if not isinstance(addresses, dict):
+        raise _UsageError("DEMO_INCOMPLETE", f"{path} is not a JSON object")
+    pki = addresses.get("pki")
+    if not isinstance(pki, str) or not pki:
+        raise _UsageError("DEMO_INCOMPLETE", f"{path} has no entry pki")
+    if target:
+        return Path(pki), target
+    nodes = addresses.get("nodes")
+    node = nodes.get(agency) if isinstance(nodes, dict) else None
+    if not isinstance(node, str) or not node:
+        raise _UsageError("DEMO_INCOMPLETE", f"{path} has no entry nodes.{agency}")
+    return Path(pki), node
 
 
 def _require_agency(ns: argparse.Namespace, option: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import http.client
 import json
 import ssl
 import sys
@@ -57,9 +58,14 @@ def parse(text: str) -> Snapshot:
 
 def fetch(address: str, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> Snapshot:
     """Scrapes ``address`` (``HOST:PORT`` or a URL); ``tls`` for an https:// endpoint."""
+    return parse(_scrape(address, timeout, tls).decode("utf-8"))
+
+
+def _scrape(address: str, timeout: float, tls: ssl.SSLContext | None) -> bytes:
     url = address if address.startswith(("http://", "https://")) else f"http://{address}/metrics"
     with urllib.request.urlopen(url, timeout=timeout, context=tls) as response:  # noqa: S310 - http(s) only
-        return parse(response.read().decode("utf-8"))
+        body: bytes = response.read()
+    return body
 
 
 def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
@@ -169,13 +175,26 @@ def render(snap: Snapshot, target: str) -> str:
 def _resolve(ns: argparse.Namespace) -> str:
     if ns.demo is None:
         return str(ns.target)
-    metrics = json.loads((ns.demo / "addresses.json").read_text())["metrics"]
-    if ns.target == "hub":
-        return str(metrics["hub"])
+    path = ns.demo / "addresses.json"
     try:
-        return str(metrics["nodes"][ns.target])
-    except KeyError:
-        raise SystemExit(f"error: no node {ns.target} in {ns.demo / 'addresses.json'}") from None
+        addresses = json.loads(path.read_text())
+    except OSError as exc:
+        raise SystemExit(f"error: cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+        raise SystemExit(f"error: {path} is not JSON: {exc}") from None
+    metrics = addresses.get("metrics") if isinstance(addresses, dict) else None
+    if not isinstance(metrics, dict):
+        raise SystemExit(f"error: {path} lists no metrics addresses")
+    if ns.target == "hub":
+        address = metrics.get("hub")
+    else:
+        nodes = metrics.get("nodes")
+        if not isinstance(nodes, dict) or ns.target not in nodes:
+            raise SystemExit(f"error: no node {ns.target} in {path}")
+        address = nodes[ns.target]
+    if not isinstance(address, str) or not address:  # "": that server serves no metrics
+        raise SystemExit(f"error: {path} has no metrics address for {ns.target}")
+    return address
 
 
 def _status(ns: argparse.Namespace) -> int:
@@ -186,12 +205,26 @@ def _status(ns: argparse.Namespace) -> int:
         return 2
     try:
         tls = client_context(ns.ca, ns.cert, ns.key) if ns.ca else None
-        snap = fetch(address, tls=tls)
-    except (urllib.error.URLError, OSError) as exc:  # ssl.SSLError is an OSError
-        print(f"error: cannot read metrics at {address}: {exc}", file=sys.stderr)
+        body = _scrape(address, 10.0, tls)
+    # URLError and ssl.SSLError are OSErrors; http.client.InvalidURL ("a:b") and a reply
+    # that is not HTTP/1 are HTTPExceptions; a URL urllib cannot split is a ValueError.
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        print(f"error: cannot read metrics at {address}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    try:
+        snap = parse(body.decode("utf-8"))
+    except ValueError:  # not Prometheus text, or not UTF-8
+        snap = Snapshot()
+    if not snap.series("chapar_build_info"):
+        print(f"error: {address} answers, but not with a Chapar server's metrics", file=sys.stderr)
         return 1
     print(render(snap, address))
     return 0
+
+
+def _one_line(exc: Exception, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,8 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -233,3 +236,104 @@ def test_serve_names_a_file_that_is_not_a_certificate(tmp_path: Path, role: str,
     config.write_text(text.replace(json.dumps(str(original)), json.dumps(str(replacement))))
     result = _serve_briefly(role, config)
     _assert_one_error_line(result, 2, f"{key}: not a PEM certificate")
+
+
+# -- bad command-line input: one error line, never a traceback --------------------------------
+
+
+def _assert_fails_in_one_line(result: subprocess.CompletedProcess[str], text: str = "") -> None:
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
+    assert text in lines[0], result.stderr
+
+
+@pytest.fixture
+def answering() -> Iterator[dict[str, bytes]]:
+    """A local HTTP server; the test sets what /metrics answers in the yielded dict,
+    whose "address" entry is the server's HOST:PORT."""
+    pages: dict[str, bytes] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages.get(self.path, b"")
+            self.send_response(200 if self.path in pages else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    pages["address"] = f"127.0.0.1:{server.server_address[1]}".encode()
+    try:
+        yield pages
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        (b"<html><body>Welcome</body></html>", "with a Chapar server's metrics"),
+        (b"up 1\n", "with a Chapar server's metrics"),  # Prometheus text, not ours
+        (b"\xff\xfe\n", "with a Chapar server's metrics"),
+    ],
+    ids=["html", "other-metrics", "not-utf8"],
+)
+def test_status_of_something_that_is_not_a_chapar_server(
+    answering: dict[str, bytes], body: bytes, text: str
+) -> None:
+    answering["/metrics"] = body
+    result = _run("status", answering["address"].decode(), timeout=30)
+    _assert_fails_in_one_line(result, text)
+
+
+@pytest.mark.parametrize("target", ["a:b", "http://[::1", "ftp://127.0.0.1:1/metrics"])
+def test_status_of_a_malformed_address(target: str) -> None:
+    result = _run("status", target, timeout=30)
+    _assert_fails_in_one_line(result, f"cannot read metrics at {target}")
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [
+        (None, "cannot read"),
+        ("not json", "not JSON"),
+        ("[]", "no metrics addresses"),
+        ('{"hub": "127.0.0.1:1"}', "no metrics addresses"),
+        ('{"metrics": {"hub": ""}}', "no metrics address for hub"),
+        ('{"metrics": {"hub": 7}}', "no metrics address for hub"),
+        ('{"metrics": {"nodes": []}}', f"no node {AGENCY_A}"),
+    ],
+    ids=["missing", "not-json", "list", "no-metrics", "empty", "number", "nodes-list"],
+)
+def test_status_with_a_bad_demo_directory(tmp_path: Path, content: str | None, text: str) -> None:
+    if content is not None:
+        (tmp_path / "addresses.json").write_text(content)
+    target = AGENCY_A if "nodes" in (content or "") else "hub"
+    result = _run("status", "--demo", str(tmp_path), target, timeout=30)
+    _assert_fails_in_one_line(result, text)
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [
+        ("[]", "not a JSON object"),
+        ('{"nodes": ["x"], "pki": "/x"}', f"has no entry nodes.{AGENCY_A}"),
+        (json.dumps({"nodes": {AGENCY_A: 5}, "pki": "/x"}), f"has no entry nodes.{AGENCY_A}"),
+        ('{"nodes": {}, "pki": ["/x"]}', "has no entry pki"),
+    ],
+    ids=["list", "nodes-list", "node-number", "pki-list"],
+)
+def test_client_commands_with_a_bad_demo_directory(tmp_path: Path, content: str, text: str) -> None:
+    (tmp_path / "addresses.json").write_text(content)
+    result = _run("agencies", "--demo", str(tmp_path), "--agency", AGENCY_A, timeout=30)
+    _assert_fails_in_one_line(result, text)
+    assert "DEMO_INCOMPLETE" in result.stderr
