@@ -20,11 +20,12 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from client_sdk.identity import Identity, identity_of_certificate
 from client_sdk.trust import TrustStore
 
-__all__ = ["DEFAULT_CLIENT_NAME", "Credentials"]
+__all__ = ["DEFAULT_CLIENT_NAME", "Credentials", "key_matches_certificate"]
 
 DEFAULT_CLIENT_NAME = "backend"
 
@@ -39,11 +40,13 @@ class Credentials:
 
     def __post_init__(self) -> None:
         _load_certificates(self.root_certificates, "root certificates")
-        _load_certificates(self.certificate_chain, "client certificate chain")
+        chain = _load_certificates(self.certificate_chain, "client certificate chain")
         try:
-            serialization.load_pem_private_key(self.private_key, password=None)
+            key = serialization.load_pem_private_key(self.private_key, password=None)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"client private key is not a PEM private key: {exc}") from None
+        if not key_matches_certificate(key, chain[0]):
+            raise ValueError("client private key does not match the client certificate")
 
     @classmethod
     def from_files(cls, ca: Path, cert: Path, key: Path) -> Credentials:
@@ -93,6 +96,12 @@ class Credentials:
         chain = _load_certificates(self.certificate_chain, "client certificate chain")
         store.add_certificates(c for c in chain if _is_ca(c))
         return store
+
+
+def key_matches_certificate(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
+    """Whether ``key`` is the private half of ``cert``'s public key."""
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
 
 
 def _load_certificates(pem: bytes, what: str) -> list[x509.Certificate]:

@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client_sdk import pb
+from client_sdk.credentials import key_matches_certificate
 from client_sdk.identity import Identity, identity_of_certificate
 from client_sdk.signing import Signer
 from client_sdk.trust import TrustStore
@@ -174,14 +175,7 @@ def _check_key_matches(key_pem: bytes, cert_path: Path, key: str, cert_key: str)
         private = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{key}: not a readable unencrypted PEM private key") from exc
-    cert = read_certificates(cert_path, cert_key)[0]
-    ours = private.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    theirs = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    if ours != theirs:
+    if not key_matches_certificate(private, read_certificates(cert_path, cert_key)[0]):
         raise ConfigError(f"{key}: does not match the public key of {cert_path}")
 
 

@@ -1433,6 +1433,26 @@ def test_credentials_from_pki_reads_the_agency_client_files(pki: Pki) -> None:
         Credentials(b"junk", b"junk", b"junk")
 
 
+def test_credentials_refuse_a_key_that_is_not_the_certificates(pki: Pki) -> None:
+    """A mixed-up key file (here the node's TLS key beside the client certificate) is named
+    at once, not left to the handshake (where gRPC says only UNAVAILABLE)."""
+    folder = pki.dir / "agencies" / SENDER
+    with pytest.raises(
+        ValueError, match=r"^client private key does not match the client certificate$"
+    ):
+        Credentials.from_files(
+            pki.dir / "ca" / "root.crt", folder / "client.crt", folder / "tls.key"
+        )
+    with pytest.raises(
+        ValueError, match=r"^client private key does not match the client certificate$"
+    ):
+        Credentials(
+            (pki.dir / "ca" / "root.crt").read_bytes(),
+            (folder / "client.key").read_bytes(),
+            (folder / "tls.crt").read_bytes(),
+        )
+
+
 @pytest.fixture
 async def tls_node(
     pki: Pki, fake_node: tuple[FakeNode, str]
