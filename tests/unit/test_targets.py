@@ -58,7 +58,7 @@ def test_a_chain_of_nodes_with_paths_read_from_the_files_folder(pki: Path) -> No
             'ca = "ca/root.crt"\n'
             + _node(A)
             + _node(B).replace(f"agencies/{B}/client.key", f"agencies/{A}/client.key"),
-            "is not the private key of",
+            "private key does not match the client certificate",
         ),
         ('ca = "ca/root.crt"\nhub = 1\n' + _node(A) + _node(B), "targets.toml: hub: unknown key"),
         (
