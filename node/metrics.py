@@ -52,6 +52,7 @@ __all__ = [
     "HUB_QUEUE_TOP_AGE",
     "HUB_QUEUE_TOP_DEPTH",
     "LAST_REJECTION",
+    "METRICS_REFRESHED",
     "NODE_INBOX_UNACKED",
     "NODE_LETTERS",
     "NODE_OUTBOX_DEPTH",
@@ -214,6 +215,11 @@ CERT_EXPIRY = Gauge(
     "chapar_certificate_expiry_seconds",
     "Seconds until each configured local certificate expires (negative: expired).",
     ["certificate"],
+)
+METRICS_REFRESHED = Gauge(
+    "chapar_metrics_refresh_timestamp_seconds",
+    "When the gauges set from the database (queues, outbox, inbox) were last refreshed "
+    "in full; an old value means they are stale (the refresh fails, see the log).",
 )
 PEAK_RSS = Gauge(
     "chapar_process_peak_resident_memory_bytes",

@@ -97,10 +97,20 @@ class _Common:
     async def refresh(self) -> None:
         raise NotImplementedError
 
+    async def refresh_all(self) -> None:
+        """The files' gauges (disk, certificates) first, which need no database, then the
+        role's; the time of the last refresh that completed says the gauges are fresh."""
+        try:
+            self._files(time.time())
+        except OSError as exc:
+            log.warning("cannot read the store's files: %s", exc)
+        await self.refresh()
+        m.METRICS_REFRESHED.set(time.time())
+
     async def _loop(self) -> None:
         while True:
             try:
-                await self.refresh()
+                await self.refresh_all()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -149,7 +159,6 @@ class NodeMonitor(_Common):
         m.NODE_OUTBOX_OLDEST_AGE.set(max(0.0, now - float(row[1])) if row and depth else 0.0)
         row = await db.fetchone("SELECT count(*) FROM inbox WHERE handover IS NULL")
         m.NODE_INBOX_UNACKED.set(int(row[0]) if row else 0)
-        self._files(now)
         await self._observe_waiting()
 
     def evidence_stored(self, items: Sequence[tuple[str, pb.EvidenceContent]]) -> None:
@@ -265,4 +274,3 @@ class HubMonitor(_Common):
             m.HUB_QUEUE_TOP_DEPTH.remove(*labels)
             m.HUB_QUEUE_TOP_AGE.remove(*labels)
         self._top = current
-        self._files(now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import time
 import types
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -211,3 +212,25 @@ def test_certificate_expiry_reads_the_leaf(tmp_path: Path) -> None:
     pki = init_pki(tmp_path / "pki", hub="national", agencies=["AA.BB"])
     seconds = certificate_expiry(pki.agency_dir("AA.BB") / "tls.crt", T0.timestamp())
     assert seconds > 0
+
+
+async def test_a_failing_refresh_leaves_its_timestamp_and_still_sets_the_disk_gauges(
+    store: NodeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Alerts judge the queue and outbox gauges: when their refresh fails they must be seen
+    # as stale (the timestamp stays), and the disk gauges, which need no database, move on.
+    monitor = _monitor(store, tmp_path / "node.db")
+    m.METRICS_REFRESHED.set(0)
+    m.STORE_FS_FREE.set(-1)
+
+    async def broken() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(monitor, "refresh", broken)
+    with pytest.raises(sqlite3.OperationalError):
+        await monitor.refresh_all()
+    assert m.METRICS_REFRESHED._value.get() == 0
+    assert m.STORE_FS_FREE._value.get() > 0
+    monkeypatch.undo()
+    await monitor.refresh_all()
+    assert abs(m.METRICS_REFRESHED._value.get() - time.time()) < 5
