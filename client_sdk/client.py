@@ -949,6 +949,21 @@ class ExchangeClient:
             )
         return list(response.agencies)
 
+    async def revocations(self, *, timeout: float | None = None) -> list[int]:
+        """Serials of the certificates the exchange has revoked, as the node last fetched
+        the directory: apply them before verifying offline, or what a revoked key signed
+        verifies (``trust.set_revoked(await client.revocations())``)."""
+        with _translated():
+            response: pb.ListAgenciesResponse = await self._stub.ListAgencies(
+                pb.ListAgenciesRequest(), timeout=self._deadline(timeout)
+            )
+        try:
+            return [int(serial, 16) for serial in response.revoked_serials]
+        except ValueError as exc:
+            raise InternalError(
+                "a revoked serial that is not hexadecimal", reason="MALFORMED_RESPONSE"
+            ) from exc
+
 
 @contextlib.contextmanager
 def _translated() -> Iterator[None]:

@@ -308,6 +308,10 @@ class SyncExchangeClient:
         """The agencies of the exchange; see ``ExchangeClient.agencies``."""
         return self._portal.run(self._client.agencies(timeout=timeout))
 
+    def revocations(self, *, timeout: float | None = None) -> list[int]:
+        """Serials of revoked certificates; see ``ExchangeClient.revocations``."""
+        return self._portal.run(self._client.revocations(timeout=timeout))
+
     def upload(
         self,
         path: Path | str,

@@ -925,5 +925,7 @@ class Agency(pb.NodeServiceServicer):
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
         return pb.ListAgenciesResponse(
-            agencies=directory.message.agencies, directory_version=directory.version
+            agencies=directory.message.agencies,
+            directory_version=directory.version,
+            revoked_serials=directory.message.revoked_serials,
         )

@@ -603,6 +603,26 @@ async def test_revoked_signing_certificate_gets_letters_rejected_at_the_hub_unti
     assert statuses_when_rejected == {A: "REJECTED"}
 
 
+async def test_offline_verification_learns_revocations_from_the_node(cluster: Cluster) -> None:
+    # An auditor holding a letter's evidence verifies it offline: what a revoked key signed
+    # must fail there too, which needs the revocation list (ListAgencies carries it).
+    signing = cluster.pki.agency_dir(B) / "signing.crt"
+    async with _client(cluster, B) as b:
+        receipt = await b.send(to=[A], subject="signed before the revocation", body="x")
+        await _wait_delivered(b, receipt.shams, A)
+        tracking = await b.track(receipt.shams)
+        assert tracking.verify(cluster.credentials(B).trust_store())
+        assert await b.revocations() == []
+        async with _revoked(cluster, signing):
+            revoked = await b.revocations()
+            assert revoked == [load_certs(signing)[0].serial_number]
+            trust = cluster.credentials(B).trust_store()
+            trust.set_revoked(revoked)
+            with pytest.raises(VerificationError) as refused:
+                tracking.verify(trust)
+            assert refused.value.reason == "CERTIFICATE_REVOKED"
+
+
 async def test_revoked_client_certificate_is_refused_by_its_node_until_unrevoked(
     cluster: Cluster,
 ) -> None:

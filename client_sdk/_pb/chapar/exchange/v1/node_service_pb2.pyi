@@ -865,21 +865,30 @@ class ListAgenciesResponse(_message.Message):
 
     AGENCIES_FIELD_NUMBER: _builtins.int
     DIRECTORY_VERSION_FIELD_NUMBER: _builtins.int
+    REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
     directory_version: _builtins.int
     """Version of the directory they come from."""
     @_builtins.property
     def agencies(self) -> _containers.RepeatedCompositeFieldContainer[_directory_pb2.Agency]:
         """The agencies."""
 
+    @_builtins.property
+    def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Serials (hexadecimal) of the certificates that directory lists as revoked. Offline
+        verification (an auditor's, the SDK's Tracking.verify) must apply them to its trust
+        store, or it accepts what a revoked key signed.
+        """
+
     def __init__(
         self,
         *,
         agencies: _abc.Iterable[_directory_pb2.Agency] | None = ...,
         directory_version: _builtins.int = ...,
+        revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agencies", b"agencies", "directory_version", b"directory_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agencies", b"agencies", "directory_version", b"directory_version", "revoked_serials", b"revoked_serials"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
