@@ -1292,12 +1292,21 @@ class _AckGatherer:
         """One batch over the acknowledgement stream; by ``BatchAckEnvelopes`` calls from
         the first time a node says it has no such stream (an older node)."""
         if self._stream is not None:
+            stream = self._stream
             try:
-                return await self._stream.ack_many(numbers)
+                return await stream.ack_many(numbers)
             except ChaparError as exc:
-                if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                    self._stream = None
+                elif not (
+                    stream.unanswered
+                    and (exc.reason == "STREAM_ENDED" or exc.code == grpc.StatusCode.INTERNAL)
+                ):
                     raise
-                self._stream = None
+                # A stream that ended before its first answer: an older node refusing it
+                # can race the first write, and grpc then reports the write's failure with
+                # the node's status lost (grpc/grpc#36066). The batch goes by a call, which
+                # is safe (acknowledging again returns the same evidence) and says which.
         return await self._client.ack_many(numbers)
 
     def _send_pending(self) -> None:
@@ -1339,6 +1348,7 @@ class _AckStream:
     def __init__(self, client: ExchangeClient) -> None:
         self._client = client
         self._open: _AckCall | None = None
+        self.unanswered = False  # the last batch failed on a stream that never answered
         # One write at a time: gRPC takes no second write on a call while one is under
         # way (it fails the whole call), and full batches go while others are unanswered.
         self._writing = asyncio.Lock()
@@ -1366,9 +1376,14 @@ class _AckStream:
                             await current.call.write(pb.StreamAckEnvelopesRequest(shams=numbers))
                     except ChaparError as exc:  # the stream is broken: no answer will come
                         done.cancel()
+                        self.unanswered = not current.answered
                         current.fail(exc)
                         raise
-                response = await done
+                try:
+                    response = await done
+                except ChaparError:
+                    self.unanswered = not current.answered
+                    raise
         except TimeoutError:
             error = DeadlineExceeded(
                 "no answer to an acknowledgement batch in time", reason="ACK_TIMEOUT"
@@ -1399,6 +1414,7 @@ class _AckCall:
         self.waiting: collections.deque[asyncio.Future[pb.StreamAckEnvelopesResponse]] = (
             collections.deque()
         )
+        self.answered = False
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -1410,6 +1426,7 @@ class _AckCall:
                         raise InternalError(
                             "an answer to no acknowledgement batch", reason="MALFORMED_RESPONSE"
                         )
+                    self.answered = True
                     _settle(self.waiting.popleft(), response)
             error = _stream_ended()
         except BaseException as exc:  # every batch unanswered learns why
