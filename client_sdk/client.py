@@ -134,7 +134,8 @@ DEFAULT_KEEPALIVE_S: Final = 20.0
 does not answer one within half that (a node that hangs, or a connection a firewall or a
 vanished host dropped without a FIN or RST) ends the client's calls with ``Unavailable``:
 an ``inbox()`` stream or a ``send_stream`` that would wait for ever on a silent connection
-fails within 1.5 x this, so the back-end reconnects. Nodes accept pings every 5 s or more."""
+fails within 1.5 x this, so the back-end reconnects. From 1 to 3600 s: nodes accept pings
+every second at most."""
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """Message size limit of channels the client creates (gRPC's default is 4 MiB)."""
 TEXT_PLAIN: Final = "text/plain; charset=utf-8"
@@ -467,8 +468,8 @@ class ExchangeClient:
         """
         keepalive = []
         if keepalive_s is not None:
-            if keepalive_s <= 0:
-                raise ValueError("keepalive_s must be > 0 or None")
+            if not 1 <= keepalive_s <= 3600:  # NaN too
+                raise ValueError("keepalive_s must be from 1 to 3600 seconds, or None")
             keepalive = [
                 ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
                 ("grpc.keepalive_timeout_ms", round(keepalive_s * 500)),

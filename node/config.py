@@ -40,7 +40,7 @@ __all__ = [
 
 DEFAULT_LISTEN = "127.0.0.1:0"
 # keepalive_s becomes gRPC options in milliseconds, which must fit in 32 bits; pings more
-# often than every second are no use (and the hub refuses pings every < 5 s without data).
+# often than every second are no use (and servers refuse them: min_ping_interval, 1 s).
 KEEPALIVE_RANGE_S = (1.0, 3600.0)
 _STATES = ("active", "suspended", "retired")
 _ALGORITHMS = ("ed25519", "ecdsa-p256")

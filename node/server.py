@@ -56,10 +56,10 @@ _MAX_MESSAGE = 256 * 1024 * 1024
 _SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
     ("grpc.max_send_message_length", _MAX_MESSAGE),
-    # Peers may ping every 5 s (ours ping every ``keepalive_s``, 20 s by default); more
-    # often and gRPC ends their connection (GOAWAY, "too_many_pings").
+    # Peers may ping every second (ours ping every ``keepalive_s``, 1 s at least, 20 s by
+    # default); more often and gRPC ends their connection (GOAWAY, "too_many_pings").
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
     # gRPC sets SO_REUSEPORT by default: another process could then bind our port and take
     # a share of our connections. A clash must fail the bind instead.
     ("grpc.so_reuseport", 0),

@@ -91,6 +91,8 @@ async def test_a_shared_stream_on_a_hung_node_fails_its_waiting_draft(tmp_path: 
 async def test_the_hub_ends_the_session_of_a_hung_node_and_takes_it_back(tmp_path: Path) -> None:
     async with started(tmp_path, hub_settings=f"keepalive_s = {KEEPALIVE_S}") as cluster:
         node = cluster.nodes[B]
+        await asyncio.sleep(6 * KEEPALIVE_S)  # pings on a quiet session: no GOAWAY
+        assert f"node {B} disconnected" not in cluster.hub.log_file.read_text()
         node.pause()
         try:
             hung = time.monotonic()
@@ -111,6 +113,8 @@ async def test_a_node_ends_its_session_with_a_hung_hub_and_reconnects(tmp_path: 
     settings = f"keepalive_s = {KEEPALIVE_S}\nreconnect_max_s = 1.0"
     async with started(tmp_path, node_settings=settings) as cluster:
         log = cluster.nodes[A].log_file
+        await asyncio.sleep(6 * KEEPALIVE_S)  # pings on a quiet session: no GOAWAY
+        assert "hub stream ended" not in log.read_text()
         cluster.hub.pause()
         try:
             hung = time.monotonic()
