@@ -78,14 +78,20 @@ _DELIVERIES = Field(pb.ConnectResponse, "deliveries")
 _NOTICES = Field(pb.ConnectResponse, "evidence")
 
 
+def _existing(path: Path | None) -> Path | None:
+    return path if path is not None and path.exists() else None
+
+
 def build_directory(
     config: HubConfig,
     signer: Signer,
     intermediates: Sequence[x509.Certificate],
     *,
     version: int | None = None,
+    revoked_serials: Sequence[str] | None = None,
 ) -> pb.Directory:
-    """The directory message the hub publishes: its configuration plus the revocation file.
+    """The directory message the hub publishes: its configuration plus the revocation file
+    (or ``revoked_serials``, when given instead).
 
     The version defaults to the current time, so it grows across hub restarts too.
     """
@@ -98,7 +104,11 @@ def build_directory(
     }
     directory = pb.Directory(
         version=version if version is not None else int(time.time()),
-        revoked_serials=read_revocations(config.revocation_file),
+        revoked_serials=(
+            read_revocations(config.revocation_file)
+            if revoked_serials is None
+            else revoked_serials
+        ),
         hub=config.identity.uri,
         hub_signing_certificates=[signer.certificate.public_bytes(Encoding.DER)],
         intermediate_certificates=[c.public_bytes(Encoding.DER) for c in intermediates],
@@ -161,6 +171,7 @@ class Hub(pb.HubServiceServicer):
         self.directory = DirectoryView(directory)
         self.identity = config.identity
         self._sources = self._source_stamps()
+        self._revocations_from = _existing(config.revocation_file)  # what they were read from
         self._vanished_logged = False
         self._sessions: dict[str, _Session] = {}
         self._depth: dict[str, int] = {}
@@ -188,6 +199,24 @@ class Hub(pb.HubServiceServicer):
                 stamps.append(-1.0)
         return tuple(stamps)
 
+    def _vanished_revocations(self, config: HubConfig) -> list[str] | None:
+        """The running revoked serials when the revocation file they were read from is gone
+        (an editor or a tool replacing it, caught mid-way: lifting every revocation on that
+        would be the worst reading; emptying the file lifts them), else None."""
+        path = config.revocation_file
+        if path is None or path != self._revocations_from or path.exists():
+            self._vanished_logged = False
+            return None
+        kept = list(self.directory.message.revoked_serials)
+        if not self._vanished_logged:
+            log.error(
+                "revocation file %s is missing; keeping the %d revoked serials in force",
+                path,
+                len(kept),
+            )
+            self._vanished_logged = True
+        return kept
+
     async def reload_if_changed(self) -> int:
         """Re-reads the configuration and revocation file when either changed.
 
@@ -198,32 +227,33 @@ class Hub(pb.HubServiceServicer):
         stamps = self._source_stamps()
         if stamps == self._sources:
             return 0
-        if stamps[1] == -1.0 and self._sources[1] != -1.0:
-            # The revocation file was there and is gone: most likely an editor or a tool
-            # replacing it, caught mid-way; lifting every revocation on that would be the
-            # worst reading. Emptying the file lifts them.
-            if not self._vanished_logged:
-                log.error(
-                    "revocation file %s is missing; keeping the %d revoked serials in force",
-                    self.config.revocation_file,
-                    len(self.directory.message.revoked_serials),
-                )
-                self._vanished_logged = True
-            return 0
-        self._vanished_logged = False
         try:
             config = load_hub_config(self.config_path) if self.config_path else self.config
+            kept = self._vanished_revocations(config)
             directory = build_directory(
-                config, self.signer, self.trust.intermediates, version=self.directory.version + 1
+                config,
+                self.signer,
+                self.trust.intermediates,
+                version=self.directory.version + 1,
+                revoked_serials=kept,
             )
         except (ConfigError, OSError, ValueError) as exc:
             self._sources = stamps  # logged once; read again when a file changes
             log.error("directory not reloaded, keeping version %d: %s", self.directory.version, exc)
             return 0
         self._sources = stamps
+        self._revocations_from = _existing(config.revocation_file) or (
+            config.revocation_file if kept is not None else None
+        )
         self.config = config
         for recipient in list(self._depth):  # against the quota as reloaded
             self._update_full(recipient)
+        unchanged = pb.Directory()
+        unchanged.CopyFrom(directory)
+        unchanged.version = self.directory.version
+        unchanged.update_time.CopyFrom(self.directory.message.update_time)
+        if unchanged == self.directory.message:  # a file touched, or only the quota changed
+            return 0
         self._trust_directory(directory)
         self.directory = DirectoryView(directory)
         log.info(

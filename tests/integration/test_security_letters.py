@@ -700,6 +700,18 @@ async def test_a_revocation_file_that_vanishes_keeps_its_revocations(cluster: Cl
             with pytest.raises(Unauthenticated):
                 await a.agencies()
             assert "revocation file" in cluster.hub.log_file.read_text()
+            # The configuration still reloads meanwhile (C suspended), with the same
+            # revocations in force.
+            config = cluster.hub.config
+            text = config.read_text()
+            _write_replacing(config, _with_state(text, C, "suspended"))
+            try:
+                await _wait_state(cluster, A, C, pb.AGENCY_STATE_SUSPENDED)
+                with pytest.raises(Unauthenticated):
+                    await a.agencies()
+            finally:
+                _write_replacing(config, text)
+                await _wait_state(cluster, A, C, pb.AGENCY_STATE_ACTIVE)
         finally:
             _write_replacing(path, f"{_serial(client_cert)}\n")
         # Back with the same serials: whatever the hub publishes, A's client stays refused.
