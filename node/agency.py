@@ -711,7 +711,7 @@ class Agency(pb.NodeServiceServicer):
                             )
                         )
                     )
-                if letters:
+                if letters and stream.refused is None:  # read before a revocation
                     await context.write(_INBOX_LETTERS.many(letters))
         finally:
             closing.cancel()
@@ -773,10 +773,14 @@ class Agency(pb.NodeServiceServicer):
         except ChaparError as exc:
             await abort(context, exc)
             return
+
+        async def handled(frame: F) -> R:
+            if stream.refused is not None:  # read before the revocation, not yet handled
+                raise stream.refused
+            return await handle(frame, stream.access)
+
         with self._registered(stream):
-            await _answer_in_order(
-                frames, lambda frame: handle(frame, stream.access), respond, context, stream.ended
-            )
+            await _answer_in_order(frames, handled, respond, context, stream.ended)
         if stream.refused is not None:
             await abort(context, stream.refused)
 

@@ -105,9 +105,7 @@ def build_directory(
     directory = pb.Directory(
         version=version if version is not None else int(time.time()),
         revoked_serials=(
-            read_revocations(config.revocation_file)
-            if revoked_serials is None
-            else revoked_serials
+            read_revocations(config.revocation_file) if revoked_serials is None else revoked_serials
         ),
         hub=config.identity.uri,
         hub_signing_certificates=[signer.certificate.public_bytes(Encoding.DER)],

@@ -204,8 +204,11 @@ def _write_ready(path: Path | None, address: str, role: str, metrics: str) -> No
         return
     tmp = path.with_suffix(path.suffix + ".tmp")
     info = {"address": address, "pid": os.getpid(), "role": role, "metrics": metrics}
-    tmp.write_text(json.dumps(info))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(info))
+        tmp.replace(path)
+    except OSError as exc:
+        raise ConfigError(f"ready_file: cannot write {path}: {exc.strerror}") from exc
 
 
 async def _until_signalled() -> None:
@@ -344,6 +347,10 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         monitor = HubMonitor(hub)
         cleanup.push_async_callback(monitor.stop)
         monitor.start()
+        # Stopped first (the stack unwinds last in, first out) if start-up fails from here
+        # on, so no handler runs against what the callbacks above close; after serving, a
+        # second stop is a no-op.
+        cleanup.push_async_callback(server.stop, 0)
         address = await _start(server, config.listen, creds, pb.HUB_SERVICE_NAME, health_servicer)
         # The store is open and the directory built (both above): the hub is ready.
         await _set_health(health_servicer, pb.HUB_SERVICE_NAME, serving=True)
@@ -354,6 +361,7 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
                 health_servicer, (pb.HUB_SERVICE_NAME,), lambda: _store_trouble(store.db), True
             )
         )
+        cleanup.callback(watcher.cancel)
         await _until_signalled()
         log.info("hub stopping (grace %.1fs)", config.grace_s)
         watcher.cancel()
@@ -418,6 +426,7 @@ async def serve_node(config: NodeConfig) -> None:
         monitor = NodeMonitor(agency)
         monitor.start()
         cleanup.push_async_callback(monitor.stop)
+        cleanup.push_async_callback(server.stop, 0)  # first, as at the hub
         address = await _start(
             server,
             config.listen,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,6 +193,19 @@ def test_serve_exits_when_the_metrics_address_cannot_be_bound(tmp_path: Path, ro
     )
     result = _serve_briefly(role, config)
     _assert_one_error_line(result, 2, "metrics_listen: cannot serve 192.0.2.1:9100")
+
+
+def test_hub_serve_exits_when_its_ready_file_cannot_be_written(tmp_path: Path) -> None:
+    """Listening by then: the server is stopped with the rest, and the process ends. (A
+    node writes its ready file once it has a directory, from a hub this test has not.)"""
+    role = "hub"
+    config = _server_configs(tmp_path)[role]
+    text = config.read_text()
+    assert text.count("ready_file = ") == 1
+    missing = json.dumps(str(tmp_path / "no-such-dir" / "ready.json"))
+    config.write_text(re.sub(r"ready_file = .*", f"ready_file = {missing}", text))
+    result = _serve_briefly(role, config)
+    _assert_one_error_line(result, 2, "ready_file: cannot write")
 
 
 def test_node_serve_exits_when_the_documents_directory_cannot_be_made(tmp_path: Path) -> None:
