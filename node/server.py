@@ -234,7 +234,7 @@ def _store_trouble(db: Database) -> str:
     """Why a server's store keeps it from SERVING, or ""."""
     if not db.is_open:
         return "database closed"
-    if db.write_failing:  # until a commit succeeds again
+    if db.write_failing:  # until a commit succeeds, and RECOVERY_S after the last failure
         return "database not writable"
     return ""
 
@@ -259,18 +259,43 @@ async def _watch_health(
     services: Sequence[str],
     trouble: Callable[[], str],
     serving: bool,
+    db: Database,
 ) -> None:
-    """Polls ``trouble()`` and sets health (and ``chapar_ready``) when it changes."""
-    while True:
-        await asyncio.sleep(_HEALTH_POLL_S)
-        why = trouble()
-        if (not why) != serving:
-            serving = not why
-            await _set_health(servicer, *services, serving=serving)
-            if serving:
-                log.info("health: SERVING")
-            else:
-                log.warning("health: NOT_SERVING (%s)", why)
+    """Polls ``trouble()`` and sets health (and ``chapar_ready``) when it changes. While
+    the store fails, a probe write a second tells when it can write again, should no other
+    write come (a load balancer sends nothing to a server that is NOT_SERVING)."""
+    probe: asyncio.Task[None] | None = None
+    probed = 0.0
+    try:
+        while True:
+            await asyncio.sleep(_HEALTH_POLL_S)
+            now = time.monotonic()
+            if db.write_failing and (probe is None or probe.done()) and now - probed >= 1.0:
+                probed = now
+                probe = asyncio.create_task(_probe(db))
+            serving = await _health_changed(servicer, services, trouble(), serving)
+    finally:
+        if probe is not None:
+            probe.cancel()
+
+
+async def _probe(db: Database) -> None:
+    with contextlib.suppress(Exception):  # a failure is what write_failing records
+        await db.probe_write()
+
+
+async def _health_changed(
+    servicer: health.aio.HealthServicer, services: Sequence[str], why: str, serving: bool
+) -> bool:
+    """Sets health when ``why`` (empty: serving) differs from ``serving``; the new state."""
+    if (not why) != serving:
+        serving = not why
+        await _set_health(servicer, *services, serving=serving)
+        if serving:
+            log.info("health: SERVING")
+        else:
+            log.warning("health: NOT_SERVING (%s)", why)
+    return serving
 
 
 def _metrics(listen: str, role: str, tls: TlsConfig | None, db: Database) -> str:
@@ -358,7 +383,11 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         log.info("hub %s listening on %s", config.name, address)
         watcher = asyncio.create_task(
             _watch_health(
-                health_servicer, (pb.HUB_SERVICE_NAME,), lambda: _store_trouble(store.db), True
+                health_servicer,
+                (pb.HUB_SERVICE_NAME,),
+                lambda: _store_trouble(store.db),
+                True,
+                store.db,
             )
         )
         cleanup.callback(watcher.cancel)
@@ -449,7 +478,9 @@ async def serve_node(config: NodeConfig) -> None:
             _write_ready(config.ready_file, address, "node", metrics)
             log.info("node %s ready", config.agency)
             watcher = asyncio.create_task(
-                _watch_health(health_servicer, services, lambda: _node_trouble(agency), serving)
+                _watch_health(
+                    health_servicer, services, lambda: _node_trouble(agency), serving, store.db
+                )
             )
         ready.cancel()
         await stop

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ __all__ = [
     "existing",
     "rows_in",
 ]
+
+RECOVERY_S = 5.0
+"""After a failed transaction, how long a store counts as failing even once commits pass."""
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
@@ -100,9 +104,10 @@ class Database:
         self.commits = 0
         self.jobs = 0
         self.writer_thread: int | None = None  # its thread id, once the writer has run
-        # Set when a transaction fails (a full disk, an I/O error, a read-only file), cleared
-        # by the next commit: health reads it, so a store that cannot write is not SERVING.
-        self.write_failing = False
+        # When a transaction last failed (a full disk, an I/O error, a lock held too long),
+        # and whether one has committed since: health reads ``write_failing``.
+        self._failed_at = float("-inf")
+        self._failing = False
 
     @classmethod
     async def open(
@@ -121,6 +126,22 @@ class Database:
             and self._task is not None
             and not self._task.done()
         )
+
+    @property
+    def write_failing(self) -> bool:
+        """A transaction failed and none has committed since, or one failed within the last
+        ``RECOVERY_S`` (so health holds while some commits fail and others pass)."""
+        return self._failing or time.monotonic() - self._failed_at < RECOVERY_S
+
+    async def probe_write(self) -> None:
+        """A write that touches the file (its header's user_version, set to itself), so a
+        store that failed and then went quiet learns whether it can write again."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.execute(f"PRAGMA user_version = {version}")
+
+        await self.write(job)
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -288,13 +309,13 @@ class Database:
         try:
             outcomes = await self._in_thread(self._run_jobs, [p.job for p in batch])
         except Exception as exc:
-            self.write_failing = True
+            self._failing, self._failed_at = True, time.monotonic()
             log.exception("transaction failed; %d jobs not committed", len(batch))
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
-        self.write_failing = False
+        self._failing = False
         self.commits += 1
         self.jobs += len(batch)
         for pending, (value, error) in zip(batch, outcomes, strict=True):

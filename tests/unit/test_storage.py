@@ -295,7 +295,7 @@ async def test_failing_job_is_rolled_back_alone_and_others_in_its_batch_commit(
 
 
 async def test_a_full_disk_fails_the_whole_batch_with_its_own_error_and_keeps_nothing(
-    db: Database,
+    db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # SQLITE_FULL rolls the whole transaction back, savepoints and all: every job of the
     # batch must learn the disk is full (not "no such savepoint"), and nothing is kept.
@@ -314,7 +314,26 @@ async def test_a_full_disk_fails_the_whole_batch_with_its_own_error_and_keeps_no
     assert await _values(db) == ["before"]
     assert db.write_failing  # health reads it: the store is not SERVING
     assert await db.write(_insert("after")) == "after"  # the writer goes on
+    assert db.write_failing  # held for RECOVERY_S after the last failure: no flapping
+    monkeypatch.setattr("node.storage.db.RECOVERY_S", 0.0)
     assert not db.write_failing
+
+
+async def test_a_store_that_failed_and_went_quiet_learns_from_a_probe_that_it_writes_again(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("node.storage.db.RECOVERY_S", 0.0)
+    await db.write(lambda conn: conn.execute("PRAGMA max_page_count = 8").fetchone())
+
+    def too_big(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t (v) VALUES (?)", ("x" * 200_000,))
+
+    with pytest.raises(sqlite3.OperationalError):
+        await db.write(too_big)
+    assert db.write_failing
+    await db.probe_write()  # nothing else writes: the probe is what tells
+    assert not db.write_failing
+    assert await _values(db) == []
 
 
 async def test_concurrent_writes_are_group_committed(db: Database) -> None:
