@@ -162,9 +162,10 @@ class HubLink:
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INTERNAL):
                     # This agency was suspended or retired: learn it from the directory,
-                    # so this node refuses submissions instead of queueing them.
+                    # so this node refuses submissions instead of queueing them. (grpc may
+                    # report that refusal as INTERNAL, its status lost: grpc/grpc#36066.)
                     self._stub = stub
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await self.refresh_directory()
