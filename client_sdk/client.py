@@ -323,6 +323,13 @@ class _LetterFields:
         (delivery,) = _verify_letter(trust, self.envelope, [self.delivery])
         if delivery.content.event != pb.EVIDENCE_EVENT_DELIVERY:
             raise VerificationError("EVIDENCE_MISMATCH", f"expected DELIVERY, got {delivery.event}")
+        # The number the node labelled the letter with is the one its sender signed (the
+        # header's bytes are the signed ones, verified above).
+        if self.shams_pb != self.header.shams or self.shams != format_shams(self.header.shams):
+            raise VerificationError(
+                "EVIDENCE_MISMATCH",
+                f"labelled {self.shams}, signed as {format_shams(self.header.shams)}",
+            )
         return delivery
 
 

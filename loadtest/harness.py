@@ -99,6 +99,7 @@ class Baseline:
 @dataclass
 class _Stats:
     submitted: dict[str, float] = field(default_factory=dict)  # request id -> time queued
+    numbered: dict[str, str] = field(default_factory=dict)  # request id -> its number
     accepted: dict[str, float] = field(default_factory=dict)  # shams -> time of receipt
     sent_at: dict[str, float] = field(default_factory=dict)  # shams -> time queued
     delivered: dict[str, float] = field(default_factory=dict)  # shams -> time in its inbox
@@ -108,6 +109,7 @@ class _Stats:
     foreign: set[str] = field(default_factory=set)  # letters from agencies not driven here
     verify_failures: int = 0
     refused: int = 0
+    pacer_lag_s: float = 0.0  # at a fixed rate, how late the latest letter was handed over
 
 
 class _Pacer:
@@ -122,6 +124,7 @@ class _Pacer:
     def __init__(self, rate: float) -> None:
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self.next = time.perf_counter()
+        self.max_lag_s = 0.0  # how late the latest letter was handed over (0: on time)
 
     async def wait(self) -> float:
         if not self.interval:
@@ -131,6 +134,8 @@ class _Pacer:
         delay = slot - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        else:
+            self.max_lag_s = max(self.max_lag_s, -delay)
         return slot
 
 
@@ -291,7 +296,11 @@ class _Plan:
     def more(self, made: int) -> bool:
         if self.quota is not None:
             return made < self.quota
-        return self.deadline is not None and time.perf_counter() < self.deadline
+        if self.deadline is None:
+            return False
+        if self.pacer.interval:  # every slot before the deadline, late ones too
+            return self.pacer.next < self.deadline
+        return time.perf_counter() < self.deadline
 
     async def draft(self, i: int, made: int) -> Draft:
         """Sender ``i``'s next letter, at its slot (latencies count from the slot)."""
@@ -305,6 +314,12 @@ class _Plan:
         return draft
 
     def accepted(self, receipt: Receipt) -> None:
+        # One request id, one letter: a retry answered with another number would be a
+        # letter stored twice, which the inboxes alone could not tell.
+        first = self.stats.numbered.setdefault(receipt.request_id, receipt.shams)
+        if first != receipt.shams:
+            self.stats.duplicates += 1
+            return
         self.stats.accepted[receipt.shams] = time.perf_counter()
         self.stats.sent_at[receipt.shams] = self.stats.submitted[receipt.request_id]
 
@@ -428,12 +443,17 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
                         stats.duplicates += 1
                         continue
                     if letter.shams not in stats.delivered:
-                        stats.delivered[letter.shams] = now
                         if p.verify:
                             try:
-                                letter.verify(trust)
+                                delivery = letter.verify(trust)
+                                if delivery.recipient != node.agency:
+                                    raise ValueError(f"DELIVERY by {delivery.recipient}")
                             except Exception:
+                                # Neither counted delivered nor acknowledged: it stays lost
+                                # unless a copy that verifies comes.
                                 stats.verify_failures += 1
+                                continue
+                        stats.delivered[letter.shams] = now
                     # else: streamed again after a reconnect, not yet acknowledged (an ack
                     # through the closed client can no longer go): acknowledged on this one
                     task = asyncio.create_task(ack(letter))
@@ -519,10 +539,12 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
         # gRPC alone costs at this run's pace (a message costs more CPU the fewer there are).
         baseline = Baseline()
         if p.baseline_s > 0:
-            flat = await _baseline(cluster, pair, p.baseline_s, workdir)
+            flat = await _baseline(cluster, pair, p.baseline_s, workdir, body_bytes=p.body_bytes)
             baseline = Baseline(flat["lps"], flat["cpu_ms_per_message"])
             if p.rate > 0:
-                paced = await _baseline(cluster, pair, p.baseline_s, workdir, rate=p.rate)
+                paced = await _baseline(
+                    cluster, pair, p.baseline_s, workdir, rate=p.rate, body_bytes=p.body_bytes
+                )
                 baseline.paced_cpu_ms_per_message = paced["cpu_ms_per_message"]
         for probe in probes.values():
             probe.begin()
@@ -576,6 +598,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
                 return _sender(i, clients[at], plan)
 
             await asyncio.gather(*(sender(i) for i in range(p.senders)))
+            stats.pacer_lag_s = pacer.max_lag_s
         sent_done = time.perf_counter()
         sent.set()
         for task in fault_tasks:
@@ -621,6 +644,7 @@ async def _baseline(
     seconds: float,
     workdir: Path,
     rate: float = 0.0,
+    body_bytes: int = 1500,
 ) -> dict[str, float]:
     """The raw gRPC stream on this machine between the TLS certificates of ``pair``
     (client, server) in the cluster's PKI, or, for running targets, in a throwaway PKI:
@@ -633,7 +657,7 @@ async def _baseline(
             init_pki, workdir / "baseline-pki", hub="national", agencies=list(pair)
         )
     return await measure_between(
-        pki, pair, _sample_envelope(), seconds=seconds, workdir=workdir, rate=rate
+        pki, pair, _sample_envelope(body_bytes), seconds=seconds, workdir=workdir, rate=rate
     )
 
 
@@ -652,12 +676,12 @@ def _routes(routes: dict[str, str], stats: _Stats) -> list[dict[str, object]]:
     ]
 
 
-def _sample_envelope() -> bytes:
-    """Bytes of the size of one signed 1.5 KB letter, for the baseline."""
+def _sample_envelope(body_bytes: int = 1500) -> bytes:
+    """Bytes of the size of one signed letter of ``body_bytes``, for the baseline."""
     from client_sdk import pb
 
-    header = pb.EnvelopeHeader(subject="load", body_size=1500).SerializeToString()
-    return pb.Envelope(header=header + bytes(300), body=b"x" * 1500).SerializeToString()
+    header = pb.EnvelopeHeader(subject="load", body_size=body_bytes).SerializeToString()
+    return pb.Envelope(header=header + bytes(300), body=b"x" * body_bytes).SerializeToString()
 
 
 def _report(
@@ -696,6 +720,9 @@ def _report(
         "verify_failures": stats.verify_failures,
         "elapsed_s": round(elapsed, 3),
         "send_s": round(sent_done - start, 3),
+        # At a fixed rate: how far the senders fell behind their schedule at worst (letters
+        # are never skipped; the wait is in their latency, counted from their slot).
+        "pacer_max_lag_ms": round(stats.pacer_lag_s * 1000, 1),
         # What the senders managed to offer: below params.rate when the exchange pushed back.
         "offered_lps": round(len(stats.submitted) / max(sent_done - start, 1e-9), 1),
         "throughput_lps": round(throughput, 1),

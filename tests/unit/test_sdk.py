@@ -1033,6 +1033,27 @@ async def test_inbox_yields_letters_and_ack_hands_over(
     ]
 
 
+async def test_a_letter_labelled_with_another_number_than_its_sender_signed_fails_verify(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    # The node's label (InboxLetter.shams) is not signed: a node that labels letter 1 as
+    # letter 2 would have it acknowledged, counted and filed as 2 by a back-end that trusts
+    # the label. verify() checks the label against the signed header.
+    fake = fake_node[0]
+    item = inbox_letter(pki, 1)
+    item.shams.CopyFrom(shams_of(2))
+    fake.inbox_batches = [[item, inbox_letter(pki, 3)]]
+    trust = TrustStore([pki.root], [pki.intermediate])
+    trust.add_certificates(pki.signing_certificates)
+    async with contextlib.aclosing(client.inbox()) as inbox:
+        mislabelled, honest = await anext(inbox), await anext(inbox)
+    assert mislabelled.shams == "000.00.00.G22/O/2026/0000002"
+    with pytest.raises(VerificationError) as caught:
+        mislabelled.verify(trust)
+    assert caught.value.reason == "EVIDENCE_MISMATCH"
+    assert honest.verify(trust).event == "DELIVERY"
+
+
 async def test_an_inbox_stream_the_node_ends_raises_stream_ended_after_its_letters(
     client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
 ) -> None:

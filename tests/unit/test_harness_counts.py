@@ -1,0 +1,56 @@
+"""The load harness's own bookkeeping, which decides what a report claims: a request id
+answered with two numbers is a duplicate, a fixed rate sends every slot before its
+deadline, and the raw baseline's message follows the letters' size."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from client_sdk import Receipt, pb
+from client_sdk.shams import parse_shams
+from loadtest import harness
+
+
+def _plan(stats: harness._Stats, pacer: harness._Pacer, deadline: float | None) -> harness._Plan:
+    return harness._Plan("RECIPIENT.B", harness.Params(), stats, pacer, None, deadline, "x")
+
+
+def _receipt(shams: str, request_id: str) -> Receipt:
+    return Receipt(shams, parse_shams(shams), b"", pb.Evidence(), request_id)
+
+
+def test_a_request_id_answered_with_a_second_number_counts_as_a_duplicate() -> None:
+    stats = harness._Stats()
+    stats.submitted["r1"] = time.perf_counter()
+    plan = _plan(stats, harness._Pacer(0), None)
+    plan.accepted(_receipt("SENDER.A/O/2026/0000001", "r1"))
+    plan.accepted(_receipt("SENDER.A/O/2026/0000001", "r1"))  # the same answer again: fine
+    assert stats.duplicates == 0
+    plan.accepted(_receipt("SENDER.A/O/2026/0000002", "r1"))  # stored twice under two numbers
+    assert stats.duplicates == 1
+    assert list(stats.accepted) == ["SENDER.A/O/2026/0000001"]
+
+
+async def test_a_late_pacer_still_sends_every_slot_before_the_deadline() -> None:
+    # Behind schedule (the exchange pushing back), the slots due before the deadline are
+    # still sent, late, their wait counted in their latency: none is dropped at the end.
+    pacer = harness._Pacer(100.0)  # a slot every 10 ms
+    start = pacer.next
+    deadline = start + 0.05  # five slots
+    plan = _plan(harness._Stats(), pacer, deadline)
+    await asyncio.sleep(0.2)  # far behind: the wall clock is past the deadline
+    slots = []
+    while plan.more(len(slots)):
+        slots.append(await pacer.wait())
+    assert len(slots) == 5
+    assert slots == pytest.approx([start + i * 0.01 for i in range(5)])
+    assert pacer.max_lag_s >= 0.15
+
+
+@pytest.mark.parametrize("body", [100, 1500, 64_000])
+def test_the_baseline_message_follows_the_letters_size(body: int) -> None:
+    size = len(harness._sample_envelope(body))
+    assert body + 300 < size < body + 400
