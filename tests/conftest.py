@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
@@ -88,4 +89,14 @@ def client_credentials(cluster: Cluster, agency: str, name: str) -> Credentials:
         certificate_chain=b"".join(
             c.public_bytes(serialization.Encoding.PEM) for c in (cert, intermediate)
         ),
+    )
+
+
+def node_tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
+    """The TLS identity of ``code``'s node, to talk to the hub as that node."""
+    d = cluster.pki.agency_dir(code)
+    return grpc.ssl_channel_credentials(
+        root_certificates=cluster.pki.root_cert.read_bytes(),
+        private_key=(d / "tls.key").read_bytes(),
+        certificate_chain=(d / "tls.crt").read_bytes(),
     )

@@ -21,6 +21,7 @@ from client_sdk import Draft, ExchangeClient, Unavailable, pb
 from client_sdk.identity import Identity
 from node.cluster import Cluster, ServerProcess
 from tests.conftest import db_count
+from tests.conftest import node_tls as _tls
 
 A = "SENDER.A"
 B = "RECIPIENT.B"
@@ -187,13 +188,3 @@ def _new_signing_certificate(cluster: Cluster, where: Path) -> Path:
     path = where / "new-signing.crt"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path
-
-
-def _tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
-    """The node's own TLS credentials, to talk to the hub as that node."""
-    d = cluster.pki.agency_dir(code)
-    return grpc.ssl_channel_credentials(
-        root_certificates=cluster.pki.root_cert.read_bytes(),
-        private_key=(d / "tls.key").read_bytes(),
-        certificate_chain=(d / "tls.crt").read_bytes(),
-    )

@@ -34,6 +34,7 @@ from client_sdk.errors import (
 from loadtest.harness import proc_stats
 from node.cluster import Cluster
 from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, client_credentials
+from tests.conftest import node_tls as _node_tls
 
 pytestmark = pytest.mark.integration
 
@@ -604,15 +605,6 @@ async def test_document_retention_removes_what_no_kept_letter_needs(tmp_path: Pa
     finally:
         codes = cluster.stop()
     assert all(code == 0 for code in codes.values()), codes
-
-
-def _node_tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
-    d = cluster.pki.agency_dir(code)
-    return grpc.ssl_channel_credentials(
-        root_certificates=cluster.pki.root_cert.read_bytes(),
-        private_key=(d / "tls.key").read_bytes(),
-        certificate_chain=(d / "tls.crt").read_bytes(),
-    )
 
 
 async def test_hub_takes_a_push_only_for_a_request_it_sent_that_node(

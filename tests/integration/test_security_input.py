@@ -42,6 +42,7 @@ from client_sdk.shams import format_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, sha256
 from node.cluster import Cluster, ServerProcess
 from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, client_credentials, db_count
+from tests.conftest import node_tls as _node_tls
 
 pytestmark = pytest.mark.integration
 
@@ -187,16 +188,6 @@ def _hub_channel_as_c(cluster: Cluster) -> grpc.aio.Channel:
         cluster.hub.address,
         _node_tls(cluster, AGENCY_C),
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
-    )
-
-
-def _node_tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
-    """The TLS identity of ``code``'s node, for talking to the hub as that node."""
-    d = cluster.pki.agency_dir(code)
-    return grpc.ssl_channel_credentials(
-        root_certificates=cluster.pki.root_cert.read_bytes(),
-        private_key=(d / "tls.key").read_bytes(),
-        certificate_chain=(d / "tls.crt").read_bytes(),
     )
 
 

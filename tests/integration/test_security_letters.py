@@ -42,6 +42,7 @@ from client_sdk.trust import TrustStore, VerificationError
 from node.cluster import Cluster
 from node.core.evidence import evidence_content
 from tests.conftest import client_credentials
+from tests.conftest import node_tls as _tls
 
 pytestmark = pytest.mark.integration
 
@@ -219,15 +220,6 @@ def _contents(evidence: list[pb.Evidence]) -> list[pb.EvidenceContent]:
 
 
 # -- raw hub access as C's node (copied from test_walking_skeleton) ----------------------
-
-
-def _tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
-    d = cluster.pki.agency_dir(code)
-    return grpc.ssl_channel_credentials(
-        root_certificates=cluster.pki.root_cert.read_bytes(),
-        private_key=(d / "tls.key").read_bytes(),
-        certificate_chain=(d / "tls.crt").read_bytes(),
-    )
 
 
 def _signer(cluster: Cluster, code: str) -> Signer:

@@ -22,6 +22,7 @@ from node.cluster import Cluster
 from node.core.letters import build_header
 from node.demo import EXPECTED_CHAIN, wait_for_chain
 from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, client_credentials, db_count
+from tests.conftest import node_tls as _tls
 
 pytestmark = pytest.mark.integration
 
@@ -214,15 +215,6 @@ async def test_unknown_recipient_is_not_found_and_nothing_is_stored(cluster: Clu
 
 
 # -- a hostile or broken node, talking raw gRPC to the hub with real certificates --------
-
-
-def _tls(cluster: Cluster, code: str) -> grpc.ChannelCredentials:
-    d = cluster.pki.agency_dir(code)
-    return grpc.ssl_channel_credentials(
-        root_certificates=cluster.pki.root_cert.read_bytes(),
-        private_key=(d / "tls.key").read_bytes(),
-        certificate_chain=(d / "tls.crt").read_bytes(),
-    )
 
 
 def _letter(
