@@ -643,15 +643,20 @@ async def test_hub_refuses_a_fetch_by_a_node_without_a_grant(
 
 # -- one gibibyte, flat memory -------------------------------------------------------------------
 
+# The client's own peak: VmHWM, of this process's memory since its exec. (getrusage's
+# ru_maxrss also counts the RSS of the pytest process it was forked from, which passes
+# 150 MB late in a full run.)
 _MEASURED_CLI = """
-import resource, sys
+import re, sys
+from pathlib import Path
 from node.cli import main
 code = 0
 try:
     main()
 except SystemExit as exc:
     code = exc.code or 0
-print(f"PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+peak = re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)
+print(f"PEAK_RSS_KB={peak}", file=sys.stderr)
 sys.exit(code)
 """
 
