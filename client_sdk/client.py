@@ -1368,6 +1368,7 @@ class _AckStream:
             asyncio.get_running_loop().create_future()
         )
         current: _AckCall | None = None
+        self.unanswered = False  # this batch's, not an earlier stream's
         try:
             # The deadline covers the wait for earlier writes and a write the node does
             # not take (flow control), as well as the answer.

@@ -107,7 +107,7 @@ class _Stats:
     duplicates: int = 0
     misrouted: set[str] = field(default_factory=set)  # in an inbox it was not addressed to
     foreign: set[str] = field(default_factory=set)  # letters from agencies not driven here
-    verify_failures: int = 0
+    unverified: set[str] = field(default_factory=set)  # letters whose copy failed to verify
     refused: int = 0
     pacer_lag_s: float = 0.0  # at a fixed rate, how late the latest letter was handed over
 
@@ -451,7 +451,7 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
                             except Exception:
                                 # Neither counted delivered nor acknowledged: it stays lost
                                 # unless a copy that verifies comes.
-                                stats.verify_failures += 1
+                                stats.unverified.add(letter.shams)
                                 continue
                         stats.delivered[letter.shams] = now
                     # else: streamed again after a reconnect, not yet acknowledged (an ack
@@ -632,7 +632,8 @@ def _drained(stats: _Stats) -> bool:
     """Every accepted letter delivered and handed over. The counts answer at once while
     they fall short; letters of an earlier run found in a target's inbox count in them, so
     the sets have the last word."""
-    accepted = stats.accepted.keys()
+    # A letter that came only in copies that did not verify settles at once, as lost.
+    accepted = stats.accepted.keys() - (stats.unverified - stats.delivered.keys())
     if len(stats.handed_over) < len(accepted) or len(stats.delivered) < len(accepted):
         return False
     return accepted <= stats.delivered.keys() and accepted <= stats.handed_over.keys()
@@ -717,7 +718,9 @@ def _report(
         "duplicates": stats.duplicates,
         "misrouted": len(stats.misrouted),
         "foreign": len(stats.foreign),
-        "verify_failures": stats.verify_failures,
+        # Letters of this run that came only in copies that did not verify (each one also
+        # lost); a letter's repeats, or an earlier run's letters on targets, count once/not.
+        "verify_failures": len((stats.unverified - stats.delivered.keys()) & accepted),
         "elapsed_s": round(elapsed, 3),
         "send_s": round(sent_done - start, 3),
         # At a fixed rate: how far the senders fell behind their schedule at worst (letters

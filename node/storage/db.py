@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import sqlite3
 import threading
 import time
@@ -45,6 +46,7 @@ __all__ = [
 
 RECOVERY_S = 5.0
 """After a failed transaction, how long a store counts as failing even once commits pass."""
+_ROOM_BYTES = 64 * 1024 * 1024  # free space a full disk must have again to be probed
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
@@ -108,6 +110,8 @@ class Database:
         # and whether one has committed since: health reads ``write_failing``.
         self._failed_at = float("-inf")
         self._failing = False
+        self._full = False  # the last failure was "database or disk is full"
+        self._traceback_at = float("-inf")
 
     @classmethod
     async def open(
@@ -134,13 +138,17 @@ class Database:
         return self._failing or time.monotonic() - self._failed_at < RECOVERY_S
 
     async def probe_write(self) -> None:
-        """A write that touches the file (its header's user_version, set to itself), so a
-        store that failed and then went quiet learns whether it can write again."""
+        """A write that needs new pages (a 64 KiB row, written and deleted in one
+        transaction), so a store that failed and then went quiet learns whether it can
+        write again; after "disk is full", the filesystem must also have room again."""
 
         def job(conn: sqlite3.Connection) -> None:
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("CREATE TABLE IF NOT EXISTS health_probe (b BLOB)")
+            conn.execute("INSERT INTO health_probe (b) VALUES (zeroblob(65536))")
+            conn.execute("DELETE FROM health_probe")
 
+        if self._full and shutil.disk_usage(self.path.parent).free < _ROOM_BYTES:
+            raise sqlite3.OperationalError("database or disk is full (no room yet)")
         await self.write(job)
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -309,8 +317,16 @@ class Database:
         try:
             outcomes = await self._in_thread(self._run_jobs, [p.job for p in batch])
         except Exception as exc:
-            self._failing, self._failed_at = True, time.monotonic()
-            log.exception("transaction failed; %d jobs not committed", len(batch))
+            now = time.monotonic()
+            self._failing, self._failed_at = True, now
+            self._full = "full" in str(exc)
+            # A store that cannot write fails every write (and every health probe) until
+            # it can: one traceback a minute, a line for the others.
+            if now - self._traceback_at >= 60.0:
+                self._traceback_at = now
+                log.exception("transaction failed; %d jobs not committed", len(batch))
+            else:
+                log.error("transaction failed; %d jobs not committed: %s", len(batch), exc)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)

@@ -54,3 +54,17 @@ async def test_a_late_pacer_still_sends_every_slot_before_the_deadline() -> None
 def test_the_baseline_message_follows_the_letters_size(body: int) -> None:
     size = len(harness._sample_envelope(body))
     assert body + 300 < size < body + 400
+
+
+def test_a_letter_that_never_verifies_counts_once_and_does_not_hold_the_drain() -> None:
+    stats = harness._Stats()
+    stats.accepted = {"L1": 0.0, "L2": 0.0}
+    stats.delivered = {"L2": 0.0}
+    stats.handed_over = {"L2": 0.0}
+    stats.unverified = {"L1", "EARLIER-RUN"}  # L1 came (maybe often) only in bad copies
+    assert harness._drained(stats)  # L1 is lost now; waiting would not change that
+    stats.unverified.add("L2")  # a bad copy of L2 before a good one: it was delivered
+    assert harness._drained(stats)
+    stats.delivered.pop("L2")
+    stats.unverified.discard("L2")
+    assert not harness._drained(stats)

@@ -319,7 +319,7 @@ async def test_a_full_disk_fails_the_whole_batch_with_its_own_error_and_keeps_no
     assert not db.write_failing
 
 
-async def test_a_store_that_failed_and_went_quiet_learns_from_a_probe_that_it_writes_again(
+async def test_a_health_probe_needs_new_pages_so_a_full_store_stays_failing(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("node.storage.db.RECOVERY_S", 0.0)
@@ -331,7 +331,13 @@ async def test_a_store_that_failed_and_went_quiet_learns_from_a_probe_that_it_wr
     with pytest.raises(sqlite3.OperationalError):
         await db.write(too_big)
     assert db.write_failing
-    await db.probe_write()  # nothing else writes: the probe is what tells
+    with pytest.raises(sqlite3.OperationalError):
+        await db.probe_write()  # still full: the probe needs new pages, and fails
+    assert db.write_failing
+    # Room again (this write commits, needing no page, and clears the flag itself); the
+    # probe now passes, and leaves nothing behind.
+    await db.write(lambda conn: conn.execute("PRAGMA max_page_count = 100000").fetchone())
+    await db.probe_write()
     assert not db.write_failing
     assert await _values(db) == []
 
