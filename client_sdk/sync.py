@@ -62,16 +62,23 @@ class _LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._closing = False
+        # Taken to submit a call and to start closing: a call submitted once close() has
+        # cancelled the others would wait for ever on the stopped loop.
+        self._lock = threading.Lock()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="chapar-sdk-loop", daemon=True
         )
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        if self.loop.is_closed():  # the client was closed: as the async client says it
-            coro.close()
-            raise _client_closed()
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        with self._lock:
+            if self._closing or self.loop.is_closed():  # as the async client says it
+                coro.close()
+                raise _client_closed()
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return self._result(future)
+
+    def _result(self, future: concurrent.futures.Future[_T]) -> _T:
         try:
             return future.result()
         except concurrent.futures.CancelledError:
@@ -86,11 +93,13 @@ class _LoopThread:
     def close(self) -> None:
         if self.loop.is_closed():
             return
-        self._closing = True
+        with self._lock:
+            self._closing = True
         # Calls other threads still wait on (a stream waiting for drafts or letters) end
         # now, each caller with CLIENT_CLOSED: once the loop stops they would wait for ever.
-        self.run(_cancel_others())
-        self.run(self.loop.shutdown_asyncgens())
+        # (New calls are refused from here on.)
+        self._result(asyncio.run_coroutine_threadsafe(_cancel_others(), self.loop))
+        self._result(asyncio.run_coroutine_threadsafe(self.loop.shutdown_asyncgens(), self.loop))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()

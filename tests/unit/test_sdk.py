@@ -1373,6 +1373,23 @@ async def test_agencies_lists_the_directory(client: ExchangeClient) -> None:
 # --- sync client ----------------------------------------------------------------------------
 
 
+def test_a_sync_call_made_while_the_client_is_closing_is_refused_not_left_waiting() -> None:
+    # close() cancels the calls under way, then stops the loop: a call submitted between
+    # the two (a reader thread slow to start) would wait for ever on the stopped loop. It
+    # is refused at once instead (seen as a reader left waiting in a loaded full run).
+    from client_sdk.sync import _LoopThread
+
+    portal = _LoopThread()
+    portal._closing = True  # close() has begun in another thread
+    try:
+        with pytest.raises(errors.ChaparError) as refused:
+            portal.run(asyncio.sleep(0))
+        assert refused.value.reason == "CLIENT_CLOSED"
+    finally:
+        portal._closing = False
+        portal.close()
+
+
 @pytest.mark.parametrize("reading", ["send_stream", "inbox"])
 async def test_a_sync_client_closed_from_another_thread_ends_a_blocked_reader(
     fake_node: tuple[FakeNode, str], reading: str
