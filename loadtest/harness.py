@@ -400,6 +400,11 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
     pending: set[asyncio.Task[None]] = set()
 
     current: ExchangeClient | None = None  # the connection the inbox is read on now
+    # Letters streamed and not yet handed over -> the connection (a number) that streamed
+    # them last: a node streams an unacknowledged letter again on a new inbox stream, never
+    # twice on one, so a repeat on the same connection is a duplicate.
+    streamed: dict[str, int] = {}
+    connection = 0
 
     async def on_current(shams: str) -> object:
         assert current is not None  # set before any letter is read
@@ -412,6 +417,7 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
                 try:
                     await acknowledge()
                     stats.handed_over.setdefault(letter.shams, time.perf_counter())
+                    streamed.pop(letter.shams, None)
                     return
                 except ChaparError as exc:
                     if exc.reason == "CLIENT_CLOSED":
@@ -427,6 +433,7 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
         try:
             async with ExchangeClient(node.address, creds, options=_FAST_RECONNECT) as b:
                 current = b
+                connection += 1
                 trust = creds.trust_store()
                 for agency in await b.agencies():
                     trust.add_certificates(agency.signing_certificates)
@@ -439,9 +446,13 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
                         else:
                             stats.misrouted.add(letter.shams)
                         continue
-                    if letter.shams in stats.handed_over:
+                    if (
+                        letter.shams in stats.handed_over
+                        or streamed.get(letter.shams) == connection
+                    ):
                         stats.duplicates += 1
                         continue
+                    streamed[letter.shams] = connection
                     if letter.shams not in stats.delivered:
                         if p.verify:
                             try:
