@@ -383,6 +383,9 @@ async def _shared_sender(i: int, shared: SharedStream, plan: _Plan) -> None:
 
     while plan.more(made):
         await window.acquire()
+        if not plan.more(made):  # others took the last slots while this one waited
+            window.release()
+            break
         draft = await plan.draft(i, made)
         made += 1
         task = asyncio.create_task(one(draft))
