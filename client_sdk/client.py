@@ -352,6 +352,16 @@ class _AttachmentFields:
             file_name=self.file_name,
         )
 
+    @property
+    def safe_file_name(self) -> str:
+        """``file_name`` as a name to save under in a directory of one's choice: its last
+        part only (the sender chose it: ``../`` or ``/etc/...`` must not lead out of that
+        directory), or ``attachment-<digest>`` when nothing usable is left."""
+        name = self.file_name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+        if name in ("", ".", ".."):
+            return f"attachment-{self.sha256.hex()[:16]}"
+        return name
+
 
 @dataclass(frozen=True, slots=True)
 class Attachment(_AttachmentFields):
@@ -370,6 +380,10 @@ class Attachment(_AttachmentFields):
     async def save(self, path: Path | str, *, timeout: float | None = None) -> Path:
         """Downloads to ``path`` (resuming ``<path>.part`` if there is one); see ``fetch``."""
         return await self._client.fetch(self.ref(), path, timeout=timeout)
+
+    async def save_into(self, directory: Path | str, *, timeout: float | None = None) -> Path:
+        """Downloads into ``directory`` under ``safe_file_name``; returns the file's path."""
+        return await self.save(Path(directory) / self.safe_file_name, timeout=timeout)
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,10 @@ class SyncAttachment(_AttachmentFields):
         """Downloads and verifies the attachment; see ``ExchangeClient.fetch``."""
         return self._client.fetch(self.ref(), path, timeout=timeout)
 
+    def save_into(self, directory: Path | str, *, timeout: float | None = None) -> Path:
+        """Downloads into ``directory`` under ``safe_file_name``; see ``Attachment``."""
+        return self.save(Path(directory) / self.safe_file_name, timeout=timeout)
+
 
 @dataclass(frozen=True, slots=True)
 class SyncLetter(_LetterFields):

@@ -119,7 +119,7 @@ async def _exchange(cluster: Cluster) -> bool:
         )
         for attachment in received.attachments:
             print(f"  attachment {attachment.uri} ({attachment.size} bytes)")
-            saved = await attachment.save(files / f"received-{attachment.file_name}")
+            saved = await attachment.save(files / f"received-{attachment.safe_file_name}")
             intact = hashlib.sha256(saved.read_bytes()).digest() == attachment.sha256
             ok = intact and saved.read_bytes() == report.read_bytes() and ok
             print(

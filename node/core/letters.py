@@ -189,6 +189,13 @@ def validate_draft(
             ref.file_name = normalise_text(
                 ref.file_name, f"{field}.file_name", max_chars=255, required=False
             )
+            # A name, not a path: recipients save attachments under it.
+            if "/" in ref.file_name or "\\" in ref.file_name or ref.file_name in (".", ".."):
+                raise _invalid(
+                    "INVALID_FILE_NAME",
+                    "file_name must be a file's name, without a directory ('/', '\\', '..')",
+                    f"{field}.file_name",
+                )
     if draft.HasField("metadata"):
         md = out.metadata
         if md.HasField("due_time") and not valid_timestamp(md.due_time):

@@ -446,6 +446,30 @@ _CASES = [
         INVALID,
         "INVALID_DOCUMENT_URI",
     ),
+    *(
+        Case(
+            f"attachment-file-name-{label}",
+            _serialized(
+                attachments=[
+                    pb.AttachmentRef(
+                        uri=f"chapar://{AGENCY_A}/documents/sha256/" + "ab" * 32,
+                        sha256=b"\xab" * 32,
+                        size=10,
+                        media_type="application/pdf",
+                        file_name=name,
+                    )
+                ]
+            ),
+            INVALID,
+            "INVALID_FILE_NAME",
+        )
+        for label, name in [
+            ("up", "../../home/svc/.bashrc"),
+            ("absolute", "/etc/cron.d/evil"),
+            ("backslash", "..\\evil.exe"),
+            ("dot-dot", ".."),
+        ]
+    ),
     Case(
         "attachment-not-held-by-the-node",
         _serialized(

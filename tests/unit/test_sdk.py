@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import client_sdk
 from client_sdk import (
+    Attachment,
     ChaparError,
     Credentials,
     Draft,
@@ -1660,3 +1661,28 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
     classes = [getattr(errors, n) for n in errors.__all__ if isinstance(getattr(errors, n), type)]
     assert len(classes) == 14
     assert all(issubclass(c, ChaparError) for c in classes)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("report.pdf", "report.pdf"),
+        ("گزارش بودجه.pdf", "گزارش بودجه.pdf"),
+        ("../../home/svc/.bashrc", ".bashrc"),
+        ("/etc/cron.d/evil", "evil"),
+        ("..\\evil.exe", "evil.exe"),
+        ("..", None),
+        ("", None),
+        ("dir/", None),
+    ],
+)
+def test_an_attachment_name_cannot_lead_out_of_the_directory_it_is_saved_into(
+    name: str, expected: str | None
+) -> None:
+    # The name comes from the sender's signed header: a sender node of another agency
+    # (or an older node, which took any name) chooses it. save_into() uses safe_file_name.
+    uri = "chapar://000.00.00.G22/documents/sha256/" + "ab" * 32
+    attachment = Attachment(uri, b"\xab" * 32, 10, "application/pdf", name, None)  # type: ignore[arg-type]
+    safe = attachment.safe_file_name
+    assert safe == (expected or "attachment-" + "ab" * 8)
+    assert (Path("/inbox") / safe).parent == Path("/inbox")
