@@ -834,11 +834,16 @@ class ExchangeClient:
                 accepted = await call.read()
                 if accepted is grpc.aio.EOF:
                     raise InternalError("the node ended the upload", reason="MALFORMED_RESPONSE")
-                async with contextlib.aclosing(read_chunks(path)) as chunks:
+                # A node that refuses mid-way ends the call: the next write learns its
+                # status (not a bare InvalidStateError "RPC already finished").
+                async with (
+                    _write_translated(call),
+                    contextlib.aclosing(read_chunks(path)) as chunks,
+                ):
                     async for chunk in chunks:
                         hasher.update(chunk)
                         await call.write(pb.UploadDocumentRequest(chunk=chunk))
-                await call.done_writing()
+                    await call.done_writing()
                 response = await call.read()
             finally:
                 call.cancel()
