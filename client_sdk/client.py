@@ -958,10 +958,17 @@ class ExchangeClient:
                 await asyncio.to_thread(part.unlink, missing_ok=True)
             raise
         out.close()
-        if offset != expected_size or hasher.digest() != expected:
-            await asyncio.to_thread(part.unlink)
+        # The bytes hashed are the ones this call wrote; the file must hold only those (a
+        # second download into the same path at once appends to the same .part).
+        try:
+            on_disk = (await asyncio.to_thread(part.stat)).st_size
+        except FileNotFoundError:  # taken away by that other download
+            on_disk = -1
+        if offset != expected_size or hasher.digest() != expected or on_disk != offset:
+            await asyncio.to_thread(part.unlink, missing_ok=True)
+            shared = "" if on_disk == offset else " (another download wrote into its file)"
             raise DataLoss(
-                f"downloaded {offset} bytes that are not the document {uri}; nothing kept",
+                f"downloaded {offset} bytes that are not the document {uri}{shared}; nothing kept",
                 reason="DIGEST_MISMATCH",
                 metadata={"uri": uri},
             )

@@ -372,6 +372,30 @@ async def test_a_corrupt_copy_of_an_agencys_own_document_is_repaired_by_uploadin
         assert hashlib.sha256(await _read(a, ref.uri)).hexdigest() == digest
 
 
+async def test_a_download_whose_file_another_writer_appends_to_is_not_kept(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    # Two downloads into one path at once append to one .part file; each hashes only the
+    # bytes it wrote, so the first to finish used to rename a mixed file into place as
+    # verified. Here the test is the other writer.
+    source = tmp_path / "big.pdf"
+    _write_random(source, 32 * 1024 * 1024)
+    out = tmp_path / "copy.pdf"
+    part = out.with_name(out.name + ".part")
+    async with _client(docs_cluster, AGENCY_B) as b:
+        _, letter = await _send_with(docs_cluster, source, b)
+        saving = asyncio.create_task(letter.attachments[0].save(out))
+        async with asyncio.timeout(30):
+            while not part.exists():  # noqa: ASYNC110  (a file, no event to wait on)
+                await asyncio.sleep(0.001)
+        with part.open("ab") as f:
+            f.write(b"written by another download")
+        with pytest.raises(DataLoss):
+            await saving
+    assert not out.exists()
+    assert not part.exists()
+
+
 async def test_corrupted_byte_in_the_recipient_copy_is_detected_and_refetched(
     docs_cluster: Cluster, tmp_path: Path
 ) -> None:
