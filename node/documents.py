@@ -27,7 +27,13 @@ from client_sdk import pb
 from client_sdk.documents import CHUNK_BYTES
 from client_sdk.errors import from_rpc_error
 from node.agency import Agency
-from node.core.documents import check_media_type, check_size, document_uri, parse_document_uri
+from node.core.documents import (
+    check_media_type,
+    check_size,
+    chunk_of,
+    document_uri,
+    parse_document_uri,
+)
 from node.core.errors import ChaparError, Code
 from node.document_store import DocumentStore, DocumentWriter
 from node.rpc.errors import abort
@@ -88,23 +94,7 @@ class Documents(pb.DocumentServiceServicer):
             try:
                 await context.write(pb.UploadDocumentResponse())  # header accepted: send on
                 async for message in request_iterator:
-                    part = message.WhichOneof("part")
-                    if part == "header":
-                        raise ChaparError(
-                            Code.INVALID_ARGUMENT,
-                            "UNEXPECTED_HEADER",
-                            "only the first message of an upload is a header",
-                            field_violations=[("header", "after the first message")],
-                        )
-                    if part is None:
-                        raise ChaparError(
-                            Code.INVALID_ARGUMENT,
-                            "UPLOAD_PART_MISSING",
-                            "a message of an upload after its header must be a chunk;"
-                            " this one has no part set",
-                            field_violations=[("chunk", "missing")],
-                        )
-                    writer.write(message.chunk)
+                    writer.write(chunk_of(message, what="an upload", missing="UPLOAD_PART_MISSING"))
                 digest, size, existed = await writer.commit()
             finally:
                 writer.discard()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from client_sdk import pb
-from node.core.documents import parse_document_uri, senders_documents
+from node.core.documents import chunk_of, parse_document_uri, senders_documents
 from node.core.errors import ChaparError, Code
 from node.rpc.errors import abort
 
@@ -183,24 +183,9 @@ class DocumentRelay:
                 )
             await self._put(transfer, first.header)
             async for message in request_iterator:
-                part = message.WhichOneof("part")
-                if part == "header":
-                    raise ChaparError(
-                        Code.INVALID_ARGUMENT,
-                        "UNEXPECTED_HEADER",
-                        "only the first message of a push is a header",
-                        field_violations=[("header", "after the first message")],
-                    )
-                if part is None:
-                    raise ChaparError(
-                        Code.INVALID_ARGUMENT,
-                        "PUSH_PART_MISSING",
-                        "a message of a push after its header must be a chunk;"
-                        " this one has no part set",
-                        field_violations=[("chunk", "missing")],
-                    )
-                await self._put(transfer, message.chunk)
-                relayed += len(message.chunk)
+                chunk = chunk_of(message, what="a push", missing="PUSH_PART_MISSING")
+                await self._put(transfer, chunk)
+                relayed += len(chunk)
             if not first.header.error_reason and transfer.offset + relayed != first.header.size:
                 # The stream ended short of (or past) the document: a cancelled call ends
                 # the request iterator like a finished one (the hub shutting down). The

@@ -21,6 +21,7 @@ __all__ = [
     "base_media_type",
     "check_media_type",
     "check_size",
+    "chunk_of",
     "document_uri",
     "parse_document_uri",
     "validate_attachments",
@@ -164,3 +165,26 @@ def validate_attachments(
             )
         check_size(ref.size, limits)
         check_media_type(ref.media_type, limits, f"{field}.media_type")
+
+
+def chunk_of(
+    message: pb.UploadDocumentRequest | pb.PushDocumentRequest, *, what: str, missing: str
+) -> bytes:
+    """The chunk a message after an upload's or a push's header must carry; a second header
+    (UNEXPECTED_HEADER) or a message with no part set (``missing``) is refused."""
+    part = message.WhichOneof("part")
+    if part == "header":
+        raise ChaparError(
+            Code.INVALID_ARGUMENT,
+            "UNEXPECTED_HEADER",
+            f"only the first message of {what} is a header",
+            field_violations=[("header", "after the first message")],
+        )
+    if part is None:
+        raise ChaparError(
+            Code.INVALID_ARGUMENT,
+            missing,
+            f"a message of {what} after its header must be a chunk; this one has no part set",
+            field_violations=[("chunk", "missing")],
+        )
+    return message.chunk

@@ -608,18 +608,21 @@ async def test_batch_or_stream_frame_over_1024_letters_is_refused_whole(cluster:
     )
     assert refusal.metadata == {"limit": "1024"}
 
-    async def stream_too_many() -> None:
-        frame = pb.StreamSubmitEnvelopesRequest(requests=requests)
-        async with _client_channel(cluster, AGENCY_A) as channel:
-            call = channel.stream_stream(
-                STREAM, request_serializer=None, response_deserializer=None
-            )()
-            await call.write(frame.SerializeToString())
-            await call.done_writing()
-            async for _ in call:
-                raise AssertionError("answered a frame over the limit")
+    frame = pb.StreamSubmitEnvelopesRequest(requests=requests)
+    await _assert_refused_on_node(
+        cluster, AGENCY_A, lambda: _stream_one_frame(cluster, frame), EXHAUSTED, "BATCH_TOO_LARGE"
+    )
 
-    await _assert_refused_on_node(cluster, AGENCY_A, stream_too_many, EXHAUSTED, "BATCH_TOO_LARGE")
+
+async def _stream_one_frame(cluster: Cluster, frame: pb.StreamSubmitEnvelopesRequest) -> None:
+    """One frame on a raw StreamSubmitEnvelopes call, half-closed; an answer is a failure
+    (the node must refuse it)."""
+    async with _client_channel(cluster, AGENCY_A) as channel:
+        call = channel.stream_stream(STREAM, request_serializer=None, response_deserializer=None)()
+        await call.write(frame.SerializeToString())
+        await call.done_writing()
+        async for _ in call:
+            raise AssertionError("answered a frame it must refuse")
 
 
 _SDK_CASES = [
@@ -1439,18 +1442,10 @@ async def test_message_over_node_limit_is_message_too_large(small: Cluster) -> N
 
     await _assert_refused_on_node(small, AGENCY_A, sdk_send, EXHAUSTED, "MESSAGE_TOO_LARGE")
 
-    async def stream_too_big() -> None:
-        frame = pb.StreamSubmitEnvelopesRequest(requests=[_request(body=b"\2" * SMALL)])
-        async with _client_channel(small, AGENCY_A) as channel:
-            call = channel.stream_stream(
-                STREAM, request_serializer=None, response_deserializer=None
-            )()
-            await call.write(frame.SerializeToString())
-            await call.done_writing()
-            async for _ in call:
-                raise AssertionError("answered an oversized frame")
-
-    await _assert_refused_on_node(small, AGENCY_A, stream_too_big, EXHAUSTED, "MESSAGE_TOO_LARGE")
+    frame = pb.StreamSubmitEnvelopesRequest(requests=[_request(body=b"\2" * SMALL)])
+    await _assert_refused_on_node(
+        small, AGENCY_A, lambda: _stream_one_frame(small, frame), EXHAUSTED, "MESSAGE_TOO_LARGE"
+    )
 
 
 async def test_connect_frame_over_hub_limit_is_message_too_large(small: Cluster) -> None:
