@@ -141,6 +141,8 @@ class _Session:
     notices_dirty: bool = True
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: set[str] = field(default_factory=set)
+    # Letters of an earlier session's window pushed again on this one (Hub._unanswered).
+    repushed: set[str] = field(default_factory=set)
     status_sent: int = -1
     directory_sent: int = 0
     notice_cadence: Cadence = field(init=False)
@@ -172,6 +174,12 @@ class Hub(pb.HubServiceServicer):
         self._revocations_from = _existing(config.revocation_file)  # what they were read from
         self._vanished_logged = False
         self._sessions: dict[str, _Session] = {}
+        # Letters pushed to an agency on a session that ended before it answered them: its
+        # node may have delivered them (its receipt lost with the stream), so they do not
+        # expire; they are pushed again, expired or not, and its node's answer decides (the
+        # answer it gave before, or a DELIVERY_FAILURE if it never had the letter and its
+        # expire_time has passed). Kept in memory: forgotten at a restart.
+        self._unanswered: dict[str, set[str]] = {}
         self._depth: dict[str, int] = {}
         self._full: set[str] = set()
         self._status_version = 0
@@ -384,6 +392,8 @@ class Hub(pb.HubServiceServicer):
             session = self._sessions.get(recipient)
             if session is not None and shams in session.inflight:
                 continue  # being delivered right now: its receipt decides
+            if shams in self._unanswered.get(recipient, ()):
+                continue  # pushed on a stream that ended: its node's answer decides
             content = evidence_content(
                 E.EVIDENCE_EVENT_EXPIRY,
                 issuer=self.identity.uri,
@@ -501,12 +511,19 @@ class Hub(pb.HubServiceServicer):
         finally:
             for pending in tasks:
                 pending.cancel()
-            session.notice_cadence.close()
-            session.delivery_cadence.close()
-            if self._sessions.get(agency) is session:
-                del self._sessions[agency]
-            HUB_CONNECTED_NODES.set(len(self._sessions))
+            self._end_session(session)
             log.info("node %s disconnected", agency)
+
+    def _end_session(self, session: _Session) -> None:
+        session.notice_cadence.close()
+        session.delivery_cadence.close()
+        agency = session.agency
+        if session.inflight:
+            self._unanswered.setdefault(agency, set()).update(session.inflight)
+            self._wake(agency, queue=True)  # a session that replaced this one
+        if self._sessions.get(agency) is session:
+            del self._sessions[agency]
+        HUB_CONNECTED_NODES.set(len(self._sessions))
 
     @staticmethod
     async def _write(session: _Session, context: grpc.aio.ServicerContext) -> None:
@@ -794,12 +811,31 @@ class Hub(pb.HubServiceServicer):
                     agency,
                     shams,
                 )
-            session.inflight.difference_update(s for _, _, s in valid)
+            answered = {s for _, _, s in valid}
+            session.inflight.difference_update(answered)
+            if unanswered := self._unanswered.get(agency):
+                unanswered.difference_update(answered)
         # Room in its delivery window: a read the window cut short left queue_dirty set.
         session.wake.set()
         return ids
 
     # -- pushing deliveries and notices -------------------------------------------------------
+
+    async def _unanswered_rows(
+        self, session: _Session, limit: int
+    ) -> list[tuple[int, str, bytes, float | None]]:
+        """Up to ``limit`` letters an earlier session of this agency left unanswered and
+        this one has not pushed yet, still queued, expired or not (see ``_unanswered``)."""
+        unanswered = self._unanswered.get(session.agency)
+        if not unanswered:
+            return []
+        numbers = sorted(unanswered - session.repushed - session.inflight)[:limit]
+        if not numbers:
+            return []
+        rows = await self.store.queued_of(session.agency, numbers)
+        unanswered.difference_update(set(numbers) - {r[1] for r in rows})  # answered, gone
+        session.queue_dirty |= len(numbers) == limit
+        return [r for r in rows if r[1] not in session.inflight]
 
     def _wake(self, agency: str, *, queue: bool = False, notices: bool = False) -> None:
         session = self._sessions.get(agency)
@@ -828,13 +864,31 @@ class Hub(pb.HubServiceServicer):
             room = window - len(session.inflight)
             if room > 0 and session.queue_dirty and session.delivery_cadence.ready():
                 session.queue_dirty = False
-                limit = min(room, _PUSH_BATCH)
-                rows = await self.store.queued(session.agency, last_queue, limit, _PUSH_FRAME_BYTES)
-                # A frame cut by the window, the batch or its size: read on at once. A letter
-                # stored meanwhile set queue_dirty itself.
-                session.queue_dirty |= rows.more
+                if again := await self._unanswered_rows(session, min(room, _PUSH_BATCH)):
+                    session.repushed.update(r[1] for r in again)
+                    room -= len(again)
+                    session.queue_dirty |= room <= 0  # the queue's turn comes with room
+                rows: Sequence[tuple[int, str, bytes, float | None]] = []
+                if room > 0:
+                    limit = min(room, _PUSH_BATCH)
+                    page = await self.store.queued(
+                        session.agency, last_queue, limit, _PUSH_FRAME_BYTES
+                    )
+                    # A frame cut by the window, the batch or its size: read on at once. A
+                    # letter stored meanwhile set queue_dirty itself.
+                    session.queue_dirty |= page.more
+                    if page:
+                        last_queue = page[-1][0]
+                    # Checked now, not at the read: the expiry loop may have passed over a
+                    # letter meanwhile, when it was not yet in the window. Nor twice in it.
+                    now = time.time()
+                    rows = [
+                        r
+                        for r in page
+                        if (r[3] is None or r[3] > now) and r[1] not in session.inflight
+                    ]
+                rows = [*again, *rows]
                 if rows:
-                    last_queue = rows[-1][0]
                     session.inflight.update(r[1] for r in rows)
                     await session.out.put(_DELIVERIES.one(ENVELOPE_BATCH.many(r[2] for r in rows)))
                     sent = True

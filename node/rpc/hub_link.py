@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from client_sdk import pb
 from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
-from client_sdk.trust import VerificationError, check_attestation
+from client_sdk.trust import VerificationError, check_attestation, seconds_of
 from node.agency import Agency
 from node.core.documents import senders_documents
 from node.core.evidence import evidence_content
@@ -393,6 +393,7 @@ class _Session:
         agency = self.agency
         me = agency.config.agency
         now = dt.datetime.now(dt.UTC)
+        now_s = now.timestamp()
         good: list[tuple[str, str, list[str], pb.Envelope]] = []
         documents: list[list[bytes]] = []  # each good letter's attachments (SHA-256)
         verified_ids: list[tuple[pb.Shams, bytes]] = []  # each good letter's number and digest
@@ -408,6 +409,11 @@ class _Session:
                 mine = [r for r in header.recipients if r.agency == me]
                 if not mine:
                     raise VerificationError("NOT_A_RECIPIENT", f"letter is not addressed to {me}")
+                if header.HasField("expire_time") and seconds_of(header.expire_time) <= now_s:
+                    # Pushed again after a lost stream (the hub holds back its EXPIRY for a
+                    # letter its recipient may have had): one this node already holds gets
+                    # its DELIVERY again (_refusals), one it never had is refused.
+                    raise VerificationError("LETTER_EXPIRED", "the letter's expire_time has passed")
             except VerificationError as exc:
                 refused.append((quoted_shams(envelope), digest, exc))
                 continue

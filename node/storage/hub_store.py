@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from client_sdk import pb
 from client_sdk.shams import format_shams
@@ -234,23 +235,37 @@ class HubStore(Store):
 
     async def queued(
         self, recipient: str, after: int, limit: int, max_bytes: int
-    ) -> Page[tuple[int, str, bytes]]:
-        """(queue id, shams, envelope) waiting for ``recipient``, in arrival order: at most
-        ``limit`` letters and ``max_bytes`` of envelopes (but always one); ``more`` if the
-        read stopped at either limit. The sizes are read first, so large letters are never
-        all loaded at once."""
+    ) -> Page[tuple[int, str, bytes, float | None]]:
+        """(queue id, shams, envelope, expire_at) waiting for ``recipient`` and not expired
+        when read, in arrival order: at most ``limit`` letters and ``max_bytes`` of
+        envelopes (but always one); ``more`` if the read stopped at either limit. The sizes
+        are read first, so large letters are never all loaded at once."""
         waiting = (
             "FROM queue q JOIN envelopes e ON e.shams = q.shams "
             "WHERE q.recipient = ? AND q.id > ? AND (q.expire_at IS NULL OR q.expire_at > ?) "
         )
         page = await self.db.fetch_page(
             f"SELECT q.id, length(e.envelope) {waiting} ORDER BY q.id LIMIT ?",
-            f"SELECT q.id, q.shams, e.envelope {waiting} AND q.id <= ? ORDER BY q.id LIMIT ?",
+            f"SELECT q.id, q.shams, e.envelope, q.expire_at {waiting} AND q.id <= ?"
+            " ORDER BY q.id LIMIT ?",
             (recipient, after, time.time()),
             limit,
             max_bytes,
         )
-        return Page([(int(r[0]), str(r[1]), bytes(r[2])) for r in page], page.more)
+        return Page([_queued_row(r) for r in page], page.more)
+
+    async def queued_of(
+        self, recipient: str, numbers: Sequence[str]
+    ) -> list[tuple[int, str, bytes, float | None]]:
+        """The rows ``queued`` gives for those of ``numbers`` still queued for
+        ``recipient``, expired or not, in arrival order."""
+        rows = await self.db.fetchall_in(
+            "SELECT q.id, q.shams, e.envelope, q.expire_at FROM queue q"
+            " JOIN envelopes e ON e.shams = q.shams WHERE q.recipient = ? AND q.shams IN ({marks})",
+            numbers,
+            (recipient,),
+        )
+        return sorted(_queued_row(r) for r in rows)
 
     async def depths(self) -> dict[str, int]:
         """Queue depth per recipient (read once at start; the hub counts from there)."""
@@ -458,3 +473,7 @@ def _relay_evidence(conn: sqlite3.Connection, shams: str, kept: bytes) -> list[p
         (shams, pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE),
     ).fetchall()
     return [pb.Evidence.FromString(r[0]) for r in rows]
+
+
+def _queued_row(row: Sequence[Any]) -> tuple[int, str, bytes, float | None]:
+    return int(row[0]), str(row[1]), bytes(row[2]), None if row[3] is None else float(row[3])

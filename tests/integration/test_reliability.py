@@ -366,6 +366,42 @@ async def test_letter_not_delivered_before_expire_time_yields_expiry_evidence(
         assert count(cluster, f"node-{B}", "SELECT count(*) FROM inbox") == 0
 
 
+async def test_a_letter_pushed_to_a_node_that_vanished_gets_the_nodes_answer_not_an_expiry(
+    tmp_path: Path,
+) -> None:
+    # The hub pushed the letter to B's node, which froze before it answered, then died:
+    # it may have delivered the letter (its receipt lost with the stream). The hub used to
+    # expire it once the stream was gone, an EXPIRY that a DELIVERY from B's node could
+    # contradict. Now it waits for B's node, pushes the letter again though it has
+    # expired, and B's node, which never stored it, refuses it as expired.
+    async with started(tmp_path, hub_settings="expiry_interval_s = 0.2") as cluster:
+        cluster.nodes[B].pause()  # connected, reading nothing
+        expire = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
+        (receipt,) = (await send_all(cluster, drafts(1, expire_time=expire))).values()
+        await asyncio.sleep(3.0)  # expired, and several expiry rounds
+        expiries = "SELECT count(*) FROM evidence WHERE event = ?"
+        expiry_event = (E.EVIDENCE_EVENT_EXPIRY,)
+        assert count(cluster, "hub", expiries, expiry_event) == 0  # in flight: waits
+        cluster.nodes[B].kill()  # the stream is gone, the answer unknown
+        await asyncio.sleep(1.5)
+        assert count(cluster, "hub", expiries, expiry_event) == 0
+        cluster.nodes[B].start()
+        await cluster.nodes[B].wait_ready()
+        async with client(cluster, A) as a:
+            deadline = time.monotonic() + 30
+            while (tracking := await a.track(receipt.shams)).statuses.get(B) != "FAILED":
+                assert time.monotonic() < deadline, tracking.statuses
+                await asyncio.sleep(0.2)
+            verified = tracking.verify(cluster.credentials(A).trust_store())
+        assert [(v.event, v.reason) for v in verified if v.event == "DELIVERY_FAILURE"] == [
+            ("DELIVERY_FAILURE", "LETTER_EXPIRED")
+        ]
+        assert not [v for v in verified if v.event in ("EXPIRY", "DELIVERY")]
+        assert count(cluster, "hub", expiries, expiry_event) == 0
+        assert count(cluster, "hub", "SELECT count(*) FROM queue") == 0
+        assert count(cluster, f"node-{B}", "SELECT count(*) FROM inbox") == 0
+
+
 # -- 5. a full queue ----------------------------------------------------------------------------
 
 

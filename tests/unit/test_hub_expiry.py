@@ -5,6 +5,8 @@ a real HubStore and stand-ins for the rest of the hub."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import time
@@ -17,7 +19,7 @@ import pytest
 from client_sdk import pb
 from client_sdk.shams import format_shams
 from node.core.evidence import evidence_content
-from node.hub import _EXPIRY_PAGE, Hub
+from node.hub import _EXPIRY_PAGE, Hub, _Session
 from node.storage.hub_store import HubStore, IncomingLetter
 
 SENDER, BUSY, QUIET = "000.00.00.G22", "10101010101", "MOF.IR"
@@ -68,6 +70,7 @@ def _hub(store: HubStore, inflight: dict[str, set[str]]) -> SimpleNamespace:
             sign_evidence=lambda contents: [pb.Evidence(content=c) for c in contents]
         ),
         _sessions={agency: SimpleNamespace(inflight=s) for agency, s in inflight.items()},
+        _unanswered={},
         counted=[],
     )
     hub._sign = lambda content: Hub._sign(hub, content)  # type: ignore[arg-type]
@@ -90,3 +93,105 @@ async def test_expired_letters_being_delivered_do_not_hold_up_other_queues(
     left: Sequence[tuple[str, str, bytes, str, object]] = await store.expired(time.time(), 10_000)
     assert {row[0] for row in left} == {BUSY}
     assert len(left) == len(busy)
+
+
+# -- expiry against a push: never both an EXPIRY and a delivery ---------------------------------
+
+
+class _Pushing:
+    """The stand-in hub's parts ``Hub._push`` and ``Hub._end_session`` use."""
+
+    @staticmethod
+    def add_to(hub: SimpleNamespace) -> None:
+        hub.config = SimpleNamespace(delivery_window=1024)
+        hub.directory = SimpleNamespace(version=0)
+        hub._status_version = -1
+        hub._unanswered_rows = lambda session, limit: Hub._unanswered_rows(hub, session, limit)  # type: ignore[arg-type]
+
+
+def _session(recipient: str) -> _Session:
+    return _Session(recipient, None)  # type: ignore[arg-type]  # no certificate needed here
+
+
+async def _pushed(hub: SimpleNamespace, session: _Session, wait_s: float = 0.5) -> list[str]:
+    """The numbers ``Hub._push`` sends on ``session`` within ``wait_s``."""
+    pusher = asyncio.create_task(Hub._push(hub, session))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(wait_s)
+    finally:
+        pusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pusher
+    numbers = []
+    while not session.out.empty():
+        frame = session.out.get_nowait()
+        assert isinstance(frame, bytes)  # a spliced deliveries frame
+        response = pb.ConnectResponse.FromString(frame)
+        for envelope in response.deliveries.envelopes:
+            header = pb.EnvelopeHeader.FromString(envelope.header)
+            numbers.append(format_shams(header.shams))
+    return numbers
+
+
+async def _expiries_stored(store: HubStore) -> int:
+    row = await store.db.fetchone(
+        "SELECT count(*) FROM evidence WHERE event = ?", (E.EVIDENCE_EVENT_EXPIRY,)
+    )
+    assert row is not None
+    return int(row[0])
+
+
+async def test_a_letter_the_expiry_passes_over_while_its_push_is_read_is_not_pushed(
+    store: HubStore,
+) -> None:
+    # The pusher reads a page (the letter not yet expired); before it puts the letter in
+    # the window, the expiry loop reads it as expired and not in flight, and expires it.
+    # The pusher used to send it anyway: the sender got an EXPIRY and the recipient the
+    # letter, which the sender was told it would not get.
+    letter = _letter(1, BUSY, time.time() + 0.3)
+    await store.accept([letter], _relay)
+    session = _session(BUSY)
+    hub = _hub(store, {})
+    _Pushing.add_to(hub)
+    hub._sessions[BUSY] = session
+    expired: list[int] = []
+
+    class SlowRead:
+        def __getattr__(self, name: str) -> object:
+            return getattr(store, name)
+
+        async def queued(self, *args: object) -> object:
+            page = await store.queued(*args)  # type: ignore[arg-type]
+            await asyncio.sleep(max(0.0, letter.expire_at - time.time()) + 0.05)  # type: ignore[operator]
+            expired.append(await Hub.expire_due(hub))  # type: ignore[arg-type]
+            return page
+
+    hub.store = SlowRead()
+    pushed = await _pushed(hub, session)
+    assert expired[:1] == [1]
+    assert await _expiries_stored(store) == 1
+    assert pushed == []
+
+
+async def test_a_letter_left_unanswered_by_a_lost_stream_does_not_expire_and_is_pushed_again(
+    store: HubStore,
+) -> None:
+    # Pushed, then the stream was lost before the recipient's receipt came: its node may
+    # have delivered it. It used to expire once out of the window, an EXPIRY the node's
+    # DELIVERY could contradict; now it is pushed again, expired or not, and the node's
+    # answer decides.
+    letter = _letter(1, BUSY, time.time() + 0.3)
+    await store.accept([letter], _relay)
+    hub = _hub(store, {})
+    _Pushing.add_to(hub)
+    first = hub._sessions[BUSY] = _session(BUSY)
+    assert await _pushed(hub, first) == [letter.shams]
+    Hub._end_session(hub, first)  # type: ignore[arg-type]
+    assert BUSY not in hub._sessions
+    await asyncio.sleep(max(0.0, letter.expire_at - time.time()) + 0.05)  # type: ignore[operator]
+    assert await Hub.expire_due(hub) == 0  # type: ignore[arg-type]
+    assert await _expiries_stored(store) == 0
+    second = hub._sessions[BUSY] = _session(BUSY)
+    assert await _pushed(hub, second) == [letter.shams]  # expired, but pushed again
+    assert await _pushed(hub, second, 0.1) == []  # once a session
+    assert letter.shams in hub._unanswered[BUSY]  # until its answer comes

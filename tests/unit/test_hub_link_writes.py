@@ -8,6 +8,7 @@ handler blocked, we stopped reading, and both ends waited for each other for goo
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 from google.protobuf.message import DecodeError
@@ -208,4 +209,50 @@ async def test_a_letter_delivered_again_that_now_fails_its_checks_gets_its_first
     assert [c.event for c in signed] == [pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE]
     assert signed[0].shams.sequence == 2
     assert [shams for shams, _ in store.issued] == ["000.00.00.G01/O/2026/0000002"]
+    assert len(session.pending_receipts) == 2
+
+
+async def test_a_letter_that_arrives_after_its_expire_time_is_refused_unless_held_already() -> None:
+    # The hub pushes a letter again after a lost stream even once it has expired (it holds
+    # back its EXPIRY: the node may have had it). The node answers DELIVERY again for one
+    # it holds, and refuses one it never had, instead of delivering an expired letter.
+    me = "000.00.00.G02"
+
+    def letter(n: int, expire_s: float) -> tuple[pb.Envelope, pb.EnvelopeHeader]:
+        header = pb.EnvelopeHeader(
+            shams=pb.Shams(
+                origin="000.00.00.G01", domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=n
+            )
+        )
+        header.sender.agency = "000.00.00.G01"
+        header.recipients.add(agency=me)
+        header.expire_time.FromSeconds(int(time.time() + expire_s))
+        return pb.Envelope(header=header.SerializeToString()), header
+
+    (held, held_header), (never, never_header) = letter(1, -10), letter(2, -10)
+    earlier = pb.Evidence(content=b"the DELIVERY it got the first time")
+    store = _AnsweringStore(sha256(held.header), earlier)
+    signed: list[pb.EvidenceContent] = []
+
+    def sign_evidence(content: bytes) -> pb.Evidence:
+        signed.append(pb.EvidenceContent.FromString(content))
+        return pb.Evidence(content=content)
+
+    headers = {held.header: held_header, never.header: never_header}
+    agency = SimpleNamespace(
+        config=SimpleNamespace(agency=me),
+        identity=SimpleNamespace(uri=f"urn:chapar:agency:{me}"),
+        trust=SimpleNamespace(
+            verify_envelopes=lambda envelopes: [headers[e.header] for e in envelopes]
+        ),
+        store=store,  # no store_incoming: nothing may be delivered
+        sign_evidence=sign_evidence,
+    )
+    link = SimpleNamespace(agency=agency, _wake=asyncio.Event(), _stopping=False)
+    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+    await session._deliveries([held, never])
+    assert session.pending_receipts[0] == earlier.SerializeToString()
+    assert [(c.event, c.reason, c.shams.sequence) for c in signed] == [
+        (pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE, "LETTER_EXPIRED", 2)
+    ]
     assert len(session.pending_receipts) == 2

@@ -1053,7 +1053,7 @@ async def test_hub_accepts_a_letter_once_and_returns_the_original_relay_evidence
     assert await _hub_state(hub, letter.shams, ORIGIN) is None  # not one
     assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.RELAYED
     queued = await hub.queued(RECIPIENT_B, 0, 10, 1 << 20)
-    assert [(s, env) for _, s, env in queued] == [(letter.shams, letter.envelope)]
+    assert [(s, env) for _, s, env, _ in queued] == [(letter.shams, letter.envelope)]
 
 
 async def test_hub_accepts_a_letter_twice_in_one_batch_once(hub: HubStore) -> None:
@@ -1196,7 +1196,9 @@ async def test_hub_queue_survives_a_restart(tmp_path: Path) -> None:
     second = await HubStore.open(path)
     try:
         assert await second.queue_depth() == 2
-        assert [s for _, s, _ in await second.queued(RECIPIENT_C, 0, 10, 1 << 20)] == [letter.shams]
+        assert [s for _, s, _, _ in await second.queued(RECIPIENT_C, 0, 10, 1 << 20)] == [
+            letter.shams
+        ]
     finally:
         await second.close()
 
@@ -1330,13 +1332,13 @@ async def test_hub_queue_reads_stop_at_the_byte_limit_and_go_on_from_there(
     await hub.accept(letters, RelayMaker())
     size = len(letters[0].envelope)
     first = await hub.queued(RECIPIENT_B, 0, 10, 2 * size)
-    assert [s for _, s, _ in first] == [lt.shams for lt in letters[:2]]
+    assert [s for _, s, _, _ in first] == [lt.shams for lt in letters[:2]]
     assert first.more  # cut by size: the pusher reads on at once
     rest = await hub.queued(RECIPIENT_B, first[-1][0], 10, 1)  # below one letter: one
-    assert [s for _, s, _ in rest] == [letters[2].shams]
+    assert [s for _, s, _, _ in rest] == [letters[2].shams]
     assert rest.more
     tail = await hub.queued(RECIPIENT_B, rest[-1][0], 10, 100 * size)
-    assert [env for _, _, env in tail] == [lt.envelope for lt in letters[3:]]
+    assert [env for _, _, env, _ in tail] == [lt.envelope for lt in letters[3:]]
     assert not tail.more  # all there was: the pusher waits for a signal
     cut = await hub.queued(RECIPIENT_B, 0, 5, 100 * size)
     assert len(cut) == 5
