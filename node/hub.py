@@ -769,11 +769,13 @@ class Hub(pb.HubServiceServicer):
         agency = session.agency
         valid: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
         ids: list[str] = []
+        unverified: VerificationError | None = None
         for item, content in zip(evidence, self.trust.verify_evidence_many(evidence), strict=True):
             if isinstance(content, VerificationError):
                 count_verification_failure("evidence", content.reason)
                 log.warning("receipt from %s refused: %s %s", agency, content.reason, content)
                 count_rejection(Code.INVALID_ARGUMENT.name, content.reason)
+                unverified = content
                 continue
             try:
                 shams = format_shams(content.shams)
@@ -815,6 +817,15 @@ class Hub(pb.HubServiceServicer):
             session.inflight.difference_update(answered)
             if unanswered := self._unanswered.get(agency):
                 unanswered.difference_update(answered)
+        if unverified is not None:
+            # Its letter would stay in the delivery window, unanswered, for the stream's
+            # life: end the stream, so that it is pushed again on the next one (and answered
+            # again, verifiably once this hub knows the key, say after a config reload).
+            raise ChaparError(
+                Code.INVALID_ARGUMENT,
+                "RECEIPT_UNVERIFIED",
+                f"a receipt does not verify: {unverified.reason} {unverified}",
+            )
         # Room in its delivery window: a read the window cut short left queue_dirty set.
         session.wake.set()
         return ids

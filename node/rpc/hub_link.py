@@ -15,8 +15,8 @@ import contextlib
 import datetime as dt
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["HubLink"]
 
 log = logging.getLogger("chapar.link")
+T = TypeVar("T")
+R = TypeVar("R")
 E = pb.EvidenceEvent
 _INITIAL_BACKOFF_S = 0.2
 _RECEIPT_BATCH = 256
@@ -53,6 +55,10 @@ _RELAY = Field(pb.ConnectRequest, "envelopes")
 _RECEIPTS = Field(pb.ConnectRequest, "receipts")
 # Receipts in one frame at most.
 _RECEIPT_FRAME = 1024
+# Failures a newer directory may mend (a signing key or CA added since this node read it:
+# a key rotated at another agency, or at the hub), and how often they refetch it at most.
+_DIRECTORY_MENDS = frozenset({"SIGNER_UNKNOWN", "CERTIFICATE_UNTRUSTED"})
+_REFETCH_EVERY_S = 1.0
 
 
 class HubLink:
@@ -65,6 +71,8 @@ class HubLink:
         self._stub: pb.HubServiceStub | None = None
         self.document_store: DocumentStore | None = None
         self._pushes: set[asyncio.Task[None]] = set()
+        self._refetch = asyncio.Lock()
+        self._refetched_at = -_REFETCH_EVERY_S
 
     @property
     def stub(self) -> pb.HubServiceStub | None:
@@ -100,6 +108,38 @@ class HubLink:
         response = await self._stub.GetDirectory(pb.GetDirectoryRequest(), timeout=30)
         await self.agency.set_directory(response.directory)
 
+    async def verified(
+        self,
+        items: Sequence[T],
+        verify: Callable[[Sequence[T]], list[R | VerificationError]],
+    ) -> list[R | VerificationError]:
+        """``verify(items)``, with those that fail for a signing key or CA this node does
+        not know verified again after a fresh directory: the hub sends a directory update
+        when one changes, but a letter or evidence signed with the new key may be read
+        before it is applied (frames are handled concurrently), and would otherwise be
+        refused for good. The directory is fetched at most once a ``_REFETCH_EVERY_S``."""
+        results = verify(items)
+        stale = [
+            i
+            for i, r in enumerate(results)
+            if isinstance(r, VerificationError) and r.reason in _DIRECTORY_MENDS
+        ]
+        if not stale or self._stub is None:
+            return results
+        async with self._refetch:  # one fetch for every frame that failed meanwhile
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._refetched_at >= _REFETCH_EVERY_S:
+                try:
+                    await self.refresh_directory()
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("directory refetch failed: %s", exc.code().name)
+                    return results
+                finally:
+                    self._refetched_at = loop.time()
+        for i, again in zip(stale, verify([items[i] for i in stale]), strict=True):
+            results[i] = again
+        return results
+
     async def run(self) -> None:
         """Keeps a stream to the hub up until stopped: exponential backoff with full jitter."""
         backoff = _INITIAL_BACKOFF_S
@@ -111,6 +151,8 @@ class HubLink:
                 raise
             except grpc.aio.AioRpcError as exc:
                 log.warning("hub stream ended: %s %s", exc.code().name, exc.details())
+            except VerificationError as exc:
+                log.error("hub stream ended: %s %s", exc.reason, exc)
             except Exception:
                 log.exception("hub stream failed")
             finally:
@@ -345,15 +387,14 @@ class _Session:
             )
         self._wake()
 
-    def _verify(
+    async def _verify(
         self, evidence: Sequence[pb.Evidence]
     ) -> list[tuple[pb.Evidence, pb.EvidenceContent, str]]:
         """The evidence that verifies, with its content and its SHAMS number as text ("" if
         it names none); the rest is counted and logged."""
         out = []
-        for item, content in zip(
-            evidence, self.agency.trust.verify_evidence_many(evidence), strict=True
-        ):
+        checked = await self.link.verified(evidence, self.agency.trust.verify_evidence_many)
+        for item, content in zip(evidence, checked, strict=True):
             try:
                 if isinstance(content, VerificationError):
                     raise content
@@ -366,7 +407,8 @@ class _Session:
 
     async def _relay_results(self, evidence: Sequence[pb.Evidence]) -> None:
         items = []
-        for item, content, text in self._verify(evidence):
+        verified = await self._verify(evidence)
+        for item, content, text in verified:
             shams = self.relaying.pop(content.envelope_sha256, None) or text
             if not shams:
                 continue
@@ -375,9 +417,15 @@ class _Session:
             items.append((item, content, shams))
         if items:
             await self.agency.store.record_sender_evidence(items)
+        if len(verified) < len(evidence):
+            # Its letters would stay in the window, unanswered, until the stream ends: end
+            # it now, so that they go again (answered as before) on the next one.
+            raise VerificationError(
+                "RELAY_RESULT_UNVERIFIED", "a relay result from the hub does not verify"
+            )
 
     async def _evidence(self, evidence: Sequence[pb.Evidence]) -> None:
-        verified = self._verify(evidence)
+        verified = await self._verify(evidence)
         items = [(e, c, shams) for e, c, shams in verified if shams]
         if items:
             await self.agency.store.record_sender_evidence(items)
@@ -398,9 +446,8 @@ class _Session:
         documents: list[list[bytes]] = []  # each good letter's attachments (SHA-256)
         verified_ids: list[tuple[pb.Shams, bytes]] = []  # each good letter's number and digest
         refused: list[tuple[pb.Shams | None, bytes, VerificationError]] = []
-        for envelope, verified in zip(
-            envelopes, agency.trust.verify_envelopes(envelopes), strict=True
-        ):
+        checked = await self.link.verified(envelopes, agency.trust.verify_envelopes)
+        for envelope, verified in zip(envelopes, checked, strict=True):
             digest = sha256(envelope.header)
             try:
                 if isinstance(verified, VerificationError):

@@ -11,12 +11,13 @@ import asyncio
 import time
 from types import SimpleNamespace
 
+import pytest
 from google.protobuf.message import DecodeError
 
 from client_sdk import pb
 from client_sdk.signing import sha256
 from client_sdk.trust import VerificationError
-from node.rpc.hub_link import _Session
+from node.rpc.hub_link import HubLink, _Session
 from node.storage.node_store import StoredEvidence
 
 
@@ -110,7 +111,7 @@ async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_no
         stored.extend(c.evidence_id for _, c, _ in items)
 
     agency = SimpleNamespace(trust=_Trust(), store=SimpleNamespace(record_sender_evidence=record))
-    link = SimpleNamespace(agency=agency, _wake=asyncio.Event(), _stopping=False)
+    link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
     session = _Session(link, _StuckCall())  # type: ignore[arg-type]
     garbage = pb.Evidence(content=b"\xff\xff\xff")
     bad_number = _evidence("e3", HUB)  # signed, but about no valid SHAMS number
@@ -202,7 +203,7 @@ async def test_a_letter_delivered_again_that_now_fails_its_checks_gets_its_first
         store=store,
         sign_evidence=sign_evidence,
     )
-    link = SimpleNamespace(agency=agency, _wake=asyncio.Event(), _stopping=False)
+    link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
     session = _Session(link, _StuckCall())  # type: ignore[arg-type]
     await session._deliveries([seen, unseen])
     assert session.pending_receipts[0] == earlier.SerializeToString()
@@ -248,7 +249,7 @@ async def test_a_letter_that_arrives_after_its_expire_time_is_refused_unless_hel
         store=store,  # no store_incoming: nothing may be delivered
         sign_evidence=sign_evidence,
     )
-    link = SimpleNamespace(agency=agency, _wake=asyncio.Event(), _stopping=False)
+    link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
     session = _Session(link, _StuckCall())  # type: ignore[arg-type]
     await session._deliveries([held, never])
     assert session.pending_receipts[0] == earlier.SerializeToString()
@@ -256,3 +257,99 @@ async def test_a_letter_that_arrives_after_its_expire_time_is_refused_unless_hel
         (pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE, "LETTER_EXPIRED", 2)
     ]
     assert len(session.pending_receipts) == 2
+
+
+class _Refetching(HubLink):
+    """A connected link whose directory fetch teaches its trust the new key."""
+
+    def __init__(self, agency: SimpleNamespace) -> None:
+        super().__init__(agency, None)  # type: ignore[arg-type]
+        self._stub = object()  # type: ignore[assignment]
+        self.fetches = 0
+
+    async def refresh_directory(self) -> None:
+        self.fetches += 1
+        self.agency.trust.knows_new_key = True
+
+
+async def test_a_letter_signed_with_a_key_newer_than_the_nodes_directory_is_delivered() -> None:
+    # A sender agency rotated its signing key; the hub sends a directory update, but a
+    # letter signed with the new key can be read before the node has applied it (frames
+    # are handled concurrently). It used to get a DELIVERY_FAILURE (SIGNER_UNKNOWN) for
+    # good; the node now fetches the directory (once for the frames failing meanwhile)
+    # and verifies it again.
+    me = "000.00.00.G02"
+
+    def letter(n: int) -> tuple[pb.Envelope, pb.EnvelopeHeader]:
+        header = pb.EnvelopeHeader(
+            shams=pb.Shams(
+                origin="000.00.00.G01", domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=n
+            )
+        )
+        header.sender.agency = "000.00.00.G01"
+        header.recipients.add(agency=me)
+        return pb.Envelope(header=header.SerializeToString()), header
+
+    trust = SimpleNamespace(knows_new_key=False)
+    headers: dict[bytes, pb.EnvelopeHeader] = {}
+
+    def verify_envelopes(
+        envelopes: list[pb.Envelope],
+    ) -> list[pb.EnvelopeHeader | VerificationError]:
+        if not trust.knows_new_key:
+            return [VerificationError("SIGNER_UNKNOWN", "no such key")] * len(envelopes)
+        return [headers[e.header] for e in envelopes]
+
+    trust.verify_envelopes = verify_envelopes
+    stored: list[str] = []
+
+    async def store_incoming(
+        good: list[tuple[str, str, list[str], pb.Envelope]], *_: object
+    ) -> list[StoredEvidence]:
+        stored.extend(shams for shams, _, _, _ in good)
+        return []
+
+    signed: list[bytes] = []
+    agency = SimpleNamespace(
+        config=SimpleNamespace(agency=me),
+        identity=SimpleNamespace(uri=f"urn:chapar:agency:{me}"),
+        trust=trust,
+        store=SimpleNamespace(store_incoming=store_incoming),
+        sign_evidence=lambda content: signed.append(content),
+        notify_inbox=lambda: None,
+        signer=SimpleNamespace(seal_evidence=None),
+    )
+    link = _Refetching(agency)
+    session = _Session(link, _StuckCall())
+    for n in (1, 2):
+        envelope, headers_n = letter(n)
+        headers[envelope.header] = headers_n
+        await session._deliveries([envelope])
+    assert stored == ["000.00.00.G01/O/2026/0000001", "000.00.00.G01/O/2026/0000002"]
+    assert signed == []  # no DELIVERY_FAILURE
+    assert link.fetches == 1  # the second frame verified with the directory fetched
+
+
+async def test_relay_results_that_do_not_verify_end_the_stream_instead_of_filling_the_window() -> (
+    None
+):
+    # The letters of relay results that do not verify stayed in the window, unanswered,
+    # until the stream ended some other way: a few frames of them stopped every letter.
+    # After a fresh directory has not mended them, the stream ends, and the next one
+    # sends those letters again.
+    evidence = _evidence("r1", "urn:chapar:hub:impostor")
+    agency = SimpleNamespace(
+        trust=SimpleNamespace(
+            knows_new_key=False,
+            verify_evidence_many=lambda items: (
+                [VerificationError("SIGNER_UNKNOWN", "no")] * len(items)
+            ),
+        ),
+        store=SimpleNamespace(),
+    )
+    link = _Refetching(agency)
+    session = _Session(link, _StuckCall())
+    with pytest.raises(VerificationError) as raised:
+        await session._relay_results([evidence])
+    assert raised.value.reason == "RELAY_RESULT_UNVERIFIED"
+    assert link.fetches == 1

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from client_sdk import pb
 from node.core.errors import ChaparError, Code
 from node.hub import Hub
@@ -83,3 +85,54 @@ async def test_a_frame_with_a_refused_letter_keeps_its_place_in_the_queue() -> N
     rejection = pb.EvidenceContent.FromString(first[1].content)
     assert rejection.event == pb.EVIDENCE_EVENT_RELAY_REJECTION
     assert rejection.reason == "RECIPIENT_SUSPENDED"
+
+
+async def test_a_receipt_that_does_not_verify_ends_the_stream_after_the_others_are_kept() -> None:
+    # Its letter stayed in the delivery window, unanswered, for the stream's life: a window
+    # of them stopped the recipient's deliveries. Now the stream ends (the letter is pushed
+    # again on the next one); the receipts that verified are kept first.
+    from client_sdk.trust import VerificationError
+    from node.hub import _Session
+
+    def receipt(sequence: int, issuer: str) -> pb.Evidence:
+        content = pb.EvidenceContent(
+            evidence_id=f"d{sequence}",
+            issuer=issuer,
+            event=pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
+            recipient=RECIPIENT,
+            shams=pb.Shams(
+                origin="000.00.00.G01",
+                domain=pb.SHAMS_DOMAIN_OUTGOING,
+                year=2026,
+                sequence=sequence,
+            ),
+        )
+        return pb.Evidence(content=content.SerializeToString())
+
+    def verify_evidence_many(items: list[pb.Evidence]) -> list[object]:
+        out: list[object] = []
+        for item in items:
+            content = pb.EvidenceContent.FromString(item.content)
+            ok = content.issuer == f"urn:chapar:agency:{RECIPIENT}"
+            out.append(content if ok else VerificationError("SIGNER_UNKNOWN", "no such key"))
+        return out
+
+    recorded: list[str] = []
+
+    async def record_receipts(agency: str, items: Sequence[Any], on_commit: Any) -> Any:
+        recorded.extend(shams for _, _, shams in items)
+        return [], 0, []
+
+    hub = SimpleNamespace(
+        trust=SimpleNamespace(verify_evidence_many=verify_evidence_many),
+        store=SimpleNamespace(record_receipts=record_receipts),
+        _unanswered={},
+    )
+    session = _Session(RECIPIENT, None)  # type: ignore[arg-type]
+    session.inflight.update({"000.00.00.G01/O/2026/0000001", "000.00.00.G01/O/2026/0000002"})
+    frame = [receipt(1, f"urn:chapar:agency:{RECIPIENT}"), receipt(2, "urn:chapar:agency:X")]
+    with pytest.raises(ChaparError) as raised:  # the stream ends
+        await Hub._receipts(hub, session, frame)  # type: ignore[arg-type]
+    assert (raised.value.code, raised.value.reason) == (Code.INVALID_ARGUMENT, "RECEIPT_UNVERIFIED")
+    assert recorded == ["000.00.00.G01/O/2026/0000001"]
+    assert session.inflight == {"000.00.00.G01/O/2026/0000002"}
