@@ -1174,8 +1174,10 @@ class SharedStream:
     of ``async with``), which waits for the drafts already given. If the stream breaks,
     every draft sent on it and not yet answered raises the error; a ``Draft`` keeps its
     ``request_id``, so sending it again is safe (the node returns the original receipt).
-    Drafts given meanwhile go on a new stream. A draft whose caller was cancelled before
-    the stream took it is not sent; the stream takes drafts up to a few frames
+    Drafts given meanwhile go on a new stream, unless ``aclose`` has begun: then the drafts
+    not yet taken raise ``Unavailable`` (reason ``STREAM_ENDED``; they were not sent, and
+    sending them again is safe). A draft whose caller was cancelled before the stream
+    took it is not sent; the stream takes drafts up to a few frames
     (``batch_size * max_in_flight``) ahead of the wire, so one taken already may still be
     sent, and accepted, under its ``request_id`` (sending it again returns that receipt).
     Each draft is checked (``Draft.to_request``) in ``send``, so a bad
@@ -1200,6 +1202,7 @@ class SharedStream:
         self._taken = 0  # drafts taken from the queue onto a stream, ever
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
+        self._broken: BaseException | None = None  # what ended the last stream, if any
 
     async def __aenter__(self) -> SharedStream:
         return self
@@ -1226,10 +1229,17 @@ class SharedStream:
         self._queue.put_nowait(None)
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
-        while not self._queue.empty():  # given after a break, with no stream to go on
+        # Given before the stream broke under it, and not taken: no new stream opens once
+        # closing, so they were not sent (sending them again is safe).
+        while not self._queue.empty():
             item = self._queue.get_nowait()
-            if item is not None and not item[1].done():
-                item[1].set_exception(RuntimeError("the shared stream is closed"))
+            if item is not None:
+                error = Unavailable(
+                    "the stream broke while the shared stream was closing: the draft was not sent",
+                    reason="STREAM_ENDED",
+                )
+                error.__cause__ = self._broken
+                _settle(item[1], error)
 
     async def _drafts(self) -> AsyncIterator[_Ready]:
         while (item := await self._queue.get()) is not None:
@@ -1253,6 +1263,7 @@ class SharedStream:
                 async for result in stream:
                     _settle(self._sent.popleft(), result)
         except BaseException as exc:
+            self._broken = exc
             while self._sent:
                 _settle(self._sent.popleft(), exc)
             if not isinstance(exc, Exception):

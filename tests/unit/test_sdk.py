@@ -959,6 +959,27 @@ async def test_shared_stream_break_fails_the_unanswered_and_the_next_send_reopen
     assert [[r.draft.subject for r in f.requests] for f in fake.frames] == [["a"], ["b"], ["b"]]
 
 
+async def test_shared_stream_break_while_closing_fails_the_queued_drafts_retryably(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    # aclose() waits for the drafts given before it; the stream breaks under the first
+    # frame, and no new stream opens once closing. The drafts it had not taken were not
+    # sent: their callers learn the stream ended (retryable), not a bare RuntimeError.
+    fake = fake_node[0]
+    fake.break_stream_at = 1
+    drafts = [Draft(to=[OTHER], subject=f"q{i}") for i in range(12)]
+    shared = client.shared_stream(batch_size=1, max_in_flight=1)
+    sends = [asyncio.create_task(shared.send(d)) for d in drafts]
+    await asyncio.sleep(0)  # every draft is queued
+    await shared.aclose()
+    outcomes = await asyncio.gather(*sends, return_exceptions=True)
+    assert all(isinstance(o, errors.Unavailable) and o.retryable for o in outcomes), outcomes
+    last = outcomes[-1]  # never taken: the stream broke at the first frame
+    assert isinstance(last, errors.Unavailable)
+    assert last.reason == "STREAM_ENDED"
+    assert len(fake.frames) == 1
+
+
 async def test_shared_stream_does_not_send_a_draft_whose_caller_gave_up(
     client: ExchangeClient, fake_node: tuple[FakeNode, str]
 ) -> None:
