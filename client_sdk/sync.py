@@ -65,6 +65,7 @@ class _LoopThread:
         # Taken to submit a call and to start closing: a call submitted once close() has
         # cancelled the others would wait for ever on the stopped loop.
         self._lock = threading.Lock()
+        self._close_lock = threading.Lock()  # one close() at a time; the others wait for it
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="chapar-sdk-loop", daemon=True
         )
@@ -91,8 +92,11 @@ class _LoopThread:
             raise
 
     def close(self) -> None:
-        if self.loop.is_closed():
-            return
+        with self._close_lock:
+            if not self.loop.is_closed():
+                self._close()
+
+    def _close(self) -> None:
         with self._lock:
             self._closing = True
         # Calls other threads still wait on (a stream waiting for drafts or letters) end
@@ -199,6 +203,7 @@ class SyncExchangeClient:
         return client
 
     def _start(self, make: Callable[[], Coroutine[Any, Any, ExchangeClient]]) -> None:
+        self._close_lock = threading.Lock()
         self._portal = _LoopThread()
         try:
             self._client = self._portal.run(make())
@@ -213,13 +218,17 @@ class SyncExchangeClient:
         self.close()
 
     def close(self) -> None:
-        """Closes the channel (if the client made it) and stops the background loop."""
-        if self._portal.loop.is_closed():
-            return
-        try:
-            self._portal.run(self._client.close())
-        finally:
-            self._portal.close()
+        """Closes the channel (if the client made it) and stops the background loop.
+
+        Closing again does nothing; threads closing at once each return once it is closed
+        (the first closes it, the others wait for that)."""
+        with self._close_lock:
+            if self._portal.loop.is_closed():
+                return
+            try:
+                self._portal.run(self._client.close())
+            finally:
+                self._portal.close()
 
     def send(
         self,

@@ -1447,6 +1447,49 @@ async def test_a_sync_client_closed_from_another_thread_ends_a_blocked_reader(
     assert error.reason == "CLIENT_CLOSED"
 
 
+async def test_a_sync_client_closed_by_two_threads_at_once_closes_once_and_both_return(
+    fake_node: tuple[FakeNode, str],
+) -> None:
+    target = fake_node[1]
+    sync = SyncExchangeClient.from_channel_factory(lambda: grpc.aio.insecure_channel(target))
+    client, portal = sync._client, sync._portal
+    real_close, real_stop = client.close, portal.loop.stop
+    closes, stops = [], []
+
+    async def slow_close() -> None:  # both threads are inside close() at once
+        closes.append(1)
+        await asyncio.sleep(0.2)
+        await real_close()
+
+    def counted_stop() -> None:
+        stops.append(1)
+        real_stop()
+
+    client.close = slow_close  # type: ignore[method-assign]
+    portal.loop.stop = counted_stop  # type: ignore[method-assign]
+    start = threading.Barrier(2)
+    outcomes: list[BaseException | None] = []
+
+    def close() -> None:
+        start.wait()
+        try:
+            sync.close()
+            outcomes.append(None)
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=close, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        await asyncio.to_thread(thread.join, 10)
+    assert not any(t.is_alive() for t in threads), "a close() is still waiting"
+    assert outcomes == [None, None]
+    assert (len(closes), len(stops)) == (1, 1)
+    assert portal.loop.is_closed()
+    sync.close()  # and once more, later: nothing to do
+
+
 async def test_sync_client_sends_and_streams_like_the_async_one(
     fake_node: tuple[FakeNode, str], pki: Pki
 ) -> None:
