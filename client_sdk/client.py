@@ -28,9 +28,11 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import math
 import mimetypes
+import os
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -43,7 +45,7 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Protocol, TypeAlias, TypeVar, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -908,7 +910,10 @@ class ExchangeClient:
 
         The file appears at ``path`` only when its size and SHA-256 are those of the
         reference (or of the address, for a bare URI); otherwise the partial file is
-        deleted and DataLoss is raised.
+        deleted and DataLoss is raised. One download at a time writes ``<path>.part`` (an
+        exclusive ``flock`` on it): another into the same path, from this process or
+        another, waits for it, then keeps the file it left at ``path`` if that is the
+        document (after checking its digest), or else resumes from what it left.
         """
         uri = document if isinstance(document, str) else document.uri
         try:
@@ -923,50 +928,69 @@ class ExchangeClient:
             )
         path = Path(path)
         part = path.with_name(path.name + ".part")
+        out, waited = await _lock_part(part)
+        try:
+            if waited and await _holds(path, expected, expected_size):
+                # The download this one waited for finished it: the .part (ours now) is of no use.
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+                return path
+            return await self._fetch_locked(uri, expected, expected_size, path, part, out, timeout)
+        finally:
+            out.close()  # and so unlocked: a download waiting on the .part goes on
+
+    async def _fetch_locked(
+        self,
+        uri: str,
+        expected: bytes,
+        expected_size: int | None,
+        path: Path,
+        part: Path,
+        out: BinaryIO,
+        timeout: float | None,
+    ) -> Path:
+        """``fetch`` once it holds ``part`` (``out``, opened to append and locked)."""
         hasher = hashlib.sha256()
         offset = 0
-        if await asyncio.to_thread(part.exists):
-            async with contextlib.aclosing(read_chunks(part)) as chunks:
-                async for chunk in chunks:
-                    hasher.update(chunk)
-                    offset += len(chunk)
+        async with contextlib.aclosing(read_chunks(part)) as chunks:
+            async for chunk in chunks:
+                hasher.update(chunk)
+                offset += len(chunk)
         if expected_size is not None and offset > expected_size:
-            await asyncio.to_thread(part.unlink)
+            await asyncio.to_thread(out.truncate, 0)
             hasher, offset = hashlib.sha256(), 0
         resumed_from = offset
-        out = await asyncio.to_thread(part.open, "ab")
-        try:
-            async for response in self._download(uri, offset, timeout):
-                if response.HasField("document") and expected_size is None:
-                    expected_size = response.document.size
-                if response.chunk:
-                    hasher.update(response.chunk)
-                    await asyncio.to_thread(out.write, response.chunk)
-                    offset += len(response.chunk)
-        except OutOfRange:
-            out.close()
-            if not resumed_from:
+        while True:
+            try:
+                async for response in self._download(uri, offset, timeout):
+                    if response.HasField("document") and expected_size is None:
+                        expected_size = response.document.size
+                    if response.chunk:
+                        hasher.update(response.chunk)
+                        await asyncio.to_thread(out.write, response.chunk)
+                        offset += len(response.chunk)
+                await asyncio.to_thread(out.flush)
+            except BaseException as exc:
+                if isinstance(exc, OutOfRange) and resumed_from:
+                    # The partial file is longer than the document (left by an earlier
+                    # download to this path of another document): no piece of it. Start
+                    # again rather than fail so at every retry.
+                    await asyncio.to_thread(out.truncate, 0)
+                    hasher, offset, resumed_from = hashlib.sha256(), 0, 0
+                    continue
+                # Nothing to resume from, or what came is known bad: leave no file behind.
+                if offset == 0 or isinstance(exc, DataLoss):
+                    await asyncio.to_thread(part.unlink, missing_ok=True)
                 raise
-            # The partial file is longer than the document (left by another download to
-            # this path): no piece of it. Start again rather than fail so at every retry.
-            await asyncio.to_thread(part.unlink, missing_ok=True)
-            return await self.fetch(document, path, timeout=timeout)
-        except BaseException as exc:
-            out.close()
-            # Nothing to resume from, or what came is known bad: leave no file behind.
-            if offset == 0 or isinstance(exc, DataLoss):
-                await asyncio.to_thread(part.unlink, missing_ok=True)
-            raise
-        out.close()
+            break
         # The bytes hashed are the ones this call wrote; the file must hold only those (a
-        # second download into the same path at once appends to the same .part).
+        # writer that does not take the lock may have appended to it, or taken it away).
         try:
             on_disk = (await asyncio.to_thread(part.stat)).st_size
-        except FileNotFoundError:  # taken away by that other download
+        except FileNotFoundError:
             on_disk = -1
         if offset != expected_size or hasher.digest() != expected or on_disk != offset:
             await asyncio.to_thread(part.unlink, missing_ok=True)
-            shared = "" if on_disk == offset else " (another download wrote into its file)"
+            shared = "" if on_disk == offset else " (another writer wrote into its file)"
             raise DataLoss(
                 f"downloaded {offset} bytes that are not the document {uri}{shared}; nothing kept",
                 reason="DIGEST_MISMATCH",
@@ -1036,6 +1060,67 @@ def _check_stream_options(batch_size: int, max_in_flight: int, linger_s: float) 
         raise ValueError("need 1 <= batch_size <= 256 and max_in_flight >= 1")
     if not 0 <= linger_s <= 1:
         raise ValueError("need 0 <= linger_s <= 1")
+
+
+_PART_LOCK_POLL_S: Final = 0.05
+"""How often a download waiting for another into the same path tries its lock again."""
+
+
+async def _lock_part(part: Path) -> tuple[BinaryIO, bool]:
+    """``part`` opened to append (created if missing) under an exclusive ``flock``, and
+    whether another download held it first. The lock is the open file's: closing it
+    unlocks, and two opens in one process exclude each other as two processes do. The
+    wait polls (a cancelled caller stops waiting, and the event loop never blocks)."""
+    waited = False
+    while True:
+        out = await asyncio.to_thread(part.open, "ab")
+        try:
+            while not _try_lock(out):
+                waited = True
+                await asyncio.sleep(_PART_LOCK_POLL_S)
+            # The download that held it may have renamed it into place or deleted it: the
+            # lock must be on the file at ``part`` now, or another would write there too.
+            if await asyncio.to_thread(_is_at, out, part):
+                return out, waited
+        except BaseException:
+            out.close()
+            raise
+        out.close()
+        waited = True
+
+
+def _try_lock(out: BinaryIO) -> bool:
+    try:
+        fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks: the size check after is all there is
+        pass
+    return True
+
+
+def _is_at(out: BinaryIO, path: Path) -> bool:
+    try:
+        at = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(out.fileno())
+    return (at.st_dev, at.st_ino) == (held.st_dev, held.st_ino)
+
+
+async def _holds(path: Path, digest: bytes, size: int | None) -> bool:
+    """Whether the file at ``path`` is the document of this digest (and size)."""
+    try:
+        on_disk = (await asyncio.to_thread(path.stat)).st_size
+    except FileNotFoundError:
+        return False
+    if size is not None and on_disk != size:
+        return False
+    hasher = hashlib.sha256()
+    async with contextlib.aclosing(read_chunks(path)) as chunks:
+        async for chunk in chunks:
+            hasher.update(chunk)
+    return hasher.digest() == digest
 
 
 @contextlib.asynccontextmanager

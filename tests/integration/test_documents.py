@@ -396,6 +396,23 @@ async def test_a_download_whose_file_another_writer_appends_to_is_not_kept(
     assert not part.exists()
 
 
+async def test_two_saves_into_one_path_at_once_both_end_with_the_verified_file(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    # A letter read twice at once (two workers): both saves went into one .part and both
+    # failed. The second now waits for the first (a lock on the .part) and keeps its file.
+    source = tmp_path / "twice.pdf"
+    digest = _write_random(source, 8 * 1024 * 1024 + 5)
+    out = tmp_path / "twice-copy.pdf"
+    async with _client(docs_cluster, AGENCY_B) as b:
+        _, letter = await _send_with(docs_cluster, source, b)
+        (attachment,) = letter.attachments
+        saved = await asyncio.gather(attachment.save(out), attachment.save(out))
+    assert saved == [out, out]
+    assert _sha256_file(out) == digest
+    assert not out.with_name(out.name + ".part").exists()
+
+
 async def test_corrupted_byte_in_the_recipient_copy_is_detected_and_refetched(
     docs_cluster: Cluster, tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import queue
 import threading
@@ -39,6 +40,9 @@ from client_sdk import (
     format_shams,
     parse_shams,
     pb,
+)
+from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
+    add_DocumentServiceServicer_to_server,
 )
 from client_sdk.identity import is_agency_code
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, sha256
@@ -991,6 +995,116 @@ async def test_shared_stream_does_not_send_a_draft_whose_caller_gave_up(
     assert given_up.cancelled()
     assert kept.shams == "000.00.00.G22/O/2026/0000001"
     assert [r.draft.subject for f in fake_node[0].frames for r in f.requests] == ["kept"]
+
+
+# --- documents ------------------------------------------------------------------------------
+
+
+class FakeDocuments(pb.DocumentServiceServicer):
+    """Serves one document in small chunks; a download can be held or broken part-way."""
+
+    chunk = 1000
+
+    def __init__(self) -> None:
+        self.content = bytes(range(256)) * 40  # 10 chunks and a bit
+        digest = sha256(self.content)
+        self.ref = pb.AttachmentRef(
+            uri=f"chapar://{SENDER}/documents/sha256/{digest.hex()}",
+            sha256=digest,
+            size=len(self.content),
+            media_type="application/pdf",
+            file_name="report.pdf",
+        )
+        self.offsets: list[int] = []  # one per download
+        self.served = asyncio.Event()  # set once a download has sent a chunk
+        self.gate: asyncio.Event | None = None  # when set, the first download waits for it
+        self.break_first_after: int | None = None  # the first download fails after n chunks
+
+    async def DownloadDocument(
+        self, request: pb.DownloadDocumentRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadDocumentResponse]:
+        first = not self.offsets
+        self.offsets.append(request.offset)
+        info = pb.DocumentInfo(uri=self.ref.uri, sha256=self.ref.sha256, size=self.ref.size)
+        yield pb.DownloadDocumentResponse(document=info)
+        for n, at in enumerate(range(request.offset, len(self.content), self.chunk)):
+            if first and n == 2 and self.gate is not None:
+                await self.gate.wait()
+            if first and n == self.break_first_after:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "owner went away")
+            yield pb.DownloadDocumentResponse(chunk=self.content[at : at + self.chunk])
+            self.served.set()
+
+
+@pytest.fixture
+async def documents() -> AsyncIterator[tuple[FakeDocuments, ExchangeClient]]:
+    fake = FakeDocuments()
+    server = grpc.aio.server()
+    add_DocumentServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield fake, ExchangeClient.from_channel(channel)
+    await channel.close()
+    await server.stop(None)
+
+
+async def test_two_downloads_into_one_path_at_once_both_end_with_the_verified_file(
+    documents: tuple[FakeDocuments, ExchangeClient], tmp_path: Path
+) -> None:
+    # Both used to append to one <path>.part, and both failed (the mixed file is caught
+    # and not kept). The second now waits for the first and takes the file it left.
+    fake, client = documents
+    fake.gate = asyncio.Event()
+    out = tmp_path / "report.pdf"
+    first = asyncio.create_task(client.fetch(fake.ref, out))
+    await fake.served.wait()  # the first is writing <path>.part
+    second = asyncio.create_task(client.fetch(fake.ref, out))
+    await asyncio.sleep(0.2)  # the second has found the .part taken
+    fake.gate.set()
+    assert await asyncio.gather(first, second) == [out, out]
+    assert out.read_bytes() == fake.content
+    assert fake.offsets == [0]  # the second did not download it again
+    assert not out.with_name("report.pdf.part").exists()
+
+
+async def test_a_download_waiting_for_another_into_its_path_resumes_what_that_one_left(
+    documents: tuple[FakeDocuments, ExchangeClient], tmp_path: Path
+) -> None:
+    fake, client = documents
+    fake.gate = asyncio.Event()
+    fake.break_first_after = 4  # the first breaks after 4 chunks, leaving them in the .part
+    out = tmp_path / "report.pdf"
+    first = asyncio.create_task(client.fetch(fake.ref, out))
+    await fake.served.wait()
+    second = asyncio.create_task(client.fetch(fake.ref, out))
+    await asyncio.sleep(0.2)
+    fake.gate.set()
+    with pytest.raises(errors.Unavailable):
+        await first
+    assert await second == out
+    assert out.read_bytes() == fake.content
+    assert fake.offsets == [0, 4 * FakeDocuments.chunk]
+    assert not out.with_name("report.pdf.part").exists()
+
+
+async def test_a_download_waits_while_another_process_holds_the_part_file(
+    documents: tuple[FakeDocuments, ExchangeClient], tmp_path: Path
+) -> None:
+    # The lock is a plain flock on <path>.part, so any process taking it is waited for.
+    fake, client = documents
+    out = tmp_path / "report.pdf"
+    with out.with_name("report.pdf.part").open("ab") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        held.write(fake.content[: 3 * FakeDocuments.chunk])
+        held.flush()
+        fetching = asyncio.create_task(client.fetch(fake.ref, out))
+        await asyncio.sleep(0.3)
+        assert not fetching.done()
+        assert fake.offsets == []
+    assert await fetching == out
+    assert out.read_bytes() == fake.content
+    assert fake.offsets == [3 * FakeDocuments.chunk]
 
 
 # --- inbox ----------------------------------------------------------------------------------
