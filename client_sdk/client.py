@@ -645,10 +645,47 @@ class ExchangeClient:
         most ``linger_s`` late. Yields one receipt or error per draft, in order. A plain
         iterable is read on the event loop and must not block; everything it yields is
         ready, so it never lingers.
+
+        The stream takes drafts ahead of the answers (up to ``batch_size * max_in_flight``
+        in flight, and as many buffered before them). A ``ChaparError`` that ends it lists
+        those it took and did not answer in ``error.unanswered``, in order, for the caller
+        to send again (same request ids: safe) along with the drafts it has not given yet.
         """
-        return self._submit_stream(
+        return self._send_stream(
             drafts, batch_size=batch_size, max_in_flight=max_in_flight, linger_s=linger_s
         )
+
+    async def _send_stream(
+        self,
+        drafts: AsyncIterable[Draft] | Iterable[Draft],
+        *,
+        batch_size: int,
+        max_in_flight: int,
+        linger_s: float,
+    ) -> AsyncGenerator[Receipt | ChaparError, None]:
+        """``send_stream``: ``_submit_stream``, keeping the drafts taken and unanswered."""
+        taken: collections.deque[Draft] = collections.deque()
+
+        def take(draft: Draft) -> Draft:
+            taken.append(draft)
+            return draft
+
+        source: AsyncIterable[Draft] | Iterable[Draft] = (
+            (take(d) async for d in drafts)
+            if isinstance(drafts, AsyncIterable)
+            else map(take, drafts)
+        )
+        stream = self._submit_stream(
+            source, batch_size=batch_size, max_in_flight=max_in_flight, linger_s=linger_s
+        )
+        async with contextlib.aclosing(stream):
+            try:
+                async for result in stream:
+                    taken.popleft()
+                    yield result
+            except ChaparError as error:  # the stream and its producer have stopped
+                error.unanswered = tuple(taken)
+                raise
 
     async def _submit_stream(
         self,

@@ -34,13 +34,16 @@ the same ``request_id`` is used: the node returns the original receipt.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from client_sdk import pb
+
+if TYPE_CHECKING:
+    from client_sdk.client import Draft
 
 __all__ = [
     "ERROR_DOMAIN",
@@ -73,9 +76,14 @@ class ChaparError(Exception):
     ``reason`` is "" when the failure did not come with an ErrorInfo (e.g. the node could
     not be reached). ``field_violations`` lists ``(field, description)`` pairs from a
     ``BadRequest``; ``retry_after`` is the delay in seconds from a ``RetryInfo``.
+
+    ``unanswered``, on an error that ended a ``send_stream``, holds the drafts the stream
+    had taken from its producer and not answered, in order: sending them again is safe
+    (same request ids). Empty on any other error.
     """
 
     default_code: Any = grpc.StatusCode.UNKNOWN
+    unanswered: tuple[Draft, ...] = ()
 
     def __init__(
         self,

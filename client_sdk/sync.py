@@ -16,6 +16,7 @@ same exceptions. Streams become blocking iterators.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import datetime as dt
 import queue
@@ -282,21 +283,31 @@ class SyncExchangeClient:
     ) -> Iterator[Receipt | ChaparError]:
         """Submits letters over one stream; see ``ExchangeClient.send_stream``.
 
-        ``drafts`` is read in a helper thread, so it may block (e.g. on a queue).
+        ``drafts`` is read in a helper thread, so it may block (e.g. on a queue). A
+        ``ChaparError`` that ends the stream lists in ``unanswered`` every draft taken from
+        ``drafts`` and not answered, those on their way to the loop's thread included.
         """
         stop = threading.Event()
         handoff: queue.Queue[Draft | _End | _Failed] = queue.Queue(
             maxsize=batch_size * max_in_flight
         )
+        taken = _Taken()
         feeder = threading.Thread(
-            target=_feed, args=(drafts, handoff, stop), name="chapar-sdk-feed", daemon=True
+            target=_feed, args=(drafts, handoff, stop, taken), name="chapar-sdk-feed", daemon=True
         )
         feeder.start()
         results = self._client.send_stream(
             _drain(handoff), batch_size=batch_size, max_in_flight=max_in_flight, linger_s=linger_s
         )
         try:
-            yield from self._iterate(results)
+            for result in self._iterate(results):
+                taken.drafts.popleft()
+                yield result
+        except ChaparError as error:
+            with taken.lock:  # the feeder takes no draft after this
+                stop.set()
+                error.unanswered = tuple(taken.drafts)
+            raise
         finally:
             # The feeder notices within _POLL_SECONDS, unless it is blocked inside
             # ``drafts`` itself; it is a daemon thread, so it is not joined.
@@ -390,8 +401,19 @@ class _Failed:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class _Taken:
+    """The drafts a sync ``send_stream`` took from its iterable and has not answered yet."""
+
+    drafts: collections.deque[Draft] = field(default_factory=collections.deque)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 def _feed(
-    drafts: Iterable[Draft], handoff: queue.Queue[Draft | _End | _Failed], stop: threading.Event
+    drafts: Iterable[Draft],
+    handoff: queue.Queue[Draft | _End | _Failed],
+    stop: threading.Event,
+    taken: _Taken,
 ) -> None:
     """Feeder thread: moves drafts from a blocking iterable to the loop's side."""
 
@@ -406,6 +428,10 @@ def _feed(
 
     try:
         for draft in drafts:
+            with taken.lock:
+                if stop.is_set():  # taken after the stream ended: not listed, not sent
+                    return
+                taken.drafts.append(draft)
             if not put(draft):
                 return
     except Exception as exc:  # raised to the caller through the stream

@@ -11,7 +11,7 @@ import json
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -892,6 +892,65 @@ async def test_a_stream_a_stopping_node_ended_unanswered_raises_a_retryable_erro
     assert [r.request_id for r in again if isinstance(r, Receipt)] == [
         d.request_id for d in drafts[1:]
     ]
+
+
+async def test_a_broken_send_stream_says_which_drafts_it_took_and_did_not_answer(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    # The stream takes drafts from the producer ahead of the wire (frames in flight, and a
+    # buffer before them): when it breaks, the error lists every one of those it did not
+    # answer, in order, so that the caller can send them again (same request ids).
+    fake_node[0].break_stream_at = 3
+    produced: list[Draft] = []
+
+    async def drafts() -> AsyncIterator[Draft]:
+        for i in range(40):
+            produced.append(Draft(to=[OTHER], subject=f"u{i}"))
+            yield produced[-1]
+
+    got: list[Receipt | ChaparError] = []
+
+    async def send() -> None:
+        async for result in client.send_stream(drafts(), batch_size=2, max_in_flight=2):
+            got.append(result)
+
+    with pytest.raises(errors.Unavailable) as caught:
+        await send()
+    unanswered = caught.value.unanswered
+    assert len(got) < 6 < len(got) + len(unanswered)  # frame 3 and what was taken after it
+    assert list(unanswered) == produced[len(got) :]
+    assert errors.ChaparError("x").unanswered == ()  # other errors list nothing
+
+
+async def test_a_broken_sync_send_stream_says_which_drafts_it_took_and_did_not_answer(
+    fake_node: tuple[FakeNode, str],
+) -> None:
+    fake, target = fake_node
+    fake.break_stream_at = 2
+    produced: list[Draft] = []
+
+    def drafts() -> Iterator[Draft]:
+        for i in range(40):
+            produced.append(Draft(to=[OTHER], subject=f"s{i}"))
+            yield produced[-1]
+
+    def blocking() -> tuple[list[Receipt | ChaparError], errors.ChaparError]:
+        got: list[Receipt | ChaparError] = []
+        with SyncExchangeClient.from_channel_factory(
+            lambda: grpc.aio.insecure_channel(target)
+        ) as sync:
+            try:
+                for result in sync.send_stream(drafts(), batch_size=1, max_in_flight=1):
+                    got.append(result)
+            except errors.ChaparError as error:
+                return got, error
+        raise AssertionError("the stream did not break")
+
+    got, error = await asyncio.to_thread(blocking)
+    assert isinstance(error, errors.Unavailable)
+    assert len(got) < 2 < len(got) + len(error.unanswered)
+    # Drafts waiting in the hand-off to the loop's thread are listed too.
+    assert list(error.unanswered) == produced[len(got) :]
 
 
 async def test_shared_stream_answers_each_concurrent_caller_and_sends_them_together(
