@@ -14,7 +14,8 @@ Exception tree::
     ├── AlreadyExists           ALREADY_EXISTS
     ├── PermissionDenied        PERMISSION_DENIED     identity mismatch, not a party
     ├── Unauthenticated         UNAUTHENTICATED       no or bad client certificate
-    ├── FailedPrecondition      FAILED_PRECONDITION   suspended agency, revoked certificate,
+    ├── FailedPrecondition      FAILED_PRECONDITION   suspended agency or one not in the
+    │                                                 hub's directory, revoked certificate,
     │                                                 expired letter; a call on a closed
     │                                                 client (reason CLIENT_CLOSED)
     ├── ResourceExhausted       RESOURCE_EXHAUSTED    size or queue quota

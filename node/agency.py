@@ -210,6 +210,10 @@ class Agency(pb.NodeServiceServicer):
         self.outbox_changed = asyncio.Event()
         self.receipts_changed = asyncio.Event()
         self.hub_connected = False
+        # False once the hub refused this agency as unknown (UNKNOWN_SENDER: removed from
+        # its directory, so the node cannot read its state there): letters are refused
+        # until the hub answers the node again.
+        self.in_directory = True
         self.directory_ready = asyncio.Event()
         # Replaced by a fresh event at every inbox change; a waiter captures the current
         # one before reading, so no change between read and wait is missed.
@@ -305,6 +309,33 @@ class Agency(pb.NodeServiceServicer):
             await self.store.save_directory(directory)
         log.info("directory version %d: %d agencies", directory.version, len(directory.agencies))
 
+    def set_in_directory(self, listed: bool) -> None:
+        """Whether the hub lists this agency: it answered the node (listed), or refused it
+        as an agency it does not know (not listed). Logged when it changes, not at every
+        retry of the hub link."""
+        if listed == self.in_directory:
+            return
+        self.in_directory = listed
+        if listed:
+            log.info("agency %s is listed in the hub's directory again", self.config.agency)
+        else:
+            log.error(
+                "agency %s is not in the hub's directory: letters are refused until the hub"
+                " lists it again",
+                self.config.agency,
+                extra={"agency": self.config.agency, "reason": "AGENCY_NOT_IN_DIRECTORY"},
+            )
+
+    def _not_in_directory(self) -> ChaparError:
+        code = self.config.agency
+        return ChaparError(
+            Code.FAILED_PRECONDITION,
+            "AGENCY_NOT_IN_DIRECTORY",
+            f"agency {code} is not in the hub's directory; letters are refused until the hub"
+            " lists it again",
+            metadata={"agency": code},
+        )
+
     def _require_directory(self) -> DirectoryView:
         if self.directory is None:
             raise ChaparError(
@@ -356,6 +387,9 @@ class Agency(pb.NodeServiceServicer):
     async def _submit(
         self, requests: Sequence[pb.SubmitEnvelopeRequest], access: Access
     ) -> list[pb.Receipt | ChaparError]:
+        if not self.in_directory:  # as a suspended sender's: each letter refused
+            SUBMIT_REJECTED.inc(len(requests))
+            return [self._not_in_directory() for _ in requests]
         directory = self._require_directory()
         now = dt.datetime.now(dt.UTC)
         results: list[pb.Receipt | ChaparError] = []

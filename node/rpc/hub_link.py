@@ -22,6 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from client_sdk import pb
+from client_sdk.errors import from_rpc_error
 from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
 from client_sdk.trust import VerificationError, check_attestation, seconds_of
@@ -59,6 +60,12 @@ _RECEIPT_FRAME = 1024
 # a key rotated at another agency, or at the hub), and how often they refetch it at most.
 _DIRECTORY_MENDS = frozenset({"SIGNER_UNKNOWN", "CERTIFICATE_UNTRUSTED"})
 _REFETCH_EVERY_S = 1.0
+# The hub's refusal of an agency missing from its directory (node.hub, _peer).
+_UNKNOWN_SENDER = "UNKNOWN_SENDER"
+
+
+class _NotListed(Exception):
+    """The hub refused this agency as one it does not know (UNKNOWN_SENDER)."""
 
 
 class HubLink:
@@ -106,6 +113,7 @@ class HubLink:
         if self._stub is None:
             return
         response = await self._stub.GetDirectory(pb.GetDirectoryRequest(), timeout=30)
+        self.agency.set_in_directory(True)
         await self.agency.set_directory(response.directory)
 
     async def verified(
@@ -149,6 +157,8 @@ class HubLink:
                 await self._session()
             except asyncio.CancelledError:
                 raise
+            except _NotListed:
+                pass  # logged once, when learned (Agency.set_in_directory)
             except grpc.aio.AioRpcError as exc:
                 log.warning("hub stream ended: %s %s", exc.code().name, exc.details())
             except VerificationError as exc:
@@ -204,17 +214,27 @@ class HubLink:
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INTERNAL):
+                if exc.code() in (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.INTERNAL,
+                ):
                     # This agency was suspended or retired: learn it from the directory,
                     # so this node refuses submissions instead of queueing them. (grpc may
                     # report that refusal as INTERNAL, its status lost: grpc/grpc#36066.)
+                    # Removed from the directory, it is refused the directory too.
                     self._stub = stub
-                    with contextlib.suppress(grpc.aio.AioRpcError):
+                    try:
                         await self.refresh_directory()
+                    except grpc.aio.AioRpcError as refused:
+                        if _UNKNOWN_SENDER in (_reason(exc), _reason(refused)):
+                            self.agency.set_in_directory(False)
+                            raise _NotListed from exc
                 raise
             if first is grpc.aio.EOF or first.WhichOneof("frame") != "welcome":
                 raise RuntimeError("hub did not welcome the node")
             self._stub = stub
+            self.agency.set_in_directory(True)
             if first.welcome.directory_version != directory_version:
                 await self.refresh_directory()
             log.info("connected to hub %s", first.welcome.hub)
@@ -556,6 +576,11 @@ class _Session:
             await agency.store.store_issued(failures)
             out.extend(StoredEvidence.of(e.SerializeToString()) for _, e in failures)
         return out
+
+
+def _reason(exc: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a refusal by the hub ("" without one)."""
+    return from_rpc_error(exc).reason
 
 
 def _quoted_text(shams: pb.Shams | None) -> str:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import itertools
+import json
 import os
 import re
 import sqlite3
@@ -41,6 +42,7 @@ from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Sig
 from client_sdk.trust import TrustStore, VerificationError
 from node.cluster import Cluster
 from node.core.evidence import evidence_content
+from node.status import fetch
 from tests.conftest import client_credentials
 from tests.conftest import node_tls as _tls
 
@@ -730,9 +732,10 @@ def _with_state(config: str, code: str, state: str) -> str:
     return changed
 
 
-async def _state_at(cluster: Cluster, node: str, code: str) -> int:
+async def _state_at(cluster: Cluster, node: str, code: str) -> int | None:
+    """``code``'s state in ``node``'s directory; None if it lists no such agency."""
     agencies = (await _list_agencies(cluster, node, _auditor(cluster))).agencies
-    return next(a.state for a in agencies if a.code == code)
+    return next((a.state for a in agencies if a.code == code), None)
 
 
 async def _wait_state(
@@ -791,6 +794,117 @@ async def test_suspended_agency_can_neither_send_nor_receive_until_reactivated(
     assert from_b is not None, "node B accepted a letter from B while B was suspended"
     assert from_b.reason == "SENDER_INACTIVE"
     assert outbox_b_while_suspended == outbox_b
+
+
+def _without_agency(config: str, code: str) -> str:
+    pattern = re.compile(rf'\[\[agencies\]\]\ncode = "{re.escape(code)}"\n(?:[a-z_]+ = [^\n]*\n)+')
+    changed, n = pattern.subn("", config)
+    assert n == 1, f"no [[agencies]] block for {code} in the hub configuration"
+    return changed
+
+
+def _complaints(log: str) -> list[dict[str, str]]:
+    """The warning and error records in (a part of) a server's JSON log."""
+    records = []
+    for line in log.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("level") in {"warning", "error"}:
+                records.append(record)
+    return records
+
+
+async def test_agency_removed_from_the_directory_is_refused_at_its_node_until_added_back(
+    cluster: Cluster,
+) -> None:
+    # Removed, not suspended: the hub refuses B's node everything (Connect and
+    # GetDirectory, PERMISSION_DENIED UNKNOWN_SENDER), so B's node cannot read its state
+    # from a directory. It must still stop taking letters that could never go, say so
+    # once (not at every retry), keep retrying, and come back by itself when B is listed
+    # again; letters it took before must not be lost. One is taken while the hub is
+    # down, and B removed before the hub comes back: it waits in B's outbox.
+    config = cluster.hub.config
+    original = config.read_text()
+    node_b = cluster.nodes[B]
+    log_start = len(node_b.log_file.read_text())
+    accepted: list[str] = []  # letters B's node took before it learned (none is lost)
+    async with _client(cluster, A) as a, _client(cluster, B) as b:
+        try:
+            # A restarted hub's directory version is the time it started (then +1 a
+            # reload): started within the second that equals A's version, A would take
+            # it for the one it holds and never see B removed. Not this test's subject.
+            held_by_a = (await _versions(cluster))[A]
+            await asyncio.sleep(max(0.0, held_by_a + 1 - time.time()))
+            assert cluster.hub.terminate() == 0
+            held = await b.send(to=[A], subject="taken while the hub is down", body="h")
+            _write_replacing(config, _without_agency(original, B))
+            await cluster.hub.restart()
+
+            async def gone_at_a() -> bool:
+                return await _state_at(cluster, A, B) is None
+
+            await _eventually(gone_at_a, f"node {A} seeing {B} removed")
+
+            async def refused() -> FailedPrecondition | None:
+                try:
+                    receipt = await b.send(to=[A], subject="from a removed agency", body="x")
+                except FailedPrecondition as exc:
+                    return exc
+                accepted.append(receipt.shams)
+                await asyncio.sleep(0.4)
+                return None
+
+            refusal = await _eventually(refused, f"node {B} refusing letters from {B}")
+            assert refusal.reason == "AGENCY_NOT_IN_DIRECTORY", refusal
+            assert refusal.metadata.get("agency") == B
+            outbox = _count(_node_db(cluster, B), "SELECT count(*) FROM outbox")
+            batch = await b.send_many(
+                [Draft(to=[A], subject=f"batch {i}", body="x") for i in range(2)]
+            )
+            assert [getattr(r, "reason", "accepted") for r in batch] == [
+                "AGENCY_NOT_IN_DIRECTORY"
+            ] * 2
+            assert _count(_node_db(cluster, B), "SELECT count(*) FROM outbox") == outbox
+            assert (
+                _count(
+                    _node_db(cluster, B),
+                    "SELECT count(*) FROM outbox WHERE shams = ? AND relay_state = 0",
+                    (held.shams,),
+                )
+                == 1
+            )
+
+            # It keeps retrying (reconnect_max_s = 1), saying so once, not at every retry.
+            learned_at = len(node_b.log_file.read_text())
+            reconnects = fetch(node_b.metrics).value("chapar_hub_link_reconnects_total", 0.0)
+            assert reconnects is not None
+
+            async def retried() -> bool:
+                now = fetch(node_b.metrics).value("chapar_hub_link_reconnects_total", 0.0)
+                return now is not None and now >= reconnects + 3
+
+            await _eventually(retried, f"node {B} retrying the hub")
+            snapshot = fetch(node_b.metrics)
+            assert snapshot.value("chapar_ready") == 0
+            log = node_b.log_file.read_text()
+            told = [r for r in _complaints(log[log_start:]) if r.get("agency") == B]
+            assert [r.get("reason") for r in told] == ["AGENCY_NOT_IN_DIRECTORY"], told
+            assert [r for r in _complaints(log[learned_at:]) if r["logger"] == "chapar.link"] == []
+        finally:
+            _write_replacing(config, original)
+            await _wait_state(cluster, A, B, pb.AGENCY_STATE_ACTIVE)
+
+        async def taken() -> str | None:
+            try:
+                return (await b.send(to=[A], subject="from B, listed again", body="y")).shams
+            except FailedPrecondition:
+                return None
+
+        again = await _eventually(taken, f"node {B} taking letters again")
+        to_b = await a.send(to=[B], subject="to B, listed again", body="y")
+        for shams in [held.shams, *accepted, again]:
+            await _wait_delivered(b, shams, A)
+        await _wait_delivered(a, to_b.shams, B)
 
 
 # -- 5. authorisation at the node --------------------------------------------------------
