@@ -204,14 +204,16 @@ class HubLink:
                 response_deserializer=pb.ConnectResponse.FromString,
             )()
             directory_version = self.agency.directory.version if self.agency.directory else 0
-            await call.write(
-                pb.ConnectRequest(
-                    hello=pb.ConnectHello(
-                        software_version="chapar/0.1", directory_version=directory_version
+            try:
+                # The hub may refuse the stream before it reads our hello: then the write
+                # raises its refusal, as a read would.
+                await call.write(
+                    pb.ConnectRequest(
+                        hello=pb.ConnectHello(
+                            software_version="chapar/0.1", directory_version=directory_version
+                        )
                     )
                 )
-            )
-            try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (
