@@ -51,6 +51,7 @@ __all__ = [
     "HUB_QUEUE_OLDEST_AGE",
     "HUB_QUEUE_TOP_AGE",
     "HUB_QUEUE_TOP_DEPTH",
+    "IN_DIRECTORY",
     "LAST_REJECTION",
     "METRICS_REFRESHED",
     "NODE_INBOX_UNACKED",
@@ -163,6 +164,13 @@ READY = Gauge(
 HUB_CONNECTED = Gauge(
     "chapar_node_hub_connected", "1 while the node's stream to the hub is up.", registry=None
 )
+IN_DIRECTORY = Gauge(
+    "chapar_node_in_directory",
+    "1 unless the hub refused this node's agency as unknown (removed from its directory): "
+    "then 0, and the node refuses letters (AGENCY_NOT_IN_DIRECTORY) until the hub lists it.",
+    registry=None,
+)
+IN_DIRECTORY.set(1)  # until the hub says otherwise
 NODE_OUTBOX_DEPTH = Gauge(
     "chapar_node_outbox_depth",
     "Letters accepted by the node and not yet relayed by the hub.",
@@ -235,6 +243,7 @@ _ROLE_METRICS = {
         RECONNECTS,
         STAGE_SECONDS,
         HUB_CONNECTED,
+        IN_DIRECTORY,
         NODE_OUTBOX_DEPTH,
         NODE_OUTBOX_OLDEST_AGE,
         NODE_INBOX_UNACKED,

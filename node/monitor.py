@@ -151,6 +151,7 @@ class NodeMonitor(_Common):
         now = time.time()
         db = self.agency.store.db
         m.HUB_CONNECTED.set(1 if self.agency.hub_connected else 0)
+        m.IN_DIRECTORY.set(1 if self.agency.in_directory else 0)
         row = await db.fetchone(
             "SELECT count(*), min(created_at) FROM outbox WHERE relay_state = 0"
         )

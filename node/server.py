@@ -247,8 +247,11 @@ def _node_trouble(agency: Agency) -> str:
     relay or learn revocations: a load balancer or operator should see it as not ready.
     """
     m.HUB_CONNECTED.set(1 if agency.hub_connected else 0)  # in step with health
+    m.IN_DIRECTORY.set(1 if agency.in_directory else 0)
     if agency.directory is None:
         return "no directory"
+    if not agency.in_directory:
+        return "agency not in the hub's directory"
     if not agency.hub_connected:
         return "hub stream down"
     return _store_trouble(agency.store.db)

@@ -133,8 +133,11 @@ def render(snap: Snapshot, target: str) -> str:
                 )
     else:
         connected = snap.value("chapar_node_hub_connected")
+        hub = "up" if connected == 1 else "DOWN"
+        if snap.value("chapar_node_in_directory") == 0:
+            hub += " - this agency is not in the hub's directory: letters refused"
         lines += [
-            f"Hub stream           {'up' if connected == 1 else 'DOWN'}"
+            f"Hub stream           {hub}"
             f"   (reconnects {_count(snap.value('chapar_hub_link_reconnects_total'))})",
             f"Outbox (to relay)    {_count(snap.value('chapar_node_outbox_depth'))}"
             f"   oldest {_age(snap.value('chapar_node_outbox_oldest_age_seconds'))}",

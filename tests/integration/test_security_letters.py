@@ -42,7 +42,7 @@ from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Sig
 from client_sdk.trust import TrustStore, VerificationError
 from node.cluster import Cluster
 from node.core.evidence import evidence_content
-from node.status import fetch
+from node.status import fetch, render
 from tests.conftest import client_credentials
 from tests.conftest import node_tls as _tls
 
@@ -820,9 +820,10 @@ async def test_agency_removed_from_the_directory_is_refused_at_its_node_until_ad
     # Removed, not suspended: the hub refuses B's node everything (Connect and
     # GetDirectory, PERMISSION_DENIED UNKNOWN_SENDER), so B's node cannot read its state
     # from a directory. It must still stop taking letters that could never go, say so
-    # once (not at every retry), keep retrying, and come back by itself when B is listed
-    # again; letters it took before must not be lost. One is taken while the hub is
-    # down, and B removed before the hub comes back: it waits in B's outbox.
+    # once in its log (not at every retry) and in its metrics, keep retrying, and come
+    # back by itself when B is listed again; letters it took before must not be lost.
+    # One is taken while the hub is down, and B removed before the hub comes back: it
+    # waits in B's outbox.
     config = cluster.hub.config
     original = config.read_text()
     node_b = cluster.nodes[B]
@@ -886,6 +887,8 @@ async def test_agency_removed_from_the_directory_is_refused_at_its_node_until_ad
             await _eventually(retried, f"node {B} retrying the hub")
             snapshot = fetch(node_b.metrics)
             assert snapshot.value("chapar_ready") == 0
+            assert snapshot.value("chapar_node_in_directory") == 0
+            assert "not in the hub's directory" in render(snapshot, B)
             log = node_b.log_file.read_text()
             told = [r for r in _complaints(log[log_start:]) if r.get("agency") == B]
             assert [r.get("reason") for r in told] == ["AGENCY_NOT_IN_DIRECTORY"], told
@@ -905,6 +908,11 @@ async def test_agency_removed_from_the_directory_is_refused_at_its_node_until_ad
         for shams in [held.shams, *accepted, again]:
             await _wait_delivered(b, shams, A)
         await _wait_delivered(a, to_b.shams, B)
+
+    async def listed_again() -> bool:
+        return fetch(node_b.metrics).value("chapar_node_in_directory") == 1
+
+    await _eventually(listed_again, f"node {B} reporting {B} in the directory")
 
 
 # -- 5. authorisation at the node --------------------------------------------------------

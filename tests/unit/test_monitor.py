@@ -85,7 +85,11 @@ def _monitor(store: NodeStore, db: Path) -> NodeMonitor:
         metrics_interval_s=1.0,
     )
     agency = types.SimpleNamespace(
-        config=config, store=store, hub_connected=True, identity=Identity.for_agency(ME)
+        config=config,
+        store=store,
+        hub_connected=True,
+        in_directory=True,
+        identity=Identity.for_agency(ME),
     )
     return NodeMonitor(agency)  # type: ignore[arg-type]
 
