@@ -93,7 +93,10 @@ def build_directory(
     """The directory message the hub publishes: its configuration plus the revocation file
     (or ``revoked_serials``, when given instead).
 
-    The version defaults to the current time, so it grows across hub restarts too.
+    The version defaults to the current time in microseconds, so it grows across hub
+    restarts too, past the versions a run's reloads (one more each) gave: a node compares
+    it for equality, and one restart's version equal to the last run's would leave the
+    nodes with the old directory.
     """
     from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -103,7 +106,7 @@ def build_directory(
         "retired": pb.AGENCY_STATE_RETIRED,
     }
     directory = pb.Directory(
-        version=version if version is not None else int(time.time()),
+        version=version if version is not None else time.time_ns() // 1000,
         revoked_serials=(
             read_revocations(config.revocation_file) if revoked_serials is None else revoked_serials
         ),
