@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from google.protobuf.message import DecodeError
 
 from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
@@ -62,6 +63,9 @@ __all__ = ["Hub", "build_directory"]
 
 log = logging.getLogger("chapar.hub")
 _EXPIRY_PAGE = 500  # queued letters past their expire_time read at a time
+# How long past its expire_time a letter pushed to a node that has not answered since waits
+# for that node before it expires anyway, with EXPIRY reason DELIVERY_UNCONFIRMED.
+UNANSWERED_GRACE_S = 24 * 3600.0
 E = pb.EvidenceEvent
 _RECEIPT_EVENTS = frozenset(
     {E.EVIDENCE_EVENT_DELIVERY, E.EVIDENCE_EVENT_DELIVERY_FAILURE, E.EVIDENCE_EVENT_HANDOVER}
@@ -179,9 +183,10 @@ class Hub(pb.HubServiceServicer):
         self._sessions: dict[str, _Session] = {}
         # Letters pushed to an agency on a session that ended before it answered them: its
         # node may have delivered them (its receipt lost with the stream), so they do not
-        # expire; they are pushed again, expired or not, and its node's answer decides (the
-        # answer it gave before, or a DELIVERY_FAILURE if it never had the letter and its
-        # expire_time has passed). Kept in memory: forgotten at a restart.
+        # expire (for UNANSWERED_GRACE_S); they are pushed again, expired or not, and its
+        # node's answer decides (the answer it gave before, or a DELIVERY_FAILURE if it
+        # never had the letter and its expire_time has passed). After a restart, the first
+        # delivery window of each queue is taken for such letters (start).
         self._unanswered: dict[str, set[str]] = {}
         self._depth: dict[str, int] = {}
         self._full: set[str] = set()
@@ -300,6 +305,7 @@ class Hub(pb.HubServiceServicer):
         self._depth = await self.store.depths()
         for recipient in list(self._depth):
             self._update_full(recipient)
+        await self._load_unanswered()
         self._tasks = [
             asyncio.create_task(
                 every(self.config.expiry_interval_s, self.expire_due, "expiry"), name="expiry"
@@ -312,6 +318,14 @@ class Hub(pb.HubServiceServicer):
                 name="reload",
             ),
         ]
+
+    async def _load_unanswered(self) -> None:
+        """Letters that may have been in a delivery window when the hub last stopped, whose
+        nodes may have delivered them: the first ``delivery_window`` of each queue (those
+        with an expire_time; the others need no answer to be kept from expiring)."""
+        for recipient in self._depth:
+            if numbers := await self.store.first_expiring(recipient, self.config.delivery_window):
+                self._unanswered.setdefault(recipient, set()).update(numbers)
 
     def close_sessions(self) -> None:
         """Ends every Connect stream cleanly (shutdown): nodes reconnect and resend."""
@@ -378,6 +392,9 @@ class Hub(pb.HubServiceServicer):
         if not items:
             return 0
         done = await self.store.expire(items)
+        for recipient, shams, *_ in items:
+            if unanswered := self._unanswered.get(recipient):
+                unanswered.discard(shams)  # expired now, or answered meanwhile
         EXPIRED.inc(len(done))
         for recipient, sender in done:
             self._count(recipient, -1)
@@ -391,12 +408,21 @@ class Hub(pb.HubServiceServicer):
     ) -> list[tuple[str, str, str, pb.Evidence, str]]:
         """EXPIRY evidence for those of ``rows`` not being delivered right now."""
         items = []
-        for recipient, shams, digest, sender, _ in rows:
+        for recipient, shams, digest, sender, place in rows:
             session = self._sessions.get(recipient)
             if session is not None and shams in session.inflight:
                 continue  # being delivered right now: its receipt decides
+            reason, detail = "LETTER_EXPIRED", "not delivered before its expire_time"
             if shams in self._unanswered.get(recipient, ()):
-                continue  # pushed on a stream that ended: its node's answer decides
+                # Pushed on a stream that ended: its node's answer decides, if it comes.
+                expire_at = place[0] if isinstance(place, tuple) else now.timestamp()
+                if expire_at + UNANSWERED_GRACE_S > now.timestamp():
+                    continue
+                reason = "DELIVERY_UNCONFIRMED"
+                detail = (
+                    "pushed to the recipient's node, which did not answer within"
+                    f" {UNANSWERED_GRACE_S:.0f} s of its expire_time"
+                )
             content = evidence_content(
                 E.EVIDENCE_EVENT_EXPIRY,
                 issuer=self.identity.uri,
@@ -404,8 +430,8 @@ class Hub(pb.HubServiceServicer):
                 envelope_sha256=digest,
                 recipient=recipient,
                 now=now,
-                reason="LETTER_EXPIRED",
-                detail="not delivered before its expire_time",
+                reason=reason,
+                detail=detail,
             )
             evidence_id = pb.EvidenceContent.FromString(content).evidence_id
             items.append((recipient, shams, sender, self._sign(content), evidence_id))
@@ -482,7 +508,8 @@ class Hub(pb.HubServiceServicer):
         old = self._sessions.get(agency)
         if old is not None:
             log.info("node %s reconnected; closing its previous stream", agency)
-            old.closed.set()
+            old.closed.set()  # its pusher puts nothing more in its window
+            self._leave_unanswered(old)
         session = _Session(agency, certificate, directory_sent=self.directory.version)
         self._sessions[agency] = session
         HUB_CONNECTED_NODES.set(len(self._sessions))
@@ -517,12 +544,17 @@ class Hub(pb.HubServiceServicer):
             self._end_session(session)
             log.info("node %s disconnected", agency)
 
+    def _leave_unanswered(self, session: _Session) -> None:
+        """A session ending: its window's letters wait for its node's answer."""
+        if session.inflight:
+            self._unanswered.setdefault(session.agency, set()).update(session.inflight)
+
     def _end_session(self, session: _Session) -> None:
         session.notice_cadence.close()
         session.delivery_cadence.close()
         agency = session.agency
         if session.inflight:
-            self._unanswered.setdefault(agency, set()).update(session.inflight)
+            self._leave_unanswered(session)
             self._wake(agency, queue=True)  # a session that replaced this one
         if self._sessions.get(agency) is session:
             del self._sessions[agency]
@@ -772,13 +804,12 @@ class Hub(pb.HubServiceServicer):
         agency = session.agency
         valid: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
         ids: list[str] = []
-        unverified: VerificationError | None = None
         for item, content in zip(evidence, self.trust.verify_evidence_many(evidence), strict=True):
             if isinstance(content, VerificationError):
                 count_verification_failure("evidence", content.reason)
                 log.warning("receipt from %s refused: %s %s", agency, content.reason, content)
                 count_rejection(Code.INVALID_ARGUMENT.name, content.reason)
-                unverified = content
+                self._unverified_receipt(session, item)
                 continue
             try:
                 shams = format_shams(content.shams)
@@ -820,35 +851,42 @@ class Hub(pb.HubServiceServicer):
             session.inflight.difference_update(answered)
             if unanswered := self._unanswered.get(agency):
                 unanswered.difference_update(answered)
-        if unverified is not None:
-            # Its letter would stay in the delivery window, unanswered, for the stream's
-            # life: end the stream, so that it is pushed again on the next one (and answered
-            # again, verifiably once this hub knows the key, say after a config reload).
-            raise ChaparError(
-                Code.INVALID_ARGUMENT,
-                "RECEIPT_UNVERIFIED",
-                f"a receipt does not verify: {unverified.reason} {unverified}",
-            )
         # Room in its delivery window: a read the window cut short left queue_dirty set.
         session.wake.set()
         return ids
 
+    def _unverified_receipt(self, session: _Session, item: pb.Evidence) -> None:
+        """A receipt that does not verify leaves its letter's place in the delivery window
+        (a window of them would stop every delivery to the node), unanswered: it goes again
+        on the next stream, when the answer may verify (a key this hub learns on a reload),
+        and does not expire meanwhile (its node may hold it); not on this one, whose
+        answer would be the same."""
+        try:
+            shams = format_shams(pb.EvidenceContent.FromString(item.content).shams)
+        except (DecodeError, ValueError):
+            return
+        if shams in session.inflight:
+            session.inflight.discard(shams)
+            session.repushed.add(shams)
+            self._unanswered.setdefault(session.agency, set()).add(shams)
+
     # -- pushing deliveries and notices -------------------------------------------------------
 
     async def _unanswered_rows(
-        self, session: _Session, limit: int
+        self, session: _Session, limit: int, max_bytes: int
     ) -> list[tuple[int, str, bytes, float | None]]:
-        """Up to ``limit`` letters an earlier session of this agency left unanswered and
-        this one has not pushed yet, still queued, expired or not (see ``_unanswered``)."""
+        """Up to ``limit`` letters (``max_bytes`` of envelopes, but one always) an earlier
+        session of this agency left unanswered and this one has not pushed yet, still
+        queued, expired or not (see ``_unanswered``)."""
         unanswered = self._unanswered.get(session.agency)
         if not unanswered:
             return []
         numbers = sorted(unanswered - session.repushed - session.inflight)[:limit]
         if not numbers:
             return []
-        rows = await self.store.queued_of(session.agency, numbers)
-        unanswered.difference_update(set(numbers) - {r[1] for r in rows})  # answered, gone
-        session.queue_dirty |= len(numbers) == limit
+        rows, gone = await self.store.queued_of(session.agency, numbers, max_bytes)
+        unanswered.difference_update(gone)  # answered, or expired
+        session.queue_dirty |= len(numbers) == limit or rows.more
         return [r for r in rows if r[1] not in session.inflight]
 
     def _wake(self, agency: str, *, queue: bool = False, notices: bool = False) -> None:
@@ -878,16 +916,20 @@ class Hub(pb.HubServiceServicer):
             room = window - len(session.inflight)
             if room > 0 and session.queue_dirty and session.delivery_cadence.ready():
                 session.queue_dirty = False
-                if again := await self._unanswered_rows(session, min(room, _PUSH_BATCH)):
+                room_bytes = _PUSH_FRAME_BYTES
+                again = await self._unanswered_rows(session, min(room, _PUSH_BATCH), room_bytes)
+                if again:
+                    # In the window now, so that the page below does not carry them twice.
                     session.repushed.update(r[1] for r in again)
+                    session.inflight.update(r[1] for r in again)
                     room -= len(again)
-                    session.queue_dirty |= room <= 0  # the queue's turn comes with room
+                    room_bytes -= sum(len(r[2]) for r in again)
+                    # The queue's turn comes with room.
+                    session.queue_dirty |= room <= 0 or room_bytes <= 0
                 rows: Sequence[tuple[int, str, bytes, float | None]] = []
-                if room > 0:
+                if room > 0 and room_bytes > 0:
                     limit = min(room, _PUSH_BATCH)
-                    page = await self.store.queued(
-                        session.agency, last_queue, limit, _PUSH_FRAME_BYTES
-                    )
+                    page = await self.store.queued(session.agency, last_queue, limit, room_bytes)
                     # A frame cut by the window, the batch or its size: read on at once. A
                     # letter stored meanwhile set queue_dirty itself.
                     session.queue_dirty |= page.more
@@ -902,6 +944,8 @@ class Hub(pb.HubServiceServicer):
                         if (r[3] is None or r[3] > now) and r[1] not in session.inflight
                     ]
                 rows = [*again, *rows]
+                if session.closed.is_set():
+                    return  # replaced: its window went to _unanswered, nothing more goes in
                 if rows:
                     session.inflight.update(r[1] for r in rows)
                     await session.out.put(_DELIVERIES.one(ENVELOPE_BATCH.many(r[2] for r in rows)))

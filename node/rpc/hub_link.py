@@ -59,7 +59,12 @@ _RECEIPT_FRAME = 1024
 # Failures a newer directory may mend (a signing key or CA added since this node read it:
 # a key rotated at another agency, or at the hub), and how often they refetch it at most.
 _DIRECTORY_MENDS = frozenset({"SIGNER_UNKNOWN", "CERTIFICATE_UNTRUSTED"})
-_REFETCH_EVERY_S = 1.0
+_REFETCH_EVERY_S = 1.0  # doubled (to _REFETCH_AT_MOST_S) while a fetch brings nothing new
+_REFETCH_AT_MOST_S = 300.0
+# A letter that reaches this node later than this past its expire_time is refused
+# (LETTER_EXPIRED): the hub pushed it before, on a stream lost before this node answered.
+# Within it, clocks that differ a little do not refuse a letter the hub found in time.
+_EXPIRY_SKEW_S = 60.0
 # The hub's refusal of an agency missing from its directory (node.hub, _peer).
 _UNKNOWN_SENDER = "UNKNOWN_SENDER"
 
@@ -79,7 +84,8 @@ class HubLink:
         self.document_store: DocumentStore | None = None
         self._pushes: set[asyncio.Task[None]] = set()
         self._refetch = asyncio.Lock()
-        self._refetched_at = -_REFETCH_EVERY_S
+        self._refetched_at = float("-inf")
+        self._refetch_every = _REFETCH_EVERY_S
 
     @property
     def stub(self) -> pb.HubServiceStub | None:
@@ -125,7 +131,8 @@ class HubLink:
         not know verified again after a fresh directory: the hub sends a directory update
         when one changes, but a letter or evidence signed with the new key may be read
         before it is applied (frames are handled concurrently), and would otherwise be
-        refused for good. The directory is fetched at most once a ``_REFETCH_EVERY_S``."""
+        refused for good. The directory is fetched at most once a ``_REFETCH_EVERY_S``, and
+        less often while fetches bring no new version (a key no directory will list)."""
         results = verify(items)
         stale = [
             i
@@ -136,7 +143,8 @@ class HubLink:
             return results
         async with self._refetch:  # one fetch for every frame that failed meanwhile
             loop = asyncio.get_running_loop()
-            if loop.time() - self._refetched_at >= _REFETCH_EVERY_S:
+            if loop.time() - self._refetched_at >= self._refetch_every:
+                held = self.agency.directory.version if self.agency.directory else None
                 try:
                     await self.refresh_directory()
                 except grpc.aio.AioRpcError as exc:
@@ -144,6 +152,12 @@ class HubLink:
                     return results
                 finally:
                     self._refetched_at = loop.time()
+                fetched = self.agency.directory.version if self.agency.directory else None
+                self._refetch_every = (
+                    _REFETCH_EVERY_S
+                    if fetched != held
+                    else min(self._refetch_every * 2, _REFETCH_AT_MOST_S)
+                )
         for i, again in zip(stale, verify([items[i] for i in stale]), strict=True):
             results[i] = again
         return results
@@ -161,8 +175,6 @@ class HubLink:
                 pass  # logged once, when learned (Agency.set_in_directory)
             except grpc.aio.AioRpcError as exc:
                 log.warning("hub stream ended: %s %s", exc.code().name, exc.details())
-            except VerificationError as exc:
-                log.error("hub stream ended: %s %s", exc.reason, exc)
             except Exception:
                 log.exception("hub stream failed")
             finally:
@@ -437,14 +449,15 @@ class _Session:
             if content.event == pb.EVIDENCE_EVENT_RELAY_REJECTION:
                 log.error("hub rejected %s: %s %s", shams, content.reason, content.detail)
             items.append((item, content, shams))
+        if len(verified) < len(evidence):
+            # Their letters leave the window (a window of them would stop every letter),
+            # still to relay: they go again on the next stream, when the answer may verify.
+            kept = {id(e) for e, _, _ in verified}
+            for item in evidence:
+                if id(item) not in kept and (digest := _quoted_digest(item)):
+                    self.relaying.pop(digest, None)
         if items:
             await self.agency.store.record_sender_evidence(items)
-        if len(verified) < len(evidence):
-            # Its letters would stay in the window, unanswered, until the stream ends: end
-            # it now, so that they go again (answered as before) on the next one.
-            raise VerificationError(
-                "RELAY_RESULT_UNVERIFIED", "a relay result from the hub does not verify"
-            )
 
     async def _evidence(self, evidence: Sequence[pb.Evidence]) -> None:
         verified = await self._verify(evidence)
@@ -478,7 +491,10 @@ class _Session:
                 mine = [r for r in header.recipients if r.agency == me]
                 if not mine:
                     raise VerificationError("NOT_A_RECIPIENT", f"letter is not addressed to {me}")
-                if header.HasField("expire_time") and seconds_of(header.expire_time) <= now_s:
+                if (
+                    header.HasField("expire_time")
+                    and seconds_of(header.expire_time) + _EXPIRY_SKEW_S <= now_s
+                ):
                     # Pushed again after a lost stream (the hub holds back its EXPIRY for a
                     # letter its recipient may have had): one this node already holds gets
                     # its DELIVERY again (_refusals), one it never had is refused.
@@ -608,6 +624,14 @@ def _shams_text(content: pb.EvidenceContent) -> str:
         return format_shams(content.shams)
     except ValueError as exc:
         raise VerificationError("INVALID_SHAMS", str(exc)) from exc
+
+
+def _quoted_digest(evidence: pb.Evidence) -> bytes:
+    """The envelope digest an evidence that did not verify claims, or b"" if malformed."""
+    try:
+        return pb.EvidenceContent.FromString(evidence.content).envelope_sha256
+    except DecodeError:
+        return b""
 
 
 def _quoted_evidence_id(evidence: pb.Evidence) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from client_sdk import pb
 from client_sdk.shams import format_shams
 from node.core import lifecycle
-from node.storage.db import Page, Store, advance_state, advance_states, rows_in
+from node.storage.db import Page, Store, advance_state, advance_states, fits, rows_in
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
 
@@ -255,17 +255,42 @@ class HubStore(Store):
         return Page([_queued_row(r) for r in page], page.more)
 
     async def queued_of(
-        self, recipient: str, numbers: Sequence[str]
-    ) -> list[tuple[int, str, bytes, float | None]]:
+        self, recipient: str, numbers: Sequence[str], max_bytes: int
+    ) -> tuple[Page[tuple[int, str, bytes, float | None]], set[str]]:
         """The rows ``queued`` gives for those of ``numbers`` still queued for
-        ``recipient``, expired or not, in arrival order."""
+        ``recipient``, expired or not, in arrival order, as many as fit in ``max_bytes``
+        (but always one; ``more`` if some did not); and those of ``numbers`` no longer
+        queued for it."""
+        sizes = sorted(
+            (int(i), str(shams), int(size))
+            for i, shams, size in await self.db.fetchall_in(
+                "SELECT q.id, q.shams, length(e.envelope) FROM queue q"
+                " JOIN envelopes e ON e.shams = q.shams"
+                " WHERE q.recipient = ? AND q.shams IN ({marks})",
+                numbers,
+                (recipient,),
+            )
+        )
+        gone = set(numbers) - {shams for _, shams, _ in sizes}
+        taken = [shams for _, shams, _ in sizes[: fits([n for _, _, n in sizes], max_bytes)]]
         rows = await self.db.fetchall_in(
             "SELECT q.id, q.shams, e.envelope, q.expire_at FROM queue q"
             " JOIN envelopes e ON e.shams = q.shams WHERE q.recipient = ? AND q.shams IN ({marks})",
-            numbers,
+            taken,
             (recipient,),
         )
-        return sorted(_queued_row(r) for r in rows)
+        return Page(sorted(_queued_row(r) for r in rows), len(taken) < len(sizes)), gone
+
+    async def first_expiring(self, recipient: str, limit: int) -> list[str]:
+        """Of the first ``limit`` letters queued for ``recipient``, those with an
+        expire_time: after a restart, the ones that may have been in its delivery window."""
+        rows = await self.db.fetchall(
+            "SELECT shams FROM queue WHERE id IN"
+            " (SELECT id FROM queue WHERE recipient = ? ORDER BY id LIMIT ?)"
+            " AND expire_at IS NOT NULL",
+            (recipient, limit),
+        )
+        return [str(r[0]) for r in rows]
 
     async def depths(self) -> dict[str, int]:
         """Queue depth per recipient (read once at start; the hub counts from there)."""

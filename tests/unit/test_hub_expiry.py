@@ -19,7 +19,7 @@ import pytest
 from client_sdk import pb
 from client_sdk.shams import format_shams
 from node.core.evidence import evidence_content
-from node.hub import _EXPIRY_PAGE, Hub, _Session
+from node.hub import _EXPIRY_PAGE, UNANSWERED_GRACE_S, Hub, _Session
 from node.storage.hub_store import HubStore, IncomingLetter
 
 SENDER, BUSY, QUIET = "000.00.00.G22", "10101010101", "MOF.IR"
@@ -106,7 +106,10 @@ class _Pushing:
         hub.config = SimpleNamespace(delivery_window=1024)
         hub.directory = SimpleNamespace(version=0)
         hub._status_version = -1
-        hub._unanswered_rows = lambda session, limit: Hub._unanswered_rows(hub, session, limit)  # type: ignore[arg-type]
+        hub._unanswered_rows = lambda session, limit, max_bytes: Hub._unanswered_rows(  # type: ignore[arg-type]
+            hub, session, limit, max_bytes
+        )
+        hub._leave_unanswered = lambda session: Hub._leave_unanswered(hub, session)  # type: ignore[arg-type]
 
 
 def _session(recipient: str) -> _Session:
@@ -115,6 +118,11 @@ def _session(recipient: str) -> _Session:
 
 async def _pushed(hub: SimpleNamespace, session: _Session, wait_s: float = 0.5) -> list[str]:
     """The numbers ``Hub._push`` sends on ``session`` within ``wait_s``."""
+    return [shams for frame in await _frames(hub, session, wait_s) for shams in frame]
+
+
+async def _frames(hub: SimpleNamespace, session: _Session, wait_s: float = 0.5) -> list[list[str]]:
+    """The numbers ``Hub._push`` sends on ``session`` within ``wait_s``, frame by frame."""
     pusher = asyncio.create_task(Hub._push(hub, session))  # type: ignore[arg-type]
     try:
         await asyncio.sleep(wait_s)
@@ -122,15 +130,18 @@ async def _pushed(hub: SimpleNamespace, session: _Session, wait_s: float = 0.5) 
         pusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pusher
-    numbers = []
+    frames = []
     while not session.out.empty():
         frame = session.out.get_nowait()
         assert isinstance(frame, bytes)  # a spliced deliveries frame
         response = pb.ConnectResponse.FromString(frame)
-        for envelope in response.deliveries.envelopes:
-            header = pb.EnvelopeHeader.FromString(envelope.header)
-            numbers.append(format_shams(header.shams))
-    return numbers
+        frames.append(
+            [
+                format_shams(pb.EnvelopeHeader.FromString(envelope.header).shams)
+                for envelope in response.deliveries.envelopes
+            ]
+        )
+    return frames
 
 
 async def _expiries_stored(store: HubStore) -> int:
@@ -195,3 +206,91 @@ async def test_a_letter_left_unanswered_by_a_lost_stream_does_not_expire_and_is_
     assert await _pushed(hub, second) == [letter.shams]  # expired, but pushed again
     assert await _pushed(hub, second, 0.1) == []  # once a session
     assert letter.shams in hub._unanswered[BUSY]  # until its answer comes
+
+
+async def test_a_letter_left_unanswered_and_not_expired_is_pushed_again_once(
+    store: HubStore,
+) -> None:
+    # Pushed again from the unanswered set, and found again by the queue's read from its
+    # start: it went twice in one frame.
+    letter = _letter(1, BUSY, time.time() + 3600)
+    await store.accept([letter], _relay)
+    hub = _hub(store, {})
+    _Pushing.add_to(hub)
+    first = hub._sessions[BUSY] = _session(BUSY)
+    assert await _pushed(hub, first) == [letter.shams]
+    Hub._end_session(hub, first)  # type: ignore[arg-type]
+    second = hub._sessions[BUSY] = _session(BUSY)
+    assert await _pushed(hub, second) == [letter.shams]
+
+
+async def test_letters_pushed_again_keep_to_the_frame_size(
+    store: HubStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read whatever their size, a window of large letters pushed again made one frame
+    # larger than a node takes, refused at every reconnect.
+    letters = [_letter(i, BUSY, time.time() + 3600) for i in range(1, 4)]
+    await store.accept(letters, _relay)
+    size = len(letters[0].envelope)
+    monkeypatch.setattr("node.hub._PUSH_FRAME_BYTES", size + size // 2)
+    hub = _hub(store, {})
+    _Pushing.add_to(hub)
+    hub._unanswered[BUSY] = {letter.shams for letter in letters}
+    session = hub._sessions[BUSY] = _session(BUSY)
+    frames = await _frames(hub, session)
+    assert [len(frame) for frame in frames] == [1, 1, 1]
+    assert sorted(s for frame in frames for s in frame) == [lt.shams for lt in letters]
+
+
+async def test_a_letter_in_a_replaced_streams_window_does_not_expire_before_its_end(
+    store: HubStore,
+) -> None:
+    # A node reconnects: the new stream is registered at once, the old one ends a few
+    # turns later. Its window's letters were in neither in between, and could expire.
+    letter = _letter(1, BUSY, time.time() + 0.3)
+    await store.accept([letter], _relay)
+    hub = _hub(store, {})
+    _Pushing.add_to(hub)
+    old = hub._sessions[BUSY] = _session(BUSY)
+    assert await _pushed(hub, old) == [letter.shams]
+    old.closed.set()  # as Hub.Connect does for the stream a new one replaces
+    Hub._leave_unanswered(hub, old)  # type: ignore[arg-type]
+    hub._sessions[BUSY] = _session(BUSY)  # registered; the old one not ended yet
+    await asyncio.sleep(max(0.0, letter.expire_at - time.time()) + 0.05)  # type: ignore[operator]
+    assert await Hub.expire_due(hub) == 0  # type: ignore[arg-type]
+
+
+async def test_after_a_restart_the_first_window_of_a_queue_waits_for_its_node(
+    store: HubStore,
+) -> None:
+    # Letters in a delivery window when the hub stopped may have been delivered; the hub
+    # remembers no window after a restart, so the first delivery_window of each queue
+    # waits for its node's answer; the letters after it expire.
+    past = time.time() - 60
+    letters = [_letter(i, BUSY, past) for i in range(1, 4)]
+    await store.accept(letters, _relay)
+    hub = _hub(store, {})
+    hub.config = SimpleNamespace(delivery_window=2)
+    hub._depth = await store.depths()
+    await Hub._load_unanswered(hub)  # type: ignore[arg-type]
+    assert hub._unanswered == {BUSY: {letters[0].shams, letters[1].shams}}
+    assert await Hub.expire_due(hub) == 1  # type: ignore[arg-type]
+    left = await store.expired(time.time(), 10)
+    assert sorted(row[1] for row in left) == [letters[0].shams, letters[1].shams]
+
+
+async def test_a_letter_whose_node_never_answers_expires_a_grace_after_its_expire_time(
+    store: HubStore,
+) -> None:
+    letter = _letter(1, BUSY, time.time() - UNANSWERED_GRACE_S - 10)
+    await store.accept([letter], _relay)
+    hub = _hub(store, {})
+    hub._unanswered[BUSY] = {letter.shams}
+    assert await Hub.expire_due(hub) == 1  # type: ignore[arg-type]
+    row = await store.db.fetchone(
+        "SELECT evidence FROM evidence WHERE event = ?", (E.EVIDENCE_EVENT_EXPIRY,)
+    )
+    assert row is not None
+    content = pb.EvidenceContent.FromString(pb.Evidence.FromString(row[0]).content)
+    assert content.reason == "DELIVERY_UNCONFIRMED"
+    assert hub._unanswered[BUSY] == set()

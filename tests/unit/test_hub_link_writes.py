@@ -11,7 +11,6 @@ import asyncio
 import time
 from types import SimpleNamespace
 
-import pytest
 from google.protobuf.message import DecodeError
 
 from client_sdk import pb
@@ -230,7 +229,8 @@ async def test_a_letter_that_arrives_after_its_expire_time_is_refused_unless_hel
         header.expire_time.FromSeconds(int(time.time() + expire_s))
         return pb.Envelope(header=header.SerializeToString()), header
 
-    (held, held_header), (never, never_header) = letter(1, -10), letter(2, -10)
+    # Past it by more than the node's allowance for clocks that differ (a minute).
+    (held, held_header), (never, never_header) = letter(1, -120), letter(2, -120)
     earlier = pb.Evidence(content=b"the DELIVERY it got the first time")
     store = _AnsweringStore(sha256(held.header), earlier)
     signed: list[pb.EvidenceContent] = []
@@ -267,9 +267,13 @@ class _Refetching(HubLink):
         self._stub = object()  # type: ignore[assignment]
         self.fetches = 0
 
+    fetches_teach = True
+
     async def refresh_directory(self) -> None:
         self.fetches += 1
-        self.agency.trust.knows_new_key = True
+        if self.fetches_teach:
+            self.agency.trust.knows_new_key = True
+            self.agency.directory = SimpleNamespace(version=self.fetches)
 
 
 async def test_a_letter_signed_with_a_key_newer_than_the_nodes_directory_is_delivered() -> None:
@@ -310,46 +314,92 @@ async def test_a_letter_signed_with_a_key_newer_than_the_nodes_directory_is_deli
         return []
 
     signed: list[bytes] = []
+
+    def sign_evidence(content: bytes) -> pb.Evidence:
+        signed.append(content)
+        return pb.Evidence(content=content)
+
+    async def no_earlier_answers(*_: object) -> dict[bytes, StoredEvidence]:
+        return {}
+
+    async def store_issued(*_: object) -> None:
+        pass
+
     agency = SimpleNamespace(
         config=SimpleNamespace(agency=me),
         identity=SimpleNamespace(uri=f"urn:chapar:agency:{me}"),
         trust=trust,
-        store=SimpleNamespace(store_incoming=store_incoming),
-        sign_evidence=lambda content: signed.append(content),
+        store=SimpleNamespace(
+            store_incoming=store_incoming,
+            earlier_answers=no_earlier_answers,
+            store_issued=store_issued,
+        ),
+        sign_evidence=sign_evidence,
         notify_inbox=lambda: None,
         signer=SimpleNamespace(seal_evidence=None),
+        directory=None,
     )
     link = _Refetching(agency)
     session = _Session(link, _StuckCall())
+    frames = []
     for n in (1, 2):
-        envelope, headers_n = letter(n)
-        headers[envelope.header] = headers_n
-        await session._deliveries([envelope])
-    assert stored == ["000.00.00.G01/O/2026/0000001", "000.00.00.G01/O/2026/0000002"]
+        envelope, header = letter(n)
+        headers[envelope.header] = header
+        frames.append([envelope])
+    # Two frames read at once, both failing: one fetch, for which the second waits.
+    await asyncio.gather(*(session._deliveries(frame) for frame in frames))
+    assert sorted(stored) == ["000.00.00.G01/O/2026/0000001", "000.00.00.G01/O/2026/0000002"]
     assert signed == []  # no DELIVERY_FAILURE
-    assert link.fetches == 1  # the second frame verified with the directory fetched
+    assert link.fetches == 1
+
+    # A key no directory lists: fetched again only after a wait that doubles while the
+    # fetches bring nothing new, not once a frame.
+    trust.knows_new_key = False
+    link.fetches_teach = False
+    link._refetched_at = float("-inf")
+    for n in (3, 4, 5):
+        envelope, header = letter(n)
+        headers[envelope.header] = header
+        await session._deliveries([envelope])
+    assert link.fetches == 2
+    assert link._refetch_every == 2.0
+    assert len(signed) == 3  # refused, each once
 
 
-async def test_relay_results_that_do_not_verify_end_the_stream_instead_of_filling_the_window() -> (
-    None
-):
+async def test_relay_results_that_do_not_verify_leave_the_window_instead_of_filling_it() -> None:
     # The letters of relay results that do not verify stayed in the window, unanswered,
     # until the stream ended some other way: a few frames of them stopped every letter.
-    # After a fresh directory has not mended them, the stream ends, and the next one
-    # sends those letters again.
-    evidence = _evidence("r1", "urn:chapar:hub:impostor")
+    # After a fresh directory has not mended them, they leave the window (still to relay:
+    # the next stream sends them again), and those that verify are recorded.
+    bad = _evidence("r1", "urn:chapar:hub:impostor")
+    good = _evidence("r2", HUB)
+    for item, digest in ((bad, b"a" * 32), (good, b"b" * 32)):
+        content = pb.EvidenceContent.FromString(item.content)
+        content.envelope_sha256 = digest
+        item.content = content.SerializeToString()
+    recorded: list[str] = []
+
+    async def record_sender_evidence(items: list[tuple[object, object, str]]) -> None:
+        recorded.extend(shams for _, _, shams in items)
+
+    trust = _Trust()
     agency = SimpleNamespace(
         trust=SimpleNamespace(
-            knows_new_key=False,
-            verify_evidence_many=lambda items: (
-                [VerificationError("SIGNER_UNKNOWN", "no")] * len(items)
-            ),
+            verify_evidence_many=lambda items: [
+                VerificationError("SIGNER_UNKNOWN", "no")
+                if pb.EvidenceContent.FromString(i.content).issuer != HUB
+                else trust.verify_evidence(i)
+                for i in items
+            ]
         ),
-        store=SimpleNamespace(),
+        store=SimpleNamespace(record_sender_evidence=record_sender_evidence),
+        directory=None,
     )
     link = _Refetching(agency)
+    link.fetches_teach = False
     session = _Session(link, _StuckCall())
-    with pytest.raises(VerificationError) as raised:
-        await session._relay_results([evidence])
-    assert raised.value.reason == "RELAY_RESULT_UNVERIFIED"
+    session.relaying = {b"a" * 32: "L1", b"b" * 32: "L2", b"c" * 32: "L3"}
+    await session._relay_results([bad, good])
+    assert session.relaying == {b"c" * 32: "L3"}  # L3: no answer yet
+    assert recorded == ["L2"]
     assert link.fetches == 1
