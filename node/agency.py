@@ -303,11 +303,36 @@ class Agency(pb.NodeServiceServicer):
                 )
                 stream.ended.set()
         await self.store.remember_certificates(known)
+        was = self.own_state()
         self.directory = DirectoryView(directory)
         self.directory_ready.set()
+        self._log_own_state(was)
         if persist:
             await self.store.save_directory(directory)
         log.info("directory version %d: %d agencies", directory.version, len(directory.agencies))
+
+    def own_state(self) -> pb.AgencyState.ValueType | None:
+        """This agency's state in the directory held (None without one, or if unlisted)."""
+        own = self.directory.agency(self.config.agency) if self.directory is not None else None
+        return own.state if own is not None else None
+
+    def _log_own_state(self, was: pb.AgencyState.ValueType | None) -> None:
+        """Says once that this agency was suspended or retired, or is active again; the
+        hub link then retries without a word (it reads the directory at every retry)."""
+        now = self.own_state()
+        if now == was or now is None:
+            return
+        name = pb.AgencyState.Name(now).removeprefix("AGENCY_STATE_").lower()
+        if now == pb.AGENCY_STATE_ACTIVE:
+            if was is not None:
+                log.info("agency %s is active again in the hub's directory", self.config.agency)
+            return
+        log.error(
+            "agency %s is %s in the hub's directory: letters are refused until it is active again",
+            self.config.agency,
+            name,
+            extra={"agency": self.config.agency, "reason": "SENDER_INACTIVE"},
+        )
 
     def set_in_directory(self, listed: bool) -> None:
         """Whether the hub lists this agency: it answered the node (listed), or refused it

@@ -252,6 +252,9 @@ def _node_trouble(agency: Agency) -> str:
         return "no directory"
     if not agency.in_directory:
         return "agency not in the hub's directory"
+    if (state := agency.own_state()) not in (None, pb.AGENCY_STATE_ACTIVE):
+        name = pb.AgencyState.Name(state).removeprefix("AGENCY_STATE_").lower()
+        return f"agency {name} in the hub's directory"
     if not agency.hub_connected:
         return "hub stream down"
     return _store_trouble(agency.store.db)

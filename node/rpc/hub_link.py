@@ -69,8 +69,9 @@ _EXPIRY_SKEW_S = 60.0
 _UNKNOWN_SENDER = "UNKNOWN_SENDER"
 
 
-class _NotListed(Exception):
-    """The hub refused this agency as one it does not know (UNKNOWN_SENDER)."""
+class _Refused(Exception):
+    """The hub refused this agency: one it does not know (UNKNOWN_SENDER), or suspended or
+    retired in the directory it then gave. Logged once, when learnt (Agency)."""
 
 
 class HubLink:
@@ -171,8 +172,8 @@ class HubLink:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except _NotListed:
-                pass  # logged once, when learned (Agency.set_in_directory)
+            except _Refused:
+                pass  # logged once, when learnt (Agency.set_in_directory, set_directory)
             except grpc.aio.AioRpcError as exc:
                 log.warning("hub stream ended: %s %s", exc.code().name, exc.details())
             except Exception:
@@ -243,7 +244,10 @@ class HubLink:
                     except grpc.aio.AioRpcError as refused:
                         if _UNKNOWN_SENDER in (_reason(exc), _reason(refused)):
                             self.agency.set_in_directory(False)
-                            raise _NotListed from exc
+                            raise _Refused from exc
+                    else:
+                        if self.agency.own_state() not in (None, pb.AGENCY_STATE_ACTIVE):
+                            raise _Refused from exc
                 raise
             if first is grpc.aio.EOF or first.WhichOneof("frame") != "welcome":
                 raise RuntimeError("hub did not welcome the node")

@@ -768,6 +768,8 @@ async def test_suspended_agency_can_neither_send_nor_receive_until_reactivated(
     original = config.read_text()
     outbox_a = _count(_node_db(cluster, A), "SELECT count(*) FROM outbox")
     outbox_b = _count(_node_db(cluster, B), "SELECT count(*) FROM outbox")
+    node_b = cluster.nodes[B]
+    log_start = len(node_b.log_file.read_text())
     async with _client(cluster, A) as a, _client(cluster, B) as b:
         try:
             _write_replacing(config, _with_state(original, B, "suspended"))
@@ -793,6 +795,23 @@ async def test_suspended_agency_can_neither_send_nor_receive_until_reactivated(
             except FailedPrecondition as exc:
                 from_b = exc
             outbox_b_while_suspended = _count(_node_db(cluster, B), "SELECT count(*) FROM outbox")
+
+            # It keeps retrying (reconnect_max_s = 1), saying so once, not at every retry.
+            learned_at = len(node_b.log_file.read_text())
+            reconnects = fetch(node_b.metrics).value("chapar_hub_link_reconnects_total", 0.0)
+            assert reconnects is not None
+
+            async def retried() -> bool:
+                now = fetch(node_b.metrics).value("chapar_hub_link_reconnects_total", 0.0)
+                return now is not None and now >= reconnects + 3
+
+            await _eventually(retried, f"node {B} retrying the hub")
+            assert fetch(node_b.metrics).value("chapar_ready") == 0
+            log = node_b.log_file.read_text()
+            told = [r for r in _complaints(log[log_start:]) if r.get("agency") == B]
+            link_complaints = [
+                r for r in _complaints(log[learned_at:]) if r["logger"] == "chapar.link"
+            ]
         finally:
             _write_replacing(config, original)
             await _wait_state(cluster, A, B, pb.AGENCY_STATE_ACTIVE)
@@ -807,6 +826,9 @@ async def test_suspended_agency_can_neither_send_nor_receive_until_reactivated(
     assert from_b is not None, "node B accepted a letter from B while B was suspended"
     assert from_b.reason == "SENDER_INACTIVE"
     assert outbox_b_while_suspended == outbox_b
+    assert [r.get("reason") for r in told] == ["SENDER_INACTIVE"]
+    assert "is suspended in the hub's directory" in told[0]["message"]
+    assert link_complaints == []
 
 
 def _without_agency(config: str, code: str) -> str:

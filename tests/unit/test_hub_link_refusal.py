@@ -76,13 +76,18 @@ def _agency() -> SimpleNamespace:
     async def set_directory(directory: pb.Directory) -> None:
         directories.append(directory)
 
+    def own_state() -> int | None:
+        own = [a for d in directories[-1:] for a in d.agencies if a.code == AGENCY]
+        return own[0].state if own else None
+
     return SimpleNamespace(
-        config=SimpleNamespace(hub="hub.example:443", keepalive_s=20.0),
+        config=SimpleNamespace(hub="hub.example:443", keepalive_s=20.0, agency=AGENCY),
         directory=None,
         told=told,
         set_in_directory=told.append,
         directories=directories,
         set_directory=set_directory,
+        own_state=own_state,
     )
 
 
@@ -112,7 +117,7 @@ async def test_a_node_refused_as_unknown_learns_it_is_not_in_the_directory(
     _hub(monkeypatch, _Call(connect, on), _Stub(directory))
     agency = _agency()
     link = HubLink(agency, grpc.ssl_channel_credentials())  # type: ignore[arg-type]
-    with pytest.raises(hub_link._NotListed):
+    with pytest.raises(hub_link._Refused):
         await link._session()
     assert agency.told == [False]
 
@@ -130,8 +135,8 @@ async def test_a_suspended_node_refused_its_stream_reads_its_state_from_the_dire
     _hub(monkeypatch, _Call(suspended, on), _Stub(directory))
     agency = _agency()
     link = HubLink(agency, grpc.ssl_channel_credentials())  # type: ignore[arg-type]
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
+    with pytest.raises(hub_link._Refused) as refused:  # said once by the agency, not here
         await link._session()
-    assert refused.value is suspended
+    assert refused.value.__cause__ is suspended
     assert agency.directories == [directory]
     assert agency.told == [True]  # listed: the directory says the rest

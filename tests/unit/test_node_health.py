@@ -1,0 +1,43 @@
+"""Why a node is not SERVING, as its health and log say: a suspended or retired agency's
+node used to say only "hub stream down" (the hub refuses its stream), which sends an
+operator looking at the network instead of the directory."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from client_sdk import pb
+from node.agency import Agency
+from node.core.directory import DirectoryView
+from node.server import _node_trouble
+
+CODE = "RECIPIENT.B"
+
+
+def _agency(state: int) -> SimpleNamespace:
+    directory = pb.Directory(version=1)
+    directory.agencies.add(code=CODE, state=state)
+    agency = SimpleNamespace(
+        directory=DirectoryView(directory),
+        in_directory=True,
+        hub_connected=False,  # the hub refuses its stream
+        config=SimpleNamespace(agency=CODE),
+    )
+    agency.own_state = lambda: Agency.own_state(agency)  # type: ignore[arg-type]
+    return agency
+
+
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        (pb.AGENCY_STATE_ACTIVE, "hub stream down"),
+        (pb.AGENCY_STATE_SUSPENDED, "agency suspended in the hub's directory"),
+        (pb.AGENCY_STATE_RETIRED, "agency retired in the hub's directory"),
+    ],
+)
+def test_a_node_says_its_agency_is_suspended_or_retired_not_only_that_its_stream_is_down(
+    state: int, why: str
+) -> None:
+    assert _node_trouble(_agency(state)) == why  # type: ignore[arg-type]
