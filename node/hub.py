@@ -185,8 +185,8 @@ class Hub(pb.HubServiceServicer):
         # node may have delivered them (its receipt lost with the stream), so they do not
         # expire (for UNANSWERED_GRACE_S); they are pushed again, expired or not, and its
         # node's answer decides (the answer it gave before, or a DELIVERY_FAILURE if it
-        # never had the letter and its expire_time has passed). After a restart, the first
-        # delivery window of each queue is taken for such letters (start).
+        # never had the letter and its expire_time has passed). Letters with an expire_time
+        # are marked in the queue when pushed, so that a restart knows them too (start).
         self._unanswered: dict[str, set[str]] = {}
         self._depth: dict[str, int] = {}
         self._full: set[str] = set()
@@ -284,6 +284,7 @@ class Hub(pb.HubServiceServicer):
             except VerificationError:
                 admitted = False
             if admitted:
+                self._push_unanswered_again(session)
                 session.wake.set()
             else:
                 log.warning("closing the stream of %s: no longer admitted", session.agency)
@@ -320,12 +321,11 @@ class Hub(pb.HubServiceServicer):
         ]
 
     async def _load_unanswered(self) -> None:
-        """Letters that may have been in a delivery window when the hub last stopped, whose
-        nodes may have delivered them: the first ``delivery_window`` of each queue (those
-        with an expire_time; the others need no answer to be kept from expiring)."""
-        for recipient in self._depth:
-            if numbers := await self.store.first_expiring(recipient, self.config.delivery_window):
-                self._unanswered.setdefault(recipient, set()).update(numbers)
+        """Letters pushed to their node before the hub last stopped and not answered (marked
+        in the queue: only those with an expire_time, the others need no answer to be
+        kept from expiring): their node may have delivered them."""
+        for recipient, shams in await self.store.pushed():
+            self._unanswered.setdefault(recipient, set()).add(shams)
 
     def close_sessions(self) -> None:
         """Ends every Connect stream cleanly (shutdown): nodes reconnect and resend."""
@@ -847,10 +847,12 @@ class Hub(pb.HubServiceServicer):
                     agency,
                     shams,
                 )
-            answered = {s for _, _, s in valid}
+            answered = {s for _, _, s in valid} - set(strangers)
             session.inflight.difference_update(answered)
             if unanswered := self._unanswered.get(agency):
                 unanswered.difference_update(answered)
+            for shams in strangers:  # not its answer: as for one that does not verify
+                self._leave_window(session, shams)
         # Room in its delivery window: a read the window cut short left queue_dirty set.
         session.wake.set()
         return ids
@@ -865,6 +867,19 @@ class Hub(pb.HubServiceServicer):
             shams = format_shams(pb.EvidenceContent.FromString(item.content).shams)
         except (DecodeError, ValueError):
             return
+        self._leave_window(session, shams)
+
+    @staticmethod
+    def _push_unanswered_again(session: _Session) -> None:
+        """After a directory change: letters whose answers did not verify, or that were
+        already pushed again on this stream, go again (their answers may verify now)."""
+        if session.repushed:
+            session.repushed.clear()
+            session.queue_dirty = True
+
+    def _leave_window(self, session: _Session, shams: str) -> None:
+        """A letter in the window whose answer could not be taken: unanswered, not pushed
+        again on this stream (unless a reload changes the directory: reload_if_changed)."""
         if shams in session.inflight:
             session.inflight.discard(shams)
             session.repushed.add(shams)
@@ -881,13 +896,20 @@ class Hub(pb.HubServiceServicer):
         unanswered = self._unanswered.get(session.agency)
         if not unanswered:
             return []
-        numbers = sorted(unanswered - session.repushed - session.inflight)[:limit]
-        if not numbers:
-            return []
-        rows, gone = await self.store.queued_of(session.agency, numbers, max_bytes)
-        unanswered.difference_update(gone)  # answered, or expired
+        while True:  # until some are still queued (those gone leave the set)
+            numbers = sorted(unanswered - session.repushed - session.inflight)[:limit]
+            if not numbers:
+                return []
+            rows, gone = await self.store.queued_of(session.agency, numbers, max_bytes)
+            unanswered.difference_update(gone)  # answered, or expired
+            if rows or not gone:
+                break
         session.queue_dirty |= len(numbers) == limit or rows.more
-        return [r for r in rows if r[1] not in session.inflight]
+        # Past its grace a letter is the expiry loop's (which may be expiring it now): not
+        # pushed, nor read again on this stream.
+        late = time.time() - UNANSWERED_GRACE_S
+        session.repushed.update(r[1] for r in rows if r[3] is not None and r[3] <= late)
+        return [r for r in rows if r[1] not in session.inflight and (r[3] is None or r[3] > late)]
 
     def _wake(self, agency: str, *, queue: bool = False, notices: bool = False) -> None:
         session = self._sessions.get(agency)
@@ -938,14 +960,24 @@ class Hub(pb.HubServiceServicer):
                     # Checked now, not at the read: the expiry loop may have passed over a
                     # letter meanwhile, when it was not yet in the window. Nor twice in it.
                     now = time.time()
+                    taken = {r[1] for r in again}  # a receipt may have taken one out meanwhile
                     rows = [
                         r
                         for r in page
-                        if (r[3] is None or r[3] > now) and r[1] not in session.inflight
+                        if (r[3] is None or r[3] > now)
+                        and r[1] not in session.inflight
+                        and r[1] not in taken
                     ]
-                rows = [*again, *rows]
                 if session.closed.is_set():
                     return  # replaced: its window went to _unanswered, nothing more goes in
+                if expiring := [r[0] for r in rows if r[3] is not None]:
+                    # Marked before it goes: after a restart, it waits for its node's
+                    # answer instead of expiring (_load_unanswered).
+                    session.inflight.update(r[1] for r in rows)
+                    await self.store.mark_pushed(expiring)
+                    if session.closed.is_set():
+                        return
+                rows = [*again, *rows]
                 if rows:
                     session.inflight.update(r[1] for r in rows)
                     await session.out.put(_DELIVERIES.one(ENVELOPE_BATCH.many(r[2] for r in rows)))

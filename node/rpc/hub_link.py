@@ -119,9 +119,21 @@ class HubLink:
         """Fetches the hub's current directory (revocations, agency states) and applies it."""
         if self._stub is None:
             return
+        async with self._refetch:  # verified() waits for it, instead of fetching again
+            await self._fetch_directory()
+
+    async def _fetch_directory(self) -> None:
+        if self._stub is None:
+            return
+        held = self._version()
         response = await self._stub.GetDirectory(pb.GetDirectoryRequest(), timeout=30)
         self.agency.set_in_directory(True)
         await self.agency.set_directory(response.directory)
+        if self._version() != held:
+            self._refetch_every = _REFETCH_EVERY_S
+
+    def _version(self) -> int | None:
+        return self.agency.directory.version if self.agency.directory is not None else None
 
     async def verified(
         self,
@@ -132,8 +144,10 @@ class HubLink:
         not know verified again after a fresh directory: the hub sends a directory update
         when one changes, but a letter or evidence signed with the new key may be read
         before it is applied (frames are handled concurrently), and would otherwise be
-        refused for good. The directory is fetched at most once a ``_REFETCH_EVERY_S``, and
-        less often while fetches bring no new version (a key no directory will list)."""
+        refused for good. A fetch in flight (a directory update's) is waited for, not
+        repeated; otherwise the directory is fetched at most once a ``_REFETCH_EVERY_S``,
+        and less often while fetches bring no new version (a key no directory lists)."""
+        held = self._version()
         results = verify(items)
         stale = [
             i
@@ -144,21 +158,16 @@ class HubLink:
             return results
         async with self._refetch:  # one fetch for every frame that failed meanwhile
             loop = asyncio.get_running_loop()
-            if loop.time() - self._refetched_at >= self._refetch_every:
-                held = self.agency.directory.version if self.agency.directory else None
+            if self._version() == held and loop.time() - self._refetched_at >= self._refetch_every:
                 try:
-                    await self.refresh_directory()
+                    await self._fetch_directory()
                 except grpc.aio.AioRpcError as exc:
                     log.warning("directory refetch failed: %s", exc.code().name)
                     return results
                 finally:
                     self._refetched_at = loop.time()
-                fetched = self.agency.directory.version if self.agency.directory else None
-                self._refetch_every = (
-                    _REFETCH_EVERY_S
-                    if fetched != held
-                    else min(self._refetch_every * 2, _REFETCH_AT_MOST_S)
-                )
+                if self._version() == held:  # nothing new: wait longer before the next
+                    self._refetch_every = min(self._refetch_every * 2, _REFETCH_AT_MOST_S)
         for i, again in zip(stale, verify([items[i] for i in stale]), strict=True):
             results[i] = again
         return results

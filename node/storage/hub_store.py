@@ -91,6 +91,12 @@ MIGRATIONS = [
         PRIMARY KEY (sha256, owner, recipient)
     ) WITHOUT ROWID;
     """,
+    # 5: letters with an expire_time pushed to their recipient's node, not answered yet:
+    # after a restart they wait for its answer instead of expiring (node.hub._unanswered).
+    """
+    ALTER TABLE queue ADD COLUMN pushed INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX queue_pushed ON queue (recipient) WHERE pushed = 1;
+    """,
 ]
 
 
@@ -281,16 +287,19 @@ class HubStore(Store):
         )
         return Page(sorted(_queued_row(r) for r in rows), len(taken) < len(sizes)), gone
 
-    async def first_expiring(self, recipient: str, limit: int) -> list[str]:
-        """Of the first ``limit`` letters queued for ``recipient``, those with an
-        expire_time: after a restart, the ones that may have been in its delivery window."""
-        rows = await self.db.fetchall(
-            "SELECT shams FROM queue WHERE id IN"
-            " (SELECT id FROM queue WHERE recipient = ? ORDER BY id LIMIT ?)"
-            " AND expire_at IS NOT NULL",
-            (recipient, limit),
-        )
-        return [str(r[0]) for r in rows]
+    async def mark_pushed(self, queue_ids: Sequence[int]) -> None:
+        """Marks queued letters pushed to their recipient's node (see ``pushed``)."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.executemany("UPDATE queue SET pushed = 1 WHERE id = ?", [(i,) for i in queue_ids])
+
+        await self.db.write(job)
+
+    async def pushed(self) -> list[tuple[str, str]]:
+        """(recipient, shams) of queued letters marked pushed: after a restart, the ones
+        that may have been in a delivery window, their node's answer lost."""
+        rows = await self.db.fetchall("SELECT recipient, shams FROM queue WHERE pushed = 1")
+        return [(str(r[0]), str(r[1])) for r in rows]
 
     async def depths(self) -> dict[str, int]:
         """Queue depth per recipient (read once at start; the hub counts from there)."""

@@ -140,3 +140,20 @@ async def test_a_suspended_node_refused_its_stream_reads_its_state_from_the_dire
     assert refused.value.__cause__ is suspended
     assert agency.directories == [directory]
     assert agency.told == [True]  # listed: the directory says the rest
+
+
+async def test_an_active_node_refused_for_another_reason_reports_the_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its agency is active in the directory: the refusal is something else, and is raised
+    # as it came (logged at each retry), not taken for a suspension.
+    directory = pb.Directory(
+        version=7, agencies=[pb.Agency(code=AGENCY, state=pb.AGENCY_STATE_ACTIVE)]
+    )
+    _hub(monkeypatch, _Call(LOST, "read"), _Stub(directory))
+    agency = _agency()
+    link = HubLink(agency, grpc.ssl_channel_credentials())  # type: ignore[arg-type]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await link._session()
+    assert refused.value is LOST
+    assert agency.directories == [directory]

@@ -109,7 +109,9 @@ async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_no
     async def record(items: list[tuple[pb.Evidence, pb.EvidenceContent, str]]) -> None:
         stored.extend(c.evidence_id for _, c, _ in items)
 
-    agency = SimpleNamespace(trust=_Trust(), store=SimpleNamespace(record_sender_evidence=record))
+    agency = SimpleNamespace(
+        trust=_Trust(), store=SimpleNamespace(record_sender_evidence=record), directory=None
+    )
     link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
     session = _Session(link, _StuckCall())  # type: ignore[arg-type]
     garbage = pb.Evidence(content=b"\xff\xff\xff")
@@ -201,6 +203,7 @@ async def test_a_letter_delivered_again_that_now_fails_its_checks_gets_its_first
         trust=SimpleNamespace(verify_envelopes=lambda envelopes: [expired] * len(envelopes)),
         store=store,
         sign_evidence=sign_evidence,
+        directory=None,
     )
     link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
     session = _Session(link, _StuckCall())  # type: ignore[arg-type]
@@ -248,6 +251,7 @@ async def test_a_letter_that_arrives_after_its_expire_time_is_refused_unless_hel
         ),
         store=store,  # no store_incoming: nothing may be delivered
         sign_evidence=sign_evidence,
+        directory=None,
     )
     link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
     session = _Session(link, _StuckCall())  # type: ignore[arg-type]
@@ -269,7 +273,7 @@ class _Refetching(HubLink):
 
     fetches_teach = True
 
-    async def refresh_directory(self) -> None:
+    async def _fetch_directory(self) -> None:
         self.fetches += 1
         if self.fetches_teach:
             self.agency.trust.knows_new_key = True
@@ -403,3 +407,24 @@ async def test_relay_results_that_do_not_verify_leave_the_window_instead_of_fill
     assert session.relaying == {b"c" * 32: "L3"}  # L3: no answer yet
     assert recorded == ["L2"]
     assert link.fetches == 1
+
+
+async def test_a_directory_applied_while_a_frame_verified_is_used_not_fetched_again() -> None:
+    # The hub's directory update was applied between the frame's check and its turn to
+    # fetch: the frame verifies against it. Counting that fetch as "nothing new" used to
+    # double the wait before the next, until a later rotation's letters were refused.
+    agency = SimpleNamespace(directory=SimpleNamespace(version=1))
+    link = _Refetching(agency)  # type: ignore[arg-type]
+    known = False
+
+    def verify(items: list[str]) -> list[str | VerificationError]:
+        nonlocal known
+        if not known:
+            known = True
+            agency.directory = SimpleNamespace(version=2)  # the update lands meanwhile
+            return [VerificationError("SIGNER_UNKNOWN", "no such key")] * len(items)
+        return list(items)
+
+    assert await link.verified(["letter"], verify) == ["letter"]
+    assert link.fetches == 0
+    assert link._refetch_every == 1.0

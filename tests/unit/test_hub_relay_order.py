@@ -118,9 +118,11 @@ async def test_a_receipt_that_does_not_verify_frees_its_letters_place_in_the_win
 
     recorded: list[str] = []
 
+    stranger = "000.00.00.G01/O/2026/0000003"
+
     async def record_receipts(agency: str, items: Sequence[Any], on_commit: Any) -> Any:
-        recorded.extend(shams for _, _, shams in items)
-        return [], 0, []
+        recorded.extend(shams for _, _, shams in items if shams != stranger)
+        return [], 0, [stranger]  # it names another letter's digest, say
 
     hub = SimpleNamespace(
         trust=SimpleNamespace(verify_evidence_many=verify_evidence_many),
@@ -128,11 +130,20 @@ async def test_a_receipt_that_does_not_verify_frees_its_letters_place_in_the_win
         _unanswered={},
     )
     hub._unverified_receipt = lambda session, item: Hub._unverified_receipt(hub, session, item)  # type: ignore[arg-type]
+    hub._leave_window = lambda session, shams: Hub._leave_window(hub, session, shams)  # type: ignore[arg-type]
     session = _Session(RECIPIENT, None)  # type: ignore[arg-type]
-    session.inflight.update({"000.00.00.G01/O/2026/0000001", "000.00.00.G01/O/2026/0000002"})
-    frame = [receipt(1, f"urn:chapar:agency:{RECIPIENT}"), receipt(2, "urn:chapar:agency:X")]
+    session.inflight.update(
+        {"000.00.00.G01/O/2026/0000001", "000.00.00.G01/O/2026/0000002", stranger}
+    )
+    frame = [
+        receipt(1, f"urn:chapar:agency:{RECIPIENT}"),
+        receipt(2, "urn:chapar:agency:X"),
+        receipt(3, f"urn:chapar:agency:{RECIPIENT}"),
+    ]
     await Hub._receipts(hub, session, frame)  # type: ignore[arg-type]
     assert recorded == ["000.00.00.G01/O/2026/0000001"]
     assert session.inflight == set()
-    assert session.repushed == {"000.00.00.G01/O/2026/0000002"}
-    assert hub._unanswered == {RECIPIENT: {"000.00.00.G01/O/2026/0000002"}}
+    # Neither the one that does not verify nor the one the store took for a stranger's
+    # (which used to leave the window as answered, though still queued).
+    assert session.repushed == {"000.00.00.G01/O/2026/0000002", stranger}
+    assert hub._unanswered == {RECIPIENT: {"000.00.00.G01/O/2026/0000002", stranger}}
