@@ -40,7 +40,7 @@ from client_sdk.errors import from_rpc_error
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, sha256
 from client_sdk.trust import TrustStore, VerificationError
-from node.cluster import Cluster
+from node.cluster import Cluster, ServerProcess
 from node.core.evidence import evidence_content
 from node.status import fetch, render
 from tests.conftest import client_credentials
@@ -761,6 +761,21 @@ async def _wait_state(
     return True
 
 
+async def _retried(node: ServerProcess, times: int) -> int:
+    """Waits for ``node`` to dial the hub ``times`` more times; returns where its log
+    stood before (what it logged while retrying starts there)."""
+    logged = len(node.log_file.read_text())
+    reconnects = fetch(node.metrics).value("chapar_hub_link_reconnects_total", 0.0)
+    assert reconnects is not None
+
+    async def retried() -> bool:
+        now = fetch(node.metrics).value("chapar_hub_link_reconnects_total", 0.0)
+        return now is not None and now >= reconnects + times
+
+    await _eventually(retried, f"{node.name} retrying the hub")
+    return logged
+
+
 async def test_suspended_agency_can_neither_send_nor_receive_until_reactivated(
     cluster: Cluster,
 ) -> None:
@@ -797,15 +812,7 @@ async def test_suspended_agency_can_neither_send_nor_receive_until_reactivated(
             outbox_b_while_suspended = _count(_node_db(cluster, B), "SELECT count(*) FROM outbox")
 
             # It keeps retrying (reconnect_max_s = 1), saying so once, not at every retry.
-            learned_at = len(node_b.log_file.read_text())
-            reconnects = fetch(node_b.metrics).value("chapar_hub_link_reconnects_total", 0.0)
-            assert reconnects is not None
-
-            async def retried() -> bool:
-                now = fetch(node_b.metrics).value("chapar_hub_link_reconnects_total", 0.0)
-                return now is not None and now >= reconnects + 3
-
-            await _eventually(retried, f"node {B} retrying the hub")
+            learned_at = await _retried(node_b, 3)
             assert fetch(node_b.metrics).value("chapar_ready") == 0
             log = node_b.log_file.read_text()
             told = [r for r in _complaints(log[log_start:]) if r.get("agency") == B]
@@ -906,15 +913,7 @@ async def test_agency_removed_from_the_directory_is_refused_at_its_node_until_ad
             )
 
             # It keeps retrying (reconnect_max_s = 1), saying so once, not at every retry.
-            learned_at = len(node_b.log_file.read_text())
-            reconnects = fetch(node_b.metrics).value("chapar_hub_link_reconnects_total", 0.0)
-            assert reconnects is not None
-
-            async def retried() -> bool:
-                now = fetch(node_b.metrics).value("chapar_hub_link_reconnects_total", 0.0)
-                return now is not None and now >= reconnects + 3
-
-            await _eventually(retried, f"node {B} retrying the hub")
+            learned_at = await _retried(node_b, 3)
             snapshot = fetch(node_b.metrics)
             assert snapshot.value("chapar_ready") == 0
             assert snapshot.value("chapar_node_in_directory") == 0

@@ -184,6 +184,18 @@ async def test_a_letter_the_expiry_passes_over_while_its_push_is_read_is_not_pus
     assert pushed == []
 
 
+async def _left_unanswered(store: HubStore, letter: IncomingLetter) -> SimpleNamespace:
+    """A stand-in hub that pushed ``letter`` to BUSY on a stream that then ended."""
+    await store.accept([letter], _relay)
+    hub = _hub(store, {})
+    _Pushing.add_to(hub)
+    first = hub._sessions[BUSY] = _session(BUSY)
+    assert await _pushed(hub, first) == [letter.shams]
+    Hub._end_session(hub, first)  # type: ignore[arg-type]
+    assert BUSY not in hub._sessions
+    return hub
+
+
 async def test_a_letter_left_unanswered_by_a_lost_stream_does_not_expire_and_is_pushed_again(
     store: HubStore,
 ) -> None:
@@ -192,13 +204,7 @@ async def test_a_letter_left_unanswered_by_a_lost_stream_does_not_expire_and_is_
     # DELIVERY could contradict; now it is pushed again, expired or not, and the node's
     # answer decides.
     letter = _letter(1, BUSY, time.time() + 0.3)
-    await store.accept([letter], _relay)
-    hub = _hub(store, {})
-    _Pushing.add_to(hub)
-    first = hub._sessions[BUSY] = _session(BUSY)
-    assert await _pushed(hub, first) == [letter.shams]
-    Hub._end_session(hub, first)  # type: ignore[arg-type]
-    assert BUSY not in hub._sessions
+    hub = await _left_unanswered(store, letter)
     await asyncio.sleep(max(0.0, letter.expire_at - time.time()) + 0.05)  # type: ignore[operator]
     assert await Hub.expire_due(hub) == 0  # type: ignore[arg-type]
     assert await _expiries_stored(store) == 0
@@ -220,12 +226,7 @@ async def test_a_letter_left_unanswered_and_not_expired_is_pushed_again_once(
     # Pushed again from the unanswered set, and found again by the queue's read from its
     # start: it went twice in one frame.
     letter = _letter(1, BUSY, time.time() + 3600)
-    await store.accept([letter], _relay)
-    hub = _hub(store, {})
-    _Pushing.add_to(hub)
-    first = hub._sessions[BUSY] = _session(BUSY)
-    assert await _pushed(hub, first) == [letter.shams]
-    Hub._end_session(hub, first)  # type: ignore[arg-type]
+    hub = await _left_unanswered(store, letter)
     second = hub._sessions[BUSY] = _session(BUSY)
     assert await _pushed(hub, second) == [letter.shams]
 
