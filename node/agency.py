@@ -95,6 +95,10 @@ class _Submission:
     )
 
 
+# The place of a letter that passed its checks, until its outcome replaces it.
+_PENDING = ChaparError(Code.INTERNAL, "PENDING", "")
+
+
 def _request_digest(request: pb.SubmitEnvelopeRequest) -> bytes:
     """What a request asked for, to tell a retry from another letter under a used
     request_id: SHA-256 of its draft as sent (a retry sends the same draft)."""
@@ -413,8 +417,8 @@ class Agency(pb.NodeServiceServicer):
         self, requests: Sequence[pb.SubmitEnvelopeRequest], access: Access
     ) -> list[pb.Receipt | ChaparError]:
         if not self.in_directory:  # as a suspended sender's: each letter refused
-            SUBMIT_REJECTED.inc(len(requests))
-            return [self._not_in_directory() for _ in requests]
+            refused: list[pb.Receipt | ChaparError] = [self._not_in_directory() for _ in requests]
+            return await self._retries_answered(requests, refused, access)
         directory = self._require_directory()
         now = dt.datetime.now(dt.UTC)
         results: list[pb.Receipt | ChaparError] = []
@@ -450,11 +454,16 @@ class Agency(pb.NodeServiceServicer):
                 self._check_quota(draft)
                 root = await self._thread_root(draft) if draft.HasField("in_reply_to") else None
                 valid.append((i, draft, root))
-                results.append(ChaparError(Code.INTERNAL, "PENDING", ""))  # replaced below
+                results.append(_PENDING)  # replaced below
             except ChaparError as exc:
                 results.append(exc)
+        if len(valid) < len(requests):
+            # A refusal of a retry (its sender suspended, its recipient since, its time out
+            # of the window...) would deny a letter that was accepted: a known request_id
+            # gets its receipt, as a duplicate submission always does.
+            results = await self._retries_answered(requests, results, access, count=False)
         if not valid:
-            SUBMIT_REJECTED.inc(len(requests))
+            SUBMIT_REJECTED.inc(sum(isinstance(r, ChaparError) for r in results))
             return results
         outcomes = await self._store_letters(
             _Submission(
@@ -469,7 +478,7 @@ class Agency(pb.NodeServiceServicer):
             results[i] = outcome
             if isinstance(outcome, pb.Receipt):
                 accepted.append((outcome.shams_text, requests[i].request_id))
-        SUBMIT_REJECTED.inc(len(requests) - len(accepted))
+        SUBMIT_REJECTED.inc(sum(isinstance(r, ChaparError) for r in results))
         if accepted and log.isEnabledFor(logging.INFO):
             _log_letters(
                 "letters accepted",
@@ -478,6 +487,32 @@ class Agency(pb.NodeServiceServicer):
                 [rid for _, rid in accepted],
             )
         return results  # counted at the commit (node.monitor)
+
+    async def _retries_answered(
+        self,
+        requests: Sequence[pb.SubmitEnvelopeRequest],
+        results: list[pb.Receipt | ChaparError],
+        access: Access,
+        *,
+        count: bool = True,
+    ) -> list[pb.Receipt | ChaparError]:
+        """``results`` with each refusal of a request whose request_id this client used
+        before for the same draft replaced by that letter's receipt."""
+        asked = {
+            request_key(access.identity.uri, r.request_id): i
+            for i, (r, result) in enumerate(zip(requests, results, strict=True))
+            if r.request_id and isinstance(result, ChaparError) and result is not _PENDING
+        }
+        if asked:
+            known = await self.store.receipts_of(
+                [(key, _request_digest(requests[i])) for key, i in asked.items()]
+            )
+            results = list(results)
+            for key, receipt in known.items():
+                results[asked[key]] = receipt
+        if count:
+            SUBMIT_REJECTED.inc(sum(isinstance(r, ChaparError) for r in results))
+        return results
 
     async def _store_letters(self, submission: _Submission) -> list[pb.Receipt | ChaparError]:
         """Numbers, signs and stores validated letters; returns their receipts (or, for a

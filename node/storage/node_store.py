@@ -363,6 +363,20 @@ class NodeStore(Store):
 
         return await self._write(job)
 
+    async def receipts_of(self, asked: Sequence[tuple[str, bytes]]) -> dict[str, pb.Receipt]:
+        """The receipts of letters stored under these (request key, digest), where the
+        digest matches (or one side has none, as ``submit`` answers): a retry's answer."""
+        wanted = dict(asked)
+        rows = await self.db.fetchall_in(
+            "SELECT request_id, receipt, request_digest FROM outbox WHERE request_id IN ({marks})",
+            [key for key in wanted if key],
+        )
+        return {
+            str(key): pb.Receipt.FromString(blob)
+            for key, blob, digest in rows
+            if not digest or not wanted[str(key)] or bytes(digest) == wanted[str(key)]
+        }
+
     async def outbox_to_relay(self, after: int, limit: int) -> list[tuple[int, str, bytes, bytes]]:
         """(rowid, shams, envelope bytes, header digest) of letters not yet relayed, oldest
         first."""

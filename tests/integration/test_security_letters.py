@@ -838,6 +838,36 @@ async def test_suspended_agency_can_neither_send_nor_receive_until_reactivated(
     assert link_complaints == []
 
 
+async def test_a_retry_of_a_letter_accepted_before_its_recipient_was_suspended_gets_its_receipt(
+    cluster: Cluster,
+) -> None:
+    # A duplicate submission is not an error: its answer is the first one. A retry after
+    # the recipient was suspended (the first answer lost with a connection, say) was
+    # checked again and refused RECIPIENT_INACTIVE, denying a letter that was accepted
+    # and will be delivered.
+    config = cluster.hub.config
+    original = config.read_text()
+    async with _client(cluster, A) as a:
+        first = await a.send(
+            to=[B], subject="accepted, then retried", body="r", request_id="kept-1"
+        )
+        try:
+            _write_replacing(config, _with_state(original, B, "suspended"))
+            await _wait_state(cluster, A, B, pb.AGENCY_STATE_SUSPENDED)
+            again = await a.send(
+                to=[B], subject="accepted, then retried", body="r", request_id="kept-1"
+            )
+            assert again.shams == first.shams
+            with pytest.raises(FailedPrecondition) as other:  # a new letter is refused
+                await a.send(
+                    to=[B], subject="accepted, then retried", body="r", request_id="kept-2"
+                )
+            assert other.value.reason == "RECIPIENT_INACTIVE"
+        finally:
+            _write_replacing(config, original)
+            await _wait_state(cluster, A, B, pb.AGENCY_STATE_ACTIVE)
+
+
 def _without_agency(config: str, code: str) -> str:
     pattern = re.compile(rf'\[\[agencies\]\]\ncode = "{re.escape(code)}"\n(?:[a-z_]+ = [^\n]*\n)+')
     changed, n = pattern.subn("", config)
@@ -874,7 +904,9 @@ async def test_agency_removed_from_the_directory_is_refused_at_its_node_until_ad
     async with _client(cluster, A) as a, _client(cluster, B) as b:
         try:
             assert cluster.hub.terminate() == 0
-            held = await b.send(to=[A], subject="taken while the hub is down", body="h")
+            held = await b.send(
+                to=[A], subject="taken while the hub is down", body="h", request_id="held-1"
+            )
             _write_replacing(config, _without_agency(original, B))
             await cluster.hub.restart()
 
@@ -895,6 +927,10 @@ async def test_agency_removed_from_the_directory_is_refused_at_its_node_until_ad
             refusal = await _eventually(refused, f"node {B} refusing letters from {B}")
             assert refusal.reason == "AGENCY_NOT_IN_DIRECTORY", refusal
             assert refusal.metadata.get("agency") == B
+            retried = await b.send(  # its first answer, not a refusal: it was accepted
+                to=[A], subject="taken while the hub is down", body="h", request_id="held-1"
+            )
+            assert retried.shams == held.shams
             outbox = _count(_node_db(cluster, B), "SELECT count(*) FROM outbox")
             batch = await b.send_many(
                 [Draft(to=[A], subject=f"batch {i}", body="x") for i in range(2)]
