@@ -42,6 +42,9 @@ DEFAULT_LISTEN = "127.0.0.1:0"
 # keepalive_s becomes gRPC options in milliseconds, which must fit in 32 bits; pings more
 # often than every second are no use (and servers refuse them: min_ping_interval, 1 s).
 KEEPALIVE_RANGE_S = (1.0, 3600.0)
+# The largest message a server takes (node.server's gRPC options): a frame or message
+# limit above it could never be reached.
+MAX_MESSAGE = 256 * 1024 * 1024
 _STATES = ("active", "suspended", "retired")
 _ALGORITHMS = ("ed25519", "ecdsa-p256")
 
@@ -208,10 +211,18 @@ class Table:
             return ""
         return self.text(key)
 
-    def integer(self, key: str, default: int, *, minimum: int = 1) -> int:
+    def integer(
+        self, key: str, default: int, *, minimum: int = 1, maximum: int | None = None
+    ) -> int:
         value = self.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"{self._key(key)}: must be an integer >= {minimum}")
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
+            rule = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise ConfigError(f"{self._key(key)}: must be an integer {rule}")
         return value
 
     def number(self, key: str, default: float) -> float:
@@ -382,9 +393,9 @@ def _hub_config(t: Table) -> HubConfig:
         durability=cast(Durability, hub.choice("durability", "full", ("full", "normal"))),
         metrics_listen=hub.listen("metrics_listen", optional=True),
         metrics_tls=hub.flag("metrics_tls", False),
-        max_frame_bytes=hub.integer("max_frame_bytes", 32 * 1024 * 1024),
+        max_frame_bytes=hub.integer("max_frame_bytes", 32 * 1024 * 1024, maximum=MAX_MESSAGE),
         grace_s=hub.number("shutdown_grace_s", 5.0),
-        delivery_window=hub.integer("delivery_window", 1024),
+        delivery_window=hub.integer("delivery_window", 1024, maximum=1_000_000),
         queue_quota=hub.integer("queue_quota", 100_000),
         quota_retry_after_s=hub.number("quota_retry_after_s", 30.0),
         expiry_interval_s=hub.number("expiry_interval_s", 1.0),
@@ -395,7 +406,7 @@ def _hub_config(t: Table) -> HubConfig:
         clock_skew_s=hub.number("clock_skew_s", 300.0),
         max_letter_age_s=hub.number("max_letter_age_s", 7 * 86400.0),
         metrics_interval_s=hub.positive("metrics_interval_s", 5.0),
-        metrics_top_n=hub.integer("metrics_top_n", 10),
+        metrics_top_n=hub.integer("metrics_top_n", 10, maximum=1000),
         keepalive_s=hub.between("keepalive_s", 20.0, *KEEPALIVE_RANGE_S),
     )
 
@@ -476,7 +487,7 @@ def _node_config(t: Table) -> NodeConfig:
     limits = t.table("limits", required=False)
     defaults = LetterLimits()
     documents, documents_dir, documents_retention_s = _documents(t)
-    return NodeConfig(
+    config = NodeConfig(
         agency=agency,
         listen=node.listen("listen"),
         hub=node.listen("hub"),
@@ -492,10 +503,12 @@ def _node_config(t: Table) -> NodeConfig:
         durability=cast(Durability, node.choice("durability", "full", ("full", "normal"))),
         metrics_listen=node.listen("metrics_listen", optional=True),
         metrics_tls=node.flag("metrics_tls", False),
-        max_message_bytes=limits.integer("max_message_bytes", 16 * 1024 * 1024),
-        relay_frame_bytes=node.integer("relay_frame_bytes", 8 * 1024 * 1024),
+        max_message_bytes=limits.integer(
+            "max_message_bytes", 16 * 1024 * 1024, maximum=MAX_MESSAGE
+        ),
+        relay_frame_bytes=node.integer("relay_frame_bytes", 8 * 1024 * 1024, maximum=MAX_MESSAGE),
         grace_s=node.number("shutdown_grace_s", 5.0),
-        relay_batch=node.integer("relay_batch", 256),
+        relay_batch=node.integer("relay_batch", 256, maximum=65_536),
         reconnect_max_s=node.number("reconnect_max_s", 10.0),
         clients=_clients(t),
         retention_s=node.number("retention_s", 30 * 86400.0),
@@ -506,3 +519,10 @@ def _node_config(t: Table) -> NodeConfig:
         documents_retention_s=documents_retention_s,
         keepalive_s=node.between("keepalive_s", 20.0, *KEEPALIVE_RANGE_S),
     )
+    if config.limits.max_body_bytes > config.max_message_bytes:
+        raise ConfigError(
+            f"limits.max_body_bytes ({config.limits.max_body_bytes}) is larger than"
+            f" limits.max_message_bytes ({config.max_message_bytes}): no such letter could"
+            " be submitted"
+        )
+    return config

@@ -33,6 +33,7 @@ from client_sdk.signing import Signer
 from client_sdk.trust import TrustStore
 from node import metrics as m
 from node.config import (
+    MAX_MESSAGE,
     ConfigError,
     HubConfig,
     NodeConfig,
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("chapar.server")
 _HEALTH_POLL_S = 0.25
 # gRPC's own hard cap; the roles' configured limits (checked with a reason) are lower.
-_MAX_MESSAGE = 256 * 1024 * 1024
+_MAX_MESSAGE = MAX_MESSAGE
 _SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
     ("grpc.max_send_message_length", _MAX_MESSAGE),

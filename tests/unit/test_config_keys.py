@@ -163,3 +163,29 @@ def test_keepalive_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
         path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]\nkeepalive_s = {value}"))
         with pytest.raises(ConfigError, match=f"^{section}.keepalive_s: must be a number from 1"):
             load(path)
+
+
+@pytest.mark.parametrize(
+    ("section", "setting", "message"),
+    [
+        ("hub", "max_frame_bytes = 300000000", "hub.max_frame_bytes: must be an integer from 1 to"),
+        ("hub", "delivery_window = 2000000", "hub.delivery_window: must be an integer from 1 to"),
+        ("node", "relay_batch = 100000", "node.relay_batch: must be an integer from 1 to"),
+        ("node", "relay_frame_bytes = 300000000", "node.relay_frame_bytes: must be an integer"),
+        (
+            "limits",
+            "max_message_bytes = 1000\nmax_body_bytes = 2000",
+            "limits.max_body_bytes (2000) is larger than limits.max_message_bytes (1000)",
+        ),
+    ],
+)
+def test_sizes_and_counts_out_of_reach_are_refused_with_the_key(
+    tmp_path: Path, section: str, setting: str, message: str
+) -> None:
+    # A frame or message limit above what a server takes, or a body larger than any
+    # message, could never be reached: the configuration is refused, naming the key.
+    load, text = (load_hub_config, HUB) if section == "hub" else (load_node_config, NODE)
+    text = text if f"[{section}]" in text else f"{text}\n[{section}]\n"
+    path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]\n{setting}", 1))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(path)
