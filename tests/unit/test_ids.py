@@ -22,3 +22,34 @@ def test_uuid7_is_version_7_in_canonical_text_distinct_and_ordered_by_time() -> 
     time.sleep(0.002)
     later = uuid7()
     assert all(later > text for text in ids)  # a later millisecond sorts after, as text too
+
+
+def test_ids_of_threads_and_of_a_forked_child_never_repeat() -> None:
+    # Random bytes are read a few kilobytes at a time, each thread its own pool: a child
+    # forked with its parent's pool would give the parent's next ids' random parts.
+    import os
+    import threading
+
+    uuid7()  # the pool is filled
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, uuid7().encode())
+        os._exit(0)
+    os.close(write)
+    mine = uuid7()
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    assert child[14:] != mine[14:]  # past the time and version: the random part
+    found: list[list[str]] = [[] for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda i=i: found[i].extend(uuid7() for _ in range(2000)))
+        for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = [text for chunk in found for text in chunk]
+    assert len(set(ids)) == len(ids)
