@@ -30,7 +30,7 @@ def _random10() -> bytes:
     if pool is None or at + _ID_BYTES > len(pool):
         pool, at = os.urandom(_CHUNK), 0
         _local.pool = pool
-    _local.at = at + _ID_BYTES
+    _local.at = at + _ID_BYTES  # taken before it is read: a nested call gets the next
     return pool[at : at + _ID_BYTES]
 
 

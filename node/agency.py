@@ -498,18 +498,17 @@ class Agency(pb.NodeServiceServicer):
     ) -> list[pb.Receipt | ChaparError]:
         """``results`` with each refusal of a request whose request_id this client used
         before for the same draft replaced by that letter's receipt."""
-        asked = {
-            request_key(access.identity.uri, r.request_id): i
+        asked = [
+            (i, request_key(access.identity.uri, r.request_id), _request_digest(r))
             for i, (r, result) in enumerate(zip(requests, results, strict=True))
             if r.request_id and isinstance(result, ChaparError) and result is not _PENDING
-        }
+        ]
         if asked:
-            known = await self.store.receipts_of(
-                [(key, _request_digest(requests[i])) for key, i in asked.items()]
-            )
+            known = await self.store.receipts_of([(key, digest) for _, key, digest in asked])
             results = list(results)
-            for key, receipt in known.items():
-                results[asked[key]] = receipt
+            for (i, _, _), receipt in zip(asked, known, strict=True):
+                if receipt is not None:
+                    results[i] = receipt
         if count:
             SUBMIT_REJECTED.inc(sum(isinstance(r, ChaparError) for r in results))
         return results

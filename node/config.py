@@ -6,6 +6,7 @@ Relative paths are resolved against the directory of the configuration file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tomllib
@@ -520,9 +521,15 @@ def _node_config(t: Table) -> NodeConfig:
         keepalive_s=node.between("keepalive_s", 20.0, *KEEPALIVE_RANGE_S),
     )
     if config.limits.max_body_bytes > config.max_message_bytes:
-        raise ConfigError(
-            f"limits.max_body_bytes ({config.limits.max_body_bytes}) is larger than"
-            f" limits.max_message_bytes ({config.max_message_bytes}): no such letter could"
-            " be submitted"
+        if "max_body_bytes" in limits.data:  # set so: no such letter could be submitted
+            raise ConfigError(
+                f"limits.max_body_bytes ({config.limits.max_body_bytes}) is larger than"
+                f" limits.max_message_bytes ({config.max_message_bytes}): no such letter"
+                " could be submitted"
+            )
+        # Only the message limit lowered: the body's default follows it down.
+        config = dataclasses.replace(
+            config,
+            limits=dataclasses.replace(config.limits, max_body_bytes=config.max_message_bytes),
         )
     return config

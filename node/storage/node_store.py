@@ -363,19 +363,31 @@ class NodeStore(Store):
 
         return await self._write(job)
 
-    async def receipts_of(self, asked: Sequence[tuple[str, bytes]]) -> dict[str, pb.Receipt]:
-        """The receipts of letters stored under these (request key, digest), where the
-        digest matches (or one side has none, as ``submit`` answers): a retry's answer."""
-        wanted = dict(asked)
-        rows = await self.db.fetchall_in(
-            "SELECT request_id, receipt, request_digest FROM outbox WHERE request_id IN ({marks})",
-            [key for key in wanted if key],
-        )
-        return {
-            str(key): pb.Receipt.FromString(blob)
-            for key, blob, digest in rows
-            if not digest or not wanted[str(key)] or bytes(digest) == wanted[str(key)]
+    async def receipts_of(self, asked: Sequence[tuple[str, bytes]]) -> list[pb.Receipt | None]:
+        """For each (request key, digest), the receipt of the letter stored under it, as
+        ``submit`` would answer it (the same draft, or a side without a digest; an id
+        stored bare, before ids were scoped, only for the same draft), else None: a
+        retry's answer."""
+        keys = [key for key, _ in asked if key]
+        bare = {k: _bare_request_id(k) for k in keys if _REQUEST_SCOPE in k}
+        rows: dict[str, tuple[bytes, bytes]] = {
+            str(rid): (bytes(blob), bytes(digest or b""))
+            for rid, blob, digest in await self.db.fetchall_in(
+                "SELECT request_id, receipt, request_digest FROM outbox"
+                " WHERE request_id IN ({marks})",
+                list(dict.fromkeys([*keys, *bare.values()])),
+            )
         }
+        out: list[pb.Receipt | None] = []
+        for key, digest in asked:
+            row = rows.get(key) if key else None
+            if row is None and key in bare:
+                old = rows.get(bare[key])
+                if old is not None and old[1] and old[1] == digest:
+                    row = old
+            same = row is not None and (not row[1] or not digest or row[1] == digest)
+            out.append(pb.Receipt.FromString(row[0]) if row is not None and same else None)
+        return out
 
     async def outbox_to_relay(self, after: int, limit: int) -> list[tuple[int, str, bytes, bytes]]:
         """(rowid, shams, envelope bytes, header digest) of letters not yet relayed, oldest

@@ -858,6 +858,9 @@ async def test_a_retry_of_a_letter_accepted_before_its_recipient_was_suspended_g
                 to=[B], subject="accepted, then retried", body="r", request_id="kept-1"
             )
             assert again.shams == first.shams
+            with pytest.raises(FailedPrecondition) as changed:  # another draft under it
+                await a.send(to=[B], subject="not the same letter", body="r", request_id="kept-1")
+            assert changed.value.reason == "RECIPIENT_INACTIVE"
             with pytest.raises(FailedPrecondition) as other:  # a new letter is refused
                 await a.send(
                     to=[B], subject="accepted, then retried", body="r", request_id="kept-2"

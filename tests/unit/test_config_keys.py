@@ -177,6 +177,7 @@ def test_keepalive_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
             "max_message_bytes = 1000\nmax_body_bytes = 2000",
             "limits.max_body_bytes (2000) is larger than limits.max_message_bytes (1000)",
         ),
+        ("hub", "metrics_top_n = 1001", "hub.metrics_top_n: must be an integer from 1 to 1000"),
     ],
 )
 def test_sizes_and_counts_out_of_reach_are_refused_with_the_key(
@@ -189,3 +190,11 @@ def test_sizes_and_counts_out_of_reach_are_refused_with_the_key(
     path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]\n{setting}", 1))
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(path)
+
+
+def test_a_lowered_message_limit_takes_the_body_limit_down_with_it(tmp_path: Path) -> None:
+    # Set alone, below the body's default (4 MiB), it used to be refused after the body
+    # limit was checked against it: a configuration that had loaded before.
+    path = _write(tmp_path, f"{NODE}\n[limits]\nmax_message_bytes = 65536\n")
+    config = load_node_config(path)
+    assert (config.max_message_bytes, config.limits.max_body_bytes) == (65536, 65536)

@@ -652,6 +652,30 @@ async def test_a_request_id_stored_before_ids_were_scoped_answers_its_retry(
     assert retry == other
 
 
+async def test_a_retrys_receipt_is_found_as_submit_would_answer_it(store: NodeStore) -> None:
+    """``receipts_of`` answers a retry that a check now refuses (node.agency): the same
+    client's id with the same draft, or a bare id stored before ids were scoped with the
+    same draft; never another client's letter, nor another draft under the id."""
+    (old,) = await store.submit(
+        ["old"], origin=ORIGIN, domain=OUT, year=YEAR, build=Builder(), digests=[b"a"]
+    )
+    mine = request_key("urn:c:one", "new")
+    (new,) = await store.submit(
+        [mine], origin=ORIGIN, domain=OUT, year=YEAR, build=Builder(), digests=[b"n"]
+    )
+    found = await store.receipts_of(
+        [
+            (mine, b"n"),  # a retry: its receipt
+            (mine, b"other draft"),  # another letter under the id: none
+            (request_key("urn:c:two", "new"), b"n"),  # another client's id: none
+            (request_key("urn:c:one", "old"), b"a"),  # stored bare, the same draft
+            (request_key("urn:c:one", "old"), b"b"),  # stored bare, another draft: none
+            (mine, b"n"),  # twice in one batch: both
+        ]
+    )
+    assert found == [new, None, None, old, None, new]
+
+
 async def test_a_bare_request_id_without_its_digest_answers_no_scoped_request(
     store: NodeStore,
 ) -> None:
