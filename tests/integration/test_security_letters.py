@@ -869,6 +869,7 @@ async def test_a_retry_of_a_letter_accepted_before_its_recipient_was_suspended_g
         finally:
             _write_replacing(config, original)
             await _wait_state(cluster, A, B, pb.AGENCY_STATE_ACTIVE)
+            await _wait_state(cluster, B, B, pb.AGENCY_STATE_ACTIVE)  # for the tests after
 
 
 def _without_agency(config: str, code: str) -> str:
