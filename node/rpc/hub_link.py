@@ -288,6 +288,10 @@ class _Session:
         self.receipt_cursor = 0  # rowid of the last receipt row read on this stream
         # DELIVERY evidence of letters just stored, waiting for the receipt cadence.
         self.pending_receipts: list[bytes] = []  # serialised, spliced into frames
+        # Set once a deliveries frame has handed its letters to the store: the next frame
+        # hands its own after it, so a frame that waited (for a directory fetch) keeps its
+        # place in the inbox (frames are handled concurrently; node.tasks).
+        self._stored_turn: asyncio.Future[None] | None = None
         # A lone delivery's DELIVERY receipt waits for its HANDOVER too, when the back-end
         # reads at once: one receipts frame, one store transaction at the hub, one notice
         # to the sender and one acknowledgement each way instead of two.
@@ -494,7 +498,15 @@ class _Session:
         documents: list[list[bytes]] = []  # each good letter's attachments (SHA-256)
         verified_ids: list[tuple[pb.Shams, bytes]] = []  # each good letter's number and digest
         refused: list[tuple[pb.Shams | None, bytes, VerificationError]] = []
-        checked = await self.link.verified(envelopes, agency.trust.verify_envelopes)
+        before, turn = self._stored_turn, asyncio.get_running_loop().create_future()
+        self._stored_turn = turn
+        try:
+            checked = await self.link.verified(envelopes, agency.trust.verify_envelopes)
+            if before is not None and not before.done():
+                await before  # only after a wait above: otherwise it is done already
+        finally:
+            # From here to the store's queue nothing waits (the next frame runs only then).
+            turn.set_result(None)
         for envelope, verified in zip(envelopes, checked, strict=True):
             digest = sha256(envelope.header)
             try:

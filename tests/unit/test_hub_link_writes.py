@@ -428,3 +428,63 @@ async def test_a_directory_applied_while_a_frame_verified_is_used_not_fetched_ag
     assert await link.verified(["letter"], verify) == ["letter"]
     assert link.fetches == 0
     assert link._refetch_every == 1.0
+
+
+async def test_a_frame_that_waits_for_the_directory_keeps_its_place_in_the_inbox() -> None:
+    # Frames are handled concurrently and store in arrival order only because nothing
+    # waits before the store: a frame signed with a newer key waits for the directory,
+    # and a later frame's letters used to reach the inbox before its own.
+    me = "000.00.00.G02"
+    released = asyncio.Event()
+
+    class _SlowFetch(_Refetching):
+        async def _fetch_directory(self) -> None:
+            await released.wait()
+            await super()._fetch_directory()
+
+    def letter(sender: str, n: int) -> pb.Envelope:
+        header = pb.EnvelopeHeader(
+            shams=pb.Shams(origin=sender, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=n)
+        )
+        header.sender.agency = sender
+        header.recipients.add(agency=me)
+        return pb.Envelope(header=header.SerializeToString())
+
+    trust = SimpleNamespace(knows_new_key=False)
+
+    def verify_envelopes(envelopes: list[pb.Envelope]) -> list[object]:
+        out: list[object] = []
+        for envelope in envelopes:
+            header = pb.EnvelopeHeader.FromString(envelope.header)
+            if header.sender.agency == "000.00.00.G09" and not trust.knows_new_key:
+                out.append(VerificationError("SIGNER_UNKNOWN", "a newer key"))
+            else:
+                out.append(header)
+        return out
+
+    trust.verify_envelopes = verify_envelopes
+    stored: list[str] = []
+
+    async def store_incoming(
+        good: list[tuple[str, str, list[str], pb.Envelope]], *_: object
+    ) -> list[StoredEvidence]:
+        stored.extend(shams for shams, _, _, _ in good)
+        return []
+
+    agency = SimpleNamespace(
+        config=SimpleNamespace(agency=me),
+        identity=SimpleNamespace(uri=f"urn:chapar:agency:{me}"),
+        trust=trust,
+        store=SimpleNamespace(store_incoming=store_incoming),
+        notify_inbox=lambda: None,
+        signer=SimpleNamespace(seal_evidence=None),
+        directory=None,
+    )
+    session = _Session(_SlowFetch(agency), _StuckCall())
+    first = asyncio.create_task(session._deliveries([letter("000.00.00.G09", 1)]))
+    second = asyncio.create_task(session._deliveries([letter("000.00.00.G01", 2)]))
+    await asyncio.sleep(0.05)
+    assert stored == []  # the second waits for the first
+    released.set()
+    await asyncio.gather(first, second)
+    assert stored == ["000.00.00.G09/O/2026/0000001", "000.00.00.G01/O/2026/0000002"]
