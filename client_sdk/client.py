@@ -948,7 +948,8 @@ class ExchangeClient:
         reference (or of the address, for a bare URI); otherwise the partial file is
         deleted and DataLoss is raised. One download at a time writes ``<path>.part`` (an
         exclusive ``flock`` on it): another into the same path, from this process or
-        another, waits for it, then keeps the file it left at ``path`` if that is the
+        another, waits for it (within its ``timeout``, if given: DeadlineExceeded
+        ``DOWNLOAD_IN_PROGRESS``), then keeps the file it left at ``path`` if that is the
         document (after checking its digest), or else resumes from what it left.
         """
         uri = document if isinstance(document, str) else document.uri
@@ -964,7 +965,14 @@ class ExchangeClient:
             )
         path = Path(path)
         part = path.with_name(path.name + ".part")
-        out, waited = await _lock_part(part)
+        try:
+            async with asyncio.timeout(timeout):  # the wait for another download counts
+                out, waited = await _lock_part(part)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"another download into {path} held it for the whole timeout",
+                reason="DOWNLOAD_IN_PROGRESS",
+            ) from None
         try:
             if waited and await _holds(path, expected, expected_size):
                 # The download this one waited for finished it: the .part (ours now) is of no use.

@@ -1166,6 +1166,20 @@ async def test_a_download_waits_while_another_process_holds_the_part_file(
     assert fake.offsets == [3 * FakeDocuments.chunk]
 
 
+async def test_a_download_waiting_for_another_gives_up_at_its_timeout(
+    documents: tuple[FakeDocuments, ExchangeClient], tmp_path: Path
+) -> None:
+    # It waited for ever behind a download that did not end, its timeout unheeded.
+    fake, client = documents
+    out = tmp_path / "report.pdf"
+    with out.with_name("report.pdf.part").open("ab") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(errors.DeadlineExceeded) as late:
+            await asyncio.wait_for(client.fetch(fake.ref, out, timeout=0.3), 5)
+    assert late.value.reason == "DOWNLOAD_IN_PROGRESS"
+    assert fake.offsets == []
+
+
 # --- inbox ----------------------------------------------------------------------------------
 
 
