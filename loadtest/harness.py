@@ -299,7 +299,9 @@ class _Plan:
         if self.deadline is None:
             return False
         if self.pacer.interval:  # every slot before the deadline, late ones too
-            return self.pacer.next < self.deadline
+            # A slot a rounding error short of the deadline is at it, not before it (the
+            # slots are sums of intervals): 1,000/s for 60 s is 60,000 letters, not 60,001.
+            return self.pacer.next < self.deadline - self.pacer.interval * 1e-6
         return time.perf_counter() < self.deadline
 
     async def draft(self, i: int, made: int) -> Draft:
