@@ -503,10 +503,13 @@ class _Session:
         try:
             checked = await self.link.verified(envelopes, agency.trust.verify_envelopes)
             if before is not None and not before.done():
-                await before  # only after a wait above: otherwise it is done already
+                # Only after a wait above: otherwise it is done already. Shielded: this
+                # frame cancelled (the stream ending) must not cancel the one before's turn.
+                await asyncio.shield(before)
         finally:
             # From here to the store's queue nothing waits (the next frame runs only then).
-            turn.set_result(None)
+            if not turn.done():
+                turn.set_result(None)
         for envelope, verified in zip(envelopes, checked, strict=True):
             digest = sha256(envelope.header)
             try:

@@ -488,3 +488,61 @@ async def test_a_frame_that_waits_for_the_directory_keeps_its_place_in_the_inbox
     released.set()
     await asyncio.gather(first, second)
     assert stored == ["000.00.00.G09/O/2026/0000001", "000.00.00.G01/O/2026/0000002"]
+
+
+async def test_a_frame_cancelled_while_it_waits_its_turn_does_not_break_the_one_before() -> None:
+    # Awaiting the frame before's turn unshielded, a cancelled frame (its stream ending)
+    # cancelled that turn, and the frame before failed setting it (InvalidStateError).
+    released = asyncio.Event()
+
+    class _SlowFetch(_Refetching):
+        async def _fetch_directory(self) -> None:
+            await released.wait()
+
+    stored: list[str] = []
+
+    async def store_incoming(
+        good: list[tuple[str, str, list[str], pb.Envelope]], *_: object
+    ) -> list[StoredEvidence]:
+        stored.extend(shams for shams, _, _, _ in good)
+        return []
+
+    calls = 0
+
+    def verify_envelopes(envelopes: list[pb.Envelope]) -> list[object]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the first frame's first check: a key it does not know yet
+            return [VerificationError("SIGNER_UNKNOWN", "a newer key")] * len(envelopes)
+        return [VerificationError("NOT_A_RECIPIENT", "refused")] * len(envelopes)
+
+    async def earlier_answers(*_: object) -> dict[bytes, StoredEvidence]:
+        return {}
+
+    async def store_issued(*_: object) -> None:
+        pass
+
+    agency = SimpleNamespace(
+        config=SimpleNamespace(agency="000.00.00.G02"),
+        identity=SimpleNamespace(uri="urn:chapar:agency:000.00.00.G02"),
+        trust=SimpleNamespace(verify_envelopes=verify_envelopes),
+        store=SimpleNamespace(
+            store_incoming=store_incoming,
+            earlier_answers=earlier_answers,
+            store_issued=store_issued,
+        ),
+        sign_evidence=lambda content: pb.Evidence(content=content),
+        notify_inbox=lambda: None,
+        signer=SimpleNamespace(seal_evidence=None),
+        directory=None,
+    )
+    session = _Session(_SlowFetch(agency), _StuckCall())
+    envelope = pb.Envelope(header=b"x")
+    first = asyncio.create_task(session._deliveries([envelope]))
+    second = asyncio.create_task(session._deliveries([envelope]))
+    await asyncio.sleep(0.05)
+    second.cancel()  # waiting for the first's turn
+    await asyncio.sleep(0)
+    released.set()
+    await first  # raised InvalidStateError before
+    assert second.cancelled()
