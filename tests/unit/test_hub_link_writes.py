@@ -219,21 +219,11 @@ async def test_a_letter_that_arrives_after_its_expire_time_is_refused_unless_hel
     # The hub pushes a letter again after a lost stream even once it has expired (it holds
     # back its EXPIRY: the node may have had it). The node answers DELIVERY again for one
     # it holds, and refuses one it never had, instead of delivering an expired letter.
-    me = "000.00.00.G02"
-
-    def letter(n: int, expire_s: float) -> tuple[pb.Envelope, pb.EnvelopeHeader]:
-        header = pb.EnvelopeHeader(
-            shams=pb.Shams(
-                origin="000.00.00.G01", domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=n
-            )
-        )
-        header.sender.agency = "000.00.00.G01"
-        header.recipients.add(agency=me)
-        header.expire_time.FromSeconds(int(time.time() + expire_s))
-        return pb.Envelope(header=header.SerializeToString()), header
-
     # Past it by more than the node's allowance for clocks that differ (a minute).
-    (held, held_header), (never, never_header) = letter(1, -120), letter(2, -120)
+    (held, held_header), (never, never_header) = (
+        _letter(1, expire_s=-120),
+        _letter(2, expire_s=-120),
+    )
     earlier = pb.Evidence(content=b"the DELIVERY it got the first time")
     store = _AnsweringStore(sha256(held.header), earlier)
     signed: list[pb.EvidenceContent] = []
@@ -244,8 +234,8 @@ async def test_a_letter_that_arrives_after_its_expire_time_is_refused_unless_hel
 
     headers = {held.header: held_header, never.header: never_header}
     agency = SimpleNamespace(
-        config=SimpleNamespace(agency=me),
-        identity=SimpleNamespace(uri=f"urn:chapar:agency:{me}"),
+        config=SimpleNamespace(agency=ME),
+        identity=SimpleNamespace(uri=f"urn:chapar:agency:{ME}"),
         trust=SimpleNamespace(
             verify_envelopes=lambda envelopes: [headers[e.header] for e in envelopes]
         ),
@@ -280,24 +270,82 @@ class _Refetching(HubLink):
             self.agency.directory = SimpleNamespace(version=self.fetches)
 
 
+ME = "000.00.00.G02"  # the receiving node's agency in the tests below
+
+
+def _letter(
+    n: int, *, sender: str = "000.00.00.G01", expire_s: float | None = None
+) -> tuple[pb.Envelope, pb.EnvelopeHeader]:
+    """Letter ``n`` of ``sender`` to ME (unsigned: the tests' trust stands in)."""
+    header = pb.EnvelopeHeader(
+        shams=pb.Shams(origin=sender, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=n)
+    )
+    header.sender.agency = sender
+    header.recipients.add(agency=ME)
+    if expire_s is not None:
+        header.expire_time.FromSeconds(int(time.time() + expire_s))
+    return pb.Envelope(header=header.SerializeToString()), header
+
+
+class _Receiver:
+    """What ``_Session._deliveries`` uses of a receiving node, recording the letters it
+    stores and the evidence it signs (nothing answered before)."""
+
+    def __init__(self, trust: SimpleNamespace) -> None:
+        self.stored: list[str] = []
+        self.signed: list[bytes] = []
+        self.agency = SimpleNamespace(
+            config=SimpleNamespace(agency=ME),
+            identity=SimpleNamespace(uri=f"urn:chapar:agency:{ME}"),
+            trust=trust,
+            store=SimpleNamespace(
+                store_incoming=self._store_incoming,
+                earlier_answers=self._earlier_answers,
+                store_issued=self._store_issued,
+            ),
+            sign_evidence=self._sign_evidence,
+            notify_inbox=lambda: None,
+            signer=SimpleNamespace(seal_evidence=None),
+            directory=None,
+        )
+
+    async def _store_incoming(
+        self, good: list[tuple[str, str, list[str], pb.Envelope]], *_: object
+    ) -> list[StoredEvidence]:
+        self.stored.extend(shams for shams, _, _, _ in good)
+        return []
+
+    @staticmethod
+    async def _earlier_answers(*_: object) -> dict[bytes, StoredEvidence]:
+        return {}
+
+    @staticmethod
+    async def _store_issued(*_: object) -> None:
+        pass
+
+    def _sign_evidence(self, content: bytes) -> pb.Evidence:
+        self.signed.append(content)
+        return pb.Evidence(content=content)
+
+
+class _SlowFetch(_Refetching):
+    """A link whose directory fetch waits for ``released``."""
+
+    def __init__(self, agency: SimpleNamespace, released: asyncio.Event) -> None:
+        super().__init__(agency)
+        self.released = released
+
+    async def _fetch_directory(self) -> None:
+        await self.released.wait()
+        await super()._fetch_directory()
+
+
 async def test_a_letter_signed_with_a_key_newer_than_the_nodes_directory_is_delivered() -> None:
     # A sender agency rotated its signing key; the hub sends a directory update, but a
     # letter signed with the new key can be read before the node has applied it (frames
     # are handled concurrently). It used to get a DELIVERY_FAILURE (SIGNER_UNKNOWN) for
     # good; the node now fetches the directory (once for the frames failing meanwhile)
     # and verifies it again.
-    me = "000.00.00.G02"
-
-    def letter(n: int) -> tuple[pb.Envelope, pb.EnvelopeHeader]:
-        header = pb.EnvelopeHeader(
-            shams=pb.Shams(
-                origin="000.00.00.G01", domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=n
-            )
-        )
-        header.sender.agency = "000.00.00.G01"
-        header.recipients.add(agency=me)
-        return pb.Envelope(header=header.SerializeToString()), header
-
     trust = SimpleNamespace(knows_new_key=False)
     headers: dict[bytes, pb.EnvelopeHeader] = {}
 
@@ -309,45 +357,14 @@ async def test_a_letter_signed_with_a_key_newer_than_the_nodes_directory_is_deli
         return [headers[e.header] for e in envelopes]
 
     trust.verify_envelopes = verify_envelopes
-    stored: list[str] = []
-
-    async def store_incoming(
-        good: list[tuple[str, str, list[str], pb.Envelope]], *_: object
-    ) -> list[StoredEvidence]:
-        stored.extend(shams for shams, _, _, _ in good)
-        return []
-
-    signed: list[bytes] = []
-
-    def sign_evidence(content: bytes) -> pb.Evidence:
-        signed.append(content)
-        return pb.Evidence(content=content)
-
-    async def no_earlier_answers(*_: object) -> dict[bytes, StoredEvidence]:
-        return {}
-
-    async def store_issued(*_: object) -> None:
-        pass
-
-    agency = SimpleNamespace(
-        config=SimpleNamespace(agency=me),
-        identity=SimpleNamespace(uri=f"urn:chapar:agency:{me}"),
-        trust=trust,
-        store=SimpleNamespace(
-            store_incoming=store_incoming,
-            earlier_answers=no_earlier_answers,
-            store_issued=store_issued,
-        ),
-        sign_evidence=sign_evidence,
-        notify_inbox=lambda: None,
-        signer=SimpleNamespace(seal_evidence=None),
-        directory=None,
-    )
+    receiver = _Receiver(trust)
+    stored, signed = receiver.stored, receiver.signed
+    agency = receiver.agency
     link = _Refetching(agency)
     session = _Session(link, _StuckCall())
     frames = []
     for n in (1, 2):
-        envelope, header = letter(n)
+        envelope, header = _letter(n)
         headers[envelope.header] = header
         frames.append([envelope])
     # Two frames read at once, both failing: one fetch, for which the second waits.
@@ -362,7 +379,7 @@ async def test_a_letter_signed_with_a_key_newer_than_the_nodes_directory_is_deli
     link.fetches_teach = False
     link._refetched_at = float("-inf")
     for n in (3, 4, 5):
-        envelope, header = letter(n)
+        envelope, header = _letter(n)
         headers[envelope.header] = header
         await session._deliveries([envelope])
     assert link.fetches == 2
@@ -434,22 +451,6 @@ async def test_a_frame_that_waits_for_the_directory_keeps_its_place_in_the_inbox
     # Frames are handled concurrently and store in arrival order only because nothing
     # waits before the store: a frame signed with a newer key waits for the directory,
     # and a later frame's letters used to reach the inbox before its own.
-    me = "000.00.00.G02"
-    released = asyncio.Event()
-
-    class _SlowFetch(_Refetching):
-        async def _fetch_directory(self) -> None:
-            await released.wait()
-            await super()._fetch_directory()
-
-    def letter(sender: str, n: int) -> pb.Envelope:
-        header = pb.EnvelopeHeader(
-            shams=pb.Shams(origin=sender, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=n)
-        )
-        header.sender.agency = sender
-        header.recipients.add(agency=me)
-        return pb.Envelope(header=header.SerializeToString())
-
     trust = SimpleNamespace(knows_new_key=False)
 
     def verify_envelopes(envelopes: list[pb.Envelope]) -> list[object]:
@@ -463,26 +464,12 @@ async def test_a_frame_that_waits_for_the_directory_keeps_its_place_in_the_inbox
         return out
 
     trust.verify_envelopes = verify_envelopes
-    stored: list[str] = []
-
-    async def store_incoming(
-        good: list[tuple[str, str, list[str], pb.Envelope]], *_: object
-    ) -> list[StoredEvidence]:
-        stored.extend(shams for shams, _, _, _ in good)
-        return []
-
-    agency = SimpleNamespace(
-        config=SimpleNamespace(agency=me),
-        identity=SimpleNamespace(uri=f"urn:chapar:agency:{me}"),
-        trust=trust,
-        store=SimpleNamespace(store_incoming=store_incoming),
-        notify_inbox=lambda: None,
-        signer=SimpleNamespace(seal_evidence=None),
-        directory=None,
-    )
-    session = _Session(_SlowFetch(agency), _StuckCall())
-    first = asyncio.create_task(session._deliveries([letter("000.00.00.G09", 1)]))
-    second = asyncio.create_task(session._deliveries([letter("000.00.00.G01", 2)]))
+    receiver = _Receiver(trust)
+    stored = receiver.stored
+    released = asyncio.Event()
+    session = _Session(_SlowFetch(receiver.agency, released), _StuckCall())
+    first = asyncio.create_task(session._deliveries([_letter(1, sender="000.00.00.G09")[0]]))
+    second = asyncio.create_task(session._deliveries([_letter(2)[0]]))
     await asyncio.sleep(0.05)
     assert stored == []  # the second waits for the first
     released.set()
@@ -493,20 +480,6 @@ async def test_a_frame_that_waits_for_the_directory_keeps_its_place_in_the_inbox
 async def test_a_frame_cancelled_while_it_waits_its_turn_does_not_break_the_one_before() -> None:
     # Awaiting the frame before's turn unshielded, a cancelled frame (its stream ending)
     # cancelled that turn, and the frame before failed setting it (InvalidStateError).
-    released = asyncio.Event()
-
-    class _SlowFetch(_Refetching):
-        async def _fetch_directory(self) -> None:
-            await released.wait()
-
-    stored: list[str] = []
-
-    async def store_incoming(
-        good: list[tuple[str, str, list[str], pb.Envelope]], *_: object
-    ) -> list[StoredEvidence]:
-        stored.extend(shams for shams, _, _, _ in good)
-        return []
-
     calls = 0
 
     def verify_envelopes(envelopes: list[pb.Envelope]) -> list[object]:
@@ -516,27 +489,9 @@ async def test_a_frame_cancelled_while_it_waits_its_turn_does_not_break_the_one_
             return [VerificationError("SIGNER_UNKNOWN", "a newer key")] * len(envelopes)
         return [VerificationError("NOT_A_RECIPIENT", "refused")] * len(envelopes)
 
-    async def earlier_answers(*_: object) -> dict[bytes, StoredEvidence]:
-        return {}
-
-    async def store_issued(*_: object) -> None:
-        pass
-
-    agency = SimpleNamespace(
-        config=SimpleNamespace(agency="000.00.00.G02"),
-        identity=SimpleNamespace(uri="urn:chapar:agency:000.00.00.G02"),
-        trust=SimpleNamespace(verify_envelopes=verify_envelopes),
-        store=SimpleNamespace(
-            store_incoming=store_incoming,
-            earlier_answers=earlier_answers,
-            store_issued=store_issued,
-        ),
-        sign_evidence=lambda content: pb.Evidence(content=content),
-        notify_inbox=lambda: None,
-        signer=SimpleNamespace(seal_evidence=None),
-        directory=None,
-    )
-    session = _Session(_SlowFetch(agency), _StuckCall())
+    receiver = _Receiver(SimpleNamespace(verify_envelopes=verify_envelopes))
+    released = asyncio.Event()
+    session = _Session(_SlowFetch(receiver.agency, released), _StuckCall())
     envelope = pb.Envelope(header=b"x")
     first = asyncio.create_task(session._deliveries([envelope]))
     second = asyncio.create_task(session._deliveries([envelope]))
