@@ -211,6 +211,17 @@ def _request(request_id: str | None = None, **fields: object) -> pb.SubmitEnvelo
     )
 
 
+def _unheld_ref(**fields: str) -> pb.AttachmentRef:
+    """A well-formed reference to a document of A's that its node does not hold."""
+    return pb.AttachmentRef(
+        uri=f"chapar://{AGENCY_A}/documents/sha256/" + "ab" * 32,
+        sha256=b"\xab" * 32,
+        size=10,
+        media_type="application/pdf",
+        **fields,
+    )
+
+
 def _serialized(**fields: object) -> Callable[[], bytes]:
     return lambda: _request(**fields).SerializeToString()
 
@@ -449,17 +460,7 @@ _CASES = [
     *(
         Case(
             f"attachment-file-name-{label}",
-            _serialized(
-                attachments=[
-                    pb.AttachmentRef(
-                        uri=f"chapar://{AGENCY_A}/documents/sha256/" + "ab" * 32,
-                        sha256=b"\xab" * 32,
-                        size=10,
-                        media_type="application/pdf",
-                        file_name=name,
-                    )
-                ]
-            ),
+            _serialized(attachments=[_unheld_ref(file_name=name)]),
             INVALID,
             "INVALID_FILE_NAME",
         )
@@ -472,16 +473,7 @@ _CASES = [
     ),
     Case(
         "attachment-not-held-by-the-node",
-        _serialized(
-            attachments=[
-                pb.AttachmentRef(
-                    uri=f"chapar://{AGENCY_A}/documents/sha256/" + "ab" * 32,
-                    sha256=b"\xab" * 32,
-                    size=10,
-                    media_type="application/pdf",
-                )
-            ]
-        ),
+        _serialized(attachments=[_unheld_ref()]),
         grpc.StatusCode.NOT_FOUND,
         "DOCUMENT_NOT_FOUND",
     ),
