@@ -970,16 +970,15 @@ class Hub(pb.HubServiceServicer):
                     ]
                 if session.closed.is_set():
                     return  # replaced: its window went to _unanswered, nothing more goes in
+                session.inflight.update(r[1] for r in rows)  # those of ``again`` are in it
                 if expiring := [r[0] for r in rows if r[3] is not None]:
                     # Marked before it goes: after a restart, it waits for its node's
                     # answer instead of expiring (_load_unanswered).
-                    session.inflight.update(r[1] for r in rows)
                     await self.store.mark_pushed(expiring)
                     if session.closed.is_set():
                         return
                 rows = [*again, *rows]
                 if rows:
-                    session.inflight.update(r[1] for r in rows)
                     await session.out.put(_DELIVERIES.one(ENVELOPE_BATCH.many(r[2] for r in rows)))
                     sent = True
                     if not session.queue_dirty:  # a cut frame's rest goes at once
