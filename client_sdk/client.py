@@ -41,7 +41,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final, Protocol, TypeAlias, TypeVar, cast
@@ -420,17 +420,65 @@ class Tracking:
     evidence: list[pb.Evidence]
     certificates: list[bytes]
     body_purged: bool = False
+    revoked_serials: frozenset[int] = frozenset()
+    """Serials a saved bundle listed as revoked (``from_bundle``); ``verify`` applies them."""
+
+    @classmethod
+    def from_response(
+        cls, response: pb.GetEnvelopeResponse, asked: pb.Shams | None = None
+    ) -> Tracking:
+        """The tracking in a node's ``GetEnvelopeResponse``; ``asked``: the number asked
+        for, used when the header carries none. Raises ``DecodeError`` if the header bytes
+        are not a header."""
+        header = pb.EnvelopeHeader.FromString(response.envelope.header)
+        shams = header.shams if header.HasField("shams") or asked is None else asked
+        return cls(
+            shams=format_shams(shams),
+            envelope=response.envelope,
+            header=header,
+            direction=_enum_name(pb.LetterDirection.Name, response.direction, "LETTER_DIRECTION_"),
+            statuses={
+                s.agency: _enum_name(pb.DeliveryState.Name, s.state, "DELIVERY_STATE_")
+                for s in response.statuses
+            },
+            evidence=list(response.evidence),
+            certificates=list(response.certificates),
+            body_purged=response.body_purged,
+        )
+
+    @classmethod
+    def from_bundle(cls, bundle: bytes | pb.EvidenceBundle) -> Tracking:
+        """The letter in a saved ``EvidenceBundle`` (``ExchangeClient.evidence_bundle``,
+        ``chapar track --save``), with the revocations it was saved with.
+
+        Nothing is verified yet: ``verify`` does that, offline. Raises
+        ``client_sdk.trust.VerificationError`` (``BUNDLE_MALFORMED``) for bytes that are
+        not a bundle.
+        """
+        try:
+            if isinstance(bundle, bytes):
+                bundle = pb.EvidenceBundle.FromString(bundle)
+            if not bundle.HasField("letter") or not bundle.letter.HasField("envelope"):
+                raise ValueError("the bundle holds no letter")
+            tracking = cls.from_response(bundle.letter)
+            revoked = frozenset(int(serial, 16) for serial in bundle.revoked_serials)
+        except (DecodeError, ValueError) as exc:  # ValueError: a serial that is not hex
+            raise VerificationError("BUNDLE_MALFORMED", f"not an evidence bundle: {exc}") from exc
+        return replace(tracking, revoked_serials=revoked)
 
     def verify(self, trust: TrustStore) -> list[VerifiedEvidence]:
         """Verifies the letter and every evidence offline, in order.
 
         Adds the response's certificates to ``trust`` (they still have to chain to its
-        roots), checks the sender's signature and body digest (unless retention purged the
-        body: ``body_purged``), then each evidence's signature, issuer, and that it concerns
-        this very letter (SHAMS and header digest). Raises
-        ``client_sdk.trust.VerificationError`` on the first failure.
+        roots) and a bundle's revoked serials to its revocations, checks the sender's
+        signature and body digest (unless retention purged the body: ``body_purged``),
+        then each evidence's signature, issuer, and that it concerns this very letter
+        (SHAMS and header digest). Raises ``client_sdk.trust.VerificationError`` on the
+        first failure.
         """
         trust.add_certificates(self.certificates)
+        if self.revoked_serials:
+            trust.set_revoked(trust.revoked_serials | self.revoked_serials)
         return _verify_letter(trust, self.envelope, self.evidence, check_body=not self.body_purged)
 
 
@@ -823,24 +871,33 @@ class ExchangeClient:
                 request, timeout=self._deadline(timeout)
             )
         try:
-            header = pb.EnvelopeHeader.FromString(response.envelope.header)
+            return Tracking.from_response(response, request.shams)
         except DecodeError as exc:
             raise InternalError(
                 "letter with a malformed header", reason="MALFORMED_RESPONSE"
             ) from exc
-        return Tracking(
-            shams=format_shams(header.shams if header.HasField("shams") else _shams_pb(shams)),
-            envelope=response.envelope,
-            header=header,
-            direction=_enum_name(pb.LetterDirection.Name, response.direction, "LETTER_DIRECTION_"),
-            statuses={
-                s.agency: _enum_name(pb.DeliveryState.Name, s.state, "DELIVERY_STATE_")
-                for s in response.statuses
-            },
-            evidence=list(response.evidence),
-            certificates=list(response.certificates),
-            body_purged=response.body_purged,
+
+    async def evidence_bundle(
+        self, shams: ShamsLike, *, timeout: float | None = None
+    ) -> pb.EvidenceBundle:
+        """A letter with all its evidence and the exchange's revocations, to be saved for
+        an auditor or a court (``bundle.SerializeToString()``): ``Tracking.from_bundle``
+        (or ``chapar verify``) verifies it later offline with the root CA alone."""
+        request = pb.GetEnvelopeRequest(shams=_shams_pb(shams))
+        with _translated():
+            letter: pb.GetEnvelopeResponse = await self._stub.GetEnvelope(
+                request, timeout=self._deadline(timeout)
+            )
+            directory: pb.ListAgenciesResponse = await self._stub.ListAgencies(
+                pb.ListAgenciesRequest(), timeout=self._deadline(timeout)
+            )
+        bundle = pb.EvidenceBundle(
+            letter=letter,
+            revoked_serials=directory.revoked_serials,
+            directory_version=directory.directory_version,
         )
+        bundle.saved_time.GetCurrentTime()
+        return bundle
 
     # -- documents ----------------------------------------------------------------------
 

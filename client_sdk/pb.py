@@ -155,6 +155,7 @@ from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
     BatchSubmitEnvelopesResponse as BatchSubmitEnvelopesResponse,
 )
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import DeliveryState as DeliveryState
+from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import EvidenceBundle as EvidenceBundle
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
     GetEnvelopeRequest as GetEnvelopeRequest,
 )

@@ -337,6 +337,12 @@ class SyncExchangeClient:
         """Fetches a letter with its evidence; see ``ExchangeClient.track``."""
         return self._portal.run(self._client.track(shams, timeout=timeout))
 
+    def evidence_bundle(
+        self, shams: ShamsLike, *, timeout: float | None = None
+    ) -> pb.EvidenceBundle:
+        """A letter with its evidence, to save; see ``ExchangeClient.evidence_bundle``."""
+        return self._portal.run(self._client.evidence_bundle(shams, timeout=timeout))
+
     def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
         """The agencies of the exchange; see ``ExchangeClient.agencies``."""
         return self._portal.run(self._client.agencies(timeout=timeout))

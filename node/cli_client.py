@@ -1,4 +1,5 @@
-"""The client-side ``chapar`` commands: ``send``, ``inbox``, ``track``, ``fetch``, ``agencies``.
+"""The client-side ``chapar`` commands: ``send``, ``inbox``, ``track``, ``fetch``, ``agencies``,
+and ``verify`` (offline, no node).
 
 They are what an operator or a script does in place of an agency back-end, and they are
 built only on the public SDK (``client_sdk``), so they double as its smallest example.
@@ -18,14 +19,17 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from client_sdk import ChaparError, Credentials, ExchangeClient, Letter, Tracking, pb
-from client_sdk.trust import VerificationError
+from client_sdk.trust import TrustStore, VerificationError
 
 __all__ = ["register"]
 
@@ -52,7 +56,7 @@ class _Connection:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds ``send``, ``inbox``, ``track`` and ``agencies`` to the ``chapar`` parser."""
+    """Adds the client commands and the offline ``verify`` to the ``chapar`` parser."""
     common = _connection_options()
 
     send = subparsers.add_parser(
@@ -112,7 +116,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     track.add_argument("shams", metavar="SHAMS", help="e.g. 000.00.00.G22/O/2026/0000042")
     track.add_argument("--json", action="store_true", help="print JSON")
+    track.add_argument(
+        "--save",
+        type=Path,
+        metavar="FILE",
+        help="also save the letter, its evidence and the revocations as an evidence bundle "
+        "that `chapar verify` checks offline",
+    )
     track.set_defaults(func=_handler(_track))
+
+    verify = subparsers.add_parser(
+        "verify",
+        help="verify a saved evidence bundle offline, with the root CA certificate alone",
+    )
+    verify.add_argument("bundle", type=Path, metavar="FILE", help="from `chapar track --save`")
+    roots = verify.add_mutually_exclusive_group(required=True)
+    roots.add_argument("--ca", type=Path, metavar="PEM", help="root CA certificate")
+    roots.add_argument("--pki", type=Path, metavar="DIR", help="PKI directory (its root CA)")
+    verify.add_argument(
+        "--revoked",
+        action="append",
+        default=[],
+        metavar="SERIAL",
+        help="a certificate serial (hexadecimal) revoked since the bundle was saved (repeatable)",
+    )
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(func=_handler(_verify))
 
     agencies = subparsers.add_parser(
         "agencies", parents=[common], help="list the agencies of the exchange"
@@ -364,12 +393,29 @@ async def _inbox(ns: argparse.Namespace) -> int:
 async def _track(ns: argparse.Namespace) -> int:
     connection = _connection(ns)
     async with connection.client() as client:
-        tracking = await client.track(ns.shams)
+        # The bundle carries the exchange's revocations: what a revoked key signed does not
+        # show as verified here either.
+        bundle = await client.evidence_bundle(ns.shams)
+    if ns.save is not None:
+        _write_replacing(ns.save, bundle.SerializeToString())
+    return _verified_or_failed(
+        ns, Tracking.from_bundle(bundle), connection.credentials.trust_store()
+    )
+
+
+async def _verify(ns: argparse.Namespace) -> int:
+    """Offline: reads nothing but the bundle and the root CA, talks to no one."""
+    trust = TrustStore.from_pem_files(ns.ca if ns.ca is not None else ns.pki / "ca" / "root.crt")
+    tracking = Tracking.from_bundle(ns.bundle.read_bytes())
+    trust.set_revoked(int(serial, 16) for serial in ns.revoked)  # ValueError: BAD_VALUE
+    return _verified_or_failed(ns, tracking, trust)
+
+
+def _verified_or_failed(ns: argparse.Namespace, tracking: Tracking, trust: TrustStore) -> int:
+    """Prints the tracking, each evidence marked verified only if the whole chain is."""
     failure: VerificationError | None = None
     try:
-        verified = [
-            _evidence(v.content) for v in tracking.verify(connection.credentials.trust_store())
-        ]
+        verified = [_evidence(v.content) for v in tracking.verify(trust)]
     except VerificationError as exc:
         failure = exc
         verified = [_unverified(e) for e in tracking.evidence]
@@ -379,10 +425,20 @@ async def _track(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _write_replacing(path: Path, data: bytes) -> None:
+    """Writes ``path`` whole or not at all: a temporary file beside it, then a rename."""
+    part = path.with_name(f".{path.name}.part")
+    with part.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(part, path)
+
+
 def _unverified(evidence: pb.Evidence) -> dict[str, Any]:
     try:
         return _evidence(pb.EvidenceContent.FromString(evidence.content))
-    except ValueError:  # DecodeError is a ValueError: print what can be printed
+    except DecodeError:  # print what can be printed
         return {"event": "MALFORMED", "evidence_id": "", "issuer": "", "recipient": "",
                 "event_time": None, "reason": ""}  # fmt: skip
 

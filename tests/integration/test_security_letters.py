@@ -17,6 +17,8 @@ import json
 import os
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -615,6 +617,63 @@ async def test_offline_verification_learns_revocations_from_the_node(cluster: Cl
             with pytest.raises(VerificationError) as refused:
                 tracking.verify(trust)
             assert refused.value.reason == "CERTIFICATE_REVOKED"
+
+
+async def _chapar(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "node", *map(str, args)]
+    return await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def test_a_saved_evidence_bundle_verifies_offline_until_its_signer_is_revoked(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # An auditor or a court keeps a letter as a file (`chapar track --save`) and checks it
+    # later with the root CA alone (`chapar verify`): it must fail once a signer is revoked,
+    # whether the revocation came with the bundle or after it, and when a byte is changed.
+    signing = cluster.pki.agency_dir(B) / "signing.crt"
+    serial = f"{load_certs(signing)[0].serial_number:x}"
+    folder = cluster.pki.agency_dir(B)
+    node = ["--node", cluster.nodes[B].address, "--ca", cluster.pki.root_cert]
+    node += ["--cert", folder / "client.crt", "--key", folder / "client.key"]
+    async with _client(cluster, B) as b:
+        receipt = await b.send(to=[A], subject="kept for the court", body="x")
+        await _wait_delivered(b, receipt.shams, A)
+    before, during = tmp_path / "before.bundle", tmp_path / "during.bundle"
+    saved = await _chapar("track", *node, receipt.shams, "--save", before)
+    assert saved.returncode == 0, saved.stderr
+    checked = await _chapar("verify", before, "--pki", cluster.pki.root, "--json")
+    assert checked.returncode == 0, checked.stderr
+    report = json.loads(checked.stdout)
+    assert report["shams"] == receipt.shams
+    assert report["verified"] is True
+    assert {"SUBMISSION_ACCEPTANCE", "RELAY_ACCEPTANCE", "DELIVERY"} <= {
+        e["event"] for e in report["evidence"]
+    }
+    async with _revoked(cluster, signing):
+        tracked = await _chapar("track", *node, receipt.shams, "--save", during)
+        assert tracked.returncode == 1
+        assert "VERIFICATION_FAILED CERTIFICATE_REVOKED" in tracked.stderr
+    assert pb.EvidenceBundle.FromString(during.read_bytes()).revoked_serials == [serial]
+    for bundle, extra in ((during, []), (before, ["--revoked", serial])):
+        refused = await _chapar("verify", bundle, "--ca", cluster.pki.root_cert, *extra)
+        assert refused.returncode == 1, refused.stdout
+        assert "VERIFICATION_FAILED CERTIFICATE_REVOKED" in refused.stderr
+    bundle = pb.EvidenceBundle.FromString(before.read_bytes())
+    last = bundle.letter.evidence[-1]
+    content = pb.EvidenceContent.FromString(last.content)
+    content.reason = "ALTERED"
+    last.content = content.SerializeToString()
+    altered = tmp_path / "altered.bundle"
+    altered.write_bytes(bundle.SerializeToString())
+    forged = await _chapar("verify", altered, "--ca", cluster.pki.root_cert)
+    assert forged.returncode == 1
+    assert "VERIFICATION_FAILED" in forged.stderr
+    (tmp_path / "junk.bundle").write_bytes(b"not a bundle")
+    junk = await _chapar("verify", tmp_path / "junk.bundle", "--ca", cluster.pki.root_cert)
+    assert junk.returncode == 1
+    assert "VERIFICATION_FAILED BUNDLE_MALFORMED" in junk.stderr, junk.stderr
 
 
 async def test_revoked_client_certificate_is_refused_by_its_node_until_unrevoked(

@@ -36,6 +36,7 @@ from client_sdk import (
     ExchangeClient,
     Receipt,
     SyncExchangeClient,
+    Tracking,
     errors,
     format_shams,
     parse_shams,
@@ -1572,6 +1573,47 @@ async def test_track_verify_needs_the_right_root(
     with pytest.raises(VerificationError) as caught:
         tracking.verify(TrustStore([other_root], [pki.intermediate]))
     assert caught.value.reason == "CERTIFICATE_UNTRUSTED"
+
+
+async def test_an_evidence_bundle_verifies_from_its_bytes_with_its_revocations(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    fake_node[0].get_response = get_response(pki, signed_letter(pki, 9))
+    bundle = await client.evidence_bundle(shams_of(9))
+    assert bundle.saved_time.seconds > 0
+    tracking = Tracking.from_bundle(bundle.SerializeToString())
+    assert tracking.shams == "000.00.00.G22/O/2026/0000009"
+    verified = tracking.verify(TrustStore([pki.root], [pki.intermediate]))
+    assert [v.event for v in verified] == ["SUBMISSION_ACCEPTANCE", "DELIVERY"]
+    # The revocations it was saved with count, beside the verifier's own.
+    leaves = [x509.load_der_x509_certificate(der) for der in bundle.letter.certificates]
+    bundle.revoked_serials.extend(f"{c.serial_number:x}" for c in leaves)
+    revoked = Tracking.from_bundle(bundle.SerializeToString())
+    trust = TrustStore([pki.root], [pki.intermediate], revoked_serials={7})
+    with pytest.raises(VerificationError) as caught:
+        revoked.verify(trust)
+    assert caught.value.reason == "CERTIFICATE_REVOKED"
+    assert 7 in trust.revoked_serials
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not a bundle",
+        b"",  # a bundle without a letter
+        pb.EvidenceBundle(
+            letter=pb.GetEnvelopeResponse(envelope=pb.Envelope(header=b"\xff\xff"))
+        ).SerializeToString(),
+        pb.EvidenceBundle(
+            letter=pb.GetEnvelopeResponse(envelope=pb.Envelope()), revoked_serials=["zz"]
+        ).SerializeToString(),
+    ],
+    ids=["junk", "empty", "header", "serial"],
+)
+def test_what_is_not_an_evidence_bundle_is_refused_as_such(data: bytes) -> None:
+    with pytest.raises(VerificationError) as caught:
+        Tracking.from_bundle(data)
+    assert caught.value.reason == "BUNDLE_MALFORMED"
 
 
 async def test_agencies_lists_the_directory(client: ExchangeClient) -> None:

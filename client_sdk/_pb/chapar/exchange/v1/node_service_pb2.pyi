@@ -841,6 +841,54 @@ class GetEnvelopeResponse(_message.Message):
 Global___GetEnvelopeResponse: _TypeAlias = GetEnvelopeResponse  # noqa: Y015
 
 @_typing.final
+class EvidenceBundle(_message.Message):
+    """EvidenceBundle is one letter with every evidence its node holds about it, saved for an
+    auditor or a court (`chapar track SHAMS --save FILE`, the SDK's
+    ExchangeClient.evidence_bundle): what is needed to verify the letter and its evidence
+    offline with the root CA certificate alone (`chapar verify FILE`). The bundle itself is
+    not signed, its parts are: whoever holds it can leave evidence out, but cannot alter or
+    add any without the verification failing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LETTER_FIELD_NUMBER: _builtins.int
+    REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
+    DIRECTORY_VERSION_FIELD_NUMBER: _builtins.int
+    SAVED_TIME_FIELD_NUMBER: _builtins.int
+    directory_version: _builtins.int
+    """The version of the directory those serials come from."""
+    @_builtins.property
+    def letter(self) -> Global___GetEnvelopeResponse:
+        """The letter as its node returned it: envelope, evidence, certificates, states."""
+
+    @_builtins.property
+    def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Serials (hexadecimal) the exchange's directory listed as revoked when the bundle was
+        saved; a verifier applies them, and may add serials revoked since.
+        """
+
+    @_builtins.property
+    def saved_time(self) -> _timestamp_pb2.Timestamp:
+        """When the bundle was saved, by the saving machine's clock (not signed)."""
+
+    def __init__(
+        self,
+        *,
+        letter: Global___GetEnvelopeResponse | None = ...,
+        revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
+        directory_version: _builtins.int = ...,
+        saved_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["letter", b"letter", "saved_time", b"saved_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory_version", b"directory_version", "letter", b"letter", "revoked_serials", b"revoked_serials", "saved_time", b"saved_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvidenceBundle: _TypeAlias = EvidenceBundle  # noqa: Y015
+
+@_typing.final
 class ListAgenciesRequest(_message.Message):
     """ListAgenciesRequest asks for the directory."""
 
