@@ -35,6 +35,7 @@ from client_sdk import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
+    Tracking,
     Unauthenticated,
     pb,
 )
@@ -1066,6 +1067,10 @@ async def test_auditor_may_track_and_verify_but_not_send_or_read_the_inbox(
         assert {"RELAY_ACCEPTANCE", "DELIVERY"} <= set(events)
         assert all(v.issuer for v in verified)
         assert tracking.statuses[B] in DELIVERED
+        # What the auditor keeps verifies later from the file and the root CA alone.
+        kept = (await auditor.evidence_bundle(receipt.shams)).SerializeToString()
+        later = Tracking.from_bundle(kept).verify(TrustStore.from_pem_files(cluster.pki.root_cert))
+        assert [v.event for v in later] == events
 
         with pytest.raises(PermissionDenied) as send:
             await auditor.send(to=[B], subject="an auditor writing", body="x")
