@@ -1784,21 +1784,27 @@ def _verify_letter(
         raise VerificationError(
             "HEADER_MALFORMED", "header bytes are not an EnvelopeHeader"
         ) from exc
-    header = trust.verify_envelope(
-        envelope, at=_time(claimed, "create_time"), check_body=check_body
-    )
+    try:
+        header = trust.verify_envelope(
+            envelope, at=_time(claimed, "create_time"), check_body=check_body
+        )
+    except VerificationError as exc:
+        raise VerificationError(exc.reason, f"the letter: {exc}") from exc
     digest = sha256(envelope.header)
     recipients = {r.agency for r in header.recipients}
     verified: list[VerifiedEvidence] = []
-    for item in evidence:
-        content = trust.verify_evidence(item)
-        if content.shams != header.shams or content.envelope_sha256 != digest:
-            raise VerificationError(
-                "EVIDENCE_MISMATCH",
-                f"evidence {content.evidence_id} is about another letter than "
-                f"{format_shams(header.shams)}",
-            )
-        check_attestation(content, sender=header.sender.agency, recipients=recipients)
+    for position, item in enumerate(evidence, 1):
+        try:
+            content = trust.verify_evidence(item)
+            if content.shams != header.shams or content.envelope_sha256 != digest:
+                raise VerificationError(
+                    "EVIDENCE_MISMATCH",
+                    f"evidence {content.evidence_id} is about another letter than "
+                    f"{format_shams(header.shams)}",
+                )
+            check_attestation(content, sender=header.sender.agency, recipients=recipients)
+        except VerificationError as exc:  # say which one: a bundle may hold many
+            raise VerificationError(exc.reason, f"evidence {position}: {exc}") from exc
         verified.append(VerifiedEvidence.from_content(content))
     return verified
 

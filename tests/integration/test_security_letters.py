@@ -670,7 +670,9 @@ async def test_a_saved_evidence_bundle_verifies_offline_until_its_signer_is_revo
     altered.write_bytes(bundle.SerializeToString())
     forged = await _chapar("verify", altered, "--ca", cluster.pki.root_cert)
     assert forged.returncode == 1
-    assert "VERIFICATION_FAILED" in forged.stderr
+    assert f"VERIFICATION_FAILED SIGNATURE_INVALID: evidence {len(bundle.letter.evidence)}:" in (
+        forged.stderr
+    )
     (tmp_path / "junk.bundle").write_bytes(b"not a bundle")
     junk = await _chapar("verify", tmp_path / "junk.bundle", "--ca", cluster.pki.root_cert)
     assert junk.returncode == 1
