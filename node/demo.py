@@ -6,8 +6,9 @@ the letter. B receives and acknowledges it, downloads the attachment through its
 (which fetches it from A through the hub and checks its SHA-256), and answers with a reply;
 A receives the reply. For each
 letter the sender's evidence chain (SUBMISSION_ACCEPTANCE, RELAY_ACCEPTANCE, DELIVERY,
-HANDOVER) is fetched and every signature verified against the root CA alone. Exit status 0
-only if every chain verified and the attachment arrived intact.
+HANDOVER) is fetched and every signature verified against the root CA alone; the letter's
+evidence bundle is saved and verified again from the file, as an auditor would. Exit status
+0 only if every chain verified and the attachment arrived intact.
 """
 
 from __future__ import annotations
@@ -64,6 +65,26 @@ def _print_chain(title: str, shams: str, tracking: Tracking, trust: TrustStore) 
     if missing:
         print(f"  MISSING: {', '.join(missing)}")
         return False
+    return True
+
+
+async def _audit(client: ExchangeClient, shams: str, path: Path, root: Path) -> bool:
+    """Saves the letter's evidence bundle, then verifies the file with the root CA alone,
+    as an auditor would later (``chapar verify FILE --ca ROOT``)."""
+    return _saved_and_verified(shams, await client.evidence_bundle(shams), path, root)
+
+
+def _saved_and_verified(shams: str, bundle: pb.EvidenceBundle, path: Path, root: Path) -> bool:
+    path.write_bytes(bundle.SerializeToString())
+    try:
+        kept = Tracking.from_bundle(path.read_bytes()).verify(TrustStore.from_pem_files(root))
+    except VerificationError as exc:
+        print(f"\nEvidence bundle {path.name}: VERIFICATION FAILED: {exc.reason}: {exc}")
+        return False
+    print(
+        f"\nEvidence bundle of {shams} saved ({path.stat().st_size} bytes, {len(kept)} "
+        "evidence): verified again from the file with the root CA alone"
+    )
     return True
 
 
@@ -147,6 +168,7 @@ async def _exchange(cluster: Cluster) -> bool:
         ):
             tracking = await wait_for_chain(client, receipt.shams)
             ok = _print_chain(title, receipt.shams, tracking, creds.trust_store()) and ok
+        ok = await _audit(a, letter.shams, files / "letter.bundle", cluster.pki.root_cert) and ok
         with contextlib.suppress(Exception):
             await inbox.aclose()
     return ok

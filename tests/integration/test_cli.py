@@ -39,6 +39,7 @@ def test_demo_prints_every_chain_verified_and_exits_zero() -> None:
         assert out.count(f"{event} ") >= 2, out  # in the letter's chain and the reply's
     assert out.count("signature verified") == 2 * len(EXPECTED_CHAIN)
     assert "arrived intact, SHA-256 verified" in out
+    assert "verified again from the file with the root CA alone" in out
     assert "hub exit 0" in out
 
 
