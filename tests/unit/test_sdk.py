@@ -1745,6 +1745,9 @@ async def test_sync_client_sends_and_streams_like_the_async_one(
             letter = next(inbox)
             handover = letter.ack()
             inbox.close()
+            fake.get_response = get_response(pki, signed_letter(pki, 10))
+            bundle = sync.evidence_bundle(shams_of(10))
+            assert Tracking.from_bundle(bundle.SerializeToString()).shams.endswith("/0000010")
             fake.abort = Abort(grpc.StatusCode.NOT_FOUND, "gone")
             with pytest.raises(errors.NotFound):
                 sync.track("000.00.00.G22/O/2026/0000009")
