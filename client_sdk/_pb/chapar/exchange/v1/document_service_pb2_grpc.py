@@ -73,9 +73,10 @@ class DocumentServiceServicer:
     def UploadDocument(self, request_iterator, context):
         """Uploads one file as a stream of chunks: the first message is the header, every later
         one a chunk. The node answers the header at once, with an empty response when it
-        accepts it, or ends the call with the refusal (a media type not allowed, a size over
-        the limit: RESOURCE_EXHAUSTED before anything is stored), so a client learns it before
-        sending the content. After the last chunk (half-close) the node answers with the
+        accepts it, or ends the call with the refusal before anything is stored (a media type
+        not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
+        RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
+        content. After the last chunk (half-close) the node answers with the
         file's address, digest and size. A partial upload is never visible.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -44,9 +44,10 @@ class DocumentServiceStub:
     UploadDocument: _grpc.StreamStreamMultiCallable[_document_service_pb2.UploadDocumentRequest, _document_service_pb2.UploadDocumentResponse]
     """Uploads one file as a stream of chunks: the first message is the header, every later
     one a chunk. The node answers the header at once, with an empty response when it
-    accepts it, or ends the call with the refusal (a media type not allowed, a size over
-    the limit: RESOURCE_EXHAUSTED before anything is stored), so a client learns it before
-    sending the content. After the last chunk (half-close) the node answers with the
+    accepts it, or ends the call with the refusal before anything is stored (a media type
+    not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
+    RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
+    content. After the last chunk (half-close) the node answers with the
     file's address, digest and size. A partial upload is never visible.
     """
     DownloadDocument: _grpc.UnaryStreamMultiCallable[_document_service_pb2.DownloadDocumentRequest, _document_service_pb2.DownloadDocumentResponse]
@@ -73,9 +74,10 @@ class DocumentServiceAsyncStub(DocumentServiceStub):
     UploadDocument: _aio.StreamStreamMultiCallable[_document_service_pb2.UploadDocumentRequest, _document_service_pb2.UploadDocumentResponse]  # type: ignore[assignment]
     """Uploads one file as a stream of chunks: the first message is the header, every later
     one a chunk. The node answers the header at once, with an empty response when it
-    accepts it, or ends the call with the refusal (a media type not allowed, a size over
-    the limit: RESOURCE_EXHAUSTED before anything is stored), so a client learns it before
-    sending the content. After the last chunk (half-close) the node answers with the
+    accepts it, or ends the call with the refusal before anything is stored (a media type
+    not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
+    RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
+    content. After the last chunk (half-close) the node answers with the
     file's address, digest and size. A partial upload is never visible.
     """
     DownloadDocument: _aio.UnaryStreamMultiCallable[_document_service_pb2.DownloadDocumentRequest, _document_service_pb2.DownloadDocumentResponse]  # type: ignore[assignment]
@@ -105,9 +107,10 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_document_service_pb2.UploadDocumentResponse], _abc.AsyncIterator[_document_service_pb2.UploadDocumentResponse]]:
         """Uploads one file as a stream of chunks: the first message is the header, every later
         one a chunk. The node answers the header at once, with an empty response when it
-        accepts it, or ends the call with the refusal (a media type not allowed, a size over
-        the limit: RESOURCE_EXHAUSTED before anything is stored), so a client learns it before
-        sending the content. After the last chunk (half-close) the node answers with the
+        accepts it, or ends the call with the refusal before anything is stored (a media type
+        not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
+        RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
+        content. After the last chunk (half-close) the node answers with the
         file's address, digest and size. A partial upload is never visible.
         """
 

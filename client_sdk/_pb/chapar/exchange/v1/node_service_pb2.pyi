@@ -547,7 +547,7 @@ class StreamInboxRequest(_message.Message):
     mailbox: _builtins.str
     """Only letters addressed to this mailbox; empty means every letter of the agency.
     Normalised to NFC and checked as a draft's mailboxes are: no control characters
-    (INVALID_TEXT), at most limits.max_mailbox_chars characters (TEXT_TOO_LONG).
+    (INVALID_TEXT), at most 128 characters (TEXT_TOO_LONG).
     """
     def __init__(
         self,
