@@ -279,11 +279,14 @@ class Table:
             return None
         return self.path_(key, must_exist=must_exist)
 
-    def listen(self, key: str, *, optional: bool = False) -> str:
+    def listen(
+        self, key: str, *, optional: bool = False, default: str | None = DEFAULT_LISTEN
+    ) -> str:
+        """A HOST:PORT; ``default=None`` makes the key required."""
         if optional and key not in self.data:
             self.known.add(key)
             return ""
-        value = self.text(key, DEFAULT_LISTEN)
+        value = self.text(key, default)
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"{self._key(key)}: must be HOST:PORT, not {value!r}")
@@ -491,7 +494,7 @@ def _node_config(t: Table) -> NodeConfig:
     config = NodeConfig(
         agency=agency,
         listen=node.listen("listen"),
-        hub=node.listen("hub"),
+        hub=node.listen("hub", default=None),  # no default: a node dialling port 0 for ever
         database=node.path_("database", must_exist=False, default="node.db"),
         tls=_tls(t),
         signing=_signing(t),

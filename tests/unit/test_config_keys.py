@@ -109,6 +109,13 @@ def test_valid_configurations_load(tmp_path: Path) -> None:
     assert load_hub_config(_write(tmp_path, HUB)).metrics_top_n == 10
 
 
+def test_a_node_without_its_hub_address_is_refused(tmp_path: Path) -> None:
+    # It loaded with 127.0.0.1:0 (the listen default), and the node dialled port 0 for ever.
+    path = _write(tmp_path, NODE.replace('hub = "127.0.0.1:1"\n', "", 1))
+    with pytest.raises(ConfigError, match=re.escape("node.hub: missing")):
+        load_node_config(path)
+
+
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ('"yes"', None)])
 def test_metrics_tls_is_a_boolean(tmp_path: Path, value: str, expected: bool | None) -> None:
     for load, text, section in ((load_node_config, NODE, "node"), (load_hub_config, HUB, "hub")):
