@@ -253,8 +253,9 @@ class Agency(pb.NodeServiceServicer):
                 await self._purger
 
     async def purge(self) -> int:
-        """Drops bodies of letters done with more than retention_s ago (evidence stays),
-        then, with ``[documents] retention_s``, the documents no kept letter needs."""
+        """Drops bodies of done letters this node took (sent or received) more than
+        retention_s ago (evidence stays), then, with ``[documents] retention_s``, the
+        documents no kept letter needs."""
         before = time.time() - self.config.retention_s
         total = await drain(lambda: self.store.purge(before))
         if total:

@@ -438,7 +438,8 @@ class Hub(pb.HubServiceServicer):
         return items
 
     async def purge(self) -> int:
-        """Drops envelopes of letters that left every queue more than retention_s ago."""
+        """Drops envelopes of letters accepted more than retention_s ago that are in no
+        queue any more."""
         before = time.time() - self.config.retention_s
         total = await drain(lambda: self.store.purge(before))
         if total:
