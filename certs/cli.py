@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import get_args
 
-from certs.pki import KeyAlgorithm, PkiError, PkiLayout, init_pki
+from certs.pki import (
+    KeyAlgorithm,
+    PkiError,
+    PkiLayout,
+    init_pki,
+    issue_party,
+    load_certs,
+    renew_certificate,
+    revoke_certificate,
+)
+from client_sdk.identity import Identity
 
 __all__ = ["main", "register"]
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds the ``pki`` command (with its ``init`` subcommand) to a ``chapar`` parser."""
+    """Adds the ``pki`` command (``init``, ``issue``, ``renew``, ``revoke``) to a parser."""
     pki = subparsers.add_parser(
         "pki",
         help="development PKI: CA, TLS, signing and client certificates",
@@ -71,6 +81,155 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     init.add_argument("--force", action="store_true", help="replace an existing PKI in DIR")
     init.set_defaults(func=_cmd_init)
+
+    issue = commands.add_parser(
+        "issue",
+        help="issue a new agency's, client's, auditor's or hub's certificates from DIR's CA",
+        description=(
+            "Issue certificates for one new party from an existing PKI's intermediate CA: an "
+            "agency (TLS, signing, back-end client), another back-end client of an agency "
+            "(CODE:NAME, for a [[clients]] entry of its node), an auditor, or a hub. Existing "
+            "files are never replaced (see renew)."
+        ),
+    )
+    issue.add_argument(
+        "--dir", dest="directory", type=Path, required=True, metavar="DIR", help="the PKI"
+    )
+    party = issue.add_mutually_exclusive_group(required=True)
+    party.add_argument("--agency", metavar="CODE", help="a new agency")
+    party.add_argument("--client", metavar="CODE:NAME", help="another back-end client")
+    party.add_argument("--auditor", metavar="NAME", help="an auditor")
+    party.add_argument("--hub", metavar="NAME", help="a hub")
+    issue.add_argument(
+        "--signing-algorithm",
+        choices=get_args(KeyAlgorithm),
+        default="ed25519",
+        help="signing key algorithm (default: %(default)s)",
+    )
+    _validity(issue)
+    issue.set_defaults(func=_cmd_issue)
+
+    renew = commands.add_parser(
+        "renew",
+        help="re-issue a certificate with a new key, keeping the old pair beside it",
+        description=(
+            "Re-issue a TLS, client or signing certificate of DIR's PKI with a new key and the "
+            "same identity; the new pair takes the old file names (configurations stay as "
+            "they are), the old pair is kept as <name>.<serial>.crt/.key. Restart the server "
+            "that uses it. A renewed signing certificate must also be listed, beside the old "
+            "one, in the hub's [[agencies]] signing_certificates."
+        ),
+    )
+    renew.add_argument(
+        "--dir", dest="directory", type=Path, required=True, metavar="DIR", help="the PKI"
+    )
+    renew.add_argument("cert", type=Path, metavar="CERT", help="the .crt file to renew")
+    _validity(renew)
+    renew.set_defaults(func=_cmd_renew)
+
+    revoke = commands.add_parser(
+        "revoke",
+        help="list a certificate's serial in the hub's revocation file",
+        description=(
+            "Append the certificate's serial to the hub's revocation_file (the file is "
+            "replaced whole). The hub publishes it within reload_interval_s; from then on "
+            "the certificate is refused everywhere, and what its key signed fails "
+            "verification."
+        ),
+    )
+    revoke.add_argument(
+        "--file", type=Path, required=True, metavar="PATH", help="the hub's revocation_file"
+    )
+    revoke.add_argument("cert", type=Path, metavar="CERT", help="the .crt file to revoke")
+    revoke.add_argument("--note", default="", help="a comment kept on the line (e.g. why)")
+    revoke.set_defaults(func=_cmd_revoke)
+
+
+def _validity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--validity-days",
+        type=int,
+        default=365,
+        metavar="DAYS",
+        help="lifetime of the certificates (default: %(default)s)",
+    )
+
+
+def _party(args: argparse.Namespace) -> Identity:
+    try:
+        if args.agency is not None:
+            return Identity.for_agency(args.agency)
+        if args.client is not None:
+            agency, sep, name = args.client.partition(":")
+            if not sep:
+                raise PkiError(f"--client {args.client!r}: expected CODE:NAME")
+            return Identity.for_client(agency, name)
+        if args.auditor is not None:
+            return Identity.for_auditor(args.auditor)
+        return Identity.for_hub(args.hub)
+    except ValueError as exc:  # PkiError is one too
+        raise PkiError(str(exc)) from exc
+
+
+def _cmd_issue(args: argparse.Namespace) -> int:
+    def run() -> None:
+        identity = _party(args)
+        paths = issue_party(
+            args.directory,
+            identity,
+            signing_algorithm=args.signing_algorithm,
+            validity_days=args.validity_days,
+        )
+        print(f"issued for {identity.uri}:")
+        for path in paths:
+            print(f"  {path}")
+        if identity.kind == "agency":
+            print(
+                "add it to the hub's configuration ([[agencies]] code, signing_certificates) "
+                "and give its node tls.crt/key and signing.crt/key"
+            )
+
+    return _guarded("issue", run)
+
+
+def _cmd_renew(args: argparse.Namespace) -> int:
+    def run() -> None:
+        done = renew_certificate(args.directory, args.cert, validity_days=args.validity_days)
+        print(
+            f"renewed {done.kind} certificate of {done.identity.uri}: {done.cert} "
+            f"(old serial {done.old_serial:x} kept as {done.old_cert})"
+        )
+        if done.kind == "signing":
+            print(
+                "list both in the hub's [[agencies]] signing_certificates (the new one, and "
+                f"{done.old_cert} for what the old key signed), then restart the node"
+            )
+        else:
+            print("restart the server or client that uses it")
+
+    return _guarded("renew", run)
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    def run() -> None:
+        added = revoke_certificate(args.file, args.cert, note=args.note)
+        serial = f"{load_certs(args.cert)[0].serial_number:x}"
+        print(f"{serial} {'listed in' if added else 'was already in'} {args.file}")
+
+    return _guarded("revoke", run)
+
+
+def _guarded(command: str, run: Callable[[], None]) -> int:
+    """Runs a command; a refusal or a file problem is one line on stderr, not a traceback."""
+    try:
+        run()
+    except PkiError as exc:
+        print(f"chapar pki {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"chapar pki {command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_init(args: argparse.Namespace) -> int:

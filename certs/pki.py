@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from client_sdk.identity import Identity
+from client_sdk.identity import Identity, identity_of_certificate
 
 __all__ = [
     "CertificateKind",
@@ -39,12 +40,17 @@ __all__ = [
     "PkiError",
     "PkiLayout",
     "PrivateKey",
+    "Renewal",
     "SubjectKey",
+    "certificate_kind",
     "generate_key",
     "init_pki",
     "issue_certificate",
+    "issue_party",
     "load_certs",
     "load_key",
+    "renew_certificate",
+    "revoke_certificate",
     "write_certs",
     "write_key",
 ]
@@ -514,3 +520,173 @@ def init_pki(
         _issue_leaf(issuer, auditor_dir, "client", "client", auditor, "ecdsa-p256", leaf_end)
 
     return layout
+
+
+# ---------------------------------------------------------------------------------------
+# An existing PKI: new parties, renewals, revocations
+
+
+def _open_issuer(layout: PkiLayout) -> _Issuer:
+    """The intermediate CA of an existing PKI (``chapar pki init`` made it)."""
+    if not layout.intermediate_cert.exists() or not layout.intermediate_key.exists():
+        raise PkiError(
+            f"no PKI in {layout.root}: {layout.intermediate_cert} and its key are missing "
+            "(chapar pki init makes one)"
+        )
+    return _Issuer(load_certs(layout.intermediate_cert)[0], load_key(layout.intermediate_key))
+
+
+def _leaf_end(issuer: _Issuer, validity_days: int) -> dt.datetime:
+    max_days = INTERMEDIATE_VALIDITY.days
+    if not 1 <= validity_days <= max_days:
+        raise PkiError(f"validity_days must be between 1 and {max_days}, got {validity_days}")
+    end = dt.datetime.now(dt.UTC) + dt.timedelta(days=validity_days)
+    return min(end, issuer.cert.not_valid_after_utc)
+
+
+def issue_party(
+    directory: Path,
+    identity: Identity,
+    *,
+    signing_algorithm: KeyAlgorithm = "ed25519",
+    validity_days: int = 365,
+) -> list[Path]:
+    """Issues a new party's certificates from an existing PKI's intermediate CA.
+
+    An agency gets TLS, signing and back-end client certificates, a hub TLS and signing,
+    an agency's further client (``urn:chapar:client:<CODE>:<NAME>``) ``client-<NAME>``
+    beside the agency's files, an auditor a client certificate. Refuses to replace any
+    file (``renew_certificate`` does that). Returns the certificate paths written.
+    """
+    if signing_algorithm not in _KEY_ALGORITHMS:
+        raise PkiError(f"unknown signing algorithm {signing_algorithm!r}")
+    layout = PkiLayout(Path(directory))
+    issuer = _open_issuer(layout)
+    end = _leaf_end(issuer, validity_days)
+    leaves: list[tuple[Path, str, CertificateKind, Identity, KeyAlgorithm]]
+    if identity.kind == "agency":
+        if identity.agency == "..":
+            raise PkiError("invalid agency code '..': not a usable directory name")
+        folder = layout.agency_dir(identity.agency)
+        backend = Identity.for_client(identity.agency, _BACKEND_CLIENT_NAME)
+        leaves = [
+            (folder, "tls", "tls", identity, "ecdsa-p256"),
+            (folder, "signing", "signing", identity, signing_algorithm),
+            (folder, "client", "client", backend, "ecdsa-p256"),
+        ]
+    elif identity.kind == "hub":
+        folder = layout.hub_dir(identity.name)
+        leaves = [
+            (folder, "tls", "tls", identity, "ecdsa-p256"),
+            (folder, "signing", "signing", identity, signing_algorithm),
+        ]
+    elif identity.kind == "client":
+        if identity.agency == "..":
+            raise PkiError("invalid agency code '..': not a usable directory name")
+        stem = "client" if identity.name == _BACKEND_CLIENT_NAME else f"client-{identity.name}"
+        leaves = [(layout.agency_dir(identity.agency), stem, "client", identity, "ecdsa-p256")]
+    else:
+        leaves = [(layout.auditor_dir(identity.name), "client", "client", identity, "ecdsa-p256")]
+    taken = [
+        path
+        for folder, stem, *_ in leaves
+        for path in (folder / f"{stem}.crt", folder / f"{stem}.key")
+        if path.exists()
+    ]
+    if taken:
+        raise PkiError(
+            f"{identity.uri} already has {taken[0]}; renew a certificate with "
+            "`chapar pki renew`, or choose another name"
+        )
+    for folder, stem, kind, subject, algorithm in leaves:
+        _issue_leaf(issuer, folder, stem, kind, subject, algorithm, end)
+    return [folder / f"{stem}.crt" for folder, stem, *_ in leaves]
+
+
+def certificate_kind(cert: x509.Certificate) -> CertificateKind:
+    """Which of our profiles a certificate follows, read from its extensions."""
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "root" if cert.issuer == cert.subject else "intermediate"
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if usage.content_commitment:
+            return "signing"
+        extended = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise PkiError(f"not a certificate of a Chapar PKI profile ({exc})") from exc
+    return "tls" if ExtendedKeyUsageOID.SERVER_AUTH in extended else "client"
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What ``renew_certificate`` did: the new certificate at the old path, the old pair
+    kept beside it under its serial."""
+
+    kind: CertificateKind
+    identity: Identity
+    cert: Path
+    old_cert: Path
+    old_key: Path
+    old_serial: int
+
+
+def renew_certificate(directory: Path, cert_path: Path, *, validity_days: int = 365) -> Renewal:
+    """Re-issues a leaf of an existing PKI with a new key: same identity, profile and (for
+    signing) algorithm. The new pair takes the old paths, so configurations need no change;
+    the old pair stays as ``<stem>.<serial>.crt`` / ``.key`` (hard links made first, so the
+    files are never missing). A renewed signing certificate must be listed beside the old
+    one at the hub (letters and evidence the old key signed keep verifying)."""
+    layout = PkiLayout(Path(directory))
+    issuer = _open_issuer(layout)
+    cert_path = Path(cert_path)
+    key_path = cert_path.with_suffix(".key")
+    if cert_path.suffix != ".crt" or not key_path.exists():
+        raise PkiError(f"{cert_path}: expected a .crt file with its .key beside it")
+    old = load_certs(cert_path)[0]
+    kind = certificate_kind(old)
+    if kind in ("root", "intermediate"):
+        raise PkiError(f"{cert_path} is a CA certificate; a new CA is `chapar pki init --force`")
+    try:  # names alike are not enough: two development PKIs name their CAs the same
+        old.verify_directly_issued_by(issuer.cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise PkiError(f"{cert_path} was not issued by {layout.intermediate_cert}") from exc
+    identity = identity_of_certificate(old)
+    if identity is None:
+        raise PkiError(f"{cert_path} carries no urn:chapar: identity")
+    algorithm: KeyAlgorithm = (
+        "ed25519" if isinstance(old.public_key(), ed25519.Ed25519PublicKey) else "ecdsa-p256"
+    )
+    end = _leaf_end(issuer, validity_days)
+    stem = cert_path.name.removesuffix(".crt")
+    kept_cert = cert_path.with_name(f"{stem}.{old.serial_number:x}.crt")
+    kept_key = cert_path.with_name(f"{stem}.{old.serial_number:x}.key")
+    for source, kept in ((cert_path, kept_cert), (key_path, kept_key)):
+        if not kept.exists():
+            os.link(source, kept)
+    _issue_leaf(issuer, cert_path.parent, stem, kind, identity, algorithm, end)
+    return Renewal(kind, identity, cert_path, kept_cert, kept_key, old.serial_number)
+
+
+def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = "") -> bool:
+    """Lists the certificate's serial in the hub's revocation file (one hexadecimal serial a
+    line, ``#`` comments). The file is replaced whole, never missing or half written.
+    Returns False if the serial was listed already."""
+    cert = load_certs(Path(cert_path))[0]
+    serial = f"{cert.serial_number:x}"
+    path = Path(revocation_file)
+    text = path.read_text() if path.exists() else ""
+    listed = {
+        line.split("#", 1)[0].strip().lower().removeprefix("0x").lstrip("0")
+        for line in text.splitlines()
+    }
+    if serial.lstrip("0") in listed:
+        return False
+    identity = identity_of_certificate(cert)
+    words = [str(identity) if identity else cert.subject.rfc4514_string()]
+    words.append(f"revoked {dt.datetime.now(dt.UTC):%Y-%m-%d}")
+    if note:
+        words.append(" ".join(note.split()))
+    if text and not text.endswith("\n"):
+        text += "\n"
+    _write_new_file(path, f"{text}{serial}  # {', '.join(words)}\n".encode(), _CERT_MODE)
+    return True

@@ -21,18 +21,23 @@ from certs.pki import (
     KeyAlgorithm,
     PkiError,
     PkiLayout,
+    certificate_kind,
     generate_key,
     init_pki,
     issue_certificate,
+    issue_party,
     load_certs,
     load_key,
+    renew_certificate,
+    revoke_certificate,
     write_certs,
     write_key,
 )
 from client_sdk import pb
-from client_sdk.identity import Identity
+from client_sdk.identity import Identity, identity_of_certificate
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer, verify_signature
 from client_sdk.trust import TrustStore, VerificationError
+from node.config import read_revocations
 
 HUB = "national-hub"
 AGENCIES = ("000.00.00.G22", "10101010101")
@@ -643,3 +648,86 @@ def test_cli_requires_an_agency(tmp_path: Path, capsys: pytest.CaptureFixture[st
         cli.main(["pki", "init", "--dir", str(tmp_path), "--hub", HUB])
     assert info.value.code == 2
     assert "--agency" in capsys.readouterr().err
+
+
+# -- an existing PKI: issue, renew, revoke ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("identity", "expected"),
+    [
+        (Identity.for_agency("NEW.ONE"), ["tls", "signing", "client"]),
+        (Identity.for_client(AGENCIES[0], "archive"), ["client-archive"]),
+        (Identity.for_auditor("inspector"), ["client"]),
+        (Identity.for_hub("second-hub"), ["tls", "signing"]),
+    ],
+    ids=["agency", "client", "auditor", "hub"],
+)
+def test_a_party_issued_later_verifies_like_one_issued_at_init(
+    tmp_path: Path, identity: Identity, expected: list[str]
+) -> None:
+    layout = _init(tmp_path / "pki")
+    before = {p: p.read_bytes() for p in layout.root.rglob("*") if p.is_file()}
+    written = issue_party(layout.root, identity)
+    assert [p.name.removesuffix(".crt") for p in written] == expected
+    trust = _store(layout)
+    for path in written:
+        cert = _leaf(path)
+        seen = trust.verify_certificate(cert, certificate_kind(cert))  # type: ignore[arg-type]
+        if identity.kind == "agency":  # and its back-end's client certificate
+            assert (seen.kind, seen.agency) in {("agency", "NEW.ONE"), ("client", "NEW.ONE")}
+        else:
+            assert seen == identity
+        assert stat.S_IMODE(path.with_suffix(".key").stat().st_mode) == 0o600
+    assert all(p.read_bytes() == data for p, data in before.items())  # nothing else touched
+    with pytest.raises(PkiError, match="already has"):
+        issue_party(layout.root, identity)
+
+
+def test_issuing_needs_an_existing_pki(tmp_path: Path) -> None:
+    with pytest.raises(PkiError, match="no PKI"):
+        issue_party(tmp_path, Identity.for_agency("AB"))
+
+
+@pytest.mark.parametrize("stem", ["tls", "signing", "client"])
+def test_a_renewed_certificate_has_a_new_key_and_the_old_pair_is_kept(
+    tmp_path: Path, stem: str
+) -> None:
+    layout = _init(tmp_path / "pki")
+    path = layout.agency_dir(AGENCIES[0]) / f"{stem}.crt"
+    old, old_key = _leaf(path), path.with_suffix(".key").read_bytes()
+    done = renew_certificate(layout.root, path)
+    new = _leaf(path)
+    assert new.public_key() != old.public_key()
+    assert certificate_kind(new) == certificate_kind(old) == stem
+    assert identity_of_certificate(new) == identity_of_certificate(old)
+    assert type(new.public_key()) is type(old.public_key())  # the signing algorithm kept
+    assert _leaf(done.old_cert) == old
+    assert done.old_key.read_bytes() == old_key
+    assert done.old_serial == old.serial_number
+    assert len(load_certs(path)) == len(load_certs(done.old_cert))  # chain files stay chains
+    _store(layout).verify_certificate(new, stem)  # type: ignore[arg-type]
+
+
+def test_renewal_refuses_a_ca_or_another_pkis_certificate(tmp_path: Path) -> None:
+    layout = _init(tmp_path / "pki")
+    other = _init(tmp_path / "other")
+    with pytest.raises(PkiError, match="CA certificate"):
+        renew_certificate(layout.root, layout.intermediate_cert)
+    with pytest.raises(PkiError, match="not issued by"):
+        renew_certificate(layout.root, other.agency_dir(AGENCIES[0]) / "tls.crt")
+
+
+def test_revoking_appends_once_and_keeps_what_the_file_had(tmp_path: Path) -> None:
+    layout = _init(tmp_path / "pki")
+    file = tmp_path / "revoked.txt"
+    file.write_text("# revoked by hand\n0ABC")  # no newline at the end
+    cert = layout.agency_dir(AGENCIES[0]) / "client.crt"
+    assert revoke_certificate(file, cert, note="laptop\nlost")
+    assert not revoke_certificate(file, cert)
+    lines = file.read_text().splitlines()
+    serial = _leaf(cert).serial_number
+    assert lines[:2] == ["# revoked by hand", "0ABC"]
+    assert lines[2].startswith(f"{serial:x}  # urn:chapar:client:{AGENCIES[0]}:backend")
+    assert lines[2].endswith("laptop lost")
+    assert read_revocations(file) == ["0abc", f"{serial:x}"]  # as the hub reads it
