@@ -58,12 +58,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="CODE",
         help="agency code (A-Z 0-9 . -); repeat for each agency",
     )
-    init.add_argument(
-        "--signing-algorithm",
-        choices=get_args(KeyAlgorithm),
-        default="ed25519",
-        help="signing key algorithm (default: %(default)s); TLS keys are always ECDSA P-256",
-    )
+    _signing_algorithm(init)
     init.add_argument(
         "--auditor",
         dest="auditors",
@@ -72,13 +67,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="NAME",
         help="auditor name; repeat for each auditor",
     )
-    init.add_argument(
-        "--validity-days",
-        type=int,
-        default=365,
-        metavar="DAYS",
-        help="lifetime of leaf certificates (default: %(default)s)",
-    )
+    _validity(init)
     init.add_argument("--force", action="store_true", help="replace an existing PKI in DIR")
     init.set_defaults(func=_cmd_init)
 
@@ -100,12 +89,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     party.add_argument("--client", metavar="CODE:NAME", help="another back-end client")
     party.add_argument("--auditor", metavar="NAME", help="an auditor")
     party.add_argument("--hub", metavar="NAME", help="a hub")
-    issue.add_argument(
-        "--signing-algorithm",
-        choices=get_args(KeyAlgorithm),
-        default="ed25519",
-        help="signing key algorithm (default: %(default)s)",
-    )
+    _signing_algorithm(issue)
     _validity(issue)
     issue.set_defaults(func=_cmd_issue)
 
@@ -145,13 +129,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     revoke.set_defaults(func=_cmd_revoke)
 
 
+def _signing_algorithm(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--signing-algorithm",
+        choices=get_args(KeyAlgorithm),
+        default="ed25519",
+        help="signing key algorithm (default: %(default)s); TLS keys are always ECDSA P-256",
+    )
+
+
 def _validity(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--validity-days",
         type=int,
         default=365,
         metavar="DAYS",
-        help="lifetime of the certificates (default: %(default)s)",
+        help="lifetime of leaf certificates (default: %(default)s)",
     )
 
 
