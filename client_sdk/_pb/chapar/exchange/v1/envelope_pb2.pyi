@@ -148,11 +148,25 @@ Global___SignatureAlgorithm: _TypeAlias = SignatureAlgorithm  # noqa: Y015
 class Envelope(_message.Message):
     """An Envelope is one signed letter as it travels between nodes.
 
+    The sending agency's node builds and signs it; an agency's back-end never does (it
+    submits a LetterDraft to its node, node_service.proto), but it may verify every envelope.
+
     The header travels as the exact bytes that were signed: protobuf serialisation is not
     canonical across languages, so a receiver verifies the signature over these bytes first
     and only then parses them as an EnvelopeHeader. The signature covers
-    PAE("chapar.envelope.v1", header), the DSSE pre-authentication encoding. The body is bound
-    to the header through EnvelopeHeader.body_sha256 and attachments through their digests.
+    PAE("chapar.envelope.v1", header), the DSSE pre-authentication encoding:
+    "DSSEv1" SP len(type) SP type SP len(payload) SP payload, where SP is one space and each
+    len is the byte count in ASCII decimal. The body is bound to the header through
+    EnvelopeHeader.body_sha256 and body_size, attachments through their digests.
+
+    A verifier finds the signer's certificate by Signature.key_id among the agencies'
+    signing certificates (ListAgencies, GetDirectory, GetEnvelopeResponse.certificates) and
+    accepts it when it chains to the root CA; is valid when the letter reaches the hub and
+    the recipient node (they check it then), and at the header's create_time for a later,
+    offline check (so a letter stays verifiable after its signer's certificate expires);
+    has key usage digitalSignature and contentCommitment and is not a CA; no certificate of
+    its chain is revoked (the directory's revoked_serials); and its SAN URI is
+    urn:chapar:agency:<header.sender.agency>.
 
     A node that submits many letters at once may sign them as one Merkle batch, as evidence
     is signed (evidence.proto): the headers are the leaves (RFC 9162 section 2.1: leaf hash
@@ -245,7 +259,11 @@ class EnvelopeHeader(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the sending node accepted the letter."""
+        """When the sending node accepted the letter; required. The hub refuses a letter whose
+        create_time is more than its clock_skew_s (default 5 minutes) ahead of its clock or
+        more than its max_letter_age_s (default 7 days) behind: RELAY_REJECTION,
+        CREATE_TIME_OUT_OF_WINDOW.
+        """
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
@@ -463,7 +481,11 @@ Global___Signature: _TypeAlias = Signature  # noqa: Y015
 
 @_typing.final
 class BatchInclusionProof(_message.Message):
-    """BatchInclusionProof is an RFC 9162 inclusion proof of one evidence in a signed batch."""
+    """BatchInclusionProof is an RFC 9162 inclusion proof of one envelope header or one
+    evidence content in a signed batch (RFC 9162 section 2.1.3: the tree of n leaves splits
+    at the largest power of two smaller than n). The batch signature covers
+    PAE(batch type, uint64_be(tree_size) || root), the root being what the path leads to.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -471,9 +493,11 @@ class BatchInclusionProof(_message.Message):
     LEAF_INDEX_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     tree_size: _builtins.int
-    """Number of leaves of the signed tree."""
+    """Number of leaves of the signed tree: at most 2^32 for a verifier. Chapar's signers sign
+    a lone item alone (no proof) and make trees of at most 256 leaves.
+    """
     leaf_index: _builtins.int
-    """Index of this evidence's leaf, from 0."""
+    """Index of this item's leaf, from 0."""
     @_builtins.property
     def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """The audit path, leaf to root: 32-byte SHA-256 node hashes."""

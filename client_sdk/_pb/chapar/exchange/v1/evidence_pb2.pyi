@@ -84,6 +84,16 @@ class Evidence(_message.Message):
     SHA-256(0x01 || left || right)), the signature covers
     PAE("chapar.evidence-batch.v1", uint64_be(tree_size) || root), and batch_proof carries
     the inclusion path from this content to that root. Each evidence still verifies alone.
+
+    A verifier checks, besides the signature: that the signer's certificate (found by
+    Signature.key_id; checked as envelope.proto says, at the content's event_time) has the
+    identity URI that `issuer` states; that `shams` and `envelope_sha256` name the letter
+    it is about; and that the issuer may attest the event (ETSI EN 319 522): the sender's
+    agency SUBMISSION_ACCEPTANCE and SUBMISSION_REJECTION; a hub (urn:chapar:hub:<NAME>)
+    RELAY_ACCEPTANCE, RELAY_REJECTION, RELAY_FAILURE and EXPIRY; the agency that
+    `recipient` names DELIVERY, DELIVERY_FAILURE and HANDOVER. A non-empty `recipient`
+    must be one of the letter's recipients. An agency's signature on a HANDOVER it claims
+    for another agency proves nothing.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -211,7 +211,10 @@ class ConnectResponse(_message.Message):
 
     @_builtins.property
     def relay_results(self) -> Global___EvidenceBatch:
-        """RELAY_ACCEPTANCE or RELAY_REJECTION for each letter of one envelopes frame, in order."""
+        """The answer to one envelopes frame: a RELAY_ACCEPTANCE per recipient of each letter
+        accepted (a letter sent again gets the ones of its first acceptance), or one
+        RELAY_REJECTION (recipient empty) for a letter refused, in the frame's letter order.
+        """
 
     @_builtins.property
     def deliveries(self) -> Global___EnvelopeBatch:

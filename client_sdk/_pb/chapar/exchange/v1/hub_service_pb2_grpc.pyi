@@ -42,6 +42,16 @@ class HubServiceStub:
     issued as a recipient, acknowledgements of routed evidence. Down: relay results for the
     node's letters, letters for the node, evidence about the node's letters. Every frame
     carries a batch; every item is durable on the receiving side before it is answered.
+
+    A letter whose signer, header sender or SHAMS origin is not the node's TLS identity
+    ends the stream with PERMISSION_DENIED, SENDER_MISMATCH (nothing of that frame is
+    stored); any other fault of a letter (signature, proof, body digest, unknown or
+    inactive recipient, create_time window, malformed SHAMS, a number already used for
+    another letter) gets a signed RELAY_REJECTION with the reason. Frames are handled
+    concurrently, so their answers may come in another order than the frames went: match
+    them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
+    default) and sends frames of up to 8 MiB of letters (more when one letter is larger):
+    allow 64 MiB messages, as Chapar's node does.
     """
     GetDirectory: _grpc.UnaryUnaryMultiCallable[_hub_service_pb2.GetDirectoryRequest, _hub_service_pb2.GetDirectoryResponse]
     """Returns the current directory."""
@@ -70,6 +80,16 @@ class HubServiceAsyncStub(HubServiceStub):
     issued as a recipient, acknowledgements of routed evidence. Down: relay results for the
     node's letters, letters for the node, evidence about the node's letters. Every frame
     carries a batch; every item is durable on the receiving side before it is answered.
+
+    A letter whose signer, header sender or SHAMS origin is not the node's TLS identity
+    ends the stream with PERMISSION_DENIED, SENDER_MISMATCH (nothing of that frame is
+    stored); any other fault of a letter (signature, proof, body digest, unknown or
+    inactive recipient, create_time window, malformed SHAMS, a number already used for
+    another letter) gets a signed RELAY_REJECTION with the reason. Frames are handled
+    concurrently, so their answers may come in another order than the frames went: match
+    them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
+    default) and sends frames of up to 8 MiB of letters (more when one letter is larger):
+    allow 64 MiB messages, as Chapar's node does.
     """
     GetDirectory: _aio.UnaryUnaryMultiCallable[_hub_service_pb2.GetDirectoryRequest, _hub_service_pb2.GetDirectoryResponse]  # type: ignore[assignment]
     """Returns the current directory."""
@@ -101,6 +121,16 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         issued as a recipient, acknowledgements of routed evidence. Down: relay results for the
         node's letters, letters for the node, evidence about the node's letters. Every frame
         carries a batch; every item is durable on the receiving side before it is answered.
+
+        A letter whose signer, header sender or SHAMS origin is not the node's TLS identity
+        ends the stream with PERMISSION_DENIED, SENDER_MISMATCH (nothing of that frame is
+        stored); any other fault of a letter (signature, proof, body digest, unknown or
+        inactive recipient, create_time window, malformed SHAMS, a number already used for
+        another letter) gets a signed RELAY_REJECTION with the reason. Frames are handled
+        concurrently, so their answers may come in another order than the frames went: match
+        them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
+        default) and sends frames of up to 8 MiB of letters (more when one letter is larger):
+        allow 64 MiB messages, as Chapar's node does.
         """
 
     @_abc_1.abstractmethod

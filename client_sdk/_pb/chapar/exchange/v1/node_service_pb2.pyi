@@ -112,7 +112,7 @@ class LetterDraft(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     SENDER_MAILBOX_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
-    """Subject line."""
+    """Subject line; the node normalises it to NFC before it signs the header."""
     kind: _envelope_pb2.LetterKind.ValueType
     """What the letter is; unspecified means a plain letter."""
     priority: _envelope_pb2.Priority.ValueType
@@ -907,7 +907,14 @@ Global___ListAgenciesRequest: _TypeAlias = ListAgenciesRequest  # noqa: Y015
 
 @_typing.final
 class ListAgenciesResponse(_message.Message):
-    """ListAgenciesResponse answers ListAgencies."""
+    """ListAgenciesResponse answers ListAgencies.
+
+    It carries the agencies' signing certificates but neither the intermediate CA
+    certificates that chain them to the root nor the hub's signing certificates. A back-end
+    verifying letters takes the intermediate from its own client certificate chain (it is
+    the same when one intermediate issues every certificate, as in the development PKI), or
+    the certificates of GetEnvelopeResponse, which include both, for a letter at a time.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -922,7 +929,8 @@ class ListAgenciesResponse(_message.Message):
 
     @_builtins.property
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Serials (hexadecimal) of the certificates that directory lists as revoked. Offline
+        """Serials (hexadecimal; compare them as numbers) of the certificates that directory
+        lists as revoked. Offline
         verification (an auditor's, the SDK's Tracking.verify) must apply them to its trust
         store, or it accepts what a revoked key signed.
         """

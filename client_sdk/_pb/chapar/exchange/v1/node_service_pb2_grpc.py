@@ -29,7 +29,17 @@ class NodeServiceStub:
     """NodeService is what an agency's back-end systems use to talk to their own node.
 
     Errors are gRPC statuses with a canonical code and one google.rpc.ErrorInfo
-    (domain "chapar.exchange", UPPER_SNAKE reason).
+    (domain "chapar.exchange", UPPER_SNAKE reason, dynamic values in its metadata), plus a
+    google.rpc.BadRequest naming the faulty fields or a google.rpc.RetryInfo where they
+    apply. They travel as a serialised google.rpc.Status in the trailing metadata entry
+    "grpc-status-details-bin" (gRPC's richer error model), each detail a
+    google.protobuf.Any; decode them with googleapis' google/rpc/status.proto and
+    google/rpc/error_details.proto, which are not in this directory.
+
+    Messages from the node can be large: a letter's body is up to limits.max_body_bytes
+    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters.
+    gRPC clients commonly refuse messages over 4 MiB by default: allow 64 MiB, as the
+    Python SDK does.
     """
 
     def __init__(self, channel):
@@ -89,7 +99,17 @@ class NodeServiceServicer:
     """NodeService is what an agency's back-end systems use to talk to their own node.
 
     Errors are gRPC statuses with a canonical code and one google.rpc.ErrorInfo
-    (domain "chapar.exchange", UPPER_SNAKE reason).
+    (domain "chapar.exchange", UPPER_SNAKE reason, dynamic values in its metadata), plus a
+    google.rpc.BadRequest naming the faulty fields or a google.rpc.RetryInfo where they
+    apply. They travel as a serialised google.rpc.Status in the trailing metadata entry
+    "grpc-status-details-bin" (gRPC's richer error model), each detail a
+    google.protobuf.Any; decode them with googleapis' google/rpc/status.proto and
+    google/rpc/error_details.proto, which are not in this directory.
+
+    Messages from the node can be large: a letter's body is up to limits.max_body_bytes
+    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters.
+    gRPC clients commonly refuse messages over 4 MiB by default: allow 64 MiB, as the
+    Python SDK does.
     """
 
     def SubmitEnvelope(self, request, context):
@@ -227,7 +247,17 @@ class NodeService:
     """NodeService is what an agency's back-end systems use to talk to their own node.
 
     Errors are gRPC statuses with a canonical code and one google.rpc.ErrorInfo
-    (domain "chapar.exchange", UPPER_SNAKE reason).
+    (domain "chapar.exchange", UPPER_SNAKE reason, dynamic values in its metadata), plus a
+    google.rpc.BadRequest naming the faulty fields or a google.rpc.RetryInfo where they
+    apply. They travel as a serialised google.rpc.Status in the trailing metadata entry
+    "grpc-status-details-bin" (gRPC's richer error model), each detail a
+    google.protobuf.Any; decode them with googleapis' google/rpc/status.proto and
+    google/rpc/error_details.proto, which are not in this directory.
+
+    Messages from the node can be large: a letter's body is up to limits.max_body_bytes
+    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters.
+    gRPC clients commonly refuse messages over 4 MiB by default: allow 64 MiB, as the
+    Python SDK does.
     """
 
     @staticmethod

@@ -30,7 +30,17 @@ class NodeServiceStub:
     """NodeService is what an agency's back-end systems use to talk to their own node.
 
     Errors are gRPC statuses with a canonical code and one google.rpc.ErrorInfo
-    (domain "chapar.exchange", UPPER_SNAKE reason).
+    (domain "chapar.exchange", UPPER_SNAKE reason, dynamic values in its metadata), plus a
+    google.rpc.BadRequest naming the faulty fields or a google.rpc.RetryInfo where they
+    apply. They travel as a serialised google.rpc.Status in the trailing metadata entry
+    "grpc-status-details-bin" (gRPC's richer error model), each detail a
+    google.protobuf.Any; decode them with googleapis' google/rpc/status.proto and
+    google/rpc/error_details.proto, which are not in this directory.
+
+    Messages from the node can be large: a letter's body is up to limits.max_body_bytes
+    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters.
+    gRPC clients commonly refuse messages over 4 MiB by default: allow 64 MiB, as the
+    Python SDK does.
     """
 
     @_typing.overload
@@ -80,7 +90,17 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """NodeService is what an agency's back-end systems use to talk to their own node.
 
     Errors are gRPC statuses with a canonical code and one google.rpc.ErrorInfo
-    (domain "chapar.exchange", UPPER_SNAKE reason).
+    (domain "chapar.exchange", UPPER_SNAKE reason, dynamic values in its metadata), plus a
+    google.rpc.BadRequest naming the faulty fields or a google.rpc.RetryInfo where they
+    apply. They travel as a serialised google.rpc.Status in the trailing metadata entry
+    "grpc-status-details-bin" (gRPC's richer error model), each detail a
+    google.protobuf.Any; decode them with googleapis' google/rpc/status.proto and
+    google/rpc/error_details.proto, which are not in this directory.
+
+    Messages from the node can be large: a letter's body is up to limits.max_body_bytes
+    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters.
+    gRPC clients commonly refuse messages over 4 MiB by default: allow 64 MiB, as the
+    Python SDK does.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -126,7 +146,17 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """NodeService is what an agency's back-end systems use to talk to their own node.
 
     Errors are gRPC statuses with a canonical code and one google.rpc.ErrorInfo
-    (domain "chapar.exchange", UPPER_SNAKE reason).
+    (domain "chapar.exchange", UPPER_SNAKE reason, dynamic values in its metadata), plus a
+    google.rpc.BadRequest naming the faulty fields or a google.rpc.RetryInfo where they
+    apply. They travel as a serialised google.rpc.Status in the trailing metadata entry
+    "grpc-status-details-bin" (gRPC's richer error model), each detail a
+    google.protobuf.Any; decode them with googleapis' google/rpc/status.proto and
+    google/rpc/error_details.proto, which are not in this directory.
+
+    Messages from the node can be large: a letter's body is up to limits.max_body_bytes
+    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters.
+    gRPC clients commonly refuse messages over 4 MiB by default: allow 64 MiB, as the
+    Python SDK does.
     """
 
     @_abc_1.abstractmethod
