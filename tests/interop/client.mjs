@@ -1,5 +1,5 @@
 // A Chapar client in plain JavaScript (Node 20, no build step), written from the contracts
-// in proto/ and docs/ARCHITECTURE.md ("For integrators"), not from the Python code.
+// in proto/ (see README.md, "From another language"), not from the Python code.
 //
 // It is the worked example for integrators in other languages, and the other half of
 // tests/integration/test_interop_node.py, which runs it against a real hub and real nodes
