@@ -1108,6 +1108,30 @@ class ExchangeClient:
             )
         return list(response.agencies)
 
+    async def trust_from_directory(
+        self, trust: TrustStore, *, timeout: float | None = None
+    ) -> TrustStore:
+        """Adds to ``trust`` (which holds the root CA: ``credentials.trust_store()``) what
+        the node's directory holds: the intermediate CAs, every agency's and hub's signing
+        certificates, and the revoked serials. Returns it, ready to verify inbox letters,
+        receipts and evidence from any agency, whichever intermediate CA issued its key."""
+        with _translated():
+            response: pb.ListAgenciesResponse = await self._stub.ListAgencies(
+                pb.ListAgenciesRequest(), timeout=self._deadline(timeout)
+            )
+        try:
+            revoked = {int(serial, 16) for serial in response.revoked_serials}
+            trust.add_certificates(response.intermediate_certificates)
+            trust.add_certificates(response.hub_signing_certificates)
+            for agency in response.agencies:
+                trust.add_certificates(agency.signing_certificates)
+        except ValueError as exc:  # a serial that is not hex, or DER that is no certificate
+            raise InternalError(
+                f"a directory that does not parse: {exc}", reason="MALFORMED_RESPONSE"
+            ) from exc
+        trust.set_revoked(trust.revoked_serials | revoked)
+        return trust
+
     async def revocations(self, *, timeout: float | None = None) -> list[int]:
         """Serials of the certificates the exchange has revoked, as the node last fetched
         the directory: apply them before verifying offline, or what a revoked key signed

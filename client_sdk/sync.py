@@ -50,6 +50,7 @@ from client_sdk.client import (
 )
 from client_sdk.credentials import Credentials
 from client_sdk.errors import ChaparError
+from client_sdk.trust import TrustStore
 
 __all__ = ["SyncAttachment", "SyncExchangeClient", "SyncLetter"]
 
@@ -346,6 +347,13 @@ class SyncExchangeClient:
     def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
         """The agencies of the exchange; see ``ExchangeClient.agencies``."""
         return self._portal.run(self._client.agencies(timeout=timeout))
+
+    def trust_from_directory(
+        self, trust: TrustStore, *, timeout: float | None = None
+    ) -> TrustStore:
+        """The directory's certificates and revocations added to ``trust``; see
+        ``ExchangeClient.trust_from_directory``."""
+        return self._portal.run(self._client.trust_from_directory(trust, timeout=timeout))
 
     def revocations(self, *, timeout: float | None = None) -> list[int]:
         """Serials of revoked certificates; see ``ExchangeClient.revocations``."""

@@ -439,9 +439,7 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
             async with ExchangeClient(node.address, creds, options=_FAST_RECONNECT) as b:
                 current = b
                 connection += 1
-                trust = creds.trust_store()
-                for agency in await b.agencies():
-                    trust.add_certificates(agency.signing_certificates)
+                trust = await b.trust_from_directory(creds.trust_store())
                 async for letter in b.inbox():
                     now = time.perf_counter()
                     to = routes.get(letter.shams.partition("/")[0])

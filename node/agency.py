@@ -1026,4 +1026,6 @@ class Agency(pb.NodeServiceServicer):
             agencies=directory.message.agencies,
             directory_version=directory.version,
             revoked_serials=directory.message.revoked_serials,
+            intermediate_certificates=directory.message.intermediate_certificates,
+            hub_signing_certificates=directory.message.hub_signing_certificates,
         )

@@ -610,6 +610,12 @@ async def test_offline_verification_learns_revocations_from_the_node(cluster: Cl
         tracking = await b.track(receipt.shams)
         assert tracking.verify(cluster.credentials(B).trust_store())
         assert await b.revocations() == []
+        # From the root CA alone, the directory gives what every evidence needs: the
+        # intermediate CA, the agencies' and the hub's signing certificates.
+        root_only = TrustStore.from_pem_files(cluster.pki.root_cert)
+        trust = await b.trust_from_directory(root_only)
+        issuers = {trust.verify_evidence(e).issuer for e in tracking.evidence}
+        assert {f"urn:chapar:agency:{B}", f"urn:chapar:hub:{HUB_NAME}"} <= issuers
         async with _revoked(cluster, signing):
             revoked = await b.revocations()
             assert revoked == [load_certs(signing)[0].serial_number]
@@ -617,6 +623,10 @@ async def test_offline_verification_learns_revocations_from_the_node(cluster: Cl
             trust.set_revoked(revoked)
             with pytest.raises(VerificationError) as refused:
                 tracking.verify(trust)
+            assert refused.value.reason == "CERTIFICATE_REVOKED"
+            learned = await b.trust_from_directory(TrustStore.from_pem_files(cluster.pki.root_cert))
+            with pytest.raises(VerificationError) as refused:
+                learned.verify_evidence(tracking.evidence[0])  # B's SUBMISSION_ACCEPTANCE
             assert refused.value.reason == "CERTIFICATE_REVOKED"
 
 

@@ -46,7 +46,7 @@ from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
     add_DocumentServiceServicer_to_server,
 )
 from client_sdk.identity import is_agency_code
-from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, sha256
+from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, key_id, sha256
 from client_sdk.trust import TrustStore, VerificationError
 from node import cli_client
 
@@ -131,6 +131,10 @@ class FakeNode(pb.NodeServiceServicer):
         self.inbox_ends = False  # the inbox stream ends (OK) after its batches: a node stopping
         self.inbox_opened = asyncio.Event()  # set by each inbox stream
         self.get_response = pb.GetEnvelopeResponse()
+        self.directory = pb.ListAgenciesResponse(
+            agencies=[pb.Agency(code=OTHER, display_name="Ministry", state=pb.AGENCY_STATE_ACTIVE)],
+            directory_version=3,
+        )
         self.abort: Abort | None = None
         self.break_stream_at: int | None = None  # a submission stream fails on this frame
         self.end_stream_at: int | None = None  # ... or ends (OK, unanswered), as a node stopping
@@ -276,10 +280,7 @@ class FakeNode(pb.NodeServiceServicer):
     async def ListAgencies(
         self, request: pb.ListAgenciesRequest, context: Any
     ) -> pb.ListAgenciesResponse:
-        return pb.ListAgenciesResponse(
-            agencies=[pb.Agency(code=OTHER, display_name="Ministry", state=pb.AGENCY_STATE_ACTIVE)],
-            directory_version=3,
-        )
+        return self.directory
 
 
 @pytest.fixture
@@ -1614,6 +1615,41 @@ def test_what_is_not_an_evidence_bundle_is_refused_as_such(data: bytes) -> None:
     with pytest.raises(VerificationError) as caught:
         Tracking.from_bundle(data)
     assert caught.value.reason == "BUNDLE_MALFORMED"
+
+
+async def test_the_directory_gives_a_trust_store_every_intermediate_ca_and_revocation(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    # An exchange may have several intermediate CAs (DESIGN section 3); a back-end's own
+    # chain holds only its own, so a key issued under another did not verify anywhere.
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _issue("Root", root_key.public_key(), None, root_key, ca=True)
+    own_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    own = _issue("Inter 1", own_key.public_key(), (root, root_key), root_key, ca=True)
+    other = _issue("Inter 2", other_key.public_key(), (root, root_key), root_key, ca=True)
+    signing = _issue(
+        "sign",
+        ed25519.Ed25519PrivateKey.generate().public_key(),
+        (other, other_key),
+        other_key,
+        signing=True,
+        uri=f"urn:chapar:agency:{OTHER}",
+    )
+    der = serialization.Encoding.DER
+    with pytest.raises(VerificationError) as untrusted:
+        TrustStore([root], [own]).verify_certificate(signing, "signing")
+    assert untrusted.value.reason == "CERTIFICATE_UNTRUSTED"
+    fake_node[0].directory.agencies[0].signing_certificates.append(signing.public_bytes(der))
+    fake_node[0].directory.intermediate_certificates.append(other.public_bytes(der))
+    fake_node[0].directory.revoked_serials.append("1f")
+    trust = await client.trust_from_directory(TrustStore([root], [own], revoked_serials={7}))
+    assert trust.verify_certificate(signing, "signing").agency == OTHER
+    assert trust.certificate(key_id(signing)) == signing
+    assert trust.revoked_serials == {7, 0x1F}
+    fake_node[0].directory.revoked_serials.append("not hex")
+    with pytest.raises(errors.InternalError) as malformed:
+        await client.trust_from_directory(TrustStore([root]))
+    assert malformed.value.reason == "MALFORMED_RESPONSE"
 
 
 async def test_agencies_lists_the_directory(client: ExchangeClient) -> None:

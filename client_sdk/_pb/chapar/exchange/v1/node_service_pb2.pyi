@@ -921,6 +921,8 @@ class ListAgenciesResponse(_message.Message):
     AGENCIES_FIELD_NUMBER: _builtins.int
     DIRECTORY_VERSION_FIELD_NUMBER: _builtins.int
     REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
+    INTERMEDIATE_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    HUB_SIGNING_CERTIFICATES_FIELD_NUMBER: _builtins.int
     directory_version: _builtins.int
     """Version of the directory they come from."""
     @_builtins.property
@@ -930,10 +932,19 @@ class ListAgenciesResponse(_message.Message):
     @_builtins.property
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Serials (hexadecimal; compare them as numbers) of the certificates that directory
-        lists as revoked. Offline
-        verification (an auditor's, the SDK's Tracking.verify) must apply them to its trust
-        store, or it accepts what a revoked key signed.
+        lists as revoked. Offline verification (an auditor's, the SDK's Tracking.verify) must
+        apply them to its trust store, or it accepts what a revoked key signed.
         """
+
+    @_builtins.property
+    def intermediate_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """DER certificates of the exchange's intermediate CAs: with the root CA, what chains
+        every agency's and hub's signing certificate, whichever intermediate issued it.
+        """
+
+    @_builtins.property
+    def hub_signing_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """DER signing certificates of the hub(s), which sign relay and expiry evidence."""
 
     def __init__(
         self,
@@ -941,10 +952,12 @@ class ListAgenciesResponse(_message.Message):
         agencies: _abc.Iterable[_directory_pb2.Agency] | None = ...,
         directory_version: _builtins.int = ...,
         revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
+        intermediate_certificates: _abc.Iterable[_builtins.bytes] | None = ...,
+        hub_signing_certificates: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agencies", b"agencies", "directory_version", b"directory_version", "revoked_serials", b"revoked_serials"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agencies", b"agencies", "directory_version", b"directory_version", "hub_signing_certificates", b"hub_signing_certificates", "intermediate_certificates", b"intermediate_certificates", "revoked_serials", b"revoked_serials"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
