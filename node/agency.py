@@ -223,6 +223,9 @@ class Agency(pb.NodeServiceServicer):
         # one before reading, so no change between read and wait is missed.
         self._inbox_signal = asyncio.Event()
         self._waiting: list[_Submission] = []  # validated letters waiting to be stored
+        # Request key -> the submissions holding a letter under it that passed its checks
+        # and is not yet stored (their futures): a retry refused meanwhile waits for them.
+        self._unsettled: dict[str, list[asyncio.Future[list[pb.Receipt | ChaparError]]]] = {}
         self._storer: asyncio.Task[None] | None = None
         self.closing = asyncio.Event()
         # The back-ends' open streams (inbox, submission, acknowledgement), each with the
@@ -424,56 +427,75 @@ class Agency(pb.NodeServiceServicer):
         now = dt.datetime.now(dt.UTC)
         results: list[pb.Receipt | ChaparError] = []
         valid: list[tuple[int, pb.LetterDraft, pb.Shams | None]] = []
-        for i, request in enumerate(requests):
-            try:
-                if len(request.request_id) > 128:
-                    raise ChaparError(
-                        Code.INVALID_ARGUMENT,
-                        "INVALID_REQUEST_ID",
-                        "request_id is longer than 128 characters",
-                        field_violations=[("request_id", "too long")],
+        keys: list[str] = []  # aligned with valid
+        # This call's submission, once a letter with a request_id passed its checks: a
+        # retry of that letter refused meanwhile waits for it (_retries_answered).
+        future: asyncio.Future[list[pb.Receipt | ChaparError]] | None = None
+        handed = False
+        try:
+            for i, request in enumerate(requests):
+                try:
+                    if len(request.request_id) > 128:
+                        raise ChaparError(
+                            Code.INVALID_ARGUMENT,
+                            "INVALID_REQUEST_ID",
+                            "request_id is longer than 128 characters",
+                            field_violations=[("request_id", "too long")],
+                        )
+                    if _CONTROL.search(request.request_id):
+                        raise ChaparError(
+                            Code.INVALID_ARGUMENT,
+                            "INVALID_REQUEST_ID",
+                            "request_id holds a control character",
+                            field_violations=[("request_id", "control character")],
+                        )
+                    draft = validate_draft(
+                        request.draft,
+                        sender=self.config.agency,
+                        directory=directory,
+                        limits=self.config.limits,
+                        now=now,
+                        documents=self.config.documents,
                     )
-                if _CONTROL.search(request.request_id):
-                    raise ChaparError(
-                        Code.INVALID_ARGUMENT,
-                        "INVALID_REQUEST_ID",
-                        "request_id holds a control character",
-                        field_violations=[("request_id", "control character")],
-                    )
-                draft = validate_draft(
-                    request.draft,
-                    sender=self.config.agency,
-                    directory=directory,
-                    limits=self.config.limits,
-                    now=now,
-                    documents=self.config.documents,
+                    access.require([draft.sender_mailbox], f"the mailbox {draft.sender_mailbox!r}")
+                    for ref in draft.attachments:
+                        await self.require_document(access, ref.sha256, ref.uri)
+                    self._check_documents(draft)
+                    self._check_quota(draft)
+                    root = await self._thread_root(draft) if draft.HasField("in_reply_to") else None
+                    valid.append((i, draft, root))
+                    keys.append(key := request_key(access.identity.uri, request.request_id))
+                    if key:
+                        if future is None:
+                            future = self._unsettled_submission(keys)
+                        self._unsettled.setdefault(key, []).append(future)
+                    results.append(_PENDING)  # replaced below
+                except ChaparError as exc:
+                    results.append(exc)
+            if not valid:
+                return await self._retries_answered(requests, results, access)
+            if future is None:
+                future = asyncio.get_running_loop().create_future()
+            handed = True
+            outcomes = await self._store_letters(
+                _Submission(
+                    keys,
+                    [_request_digest(requests[i]) for i, _, _ in valid],
+                    [(draft, root) for _, draft, root in valid],
+                    now,
+                    future,
                 )
-                access.require([draft.sender_mailbox], f"the mailbox {draft.sender_mailbox!r}")
-                for ref in draft.attachments:
-                    await self.require_document(access, ref.sha256, ref.uri)
-                self._check_documents(draft)
-                self._check_quota(draft)
-                root = await self._thread_root(draft) if draft.HasField("in_reply_to") else None
-                valid.append((i, draft, root))
-                results.append(_PENDING)  # replaced below
-            except ChaparError as exc:
-                results.append(exc)
+            )
+        finally:
+            if future is not None and not handed:  # nothing of this call will be stored
+                future.cancel()
         if len(valid) < len(requests):
             # A refusal of a retry (its sender suspended, its recipient since, its time out
             # of the window...) would deny a letter that was accepted: a known request_id
-            # gets its receipt, as a duplicate submission always does.
+            # gets its receipt, as a duplicate submission always does. Asked once this
+            # call's own letters are stored (their places still _PENDING), so that one
+            # waits for no letter of its own.
             results = await self._retries_answered(requests, results, access, count=False)
-        if not valid:
-            SUBMIT_REJECTED.inc(sum(isinstance(r, ChaparError) for r in results))
-            return results
-        outcomes = await self._store_letters(
-            _Submission(
-                [request_key(access.identity.uri, requests[i].request_id) for i, _, _ in valid],
-                [_request_digest(requests[i]) for i, _, _ in valid],
-                [(draft, root) for _, draft, root in valid],
-                now,
-            )
-        )
         accepted: list[tuple[str, str]] = []  # (SHAMS text, request_id)
         for (i, _, _), outcome in zip(valid, outcomes, strict=True):
             results[i] = outcome
@@ -488,6 +510,26 @@ class Agency(pb.NodeServiceServicer):
                 [rid for _, rid in accepted],
             )
         return results  # counted at the commit (node.monitor)
+
+    def _unsettled_submission(
+        self, keys: list[str]
+    ) -> asyncio.Future[list[pb.Receipt | ChaparError]]:
+        """A future for a submission whose letters under ``keys`` (filled in as they pass
+        their checks) are in ``_unsettled`` until it is done (stored, failed or dropped)."""
+        future: asyncio.Future[list[pb.Receipt | ChaparError]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+        def settled(done: asyncio.Future[list[pb.Receipt | ChaparError]]) -> None:
+            for key in keys:
+                if waiting := self._unsettled.get(key):
+                    with contextlib.suppress(ValueError):
+                        waiting.remove(done)
+                    if not waiting:
+                        del self._unsettled[key]
+
+        future.add_done_callback(settled)
+        return future
 
     async def _retries_answered(
         self,
@@ -505,6 +547,12 @@ class Agency(pb.NodeServiceServicer):
             if r.request_id and isinstance(result, ChaparError) and result is not _PENDING
         ]
         if asked:
+            # Letters under these ids that passed their checks and are being written (a
+            # first submission whose answer the caller did not wait for): their commit
+            # decides whether there is a receipt to answer with.
+            unsettled = {f for _, key, _ in asked for f in self._unsettled.get(key, ())}
+            if unsettled:
+                await asyncio.wait(unsettled)
             known = await self.store.receipts_of([(key, digest) for _, key, digest in asked])
             results = list(results)
             for (i, _, _), receipt in zip(asked, known, strict=True):
