@@ -80,7 +80,8 @@ class ChaparError(Exception):
 
     ``unanswered``, on an error that ended a ``send_stream``, holds the drafts the stream
     had taken from its producer and not answered, in order: sending them again is safe
-    (same request ids). Empty on any other error.
+    (same request ids). Empty on any other error. (``SyncExchangeClient.send_stream``
+    adds one more later if its helper thread was waiting inside the producer: see there.)
     """
 
     default_code: Any = grpc.StatusCode.UNKNOWN

@@ -286,7 +286,10 @@ class SyncExchangeClient:
 
         ``drafts`` is read in a helper thread, so it may block (e.g. on a queue). A
         ``ChaparError`` that ends the stream lists in ``unanswered`` every draft taken from
-        ``drafts`` and not answered, those on their way to the loop's thread included.
+        ``drafts`` and not answered, those on their way to the loop's thread included. If
+        the helper thread was waiting inside ``drafts`` when the stream ended, the one
+        draft it takes when ``drafts`` gives it is not sent either: it is added to the
+        error's ``unanswered`` then, and the thread takes nothing more.
         """
         stop = threading.Event()
         handoff: queue.Queue[Draft | _End | _Failed] = queue.Queue(
@@ -305,9 +308,10 @@ class SyncExchangeClient:
                 taken.drafts.popleft()
                 yield result
         except ChaparError as error:
-            with taken.lock:  # the feeder takes no draft after this
+            with taken.lock:  # a draft the feeder takes after this joins error.unanswered
                 stop.set()
                 error.unanswered = tuple(taken.drafts)
+                taken.error = error
             raise
         finally:
             # The feeder notices within _POLL_SECONDS, unless it is blocked inside
@@ -415,12 +419,14 @@ class _Failed:
     error: BaseException
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Taken:
-    """The drafts a sync ``send_stream`` took from its iterable and has not answered yet."""
+    """The drafts a sync ``send_stream`` took from its iterable and has not answered yet,
+    and the error that ended the stream, once one did."""
 
     drafts: collections.deque[Draft] = field(default_factory=collections.deque)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    error: ChaparError | None = None
 
 
 def _feed(
@@ -443,7 +449,12 @@ def _feed(
     try:
         for draft in drafts:
             with taken.lock:
-                if stop.is_set():  # taken after the stream ended: not listed, not sent
+                if taken.error is not None:
+                    # Taken after the stream broke (this thread was waiting inside
+                    # ``drafts``): not sent, so listed for the caller to send again.
+                    taken.error.unanswered = (*taken.error.unanswered, draft)
+                    return
+                if stop.is_set():  # the caller stopped reading: nothing more is sent
                     return
                 taken.drafts.append(draft)
             if not put(draft):

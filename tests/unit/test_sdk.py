@@ -10,6 +10,7 @@ import fcntl
 import json
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -953,6 +954,40 @@ async def test_a_broken_sync_send_stream_says_which_drafts_it_took_and_did_not_a
     assert len(got) < 2 < len(got) + len(error.unanswered)
     # Drafts waiting in the hand-off to the loop's thread are listed too.
     assert list(error.unanswered) == produced[len(got) :]
+
+
+async def test_a_draft_the_sync_send_stream_takes_after_it_broke_is_listed_as_unanswered(
+    fake_node: tuple[FakeNode, str],
+) -> None:
+    # The helper thread waits inside the caller's iterable (a queue, say) when the stream
+    # breaks; the draft it takes when one comes is not sent, and must not vanish: it joins
+    # the error's ``unanswered``, for the caller to send again.
+    fake, target = fake_node
+    fake.break_stream_at = 1
+    work: queue.Queue[Draft | None] = queue.Queue()
+    first, late = Draft(to=[OTHER], subject="first"), Draft(to=[OTHER], subject="late")
+    work.put(first)
+
+    def blocking() -> tuple[list[Draft], list[Draft]]:
+        with SyncExchangeClient.from_channel_factory(
+            lambda: grpc.aio.insecure_channel(target)
+        ) as sync:
+            try:
+                for _ in sync.send_stream(iter(work.get, None), batch_size=1, max_in_flight=1):
+                    pass
+            except errors.ChaparError as error:
+                raised = list(error.unanswered)
+                work.put(late)  # the helper thread, waiting in work.get, takes it
+                deadline = time.monotonic() + 5
+                while late not in error.unanswered and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                return raised, list(error.unanswered)
+        raise AssertionError("the stream did not break")
+
+    raised, later = await asyncio.to_thread(blocking)
+    assert raised == [first]
+    assert work.empty()
+    assert later == [first, late]
 
 
 async def test_shared_stream_answers_each_concurrent_caller_and_sends_them_together(
