@@ -541,7 +541,10 @@ class _Session:
             documents.append(senders_documents(header, header.sender.agency))
             verified_ids.append((header.shams, digest))
 
+        fresh: set[int] = set()  # the letters new to the inbox, by their place in good
+
         def make_delivery(i: int) -> pb.Evidence:
+            fresh.add(i)  # only asked for letters stored now, not those delivered before
             shams, digest = verified_ids[i]  # as verified above: not parsed and hashed again
             content = evidence_content(
                 pb.EVIDENCE_EVENT_DELIVERY,
@@ -561,11 +564,14 @@ class _Session:
                 )
             )
             agency.notify_inbox()  # DELIVERED is counted at the commit (node.monitor)
-            if log.isEnabledFor(logging.INFO):
+            if fresh and log.isEnabledFor(logging.INFO):
                 # One line per frame and sending agency, so ``peer`` stays one agency code.
+                # Letters delivered before (pushed again after a lost receipt) are answered
+                # and not logged again, as they are not counted again (node.monitor).
                 by_sender: dict[str, list[str]] = {}
-                for shams, sender, _, _ in good:
-                    by_sender.setdefault(sender, []).append(shams)
+                for i, (shams, sender, _, _) in enumerate(good):
+                    if i in fresh:
+                        by_sender.setdefault(sender, []).append(shams)
                 for sender, numbers in by_sender.items():
                     log.info(
                         "letters delivered",

@@ -8,16 +8,19 @@ handler blocked, we stopped reading, and both ends waited for each other for goo
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from google.protobuf.message import DecodeError
 
 from client_sdk import pb
 from client_sdk.signing import sha256
 from client_sdk.trust import VerificationError
 from node.rpc.hub_link import HubLink, _Session
-from node.storage.node_store import StoredEvidence
+from node.storage.node_store import NodeStore, StoredEvidence
 
 
 class _StuckCall:
@@ -501,3 +504,37 @@ async def test_a_frame_cancelled_while_it_waits_its_turn_does_not_break_the_one_
     released.set()
     await first  # raised InvalidStateError before
     assert second.cancelled()
+
+
+async def test_letters_delivered_again_are_not_logged_as_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # After a reconnect the hub pushes again what it had not seen answered: the node
+    # answers with the DELIVERY it stored, and counts nothing (node.monitor); its log
+    # said "letters delivered" again, as if the letter had come twice.
+    letters = [_letter(n) for n in (1, 2)]
+    headers = {envelope.header: header for envelope, header in letters}
+    receiver = _Receiver(
+        SimpleNamespace(verify_envelopes=lambda envelopes: [headers[e.header] for e in envelopes])
+    )
+    store = await NodeStore.open(tmp_path / "node.db", durability="normal")
+    receiver.agency.store = store
+    session = _Session(HubLink(receiver.agency, None), _StuckCall())  # type: ignore[arg-type]
+    first, second = (envelope for envelope, _ in letters)
+
+    def logged() -> list[list[str]]:
+        lines = [r for r in caplog.records if r.getMessage() == "letters delivered"]
+        caplog.clear()
+        return [r.shams for r in lines]  # type: ignore[attr-defined]
+
+    try:
+        with caplog.at_level(logging.INFO, logger="chapar.link"):
+            await session._deliveries([first])
+            assert logged() == [["000.00.00.G01/O/2026/0000001"]]
+            await session._deliveries([first, second])  # the first again, with a new one
+            assert logged() == [["000.00.00.G01/O/2026/0000002"]]
+            await session._deliveries([second])
+            assert logged() == []
+    finally:
+        await store.close()
+    assert len(session.pending_receipts) == 4  # every letter is answered, again or not
