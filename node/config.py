@@ -43,6 +43,18 @@ DEFAULT_LISTEN = "127.0.0.1:0"
 # keepalive_s becomes gRPC options in milliseconds, which must fit in 32 bits; pings more
 # often than every second are no use (and servers refuse them: min_ping_interval, 1 s).
 KEEPALIVE_RANGE_S = (1.0, 3600.0)
+# Upper bounds of the other intervals and delays: past them a value is a slip (seconds
+# typed as milliseconds) rather than a choice. What acts every so often (expiry, reload,
+# gauges), and what a stop or a reconnect waits, at most an hour: letters expire, a
+# revocation takes effect and a node comes back at most that late. Retention may run as
+# seldom as once a week; a retry delay quoted to back-ends (RetryInfo, int64 milliseconds
+# to the nodes) and the clock skew tolerated are at most a day; a letter may have waited
+# in an outbox for a year at most. Retention periods (how long to keep) have none: a
+# century means "keep", and harms nothing.
+HOUR_S = 3600.0
+DAY_S = 86400.0
+WEEK_S = 7 * DAY_S
+MAX_LETTER_AGE_S = 366 * DAY_S
 # The largest message a server takes (node.server's gRPC options): a frame or message
 # limit above it could never be reached.
 MAX_MESSAGE = 256 * 1024 * 1024
@@ -226,14 +238,22 @@ class Table:
             raise ConfigError(f"{self._key(key)}: must be an integer {rule}")
         return value
 
-    def number(self, key: str, default: float) -> float:
+    def number(self, key: str, default: float, *, maximum: float | None = None) -> float:
+        if maximum is not None:
+            return self.between(key, default, 0.0, maximum)
         return self._number(key, default, ">= 0", lambda v: v >= 0)
 
-    def positive(self, key: str, default: float) -> float:
-        return self._number(key, default, "> 0", lambda v: v > 0)
+    def positive(self, key: str, default: float, *, maximum: float | None = None) -> float:
+        if maximum is None:
+            return self._number(key, default, "> 0", lambda v: v > 0)
+        return self._number(
+            key, default, f"> 0 and at most {_shown(maximum)}", lambda v: 0 < v <= maximum
+        )
 
     def between(self, key: str, default: float, low: float, high: float) -> float:
-        return self._number(key, default, f"from {low:g} to {high:g}", lambda v: low <= v <= high)
+        return self._number(
+            key, default, f"from {_shown(low)} to {_shown(high)}", lambda v: low <= v <= high
+        )
 
     def _number(self, key: str, default: float, rule: str, fits: Callable[[float], bool]) -> float:
         """A finite number that ``fits`` (described by ``rule``): NaN compares False with
@@ -291,6 +311,11 @@ class Table:
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"{self._key(key)}: must be HOST:PORT, not {value!r}")
         return value
+
+
+def _shown(limit: float) -> str:
+    """A bound as a reader would write it: 31622400, not 3.16224e+07."""
+    return str(int(limit)) if limit.is_integer() else str(limit)
 
 
 def read_table(path: Path) -> Table:
@@ -398,18 +423,18 @@ def _hub_config(t: Table) -> HubConfig:
         metrics_listen=hub.listen("metrics_listen", optional=True),
         metrics_tls=hub.flag("metrics_tls", False),
         max_frame_bytes=hub.integer("max_frame_bytes", 32 * 1024 * 1024, maximum=MAX_MESSAGE),
-        grace_s=hub.number("shutdown_grace_s", 5.0),
+        grace_s=hub.number("shutdown_grace_s", 5.0, maximum=HOUR_S),
         delivery_window=hub.integer("delivery_window", 1024, maximum=1_000_000),
         queue_quota=hub.integer("queue_quota", 100_000),
-        quota_retry_after_s=hub.number("quota_retry_after_s", 30.0),
-        expiry_interval_s=hub.number("expiry_interval_s", 1.0),
+        quota_retry_after_s=hub.number("quota_retry_after_s", 30.0, maximum=DAY_S),
+        expiry_interval_s=hub.number("expiry_interval_s", 1.0, maximum=HOUR_S),
         retention_s=hub.number("retention_s", 30 * 86400.0),
-        purge_interval_s=hub.number("purge_interval_s", 3600.0),
+        purge_interval_s=hub.number("purge_interval_s", 3600.0, maximum=WEEK_S),
         revocation_file=hub.optional_path("revocation_file", must_exist=False),
-        reload_interval_s=hub.number("reload_interval_s", 5.0),
-        clock_skew_s=hub.number("clock_skew_s", 300.0),
-        max_letter_age_s=hub.number("max_letter_age_s", 7 * 86400.0),
-        metrics_interval_s=hub.positive("metrics_interval_s", 5.0),
+        reload_interval_s=hub.number("reload_interval_s", 5.0, maximum=HOUR_S),
+        clock_skew_s=hub.number("clock_skew_s", 300.0, maximum=DAY_S),
+        max_letter_age_s=hub.number("max_letter_age_s", 7 * 86400.0, maximum=MAX_LETTER_AGE_S),
+        metrics_interval_s=hub.positive("metrics_interval_s", 5.0, maximum=HOUR_S),
         metrics_top_n=hub.integer("metrics_top_n", 10, maximum=1000),
         keepalive_s=hub.between("keepalive_s", 20.0, *KEEPALIVE_RANGE_S),
     )
@@ -511,13 +536,13 @@ def _node_config(t: Table) -> NodeConfig:
             "max_message_bytes", 16 * 1024 * 1024, maximum=MAX_MESSAGE
         ),
         relay_frame_bytes=node.integer("relay_frame_bytes", 8 * 1024 * 1024, maximum=MAX_MESSAGE),
-        grace_s=node.number("shutdown_grace_s", 5.0),
+        grace_s=node.number("shutdown_grace_s", 5.0, maximum=HOUR_S),
         relay_batch=node.integer("relay_batch", 256, maximum=65_536),
-        reconnect_max_s=node.number("reconnect_max_s", 10.0),
+        reconnect_max_s=node.number("reconnect_max_s", 10.0, maximum=HOUR_S),
         clients=_clients(t),
         retention_s=node.number("retention_s", 30 * 86400.0),
-        purge_interval_s=node.number("purge_interval_s", 3600.0),
-        metrics_interval_s=node.positive("metrics_interval_s", 5.0),
+        purge_interval_s=node.number("purge_interval_s", 3600.0, maximum=WEEK_S),
+        metrics_interval_s=node.positive("metrics_interval_s", 5.0, maximum=HOUR_S),
         documents=documents,
         documents_dir=documents_dir,
         documents_retention_s=documents_retention_s,

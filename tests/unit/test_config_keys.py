@@ -205,3 +205,45 @@ def test_a_lowered_message_limit_takes_the_body_limit_down_with_it(tmp_path: Pat
     path = _write(tmp_path, f"{NODE}\n[limits]\nmax_message_bytes = 65536\n")
     config = load_node_config(path)
     assert (config.max_message_bytes, config.limits.max_body_bytes) == (65536, 65536)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "largest", "rule"),
+    [
+        ("hub", "shutdown_grace_s", 3600, "from 0 to 3600"),
+        ("hub", "quota_retry_after_s", 86400, "from 0 to 86400"),
+        ("hub", "expiry_interval_s", 3600, "from 0 to 3600"),
+        ("hub", "purge_interval_s", 604800, "from 0 to 604800"),
+        ("hub", "reload_interval_s", 3600, "from 0 to 3600"),
+        ("hub", "clock_skew_s", 86400, "from 0 to 86400"),
+        ("hub", "max_letter_age_s", 31622400, "from 0 to 31622400"),
+        ("hub", "metrics_interval_s", 3600, "> 0 and at most 3600"),
+        ("node", "shutdown_grace_s", 3600, "from 0 to 3600"),
+        ("node", "reconnect_max_s", 3600, "from 0 to 3600"),
+        ("node", "purge_interval_s", 604800, "from 0 to 604800"),
+        ("node", "metrics_interval_s", 3600, "> 0 and at most 3600"),
+    ],
+)
+def test_intervals_and_delays_have_an_upper_bound_named_with_the_key(
+    tmp_path: Path, section: str, key: str, largest: int, rule: str
+) -> None:
+    # An interval of a year (seconds typed as milliseconds, say) was taken as it came, and a
+    # quota retry delay beyond int64 milliseconds failed only when a queue filled.
+    load, text = (load_hub_config, HUB) if section == "hub" else (load_node_config, NODE)
+    for value, fits in ((largest, True), (largest + 1, False), (1e20, False)):
+        path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]\n{key} = {value}", 1))
+        if fits:
+            assert getattr(load(path), "grace_s" if key == "shutdown_grace_s" else key) == value
+        else:
+            with pytest.raises(ConfigError, match=f"^{section}.{key}: must be a number {rule}$"):
+                load(path)
+
+
+@pytest.mark.parametrize("key", ["retention_s", "documents.retention_s"])
+def test_retention_may_be_as_long_as_wanted(tmp_path: Path, key: str) -> None:
+    # How long to keep, not how often to act: a century means "keep", and harms nothing.
+    table, name = key.split(".") if "." in key else ("node", key)
+    text = NODE if table == "node" else f"{NODE}\n[{table}]\n"
+    path = _write(tmp_path, text.replace(f"[{table}]", f"[{table}]\n{name} = 3.2e9", 1))
+    config = load_node_config(path)
+    assert (config.retention_s if table == "node" else config.documents_retention_s) == 3.2e9
