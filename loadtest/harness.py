@@ -158,21 +158,32 @@ def proc_stats(proc: ServerProcess) -> dict[str, float]:
 def _proc_stats(proc: ServerProcess) -> dict[str, float]:
     """CPU seconds (utime + stime), peak RSS (VmHWM) and MB written to storage of a running
     server process."""
-    if proc.proc is None or proc.proc.poll() is not None:
+    figures = _read_proc(proc)
+    if figures is None:
         return {"cpu_s": 0.0, "peak_rss_mb": 0.0}
+    figures.update(_thread_cpu(proc))
+    return figures
+
+
+def _read_proc(proc: ServerProcess) -> dict[str, float] | None:
+    """What /proc says of a server process so far; None once it has ended."""
+    if proc.proc is None or proc.proc.poll() is not None:
+        return None
     pid = proc.proc.pid
-    cpu = process_cpu_s(pid)
-    peak = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) / 1024
-    stats = {
+    try:
+        cpu = process_cpu_s(pid)
+        peak = 0.0
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+        written = disk_write_mb(pid)
+    except OSError:  # it ended while being read
+        return None
+    return {
         "cpu_s": round(cpu, 2),
         "peak_rss_mb": round(peak, 1),
-        "disk_write_mb": round(disk_write_mb(pid), 1),
+        "disk_write_mb": round(written, 1),
     }
-    stats.update(_thread_cpu(proc))
-    return stats
 
 
 def _thread_cpu(proc: ServerProcess) -> dict[str, float]:
@@ -194,7 +205,12 @@ class _Probe:
     """CPU and memory of one server: from /proc for the harness's own processes (their
     whole life, every life when a fault restarted them: ``bank`` is called before each
     end), from the server's metrics for running targets (the run's span: the counters read
-    at the start are subtracted; other traffic on the server counts too)."""
+    at the start are subtracted; other traffic on the server counts too).
+
+    A process that ends by itself (a crash, not a fault) leaves nothing in /proc to read:
+    ``sample``, called every second or so, keeps its last reading, which then stands for
+    that life (``exited`` in its figures; its thread clocks, read only from its metrics
+    at the end, are left out)."""
 
     def __init__(
         self,
@@ -206,6 +222,8 @@ class _Probe:
         self.base: dict[str, float] = {}
         self.earlier: dict[str, float] = {}  # the lives a fault ended, summed
         self.restarts = 0
+        self.last: tuple[int, dict[str, float]] | None = None  # (pid, its latest reading)
+        self.banked: set[int] = set()  # the pids of the lives in ``earlier``
 
     def begin(self) -> None:
         if self.proc is None:
@@ -217,13 +235,39 @@ class _Probe:
         its timeout on a hung server there)."""
         if self.proc is None:
             return
-        life = await asyncio.to_thread(_proc_stats, self.proc)
+        life = await asyncio.to_thread(self._life)
         self.earlier = _add_lives(self.earlier, life)
         self.restarts += 1
+        if self.proc.proc is not None:
+            self.banked.add(self.proc.proc.pid)
+
+    def sample(self) -> None:
+        """Keeps a reading of the running process (blocking: /proc reads), for a life that
+        ends by itself before ``bank`` or ``end`` can read it."""
+        if self.proc is None or self.proc.proc is None:
+            return
+        pid = self.proc.proc.pid
+        if (figures := _read_proc(self.proc)) is not None:
+            self.last = (pid, figures)
+
+    def _life(self) -> dict[str, float]:
+        """The figures of the process's current life: read now if it runs, else its last
+        reading (marked ``exited``)."""
+        assert self.proc is not None
+        figures = _read_proc(self.proc)
+        if figures is not None:
+            return figures | _thread_cpu(self.proc)
+        pid = self.proc.proc.pid if self.proc.proc is not None else None
+        if pid is None or pid in self.banked:  # never started, or a fault ended it: counted
+            return {}
+        last = self.last[1] if self.last is not None and self.last[0] == pid else {}
+        return {"cpu_s": 0.0, "peak_rss_mb": 0.0} | last | {"exited": 1}
 
     def end(self) -> dict[str, float]:
         if self.proc is not None:
-            stats = _add_lives(self.earlier, _proc_stats(self.proc))
+            stats = _add_lives(self.earlier, self._life())
+            if "exited" in stats:  # a life's thread clocks are unknown: no partial sums
+                stats = {k: v for k, v in stats.items() if not k.endswith("_cpu_s")}
             return stats | ({"restarts": self.restarts} if self.restarts else {})
         now = self._scrape()
         if "cpu_s" not in now or "cpu_s" not in self.base:
@@ -244,6 +288,20 @@ class _Probe:
         except OSError:
             return {}
         return _figures(snap)
+
+
+async def _sampling(probes: Sequence[_Probe], stop: asyncio.Event) -> None:
+    """Reads the servers' /proc every second (in a thread: the load generator's loop must
+    not wait on it) until ``stop``, so that a life that ends by itself keeps its figures."""
+
+    def sample_all() -> None:
+        for probe in probes:
+            probe.sample()
+
+    while not stop.is_set():
+        await asyncio.to_thread(sample_all)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
 
 
 def _add_lives(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -568,6 +626,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
         start = time.perf_counter()
         stop, sent = asyncio.Event(), asyncio.Event()
         progress = asyncio.create_task(_progress(stats, start, stop, p, sent))
+        sampling = asyncio.create_task(_sampling(list(probes.values()), stop))
         fault_tasks = []
         if cluster is not None:  # the sender is the chain's first node, the recipient its last
             ends = {"sender": nodes[0].agency, "recipient": nodes[-1].agency}
@@ -622,6 +681,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
             await asyncio.sleep(0.2)
         stop.set()
         await progress
+        await sampling
         samples = await asyncio.to_thread(reference.stop)  # may wait for a first sample
         processes = {name: figures for name, probe in probes.items() if (figures := probe.end())}
         for consumer in consumers:
@@ -874,6 +934,8 @@ def _summary(report: dict[str, object]) -> str:
         if "disk_write_mb" in s:
             memory += f"  wrote {s['disk_write_mb']} MB"
         lives = f"  ({int(s['restarts']) + 1} lives)" if s.get("restarts") else ""
+        if s.get("exited"):
+            lives += "  EXITED by itself (cpu to its last reading)"
         rows.append(f"{name:<18} cpu {s['cpu_s']} s{threads}{memory}{lives}")
     return "\n".join(rows)
 

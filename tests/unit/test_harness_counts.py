@@ -5,7 +5,12 @@ deadline, and the raw baseline's message follows the letters' size."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,3 +88,56 @@ def test_the_slots_before_a_deadline_are_counted_whatever_the_clock_reads(start:
         pacer.next += pacer.interval
         made += 1
     assert made == 5
+
+
+@contextlib.contextmanager
+def _busy_process(cpu_s: float) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that has burnt ``cpu_s`` of CPU and waits to be ended (killed on exit)."""
+    code = (
+        "import time\n"
+        "t = time.process_time()\n"
+        f"while time.process_time() - t < {cpu_s}: pass\n"
+        "print('done', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"done\n"
+            yield proc
+        finally:
+            proc.kill()
+
+
+def test_a_server_that_ends_by_itself_keeps_the_cpu_of_its_last_reading() -> None:
+    # The CPU of a server process that exited outside a fault (a crash) was read from
+    # /proc only at the end, when there was nothing left to read: the report said 0 s.
+    with _busy_process(0.3) as proc:
+        probe = harness._Probe(SimpleNamespace(proc=proc, metrics=""))  # type: ignore[arg-type]
+        probe.sample()
+        proc.kill()
+        proc.wait()
+        figures = probe.end()
+    assert figures["cpu_s"] >= 0.25
+    assert figures["exited"] == 1
+
+
+def test_a_server_still_running_is_read_at_the_end() -> None:
+    with _busy_process(0.2) as proc:
+        probe = harness._Probe(SimpleNamespace(proc=proc, metrics=""))  # type: ignore[arg-type]
+        figures = probe.end()
+    assert figures["cpu_s"] >= 0.15
+    assert "exited" not in figures
+
+
+async def test_a_life_a_fault_ended_is_counted_once_and_not_as_exited() -> None:
+    with _busy_process(0.2) as proc:
+        probe = harness._Probe(SimpleNamespace(proc=proc, metrics=""))  # type: ignore[arg-type]
+        probe.sample()
+        await probe.bank()  # the fault reads it, then kills it (its restart failed here)
+        proc.kill()
+        proc.wait()
+        figures = probe.end()
+    assert 0.15 <= figures["cpu_s"] < 0.35
+    assert "exited" not in figures
+    assert figures["restarts"] == 1
