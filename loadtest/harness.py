@@ -61,6 +61,11 @@ def node_names(n: int) -> list[str]:
     return [A, B] if n == 2 else [f"AGENCY.{chr(ord('A') + k)}" for k in range(n)]
 
 
+# After the drain, how long the readers may read on: until the harness's own nodes have
+# ended their inbox streams (they stop within their shutdown grace), or a moment on
+# running targets, whose streams stay open (a copy already streamed comes within it).
+_READ_ON_S = 30.0
+_TARGETS_READ_ON_S = 1.0
 _FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
@@ -110,6 +115,9 @@ class _Stats:
     unverified: set[str] = field(default_factory=set)  # letters whose copy failed to verify
     refused: int = 0
     pacer_lag_s: float = 0.0  # at a fixed rate, how late the latest letter was handed over
+    # Read after the drain ended (until the inbox streams closed): for how long, letters
+    # delivered then (only if it timed out) and copies counted as duplicates then.
+    after_drain: dict[str, float] = field(default_factory=dict)
 
 
 class _Pacer:
@@ -454,10 +462,14 @@ async def _shared_sender(i: int, shared: SharedStream, plan: _Plan) -> None:
     await asyncio.gather(*tasks)
 
 
-async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _Stats) -> None:
+async def _consumer(
+    node: Endpoint, routes: dict[str, str], p: Params, stats: _Stats, ending: asyncio.Event
+) -> None:
     """A receiving node's back-end: reads, verifies, acknowledges its letters from the
     driven agencies (``routes``: sender -> recipient); reconnects after a fault. Letters
-    from other agencies are counted and left for the agency's own reader."""
+    from other agencies are counted and left for the agency's own reader. Once ``ending``
+    is set (the drain is over) it reads on until its inbox stream closes, and returns
+    instead of reconnecting: a copy streamed before then is counted."""
     creds = node.credentials
     acks = asyncio.Semaphore(256)
     pending: set[asyncio.Task[None]] = set()
@@ -492,47 +504,53 @@ async def _consumer(node: Endpoint, routes: dict[str, str], p: Params, stats: _S
                         return
                     await asyncio.sleep(0.2)
 
-    while True:
-        try:
-            async with ExchangeClient(node.address, creds, options=_FAST_RECONNECT) as b:
-                current = b
-                connection += 1
-                trust = await b.trust_from_directory(creds.trust_store())
-                async for letter in b.inbox():
-                    now = time.perf_counter()
-                    to = routes.get(letter.shams.partition("/")[0])
-                    if to != node.agency:
-                        if to is None:
-                            stats.foreign.add(letter.shams)
-                        else:
-                            stats.misrouted.add(letter.shams)
-                        continue
-                    if (
-                        letter.shams in stats.handed_over
-                        or streamed.get(letter.shams) == connection
-                    ):
-                        stats.duplicates += 1
-                        continue
-                    streamed[letter.shams] = connection
-                    if letter.shams not in stats.delivered:
-                        if p.verify:
-                            try:
-                                delivery = letter.verify(trust)
-                                if delivery.recipient != node.agency:
-                                    raise ValueError(f"DELIVERY by {delivery.recipient}")
-                            except Exception:
-                                # Neither counted delivered nor acknowledged: it stays lost
-                                # unless a copy that verifies comes.
-                                stats.unverified.add(letter.shams)
-                                continue
-                        stats.delivered[letter.shams] = now
-                    # else: streamed again after a reconnect, not yet acknowledged (an ack
-                    # through the closed client can no longer go): acknowledged on this one
-                    task = asyncio.create_task(ack(letter))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-        except ChaparError:
-            await asyncio.sleep(0.3)
+    try:
+        while not ending.is_set():
+            try:
+                async with ExchangeClient(node.address, creds, options=_FAST_RECONNECT) as b:
+                    current = b
+                    connection += 1
+                    trust = await b.trust_from_directory(creds.trust_store())
+                    async for letter in b.inbox():
+                        now = time.perf_counter()
+                        to = routes.get(letter.shams.partition("/")[0])
+                        if to != node.agency:
+                            if to is None:
+                                stats.foreign.add(letter.shams)
+                            else:
+                                stats.misrouted.add(letter.shams)
+                            continue
+                        if (
+                            letter.shams in stats.handed_over
+                            or streamed.get(letter.shams) == connection
+                        ):
+                            stats.duplicates += 1
+                            continue
+                        streamed[letter.shams] = connection
+                        if letter.shams not in stats.delivered:
+                            if p.verify:
+                                try:
+                                    delivery = letter.verify(trust)
+                                    if delivery.recipient != node.agency:
+                                        raise ValueError(f"DELIVERY by {delivery.recipient}")
+                                except Exception:
+                                    # Neither counted delivered nor acknowledged: it stays lost
+                                    # unless a copy that verifies comes.
+                                    stats.unverified.add(letter.shams)
+                                    continue
+                            stats.delivered[letter.shams] = now
+                        # else: streamed again after a reconnect, not yet acknowledged (an ack
+                        # through the closed client can no longer go): acknowledged on this one
+                        task = asyncio.create_task(ack(letter))
+                        pending.add(task)
+                        task.add_done_callback(pending.discard)
+            except ChaparError:
+                if ending.is_set():  # the stream closed after the drain: nothing more comes
+                    return
+                await asyncio.sleep(0.3)
+    finally:
+        for task in pending:  # acknowledgements nobody waits for any more
+            task.cancel()
 
 
 _BAR_WIDTH = 20
@@ -622,7 +640,8 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
             probe.begin()
         reference.start()
         own_cpu = own_cpu_s()  # the load generator's CPU counts from here, not the baseline's
-        consumers = [asyncio.create_task(_consumer(n, routes, p, stats)) for n in nodes[1:]]
+        ending = asyncio.Event()  # the drain is over: the readers read on until their streams close
+        consumers = [asyncio.create_task(_consumer(n, routes, p, stats, ending)) for n in nodes[1:]]
         start = time.perf_counter()
         stop, sent = asyncio.Event(), asyncio.Event()
         progress = asyncio.create_task(_progress(stats, start, stop, p, sent))
@@ -684,6 +703,22 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
         await sampling
         samples = await asyncio.to_thread(reference.stop)  # may wait for a first sample
         processes = {name: figures for name, probe in probes.items() if (figures := probe.end())}
+        # The drain ends once every letter came once; what the nodes streamed meanwhile
+        # (a copy: a duplicate) is still read and counted, until the inbox streams close:
+        # the harness's own nodes end them as they stop; running targets keep them open,
+        # so they are read a moment longer.
+        drained, duplicates = time.perf_counter(), stats.duplicates
+        ending.set()
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+            await asyncio.wait(consumers, timeout=_READ_ON_S)
+        else:
+            await asyncio.wait(consumers, timeout=_TARGETS_READ_ON_S)
+        stats.after_drain = {
+            "read_s": round(time.perf_counter() - drained, 3),
+            "delivered": sum(t > drained for t in stats.delivered.values()),
+            "duplicates": stats.duplicates - duplicates,
+        }
         for consumer in consumers:
             consumer.cancel()
         for consumer in consumers:
@@ -790,6 +825,7 @@ def _report(
         "handed_over": len(accepted & set(stats.handed_over)),
         "lost": len(accepted - delivered),
         "duplicates": stats.duplicates,
+        "after_drain": stats.after_drain,
         "misrouted": len(stats.misrouted),
         "foreign": len(stats.foreign),
         # Letters of this run that came only in copies that did not verify (each one also
@@ -879,6 +915,7 @@ def _summary(report: dict[str, object]) -> str:
         f"   misrouted {report['misrouted']}   verify failures {report['verify_failures']}",
         f"handed over        {report['handed_over']}"
         + (f"   NOT HANDED OVER {unhanded}" if unhanded else ""),
+        *_after_drain_row(report),
         f"throughput         {report['throughput_lps']} letters/s (baseline {report['baseline_lps']}/s,"
         f" ratio {report['ratio']})",
         f"cpu a letter       {report['cpu_ms_per_letter']} ms, all processes"
@@ -938,6 +975,17 @@ def _summary(report: dict[str, object]) -> str:
             lives += "  EXITED by itself (cpu to its last reading)"
         rows.append(f"{name:<18} cpu {s['cpu_s']} s{threads}{memory}{lives}")
     return "\n".join(rows)
+
+
+def _after_drain_row(report: dict[str, object]) -> list[str]:
+    """What was read after the drain ended, when anything was (counted above too)."""
+    late = cast(dict[str, float], report.get("after_drain") or {})
+    if not late.get("delivered") and not late.get("duplicates"):
+        return []
+    return [
+        f"after the drain    {int(late['delivered'])} delivered, {int(late['duplicates'])}"
+        f" duplicates, read in the {late['read_s']} s the inboxes were read on"
+    ]
 
 
 def _cmd(ns: argparse.Namespace) -> int:

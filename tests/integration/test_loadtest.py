@@ -50,6 +50,7 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
         "delivered",
         "lost",
         "duplicates",
+        "after_drain",
         "elapsed_s",
         "throughput_lps",
         "baseline_lps",

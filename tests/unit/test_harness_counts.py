@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 
 import pytest
 
 from client_sdk import Receipt, pb
+from client_sdk.errors import Unavailable
 from client_sdk.shams import parse_shams
 from loadtest import harness
+from loadtest.targets import Endpoint
 
 
 def _plan(stats: harness._Stats, pacer: harness._Pacer, deadline: float | None) -> harness._Plan:
@@ -141,3 +144,73 @@ async def test_a_life_a_fault_ended_is_counted_once_and_not_as_exited() -> None:
     assert 0.15 <= figures["cpu_s"] < 0.35
     assert "exited" not in figures
     assert figures["restarts"] == 1
+
+
+class _Inbox:
+    """A node's inbox stream as the harness's reader sees it: letter 1, then (once
+    ``again`` is set) a second copy of it, then the stream ends as a stopping node ends it."""
+
+    def __init__(self) -> None:
+        self.again = asyncio.Event()
+        self.connections = 0
+        self.acked: list[str] = []
+
+    def client(self, *args: object, **kwargs: object) -> _Inbox:
+        self.connections += 1
+        return self
+
+    async def __aenter__(self) -> _Inbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+    async def agencies(self) -> list[pb.Agency]:
+        return []
+
+    async def inbox(self) -> AsyncIterator[SimpleNamespace]:
+        for _ in range(2):
+            yield SimpleNamespace(shams=LETTER, ack=functools.partial(self.ack, LETTER))
+            await self.again.wait()
+        raise Unavailable("the node is stopping", reason="STREAM_ENDED")
+
+    async def ack(self, shams: str) -> pb.Evidence:
+        self.acked.append(shams)
+        return pb.Evidence()
+
+
+LETTER = "SENDER.A/O/2026/0000001"
+
+
+async def test_the_reader_counts_a_copy_read_after_the_drain_and_ends_with_its_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The drain ends once every letter came once; the inboxes were then no longer read, so
+    # a copy the node had streamed meanwhile (a duplicate) was never counted. The reader
+    # now reads on until its stream closes (the servers stop), and does not reconnect.
+    node = _Inbox()
+    monkeypatch.setattr(harness, "ExchangeClient", node.client)
+    stats, ending = harness._Stats(), asyncio.Event()
+    endpoint = Endpoint("RECIPIENT.B", "x:1", SimpleNamespace(trust_store=SimpleNamespace))  # type: ignore[arg-type]
+    params = harness.Params(verify=False)
+    reader = asyncio.create_task(
+        harness._consumer(endpoint, {"SENDER.A": "RECIPIENT.B"}, params, stats, ending)
+    )
+    for _ in range(100):
+        if LETTER in stats.handed_over:
+            break
+        await asyncio.sleep(0.01)
+    assert LETTER in stats.handed_over
+    ending.set()  # the drain is over
+    node.again.set()  # the copy comes, then the stream ends
+    await asyncio.wait_for(reader, 5)
+    assert stats.duplicates == 1
+    assert node.connections == 1
+
+
+def test_the_summary_says_what_was_read_after_the_drain_only_when_anything_was() -> None:
+    quiet = {"after_drain": {"read_s": 0.1, "delivered": 0, "duplicates": 0}}
+    assert harness._after_drain_row(quiet) == []
+    late = {"after_drain": {"read_s": 0.2, "delivered": 3, "duplicates": 1}}
+    (row,) = harness._after_drain_row(late)
+    assert "3 delivered, 1 duplicates" in row
