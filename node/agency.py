@@ -944,12 +944,12 @@ class Agency(pb.NodeServiceServicer):
 
     async def _ack_batch(self, numbers: Sequence[pb.Shams], access: Access) -> list[pb.AckResult]:
         """One acknowledgement batch's results; ChaparError when the batch is too large."""
-        if len(numbers) > _MAX_ACK_BATCH:
+        if len(numbers) > _MAX_ACK_BATCH:  # a size limit, as for a submission batch
             raise ChaparError(
-                Code.INVALID_ARGUMENT,
+                Code.RESOURCE_EXHAUSTED,
                 "BATCH_TOO_LARGE",
                 f"at most {_MAX_ACK_BATCH} letters per acknowledgement batch",
-                field_violations=[("shams", f"{len(numbers)} numbers")],
+                metadata={"limit": str(_MAX_ACK_BATCH)},
             )
         outcomes = await self._acknowledge_many(numbers, access)
         return [

@@ -606,6 +606,21 @@ async def test_batch_or_stream_frame_over_1024_letters_is_refused_whole(cluster:
     )
 
 
+async def test_an_acknowledgement_batch_over_1000_letters_is_refused_as_a_batch_too_large(
+    cluster: Cluster,
+) -> None:
+    """As an oversized submission batch: RESOURCE_EXHAUSTED, BATCH_TOO_LARGE, "limit" (it
+    was INVALID_ARGUMENT, with a field violation, unlike every other size limit)."""
+    numbers = [f"{AGENCY_B}/O/2026/{n:07d}" for n in range(1, 1002)]
+    async with ExchangeClient(
+        cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)
+    ) as client:
+        refusal = await _assert_refused_on_node(
+            cluster, AGENCY_A, lambda: client.ack_many(numbers), EXHAUSTED, "BATCH_TOO_LARGE"
+        )
+    assert refusal.metadata == {"limit": "1000"}
+
+
 async def _stream_one_frame(cluster: Cluster, frame: pb.StreamSubmitEnvelopesRequest) -> None:
     """One frame on a raw StreamSubmitEnvelopes call, half-closed; an answer is a failure
     (the node must refuse it)."""

@@ -440,7 +440,8 @@ async def test_the_acknowledgement_stream_answers_frames_in_order_and_ends_on_a_
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call.read()
         error = from_rpc_error(caught.value)
-        assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BATCH_TOO_LARGE")
+        assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "BATCH_TOO_LARGE")
+        assert error.metadata == {"limit": "1000"}
         # Only that stream ended: Letter.ack() goes on the SDK's own.
         evidence = await letters[2].ack()
         assert pb.EvidenceContent.FromString(evidence.content).shams == shams[2]

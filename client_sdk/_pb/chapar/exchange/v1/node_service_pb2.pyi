@@ -636,7 +636,10 @@ Global___AckEnvelopeResponse: _TypeAlias = AckEnvelopeResponse  # noqa: Y015
 
 @_typing.final
 class BatchAckEnvelopesRequest(_message.Message):
-    """BatchAckEnvelopesRequest acknowledges several received letters (at most 1,000)."""
+    """BatchAckEnvelopesRequest acknowledges several received letters: at most 1,000. A larger
+    batch is refused whole, nothing acknowledged (RESOURCE_EXHAUSTED, BATCH_TOO_LARGE,
+    metadata "limit").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -716,7 +719,10 @@ Global___BatchAckEnvelopesResponse: _TypeAlias = BatchAckEnvelopesResponse  # no
 
 @_typing.final
 class StreamAckEnvelopesRequest(_message.Message):
-    """StreamAckEnvelopesRequest is one batch of acknowledgements on the stream (at most 1,000)."""
+    """StreamAckEnvelopesRequest is one batch of acknowledgements on the stream: at most 1,000
+    letters. A larger one ends the stream (RESOURCE_EXHAUSTED, BATCH_TOO_LARGE), its letters
+    not acknowledged; frames read before it are answered first.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
