@@ -165,8 +165,8 @@ class _Inbox:
     async def __aexit__(self, *exc: object) -> None:
         pass
 
-    async def agencies(self) -> list[pb.Agency]:
-        return []
+    async def trust_from_directory(self, trust: object) -> object:
+        return trust
 
     async def inbox(self) -> AsyncIterator[SimpleNamespace]:
         for _ in range(2):
