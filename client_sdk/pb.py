@@ -50,7 +50,13 @@ from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
 from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
     DocumentServiceStub as DocumentServiceStub,
 )
+from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import (
+    BUSINESS_STATUS_RECALL_REQUESTED as BUSINESS_STATUS_RECALL_REQUESTED,
+)
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import LETTER_KIND_LETTER as LETTER_KIND_LETTER
+from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import (
+    LETTER_KIND_STATUS_UPDATE as LETTER_KIND_STATUS_UPDATE,
+)
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import (
     LETTER_KIND_UNSPECIFIED as LETTER_KIND_UNSPECIFIED,
 )
@@ -66,6 +72,7 @@ from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import AttachmentRef as Atta
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import (
     BatchInclusionProof as BatchInclusionProof,
 )
+from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import BusinessStatus as BusinessStatus
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import DocumentMetadata as DocumentMetadata
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import Envelope as Envelope
 from client_sdk._pb.chapar.exchange.v1.envelope_pb2 import EnvelopeHeader as EnvelopeHeader

@@ -25,35 +25,37 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!chapar/exchange/v1/envelope.proto\x12\x12\x63hapar.exchange.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x01\n\x08\x45nvelope\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x30\n\tsignature\x18\x02 \x01(\x0b\x32\x1d.chapar.exchange.v1.Signature\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12<\n\x0b\x62\x61tch_proof\x18\x04 \x01(\x0b\x32\'.chapar.exchange.v1.BatchInclusionProof\"\xf7\x04\n\x0e\x45nvelopeHeader\x12(\n\x05shams\x18\x01 \x01(\x0b\x32\x19.chapar.exchange.v1.Shams\x12+\n\x06sender\x18\x02 \x01(\x0b\x32\x1b.chapar.exchange.v1.Address\x12/\n\nrecipients\x18\x03 \x03(\x0b\x32\x1b.chapar.exchange.v1.Address\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12,\n\x04kind\x18\x07 \x01(\x0e\x32\x1e.chapar.exchange.v1.LetterKind\x12.\n\x08priority\x18\x08 \x01(\x0e\x32\x1c.chapar.exchange.v1.Priority\x12.\n\x0bin_reply_to\x18\t \x01(\x0b\x32\x19.chapar.exchange.v1.Shams\x12.\n\x0bthread_root\x18\n \x01(\x0b\x32\x19.chapar.exchange.v1.Shams\x12\x14\n\x0c\x63ontent_type\x18\x0b \x01(\t\x12\x13\n\x0b\x62ody_sha256\x18\x0c \x01(\x0c\x12\x11\n\tbody_size\x18\r \x01(\x03\x12\x36\n\x0b\x61ttachments\x18\x0e \x03(\x0b\x32!.chapar.exchange.v1.AttachmentRef\x12\x36\n\x08metadata\x18\x0f \x01(\x0b\x32$.chapar.exchange.v1.DocumentMetadata\"h\n\x05Shams\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12/\n\x06\x64omain\x18\x02 \x01(\x0e\x32\x1f.chapar.exchange.v1.ShamsDomain\x12\x0c\n\x04year\x18\x03 \x01(\x05\x12\x10\n\x08sequence\x18\x04 \x01(\x03\"*\n\x07\x41\x64\x64ress\x12\x0e\n\x06\x61gency\x18\x01 \x01(\t\x12\x0f\n\x07mailbox\x18\x02 \x01(\t\"a\n\rAttachmentRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12\x11\n\tfile_name\x18\x05 \x01(\t\"\x82\x01\n\x10\x44ocumentMetadata\x12\x15\n\rdocument_code\x18\x01 \x01(\t\x12\x14\n\x0csigner_title\x18\x02 \x01(\t\x12\x13\n\x0bsigner_name\x18\x03 \x01(\t\x12,\n\x08\x64ue_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\tSignature\x12\x39\n\talgorithm\x18\x01 \x01(\x0e\x32&.chapar.exchange.v1.SignatureAlgorithm\x12\x0e\n\x06key_id\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\"J\n\x13\x42\x61tchInclusionProof\x12\x11\n\ttree_size\x18\x01 \x01(\x04\x12\x12\n\nleaf_index\x18\x02 \x01(\x04\x12\x0c\n\x04path\x18\x03 \x03(\x0c*a\n\x0bShamsDomain\x12\x1c\n\x18SHAMS_DOMAIN_UNSPECIFIED\x10\x00\x12\x19\n\x15SHAMS_DOMAIN_OUTGOING\x10\x01\x12\x19\n\x15SHAMS_DOMAIN_INTERNAL\x10\x02*\xc2\x01\n\nLetterKind\x12\x1b\n\x17LETTER_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12LETTER_KIND_LETTER\x10\x01\x12\x18\n\x14LETTER_KIND_CIRCULAR\x10\x02\x12\x17\n\x13LETTER_KIND_INQUIRY\x10\x03\x12\x15\n\x11LETTER_KIND_REPLY\x10\x04\x12\x1d\n\x19LETTER_KIND_STATUS_UPDATE\x10\x05\x12\x16\n\x12LETTER_KIND_RECALL\x10\x06*\x9a\x01\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPRIORITY_NORMAL\x10\x01\x12\x13\n\x0fPRIORITY_URGENT\x10\x02\x12\x18\n\x14PRIORITY_VERY_URGENT\x10\x03\x12\x14\n\x10PRIORITY_EXPRESS\x10\x04\x12\x1a\n\x16PRIORITY_TIMED_EXPRESS\x10\x05*\x85\x01\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSIGNATURE_ALGORITHM_ED25519\x10\x01\x12)\n%SIGNATURE_ALGORITHM_ECDSA_P256_SHA256\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!chapar/exchange/v1/envelope.proto\x12\x12\x63hapar.exchange.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x01\n\x08\x45nvelope\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x30\n\tsignature\x18\x02 \x01(\x0b\x32\x1d.chapar.exchange.v1.Signature\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12<\n\x0b\x62\x61tch_proof\x18\x04 \x01(\x0b\x32\'.chapar.exchange.v1.BatchInclusionProof\"\xab\x05\n\x0e\x45nvelopeHeader\x12(\n\x05shams\x18\x01 \x01(\x0b\x32\x19.chapar.exchange.v1.Shams\x12+\n\x06sender\x18\x02 \x01(\x0b\x32\x1b.chapar.exchange.v1.Address\x12/\n\nrecipients\x18\x03 \x03(\x0b\x32\x1b.chapar.exchange.v1.Address\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12,\n\x04kind\x18\x07 \x01(\x0e\x32\x1e.chapar.exchange.v1.LetterKind\x12.\n\x08priority\x18\x08 \x01(\x0e\x32\x1c.chapar.exchange.v1.Priority\x12.\n\x0bin_reply_to\x18\t \x01(\x0b\x32\x19.chapar.exchange.v1.Shams\x12.\n\x0bthread_root\x18\n \x01(\x0b\x32\x19.chapar.exchange.v1.Shams\x12\x14\n\x0c\x63ontent_type\x18\x0b \x01(\t\x12\x13\n\x0b\x62ody_sha256\x18\x0c \x01(\x0c\x12\x11\n\tbody_size\x18\r \x01(\x03\x12\x36\n\x0b\x61ttachments\x18\x0e \x03(\x0b\x32!.chapar.exchange.v1.AttachmentRef\x12\x36\n\x08metadata\x18\x0f \x01(\x0b\x32$.chapar.exchange.v1.DocumentMetadata\x12\x32\n\x06status\x18\x10 \x01(\x0e\x32\".chapar.exchange.v1.BusinessStatus\"h\n\x05Shams\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12/\n\x06\x64omain\x18\x02 \x01(\x0e\x32\x1f.chapar.exchange.v1.ShamsDomain\x12\x0c\n\x04year\x18\x03 \x01(\x05\x12\x10\n\x08sequence\x18\x04 \x01(\x03\"*\n\x07\x41\x64\x64ress\x12\x0e\n\x06\x61gency\x18\x01 \x01(\t\x12\x0f\n\x07mailbox\x18\x02 \x01(\t\"a\n\rAttachmentRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12\x11\n\tfile_name\x18\x05 \x01(\t\"\x82\x01\n\x10\x44ocumentMetadata\x12\x15\n\rdocument_code\x18\x01 \x01(\t\x12\x14\n\x0csigner_title\x18\x02 \x01(\t\x12\x13\n\x0bsigner_name\x18\x03 \x01(\t\x12,\n\x08\x64ue_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\tSignature\x12\x39\n\talgorithm\x18\x01 \x01(\x0e\x32&.chapar.exchange.v1.SignatureAlgorithm\x12\x0e\n\x06key_id\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\"J\n\x13\x42\x61tchInclusionProof\x12\x11\n\ttree_size\x18\x01 \x01(\x04\x12\x12\n\nleaf_index\x18\x02 \x01(\x04\x12\x0c\n\x04path\x18\x03 \x03(\x0c*a\n\x0bShamsDomain\x12\x1c\n\x18SHAMS_DOMAIN_UNSPECIFIED\x10\x00\x12\x19\n\x15SHAMS_DOMAIN_OUTGOING\x10\x01\x12\x19\n\x15SHAMS_DOMAIN_INTERNAL\x10\x02*\xc2\x01\n\nLetterKind\x12\x1b\n\x17LETTER_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12LETTER_KIND_LETTER\x10\x01\x12\x18\n\x14LETTER_KIND_CIRCULAR\x10\x02\x12\x17\n\x13LETTER_KIND_INQUIRY\x10\x03\x12\x15\n\x11LETTER_KIND_REPLY\x10\x04\x12\x1d\n\x19LETTER_KIND_STATUS_UPDATE\x10\x05\x12\x16\n\x12LETTER_KIND_RECALL\x10\x06*\xd5\x02\n\x0e\x42usinessStatus\x12\x1f\n\x1b\x42USINESS_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x42USINESS_STATUS_RECEIVED\x10\x01\x12\x1c\n\x18\x42USINESS_STATUS_REJECTED\x10\x02\x12\x1c\n\x18\x42USINESS_STATUS_ACCEPTED\x10\x03\x12\x1c\n\x18\x42USINESS_STATUS_ASSIGNED\x10\x04\x12\x1e\n\x1a\x42USINESS_STATUS_PROCESSING\x10\x05\x12\x1d\n\x19\x42USINESS_STATUS_COMPLETED\x10\x06\x12$\n BUSINESS_STATUS_RECALL_REQUESTED\x10\r\x12!\n\x1d\x42USINESS_STATUS_RECALL_AGREED\x10\x0f\x12\"\n\x1e\x42USINESS_STATUS_RECALL_REFUSED\x10\x10*\x9a\x01\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPRIORITY_NORMAL\x10\x01\x12\x13\n\x0fPRIORITY_URGENT\x10\x02\x12\x18\n\x14PRIORITY_VERY_URGENT\x10\x03\x12\x14\n\x10PRIORITY_EXPRESS\x10\x04\x12\x1a\n\x16PRIORITY_TIMED_EXPRESS\x10\x05*\x85\x01\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSIGNATURE_ALGORITHM_ED25519\x10\x01\x12)\n%SIGNATURE_ALGORITHM_ECDSA_P256_SHA256\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chapar.exchange.v1.envelope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHAMSDOMAIN']._serialized_start=1440
-  _globals['_SHAMSDOMAIN']._serialized_end=1537
-  _globals['_LETTERKIND']._serialized_start=1540
-  _globals['_LETTERKIND']._serialized_end=1734
-  _globals['_PRIORITY']._serialized_start=1737
-  _globals['_PRIORITY']._serialized_end=1891
-  _globals['_SIGNATUREALGORITHM']._serialized_start=1894
-  _globals['_SIGNATUREALGORITHM']._serialized_end=2027
+  _globals['_SHAMSDOMAIN']._serialized_start=1492
+  _globals['_SHAMSDOMAIN']._serialized_end=1589
+  _globals['_LETTERKIND']._serialized_start=1592
+  _globals['_LETTERKIND']._serialized_end=1786
+  _globals['_BUSINESSSTATUS']._serialized_start=1789
+  _globals['_BUSINESSSTATUS']._serialized_end=2130
+  _globals['_PRIORITY']._serialized_start=2133
+  _globals['_PRIORITY']._serialized_end=2287
+  _globals['_SIGNATUREALGORITHM']._serialized_start=2290
+  _globals['_SIGNATUREALGORITHM']._serialized_end=2423
   _globals['_ENVELOPE']._serialized_start=91
   _globals['_ENVELOPE']._serialized_end=243
   _globals['_ENVELOPEHEADER']._serialized_start=246
-  _globals['_ENVELOPEHEADER']._serialized_end=877
-  _globals['_SHAMS']._serialized_start=879
-  _globals['_SHAMS']._serialized_end=983
-  _globals['_ADDRESS']._serialized_start=985
-  _globals['_ADDRESS']._serialized_end=1027
-  _globals['_ATTACHMENTREF']._serialized_start=1029
-  _globals['_ATTACHMENTREF']._serialized_end=1126
-  _globals['_DOCUMENTMETADATA']._serialized_start=1129
-  _globals['_DOCUMENTMETADATA']._serialized_end=1259
-  _globals['_SIGNATURE']._serialized_start=1261
-  _globals['_SIGNATURE']._serialized_end=1362
-  _globals['_BATCHINCLUSIONPROOF']._serialized_start=1364
-  _globals['_BATCHINCLUSIONPROOF']._serialized_end=1438
+  _globals['_ENVELOPEHEADER']._serialized_end=929
+  _globals['_SHAMS']._serialized_start=931
+  _globals['_SHAMS']._serialized_end=1035
+  _globals['_ADDRESS']._serialized_start=1037
+  _globals['_ADDRESS']._serialized_end=1079
+  _globals['_ATTACHMENTREF']._serialized_start=1081
+  _globals['_ATTACHMENTREF']._serialized_end=1178
+  _globals['_DOCUMENTMETADATA']._serialized_start=1181
+  _globals['_DOCUMENTMETADATA']._serialized_end=1311
+  _globals['_SIGNATURE']._serialized_start=1313
+  _globals['_SIGNATURE']._serialized_end=1414
+  _globals['_BATCHINCLUSIONPROOF']._serialized_start=1416
+  _globals['_BATCHINCLUSIONPROOF']._serialized_end=1490
 # @@protoc_insertion_point(module_scope)

@@ -84,6 +84,62 @@ LETTER_KIND_RECALL: LetterKind.ValueType  # 6
 """A request to recall an earlier letter."""
 Global___LetterKind: _TypeAlias = LetterKind  # noqa: Y015
 
+class _BusinessStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BusinessStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BusinessStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUSINESS_STATUS_UNSPECIFIED: _BusinessStatus.ValueType  # 0
+    """Not set: the letter is not a status update."""
+    BUSINESS_STATUS_RECEIVED: _BusinessStatus.ValueType  # 1
+    """"01": the recipient has received the letter into its registry."""
+    BUSINESS_STATUS_REJECTED: _BusinessStatus.ValueType  # 2
+    """"02": the recipient refuses the letter (wrong addressee, incomplete, ...)."""
+    BUSINESS_STATUS_ACCEPTED: _BusinessStatus.ValueType  # 3
+    """"03": the recipient has accepted the letter for handling."""
+    BUSINESS_STATUS_ASSIGNED: _BusinessStatus.ValueType  # 4
+    """"04": the letter has been assigned to a unit or an official."""
+    BUSINESS_STATUS_PROCESSING: _BusinessStatus.ValueType  # 5
+    """"05": the letter is being handled."""
+    BUSINESS_STATUS_COMPLETED: _BusinessStatus.ValueType  # 6
+    """"06": handling of the letter is complete."""
+    BUSINESS_STATUS_RECALL_REQUESTED: _BusinessStatus.ValueType  # 13
+    """"13": the sender asks its recipients to recall (withdraw) the letter."""
+    BUSINESS_STATUS_RECALL_AGREED: _BusinessStatus.ValueType  # 15
+    """"15": the recipient agrees to the recall."""
+    BUSINESS_STATUS_RECALL_REFUSED: _BusinessStatus.ValueType  # 16
+    """"16": the recipient refuses the recall."""
+
+class BusinessStatus(_BusinessStatus, metaclass=_BusinessStatusEnumTypeWrapper):
+    """BusinessStatus is what an agency reports having done with a letter, in a letter of kind
+    LETTER_KIND_STATUS_UPDATE. The values are the status codes of Vietnam's edXML
+    inter-agency document exchange. A letter's recipients report every status but
+    BUSINESS_STATUS_RECALL_REQUESTED, which only its sender reports, to its recipients.
+    """
+
+BUSINESS_STATUS_UNSPECIFIED: BusinessStatus.ValueType  # 0
+"""Not set: the letter is not a status update."""
+BUSINESS_STATUS_RECEIVED: BusinessStatus.ValueType  # 1
+""""01": the recipient has received the letter into its registry."""
+BUSINESS_STATUS_REJECTED: BusinessStatus.ValueType  # 2
+""""02": the recipient refuses the letter (wrong addressee, incomplete, ...)."""
+BUSINESS_STATUS_ACCEPTED: BusinessStatus.ValueType  # 3
+""""03": the recipient has accepted the letter for handling."""
+BUSINESS_STATUS_ASSIGNED: BusinessStatus.ValueType  # 4
+""""04": the letter has been assigned to a unit or an official."""
+BUSINESS_STATUS_PROCESSING: BusinessStatus.ValueType  # 5
+""""05": the letter is being handled."""
+BUSINESS_STATUS_COMPLETED: BusinessStatus.ValueType  # 6
+""""06": handling of the letter is complete."""
+BUSINESS_STATUS_RECALL_REQUESTED: BusinessStatus.ValueType  # 13
+""""13": the sender asks its recipients to recall (withdraw) the letter."""
+BUSINESS_STATUS_RECALL_AGREED: BusinessStatus.ValueType  # 15
+""""15": the recipient agrees to the recall."""
+BUSINESS_STATUS_RECALL_REFUSED: BusinessStatus.ValueType  # 16
+""""16": the recipient refuses the recall."""
+Global___BusinessStatus: _TypeAlias = BusinessStatus  # noqa: Y015
+
 class _Priority:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -233,6 +289,7 @@ class EnvelopeHeader(_message.Message):
     BODY_SIZE_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """Subject line, Unicode NFC."""
     kind: Global___LetterKind.ValueType
@@ -245,6 +302,10 @@ class EnvelopeHeader(_message.Message):
     """SHA-256 of Envelope.body."""
     body_size: _builtins.int
     """Length of Envelope.body in bytes."""
+    status: Global___BusinessStatus.ValueType
+    """What the sender reports having done with the letter named by in_reply_to. Set on a
+    letter of kind LETTER_KIND_STATUS_UPDATE, and only there.
+    """
     @_builtins.property
     def shams(self) -> Global___Shams:
         """The national document number of this letter."""
@@ -303,10 +364,11 @@ class EnvelopeHeader(_message.Message):
         body_size: _builtins.int = ...,
         attachments: _abc.Iterable[Global___AttachmentRef] | None = ...,
         metadata: Global___DocumentMetadata | None = ...,
+        status: Global___BusinessStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "in_reply_to", b"in_reply_to", "metadata", b"metadata", "sender", b"sender", "shams", b"shams", "thread_root", b"thread_root"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body_sha256", b"body_sha256", "body_size", b"body_size", "content_type", b"content_type", "create_time", b"create_time", "expire_time", b"expire_time", "in_reply_to", b"in_reply_to", "kind", b"kind", "metadata", b"metadata", "priority", b"priority", "recipients", b"recipients", "sender", b"sender", "shams", b"shams", "subject", b"subject", "thread_root", b"thread_root"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body_sha256", b"body_sha256", "body_size", b"body_size", "content_type", b"content_type", "create_time", b"create_time", "expire_time", b"expire_time", "in_reply_to", b"in_reply_to", "kind", b"kind", "metadata", b"metadata", "priority", b"priority", "recipients", b"recipients", "sender", b"sender", "shams", b"shams", "status", b"status", "subject", b"subject", "thread_root", b"thread_root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -111,6 +111,7 @@ class LetterDraft(_message.Message):
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     SENDER_MAILBOX_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """Subject line; the node normalises it to NFC before it signs the header."""
     kind: _envelope_pb2.LetterKind.ValueType
@@ -123,9 +124,21 @@ class LetterDraft(_message.Message):
     """The letter's content."""
     sender_mailbox: _builtins.str
     """Optional mailbox of the sender inside its agency."""
+    status: _envelope_pb2.BusinessStatus.ValueType
+    """Set if and only if kind is LETTER_KIND_STATUS_UPDATE (INVALID_ARGUMENT, reasons
+    MISSING_STATUS, UNEXPECTED_STATUS, INVALID_STATUS). A status update's in_reply_to must
+    name a letter this node holds (NOT_FOUND, IN_REPLY_TO_NOT_FOUND); it goes from that
+    letter's sender to some of its recipients, or from one of its recipients to its
+    sender (PERMISSION_DENIED, NOT_A_PARTY), and only the sender reports
+    BUSINESS_STATUS_RECALL_REQUESTED, only recipients the others (INVALID_ARGUMENT,
+    STATUS_WRONG_DIRECTION).
+    """
     @_builtins.property
     def recipients(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Address]:
-        """The recipients; at least one, no duplicates."""
+        """The recipients; at least one, no duplicates. A status update may leave them out: it
+        then goes to the other side of the letter it is about (the sender of a letter this
+        agency received; every recipient of a letter it sent).
+        """
 
     @_builtins.property
     def in_reply_to(self) -> _envelope_pb2.Shams:
@@ -157,10 +170,11 @@ class LetterDraft(_message.Message):
         attachments: _abc.Iterable[_envelope_pb2.AttachmentRef] | None = ...,
         metadata: _envelope_pb2.DocumentMetadata | None = ...,
         sender_mailbox: _builtins.str = ...,
+        status: _envelope_pb2.BusinessStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "in_reply_to", b"in_reply_to", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body", b"body", "content_type", b"content_type", "expire_time", b"expire_time", "in_reply_to", b"in_reply_to", "kind", b"kind", "metadata", b"metadata", "priority", b"priority", "recipients", b"recipients", "sender_mailbox", b"sender_mailbox", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body", b"body", "content_type", b"content_type", "expire_time", b"expire_time", "in_reply_to", b"in_reply_to", "kind", b"kind", "metadata", b"metadata", "priority", b"priority", "recipients", b"recipients", "sender_mailbox", b"sender_mailbox", "status", b"status", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -361,19 +375,26 @@ class RecipientStatus(_message.Message):
 
     AGENCY_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    BUSINESS_STATUS_FIELD_NUMBER: _builtins.int
     agency: _builtins.str
     """Recipient agency code."""
     state: Global___DeliveryState.ValueType
     """Furthest state reached."""
+    business_status: _envelope_pb2.BusinessStatus.ValueType
+    """The latest business status this recipient reported about the letter (by the time it
+    signed its status update), among the status_updates of the response; unspecified if
+    none.
+    """
     def __init__(
         self,
         *,
         agency: _builtins.str = ...,
         state: Global___DeliveryState.ValueType = ...,
+        business_status: _envelope_pb2.BusinessStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency", b"agency", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency", b"agency", "business_status", b"business_status", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -804,6 +825,7 @@ class GetEnvelopeResponse(_message.Message):
     CERTIFICATES_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
     BODY_PURGED_FIELD_NUMBER: _builtins.int
+    STATUS_UPDATES_FIELD_NUMBER: _builtins.int
     direction: Global___LetterDirection.ValueType
     """Whether this agency sent or received it."""
     body_purged: _builtins.bool
@@ -828,6 +850,16 @@ class GetEnvelopeResponse(_message.Message):
     def statuses(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientStatus]:
         """Where the letter stands for each recipient (for a letter this agency sent)."""
 
+    @_builtins.property
+    def status_updates(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Envelope]:
+        """The signed status updates (letters of kind LETTER_KIND_STATUS_UPDATE) about this
+        letter that this node sent or received, in the order the node stored them. A received
+        one is here only if its sender is the other side of the letter (see
+        LetterDraft.status); any other is delivered as a letter but never linked. Their
+        signing certificates are among certificates. Retention may have removed a body (the
+        update's note): the header, and so the status, still verifies.
+        """
+
     def __init__(
         self,
         *,
@@ -837,10 +869,11 @@ class GetEnvelopeResponse(_message.Message):
         certificates: _abc.Iterable[_builtins.bytes] | None = ...,
         statuses: _abc.Iterable[Global___RecipientStatus] | None = ...,
         body_purged: _builtins.bool = ...,
+        status_updates: _abc.Iterable[_envelope_pb2.Envelope] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_purged", b"body_purged", "certificates", b"certificates", "direction", b"direction", "envelope", b"envelope", "evidence", b"evidence", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_purged", b"body_purged", "certificates", b"certificates", "direction", b"direction", "envelope", b"envelope", "evidence", b"evidence", "status_updates", b"status_updates", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -866,7 +899,9 @@ class EvidenceBundle(_message.Message):
     """The version of the directory those serials come from."""
     @_builtins.property
     def letter(self) -> Global___GetEnvelopeResponse:
-        """The letter as its node returned it: envelope, evidence, certificates, states."""
+        """The letter as its node returned it: envelope, evidence, certificates, states, status
+        updates.
+        """
 
     @_builtins.property
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
