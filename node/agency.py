@@ -26,18 +26,19 @@ from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, key_id, sha256
+from client_sdk.statuses import latest_statuses
 from client_sdk.trust import TrustStore, VerificationError, set_timestamp
 from node.config import NodeConfig
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code, letter_not_found
 from node.core.evidence import evidence_content, evidence_message
-from node.core.letters import build_header, normalise_text, validate_draft
+from node.core.letters import build_header, fit_status_update, normalise_text, validate_draft
 from node.core.splice import Field
 from node.document_store import DocumentStore
 from node.metrics import SUBMIT_REJECTED
 from node.rpc.errors import abort, to_submit_error
 from node.rpc.peer import peer_certificate
-from node.storage.node_store import NewLetter, NodeStore, StoredLetter, request_key
+from node.storage.node_store import HeldLetter, NewLetter, NodeStore, request_key
 from node.tasks import drain, every
 
 __all__ = ["Agency"]
@@ -59,6 +60,9 @@ F = TypeVar("F")
 R = TypeVar("R")
 # Letters numbered and signed together at most (several calls' worth; trees of 256).
 _MAX_SIGNING_GROUP = 4096
+_STATUS_UPDATE = pb.LETTER_KIND_STATUS_UPDATE
+_OUTGOING = pb.LetterDirection.LETTER_DIRECTION_OUTGOING
+_INCOMING = pb.LetterDirection.LETTER_DIRECTION_INCOMING
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,11 +462,17 @@ class Agency(pb.NodeServiceServicer):
                         documents=self.config.documents,
                     )
                     access.require([draft.sender_mailbox], f"the mailbox {draft.sender_mailbox!r}")
+                    parent = None
+                    if draft.kind == _STATUS_UPDATE:  # its letter decides its recipients
+                        parent = await self.store.held_letter(format_shams(draft.in_reply_to))
+                        self._fit_status_update(draft, parent, access, directory)
                     for ref in draft.attachments:
                         await self.require_document(access, ref.sha256, ref.uri)
                     self._check_documents(draft)
                     self._check_quota(draft)
-                    root = await self._thread_root(draft) if draft.HasField("in_reply_to") else None
+                    if parent is None and draft.HasField("in_reply_to"):  # a reply's thread
+                        parent = await self.store.held_letter(format_shams(draft.in_reply_to))
+                    root = _thread_root(parent) if parent is not None else None
                     valid.append((i, draft, root))
                     keys.append(key := request_key(access.identity.uri, request.request_id))
                     if key:
@@ -660,6 +670,7 @@ class Agency(pb.NodeServiceServicer):
             content,
             draft.sender_mailbox,
             [a.sha256 for a in draft.attachments],
+            format_shams(draft.in_reply_to) if draft.kind == _STATUS_UPDATE else "",
         )
 
     def _seal_letters(self, letters: Sequence[NewLetter]) -> None:
@@ -721,12 +732,35 @@ class Agency(pb.NodeServiceServicer):
                     retry_after_s=self.quota_retry_after_s,
                 )
 
-    async def _thread_root(self, draft: pb.LetterDraft) -> pb.Shams | None:
-        parent = await self.store.letter(format_shams(draft.in_reply_to))
+    def _fit_status_update(
+        self,
+        draft: pb.LetterDraft,
+        parent: HeldLetter | None,
+        access: Access,
+        directory: DirectoryView,
+    ) -> None:
+        """A status update must be about a letter this node holds, one the caller may see,
+        and go to the other side of it (filled in when the draft names no recipient)."""
+        about = format_shams(draft.in_reply_to)
         if parent is None:
-            return None
-        header = pb.EnvelopeHeader.FromString(parent.envelope.header)
-        return header.thread_root if header.HasField("thread_root") else header.shams
+            raise ChaparError(
+                Code.NOT_FOUND,
+                "IN_REPLY_TO_NOT_FOUND",
+                f"no letter {about} at this node: a status update is about a letter it holds",
+                metadata={"shams": about},
+                field_violations=[("draft.in_reply_to", "not held by this node")],
+            )
+        mailboxes = _mailboxes_of(parent.direction, parent.header, self.config.agency)
+        access.require(mailboxes, f"the letter {about}")
+        named = len(draft.recipients)
+        fit_status_update(
+            draft,
+            parent.header,
+            sender=self.config.agency,
+            received=parent.direction == _INCOMING,
+        )
+        for i in range(named, len(draft.recipients)):  # filled in: checked as named ones are
+            directory.require_recipient(draft.recipients[i].agency, f"draft.recipients[{i}].agency")
 
     async def SubmitEnvelope(
         self, request: pb.SubmitEnvelopeRequest, context: grpc.aio.ServicerContext
@@ -1018,13 +1052,6 @@ class Agency(pb.NodeServiceServicer):
                 _log_letters("letters handed over", handed, access)
         return [issued[o] if isinstance(o, str) else o for o in outcomes]
 
-    def _mailboxes_of(self, letter: StoredLetter) -> list[str]:
-        """This agency's mailboxes a letter belongs to: its sender's, or its recipients'."""
-        header = pb.EnvelopeHeader.FromString(letter.envelope.header)
-        if letter.direction == pb.LetterDirection.LETTER_DIRECTION_OUTGOING:
-            return [header.sender.mailbox]
-        return [r.mailbox for r in header.recipients if r.agency == self.config.agency]
-
     @staticmethod
     def _shams_of(shams: pb.Shams) -> str:
         from node.core.letters import validate_shams
@@ -1041,14 +1068,25 @@ class Agency(pb.NodeServiceServicer):
             letter = await self.store.letter(shams)
             if letter is None:
                 raise letter_not_found(shams, "at this node")
-            access.require(self._mailboxes_of(letter), f"the letter {shams}")
+            header = pb.EnvelopeHeader.FromString(letter.envelope.header)
+            access.require(
+                _mailboxes_of(letter.direction, header, self.config.agency),
+                f"the letter {shams}",
+            )
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
-        key_ids = [letter.envelope.signature.key_id, *(e.signature.key_id for e in letter.evidence)]
+        key_ids = [
+            letter.envelope.signature.key_id,
+            *(e.signature.key_id for e in letter.evidence),
+            *(u.signature.key_id for u in letter.status_updates),
+        ]
         certs = await self.store.certificates(key_ids)
         if self.directory is not None:
             certs.extend(self.directory.message.intermediate_certificates)
+        reported = latest_statuses(
+            pb.EnvelopeHeader.FromString(u.header) for u in letter.status_updates
+        )
         return pb.GetEnvelopeResponse(
             envelope=letter.envelope,
             direction=letter.direction,
@@ -1056,9 +1094,14 @@ class Agency(pb.NodeServiceServicer):
             certificates=certs,
             body_purged=letter.body_purged,
             statuses=[
-                pb.RecipientStatus(agency=a, state=pb.DeliveryState.ValueType(s))
+                pb.RecipientStatus(
+                    agency=a,
+                    state=pb.DeliveryState.ValueType(s),
+                    business_status=pb.BusinessStatus.ValueType(reported.get(a, 0)),
+                )
                 for a, s in letter.statuses.items()
             ],
+            status_updates=letter.status_updates,
         )
 
     async def ListAgencies(
@@ -1077,3 +1120,18 @@ class Agency(pb.NodeServiceServicer):
             intermediate_certificates=directory.message.intermediate_certificates,
             hub_signing_certificates=directory.message.hub_signing_certificates,
         )
+
+
+def _thread_root(parent: HeldLetter) -> pb.Shams:
+    """The first letter of the correspondence a new letter answering ``parent`` joins."""
+    header = parent.header
+    return header.thread_root if header.HasField("thread_root") else header.shams
+
+
+def _mailboxes_of(
+    direction: pb.LetterDirection.ValueType, header: pb.EnvelopeHeader, agency: str
+) -> list[str]:
+    """Agency ``agency``'s mailboxes a letter belongs to: its sender's, or its recipients'."""
+    if direction == _OUTGOING:
+        return [header.sender.mailbox]
+    return [r.mailbox for r in header.recipients if r.agency == agency]

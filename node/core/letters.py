@@ -16,7 +16,9 @@ from google.protobuf.message import DecodeError
 
 from client_sdk import pb
 from client_sdk.identity import is_agency_code
+from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
+from client_sdk.statuses import BUSINESS_STATUSES, status_update_fault
 from client_sdk.trust import set_timestamp, valid_timestamp
 from node.core.directory import DirectoryView
 from node.core.documents import DocumentLimits, validate_attachments
@@ -26,6 +28,7 @@ __all__ = [
     "DEFAULT_CONTENT_TYPE",
     "LetterLimits",
     "build_header",
+    "fit_status_update",
     "normalise_text",
     "quoted_shams",
     "valid_timestamp",
@@ -39,6 +42,7 @@ _PRIORITIES = frozenset(pb.Priority.values())
 _NEEDS_PARENT = frozenset(
     {pb.LetterKind.LETTER_KIND_REPLY, pb.LetterKind.LETTER_KIND_STATUS_UPDATE}
 )
+_STATUS_UPDATE = pb.LETTER_KIND_STATUS_UPDATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +113,9 @@ def validate_draft(
     directory.require_sender(sender)
     out = pb.LetterDraft()
     out.CopyFrom(draft)
-    if not draft.recipients:
+    # A status update without recipients goes to the other side of its letter, which
+    # only the node knows: fit_status_update fills them in.
+    if not draft.recipients and draft.kind != _STATUS_UPDATE:
         raise _invalid("NO_RECIPIENTS", "a letter needs at least one recipient", "draft.recipients")
     if len(draft.recipients) > limits.max_recipients:
         raise _invalid(
@@ -166,6 +172,17 @@ def validate_draft(
         raise _invalid(
             "MISSING_IN_REPLY_TO", "a reply or status update needs in_reply_to", "draft.in_reply_to"
         )
+    if draft.status:
+        if out.kind != _STATUS_UPDATE:
+            raise _invalid(
+                "UNEXPECTED_STATUS",
+                "status is set only on a letter of kind STATUS_UPDATE",
+                "draft.status",
+            )
+        if draft.status not in BUSINESS_STATUSES:
+            raise _invalid("INVALID_STATUS", "unknown business status", "draft.status")
+    elif out.kind == _STATUS_UPDATE:
+        raise _invalid("MISSING_STATUS", "a status update needs a status", "draft.status")
     out.content_type = normalise_text(
         draft.content_type or DEFAULT_CONTENT_TYPE,
         "draft.content_type",
@@ -213,6 +230,36 @@ def validate_draft(
     return out
 
 
+def fit_status_update(
+    draft: pb.LetterDraft, letter: pb.EnvelopeHeader, *, sender: str, received: bool
+) -> None:
+    """Checks a validated status update from ``sender`` against the header of the letter it
+    is about (held by this node: ``received`` by it, or sent); raises ChaparError.
+
+    A draft without recipients gets them here, in place: the letter's sender for a letter
+    this agency received, every recipient of one it sent. Directory and quota checks of
+    those recipients are the caller's (they come after this).
+    """
+    if not draft.recipients:
+        if received:
+            draft.recipients.append(letter.sender)
+        else:
+            draft.recipients.extend(letter.recipients)
+    fault = status_update_fault(letter, sender, [r.agency for r in draft.recipients], draft.status)
+    if fault is None:
+        return
+    about = format_shams(letter.shams)
+    if fault.reason == "NOT_A_PARTY":
+        raise ChaparError(
+            Code.PERMISSION_DENIED,
+            fault.reason,
+            fault.message,
+            metadata={"in_reply_to": about},
+            field_violations=[("draft.recipients", fault.message)],
+        )
+    raise _invalid(fault.reason, fault.message, "draft.status", in_reply_to=about)
+
+
 def build_header(
     draft: pb.LetterDraft,
     *,
@@ -233,6 +280,7 @@ def build_header(
         body_sha256=sha256(draft.body),
         body_size=len(draft.body),
         attachments=draft.attachments,
+        status=draft.status,  # unspecified (not serialised) but on a status update
     )
     set_timestamp(header.create_time, now)
     if draft.HasField("expire_time"):

@@ -67,6 +67,8 @@ _REFETCH_AT_MOST_S = 300.0
 _EXPIRY_SKEW_S = 60.0
 # The hub's refusal of an agency missing from its directory (node.hub, _peer).
 _UNKNOWN_SENDER = "UNKNOWN_SENDER"
+# Read once: a status update is linked to its letter as it is stored (NodeStore).
+_STATUS_UPDATE = pb.LETTER_KIND_STATUS_UPDATE
 
 
 class _Refused(Exception):
@@ -496,6 +498,7 @@ class _Session:
         now_s = now.timestamp()
         good: list[tuple[str, str, list[str], pb.Envelope]] = []
         documents: list[list[bytes]] = []  # each good letter's attachments (SHA-256)
+        updates: dict[int, pb.EnvelopeHeader] = {}  # status updates among them, by index
         verified_ids: list[tuple[pb.Shams, bytes]] = []  # each good letter's number and digest
         refused: list[tuple[pb.Shams | None, bytes, VerificationError]] = []
         before, turn = self._stored_turn, asyncio.get_running_loop().create_future()
@@ -540,6 +543,8 @@ class _Session:
             )
             documents.append(senders_documents(header, header.sender.agency))
             verified_ids.append((header.shams, digest))
+            if header.kind == _STATUS_UPDATE and header.HasField("in_reply_to"):
+                updates[len(good) - 1] = header
 
         fresh: set[int] = set()  # the letters new to the inbox, by their place in good
 
@@ -560,7 +565,7 @@ class _Session:
         if good:
             receipts.extend(
                 await agency.store.store_incoming(
-                    good, make_delivery, agency.signer.seal_evidence, documents
+                    good, make_delivery, agency.signer.seal_evidence, documents, updates
                 )
             )
             agency.notify_inbox()  # DELIVERED is counted at the commit (node.monitor)

@@ -13,14 +13,17 @@ already had, so nobody reads and parses the rows again.
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
 from client_sdk import pb
+from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
+from client_sdk.statuses import status_update_fault
 from node.core import lifecycle
 from node.core.errors import ChaparError, letter_not_found, request_id_reused
 from node.core.splice import Field
@@ -29,6 +32,7 @@ from node.storage.db import Database, Job, Page, Store, advance_states, existing
 __all__ = [
     "MIGRATIONS",
     "EvidenceListener",
+    "HeldLetter",
     "NewLetter",
     "NodeStore",
     "StoredEvidence",
@@ -37,6 +41,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger("chapar.node")
 # (SHAMS text, parsed content) of the evidence rows one job wrote, in their order.
 _Stored = list[tuple[str, pb.EvidenceContent]]
 
@@ -132,6 +137,15 @@ MIGRATIONS = [
     """
     ALTER TABLE outbox ADD COLUMN request_digest BLOB;
     """,
+    # 6: business status updates linked to the letter they are about (``about``): those
+    # this agency sent (box 'O') and those it received (box 'I') from the other side of
+    # that letter (client_sdk.statuses). The rowid is the order they were stored in.
+    """
+    CREATE TABLE status_links (
+        shams TEXT PRIMARY KEY, about TEXT NOT NULL, box TEXT NOT NULL
+    );
+    CREATE INDEX status_links_about ON status_links (about);
+    """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
 # Between a client's identity and its request_id in the stored key (ids may not hold it).
@@ -176,6 +190,7 @@ class NewLetter:
     content: pb.EvidenceContent  # of the receipt's SUBMISSION_ACCEPTANCE evidence, parsed
     mailbox: str = ""  # the sender's mailbox
     documents: Sequence[bytes] = ()  # SHA-256 of each attachment
+    about: str = ""  # for a status update: the SHAMS text of the letter it is about
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +202,16 @@ class StoredLetter:
     evidence: list[pb.Evidence]
     statuses: dict[str, int]
     body_purged: bool = False
+    status_updates: list[pb.Envelope] = field(default_factory=list)  # linked, in stored order
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLetter:
+    """A letter this node holds, as a new letter that names it needs it: where it is and
+    its (verified when stored) header."""
+
+    direction: pb.LetterDirection.ValueType
+    header: pb.EnvelopeHeader
 
 
 class NodeStore(Store):
@@ -345,6 +370,12 @@ class NodeStore(Store):
                 conn,
                 [(b.shams_text, [b.mailbox], b.documents) for b in built.values() if b.documents],
             )
+            links = [(b.shams_text, b.about) for b in built.values() if b.about]
+            if links:  # status updates (the node checked them against their letters)
+                conn.executemany(
+                    "INSERT OR IGNORE INTO status_links (shams, about, box) VALUES (?, ?, 'O')",
+                    links,
+                )
             out: list[pb.Receipt | ChaparError] = []
             for i, rid in enumerate(request_ids):
                 if i in built:
@@ -459,6 +490,7 @@ class NodeStore(Store):
         make_delivery: Callable[[int], pb.Evidence],
         seal: Callable[[Sequence[pb.Evidence]], None] | None = None,
         documents: Sequence[Sequence[bytes]] = (),
+        updates: Mapping[int, pb.EnvelopeHeader] | None = None,
     ) -> list[StoredEvidence]:
         """Stores received letters (shams, sender, mailboxes, envelope) once each.
 
@@ -466,7 +498,10 @@ class NodeStore(Store):
         letter already in the inbox (a redelivery), else a new one from ``make_delivery(i)``,
         queued for the hub. ``seal``, if given, signs the new evidence at once, in place,
         before it is stored. ``documents[i]``, if given, are the SHA-256 digests of letter
-        ``i``'s attachments.
+        ``i``'s attachments. ``updates[i]``, if given, is the verified header of letter
+        ``i``, a status update: it is linked to the letter it is about, in the same
+        transaction, when this node holds that letter and the update fits it
+        (``client_sdk.statuses``); otherwise it is only delivered.
         """
 
         def job(conn: sqlite3.Connection) -> tuple[list[StoredEvidence], _Stored]:
@@ -520,6 +555,12 @@ class NodeStore(Store):
                         for shams, (i, _) in new.items()
                         if documents[i]
                     ],
+                )
+            if updates:
+                # In the writer, after the rows above: a letter stored by an earlier frame,
+                # or earlier in this one, is seen (a recall request right behind its letter).
+                _link_received(
+                    conn, [(shams, updates[i]) for shams, (i, _) in new.items() if i in updates]
                 )
             return out, [(s, c) for s, _, _, _, c, _ in rows]
 
@@ -680,7 +721,37 @@ class NodeStore(Store):
             )
         ]
         envelope = pb.Envelope.FromString(_with_body(row[0], row[2]))
-        return StoredLetter(direction, envelope, evidence, statuses, bool(row[1]))
+        updates = [
+            pb.Envelope.FromString(_with_body(r[0], r[1]))
+            for r in await self.db.fetchall(
+                "SELECT CASE l.box"
+                " WHEN 'O' THEN (SELECT envelope FROM outbox WHERE shams = l.shams)"
+                " ELSE (SELECT envelope FROM inbox WHERE shams = l.shams) END, b.body "
+                "FROM status_links l LEFT JOIN bodies b ON b.box = l.box AND b.shams = l.shams "
+                "WHERE l.about = ? ORDER BY l.rowid",
+                (shams,),
+            )
+        ]
+        return StoredLetter(direction, envelope, evidence, statuses, bool(row[1]), updates)
+
+    async def held_letter(self, shams: str) -> HeldLetter | None:
+        """Where this node holds letter ``shams`` (sent first), with its header; None if it
+        holds no such letter. One read, for a reply or status update that names it."""
+        row = await self.db.fetchone(
+            "SELECT 1, envelope FROM outbox WHERE shams = ?"
+            " UNION ALL SELECT 2, envelope FROM inbox WHERE shams = ? ORDER BY 1 LIMIT 1",
+            (shams, shams),
+        )
+        if row is None:
+            return None
+        direction = (
+            pb.LetterDirection.LETTER_DIRECTION_OUTGOING
+            if row[0] == 1
+            else pb.LetterDirection.LETTER_DIRECTION_INCOMING
+        )
+        return HeldLetter(
+            direction, pb.EnvelopeHeader.FromString(pb.Envelope.FromString(row[1]).header)
+        )
 
     async def purge(self, before: float, limit: int = 500) -> int:
         """Drops the bodies of letters done with before ``before``; returns how many.
@@ -899,6 +970,44 @@ def _with_body(stored: bytes, body: bytes | None) -> bytes:
     if not body:
         return bytes(stored)
     return bytes(stored) + _BODY.one(body)
+
+
+def _link_received(
+    conn: sqlite3.Connection, items: Sequence[tuple[str, pb.EnvelopeHeader]]
+) -> None:
+    """Links received status updates (shams, verified header) to the letters they are
+    about, when this node holds that letter and the update fits it. One that does not fit
+    (a third party's "update" about someone else's letter: a forgery attempt) stays an
+    unlinked letter in the inbox and is logged; one about a letter never held here is
+    only delivered."""
+    links: list[tuple[str, str]] = []
+    for shams, update in items:
+        about = format_shams(update.in_reply_to)
+        # A letter to this agency itself is in both boxes, with the same header.
+        row = conn.execute(
+            "SELECT envelope FROM outbox WHERE shams = ?"
+            " UNION ALL SELECT envelope FROM inbox WHERE shams = ? LIMIT 1",
+            (about, about),
+        ).fetchone()
+        if row is None:
+            continue
+        letter = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(row[0]).header)
+        fault = status_update_fault(
+            letter, update.sender.agency, [r.agency for r in update.recipients], update.status
+        )
+        if fault is not None:
+            log.warning(
+                "status update %s about %s not linked: %s",
+                shams,
+                about,
+                fault.message,
+                extra={"shams": [shams], "peer": update.sender.agency, "reason": fault.reason},
+            )
+            continue
+        links.append((shams, about))
+    conn.executemany(
+        "INSERT OR IGNORE INTO status_links (shams, about, box) VALUES (?, ?, 'I')", links
+    )
 
 
 def _index_stored_documents(

@@ -143,14 +143,14 @@ def _checking(agency: Agency) -> tuple[asyncio.Event, asyncio.Event]:
     """Holds the look-up of a reply's thread (a check) until the first event is set; the
     second is set once one is waiting."""
     release, checking = asyncio.Event(), asyncio.Event()
-    letter = agency.store.letter
+    held_letter = agency.store.held_letter
 
-    async def slow_letter(shams: str) -> Any:
+    async def slow_held_letter(shams: str) -> Any:
         checking.set()
         await release.wait()
-        return await letter(shams)
+        return await held_letter(shams)
 
-    agency.store.letter = slow_letter  # type: ignore[method-assign]
+    agency.store.held_letter = slow_held_letter  # type: ignore[method-assign]
     return release, checking
 
 

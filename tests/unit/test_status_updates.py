@@ -1,0 +1,396 @@
+"""Business status updates: the one rule of who reports what about which letter, the
+node's checks of a draft, and how the node's store links updates to their letters.
+
+Pure rules run without I/O; the store runs on real SQLite files under tmp_path, with plain
+(unsigned) envelopes, which is all the store looks at (the node verifies before it stores).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from client_sdk import pb
+from client_sdk.shams import format_shams
+from client_sdk.statuses import latest_statuses, status_name, status_update_fault
+from node.core.directory import DirectoryView
+from node.core.errors import ChaparError, Code
+from node.core.letters import LetterLimits, build_header, fit_status_update, validate_draft
+from node.storage.db import Database
+from node.storage.node_store import MIGRATIONS, NewLetter, NodeStore
+
+A = "000.00.00.G22"  # sends the letter
+B = "10861234567"  # receives it
+D = "MOF.IR"  # receives it too
+C = "MOFA.IR"  # a third party
+NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
+S = pb.BusinessStatus
+ACCEPTED = S.BUSINESS_STATUS_ACCEPTED
+COMPLETED = S.BUSINESS_STATUS_COMPLETED
+RECALL = S.BUSINESS_STATUS_RECALL_REQUESTED
+STATUS_UPDATE = pb.LetterKind.LETTER_KIND_STATUS_UPDATE
+OUT = pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING
+
+
+def _shams(origin: str, sequence: int) -> pb.Shams:
+    return pb.Shams(origin=origin, domain=OUT, year=2026, sequence=sequence)
+
+
+def _header(
+    shams: pb.Shams,
+    *,
+    to: Sequence[str | pb.Address],
+    about: pb.Shams | None = None,
+    status: int = 0,
+    created: dt.datetime = NOW,
+    sender_mailbox: str = "",
+) -> pb.EnvelopeHeader:
+    header = pb.EnvelopeHeader(
+        shams=shams,
+        sender=pb.Address(agency=shams.origin, mailbox=sender_mailbox),
+        recipients=[pb.Address(agency=r) if isinstance(r, str) else r for r in to],
+        subject="s",
+        kind=STATUS_UPDATE if about is not None else pb.LetterKind.LETTER_KIND_LETTER,
+        status=status,  # type: ignore[arg-type]
+    )
+    header.create_time.FromDatetime(created)
+    if about is not None:
+        header.in_reply_to.CopyFrom(about)
+    return header
+
+
+LETTER = _header(_shams(A, 1), to=[B, pb.Address(agency=D, mailbox="legal")])
+
+
+# -- the rule: who may report what ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sender", "to", "status", "fault"),
+    [
+        (B, [A], ACCEPTED, None),
+        (D, [A], COMPLETED, None),
+        (A, [B, D], RECALL, None),
+        (A, [D], RECALL, None),  # some of its recipients
+        (C, [A], COMPLETED, "NOT_A_PARTY"),  # a third party about someone else's letter
+        (C, [B], COMPLETED, "NOT_A_PARTY"),
+        (B, [D], ACCEPTED, "NOT_A_PARTY"),  # a recipient to another recipient
+        (B, [A, C], ACCEPTED, "NOT_A_PARTY"),  # ... or to the sender and an outsider
+        (A, [B, C], RECALL, "NOT_A_PARTY"),  # the sender to someone it did not write to
+        (A, [], RECALL, "NOT_A_PARTY"),
+        (B, [A], RECALL, "STATUS_WRONG_DIRECTION"),  # a recall is the sender's to ask
+        (A, [B], COMPLETED, "STATUS_WRONG_DIRECTION"),  # handling is the recipient's to report
+        (B, [A], S.BUSINESS_STATUS_UNSPECIFIED, "MISSING_STATUS"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, (str, type(None))) else None,
+)
+def test_an_update_fits_its_letter_only_between_its_two_sides(
+    sender: str, to: list[str], status: int, fault: str | None
+) -> None:
+    found = status_update_fault(LETTER, sender, to, status)
+    assert (found.reason if found else None) == fault
+    if found is not None:
+        assert format_shams(LETTER.shams) in found.message or sender in found.message
+
+
+def test_the_latest_status_is_the_one_signed_last_not_the_one_stored_last() -> None:
+    minute_later = NOW + dt.timedelta(minutes=1)
+    later = _header(
+        _shams(B, 2), to=[A], about=LETTER.shams, status=COMPLETED, created=minute_later
+    )
+    earlier = _header(_shams(B, 1), to=[A], about=LETTER.shams, status=ACCEPTED)
+    same_time = _header(_shams(D, 8), to=[A], about=LETTER.shams, status=ACCEPTED)
+    same_time_next = _header(_shams(D, 9), to=[A], about=LETTER.shams, status=COMPLETED)
+    assert latest_statuses([later, earlier, same_time_next, same_time]) == {
+        B: COMPLETED,
+        D: COMPLETED,  # same time: the higher number
+    }
+    assert latest_statuses([]) == {}
+    assert status_name(RECALL) == "RECALL_REQUESTED"
+    assert status_name(99) == "99"
+
+
+# -- the submitting node: the draft on its own ---------------------------------------------
+
+
+def _directory() -> DirectoryView:
+    agencies = [pb.Agency(code=c, state=pb.AGENCY_STATE_ACTIVE) for c in (A, B, C, D)]
+    return DirectoryView(pb.Directory(version=1, agencies=agencies))
+
+
+def _validate(draft: pb.LetterDraft, sender: str = B) -> pb.LetterDraft:
+    return validate_draft(
+        draft, sender=sender, directory=_directory(), limits=LetterLimits(), now=NOW
+    )
+
+
+def _status_draft(**fields: object) -> pb.LetterDraft:
+    base: dict[str, object] = {
+        "recipients": [pb.Address(agency=A)],
+        "subject": "Accepted",
+        "kind": STATUS_UPDATE,
+        "status": ACCEPTED,
+        "in_reply_to": LETTER.shams,
+    }
+    base.update(fields)
+    return pb.LetterDraft(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("draft", "reason"),
+    [
+        (_status_draft(kind=pb.LetterKind.LETTER_KIND_LETTER), "UNEXPECTED_STATUS"),
+        (_status_draft(kind=pb.LetterKind.LETTER_KIND_UNSPECIFIED), "UNEXPECTED_STATUS"),
+        (_status_draft(kind=pb.LetterKind.LETTER_KIND_REPLY), "UNEXPECTED_STATUS"),
+        (_status_draft(status=S.BUSINESS_STATUS_UNSPECIFIED), "MISSING_STATUS"),
+        (_status_draft(status=7), "INVALID_STATUS"),
+        (_status_draft(in_reply_to=None), "MISSING_IN_REPLY_TO"),
+    ],
+    ids=[
+        "status-on-a-letter",
+        "status-on-unspecified",
+        "status-on-a-reply",
+        "no-status",
+        "unknown-status",
+        "no-in-reply-to",
+    ],
+)
+def test_status_is_set_if_and_only_if_the_kind_is_status_update(
+    draft: pb.LetterDraft, reason: str
+) -> None:
+    with pytest.raises(ChaparError) as refused:
+        _validate(draft)
+    assert (refused.value.code, refused.value.reason) == (Code.INVALID_ARGUMENT, reason)
+    field = "draft.in_reply_to" if reason == "MISSING_IN_REPLY_TO" else "draft.status"
+    assert [f for f, _ in refused.value.field_violations] == [field]
+
+
+def test_a_status_update_may_leave_its_recipients_out_and_a_letter_may_not() -> None:
+    out = _validate(_status_draft(recipients=[]))
+    assert list(out.recipients) == []
+    with pytest.raises(ChaparError) as refused:
+        _validate(_status_draft(recipients=[], kind=pb.LetterKind.LETTER_KIND_LETTER, status=0))
+    assert refused.value.reason == "NO_RECIPIENTS"
+
+
+def test_the_status_is_signed_in_the_header_of_a_status_update_only() -> None:
+    update = _validate(_status_draft())
+    header = pb.EnvelopeHeader.FromString(
+        build_header(update, sender=B, shams=_shams(B, 3), now=NOW)
+    )
+    assert (header.kind, header.status, header.in_reply_to) == (
+        STATUS_UPDATE,
+        ACCEPTED,
+        LETTER.shams,
+    )
+    letter = _validate(_status_draft(kind=pb.LetterKind.LETTER_KIND_LETTER, status=0))
+    plain = pb.EnvelopeHeader.FromString(
+        build_header(letter, sender=B, shams=_shams(B, 4), now=NOW)
+    )
+    assert plain.status == S.BUSINESS_STATUS_UNSPECIFIED
+
+
+# -- the submitting node: the draft against the letter it names ----------------------------
+
+
+def test_without_recipients_a_received_letters_update_goes_to_its_senders_mailbox() -> None:
+    letter = _header(_shams(A, 1), to=[B, D], sender_mailbox="registry")
+    draft = _status_draft(recipients=[])
+    fit_status_update(draft, letter, sender=B, received=True)
+    assert [(r.agency, r.mailbox) for r in draft.recipients] == [(A, "registry")]
+
+
+def test_without_recipients_a_sent_letters_recall_goes_to_every_recipient() -> None:
+    draft = _status_draft(recipients=[], status=RECALL)
+    fit_status_update(draft, LETTER, sender=A, received=False)
+    assert [(r.agency, r.mailbox) for r in draft.recipients] == [(B, ""), (D, "legal")]
+
+
+@pytest.mark.parametrize(
+    ("sender", "to", "status", "received", "code", "reason", "field"),
+    [
+        (B, [C], ACCEPTED, True, Code.PERMISSION_DENIED, "NOT_A_PARTY", "draft.recipients"),
+        (B, [A, D], ACCEPTED, True, Code.PERMISSION_DENIED, "NOT_A_PARTY", "draft.recipients"),
+        (A, [C], RECALL, False, Code.PERMISSION_DENIED, "NOT_A_PARTY", "draft.recipients"),
+        (B, [A], RECALL, True, Code.INVALID_ARGUMENT, "STATUS_WRONG_DIRECTION", "draft.status"),
+        (A, [B], ACCEPTED, False, Code.INVALID_ARGUMENT, "STATUS_WRONG_DIRECTION", "draft.status"),
+    ],
+    ids=[
+        "to-a-third-party",
+        "to-a-co-recipient",
+        "recall-to-a-non-recipient",
+        "recall-by-a-recipient",
+        "accepted-by-the-sender",
+    ],
+)
+def test_an_update_that_does_not_fit_its_letter_is_refused(
+    sender: str,
+    to: list[str],
+    status: int,
+    received: bool,
+    code: Code,
+    reason: str,
+    field: str,
+) -> None:
+    draft = _status_draft(recipients=[pb.Address(agency=r) for r in to], status=status)
+    with pytest.raises(ChaparError) as refused:
+        fit_status_update(draft, LETTER, sender=sender, received=received)
+    assert (refused.value.code, refused.value.reason) == (code, reason)
+    assert refused.value.metadata == {"in_reply_to": format_shams(LETTER.shams)}
+    assert [f for f, _ in refused.value.field_violations] == [field]
+
+
+# -- the node's store: links -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[NodeStore]:
+    node_store = await NodeStore.open(tmp_path / "node.db", durability="normal")
+    yield node_store
+    await node_store.close()
+
+
+def _envelope(header: pb.EnvelopeHeader, body: bytes = b"") -> pb.Envelope:
+    return pb.Envelope(header=header.SerializeToString(deterministic=True), body=body)
+
+
+def _incoming(
+    header: pb.EnvelopeHeader, body: bytes = b""
+) -> tuple[str, str, list[str], pb.Envelope]:
+    return (format_shams(header.shams), header.sender.agency, [""], _envelope(header, body))
+
+
+def _delivery(_: object) -> pb.Evidence:
+    content = pb.EvidenceContent(evidence_id=str(uuid.uuid4()), event=pb.EVIDENCE_EVENT_DELIVERY)
+    return pb.Evidence(content=content.SerializeToString())
+
+
+def _sent(header: pb.EnvelopeHeader, about: str = "") -> NewLetter:
+    envelope = _envelope(header, b"note")
+    digest = hashlib.sha256(envelope.header).digest()
+    content = pb.EvidenceContent(
+        evidence_id=str(uuid.uuid4()), event=pb.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
+    )
+    text = format_shams(header.shams)
+    receipt = pb.Receipt(
+        shams=header.shams,
+        shams_text=text,
+        envelope_sha256=digest,
+        evidence=pb.Evidence(content=content.SerializeToString()),
+    )
+    recipients = [r.agency for r in header.recipients]
+    return NewLetter(text, envelope, digest, recipients, receipt, content, about=about)
+
+
+async def _send(store: NodeStore, header: pb.EnvelopeHeader, about: str = "") -> None:
+    await store.submit(
+        [""],
+        origin=header.shams.origin,
+        domain=OUT,
+        year=2026,
+        build=lambda _i, _shams: _sent(header, about),
+    )
+
+
+async def _receive(store: NodeStore, *headers: pb.EnvelopeHeader) -> None:
+    updates = {i: h for i, h in enumerate(headers) if h.kind == STATUS_UPDATE}
+    await store.store_incoming([_incoming(h) for h in headers], _delivery, None, (), updates)
+
+
+def _statuses(letter_updates: list[pb.Envelope]) -> list[tuple[str, int]]:
+    headers = [pb.EnvelopeHeader.FromString(u.header) for u in letter_updates]
+    return [(h.sender.agency, h.status) for h in headers]
+
+
+async def test_updates_from_the_other_side_are_linked_in_the_order_they_were_stored(
+    store: NodeStore,
+) -> None:
+    about = format_shams(LETTER.shams)
+    await _send(store, LETTER)
+    accepted = _header(_shams(B, 1), to=[A], about=LETTER.shams, status=ACCEPTED)
+    completed = _header(_shams(B, 2), to=[A], about=LETTER.shams, status=COMPLETED)
+    from_d = _header(_shams(D, 1), to=[A], about=LETTER.shams, status=ACCEPTED)
+    await _receive(store, accepted)
+    await _receive(store, completed, from_d)
+    await _receive(store, accepted)  # delivered again: linked once
+    letter = await store.letter(about)
+    assert letter is not None
+    assert _statuses(letter.status_updates) == [(B, ACCEPTED), (B, COMPLETED), (D, ACCEPTED)]
+    assert await store.count("inbox") == 3  # each is a letter in the inbox as well
+
+
+async def test_a_third_partys_update_is_delivered_and_never_linked(
+    store: NodeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _send(store, LETTER)
+    forged = _header(_shams(C, 1), to=[A], about=LETTER.shams, status=COMPLETED)
+    wrong_way = _header(_shams(B, 1), to=[A], about=LETTER.shams, status=RECALL)
+    with caplog.at_level(logging.WARNING, logger="chapar.node"):
+        await _receive(store, forged, wrong_way)
+    letter = await store.letter(format_shams(LETTER.shams))
+    assert letter is not None
+    assert letter.status_updates == []
+    assert await store.count("inbox") == 2  # delivered: the back-end sees both as letters
+    reasons = [getattr(r, "reason", None) for r in caplog.records]
+    assert reasons == ["NOT_A_PARTY", "STATUS_WRONG_DIRECTION"]
+
+
+async def test_an_update_about_a_letter_never_held_is_delivered_unlinked(store: NodeStore) -> None:
+    unknown = _header(_shams(B, 1), to=[A], about=_shams(A, 999), status=ACCEPTED)
+    await _receive(store, unknown)
+    assert await store.count("inbox") == 1
+    assert await store.db.fetchall("SELECT * FROM status_links") == []
+
+
+async def test_a_recall_request_right_behind_its_letter_is_linked(store: NodeStore) -> None:
+    # B holds A's letter once it arrives; A's recall may come in the very same frame.
+    letter = _header(_shams(A, 5), to=[B])
+    recall = _header(_shams(A, 6), to=[B], about=letter.shams, status=RECALL)
+    await _receive(store, letter, recall)
+    held = await store.letter(format_shams(letter.shams))
+    assert held is not None
+    assert held.direction == pb.LetterDirection.LETTER_DIRECTION_INCOMING
+    assert _statuses(held.status_updates) == [(A, RECALL)]
+
+
+async def test_an_update_this_node_sent_is_linked_with_its_body(store: NodeStore) -> None:
+    letter = _header(_shams(A, 5), to=[B])
+    await _receive(store, letter)
+    mine = _header(_shams(B, 1), to=[A], about=letter.shams, status=ACCEPTED)
+    await _send(store, mine, about=format_shams(letter.shams))
+    held = await store.letter(format_shams(letter.shams))
+    assert held is not None
+    assert _statuses(held.status_updates) == [(B, ACCEPTED)]
+    assert held.status_updates[0].body == b"note"
+    assert held.status_updates[0] == _envelope(mine, b"note")
+
+
+async def test_a_held_letter_is_found_in_the_outbox_or_the_inbox(store: NodeStore) -> None:
+    received = _header(_shams(B, 7), to=[A])
+    await _send(store, LETTER)
+    await _receive(store, received)
+    sent = await store.held_letter(format_shams(LETTER.shams))
+    got = await store.held_letter(format_shams(received.shams))
+    assert sent is not None
+    assert got is not None
+    assert (sent.direction, sent.header) == (pb.LetterDirection.LETTER_DIRECTION_OUTGOING, LETTER)
+    assert (got.direction, got.header) == (pb.LetterDirection.LETTER_DIRECTION_INCOMING, received)
+    assert await store.held_letter(format_shams(_shams(C, 1))) is None
+
+
+async def test_a_database_of_schema_5_gains_the_link_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = await Database.open(path, MIGRATIONS[:5])
+    await old.close()
+    store = await NodeStore.open(path)
+    try:
+        assert await store.db.fetchone("PRAGMA user_version") == (len(MIGRATIONS),)
+        assert await store.db.fetchall("SELECT * FROM status_links") == []
+    finally:
+        await store.close()
