@@ -14,6 +14,7 @@ from client_sdk.client import Draft as Draft
 from client_sdk.client import ExchangeClient as ExchangeClient
 from client_sdk.client import Letter as Letter
 from client_sdk.client import Receipt as Receipt
+from client_sdk.client import StatusUpdate as StatusUpdate
 from client_sdk.client import Tracking as Tracking
 from client_sdk.client import VerifiedEvidence as VerifiedEvidence
 from client_sdk.credentials import Credentials as Credentials
@@ -54,6 +55,7 @@ __all__ = [
     "PermissionDenied",
     "Receipt",
     "ResourceExhausted",
+    "StatusUpdate",
     "SyncExchangeClient",
     "Tracking",
     "Unauthenticated",

@@ -68,6 +68,12 @@ from client_sdk.errors import (
 from client_sdk.ids import uuid7
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import sha256
+from client_sdk.statuses import (
+    BUSINESS_STATUSES,
+    latest_statuses,
+    status_name,
+    status_update_fault,
+)
 from client_sdk.trust import (
     TrustStore,
     VerificationError,
@@ -103,8 +109,11 @@ __all__ = [
     "Recipient",
     "ShamsLike",
     "SharedStream",
+    "StatusLike",
+    "StatusUpdate",
     "Tracking",
     "VerifiedEvidence",
+    "to_business_status",
     "to_letter_kind",
     "to_priority",
 ]
@@ -147,6 +156,9 @@ KindLike: TypeAlias = "pb.LetterKind.ValueType | int | str"
 """A LetterKind value, or its name: "letter", "reply", "status-update", "LETTER_KIND_REPLY"."""
 PriorityLike: TypeAlias = "pb.Priority.ValueType | int | str"
 """A Priority value, or its name: "normal", "urgent", "very-urgent", "PRIORITY_EXPRESS"."""
+StatusLike: TypeAlias = "pb.BusinessStatus.ValueType | int | str"
+"""A BusinessStatus value, its name ("accepted", "recall-requested",
+"BUSINESS_STATUS_COMPLETED") or its edXML code ("03")."""
 ShamsLike: TypeAlias = "str | pb.Shams"
 """A SHAMS number, in canonical text or structured form."""
 AttachmentLike: TypeAlias = "pb.AttachmentRef | Path"
@@ -169,6 +181,9 @@ class Draft:
     metadata: pb.DocumentMetadata | None = None
     attachments: Sequence[pb.AttachmentRef] = ()
     sender_mailbox: str = ""
+    status: StatusLike | None = None
+    """Set on a status update (``kind="status_update"``), and only there; ``to`` may then
+    be empty: the update goes to the other side of the letter ``in_reply_to`` names."""
 
     def __post_init__(self) -> None:
         # A bare string is a Sequence[str] too; it means one recipient, not its characters.
@@ -210,6 +225,8 @@ class Draft:
             draft.attachments.extend(self.attachments)
         if self.sender_mailbox:
             draft.sender_mailbox = self.sender_mailbox
+        if self.status is not None:
+            draft.status = to_business_status(self.status)
         return request
 
 
@@ -280,6 +297,9 @@ class _LetterFields:
     envelope: pb.Envelope
     header: pb.EnvelopeHeader
     delivery: pb.Evidence
+    status: str | None
+    """For a status update (``kind == "STATUS_UPDATE"``), the status it reports about
+    ``in_reply_to`` ("ACCEPTED", ...); None for any other letter."""
 
     @staticmethod
     def _parse(item: pb.InboxLetter) -> dict[str, Any]:
@@ -308,6 +328,7 @@ class _LetterFields:
             "envelope": item.envelope,
             "header": header,
             "delivery": item.delivery,
+            "status": status_name(header.status) if header.status else None,
         }
 
     @property
@@ -409,8 +430,42 @@ class Letter(_LetterFields):
 
 
 @dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """A business status an agency reported about a letter: a signed letter of kind
+    STATUS_UPDATE. As parsed from its header; ``Tracking.verify`` checks it."""
+
+    shams: str
+    """The update's own number."""
+    agency: str
+    """Who reported it: the update's sender."""
+    status: str
+    """"ACCEPTED", "RECALL_REQUESTED", ..."""
+    time: dt.datetime | None
+    """When its sender signed it (its ``create_time``)."""
+    note: str
+    """Its body as text ("" once retention removed it)."""
+    envelope: pb.Envelope
+    header: pb.EnvelopeHeader
+
+    @classmethod
+    def from_envelope(cls, envelope: pb.Envelope) -> StatusUpdate:
+        """Raises ``DecodeError`` if the header bytes are not a header."""
+        header = pb.EnvelopeHeader.FromString(envelope.header)
+        return cls(
+            shams=format_shams(header.shams),
+            agency=header.sender.agency,
+            status=status_name(header.status),
+            time=_time(header, "create_time"),
+            note=envelope.body.decode("utf-8", errors="replace"),
+            envelope=envelope,
+            header=header,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Tracking:
-    """A letter as the node knows it: envelope, per-recipient state and evidence."""
+    """A letter as the node knows it: envelope, per-recipient state and evidence, and the
+    business status updates about it."""
 
     shams: str
     envelope: pb.Envelope
@@ -422,6 +477,12 @@ class Tracking:
     body_purged: bool = False
     revoked_serials: frozenset[int] = frozenset()
     """Serials a saved bundle listed as revoked (``from_bundle``); ``verify`` applies them."""
+    status_updates: list[StatusUpdate] = field(default_factory=list)
+    """The status updates about this letter its node sent or received, in the order it
+    stored them."""
+    business_statuses: dict[str, str] = field(default_factory=dict)
+    """Each recipient's latest reported status, as the node says (recipients that reported
+    one); ``verify`` checks it against the signed updates."""
 
     @classmethod
     def from_response(
@@ -444,6 +505,12 @@ class Tracking:
             evidence=list(response.evidence),
             certificates=list(response.certificates),
             body_purged=response.body_purged,
+            status_updates=[StatusUpdate.from_envelope(e) for e in response.status_updates],
+            business_statuses={
+                s.agency: status_name(s.business_status)
+                for s in response.statuses
+                if s.business_status
+            },
         )
 
     @classmethod
@@ -467,19 +534,27 @@ class Tracking:
         return replace(tracking, revoked_serials=revoked)
 
     def verify(self, trust: TrustStore) -> list[VerifiedEvidence]:
-        """Verifies the letter and every evidence offline, in order.
+        """Verifies the letter, every evidence and every status update offline, in order.
 
         Adds the response's certificates to ``trust`` (they still have to chain to its
         roots) and a bundle's revoked serials to its revocations, checks the sender's
         signature and body digest (unless retention purged the body: ``body_purged``),
         then each evidence's signature, issuer, and that it concerns this very letter
-        (SHAMS and header digest). Raises ``client_sdk.trust.VerificationError`` on the
-        first failure.
+        (SHAMS and header digest), then each status update: its signature (and its body's
+        digest, when it still has its body), that it is a status update about this letter,
+        and that it goes between the letter's two sides (``client_sdk.statuses``: a third
+        party's "update" fails with ``NOT_A_PARTY``); last, that each recipient's
+        ``business_statuses`` entry is its latest signed update. Returns the verified
+        evidence; raises ``client_sdk.trust.VerificationError`` on the first failure.
         """
         trust.add_certificates(self.certificates)
         if self.revoked_serials:
             trust.set_revoked(trust.revoked_serials | self.revoked_serials)
-        return _verify_letter(trust, self.envelope, self.evidence, check_body=not self.body_purged)
+        verified = _verify_letter(
+            trust, self.envelope, self.evidence, check_body=not self.body_purged
+        )
+        _verify_status_updates(trust, self.header, self.status_updates, self.business_statuses)
+        return verified
 
 
 class _Submittable(Protocol):
@@ -616,6 +691,7 @@ class ExchangeClient:
         metadata: pb.DocumentMetadata | None = None,
         attachments: Sequence[AttachmentLike] = (),
         sender_mailbox: str = "",
+        status: StatusLike | None = None,
         timeout: float | None = None,
     ) -> Receipt:
         """Submits one letter and returns its receipt.
@@ -626,6 +702,7 @@ class ExchangeClient:
         receipt (``receipt.request_id`` tells it), which makes retries safe.
         ``attachments`` holds references from ``upload`` or paths of files, which are
         uploaded first (identical content is stored once, so uploading again is harmless).
+        ``status`` is for ``kind="status_update"`` only (see ``send_status``).
         """
         refs = [a if isinstance(a, pb.AttachmentRef) else await self.upload(a) for a in attachments]
         draft = Draft(
@@ -641,7 +718,49 @@ class ExchangeClient:
             metadata=metadata,
             attachments=refs,
             sender_mailbox=sender_mailbox,
+            status=status,
         )
+        return await self._submit_one(draft, timeout)
+
+    async def send_status(
+        self,
+        about: ShamsLike,
+        status: StatusLike,
+        note: str = "",
+        *,
+        to: Sequence[Recipient] = (),
+        subject: str | None = None,
+        request_id: str | None = None,
+        sender_mailbox: str = "",
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Reports a business status about letter ``about`` (one this agency sent or
+        received) and returns the receipt of the status update, itself a signed letter.
+
+        Recipients of a letter report RECEIVED, REJECTED, ACCEPTED, ASSIGNED, PROCESSING,
+        COMPLETED, RECALL_AGREED or RECALL_REFUSED to its sender; its sender reports
+        RECALL_REQUESTED to its recipients. Without ``to`` the node addresses the update to
+        that other side (all of the recipients); ``to`` may name some of them. The node
+        refuses a letter it does not hold (``NotFound``, ``IN_REPLY_TO_NOT_FOUND``), an
+        addressee on neither side (``PermissionDenied``, ``NOT_A_PARTY``) and a status that
+        is the other side's to report (``InvalidArgument``, ``STATUS_WRONG_DIRECTION``).
+        ``note`` is the update's text; ``subject`` defaults to "<STATUS>: <about>".
+        """
+        name = status_name(to_business_status(status))
+        about_text = about if isinstance(about, str) else format_shams(about)
+        draft = Draft(
+            to=to,
+            subject=subject if subject is not None else f"{name}: {about_text}",
+            body=note,
+            kind=pb.LETTER_KIND_STATUS_UPDATE,
+            in_reply_to=about,
+            request_id=request_id,
+            sender_mailbox=sender_mailbox,
+            status=status,
+        )
+        return await self._submit_one(draft, timeout)
+
+    async def _submit_one(self, draft: Draft, timeout: float | None) -> Receipt:
         request = draft.to_request()
         with _translated():
             response: pb.SubmitEnvelopeResponse = await self._stub.SubmitEnvelope(
@@ -1792,13 +1911,9 @@ class _AsyncFeed:
         await asyncio.gather(self._pump, return_exceptions=True)
 
 
-def _verify_letter(
-    trust: TrustStore,
-    envelope: pb.Envelope,
-    evidence: Iterable[pb.Evidence],
-    *,
-    check_body: bool = True,
-) -> list[VerifiedEvidence]:
+def _verify_as_created(
+    trust: TrustStore, envelope: pb.Envelope, *, check_body: bool
+) -> pb.EnvelopeHeader:
     # Verify the signature as of the letter's own creation time, as verify_evidence does
     # with the event time, so a letter stays verifiable after its signer's certificate
     # expires; revocation is checked regardless of time.
@@ -1808,10 +1923,18 @@ def _verify_letter(
         raise VerificationError(
             "HEADER_MALFORMED", "header bytes are not an EnvelopeHeader"
         ) from exc
+    return trust.verify_envelope(envelope, at=_time(claimed, "create_time"), check_body=check_body)
+
+
+def _verify_letter(
+    trust: TrustStore,
+    envelope: pb.Envelope,
+    evidence: Iterable[pb.Evidence],
+    *,
+    check_body: bool = True,
+) -> list[VerifiedEvidence]:
     try:
-        header = trust.verify_envelope(
-            envelope, at=_time(claimed, "create_time"), check_body=check_body
-        )
+        header = _verify_as_created(trust, envelope, check_body=check_body)
     except VerificationError as exc:
         raise VerificationError(exc.reason, f"the letter: {exc}") from exc
     digest = sha256(envelope.header)
@@ -1831,6 +1954,49 @@ def _verify_letter(
             raise VerificationError(exc.reason, f"evidence {position}: {exc}") from exc
         verified.append(VerifiedEvidence.from_content(content))
     return verified
+
+
+def _verify_status_updates(
+    trust: TrustStore,
+    letter: pb.EnvelopeHeader,
+    updates: Sequence[StatusUpdate],
+    claimed: dict[str, str],
+) -> None:
+    """Each update signed by its sender, about ``letter`` (whose signature the caller
+    verified), between its two sides; then each claimed latest status backed by them."""
+    about = format_shams(letter.shams)
+    headers: list[pb.EnvelopeHeader] = []
+    for position, update in enumerate(updates, 1):
+        try:
+            # A body retention removed cannot be checked; the signed header, and so the
+            # status, still is. A body that is there must be the signed one.
+            header = _verify_as_created(
+                trust, update.envelope, check_body=bool(update.envelope.body)
+            )
+            if (
+                header.kind != pb.LETTER_KIND_STATUS_UPDATE
+                or not header.HasField("in_reply_to")
+                or header.in_reply_to != letter.shams
+            ):
+                raise VerificationError(
+                    "STATUS_UPDATE_MISMATCH",
+                    f"{format_shams(header.shams)} is not a status update about {about}",
+                )
+            recipients = [r.agency for r in header.recipients]
+            fault = status_update_fault(letter, header.sender.agency, recipients, header.status)
+            if fault is not None:
+                raise VerificationError(fault.reason, fault.message)
+        except VerificationError as exc:  # say which one, as for evidence
+            raise VerificationError(exc.reason, f"status update {position}: {exc}") from exc
+        headers.append(header)
+    signed = {agency: status_name(s) for agency, s in latest_statuses(headers).items()}
+    for agency, status in claimed.items():
+        if signed.get(agency) != status:
+            raise VerificationError(
+                "STATUS_MISMATCH",
+                f"{agency}'s latest status is given as {status}; its signed updates say"
+                f" {signed.get(agency, 'none')}",
+            )
 
 
 def _shams_pb(shams: ShamsLike) -> pb.Shams:
@@ -1870,6 +2036,17 @@ def to_letter_kind(value: KindLike) -> pb.LetterKind.ValueType:
     if number not in _LETTER_KINDS:
         raise ValueError(f"unknown letter kind {value!r}")
     return pb.LetterKind.ValueType(number)
+
+
+def to_business_status(value: StatusLike) -> pb.BusinessStatus.ValueType:
+    """The BusinessStatus of a value, a name such as "accepted" or "recall-requested", or
+    an edXML code such as "03"."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    number = _enum_value(pb.BusinessStatus.Value, value, "BUSINESS_STATUS_", "business status")
+    if number not in BUSINESS_STATUSES:
+        raise ValueError(f"unknown business status {value!r}")
+    return pb.BusinessStatus.ValueType(number)
 
 
 def to_priority(value: PriorityLike) -> pb.Priority.ValueType:

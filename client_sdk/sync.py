@@ -43,6 +43,7 @@ from client_sdk.client import (
     Receipt,
     Recipient,
     ShamsLike,
+    StatusLike,
     Tracking,
     _AttachmentFields,
     _client_closed,
@@ -247,6 +248,7 @@ class SyncExchangeClient:
         metadata: pb.DocumentMetadata | None = None,
         attachments: Sequence[AttachmentLike] = (),
         sender_mailbox: str = "",
+        status: StatusLike | None = None,
         timeout: float | None = None,
     ) -> Receipt:
         """Submits one letter; see ``ExchangeClient.send``."""
@@ -263,6 +265,33 @@ class SyncExchangeClient:
                 request_id=request_id,
                 metadata=metadata,
                 attachments=attachments,
+                sender_mailbox=sender_mailbox,
+                status=status,
+                timeout=timeout,
+            )
+        )
+
+    def send_status(
+        self,
+        about: ShamsLike,
+        status: StatusLike,
+        note: str = "",
+        *,
+        to: Sequence[Recipient] = (),
+        subject: str | None = None,
+        request_id: str | None = None,
+        sender_mailbox: str = "",
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Reports a business status about a letter; see ``ExchangeClient.send_status``."""
+        return self._portal.run(
+            self._client.send_status(
+                about,
+                status,
+                note,
+                to=to,
+                subject=subject,
+                request_id=request_id,
                 sender_mailbox=sender_mailbox,
                 timeout=timeout,
             )

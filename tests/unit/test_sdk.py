@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from node import cli_client
 
 SENDER = "000.00.00.G22"
 OTHER = "000.00.00.G01"
+THIRD = "MOFA.IR"  # neither sends nor receives the letters of these tests
 
 
 # --- a fake node --------------------------------------------------------------------------
@@ -312,10 +313,15 @@ class Pki:
     signer: Signer
     dir: Path
     recipient_signer: Signer  # OTHER's: its node signs DELIVERY and HANDOVER
+    third_signer: Signer  # THIRD's: a party to none of the letters
 
     @property
     def signing_certificates(self) -> list[x509.Certificate]:
-        return [self.signer.certificate, self.recipient_signer.certificate]
+        return [
+            self.signer.certificate,
+            self.recipient_signer.certificate,
+            self.third_signer.certificate,
+        ]
 
 
 def _name(cn: str) -> x509.Name:
@@ -412,6 +418,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         signing=True,
         uri=f"urn:chapar:agency:{OTHER}",
     )
+    third_key = ed25519.Ed25519PrivateKey.generate()
+    third_cert = _issue(
+        "sign-third",
+        third_key.public_key(),
+        (inter, inter_key),
+        inter_key,
+        signing=True,
+        uri=f"urn:chapar:agency:{THIRD}",
+    )
     (directory / "ca").mkdir()
     (directory / "ca" / "root.crt").write_bytes(_pem(root))
     (directory / "ca" / "intermediate.crt").write_bytes(_pem(inter))
@@ -429,7 +444,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{stem}.crt").write_bytes(_pem(cert, inter))
         (folder / f"{stem}.key").write_bytes(_key_pem(key))
-    return Pki(root, inter, Signer(sign_key, sign_cert), directory, Signer(other_key, other_cert))
+    return Pki(
+        root,
+        inter,
+        Signer(sign_key, sign_cert),
+        directory,
+        Signer(other_key, other_cert),
+        Signer(third_key, third_cert),
+    )
 
 
 def signed_letter(pki: Pki, sequence: int, subject: str = "Budget 2026") -> pb.Envelope:
@@ -1632,6 +1654,237 @@ async def test_an_evidence_bundle_verifies_from_its_bytes_with_its_revocations(
     assert 7 in trust.revoked_serials
 
 
+# --- business status updates ----------------------------------------------------------------
+
+S = pb.BusinessStatus
+_SIGNERS = {SENDER: "signer", OTHER: "recipient_signer", THIRD: "third_signer"}
+
+
+def signed_status_update(
+    pki: Pki,
+    about: pb.Envelope,
+    sequence: int,
+    status: int,
+    *,
+    by: str = OTHER,
+    to: Sequence[str] = (SENDER,),
+    note: bytes = b"noted",
+    seconds_later: int = 0,
+    about_shams: pb.Shams | None = None,
+) -> pb.Envelope:
+    """A status update about the letter ``about``, signed by agency ``by``'s key."""
+    header = pb.EnvelopeHeader(
+        shams=pb.Shams(
+            origin=by, domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=sequence
+        ),
+        sender=pb.Address(agency=by),
+        recipients=[pb.Address(agency=a) for a in to],
+        subject="status",
+        kind=pb.LetterKind.LETTER_KIND_STATUS_UPDATE,
+        status=status,  # type: ignore[arg-type]
+        in_reply_to=about_shams or pb.EnvelopeHeader.FromString(about.header).shams,
+        content_type="text/plain; charset=utf-8",
+        body_sha256=sha256(note),
+        body_size=len(note),
+    )
+    header.create_time.FromDatetime(
+        dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=seconds_later)
+    )
+    data = header.SerializeToString()
+    signer: Signer = getattr(pki, _SIGNERS[by])
+    return pb.Envelope(header=data, signature=signer.sign(ENVELOPE_PAYLOAD_TYPE, data), body=note)
+
+
+def with_updates(
+    pki: Pki, envelope: pb.Envelope, updates: Sequence[pb.Envelope], latest: int
+) -> pb.GetEnvelopeResponse:
+    response = get_response(pki, envelope)
+    response.status_updates.extend(updates)
+    response.statuses[0].business_status = latest  # type: ignore[assignment]
+    return response
+
+
+async def test_track_shows_the_status_updates_and_verifies_each_offline(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    letter = signed_letter(pki, 20)
+    accepted = signed_status_update(pki, letter, 1, S.BUSINESS_STATUS_ACCEPTED)
+    completed = signed_status_update(
+        pki, letter, 2, S.BUSINESS_STATUS_COMPLETED, seconds_later=1, note=b"done"
+    )
+    recall = signed_status_update(
+        pki, letter, 30, S.BUSINESS_STATUS_RECALL_REQUESTED, by=SENDER, to=[OTHER]
+    )
+    fake_node[0].get_response = with_updates(
+        pki, letter, [accepted, completed, recall], S.BUSINESS_STATUS_COMPLETED
+    )
+    tracking = await client.track(shams_of(20))
+    assert [(u.agency, u.status, u.note) for u in tracking.status_updates] == [
+        (OTHER, "ACCEPTED", "noted"),
+        (OTHER, "COMPLETED", "done"),
+        (SENDER, "RECALL_REQUESTED", "noted"),
+    ]
+    assert tracking.status_updates[1].shams == "000.00.00.G01/O/2026/0000002"
+    assert tracking.status_updates[1].time is not None
+    assert tracking.business_statuses == {OTHER: "COMPLETED"}
+    verified = tracking.verify(TrustStore([pki.root], [pki.intermediate]))
+    assert [v.event for v in verified] == ["SUBMISSION_ACCEPTANCE", "DELIVERY"]
+    # Retention may remove an update's note: the signed status still verifies.
+    completed.ClearField("body")
+    fake_node[0].get_response = with_updates(
+        pki, letter, [accepted, completed], S.BUSINESS_STATUS_COMPLETED
+    )
+    purged = await client.track(shams_of(20))
+    assert purged.status_updates[1].note == ""
+    purged.verify(TrustStore([pki.root], [pki.intermediate]))
+
+
+def _by_a_third_party(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], int]:
+    return [signed_status_update(pki, letter, 1, S.BUSINESS_STATUS_COMPLETED, by=THIRD)], 0
+
+
+def _to_a_third_party(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], int]:
+    return [signed_status_update(pki, letter, 1, S.BUSINESS_STATUS_ACCEPTED, to=[THIRD])], 0
+
+
+def _about_another_letter(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], int]:
+    other = signed_status_update(
+        pki, letter, 1, S.BUSINESS_STATUS_ACCEPTED, about_shams=shams_of(99)
+    )
+    return [other], 0
+
+
+def _recall_by_a_recipient(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], int]:
+    return [signed_status_update(pki, letter, 1, S.BUSINESS_STATUS_RECALL_REQUESTED)], 0
+
+
+def _status_changed_after_signing(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], int]:
+    update = signed_status_update(pki, letter, 1, S.BUSINESS_STATUS_REJECTED)
+    header = pb.EnvelopeHeader.FromString(update.header)
+    header.status = S.BUSINESS_STATUS_COMPLETED
+    update.header = header.SerializeToString()
+    return [update], S.BUSINESS_STATUS_COMPLETED
+
+
+def _note_changed_after_signing(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], int]:
+    update = signed_status_update(pki, letter, 1, S.BUSINESS_STATUS_REJECTED, note=b"wrong office")
+    update.body = b"all fine"
+    return [update], S.BUSINESS_STATUS_REJECTED
+
+
+def _latest_claimed_unsigned(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], int]:
+    return [signed_status_update(pki, letter, 1, S.BUSINESS_STATUS_ACCEPTED)], (
+        S.BUSINESS_STATUS_COMPLETED
+    )
+
+
+def _latest_left_out(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], int]:
+    # REJECTED shown as the latest while a later signed COMPLETED is there (listed first:
+    # the latest is the one signed last, not the one listed last).
+    early = signed_status_update(pki, letter, 1, S.BUSINESS_STATUS_REJECTED)
+    late = signed_status_update(pki, letter, 2, S.BUSINESS_STATUS_COMPLETED, seconds_later=5)
+    return [late, early], S.BUSINESS_STATUS_REJECTED
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason", "where"),
+    [
+        (_by_a_third_party, "NOT_A_PARTY", "status update 1: "),
+        (_to_a_third_party, "NOT_A_PARTY", "status update 1: "),
+        (_about_another_letter, "STATUS_UPDATE_MISMATCH", "status update 1: "),
+        (_recall_by_a_recipient, "STATUS_WRONG_DIRECTION", "status update 1: "),
+        (_status_changed_after_signing, "SIGNATURE_INVALID", "status update 1: "),
+        (_note_changed_after_signing, "BODY_DIGEST_MISMATCH", "status update 1: "),
+        (_latest_claimed_unsigned, "STATUS_MISMATCH", f"{OTHER}'s latest status"),
+        (_latest_left_out, "STATUS_MISMATCH", f"{OTHER}'s latest status"),
+    ],
+    ids=[
+        "by-a-third-party",
+        "to-a-third-party",
+        "about-another-letter",
+        "recall-by-a-recipient",
+        "status-changed",
+        "note-changed",
+        "latest-unsigned",
+        "latest-not-the-last-signed",
+    ],
+)
+async def test_track_verify_refuses_a_status_update_that_is_not_about_this_letter_by_its_party(
+    client: ExchangeClient,
+    fake_node: tuple[FakeNode, str],
+    pki: Pki,
+    forge: Callable[[Pki, pb.Envelope], tuple[list[pb.Envelope], int]],
+    reason: str,
+    where: str,
+) -> None:
+    # Each is validly signed by an agency of the exchange (but the tampered ones): the
+    # letter and its evidence verify, and the update must not pass with them.
+    letter = signed_letter(pki, 21)
+    updates, latest = forge(pki, letter)
+    fake_node[0].get_response = with_updates(pki, letter, updates, latest)
+    tracking = await client.track(shams_of(21))
+    with pytest.raises(VerificationError) as caught:
+        tracking.verify(TrustStore([pki.root], [pki.intermediate]))
+    assert caught.value.reason == reason
+    assert str(caught.value).startswith(where), str(caught.value)
+
+
+async def test_send_status_sends_a_status_update_to_the_other_side_of_the_letter(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    about = "000.00.00.G01/O/2026/0000007"
+    receipt = await client.send_status(about, "accepted", note="Assigned to the budget office")
+    await client.send_status(parse_shams(about), "06", to=[OTHER], subject="Done", request_id="r")
+    first, second = fake_node[0].submits
+    draft = first.draft
+    assert draft.kind == pb.LetterKind.LETTER_KIND_STATUS_UPDATE
+    assert draft.status == S.BUSINESS_STATUS_ACCEPTED
+    assert format_shams(draft.in_reply_to) == about
+    assert list(draft.recipients) == []  # the node addresses it
+    assert draft.subject == f"ACCEPTED: {about}"
+    assert draft.body == b"Assigned to the budget office"
+    assert receipt.request_id == first.request_id
+    assert second.draft.status == S.BUSINESS_STATUS_COMPLETED  # edXML's code "06"
+    assert [r.agency for r in second.draft.recipients] == [OTHER]
+    assert (second.draft.subject, second.request_id) == ("Done", "r")
+    # The general path carries it too; a bad status is refused before any call.
+    request = Draft(to=(), subject="s", kind="status-update", status="recall-requested")
+    assert request.to_request().draft.status == S.BUSINESS_STATUS_RECALL_REQUESTED
+    for bad in ("finished", 7, "BUSINESS_STATUS_UNSPECIFIED", "99"):
+        with pytest.raises(ValueError, match="business status"):
+            Draft(to=[OTHER], subject="s", kind="status_update", status=bad).to_request()
+    with pytest.raises(ValueError, match="business status"):
+        await client.send_status(about, "done")
+    assert len(fake_node[0].submits) == 2
+
+
+async def test_an_inbox_letter_that_is_a_status_update_says_its_status(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    letter = signed_letter(pki, 22)
+    update = signed_status_update(
+        pki, letter, 3, S.BUSINESS_STATUS_RECALL_REQUESTED, by=SENDER, to=[OTHER]
+    )
+    fake_node[0].inbox_batches = [
+        [
+            pb.InboxLetter(envelope=letter, shams=shams_of(22)),
+            pb.InboxLetter(
+                envelope=update, shams=pb.EnvelopeHeader.FromString(update.header).shams
+            ),
+        ]
+    ]
+    got = []
+    async with contextlib.aclosing(client.inbox()) as inbox:
+        async for item in inbox:
+            got.append(item)
+            if len(got) == 2:
+                break
+    assert [(g.kind, g.status, g.in_reply_to) for g in got] == [
+        ("REPLY", None, "000.00.00.G01/O/2025/0000007"),
+        ("STATUS_UPDATE", "RECALL_REQUESTED", "000.00.00.G22/O/2026/0000022"),
+    ]
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -2003,6 +2256,7 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         "Receipt",
         "Letter",
         "Tracking",
+        "StatusUpdate",
         "VerifiedEvidence",
         "Draft",
         "Attachment",
