@@ -28,7 +28,15 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from client_sdk import ChaparError, Credentials, ExchangeClient, Letter, Tracking, pb
+from client_sdk import (
+    ChaparError,
+    Credentials,
+    ExchangeClient,
+    Letter,
+    StatusUpdate,
+    Tracking,
+    pb,
+)
 from client_sdk.trust import TrustStore, VerificationError
 
 __all__ = ["register"]
@@ -65,16 +73,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     send.add_argument(
         "--to",
         action="append",
-        required=True,
+        default=[],
         metavar="CODE[:MAILBOX]",
-        help="recipient agency (repeatable)",
+        help="recipient agency (repeatable); a status update without it goes to the other"
+        " side of its letter",
     )
-    send.add_argument("--subject", required=True)
-    body = send.add_mutually_exclusive_group(required=True)
-    body.add_argument("--body", metavar="TEXT", help="the letter's text")
+    send.add_argument(
+        "--subject", help="required but for a status update (default: '<STATUS>: <SHAMS>')"
+    )
+    body = send.add_mutually_exclusive_group()
+    body.add_argument("--body", metavar="TEXT", help="the letter's text (a status update's note)")
     body.add_argument("--body-file", type=Path, metavar="PATH", help="read the body from PATH")
     send.add_argument("--content-type", help="media type of --body-file (default: text)")
-    send.add_argument("--kind", default="letter", choices=_names(pb.LetterKind, "LETTER_KIND_"))
+    send.add_argument(
+        "--kind",
+        choices=_names(pb.LetterKind, "LETTER_KIND_"),
+        help="default: letter, or status_update with --status",
+    )
+    send.add_argument(
+        "--status",
+        choices=_names(pb.BusinessStatus, "BUSINESS_STATUS_"),
+        help="the business status a status update reports about --in-reply-to",
+    )
     send.add_argument("--priority", choices=_names(pb.Priority, "PRIORITY_"))
     send.add_argument("--in-reply-to", metavar="SHAMS")
     send.add_argument("--request-id", metavar="ID", help="idempotency key (default: a UUID)")
@@ -281,19 +301,29 @@ def _print_json(value: Any) -> None:
 
 
 async def _send(ns: argparse.Namespace) -> int:
+    kind: str = ns.kind or ("status_update" if ns.status else "letter")
+    body_given = ns.body if ns.body is not None else ns.body_file
+    given = {"--to": ns.to, "--subject": ns.subject, "--body": body_given}
+    missing = [option for option, value in given.items() if value is None or value == []]
+    if missing and kind != "status_update":
+        raise _UsageError("MISSING_OPTION", f"a letter needs {', '.join(missing)}")
     connection = _connection(ns)
-    body: bytes | str = ns.body if ns.body is not None else ns.body_file.read_bytes()
+    body: bytes | str = ns.body_file.read_bytes() if ns.body_file is not None else (ns.body or "")
+    subject: str = ns.subject
+    if subject is None:  # a status update's (the node refuses an empty one)
+        subject = f"{(ns.status or 'status').upper()}: {ns.in_reply_to or '-'}"
     async with connection.client() as client:
         receipt = await client.send(
             to=[_recipient(t) for t in ns.to],
-            subject=ns.subject,
+            subject=subject,
             body=body,
-            kind=ns.kind,
+            kind=kind,
             priority=ns.priority,
             in_reply_to=ns.in_reply_to,
             content_type=ns.content_type,
             request_id=ns.request_id,
             attachments=list(ns.attach),
+            status=ns.status,
         )
         tracking = await client.track(receipt.shams) if ns.attach else None
     evidence = _evidence(receipt.content())
@@ -345,6 +375,7 @@ def _letter_json(letter: Letter, handover: pb.Evidence | None) -> dict[str, Any]
         "to": list(letter.recipients),
         "subject": letter.subject,
         "kind": letter.kind,
+        "status": letter.status,
         "in_reply_to": letter.in_reply_to,
         "create_time": letter.create_time.isoformat() if letter.create_time else None,
         "content_type": letter.header.content_type,
@@ -378,6 +409,8 @@ async def _inbox(ns: argparse.Namespace) -> int:
                             f"  | {first_line}",
                             flush=True,
                         )
+                        if letter.status is not None:
+                            print(f"  status {letter.status} about {letter.in_reply_to}")
                         for ref in letter.header.attachments:
                             print(f"  attachment {ref.uri}  {ref.size} bytes  {ref.file_name}")
                         if ns.ack:
@@ -419,6 +452,7 @@ def _verified_or_failed(ns: argparse.Namespace, tracking: Tracking, trust: Trust
     except VerificationError as exc:
         failure = exc
         verified = [_unverified(e) for e in tracking.evidence]
+    # Status updates are shown verified only when everything is, evidence likewise.
     _print_tracking(ns, tracking, verified, verified=failure is None)
     if failure is not None:
         raise failure
@@ -455,20 +489,45 @@ def _print_tracking(
                 "from": header.sender.agency,
                 "subject": header.subject,
                 "statuses": tracking.statuses,
+                "business_statuses": tracking.business_statuses,
                 "evidence": [{**e, "verified": verified} for e in evidence],
+                "status_updates": [
+                    {**_status_update(u), "verified": verified} for u in tracking.status_updates
+                ],
                 "verified": verified,
             }
         )
         return
+    suffix = "  verified" if verified else ""
     print(f"{tracking.shams}  {tracking.direction}  from {header.sender.agency}")
     print(f"subject: {header.subject}")
     print("recipients:")
     for agency, state in tracking.statuses.items():
-        print(f"  {agency}  {state}")
+        business = tracking.business_statuses.get(agency)
+        print(f"  {agency}  {state}" + (f"  status {business}" if business else ""))
     print("evidence:")
     for described in evidence:
-        suffix = "  verified" if verified else ""
         print(f"  {_evidence_line(described)}{suffix}")
+    if tracking.status_updates:
+        print("status updates:")
+        for update in tracking.status_updates:
+            described = _status_update(update)
+            parts = [described["status"], described["time"] or "-", f"from {described['from']}"]
+            parts += [f"to {','.join(described['to'])}", described["shams"]]
+            if described["note"]:
+                parts.append(f"| {' '.join(described['note'].split())}")
+            print(f"  {'  '.join(parts)}{suffix}")
+
+
+def _status_update(update: StatusUpdate) -> dict[str, Any]:
+    return {
+        "shams": update.shams,
+        "status": update.status,
+        "from": update.agency,
+        "to": [r.agency for r in update.header.recipients],
+        "time": update.time.isoformat() if update.time else None,
+        "note": update.note,
+    }
 
 
 async def _agencies(ns: argparse.Namespace) -> int:

@@ -2238,6 +2238,54 @@ async def test_cli_inbox_acks_and_agencies_over_mutual_tls(
     assert [a.code for a in await asyncio.to_thread(sync_agencies)] == [OTHER]
 
 
+async def test_cli_sends_a_status_update_and_track_prints_the_statuses(
+    tls_node: tuple[FakeNode, str], pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake, target = tls_node
+    conn = ["--pki", str(pki.dir), "--agency", SENDER, "--node", target]
+    about = "000.00.00.G01/O/2026/0000007"
+    code = await asyncio.to_thread(
+        run_cli, "send", *conn, "--status", "accepted", "--in-reply-to", about, "--json"
+    )
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    (request,) = fake.submits
+    assert request.draft.kind == pb.LetterKind.LETTER_KIND_STATUS_UPDATE
+    assert request.draft.status == S.BUSINESS_STATUS_ACCEPTED
+    assert format_shams(request.draft.in_reply_to) == about
+    assert list(request.draft.recipients) == []  # the node addresses it
+    assert request.draft.subject == f"ACCEPTED: {about}"
+    code = await asyncio.to_thread(run_cli, "send", *conn, "--subject", "x", "--body", "y")
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err == "error: INVALID_ARGUMENT MISSING_OPTION: a letter needs --to\n"
+    assert len(fake.submits) == 1
+
+    letter = signed_letter(pki, 23)
+    updates = [
+        signed_status_update(pki, letter, 1, S.BUSINESS_STATUS_ACCEPTED),
+        signed_status_update(
+            pki, letter, 2, S.BUSINESS_STATUS_COMPLETED, seconds_later=1, note=b"done\nall"
+        ),
+    ]
+    fake.get_response = with_updates(pki, letter, updates, S.BUSINESS_STATUS_COMPLETED)
+    code = await asyncio.to_thread(run_cli, "track", format_shams(shams_of(23)), *conn)
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert f"  {OTHER}  DELIVERED  status COMPLETED\n" in out
+    lines = out.split("status updates:\n")[1].splitlines()
+    assert [line.split("  ")[1] for line in lines] == ["ACCEPTED", "COMPLETED"]
+    assert lines[1].endswith(f"to {SENDER}  000.00.00.G01/O/2026/0000002  | done all  verified")
+    code = await asyncio.to_thread(run_cli, "track", format_shams(shams_of(23)), *conn, "--json")
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
+    assert printed["business_statuses"] == {OTHER: "COMPLETED"}
+    assert [(u["from"], u["status"], u["verified"]) for u in printed["status_updates"]] == [
+        (OTHER, "ACCEPTED", True),
+        (OTHER, "COMPLETED", True),
+    ]
+
+
 def test_cli_reports_missing_credentials_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("agencies", "--node", "127.0.0.1:1") == 1
     err = capsys.readouterr().err
