@@ -1178,7 +1178,17 @@ async def test_client_limited_to_a_mailbox_sees_and_acts_only_on_that_mailbox(
         with pytest.raises(PermissionDenied) as send:
             await registry.send(to=[B], subject="as legal", body="x", sender_mailbox="legal")
         assert send.value.reason == "MAILBOX_NOT_ALLOWED"
+        # Nor report a status on a letter of another mailbox (from its own).
+        with pytest.raises(PermissionDenied) as report:
+            await registry.send_status(to_legal.shams, "accepted", sender_mailbox="registry")
+        assert report.value.reason == "MAILBOX_NOT_ALLOWED"
         assert _count(inbox_a, "SELECT count(*) FROM outbox") == outbox
+        received = await registry.send_status(
+            to_registry.shams, "received", sender_mailbox="registry"
+        )
+        assert [u.shams for u in (await registry.track(to_registry.shams)).status_updates] == [
+            received.shams
+        ]
         sent = await registry.send(
             to=[B], subject="as the registry", body="x", sender_mailbox="registry"
         )

@@ -1,0 +1,288 @@
+"""Business status updates end to end: real hub and node processes, real mTLS on loopback.
+
+A status update is a signed letter of kind STATUS_UPDATE about an earlier letter. Here B
+reports on A's letter and A sees it in ``track``, verified offline down to a saved bundle;
+A asks for a recall and B answers; each node refuses an update that does not fit its
+letter and stores nothing; and agency C, which has no node (the tests act as its node on
+the hub), sends a signed "update" about a letter between A and B: A's node delivers it as
+a letter and never links it, and an auditor's verifier refuses it if it is slipped into a
+bundle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from certs.pki import load_certs
+from client_sdk import (
+    ExchangeClient,
+    InvalidArgument,
+    Letter,
+    NotFound,
+    PermissionDenied,
+    Tracking,
+    pb,
+)
+from client_sdk.shams import format_shams, parse_shams
+from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer, sha256
+from client_sdk.trust import TrustStore, VerificationError
+from node.cluster import Cluster
+from node.demo import EXPECTED_CHAIN, wait_for_chain
+from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, db_count
+from tests.conftest import node_tls as _tls
+
+pytestmark = pytest.mark.integration
+
+A, B, C = AGENCY_A, AGENCY_B, AGENCY_C
+
+
+def _client(cluster: Cluster, code: str) -> ExchangeClient:
+    return ExchangeClient(cluster.nodes[code].address, cluster.credentials(code))
+
+
+def _node_db(cluster: Cluster, code: str) -> Path:
+    return cluster.root / f"node-{code}" / "node.db"
+
+
+async def _next_letter(client: ExchangeClient, shams: str, timeout: float = 20.0) -> Letter:
+    async def find() -> Letter:
+        async for letter in client.inbox():
+            if letter.shams == shams:
+                return letter
+        raise AssertionError("inbox stream ended")
+
+    return await asyncio.wait_for(find(), timeout)
+
+
+async def _tracked(
+    client: ExchangeClient, shams: str, updates: int, timeout: float = 20.0
+) -> Tracking:
+    """``track`` once the node holds ``updates`` status updates about the letter."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        tracking = await client.track(shams)
+        if len(tracking.status_updates) >= updates:
+            return tracking
+        assert asyncio.get_running_loop().time() < deadline, tracking.status_updates
+        await asyncio.sleep(0.1)
+
+
+async def test_b_reports_accepted_then_completed_and_a_verifies_both_down_to_a_saved_bundle(
+    cluster: Cluster,
+) -> None:
+    async with _client(cluster, A) as a, _client(cluster, B) as b:
+        sent = await a.send(to=[B], subject="Budget 2026", body="Please confirm.")
+        letter = await _next_letter(b, sent.shams)
+        await letter.ack()
+        accepted = await b.send_status(sent.shams, "accepted")
+        completed = await b.send_status(sent.shams, "completed", note="Approved as proposed.")
+
+        # Each update is a letter in A's inbox, and travels like one.
+        for receipt, status in ((accepted, "ACCEPTED"), (completed, "COMPLETED")):
+            update = await _next_letter(a, receipt.shams)
+            assert (update.kind, update.status, update.in_reply_to) == (
+                "STATUS_UPDATE",
+                status,
+                sent.shams,
+            )
+            assert update.recipients == (A,)  # addressed by B's node: the letter's sender
+            await update.ack()
+        chain = await wait_for_chain(b, completed.shams)
+        events = [v.event for v in chain.verify(cluster.credentials(B).trust_store())]
+        assert events[: len(EXPECTED_CHAIN)] == list(EXPECTED_CHAIN)
+
+        tracking = await _tracked(a, sent.shams, 2)
+        assert [(u.agency, u.status, u.shams) for u in tracking.status_updates] == [
+            (B, "ACCEPTED", accepted.shams),
+            (B, "COMPLETED", completed.shams),
+        ]
+        assert tracking.status_updates[1].note == "Approved as proposed."
+        assert tracking.business_statuses == {B: "COMPLETED"}
+        tracking.verify(cluster.credentials(A).trust_store())
+        # B's node keeps what B reported about the letter too.
+        mine = await b.track(sent.shams)
+        assert [(u.agency, u.status) for u in mine.status_updates] == [
+            (B, "ACCEPTED"),
+            (B, "COMPLETED"),
+        ]
+        mine.verify(cluster.credentials(B).trust_store())
+
+        # An auditor's file of the letter carries the updates and checks with the root alone.
+        bundle = (await a.evidence_bundle(sent.shams)).SerializeToString()
+    saved = Tracking.from_bundle(bundle)
+    assert [u.status for u in saved.status_updates] == ["ACCEPTED", "COMPLETED"]
+    saved.verify(TrustStore.from_pem_files(cluster.pki.root_cert))
+
+
+async def test_a_recall_request_reaches_the_recipient_linked_and_its_answer_comes_back(
+    cluster: Cluster,
+) -> None:
+    async with _client(cluster, A) as a, _client(cluster, B) as b:
+        sent = await a.send(to=[B], subject="Sent in error", body="x")
+        await (await _next_letter(b, sent.shams)).ack()
+        recall = await a.send_status(sent.shams, "recall-requested", note="Wrong draft.")
+        request = await _next_letter(b, recall.shams)
+        assert (request.sender, request.status) == (A, "RECALL_REQUESTED")
+        await request.ack()
+        at_b = await _tracked(b, sent.shams, 1)
+        assert [(u.agency, u.status) for u in at_b.status_updates] == [(A, "RECALL_REQUESTED")]
+        assert at_b.business_statuses == {}  # a received letter: no recipients' states
+        at_b.verify(cluster.credentials(B).trust_store())
+
+        agreed = await b.send_status(sent.shams, "15")
+        await (await _next_letter(a, agreed.shams)).ack()
+        at_a = await _tracked(a, sent.shams, 2)
+        assert [(u.agency, u.status) for u in at_a.status_updates] == [
+            (A, "RECALL_REQUESTED"),
+            (B, "RECALL_AGREED"),
+        ]
+        assert at_a.business_statuses == {B: "RECALL_AGREED"}
+        at_a.verify(cluster.credentials(A).trust_store())
+
+
+def _stored(cluster: Cluster, code: str) -> tuple[int, int]:
+    """Letters in a node's outbox and the highest SHAMS sequence it gave out."""
+    db = _node_db(cluster, code)
+    return (
+        db_count(db, "SELECT count(*) FROM outbox"),
+        db_count(db, "SELECT coalesce(max(last), 0) FROM shams_counter"),
+    )
+
+
+async def test_an_update_that_does_not_fit_its_letter_is_refused_and_nothing_is_stored(
+    cluster: Cluster,
+) -> None:
+    async with _client(cluster, A) as a, _client(cluster, B) as b:
+        sent = await a.send(to=[B], subject="For B", body="x")
+        await (await _next_letter(b, sent.shams)).ack()
+        unknown = f"{A}/O/{dt.datetime.now(dt.UTC).year}/9999999"
+        cases = [
+            (b, lambda: b.send(to=[A], subject="s", body="x", in_reply_to=sent.shams,
+                               status="accepted"),
+             InvalidArgument, "UNEXPECTED_STATUS"),
+            (b, lambda: b.send(to=[A], subject="s", body="x", in_reply_to=sent.shams,
+                               kind="status_update"),
+             InvalidArgument, "MISSING_STATUS"),
+            (b, lambda: b.send_status(unknown, "accepted"), NotFound, "IN_REPLY_TO_NOT_FOUND"),
+            (b, lambda: b.send_status(sent.shams, "accepted", to=[C]), PermissionDenied,
+             "NOT_A_PARTY"),
+            (b, lambda: b.send_status(sent.shams, "accepted", to=[A, C]), PermissionDenied,
+             "NOT_A_PARTY"),
+            (a, lambda: a.send_status(sent.shams, "recall-requested", to=[C]), PermissionDenied,
+             "NOT_A_PARTY"),
+            (b, lambda: b.send_status(sent.shams, "recall-requested"), InvalidArgument,
+             "STATUS_WRONG_DIRECTION"),
+            (a, lambda: a.send_status(sent.shams, "completed"), InvalidArgument,
+             "STATUS_WRONG_DIRECTION"),
+        ]  # fmt: skip
+        for client, submit, error, reason in cases:
+            code = A if client is a else B
+            before = _stored(cluster, code)
+            with pytest.raises(error) as refused:
+                await submit()
+            assert refused.value.reason == reason
+            assert _stored(cluster, code) == before, reason
+
+
+def _update_from_c(cluster: Cluster, about: str, to: str) -> pb.Envelope:
+    """A status update signed with C's own (valid, listed) key, about a letter C is no
+    party of: what a hostile or broken node of C could send."""
+    d = cluster.pki.agency_dir(C)
+    signer = Signer.from_files(d / "signing.key", d / "signing.crt")
+    note = b"Completed, says a stranger."
+    header = pb.EnvelopeHeader(
+        shams=pb.Shams(
+            origin=C,
+            domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING,
+            year=dt.datetime.now(dt.UTC).year,
+            sequence=1_000_000 + uuid.uuid4().int % 1_000_000,
+        ),
+        sender=pb.Address(agency=C),
+        recipients=[pb.Address(agency=to)],
+        subject=f"COMPLETED: {about}",
+        kind=pb.LetterKind.LETTER_KIND_STATUS_UPDATE,
+        status=pb.BusinessStatus.BUSINESS_STATUS_COMPLETED,
+        priority=pb.Priority.PRIORITY_NORMAL,
+        content_type="text/plain; charset=utf-8",
+        body_sha256=sha256(note),
+        body_size=len(note),
+    )
+    header.in_reply_to.CopyFrom(parse_shams(about))
+    header.create_time.FromDatetime(dt.datetime.now(dt.UTC))
+    data = header.SerializeToString(deterministic=True)
+    return pb.Envelope(header=data, signature=signer.sign(ENVELOPE_PAYLOAD_TYPE, data), body=note)
+
+
+async def _relay_as_c(cluster: Cluster, envelope: pb.Envelope) -> pb.EvidenceContent:
+    """Sends one letter to the hub as C's node; returns the hub's (relay) answer."""
+    async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, C)) as channel:
+        call = pb.HubServiceStub(channel).Connect()
+        await call.write(pb.ConnectRequest(hello=pb.ConnectHello(software_version="test")))
+        welcome = await call.read()
+        assert welcome.WhichOneof("frame") == "welcome"
+        await call.write(pb.ConnectRequest(envelopes=pb.EnvelopeBatch(envelopes=[envelope])))
+        while True:
+            frame = await asyncio.wait_for(call.read(), 10)
+            if frame is grpc.aio.EOF:
+                raise AssertionError("stream ended without an answer")
+            if frame.WhichOneof("frame") == "relay_results":
+                call.cancel()
+                (evidence,) = frame.relay_results.evidence
+                return pb.EvidenceContent.FromString(evidence.content)
+
+
+async def test_a_third_partys_update_about_a_letter_is_delivered_but_never_linked(
+    cluster: Cluster,
+) -> None:
+    async with _client(cluster, A) as a, _client(cluster, B) as b:
+        sent = await a.send(to=[B], subject="Between A and B", body="x")
+        await (await _next_letter(b, sent.shams)).ack()
+        genuine = await b.send_status(sent.shams, "accepted")  # the control: linked
+
+        forged = _update_from_c(cluster, sent.shams, to=A)
+        relayed = await _relay_as_c(cluster, forged)
+        assert relayed.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE, relayed.reason
+        forged_shams = format_shams(pb.EnvelopeHeader.FromString(forged.header).shams)
+        # Delivered as a letter: A's back-end sees it, and who sent it.
+        arrived = await _next_letter(a, forged_shams)
+        assert (arrived.sender, arrived.status, arrived.in_reply_to) == (
+            C,
+            "COMPLETED",
+            sent.shams,
+        )
+        await arrived.ack()
+        await (await _next_letter(a, genuine.shams)).ack()
+
+        # ... and never linked: it was stored, and its link decided, in one transaction.
+        tracking = await _tracked(a, sent.shams, 1)
+        assert [(u.agency, u.status) for u in tracking.status_updates] == [(B, "ACCEPTED")]
+        assert tracking.business_statuses == {B: "ACCEPTED"}
+        assert (
+            db_count(
+                _node_db(cluster, A),
+                "SELECT count(*) FROM status_links WHERE shams = ?",
+                (forged_shams,),
+            )
+            == 0
+        )
+        tracking.verify(cluster.credentials(A).trust_store())
+
+        # Slipped into A's evidence bundle with C's certificate, so that its signature
+        # verifies, the offline verifier refuses it, saying why.
+        bundle = await a.evidence_bundle(sent.shams)
+    bundle.letter.status_updates.append(forged)
+    c_signing = load_certs(cluster.pki.agency_dir(C) / "signing.crt")[0]
+    bundle.letter.certificates.append(c_signing.public_bytes(Encoding.DER))
+    doctored = Tracking.from_bundle(bundle.SerializeToString())
+    with pytest.raises(VerificationError) as refused:
+        doctored.verify(TrustStore.from_pem_files(cluster.pki.root_cert))
+    assert refused.value.reason == "NOT_A_PARTY"
+    assert str(refused.value).startswith("status update 2: ")
+    assert C in str(refused.value)
