@@ -538,8 +538,8 @@ class Tracking:
 
         Adds the response's certificates to ``trust`` (they still have to chain to its
         roots) and a bundle's revoked serials to its revocations, checks the sender's
-        signature and body digest (unless retention purged the body: ``body_purged``),
-        then each evidence's signature, issuer, and that it concerns this very letter
+        signature and body digest (unless retention purged the body: ``body_purged`` and
+        no body), then each evidence's signature, issuer, and that it concerns this very letter
         (SHAMS and header digest), then each status update: its signature (and its body's
         digest, when it still has its body), that it is a status update about this letter,
         and that it goes between the letter's two sides (``client_sdk.statuses``: a third
@@ -547,11 +547,21 @@ class Tracking:
         ``business_statuses`` entry is its latest signed update. Returns the verified
         evidence; raises ``client_sdk.trust.VerificationError`` on the first failure.
         """
-        trust.add_certificates(self.certificates)
+        try:
+            trust.add_certificates(self.certificates)
+        except ValueError as exc:  # DER that is no certificate (a bundle's, a node's)
+            raise VerificationError(
+                "CERTIFICATE_MALFORMED", f"a certificate that does not parse: {exc}"
+            ) from exc
         if self.revoked_serials:
             trust.set_revoked(trust.revoked_serials | self.revoked_serials)
+        # body_purged is not signed: a body that is there is always checked, or a changed
+        # body with the flag set would pass.
         verified = _verify_letter(
-            trust, self.envelope, self.evidence, check_body=not self.body_purged
+            trust,
+            self.envelope,
+            self.evidence,
+            check_body=not self.body_purged or bool(self.envelope.body),
         )
         _verify_status_updates(trust, self.header, self.status_updates, self.business_statuses)
         return verified

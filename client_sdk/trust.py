@@ -403,7 +403,8 @@ def check_attestation(
     if not allowed:
         raise VerificationError(
             "ISSUER_NOT_ALLOWED",
-            f"{content.issuer} may not attest {_E.Name(event)}"
+            f"{content.issuer} may not attest "
+            + (_E.Name(event) if event in _E.values() else f"event {event}")
             + (f" for {named}" if named else ""),
         )
 

@@ -472,7 +472,7 @@ def _write_replacing(path: Path, data: bytes) -> None:
 def _unverified(evidence: pb.Evidence) -> dict[str, Any]:
     try:
         return _evidence(pb.EvidenceContent.FromString(evidence.content))
-    except DecodeError:  # print what can be printed
+    except (DecodeError, ValueError):  # ValueError: an unknown event, a bad time
         return {"event": "MALFORMED", "evidence_id": "", "issuer": "", "recipient": "",
                 "event_time": None, "reason": ""}  # fmt: skip
 

@@ -1885,6 +1885,45 @@ async def test_an_inbox_letter_that_is_a_status_update_says_its_status(
     ]
 
 
+def test_a_bundle_claiming_its_body_purged_still_has_a_body_it_carries_checked(
+    pki: Pki,
+) -> None:
+    # body_purged is not signed: set on a bundle whose body was changed, it let the changed
+    # body through as verified (chapar verify said "verified": true).
+    bundle = pb.EvidenceBundle(letter=get_response(pki, signed_letter(pki, 11)))
+    bundle.letter.body_purged = True
+    bundle.letter.envelope.body = b"pay 1000000 to mallory"
+    with pytest.raises(VerificationError) as caught:
+        Tracking.from_bundle(bundle.SerializeToString()).verify(
+            TrustStore([pki.root], [pki.intermediate])
+        )
+    assert caught.value.reason == "BODY_DIGEST_MISMATCH"
+    bundle.letter.envelope.body = b""  # really purged: the signatures still verify
+    purged = Tracking.from_bundle(bundle.SerializeToString())
+    assert purged.verify(TrustStore([pki.root], [pki.intermediate]))
+    bundle.letter.certificates.append(b"not DER")
+    with pytest.raises(VerificationError) as caught:
+        Tracking.from_bundle(bundle.SerializeToString()).verify(TrustStore([pki.root]))
+    assert caught.value.reason == "CERTIFICATE_MALFORMED"
+
+
+def test_a_signed_evidence_of_an_unknown_event_is_refused_as_such() -> None:
+    from client_sdk.trust import check_attestation
+
+    content = pb.EvidenceContent(event=99, issuer=f"urn:chapar:agency:{OTHER}")  # type: ignore[arg-type]
+    with pytest.raises(VerificationError) as caught:  # was a ValueError from the enum
+        check_attestation(content, sender=SENDER, recipients=[OTHER])
+    assert caught.value.reason == "ISSUER_NOT_ALLOWED"
+
+
+def test_the_cli_prints_an_evidence_of_an_unknown_event_as_malformed() -> None:
+    from node.cli_client import _unverified
+
+    content = pb.EvidenceContent(event=99, evidence_id="x")  # type: ignore[arg-type]
+    described = _unverified(pb.Evidence(content=content.SerializeToString()))
+    assert described["event"] == "MALFORMED"
+
+
 @pytest.mark.parametrize(
     "data",
     [
