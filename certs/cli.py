@@ -99,7 +99,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Re-issue a TLS, client or signing certificate of DIR's PKI with a new key and the "
             "same identity; the new pair takes the old file names (configurations stay as "
-            "they are), the old pair is kept as <name>.<serial>.crt/.key. Restart the server "
+            "they are), the old certificate is kept as <name>.<serial>.crt (its key is not). "
+            "Restart the server "
             "that uses it. A renewed signing certificate must also be listed, beside the old "
             "one, in the hub's [[agencies]] signing_certificates."
         ),
@@ -190,12 +191,18 @@ def _cmd_renew(args: argparse.Namespace) -> int:
         done = renew_certificate(args.directory, args.cert, validity_days=args.validity_days)
         print(
             f"renewed {done.kind} certificate of {done.identity.uri}: {done.cert} "
-            f"(old serial {done.old_serial:x} kept as {done.old_cert})"
+            f"(old serial {done.old_serial:x}; its certificate kept as {done.old_cert}, "
+            "its key not kept)"
         )
-        if done.kind == "signing":
+        if done.kind == "signing" and done.identity.kind == "hub":
             print(
-                "list both in the hub's [[agencies]] signing_certificates (the new one, and "
-                f"{done.old_cert} for what the old key signed), then restart the node"
+                "restart the hub: its directory then names the new certificate; nodes keep "
+                "every signing certificate they have seen, so the old evidence verifies"
+            )
+        elif done.kind == "signing":
+            print(
+                "now list both in the hub's [[agencies]] signing_certificates (the new one, "
+                f"and {done.old_cert} for what the old key signed), then restart the node"
             )
         else:
             print("restart the server or client that uses it")

@@ -619,23 +619,23 @@ def certificate_kind(cert: x509.Certificate) -> CertificateKind:
 
 @dataclass(frozen=True, slots=True)
 class Renewal:
-    """What ``renew_certificate`` did: the new certificate at the old path, the old pair
-    kept beside it under its serial."""
+    """What ``renew_certificate`` did: the new certificate and key at the old paths, the
+    old certificate kept beside them under its serial (its key is not kept)."""
 
     kind: CertificateKind
     identity: Identity
     cert: Path
     old_cert: Path
-    old_key: Path
     old_serial: int
 
 
 def renew_certificate(directory: Path, cert_path: Path, *, validity_days: int = 365) -> Renewal:
     """Re-issues a leaf of an existing PKI with a new key: same identity, profile and (for
     signing) algorithm. The new pair takes the old paths, so configurations need no change;
-    the old pair stays as ``<stem>.<serial>.crt`` / ``.key`` (hard links made first, so the
-    files are never missing). A renewed signing certificate must be listed beside the old
-    one at the hub (letters and evidence the old key signed keep verifying)."""
+    the old certificate stays as ``<stem>.<serial>.crt`` (a hard link made first, so the
+    file is never missing), for what the old key signed to stay verifiable where it is
+    listed. The old private key is not kept: whoever found it later could sign with it,
+    backdated, what would verify against that certificate."""
     layout = PkiLayout(Path(directory))
     issuer = _open_issuer(layout)
     cert_path = Path(cert_path)
@@ -658,13 +658,16 @@ def renew_certificate(directory: Path, cert_path: Path, *, validity_days: int = 
     )
     end = _leaf_end(issuer, validity_days)
     stem = cert_path.name.removesuffix(".crt")
-    kept_cert = cert_path.with_name(f"{stem}.{old.serial_number:x}.crt")
-    kept_key = cert_path.with_name(f"{stem}.{old.serial_number:x}.key")
-    for source, kept in ((cert_path, kept_cert), (key_path, kept_key)):
-        if not kept.exists():
-            os.link(source, kept)
+    kept = cert_path.with_name(f"{stem}.{old.serial_number:x}.crt")
+    if not kept.exists():
+        os.link(cert_path, kept)
     _issue_leaf(issuer, cert_path.parent, stem, kind, identity, algorithm, end)
-    return Renewal(kind, identity, cert_path, kept_cert, kept_key, old.serial_number)
+    return Renewal(kind, identity, cert_path, kept, old.serial_number)
+
+
+def _one_line(text: str) -> str:
+    """Text fit for a comment of a line-based file: no line break or control character."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = "") -> bool:
@@ -674,7 +677,7 @@ def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = ""
     cert = load_certs(Path(cert_path))[0]
     serial = f"{cert.serial_number:x}"
     path = Path(revocation_file)
-    text = path.read_text() if path.exists() else ""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
     listed = {
         line.split("#", 1)[0].strip().lower().removeprefix("0x").lstrip("0")
         for line in text.splitlines()
@@ -682,10 +685,12 @@ def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = ""
     if serial.lstrip("0") in listed:
         return False
     identity = identity_of_certificate(cert)
-    words = [str(identity) if identity else cert.subject.rfc4514_string()]
+    # The subject and the note are anyone's text: a line break in either would write a
+    # line of its own into the file (another serial, or one the hub cannot read).
+    words = [str(identity) if identity else _one_line(cert.subject.rfc4514_string())]
     words.append(f"revoked {dt.datetime.now(dt.UTC):%Y-%m-%d}")
-    if note:
-        words.append(" ".join(note.split()))
+    if _one_line(note):
+        words.append(_one_line(note))
     if text and not text.endswith("\n"):
         text += "\n"
     _write_new_file(path, f"{text}{serial}  # {', '.join(words)}\n".encode(), _CERT_MODE)

@@ -488,8 +488,9 @@ def _print_tracking(
                 "direction": tracking.direction,
                 "from": header.sender.agency,
                 "subject": header.subject,
-                "statuses": tracking.statuses,
+                "statuses": tracking.statuses,  # the node's account: not signed
                 "business_statuses": tracking.business_statuses,
+                "body_purged": tracking.body_purged,
                 "evidence": [{**e, "verified": verified} for e in evidence],
                 "status_updates": [
                     {**_status_update(u), "verified": verified} for u in tracking.status_updates
@@ -501,7 +502,9 @@ def _print_tracking(
     suffix = "  verified" if verified else ""
     print(f"{tracking.shams}  {tracking.direction}  from {header.sender.agency}")
     print(f"subject: {header.subject}")
-    print("recipients:")
+    if tracking.body_purged and not tracking.envelope.body:
+        print("body: removed by retention (its digest is signed; the text cannot be shown)")
+    print("recipients (delivery states as the node reports them; the evidence is the proof):")
     for agency, state in tracking.statuses.items():
         business = tracking.business_statuses.get(agency)
         print(f"  {agency}  {state}" + (f"  status {business}" if business else ""))

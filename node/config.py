@@ -448,7 +448,7 @@ def read_revocations(path: Path | None) -> list[str]:
     if path is None or not path.exists():
         return []
     serials: list[str] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         text = line.split("#", 1)[0].strip().lower().removeprefix("0x")
         if not text:
             continue

@@ -703,7 +703,10 @@ def test_a_renewed_certificate_has_a_new_key_and_the_old_pair_is_kept(
     assert identity_of_certificate(new) == identity_of_certificate(old)
     assert type(new.public_key()) is type(old.public_key())  # the signing algorithm kept
     assert _leaf(done.old_cert) == old
-    assert done.old_key.read_bytes() == old_key
+    # The old key is not kept: with its certificate still listed, whoever found it could
+    # sign, backdated, what verifies.
+    assert not list(path.parent.glob(f"{stem}.*.key"))
+    assert path.with_suffix(".key").read_bytes() != old_key
     assert done.old_serial == old.serial_number
     assert len(load_certs(path)) == len(load_certs(done.old_cert))  # chain files stay chains
     _store(layout).verify_certificate(new, stem)  # type: ignore[arg-type]
@@ -731,3 +734,25 @@ def test_revoking_appends_once_and_keeps_what_the_file_had(tmp_path: Path) -> No
     assert lines[2].startswith(f"{serial:x}  # urn:chapar:client:{AGENCIES[0]}:backend")
     assert lines[2].endswith("laptop lost")
     assert read_revocations(file) == ["0abc", f"{serial:x}"]  # as the hub reads it
+
+
+@pytest.mark.parametrize("text", ["svc\nnot-hex", "svc\x85abc", "svc\u2028abc", "svc\rabc"])
+def test_a_subject_or_note_with_a_line_break_writes_one_line(tmp_path: Path, text: str) -> None:
+    # A certificate without a Chapar identity is described by its subject: a line break in
+    # it wrote a line of its own, which the hub could not read (or took for a serial).
+    layout = _init(tmp_path / "pki")
+    key = generate_key("ecdsa-p256")
+    cert = issue_certificate(
+        issuer_cert=_leaf(layout.intermediate_cert),
+        issuer_key=load_key(layout.intermediate_key),
+        subject_key=key,
+        identity_uri=None,
+        kind="client",
+        common_name=text,
+    )
+    path = tmp_path / "odd.crt"
+    write_certs(path, [cert])
+    file = tmp_path / "revoked.txt"
+    assert revoke_certificate(file, path, note=f"why: {text}")
+    assert read_revocations(file) == [f"{cert.serial_number:x}"]
+    assert len(file.read_text(encoding="utf-8").splitlines()) == 1
