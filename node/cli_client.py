@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -460,13 +461,19 @@ def _verified_or_failed(ns: argparse.Namespace, tracking: Tracking, trust: Trust
 
 
 def _write_replacing(path: Path, data: bytes) -> None:
-    """Writes ``path`` whole or not at all: a temporary file beside it, then a rename."""
-    part = path.with_name(f".{path.name}.part")
-    with part.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(part, path)
+    """Writes ``path`` whole or not at all: a new temporary file beside it (never one an
+    other user placed there, nor through a link), synced, then renamed over it."""
+    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def _unverified(evidence: pb.Evidence) -> dict[str, Any]:

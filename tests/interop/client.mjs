@@ -519,11 +519,12 @@ async function backend(cfg) {
   );
   const result = { errors: [], submitted: [], received: [], tracked: [] };
   try {
-    // Trust: the root CA; the intermediates of our own chain (ListAgencies carries only
-    // the agencies' signing certificates); those certificates and the revoked serials.
+    // Trust: the root CA alone, then what the directory gives: the intermediate CAs, the
+    // hub's and every agency's signing certificates, and the revoked serials.
     const trust = new TrustStore(readFileSync(config.root_ca, 'utf8'));
-    trust.add(pemCertificates(readFileSync(cfg.cert, 'utf8')).filter((c) => c.ca));
     const directory = await unary(client, 'ListAgencies', {});
+    trust.add(directory.intermediate_certificates);
+    trust.add(directory.hub_signing_certificates);
     for (const agency of directory.agencies) trust.add(agency.signing_certificates);
     trust.setRevoked(directory.revoked_serials);
 

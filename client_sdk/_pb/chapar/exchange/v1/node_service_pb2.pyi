@@ -948,13 +948,9 @@ Global___ListAgenciesRequest: _TypeAlias = ListAgenciesRequest  # noqa: Y015
 
 @_typing.final
 class ListAgenciesResponse(_message.Message):
-    """ListAgenciesResponse answers ListAgencies.
-
-    It carries the agencies' signing certificates but neither the intermediate CA
-    certificates that chain them to the root nor the hub's signing certificates. A back-end
-    verifying letters takes the intermediate from its own client certificate chain (it is
-    the same when one intermediate issues every certificate, as in the development PKI), or
-    the certificates of GetEnvelopeResponse, which include both, for a letter at a time.
+    """ListAgenciesResponse answers ListAgencies: with the root CA, all a back-end needs to
+    verify any letter and evidence (the agencies' and hubs' signing certificates, the
+    intermediate CAs that chain them, the revoked serials).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
