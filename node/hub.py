@@ -627,6 +627,8 @@ class Hub(pb.HubServiceServicer):
                 f"node {agency} sent a letter from {header.sender.agency}",
             )
         validate_shams(header.shams, "header.shams")
+        if header.HasField("in_reply_to"):  # its recipients parse and look it up
+            validate_shams(header.in_reply_to, "header.in_reply_to")
         if header.shams.origin != agency:
             raise ChaparError(
                 Code.PERMISSION_DENIED,

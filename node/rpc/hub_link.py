@@ -28,8 +28,9 @@ from client_sdk.signing import sha256
 from client_sdk.trust import VerificationError, check_attestation, seconds_of
 from node.agency import Agency
 from node.core.documents import senders_documents
+from node.core.errors import ChaparError
 from node.core.evidence import evidence_content
-from node.core.letters import quoted_shams
+from node.core.letters import quoted_shams, validate_shams
 from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
 from node.metrics import RECONNECTS, count_verification_failure
 from node.rpc.wire import serialize
@@ -543,7 +544,7 @@ class _Session:
             )
             documents.append(senders_documents(header, header.sender.agency))
             verified_ids.append((header.shams, digest))
-            if header.kind == _STATUS_UPDATE and header.HasField("in_reply_to"):
+            if header.kind == _STATUS_UPDATE and _names_a_letter(header):
                 updates[len(good) - 1] = header
 
         fresh: set[int] = set()  # the letters new to the inbox, by their place in good
@@ -633,6 +634,18 @@ class _Session:
             await agency.store.store_issued(failures)
             out.extend(StoredEvidence.of(e.SerializeToString()) for _, e in failures)
         return out
+
+
+def _names_a_letter(header: pb.EnvelopeHeader) -> bool:
+    """Whether a status update's in_reply_to is a valid SHAMS number: only then is it
+    linked (signed by its sender, it is still what a hostile or broken node wrote)."""
+    if not header.HasField("in_reply_to"):
+        return False
+    try:
+        validate_shams(header.in_reply_to, "header.in_reply_to")
+    except ChaparError:
+        return False
+    return True
 
 
 def _reason(exc: grpc.aio.AioRpcError) -> str:

@@ -978,36 +978,63 @@ def _link_received(
     """Links received status updates (shams, verified header) to the letters they are
     about, when this node holds that letter and the update fits it. One that does not fit
     (a third party's "update" about someone else's letter: a forgery attempt) stays an
-    unlinked letter in the inbox and is logged; one about a letter never held here is
-    only delivered."""
+    unlinked letter in the inbox and is logged; one about a letter never held here, or
+    naming no valid SHAMS number, is only delivered. Whatever one update holds, it never
+    fails the job: the frame's other letters are stored with it."""
     links: list[tuple[str, str]] = []
     for shams, update in items:
-        about = format_shams(update.in_reply_to)
-        # A letter to this agency itself is in both boxes, with the same header.
-        row = conn.execute(
-            "SELECT envelope FROM outbox WHERE shams = ?"
-            " UNION ALL SELECT envelope FROM inbox WHERE shams = ? LIMIT 1",
-            (about, about),
-        ).fetchone()
-        if row is None:
-            continue
-        letter = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(row[0]).header)
-        fault = status_update_fault(
-            letter, update.sender.agency, [r.agency for r in update.recipients], update.status
-        )
-        if fault is not None:
-            log.warning(
-                "status update %s about %s not linked: %s",
+        try:
+            about = _received_link(conn, shams, update)
+        except sqlite3.Error:
+            raise  # the store itself failing: the frame fails, as any write of it would
+        except Exception:  # one update's content, whatever it is: logged, not linked
+            log.exception(
+                "status update %s not linked",
                 shams,
-                about,
-                fault.message,
-                extra={"shams": [shams], "peer": update.sender.agency, "reason": fault.reason},
+                extra={"shams": [shams], "peer": update.sender.agency},
             )
             continue
-        links.append((shams, about))
+        if about:
+            links.append((shams, about))
     conn.executemany(
         "INSERT OR IGNORE INTO status_links (shams, about, box) VALUES (?, ?, 'I')", links
     )
+
+
+def _received_link(conn: sqlite3.Connection, shams: str, update: pb.EnvelopeHeader) -> str:
+    """The number of the held letter that received update ``shams`` fits, or ""."""
+    try:
+        about = format_shams(update.in_reply_to)
+    except ValueError as exc:
+        log.warning(
+            "status update %s not linked: its in_reply_to is not a SHAMS number (%s)",
+            shams,
+            exc,
+            extra={"shams": [shams], "peer": update.sender.agency, "reason": "INVALID_SHAMS"},
+        )
+        return ""
+    # A letter to this agency itself is in both boxes, with the same header.
+    row = conn.execute(
+        "SELECT envelope FROM outbox WHERE shams = ?"
+        " UNION ALL SELECT envelope FROM inbox WHERE shams = ? LIMIT 1",
+        (about, about),
+    ).fetchone()
+    if row is None:
+        return ""
+    letter = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(row[0]).header)
+    fault = status_update_fault(
+        letter, update.sender.agency, [r.agency for r in update.recipients], update.status
+    )
+    if fault is not None:
+        log.warning(
+            "status update %s about %s not linked: %s",
+            shams,
+            about,
+            fault.message,
+            extra={"shams": [shams], "peer": update.sender.agency, "reason": fault.reason},
+        )
+        return ""
+    return about
 
 
 def _index_stored_documents(

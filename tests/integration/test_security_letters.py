@@ -388,6 +388,18 @@ def _batch_member_with_another_leaf_index(cluster: Cluster, seq: int) -> pb.Enve
     return envelope
 
 
+def _status_update_naming_no_letter_number(cluster: Cluster, seq: int) -> pb.Envelope:
+    """A status update whose in_reply_to is no SHAMS number: its recipient's node could
+    not link it, and used to fail on it (a frame rolled back, pushed again for ever)."""
+    header = pb.EnvelopeHeader.FromString(_header(sequence=seq))
+    header.kind = pb.LetterKind.LETTER_KIND_STATUS_UPDATE
+    header.status = pb.BusinessStatus.BUSINESS_STATUS_ACCEPTED
+    header.in_reply_to.CopyFrom(pb.Shams(origin="X"))
+    data = header.SerializeToString(deterministic=True)
+    signature = _signer(cluster, C).sign(ENVELOPE_PAYLOAD_TYPE, data)
+    return pb.Envelope(header=data, signature=signature, body=b"raw letter")
+
+
 @pytest.mark.parametrize(
     ("forge", "reason"),
     [
@@ -398,6 +410,7 @@ def _batch_member_with_another_leaf_index(cluster: Cluster, seq: int) -> pb.Enve
         (_ed25519_labelled_ecdsa, "SIGNATURE_ALGORITHM_MISMATCH"),
         (_signed_by_unlisted_key, "SIGNER_UNKNOWN"),
         (_body_changed_after_signing, "BODY_DIGEST_MISMATCH"),
+        (_status_update_naming_no_letter_number, "INVALID_SHAMS"),
     ],
     ids=[
         "batch-header",
@@ -407,6 +420,7 @@ def _batch_member_with_another_leaf_index(cluster: Cluster, seq: int) -> pb.Enve
         "algorithm-label",
         "unlisted-key",
         "body",
+        "in-reply-to",
     ],
 )
 async def test_hub_rejects_faulty_letter_with_signed_reason_and_stores_nothing(

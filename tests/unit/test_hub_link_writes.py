@@ -297,6 +297,7 @@ class _Receiver:
     def __init__(self, trust: SimpleNamespace) -> None:
         self.stored: list[str] = []
         self.signed: list[bytes] = []
+        self.updates: dict[str, pb.EnvelopeHeader] = {}  # status updates to link, by number
         self.agency = SimpleNamespace(
             config=SimpleNamespace(agency=ME),
             identity=SimpleNamespace(uri=f"urn:chapar:agency:{ME}"),
@@ -313,9 +314,15 @@ class _Receiver:
         )
 
     async def _store_incoming(
-        self, good: list[tuple[str, str, list[str], pb.Envelope]], *_: object
+        self,
+        good: list[tuple[str, str, list[str], pb.Envelope]],
+        make_delivery: object = None,
+        seal: object = None,
+        documents: object = (),
+        updates: dict[int, pb.EnvelopeHeader] | None = None,
     ) -> list[StoredEvidence]:
         self.stored.extend(shams for shams, _, _, _ in good)
+        self.updates.update({good[i][0]: h for i, h in (updates or {}).items()})
         return []
 
     @staticmethod
@@ -504,6 +511,29 @@ async def test_a_frame_cancelled_while_it_waits_its_turn_does_not_break_the_one_
     released.set()
     await first  # raised InvalidStateError before
     assert second.cancelled()
+
+
+async def test_only_a_status_update_naming_a_valid_letter_number_is_handed_on_to_link() -> None:
+    # Its in_reply_to is signed but not checked by the hub before this node's version: an
+    # update naming no valid SHAMS number is delivered as a letter, and never linked.
+    def update(n: int, about: pb.Shams) -> tuple[pb.Envelope, pb.EnvelopeHeader]:
+        header = _letter(n)[1]
+        header.kind = pb.LetterKind.LETTER_KIND_STATUS_UPDATE
+        header.status = pb.BusinessStatus.BUSINESS_STATUS_ACCEPTED
+        header.in_reply_to.CopyFrom(about)
+        return pb.Envelope(header=header.SerializeToString()), header
+
+    about = pb.Shams(origin=ME, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=1)
+    letters = [update(1, pb.Shams(origin="X")), update(2, about), _letter(3)]
+    headers = {envelope.header: header for envelope, header in letters}
+    receiver = _Receiver(
+        SimpleNamespace(verify_envelopes=lambda envelopes: [headers[e.header] for e in envelopes])
+    )
+    session = _Session(HubLink(receiver.agency, None), _StuckCall())  # type: ignore[arg-type]
+    await session._deliveries([envelope for envelope, _ in letters])
+    assert receiver.stored == [f"000.00.00.G01/O/2026/000000{n}" for n in (1, 2, 3)]
+    assert list(receiver.updates) == ["000.00.00.G01/O/2026/0000002"]
+    assert receiver.signed == []  # nothing refused
 
 
 async def test_letters_delivered_again_are_not_logged_as_delivered(

@@ -348,6 +348,29 @@ async def test_an_update_about_a_letter_never_held_is_delivered_unlinked(store: 
     assert await store.db.fetchall("SELECT * FROM status_links") == []
 
 
+async def test_an_update_naming_no_valid_letter_number_is_delivered_with_the_rest_of_its_frame(
+    store: NodeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A signed update whose in_reply_to is no SHAMS number (a hostile or broken node; the
+    # hub checks in_reply_to now, the node does not rely on it) used to make the writer
+    # job raise: the whole frame rolled back, honest letters with it, and the hub pushed
+    # the same frame again for ever. Now it is delivered unlinked, as the others are.
+    await _send(store, LETTER)
+    honest = _header(_shams(B, 1), to=[A])
+    no_number = _header(_shams(B, 2), to=[A], about=pb.Shams(origin="X"), status=ACCEPTED)
+    no_domain = _header(
+        _shams(B, 3), to=[A], about=pb.Shams(origin=A, year=2026, sequence=1), status=ACCEPTED
+    )
+    genuine = _header(_shams(B, 4), to=[A], about=LETTER.shams, status=ACCEPTED)
+    with caplog.at_level(logging.WARNING, logger="chapar.node"):
+        await _receive(store, honest, no_number, no_domain, genuine)
+    assert await store.count("inbox") == 4
+    letter = await store.letter(format_shams(LETTER.shams))
+    assert letter is not None
+    assert _statuses(letter.status_updates) == [(B, ACCEPTED)]
+    assert [getattr(r, "reason", None) for r in caplog.records] == ["INVALID_SHAMS"] * 2
+
+
 async def test_a_recall_request_right_behind_its_letter_is_linked(store: NodeStore) -> None:
     # B holds A's letter once it arrives; A's recall may come in the very same frame.
     letter = _header(_shams(A, 5), to=[B])
