@@ -751,7 +751,9 @@ class ExchangeClient:
         COMPLETED, RECALL_AGREED or RECALL_REFUSED to its sender; its sender reports
         RECALL_REQUESTED to its recipients. Without ``to`` the node addresses the update to
         that other side (all of the recipients); ``to`` may name some of them. The node
-        refuses a letter it does not hold (``NotFound``, ``IN_REPLY_TO_NOT_FOUND``), an
+        refuses a letter it does not hold (``NotFound``, ``IN_REPLY_TO_NOT_FOUND``), a status
+        update as ``about`` (``InvalidArgument``, ``STATUS_ABOUT_STATUS_UPDATE``: a back-end
+        that reports on every inbox letter skips those of kind ``STATUS_UPDATE``), an
         addressee on neither side (``PermissionDenied``, ``NOT_A_PARTY``) and a status that
         is the other side's to report (``InvalidArgument``, ``STATUS_WRONG_DIRECTION``).
         ``note`` is the update's text; ``subject`` defaults to "<STATUS>: <about>".

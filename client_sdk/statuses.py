@@ -12,7 +12,10 @@ only:
   else, or any other addressee, is ``NOT_A_PARTY``: a third party's "update" about someone
   else's letter is a forgery attempt, however well it is signed;
 * ``BUSINESS_STATUS_RECALL_REQUESTED`` is the sender's to report; every other status a
-  recipient's (edXML's use of the codes), else ``STATUS_WRONG_DIRECTION``.
+  recipient's (edXML's use of the codes), else ``STATUS_WRONG_DIRECTION``;
+* it is about a letter, never about another status update (``STATUS_ABOUT_STATUS_UPDATE``):
+  back-ends that report a status on every letter they receive would otherwise answer each
+  other's updates for ever.
 
 The latest status of an agency is the one of its update signed last (``create_time``, then
 its number), not the one that arrived last: a reconnect can reorder arrivals.
@@ -38,6 +41,7 @@ __all__ = [
 BUSINESS_STATUSES: Final = frozenset(v for v in pb.BusinessStatus.values() if v)
 """Every status a node accepts in a draft (``BUSINESS_STATUS_UNSPECIFIED`` excluded)."""
 _RECALL_REQUESTED: Final = pb.BUSINESS_STATUS_RECALL_REQUESTED
+_STATUS_UPDATE: Final = pb.LETTER_KIND_STATUS_UPDATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +57,17 @@ def status_update_fault(
 ) -> StatusFault | None:
     """None when an update from agency ``sender`` to agencies ``recipients`` reporting
     ``status`` fits ``letter`` (the header of the letter it is about); else why not:
-    ``MISSING_STATUS``, ``NOT_A_PARTY`` or ``STATUS_WRONG_DIRECTION``."""
+    ``MISSING_STATUS``, ``STATUS_ABOUT_STATUS_UPDATE`` (``letter`` is itself a status
+    update), ``NOT_A_PARTY`` or ``STATUS_WRONG_DIRECTION``."""
     about = format_shams(letter.shams)
     if not status:
         return StatusFault("MISSING_STATUS", f"a status update about {about} names no status")
+    if letter.kind == _STATUS_UPDATE:
+        return StatusFault(
+            "STATUS_ABOUT_STATUS_UPDATE",
+            f"{about} is itself a status update: a status is reported about a letter, never"
+            " about another status update",
+        )
     origin = letter.sender.agency
     addressees = {r.agency for r in letter.recipients}
     to = set(recipients)

@@ -257,7 +257,10 @@ def fit_status_update(
             metadata={"in_reply_to": about},
             field_violations=[("draft.recipients", fault.message)],
         )
-    raise _invalid(fault.reason, fault.message, "draft.status", in_reply_to=about)
+    # The draft is wrong whatever the node's state (a letter's kind never changes):
+    # INVALID_ARGUMENT, on the field that names the wrong letter.
+    field = "draft.in_reply_to" if fault.reason == "STATUS_ABOUT_STATUS_UPDATE" else "draft.status"
+    raise _invalid(fault.reason, fault.message, field, in_reply_to=about)
 
 
 def build_header(

@@ -191,6 +191,26 @@ async def test_an_update_that_does_not_fit_its_letter_is_refused_and_nothing_is_
             assert _stored(cluster, code) == before, reason
 
 
+async def test_no_status_is_reported_about_a_status_update_so_back_ends_cannot_loop(
+    cluster: Cluster,
+) -> None:
+    # A back-end that reports a status on every letter of its inbox (the README's loop)
+    # would otherwise answer the other side's updates, and it its, for ever.
+    async with _client(cluster, A) as a, _client(cluster, B) as b:
+        sent = await a.send(to=[B], subject="Loop?", body="x")
+        await (await _next_letter(b, sent.shams)).ack()
+        accepted = await b.send_status(sent.shams, "accepted")
+        update = await _next_letter(a, accepted.shams)
+        await update.ack()
+        for client, status in ((a, "received"), (b, "recall-requested")):
+            code = A if client is a else B
+            before = _stored(cluster, code)
+            with pytest.raises(InvalidArgument) as refused:
+                await client.send_status(update.shams, status)
+            assert refused.value.reason == "STATUS_ABOUT_STATUS_UPDATE"
+            assert _stored(cluster, code) == before
+
+
 def _update_from_c(cluster: Cluster, about: str, to: str) -> pb.Envelope:
     """A status update signed with C's own (valid, listed) key, about a letter C is no
     party of: what a hostile or broken node of C could send."""

@@ -99,6 +99,26 @@ def test_an_update_fits_its_letter_only_between_its_two_sides(
         assert format_shams(LETTER.shams) in found.message or sender in found.message
 
 
+UPDATE = _header(_shams(B, 1), to=[A], about=LETTER.shams, status=ACCEPTED)
+
+
+@pytest.mark.parametrize(
+    ("sender", "to", "status"),
+    [
+        (A, [B], S.BUSINESS_STATUS_RECEIVED),  # its recipient reporting on it
+        (B, [A], RECALL),  # its sender recalling it
+    ],
+    ids=["received", "recall"],
+)
+def test_no_update_is_about_another_status_update(sender: str, to: list[str], status: int) -> None:
+    # Back-ends that answer every letter of their inbox with a status (the README's loop)
+    # would otherwise answer each other's updates for ever.
+    fault = status_update_fault(UPDATE, sender, to, status)
+    assert fault is not None
+    assert fault.reason == "STATUS_ABOUT_STATUS_UPDATE"
+    assert format_shams(UPDATE.shams) in fault.message
+
+
 def test_the_latest_status_is_the_one_signed_last_not_the_one_stored_last() -> None:
     minute_later = NOW + dt.timedelta(minutes=1)
     later = _header(
@@ -246,6 +266,25 @@ def test_an_update_that_does_not_fit_its_letter_is_refused(
     assert [f for f, _ in refused.value.field_violations] == [field]
 
 
+@pytest.mark.parametrize(
+    ("sender", "status", "received"),
+    [(A, S.BUSINESS_STATUS_RECEIVED, True), (B, RECALL, False)],
+    ids=["its-recipient", "its-sender"],
+)
+def test_a_draft_about_a_status_update_is_refused_whoever_sends_it(
+    sender: str, status: int, received: bool
+) -> None:
+    draft = _status_draft(recipients=[], status=status, in_reply_to=UPDATE.shams)
+    with pytest.raises(ChaparError) as refused:
+        fit_status_update(draft, UPDATE, sender=sender, received=received)
+    assert (refused.value.code, refused.value.reason) == (
+        Code.INVALID_ARGUMENT,
+        "STATUS_ABOUT_STATUS_UPDATE",
+    )
+    assert refused.value.metadata == {"in_reply_to": format_shams(UPDATE.shams)}
+    assert [f for f, _ in refused.value.field_violations] == ["draft.in_reply_to"]
+
+
 # -- the node's store: links -----------------------------------------------------------------
 
 
@@ -339,6 +378,24 @@ async def test_a_third_partys_update_is_delivered_and_never_linked(
     assert await store.count("inbox") == 2  # delivered: the back-end sees both as letters
     reasons = [getattr(r, "reason", None) for r in caplog.records]
     assert reasons == ["NOT_A_PARTY", "STATUS_WRONG_DIRECTION"]
+
+
+async def test_an_update_about_a_status_update_is_never_linked(store: NodeStore) -> None:
+    # A held update (this node sent it, or received it) is never the letter of another.
+    mine = _header(_shams(A, 2), to=[B], about=_shams(B, 9), status=RECALL)
+    await _send(store, mine, about=format_shams(_shams(B, 9)))
+    theirs = _header(_shams(B, 1), to=[A], about=LETTER.shams, status=ACCEPTED)
+    await _receive(store, theirs)
+    await _receive(
+        store,
+        _header(_shams(B, 2), to=[A], about=mine.shams, status=S.BUSINESS_STATUS_RECEIVED),
+        _header(_shams(B, 3), to=[A], about=theirs.shams, status=RECALL),
+    )
+    assert await store.count("inbox") == 3
+    for update in (mine, theirs):
+        held = await store.letter(format_shams(update.shams))
+        assert held is not None
+        assert held.status_updates == []
 
 
 async def test_an_update_about_a_letter_never_held_is_delivered_unlinked(store: NodeStore) -> None:

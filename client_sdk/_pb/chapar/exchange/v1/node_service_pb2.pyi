@@ -127,9 +127,11 @@ class LetterDraft(_message.Message):
     status: _envelope_pb2.BusinessStatus.ValueType
     """Set if and only if kind is LETTER_KIND_STATUS_UPDATE (INVALID_ARGUMENT, reasons
     MISSING_STATUS, UNEXPECTED_STATUS, INVALID_STATUS). A status update's in_reply_to must
-    name a letter this node holds (NOT_FOUND, IN_REPLY_TO_NOT_FOUND); it goes from that
-    letter's sender to some of its recipients, or from one of its recipients to its
-    sender (PERMISSION_DENIED, NOT_A_PARTY), and only the sender reports
+    name a letter this node holds (NOT_FOUND, IN_REPLY_TO_NOT_FOUND) that is not itself a
+    status update (INVALID_ARGUMENT, STATUS_ABOUT_STATUS_UPDATE: no status about a status,
+    so that back-ends answering every letter cannot answer each other for ever); it goes
+    from that letter's sender to some of its recipients, or from one of its recipients to
+    its sender (PERMISSION_DENIED, NOT_A_PARTY), and only the sender reports
     BUSINESS_STATUS_RECALL_REQUESTED, only recipients the others (INVALID_ARGUMENT,
     STATUS_WRONG_DIRECTION).
     """
