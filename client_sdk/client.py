@@ -442,8 +442,10 @@ class StatusUpdate:
     """"ACCEPTED", "RECALL_REQUESTED", ..."""
     time: dt.datetime | None
     """When its sender signed it (its ``create_time``)."""
-    note: str
-    """Its body as text ("" once retention removed it)."""
+    note: str | None
+    """Its body as text, when the envelope holds it; None when it does not: a node's
+    ``track`` of a letter returns its updates without their notes, which ``track`` of the
+    update itself (``shams``) returns. "" for an update signed without a note."""
     envelope: pb.Envelope
     header: pb.EnvelopeHeader
 
@@ -456,7 +458,11 @@ class StatusUpdate:
             agency=header.sender.agency,
             status=status_name(header.status),
             time=_time(header, "create_time"),
-            note=envelope.body.decode("utf-8", errors="replace"),
+            note=(
+                envelope.body.decode("utf-8", errors="replace")
+                if _holds_body(envelope, header)
+                else None
+            ),
             envelope=envelope,
             header=header,
         )
@@ -479,7 +485,7 @@ class Tracking:
     """Serials a saved bundle listed as revoked (``from_bundle``); ``verify`` applies them."""
     status_updates: list[StatusUpdate] = field(default_factory=list)
     """The status updates about this letter its node sent or received, in the order it
-    stored them."""
+    stored them; a node lists them without their notes (``StatusUpdate.note`` None)."""
     business_statuses: dict[str, str] = field(default_factory=dict)
     """Each recipient's latest reported status, as the node says (recipients that reported
     one); ``verify`` checks it against the signed updates."""
@@ -1980,10 +1986,11 @@ def _verify_status_updates(
     headers: list[pb.EnvelopeHeader] = []
     for position, update in enumerate(updates, 1):
         try:
-            # A body retention removed cannot be checked; the signed header, and so the
-            # status, still is. A body that is there must be the signed one.
+            # A note the response leaves out (or retention removed) cannot be checked; the
+            # signed header, and so the status, still is, and ``note`` says it is not held
+            # (None). A note that is there must be the signed one.
             header = _verify_as_created(
-                trust, update.envelope, check_body=bool(update.envelope.body)
+                trust, update.envelope, check_body=_holds_body(update.envelope, update.header)
             )
             if (
                 header.kind != pb.LETTER_KIND_STATUS_UPDATE
@@ -2009,6 +2016,12 @@ def _verify_status_updates(
                 f"{agency}'s latest status is given as {status}; its signed updates say"
                 f" {signed.get(agency, 'none')}",
             )
+
+
+def _holds_body(envelope: pb.Envelope, header: pb.EnvelopeHeader) -> bool:
+    """Whether ``envelope`` (whose header bytes parse as ``header``) carries its body: it
+    has one, or its header signs none (``body_size`` 0, an empty body to check)."""
+    return bool(envelope.body) or header.body_size == 0
 
 
 def _shams_pb(shams: ShamsLike) -> pb.Shams:

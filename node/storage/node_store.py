@@ -202,7 +202,8 @@ class StoredLetter:
     evidence: list[pb.Evidence]
     statuses: dict[str, int]
     body_purged: bool = False
-    status_updates: list[pb.Envelope] = field(default_factory=list)  # linked, in stored order
+    # Linked, in stored order, each without its body (its note).
+    status_updates: list[pb.Envelope] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -721,14 +722,15 @@ class NodeStore(Store):
             )
         ]
         envelope = pb.Envelope.FromString(_with_body(row[0], row[2]))
+        # Without their bodies (notes of up to a letter's size each, as many as the other
+        # side sends): GetEnvelope of the update itself gives its note.
         updates = [
-            pb.Envelope.FromString(_with_body(r[0], r[1]))
+            pb.Envelope.FromString(r[0])
             for r in await self.db.fetchall(
                 "SELECT CASE l.box"
                 " WHEN 'O' THEN (SELECT envelope FROM outbox WHERE shams = l.shams)"
-                " ELSE (SELECT envelope FROM inbox WHERE shams = l.shams) END, b.body "
-                "FROM status_links l LEFT JOIN bodies b ON b.box = l.box AND b.shams = l.shams "
-                "WHERE l.about = ? ORDER BY l.rowid",
+                " ELSE (SELECT envelope FROM inbox WHERE shams = l.shams) END "
+                "FROM status_links l WHERE l.about = ? ORDER BY l.rowid",
                 (shams,),
             )
         ]

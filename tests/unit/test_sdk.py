@@ -1729,14 +1729,30 @@ async def test_track_shows_the_status_updates_and_verifies_each_offline(
     assert tracking.business_statuses == {OTHER: "COMPLETED"}
     verified = tracking.verify(TrustStore([pki.root], [pki.intermediate]))
     assert [v.event for v in verified] == ["SUBMISSION_ACCEPTANCE", "DELIVERY"]
-    # Retention may remove an update's note: the signed status still verifies.
+    # A node returns the updates without their notes: the signed status still verifies,
+    # and the note is said not to be held (None), not to be empty. An update signed
+    # without a note has an empty one, checked as any body.
     completed.ClearField("body")
-    fake_node[0].get_response = with_updates(
-        pki, letter, [accepted, completed], S.BUSINESS_STATUS_COMPLETED
+    silent = signed_status_update(
+        pki, letter, 3, S.BUSINESS_STATUS_COMPLETED, seconds_later=2, note=b""
     )
-    purged = await client.track(shams_of(20))
-    assert purged.status_updates[1].note == ""
-    purged.verify(TrustStore([pki.root], [pki.intermediate]))
+    fake_node[0].get_response = with_updates(
+        pki, letter, [accepted, completed, silent], S.BUSINESS_STATUS_COMPLETED
+    )
+    without = await client.track(shams_of(20))
+    assert [u.note for u in without.status_updates] == ["noted", None, ""]
+    without.verify(TrustStore([pki.root], [pki.intermediate]))
+    # A body that is there is always checked, on an update signed with a note or without.
+    completed.body = b"other"
+    silent.body = b"added"
+    for changed in (completed, silent):
+        fake_node[0].get_response = with_updates(
+            pki, letter, [changed], S.BUSINESS_STATUS_COMPLETED
+        )
+        tracking = await client.track(shams_of(20))
+        with pytest.raises(VerificationError) as caught:
+            tracking.verify(TrustStore([pki.root], [pki.intermediate]))
+        assert caught.value.reason == "BODY_DIGEST_MISMATCH"
 
 
 def _by_a_third_party(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], int]:

@@ -439,16 +439,27 @@ async def test_a_recall_request_right_behind_its_letter_is_linked(store: NodeSto
     assert _statuses(held.status_updates) == [(A, RECALL)]
 
 
-async def test_an_update_this_node_sent_is_linked_with_its_body(store: NodeStore) -> None:
+async def test_linked_updates_are_read_without_their_notes(store: NodeStore) -> None:
+    # A note may be as large as a letter and the other side may send any number of
+    # updates: read with the letter, they could make its GetEnvelope answer too large
+    # for any client, and each read of it slow. The update's own GetEnvelope has its note.
     letter = _header(_shams(A, 5), to=[B])
     await _receive(store, letter)
     mine = _header(_shams(B, 1), to=[A], about=letter.shams, status=ACCEPTED)
     await _send(store, mine, about=format_shams(letter.shams))
+    recall = _header(_shams(A, 6), to=[B], about=letter.shams, status=RECALL)
+    await store.store_incoming(
+        [_incoming(recall, b"x" * 100_000)], _delivery, None, (), {0: recall}
+    )
     held = await store.letter(format_shams(letter.shams))
     assert held is not None
-    assert _statuses(held.status_updates) == [(B, ACCEPTED)]
-    assert held.status_updates[0].body == b"note"
-    assert held.status_updates[0] == _envelope(mine, b"note")
+    assert _statuses(held.status_updates) == [(B, ACCEPTED), (A, RECALL)]
+    assert held.status_updates == [_envelope(mine), _envelope(recall)]  # no body
+    own = await store.letter(format_shams(mine.shams))
+    theirs = await store.letter(format_shams(recall.shams))
+    assert own is not None
+    assert theirs is not None
+    assert (own.envelope.body, theirs.envelope.body) == (b"note", b"x" * 100_000)
 
 
 async def test_a_held_letter_is_found_in_the_outbox_or_the_inbox(store: NodeStore) -> None:

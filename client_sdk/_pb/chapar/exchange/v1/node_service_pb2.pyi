@@ -858,8 +858,10 @@ class GetEnvelopeResponse(_message.Message):
         letter that this node sent or received, in the order the node stored them. A received
         one is here only if its sender is the other side of the letter (see
         LetterDraft.status); any other is delivered as a letter but never linked. Their
-        signing certificates are among certificates. Retention may have removed a body (the
-        update's note): the header, and so the status, still verifies.
+        signing certificates are among certificates. Each comes without its body (the
+        update's note), so that this response stays small however many updates the other
+        side sends: the signed header, and so the status, verifies without it (body_size says
+        whether there is a note), and GetEnvelope of the update itself returns the note.
         """
 
     def __init__(
