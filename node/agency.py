@@ -1076,17 +1076,24 @@ class Agency(pb.NodeServiceServicer):
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
+        # The linked updates the caller could GetEnvelope itself: each by the mailboxes it
+        # belongs to (its sender's if sent, its addressees' here if received), as a letter.
+        updates: list[pb.Envelope] = []
+        headers: list[pb.EnvelopeHeader] = []
+        for update in letter.status_updates:
+            update_header = pb.EnvelopeHeader.FromString(update.envelope.header)
+            if access.may_see(_mailboxes_of(update.direction, update_header, self.config.agency)):
+                updates.append(update.envelope)
+                headers.append(update_header)
         key_ids = [
             letter.envelope.signature.key_id,
             *(e.signature.key_id for e in letter.evidence),
-            *(u.signature.key_id for u in letter.status_updates),
+            *(u.signature.key_id for u in updates),
         ]
         certs = await self.store.certificates(key_ids)
         if self.directory is not None:
             certs.extend(self.directory.message.intermediate_certificates)
-        reported = latest_statuses(
-            pb.EnvelopeHeader.FromString(u.header) for u in letter.status_updates
-        )
+        reported = latest_statuses(headers)  # of those shown: the verifier checks it so
         return pb.GetEnvelopeResponse(
             envelope=letter.envelope,
             direction=letter.direction,
@@ -1101,7 +1108,7 @@ class Agency(pb.NodeServiceServicer):
                 )
                 for a, s in letter.statuses.items()
             ],
-            status_updates=letter.status_updates,
+            status_updates=updates,
         )
 
     async def ListAgencies(

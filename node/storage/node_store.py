@@ -33,6 +33,7 @@ __all__ = [
     "MIGRATIONS",
     "EvidenceListener",
     "HeldLetter",
+    "LinkedUpdate",
     "NewLetter",
     "NodeStore",
     "StoredEvidence",
@@ -193,6 +194,14 @@ class NewLetter:
     about: str = ""  # for a status update: the SHAMS text of the letter it is about
 
 
+class LinkedUpdate(NamedTuple):
+    """A status update linked to a letter: sent by this node (OUTGOING) or received, and
+    its envelope without its body."""
+
+    direction: pb.LetterDirection.ValueType
+    envelope: pb.Envelope
+
+
 @dataclass(frozen=True, slots=True)
 class StoredLetter:
     """A letter as GetEnvelope returns it."""
@@ -203,7 +212,7 @@ class StoredLetter:
     statuses: dict[str, int]
     body_purged: bool = False
     # Linked, in stored order, each without its body (its note).
-    status_updates: list[pb.Envelope] = field(default_factory=list)
+    status_updates: list[LinkedUpdate] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -725,9 +734,14 @@ class NodeStore(Store):
         # Without their bodies (notes of up to a letter's size each, as many as the other
         # side sends): GetEnvelope of the update itself gives its note.
         updates = [
-            pb.Envelope.FromString(r[0])
+            LinkedUpdate(
+                pb.LetterDirection.LETTER_DIRECTION_OUTGOING
+                if r[0] == "O"
+                else pb.LetterDirection.LETTER_DIRECTION_INCOMING,
+                pb.Envelope.FromString(r[1]),
+            )
             for r in await self.db.fetchall(
-                "SELECT CASE l.box"
+                "SELECT l.box, CASE l.box"
                 " WHEN 'O' THEN (SELECT envelope FROM outbox WHERE shams = l.shams)"
                 " ELSE (SELECT envelope FROM inbox WHERE shams = l.shams) END "
                 "FROM status_links l WHERE l.about = ? ORDER BY l.rowid",

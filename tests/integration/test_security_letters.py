@@ -1211,3 +1211,40 @@ async def test_client_limited_to_a_mailbox_sees_and_acts_only_on_that_mailbox(
 
         await registry.ack(to_registry.shams)
         await backend.ack(to_legal.shams)
+
+        # Nor see, in a letter's track, status updates of another mailbox: on a letter to
+        # both mailboxes, B's recall addressed to legal and legal's own report; on a
+        # letter the registry sent, B's report addressed to legal (and its status).
+        both = await b.send(to=[(A, "registry"), (A, "legal")], subject="for both", body="b")
+        b_db = _node_db(cluster, B)
+
+        async def held(db: Path, shams: str) -> bool:
+            return _count(db, "SELECT count(*) FROM inbox WHERE shams = ?", (shams,)) == 1
+
+        await _eventually(lambda: held(inbox_a, both.shams), "the letter to both mailboxes")
+        await _eventually(lambda: held(b_db, sent.shams), "the registry's letter at B")
+        recall = await b.send_status(both.shams, "recall-requested", to=[(A, "legal")])
+        reported = await b.send_status(sent.shams, "accepted", to=[(A, "legal")])
+        by_legal = await backend.send_status(both.shams, "accepted", sender_mailbox="legal")
+        by_registry = await registry.send_status(both.shams, "received", sender_mailbox="registry")
+
+        async def linked(shams: str, n: int) -> Tracking | None:
+            tracking = await backend.track(shams)
+            return tracking if len(tracking.status_updates) == n else None
+
+        everyone = await _eventually(lambda: linked(both.shams, 3), "3 updates linked at A")
+        assert {u.shams for u in everyone.status_updates} == {
+            recall.shams,
+            by_legal.shams,
+            by_registry.shams,
+        }
+        mine = await registry.track(both.shams)
+        assert [u.shams for u in mine.status_updates] == [by_registry.shams]
+        mine.verify(await registry.trust_from_directory(registry_credentials.trust_store()))
+        outgoing = await _eventually(lambda: linked(sent.shams, 1), "B's report linked at A")
+        assert outgoing.business_statuses == {B: "ACCEPTED"}
+        hidden = await registry.track(sent.shams)
+        assert (hidden.status_updates, hidden.business_statuses) == ([], {})
+        hidden.verify(await registry.trust_from_directory(registry_credentials.trust_store()))
+        for acked in await backend.ack_many([both.shams, recall.shams, reported.shams]):
+            assert isinstance(acked, pb.Evidence), acked

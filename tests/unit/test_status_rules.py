@@ -23,7 +23,7 @@ from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.letters import LetterLimits, build_header, fit_status_update, validate_draft
 from node.storage.db import Database
-from node.storage.node_store import MIGRATIONS, NewLetter, NodeStore
+from node.storage.node_store import MIGRATIONS, LinkedUpdate, NewLetter, NodeStore
 
 A = "000.00.00.G22"  # sends the letter
 B = "10861234567"  # receives it
@@ -342,8 +342,8 @@ async def _receive(store: NodeStore, *headers: pb.EnvelopeHeader) -> None:
     await store.store_incoming([_incoming(h) for h in headers], _delivery, None, (), updates)
 
 
-def _statuses(letter_updates: list[pb.Envelope]) -> list[tuple[str, int]]:
-    headers = [pb.EnvelopeHeader.FromString(u.header) for u in letter_updates]
+def _statuses(letter_updates: list[LinkedUpdate]) -> list[tuple[str, int]]:
+    headers = [pb.EnvelopeHeader.FromString(u.envelope.header) for u in letter_updates]
     return [(h.sender.agency, h.status) for h in headers]
 
 
@@ -454,7 +454,10 @@ async def test_linked_updates_are_read_without_their_notes(store: NodeStore) -> 
     held = await store.letter(format_shams(letter.shams))
     assert held is not None
     assert _statuses(held.status_updates) == [(B, ACCEPTED), (A, RECALL)]
-    assert held.status_updates == [_envelope(mine), _envelope(recall)]  # no body
+    assert held.status_updates == [  # without bodies; and where each is, for access rules
+        LinkedUpdate(pb.LetterDirection.LETTER_DIRECTION_OUTGOING, _envelope(mine)),
+        LinkedUpdate(pb.LetterDirection.LETTER_DIRECTION_INCOMING, _envelope(recall)),
+    ]
     own = await store.letter(format_shams(mine.shams))
     theirs = await store.letter(format_shams(recall.shams))
     assert own is not None

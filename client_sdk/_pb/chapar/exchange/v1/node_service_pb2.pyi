@@ -857,7 +857,10 @@ class GetEnvelopeResponse(_message.Message):
         """The signed status updates (letters of kind LETTER_KIND_STATUS_UPDATE) about this
         letter that this node sent or received, in the order the node stored them. A received
         one is here only if its sender is the other side of the letter (see
-        LetterDraft.status); any other is delivered as a letter but never linked. Their
+        LetterDraft.status); any other is delivered as a letter but never linked. A client
+        limited to some mailboxes gets only the updates it could get with GetEnvelope itself
+        (a sent one by its sender's mailbox, a received one by its addressees'), and
+        RecipientStatus.business_status is the latest among those. Their
         signing certificates are among certificates. Each comes without its body (the
         update's note), so that this response stays small however many updates the other
         side sends: the signed header, and so the status, verifies without it (body_size says
