@@ -299,7 +299,10 @@ class _LetterFields:
     delivery: pb.Evidence
     status: str | None
     """For a status update (``kind == "STATUS_UPDATE"``), the status it reports about
-    ``in_reply_to`` ("ACCEPTED", ...); None for any other letter."""
+    ``in_reply_to`` ("ACCEPTED", ...); None for any other letter, even one whose header
+    sets a status. The node delivers an update about a letter it holds only if the update
+    fits it (sent between that letter's two sides); about a letter it does not hold (not
+    arrived yet, or never), it cannot tell: ``sender`` says who reports it."""
 
     @staticmethod
     def _parse(item: pb.InboxLetter) -> dict[str, Any]:
@@ -328,7 +331,11 @@ class _LetterFields:
             "envelope": item.envelope,
             "header": header,
             "delivery": item.delivery,
-            "status": status_name(header.status) if header.status else None,
+            "status": (
+                status_name(header.status)
+                if header.status and header.kind == pb.LETTER_KIND_STATUS_UPDATE
+                else None
+            ),
         }
 
     @property

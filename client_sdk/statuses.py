@@ -3,7 +3,7 @@
 A status update is a signed letter of kind ``LETTER_KIND_STATUS_UPDATE`` whose header names
 the letter it is about (``in_reply_to``) and a ``BusinessStatus``. One rule decides whether
 an update fits the letter it names, and the submitting node (to refuse a draft), the
-receiving node (to link an update to the letter, or deliver it unlinked) and the SDK's
+receiving node (to link an update to a letter it holds, or refuse it) and the SDK's
 offline verification (``Tracking.verify``) all apply this one function, to signed headers
 only:
 

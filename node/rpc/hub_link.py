@@ -25,6 +25,7 @@ from client_sdk import pb
 from client_sdk.errors import from_rpc_error
 from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
+from client_sdk.statuses import StatusFault
 from client_sdk.trust import VerificationError, check_attestation, seconds_of
 from node.agency import Agency
 from node.core.documents import senders_documents
@@ -562,14 +563,48 @@ class _Session:
             )
             return pb.Evidence(content=content)  # signed with the batch: seal_evidence
 
+        misfits: dict[int, StatusFault] = {}  # status updates refused as they are stored
+
+        def make_refusal(i: int, fault: StatusFault) -> pb.Evidence:
+            # A status update about a letter this node holds, which it does not fit (the
+            # store judges it in the transaction that would store it): refused as a letter
+            # failing its checks is, instead of delivered looking like a real one.
+            misfits[i] = fault
+            shams, digest = verified_ids[i]
+            content = evidence_content(
+                E.EVIDENCE_EVENT_DELIVERY_FAILURE,
+                issuer=agency.identity.uri,
+                shams=shams,
+                envelope_sha256=digest,
+                recipient=me,
+                now=now,
+                reason=fault.reason,
+                detail=fault.message,
+            )
+            return pb.Evidence(content=content)  # signed with the batch: seal_evidence
+
         receipts: list[StoredEvidence] = []
         if good:
             receipts.extend(
                 await agency.store.store_incoming(
-                    good, make_delivery, agency.signer.seal_evidence, documents, updates
+                    good,
+                    make_delivery,
+                    agency.signer.seal_evidence,
+                    documents,
+                    updates,
+                    make_refusal,
+                    agency.identity.uri,
                 )
             )
             agency.notify_inbox()  # DELIVERED is counted at the commit (node.monitor)
+            for i, fault in misfits.items():
+                count_verification_failure("envelope", fault.reason)
+                log.error(
+                    "refusing a delivered status update: %s %s",
+                    fault.reason,
+                    fault.message,
+                    extra={"shams": [good[i][0]], "peer": good[i][1]},
+                )
             if fresh and log.isEnabledFor(logging.INFO):
                 # One line per frame and sending agency, so ``peer`` stays one agency code.
                 # Letters delivered before (pushed again after a lost receipt) are answered

@@ -23,7 +23,7 @@ from typing import NamedTuple, TypeVar
 from client_sdk import pb
 from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
-from client_sdk.statuses import status_update_fault
+from client_sdk.statuses import StatusFault, status_update_fault
 from node.core import lifecycle
 from node.core.errors import ChaparError, letter_not_found, request_id_reused
 from node.core.splice import Field
@@ -501,6 +501,8 @@ class NodeStore(Store):
         seal: Callable[[Sequence[pb.Evidence]], None] | None = None,
         documents: Sequence[Sequence[bytes]] = (),
         updates: Mapping[int, pb.EnvelopeHeader] | None = None,
+        make_refusal: Callable[[int, StatusFault], pb.Evidence] | None = None,
+        issuer: str = "",
     ) -> list[StoredEvidence]:
         """Stores received letters (shams, sender, mailboxes, envelope) once each.
 
@@ -508,18 +510,34 @@ class NodeStore(Store):
         letter already in the inbox (a redelivery), else a new one from ``make_delivery(i)``,
         queued for the hub. ``seal``, if given, signs the new evidence at once, in place,
         before it is stored. ``documents[i]``, if given, are the SHA-256 digests of letter
-        ``i``'s attachments. ``updates[i]``, if given, is the verified header of letter
-        ``i``, a status update: it is linked to the letter it is about, in the same
-        transaction, when this node holds that letter and the update fits it
-        (``client_sdk.statuses``); otherwise it is only delivered.
+        ``i``'s attachments.
+
+        ``updates[i]``, if given, is the verified header of letter ``i``, a status update,
+        judged in the same transaction against the letter it is about
+        (``client_sdk.statuses``): linked to it when this node holds that letter (stored
+        before, or earlier in this frame) and the update fits it; refused when this node
+        holds it and the update does not fit, with the DELIVERY_FAILURE evidence
+        ``make_refusal(i, fault)`` (stored and queued for the hub instead of the letter, and
+        returned as its answer; a refusal ``issuer`` made of the same letter before is
+        returned again instead); otherwise only delivered. Without ``make_refusal`` an
+        update that does not fit is delivered, unlinked.
         """
 
         def job(conn: sqlite3.Connection) -> tuple[list[StoredEvidence], _Stored]:
             now = time.time()
             found: dict[str, StoredEvidence] = {}  # by number: stored before, or new below
             new: dict[str, tuple[int, pb.Evidence]] = {}
-            for i, (shams, _, _, _) in enumerate(letters):
-                if shams in found or shams in new:
+            refused: dict[str, tuple[int, pb.Evidence]] = {}
+            links: list[tuple[str, str]] = []
+
+            def in_frame(about: str) -> pb.EnvelopeHeader | None:
+                # A letter delivered earlier in this frame: a recall right behind its letter.
+                if about not in new:
+                    return None
+                return pb.EnvelopeHeader.FromString(letters[new[about][0]][3].header)
+
+            for i, (shams, _, _, envelope) in enumerate(letters):
+                if shams in found or shams in new or shams in refused:
                     continue
                 row = conn.execute(
                     "SELECT delivery FROM inbox WHERE shams = ?", (shams,)
@@ -527,9 +545,21 @@ class NodeStore(Store):
                 if row is not None:
                     found[shams] = StoredEvidence.of(row[0])
                     continue
+                if updates and i in updates:
+                    about, fault = _judge_received(conn, shams, updates[i], in_frame)
+                    if fault is not None and make_refusal is not None:
+                        earlier = _earlier_refusal(conn, shams, sha256(envelope.header), issuer)
+                        if earlier is not None:
+                            found[shams] = earlier
+                        else:
+                            refused[shams] = (i, make_refusal(i, fault))
+                        continue
+                    if about and fault is None:
+                        links.append((shams, about))
                 new[shams] = (i, make_delivery(i))
-            if seal is not None and new:
-                seal([e for _, e in new.values()])
+            issued = [*new.values(), *refused.values()]
+            if seal is not None and issued:
+                seal([e for _, e in issued])
             rows = []
             for shams, (i, evidence) in new.items():
                 _, sender, mailboxes, envelope = letters[i]
@@ -537,8 +567,14 @@ class NodeStore(Store):
                 blob = evidence.SerializeToString()
                 found[shams] = StoredEvidence(content.evidence_id, blob)
                 rows.append((shams, sender, mailboxes, envelope, content, blob))
+            evidence_rows = [(s, c, blob) for s, _, _, _, c, blob in rows]
+            for shams, (_, evidence) in refused.items():
+                content = pb.EvidenceContent.FromString(evidence.content)
+                blob = evidence.SerializeToString()
+                found[shams] = StoredEvidence(content.evidence_id, blob)
+                evidence_rows.append((shams, content, blob))
             out = [found[shams] for shams, _, _, _ in letters]
-            if not new:
+            if not evidence_rows:
                 return out, []
             conn.executemany(
                 "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
@@ -555,7 +591,7 @@ class NodeStore(Store):
             conn.executemany(
                 "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
                 " VALUES (?, ?, ?, ?, 1, ?)",
-                [(c.evidence_id, s, c.event, blob, now) for s, _, _, _, c, blob in rows],
+                [(c.evidence_id, s, c.event, blob, now) for s, c, blob in evidence_rows],
             )
             if documents:
                 _index_documents(
@@ -566,13 +602,10 @@ class NodeStore(Store):
                         if documents[i]
                     ],
                 )
-            if updates:
-                # In the writer, after the rows above: a letter stored by an earlier frame,
-                # or earlier in this one, is seen (a recall request right behind its letter).
-                _link_received(
-                    conn, [(shams, updates[i]) for shams, (i, _) in new.items() if i in updates]
-                )
-            return out, [(s, c) for s, _, _, _, c, _ in rows]
+            conn.executemany(
+                "INSERT OR IGNORE INTO status_links (shams, about, box) VALUES (?, ?, 'I')", links
+            )
+            return out, [(s, c) for s, c, _ in evidence_rows]
 
         return await self._write(job)
 
@@ -988,37 +1021,37 @@ def _with_body(stored: bytes, body: bytes | None) -> bytes:
     return bytes(stored) + _BODY.one(body)
 
 
-def _link_received(
-    conn: sqlite3.Connection, items: Sequence[tuple[str, pb.EnvelopeHeader]]
-) -> None:
-    """Links received status updates (shams, verified header) to the letters they are
-    about, when this node holds that letter and the update fits it. One that does not fit
-    (a third party's "update" about someone else's letter: a forgery attempt) stays an
-    unlinked letter in the inbox and is logged; one about a letter never held here, or
-    naming no valid SHAMS number, is only delivered. Whatever one update holds, it never
-    fails the job: the frame's other letters are stored with it."""
-    links: list[tuple[str, str]] = []
-    for shams, update in items:
-        try:
-            about = _received_link(conn, shams, update)
-        except sqlite3.Error:
-            raise  # the store itself failing: the frame fails, as any write of it would
-        except Exception:  # one update's content, whatever it is: logged, not linked
-            log.exception(
-                "status update %s not linked",
-                shams,
-                extra={"shams": [shams], "peer": update.sender.agency},
-            )
-            continue
-        if about:
-            links.append((shams, about))
-    conn.executemany(
-        "INSERT OR IGNORE INTO status_links (shams, about, box) VALUES (?, ?, 'I')", links
-    )
+def _judge_received(
+    conn: sqlite3.Connection,
+    shams: str,
+    update: pb.EnvelopeHeader,
+    in_frame: Callable[[str], pb.EnvelopeHeader | None],
+) -> tuple[str, StatusFault | None]:
+    """A received status update against the letter it is about: (its number, None) when
+    this node holds it and the update fits it; (its number, why not) when it holds it and
+    the update does not fit (a third party's "update" about someone else's letter: a
+    forgery attempt); ("", None) when it holds no such letter, or the update names no
+    valid number. Whatever one update holds, it never fails the job (only a database
+    error does): the frame's other letters are stored with it."""
+    try:
+        return _judged(conn, shams, update, in_frame)
+    except sqlite3.Error:
+        raise  # the store itself failing: the frame fails, as any write of it would
+    except Exception:  # one update's content, whatever it is: logged, delivered unlinked
+        log.exception(
+            "status update %s not linked",
+            shams,
+            extra={"shams": [shams], "peer": update.sender.agency},
+        )
+        return "", None
 
 
-def _received_link(conn: sqlite3.Connection, shams: str, update: pb.EnvelopeHeader) -> str:
-    """The number of the held letter that received update ``shams`` fits, or ""."""
+def _judged(
+    conn: sqlite3.Connection,
+    shams: str,
+    update: pb.EnvelopeHeader,
+    in_frame: Callable[[str], pb.EnvelopeHeader | None],
+) -> tuple[str, StatusFault | None]:
     try:
         about = format_shams(update.in_reply_to)
     except ValueError as exc:
@@ -1028,29 +1061,47 @@ def _received_link(conn: sqlite3.Connection, shams: str, update: pb.EnvelopeHead
             exc,
             extra={"shams": [shams], "peer": update.sender.agency, "reason": "INVALID_SHAMS"},
         )
-        return ""
+        return "", None
     # A letter to this agency itself is in both boxes, with the same header.
     row = conn.execute(
         "SELECT envelope FROM outbox WHERE shams = ?"
         " UNION ALL SELECT envelope FROM inbox WHERE shams = ? LIMIT 1",
         (about, about),
     ).fetchone()
-    if row is None:
-        return ""
-    letter = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(row[0]).header)
+    letter = (
+        pb.EnvelopeHeader.FromString(pb.Envelope.FromString(row[0]).header)
+        if row is not None
+        else in_frame(about)
+    )
+    if letter is None:
+        return "", None
     fault = status_update_fault(
         letter, update.sender.agency, [r.agency for r in update.recipients], update.status
     )
     if fault is not None:
         log.warning(
-            "status update %s about %s not linked: %s",
+            "status update %s about %s does not fit it: %s",
             shams,
             about,
             fault.message,
             extra={"shams": [shams], "peer": update.sender.agency, "reason": fault.reason},
         )
-        return ""
-    return about
+    return about, fault
+
+
+def _earlier_refusal(
+    conn: sqlite3.Connection, shams: str, digest: bytes, issuer: str
+) -> StoredEvidence | None:
+    """The DELIVERY_FAILURE ``issuer`` made of this very letter before (delivered again
+    after a lost receipt): answered again, not doubled."""
+    for (blob,) in conn.execute(
+        "SELECT evidence FROM evidence WHERE shams = ? AND event = ? ORDER BY rowid",
+        (shams, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE),
+    ):
+        content = pb.EvidenceContent.FromString(pb.Evidence.FromString(blob).content)
+        if content.issuer == issuer and content.envelope_sha256 == digest:
+            return StoredEvidence(content.evidence_id, bytes(blob))
+    return None
 
 
 def _index_stored_documents(

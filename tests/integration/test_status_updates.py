@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -262,7 +263,24 @@ async def _relay_as_c(cluster: Cluster, envelope: pb.Envelope) -> pb.EvidenceCon
                 return pb.EvidenceContent.FromString(evidence.content)
 
 
-async def test_a_third_partys_update_about_a_letter_is_delivered_but_never_linked(
+def _refusal(cluster: Cluster, code: str, shams: str) -> pb.EvidenceContent | None:
+    """The DELIVERY_FAILURE node ``code`` issued for letter ``shams``, if any."""
+    conn = sqlite3.connect(f"file:{_node_db(cluster, code)}?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT evidence FROM evidence WHERE shams = ? AND event = ?",
+            (shams, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE),
+        ).fetchone()
+    finally:
+        conn.close()
+    return (
+        None
+        if row is None
+        else pb.EvidenceContent.FromString(pb.Evidence.FromString(row[0]).content)
+    )
+
+
+async def test_a_third_partys_update_about_a_held_letter_is_refused_and_never_delivered(
     cluster: Cluster,
 ) -> None:
     async with _client(cluster, A) as a, _client(cluster, B) as b:
@@ -274,25 +292,46 @@ async def test_a_third_partys_update_about_a_letter_is_delivered_but_never_linke
         relayed = await _relay_as_c(cluster, forged)
         assert relayed.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE, relayed.reason
         forged_shams = format_shams(pb.EnvelopeHeader.FromString(forged.header).shams)
-        # Delivered as a letter: A's back-end sees it, and who sent it.
-        arrived = await _next_letter(a, forged_shams)
-        assert (arrived.sender, arrived.status, arrived.in_reply_to) == (
-            C,
-            "COMPLETED",
-            sent.shams,
+        # A's node holds the letter and the update does not fit it: refused, as a letter
+        # failing its checks, with the rule's reason; its back-end never sees it.
+        deadline = asyncio.get_running_loop().time() + 20
+        while (refusal := _refusal(cluster, A, forged_shams)) is None:
+            assert asyncio.get_running_loop().time() < deadline, "no refusal"
+            await asyncio.sleep(0.1)
+        assert refusal.reason == "NOT_A_PARTY"
+        assert refusal.envelope_sha256 == sha256(forged.header)
+        assert C in refusal.detail
+        hub_db = cluster.root / "hub" / "hub.db"
+        query = "SELECT count(*) FROM evidence WHERE shams = ? AND event = ?"
+        failure = (forged_shams, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE)
+        while db_count(hub_db, query, failure) == 0:  # signed with the frame: the hub takes it
+            assert asyncio.get_running_loop().time() < deadline, "the hub has no refusal"
+            await asyncio.sleep(0.1)
+        assert (
+            db_count(
+                _node_db(cluster, A), "SELECT count(*) FROM inbox WHERE shams = ?", (forged_shams,)
+            )
+            == 0
         )
+        # One about a letter A's node does not hold (it may not have arrived yet) cannot
+        # be judged: delivered, unlinked, its real sender shown to the back-end.
+        unknown = f"{B}/O/{dt.datetime.now(dt.UTC).year}/9999999"
+        stray = _update_from_c(cluster, unknown, to=A)
+        await _relay_as_c(cluster, stray)
+        stray_shams = format_shams(pb.EnvelopeHeader.FromString(stray.header).shams)
+        arrived = await _next_letter(a, stray_shams)
+        assert (arrived.sender, arrived.status, arrived.in_reply_to) == (C, "COMPLETED", unknown)
         await arrived.ack()
         await (await _next_letter(a, genuine.shams)).ack()
 
-        # ... and never linked: it was stored, and its link decided, in one transaction.
         tracking = await _tracked(a, sent.shams, 1)
         assert [(u.agency, u.status) for u in tracking.status_updates] == [(B, "ACCEPTED")]
         assert tracking.business_statuses == {B: "ACCEPTED"}
         assert (
             db_count(
                 _node_db(cluster, A),
-                "SELECT count(*) FROM status_links WHERE shams = ?",
-                (forged_shams,),
+                "SELECT count(*) FROM status_links WHERE shams IN (?, ?)",
+                (forged_shams, stray_shams),
             )
             == 0
         )

@@ -320,6 +320,7 @@ class _Receiver:
         seal: object = None,
         documents: object = (),
         updates: dict[int, pb.EnvelopeHeader] | None = None,
+        *_: object,
     ) -> list[StoredEvidence]:
         self.stored.extend(shams for shams, _, _, _ in good)
         self.updates.update({good[i][0]: h for i, h in (updates or {}).items()})

@@ -1940,6 +1940,29 @@ def test_the_cli_prints_an_evidence_of_an_unknown_event_as_malformed() -> None:
     assert described["event"] == "MALFORMED"
 
 
+async def test_a_letter_of_another_kind_says_no_status_whatever_its_header_sets(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    header = pb.EnvelopeHeader(
+        shams=shams_of(24),
+        sender=pb.Address(agency=OTHER),
+        recipients=[pb.Address(agency=SENDER)],
+        subject="not an update",
+        kind=pb.LetterKind.LETTER_KIND_LETTER,
+        status=S.BUSINESS_STATUS_COMPLETED,
+    )
+    fake_node[0].inbox_batches = [
+        [
+            pb.InboxLetter(
+                envelope=pb.Envelope(header=header.SerializeToString()), shams=shams_of(24)
+            )
+        ]
+    ]
+    async with contextlib.aclosing(client.inbox()) as inbox:
+        letter = await anext(inbox)
+    assert (letter.kind, letter.status) == ("LETTER", None)
+
+
 @pytest.mark.parametrize(
     "data",
     [

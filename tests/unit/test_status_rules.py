@@ -18,7 +18,7 @@ import pytest
 
 from client_sdk import pb
 from client_sdk.shams import format_shams
-from client_sdk.statuses import latest_statuses, status_name, status_update_fault
+from client_sdk.statuses import StatusFault, latest_statuses, status_name, status_update_fault
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.letters import LetterLimits, build_header, fit_status_update, validate_draft
@@ -364,9 +364,10 @@ async def test_updates_from_the_other_side_are_linked_in_the_order_they_were_sto
     assert await store.count("inbox") == 3  # each is a letter in the inbox as well
 
 
-async def test_a_third_partys_update_is_delivered_and_never_linked(
+async def test_without_a_refusal_an_update_that_does_not_fit_is_delivered_and_never_linked(
     store: NodeStore, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The store's own default; the node's hub link refuses such an update (below).
     await _send(store, LETTER)
     forged = _header(_shams(C, 1), to=[A], about=LETTER.shams, status=COMPLETED)
     wrong_way = _header(_shams(B, 1), to=[A], about=LETTER.shams, status=RECALL)
@@ -396,6 +397,74 @@ async def test_an_update_about_a_status_update_is_never_linked(store: NodeStore)
         held = await store.letter(format_shams(update.shams))
         assert held is not None
         assert held.status_updates == []
+
+
+ME = "urn:chapar:agency:" + A  # the receiving node's identity, in the tests below
+
+
+async def _receive_judged(
+    store: NodeStore, *headers: pb.EnvelopeHeader
+) -> tuple[list[pb.EvidenceContent], list[str]]:
+    """Receives letters as the node's hub link does: an update that does not fit a letter
+    the store holds is refused. The answer to each, and the reasons of new refusals."""
+    reasons: list[str] = []
+    incoming = [_incoming(h) for h in headers]
+
+    def refuse(i: int, fault: StatusFault) -> pb.Evidence:
+        reasons.append(fault.reason)
+        content = pb.EvidenceContent(
+            evidence_id=str(uuid.uuid4()),
+            event=pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
+            issuer=ME,
+            envelope_sha256=hashlib.sha256(incoming[i][3].header).digest(),
+            reason=fault.reason,
+        )
+        return pb.Evidence(content=content.SerializeToString())
+
+    updates = {i: h for i, h in enumerate(headers) if h.kind == STATUS_UPDATE}
+    answers = await store.store_incoming(
+        incoming, _delivery, None, (), updates, make_refusal=refuse, issuer=ME
+    )
+    contents = [
+        pb.EvidenceContent.FromString(pb.Evidence.FromString(a.blob).content) for a in answers
+    ]
+    return contents, reasons
+
+
+async def test_an_update_that_does_not_fit_a_held_letter_is_refused_once_and_not_delivered(
+    store: NodeStore,
+) -> None:
+    # Delivered unlinked, it reached the back-end looking like a real update; the node
+    # now refuses it as it refuses a letter failing its checks (DELIVERY_FAILURE, the
+    # rule's reason), and answers a redelivery with the same refusal.
+    await _send(store, LETTER)
+    forged = _header(_shams(C, 1), to=[A], about=LETTER.shams, status=COMPLETED)
+    wrong_way = _header(_shams(B, 1), to=[A], about=LETTER.shams, status=RECALL)
+    genuine = _header(_shams(B, 2), to=[A], about=LETTER.shams, status=ACCEPTED)
+    not_held = _header(_shams(C, 2), to=[A], about=_shams(B, 77), status=COMPLETED)
+    answers, reasons = await _receive_judged(store, forged, wrong_way, genuine, not_held)
+    failure, delivery = pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE, pb.EVIDENCE_EVENT_DELIVERY
+    assert [(a.event, a.reason) for a in answers] == [
+        (failure, "NOT_A_PARTY"),
+        (failure, "STATUS_WRONG_DIRECTION"),
+        (delivery, ""),
+        (delivery, ""),
+    ]
+    assert reasons == ["NOT_A_PARTY", "STATUS_WRONG_DIRECTION"]
+    inbox = {r[0] for r in await store.db.fetchall("SELECT shams FROM inbox")}
+    assert inbox == {format_shams(genuine.shams), format_shams(not_held.shams)}
+    queued = await store.db.fetchall(
+        "SELECT shams, event FROM evidence WHERE to_send = 1 AND event = ?", (failure,)
+    )
+    assert sorted(queued) == sorted((format_shams(h.shams), failure) for h in (forged, wrong_way))
+    letter = await store.letter(format_shams(LETTER.shams))
+    assert letter is not None
+    assert _statuses(letter.status_updates) == [(B, ACCEPTED)]
+
+    again, reasons = await _receive_judged(store, forged, genuine)
+    assert [a.evidence_id for a in again] == [a.evidence_id for a in answers[::2]]
+    assert reasons == []  # no second refusal
+    assert await store.count("evidence") == 5  # LETTER's acceptance, 2 refusals, 2 deliveries
 
 
 async def test_an_update_about_a_letter_never_held_is_delivered_unlinked(store: NodeStore) -> None:
