@@ -763,7 +763,9 @@ class ExchangeClient:
         Recipients of a letter report RECEIVED, REJECTED, ACCEPTED, ASSIGNED, PROCESSING,
         COMPLETED, RECALL_AGREED or RECALL_REFUSED to its sender; its sender reports
         RECALL_REQUESTED to its recipients. Without ``to`` the node addresses the update to
-        that other side (all of the recipients); ``to`` may name some of them. The node
+        that other side (all of the recipients); ``to`` may name some of them. On a letter
+        this agency sent to itself, RECALL_REQUESTED goes as its sender, any other status
+        as a recipient. The node
         refuses a letter it does not hold (``NotFound``, ``IN_REPLY_TO_NOT_FOUND``), a status
         update as ``about`` (``InvalidArgument``, ``STATUS_ABOUT_STATUS_UPDATE``: a back-end
         that reports on every inbox letter skips those of kind ``STATUS_UPDATE``), an

@@ -102,10 +102,14 @@ def status_update_fault(
 
 
 def latest_statuses(updates: Iterable[pb.EnvelopeHeader]) -> dict[str, int]:
-    """Each sending agency's latest reported status among ``updates`` (headers), the
-    latest being the one signed last (``create_time``, then the SHAMS number)."""
+    """Each recipient's latest reported status among ``updates`` (headers), by sending
+    agency, the latest being the one signed last (``create_time``, then the SHAMS number).
+    A sender's RECALL_REQUESTED is no recipient's status: left out (on a letter to itself
+    an agency is both sides)."""
     latest: dict[str, tuple[tuple[int, int, int, int], int]] = {}
     for header in updates:
+        if header.status == _RECALL_REQUESTED:
+            continue
         key = (
             header.create_time.seconds,
             header.create_time.nanos,

@@ -61,6 +61,7 @@ R = TypeVar("R")
 # Letters numbered and signed together at most (several calls' worth; trees of 256).
 _MAX_SIGNING_GROUP = 4096
 _STATUS_UPDATE = pb.LETTER_KIND_STATUS_UPDATE
+_RECALL_REQUESTED = pb.BUSINESS_STATUS_RECALL_REQUESTED
 _OUTGOING = pb.LetterDirection.LETTER_DIRECTION_OUTGOING
 _INCOMING = pb.LetterDirection.LETTER_DIRECTION_INCOMING
 
@@ -464,7 +465,12 @@ class Agency(pb.NodeServiceServicer):
                     access.require([draft.sender_mailbox], f"the mailbox {draft.sender_mailbox!r}")
                     parent = None
                     if draft.kind == _STATUS_UPDATE:  # its letter decides its recipients
-                        parent = await self.store.held_letter(format_shams(draft.in_reply_to))
+                        # On a letter to itself this agency is both sides: it asks for a
+                        # recall as the sender, reports any other status as a recipient.
+                        parent = await self.store.held_letter(
+                            format_shams(draft.in_reply_to),
+                            received_first=draft.status != _RECALL_REQUESTED,
+                        )
                         self._fit_status_update(draft, parent, access, directory)
                     for ref in draft.attachments:
                         await self.require_document(access, ref.sha256, ref.uri)

@@ -149,6 +149,15 @@ MIGRATIONS = [
     """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
+# Where a letter is held: 1 sent, 2 received (a letter to this agency itself is in both).
+_HELD_SENT_FIRST = (
+    "SELECT 1, envelope FROM outbox WHERE shams = ?"
+    " UNION ALL SELECT 2, envelope FROM inbox WHERE shams = ? ORDER BY 1 LIMIT 1"
+)
+_HELD_RECEIVED_FIRST = (
+    "SELECT 1, envelope FROM outbox WHERE shams = ?"
+    " UNION ALL SELECT 2, envelope FROM inbox WHERE shams = ? ORDER BY 1 DESC LIMIT 1"
+)
 # Between a client's identity and its request_id in the stored key (ids may not hold it).
 _REQUEST_SCOPE = "\n"
 
@@ -783,13 +792,13 @@ class NodeStore(Store):
         ]
         return StoredLetter(direction, envelope, evidence, statuses, bool(row[1]), updates)
 
-    async def held_letter(self, shams: str) -> HeldLetter | None:
-        """Where this node holds letter ``shams`` (sent first), with its header; None if it
-        holds no such letter. One read, for a reply or status update that names it."""
+    async def held_letter(self, shams: str, *, received_first: bool = False) -> HeldLetter | None:
+        """Where this node holds letter ``shams``, with its header; None if it holds no such
+        letter. One read, for a reply or status update that names it. A letter this agency
+        sent to itself is in both boxes: the sent one is returned, or the received one if
+        ``received_first``."""
         row = await self.db.fetchone(
-            "SELECT 1, envelope FROM outbox WHERE shams = ?"
-            " UNION ALL SELECT 2, envelope FROM inbox WHERE shams = ? ORDER BY 1 LIMIT 1",
-            (shams, shams),
+            _HELD_RECEIVED_FIRST if received_first else _HELD_SENT_FIRST, (shams, shams)
         )
         if row is None:
             return None

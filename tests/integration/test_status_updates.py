@@ -152,6 +152,31 @@ async def test_a_recall_request_reaches_the_recipient_linked_and_its_answer_come
         at_a.verify(cluster.credentials(A).trust_store())
 
 
+async def test_on_a_letter_to_itself_an_agency_reports_as_a_recipient_and_recalls_as_sender(
+    cluster: Cluster,
+) -> None:
+    # A letter from A to A and B is in both of A's boxes. Without ``to``, A's node used
+    # to address every update as the letter's sender (to A and B), so A's own ACCEPTED,
+    # a recipient's status, was refused as STATUS_WRONG_DIRECTION.
+    async with _client(cluster, A) as a, _client(cluster, B) as b:
+        sent = await a.send(to=[A, B], subject="To ourselves and B", body="x")
+        await (await _next_letter(a, sent.shams)).ack()
+        await (await _next_letter(b, sent.shams)).ack()
+        accepted = await a.send_status(sent.shams, "accepted")
+        recall = await a.send_status(sent.shams, "recall-requested")
+        assert [r.agency for r in (await a.track(accepted.shams)).header.recipients] == [A]
+        assert [r.agency for r in (await a.track(recall.shams)).header.recipients] == [A, B]
+        for client, update in ((a, accepted), (a, recall), (b, recall)):
+            await (await _next_letter(client, update.shams)).ack()
+        tracking = await _tracked(a, sent.shams, 2)
+        assert sorted(u.status for u in tracking.status_updates) == [
+            "ACCEPTED",
+            "RECALL_REQUESTED",
+        ]
+        assert tracking.business_statuses == {A: "ACCEPTED"}
+        tracking.verify(cluster.credentials(A).trust_store())
+
+
 def _stored(cluster: Cluster, code: str) -> tuple[int, int]:
     """Letters in a node's outbox and the highest SHAMS sequence it gave out."""
     db = _node_db(cluster, code)

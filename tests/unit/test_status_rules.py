@@ -132,6 +132,12 @@ def test_the_latest_status_is_the_one_signed_last_not_the_one_stored_last() -> N
         D: COMPLETED,  # same time: the higher number
     }
     assert latest_statuses([]) == {}
+    # On a letter to itself, an agency's recall request (the sender's) is not its status
+    # as a recipient.
+    to_itself = _header(_shams(A, 8), to=[A, B])
+    mine = _header(_shams(A, 9), to=[A], about=to_itself.shams, status=ACCEPTED)
+    recall = _header(_shams(A, 10), to=[A, B], about=to_itself.shams, status=RECALL)
+    assert latest_statuses([mine, recall]) == {A: ACCEPTED}
     assert status_name(RECALL) == "RECALL_REQUESTED"
     assert status_name(99) == "99"
 
@@ -545,6 +551,22 @@ async def test_a_held_letter_is_found_in_the_outbox_or_the_inbox(store: NodeStor
     assert (sent.direction, sent.header) == (pb.LetterDirection.LETTER_DIRECTION_OUTGOING, LETTER)
     assert (got.direction, got.header) == (pb.LetterDirection.LETTER_DIRECTION_INCOMING, received)
     assert await store.held_letter(format_shams(_shams(C, 1))) is None
+    # A letter to this agency itself is in both boxes: the caller says which side it is.
+    to_itself = _header(_shams(A, 8), to=[A, B])
+    await _send(store, to_itself)
+    await _receive(store, to_itself)
+    text = format_shams(to_itself.shams)
+    as_sender = await store.held_letter(text)
+    as_recipient = await store.held_letter(text, received_first=True)
+    assert as_sender is not None
+    assert as_recipient is not None
+    assert (as_sender.direction, as_recipient.direction) == (
+        pb.LetterDirection.LETTER_DIRECTION_OUTGOING,
+        pb.LetterDirection.LETTER_DIRECTION_INCOMING,
+    )
+    received_only = await store.held_letter(format_shams(received.shams), received_first=True)
+    assert received_only is not None
+    assert received_only.direction == pb.LetterDirection.LETTER_DIRECTION_INCOMING
 
 
 async def test_a_database_of_schema_5_gains_the_link_table(tmp_path: Path) -> None:

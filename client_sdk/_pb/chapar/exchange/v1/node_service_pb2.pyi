@@ -139,7 +139,8 @@ class LetterDraft(_message.Message):
     def recipients(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Address]:
         """The recipients; at least one, no duplicates. A status update may leave them out: it
         then goes to the other side of the letter it is about (the sender of a letter this
-        agency received; every recipient of a letter it sent).
+        agency received; every recipient of a letter it sent; on a letter it sent to itself,
+        every recipient for BUSINESS_STATUS_RECALL_REQUESTED, the sender for any other).
         """
 
     @_builtins.property
