@@ -17,8 +17,9 @@ only:
   back-ends that report a status on every letter they receive would otherwise answer each
   other's updates for ever.
 
-The latest status of an agency is the one of its update signed last (``create_time``, then
-its number), not the one that arrived last: a reconnect can reorder arrivals.
+The latest status of an agency is the one of its update numbered last (SHAMS year, then
+sequence: one counter a year per agency, in signing order, whatever its clock says), not
+the one that arrived last: a reconnect can reorder arrivals.
 """
 
 from __future__ import annotations
@@ -103,19 +104,16 @@ def status_update_fault(
 
 def latest_statuses(updates: Iterable[pb.EnvelopeHeader]) -> dict[str, int]:
     """Each recipient's latest reported status among ``updates`` (headers), by sending
-    agency, the latest being the one signed last (``create_time``, then the SHAMS number).
-    A sender's RECALL_REQUESTED is no recipient's status: left out (on a letter to itself
-    an agency is both sides)."""
-    latest: dict[str, tuple[tuple[int, int, int, int], int]] = {}
+    agency, the latest being the one it numbered last (SHAMS year, then sequence: an
+    agency numbers its letters from one counter a year, in the order it signs them, so
+    a clock stepping back cannot reorder them as ``create_time`` would). A sender's
+    RECALL_REQUESTED is no recipient's status: left out (on a letter to itself an agency
+    is both sides)."""
+    latest: dict[str, tuple[tuple[int, int], int]] = {}
     for header in updates:
         if header.status == _RECALL_REQUESTED:
             continue
-        key = (
-            header.create_time.seconds,
-            header.create_time.nanos,
-            header.shams.year,
-            header.shams.sequence,
-        )
+        key = (header.shams.year, header.shams.sequence)
         agency = header.sender.agency
         if agency not in latest or key >= latest[agency][0]:
             latest[agency] = (key, header.status)

@@ -1795,8 +1795,8 @@ def _latest_claimed_unsigned(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Env
 
 
 def _latest_left_out(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], int]:
-    # REJECTED shown as the latest while a later signed COMPLETED is there (listed first:
-    # the latest is the one signed last, not the one listed last).
+    # REJECTED shown as the latest while a later numbered COMPLETED is there (listed
+    # first: the latest is the one numbered last, not the one listed last).
     early = signed_status_update(pki, letter, 1, S.BUSINESS_STATUS_REJECTED)
     late = signed_status_update(pki, letter, 2, S.BUSINESS_STATUS_COMPLETED, seconds_later=5)
     return [late, early], S.BUSINESS_STATUS_REJECTED
@@ -1822,7 +1822,7 @@ def _latest_left_out(pki: Pki, letter: pb.Envelope) -> tuple[list[pb.Envelope], 
         "status-changed",
         "note-changed",
         "latest-unsigned",
-        "latest-not-the-last-signed",
+        "latest-not-the-last-numbered",
     ],
 )
 async def test_track_verify_refuses_a_status_update_that_is_not_about_this_letter_by_its_party(

@@ -119,7 +119,25 @@ def test_no_update_is_about_another_status_update(sender: str, to: list[str], st
     assert format_shams(UPDATE.shams) in fault.message
 
 
-def test_the_latest_status_is_the_one_signed_last_not_the_one_stored_last() -> None:
+def test_the_latest_status_is_the_one_numbered_last_whatever_the_clocks_said() -> None:
+    # An agency numbers all its letters from one counter a year, in the order it signs
+    # them; its clock may step back meanwhile (NTP), and create_time with it.
+    minute_earlier = NOW - dt.timedelta(minutes=1)
+    first = _header(_shams(B, 1), to=[A], about=LETTER.shams, status=ACCEPTED)
+    after_a_step_back = _header(
+        _shams(B, 2), to=[A], about=LETTER.shams, status=COMPLETED, created=minute_earlier
+    )
+    assert latest_statuses([first, after_a_step_back]) == {B: COMPLETED}
+    next_year = _header(
+        pb.Shams(origin=B, domain=OUT, year=2027, sequence=1),
+        to=[A],
+        about=LETTER.shams,
+        status=S.BUSINESS_STATUS_REJECTED,
+    )
+    assert latest_statuses([next_year, after_a_step_back]) == {B: S.BUSINESS_STATUS_REJECTED}
+
+
+def test_the_latest_status_is_not_the_one_stored_last() -> None:
     minute_later = NOW + dt.timedelta(minutes=1)
     later = _header(
         _shams(B, 2), to=[A], about=LETTER.shams, status=COMPLETED, created=minute_later

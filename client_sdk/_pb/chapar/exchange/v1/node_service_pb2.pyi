@@ -384,9 +384,9 @@ class RecipientStatus(_message.Message):
     state: Global___DeliveryState.ValueType
     """Furthest state reached."""
     business_status: _envelope_pb2.BusinessStatus.ValueType
-    """The latest business status this recipient reported about the letter (by the time it
-    signed its status update), among the status_updates of the response; unspecified if
-    none.
+    """The latest business status this recipient reported about the letter (its status
+    update numbered last: SHAMS year, then sequence), among the status_updates of the
+    response; unspecified if none.
     """
     def __init__(
         self,
