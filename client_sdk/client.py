@@ -458,7 +458,8 @@ class StatusUpdate:
 
     @classmethod
     def from_envelope(cls, envelope: pb.Envelope) -> StatusUpdate:
-        """Raises ``DecodeError`` if the header bytes are not a header."""
+        """Raises ``DecodeError`` if the header bytes are not a header, ``ValueError`` if
+        its SHAMS number is not valid."""
         header = pb.EnvelopeHeader.FromString(envelope.header)
         return cls(
             shams=format_shams(header.shams),
@@ -503,7 +504,8 @@ class Tracking:
     ) -> Tracking:
         """The tracking in a node's ``GetEnvelopeResponse``; ``asked``: the number asked
         for, used when the header carries none. Raises ``DecodeError`` if the header bytes
-        are not a header."""
+        (the letter's or a status update's) are not a header, ``ValueError`` if one holds
+        no valid SHAMS number."""
         header = pb.EnvelopeHeader.FromString(response.envelope.header)
         shams = header.shams if header.HasField("shams") or asked is None else asked
         return cls(
@@ -1018,9 +1020,9 @@ class ExchangeClient:
             )
         try:
             return Tracking.from_response(response, request.shams)
-        except DecodeError as exc:
+        except (DecodeError, ValueError) as exc:  # ValueError: a header's SHAMS number
             raise InternalError(
-                "letter with a malformed header", reason="MALFORMED_RESPONSE"
+                "letter or status update with a malformed header", reason="MALFORMED_RESPONSE"
             ) from exc
 
     async def evidence_bundle(

@@ -1845,6 +1845,29 @@ async def test_track_verify_refuses_a_status_update_that_is_not_about_this_lette
     assert str(caught.value).startswith(where), str(caught.value)
 
 
+async def test_track_of_a_response_with_a_malformed_number_is_an_internal_error(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    # A header that parses but carries no valid SHAMS number, the letter's or a status
+    # update's: MALFORMED_RESPONSE, as a header that does not parse; no bare ValueError.
+    letter = signed_letter(pki, 25)
+    update = signed_status_update(pki, letter, 4, S.BUSINESS_STATUS_ACCEPTED)
+    header = pb.EnvelopeHeader.FromString(update.header)
+    header.shams.domain = pb.ShamsDomain.SHAMS_DOMAIN_UNSPECIFIED
+    update.header = header.SerializeToString()
+    fake_node[0].get_response = with_updates(pki, letter, [update], S.BUSINESS_STATUS_ACCEPTED)
+    with pytest.raises(errors.InternalError) as malformed:
+        await client.track(shams_of(25))
+    assert malformed.value.reason == "MALFORMED_RESPONSE"
+    bad_letter = pb.EnvelopeHeader.FromString(letter.header)
+    bad_letter.shams.origin = "not an agency"
+    letter.header = bad_letter.SerializeToString()
+    fake_node[0].get_response = get_response(pki, letter)
+    with pytest.raises(errors.InternalError) as malformed:
+        await client.track(shams_of(25))
+    assert malformed.value.reason == "MALFORMED_RESPONSE"
+
+
 async def test_send_status_sends_a_status_update_to_the_other_side_of_the_letter(
     client: ExchangeClient, fake_node: tuple[FakeNode, str]
 ) -> None:
