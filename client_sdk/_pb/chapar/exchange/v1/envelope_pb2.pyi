@@ -61,7 +61,9 @@ class _LetterKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LetterKind
     LETTER_KIND_REPLY: _LetterKind.ValueType  # 4
     """An answer to an earlier letter (in_reply_to is set)."""
     LETTER_KIND_STATUS_UPDATE: _LetterKind.ValueType  # 5
-    """A business status update about an earlier letter (in_reply_to is set)."""
+    """A business status update about an earlier letter (in_reply_to and status are set; see
+    LetterDraft.status for what a node requires of one, since this version).
+    """
     LETTER_KIND_RECALL: _LetterKind.ValueType  # 6
     """A request to recall an earlier letter."""
 
@@ -79,7 +81,9 @@ LETTER_KIND_INQUIRY: LetterKind.ValueType  # 3
 LETTER_KIND_REPLY: LetterKind.ValueType  # 4
 """An answer to an earlier letter (in_reply_to is set)."""
 LETTER_KIND_STATUS_UPDATE: LetterKind.ValueType  # 5
-"""A business status update about an earlier letter (in_reply_to is set)."""
+"""A business status update about an earlier letter (in_reply_to and status are set; see
+LetterDraft.status for what a node requires of one, since this version).
+"""
 LETTER_KIND_RECALL: LetterKind.ValueType  # 6
 """A request to recall an earlier letter."""
 Global___LetterKind: _TypeAlias = LetterKind  # noqa: Y015
