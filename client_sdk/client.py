@@ -44,7 +44,17 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Final, Protocol, TypeAlias, TypeVar, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    BinaryIO,
+    Final,
+    Literal,
+    Protocol,
+    TypeAlias,
+    TypeVar,
+    cast,
+)
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -323,9 +333,7 @@ class _LetterFields:
             "subject": header.subject,
             "body": item.envelope.body,
             "kind": _enum_name(pb.LetterKind.Name, header.kind, "LETTER_KIND_"),
-            "in_reply_to": (
-                format_shams(header.in_reply_to) if header.HasField("in_reply_to") else None
-            ),
+            "in_reply_to": _shams_or_none(header, "in_reply_to"),
             "create_time": _time(header, "create_time"),
             "receive_time": _time(item, "receive_time"),
             "envelope": item.envelope,
@@ -2033,6 +2041,17 @@ def _holds_body(envelope: pb.Envelope, header: pb.EnvelopeHeader) -> bool:
     """Whether ``envelope`` (whose header bytes parse as ``header``) carries its body: it
     has one, or its header signs none (``body_size`` 0, an empty body to check)."""
     return bool(envelope.body) or header.body_size == 0
+
+
+def _shams_or_none(header: pb.EnvelopeHeader, name: Literal["in_reply_to"]) -> str | None:
+    """The header's SHAMS field as text; None if unset, or not a valid number (a letter a
+    hub let through before it checked in_reply_to must not stop a back-end's inbox)."""
+    if not header.HasField(name):
+        return None
+    try:
+        return format_shams(getattr(header, name))
+    except ValueError:
+        return None
 
 
 def _shams_pb(shams: ShamsLike) -> pb.Shams:

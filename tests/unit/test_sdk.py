@@ -1242,6 +1242,27 @@ async def test_a_download_waiting_for_another_gives_up_at_its_timeout(
 # --- inbox ----------------------------------------------------------------------------------
 
 
+async def test_an_inbox_letter_naming_no_valid_letter_it_answers_is_still_handed_over(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
+) -> None:
+    # A hub let such letters through before it checked in_reply_to: parsing it raised a
+    # bare ValueError out of the back-end's inbox loop, at that letter every time.
+    header = pb.EnvelopeHeader.FromString(signed_letter(pki, 12).header)
+    header.in_reply_to.CopyFrom(pb.Shams(origin="X"))
+    header_bytes = header.SerializeToString()
+    envelope = pb.Envelope(
+        header=header_bytes,
+        signature=pki.signer.sign(ENVELOPE_PAYLOAD_TYPE, header_bytes),
+        body=signed_letter(pki, 12).body,
+    )
+    fake_node[0].inbox_batches = [[pb.InboxLetter(envelope=envelope, shams=shams_of(12))]]
+    async with contextlib.aclosing(client.inbox()) as inbox:
+        letter = await anext(inbox)
+    assert letter.shams.endswith("/0000012")
+    assert letter.in_reply_to is None
+    assert letter.header.in_reply_to.origin == "X"  # the signed header as it is
+
+
 async def test_inbox_yields_letters_and_ack_hands_over(
     client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki
 ) -> None:
