@@ -3,8 +3,8 @@
 Agency A (a Vietnamese organ code) writes to agency B (an Iranian 11-digit legal-entity
 id), attaching a PDF: the file goes to A's document store and only its address travels with
 the letter. B receives and acknowledges it, downloads the attachment through its own node
-(which fetches it from A through the hub and checks its SHA-256), and answers with a reply;
-A receives the reply. For each
+(which fetches it from A through the hub and checks its SHA-256), reports the business
+status ACCEPTED on it (a signed status update) and answers with a reply; A receives both. For each
 letter the sender's evidence chain (SUBMISSION_ACCEPTANCE, RELAY_ACCEPTANCE, DELIVERY,
 HANDOVER) is fetched and every signature verified against the root CA alone; the letter's
 evidence bundle is saved and verified again from the file, as an auditor would. Exit status
@@ -65,6 +65,28 @@ def _print_chain(title: str, shams: str, tracking: Tracking, trust: TrustStore) 
     if missing:
         print(f"  MISSING: {', '.join(missing)}")
         return False
+    return True
+
+
+async def _business_status(client: ExchangeClient, shams: str, trust: TrustStore) -> bool:
+    """Waits for B's ACCEPTED to reach A and be linked to A's letter, then verifies it."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while (tracking := await client.track(shams)).business_statuses.get(AGENCY_B) is None:
+        if asyncio.get_running_loop().time() > deadline:
+            print(f"\nBusiness status of {shams}: MISSING")
+            return False
+        await asyncio.sleep(0.1)
+    try:
+        tracking.verify(trust)
+    except VerificationError as exc:
+        print(f"\nBusiness status of {shams}: VERIFICATION FAILED: {exc.reason}: {exc}")
+        return False
+    (update,) = tracking.status_updates
+    print(
+        f"\nBusiness status of {shams}: {AGENCY_B} {tracking.business_statuses[AGENCY_B]}"
+        f" (status update {update.shams}, its sender's signature and its link to the letter"
+        " verified)"
+    )
     return True
 
 
@@ -151,6 +173,8 @@ async def _exchange(cluster: Cluster) -> bool:
             print("  the attachment is MISSING")
             ok = False
         await received.ack()
+        accepted = await b.send_status(received.shams, "accepted", "Taken up by the budget desk.")
+        print(f"B reported ACCEPTED on {received.shams} (status update {accepted.shams})")
         reply = await b.send(
             to=[AGENCY_A],
             subject="Re: request for cooperation",
@@ -159,15 +183,22 @@ async def _exchange(cluster: Cluster) -> bool:
             body="The figures are confirmed.\n",
         )
         print(f"B replied {reply.shams} (in reply to {received.shams})")
-        got = await anext(a.inbox())
-        print(f"A received {got.shams} in reply to {got.in_reply_to}")
-        await got.ack()
+        async with contextlib.aclosing(a.inbox()) as a_inbox:
+            async for got in a_inbox:  # B's status update and its reply, in either order
+                if got.status is not None:
+                    print(f"A received {got.shams}: B's status {got.status} on {got.in_reply_to}")
+                else:
+                    print(f"A received {got.shams} in reply to {got.in_reply_to}")
+                await got.ack()
+                if got.shams == reply.shams:
+                    break
         for title, client, receipt, creds in (
             ("Letter A -> B", a, letter, creds_a),
             ("Reply B -> A", b, reply, creds_b),
         ):
             tracking = await wait_for_chain(client, receipt.shams)
             ok = _print_chain(title, receipt.shams, tracking, creds.trust_store()) and ok
+        ok = await _business_status(a, letter.shams, creds_a.trust_store()) and ok
         ok = await _audit(a, letter.shams, files / "letter.bundle", cluster.pki.root_cert) and ok
         with contextlib.suppress(Exception):
             await inbox.aclose()

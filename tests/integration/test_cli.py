@@ -40,6 +40,7 @@ def test_demo_prints_every_chain_verified_and_exits_zero() -> None:
     assert out.count("signature verified") == 2 * len(EXPECTED_CHAIN)
     assert "arrived intact, SHA-256 verified" in out
     assert "verified again from the file with the root CA alone" in out
+    assert re.search(r"Business status of \S+: 10861234567 ACCEPTED .* verified", out), out
     assert "hub exit 0" in out
 
 
