@@ -550,18 +550,25 @@ class _Session:
 
         fresh: set[int] = set()  # the letters new to the inbox, by their place in good
 
-        def make_delivery(i: int) -> pb.Evidence:
-            fresh.add(i)  # only asked for letters stored now, not those delivered before
+        def answer(
+            i: int, event: pb.EvidenceEvent.ValueType, reason: str = "", detail: str = ""
+        ) -> pb.Evidence:
             shams, digest = verified_ids[i]  # as verified above: not parsed and hashed again
             content = evidence_content(
-                pb.EVIDENCE_EVENT_DELIVERY,
+                event,
                 issuer=agency.identity.uri,
                 shams=shams,
                 envelope_sha256=digest,
                 recipient=me,
                 now=now,
+                reason=reason,
+                detail=detail,
             )
             return pb.Evidence(content=content)  # signed with the batch: seal_evidence
+
+        def make_delivery(i: int) -> pb.Evidence:
+            fresh.add(i)  # only asked for letters stored now, not those delivered before
+            return answer(i, pb.EVIDENCE_EVENT_DELIVERY)
 
         misfits: dict[int, StatusFault] = {}  # status updates refused as they are stored
 
@@ -570,18 +577,7 @@ class _Session:
             # store judges it in the transaction that would store it): refused as a letter
             # failing its checks is, instead of delivered looking like a real one.
             misfits[i] = fault
-            shams, digest = verified_ids[i]
-            content = evidence_content(
-                E.EVIDENCE_EVENT_DELIVERY_FAILURE,
-                issuer=agency.identity.uri,
-                shams=shams,
-                envelope_sha256=digest,
-                recipient=me,
-                now=now,
-                reason=fault.reason,
-                detail=fault.message,
-            )
-            return pb.Evidence(content=content)  # signed with the batch: seal_evidence
+            return answer(i, E.EVIDENCE_EVENT_DELIVERY_FAILURE, fault.reason, fault.message)
 
         receipts: list[StoredEvidence] = []
         if good:
