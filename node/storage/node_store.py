@@ -23,7 +23,7 @@ from typing import NamedTuple, TypeVar
 from client_sdk import pb
 from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
-from client_sdk.statuses import StatusFault, status_update_fault
+from client_sdk.statuses import StatusFault, status_name, status_update_fault
 from node.core import lifecycle
 from node.core.errors import ChaparError, letter_not_found, request_id_reused
 from node.core.splice import Field
@@ -1055,6 +1055,31 @@ def _judge_received(
         return "", None
 
 
+def _unheld_fault(update: pb.EnvelopeHeader, about: str) -> StatusFault | None:
+    """Whether an update about a letter this node does not hold can fit it at all. The hub
+    makes a number's origin its sender, and this node is an addressee of the update: a
+    recipient's update goes to the letter's sender alone, who would be this node and hold
+    its letter, so only the sender's own RECALL_REQUESTED (to recipients the letter may
+    not have reached yet) can be about a letter not here. Anything else is refused, not
+    delivered looking like a real status (a third party naming a number to come)."""
+    origin = update.in_reply_to.origin
+    if update.sender.agency != origin:
+        return StatusFault(
+            "NOT_A_PARTY",
+            f"{update.sender.agency} reports on {about}, a letter of {origin} this agency"
+            " does not hold",
+        )
+    if not update.status:
+        return StatusFault("MISSING_STATUS", f"a status update about {about} names no status")
+    if update.status != pb.BUSINESS_STATUS_RECALL_REQUESTED:
+        return StatusFault(
+            "STATUS_WRONG_DIRECTION",
+            f"{status_name(update.status)} is for a recipient of {about} to report, not for"
+            f" its sender {origin}",
+        )
+    return None
+
+
 def _judged(
     conn: sqlite3.Connection,
     shams: str,
@@ -1082,11 +1107,15 @@ def _judged(
         if row is not None
         else in_frame(about)
     )
-    if letter is None:
-        return "", None
-    fault = status_update_fault(
-        letter, update.sender.agency, [r.agency for r in update.recipients], update.status
+    fault = (
+        _unheld_fault(update, about)
+        if letter is None
+        else status_update_fault(
+            letter, update.sender.agency, [r.agency for r in update.recipients], update.status
+        )
     )
+    if letter is None and fault is None:
+        return "", None  # its sender's recall of a letter not here yet: delivered, unlinked
     if fault is not None:
         log.warning(
             "status update %s about %s does not fit it: %s",

@@ -241,7 +241,12 @@ async def test_no_status_is_reported_about_a_status_update_so_back_ends_cannot_l
             assert _stored(cluster, code) == before
 
 
-def _update_from_c(cluster: Cluster, about: str, to: str) -> pb.Envelope:
+def _update_from_c(
+    cluster: Cluster,
+    about: str,
+    to: str,
+    status: pb.BusinessStatus.ValueType = pb.BusinessStatus.BUSINESS_STATUS_COMPLETED,
+) -> pb.Envelope:
     """A status update signed with C's own (valid, listed) key, about a letter C is no
     party of: what a hostile or broken node of C could send."""
     d = cluster.pki.agency_dir(C)
@@ -256,9 +261,9 @@ def _update_from_c(cluster: Cluster, about: str, to: str) -> pb.Envelope:
         ),
         sender=pb.Address(agency=C),
         recipients=[pb.Address(agency=to)],
-        subject=f"COMPLETED: {about}",
+        subject=f"{pb.BusinessStatus.Name(status)}: {about}",
         kind=pb.LetterKind.LETTER_KIND_STATUS_UPDATE,
-        status=pb.BusinessStatus.BUSINESS_STATUS_COMPLETED,
+        status=status,
         priority=pb.Priority.PRIORITY_NORMAL,
         content_type="text/plain; charset=utf-8",
         body_sha256=sha256(note),
@@ -338,14 +343,29 @@ async def test_a_third_partys_update_about_a_held_letter_is_refused_and_never_de
             )
             == 0
         )
-        # One about a letter A's node does not hold (it may not have arrived yet) cannot
-        # be judged: delivered, unlinked, its real sender shown to the back-end.
-        unknown = f"{B}/O/{dt.datetime.now(dt.UTC).year}/9999999"
-        stray = _update_from_c(cluster, unknown, to=A)
+        # One about a letter A's node does not hold (a number still to come, say) fits no
+        # letter A could hold when C is not its sender: refused too. Only a sender's own
+        # recall may come before its letter: delivered, unlinked, its sender shown.
+        year = dt.datetime.now(dt.UTC).year
+        stray = _update_from_c(cluster, f"{B}/O/{year}/9999999", to=A)
         await _relay_as_c(cluster, stray)
         stray_shams = format_shams(pb.EnvelopeHeader.FromString(stray.header).shams)
-        arrived = await _next_letter(a, stray_shams)
-        assert (arrived.sender, arrived.status, arrived.in_reply_to) == (C, "COMPLETED", unknown)
+        while (refusal := _refusal(cluster, A, stray_shams)) is None:
+            assert asyncio.get_running_loop().time() < deadline, "no refusal of the stray"
+            await asyncio.sleep(0.1)
+        assert refusal.reason == "NOT_A_PARTY"
+        unknown = f"{C}/O/{year}/9999999"
+        recall = _update_from_c(
+            cluster, unknown, A, pb.BusinessStatus.BUSINESS_STATUS_RECALL_REQUESTED
+        )
+        await _relay_as_c(cluster, recall)
+        recall_shams = format_shams(pb.EnvelopeHeader.FromString(recall.header).shams)
+        arrived = await _next_letter(a, recall_shams)
+        assert (arrived.sender, arrived.status, arrived.in_reply_to) == (
+            C,
+            "RECALL_REQUESTED",
+            unknown,
+        )
         await arrived.ack()
         await (await _next_letter(a, genuine.shams)).ack()
 
@@ -355,8 +375,8 @@ async def test_a_third_partys_update_about_a_held_letter_is_refused_and_never_de
         assert (
             db_count(
                 _node_db(cluster, A),
-                "SELECT count(*) FROM status_links WHERE shams IN (?, ?)",
-                (forged_shams, stray_shams),
+                "SELECT count(*) FROM status_links WHERE shams IN (?, ?, ?)",
+                (forged_shams, stray_shams, recall_shams),
             )
             == 0
         )

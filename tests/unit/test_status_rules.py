@@ -465,30 +465,45 @@ async def test_an_update_that_does_not_fit_a_held_letter_is_refused_once_and_not
     forged = _header(_shams(C, 1), to=[A], about=LETTER.shams, status=COMPLETED)
     wrong_way = _header(_shams(B, 1), to=[A], about=LETTER.shams, status=RECALL)
     genuine = _header(_shams(B, 2), to=[A], about=LETTER.shams, status=ACCEPTED)
+    # About letters not held here: a third party naming one (a number still to come, say)
+    # fits no letter this node could hold, nor does a sender reporting a recipient's
+    # status; only the letter's own sender recalling it may come before it.
     not_held = _header(_shams(C, 2), to=[A], about=_shams(B, 77), status=COMPLETED)
-    answers, reasons = await _receive_judged(store, forged, wrong_way, genuine, not_held)
+    not_yet = _header(_shams(B, 3), to=[A], about=_shams(B, 78), status=COMPLETED)
+    recall_ahead = _header(_shams(B, 4), to=[A], about=_shams(B, 79), status=RECALL)
+    answers, reasons = await _receive_judged(
+        store, forged, wrong_way, genuine, not_held, not_yet, recall_ahead
+    )
     failure, delivery = pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE, pb.EVIDENCE_EVENT_DELIVERY
     assert [(a.event, a.reason) for a in answers] == [
         (failure, "NOT_A_PARTY"),
         (failure, "STATUS_WRONG_DIRECTION"),
         (delivery, ""),
+        (failure, "NOT_A_PARTY"),
+        (failure, "STATUS_WRONG_DIRECTION"),
         (delivery, ""),
     ]
-    assert reasons == ["NOT_A_PARTY", "STATUS_WRONG_DIRECTION"]
+    assert reasons == [
+        "NOT_A_PARTY",
+        "STATUS_WRONG_DIRECTION",
+        "NOT_A_PARTY",
+        "STATUS_WRONG_DIRECTION",
+    ]
     inbox = {r[0] for r in await store.db.fetchall("SELECT shams FROM inbox")}
-    assert inbox == {format_shams(genuine.shams), format_shams(not_held.shams)}
+    assert inbox == {format_shams(genuine.shams), format_shams(recall_ahead.shams)}
     queued = await store.db.fetchall(
         "SELECT shams, event FROM evidence WHERE to_send = 1 AND event = ?", (failure,)
     )
-    assert sorted(queued) == sorted((format_shams(h.shams), failure) for h in (forged, wrong_way))
+    refused = (forged, wrong_way, not_held, not_yet)
+    assert sorted(queued) == sorted((format_shams(h.shams), failure) for h in refused)
     letter = await store.letter(format_shams(LETTER.shams))
     assert letter is not None
     assert _statuses(letter.status_updates) == [(B, ACCEPTED)]
 
     again, reasons = await _receive_judged(store, forged, genuine)
-    assert [a.evidence_id for a in again] == [a.evidence_id for a in answers[::2]]
+    assert [a.evidence_id for a in again] == [answers[0].evidence_id, answers[2].evidence_id]
     assert reasons == []  # no second refusal
-    assert await store.count("evidence") == 5  # LETTER's acceptance, 2 refusals, 2 deliveries
+    assert await store.count("evidence") == 7  # LETTER's acceptance, 4 refusals, 2 deliveries
 
 
 async def test_an_update_about_a_letter_never_held_is_delivered_unlinked(store: NodeStore) -> None:
