@@ -756,15 +756,16 @@ class Agency(pb.NodeServiceServicer):
                 metadata={"shams": about},
                 field_violations=[("draft.in_reply_to", "not held by this node")],
             )
-        mailboxes = _mailboxes_of(parent.direction, parent.header, self.config.agency)
+        me = self.config.agency
+        received = parent.direction == _INCOMING
+        if parent.header.sender.agency == me and any(
+            r.agency == me for r in parent.header.recipients
+        ):  # a letter to itself: the status says which side reports, not which copy is here
+            received = draft.status != _RECALL_REQUESTED
+        mailboxes = _mailboxes_of(_INCOMING if received else _OUTGOING, parent.header, me)
         access.require(mailboxes, f"the letter {about}")
         named = len(draft.recipients)
-        fit_status_update(
-            draft,
-            parent.header,
-            sender=self.config.agency,
-            received=parent.direction == _INCOMING,
-        )
+        fit_status_update(draft, parent.header, sender=me, received=received)
         for i in range(named, len(draft.recipients)):  # filled in: checked as named ones are
             directory.require_recipient(draft.recipients[i].agency, f"draft.recipients[{i}].agency")
 

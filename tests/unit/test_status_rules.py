@@ -17,13 +17,16 @@ from pathlib import Path
 import pytest
 
 from client_sdk import pb
+from client_sdk.identity import Identity
 from client_sdk.shams import format_shams
 from client_sdk.statuses import StatusFault, latest_statuses, status_name, status_update_fault
+from node.agency import Access, Agency
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.core.letters import LetterLimits, build_header, fit_status_update, validate_draft
 from node.storage.db import Database
 from node.storage.node_store import MIGRATIONS, LinkedUpdate, NewLetter, NodeStore
+from tests.unit.conftest import RECIPIENT, SENDER
 
 A = "000.00.00.G22"  # sends the letter
 B = "10861234567"  # receives it
@@ -612,3 +615,40 @@ async def test_a_database_of_schema_5_gains_the_link_table(tmp_path: Path) -> No
         assert await store.db.fetchall("SELECT * FROM status_links") == []
     finally:
         await store.close()
+
+
+async def test_on_a_letter_to_itself_the_status_picks_the_side_before_its_own_copy_arrives(
+    agency: Agency,
+) -> None:
+    # A letter from SENDER to itself and RECIPIENT is in SENDER's outbox at once, in its
+    # inbox only once the hub brings it back. The side of an update was read from the copy
+    # found: before the inbox copy came, ACCEPTED was taken for the sender's and refused
+    # (STATUS_WRONG_DIRECTION), after it, accepted.
+    access = Access(Identity.for_agency(SENDER), None)
+    to_self = pb.LetterDraft(
+        recipients=[pb.Address(agency=SENDER), pb.Address(agency=RECIPIENT)],
+        subject="to itself and another",
+        body=b"x",
+    )
+    (letter,) = await agency._submit(
+        [pb.SubmitEnvelopeRequest(request_id="self-1", draft=to_self)], access
+    )
+    assert isinstance(letter, pb.Receipt)
+
+    def update(status: pb.BusinessStatus.ValueType, request_id: str) -> pb.SubmitEnvelopeRequest:
+        draft = pb.LetterDraft(
+            subject="status", kind=STATUS_UPDATE, status=status, body=b"", in_reply_to=letter.shams
+        )
+        return pb.SubmitEnvelopeRequest(request_id=request_id, draft=draft)
+
+    accepted, recall = await agency._submit(
+        [update(ACCEPTED, "self-2"), update(RECALL, "self-3")], access
+    )
+    assert isinstance(accepted, pb.Receipt), accepted  # a recipient's, to the sender: itself
+    assert isinstance(recall, pb.Receipt), recall  # the sender's, to the recipients
+    sent = {
+        r[0]: pb.EnvelopeHeader.FromString(pb.Envelope.FromString(r[1]).header)
+        for r in await agency.store.db.fetchall("SELECT shams, envelope FROM outbox")
+    }
+    headers = [sent[format_shams(r.shams)] for r in (accepted, recall)]
+    assert [[a.agency for a in h.recipients] for h in headers] == [[SENDER], [SENDER, RECIPIENT]]
