@@ -1077,7 +1077,7 @@ class Agency(pb.NodeServiceServicer):
                 raise letter_not_found(shams, "at this node")
             header = pb.EnvelopeHeader.FromString(letter.envelope.header)
             access.require(
-                _mailboxes_of(letter.direction, header, self.config.agency),
+                _visible_mailboxes(letter.direction, header, self.config.agency),
                 f"the letter {shams}",
             )
         except ChaparError as exc:
@@ -1089,7 +1089,9 @@ class Agency(pb.NodeServiceServicer):
         headers: list[pb.EnvelopeHeader] = []
         for update in letter.status_updates:
             update_header = pb.EnvelopeHeader.FromString(update.envelope.header)
-            if access.may_see(_mailboxes_of(update.direction, update_header, self.config.agency)):
+            if access.may_see(
+                _visible_mailboxes(update.direction, update_header, self.config.agency)
+            ):
                 updates.append(update.envelope)
                 headers.append(update_header)
         key_ids = [
@@ -1149,3 +1151,17 @@ def _mailboxes_of(
     if direction == _OUTGOING:
         return [header.sender.mailbox]
     return [r.mailbox for r in header.recipients if r.agency == agency]
+
+
+def _visible_mailboxes(
+    direction: pb.LetterDirection.ValueType, header: pb.EnvelopeHeader, agency: str
+) -> list[str]:
+    """The mailboxes whose clients may read a letter: ``_mailboxes_of`` its direction, and
+    for a letter the agency sent to itself, both sides' (it is in both boxes, and the node
+    finds the sent copy first, so its addressees here were refused their own letter)."""
+    if header.sender.agency == agency and any(r.agency == agency for r in header.recipients):
+        return [
+            header.sender.mailbox,
+            *(r.mailbox for r in header.recipients if r.agency == agency),
+        ]
+    return _mailboxes_of(direction, header, agency)

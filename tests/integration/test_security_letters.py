@@ -1246,5 +1246,22 @@ async def test_client_limited_to_a_mailbox_sees_and_acts_only_on_that_mailbox(
         hidden = await registry.track(sent.shams)
         assert (hidden.status_updates, hidden.business_statuses) == ([], {})
         hidden.verify(await registry.trust_from_directory(registry_credentials.trust_store()))
+        # A letter the registry sends to legal (its own agency) and B: legal's report goes
+        # back to the registry, which sees it in the letter's track and may read it (a
+        # letter to itself is found as the sent copy: it was legal's only).
+        to_self = await registry.send(
+            to=[(A, "legal"), B], subject="to legal and B", body="s", sender_mailbox="registry"
+        )
+        await _eventually(lambda: held(inbox_a, to_self.shams), "the letter to itself back at A")
+        report = await backend.send_status(to_self.shams, "accepted", sender_mailbox="legal")
+
+        async def seen() -> Tracking | None:
+            tracking = await registry.track(to_self.shams)
+            return tracking if tracking.status_updates else None
+
+        shown = await _eventually(seen, "legal's report in the registry's track")
+        assert [u.shams for u in shown.status_updates] == [report.shams]
+        assert shown.business_statuses == {A: "ACCEPTED"}
+        assert (await registry.track(report.shams)).header.sender.mailbox == "legal"
         for acked in await backend.ack_many([both.shams, recall.shams, reported.shams]):
             assert isinstance(acked, pb.Evidence), acked
