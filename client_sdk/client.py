@@ -573,7 +573,9 @@ class Tracking:
         """
         try:
             trust.add_certificates(self.certificates)
-        except ValueError as exc:  # DER that is no certificate (a bundle's, a node's)
+        # DER that is no certificate (a bundle's, a node's): ValueError, and cryptography's
+        # InvalidVersion or DuplicateExtension, which are not ValueErrors
+        except Exception as exc:
             raise VerificationError(
                 "CERTIFICATE_MALFORMED", f"a certificate that does not parse: {exc}"
             ) from exc

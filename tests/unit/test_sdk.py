@@ -1961,10 +1961,15 @@ def test_a_bundle_claiming_its_body_purged_still_has_a_body_it_carries_checked(
     bundle.letter.envelope.body = b""  # really purged: the signatures still verify
     purged = Tracking.from_bundle(bundle.SerializeToString())
     assert purged.verify(TrustStore([pki.root], [pki.intermediate]))
-    bundle.letter.certificates.append(b"not DER")
-    with pytest.raises(VerificationError) as caught:
-        Tracking.from_bundle(bundle.SerializeToString()).verify(TrustStore([pki.root]))
-    assert caught.value.reason == "CERTIFICATE_MALFORMED"
+    good = pki.signer.certificate.public_bytes(serialization.Encoding.DER)
+    version = good.index(bytes.fromhex("a003020102"))  # [0] EXPLICIT INTEGER 2: v3
+    bad_version = good[:version] + bytes.fromhex("a003020109") + good[version + 5 :]
+    for der in (b"not DER", bad_version):  # a ValueError, an InvalidVersion
+        bundle.letter.ClearField("certificates")
+        bundle.letter.certificates.append(der)
+        with pytest.raises(VerificationError) as caught:
+            Tracking.from_bundle(bundle.SerializeToString()).verify(TrustStore([pki.root]))
+        assert caught.value.reason == "CERTIFICATE_MALFORMED"
 
 
 def test_a_signed_evidence_of_an_unknown_event_is_refused_as_such() -> None:
