@@ -677,7 +677,8 @@ def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = ""
     cert = load_certs(Path(cert_path))[0]
     serial = f"{cert.serial_number:x}"
     path = Path(revocation_file)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    data = path.read_bytes() if path.exists() else b""
+    text = data.decode("utf-8", errors="replace")  # a hand-written comment may be anything
     listed = {
         line.split("#", 1)[0].strip().lower().removeprefix("0x").lstrip("0")
         for line in text.splitlines()
@@ -691,7 +692,8 @@ def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = ""
     words.append(f"revoked {dt.datetime.now(dt.UTC):%Y-%m-%d}")
     if _one_line(note):
         words.append(_one_line(note))
-    if text and not text.endswith("\n"):
-        text += "\n"
-    _write_new_file(path, f"{text}{serial}  # {', '.join(words)}\n".encode(), _CERT_MODE)
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    line = f"{serial}  # {', '.join(words)}\n".encode()
+    _write_new_file(path, data + line, _CERT_MODE)  # what the file had, byte for byte
     return True

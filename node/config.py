@@ -448,7 +448,9 @@ def read_revocations(path: Path | None) -> list[str]:
     if path is None or not path.exists():
         return []
     serials: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # UTF-8; a comment written by hand in another encoding must not stop every reload
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
         text = line.split("#", 1)[0].strip().lower().removeprefix("0x")
         if not text:
             continue

@@ -756,3 +756,19 @@ def test_a_subject_or_note_with_a_line_break_writes_one_line(tmp_path: Path, tex
     assert revoke_certificate(file, path, note=f"why: {text}")
     assert read_revocations(file) == [f"{cert.serial_number:x}"]
     assert len(file.read_text(encoding="utf-8").splitlines()) == 1
+
+
+def test_a_revocation_file_with_a_comment_in_another_encoding_still_reads_and_keeps_it(
+    tmp_path: Path,
+) -> None:
+    # Read as UTF-8 strictly, a comment typed in Windows-1256 made every hub reload fail
+    # (the old list kept, new revocations not applied) and `chapar pki revoke` crash.
+    layout = _init(tmp_path / "pki")
+    file = tmp_path / "revoked.txt"
+    legacy = "0abc  # لغو شد\n".encode("cp1256")
+    file.write_bytes(legacy)
+    assert read_revocations(file) == ["0abc"]
+    cert = layout.agency_dir(AGENCIES[0]) / "client.crt"
+    assert revoke_certificate(file, cert)
+    assert file.read_bytes().startswith(legacy)  # left as it was, byte for byte
+    assert read_revocations(file) == ["0abc", f"{_leaf(cert).serial_number:x}"]
