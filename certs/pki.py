@@ -50,6 +50,7 @@ __all__ = [
     "load_certs",
     "load_key",
     "renew_certificate",
+    "revocation_file_lines",
     "revoke_certificate",
     "write_certs",
     "write_key",
@@ -670,6 +671,15 @@ def _one_line(text: str) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
+def revocation_file_lines(data: bytes) -> list[str]:
+    """The lines of a revocation file as the hub reads them: UTF-8 (a leading BOM dropped;
+    a comment typed in another encoding decodes to replacement characters, never to a hex
+    digit), split at line feeds only (``str.splitlines`` also splits at form feeds, NEL
+    and U+2028, which a comment may hold: its rest would read as a serial)."""
+    text = data.decode("utf-8-sig", errors="replace")
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = "") -> bool:
     """Lists the certificate's serial in the hub's revocation file (one hexadecimal serial a
     line, ``#`` comments). The file is replaced whole, never missing or half written.
@@ -678,10 +688,9 @@ def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = ""
     serial = f"{cert.serial_number:x}"
     path = Path(revocation_file)
     data = path.read_bytes() if path.exists() else b""
-    text = data.decode("utf-8", errors="replace")  # a hand-written comment may be anything
     listed = {
         line.split("#", 1)[0].strip().lower().removeprefix("0x").lstrip("0")
-        for line in text.splitlines()
+        for line in revocation_file_lines(data)
     }
     if serial.lstrip("0") in listed:
         return False

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -181,8 +181,8 @@ class TrustStore:
                 continue
             try:
                 cert.verify_directly_issued_by(candidate)
-            except (ValueError, TypeError, InvalidSignature):
-                continue  # not this issuer: try the next candidate
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue  # not this issuer (or a key we cannot read): try the next candidate
             return candidate
         return None
 

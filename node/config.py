@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from cryptography import x509
 
+from certs.pki import revocation_file_lines
 from client_sdk.identity import Identity, is_agency_code
 from node.core.documents import DocumentLimits, base_media_type
 from node.core.letters import LetterLimits
@@ -448,19 +449,17 @@ def read_revocations(path: Path | None) -> list[str]:
     if path is None or not path.exists():
         return []
     serials: list[str] = []
-    # UTF-8; a comment written by hand in another encoding must not stop every reload
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    for number, line in enumerate(text.splitlines(), start=1):
-        text = line.split("#", 1)[0].strip().lower().removeprefix("0x")
-        if not text:
+    for number, line in enumerate(revocation_file_lines(path.read_bytes()), start=1):
+        serial = line.split("#", 1)[0].strip().lower().removeprefix("0x")
+        if not serial:
             continue
         try:
-            int(text, 16)
+            int(serial, 16)
         except ValueError:
             raise ConfigError(
                 f"revocation_file {path}, line {number}: {line!r} is not a hexadecimal serial"
             ) from None
-        serials.append(text)
+        serials.append(serial)
     return serials
 
 

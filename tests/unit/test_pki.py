@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -772,3 +773,56 @@ def test_a_revocation_file_with_a_comment_in_another_encoding_still_reads_and_ke
     assert revoke_certificate(file, cert)
     assert file.read_bytes().startswith(legacy)  # left as it was, byte for byte
     assert read_revocations(file) == ["0abc", f"{_leaf(cert).serial_number:x}"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"0abc  # \xc2\x85beef\n",  # NEL in a comment (cp1256 for the letters of one word)
+        b"0abc  # old key\x0c1403\n",  # a form feed
+        b"0abc  # \xe2\x80\xa8dead\n",  # U+2028
+        b"\xef\xbb\xbf0abc\n",  # a BOM (Notepad)
+        b"0abc\r\n",
+    ],
+    ids=["nel", "form-feed", "line-separator", "bom", "crlf"],
+)
+def test_a_revocation_file_line_ends_only_at_a_line_feed(tmp_path: Path, data: bytes) -> None:
+    # str.splitlines also splits at NEL, form feeds and U+2028: the rest of a comment read
+    # as another serial (revoking it), or as a line the hub refused, keeping its old list.
+    layout = _init(tmp_path / "pki")
+    file = tmp_path / "revoked.txt"
+    file.write_bytes(data)
+    assert read_revocations(file) == ["0abc"]
+    cert = layout.agency_dir(AGENCIES[0]) / "client.crt"
+    write_certs(cert.with_name("abc.crt"), [_self_signed_with_serial(0xABC)])
+    assert not revoke_certificate(file, cert.with_name("abc.crt"))  # listed already
+
+
+def _self_signed_with_serial(serial: int) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "serial")])
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def test_a_ca_certificate_with_a_key_of_unknown_type_is_passed_over(layout: PkiLayout) -> None:
+    # Its subject the intermediate's, its key of a type cryptography cannot load: checking
+    # a leaf against it raised UnsupportedAlgorithm out of verification (a traceback in
+    # chapar verify), and the genuine intermediate behind it was never tried.
+    intermediate = _leaf(layout.intermediate_cert)
+    der = intermediate.public_bytes(serialization.Encoding.DER)
+    ec_oid = bytes.fromhex("06072a8648ce3d0201")  # id-ecPublicKey
+    odd = x509.load_der_x509_certificate(der.replace(ec_oid, bytes.fromhex("06072a8648ce3d0209")))
+    trust = TrustStore(roots=load_certs(layout.root_cert))
+    trust.add_certificates([odd, intermediate])
+    leaf = _leaf(layout.agency_dir(AGENCIES[0]) / "signing.crt")
+    assert trust.verify_certificate(leaf, "signing").agency == AGENCIES[0]

@@ -509,11 +509,18 @@ async def test_an_update_that_does_not_fit_a_held_letter_is_refused_once_and_not
     assert await store.count("evidence") == 7  # LETTER's acceptance, 4 refusals, 2 deliveries
 
 
-async def test_an_update_about_a_letter_never_held_is_delivered_unlinked(store: NodeStore) -> None:
+async def test_an_update_about_a_letter_never_held_is_never_linked(store: NodeStore) -> None:
+    # B's ACCEPTED about a number of A's that A's node never issued: without a refusal
+    # (the store's default) delivered, never linked; the node's hub link refuses it.
     unknown = _header(_shams(B, 1), to=[A], about=_shams(A, 999), status=ACCEPTED)
     await _receive(store, unknown)
     assert await store.count("inbox") == 1
     assert await store.db.fetchall("SELECT * FROM status_links") == []
+    again = _header(_shams(B, 2), to=[A], about=_shams(A, 998), status=ACCEPTED)
+    answers, reasons = await _receive_judged(store, again)
+    assert [a.event for a in answers] == [pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE]
+    assert reasons == ["NOT_A_PARTY"]
+    assert await store.count("inbox") == 1
 
 
 async def test_an_update_naming_no_valid_letter_number_is_delivered_with_the_rest_of_its_frame(
