@@ -400,33 +400,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = _issue("Root", root_key.public_key(), None, root_key, ca=True)
     inter_key = ec.generate_private_key(ec.SECP256R1())
     inter = _issue("Inter", inter_key.public_key(), (root, root_key), root_key, ca=True)
-    sign_key = ed25519.Ed25519PrivateKey.generate()
-    sign_cert = _issue(
-        "sign",
-        sign_key.public_key(),
-        (inter, inter_key),
-        inter_key,
-        signing=True,
-        uri=f"urn:chapar:agency:{SENDER}",
-    )
-    other_key = ed25519.Ed25519PrivateKey.generate()
-    other_cert = _issue(
-        "sign-other",
-        other_key.public_key(),
-        (inter, inter_key),
-        inter_key,
-        signing=True,
-        uri=f"urn:chapar:agency:{OTHER}",
-    )
-    third_key = ed25519.Ed25519PrivateKey.generate()
-    third_cert = _issue(
-        "sign-third",
-        third_key.public_key(),
-        (inter, inter_key),
-        inter_key,
-        signing=True,
-        uri=f"urn:chapar:agency:{THIRD}",
-    )
+
+    def signer(label: str, agency: str) -> Signer:
+        key = ed25519.Ed25519PrivateKey.generate()
+        cert = _issue(
+            label,
+            key.public_key(),
+            (inter, inter_key),
+            inter_key,
+            signing=True,
+            uri=f"urn:chapar:agency:{agency}",
+        )
+        return Signer(key, cert)
+
     (directory / "ca").mkdir()
     (directory / "ca" / "root.crt").write_bytes(_pem(root))
     (directory / "ca" / "intermediate.crt").write_bytes(_pem(inter))
@@ -447,10 +433,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(
         root,
         inter,
-        Signer(sign_key, sign_cert),
+        signer("sign", SENDER),
         directory,
-        Signer(other_key, other_cert),
-        Signer(third_key, third_cert),
+        signer("sign-other", OTHER),
+        signer("sign-third", THIRD),
     )
 
 

@@ -41,11 +41,20 @@ def _held(agency: Agency) -> tuple[asyncio.Event, asyncio.Event]:
     return release, writing
 
 
-async def test_a_refused_retry_of_a_letter_being_written_gets_its_receipt(agency: Agency) -> None:
-    access = Access(Identity.for_agency(SENDER), None)
+async def _first_being_written(
+    agency: Agency, access: Access
+) -> tuple[asyncio.Event, asyncio.Task[list[Any]]]:
+    """Submits request "kept-1" and returns once the store is writing it, held until the
+    event is set; the task is the submission."""
     release, writing = _held(agency)
     first = asyncio.create_task(agency._submit([_request("kept-1")], access))
     await asyncio.wait_for(writing.wait(), 5)
+    return release, first
+
+
+async def test_a_refused_retry_of_a_letter_being_written_gets_its_receipt(agency: Agency) -> None:
+    access = Access(Identity.for_agency(SENDER), None)
+    release, first = await _first_being_written(agency, access)
     # Meanwhile the recipient's hub queue filled: a new letter to it is refused.
     agency.full_recipients = frozenset({RECIPIENT})
     retry = asyncio.create_task(agency._submit([_request("kept-1")], access))
@@ -65,9 +74,7 @@ async def test_a_refused_retry_of_another_draft_under_a_request_id_being_written
     agency: Agency,
 ) -> None:
     access = Access(Identity.for_agency(SENDER), None)
-    release, writing = _held(agency)
-    first = asyncio.create_task(agency._submit([_request("kept-1")], access))
-    await asyncio.wait_for(writing.wait(), 5)
+    release, first = await _first_being_written(agency, access)
     agency.full_recipients = frozenset({RECIPIENT})
     changed = _request("kept-1")
     changed.draft.subject = "not the same letter"
@@ -84,9 +91,7 @@ async def test_a_retry_of_a_letter_whose_caller_left_while_it_was_written_gets_i
     agency: Agency,
 ) -> None:
     access = Access(Identity.for_agency(SENDER), None)
-    release, writing = _held(agency)
-    first = asyncio.create_task(agency._submit([_request("kept-1")], access))
-    await asyncio.wait_for(writing.wait(), 5)
+    release, first = await _first_being_written(agency, access)
     first.cancel()  # its deadline passed: the letter is stored all the same
     agency.full_recipients = frozenset({RECIPIENT})
     retry = asyncio.create_task(agency._submit([_request("kept-1")], access))
