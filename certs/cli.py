@@ -194,6 +194,16 @@ def _cmd_renew(args: argparse.Namespace) -> int:
             f"(old serial {done.old_serial:x}; its certificate kept as {done.old_cert}, "
             "its key not kept)"
         )
+        until = f"valid until {done.not_after:%Y-%m-%d %H:%M} UTC"
+        if done.capped:
+            until += (
+                f", shorter than the {args.validity_days} days asked: no certificate outlives "
+                "the intermediate CA that issues it; renew the CA (`chapar pki init --force` "
+                "for a development PKI) before then"
+            )
+        print(until)
+        if done.kept_names:
+            print(f"kept the old certificate's other names: {', '.join(done.kept_names)}")
         if done.kind == "signing" and done.identity.kind == "hub":
             print(
                 "restart the hub: its directory then names the new certificate; nodes keep "

@@ -427,6 +427,9 @@ def _issue_leaf(
     identity: Identity,
     algorithm: KeyAlgorithm,
     not_after: dt.datetime,
+    *,
+    common_name: str | None = None,
+    extra_sans: Sequence[x509.GeneralName] = (),
 ) -> None:
     key = generate_key(algorithm)
     cert = issue_certificate(
@@ -436,6 +439,8 @@ def _issue_leaf(
         identity_uri=identity.uri,
         kind=kind,
         not_after=not_after,
+        common_name=common_name,
+        extra_sans=extra_sans,
     )
     write_key(directory / f"{stem}.key", key)
     # TLS and client files carry the intermediate too: gRPC sends exactly what it is given,
@@ -538,11 +543,17 @@ def _open_issuer(layout: PkiLayout) -> _Issuer:
 
 
 def _leaf_end(issuer: _Issuer, validity_days: int) -> dt.datetime:
+    return _leaf_validity(issuer, validity_days)[0]
+
+
+def _leaf_validity(issuer: _Issuer, validity_days: int) -> tuple[dt.datetime, bool]:
+    """A new leaf's end, and whether the issuing CA's own end cut ``validity_days`` short
+    (a leaf never outlives its issuer)."""
     max_days = INTERMEDIATE_VALIDITY.days
     if not 1 <= validity_days <= max_days:
         raise PkiError(f"validity_days must be between 1 and {max_days}, got {validity_days}")
     end = dt.datetime.now(dt.UTC) + dt.timedelta(days=validity_days)
-    return min(end, issuer.cert.not_valid_after_utc)
+    return min(end, issuer.cert.not_valid_after_utc), end > issuer.cert.not_valid_after_utc
 
 
 def issue_party(
@@ -628,6 +639,9 @@ class Renewal:
     cert: Path
     old_cert: Path
     old_serial: int
+    not_after: dt.datetime
+    capped: bool  # the intermediate CA's end came before the validity asked for
+    kept_names: tuple[str, ...] = ()  # names of the old certificate beyond its profile's
 
 
 def renew_certificate(directory: Path, cert_path: Path, *, validity_days: int = 365) -> Renewal:
@@ -657,13 +671,56 @@ def renew_certificate(directory: Path, cert_path: Path, *, validity_days: int = 
     algorithm: KeyAlgorithm = (
         "ed25519" if isinstance(old.public_key(), ed25519.Ed25519PublicKey) else "ecdsa-p256"
     )
-    end = _leaf_end(issuer, validity_days)
+    end, capped = _leaf_validity(issuer, validity_days)
+    # A certificate made elsewhere by this CA may carry more names than the profile gives
+    # (a TLS server's real host name): the renewed one keeps them, and its common name.
+    extra = _names_beyond_profile(old, kind, identity)
+    names = old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     stem = cert_path.name.removesuffix(".crt")
     kept = cert_path.with_name(f"{stem}.{old.serial_number:x}.crt")
     if not kept.exists():
         os.link(cert_path, kept)
-    _issue_leaf(issuer, cert_path.parent, stem, kind, identity, algorithm, end)
-    return Renewal(kind, identity, cert_path, kept, old.serial_number)
+    _issue_leaf(
+        issuer,
+        cert_path.parent,
+        stem,
+        kind,
+        identity,
+        algorithm,
+        end,
+        common_name=str(names[0].value) if names else None,
+        extra_sans=extra,
+    )
+    return Renewal(
+        kind,
+        identity,
+        cert_path,
+        kept,
+        old.serial_number,
+        load_certs(cert_path)[0].not_valid_after_utc,  # as written: whole seconds
+        capped,
+        tuple(_general_name_text(n) for n in extra),
+    )
+
+
+def _names_beyond_profile(
+    cert: x509.Certificate, kind: CertificateKind, identity: Identity
+) -> list[x509.GeneralName]:
+    """The subject alternative names of ``cert`` that a new certificate of its kind and
+    identity would not get anyway, in their order."""
+    try:
+        names = list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return []
+    profile: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
+    if kind == "tls":
+        profile.extend(_LOOPBACK_SANS)
+    return [n for n in names if n not in profile]
+
+
+def _general_name_text(name: x509.GeneralName) -> str:
+    kinds = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.UniformResourceIdentifier: "URI"}
+    return f"{kinds.get(type(name), type(name).__name__)}:{name.value}"
 
 
 def _one_line(text: str) -> str:

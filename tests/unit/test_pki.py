@@ -14,11 +14,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from certs import cli
 from certs.pki import (
+    INTERMEDIATE_VALIDITY,
     KeyAlgorithm,
     PkiError,
     PkiLayout,
@@ -711,6 +712,58 @@ def test_a_renewed_certificate_has_a_new_key_and_the_old_pair_is_kept(
     assert done.old_serial == old.serial_number
     assert len(load_certs(path)) == len(load_certs(done.old_cert))  # chain files stay chains
     _store(layout).verify_certificate(new, stem)  # type: ignore[arg-type]
+
+
+def test_a_renewal_keeps_the_names_and_common_name_of_a_certificate_made_elsewhere(
+    tmp_path: Path,
+) -> None:
+    # A TLS certificate this CA issued by other means for a real host: renewing it with the
+    # profile's names alone would break every peer that checks the host name.
+    layout = _init(tmp_path / "pki")
+    path = layout.hub_dir(HUB) / "tls.crt"
+    identity = identity_of_certificate(_leaf(path))
+    assert identity is not None
+    key = generate_key("ecdsa-p256")
+    host = x509.DNSName("hub.exchange.example")
+    made = issue_certificate(
+        issuer_cert=_leaf(layout.intermediate_cert),
+        issuer_key=load_key(layout.intermediate_key),
+        subject_key=key,
+        identity_uri=identity.uri,
+        kind="tls",
+        common_name="Exchange hub, building 4",
+        extra_sans=[host],
+    )
+    write_key(path.with_suffix(".key"), key)
+    write_certs(path, [made, _leaf(layout.intermediate_cert)])
+    done = renew_certificate(layout.root, path)
+    new = _leaf(path)
+    names = list(new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    assert host in names
+    assert len(names) == len(set(names))  # the identity and loopback names not doubled
+    assert x509.UniformResourceIdentifier(identity.uri) in names
+    assert new.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == (
+        "Exchange hub, building 4"
+    )
+    assert done.kept_names == ("DNS:hub.exchange.example",)
+    assert not done.capped
+
+
+def test_a_renewal_says_when_the_intermediate_cuts_its_validity_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layout = _init(tmp_path / "pki")
+    path = layout.agency_dir(AGENCIES[0]) / "signing.crt"
+    done = renew_certificate(layout.root, path, validity_days=30)
+    assert not done.capped
+    assert not done.kept_names
+    assert _leaf(path).not_valid_after_utc == done.not_after
+    days = INTERMEDIATE_VALIDITY.days
+    argv = ["pki", "renew", str(path), "--dir", str(layout.root), "--validity-days", str(days)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"shorter than the {days} days asked" in out
+    assert _leaf(path).not_valid_after_utc == _leaf(layout.intermediate_cert).not_valid_after_utc
 
 
 def test_renewal_refuses_a_ca_or_another_pkis_certificate(tmp_path: Path) -> None:
