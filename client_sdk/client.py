@@ -312,8 +312,8 @@ class _LetterFields:
     ``in_reply_to`` ("ACCEPTED", ...); None for any other letter, even one whose header
     sets a status. The node delivers an update about a letter it holds only if the update
     fits it (sent between that letter's two sides); about a letter it does not hold (not
-    arrived yet, or never), only that letter's own sender's recall is delivered, unlinked:
-    ``sender`` says who asks."""
+    arrived yet, or never), only that letter's own sender's recall is delivered (``sender``
+    says who asks), and tracked with that letter once it has come, if it fits it."""
 
     @staticmethod
     def _parse(item: pb.InboxLetter) -> dict[str, Any]:

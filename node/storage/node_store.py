@@ -614,6 +614,10 @@ class NodeStore(Store):
             conn.executemany(
                 "INSERT OR IGNORE INTO status_links (shams, about, box) VALUES (?, ?, 'I')", links
             )
+            _judge_early_links(
+                conn,
+                {shams: letters[i][3].header for shams, (i, _) in new.items()},
+            )
             return out, [(s, c) for s, c, _ in evidence_rows]
 
         return await self._write(job)
@@ -1114,8 +1118,8 @@ def _judged(
             letter, update.sender.agency, [r.agency for r in update.recipients], update.status
         )
     )
-    if letter is None and fault is None:
-        return "", None  # its sender's recall of a letter not here yet: delivered, unlinked
+    # Its sender's recall of a letter not here yet: linked now, judged against the letter
+    # when it comes (_judge_early_links), unlinked then if it does not fit.
     if fault is not None:
         log.warning(
             "status update %s about %s does not fit it: %s",
@@ -1125,6 +1129,37 @@ def _judged(
             extra={"shams": [shams], "peer": update.sender.agency, "reason": fault.reason},
         )
     return about, fault
+
+
+def _judge_early_links(conn: sqlite3.Connection, arrived: Mapping[str, bytes]) -> None:
+    """Judges the status updates linked to letters that have just arrived (number: signed
+    header) before them: a sender's recall may overtake its letter. One that does not fit
+    the letter after all (sent to others than its recipients, say) is unlinked, so that
+    the letter's tracking shows only updates that fit it."""
+    if not arrived:
+        return
+    early = rows_in(
+        conn,
+        "SELECT l.shams, l.about, i.envelope FROM status_links l"
+        " JOIN inbox i ON i.shams = l.shams WHERE l.box = 'I' AND l.about IN ({marks})",
+        list(arrived),
+    )
+    for shams, about, envelope in early:
+        letter = pb.EnvelopeHeader.FromString(arrived[about])
+        update = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(envelope).header)
+        fault = status_update_fault(
+            letter, update.sender.agency, [r.agency for r in update.recipients], update.status
+        )
+        if fault is None:
+            continue
+        log.warning(
+            "status update %s, received before the letter %s it is about, does not fit it: %s",
+            shams,
+            about,
+            fault.message,
+            extra={"shams": [shams, about], "peer": update.sender.agency, "reason": fault.reason},
+        )
+        conn.execute("DELETE FROM status_links WHERE shams = ?", (shams,))
 
 
 def _earlier_refusal(

@@ -249,11 +249,25 @@ def _update_from_c(
 ) -> pb.Envelope:
     """A status update signed with C's own (valid, listed) key, about a letter C is no
     party of: what a hostile or broken node of C could send."""
+    return _signed_by_c(cluster, None, to, about, status)
+
+
+def _signed_by_c(
+    cluster: Cluster,
+    shams: str | None,
+    to: str,
+    about: str | None = None,
+    status: pb.BusinessStatus.ValueType = pb.BusinessStatus.BUSINESS_STATUS_UNSPECIFIED,
+) -> pb.Envelope:
+    """A letter signed with C's key (numbered ``shams``, or a fresh number), a status
+    update when it is ``about`` a letter."""
     d = cluster.pki.agency_dir(C)
     signer = Signer.from_files(d / "signing.key", d / "signing.crt")
-    note = b"Completed, says a stranger."
+    note = b"Completed, says a stranger." if about else b"A letter of C's."
     header = pb.EnvelopeHeader(
-        shams=pb.Shams(
+        shams=parse_shams(shams)
+        if shams
+        else pb.Shams(
             origin=C,
             domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING,
             year=dt.datetime.now(dt.UTC).year,
@@ -261,15 +275,16 @@ def _update_from_c(
         ),
         sender=pb.Address(agency=C),
         recipients=[pb.Address(agency=to)],
-        subject=f"{pb.BusinessStatus.Name(status)}: {about}",
-        kind=pb.LetterKind.LETTER_KIND_STATUS_UPDATE,
+        subject=f"{pb.BusinessStatus.Name(status)}: {about}" if about else "A letter",
+        kind=pb.LetterKind.LETTER_KIND_STATUS_UPDATE if about else pb.LetterKind.LETTER_KIND_LETTER,
         status=status,
         priority=pb.Priority.PRIORITY_NORMAL,
         content_type="text/plain; charset=utf-8",
         body_sha256=sha256(note),
         body_size=len(note),
     )
-    header.in_reply_to.CopyFrom(parse_shams(about))
+    if about:
+        header.in_reply_to.CopyFrom(parse_shams(about))
     header.create_time.FromDatetime(dt.datetime.now(dt.UTC))
     data = header.SerializeToString(deterministic=True)
     return pb.Envelope(header=data, signature=signer.sign(ENVELOPE_PAYLOAD_TYPE, data), body=note)
@@ -345,7 +360,8 @@ async def test_a_third_partys_update_about_a_held_letter_is_refused_and_never_de
         )
         # One about a letter A's node does not hold (a number still to come, say) fits no
         # letter A could hold when C is not its sender: refused too. Only a sender's own
-        # recall may come before its letter: delivered, unlinked, its sender shown.
+        # recall may come before its letter: delivered, its sender shown, and linked to
+        # the letter when that comes.
         year = dt.datetime.now(dt.UTC).year
         stray = _update_from_c(cluster, f"{B}/O/{year}/9999999", to=A)
         await _relay_as_c(cluster, stray)
@@ -368,6 +384,12 @@ async def test_a_third_partys_update_about_a_held_letter_is_refused_and_never_de
         )
         await arrived.ack()
         await (await _next_letter(a, genuine.shams)).ack()
+        relayed = await _relay_as_c(cluster, _signed_by_c(cluster, unknown, A))
+        assert relayed.event == pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE, relayed.reason
+        await (await _next_letter(a, unknown)).ack()
+        recalled = await _tracked(a, unknown, 1)
+        assert [(u.agency, u.status) for u in recalled.status_updates] == [(C, "RECALL_REQUESTED")]
+        recalled.verify(cluster.credentials(A).trust_store())
 
         tracking = await _tracked(a, sent.shams, 1)
         assert [(u.agency, u.status) for u in tracking.status_updates] == [(B, "ACCEPTED")]
@@ -375,8 +397,8 @@ async def test_a_third_partys_update_about_a_held_letter_is_refused_and_never_de
         assert (
             db_count(
                 _node_db(cluster, A),
-                "SELECT count(*) FROM status_links WHERE shams IN (?, ?, ?)",
-                (forged_shams, stray_shams, recall_shams),
+                "SELECT count(*) FROM status_links WHERE shams IN (?, ?)",
+                (forged_shams, stray_shams),
             )
             == 0
         )

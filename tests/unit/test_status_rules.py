@@ -391,6 +391,40 @@ async def test_updates_from_the_other_side_are_linked_in_the_order_they_were_sto
     assert await store.count("inbox") == 3  # each is a letter in the inbox as well
 
 
+async def test_a_recall_that_overtakes_its_letter_is_linked_once_the_letter_comes_if_it_fits(
+    store: NodeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its sender's recall may reach a recipient before the letter (numbers travel apart):
+    # it was delivered and never linked, so the letter's tracking never showed the recall.
+    ahead = _header(_shams(B, 5), to=[A], about=_shams(B, 80), status=RECALL)
+    letter = _header(_shams(B, 80), to=[A, D])
+    # Sent also to C, who is no recipient of the letter: it does not fit once it is known.
+    misfit = _header(_shams(B, 6), to=[A, C], about=_shams(B, 81), status=RECALL)
+    other = _header(_shams(B, 81), to=[A])
+    # A recall of a status update (a status is never about a status update).
+    of_update = _header(_shams(B, 7), to=[A], about=_shams(B, 82), status=RECALL)
+    update = _header(_shams(B, 82), to=[A], about=LETTER.shams, status=ACCEPTED)
+    await _send(store, LETTER)
+    await _receive(store, ahead, misfit, of_update)
+    with caplog.at_level(logging.WARNING, logger="chapar.node"):
+        await _receive(store, letter, other, update)
+    held = await store.letter(format_shams(letter.shams))
+    assert held is not None
+    assert _statuses(held.status_updates) == [(B, RECALL)]
+    for unfit in (other, update):
+        held = await store.letter(format_shams(unfit.shams))
+        assert held is not None
+        assert held.status_updates == []
+    assert "does not fit it" in caplog.text
+    # In one frame, the recall first: judged against the letter of the same frame.
+    same_frame = _header(_shams(B, 8), to=[A], about=_shams(B, 83), status=RECALL)
+    late = _header(_shams(B, 83), to=[A])
+    await _receive(store, same_frame, late)
+    held = await store.letter(format_shams(late.shams))
+    assert held is not None
+    assert _statuses(held.status_updates) == [(B, RECALL)]
+
+
 async def test_without_a_refusal_an_update_that_does_not_fit_is_delivered_and_never_linked(
     store: NodeStore, caplog: pytest.LogCaptureFixture
 ) -> None:
