@@ -859,8 +859,9 @@ class GetEnvelopeResponse(_message.Message):
         letter that this node sent or received, in the order the node stored them. A received
         one is here only if its sender is the other side of the letter (see
         LetterDraft.status): the receiving node refuses one that does not fit a letter it
-        holds (DELIVERY_FAILURE, with the rule's reason, e.g. NOT_A_PARTY), and delivers one
-        about a letter it does not hold, unlinked. A client
+        holds (DELIVERY_FAILURE, with the rule's reason, e.g. NOT_A_PARTY); about a letter it
+        does not hold yet it delivers only the sender's recall, here once the letter has come
+        if it fits it. A client
         limited to some mailboxes gets only the updates it could get with GetEnvelope itself
         (a sent one by its sender's mailbox, a received one by its addressees'), and
         RecipientStatus.business_status is the latest among those. Their
