@@ -65,7 +65,8 @@ async def measure_baseline(
 ) -> dict[str, float]:
     """Streams ``payload`` for about ``seconds``, flat out or, with ``rate``, one message
     every 1/rate s; returns messages, elapsed_s, lps and the CPU milliseconds a message of
-    both processes together (``cpu_ms_per_message``): what gRPC alone costs at that pace."""
+    both processes together (``cpu_ms_per_message``): what gRPC alone costs at that pace;
+    and of each end alone (``sender_cpu_ms_per_message``, ``receiver_cpu_ms_per_message``)."""
     ready = workdir / "baseline-ready.json"
     ready.unlink(missing_ok=True)  # an earlier measurement's server is gone
     proc = subprocess.Popen(
@@ -104,7 +105,7 @@ async def measure_baseline(
                 METHOD, request_serializer=None, response_deserializer=None
             )()
             await call.write(payload)  # the handshake and the first message, not counted
-            cpu_before = own_cpu_s() + process_cpu_s(proc.pid)
+            own_before, server_before = own_cpu_s(), process_cpu_s(proc.pid)
             start = time.perf_counter()
             end = start + seconds
             if rate > 0:
@@ -123,12 +124,17 @@ async def measure_baseline(
             await call.done_writing()
             received = int(await call) - 1
             elapsed = time.perf_counter() - start
-            cpu = own_cpu_s() + process_cpu_s(proc.pid) - cpu_before
+            own = own_cpu_s() - own_before
+            server = process_cpu_s(proc.pid) - server_before
+        per = 1000 / received if received else 0.0
         return {
             "messages": float(received),
             "elapsed_s": elapsed,
             "lps": received / elapsed,
-            "cpu_ms_per_message": cpu / received * 1000 if received else 0.0,
+            "cpu_ms_per_message": (own + server) * per,
+            # Each end alone: the writer (this process) and the reader (the server).
+            "sender_cpu_ms_per_message": own * per,
+            "receiver_cpu_ms_per_message": server * per,
         }
     finally:
         proc.terminate()
