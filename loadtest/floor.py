@@ -1533,7 +1533,7 @@ def _kind(op: str) -> str:
 
 
 def measure(
-    letters: int = 8192,
+    letters: int = 16384,
     batch: int = 256,
     transport_seconds: float = 2.0,
     workdir: Path | None = None,
@@ -1678,7 +1678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m loadtest.floor", description=__doc__.splitlines()[0]
     )
-    ap.add_argument("--letters", type=int, default=8192)
+    ap.add_argument("--letters", type=int, default=16384)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument(
         "--transport-seconds",
