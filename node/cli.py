@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -51,6 +52,42 @@ def _demo(ns: argparse.Namespace) -> int:
         return 130
 
 
+def _backup(ns: argparse.Namespace) -> int:
+    from node.backup import BackupError, backup, describe
+
+    try:
+        manifest = backup(ns.config, ns.to)
+    except ConfigError as exc:
+        print(f"error: configuration {ns.config}: {exc}", file=sys.stderr)
+        return 2
+    except (BackupError, OSError, sqlite3.Error) as exc:
+        print(f"error: backup refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up into {ns.to}")
+    for line in describe(manifest):
+        print(f"  {line}")
+    return 0
+
+
+def _restore(ns: argparse.Namespace) -> int:
+    from node.backup import BackupError, describe, restore
+
+    try:
+        manifest, aside = restore(ns.config, ns.source)
+    except ConfigError as exc:
+        print(f"error: configuration {ns.config}: {exc}", file=sys.stderr)
+        return 2
+    except (BackupError, OSError, sqlite3.Error) as exc:
+        print(f"error: restore refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"restored from {ns.source}")
+    for line in describe(manifest):
+        print(f"  {line}")
+    if aside.exists():
+        print(f"  the replaced database files are kept in {aside}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chapar", description="Chapar: signed inter-agency correspondence over mutual TLS."
@@ -76,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the servers running with their PKI and configuration in DIR until interrupted",
     )
     demo.set_defaults(func=_demo)
+    backup = sub.add_parser(
+        "backup", help="copy a server's database (one consistent snapshot) and documents"
+    )
+    backup.add_argument("--config", type=Path, required=True, help="the server's TOML file")
+    backup.add_argument("--to", type=Path, required=True, metavar="DIR", help="backup directory")
+    backup.set_defaults(func=_backup)
+    restore = sub.add_parser("restore", help="put a backup in place of a stopped server's database")
+    restore.add_argument("--config", type=Path, required=True, help="the server's TOML file")
+    restore.add_argument(
+        "--from", dest="source", type=Path, required=True, metavar="DIR", help="backup directory"
+    )
+    restore.set_defaults(func=_restore)
 
     from certs.cli import register as register_pki
     from node.cli_client import register as register_client

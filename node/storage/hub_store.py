@@ -97,6 +97,11 @@ MIGRATIONS = [
     ALTER TABLE queue ADD COLUMN pushed INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX queue_pushed ON queue (recipient) WHERE pushed = 1;
     """,
+    # 6: facts about the database itself, as the node has: a restore from a backup leaves
+    # its mark here (node.backup), which the hub tells its nodes in every welcome.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+    """,
 ]
 
 

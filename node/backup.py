@@ -1,0 +1,390 @@
+"""Backing up a running server and restoring it: ``chapar backup`` and ``chapar restore``.
+
+A backup is a directory: the database as one consistent snapshot, taken with SQLite's
+online backup API in a single step while the server keeps running (a file copy of a live
+WAL database can be torn between the database file and its WAL), a node's stored
+documents (content-addressed, so a backup into the same directory again copies only the
+new ones), and ``manifest.json`` saying whose database it is and when it was taken.
+
+A restore refuses while a server has the database open, refuses another role's or
+identity's backup and a schema newer than this program, moves the current files aside
+(never deletes them), puts the copy in place, and records in it (``meta`` row
+``restored``) that it was restored and from which snapshot: a restored node then waits for
+the hub's numbers before it numbers letters again, and a restored hub tells its nodes
+what it lost (docs/OPERATIONS.md, "Backup and restore").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from node.config import ConfigError, HubConfig, NodeConfig, load_hub_config, load_node_config
+from node.config import read_table as _read_table
+from node.storage.db import Store
+
+__all__ = [
+    "MANIFEST",
+    "RESTORED_KEY",
+    "BackupError",
+    "Manifest",
+    "RestoreMark",
+    "backup",
+    "check_manifest",
+    "describe",
+    "read_restore_mark",
+    "restore",
+]
+
+MANIFEST = "manifest.json"
+RESTORED_KEY = "restored"  # the meta row a restore writes (JSON, ``RestoreMark``)
+_FORMAT = 1
+_LOCK_TIMEOUT_S = 0.5  # how long restore waits for the database lock before it refuses
+Role = Literal["hub", "node"]
+
+
+class BackupError(Exception):
+    """A backup or restore that cannot be done; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What ``manifest.json`` says about a backup."""
+
+    role: str
+    identity: str
+    schema_version: int
+    snapshot_time: float  # Unix seconds, by the clock of the machine that took the copy
+    database: str  # the database's file name inside the backup directory
+    counts: Mapping[str, int]
+    documents: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "role": self.role,
+            "identity": self.identity,
+            "schema_version": self.schema_version,
+            "snapshot_time": self.snapshot_time,
+            "snapshot_time_utc": _utc(self.snapshot_time),
+            "database": self.database,
+            "counts": dict(self.counts),
+            "documents": self.documents,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        try:
+            if data.get("format") != _FORMAT:
+                raise BackupError(f"manifest format {data.get('format')!r} is not {_FORMAT}")
+            return cls(
+                role=str(data["role"]),
+                identity=str(data["identity"]),
+                schema_version=int(data["schema_version"]),
+                snapshot_time=float(data["snapshot_time"]),
+                database=str(data["database"]),
+                counts={str(k): int(v) for k, v in dict(data["counts"]).items()},
+                documents=int(data.get("documents", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackupError(f"{MANIFEST} is not a Chapar backup manifest: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreMark:
+    """The ``meta`` row a restore leaves: when it restored, and the snapshot's time."""
+
+    restore_time: float
+    snapshot_time: float
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"restore_time": self.restore_time, "snapshot_time": self.snapshot_time}
+        ).encode()
+
+    @classmethod
+    def decode(cls, blob: bytes) -> RestoreMark:
+        data = json.loads(bytes(blob))
+        return cls(float(data["restore_time"]), float(data["snapshot_time"]))
+
+
+def check_manifest(manifest: Manifest, role: str, identity: str, newest_schema: int) -> None:
+    """Refuses a backup that is not this server's or that this program cannot open."""
+    if manifest.role != role:
+        raise BackupError(f"the backup is of a {manifest.role}, this configuration is a {role}")
+    if manifest.identity != identity:
+        raise BackupError(f"the backup is of {manifest.identity}, this configuration is {identity}")
+    if manifest.schema_version > newest_schema:
+        raise BackupError(
+            f"the backup's schema version {manifest.schema_version} is newer than this"
+            f" program's ({newest_schema}): restore it with the version that made it"
+        )
+
+
+def read_restore_mark(conn: sqlite3.Connection) -> RestoreMark | None:
+    """The restore mark of a database (None if it was never restored, or has no meta)."""
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (RESTORED_KEY,)).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    return RestoreMark.decode(row[0]) if row else None
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Server:
+    role: Role
+    identity: str
+    database: Path
+    documents_dir: Path | None
+    store: type[Store]
+
+
+def _server(config_path: Path) -> _Server:
+    from node.storage.hub_store import HubStore
+    from node.storage.node_store import NodeStore
+
+    table = _read_table(config_path)
+    if table.get("hub") is not None:
+        hub: HubConfig = load_hub_config(config_path)
+        return _Server("hub", hub.identity.uri, hub.database, None, HubStore)
+    if table.get("node") is not None:
+        node: NodeConfig = load_node_config(config_path)
+        return _Server("node", node.identity.uri, node.database, node.documents_dir, NodeStore)
+    raise ConfigError("neither a [hub] nor a [node] table: not a Chapar server configuration")
+
+
+# -- backup ----------------------------------------------------------------------------------
+
+
+def backup(config_path: Path, to: Path) -> Manifest:
+    """Copies a (running or stopped) server's database and documents into ``to``."""
+    server = _server(config_path)
+    if not server.database.is_file():
+        raise BackupError(f"no database at {server.database}")
+    to.mkdir(parents=True, exist_ok=True)
+    name = server.database.name
+    partial = to / f"{name}.partial"
+    partial.unlink(missing_ok=True)
+    # Read-write, though it writes nothing: a read-only connection cannot open a WAL
+    # database whose server is stopped and left no -shm file behind.
+    source = sqlite3.connect(server.database, timeout=10.0)
+    try:
+        target = sqlite3.connect(partial)
+        try:
+            # Before the copy's read transaction starts: the snapshot is at or after this
+            # time, so what a restore derives from it (letters to send again) errs on the
+            # side of too much, never too little.
+            taken = time.time()
+            source.backup(target)  # pages=-1: every page in one step, so one snapshot
+            version = int(target.execute("PRAGMA user_version").fetchone()[0])
+            counts = _counts(target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    _fsync(partial)
+    os.replace(partial, to / name)
+    documents = 0
+    if server.documents_dir is not None:
+        documents = _copy_documents(server.documents_dir, to / "documents")
+    manifest = Manifest(server.role, server.identity, version, taken, name, counts, documents)
+    _write_json(to / MANIFEST, manifest.to_json())
+    _fsync_dir(to)
+    return manifest
+
+
+def _counts(conn: sqlite3.Connection) -> dict[str, int]:
+    tables = [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            " ORDER BY name"
+        )
+    ]
+    return {t: int(conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]) for t in tables}  # noqa: S608
+
+
+def _document_files(root: Path) -> list[Path]:
+    """Stored documents under ``root`` (``sha256/xx/<hex>``), relative to it; never the
+    uploads in progress (``tmp/``)."""
+    base = root / "sha256"
+    if not base.is_dir():
+        return []
+    return sorted(p.relative_to(root) for p in base.glob("*/*") if p.is_file())
+
+
+def _copy_documents(source: Path, target: Path) -> int:
+    """Copies the documents ``target`` lacks (a document never changes under its name);
+    returns how many ``source`` holds."""
+    files = _document_files(source)
+    for rel in files:
+        _copy_new(source / rel, target / rel)
+    return len(files)
+
+
+def _copy_new(source: Path, target: Path) -> None:
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        shutil.copyfile(source, partial)
+    except FileNotFoundError:  # removed by retention meanwhile: nothing to keep
+        return
+    _fsync(partial)
+    os.replace(partial, target)
+
+
+# -- restore ---------------------------------------------------------------------------------
+
+
+def restore(config_path: Path, source: Path, *, now: float | None = None) -> tuple[Manifest, Path]:
+    """Puts the backup in ``source`` in place of the server's database; returns its
+    manifest and the directory the replaced files were moved to."""
+    server = _server(config_path)
+    try:
+        manifest = Manifest.from_json(json.loads((source / MANIFEST).read_text()))
+    except FileNotFoundError as exc:
+        raise BackupError(f"no {MANIFEST} in {source}: not a backup directory") from exc
+    except json.JSONDecodeError as exc:
+        raise BackupError(f"{source / MANIFEST} is not JSON: {exc}") from exc
+    newest = len(server.store.MIGRATIONS)
+    check_manifest(manifest, server.role, server.identity, newest)
+    copy = source / manifest.database
+    if not copy.is_file():
+        raise BackupError(f"the backup has no database file {copy}")
+    # The file itself, not only its manifest, decides whether this program can open it.
+    check_manifest(
+        Manifest(manifest.role, manifest.identity, _schema_version(copy), 0.0, "", {}),
+        server.role,
+        server.identity,
+        newest,
+    )
+    db = server.database
+    _refuse_if_open(db)
+    restored_at = time.time() if now is None else now
+    aside = db.with_name(f"{db.name}.before-restore-{_stamp(restored_at)}")
+    moved = [p for p in _database_files(db) if p.exists()]
+    if moved:
+        aside.mkdir(parents=True)
+        for path in moved:
+            os.replace(path, aside / path.name)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    incoming = db.with_name(f"{db.name}.restoring")
+    shutil.copyfile(copy, incoming)
+    _fsync(incoming)
+    os.replace(incoming, db)
+    _fsync_dir(db.parent)
+    asyncio.run(_mark(server.store, db, RestoreMark(restored_at, manifest.snapshot_time)))
+    if server.documents_dir is not None and (source / "documents").is_dir():
+        _copy_documents(source / "documents", server.documents_dir)
+    return manifest, aside
+
+
+def _database_files(db: Path) -> list[Path]:
+    return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+
+
+def _schema_version(path: Path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.DatabaseError as exc:
+        raise BackupError(f"{path} is not an SQLite database: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _refuse_if_open(db: Path) -> None:
+    """Refuses when any process has the database open.
+
+    In WAL mode a server's connections hold a shared lock on the database for as long as
+    they are open, even idle; exclusive locking mode needs an exclusive lock on the file
+    itself, which SQLite grants only when no other connection has the database open (a
+    plain ``BEGIN EXCLUSIVE`` would not do: in WAL mode it waits only for writers, and an
+    idle server writes nothing). The lock goes with the process, so a crashed server
+    leaves none behind. Closing this last connection also folds the WAL into the file.
+    """
+    if not db.exists():
+        return
+    conn = sqlite3.connect(db, timeout=_LOCK_TIMEOUT_S, isolation_level=None)
+    try:
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        raise BackupError(f"{db} is in use (a server has it open: stop it first): {exc}") from exc
+    finally:
+        conn.close()
+
+
+async def _mark(store_class: type[Store], db: Path, mark: RestoreMark) -> None:
+    """Opens the restored copy as its server would (migrating an older schema) and records
+    the restore in it."""
+    store = await store_class.open(db)
+    try:
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (RESTORED_KEY, mark.encode()),
+            )
+
+        await store.db.write(job)
+    finally:
+        await store.close()
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def _utc(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
+
+
+def _stamp(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    _fsync(partial)
+    os.replace(partial, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        _fsync(path)
+
+
+def describe(manifest: Manifest) -> Sequence[str]:
+    """Lines that tell the operator what a manifest holds."""
+    counts = ", ".join(f"{k} {v}" for k, v in manifest.counts.items())
+    return [
+        f"{manifest.role} {manifest.identity}, schema {manifest.schema_version}",
+        f"snapshot taken {_utc(manifest.snapshot_time)}",
+        f"rows: {counts}",
+        *([f"documents: {manifest.documents}"] if manifest.role == "node" else []),
+    ]
