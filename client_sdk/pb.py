@@ -102,6 +102,9 @@ from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import (
 from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import Evidence as Evidence
 from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import EvidenceContent as EvidenceContent
 from client_sdk._pb.chapar.exchange.v1.evidence_pb2 import EvidenceEvent as EvidenceEvent
+from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
+    AcceptedSequence as AcceptedSequence,
+)
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import ConnectHello as ConnectHello
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import ConnectRequest as ConnectRequest
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import ConnectResponse as ConnectResponse

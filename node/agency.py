@@ -224,6 +224,11 @@ class Agency(pb.NodeServiceServicer):
         # until the hub answers the node again.
         self.in_directory = True
         self.directory_ready = asyncio.Event()
+        # Set (to the restore's time) when the database was restored from a backup and the
+        # hub has not yet told this node which numbers it holds: submissions are refused
+        # until then, so that no letter takes a number the hub gave another (serve_node
+        # reads it from the store; the hub link clears it at the first welcome).
+        self.numbers_unconfirmed: float | None = None
         # Replaced by a fresh event at every inbox change; a waiter captures the current
         # one before reading, so no change between read and wait is missed.
         self._inbox_signal = asyncio.Event()
@@ -374,6 +379,35 @@ class Agency(pb.NodeServiceServicer):
             metadata={"agency": code},
         )
 
+    def _numbers_unconfirmed(self) -> ChaparError:
+        return ChaparError(
+            Code.UNAVAILABLE,
+            "NUMBERS_UNCONFIRMED",
+            "this node was restored from a backup and waits for the hub to confirm which"
+            " SHAMS numbers it already holds; letters are taken again once the hub answers",
+            retry_after_s=1.0,
+        )
+
+    async def confirm_numbers(self, accepted: Sequence[pb.AcceptedSequence]) -> None:
+        """The hub's welcome: moves the SHAMS counters up to the numbers the hub holds of
+        this agency, and ends the wait of a restored node."""
+        restore = self.numbers_unconfirmed
+        moved = await self.store.raise_counters(self.config.agency, accepted, restore)
+        for domain, year, old, new in moved:
+            log.warning(
+                "SHAMS counter %s/%s/%d moved from %d to %d: the hub holds numbers this node"
+                " had not recorded (restored from an older copy?)",
+                self.config.agency,
+                domain,
+                year,
+                old,
+                new,
+                extra={"reason": "COUNTER_BEHIND_HUB"},
+            )
+        if restore is not None and self.numbers_unconfirmed == restore:
+            self.numbers_unconfirmed = None
+            log.info("numbers confirmed by the hub after the restore; taking letters again")
+
     def _require_directory(self) -> DirectoryView:
         if self.directory is None:
             raise ChaparError(
@@ -428,6 +462,8 @@ class Agency(pb.NodeServiceServicer):
         if not self.in_directory:  # as a suspended sender's: each letter refused
             refused: list[pb.Receipt | ChaparError] = [self._not_in_directory() for _ in requests]
             return await self._retries_answered(requests, refused, access)
+        if self.numbers_unconfirmed is not None:
+            raise self._numbers_unconfirmed()
         directory = self._require_directory()
         now = dt.datetime.now(dt.UTC)
         results: list[pb.Receipt | ChaparError] = []

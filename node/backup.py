@@ -32,6 +32,7 @@ from typing import Any, Literal
 from node.config import ConfigError, HubConfig, NodeConfig, load_hub_config, load_node_config
 from node.config import read_table as _read_table
 from node.storage.db import Store
+from node.storage.restore import RESTORED_KEY, RestoreMark, read_restore_mark
 
 __all__ = [
     "MANIFEST",
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-RESTORED_KEY = "restored"  # the meta row a restore writes (JSON, ``RestoreMark``)
 _FORMAT = 1
 _LOCK_TIMEOUT_S = 0.5  # how long restore waits for the database lock before it refuses
 Role = Literal["hub", "node"]
@@ -100,24 +100,6 @@ class Manifest:
             raise BackupError(f"{MANIFEST} is not a Chapar backup manifest: {exc}") from exc
 
 
-@dataclass(frozen=True, slots=True)
-class RestoreMark:
-    """The ``meta`` row a restore leaves: when it restored, and the snapshot's time."""
-
-    restore_time: float
-    snapshot_time: float
-
-    def encode(self) -> bytes:
-        return json.dumps(
-            {"restore_time": self.restore_time, "snapshot_time": self.snapshot_time}
-        ).encode()
-
-    @classmethod
-    def decode(cls, blob: bytes) -> RestoreMark:
-        data = json.loads(bytes(blob))
-        return cls(float(data["restore_time"]), float(data["snapshot_time"]))
-
-
 def check_manifest(manifest: Manifest, role: str, identity: str, newest_schema: int) -> None:
     """Refuses a backup that is not this server's or that this program cannot open."""
     if manifest.role != role:
@@ -129,15 +111,6 @@ def check_manifest(manifest: Manifest, role: str, identity: str, newest_schema: 
             f"the backup's schema version {manifest.schema_version} is newer than this"
             f" program's ({newest_schema}): restore it with the version that made it"
         )
-
-
-def read_restore_mark(conn: sqlite3.Connection) -> RestoreMark | None:
-    """The restore mark of a database (None if it was never restored, or has no meta)."""
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key = ?", (RESTORED_KEY,)).fetchone()
-    except sqlite3.OperationalError:
-        return None
-    return RestoreMark.decode(row[0]) if row else None
 
 
 # -- configuration -------------------------------------------------------------------------

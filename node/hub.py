@@ -520,7 +520,11 @@ class Hub(pb.HubServiceServicer):
             await context.write(
                 pb.ConnectResponse(
                     welcome=pb.ConnectWelcome(
-                        hub=self.identity.uri, directory_version=self.directory.version
+                        hub=self.identity.uri,
+                        directory_version=self.directory.version,
+                        # The node moves its counters up to these (a node restored from an
+                        # older copy would otherwise number letters with numbers taken).
+                        accepted_sequences=await self.store.accepted_sequences(agency),
                     )
                 )
             )

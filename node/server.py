@@ -430,6 +430,11 @@ async def serve_node(config: NodeConfig) -> None:
         if indexed := await store.index_documents():
             log.info("indexed the attachments of %d letters stored before this version", indexed)
         agency = Agency(config, store, signer, trust)
+        agency.numbers_unconfirmed = await store.unconfirmed_restore()
+        if agency.numbers_unconfirmed is not None:
+            log.warning(
+                "restored from a backup: submissions wait until the hub confirms the numbers"
+            )
         try:
             document_store = DocumentStore(config.documents_dir, config.documents)
         except OSError as exc:

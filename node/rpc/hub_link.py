@@ -266,6 +266,7 @@ class HubLink:
                 raise RuntimeError("hub did not welcome the node")
             self._stub = stub
             self.agency.set_in_directory(True)
+            await self.agency.confirm_numbers(first.welcome.accepted_sequences)
             if first.welcome.directory_version != directory_version:
                 await self.refresh_directory()
             log.info("connected to hub %s", first.welcome.hub)

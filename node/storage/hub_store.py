@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from client_sdk import pb
-from client_sdk.shams import format_shams
+from client_sdk.shams import format_shams, parse_shams
 from node.core import lifecycle
 from node.storage.db import Page, Store, advance_state, advance_states, fits, rows_in
 
@@ -102,7 +102,29 @@ MIGRATIONS = [
     """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
     """,
+    # 7: the highest sequence accepted per (origin, domain, year), told to the origin's node
+    # in every welcome (a node restored from an older copy moves its counters up to it).
+    # A table of its own: kept by ``accept`` as it goes, so a welcome reads a few rows
+    # instead of scanning the sender's letters. Filled once from the letters held; a
+    # number's origin is its sender (the hub refuses any other), so the text after
+    # "<sender>/" is "<O|I>/<4-digit year>/<sequence>".
+    """
+    CREATE TABLE sender_sequences (
+        origin TEXT NOT NULL, domain TEXT NOT NULL, year INTEGER NOT NULL,
+        last INTEGER NOT NULL, PRIMARY KEY (origin, domain, year)
+    ) WITHOUT ROWID;
+    INSERT INTO sender_sequences (origin, domain, year, last)
+        SELECT sender, substr(shams, length(sender) + 2, 1),
+            CAST(substr(shams, length(sender) + 4, 4) AS INTEGER),
+            max(CAST(substr(shams, length(sender) + 9) AS INTEGER))
+        FROM letters GROUP BY 1, 2, 3;
+    """,
 ]
+_DOMAIN_LETTER = {
+    pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING: "O",
+    pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL: "I",
+}
+_LETTER_DOMAIN = {letter: domain for domain, letter in _DOMAIN_LETTER.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +229,11 @@ class HubStore(Store):
             conn.executemany(
                 "INSERT OR IGNORE INTO document_grants (sha256, owner, recipient) VALUES (?, ?, ?)",
                 [g for lt, _, _ in new.values() for g in lt.grants],
+            )
+            conn.executemany(
+                "INSERT INTO sender_sequences (origin, domain, year, last) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (origin, domain, year) DO UPDATE SET last = max(last, excluded.last)",
+                [(*key, last) for key, last in _highest([lt for lt, _, _ in new.values()]).items()],
             )
             return out
 
@@ -490,6 +517,18 @@ class HubStore(Store):
 
         self.db.write_later(job)
 
+    async def accepted_sequences(self, origin: str) -> list[pb.AcceptedSequence]:
+        """The highest sequence accepted from ``origin`` per (domain, year)."""
+        return [
+            pb.AcceptedSequence(domain=_LETTER_DOMAIN[str(d)], year=int(y), sequence=int(last))
+            for d, y, last in await self.db.fetchall(
+                "SELECT domain, year, last FROM sender_sequences WHERE origin = ?"
+                " ORDER BY domain, year",
+                (origin,),
+            )
+            if str(d) in _LETTER_DOMAIN
+        ]
+
     async def may_fetch(self, digest: bytes, owner: str, recipient: str) -> bool:
         row = await self.db.fetchone(
             "SELECT 1 FROM document_grants WHERE sha256 = ? AND owner = ? AND recipient = ?",
@@ -501,6 +540,16 @@ class HubStore(Store):
         assert table in {"letters", "queue", "evidence", "notices"}
         row = await self.db.fetchone(f"SELECT count(*) FROM {table}")  # noqa: S608
         return int(row[0]) if row else 0
+
+
+def _highest(letters: Sequence[IncomingLetter]) -> dict[tuple[str, str, int], int]:
+    """The highest sequence of ``letters`` per (origin, domain letter, year)."""
+    out: dict[tuple[str, str, int], int] = {}
+    for letter in letters:
+        number = letter.shams_pb if letter.shams_pb is not None else parse_shams(letter.shams)
+        key = (number.origin, _DOMAIN_LETTER[number.domain], number.year)
+        out[key] = max(out.get(key, 0), number.sequence)
+    return out
 
 
 def _relay_evidence(conn: sqlite3.Connection, shams: str, kept: bytes) -> list[pb.Evidence]:

@@ -28,6 +28,7 @@ from node.core import lifecycle
 from node.core.errors import ChaparError, letter_not_found, request_id_reused
 from node.core.splice import Field
 from node.storage.db import Database, Job, Page, Store, advance_states, existing, rows_in
+from node.storage.restore import RESTORED_KEY, RestoreMark
 
 __all__ = [
     "MIGRATIONS",
@@ -149,6 +150,8 @@ MIGRATIONS = [
     """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
+# The restore time (node.backup's mark) whose numbers the hub's welcome has confirmed.
+_NUMBERS_CONFIRMED = "numbers_confirmed"
 # Where a letter is held: 1 sent, 2 received (a letter to this agency itself is in both).
 _HELD_SENT_FIRST = (
     "SELECT 1, envelope FROM outbox WHERE shams = ?"
@@ -943,6 +946,62 @@ class NodeStore(Store):
 
         await self.db.write(done)
         return indexed
+
+    # -- numbers after a restore -----------------------------------------------------------
+
+    async def unconfirmed_restore(self) -> float | None:
+        """The time this database was restored from a backup (``node.backup``) if the hub
+        has not yet confirmed the numbers since; None otherwise."""
+        rows = {
+            str(k): bytes(v)
+            for k, v in await self.db.fetchall(
+                "SELECT key, value FROM meta WHERE key IN (?, ?)",
+                (RESTORED_KEY, _NUMBERS_CONFIRMED),
+            )
+        }
+        if RESTORED_KEY not in rows:
+            return None
+        restored = RestoreMark.decode(rows[RESTORED_KEY]).restore_time
+        confirmed = rows.get(_NUMBERS_CONFIRMED)
+        return None if confirmed is not None and float(confirmed) == restored else restored
+
+    async def raise_counters(
+        self,
+        origin: str,
+        accepted: Sequence[pb.AcceptedSequence],
+        confirms_restore: float | None = None,
+    ) -> list[tuple[str, int, int, int]]:
+        """Moves ``origin``'s SHAMS counters up to the sequences the hub has accepted (never
+        down); with ``confirms_restore``, in the same transaction, records that the numbers
+        after that restore are confirmed. Returns (domain, year, old, new) of each counter
+        moved: after a restore from an older copy, the numbers it would have reused."""
+
+        def job(conn: sqlite3.Connection) -> list[tuple[str, int, int, int]]:
+            moved: list[tuple[str, int, int, int]] = []
+            for item in accepted:
+                letter = _DOMAIN_LETTER.get(item.domain)
+                if letter is None or item.sequence <= 0:
+                    continue
+                row = conn.execute(
+                    "SELECT last FROM shams_counter WHERE origin = ? AND domain = ? AND year = ?",
+                    (origin, letter, item.year),
+                ).fetchone()
+                old = int(row[0]) if row is not None else 0
+                if item.sequence > old:
+                    conn.execute(
+                        "INSERT INTO shams_counter (origin, domain, year, last) VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT (origin, domain, year) DO UPDATE SET last = excluded.last",
+                        (origin, letter, item.year, item.sequence),
+                    )
+                    moved.append((letter, item.year, old, int(item.sequence)))
+            if confirms_restore is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (_NUMBERS_CONFIRMED, repr(confirms_restore).encode()),
+                )
+            return moved
+
+        return await self.db.write(job)
 
     async def save_directory(self, directory: pb.Directory) -> None:
         """Keeps the last directory so the node can take submissions while the hub is down."""

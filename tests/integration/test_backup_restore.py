@@ -3,18 +3,21 @@ hub and node processes over real mTLS on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from client_sdk import ExchangeClient
+from client_sdk import ChaparError, ExchangeClient, Unavailable, pb
 from node.backup import RestoreMark, read_restore_mark
-from node.cluster import Cluster
+from node.cluster import Cluster, ServerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -22,6 +25,10 @@ A = "SENDER.A"
 B = "RECIPIENT.B"
 NODE_SETTINGS = "reconnect_max_s = 1.0\nshutdown_grace_s = 2.0"
 CHAPAR = [sys.executable, "-m", "node"]
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
 
 
 def chapar(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -38,12 +45,44 @@ def mark_of(db: Path) -> RestoreMark | None:
         conn.close()
 
 
-def rows(db: Path, sql: str) -> list[tuple[object, ...]]:
+def rows(db: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return conn.execute(sql).fetchall()
+        return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+def count(db: Path, sql: str, params: tuple[object, ...] = ()) -> int:
+    return int(rows(db, sql, params)[0][0])  # type: ignore[call-overload]
+
+
+def database(server: ServerProcess) -> Path:
+    return server.config.parent / f"{server.role}.db"
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+def client(server: ServerProcess, cluster: Cluster, code: str) -> ExchangeClient:
+    return ExchangeClient(server.address, cluster.credentials(code), options=FAST_RECONNECT)
+
+
+async def send_retrying(c: ExchangeClient, subject: str, timeout: float = 60.0) -> str:
+    """Sends a letter to B, again while the node answers with a retryable refusal."""
+    deadline = time.monotonic() + timeout
+    request_id = f"retry-{subject}"
+    while True:
+        try:
+            return (await c.send(to=[B], subject=subject, body="x", request_id=request_id)).shams
+        except ChaparError as exc:
+            if not exc.retryable or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def test_restore_refuses_a_running_server_another_identity_and_a_newer_schema(
@@ -108,3 +147,81 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
     (aside,) = hub_db.parent.glob("hub.db.before-restore-*")
     assert (aside / "hub.db").is_file()
     assert rows(hub_db, "SELECT count(*) FROM letters") == [(1,)]
+
+
+async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_them(
+    tmp_path: Path,
+) -> None:
+    cluster = await Cluster.start(tmp_path / "c", [A, B], node_settings=NODE_SETTINGS)
+    hub, node_a, node_b = cluster.hub, cluster.nodes[A], cluster.nodes[B]
+    backup = tmp_path / "backup-a"
+    try:
+        async with client(node_a, cluster, A) as a:
+            # Letters flow while the backup is taken.
+            sending = asyncio.gather(
+                *(a.send(to=[B], subject=f"s{i}", body="x") for i in range(20))
+            )
+            made = await asyncio.to_thread(
+                chapar, "backup", "--config", node_a.config, "--to", backup
+            )
+            assert made.returncode == 0, made.stdout + made.stderr
+            await sending
+            # More letters after the backup: the hub holds numbers the copy never saw.
+            after = [(await a.send(to=[B], subject=f"after {i}", body="x")).shams for i in range(5)]
+        highest = max(int(s.rsplit("/", 1)[1]) for s in after)
+        assert highest == 25
+        await eventually(
+            lambda: count(database(hub), "SELECT count(*) FROM letters") == 25, "relay of 25"
+        )
+        assert count(backup / "node.db", "SELECT count(*) FROM outbox") < 25
+        node_a.terminate()
+        hub.terminate()
+        done = chapar("restore", "--config", node_a.config, "--from", backup)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+        # The hub is down: the restored node cannot know which numbers the hub holds, and
+        # refuses letters (retryable) instead of numbering them.
+        node_a.start()
+        await node_a.wait_ready()
+        async with client(node_a, cluster, A) as a:
+            with pytest.raises(Unavailable) as refused:
+                await a.send(to=[B], subject="too early", body="x")
+            assert refused.value.reason == "NUMBERS_UNCONFIRMED"
+            assert refused.value.retryable
+            hub.start()
+            await hub.wait_ready()
+            numbers = [await send_retrying(a, f"restored {i}") for i in range(3)]
+        assert [int(n.rsplit("/", 1)[1]) for n in numbers] == [26, 27, 28]
+        for shams in numbers:
+            await eventually(
+                lambda s=shams: (
+                    count(  # type: ignore[misc]
+                        database(node_b), "SELECT count(*) FROM inbox WHERE shams = ?", (s,)
+                    )
+                    == 1
+                ),
+                f"delivery of {shams}",
+            )
+            await eventually(
+                lambda s=shams: (
+                    count(  # type: ignore[misc]
+                        database(node_a),
+                        "SELECT count(*) FROM evidence WHERE shams = ? AND event = ?",
+                        (s, pb.EVIDENCE_EVENT_DELIVERY),
+                    )
+                    == 1
+                ),
+                f"DELIVERY evidence of {shams} at the sender",
+            )
+        assert count(database(node_a), "SELECT count(*) FROM outbox WHERE relay_state = 2") == 0
+        assert count(database(hub), "SELECT count(*) FROM letters") == 28
+        # Once confirmed, a restart takes letters at once, hub or no hub.
+        hub.terminate()
+        await node_a.restart()
+        async with client(node_a, cluster, A) as a:
+            assert (await a.send(to=[B], subject="hub down", body="x")).shams.endswith("/0000029")
+        hub.start()
+        await hub.wait_ready()
+    finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes

@@ -1,12 +1,20 @@
-"""The pure parts of backup and restore: which backups a server takes back."""
+"""Backup and restore without processes: which backups a server takes back, the restore
+mark, the hub's highest accepted numbers and a node's counters moving up to them."""
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
-from node.backup import BackupError, Manifest, RestoreMark, check_manifest, read_restore_mark
+from client_sdk import pb
+from node.backup import BackupError, Manifest, check_manifest
+from node.storage import hub_store
+from node.storage.db import Database
+from node.storage.hub_store import HubStore
+from node.storage.node_store import NodeStore
+from node.storage.restore import RestoreMark, read_restore_mark
 
 NODE = "urn:chapar:agency:SENDER.A"
 
@@ -52,3 +60,69 @@ def test_the_restore_mark_is_read_back_and_absent_without_a_restore() -> None:
     mark = RestoreMark(restore_time=1_700_000_600.5, snapshot_time=1_700_000_000.25)
     conn.execute("INSERT INTO meta VALUES ('restored', ?)", (mark.encode(),))
     assert read_restore_mark(conn) == mark
+
+
+async def test_the_hub_fills_its_highest_sequences_from_the_letters_it_holds(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "hub.db"
+    old = await Database.open(path, hub_store.MIGRATIONS[:6])
+
+    def letters(conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            "INSERT INTO letters (shams, sender, envelope_sha256, relay_evidence, accepted_at)"
+            " VALUES (?, ?, x'', x'', 0)",
+            [
+                ("SENDER.A/O/2025/0000041", "SENDER.A"),
+                ("SENDER.A/O/2026/0000007", "SENDER.A"),
+                ("SENDER.A/O/2026/0000012", "SENDER.A"),
+                ("SENDER.A/O/2026/12345678", "SENDER.A"),  # past seven digits
+                ("SENDER.A/I/2026/0000003", "SENDER.A"),
+                ("RECIPIENT.B/O/2026/0000099", "RECIPIENT.B"),
+            ],
+        )
+
+    await old.write(letters)
+    await old.close()
+    store = await HubStore.open(path)
+    try:
+        assert [
+            (s.domain, s.year, s.sequence) for s in await store.accepted_sequences("SENDER.A")
+        ] == [
+            (pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL, 2026, 3),
+            (pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, 2025, 41),
+            (pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, 2026, 12345678),
+        ]
+        assert await store.accepted_sequences("NOBODY") == []
+    finally:
+        await store.close()
+
+
+async def test_a_node_moves_its_counters_up_never_down_and_confirms_a_restore_once(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "node.db"
+    store = await NodeStore.open(path)
+    try:
+        assert await store.unconfirmed_restore() is None  # never restored
+        mark = RestoreMark(restore_time=1_700_000_600.5, snapshot_time=1_700_000_000.0)
+
+        def restored(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO meta VALUES ('restored', ?)", (mark.encode(),))
+            conn.execute("INSERT INTO shams_counter VALUES ('SENDER.A', 'O', 2026, 30)")
+
+        await store.db.write(restored)
+        assert await store.unconfirmed_restore() == mark.restore_time
+        hub_says = [
+            pb.AcceptedSequence(
+                domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=25
+            ),
+            pb.AcceptedSequence(domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=2027, sequence=4),
+        ]
+        moved = await store.raise_counters("SENDER.A", hub_says, mark.restore_time)
+        assert moved == [("O", 2027, 0, 4)]  # 2026 stays at 30: never down
+        assert await store.unconfirmed_restore() is None
+        counters = await store.db.fetchall("SELECT year, last FROM shams_counter ORDER BY year")
+        assert [tuple(r) for r in counters] == [(2026, 30), (2027, 4)]
+    finally:
+        await store.close()

@@ -127,23 +127,62 @@ class ConnectWelcome(_message.Message):
 
     HUB_FIELD_NUMBER: _builtins.int
     DIRECTORY_VERSION_FIELD_NUMBER: _builtins.int
+    ACCEPTED_SEQUENCES_FIELD_NUMBER: _builtins.int
     hub: _builtins.str
     """Identity URI of the hub."""
     directory_version: _builtins.int
     """Current directory version; the node refetches when it holds an older one."""
+    @_builtins.property
+    def accepted_sequences(self) -> _containers.RepeatedCompositeFieldContainer[Global___AcceptedSequence]:
+        """The highest SHAMS sequence the hub has accepted from the connecting agency, per
+        (domain, year). The node moves its counters up to these: a node restored from an
+        older copy of its database never numbers a new letter with a number the hub holds.
+        """
+
     def __init__(
         self,
         *,
         hub: _builtins.str = ...,
         directory_version: _builtins.int = ...,
+        accepted_sequences: _abc.Iterable[Global___AcceptedSequence] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory_version", b"directory_version", "hub", b"hub"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_sequences", b"accepted_sequences", "directory_version", b"directory_version", "hub", b"hub"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConnectWelcome: _TypeAlias = ConnectWelcome  # noqa: Y015
+
+@_typing.final
+class AcceptedSequence(_message.Message):
+    """AcceptedSequence is the highest sequence the hub holds of one (origin, domain, year)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    YEAR_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    domain: _envelope_pb2.ShamsDomain.ValueType
+    """Outgoing to other agencies or internal."""
+    year: _builtins.int
+    """Calendar year of issue."""
+    sequence: _builtins.int
+    """The highest sequence accepted."""
+    def __init__(
+        self,
+        *,
+        domain: _envelope_pb2.ShamsDomain.ValueType = ...,
+        year: _builtins.int = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "sequence", b"sequence", "year", b"year"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptedSequence: _TypeAlias = AcceptedSequence  # noqa: Y015
 
 @_typing.final
 class ConnectRequest(_message.Message):
