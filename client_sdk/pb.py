@@ -128,6 +128,7 @@ from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
     GetDirectoryResponse as GetDirectoryResponse,
 )
+from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import HubRestore as HubRestore
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
     PushDocumentRequest as PushDocumentRequest,
 )

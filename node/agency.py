@@ -27,7 +27,7 @@ from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, key_id, sha256
 from client_sdk.statuses import latest_statuses
-from client_sdk.trust import TrustStore, VerificationError, set_timestamp
+from client_sdk.trust import TrustStore, VerificationError, seconds_of, set_timestamp
 from node.config import NodeConfig
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code, letter_not_found
@@ -52,6 +52,9 @@ _INBOX_LETTERS = Field(pb.StreamInboxResponse, "letters")
 _INBOX_ENVELOPE = Field(pb.InboxLetter, "envelope")
 _INBOX_DELIVERY = Field(pb.InboxLetter, "delivery")
 _MAX_BATCH = 1024
+# After a restore of the hub, letters and receipts are sent again from this long before the
+# copy's time: the copy's time is by the clock of the machine that took it, ours by ours.
+HUB_RESTORE_MARGIN_S = 300.0
 _MAX_ACK_BATCH = 1000
 # Not in a request_id (the store's scope mark): C0, DEL and C1, every Unicode control
 # character (category Cc), as in a letter's text.
@@ -407,6 +410,30 @@ class Agency(pb.NodeServiceServicer):
         if restore is not None and self.numbers_unconfirmed == restore:
             self.numbers_unconfirmed = None
             log.info("numbers confirmed by the hub after the restore; taking letters again")
+
+    async def on_hub_restore(self, restore: pb.HubRestore) -> None:
+        """The hub says its database was restored from a copy: once per restore, sends
+        again the letters and receipts it may have lost (``NodeStore.handle_hub_restore``),
+        from ``HUB_RESTORE_MARGIN_S`` before the copy's time, for the two clocks."""
+        name = str(restore.restore_time.ToNanoseconds())
+        if await self.store.hub_restore_handled(name):
+            return
+        snapshot = seconds_of(restore.snapshot_time)
+        letters, receipts = await self.store.handle_hub_restore(
+            name, snapshot - HUB_RESTORE_MARGIN_S, self.identity.uri
+        )
+        log.warning(
+            "the hub was restored from a copy taken at %s: sending again %d letters and %d"
+            " receipts it may have lost",
+            dt.datetime.fromtimestamp(snapshot, dt.UTC).isoformat(timespec="seconds"),
+            letters,
+            receipts,
+            extra={"reason": "HUB_RESTORED", "count": letters + receipts},
+        )
+        if letters:
+            self.outbox_changed.set()
+        if receipts:
+            self.receipts_changed.set()
 
     def _require_directory(self) -> DirectoryView:
         if self.directory is None:

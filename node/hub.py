@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
@@ -173,6 +174,8 @@ class Hub(pb.HubServiceServicer):
         self.config = config
         self.config_path = config_path
         self.store = store
+        # When this hub's database was restored from a backup (start reads it), else None.
+        self.restore: pb.HubRestore | None = None
         self.signer = signer
         self.trust = trust
         self.directory = DirectoryView(directory)
@@ -304,6 +307,13 @@ class Hub(pb.HubServiceServicer):
     async def start(self) -> None:
         """Loads queue depths and starts the expiry and retention loops."""
         self._depth = await self.store.depths()
+        mark = await self.store.restore_mark()
+        if mark is not None:
+            # Told in every welcome: nodes send again what the copy may lack.
+            self.restore = pb.HubRestore(
+                snapshot_time=timestamp_of(mark.snapshot_time),
+                restore_time=timestamp_of(mark.restore_time),
+            )
         for recipient in list(self._depth):
             self._update_full(recipient)
         await self._load_unanswered()
@@ -525,6 +535,7 @@ class Hub(pb.HubServiceServicer):
                         # The node moves its counters up to these (a node restored from an
                         # older copy would otherwise number letters with numbers taken).
                         accepted_sequences=await self.store.accepted_sequences(agency),
+                        hub_restore=self.restore,
                     )
                 )
             )
@@ -1003,3 +1014,10 @@ class Hub(pb.HubServiceServicer):
                 sent = True
             if not sent:
                 await session.wake.wait()
+
+
+def timestamp_of(seconds: float) -> Timestamp:
+    """Unix seconds as a protobuf Timestamp (to the nanosecond a float holds)."""
+    ts = Timestamp()
+    ts.FromNanoseconds(round(seconds * 1e9))
+    return ts

@@ -267,6 +267,10 @@ class HubLink:
             self._stub = stub
             self.agency.set_in_directory(True)
             await self.agency.confirm_numbers(first.welcome.accepted_sequences)
+            if first.welcome.HasField("hub_restore"):
+                # Before this stream's session reads the outbox and the receipts: what it
+                # marks for sending again is read from the start.
+                await self.agency.on_hub_restore(first.welcome.hub_restore)
             if first.welcome.directory_version != directory_version:
                 await self.refresh_directory()
             log.info("connected to hub %s", first.welcome.hub)
@@ -615,12 +619,30 @@ class _Session:
                         "letters delivered",
                         extra={"shams": numbers, "count": len(numbers), "peer": sender},
                     )
+            if again := [good[i][0] for i in range(len(good)) if i not in fresh]:
+                receipts.extend(await self._handovers_again(again))
         if refused:
             receipts.extend(await self._refusals(refused, now))
         self.receipts_sent.update(r.evidence_id for r in receipts)
         # Sent by _send, at the receipt cadence.
         self.pending_receipts.extend(r.blob for r in receipts)
         self._wake()
+
+    async def _handovers_again(self, numbers: Sequence[str]) -> list[StoredEvidence]:
+        """The HANDOVER evidence of letters delivered again that were handed over here.
+
+        A letter comes again when its DELIVERY was lost, or when the hub was restored from a
+        copy and its sender sent it again: such a hub lost the HANDOVER too, and may have
+        dropped it when this node sent it again before the letter was back (a receipt for
+        a letter the hub does not hold is refused). Sent after the DELIVERY, it reaches the
+        sender; a hub that has it stores it once and routes nothing new. Letters delivered
+        for the first time (nearly all) cost nothing here."""
+        entries = await self.agency.store.inbox_entries(numbers)
+        return [
+            StoredEvidence.of(handover.SerializeToString())
+            for _, _, handover in entries.values()
+            if handover is not None
+        ]
 
     async def _refusals(
         self, refused: Sequence[tuple[pb.Shams | None, bytes, VerificationError]], now: dt.datetime

@@ -18,6 +18,7 @@ from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
 from node.core import lifecycle
 from node.storage.db import Page, Store, advance_state, advance_states, fits, rows_in
+from node.storage.restore import RESTORED_KEY, RestoreMark
 
 __all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
 
@@ -528,6 +529,11 @@ class HubStore(Store):
             )
             if str(d) in _LETTER_DOMAIN
         ]
+
+    async def restore_mark(self) -> RestoreMark | None:
+        """When this database was restored from a backup (``node.backup``), if it was."""
+        row = await self.db.fetchone("SELECT value FROM meta WHERE key = ?", (RESTORED_KEY,))
+        return RestoreMark.decode(row[0]) if row else None
 
     async def may_fetch(self, digest: bytes, owner: str, recipient: str) -> bool:
         row = await self.db.fetchone(

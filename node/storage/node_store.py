@@ -148,10 +148,25 @@ MIGRATIONS = [
     );
     CREATE INDEX status_links_about ON status_links (about);
     """,
+    # 7: when the hub accepted each sent letter, so that after a restore of the hub the node
+    # sends again what the hub accepted after its backup (NodeStore.handle_hub_restore).
+    # Rows from before have none; their created_at stands in.
+    """
+    ALTER TABLE outbox ADD COLUMN relayed_at REAL;
+    """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
 # The restore time (node.backup's mark) whose numbers the hub's welcome has confirmed.
 _NUMBERS_CONFIRMED = "numbers_confirmed"
+# The restore of the hub (its restore_time) this node last sent its letters and receipts
+# again for.
+_HUB_RESTORE_HANDLED = "hub_restore_handled"
+# What this node issues as a recipient and sends to the hub.
+_RECEIPT_EVENTS = (
+    pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
+    pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
+    pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER,
+)
 # Where a letter is held: 1 sent, 2 received (a letter to this agency itself is in both).
 _HELD_SENT_FIRST = (
     "SELECT 1, envelope FROM outbox WHERE shams = ?"
@@ -485,8 +500,8 @@ class NodeStore(Store):
             # come back here as its sender's. A repeat moves nothing (states only go
             # forward, the relay state is set once).
             conn.executemany(
-                "UPDATE outbox SET relay_state = 1 WHERE shams = ? AND relay_state = 0",
-                [(s,) for _, c, s in items if c.event == pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE],
+                "UPDATE outbox SET relay_state = 1, relayed_at = ? WHERE shams = ? AND relay_state = 0",
+                [(now, s) for _, c, s in items if c.event == pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE],
             )
             conn.executemany(
                 "UPDATE outbox SET relay_state = 2 WHERE shams = ?",
@@ -1000,6 +1015,52 @@ class NodeStore(Store):
                     (_NUMBERS_CONFIRMED, repr(confirms_restore).encode()),
                 )
             return moved
+
+        return await self.db.write(job)
+
+    async def hub_restore_handled(self, restore_time: str) -> bool:
+        """Whether the hub restore named ``restore_time`` was handled here already."""
+        row = await self.db.fetchone(
+            "SELECT 1 FROM meta WHERE key = ? AND value = ?",
+            (_HUB_RESTORE_HANDLED, restore_time.encode()),
+        )
+        return row is not None
+
+    async def handle_hub_restore(
+        self, restore_time: str, since: float, issuer: str
+    ) -> tuple[int, int]:
+        """After the hub was restored from a copy taken around ``since`` (less a margin):
+        marks for relaying again the letters relayed since then whose recipients have not
+        all reached a terminal state, and for sending again the receipts ``issuer`` (this
+        node) recorded since then; remembers, in the same transaction, that the restore
+        named ``restore_time`` is handled. Returns how many letters and receipts.
+
+        A one-off that reads the outbox and evidence since ``since`` without an index: a
+        hub restore is rare, and these columns are not worth an index on every letter.
+        """
+
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            letters = conn.execute(
+                "UPDATE outbox SET relay_state = 0 WHERE relay_state = 1"
+                " AND coalesce(relayed_at, created_at) >= ? AND EXISTS (SELECT 1 FROM"
+                " recipient_state s WHERE s.shams = outbox.shams AND s.state NOT IN (?, ?, ?, ?))",
+                (since, *sorted(lifecycle.TERMINAL)),
+            ).rowcount
+            receipts: list[tuple[str]] = []
+            for evidence_id, blob in conn.execute(
+                "SELECT evidence_id, evidence FROM evidence WHERE to_send = 0 AND recorded_at >= ?"
+                " AND event IN (?, ?, ?)",
+                (since, *_RECEIPT_EVENTS),
+            ):
+                content = pb.EvidenceContent.FromString(pb.Evidence.FromString(blob).content)
+                if content.issuer == issuer:
+                    receipts.append((str(evidence_id),))
+            conn.executemany("UPDATE evidence SET to_send = 1 WHERE evidence_id = ?", receipts)
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_HUB_RESTORE_HANDLED, restore_time.encode()),
+            )
+            return max(letters, 0), len(receipts)
 
         return await self.db.write(job)
 

@@ -18,6 +18,7 @@ import pytest
 from client_sdk import ChaparError, ExchangeClient, Unavailable, pb
 from node.backup import RestoreMark, read_restore_mark
 from node.cluster import Cluster, ServerProcess
+from node.core import lifecycle
 
 pytestmark = pytest.mark.integration
 
@@ -223,5 +224,123 @@ async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_the
         hub.start()
         await hub.wait_ready()
     finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes
+
+
+async def acknowledge_all(cluster: Cluster, code: str, seen: list[str]) -> None:
+    """A back-end that reads its inbox and acknowledges everything, reconnecting as needed."""
+    while True:
+        try:
+            async with client(cluster.nodes[code], cluster, code) as c:
+                async for letter in c.inbox():
+                    seen.append(letter.shams)
+                    await letter.ack()
+        except ChaparError:
+            await asyncio.sleep(0.2)
+
+
+async def stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def states(db: Path, numbers: list[str]) -> dict[str, int]:
+    marks = ",".join("?" * len(numbers))
+    return {
+        str(s): int(state)  # type: ignore[call-overload]
+        for s, state in rows(
+            db, f"SELECT shams, state FROM recipient_state WHERE shams IN ({marks})", tuple(numbers)
+        )
+    }
+
+
+async def test_after_a_hub_restore_every_letter_since_its_snapshot_arrives_once_with_its_evidence(
+    tmp_path: Path,
+) -> None:
+    cluster = await Cluster.start(tmp_path / "c", [A, B], node_settings=NODE_SETTINGS)
+    hub, node_a, node_b = cluster.hub, cluster.nodes[A], cluster.nodes[B]
+    backup = tmp_path / "backup-hub"
+    seen: list[str] = []
+    acker = asyncio.create_task(acknowledge_all(cluster, B, seen))
+    try:
+        async with client(node_a, cluster, A) as a:
+            first = [(await a.send(to=[B], subject=f"b{i}", body="x")).shams for i in range(5)]
+            await eventually(
+                lambda: set(states(database(node_a), first).values()) == {lifecycle.HANDED_OVER},
+                "handover of the first letters",
+            )
+            # Letters flow while the hub's backup is taken.
+            sending = asyncio.gather(
+                *(a.send(to=[B], subject=f"d{i}", body="x") for i in range(10))
+            )
+            made = await asyncio.to_thread(chapar, "backup", "--config", hub.config, "--to", backup)
+            assert made.returncode == 0, made.stdout + made.stderr
+            during = [r.shams for r in await sending]
+            await eventually(
+                lambda: set(states(database(node_a), during).values()) == {lifecycle.HANDED_OVER},
+                "handover of the letters sent during the backup",
+            )
+            # After the snapshot: delivered to B (its DELIVERY at A), not yet handed over.
+            await stop_task(acker)
+            after = [(await a.send(to=[B], subject=f"a{i}", body="x")).shams for i in range(10)]
+        await eventually(
+            lambda: set(states(database(node_a), after).values()) == {lifecycle.DELIVERED},
+            "delivery of the letters sent after the backup",
+        )
+        assert count(backup / "hub.db", "SELECT count(*) FROM letters") < 25
+        assert not set(after) & {
+            str(r[0]) for r in rows(backup / "hub.db", "SELECT shams FROM letters")
+        }
+        # Receipts the hub acknowledged: B will not send them again by itself.
+        await eventually(
+            lambda: count(database(node_b), "SELECT count(*) FROM evidence WHERE to_send = 1") == 0,
+            "B's receipts acknowledged",
+        )
+        cluster.stop()
+        done = chapar("restore", "--config", hub.config, "--from", backup)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+        hub.start()
+        await hub.wait_ready()
+        for node in (node_a, node_b):
+            node.start()
+        for node in (node_a, node_b):
+            await node.wait_ready()
+        acker = asyncio.create_task(acknowledge_all(cluster, B, seen))
+        await eventually(
+            lambda: set(states(database(node_a), after).values()) == {lifecycle.HANDED_OVER},
+            "handover of the letters sent after the backup",
+        )
+        await stop_task(acker)
+
+        for shams in after:
+            # Stored once at B, though pushed to it again; its receipts stored once at the
+            # hub, though sent again; one DELIVERY and one HANDOVER at the sender.
+            assert (
+                count(database(node_b), "SELECT count(*) FROM inbox WHERE shams = ?", (shams,)) == 1
+            )
+            for where in (node_b, hub, node_a):
+                for event in (pb.EVIDENCE_EVENT_DELIVERY, pb.EVIDENCE_EVENT_HANDOVER):
+                    assert (
+                        count(
+                            database(where),
+                            "SELECT count(*) FROM evidence WHERE shams = ? AND event = ?",
+                            (shams, event),
+                        )
+                        == 1
+                    ), (where.name, shams, event)
+        assert sorted(seen) == sorted([*first, *during, *after])  # each letter read once
+        assert count(database(node_a), "SELECT count(*) FROM outbox WHERE relay_state = 2") == 0
+        async with client(node_a, cluster, A) as a:
+            trust = await a.trust_from_directory(cluster.credentials(A).trust_store())
+            for shams in after:
+                events = {e.event for e in (await a.track(shams)).verify(trust)}
+                assert {"DELIVERY", "HANDOVER", "RELAY_ACCEPTANCE"} <= events, (shams, events)
+        # Handled once: a restart of the node sends nothing again.
+        await node_a.restart()
+        assert "sending again" not in node_a.log_tail(200).split("node " + A + " ready")[-1]
+    finally:
+        await stop_task(acker)
         codes = cluster.stop()
     assert set(codes.values()) == {0}, codes

@@ -10,6 +10,7 @@ import pytest
 
 from client_sdk import pb
 from node.backup import BackupError, Manifest, check_manifest
+from node.core import lifecycle
 from node.storage import hub_store
 from node.storage.db import Database
 from node.storage.hub_store import HubStore
@@ -124,5 +125,63 @@ async def test_a_node_moves_its_counters_up_never_down_and_confirms_a_restore_on
         assert await store.unconfirmed_restore() is None
         counters = await store.db.fetchall("SELECT year, last FROM shams_counter ORDER BY year")
         assert [tuple(r) for r in counters] == [(2026, 30), (2027, 4)]
+    finally:
+        await store.close()
+
+
+async def test_after_a_hub_restore_a_node_marks_what_the_hub_may_have_lost_once(
+    tmp_path: Path,
+) -> None:
+    me = "urn:chapar:agency:SENDER.A"
+    since = 1_000.0
+    store = await NodeStore.open(tmp_path / "node.db")
+
+    def evidence(evidence_id: str, event: int, issuer: str) -> bytes:
+        content = pb.EvidenceContent(evidence_id=evidence_id, event=event, issuer=issuer)  # type: ignore[arg-type]
+        return pb.Evidence(content=content.SerializeToString()).SerializeToString()
+
+    def fill(conn: sqlite3.Connection) -> None:
+        # (shams, relay_state, relayed_at, created_at, recipient states)
+        letters = [
+            ("old", 1, 900.0, 800.0, [lifecycle.DELIVERED]),  # relayed before: kept
+            ("delivered", 1, 1_100.0, 800.0, [lifecycle.DELIVERED]),  # again
+            ("half", 1, 1_100.0, 1_050.0, [lifecycle.HANDED_OVER, lifecycle.RELAYED]),  # again
+            ("done", 1, 1_100.0, 1_050.0, [lifecycle.HANDED_OVER, lifecycle.FAILED]),  # kept
+            ("legacy", 1, None, 1_050.0, [lifecycle.RELAYED]),  # no relayed_at: created_at
+            ("rejected", 2, None, 1_050.0, [lifecycle.REJECTED]),  # never relayed: kept
+        ]
+        for shams, relay, relayed, created, recipients in letters:
+            conn.execute(
+                "INSERT INTO outbox (shams, envelope, envelope_sha256, receipt, relay_state,"
+                " relayed_at, created_at) VALUES (?, x'', x'', x'', ?, ?, ?)",
+                (shams, relay, relayed, created),
+            )
+            conn.executemany(
+                "INSERT INTO recipient_state VALUES (?, ?, ?)",
+                [(shams, f"R{i}", state) for i, state in enumerate(recipients)],
+            )
+        receipts = [
+            ("mine-new", pb.EVIDENCE_EVENT_HANDOVER, me, 1_200.0),  # again
+            ("mine-new-d", pb.EVIDENCE_EVENT_DELIVERY, me, 1_200.0),  # again
+            ("mine-old", pb.EVIDENCE_EVENT_DELIVERY, me, 900.0),  # before: kept
+            ("theirs", pb.EVIDENCE_EVENT_DELIVERY, "urn:chapar:agency:B", 1_200.0),  # not ours
+            ("relay", pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE, "urn:chapar:hub:x", 1_200.0),
+        ]
+        conn.executemany(
+            "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
+            " VALUES (?, 'x', ?, ?, 0, ?)",
+            [(i, event, evidence(i, event, who), at) for i, event, who, at in receipts],
+        )
+
+    await store.db.write(fill)
+    try:
+        assert not await store.hub_restore_handled("42")
+        assert await store.handle_hub_restore("42", since, me) == (3, 2)
+        assert await store.hub_restore_handled("42")
+        assert not await store.hub_restore_handled("43")  # a later restore is handled anew
+        again = await store.db.fetchall("SELECT shams FROM outbox WHERE relay_state = 0")
+        assert sorted(r[0] for r in again) == ["delivered", "half", "legacy"]
+        resend = await store.db.fetchall("SELECT evidence_id FROM evidence WHERE to_send = 1")
+        assert sorted(r[0] for r in resend) == ["mine-new", "mine-new-d"]
     finally:
         await store.close()

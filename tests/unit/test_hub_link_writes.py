@@ -306,6 +306,7 @@ class _Receiver:
                 store_incoming=self._store_incoming,
                 earlier_answers=self._earlier_answers,
                 store_issued=self._store_issued,
+                inbox_entries=self._inbox_entries,
             ),
             sign_evidence=self._sign_evidence,
             notify_inbox=lambda: None,
@@ -333,6 +334,10 @@ class _Receiver:
     @staticmethod
     async def _store_issued(*_: object) -> None:
         pass
+
+    @staticmethod
+    async def _inbox_entries(*_: object) -> dict[str, object]:
+        return {}  # nothing handed over: a letter delivered again brings no HANDOVER
 
     def _sign_evidence(self, content: bytes) -> pb.Evidence:
         self.signed.append(content)

@@ -9,6 +9,7 @@ from client_sdk._pb.chapar.exchange.v1 import evidence_pb2 as _evidence_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -128,6 +129,7 @@ class ConnectWelcome(_message.Message):
     HUB_FIELD_NUMBER: _builtins.int
     DIRECTORY_VERSION_FIELD_NUMBER: _builtins.int
     ACCEPTED_SEQUENCES_FIELD_NUMBER: _builtins.int
+    HUB_RESTORE_FIELD_NUMBER: _builtins.int
     hub: _builtins.str
     """Identity URI of the hub."""
     directory_version: _builtins.int
@@ -139,20 +141,60 @@ class ConnectWelcome(_message.Message):
         older copy of its database never numbers a new letter with a number the hub holds.
         """
 
+    @_builtins.property
+    def hub_restore(self) -> Global___HubRestore:
+        """Set when the hub's database was restored from a backup; absent otherwise. The hub may
+        have lost letters it accepted, and evidence it had not routed, after the backup's
+        snapshot. A node that has not handled this restore yet (told by restore_time) sends
+        again its letters relayed since shortly before snapshot_time whose recipients have not
+        all reached a final state, and the receipts it issued since then.
+        """
+
     def __init__(
         self,
         *,
         hub: _builtins.str = ...,
         directory_version: _builtins.int = ...,
         accepted_sequences: _abc.Iterable[Global___AcceptedSequence] | None = ...,
+        hub_restore: Global___HubRestore | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hub_restore", b"hub_restore"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_sequences", b"accepted_sequences", "directory_version", b"directory_version", "hub", b"hub"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_sequences", b"accepted_sequences", "directory_version", b"directory_version", "hub", b"hub", "hub_restore", b"hub_restore"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConnectWelcome: _TypeAlias = ConnectWelcome  # noqa: Y015
+
+@_typing.final
+class HubRestore(_message.Message):
+    """HubRestore says when the hub's database was restored, and from when the copy dates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_TIME_FIELD_NUMBER: _builtins.int
+    RESTORE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshot_time(self) -> _timestamp_pb2.Timestamp:
+        """When the copy was taken, by the clock of the machine that took it."""
+
+    @_builtins.property
+    def restore_time(self) -> _timestamp_pb2.Timestamp:
+        """When the copy was put in place; names the restore."""
+
+    def __init__(
+        self,
+        *,
+        snapshot_time: _timestamp_pb2.Timestamp | None = ...,
+        restore_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["restore_time", b"restore_time", "snapshot_time", b"snapshot_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["restore_time", b"restore_time", "snapshot_time", b"snapshot_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HubRestore: _TypeAlias = HubRestore  # noqa: Y015
 
 @_typing.final
 class AcceptedSequence(_message.Message):
