@@ -243,6 +243,14 @@ def hub_jobs() -> list[Job]:
                     "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, ?)",
                     1,
                 ),
+                # The sender's highest number a frame (told in its welcome): one row for a
+                # frame of 256 letters, the full frame this floor assumes.
+                Statement(
+                    "upsert sender_sequences",
+                    "INSERT INTO sender_sequences (origin, domain, year, last) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (origin, domain, year) DO UPDATE SET last = max(last, excluded.last)",
+                    1 / 256,
+                ),
             ),
         ),
         Job(
@@ -1293,6 +1301,7 @@ def _params(job: Job, st: Statement, r: _Rows, k: int) -> Sequence[Any]:
             for i, x in zip(r.relay_ids[lo:hi], s, strict=True)
         ],
         ("accept", "insert recipient_state"): lambda: [(x, B, lifecycle.RELAYED) for x in s],
+        ("accept", "upsert sender_sequences"): lambda: [(A, "O", 2026, hi)],
         ("queue page", "read queue sizes"): lambda: (B, lo, now, size),
         ("queue page", "read queue rows"): lambda: (B, lo, now, hi, size),
         ("record_receipts", "look up letters of receipts"): lambda: s,
