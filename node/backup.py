@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -39,6 +40,7 @@ __all__ = [
     "RESTORED_KEY",
     "BackupError",
     "Manifest",
+    "RestoreFailed",
     "RestoreMark",
     "backup",
     "check_manifest",
@@ -49,12 +51,18 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 _FORMAT = 1
+_DOCUMENT_NAME = re.compile("[0-9a-f]{64}")
 _LOCK_TIMEOUT_S = 0.5  # how long restore waits for the database lock before it refuses
 Role = Literal["hub", "node"]
 
 
 class BackupError(Exception):
     """A backup or restore that cannot be done; the message says why."""
+
+
+class RestoreFailed(BackupError):
+    """A restore that started and could not finish; the message says what state the
+    server's database files are in."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +204,11 @@ def _document_files(root: Path) -> list[Path]:
     base = root / "sha256"
     if not base.is_dir():
         return []
-    return sorted(p.relative_to(root) for p in base.glob("*/*") if p.is_file())
+    return sorted(
+        p.relative_to(root)
+        for p in base.glob("*/*")
+        if p.is_file() and _DOCUMENT_NAME.fullmatch(p.name)  # not a copy's .partial
+    )
 
 
 def _copy_documents(source: Path, target: Path) -> int:
@@ -249,22 +261,76 @@ def restore(config_path: Path, source: Path, *, now: float | None = None) -> tup
     db = server.database
     _refuse_if_open(db)
     restored_at = time.time() if now is None else now
-    aside = db.with_name(f"{db.name}.before-restore-{_stamp(restored_at)}")
-    moved = [p for p in _database_files(db) if p.exists()]
-    if moved:
-        aside.mkdir(parents=True)
-        for path in moved:
-            os.replace(path, aside / path.name)
+    # The replacement is made whole first (copied, migrated, marked, its WAL folded in)
+    # beside the live files, which are touched only then: a restore that fails before
+    # leaves the server's database as it was, and one that fails while swapping puts it
+    # back. A server never finds no database (it would start an empty one) or an
+    # unmarked copy (a restored node would number letters before the hub's word).
     db.parent.mkdir(parents=True, exist_ok=True)
     incoming = db.with_name(f"{db.name}.restoring")
-    shutil.copyfile(copy, incoming)
-    _fsync(incoming)
-    os.replace(incoming, db)
-    _fsync_dir(db.parent)
-    asyncio.run(_mark(server.store, db, RestoreMark(restored_at, manifest.snapshot_time)))
+    for path in _database_files(incoming):
+        path.unlink(missing_ok=True)  # an earlier restore's that failed
+    try:
+        shutil.copyfile(copy, incoming)
+        asyncio.run(_mark(server.store, incoming, RestoreMark(restored_at, manifest.snapshot_time)))
+        _fold_wal(incoming)
+        _fsync(incoming)
+    except (OSError, sqlite3.Error) as exc:
+        for path in _database_files(incoming):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise RestoreFailed(f"could not prepare the copy ({exc}); {db} is unchanged") from exc
+    _refuse_if_open(db)  # a server started meanwhile
+    aside = db.with_name(f"{db.name}.before-restore-{_stamp(restored_at)}")
+    _swap_in(db, incoming, aside)
     if server.documents_dir is not None and (source / "documents").is_dir():
         _copy_documents(source / "documents", server.documents_dir)
     return manifest, aside
+
+
+def _fold_wal(db: Path) -> None:
+    """Checkpoints ``db``'s WAL into the file and ends it: the file alone is the copy."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA journal_mode=DELETE")  # the server sets WAL again when it opens
+    finally:
+        conn.close()
+    for path in _database_files(db)[1:]:
+        path.unlink(missing_ok=True)
+
+
+def _swap_in(db: Path, incoming: Path, aside: Path) -> None:
+    """Moves ``db``'s files into ``aside`` and ``incoming`` in its place; on a failure,
+    puts the moved files back."""
+    moved: list[Path] = []
+    try:
+        if any(p.exists() for p in _database_files(db)):
+            aside.mkdir(parents=True)
+        for path in _database_files(db):
+            if path.exists():
+                os.replace(path, aside / path.name)
+                moved.append(path)
+        os.replace(incoming, db)
+        _fsync_dir(db.parent)
+    except OSError as exc:
+        back: list[str] = []
+        for path in moved:
+            try:
+                os.replace(aside / path.name, path)
+            except OSError:
+                back.append(str(aside / path.name))
+        with contextlib.suppress(OSError):
+            incoming.unlink(missing_ok=True)
+            if not back:
+                aside.rmdir()
+        where = (
+            f"the server's files could not all be put back: {', '.join(back)} (move them"
+            f" back to {db.parent} before starting the server)"
+            if back
+            else f"{db} is unchanged"
+        )
+        raise RestoreFailed(f"could not put the copy in place ({exc}); {where}") from exc
 
 
 def _database_files(db: Path) -> list[Path]:

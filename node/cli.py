@@ -70,13 +70,16 @@ def _backup(ns: argparse.Namespace) -> int:
 
 
 def _restore(ns: argparse.Namespace) -> int:
-    from node.backup import BackupError, describe, restore
+    from node.backup import BackupError, RestoreFailed, describe, restore
 
     try:
         manifest, aside = restore(ns.config, ns.source)
     except ConfigError as exc:
         print(f"error: configuration {ns.config}: {exc}", file=sys.stderr)
         return 2
+    except RestoreFailed as exc:
+        print(f"error: restore failed: {exc}", file=sys.stderr)
+        return 1
     except (BackupError, OSError, sqlite3.Error) as exc:
         print(f"error: restore refused: {exc}", file=sys.stderr)
         return 1

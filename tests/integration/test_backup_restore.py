@@ -4,7 +4,9 @@ hub and node processes over real mTLS on loopback."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -16,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from client_sdk import ChaparError, ExchangeClient, Unavailable, pb
-from node.backup import RestoreMark, read_restore_mark
+from node import backup as backup_module
+from node.backup import RestoreFailed, RestoreMark, read_restore_mark, restore
 from node.cluster import Cluster, ServerProcess
 from node.core import lifecycle
 
@@ -87,7 +90,7 @@ async def send_retrying(c: ExchangeClient, subject: str, timeout: float = 60.0) 
 
 
 async def test_restore_refuses_a_running_server_another_identity_and_a_newer_schema(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cluster = await Cluster.start(tmp_path / "c", [A, B], node_settings=NODE_SETTINGS)
     hub, node_a, node_b = cluster.hub, cluster.nodes[A], cluster.nodes[B]
@@ -148,6 +151,31 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
     (aside,) = hub_db.parent.glob("hub.db.before-restore-*")
     assert (aside / "hub.db").is_file()
     assert rows(hub_db, "SELECT count(*) FROM letters") == [(1,)]
+
+    # A restore that fails (a full disk while copying, a rename refused while swapping)
+    # leaves the database as it was: it used to move the live files aside first, and a
+    # failed copy left no database at all, so the server started an empty one.
+    def full_disk(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(backup_module.shutil, "copyfile", full_disk)
+        with pytest.raises(RestoreFailed, match="is unchanged"):
+            await asyncio.to_thread(restore, hub.config, backups / "hub", now=time.time() + 5)
+    real_replace = os.replace
+
+    def no_swap(src: str | Path, dst: str | Path) -> None:
+        if Path(src).name == "hub.db.restoring":
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(backup_module.os, "replace", no_swap)
+        with pytest.raises(RestoreFailed, match="is unchanged"):
+            await asyncio.to_thread(restore, hub.config, backups / "hub", now=time.time() + 10)
+    assert mark_of(hub_db) == mark
+    assert rows(hub_db, "SELECT count(*) FROM letters") == [(1,)]
+    assert not list(hub_db.parent.glob("hub.db.restoring*"))
 
 
 async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_them(

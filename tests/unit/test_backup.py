@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from client_sdk import pb
+from node import backup as backup_module
 from node.backup import BackupError, Manifest, check_manifest
 from node.core import lifecycle
 from node.storage import hub_store
@@ -185,3 +186,17 @@ async def test_after_a_hub_restore_a_node_marks_what_the_hub_may_have_lost_once(
         assert sorted(r[0] for r in resend) == ["mine-new", "mine-new-d"]
     finally:
         await store.close()
+
+
+def test_only_whole_documents_are_copied_never_a_copy_cut_short(tmp_path: Path) -> None:
+    # A backup interrupted while copying a document leaves <hex>.partial beside it; a
+    # restore from that directory used to copy it into the server's document store.
+    source = tmp_path / "documents"
+    whole = "ab" + "0" * 62
+    folder = source / "sha256" / "ab"
+    folder.mkdir(parents=True)
+    (folder / whole).write_bytes(b"whole")
+    (folder / ("ab" + "1" * 62 + ".partial")).write_bytes(b"cut")
+    target = tmp_path / "restored"
+    assert backup_module._copy_documents(source, target) == 1
+    assert [p.name for p in (target / "sha256" / "ab").iterdir()] == [whole]
