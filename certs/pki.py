@@ -715,11 +715,26 @@ def _names_beyond_profile(
     profile: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
     if kind == "tls":
         profile.extend(_LOOPBACK_SANS)
-    return [n for n in names if n not in profile]
+    extra: list[x509.GeneralName] = []
+    for n in names:
+        if n not in profile and n not in extra:  # a name twice is kept once
+            extra.append(n)
+    return extra
 
 
 def _general_name_text(name: x509.GeneralName) -> str:
-    kinds = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.UniformResourceIdentifier: "URI"}
+    if isinstance(name, x509.DirectoryName):
+        return f"DirName:{name.value.rfc4514_string()}"
+    if isinstance(name, x509.OtherName):
+        return f"otherName:{name.type_id.dotted_string}"
+    if isinstance(name, x509.RegisteredID):
+        return f"RID:{name.value.dotted_string}"
+    kinds = {
+        x509.DNSName: "DNS",
+        x509.IPAddress: "IP",
+        x509.UniformResourceIdentifier: "URI",
+        x509.RFC822Name: "email",
+    }
     return f"{kinds.get(type(name), type(name).__name__)}:{name.value}"
 
 

@@ -732,7 +732,12 @@ def test_a_renewal_keeps_the_names_and_common_name_of_a_certificate_made_elsewhe
         identity_uri=identity.uri,
         kind="tls",
         common_name="Exchange hub, building 4",
-        extra_sans=[host],
+        extra_sans=[
+            host,
+            host,  # a name twice: kept once
+            x509.RFC822Name("ops@exchange.example"),
+            x509.DirectoryName(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ops")])),
+        ],
     )
     write_key(path.with_suffix(".key"), key)
     write_certs(path, [made, _leaf(layout.intermediate_cert)])
@@ -745,7 +750,11 @@ def test_a_renewal_keeps_the_names_and_common_name_of_a_certificate_made_elsewhe
     assert new.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == (
         "Exchange hub, building 4"
     )
-    assert done.kept_names == ("DNS:hub.exchange.example",)
+    assert done.kept_names == (
+        "DNS:hub.exchange.example",
+        "email:ops@exchange.example",
+        "DirName:CN=ops",
+    )
     assert not done.capped
 
 

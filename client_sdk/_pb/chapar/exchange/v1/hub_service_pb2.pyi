@@ -198,7 +198,9 @@ Global___HubRestore: _TypeAlias = HubRestore  # noqa: Y015
 
 @_typing.final
 class AcceptedSequence(_message.Message):
-    """AcceptedSequence is the highest sequence the hub holds of one (origin, domain, year)."""
+    """AcceptedSequence is the highest sequence the hub holds of one (domain, year) of the
+    connecting agency's numbers (the origin is that agency: the hub accepts no other).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
