@@ -236,10 +236,21 @@ def _copy_new(source: Path, target: Path) -> None:
 # -- restore ---------------------------------------------------------------------------------
 
 
-def restore(config_path: Path, source: Path, *, now: float | None = None) -> tuple[Manifest, Path]:
+MAX_SKIP_NUMBERS = 10_000_000
+
+
+def restore(
+    config_path: Path, source: Path, *, now: float | None = None, skip_numbers: int = 0
+) -> tuple[Manifest, Path]:
     """Puts the backup in ``source`` in place of the server's database; returns its
-    manifest and the directory the replaced files were moved to."""
+    manifest and the directory the replaced files were moved to. A node restored with
+    ``skip_numbers`` moves its SHAMS counters that many numbers on at the hub's first
+    word (past those it may have given letters after the backup and never relayed)."""
     server = _server(config_path)
+    if skip_numbers and server.role != "node":
+        raise BackupError("--skip-numbers is for a node: only a node numbers letters")
+    if not 0 <= skip_numbers <= MAX_SKIP_NUMBERS:
+        raise BackupError(f"--skip-numbers must be between 0 and {MAX_SKIP_NUMBERS}")
     try:
         manifest = Manifest.from_json(json.loads((source / MANIFEST).read_text()))
     except FileNotFoundError as exc:
@@ -272,7 +283,13 @@ def restore(config_path: Path, source: Path, *, now: float | None = None) -> tup
         path.unlink(missing_ok=True)  # an earlier restore's that failed
     try:
         shutil.copyfile(copy, incoming)
-        asyncio.run(_mark(server.store, incoming, RestoreMark(restored_at, manifest.snapshot_time)))
+        asyncio.run(
+            _mark(
+                server.store,
+                incoming,
+                RestoreMark(restored_at, manifest.snapshot_time, skip_numbers),
+            )
+        )
         _fold_wal(incoming)
         _fsync(incoming)
     except (OSError, sqlite3.Error) as exc:

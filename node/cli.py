@@ -73,7 +73,7 @@ def _restore(ns: argparse.Namespace) -> int:
     from node.backup import BackupError, RestoreFailed, describe, restore
 
     try:
-        manifest, aside = restore(ns.config, ns.source)
+        manifest, aside = restore(ns.config, ns.source, skip_numbers=ns.skip_numbers)
     except ConfigError as exc:
         print(f"error: configuration {ns.config}: {exc}", file=sys.stderr)
         return 2
@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--config", type=Path, required=True, help="the server's TOML file")
     restore.add_argument(
         "--from", dest="source", type=Path, required=True, metavar="DIR", help="backup directory"
+    )
+    restore.add_argument(
+        "--skip-numbers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a node: leave N SHAMS numbers unused after the highest the hub holds, so that"
+        " letters it numbered after the backup and never relayed keep numbers no other"
+        " letter gets (a gap instead of a number on two letters)",
     )
     restore.set_defaults(func=_restore)
 

@@ -28,7 +28,7 @@ from node.core import lifecycle
 from node.core.errors import ChaparError, letter_not_found, request_id_reused
 from node.core.splice import Field
 from node.storage.db import Database, Job, Page, Store, advance_states, existing, rows_in
-from node.storage.restore import RESTORED_KEY, RestoreMark
+from node.storage.restore import RESTORED_KEY, RestoreMark, read_restore_mark
 
 __all__ = [
     "MIGRATIONS",
@@ -1010,6 +1010,13 @@ class NodeStore(Store):
                     )
                     moved.append((letter, item.year, old, int(item.sequence)))
             if confirms_restore is not None:
+                mark = read_restore_mark(conn)
+                done = conn.execute(
+                    "SELECT value FROM meta WHERE key = ?", (_NUMBERS_CONFIRMED,)
+                ).fetchone()
+                first = done is None or float(done[0]) != confirms_restore
+                if first and mark is not None and mark.restore_time == confirms_restore:
+                    _skip_numbers(conn, origin, mark.skip_numbers)  # once a restore
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     (_NUMBERS_CONFIRMED, repr(confirms_restore).encode()),
@@ -1249,6 +1256,36 @@ def _judged(
             extra={"shams": [shams], "peer": update.sender.agency, "reason": fault.reason},
         )
     return about, fault
+
+
+def _skip_numbers(conn: sqlite3.Connection, origin: str, skip: int) -> None:
+    """Moves every counter of ``origin`` (and this year's of both domains) ``skip`` numbers
+    on, once, as ``chapar restore --skip-numbers`` asked: numbers this node may have given
+    letters after its backup and never relayed are then never given again (a gap, which
+    the restore explains, instead of one number on two letters)."""
+    if skip <= 0:
+        return
+    year = time.gmtime().tm_year
+    for letter in _DOMAIN_LETTER.values():
+        conn.execute(
+            "INSERT OR IGNORE INTO shams_counter (origin, domain, year, last) VALUES (?, ?, ?, 0)",
+            (origin, letter, year),
+        )
+    rows = conn.execute(
+        "SELECT domain, year, last FROM shams_counter WHERE origin = ?", (origin,)
+    ).fetchall()
+    conn.execute("UPDATE shams_counter SET last = last + ? WHERE origin = ?", (skip, origin))
+    for domain, year_, last in rows:
+        log.warning(
+            "SHAMS numbers %s/%s/%d/%d to %d skipped after the restore, as asked: letters"
+            " this node may have numbered after its backup keep numbers no other letter gets",
+            origin,
+            domain,
+            year_,
+            int(last) + 1,
+            int(last) + skip,
+            extra={"reason": "NUMBERS_SKIPPED"},
+        )
 
 
 def _judge_early_links(conn: sqlite3.Connection, arrived: Mapping[str, bytes]) -> None:

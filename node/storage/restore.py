@@ -23,16 +23,27 @@ class RestoreMark:
 
     restore_time: float
     snapshot_time: float
+    # A node's counters move this many numbers on at the hub's first word after the
+    # restore (``chapar restore --skip-numbers``).
+    skip_numbers: int = 0
 
     def encode(self) -> bytes:
         return json.dumps(
-            {"restore_time": self.restore_time, "snapshot_time": self.snapshot_time}
+            {
+                "restore_time": self.restore_time,
+                "snapshot_time": self.snapshot_time,
+                "skip_numbers": self.skip_numbers,
+            }
         ).encode()
 
     @classmethod
     def decode(cls, blob: bytes) -> RestoreMark:
         data = json.loads(bytes(blob))
-        return cls(float(data["restore_time"]), float(data["snapshot_time"]))
+        return cls(
+            float(data["restore_time"]),
+            float(data["snapshot_time"]),
+            int(data.get("skip_numbers", 0)),
+        )
 
 
 def read_restore_mark(conn: sqlite3.Connection) -> RestoreMark | None:

@@ -110,6 +110,10 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
         refused = chapar("restore", "--config", hub.config, "--from", backups / "hub")
         assert refused.returncode == 1
         assert "in use" in refused.stderr, refused.stderr
+        refused = chapar(
+            "restore", "--config", hub.config, "--from", backups / "hub", "--skip-numbers", 5
+        )
+        assert "only a node numbers letters" in refused.stderr, refused.stderr
         refused = chapar("restore", "--config", node_b.config, "--from", backups / "a")
         assert refused.returncode == 1
         assert f"the backup is of urn:chapar:agency:{A}" in refused.stderr, refused.stderr
@@ -178,9 +182,11 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
     assert not list(hub_db.parent.glob("hub.db.restoring*"))
 
 
+@pytest.mark.parametrize("skip", [0, 10])
 async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_them(
-    tmp_path: Path,
+    tmp_path: Path, skip: int
 ) -> None:
+    # skip: numbers left unused after the hub's highest (`chapar restore --skip-numbers`).
     cluster = await Cluster.start(tmp_path / "c", [A, B], node_settings=NODE_SETTINGS)
     hub, node_a, node_b = cluster.hub, cluster.nodes[A], cluster.nodes[B]
     backup = tmp_path / "backup-a"
@@ -205,7 +211,9 @@ async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_the
         assert count(backup / "node.db", "SELECT count(*) FROM outbox") < 25
         node_a.terminate()
         hub.terminate()
-        done = chapar("restore", "--config", node_a.config, "--from", backup)
+        done = chapar(
+            "restore", "--config", node_a.config, "--from", backup, "--skip-numbers", skip
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
         # The hub is down: the restored node cannot know which numbers the hub holds, and
@@ -220,7 +228,7 @@ async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_the
             hub.start()
             await hub.wait_ready()
             numbers = [await send_retrying(a, f"restored {i}") for i in range(3)]
-        assert [int(n.rsplit("/", 1)[1]) for n in numbers] == [26, 27, 28]
+        assert [int(n.rsplit("/", 1)[1]) for n in numbers] == [26 + skip, 27 + skip, 28 + skip]
         for shams in numbers:
             await eventually(
                 lambda s=shams: (
@@ -248,7 +256,8 @@ async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_the
         hub.terminate()
         await node_a.restart()
         async with client(node_a, cluster, A) as a:
-            assert (await a.send(to=[B], subject="hub down", body="x")).shams.endswith("/0000029")
+            sent = await a.send(to=[B], subject="hub down", body="x")
+            assert sent.shams.endswith(f"/{29 + skip:07d}")
         hub.start()
         await hub.wait_ready()
     finally:

@@ -3,6 +3,7 @@ mark, the hub's highest accepted numbers and a node's counters moving up to them
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from pathlib import Path
 
@@ -200,3 +201,38 @@ def test_only_whole_documents_are_copied_never_a_copy_cut_short(tmp_path: Path) 
     target = tmp_path / "restored"
     assert backup_module._copy_documents(source, target) == 1
     assert [p.name for p in (target / "sha256" / "ab").iterdir()] == [whole]
+
+
+async def test_a_node_restored_with_skip_numbers_moves_its_counters_on_once(
+    tmp_path: Path,
+) -> None:
+    # Numbers a node gave letters after its backup and never relayed are unknown to the
+    # hub; without a skip they go to new letters, and one number names two letters.
+    store = await NodeStore.open(tmp_path / "node.db")
+    try:
+        mark = RestoreMark(1_700_000_600.5, 1_700_000_000.0, skip_numbers=100)
+        assert RestoreMark.decode(mark.encode()) == mark
+        assert RestoreMark.decode(b'{"restore_time": 1, "snapshot_time": 0}').skip_numbers == 0
+
+        def restored(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO meta VALUES ('restored', ?)", (mark.encode(),))
+            conn.execute("INSERT INTO shams_counter VALUES ('SENDER.A', 'O', 2025, 30)")
+
+        await store.db.write(restored)
+        said = [pb.AcceptedSequence(domain=pb.SHAMS_DOMAIN_OUTGOING, year=2025, sequence=42)]
+        await store.raise_counters("SENDER.A", said, mark.restore_time)
+        year = dt.datetime.now(dt.UTC).year
+        counters = {
+            (str(d), int(y)): int(last)
+            for d, y, last in await store.db.fetchall(
+                "SELECT domain, year, last FROM shams_counter WHERE origin = 'SENDER.A'"
+            )
+        }
+        # Up to the hub's 42, then 100 on; this year's counters of both domains too.
+        assert counters == {("O", 2025): 142, ("O", year): 100, ("I", year): 100}
+        await store.raise_counters("SENDER.A", said, mark.restore_time)  # a later welcome
+        await store.raise_counters("SENDER.A", said, None)
+        again = await store.db.fetchall("SELECT last FROM shams_counter WHERE year = 2025")
+        assert [r[0] for r in again] == [142]  # once
+    finally:
+        await store.close()
