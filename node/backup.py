@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from node.config import ConfigError, HubConfig, NodeConfig, load_hub_config, load_node_config
 from node.config import read_table as _read_table
+from node.document_store import fsync_path
 from node.storage.db import Store
 from node.storage.restore import RESTORED_KEY, RestoreMark, read_restore_mark
 
@@ -176,7 +177,7 @@ def backup(config_path: Path, to: Path) -> Manifest:
             target.close()
     finally:
         source.close()
-    _fsync(partial)
+    fsync_path(partial)
     os.replace(partial, to / name)
     documents = 0
     if server.documents_dir is not None:
@@ -229,7 +230,7 @@ def _copy_new(source: Path, target: Path) -> None:
         shutil.copyfile(source, partial)
     except FileNotFoundError:  # removed by retention meanwhile: nothing to keep
         return
-    _fsync(partial)
+    fsync_path(partial)
     os.replace(partial, target)
 
 
@@ -291,7 +292,7 @@ def restore(
             )
         )
         _fold_wal(incoming)
-        _fsync(incoming)
+        fsync_path(incoming)
     except (OSError, sqlite3.Error) as exc:
         for path in _database_files(incoming):
             with contextlib.suppress(OSError):
@@ -418,21 +419,13 @@ def _stamp(t: float) -> str:
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _fsync(partial)
+    fsync_path(partial)
     os.replace(partial, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
-        _fsync(path)
+        fsync_path(path)
 
 
 def describe(manifest: Manifest) -> Sequence[str]:

@@ -24,7 +24,7 @@ from client_sdk.documents import CHUNK_BYTES, read_chunks
 from node.core.documents import DocumentLimits, check_size
 from node.core.errors import ChaparError, Code
 
-__all__ = ["CHUNK_BYTES", "DocumentStore", "DocumentWriter"]
+__all__ = ["CHUNK_BYTES", "DocumentStore", "DocumentWriter", "fsync_path"]
 
 _DIGEST_BYTES = hashlib.sha256().digest_size
 
@@ -166,7 +166,7 @@ class DocumentWriter:
                 # retention (which runs between awaits) would otherwise be free to remove
                 # the file this upload is about to name.
                 self.store.touch(digest)
-            await asyncio.to_thread(_fsync_dir, target.parent)
+            await asyncio.to_thread(fsync_path, target.parent)
         finally:
             self.discard()
         return digest, self.size, existed
@@ -187,7 +187,8 @@ def _size_mismatch(expected: int, actual: int) -> ChaparError:
     )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flushes a file, or a directory's entries, to disk by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
