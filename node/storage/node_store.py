@@ -167,6 +167,9 @@ _RECEIPT_EVENTS = (
     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
     pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER,
 )
+# A recipient in one of these never got the letter: a letter all of whose recipients are in
+# them is not sent again after a restore of the hub (handle_hub_restore).
+_ENDED_IN_FAILURE = (lifecycle.REJECTED, lifecycle.FAILED, lifecycle.EXPIRED)
 # Where a letter is held: 1 sent, 2 received (a letter to this agency itself is in both).
 _HELD_SENT_FIRST = (
     "SELECT 1, envelope FROM outbox WHERE shams = ?"
@@ -1037,8 +1040,10 @@ class NodeStore(Store):
         self, restore_time: str, since: float, issuer: str
     ) -> tuple[int, int]:
         """After the hub was restored from a copy taken around ``since`` (less a margin):
-        marks for relaying again the letters relayed since then whose recipients have not
-        all reached a terminal state, and for sending again the receipts ``issuer`` (this
+        marks for relaying again the letters relayed since then of which a recipient has
+        not ended in failure (any recipient neither REJECTED, FAILED nor EXPIRED: one
+        still on its way, or one that got it, whose letter, evidence and document grants
+        the hub must hold again), and for sending again the receipts ``issuer`` (this
         node) recorded since then; remembers, in the same transaction, that the restore
         named ``restore_time`` is handled. Returns how many letters and receipts.
 
@@ -1050,8 +1055,8 @@ class NodeStore(Store):
             letters = conn.execute(
                 "UPDATE outbox SET relay_state = 0 WHERE relay_state = 1"
                 " AND coalesce(relayed_at, created_at) >= ? AND EXISTS (SELECT 1 FROM"
-                " recipient_state s WHERE s.shams = outbox.shams AND s.state NOT IN (?, ?, ?, ?))",
-                (since, *sorted(lifecycle.TERMINAL)),
+                " recipient_state s WHERE s.shams = outbox.shams AND s.state NOT IN (?, ?, ?))",
+                (since, *_ENDED_IN_FAILURE),
             ).rowcount
             receipts: list[tuple[str]] = []
             for evidence_id, blob in conn.execute(

@@ -451,3 +451,62 @@ async def test_after_a_hub_restore_a_letter_its_recipient_holds_does_not_expire_
     finally:
         codes = cluster.stop()
     assert set(codes.values()) == {0}, codes
+
+
+async def test_after_a_hub_restore_a_letter_finished_since_its_snapshot_is_back_at_the_hub(
+    tmp_path: Path,
+) -> None:
+    """A letter handed over after the hub's snapshot is sent again too: the restored hub
+    holds it and its evidence again, and its recipient can still fetch its attachment."""
+    cluster = await Cluster.start(tmp_path / "c", [A, B], node_settings=NODE_SETTINGS)
+    hub, node_a, node_b = cluster.hub, cluster.nodes[A], cluster.nodes[B]
+    backup = tmp_path / "backup-hub"
+    source = tmp_path / "report.txt"
+    source.write_bytes(b"attachment " * 1000)
+    try:
+        made = await asyncio.to_thread(chapar, "backup", "--config", hub.config, "--to", backup)
+        assert made.returncode == 0, made.stdout + made.stderr
+        async with client(node_a, cluster, A) as a:
+            shams = (await a.send(to=[B], subject="file", body="x", attachments=[source])).shams
+        async with client(node_b, cluster, B) as b:
+            async for letter in b.inbox():
+                assert letter.shams == shams
+                await letter.ack()  # handed over; its back-end fetches the file later
+                attachment = letter.attachments[0]
+                break
+        await eventually(
+            lambda: states(database(node_a), [shams]) == {shams: lifecycle.HANDED_OVER},
+            "handover",
+        )
+        cluster.stop()
+        done = chapar("restore", "--config", hub.config, "--from", backup)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert count(database(hub), "SELECT count(*) FROM letters WHERE shams = ?", (shams,)) == 0
+
+        hub.start()
+        await hub.wait_ready()
+        for node in (node_a, node_b):
+            node.start()
+        for node in (node_a, node_b):
+            await node.wait_ready()
+        await eventually(
+            lambda: states(database(hub), [shams]) == {shams: lifecycle.HANDED_OVER},
+            "the letter handed over at the hub again",
+        )
+        async with client(node_b, cluster, B) as b:
+            await b.fetch(attachment, tmp_path / "out.txt")
+        assert (tmp_path / "out.txt").read_bytes() == source.read_bytes()
+        for where in (node_a, hub):
+            for event in (pb.EVIDENCE_EVENT_DELIVERY, pb.EVIDENCE_EVENT_HANDOVER):
+                assert (
+                    count(
+                        database(where),
+                        "SELECT count(*) FROM evidence WHERE shams = ? AND event = ?",
+                        (shams, event),
+                    )
+                    == 1
+                ), (where.name, event)
+        assert states(database(node_a), [shams]) == {shams: lifecycle.HANDED_OVER}
+    finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes

@@ -148,7 +148,9 @@ async def test_after_a_hub_restore_a_node_marks_what_the_hub_may_have_lost_once(
             ("old", 1, 900.0, 800.0, [lifecycle.DELIVERED]),  # relayed before: kept
             ("delivered", 1, 1_100.0, 800.0, [lifecycle.DELIVERED]),  # again
             ("half", 1, 1_100.0, 1_050.0, [lifecycle.HANDED_OVER, lifecycle.RELAYED]),  # again
-            ("done", 1, 1_100.0, 1_050.0, [lifecycle.HANDED_OVER, lifecycle.FAILED]),  # kept
+            # Finished, one recipient got it: again (the hub's record, its document grants).
+            ("done", 1, 1_100.0, 1_050.0, [lifecycle.HANDED_OVER, lifecycle.FAILED]),
+            ("failed", 1, 1_100.0, 1_050.0, [lifecycle.EXPIRED, lifecycle.FAILED]),  # kept
             ("legacy", 1, None, 1_050.0, [lifecycle.RELAYED]),  # no relayed_at: created_at
             ("rejected", 2, None, 1_050.0, [lifecycle.REJECTED]),  # never relayed: kept
         ]
@@ -178,11 +180,11 @@ async def test_after_a_hub_restore_a_node_marks_what_the_hub_may_have_lost_once(
     await store.db.write(fill)
     try:
         assert not await store.hub_restore_handled("42")
-        assert await store.handle_hub_restore("42", since, me) == (3, 2)
+        assert await store.handle_hub_restore("42", since, me) == (4, 2)
         assert await store.hub_restore_handled("42")
         assert not await store.hub_restore_handled("43")  # a later restore is handled anew
         again = await store.db.fetchall("SELECT shams FROM outbox WHERE relay_state = 0")
-        assert sorted(r[0] for r in again) == ["delivered", "half", "legacy"]
+        assert sorted(r[0] for r in again) == ["delivered", "done", "half", "legacy"]
         resend = await store.db.fetchall("SELECT evidence_id FROM evidence WHERE to_send = 1")
         assert sorted(r[0] for r in resend) == ["mine-new", "mine-new-d"]
     finally:
