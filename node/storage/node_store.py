@@ -506,12 +506,36 @@ class NodeStore(Store):
                 "UPDATE outbox SET relay_state = 1, relayed_at = ? WHERE shams = ? AND relay_state = 0",
                 [(now, s) for _, c, s in items if c.event == pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE],
             )
+            # A rejection of a letter relayed before (relayed_at set), sent again after a
+            # restore of the hub (handle_hub_restore), is kept as evidence (the hub did
+            # refuse it: too old now, its signer's certificate rotated, its recipient
+            # suspended) but changes nothing: the letter was accepted and went on, its
+            # DELIVERY and HANDOVER stand. It is relayed again, not sent in a loop.
+            again = {
+                str(r[0])
+                for r in rows_in(
+                    conn,
+                    "SELECT shams FROM outbox WHERE shams IN ({marks}) AND relayed_at IS NOT NULL",
+                    [s for _, c, s in items if c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION],
+                )
+            }
             conn.executemany(
-                "UPDATE outbox SET relay_state = 2 WHERE shams = ?",
-                [(s,) for _, c, s in items if c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION],
+                "UPDATE outbox SET relay_state = ? WHERE shams = ?",
+                [
+                    (1 if s in again else 2, s)
+                    for _, c, s in items
+                    if c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION
+                ],
             )
             # Evidence without a recipient is about the whole letter (a relay rejection).
-            advance_states(conn, [(s, c.recipient or None, c.event) for _, c, s in items])
+            advance_states(
+                conn,
+                [
+                    (s, c.recipient or None, c.event)
+                    for _, c, s in items
+                    if not (c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION and s in again)
+                ],
+            )
             return None, [(s, c) for _, c, s in new]
 
         await self._write(job)
@@ -1052,8 +1076,12 @@ class NodeStore(Store):
         """
 
         def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            # relayed_at is set on each (created_at for rows from before schema 7): a
+            # rejection of the letter sent again then leaves it relayed
+            # (record_sender_evidence).
             letters = conn.execute(
-                "UPDATE outbox SET relay_state = 0 WHERE relay_state = 1"
+                "UPDATE outbox SET relay_state = 0, relayed_at = coalesce(relayed_at, created_at)"
+                " WHERE relay_state = 1"
                 " AND coalesce(relayed_at, created_at) >= ? AND EXISTS (SELECT 1 FROM"
                 " recipient_state s WHERE s.shams = outbox.shams AND s.state NOT IN (?, ?, ?))",
                 (since, *_ENDED_IN_FAILURE),

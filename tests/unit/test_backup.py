@@ -236,5 +236,52 @@ async def test_a_node_restored_with_skip_numbers_moves_its_counters_on_once(
         await store.raise_counters("SENDER.A", said, None)
         again = await store.db.fetchall("SELECT last FROM shams_counter WHERE year = 2025")
         assert [r[0] for r in again] == [142]  # once
+
+
+async def test_a_letter_sent_again_after_a_hub_restore_and_refused_stays_relayed(
+    tmp_path: Path,
+) -> None:
+    """The restored hub may refuse a letter sent again (too old now, its signer's
+    certificate rotated, its recipient suspended): the rejection is kept as evidence, but
+    the letter stays relayed (not sent again in a loop) and its recipients' states stand.
+    A letter refused the first time it is relayed is rejected, as always."""
+    store = await NodeStore.open(tmp_path / "node.db")
+
+    def fill(conn: sqlite3.Connection) -> None:
+        # (shams, relay_state, relayed_at, recipient state)
+        for shams, relay, relayed, state in [
+            ("resent", 1, 1_100.0, lifecycle.DELIVERED),
+            ("legacy", 1, None, lifecycle.HANDED_OVER),  # relayed before schema 7
+            ("new", 0, None, lifecycle.SUBMITTED),  # never relayed
+        ]:
+            conn.execute(
+                "INSERT INTO outbox (shams, envelope, envelope_sha256, receipt, relay_state,"
+                " relayed_at, created_at) VALUES (?, x'', x'', x'', ?, ?, 1050.0)",
+                (shams, relay, relayed),
+            )
+            conn.execute("INSERT INTO recipient_state VALUES (?, 'R0', ?)", (shams, state))
+
+    def rejection(shams: str) -> tuple[pb.Evidence, pb.EvidenceContent, str]:
+        content = pb.EvidenceContent(
+            evidence_id=f"rejected-{shams}",
+            event=pb.EVIDENCE_EVENT_RELAY_REJECTION,
+            reason="CREATE_TIME_OUT_OF_WINDOW",
+        )
+        return pb.Evidence(content=content.SerializeToString()), content, shams
+
+    await store.db.write(fill)
+    try:
+        assert await store.handle_hub_restore("42", 1_000.0, NODE) == (2, 0)
+        await store.record_sender_evidence([rejection(s) for s in ("resent", "legacy", "new")])
+        got = await store.db.fetchall(
+            "SELECT o.shams, o.relay_state, s.state FROM outbox o"
+            " JOIN recipient_state s ON s.shams = o.shams ORDER BY o.shams"
+        )
+        assert [tuple(r) for r in got] == [
+            ("legacy", 1, lifecycle.HANDED_OVER),
+            ("new", 2, lifecycle.REJECTED),
+            ("resent", 1, lifecycle.DELIVERED),
+        ]
+        assert await store.count("evidence") == 3  # each rejection kept
     finally:
         await store.close()
