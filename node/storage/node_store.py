@@ -167,6 +167,10 @@ _RECEIPT_EVENTS = (
     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
     pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER,
 )
+# How far back a node sends again its letters and receipts after a restore of the hub at
+# most (handle_hub_restore): a day more than the hub's max_letter_age_s by default (7 days),
+# past which the hub refuses a letter as too old.
+HUB_RESTORE_WINDOW_S = 8 * 24 * 3600.0
 # A recipient in one of these never got the letter: a letter all of whose recipients are in
 # them is not sent again after a restore of the hub (handle_hub_restore).
 _ENDED_IN_FAILURE = (lifecycle.REJECTED, lifecycle.FAILED, lifecycle.EXPIRED)
@@ -1061,7 +1065,7 @@ class NodeStore(Store):
         return row is not None
 
     async def handle_hub_restore(
-        self, restore_time: str, since: float, issuer: str
+        self, restore_time: str, since: float, issuer: str, now: float | None = None
     ) -> tuple[int, int]:
         """After the hub was restored from a copy taken around ``since`` (less a margin):
         marks for relaying again the letters relayed since then of which a recipient has
@@ -1073,7 +1077,11 @@ class NodeStore(Store):
 
         A one-off that reads the outbox and evidence since ``since`` without an index: a
         hub restore is rare, and these columns are not worth an index on every letter.
+        ``since`` is taken no earlier than HUB_RESTORE_WINDOW_S before ``now``: a node that
+        first hears of a restore long after it (offline then, or itself restored since)
+        does not send again what the hub would refuse as too old anyway.
         """
+        since = max(since, (time.time() if now is None else now) - HUB_RESTORE_WINDOW_S)
 
         def job(conn: sqlite3.Connection) -> tuple[int, int]:
             # relayed_at is set on each (created_at for rows from before schema 7): a

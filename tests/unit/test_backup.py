@@ -180,7 +180,7 @@ async def test_after_a_hub_restore_a_node_marks_what_the_hub_may_have_lost_once(
     await store.db.write(fill)
     try:
         assert not await store.hub_restore_handled("42")
-        assert await store.handle_hub_restore("42", since, me) == (4, 2)
+        assert await store.handle_hub_restore("42", since, me, now=1_300.0) == (4, 2)
         assert await store.hub_restore_handled("42")
         assert not await store.hub_restore_handled("43")  # a later restore is handled anew
         again = await store.db.fetchall("SELECT shams FROM outbox WHERE relay_state = 0")
@@ -271,7 +271,7 @@ async def test_a_letter_sent_again_after_a_hub_restore_and_refused_stays_relayed
 
     await store.db.write(fill)
     try:
-        assert await store.handle_hub_restore("42", 1_000.0, NODE) == (2, 0)
+        assert await store.handle_hub_restore("42", 1_000.0, NODE, now=1_200.0) == (2, 0)
         await store.record_sender_evidence([rejection(s) for s in ("resent", "legacy", "new")])
         got = await store.db.fetchall(
             "SELECT o.shams, o.relay_state, s.state FROM outbox o"
@@ -283,5 +283,48 @@ async def test_a_letter_sent_again_after_a_hub_restore_and_refused_stays_relayed
             ("resent", 1, lifecycle.DELIVERED),
         ]
         assert await store.count("evidence") == 3  # each rejection kept
+    finally:
+        await store.close()
+
+
+async def test_a_node_sends_again_at_most_eight_days_back_after_a_hub_restore(
+    tmp_path: Path,
+) -> None:
+    """A node that hears of a hub's restore long after it (offline then, or itself restored
+    since) does not go back further than 8 days: the hub refuses older letters anyway."""
+    day = 24 * 3600.0
+    now = 100 * day
+    store = await NodeStore.open(tmp_path / "node.db")
+
+    def evidence(evidence_id: str) -> bytes:
+        content = pb.EvidenceContent(
+            evidence_id=evidence_id, event=pb.EVIDENCE_EVENT_DELIVERY, issuer=NODE
+        )
+        return pb.Evidence(content=content.SerializeToString()).SerializeToString()
+
+    def fill(conn: sqlite3.Connection) -> None:
+        for shams, at in [("old", now - 9 * day), ("recent", now - 7 * day)]:
+            conn.execute(
+                "INSERT INTO outbox (shams, envelope, envelope_sha256, receipt, relay_state,"
+                " relayed_at, created_at) VALUES (?, x'', x'', x'', 1, ?, ?)",
+                (shams, at, at),
+            )
+            conn.execute(
+                "INSERT INTO recipient_state VALUES (?, 'R0', ?)", (shams, lifecycle.RELAYED)
+            )
+            conn.execute(
+                "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
+                " VALUES (?, ?, ?, ?, 0, ?)",
+                (f"d-{shams}", shams, pb.EVIDENCE_EVENT_DELIVERY, evidence(f"d-{shams}"), at),
+            )
+
+    await store.db.write(fill)
+    try:
+        # The copy is 30 days old: only the last 8 days are sent again.
+        assert await store.handle_hub_restore("42", now - 30 * day, NODE, now=now) == (1, 1)
+        again = await store.db.fetchall("SELECT shams FROM outbox WHERE relay_state = 0")
+        assert [r[0] for r in again] == ["recent"]
+        resend = await store.db.fetchall("SELECT evidence_id FROM evidence WHERE to_send = 1")
+        assert [r[0] for r in resend] == ["d-recent"]
     finally:
         await store.close()
