@@ -236,6 +236,8 @@ async def test_a_node_restored_with_skip_numbers_moves_its_counters_on_once(
         await store.raise_counters("SENDER.A", said, None)
         again = await store.db.fetchall("SELECT last FROM shams_counter WHERE year = 2025")
         assert [r[0] for r in again] == [142]  # once
+    finally:
+        await store.close()
 
 
 async def test_a_letter_sent_again_after_a_hub_restore_and_refused_stays_relayed(
