@@ -73,13 +73,13 @@ async def test_an_upload_of_a_stored_document_counts_as_its_use_before_retention
     stale = time.time() - 1000
     os.utime(store.path(digest), (stale, stale))
     removed: list[bool] = []
-    real = document_store._fsync_dir
+    real = document_store.fsync_path
 
     def retention_meanwhile(path: Path) -> None:  # runs where the commit awaits
         removed.append(store.remove_unused(digest, time.time() - 100))
         real(path)
 
-    monkeypatch.setattr(document_store, "_fsync_dir", retention_meanwhile)
+    monkeypatch.setattr(document_store, "fsync_path", retention_meanwhile)
     again = store.writer()
     again.write(b"kept")
     assert (await again.commit())[2] is True
