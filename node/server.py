@@ -257,6 +257,8 @@ def _node_trouble(agency: Agency) -> str:
         name = pb.AgencyState.Name(state).removeprefix("AGENCY_STATE_").lower()
         return f"agency {name} in the hub's directory"
     if not agency.hub_connected:
+        if agency.numbers_unconfirmed is not None:  # letters refused, not only held
+            return "hub stream down, and restored from a backup: letters refused until the hub confirms the numbers"
         return "hub stream down"
     return _store_trouble(agency.store.db)
 

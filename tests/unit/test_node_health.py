@@ -23,6 +23,7 @@ def _agency(state: int) -> SimpleNamespace:
         directory=DirectoryView(directory),
         in_directory=True,
         hub_connected=False,  # the hub refuses its stream
+        numbers_unconfirmed=None,
         config=SimpleNamespace(agency=CODE),
     )
     agency.own_state = lambda: Agency.own_state(agency)  # type: ignore[arg-type]
@@ -41,3 +42,13 @@ def test_a_node_says_its_agency_is_suspended_or_retired_not_only_that_its_stream
     state: int, why: str
 ) -> None:
     assert _node_trouble(_agency(state)) == why  # type: ignore[arg-type]
+
+
+def test_a_restored_node_without_the_hub_says_it_refuses_letters_not_only_holds_them() -> None:
+    # Without its stream a node still takes letters into its outbox; a node restored from
+    # a backup does not, until the hub has told it which numbers it holds.
+    agency = _agency(pb.AGENCY_STATE_ACTIVE)
+    agency.numbers_unconfirmed = 1_700_000_000.0
+    why = _node_trouble(agency)  # type: ignore[arg-type]
+    assert why.startswith("hub stream down")
+    assert "letters refused until the hub confirms the numbers" in why
