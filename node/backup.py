@@ -399,7 +399,6 @@ async def _mark(store_class: type[Store], db: Path, mark: RestoreMark) -> None:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 (RESTORED_KEY, mark.encode()),
             )
-            store_class.mark_restored(conn)
 
         await store.db.write(job)
     finally:

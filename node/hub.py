@@ -655,10 +655,8 @@ class Hub(pb.HubServiceServicer):
         for i, r in enumerate(header.recipients):
             self.directory.require_recipient(r.agency, f"header.recipients[{i}].agency")
         self._check_create_time(header)
-        expire_at = seconds_of(header.expire_time) if header.HasField("expire_time") else None
         return IncomingLetter(
-            expire_at=expire_at,
-            unanswered=self._resent_expired(header, expire_at),
+            expire_at=seconds_of(header.expire_time) if header.HasField("expire_time") else None,
             shams=format_shams(header.shams),
             shams_pb=header.shams,
             grants=document_grants(header, agency) if header.attachments else (),
@@ -667,19 +665,6 @@ class Hub(pb.HubServiceServicer):
             envelope=envelope.SerializeToString(),
             envelope_sha256=sha256(envelope.header),
         )
-
-    def _resent_expired(self, header: pb.EnvelopeHeader, expire_at: float | None) -> bool:
-        """A letter created before this hub was restored and past its expire_time: one its
-        sender relays again after the restore (``ConnectWelcome.hub_restore``), which its
-        recipient may hold already, its DELIVERY lost with the hub's data. It is queued as
-        pushed and not answered (``_unanswered``): pushed to its recipient's node when it
-        is connected, expired or not, whose answer decides (its stored DELIVERY, or a
-        DELIVERY_FAILURE ``LETTER_EXPIRED`` if it never had it); the expiry loop takes it
-        only UNANSWERED_GRACE_S past its expire_time. Expired at once instead, it would
-        end EXPIRED at its sender though delivered."""
-        if self.restore is None or expire_at is None or expire_at > time.time():
-            return False
-        return seconds_of(header.create_time) < seconds_of(self.restore.restore_time)
 
     def _check_create_time(self, header: pb.EnvelopeHeader) -> None:
         """The sender's clock may be ahead by clock_skew_s at most; a letter may have waited
@@ -744,10 +729,6 @@ class Hub(pb.HubServiceServicer):
             RELAYED.inc(len(queued))  # counted with what was stored, as the depths
             for recipient in queued:
                 self._count(recipient, +1)
-            for letter in letters:
-                if letter.unanswered and letter.shams in fresh:  # queued now, as pushed
-                    for r in letter.recipients:
-                        self._unanswered.setdefault(r, set()).add(letter.shams)
             for letter, relays in zip(letters, kept, strict=True):
                 if relays:
                     for r in letter.recipients:

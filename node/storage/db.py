@@ -400,11 +400,6 @@ class Store:
     async def close(self) -> None:
         await self.db.close()
 
-    @staticmethod
-    def mark_restored(conn: sqlite3.Connection) -> None:
-        """What ``chapar restore`` changes in a restored copy, besides its restore mark, in
-        the same transaction (node.backup)."""
-
 
 S = TypeVar("S", bound=Store)
 

@@ -140,9 +140,6 @@ class IncomingLetter:
     expire_at: float | None = None
     shams_pb: pb.Shams | None = None  # the parsed number, when the caller has it
     grants: Sequence[tuple[bytes, str, str]] = ()  # (digest, owner, recipient) document fetches
-    # Queued as pushed and not answered (``HubStore.pushed``): a letter its recipient may
-    # hold already, whose node's answer decides rather than the expiry loop (node.hub).
-    unanswered: bool = False
 
 
 class HubStore(Store):
@@ -208,13 +205,8 @@ class HubStore(Store):
                 [(s, lt.envelope) for s, (lt, _, _) in new.items()],
             )
             conn.executemany(
-                "INSERT INTO queue (recipient, shams, enqueued_at, expire_at, pushed)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [
-                    (r, s, now, lt.expire_at, int(lt.unanswered))
-                    for s, (lt, rs, _) in new.items()
-                    for r in rs
-                ],
+                "INSERT INTO queue (recipient, shams, enqueued_at, expire_at) VALUES (?, ?, ?, ?)",
+                [(r, s, now, lt.expire_at) for s, (lt, rs, _) in new.items() for r in rs],
             )
             conn.executemany(
                 "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
@@ -335,14 +327,6 @@ class HubStore(Store):
             conn.executemany("UPDATE queue SET pushed = 1 WHERE id = ?", [(i,) for i in queue_ids])
 
         await self.db.write(job)
-
-    @staticmethod
-    def mark_restored(conn: sqlite3.Connection) -> None:
-        """Every queued letter with an expire_time in a restored copy is marked pushed: it
-        may have been delivered after the copy was taken, its DELIVERY lost with the rest,
-        so its recipient's node's answer decides, not the expiry loop (node.hub,
-        ``_unanswered``), as for a letter pushed on a stream that ended."""
-        conn.execute("UPDATE queue SET pushed = 1 WHERE pushed = 0 AND expire_at IS NOT NULL")
 
     async def pushed(self) -> list[tuple[str, str]]:
         """(recipient, shams) of queued letters marked pushed: after a restart, the ones
