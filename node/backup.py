@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import re
@@ -302,7 +303,14 @@ def restore(
     aside = db.with_name(f"{db.name}.before-restore-{_stamp(restored_at)}")
     _swap_in(db, incoming, aside)
     if server.documents_dir is not None and (source / "documents").is_dir():
-        _copy_documents(source / "documents", server.documents_dir)
+        try:
+            _copy_documents(source / "documents", server.documents_dir)
+        except OSError as exc:
+            raise RestoreFailed(
+                f"the database is restored (the replaced files are in {aside}), but the"
+                f" documents could not all be copied back ({exc}): copy"
+                f" {source / 'documents'} into {server.documents_dir}, or restore again"
+            ) from exc
     return manifest, aside
 
 
@@ -319,13 +327,21 @@ def _fold_wal(db: Path) -> None:
 
 
 def _swap_in(db: Path, incoming: Path, aside: Path) -> None:
-    """Moves ``db``'s files into ``aside`` and ``incoming`` in its place; on a failure,
-    puts the moved files back."""
+    """Keeps ``db``'s files in ``aside`` and puts ``incoming`` in its place. The database
+    file itself is linked into ``aside`` and then replaced by one rename, so a restore
+    cut short at any point (a kill, a power cut) leaves the old file or the new one where
+    the server looks, never none. Its ``-wal`` and ``-shm`` (none after ``_refuse_if_open``
+    closed the last connection, normally) are moved aside before. On a failure, puts back
+    what was moved."""
     moved: list[Path] = []
+    linked = False
     try:
         if any(p.exists() for p in _database_files(db)):
             aside.mkdir(parents=True)
-        for path in _database_files(db):
+        if db.exists():
+            os.link(db, aside / db.name)
+            linked = True
+        for path in _database_files(db)[1:]:
             if path.exists():
                 os.replace(path, aside / path.name)
                 moved.append(path)
@@ -340,6 +356,8 @@ def _swap_in(db: Path, incoming: Path, aside: Path) -> None:
                 back.append(str(aside / path.name))
         with contextlib.suppress(OSError):
             incoming.unlink(missing_ok=True)
+            if linked:
+                (aside / db.name).unlink()
             if not back:
                 aside.rmdir()
         where = (
@@ -384,8 +402,31 @@ def _refuse_if_open(db: Path) -> None:
         conn.execute("ROLLBACK")
     except sqlite3.OperationalError as exc:
         raise BackupError(f"{db} is in use (a server has it open: stop it first): {exc}") from exc
+    except sqlite3.DatabaseError:
+        # Not a database SQLite can read (corrupt: what a restore is most often for). No
+        # server can be using it; still, refuse if a process holds SQLite's locks on it.
+        if _sqlite_locked(db):
+            raise BackupError(
+                f"{db} is in use (a process holds its locks): stop it first"
+            ) from None
     finally:
         conn.close()
+
+
+# SQLite's POSIX locks on a database file: the pending, reserved and shared bytes, one
+# GiB in (sqlite3 os_unix.c, PENDING_BYTE); an open connection holds a shared lock there.
+_LOCK_BYTES_AT, _LOCK_BYTES = 0x40000000, 512
+
+
+def _sqlite_locked(db: Path) -> bool:
+    """Whether another process holds any of SQLite's locks on ``db``."""
+    with open(db, "r+b") as file:
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB, _LOCK_BYTES, _LOCK_BYTES_AT)
+        except OSError:
+            return True
+        fcntl.lockf(file, fcntl.LOCK_UN, _LOCK_BYTES, _LOCK_BYTES_AT)
+    return False
 
 
 async def _mark(store_class: type[Store], db: Path, mark: RestoreMark) -> None:

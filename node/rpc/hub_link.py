@@ -661,9 +661,11 @@ class _Session:
         )
         out: list[StoredEvidence] = []
         failures: list[tuple[str, pb.Evidence]] = []
+        answered: list[str] = []
         for text, (shams, digest, exc) in zip(texts, refused, strict=True):
             if digest in earlier:
                 out.append(earlier[digest])
+                answered.append(text)
                 continue
             count_verification_failure("envelope", exc.reason)
             log.error("refusing a delivered letter: %s %s", exc.reason, exc)
@@ -687,6 +689,8 @@ class _Session:
         if failures:
             await agency.store.store_issued(failures)
             out.extend(StoredEvidence.of(e.SerializeToString()) for _, e in failures)
+        if answered:  # as for a letter delivered again that passes: its HANDOVER follows
+            out.extend(await self._handovers_again(answered))
         return out
 
 

@@ -181,6 +181,40 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
     assert rows(hub_db, "SELECT count(*) FROM letters") == [(1,)]
     assert not list(hub_db.parent.glob("hub.db.restoring*"))
 
+    # Cut short at the rename itself (a kill, a power cut): the server still finds its
+    # database, the old one (the swap used to move it aside first, leaving none).
+    def cut(src: str | Path, dst: str | Path) -> None:
+        if Path(src).name == "hub.db.restoring":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(backup_module.os, "replace", cut)
+        with pytest.raises(KeyboardInterrupt):
+            await asyncio.to_thread(restore, hub.config, backups / "hub", now=time.time() + 15)
+    assert mark_of(hub_db) == mark
+
+    # A database SQLite cannot read any more (what a restore is most often for) is put
+    # aside and replaced; it used to be refused as "not a database".
+    hub_db.write_bytes(b"not a database " * 1000)
+    done = chapar("restore", "--config", hub.config, "--from", backups / "hub")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert rows(hub_db, "SELECT count(*) FROM letters") == [(1,)]
+
+    # The database restored but a document not copied back: said as a failure, with
+    # where things are, not as a refusal.
+    node_db = node_a.config.parent / "node.db"
+    (backups / "a" / "documents").mkdir(exist_ok=True)
+
+    def no_room(*_: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(backup_module, "_copy_documents", no_room)
+        with pytest.raises(RestoreFailed, match="the database is restored"):
+            await asyncio.to_thread(restore, node_a.config, backups / "a")
+    assert mark_of(node_db) is not None
+
 
 @pytest.mark.parametrize("skip", [0, 10])
 async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_them(

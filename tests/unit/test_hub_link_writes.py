@@ -17,6 +17,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from client_sdk import pb
+from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
 from client_sdk.trust import VerificationError
 from node.rpc.hub_link import HubLink, _Session
@@ -162,9 +163,15 @@ async def test_acknowledged_receipts_stay_marked_sent_until_their_mark_commits()
 class _AnsweringStore:
     """A node store that answered one letter before (its digest ``known``)."""
 
-    def __init__(self, known: bytes, earlier: pb.Evidence) -> None:
+    def __init__(
+        self, known: bytes, earlier: pb.Evidence, handovers: dict[str, pb.Evidence] | None = None
+    ) -> None:
         self.known, self.earlier = known, earlier
+        self.handovers = handovers or {}  # by number: letters handed over to the back-end
         self.issued: list[tuple[str, pb.Evidence]] = []
+
+    async def inbox_entries(self, numbers: list[str]) -> dict[str, object]:
+        return {n: (None, None, self.handovers[n]) for n in numbers if n in self.handovers}
 
     async def earlier_answers(
         self, letters: list[tuple[str, bytes]], issuer: str
@@ -228,7 +235,16 @@ async def test_a_letter_that_arrives_after_its_expire_time_is_refused_unless_hel
         _letter(2, expire_s=-120),
     )
     earlier = pb.Evidence(content=b"the DELIVERY it got the first time")
-    store = _AnsweringStore(sha256(held.header), earlier)
+    # Its back-end took it too: the HANDOVER follows the DELIVERY (a hub restored from a
+    # copy lost both, and refused the HANDOVER sent again before the letter was back).
+    handover = pb.Evidence(
+        content=pb.EvidenceContent(
+            evidence_id="the HANDOVER", event=pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER
+        ).SerializeToString()
+    )
+    store = _AnsweringStore(
+        sha256(held.header), earlier, {format_shams(held_header.shams): handover}
+    )
     signed: list[pb.EvidenceContent] = []
 
     def sign_evidence(content: bytes) -> pb.Evidence:
@@ -253,7 +269,8 @@ async def test_a_letter_that_arrives_after_its_expire_time_is_refused_unless_hel
     assert [(c.event, c.reason, c.shams.sequence) for c in signed] == [
         (pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE, "LETTER_EXPIRED", 2)
     ]
-    assert len(session.pending_receipts) == 2
+    assert len(session.pending_receipts) == 3
+    assert session.pending_receipts[2] == handover.SerializeToString()
 
 
 class _Refetching(HubLink):
