@@ -300,7 +300,7 @@ def restore(
                 path.unlink(missing_ok=True)
         raise RestoreFailed(f"could not prepare the copy ({exc}); {db} is unchanged") from exc
     _refuse_if_open(db)  # a server started meanwhile
-    aside = db.with_name(f"{db.name}.before-restore-{_stamp(restored_at)}")
+    aside = _free_name(db.with_name(f"{db.name}.before-restore-{_stamp(restored_at)}"))
     _swap_in(db, incoming, aside)
     if server.documents_dir is not None and (source / "documents").is_dir():
         try:
@@ -324,6 +324,16 @@ def _fold_wal(db: Path) -> None:
         conn.close()
     for path in _database_files(db)[1:]:
         path.unlink(missing_ok=True)
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3`` ... the first that does not exist (two restores
+    in one second, or one cut short that left its directory)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def _swap_in(db: Path, incoming: Path, aside: Path) -> None:

@@ -193,6 +193,12 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
         with pytest.raises(KeyboardInterrupt):
             await asyncio.to_thread(restore, hub.config, backups / "hub", now=time.time() + 15)
     assert mark_of(hub_db) == mark
+    # Twice in the same second (or after one cut short): the replaced files go to a
+    # directory of their own, not refused as "File exists".
+    twice = time.time() + 20
+    for _ in range(2):
+        _, aside = await asyncio.to_thread(restore, hub.config, backups / "hub", now=twice)
+        assert (aside / "hub.db").is_file()
 
     # A database SQLite cannot read any more (what a restore is most often for) is put
     # aside and replaced; it used to be refused as "not a database".
