@@ -542,10 +542,6 @@ def _open_issuer(layout: PkiLayout) -> _Issuer:
     return _Issuer(load_certs(layout.intermediate_cert)[0], load_key(layout.intermediate_key))
 
 
-def _leaf_end(issuer: _Issuer, validity_days: int) -> dt.datetime:
-    return _leaf_validity(issuer, validity_days)[0]
-
-
 def _leaf_validity(issuer: _Issuer, validity_days: int) -> tuple[dt.datetime, bool]:
     """A new leaf's end, and whether the issuing CA's own end cut ``validity_days`` short
     (a leaf never outlives its issuer)."""
@@ -574,7 +570,7 @@ def issue_party(
         raise PkiError(f"unknown signing algorithm {signing_algorithm!r}")
     layout = PkiLayout(Path(directory))
     issuer = _open_issuer(layout)
-    end = _leaf_end(issuer, validity_days)
+    end, _ = _leaf_validity(issuer, validity_days)
     leaves: list[tuple[Path, str, CertificateKind, Identity, KeyAlgorithm]]
     if identity.kind == "agency":
         if identity.agency == "..":

@@ -65,6 +65,15 @@ def database(server: ServerProcess) -> Path:
     return server.config.parent / f"{server.role}.db"
 
 
+def evidence_count(server: ServerProcess, shams: str, event: int) -> int:
+    """How many evidence rows of ``event`` about ``shams`` ``server`` holds."""
+    return count(
+        database(server),
+        "SELECT count(*) FROM evidence WHERE shams = ? AND event = ?",
+        (shams, event),
+    )
+
+
 async def eventually(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -280,14 +289,7 @@ async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_the
                 f"delivery of {shams}",
             )
             await eventually(
-                lambda s=shams: (
-                    count(  # type: ignore[misc]
-                        database(node_a),
-                        "SELECT count(*) FROM evidence WHERE shams = ? AND event = ?",
-                        (s, pb.EVIDENCE_EVENT_DELIVERY),
-                    )
-                    == 1
-                ),
+                lambda s=shams: evidence_count(node_a, s, pb.EVIDENCE_EVENT_DELIVERY) == 1,  # type: ignore[misc]
                 f"DELIVERY evidence of {shams} at the sender",
             )
         assert count(database(node_a), "SELECT count(*) FROM outbox WHERE relay_state = 2") == 0
@@ -399,14 +401,7 @@ async def test_after_a_hub_restore_every_letter_since_its_snapshot_arrives_once_
             )
             for where in (node_b, hub, node_a):
                 for event in (pb.EVIDENCE_EVENT_DELIVERY, pb.EVIDENCE_EVENT_HANDOVER):
-                    assert (
-                        count(
-                            database(where),
-                            "SELECT count(*) FROM evidence WHERE shams = ? AND event = ?",
-                            (shams, event),
-                        )
-                        == 1
-                    ), (where.name, shams, event)
+                    assert evidence_count(where, shams, event) == 1, (where.name, shams, event)
         assert sorted(seen) == sorted([*first, *during, *after])  # each letter read once
         assert count(database(node_a), "SELECT count(*) FROM outbox WHERE relay_state = 2") == 0
         async with client(node_a, cluster, A) as a:
@@ -468,14 +463,7 @@ async def test_after_a_hub_restore_a_letter_finished_since_its_snapshot_is_back_
         assert (tmp_path / "out.txt").read_bytes() == source.read_bytes()
         for where in (node_a, hub):
             for event in (pb.EVIDENCE_EVENT_DELIVERY, pb.EVIDENCE_EVENT_HANDOVER):
-                assert (
-                    count(
-                        database(where),
-                        "SELECT count(*) FROM evidence WHERE shams = ? AND event = ?",
-                        (shams, event),
-                    )
-                    == 1
-                ), (where.name, event)
+                assert evidence_count(where, shams, event) == 1, (where.name, event)
         assert states(database(node_a), [shams]) == {shams: lifecycle.HANDED_OVER}
     finally:
         codes = cluster.stop()
