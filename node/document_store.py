@@ -3,7 +3,8 @@
 A document lives at ``<dir>/sha256/<first two hex digits>/<hex>``. Every write goes to a
 temporary file under ``<dir>/tmp`` while its SHA-256 is computed chunk by chunk; only when
 digest and size are right is it linked into place (``os.link`` is atomic and fails if the
-name exists, so concurrent uploads of the same content store it once). A partial or
+name exists: an upload of content already held then replaces the copy there with its own,
+checked one, which repairs a copy rotted on the disk). A partial or
 refused upload is never visible, and memory stays flat for any file size: the store never
 holds more than one chunk.
 """
@@ -24,9 +25,10 @@ from client_sdk.documents import CHUNK_BYTES, read_chunks
 from node.core.documents import DocumentLimits, check_size
 from node.core.errors import ChaparError, Code
 
-__all__ = ["CHUNK_BYTES", "DocumentStore", "DocumentWriter", "fsync_path"]
+__all__ = ["CHUNK_BYTES", "DocumentStore", "DocumentWriter", "FileId", "fsync_path"]
 
 _DIGEST_BYTES = hashlib.sha256().digest_size
+FileId = tuple[int, int]
 
 
 class DocumentStore:
@@ -65,19 +67,43 @@ class DocumentStore:
         """The chunks of a stored document from ``offset`` (FileNotFoundError if absent)."""
         return read_chunks(self.path(digest), offset)
 
-    def remove(self, digest: bytes) -> None:
-        """Drops a copy found corrupt; the next download fetches it again."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path(digest).unlink()
+    def file_id(self, digest: bytes) -> FileId | None:
+        """Which file holds the document now (device and inode), None when none does. A
+        reader takes it before it opens the file, so that what it finds corrupt is the file
+        it read and not one stored in its place meanwhile (see ``remove``)."""
+        try:
+            st = self.path(digest).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
 
-    def quarantine(self, digest: bytes) -> None:
+    def remove(self, digest: bytes, read: FileId | None) -> None:
+        """Drops a copy found corrupt; the next download fetches it again. ``read`` is the
+        ``file_id`` taken before the corrupt content was read: a good copy stored since
+        (fetched again, uploaded again) has another and stays."""
+        aside = self._still(digest, read)
+        if aside is not None:
+            with contextlib.suppress(FileNotFoundError):
+                aside.unlink()
+
+    def quarantine(self, digest: bytes, read: FileId | None) -> None:
         """Moves aside this agency's own document found corrupt (kept, for inspection, in
         ``corrupt/``): nobody can send it a good copy, but uploading the file again now
-        stores it afresh instead of finding the corrupt copy in its place."""
+        stores it afresh instead of finding the corrupt copy in its place. ``read`` as for
+        ``remove``."""
+        path = self._still(digest, read)
+        if path is None:
+            return
         aside = self.root / "corrupt"
         aside.mkdir(exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
-            os.replace(self.path(digest), aside / f"{digest.hex()}.{time.time_ns()}")
+            os.replace(path, aside / f"{digest.hex()}.{time.time_ns()}")
+
+    def _still(self, digest: bytes, read: FileId | None) -> Path | None:
+        """The document's path if the file there is still the one ``read`` names."""
+        if read is None or self.file_id(digest) != read:
+            return None
+        return self.path(digest)
 
     def touch(self, digest: bytes) -> None:
         """Marks a document as used now (retention counts from its last use)."""
@@ -162,10 +188,12 @@ class DocumentWriter:
                 existed = False
             except FileExistsError:
                 existed = True
-                # Uploaded again: a use, counted before the first await below, since
-                # retention (which runs between awaits) would otherwise be free to remove
-                # the file this upload is about to name.
-                self.store.touch(digest)
+                # Stored again: this copy, just checked against its digest, takes the
+                # place of the one there, which may have rotted on the disk (uploading
+                # the file again is how an operator repairs a corrupt document; a reader
+                # of the old copy keeps reading it). Its fresh mtime is a use, counted
+                # before the first await below: retention runs between awaits.
+                os.replace(self.path, target)
             await asyncio.to_thread(fsync_path, target.parent)
         finally:
             self.discard()

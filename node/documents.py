@@ -188,6 +188,7 @@ class Documents(pb.DocumentServiceServicer):
         # A whole-file read is checked on the way out too: a copy corrupted on this disk
         # is dropped (the next download fetches it again) instead of served twice.
         hasher = hashlib.sha256() if request.offset == 0 else None
+        read = self.store.file_id(digest)  # before the file is opened: see DocumentStore.remove
         first = True
         async with contextlib.aclosing(self.store.read(digest, request.offset)) as chunks:
             async for chunk in chunks:
@@ -202,13 +203,13 @@ class Documents(pb.DocumentServiceServicer):
         if hasher is not None and hasher.digest() != digest:
             if owner != self.agency.config.agency:
                 log.error("stored document %s is corrupt; dropping this copy", request.uri)
-                self.store.remove(digest)  # the next download fetches it again
+                self.store.remove(digest, read)  # the next download fetches it again
             else:
                 log.error(
                     "our document %s is corrupt; moved aside: upload it again to repair it",
                     request.uri,
                 )
-                self.store.quarantine(digest)
+                self.store.quarantine(digest, read)
             await abort(
                 context,
                 ChaparError(

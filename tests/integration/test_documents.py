@@ -372,6 +372,54 @@ async def test_a_corrupt_copy_of_an_agencys_own_document_is_repaired_by_uploadin
         assert hashlib.sha256(await _read(a, ref.uri)).hexdigest() == digest
 
 
+async def test_uploading_again_repairs_a_corrupt_copy_a_recipient_fetches(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    # The owner's copy rots and nobody at the owner reads it whole: the recipient's fetch
+    # through the hub finds it (DIGEST_MISMATCH). Uploading the file again must replace
+    # the rotten copy, not find it "existing" and keep it.
+    source = tmp_path / "rots.pdf"
+    size = 200 * 1024 + 3
+    digest = _write_random(source, size)
+    async with _client(docs_cluster, AGENCY_B) as b, _client(docs_cluster, AGENCY_A) as a:
+        _, letter = await _send_with(docs_cluster, source, b)
+        stored = next(p for p in _stored_files(docs_cluster, AGENCY_A) if p.name == digest)
+        _flip_byte(stored, size // 2)
+        with pytest.raises(DataLoss) as info:
+            await letter.attachments[0].save(tmp_path / "bad.pdf")
+        assert info.value.reason == "DIGEST_MISMATCH"
+        again = await a.upload(source)
+        assert _sha256_file(stored) == digest
+        saved = await letter.attachments[0].save(tmp_path / "good.pdf")
+    assert _sha256_file(saved) == digest
+
+
+async def test_a_reader_of_a_corrupt_copy_leaves_alone_the_good_copy_stored_since(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    # A slow whole-file download opens the corrupt copy; another finds it corrupt and moves
+    # it aside; the file is uploaded again. When the slow one ends (DIGEST_MISMATCH: it read
+    # the corrupt file) it must not move aside the good copy now in its place.
+    source = tmp_path / "slow.pdf"
+    size = 20 * 1024 * 1024
+    digest = _write_random(source, size)
+    async with _client(docs_cluster, AGENCY_A) as a, _client(docs_cluster, AGENCY_A) as slow:
+        ref = await a.upload(source)
+        stored = next(p for p in _stored_files(docs_cluster, AGENCY_A) if p.name == digest)
+        _flip_byte(stored, size // 4)
+        chunks = slow.download(ref.uri)
+        await anext(chunks)  # the slow reader has the corrupt file open
+        with pytest.raises(DataLoss):
+            await _read(a, ref.uri)
+        await a.upload(source)
+        with pytest.raises(DataLoss):
+            async for _ in chunks:
+                pass
+        assert (await a.stat(ref.uri)).stored
+        assert _sha256_file(stored) == digest
+        assert hashlib.sha256(await _read(a, ref.uri)).hexdigest() == digest
+
+
 async def test_a_download_whose_file_another_writer_appends_to_is_not_kept(
     docs_cluster: Cluster, tmp_path: Path
 ) -> None:
