@@ -147,6 +147,11 @@ class DocumentWriter:
         self.path = Path(name)
         self._file: BinaryIO = os.fdopen(fd, "wb")
 
+    @property
+    def limit(self) -> int:
+        """The most bytes this document may have."""
+        return self.expected_size or self.store.limits.max_file_bytes
+
     def write(self, chunk: bytes) -> None:
         """Appends a chunk; RESOURCE_EXHAUSTED (and nothing kept) past the size limit."""
         if self.size + len(chunk) > self.store.limits.max_file_bytes or (
@@ -201,7 +206,9 @@ class DocumentWriter:
 
     def discard(self) -> None:
         if not self._file.closed:
-            self._file.close()
+            # Closing flushes what a failed write left buffered, and fails the same way.
+            with contextlib.suppress(OSError):
+                self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -50,6 +51,7 @@ _RESUME_WAIT_S = 15.0
 _RESUME_PAUSE_S = 0.2
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
 _DIGEST_BYTES = hashlib.sha256().digest_size
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class Documents(pb.DocumentServiceServicer):
@@ -90,14 +92,26 @@ class Documents(pb.DocumentServiceServicer):
                     metadata={"size": str(len(header.sha256))},
                     field_violations=[("header.sha256", "not a 32-byte SHA-256 digest")],
                 )
-            writer = self.store.writer(expected_size=header.size, expected_sha256=header.sha256)
             try:
-                await context.write(pb.UploadDocumentResponse())  # header accepted: send on
-                async for message in request_iterator:
-                    writer.write(chunk_of(message, what="an upload", missing="UPLOAD_PART_MISSING"))
-                digest, size, existed = await writer.commit()
-            finally:
-                writer.discard()
+                writer = self.store.writer(expected_size=header.size, expected_sha256=header.sha256)
+                try:
+                    await context.write(pb.UploadDocumentResponse())  # header accepted: send on
+                    async for message in request_iterator:
+                        chunk = chunk_of(message, what="an upload", missing="UPLOAD_PART_MISSING")
+                        try:
+                            writer.write(chunk)
+                        except OSError as exc:
+                            writer.discard()
+                            # Read the rest before the status goes: a status that ends
+                            # the call under a client's write reaches it as a bare INTERNAL
+                            # (grpc/grpc#36066), which would tell it to retry at once.
+                            await _drain(request_iterator, header.size or writer.limit)
+                            raise storage_error(exc, "nothing was stored") from exc
+                    digest, size, existed = await writer.commit()
+                finally:
+                    writer.discard()
+            except OSError as exc:  # the temporary file is gone (discard): nothing stored
+                raise storage_error(exc, "nothing was stored") from exc
         except ChaparError as exc:
             log.info("upload refused: %s %s", exc.reason, exc.message)
             await abort(context, exc)
@@ -165,9 +179,7 @@ class Documents(pb.DocumentServiceServicer):
             else:  # held here, or a fetch completed between the two looks
                 size = self.store.size(digest)
             if size is None:
-                raise ChaparError(
-                    Code.UNAVAILABLE, "DOCUMENT_MOVING", "retry the download", retry_after_s=0.1
-                )
+                raise _moving()
             if request.offset > size:
                 raise ChaparError(
                     Code.OUT_OF_RANGE,
@@ -190,14 +202,22 @@ class Documents(pb.DocumentServiceServicer):
         hasher = hashlib.sha256() if request.offset == 0 else None
         read = self.store.file_id(digest)  # before the file is opened: see DocumentStore.remove
         first = True
-        async with contextlib.aclosing(self.store.read(digest, request.offset)) as chunks:
-            async for chunk in chunks:
-                if hasher is not None:
-                    hasher.update(chunk)
-                await context.write(
-                    pb.DownloadDocumentResponse(document=info if first else None, chunk=chunk)
-                )
-                first = False
+        try:
+            async with contextlib.aclosing(self.store.read(digest, request.offset)) as chunks:
+                async for chunk in chunks:
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    await context.write(
+                        pb.DownloadDocumentResponse(document=info if first else None, chunk=chunk)
+                    )
+                    first = False
+        except FileNotFoundError:  # removed by retention since it was looked up
+            await abort(context, _moving())
+            return
+        except OSError as exc:
+            log.error("reading document %s failed: %r", request.uri, exc)
+            await abort(context, storage_error(exc, "retry the download"))
+            return
         if first:
             await context.write(pb.DownloadDocumentResponse(document=info))
         if hasher is not None and hasher.digest() != digest:
@@ -292,7 +312,10 @@ class Documents(pb.DocumentServiceServicer):
             error: BaseException | None = _interrupted()
         else:
             error = fetch.task.exception()
-        if error is not None and not isinstance(error, ChaparError):
+        if isinstance(error, OSError):  # writing the copy: the disk is full or failing
+            log.error("fetch of %s failed: %r", info.uri, error)
+            error = storage_error(error, "nothing was kept")
+        elif error is not None and not isinstance(error, ChaparError):
             log.error("fetch of %s failed: %r", info.uri, error)
             error = ChaparError(
                 Code.INTERNAL, "FETCH_FAILED", "the node could not store the document; retry"
@@ -444,11 +467,45 @@ class _Fetch:
             # The fetch was (the node is stopping): an answer, not a silent cancellation,
             # which would leave the back-end's call without a status.
             raise _interrupted() from None
+        except OSError as exc:  # writing the copy: the disk is full or failing
+            log.error("fetch failed: %r", exc)
+            raise storage_error(exc, "nothing was kept") from exc
         except Exception as exc:
             log.error("fetch failed: %r", exc)
             raise ChaparError(
                 Code.INTERNAL, "FETCH_FAILED", "the node could not store the document; retry"
             ) from exc
+
+
+async def _drain(messages: AsyncIterator[pb.UploadDocumentRequest], limit: int) -> None:
+    """Reads and drops the rest of an upload, up to ``limit`` bytes of chunks."""
+    seen = 0
+    async for message in messages:
+        seen += len(message.chunk)
+        if seen > limit:
+            return
+
+
+def _moving() -> ChaparError:
+    return ChaparError(Code.UNAVAILABLE, "DOCUMENT_MOVING", "retry the download", retry_after_s=0.1)
+
+
+def storage_error(exc: OSError, outcome: str) -> ChaparError:
+    """What a client is told when the document store's disk fails: RESOURCE_EXHAUSTED /
+    STORAGE_FULL when it has no room (or the file is too large for it), INTERNAL /
+    STORAGE_FAILED for any other I/O error; ``outcome`` says what became of the call."""
+    if exc.errno in _NO_ROOM:
+        return ChaparError(
+            Code.RESOURCE_EXHAUSTED,
+            "STORAGE_FULL",
+            f"the node's document store has no room ({exc.strerror}); {outcome}",
+            retry_after_s=60.0,
+        )
+    return ChaparError(
+        Code.INTERNAL,
+        "STORAGE_FAILED",
+        f"the node's document store failed ({exc.strerror}); {outcome}",
+    )
 
 
 def _code(code: grpc.StatusCode) -> Code:
@@ -487,3 +544,6 @@ async def push(stub: pb.HubServiceStub, store: DocumentStore, request: pb.Docume
         log.info("push of %s ended early by the hub", request.request_id)
     except grpc.aio.AioRpcError as exc:
         log.warning("push of %s ended: %s %s", request.request_id, exc.code(), exc.details())
+    except OSError as exc:  # removed by retention meanwhile, or a disk error: the fetch fails
+        log.error("push of %s failed reading the document: %r", request.request_id, exc)
+        call.cancel()

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -388,7 +389,7 @@ async def test_uploading_again_repairs_a_corrupt_copy_a_recipient_fetches(
         with pytest.raises(DataLoss) as info:
             await letter.attachments[0].save(tmp_path / "bad.pdf")
         assert info.value.reason == "DIGEST_MISMATCH"
-        again = await a.upload(source)
+        await a.upload(source)
         assert _sha256_file(stored) == digest
         saved = await letter.attachments[0].save(tmp_path / "good.pdf")
     assert _sha256_file(saved) == digest
@@ -418,6 +419,41 @@ async def test_a_reader_of_a_corrupt_copy_leaves_alone_the_good_copy_stored_sinc
         assert (await a.stat(ref.uri)).stored
         assert _sha256_file(stored) == digest
         assert hashlib.sha256(await _read(a, ref.uri)).hexdigest() == digest
+
+
+@contextlib.contextmanager
+def _files_limited(cluster: Cluster, agency: str, limit: int) -> Iterator[None]:
+    """The node's process may write no file past ``limit`` bytes (EFBIG), as if its disk
+    were full; its database stays far below."""
+    proc = cluster.nodes[agency].proc
+    assert proc is not None
+    before = resource.prlimit(proc.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, before[1]))  # the soft one
+    try:
+        yield
+    finally:
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, before)
+
+
+@pytest.mark.parametrize("size", [24 * 1024 * 1024, 16 * 1024 * 1024 + 100])
+async def test_an_upload_onto_a_full_disk_is_resource_exhausted_and_keeps_nothing(
+    docs_cluster: Cluster, tmp_path: Path, size: int
+) -> None:
+    # The disk fails while the back-end still sends (24 MiB) and on the last chunk
+    # (16 MiB + 100): a status the SDK can act on, never UNKNOWN with a Python exception.
+    source = tmp_path / "big.bin"
+    _write_random(source, size)
+    async with _client(docs_cluster, AGENCY_C) as c:
+        with (
+            _files_limited(docs_cluster, AGENCY_C, 16 * 1024 * 1024),
+            pytest.raises(ResourceExhausted) as info,
+        ):
+            await c.upload(source, media_type="application/octet-stream")
+        assert info.value.reason == "STORAGE_FULL"
+        assert info.value.retry_after is not None
+        assert not _temp_files(docs_cluster, AGENCY_C)
+        ref = await c.upload(source, media_type="application/octet-stream")  # room again
+        assert (await c.stat(ref.uri)).stored
 
 
 async def test_a_download_whose_file_another_writer_appends_to_is_not_kept(

@@ -77,7 +77,11 @@ class DocumentServiceServicer:
         not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
         RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
         content. After the last chunk (half-close) the node answers with the
-        file's address, digest and size. A partial upload is never visible.
+        file's address, digest and size. A partial upload is never visible. When the node's
+        disk has no room it reads the rest of the upload and then ends the call with
+        RESOURCE_EXHAUSTED, STORAGE_FULL and a RetryInfo (INTERNAL, STORAGE_FAILED for another
+        disk error); nothing is stored. Uploading content the node holds already replaces its
+        copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

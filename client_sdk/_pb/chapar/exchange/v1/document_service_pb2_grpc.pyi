@@ -48,7 +48,11 @@ class DocumentServiceStub:
     not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
     RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
     content. After the last chunk (half-close) the node answers with the
-    file's address, digest and size. A partial upload is never visible.
+    file's address, digest and size. A partial upload is never visible. When the node's
+    disk has no room it reads the rest of the upload and then ends the call with
+    RESOURCE_EXHAUSTED, STORAGE_FULL and a RetryInfo (INTERNAL, STORAGE_FAILED for another
+    disk error); nothing is stored. Uploading content the node holds already replaces its
+    copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
     """
     DownloadDocument: _grpc.UnaryStreamMultiCallable[_document_service_pb2.DownloadDocumentRequest, _document_service_pb2.DownloadDocumentResponse]
     """Streams a document from a byte offset (to resume an interrupted download). A document
@@ -78,7 +82,11 @@ class DocumentServiceAsyncStub(DocumentServiceStub):
     not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
     RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
     content. After the last chunk (half-close) the node answers with the
-    file's address, digest and size. A partial upload is never visible.
+    file's address, digest and size. A partial upload is never visible. When the node's
+    disk has no room it reads the rest of the upload and then ends the call with
+    RESOURCE_EXHAUSTED, STORAGE_FULL and a RetryInfo (INTERNAL, STORAGE_FAILED for another
+    disk error); nothing is stored. Uploading content the node holds already replaces its
+    copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
     """
     DownloadDocument: _aio.UnaryStreamMultiCallable[_document_service_pb2.DownloadDocumentRequest, _document_service_pb2.DownloadDocumentResponse]  # type: ignore[assignment]
     """Streams a document from a byte offset (to resume an interrupted download). A document
@@ -111,7 +119,11 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
         not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
         RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
         content. After the last chunk (half-close) the node answers with the
-        file's address, digest and size. A partial upload is never visible.
+        file's address, digest and size. A partial upload is never visible. When the node's
+        disk has no room it reads the rest of the upload and then ends the call with
+        RESOURCE_EXHAUSTED, STORAGE_FULL and a RetryInfo (INTERNAL, STORAGE_FAILED for another
+        disk error); nothing is stored. Uploading content the node holds already replaces its
+        copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
         """
 
     @_abc_1.abstractmethod
