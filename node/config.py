@@ -55,6 +55,10 @@ KEEPALIVE_RANGE_S = (1.0, 3600.0)
 HOUR_S = 3600.0
 DAY_S = 86400.0
 WEEK_S = 7 * DAY_S
+# The shortest period of a repeating task: at 0 it ran again at once, a core kept busy for
+# ever (retention walks the whole document store each time).
+MIN_INTERVAL_S = 0.1
+MIN_RECONNECT_S = 0.2  # the backoff's first step: a cap of 0 reconnected with no pause
 MAX_LETTER_AGE_S = 366 * DAY_S
 # The largest message a server takes (node.server's gRPC options): a frame or message
 # limit above it could never be reached.
@@ -428,11 +432,11 @@ def _hub_config(t: Table) -> HubConfig:
         delivery_window=hub.integer("delivery_window", 1024, maximum=1_000_000),
         queue_quota=hub.integer("queue_quota", 100_000),
         quota_retry_after_s=hub.number("quota_retry_after_s", 30.0, maximum=DAY_S),
-        expiry_interval_s=hub.number("expiry_interval_s", 1.0, maximum=HOUR_S),
+        expiry_interval_s=hub.between("expiry_interval_s", 1.0, MIN_INTERVAL_S, HOUR_S),
         retention_s=hub.number("retention_s", 30 * 86400.0),
-        purge_interval_s=hub.number("purge_interval_s", 3600.0, maximum=WEEK_S),
+        purge_interval_s=hub.between("purge_interval_s", 3600.0, MIN_INTERVAL_S, WEEK_S),
         revocation_file=hub.optional_path("revocation_file", must_exist=False),
-        reload_interval_s=hub.number("reload_interval_s", 5.0, maximum=HOUR_S),
+        reload_interval_s=hub.between("reload_interval_s", 5.0, MIN_INTERVAL_S, HOUR_S),
         clock_skew_s=hub.number("clock_skew_s", 300.0, maximum=DAY_S),
         max_letter_age_s=hub.number("max_letter_age_s", 7 * 86400.0, maximum=MAX_LETTER_AGE_S),
         metrics_interval_s=hub.positive("metrics_interval_s", 5.0, maximum=HOUR_S),
@@ -539,10 +543,10 @@ def _node_config(t: Table) -> NodeConfig:
         relay_frame_bytes=node.integer("relay_frame_bytes", 8 * 1024 * 1024, maximum=MAX_MESSAGE),
         grace_s=node.number("shutdown_grace_s", 5.0, maximum=HOUR_S),
         relay_batch=node.integer("relay_batch", 256, maximum=65_536),
-        reconnect_max_s=node.number("reconnect_max_s", 10.0, maximum=HOUR_S),
+        reconnect_max_s=node.between("reconnect_max_s", 10.0, MIN_RECONNECT_S, HOUR_S),
         clients=_clients(t),
         retention_s=node.number("retention_s", 30 * 86400.0),
-        purge_interval_s=node.number("purge_interval_s", 3600.0, maximum=WEEK_S),
+        purge_interval_s=node.between("purge_interval_s", 3600.0, MIN_INTERVAL_S, WEEK_S),
         metrics_interval_s=node.positive("metrics_interval_s", 5.0, maximum=HOUR_S),
         documents=documents,
         documents_dir=documents_dir,
