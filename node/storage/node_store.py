@@ -25,6 +25,7 @@ from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
 from client_sdk.statuses import StatusFault, status_name, status_update_fault
 from node.core import lifecycle
+from node.core.documents import senders_documents
 from node.core.errors import ChaparError, letter_not_found, request_id_reused
 from node.core.splice import Field
 from node.storage.db import Database, Job, Page, Store, advance_states, existing, rows_in
@@ -1385,9 +1386,12 @@ def _index_stored_documents(
     items: list[tuple[str, Sequence[str], Sequence[bytes]]] = []
     for _, shams, boxes, envelope in rows:
         header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(envelope).header)
-        if header.attachments:
+        # As store_incoming and submit index them: the sender's own documents only (a
+        # reference to another store gives no mailbox a right to what this node holds).
+        digests = senders_documents(header, header.sender.agency)
+        if digests:
             mailboxes = [header.sender.mailbox] if boxes is None else boxes.split("\n")
-            items.append((str(shams), mailboxes, [a.sha256 for a in header.attachments]))
+            items.append((str(shams), mailboxes, digests))
     _index_documents(conn, items)
     return (int(rows[-1][0]) if rows else after), len(items), len(rows) == limit
 

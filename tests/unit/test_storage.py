@@ -1440,7 +1440,18 @@ async def test_letters_stored_before_the_document_index_are_indexed_once(
     later = _with_attachments(
         pb.EnvelopeHeader(shams=_shams(9), sender=pb.Address(agency=ORIGIN)), [sent], "registry"
     )
-    incoming = _with_attachments(pb.EnvelopeHeader(shams=_shams(8, RECIPIENT_C)), [received])
+    incoming = _with_attachments(
+        pb.EnvelopeHeader(shams=_shams(8, RECIPIENT_C), sender=pb.Address(agency=RECIPIENT_C)),
+        [received],
+    )
+    # A reference to a document of this node's own store (not its sender's): received
+    # letters never index those (store_incoming), nor may the index of old letters.
+    held = hashlib.sha256(b"held for another mailbox").digest()
+    incoming_header = pb.EnvelopeHeader.FromString(incoming.header)
+    incoming_header.attachments.add(
+        uri=f"chapar://{ORIGIN}/documents/sha256/{held.hex()}", sha256=held, size=1
+    )
+    incoming = pb.Envelope(header=incoming_header.SerializeToString(), body=b"b")
 
     def job(conn: sqlite3.Connection) -> None:
         conn.executemany(
@@ -1473,6 +1484,7 @@ async def test_letters_stored_before_the_document_index_are_indexed_once(
         assert await store.may_use_document(sent, "clerk", frozenset({"registry"}))  # the 2nd
         assert not await store.may_use_document(sent, "clerk", frozenset({"archive"}))
         assert await store.may_use_document(received, "clerk", frozenset({"registry"}))
+        assert not await store.may_use_document(held, "clerk", frozenset({"registry"}))
         assert await store.index_documents() == 0  # once
     finally:
         await store.close()
