@@ -24,6 +24,7 @@ __all__ = [
     "chunk_of",
     "document_uri",
     "parse_document_uri",
+    "refused_attachment",
     "validate_attachments",
 ]
 
@@ -108,6 +109,27 @@ def check_media_type(media_type: str, limits: DocumentLimits, field: str) -> Non
             metadata={"media_type": media_type[:100]},
             field_violations=[(field, "media type not allowed")],
         )
+
+
+def refused_attachment(header: pb.EnvelopeHeader, limits: DocumentLimits) -> tuple[str, str] | None:
+    """Why this node's document store would not take an attachment of a received letter
+    (reason, detail), or None. Checked at delivery: the sender's node holds its own limits,
+    which may be wider; a letter whose attachment the recipient can never download would
+    otherwise be DELIVERED and handed over, and its attachment lost for good."""
+    for i, ref in enumerate(header.attachments):
+        if ref.size > limits.max_file_bytes:
+            return (
+                "DOCUMENT_TOO_LARGE",
+                f"attachment {i} has {ref.size} bytes; this agency takes documents of up to"
+                f" {limits.max_file_bytes}",
+            )
+        if base_media_type(ref.media_type) not in limits.media_types:
+            return (
+                "MEDIA_TYPE_NOT_ALLOWED",
+                f"attachment {i} is {ref.media_type[:100]!r}, a media type this agency does"
+                " not take",
+            )
+    return None
 
 
 def check_size(size: int, limits: DocumentLimits) -> None:

@@ -28,7 +28,7 @@ from client_sdk.signing import sha256
 from client_sdk.statuses import StatusFault
 from client_sdk.trust import VerificationError, check_attestation, seconds_of
 from node.agency import Agency
-from node.core.documents import senders_documents
+from node.core.documents import refused_attachment, senders_documents
 from node.core.errors import ChaparError
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams, validate_shams
@@ -537,6 +537,10 @@ class _Session:
                     # letter its recipient may have had): one this node already holds gets
                     # its DELIVERY again (_refusals), one it never had is refused.
                     raise VerificationError("LETTER_EXPIRED", "the letter's expire_time has passed")
+                if header.attachments and (
+                    unfit := refused_attachment(header, agency.config.documents)
+                ):
+                    raise VerificationError(*unfit)
             except VerificationError as exc:
                 refused.append((quoted_shams(envelope), digest, exc))
                 continue

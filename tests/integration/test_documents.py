@@ -456,6 +456,57 @@ async def test_an_upload_onto_a_full_disk_is_resource_exhausted_and_keeps_nothin
         assert (await c.stat(ref.uri)).stored
 
 
+_STRICT = """
+[documents]
+max_file_bytes = 100000
+media_types = ["application/pdf", "text/plain"]
+"""
+
+
+async def test_a_letter_whose_attachment_the_recipient_would_not_take_is_refused_at_delivery(
+    tmp_path: Path,
+) -> None:
+    # A's store takes what B's does not (bigger files, other media types). Delivered, such
+    # a letter was DELIVERED and handed over while B could never download the attachment
+    # (or downloaded a type its allow-list forbids): B's node refuses it at delivery, and
+    # A holds a DELIVERY_FAILURE that says why.
+    cluster = await Cluster.start(
+        tmp_path, [AGENCY_A, AGENCY_B], node_settings=_SETTINGS, without_node=[AGENCY_B]
+    )
+    try:
+        strict = cluster.add_node(AGENCY_B, _STRICT)
+        strict.start()
+        await strict.wait_ready()
+        big, small, text = tmp_path / "big.pdf", tmp_path / "small.pdf", tmp_path / "a.bin"
+        _write_random(big, 200_000)
+        _write_random(small, 50_000)
+        _write_random(text, 1_000)
+        async with _client(cluster, AGENCY_A) as a, _client(cluster, AGENCY_B) as b:
+            other = await a.upload(text, media_type="application/octet-stream")
+            refused = {
+                (await a.send(to=[AGENCY_B], subject="s", body="b", attachments=[att])).shams: why
+                for att, why in ((big, "DOCUMENT_TOO_LARGE"), (other, "MEDIA_TYPE_NOT_ALLOWED"))
+            }
+            taken = await a.send(to=[AGENCY_B], subject="s", body="b", attachments=[small])
+            letter = await _receive(b, taken.shams)  # the control, sent last: after the others
+            assert letter.attachments[0].size == 50_000
+            trust = cluster.credentials(AGENCY_A).trust_store()
+            for shams, why in refused.items():
+                deadline = time.monotonic() + 30
+                while (tracking := await a.track(shams)).statuses.get(AGENCY_B) != "FAILED":
+                    assert time.monotonic() < deadline, tracking.statuses
+                    await asyncio.sleep(0.1)
+                (failure,) = [v for v in tracking.verify(trust) if v.event == "DELIVERY_FAILURE"]
+                assert (failure.issuer, failure.reason) == (f"urn:chapar:agency:{AGENCY_B}", why)
+            with contextlib.suppress(TimeoutError):  # nothing else in B's inbox
+                async with asyncio.timeout(1):
+                    async for extra in b.inbox():
+                        raise AssertionError(f"delivered: {extra.shams}")
+    finally:
+        codes = cluster.stop()
+    assert all(code == 0 for code in codes.values()), codes
+
+
 async def test_a_download_whose_file_another_writer_appends_to_is_not_kept(
     docs_cluster: Cluster, tmp_path: Path
 ) -> None:
