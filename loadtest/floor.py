@@ -221,7 +221,7 @@ def hub_jobs() -> list[Job]:
                 Statement(
                     "insert letters",
                     "INSERT INTO letters (shams, sender, envelope_sha256, relay_evidence,"
-                    " accepted_at) VALUES (?, ?, ?, x'', ?)",
+                    " accepted_at, kind, in_reply_to, status) VALUES (?, ?, ?, x'', ?, ?, ?, ?)",
                     1,
                 ),
                 Statement(
@@ -1293,7 +1293,9 @@ def _params(job: Job, st: Statement, r: _Rows, k: int) -> Sequence[Any]:
     table: dict[tuple[str, str], Callable[[], Sequence[Any]]] = {
         # hub
         ("accept", "look up letters"): lambda: s,
-        ("accept", "insert letters"): lambda: [(x, A, r.digest, now) for x in s],
+        ("accept", "insert letters"): lambda: [
+            (x, A, r.digest, now, pb.LETTER_KIND_LETTER, None, 0) for x in s
+        ],
         ("accept", "insert envelopes"): lambda: [(x, r.envelope) for x in s],
         ("accept", "insert queue"): lambda: [(B, x, now, None) for x in s],
         ("accept", "insert evidence"): lambda: [

@@ -664,6 +664,11 @@ class Hub(pb.HubServiceServicer):
             recipients=[r.agency for r in header.recipients],
             envelope=envelope.SerializeToString(),
             envelope_sha256=sha256(envelope.header),
+            kind=header.kind,
+            in_reply_to=format_shams(header.in_reply_to)
+            if header.HasField("in_reply_to")
+            else None,
+            status=header.status,
         )
 
     def _check_create_time(self, header: pb.EnvelopeHeader) -> None:

@@ -369,6 +369,8 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         store = await HubStore.open(config.database, config.durability)
         cleanup.callback(log.info, "hub stopped")
         cleanup.push_async_callback(store.close)
+        if linked := await store.link_held_letters():
+            log.info("linked %d letters accepted before the correspondence tree", linked)
         hub = Hub(config, store, signer, trust, directory, config_path)
         cleanup.push_async_callback(hub.stop)
         await hub.start()

@@ -8,11 +8,14 @@ recipient's node answers with DELIVERY or DELIVERY_FAILURE evidence. Both surviv
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
@@ -20,7 +23,7 @@ from node.core import lifecycle
 from node.storage.db import Page, Store, advance_state, advance_states, fits, rows_in
 from node.storage.restore import RESTORED_KEY, RestoreMark
 
-__all__ = ["MIGRATIONS", "HubStore", "IncomingLetter"]
+__all__ = ["MIGRATIONS", "TREE_LIMIT", "HubStore", "IncomingLetter", "Tree", "TreeLetter"]
 
 _DEQUEUING = (
     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
@@ -120,7 +123,26 @@ MIGRATIONS = [
             max(CAST(substr(shams, length(sender) + 9) AS INTEGER))
         FROM letters GROUP BY 1, 2, 3;
     """,
+    # 8: the correspondence tree. Each letter's kind, the letter it answers (canonical
+    # text) and its business status, copied from its verified header as it is accepted, so
+    # that the tree outlives the envelopes retention removes. Rows accepted before this
+    # version have kind NULL until ``HubStore.link_held_letters`` fills them from the
+    # envelopes still held; those whose envelope was gone stay NULL (links unknown).
+    """
+    ALTER TABLE letters ADD COLUMN kind INTEGER;
+    ALTER TABLE letters ADD COLUMN in_reply_to TEXT;
+    ALTER TABLE letters ADD COLUMN status INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX letters_by_reply ON letters (in_reply_to) WHERE in_reply_to IS NOT NULL;
+    """,
 ]
+# ``meta`` key set once the letters accepted before schema 8 have been linked.
+_LINKED = "letters_linked"
+# A tree read stops at this many letters, and at this many bytes of envelopes and evidence
+# (a reply well under the 64 MiB a message may have): ``Tree.truncated`` says so.
+TREE_LIMIT = 1000
+TREE_MAX_BYTES = 32 * 1024 * 1024
+# Envelopes read at a time, by size, when their bodies are dropped for a tree.
+_ENVELOPE_READ_BYTES = 8 * 1024 * 1024
 _DOMAIN_LETTER = {
     pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING: "O",
     pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL: "I",
@@ -140,6 +162,36 @@ class IncomingLetter:
     expire_at: float | None = None
     shams_pb: pb.Shams | None = None  # the parsed number, when the caller has it
     grants: Sequence[tuple[bytes, str, str]] = ()  # (digest, owner, recipient) document fetches
+    # From the verified header, for the correspondence tree: LetterKind, the number it
+    # answers in canonical text (None if unset), BusinessStatus.
+    kind: int = 0
+    in_reply_to: str | None = None
+    status: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TreeLetter:
+    """One letter of a correspondence tree as the hub recorded it."""
+
+    shams: str
+    sender: str
+    recipients: list[str]  # agency codes, in the header's order
+    kind: int | None  # LetterKind; None: accepted before schema 8 and never linked
+    in_reply_to: str | None
+    status: int  # BusinessStatus
+    accepted_at: float
+    evidence: list[pb.Evidence]  # all the hub recorded about the letter, in recorded order
+    envelope: pb.Envelope | None  # without its body; None once retention removed it
+
+
+@dataclass(frozen=True, slots=True)
+class Tree:
+    """The letters around one: the letter asked for first, then its ancestors (its parent
+    first, up to the first letter), then every other letter answering one of them, breadth
+    first, each level in the order the hub accepted them."""
+
+    letters: list[TreeLetter]
+    truncated: bool  # cut at the letter or byte limit
 
 
 class HubStore(Store):
@@ -197,8 +249,11 @@ class HubStore(Store):
             # empty (rows written by earlier versions still hold a copy, read first).
             conn.executemany(
                 "INSERT INTO letters (shams, sender, envelope_sha256, relay_evidence,"
-                " accepted_at) VALUES (?, ?, ?, x'', ?)",
-                [(s, lt.sender, lt.envelope_sha256, now) for s, (lt, _, _) in new.items()],
+                " accepted_at, kind, in_reply_to, status) VALUES (?, ?, ?, x'', ?, ?, ?, ?)",
+                [
+                    (s, lt.sender, lt.envelope_sha256, now, lt.kind, lt.in_reply_to, lt.status)
+                    for s, (lt, _, _) in new.items()
+                ],
             )
             conn.executemany(
                 "INSERT INTO envelopes (shams, envelope) VALUES (?, ?)",
@@ -239,6 +294,167 @@ class HubStore(Store):
             return out
 
         return await self.db.write(job, on_commit)
+
+    async def tree(
+        self, shams: str, limit: int = TREE_LIMIT, max_bytes: int = TREE_MAX_BYTES
+    ) -> Tree | None:
+        """The correspondence tree around letter ``shams`` (see ``Tree``); None if the hub
+        never accepted it.
+
+        Links are the ``in_reply_to`` of signed headers, which a hostile node may point at
+        a number still to come, so a walk may meet a letter twice: each is taken once.
+        At most ``limit`` letters, and (but always the letter asked for) ``max_bytes`` of
+        envelopes and evidence; ``truncated`` says the tree was cut.
+        """
+        links = await self._links([shams])
+        if shams not in links:
+            return None
+        order = [shams]
+        seen = {shams}
+        truncated = False
+        parent = links[shams]
+        while parent is not None and parent not in seen:
+            if len(order) >= limit:
+                truncated = True
+                break
+            found = await self._links([parent])
+            if parent not in found:  # a number the hub never accepted
+                break
+            order.append(parent)
+            seen.add(parent)
+            parent = found[parent]
+        frontier = list(order)
+        while frontier and not truncated:
+            rows = sorted(
+                (int(rowid), str(child))
+                for rowid, child in await self.db.fetchall_in(
+                    "SELECT rowid, shams FROM letters WHERE in_reply_to IN ({marks})", frontier
+                )
+            )
+            frontier = []
+            for _, child in rows:
+                if child in seen:
+                    continue
+                if len(order) >= limit:
+                    truncated = True
+                    break
+                order.append(child)
+                seen.add(child)
+                frontier.append(child)
+        letters, cut = await self._tree_letters(order, max_bytes)
+        return Tree(letters, truncated or cut)
+
+    async def _links(self, numbers: Sequence[str]) -> dict[str, str | None]:
+        """The ``in_reply_to`` of those of ``numbers`` the hub accepted."""
+        return {
+            str(shams): None if reply is None else str(reply)
+            for shams, reply in await self.db.fetchall_in(
+                "SELECT shams, in_reply_to FROM letters WHERE shams IN ({marks})", numbers
+            )
+        }
+
+    async def _tree_letters(
+        self, order: Sequence[str], max_bytes: int
+    ) -> tuple[list[TreeLetter], bool]:
+        """The letters ``order`` names, in that order, up to ``max_bytes`` (but one
+        always); whether some were left out."""
+        rows = {
+            str(r[0]): r
+            for r in await self.db.fetchall_in(
+                "SELECT shams, sender, kind, in_reply_to, status, accepted_at, relay_evidence"
+                " FROM letters WHERE shams IN ({marks})",
+                order,
+            )
+        }
+        recipients: dict[str, list[str]] = {}
+        for shams, recipient in await self.db.fetchall_in(
+            "SELECT shams, recipient FROM recipient_state WHERE shams IN ({marks}) ORDER BY rowid",
+            order,
+        ):
+            recipients.setdefault(str(shams), []).append(str(recipient))
+        evidence: dict[str, list[bytes]] = {}
+        for shams, blob in await self.db.fetchall_in(
+            "SELECT shams, evidence FROM evidence WHERE shams IN ({marks}) ORDER BY rowid", order
+        ):
+            evidence.setdefault(str(shams), []).append(bytes(blob))
+        sizes = {
+            str(shams): int(size)
+            for shams, size in await self.db.fetchall_in(
+                "SELECT shams, length(envelope) FROM envelopes WHERE shams IN ({marks})", order
+            )
+        }
+        out: list[TreeLetter] = []
+        used = 0
+        at = 0
+        while at < len(order):
+            # The next envelopes, as many as fit in one read (but one always).
+            group = order[
+                at : at + max(1, fits([sizes.get(s, 0) for s in order[at:]], _ENVELOPE_READ_BYTES))
+            ]
+            at += len(group)
+            envelopes = {
+                str(shams): _bodiless(bytes(blob))
+                for shams, blob in await self.db.fetchall_in(
+                    "SELECT shams, envelope FROM envelopes WHERE shams IN ({marks})",
+                    [s for s in group if s in sizes],
+                )
+            }
+            for shams in group:
+                row = rows[shams]
+                items = [pb.Evidence.FromString(b) for b in evidence.get(shams, [])]
+                if row[6]:  # a copy kept inline by earlier versions: those not also stored
+                    stored = {pb.EvidenceContent.FromString(e.content).evidence_id for e in items}
+                    kept = [
+                        e
+                        for e in pb.EvidenceBatch.FromString(bytes(row[6])).evidence
+                        if pb.EvidenceContent.FromString(e.content).evidence_id not in stored
+                    ]
+                    items = [*kept, *items]
+                envelope = envelopes.get(shams)
+                used += sum(e.ByteSize() for e in items)
+                used += envelope.ByteSize() if envelope is not None else 0
+                if out and used > max_bytes:
+                    return out, True
+                out.append(
+                    TreeLetter(
+                        shams=shams,
+                        sender=str(row[1]),
+                        recipients=recipients.get(shams, []),
+                        kind=None if row[2] is None else int(row[2]),
+                        in_reply_to=None if row[3] is None else str(row[3]),
+                        status=int(row[4]),
+                        accepted_at=float(row[5]),
+                        evidence=items,
+                        envelope=envelope,
+                    )
+                )
+        return out, False
+
+    async def link_held_letters(self, chunk: int = 500) -> int:
+        """Fills kind, in_reply_to and status of letters accepted before schema 8 from
+        their envelopes still held, once; returns how many were linked.
+
+        ``chunk`` letters a transaction, so that neither a transaction nor the memory it
+        takes grows with the database; a start stopped half-way goes on where it was (a
+        row is filled once: ``kind`` is NULL only until then). Letters whose envelope
+        retention removed first stay unlinked (kind NULL): the tree knows them, not what
+        they answer.
+        """
+        if await self.db.fetchone("SELECT 1 FROM meta WHERE key = ?", (_LINKED,)):
+            return 0
+        linked = 0
+        after, more = 0, True
+        while more:
+            after, count, more = await self.db.write(
+                functools.partial(_link_stored_letters, after, chunk)
+            )
+            linked += count
+
+        def done(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, x'01')", (_LINKED,))
+
+        await self.db.write(done)
+        return linked
 
     async def accepted_relays(
         self, sender: str, letters: Sequence[tuple[pb.Shams | None, bytes]]
@@ -571,3 +787,34 @@ def _relay_evidence(conn: sqlite3.Connection, shams: str, kept: bytes) -> list[p
 
 def _queued_row(row: Sequence[Any]) -> tuple[int, str, bytes, float | None]:
     return int(row[0]), str(row[1]), bytes(row[2]), None if row[3] is None else float(row[3])
+
+
+def _bodiless(blob: bytes) -> pb.Envelope:
+    """A stored envelope without its body (header, signature and proof still verify)."""
+    envelope = pb.Envelope.FromString(blob)
+    envelope.ClearField("body")
+    return envelope
+
+
+def _link_stored_letters(after: int, chunk: int, conn: sqlite3.Connection) -> tuple[int, int, bool]:
+    """Links the next ``chunk`` letters past rowid ``after`` that are not linked yet and
+    whose envelope is held; returns (last rowid read, letters linked, more to read)."""
+    rows = conn.execute(
+        "SELECT l.rowid, l.shams, e.envelope FROM letters l JOIN envelopes e ON e.shams = l.shams"
+        " WHERE l.rowid > ? AND l.kind IS NULL ORDER BY l.rowid LIMIT ?",
+        (after, chunk),
+    ).fetchall()
+    if not rows:
+        return after, 0, False
+    values = []
+    for _, shams, blob in rows:
+        try:
+            header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(blob).header)
+            reply = format_shams(header.in_reply_to) if header.HasField("in_reply_to") else None
+        except (DecodeError, ValueError):  # verified when accepted: never, but no link then
+            continue
+        values.append((int(header.kind), reply, int(header.status), shams))
+    conn.executemany(
+        "UPDATE letters SET kind = ?, in_reply_to = ?, status = ? WHERE shams = ?", values
+    )
+    return int(rows[-1][0]), len(values), len(rows) == chunk
