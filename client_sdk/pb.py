@@ -137,6 +137,8 @@ from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
 )
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import PushHeader as PushHeader
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import QueueStatus as QueueStatus
+from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import TrackRequest as TrackRequest
+from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import TrackResponse as TrackResponse
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2_grpc import (
     HubServiceServicer as HubServiceServicer,
 )
@@ -210,6 +212,12 @@ from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
 )
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import SubmitError as SubmitError
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import SubmitResult as SubmitResult
+from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
+    TrackCorrespondenceRequest as TrackCorrespondenceRequest,
+)
+from client_sdk._pb.chapar.exchange.v1.node_service_pb2 import (
+    TrackCorrespondenceResponse as TrackCorrespondenceResponse,
+)
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2_grpc import (
     NodeServiceServicer as NodeServiceServicer,
 )
@@ -219,6 +227,7 @@ from client_sdk._pb.chapar.exchange.v1.node_service_pb2_grpc import (
 from client_sdk._pb.chapar.exchange.v1.node_service_pb2_grpc import (
     add_NodeServiceServicer_to_server as add_NodeServiceServicer_to_server,
 )
+from client_sdk._pb.chapar.exchange.v1.tracking_pb2 import TrackedLetter as TrackedLetter
 
 # Full service names, for health checking and reflection.
 NODE_SERVICE_NAME = "chapar.exchange.v1.NodeService"

@@ -16,13 +16,15 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from google.protobuf.message import DecodeError
 
 from client_sdk import pb
+from client_sdk.errors import from_rpc_error
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, key_id, sha256
@@ -40,6 +42,9 @@ from node.rpc.errors import abort, to_submit_error
 from node.rpc.peer import peer_certificate
 from node.storage.node_store import HeldLetter, NewLetter, NodeStore, request_key
 from node.tasks import drain, every
+
+if TYPE_CHECKING:
+    from node.rpc.hub_link import HubLink
 
 __all__ = ["Agency"]
 
@@ -67,6 +72,12 @@ _STATUS_UPDATE = pb.LETTER_KIND_STATUS_UPDATE
 _RECALL_REQUESTED = pb.BUSINESS_STATUS_RECALL_REQUESTED
 _OUTGOING = pb.LetterDirection.LETTER_DIRECTION_OUTGOING
 _INCOMING = pb.LetterDirection.LETTER_DIRECTION_INCOMING
+# How long the node waits for the hub's answer to a Track (less if its caller's deadline
+# comes first); the hub is unavailable past it.
+_TRACK_TIMEOUT_S = 10.0
+_HUB_GONE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +260,7 @@ class Agency(pb.NodeServiceServicer):
         self.quota_retry_after_s = 30.0
         self._purger: asyncio.Task[None] | None = None
         self.document_store: DocumentStore | None = None
+        self.hub_link: HubLink | None = None  # set by serve_node: Track rides on its channel
 
     def start(self) -> None:
         self._purger = asyncio.create_task(
@@ -1183,6 +1195,85 @@ class Agency(pb.NodeServiceServicer):
             status_updates=updates,
         )
 
+    async def TrackCorrespondence(
+        self, request: pb.TrackCorrespondenceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrackCorrespondenceResponse:
+        """The hub's correspondence tree around a letter this agency holds, asked with the
+        node's identity, less what a mailbox-limited caller may not read."""
+        try:
+            access = self._authorize(context, read_only=True)
+            shams = self._shams_of(request.shams)
+            held = await self.store.held_letter(shams)
+            if held is None:
+                raise letter_not_found(shams, "at this node")
+            access.require(
+                _visible_mailboxes(held.direction, held.header, self.config.agency),
+                f"the letter {shams}",
+            )
+            answer = await self._hub_track(request.shams, context.time_remaining())
+            letters = list(answer.letters)
+            if access.mailboxes is not None:
+                letters = [await self._as_visible(letter, access) for letter in letters]
+        except ChaparError as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.TrackCorrespondenceResponse(
+            letters=letters, certificates=answer.certificates, truncated=answer.truncated
+        )
+
+    async def _hub_track(self, shams: pb.Shams, remaining: float | None) -> pb.TrackResponse:
+        """``HubService.Track`` on the hub link's channel, within the caller's deadline."""
+        stub = self.hub_link.stub if self.hub_link is not None else None
+        if stub is None:
+            raise _hub_unavailable("the node is not connected to the hub")
+        timeout = _TRACK_TIMEOUT_S if remaining is None else min(_TRACK_TIMEOUT_S, remaining)
+        try:
+            response: pb.TrackResponse = await stub.Track(
+                pb.TrackRequest(shams=shams), timeout=max(0.0, timeout)
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _HUB_GONE:
+                raise _hub_unavailable(f"the hub did not answer ({exc.code().name})") from exc
+            error = from_rpc_error(exc)
+            try:
+                code = Code(exc.code().value[0])
+            except ValueError:
+                code = Code.INTERNAL
+            raise ChaparError(
+                code,
+                error.reason or "HUB_ERROR",
+                f"the hub: {error.message}",
+                metadata=error.metadata,
+                field_violations=error.field_violations,
+            ) from exc
+        return response
+
+    async def _as_visible(self, letter: pb.TrackedLetter, access: Access) -> pb.TrackedLetter:
+        """``letter`` as a mailbox-limited client may see it: as GetEnvelope would let it,
+        by the header the hub's answer carries or this node holds; redacted otherwise."""
+        if letter.redacted:
+            return letter
+        header: pb.EnvelopeHeader | None = None
+        direction = _INCOMING
+        if letter.HasField("envelope"):
+            with contextlib.suppress(DecodeError):
+                header = pb.EnvelopeHeader.FromString(letter.envelope.header)
+                if header.sender.agency == self.config.agency:
+                    direction = _OUTGOING
+        else:
+            with contextlib.suppress(ValueError):
+                held = await self.store.held_letter(format_shams(letter.shams))
+                if held is not None:
+                    header, direction = held.header, held.direction
+        if header is not None and access.may_see(
+            _visible_mailboxes(direction, header, self.config.agency)
+        ):
+            return letter
+        redacted = pb.TrackedLetter(shams=letter.shams, redacted=True)
+        if letter.HasField("in_reply_to"):
+            redacted.in_reply_to.CopyFrom(letter.in_reply_to)
+        return redacted
+
     async def ListAgencies(
         self, request: pb.ListAgenciesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAgenciesResponse:
@@ -1199,6 +1290,10 @@ class Agency(pb.NodeServiceServicer):
             intermediate_certificates=directory.message.intermediate_certificates,
             hub_signing_certificates=directory.message.hub_signing_certificates,
         )
+
+
+def _hub_unavailable(why: str) -> ChaparError:
+    return ChaparError(Code.UNAVAILABLE, "HUB_UNAVAILABLE", f"{why}; retry", retry_after_s=1.0)
 
 
 def _thread_root(parent: HeldLetter) -> pb.Shams:

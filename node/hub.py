@@ -23,9 +23,10 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from client_sdk import pb
+from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, sha256
-from client_sdk.trust import TrustStore, VerificationError, seconds_of
+from client_sdk.trust import TrustStore, VerificationError, der, seconds_of
 from node.config import (
     ConfigError,
     HubConfig,
@@ -34,7 +35,7 @@ from node.config import (
     read_revocations,
 )
 from node.core.directory import DirectoryView
-from node.core.errors import ChaparError, Code
+from node.core.errors import ChaparError, Code, letter_not_found
 from node.core.evidence import evidence_content
 from node.core.letters import quoted_shams, valid_timestamp, validate_shams
 from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
@@ -50,7 +51,7 @@ from node.metrics import (
 )
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
-from node.storage.hub_store import HubStore, IncomingLetter
+from node.storage.hub_store import HubStore, IncomingLetter, Tree, TreeLetter
 from node.tasks import (
     BOOKKEEPING_INTERVAL_S,
     LETTER_INTERVAL_S,
@@ -495,6 +496,88 @@ class Hub(pb.HubServiceServicer):
         except ChaparError as exc:
             await abort(context, exc)
         return pb.GetDirectoryResponse(directory=self.directory.message)
+
+    async def Track(
+        self, request: pb.TrackRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrackResponse:
+        """The correspondence tree around a letter, for a party of it or an auditor."""
+        try:
+            _, identity = peer_certificate(context, self.trust)
+            caller = self._tracker(identity)
+            validate_shams(request.shams, "shams")
+            shams = format_shams(request.shams)
+            tree = await self.store.tree(shams)
+            if tree is None:
+                # An agency learns nothing of another's numbers, not even that one is
+                # not taken (which would tell how many letters that agency has sent).
+                if caller is None or request.shams.origin == caller:
+                    raise letter_not_found(shams, "at the hub")
+                raise _not_a_party(caller, shams)
+            if caller is not None and not _party(tree.letters[0], caller):
+                raise _not_a_party(caller, shams)
+        except ChaparError as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        log.info(
+            "correspondence tracked",
+            extra={"shams": [shams], "peer": identity.uri, "count": len(tree.letters)},
+        )
+        return self._tracked(tree, caller)
+
+    def _tracker(self, identity: Identity) -> str | None:
+        """Who may track: an agency in the directory (whatever its state: it may read its
+        past letters), by its code; an auditor, None (it sees everything)."""
+        if identity.kind == "auditor":
+            return None
+        if identity.kind != "agency":
+            raise ChaparError(
+                Code.PERMISSION_DENIED,
+                "NOT_AN_AGENCY_NODE",
+                f"{identity.uri} is neither an agency node nor an auditor",
+                metadata={"identity": identity.uri},
+            )
+        if self.directory.agency(identity.agency) is None:
+            raise ChaparError(
+                Code.PERMISSION_DENIED,
+                "UNKNOWN_SENDER",
+                f"no agency {identity.agency} in the directory",
+                metadata={"agency": identity.agency},
+            )
+        return identity.agency
+
+    def _tracked(self, tree: Tree, caller: str | None) -> pb.TrackResponse:
+        """``tree`` as ``caller`` may see it (None: an auditor, all of it), with the
+        certificates that verify what it shows."""
+        response = pb.TrackResponse(truncated=tree.truncated)
+        key_ids: dict[bytes, None] = {}
+        for letter in tree.letters:
+            tracked = response.letters.add(shams=parse_shams(letter.shams))
+            if letter.in_reply_to is not None:
+                tracked.in_reply_to.CopyFrom(parse_shams(letter.in_reply_to))
+            if caller is not None and not _party(letter, caller):
+                tracked.redacted = True
+                continue
+            tracked.sender = letter.sender
+            tracked.recipients.extend(letter.recipients)
+            tracked.kind = pb.LetterKind.ValueType(letter.kind or 0)
+            tracked.status = pb.BusinessStatus.ValueType(letter.status)
+            tracked.links_unknown = letter.kind is None
+            tracked.accept_time.CopyFrom(timestamp_of(letter.accepted_at))
+            if letter.envelope is not None:
+                tracked.envelope.CopyFrom(letter.envelope)
+                key_ids[letter.envelope.signature.key_id] = None
+            tracked.evidence.extend(letter.evidence)
+            key_ids.update((e.signature.key_id, None) for e in letter.evidence)
+        certificates: dict[bytes, None] = {}
+        for kid in key_ids:
+            cert = self.trust.certificate(kid)
+            if cert is not None:
+                certificates[der(cert)] = None
+        message = self.directory.message
+        certificates.update((c, None) for c in message.hub_signing_certificates)
+        certificates.update((c, None) for c in message.intermediate_certificates)
+        response.certificates.extend(certificates)
+        return response
 
     async def FetchDocument(  # type: ignore[override]  # answers via context.write
         self, request: pb.FetchDocumentRequest, context: grpc.aio.ServicerContext
@@ -1019,6 +1102,19 @@ class Hub(pb.HubServiceServicer):
                 sent = True
             if not sent:
                 await session.wake.wait()
+
+
+def _party(letter: TreeLetter, agency: str) -> bool:
+    return letter.sender == agency or agency in letter.recipients
+
+
+def _not_a_party(agency: str, shams: str) -> ChaparError:
+    return ChaparError(
+        Code.PERMISSION_DENIED,
+        "NOT_A_PARTY",
+        f"{agency} is neither the sender nor a recipient of {shams}",
+        metadata={"agency": agency, "shams": shams},
+    )
 
 
 def timestamp_of(seconds: float) -> Timestamp:

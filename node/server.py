@@ -464,6 +464,7 @@ async def serve_node(config: NodeConfig) -> None:
         link = HubLink(agency, link_creds)
         link.document_store = document_store
         documents.link = link
+        agency.hub_link = link
         link_task = asyncio.create_task(link.run(), name="hub-link")
         cleanup.push_async_callback(_stop_link, link, link_task)
         agency.start()

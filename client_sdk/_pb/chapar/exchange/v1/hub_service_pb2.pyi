@@ -6,6 +6,7 @@ isort:skip_file
 from client_sdk._pb.chapar.exchange.v1 import directory_pb2 as _directory_pb2
 from client_sdk._pb.chapar.exchange.v1 import envelope_pb2 as _envelope_pb2
 from client_sdk._pb.chapar.exchange.v1 import evidence_pb2 as _evidence_pb2
+from client_sdk._pb.chapar.exchange.v1 import tracking_pb2 as _tracking_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -608,3 +609,71 @@ class PushDocumentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushDocumentResponse: _TypeAlias = PushDocumentResponse  # noqa: Y015
+
+@_typing.final
+class TrackRequest(_message.Message):
+    """TrackRequest asks for the correspondence tree around one letter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shams(self) -> _envelope_pb2.Shams:
+        """The letter's national number."""
+
+    def __init__(
+        self,
+        *,
+        shams: _envelope_pb2.Shams | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shams", b"shams"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shams", b"shams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackRequest: _TypeAlias = TrackRequest  # noqa: Y015
+
+@_typing.final
+class TrackResponse(_message.Message):
+    """TrackResponse answers Track."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LETTERS_FIELD_NUMBER: _builtins.int
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """True when the tree was cut: at 1,000 letters, or at 32 MiB of envelopes and evidence
+    (the letter asked for is always there). Track a letter of the cut part to see it.
+    """
+    @_builtins.property
+    def letters(self) -> _containers.RepeatedCompositeFieldContainer[_tracking_pb2.TrackedLetter]:
+        """The letters of the tree: first the letter asked for, then the letters it answers (its
+        parent first, up to the first letter), then every other letter of the tree breadth
+        first, level by level, each level in the order the hub accepted them. Rebuild the tree
+        from in_reply_to: each letter appears once, even where hostile links make a cycle.
+        """
+
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """DER certificates that let anyone holding only the root CA certificate verify every
+        envelope and evidence of letters: the signing certificates of their signers (the
+        senders, the recipients' nodes, the hub), the hub's signing certificates, and the
+        intermediate CAs. Find a signer's by Signature.key_id (SHA-256 of its DER).
+        """
+
+    def __init__(
+        self,
+        *,
+        letters: _abc.Iterable[_tracking_pb2.TrackedLetter] | None = ...,
+        certificates: _abc.Iterable[_builtins.bytes] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "letters", b"letters", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackResponse: _TypeAlias = TrackResponse  # noqa: Y015

@@ -58,6 +58,11 @@ class HubServiceStub:
                 request_serializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentRequest.SerializeToString,
                 response_deserializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentResponse.FromString,
                 _registered_method=True)
+        self.Track = channel.unary_unary(
+                '/chapar.exchange.v1.HubService/Track',
+                request_serializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.TrackRequest.SerializeToString,
+                response_deserializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.TrackResponse.FromString,
+                _registered_method=True)
 
 
 class HubServiceServicer:
@@ -112,6 +117,28 @@ class HubServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Track(self, request, context):
+        """Returns the correspondence tree around one letter: the letter, the letters it answers
+        up to the first (by in_reply_to), and every letter answering any of them, at any depth,
+        each with the evidence the hub recorded about it (TrackedLetter).
+
+        Callers: an agency node (urn:chapar:agency:<CODE>, active, suspended or retired) that
+        is a party of the letter asked for (its sender or one of its recipients), which gets
+        full the letters of the tree it is a party of and the others redacted; or an auditor
+        (urn:chapar:auditor:<NAME>), which gets every letter full. Errors (google.rpc.ErrorInfo
+        reasons, as in node_service.proto): INVALID_ARGUMENT INVALID_SHAMS (with a BadRequest
+        naming "shams") for a malformed number; PERMISSION_DENIED NOT_A_PARTY for an agency no
+        party of the letter, and also for an agency asking about a number of another agency
+        that the hub does not hold (so that no agency learns how many letters another has
+        sent); NOT_FOUND LETTER_NOT_FOUND for an auditor, or an agency asking about a number
+        of its own, when the hub holds no such letter (a letter still in its sender's outbox,
+        say); PERMISSION_DENIED NOT_AN_AGENCY_NODE for any other identity; UNAUTHENTICATED
+        for a certificate refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +161,11 @@ def add_HubServiceServicer_to_server(servicer, server):
                     servicer.PushDocument,
                     request_deserializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentRequest.FromString,
                     response_serializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentResponse.SerializeToString,
+            ),
+            'Track': grpc.unary_unary_rpc_method_handler(
+                    servicer.Track,
+                    request_deserializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.TrackRequest.FromString,
+                    response_serializer=chapar_dot_exchange_dot_v1_dot_hub__service__pb2.TrackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -248,6 +280,33 @@ class HubService:
             '/chapar.exchange.v1.HubService/PushDocument',
             chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentRequest.SerializeToString,
             chapar_dot_exchange_dot_v1_dot_hub__service__pb2.PushDocumentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Track(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chapar.exchange.v1.HubService/Track',
+            chapar_dot_exchange_dot_v1_dot_hub__service__pb2.TrackRequest.SerializeToString,
+            chapar_dot_exchange_dot_v1_dot_hub__service__pb2.TrackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,24 @@ class HubServiceStub:
     """The owning node's answer to a document_request: a client stream whose first message
     names the request, then the document's chunks from the requested offset.
     """
+    Track: _grpc.UnaryUnaryMultiCallable[_hub_service_pb2.TrackRequest, _hub_service_pb2.TrackResponse]
+    """Returns the correspondence tree around one letter: the letter, the letters it answers
+    up to the first (by in_reply_to), and every letter answering any of them, at any depth,
+    each with the evidence the hub recorded about it (TrackedLetter).
+
+    Callers: an agency node (urn:chapar:agency:<CODE>, active, suspended or retired) that
+    is a party of the letter asked for (its sender or one of its recipients), which gets
+    full the letters of the tree it is a party of and the others redacted; or an auditor
+    (urn:chapar:auditor:<NAME>), which gets every letter full. Errors (google.rpc.ErrorInfo
+    reasons, as in node_service.proto): INVALID_ARGUMENT INVALID_SHAMS (with a BadRequest
+    naming "shams") for a malformed number; PERMISSION_DENIED NOT_A_PARTY for an agency no
+    party of the letter, and also for an agency asking about a number of another agency
+    that the hub does not hold (so that no agency learns how many letters another has
+    sent); NOT_FOUND LETTER_NOT_FOUND for an auditor, or an agency asking about a number
+    of its own, when the hub holds no such letter (a letter still in its sender's outbox,
+    say); PERMISSION_DENIED NOT_AN_AGENCY_NODE for any other identity; UNAUTHENTICATED
+    for a certificate refused.
+    """
 
 @_typing.type_check_only
 class HubServiceAsyncStub(HubServiceStub):
@@ -102,6 +120,24 @@ class HubServiceAsyncStub(HubServiceStub):
     PushDocument: _aio.StreamUnaryMultiCallable[_hub_service_pb2.PushDocumentRequest, _hub_service_pb2.PushDocumentResponse]  # type: ignore[assignment]
     """The owning node's answer to a document_request: a client stream whose first message
     names the request, then the document's chunks from the requested offset.
+    """
+    Track: _aio.UnaryUnaryMultiCallable[_hub_service_pb2.TrackRequest, _hub_service_pb2.TrackResponse]  # type: ignore[assignment]
+    """Returns the correspondence tree around one letter: the letter, the letters it answers
+    up to the first (by in_reply_to), and every letter answering any of them, at any depth,
+    each with the evidence the hub recorded about it (TrackedLetter).
+
+    Callers: an agency node (urn:chapar:agency:<CODE>, active, suspended or retired) that
+    is a party of the letter asked for (its sender or one of its recipients), which gets
+    full the letters of the tree it is a party of and the others redacted; or an auditor
+    (urn:chapar:auditor:<NAME>), which gets every letter full. Errors (google.rpc.ErrorInfo
+    reasons, as in node_service.proto): INVALID_ARGUMENT INVALID_SHAMS (with a BadRequest
+    naming "shams") for a malformed number; PERMISSION_DENIED NOT_A_PARTY for an agency no
+    party of the letter, and also for an agency asking about a number of another agency
+    that the hub does not hold (so that no agency learns how many letters another has
+    sent); NOT_FOUND LETTER_NOT_FOUND for an auditor, or an agency asking about a number
+    of its own, when the hub holds no such letter (a letter still in its sender's outbox,
+    say); PERMISSION_DENIED NOT_AN_AGENCY_NODE for any other identity; UNAUTHENTICATED
+    for a certificate refused.
     """
 
 class HubServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -161,6 +197,30 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_hub_service_pb2.PushDocumentResponse, _abc.Awaitable[_hub_service_pb2.PushDocumentResponse]]:
         """The owning node's answer to a document_request: a client stream whose first message
         names the request, then the document's chunks from the requested offset.
+        """
+
+    @_abc_1.abstractmethod
+    def Track(
+        self,
+        request: _hub_service_pb2.TrackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_service_pb2.TrackResponse, _abc.Awaitable[_hub_service_pb2.TrackResponse]]:
+        """Returns the correspondence tree around one letter: the letter, the letters it answers
+        up to the first (by in_reply_to), and every letter answering any of them, at any depth,
+        each with the evidence the hub recorded about it (TrackedLetter).
+
+        Callers: an agency node (urn:chapar:agency:<CODE>, active, suspended or retired) that
+        is a party of the letter asked for (its sender or one of its recipients), which gets
+        full the letters of the tree it is a party of and the others redacted; or an auditor
+        (urn:chapar:auditor:<NAME>), which gets every letter full. Errors (google.rpc.ErrorInfo
+        reasons, as in node_service.proto): INVALID_ARGUMENT INVALID_SHAMS (with a BadRequest
+        naming "shams") for a malformed number; PERMISSION_DENIED NOT_A_PARTY for an agency no
+        party of the letter, and also for an agency asking about a number of another agency
+        that the hub does not hold (so that no agency learns how many letters another has
+        sent); NOT_FOUND LETTER_NOT_FOUND for an auditor, or an agency asking about a number
+        of its own, when the hub holds no such letter (a letter still in its sender's outbox,
+        say); PERMISSION_DENIED NOT_AN_AGENCY_NODE for any other identity; UNAUTHENTICATED
+        for a certificate refused.
         """
 
 def add_HubServiceServicer_to_server(servicer: HubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

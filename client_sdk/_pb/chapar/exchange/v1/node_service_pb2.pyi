@@ -6,6 +6,7 @@ isort:skip_file
 from client_sdk._pb.chapar.exchange.v1 import directory_pb2 as _directory_pb2
 from client_sdk._pb.chapar.exchange.v1 import envelope_pb2 as _envelope_pb2
 from client_sdk._pb.chapar.exchange.v1 import evidence_pb2 as _evidence_pb2
+from client_sdk._pb.chapar.exchange.v1 import tracking_pb2 as _tracking_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -1010,3 +1011,63 @@ class ListAgenciesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAgenciesResponse: _TypeAlias = ListAgenciesResponse  # noqa: Y015
+
+@_typing.final
+class TrackCorrespondenceRequest(_message.Message):
+    """TrackCorrespondenceRequest asks for the correspondence tree around a letter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shams(self) -> _envelope_pb2.Shams:
+        """The letter's national number: one this agency sent or received."""
+
+    def __init__(
+        self,
+        *,
+        shams: _envelope_pb2.Shams | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shams", b"shams"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shams", b"shams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackCorrespondenceRequest: _TypeAlias = TrackCorrespondenceRequest  # noqa: Y015
+
+@_typing.final
+class TrackCorrespondenceResponse(_message.Message):
+    """TrackCorrespondenceResponse answers TrackCorrespondence; its fields are those of
+    HubService's TrackResponse (hub_service.proto), where their order and limits are told.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LETTERS_FIELD_NUMBER: _builtins.int
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """True when the hub cut the tree."""
+    @_builtins.property
+    def letters(self) -> _containers.RepeatedCompositeFieldContainer[_tracking_pb2.TrackedLetter]:
+        """The letters of the tree, the letter asked for first."""
+
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """DER certificates that, with the root CA certificate alone, verify the letters."""
+
+    def __init__(
+        self,
+        *,
+        letters: _abc.Iterable[_tracking_pb2.TrackedLetter] | None = ...,
+        certificates: _abc.Iterable[_builtins.bytes] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "letters", b"letters", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackCorrespondenceResponse: _TypeAlias = TrackCorrespondenceResponse  # noqa: Y015

@@ -93,6 +93,11 @@ class NodeServiceStub:
                 request_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.ListAgenciesRequest.SerializeToString,
                 response_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.ListAgenciesResponse.FromString,
                 _registered_method=True)
+        self.TrackCorrespondence = channel.unary_unary(
+                '/chapar.exchange.v1.NodeService/TrackCorrespondence',
+                request_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.TrackCorrespondenceRequest.SerializeToString,
+                response_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.TrackCorrespondenceResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -187,6 +192,25 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrackCorrespondence(self, request, context):
+        """Returns the correspondence tree around a letter this agency sent or received, as the
+        hub recorded it (HubService.Track, asked by this node with its own identity): the
+        letter, the letters it answers up to the first, and every letter answering any of
+        them, with the evidence the hub holds and the certificates to verify them offline.
+        Letters of the tree this agency is no party of come redacted (TrackedLetter), and so
+        do, for a client that [[clients]] limits to some mailboxes, those it could not read
+        with GetEnvelope (by the same mailbox rule; a letter whose envelope neither the hub's
+        answer nor this node holds is redacted for such a client). Auditors of the node may
+        call it. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND when this
+        node does not hold the letter, or the hub does not (not relayed yet); PERMISSION_DENIED
+        MAILBOX_NOT_ALLOWED; UNAVAILABLE HUB_UNAVAILABLE (with RetryInfo) when the node is not
+        connected to the hub or the hub does not answer in time; the hub's other refusals
+        with their code and reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +258,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ListAgencies,
                     request_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.ListAgenciesRequest.FromString,
                     response_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.ListAgenciesResponse.SerializeToString,
+            ),
+            'TrackCorrespondence': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrackCorrespondence,
+                    request_deserializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.TrackCorrespondenceRequest.FromString,
+                    response_serializer=chapar_dot_exchange_dot_v1_dot_node__service__pb2.TrackCorrespondenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +522,33 @@ class NodeService:
             '/chapar.exchange.v1.NodeService/ListAgencies',
             chapar_dot_exchange_dot_v1_dot_node__service__pb2.ListAgenciesRequest.SerializeToString,
             chapar_dot_exchange_dot_v1_dot_node__service__pb2.ListAgenciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrackCorrespondence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chapar.exchange.v1.NodeService/TrackCorrespondence',
+            chapar_dot_exchange_dot_v1_dot_node__service__pb2.TrackCorrespondenceRequest.SerializeToString,
+            chapar_dot_exchange_dot_v1_dot_node__service__pb2.TrackCorrespondenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

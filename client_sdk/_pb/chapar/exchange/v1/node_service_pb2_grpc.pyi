@@ -84,6 +84,21 @@ class NodeServiceStub:
     """
     ListAgencies: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.ListAgenciesRequest, _node_service_pb2.ListAgenciesResponse]
     """Lists the agencies of the exchange, as the node last fetched them from the hub."""
+    TrackCorrespondence: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.TrackCorrespondenceRequest, _node_service_pb2.TrackCorrespondenceResponse]
+    """Returns the correspondence tree around a letter this agency sent or received, as the
+    hub recorded it (HubService.Track, asked by this node with its own identity): the
+    letter, the letters it answers up to the first, and every letter answering any of
+    them, with the evidence the hub holds and the certificates to verify them offline.
+    Letters of the tree this agency is no party of come redacted (TrackedLetter), and so
+    do, for a client that [[clients]] limits to some mailboxes, those it could not read
+    with GetEnvelope (by the same mailbox rule; a letter whose envelope neither the hub's
+    answer nor this node holds is redacted for such a client). Auditors of the node may
+    call it. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND when this
+    node does not hold the letter, or the hub does not (not relayed yet); PERMISSION_DENIED
+    MAILBOX_NOT_ALLOWED; UNAVAILABLE HUB_UNAVAILABLE (with RetryInfo) when the node is not
+    connected to the hub or the hub does not answer in time; the hub's other refusals
+    with their code and reason.
+    """
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -141,6 +156,21 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """
     ListAgencies: _aio.UnaryUnaryMultiCallable[_node_service_pb2.ListAgenciesRequest, _node_service_pb2.ListAgenciesResponse]  # type: ignore[assignment]
     """Lists the agencies of the exchange, as the node last fetched them from the hub."""
+    TrackCorrespondence: _aio.UnaryUnaryMultiCallable[_node_service_pb2.TrackCorrespondenceRequest, _node_service_pb2.TrackCorrespondenceResponse]  # type: ignore[assignment]
+    """Returns the correspondence tree around a letter this agency sent or received, as the
+    hub recorded it (HubService.Track, asked by this node with its own identity): the
+    letter, the letters it answers up to the first, and every letter answering any of
+    them, with the evidence the hub holds and the certificates to verify them offline.
+    Letters of the tree this agency is no party of come redacted (TrackedLetter), and so
+    do, for a client that [[clients]] limits to some mailboxes, those it could not read
+    with GetEnvelope (by the same mailbox rule; a letter whose envelope neither the hub's
+    answer nor this node holds is redacted for such a client). Auditors of the node may
+    call it. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND when this
+    node does not hold the letter, or the hub does not (not relayed yet); PERMISSION_DENIED
+    MAILBOX_NOT_ALLOWED; UNAVAILABLE HUB_UNAVAILABLE (with RetryInfo) when the node is not
+    connected to the hub or the hub does not answer in time; the hub's other refusals
+    with their code and reason.
+    """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """NodeService is what an agency's back-end systems use to talk to their own node.
@@ -249,5 +279,26 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_service_pb2.ListAgenciesResponse, _abc.Awaitable[_node_service_pb2.ListAgenciesResponse]]:
         """Lists the agencies of the exchange, as the node last fetched them from the hub."""
+
+    @_abc_1.abstractmethod
+    def TrackCorrespondence(
+        self,
+        request: _node_service_pb2.TrackCorrespondenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_service_pb2.TrackCorrespondenceResponse, _abc.Awaitable[_node_service_pb2.TrackCorrespondenceResponse]]:
+        """Returns the correspondence tree around a letter this agency sent or received, as the
+        hub recorded it (HubService.Track, asked by this node with its own identity): the
+        letter, the letters it answers up to the first, and every letter answering any of
+        them, with the evidence the hub holds and the certificates to verify them offline.
+        Letters of the tree this agency is no party of come redacted (TrackedLetter), and so
+        do, for a client that [[clients]] limits to some mailboxes, those it could not read
+        with GetEnvelope (by the same mailbox rule; a letter whose envelope neither the hub's
+        answer nor this node holds is redacted for such a client). Auditors of the node may
+        call it. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND when this
+        node does not hold the letter, or the hub does not (not relayed yet); PERMISSION_DENIED
+        MAILBOX_NOT_ALLOWED; UNAVAILABLE HUB_UNAVAILABLE (with RetryInfo) when the node is not
+        connected to the hub or the hub does not answer in time; the hub's other refusals
+        with their code and reason.
+        """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
