@@ -10,12 +10,14 @@ messages are ``client_sdk.pb``; signing and verification primitives are in
 
 from client_sdk import pb as pb
 from client_sdk.client import Attachment as Attachment
+from client_sdk.client import Correspondence as Correspondence
 from client_sdk.client import Draft as Draft
 from client_sdk.client import ExchangeClient as ExchangeClient
 from client_sdk.client import Letter as Letter
 from client_sdk.client import Receipt as Receipt
 from client_sdk.client import StatusUpdate as StatusUpdate
 from client_sdk.client import Tracking as Tracking
+from client_sdk.client import TreeLetter as TreeLetter
 from client_sdk.client import VerifiedEvidence as VerifiedEvidence
 from client_sdk.credentials import Credentials as Credentials
 from client_sdk.errors import AlreadyExists as AlreadyExists
@@ -41,6 +43,7 @@ __all__ = [
     "Attachment",
     "Cancelled",
     "ChaparError",
+    "Correspondence",
     "Credentials",
     "DataLoss",
     "DeadlineExceeded",
@@ -58,6 +61,7 @@ __all__ = [
     "StatusUpdate",
     "SyncExchangeClient",
     "Tracking",
+    "TreeLetter",
     "Unauthenticated",
     "Unavailable",
     "VerifiedEvidence",

@@ -110,6 +110,7 @@ __all__ = [
     "TEXT_PLAIN",
     "Attachment",
     "AttachmentLike",
+    "Correspondence",
     "Draft",
     "ExchangeClient",
     "KindLike",
@@ -122,6 +123,7 @@ __all__ = [
     "StatusLike",
     "StatusUpdate",
     "Tracking",
+    "TreeLetter",
     "VerifiedEvidence",
     "to_business_status",
     "to_letter_kind",
@@ -593,6 +595,182 @@ class Tracking:
         return verified
 
 
+@dataclass(frozen=True, slots=True)
+class TreeLetter:
+    """One letter of a ``Correspondence`` as the hub recorded it (``pb.TrackedLetter``).
+
+    A redacted letter (one the caller is no party of) has its number and the number it
+    answers, nothing else. The other fields are the hub's account, unverified until
+    ``Correspondence.verify`` checks them against the signed header and evidence."""
+
+    shams: str
+    in_reply_to: str | None
+    """The letter it answers; None if none (or ``links_unknown``)."""
+    redacted: bool
+    sender: str | None
+    recipients: tuple[str, ...]
+    kind: str | None
+    """"LETTER", "REPLY", "STATUS_UPDATE", ...; None when redacted or not known."""
+    status: str | None
+    """A status update's business status ("ACCEPTED", ...); None on other letters."""
+    accept_time: dt.datetime | None
+    """When the hub accepted it, by the hub's clock (unsigned)."""
+    envelope: pb.Envelope | None
+    """The signed letter without its body; None when redacted or removed by retention."""
+    header: pb.EnvelopeHeader | None
+    """``envelope``'s header, parsed (None if there is none or it does not parse)."""
+    evidence: list[pb.Evidence]
+    """All the hub recorded about the letter, in its order."""
+    links_unknown: bool
+    message: pb.TrackedLetter
+    children: list[TreeLetter] = field(default_factory=list)
+    """The letters of the tree answering this one, in the hub's order."""
+
+    @classmethod
+    def from_pb(cls, message: pb.TrackedLetter) -> TreeLetter:
+        """Raises ``ValueError`` if its number is not a valid SHAMS number."""
+        header: pb.EnvelopeHeader | None = None
+        envelope = message.envelope if message.HasField("envelope") else None
+        if envelope is not None:
+            with contextlib.suppress(DecodeError):  # verify says so
+                header = pb.EnvelopeHeader.FromString(envelope.header)
+        full = not message.redacted
+        return cls(
+            shams=format_shams(message.shams),
+            in_reply_to=_shams_or_none(message, "in_reply_to"),
+            redacted=message.redacted,
+            sender=message.sender if full else None,
+            recipients=tuple(message.recipients),
+            kind=(
+                _enum_name(pb.LetterKind.Name, message.kind, "LETTER_KIND_")
+                if full and not message.links_unknown
+                else None
+            ),
+            status=status_name(message.status) if message.status else None,
+            accept_time=_time(message, "accept_time"),
+            envelope=envelope,
+            header=header,
+            evidence=list(message.evidence),
+            links_unknown=message.links_unknown,
+            message=message,
+        )
+
+    @property
+    def last_event(self) -> str | None:
+        """The event of the last evidence recorded ("DELIVERY", "HANDOVER", ...), as the
+        evidence says before it is verified; None without evidence."""
+        if not self.evidence:
+            return None
+        try:
+            content = pb.EvidenceContent.FromString(self.evidence[-1].content)
+        except DecodeError:
+            return None
+        return _enum_name(pb.EvidenceEvent.Name, content.event, "EVIDENCE_EVENT_")
+
+
+@dataclass(frozen=True, slots=True)
+class Correspondence:
+    """The correspondence tree around a letter (``ExchangeClient.track_correspondence``,
+    or a ``HubService.Track`` answer): its letters, linked by ``in_reply_to``."""
+
+    shams: str
+    """The letter asked for (the first of ``letters``)."""
+    letters: list[TreeLetter]
+    """Every letter, in the hub's order: the one asked for, its ancestors, then the rest."""
+    roots: list[TreeLetter]
+    """The letters answering none of the others: the tree's first letter, and any whose
+    parent the hub does not hold or did not return (``truncated``); each letter is under
+    exactly one root, even where hostile links make a cycle."""
+    certificates: list[bytes]
+    truncated: bool
+    """The hub cut the tree (1,000 letters, 32 MiB)."""
+
+    @classmethod
+    def from_response(
+        cls, response: pb.TrackCorrespondenceResponse | pb.TrackResponse
+    ) -> Correspondence:
+        """Raises ``ValueError`` if the answer holds no letter, or a letter's number is
+        not a valid SHAMS number."""
+        letters = [TreeLetter.from_pb(m) for m in response.letters]
+        if not letters:
+            raise ValueError("the answer holds no letter")
+        index: dict[str, TreeLetter] = {}
+        for letter in letters:
+            index.setdefault(letter.shams, letter)
+        answering: dict[str, list[TreeLetter]] = {}
+        for letter in index.values():
+            if letter.in_reply_to is not None:
+                answering.setdefault(letter.in_reply_to, []).append(letter)
+        placed: set[str] = set()
+        roots: list[TreeLetter] = []
+
+        def plant(root: TreeLetter) -> None:
+            roots.append(root)
+            placed.add(root.shams)
+            level = [root]
+            while level:
+                below: list[TreeLetter] = []
+                for letter in level:
+                    for child in answering.get(letter.shams, []):
+                        if child.shams not in placed:
+                            placed.add(child.shams)
+                            letter.children.append(child)
+                            below.append(child)
+                level = below
+
+        for letter in index.values():
+            if letter.in_reply_to is None or letter.in_reply_to not in index:
+                plant(letter)
+        for letter in index.values():  # left: letters on a cycle of links
+            if letter.shams not in placed:
+                plant(letter)
+        return cls(
+            shams=letters[0].shams,
+            letters=letters,
+            roots=roots,
+            certificates=list(response.certificates),
+            truncated=response.truncated,
+        )
+
+    def letter(self, shams: ShamsLike) -> TreeLetter | None:
+        """The letter of the tree numbered ``shams``, if there is one."""
+        wanted = shams if isinstance(shams, str) else format_shams(shams)
+        return next((t for t in self.letters if t.shams == wanted), None)
+
+    def walk(self) -> Iterator[tuple[int, TreeLetter]]:
+        """(depth, letter) for every letter, depth first from each root."""
+        stack = [(0, root) for root in reversed(self.roots)]
+        while stack:
+            depth, letter = stack.pop()
+            yield depth, letter
+            stack.extend((depth + 1, child) for child in reversed(letter.children))
+
+    def verify(self, trust: TrustStore) -> list[VerifiedEvidence]:
+        """Verifies offline every letter shown in full: its envelope's signature (with its
+        batch proof; the body is not there, its signed header is what verifies), that the
+        hub's account (sender, recipients, kind, in_reply_to, status) is what that header
+        signs (``TRACK_MISMATCH``), and each evidence: signature, issuer allowed for its
+        event, about this very letter. Adds ``certificates`` to ``trust`` (they still have
+        to chain to its roots). Redacted letters carry nothing to verify. Returns the
+        verified evidence; raises ``client_sdk.trust.VerificationError`` on the first
+        failure, naming the letter."""
+        try:
+            trust.add_certificates(self.certificates)
+        except Exception as exc:  # as in Tracking.verify: DER that is no certificate
+            raise VerificationError(
+                "CERTIFICATE_MALFORMED", f"a certificate that does not parse: {exc}"
+            ) from exc
+        verified: list[VerifiedEvidence] = []
+        for letter in self.letters:
+            if letter.redacted:
+                continue
+            try:
+                verified.extend(_verify_tracked(trust, letter.message))
+            except VerificationError as exc:
+                raise VerificationError(exc.reason, f"letter {letter.shams}: {exc}") from exc
+        return verified
+
+
 class _Submittable(Protocol):
     """What a submission stream sends: a ``Draft``, or a ``_Ready`` request."""
 
@@ -1034,6 +1212,25 @@ class ExchangeClient:
         except (DecodeError, ValueError) as exc:  # ValueError: a header's SHAMS number
             raise InternalError(
                 "letter or status update with a malformed header", reason="MALFORMED_RESPONSE"
+            ) from exc
+
+    async def track_correspondence(
+        self, shams: ShamsLike, *, timeout: float | None = None
+    ) -> Correspondence:
+        """The correspondence tree around a letter this agency sent or received, as the
+        hub recorded it: the letters it answers, those answering it, at any depth, with
+        their evidence; letters this agency (or this client's mailboxes) is no party of
+        come redacted. ``Correspondence.verify`` checks it offline."""
+        request = pb.TrackCorrespondenceRequest(shams=_shams_pb(shams))
+        with _translated():
+            response: pb.TrackCorrespondenceResponse = await self._stub.TrackCorrespondence(
+                request, timeout=self._deadline(timeout)
+            )
+        try:
+            return Correspondence.from_response(response)
+        except ValueError as exc:
+            raise InternalError(
+                "a correspondence tree that does not parse", reason="MALFORMED_RESPONSE"
             ) from exc
 
     async def evidence_bundle(
@@ -2040,13 +2237,64 @@ def _verify_status_updates(
             )
 
 
+def _verify_tracked(trust: TrustStore, letter: pb.TrackedLetter) -> list[VerifiedEvidence]:
+    """One unredacted letter of a tree: its envelope and the hub's account of it, then
+    its evidence (see ``Correspondence.verify``)."""
+    sender, recipients = letter.sender, list(letter.recipients)
+    digest: bytes | None = None
+    if letter.HasField("envelope"):
+        envelope = letter.envelope
+        # A body that is there is checked; none is sent, and the signed header stands.
+        header = _verify_as_created(trust, envelope, check_body=bool(envelope.body))
+        signed = (
+            header.shams,
+            header.sender.agency,
+            list(dict.fromkeys(r.agency for r in header.recipients)),
+            int(header.kind),
+            header.in_reply_to if header.HasField("in_reply_to") else None,
+            int(header.status),
+        )
+        account = (
+            letter.shams,
+            sender,
+            recipients,
+            int(letter.kind),
+            letter.in_reply_to if letter.HasField("in_reply_to") else None,
+            int(letter.status),
+        )
+        if signed != account:
+            raise VerificationError(
+                "TRACK_MISMATCH", "the hub's account of the letter is not what its header signs"
+            )
+        digest = sha256(envelope.header)
+    verified: list[VerifiedEvidence] = []
+    for position, item in enumerate(letter.evidence, 1):
+        try:
+            content = trust.verify_evidence(item)
+            if content.shams != letter.shams or (
+                digest is not None and content.envelope_sha256 != digest
+            ):
+                raise VerificationError(
+                    "EVIDENCE_MISMATCH",
+                    f"evidence {content.evidence_id} is about another letter",
+                )
+            digest = content.envelope_sha256  # without the envelope: the first one's
+            check_attestation(content, sender=sender, recipients=set(recipients))
+        except VerificationError as exc:
+            raise VerificationError(exc.reason, f"evidence {position}: {exc}") from exc
+        verified.append(VerifiedEvidence.from_content(content))
+    return verified
+
+
 def _holds_body(envelope: pb.Envelope, header: pb.EnvelopeHeader) -> bool:
     """Whether ``envelope`` (whose header bytes parse as ``header``) carries its body: it
     has one, or its header signs none (``body_size`` 0, an empty body to check)."""
     return bool(envelope.body) or header.body_size == 0
 
 
-def _shams_or_none(header: pb.EnvelopeHeader, name: Literal["in_reply_to"]) -> str | None:
+def _shams_or_none(
+    header: pb.EnvelopeHeader | pb.TrackedLetter, name: Literal["in_reply_to"]
+) -> str | None:
     """The header's SHAMS field as text; None if unset, or not a valid number (a letter a
     hub let through before it checked in_reply_to must not stop a back-end's inbox)."""
     if not header.HasField(name):

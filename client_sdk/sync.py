@@ -36,6 +36,7 @@ from client_sdk.client import (
     DEFAULT_STREAM_LINGER_S,
     DEFAULT_TIMEOUT,
     AttachmentLike,
+    Correspondence,
     Draft,
     ExchangeClient,
     KindLike,
@@ -370,6 +371,13 @@ class SyncExchangeClient:
     def track(self, shams: ShamsLike, *, timeout: float | None = None) -> Tracking:
         """Fetches a letter with its evidence; see ``ExchangeClient.track``."""
         return self._portal.run(self._client.track(shams, timeout=timeout))
+
+    def track_correspondence(
+        self, shams: ShamsLike, *, timeout: float | None = None
+    ) -> Correspondence:
+        """The correspondence tree around a letter; see
+        ``ExchangeClient.track_correspondence``."""
+        return self._portal.run(self._client.track_correspondence(shams, timeout=timeout))
 
     def evidence_bundle(
         self, shams: ShamsLike, *, timeout: float | None = None

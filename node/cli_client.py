@@ -36,6 +36,7 @@ from client_sdk import (
     Letter,
     StatusUpdate,
     Tracking,
+    TreeLetter,
     pb,
 )
 from client_sdk.trust import TrustStore, VerificationError
@@ -137,7 +138,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     track.add_argument("shams", metavar="SHAMS", help="e.g. 000.00.00.G22/O/2026/0000042")
     track.add_argument("--json", action="store_true", help="print JSON")
-    track.add_argument(
+    shown = track.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--tree",
+        action="store_true",
+        help="show the correspondence tree around the letter as the hub recorded it "
+        "(replies, status updates, forwards) and verify it",
+    )
+    shown.add_argument(
         "--save",
         type=Path,
         metavar="FILE",
@@ -426,6 +434,8 @@ async def _inbox(ns: argparse.Namespace) -> int:
 
 async def _track(ns: argparse.Namespace) -> int:
     connection = _connection(ns)
+    if ns.tree:
+        return await _track_tree(ns, connection)
     async with connection.client() as client:
         # The bundle carries the exchange's revocations: what a revoked key signed does not
         # show as verified here either.
@@ -435,6 +445,69 @@ async def _track(ns: argparse.Namespace) -> int:
     return _verified_or_failed(
         ns, Tracking.from_bundle(bundle), connection.credentials.trust_store()
     )
+
+
+async def _track_tree(ns: argparse.Namespace, connection: _Connection) -> int:
+    """``track --tree``: the hub's tree, verified with the exchange's revocations too."""
+    async with connection.client() as client:
+        tree = await client.track_correspondence(ns.shams)
+        revoked = await client.revocations()
+    trust = connection.credentials.trust_store()
+    trust.set_revoked(revoked)
+    failure: VerificationError | None = None
+    try:
+        tree.verify(trust)
+    except VerificationError as exc:
+        failure = exc
+    rows = [_tree_row(depth, letter, tree.shams) for depth, letter in tree.walk()]
+    if ns.json:
+        _print_json(
+            {
+                "shams": tree.shams,
+                "letters": rows,
+                "truncated": tree.truncated,
+                "verified": failure is None,
+            }
+        )
+    else:
+        for row in rows:
+            print("  " * row["depth"] + _tree_line(row))
+        if tree.truncated:
+            print("(the hub cut the tree: track a letter of the missing part to see it)")
+        print("verified" if failure is None else "NOT VERIFIED")
+    if failure is not None:
+        raise failure
+    return 0
+
+
+def _tree_row(depth: int, letter: TreeLetter, asked: str) -> dict[str, Any]:
+    return {
+        "depth": depth,
+        "shams": letter.shams,
+        "asked": letter.shams == asked,
+        "redacted": letter.redacted,
+        "in_reply_to": letter.in_reply_to,
+        "kind": letter.kind,
+        "status": letter.status,
+        "from": letter.sender,
+        "to": list(letter.recipients),
+        "last_event": letter.last_event,
+        "envelope_held": letter.envelope is not None,
+    }
+
+
+def _tree_line(row: dict[str, Any]) -> str:
+    mark = "  <- asked" if row["asked"] else ""
+    if row["redacted"]:
+        return f"{row['shams']}  redacted{mark}"
+    parts = [row["shams"], row["kind"] or "links unknown"]
+    if row["status"]:
+        parts.append(row["status"])
+    parts.append(f"{row['from']} -> {','.join(row['to'])}")
+    parts.append(row["last_event"] or "no evidence")
+    if not row["envelope_held"]:
+        parts.append("(envelope removed by retention)")
+    return "  ".join(parts) + mark
 
 
 async def _verify(ns: argparse.Namespace) -> int:

@@ -2417,6 +2417,8 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         "Receipt",
         "Letter",
         "Tracking",
+        "Correspondence",
+        "TreeLetter",
         "StatusUpdate",
         "VerifiedEvidence",
         "Draft",
