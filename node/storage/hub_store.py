@@ -434,21 +434,21 @@ class HubStore(Store):
         """Fills kind, in_reply_to and status of letters accepted before schema 8 from
         their envelopes still held, once; returns how many were linked.
 
-        ``chunk`` letters a transaction, so that neither a transaction nor the memory it
-        takes grows with the database; a start stopped half-way goes on where it was (a
-        row is filled once: ``kind`` is NULL only until then). Letters whose envelope
-        retention removed first stay unlinked (kind NULL): the tree knows them, not what
-        they answer.
+        ``chunk`` rowids a transaction, envelopes read one at a time (they hold their
+        bodies), so that neither a transaction nor the memory it takes grows with the
+        database. A start stopped half-way fills the rest next time (``kind`` is NULL only
+        until a row is filled). Letters whose envelope retention removed first stay
+        unlinked (kind NULL): the tree knows them, not what they answer.
         """
         if await self.db.fetchone("SELECT 1 FROM meta WHERE key = ?", (_LINKED,)):
             return 0
+        row = await self.db.fetchone("SELECT max(rowid) FROM letters")
+        top = int(row[0]) if row is not None and row[0] is not None else 0
         linked = 0
-        after, more = 0, True
-        while more:
-            after, count, more = await self.db.write(
-                functools.partial(_link_stored_letters, after, chunk)
+        for after in range(0, top, chunk):
+            linked += await self.db.write(
+                functools.partial(_link_stored_letters, after, after + chunk)
             )
-            linked += count
 
         def done(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, x'01')", (_LINKED,))
@@ -796,18 +796,15 @@ def _bodiless(blob: bytes) -> pb.Envelope:
     return envelope
 
 
-def _link_stored_letters(after: int, chunk: int, conn: sqlite3.Connection) -> tuple[int, int, bool]:
-    """Links the next ``chunk`` letters past rowid ``after`` that are not linked yet and
-    whose envelope is held; returns (last rowid read, letters linked, more to read)."""
-    rows = conn.execute(
-        "SELECT l.rowid, l.shams, e.envelope FROM letters l JOIN envelopes e ON e.shams = l.shams"
-        " WHERE l.rowid > ? AND l.kind IS NULL ORDER BY l.rowid LIMIT ?",
-        (after, chunk),
-    ).fetchall()
-    if not rows:
-        return after, 0, False
+def _link_stored_letters(after: int, upto: int, conn: sqlite3.Connection) -> int:
+    """Links the letters of rowids ``after`` (excluded) to ``upto`` not linked yet whose
+    envelope is held; returns how many."""
     values = []
-    for _, shams, blob in rows:
+    for shams, blob in conn.execute(  # row by row: an envelope holds its body
+        "SELECT l.shams, e.envelope FROM letters l JOIN envelopes e ON e.shams = l.shams"
+        " WHERE l.rowid > ? AND l.rowid <= ? AND l.kind IS NULL",
+        (after, upto),
+    ):
         try:
             header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(blob).header)
             reply = format_shams(header.in_reply_to) if header.HasField("in_reply_to") else None
@@ -817,4 +814,4 @@ def _link_stored_letters(after: int, chunk: int, conn: sqlite3.Connection) -> tu
     conn.executemany(
         "UPDATE letters SET kind = ?, in_reply_to = ?, status = ? WHERE shams = ?", values
     )
-    return int(rows[-1][0]), len(values), len(rows) == chunk
+    return len(values)
