@@ -133,7 +133,8 @@ class HubServiceServicer:
         sent); NOT_FOUND LETTER_NOT_FOUND for an auditor, or an agency asking about a number
         of its own, when the hub holds no such letter (a letter still in its sender's outbox,
         say); PERMISSION_DENIED NOT_AN_AGENCY_NODE for any other identity; UNAUTHENTICATED
-        for a certificate refused.
+        for a certificate refused. An answer may be over 32 MiB (TrackResponse.truncated):
+        allow 64 MiB messages, as for Connect.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -81,7 +81,8 @@ class HubServiceStub:
     sent); NOT_FOUND LETTER_NOT_FOUND for an auditor, or an agency asking about a number
     of its own, when the hub holds no such letter (a letter still in its sender's outbox,
     say); PERMISSION_DENIED NOT_AN_AGENCY_NODE for any other identity; UNAUTHENTICATED
-    for a certificate refused.
+    for a certificate refused. An answer may be over 32 MiB (TrackResponse.truncated):
+    allow 64 MiB messages, as for Connect.
     """
 
 @_typing.type_check_only
@@ -137,7 +138,8 @@ class HubServiceAsyncStub(HubServiceStub):
     sent); NOT_FOUND LETTER_NOT_FOUND for an auditor, or an agency asking about a number
     of its own, when the hub holds no such letter (a letter still in its sender's outbox,
     say); PERMISSION_DENIED NOT_AN_AGENCY_NODE for any other identity; UNAUTHENTICATED
-    for a certificate refused.
+    for a certificate refused. An answer may be over 32 MiB (TrackResponse.truncated):
+    allow 64 MiB messages, as for Connect.
     """
 
 class HubServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -220,7 +222,8 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         sent); NOT_FOUND LETTER_NOT_FOUND for an auditor, or an agency asking about a number
         of its own, when the hub holds no such letter (a letter still in its sender's outbox,
         say); PERMISSION_DENIED NOT_AN_AGENCY_NODE for any other identity; UNAUTHENTICATED
-        for a certificate refused.
+        for a certificate refused. An answer may be over 32 MiB (TrackResponse.truncated):
+        allow 64 MiB messages, as for Connect.
         """
 
 def add_HubServiceServicer_to_server(servicer: HubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
