@@ -566,7 +566,7 @@ def _context_with(ca: Path, cert: Any, key: Any, where: Path) -> ssl.SSLContext:
         ),
         (
             ("reconnect_max_s = 1.0", 'reconnect_max_s = "soon"'),
-            "node.reconnect_max_s: must be a number from 0 to 3600",
+            "node.reconnect_max_s: must be a number from 0.2 to 3600",
         ),
         (
             ("metrics_interval_s = 0.5", "metrics_interval_s = 0"),
