@@ -148,7 +148,7 @@ class TrustStore:
                     "CERTIFICATE_EXPIRED", "certificate not valid at the time of use"
                 )
             cas_below = len(chain) - 1  # CA certificates between the leaf and the issuer
-            root = self._issuer_in(current, self.roots, cas_below)
+            root = self._issuer_in(current, self.roots, cas_below, when)
             if root is not None:
                 chain.append(root)
                 if not _valid_at(root, when):
@@ -163,7 +163,7 @@ class TrustStore:
                 )
                 self._chain_ok[(kid, usage)] = verified
                 return identity
-            issuer = self._issuer_in(current, self.intermediates, cas_below)
+            issuer = self._issuer_in(current, self.intermediates, cas_below, when)
             if issuer is None:
                 raise VerificationError(
                     "CERTIFICATE_UNTRUSTED", "certificate does not chain to a trusted root"
@@ -174,9 +174,16 @@ class TrustStore:
 
     @staticmethod
     def _issuer_in(
-        cert: x509.Certificate, candidates: list[x509.Certificate], cas_below: int
+        cert: x509.Certificate,
+        candidates: list[x509.Certificate],
+        cas_below: int,
+        when: dt.datetime,
     ) -> x509.Certificate | None:
-        for candidate in candidates:
+        # Those valid at ``when`` first: a CA certified again under the same name and key
+        # (its old certificate expired, or not yet valid) has both in the store, and either
+        # verifies the signature; the one of the time of use is the one that counts.
+        ordered = sorted(candidates, key=lambda c: not _valid_at(c, when))
+        for candidate in ordered:
             if candidate.subject != cert.issuer or not _may_issue(candidate, cas_below):
                 continue
             try:

@@ -888,3 +888,41 @@ def test_a_ca_certificate_with_a_key_of_unknown_type_is_passed_over(layout: PkiL
     trust.add_certificates([odd, intermediate])
     leaf = _leaf(layout.agency_dir(AGENCIES[0]) / "signing.crt")
     assert trust.verify_certificate(leaf, "signing").agency == AGENCIES[0]
+
+
+@pytest.mark.parametrize("order", ["old first", "new first"])
+def test_a_ca_certified_again_under_its_name_and_key_verifies_then_and_now(order: str) -> None:
+    # The intermediate's old certificate expired and a new one was issued for the same key:
+    # the store holds both, and a leaf it signed verifies at any time one of them was
+    # valid. The chain took the first that matched and failed on its validity.
+    now = dt.datetime.now(dt.UTC)
+    day = dt.timedelta(days=1)
+    root_key, ca_key, leaf_key = (generate_key("ecdsa-p256") for _ in range(3))
+    root = issue_certificate(issuer_cert=None, issuer_key=root_key, subject_key=root_key,
+                             identity_uri=None, kind="root", common_name="Root",
+                             not_before=now - 2000 * day, not_after=now + 2000 * day)  # fmt: skip
+    old, new = (
+        issue_certificate(
+            issuer_cert=root,
+            issuer_key=root_key,
+            subject_key=ca_key,
+            identity_uri=None,
+            kind="intermediate",
+            common_name="Intermediate",
+            not_before=start,
+            not_after=end,
+        )
+        for start, end in ((now - 1000 * day, now - day), (now - 100 * day, now + 1000 * day))
+    )
+    leaf = issue_certificate(issuer_cert=new, issuer_key=ca_key, subject_key=leaf_key,
+                             identity_uri="urn:chapar:agency:000.00.00.G22", kind="signing",
+                             not_before=now - 500 * day, not_after=now + 300 * day)  # fmt: skip
+    for when in (now, now - 200 * day):
+        store = TrustStore([root])
+        store.add_certificates([old, new] if order == "old first" else [new, old])
+        assert store.verify_certificate(leaf, "signing", when).agency == "000.00.00.G22"
+    store = TrustStore([root])
+    store.add_certificates([old])
+    with pytest.raises(VerificationError) as info:  # with the old one alone: expired now
+        store.verify_certificate(leaf, "signing", now)
+    assert info.value.reason == "CERTIFICATE_EXPIRED"
