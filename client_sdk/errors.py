@@ -80,8 +80,13 @@ class ChaparError(Exception):
 
     ``unanswered``, on an error that ended a ``send_stream``, holds the drafts the stream
     had taken from its producer and not answered, in order: sending them again is safe
-    (same request ids). Empty on any other error. (``SyncExchangeClient.send_stream``
-    adds one more later if its helper thread was waiting inside the producer: see there.)
+    (same request ids). On an error of ``send`` or ``send_status``, it holds the one draft
+    the call made, with the request id generated for it: after a retryable error (the
+    node may have stored the letter before the deadline passed or the connection broke)
+    send it again (``send_many(error.unanswered)``, or ``send(..., request_id=...)``) and
+    the node answers the original receipt instead of numbering a second letter. Empty on
+    any other error. (``SyncExchangeClient.send_stream`` adds one more later if its helper
+    thread was waiting inside the producer: see there.)
     """
 
     default_code: Any = grpc.StatusCode.UNKNOWN

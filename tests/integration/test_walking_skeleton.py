@@ -13,7 +13,15 @@ import grpc
 import pytest
 
 from certs.pki import load_certs
-from client_sdk import AlreadyExists, Draft, ExchangeClient, NotFound, Receipt, pb
+from client_sdk import (
+    AlreadyExists,
+    Draft,
+    ExchangeClient,
+    NotFound,
+    Receipt,
+    ResourceExhausted,
+    pb,
+)
 from client_sdk.errors import from_rpc_error
 from client_sdk.shams import parse_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer
@@ -495,3 +503,21 @@ async def test_send_many_splits_calls_by_size_so_large_letters_all_go(cluster: C
         results = await a.send_many(drafts, timeout=60)
     assert all(isinstance(r, Receipt) for r in results), results
     assert len({r.shams for r in results if isinstance(r, Receipt)}) == 6
+
+
+async def test_a_letter_over_the_nodes_message_limit_is_refused_alone(cluster: Cluster) -> None:
+    """17 MiB of body, over the node's 16 MiB message limit, among small letters: on a
+    SharedStream and in send_many it goes by a call of its own, refused there; the small
+    letters around it are accepted (they were refused with it, not retryable)."""
+    big = Draft(to=[AGENCY_C], subject="too big", body=b"x" * (17 * 1024 * 1024))
+    small = [Draft(to=[AGENCY_C], subject=f"small {i}", body="ok") for i in range(8)]
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        async with a.shared_stream() as shared:
+            outcomes = await asyncio.gather(
+                *(shared.send(d) for d in [*small[:4], big, *small[4:]]), return_exceptions=True
+            )
+        assert all(isinstance(o, Receipt) for o in outcomes[:4] + outcomes[5:]), outcomes
+        assert isinstance(outcomes[4], ResourceExhausted), outcomes[4]
+        again = [Draft(to=[AGENCY_C], subject=f"again {i}", body="ok") for i in range(3)]
+        results = await a.send_many([again[0], big, *again[1:]], timeout=60)
+    assert [type(r) for r in results] == [Receipt, ResourceExhausted, Receipt, Receipt], results

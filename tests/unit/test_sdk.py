@@ -1023,8 +1023,8 @@ async def test_shared_stream_builds_each_draft_once(
         built.append(draft.subject)
         return real(draft)
 
+    drafts = [Draft(to=[OTHER], subject=f"once {i}") for i in range(20)]  # checked as made
     monkeypatch.setattr(Draft, "to_request", counting)
-    drafts = [Draft(to=[OTHER], subject=f"once {i}") for i in range(20)]
     async with client.shared_stream(batch_size=8) as shared:
         receipts = await asyncio.gather(*(shared.send(d) for d in drafts))
     assert [r.request_id for r in receipts] == [d.request_id for d in drafts]
@@ -1039,11 +1039,11 @@ async def test_shared_stream_refuses_a_bad_draft_to_its_caller_only(
     async with client.shared_stream() as shared:
         before, odd, after = await asyncio.gather(
             shared.send(Draft(to=[OTHER], subject="before")),
-            shared.send(Draft(to=[OTHER], subject="odd", kind="no-such-kind")),
+            asyncio.to_thread(Draft, to=[OTHER], subject="odd", kind="no-such-kind"),
             shared.send(Draft(to=[OTHER], subject="after")),
             return_exceptions=True,
         )
-    assert isinstance(odd, ValueError)
+    assert isinstance(odd, ValueError)  # where the draft is made, since it is checked there
     assert isinstance(before, Receipt)
     assert isinstance(after, Receipt)
     sent = [r.draft.subject for f in fake_node[0].frames for r in f.requests]
@@ -2470,3 +2470,68 @@ def test_an_attachment_name_cannot_lead_out_of_the_directory_it_is_saved_into(
     safe = attachment.safe_file_name
     assert safe == (expected or "attachment-" + "ab" * 8)
     assert (Path("/inbox") / safe).parent == Path("/inbox")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"kind": "memo"},
+        {"priority": 99},
+        {"in_reply_to": "not a number"},
+        {"status": "maybe"},
+        {"subject": 7},
+        {"to": [("ONE.PART",)]},
+    ],
+)
+async def test_a_draft_with_a_bad_value_is_refused_where_it_is_made(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], bad: dict[str, Any]
+) -> None:
+    """Found when a stream built its frame, a bad value ended send_stream with a bare
+    ValueError and lost the good drafts taken around it, and a send_many after earlier
+    calls had been accepted. Now the back-end's own line that makes the draft raises."""
+    with pytest.raises(ValueError, match="invalid draft"):
+        Draft(**{"to": [OTHER], "subject": "s", **bad})
+    results = [
+        r async for r in client.send_stream(Draft(to=[OTHER], subject=f"{i}") for i in range(5))
+    ]
+    assert all(isinstance(r, Receipt) for r in results)
+
+
+class _LateNode(FakeNode):
+    """Stores a submitted letter, then answers too late while ``late`` is set."""
+
+    late = True
+
+    async def SubmitEnvelope(self, request: pb.SubmitEnvelopeRequest, context: Any) -> Any:
+        answer = await super().SubmitEnvelope(request, context)
+        if self.late:
+            await asyncio.sleep(1.0)
+        return answer
+
+
+async def test_a_send_that_fails_after_the_node_took_it_can_be_sent_again_safely() -> None:
+    """``send`` without a request id: a deadline that passes after the node stored the
+    letter is retryable, and the error carries the draft with the id made for it, so the
+    retry is the same letter, not a second one."""
+    fake = _LateNode()
+    server = grpc.aio.server()
+    pb.add_NodeServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    client = ExchangeClient.from_channel(channel)
+    try:
+        with pytest.raises(errors.DeadlineExceeded) as info:
+            await client.send(to=[OTHER], subject="Budget", body="once", timeout=0.2)
+        assert info.value.retryable
+        (draft,) = info.value.unanswered
+        fake.late = False
+        (again,) = await client.send_many(list(info.value.unanswered))
+        assert isinstance(again, Receipt)
+        assert again.request_id == draft.request_id
+        sent = [r.request_id for r in fake.submits]
+        sent += [r.request_id for b in fake.batches for r in b.requests]
+        assert sent == [draft.request_id, draft.request_id]  # the same letter, twice asked
+    finally:
+        await channel.close()
+        await server.stop(None)
