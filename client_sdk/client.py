@@ -405,8 +405,10 @@ class _AttachmentFields:
         """``file_name`` as a name to save under in a directory of one's choice: its last
         part only (the sender chose it: ``../`` or ``/etc/...`` must not lead out of that
         directory), or ``attachment-<digest>`` when nothing usable is left."""
-        name = self.file_name.replace("\\", "/").rsplit("/", 1)[-1].strip()
-        if name in ("", ".", ".."):
+        # No leading dots either: hidden names are where downloads keep their partial
+        # files (``fetch``), and the sender must not name one of those.
+        name = self.file_name.replace("\\", "/").rsplit("/", 1)[-1].strip().lstrip(".")
+        if not name:
             return f"attachment-{self.sha256.hex()[:16]}"
         return name
 
@@ -426,12 +428,19 @@ class Attachment(_AttachmentFields):
         return cls(ref.uri, ref.sha256, ref.size, ref.media_type, ref.file_name, client)
 
     async def save(self, path: Path | str, *, timeout: float | None = None) -> Path:
-        """Downloads to ``path`` (resuming ``<path>.part`` if there is one); see ``fetch``."""
+        """Downloads to ``path`` (resuming a partial download of it); see ``fetch``."""
         return await self._client.fetch(self.ref(), path, timeout=timeout)
 
     async def save_into(self, directory: Path | str, *, timeout: float | None = None) -> Path:
-        """Downloads into ``directory`` under ``safe_file_name``; returns the file's path."""
-        return await self.save(Path(directory) / self.safe_file_name, timeout=timeout)
+        """Downloads into ``directory`` under ``safe_file_name``; returns the file's path.
+
+        A file of that name holding another document (another letter's attachment of the
+        same name) is left alone: this one is saved as ``<stem>-<digest prefix><suffix>``.
+        """
+        path = Path(directory) / self.safe_file_name
+        if await asyncio.to_thread(path.exists) and not await _holds(path, self.sha256, self.size):
+            path = path.with_name(f"{path.stem}-{self.sha256.hex()[:16]}{path.suffix}")
+        return await self.save(path, timeout=timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1405,11 +1414,14 @@ class ExchangeClient:
         *,
         timeout: float | None = None,
     ) -> Path:
-        """Downloads a document to ``path``, resuming ``<path>.part`` when it exists.
+        """Downloads a document to ``path``, resuming its partial file when it exists.
 
-        The file appears at ``path`` only when its size and SHA-256 are those of the
+        The partial file is ``.<name>.<16 hex digits of the digest>.part`` beside ``path``:
+        hidden, and of this document only, so that no file saved under a name of its own
+        (``safe_file_name`` has no leading dot) is taken for it. The file appears at
+        ``path`` only when its size and SHA-256 are those of the
         reference (or of the address, for a bare URI); otherwise the partial file is
-        deleted and DataLoss is raised. One download at a time writes ``<path>.part`` (an
+        deleted and DataLoss is raised. One download at a time writes that partial file (an
         exclusive ``flock`` on it): another into the same path, from this process or
         another, waits for it (within its ``timeout``, if given: DeadlineExceeded
         ``DOWNLOAD_IN_PROGRESS``), then keeps the file it left at ``path`` if that is the
@@ -1427,7 +1439,7 @@ class ExchangeClient:
                 reason="DOCUMENT_DIGEST_MISMATCH",
             )
         path = Path(path)
-        part = path.with_name(path.name + ".part")
+        part = partial_path(path, expected)
         try:
             async with asyncio.timeout(timeout):  # the wait for another download counts
                 out, waited = await _lock_part(part)
@@ -1641,6 +1653,12 @@ def _is_at(out: BinaryIO, path: Path) -> bool:
         return False
     held = os.fstat(out.fileno())
     return (at.st_dev, at.st_ino) == (held.st_dev, held.st_ino)
+
+
+def partial_path(path: Path, digest: bytes) -> Path:
+    """Where ``fetch`` keeps the partial download of the document ``digest`` into
+    ``path``: ``.<name>.<16 hex digits of the digest>.part`` beside it."""
+    return path.with_name(f".{path.name}.{digest.hex()[:16]}.part")
 
 
 async def _holds(path: Path, digest: bytes, size: int | None) -> bool:

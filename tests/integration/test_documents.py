@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from client_sdk import ExchangeClient, Letter, SyncExchangeClient, pb
+from client_sdk.client import partial_path
 from client_sdk.errors import (
     DataLoss,
     InvalidArgument,
@@ -74,6 +75,11 @@ def _store(cluster: Cluster, agency: str) -> Path:
 
 def _stored_files(cluster: Cluster, agency: str) -> list[Path]:
     return sorted(p for p in (_store(cluster, agency) / "sha256").rglob("*") if p.is_file())
+
+
+def _partials(directory: Path) -> list[Path]:
+    """Partial downloads left in ``directory`` (hidden ones included)."""
+    return sorted(directory.glob("*.part"))
 
 
 def _temp_files(cluster: Cluster, agency: str) -> list[Path]:
@@ -159,7 +165,7 @@ async def test_attachment_goes_a_to_b_through_the_hub_and_arrives_intact(
     assert any(p.name == digest for p in _stored_files(docs_cluster, AGENCY_B))
     assert not _temp_files(docs_cluster, AGENCY_A)
     assert not _temp_files(docs_cluster, AGENCY_B)
-    assert not (tmp_path / "out" / "report.pdf.part").exists()
+    assert not _partials(tmp_path / "out")
 
 
 def test_sync_client_sends_and_saves_an_attachment(docs_cluster: Cluster, tmp_path: Path) -> None:
@@ -209,7 +215,7 @@ async def test_agency_that_is_not_a_recipient_is_refused(
             await c.fetch(ref, tmp_path / "stolen.pdf")
     assert info.value.reason == "NOT_A_RECIPIENT"
     assert not (tmp_path / "stolen.pdf").exists()
-    assert not (tmp_path / "stolen.pdf.part").exists()
+    assert not _partials(tmp_path)
     assert ref.sha256.hex() not in {p.name for p in _stored_files(docs_cluster, AGENCY_C)}
 
 
@@ -293,10 +299,10 @@ async def test_interrupted_download_resumes_from_its_offset(
     digest = _write_random(source, 5 * 1024 * 1024 + 3)
     content = source.read_bytes()
     out = tmp_path / "long-copy.pdf"
-    part = out.with_name(out.name + ".part")
+    part = partial_path(out, bytes.fromhex(digest))
     async with _client(docs_cluster, AGENCY_B) as b:
         ref, letter = await _send_with(docs_cluster, source, b)
-        # A download cut after three chunks: the bytes so far are in <out>.part.
+        # A download cut after three chunks: the bytes so far are in its partial file.
         stream = b.download(ref.uri)
         with part.open("wb") as f:
             got = 0
@@ -323,7 +329,7 @@ async def test_interrupted_download_resumes_from_its_offset(
         # same path) is no piece of it: fetching by bare address (no size to compare)
         # starts again instead of failing the same way at every retry.
         other = tmp_path / "other-copy.pdf"
-        stale = other.with_name(other.name + ".part")
+        stale = partial_path(other, bytes.fromhex(digest))
         stale.write_bytes(os.urandom(len(content) + 10))
         fetched = await b.fetch(ref.uri, other)
         assert _sha256_file(fetched) == digest
@@ -344,7 +350,7 @@ async def test_corrupted_byte_at_the_owner_is_detected_and_nothing_is_kept(
             await letter.attachments[0].save(tmp_path / "bad.pdf")
         assert info.value.reason == "DIGEST_MISMATCH"
         assert not (tmp_path / "bad.pdf").exists()
-        assert not (tmp_path / "bad.pdf.part").exists()
+        assert not _partials(tmp_path)
         assert digest not in {p.name for p in _stored_files(docs_cluster, AGENCY_B)}
         assert not _temp_files(docs_cluster, AGENCY_B)
         _flip_byte(stored, size // 2)  # repaired at the owner: the same reference now works
@@ -514,9 +520,9 @@ async def test_a_download_whose_file_another_writer_appends_to_is_not_kept(
     # bytes it wrote, so the first to finish used to rename a mixed file into place as
     # verified. Here the test is the other writer.
     source = tmp_path / "big.pdf"
-    _write_random(source, 32 * 1024 * 1024)
+    digest = _write_random(source, 32 * 1024 * 1024)
     out = tmp_path / "copy.pdf"
-    part = out.with_name(out.name + ".part")
+    part = partial_path(out, bytes.fromhex(digest))
     async with _client(docs_cluster, AGENCY_B) as b:
         _, letter = await _send_with(docs_cluster, source, b)
         saving = asyncio.create_task(letter.attachments[0].save(out))
@@ -545,7 +551,7 @@ async def test_two_saves_into_one_path_at_once_both_end_with_the_verified_file(
         saved = await asyncio.gather(attachment.save(out), attachment.save(out))
     assert saved == [out, out]
     assert _sha256_file(out) == digest
-    assert not out.with_name(out.name + ".part").exists()
+    assert not _partials(tmp_path)
 
 
 async def test_corrupted_byte_in_the_recipient_copy_is_detected_and_refetched(
@@ -563,7 +569,7 @@ async def test_corrupted_byte_in_the_recipient_copy_is_detected_and_refetched(
             await letter.attachments[0].save(tmp_path / "second.pdf")
         assert info.value.reason == "DIGEST_MISMATCH"
         assert not (tmp_path / "second.pdf").exists()
-        assert not (tmp_path / "second.pdf.part").exists()
+        assert not _partials(tmp_path)
         saved = await letter.attachments[0].save(tmp_path / "third.pdf")  # fetched again
     assert _sha256_file(saved) == digest
 

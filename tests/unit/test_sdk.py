@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
+import os
 import queue
 import threading
 import time
@@ -46,6 +47,7 @@ from client_sdk import (
 from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
     add_DocumentServiceServicer_to_server,
 )
+from client_sdk.client import partial_path
 from client_sdk.identity import is_agency_code
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, key_id, sha256
 from client_sdk.trust import TrustStore, VerificationError
@@ -1156,20 +1158,20 @@ async def documents() -> AsyncIterator[tuple[FakeDocuments, ExchangeClient]]:
 async def test_two_downloads_into_one_path_at_once_both_end_with_the_verified_file(
     documents: tuple[FakeDocuments, ExchangeClient], tmp_path: Path
 ) -> None:
-    # Both used to append to one <path>.part, and both failed (the mixed file is caught
+    # Both used to append to one partial file, and both failed (the mixed file is caught
     # and not kept). The second now waits for the first and takes the file it left.
     fake, client = documents
     fake.gate = asyncio.Event()
     out = tmp_path / "report.pdf"
     first = asyncio.create_task(client.fetch(fake.ref, out))
-    await fake.served.wait()  # the first is writing <path>.part
+    await fake.served.wait()  # the first is writing its partial file
     second = asyncio.create_task(client.fetch(fake.ref, out))
-    await asyncio.sleep(0.2)  # the second has found the .part taken
+    await asyncio.sleep(0.2)  # the second has found the partial file taken
     fake.gate.set()
     assert await asyncio.gather(first, second) == [out, out]
     assert out.read_bytes() == fake.content
     assert fake.offsets == [0]  # the second did not download it again
-    assert not out.with_name("report.pdf.part").exists()
+    assert not partial_path(out, fake.ref.sha256).exists()
 
 
 async def test_a_download_waiting_for_another_into_its_path_resumes_what_that_one_left(
@@ -1177,7 +1179,7 @@ async def test_a_download_waiting_for_another_into_its_path_resumes_what_that_on
 ) -> None:
     fake, client = documents
     fake.gate = asyncio.Event()
-    fake.break_first_after = 4  # the first breaks after 4 chunks, leaving them in the .part
+    fake.break_first_after = 4  # the first breaks after 4 chunks, leaving them in its file
     out = tmp_path / "report.pdf"
     first = asyncio.create_task(client.fetch(fake.ref, out))
     await fake.served.wait()
@@ -1189,16 +1191,16 @@ async def test_a_download_waiting_for_another_into_its_path_resumes_what_that_on
     assert await second == out
     assert out.read_bytes() == fake.content
     assert fake.offsets == [0, 4 * FakeDocuments.chunk]
-    assert not out.with_name("report.pdf.part").exists()
+    assert not partial_path(out, fake.ref.sha256).exists()
 
 
 async def test_a_download_waits_while_another_process_holds_the_part_file(
     documents: tuple[FakeDocuments, ExchangeClient], tmp_path: Path
 ) -> None:
-    # The lock is a plain flock on <path>.part, so any process taking it is waited for.
+    # The lock is a plain flock on the partial file, so any process taking it is waited for.
     fake, client = documents
     out = tmp_path / "report.pdf"
-    with out.with_name("report.pdf.part").open("ab") as held:
+    with partial_path(out, fake.ref.sha256).open("ab") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         held.write(fake.content[: 3 * FakeDocuments.chunk])
         held.flush()
@@ -1217,12 +1219,72 @@ async def test_a_download_waiting_for_another_gives_up_at_its_timeout(
     # It waited for ever behind a download that did not end, its timeout unheeded.
     fake, client = documents
     out = tmp_path / "report.pdf"
-    with out.with_name("report.pdf.part").open("ab") as held:
+    with partial_path(out, fake.ref.sha256).open("ab") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         with pytest.raises(errors.DeadlineExceeded) as late:
             await asyncio.wait_for(client.fetch(fake.ref, out, timeout=0.3), 5)
     assert late.value.reason == "DOWNLOAD_IN_PROGRESS"
     assert fake.offsets == []
+
+
+class _ManyDocuments(pb.DocumentServiceServicer):
+    """Serves any document added to it, whole, in chunks of 1,000 bytes."""
+
+    def __init__(self) -> None:
+        self.by_uri: dict[str, bytes] = {}
+
+    def add(self, content: bytes, name: str) -> pb.AttachmentRef:
+        digest = sha256(content)
+        uri = f"chapar://{SENDER}/documents/sha256/{digest.hex()}"
+        self.by_uri[uri] = content
+        return pb.AttachmentRef(uri=uri, sha256=digest, size=len(content),
+                                media_type="application/pdf", file_name=name)  # fmt: skip
+
+    async def DownloadDocument(
+        self, request: pb.DownloadDocumentRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadDocumentResponse]:
+        content = self.by_uri[request.uri]
+        if request.offset > len(content):
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, "past the end")
+        info = pb.DocumentInfo(uri=request.uri, sha256=sha256(content), size=len(content))
+        yield pb.DownloadDocumentResponse(document=info)
+        for at in range(request.offset, len(content), 1000):
+            yield pb.DownloadDocumentResponse(chunk=content[at : at + 1000])
+
+
+@pytest.mark.parametrize("first_size", [5000, 20000])  # smaller, then larger than the second
+async def test_attachments_saved_into_one_directory_never_take_each_others_files(
+    tmp_path: Path, first_size: int
+) -> None:
+    # Attachments named "contract.pdf.part" and "contract.pdf" (one letter, or two from
+    # any senders): saving the second took the first, saved already, for its partial
+    # download, and truncated it or deleted it. And one of the same name as a file saved
+    # before, from another letter, replaced it.
+    docs = _ManyDocuments()
+    server = grpc.aio.server()
+    add_DocumentServiceServicer_to_server(docs, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    client = ExchangeClient.from_channel(channel)
+    contents = [b"A" * first_size, b"B" * 10000, b"C" * 3000, b"B" * 10000]
+    names = ["contract.pdf.part", "contract.pdf", "contract.pdf", "contract.pdf"]
+    try:
+        saved = [
+            await Attachment.from_ref(docs.add(c, n), client).save_into(tmp_path)
+            for c, n in zip(contents, names, strict=True)
+        ]
+    finally:
+        await channel.close()
+        await server.stop(None)
+    assert [p.name for p in saved] == [
+        "contract.pdf.part",
+        "contract.pdf",
+        f"contract-{sha256(contents[2]).hex()[:16]}.pdf",  # another document of that name
+        "contract.pdf",  # the same document again: the file that holds it
+    ]
+    assert [p.read_bytes() for p in saved] == contents
+    assert sorted(os.listdir(tmp_path)) == sorted({p.name for p in saved})  # nothing partial
 
 
 # --- inbox ----------------------------------------------------------------------------------
@@ -2452,7 +2514,8 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
     [
         ("report.pdf", "report.pdf"),
         ("گزارش بودجه.pdf", "گزارش بودجه.pdf"),
-        ("../../home/svc/.bashrc", ".bashrc"),
+        ("../../home/svc/.bashrc", "bashrc"),  # never hidden: partial downloads are
+        (".report.pdf.abababababababab.part", "report.pdf.abababababababab.part"),
         ("/etc/cron.d/evil", "evil"),
         ("..\\evil.exe", "evil.exe"),
         ("..", None),
