@@ -51,7 +51,7 @@ from node.metrics import (
 )
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
-from node.storage.hub_store import HubStore, IncomingLetter, Tree, TreeLetter
+from node.storage.hub_store import HubStore, IncomingLetter, Tree
 from node.tasks import (
     BOOKKEEPING_INTERVAL_S,
     LETTER_INTERVAL_S,
@@ -61,7 +61,7 @@ from node.tasks import (
     handle_concurrently,
 )
 
-__all__ = ["Hub", "build_directory"]
+__all__ = ["MAX_RECEIPT_CONTENT_BYTES", "Hub", "build_directory"]
 
 log = logging.getLogger("chapar.hub")
 _EXPIRY_PAGE = 500  # queued letters past their expire_time read at a time
@@ -72,6 +72,9 @@ E = pb.EvidenceEvent
 _RECEIPT_EVENTS = frozenset(
     {E.EVIDENCE_EVENT_DELIVERY, E.EVIDENCE_EVENT_DELIVERY_FAILURE, E.EVIDENCE_EVENT_HANDOVER}
 )
+# The most a receipt's EvidenceContent may hold (its detail is free text): the hub keeps
+# every receipt, and shows it in every Track of its letter. Honest details are a line.
+MAX_RECEIPT_CONTENT_BYTES = 64 * 1024
 _OUT_FRAMES = 16
 _PUSH_BATCH = 256
 # A deliveries frame stops at this many bytes of envelopes (one letter always goes): well
@@ -331,6 +334,26 @@ class Hub(pb.HubServiceServicer):
             ),
         ]
 
+    def link_held_letters_later(self) -> asyncio.Task[None]:
+        """Links, once, in the background, the letters accepted before the correspondence
+        tree (``HubStore.link_held_letters``): it reads every envelope held, bodies and
+        all, which on a large hub on a cold disk takes long, so the hub serves meanwhile
+        (its ``Track`` says ``links_unknown`` of letters not linked yet). Called once the
+        hub serves; stopped with the hub, it resumes at the next start."""
+        task = asyncio.create_task(self._link_held_letters(), name="link-held-letters")
+        self._tasks.append(task)
+        return task
+
+    async def _link_held_letters(self) -> None:
+        try:
+            linked = await self.store.link_held_letters()
+        except Exception:
+            log.exception("linking the letters accepted before the correspondence tree failed;"
+                          " it resumes at the next start")  # fmt: skip
+            return
+        if linked:
+            log.info("linked %d letters accepted before the correspondence tree", linked)
+
     async def _load_unanswered(self) -> None:
         """Letters pushed to their node before the hub last stopped and not answered (marked
         in the queue: only those with an expire_time, the others need no answer to be
@@ -506,15 +529,20 @@ class Hub(pb.HubServiceServicer):
             caller = self._tracker(identity)
             validate_shams(request.shams, "shams")
             shams = format_shams(request.shams)
-            tree = await self.store.tree(shams)
-            if tree is None:
+            # Who may see the tree first, in two indexed reads: no walk for a stranger.
+            parties = await self.store.parties(shams)
+            if parties is None:
                 # An agency learns nothing of another's numbers, not even that one is
                 # not taken (which would tell how many letters that agency has sent).
                 if caller is None or request.shams.origin == caller:
                     raise letter_not_found(shams, "at the hub")
                 raise _not_a_party(caller, shams)
-            if caller is not None and not _party(tree.letters[0], caller):
+            sender, recipients = parties
+            if caller is not None and caller != sender and caller not in recipients:
                 raise _not_a_party(caller, shams)
+            tree = await self.store.tree(shams, caller)
+            if tree is None:  # letters are never removed: not after the read above
+                raise letter_not_found(shams, "at the hub")
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -522,7 +550,7 @@ class Hub(pb.HubServiceServicer):
             "correspondence tracked",
             extra={"shams": [shams], "peer": identity.uri, "count": len(tree.letters)},
         )
-        return self._tracked(tree, caller)
+        return self._tracked(tree)
 
     def _tracker(self, identity: Identity) -> str | None:
         """Who may track: an agency in the directory (whatever its state: it may read its
@@ -545,16 +573,16 @@ class Hub(pb.HubServiceServicer):
             )
         return identity.agency
 
-    def _tracked(self, tree: Tree, caller: str | None) -> pb.TrackResponse:
-        """``tree`` as ``caller`` may see it (None: an auditor, all of it), with the
-        certificates that verify what it shows."""
+    def _tracked(self, tree: Tree) -> pb.TrackResponse:
+        """``tree`` (as the store read it for its caller) as an answer, with the
+        certificates of the signers of what it shows, and no others."""
         response = pb.TrackResponse(truncated=tree.truncated)
         key_ids: dict[bytes, None] = {}
         for letter in tree.letters:
             tracked = response.letters.add(shams=parse_shams(letter.shams))
             if letter.in_reply_to is not None:
                 tracked.in_reply_to.CopyFrom(parse_shams(letter.in_reply_to))
-            if caller is not None and not _party(letter, caller):
+            if letter.redacted:  # the store left it its number and its followed link
                 tracked.redacted = True
                 continue
             tracked.sender = letter.sender
@@ -911,6 +939,14 @@ class Hub(pb.HubServiceServicer):
         valid: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
         ids: list[str] = []
         for item, content in zip(evidence, self.trust.verify_evidence_many(evidence), strict=True):
+            if len(item.content) > MAX_RECEIPT_CONTENT_BYTES:
+                # Stored for good and shown in every Track of its letter: a recipient may
+                # not make a letter's record grow by megabytes a receipt.
+                log.warning("receipt from %s refused: content over %d bytes", agency,
+                            MAX_RECEIPT_CONTENT_BYTES)  # fmt: skip
+                count_rejection(Code.INVALID_ARGUMENT.name, "EVIDENCE_TOO_LARGE")
+                self._unverified_receipt(session, item)
+                continue
             if isinstance(content, VerificationError):
                 count_verification_failure("evidence", content.reason)
                 log.warning("receipt from %s refused: %s %s", agency, content.reason, content)
@@ -1102,10 +1138,6 @@ class Hub(pb.HubServiceServicer):
                 sent = True
             if not sent:
                 await session.wake.wait()
-
-
-def _party(letter: TreeLetter, agency: str) -> bool:
-    return letter.sender == agency or agency in letter.recipients
 
 
 def _not_a_party(agency: str, shams: str) -> ChaparError:

@@ -369,8 +369,6 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         store = await HubStore.open(config.database, config.durability)
         cleanup.callback(log.info, "hub stopped")
         cleanup.push_async_callback(store.close)
-        if linked := await store.link_held_letters():
-            log.info("linked %d letters accepted before the correspondence tree", linked)
         hub = Hub(config, store, signer, trust, directory, config_path)
         cleanup.push_async_callback(hub.stop)
         await hub.start()
@@ -392,6 +390,7 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         await _set_health(health_servicer, pb.HUB_SERVICE_NAME, serving=True)
         _write_ready(config.ready_file, address, "hub", metrics)
         log.info("hub %s listening on %s", config.name, address)
+        hub.link_held_letters_later()  # serving first: it reads every envelope held
         watcher = asyncio.create_task(
             _watch_health(
                 health_servicer,

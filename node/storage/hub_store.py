@@ -132,7 +132,7 @@ MIGRATIONS = [
     ALTER TABLE letters ADD COLUMN kind INTEGER;
     ALTER TABLE letters ADD COLUMN in_reply_to TEXT;
     ALTER TABLE letters ADD COLUMN status INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX letters_by_reply ON letters (in_reply_to) WHERE in_reply_to IS NOT NULL;
+    CREATE INDEX letters_by_reply ON letters (in_reply_to, sender) WHERE in_reply_to IS NOT NULL;
     """,
 ]
 # ``meta`` key set once the letters accepted before schema 8 have been linked.
@@ -141,8 +141,20 @@ _LINKED = "letters_linked"
 # (a reply well under the 64 MiB a message may have): ``Tree.truncated`` says so.
 TREE_LIMIT = 1000
 TREE_MAX_BYTES = 32 * 1024 * 1024
-# Envelopes read at a time, by size, when their bodies are dropped for a tree.
+# Envelopes read at a time, by size, when their bodies are dropped for a tree; evidence
+# read at a time, by size and by rows; and how much a tree may read in all (evidence the
+# caller is not shown is read, not counted: past this the tree is cut all the same).
 _ENVELOPE_READ_BYTES = 8 * 1024 * 1024
+_EVIDENCE_READ_BYTES = 8 * 1024 * 1024
+_EVIDENCE_PAGE_ROWS = 512
+_TREE_READ_FACTOR = 2
+# The letters answering one letter and sent by one of its parties, in acceptance order:
+# a term of a UNION ALL, (in_reply_to, sender) pairs per query.
+_ANSWERING = (
+    "SELECT * FROM (SELECT rowid, shams, sender, in_reply_to FROM letters"
+    " WHERE in_reply_to = ? AND sender = ? ORDER BY rowid LIMIT ?)"
+)
+_PAIRS_A_QUERY = 100
 _DOMAIN_LETTER = {
     pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING: "O",
     pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL: "I",
@@ -180,8 +192,41 @@ class TreeLetter:
     in_reply_to: str | None
     status: int  # BusinessStatus
     accepted_at: float
-    evidence: list[pb.Evidence]  # all the hub recorded about the letter, in recorded order
+    evidence: list[pb.Evidence]  # what the viewer may see of it, in recorded order
     envelope: pb.Envelope | None  # without its body; None once retention removed it
+    # No party of the viewer's: only shams, and in_reply_to if that link was followed.
+    redacted: bool = False
+
+
+@dataclass(slots=True)
+class _Node:
+    """A letter met by a tree walk: what the walk and the redaction need of it."""
+
+    sender: str
+    in_reply_to: str | None
+    followed: bool  # its link to in_reply_to was followed (that letter is in the tree)
+    recipients: list[str] | None = None  # read once per level
+
+
+@dataclass(slots=True)
+class _Budget:
+    """The bytes a tree may show (``max_shown``) and read (a few times more)."""
+
+    max_shown: int
+    shown: int = 0
+    read_bytes: int = 0
+
+    def take(self, size: int, asked: bool) -> bool:
+        """Counts ``size`` bytes shown if they fit (or ``asked``: always)."""
+        if not asked and self.shown + size > self.max_shown:
+            return False
+        self.shown += size
+        return True
+
+    def read(self, size: int) -> bool:
+        """Counts ``size`` bytes about to be read; False past the read limit."""
+        self.read_bytes += size
+        return self.read_bytes <= _TREE_READ_FACTOR * self.max_shown + _EVIDENCE_READ_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,140 +340,256 @@ class HubStore(Store):
 
         return await self.db.write(job, on_commit)
 
-    async def tree(
-        self, shams: str, limit: int = TREE_LIMIT, max_bytes: int = TREE_MAX_BYTES
-    ) -> Tree | None:
-        """The correspondence tree around letter ``shams`` (see ``Tree``); None if the hub
-        never accepted it.
-
-        Links are the ``in_reply_to`` of signed headers, which a hostile node may point at
-        a number still to come, so a walk may meet a letter twice: each is taken once.
-        At most ``limit`` letters, and (but always the letter asked for) ``max_bytes`` of
-        envelopes and evidence; ``truncated`` says the tree was cut.
-        """
-        links = await self._links([shams])
-        if shams not in links:
+    async def parties(self, shams: str) -> tuple[str, list[str]] | None:
+        """The sender and recipients of letter ``shams``; None if the hub never accepted
+        it. Two indexed reads: what ``Track`` asks before any walk."""
+        row = await self.db.fetchone("SELECT sender FROM letters WHERE shams = ?", (shams,))
+        if row is None:
             return None
+        recipients = await self.db.fetchall(
+            "SELECT recipient FROM recipient_state WHERE shams = ? ORDER BY rowid", (shams,)
+        )
+        return str(row[0]), [str(r[0]) for r in recipients]
+
+    async def tree(
+        self,
+        shams: str,
+        viewer: str | None = None,
+        limit: int = TREE_LIMIT,
+        max_bytes: int = TREE_MAX_BYTES,
+    ) -> Tree | None:
+        """The correspondence tree around letter ``shams`` (see ``Tree``) as ``viewer`` may
+        see it (an agency code; None: an auditor, all of it); None if the hub never
+        accepted the letter.
+
+        A link from a letter to the one it answers is followed (up or down) only when the
+        answering letter's sender is a party of the one answered (its sender or one of its
+        recipients), the rule ``client_sdk/statuses.py`` applies to status updates: anyone
+        may number a letter in reply to anything, even to a number still to come, but no
+        one joins a thread it is no party of. Decided as the tree is walked, so a link
+        made before its letter existed is judged by the letter that came. Each letter is
+        taken once (hostile links make cycles). At most ``limit`` letters; at most
+        ``max_bytes`` of envelopes and evidence shown (those of the letter asked for too:
+        its evidence is cut there). ``truncated`` says the tree was cut.
+        """
+        first = await self.db.fetchone(
+            "SELECT sender, in_reply_to FROM letters WHERE shams = ?", (shams,)
+        )
+        if first is None:
+            return None
+        nodes: dict[str, _Node] = {}
         order = [shams]
-        seen = {shams}
+        nodes[shams] = _Node(str(first[0]), _text(first[1]), followed=False)
         truncated = False
-        parent = links[shams]
-        while parent is not None and parent not in seen:
+        # Up: the letter it answers, while its sender is a party of that letter.
+        child = shams
+        while (parent := nodes[child].in_reply_to) is not None and parent not in nodes:
             if len(order) >= limit:
                 truncated = True
                 break
-            found = await self._links([parent])
-            if parent not in found:  # a number the hub never accepted
-                break
-            order.append(parent)
-            seen.add(parent)
-            parent = found[parent]
-        frontier = list(order)
-        while frontier and not truncated:
-            rows = sorted(
-                (int(rowid), str(child))
-                for rowid, child in await self.db.fetchall_in(
-                    "SELECT rowid, shams FROM letters WHERE in_reply_to IN ({marks})", frontier
-                )
+            row = await self.db.fetchone(
+                "SELECT l.sender, l.in_reply_to, EXISTS (SELECT 1 FROM recipient_state s"
+                " WHERE s.shams = l.shams AND s.recipient = ?) FROM letters l WHERE l.shams = ?",
+                (nodes[child].sender, parent),
             )
-            frontier = []
-            for _, child in rows:
-                if child in seen:
+            if row is None:  # a number the hub never accepted
+                break
+            if not (row[2] or str(row[0]) == nodes[child].sender):  # no party of it
+                break
+            nodes[child].followed = True
+            nodes[parent] = _Node(str(row[0]), _text(row[1]), followed=False)
+            order.append(parent)
+            child = parent
+        # Down, breadth first: the letters answering a level's, by their parties.
+        level = list(order)
+        while level and not truncated:
+            await self._recipients_of(level, nodes)
+            pairs = [
+                (parent, party)
+                for parent in level
+                for party in dict.fromkeys(
+                    (nodes[parent].sender, *(nodes[parent].recipients or []))
+                )
+            ]
+            room = limit - len(order)
+            # Rows of letters already taken (at most len(order)) are skipped below, so each
+            # pair reads at most this many, in its index's order: no sort of a flood.
+            found = await self._answering(pairs, room + len(order))
+            level = []
+            for number, sender, reply in found:
+                if number in nodes:
                     continue
                 if len(order) >= limit:
                     truncated = True
                     break
-                order.append(child)
-                seen.add(child)
-                frontier.append(child)
-        letters, cut = await self._tree_letters(order, max_bytes)
+                nodes[number] = _Node(sender, reply, followed=True)
+                order.append(number)
+                level.append(number)
+        await self._recipients_of(order, nodes)
+        letters, cut = await self._tree_letters(order, nodes, viewer, max_bytes)
         return Tree(letters, truncated or cut)
 
-    async def _links(self, numbers: Sequence[str]) -> dict[str, str | None]:
-        """The ``in_reply_to`` of those of ``numbers`` the hub accepted."""
-        return {
-            str(shams): None if reply is None else str(reply)
-            for shams, reply in await self.db.fetchall_in(
-                "SELECT shams, in_reply_to FROM letters WHERE shams IN ({marks})", numbers
+    async def _recipients_of(self, numbers: Sequence[str], nodes: dict[str, _Node]) -> None:
+        """Fills the recipients of those of ``numbers`` not read yet."""
+        wanted = [n for n in numbers if nodes[n].recipients is None]
+        for n in wanted:
+            nodes[n].recipients = []
+        for number, recipient in await self.db.fetchall_in(
+            "SELECT shams, recipient FROM recipient_state WHERE shams IN ({marks}) ORDER BY rowid",
+            wanted,
+        ):
+            nodes[str(number)].recipients.append(str(recipient))  # type: ignore[union-attr]
+
+    async def _answering(
+        self, pairs: Sequence[tuple[str, str]], each: int
+    ) -> list[tuple[str, str, str]]:
+        """(shams, sender, in_reply_to) of letters answering a letter of ``pairs`` sent by
+        the party paired with it, in acceptance order: at most ``each`` a pair, each read
+        in the order of the index (in_reply_to, sender), so that letters piled on a
+        thread cost only as many rows as the tree still has room for."""
+        rows: list[tuple[int, str, str, str]] = []
+        for at in range(0, len(pairs), _PAIRS_A_QUERY):
+            chunk = pairs[at : at + _PAIRS_A_QUERY]
+            sql = " UNION ALL ".join([_ANSWERING] * len(chunk)) + " ORDER BY 1 LIMIT ?"
+            params: list[object] = []
+            for parent, party in chunk:
+                params += [parent, party, each]
+            rows.extend(
+                (int(r[0]), str(r[1]), str(r[2]), str(r[3]))
+                for r in await self.db.fetchall(sql, (*params, each))
             )
-        }
+        rows.sort()
+        return [(number, sender, reply) for _, number, sender, reply in rows[:each]]
 
     async def _tree_letters(
-        self, order: Sequence[str], max_bytes: int
+        self, order: Sequence[str], nodes: dict[str, _Node], viewer: str | None, max_bytes: int
     ) -> tuple[list[TreeLetter], bool]:
-        """The letters ``order`` names, in that order, up to ``max_bytes`` (but one
-        always); whether some were left out."""
+        """The letters ``order`` names, in that order, as ``viewer`` may see them, up to
+        ``max_bytes`` of envelopes and evidence shown (the first letter always, its
+        evidence cut there); whether some were left out or cut."""
+
+        def full(number: str) -> bool:
+            node = nodes[number]
+            return viewer is None or viewer == node.sender or viewer in (node.recipients or [])
+
+        shown = [s for s in order if full(s)]
+        place = {number: at for at, number in enumerate(shown)}
         rows = {
             str(r[0]): r
             for r in await self.db.fetchall_in(
-                "SELECT shams, sender, kind, in_reply_to, status, accepted_at, relay_evidence"
+                "SELECT shams, kind, status, accepted_at, relay_evidence"
                 " FROM letters WHERE shams IN ({marks})",
-                order,
+                shown,
             )
         }
-        recipients: dict[str, list[str]] = {}
-        for shams, recipient in await self.db.fetchall_in(
-            "SELECT shams, recipient FROM recipient_state WHERE shams IN ({marks}) ORDER BY rowid",
-            order,
-        ):
-            recipients.setdefault(str(shams), []).append(str(recipient))
-        evidence: dict[str, list[bytes]] = {}
-        for shams, blob in await self.db.fetchall_in(
-            "SELECT shams, evidence FROM evidence WHERE shams IN ({marks}) ORDER BY rowid", order
-        ):
-            evidence.setdefault(str(shams), []).append(bytes(blob))
         sizes = {
-            str(shams): int(size)
-            for shams, size in await self.db.fetchall_in(
-                "SELECT shams, length(envelope) FROM envelopes WHERE shams IN ({marks})", order
+            str(number): int(size)
+            for number, size in await self.db.fetchall_in(
+                "SELECT shams, length(envelope) FROM envelopes WHERE shams IN ({marks})", shown
             )
         }
+        budget = _Budget(max_bytes)
+        envelopes: dict[str, pb.Envelope] = {}
         out: list[TreeLetter] = []
-        used = 0
-        at = 0
-        while at < len(order):
-            # The next envelopes, as many as fit in one read (but one always).
-            group = order[
-                at : at + max(1, fits([sizes.get(s, 0) for s in order[at:]], _ENVELOPE_READ_BYTES))
-            ]
-            at += len(group)
-            envelopes = {
-                str(shams): _bodiless(bytes(blob))
-                for shams, blob in await self.db.fetchall_in(
-                    "SELECT shams, envelope FROM envelopes WHERE shams IN ({marks})",
-                    [s for s in group if s in sizes],
+        for position, number in enumerate(order):
+            node = nodes[number]
+            if not full(number):
+                # Only the number, and the letter it answers if that link was followed.
+                out.append(_redacted(number, node.in_reply_to if node.followed else None))
+                continue
+            if number in sizes and number not in envelopes:
+                await self._read_envelopes(shown[place[number] :], sizes, envelopes)
+            envelope = envelopes.pop(number, None)
+            row = rows[number]
+            asked = position == 0
+            if not budget.take(envelope.ByteSize() if envelope is not None else 0, asked):
+                return out, True
+            items, complete = await self._evidence(number, bytes(row[4]), viewer, node, budget)
+            if not complete and not asked:
+                return out, True
+            out.append(
+                TreeLetter(
+                    shams=number,
+                    sender=node.sender,
+                    recipients=list(node.recipients or []),
+                    kind=None if row[1] is None else int(row[1]),
+                    in_reply_to=node.in_reply_to,
+                    status=int(row[2]),
+                    accepted_at=float(row[3]),
+                    evidence=items,
+                    envelope=envelope,
                 )
-            }
-            for shams in group:
-                row = rows[shams]
-                items = [pb.Evidence.FromString(b) for b in evidence.get(shams, [])]
-                if row[6]:  # a copy kept inline by earlier versions: those not also stored
-                    stored = {pb.EvidenceContent.FromString(e.content).evidence_id for e in items}
-                    kept = [
-                        e
-                        for e in pb.EvidenceBatch.FromString(bytes(row[6])).evidence
-                        if pb.EvidenceContent.FromString(e.content).evidence_id not in stored
-                    ]
-                    items = [*kept, *items]
-                envelope = envelopes.get(shams)
-                used += sum(e.ByteSize() for e in items)
-                used += envelope.ByteSize() if envelope is not None else 0
-                if out and used > max_bytes:
-                    return out, True
-                out.append(
-                    TreeLetter(
-                        shams=shams,
-                        sender=str(row[1]),
-                        recipients=recipients.get(shams, []),
-                        kind=None if row[2] is None else int(row[2]),
-                        in_reply_to=None if row[3] is None else str(row[3]),
-                        status=int(row[4]),
-                        accepted_at=float(row[5]),
-                        evidence=items,
-                        envelope=envelope,
-                    )
-                )
+            )
+            if not complete:
+                return out, True
         return out, False
+
+    async def _read_envelopes(
+        self, numbers: Sequence[str], sizes: dict[str, int], into: dict[str, pb.Envelope]
+    ) -> None:
+        """The next envelopes of ``numbers`` held, as many as one read of
+        ``_ENVELOPE_READ_BYTES`` takes (one always), without their bodies."""
+        held = [n for n in numbers if n in sizes]
+        group = held[: max(1, fits([sizes[n] for n in held], _ENVELOPE_READ_BYTES))]
+        for number, blob in await self.db.fetchall_in(
+            "SELECT shams, envelope FROM envelopes WHERE shams IN ({marks})", group
+        ):
+            into[str(number)] = _bodiless(bytes(blob))
+
+    async def _evidence(
+        self, shams: str, kept: bytes, viewer: str | None, node: _Node, budget: _Budget
+    ) -> tuple[list[pb.Evidence], bool]:
+        """The evidence about letter ``shams`` ``viewer`` may see, in recorded order, read
+        a page at a time by size; whether all of it fitted ``budget``.
+
+        A recipient that is not the sender sees only the evidence about itself and about
+        the whole letter (no recipient named), as its own node shows it; the sender and
+        auditors see all."""
+
+        def visible(item: pb.Evidence) -> bool:
+            if viewer is None or viewer == node.sender:
+                return True
+            recipient = pb.EvidenceContent.FromString(item.content).recipient
+            return recipient in ("", viewer)
+
+        items: list[pb.Evidence] = []
+        stored: set[str] = set()
+        after = 0
+        while True:
+            sizes = await self.db.fetchall(
+                "SELECT rowid, length(evidence) FROM evidence WHERE shams = ? AND rowid > ?"
+                " ORDER BY rowid LIMIT ?",
+                (shams, after, _EVIDENCE_PAGE_ROWS),
+            )
+            if not sizes:
+                break
+            count = fits([int(r[1]) for r in sizes], _EVIDENCE_READ_BYTES)
+            if not budget.read(sum(int(r[1]) for r in sizes[:count])):
+                return items, False
+            last = int(sizes[count - 1][0])
+            for (blob,) in await self.db.fetchall(
+                "SELECT evidence FROM evidence WHERE shams = ? AND rowid > ? AND rowid <= ?"
+                " ORDER BY rowid",
+                (shams, after, last),
+            ):
+                item = pb.Evidence.FromString(bytes(blob))
+                stored.add(pb.EvidenceContent.FromString(item.content).evidence_id)
+                if not visible(item):
+                    continue
+                if not budget.take(len(blob), asked=False):
+                    return items, False
+                items.append(item)
+            after = last
+        if kept:  # a copy kept inline by earlier versions: those not also stored, first
+            old = [
+                e
+                for e in pb.EvidenceBatch.FromString(kept).evidence
+                if pb.EvidenceContent.FromString(e.content).evidence_id not in stored and visible(e)
+            ]
+            if not budget.take(sum(e.ByteSize() for e in old), asked=False):
+                return items, False
+            items = [*old, *items]
+        return items, True
 
     async def link_held_letters(self, chunk: int = 500) -> int:
         """Fills kind, in_reply_to and status of letters accepted before schema 8 from
@@ -787,6 +948,25 @@ def _relay_evidence(conn: sqlite3.Connection, shams: str, kept: bytes) -> list[p
 
 def _queued_row(row: Sequence[Any]) -> tuple[int, str, bytes, float | None]:
     return int(row[0]), str(row[1]), bytes(row[2]), None if row[3] is None else float(row[3])
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _redacted(shams: str, in_reply_to: str | None) -> TreeLetter:
+    return TreeLetter(
+        shams=shams,
+        sender="",
+        recipients=[],
+        kind=None,
+        in_reply_to=in_reply_to,
+        status=0,
+        accepted_at=0.0,
+        evidence=[],
+        envelope=None,
+        redacted=True,
+    )
 
 
 def _bodiless(blob: bytes) -> pb.Envelope:

@@ -241,6 +241,10 @@ async def test_letters_accepted_before_the_tree_are_linked_from_the_envelopes_he
                     " accepted_at, purged) VALUES (?, ?, ?, x'', ?, ?)",
                     (letter.shams, letter.sender, letter.envelope_sha256, time.time(), i == 2),
                 )
+                conn.executemany(  # type: ignore[attr-defined]
+                    "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, 1)",
+                    [(letter.shams, r) for r in letter.recipients],
+                )
                 if i < 2:  # retention took the third one's envelope
                     conn.execute(  # type: ignore[attr-defined]
                         "INSERT INTO envelopes (shams, envelope) VALUES (?, ?)",
@@ -268,3 +272,161 @@ async def test_letters_accepted_before_the_tree_are_linked_from_the_envelopes_he
         assert (unlinked.letters[0].kind, unlinked.letters[0].in_reply_to) == (None, None)
     finally:
         await store.close()
+
+
+def _receipt(
+    letter: IncomingLetter,
+    recipient: str,
+    event: pb.EvidenceEvent.ValueType = E.EVIDENCE_EVENT_HANDOVER,
+    detail: str = "",
+) -> tuple[pb.Evidence, pb.EvidenceContent, str]:
+    """What ``Hub._receipts`` hands ``record_receipts`` for a receipt of ``recipient``."""
+    data = evidence_content(
+        event,
+        issuer=f"urn:chapar:agency:{recipient}",
+        shams=letter.shams_pb,
+        envelope_sha256=letter.envelope_sha256,
+        recipient=recipient,
+        now=dt.datetime.now(dt.UTC),
+        detail=detail,
+    )
+    return pb.Evidence(content=data), pb.EvidenceContent.FromString(data), letter.shams
+
+
+async def test_letters_of_no_party_are_not_linked_up_or_down_even_to_numbers_to_come(
+    hub: HubStore,
+) -> None:
+    x = _letter(A, 1, [B])
+    # C is no party of X: it numbers letters in reply to X before X exists and after.
+    early = _letter(C, 1, [C], reply_to=x.shams_pb)
+    await _accept(hub, early)
+    late = _letter(C, 2, [B], reply_to=x.shams_pb)
+    reply = _letter(B, 1, [A], reply_to=x.shams_pb, kind=pb.LetterKind.LETTER_KIND_REPLY)
+    await _accept(hub, x, late, reply)
+    around_x = await hub.tree(x.shams, A)
+    assert around_x is not None
+    assert _numbers(around_x) == [x.shams, reply.shams]
+    # C's own letter: in full, with the link its header states, and nothing of X's thread
+    # (the same whether X's number is taken or not: no oracle).
+    around_late = await hub.tree(late.shams, C)
+    assert around_late is not None
+    assert _numbers(around_late) == [late.shams]
+    assert around_late.letters[0].in_reply_to == x.shams
+    assert not around_late.letters[0].redacted
+    free = _letter(C, 3, [B], reply_to=_number(A, 99))
+    await _accept(hub, free)
+    around_free = await hub.tree(free.shams, C)
+    assert around_free is not None
+    assert _numbers(around_free) == [free.shams]
+
+
+async def test_a_redacted_letter_shows_its_link_only_if_the_walk_followed_it(
+    hub: HubStore,
+) -> None:
+    w = _letter(C, 1, [C])  # between C and itself: A is no party of it
+    x = _letter(A, 1, [B], reply_to=w.shams_pb)
+    y = _letter(B, 1, [C], reply_to=x.shams_pb)  # B, a recipient of X, answers it
+    await _accept(hub, w, x, y)
+    seen_by_c = await hub.tree(y.shams, C)
+    assert seen_by_c is not None
+    assert _numbers(seen_by_c) == [y.shams, x.shams]
+    shown = {t.shams: t for t in seen_by_c.letters}
+    assert shown[y.shams].in_reply_to == x.shams
+    redacted = shown[x.shams]
+    assert redacted.redacted
+    assert (redacted.in_reply_to, redacted.sender, redacted.recipients, redacted.evidence) == (
+        None,  # X's link to W was not followed: C does not learn it
+        "",
+        [],
+        [],
+    )
+    assert redacted.envelope is None
+
+
+async def test_a_flood_of_replies_from_no_party_neither_fills_the_tree_nor_hides_the_reply(
+    hub: HubStore,
+) -> None:
+    x = _letter(A, 1, [B])
+    await _accept(hub, x)
+    await hub.db.write(
+        lambda conn: conn.executemany(
+            "INSERT INTO letters (shams, sender, envelope_sha256, relay_evidence, accepted_at,"
+            " kind, in_reply_to, status) VALUES (?, ?, x'00', x'', 0, 1, ?, 0)",
+            [(format_shams(_number(C, i)), C, x.shams) for i in range(1, 5001)],
+        )
+    )
+    reply = _letter(B, 1, [A], reply_to=x.shams_pb)
+    await _accept(hub, reply)
+    tree = await hub.tree(x.shams, limit=10)
+    assert tree is not None
+    assert not tree.truncated
+    assert _numbers(tree) == [x.shams, reply.shams]
+
+
+async def test_the_letters_answering_one_are_read_in_index_order_a_bounded_number(
+    hub: HubStore,
+) -> None:
+    # A party's flood of replies is not sorted whole for each Track: each (letter, party)
+    # pair is read in the order of the (in_reply_to, sender) index, up to the room left.
+    from node.storage.hub_store import _ANSWERING
+
+    plan = await hub.db.fetchall(f"EXPLAIN QUERY PLAN {_ANSWERING}", ("x", "y", 5))
+    steps = " ".join(str(row[3]) for row in plan)
+    assert "USING INDEX letters_by_reply (in_reply_to=? AND sender=?)" in steps
+    assert "TEMP B-TREE" not in steps
+    x = _letter(A, 1, [B])
+    replies = [_letter(B, i, [A], reply_to=x.shams_pb) for i in range(1, 8)]
+    await _accept(hub, x, *replies)
+    tree = await hub.tree(x.shams, limit=4)
+    assert tree is not None
+    assert tree.truncated
+    assert _numbers(tree) == [x.shams, *(r.shams for r in replies[:3])]
+
+
+async def test_the_letter_asked_for_has_its_evidence_cut_at_the_byte_limit(
+    hub: HubStore,
+) -> None:
+    x = _letter(A, 1, [B])
+    await _accept(hub, x)
+    for _ in range(6):  # a recipient's receipts, each with a large detail
+        await hub.record_receipts(B, [_receipt(x, B, detail="d" * 100_000)])
+    whole = await hub.tree(x.shams)
+    assert whole is not None
+    assert not whole.truncated
+    assert len(whole.letters[0].evidence) == 7
+    cut = await hub.tree(x.shams, max_bytes=350_000)
+    assert cut is not None
+    assert cut.truncated
+    (letter,) = cut.letters
+    assert len(letter.evidence) == 4  # the relay acceptance and three receipts
+    assert letter.envelope is not None
+    envelope = letter.envelope.ByteSize()
+    assert envelope + sum(e.ByteSize() for e in letter.evidence) <= 350_000
+
+
+async def test_a_recipient_sees_only_the_evidence_about_itself_and_counts_only_that(
+    hub: HubStore,
+) -> None:
+    x = _letter(A, 1, [B, C])
+    await _accept(hub, x)
+    await hub.record_receipts(B, [_receipt(x, B, E.EVIDENCE_EVENT_DELIVERY)])
+    await hub.record_receipts(C, [_receipt(x, C, E.EVIDENCE_EVENT_DELIVERY, "c" * 200_000)])
+
+    def about(tree: object, viewer: str | None = None) -> list[tuple[int, str]]:
+        letter = tree.letters[0]  # type: ignore[attr-defined]
+        contents = [pb.EvidenceContent.FromString(e.content) for e in letter.evidence]
+        return [(c.event, c.recipient) for c in contents]
+
+    for viewer in (A, None):  # the sender and an auditor: all of it
+        everything = await hub.tree(x.shams, viewer)
+        assert about(everything) == [
+            (E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, B),
+            (E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, C),
+            (E.EVIDENCE_EVENT_DELIVERY, B),
+            (E.EVIDENCE_EVENT_DELIVERY, C),
+        ]
+    # B: its own, within a limit C's large receipt alone would pass.
+    at_b = await hub.tree(x.shams, B, max_bytes=100_000)
+    assert at_b is not None
+    assert not at_b.truncated
+    assert about(at_b) == [(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, B), (E.EVIDENCE_EVENT_DELIVERY, B)]

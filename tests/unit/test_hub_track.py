@@ -1,0 +1,179 @@
+"""``HubService.Track`` at the hub, driven with a real store and stand-ins for the rest:
+who is refused before any walk, and receipts too large to keep; and the one-time linking
+of letters accepted before the tree, which runs once the hub serves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+import node.hub as hub_module
+from client_sdk import pb
+from client_sdk.identity import Identity
+from node.hub import MAX_RECEIPT_CONTENT_BYTES, Hub, _Session
+from node.storage.db import Database
+from node.storage.hub_store import MIGRATIONS, HubStore
+from tests.unit.test_hub_tree import A, B, C, _accept, _letter, _receipt
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, bytes], ...] = (),
+    ) -> None:
+        reason = ""
+        for key, value in trailing_metadata:
+            if key == "grpc-status-details-bin":
+                for detail in status_pb2.Status.FromString(value).details:
+                    info = error_details_pb2.ErrorInfo()
+                    if detail.Unpack(info):
+                        reason = info.reason
+        self.aborted = (code, reason)
+        raise grpc.aio.AbortError()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[HubStore]:
+    opened = await HubStore.open(tmp_path / "hub.db", durability="normal")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def _track_as(
+    monkeypatch: pytest.MonkeyPatch, hub: Any, agency: str, shams: pb.Shams
+) -> tuple[grpc.StatusCode, str] | None:
+    monkeypatch.setattr(
+        hub_module, "peer_certificate", lambda context, trust: (None, Identity.for_agency(agency))
+    )
+    context = _Context()
+    with contextlib.suppress(grpc.aio.AbortError):
+        await Hub.Track(hub, pb.TrackRequest(shams=shams), context)  # type: ignore[arg-type]
+    return context.aborted
+
+
+async def test_an_agency_no_party_of_the_letter_is_refused_before_any_walk(
+    store: HubStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = _letter(A, 1, [B])
+    await _accept(store, x, *(_letter(B, i, [A], reply_to=x.shams_pb) for i in range(1, 50)))
+    walks: list[str | None] = []
+    real_tree = store.tree
+
+    async def tree(shams: str, viewer: str | None = None) -> Any:
+        walks.append(viewer)
+        return await real_tree(shams, viewer)
+
+    hub = SimpleNamespace(
+        store=SimpleNamespace(parties=store.parties, tree=tree),
+        trust=None,
+        _tracker=lambda identity: identity.agency,
+    )
+    assert x.shams_pb is not None
+    assert await _track_as(monkeypatch, hub, C, x.shams_pb) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "NOT_A_PARTY",
+    )
+    assert walks == []
+    hub._tracked = lambda tree: pb.TrackResponse(letters=[pb.TrackedLetter()] * len(tree.letters))
+    assert await _track_as(monkeypatch, hub, B, x.shams_pb) is None
+    assert walks == [B]
+
+
+async def test_a_receipt_too_large_to_keep_is_refused_and_its_letter_left_unanswered(
+    store: HubStore,
+) -> None:
+    x = _letter(A, 1, [B])
+    await _accept(store, x)
+    large, content, _ = _receipt(x, B, detail="d" * MAX_RECEIPT_CONTENT_BYTES)
+    small, small_content, _ = _receipt(x, B, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY)
+    hub = SimpleNamespace(
+        trust=SimpleNamespace(verify_evidence_many=lambda items: [content, small_content]),
+        store=store,
+        _unanswered={},
+        _wake=lambda agency, notices: None,
+        _count=lambda agency, delta: None,
+    )
+    hub._unverified_receipt = lambda session, item: Hub._unverified_receipt(hub, session, item)  # type: ignore[arg-type]
+    hub._leave_window = lambda session, shams: Hub._leave_window(hub, session, shams)  # type: ignore[arg-type]
+    session = _Session(B, None)  # type: ignore[arg-type]
+    session.inflight.add(x.shams)
+    await Hub._receipts(hub, session, [large, small])  # type: ignore[arg-type]
+    tree = await store.tree(x.shams)
+    assert tree is not None
+    events = [pb.EvidenceContent.FromString(e.content).event for e in tree.letters[0].evidence]
+    assert events == [
+        pb.EvidenceEvent.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
+    ]
+
+
+async def test_letters_accepted_before_the_tree_are_linked_in_the_background_once_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "hub.db"
+    x = _letter(A, 1, [B])
+    y = _letter(B, 1, [A], reply_to=x.shams_pb)
+    old = await Database.open(path, MIGRATIONS[:7])  # the schema before the tree
+    try:
+
+        def insert(conn: Any) -> None:
+            for letter in (x, y):
+                conn.execute(
+                    "INSERT INTO letters (shams, sender, envelope_sha256, relay_evidence,"
+                    " accepted_at) VALUES (?, ?, ?, x'', ?)",
+                    (letter.shams, letter.sender, letter.envelope_sha256, time.time()),
+                )
+                conn.execute(
+                    "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, 1)",
+                    (letter.shams, letter.recipients[0]),
+                )
+                conn.execute(
+                    "INSERT INTO envelopes (shams, envelope) VALUES (?, ?)",
+                    (letter.shams, letter.envelope),
+                )
+
+        await old.write(insert)
+    finally:
+        await old.close()
+    store = await HubStore.open(path, durability="normal")
+    try:
+        hub = SimpleNamespace(store=store, _tasks=[])
+        hub._link_held_letters = lambda: Hub._link_held_letters(hub)  # type: ignore[arg-type]
+        task = Hub.link_held_letters_later(hub)  # type: ignore[arg-type]
+        # Not linked yet: the tree meanwhile says so.
+        before = await store.tree(y.shams)
+        assert before is not None
+        assert [(t.shams, t.kind) for t in before.letters] == [(y.shams, None)]
+        await task
+        assert hub._tasks == [task]
+        after = await store.tree(y.shams)
+        assert after is not None
+        assert [t.shams for t in after.letters] == [y.shams, x.shams]
+        # A failure is logged, not raised into the hub.
+        broken = SimpleNamespace(store=SimpleNamespace(link_held_letters=_fails), _tasks=[])
+        broken._link_held_letters = lambda: Hub._link_held_letters(broken)  # type: ignore[arg-type]
+        await Hub.link_held_letters_later(broken)  # type: ignore[arg-type]
+        assert "resumes at the next start" in caplog.text
+    finally:
+        await store.close()
+
+
+async def _fails() -> int:
+    await asyncio.sleep(0)
+    raise OSError("disk I/O error")
