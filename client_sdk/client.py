@@ -617,8 +617,11 @@ class TreeLetter:
     """One letter of a ``Correspondence`` as the hub recorded it (``pb.TrackedLetter``).
 
     A redacted letter (one the caller is no party of) has its number and the number it
-    answers, nothing else. The other fields are the hub's account, unverified until
-    ``Correspondence.verify`` checks them against the signed header and evidence."""
+    answers, nothing else (whatever else an answer carries for it is not shown here, and
+    ``Correspondence.verify`` refuses it). The other fields are the hub's account,
+    unverified until ``Correspondence.verify`` checks them against the signed header and
+    evidence; a letter whose envelope the hub's retention removed (``signed`` False) has
+    no signed header to check them against: only its evidence verifies."""
 
     shams: str
     in_reply_to: str | None
@@ -639,6 +642,10 @@ class TreeLetter:
     evidence: list[pb.Evidence]
     """All the hub recorded about the letter, in its order."""
     links_unknown: bool
+    signed: bool
+    """Shown in full with its signed envelope: its account can be checked against it.
+    False when redacted, or when retention removed the envelope (body and header purged
+    at the hub): sender, recipients, kind, status and in_reply_to are then the hub's word."""
     message: pb.TrackedLetter
     children: list[TreeLetter] = field(default_factory=list)
     """The letters of the tree answering this one, in the hub's order."""
@@ -657,18 +664,19 @@ class TreeLetter:
             in_reply_to=_shams_or_none(message, "in_reply_to"),
             redacted=message.redacted,
             sender=message.sender if full else None,
-            recipients=tuple(message.recipients),
+            recipients=tuple(message.recipients) if full else (),
             kind=(
                 _enum_name(pb.LetterKind.Name, message.kind, "LETTER_KIND_")
                 if full and not message.links_unknown
                 else None
             ),
-            status=status_name(message.status) if message.status else None,
-            accept_time=_time(message, "accept_time"),
-            envelope=envelope,
-            header=header,
-            evidence=list(message.evidence),
-            links_unknown=message.links_unknown,
+            status=status_name(message.status) if full and message.status else None,
+            accept_time=_time(message, "accept_time") if full else None,
+            envelope=envelope if full else None,
+            header=header if full else None,
+            evidence=list(message.evidence) if full else [],
+            links_unknown=message.links_unknown if full else False,
+            signed=full and envelope is not None,
             message=message,
         )
 
@@ -691,7 +699,7 @@ class Correspondence:
     or a ``HubService.Track`` answer): its letters, linked by ``in_reply_to``."""
 
     shams: str
-    """The letter asked for (the first of ``letters``)."""
+    """The letter asked for: ``verify`` checks the answer's first letter is that one."""
     letters: list[TreeLetter]
     """Every letter, in the hub's order: the one asked for, its ancestors, then the rest."""
     roots: list[TreeLetter]
@@ -704,10 +712,14 @@ class Correspondence:
 
     @classmethod
     def from_response(
-        cls, response: pb.TrackCorrespondenceResponse | pb.TrackResponse
+        cls,
+        response: pb.TrackCorrespondenceResponse | pb.TrackResponse,
+        asked: ShamsLike | None = None,
     ) -> Correspondence:
-        """Raises ``ValueError`` if the answer holds no letter, or a letter's number is
-        not a valid SHAMS number."""
+        """The tree an answer holds, about letter ``asked`` (by default the answer's first
+        letter: give the number asked for, so that ``verify`` checks the answer is about
+        it). Raises ``ValueError`` if the answer holds no letter, or a number (``asked``
+        included) is not a valid SHAMS number."""
         letters = [TreeLetter.from_pb(m) for m in response.letters]
         if not letters:
             raise ValueError("the answer holds no letter")
@@ -741,8 +753,12 @@ class Correspondence:
         for letter in index.values():  # left: letters on a cycle of links
             if letter.shams not in placed:
                 plant(letter)
+        if asked is None:
+            wanted = letters[0].shams
+        else:
+            wanted = format_shams(parse_shams(asked) if isinstance(asked, str) else asked)
         return cls(
-            shams=letters[0].shams,
+            shams=wanted,
             letters=letters,
             roots=roots,
             certificates=list(response.certificates),
@@ -763,14 +779,25 @@ class Correspondence:
             stack.extend((depth + 1, child) for child in reversed(letter.children))
 
     def verify(self, trust: TrustStore) -> list[VerifiedEvidence]:
-        """Verifies offline every letter shown in full: its envelope's signature (with its
+        """Verifies offline that the answer is about the letter asked for (``shams``, its
+        first letter, shown in full: ``TRACK_MISMATCH``), and every letter shown in full:
+        that its sender is the origin of its number, its envelope's signature (with its
         batch proof; the body is not there, its signed header is what verifies), that the
         hub's account (sender, recipients, kind, in_reply_to, status) is what that header
         signs (``TRACK_MISMATCH``), and each evidence: signature, issuer allowed for its
-        event, about this very letter. Adds ``certificates`` to ``trust`` (they still have
-        to chain to its roots). Redacted letters carry nothing to verify. Returns the
-        verified evidence; raises ``client_sdk.trust.VerificationError`` on the first
-        failure, naming the letter."""
+        event, about this very letter. A letter without its envelope (``signed`` False)
+        has only its evidence verified: its account stays the hub's word. A redacted
+        letter must carry nothing but its number and the one it answers
+        (``TRACK_MISMATCH``). Adds ``certificates`` to ``trust`` (they still have to chain
+        to its roots). Returns the verified evidence; raises
+        ``client_sdk.trust.VerificationError`` on the first failure, naming the letter."""
+        first = self.letters[0]
+        if first.shams != self.shams or first.redacted:
+            raise VerificationError(
+                "TRACK_MISMATCH",
+                f"the answer is not the tree of {self.shams} shown in full"
+                f" (its first letter is {first.shams}{', redacted' if first.redacted else ''})",
+            )
         try:
             trust.add_certificates(self.certificates)
         except Exception as exc:  # as in Tracking.verify: DER that is no certificate
@@ -779,9 +806,10 @@ class Correspondence:
             ) from exc
         verified: list[VerifiedEvidence] = []
         for letter in self.letters:
-            if letter.redacted:
-                continue
             try:
+                if letter.redacted:
+                    _verify_redacted(letter.message)
+                    continue
                 verified.extend(_verify_tracked(trust, letter.message))
             except VerificationError as exc:
                 raise VerificationError(exc.reason, f"letter {letter.shams}: {exc}") from exc
@@ -1286,7 +1314,7 @@ class ExchangeClient:
                 request, timeout=self._deadline(timeout)
             )
         try:
-            return Correspondence.from_response(response)
+            return Correspondence.from_response(response, request.shams)
         except ValueError as exc:
             raise InternalError(
                 "a correspondence tree that does not parse", reason="MALFORMED_RESPONSE"
@@ -2315,6 +2343,10 @@ def _verify_tracked(trust: TrustStore, letter: pb.TrackedLetter) -> list[Verifie
     """One unredacted letter of a tree: its envelope and the hub's account of it, then
     its evidence (see ``Correspondence.verify``)."""
     sender, recipients = letter.sender, list(letter.recipients)
+    if sender != letter.shams.origin:  # the hub accepts no other, envelope or not
+        raise VerificationError(
+            "TRACK_MISMATCH", f"its sender {sender!r} is not the origin of its number"
+        )
     digest: bytes | None = None
     if letter.HasField("envelope"):
         envelope = letter.envelope
@@ -2358,6 +2390,17 @@ def _verify_tracked(trust: TrustStore, letter: pb.TrackedLetter) -> list[Verifie
             raise VerificationError(exc.reason, f"evidence {position}: {exc}") from exc
         verified.append(VerifiedEvidence.from_content(content))
     return verified
+
+
+_REDACTED_FIELDS = frozenset({"shams", "in_reply_to", "redacted"})
+
+
+def _verify_redacted(letter: pb.TrackedLetter) -> None:
+    """A redacted letter carries its number and the one it answers, nothing else: the
+    rest would be data no signature covers, shown as the hub's."""
+    extra = sorted(f.name for f, _ in letter.ListFields() if f.name not in _REDACTED_FIELDS)
+    if extra:
+        raise VerificationError("TRACK_MISMATCH", f"a redacted letter carries {', '.join(extra)}")
 
 
 def _holds_body(envelope: pb.Envelope, header: pb.EnvelopeHeader) -> bool:

@@ -493,6 +493,7 @@ def _tree_row(depth: int, letter: TreeLetter, asked: str) -> dict[str, Any]:
         "to": list(letter.recipients),
         "last_event": letter.last_event,
         "envelope_held": letter.envelope is not None,
+        "signed": letter.signed,
     }
 
 
@@ -505,8 +506,8 @@ def _tree_line(row: dict[str, Any]) -> str:
         parts.append(row["status"])
     parts.append(f"{row['from']} -> {','.join(row['to'])}")
     parts.append(row["last_event"] or "no evidence")
-    if not row["envelope_held"]:
-        parts.append("(envelope removed by retention)")
+    if not row["signed"]:  # the account above is the hub's word, no signed header checks it
+        parts.append("unsigned (body and header purged by retention)")
     return "  ".join(parts) + mark
 
 

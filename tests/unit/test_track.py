@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from client_sdk import Correspondence, pb
 from client_sdk.shams import parse_shams
-from client_sdk.trust import TrustStore
+from client_sdk.trust import TrustStore, VerificationError
 from node.agency import Agency
 from node.core.errors import ChaparError, Code
 
@@ -96,7 +96,89 @@ def test_the_tree_is_rebuilt_from_the_links_each_letter_once_even_on_a_cycle() -
         (1, _number(6)),
     ]
     assert tree.letter(parse_shams(q)) is tree.letters[2]
-    # Redacted letters carry nothing to verify.
-    assert tree.verify(TrustStore([])) == []
+    # The letter asked for came redacted: not an answer about it.
+    with pytest.raises(VerificationError) as caught:
+        tree.verify(TrustStore([]))
+    assert caught.value.reason == "TRACK_MISMATCH"
     with pytest.raises(ValueError, match="no letter"):
         Correspondence.from_response(pb.TrackResponse())
+
+
+def _unsigned(shams: str, sender: str, reply_to: str | None = None) -> pb.TrackedLetter:
+    """A letter shown in full whose envelope the hub's retention removed, no evidence."""
+    letter = pb.TrackedLetter(
+        shams=parse_shams(shams),
+        sender=sender,
+        recipients=["10861234567"],
+        kind=pb.LetterKind.LETTER_KIND_LETTER,
+    )
+    if reply_to is not None:
+        letter.in_reply_to.CopyFrom(parse_shams(reply_to))
+    return letter
+
+
+def _refusal(tree: Correspondence) -> str:
+    with pytest.raises(VerificationError) as caught:
+        tree.verify(TrustStore([]))
+    return str(caught.value)
+
+
+def test_a_letter_without_its_envelope_is_unsigned_and_its_sender_must_be_its_numbers_origin() -> (
+    None
+):
+    x = _number(1)
+    honest = Correspondence.from_response(pb.TrackResponse(letters=[_unsigned(x, "MOFA.IR")]))
+    assert honest.verify(TrustStore([])) == []
+    assert not honest.letters[0].signed
+    assert not honest.letters[0].redacted
+    lying = Correspondence.from_response(pb.TrackResponse(letters=[_unsigned(x, "ORG-D")]))
+    assert "not the origin of its number" in _refusal(lying)
+
+
+def test_a_redacted_letter_carrying_more_than_its_links_does_not_verify_nor_show() -> None:
+    x, z = _number(1), _number(2)
+    smuggled = _tracked(z, x)
+    smuggled.recipients.append("SMUGGLED")
+    smuggled.status = pb.BusinessStatus.BUSINESS_STATUS_COMPLETED
+    smuggled.evidence.add(content=b"x")
+    tree = Correspondence.from_response(
+        pb.TrackResponse(letters=[_unsigned(x, "MOFA.IR"), smuggled])
+    )
+    shown = tree.letter(z)
+    assert shown is not None
+    assert (shown.recipients, shown.status, shown.evidence, shown.envelope, shown.signed) == (
+        (),
+        None,
+        [],
+        None,
+        False,
+    )
+    assert "redacted letter carries evidence, recipients, status" in _refusal(tree)
+
+
+def test_an_answer_about_another_letter_than_asked_does_not_verify() -> None:
+    x, y = _number(1), _number(2)
+    answer = pb.TrackResponse(letters=[_unsigned(y, "MOFA.IR", x), _unsigned(x, "MOFA.IR")])
+    assert Correspondence.from_response(answer).verify(TrustStore([])) == []
+    about_y = Correspondence.from_response(answer, asked=x)
+    assert about_y.shams == x
+    assert "not the tree of" in _refusal(about_y)
+    with pytest.raises(ValueError, match="invalid SHAMS number"):
+        Correspondence.from_response(answer, asked="no number")
+
+
+def test_chapar_track_tree_marks_the_letter_asked_for_and_says_an_account_is_unsigned() -> None:
+    from node.cli_client import _tree_line, _tree_row
+
+    x, y = _number(1), _number(2)
+    answer = pb.TrackResponse(letters=[_unsigned(y, "MOFA.IR", x), _unsigned(x, "MOFA.IR")])
+    tree = Correspondence.from_response(answer, asked=x)  # an answer about another letter
+    rows = [_tree_row(depth, letter, tree.shams) for depth, letter in tree.walk()]
+    assert [(r["shams"], r["asked"], r["signed"]) for r in rows] == [
+        (x, True, False),
+        (y, False, False),
+    ]
+    assert _tree_line(rows[1]) == (
+        f"{y}  LETTER  MOFA.IR -> 10861234567  no evidence  unsigned (body and header purged"
+        " by retention)"
+    )
