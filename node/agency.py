@@ -1212,14 +1212,35 @@ class Agency(pb.NodeServiceServicer):
             )
             answer = await self._hub_track(request.shams, context.time_remaining())
             letters = list(answer.letters)
+            certificates = list(answer.certificates)
             if access.mailboxes is not None:
                 letters = [await self._as_visible(letter, access) for letter in letters]
+                certificates = self._certificates_of(letters, certificates)
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
         return pb.TrackCorrespondenceResponse(
-            letters=letters, certificates=answer.certificates, truncated=answer.truncated
+            letters=letters, certificates=certificates, truncated=answer.truncated
         )
+
+    def _certificates_of(
+        self, letters: Sequence[pb.TrackedLetter], offered: Sequence[bytes]
+    ) -> list[bytes]:
+        """Of the hub's ``offered`` certificates, those of the signers of what ``letters``
+        show, and the CAs; then the hub's: a signer of a letter redacted here is no one's
+        business (its certificate names the agency it is)."""
+        signers = {
+            kid
+            for letter in letters
+            for kid in (
+                *([letter.envelope.signature.key_id] if letter.HasField("envelope") else []),
+                *(e.signature.key_id for e in letter.evidence),
+            )
+        }
+        kept = [der for der in offered if sha256(der) in signers or _is_ca(der)]
+        if self.directory is not None:
+            kept.extend(self.directory.message.hub_signing_certificates)
+        return list(dict.fromkeys(kept))
 
     async def _hub_track(self, shams: pb.Shams, remaining: float | None) -> pb.TrackResponse:
         """``HubService.Track`` on the hub link's channel, within the caller's deadline."""
@@ -1290,6 +1311,17 @@ class Agency(pb.NodeServiceServicer):
             intermediate_certificates=directory.message.intermediate_certificates,
             hub_signing_certificates=directory.message.hub_signing_certificates,
         )
+
+
+def _is_ca(der: bytes) -> bool:
+    """Whether ``der`` is a CA certificate (an intermediate: it names no agency's letter)."""
+    try:
+        constraints = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.BasicConstraints
+        )
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return constraints.value.ca
 
 
 def _hub_unavailable(why: str) -> ChaparError:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from cryptography import x509
 
 from client_sdk import (
     Correspondence,
@@ -27,6 +28,7 @@ from client_sdk import (
     pb,
 )
 from client_sdk.errors import from_rpc_error
+from client_sdk.identity import identity_of_certificate
 from client_sdk.shams import parse_shams
 from client_sdk.trust import TrustStore, VerificationError
 from node.cluster import Cluster
@@ -292,6 +294,74 @@ async def test_a_mailbox_limited_client_sees_only_its_mailboxes_letters_in_full(
     assert _shown(whole) == {x.shams: True, y.shams: True}
     assert _shown(limited) == {x.shams: True, y.shams: False}
     limited.verify(TrustStore.from_pem_files(cluster.pki.root_cert))
+
+
+def _signers(tree: Correspondence) -> set[str]:
+    """The identities the answer's certificates name."""
+    return {
+        str(identity_of_certificate(x509.load_der_x509_certificate(der)))
+        for der in tree.certificates
+    }
+
+
+async def test_a_mailbox_limited_client_gets_no_certificate_of_a_letter_redacted_for_it(
+    tree_cluster: Cluster,
+) -> None:
+    cluster = tree_cluster
+    registry = client_credentials(cluster, A, "registry")
+    async with (
+        _client(cluster, A, registry) as clerk,
+        _client(cluster, A) as a,
+        _client(cluster, B) as b,
+        _client(cluster, C) as c,
+    ):
+        x = await clerk.send(to=[B], subject="From the registry", body="x",
+                             sender_mailbox="registry")  # fmt: skip
+        await (await _next_letter(b, x.shams)).ack()
+        # The legal department writes to C about it: not the registry's business.
+        w = await a.send(to=[C], subject="Legal to C", body="w", in_reply_to=x.shams,
+                         sender_mailbox="legal")  # fmt: skip
+        await (await _next_letter(c, w.shams)).ack()
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:  # C's receipts about W recorded at the hub
+            whole = await _grown(a, x.shams, 2)
+            letter_w = whole.letter(w.shams)
+            if letter_w is not None and letter_w.last_event == "HANDOVER":
+                break
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.1)
+        limited = await clerk.track_correspondence(x.shams)
+    assert f"urn:chapar:agency:{C}" in _signers(whole)
+    assert _shown(limited) == {x.shams: True, w.shams: False}
+    assert f"urn:chapar:agency:{C}" not in _signers(limited)
+    limited.verify(TrustStore.from_pem_files(cluster.pki.root_cert))
+
+
+async def test_a_letter_in_reply_to_a_thread_of_others_tells_its_sender_nothing_of_it(
+    tree_cluster: Cluster,
+) -> None:
+    cluster = tree_cluster
+    async with _client(cluster, A) as a, _client(cluster, B) as b, _client(cluster, C) as c:
+        secret = await b.send(to=[C], subject="B to C only", body="private")
+        await (await _next_letter(c, secret.shams)).ack()
+        answer = await c.send(to=[B], subject="Re", body="re", kind="reply",
+                              in_reply_to=secret.shams)  # fmt: skip
+        await (await _next_letter(b, answer.shams)).ack()
+        free = parse_shams(secret.shams)
+        free.sequence += 500
+        # A, no party of B's letters, numbers letters in reply to a number of B's taken and
+        # to one not taken: its trees are alike, its own letter alone.
+        on_taken = await a.send(to=[B], subject="probe", body=".", in_reply_to=secret.shams)
+        on_free = await a.send(to=[B], subject="probe", body=".", in_reply_to=free)
+        taken = await _grown(a, on_taken.shams, 1)
+        untaken = await _grown(a, on_free.shams, 1)
+        # Nor does B's thread take in A's letter.
+        at_b = await b.track_correspondence(secret.shams)
+    assert [(t.shams, t.in_reply_to) for t in taken.letters] == [(on_taken.shams, secret.shams)]
+    assert [t.shams for t in untaken.letters] == [on_free.shams]
+    assert on_taken.shams not in _shown(at_b)
+    assert _shown(at_b) == {secret.shams: True, answer.shams: True}
+    taken.verify(TrustStore.from_pem_files(cluster.pki.root_cert))
 
 
 async def test_chapar_track_tree_prints_the_tree_and_that_it_verified(
