@@ -644,8 +644,10 @@ class TrackResponse(_message.Message):
     CERTIFICATES_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     truncated: _builtins.bool
-    """True when the tree was cut: at 1,000 letters, or at 32 MiB of envelopes and evidence
-    (the letter asked for is always there). Track a letter of the cut part to see it.
+    """True when the tree was cut: at 1,000 letters, at 32 MiB of envelopes and evidence
+    shown (the letter asked for is always there, its evidence then cut in recorded order),
+    or when the hub read a few times that much of evidence this caller is not shown.
+    Track a letter of the cut part to see it.
     """
     @_builtins.property
     def letters(self) -> _containers.RepeatedCompositeFieldContainer[_tracking_pb2.TrackedLetter]:

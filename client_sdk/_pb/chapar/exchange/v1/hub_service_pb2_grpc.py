@@ -120,21 +120,31 @@ class HubServiceServicer:
     def Track(self, request, context):
         """Returns the correspondence tree around one letter: the letter, the letters it answers
         up to the first (by in_reply_to), and every letter answering any of them, at any depth,
-        each with the evidence the hub recorded about it (TrackedLetter).
+        each with the evidence the hub recorded about it (TrackedLetter). A link is part of the
+        tree only when the answering letter's sender is a party (the sender or a recipient) of
+        the letter it answers, the rule client_sdk/statuses.py applies to status updates; it
+        is judged as the tree is read, so a letter numbered in reply to a number still to come
+        is judged by the letter that takes it. Anyone may state any in_reply_to, but a letter
+        of no party is not in the thread it names, and the thread is not in its tree.
 
         Callers: an agency node (urn:chapar:agency:<CODE>, active, suspended or retired) that
-        is a party of the letter asked for (its sender or one of its recipients), which gets
-        full the letters of the tree it is a party of and the others redacted; or an auditor
-        (urn:chapar:auditor:<NAME>), which gets every letter full. Errors (google.rpc.ErrorInfo
-        reasons, as in node_service.proto): INVALID_ARGUMENT INVALID_SHAMS (with a BadRequest
-        naming "shams") for a malformed number; PERMISSION_DENIED NOT_A_PARTY for an agency no
-        party of the letter, and also for an agency asking about a number of another agency
-        that the hub does not hold (so that no agency learns how many letters another has
-        sent); NOT_FOUND LETTER_NOT_FOUND for an auditor, or an agency asking about a number
-        of its own, when the hub holds no such letter (a letter still in its sender's outbox,
-        say); PERMISSION_DENIED NOT_AN_AGENCY_NODE for any other identity; UNAUTHENTICATED
-        for a certificate refused. An answer may be over 32 MiB (TrackResponse.truncated):
-        allow 64 MiB messages, as for Connect.
+        is a party of the letter asked for, checked before the tree is read, which gets full
+        the letters of the tree it is a party of and the others redacted (TrackedLetter says
+        what it sees of each, and of their evidence); or an auditor
+        (urn:chapar:auditor:<NAME>), which gets every letter full with all its evidence.
+        Errors (google.rpc.ErrorInfo reasons, as in node_service.proto): INVALID_ARGUMENT
+        INVALID_SHAMS (with a BadRequest naming "shams") for a malformed number;
+        PERMISSION_DENIED NOT_A_PARTY for an agency no party of the letter, and also for an
+        agency asking about a number of another agency that the hub does not hold, so that no
+        agency learns by asking whether another's number is taken (the numbers of the letters
+        it is shown redacted in its own threads do tell their senders' sequences then);
+        NOT_FOUND LETTER_NOT_FOUND for an auditor, or an agency asking about a number of its
+        own, when the hub holds no such letter (a letter still in its sender's outbox, say);
+        PERMISSION_DENIED UNKNOWN_SENDER for an agency identity not in the directory;
+        PERMISSION_DENIED NOT_AN_AGENCY_NODE for any other identity; UNAUTHENTICATED for a
+        certificate refused. An answer holds at most 1,000 letters and 32 MiB of envelopes and
+        evidence shown (TrackResponse.truncated), so it stays well under 64 MiB: allow 64 MiB
+        messages, as for Connect.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

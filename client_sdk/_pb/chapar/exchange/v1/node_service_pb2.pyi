@@ -1055,7 +1055,9 @@ class TrackCorrespondenceResponse(_message.Message):
 
     @_builtins.property
     def certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """DER certificates that, with the root CA certificate alone, verify the letters."""
+        """DER certificates that, with the root CA certificate alone, verify the letters: those
+        of the signers of what the caller is shown, the CAs' and the hub's.
+        """
 
     def __init__(
         self,

@@ -196,16 +196,20 @@ class NodeServiceServicer:
         """Returns the correspondence tree around a letter this agency sent or received, as the
         hub recorded it (HubService.Track, asked by this node with its own identity): the
         letter, the letters it answers up to the first, and every letter answering any of
-        them, with the evidence the hub holds and the certificates to verify them offline.
-        Letters of the tree this agency is no party of come redacted (TrackedLetter), and so
-        do, for a client that [[clients]] limits to some mailboxes, those it could not read
-        with GetEnvelope (by the same mailbox rule; a letter whose envelope neither the hub's
-        answer nor this node holds is redacted for such a client). Auditors of the node may
-        call it. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND when this
-        node does not hold the letter, or the hub does not (not relayed yet); PERMISSION_DENIED
-        MAILBOX_NOT_ALLOWED; UNAVAILABLE HUB_UNAVAILABLE (with RetryInfo) when the node is not
-        connected to the hub or the hub does not answer in time; the hub's other refusals
-        with their code and reason.
+        them, when the answering letter's sender is a party of the letter answered, with the
+        evidence the hub shows this agency and the certificates to verify them offline.
+        Letters of the tree this agency is no party of come redacted, and of a letter it only
+        received it sees the evidence about itself and the whole letter (TrackedLetter); so
+        do, for a client that [[clients]] limits to some mailboxes, the letters it could not
+        read with GetEnvelope (by the same mailbox rule; a letter whose envelope neither the
+        hub's answer nor this node holds is redacted for such a client), and such a client
+        gets the certificates of the signers of what it is shown only (with the CAs and the
+        hub's). Auditors of the node may call it. Errors: INVALID_ARGUMENT INVALID_SHAMS;
+        NOT_FOUND LETTER_NOT_FOUND when this node does not hold the letter, or the hub does
+        not (not relayed yet); PERMISSION_DENIED MAILBOX_NOT_ALLOWED; UNAVAILABLE
+        HUB_UNAVAILABLE (with RetryInfo) when the node is not connected to the hub or the hub
+        does not answer in time; the hub's other refusals with their code and reason (as
+        PERMISSION_DENIED UNKNOWN_SENDER if the directory no longer holds this agency).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

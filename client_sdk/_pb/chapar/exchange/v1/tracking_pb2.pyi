@@ -35,12 +35,19 @@ class TrackedLetter(_message.Message):
     the EXPIRY it signed. It does not hold the sender's SUBMISSION_ACCEPTANCE (that stays
     between the sender's node and its back-end) nor evidence about a letter it refused.
 
-    A letter is either full or redacted. A redacted letter (redacted true) carries shams and
-    in_reply_to only, so that the tree stays connected; every other field is unset or
-    empty. The caller gets redacted the letters of the tree it is no party of (neither
-    their sender nor one of their recipients): it learns that they exist, their numbers
-    (and so their senders' agency codes) and what they answer, nothing of their headers,
-    recipients or evidence. An auditor identity gets every letter full.
+    A letter is either full or redacted. A redacted letter (redacted true) carries shams and,
+    when that link is part of the tree, in_reply_to; every other field is unset or empty. The
+    caller gets redacted the letters of the tree it is no party of (neither their sender nor
+    one of their recipients): it learns that they exist, their numbers (and so their
+    senders' agency codes and sequences) and, inside the tree, what they answer; nothing of
+    their headers, recipients or evidence, and no certificate of their signers. An auditor
+    identity gets every letter full.
+
+    Evidence: the sender of a letter and auditors get every evidence recorded about it; an
+    agency that is a recipient but not the sender gets only the evidence about itself
+    (EvidenceContent.recipient its code) and about the whole letter (recipient empty), as
+    its own node shows it; not the other recipients' deliveries and handovers. The hub
+    keeps no receipt whose content is over 64 KiB.
 
     The unsigned fields (sender, recipients, kind, in_reply_to, status, accept_time) are
     the hub's account. Whenever the envelope is present they must match its signed header
@@ -81,9 +88,10 @@ class TrackedLetter(_message.Message):
     DELIVERY_FAILURE, which is then among evidence.
     """
     links_unknown: _builtins.bool
-    """True for a letter the hub accepted before it recorded links, whose envelope its
-    retention had removed by then: kind, status and in_reply_to are then unknown (unset),
-    though letters answering it are linked to it.
+    """True for a letter the hub accepted before it recorded links and has not linked (yet:
+    a hub links those once, in the background after an upgrade, from the envelopes it
+    still holds; those its retention had removed stay so): kind, status and in_reply_to
+    are then unknown (unset), though letters answering it are linked to it.
     """
     @_builtins.property
     def shams(self) -> _envelope_pb2.Shams:
@@ -92,8 +100,10 @@ class TrackedLetter(_message.Message):
     @_builtins.property
     def in_reply_to(self) -> _envelope_pb2.Shams:
         """The letter it answers, as its signed header states; unset if it answers none (or the
-        hub does not know: links_unknown). Set on redacted letters too. The letter named may
-        be missing from the tree: one the hub never accepted, or one cut by truncated.
+        hub does not know: links_unknown). On a redacted letter, set only when that link is
+        part of the tree. On a full letter the letter named may be missing from the tree: one
+        the hub never accepted, one whose parties do not count this letter's sender among
+        them (the link is then not part of the tree), or one cut by truncated.
         """
 
     @_builtins.property
@@ -115,7 +125,9 @@ class TrackedLetter(_message.Message):
 
     @_builtins.property
     def evidence(self) -> _containers.RepeatedCompositeFieldContainer[_evidence_pb2.Evidence]:
-        """Every evidence the hub recorded about the letter, in the order it recorded them."""
+        """The evidence the hub recorded about the letter that the caller may see (see above), in
+        the order it recorded them; on the letter asked for, cut when truncated says so.
+        """
 
     def __init__(
         self,
