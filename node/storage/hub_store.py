@@ -413,8 +413,9 @@ class HubStore(Store):
             ]
             room = limit - len(order)
             # Rows of letters already taken (at most len(order)) are skipped below, so each
-            # pair reads at most this many, in its index's order: no sort of a flood.
-            found = await self._answering(pairs, room + len(order))
+            # pair reads at most this many, in its index's order: no sort of a flood. One
+            # more than the room, to know when the tree is cut.
+            found = await self._answering(pairs, room + len(order) + 1)
             level = []
             for number, sender, reply in found:
                 if number in nodes:

@@ -430,3 +430,17 @@ async def test_a_recipient_sees_only_the_evidence_about_itself_and_counts_only_t
     assert at_b is not None
     assert not at_b.truncated
     assert about(at_b) == [(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, B), (E.EVIDENCE_EVENT_DELIVERY, B)]
+
+
+async def test_a_level_with_more_letters_than_room_says_the_tree_was_cut(hub: HubStore) -> None:
+    # P and Q answer each other, so both come back among the letters answering the level
+    # [P, Q], before the replies: those taken are skipped, and the read still sees past
+    # the room left.
+    p = _letter(C, 1, [A], reply_to=_number(C, 2))
+    q = _letter(C, 2, [A], reply_to=_number(C, 1))
+    replies = [_letter(C, i, [A], reply_to=p.shams_pb) for i in (3, 4)]
+    await _accept(hub, p, q, *replies)
+    tree = await hub.tree(p.shams, limit=3)
+    assert tree is not None
+    assert _numbers(tree) == [p.shams, q.shams, replies[0].shams]
+    assert tree.truncated
