@@ -7,8 +7,10 @@ the letter. B receives and acknowledges it, downloads the attachment through its
 status ACCEPTED on it (a signed status update) and answers with a reply; A receives both. For each
 letter the sender's evidence chain (SUBMISSION_ACCEPTANCE, RELAY_ACCEPTANCE, DELIVERY,
 HANDOVER) is fetched and every signature verified against the root CA alone; the letter's
-evidence bundle is saved and verified again from the file, as an auditor would. Exit status
-0 only if every chain verified and the attachment arrived intact.
+correspondence tree, as the hub recorded it (the letter, B's status update and B's reply),
+is asked through A's node and verified; the letter's evidence bundle is saved and verified
+again from the file, as an auditor would. Exit status 0 only if every chain verified and
+the attachment arrived intact.
 """
 
 from __future__ import annotations
@@ -88,6 +90,25 @@ async def _business_status(client: ExchangeClient, shams: str, trust: TrustStore
         " verified)"
     )
     return True
+
+
+async def _correspondence(client: ExchangeClient, shams: str, trust: TrustStore) -> bool:
+    """The letter's correspondence tree as the hub recorded it (DESIGN section 6), asked
+    through A's node, each letter's signed header and evidence verified."""
+    tree = await client.track_correspondence(shams)
+    try:
+        verified = tree.verify(trust)
+    except VerificationError as exc:
+        print(f"\nCorrespondence of {shams}: VERIFICATION FAILED: {exc.reason}: {exc}")
+        return False
+    print(f"\nCorrespondence of {shams} at the hub ({len(verified)} evidence verified):")
+    for depth, letter in tree.walk():
+        what = letter.status or letter.kind or "?"
+        print(
+            f"  {'  ' * depth}{letter.shams}  {what:<13} {letter.sender} -> "
+            f"{', '.join(letter.recipients)}  signed header verified"
+        )
+    return len(tree.letters) == 3  # the letter, B's status update and B's reply
 
 
 async def _audit(client: ExchangeClient, shams: str, path: Path, root: Path) -> bool:
@@ -201,6 +222,7 @@ async def _exchange(cluster: Cluster) -> bool:
             tracking = await wait_for_chain(client, receipt.shams)
             ok = _print_chain(title, receipt.shams, tracking, creds.trust_store()) and ok
         ok = await _business_status(a, letter.shams, creds_a.trust_store()) and ok
+        ok = await _correspondence(a, letter.shams, creds_a.trust_store()) and ok
         ok = await _audit(a, letter.shams, files / "letter.bundle", cluster.pki.root_cert) and ok
         with contextlib.suppress(Exception):
             await inbox.aclose()

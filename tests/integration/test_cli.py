@@ -41,6 +41,10 @@ def test_demo_prints_every_chain_verified_and_exits_zero() -> None:
     assert "arrived intact, SHA-256 verified" in out
     assert "verified again from the file with the root CA alone" in out
     assert re.search(r"Business status of \S+: 10861234567 ACCEPTED .* verified", out), out
+    # The hub's tree: the letter, and B's status update and reply under it.
+    assert re.search(r"Correspondence of \S+ at the hub \(\d+ evidence verified\)", out), out
+    assert out.count("signed header verified") == 3, out
+    assert re.search(r"\n    \S+  ACCEPTED +10861234567 -> 000.00.00.G22  signed header", out), out
     assert "hub exit 0" in out
 
 
