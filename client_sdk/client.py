@@ -57,6 +57,7 @@ from typing import (
 )
 
 import grpc
+from cryptography import x509
 from google.protobuf.message import DecodeError
 
 from client_sdk import pb
@@ -868,8 +869,12 @@ class ExchangeClient:
         (when dialling an address that is not in the certificate); ``timeout`` is the
         default deadline of unary calls in seconds; ``keepalive_s`` the interval of pings
         while a call is open (``DEFAULT_KEEPALIVE_S``; None sends none); ``options`` are
-        extra channel options.
+        extra channel options. A client certificate not valid now (expired, or not yet
+        valid) raises ``FailedPrecondition`` (``CLIENT_CERTIFICATE_NOT_VALID``) here: the
+        node would refuse every handshake, which a client sees only as ``Unavailable``,
+        retryable, for ever.
         """
+        _check_own_certificate(credentials)
         keepalive = []
         if keepalive_s is not None:
             if not 1 <= keepalive_s <= 3600:  # NaN too
@@ -1592,6 +1597,18 @@ class ExchangeClient:
             raise InternalError(
                 "a revoked serial that is not hexadecimal", reason="MALFORMED_RESPONSE"
             ) from exc
+
+
+def _check_own_certificate(credentials: Credentials) -> None:
+    leaf = x509.load_pem_x509_certificates(credentials.certificate_chain)[0]
+    now = dt.datetime.now(dt.UTC)
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        raise FailedPrecondition(
+            f"this client's certificate is valid from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
+            f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now: the node refuses it"
+            " (renew it: chapar pki renew)",
+            reason="CLIENT_CERTIFICATE_NOT_VALID",
+        )
 
 
 @contextlib.contextmanager

@@ -72,6 +72,7 @@ from certs.pki import (
 from client_sdk import ExchangeClient, pb
 from client_sdk.credentials import Credentials
 from client_sdk.errors import (
+    FailedPrecondition,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
@@ -420,9 +421,22 @@ async def test_handshake_refuses_bad_client_certificate_from_sdk(
 ) -> None:
     node = cluster.nodes[AGENCY_A]
     watch = LogWatch(node)
-    if case == "no-certificate":
-        # Credentials insists on a key and chain, so the SDK is given a channel without them.
-        async with grpc.aio.secure_channel(node.address, _no_cert_credentials(cluster)) as ch:
+    if case in ("expired", "not-yet-valid"):
+        # The SDK says so itself, not retryable: the node's refusal reaches a client only as
+        # Unavailable, which a back-end retries for ever.
+        with pytest.raises(FailedPrecondition) as early:
+            ExchangeClient(node.address, forged[case].sdk_credentials(cluster), timeout=10)
+        assert early.value.reason == "CLIENT_CERTIFICATE_NOT_VALID"
+        assert not early.value.retryable
+    if case != "self-signed" and case != "other-ca":
+        # No certificate (Credentials insists on one), or one the SDK will not dial with:
+        # the node's own refusal, through a channel made without the SDK's checks.
+        creds = (
+            _no_cert_credentials(cluster)
+            if case == "no-certificate"
+            else forged[case].grpc_credentials(cluster)
+        )
+        async with grpc.aio.secure_channel(node.address, creds) as ch:
             client = ExchangeClient.from_channel(ch, timeout=10)
             with pytest.raises(Unavailable) as err:
                 await client.agencies()
