@@ -61,7 +61,7 @@ from node.tasks import (
     handle_concurrently,
 )
 
-__all__ = ["MAX_RECEIPT_CONTENT_BYTES", "Hub", "build_directory"]
+__all__ = ["MAX_RECEIPT_BYTES", "Hub", "build_directory"]
 
 log = logging.getLogger("chapar.hub")
 _EXPIRY_PAGE = 500  # queued letters past their expire_time read at a time
@@ -72,9 +72,10 @@ E = pb.EvidenceEvent
 _RECEIPT_EVENTS = frozenset(
     {E.EVIDENCE_EVENT_DELIVERY, E.EVIDENCE_EVENT_DELIVERY_FAILURE, E.EVIDENCE_EVENT_HANDOVER}
 )
-# The most a receipt's EvidenceContent may hold (its detail is free text): the hub keeps
-# every receipt, and shows it in every Track of its letter. Honest details are a line.
-MAX_RECEIPT_CONTENT_BYTES = 64 * 1024
+# The most a receipt may hold, serialised with only its known fields (its detail is free
+# text): the hub keeps every receipt, and shows it in every Track of its letter. Honest
+# details are a line.
+MAX_RECEIPT_BYTES = 64 * 1024
 _OUT_FRAMES = 16
 _PUSH_BATCH = 256
 # A deliveries frame stops at this many bytes of envelopes (one letter always goes): well
@@ -939,11 +940,15 @@ class Hub(pb.HubServiceServicer):
         valid: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
         ids: list[str] = []
         for item, content in zip(evidence, self.trust.verify_evidence_many(evidence), strict=True):
-            if len(item.content) > MAX_RECEIPT_CONTENT_BYTES:
+            # Kept as the hub stores, routes and shows it: only what the proto defines (the
+            # signature covers the content alone, so fields unknown to it, kept by a parse
+            # and serialised again, would ride along unsigned and unbounded).
+            item.DiscardUnknownFields()
+            if item.ByteSize() > MAX_RECEIPT_BYTES:
                 # Stored for good and shown in every Track of its letter: a recipient may
                 # not make a letter's record grow by megabytes a receipt.
-                log.warning("receipt from %s refused: content over %d bytes", agency,
-                            MAX_RECEIPT_CONTENT_BYTES)  # fmt: skip
+                log.warning("receipt from %s refused: over %d bytes", agency,
+                            MAX_RECEIPT_BYTES)  # fmt: skip
                 count_rejection(Code.INVALID_ARGUMENT.name, "EVIDENCE_TOO_LARGE")
                 self._unverified_receipt(session, item)
                 continue

@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 import node.hub as hub_module
 from client_sdk import pb
 from client_sdk.identity import Identity
-from node.hub import MAX_RECEIPT_CONTENT_BYTES, Hub, _Session
+from node.hub import MAX_RECEIPT_BYTES, Hub, _Session
 from node.storage.db import Database
 from node.storage.hub_store import MIGRATIONS, HubStore
 from tests.unit.test_hub_tree import A, B, C, _accept, _letter, _receipt
@@ -100,7 +100,7 @@ async def test_a_receipt_too_large_to_keep_is_refused_and_its_letter_left_unansw
 ) -> None:
     x = _letter(A, 1, [B])
     await _accept(store, x)
-    large, content, _ = _receipt(x, B, detail="d" * MAX_RECEIPT_CONTENT_BYTES)
+    large, content, _ = _receipt(x, B, detail="d" * MAX_RECEIPT_BYTES)
     small, small_content, _ = _receipt(x, B, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY)
     hub = SimpleNamespace(
         trust=SimpleNamespace(verify_evidence_many=lambda items: [content, small_content]),
@@ -177,3 +177,41 @@ async def test_letters_accepted_before_the_tree_are_linked_in_the_background_onc
 async def _fails() -> int:
     await asyncio.sleep(0)
     raise OSError("disk I/O error")
+
+
+async def test_a_receipt_padded_outside_its_signed_content_is_kept_without_the_padding(
+    store: HubStore,
+) -> None:
+    # The signature covers the content alone: a field the proto does not define, added to
+    # the outer Evidence, verified, passed a cap on the content, and was stored, routed to
+    # the sender and shown in every Track, however large.
+    x = _letter(A, 1, [B])
+    await _accept(store, x)
+    delivery, content, _ = _receipt(x, B, pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY)
+    honest = delivery.SerializeToString()
+    padded = pb.Evidence.FromString(honest + b"\x7a" + _varint(4 << 20) + b"p" * (4 << 20))
+    assert padded.ByteSize() > 4 << 20  # kept by the parse
+    hub = SimpleNamespace(
+        trust=SimpleNamespace(verify_evidence_many=lambda items: [content]),
+        store=store,
+        _unanswered={},
+        _wake=lambda agency, notices: None,
+        _count=lambda agency, delta: None,
+    )
+    session = _Session(B, None)  # type: ignore[arg-type]
+    session.inflight.add(x.shams)
+    await Hub._receipts(hub, session, [padded])  # type: ignore[arg-type]
+    tree = await store.tree(x.shams)
+    assert tree is not None
+    stored = [e.SerializeToString() for e in tree.letters[0].evidence]
+    assert stored[-1] == honest
+    assert max(len(b) for b in stored) < 1024
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)

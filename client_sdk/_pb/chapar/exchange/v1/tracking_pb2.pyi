@@ -47,7 +47,8 @@ class TrackedLetter(_message.Message):
     agency that is a recipient but not the sender gets only the evidence about itself
     (EvidenceContent.recipient its code) and about the whole letter (recipient empty), as
     its own node shows it; not the other recipients' deliveries and handovers. The hub
-    keeps no receipt whose content is over 64 KiB.
+    keeps no receipt over 64 KiB, and keeps receipts without fields this proto does not
+    define (the signature covers the content alone).
 
     The unsigned fields (sender, recipients, kind, in_reply_to, status, accept_time) are
     the hub's account. Whenever the envelope is present they must match its signed header
