@@ -62,7 +62,7 @@ from google.protobuf.message import DecodeError
 
 from client_sdk import pb
 from client_sdk.credentials import Credentials
-from client_sdk.documents import digest_of_uri, read_chunks
+from client_sdk.documents import CHUNK_BYTES, digest_of_uri, read_chunks
 from client_sdk.errors import (
     Cancelled,
     ChaparError,
@@ -411,7 +411,7 @@ class _AttachmentFields:
         name = self.file_name.replace("\\", "/").rsplit("/", 1)[-1].strip().lstrip(".")
         if not name:
             return f"attachment-{self.sha256.hex()[:16]}"
-        return name
+        return _fit_name(name, _NAME_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,10 +438,9 @@ class Attachment(_AttachmentFields):
         A file of that name holding another document (another letter's attachment of the
         same name) is left alone: this one is saved as ``<stem>-<digest prefix><suffix>``.
         """
-        path = Path(directory) / self.safe_file_name
-        if await asyncio.to_thread(path.exists) and not await _holds(path, self.sha256, self.size):
-            path = path.with_name(f"{path.stem}-{self.sha256.hex()[:16]}{path.suffix}")
-        return await self.save(path, timeout=timeout)
+        return await self._client.fetch(
+            self.ref(), Path(directory) / self.safe_file_name, timeout=timeout, keep_others=True
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -817,27 +816,25 @@ class Correspondence:
         return verified
 
 
-class _Submittable(Protocol):
-    """What a submission stream sends: a ``Draft``, or a ``_Ready`` request."""
-
-    @property
-    def body(self) -> bytes | str: ...
-
-    def to_request(self) -> pb.SubmitEnvelopeRequest: ...
-
-
 @dataclass(frozen=True, slots=True)
 class _Ready:
-    """A draft's request, built (and so checked) before it was handed to the stream."""
+    """A draft's request, built once, with its size on the wire: what submission streams
+    and ``send_many`` frame (by the size of the whole request, not of the body alone: a
+    huge subject or metadata counts too)."""
 
     request: pb.SubmitEnvelopeRequest
+    size: int
 
-    @property
-    def body(self) -> bytes:
-        return self.request.draft.body
+    @classmethod
+    def of(cls, draft: Draft) -> _Ready:
+        request = draft.to_request()
+        return cls(request, request.ByteSize())
 
     def to_request(self) -> pb.SubmitEnvelopeRequest:
         return self.request
+
+
+_Submittable: TypeAlias = _Ready
 
 
 class _Feed(Protocol):
@@ -1055,16 +1052,16 @@ class ExchangeClient:
         timeout: float | None = None,
     ) -> list[Receipt | ChaparError]:
         """Submits many letters with BatchSubmitEnvelopes: calls of at most 256 letters and
-        ``STREAM_FRAME_BYTES`` of bodies (one letter always goes), under what a node takes.
+        ``STREAM_FRAME_BYTES`` of requests (one letter always goes), under what a node takes.
 
         Returns one receipt or error per letter, in order. A failure of a whole call
         raises; letters of earlier calls were accepted, and submitting the same drafts
-        again returns their receipts. A letter whose body is over ``STREAM_FRAME_BYTES``
+        again returns their receipts. A letter over ``STREAM_FRAME_BYTES`` (its whole request)
         goes by a call of its own, so that a node whose message limit it passes refuses it
         alone (``ResourceExhausted``, in its place) and not the letters of a whole call.
         """
         results: list[Receipt | ChaparError] = []
-        calls = _SyncFeed(letters, MAX_BATCH_SIZE)
+        calls = _SyncFeed(map(_Ready.of, letters), MAX_BATCH_SIZE)
         while batch := await calls.next_batch():
             requests = [d.to_request() for d in batch]
             if _alone(batch):
@@ -1122,11 +1119,11 @@ class ExchangeClient:
         """``send_stream``: ``_submit_stream``, keeping the drafts taken and unanswered."""
         taken: collections.deque[Draft] = collections.deque()
 
-        def take(draft: Draft) -> Draft:
+        def take(draft: Draft) -> _Ready:
             taken.append(draft)
-            return draft
+            return _Ready.of(draft)
 
-        source: AsyncIterable[Draft] | Iterable[Draft] = (
+        source: AsyncIterable[_Ready] | Iterable[_Ready] = (
             (take(d) async for d in drafts)
             if isinstance(drafts, AsyncIterable)
             else map(take, drafts)
@@ -1180,6 +1177,9 @@ class ExchangeClient:
                         # Over a frame's bytes: by a call of its own, so that a node whose
                         # message limit it passes refuses it alone, not the stream and
                         # every draft in flight on it (answered in its place, in order).
+                        # It takes a place in the window as a frame does (released when
+                        # its answer is read): max_in_flight bounds these calls too.
+                        await window.acquire()
                         written.put_nowait(
                             asyncio.create_task(self._submit_request(batch[0].to_request(), None))
                         )
@@ -1201,9 +1201,11 @@ class ExchangeClient:
             while (requests := await written.get()) is not None:
                 if isinstance(requests, asyncio.Task):
                     try:
-                        yield await requests
+                        outcome: Receipt | ChaparError = await requests
                     except ChaparError as error:
-                        yield error
+                        outcome = error
+                    window.release()
+                    yield outcome
                     continue
                 try:
                     with _translated():
@@ -1446,12 +1448,17 @@ class ExchangeClient:
         path: Path | str,
         *,
         timeout: float | None = None,
+        keep_others: bool = False,
     ) -> Path:
         """Downloads a document to ``path``, resuming its partial file when it exists.
 
         The partial file is ``.<name>.<16 hex digits of the digest>.part`` beside ``path``:
         hidden, and of this document only, so that no file saved under a name of its own
-        (``safe_file_name`` has no leading dot) is taken for it. The file appears at
+        (``safe_file_name`` has no leading dot) is taken for it. With ``keep_others`` a
+        file at ``path`` holding another document is left alone (another letter's
+        attachment of the same name, saved before or at the same time): the document is
+        saved beside it as ``<stem>-<16 hex digits of the digest><suffix>``, and the path
+        returned says where. The file appears at
         ``path`` only when its size and SHA-256 are those of the
         reference (or of the address, for a bare URI); otherwise the partial file is
         deleted and DataLoss is raised. One download at a time writes that partial file (an
@@ -1486,7 +1493,11 @@ class ExchangeClient:
                 # The download this one waited for finished it: the .part (ours now) is of no use.
                 await asyncio.to_thread(part.unlink, missing_ok=True)
                 return path
-            return await self._fetch_locked(uri, expected, expected_size, path, part, out, timeout)
+            await self._fetch_locked(uri, expected, expected_size, path, part, out, timeout)
+            if not keep_others:
+                await asyncio.to_thread(part.replace, path)
+                return path
+            return await asyncio.to_thread(_place, part, path, expected)
         finally:
             out.close()  # and so unlocked: a download waiting on the .part goes on
 
@@ -1499,8 +1510,9 @@ class ExchangeClient:
         part: Path,
         out: BinaryIO,
         timeout: float | None,
-    ) -> Path:
-        """``fetch`` once it holds ``part`` (``out``, opened to append and locked)."""
+    ) -> None:
+        """``fetch`` once it holds ``part`` (``out``, opened to append and locked): the
+        document, verified, in ``part``."""
         hasher = hashlib.sha256()
         offset = 0
         async with contextlib.aclosing(read_chunks(part)) as chunks:
@@ -1548,8 +1560,6 @@ class ExchangeClient:
                 reason="DIGEST_MISMATCH",
                 metadata={"uri": uri},
             )
-        await asyncio.to_thread(part.replace, path)
-        return path
 
     async def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
         """The agencies of the exchange, as the node last fetched them from the hub."""
@@ -1700,10 +1710,60 @@ def _is_at(out: BinaryIO, path: Path) -> bool:
     return (at.st_dev, at.st_ino) == (held.st_dev, held.st_ino)
 
 
+_NAME_BYTES = 255  # the longest file name most file systems take, in bytes
+
+
+def _fit_name(name: str, limit: int) -> str:
+    """``name`` cut to ``limit`` bytes of UTF-8 (never inside a character), keeping its
+    suffix (``.pdf``) when the suffix is short."""
+    if len(name.encode()) <= limit:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    tail = f".{suffix}" if dot and stem and len(suffix.encode()) <= 16 else ""
+    head = (stem if tail else name).encode()[: limit - len(tail.encode())]
+    return head.decode(errors="ignore") + tail
+
+
 def partial_path(path: Path, digest: bytes) -> Path:
     """Where ``fetch`` keeps the partial download of the document ``digest`` into
-    ``path``: ``.<name>.<16 hex digits of the digest>.part`` beside it."""
-    return path.with_name(f".{path.name}.{digest.hex()[:16]}.part")
+    ``path``: ``.<name>.<16 hex digits of the digest>.part`` beside it (the name cut so
+    that the whole stays within 255 bytes)."""
+    name = _fit_name(path.name, _NAME_BYTES - 23)
+    return path.with_name(f".{name}.{digest.hex()[:16]}.part")
+
+
+def _beside(path: Path, digest: bytes) -> Path:
+    """``<stem>-<16 hex digits of the digest><suffix>``, within 255 bytes."""
+    stem = _fit_name(path.stem, _NAME_BYTES - 17 - len(path.suffix.encode()))
+    return path.with_name(f"{stem}-{digest.hex()[:16]}{path.suffix}")
+
+
+def _place(part: Path, path: Path, digest: bytes) -> Path:
+    """Puts the verified ``part`` at ``path`` unless a file there holds another document,
+    then beside it (``_beside``); atomic (a link fails if the name exists), so two saves of
+    different documents of one name at once both keep theirs. Returns where it is."""
+    for target in (path, _beside(path, digest)):
+        try:
+            os.link(part, target)
+        except FileExistsError:
+            if not _holds_now(target, digest):
+                continue
+        part.unlink()
+        return target
+    part.replace(_beside(path, digest))  # both names taken by other content: the second
+    return _beside(path, digest)  # is named by this digest, so it was a broken copy of it
+
+
+def _holds_now(path: Path, digest: bytes) -> bool:
+    """``_holds``, in the calling thread."""
+    hasher = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        return False
+    return hasher.digest() == digest
 
 
 async def _holds(path: Path, digest: bytes, size: int | None) -> bool:
@@ -1782,19 +1842,14 @@ def _results(
 STREAM_FRAME_BYTES: Final = 8 * 1024 * 1024
 
 
-def _body_bytes(draft: _Submittable) -> int:
-    body = draft.body
-    return len(body) if isinstance(body, bytes) else len(body.encode())
-
-
 def _alone(batch: Sequence[_Submittable]) -> bool:
     """A frame of one letter over STREAM_FRAME_BYTES: it goes by a call of its own."""
-    return len(batch) == 1 and _body_bytes(batch[0]) > STREAM_FRAME_BYTES
+    return len(batch) == 1 and batch[0].size > STREAM_FRAME_BYTES
 
 
 class _Frame:
     """The drafts of one stream frame: at most ``size`` of them and STREAM_FRAME_BYTES of
-    bodies, and always at least one (a single letter at the limit still goes)."""
+    requests, and always at least one (a single letter at the limit still goes)."""
 
     def __init__(self, size: int) -> None:
         self.drafts: list[_Submittable] = []
@@ -1803,7 +1858,7 @@ class _Frame:
 
     def take(self, draft: _Submittable) -> bool:
         """Adds ``draft``; False (and not added) when it must start the next frame."""
-        self._bytes += _body_bytes(draft)
+        self._bytes += draft.size
         if self.drafts and self._bytes > STREAM_FRAME_BYTES:
             return False
         self.drafts.append(draft)
@@ -1869,8 +1924,9 @@ class SharedStream:
     (``batch_size * max_in_flight``) ahead of the wire, so one taken already may still be
     sent, and accepted, under its ``request_id`` (sending it again returns that receipt).
     A draft is checked when it is made (``Draft`` raises ValueError on a bad value), and
-    one whose body is over ``STREAM_FRAME_BYTES`` goes by a call of its own, so that one
-    draft never breaks the stream for the others.
+    one over ``STREAM_FRAME_BYTES`` (its whole request) goes by a call of its own, so that
+    one draft never breaks the stream for the others (unless the node's message limit is
+    set below ``STREAM_FRAME_BYTES``: then a frame of small drafts may pass it).
     """
 
     def __init__(
@@ -1903,7 +1959,7 @@ class SharedStream:
         """Submits ``draft`` on the shared stream; its receipt, or its refusal raised."""
         if self._closed:
             raise RuntimeError("the shared stream is closed")
-        ready = _Ready(draft.to_request())  # a bad value raises here, for this caller only
+        ready = _Ready.of(draft)
         done: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((ready, done))
         if self._runner is None or self._runner.done():

@@ -131,8 +131,11 @@ class SyncAttachment(_AttachmentFields):
         return self._client.fetch(self.ref(), path, timeout=timeout)
 
     def save_into(self, directory: Path | str, *, timeout: float | None = None) -> Path:
-        """Downloads into ``directory`` under ``safe_file_name``; see ``Attachment``."""
-        return self.save(Path(directory) / self.safe_file_name, timeout=timeout)
+        """Downloads into ``directory`` under ``safe_file_name``, beside a file of that name
+        holding another document; see ``Attachment.save_into``."""
+        return self._client.fetch(
+            self.ref(), Path(directory) / self.safe_file_name, timeout=timeout, keep_others=True
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,10 +417,17 @@ class SyncExchangeClient:
         )
 
     def fetch(
-        self, document: pb.AttachmentRef | str, path: Path | str, *, timeout: float | None = None
+        self,
+        document: pb.AttachmentRef | str,
+        path: Path | str,
+        *,
+        timeout: float | None = None,
+        keep_others: bool = False,
     ) -> Path:
         """Downloads and verifies a document; see ``ExchangeClient.fetch``."""
-        return self._portal.run(self._client.fetch(document, path, timeout=timeout))
+        return self._portal.run(
+            self._client.fetch(document, path, timeout=timeout, keep_others=keep_others)
+        )
 
     def download(
         self, uri: str, *, offset: int = 0, timeout: float | None = None

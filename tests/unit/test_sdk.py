@@ -47,7 +47,7 @@ from client_sdk import (
 from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
     add_DocumentServiceServicer_to_server,
 )
-from client_sdk.client import partial_path
+from client_sdk.client import STREAM_FRAME_BYTES, partial_path
 from client_sdk.identity import is_agency_code
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, key_id, sha256
 from client_sdk.trust import TrustStore, VerificationError
@@ -2598,3 +2598,158 @@ async def test_a_send_that_fails_after_the_node_took_it_can_be_sent_again_safely
     finally:
         await channel.close()
         await server.stop(None)
+
+
+_BIG_MESSAGES = 64 * 1024 * 1024
+
+
+async def _serve(servicer: Any, add: Any, limit: int = _BIG_MESSAGES) -> tuple[Any, str]:
+    """A fake server taking messages of up to ``limit`` bytes (a node takes 16 MiB)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", _BIG_MESSAGES),
+        ]
+    )
+    add(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+class _CountingNode(FakeNode):
+    """Counts the SubmitEnvelope calls under way at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = self.most = 0
+
+    async def SubmitEnvelope(self, request: pb.SubmitEnvelopeRequest, context: Any) -> Any:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(0.05)
+            return await super().SubmitEnvelope(request, context)
+        finally:
+            self.now -= 1
+
+
+async def test_letters_too_big_for_a_frame_go_alone_but_within_max_in_flight() -> None:
+    # Each went by a call of its own at once, however many: no backpressure.
+    node = _CountingNode()
+    server, address = await _serve(node, pb.add_NodeServiceServicer_to_server)
+    channel = grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", -1)])
+    client = ExchangeClient.from_channel(channel)
+    body = b"x" * (STREAM_FRAME_BYTES + 1)
+    try:
+        drafts = [Draft(to=[OTHER], subject=f"big {i}", body=body) for i in range(6)]
+        results = [r async for r in client.send_stream(drafts, batch_size=1, max_in_flight=2)]
+    finally:
+        await channel.close()
+        await server.stop(None)
+    assert [r.request_id for r in results if isinstance(r, Receipt)] == [
+        d.request_id for d in drafts
+    ]
+    assert node.most == 2
+
+
+async def test_a_draft_large_by_more_than_its_body_goes_alone_too() -> None:
+    # Frames were cut by body bytes: a 17 MiB subject rode in a frame with the others, and
+    # the node's refusal of the whole message failed them all, not retryable.
+    node = FakeNode()
+    server, address = await _serve(node, pb.add_NodeServiceServicer_to_server, 16 * 1024 * 1024)
+    channel = grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", -1)])
+    client = ExchangeClient.from_channel(channel)
+    small = [Draft(to=[OTHER], subject=f"small {i}", body="ok") for i in range(4)]
+    odd = Draft(to=[OTHER], subject="s" * (17 * 1024 * 1024), body="ok")
+    try:
+        async with client.shared_stream() as shared:
+            outcomes = await asyncio.gather(
+                *(shared.send(d) for d in [*small[:2], odd, *small[2:]]), return_exceptions=True
+            )
+    finally:
+        await channel.close()
+        await server.stop(None)
+    assert all(isinstance(o, Receipt) for o in outcomes[:2] + outcomes[3:]), outcomes
+    assert isinstance(outcomes[2], errors.ResourceExhausted), outcomes[2]
+
+
+class _GatedDocuments(pb.DocumentServiceServicer):
+    """Serves documents by digest; each download waits at ``gate`` after its header."""
+
+    def __init__(self, contents: Sequence[bytes]) -> None:
+        self.by_digest = {sha256(c): c for c in contents}
+        self.gate = asyncio.Event()
+
+    async def DownloadDocument(
+        self, request: pb.DownloadDocumentRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadDocumentResponse]:
+        digest = bytes.fromhex(request.uri.rsplit("/", 1)[1])
+        content = self.by_digest[digest]
+        info = pb.DocumentInfo(uri=request.uri, sha256=digest, size=len(content))
+        yield pb.DownloadDocumentResponse(document=info)
+        await self.gate.wait()
+        yield pb.DownloadDocumentResponse(chunk=content[request.offset :])
+
+
+def _attachment_of(content: bytes, name: str, client: ExchangeClient) -> Attachment:
+    digest = sha256(content)
+    ref = pb.AttachmentRef(
+        uri=f"chapar://{SENDER}/documents/sha256/{digest.hex()}",
+        sha256=digest,
+        size=len(content),
+        media_type="application/pdf",
+        file_name=name,
+    )
+    return Attachment.from_ref(ref, client)
+
+
+async def test_two_documents_of_one_name_saved_into_one_directory_at_once_keep_both(
+    tmp_path: Path,
+) -> None:
+    # Both saw no file of that name, and the second rename replaced the first's file:
+    # both calls returned contract.pdf, holding one document.
+    one, two = b"contract of letter one", b"contract of letter two!"
+    docs = _GatedDocuments([one, two])
+    server, address = await _serve(docs, add_DocumentServiceServicer_to_server)
+    channel = grpc.aio.insecure_channel(address)
+    client = ExchangeClient.from_channel(channel)
+    try:
+        saving = [
+            asyncio.create_task(_attachment_of(c, "contract.pdf", client).save_into(tmp_path))
+            for c in (one, two)
+        ]
+        await asyncio.sleep(0.2)
+        docs.gate.set()
+        paths = await asyncio.gather(*saving)
+    finally:
+        await channel.close()
+        await server.stop(None)
+    assert [p.read_bytes() for p in paths] == [one, two]
+    assert len(set(paths)) == 2
+
+
+async def test_an_attachment_with_a_long_name_in_another_script_is_saved(tmp_path: Path) -> None:
+    # 116 Persian letters and ".pdf": 236 bytes, within the 255 a file name may have; the
+    # partial file's longer name went past it (OSError, not a ChaparError).
+    content = b"a letter's attachment"
+    docs = _GatedDocuments([content, content + b"!"])
+    docs.gate.set()
+    await asyncio.to_thread((tmp_path / "cut").mkdir)
+    server, address = await _serve(docs, add_DocumentServiceServicer_to_server)
+    channel = grpc.aio.insecure_channel(address)
+    client = ExchangeClient.from_channel(channel)
+    long_name, longer = "\u0646" * 116 + ".pdf", "\u0646" * 200 + ".pdf"
+    try:
+        saved = await _attachment_of(content, long_name, client).save_into(tmp_path)
+        again = await _attachment_of(content + b"!", long_name, client).save_into(tmp_path)
+        cut = await _attachment_of(content, longer, client).save_into(tmp_path / "cut")
+    finally:
+        await channel.close()
+        await server.stop(None)
+    assert saved.name == long_name
+    assert saved.read_bytes() == content
+    assert again != saved  # another document of that name: beside it, within 255 bytes
+    assert again.read_bytes() == content + b"!"
+    assert cut.name.endswith(".pdf")
+    assert len(cut.name.encode()) <= 255
