@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from client_sdk.client import STREAM_FRAME_BYTES, Draft, _AsyncFeed, _SyncFeed
+from client_sdk.client import STREAM_FRAME_BYTES, Draft, _AsyncFeed, _Ready, _SyncFeed
 
 THREE_MIB = 3 * 1024 * 1024
 
 
-def _drafts(sizes: list[int]) -> list[Draft]:
-    return [Draft(to=["X"], subject=str(i), body=b"x" * n) for i, n in enumerate(sizes)]
+def _drafts(sizes: list[int]) -> list[_Ready]:
+    """Drafts as the feeds take them: built, with the size of their whole request."""
+    return [_Ready.of(Draft(to=["X"], subject=str(i), body=b"x" * n)) for i, n in enumerate(sizes)]
 
 
 async def _frames(feed: _SyncFeed | _AsyncFeed) -> list[list[str]]:
     frames = []
     while batch := await feed.next_batch():
-        frames.append([d.subject for d in batch])
+        frames.append([d.request.draft.subject for d in batch])
     await feed.aclose()
     return frames
 
@@ -30,7 +31,7 @@ async def test_sync_feed_frames_stop_at_the_byte_limit_and_keep_every_draft_in_o
 
 
 async def test_async_feed_frames_stop_at_the_byte_limit_and_keep_every_draft_in_order() -> None:
-    async def produce() -> AsyncIterator[Draft]:
+    async def produce() -> AsyncIterator[_Ready]:
         for draft in _drafts([THREE_MIB] * 5 + [10, 10]):
             yield draft
 
@@ -45,14 +46,14 @@ async def test_one_draft_over_the_limit_still_goes_alone_and_count_still_limits(
 
 
 async def _first_frame_of_a_trickle(linger_s: float) -> list[str]:
-    async def trickle() -> AsyncIterator[Draft]:
+    async def trickle() -> AsyncIterator[_Ready]:
         for draft in _drafts([10] * 6):
             yield draft
             await asyncio.sleep(0.05)
 
     feed = _AsyncFeed(trickle(), 64, 8, linger_s)
     try:
-        return [d.subject for d in await feed.next_batch()]
+        return [d.request.draft.subject for d in await feed.next_batch()]
     finally:
         await feed.aclose()
 
@@ -67,7 +68,7 @@ async def test_a_frame_that_is_not_full_lingers_once_for_more_drafts() -> None:
 
 
 async def test_a_flood_and_the_end_of_the_drafts_never_linger() -> None:
-    async def produce() -> AsyncIterator[Draft]:
+    async def produce() -> AsyncIterator[_Ready]:
         for draft in _drafts([10] * 5):
             yield draft
 
@@ -82,7 +83,7 @@ async def test_a_flood_and_the_end_of_the_drafts_never_linger() -> None:
 async def test_a_quiet_stream_never_lingers() -> None:
     # busy() is False when no earlier frame is unanswered: a draft then goes at once,
     # whatever the linger (30 s here would time the test out).
-    async def trickle() -> AsyncIterator[Draft]:
+    async def trickle() -> AsyncIterator[_Ready]:
         for draft in _drafts([10] * 3):
             yield draft
             await asyncio.sleep(0.05)
@@ -92,4 +93,4 @@ async def test_a_quiet_stream_never_lingers() -> None:
         first = await asyncio.wait_for(feed.next_batch(), timeout=5)
     finally:
         await feed.aclose()
-    assert [d.subject for d in first] == ["0"]
+    assert [d.request.draft.subject for d in first] == ["0"]
