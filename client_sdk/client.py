@@ -32,6 +32,7 @@ import hashlib
 import math
 import mimetypes
 import os
+import stat
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -1711,17 +1712,37 @@ def _is_at(out: BinaryIO, path: Path) -> bool:
 
 
 _NAME_BYTES = 255  # the longest file name most file systems take, in bytes
+_SUFFIX_BYTES = 16  # a longer "suffix" (text after a dot in a long name) is no extension
 
 
 def _fit_name(name: str, limit: int) -> str:
-    """``name`` cut to ``limit`` bytes of UTF-8 (never inside a character), keeping its
-    suffix (``.pdf``) when the suffix is short."""
-    if len(name.encode()) <= limit:
+    """``name`` cut to ``limit`` bytes as the file system takes it (``os.fsencode``, so a
+    name read from a directory with undecodable bytes works too), never inside a
+    character, keeping a short suffix (``.pdf``)."""
+    if len(os.fsencode(name)) <= limit:
         return name
-    stem, dot, suffix = name.rpartition(".")
-    tail = f".{suffix}" if dot and stem and len(suffix.encode()) <= 16 else ""
-    head = (stem if tail else name).encode()[: limit - len(tail.encode())]
-    return head.decode(errors="ignore") + tail
+    stem, suffix = _split_suffix(name)
+    room = max(0, limit - len(os.fsencode(suffix)))
+    head = os.fsencode(stem)[:room]
+    # A UTF-8 character cut in two goes whole: its lead byte (11xxxxxx) and what came of
+    # its continuation bytes (10xxxxxx).
+    lead = len(head)
+    while lead and head[lead - 1] & 0xC0 == 0x80:
+        lead -= 1
+    if lead and head[lead - 1] >= 0xC0:
+        first = head[lead - 1]
+        length = 2 if first < 0xE0 else 3 if first < 0xF0 else 4
+        if len(head) - (lead - 1) < length:
+            head = head[: lead - 1]
+    return os.fsdecode(head) + suffix
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    """(stem, ".ext") when the name ends in a short extension, else (name, "")."""
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem and len(os.fsencode(ext)) <= _SUFFIX_BYTES:
+        return stem, f".{ext}"
+    return name, ""
 
 
 def partial_path(path: Path, digest: bytes) -> Path:
@@ -1734,35 +1755,63 @@ def partial_path(path: Path, digest: bytes) -> Path:
 
 def _beside(path: Path, digest: bytes) -> Path:
     """``<stem>-<16 hex digits of the digest><suffix>``, within 255 bytes."""
-    stem = _fit_name(path.stem, _NAME_BYTES - 17 - len(path.suffix.encode()))
-    return path.with_name(f"{stem}-{digest.hex()[:16]}{path.suffix}")
+    stem, suffix = _split_suffix(path.name)
+    stem = _fit_name(stem, max(0, _NAME_BYTES - 17 - len(os.fsencode(suffix))))
+    return path.with_name(f"{stem}-{digest.hex()[:16]}{suffix}")
 
 
 def _place(part: Path, path: Path, digest: bytes) -> Path:
-    """Puts the verified ``part`` at ``path`` unless a file there holds another document,
-    then beside it (``_beside``); atomic (a link fails if the name exists), so two saves of
-    different documents of one name at once both keep theirs. Returns where it is."""
-    for target in (path, _beside(path, digest)):
-        try:
-            os.link(part, target)
-        except FileExistsError:
-            if not _holds_now(target, digest):
-                continue
-        part.unlink()
-        return target
-    part.replace(_beside(path, digest))  # both names taken by other content: the second
-    return _beside(path, digest)  # is named by this digest, so it was a broken copy of it
-
-
-def _holds_now(path: Path, digest: bytes) -> bool:
-    """``_holds``, in the calling thread."""
-    hasher = hashlib.sha256()
+    """Puts the verified ``part`` at ``path`` unless something there is not this document
+    (another document, a directory, a pipe ...), then beside it (``_beside``). Each name is
+    claimed atomically (a hard link, or an exclusively created file where the file system
+    has no hard links), so two saves of different documents of one name at once both keep
+    theirs. Returns where it is; on failure the partial file is removed."""
+    size = part.stat().st_size
     try:
-        with path.open("rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                hasher.update(chunk)
+        for target in (path, _beside(path, digest)):
+            if _claim(part, target):
+                return target
+            if _holds_now(target, digest, size):
+                part.unlink()
+                return target
+        raise FileExistsError(
+            f"{path} and {_beside(path, digest)} both hold something else; nothing saved"
+        )
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def _claim(part: Path, target: Path) -> bool:
+    """Moves ``part`` to ``target`` if that name is free; False if it is taken."""
+    try:
+        os.link(part, target)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (FAT, many SMB and FUSE mounts): claim the name
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        part.replace(target)
+        return True
+    part.unlink()
+    return True
+
+
+def _holds_now(path: Path, digest: bytes, size: int) -> bool:
+    """Whether ``path`` is a regular file of this size and digest (in the calling thread;
+    never opens a directory or a pipe)."""
+    try:
+        st = path.lstat()
     except FileNotFoundError:
         return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        return False
+    hasher = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            hasher.update(chunk)
     return hasher.digest() == digest
 
 

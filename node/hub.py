@@ -767,6 +767,10 @@ class Hub(pb.HubServiceServicer):
         for i, r in enumerate(header.recipients):
             self.directory.require_recipient(r.agency, f"header.recipients[{i}].agency")
         self._check_create_time(header)
+        # Stored, relayed and shown as the proto defines it: the signature covers the header
+        # bytes alone, so fields unknown to the proto would ride along unsigned (and as
+        # large as a frame). Header and body are bytes fields: never encoded again.
+        envelope.DiscardUnknownFields()
         return IncomingLetter(
             expire_at=seconds_of(header.expire_time) if header.HasField("expire_time") else None,
             shams=format_shams(header.shams),

@@ -544,6 +544,7 @@ class _Session:
             except VerificationError as exc:
                 refused.append((quoted_shams(envelope), digest, exc))
                 continue
+            envelope.DiscardUnknownFields()  # as the hub does: nothing unsigned rides along
             good.append(
                 (
                     format_shams(header.shams),

@@ -17,12 +17,16 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 import node.hub as hub_module
+from certs.pki import generate_key, issue_certificate
 from client_sdk import pb
 from client_sdk.identity import Identity
+from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer, sha256
+from client_sdk.trust import TrustStore
+from node.core.directory import DirectoryView
 from node.hub import MAX_RECEIPT_BYTES, Hub, _Session
 from node.storage.db import Database
 from node.storage.hub_store import MIGRATIONS, HubStore
-from tests.unit.test_hub_tree import A, B, C, _accept, _letter, _receipt
+from tests.unit.test_hub_tree import A, B, C, _accept, _letter, _number, _receipt, _relay
 
 
 class _Context:
@@ -215,3 +219,46 @@ def _varint(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+async def test_a_letter_padded_outside_its_signed_header_is_kept_without_the_padding(
+    tmp_path: Path,
+) -> None:
+    # As for receipts: the signature covers the header bytes alone, so a field the proto
+    # does not define, added to the Envelope, verified and was stored, relayed and shown
+    # in every Track (the body cleared there, the padding not), as large as a frame.
+    ca_key, key = generate_key("ed25519"), generate_key("ed25519")
+    ca = issue_certificate(issuer_cert=None, issuer_key=ca_key, subject_key=ca_key,
+                           identity_uri=None, kind="root")  # fmt: skip
+    cert = issue_certificate(issuer_cert=ca, issuer_key=ca_key, subject_key=key,
+                             identity_uri=Identity.for_agency(A).uri, kind="signing")  # fmt: skip
+    trust = TrustStore([ca])
+    trust.add_certificates([cert])
+    header = pb.EnvelopeHeader(shams=_number(A, 1), sender=pb.Address(agency=A),
+                               recipients=[pb.Address(agency=B)], subject="s", body_size=2,
+                               body_sha256=sha256(b"ok"))  # fmt: skip
+    header.create_time.FromSeconds(int(time.time()))
+    data = header.SerializeToString()
+    honest = pb.Envelope(
+        header=data, body=b"ok", signature=Signer(key, cert).sign(ENVELOPE_PAYLOAD_TYPE, data)
+    )
+    padded = pb.Envelope.FromString(
+        honest.SerializeToString() + b"\x7a" + _varint(4 << 20) + b"p" * (4 << 20)
+    )
+    (verified,) = trust.verify_envelopes([padded])
+    assert isinstance(verified, pb.EnvelopeHeader)  # the padding verifies
+    hub = Hub.__new__(Hub)
+    hub.trust = trust
+    hub.config = SimpleNamespace(clock_skew_s=300.0, max_letter_age_s=7 * 86400.0)  # type: ignore[assignment]
+    hub.directory = DirectoryView(pb.Directory(version=1, agencies=[
+        pb.Agency(code=c, display_name=c, state=pb.AGENCY_STATE_ACTIVE) for c in (A, B)]))  # fmt: skip
+    letter = Hub._check_letter(hub, A, padded, verified)
+    assert letter.envelope == honest.SerializeToString()
+    store = await HubStore.open(tmp_path / "hub.db", durability="normal")
+    try:
+        assert await store.accept([letter], _relay)
+        tree = await store.tree(letter.shams)
+        assert tree is not None
+        assert tree.letters[0].envelope.ByteSize() < 1024
+    finally:
+        await store.close()

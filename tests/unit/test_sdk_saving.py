@@ -1,0 +1,105 @@
+"""Where save_into puts a verified attachment when its name is taken, or long, or odd;
+the fake document server of test_sdk, a real client, the real file system."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from client_sdk import ExchangeClient
+from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
+    add_DocumentServiceServicer_to_server,
+)
+from client_sdk.client import _place
+from client_sdk.signing import sha256
+from tests.unit.test_sdk import _attachment_of, _GatedDocuments, _serve
+
+ONE, TWO = b"document one", b"document two!"
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[ExchangeClient]:
+    docs = _GatedDocuments([ONE, TWO])
+    docs.gate.set()
+    server, address = await _serve(docs, add_DocumentServiceServicer_to_server)
+    channel = grpc.aio.insecure_channel(address)
+    yield ExchangeClient.from_channel(channel)
+    await channel.close()
+    await server.stop(None)
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+async def test_a_directory_of_the_attachments_name_is_left_and_it_is_saved_beside(
+    client: ExchangeClient, tmp_path: Path
+) -> None:
+    # _place opened the directory to hash it: IsADirectoryError, and the partial file left.
+    await asyncio.to_thread((tmp_path / "contract.pdf").mkdir)
+    saved = await _attachment_of(ONE, "contract.pdf", client).save_into(tmp_path)
+    assert saved.name == f"contract-{sha256(ONE).hex()[:16]}.pdf"
+    assert _names(tmp_path) == sorted(["contract.pdf", saved.name])
+
+
+async def test_a_name_with_a_long_text_after_its_last_dot_is_saved_beside_within_255_bytes(
+    client: ExchangeClient, tmp_path: Path
+) -> None:
+    # "report." and 120 Persian letters (247 bytes): its "suffix" is no extension, and the
+    # name beside it went past 255 bytes (ENAMETOOLONG), leaving the partial file.
+    name = "report." + "\u0646" * 120
+    first = await _attachment_of(ONE, name, client).save_into(tmp_path)
+    second = await _attachment_of(TWO, name, client).save_into(tmp_path)
+    assert first.name == name
+    assert second != first
+    assert len(os.fsencode(second.name)) <= 255
+    assert second.name.endswith(sha256(TWO).hex()[:16])
+    assert _names(tmp_path) == sorted([first.name, second.name])
+
+
+async def test_save_into_works_where_the_file_system_has_no_hard_links(
+    client: ExchangeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FAT, many SMB and FUSE mounts refuse link(2): a raw PermissionError escaped, and the
+    # whole document stayed behind as a hidden partial file.
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    first = await _attachment_of(ONE, "b.pdf", client).save_into(tmp_path)
+    second = await _attachment_of(TWO, "b.pdf", client).save_into(tmp_path)
+    again = await _attachment_of(ONE, "b.pdf", client).save_into(tmp_path)
+    assert [first.name, again.name] == ["b.pdf", "b.pdf"]
+    assert second.name == f"b-{sha256(TWO).hex()[:16]}.pdf"
+    assert [p.read_bytes() for p in (first, second)] == [ONE, TWO]
+    assert _names(tmp_path) == sorted([first.name, second.name])
+
+
+def test_a_pipe_of_the_attachments_name_is_not_opened(tmp_path: Path) -> None:
+    # Hashing what held the name opened a FIFO, which blocks until a writer comes.
+    part = tmp_path / ".x.pdf.part"
+    part.write_bytes(ONE)
+    os.mkfifo(tmp_path / "x.pdf")
+    saved = _place(part, tmp_path / "x.pdf", sha256(ONE))
+    assert saved.name == f"x-{sha256(ONE).hex()[:16]}.pdf"
+    assert saved.read_bytes() == ONE
+    assert not part.exists()
+
+
+async def test_a_file_name_that_is_not_utf_8_is_saved(
+    client: ExchangeClient, tmp_path: Path
+) -> None:
+    # A path os.listdir gives for a name whose bytes are not UTF-8 (surrogate escapes):
+    # cutting names to 255 bytes encoded them strictly (UnicodeEncodeError).
+    target = tmp_path / os.fsdecode(b"name\xe9.pdf")
+    saved = await _attachment_of(ONE, "x.pdf", client).save(target)
+    assert saved == target
+    assert saved.read_bytes() == ONE
+    assert _names(tmp_path) == [target.name]
