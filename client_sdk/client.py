@@ -32,6 +32,7 @@ import hashlib
 import math
 import mimetypes
 import os
+import shutil
 import stat
 from collections.abc import (
     AsyncGenerator,
@@ -1498,7 +1499,10 @@ class ExchangeClient:
             if not keep_others:
                 await asyncio.to_thread(part.replace, path)
                 return path
-            return await asyncio.to_thread(_place, part, path, expected)
+            try:
+                return await asyncio.to_thread(_place, part, path, expected)
+            except FileExistsError as exc:
+                raise FailedPrecondition(str(exc), reason="SAVE_NAMES_TAKEN") from exc
         finally:
             out.close()  # and so unlocked: a download waiting on the .part goes on
 
@@ -1765,21 +1769,19 @@ def _place(part: Path, path: Path, digest: bytes) -> Path:
     (another document, a directory, a pipe ...), then beside it (``_beside``). Each name is
     claimed atomically (a hard link, or an exclusively created file where the file system
     has no hard links), so two saves of different documents of one name at once both keep
-    theirs. Returns where it is; on failure the partial file is removed."""
+    theirs. Returns where it is. If it cannot be placed, ``part`` stays: complete and
+    verified, a later save into a free name places it without downloading it again."""
     size = part.stat().st_size
-    try:
-        for target in (path, _beside(path, digest)):
-            if _claim(part, target):
-                return target
-            if _holds_now(target, digest, size):
-                part.unlink()
-                return target
-        raise FileExistsError(
-            f"{path} and {_beside(path, digest)} both hold something else; nothing saved"
-        )
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
+    for target in (path, _beside(path, digest)):
+        if _claim(part, target):
+            return target
+        if _holds_now(target, digest, size):
+            part.unlink()
+            return target
+    raise FileExistsError(
+        f"{path} and {_beside(path, digest)} both hold something else; the verified download"
+        f" waits in {part.name} (free either name and save again)"
+    )
 
 
 def _claim(part: Path, target: Path) -> bool:
@@ -1790,11 +1792,21 @@ def _claim(part: Path, target: Path) -> bool:
         return False
     except OSError:  # no hard links here (FAT, many SMB and FUSE mounts): claim the name
         try:
-            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        part.replace(target)
-        return True
+        # The content is copied into the claimed file (not renamed over it), so the name
+        # never holds an empty placeholder for longer than the first write, and a failure
+        # leaves no file there that is not the document.
+        try:
+            with os.fdopen(fd, "wb") as out, part.open("rb") as source:
+                shutil.copyfileobj(source, out, CHUNK_BYTES)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                target.unlink()
+            raise
     part.unlink()
     return True
 
@@ -1809,9 +1821,12 @@ def _holds_now(path: Path, digest: bytes, size: int) -> bool:
     if not stat.S_ISREG(st.st_mode) or st.st_size != size:
         return False
     hasher = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            hasher.update(chunk)
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                hasher.update(chunk)
+    except OSError:  # unreadable to us: not known to be the document
+        return False
     return hasher.digest() == digest
 
 

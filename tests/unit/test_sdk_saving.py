@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from client_sdk import ExchangeClient
+from client_sdk import ExchangeClient, errors
 from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
     add_DocumentServiceServicer_to_server,
 )
@@ -103,3 +104,45 @@ async def test_a_file_name_that_is_not_utf_8_is_saved(
     assert saved == target
     assert saved.read_bytes() == ONE
     assert _names(tmp_path) == [target.name]
+
+
+async def test_when_both_names_are_taken_the_verified_download_waits_for_a_free_name(
+    client: ExchangeClient, tmp_path: Path
+) -> None:
+    # A raw FileExistsError escaped and the whole verified download was deleted.
+    await asyncio.to_thread((tmp_path / "c.pdf").write_bytes, b"someone else's file")
+    beside = tmp_path / f"c-{sha256(ONE).hex()[:16]}.pdf"
+    await asyncio.to_thread(beside.write_bytes, b"a truncated copy")
+    with pytest.raises(errors.FailedPrecondition) as info:
+        await _attachment_of(ONE, "c.pdf", client).save_into(tmp_path)
+    assert info.value.reason == "SAVE_NAMES_TAKEN"
+    assert len([n for n in _names(tmp_path) if n.endswith(".part")]) == 1
+    await asyncio.to_thread(beside.unlink)
+    saved = await _attachment_of(ONE, "c.pdf", client).save_into(tmp_path)
+    assert saved == beside
+    assert saved.read_bytes() == ONE
+    assert _names(tmp_path) == sorted(["c.pdf", beside.name])
+
+
+async def test_without_hard_links_a_copy_that_fails_leaves_no_file_under_the_name(
+    client: ExchangeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The name was claimed with an empty file and the download renamed over it: a failure
+    # between the two left that empty file under the attachment's name for good (every
+    # later save went beside it), and deleted the verified download.
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", refuse)
+    monkeypatch.setattr(shutil, "copyfileobj", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        await _attachment_of(ONE, "x.pdf", client).save_into(tmp_path)
+    assert [n for n in _names(tmp_path) if not n.endswith(".part")] == []
+    monkeypatch.undo()
+    saved = await _attachment_of(ONE, "x.pdf", client).save_into(tmp_path)
+    assert saved.name == "x.pdf"
+    assert saved.read_bytes() == ONE
+    assert _names(tmp_path) == ["x.pdf"]
