@@ -1811,14 +1811,14 @@ def _claim(part: Path, target: Path) -> bool:
     return True
 
 
-def _holds_now(path: Path, digest: bytes, size: int) -> bool:
-    """Whether ``path`` is a regular file of this size and digest (in the calling thread;
-    never opens a directory or a pipe)."""
+def _holds_now(path: Path, digest: bytes, size: int | None) -> bool:
+    """Whether ``path`` is a regular file of this digest (and size, if given), in the
+    calling thread; never opens a directory or a pipe."""
     try:
         st = path.lstat()
     except FileNotFoundError:
         return False
-    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+    if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
         return False
     hasher = hashlib.sha256()
     try:
@@ -1832,17 +1832,7 @@ def _holds_now(path: Path, digest: bytes, size: int) -> bool:
 
 async def _holds(path: Path, digest: bytes, size: int | None) -> bool:
     """Whether the file at ``path`` is the document of this digest (and size)."""
-    try:
-        on_disk = (await asyncio.to_thread(path.stat)).st_size
-    except FileNotFoundError:
-        return False
-    if size is not None and on_disk != size:
-        return False
-    hasher = hashlib.sha256()
-    async with contextlib.aclosing(read_chunks(path)) as chunks:
-        async for chunk in chunks:
-            hasher.update(chunk)
-    return hasher.digest() == digest
+    return await asyncio.to_thread(_holds_now, path, digest, size)
 
 
 @contextlib.asynccontextmanager

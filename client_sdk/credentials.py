@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from client_sdk.identity import Identity, identity_of_certificate
-from client_sdk.trust import TrustStore
+from client_sdk.trust import TrustStore, is_ca
 
 __all__ = ["DEFAULT_CLIENT_NAME", "Credentials", "key_matches_certificate"]
 
@@ -94,7 +94,7 @@ class Credentials:
         """
         store = TrustStore(_load_certificates(self.root_certificates, "root certificates"))
         chain = _load_certificates(self.certificate_chain, "client certificate chain")
-        store.add_certificates(c for c in chain if _is_ca(c))
+        store.add_certificates(c for c in chain if is_ca(c))
         return store
 
 
@@ -112,10 +112,3 @@ def _load_certificates(pem: bytes, what: str) -> list[x509.Certificate]:
     if not certs:
         raise ValueError(f"{what}: no certificate found")
     return certs
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False

@@ -44,6 +44,7 @@ __all__ = [
     "VerificationError",
     "check_attestation",
     "datetime_of",
+    "is_ca",
     "load_pem_certificates",
     "seconds_of",
     "set_timestamp",
@@ -95,7 +96,7 @@ class TrustStore:
         """Adds certificates (DER bytes or objects): CA ones as intermediates, others by key id."""
         for item in certs:
             cert = x509.load_der_x509_certificate(item) if isinstance(item, bytes) else item
-            if _is_ca(cert):
+            if is_ca(cert):
                 if all(c != cert for c in self.intermediates):
                     self.intermediates.append(cert)
             else:
@@ -515,7 +516,8 @@ def valid_timestamp(ts: Timestamp) -> bool:
     return _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def is_ca(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` is a CA certificate (basic constraints, CA true)."""
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
@@ -531,7 +533,7 @@ def _check_usage(cert: x509.Certificate, usage: CertificateUsage) -> None:
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound as exc:
         raise VerificationError("CERTIFICATE_USAGE", "certificate has no key usage") from exc
-    if _is_ca(cert):
+    if is_ca(cert):
         raise VerificationError("CERTIFICATE_USAGE", "a CA certificate cannot be used directly")
     if usage == "signing":
         if not (ku.digital_signature and ku.content_commitment):

@@ -29,16 +29,16 @@ from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, key_id, sha256
 from client_sdk.statuses import latest_statuses
-from client_sdk.trust import TrustStore, VerificationError, seconds_of, set_timestamp
+from client_sdk.trust import TrustStore, VerificationError, is_ca, seconds_of, set_timestamp
 from node.config import NodeConfig
 from node.core.directory import DirectoryView
-from node.core.errors import ChaparError, Code, letter_not_found
+from node.core.errors import ChaparError, Code, hub_unavailable, letter_not_found
 from node.core.evidence import evidence_content, evidence_message
 from node.core.letters import build_header, fit_status_update, normalise_text, validate_draft
 from node.core.splice import Field
 from node.document_store import DocumentStore
 from node.metrics import SUBMIT_REJECTED
-from node.rpc.errors import abort, to_submit_error
+from node.rpc.errors import abort, code_of, to_submit_error
 from node.rpc.peer import peer_certificate
 from node.storage.node_store import HeldLetter, NewLetter, NodeStore, request_key
 from node.tasks import drain, every
@@ -1246,7 +1246,7 @@ class Agency(pb.NodeServiceServicer):
         """``HubService.Track`` on the hub link's channel, within the caller's deadline."""
         stub = self.hub_link.stub if self.hub_link is not None else None
         if stub is None:
-            raise _hub_unavailable("the node is not connected to the hub")
+            raise hub_unavailable("the node is not connected to the hub")
         timeout = _TRACK_TIMEOUT_S if remaining is None else min(_TRACK_TIMEOUT_S, remaining)
         try:
             response: pb.TrackResponse = await stub.Track(
@@ -1254,14 +1254,10 @@ class Agency(pb.NodeServiceServicer):
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _HUB_GONE:
-                raise _hub_unavailable(f"the hub did not answer ({exc.code().name})") from exc
+                raise hub_unavailable(f"the hub did not answer ({exc.code().name})") from exc
             error = from_rpc_error(exc)
-            try:
-                code = Code(exc.code().value[0])
-            except ValueError:
-                code = Code.INTERNAL
             raise ChaparError(
-                code,
+                code_of(exc.code(), Code.INTERNAL),
                 error.reason or "HUB_ERROR",
                 f"the hub: {error.message}",
                 metadata=error.metadata,
@@ -1316,16 +1312,9 @@ class Agency(pb.NodeServiceServicer):
 def _is_ca(der: bytes) -> bool:
     """Whether ``der`` is a CA certificate (an intermediate: it names no agency's letter)."""
     try:
-        constraints = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
-            x509.BasicConstraints
-        )
-    except (ValueError, x509.ExtensionNotFound):
+        return is_ca(x509.load_der_x509_certificate(der))
+    except ValueError:
         return False
-    return constraints.value.ca
-
-
-def _hub_unavailable(why: str) -> ChaparError:
-    return ChaparError(Code.UNAVAILABLE, "HUB_UNAVAILABLE", f"{why}; retry", retry_after_s=1.0)
 
 
 def _thread_root(parent: HeldLetter) -> pb.Shams:

@@ -35,9 +35,9 @@ from node.core.documents import (
     document_uri,
     parse_document_uri,
 )
-from node.core.errors import ChaparError, Code
+from node.core.errors import ChaparError, Code, hub_unavailable
 from node.document_store import DocumentStore, DocumentWriter
-from node.rpc.errors import abort
+from node.rpc.errors import abort, code_of
 
 if TYPE_CHECKING:
     from node.rpc.hub_link import HubLink
@@ -346,7 +346,7 @@ class Documents(pb.DocumentServiceServicer):
                 else:  # after a break: the link may be reconnecting
                     stub = await link.wait_stub(max(0.0, resume_by - loop.time()))
                 if stub is None:
-                    raise _hub_unavailable("the node is not connected to the hub")
+                    raise hub_unavailable("the node is not connected to the hub")
                 offset = writer.size
                 call = stub.FetchDocument(pb.FetchDocumentRequest(uri=uri, offset=offset))
                 failure: grpc.aio.AioRpcError | None = None
@@ -383,7 +383,7 @@ class Documents(pb.DocumentServiceServicer):
                 elif loop.time() >= resume_by:
                     if failure is not None:
                         raise _fetch_error(uri, failure) from failure
-                    raise _hub_unavailable("the hub link did not come back")
+                    raise hub_unavailable("the hub link did not come back")
                 log.warning(
                     "fetch of %s broke at %d bytes (%s); resuming",
                     uri,
@@ -403,10 +403,6 @@ class Documents(pb.DocumentServiceServicer):
         return size
 
 
-def _hub_unavailable(why: str) -> ChaparError:
-    return ChaparError(Code.UNAVAILABLE, "HUB_UNAVAILABLE", f"{why}; retry", retry_after_s=1.0)
-
-
 def _interrupted() -> ChaparError:
     return ChaparError(
         Code.UNAVAILABLE,
@@ -419,7 +415,7 @@ def _interrupted() -> ChaparError:
 def _fetch_error(uri: str, exc: grpc.aio.AioRpcError) -> ChaparError:
     error = from_rpc_error(exc)
     return ChaparError(
-        _code(exc.code()),
+        code_of(exc.code(), Code.UNAVAILABLE),
         error.reason or exc.code().name,
         f"fetching {uri} through the hub: {error.message}",
         metadata={"uri": uri, **error.metadata},
@@ -506,13 +502,6 @@ def storage_error(exc: OSError, outcome: str) -> ChaparError:
         "STORAGE_FAILED",
         f"the node's document store failed ({exc.strerror}); {outcome}",
     )
-
-
-def _code(code: grpc.StatusCode) -> Code:
-    try:
-        return Code(code.value[0])
-    except ValueError:
-        return Code.UNAVAILABLE
 
 
 async def push(stub: pb.HubServiceStub, store: DocumentStore, request: pb.DocumentRequest) -> None:

@@ -9,7 +9,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 
-__all__ = ["ERROR_DOMAIN", "ChaparError", "Code", "letter_not_found", "request_id_reused"]
+__all__ = [
+    "ERROR_DOMAIN",
+    "ChaparError",
+    "Code",
+    "hub_unavailable",
+    "letter_not_found",
+    "request_id_reused",
+]
 
 ERROR_DOMAIN = "chapar.exchange"
 
@@ -54,6 +61,12 @@ class ChaparError(Exception):
 
     def __repr__(self) -> str:
         return f"ChaparError({self.code.name}, {self.reason!r}, {self.message!r})"
+
+
+def hub_unavailable(why: str) -> ChaparError:
+    """UNAVAILABLE / HUB_UNAVAILABLE, retry in a second: what a node asks of the hub cannot
+    be asked now."""
+    return ChaparError(Code.UNAVAILABLE, "HUB_UNAVAILABLE", f"{why}; retry", retry_after_s=1.0)
 
 
 def letter_not_found(shams: str, where: str) -> ChaparError:

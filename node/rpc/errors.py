@@ -9,10 +9,19 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from client_sdk import pb
-from node.core.errors import ERROR_DOMAIN, ChaparError
+from node.core.errors import ERROR_DOMAIN, ChaparError, Code
 from node.metrics import count_rejection
 
-__all__ = ["abort", "status_code", "to_status", "to_submit_error"]
+__all__ = ["abort", "code_of", "status_code", "to_status", "to_submit_error"]
+
+
+def code_of(status: grpc.StatusCode, otherwise: Code) -> Code:
+    """The core's ``Code`` of a gRPC status a peer answered, ``otherwise`` for one the core
+    does not name."""
+    try:
+        return Code(status.value[0])
+    except ValueError:
+        return otherwise
 
 
 def status_code(error: ChaparError) -> grpc.StatusCode:

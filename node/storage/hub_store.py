@@ -547,11 +547,8 @@ class HubStore(Store):
         the whole letter (no recipient named), as its own node shows it; the sender and
         auditors see all."""
 
-        def visible(item: pb.Evidence) -> bool:
-            if viewer is None or viewer == node.sender:
-                return True
-            recipient = pb.EvidenceContent.FromString(item.content).recipient
-            return recipient in ("", viewer)
+        def visible(content: pb.EvidenceContent) -> bool:
+            return viewer is None or viewer == node.sender or content.recipient in ("", viewer)
 
         items: list[pb.Evidence] = []
         stored: set[str] = set()
@@ -574,8 +571,9 @@ class HubStore(Store):
                 (shams, after, last),
             ):
                 item = pb.Evidence.FromString(bytes(blob))
-                stored.add(pb.EvidenceContent.FromString(item.content).evidence_id)
-                if not visible(item):
+                content = pb.EvidenceContent.FromString(item.content)
+                stored.add(content.evidence_id)
+                if not visible(content):
                     continue
                 if not budget.take(len(blob), asked=False):
                     return items, False
@@ -585,7 +583,8 @@ class HubStore(Store):
             old = [
                 e
                 for e in pb.EvidenceBatch.FromString(kept).evidence
-                if pb.EvidenceContent.FromString(e.content).evidence_id not in stored and visible(e)
+                if (c := pb.EvidenceContent.FromString(e.content)).evidence_id not in stored
+                and visible(c)
             ]
             if not budget.take(sum(e.ByteSize() for e in old), asked=False):
                 return items, False
