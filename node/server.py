@@ -95,7 +95,7 @@ def _server_options(keepalive_s: float) -> list[tuple[str, int]]:
 # Context fields a log call may pass with ``extra={...}``; each becomes a JSON key. Only
 # identifiers: never keys, certificates' private parts or letter bodies. Lines about a
 # batch of letters carry ``shams`` (and ``request_ids``, aligned) as JSON arrays.
-LOG_FIELDS = ("shams", "request_ids", "peer", "agency", "reason", "count")
+LOG_FIELDS = ("shams", "request_ids", "peer", "agency", "reason", "count", "incident", "method")
 
 
 class _JsonFormatter(logging.Formatter):

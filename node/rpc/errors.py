@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import sqlite3
+import uuid
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -12,7 +15,16 @@ from client_sdk import pb
 from node.core.errors import ERROR_DOMAIN, ChaparError, Code
 from node.metrics import count_rejection
 
-__all__ = ["abort", "code_of", "status_code", "to_status", "to_submit_error"]
+__all__ = [
+    "abort",
+    "code_of",
+    "status_code",
+    "to_status",
+    "to_submit_error",
+    "unexpected",
+]
+
+log = logging.getLogger("chapar.rpc")
 
 
 def code_of(status: grpc.StatusCode, otherwise: Code) -> Code:
@@ -66,6 +78,59 @@ async def abort(context: grpc.aio.ServicerContext, error: ChaparError) -> None:
         status_code(error),
         error.message,
         trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+
+
+def unexpected(exc: Exception, method: str) -> ChaparError:
+    """What a caller is told of an exception no handler expected (DESIGN section 9: every
+    failure is a canonical code with an ErrorInfo reason, never a Python exception's text).
+
+    The database failing (SQLite rolls the transaction back whole, so nothing of the call
+    was stored): RESOURCE_EXHAUSTED / STORAGE_FULL when it has no room, UNAVAILABLE /
+    STORAGE_BUSY when it is locked, INTERNAL / STORAGE_FAILED for any other error, each
+    with a retry delay (the store heals, and a retry with the same request id is answered
+    from what was stored). Anything else is INTERNAL / INTERNAL_ERROR with an incident id
+    that the server's log carries with the traceback.
+    """
+    incident = uuid.uuid4().hex[:12]
+    log.error(
+        "%s failed unexpectedly (incident %s): %r",
+        method,
+        incident,
+        exc,
+        exc_info=exc,
+        extra={"incident": incident, "method": method},
+    )
+    if isinstance(exc, sqlite3.Error):
+        text = str(exc)
+        if isinstance(exc, sqlite3.OperationalError) and "full" in text:
+            return ChaparError(
+                Code.RESOURCE_EXHAUSTED,
+                "STORAGE_FULL",
+                "the server's database has no room; nothing of this call was stored",
+                metadata={"incident": incident},
+                retry_after_s=60.0,
+            )
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+            return ChaparError(
+                Code.UNAVAILABLE,
+                "STORAGE_BUSY",
+                "the server's database is busy; retry",
+                metadata={"incident": incident},
+                retry_after_s=1.0,
+            )
+        return ChaparError(
+            Code.INTERNAL,
+            "STORAGE_FAILED",
+            "the server's database failed; nothing of this call was stored, retry later",
+            metadata={"incident": incident},
+            retry_after_s=5.0,
+        )
+    return ChaparError(
+        Code.INTERNAL,
+        "INTERNAL_ERROR",
+        f"the server failed on this call (incident {incident} in its log)",
+        metadata={"incident": incident},
     )
 
 

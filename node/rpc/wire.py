@@ -17,7 +17,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from node.core.errors import ChaparError, Code
-from node.rpc.errors import abort
+from node.rpc.errors import abort, unexpected
 
 __all__ = ["add_servicer", "parse", "serialize"]
 
@@ -82,11 +82,41 @@ def add_servicer(
                 else grpc.unary_unary_rpc_method_handler
             )
         handlers[method.name] = make(
-            handler, request_deserializer=None, response_serializer=serialize
+            _guarded(handler, f"{service.name}.{method.name}"),
+            request_deserializer=None,
+            response_serializer=serialize,
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
+
+
+def _guarded(
+    handler: Callable[[Any, Context], Awaitable[Any]], method: str
+) -> Callable[[Any, Context], Awaitable[Any]]:
+    """``handler``, with whatever it did not expect answered as a status with a reason.
+
+    A ChaparError it let through ends the call with its status, as ``abort`` would; any
+    other exception (its database failing, a defect) becomes ``unexpected``'s status, logged
+    with its traceback under an incident id, instead of gRPC's UNKNOWN carrying the Python
+    exception's text. One ``try`` a call: a stream pays it once.
+    """
+
+    async def guarded(request: Any, context: Context) -> Any:
+        try:
+            return await handler(request, context)
+        except grpc.aio.AbortError:  # the handler ended the call with its own status
+            raise
+        except ChaparError as exc:
+            error = exc
+        except Exception as exc:
+            error = unexpected(exc, method)
+        if context.done():  # the call ended meanwhile (its caller went): no one to tell
+            return None
+        await abort(context, error)
+        raise AssertionError("unreachable")
+
+    return guarded
 
 
 def _unary_in(
