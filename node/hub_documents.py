@@ -33,7 +33,7 @@ __all__ = ["DocumentRelay"]
 
 log = logging.getLogger("chapar.hub.documents")
 _QUEUE_CHUNKS = 4
-_OWNER_ANSWER_S = 30.0
+_OWNER_ANSWER_S = 30.0  # for the owner's push to start, and between two of its chunks
 
 
 @dataclass(eq=False)
@@ -148,11 +148,31 @@ class DocumentRelay:
             await abort(context, exc)
             return
         await context.write(pb.FetchDocumentResponse(size=header.size))
-        while (item := await transfer.take()) is not None:
+        while (item := await self._next(transfer)) is not None:
             if isinstance(item, ChaparError):  # the push broke: the fetcher resumes
                 await abort(context, item)
             if isinstance(item, bytes):
                 await context.write(pb.FetchDocumentResponse(chunk=item))
+
+    @staticmethod
+    async def _next(transfer: _Transfer) -> pb.PushHeader | bytes | ChaparError | None:
+        """The push's next item; UNAVAILABLE / PUSH_STALLED when its owner sent nothing for
+        ``_OWNER_ANSWER_S`` (a node alive, its connection up and pinging, and its push stuck:
+        keepalive never ends that). The fetch ends, so does the push (``_put`` finds the
+        fetch gone), and the fetching node resumes from the bytes it has."""
+        try:
+            return await asyncio.wait_for(transfer.take(), _OWNER_ANSWER_S)
+        except TimeoutError:
+            log.warning("push from %s stalled for %g s; fetch ended", transfer.owner,
+                        _OWNER_ANSWER_S)  # fmt: skip
+            return ChaparError(
+                Code.UNAVAILABLE,
+                "PUSH_STALLED",
+                f"the node of {transfer.owner} sent nothing for {_OWNER_ANSWER_S:g} s; retry"
+                " from the bytes received",
+                metadata={"owner": transfer.owner},
+                retry_after_s=1.0,
+            )
 
     def _end(self, request_id: str, transfer: _Transfer | None) -> None:
         self._transfers.pop(request_id, None)
@@ -221,7 +241,10 @@ class DocumentRelay:
 
     @staticmethod
     async def _put(transfer: _Transfer, item: pb.PushHeader | bytes | ChaparError | None) -> None:
-        """Waits for room in the pipe; CANCELLED when the fetching node has gone."""
+        """Waits for room in the pipe; UNAVAILABLE / FETCH_ENDED when the fetch has ended
+        (also while the pipe has room: the owner stops reading its document for no one)."""
+        if transfer.gone.is_set():
+            raise _fetch_ended()
         put = asyncio.create_task(transfer.queue.put(item))
         gone = asyncio.create_task(transfer.gone.wait())
         try:
@@ -233,9 +256,13 @@ class DocumentRelay:
                 with contextlib.suppress(asyncio.CancelledError):
                     await put
         if not put.done() or put.cancelled():
-            raise ChaparError(
-                Code.UNAVAILABLE, "FETCH_ENDED", "the fetching node is gone", retry_after_s=1.0
-            )
+            raise _fetch_ended()
+
+
+def _fetch_ended() -> ChaparError:
+    return ChaparError(
+        Code.UNAVAILABLE, "FETCH_ENDED", "the fetching node is gone", retry_after_s=1.0
+    )
 
 
 def document_grants(header: pb.EnvelopeHeader, sender: str) -> list[tuple[bytes, str, str]]:

@@ -134,3 +134,40 @@ async def test_a_push_message_after_the_header_that_is_not_a_chunk_is_refused(
         "PUSH_INTERRUPTED",
     )
     assert b"".join(m.chunk for m in fetching.written[1:]) == b"x" * 60
+
+
+async def test_a_push_that_stalls_ends_the_fetch_unavailable_and_then_the_push(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An owner alive and connected (keepalive answered) whose push stops sending: the fetch
+    waited for ever, and the back-end's download with it. It now ends UNAVAILABLE after
+    the owner's silence, so that the fetching node resumes, and the push ends too when it
+    sends again."""
+    monkeypatch.setattr("node.hub_documents._OWNER_ANSWER_S", 0.3)
+    relay = DocumentRelay(_Hub())  # type: ignore[arg-type]
+    hub: _Hub = relay.hub  # type: ignore[assignment]
+    fetching, pushing = _Context(FETCHER), _Context(OWNER)
+    fetch = asyncio.create_task(
+        relay.fetch(pb.FetchDocumentRequest(uri=URI), fetching)  # type: ignore[arg-type]
+    )
+    request = (await asyncio.wait_for(hub.out.get(), 5)).document_request
+    unstuck = asyncio.Event()
+
+    async def push() -> AsyncIterator[pb.PushDocumentRequest]:
+        yield pb.PushDocumentRequest(header=pb.PushHeader(request_id=request.request_id, size=100))
+        yield pb.PushDocumentRequest(chunk=b"x" * 40)
+        await unstuck.wait()  # the owner's disk hangs
+        yield pb.PushDocumentRequest(chunk=b"y" * 60)
+
+    pusher = asyncio.create_task(relay.push(push(), pushing))  # type: ignore[arg-type]
+    with contextlib.suppress(grpc.aio.AbortError):
+        await asyncio.wait_for(fetch, 5)
+    assert fetching.aborted is not None
+    assert (fetching.aborted[0], fetching.reason) == (grpc.StatusCode.UNAVAILABLE, "PUSH_STALLED")
+    assert b"".join(m.chunk for m in fetching.written[1:]) == b"x" * 40
+    assert not pusher.done()
+    unstuck.set()
+    with contextlib.suppress(grpc.aio.AbortError):
+        await asyncio.wait_for(pusher, 5)
+    assert pushing.aborted is not None
+    assert (pushing.aborted[0], pushing.reason) == (grpc.StatusCode.UNAVAILABLE, "FETCH_ENDED")
