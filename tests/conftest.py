@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import sqlite3
 import subprocess
@@ -67,9 +68,17 @@ def run_module_json(
     return result, report
 
 
-def client_credentials(cluster: Cluster, agency: str, name: str) -> Credentials:
+def client_credentials(
+    cluster: Cluster,
+    agency: str,
+    name: str,
+    *,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> Credentials:
     """A back-end client ``name`` of ``agency``, issued by the intermediate (chain: leaf + CA);
-    a ``[[clients]]`` entry of that name limits it to its mailboxes."""
+    a ``[[clients]]`` entry of that name limits it to its mailboxes. ``not_before`` and
+    ``not_after`` set its validity (the PKI's defaults otherwise)."""
     intermediate = load_certs(cluster.pki.intermediate_cert)[0]
     key = generate_key("ecdsa-p256")
     cert = issue_certificate(
@@ -78,6 +87,8 @@ def client_credentials(cluster: Cluster, agency: str, name: str) -> Credentials:
         subject_key=key,
         identity_uri=f"urn:chapar:client:{agency}:{name}",
         kind="client",
+        not_before=not_before,
+        not_after=not_after,
     )
     return Credentials(
         root_certificates=cluster.pki.root_cert.read_bytes(),
