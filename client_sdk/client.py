@@ -4,7 +4,8 @@ This module owns the mapping between Python values and the NodeService messages,
 one I/O seam: a ``grpc.aio.Channel``. ``ExchangeClient(target, credentials)`` dials the node
 over mutual TLS; ``ExchangeClient.from_channel(channel)`` takes any channel (tests inject an
 in-process one). Every ``grpc.RpcError`` is translated in ``_translated`` into a
-``client_sdk.errors.ChaparError`` subclass.
+``client_sdk.errors.ChaparError`` subclass (``Unavailable`` into ``FailedPrecondition``,
+reason ``CLIENT_CERTIFICATE_NOT_VALID``, once the client's own certificate has expired).
 
 ::
 
@@ -67,6 +68,7 @@ from client_sdk.credentials import Credentials
 from client_sdk.documents import CHUNK_BYTES, digest_of_uri, read_chunks
 from client_sdk.errors import (
     Cancelled,
+    CertificateValidity,
     ChaparError,
     DataLoss,
     DeadlineExceeded,
@@ -871,9 +873,14 @@ class ExchangeClient:
         extra channel options. A client certificate not valid now (expired, or not yet
         valid) raises ``FailedPrecondition`` (``CLIENT_CERTIFICATE_NOT_VALID``) here: the
         node would refuse every handshake, which a client sees only as ``Unavailable``,
-        retryable, for ever.
+        retryable, for ever. For the same reason, once the certificate expires while the
+        client runs, a call that fails with ``Unavailable`` (as every call does once the
+        connection the node accepted before has gone: the node refuses the new handshake)
+        raises that ``FailedPrecondition`` instead, saying when it expired: renew the
+        certificate (``chapar pki renew``) and make a new client with it. Streams end with
+        it too. (The validity is read here once, and looked at only on ``Unavailable``.)
         """
-        _check_own_certificate(credentials)
+        certificate = _own_certificate(credentials)
         keepalive = []
         if keepalive_s is not None:
             if not 1 <= keepalive_s <= 3600:  # NaN too
@@ -902,21 +909,28 @@ class ExchangeClient:
         channel = grpc.aio.secure_channel(
             target, credentials.channel_credentials(), options=channel_options
         )
-        self._setup(channel, owns_channel=True, timeout=timeout)
+        self._setup(channel, owns_channel=True, timeout=timeout, certificate=certificate)
 
     @classmethod
     def from_channel(
         cls, channel: grpc.aio.Channel, *, timeout: float | None = DEFAULT_TIMEOUT
     ) -> ExchangeClient:
-        """A client over an existing channel, which the caller keeps and closes."""
+        """A client over an existing channel, which the caller keeps and closes. (It does
+        not know the channel's client certificate: ``Unavailable`` stays ``Unavailable``.)"""
         client = cls.__new__(cls)
-        client._setup(channel, owns_channel=False, timeout=timeout)
+        client._setup(channel, owns_channel=False, timeout=timeout, certificate=None)
         return client
 
     def _setup(
-        self, channel: grpc.aio.Channel, *, owns_channel: bool, timeout: float | None
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        owns_channel: bool,
+        timeout: float | None,
+        certificate: CertificateValidity | None,
     ) -> None:
         self._channel = channel
+        self._certificate = certificate  # the client's own, when it made the channel
         self._owns_channel = owns_channel
         self._timeout = timeout
         self._stub = cast("NodeServiceAsyncStub", pb.NodeServiceStub(channel))
@@ -1041,7 +1055,7 @@ class ExchangeClient:
     async def _submit_request(
         self, request: pb.SubmitEnvelopeRequest, timeout: float | None
     ) -> Receipt:
-        with _translated():
+        with _translated(self._certificate):
             response: pb.SubmitEnvelopeResponse = await self._stub.SubmitEnvelope(
                 request, timeout=self._deadline(timeout)
             )
@@ -1074,7 +1088,7 @@ class ExchangeClient:
                         raise
                     results.append(error)  # its refusal (too large for the node, ...)
                 continue
-            with _translated():
+            with _translated(self._certificate):
                 response: pb.BatchSubmitEnvelopesResponse = await self._stub.BatchSubmitEnvelopes(
                     pb.BatchSubmitEnvelopesRequest(requests=requests),
                     timeout=self._deadline(timeout),
@@ -1159,7 +1173,8 @@ class ExchangeClient:
         def busy() -> bool:
             return unanswered > 0 or loop.time() - last_sent < linger_s
 
-        with _translated():  # first: a call refused (a closed client) leaves no feed running
+        # First: a call refused (a closed client) leaves no feed running.
+        with _translated(self._certificate):
             call = self._stub.StreamSubmitEnvelopes()
         feed: _Feed = (
             _AsyncFeed(drafts, batch_size, max_in_flight, linger_s, busy=busy)
@@ -1188,12 +1203,12 @@ class ExchangeClient:
                         continue
                     await window.acquire()
                     requests = [d.to_request() for d in batch]
-                    async with _write_translated(call):
+                    async with _write_translated(call, self._certificate):
                         await call.write(pb.StreamSubmitEnvelopesRequest(requests=requests))
                     unanswered += 1
                     last_sent = loop.time()
                     written.put_nowait(requests)
-                async with _write_translated(call):
+                async with _write_translated(call, self._certificate):
                     await call.done_writing()
             finally:
                 written.put_nowait(None)
@@ -1210,7 +1225,7 @@ class ExchangeClient:
                     yield outcome
                     continue
                 try:
-                    with _translated():
+                    with _translated(self._certificate):
                         response = await call.read()
                 except ChaparError as error:
                     # A write that met the end of the stream marks the call INTERNAL; the
@@ -1230,7 +1245,7 @@ class ExchangeClient:
                 for result in _results(response.results, requests):
                     yield result
             await writer  # re-raises what stopped the writer: a bad draft, a broken stream
-            with _translated():
+            with _translated(self._certificate):
                 extra = await call.read()  # the final status; raises if it is an error
             if extra is not grpc.aio.EOF:
                 raise InternalError("unexpected answer on the stream", reason="MALFORMED_RESPONSE")
@@ -1263,12 +1278,14 @@ class ExchangeClient:
         A letter comes again on a new stream until it is acknowledged with ``ack``. A node
         that stops ends the stream: ``Unavailable`` (reason ``STREAM_ENDED``, retryable),
         as on the submission streams, so that a back-end reading in a loop learns it and
-        reads again, rather than finding its loop ended as if the inbox had no end.
+        reads again, rather than finding its loop ended as if the inbox had no end. A stream
+        that breaks after the client's certificate expired ends with ``FailedPrecondition``
+        (``CLIENT_CERTIFICATE_NOT_VALID``) instead: reading again could not succeed.
         """
-        with _translated():
+        with _translated(self._certificate):
             call = self._stub.StreamInbox(pb.StreamInboxRequest(mailbox=mailbox or ""))
         try:
-            with _translated():
+            with _translated(self._certificate):
                 async for response in call:
                     for item in response.letters:
                         yield Letter(**Letter._parse(item), _client=self)
@@ -1279,7 +1296,7 @@ class ExchangeClient:
     async def ack(self, shams: ShamsLike, *, timeout: float | None = None) -> pb.Evidence:
         """Acknowledges a received letter; returns the HANDOVER evidence (idempotent)."""
         request = pb.AckEnvelopeRequest(shams=_shams_pb(shams))
-        with _translated():
+        with _translated(self._certificate):
             response: pb.AckEnvelopeResponse = await self._stub.AckEnvelope(
                 request, timeout=self._deadline(timeout)
             )
@@ -1290,7 +1307,7 @@ class ExchangeClient:
     ) -> list[pb.Evidence | ChaparError]:
         """Acknowledges several letters in one call: per letter, HANDOVER evidence or error."""
         request = pb.BatchAckEnvelopesRequest(shams=[_shams_pb(n) for n in numbers])
-        with _translated():
+        with _translated(self._certificate):
             response: pb.BatchAckEnvelopesResponse = await self._stub.BatchAckEnvelopes(
                 request, timeout=self._deadline(timeout)
             )
@@ -1299,7 +1316,7 @@ class ExchangeClient:
     async def track(self, shams: ShamsLike, *, timeout: float | None = None) -> Tracking:
         """Fetches a letter this agency sent or received, with its evidence and states."""
         request = pb.GetEnvelopeRequest(shams=_shams_pb(shams))
-        with _translated():
+        with _translated(self._certificate):
             response: pb.GetEnvelopeResponse = await self._stub.GetEnvelope(
                 request, timeout=self._deadline(timeout)
             )
@@ -1318,7 +1335,7 @@ class ExchangeClient:
         their evidence; letters this agency (or this client's mailboxes) is no party of
         come redacted. ``Correspondence.verify`` checks it offline."""
         request = pb.TrackCorrespondenceRequest(shams=_shams_pb(shams))
-        with _translated():
+        with _translated(self._certificate):
             response: pb.TrackCorrespondenceResponse = await self._stub.TrackCorrespondence(
                 request, timeout=self._deadline(timeout)
             )
@@ -1336,7 +1353,7 @@ class ExchangeClient:
         an auditor or a court (``bundle.SerializeToString()``): ``Tracking.from_bundle``
         (or ``chapar verify``) verifies it later offline with the root CA alone."""
         request = pb.GetEnvelopeRequest(shams=_shams_pb(shams))
-        with _translated():
+        with _translated(self._certificate):
             letter: pb.GetEnvelopeResponse = await self._stub.GetEnvelope(
                 request, timeout=self._deadline(timeout)
             )
@@ -1373,7 +1390,7 @@ class ExchangeClient:
         hasher = hashlib.sha256()
 
         header = pb.UploadDocumentRequest(header=pb.UploadHeader(media_type=media, size=size))
-        with _translated():
+        with _translated(self._certificate):
             call = self._documents.UploadDocument(timeout=timeout)
             try:
                 await call.write(header)
@@ -1384,7 +1401,7 @@ class ExchangeClient:
                 # A node that refuses mid-way ends the call: the next write learns its
                 # status (not a bare InvalidStateError "RPC already finished").
                 async with (
-                    _write_translated(call),
+                    _write_translated(call, self._certificate),
                     contextlib.aclosing(read_chunks(path)) as chunks,
                 ):
                     async for chunk in chunks:
@@ -1413,7 +1430,7 @@ class ExchangeClient:
 
     async def stat(self, uri: str, *, timeout: float | None = None) -> pb.StatDocumentResponse:
         """Whether the node holds a document, with its digest and size."""
-        with _translated():
+        with _translated(self._certificate):
             response: pb.StatDocumentResponse = await self._documents.StatDocument(
                 pb.StatDocumentRequest(uri=uri), timeout=self._deadline(timeout)
             )
@@ -1433,12 +1450,12 @@ class ExchangeClient:
     async def _download(
         self, uri: str, offset: int, timeout: float | None
     ) -> AsyncGenerator[pb.DownloadDocumentResponse, None]:
-        with _translated():
+        with _translated(self._certificate):
             call = self._documents.DownloadDocument(
                 pb.DownloadDocumentRequest(uri=uri, offset=offset), timeout=timeout
             )
         try:
-            with _translated():
+            with _translated(self._certificate):
                 async for response in call:
                     yield response
         finally:
@@ -1568,7 +1585,7 @@ class ExchangeClient:
 
     async def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
         """The agencies of the exchange, as the node last fetched them from the hub."""
-        with _translated():
+        with _translated(self._certificate):
             response: pb.ListAgenciesResponse = await self._stub.ListAgencies(
                 pb.ListAgenciesRequest(), timeout=self._deadline(timeout)
             )
@@ -1581,7 +1598,7 @@ class ExchangeClient:
         the node's directory holds: the intermediate CAs, every agency's and hub's signing
         certificates, and the revoked serials. Returns it, ready to verify inbox letters,
         receipts and evidence from any agency, whichever intermediate CA issued its key."""
-        with _translated():
+        with _translated(self._certificate):
             response: pb.ListAgenciesResponse = await self._stub.ListAgencies(
                 pb.ListAgenciesRequest(), timeout=self._deadline(timeout)
             )
@@ -1602,7 +1619,7 @@ class ExchangeClient:
         """Serials of the certificates the exchange has revoked, as the node last fetched
         the directory: apply them before verifying offline, or what a revoked key signed
         verifies (``trust.set_revoked(await client.revocations())``)."""
-        with _translated():
+        with _translated(self._certificate):
             response: pb.ListAgenciesResponse = await self._stub.ListAgencies(
                 pb.ListAgenciesRequest(), timeout=self._deadline(timeout)
             )
@@ -1614,25 +1631,25 @@ class ExchangeClient:
             ) from exc
 
 
-def _check_own_certificate(credentials: Credentials) -> None:
+def _own_certificate(credentials: Credentials) -> CertificateValidity:
+    """The validity of the client's certificate (the first of its chain), which must
+    include now: its ``FailedPrecondition`` (``CLIENT_CERTIFICATE_NOT_VALID``) otherwise."""
     leaf = x509.load_pem_x509_certificates(credentials.certificate_chain)[0]
-    now = dt.datetime.now(dt.UTC)
-    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-        raise FailedPrecondition(
-            f"this client's certificate is valid from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
-            f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now: the node refuses it"
-            " (renew it: chapar pki renew)",
-            reason="CLIENT_CERTIFICATE_NOT_VALID",
-        )
+    validity = CertificateValidity(leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+    if (refusal := validity.refusal()) is not None:
+        raise refusal
+    return validity
 
 
 @contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    """The one boundary where gRPC failures become ChaparError subclasses."""
+def _translated(certificate: CertificateValidity | None) -> Iterator[None]:
+    """The one boundary where gRPC failures become ChaparError subclasses; ``certificate``
+    is the client's own (see ``from_rpc_error``), None when the client did not make its
+    channel."""
     try:
         yield
     except grpc.RpcError as exc:
-        raise from_rpc_error(exc) from exc
+        raise from_rpc_error(exc, certificate=certificate) from exc
     except grpc.aio.UsageError as exc:
         # grpc.aio's answer to a call on a closed channel: the call never went out. A letter
         # read from a closed client's inbox is acknowledged through a new client (the node
@@ -1836,12 +1853,15 @@ async def _holds(path: Path, digest: bytes, size: int | None) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _write_translated(call: Any) -> AsyncIterator[None]:
+async def _write_translated(
+    call: Any, certificate: CertificateValidity | None
+) -> AsyncIterator[None]:
     """A stream write's failures as ChaparError: the call's own status when it had ended
     (grpc.aio says only "RPC already finished"; an OK end is a stopping node's, see
     ``_stream_ended``), and Unavailable when the stream ended under the write, which grpc
     reports as INTERNAL with the node's status lost. Either way the frames unanswered may
-    or may not have been taken: resubmitting their drafts (same request ids) is safe."""
+    or may not have been taken: resubmitting their drafts (same request ids) is safe.
+    Unavailable becomes ``certificate``'s refusal once it expired, as in ``_translated``."""
     try:
         yield
     except asyncio.InvalidStateError:
@@ -1854,11 +1874,12 @@ async def _write_translated(call: Any) -> AsyncIterator[None]:
             await call.trailing_metadata(),
             await call.details(),
         )
-        raise from_rpc_error(status) from None
+        raise from_rpc_error(status, certificate=certificate) from None
     except grpc.RpcError as exc:
-        error = from_rpc_error(exc)
+        error = from_rpc_error(exc, certificate=certificate)
         if error.code == grpc.StatusCode.INTERNAL:
-            raise Unavailable(
+            refusal = certificate.refusal() if certificate is not None else None
+            raise refusal or Unavailable(
                 "the stream ended while a frame was being written", reason="STREAM_ENDED"
             ) from exc
         raise error from exc
@@ -2212,12 +2233,12 @@ class _AckStream:
                 async with self._writing:  # in line in the order written
                     current = self._open
                     if current is None or current.call.done():
-                        with _translated():
+                        with _translated(self._client._certificate):
                             call = self._client._stub.StreamAckEnvelopes()
-                        current = self._open = _AckCall(call)
+                        current = self._open = _AckCall(call, self._client._certificate)
                     current.waiting.append(done)
                     try:
-                        async with _write_translated(current.call):
+                        async with _write_translated(current.call, self._client._certificate):
                             await current.call.write(pb.StreamAckEnvelopesRequest(shams=numbers))
                     except ChaparError as exc:  # the stream is broken: no answer will come
                         done.cancel()
@@ -2254,8 +2275,9 @@ class _AckStream:
 class _AckCall:
     """One acknowledgement stream and the batches waiting for its answers, oldest first."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, certificate: CertificateValidity | None) -> None:
         self.call = call
+        self._certificate = certificate
         self.waiting: collections.deque[asyncio.Future[pb.StreamAckEnvelopesResponse]] = (
             collections.deque()
         )
@@ -2265,7 +2287,7 @@ class _AckCall:
     async def _read(self) -> None:
         error: BaseException
         try:
-            with _translated():
+            with _translated(self._certificate):
                 async for response in self.call:
                     if not self.waiting:
                         raise InternalError(

@@ -17,7 +17,9 @@ Exception tree::
     ├── FailedPrecondition      FAILED_PRECONDITION   suspended agency or one not in the
     │                                                 hub's directory, revoked certificate,
     │                                                 expired letter; a call on a closed
-    │                                                 client (reason CLIENT_CLOSED)
+    │                                                 client (reason CLIENT_CLOSED); the
+    │                                                 client's own certificate expired or
+    │                                                 not yet valid (CLIENT_CERTIFICATE_NOT_VALID)
     ├── ResourceExhausted       RESOURCE_EXHAUSTED    size or queue quota
     ├── Unavailable             UNAVAILABLE           node, hub or peer down: retry
     ├── DeadlineExceeded        DEADLINE_EXCEEDED     the call's timeout ran out: retry
@@ -30,11 +32,19 @@ Exception tree::
 
 Submitting again after ``Unavailable``, ``DeadlineExceeded`` or ``Cancelled`` is safe when
 the same ``request_id`` is used: the node returns the original receipt.
+
+A node refuses the TLS handshake of a client whose certificate has expired, and gRPC reports
+that only as ``UNAVAILABLE``, which would be retried for ever. So an ``UNAVAILABLE`` failure
+of a client whose own certificate is outside its validity window (``CertificateValidity``,
+read once when the client is made, consulted on that code only) becomes
+``FailedPrecondition`` (``CLIENT_CERTIFICATE_NOT_VALID``, not retryable) instead.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -220,12 +230,60 @@ def _error(
     )
 
 
-def from_rpc_error(exc: grpc.RpcError) -> ChaparError:
-    """Translates a failed call (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
+@dataclass(frozen=True, slots=True)
+class CertificateValidity:
+    """When a client's own TLS certificate is valid (its notBefore and notAfter, UTC)."""
+
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+    def refusal(self, now: dt.datetime | None = None) -> FailedPrecondition | None:
+        """``FailedPrecondition`` (``CLIENT_CERTIFICATE_NOT_VALID``) if ``now`` (the clock
+        by default) is outside the window, which the node refuses; None inside it."""
+        now = now if now is not None else dt.datetime.now(dt.UTC)
+        if now > self.not_after:
+            message = (
+                f"this client's certificate expired at {self.not_after:%Y-%m-%d %H:%M:%S} UTC:"
+                " the node refuses it. Renew it (chapar pki renew) and make a new client with"
+                " the new certificate"
+            )
+        elif now < self.not_before:
+            message = (
+                f"this client's certificate is not valid before"
+                f" {self.not_before:%Y-%m-%d %H:%M:%S} UTC: the node refuses it until then"
+                " (or renew it: chapar pki renew)"
+            )
+        else:
+            return None
+        return FailedPrecondition(
+            message,
+            reason="CLIENT_CERTIFICATE_NOT_VALID",
+            metadata={
+                "not_before": self.not_before.isoformat(),
+                "not_after": self.not_after.isoformat(),
+            },
+        )
+
+
+def from_rpc_error(
+    exc: grpc.RpcError, *, certificate: CertificateValidity | None = None
+) -> ChaparError:
+    """Translates a failed call (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``).
+
+    ``certificate`` is the validity of the client's own certificate: an ``UNAVAILABLE``
+    failure outside it is the node refusing the handshake, and becomes ``FailedPrecondition``
+    (``CLIENT_CERTIFICATE_NOT_VALID``). Only that code looks at the clock.
+    """
     code_of = getattr(exc, "code", None)
     code = code_of() if callable(code_of) else None
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
+    if (
+        code == grpc.StatusCode.UNAVAILABLE
+        and certificate is not None
+        and (refusal := certificate.refusal()) is not None
+    ):
+        return refusal
     details_of = getattr(exc, "details", None)
     details = details_of() if callable(details_of) else None
     status = _rich_status(exc)

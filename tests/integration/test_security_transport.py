@@ -43,6 +43,7 @@ honest evidence is therefore:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import re
 import shutil
@@ -69,7 +70,7 @@ from certs.pki import (
     write_certs,
     write_key,
 )
-from client_sdk import ExchangeClient, pb
+from client_sdk import Draft, ExchangeClient, SyncExchangeClient, pb
 from client_sdk.credentials import Credentials
 from client_sdk.errors import (
     FailedPrecondition,
@@ -82,7 +83,7 @@ from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer
 from client_sdk.trust import VerificationError
 from node.cluster import Cluster, ServerProcess
 from node.core.letters import build_header
-from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, db_count
+from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, client_credentials, db_count
 
 pytestmark = pytest.mark.integration
 
@@ -448,6 +449,86 @@ async def test_handshake_refuses_bad_client_certificate_from_sdk(
                 await client.agencies()
     await watch.expect(HANDSHAKE_REFUSALS[case])
     assert_no_key_material(str(err.value), key_fragments)
+
+
+# Seconds a short-lived client certificate stays valid; the test below waits it out.
+SHORT_LIFE_S = 3
+# A call that could only fail must fail well within this (a retry loop would not).
+REFUSED_WITHIN_S = 10.0
+
+
+def _assert_not_valid(error: FailedPrecondition, expiry: dt.datetime) -> None:
+    assert error.reason == "CLIENT_CERTIFICATE_NOT_VALID", error
+    assert not error.retryable
+    assert f"expired at {expiry:%Y-%m-%d %H:%M:%S} UTC" in error.message, error.message
+    assert "chapar pki renew" in error.message, error.message
+
+
+async def test_calls_after_the_client_certificate_expired_fail_as_not_valid_not_unavailable(
+    cluster: Cluster,
+) -> None:
+    """A back-end whose certificate expires while it runs: once its connection is gone (idle
+    here; a node restart or a network break does the same), the node refuses every new
+    handshake, which gRPC reports as retryable ``Unavailable`` for ever. Every kind of call,
+    async and blocking, raises ``FailedPrecondition`` (``CLIENT_CERTIFICATE_NOT_VALID``, not
+    retryable, saying when it expired) instead, as the client's construction would."""
+    node = cluster.nodes[AGENCY_A]
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    expiry = now + dt.timedelta(seconds=SHORT_LIFE_S)
+    credentials = client_credentials(
+        cluster, AGENCY_A, "short-lived", not_before=now - dt.timedelta(minutes=1), not_after=expiry
+    )
+    # The channel lets its connection go after a second without calls, so the calls after
+    # the expiry make new handshakes.
+    idle = [("grpc.client_idle_timeout_ms", 1000)]
+
+    def draft(subject: str) -> Draft:
+        return Draft(to=[AGENCY_B], subject=subject, body="x", request_id=str(uuid.uuid4()))
+
+    async def send_stream() -> None:
+        sent = draft("send_stream")
+        with pytest.raises(FailedPrecondition) as err:
+            async for _ in client.send_stream([sent]):
+                pass
+        assert err.value.unanswered == (sent,)
+        raise err.value
+
+    async def shared_stream() -> None:
+        async with client.shared_stream() as shared:
+            await shared.send(draft("shared_stream"))
+
+    async def inbox() -> None:
+        async with contextlib.aclosing(client.inbox()) as letters:
+            await anext(letters)
+
+    async with ExchangeClient(node.address, credentials, timeout=10, options=idle) as client:
+        blocking = SyncExchangeClient(node.address, credentials, timeout=10, options=idle)
+        try:
+            await client.send(to=[AGENCY_B], subject="before expiry", body="x")
+            await asyncio.to_thread(
+                blocking.send, to=[AGENCY_B], subject="before expiry (blocking)", body="x"
+            )
+            await asyncio.sleep((expiry - dt.datetime.now(dt.UTC)).total_seconds() + 1.5)
+
+            calls = {
+                "send": lambda: client.send(to=[AGENCY_B], subject="after expiry", body="x"),
+                "send_many": lambda: client.send_many([draft("a"), draft("b")]),
+                "send_stream": send_stream,
+                "shared_stream": shared_stream,
+                "inbox": inbox,
+                "agencies": client.agencies,
+                "blocking send": lambda: asyncio.to_thread(
+                    blocking.send, to=[AGENCY_B], subject="after expiry", body="x"
+                ),
+                "blocking inbox": lambda: asyncio.to_thread(lambda: next(iter(blocking.inbox()))),
+            }
+            for name, call in calls.items():
+                with pytest.raises(FailedPrecondition) as err:
+                    await asyncio.wait_for(call(), REFUSED_WITHIN_S)
+                _assert_not_valid(err.value, expiry)
+                assert err.value.__cause__ is not None, name  # the node's refusal, kept
+        finally:
+            await asyncio.to_thread(blocking.close)
 
 
 @needs_openssl

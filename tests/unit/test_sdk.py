@@ -745,6 +745,92 @@ async def test_unreachable_node_is_unavailable() -> None:
             await client.agencies()
 
 
+VALIDITY = errors.CertificateValidity(
+    dt.datetime(2026, 1, 1, tzinfo=dt.UTC), dt.datetime(2026, 4, 1, 12, 30, 5, tzinfo=dt.UTC)
+)
+
+
+def test_own_certificate_validity_refuses_only_outside_its_window_saying_why() -> None:
+    for inside in (VALIDITY.not_before, dt.datetime(2026, 2, 1, tzinfo=dt.UTC), VALIDITY.not_after):
+        assert VALIDITY.refusal(inside) is None
+    expired = VALIDITY.refusal(VALIDITY.not_after + dt.timedelta(seconds=1))
+    assert isinstance(expired, errors.FailedPrecondition)
+    assert (expired.reason, expired.retryable) == ("CLIENT_CERTIFICATE_NOT_VALID", False)
+    assert "expired at 2026-04-01 12:30:05 UTC" in expired.message
+    assert "chapar pki renew" in expired.message
+    assert expired.metadata == {
+        "not_before": "2026-01-01T00:00:00+00:00",
+        "not_after": "2026-04-01T12:30:05+00:00",
+    }
+    early = VALIDITY.refusal(VALIDITY.not_before - dt.timedelta(seconds=1))
+    assert early is not None
+    assert early.reason == "CLIENT_CERTIFICATE_NOT_VALID"
+    assert "not valid before 2026-01-01 00:00:00 UTC" in early.message
+
+
+def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="failed to connect"
+    )
+
+
+def test_unavailable_becomes_certificate_not_valid_only_once_the_certificate_expired() -> None:
+    expired = errors.CertificateValidity(
+        VALIDITY.not_before, dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    )
+    valid = errors.CertificateValidity(
+        VALIDITY.not_before, dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    )
+    unavailable = _rpc_error(grpc.StatusCode.UNAVAILABLE)
+    refused = errors.from_rpc_error(unavailable, certificate=expired)
+    assert isinstance(refused, errors.FailedPrecondition)
+    assert (refused.reason, refused.retryable) == ("CLIENT_CERTIFICATE_NOT_VALID", False)
+    # Inside the window, or not knowing the certificate: what gRPC said.
+    assert type(errors.from_rpc_error(unavailable, certificate=valid)) is errors.Unavailable
+    assert type(errors.from_rpc_error(unavailable)) is errors.Unavailable
+    # Other codes are the node's answers on a connection it accepted: not looked at.
+    deadline = errors.from_rpc_error(
+        _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED), certificate=expired
+    )
+    assert type(deadline) is errors.DeadlineExceeded
+
+
+async def test_a_client_whose_certificate_expired_fails_calls_and_streams_as_not_valid(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    # The certificate the client was made with (read at construction) has expired since:
+    # Unavailable, on a call or a stream, is the node refusing it. (The integration test
+    # test_calls_after_the_client_certificate_expired_fail_as_not_valid_not_unavailable
+    # does this with a real expiry and a real node.)
+    client._certificate = errors.CertificateValidity(
+        VALIDITY.not_before, dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    )
+    fake = fake_node[0]
+    fake.abort = Abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        await client.send(to=[OTHER], subject="s", body="b")
+    assert caught.value.reason == "CLIENT_CERTIFICATE_NOT_VALID"
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
+    assert [d.subject for d in caught.value.unanswered] == ["s"]
+
+    fake.break_stream_at = 1
+    drafts = [Draft(to=[OTHER], subject=f"e{i}") for i in range(3)]
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        async for _ in client.send_stream(drafts, batch_size=1, max_in_flight=1):
+            pass
+    assert caught.value.reason == "CLIENT_CERTIFICATE_NOT_VALID"
+    assert caught.value.unanswered[0] is drafts[0]  # none answered: to send again, renewed
+    fake.frames.clear()  # the next stream breaks on its first frame too
+    async with client.shared_stream() as shared:
+        with pytest.raises(errors.FailedPrecondition) as caught:
+            await shared.send(Draft(to=[OTHER], subject="shared"))
+    assert caught.value.reason == "CLIENT_CERTIFICATE_NOT_VALID"
+
+    fake.abort = Abort(grpc.StatusCode.NOT_FOUND, "no such letter")
+    with pytest.raises(errors.NotFound):  # the node's own answer stays what it is
+        await client.track("000.00.00.G22/O/2026/0000001")
+
+
 # --- batches and streams --------------------------------------------------------------------
 
 
