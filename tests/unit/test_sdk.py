@@ -825,6 +825,10 @@ async def test_a_client_whose_certificate_expired_fails_calls_and_streams_as_not
         with pytest.raises(errors.FailedPrecondition) as caught:
             await shared.send(Draft(to=[OTHER], subject="shared"))
     assert caught.value.reason == "CLIENT_CERTIFICATE_NOT_VALID"
+    fake.break_ack_stream = True  # Letter.ack: the acknowledgement stream
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        await client._acks.ack(shams_of(1))
+    assert caught.value.reason == "CLIENT_CERTIFICATE_NOT_VALID"
 
     fake.abort = Abort(grpc.StatusCode.NOT_FOUND, "no such letter")
     with pytest.raises(errors.NotFound):  # the node's own answer stays what it is
