@@ -65,7 +65,7 @@ sender node        parse the submission frame; build_header (with the body's SHA
                    envelopes and evidence (node/agency.py:_build_nth, _seal_letters);
                    serialise the envelope without its body and the evidence for the outbox
                    (NodeStore.submit, _without_body); SQL of NodeStore.submit; read the
-                   outbox (outbox_to_relay); parse relay results and notices x2 with their
+                   outbox (outbox_to_relay: sizes, rows); parse relay results and notices x2 with their
                    contents, proofs x3 and 3/256 verifications (hub_link._Session._verify);
                    SQL of record_sender_evidence (relay results; DELIVERY+HANDOVER);
                    serialise the evidence acks; gRPC: reads 3 frames, writes 3
@@ -414,10 +414,16 @@ def sender_jobs(batch: int) -> list[Job]:
             "node_store.py:NodeStore.outbox_to_relay",
             (
                 Statement(
-                    "read outbox",
-                    "SELECT o.rowid, o.shams, o.envelope, b.body, o.envelope_sha256 FROM outbox o "
-                    "LEFT JOIN bodies b ON b.box = 'O' AND b.shams = o.shams "
-                    "WHERE o.relay_state = 0 AND o.rowid > ? ORDER BY o.rowid LIMIT ?",
+                    "read outbox sizes",
+                    "SELECT o.rowid, length(o.envelope) + coalesce(length(b.body), 0) "
+                    f"{_WAITING} ORDER BY o.rowid LIMIT ?",
+                    1,
+                    "read",
+                ),
+                Statement(
+                    "read outbox rows",
+                    "SELECT o.rowid, o.shams, o.envelope, b.body, o.envelope_sha256 "
+                    f"{_WAITING} AND o.rowid <= ? ORDER BY o.rowid LIMIT ?",
                     1,
                     "read",
                 ),
@@ -455,6 +461,10 @@ def sender_jobs(batch: int) -> list[Job]:
     ]
 
 
+_WAITING = (
+    "FROM outbox o LEFT JOIN bodies b ON b.box = 'O' AND b.shams = o.shams "
+    "WHERE o.relay_state = 0 AND o.rowid > ? "
+)
 _UNACKED = (
     "FROM inbox i LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams "
     "WHERE i.handover IS NULL AND i.rowid > ? "
@@ -1338,7 +1348,8 @@ def _params(job: Job, st: Statement, r: _Rows, k: int) -> Sequence[Any]:
             for i, x in zip(r.submission_ids[lo:hi], s, strict=True)
         ],
         ("submit", "insert recipient_state"): lambda: [(x, B, lifecycle.SUBMITTED) for x in s],
-        ("outbox page", "read outbox"): lambda: (lo, size),
+        ("outbox page", "read outbox sizes"): lambda: (lo, size),
+        ("outbox page", "read outbox rows"): lambda: (lo, hi, size),
         ("record_sender_evidence (relay)", "look up evidence ids"): lambda: r.relay_ids[lo:hi],
         ("record_sender_evidence (relay)", "insert evidence"): lambda: [
             (i, x, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, ev, now)

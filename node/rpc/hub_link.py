@@ -28,6 +28,7 @@ from client_sdk.signing import sha256
 from client_sdk.statuses import StatusFault
 from client_sdk.trust import VerificationError, check_attestation, seconds_of
 from node.agency import Agency
+from node.config import MAX_MESSAGE
 from node.core.documents import refused_attachment, senders_documents
 from node.core.errors import ChaparError
 from node.core.evidence import evidence_content
@@ -53,6 +54,7 @@ _RECEIPT_BATCH = 256
 _FRAMES_IN_FLIGHT = 8
 # Frames our own sender may have queued before it waits for the writer to catch up.
 _QUEUED_FRAMES = 8
+_FRAME_MARGIN = 1024 * 1024  # a frame's own fields around its letters
 _CONNECT = f"/{pb.HUB_SERVICE.full_name}/Connect"
 _RELAY = Field(pb.ConnectRequest, "envelopes")
 _RECEIPTS = Field(pb.ConnectRequest, "receipts")
@@ -213,8 +215,12 @@ class HubLink:
             # grpc 1.85 waits for a keepalive ping's answer this long (1 min by default).
             ("grpc.http2.ping_timeout_ms", round(self.agency.config.keepalive_s * 500)),
             ("grpc.http2.max_pings_without_data", 0),  # an idle session keeps pinging
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # As large as any frame either side may make: the hub's pushes carry one letter
+            # of up to its max_frame_bytes alone, and our relay frames are cut at
+            # relay_frame_bytes, both up to MAX_MESSAGE (a frame over a fixed 64 MiB here
+            # could never be written, and its session failed the same way for ever).
+            ("grpc.max_receive_message_length", MAX_MESSAGE + _FRAME_MARGIN),
+            ("grpc.max_send_message_length", MAX_MESSAGE + _FRAME_MARGIN),
             # Fixed receive window (see node.server): memory flat while documents stream.
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", 1024 * 1024),
@@ -360,20 +366,19 @@ class _Session:
             sent = False
             if outbox_dirty and len(self.relaying) < window and self.relay_cadence.ready():
                 outbox_dirty = False
-                rows = await agency.store.outbox_to_relay(cursor, batch)
+                # Frames under the hub's frame limit (the first letter always goes), read
+                # by size first: a backlog of large letters is not loaded to send a few.
+                rows = await agency.store.outbox_to_relay(
+                    cursor, batch, agency.config.relay_frame_bytes
+                )
                 if rows:
                     envelopes: list[bytes] = []
-                    size = 0
                     for rowid, shams, blob, digest in rows:
-                        # Keep frames under the hub's frame limit; the first always goes.
-                        if envelopes and size + len(blob) > agency.config.relay_frame_bytes:
-                            break
                         self.relaying[digest] = shams
                         envelopes.append(blob)
-                        size += len(blob)
                         cursor = rowid
                     # A full read or a frame cut short by size: more may be waiting.
-                    outbox_dirty = len(rows) == batch or len(envelopes) < len(rows)
+                    outbox_dirty = rows.more
                     # Spliced as stored (node.core.splice): not parsed and serialised again.
                     self.write(_RELAY.one(ENVELOPE_BATCH.many(envelopes)))
                     sent = True

@@ -465,16 +465,30 @@ class NodeStore(Store):
             out.append(pb.Receipt.FromString(row[0]) if row is not None and same else None)
         return out
 
-    async def outbox_to_relay(self, after: int, limit: int) -> list[tuple[int, str, bytes, bytes]]:
+    async def outbox_to_relay(
+        self, after: int, limit: int, max_bytes: int
+    ) -> Page[tuple[int, str, bytes, bytes]]:
         """(rowid, shams, envelope bytes, header digest) of letters not yet relayed, oldest
-        first."""
-        rows = await self.db.fetchall(
-            "SELECT o.rowid, o.shams, o.envelope, b.body, o.envelope_sha256 FROM outbox o "
-            "LEFT JOIN bodies b ON b.box = 'O' AND b.shams = o.shams "
-            "WHERE o.relay_state = 0 AND o.rowid > ? ORDER BY o.rowid LIMIT ?",
-            (after, limit),
+        first: at most ``limit``, and ``max_bytes`` of envelopes (but one always). Sizes are
+        read first, so that a backlog of large letters is not loaded to send a frame of
+        them (``Database.fetch_page``)."""
+        waiting = (
+            "FROM outbox o LEFT JOIN bodies b ON b.box = 'O' AND b.shams = o.shams "
+            "WHERE o.relay_state = 0 AND o.rowid > ? "
         )
-        return [(int(r[0]), str(r[1]), _with_body(r[2], r[3]), bytes(r[4])) for r in rows]
+        page = await self.db.fetch_page(
+            "SELECT o.rowid, length(o.envelope) + coalesce(length(b.body), 0) "
+            f"{waiting} ORDER BY o.rowid LIMIT ?",
+            "SELECT o.rowid, o.shams, o.envelope, b.body, o.envelope_sha256 "
+            f"{waiting} AND o.rowid <= ? ORDER BY o.rowid LIMIT ?",
+            (after,),
+            limit,
+            max_bytes,
+        )
+        return Page(
+            [(int(r[0]), str(r[1]), _with_body(r[2], r[3]), bytes(r[4])) for r in page],
+            more=page.more,
+        )
 
     # -- evidence about letters we sent -------------------------------------------------
 

@@ -767,7 +767,7 @@ async def test_submission_creates_submitted_state_per_distinct_recipient(store: 
     assert [pb.EvidenceContent.FromString(e.content).event for e in letter.evidence] == [
         E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
     ]
-    to_relay = await store.outbox_to_relay(0, 10)
+    to_relay = await store.outbox_to_relay(0, 10, 1 << 20)
     assert [(shams, env, digest) for _, shams, env, digest in to_relay] == [
         (
             receipt.shams_text,
@@ -797,7 +797,7 @@ async def test_sender_evidence_advances_recipient_state_per_lifecycle(store: Nod
 
     await record(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, RECIPIENT_B)
     assert await statuses() == {RECIPIENT_B: lifecycle.RELAYED, RECIPIENT_C: lifecycle.SUBMITTED}
-    assert await store.outbox_to_relay(0, 10) == []  # relayed: no longer waiting to go up
+    assert await store.outbox_to_relay(0, 10, 1 << 20) == []  # relayed: no longer waiting to go up
 
     await record(E.EVIDENCE_EVENT_DELIVERY, RECIPIENT_C)  # out of order: skips RELAYED
     await record(E.EVIDENCE_EVENT_DELIVERY, RECIPIENT_B)
@@ -840,7 +840,7 @@ async def test_relay_rejection_marks_the_letter_rejected_and_stops_relaying(
     letter = await store.letter(receipt.shams_text)
     assert letter is not None
     assert letter.statuses == {RECIPIENT_B: lifecycle.REJECTED}
-    assert await store.outbox_to_relay(0, 10) == []
+    assert await store.outbox_to_relay(0, 10, 1 << 20) == []
 
 
 async def test_relay_rejection_of_the_whole_letter_moves_every_recipient(
@@ -1256,7 +1256,7 @@ async def test_one_batch_of_sender_evidence_moves_states_in_its_order(store: Nod
     assert letter is not None
     assert letter.statuses == {RECIPIENT_B: lifecycle.HANDED_OVER, RECIPIENT_C: lifecycle.RELAYED}
     assert await store.count("evidence") == 1 + 4
-    assert await store.outbox_to_relay(0, 10) == []
+    assert await store.outbox_to_relay(0, 10, 1 << 20) == []
 
 
 async def test_earlier_answers_are_a_delivered_letters_delivery_or_the_first_refusal(
