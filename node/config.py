@@ -63,6 +63,10 @@ MAX_LETTER_AGE_S = 366 * DAY_S
 # The largest message a server takes (node.server's gRPC options): a frame or message
 # limit above it could never be reached.
 MAX_MESSAGE = 256 * 1024 * 1024
+# The most letters a node's frame to the hub may carry (node.relay_batch at most): the hub
+# checks a frame's letters in one turn of its event loop, which every other agency's stream
+# waits for, so a frame's count is bounded, not only its bytes.
+MAX_FRAME_LETTERS = 4096
 _STATES = ("active", "suspended", "retired")
 _ALGORITHMS = ("ed25519", "ecdsa-p256")
 
@@ -542,7 +546,7 @@ def _node_config(t: Table) -> NodeConfig:
         ),
         relay_frame_bytes=node.integer("relay_frame_bytes", 8 * 1024 * 1024, maximum=MAX_MESSAGE),
         grace_s=node.number("shutdown_grace_s", 5.0, maximum=HOUR_S),
-        relay_batch=node.integer("relay_batch", 256, maximum=65_536),
+        relay_batch=node.integer("relay_batch", 256, maximum=MAX_FRAME_LETTERS),
         reconnect_max_s=node.between("reconnect_max_s", 10.0, MIN_RECONNECT_S, HOUR_S),
         clients=_clients(t),
         retention_s=node.number("retention_s", 30 * 86400.0),

@@ -9,6 +9,7 @@ answered with signed RELAY_REJECTION evidence and nothing is stored.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import logging
@@ -28,6 +29,7 @@ from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, sha256
 from client_sdk.trust import TrustStore, VerificationError, der, seconds_of
 from node.config import (
+    MAX_FRAME_LETTERS,
     ConfigError,
     HubConfig,
     load_hub_config,
@@ -810,7 +812,20 @@ class Hub(pb.HubServiceServicer):
             )
 
     async def _relay(self, agency: str, envelopes: Sequence[pb.Envelope]) -> list[pb.Evidence]:
+        if len(envelopes) > MAX_FRAME_LETTERS:
+            # Checked in one turn of the event loop, which every other stream waits for: a
+            # frame of empty envelopes (2 bytes each) would hold it for seconds or hours.
+            raise ChaparError(
+                Code.INVALID_ARGUMENT,
+                "TOO_MANY_LETTERS",
+                f"a frame carries {MAX_FRAME_LETTERS} letters at most, not {len(envelopes)}",
+                metadata={"node": agency, "limit": str(MAX_FRAME_LETTERS)},
+            )
         now = dt.datetime.now(dt.UTC)
+        # Rejections are signed together, once the frame is judged (one signature, as for
+        # the acceptances), and logged in one line.
+        rejections: list[pb.Evidence] = []
+        rejected: list[tuple[str, str, str]] = []  # reason, number (as quoted), message
         outcomes: list[IncomingLetter | pb.Evidence | list[pb.Evidence]] = []
         refused: dict[int, tuple[ChaparError, pb.Envelope, bytes]] = {}  # and header digest
         for envelope, verified in zip(
@@ -867,27 +882,23 @@ class Hub(pb.HubServiceServicer):
             # when it was accepted: since then it may have aged out of the window, its
             # signer's certificate expired or its recipient been suspended. It stays
             # accepted; a rejection now would contradict the evidence already signed.
+            quoted = {at: quoted_shams(e, agency) for at, (_, e, _) in refused.items()}
             kept = await self.store.accepted_relays(
-                agency, [(quoted_shams(e), digest) for _, e, digest in refused.values()]
+                agency, [(quoted[at], digest) for at, (_, _, digest) in refused.items()]
             )
-            for at, (error, envelope, digest) in refused.items():
+            for at, (error, _, digest) in refused.items():
                 relays = kept.get(digest)
                 if relays:
                     outcomes[at] = relays
                     continue
-                log.warning(
-                    "relay rejected from %s: %s %s",
-                    agency,
-                    error.reason,
-                    error.message,
-                    extra={"peer": agency, "reason": error.reason},
-                )
                 count_rejection(error.code.name, error.reason)
-                outcomes[at] = self._sign(
-                    evidence_content(
+                shams = quoted[at]
+                rejected.append((error.reason, _shams_text(shams), error.message))
+                outcomes[at] = rejection = pb.Evidence(
+                    content=evidence_content(
                         E.EVIDENCE_EVENT_RELAY_REJECTION,
                         issuer=self.identity.uri,
-                        shams=quoted_shams(envelope),
+                        shams=shams,
                         envelope_sha256=digest,
                         recipient="",
                         now=now,
@@ -895,6 +906,7 @@ class Hub(pb.HubServiceServicer):
                         detail=error.message,
                     )
                 )
+                rejections.append(rejection)
         RELAY_REJECTED.inc(sum(isinstance(o, pb.Evidence) for o in outcomes))
         results: list[pb.Evidence] = []
         relayed: list[str] = []
@@ -910,27 +922,31 @@ class Hub(pb.HubServiceServicer):
             if not relays:  # the number is taken by a different letter: a replay or a forgery
                 count_rejection(Code.ALREADY_EXISTS.name, "SHAMS_REUSED")
                 RELAY_REJECTED.inc()
-                log.warning("relay rejected from %s: SHAMS_REUSED %s", agency, outcome.shams)
-                results.append(
-                    self._sign(
-                        evidence_content(
-                            E.EVIDENCE_EVENT_RELAY_REJECTION,
-                            issuer=self.identity.uri,
-                            shams=parse_shams(outcome.shams),
-                            envelope_sha256=outcome.envelope_sha256,
-                            recipient="",
-                            now=now,
-                            reason="SHAMS_REUSED",
-                            detail="another letter already carries this number",
-                        )
+                detail = "another letter already carries this number"
+                rejected.append(("SHAMS_REUSED", outcome.shams, detail))
+                rejection = pb.Evidence(
+                    content=evidence_content(
+                        E.EVIDENCE_EVENT_RELAY_REJECTION,
+                        issuer=self.identity.uri,
+                        shams=parse_shams(outcome.shams),
+                        envelope_sha256=outcome.envelope_sha256,
+                        recipient="",
+                        now=now,
+                        reason="SHAMS_REUSED",
+                        detail=detail,
                     )
                 )
+                rejections.append(rejection)
+                results.append(rejection)
                 continue
             results.extend(relays)
             if outcome.shams in fresh:
                 relayed.append(outcome.shams)
             else:
                 RELAY_DUPLICATES.inc()
+        if rejections:
+            self.signer.seal_evidence(rejections)  # in place: they are in results
+            _log_rejected(agency, rejected)
         if relayed and log.isEnabledFor(logging.INFO):  # one line per frame, not per letter
             log.info(
                 "letters relayed", extra={"shams": relayed, "count": len(relayed), "peer": agency}
@@ -1147,6 +1163,35 @@ class Hub(pb.HubServiceServicer):
                 sent = True
             if not sent:
                 await session.wake.wait()
+
+
+def _shams_text(shams: pb.Shams | None) -> str:
+    """A quoted number as text for the log ("" when none, or not one of the format)."""
+    try:
+        return format_shams(shams) if shams is not None else ""
+    except ValueError:
+        return ""
+
+
+def _log_rejected(agency: str, rejected: Sequence[tuple[str, str, str]]) -> None:
+    """One warning line for a frame's rejected letters: the count by reason and the first
+    one's message; the numbers in ``shams``."""
+    reasons = collections.Counter(reason for reason, _, _ in rejected)
+    reason, _, message = rejected[0]
+    log.warning(
+        "relay rejected from %s: %d letters (%s); first: %s %s",
+        agency,
+        len(rejected),
+        ", ".join(f"{r} {n}" for r, n in reasons.most_common()),
+        reason,
+        message,
+        extra={
+            "peer": agency,
+            "reason": reason,
+            "count": len(rejected),
+            "shams": [shams for _, shams, _ in rejected],
+        },
+    )
 
 
 def _not_a_party(agency: str, shams: str) -> ChaparError:

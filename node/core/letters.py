@@ -296,10 +296,14 @@ def build_header(
     return header.SerializeToString(deterministic=True)
 
 
-def quoted_shams(envelope: pb.Envelope) -> pb.Shams | None:
-    """The number an envelope's header claims, *unverified*: only to quote in a rejection."""
+def quoted_shams(envelope: pb.Envelope, origin: str | None = None) -> pb.Shams | None:
+    """The number an envelope's header claims, *unverified*: only to quote in a rejection;
+    with ``origin``, only a number of that origin (the hub quotes a node's own numbers, never
+    another agency's: its signed rejection would say that agency's letter was refused)."""
     try:
         header = pb.EnvelopeHeader.FromString(envelope.header)
     except DecodeError:
         return None
-    return header.shams if header.HasField("shams") else None
+    if not header.HasField("shams") or (origin is not None and header.shams.origin != origin):
+        return None
+    return header.shams

@@ -30,7 +30,7 @@ class _Hub:
         self.identity = SimpleNamespace(uri="urn:chapar:hub:test")
         self.trust = SimpleNamespace(verify_envelopes=lambda envelopes: [None] * len(envelopes))
         self.signer = SimpleNamespace(
-            seal_evidence=None,
+            seal_evidence=lambda items: None,  # signed in place: the stand-in leaves them
             sign_evidence=lambda contents: [pb.Evidence(content=c) for c in contents],
         )
         self.store = SimpleNamespace(accept=self._accept, accepted_relays=self._accepted_relays)
