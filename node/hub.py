@@ -710,7 +710,9 @@ class Hub(pb.HubServiceServicer):
                     pb.ConnectResponse(receipt_acks=pb.EvidenceAckBatch(evidence_ids=ids))
                 )
             elif kind == "evidence_acks":  # rides on the next transaction
-                self.store.ack_notices_later(session.agency, frame.evidence_acks.evidence_ids)
+                acked = frame.evidence_acks.evidence_ids
+                _check_frame_count(session.agency, "evidence ids", len(acked))
+                self.store.ack_notices_later(session.agency, acked)
 
         await handle_concurrently(frames, handle, _FRAMES_IN_FLIGHT)
 
@@ -812,15 +814,7 @@ class Hub(pb.HubServiceServicer):
             )
 
     async def _relay(self, agency: str, envelopes: Sequence[pb.Envelope]) -> list[pb.Evidence]:
-        if len(envelopes) > MAX_FRAME_LETTERS:
-            # Checked in one turn of the event loop, which every other stream waits for: a
-            # frame of empty envelopes (2 bytes each) would hold it for seconds or hours.
-            raise ChaparError(
-                Code.INVALID_ARGUMENT,
-                "TOO_MANY_LETTERS",
-                f"a frame carries {MAX_FRAME_LETTERS} letters at most, not {len(envelopes)}",
-                metadata={"node": agency, "limit": str(MAX_FRAME_LETTERS)},
-            )
+        _check_frame_count(agency, "letters", len(envelopes))
         now = dt.datetime.now(dt.UTC)
         # Rejections are signed together, once the frame is judged (one signature, as for
         # the acceptances), and logged in one line.
@@ -957,6 +951,7 @@ class Hub(pb.HubServiceServicer):
 
     async def _receipts(self, session: _Session, evidence: Sequence[pb.Evidence]) -> list[str]:
         agency = session.agency
+        _check_frame_count(agency, "receipts", len(evidence))
         valid: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
         ids: list[str] = []
         for item, content in zip(evidence, self.trust.verify_evidence_many(evidence), strict=True):
@@ -1163,6 +1158,19 @@ class Hub(pb.HubServiceServicer):
                 sent = True
             if not sent:
                 await session.wake.wait()
+
+
+def _check_frame_count(agency: str, what: str, count: int) -> None:
+    """A frame from a node carries MAX_FRAME_LETTERS items at most (an honest node's carry
+    fewer): the hub checks a frame in one turn of its event loop (or one transaction),
+    which every other stream waits for, and a frame of empty items is 2 bytes each."""
+    if count > MAX_FRAME_LETTERS:
+        raise ChaparError(
+            Code.INVALID_ARGUMENT,
+            "TOO_MANY_LETTERS",
+            f"a frame carries {MAX_FRAME_LETTERS} {what} at most, not {count}",
+            metadata={"node": agency, "limit": str(MAX_FRAME_LETTERS)},
+        )
 
 
 def _shams_text(shams: pb.Shams | None) -> str:

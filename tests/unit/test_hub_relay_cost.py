@@ -130,3 +130,12 @@ async def test_a_full_frame_of_refused_letters_is_answered_under_one_signature_a
     with pytest.raises(ChaparError) as over:
         await Hub._relay(hub, NODE, [*envelopes, pb.Envelope()])  # type: ignore[arg-type]
     assert (over.value.code, over.value.reason) == (Code.INVALID_ARGUMENT, "TOO_MANY_LETTERS")
+
+
+async def test_receipt_frames_are_bounded_too() -> None:
+    # A frame of receipts is verified in the event loop one by one: bounded as letters are.
+    session = SimpleNamespace(agency=NODE)
+    too_many = [pb.Evidence() for _ in range(MAX_FRAME_LETTERS + 1)]
+    with pytest.raises(ChaparError) as over:
+        await Hub._receipts(_hub(), session, too_many)  # type: ignore[arg-type]
+    assert (over.value.code, over.value.reason) == (Code.INVALID_ARGUMENT, "TOO_MANY_LETTERS")
