@@ -20,3 +20,11 @@ def test_a_client_name_no_certificate_can_carry_is_refused(tmp_path: Path, name:
     path = _write(tmp_path, NODE.replace('name = "backend"', f'name = "{name}"', 1))
     with pytest.raises(ConfigError, match=re.escape("clients[0].name")):
         load_node_config(path)
+
+
+def test_a_hub_address_on_port_0_is_refused(tmp_path: Path) -> None:
+    """node.hub = "HOST:0" is accepted; the node then dials port 0 for ever (the case
+    test_a_node_without_its_hub_address_is_refused mended for a missing key, written out)."""
+    path = _write(tmp_path, NODE.replace('hub = "127.0.0.1:1"', 'hub = "127.0.0.1:0"', 1))
+    with pytest.raises(ConfigError, match=re.escape("node.hub")):
+        load_node_config(path)
