@@ -65,6 +65,9 @@ _RECEIPT_FRAME = 1024
 _DIRECTORY_MENDS = frozenset({"SIGNER_UNKNOWN", "CERTIFICATE_UNTRUSTED"})
 _REFETCH_EVERY_S = 1.0  # doubled (to _REFETCH_AT_MOST_S) while a fetch brings nothing new
 _REFETCH_AT_MOST_S = 300.0
+# Routed evidence held back on one stream at most, unacknowledged, to be verified again
+# after a directory change (_Session.unmended); more waits for the next stream.
+_UNMENDED_HELD = 1024
 # A letter that reaches this node later than this past its expire_time is refused
 # (LETTER_EXPIRED): the hub pushed it before, on a stream lost before this node answered.
 # Within it, clocks that differ a little do not refuse a letter the hub found in time.
@@ -314,6 +317,11 @@ class _Session:
             BOOKKEEPING_INTERVAL_S, self._wake, linger_s=BOOKKEEPING_INTERVAL_S
         )
         self.relay_cadence = Cadence(LETTER_INTERVAL_S, self._wake)
+        # Routed evidence (notices) that failed only for a key or CA this node's directory
+        # lacks (_DIRECTORY_MENDS), by evidence id, with the directory version it failed
+        # against: unacknowledged, so the hub sends it again on the next stream, and
+        # verified again on this one once the directory held changes (_handle).
+        self.unmended: dict[str, tuple[pb.Evidence, int | None]] = {}
 
     def write(self, frame: pb.ConnectRequest | bytes) -> None:
         """Queues a frame for the stream's writer task (``_write_all``)."""
@@ -450,14 +458,18 @@ class _Session:
             self.agency.store.receipts_acknowledged_later(
                 ids, lambda _: self.receipts_sent.difference_update(ids)
             )
+        if self.unmended:  # the directory may have changed above (or in a frame's fetch)
+            await self._evidence_again()
         self._wake()
 
     async def _verify(
         self, evidence: Sequence[pb.Evidence]
-    ) -> list[tuple[pb.Evidence, pb.EvidenceContent, str]]:
+    ) -> tuple[list[tuple[pb.Evidence, pb.EvidenceContent, str]], list[pb.Evidence]]:
         """The evidence that verifies, with its content and its SHAMS number as text ("" if
-        it names none); the rest is counted and logged."""
+        it names none), and the evidence that failed only for a signing key or CA a newer
+        directory may bring (``_DIRECTORY_MENDS``); every failure is counted and logged."""
         out = []
+        unmended = []
         checked = await self.link.verified(evidence, self.agency.trust.verify_evidence_many)
         for item, content in zip(evidence, checked, strict=True):
             try:
@@ -468,11 +480,13 @@ class _Session:
             except VerificationError as exc:
                 count_verification_failure("evidence", exc.reason)
                 log.error("evidence from the hub does not verify (%s): %s", exc.reason, exc)
-        return out
+                if exc.reason in _DIRECTORY_MENDS:
+                    unmended.append(item)
+        return out, unmended
 
     async def _relay_results(self, evidence: Sequence[pb.Evidence]) -> None:
         items = []
-        verified = await self._verify(evidence)
+        verified, _ = await self._verify(evidence)
         for item, content, text in verified:
             shams = self.relaying.pop(content.envelope_sha256, None) or text
             if not shams:
@@ -491,17 +505,44 @@ class _Session:
             await self.agency.store.record_sender_evidence(items)
 
     async def _evidence(self, evidence: Sequence[pb.Evidence]) -> None:
-        verified = await self._verify(evidence)
+        version = self.link._version()  # read first: a change during the check retries it
+        verified, unmended = await self._verify(evidence)
         items = [(e, c, shams) for e, c, shams in verified if shams]
         if items:
             await self.agency.store.record_sender_evidence(items)
+        for _, content, _ in verified:
+            self.unmended.pop(content.evidence_id, None)
         # Acknowledge what we stored and what can never verify (it would only come back);
         # content too malformed to name its id cannot be acknowledged, but must not stop
-        # the stream either.
+        # the stream either. Not what failed only for a key or CA this node's directory
+        # lacks: acknowledged, the hub would forget it and this node never store it (the
+        # recipient's state stuck, the body never purged). The hub sends it again on the
+        # next stream (its notices go by a cursor per stream: not again on this one), and
+        # it is verified again here after a directory change (_evidence_again).
+        held = {id(e) for e in unmended}
+        for item in unmended:
+            if (i := _quoted_evidence_id(item)) and (
+                i in self.unmended or len(self.unmended) < _UNMENDED_HELD
+            ):
+                self.unmended[i] = (item, version)
         stored = {id(e) for e, _, _ in verified}
         ids = [c.evidence_id for _, c, _ in verified]
-        ids += [i for e in evidence if id(e) not in stored and (i := _quoted_evidence_id(e))]
-        self.write(pb.ConnectRequest(evidence_acks=pb.EvidenceAckBatch(evidence_ids=ids)))
+        ids += [
+            i
+            for e in evidence
+            if id(e) not in stored and id(e) not in held and (i := _quoted_evidence_id(e))
+        ]
+        if ids:
+            self.write(pb.ConnectRequest(evidence_acks=pb.EvidenceAckBatch(evidence_ids=ids)))
+
+    async def _evidence_again(self) -> None:
+        """Verifies again the evidence held back (``unmended``) that failed against another
+        directory version than the one held now; once per change, so held evidence never
+        spins."""
+        version = self.link._version()
+        again = [i for i, (_, v) in self.unmended.items() if v != version]
+        if again:
+            await self._evidence([self.unmended.pop(i)[0] for i in again])
 
     async def _deliveries(self, envelopes: Sequence[pb.Envelope]) -> None:
         agency = self.agency

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import pytest
 from google.protobuf.message import DecodeError
 
@@ -591,3 +592,102 @@ async def test_letters_delivered_again_are_not_logged_as_delivered(
     finally:
         await store.close()
     assert len(session.pending_receipts) == 4  # every letter is answered, again or not
+
+
+class _FetchFails(_Refetching):
+    """A link whose directory fetch fails (the hub slow to answer GetDirectory), until
+    ``fails`` is cleared."""
+
+    fails = True
+
+    async def _fetch_directory(self) -> None:
+        if self.fails:
+            self.fetches += 1
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata()
+            )
+        await super()._fetch_directory()
+
+
+async def test_evidence_signed_with_a_key_not_yet_known_is_not_acknowledged_unstored() -> None:
+    """Evidence the hub routes about this node's letters (a recipient's DELIVERY or
+    HANDOVER, signed with a key rotated a moment ago) that fails only for a key this node
+    does not know yet (SIGNER_UNKNOWN) was acknowledged when the directory refetch failed
+    (or was skipped: at most once a second, up to 5 minutes apart after fruitless ones),
+    as if it could never verify. The hub then forgot the notice and never sent it again:
+    the sender's node never stored that evidence, its recipient's state stayed RELAYED
+    (or DELIVERED) for good, and the letter's body was never purged. (A review's test.)"""
+    recorded: list[str] = []
+
+    async def record_sender_evidence(items: list[tuple[object, object, str]]) -> None:
+        recorded.extend(c.evidence_id for _, c, _ in items)  # type: ignore[attr-defined]
+
+    agency = SimpleNamespace(
+        trust=SimpleNamespace(
+            verify_evidence_many=lambda items: (
+                [VerificationError("SIGNER_UNKNOWN", "signed by a key no directory held lists")]
+                * len(items)
+            )
+        ),
+        store=SimpleNamespace(record_sender_evidence=record_sender_evidence),
+        directory=SimpleNamespace(version=7),
+    )
+    link = _FetchFails(agency)
+    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+    await session._evidence([_evidence("d1", HUB)])
+    assert link.fetches == 1
+    assert recorded == []
+    frames = [session.outgoing.get_nowait() for _ in range(session.outgoing.qsize())]
+    acked = [i for f in frames for i in f.evidence_acks.evidence_ids]
+    assert "d1" not in acked, "evidence that may verify later was acknowledged, never stored"
+
+
+class _RotatedTrust(_Trust):
+    """The hub signs with a key this node learns from its next directory."""
+
+    knows_new_key = False
+    checked = 0
+
+    def verify_evidence(self, evidence: pb.Evidence) -> pb.EvidenceContent:
+        self.checked += 1
+        content = pb.EvidenceContent.FromString(evidence.content)
+        if content.issuer == HUB and not self.knows_new_key:
+            raise VerificationError("SIGNER_UNKNOWN", "signed by a key no directory held lists")
+        return super().verify_evidence(evidence)
+
+
+async def test_evidence_held_for_a_key_not_yet_known_is_stored_after_a_directory_change() -> None:
+    # Held back unacknowledged (above), it is verified again on the same stream once the
+    # directory held changes, then stored and acknowledged; not while it stays the same
+    # (the hub does not send it again on this stream, and nothing spins). Evidence that
+    # can never verify (a forged signature) is acknowledged and dropped at once, as before.
+    recorded: list[str] = []
+
+    async def record_sender_evidence(items: list[tuple[object, object, str]]) -> None:
+        recorded.extend(c.evidence_id for _, c, _ in items)  # type: ignore[attr-defined]
+
+    trust = _RotatedTrust()
+    agency = SimpleNamespace(
+        trust=trust,
+        store=SimpleNamespace(record_sender_evidence=record_sender_evidence),
+        directory=SimpleNamespace(version=0),
+        full_recipients=frozenset(),
+    )
+    link = _FetchFails(agency)
+    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+
+    def acked() -> list[str]:
+        frames = [session.outgoing.get_nowait() for _ in range(session.outgoing.qsize())]
+        return [i for f in frames for i in f.evidence_acks.evidence_ids]
+
+    frame = pb.ConnectResponse()
+    frame.evidence.evidence.extend([_evidence("d1", HUB), _evidence("f1", "forger")])
+    await session._handle(frame)
+    assert (recorded, acked(), list(session.unmended)) == ([], ["f1"], ["d1"])
+    checked = trust.checked
+    await session._handle(pb.ConnectResponse(queue_status=pb.QueueStatus()))
+    assert trust.checked == checked  # the same directory: not verified again
+    assert (recorded, acked(), list(session.unmended)) == ([], [], ["d1"])
+    link.fails = False  # the hub's directory update, fetched now
+    await session._handle(pb.ConnectResponse(directory_update=pb.DirectoryUpdate(version=2)))
+    assert (recorded, acked(), session.unmended) == (["d1"], ["d1"], {})
