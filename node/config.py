@@ -10,7 +10,6 @@ import dataclasses
 import math
 import re
 import tomllib
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ from cryptography import x509
 from certs.pki import revocation_file_lines
 from client_sdk.identity import Identity, is_agency_code
 from node.core.documents import DocumentLimits, base_media_type
-from node.core.letters import LetterLimits
+from node.core.errors import ChaparError
+from node.core.letters import LetterLimits, normalise_text
 from node.storage.db import Durability
 
 __all__ = [
@@ -471,7 +471,10 @@ def read_revocations(path: Path | None) -> list[str]:
     return serials
 
 
-def _clients(t: Table) -> dict[str, frozenset[str]]:
+def _clients(t: Table, agency: str, max_mailbox_chars: int) -> dict[str, frozenset[str]]:
+    """[[clients]]: each back-end client's name (as its certificate carries it) and the
+    mailboxes it may use (as letters carry them). A name or mailbox nothing can match is
+    refused: its limit would never apply, and the back-end meant would use every mailbox."""
     raw = t.get("clients", [])
     if not isinstance(raw, list):
         raise ConfigError("[[clients]]: must be an array of tables")
@@ -481,12 +484,32 @@ def _clients(t: Table) -> dict[str, frozenset[str]]:
             raise ConfigError(f"clients[{i}]: must be a table")
         c = t.child(item, f"clients[{i}]")
         name = c.text("name")
+        try:
+            Identity.for_client(agency, name)  # the rule of the certificates it must match
+        except ValueError:
+            raise ConfigError(
+                f"clients[{i}].name: {name!r} is no client certificate's name"
+                f" (urn:chapar:client:{agency}:NAME, NAME 1-64 characters of a-z 0-9 . -,"
+                " the first a letter or digit)"
+            ) from None
         mailboxes = c.get("mailboxes")
         if not isinstance(mailboxes, list) or not all(isinstance(m, str) for m in mailboxes):
             raise ConfigError(f"clients[{i}].mailboxes: must be a list of mailbox names")
         if name in clients:
             raise ConfigError(f"clients[{i}].name: {name} is listed twice")
-        clients[name] = frozenset(unicodedata.normalize("NFC", m) for m in mailboxes)
+        boxes: set[str] = set()
+        for j, mailbox in enumerate(mailboxes):
+            try:  # as the node reads a letter's mailboxes (NFC, checked): else none matches
+                boxes.add(
+                    normalise_text(
+                        mailbox, "the mailbox", max_chars=max_mailbox_chars, required=False
+                    )
+                )
+            except ChaparError as exc:
+                raise ConfigError(
+                    f"clients[{i}].mailboxes[{j}]: {exc.message}, so no letter can name it"
+                ) from None
+        clients[name] = frozenset(boxes)
     return clients
 
 
@@ -548,7 +571,7 @@ def _node_config(t: Table) -> NodeConfig:
         grace_s=node.number("shutdown_grace_s", 5.0, maximum=HOUR_S),
         relay_batch=node.integer("relay_batch", 256, maximum=MAX_FRAME_LETTERS),
         reconnect_max_s=node.between("reconnect_max_s", 10.0, MIN_RECONNECT_S, HOUR_S),
-        clients=_clients(t),
+        clients=_clients(t, agency, defaults.max_mailbox_chars),
         retention_s=node.number("retention_s", 30 * 86400.0),
         purge_interval_s=node.between("purge_interval_s", 3600.0, MIN_INTERVAL_S, WEEK_S),
         metrics_interval_s=node.positive("metrics_interval_s", 5.0, maximum=HOUR_S),

@@ -116,6 +116,30 @@ def test_a_node_without_its_hub_address_is_refused(tmp_path: Path) -> None:
         load_node_config(path)
 
 
+@pytest.mark.parametrize("name", ["Phong", "phong vanthu", "phòng", "-phong"])
+def test_a_client_name_no_certificate_can_carry_is_refused(tmp_path: Path, name: str) -> None:
+    """[[clients]] limits the back-end whose certificate says urn:chapar:client:CODE:NAME;
+    a name no identity can have (client names are [a-z0-9][a-z0-9.-]{0,63}) matched no
+    certificate, so the limit never applied and the back-end meant (say "phong", typed
+    "Phong") could use every mailbox. It was accepted without a word. (A review's test.)"""
+    path = _write(tmp_path, NODE.replace('name = "backend"', f'name = "{name}"', 1))
+    with pytest.raises(ConfigError, match=re.escape("clients[0].name")):
+        load_node_config(path)
+
+
+@pytest.mark.parametrize("mailbox", ["a\\u0007b", "x" * 129])
+def test_a_client_mailbox_no_letter_can_name_is_refused(tmp_path: Path, mailbox: str) -> None:
+    # A letter's mailboxes are checked as it is submitted (node.core.letters.normalise_text:
+    # no control characters, 128 characters at most): such a mailbox in [[clients]] matched
+    # no letter, silently. A decomposed spelling is read as letters store it (NFC).
+    text = NODE.replace('mailboxes = ["x"]', f'mailboxes = ["x", "{mailbox}"]', 1)
+    with pytest.raises(ConfigError, match=re.escape("clients[0].mailboxes[1]")):
+        load_node_config(_write(tmp_path, text))
+    decomposed = NODE.replace('mailboxes = ["x"]', 'mailboxes = ["e\\u0301", ""]', 1)
+    clients = load_node_config(_write(tmp_path, decomposed)).clients
+    assert clients == {"backend": frozenset({"\u00e9", ""})}
+
+
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ('"yes"', None)])
 def test_metrics_tls_is_a_boolean(tmp_path: Path, value: str, expected: bool | None) -> None:
     for load, text, section in ((load_node_config, NODE, "node"), (load_hub_config, HUB, "hub")):
