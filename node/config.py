@@ -309,9 +309,15 @@ class Table:
         return self.path_(key, must_exist=must_exist)
 
     def listen(
-        self, key: str, *, optional: bool = False, default: str | None = DEFAULT_LISTEN
+        self,
+        key: str,
+        *,
+        optional: bool = False,
+        default: str | None = DEFAULT_LISTEN,
+        dial: bool = False,
     ) -> str:
-        """A HOST:PORT; ``default=None`` makes the key required."""
+        """A HOST:PORT; ``default=None`` makes the key required. An address to listen on may
+        have port 0 (any free port); one to dial (``dial``) may not."""
         if optional and key not in self.data:
             self.known.add(key)
             return ""
@@ -319,6 +325,10 @@ class Table:
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"{self._key(key)}: must be HOST:PORT, not {value!r}")
+        if dial and int(port) == 0:
+            raise ConfigError(
+                f"{self._key(key)}: must be HOST:PORT with a port from 1 to 65535, not {value!r}"
+            )
         return value
 
 
@@ -551,7 +561,8 @@ def _node_config(t: Table) -> NodeConfig:
     config = NodeConfig(
         agency=agency,
         listen=node.listen("listen"),
-        hub=node.listen("hub", default=None),  # no default: a node dialling port 0 for ever
+        # No default, nor port 0: a node dialling port 0 for ever.
+        hub=node.listen("hub", default=None, dial=True),
         database=node.path_("database", must_exist=False, default="node.db"),
         tls=_tls(t),
         signing=_signing(t),

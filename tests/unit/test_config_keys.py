@@ -140,6 +140,17 @@ def test_a_client_mailbox_no_letter_can_name_is_refused(tmp_path: Path, mailbox:
     assert clients == {"backend": frozenset({"\u00e9", ""})}
 
 
+def test_a_hub_address_on_port_0_is_refused(tmp_path: Path) -> None:
+    """node.hub = "HOST:0" was accepted; the node then dialled port 0 for ever (the case
+    test_a_node_without_its_hub_address_is_refused mended for a missing key, written out).
+    (A review's test.) An address to listen on may still take port 0: any free port."""
+    path = _write(tmp_path, NODE.replace('hub = "127.0.0.1:1"', 'hub = "127.0.0.1:0"', 1))
+    with pytest.raises(ConfigError, match=re.escape("node.hub")):
+        load_node_config(path)
+    listening = NODE.replace("[node]", '[node]\nlisten = "127.0.0.1:0"', 1)
+    assert load_node_config(_write(tmp_path, listening)).listen == "127.0.0.1:0"
+
+
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ('"yes"', None)])
 def test_metrics_tls_is_a_boolean(tmp_path: Path, value: str, expected: bool | None) -> None:
     for load, text, section in ((load_node_config, NODE, "node"), (load_hub_config, HUB, "hub")):
