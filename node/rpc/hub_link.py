@@ -510,8 +510,9 @@ class _Session:
         items = [(e, c, shams) for e, c, shams in verified if shams]
         if items:
             await self.agency.store.record_sender_evidence(items)
-        for _, content, _ in verified:
-            self.unmended.pop(content.evidence_id, None)
+        if self.unmended:  # verified now: no longer held (nothing held, nothing to look up)
+            for _, content, _ in verified:
+                self.unmended.pop(content.evidence_id, None)
         # Acknowledge what we stored and what can never verify (it would only come back);
         # content too malformed to name its id cannot be acknowledged, but must not stop
         # the stream either. Not what failed only for a key or CA this node's directory
