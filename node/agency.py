@@ -30,7 +30,7 @@ from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, key_id, sha256
 from client_sdk.statuses import latest_statuses
 from client_sdk.trust import TrustStore, VerificationError, is_ca, seconds_of, set_timestamp
-from node.config import NodeConfig
+from node.config import ENVELOPE_EXTRA_BYTES, NodeConfig, frame_room
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code, hub_unavailable, letter_not_found
 from node.core.evidence import evidence_content, evidence_message
@@ -233,6 +233,11 @@ class Agency(pb.NodeServiceServicer):
         self.outbox_changed = asyncio.Event()
         self.receipts_changed = asyncio.Event()
         self.hub_connected = False
+        # The bytes of letters a frame to the hub may carry (config.frame_room of the
+        # max_frame_bytes its welcome said), None until a hub said; and whether a letter
+        # this node takes could exceed it, so that only then is each one measured.
+        self.hub_frame_room: int | None = None
+        self._measure_for_hub = False
         # False once the hub refused this agency as unknown (UNKNOWN_SENDER: removed from
         # its directory, so the node cannot read its state there): letters are refused
         # until the hub answers the node again.
@@ -551,6 +556,7 @@ class Agency(pb.NodeServiceServicer):
                         await self.require_document(access, ref.sha256, ref.uri)
                     self._check_documents(draft)
                     self._check_quota(draft)
+                    self._check_hub_frame(draft)
                     if parent is None and draft.HasField("in_reply_to"):  # a reply's thread
                         parent = await self.store.held_letter(format_shams(draft.in_reply_to))
                     root = _thread_root(parent) if parent is not None else None
@@ -798,6 +804,30 @@ class Agency(pb.NodeServiceServicer):
                     metadata={"uri": ref.uri, "size": str(size)},
                     field_violations=[(f"draft.attachments[{i}].size", "differs from the store")],
                 )
+
+    def set_hub_frame_bytes(self, max_frame_bytes: int) -> None:
+        """What the hub's welcome said of the frames it takes (0: nothing)."""
+        self.hub_frame_room = frame_room(max_frame_bytes) if max_frame_bytes else None
+        self._measure_for_hub = (
+            self.hub_frame_room is not None
+            and self.config.max_message_bytes + ENVELOPE_EXTRA_BYTES > self.hub_frame_room
+        )
+
+    def _check_hub_frame(self, draft: pb.LetterDraft) -> None:
+        """Refuses a letter the hub would refuse whole (larger than its frames): accepted,
+        it could never be relayed. Measured only when this node's own limits let such a
+        letter through (the hub's max_frame_bytes below them)."""
+        if not self._measure_for_hub or self.hub_frame_room is None:
+            return
+        size = draft.ByteSize() + ENVELOPE_EXTRA_BYTES
+        if size > self.hub_frame_room:
+            raise ChaparError(
+                Code.RESOURCE_EXHAUSTED,
+                "LETTER_TOO_LARGE_FOR_HUB",
+                f"the letter (about {size} bytes signed) is larger than the hub takes in a"
+                f" frame ({self.hub_frame_room} bytes of letters): nothing was stored",
+                metadata={"limit": str(self.hub_frame_room), "size": str(size)},
+            )
 
     def _check_quota(self, draft: pb.LetterDraft) -> None:
         """Refuses letters to recipients whose hub queue is full (the hub tells us which)."""

@@ -67,6 +67,19 @@ MAX_MESSAGE = 256 * 1024 * 1024
 # checks a frame's letters in one turn of its event loop, which every other agency's stream
 # waits for, so a frame's count is bounded, not only its bytes.
 MAX_FRAME_LETTERS = 4096
+
+
+# What numbering and signing add to a draft's bytes in its envelope, at most (the number,
+# times, sender, signature, key id and a batch's inclusion proof).
+ENVELOPE_EXTRA_BYTES = 4096
+
+
+def frame_room(max_frame_bytes: int) -> int:
+    """The bytes of letters a node puts in a frame to a hub that takes ``max_frame_bytes``:
+    what is left after the frame's own fields (a few bytes a letter, 64 KiB allowed)."""
+    return max_frame_bytes - min(64 * 1024, max_frame_bytes // 8)
+
+
 _STATES = ("active", "suspended", "retired")
 _ALGORITHMS = ("ed25519", "ecdsa-p256")
 

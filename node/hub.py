@@ -650,6 +650,7 @@ class Hub(pb.HubServiceServicer):
                         # older copy would otherwise number letters with numbers taken).
                         accepted_sequences=await self.store.accepted_sequences(agency),
                         hub_restore=self.restore,
+                        max_frame_bytes=self.config.max_frame_bytes,
                     )
                 )
             )

@@ -275,6 +275,7 @@ class HubLink:
                 raise RuntimeError("hub did not welcome the node")
             self._stub = stub
             self.agency.set_in_directory(True)
+            self.agency.set_hub_frame_bytes(first.welcome.max_frame_bytes)
             await self.agency.confirm_numbers(first.welcome.accepted_sequences)
             if first.welcome.HasField("hub_restore"):
                 # Before this stream's session reads the outbox and the receipts: what it
@@ -376,9 +377,30 @@ class _Session:
                 outbox_dirty = False
                 # Frames under the hub's frame limit (the first letter always goes), read
                 # by size first: a backlog of large letters is not loaded to send a few.
+                hub_room = agency.hub_frame_room
+                room = agency.config.relay_frame_bytes
                 rows = await agency.store.outbox_to_relay(
-                    cursor, batch, agency.config.relay_frame_bytes
+                    cursor, batch, room if hub_room is None else min(room, hub_room)
                 )
+                if rows and hub_room is not None and len(rows[0][2]) > hub_room:
+                    # Alone larger than the hub takes (accepted before the hub said so, or
+                    # before its limit was lowered): it would end every session the same
+                    # way and hold up the letters behind it. Left in the outbox (its
+                    # depth and age show it) until the hub's max_frame_bytes is raised.
+                    rowid, shams, blob, _ = rows[0]
+                    cursor = rowid
+                    outbox_dirty = True
+                    sent = True  # read on at once
+                    log.error(
+                        "letter %s (%d bytes) is larger than the hub takes in a frame (%d"
+                        " bytes of letters): kept in the outbox, not relayed, until the"
+                        " hub's max_frame_bytes is raised",
+                        shams,
+                        len(blob),
+                        hub_room,
+                        extra={"shams": [shams], "reason": "LETTER_TOO_LARGE_FOR_HUB"},
+                    )
+                    rows.clear()
                 if rows:
                     envelopes: list[bytes] = []
                     for rowid, shams, blob, digest in rows:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from client_sdk import ExchangeClient
+from client_sdk import ExchangeClient, ResourceExhausted
 from node.cluster import Cluster
 from tests.conftest import AGENCY_A, AGENCY_B, db_count
 
@@ -87,5 +87,60 @@ async def test_relaying_a_backlog_of_large_letters_keeps_the_nodes_memory_flat(
         assert db_count(db, "SELECT count(*) FROM outbox WHERE relay_state = 0") == 0
         grown = _peak_rss_mb(node.proc.pid) - before
         assert grown < 150, f"node A's peak RSS grew by {grown:.0f} MB relaying 8 MiB frames"
+    finally:
+        cluster.stop()
+
+
+async def _delivered(client: ExchangeClient, shams: str, timeout: float = 30.0) -> None:
+    async def find() -> None:
+        async for letter in client.inbox():
+            await letter.ack()
+            if letter.shams == shams:
+                return
+        raise AssertionError("inbox stream ended")
+
+    await asyncio.wait_for(find(), timeout)
+
+
+async def test_a_letter_larger_than_the_hub_takes_is_refused_or_held_not_blocking_the_outbox(
+    tmp_path: Path,
+) -> None:
+    """The hub takes frames of 1 MiB, node A letters of up to 4 MB (its own limits). A letter
+    of 2 MB was accepted, and the hub refused every frame that carried it: each session of
+    A ended the same way and no letter behind it was relayed again. The hub's welcome now
+    says its limit: such a letter is refused at submission, and one accepted before the node
+    knew (the hub down since the node started) stays in the outbox, the others going on."""
+    cluster = await Cluster.start(
+        tmp_path, [AGENCY_A, AGENCY_B], hub_settings=f"max_frame_bytes = {MIB}"
+    )
+    db = tmp_path / f"node-{AGENCY_A}" / "node.db"
+    try:
+        async with (
+            ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a,
+            ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b,
+        ):
+            with pytest.raises(ResourceExhausted) as refused:
+                await a.send(to=[AGENCY_B], subject="big", body=b"\1" * 2_000_000)
+            assert refused.value.reason == "LETTER_TOO_LARGE_FOR_HUB"
+            assert not refused.value.retryable
+            small = await a.send(to=[AGENCY_B], subject="small", body="goes")
+            await _delivered(b, small.shams)
+
+        cluster.hub.terminate()
+        await cluster.nodes[AGENCY_A].restart()  # knows no hub limit until a welcome
+        async with ExchangeClient(
+            cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)
+        ) as a:
+            big = await a.send(to=[AGENCY_B], subject="big", body=b"\2" * 2_000_000)
+            after = await a.send(to=[AGENCY_B], subject="after", body="goes too")
+        cluster.hub.start()
+        await cluster.hub.wait_ready()
+        async with ExchangeClient(
+            cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)
+        ) as b:
+            await _delivered(b, after.shams)
+        waiting = "SELECT count(*) FROM outbox WHERE relay_state = 0 AND shams = ?"
+        assert db_count(db, waiting, (big.shams,)) == 1  # kept, not lost
+        assert "larger than the hub takes" in cluster.nodes[AGENCY_A].log_tail(200)
     finally:
         cluster.stop()

@@ -131,10 +131,17 @@ class ConnectWelcome(_message.Message):
     DIRECTORY_VERSION_FIELD_NUMBER: _builtins.int
     ACCEPTED_SEQUENCES_FIELD_NUMBER: _builtins.int
     HUB_RESTORE_FIELD_NUMBER: _builtins.int
+    MAX_FRAME_BYTES_FIELD_NUMBER: _builtins.int
     hub: _builtins.str
     """Identity URI of the hub."""
     directory_version: _builtins.int
     """Current directory version; the node refetches when it holds an older one."""
+    max_frame_bytes: _builtins.int
+    """The largest frame the hub takes from a node, in bytes (its max_frame_bytes); 0 from a
+    hub that does not say. A node cuts its frames of letters below it, and refuses at
+    submission a letter that alone would not fit (RESOURCE_EXHAUSTED /
+    LETTER_TOO_LARGE_FOR_HUB) rather than accept one its outbox could never relay.
+    """
     @_builtins.property
     def accepted_sequences(self) -> _containers.RepeatedCompositeFieldContainer[Global___AcceptedSequence]:
         """The highest SHAMS sequence the hub has accepted from the connecting agency, per
@@ -158,10 +165,11 @@ class ConnectWelcome(_message.Message):
         directory_version: _builtins.int = ...,
         accepted_sequences: _abc.Iterable[Global___AcceptedSequence] | None = ...,
         hub_restore: Global___HubRestore | None = ...,
+        max_frame_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hub_restore", b"hub_restore"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_sequences", b"accepted_sequences", "directory_version", b"directory_version", "hub", b"hub", "hub_restore", b"hub_restore"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_sequences", b"accepted_sequences", "directory_version", b"directory_version", "hub", b"hub", "hub_restore", b"hub_restore", "max_frame_bytes", b"max_frame_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
