@@ -1,0 +1,142 @@
+"""A receipt dequeues its letter only with its evidence: a recipient's receipt under an
+evidence id the hub already stored about the same letter (its own RELAY_ACCEPTANCE, which
+the recipient reads with Track, or an earlier receipt of another event) is taken for a
+resent copy of that evidence. Driven with a real HubStore."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from client_sdk import pb
+from client_sdk.shams import format_shams
+from node.core import lifecycle
+from node.core.evidence import evidence_content
+from node.storage.hub_store import HubStore, IncomingLetter
+
+SENDER, RECIPIENT = "000.00.00.G22", "10101010101"
+E = pb.EvidenceEvent
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[HubStore]:
+    hub_store = await HubStore.open(tmp_path / "hub.db", durability="normal")
+    try:
+        yield hub_store
+    finally:
+        await hub_store.close()
+
+
+def _letter(sequence: int) -> IncomingLetter:
+    shams = pb.Shams(origin=SENDER, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=sequence)
+    header = pb.EnvelopeHeader(shams=shams).SerializeToString()
+    return IncomingLetter(
+        shams=format_shams(shams),
+        sender=SENDER,
+        recipients=[RECIPIENT],
+        envelope=pb.Envelope(header=header).SerializeToString(),
+        envelope_sha256=hashlib.sha256(header).digest(),
+        shams_pb=shams,
+    )
+
+
+def _relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:
+    return pb.Evidence(
+        content=evidence_content(
+            E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+            issuer="urn:chapar:hub:test",
+            shams=letter.shams_pb,
+            envelope_sha256=letter.envelope_sha256,
+            recipient=recipient,
+            now=dt.datetime.now(dt.UTC),
+        )
+    )
+
+
+def _receipt(
+    letter: IncomingLetter, event: pb.EvidenceEvent.ValueType, evidence_id: str | None = None
+) -> tuple[pb.Evidence, pb.EvidenceContent, str]:
+    """What ``Hub._receipts`` hands ``record_receipts`` for a receipt of RECIPIENT."""
+    data = evidence_content(
+        event,
+        issuer=f"urn:chapar:agency:{RECIPIENT}",
+        shams=letter.shams_pb,
+        envelope_sha256=letter.envelope_sha256,
+        recipient=RECIPIENT,
+        now=dt.datetime.now(dt.UTC),
+        evidence_id=evidence_id,
+    )
+    return pb.Evidence(content=data), pb.EvidenceContent.FromString(data), letter.shams
+
+
+async def _events(store: HubStore, shams: str) -> list[int]:
+    rows = await store.db.fetchall(
+        "SELECT evidence FROM evidence WHERE shams = ? ORDER BY rowid", (shams,)
+    )
+    return [pb.EvidenceContent.FromString(pb.Evidence.FromString(r[0]).content).event for r in rows]
+
+
+async def test_a_delivery_under_the_relay_acceptances_id_does_not_dequeue_without_evidence(
+    store: HubStore,
+) -> None:
+    # The recipient's node signs a DELIVERY whose evidence id is the id of the hub's
+    # RELAY_ACCEPTANCE for it (shown to the recipient by Track). The hub takes it for a
+    # resent copy of evidence it holds: it stores nothing and routes nothing to the
+    # sender, yet it deletes the queue row. The letter is then in no queue (it never
+    # expires), its state stays RELAYED for good, and the sender never gets DELIVERY nor
+    # EXPIRY evidence: a recipient that read the letter leaves no signed trace of it.
+    letter = _letter(1)
+    ((relay,),) = await store.accept([letter], _relay)
+    relay_id = pb.EvidenceContent.FromString(relay.content).evidence_id
+    senders, dequeued, _ = await store.record_receipts(
+        RECIPIENT, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY, relay_id)]
+    )
+    state = await store.db.fetchone(
+        "SELECT state FROM recipient_state WHERE shams = ?", (letter.shams,)
+    )
+    assert state is not None
+    # Either the receipt is refused (the letter stays queued) or it is stored as DELIVERY.
+    if dequeued:
+        assert E.EVIDENCE_EVENT_DELIVERY in await _events(store, letter.shams)
+        assert senders == [SENDER]
+        assert int(state[0]) == lifecycle.DELIVERED
+    else:
+        assert await store.queue_depth(RECIPIENT) == 1
+
+
+async def test_a_delivery_under_an_earlier_handovers_id_is_stored(store: HubStore) -> None:
+    # The same with the recipient's own HANDOVER: a DELIVERY reusing its id dequeues the
+    # letter and no DELIVERY evidence is ever stored or routed to the sender.
+    letter = _letter(2)
+    await store.accept([letter], _relay)
+    handover = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER)
+    await store.record_receipts(RECIPIENT, [handover])
+    _, dequeued, _ = await store.record_receipts(
+        RECIPIENT, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY, handover[1].evidence_id)]
+    )
+    if dequeued:
+        assert E.EVIDENCE_EVENT_DELIVERY in await _events(store, letter.shams)
+    else:
+        assert await store.queue_depth(RECIPIENT) == 1
+
+
+async def test_two_deliveries_under_one_id_in_a_frame_each_leave_their_evidence(
+    store: HubStore,
+) -> None:
+    # In one frame, DELIVERY receipts for two letters under one evidence id: the first is
+    # stored, the second is taken for it (``known``) and its letter dequeued all the same,
+    # with no evidence about it and its state RELAYED for good.
+    x, y = _letter(3), _letter(4)
+    await store.accept([x, y], _relay)
+    first = _receipt(x, E.EVIDENCE_EVENT_DELIVERY)
+    second = _receipt(y, E.EVIDENCE_EVENT_DELIVERY, first[1].evidence_id)
+    _, dequeued, _ = await store.record_receipts(RECIPIENT, [first, second])
+    if dequeued == 2:
+        assert E.EVIDENCE_EVENT_DELIVERY in await _events(store, y.shams)
+    else:
+        assert await store.queue_depth(RECIPIENT) == 2 - dequeued
+        assert await store.queue_depth(RECIPIENT) >= 1
