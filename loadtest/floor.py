@@ -290,7 +290,7 @@ def hub_jobs() -> list[Job]:
                 ),
                 Statement(
                     "look up evidence ids",
-                    "SELECT evidence_id, shams FROM evidence WHERE evidence_id IN ({marks})",
+                    "SELECT evidence_id, shams, evidence FROM evidence WHERE evidence_id IN ({marks})",
                     2,
                     "in",
                 ),

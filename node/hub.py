@@ -1006,7 +1006,7 @@ class Hub(pb.HubServiceServicer):
             for shams in strangers:
                 log.warning(
                     "receipt from %s refused: the letter %s is not addressed to it, or the"
-                    " receipt names another letter",
+                    " receipt names another letter, or its evidence id stands for other evidence",
                     agency,
                     shams,
                 )

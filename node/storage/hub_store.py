@@ -809,8 +809,10 @@ class HubStore(Store):
         Returns the senders who have new notices, how many letters left ``recipient``'s
         queue, and the numbers of letters refused: not addressed to ``recipient``, or
         naming another letter's digest than the one queued under that number, or under an
-        evidence id already stored about another letter. ``on_commit`` gets the same, once
-        committed (even if the caller was cancelled meanwhile).
+        evidence id that already stands for other evidence (about another letter, or
+        another content about this one: only the very same receipt sent again is taken
+        for a resend). ``on_commit`` gets the same, once committed (even if the caller was
+        cancelled meanwhile).
         """
 
         def job(conn: sqlite3.Connection) -> tuple[list[str], int, list[str]]:
@@ -826,35 +828,38 @@ class HubStore(Store):
                     (recipient,),
                 )
             }
-            stored_about = {
-                str(evidence_id): str(shams)
-                for evidence_id, shams in rows_in(
+            # What each id already stands for: (letter, signed content). Only resent receipts
+            # find a row here, so their stored bytes are read and parsed, no others.
+            earlier = {
+                str(evidence_id): (str(shams), pb.Evidence.FromString(blob).content)
+                for evidence_id, shams, blob in rows_in(
                     conn,
-                    "SELECT evidence_id, shams FROM evidence WHERE evidence_id IN ({marks})",
+                    "SELECT evidence_id, shams, evidence FROM evidence WHERE evidence_id IN ({marks})",
                     [c.evidence_id for _, c, _ in items],
                 )
             }
             # A receipt stands for the letter queued under its number only if it names that
-            # letter's digest; an evidence id already stored stands only for its own letter
-            # (a resent receipt), so that no receipt dequeues a letter without its evidence.
+            # letter's digest; an evidence id already stored (or earlier in this batch)
+            # stands only for the evidence stored under it: the same letter and the same
+            # signed content is a resent receipt, anything else under that id (the hub's
+            # RELAY_ACCEPTANCE, another event, another letter) is refused, so that no
+            # receipt dequeues a letter without its evidence.
             ours: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
             strangers: list[str] = []
-            for evidence, content, shams in items:
-                if (
-                    shams in letter_of
-                    and content.envelope_sha256 == letter_of[shams][1]
-                    and stored_about.get(content.evidence_id, shams) == shams
-                ):
-                    ours.append((evidence, content, shams))
-                else:
-                    strangers.append(shams)
-            sender_of = {shams: letter_of[shams][0] for _, _, shams in ours}
-            known = set(stored_about)
             new: list[tuple[str, pb.EvidenceContent, str, bytes]] = []
-            for evidence, content, shams in ours:
-                if content.evidence_id not in known:
-                    known.add(content.evidence_id)
-                    new.append((shams, content, sender_of[shams], evidence.SerializeToString()))
+            for evidence, content, shams in items:
+                letter = letter_of.get(shams)
+                if letter is None or content.envelope_sha256 != letter[1]:
+                    strangers.append(shams)
+                    continue
+                before = earlier.get(content.evidence_id)
+                if before is None:
+                    earlier[content.evidence_id] = (shams, evidence.content)
+                    new.append((shams, content, letter[0], evidence.SerializeToString()))
+                elif before != (shams, evidence.content):
+                    strangers.append(shams)
+                    continue
+                ours.append((evidence, content, shams))
             conn.executemany(
                 "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
                 " VALUES (?, ?, ?, ?, ?)",

@@ -140,3 +140,65 @@ async def test_two_deliveries_under_one_id_in_a_frame_each_leave_their_evidence(
     else:
         assert await store.queue_depth(RECIPIENT) == 2 - dequeued
         assert await store.queue_depth(RECIPIENT) >= 1
+
+
+async def test_the_same_receipt_sent_again_is_answered_and_stored_once(store: HubStore) -> None:
+    # A receipt whose acknowledgement was lost comes again, byte for byte (the node sends
+    # what it stored): taken for what it is, a resend, in a later frame or the same one.
+    letter = _letter(5)
+    await store.accept([letter], _relay)
+    delivery = _receipt(letter, E.EVIDENCE_EVENT_DELIVERY)
+    assert await store.record_receipts(RECIPIENT, [delivery, delivery]) == ([SENDER], 1, [])
+    assert await store.record_receipts(RECIPIENT, [delivery]) == ([], 0, [])
+    assert await _events(store, letter.shams) == [
+        E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        E.EVIDENCE_EVENT_DELIVERY,
+    ]
+    assert len(await store.notices(SENDER, 0, 10)) == 1
+
+
+async def test_a_resent_delivery_dequeues_a_letter_queued_again(store: HubStore) -> None:
+    # The letter back in the queue with its DELIVERY stored (as after a lost answer, when
+    # the queue row outlived it): the same DELIVERY sent again dequeues it, stores nothing.
+    letter = _letter(6)
+    await store.accept([letter], _relay)
+    delivery = _receipt(letter, E.EVIDENCE_EVENT_DELIVERY)
+    await store.record_receipts(RECIPIENT, [delivery])
+    await store.db.write(
+        lambda conn: conn.execute(
+            "INSERT INTO queue (recipient, shams, enqueued_at) VALUES (?, ?, 0)",
+            (RECIPIENT, letter.shams),
+        )
+    )
+    assert await store.record_receipts(RECIPIENT, [delivery]) == ([], 1, [])
+    assert await store.queue_depth(RECIPIENT) == 0
+    assert await _events(store, letter.shams) == [
+        E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        E.EVIDENCE_EVENT_DELIVERY,
+    ]
+
+
+async def test_another_content_under_a_receipts_own_id_is_refused(store: HubStore) -> None:
+    # A HANDOVER under the id of the recipient's own HANDOVER of the same letter, signed
+    # over other content: not a resend, refused.
+    letter = _letter(7)
+    await store.accept([letter], _relay)
+    handover = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER)
+    await store.record_receipts(RECIPIENT, [handover])
+    data = evidence_content(
+        E.EVIDENCE_EVENT_HANDOVER,
+        issuer=f"urn:chapar:agency:{RECIPIENT}",
+        shams=letter.shams_pb,
+        envelope_sha256=letter.envelope_sha256,
+        recipient=RECIPIENT,
+        now=dt.datetime.now(dt.UTC),
+        detail="another",
+        evidence_id=handover[1].evidence_id,
+    )
+    other = (pb.Evidence(content=data), pb.EvidenceContent.FromString(data), letter.shams)
+    assert await store.record_receipts(RECIPIENT, [other]) == ([], 0, [letter.shams])
+    assert await store.queue_depth(RECIPIENT) == 1
+    assert await _events(store, letter.shams) == [
+        E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        E.EVIDENCE_EVENT_HANDOVER,
+    ]
