@@ -203,6 +203,8 @@ class Job:
 
 
 _IN_LETTERS = "SELECT shams, relay_evidence, envelope_sha256 FROM letters WHERE shams IN ({marks})"
+# recipient_state.receipts of a letter with its DELIVERY and HANDOVER kept.
+_RECEIPT_BITS = 1 << E.EVIDENCE_EVENT_DELIVERY | 1 << E.EVIDENCE_EVENT_HANDOVER
 _QUEUED_WHERE = (
     "FROM queue q JOIN envelopes e ON e.shams = q.shams "
     "WHERE q.recipient = ? AND q.id > ? AND (q.expire_at IS NULL OR q.expire_at > ?) "
@@ -240,7 +242,8 @@ def hub_jobs() -> list[Job]:
                 ),
                 Statement(
                     "insert recipient_state",
-                    "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, ?)",
+                    "INSERT INTO recipient_state (shams, recipient, state, receipts)"
+                    " VALUES (?, ?, ?, 0)",
                     1,
                 ),
                 # The sender's highest number a frame (told in its welcome): one row for a
@@ -282,8 +285,8 @@ def hub_jobs() -> list[Job]:
             (
                 Statement(
                     "look up letters of receipts",
-                    "SELECT s.shams, l.sender, l.envelope_sha256 FROM recipient_state s"
-                    " JOIN letters l ON l.shams = s.shams"
+                    "SELECT s.shams, l.sender, l.envelope_sha256, s.state, s.receipts"
+                    " FROM recipient_state s JOIN letters l ON l.shams = s.shams"
                     " WHERE s.recipient = ? AND s.shams IN ({marks})",
                     1,
                     "in",
@@ -307,14 +310,9 @@ def hub_jobs() -> list[Job]:
                     2,
                 ),
                 Statement(
-                    "read states (advance_states)",
-                    "SELECT shams, recipient, state FROM recipient_state WHERE shams IN ({marks})",
-                    1,
-                    "in",
-                ),
-                Statement(
                     "update recipient_state",
-                    "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?",
+                    "UPDATE recipient_state SET state = ?, receipts = ?"
+                    " WHERE shams = ? AND recipient = ?",
                     1,
                 ),
             ),
@@ -1328,9 +1326,8 @@ def _params(job: Job, st: Statement, r: _Rows, k: int) -> Sequence[Any]:
         ],
         ("record_receipts", "delete queue"): lambda: [(B, x) for x in s],
         ("record_receipts", "insert notices"): lambda: [(A, i, ev) for i in both],
-        ("record_receipts", "read states (advance_states)"): lambda: s,
         ("record_receipts", "update recipient_state"): lambda: [
-            (lifecycle.HANDED_OVER, x, B) for x in s
+            (lifecycle.HANDED_OVER, _RECEIPT_BITS, x, B) for x in s
         ],
         ("notices page", "read notices"): lambda: (A, 2 * lo, 2 * size),
         ("ack_notices_later", "delete notices"): lambda: [(A, i) for i in both],

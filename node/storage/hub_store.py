@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -20,15 +21,20 @@ from google.protobuf.message import DecodeError
 from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
 from node.core import lifecycle
-from node.storage.db import Page, Store, advance_state, advance_states, fits, rows_in
+from node.storage.db import Page, Store, advance_state, fits, rows_in
 from node.storage.restore import RESTORED_KEY, RestoreMark
 
 __all__ = ["MIGRATIONS", "TREE_LIMIT", "HubStore", "IncomingLetter", "Tree", "TreeLetter"]
+
+log = logging.getLogger("chapar.hub")
 
 _DEQUEUING = (
     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
 )
+# The events of a recipient's receipts, each kept once a letter: recipient_state.receipts
+# holds the bit 1 << event of each stored from that recipient.
+_RECEIPT_EVENTS = (*_DEQUEUING, pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER)
 
 MIGRATIONS = [
     """
@@ -133,6 +139,14 @@ MIGRATIONS = [
     ALTER TABLE letters ADD COLUMN in_reply_to TEXT;
     ALTER TABLE letters ADD COLUMN status INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX letters_by_reply ON letters (in_reply_to, sender) WHERE in_reply_to IS NOT NULL;
+    """,
+    # 9: the receipt events stored from each recipient about each letter (bit 1 << event):
+    # one receipt a (letter, recipient, event) is kept; a later one under another id is
+    # answered, neither stored nor routed (HubStore.record_receipts). Read with the state,
+    # in the look-up a receipt already costs. NULL for rows from before: their letter's
+    # receipts are read once, when the next receipt about it comes, and it is filled.
+    """
+    ALTER TABLE recipient_state ADD COLUMN receipts INTEGER;
     """,
 ]
 # ``meta`` key set once the letters accepted before schema 8 have been linked.
@@ -324,7 +338,7 @@ class HubStore(Store):
                 ],
             )
             conn.executemany(
-                "INSERT INTO recipient_state (shams, recipient, state) VALUES (?, ?, ?)",
+                "INSERT INTO recipient_state (shams, recipient, state, receipts) VALUES (?, ?, ?, 0)",
                 [(s, r, lifecycle.RELAYED) for s, (_, rs, _) in new.items() for r in rs],
             )
             conn.executemany(
@@ -813,21 +827,43 @@ class HubStore(Store):
         another content about this one: only the very same receipt sent again is taken
         for a resend). ``on_commit`` gets the same, once committed (even if the caller was
         cancelled meanwhile).
+
+        One receipt of each event (DELIVERY, DELIVERY_FAILURE, HANDOVER) is kept a letter
+        and recipient: a later one under another id (a node restored from a copy signs its
+        answer again) is taken as answered, and a DELIVERY or DELIVERY_FAILURE dequeues, as
+        the one stored before stands for it; it is neither stored nor routed, and logged
+        (one warning a batch). An honest node issues one of each at most.
         """
 
-        def job(conn: sqlite3.Connection) -> tuple[list[str], int, list[str]]:
+        def job(conn: sqlite3.Connection) -> tuple[list[str], int, list[str], list[str]]:
             now = time.time()
-            letter_of = {
-                str(shams): (str(sender), bytes(digest))
-                for shams, sender, digest in rows_in(
-                    conn,
-                    "SELECT s.shams, l.sender, l.envelope_sha256 FROM recipient_state s"
-                    " JOIN letters l ON l.shams = s.shams"
-                    " WHERE s.recipient = ? AND s.shams IN ({marks})",
-                    [shams for _, _, shams in items],
-                    (recipient,),
-                )
-            }
+            letter_of: dict[str, tuple[str, bytes]] = {}
+            state: dict[str, int] = {}
+            kept: dict[str, int] = {}  # bits 1 << event of the receipts stored, by letter
+            unknown: list[str] = []  # rows from before schema 9
+            for shams, sender, digest, at, receipts in rows_in(
+                conn,
+                "SELECT s.shams, l.sender, l.envelope_sha256, s.state, s.receipts"
+                " FROM recipient_state s JOIN letters l ON l.shams = s.shams"
+                " WHERE s.recipient = ? AND s.shams IN ({marks})",
+                [shams for _, _, shams in items],
+                (recipient,),
+            ):
+                letter_of[str(shams)] = (str(sender), bytes(digest))
+                state[str(shams)] = int(at)
+                kept[str(shams)] = 0 if receipts is None else int(receipts)
+                if receipts is None:
+                    unknown.append(str(shams))
+            for shams, blob in rows_in(
+                conn,
+                "SELECT shams, evidence FROM evidence WHERE event IN (?, ?, ?)"
+                " AND shams IN ({marks})",
+                unknown,
+                _RECEIPT_EVENTS,
+            ):
+                content = pb.EvidenceContent.FromString(pb.Evidence.FromString(blob).content)
+                if content.recipient == recipient:
+                    kept[str(shams)] |= 1 << content.event
             # What each id already stands for: (letter, signed content). Only resent receipts
             # find a row here, so their stored bytes are read and parsed, no others.
             earlier = {
@@ -846,19 +882,28 @@ class HubStore(Store):
             # receipt dequeues a letter without its evidence.
             ours: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
             strangers: list[str] = []
+            surplus: list[str] = []
             new: list[tuple[str, pb.EvidenceContent, str, bytes]] = []
+            touched = set(unknown)
             for evidence, content, shams in items:
                 letter = letter_of.get(shams)
                 if letter is None or content.envelope_sha256 != letter[1]:
                     strangers.append(shams)
                     continue
                 before = earlier.get(content.evidence_id)
-                if before is None:
+                if before is not None:
+                    if before != (shams, evidence.content):
+                        strangers.append(shams)
+                        continue
+                elif content.event in _RECEIPT_EVENTS and kept[shams] & (1 << content.event):
+                    surplus.append(shams)  # answered by the one of its event stored before
+                else:
+                    if content.event in _RECEIPT_EVENTS:
+                        kept[shams] |= 1 << content.event
+                    state[shams] = lifecycle.advance(state[shams], content.event).state
+                    touched.add(shams)
                     earlier[content.evidence_id] = (shams, evidence.content)
                     new.append((shams, content, letter[0], evidence.SerializeToString()))
-                elif before != (shams, evidence.content):
-                    strangers.append(shams)
-                    continue
                 ours.append((evidence, content, shams))
             conn.executemany(
                 "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
@@ -875,10 +920,29 @@ class HubStore(Store):
                 "INSERT OR IGNORE INTO notices (agency, evidence_id, evidence) VALUES (?, ?, ?)",
                 [(sender, c.evidence_id, blob) for _, c, sender, blob in new],
             )
-            advance_states(conn, [(shams, recipient, c.event) for shams, c, _, _ in new])
-            return [sender for _, _, sender, _ in new], max(dequeued, 0), strangers
+            # States only move forward (the lifecycle table): read with the letters above,
+            # written with the receipts kept, one row a letter.
+            conn.executemany(
+                "UPDATE recipient_state SET state = ?, receipts = ? WHERE shams = ? AND recipient = ?",
+                [(state[shams], kept[shams], shams, recipient) for shams in touched],
+            )
+            senders = [sender for _, _, sender, _ in new]
+            return senders, max(dequeued, 0), strangers, surplus
 
-        return await self.db.write(job, on_commit)
+        def committed(outcome: tuple[list[str], int, list[str], list[str]]) -> None:
+            senders, dequeued, strangers, surplus = outcome
+            if surplus:
+                log.warning(
+                    "receipts from %s not kept: one of the same event from it is held about"
+                    " each of these letters",
+                    recipient,
+                    extra={"shams": surplus, "count": len(surplus), "peer": recipient},
+                )
+            if on_commit is not None:
+                on_commit((senders, dequeued, strangers))
+
+        senders, dequeued, strangers, _ = await self.db.write(job, committed)
+        return senders, dequeued, strangers
 
     async def notices(self, agency: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         rows = await self.db.fetchall(

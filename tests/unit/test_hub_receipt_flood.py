@@ -16,6 +16,7 @@ import pytest
 
 from client_sdk import pb
 from client_sdk.shams import format_shams
+from node.core import lifecycle
 from node.core.evidence import evidence_content
 from node.hub import MAX_RECEIPT_BYTES
 from node.storage.hub_store import HubStore, IncomingLetter
@@ -93,3 +94,131 @@ async def test_a_recipient_cannot_grow_a_letters_record_without_bound(store: Hub
     notices = len(await store.notices(SENDER, 0, 1000))
     assert kept <= 2, f"{kept} HANDOVERs ({size} bytes) kept about one letter"
     assert notices <= 2, f"{notices} notices queued for the sender about one letter"
+
+
+OTHER = "20202020202"
+
+
+def _receipt(
+    letter: IncomingLetter, event: pb.EvidenceEvent.ValueType, recipient: str = RECIPIENT
+) -> tuple[pb.Evidence, pb.EvidenceContent, str]:
+    data = evidence_content(
+        event,
+        issuer=f"urn:chapar:agency:{recipient}",
+        shams=letter.shams_pb,
+        envelope_sha256=letter.envelope_sha256,
+        recipient=recipient,
+        now=dt.datetime.now(dt.UTC),
+    )
+    return pb.Evidence(content=data), pb.EvidenceContent.FromString(data), letter.shams
+
+
+async def _kept(store: HubStore, shams: str) -> list[int]:
+    rows = await store.db.fetchall(
+        "SELECT event FROM evidence WHERE shams = ? AND event != ? ORDER BY rowid",
+        (shams, E.EVIDENCE_EVENT_RELAY_ACCEPTANCE),
+    )
+    return [int(r[0]) for r in rows]
+
+
+async def test_a_receipt_signed_again_is_answered_and_dequeues_without_a_second_copy(
+    store: HubStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A node restored from a copy signs its answer to a letter pushed again under a new
+    # id: not refused (its node would send it for ever), the letter leaves the queue (the
+    # DELIVERY stored before stands for it), nothing new is stored or routed, one warning.
+    letter = _letter()
+    await store.accept([letter], _relay)
+    first = _receipt(letter, E.EVIDENCE_EVENT_DELIVERY)
+    assert await store.record_receipts(RECIPIENT, [first]) == ([SENDER], 1, [])
+    await store.db.write(
+        lambda conn: conn.execute(
+            "INSERT INTO queue (recipient, shams, enqueued_at) VALUES (?, ?, 0)",
+            (RECIPIENT, letter.shams),
+        )
+    )
+    again = [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY) for _ in range(2)]
+    with caplog.at_level("WARNING", logger="chapar.hub"):
+        assert await store.record_receipts(RECIPIENT, again) == ([], 1, [])
+    assert [r.getMessage() for r in caplog.records if "not kept" in r.getMessage()] == [
+        f"receipts from {RECIPIENT} not kept: one of the same event from it is held about"
+        " each of these letters"
+    ]
+    assert await store.queue_depth(RECIPIENT) == 0
+    assert await _kept(store, letter.shams) == [E.EVIDENCE_EVENT_DELIVERY]
+    assert len(await store.notices(SENDER, 0, 10)) == 1
+
+
+async def test_one_receipt_of_each_event_is_kept_a_recipient(store: HubStore) -> None:
+    # DELIVERY after DELIVERY_FAILURE (a letter refused, then delivered again when it
+    # checks), HANDOVER: one of each, in one frame or in several; another recipient's are
+    # its own.
+    letter = IncomingLetter(
+        shams=_letter().shams,
+        sender=SENDER,
+        recipients=[RECIPIENT, OTHER],
+        envelope=_letter().envelope,
+        envelope_sha256=_letter().envelope_sha256,
+        shams_pb=_letter().shams_pb,
+    )
+    await store.accept([letter], _relay)
+    events = [
+        E.EVIDENCE_EVENT_DELIVERY_FAILURE,
+        E.EVIDENCE_EVENT_DELIVERY,
+        E.EVIDENCE_EVENT_HANDOVER,
+        E.EVIDENCE_EVENT_HANDOVER,
+    ]
+    senders, dequeued, strangers = await store.record_receipts(
+        RECIPIENT, [_receipt(letter, e) for e in events]
+    )
+    assert (senders, dequeued, strangers) == ([SENDER] * 3, 1, [])
+    assert await store.record_receipts(RECIPIENT, [_receipt(letter, e) for e in events]) == (
+        [],
+        0,
+        [],
+    )
+    assert await store.record_receipts(
+        OTHER, [_receipt(letter, E.EVIDENCE_EVENT_HANDOVER, OTHER)]
+    ) == ([SENDER], 0, [])
+    assert await _kept(store, letter.shams) == [*events[:3], E.EVIDENCE_EVENT_HANDOVER]
+    state = await store.db.fetchall(
+        "SELECT recipient, state FROM recipient_state WHERE shams = ? ORDER BY recipient",
+        (letter.shams,),
+    )
+    assert [(str(r), int(s)) for r, s in state] == [
+        (RECIPIENT, lifecycle.FAILED),  # the first word stands
+        (OTHER, lifecycle.HANDED_OVER),
+    ]
+    assert await store.queue_depth(OTHER) == 1
+
+
+async def test_receipts_stored_before_the_count_are_read_once(store: HubStore) -> None:
+    # A letter whose receipts were stored before the hub kept count of them (schema 8):
+    # they are read from its evidence when the next receipt comes, the recipient's only.
+    letter = IncomingLetter(
+        shams=_letter().shams,
+        sender=SENDER,
+        recipients=[RECIPIENT, OTHER],
+        envelope=_letter().envelope,
+        envelope_sha256=_letter().envelope_sha256,
+        shams_pb=_letter().shams_pb,
+    )
+    await store.accept([letter], _relay)
+    await store.record_receipts(RECIPIENT, [_receipt(letter, E.EVIDENCE_EVENT_HANDOVER)])
+    await store.record_receipts(OTHER, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY, OTHER)])
+    await store.db.write(lambda conn: conn.execute("UPDATE recipient_state SET receipts = NULL"))
+    assert await store.record_receipts(
+        RECIPIENT,
+        [_receipt(letter, E.EVIDENCE_EVENT_HANDOVER), _receipt(letter, E.EVIDENCE_EVENT_DELIVERY)],
+    ) == ([SENDER], 1, [])
+    assert await _kept(store, letter.shams) == [
+        E.EVIDENCE_EVENT_HANDOVER,
+        E.EVIDENCE_EVENT_DELIVERY,
+        E.EVIDENCE_EVENT_DELIVERY,
+    ]
+    row = await store.db.fetchone(
+        "SELECT receipts FROM recipient_state WHERE shams = ? AND recipient = ?",
+        (letter.shams, RECIPIENT),
+    )
+    assert row is not None
+    assert row[0] == 1 << E.EVIDENCE_EVENT_HANDOVER | 1 << E.EVIDENCE_EVENT_DELIVERY

@@ -386,19 +386,26 @@ async def test_the_letters_answering_one_are_read_in_index_order_a_bounded_numbe
 async def test_the_letter_asked_for_has_its_evidence_cut_at_the_byte_limit(
     hub: HubStore,
 ) -> None:
-    x = _letter(A, 1, [B])
+    x = _letter(A, 1, [B, C])
     await _accept(hub, x)
-    for _ in range(6):  # a recipient's receipts, each with a large detail
-        await hub.record_receipts(B, [_receipt(x, B, detail="d" * 100_000)])
+    for recipient in (B, C):  # the recipients' receipts (one of each), with a large detail
+        for event in (
+            E.EVIDENCE_EVENT_DELIVERY_FAILURE,
+            E.EVIDENCE_EVENT_DELIVERY,
+            E.EVIDENCE_EVENT_HANDOVER,
+        ):
+            await hub.record_receipts(
+                recipient, [_receipt(x, recipient, event, detail="d" * 100_000)]
+            )
     whole = await hub.tree(x.shams)
     assert whole is not None
     assert not whole.truncated
-    assert len(whole.letters[0].evidence) == 7
+    assert len(whole.letters[0].evidence) == 8
     cut = await hub.tree(x.shams, max_bytes=350_000)
     assert cut is not None
     assert cut.truncated
     (letter,) = cut.letters
-    assert len(letter.evidence) == 4  # the relay acceptance and three receipts
+    assert len(letter.evidence) == 5  # the two relay acceptances and three receipts
     assert letter.envelope is not None
     envelope = letter.envelope.ByteSize()
     assert envelope + sum(e.ByteSize() for e in letter.evidence) <= 350_000
