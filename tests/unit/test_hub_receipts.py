@@ -1,9 +1,17 @@
-"""How much a recipient may add to a letter's record. The hub refuses a receipt over 64 KiB
+"""What the hub makes of a recipient's receipts (HubStore.record_receipts), driven with a
+real HubStore.
+
+A receipt dequeues its letter only with its evidence: a recipient's receipt under an
+evidence id the hub already stored about the same letter (its own RELAY_ACCEPTANCE, which
+the recipient reads with Track, or an earlier receipt of another event) is taken for a
+resent copy of that evidence.
+
+How much a recipient may add to a letter's record. The hub refuses a receipt over 64 KiB
 (a recipient may not make a letter's record grow by megabytes a receipt: hub.MAX_RECEIPT_BYTES)
 but keeps every receipt under it, however many: each is stored for good (evidence is never
 purged), routed to the sender's node as a notice, and read by every Track of the letter.
 An honest node issues one DELIVERY (or DELIVERY_FAILURE) and one HANDOVER per letter, and
-sends the same ones again. Driven with a real HubStore."""
+sends the same ones again."""
 
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ from node.hub import MAX_RECEIPT_BYTES
 from node.storage.hub_store import HubStore, IncomingLetter
 
 SENDER, RECIPIENT = "000.00.00.G22", "10101010101"
+OTHER = "20202020202"
 E = pb.EvidenceEvent
 
 
@@ -34,8 +43,8 @@ async def store(tmp_path: Path) -> AsyncIterator[HubStore]:
         await hub_store.close()
 
 
-def _letter() -> IncomingLetter:
-    shams = pb.Shams(origin=SENDER, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=1)
+def _letter(sequence: int = 1) -> IncomingLetter:
+    shams = pb.Shams(origin=SENDER, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=sequence)
     header = pb.EnvelopeHeader(shams=shams).SerializeToString()
     return IncomingLetter(
         shams=format_shams(shams),
@@ -60,17 +69,151 @@ def _relay(letter: IncomingLetter, recipient: str) -> pb.Evidence:
     )
 
 
-def _handover(letter: IncomingLetter, detail: str) -> tuple[pb.Evidence, pb.EvidenceContent, str]:
+def _receipt(
+    letter: IncomingLetter,
+    event: pb.EvidenceEvent.ValueType,
+    evidence_id: str | None = None,
+    *,
+    recipient: str = RECIPIENT,
+    detail: str = "",
+) -> tuple[pb.Evidence, pb.EvidenceContent, str]:
+    """What ``Hub._receipts`` hands ``record_receipts`` for a receipt of ``recipient``."""
     data = evidence_content(
-        E.EVIDENCE_EVENT_HANDOVER,
-        issuer=f"urn:chapar:agency:{RECIPIENT}",
+        event,
+        issuer=f"urn:chapar:agency:{recipient}",
         shams=letter.shams_pb,
         envelope_sha256=letter.envelope_sha256,
-        recipient=RECIPIENT,
+        recipient=recipient,
         now=dt.datetime.now(dt.UTC),
         detail=detail,
+        evidence_id=evidence_id,
     )
     return pb.Evidence(content=data), pb.EvidenceContent.FromString(data), letter.shams
+
+
+def _handover(letter: IncomingLetter, detail: str) -> tuple[pb.Evidence, pb.EvidenceContent, str]:
+    return _receipt(letter, E.EVIDENCE_EVENT_HANDOVER, detail=detail)
+
+
+async def _events(store: HubStore, shams: str) -> list[int]:
+    rows = await store.db.fetchall(
+        "SELECT evidence FROM evidence WHERE shams = ? ORDER BY rowid", (shams,)
+    )
+    return [pb.EvidenceContent.FromString(pb.Evidence.FromString(r[0]).content).event for r in rows]
+
+
+async def test_a_delivery_under_the_relay_acceptances_id_does_not_dequeue_without_evidence(
+    store: HubStore,
+) -> None:
+    # The recipient's node signs a DELIVERY whose evidence id is the id of the hub's
+    # RELAY_ACCEPTANCE for it (shown to the recipient by Track). The hub takes it for a
+    # resent copy of evidence it holds: it stores nothing and routes nothing to the
+    # sender, yet it deletes the queue row. The letter is then in no queue (it never
+    # expires), its state stays RELAYED for good, and the sender never gets DELIVERY nor
+    # EXPIRY evidence: a recipient that read the letter leaves no signed trace of it.
+    letter = _letter(1)
+    ((relay,),) = await store.accept([letter], _relay)
+    relay_id = pb.EvidenceContent.FromString(relay.content).evidence_id
+    senders, dequeued, _ = await store.record_receipts(
+        RECIPIENT, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY, relay_id)]
+    )
+    state = await store.db.fetchone(
+        "SELECT state FROM recipient_state WHERE shams = ?", (letter.shams,)
+    )
+    assert state is not None
+    # Either the receipt is refused (the letter stays queued) or it is stored as DELIVERY.
+    if dequeued:
+        assert E.EVIDENCE_EVENT_DELIVERY in await _events(store, letter.shams)
+        assert senders == [SENDER]
+        assert int(state[0]) == lifecycle.DELIVERED
+    else:
+        assert await store.queue_depth(RECIPIENT) == 1
+
+
+async def test_a_delivery_under_an_earlier_handovers_id_is_stored(store: HubStore) -> None:
+    # The same with the recipient's own HANDOVER: a DELIVERY reusing its id dequeues the
+    # letter and no DELIVERY evidence is ever stored or routed to the sender.
+    letter = _letter(2)
+    await store.accept([letter], _relay)
+    handover = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER)
+    await store.record_receipts(RECIPIENT, [handover])
+    _, dequeued, _ = await store.record_receipts(
+        RECIPIENT, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY, handover[1].evidence_id)]
+    )
+    if dequeued:
+        assert E.EVIDENCE_EVENT_DELIVERY in await _events(store, letter.shams)
+    else:
+        assert await store.queue_depth(RECIPIENT) == 1
+
+
+async def test_two_deliveries_under_one_id_in_a_frame_each_leave_their_evidence(
+    store: HubStore,
+) -> None:
+    # In one frame, DELIVERY receipts for two letters under one evidence id: the first is
+    # stored, the second is taken for it (``known``) and its letter dequeued all the same,
+    # with no evidence about it and its state RELAYED for good.
+    x, y = _letter(3), _letter(4)
+    await store.accept([x, y], _relay)
+    first = _receipt(x, E.EVIDENCE_EVENT_DELIVERY)
+    second = _receipt(y, E.EVIDENCE_EVENT_DELIVERY, first[1].evidence_id)
+    _, dequeued, _ = await store.record_receipts(RECIPIENT, [first, second])
+    if dequeued == 2:
+        assert E.EVIDENCE_EVENT_DELIVERY in await _events(store, y.shams)
+    else:
+        assert await store.queue_depth(RECIPIENT) == 2 - dequeued
+        assert await store.queue_depth(RECIPIENT) >= 1
+
+
+async def test_the_same_receipt_sent_again_is_answered_and_stored_once(store: HubStore) -> None:
+    # A receipt whose acknowledgement was lost comes again, byte for byte (the node sends
+    # what it stored): taken for what it is, a resend, in a later frame or the same one.
+    letter = _letter(5)
+    await store.accept([letter], _relay)
+    delivery = _receipt(letter, E.EVIDENCE_EVENT_DELIVERY)
+    assert await store.record_receipts(RECIPIENT, [delivery, delivery]) == ([SENDER], 1, [])
+    assert await store.record_receipts(RECIPIENT, [delivery]) == ([], 0, [])
+    assert await _events(store, letter.shams) == [
+        E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        E.EVIDENCE_EVENT_DELIVERY,
+    ]
+    assert len(await store.notices(SENDER, 0, 10)) == 1
+
+
+async def test_a_resent_delivery_dequeues_a_letter_queued_again(store: HubStore) -> None:
+    # The letter back in the queue with its DELIVERY stored (as after a lost answer, when
+    # the queue row outlived it): the same DELIVERY sent again dequeues it, stores nothing.
+    letter = _letter(6)
+    await store.accept([letter], _relay)
+    delivery = _receipt(letter, E.EVIDENCE_EVENT_DELIVERY)
+    await store.record_receipts(RECIPIENT, [delivery])
+    await store.db.write(
+        lambda conn: conn.execute(
+            "INSERT INTO queue (recipient, shams, enqueued_at) VALUES (?, ?, 0)",
+            (RECIPIENT, letter.shams),
+        )
+    )
+    assert await store.record_receipts(RECIPIENT, [delivery]) == ([], 1, [])
+    assert await store.queue_depth(RECIPIENT) == 0
+    assert await _events(store, letter.shams) == [
+        E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        E.EVIDENCE_EVENT_DELIVERY,
+    ]
+
+
+async def test_another_content_under_a_receipts_own_id_is_refused(store: HubStore) -> None:
+    # A HANDOVER under the id of the recipient's own HANDOVER of the same letter, signed
+    # over other content: not a resend, refused.
+    letter = _letter(7)
+    await store.accept([letter], _relay)
+    handover = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER)
+    await store.record_receipts(RECIPIENT, [handover])
+    other = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER, handover[1].evidence_id, detail="x")
+    assert await store.record_receipts(RECIPIENT, [other]) == ([], 0, [letter.shams])
+    assert await store.queue_depth(RECIPIENT) == 1
+    assert await _events(store, letter.shams) == [
+        E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        E.EVIDENCE_EVENT_HANDOVER,
+    ]
 
 
 async def test_a_recipient_cannot_grow_a_letters_record_without_bound(store: HubStore) -> None:
@@ -94,23 +237,6 @@ async def test_a_recipient_cannot_grow_a_letters_record_without_bound(store: Hub
     notices = len(await store.notices(SENDER, 0, 1000))
     assert kept <= 2, f"{kept} HANDOVERs ({size} bytes) kept about one letter"
     assert notices <= 2, f"{notices} notices queued for the sender about one letter"
-
-
-OTHER = "20202020202"
-
-
-def _receipt(
-    letter: IncomingLetter, event: pb.EvidenceEvent.ValueType, recipient: str = RECIPIENT
-) -> tuple[pb.Evidence, pb.EvidenceContent, str]:
-    data = evidence_content(
-        event,
-        issuer=f"urn:chapar:agency:{recipient}",
-        shams=letter.shams_pb,
-        envelope_sha256=letter.envelope_sha256,
-        recipient=recipient,
-        now=dt.datetime.now(dt.UTC),
-    )
-    return pb.Evidence(content=data), pb.EvidenceContent.FromString(data), letter.shams
 
 
 async def _kept(store: HubStore, shams: str) -> list[int]:
@@ -178,7 +304,7 @@ async def test_one_receipt_of_each_event_is_kept_a_recipient(store: HubStore) ->
         [],
     )
     assert await store.record_receipts(
-        OTHER, [_receipt(letter, E.EVIDENCE_EVENT_HANDOVER, OTHER)]
+        OTHER, [_receipt(letter, E.EVIDENCE_EVENT_HANDOVER, recipient=OTHER)]
     ) == ([SENDER], 0, [])
     assert await _kept(store, letter.shams) == [*events[:3], E.EVIDENCE_EVENT_HANDOVER]
     state = await store.db.fetchall(
@@ -205,7 +331,9 @@ async def test_receipts_stored_before_the_count_are_read_once(store: HubStore) -
     )
     await store.accept([letter], _relay)
     await store.record_receipts(RECIPIENT, [_receipt(letter, E.EVIDENCE_EVENT_HANDOVER)])
-    await store.record_receipts(OTHER, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY, OTHER)])
+    await store.record_receipts(
+        OTHER, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY, recipient=OTHER)]
+    )
     await store.db.write(lambda conn: conn.execute("UPDATE recipient_state SET receipts = NULL"))
     assert await store.record_receipts(
         RECIPIENT,
