@@ -7,6 +7,7 @@ evidence chain. Nodes and the hub use the same code for what they receive.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 from collections import OrderedDict
@@ -217,16 +218,25 @@ class TrustStore:
         return self._verify_envelope(envelope, at, check_body, None)
 
     def verify_envelopes(
-        self, envelopes: Sequence[pb.Envelope], *, check_body: bool = True
+        self,
+        envelopes: Sequence[pb.Envelope],
+        *,
+        check_body: bool = True,
+        as_created: bool = False,
     ) -> list[pb.EnvelopeHeader | VerificationError]:
-        """``verify_envelope`` (as of now) for each envelope, in order, each failure returned
-        in its place. Whole batches among them have their inclusion proofs checked together
-        (see ``merkle_paths_hold``); the outcome is the same as one by one."""
+        """``verify_envelope`` for each envelope, in order, each failure returned in its
+        place: as of now, or with ``as_created`` as of each header's ``create_time`` (a
+        letter the hub relayed, which checked it as of then, stays valid after its signer's
+        certificate expires; revocation applies whatever the time). Whole batches among
+        them have their inclusion proofs checked together (see ``merkle_paths_hold``); the
+        outcome is the same as one by one."""
         roots = _whole_batch_roots([(e.header, e) for e in envelopes])
         out: list[pb.EnvelopeHeader | VerificationError] = []
         for i, envelope in enumerate(envelopes):
             try:
-                out.append(self._verify_envelope(envelope, None, check_body, roots.get(i)))
+                out.append(
+                    self._verify_envelope(envelope, None, check_body, roots.get(i), as_created)
+                )
             except VerificationError as exc:
                 out.append(exc)
         return out
@@ -237,16 +247,23 @@ class TrustStore:
         at: dt.datetime | None,
         check_body: bool,
         root: bytes | None,
+        as_created: bool = False,
     ) -> pb.EnvelopeHeader:
-        when = at or dt.datetime.now(dt.UTC)
-        verifier, identity = self._signer(envelope.signature, when)
+        header: pb.EnvelopeHeader | None = None
+        when = at
+        if when is None and as_created:  # its time read first; nothing else used unsigned
+            with contextlib.suppress(DecodeError):  # said below, after the signature
+                header = pb.EnvelopeHeader.FromString(envelope.header)
+                when = _created(header)
+        verifier, identity = self._signer(envelope.signature, when or dt.datetime.now(dt.UTC))
         self._check_signed(verifier, ENVELOPE_PAYLOAD_TYPE, envelope.header, envelope, root)
-        try:
-            header = pb.EnvelopeHeader.FromString(envelope.header)
-        except DecodeError as exc:
-            raise VerificationError(
-                "HEADER_MALFORMED", "header bytes are not an EnvelopeHeader"
-            ) from exc
+        if header is None:
+            try:
+                header = pb.EnvelopeHeader.FromString(envelope.header)
+            except DecodeError as exc:
+                raise VerificationError(
+                    "HEADER_MALFORMED", "header bytes are not an EnvelopeHeader"
+                ) from exc
         if identity.kind != "agency" or identity.agency != header.sender.agency:
             raise VerificationError(
                 "SENDER_MISMATCH", f"letter from {header.sender.agency} signed by {identity.uri}"
@@ -553,3 +570,13 @@ def _check_usage(cert: x509.Certificate, usage: CertificateUsage) -> None:
 
 def der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _created(header: pb.EnvelopeHeader) -> dt.datetime | None:
+    """The header's create_time, None when it has none a datetime can hold."""
+    if not header.HasField("create_time"):
+        return None
+    try:
+        return dt.datetime.fromtimestamp(seconds_of(header.create_time), dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None

@@ -580,7 +580,11 @@ class _Session:
         before, turn = self._stored_turn, asyncio.get_running_loop().create_future()
         self._stored_turn = turn
         try:
-            checked = await self.link.verified(envelopes, agency.trust.verify_envelopes)
+            # As of each letter's signing, as its verifiers will check it offline: the hub
+            # relayed it then, and its signer's certificate may expire while it waits.
+            checked = await self.link.verified(
+                envelopes, lambda items: agency.trust.verify_envelopes(items, as_created=True)
+            )
             if before is not None and not before.done():
                 # Only after a wait above: otherwise it is done already. Shielded: this
                 # frame cancelled (the stream ending) must not cancel the one before's turn.

@@ -211,7 +211,7 @@ async def test_a_letter_delivered_again_that_now_fails_its_checks_gets_its_first
     agency = SimpleNamespace(
         config=SimpleNamespace(agency="000.00.00.G02"),
         identity=SimpleNamespace(uri="urn:chapar:agency:000.00.00.G02"),
-        trust=SimpleNamespace(verify_envelopes=lambda envelopes: [expired] * len(envelopes)),
+        trust=SimpleNamespace(verify_envelopes=lambda envelopes, **_: [expired] * len(envelopes)),
         store=store,
         sign_evidence=sign_evidence,
         directory=None,
@@ -257,7 +257,7 @@ async def test_a_letter_that_arrives_after_its_expire_time_is_refused_unless_hel
         config=SimpleNamespace(agency=ME),
         identity=SimpleNamespace(uri=f"urn:chapar:agency:{ME}"),
         trust=SimpleNamespace(
-            verify_envelopes=lambda envelopes: [headers[e.header] for e in envelopes]
+            verify_envelopes=lambda envelopes, **_: [headers[e.header] for e in envelopes]
         ),
         store=store,  # no store_incoming: nothing may be delivered
         sign_evidence=sign_evidence,
@@ -384,7 +384,7 @@ async def test_a_letter_signed_with_a_key_newer_than_the_nodes_directory_is_deli
     headers: dict[bytes, pb.EnvelopeHeader] = {}
 
     def verify_envelopes(
-        envelopes: list[pb.Envelope],
+        envelopes: list[pb.Envelope], **_: object
     ) -> list[pb.EnvelopeHeader | VerificationError]:
         if not trust.knows_new_key:
             return [VerificationError("SIGNER_UNKNOWN", "no such key")] * len(envelopes)
@@ -487,7 +487,7 @@ async def test_a_frame_that_waits_for_the_directory_keeps_its_place_in_the_inbox
     # and a later frame's letters used to reach the inbox before its own.
     trust = SimpleNamespace(knows_new_key=False)
 
-    def verify_envelopes(envelopes: list[pb.Envelope]) -> list[object]:
+    def verify_envelopes(envelopes: list[pb.Envelope], **_: object) -> list[object]:
         out: list[object] = []
         for envelope in envelopes:
             header = pb.EnvelopeHeader.FromString(envelope.header)
@@ -516,7 +516,7 @@ async def test_a_frame_cancelled_while_it_waits_its_turn_does_not_break_the_one_
     # cancelled that turn, and the frame before failed setting it (InvalidStateError).
     calls = 0
 
-    def verify_envelopes(envelopes: list[pb.Envelope]) -> list[object]:
+    def verify_envelopes(envelopes: list[pb.Envelope], **_: object) -> list[object]:
         nonlocal calls
         calls += 1
         if calls == 1:  # the first frame's first check: a key it does not know yet
@@ -551,7 +551,9 @@ async def test_only_a_status_update_naming_a_valid_letter_number_is_handed_on_to
     letters = [update(1, pb.Shams(origin="X")), update(2, about), _letter(3)]
     headers = {envelope.header: header for envelope, header in letters}
     receiver = _Receiver(
-        SimpleNamespace(verify_envelopes=lambda envelopes: [headers[e.header] for e in envelopes])
+        SimpleNamespace(
+            verify_envelopes=lambda envelopes, **_: [headers[e.header] for e in envelopes]
+        )
     )
     session = _Session(HubLink(receiver.agency, None), _StuckCall())  # type: ignore[arg-type]
     await session._deliveries([envelope for envelope, _ in letters])
@@ -569,7 +571,9 @@ async def test_letters_delivered_again_are_not_logged_as_delivered(
     letters = [_letter(n) for n in (1, 2)]
     headers = {envelope.header: header for envelope, header in letters}
     receiver = _Receiver(
-        SimpleNamespace(verify_envelopes=lambda envelopes: [headers[e.header] for e in envelopes])
+        SimpleNamespace(
+            verify_envelopes=lambda envelopes, **_: [headers[e.header] for e in envelopes]
+        )
     )
     store = await NodeStore.open(tmp_path / "node.db", durability="normal")
     receiver.agency.store = store
