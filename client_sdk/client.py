@@ -584,7 +584,7 @@ class Tracking:
         """Verifies the letter, every evidence and every status update offline, in order.
 
         Adds the response's certificates to ``trust`` (they still have to chain to its
-        roots) and a bundle's revoked serials to its revocations, checks the sender's
+        roots) and applies a bundle's revoked serials for this call only, checks the sender's
         signature and body digest (unless retention purged the body: ``body_purged`` and
         no body), then each evidence's signature, issuer, and that it concerns this very letter
         (SHAMS and header digest), then each status update: its signature (and its body's
@@ -602,17 +602,25 @@ class Tracking:
             raise VerificationError(
                 "CERTIFICATE_MALFORMED", f"a certificate that does not parse: {exc}"
             ) from exc
+        # The bundle's revocations apply to this verification only: a bundle is anyone's
+        # to hand over, and one listing an honest key would otherwise have every later
+        # verification with this store refuse that key's letters.
+        revoked = trust.revoked_serials
         if self.revoked_serials:
-            trust.set_revoked(trust.revoked_serials | self.revoked_serials)
-        # body_purged is not signed: a body that is there is always checked, or a changed
-        # body with the flag set would pass.
-        verified = _verify_letter(
-            trust,
-            self.envelope,
-            self.evidence,
-            check_body=not self.body_purged or bool(self.envelope.body),
-        )
-        _verify_status_updates(trust, self.header, self.status_updates, self.business_statuses)
+            trust.set_revoked(revoked | self.revoked_serials)
+        try:
+            # body_purged is not signed: a body that is there is always checked, or a
+            # changed body with the flag set would pass.
+            verified = _verify_letter(
+                trust,
+                self.envelope,
+                self.evidence,
+                check_body=not self.body_purged or bool(self.envelope.body),
+            )
+            _verify_status_updates(trust, self.header, self.status_updates, self.business_statuses)
+        finally:
+            if self.revoked_serials:
+                trust.set_revoked(revoked)
         return verified
 
 
