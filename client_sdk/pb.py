@@ -128,6 +128,10 @@ from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
     GetDirectoryResponse as GetDirectoryResponse,
 )
+from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import HubAttestation as HubAttestation
+from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
+    HubAttestationContent as HubAttestationContent,
+)
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import HubRestore as HubRestore
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
     PushDocumentRequest as PushDocumentRequest,

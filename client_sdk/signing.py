@@ -24,6 +24,7 @@ __all__ = [
     "ENVELOPE_PAYLOAD_TYPE",
     "EVIDENCE_BATCH_PAYLOAD_TYPE",
     "EVIDENCE_PAYLOAD_TYPE",
+    "HUB_ATTESTATION_PAYLOAD_TYPE",
     "SignatureError",
     "Signer",
     "Verifier",
@@ -43,6 +44,7 @@ ENVELOPE_PAYLOAD_TYPE = "chapar.envelope.v1"
 ENVELOPE_BATCH_PAYLOAD_TYPE = "chapar.envelope-batch.v1"
 EVIDENCE_PAYLOAD_TYPE = "chapar.evidence.v1"
 EVIDENCE_BATCH_PAYLOAD_TYPE = "chapar.evidence-batch.v1"
+HUB_ATTESTATION_PAYLOAD_TYPE = "chapar.hub-attestation.v1"  # ConnectWelcome.attestation
 # Leaves per signed tree: bounds the proof an evidence or envelope carries (8 hashes at 256).
 MAX_EVIDENCE_BATCH = 256
 _MAX_TREE_SIZE = 1 << 32

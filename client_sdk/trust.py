@@ -211,6 +211,22 @@ class TrustStore:
                 raise VerificationError(exc.reason, str(exc)) from exc
         return verifier, identity
 
+    def verify_signed(
+        self,
+        payload_type: str,
+        payload: bytes,
+        signature: pb.Signature,
+        at: dt.datetime | None = None,
+    ) -> Identity:
+        """Verifies one signature over ``payload`` (a known signing key whose certificate
+        chains to a root, valid at ``at``, not revoked); returns the signer's identity."""
+        verifier, identity = self._signer(signature, at or dt.datetime.now(dt.UTC))
+        try:
+            verifier.verify(payload_type, payload, signature)
+        except SignatureError as exc:
+            raise VerificationError(exc.reason, str(exc)) from exc
+        return identity
+
     def verify_envelope(
         self, envelope: pb.Envelope, at: dt.datetime | None = None, *, check_body: bool = True
     ) -> pb.EnvelopeHeader:

@@ -26,8 +26,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
-from client_sdk.signing import Signer, sha256
-from client_sdk.trust import TrustStore, VerificationError, der, seconds_of
+from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer, sha256
+from client_sdk.trust import TrustStore, VerificationError, der, seconds_of, set_timestamp
 from node.config import (
     MAX_FRAME_LETTERS,
     ConfigError,
@@ -85,6 +85,7 @@ _PUSH_BATCH = 256
 _PUSH_FRAME_BYTES = 8 * 1024 * 1024
 # Frames of one stream handled at once (their store jobs share commits).
 _FRAMES_IN_FLIGHT = 8
+_MIN_NONCE, _MAX_NONCE = 16, 64  # bytes of a hello's nonce the welcome signs back
 # Deliveries and notices go out as stored, spliced into their frames (node.core.splice).
 _DELIVERIES = Field(pb.ConnectResponse, "deliveries")
 _NOTICES = Field(pb.ConnectResponse, "evidence")
@@ -627,9 +628,18 @@ class Hub(pb.HubServiceServicer):
     ) -> None:
         try:
             agency, certificate = self._peer(context)
+            # A node's first frame is its hello, whose nonce the welcome signs back.
+            first = await anext(request_iterator, None)
         except ChaparError as exc:
             await abort(context, exc)
             return
+        if first is None:
+            return
+        nonce = b""
+        if first.WhichOneof("frame") == "hello":
+            nonce = first.hello.nonce
+        else:  # handled as any frame (a client that sends no hello gets no attestation)
+            request_iterator = _after(first, request_iterator)
         old = self._sessions.get(agency)
         if old is not None:
             log.info("node %s reconnected; closing its previous stream", agency)
@@ -641,19 +651,18 @@ class Hub(pb.HubServiceServicer):
         log.info("node %s connected", agency)
         tasks: list[asyncio.Task[object]] = []
         try:  # from here on the session is registered: whatever happens, it is removed
-            await context.write(
-                pb.ConnectResponse(
-                    welcome=pb.ConnectWelcome(
-                        hub=self.identity.uri,
-                        directory_version=self.directory.version,
-                        # The node moves its counters up to these (a node restored from an
-                        # older copy would otherwise number letters with numbers taken).
-                        accepted_sequences=await self.store.accepted_sequences(agency),
-                        hub_restore=self.restore,
-                        max_frame_bytes=self.config.max_frame_bytes,
-                    )
-                )
+            welcome = pb.ConnectWelcome(
+                hub=self.identity.uri,
+                directory_version=self.directory.version,
+                # The node moves its counters up to these (a node restored from an older
+                # copy would otherwise number letters with numbers taken).
+                accepted_sequences=await self.store.accepted_sequences(agency),
+                hub_restore=self.restore,
+                max_frame_bytes=self.config.max_frame_bytes,
             )
+            if _MIN_NONCE <= len(nonce) <= _MAX_NONCE:
+                welcome.attestation.CopyFrom(self._attest(agency, nonce))
+            await context.write(pb.ConnectResponse(welcome=welcome))
             reader = asyncio.create_task(self._read(session, request_iterator))
             pusher = asyncio.create_task(self._push(session))
             writer = asyncio.create_task(self._write(session, context))
@@ -674,6 +683,18 @@ class Hub(pb.HubServiceServicer):
                 pending.cancel()
             self._end_session(session)
             log.info("node %s disconnected", agency)
+
+    def _attest(self, agency: str, nonce: bytes) -> pb.HubAttestation:
+        """The hub's signed word, for a node's hello, that it is the hub and authenticated
+        ``agency`` on this connection (ConnectWelcome.attestation)."""
+        content = pb.HubAttestationContent(hub=self.identity.uri, agency=agency, nonce=nonce)
+        set_timestamp(content.attest_time, dt.datetime.now(dt.UTC))
+        raw = content.SerializeToString()
+        return pb.HubAttestation(
+            content=raw,
+            signature=self.signer.sign(HUB_ATTESTATION_PAYLOAD_TYPE, raw),
+            certificates=[der(self.signer.certificate), *map(der, self.trust.intermediates)],
+        )
 
     def _leave_unanswered(self, session: _Session) -> None:
         """A session ending: its window's letters wait for its node's answer."""
@@ -1159,6 +1180,14 @@ class Hub(pb.HubServiceServicer):
                 sent = True
             if not sent:
                 await session.wake.wait()
+
+
+async def _after(
+    first: pb.ConnectRequest, rest: AsyncIterator[pb.ConnectRequest]
+) -> AsyncIterator[pb.ConnectRequest]:
+    yield first
+    async for frame in rest:
+        yield frame
 
 
 def _check_frame_count(agency: str, what: str, count: int) -> None:

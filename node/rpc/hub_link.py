@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -24,9 +25,9 @@ from google.protobuf.message import DecodeError
 from client_sdk import pb
 from client_sdk.errors import from_rpc_error
 from client_sdk.shams import format_shams
-from client_sdk.signing import sha256
+from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, sha256
 from client_sdk.statuses import StatusFault
-from client_sdk.trust import VerificationError, check_attestation, seconds_of
+from client_sdk.trust import TrustStore, VerificationError, check_attestation, seconds_of
 from node.agency import Agency
 from node.config import MAX_MESSAGE
 from node.core.documents import refused_attachment, senders_documents
@@ -81,6 +82,41 @@ _STATUS_UPDATE = pb.LETTER_KIND_STATUS_UPDATE
 class _Refused(Exception):
     """The hub refused this agency: one it does not know (UNKNOWN_SENDER), or suspended or
     retired in the directory it then gave. Logged once, when learnt (Agency)."""
+
+
+class _NotTheHub(Exception):
+    """The server dialled did not prove that it is the hub (ConnectWelcome.attestation)."""
+
+
+def check_hub_attestation(
+    trust: TrustStore, welcome: pb.ConnectWelcome, agency: str, nonce: bytes
+) -> str:
+    """The hub's identity URI, once its welcome's attestation proves, for ``nonce``, that
+    a hub's signing key (chained to this node's roots, not revoked) authenticated
+    ``agency`` on this connection; ``_NotTheHub`` says why not. The certificates it
+    carries go into a store of their own, never this node's."""
+    if not welcome.HasField("attestation"):
+        raise _NotTheHub("it did not attest that it is the hub (an older hub, or not a hub)")
+    attestation = welcome.attestation
+    scratch = TrustStore(trust.roots, list(trust.intermediates), set(trust.revoked_serials))
+    try:
+        scratch.add_certificates(attestation.certificates)
+        identity = scratch.verify_signed(
+            HUB_ATTESTATION_PAYLOAD_TYPE, attestation.content, attestation.signature
+        )
+        content = pb.HubAttestationContent.FromString(attestation.content)
+    except VerificationError as exc:
+        raise _NotTheHub(f"its attestation does not verify: {exc.reason} {exc}") from exc
+    except Exception as exc:  # DER that is no certificate, content that does not parse
+        raise _NotTheHub(f"its attestation is malformed: {exc!r}") from exc
+    if identity.kind != "hub" or content.hub != identity.uri:
+        raise _NotTheHub(f"its attestation is signed by {identity.uri}, not a hub")
+    if content.agency != agency or content.nonce != nonce:
+        raise _NotTheHub(
+            f"its attestation is for {content.agency!r} and another hello: relayed from"
+            " another connection"
+        )
+    return identity.uri
 
 
 class HubLink:
@@ -192,6 +228,8 @@ class HubLink:
                 raise
             except _Refused:
                 pass  # logged once, when learnt (Agency.set_in_directory, set_directory)
+            except _NotTheHub as exc:
+                log.error("refusing %s as the hub: %s", self.agency.config.hub, exc)
             except grpc.aio.AioRpcError as exc:
                 log.warning("hub stream ended: %s %s", exc.code().name, exc.details())
             except Exception:
@@ -239,13 +277,16 @@ class HubLink:
                 response_deserializer=pb.ConnectResponse.FromString,
             )()
             directory_version = self.agency.directory.version if self.agency.directory else 0
+            nonce = os.urandom(32)  # signed back in the welcome: check_hub_attestation
             try:
                 # The hub may refuse the stream before it reads our hello: then the write
                 # raises its refusal, as a read would.
                 await call.write(
                     pb.ConnectRequest(
                         hello=pb.ConnectHello(
-                            software_version="chapar/0.1", directory_version=directory_version
+                            software_version="chapar/0.1",
+                            directory_version=directory_version,
+                            nonce=nonce,
                         )
                     )
                 )
@@ -273,6 +314,11 @@ class HubLink:
                 raise
             if first is grpc.aio.EOF or first.WhichOneof("frame") != "welcome":
                 raise RuntimeError("hub did not welcome the node")
+            # Before anything else goes to it or is taken from it: TLS admits any server
+            # certificate of the exchange's CA that names the address, an agency's too.
+            check_hub_attestation(
+                self.agency.trust, first.welcome, self.agency.config.agency, nonce
+            )
             self._stub = stub
             self.agency.set_in_directory(True)
             self.agency.set_hub_frame_bytes(first.welcome.max_frame_bytes)

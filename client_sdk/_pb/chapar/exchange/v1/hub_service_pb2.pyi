@@ -103,19 +103,26 @@ class ConnectHello(_message.Message):
 
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
     DIRECTORY_VERSION_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
     software_version: _builtins.str
     """Version of the node software."""
     directory_version: _builtins.int
     """Directory version the node holds."""
+    nonce: _builtins.bytes
+    """16 to 64 random bytes the hub signs back in ConnectWelcome.attestation, so that the
+    node knows it speaks to a hub: TLS alone admits any server certificate of the
+    exchange's CA that names the address dialled, an agency node's too.
+    """
     def __init__(
         self,
         *,
         software_version: _builtins.str = ...,
         directory_version: _builtins.int = ...,
+        nonce: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory_version", b"directory_version", "software_version", b"software_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory_version", b"directory_version", "nonce", b"nonce", "software_version", b"software_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -132,6 +139,7 @@ class ConnectWelcome(_message.Message):
     ACCEPTED_SEQUENCES_FIELD_NUMBER: _builtins.int
     HUB_RESTORE_FIELD_NUMBER: _builtins.int
     MAX_FRAME_BYTES_FIELD_NUMBER: _builtins.int
+    ATTESTATION_FIELD_NUMBER: _builtins.int
     hub: _builtins.str
     """Identity URI of the hub."""
     directory_version: _builtins.int
@@ -158,6 +166,15 @@ class ConnectWelcome(_message.Message):
         all reached a final state, and the receipts it issued since then.
         """
 
+    @_builtins.property
+    def attestation(self) -> Global___HubAttestation:
+        """The hub's signed word that it is the hub, for this hello's nonce and the agency it
+        authenticated on this connection; set when the hello carried a nonce. A node checks it
+        before it sends anything else (and refuses a welcome without it): a server that is not
+        the hub cannot make it, and the hub, asked through another agency's connection, names
+        that agency, not this node's.
+        """
+
     def __init__(
         self,
         *,
@@ -166,14 +183,87 @@ class ConnectWelcome(_message.Message):
         accepted_sequences: _abc.Iterable[Global___AcceptedSequence] | None = ...,
         hub_restore: Global___HubRestore | None = ...,
         max_frame_bytes: _builtins.int = ...,
+        attestation: Global___HubAttestation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hub_restore", b"hub_restore"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "hub_restore", b"hub_restore"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_sequences", b"accepted_sequences", "directory_version", b"directory_version", "hub", b"hub", "hub_restore", b"hub_restore", "max_frame_bytes", b"max_frame_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_sequences", b"accepted_sequences", "attestation", b"attestation", "directory_version", b"directory_version", "hub", b"hub", "hub_restore", b"hub_restore", "max_frame_bytes", b"max_frame_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConnectWelcome: _TypeAlias = ConnectWelcome  # noqa: Y015
+
+@_typing.final
+class HubAttestation(_message.Message):
+    """HubAttestation is a HubAttestationContent signed by the hub."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    content: _builtins.bytes
+    """A serialised HubAttestationContent."""
+    @_builtins.property
+    def signature(self) -> _envelope_pb2.Signature:
+        """The hub's signature over PAE("chapar.hub-attestation.v1", content), by its signing key."""
+
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The hub's signing certificate (DER), then CA certificates that may chain it to the
+        node's root CA. A node trusts them only as far as they chain to its own roots.
+        """
+
+    def __init__(
+        self,
+        *,
+        content: _builtins.bytes = ...,
+        signature: _envelope_pb2.Signature | None = ...,
+        certificates: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "content", b"content", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HubAttestation: _TypeAlias = HubAttestation  # noqa: Y015
+
+@_typing.final
+class HubAttestationContent(_message.Message):
+    """HubAttestationContent is what the hub attests in its welcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HUB_FIELD_NUMBER: _builtins.int
+    AGENCY_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    ATTEST_TIME_FIELD_NUMBER: _builtins.int
+    hub: _builtins.str
+    """The hub's identity URI (urn:chapar:hub:NAME): its signing certificate's."""
+    agency: _builtins.str
+    """The agency whose node the hub authenticated by mutual TLS on this connection."""
+    nonce: _builtins.bytes
+    """The nonce of the node's ConnectHello."""
+    @_builtins.property
+    def attest_time(self) -> _timestamp_pb2.Timestamp:
+        """When the hub signed it, by its clock."""
+
+    def __init__(
+        self,
+        *,
+        hub: _builtins.str = ...,
+        agency: _builtins.str = ...,
+        nonce: _builtins.bytes = ...,
+        attest_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attest_time", b"attest_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agency", b"agency", "attest_time", b"attest_time", "hub", b"hub", "nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HubAttestationContent: _TypeAlias = HubAttestationContent  # noqa: Y015
 
 @_typing.final
 class HubRestore(_message.Message):
