@@ -2413,15 +2413,7 @@ def _verify_as_created(
     # Verify the signature as of the letter's own creation time, as verify_evidence does
     # with the event time, so a letter stays verifiable after its signer's certificate
     # expires; revocation is checked regardless of time.
-    try:
-        claimed = pb.EnvelopeHeader.FromString(envelope.header)
-    except DecodeError as exc:
-        raise VerificationError(
-            "HEADER_MALFORMED", "header bytes are not an EnvelopeHeader"
-        ) from exc
-    header = trust.verify_envelope(
-        envelope, at=_time(claimed, "create_time"), check_body=check_body
-    )
+    header = trust.verify_envelope(envelope, check_body=check_body, as_created=True)
     # The signer is the header's sender (verify_envelope); a number is its origin's to give:
     # the hub relays no other, and a bundle of one would tie another agency's number to it.
     if header.shams.origin != header.sender.agency:

@@ -228,10 +228,16 @@ class TrustStore:
         return identity
 
     def verify_envelope(
-        self, envelope: pb.Envelope, at: dt.datetime | None = None, *, check_body: bool = True
+        self,
+        envelope: pb.Envelope,
+        at: dt.datetime | None = None,
+        *,
+        check_body: bool = True,
+        as_created: bool = False,
     ) -> pb.EnvelopeHeader:
-        """Verifies signature, signer identity and body digest, then parses the header."""
-        return self._verify_envelope(envelope, at, check_body, None)
+        """Verifies signature, signer identity and body digest, then parses the header: as
+        of ``at``, or with ``as_created`` as of the header's ``create_time``, or now."""
+        return self._verify_envelope(envelope, at, check_body, None, as_created)
 
     def verify_envelopes(
         self,
@@ -589,10 +595,7 @@ def der(cert: x509.Certificate) -> bytes:
 
 
 def _created(header: pb.EnvelopeHeader) -> dt.datetime | None:
-    """The header's create_time, None when it has none a datetime can hold."""
-    if not header.HasField("create_time"):
+    """The header's create_time, None when it has no valid one."""
+    if not header.HasField("create_time") or not valid_timestamp(header.create_time):
         return None
-    try:
-        return dt.datetime.fromtimestamp(seconds_of(header.create_time), dt.UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
+    return datetime_of(header.create_time)

@@ -23,6 +23,10 @@ from node.cluster import Cluster
 AGENCY_A = "000.00.00.G22"
 AGENCY_B = "10861234567"
 AGENCY_C = "MOFA.IR"  # in the directory with certificates, but no running node: tests act as it
+# Options of a channel on which a test speaks to the hub as a node: it takes the hub's frames
+# as a node does (up to 64 MiB): a push of letters queued for C by earlier tests (3 MiB ones,
+# say) may be over gRPC's default 4 MiB, and may come before the answer the test waits for.
+HUB_PEER_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
 
 @pytest.fixture(scope="session")

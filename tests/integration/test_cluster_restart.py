@@ -20,7 +20,7 @@ from certs.pki import generate_key, issue_certificate, load_certs, load_key
 from client_sdk import Draft, ExchangeClient, Unavailable, pb
 from client_sdk.identity import Identity
 from node.cluster import Cluster, ServerProcess
-from tests.conftest import db_count
+from tests.conftest import HUB_PEER_OPTIONS, db_count
 from tests.conftest import node_tls as _tls
 
 A = "SENDER.A"
@@ -146,7 +146,9 @@ async def test_a_restarted_node_still_verifies_a_key_rotated_out_while_its_lette
             await _until(rotated)
         # B fetched that directory before its last stop (it was up, its backlog still
         # queued): it starts with the new directory cached, which lists A's new key only.
-        async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, B)) as channel:
+        async with grpc.aio.secure_channel(
+            cluster.hub.address, _tls(cluster, B), options=HUB_PEER_OPTIONS
+        ) as channel:
             answer = await pb.HubServiceStub(channel).GetDirectory(
                 pb.GetDirectoryRequest(), timeout=10
             )

@@ -41,7 +41,14 @@ from client_sdk.errors import InvalidArgument, ResourceExhausted
 from client_sdk.shams import format_shams
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, EVIDENCE_PAYLOAD_TYPE, Signer, sha256
 from node.cluster import Cluster, ServerProcess
-from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, client_credentials, db_count
+from tests.conftest import (
+    AGENCY_A,
+    AGENCY_B,
+    AGENCY_C,
+    HUB_PEER_OPTIONS,
+    client_credentials,
+    db_count,
+)
 from tests.conftest import node_tls as _node_tls
 
 pytestmark = pytest.mark.integration
@@ -187,7 +194,7 @@ def _hub_channel_as_c(cluster: Cluster) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(
         cluster.hub.address,
         _node_tls(cluster, AGENCY_C),
-        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        options=HUB_PEER_OPTIONS,
     )
 
 

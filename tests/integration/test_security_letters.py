@@ -46,7 +46,7 @@ from client_sdk.trust import TrustStore, VerificationError
 from node.cluster import Cluster, ServerProcess
 from node.core.evidence import evidence_content
 from node.status import fetch, render
-from tests.conftest import client_credentials
+from tests.conftest import HUB_PEER_OPTIONS, client_credentials
 from tests.conftest import node_tls as _tls
 
 pytestmark = pytest.mark.integration
@@ -283,7 +283,9 @@ async def _hub_answer(
     cluster: Cluster, request: pb.ConnectRequest, frame: str
 ) -> pb.ConnectResponse:
     """Connects to the hub as C's node, sends one frame, returns the first ``frame`` answer."""
-    async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, C)) as channel:
+    async with grpc.aio.secure_channel(
+        cluster.hub.address, _tls(cluster, C), options=HUB_PEER_OPTIONS
+    ) as channel:
         call = pb.HubServiceStub(channel).Connect()
         await call.write(pb.ConnectRequest(hello=pb.ConnectHello(software_version="test")))
         welcome = await call.read()
@@ -800,7 +802,9 @@ async def test_a_revocation_file_that_vanishes_keeps_its_revocations(cluster: Cl
 
 
 async def _hub_directory_as_c(cluster: Cluster) -> pb.GetDirectoryResponse:
-    async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, C)) as channel:
+    async with grpc.aio.secure_channel(
+        cluster.hub.address, _tls(cluster, C), options=HUB_PEER_OPTIONS
+    ) as channel:
         response: pb.GetDirectoryResponse = await pb.HubServiceStub(channel).GetDirectory(
             pb.GetDirectoryRequest(), timeout=10
         )

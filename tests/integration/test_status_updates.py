@@ -36,7 +36,7 @@ from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer, sha256
 from client_sdk.trust import TrustStore, VerificationError
 from node.cluster import Cluster
 from node.demo import EXPECTED_CHAIN, wait_for_chain
-from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, db_count
+from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, HUB_PEER_OPTIONS, db_count
 from tests.conftest import node_tls as _tls
 
 pytestmark = pytest.mark.integration
@@ -292,7 +292,9 @@ def _signed_by_c(
 
 async def _relay_as_c(cluster: Cluster, envelope: pb.Envelope) -> pb.EvidenceContent:
     """Sends one letter to the hub as C's node; returns the hub's (relay) answer."""
-    async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, C)) as channel:
+    async with grpc.aio.secure_channel(
+        cluster.hub.address, _tls(cluster, C), options=HUB_PEER_OPTIONS
+    ) as channel:
         call = pb.HubServiceStub(channel).Connect()
         await call.write(pb.ConnectRequest(hello=pb.ConnectHello(software_version="test")))
         welcome = await call.read()

@@ -29,7 +29,14 @@ from client_sdk.trust import VerificationError
 from node.cluster import Cluster
 from node.core.letters import build_header
 from node.demo import EXPECTED_CHAIN, wait_for_chain
-from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, client_credentials, db_count
+from tests.conftest import (
+    AGENCY_A,
+    AGENCY_B,
+    AGENCY_C,
+    HUB_PEER_OPTIONS,
+    client_credentials,
+    db_count,
+)
 from tests.conftest import node_tls as _tls
 
 pytestmark = pytest.mark.integration
@@ -252,7 +259,9 @@ async def _relay_as(
     cluster: Cluster, code: str, envelopes: list[pb.Envelope]
 ) -> pb.ConnectResponse:
     """Connects to the hub as ``code``'s node and sends one batch; returns the hub's answer."""
-    async with grpc.aio.secure_channel(cluster.hub.address, _tls(cluster, code)) as channel:
+    async with grpc.aio.secure_channel(
+        cluster.hub.address, _tls(cluster, code), options=HUB_PEER_OPTIONS
+    ) as channel:
         call = pb.HubServiceStub(channel).Connect()
         await call.write(pb.ConnectRequest(hello=pb.ConnectHello(software_version="test")))
         welcome = await call.read()
