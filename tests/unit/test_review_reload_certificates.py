@@ -36,7 +36,7 @@ from cryptography.x509.oid import NameOID
 
 from client_sdk import pb
 from node.cluster import Cluster
-from node.config import load_hub_config
+from node.config import ConfigError, load_hub_config
 from node.hub import Hub, build_directory
 from node.server import _signer, _trust
 from node.storage.hub_store import HubStore
@@ -150,3 +150,15 @@ async def test_a_certificate_with_duplicate_extensions_half_applies_a_reload(
         f"queue_quota now {hub.config.queue_quota}, while B is still"
         f" {pb.AgencyState.Name(hub.directory.agency(B).state)} in the directory"  # type: ignore[union-attr]
     )
+
+
+async def test_a_certificate_of_an_unknown_version_is_no_configuration_error(
+    hub: Hub, tmp_path: Path
+) -> None:
+    _edit(hub, _invalid_version_pem(), tmp_path)
+    assert hub.config_path is not None
+    config = load_hub_config(hub.config_path)  # the file names exist: it loads
+    # At start (node.server.serve_hub) build_directory must refuse it as a configuration
+    # error naming the key, which ``chapar hub serve`` prints and exits 2 with.
+    with pytest.raises(ConfigError, match=r"agencies\[2\]\.signing_certificates\[0\]"):
+        build_directory(config, hub.signer, hub.trust.intermediates)
