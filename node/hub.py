@@ -86,6 +86,7 @@ _PUSH_FRAME_BYTES = 8 * 1024 * 1024
 # Frames of one stream handled at once (their store jobs share commits).
 _FRAMES_IN_FLIGHT = 8
 _MIN_NONCE, _MAX_NONCE = 16, 64  # bytes of a hello's nonce the welcome signs back
+_HELLO_WAIT_S = 30.0  # for a node's first frame, once its stream is open
 # Deliveries and notices go out as stored, spliced into their frames (node.core.splice).
 _DELIVERIES = Field(pb.ConnectResponse, "deliveries")
 _NOTICES = Field(pb.ConnectResponse, "evidence")
@@ -628,10 +629,23 @@ class Hub(pb.HubServiceServicer):
     ) -> None:
         try:
             agency, certificate = self._peer(context)
-            # A node's first frame is its hello, whose nonce the welcome signs back.
-            first = await anext(request_iterator, None)
+            # A node's first frame is its hello, whose nonce the welcome signs back. Then
+            # admitted again: a reload while it was awaited (a suspension, a revocation)
+            # closes only sessions already registered.
+            first = await asyncio.wait_for(anext(request_iterator, None), _HELLO_WAIT_S)
+            agency, certificate = self._peer(context)
         except ChaparError as exc:
             await abort(context, exc)
+            return
+        except TimeoutError:
+            await abort(
+                context,
+                ChaparError(
+                    Code.INVALID_ARGUMENT,
+                    "HELLO_MISSING",
+                    f"a node sends its hello first, within {_HELLO_WAIT_S:g} s",
+                ),
+            )
             return
         if first is None:
             return
