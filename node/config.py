@@ -370,9 +370,15 @@ def read_certificates(path: Path, key: str) -> list[x509.Certificate]:
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise ConfigError(f"{key}: not a PEM certificate: {path}") from exc
+        certificates = x509.load_pem_x509_certificates(data)
+        for certificate in certificates:
+            certificate.extensions  # noqa: B018  # malformed ones raise only when read
+    # ValueError, and cryptography's InvalidVersion and DuplicateExtension, which are not
+    # ValueErrors: a hub reloading such a file raised half-way, and one starting stopped
+    # "by an unexpected error" instead of naming the key.
+    except Exception as exc:
+        raise ConfigError(f"{key}: not a valid PEM certificate: {path} ({exc})") from exc
+    return certificates
 
 
 def _tls(t: Table) -> TlsConfig:
@@ -454,7 +460,11 @@ def _hub_config(t: Table) -> HubConfig:
         durability=cast(Durability, hub.choice("durability", "full", ("full", "normal"))),
         metrics_listen=hub.listen("metrics_listen", optional=True),
         metrics_tls=hub.flag("metrics_tls", False),
-        max_frame_bytes=hub.integer("max_frame_bytes", 32 * 1024 * 1024, maximum=MAX_MESSAGE),
+        # At least a frame of one receipt of the largest a hub keeps (64 KiB): below, a
+        # node could not answer a letter at all.
+        max_frame_bytes=hub.integer(
+            "max_frame_bytes", 32 * 1024 * 1024, minimum=64 * 1024, maximum=MAX_MESSAGE
+        ),
         grace_s=hub.number("shutdown_grace_s", 5.0, maximum=HOUR_S),
         delivery_window=hub.integer("delivery_window", 1024, maximum=1_000_000),
         queue_quota=hub.integer("queue_quota", 100_000),

@@ -37,6 +37,7 @@ from node.core.letters import quoted_shams, validate_shams
 from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
 from node.metrics import RECONNECTS, count_verification_failure
 from node.rpc.wire import serialize
+from node.storage.db import fits
 from node.storage.node_store import StoredEvidence
 from node.tasks import BOOKKEEPING_INTERVAL_S, LETTER_INTERVAL_S, Cadence, handle_concurrently
 
@@ -471,9 +472,16 @@ class _Session:
                         # Those of deliveries just stored are in pending_receipts already.
                         receipts += [e for _, eid, e in pending if eid not in self.receipts_sent]
                         self.receipts_sent.update(eid for _, eid, _ in pending)
-                for start in range(0, len(receipts), _RECEIPT_FRAME):
+                # Frames of _RECEIPT_FRAME at most, and under the hub's frame limit (one
+                # it refuses ends the stream, and the same frame would come again).
+                hub_room = agency.hub_frame_room
+                start = 0
+                while start < len(receipts):
                     chunk = receipts[start : start + _RECEIPT_FRAME]
+                    if hub_room is not None:
+                        chunk = chunk[: fits([len(r) for r in chunk], hub_room)]
                     self.write(_RECEIPTS.one(EVIDENCE_BATCH.many(chunk)))
+                    start += len(chunk)
                 if receipts:
                     sent = True
                     if not receipts_dirty:  # a full read's rest goes at once

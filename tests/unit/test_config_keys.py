@@ -210,7 +210,12 @@ def test_keepalive_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
 @pytest.mark.parametrize(
     ("section", "setting", "message"),
     [
-        ("hub", "max_frame_bytes = 300000000", "hub.max_frame_bytes: must be an integer from 1 to"),
+        (
+            "hub",
+            "max_frame_bytes = 300000000",
+            "hub.max_frame_bytes: must be an integer from 65536 to",
+        ),
+        ("hub", "max_frame_bytes = 1000", "hub.max_frame_bytes: must be an integer from 65536 to"),
         ("hub", "delivery_window = 2000000", "hub.delivery_window: must be an integer from 1 to"),
         ("node", "relay_batch = 100000", "node.relay_batch: must be an integer from 1 to"),
         ("node", "relay_frame_bytes = 300000000", "node.relay_frame_bytes: must be an integer"),
