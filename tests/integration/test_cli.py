@@ -255,7 +255,7 @@ def test_serve_names_a_file_that_is_not_a_certificate(tmp_path: Path, role: str,
     assert text.count(json.dumps(str(original))) == 1
     config.write_text(text.replace(json.dumps(str(original)), json.dumps(str(replacement))))
     result = _serve_briefly(role, config)
-    _assert_one_error_line(result, 2, f"{key}: not a PEM certificate")
+    _assert_one_error_line(result, 2, f"{key}: not a valid PEM certificate")
 
 
 # -- bad command-line input: one error line, never a traceback --------------------------------
