@@ -22,6 +22,7 @@ import contextlib
 import functools
 import itertools
 import json
+import math
 import random
 import resource
 import signal
@@ -153,7 +154,10 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
 
     def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+        # The nearest rank: the smallest value with at least q of them at or below it (the
+        # ceil(q*n)-th). ordered[int(q*n)] was a rank high whenever q*n was whole: the p99
+        # of 100 latencies was their maximum.
+        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000, 2)
 
     return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": round(ordered[-1] * 1000, 2)}
 

@@ -58,6 +58,21 @@ async def test_a_late_pacer_still_sends_every_slot_before_the_deadline() -> None
     assert pacer.max_lag_s >= 0.15
 
 
+def test_percentiles_are_not_one_rank_high_on_small_samples() -> None:
+    # at(q) took ordered[int(q * n)]: whenever q * n was whole it was one rank above the
+    # nearest rank (ceil(q * n)-th value), so the p99 of 100 latencies (a 10 s window at
+    # 10 letters/s, a short run) was always their maximum, the p95 of 20 too, and the
+    # median of two values the larger one.
+    hundred = harness._percentiles([ms / 1000 for ms in range(1, 101)])  # 1 .. 100 ms
+    assert hundred["max"] == 100.0
+    assert hundred["p99"] == 99.0, f"p99 of 1..100 ms reported as {hundred['p99']} ms"
+    assert hundred["p50"] == 50.0, f"p50 of 1..100 ms reported as {hundred['p50']} ms"
+    twenty = harness._percentiles([ms / 1000 for ms in range(1, 21)])
+    assert twenty["p95"] == 19.0, f"p95 of 1..20 ms reported as {twenty['p95']} ms"
+    pair = harness._percentiles([0.010, 0.090])
+    assert pair["p50"] == 10.0, f"p50 of (10, 90) ms reported as {pair['p50']} ms"
+
+
 @pytest.mark.parametrize("body", [100, 1500, 64_000])
 def test_the_baseline_message_follows_the_letters_size(body: int) -> None:
     size = len(harness._sample_envelope(body))
