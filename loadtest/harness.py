@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -396,39 +397,73 @@ class _Plan:
         self.stats.sent_at[receipt.shams] = self.stats.submitted[receipt.request_id]
 
 
-async def _sender(i: int, client: ExchangeClient, plan: _Plan) -> None:
-    """Streams letters; after a failure resubmits the unanswered ones (same request ids)."""
-    made = 0
-    unanswered: dict[str, Draft] = {}
+def _retry_delay(exc: ChaparError) -> float:
+    """How long a sender waits before it sends again a letter refused for now."""
+    return exc.retry_after if exc.retry_after is not None else 0.3
 
-    async def drafts(retry: list[Draft]) -> AsyncIterator[Draft]:
+
+async def _sender(i: int, client: ExchangeClient, plan: _Plan) -> None:
+    """Streams letters; after a failure resubmits the unanswered ones (same request ids).
+
+    ``send_stream`` answers each draft, in order, with its receipt or its refusal: a final
+    refusal is counted once and the letter dropped; one refused for now (retryable) is sent
+    again after a pause (0.3 s or the node's retry_after), not counted, as
+    ``_shared_sender`` does."""
+    made = 0
+    unanswered: dict[str, Draft] = {}  # given to a stream and not answered
+    later: list[tuple[float, Draft]] = []  # refused for now: (when to send it again, draft)
+
+    def due() -> list[Draft]:
+        now = time.monotonic()
+        ready = [draft for at, draft in later if at <= now]
+        later[:] = [(at, draft) for at, draft in later if at > now]
+        return ready
+
+    async def drafts(retry: list[Draft], asked: collections.deque[Draft]) -> AsyncIterator[Draft]:
         nonlocal made
-        for draft in retry:
+        for draft in retry:  # unanswered already
+            asked.append(draft)
             yield draft
         while plan.more(made):
+            ready = due()
+            for draft in ready:  # unanswered before any goes: a stream that fails sends them
+                unanswered[draft.request_id or ""] = draft
+            for draft in ready:
+                asked.append(draft)
+                yield draft
             draft = await plan.draft(i, made)
             made += 1
             unanswered[draft.request_id or ""] = draft
+            asked.append(draft)
             yield draft
 
     retry: list[Draft] = []
     while True:
+        asked: collections.deque[Draft] = collections.deque()  # this stream's, in order
         try:
             async for result in client.send_stream(
-                drafts(retry), batch_size=plan.p.batch, linger_s=plan.p.linger_ms / 1000
+                drafts(retry, asked), batch_size=plan.p.batch, linger_s=plan.p.linger_ms / 1000
             ):
+                draft = asked.popleft()
+                unanswered.pop(draft.request_id or "", None)
                 if isinstance(result, Receipt):
-                    unanswered.pop(result.request_id, None)
                     plan.accepted(result)
+                elif result.retryable:
+                    later.append((time.monotonic() + _retry_delay(result), draft))
                 else:
                     plan.stats.refused += 1
         except ChaparError:
             await asyncio.sleep(0.3)
             retry = list(unanswered.values())
             continue
-        if not unanswered:
+        retry = list(unanswered.values())  # none: every draft is answered on a stream
+        if not retry and later:
+            await asyncio.sleep(max(0.0, min(at for at, _ in later) - time.monotonic()))
+            retry = due()
+            for draft in retry:
+                unanswered[draft.request_id or ""] = draft
+        if not retry:
             return
-        retry = list(unanswered.values())
 
 
 async def _shared_sender(i: int, shared: SharedStream, plan: _Plan) -> None:
@@ -446,7 +481,7 @@ async def _shared_sender(i: int, shared: SharedStream, plan: _Plan) -> None:
                     plan.accepted(await shared.send(draft))
                 except ChaparError as exc:
                     if exc.retryable:
-                        await asyncio.sleep(0.3)
+                        await asyncio.sleep(_retry_delay(exc))
                         continue
                     plan.stats.refused += 1
                 return

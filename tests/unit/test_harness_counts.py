@@ -16,10 +16,12 @@ from types import SimpleNamespace
 import pytest
 
 from client_sdk import Receipt, pb
-from client_sdk.errors import Unavailable
+from client_sdk.errors import InvalidArgument, ResourceExhausted, Unavailable
 from client_sdk.shams import parse_shams
 from loadtest import harness
 from loadtest.targets import Endpoint
+
+LETTER = "SENDER.A/O/2026/0000001"
 
 
 def _plan(stats: harness._Stats, pacer: harness._Pacer, deadline: float | None) -> harness._Plan:
@@ -108,6 +110,73 @@ def test_the_slots_before_a_deadline_are_counted_whatever_the_clock_reads(start:
     assert made == 5
 
 
+class _RefusingNode:
+    """A node that refuses every letter (a per-letter error on the stream, as send_stream
+    yields it: the stream itself goes on and ends normally)."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+
+    async def send_stream(self, drafts, **kwargs: object):  # type: ignore[no-untyped-def]
+        self.streams += 1
+        async for _ in drafts:
+            await asyncio.sleep(0.001)
+            yield InvalidArgument("refused", reason="BODY_TOO_LARGE")
+
+
+async def test_a_refused_letter_is_counted_once_and_not_sent_again_forever() -> None:
+    # _sender popped a draft from its unanswered ones only on a Receipt: a refused draft
+    # stayed there, so once the stream ended the sender sent it again at once, and again,
+    # each time counting one more refusal; for a refusal that will not change the run never
+    # ended, and for a retryable one (RECIPIENT_QUEUE_FULL) ``refused`` counted attempts,
+    # in a loop without a pause. _shared_sender counts a final refusal once and stops.
+    stats = harness._Stats()
+    plan = harness._Plan("RECIPIENT.B", harness.Params(), stats, harness._Pacer(0), 1, None, "x")
+    node = _RefusingNode()
+    sender = asyncio.create_task(harness._sender(0, node, plan))  # type: ignore[arg-type]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(sender), 1.0)
+    still_sending = not sender.done()
+    sender.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sender
+    assert len(stats.submitted) == 1
+    assert (stats.refused, node.streams, still_sending) == (1, 1, False), (
+        f"one letter refused: counted {stats.refused} times over {node.streams} streams,"
+        f" sender still sending after 1 s: {still_sending}"
+    )
+
+
+class _BusyNode:
+    """A node that refuses each letter's first try for now (retryable, with a retry_after)
+    and accepts it when it comes again."""
+
+    def __init__(self) -> None:
+        self.tries: list[tuple[str, float]] = []  # (request id, when)
+
+    async def send_stream(self, drafts, **kwargs: object):  # type: ignore[no-untyped-def]
+        async for draft in drafts:
+            self.tries.append((draft.request_id, time.monotonic()))
+            if [rid for rid, _ in self.tries].count(draft.request_id) == 1:
+                yield ResourceExhausted("busy", reason="RECIPIENT_QUEUE_FULL", retry_after=0.2)
+            else:
+                yield _receipt(LETTER, draft.request_id)
+
+
+async def test_a_letter_refused_for_now_is_sent_again_after_its_retry_after_and_not_counted() -> (
+    None
+):
+    stats = harness._Stats()
+    plan = harness._Plan("RECIPIENT.B", harness.Params(), stats, harness._Pacer(0), 1, None, "x")
+    node = _BusyNode()
+    await asyncio.wait_for(harness._sender(0, node, plan), 5)  # type: ignore[arg-type]
+    (rid,) = stats.submitted
+    assert [r for r, _ in node.tries] == [rid, rid]
+    assert node.tries[1][1] - node.tries[0][1] >= 0.2  # after the node's retry_after
+    assert stats.refused == 0
+    assert list(stats.accepted) == [LETTER]
+
+
 @contextlib.contextmanager
 def _busy_process(cpu_s: float) -> Iterator[subprocess.Popen[bytes]]:
     """A process that has burnt ``cpu_s`` of CPU and waits to be ended (killed on exit)."""
@@ -192,9 +261,6 @@ class _Inbox:
     async def ack(self, shams: str) -> pb.Evidence:
         self.acked.append(shams)
         return pb.Evidence()
-
-
-LETTER = "SENDER.A/O/2026/0000001"
 
 
 async def test_the_reader_counts_a_copy_read_after_the_drain_and_ends_with_its_stream(

