@@ -26,6 +26,7 @@ import json
 import math
 import random
 import resource
+import secrets
 import signal
 import ssl
 import sys
@@ -111,14 +112,22 @@ class _Stats:
     sent_at: dict[str, float] = field(default_factory=dict)  # shams -> time queued
     delivered: dict[str, float] = field(default_factory=dict)  # shams -> time in its inbox
     handed_over: dict[str, float] = field(default_factory=dict)
-    duplicates: int = 0
+    duplicates: int = 0  # copies of one letter: streamed again once handed over, or twice
+    # Every subject of this run ends with it: the recipient tells this run's letters from
+    # an earlier run's (on running targets), and a submission's letters by their subject.
+    run: str = field(default_factory=lambda: secrets.token_hex(4))
+    # A submission the node numbered twice, each letter beyond the first: numbers a receipt
+    # gave for a request id answered with another before, and (``_numbered_twice``) letters
+    # of this run delivered under a number no receipt gave.
+    renumbered: set[str] = field(default_factory=set)
+    unreceipted: set[str] = field(default_factory=set)  # this run's, delivered before a receipt
     misrouted: set[str] = field(default_factory=set)  # in an inbox it was not addressed to
     foreign: set[str] = field(default_factory=set)  # letters from agencies not driven here
     unverified: set[str] = field(default_factory=set)  # letters whose copy failed to verify
     refused: int = 0
     pacer_lag_s: float = 0.0  # at a fixed rate, how late the latest letter was handed over
     # Read after the drain ended (until the inbox streams closed): for how long, letters
-    # delivered then (only if it timed out) and copies counted as duplicates then.
+    # delivered then (only if it timed out) and duplicates counted then.
     after_drain: dict[str, float] = field(default_factory=dict)
 
 
@@ -380,18 +389,19 @@ class _Plan:
         slot = await self.pacer.wait()
         draft = Draft(
             to=[self.to],
-            subject=f"load {i}-{made}",
+            subject=f"load {i}-{made} {self.stats.run}",
             body=self.body,
         )  # its request id the SDK's own (time-ordered): new in every run, also on targets
         self.stats.submitted[draft.request_id or ""] = slot
         return draft
 
     def accepted(self, receipt: Receipt) -> None:
-        # One request id, one letter: a retry answered with another number would be a
-        # letter stored twice, which the inboxes alone could not tell.
+        # One request id, one letter: a retry answered with another number is a letter
+        # stored twice. (A retry goes only when no answer came: the first number is then
+        # known only from the inbox, where ``_numbered_twice`` finds it.)
         first = self.stats.numbered.setdefault(receipt.request_id, receipt.shams)
         if first != receipt.shams:
-            self.stats.duplicates += 1
+            self.stats.renumbered.add(receipt.shams)
             return
         self.stats.accepted[receipt.shams] = time.perf_counter()
         self.stats.sent_at[receipt.shams] = self.stats.submitted[receipt.request_id]
@@ -508,8 +518,12 @@ async def _consumer(
     driven agencies (``routes``: sender -> recipient); reconnects after a fault. Letters
     from other agencies are counted and left for the agency's own reader. Once ``ending``
     is set (the drain is over) it reads on until its inbox stream closes, and returns
-    instead of reconnecting: a copy streamed before then is counted."""
+    instead of reconnecting: a copy streamed before then is counted. A letter of this run
+    (its subject ends with ``stats.run``) under a number no receipt has given yet is noted
+    in ``stats.unreceipted``: if no receipt ever gives it, the node numbered its submission
+    twice (``_numbered_twice``)."""
     creds = node.credentials
+    mark = f" {stats.run}"
     acks = asyncio.Semaphore(256)
     pending: set[asyncio.Task[None]] = set()
 
@@ -578,6 +592,8 @@ async def _consumer(
                                     stats.unverified.add(letter.shams)
                                     continue
                             stats.delivered[letter.shams] = now
+                            if letter.shams not in stats.accepted and letter.subject.endswith(mark):
+                                stats.unreceipted.add(letter.shams)
                         # else: streamed again after a reconnect, not yet acknowledged (an ack
                         # through the closed client can no longer go): acknowledged on this one
                         task = asyncio.create_task(ack(letter))
@@ -746,7 +762,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
         # (a copy: a duplicate) is still read and counted, until the inbox streams close:
         # the harness's own nodes end them as they stop; running targets keep them open,
         # so they are read a moment longer.
-        drained, duplicates = time.perf_counter(), stats.duplicates
+        drained, duplicates = time.perf_counter(), _duplicates(stats)
         ending.set()
         if cluster is not None:
             await asyncio.to_thread(cluster.stop)
@@ -756,7 +772,7 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
         stats.after_drain = {
             "read_s": round(time.perf_counter() - drained, 3),
             "delivered": sum(t > drained for t in stats.delivered.values()),
-            "duplicates": stats.duplicates - duplicates,
+            "duplicates": _duplicates(stats) - duplicates,
         }
         for consumer in consumers:
             consumer.cancel()
@@ -774,6 +790,19 @@ async def run(p: Params, workdir: Path, targets: Targets | None = None) -> dict[
     report = _report(p, stats, start, sent_done, baseline, processes, samples)
     report["routes"] = _routes(routes, stats)
     return report
+
+
+def _numbered_twice(stats: _Stats) -> set[str]:
+    """The letters beyond the first of a submission the node numbered twice: the numbers
+    a retry's receipt gave after another, and the letters of this run delivered under a
+    number no receipt gave (the first number of a submission whose first answer was lost,
+    when the retry was numbered anew). Each is a second letter of one submission."""
+    return stats.renumbered | (stats.unreceipted - stats.accepted.keys())
+
+
+def _duplicates(stats: _Stats) -> int:
+    """Copies of a letter, and letters beyond the first of one submission."""
+    return stats.duplicates + len(_numbered_twice(stats))
 
 
 def _drained(stats: _Stats) -> bool:
@@ -863,7 +892,9 @@ def _report(
         "delivered": len(delivered),
         "handed_over": len(accepted & set(stats.handed_over)),
         "lost": len(accepted - delivered),
-        "duplicates": stats.duplicates,
+        "duplicates": _duplicates(stats),
+        # Of them, letters beyond the first of one submission (the node numbered it twice).
+        "numbered_twice": len(_numbered_twice(stats)),
         "after_drain": stats.after_drain,
         "misrouted": len(stats.misrouted),
         "foreign": len(stats.foreign),
@@ -951,7 +982,8 @@ def _summary(report: dict[str, object]) -> str:
     rows = [
         f"letters accepted   {report['letters']}",
         f"delivered          {report['delivered']}   lost {report['lost']}   duplicates {report['duplicates']}"
-        f"   misrouted {report['misrouted']}   verify failures {report['verify_failures']}",
+        + (f" ({report['numbered_twice']} numbered twice)" if report.get("numbered_twice") else "")
+        + f"   misrouted {report['misrouted']}   verify failures {report['verify_failures']}",
         f"handed over        {report['handed_over']}"
         + (f"   NOT HANDED OVER {unhanded}" if unhanded else ""),
         *_after_drain_row(report),

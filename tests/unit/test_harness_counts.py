@@ -38,9 +38,9 @@ def test_a_request_id_answered_with_a_second_number_counts_as_a_duplicate() -> N
     plan = _plan(stats, harness._Pacer(0), None)
     plan.accepted(_receipt("SENDER.A/O/2026/0000001", "r1"))
     plan.accepted(_receipt("SENDER.A/O/2026/0000001", "r1"))  # the same answer again: fine
-    assert stats.duplicates == 0
+    assert harness._duplicates(stats) == 0
     plan.accepted(_receipt("SENDER.A/O/2026/0000002", "r1"))  # stored twice under two numbers
-    assert stats.duplicates == 1
+    assert harness._duplicates(stats) == 1
     assert list(stats.accepted) == ["SENDER.A/O/2026/0000001"]
 
 
@@ -254,7 +254,9 @@ class _Inbox:
 
     async def inbox(self) -> AsyncIterator[SimpleNamespace]:
         for _ in range(2):
-            yield SimpleNamespace(shams=LETTER, ack=functools.partial(self.ack, LETTER))
+            yield SimpleNamespace(
+                shams=LETTER, subject="load 0-0", ack=functools.partial(self.ack, LETTER)
+            )
             await self.again.wait()
         raise Unavailable("the node is stopping", reason="STREAM_ENDED")
 
@@ -295,3 +297,119 @@ def test_the_summary_says_what_was_read_after_the_drain_only_when_anything_was()
     late = {"after_drain": {"read_s": 0.2, "delivered": 3, "duplicates": 1}}
     (row,) = harness._after_drain_row(late)
     assert "3 delivered, 1 duplicates" in row
+
+
+FIRST, SECOND = LETTER, "SENDER.A/O/2026/0000002"
+
+
+class _Letters:
+    """The recipient node's inbox stream: ``letters`` (number, subject) in turn, then,
+    once ``done`` is set, the stream ends as a stopping node ends it."""
+
+    def __init__(self, letters: list[tuple[str, str]]) -> None:
+        self.letters = letters
+        self.done = asyncio.Event()
+
+    def client(self, *args: object, **kwargs: object) -> _Letters:
+        return self
+
+    async def __aenter__(self) -> _Letters:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+    async def trust_from_directory(self, trust: object) -> object:
+        return trust
+
+    async def inbox(self) -> AsyncIterator[SimpleNamespace]:
+        for shams, subject in self.letters:
+            yield SimpleNamespace(
+                shams=shams, subject=subject, ack=functools.partial(self.ack, shams)
+            )
+        await self.done.wait()  # the drain is over
+        raise Unavailable("the node is stopping", reason="STREAM_ENDED")
+
+    async def ack(self, shams: str) -> pb.Evidence:
+        return pb.Evidence()
+
+
+async def _read_all(node: _Letters, stats: harness._Stats) -> None:
+    """The harness's reader on ``node`` until it has handed every letter over."""
+    ending = asyncio.Event()
+    endpoint = Endpoint("RECIPIENT.B", "x:1", SimpleNamespace(trust_store=SimpleNamespace))  # type: ignore[arg-type]
+    reader = asyncio.create_task(
+        harness._consumer(
+            endpoint, {"SENDER.A": "RECIPIENT.B"}, harness.Params(verify=False), stats, ending
+        )
+    )
+    for _ in range(200):
+        if len(stats.handed_over) == len(node.letters):
+            break
+        await asyncio.sleep(0.01)
+    ending.set()
+    node.done.set()
+    await asyncio.wait_for(reader, 5)
+    assert set(stats.handed_over) == {shams for shams, _ in node.letters}
+
+
+def _report(stats: harness._Stats) -> dict[str, object]:
+    return harness._report(
+        harness.Params(), stats, 0.0, time.perf_counter(), harness.Baseline(), {}
+    )
+
+
+_LATENCIES = {
+    "latency_ms": {
+        stage: {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+        for stage in ("submit_accepted", "submit_delivered", "submit_handover")
+    },
+    "windows": {"delivered_lps": []},
+}
+
+
+async def test_a_submission_numbered_twice_is_a_duplicate_even_when_the_first_answer_was_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A sender resubmits only what was never answered (its stream broke before the
+    # receipt came). If the node numbers that retry a second time (the very fault the
+    # request-id check in _Plan.accepted is meant to catch), the harness holds only the
+    # second number: the first letter was delivered, read, acknowledged ... and dropped
+    # from the report, which said 0 duplicates, 0 lost: one submission, two letters
+    # delivered. Both letters carry the draft's subject, which the harness made.
+    stats = harness._Stats()
+    plan = harness._Plan("RECIPIENT.B", harness.Params(), stats, harness._Pacer(0), 1, None, "x")
+    draft = await plan.draft(0, 0)
+    assert draft.request_id is not None
+    plan.accepted(_receipt(SECOND, draft.request_id))  # the retry's; the first answer was lost
+    node = _Letters([(FIRST, draft.subject), (SECOND, draft.subject)])  # both delivered
+    monkeypatch.setattr(harness, "ExchangeClient", node.client)
+    await _read_all(node, stats)
+    report = _report(stats)
+    assert report["submitted"] == 1
+    assert (report["delivered"], report["lost"]) == (1, 0)
+    assert (report["duplicates"], report["numbered_twice"]) == (1, 1), (
+        f"one submission, two letters delivered; the report says delivered"
+        f" {report['delivered']}, duplicates {report['duplicates']}, lost {report['lost']}"
+    )
+    assert "duplicates 1 (1 numbered twice)" in harness._summary(report | _LATENCIES)
+
+
+async def test_a_letter_delivered_before_its_receipt_or_of_an_earlier_run_is_no_duplicate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A letter may reach the recipient before its receipt reaches the sender; a running
+    # target's inbox may hold a driven agency's letter of an earlier run (its subject
+    # lacks this run's mark), never accepted in this one.
+    stats = harness._Stats()
+    plan = harness._Plan("RECIPIENT.B", harness.Params(), stats, harness._Pacer(0), 1, None, "x")
+    draft = await plan.draft(0, 0)
+    assert draft.request_id is not None
+    earlier = draft.subject.replace(stats.run, harness._Stats().run)
+    node = _Letters([(FIRST, draft.subject), (SECOND, earlier)])
+    monkeypatch.setattr(harness, "ExchangeClient", node.client)
+    await _read_all(node, stats)
+    plan.accepted(_receipt(FIRST, draft.request_id))  # the receipt comes after the letter
+    report = _report(stats)
+    assert (report["delivered"], report["lost"], report["duplicates"]) == (1, 0, 0)
+    assert report["numbered_twice"] == 0
