@@ -29,6 +29,7 @@ import resource
 import secrets
 import signal
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -225,14 +226,20 @@ def _thread_cpu(proc: ServerProcess) -> dict[str, float]:
 
 class _Probe:
     """CPU and memory of one server: from /proc for the harness's own processes (their
-    whole life, every life when a fault restarted them: ``bank`` is called before each
-    end), from the server's metrics for running targets (the run's span: the counters read
-    at the start are subtracted; other traffic on the server counts too).
+    whole life, every life when a fault restarted them), from the server's metrics for
+    running targets (the run's span: the counters read at the start are subtracted; other
+    traffic on the server counts too).
+
+    A fault calls ``bank`` before it ends a life: its thread clocks can be read only from
+    a running server. The life's CPU seconds, peak RSS and writes are then taken, at the
+    end, from what its reaping gave (``ReapedPopen.rusage``, node.cluster's processes):
+    what it used stopping after SIGTERM counts too. Without it (a process not reaped
+    so) the reading ``bank`` made stands for the life.
 
     A process that ends by itself (a crash, not a fault) leaves nothing in /proc to read:
-    ``sample``, called every second or so, keeps its last reading, which then stands for
-    that life (``exited`` in its figures; its thread clocks, read only from its metrics
-    at the end, are left out)."""
+    its rusage, when it was reaped so, or else the last reading ``sample`` (called every
+    second or so) made stands for that life (``exited`` in its figures; its thread clocks,
+    read only from its metrics at the end, are left out)."""
 
     def __init__(
         self,
@@ -242,7 +249,8 @@ class _Probe:
     ) -> None:
         self.proc, self.metrics, self.tls = proc, metrics, tls
         self.base: dict[str, float] = {}
-        self.earlier: dict[str, float] = {}  # the lives a fault ended, summed
+        # The lives a fault ended: their process, and what was read of it before the end.
+        self.ended: list[tuple[subprocess.Popen[bytes] | None, dict[str, float]]] = []
         self.restarts = 0
         self.last: tuple[int, dict[str, float]] | None = None  # (pid, its latest reading)
         self.banked: set[int] = set()  # the pids of the lives in ``earlier``
@@ -252,13 +260,14 @@ class _Probe:
             self.base = self._scrape()
 
     async def bank(self) -> None:
-        """Keeps what the process has used so far: a fault is about to end it. Read in a
+        """Keeps what the process has used so far: a fault is about to end it (``end``
+        takes the life's final figures from its reaping, when it was reaped so). Read in a
         thread: the metrics scrape must not stall the load generator's loop (nor wait out
         its timeout on a hung server there)."""
         if self.proc is None:
             return
         life = await asyncio.to_thread(self._life)
-        self.earlier = _add_lives(self.earlier, life)
+        self.ended.append((self.proc.proc, life))
         self.restarts += 1
         if self.proc.proc is not None:
             self.banked.add(self.proc.proc.pid)
@@ -283,11 +292,14 @@ class _Probe:
         if pid is None or pid in self.banked:  # never started, or a fault ended it: counted
             return {}
         last = self.last[1] if self.last is not None and self.last[0] == pid else {}
-        return {"cpu_s": 0.0, "peak_rss_mb": 0.0} | last | {"exited": 1}
+        return {"cpu_s": 0.0, "peak_rss_mb": 0.0} | last | _reaped(self.proc.proc) | {"exited": 1}
 
     def end(self) -> dict[str, float]:
         if self.proc is not None:
-            stats = _add_lives(self.earlier, self._life())
+            earlier: dict[str, float] = {}
+            for proc, before in self.ended:  # the figures of its reaping replace the reading
+                earlier = _add_lives(earlier, before | _reaped(proc))
+            stats = _add_lives(earlier, self._life())
             if "exited" in stats:  # a life's thread clocks are unknown: no partial sums
                 stats = {k: v for k, v in stats.items() if not k.endswith("_cpu_s")}
             return stats | ({"restarts": self.restarts} if self.restarts else {})
@@ -310,6 +322,19 @@ class _Probe:
         except OSError:
             return {}
         return _figures(snap)
+
+
+def _reaped(proc: subprocess.Popen[bytes] | None) -> dict[str, float]:
+    """What an ended process used over its whole life, its stop included, as its reaping
+    gave it (``ReapedPopen.rusage``); nothing if it was not reaped so."""
+    usage: resource.struct_rusage | None = getattr(proc, "rusage", None)
+    if usage is None:
+        return {}
+    return {
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # kB, as VmHWM
+        "disk_write_mb": round(usage.ru_oublock * 512 / 2**20, 1),  # write_bytes / 512
+    }
 
 
 async def _sampling(probes: Sequence[_Probe], stop: asyncio.Event) -> None:

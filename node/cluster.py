@@ -13,22 +13,66 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from certs.pki import KeyAlgorithm, PkiLayout, init_pki
 from client_sdk.credentials import Credentials
 
-__all__ = ["Cluster", "ServerProcess"]
+__all__ = ["Cluster", "ReapedPopen", "ServerProcess"]
 
 Role = Literal["hub", "node"]
 _READY_TIMEOUT_S = 30.0
 _BIND_REFUSED = "(address in use?)"  # node.server's words when its listen address is taken
+
+
+class ReapedPopen(subprocess.Popen[bytes]):
+    """A child process reaped with ``os.wait4``: once it has ended (``poll`` or ``wait``
+    saw it), ``rusage`` holds what it used over its whole life, a clean stop after SIGTERM
+    included, which /proc no longer shows. ``poll`` and ``wait`` may be called from any
+    thread; the child is reaped once."""
+
+    rusage: resource.struct_rusage | None = None  # None until reaped here
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reaping = threading.Lock()
+
+    def poll(self) -> int | None:
+        with self._reaping:
+            if self.returncode is None:
+                try:
+                    pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+                except ChildProcessError:  # reaped by someone else: its figures are lost
+                    self.returncode = 0  # as Popen itself says then
+                else:
+                    if pid:
+                        self.rusage = usage
+                        self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            # Until it has ended, without reaping it (``poll`` does, keeping its rusage).
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+        deadline = time.monotonic() + (timeout or 0.0)
+        delay = 0.0005
+        while (code := self.poll()) is None:
+            left = deadline - time.monotonic()
+            if timeout is not None and left <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(min(delay, max(left, 0.0)) if timeout is not None else delay)
+            delay = min(delay * 2, 0.05)
+        return code
 
 
 @dataclass
@@ -53,7 +97,7 @@ class ServerProcess:
             self.ready_file.unlink()
         log = self.log_file.open("ab")
         try:
-            self.proc = subprocess.Popen(
+            self.proc = ReapedPopen(
                 [sys.executable, "-m", "node", self.role, "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -100,7 +100,9 @@ async def inject(
 ) -> None:
     """Waits until ``fault.at_s`` (from now), then applies it. ``before_end`` is awaited
     with the process just before a fault ends it (kill, term, stop; not pause), so that a
-    caller can read what that life of the process used."""
+    caller can read what only a running process tells (its metrics). What the life used
+    in all, its stop after SIGTERM included, is known once the fault has reaped it: the
+    ended ``ReapedPopen``'s ``rusage``."""
     proc = resolve(cluster, fault.target, sender=sender, recipient=recipient)
     await asyncio.sleep(fault.at_s)
     if before_end is not None and fault.action != "pause":

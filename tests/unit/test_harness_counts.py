@@ -1,12 +1,15 @@
-"""The load harness's own bookkeeping, which decides what a report claims: a request id
-answered with two numbers is a duplicate, a fixed rate sends every slot before its
-deadline, and the raw baseline's message follows the letters' size."""
+"""The load harness's own bookkeeping, which decides what a report claims: a submission
+numbered twice is a duplicate (whichever of its answers came), a refused letter counts
+once, percentiles take the nearest rank, a fixed rate sends every slot before its
+deadline, every life of a server counts with its stop, and the raw baseline's message
+follows the letters' size."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +23,8 @@ from client_sdk.errors import InvalidArgument, ResourceExhausted, Unavailable
 from client_sdk.shams import parse_shams
 from loadtest import harness
 from loadtest.targets import Endpoint
+from node import faults
+from node.cluster import ReapedPopen
 
 LETTER = "SENDER.A/O/2026/0000001"
 
@@ -228,6 +233,77 @@ async def test_a_life_a_fault_ended_is_counted_once_and_not_as_exited() -> None:
     assert 0.15 <= figures["cpu_s"] < 0.35
     assert "exited" not in figures
     assert figures["restarts"] == 1
+
+
+_LIFE = (
+    "import signal, sys, time\n"
+    "def burn(s):\n"
+    "    t = time.process_time()\n"
+    "    while time.process_time() - t < s: pass\n"
+    "def stop(*_):\n"
+    "    burn(0.5)  # a clean stop's work: streams ended, the queued writes committed\n"
+    "    sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "burn(0.2)\n"
+    "print('ready', flush=True)\n"
+    "while True: time.sleep(0.05)\n"
+)
+
+
+class _Server:
+    """A server process as node.cluster.ServerProcess drives it: each life burns 0.2 s
+    of CPU, and 0.5 s more on SIGTERM before it exits."""
+
+    def __init__(self) -> None:
+        self.proc: ReapedPopen | None = None
+        self.metrics = ""
+        self.lives: list[ReapedPopen] = []
+
+    def start(self) -> None:
+        self.proc = ReapedPopen([sys.executable, "-c", _LIFE], stdout=subprocess.PIPE)
+        self.lives.append(self.proc)
+
+    async def wait_ready(self) -> str:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        assert line == b"ready\n"
+        return "x:1"
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+
+async def test_the_cpu_a_server_spends_stopping_cleanly_in_a_fault_is_counted() -> None:
+    # term-/stop- faults banked a life's CPU *before* SIGTERM: what the server then did to
+    # stop cleanly (end its streams, commit what was queued) was read by nobody; its /proc
+    # is gone once the fault has reaped it. The lives' sum was short by every clean stop.
+    # The life's figures now come from its reaping (os.wait4: ReapedPopen.rusage).
+    server = _Server()
+    server.start()
+    await server.wait_ready()
+    probe = harness._Probe(server)  # type: ignore[arg-type]
+    cluster = SimpleNamespace(hub=server)
+    try:
+        await faults.inject(
+            cluster,  # type: ignore[arg-type]
+            faults.parse_fault("term-hub@0s"),
+            sender="SENDER.A",
+            recipient="RECIPIENT.B",
+            before_end=lambda proc: probe.bank(),
+        )
+        figures = probe.end()
+    finally:
+        for life in server.lives:
+            life.kill()
+            life.wait()
+            assert life.stdout is not None
+            life.stdout.close()
+    # two lives of 0.2 s each, and one clean stop of 0.5 s
+    assert figures["restarts"] == 1
+    assert figures["cpu_s"] >= 0.85, f"two lives and a clean stop: {figures['cpu_s']} s of CPU"
 
 
 class _Inbox:
