@@ -50,6 +50,7 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
         "delivered",
         "lost",
         "duplicates",
+        "numbered_twice",
         "after_drain",
         "elapsed_s",
         "throughput_lps",
@@ -66,6 +67,7 @@ def test_report_has_every_field_and_accounts_for_every_letter(tmp_path: Path) ->
     assert report["delivered"] == 300
     assert report["handed_over"] == 300
     assert (report["lost"], report["duplicates"], report["verify_failures"]) == (0, 0, 0)
+    assert report["numbered_twice"] == 0
     assert report["baseline_lps"] > 0
     # The raw stream flat out and paced at the run's rate, where a message costs more CPU;
     # a letter (signed, stored, relayed, evidenced) costs more than one raw message.
