@@ -479,7 +479,10 @@ def recipient_jobs() -> list[Job]:
             "node_store.py:NodeStore.store_incoming",
             (
                 Statement(
-                    "look up inbox", "SELECT delivery FROM inbox WHERE shams = ?", 1, "point"
+                    "look up inbox",
+                    "SELECT delivery, envelope FROM inbox WHERE shams = ?",
+                    1,
+                    "point",
                 ),
                 Statement(
                     "insert inbox",

@@ -712,7 +712,8 @@ class _Session:
         def make_refusal(i: int, fault: StatusFault) -> pb.Evidence:
             # A status update about a letter this node holds, which it does not fit (the
             # store judges it in the transaction that would store it): refused as a letter
-            # failing its checks is, instead of delivered looking like a real one.
+            # failing its checks is, instead of delivered looking like a real one. Or a
+            # letter under a number this node holds for another (SHAMS_REUSED).
             misfits[i] = fault
             return answer(i, E.EVIDENCE_EVENT_DELIVERY_FAILURE, fault.reason, fault.message)
 
@@ -733,7 +734,7 @@ class _Session:
             for i, fault in misfits.items():
                 count_verification_failure("envelope", fault.reason)
                 log.error(
-                    "refusing a delivered status update: %s %s",
+                    "refusing a delivered letter: %s %s",
                     fault.reason,
                     fault.message,
                     extra={"shams": [good[i][0]], "peer": good[i][1]},
@@ -751,7 +752,9 @@ class _Session:
                         "letters delivered",
                         extra={"shams": numbers, "count": len(numbers), "peer": sender},
                     )
-            if again := [good[i][0] for i in range(len(good)) if i not in fresh]:
+            if again := [
+                good[i][0] for i in range(len(good)) if i not in fresh and i not in misfits
+            ]:
                 receipts.extend(await self._handovers_again(again))
         if refused:
             receipts.extend(await self._refusals(refused, now))

@@ -613,10 +613,22 @@ class NodeStore(Store):
                 if shams in found or shams in new or shams in refused:
                     continue
                 row = conn.execute(
-                    "SELECT delivery FROM inbox WHERE shams = ?", (shams,)
+                    "SELECT delivery, envelope FROM inbox WHERE shams = ?", (shams,)
                 ).fetchone()
                 if row is not None:
-                    found[shams] = StoredEvidence.of(row[0])
+                    digest = sha256(envelope.header)
+                    if make_refusal is None or _header_digest(row[1]) == digest:
+                        found[shams] = StoredEvidence.of(row[0])  # delivered again
+                        continue
+                    # Another letter under a number this node holds (its sender's node and
+                    # the hub both restored from copies numbered it again): refused, never
+                    # answered with the held letter's DELIVERY, which the hub refuses as
+                    # another letter's (the new one was pushed again for ever).
+                    earlier = _earlier_refusal(conn, shams, digest, issuer)
+                    if earlier is not None:
+                        found[shams] = earlier
+                    else:
+                        refused[shams] = (i, make_refusal(i, _number_held(shams)))
                     continue
                 if updates and i in updates:
                     about, fault = _judge_received(conn, shams, updates[i], in_frame)
@@ -1373,6 +1385,19 @@ def _judge_early_links(conn: sqlite3.Connection, arrived: Mapping[str, bytes]) -
             extra={"shams": [shams, about], "peer": update.sender.agency, "reason": fault.reason},
         )
         conn.execute("DELETE FROM status_links WHERE shams = ?", (shams,))
+
+
+def _header_digest(stored_envelope: bytes) -> bytes:
+    """SHA-256 of the header of an envelope as the inbox stores it (its body apart)."""
+    return sha256(pb.Envelope.FromString(stored_envelope).header)
+
+
+def _number_held(shams: str) -> StatusFault:
+    return StatusFault(
+        "SHAMS_REUSED",
+        f"this node holds another letter numbered {shams} (its sender's node and the hub"
+        " restored from copies numbered it again; restore with --skip-numbers)",
+    )
 
 
 def _earlier_refusal(
