@@ -1591,6 +1591,12 @@ class ExchangeClient:
                 metadata={"uri": uri},
             )
 
+    async def wait_connected(self) -> None:
+        """Waits until the channel to the node is connected (its TLS handshake done), for
+        a caller that bounds it itself (``asyncio.timeout``): a node that accepts
+        connections and never answers otherwise looks like an empty inbox."""
+        await self._channel.channel_ready()
+
     async def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
         """The agencies of the exchange, as the node last fetched them from the hub."""
         with _translated(self._certificate):

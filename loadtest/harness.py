@@ -1120,6 +1120,8 @@ def _cmd(ns: argparse.Namespace) -> int:
         node_names(needed + 1)
         if p.senders < needed:
             raise ValueError(f"{needed + 1} nodes need at least {needed} senders (--senders)")
+        if ns.json and not ns.json.parent.is_dir():  # found now, not after minutes of a run
+            raise ValueError(f"--json: no directory {ns.json.parent} for the report")
     except (ValueError, TargetsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1141,7 +1143,11 @@ def _cmd(ns: argparse.Namespace) -> int:
         return 130
     print(_summary(report))
     if ns.json:
-        ns.json.write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            ns.json.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            print(f"error: --json: cannot write the report: {exc}", file=sys.stderr)
+            return 1
     return (
         0
         if report["lost"] == report["duplicates"] == report["misrouted"] == 0

@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 
     flat_malloc()  # before any gRPC thread exists: see node/memory.py
     ns = build_parser().parse_args(argv)
-    code: int = ns.func(ns)
+    try:
+        code: int = ns.func(ns)
+    except KeyboardInterrupt:  # Ctrl-C in any command: quiet, as the client commands are
+        print("interrupted", file=sys.stderr)
+        return 130
     return code
 
 

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import secrets
 import sys
@@ -37,6 +38,7 @@ from client_sdk import (
     StatusUpdate,
     Tracking,
     TreeLetter,
+    Unavailable,
     pb,
 )
 from client_sdk.trust import TrustStore, VerificationError
@@ -399,9 +401,22 @@ def _letter_json(letter: Letter, handover: pb.Evidence | None) -> dict[str, Any]
 async def _inbox(ns: argparse.Namespace) -> int:
     if ns.limit is not None and ns.limit < 1:
         raise _UsageError("BAD_LIMIT", "--limit must be at least 1")
+    if ns.timeout is not None and not (math.isfinite(ns.timeout) and ns.timeout > 0):
+        raise _UsageError("BAD_TIMEOUT", "--timeout must be a number of seconds above 0")
     connection = _connection(ns)
     count = 0
     async with connection.client() as client:
+        if ns.timeout is not None:
+            # The timeout ends listening to a node that answers: one that never does (hung,
+            # or not the node) is a failure, not an empty inbox.
+            try:
+                await asyncio.wait_for(client.wait_connected(), ns.timeout)
+            except TimeoutError:
+                raise Unavailable(
+                    f"the node at {ns.node or 'the address given'} did not answer within"
+                    f" {ns.timeout:g} s",
+                    reason="NODE_NOT_ANSWERING",
+                ) from None
         with contextlib.suppress(TimeoutError):
             async with (
                 asyncio.timeout(ns.timeout),

@@ -357,3 +357,84 @@ def test_client_commands_with_a_bad_demo_directory(tmp_path: Path, content: str,
     result = _run("agencies", "--demo", str(tmp_path), "--agency", AGENCY_A, timeout=30)
     _assert_fails_in_one_line(result, text)
     assert "DEMO_INCOMPLETE" in result.stderr
+
+
+# -- an inbox that never reached its node is not an empty inbox --------------------------------
+
+
+@pytest.mark.parametrize("timeout", ["3", "nan", "-1"])
+def test_inbox_with_a_timeout_fails_when_it_never_reached_the_node(
+    tmp_path: Path, timeout: str
+) -> None:
+    """``chapar inbox --timeout N`` against a node that accepts connections and never
+    answers (hung, or a TLS-intercepting middlebox): nothing was ever read, yet the command
+    exits 0 with no output, as for an empty inbox; a script polling the inbox cannot tell
+    a dead node from no mail. ``nan`` and negative timeouts are taken as well (exit 0 at
+    once), where ``--limit 0`` is refused."""
+    import socket
+
+    pki = Cluster.prepare(tmp_path, [AGENCY_A, AGENCY_B]).pki.root
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        result = _run(
+            "inbox",
+            "--pki",
+            str(pki),
+            "--agency",
+            AGENCY_B,
+            "--node",
+            f"127.0.0.1:{port}",
+            "--timeout",
+            timeout,
+            timeout=60,
+        )
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert result.returncode != 0, (result.returncode, result.stdout, result.stderr)
+    _assert_fails_in_one_line(result)
+
+
+# -- Ctrl-C -----------------------------------------------------------------------------------
+
+
+def test_status_interrupted_while_a_server_does_not_answer_ends_without_a_traceback() -> None:
+    """An operator presses Ctrl-C while ``chapar status`` waits (up to 10 s) on a metrics
+    address that accepts and never answers: the client commands exit 130 without a word,
+    ``status`` prints a KeyboardInterrupt traceback."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    port = listener.getsockname()[1]
+    proc = subprocess.Popen(
+        [*CHAPAR, "status", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        conn, _ = listener.accept()  # the command is waiting for the answer now
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err, err
