@@ -2843,3 +2843,58 @@ async def test_an_attachment_with_a_long_name_in_another_script_is_saved(tmp_pat
     assert again.read_bytes() == content + b"!"
     assert cut.name.endswith(".pdf")
     assert len(cut.name.encode()) <= 255
+
+
+# --- review: a producer that fails, plain iterable against async iterable -------------------
+
+
+async def test_send_stream_of_a_plain_iterable_sends_what_came_before_its_producer_failed(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str]
+) -> None:
+    # With an async iterable (test_send_stream_raises_what_broke_the_producer) and with the
+    # blocking twin, the drafts given before the producer failed are sent and answered, then
+    # the failure is raised. With a plain iterable the frame being filled is dropped: the
+    # drafts taken from the caller's iterable are neither sent nor answered nor listed, and
+    # the caller cannot tell which of them went.
+    def broken() -> Iterator[Draft]:
+        yield Draft(to=[OTHER], subject="first")
+        raise RuntimeError("producer failed")
+
+    results: list[Receipt | ChaparError] = []
+
+    async def consume() -> None:
+        async for result in client.send_stream(broken()):
+            results.append(result)
+
+    with pytest.raises(RuntimeError, match="producer failed"):
+        await consume()
+    sent = [r.draft.subject for f in fake_node[0].frames for r in f.requests]
+    assert sent == ["first"], sent
+    assert len(results) == 1
+    assert isinstance(results[0], Receipt)
+
+
+async def test_sync_send_stream_sends_what_came_before_its_producer_failed(
+    fake_node: tuple[FakeNode, str],
+) -> None:
+    # The twin of the test above, passing on the blocking client: the behaviour the async
+    # client's plain-iterable path does not match.
+    fake, target = fake_node
+
+    def broken() -> Iterator[Draft]:
+        yield Draft(to=[OTHER], subject="first")
+        raise RuntimeError("producer failed")
+
+    def blocking() -> list[Receipt | ChaparError]:
+        got: list[Receipt | ChaparError] = []
+        with SyncExchangeClient.from_channel_factory(
+            lambda: grpc.aio.insecure_channel(target)
+        ) as sync:
+            with pytest.raises(RuntimeError, match="producer failed"):
+                for result in sync.send_stream(broken()):
+                    got.append(result)
+        return got
+
+    got = await asyncio.to_thread(blocking)
+    assert [r.draft.subject for f in fake.frames for r in f.requests] == ["first"]
+    assert len(got) == 1 and isinstance(got[0], Receipt)
