@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -2898,3 +2899,66 @@ async def test_sync_send_stream_sends_what_came_before_its_producer_failed(
     got = await asyncio.to_thread(blocking)
     assert [r.draft.subject for f in fake.frames for r in f.requests] == ["first"]
     assert len(got) == 1 and isinstance(got[0], Receipt)
+
+
+# --- review: Ctrl-C in a blocking stream ----------------------------------------------------
+
+
+def test_ctrl_c_while_a_blocking_inbox_waits_raises_keyboard_interrupt() -> None:
+    # A back-end reads its inbox with the blocking client in its main thread and stops on
+    # Ctrl-C (``except KeyboardInterrupt``). The interrupt cancels the ``anext`` under way on
+    # the loop, but ``_iterate``'s finally calls ``stream.aclose()`` at once, while that
+    # ``anext`` is still running on the loop: RuntimeError ("aclose(): asynchronous
+    # generator is already running") replaces the KeyboardInterrupt. (No async fixture: the
+    # test's own loop does not run while a blocking call waits, so the fake node runs on a
+    # loop of its own.)
+    fake = FakeNode()
+    started = threading.Event()
+    stop: list[Callable[[], None]] = []
+    address: list[str] = []
+
+    def serve() -> None:
+        async def run() -> None:
+            server = grpc.aio.server()
+            pb.add_NodeServiceServicer_to_server(fake, server)
+            address.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            await server.start()
+            done = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            stop.append(lambda: loop.call_soon_threadsafe(done.set))
+            started.set()
+            await done.wait()
+            await server.stop(None)
+
+        asyncio.run(run())
+
+    server_thread = threading.Thread(target=serve, daemon=True)
+    server_thread.start()
+    assert started.wait(10)
+    main = threading.get_ident()
+
+    def press_ctrl_c() -> None:
+        deadline = time.monotonic() + 10
+        while not fake.inbox_requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the main thread waits for the next letter by now
+        signal.pthread_kill(main, signal.SIGINT)
+
+    client = SyncExchangeClient.from_channel_factory(
+        lambda: grpc.aio.insecure_channel(address[0])
+    )
+    raised: BaseException | None = None
+    try:
+        presser = threading.Thread(target=press_ctrl_c)
+        presser.start()
+        try:
+            for _ in client.inbox():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - what the caller gets is the point
+            raised = exc
+        presser.join()
+    finally:
+        client.close()
+        stop[0]()
+        server_thread.join(10)
+    assert isinstance(raised, KeyboardInterrupt), repr(raised)
