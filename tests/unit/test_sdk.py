@@ -2888,17 +2888,24 @@ async def test_sync_send_stream_sends_what_came_before_its_producer_failed(
 
     def blocking() -> list[Receipt | ChaparError]:
         got: list[Receipt | ChaparError] = []
-        with SyncExchangeClient.from_channel_factory(
-            lambda: grpc.aio.insecure_channel(target)
-        ) as sync:
-            with pytest.raises(RuntimeError, match="producer failed"):
-                for result in sync.send_stream(broken()):
-                    got.append(result)
+
+        def consume(sync: SyncExchangeClient) -> None:
+            for result in sync.send_stream(broken()):
+                got.append(result)
+
+        with (
+            SyncExchangeClient.from_channel_factory(
+                lambda: grpc.aio.insecure_channel(target)
+            ) as sync,
+            pytest.raises(RuntimeError, match="producer failed"),
+        ):
+            consume(sync)
         return got
 
     got = await asyncio.to_thread(blocking)
     assert [r.draft.subject for f in fake.frames for r in f.requests] == ["first"]
-    assert len(got) == 1 and isinstance(got[0], Receipt)
+    assert len(got) == 1
+    assert isinstance(got[0], Receipt)
 
 
 # --- review: Ctrl-C in a blocking stream ----------------------------------------------------
@@ -2944,9 +2951,7 @@ def test_ctrl_c_while_a_blocking_inbox_waits_raises_keyboard_interrupt() -> None
         time.sleep(0.2)  # the main thread waits for the next letter by now
         signal.pthread_kill(main, signal.SIGINT)
 
-    client = SyncExchangeClient.from_channel_factory(
-        lambda: grpc.aio.insecure_channel(address[0])
-    )
+    client = SyncExchangeClient.from_channel_factory(lambda: grpc.aio.insecure_channel(address[0]))
     raised: BaseException | None = None
     try:
         presser = threading.Thread(target=press_ctrl_c)
@@ -2954,7 +2959,7 @@ def test_ctrl_c_while_a_blocking_inbox_waits_raises_keyboard_interrupt() -> None
         try:
             for _ in client.inbox():
                 pass
-        except BaseException as exc:  # noqa: BLE001 - what the caller gets is the point
+        except BaseException as exc:  # what the caller gets is the point
             raised = exc
         presser.join()
     finally:
