@@ -1959,23 +1959,33 @@ class _Frame:
 
 
 class _SyncFeed:
-    """Batches from a plain iterable, read on the event loop."""
+    """Batches from a plain iterable, read on the event loop. An iterable that raises ends
+    the feed as ``_AsyncFeed``'s does: the frame filled before the failure goes first, and
+    the failure is raised by the next call (and every one after)."""
 
     def __init__(self, drafts: Iterable[_Submittable], size: int) -> None:
         self._drafts = iter(drafts)
         self._size = size
         self._held: _Submittable | None = None  # read, but did not fit in the last frame
+        self._failed: Exception | None = None  # what the iterable raised
 
     async def next_batch(self) -> list[_Submittable]:
+        if self._failed is not None:
+            raise self._failed
         frame = _Frame(self._size)
         pending = [self._held] if self._held is not None else []
         self._held = None
-        for draft in chain(pending, self._drafts):
-            if not frame.take(draft):
-                self._held = draft
-                break
-            if frame.full:
-                break
+        try:
+            for draft in chain(pending, self._drafts):
+                if not frame.take(draft):
+                    self._held = draft
+                    break
+                if frame.full:
+                    break
+        except Exception as exc:  # the producer failed: send what came before it first
+            self._failed = exc
+            if not frame.drafts:
+                raise
         return frame.drafts
 
     async def aclose(self) -> None:
