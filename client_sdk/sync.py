@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import datetime as dt
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -441,20 +442,48 @@ class SyncExchangeClient:
 
     def _iterate(self, stream: AsyncGenerator[_T, None]) -> Iterator[_T]:
         """Drives an async iterator on the loop, one item per blocking step."""
+        steps = _Steps(stream)
+        interrupted = False  # a step ended by an exception (Ctrl-C, the stream's error)
         try:
             while True:
                 try:
-                    item = self._portal.run(_next(stream))
+                    item = self._portal.run(steps.next())
                 except StopAsyncIteration:
                     return
+                except BaseException:
+                    interrupted = True
+                    raise
                 yield item
         finally:
             if not self._portal.loop.is_closed():
-                self._portal.run(stream.aclose())
+                if interrupted:
+                    # What ended the step is what the caller gets, not an error of closing.
+                    with contextlib.suppress(Exception):
+                        self._portal.run(steps.close())
+                else:
+                    self._portal.run(steps.close())
 
 
-async def _next(stream: AsyncGenerator[_T, None]) -> _T:
-    return await anext(stream)
+class _Steps(Generic[_T]):
+    """An async generator driven one step at a time from another thread. It keeps the task
+    of the last step, so that closing waits for a step the caller's thread cancelled (Ctrl-C
+    cancels it on the loop and returns at once): ``aclose()`` while its ``anext`` still runs
+    raises RuntimeError ("asynchronous generator is already running")."""
+
+    def __init__(self, stream: AsyncGenerator[_T, None]) -> None:
+        self._stream = stream
+        self._step: asyncio.Task[Any] | None = None
+
+    async def next(self) -> _T:
+        self._step = asyncio.current_task()
+        return await anext(self._stream)
+
+    async def close(self) -> None:
+        # The cancellation reaches the step's task before this runs (both are handed to the
+        # loop in that order), so waiting here sees the step end.
+        if self._step is not None:
+            await asyncio.wait([self._step])  # at once if it has ended; never raises
+        await self._stream.aclose()
 
 
 class _End:
