@@ -178,6 +178,35 @@ class HubLink:
         if self._version() != held:
             self._refetch_every = _REFETCH_EVERY_S
 
+    async def _learn_own_state(self) -> None:
+        """After a refused welcome: this agency's state as the server's directory gives it.
+
+        The server has not attested that it is the hub (only a welcome does): of its
+        directory only this agency's own entry is taken, onto the directory held, in memory
+        (never its revocations, certificates or other agencies, nor saved). Such a server
+        can refuse this node anyway; it cannot poison what the node trusts. A node holding
+        no directory yet takes the answer whole, in memory, as it has nothing to lose."""
+        if self._stub is None:
+            return
+        async with self._refetch:
+            response = await self._stub.GetDirectory(pb.GetDirectoryRequest(), timeout=30)
+            self.agency.set_in_directory(True)
+            held = self.agency.directory
+            if held is None:
+                await self.agency.set_directory(response.directory, persist=False)
+                return
+            code = self.agency.config.agency
+            said = {a.code: a.state for a in response.directory.agencies}
+            if code not in said:
+                return
+            mended = pb.Directory()
+            mended.CopyFrom(held.message)
+            for entry in mended.agencies:
+                if entry.code == code:
+                    entry.state = said[code]
+            if mended != held.message:
+                await self.agency.set_directory(mended, persist=False)
+
     def _version(self) -> int | None:
         return self.agency.directory.version if self.agency.directory is not None else None
 
@@ -304,7 +333,7 @@ class HubLink:
                     # Removed from the directory, it is refused the directory too.
                     self._stub = stub
                     try:
-                        await self.refresh_directory()
+                        await self._learn_own_state()
                     except grpc.aio.AioRpcError as refused:
                         if _UNKNOWN_SENDER in (_reason(exc), _reason(refused)):
                             self.agency.set_in_directory(False)

@@ -846,13 +846,17 @@ class NodeStore(Store):
                 (shams,),
             )
         }
+        envelope = pb.Envelope.FromString(_with_body(row[0], row[2]))
+        # A refusal of another letter under this number (one given again after restores,
+        # SHAMS_REUSED) is kept under the number too: not this letter's, not shown here.
+        digest = sha256(envelope.header)
         evidence = [
-            pb.Evidence.FromString(r[0])
+            item
             for r in await self.db.fetchall(
                 "SELECT evidence FROM evidence WHERE shams = ? ORDER BY rowid", (shams,)
             )
+            if not _of_another_letter(item := pb.Evidence.FromString(r[0]), digest)
         ]
-        envelope = pb.Envelope.FromString(_with_body(row[0], row[2]))
         # Without their bodies (notes of up to a letter's size each, as many as the other
         # side sends): GetEnvelope of the update itself gives its note.
         updates = [
@@ -1385,6 +1389,12 @@ def _judge_early_links(conn: sqlite3.Connection, arrived: Mapping[str, bytes]) -
             extra={"shams": [shams, about], "peer": update.sender.agency, "reason": fault.reason},
         )
         conn.execute("DELETE FROM status_links WHERE shams = ?", (shams,))
+
+
+def _of_another_letter(item: pb.Evidence, digest: bytes) -> bool:
+    """A SHAMS_REUSED refusal about another letter than the one of ``digest``."""
+    content = pb.EvidenceContent.FromString(item.content)
+    return content.reason == "SHAMS_REUSED" and content.envelope_sha256 != digest
 
 
 def _header_digest(stored_envelope: bytes) -> bytes:

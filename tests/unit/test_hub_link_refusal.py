@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from client_sdk import pb
+from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code
 from node.rpc import hub_link
 from node.rpc.errors import to_status
@@ -72,9 +73,11 @@ class _Stub:
 def _agency() -> SimpleNamespace:
     told: list[bool] = []
     directories: list[pb.Directory] = []
+    saved: list[bool] = []
 
-    async def set_directory(directory: pb.Directory) -> None:
+    async def set_directory(directory: pb.Directory, *, persist: bool = True) -> None:
         directories.append(directory)
+        saved.append(persist)
 
     def own_state() -> int | None:
         own = [a for d in directories[-1:] for a in d.agencies if a.code == AGENCY]
@@ -86,6 +89,7 @@ def _agency() -> SimpleNamespace:
         told=told,
         set_in_directory=told.append,
         directories=directories,
+        saved=saved,
         set_directory=set_directory,
         own_state=own_state,
     )
@@ -157,3 +161,44 @@ async def test_an_active_node_refused_for_another_reason_reports_the_refusal(
         await link._session()
     assert refused.value is LOST
     assert agency.directories == [directory]
+
+
+@pytest.mark.parametrize("on", ["write", "read"])
+async def test_a_server_that_refuses_without_attesting_cannot_poison_the_directory_held(
+    monkeypatch: pytest.MonkeyPatch, on: str
+) -> None:
+    # Only a welcome carries the hub's attestation. A server that is not the hub (any
+    # agency's node certificate naming the address) could answer Connect with a refusal
+    # instead, and the link applied its unsigned directory whole and saved it: revoked
+    # serials, other agencies' states, a version of its choice (a review's proof). Of its
+    # answer only this agency's own state is taken now, onto the directory held, unsaved.
+    other = "000.00.00.G22"
+    suspended = _refusal(
+        Code.FAILED_PRECONDITION, "SENDER_INACTIVE", grpc.StatusCode.FAILED_PRECONDITION
+    )
+    held = pb.Directory(
+        version=5,
+        agencies=[
+            pb.Agency(code=AGENCY, state=pb.AGENCY_STATE_ACTIVE),
+            pb.Agency(code=other, state=pb.AGENCY_STATE_ACTIVE),
+        ],
+    )
+    forged = pb.Directory(
+        version=999,
+        agencies=[
+            pb.Agency(code=AGENCY, state=pb.AGENCY_STATE_SUSPENDED),
+            pb.Agency(code=other, state=pb.AGENCY_STATE_SUSPENDED),
+        ],
+        revoked_serials=["1", "2", "3"],  # every real signing certificate's serial, say
+    )
+    _hub(monkeypatch, _Call(suspended, on), _Stub(forged))
+    agency = _agency()
+    agency.directory = DirectoryView(held)
+    link = HubLink(agency, grpc.ssl_channel_credentials())  # type: ignore[arg-type]
+    with pytest.raises(hub_link._Refused):
+        await link._session()
+    (applied,) = agency.directories
+    assert agency.saved == [False]
+    assert (applied.version, list(applied.revoked_serials)) == (5, [])
+    states = {a.code: a.state for a in applied.agencies}
+    assert states == {AGENCY: pb.AGENCY_STATE_SUSPENDED, other: pb.AGENCY_STATE_ACTIVE}

@@ -136,3 +136,57 @@ async def test_a_recipient_answers_another_letter_under_a_number_it_holds_about_
     finally:
         await hub.close()
         await node.close()
+
+
+async def test_a_shams_reused_refusal_is_not_filed_as_evidence_of_the_held_letter(
+    tmp_path: Path,
+) -> None:
+    """(Found by a review of the mend above.) store_incoming's SHAMS_REUSED refusal is about the new letter (its envelope digest),
+    but it is stored in ``evidence`` under the number, the held letter's: the held letter's
+    evidence (GetLetter / Letter.verify, the node's evidence listener) now carries a
+    DELIVERY_FAILURE about another letter, and an honest letter's verification fails with
+    EVIDENCE_MISMATCH ("evidence ... is about another letter")."""
+    node = await NodeStore.open(tmp_path / "node.db", durability="normal")
+    try:
+        lost, lost_envelope = _letter(7, subject="held")
+        await node.store_incoming(
+            [(lost.shams, SENDER, ["legal"], lost_envelope)],
+            lambda _: _receipt(lost, E.EVIDENCE_EVENT_DELIVERY),
+        )
+        new, new_envelope = _letter(7, subject="numbered again")
+
+        def refuse(_: int, fault: StatusFault) -> pb.Evidence:
+            # As the hub link makes it: the fault's reason in the evidence.
+            return pb.Evidence(
+                content=evidence_content(
+                    E.EVIDENCE_EVENT_DELIVERY_FAILURE,
+                    issuer=RECIPIENT_URI,
+                    shams=new.shams_pb,
+                    envelope_sha256=new.envelope_sha256,
+                    recipient=RECIPIENT,
+                    now=dt.datetime.now(dt.UTC),
+                    reason=fault.reason,
+                    detail=fault.message,
+                )
+            )
+
+        await node.store_incoming(
+            [(new.shams, SENDER, ["legal"], new_envelope)],
+            lambda _: _receipt(new, E.EVIDENCE_EVENT_DELIVERY),
+            make_refusal=refuse,
+            issuer=RECIPIENT_URI,
+        )
+        held = await node.letter(lost.shams)
+        assert held is not None
+        digest = hashlib.sha256(lost_envelope.header).digest()
+        about_other = [
+            pb.EvidenceContent.FromString(e.content)
+            for e in held.evidence
+            if pb.EvidenceContent.FromString(e.content).envelope_sha256 != digest
+        ]
+        assert about_other == [], (
+            "the held letter's evidence carries the refusal of another letter:"
+            f" {[pb.EvidenceEvent.Name(c.event) for c in about_other]}"
+        )
+    finally:
+        await node.close()
