@@ -1594,8 +1594,20 @@ class ExchangeClient:
     async def wait_connected(self) -> None:
         """Waits until the channel to the node is connected (its TLS handshake done), for
         a caller that bounds it itself (``asyncio.timeout``): a node that accepts
-        connections and never answers otherwise looks like an empty inbox."""
-        await self._channel.channel_ready()
+        connections and never answers otherwise looks like an empty inbox. A connection
+        that fails (the node down, the handshake refused) raises ``Unavailable`` at once."""
+        channel = self._channel
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                raise Unavailable(
+                    "the node cannot be reached (down, or refusing the connection)",
+                    reason="NODE_UNREACHABLE",
+                )
+            if state == grpc.ChannelConnectivity.SHUTDOWN:
+                raise FailedPrecondition("the client is closed", reason="CLIENT_CLOSED")
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
 
     async def agencies(self, *, timeout: float | None = None) -> list[pb.Agency]:
         """The agencies of the exchange, as the node last fetched them from the hub."""

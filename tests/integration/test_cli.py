@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -438,3 +439,21 @@ def test_status_interrupted_while_a_server_does_not_answer_ends_without_a_traceb
         listener.close()
     assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err, err
+
+
+def test_inbox_with_a_timeout_against_a_node_that_is_down_fails_at_once(tmp_path: Path) -> None:
+    """A node that is down (connection refused) is UNAVAILABLE at once, not after the whole
+    --timeout (the first version of the check above waited through every reconnect; a
+    review's proof)."""
+    pki = Cluster.prepare(tmp_path, [AGENCY_A, AGENCY_B]).pki.root
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # closed when the block ends: nothing listens
+    started = time.monotonic()
+    result = _run(
+        "inbox", "--pki", str(pki), "--agency", AGENCY_B,
+        "--node", f"127.0.0.1:{port}", "--timeout", "20",
+        timeout=60,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert result.returncode != 0, result.stderr
+    assert took < 10, f"took {took:.1f} s of the 20 s timeout: {result.stderr.strip()}"
