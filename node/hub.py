@@ -182,6 +182,9 @@ class Hub(pb.HubServiceServicer):
     ) -> None:
         self.config = config
         self.config_path = config_path
+        # What add_servicer enforces on each frame, fixed when the server starts (a reload
+        # does not change it): the welcome tells nodes this, not a reloaded value.
+        self.max_frame_bytes = config.max_frame_bytes
         self.store = store
         # When this hub's database was restored from a backup (start reads it), else None.
         self.restore: pb.HubRestore | None = None
@@ -672,7 +675,7 @@ class Hub(pb.HubServiceServicer):
                 # copy would otherwise number letters with numbers taken).
                 accepted_sequences=await self.store.accepted_sequences(agency),
                 hub_restore=self.restore,
-                max_frame_bytes=self.config.max_frame_bytes,
+                max_frame_bytes=self.max_frame_bytes,
             )
             if _MIN_NONCE <= len(nonce) <= _MAX_NONCE:
                 welcome.attestation.CopyFrom(self._attest(agency, nonce))

@@ -242,8 +242,9 @@ class DocumentRelay:
     @staticmethod
     async def _put(transfer: _Transfer, item: pb.PushHeader | bytes | ChaparError | None) -> None:
         """Waits for room in the pipe; UNAVAILABLE / FETCH_ENDED when the fetch has ended
-        (also while the pipe has room: the owner stops reading its document for no one)."""
-        if transfer.gone.is_set():
+        (for a chunk also while the pipe has room: the owner stops reading its document for
+        no one; a not-found answer's end still ends its push OK)."""
+        if transfer.gone.is_set() and isinstance(item, bytes):  # chunks for no one
             raise _fetch_ended()
         put = asyncio.create_task(transfer.queue.put(item))
         gone = asyncio.create_task(transfer.gone.wait())

@@ -171,3 +171,34 @@ async def test_a_push_that_stalls_ends_the_fetch_unavailable_and_then_the_push(
         await asyncio.wait_for(pusher, 5)
     assert pushing.aborted is not None
     assert (pushing.aborted[0], pushing.reason) == (grpc.StatusCode.UNAVAILABLE, "FETCH_ENDED")
+
+
+async def test_an_owner_answering_not_found_has_its_push_end_ok_not_fetch_ended() -> None:
+    """An owner that does not hold the document pushes a header with error_reason and ends
+    its stream (node.documents.push: write, done_writing). The fetch reads that header and
+    ends NOT_FOUND at once (setting ``gone``) while the hub still waits for the push's
+    end; the push then puts its end marker. Before today that put found room and the push
+    ended OK; now ``_put`` raises FETCH_ENDED as soon as ``gone`` is set, so every such
+    answer ends the owner's push UNAVAILABLE/FETCH_ENDED (a warning on the owner node and
+    a counted rejection on the hub) though nothing went wrong."""
+    relay = DocumentRelay(_Hub())  # type: ignore[arg-type]
+    hub: _Hub = relay.hub  # type: ignore[assignment]
+    fetching, pushing = _Context(FETCHER), _Context(OWNER)
+    fetch = asyncio.create_task(
+        relay.fetch(pb.FetchDocumentRequest(uri=URI), fetching)  # type: ignore[arg-type]
+    )
+    request = (await asyncio.wait_for(hub.out.get(), 5)).document_request
+
+    async def push() -> AsyncIterator[pb.PushDocumentRequest]:
+        yield pb.PushDocumentRequest(
+            header=pb.PushHeader(request_id=request.request_id, error_reason="DOCUMENT_NOT_FOUND")
+        )
+        await asyncio.sleep(0.05)  # the owner's half-close crosses the network
+
+    with contextlib.suppress(grpc.aio.AbortError):
+        await relay.push(push(), pushing)  # type: ignore[arg-type]
+    with contextlib.suppress(grpc.aio.AbortError):
+        await asyncio.wait_for(fetch, 5)
+    assert fetching.aborted is not None
+    assert fetching.aborted[0] == grpc.StatusCode.NOT_FOUND
+    assert pushing.aborted is None, f"the owner's push ended {pushing.aborted} ({pushing.reason})"
