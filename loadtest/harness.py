@@ -159,16 +159,20 @@ class _Pacer:
         return slot
 
 
+def nearest_rank(ordered: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``ordered`` (sorted, not empty) by nearest rank: the smallest
+    value with at least q of them at or below it (the ceil(q*n)-th). ordered[int(q*n)] was
+    a rank high whenever q*n was whole: the p99 of 100 latencies was their maximum."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
     ordered = sorted(values)
 
     def at(q: float) -> float:
-        # The nearest rank: the smallest value with at least q of them at or below it (the
-        # ceil(q*n)-th). ordered[int(q*n)] was a rank high whenever q*n was whole: the p99
-        # of 100 latencies was their maximum.
-        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000, 2)
+        return round(nearest_rank(ordered, q) * 1000, 2)
 
     return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": round(ordered[-1] * 1000, 2)}
 

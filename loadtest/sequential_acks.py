@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from client_sdk import Draft, ExchangeClient, Letter, pb
+from loadtest.harness import nearest_rank
 from loadtest.machine import machine
 from node.cluster import Cluster
 
@@ -61,9 +61,8 @@ async def measure(letters: int, workdir: Path) -> dict[str, object]:
         "handed_over": handed_over,  # acknowledgements answered with HANDOVER evidence
         "ack_ms": {
             "mean": round(sum(took) / len(took) * 1000, 3),
-            # The nearest rank, as the harness's percentiles (ceil(q*n)-th).
-            "p50": round(took[max(0, math.ceil(len(took) * 0.50) - 1)] * 1000, 3),
-            "p99": round(took[max(0, math.ceil(len(took) * 0.99) - 1)] * 1000, 3),
+            "p50": round(nearest_rank(took, 0.50) * 1000, 3),
+            "p99": round(nearest_rank(took, 0.99) * 1000, 3),
         },
         "acks_per_s": round(len(took) / sum(took), 1),
         "machine": machine(),

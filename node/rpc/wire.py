@@ -123,12 +123,7 @@ def _unary_in(
     impl: Callable[[Any, Context], Awaitable[Any]], cls: type[Message], limit: int
 ) -> Callable[[bytes, Context], Awaitable[Any]]:
     async def handler(raw: bytes, context: Context) -> Any:
-        try:
-            request = parse(cls, raw, limit)
-        except ChaparError as exc:
-            await abort(context, exc)
-            raise AssertionError("unreachable") from exc
-        return await impl(request, context)
+        return await impl(parse(cls, raw, limit), context)  # its ChaparError: _guarded
 
     return handler
 
