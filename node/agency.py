@@ -233,9 +233,12 @@ class Agency(pb.NodeServiceServicer):
         self.outbox_changed = asyncio.Event()
         self.receipts_changed = asyncio.Event()
         self.hub_connected = False
-        # The bytes of letters a frame to the hub may carry (config.frame_room of the
-        # max_frame_bytes its welcome said), None until a hub said; and whether a letter
-        # this node takes could exceed it, so that only then is each one measured.
+        # The max_frame_bytes the hub's last welcome said (kept in the store, read back at
+        # start: a node restarted while the hub is down knows it), None until a hub said;
+        # the bytes of letters a frame to the hub may carry (config.frame_room of it); and
+        # whether a letter this node takes could exceed that, so that only then is each
+        # one measured.
+        self.hub_frame_bytes: int | None = None
         self.hub_frame_room: int | None = None
         self._measure_for_hub = False
         # False once the hub refused this agency as unknown (UNKNOWN_SENDER: removed from
@@ -805,13 +808,18 @@ class Agency(pb.NodeServiceServicer):
                     field_violations=[(f"draft.attachments[{i}].size", "differs from the store")],
                 )
 
-    def set_hub_frame_bytes(self, max_frame_bytes: int) -> None:
-        """What the hub's welcome said of the frames it takes (0: nothing)."""
+    async def set_hub_frame_bytes(self, max_frame_bytes: int, *, persist: bool = True) -> None:
+        """What the hub's welcome said of the frames it takes (0: nothing); kept in the
+        store when it changed (``persist=False``: read from there at start)."""
+        changed = max_frame_bytes != self.hub_frame_bytes
+        self.hub_frame_bytes = max_frame_bytes
         self.hub_frame_room = frame_room(max_frame_bytes) if max_frame_bytes else None
         self._measure_for_hub = (
             self.hub_frame_room is not None
             and self.config.max_message_bytes + ENVELOPE_EXTRA_BYTES > self.hub_frame_room
         )
+        if persist and changed:
+            await self.store.save_hub_frame_bytes(max_frame_bytes)
 
     def _check_hub_frame(self, draft: pb.LetterDraft) -> None:
         """Refuses a letter the hub would refuse whole (larger than its frames): accepted,

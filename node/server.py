@@ -453,6 +453,11 @@ async def serve_node(config: NodeConfig) -> None:
         cached = await store.load_directory()
         if cached is not None:
             await agency.set_directory(cached, persist=False)
+        # The hub's frame limit as it last said it, so that the submission check holds
+        # from the first call even while the hub is down (its next welcome updates it).
+        hub_frame_bytes = await store.load_hub_frame_bytes()
+        if hub_frame_bytes is not None:
+            await agency.set_hub_frame_bytes(hub_frame_bytes, persist=False)
         server = grpc.aio.server(options=_server_options(config.keepalive_s))
         add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
         add_servicer(server, documents, pb.DOCUMENT_SERVICE, limit=config.max_message_bytes)

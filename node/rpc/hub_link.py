@@ -351,7 +351,7 @@ class HubLink:
             )
             self._stub = stub
             self.agency.set_in_directory(True)
-            self.agency.set_hub_frame_bytes(first.welcome.max_frame_bytes)
+            await self.agency.set_hub_frame_bytes(first.welcome.max_frame_bytes)
             await self.agency.confirm_numbers(first.welcome.accepted_sequences)
             if first.welcome.HasField("hub_restore"):
                 # Before this stream's session reads the outbox and the receipts: what it

@@ -162,6 +162,9 @@ _NUMBERS_CONFIRMED = "numbers_confirmed"
 # The restore of the hub (its restore_time) this node last sent its letters and receipts
 # again for.
 _HUB_RESTORE_HANDLED = "hub_restore_handled"
+# The max_frame_bytes the hub's last welcome announced (decimal text): what a node
+# restarted while the hub is down measures submissions against.
+_HUB_FRAME_BYTES = "hub_max_frame_bytes"
 # What this node issues as a recipient and sends to the hub.
 _RECEIPT_EVENTS = (
     pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY,
@@ -1157,6 +1160,24 @@ class NodeStore(Store):
     async def load_directory(self) -> pb.Directory | None:
         row = await self.db.fetchone("SELECT value FROM meta WHERE key = 'directory'")
         return pb.Directory.FromString(row[0]) if row else None
+
+    async def save_hub_frame_bytes(self, max_frame_bytes: int) -> None:
+        """Keeps the max_frame_bytes the hub's welcome announced (0: it said none), so that
+        a node restarted while the hub is down refuses at once what the hub would not take."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_HUB_FRAME_BYTES, str(max_frame_bytes).encode()),
+            )
+
+        await self.db.write(job)
+
+    async def load_hub_frame_bytes(self) -> int | None:
+        """The max_frame_bytes the hub last announced; None if no hub has welcomed this
+        node yet."""
+        row = await self.db.fetchone("SELECT value FROM meta WHERE key = ?", (_HUB_FRAME_BYTES,))
+        return int(bytes(row[0])) if row else None
 
     async def earlier_answers(
         self, letters: Sequence[tuple[str, bytes]], issuer: str

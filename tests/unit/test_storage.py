@@ -1515,3 +1515,24 @@ async def test_a_document_is_in_use_while_a_letter_referencing_it_keeps_its_body
     assert await store.documents_in_use([sent, received, loose]) == {received}
     await store.db.write(purged("inbox"))
     assert await store.documents_in_use([sent, received, loose]) == set()
+
+
+async def test_the_hub_frame_limit_last_announced_survives_a_reopen_without_a_schema_change(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "frame.db"
+    node_store = await NodeStore.open(path, durability="normal")
+    try:
+        assert await node_store.load_hub_frame_bytes() is None  # no hub has said yet
+        await node_store.save_hub_frame_bytes(1_048_576)
+        await node_store.save_hub_frame_bytes(65_536)  # the last word counts
+        assert await _user_version(node_store.db) == len(MIGRATIONS)
+    finally:
+        await node_store.close()
+    reopened = await NodeStore.open(path, durability="normal")
+    try:
+        assert await reopened.load_hub_frame_bytes() == 65_536
+        await reopened.save_hub_frame_bytes(0)  # a hub that names no limit
+        assert await reopened.load_hub_frame_bytes() == 0
+    finally:
+        await reopened.close()
