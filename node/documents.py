@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -37,7 +36,7 @@ from node.core.documents import (
 )
 from node.core.errors import ChaparError, Code, hub_unavailable
 from node.document_store import DocumentStore, DocumentWriter
-from node.rpc.errors import abort, code_of
+from node.rpc.errors import abort, code_of, storage_error
 
 if TYPE_CHECKING:
     from node.rpc.hub_link import HubLink
@@ -51,7 +50,7 @@ _RESUME_WAIT_S = 15.0
 _RESUME_PAUSE_S = 0.2
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
 _DIGEST_BYTES = hashlib.sha256().digest_size
-_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_STORE = "the node's document store"  # what failed, in a storage_error's message
 
 
 class Documents(pb.DocumentServiceServicer):
@@ -106,12 +105,12 @@ class Documents(pb.DocumentServiceServicer):
                             # the call under a client's write reaches it as a bare INTERNAL
                             # (grpc/grpc#36066), which would tell it to retry at once.
                             await _drain(request_iterator, header.size or writer.limit)
-                            raise storage_error(exc, "nothing was stored") from exc
+                            raise storage_error(exc, "nothing was stored", where=_STORE) from exc
                     digest, size, existed = await writer.commit()
                 finally:
                     writer.discard()
             except OSError as exc:  # the temporary file is gone (discard): nothing stored
-                raise storage_error(exc, "nothing was stored") from exc
+                raise storage_error(exc, "nothing was stored", where=_STORE) from exc
         except ChaparError as exc:
             log.info("upload refused: %s %s", exc.reason, exc.message)
             await abort(context, exc)
@@ -216,7 +215,7 @@ class Documents(pb.DocumentServiceServicer):
             return
         except OSError as exc:
             log.error("reading document %s failed: %r", request.uri, exc)
-            await abort(context, storage_error(exc, "retry the download"))
+            await abort(context, storage_error(exc, "retry the download", where=_STORE))
             return
         if first:
             await context.write(pb.DownloadDocumentResponse(document=info))
@@ -314,7 +313,7 @@ class Documents(pb.DocumentServiceServicer):
             error = fetch.task.exception()
         if isinstance(error, OSError):  # writing the copy: the disk is full or failing
             log.error("fetch of %s failed: %r", info.uri, error)
-            error = storage_error(error, "nothing was kept")
+            error = storage_error(error, "nothing was kept", where=_STORE)
         elif error is not None and not isinstance(error, ChaparError):
             log.error("fetch of %s failed: %r", info.uri, error)
             error = ChaparError(
@@ -465,7 +464,7 @@ class _Fetch:
             raise _interrupted() from None
         except OSError as exc:  # writing the copy: the disk is full or failing
             log.error("fetch failed: %r", exc)
-            raise storage_error(exc, "nothing was kept") from exc
+            raise storage_error(exc, "nothing was kept", where=_STORE) from exc
         except Exception as exc:
             log.error("fetch failed: %r", exc)
             raise ChaparError(
@@ -484,24 +483,6 @@ async def _drain(messages: AsyncIterator[pb.UploadDocumentRequest], limit: int) 
 
 def _moving() -> ChaparError:
     return ChaparError(Code.UNAVAILABLE, "DOCUMENT_MOVING", "retry the download", retry_after_s=0.1)
-
-
-def storage_error(exc: OSError, outcome: str) -> ChaparError:
-    """What a client is told when the document store's disk fails: RESOURCE_EXHAUSTED /
-    STORAGE_FULL when it has no room (or the file is too large for it), INTERNAL /
-    STORAGE_FAILED for any other I/O error; ``outcome`` says what became of the call."""
-    if exc.errno in _NO_ROOM:
-        return ChaparError(
-            Code.RESOURCE_EXHAUSTED,
-            "STORAGE_FULL",
-            f"the node's document store has no room ({exc.strerror}); {outcome}",
-            retry_after_s=60.0,
-        )
-    return ChaparError(
-        Code.INTERNAL,
-        "STORAGE_FAILED",
-        f"the node's document store failed ({exc.strerror}); {outcome}",
-    )
 
 
 async def push(stub: pb.HubServiceStub, store: DocumentStore, request: pb.DocumentRequest) -> None:

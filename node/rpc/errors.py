@@ -1,11 +1,15 @@
-"""The one place a ChaparError becomes a gRPC status (code + google.rpc.ErrorInfo)."""
+"""The one place a ChaparError becomes a gRPC status (code + google.rpc.ErrorInfo), and
+where what a handler did not expect (``unexpected``) or a disk failing under a call
+(``storage_error``) becomes a ChaparError."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import sqlite3
 import uuid
+from collections.abc import Mapping
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -19,12 +23,15 @@ __all__ = [
     "abort",
     "code_of",
     "status_code",
+    "storage_error",
     "to_status",
     "to_submit_error",
     "unexpected",
 ]
 
 log = logging.getLogger("chapar.rpc")
+# A disk (or quota) with no room, or a file too large for it: STORAGE_FULL.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def code_of(status: grpc.StatusCode, otherwise: Code) -> Code:
@@ -81,6 +88,35 @@ async def abort(context: grpc.aio.ServicerContext, error: ChaparError) -> None:
     )
 
 
+def storage_error(
+    exc: OSError,
+    outcome: str,
+    *,
+    where: str,
+    metadata: Mapping[str, str] | None = None,
+) -> ChaparError:
+    """What a client is told when a disk fails under a call: RESOURCE_EXHAUSTED /
+    STORAGE_FULL when it has no room (or the file is too large for it), INTERNAL /
+    STORAGE_FAILED for any other I/O error. ``where`` names what failed and ``outcome``
+    says what became of the call; the error's own text (a path) is not told, only its
+    kind (strerror)."""
+    kind = exc.strerror or "I/O error"
+    if exc.errno in _NO_ROOM:
+        return ChaparError(
+            Code.RESOURCE_EXHAUSTED,
+            "STORAGE_FULL",
+            f"{where} has no room ({kind}); {outcome}",
+            metadata=metadata,
+            retry_after_s=60.0,
+        )
+    return ChaparError(
+        Code.INTERNAL,
+        "STORAGE_FAILED",
+        f"{where} failed ({kind}); {outcome}",
+        metadata=metadata,
+    )
+
+
 def unexpected(exc: Exception, method: str) -> ChaparError:
     """What a caller is told of an exception no handler expected (DESIGN section 9: every
     failure is a canonical code with an ErrorInfo reason, never a Python exception's text).
@@ -89,8 +125,11 @@ def unexpected(exc: Exception, method: str) -> ChaparError:
     was stored): RESOURCE_EXHAUSTED / STORAGE_FULL when it has no room, UNAVAILABLE /
     STORAGE_BUSY when it is locked, INTERNAL / STORAGE_FAILED for any other error, each
     with a retry delay (the store heals, and a retry with the same request id is answered
-    from what was stored). Anything else is INTERNAL / INTERNAL_ERROR with an incident id
-    that the server's log carries with the traceback.
+    from what was stored). A file's I/O failing (an OSError) is ``storage_error``'s, the
+    mapping the document store's calls use: STORAGE_FULL for no room, STORAGE_FAILED for
+    any other. Anything else (a timeout or a broken connection among them: OSErrors, but
+    no disk's) is INTERNAL / INTERNAL_ERROR. Each carries an incident id that the server's
+    log carries with the traceback.
     """
     incident = uuid.uuid4().hex[:12]
     log.error(
@@ -125,6 +164,13 @@ def unexpected(exc: Exception, method: str) -> ChaparError:
             "the server's database failed; nothing of this call was stored, retry later",
             metadata={"incident": incident},
             retry_after_s=5.0,
+        )
+    if isinstance(exc, OSError) and not isinstance(exc, (TimeoutError, ConnectionError)):
+        return storage_error(
+            exc,
+            f"the call failed (incident {incident} in its log)",
+            where="the server's storage",
+            metadata={"incident": incident},
         )
     return ChaparError(
         Code.INTERNAL,
