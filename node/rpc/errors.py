@@ -32,6 +32,12 @@ __all__ = [
 log = logging.getLogger("chapar.rpc")
 # A disk (or quota) with no room, or a file too large for it: STORAGE_FULL.
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# What became of a call whose database write failed: true of a unary call and of a stream
+# (Connect, a submission stream) whose earlier requests were stored before the failure.
+_ROLLED_BACK = (
+    "its write was rolled back whole: nothing of the request that failed was stored"
+    " (a stream's earlier requests stay stored); retry later"
+)
 
 
 def code_of(status: grpc.StatusCode, otherwise: Code) -> Code:
@@ -121,8 +127,9 @@ def unexpected(exc: Exception, method: str) -> ChaparError:
     """What a caller is told of an exception no handler expected (DESIGN section 9: every
     failure is a canonical code with an ErrorInfo reason, never a Python exception's text).
 
-    The database failing (SQLite rolls the transaction back whole, so nothing of the call
-    was stored): RESOURCE_EXHAUSTED / STORAGE_FULL when it has no room, UNAVAILABLE /
+    The database failing (SQLite rolls the failing write's transaction back whole, so
+    nothing of the request that failed was stored; a stream's earlier requests, stored
+    before, stay stored): RESOURCE_EXHAUSTED / STORAGE_FULL when it has no room, UNAVAILABLE /
     STORAGE_BUSY when it is locked, INTERNAL / STORAGE_FAILED for any other error, each
     with a retry delay (the store heals, and a retry with the same request id is answered
     from what was stored). A file's I/O failing (an OSError) is ``storage_error``'s, the
@@ -146,7 +153,7 @@ def unexpected(exc: Exception, method: str) -> ChaparError:
             return ChaparError(
                 Code.RESOURCE_EXHAUSTED,
                 "STORAGE_FULL",
-                "the server's database has no room; nothing of this call was stored",
+                f"the server's database has no room; {_ROLLED_BACK}",
                 metadata={"incident": incident},
                 retry_after_s=60.0,
             )
@@ -161,7 +168,7 @@ def unexpected(exc: Exception, method: str) -> ChaparError:
         return ChaparError(
             Code.INTERNAL,
             "STORAGE_FAILED",
-            "the server's database failed; nothing of this call was stored, retry later",
+            f"the server's database failed; {_ROLLED_BACK}",
             metadata={"incident": incident},
             retry_after_s=5.0,
         )

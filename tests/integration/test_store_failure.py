@@ -1,6 +1,6 @@
 """A server whose database cannot write answers with a canonical code and a reason (DESIGN
 section 9), never gRPC's UNKNOWN with a Python exception's text, stores nothing of the
-call, and serves again once it can write: real hub and node processes, the node's disk
+request that failed, and serves again once it can write: real hub and node processes, the node's disk
 taken away with RLIMIT_FSIZE (writes past the limit fail with EFBIG)."""
 
 from __future__ import annotations

@@ -109,3 +109,22 @@ async def test_a_full_disk_under_a_handler_ends_its_call_storage_full_with_a_ret
     assert info.metadata["incident"]
     assert any(d.Unpack(retry) for d in context.status.details)
     assert retry.retry_delay.seconds == 60
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (sqlite3.OperationalError("database or disk is full"), "STORAGE_FULL"),
+        (sqlite3.OperationalError("disk I/O error"), "STORAGE_FAILED"),
+    ],
+)
+def test_a_database_failure_says_only_the_failing_request_was_not_stored(
+    exc: Exception, reason: str
+) -> None:
+    # A stream (Connect, a submission stream) stored its earlier frames before the
+    # failure: "nothing of this call was stored" was untrue of it.
+    error = unexpected(exc, "HubService.Connect")
+    assert error.reason == reason
+    assert "nothing of this call" not in error.message
+    assert "nothing of the request that failed was stored" in error.message
+    assert "a stream's earlier requests stay stored" in error.message
