@@ -57,6 +57,15 @@ class _UsageError(Exception):
         self.reason = reason
 
 
+class _OutputFailed(Exception):
+    """Standard output could not be written (a closed pipe, a full disk): the message says
+    what that left undone; ``reason`` is UPPER_SNAKE."""
+
+    def __init__(self, error: OSError, message: str) -> None:
+        super().__init__(f"{message} ({error.strerror or error})")
+        self.reason = "STDOUT_CLOSED" if isinstance(error, BrokenPipeError) else "STDOUT_FAILED"
+
+
 @dataclass(frozen=True, slots=True)
 class _Connection:
     target: str
@@ -127,12 +136,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "inbox", parents=[common], help="print letters waiting in the agency's inbox"
     )
     inbox.add_argument("--mailbox", help="only letters for this mailbox")
-    inbox.add_argument("--ack", action="store_true", help="acknowledge (hand over) each letter")
+    inbox.add_argument(
+        "--ack",
+        action="store_true",
+        help="acknowledge (hand over) each letter once it is printed, then print its HANDOVER"
+        " evidence; a letter that could not be printed is not acknowledged",
+    )
     inbox.add_argument("--limit", type=int, metavar="N", help="stop after N letters")
     inbox.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="stop listening after SECONDS"
     )
-    inbox.add_argument("--json", action="store_true", help="print one JSON object per letter")
+    inbox.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per letter (with --ack, each followed by one"
+        ' {"shams", "handover"} object)',
+    )
     inbox.set_defaults(func=_handler(_inbox))
 
     track = subparsers.add_parser(
@@ -263,6 +282,9 @@ def _handler(
             return _fail("VERIFICATION_FAILED", exc.reason, str(exc))
         except _UsageError as exc:
             return _fail("INVALID_ARGUMENT", exc.reason, str(exc))
+        except _OutputFailed as exc:
+            _stdout_gone()
+            return _fail("OUTPUT_FAILED", exc.reason, str(exc))
         except OSError as exc:
             return _fail("INVALID_ARGUMENT", "FILE_UNREADABLE", str(exc))
         except ValueError as exc:
@@ -271,6 +293,22 @@ def _handler(
             return _EXIT_INTERRUPTED
 
     return handler
+
+
+def _stdout_gone() -> None:
+    """After a failed write to standard output: points it at the null device, so that what
+    Python may still hold for it is not written again at exit (a second error message, and
+    exit 120 instead of the command's). Only the process's own standard output: one that was
+    replaced (a test capturing it) is not a descriptor of ours to move."""
+    stdout = sys.__stdout__
+    if stdout is None or sys.stdout is not stdout:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, stdout.fileno())
+        finally:
+            os.close(null)
 
 
 def _fail(code: str, reason: str, message: str) -> int:
@@ -379,8 +417,8 @@ async def _fetch(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _letter_json(letter: Letter, handover: pb.Evidence | None) -> dict[str, Any]:
-    out: dict[str, Any] = {
+def _letter_json(letter: Letter) -> dict[str, Any]:
+    return {
         "shams": letter.shams,
         "from": letter.sender,
         "to": list(letter.recipients),
@@ -393,9 +431,36 @@ def _letter_json(letter: Letter, handover: pb.Evidence | None) -> dict[str, Any]
         "body": letter.text,
         "attachments": [_ref_json(r) for r in letter.header.attachments],
     }
-    if handover is not None:
-        out["handover"] = _evidence(pb.EvidenceContent.FromString(handover.content))
-    return out
+
+
+def _letter_lines(letter: Letter, *, as_json: bool) -> list[str]:
+    """What ``inbox`` prints of a letter, before it is acknowledged."""
+    if as_json:
+        return [json.dumps(_letter_json(letter), ensure_ascii=False)]
+    first_line = next(iter(letter.text.splitlines()), "")
+    lines = [f"{letter.shams}  from {letter.sender}  {letter.subject}  | {first_line}"]
+    if letter.status is not None:
+        lines.append(f"  status {letter.status} about {letter.in_reply_to}")
+    lines += [
+        f"  attachment {ref.uri}  {ref.size} bytes  {ref.file_name}"
+        for ref in letter.header.attachments
+    ]
+    return lines
+
+
+def _handover_line(letter: Letter, handover: pb.Evidence, *, as_json: bool) -> str:
+    """What ``inbox --ack`` prints once a letter is handed over: its HANDOVER evidence."""
+    described = _evidence(pb.EvidenceContent.FromString(handover.content))
+    if as_json:
+        return json.dumps({"shams": letter.shams, "handover": described}, ensure_ascii=False)
+    return f"  {_evidence_line(described)}"
+
+
+def _emit(lines: list[str]) -> None:
+    """Writes ``lines`` to standard output and flushes them: once this returns they are
+    out of this process (OSError if they could not be written)."""
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.flush()
 
 
 async def _inbox(ns: argparse.Namespace) -> int:
@@ -423,24 +488,29 @@ async def _inbox(ns: argparse.Namespace) -> int:
                 contextlib.aclosing(client.inbox(ns.mailbox)) as letters,
             ):
                 async for letter in letters:
-                    if ns.json:
-                        handover = await letter.ack() if ns.ack else None
-                        _print_json(_letter_json(letter, handover))
-                    else:
-                        first_line = next(iter(letter.text.splitlines()), "")
-                        print(
-                            f"{letter.shams}  from {letter.sender}  {letter.subject}"
-                            f"  | {first_line}",
-                            flush=True,
-                        )
-                        if letter.status is not None:
-                            print(f"  status {letter.status} about {letter.in_reply_to}")
-                        for ref in letter.header.attachments:
-                            print(f"  attachment {ref.uri}  {ref.size} bytes  {ref.file_name}")
-                        if ns.ack:
-                            handover = await letter.ack()
-                            content = pb.EvidenceContent.FromString(handover.content)
-                            print(f"  {_evidence_line(_evidence(content))}", flush=True)
+                    # Printed first, acknowledged after: a letter whose lines could not be
+                    # written (the reader went, as `| head -1` does) is not handed over; it
+                    # stays in the inbox. Interrupted in between, it is printed again next
+                    # time rather than handed over unseen.
+                    try:
+                        _emit(_letter_lines(letter, as_json=ns.json))
+                    except OSError as exc:
+                        left = "not acknowledged: it" if ns.ack else "it"
+                        raise _OutputFailed(
+                            exc,
+                            f"letter {letter.shams} could not be printed; {left} stays in the"
+                            " inbox",
+                        ) from exc
+                    if ns.ack:
+                        handover = await letter.ack()
+                        try:
+                            _emit([_handover_line(letter, handover, as_json=ns.json)])
+                        except OSError as exc:
+                            raise _OutputFailed(
+                                exc,
+                                f"letter {letter.shams} was printed and handed over; its"
+                                " HANDOVER evidence could not be printed",
+                            ) from exc
                     count += 1
                     if ns.limit is not None and count >= ns.limit:
                         break

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -12,12 +14,14 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from client_sdk import ExchangeClient, Letter, pb
 from node.cluster import Cluster
 from node.demo import AGENCY_A, AGENCY_B, EXPECTED_CHAIN
 
@@ -457,3 +461,84 @@ def test_inbox_with_a_timeout_against_a_node_that_is_down_fails_at_once(tmp_path
     took = time.monotonic() - started
     assert result.returncode != 0, result.stderr
     assert took < 10, f"took {took:.1f} s of the 20 s timeout: {result.stderr.strip()}"
+
+
+# -- a closed output hands nothing over ------------------------------------------------------
+
+
+async def _send_to_box(cluster: Cluster, mailbox: str, subject: str) -> str:
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        receipt = await a.send(to=[(AGENCY_B, mailbox)], subject=subject, body="Dear colleagues")
+    return receipt.shams
+
+
+async def _events_at_b(cluster: Cluster, shams: str) -> list[str]:
+    async with ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b:
+        tracking = await b.track(shams)
+    return [
+        pb.EvidenceEvent.Name(pb.EvidenceContent.FromString(e.content).event)
+        for e in tracking.evidence
+    ]
+
+
+async def _still_in_inbox(cluster: Cluster, mailbox: str) -> list[str]:
+    """The numbers B's inbox streams for ``mailbox`` again (its unacknowledged letters),
+    each acknowledged here so that no other test of the session meets it."""
+    seen: list[Letter] = []
+    async with ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3), contextlib.aclosing(b.inbox(mailbox)) as letters:
+                async for letter in letters:
+                    seen.append(letter)
+        for letter in seen:
+            await letter.ack()
+    return [letter.shams for letter in seen]
+
+
+@pytest.mark.parametrize("json_lines", [True, False], ids=["json", "text"])
+def test_inbox_ack_hands_over_no_letter_it_could_not_print(
+    cluster: Cluster, json_lines: bool
+) -> None:
+    """``chapar inbox --ack | head -1``: the reader goes after the first letter. The letter
+    printed is handed over; the next, whose line could not be written (closed pipe), is
+    not: it stays in the inbox, and the command ends in one error line, exit 1. The JSON
+    mode acknowledged a letter before printing it, so the next letter was handed over and
+    never seen (a lost letter)."""
+    mailbox = f"cli-pipe-{uuid.uuid4().hex[:8]}"
+    first = asyncio.run(_send_to_box(cluster, mailbox, "Printed"))
+    proc = subprocess.Popen(
+        [
+            *CHAPAR, "inbox", "--pki", str(cluster.pki.root), "--agency", AGENCY_B,
+            "--node", cluster.nodes[AGENCY_B].address, "--mailbox", mailbox,
+            "--ack", "--timeout", "60", *(["--json"] if json_lines else []),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        # Read up to the first letter's handover, then go, like head: nothing else is
+        # in the pipe yet (the second letter is sent only after the reader has gone).
+        while not any("HANDOVER" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, (lines, proc.communicate(timeout=60)[1])
+            lines.append(line)
+        proc.stdout.close()
+        second = asyncio.run(_send_to_box(cluster, mailbox, "Not printed"))
+        err = proc.communicate(timeout=60)[1]
+        code = proc.returncode
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert first in lines[0]
+    assert "HANDOVER" in " ".join(asyncio.run(_events_at_b(cluster, first)))
+    assert "HANDOVER" not in " ".join(asyncio.run(_events_at_b(cluster, second))), err
+    assert asyncio.run(_still_in_inbox(cluster, mailbox)) == [second]
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    (error,) = err.splitlines()
+    assert error.startswith("error: "), err
+    assert second in error, err

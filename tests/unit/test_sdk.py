@@ -2492,6 +2492,17 @@ async def test_cli_inbox_acks_and_agencies_over_mutual_tls(
     assert json.loads(line)["subject"] == "Circular 4"
     assert len(fake.acks) == 1
 
+    # --json --ack: the letter's object (printed before it is acknowledged), then its
+    # handover's.
+    code = await asyncio.to_thread(run_cli, "inbox", *conn, "--json", "--ack", "--limit", "1")
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    letter, handed = (json.loads(line) for line in out.splitlines())
+    assert (letter["subject"], "handover" in letter) == ("Circular 4", False)
+    assert handed["shams"] == letter["shams"]
+    assert handed["handover"]["event"] == "HANDOVER"
+    assert len(fake.acks) == 2
+
     code = await asyncio.to_thread(run_cli, "agencies", *conn, "--json")
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
