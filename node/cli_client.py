@@ -171,7 +171,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         metavar="FILE",
         help="also save the letter, its evidence and the revocations as an evidence bundle "
-        "that `chapar verify` checks offline",
+        "that `chapar verify` checks offline (mode 0600: it holds the letter's body)",
     )
     track.set_defaults(func=_handler(_track))
 
@@ -621,9 +621,12 @@ def _verified_or_failed(ns: argparse.Namespace, tracking: Tracking, trust: Trust
 
 def _write_replacing(path: Path, data: bytes) -> None:
     """Writes ``path`` whole or not at all: a new temporary file beside it (never one an
-    other user placed there, nor through a link), synced, then renamed over it."""
+    other user placed there, nor through a link), synced, then renamed over it. Mode 0600
+    from creation, as the PKI writes keys: what is saved here (an evidence bundle) holds a
+    letter's body, which is no other local user's to read; a file it replaces keeps none
+    of its mode."""
     part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)

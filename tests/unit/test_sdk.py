@@ -2470,6 +2470,31 @@ async def test_cli_send_and_track_over_mutual_tls(
     assert err == "error: NOT_FOUND LETTER_NOT_FOUND: no such letter\n"
 
 
+async def test_cli_track_saves_the_evidence_bundle_readable_by_its_owner_only(
+    tls_node: tuple[FakeNode, str], pki: Pki, tmp_path: Path
+) -> None:
+    """The bundle holds the letter's body: it is written mode 0600 as the keys are, whatever
+    the umask lets through, and a file it replaces keeps none of its wider mode."""
+    fake, target = tls_node
+    fake.get_response = get_response(pki, signed_letter(pki, 3))
+    conn = ["--pki", str(pki.dir), "--agency", SENDER, "--node", target]
+    fresh, replaced = tmp_path / "fresh.bundle", tmp_path / "replaced.bundle"
+    replaced.write_bytes(b"an older bundle")
+    replaced.chmod(0o644)
+    umask = os.umask(0o022)  # a common one: before, the bundle came out 0644
+    try:
+        for path in (fresh, replaced):
+            code = await asyncio.to_thread(
+                run_cli, "track", format_shams(shams_of(3)), *conn, "--save", str(path)
+            )
+            assert code == 0
+    finally:
+        os.umask(umask)
+    for path in (fresh, replaced):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o600), path
+        assert Tracking.from_bundle(path.read_bytes()).shams == format_shams(shams_of(3))
+
+
 async def test_cli_inbox_acks_and_agencies_over_mutual_tls(
     tls_node: tuple[FakeNode, str], pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
