@@ -1322,18 +1322,23 @@ class ExchangeClient:
         return _ack_outcomes(response.results, numbers)
 
     async def track(self, shams: ShamsLike, *, timeout: float | None = None) -> Tracking:
-        """Fetches a letter this agency sent or received, with its evidence and states."""
+        """Fetches a letter this agency sent or received, with its evidence and states.
+
+        An answer about another letter than the one asked for (its header's number), which
+        would verify as that letter's, raises ``InternalError`` (``LETTER_MISMATCH``)."""
         request = pb.GetEnvelopeRequest(shams=_shams_pb(shams))
         with _translated(self._certificate):
             response: pb.GetEnvelopeResponse = await self._stub.GetEnvelope(
                 request, timeout=self._deadline(timeout)
             )
         try:
-            return Tracking.from_response(response, request.shams)
+            tracking = Tracking.from_response(response, request.shams)
         except (DecodeError, ValueError) as exc:  # ValueError: a header's SHAMS number
             raise InternalError(
                 "letter or status update with a malformed header", reason="MALFORMED_RESPONSE"
             ) from exc
+        _require_about(request.shams, _number_of(tracking.header), "track")
+        return tracking
 
     async def track_correspondence(
         self, shams: ShamsLike, *, timeout: float | None = None
@@ -1341,30 +1346,47 @@ class ExchangeClient:
         """The correspondence tree around a letter this agency sent or received, as the
         hub recorded it: the letters it answers, those answering it, at any depth, with
         their evidence; letters this agency (or this client's mailboxes) is no party of
-        come redacted. ``Correspondence.verify`` checks it offline."""
+        come redacted. ``Correspondence.verify`` checks it offline. A tree whose first
+        letter, the one it tracks, is not the letter asked for raises ``InternalError``
+        (``LETTER_MISMATCH``) here already, as ``verify`` would (``TRACK_MISMATCH``)."""
         request = pb.TrackCorrespondenceRequest(shams=_shams_pb(shams))
         with _translated(self._certificate):
             response: pb.TrackCorrespondenceResponse = await self._stub.TrackCorrespondence(
                 request, timeout=self._deadline(timeout)
             )
         try:
-            return Correspondence.from_response(response, request.shams)
+            tree = Correspondence.from_response(response, request.shams)
         except ValueError as exc:
             raise InternalError(
                 "a correspondence tree that does not parse", reason="MALFORMED_RESPONSE"
             ) from exc
+        _require_about(request.shams, tree.letters[0].shams, "track_correspondence")
+        return tree
 
     async def evidence_bundle(
         self, shams: ShamsLike, *, timeout: float | None = None
     ) -> pb.EvidenceBundle:
         """A letter with all its evidence and the exchange's revocations, to be saved for
         an auditor or a court (``bundle.SerializeToString()``): ``Tracking.from_bundle``
-        (or ``chapar verify``) verifies it later offline with the root CA alone."""
+        (or ``chapar verify``) verifies it later offline with the root CA alone.
+
+        A letter whose header is not the letter asked for (its number), which would verify
+        as that letter's, raises ``InternalError`` (``LETTER_MISMATCH``; a header that does
+        not parse, ``MALFORMED_RESPONSE``): no bundle."""
         request = pb.GetEnvelopeRequest(shams=_shams_pb(shams))
         with _translated(self._certificate):
             letter: pb.GetEnvelopeResponse = await self._stub.GetEnvelope(
                 request, timeout=self._deadline(timeout)
             )
+        try:
+            header = pb.EnvelopeHeader.FromString(letter.envelope.header)
+            number = _number_of(header)
+        except (DecodeError, ValueError) as exc:  # ValueError: the header's SHAMS number
+            raise InternalError(
+                "letter with a malformed header", reason="MALFORMED_RESPONSE"
+            ) from exc
+        _require_about(request.shams, number, "evidence_bundle")
+        with _translated(self._certificate):
             directory: pb.ListAgenciesResponse = await self._stub.ListAgencies(
                 pb.ListAgenciesRequest(), timeout=self._deadline(timeout)
             )
@@ -2615,6 +2637,33 @@ def _shams_or_none(
 
 def _shams_pb(shams: ShamsLike) -> pb.Shams:
     return parse_shams(shams) if isinstance(shams, str) else shams
+
+
+def _number_of(header: pb.EnvelopeHeader) -> str | None:
+    """The number a letter's header carries; None if it carries none. ValueError if it is
+    not a valid number."""
+    return format_shams(header.shams) if header.HasField("shams") else None
+
+
+def _require_about(asked: pb.Shams, answered: str | None, call: str) -> None:
+    """Raises ``InternalError`` (``LETTER_MISMATCH``, not retryable) unless ``answered``,
+    the number of the letter a node's answer is about (None: none), is ``asked``.
+
+    Another letter's tracking, bundle or tree is signed and verifies: as that letter's. A
+    node (faulty, or hostile) answering with one must not have it taken as the answer
+    about the letter asked for."""
+    try:
+        wanted = format_shams(asked)
+    except ValueError:  # a node must refuse a number that is none: no answer is about it
+        wanted = None
+    if answered is not None and answered == wanted:
+        return
+    raise InternalError(
+        f"the node answered {call} of {wanted or 'an invalid number'} with"
+        f" {f'letter {answered}' if answered else 'a letter without a number'}",
+        reason="LETTER_MISMATCH",
+        metadata={"asked": wanted or "", "answered": answered or ""},
+    )
 
 
 def _time(message: Any, name: str) -> dt.datetime | None:

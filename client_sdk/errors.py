@@ -28,7 +28,8 @@ Exception tree::
     ├── OutOfRange              OUT_OF_RANGE          a download offset past the end
     ├── DataLoss                DATA_LOSS             a document's content is not its digest
     └── InternalError           any other code (INTERNAL, UNKNOWN, ...) and answers the SDK
-                                cannot make sense of
+                                cannot make sense of (MALFORMED_RESPONSE) or that are about
+                                another letter than the one asked for (LETTER_MISMATCH)
 
 Submitting again after ``Unavailable``, ``DeadlineExceeded`` or ``Cancelled`` is safe when
 the same ``request_id`` is used: the node returns the original receipt.

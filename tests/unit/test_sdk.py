@@ -136,6 +136,7 @@ class FakeNode(pb.NodeServiceServicer):
         self.inbox_ends = False  # the inbox stream ends (OK) after its batches: a node stopping
         self.inbox_opened = asyncio.Event()  # set by each inbox stream
         self.get_response = pb.GetEnvelopeResponse()
+        self.tree_response = pb.TrackCorrespondenceResponse()
         self.directory = pb.ListAgenciesResponse(
             agencies=[pb.Agency(code=OTHER, display_name="Ministry", state=pb.AGENCY_STATE_ACTIVE)],
             directory_version=3,
@@ -281,6 +282,12 @@ class FakeNode(pb.NodeServiceServicer):
     ) -> pb.GetEnvelopeResponse:
         await self._maybe_abort(context)
         return self.get_response
+
+    async def TrackCorrespondence(
+        self, request: pb.TrackCorrespondenceRequest, context: Any
+    ) -> pb.TrackCorrespondenceResponse:
+        await self._maybe_abort(context)
+        return self.tree_response
 
     async def ListAgencies(
         self, request: pb.ListAgenciesRequest, context: Any
@@ -1812,6 +1819,58 @@ async def test_an_evidence_bundle_verifies_from_its_bytes_with_its_revocations(
         revoked.verify(trust)
     assert caught.value.reason == "CERTIFICATE_REVOKED"
     assert 7 in trust.revoked_serials
+
+
+def _tree_of(*sequences: int) -> pb.TrackCorrespondenceResponse:
+    """A tree answer of these letters, in this order (the first is the one it tracks)."""
+    return pb.TrackCorrespondenceResponse(
+        letters=[pb.TrackedLetter(shams=shams_of(n), redacted=True) for n in sequences]
+    )
+
+
+@pytest.mark.parametrize("call", ["track", "evidence_bundle", "track_correspondence"])
+async def test_an_answer_about_another_letter_than_the_one_asked_is_refused(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], pki: Pki, call: str
+) -> None:
+    """A node (faulty, or hostile) answers the request about letter 12 with letter 11's
+    tracking, bundle or tree. Each is letter 11's, signed, and verifies as such: it was
+    taken as the answer about 12 (``chapar track 12`` printed 11's, "verified"). The SDK
+    refuses it, the blocking client too."""
+    fake, target = fake_node
+    fake.get_response = get_response(pki, signed_letter(pki, 11))
+    fake.tree_response = _tree_of(11, 12)  # 12 is in it, but not as the letter tracked
+    asked, answered = format_shams(shams_of(12)), format_shams(shams_of(11))
+    with pytest.raises(errors.InternalError) as caught:
+        await getattr(client, call)(asked)
+    assert caught.value.reason == "LETTER_MISMATCH"
+    assert caught.value.metadata == {"asked": asked, "answered": answered}
+    assert not caught.value.retryable
+
+    def blocking() -> str:
+        with SyncExchangeClient.from_channel_factory(
+            lambda: grpc.aio.insecure_channel(target)
+        ) as sync:
+            with pytest.raises(errors.InternalError) as caught:
+                getattr(sync, call)(shams_of(12))
+            return caught.value.reason
+
+    assert await asyncio.to_thread(blocking) == "LETTER_MISMATCH"
+    if call != "track_correspondence":
+        # An envelope whose header names no letter is about none asked for either.
+        fake.get_response.envelope.header = pb.EnvelopeHeader(subject="x").SerializeToString()
+        with pytest.raises(errors.InternalError) as caught:
+            await getattr(client, call)(asked)
+        assert (caught.value.reason, caught.value.metadata["answered"]) == ("LETTER_MISMATCH", "")
+    # The same answers, asked about the letters they are about, are taken.
+    fake.get_response = get_response(pki, signed_letter(pki, 11))
+    taken = await getattr(client, call)(answered)
+    if call == "evidence_bundle":
+        taken = Tracking.from_bundle(taken)
+    assert taken.shams == answered
+    if call == "track_correspondence":
+        fake.tree_response = _tree_of(12, 11)
+        tree = await client.track_correspondence(asked)
+        assert [t.shams for t in tree.letters] == [asked, answered]
 
 
 # --- business status updates ----------------------------------------------------------------
