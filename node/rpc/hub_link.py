@@ -685,6 +685,13 @@ class _Session:
                 mine = [r for r in header.recipients if r.agency == me]
                 if not mine:
                     raise VerificationError("NOT_A_RECIPIENT", f"letter is not addressed to {me}")
+                if header.kind == _STATUS_UPDATE and not header.HasField("in_reply_to"):
+                    # A status about no letter, which nothing can judge (the hub refuses
+                    # it, MISSING_IN_REPLY_TO, but not one before that check): refused, not
+                    # delivered looking like a real update.
+                    raise VerificationError(
+                        "MISSING_IN_REPLY_TO", "a status update names no letter (in_reply_to)"
+                    )
                 if (
                     header.HasField("expire_time")
                     and seconds_of(header.expire_time) + _EXPIRY_SKEW_S <= now_s

@@ -402,6 +402,17 @@ def _status_update_naming_no_letter_number(cluster: Cluster, seq: int) -> pb.Env
     return pb.Envelope(header=data, signature=signature, body=b"raw letter")
 
 
+def _status_update_naming_no_letter(cluster: Cluster, seq: int) -> pb.Envelope:
+    """A status update with no in_reply_to: a status about nothing, which its recipient's
+    node could judge against nothing (and delivered, with its status)."""
+    header = pb.EnvelopeHeader.FromString(_header(sequence=seq))
+    header.kind = pb.LetterKind.LETTER_KIND_STATUS_UPDATE
+    header.status = pb.BusinessStatus.BUSINESS_STATUS_COMPLETED
+    data = header.SerializeToString(deterministic=True)
+    signature = _signer(cluster, C).sign(ENVELOPE_PAYLOAD_TYPE, data)
+    return pb.Envelope(header=data, signature=signature, body=b"raw letter")
+
+
 @pytest.mark.parametrize(
     ("forge", "reason"),
     [
@@ -413,6 +424,7 @@ def _status_update_naming_no_letter_number(cluster: Cluster, seq: int) -> pb.Env
         (_signed_by_unlisted_key, "SIGNER_UNKNOWN"),
         (_body_changed_after_signing, "BODY_DIGEST_MISMATCH"),
         (_status_update_naming_no_letter_number, "INVALID_SHAMS"),
+        (_status_update_naming_no_letter, "MISSING_IN_REPLY_TO"),
     ],
     ids=[
         "batch-header",
@@ -423,6 +435,7 @@ def _status_update_naming_no_letter_number(cluster: Cluster, seq: int) -> pb.Env
         "unlisted-key",
         "body",
         "in-reply-to",
+        "status-update-about-nothing",
     ],
 )
 async def test_hub_rejects_faulty_letter_with_signed_reason_and_stores_nothing(

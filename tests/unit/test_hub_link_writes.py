@@ -562,6 +562,32 @@ async def test_only_a_status_update_naming_a_valid_letter_number_is_handed_on_to
     assert receiver.signed == []  # nothing refused
 
 
+async def test_a_status_update_that_names_no_letter_is_refused_not_delivered() -> None:
+    # Relayed by a hub before it refused such letters (or by a hostile hub): an update
+    # about nothing was delivered with its status, unjudged, looking like a real one. It
+    # is refused as a letter failing its checks is, the letters around it delivered.
+    header = _letter(1)[1]
+    header.kind = pb.LetterKind.LETTER_KIND_STATUS_UPDATE
+    header.status = pb.BusinessStatus.BUSINESS_STATUS_COMPLETED
+    letters = [(pb.Envelope(header=header.SerializeToString()), header), _letter(2)]
+    headers = {envelope.header: header for envelope, header in letters}
+    receiver = _Receiver(
+        SimpleNamespace(
+            verify_envelopes=lambda envelopes, **_: [headers[e.header] for e in envelopes]
+        )
+    )
+    session = _Session(HubLink(receiver.agency, None), _StuckCall())  # type: ignore[arg-type]
+    await session._deliveries([envelope for envelope, _ in letters])
+    assert receiver.stored == ["000.00.00.G01/O/2026/0000002"]
+    assert receiver.updates == {}
+    (refusal,) = [pb.EvidenceContent.FromString(c) for c in receiver.signed]
+    assert (refusal.event, refusal.reason, refusal.shams.sequence) == (
+        pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE,
+        "MISSING_IN_REPLY_TO",
+        1,
+    )
+
+
 async def test_letters_delivered_again_are_not_logged_as_delivered(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
