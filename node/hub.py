@@ -1049,14 +1049,8 @@ class Hub(pb.HubServiceServicer):
                 if dequeued:
                     self._count(agency, -dequeued)
 
+            # Refused receipts (logged by the store, which knows why): not answers.
             _, _, strangers = await self.store.record_receipts(agency, valid, committed)
-            for shams in strangers:
-                log.warning(
-                    "receipt from %s refused: the letter %s is not addressed to it, or the"
-                    " receipt names another letter, or its evidence id stands for other evidence",
-                    agency,
-                    shams,
-                )
             answered = {s for _, _, s in valid} - set(strangers)
             session.inflight.difference_update(answered)
             if unanswered := self._unanswered.get(agency):

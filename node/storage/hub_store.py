@@ -35,6 +35,8 @@ _DEQUEUING = (
 # The events of a recipient's receipts, each kept once a letter: recipient_state.receipts
 # holds the bit 1 << event of each stored from that recipient.
 _RECEIPT_EVENTS = (*_DEQUEUING, pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER)
+_HANDOVER = pb.EvidenceEvent.EVIDENCE_EVENT_HANDOVER
+_DELIVERED_BIT = 1 << pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY
 
 MIGRATIONS = [
     """
@@ -825,8 +827,15 @@ class HubStore(Store):
         naming another letter's digest than the one queued under that number, or under an
         evidence id that already stands for other evidence (about another letter, or
         another content about this one: only the very same receipt sent again is taken
-        for a resend). ``on_commit`` gets the same, once committed (even if the caller was
-        cancelled meanwhile).
+        for a resend), or a HANDOVER with no DELIVERY from ``recipient`` kept before it
+        (stored earlier, or earlier in ``items``). ``on_commit`` gets the same, once
+        committed (even if the caller was cancelled meanwhile). Refusals are logged here,
+        with why, one warning a batch and cause.
+
+        The evidence chain is RELAY_ACCEPTANCE, DELIVERY, HANDOVER: a node hands a letter
+        over to its back-end only once it has stored it, and sends the DELIVERY first (a
+        letter pushed again gets both, in that order). A HANDOVER without one would say
+        the letter reached the agency while the hub still holds it queued, free to expire.
 
         One receipt of each event (DELIVERY, DELIVERY_FAILURE, HANDOVER) is kept a letter
         and recipient: a later one under another id (a node restored from a copy signs its
@@ -835,7 +844,9 @@ class HubStore(Store):
         (one warning a batch). An honest node issues one of each at most.
         """
 
-        def job(conn: sqlite3.Connection) -> tuple[list[str], int, list[str], list[str]]:
+        def job(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[str], int, list[str], list[str], list[str]]:
             now = time.time()
             letter_of: dict[str, tuple[str, bytes]] = {}
             state: dict[str, int] = {}
@@ -883,6 +894,7 @@ class HubStore(Store):
             ours: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
             strangers: list[str] = []
             surplus: list[str] = []
+            undelivered: list[str] = []  # HANDOVERs with no DELIVERY kept before them
             new: list[tuple[str, pb.EvidenceContent, str, bytes]] = []
             touched = set(unknown)
             for evidence, content, shams in items:
@@ -897,6 +909,9 @@ class HubStore(Store):
                         continue
                 elif content.event in _RECEIPT_EVENTS and kept[shams] & (1 << content.event):
                     surplus.append(shams)  # answered by the one of its event stored before
+                elif content.event == _HANDOVER and not kept[shams] & _DELIVERED_BIT:
+                    undelivered.append(shams)
+                    continue
                 else:
                     if content.event in _RECEIPT_EVENTS:
                         kept[shams] |= 1 << content.event
@@ -927,10 +942,30 @@ class HubStore(Store):
                 [(state[shams], kept[shams], shams, recipient) for shams in touched],
             )
             senders = [sender for _, _, sender, _ in new]
-            return senders, max(dequeued, 0), strangers, surplus
+            return senders, max(dequeued, 0), strangers, surplus, undelivered
 
-        def committed(outcome: tuple[list[str], int, list[str], list[str]]) -> None:
-            senders, dequeued, strangers, surplus = outcome
+        def committed(outcome: tuple[list[str], int, list[str], list[str], list[str]]) -> None:
+            senders, dequeued, strangers, surplus, undelivered = outcome
+            if strangers:
+                log.warning(
+                    "receipts from %s refused: the letter is not addressed to it, or the"
+                    " receipt names another letter, or its evidence id stands for other"
+                    " evidence",
+                    recipient,
+                    extra={"shams": strangers, "count": len(strangers), "peer": recipient},
+                )
+            if undelivered:
+                log.warning(
+                    "HANDOVER receipts from %s refused: no DELIVERY from it is held about"
+                    " these letters",
+                    recipient,
+                    extra={
+                        "shams": undelivered,
+                        "count": len(undelivered),
+                        "peer": recipient,
+                        "reason": "HANDOVER_WITHOUT_DELIVERY",
+                    },
+                )
             if surplus:
                 log.warning(
                     "receipts from %s not kept: one of the same event from it is held about"
@@ -939,10 +974,10 @@ class HubStore(Store):
                     extra={"shams": surplus, "count": len(surplus), "peer": recipient},
                 )
             if on_commit is not None:
-                on_commit((senders, dequeued, strangers))
+                on_commit((senders, dequeued, strangers + undelivered))
 
-        senders, dequeued, strangers, _ = await self.db.write(job, committed)
-        return senders, dequeued, strangers
+        senders, dequeued, strangers, _, undelivered = await self.db.write(job, committed)
+        return senders, dequeued, strangers + undelivered
 
     async def notices(self, agency: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         rows = await self.db.fetchall(

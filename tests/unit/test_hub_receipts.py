@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,7 +27,7 @@ from client_sdk import pb
 from client_sdk.shams import format_shams
 from node.core import lifecycle
 from node.core.evidence import evidence_content
-from node.hub import MAX_RECEIPT_BYTES
+from node.hub import MAX_RECEIPT_BYTES, Hub, _Session
 from node.storage.hub_store import HubStore, IncomingLetter
 
 SENDER, RECIPIENT = "000.00.00.G22", "10101010101"
@@ -132,11 +133,19 @@ async def test_a_delivery_under_the_relay_acceptances_id_does_not_dequeue_withou
 
 async def test_a_delivery_under_an_earlier_handovers_id_is_stored(store: HubStore) -> None:
     # The same with the recipient's own HANDOVER: a DELIVERY reusing its id dequeues the
-    # letter and no DELIVERY evidence is ever stored or routed to the sender.
+    # letter and no DELIVERY evidence is ever stored or routed to the sender. (A HANDOVER
+    # kept with no DELIVERY before it, as a hub kept one before it refused that.)
     letter = _letter(2)
     await store.accept([letter], _relay)
     handover = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER)
-    await store.record_receipts(RECIPIENT, [handover])
+    await store.db.write(
+        lambda conn: conn.execute(
+            "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at)"
+            " VALUES (?, ?, ?, ?, 0)",
+            (handover[1].evidence_id, letter.shams, handover[1].event,
+             handover[0].SerializeToString()),
+        )
+    )  # fmt: skip
     _, dequeued, _ = await store.record_receipts(
         RECIPIENT, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY, handover[1].evidence_id)]
     )
@@ -206,12 +215,12 @@ async def test_another_content_under_a_receipts_own_id_is_refused(store: HubStor
     letter = _letter(7)
     await store.accept([letter], _relay)
     handover = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER)
-    await store.record_receipts(RECIPIENT, [handover])
+    await store.record_receipts(RECIPIENT, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY), handover])
     other = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER, handover[1].evidence_id, detail="x")
     assert await store.record_receipts(RECIPIENT, [other]) == ([], 0, [letter.shams])
-    assert await store.queue_depth(RECIPIENT) == 1
     assert await _events(store, letter.shams) == [
         E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        E.EVIDENCE_EVENT_DELIVERY,
         E.EVIDENCE_EVENT_HANDOVER,
     ]
 
@@ -223,6 +232,7 @@ async def test_a_recipient_cannot_grow_a_letters_record_without_bound(store: Hub
     # fill the hub's disk and its correspondent's inbox of evidence through one letter.
     letter = _letter()
     await store.accept([letter], _relay)
+    await store.record_receipts(RECIPIENT, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY)])
     detail = "x" * (MAX_RECEIPT_BYTES - 1024)
     for _ in range(5):
         batch = [_handover(letter, detail) for _ in range(10)]
@@ -303,10 +313,11 @@ async def test_one_receipt_of_each_event_is_kept_a_recipient(store: HubStore) ->
         0,
         [],
     )
+    others = [E.EVIDENCE_EVENT_DELIVERY, E.EVIDENCE_EVENT_HANDOVER]
     assert await store.record_receipts(
-        OTHER, [_receipt(letter, E.EVIDENCE_EVENT_HANDOVER, recipient=OTHER)]
-    ) == ([SENDER], 0, [])
-    assert await _kept(store, letter.shams) == [*events[:3], E.EVIDENCE_EVENT_HANDOVER]
+        OTHER, [_receipt(letter, e, recipient=OTHER) for e in others]
+    ) == ([SENDER] * 2, 1, [])
+    assert await _kept(store, letter.shams) == [*events[:3], *others]
     state = await store.db.fetchall(
         "SELECT recipient, state FROM recipient_state WHERE shams = ? ORDER BY recipient",
         (letter.shams,),
@@ -315,12 +326,13 @@ async def test_one_receipt_of_each_event_is_kept_a_recipient(store: HubStore) ->
         (RECIPIENT, lifecycle.FAILED),  # the first word stands
         (OTHER, lifecycle.HANDED_OVER),
     ]
-    assert await store.queue_depth(OTHER) == 1
+    assert await store.queue_depth(OTHER) == 0
 
 
 async def test_receipts_stored_before_the_count_are_read_once(store: HubStore) -> None:
     # A letter whose receipts were stored before the hub kept count of them (schema 8):
-    # they are read from its evidence when the next receipt comes, the recipient's only.
+    # they are read from its evidence when the next receipt comes, the recipient's only
+    # (another recipient's DELIVERY does not let this one's HANDOVER in).
     letter = IncomingLetter(
         shams=_letter().shams,
         sender=SENDER,
@@ -330,17 +342,22 @@ async def test_receipts_stored_before_the_count_are_read_once(store: HubStore) -
         shams_pb=_letter().shams_pb,
     )
     await store.accept([letter], _relay)
-    await store.record_receipts(RECIPIENT, [_receipt(letter, E.EVIDENCE_EVENT_HANDOVER)])
+    failure = E.EVIDENCE_EVENT_DELIVERY_FAILURE
+    await store.record_receipts(RECIPIENT, [_receipt(letter, failure)])
     await store.record_receipts(
         OTHER, [_receipt(letter, E.EVIDENCE_EVENT_DELIVERY, recipient=OTHER)]
     )
     await store.db.write(lambda conn: conn.execute("UPDATE recipient_state SET receipts = NULL"))
     assert await store.record_receipts(
         RECIPIENT,
-        [_receipt(letter, E.EVIDENCE_EVENT_HANDOVER), _receipt(letter, E.EVIDENCE_EVENT_DELIVERY)],
-    ) == ([SENDER], 1, [])
+        [
+            _receipt(letter, failure),
+            _receipt(letter, E.EVIDENCE_EVENT_HANDOVER),
+            _receipt(letter, E.EVIDENCE_EVENT_DELIVERY),
+        ],
+    ) == ([SENDER], 0, [letter.shams])
     assert await _kept(store, letter.shams) == [
-        E.EVIDENCE_EVENT_HANDOVER,
+        failure,
         E.EVIDENCE_EVENT_DELIVERY,
         E.EVIDENCE_EVENT_DELIVERY,
     ]
@@ -349,4 +366,91 @@ async def test_receipts_stored_before_the_count_are_read_once(store: HubStore) -
         (letter.shams, RECIPIENT),
     )
     assert row is not None
-    assert row[0] == 1 << E.EVIDENCE_EVENT_HANDOVER | 1 << E.EVIDENCE_EVENT_DELIVERY
+    assert row[0] == 1 << failure | 1 << E.EVIDENCE_EVENT_DELIVERY
+
+
+async def _state(store: HubStore, shams: str) -> tuple[int, int]:
+    row = await store.db.fetchone(
+        "SELECT state, receipts FROM recipient_state WHERE shams = ? AND recipient = ?",
+        (shams, RECIPIENT),
+    )
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def test_a_handover_without_a_delivery_before_it_is_refused(store: HubStore) -> None:
+    # The evidence chain is RELAY_ACCEPTANCE, DELIVERY, HANDOVER: a node hands a letter to
+    # its back-end only once it has stored it, and sends its DELIVERY first. A HANDOVER
+    # with no DELIVERY from that recipient before it was stored and routed to the sender,
+    # moved the state to HANDED_OVER and left the letter queued: an EXPIRY could follow it.
+    letter = _letter(8)
+    await store.accept([letter], _relay)
+    handover = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER)
+    assert await store.record_receipts(RECIPIENT, [handover]) == ([], 0, [letter.shams])
+    assert await _kept(store, letter.shams) == []
+    assert await store.notices(SENDER, 0, 10) == []
+    assert await _state(store, letter.shams) == (lifecycle.RELAYED, 0)
+    assert await store.queue_depth(RECIPIENT) == 1
+    # After a DELIVERY_FAILURE too: the letter did not reach the recipient's node.
+    failure = _receipt(letter, E.EVIDENCE_EVENT_DELIVERY_FAILURE)
+    later = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER)
+    assert await store.record_receipts(RECIPIENT, [failure, later]) == (
+        [SENDER],
+        1,
+        [letter.shams],
+    )
+    assert await _kept(store, letter.shams) == [E.EVIDENCE_EVENT_DELIVERY_FAILURE]
+
+
+async def test_a_handover_right_behind_its_delivery_is_kept(store: HubStore) -> None:
+    # What an honest node sends, in one frame or two; and what it sends again with the
+    # DELIVERY when the letter whose HANDOVER was refused is pushed again.
+    x, y = _letter(9), _letter(10)
+    await store.accept([x, y], _relay)
+    assert await store.record_receipts(
+        RECIPIENT, [_receipt(x, E.EVIDENCE_EVENT_DELIVERY), _receipt(x, E.EVIDENCE_EVENT_HANDOVER)]
+    ) == ([SENDER, SENDER], 1, [])
+    assert await store.record_receipts(RECIPIENT, [_receipt(y, E.EVIDENCE_EVENT_DELIVERY)]) == (
+        [SENDER],
+        1,
+        [],
+    )
+    assert await store.record_receipts(RECIPIENT, [_receipt(y, E.EVIDENCE_EVENT_HANDOVER)]) == (
+        [SENDER],
+        0,
+        [],
+    )
+    for letter in (x, y):
+        assert await _kept(store, letter.shams) == [
+            E.EVIDENCE_EVENT_DELIVERY,
+            E.EVIDENCE_EVENT_HANDOVER,
+        ]
+        assert (await _state(store, letter.shams))[0] == lifecycle.HANDED_OVER
+
+
+async def test_a_refused_handover_leaves_its_letter_unanswered_not_free_to_expire(
+    store: HubStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # At the hub: the letter, pushed and in the node's window, left the window on the
+    # HANDOVER as if answered, still queued, so the expiry loop could take it. Refused, it
+    # is left unanswered (pushed again on the next stream, not expiring meanwhile), and
+    # the refusal is logged with its reason.
+    letter = _letter(11)
+    await store.accept([letter], _relay)
+    item, content, _ = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER)
+    hub = SimpleNamespace(
+        trust=SimpleNamespace(verify_evidence_many=lambda items: [content]),
+        store=store,
+        _unanswered={},
+        _wake=lambda agency, notices: None,
+        _count=lambda agency, delta: None,
+    )
+    hub._leave_window = lambda session, shams: Hub._leave_window(hub, session, shams)  # type: ignore[arg-type]
+    session = _Session(RECIPIENT, None)  # type: ignore[arg-type]
+    session.inflight.add(letter.shams)
+    with caplog.at_level("WARNING", logger="chapar.hub"):
+        ids = await Hub._receipts(hub, session, [item])  # type: ignore[arg-type]
+    assert ids == [content.evidence_id]  # answered: its node need not send it again
+    assert letter.shams not in session.inflight
+    assert hub._unanswered == {RECIPIENT: {letter.shams}}
+    assert [r.__dict__.get("reason") for r in caplog.records] == ["HANDOVER_WITHOUT_DELIVERY"]

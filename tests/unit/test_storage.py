@@ -1119,20 +1119,28 @@ async def test_delivery_receipt_dequeues_and_notifies_the_sender(hub: HubStore) 
     assert await hub.count("evidence") == 3  # two relays and the delivery
 
 
-async def test_handover_receipt_notifies_without_touching_the_queue(hub: HubStore) -> None:
+async def test_handover_receipt_notifies_after_its_delivery_without_touching_the_queue(
+    hub: HubStore,
+) -> None:
     letter = _hub_letter(recipients=[RECIPIENT_B])
     await hub.accept([letter], RelayMaker())
     delivery = _receipt(E.EVIDENCE_EVENT_DELIVERY, letter, RECIPIENT_B)
     handover = _receipt(E.EVIDENCE_EVENT_HANDOVER, letter, RECIPIENT_B)
-    assert await hub.record_receipts(RECIPIENT_B, [(*handover, letter.shams)]) == ([ORIGIN], 0, [])
+    # Before its DELIVERY, refused (the chain is DELIVERY, then HANDOVER): nothing routed.
+    assert await hub.record_receipts(RECIPIENT_B, [(*handover, letter.shams)]) == (
+        [],
+        0,
+        [letter.shams],
+    )
     assert await hub.queue_depth(RECIPIENT_B) == 1  # not yet confirmed stored
-    assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.HANDED_OVER
+    assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.RELAYED
     assert await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)]) == ([ORIGIN], 1, [])
     assert await hub.queue_depth(RECIPIENT_B) == 0
+    assert await hub.record_receipts(RECIPIENT_B, [(*handover, letter.shams)]) == ([ORIGIN], 0, [])
     assert await _hub_state(hub, letter.shams, RECIPIENT_B) == lifecycle.HANDED_OVER
     ids = [pb.EvidenceContent.FromString(pb.Evidence.FromString(b).content).evidence_id
            for _, b in await hub.notices(ORIGIN, 0, 10)]  # fmt: skip
-    assert ids == [handover[1].evidence_id, delivery[1].evidence_id]
+    assert ids == [delivery[1].evidence_id, handover[1].evidence_id]
 
 
 async def test_a_receipt_naming_another_letters_digest_is_refused_and_dequeues_nothing(
