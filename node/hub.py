@@ -194,8 +194,10 @@ class Hub(pb.HubServiceServicer):
         self.directory = DirectoryView(directory)
         self.identity = config.identity
         self._sources = self._source_stamps()
-        self._revocations_from = _existing(config.revocation_file)  # what they were read from
-        self._vanished_logged = False
+        # The revocation file the serials in force were read from (kept from, while the
+        # one configured is missing); None while none has been.
+        self._revocations_from = _existing(config.revocation_file)
+        self._missing_logged: Path | None = None  # the missing file last logged
         self._sessions: dict[str, _Session] = {}
         # Letters pushed to an agency on a session that ended before it answered them: its
         # node may have delivered them (its receipt lost with the stream), so they do not
@@ -230,21 +232,33 @@ class Hub(pb.HubServiceServicer):
         return tuple(stamps)
 
     def _vanished_revocations(self, config: HubConfig) -> list[str] | None:
-        """The running revoked serials when the revocation file they were read from is gone
-        (an editor or a tool replacing it, caught mid-way: lifting every revocation on that
-        would be the worst reading; emptying the file lifts them), else None."""
+        """The running revoked serials when the revocation file configured is missing and
+        some file was read before, else None. Either the file they were read from is gone
+        (an editor or a tool replacing it, caught mid-way) or the configuration now names
+        a file that does not exist (a mistyped path): lifting every revocation on either
+        would be the worst reading. They stay in force, with an error logged once, until
+        the file configured exists; emptying it, or removing the key, lifts them."""
         path = config.revocation_file
-        if path is None or path != self._revocations_from or path.exists():
-            self._vanished_logged = False
+        if path is None or self._revocations_from is None or path.exists():
+            self._missing_logged = None
             return None
         kept = list(self.directory.message.revoked_serials)
-        if not self._vanished_logged:
-            log.error(
-                "revocation file %s is missing; keeping the %d revoked serials in force",
-                path,
-                len(kept),
-            )
-            self._vanished_logged = True
+        if self._missing_logged != path:
+            if path == self._revocations_from:
+                log.error(
+                    "revocation file %s is missing; keeping the %d revoked serials in force",
+                    path,
+                    len(kept),
+                )
+            else:
+                log.error(
+                    "revocation file %s, as configured now, is missing; keeping the %d"
+                    " revoked serials read from %s in force until it exists",
+                    path,
+                    len(kept),
+                    self._revocations_from,
+                )
+            self._missing_logged = path
         return kept
 
     async def reload_if_changed(self) -> int:

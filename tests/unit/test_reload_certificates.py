@@ -18,6 +18,8 @@ has already taken the new configuration and the files' stamps. So:
 * with InvalidVersion the hub does not start with a configuration error naming the key
   (``chapar`` prints ``error: configuration ...`` and exits 2), but stops "by an
   unexpected error" (exit 1), and a reload raises at every ``reload_interval_s``.
+
+And a reload of the revocation file's path: one changed to a file that does not exist.
 """
 
 from __future__ import annotations
@@ -162,3 +164,50 @@ async def test_a_certificate_of_an_unknown_version_is_no_configuration_error(
     # error naming the key, which ``chapar hub serve`` prints and exits 2 with.
     with pytest.raises(ConfigError, match=r"agencies\[2\]\.signing_certificates\[0\]"):
         build_directory(config, hub.signer, hub.trust.intermediates)
+
+
+def _revocation_file_in_config(hub: Hub, path: Path) -> None:
+    """The configuration's ``hub.revocation_file`` set to ``path``, as an operator's edit."""
+    assert hub.config_path is not None
+    lines = [
+        line
+        for line in hub.config_path.read_text().splitlines()
+        if not line.startswith("revocation_file")
+    ]
+    at = lines.index("[hub]") + 1
+    lines.insert(at, f"revocation_file = {json.dumps(str(path))}")
+    hub.config_path.write_text("\n".join(lines) + "\n")
+    hub._sources = ()  # as if the reload loop saw a new modification time
+
+
+async def test_a_revocation_file_path_changed_to_a_missing_file_keeps_the_revocations(
+    hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A mistyped path in an edit of the configuration: the file it names does not exist,
+    # and read as "nothing revoked" it lifted every revocation in force (a file that
+    # vanishes under the same path keeps them). Kept, with an error, until the file the
+    # configuration names exists; then that file says what is revoked.
+    revoked = tmp_path / "revoked.txt"
+    revoked.write_text("0a1b2c\n")
+    _revocation_file_in_config(hub, revoked)
+    assert await hub.reload_if_changed() == 1
+    assert list(hub.directory.message.revoked_serials) == ["0a1b2c"]
+
+    mistyped = tmp_path / "revokd.txt"
+    _revocation_file_in_config(hub, mistyped)
+    caplog.set_level(logging.ERROR, "chapar.hub")
+    await hub.reload_if_changed()
+    assert list(hub.directory.message.revoked_serials) == ["0a1b2c"]
+    assert 0x0A1B2C in hub.trust.revoked_serials
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"revocation file {mistyped}, as configured now, is missing; keeping the 1 revoked"
+        f" serials read from {revoked} in force until it exists"
+    ]
+    hub._sources = ()  # reloaded again (another edit): still kept, logged once
+    await hub.reload_if_changed()
+    assert list(hub.directory.message.revoked_serials) == ["0a1b2c"]
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+
+    mistyped.write_text("# the file as configured now: nothing revoked\n")
+    assert await hub.reload_if_changed() == 1
+    assert list(hub.directory.message.revoked_serials) == []
