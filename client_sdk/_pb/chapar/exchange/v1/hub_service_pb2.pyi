@@ -348,7 +348,11 @@ class ConnectRequest(_message.Message):
     @_builtins.property
     def receipts(self) -> Global___EvidenceBatch:
         """DELIVERY, DELIVERY_FAILURE and HANDOVER evidence the node issued as a recipient;
-        a DELIVERY or DELIVERY_FAILURE acknowledges the delivered letter.
+        a DELIVERY or DELIVERY_FAILURE acknowledges the delivered letter. A HANDOVER comes
+        after the same recipient's DELIVERY of that letter (in an earlier frame or earlier in
+        the same one). A receipt the hub refuses (it does not verify, names another letter,
+        or is a HANDOVER with no DELIVERY before it) is acknowledged, logged, not stored or
+        routed, and its letter is pushed again on a later stream.
         """
 
     @_builtins.property
@@ -408,7 +412,9 @@ class ConnectResponse(_message.Message):
 
     @_builtins.property
     def receipt_acks(self) -> Global___EvidenceAckBatch:
-        """Acknowledges receipts frames: the hub has stored these evidence ids."""
+        """Acknowledges receipts frames: the hub has stored these evidence ids (or refused them,
+        see ConnectRequest.receipts): send them no more.
+        """
 
     @_builtins.property
     def queue_status(self) -> Global___QueueStatus:

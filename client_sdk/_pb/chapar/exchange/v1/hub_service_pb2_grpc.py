@@ -82,7 +82,8 @@ class HubServiceServicer:
         ends the stream with PERMISSION_DENIED, SENDER_MISMATCH (nothing of that frame is
         stored); any other fault of a letter (signature, proof, body digest, unknown or
         inactive recipient, create_time window, malformed SHAMS, a number already used for
-        another letter) gets a signed RELAY_REJECTION with the reason. Frames are handled
+        another letter, a status update naming no letter: MISSING_IN_REPLY_TO) gets a signed
+        RELAY_REJECTION with the reason. Frames are handled
         concurrently, so their answers may come in another order than the frames went: match
         them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
         default) and sends frames of up to 8 MiB of letters (more when one letter is larger):
