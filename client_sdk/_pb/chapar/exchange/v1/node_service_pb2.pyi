@@ -114,17 +114,32 @@ class LetterDraft(_message.Message):
     SENDER_MAILBOX_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
-    """Subject line; the node normalises it to NFC before it signs the header."""
+    """Subject line; required (INVALID_ARGUMENT EMPTY_FIELD for an empty or blank one). The
+    node normalises it to NFC before it signs the header: at most
+    limits.max_subject_chars, 1,000 by default (TEXT_TOO_LONG), no control characters
+    (INVALID_TEXT).
+    """
     kind: _envelope_pb2.LetterKind.ValueType
-    """What the letter is; unspecified means a plain letter."""
+    """What the letter is; unspecified means a plain letter; a value this version does not
+    know is refused (INVALID_KIND).
+    """
     priority: _envelope_pb2.Priority.ValueType
-    """How urgent it is; unspecified means normal."""
+    """How urgent it is; unspecified means normal; an unknown value is refused
+    (INVALID_PRIORITY).
+    """
     content_type: _builtins.str
-    """Media type of the body; empty means "text/plain; charset=utf-8"."""
+    """Media type of the body; empty means "text/plain; charset=utf-8". At most 255
+    characters (TEXT_TOO_LONG).
+    """
     body: _builtins.bytes
-    """The letter's content."""
+    """The letter's content: at most limits.max_body_bytes, 4 MiB by default
+    (RESOURCE_EXHAUSTED BODY_TOO_LARGE, metadata "limit" and "size").
+    """
     sender_mailbox: _builtins.str
-    """Optional mailbox of the sender inside its agency."""
+    """Optional mailbox of the sender inside its agency; checked as the recipients'
+    mailboxes are. A client that [[clients]] limits to some mailboxes must name one of
+    them (PERMISSION_DENIED MAILBOX_NOT_ALLOWED).
+    """
     status: _envelope_pb2.BusinessStatus.ValueType
     """Set if and only if kind is LETTER_KIND_STATUS_UPDATE (INVALID_ARGUMENT, reasons
     MISSING_STATUS, UNEXPECTED_STATUS, INVALID_STATUS). A status update's in_reply_to must
@@ -138,27 +153,50 @@ class LetterDraft(_message.Message):
     """
     @_builtins.property
     def recipients(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Address]:
-        """The recipients; at least one, no duplicates. A status update may leave them out: it
-        then goes to the other side of the letter it is about (the sender of a letter this
-        agency received; every recipient of a letter it sent; on a letter it sent to itself,
-        every recipient for BUSINESS_STATUS_RECALL_REQUESTED, the sender for any other).
+        """The recipients; at least one (INVALID_ARGUMENT NO_RECIPIENTS), at most
+        limits.max_recipients, 100 by default (TOO_MANY_RECIPIENTS, metadata "limit"); no
+        address twice (DUPLICATE_RECIPIENT: one agency may be named with several mailboxes);
+        each a valid agency code (INVALID_AGENCY_CODE), listed in the directory (NOT_FOUND
+        UNKNOWN_RECIPIENT) and active there (FAILED_PRECONDITION RECIPIENT_INACTIVE), and not
+        one whose hub queue is full (RESOURCE_EXHAUSTED RECIPIENT_QUEUE_FULL, with RetryInfo,
+        metadata "agency"). Mailboxes are normalised to NFC: at most limits.max_mailbox_chars,
+        128 by default (TEXT_TOO_LONG), no control characters (INVALID_TEXT). A status update
+        may leave them out: it then goes to the other side of the letter it is about (the
+        sender of a letter this agency received; every recipient of a letter it sent; on a
+        letter it sent to itself, every recipient for BUSINESS_STATUS_RECALL_REQUESTED, the
+        sender for any other).
         """
 
     @_builtins.property
     def in_reply_to(self) -> _envelope_pb2.Shams:
-        """The letter this one answers, if any."""
+        """The letter this one answers, if any; a valid number (INVALID_SHAMS), required on a
+        letter of kind LETTER_KIND_REPLY or LETTER_KIND_STATUS_UPDATE (MISSING_IN_REPLY_TO).
+        A reply may name a letter this node does not hold; a status update may not (status).
+        """
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """Optional deadline for delivery."""
+        """Optional deadline for delivery: a valid time (INVALID_TIME), in the future
+        (EXPIRE_TIME_PAST).
+        """
 
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.AttachmentRef]:
-        """References to documents already uploaded to this node's document store."""
+        """References to documents already uploaded to this node's document store: at most 100
+        (TOO_MANY_ATTACHMENTS). Each uri names a document of this agency
+        (INVALID_DOCUMENT_URI, DOCUMENT_NOT_OWNED) whose digest is sha256
+        (DOCUMENT_DIGEST_MISMATCH); the node holds it (NOT_FOUND DOCUMENT_NOT_FOUND) with
+        that size (DOCUMENT_SIZE_MISMATCH; a negative size: INVALID_SIZE), within the store's
+        size limit (RESOURCE_EXHAUSTED DOCUMENT_TOO_LARGE); media_type is required and
+        allowed by the node (MEDIA_TYPE_NOT_ALLOWED); file_name is a name, not a path
+        (INVALID_FILE_NAME). Texts at most 255 characters (TEXT_TOO_LONG).
+        """
 
     @_builtins.property
     def metadata(self) -> _envelope_pb2.DocumentMetadata:
-        """Domain metadata."""
+        """Domain metadata; texts at most 255 characters (TEXT_TOO_LONG), due_time a valid time
+        (INVALID_TIME).
+        """
 
     def __init__(
         self,
@@ -417,7 +455,8 @@ class SubmitEnvelopeRequest(_message.Message):
     the same draft is a retry (the original receipt); with another draft it is refused
     with ALREADY_EXISTS, reason REQUEST_ID_REUSED. Keys are each client's own (its
     certificate identity): two back-ends may use the same key. At most 128 characters,
-    no control characters (INVALID_REQUEST_ID).
+    no control characters (INVALID_REQUEST_ID). Empty: no key, and every try is a new
+    letter with a number of its own (a retry is safe only with a key).
     """
     @_builtins.property
     def draft(self) -> Global___LetterDraft:
@@ -515,7 +554,10 @@ Global___BatchSubmitEnvelopesResponse: _TypeAlias = BatchSubmitEnvelopesResponse
 class StreamSubmitEnvelopesRequest(_message.Message):
     """StreamSubmitEnvelopesRequest is one batch on the submission stream: at most 1,024
     letters. A larger one ends the stream (RESOURCE_EXHAUSTED, BATCH_TOO_LARGE), its
-    letters not stored; frames read before it are answered first.
+    letters not stored; frames read before it are answered first. Frames sent after it
+    (the node handles up to eight at once) may have been stored, unanswered, as may those
+    after any frame that ends the stream: send them again with the same request_ids, which
+    answers them from what was stored.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

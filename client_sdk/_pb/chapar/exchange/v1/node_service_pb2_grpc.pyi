@@ -37,8 +37,28 @@ class NodeServiceStub:
     google.protobuf.Any; decode them with googleapis' google/rpc/status.proto and
     google/rpc/error_details.proto, which are not in this directory.
 
+    Refusals any call may get, besides those its comments name: UNAUTHENTICATED for a
+    client certificate refused, the fault as reason (NO_CLIENT_CERTIFICATE,
+    CERTIFICATE_MALFORMED, CERTIFICATE_EXPIRED, CERTIFICATE_REVOKED, ...; a stream open
+    when its certificate is revoked ends so too); PERMISSION_DENIED NOT_THIS_AGENCY for an
+    identity that is not this agency's node or one of its clients
+    (urn:chapar:client:<CODE>:<NAME>), AUDITOR_READ_ONLY for an auditor
+    (urn:chapar:auditor:<NAME>) calling anything but GetEnvelope, ListAgencies,
+    TrackCorrespondence, StatDocument and DownloadDocument, MAILBOX_NOT_ALLOWED for a client
+    that the node's [[clients]] limits to some mailboxes using a letter, mailbox or
+    document of another; RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE (metadata "limit", "size")
+    for a request message over the node's limits.max_message_bytes (16 MiB by default),
+    INVALID_ARGUMENT MALFORMED_MESSAGE for one that does not parse (either ends a stream);
+    a database or disk failing under the call: RESOURCE_EXHAUSTED STORAGE_FULL and
+    UNAVAILABLE STORAGE_BUSY with RetryInfo, INTERNAL STORAGE_FAILED (nothing of the
+    request that failed was stored: retry with the same request_id); anything else the
+    node did not expect, INTERNAL INTERNAL_ERROR (metadata "incident" names the node's log
+    line). Per-letter refusals inside a batch or stream come as SubmitError, with the same
+    codes and reasons.
+
     Messages from the node can be large: a letter's body is up to limits.max_body_bytes
-    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters.
+    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters
+    (more when one letter is larger).
     gRPC clients commonly refuse messages over 4 MiB by default: allow 64 MiB, as the
     Python SDK does.
     """
@@ -52,20 +72,38 @@ class NodeServiceStub:
     its outbox and answers with signed SUBMISSION_ACCEPTANCE evidence. Retrying with the
     same request_id returns the original receipt and stores nothing new; a different
     letter under a request_id already used is refused (ALREADY_EXISTS, REQUEST_ID_REUSED).
+    The draft's faults are told at LetterDraft's fields. The node also refuses every
+    letter while this agency is not active in the directory it holds (FAILED_PRECONDITION
+    SENDER_INACTIVE), not in it (PERMISSION_DENIED UNKNOWN_SENDER) or refused by the hub
+    as unknown (FAILED_PRECONDITION AGENCY_NOT_IN_DIRECTORY); a letter larger than the
+    hub takes in a frame (RESOURCE_EXHAUSTED LETTER_TOO_LARGE_FOR_HUB, metadata "limit");
+    and, for the whole call (a batch's too, a stream then ends), with RetryInfo:
+    UNAVAILABLE DIRECTORY_UNAVAILABLE before the node has fetched the directory,
+    UNAVAILABLE NUMBERS_UNCONFIRMED while a node restored from a backup waits for the hub
+    to confirm the numbers it holds. A retry of a letter accepted before gets its receipt
+    whatever would refuse that letter now (a refusal of the whole call excepted).
     """
     BatchSubmitEnvelopes: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.BatchSubmitEnvelopesRequest, _node_service_pb2.BatchSubmitEnvelopesResponse]
     """Submits many letters in one call; each gets its own receipt or error."""
     StreamSubmitEnvelopes: _grpc.StreamStreamMultiCallable[_node_service_pb2.StreamSubmitEnvelopesRequest, _node_service_pb2.StreamSubmitEnvelopesResponse]
     """Submits letters over one long-lived stream, in batches; each request is answered by
-    one response holding a result per letter, in the same order.
+    one response holding a result per letter, in the same order. A frame refused whole
+    (BATCH_TOO_LARGE, a refusal of the whole call, a malformed or oversized message) ends
+    the stream with its error once the frames read before it are answered; a node that
+    stops answers what it has read and ends the stream (OK).
     """
     StreamInbox: _grpc.UnaryStreamMultiCallable[_node_service_pb2.StreamInboxRequest, _node_service_pb2.StreamInboxResponse]
     """Streams the agency's inbox: every letter not yet acknowledged, then new ones as they
-    arrive. A letter is sent again on a new stream until it is acknowledged.
+    arrive. A letter is sent again on a new stream until it is acknowledged. The stream
+    never ends by itself: a node that stops ends it (OK) once the frame it is writing is
+    sent, so open it again. A client that [[clients]] limits to some mailboxes gets only
+    the letters addressed to them.
     """
     AckEnvelope: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.AckEnvelopeRequest, _node_service_pb2.AckEnvelopeResponse]
     """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
-    the same evidence.
+    the same evidence. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND
+    for a letter this node has not received (one it only sent, one it refused at
+    delivery).
     """
     BatchAckEnvelopes: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.BatchAckEnvelopesRequest, _node_service_pb2.BatchAckEnvelopesResponse]
     """Acknowledges many letters in one call; each gets its HANDOVER evidence or its own
@@ -80,10 +118,14 @@ class NodeServiceStub:
     """
     GetEnvelope: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.GetEnvelopeRequest, _node_service_pb2.GetEnvelopeResponse]
     """Returns a letter this agency sent or received, with every evidence the node holds
-    about it and the certificates needed to verify them.
+    about it and the certificates needed to verify them. Errors: INVALID_ARGUMENT
+    INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND for a letter this node neither sent nor
+    received (one it refused at delivery included).
     """
     ListAgencies: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.ListAgenciesRequest, _node_service_pb2.ListAgenciesResponse]
-    """Lists the agencies of the exchange, as the node last fetched them from the hub."""
+    """Lists the agencies of the exchange, as the node last fetched them from the hub;
+    UNAVAILABLE DIRECTORY_UNAVAILABLE (with RetryInfo) before it has fetched them once.
+    """
     TrackCorrespondence: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.TrackCorrespondenceRequest, _node_service_pb2.TrackCorrespondenceResponse]
     """Returns the correspondence tree around a letter this agency sent or received, as the
     hub recorded it (HubService.Track, asked by this node with its own identity): the
@@ -101,7 +143,8 @@ class NodeServiceStub:
     not (not relayed yet); PERMISSION_DENIED MAILBOX_NOT_ALLOWED; UNAVAILABLE
     HUB_UNAVAILABLE (with RetryInfo) when the node is not connected to the hub or the hub
     does not answer in time; the hub's other refusals with their code and reason (as
-    PERMISSION_DENIED UNKNOWN_SENDER if the directory no longer holds this agency).
+    PERMISSION_DENIED UNKNOWN_SENDER if the directory no longer holds this agency; reason
+    HUB_ERROR if the hub's status carries none).
     """
 
 @_typing.type_check_only
@@ -116,8 +159,28 @@ class NodeServiceAsyncStub(NodeServiceStub):
     google.protobuf.Any; decode them with googleapis' google/rpc/status.proto and
     google/rpc/error_details.proto, which are not in this directory.
 
+    Refusals any call may get, besides those its comments name: UNAUTHENTICATED for a
+    client certificate refused, the fault as reason (NO_CLIENT_CERTIFICATE,
+    CERTIFICATE_MALFORMED, CERTIFICATE_EXPIRED, CERTIFICATE_REVOKED, ...; a stream open
+    when its certificate is revoked ends so too); PERMISSION_DENIED NOT_THIS_AGENCY for an
+    identity that is not this agency's node or one of its clients
+    (urn:chapar:client:<CODE>:<NAME>), AUDITOR_READ_ONLY for an auditor
+    (urn:chapar:auditor:<NAME>) calling anything but GetEnvelope, ListAgencies,
+    TrackCorrespondence, StatDocument and DownloadDocument, MAILBOX_NOT_ALLOWED for a client
+    that the node's [[clients]] limits to some mailboxes using a letter, mailbox or
+    document of another; RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE (metadata "limit", "size")
+    for a request message over the node's limits.max_message_bytes (16 MiB by default),
+    INVALID_ARGUMENT MALFORMED_MESSAGE for one that does not parse (either ends a stream);
+    a database or disk failing under the call: RESOURCE_EXHAUSTED STORAGE_FULL and
+    UNAVAILABLE STORAGE_BUSY with RetryInfo, INTERNAL STORAGE_FAILED (nothing of the
+    request that failed was stored: retry with the same request_id); anything else the
+    node did not expect, INTERNAL INTERNAL_ERROR (metadata "incident" names the node's log
+    line). Per-letter refusals inside a batch or stream come as SubmitError, with the same
+    codes and reasons.
+
     Messages from the node can be large: a letter's body is up to limits.max_body_bytes
-    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters.
+    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters
+    (more when one letter is larger).
     gRPC clients commonly refuse messages over 4 MiB by default: allow 64 MiB, as the
     Python SDK does.
     """
@@ -128,20 +191,38 @@ class NodeServiceAsyncStub(NodeServiceStub):
     its outbox and answers with signed SUBMISSION_ACCEPTANCE evidence. Retrying with the
     same request_id returns the original receipt and stores nothing new; a different
     letter under a request_id already used is refused (ALREADY_EXISTS, REQUEST_ID_REUSED).
+    The draft's faults are told at LetterDraft's fields. The node also refuses every
+    letter while this agency is not active in the directory it holds (FAILED_PRECONDITION
+    SENDER_INACTIVE), not in it (PERMISSION_DENIED UNKNOWN_SENDER) or refused by the hub
+    as unknown (FAILED_PRECONDITION AGENCY_NOT_IN_DIRECTORY); a letter larger than the
+    hub takes in a frame (RESOURCE_EXHAUSTED LETTER_TOO_LARGE_FOR_HUB, metadata "limit");
+    and, for the whole call (a batch's too, a stream then ends), with RetryInfo:
+    UNAVAILABLE DIRECTORY_UNAVAILABLE before the node has fetched the directory,
+    UNAVAILABLE NUMBERS_UNCONFIRMED while a node restored from a backup waits for the hub
+    to confirm the numbers it holds. A retry of a letter accepted before gets its receipt
+    whatever would refuse that letter now (a refusal of the whole call excepted).
     """
     BatchSubmitEnvelopes: _aio.UnaryUnaryMultiCallable[_node_service_pb2.BatchSubmitEnvelopesRequest, _node_service_pb2.BatchSubmitEnvelopesResponse]  # type: ignore[assignment]
     """Submits many letters in one call; each gets its own receipt or error."""
     StreamSubmitEnvelopes: _aio.StreamStreamMultiCallable[_node_service_pb2.StreamSubmitEnvelopesRequest, _node_service_pb2.StreamSubmitEnvelopesResponse]  # type: ignore[assignment]
     """Submits letters over one long-lived stream, in batches; each request is answered by
-    one response holding a result per letter, in the same order.
+    one response holding a result per letter, in the same order. A frame refused whole
+    (BATCH_TOO_LARGE, a refusal of the whole call, a malformed or oversized message) ends
+    the stream with its error once the frames read before it are answered; a node that
+    stops answers what it has read and ends the stream (OK).
     """
     StreamInbox: _aio.UnaryStreamMultiCallable[_node_service_pb2.StreamInboxRequest, _node_service_pb2.StreamInboxResponse]  # type: ignore[assignment]
     """Streams the agency's inbox: every letter not yet acknowledged, then new ones as they
-    arrive. A letter is sent again on a new stream until it is acknowledged.
+    arrive. A letter is sent again on a new stream until it is acknowledged. The stream
+    never ends by itself: a node that stops ends it (OK) once the frame it is writing is
+    sent, so open it again. A client that [[clients]] limits to some mailboxes gets only
+    the letters addressed to them.
     """
     AckEnvelope: _aio.UnaryUnaryMultiCallable[_node_service_pb2.AckEnvelopeRequest, _node_service_pb2.AckEnvelopeResponse]  # type: ignore[assignment]
     """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
-    the same evidence.
+    the same evidence. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND
+    for a letter this node has not received (one it only sent, one it refused at
+    delivery).
     """
     BatchAckEnvelopes: _aio.UnaryUnaryMultiCallable[_node_service_pb2.BatchAckEnvelopesRequest, _node_service_pb2.BatchAckEnvelopesResponse]  # type: ignore[assignment]
     """Acknowledges many letters in one call; each gets its HANDOVER evidence or its own
@@ -156,10 +237,14 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """
     GetEnvelope: _aio.UnaryUnaryMultiCallable[_node_service_pb2.GetEnvelopeRequest, _node_service_pb2.GetEnvelopeResponse]  # type: ignore[assignment]
     """Returns a letter this agency sent or received, with every evidence the node holds
-    about it and the certificates needed to verify them.
+    about it and the certificates needed to verify them. Errors: INVALID_ARGUMENT
+    INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND for a letter this node neither sent nor
+    received (one it refused at delivery included).
     """
     ListAgencies: _aio.UnaryUnaryMultiCallable[_node_service_pb2.ListAgenciesRequest, _node_service_pb2.ListAgenciesResponse]  # type: ignore[assignment]
-    """Lists the agencies of the exchange, as the node last fetched them from the hub."""
+    """Lists the agencies of the exchange, as the node last fetched them from the hub;
+    UNAVAILABLE DIRECTORY_UNAVAILABLE (with RetryInfo) before it has fetched them once.
+    """
     TrackCorrespondence: _aio.UnaryUnaryMultiCallable[_node_service_pb2.TrackCorrespondenceRequest, _node_service_pb2.TrackCorrespondenceResponse]  # type: ignore[assignment]
     """Returns the correspondence tree around a letter this agency sent or received, as the
     hub recorded it (HubService.Track, asked by this node with its own identity): the
@@ -177,7 +262,8 @@ class NodeServiceAsyncStub(NodeServiceStub):
     not (not relayed yet); PERMISSION_DENIED MAILBOX_NOT_ALLOWED; UNAVAILABLE
     HUB_UNAVAILABLE (with RetryInfo) when the node is not connected to the hub or the hub
     does not answer in time; the hub's other refusals with their code and reason (as
-    PERMISSION_DENIED UNKNOWN_SENDER if the directory no longer holds this agency).
+    PERMISSION_DENIED UNKNOWN_SENDER if the directory no longer holds this agency; reason
+    HUB_ERROR if the hub's status carries none).
     """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -191,8 +277,28 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     google.protobuf.Any; decode them with googleapis' google/rpc/status.proto and
     google/rpc/error_details.proto, which are not in this directory.
 
+    Refusals any call may get, besides those its comments name: UNAUTHENTICATED for a
+    client certificate refused, the fault as reason (NO_CLIENT_CERTIFICATE,
+    CERTIFICATE_MALFORMED, CERTIFICATE_EXPIRED, CERTIFICATE_REVOKED, ...; a stream open
+    when its certificate is revoked ends so too); PERMISSION_DENIED NOT_THIS_AGENCY for an
+    identity that is not this agency's node or one of its clients
+    (urn:chapar:client:<CODE>:<NAME>), AUDITOR_READ_ONLY for an auditor
+    (urn:chapar:auditor:<NAME>) calling anything but GetEnvelope, ListAgencies,
+    TrackCorrespondence, StatDocument and DownloadDocument, MAILBOX_NOT_ALLOWED for a client
+    that the node's [[clients]] limits to some mailboxes using a letter, mailbox or
+    document of another; RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE (metadata "limit", "size")
+    for a request message over the node's limits.max_message_bytes (16 MiB by default),
+    INVALID_ARGUMENT MALFORMED_MESSAGE for one that does not parse (either ends a stream);
+    a database or disk failing under the call: RESOURCE_EXHAUSTED STORAGE_FULL and
+    UNAVAILABLE STORAGE_BUSY with RetryInfo, INTERNAL STORAGE_FAILED (nothing of the
+    request that failed was stored: retry with the same request_id); anything else the
+    node did not expect, INTERNAL INTERNAL_ERROR (metadata "incident" names the node's log
+    line). Per-letter refusals inside a batch or stream come as SubmitError, with the same
+    codes and reasons.
+
     Messages from the node can be large: a letter's body is up to limits.max_body_bytes
-    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters.
+    (4 MiB by default) and a response of the inbox stream holds up to 8 MiB of letters
+    (more when one letter is larger).
     gRPC clients commonly refuse messages over 4 MiB by default: allow 64 MiB, as the
     Python SDK does.
     """
@@ -207,6 +313,16 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         its outbox and answers with signed SUBMISSION_ACCEPTANCE evidence. Retrying with the
         same request_id returns the original receipt and stores nothing new; a different
         letter under a request_id already used is refused (ALREADY_EXISTS, REQUEST_ID_REUSED).
+        The draft's faults are told at LetterDraft's fields. The node also refuses every
+        letter while this agency is not active in the directory it holds (FAILED_PRECONDITION
+        SENDER_INACTIVE), not in it (PERMISSION_DENIED UNKNOWN_SENDER) or refused by the hub
+        as unknown (FAILED_PRECONDITION AGENCY_NOT_IN_DIRECTORY); a letter larger than the
+        hub takes in a frame (RESOURCE_EXHAUSTED LETTER_TOO_LARGE_FOR_HUB, metadata "limit");
+        and, for the whole call (a batch's too, a stream then ends), with RetryInfo:
+        UNAVAILABLE DIRECTORY_UNAVAILABLE before the node has fetched the directory,
+        UNAVAILABLE NUMBERS_UNCONFIRMED while a node restored from a backup waits for the hub
+        to confirm the numbers it holds. A retry of a letter accepted before gets its receipt
+        whatever would refuse that letter now (a refusal of the whole call excepted).
         """
 
     @_abc_1.abstractmethod
@@ -224,7 +340,10 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_node_service_pb2.StreamSubmitEnvelopesResponse], _abc.AsyncIterator[_node_service_pb2.StreamSubmitEnvelopesResponse]]:
         """Submits letters over one long-lived stream, in batches; each request is answered by
-        one response holding a result per letter, in the same order.
+        one response holding a result per letter, in the same order. A frame refused whole
+        (BATCH_TOO_LARGE, a refusal of the whole call, a malformed or oversized message) ends
+        the stream with its error once the frames read before it are answered; a node that
+        stops answers what it has read and ends the stream (OK).
         """
 
     @_abc_1.abstractmethod
@@ -234,7 +353,10 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_node_service_pb2.StreamInboxResponse], _abc.AsyncIterator[_node_service_pb2.StreamInboxResponse]]:
         """Streams the agency's inbox: every letter not yet acknowledged, then new ones as they
-        arrive. A letter is sent again on a new stream until it is acknowledged.
+        arrive. A letter is sent again on a new stream until it is acknowledged. The stream
+        never ends by itself: a node that stops ends it (OK) once the frame it is writing is
+        sent, so open it again. A client that [[clients]] limits to some mailboxes gets only
+        the letters addressed to them.
         """
 
     @_abc_1.abstractmethod
@@ -244,7 +366,9 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_service_pb2.AckEnvelopeResponse, _abc.Awaitable[_node_service_pb2.AckEnvelopeResponse]]:
         """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
-        the same evidence.
+        the same evidence. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND
+        for a letter this node has not received (one it only sent, one it refused at
+        delivery).
         """
 
     @_abc_1.abstractmethod
@@ -277,7 +401,9 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_service_pb2.GetEnvelopeResponse, _abc.Awaitable[_node_service_pb2.GetEnvelopeResponse]]:
         """Returns a letter this agency sent or received, with every evidence the node holds
-        about it and the certificates needed to verify them.
+        about it and the certificates needed to verify them. Errors: INVALID_ARGUMENT
+        INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND for a letter this node neither sent nor
+        received (one it refused at delivery included).
         """
 
     @_abc_1.abstractmethod
@@ -286,7 +412,9 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_service_pb2.ListAgenciesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_service_pb2.ListAgenciesResponse, _abc.Awaitable[_node_service_pb2.ListAgenciesResponse]]:
-        """Lists the agencies of the exchange, as the node last fetched them from the hub."""
+        """Lists the agencies of the exchange, as the node last fetched them from the hub;
+        UNAVAILABLE DIRECTORY_UNAVAILABLE (with RetryInfo) before it has fetched them once.
+        """
 
     @_abc_1.abstractmethod
     def TrackCorrespondence(
@@ -310,7 +438,8 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         not (not relayed yet); PERMISSION_DENIED MAILBOX_NOT_ALLOWED; UNAVAILABLE
         HUB_UNAVAILABLE (with RetryInfo) when the node is not connected to the hub or the hub
         does not answer in time; the hub's other refusals with their code and reason (as
-        PERMISSION_DENIED UNKNOWN_SENDER if the directory no longer holds this agency).
+        PERMISSION_DENIED UNKNOWN_SENDER if the directory no longer holds this agency; reason
+        HUB_ERROR if the hub's status carries none).
         """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
