@@ -59,7 +59,8 @@ class UploadHeader(_message.Message):
     """Media type of the file, e.g. "application/pdf"; must be allowed by the node."""
     size: _builtins.int
     """Expected size in bytes, if known (0: unknown). A size over the limit is refused at
-    once; the upload fails if the content does not have this size.
+    once, as is a negative one (INVALID_ARGUMENT, INVALID_SIZE); the upload fails if the
+    content does not have this size.
     """
     sha256: _builtins.bytes
     """Expected SHA-256, if known (empty: unknown); the upload fails if the content differs.

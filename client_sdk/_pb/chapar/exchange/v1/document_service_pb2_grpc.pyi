@@ -53,14 +53,29 @@ class DocumentServiceStub:
     RESOURCE_EXHAUSTED, STORAGE_FULL and a RetryInfo (INTERNAL, STORAGE_FAILED for another
     disk error); nothing is stored. Uploading content the node holds already replaces its
     copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
+    The content itself is refused, nothing stored, when it passes the size limit
+    (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
+    (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH). The
+    errors NodeService's comment lists for every call apply here too.
     """
     DownloadDocument: _grpc.UnaryStreamMultiCallable[_document_service_pb2.DownloadDocumentRequest, _document_service_pb2.DownloadDocumentResponse]
     """Streams a document from a byte offset (to resume an interrupted download). A document
     of another agency is fetched through the hub first, and only if this agency is a
-    recipient of a letter that references it (PERMISSION_DENIED otherwise).
+    recipient of a letter that references it (PERMISSION_DENIED, NOT_A_RECIPIENT
+    otherwise). Errors: INVALID_ARGUMENT INVALID_DOCUMENT_URI, INVALID_OFFSET (negative);
+    OUT_OF_RANGE OFFSET_OUT_OF_RANGE past the document's end (at its end: one message,
+    the document's info and no bytes); NOT_FOUND DOCUMENT_NOT_FOUND for a document of
+    this agency the node does not hold, or of another that its node does not; DATA_LOSS
+    DIGEST_MISMATCH when the content fetched, or this node's copy read whole, does not
+    match the address (nothing kept; the next download fetches it again); UNAVAILABLE,
+    with RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
+    OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
+    after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED.
     """
     StatDocument: _grpc.UnaryUnaryMultiCallable[_document_service_pb2.StatDocumentRequest, _document_service_pb2.StatDocumentResponse]
-    """Says whether the node holds a document, and its digest and size."""
+    """Says whether the node holds a document, and its digest and size (INVALID_ARGUMENT
+    INVALID_DOCUMENT_URI for a malformed address).
+    """
 
 @_typing.type_check_only
 class DocumentServiceAsyncStub(DocumentServiceStub):
@@ -87,14 +102,29 @@ class DocumentServiceAsyncStub(DocumentServiceStub):
     RESOURCE_EXHAUSTED, STORAGE_FULL and a RetryInfo (INTERNAL, STORAGE_FAILED for another
     disk error); nothing is stored. Uploading content the node holds already replaces its
     copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
+    The content itself is refused, nothing stored, when it passes the size limit
+    (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
+    (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH). The
+    errors NodeService's comment lists for every call apply here too.
     """
     DownloadDocument: _aio.UnaryStreamMultiCallable[_document_service_pb2.DownloadDocumentRequest, _document_service_pb2.DownloadDocumentResponse]  # type: ignore[assignment]
     """Streams a document from a byte offset (to resume an interrupted download). A document
     of another agency is fetched through the hub first, and only if this agency is a
-    recipient of a letter that references it (PERMISSION_DENIED otherwise).
+    recipient of a letter that references it (PERMISSION_DENIED, NOT_A_RECIPIENT
+    otherwise). Errors: INVALID_ARGUMENT INVALID_DOCUMENT_URI, INVALID_OFFSET (negative);
+    OUT_OF_RANGE OFFSET_OUT_OF_RANGE past the document's end (at its end: one message,
+    the document's info and no bytes); NOT_FOUND DOCUMENT_NOT_FOUND for a document of
+    this agency the node does not hold, or of another that its node does not; DATA_LOSS
+    DIGEST_MISMATCH when the content fetched, or this node's copy read whole, does not
+    match the address (nothing kept; the next download fetches it again); UNAVAILABLE,
+    with RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
+    OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
+    after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED.
     """
     StatDocument: _aio.UnaryUnaryMultiCallable[_document_service_pb2.StatDocumentRequest, _document_service_pb2.StatDocumentResponse]  # type: ignore[assignment]
-    """Says whether the node holds a document, and its digest and size."""
+    """Says whether the node holds a document, and its digest and size (INVALID_ARGUMENT
+    INVALID_DOCUMENT_URI for a malformed address).
+    """
 
 class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
     """DocumentService is every node's document store, served to the agency's own back-ends.
@@ -124,6 +154,10 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
         RESOURCE_EXHAUSTED, STORAGE_FULL and a RetryInfo (INTERNAL, STORAGE_FAILED for another
         disk error); nothing is stored. Uploading content the node holds already replaces its
         copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
+        The content itself is refused, nothing stored, when it passes the size limit
+        (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
+        (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH). The
+        errors NodeService's comment lists for every call apply here too.
         """
 
     @_abc_1.abstractmethod
@@ -134,7 +168,16 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_document_service_pb2.DownloadDocumentResponse], _abc.AsyncIterator[_document_service_pb2.DownloadDocumentResponse]]:
         """Streams a document from a byte offset (to resume an interrupted download). A document
         of another agency is fetched through the hub first, and only if this agency is a
-        recipient of a letter that references it (PERMISSION_DENIED otherwise).
+        recipient of a letter that references it (PERMISSION_DENIED, NOT_A_RECIPIENT
+        otherwise). Errors: INVALID_ARGUMENT INVALID_DOCUMENT_URI, INVALID_OFFSET (negative);
+        OUT_OF_RANGE OFFSET_OUT_OF_RANGE past the document's end (at its end: one message,
+        the document's info and no bytes); NOT_FOUND DOCUMENT_NOT_FOUND for a document of
+        this agency the node does not hold, or of another that its node does not; DATA_LOSS
+        DIGEST_MISMATCH when the content fetched, or this node's copy read whole, does not
+        match the address (nothing kept; the next download fetches it again); UNAVAILABLE,
+        with RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
+        OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
+        after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED.
         """
 
     @_abc_1.abstractmethod
@@ -143,6 +186,8 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _document_service_pb2.StatDocumentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_document_service_pb2.StatDocumentResponse, _abc.Awaitable[_document_service_pb2.StatDocumentResponse]]:
-        """Says whether the node holds a document, and its digest and size."""
+        """Says whether the node holds a document, and its digest and size (INVALID_ARGUMENT
+        INVALID_DOCUMENT_URI for a malformed address).
+        """
 
 def add_DocumentServiceServicer_to_server(servicer: DocumentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
