@@ -169,7 +169,8 @@ class ConnectWelcome(_message.Message):
     @_builtins.property
     def attestation(self) -> Global___HubAttestation:
         """The hub's signed word that it is the hub, for this hello's nonce and the agency it
-        authenticated on this connection; set when the hello carried a nonce. A node checks it
+        authenticated on this connection; set when the hello carried a nonce of 16 to 64
+        bytes (none for a nonce of another length). A node checks it
         before it sends anything else (and refuses a welcome without it): a server that is not
         the hub cannot make it, and the hub, asked through another agency's connection, names
         that agency, not this node's.
@@ -351,8 +352,9 @@ class ConnectRequest(_message.Message):
         a DELIVERY or DELIVERY_FAILURE acknowledges the delivered letter. A HANDOVER comes
         after the same recipient's DELIVERY of that letter (in an earlier frame or earlier in
         the same one). A receipt the hub refuses (it does not verify, names another letter,
-        or is a HANDOVER with no DELIVERY before it) is acknowledged, logged, not stored or
-        routed, and its letter is pushed again on a later stream.
+        or is a HANDOVER with no DELIVERY before it) is logged, neither stored nor routed,
+        and its letter is pushed again on a later stream (receipt_acks says which refused
+        receipts are acknowledged).
         """
 
     @_builtins.property
@@ -397,8 +399,9 @@ class ConnectResponse(_message.Message):
 
     @_builtins.property
     def relay_results(self) -> Global___EvidenceBatch:
-        """The answer to one envelopes frame: a RELAY_ACCEPTANCE per recipient of each letter
-        accepted (a letter sent again gets the ones of its first acceptance), or one
+        """The answer to one envelopes frame: a RELAY_ACCEPTANCE per recipient agency of each
+        letter accepted (one an agency, however many of its mailboxes the header names; a
+        letter sent again gets the ones of its first acceptance), or one
         RELAY_REJECTION (recipient empty) for a letter refused, in the frame's letter order.
         """
 
@@ -412,8 +415,10 @@ class ConnectResponse(_message.Message):
 
     @_builtins.property
     def receipt_acks(self) -> Global___EvidenceAckBatch:
-        """Acknowledges receipts frames: the hub has stored these evidence ids (or refused them,
-        see ConnectRequest.receipts): send them no more.
+        """Acknowledges receipts frames: the hub has stored these evidence ids, or refused them
+        for good (a receipt about another agency or another letter, or a HANDOVER with no
+        DELIVERY before it: sending it again would change nothing). A receipt that does not
+        verify, is over 64 KiB or names no valid number is not acknowledged.
         """
 
     @_builtins.property

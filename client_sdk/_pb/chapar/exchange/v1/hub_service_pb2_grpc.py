@@ -29,7 +29,15 @@ class HubServiceStub:
     """HubService is what agency nodes use to talk to the national exchange hub.
 
     The hub takes a node's identity from the SAN URI of its TLS client certificate
-    (urn:chapar:agency:<CODE>), never from a message field.
+    (urn:chapar:agency:<CODE>), never from a message field. Errors are gRPC statuses with
+    one google.rpc.ErrorInfo, as node_service.proto tells. Any call: UNAUTHENTICATED for a
+    certificate refused (the fault as reason); PERMISSION_DENIED NOT_AN_AGENCY_NODE for an
+    identity that is not an agency's (Track admits auditors too), UNKNOWN_SENDER for an
+    agency not in the directory; FAILED_PRECONDITION SENDER_INACTIVE for a suspended or
+    retired agency (GetDirectory and Track admit it); RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE
+    for a message over the hub's max_frame_bytes, INVALID_ARGUMENT MALFORMED_MESSAGE for
+    one that does not parse; STORAGE_FULL, STORAGE_BUSY, STORAGE_FAILED and INTERNAL_ERROR
+    as a node's.
     """
 
     def __init__(self, channel):
@@ -69,7 +77,15 @@ class HubServiceServicer:
     """HubService is what agency nodes use to talk to the national exchange hub.
 
     The hub takes a node's identity from the SAN URI of its TLS client certificate
-    (urn:chapar:agency:<CODE>), never from a message field.
+    (urn:chapar:agency:<CODE>), never from a message field. Errors are gRPC statuses with
+    one google.rpc.ErrorInfo, as node_service.proto tells. Any call: UNAUTHENTICATED for a
+    certificate refused (the fault as reason); PERMISSION_DENIED NOT_AN_AGENCY_NODE for an
+    identity that is not an agency's (Track admits auditors too), UNKNOWN_SENDER for an
+    agency not in the directory; FAILED_PRECONDITION SENDER_INACTIVE for a suspended or
+    retired agency (GetDirectory and Track admit it); RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE
+    for a message over the hub's max_frame_bytes, INVALID_ARGUMENT MALFORMED_MESSAGE for
+    one that does not parse; STORAGE_FULL, STORAGE_BUSY, STORAGE_FAILED and INTERNAL_ERROR
+    as a node's.
     """
 
     def Connect(self, request_iterator, context):
@@ -82,12 +98,23 @@ class HubServiceServicer:
         ends the stream with PERMISSION_DENIED, SENDER_MISMATCH (nothing of that frame is
         stored); any other fault of a letter (signature, proof, body digest, unknown or
         inactive recipient, create_time window, malformed SHAMS, a number already used for
-        another letter, a status update naming no letter: MISSING_IN_REPLY_TO) gets a signed
-        RELAY_REJECTION with the reason. Frames are handled
-        concurrently, so their answers may come in another order than the frames went: match
-        them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
+        another letter, a status update naming no letter) gets a signed RELAY_REJECTION with
+        the reason. Frames are handled concurrently, so their answers may come in another order
+        than the frames went: match them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
         default) and sends frames of up to 8 MiB of letters (more when one letter is larger):
-        allow 64 MiB messages, as Chapar's node does.
+        allow 64 MiB messages, as Chapar's node does. A frame of more than 4,096 letters,
+        receipts or evidence ids ends the stream (INVALID_ARGUMENT, TOO_MANY_LETTERS), as does
+        a stream whose first frame does not come within 30 s (INVALID_ARGUMENT, HELLO_MISSING).
+        A node that connects again ends its older stream.
+
+        A RELAY_REJECTION's reason is one of: SIGNER_UNKNOWN (key_id not in the directory);
+        the signature's or certificate's fault (SIGNATURE_INVALID, SIGNATURE_KEY_MISMATCH,
+        SIGNATURE_ALGORITHM_MISMATCH, ENVELOPE_PROOF_INVALID, CERTIFICATE_EXPIRED,
+        CERTIFICATE_REVOKED, CERTIFICATE_USAGE, ...); HEADER_MALFORMED, BODY_DIGEST_MISMATCH;
+        INVALID_SHAMS (the number or in_reply_to); NO_RECIPIENTS, UNKNOWN_RECIPIENT,
+        RECIPIENT_INACTIVE; CREATE_TIME_MISSING, INVALID_TIME, CREATE_TIME_OUT_OF_WINDOW; and
+        SHAMS_REUSED (another letter holds the number); MISSING_IN_REPLY_TO (a status update
+        naming no letter).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,8 +130,13 @@ class HubServiceServicer:
     def FetchDocument(self, request, context):
         """Fetches a document of another agency from a byte offset. The hub admits only an agency
         that is a recipient of a letter referencing the document's digest (PERMISSION_DENIED
-        otherwise), asks the owning node with a document_request frame on its Connect stream,
-        and pipes the chunks that node pushes, with backpressure. No node needs an inbound port.
+        NOT_A_RECIPIENT otherwise), asks the owning node with a document_request frame on its
+        Connect stream, and pipes the chunks that node pushes, with backpressure. No node
+        needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
+        INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
+        that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
+        OWNER_NOT_ANSWERING, and once bytes have come PUSH_STALLED or PUSH_INTERRUPTED: fetch
+        again from the bytes received.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,7 +144,11 @@ class HubServiceServicer:
 
     def PushDocument(self, request_iterator, context):
         """The owning node's answer to a document_request: a client stream whose first message
-        names the request, then the document's chunks from the requested offset.
+        names the request, then the document's chunks from the requested offset. NOT_FOUND
+        NO_SUCH_REQUEST when no request of this node waits under that id (answered already,
+        or its fetch ended); UNAVAILABLE FETCH_ENDED when the fetch ends meanwhile (stop
+        pushing); UNAVAILABLE PUSH_INTERRUPTED when the push ends short of the size its
+        header gave.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,7 +227,15 @@ class HubService:
     """HubService is what agency nodes use to talk to the national exchange hub.
 
     The hub takes a node's identity from the SAN URI of its TLS client certificate
-    (urn:chapar:agency:<CODE>), never from a message field.
+    (urn:chapar:agency:<CODE>), never from a message field. Errors are gRPC statuses with
+    one google.rpc.ErrorInfo, as node_service.proto tells. Any call: UNAUTHENTICATED for a
+    certificate refused (the fault as reason); PERMISSION_DENIED NOT_AN_AGENCY_NODE for an
+    identity that is not an agency's (Track admits auditors too), UNKNOWN_SENDER for an
+    agency not in the directory; FAILED_PRECONDITION SENDER_INACTIVE for a suspended or
+    retired agency (GetDirectory and Track admit it); RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE
+    for a message over the hub's max_frame_bytes, INVALID_ARGUMENT MALFORMED_MESSAGE for
+    one that does not parse; STORAGE_FULL, STORAGE_BUSY, STORAGE_FAILED and INTERNAL_ERROR
+    as a node's.
     """
 
     @staticmethod

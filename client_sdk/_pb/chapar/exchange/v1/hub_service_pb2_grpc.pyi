@@ -30,7 +30,15 @@ class HubServiceStub:
     """HubService is what agency nodes use to talk to the national exchange hub.
 
     The hub takes a node's identity from the SAN URI of its TLS client certificate
-    (urn:chapar:agency:<CODE>), never from a message field.
+    (urn:chapar:agency:<CODE>), never from a message field. Errors are gRPC statuses with
+    one google.rpc.ErrorInfo, as node_service.proto tells. Any call: UNAUTHENTICATED for a
+    certificate refused (the fault as reason); PERMISSION_DENIED NOT_AN_AGENCY_NODE for an
+    identity that is not an agency's (Track admits auditors too), UNKNOWN_SENDER for an
+    agency not in the directory; FAILED_PRECONDITION SENDER_INACTIVE for a suspended or
+    retired agency (GetDirectory and Track admit it); RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE
+    for a message over the hub's max_frame_bytes, INVALID_ARGUMENT MALFORMED_MESSAGE for
+    one that does not parse; STORAGE_FULL, STORAGE_BUSY, STORAGE_FAILED and INTERNAL_ERROR
+    as a node's.
     """
 
     @_typing.overload
@@ -47,24 +55,44 @@ class HubServiceStub:
     ends the stream with PERMISSION_DENIED, SENDER_MISMATCH (nothing of that frame is
     stored); any other fault of a letter (signature, proof, body digest, unknown or
     inactive recipient, create_time window, malformed SHAMS, a number already used for
-    another letter, a status update naming no letter: MISSING_IN_REPLY_TO) gets a signed
-    RELAY_REJECTION with the reason. Frames are handled
-    concurrently, so their answers may come in another order than the frames went: match
-    them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
+    another letter, a status update naming no letter) gets a signed RELAY_REJECTION with
+    the reason. Frames are handled concurrently, so their answers may come in another order
+    than the frames went: match them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
     default) and sends frames of up to 8 MiB of letters (more when one letter is larger):
-    allow 64 MiB messages, as Chapar's node does.
+    allow 64 MiB messages, as Chapar's node does. A frame of more than 4,096 letters,
+    receipts or evidence ids ends the stream (INVALID_ARGUMENT, TOO_MANY_LETTERS), as does
+    a stream whose first frame does not come within 30 s (INVALID_ARGUMENT, HELLO_MISSING).
+    A node that connects again ends its older stream.
+
+    A RELAY_REJECTION's reason is one of: SIGNER_UNKNOWN (key_id not in the directory);
+    the signature's or certificate's fault (SIGNATURE_INVALID, SIGNATURE_KEY_MISMATCH,
+    SIGNATURE_ALGORITHM_MISMATCH, ENVELOPE_PROOF_INVALID, CERTIFICATE_EXPIRED,
+    CERTIFICATE_REVOKED, CERTIFICATE_USAGE, ...); HEADER_MALFORMED, BODY_DIGEST_MISMATCH;
+    INVALID_SHAMS (the number or in_reply_to); NO_RECIPIENTS, UNKNOWN_RECIPIENT,
+    RECIPIENT_INACTIVE; CREATE_TIME_MISSING, INVALID_TIME, CREATE_TIME_OUT_OF_WINDOW; and
+    SHAMS_REUSED (another letter holds the number); MISSING_IN_REPLY_TO (a status update
+    naming no letter).
     """
     GetDirectory: _grpc.UnaryUnaryMultiCallable[_hub_service_pb2.GetDirectoryRequest, _hub_service_pb2.GetDirectoryResponse]
     """Returns the current directory."""
     FetchDocument: _grpc.UnaryStreamMultiCallable[_hub_service_pb2.FetchDocumentRequest, _hub_service_pb2.FetchDocumentResponse]
     """Fetches a document of another agency from a byte offset. The hub admits only an agency
     that is a recipient of a letter referencing the document's digest (PERMISSION_DENIED
-    otherwise), asks the owning node with a document_request frame on its Connect stream,
-    and pipes the chunks that node pushes, with backpressure. No node needs an inbound port.
+    NOT_A_RECIPIENT otherwise), asks the owning node with a document_request frame on its
+    Connect stream, and pipes the chunks that node pushes, with backpressure. No node
+    needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
+    INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
+    that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
+    OWNER_NOT_ANSWERING, and once bytes have come PUSH_STALLED or PUSH_INTERRUPTED: fetch
+    again from the bytes received.
     """
     PushDocument: _grpc.StreamUnaryMultiCallable[_hub_service_pb2.PushDocumentRequest, _hub_service_pb2.PushDocumentResponse]
     """The owning node's answer to a document_request: a client stream whose first message
-    names the request, then the document's chunks from the requested offset.
+    names the request, then the document's chunks from the requested offset. NOT_FOUND
+    NO_SUCH_REQUEST when no request of this node waits under that id (answered already,
+    or its fetch ended); UNAVAILABLE FETCH_ENDED when the fetch ends meanwhile (stop
+    pushing); UNAVAILABLE PUSH_INTERRUPTED when the push ends short of the size its
+    header gave.
     """
     Track: _grpc.UnaryUnaryMultiCallable[_hub_service_pb2.TrackRequest, _hub_service_pb2.TrackResponse]
     """Returns the correspondence tree around one letter: the letter, the letters it answers
@@ -101,7 +129,15 @@ class HubServiceAsyncStub(HubServiceStub):
     """HubService is what agency nodes use to talk to the national exchange hub.
 
     The hub takes a node's identity from the SAN URI of its TLS client certificate
-    (urn:chapar:agency:<CODE>), never from a message field.
+    (urn:chapar:agency:<CODE>), never from a message field. Errors are gRPC statuses with
+    one google.rpc.ErrorInfo, as node_service.proto tells. Any call: UNAUTHENTICATED for a
+    certificate refused (the fault as reason); PERMISSION_DENIED NOT_AN_AGENCY_NODE for an
+    identity that is not an agency's (Track admits auditors too), UNKNOWN_SENDER for an
+    agency not in the directory; FAILED_PRECONDITION SENDER_INACTIVE for a suspended or
+    retired agency (GetDirectory and Track admit it); RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE
+    for a message over the hub's max_frame_bytes, INVALID_ARGUMENT MALFORMED_MESSAGE for
+    one that does not parse; STORAGE_FULL, STORAGE_BUSY, STORAGE_FAILED and INTERNAL_ERROR
+    as a node's.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -115,24 +151,44 @@ class HubServiceAsyncStub(HubServiceStub):
     ends the stream with PERMISSION_DENIED, SENDER_MISMATCH (nothing of that frame is
     stored); any other fault of a letter (signature, proof, body digest, unknown or
     inactive recipient, create_time window, malformed SHAMS, a number already used for
-    another letter, a status update naming no letter: MISSING_IN_REPLY_TO) gets a signed
-    RELAY_REJECTION with the reason. Frames are handled
-    concurrently, so their answers may come in another order than the frames went: match
-    them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
+    another letter, a status update naming no letter) gets a signed RELAY_REJECTION with
+    the reason. Frames are handled concurrently, so their answers may come in another order
+    than the frames went: match them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
     default) and sends frames of up to 8 MiB of letters (more when one letter is larger):
-    allow 64 MiB messages, as Chapar's node does.
+    allow 64 MiB messages, as Chapar's node does. A frame of more than 4,096 letters,
+    receipts or evidence ids ends the stream (INVALID_ARGUMENT, TOO_MANY_LETTERS), as does
+    a stream whose first frame does not come within 30 s (INVALID_ARGUMENT, HELLO_MISSING).
+    A node that connects again ends its older stream.
+
+    A RELAY_REJECTION's reason is one of: SIGNER_UNKNOWN (key_id not in the directory);
+    the signature's or certificate's fault (SIGNATURE_INVALID, SIGNATURE_KEY_MISMATCH,
+    SIGNATURE_ALGORITHM_MISMATCH, ENVELOPE_PROOF_INVALID, CERTIFICATE_EXPIRED,
+    CERTIFICATE_REVOKED, CERTIFICATE_USAGE, ...); HEADER_MALFORMED, BODY_DIGEST_MISMATCH;
+    INVALID_SHAMS (the number or in_reply_to); NO_RECIPIENTS, UNKNOWN_RECIPIENT,
+    RECIPIENT_INACTIVE; CREATE_TIME_MISSING, INVALID_TIME, CREATE_TIME_OUT_OF_WINDOW; and
+    SHAMS_REUSED (another letter holds the number); MISSING_IN_REPLY_TO (a status update
+    naming no letter).
     """
     GetDirectory: _aio.UnaryUnaryMultiCallable[_hub_service_pb2.GetDirectoryRequest, _hub_service_pb2.GetDirectoryResponse]  # type: ignore[assignment]
     """Returns the current directory."""
     FetchDocument: _aio.UnaryStreamMultiCallable[_hub_service_pb2.FetchDocumentRequest, _hub_service_pb2.FetchDocumentResponse]  # type: ignore[assignment]
     """Fetches a document of another agency from a byte offset. The hub admits only an agency
     that is a recipient of a letter referencing the document's digest (PERMISSION_DENIED
-    otherwise), asks the owning node with a document_request frame on its Connect stream,
-    and pipes the chunks that node pushes, with backpressure. No node needs an inbound port.
+    NOT_A_RECIPIENT otherwise), asks the owning node with a document_request frame on its
+    Connect stream, and pipes the chunks that node pushes, with backpressure. No node
+    needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
+    INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
+    that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
+    OWNER_NOT_ANSWERING, and once bytes have come PUSH_STALLED or PUSH_INTERRUPTED: fetch
+    again from the bytes received.
     """
     PushDocument: _aio.StreamUnaryMultiCallable[_hub_service_pb2.PushDocumentRequest, _hub_service_pb2.PushDocumentResponse]  # type: ignore[assignment]
     """The owning node's answer to a document_request: a client stream whose first message
-    names the request, then the document's chunks from the requested offset.
+    names the request, then the document's chunks from the requested offset. NOT_FOUND
+    NO_SUCH_REQUEST when no request of this node waits under that id (answered already,
+    or its fetch ended); UNAVAILABLE FETCH_ENDED when the fetch ends meanwhile (stop
+    pushing); UNAVAILABLE PUSH_INTERRUPTED when the push ends short of the size its
+    header gave.
     """
     Track: _aio.UnaryUnaryMultiCallable[_hub_service_pb2.TrackRequest, _hub_service_pb2.TrackResponse]  # type: ignore[assignment]
     """Returns the correspondence tree around one letter: the letter, the letters it answers
@@ -168,7 +224,15 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
     """HubService is what agency nodes use to talk to the national exchange hub.
 
     The hub takes a node's identity from the SAN URI of its TLS client certificate
-    (urn:chapar:agency:<CODE>), never from a message field.
+    (urn:chapar:agency:<CODE>), never from a message field. Errors are gRPC statuses with
+    one google.rpc.ErrorInfo, as node_service.proto tells. Any call: UNAUTHENTICATED for a
+    certificate refused (the fault as reason); PERMISSION_DENIED NOT_AN_AGENCY_NODE for an
+    identity that is not an agency's (Track admits auditors too), UNKNOWN_SENDER for an
+    agency not in the directory; FAILED_PRECONDITION SENDER_INACTIVE for a suspended or
+    retired agency (GetDirectory and Track admit it); RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE
+    for a message over the hub's max_frame_bytes, INVALID_ARGUMENT MALFORMED_MESSAGE for
+    one that does not parse; STORAGE_FULL, STORAGE_BUSY, STORAGE_FAILED and INTERNAL_ERROR
+    as a node's.
     """
 
     @_abc_1.abstractmethod
@@ -186,12 +250,23 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         ends the stream with PERMISSION_DENIED, SENDER_MISMATCH (nothing of that frame is
         stored); any other fault of a letter (signature, proof, body digest, unknown or
         inactive recipient, create_time window, malformed SHAMS, a number already used for
-        another letter, a status update naming no letter: MISSING_IN_REPLY_TO) gets a signed
-        RELAY_REJECTION with the reason. Frames are handled
-        concurrently, so their answers may come in another order than the frames went: match
-        them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
+        another letter, a status update naming no letter) gets a signed RELAY_REJECTION with
+        the reason. Frames are handled concurrently, so their answers may come in another order
+        than the frames went: match them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
         default) and sends frames of up to 8 MiB of letters (more when one letter is larger):
-        allow 64 MiB messages, as Chapar's node does.
+        allow 64 MiB messages, as Chapar's node does. A frame of more than 4,096 letters,
+        receipts or evidence ids ends the stream (INVALID_ARGUMENT, TOO_MANY_LETTERS), as does
+        a stream whose first frame does not come within 30 s (INVALID_ARGUMENT, HELLO_MISSING).
+        A node that connects again ends its older stream.
+
+        A RELAY_REJECTION's reason is one of: SIGNER_UNKNOWN (key_id not in the directory);
+        the signature's or certificate's fault (SIGNATURE_INVALID, SIGNATURE_KEY_MISMATCH,
+        SIGNATURE_ALGORITHM_MISMATCH, ENVELOPE_PROOF_INVALID, CERTIFICATE_EXPIRED,
+        CERTIFICATE_REVOKED, CERTIFICATE_USAGE, ...); HEADER_MALFORMED, BODY_DIGEST_MISMATCH;
+        INVALID_SHAMS (the number or in_reply_to); NO_RECIPIENTS, UNKNOWN_RECIPIENT,
+        RECIPIENT_INACTIVE; CREATE_TIME_MISSING, INVALID_TIME, CREATE_TIME_OUT_OF_WINDOW; and
+        SHAMS_REUSED (another letter holds the number); MISSING_IN_REPLY_TO (a status update
+        naming no letter).
         """
 
     @_abc_1.abstractmethod
@@ -210,8 +285,13 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_hub_service_pb2.FetchDocumentResponse], _abc.AsyncIterator[_hub_service_pb2.FetchDocumentResponse]]:
         """Fetches a document of another agency from a byte offset. The hub admits only an agency
         that is a recipient of a letter referencing the document's digest (PERMISSION_DENIED
-        otherwise), asks the owning node with a document_request frame on its Connect stream,
-        and pipes the chunks that node pushes, with backpressure. No node needs an inbound port.
+        NOT_A_RECIPIENT otherwise), asks the owning node with a document_request frame on its
+        Connect stream, and pipes the chunks that node pushes, with backpressure. No node
+        needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
+        INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
+        that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
+        OWNER_NOT_ANSWERING, and once bytes have come PUSH_STALLED or PUSH_INTERRUPTED: fetch
+        again from the bytes received.
         """
 
     @_abc_1.abstractmethod
@@ -221,7 +301,11 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_hub_service_pb2.PushDocumentResponse, _abc.Awaitable[_hub_service_pb2.PushDocumentResponse]]:
         """The owning node's answer to a document_request: a client stream whose first message
-        names the request, then the document's chunks from the requested offset.
+        names the request, then the document's chunks from the requested offset. NOT_FOUND
+        NO_SUCH_REQUEST when no request of this node waits under that id (answered already,
+        or its fetch ended); UNAVAILABLE FETCH_ENDED when the fetch ends meanwhile (stop
+        pushing); UNAVAILABLE PUSH_INTERRUPTED when the push ends short of the size its
+        header gave.
         """
 
     @_abc_1.abstractmethod
