@@ -332,7 +332,10 @@ class EnvelopeHeader(_message.Message):
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """After this instant the letter is not delivered; the sender gets EXPIRY evidence."""
+        """After this instant the letter is not delivered; the sender gets EXPIRY evidence. (A
+        letter the hub pushed before it, whose answer a broken stream lost, may still come
+        with DELIVERY: the recipient's node held it, or takes it up to a minute after.)
+        """
 
     @_builtins.property
     def in_reply_to(self) -> Global___Shams:

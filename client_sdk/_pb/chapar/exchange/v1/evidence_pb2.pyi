@@ -30,17 +30,27 @@ class _EvidenceEventEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Evidenc
     EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE: _EvidenceEvent.ValueType  # 1
     """The sending node accepted the letter from its back-end."""
     EVIDENCE_EVENT_SUBMISSION_REJECTION: _EvidenceEvent.ValueType  # 2
-    """The sending node refused the letter."""
+    """The sending node refused the letter. Not issued by Chapar's nodes, which refuse a
+    submission with a gRPC status instead (node_service.proto).
+    """
     EVIDENCE_EVENT_RELAY_ACCEPTANCE: _EvidenceEvent.ValueType  # 3
     """The hub accepted the letter for relay to the recipient."""
     EVIDENCE_EVENT_RELAY_REJECTION: _EvidenceEvent.ValueType  # 4
     """The hub refused the letter."""
     EVIDENCE_EVENT_RELAY_FAILURE: _EvidenceEvent.ValueType  # 5
-    """The hub could not relay the letter."""
+    """The hub could not relay the letter. Not issued by Chapar's hub, whose queue keeps a
+    letter until it is delivered, refused by the recipient or expired (EXPIRY).
+    """
     EVIDENCE_EVENT_DELIVERY: _EvidenceEvent.ValueType  # 6
     """The recipient node verified and stored the letter."""
     EVIDENCE_EVENT_DELIVERY_FAILURE: _EvidenceEvent.ValueType  # 7
-    """The recipient node refused the letter."""
+    """The recipient node refused the letter; reason says why: a verification's fault (as
+    for RELAY_REJECTION), NOT_A_RECIPIENT, LETTER_EXPIRED (it came over a minute after
+    its expire_time), SHAMS_REUSED (the node holds another letter under the number), an
+    attachment its document store would refuse (DOCUMENT_TOO_LARGE,
+    MEDIA_TYPE_NOT_ALLOWED), or a status update that does not fit its letter
+    (NOT_A_PARTY, STATUS_WRONG_DIRECTION, ...: LetterDraft.status).
+    """
     EVIDENCE_EVENT_HANDOVER: _EvidenceEvent.ValueType  # 8
     """The recipient agency's back-end acknowledged the letter."""
     EVIDENCE_EVENT_EXPIRY: _EvidenceEvent.ValueType  # 9
@@ -54,17 +64,27 @@ EVIDENCE_EVENT_UNSPECIFIED: EvidenceEvent.ValueType  # 0
 EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE: EvidenceEvent.ValueType  # 1
 """The sending node accepted the letter from its back-end."""
 EVIDENCE_EVENT_SUBMISSION_REJECTION: EvidenceEvent.ValueType  # 2
-"""The sending node refused the letter."""
+"""The sending node refused the letter. Not issued by Chapar's nodes, which refuse a
+submission with a gRPC status instead (node_service.proto).
+"""
 EVIDENCE_EVENT_RELAY_ACCEPTANCE: EvidenceEvent.ValueType  # 3
 """The hub accepted the letter for relay to the recipient."""
 EVIDENCE_EVENT_RELAY_REJECTION: EvidenceEvent.ValueType  # 4
 """The hub refused the letter."""
 EVIDENCE_EVENT_RELAY_FAILURE: EvidenceEvent.ValueType  # 5
-"""The hub could not relay the letter."""
+"""The hub could not relay the letter. Not issued by Chapar's hub, whose queue keeps a
+letter until it is delivered, refused by the recipient or expired (EXPIRY).
+"""
 EVIDENCE_EVENT_DELIVERY: EvidenceEvent.ValueType  # 6
 """The recipient node verified and stored the letter."""
 EVIDENCE_EVENT_DELIVERY_FAILURE: EvidenceEvent.ValueType  # 7
-"""The recipient node refused the letter."""
+"""The recipient node refused the letter; reason says why: a verification's fault (as
+for RELAY_REJECTION), NOT_A_RECIPIENT, LETTER_EXPIRED (it came over a minute after
+its expire_time), SHAMS_REUSED (the node holds another letter under the number), an
+attachment its document store would refuse (DOCUMENT_TOO_LARGE,
+MEDIA_TYPE_NOT_ALLOWED), or a status update that does not fit its letter
+(NOT_A_PARTY, STATUS_WRONG_DIRECTION, ...: LetterDraft.status).
+"""
 EVIDENCE_EVENT_HANDOVER: EvidenceEvent.ValueType  # 8
 """The recipient agency's back-end acknowledged the letter."""
 EVIDENCE_EVENT_EXPIRY: EvidenceEvent.ValueType  # 9
@@ -150,9 +170,14 @@ class EvidenceContent(_message.Message):
     envelope_sha256: _builtins.bytes
     """SHA-256 of the letter's header bytes (Envelope.header)."""
     recipient: _builtins.str
-    """Code of the recipient agency this evidence concerns."""
+    """Code of the recipient agency this evidence concerns; empty on evidence about the
+    whole letter (SUBMISSION_ACCEPTANCE, RELAY_REJECTION).
+    """
     reason: _builtins.str
-    """UPPER_SNAKE reason code for rejections and failures; empty otherwise."""
+    """UPPER_SNAKE reason code for rejections, failures and expiries (EXPIRY:
+    LETTER_EXPIRED, or DELIVERY_UNCONFIRMED for a letter pushed to a node that never
+    answered); empty otherwise. HubService.Connect lists a RELAY_REJECTION's reasons.
+    """
     detail: _builtins.str
     """Human-readable detail; never a secret."""
     @_builtins.property
