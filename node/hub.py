@@ -1035,13 +1035,15 @@ class Hub(pb.HubServiceServicer):
                 count_rejection(Code.INVALID_ARGUMENT.name, content.reason)
                 self._unverified_receipt(session, item)
                 continue
+            # Verified: acknowledged from here on, taken or refused for good (sending it
+            # again would change nothing; one that does not verify may once a key is known).
+            ids.append(content.evidence_id)
             try:
                 shams = format_shams(content.shams)
             except ValueError:
                 log.warning("receipt from %s without a valid number refused", agency)
                 count_rejection(Code.INVALID_ARGUMENT.name, "INVALID_SHAMS")
                 continue
-            ids.append(content.evidence_id)
             if (
                 content.issuer != f"urn:chapar:agency:{agency}"
                 or content.recipient != agency

@@ -454,3 +454,26 @@ async def test_a_refused_handover_leaves_its_letter_unanswered_not_free_to_expir
     assert letter.shams not in session.inflight
     assert hub._unanswered == {RECIPIENT: {letter.shams}}
     assert [r.__dict__.get("reason") for r in caplog.records] == ["HANDOVER_WITHOUT_DELIVERY"]
+
+
+async def test_a_verified_receipt_naming_no_valid_number_is_acknowledged(
+    store: HubStore,
+) -> None:
+    # Signed by its recipient and verified, but its number does not parse: refused for
+    # good (no later key or directory makes it name a letter). It was left unacknowledged,
+    # so its node sent it again on every stream, for ever.
+    letter = _letter(12)
+    await store.accept([letter], _relay)
+    item, content, _ = _receipt(letter, E.EVIDENCE_EVENT_DELIVERY)
+    content.shams.sequence = -1  # not a number a SHAMS can carry
+    hub = SimpleNamespace(
+        trust=SimpleNamespace(verify_evidence_many=lambda items: [content]),
+        store=store,
+        _unanswered={},
+        _wake=lambda agency, notices: None,
+        _count=lambda agency, delta: None,
+    )
+    session = _Session(RECIPIENT, None)  # type: ignore[arg-type]
+    ids = await Hub._receipts(hub, session, [item])  # type: ignore[arg-type]
+    assert ids == [content.evidence_id]
+    assert await _events(store, letter.shams) == [E.EVIDENCE_EVENT_RELAY_ACCEPTANCE]

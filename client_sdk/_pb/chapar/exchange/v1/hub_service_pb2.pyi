@@ -417,8 +417,9 @@ class ConnectResponse(_message.Message):
     def receipt_acks(self) -> Global___EvidenceAckBatch:
         """Acknowledges receipts frames: the hub has stored these evidence ids, or refused them
         for good (a receipt about another agency or another letter, or a HANDOVER with no
-        DELIVERY before it: sending it again would change nothing). A receipt that does not
-        verify, is over 64 KiB or names no valid number is not acknowledged.
+        DELIVERY before it, or one naming no valid number: sending it again would change
+        nothing). A receipt that does not verify (a key the hub may learn later) or is over
+        64 KiB is not acknowledged.
         """
 
     @_builtins.property
