@@ -1,0 +1,189 @@
+"""Security review (certificate holders): holes proved against the real checking code.
+
+Each test states what should hold; each is marked ``xfail(strict=True)`` because it does
+not hold on the code as it is. A fix turns the test into a pass (and strict xfail into a
+failure, so the mark must then go)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from certs.pki import (
+    PkiLayout,
+    generate_key,
+    init_pki,
+    issue_certificate,
+    issue_party,
+    load_certs,
+    load_key,
+)
+from client_sdk import pb
+from client_sdk.identity import Identity
+from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer
+from client_sdk.trust import TrustStore, VerificationError, set_timestamp
+from node.agency import Access, Agency
+from node.core.letters import format_shams
+from node.rpc.hub_link import _NotTheHub, check_hub_attestation
+from tests.unit.conftest import RECIPIENT, SENDER
+
+A, B = "000.00.00.G22", "10861234567"
+NONCE = b"n" * 32
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiLayout:
+    layout = init_pki(tmp_path_factory.mktemp("review") / "pki", hub="national", agencies=[A, B])
+    # What `chapar pki issue --dir pki --hub staging` makes: a second hub identity from the
+    # same CA (a staging or test hub, a hub renamed, an operator's slip).
+    issue_party(layout.root, Identity.for_hub("staging"))
+    return layout
+
+
+def _fresh_leaf(pki: PkiLayout, uri: str) -> x509.Certificate:
+    """A new client certificate under the PKI's intermediate: what whoever holds a CA key
+    (the one revoked for its compromise) mints at will."""
+    key = generate_key("ecdsa-p256")
+    return issue_certificate(
+        issuer_cert=load_certs(pki.intermediate_cert)[0],
+        issuer_key=load_key(pki.intermediate_key),
+        subject_key=key,
+        identity_uri=uri,
+        kind="client",
+    )
+
+
+# -- F1: a revoked CA held as a trust anchor counts only from the second look ----------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review F1: TrustStore.verify_certificate checks the revocation of the leaf and of"
+    " each intermediate it walks, but not of the CA it finds among its roots: a chain's first"
+    " verification passes, only the cached second one is refused (client_sdk/trust.py,"
+    " the root branch of the chain walk). Every freshly minted leaf is admitted once.",
+)
+@pytest.mark.parametrize("anchor", ["root", "intermediate-in-tls-ca"])
+def test_a_revoked_trust_anchor_refuses_a_chain_at_its_first_verification(
+    pki: PkiLayout, anchor: str
+) -> None:
+    root = load_certs(pki.root_cert)[0]
+    intermediate = load_certs(pki.intermediate_cert)[0]
+    if anchor == "root":
+        trust = TrustStore([root], [intermediate])
+        revoked = root
+    else:
+        # tls.ca holding the CA bundle (root and intermediate), as operators often give it:
+        # node.server._trust makes every certificate of tls.ca a root of the trust store.
+        trust = TrustStore([root, intermediate])
+        revoked = intermediate
+    trust.set_revoked({revoked.serial_number})
+    leaf = _fresh_leaf(pki, f"urn:chapar:client:{A}:mallory")
+    with pytest.raises(VerificationError) as refused:
+        trust.verify_certificate(leaf, "tls")  # what node.rpc.peer does on every call
+    assert refused.value.reason == "CERTIFICATE_REVOKED"
+
+
+def test_f1_detail_the_same_chain_is_refused_from_its_second_verification(pki: PkiLayout) -> None:
+    """Not a proof, the inconsistency F1 rests on: the cached chain is checked whole."""
+    root = load_certs(pki.root_cert)[0]
+    trust = TrustStore([root], load_certs(pki.intermediate_cert))
+    trust.set_revoked({root.serial_number})
+    leaf = _fresh_leaf(pki, f"urn:chapar:client:{A}:mallory")
+    assert trust.verify_certificate(leaf, "tls").uri.endswith(":mallory")  # admitted once
+    with pytest.raises(VerificationError):
+        trust.verify_certificate(leaf, "tls")
+    # ... and the next fresh leaf is admitted once again.
+    other = _fresh_leaf(pki, f"urn:chapar:client:{A}:mallory")
+    assert trust.verify_certificate(other, "tls").name == "mallory"
+
+
+# -- F2: any hub identity of the CA is "the hub" ----------------------------------------------
+
+
+def _welcome(signer: Signer, *, hub: str, agency: str, nonce: bytes) -> pb.ConnectWelcome:
+    content = pb.HubAttestationContent(hub=hub, agency=agency, nonce=nonce)
+    set_timestamp(content.attest_time, dt.datetime.now(dt.UTC))
+    raw = content.SerializeToString()
+    welcome = pb.ConnectWelcome(hub=hub)
+    welcome.attestation.CopyFrom(
+        pb.HubAttestation(
+            content=raw,
+            signature=signer.sign(HUB_ATTESTATION_PAYLOAD_TYPE, raw),
+            certificates=[signer.certificate.public_bytes(serialization.Encoding.DER)],
+        )
+    )
+    return welcome
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review F2: check_hub_attestation (node/rpc/hub_link.py) takes any"
+    " urn:chapar:hub:* signing key of the CA as the hub; a node knows no hub name (its"
+    " config has only the address) and does not compare with the hub its directory names."
+    " A holder of a second hub certificate (`chapar pki issue --hub staging`) that answers"
+    " the node's dial is attested, then its directory (revocations, hub keys) is applied.",
+)
+def test_a_node_refuses_a_hub_other_than_the_one_its_directory_names(pki: PkiLayout) -> None:
+    trust = TrustStore(load_certs(pki.root_cert), load_certs(pki.intermediate_cert))
+    # The hub this node has always talked to (its held directory says hub = this URI).
+    national = Signer.from_files(
+        pki.hub_dir("national") / "signing.key", pki.hub_dir("national") / "signing.crt"
+    )
+    held = pb.Directory(version=1, hub="urn:chapar:hub:national")
+    trust.add_certificates([national.certificate])
+    assert held.hub == "urn:chapar:hub:national"
+    staging = Signer.from_files(
+        pki.hub_dir("staging") / "signing.key", pki.hub_dir("staging") / "signing.crt"
+    )
+    welcome = _welcome(staging, hub="urn:chapar:hub:staging", agency=A, nonce=NONCE)
+    with pytest.raises(_NotTheHub):
+        check_hub_attestation(trust, welcome, A, NONCE)
+
+
+# -- F3: a mailbox-limited client replies into another mailbox's letter -----------------------
+
+
+def _draft(mailbox: str, *, in_reply_to: pb.Shams | None = None) -> pb.SubmitEnvelopeRequest:
+    draft = pb.LetterDraft(
+        sender_mailbox=mailbox,
+        recipients=[pb.Address(agency=RECIPIENT)],
+        subject="s",
+        body=b"b",
+    )
+    if in_reply_to is not None:
+        draft.in_reply_to.CopyFrom(in_reply_to)
+    return pb.SubmitEnvelopeRequest(draft=draft)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review F3: Agency._submit (node/agency.py, the reply branch after"
+    " _check_hub_frame) reads the parent of a reply with store.held_letter without"
+    " access.require, unlike a status update (_fit_status_update): a client limited to"
+    " mailbox 'm1' replies to a letter of mailbox 'm2' and the node signs into its header"
+    " that letter's thread_root, which the client then reads; TrackCorrespondence on its"
+    " reply walks the other mailbox's thread (numbers and links).",
+)
+async def test_a_limited_client_cannot_reply_into_a_letter_of_another_mailbox(
+    agency: Agency,
+) -> None:
+    everyone = Access(Identity.for_agency(SENDER), None)
+    # Mailbox m2's correspondence: a first letter, then a reply to it.
+    (first,) = await agency._submit([_draft("m2")], everyone)
+    assert isinstance(first, pb.Receipt), first
+    (second,) = await agency._submit([_draft("m2", in_reply_to=first.shams)], everyone)
+    assert isinstance(second, pb.Receipt), second
+    limited = Access(Identity.for_client(SENDER, "clerk"), frozenset({"m1"}))
+    (reply,) = await agency._submit([_draft("m1", in_reply_to=second.shams)], limited)
+    if isinstance(reply, pb.Receipt):
+        stored = await agency.store.letter(reply.shams_text)
+        assert stored is not None
+        header = pb.EnvelopeHeader.FromString(stored.envelope.header)
+        # What leaked: the thread root of m2's letter, which m1 may not read.
+        leaked = format_shams(header.thread_root)
+        pytest.fail(f"accepted; its signed header names m2's thread root {leaked}")
+    assert reply.reason == "MAILBOX_NOT_ALLOWED"
