@@ -6,8 +6,11 @@ failure, so the mark must then go)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -187,3 +190,77 @@ async def test_a_limited_client_cannot_reply_into_a_letter_of_another_mailbox(
         leaked = format_shams(header.thread_root)
         pytest.fail(f"accepted; its signed header names m2's thread root {leaked}")
     assert reply.reason == "MAILBOX_NOT_ALLOWED"
+
+
+# -- F4: a sender naming a digest the recipient's node holds for another mailbox -------------
+
+
+class _Context:
+    """Enough of a grpc servicer context for DownloadDocument."""
+
+    def __init__(self) -> None:
+        self.written: list[pb.DownloadDocumentResponse] = []
+        self.aborted: grpc.StatusCode | None = None
+
+    async def write(self, message: pb.DownloadDocumentResponse) -> None:
+        self.written.append(message)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()
+    ) -> None:
+        self.aborted = code
+        raise grpc.aio.AbortError()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review F4: DownloadDocument (node/documents.py) serves a document of another"
+    " owner (chapar://C/...) from this node's own store whenever it holds that digest, for"
+    " any reason; senders_documents (node/core/documents.py) takes C's address with any"
+    " digest as C's own. A sender node C that knows only a digest (an auditor's or the"
+    " hub's view of headers shows them) names it in a letter to mailbox m1: m1's limited"
+    " client then downloads m2's document, which C never held, and may attach it onward.",
+)
+async def test_a_letter_naming_a_digest_gives_no_mailbox_the_nodes_copy_held_for_another(
+    agency: Agency, tmp_path: Path
+) -> None:
+    from node.core.documents import document_uri, senders_documents
+    from node.document_store import DocumentStore
+    from node.documents import Documents
+
+    store = DocumentStore(tmp_path / "docs", agency.config.documents)
+    agency.document_store = store
+    secret = b"m2's document, uploaded here and attached to m2's letters only"
+    writer = store.writer(expected_size=len(secret))
+    writer.write(secret)
+    digest, _, _ = await writer.commit()
+    # A letter from RECIPIENT's node (here: agency C) to this agency's mailbox m1, naming
+    # that digest under C's own address: C knows the digest, not the content.
+    uri = document_uri(RECIPIENT, digest)
+    shams = pb.Shams(origin=RECIPIENT, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=7)
+    header = pb.EnvelopeHeader(
+        shams=shams,
+        sender=pb.Address(agency=RECIPIENT, mailbox="x"),
+        recipients=[pb.Address(agency=SENDER, mailbox="m1")],
+    )
+    header.attachments.add(
+        uri=uri, sha256=digest, size=len(secret), media_type="application/pdf", file_name="a.pdf"
+    )
+    assert senders_documents(header, RECIPIENT) == [digest]  # what the hub link indexes
+    envelope = pb.Envelope(header=header.SerializeToString(), body=b"b")
+    delivery = pb.Evidence(content=pb.EvidenceContent(evidence_id="d-7").SerializeToString())
+    await agency.store.store_incoming(
+        [(format_shams(shams), RECIPIENT, ["m1"], envelope)],
+        lambda _i: delivery,
+        documents=[[digest]],
+    )
+    m1 = Access(Identity.for_client(SENDER, "clerk"), frozenset({"m1"}))
+    agency._authorize = lambda _context, read_only=False: m1  # type: ignore[method-assign]
+    context = _Context()
+    with contextlib.suppress(grpc.aio.AbortError):
+        await Documents(agency, store).DownloadDocument(
+            pb.DownloadDocumentRequest(uri=uri),
+            context,  # type: ignore[arg-type]
+        )
+    served = b"".join(m.chunk for m in context.written)
+    assert secret not in served, "m1's client was served m2's document"
