@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -26,10 +27,10 @@ from certs.pki import (
 )
 from client_sdk import pb
 from client_sdk.identity import Identity
+from client_sdk.shams import format_shams
 from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer
 from client_sdk.trust import TrustStore, VerificationError, set_timestamp
 from node.agency import Access, Agency
-from node.core.letters import format_shams
 from node.rpc.hub_link import _NotTheHub, check_hub_attestation
 from tests.unit.conftest import RECIPIENT, SENDER
 
@@ -255,12 +256,15 @@ async def test_a_letter_naming_a_digest_gives_no_mailbox_the_nodes_copy_held_for
         documents=[[digest]],
     )
     m1 = Access(Identity.for_client(SENDER, "clerk"), frozenset({"m1"}))
-    agency._authorize = lambda _context, read_only=False: m1  # type: ignore[method-assign]
+
+    def authorize(_context: object, *, read_only: bool = False) -> Access:
+        return m1
+
+    agency._authorize = authorize  # type: ignore[method-assign,assignment]
     context = _Context()
     with contextlib.suppress(grpc.aio.AbortError):
         await Documents(agency, store).DownloadDocument(
-            pb.DownloadDocumentRequest(uri=uri),
-            context,  # type: ignore[arg-type]
+            pb.DownloadDocumentRequest(uri=uri), cast(Any, context)
         )
     served = b"".join(m.chunk for m in context.written)
     assert secret not in served, "m1's client was served m2's document"
