@@ -570,7 +570,7 @@ def recipient_jobs() -> list[Job]:
             (
                 Statement(
                     "mark receipts sent",
-                    "UPDATE evidence SET to_send = 0 WHERE evidence_id = ?",
+                    "UPDATE evidence SET to_send = 0, acked_at = ? WHERE evidence_id = ?",
                     2,
                 ),
             ),
@@ -1393,7 +1393,7 @@ def _params(job: Job, st: Statement, r: _Rows, k: int) -> Sequence[Any]:
         ],
         # The HANDOVER rows: every DELIVERY row before them was marked sent already.
         ("receipts_after", "read receipts to send"): lambda: (2 * lo + size, size),
-        ("receipts_acknowledged_later", "mark receipts sent"): lambda: [(i,) for i in both],
+        ("receipts_acknowledged_later", "mark receipts sent"): lambda: [(now, i) for i in both],
     }
     return table[key]()
 

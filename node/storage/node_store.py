@@ -155,6 +155,13 @@ MIGRATIONS = [
     """
     ALTER TABLE outbox ADD COLUMN relayed_at REAL;
     """,
+    # 8: when the hub last acknowledged each receipt this node issued, so that after a
+    # restore of the hub the node sends again what the hub stored after its backup, however
+    # long before the node recorded it (its link down across the backup). Rows from before
+    # have none; their recorded_at stands in.
+    """
+    ALTER TABLE evidence ADD COLUMN acked_at REAL;
+    """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
 # The restore time (node.backup's mark) whose numbers the hub's welcome has confirmed.
@@ -807,14 +814,16 @@ class NodeStore(Store):
     def receipts_acknowledged_later(
         self, evidence_ids: Sequence[str], on_commit: Callable[[None], None] | None = None
     ) -> None:
-        """Marks receipts the hub acknowledged as sent, in the next transaction
-        (``Database.write_later``): a receipt whose mark a crash lost is sent again, and the
-        hub stores it once. ``on_commit`` runs once the mark is committed."""
+        """Marks receipts the hub acknowledged as sent, and when (now: the hub stored them
+        before it acknowledged them; ``handle_hub_restore`` reads it), in the next
+        transaction (``Database.write_later``): a receipt whose mark a crash lost is sent
+        again, and the hub stores it once. ``on_commit`` runs once the mark is committed."""
+        now = time.time()
 
         def job(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "UPDATE evidence SET to_send = 0 WHERE evidence_id = ?",
-                [(e,) for e in evidence_ids],
+                "UPDATE evidence SET to_send = 0, acked_at = ? WHERE evidence_id = ?",
+                [(now, e) for e in evidence_ids],
             )
 
         self.db.write_later(job, on_commit)
@@ -1106,8 +1115,12 @@ class NodeStore(Store):
         not ended in failure (any recipient neither REJECTED, FAILED nor EXPIRED: one
         still on its way, or one that got it, whose letter, evidence and document grants
         the hub must hold again), and for sending again the receipts ``issuer`` (this
-        node) recorded since then; remembers, in the same transaction, that the restore
-        named ``restore_time`` is handled. Returns how many letters and receipts.
+        node) issued that the hub acknowledged since then (``acked_at``; ``recorded_at``
+        for rows from before schema 8): the copy may lack one recorded long before it
+        and stored only after (this node's link down across the backup), of a letter the
+        copy holds dequeued and so never pushes again. Those never acknowledged are on
+        their way already. Remembers, in the same transaction, that the restore named
+        ``restore_time`` is handled. Returns how many letters and receipts.
 
         A one-off that reads the outbox and evidence since ``since`` without an index: a
         hub restore is rare, and these columns are not worth an index on every letter.
@@ -1130,8 +1143,8 @@ class NodeStore(Store):
             ).rowcount
             receipts: list[tuple[str]] = []
             for evidence_id, blob in conn.execute(
-                "SELECT evidence_id, evidence FROM evidence WHERE to_send = 0 AND recorded_at >= ?"
-                " AND event IN (?, ?, ?)",
+                "SELECT evidence_id, evidence FROM evidence WHERE to_send = 0"
+                " AND coalesce(acked_at, recorded_at) >= ? AND event IN (?, ?, ?)",
                 (since, *_RECEIPT_EVENTS),
             ):
                 content = pb.EvidenceContent.FromString(pb.Evidence.FromString(blob).content)

@@ -468,3 +468,72 @@ async def test_after_a_hub_restore_a_letter_finished_since_its_snapshot_is_back_
     finally:
         codes = cluster.stop()
     assert set(codes.values()) == {0}, codes
+
+
+async def test_after_a_hub_restore_a_receipt_it_stored_after_its_snapshot_reaches_the_sender(
+    tmp_path: Path,
+) -> None:
+    """A HANDOVER the recipient's node recorded long before the hub's copy but could send
+    only after it (its link down across the backup) is lost with the hub's data, and the
+    copy holds its letter dequeued (its DELIVERY came before), so the letter is not pushed
+    again: the node sends the HANDOVER again, as the hub acknowledged it after the copy,
+    and it reaches the sender, which was away when the hub first routed it."""
+    cluster = await Cluster.start(tmp_path / "c", [A, B], node_settings=NODE_SETTINGS)
+    hub, node_a, node_b = cluster.hub, cluster.nodes[A], cluster.nodes[B]
+    backup = tmp_path / "backup-hub"
+    try:
+        async with client(node_a, cluster, A) as a:
+            shams = (await a.send(to=[B], subject="late", body="x")).shams
+        await eventually(
+            lambda: states(database(node_a), [shams]) == {shams: lifecycle.DELIVERED}, "delivery"
+        )
+        assert hub.terminate() == 0  # B's link down
+        async with client(node_b, cluster, B) as b:
+            async for letter in b.inbox():
+                assert letter.shams == shams
+                await letter.ack()
+                break
+        assert node_b.terminate() == 0  # its link still down across the backup
+        assert node_a.terminate() == 0  # the sender away until after the restore
+        hub.start()
+        await hub.wait_ready()
+        made = await asyncio.to_thread(chapar, "backup", "--config", hub.config, "--to", backup)
+        assert made.returncode == 0, made.stdout + made.stderr
+        # B recorded its receipts an hour before the copy: far beyond the margin.
+        conn = sqlite3.connect(database(node_b))
+        with conn:
+            conn.execute("UPDATE evidence SET recorded_at = recorded_at - 3600")
+        conn.close()
+        node_b.start()
+        await node_b.wait_ready()
+        await eventually(
+            lambda: (
+                states(database(hub), [shams]) == {shams: lifecycle.HANDED_OVER}
+                and count(database(node_b), "SELECT count(*) FROM evidence WHERE to_send = 1") == 0
+            ),
+            "the HANDOVER stored and acknowledged by the hub",
+        )
+        cluster.stop()
+        done = chapar("restore", "--config", hub.config, "--from", backup)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert states(database(hub), [shams]) == {shams: lifecycle.DELIVERED}  # lost with it
+        assert states(database(node_a), [shams]) == {shams: lifecycle.DELIVERED}
+
+        hub.start()
+        await hub.wait_ready()
+        for node in (node_a, node_b):
+            node.start()
+        for node in (node_a, node_b):
+            await node.wait_ready()
+        await eventually(
+            lambda: states(database(node_a), [shams]) == {shams: lifecycle.HANDED_OVER},
+            "the HANDOVER at the sender",
+            timeout=30.0,
+        )
+        assert states(database(hub), [shams]) == {shams: lifecycle.HANDED_OVER}
+        for where in (node_b, hub, node_a):
+            for event in (pb.EVIDENCE_EVENT_DELIVERY, pb.EVIDENCE_EVENT_HANDOVER):
+                assert evidence_count(where, shams, event) == 1, (where.name, event)
+    finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes

@@ -3,8 +3,10 @@ mark, the hub's highest accepted numbers and a node's counters moving up to them
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from client_sdk import pb
 from node import backup as backup_module
 from node.backup import BackupError, Manifest, check_manifest
 from node.core import lifecycle
-from node.storage import hub_store
+from node.storage import hub_store, node_store
 from node.storage.db import Database
 from node.storage.hub_store import HubStore
 from node.storage.node_store import NodeStore
@@ -328,5 +330,89 @@ async def test_a_node_sends_again_at_most_eight_days_back_after_a_hub_restore(
         assert [r[0] for r in again] == ["recent"]
         resend = await store.db.fetchall("SELECT evidence_id FROM evidence WHERE to_send = 1")
         assert [r[0] for r in resend] == ["d-recent"]
+    finally:
+        await store.close()
+
+
+async def test_after_a_hub_restore_a_node_sends_again_receipts_the_hub_acknowledged_after_the_copy(
+    tmp_path: Path,
+) -> None:
+    """A receipt recorded before the hub's copy but acknowledged by the hub after it (the
+    node's link down across the backup, longer than the margin) is lost with the hub's
+    data: it is sent again. One the hub acknowledged before the copy is not; one never
+    acknowledged is on its way anyway."""
+    store = await NodeStore.open(tmp_path / "node.db")
+    long_ago = time.time() - 3600.0  # all recorded an hour before the copy
+
+    def evidence(evidence_id: str, event: int) -> bytes:
+        content = pb.EvidenceContent(evidence_id=evidence_id, event=event, issuer=NODE)  # type: ignore[arg-type]
+        return pb.Evidence(content=content.SerializeToString()).SerializeToString()
+
+    def fill(conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
+            " VALUES (?, 'x', ?, ?, 1, ?)",
+            [
+                (i, event, evidence(i, event), long_ago)
+                for i, event in [
+                    ("acked-before", pb.EVIDENCE_EVENT_DELIVERY),
+                    ("acked-after", pb.EVIDENCE_EVENT_HANDOVER),
+                    ("acked-after-f", pb.EvidenceEvent.EVIDENCE_EVENT_DELIVERY_FAILURE),
+                    ("never-acked", pb.EVIDENCE_EVENT_HANDOVER),
+                ]
+            ],
+        )
+
+    async def acknowledge(ids: list[str]) -> None:
+        """The hub's acknowledgement, marked as the node's stream marks it."""
+        committed = asyncio.get_running_loop().create_future()
+        store.receipts_acknowledged_later(ids, committed.set_result)
+        await store.db.write(lambda conn: None)  # it rides on this transaction
+        await committed
+
+    await store.db.write(fill)
+    try:
+        await acknowledge(["acked-before"])
+        await asyncio.sleep(0.01)
+        copy = time.time()  # the hub's copy (its time, the margin already taken off)
+        await asyncio.sleep(0.01)
+        # The node's link comes back: the hub stores and acknowledges the others.
+        await acknowledge(["acked-after", "acked-after-f"])
+        assert await store.handle_hub_restore("42", copy, NODE) == (0, 2)
+        resend = await store.db.fetchall("SELECT evidence_id FROM evidence WHERE to_send = 1")
+        assert sorted(r[0] for r in resend) == ["acked-after", "acked-after-f", "never-acked"]
+    finally:
+        await store.close()
+
+
+async def test_a_node_database_migrates_to_acknowledgement_times_and_older_rows_go_by_recorded_at(
+    tmp_path: Path,
+) -> None:
+    """A node's database from before schema 8 gains ``acked_at``, empty on its rows: after a
+    restore of the hub, those receipts are sent again by when they were recorded, as before."""
+    path = tmp_path / "node.db"
+    old = await Database.open(path, node_store.MIGRATIONS[:7])
+
+    def receipts(conn: sqlite3.Connection) -> None:
+        for evidence_id, at in [("before", 900.0), ("since", 1_100.0)]:
+            content = pb.EvidenceContent(
+                evidence_id=evidence_id, event=pb.EVIDENCE_EVENT_DELIVERY, issuer=NODE
+            )
+            blob = pb.Evidence(content=content.SerializeToString()).SerializeToString()
+            conn.execute(
+                "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send, recorded_at)"
+                " VALUES (?, 'x', ?, ?, 0, ?)",
+                (evidence_id, pb.EVIDENCE_EVENT_DELIVERY, blob, at),
+            )
+
+    await old.write(receipts)
+    await old.close()
+    store = await NodeStore.open(path)
+    try:
+        assert await store.db.fetchone("PRAGMA user_version") == (len(node_store.MIGRATIONS),)
+        assert await store.db.fetchall("SELECT acked_at FROM evidence") == [(None,), (None,)]
+        assert await store.handle_hub_restore("42", 1_000.0, NODE, now=1_200.0) == (0, 1)
+        resend = await store.db.fetchall("SELECT evidence_id FROM evidence WHERE to_send = 1")
+        assert [r[0] for r in resend] == ["since"]
     finally:
         await store.close()
