@@ -1510,11 +1510,13 @@ class ExchangeClient:
         returned says where. The file appears at
         ``path`` only when its size and SHA-256 are those of the
         reference (or of the address, for a bare URI); otherwise the partial file is
-        deleted and DataLoss is raised. One download at a time writes that partial file (an
-        exclusive ``flock`` on it): another into the same path, from this process or
-        another, waits for it (within its ``timeout``, if given: DeadlineExceeded
-        ``DOWNLOAD_IN_PROGRESS``), then keeps the file it left at ``path`` if that is the
-        document (after checking its digest), or else resumes from what it left.
+        deleted and DataLoss is raised. Both files are created mode 0600 (letter content;
+        a partial file readable by others is made owner-only before it is resumed). One
+        download at a time writes that partial file (an exclusive ``flock`` on it): another
+        into the same path, from this process or another, waits for it (within its
+        ``timeout``, if given: DeadlineExceeded ``DOWNLOAD_IN_PROGRESS``), then keeps the
+        file it left at ``path`` if that is the document (after checking its digest), or
+        else resumes from what it left.
         """
         uri = document if isinstance(document, str) else document.uri
         try:
@@ -1732,6 +1734,8 @@ def _check_stream_options(batch_size: int, max_in_flight: int, linger_s: float) 
 
 _PART_LOCK_POLL_S: Final = 0.05
 """How often a download waiting for another into the same path tries its lock again."""
+_SAVED_MODE: Final = 0o600
+"""Of a downloaded document and its partial file: owner only, from creation."""
 
 
 async def _lock_part(part: Path) -> tuple[BinaryIO, bool]:
@@ -1741,7 +1745,7 @@ async def _lock_part(part: Path) -> tuple[BinaryIO, bool]:
     wait polls (a cancelled caller stops waiting, and the event loop never blocks)."""
     waited = False
     while True:
-        out = await asyncio.to_thread(part.open, "ab")
+        out = await asyncio.to_thread(_open_part, part)
         try:
             while not _try_lock(out):
                 waited = True
@@ -1755,6 +1759,24 @@ async def _lock_part(part: Path) -> tuple[BinaryIO, bool]:
             raise
         out.close()
         waited = True
+
+
+def _open_part(part: Path) -> BinaryIO:
+    """``part`` opened to append, created mode 0600 if it is not there: a document is letter
+    content, no other local user's to read (as ``chapar track --save`` writes an evidence
+    bundle). One left readable by others (by an earlier version, which took the umask's
+    mode) is made owner-only before a byte more goes into it, where the file system keeps
+    modes (on FAT, say, the mount's options decide them, and chmod fails)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    fd = os.open(part, flags, _SAVED_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o077 and hasattr(os, "fchmod"):  # not on Windows
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, _SAVED_MODE)
+        return os.fdopen(fd, "ab")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _try_lock(out: BinaryIO) -> bool:
@@ -1857,7 +1879,8 @@ def _claim(part: Path, target: Path) -> bool:
         return False
     except OSError:  # no hard links here (FAT, many SMB and FUSE mounts): claim the name
         try:
-            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
+            fd = os.open(target, flags, _SAVED_MODE)
         except FileExistsError:
             return False
         # The content is copied into the claimed file (not renamed over it), so the name

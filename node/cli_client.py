@@ -128,7 +128,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="download a document through the node; the file appears only if its digest checks",
     )
     fetch.add_argument("uri", metavar="URI", help="chapar://<agency>/documents/sha256/<hex>")
-    fetch.add_argument("--out", type=Path, required=True, metavar="PATH", help="where to save it")
+    fetch.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="where to save it (mode 0600: it is letter content)",
+    )
     fetch.add_argument("--json", action="store_true", help="print JSON")
     fetch.set_defaults(func=_handler(_fetch))
 

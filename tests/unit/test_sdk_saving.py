@@ -7,18 +7,18 @@ import asyncio
 import errno
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from client_sdk import ExchangeClient, errors
+from client_sdk import ExchangeClient, errors, pb
 from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
     add_DocumentServiceServicer_to_server,
 )
-from client_sdk.client import _place
+from client_sdk.client import _place, partial_path
 from client_sdk.signing import sha256
 from tests.unit.test_sdk import _attachment_of, _GatedDocuments, _serve
 
@@ -146,3 +146,107 @@ async def test_without_hard_links_a_copy_that_fails_leaves_no_file_under_the_nam
     assert saved.name == "x.pdf"
     assert saved.read_bytes() == ONE
     assert _names(tmp_path) == ["x.pdf"]
+
+
+# -- modes: an attachment is letter content, no other local user's to read -------------------
+
+
+class _AskedDocuments(_GatedDocuments):
+    """``_GatedDocuments`` that also says when a download was asked for, and from where."""
+
+    def __init__(self, contents: list[bytes]) -> None:
+        super().__init__(contents)
+        self.asked = asyncio.Event()
+        self.offsets: list[int] = []
+
+    async def DownloadDocument(
+        self, request: pb.DownloadDocumentRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadDocumentResponse]:
+        self.offsets.append(request.offset)
+        self.asked.set()
+        async for response in super().DownloadDocument(request, context):
+            yield response
+
+
+@pytest.fixture
+async def asked() -> AsyncIterator[tuple[_AskedDocuments, ExchangeClient]]:
+    """A document server whose downloads wait at its gate, and a client of it."""
+    docs = _AskedDocuments([ONE, TWO])
+    server, address = await _serve(docs, add_DocumentServiceServicer_to_server)
+    channel = grpc.aio.insecure_channel(address)
+    yield docs, ExchangeClient.from_channel(channel)
+    docs.gate.set()
+    await channel.close()
+    await server.stop(None)
+
+
+@pytest.fixture
+def usual_umask() -> Iterator[None]:
+    """The umask most accounts have (022): files made with the default mode come out 0644,
+    readable by every local user."""
+    before = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def _mode(path: Path) -> str:
+    return oct(path.stat().st_mode & 0o777)
+
+
+@pytest.mark.usefixtures("usual_umask")
+@pytest.mark.parametrize("into", [False, True], ids=["save", "save_into"])
+async def test_an_attachment_is_saved_readable_by_its_owner_only_from_its_first_byte(
+    asked: tuple[_AskedDocuments, ExchangeClient], tmp_path: Path, into: bool
+) -> None:
+    # An attachment holds letter content, as an evidence bundle does (chapar track --save
+    # writes it 0600): its partial file and the saved file came out with the umask's 0644.
+    docs, client = asked
+    attachment = _attachment_of(ONE, "contract.pdf", client)
+    saving = asyncio.create_task(
+        attachment.save_into(tmp_path) if into else attachment.save(tmp_path / "contract.pdf")
+    )
+    await asyncio.wait_for(docs.asked.wait(), 5)  # the partial file is open, nothing in it
+    (part,) = [tmp_path / n for n in _names(tmp_path)]
+    assert (part.stat().st_size, _mode(part)) == (0, oct(0o600))
+    docs.gate.set()
+    saved = await asyncio.wait_for(saving, 5)
+    assert saved.read_bytes() == ONE
+    assert _mode(saved) == oct(0o600)
+
+
+@pytest.mark.usefixtures("usual_umask")
+async def test_where_there_are_no_hard_links_the_claimed_file_is_readable_by_its_owner_only(
+    client: ExchangeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The name is claimed by an exclusive create and the content copied in: that file was
+    # made 0644.
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    saved = await _attachment_of(ONE, "b.pdf", client).save_into(tmp_path)
+    assert (saved.name, saved.read_bytes()) == ("b.pdf", ONE)
+    assert _mode(saved) == oct(0o600)
+
+
+@pytest.mark.usefixtures("usual_umask")
+async def test_a_resumed_partial_file_readable_by_others_is_made_owner_only_before_more_comes(
+    asked: tuple[_AskedDocuments, ExchangeClient], tmp_path: Path
+) -> None:
+    # A partial download left by an earlier version (0644) was appended to as it was, and
+    # the whole document then saved under that mode.
+    docs, client = asked
+    target = tmp_path / "contract.pdf"
+    part = partial_path(target, sha256(ONE))
+    half = len(ONE) // 2
+    await asyncio.to_thread(part.write_bytes, ONE[:half])
+    await asyncio.to_thread(part.chmod, 0o644)
+    saving = asyncio.create_task(_attachment_of(ONE, "contract.pdf", client).save(target))
+    await asyncio.wait_for(docs.asked.wait(), 5)
+    assert docs.offsets == [half]  # resumed, and nothing more written yet
+    assert (part.stat().st_size, _mode(part)) == (half, oct(0o600))
+    docs.gate.set()
+    saved = await asyncio.wait_for(saving, 5)
+    assert (saved.read_bytes(), _mode(saved)) == (ONE, oct(0o600))
