@@ -10,6 +10,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from node.cli_output import OutputFailed, emit, failed, finish
 from node.config import ConfigError, load_hub_config, load_node_config
 
 __all__ = ["main"]
@@ -63,9 +64,10 @@ def _backup(ns: argparse.Namespace) -> int:
     except (BackupError, OSError, sqlite3.Error) as exc:
         print(f"error: backup refused: {exc}", file=sys.stderr)
         return 1
-    print(f"backed up into {ns.to}")
-    for line in describe(manifest):
-        print(f"  {line}")
+    emit(
+        [f"backed up into {ns.to}", *(f"  {line}" for line in describe(manifest))],
+        f"the backup in {ns.to} is made; its account could not be printed",
+    )
     return 0
 
 
@@ -83,11 +85,10 @@ def _restore(ns: argparse.Namespace) -> int:
     except (BackupError, OSError, sqlite3.Error) as exc:
         print(f"error: restore refused: {exc}", file=sys.stderr)
         return 1
-    print(f"restored from {ns.source}")
-    for line in describe(manifest):
-        print(f"  {line}")
+    lines = [f"restored from {ns.source}", *(f"  {line}" for line in describe(manifest))]
     if aside.exists():
-        print(f"  the replaced database files are kept in {aside}")
+        lines.append(f"  the replaced database files are kept in {aside}")
+    emit(lines, f"the restore from {ns.source} is done; its account could not be printed")
     return 0
 
 
@@ -156,9 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     from node.memory import flat_malloc
 
     flat_malloc()  # before any gRPC thread exists: see node/memory.py
-    ns = build_parser().parse_args(argv)
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit:  # argparse printed the help, or a usage error on stderr
+        try:
+            finish()
+        except OutputFailed as exc:
+            return failed(exc)
+        raise
     try:
         code: int = ns.func(ns)
+        # What a command printed and Python still holds goes out now, not at exit, where a
+        # failure is a second message ("Exception ignored ...") and exit 120.
+        finish()
+    except OutputFailed as exc:  # standard output closed or failing, in any command
+        return failed(exc)
     except KeyboardInterrupt:  # Ctrl-C in any command: quiet, as the client commands are
         print("interrupted", file=sys.stderr)
         return 130

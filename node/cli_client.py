@@ -10,7 +10,8 @@ and credentials one of three ways::
     --pki DIR --agency CODE --node H:P    the agency's back-end client certificate
     --ca F --cert F --key F --node H:P    explicit PEM files
 
-Failures print one line, ``error: <CODE> <REASON>: <message>``, on stderr and exit 1.
+Failures print one line, ``error: <CODE> <REASON>: <message>``, on stderr and exit 1; one
+to write standard output is ``OUTPUT_FAILED`` (``node.cli_output``), whichever command it was.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from client_sdk import (
     pb,
 )
 from client_sdk.trust import TrustStore, VerificationError
+from node.cli_output import OutputFailed, emit, failed
 
 __all__ = ["register"]
 
@@ -55,15 +57,6 @@ class _UsageError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class _OutputFailed(Exception):
-    """Standard output could not be written (a closed pipe, a full disk): the message says
-    what that left undone; ``reason`` is UPPER_SNAKE."""
-
-    def __init__(self, error: OSError, message: str) -> None:
-        super().__init__(f"{message} ({error.strerror or error})")
-        self.reason = "STDOUT_CLOSED" if isinstance(error, BrokenPipeError) else "STDOUT_FAILED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,9 +281,8 @@ def _handler(
             return _fail("VERIFICATION_FAILED", exc.reason, str(exc))
         except _UsageError as exc:
             return _fail("INVALID_ARGUMENT", exc.reason, str(exc))
-        except _OutputFailed as exc:
-            _stdout_gone()
-            return _fail("OUTPUT_FAILED", exc.reason, str(exc))
+        except OutputFailed as exc:  # standard output: no file of the command's, no value
+            return failed(exc)
         except OSError as exc:
             return _fail("INVALID_ARGUMENT", "FILE_UNREADABLE", str(exc))
         except ValueError as exc:
@@ -299,22 +291,6 @@ def _handler(
             return _EXIT_INTERRUPTED
 
     return handler
-
-
-def _stdout_gone() -> None:
-    """After a failed write to standard output: points it at the null device, so that what
-    Python may still hold for it is not written again at exit (a second error message, and
-    exit 120 instead of the command's). Only the process's own standard output: one that was
-    replaced (a test capturing it) is not a descriptor of ours to move."""
-    stdout = sys.__stdout__
-    if stdout is None or sys.stdout is not stdout:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        null = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(null, stdout.fileno())
-        finally:
-            os.close(null)
 
 
 def _fail(code: str, reason: str, message: str) -> int:
@@ -351,8 +327,8 @@ def _evidence_line(described: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, ensure_ascii=False), flush=True)
+def _json_line(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 async def _send(ns: argparse.Namespace) -> int:
@@ -384,20 +360,28 @@ async def _send(ns: argparse.Namespace) -> int:
     evidence = _evidence(receipt.content())
     refs = list(tracking.header.attachments) if tracking is not None else []
     if ns.json:
-        _print_json(
-            {
-                "shams": receipt.shams,
-                "request_id": receipt.request_id,
-                "envelope_sha256": receipt.envelope_sha256.hex(),
-                "evidence": evidence,
-                "attachments": [_ref_json(r) for r in refs],
-            }
-        )
+        lines = [
+            _json_line(
+                {
+                    "shams": receipt.shams,
+                    "request_id": receipt.request_id,
+                    "envelope_sha256": receipt.envelope_sha256.hex(),
+                    "evidence": evidence,
+                    "attachments": [_ref_json(r) for r in refs],
+                }
+            )
+        ]
     else:
-        print(receipt.shams)
-        print(_evidence_line(evidence))
-        for ref in refs:
-            print(f"attachment {ref.uri}  {ref.size} bytes  {ref.media_type}  {ref.file_name}")
+        lines = [receipt.shams, _evidence_line(evidence)]
+        lines += [
+            f"attachment {ref.uri}  {ref.size} bytes  {ref.media_type}  {ref.file_name}"
+            for ref in refs
+        ]
+    emit(
+        lines,
+        f"letter {receipt.shams} was submitted; its receipt could not be printed: send it again"
+        f" with --request-id {receipt.request_id} for the receipt (not a second letter)",
+    )
     return 0
 
 
@@ -414,12 +398,14 @@ def _ref_json(ref: pb.AttachmentRef) -> dict[str, Any]:
 async def _fetch(ns: argparse.Namespace) -> int:
     connection = _connection(ns)
     async with connection.client() as client:
-        path = await client.fetch(ns.uri, ns.out)
+        with _saving(ns.out):
+            path = await client.fetch(ns.uri, ns.out)
     size = path.stat().st_size
     if ns.json:
-        _print_json({"uri": ns.uri, "path": str(path), "size": size, "verified": True})
+        line = _json_line({"uri": ns.uri, "path": str(path), "size": size, "verified": True})
     else:
-        print(f"{path}  {size} bytes  SHA-256 verified")
+        line = f"{path}  {size} bytes  SHA-256 verified"
+    emit([line], f"{path} was saved, its digest verified; that could not be printed")
     return 0
 
 
@@ -462,13 +448,6 @@ def _handover_line(letter: Letter, handover: pb.Evidence, *, as_json: bool) -> s
     return f"  {_evidence_line(described)}"
 
 
-def _emit(lines: list[str]) -> None:
-    """Writes ``lines`` to standard output and flushes them: once this returns they are
-    out of this process (OSError if they could not be written)."""
-    sys.stdout.write("".join(f"{line}\n" for line in lines))
-    sys.stdout.flush()
-
-
 async def _inbox(ns: argparse.Namespace) -> int:
     if ns.limit is not None and ns.limit < 1:
         raise _UsageError("BAD_LIMIT", "--limit must be at least 1")
@@ -497,26 +476,20 @@ async def _inbox(ns: argparse.Namespace) -> int:
                     # Printed first, acknowledged after: a letter whose lines could not be
                     # written (the reader went, as `| head -1` does) is not handed over; it
                     # stays in the inbox. Interrupted in between, it is printed again next
-                    # time rather than handed over unseen.
-                    try:
-                        _emit(_letter_lines(letter, as_json=ns.json))
-                    except OSError as exc:
-                        left = "not acknowledged: it" if ns.ack else "it"
-                        raise _OutputFailed(
-                            exc,
-                            f"letter {letter.shams} could not be printed; {left} stays in the"
-                            " inbox",
-                        ) from exc
+                    # time rather than handed over unseen. So is a letter the output's
+                    # encoding cannot show: it is printed as it is or not at all.
+                    left = "not acknowledged: it" if ns.ack else "it"
+                    emit(
+                        _letter_lines(letter, as_json=ns.json),
+                        f"letter {letter.shams} could not be printed; {left} stays in the inbox",
+                    )
                     if ns.ack:
                         handover = await letter.ack()
-                        try:
-                            _emit([_handover_line(letter, handover, as_json=ns.json)])
-                        except OSError as exc:
-                            raise _OutputFailed(
-                                exc,
-                                f"letter {letter.shams} was printed and handed over; its"
-                                " HANDOVER evidence could not be printed",
-                            ) from exc
+                        emit(
+                            [_handover_line(letter, handover, as_json=ns.json)],
+                            f"letter {letter.shams} was printed and handed over; its HANDOVER"
+                            " evidence could not be printed",
+                        )
                     count += 1
                     if ns.limit is not None and count >= ns.limit:
                         break
@@ -531,10 +504,13 @@ async def _track(ns: argparse.Namespace) -> int:
         # The bundle carries the exchange's revocations: what a revoked key signed does not
         # show as verified here either.
         bundle = await client.evidence_bundle(ns.shams)
+    undone = f"the tracking of {ns.shams} could not be printed"
     if ns.save is not None:
-        _write_replacing(ns.save, bundle.SerializeToString())
+        with _saving(ns.save):
+            _write_replacing(ns.save, bundle.SerializeToString())
+        undone += f" (its evidence bundle is saved in {ns.save})"
     return _verified_or_failed(
-        ns, Tracking.from_bundle(bundle), connection.credentials.trust_store()
+        ns, Tracking.from_bundle(bundle), connection.credentials.trust_store(), undone
     )
 
 
@@ -552,20 +528,22 @@ async def _track_tree(ns: argparse.Namespace, connection: _Connection) -> int:
         failure = exc
     rows = [_tree_row(depth, letter, tree.shams) for depth, letter in tree.walk()]
     if ns.json:
-        _print_json(
-            {
-                "shams": tree.shams,
-                "letters": rows,
-                "truncated": tree.truncated,
-                "verified": failure is None,
-            }
-        )
+        lines = [
+            _json_line(
+                {
+                    "shams": tree.shams,
+                    "letters": rows,
+                    "truncated": tree.truncated,
+                    "verified": failure is None,
+                }
+            )
+        ]
     else:
-        for row in rows:
-            print("  " * row["depth"] + _tree_line(row))
+        lines = ["  " * row["depth"] + _tree_line(row) for row in rows]
         if tree.truncated:
-            print("(the hub cut the tree: track a letter of the missing part to see it)")
-        print("verified" if failure is None else "NOT VERIFIED")
+            lines.append("(the hub cut the tree: track a letter of the missing part to see it)")
+        lines.append("verified" if failure is None else "NOT VERIFIED")
+    emit(lines, f"the correspondence tree of {ns.shams} could not be printed")
     if failure is not None:
         raise failure
     return 0
@@ -607,11 +585,16 @@ async def _verify(ns: argparse.Namespace) -> int:
     trust = TrustStore.from_pem_files(ns.ca if ns.ca is not None else ns.pki / "ca" / "root.crt")
     tracking = Tracking.from_bundle(ns.bundle.read_bytes())
     trust.set_revoked(int(serial, 16) for serial in ns.revoked)  # ValueError: BAD_VALUE
-    return _verified_or_failed(ns, tracking, trust)
+    return _verified_or_failed(
+        ns, tracking, trust, f"the verification of {ns.bundle} could not be printed"
+    )
 
 
-def _verified_or_failed(ns: argparse.Namespace, tracking: Tracking, trust: TrustStore) -> int:
-    """Prints the tracking, each evidence marked verified only if the whole chain is."""
+def _verified_or_failed(
+    ns: argparse.Namespace, tracking: Tracking, trust: TrustStore, undone: str
+) -> int:
+    """Prints the tracking, each evidence marked verified only if the whole chain is;
+    ``undone`` says what a failure to print it leaves undone."""
     failure: VerificationError | None = None
     try:
         verified = [_evidence(v.content) for v in tracking.verify(trust)]
@@ -619,10 +602,20 @@ def _verified_or_failed(ns: argparse.Namespace, tracking: Tracking, trust: Trust
         failure = exc
         verified = [_unverified(e) for e in tracking.evidence]
     # Status updates are shown verified only when everything is, evidence likewise.
-    _print_tracking(ns, tracking, verified, verified=failure is None)
+    emit(_tracking_lines(ns, tracking, verified, verified=failure is None), undone)
     if failure is not None:
         raise failure
     return 0
+
+
+@contextlib.contextmanager
+def _saving(path: Path) -> Iterator[None]:
+    """Around the writing of a file the command line names (``--save``, ``--out``): an
+    OSError is ``FILE_UNWRITABLE`` and names that path, not the temporary file beside it."""
+    try:
+        yield
+    except OSError as exc:
+        raise _UsageError("FILE_UNWRITABLE", f"cannot save {path}: {exc.strerror or exc}") from exc
 
 
 def _write_replacing(path: Path, data: bytes) -> None:
@@ -652,49 +645,54 @@ def _unverified(evidence: pb.Evidence) -> dict[str, Any]:
                 "event_time": None, "reason": ""}  # fmt: skip
 
 
-def _print_tracking(
+def _tracking_lines(
     ns: argparse.Namespace, tracking: Tracking, evidence: list[dict[str, Any]], *, verified: bool
-) -> None:
+) -> list[str]:
     header = tracking.header
     if ns.json:
-        _print_json(
-            {
-                "shams": tracking.shams,
-                "direction": tracking.direction,
-                "from": header.sender.agency,
-                "subject": header.subject,
-                "statuses": tracking.statuses,  # the node's account: not signed
-                "business_statuses": tracking.business_statuses,
-                "body_purged": tracking.body_purged,
-                "evidence": [{**e, "verified": verified} for e in evidence],
-                "status_updates": [
-                    {**_status_update(u), "verified": verified} for u in tracking.status_updates
-                ],
-                "verified": verified,
-            }
-        )
-        return
+        return [
+            _json_line(
+                {
+                    "shams": tracking.shams,
+                    "direction": tracking.direction,
+                    "from": header.sender.agency,
+                    "subject": header.subject,
+                    "statuses": tracking.statuses,  # the node's account: not signed
+                    "business_statuses": tracking.business_statuses,
+                    "body_purged": tracking.body_purged,
+                    "evidence": [{**e, "verified": verified} for e in evidence],
+                    "status_updates": [
+                        {**_status_update(u), "verified": verified} for u in tracking.status_updates
+                    ],
+                    "verified": verified,
+                }
+            )
+        ]
     suffix = "  verified" if verified else ""
-    print(f"{tracking.shams}  {tracking.direction}  from {header.sender.agency}")
-    print(f"subject: {header.subject}")
+    lines = [
+        f"{tracking.shams}  {tracking.direction}  from {header.sender.agency}",
+        f"subject: {header.subject}",
+    ]
     if tracking.body_purged and not tracking.envelope.body:
-        print("body: removed by retention (its digest is signed; the text cannot be shown)")
-    print("recipients (delivery states as the node reports them; the evidence is the proof):")
+        lines.append("body: removed by retention (its digest is signed; the text cannot be shown)")
+    lines.append(
+        "recipients (delivery states as the node reports them; the evidence is the proof):"
+    )
     for agency, state in tracking.statuses.items():
         business = tracking.business_statuses.get(agency)
-        print(f"  {agency}  {state}" + (f"  status {business}" if business else ""))
-    print("evidence:")
-    for described in evidence:
-        print(f"  {_evidence_line(described)}{suffix}")
+        lines.append(f"  {agency}  {state}" + (f"  status {business}" if business else ""))
+    lines.append("evidence:")
+    lines += [f"  {_evidence_line(described)}{suffix}" for described in evidence]
     if tracking.status_updates:
-        print("status updates:")
+        lines.append("status updates:")
         for update in tracking.status_updates:
             described = _status_update(update)
             parts = [described["status"], described["time"] or "-", f"from {described['from']}"]
             parts += [f"to {','.join(described['to'])}", described["shams"]]
             if described["note"]:
                 parts.append(f"| {' '.join(described['note'].split())}")
-            print(f"  {'  '.join(parts)}{suffix}")
+            lines.append(f"  {'  '.join(parts)}{suffix}")
+    return lines
 
 
 def _status_update(update: StatusUpdate) -> dict[str, Any]:
@@ -721,8 +719,8 @@ async def _agencies(ns: argparse.Namespace) -> int:
         for a in agencies
     ]
     if ns.json:
-        _print_json(rows)
+        lines = [_json_line(rows)]
     else:
-        for row in rows:
-            print(f"{row['code']}  {row['state']}  {row['display_name']}")
+        lines = [f"{row['code']}  {row['state']}  {row['display_name']}" for row in rows]
+    emit(lines, "the agencies could not be printed")
     return 0

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from node.cli_output import emit
+
 __all__ = ["Snapshot", "client_context", "fetch", "register", "render"]
 
 _LAST_ERRORS = 5
@@ -221,7 +223,7 @@ def _status(ns: argparse.Namespace) -> int:
     if not snap.series("chapar_build_info"):
         print(f"error: {address} answers, but not with a Chapar server's metrics", file=sys.stderr)
         return 1
-    print(render(snap, address))
+    emit([render(snap, address)], f"the status of {address} could not be printed")
     return 0
 
 

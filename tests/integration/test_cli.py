@@ -542,3 +542,187 @@ def test_inbox_ack_hands_over_no_letter_it_could_not_print(
     (error,) = err.splitlines()
     assert error.startswith("error: "), err
     assert second in error, err
+
+
+# -- standard output closed, or unable to show the text: one line, exit 1, every command ------
+
+
+def _run_into(
+    args: list[str], *, closed: bool = True, buffered: bool, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``chapar ARGS`` with standard output a pipe whose reader went before the command
+    began (``| head -0``: the first write fails with EPIPE), or with ``closed=False`` a
+    pipe read to its end; stderr captured. ``buffered``: standard output as a terminal's
+    user has it, flushed at exit, or unbuffered (PYTHONUNBUFFERED, as under the tests),
+    each print written at once."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    environ.update(env or {})
+    if not buffered:
+        environ["PYTHONUNBUFFERED"] = "1"
+    if not closed:
+        return subprocess.run(
+            [*CHAPAR, *args], capture_output=True, text=True, timeout=60, env=environ, check=False
+        )
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [*CHAPAR, *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=environ,
+            check=False,
+        )
+    finally:
+        os.close(write)
+
+
+def _assert_output_failed(result: subprocess.CompletedProcess[str], reason: str) -> str:
+    """One ``error: OUTPUT_FAILED <reason>`` line on stderr and nothing else (no traceback,
+    no "Exception ignored" at exit), exit 1; returns the line."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: OUTPUT_FAILED {reason}: "), result.stderr
+    return lines[0]
+
+
+async def _upload_at_a(cluster: Cluster, content: bytes, path: Path) -> str:
+    await asyncio.to_thread(path.write_bytes, content)
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        ref = await a.upload(path)
+    return ref.uri
+
+
+@pytest.fixture(scope="module")
+def sent_by_a(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A letter A sent (its number), a saved evidence bundle of it, and a document of A's."""
+    folder = tmp_path_factory.mktemp("sent-by-a")
+    mailbox = f"cli-out-{uuid.uuid4().hex[:8]}"
+    shams = asyncio.run(_send_to_box(cluster, mailbox, "\u0628\u0648\u062f\u062c\u0647 1405"))
+    asyncio.run(_still_in_inbox(cluster, mailbox))  # acknowledged: no other test meets it
+    bundle = folder / "letter.bundle"
+    saved = _run("track", *_conn_a(cluster), shams, "--save", str(bundle))
+    assert saved.returncode == 0, saved.stderr
+    uri = asyncio.run(_upload_at_a(cluster, b"a report of A's", folder / "report.txt"))
+    return {"shams": shams, "bundle": str(bundle), "uri": uri, "dir": str(folder)}
+
+
+def _conn_a(cluster: Cluster) -> list[str]:
+    return [
+        "--pki", str(cluster.pki.root), "--agency", AGENCY_A,
+        "--node", cluster.nodes[AGENCY_A].address,
+    ]  # fmt: skip
+
+
+def _command(name: str, cluster: Cluster, sent: dict[str, str]) -> list[str]:
+    """The command line of each client command that prints something, by name."""
+    a = _conn_a(cluster)
+    to = f"{AGENCY_B}:cli-out-{uuid.uuid4().hex[:8]}"
+    out = str(Path(sent["dir"]) / uuid.uuid4().hex)
+    commands = {
+        "agencies": ["agencies", *a],
+        "agencies-json": ["agencies", *a, "--json"],
+        "track": ["track", *a, sent["shams"]],
+        "track-json": ["track", *a, sent["shams"], "--json"],
+        "track-tree": ["track", *a, sent["shams"], "--tree"],
+        "send": ["send", *a, "--to", to, "--subject", "Unread receipt", "--body", "x"],
+        "fetch": ["fetch", *a, sent["uri"], "--out", out],
+        "verify": ["verify", sent["bundle"], "--pki", str(cluster.pki.root)],
+    }
+    return commands[name]
+
+
+_COMMANDS = ["agencies", "agencies-json", "track", "track-json", "track-tree", "send", "fetch",
+             "verify"]  # fmt: skip
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("command", _COMMANDS)
+def test_a_command_whose_output_is_closed_ends_in_one_output_failed_line(
+    cluster: Cluster, sent_by_a: dict[str, str], command: str, buffered: bool
+) -> None:
+    """``chapar track X | head -0``: the reader went before the first line. Unbuffered,
+    the failed write was taken for a file the command could not read (``INVALID_ARGUMENT
+    FILE_UNREADABLE: Broken pipe``); buffered, the command said nothing and Python
+    reported the failed flush at exit ("Exception ignored ... BrokenPipeError", exit
+    120)."""
+    result = _run_into(_command(command, cluster, sent_by_a), buffered=buffered)
+    _assert_output_failed(result, "STDOUT_CLOSED")
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_status_whose_output_is_closed_ends_in_one_output_failed_line(
+    answering: dict[str, bytes], buffered: bool
+) -> None:
+    """Unbuffered, ``chapar status`` ended in a BrokenPipeError traceback."""
+    answering["/metrics"] = b'chapar_build_info{role="hub",version="9"} 1\nchapar_ready 1\n'
+    result = _run_into(["status", answering["address"].decode()], buffered=buffered)
+    _assert_output_failed(result, "STDOUT_CLOSED")
+
+
+def test_a_letter_the_output_encoding_cannot_show_is_an_output_failure(
+    cluster: Cluster, sent_by_a: dict[str, str]
+) -> None:
+    """A Persian subject on a standard output whose encoding is ASCII: the
+    UnicodeEncodeError was reported as ``INVALID_ARGUMENT BAD_VALUE``, as if the command
+    line held a bad value. It is an output failure, and says how to set the encoding."""
+    result = _run_into(
+        ["track", *_conn_a(cluster), sent_by_a["shams"]],
+        closed=False,
+        buffered=True,
+        env={"PYTHONIOENCODING": "ascii"},
+    )
+    line = _assert_output_failed(result, "STDOUT_ENCODING")
+    assert "PYTHONIOENCODING=utf-8" in line, line
+    assert result.stdout == ""  # nothing half-shown
+
+
+def test_inbox_hands_over_no_letter_the_output_encoding_cannot_show(cluster: Cluster) -> None:
+    mailbox = f"cli-ascii-{uuid.uuid4().hex[:8]}"
+    shams = asyncio.run(_send_to_box(cluster, mailbox, "\u0646\u0627\u0645\u0647"))
+    result = _run_into(
+        [
+            "inbox", "--pki", str(cluster.pki.root), "--agency", AGENCY_B,
+            "--node", cluster.nodes[AGENCY_B].address, "--mailbox", mailbox,
+            "--ack", "--limit", "1", "--timeout", "30",
+        ],
+        closed=False,
+        buffered=True,
+        env={"PYTHONIOENCODING": "ascii"},
+    )  # fmt: skip
+    line = _assert_output_failed(result, "STDOUT_ENCODING")
+    assert shams in line, line
+    assert "HANDOVER" not in " ".join(asyncio.run(_events_at_b(cluster, shams)))
+    assert asyncio.run(_still_in_inbox(cluster, mailbox)) == [shams]
+
+
+def test_the_help_into_a_closed_output_ends_in_one_output_failed_line() -> None:
+    # argparse prints it and exits: Python reported the failed flush at exit (exit 120).
+    # (Unbuffered, argparse ignores the failed write itself and exits 0, saying nothing.)
+    _assert_output_failed(_run_into(["send", "--help"], buffered=True), "STDOUT_CLOSED")
+
+
+def test_files_the_command_cannot_read_or_write_are_not_output_failures(
+    cluster: Cluster, sent_by_a: dict[str, str], tmp_path: Path
+) -> None:
+    """A bundle or a document that cannot be saved named its temporary file beside the
+    path given, as a file that could not be read (FILE_UNREADABLE)."""
+    missing = tmp_path / "no-such-dir"
+    cases = [
+        (["send", *_conn_a(cluster), "--to", AGENCY_B, "--subject", "s",
+          "--body-file", str(missing / "body.txt")], "FILE_UNREADABLE", "body.txt"),
+        (["verify", str(missing / "letter.bundle"), "--pki", str(cluster.pki.root)],
+         "FILE_UNREADABLE", "letter.bundle"),
+        (["track", *_conn_a(cluster), sent_by_a["shams"], "--save", str(missing / "x.bundle")],
+         "FILE_UNWRITABLE", f"cannot save {missing / 'x.bundle'}: No such file or directory"),
+        (["fetch", *_conn_a(cluster), sent_by_a["uri"], "--out", str(missing / "report.txt")],
+         "FILE_UNWRITABLE", f"cannot save {missing / 'report.txt'}: No such file or directory"),
+    ]  # fmt: skip
+    for args, reason, text in cases:
+        result = _run_into(args, closed=False, buffered=True)
+        _assert_fails_in_one_line(result, text)
+        assert result.stderr.startswith(f"error: INVALID_ARGUMENT {reason}: "), result.stderr
+        assert result.returncode == 1, result.stderr
