@@ -154,8 +154,8 @@ the exchange's gRPC messages, carries less than half as many. Measured there
 by 5-12 %, and the p99 from submit to delivery did not get worse; at 250/s it cut the CPU
 by 17-22 % and added about 10 ms to the median. A flood never waits: its
 frames fill at once; nor does a draft on a quiet stream (no frame unanswered, none sent
-within the linger), so a back-end sending a letter now and then sees no delay. 0 sends
-each frame as soon as one draft is ready."""
+within the linger), so a back-end sending a letter now and then sees no delay; nor the
+last frame once the drafts have ended. 0 sends each frame as soon as one draft is ready."""
 DEFAULT_KEEPALIVE_S: Final = 20.0
 """Seconds between the pings a client's channel sends while a call is open. A node that
 does not answer one within half that (a node that hangs, or a connection a firewall or a
@@ -1119,9 +1119,9 @@ class ExchangeClient:
         and the stream is busy (an earlier frame unanswered, or one sent within
         ``linger_s``), it waits ``linger_s`` once for more: a slow producer never waits for
         a full frame, a draft on a quiet stream goes at once, and one on a busy stream at
-        most ``linger_s`` late. Yields one receipt or error per draft, in order. A plain
-        iterable is read on the event loop and must not block; everything it yields is
-        ready, so it never lingers.
+        most ``linger_s`` late, or as soon as ``drafts`` ends (or fails). Yields one receipt
+        or error per draft, in order. A plain iterable is read on the event loop and must
+        not block; everything it yields is ready, so it never lingers.
 
         The stream takes drafts ahead of the answers (up to ``batch_size * max_in_flight``
         in flight, and as many buffered before them). A ``ChaparError`` that ends it lists
@@ -2420,7 +2420,8 @@ class _AsyncFeed:
     whatever is ready (at least one draft) plus, when that is not a full frame and ``busy()``
     (the stream has a frame unanswered or sent within the linger), what comes within
     ``linger_s``: a flood goes in full frames, a trickle a few drafts a frame, a draft on a
-    quiet stream at once, at the cost of one queue put and get per draft."""
+    quiet stream at once, at the cost of one queue put and get per draft. The linger ends
+    when the iterable does (exhausted or failed): no more can come, so the frame goes."""
 
     def __init__(
         self,
@@ -2437,6 +2438,7 @@ class _AsyncFeed:
         self._linger_s = linger_s
         self._busy = busy
         self._held: _Submittable | _End | _Failed | None = None
+        self._ended = asyncio.Event()  # the end or the failure is in the queue
         self._pump = asyncio.create_task(self._run(drafts))
 
     async def _run(self, drafts: AsyncIterable[_Submittable]) -> None:
@@ -2447,6 +2449,7 @@ class _AsyncFeed:
             await self._queue.put(_Failed(exc))
         else:
             await self._queue.put(_End())
+        self._ended.set()
 
     async def next_batch(self) -> list[_Submittable]:
         frame = _Frame(self._size)
@@ -2469,7 +2472,12 @@ class _AsyncFeed:
                 return frame.drafts
             if self._queue.empty() and not lingered and self._busy():
                 lingered = True
-                await asyncio.sleep(self._linger_s)
+                # Not a plain sleep: once the drafts have ended none can come, and the
+                # last frame of a blocking send_stream (whose drafts and end reach the
+                # loop a thread hop apart) waited out the linger for nothing.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._linger_s):
+                        await self._ended.wait()
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:

@@ -318,7 +318,9 @@ class SyncExchangeClient:
     ) -> Iterator[Receipt | ChaparError]:
         """Submits letters over one stream; see ``ExchangeClient.send_stream``.
 
-        ``drafts`` is read in a helper thread, so it may block (e.g. on a queue). A
+        ``drafts`` is read in a helper thread, so it may block (e.g. on a queue); its
+        drafts then reach the stream as an async iterable's do (a frame on a busy stream
+        waits ``linger_s`` for more, and goes as soon as ``drafts`` ends). A
         ``ChaparError`` that ends the stream lists in ``unanswered`` every draft taken from
         ``drafts`` and not answered, those on their way to the loop's thread included. If
         the helper thread was waiting inside ``drafts`` when the stream ended, the one

@@ -1064,6 +1064,33 @@ async def test_a_broken_sync_send_stream_says_which_drafts_it_took_and_did_not_a
     assert list(error.unanswered) == produced[len(got) :]
 
 
+async def test_a_blocking_send_stream_sends_its_last_frame_when_its_drafts_end(
+    fake_node: tuple[FakeNode, str],
+) -> None:
+    # A producer taking a little time a draft (building it, reading a database), then done:
+    # the frame after the first (the stream busy, a frame just sent) waited out the whole
+    # linger for drafts that could not come any more, although the iterable had ended.
+    fake, target = fake_node
+
+    def drafts() -> Iterator[Draft]:
+        for i in range(3):
+            time.sleep(0.01)
+            yield Draft(to=[OTHER], subject=f"l{i}")
+
+    def blocking() -> tuple[float, list[Receipt | ChaparError]]:
+        with SyncExchangeClient.from_channel_factory(
+            lambda: grpc.aio.insecure_channel(target)
+        ) as sync:
+            started = time.monotonic()
+            results = list(sync.send_stream(drafts(), linger_s=1.0))
+            return time.monotonic() - started, results
+
+    took, results = await asyncio.to_thread(blocking)
+    assert [type(r) for r in results] == [Receipt] * 3
+    assert sum(len(f.requests) for f in fake.frames) == 3
+    assert took < 1.0, f"{took:.2f} s: a frame waited out the linger (1 s) after the end"
+
+
 async def test_a_draft_the_sync_send_stream_takes_after_it_broke_is_listed_as_unanswered(
     fake_node: tuple[FakeNode, str],
 ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
+
 from client_sdk.client import STREAM_FRAME_BYTES, Draft, _AsyncFeed, _Ready, _SyncFeed
 
 THREE_MIB = 3 * 1024 * 1024
@@ -94,3 +96,34 @@ async def test_a_quiet_stream_never_lingers() -> None:
     finally:
         await feed.aclose()
     assert [d.request.draft.subject for d in first] == ["0"]
+
+
+@pytest.mark.parametrize("ending", ["exhausted", "failed"])
+async def test_a_lingering_frame_goes_as_soon_as_the_drafts_end(ending: str) -> None:
+    # The producer ends (or fails) while a frame waits for more: nothing more can come, so
+    # the frame goes then. It waited out the whole linger (30 s here would time the test
+    # out): a blocking send_stream over a list, whose drafts reach the loop one thread hop
+    # after another, sent its last frame a linger late.
+    go = asyncio.Event()
+
+    async def produce() -> AsyncIterator[_Ready]:
+        yield _drafts([10])[0]
+        await go.wait()
+        if ending == "failed":
+            raise RuntimeError("producer failed")
+
+    feed = _AsyncFeed(produce(), 64, 8, linger_s=30.0, busy=lambda: True)
+    try:
+        lingering = asyncio.create_task(feed.next_batch())
+        await asyncio.sleep(0.05)
+        assert not lingering.done()  # the frame holds draft 0 and waits for more
+        go.set()
+        first = await asyncio.wait_for(lingering, timeout=5)
+        assert [d.request.draft.subject for d in first] == ["0"]
+        if ending == "failed":
+            with pytest.raises(RuntimeError, match="producer failed"):
+                await feed.next_batch()
+        else:
+            assert await feed.next_batch() == []
+    finally:
+        await feed.aclose()
