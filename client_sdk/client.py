@@ -1715,14 +1715,17 @@ def _translated(certificate: CertificateValidity | None) -> Iterator[None]:
         task = asyncio.current_task()
         if task is None or task.cancelling():
             raise
-        raise Cancelled(
-            "the call was cancelled: its client was closed", reason="CLIENT_CLOSED"
-        ) from None
+        raise _closed_under_call() from None
 
 
 def _client_closed() -> FailedPrecondition:
     """A call on a closed client (async or blocking): it was not made."""
     return FailedPrecondition("the client is closed: the call was not made", reason="CLIENT_CLOSED")
+
+
+def _closed_under_call() -> Cancelled:
+    """A call or stream under way when its client was closed (async or blocking)."""
+    return Cancelled("the call was cancelled: its client was closed", reason="CLIENT_CLOSED")
 
 
 def _check_stream_options(batch_size: int, max_in_flight: int, linger_s: float) -> None:

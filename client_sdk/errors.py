@@ -24,7 +24,9 @@ Exception tree::
     ├── Unavailable             UNAVAILABLE           node, hub or peer down: retry
     ├── DeadlineExceeded        DEADLINE_EXCEEDED     the call's timeout ran out: retry
     ├── Cancelled               CANCELLED             the call was cancelled, e.g. by a node
-    │                                                 shutting down: retry
+    │                                                 shutting down: retry; a call or stream
+    │                                                 under way when its client was closed
+    │                                                 (reason CLIENT_CLOSED)
     ├── OutOfRange              OUT_OF_RANGE          a download offset past the end
     ├── DataLoss                DATA_LOSS             a document's content is not its digest
     └── InternalError           any other code (INTERNAL, UNKNOWN, ...) and answers the SDK

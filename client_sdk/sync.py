@@ -49,6 +49,7 @@ from client_sdk.client import (
     Tracking,
     _AttachmentFields,
     _client_closed,
+    _closed_under_call,
     _LetterFields,
 )
 from client_sdk.credentials import Credentials
@@ -76,11 +77,19 @@ class _LoopThread:
         )
         self._thread.start()
 
-    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+    def run(
+        self,
+        coro: Coroutine[Any, Any, _T],
+        *,
+        refused: Callable[[], ChaparError] = _client_closed,
+    ) -> _T:
+        """Runs ``coro`` on the loop; on a closed client raises ``refused()`` instead:
+        FailedPrecondition for a call that would begin now, Cancelled (``_closed_under_call``)
+        for the next step of a stream that was open."""
         with self._lock:
             if self._closing or self.loop.is_closed():  # as the async client says it
                 coro.close()
-                raise _client_closed()
+                raise refused()
             future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return self._result(future)
 
@@ -89,7 +98,7 @@ class _LoopThread:
             return future.result()
         except concurrent.futures.CancelledError:
             if self._closing:  # another thread closed the client under this call
-                raise _client_closed() from None
+                raise _closed_under_call() from None
             raise
         except BaseException:
             # KeyboardInterrupt in the caller's thread: do not leave the call running.
@@ -446,10 +455,15 @@ class SyncExchangeClient:
         """Drives an async iterator on the loop, one item per blocking step."""
         steps = _Steps(stream)
         interrupted = False  # a step ended by an exception (Ctrl-C, the stream's error)
+        # Once the stream has begun, a client closed meanwhile cancelled it (the async
+        # client's reader gets Cancelled then too), even if this thread was between two
+        # steps when it closed: "the call was not made" is for a stream not begun.
+        refused: Callable[[], ChaparError] = _client_closed
         try:
             while True:
                 try:
-                    item = self._portal.run(steps.next())
+                    item = self._portal.run(steps.next(), refused=refused)
+                    refused = _closed_under_call
                 except StopAsyncIteration:
                     return
                 except BaseException:

@@ -2348,8 +2348,63 @@ async def test_a_sync_client_closed_from_another_thread_ends_a_blocked_reader(
     work.put(None)
     assert not thread.is_alive(), "the reader is still waiting"
     (error,) = outcome
-    assert isinstance(error, errors.ChaparError), repr(error)
+    assert isinstance(error, errors.Cancelled), repr(error)
     assert error.reason == "CLIENT_CLOSED"
+
+
+@pytest.mark.parametrize(
+    "pause",
+    [None, 0.0, 0.005, 0.05],
+    ids=["between-letters", "waiting", "waiting-5ms", "waiting-50ms"],
+)
+async def test_an_inbox_its_sync_client_closed_under_ends_cancelled_as_the_async_one(
+    fake_node: tuple[FakeNode, str], pki: Pki, pause: float | None
+) -> None:
+    # One thread reads the inbox, another closes the client at shutdown. The async client's
+    # reader then gets Cancelled (CLIENT_CLOSED: its stream was cancelled, see
+    # test_an_inbox_read_when_its_channel_closes_raises_client_closed_not_cancelled). The
+    # blocking one's got that only if grpc cancelled its waiting step first: when close()
+    # cancelled the step (the waiting cases, now and then), and always between two letters
+    # (handling the last one, pause None here) when it asked for the next, it got
+    # FailedPrecondition "the client is closed: the call was not made", which is what a
+    # call begun on a closed client gets, not a stream that was open.
+    fake_node[0].inbox_batches = [[inbox_letter(pki, 1)]]
+    for _ in range(3):  # the waiting cases race the close: a few rounds
+        error = await _inbox_reader_when_closed(fake_node[1], pause)
+        assert isinstance(error, errors.Cancelled), repr(error)
+        assert error.reason == "CLIENT_CLOSED"
+
+
+async def _inbox_reader_when_closed(target: str, pause: float | None) -> BaseException:
+    """What a thread reading a blocking client's inbox learns when another closes the
+    client: after its first letter, while it handles it (``pause`` None) or ``pause``
+    seconds after it asked for the next."""
+    sync = SyncExchangeClient.from_channel_factory(lambda: grpc.aio.insecure_channel(target))
+    read, closed = threading.Event(), threading.Event()
+    outcome: list[BaseException] = []
+
+    def reader() -> None:
+        letters = sync.inbox()
+        try:
+            next(letters)
+            read.set()
+            if pause is None:
+                closed.wait(10)  # handling the letter while the client closes
+            next(letters)
+        except BaseException as exc:  # what the reader learns
+            outcome.append(exc)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    assert await asyncio.to_thread(read.wait, 10)
+    if pause is not None:
+        await asyncio.sleep(pause)  # the reader asks for the next letter meanwhile
+    await asyncio.to_thread(sync.close)
+    closed.set()
+    await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive(), "the reader is still waiting"
+    (error,) = outcome
+    return error
 
 
 async def test_a_sync_client_closed_by_two_threads_at_once_closes_once_and_both_return(
