@@ -442,7 +442,9 @@ def test_status_shows_queues_peers_certificates_and_last_errors(
     assert f"Chapar hub at {obs.hub.metrics}" in out
     assert "READY (SERVING)" in out
     assert re.search(r"Connected nodes\s+2\n", out), out
-    assert re.search(rf"\s1\s+{re.escape(AGENCY_C)}\s+[1-9]", out), out  # the queue for C
+    # The queue for C (no node takes it) is listed with its depth; its rank among the
+    # deepest depends on what else the cluster's traffic left queued at that moment.
+    assert re.search(rf"\s[1-9]\d*\s+{re.escape(AGENCY_C)}\s+[1-9]", out), out
     assert "Certificate tls" in out
     assert "Certificate signing" in out
     assert "PERMISSION_DENIED / NOT_AN_AGENCY_NODE" in out
