@@ -1769,8 +1769,11 @@ def _open_part(part: Path) -> BinaryIO:
     content, no other local user's to read (as ``chapar track --save`` writes an evidence
     bundle). One left readable by others (by an earlier version, which took the umask's
     mode) is made owner-only before a byte more goes into it, where the file system keeps
-    modes (on FAT, say, the mount's options decide them, and chmod fails)."""
+    modes (on FAT, say, the mount's options decide them, and chmod fails). A link under
+    that name is not followed (OSError, ELOOP): the name is fixed, so another local user
+    who can write in the directory could point it at a file of the saving user's."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    flags |= getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(part, flags, _SAVED_MODE)
     try:
         if os.fstat(fd).st_mode & 0o077 and hasattr(os, "fchmod"):  # not on Windows

@@ -250,3 +250,21 @@ async def test_a_resumed_partial_file_readable_by_others_is_made_owner_only_befo
     docs.gate.set()
     saved = await asyncio.wait_for(saving, 5)
     assert (saved.read_bytes(), _mode(saved)) == (ONE, oct(0o600))
+
+
+async def test_a_link_at_the_partial_files_name_is_not_followed(
+    client: ExchangeClient, tmp_path: Path
+) -> None:
+    # The partial file's name is fixed (from the target's name and the digest): another
+    # local user able to write in the directory could put a link there to a file of the
+    # saving user's, which the download appended to and then renamed into place.
+    victim = tmp_path / "elsewhere" / "notes.txt"
+    await asyncio.to_thread(victim.parent.mkdir)
+    await asyncio.to_thread(victim.write_bytes, b"mine")
+    target = tmp_path / "contract.pdf"
+    await asyncio.to_thread(partial_path(target, sha256(ONE)).symlink_to, victim)
+    with pytest.raises(OSError, match="many levels of symbolic links") as raised:
+        await _attachment_of(ONE, "contract.pdf", client).save(target)
+    assert raised.value.errno == errno.ELOOP
+    assert await asyncio.to_thread(victim.read_bytes) == b"mine"
+    assert not target.exists()
