@@ -47,6 +47,7 @@ from loadtest.machine import machine
 from loadtest.reference import Reference, median_of, per_window
 from loadtest.targets import Endpoint, Targets, TargetsError, load_targets
 from node import faults
+from node.cli_output import emit
 from node.cluster import Cluster, ServerProcess
 from node.status import Snapshot, fetch
 
@@ -1145,13 +1146,20 @@ def _cmd(ns: argparse.Namespace) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted: servers stopped, no report", file=sys.stderr)
         return 130
-    print(_summary(report))
+    # The report file first: a run of minutes is not lost to a standard output that went
+    # (the summary into a closed pipe ends the command, OUTPUT_FAILED).
     if ns.json:
         try:
             ns.json.write_text(json.dumps(report, indent=2) + "\n")
         except OSError as exc:
+            print(_summary(report))
             print(f"error: --json: cannot write the report: {exc}", file=sys.stderr)
             return 1
+    emit(
+        [_summary(report)],
+        "the run's summary could not be printed"
+        + (f" (the report is in {ns.json})" if ns.json else ""),
+    )
     return (
         0
         if report["lost"] == report["duplicates"] == report["misrouted"] == 0

@@ -7,6 +7,8 @@ speed is measured by `chapar loadtest` and written up in docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import subprocess
 import sys
 import time
@@ -362,3 +364,30 @@ def test_run_refuses_an_unknown_signing_algorithm_before_starting_servers(tmp_pa
     with pytest.raises(ValueError, match="signing must be ed25519 or ecdsa-p256"):
         asyncio.run(run(Params(letters=10, signing="rsa"), tmp_path))
     assert not (tmp_path / "pki").exists()  # refused before any PKI or server
+
+
+def test_a_closed_standard_output_loses_no_report(tmp_path: Path) -> None:
+    # The summary was printed before the report was written: with its reader gone (a run
+    # piped into `head`, a terminal closed), the print raised, the run's minutes of figures
+    # were not written, and a traceback ended it.
+    out = tmp_path / "report.json"
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the summary comes
+    try:
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "node", "loadtest", "--letters", "40"),
+                *("--senders", "1", "--baseline-seconds", "0", "--json", str(out)),
+            ],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert json.loads(out.read_text())["delivered"] == 40
+    assert result.returncode == 1, result.stderr
+    assert "OUTPUT_FAILED STDOUT_CLOSED" in result.stderr
+    assert "Traceback" not in result.stderr
