@@ -562,6 +562,16 @@ class Agency(pb.NodeServiceServicer):
                     self._check_hub_frame(draft)
                     if parent is None and draft.HasField("in_reply_to"):  # a reply's thread
                         parent = await self.store.held_letter(format_shams(draft.in_reply_to))
+                        if parent is not None:
+                            # Its header will carry the parent's thread root, and tracking
+                            # it walks the parent's thread: only a letter the caller may
+                            # read, as for a status update (_fit_status_update).
+                            access.require(
+                                _visible_mailboxes(
+                                    parent.direction, parent.header, self.config.agency
+                                ),
+                                f"the letter {format_shams(draft.in_reply_to)}",
+                            )
                     root = _thread_root(parent) if parent is not None else None
                     valid.append((i, draft, root))
                     keys.append(key := request_key(access.identity.uri, request.request_id))

@@ -31,6 +31,7 @@ from client_sdk.shams import format_shams
 from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer
 from client_sdk.trust import TrustStore, VerificationError, set_timestamp
 from node.agency import Access, Agency
+from node.core.errors import Code
 from node.rpc.hub_link import _NotTheHub, check_hub_attestation
 from tests.unit.conftest import RECIPIENT, SENDER
 
@@ -163,18 +164,14 @@ def _draft(mailbox: str, *, in_reply_to: pb.Shams | None = None) -> pb.SubmitEnv
     return pb.SubmitEnvelopeRequest(draft=draft)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review F3: Agency._submit (node/agency.py, the reply branch after"
-    " _check_hub_frame) reads the parent of a reply with store.held_letter without"
-    " access.require, unlike a status update (_fit_status_update): a client limited to"
-    " mailbox 'm1' replies to a letter of mailbox 'm2' and the node signs into its header"
-    " that letter's thread_root, which the client then reads; TrackCorrespondence on its"
-    " reply walks the other mailbox's thread (numbers and links).",
-)
 async def test_a_limited_client_cannot_reply_into_a_letter_of_another_mailbox(
     agency: Agency,
 ) -> None:
+    """Review F3, mended: Agency._submit read the parent of a reply with
+    store.held_letter without access.require, unlike a status update
+    (_fit_status_update): a client limited to mailbox 'm1' replied to a letter of mailbox
+    'm2' and the node signed into its header that letter's thread_root, which the client
+    then read; TrackCorrespondence on its reply walked the other mailbox's thread."""
     everyone = Access(Identity.for_agency(SENDER), None)
     # Mailbox m2's correspondence: a first letter, then a reply to it.
     (first,) = await agency._submit([_draft("m2")], everyone)
@@ -190,7 +187,15 @@ async def test_a_limited_client_cannot_reply_into_a_letter_of_another_mailbox(
         # What leaked: the thread root of m2's letter, which m1 may not read.
         leaked = format_shams(header.thread_root)
         pytest.fail(f"accepted; its signed header names m2's thread root {leaked}")
-    assert reply.reason == "MAILBOX_NOT_ALLOWED"
+    assert (reply.code, reply.reason) == (Code.PERMISSION_DENIED, "MAILBOX_NOT_ALLOWED")
+    # A reply into its own mailbox's correspondence still joins that thread.
+    (own,) = await agency._submit([_draft("m1")], everyone)
+    assert isinstance(own, pb.Receipt), own
+    (answer,) = await agency._submit([_draft("m1", in_reply_to=own.shams)], limited)
+    assert isinstance(answer, pb.Receipt), answer
+    stored = await agency.store.letter(answer.shams_text)
+    assert stored is not None
+    assert pb.EnvelopeHeader.FromString(stored.envelope.header).thread_root == own.shams
 
 
 # -- F4: a sender naming a digest the recipient's node holds for another mailbox -------------

@@ -172,6 +172,9 @@ class LetterDraft(_message.Message):
         """The letter this one answers, if any; a valid number (INVALID_SHAMS), required on a
         letter of kind LETTER_KIND_REPLY or LETTER_KIND_STATUS_UPDATE (MISSING_IN_REPLY_TO).
         A reply may name a letter this node does not hold; a status update may not (status).
+        A letter it holds must be one the client may read: a client that [[clients]] limits
+        to some mailboxes may answer only their letters (PERMISSION_DENIED
+        MAILBOX_NOT_ALLOWED), since the answer joins that letter's thread.
         """
 
     @_builtins.property
