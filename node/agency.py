@@ -32,6 +32,7 @@ from client_sdk.statuses import latest_statuses
 from client_sdk.trust import TrustStore, VerificationError, is_ca, seconds_of, set_timestamp
 from node.config import ENVELOPE_EXTRA_BYTES, NodeConfig, frame_room
 from node.core.directory import DirectoryView
+from node.core.documents import parse_document_uri
 from node.core.errors import ChaparError, Code, hub_unavailable, letter_not_found
 from node.core.evidence import evidence_content, evidence_message
 from node.core.letters import build_header, fit_status_update, normalise_text, validate_draft
@@ -779,18 +780,41 @@ class Agency(pb.NodeServiceServicer):
         self.signer.seal_evidence([letter.receipt.evidence for letter in letters])
 
     async def require_document(self, access: Access, digest: bytes, uri: str) -> None:
-        """A client limited to some mailboxes may use (download, stat, attach) a document
-        only if it uploaded it or it is attached to a letter sent from or delivered to one
-        of those mailboxes; refused before anything says whether the node holds it."""
+        """A client limited to some mailboxes may use (attach, and download or stat as
+        this node holds it) a document only if it uploaded it or it is attached to a letter
+        sent from or delivered to one of those mailboxes, and, for a letter received, the
+        node has it from that letter's sender (``NodeStore.may_use_document``); refused
+        before anything says whether the node holds it."""
+        await self.document_access(access, digest, uri, fetchable=False)
+
+    async def document_access(
+        self, access: Access, digest: bytes, uri: str, *, fetchable: bool = True
+    ) -> bool:
+        """How the caller may have document ``uri`` (of SHA-256 ``digest``): True, from
+        this node's store (``require_document``'s rule; every mailbox for a caller not
+        limited to some); False, only fetched from its owner, the agency ``uri`` names,
+        through the hub, whatever copy this node holds: a letter received into one of its
+        mailboxes from that owner attaches it, and the node has not had it from the owner
+        yet (a letter names a document by its digest alone, which its sender may know
+        without the content). Refused otherwise (and with ``fetchable=False``, when only
+        a fetch would do), before anything says whether the node holds it."""
         if access.mailboxes is None:
-            return
+            return True
         if await self.store.may_use_document(digest, access.identity.name, access.mailboxes):
-            return
+            return True
+        owner, _ = parse_document_uri(uri)
+        if (
+            fetchable
+            and owner != self.config.agency
+            and owner in await self.store.document_senders(digest, access.mailboxes)
+        ):
+            return False
         raise ChaparError(
             Code.PERMISSION_DENIED,
             "MAILBOX_NOT_ALLOWED",
-            f"{access.identity.uri} may not use {uri}: it is attached to no letter of its"
-            " mailboxes and it did not upload it",
+            f"{access.identity.uri} may not use {uri}: it did not upload it, and no letter of"
+            " its mailboxes attaches it (a letter received: as its sender's own document,"
+            " had from that sender)",
             metadata={"identity": access.identity.uri, "uri": uri},
         )
 

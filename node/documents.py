@@ -5,8 +5,12 @@
 * A document of another agency is fetched at its first download: ``HubService.
   FetchDocument`` streams it from the owning node through the hub; this node writes it to
   a temporary file while hashing it and keeps it only when size and SHA-256 match the
-  address (DATA_LOSS / DIGEST_MISMATCH otherwise, nothing kept). A broken fetch resumes
-  from the bytes already written.
+  address (DATA_LOSS / DIGEST_MISMATCH otherwise, nothing kept), and records that it had
+  it from that owner (``NodeStore.record_fetch``). A broken fetch resumes from the bytes
+  already written. For a client limited to some mailboxes whose right to it comes from a
+  letter its owner sent, the node fetches it from that owner even when the store holds
+  the same content for another reason, until it has had it from that owner
+  (``Agency.document_access``).
 * When the hub asks for one of this agency's documents (a ``document_request`` frame on
   the Connect stream), ``push`` answers with a node-initiated ``PushDocument`` stream:
   the node never needs an inbound port.
@@ -58,7 +62,9 @@ class Documents(pb.DocumentServiceServicer):
         self.agency = agency
         self.store = store
         self.link: HubLink | None = None
-        self._fetches: dict[bytes, _Fetch] = {}
+        # By address: a fetch from one owner never serves a download of another's (the
+        # same digest, named by an agency that may not have it).
+        self._fetches: dict[str, _Fetch] = {}
 
     # -- upload -------------------------------------------------------------------------
 
@@ -133,11 +139,12 @@ class Documents(pb.DocumentServiceServicer):
         try:
             access = self.agency._authorize(context, read_only=True)
             _, digest = parse_document_uri(request.uri)
-            await self.agency.require_document(access, digest, request.uri)
+            held_serves = await self.agency.document_access(access, digest, request.uri)
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc
-        size = self.store.size(digest)
+        # Not the copy held for another reason: for this caller it is still to be fetched.
+        size = self.store.size(digest) if held_serves else None
         if size is None:
             return pb.StatDocumentResponse(stored=False)
         return pb.StatDocumentResponse(
@@ -151,7 +158,9 @@ class Documents(pb.DocumentServiceServicer):
         try:
             access = self.agency._authorize(context, read_only=True)
             owner, digest = parse_document_uri(request.uri)
-            await self.agency.require_document(access, digest, request.uri)
+            # False: this caller may have it only as fetched from its owner, whatever copy
+            # the store holds (Agency.document_access).
+            held_serves = await self.agency.document_access(access, digest, request.uri)
             if request.offset < 0:
                 raise ChaparError(
                     Code.INVALID_ARGUMENT,
@@ -159,7 +168,7 @@ class Documents(pb.DocumentServiceServicer):
                     "offset is negative",
                     field_violations=[("offset", "negative")],
                 )
-            size = self.store.size(digest)
+            size = self.store.size(digest) if held_serves else None
             if size is None:
                 if owner == self.agency.config.agency:
                     raise ChaparError(
@@ -168,7 +177,7 @@ class Documents(pb.DocumentServiceServicer):
                         f"this node holds no document {request.uri}",
                         metadata={"uri": request.uri},
                     )
-                joined = self._join_fetch(request.uri, digest)
+                joined = self._join_fetch(request.uri, digest, held_serves=held_serves)
             if joined is not None:
                 try:
                     size = await joined[0].total()
@@ -241,28 +250,32 @@ class Documents(pb.DocumentServiceServicer):
 
     # -- fetching from the owner through the hub ------------------------------------------
 
-    def _join_fetch(self, uri: str, digest: bytes) -> tuple[_Fetch, BinaryIO] | None:
-        """The fetch of ``digest`` under way (or a new one), with its file open for reading.
+    def _join_fetch(
+        self, uri: str, digest: bytes, *, held_serves: bool
+    ) -> tuple[_Fetch, BinaryIO] | None:
+        """The fetch of ``uri`` under way (or a new one), with its file open for reading.
 
-        One fetch per digest at a time. None when a fetch completed meanwhile: the store
-        holds the document. No await here, so nothing moves between the checks.
+        One fetch per address at a time. None when a fetch completed meanwhile and
+        ``held_serves``: the store holds the document (without it, the store's copy is not
+        for this download, which fetches afresh). No await here, so nothing moves between
+        the checks.
         """
-        fetch = self._fetches.get(digest)
+        fetch = self._fetches.get(uri)
         if fetch is not None:
             try:
                 return fetch, fetch.open_reader()
             except FileNotFoundError:  # that fetch has just ended
-                if self.store.size(digest) is not None:
+                if held_serves and self.store.size(digest) is not None:
                     return None
         writer = self.store.writer(expected_sha256=digest)
         fetch = _Fetch(writer)
         reader = fetch.open_reader()
-        self._fetches[digest] = fetch
+        self._fetches[uri] = fetch
         fetch.task = asyncio.create_task(self._fetch(uri, digest, fetch))
 
         def ended(task: asyncio.Task[int]) -> None:
-            if self._fetches.get(digest) is fetch:
-                del self._fetches[digest]
+            if self._fetches.get(uri) is fetch:
+                del self._fetches[uri]
             if not task.cancelled():
                 task.exception()  # retrieved: a failure is logged by _fetch and sent to readers
 
@@ -392,6 +405,9 @@ class Documents(pb.DocumentServiceServicer):
                 await asyncio.sleep(_RESUME_PAUSE_S)
             fetch.announce(writer.size)
             _, size, _ = await writer.commit()
+            # Its owner had it: letters from that owner give their mailboxes this copy now.
+            owner, _ = parse_document_uri(uri)
+            await self.agency.store.record_fetch(digest, owner)
         except ChaparError as exc:
             log.warning("fetch of %s failed: %s %s", uri, exc.reason, exc.message)
             raise

@@ -83,7 +83,13 @@ def senders_documents(header: pb.EnvelopeHeader, sender: str) -> list[bytes]:
     can be fetched (from the sender, through the hub), so only those are granted to the
     recipients and indexed for their mailboxes; a reference to anyone else's document, or
     whose address and digest differ, is one an honest node refuses to number, and gives a
-    recipient's mailbox no right to a document its node happens to hold."""
+    recipient's mailbox no right to a document its node happens to hold.
+
+    A digest under the sender's own address is taken at its word (nobody can tell whether
+    the sender has that content without asking it): it gives the recipients a right to the
+    sender's copy, fetched through the hub, and the recipient node's own copy of that
+    digest serves a mailbox-limited client only once the node has had it from the sender
+    (``NodeStore.may_use_document``), never because it holds it for another mailbox."""
     out: list[bytes] = []
     for ref in header.attachments:
         try:

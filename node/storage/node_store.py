@@ -125,6 +125,10 @@ MIGRATIONS = [
     # may download, stat or attach a document only when it uploaded it or when it is
     # attached to a letter sent from or delivered to one of those mailboxes. Letters stored
     # before this version are indexed once at start (NodeStore.index_documents).
+    # document_uploads also records, under the owner's identity URI as its client
+    # (urn:chapar:agency:<CODE>, never a client's name), that the node fetched the document
+    # from its owner through the hub (NodeStore.record_fetch): a received letter's right
+    # counts for the node's copy only then (NodeStore.may_use_document).
     """
     CREATE TABLE letter_documents (
         sha256 BLOB NOT NULL, mailbox TEXT NOT NULL, shams TEXT NOT NULL,
@@ -164,6 +168,9 @@ MIGRATIONS = [
     """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
+# How document_uploads names an owner the node fetched a document from (an agency's
+# identity URI; a client's name has no ':', client_sdk.identity).
+_FETCHED_FROM = "urn:chapar:agency:"
 # The restore time (node.backup's mark) whose numbers the hub's welcome has confirmed.
 _NUMBERS_CONFIRMED = "numbers_confirmed"
 # The restore of the hub (its restore_time) this node last sent its letters and receipts
@@ -979,20 +986,56 @@ class NodeStore(Store):
 
         await self.db.write(job)
 
+    async def record_fetch(self, digest: bytes, owner: str) -> None:
+        """Remembers that this node fetched document ``digest`` from its owner, agency
+        ``owner``, through the hub, and verified it: the owner had it (``may_use_document``).
+        Kept in ``document_uploads`` under the owner's identity URI, which no client's name
+        can be (``_FETCHED_FROM``)."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO document_uploads (sha256, client) VALUES (?, ?)",
+                (digest, _FETCHED_FROM + owner),
+            )
+
+        await self.db.write(job)
+
     async def may_use_document(self, digest: bytes, client: str, mailboxes: frozenset[str]) -> bool:
-        """True when ``client`` uploaded ``digest`` or it is attached to a letter sent from
-        or delivered to one of ``mailboxes``."""
+        """True when ``client`` may be given this node's copy of ``digest``: it uploaded
+        it, or it is attached to a letter of one of ``mailboxes`` that this agency sent, or
+        that came from an agency this node has fetched it from (``record_fetch``).
+
+        A received letter names its sender's document by its digest alone: until the node
+        has that document from the sender, a copy it holds of the same digest is there for
+        another reason (another mailbox's upload or letter), which the letter gives no
+        right to. ``document_senders`` says whom such a letter lets it be fetched from."""
         if await self.db.fetchone(
             "SELECT 1 FROM document_uploads WHERE sha256 = ? AND client = ?", (digest, client)
         ):
             return True
         return bool(
             await self.db.fetchall_in(
-                "SELECT 1 FROM letter_documents WHERE sha256 = ? AND mailbox IN ({marks}) LIMIT 1",
+                "SELECT 1 FROM letter_documents d WHERE d.sha256 = ?"
+                " AND (EXISTS (SELECT 1 FROM outbox o WHERE o.shams = d.shams)"
+                " OR EXISTS (SELECT 1 FROM inbox i JOIN document_uploads u ON u.sha256 = d.sha256"
+                " AND u.client = ? || i.sender WHERE i.shams = d.shams))"
+                " AND d.mailbox IN ({marks}) LIMIT 1",
                 sorted(mailboxes),
-                (digest,),
+                (digest, _FETCHED_FROM),
             )
         )
+
+    async def document_senders(self, digest: bytes, mailboxes: frozenset[str]) -> set[str]:
+        """The agencies whose letters received into one of ``mailboxes`` attach ``digest``
+        as their own document: those a client of these mailboxes may have it fetched from
+        through the hub (whatever copy this node holds; ``may_use_document``)."""
+        rows = await self.db.fetchall_in(
+            "SELECT DISTINCT i.sender FROM letter_documents d JOIN inbox i ON i.shams = d.shams"
+            " WHERE d.sha256 = ? AND d.mailbox IN ({marks})",
+            sorted(mailboxes),
+            (digest,),
+        )
+        return {str(r[0]) for r in rows}
 
     async def documents_in_use(self, digests: Sequence[bytes]) -> set[bytes]:
         """The ``digests`` attached to a letter whose body is still kept (not purged)."""

@@ -292,6 +292,44 @@ async def test_a_client_limited_to_a_mailbox_uses_only_the_documents_of_its_mail
         assert await _read(registry, for_registry.uri) == files["for-registry"].read_bytes()
 
 
+async def test_a_limited_client_gets_a_received_document_from_its_owner_not_a_copy_held_here(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    """B's node holds a content for its own reasons (an upload by its unlimited back-end,
+    for another mailbox); A's letter to B's registry names the same digest as A's. The
+    registry's client gets it only as fetched from A through the hub, never B's copy: with
+    A's copy gone, the download fails and a stat says nothing is held, though B holds it
+    (review F4: a sender needs only the digest to name it). Once A has it again, the
+    fetch from A brings it, and from then on B's copy serves the registry."""
+    source = tmp_path / "both.txt"
+    digest = _write_random(source, 5000)
+    registry_credentials = client_credentials(docs_cluster, AGENCY_B, "registry")
+    async with (
+        _client(docs_cluster, AGENCY_A) as a,
+        _client(docs_cluster, AGENCY_B) as b,
+        ExchangeClient(docs_cluster.nodes[AGENCY_B].address, registry_credentials) as registry,
+    ):
+        await b.upload(source)  # held at B, for another mailbox's use
+        receipt = await a.send(
+            to=[(AGENCY_B, "registry")], subject="same content", body="x", attachments=[source]
+        )
+        (ref,) = (await a.track(receipt.shams)).header.attachments
+        await _receive(registry, receipt.shams)
+        (_store(docs_cluster, AGENCY_A) / "sha256" / digest[:2] / digest).unlink()
+
+        with pytest.raises(NotFound) as err:
+            await _read(registry, ref.uri)
+        assert err.value.reason == "DOCUMENT_NOT_FOUND"
+        assert not (await registry.stat(ref.uri)).stored
+        assert (await b.stat(ref.uri)).stored  # an unlimited client may use every mailbox's
+
+        await a.upload(source)
+        assert await _read(registry, ref.uri) == source.read_bytes()
+        assert (await registry.stat(ref.uri)).stored
+        (_store(docs_cluster, AGENCY_A) / "sha256" / digest[:2] / digest).unlink()
+        assert await _read(registry, ref.uri) == source.read_bytes()  # B's copy now
+
+
 async def test_interrupted_download_resumes_from_its_offset(
     docs_cluster: Cluster, tmp_path: Path
 ) -> None:

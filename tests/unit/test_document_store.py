@@ -262,14 +262,21 @@ async def test_a_fetch_that_ends_without_error_but_short_resumes_from_the_bytes_
     async def wait_stub(timeout: float) -> _Stub:
         return _Stub()
 
+    recorded: list[tuple[bytes, str]] = []
+
+    async def record_fetch(digest: bytes, owner: str) -> None:
+        recorded.append((digest, owner))
+
     store = _store(tmp_path)
-    documents = Documents(agency=None, store=store)  # type: ignore[arg-type]
+    agency = SimpleNamespace(store=SimpleNamespace(record_fetch=record_fetch))
+    documents = Documents(agency=agency, store=store)  # type: ignore[arg-type]
     documents.link = SimpleNamespace(stub=_Stub(), wait_stub=wait_stub)  # type: ignore[assignment]
     fetch = _Fetch(store.writer(expected_sha256=digest))
     uri = document_uri("SENDER.A", digest)
     assert await documents._fetch(uri, digest, fetch) == len(content)
     assert offsets == [0, 40]
     assert store.path(digest).read_bytes() == content
+    assert recorded == [(digest, "SENDER.A")]  # verified: its owner had it (record_fetch)
 
 
 @pytest.mark.parametrize("digest", [b"", b"\xab" * 31], ids=["empty", "31-bytes"])

@@ -31,7 +31,7 @@ from client_sdk.shams import format_shams
 from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer
 from client_sdk.trust import TrustStore, VerificationError, set_timestamp
 from node.agency import Access, Agency
-from node.core.errors import Code
+from node.core.errors import ChaparError, Code
 from node.rpc.hub_link import _NotTheHub, check_hub_attestation
 from tests.unit.conftest import RECIPIENT, SENDER
 
@@ -218,18 +218,17 @@ class _Context:
         raise grpc.aio.AbortError()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review F4: DownloadDocument (node/documents.py) serves a document of another"
-    " owner (chapar://C/...) from this node's own store whenever it holds that digest, for"
-    " any reason; senders_documents (node/core/documents.py) takes C's address with any"
-    " digest as C's own. A sender node C that knows only a digest (an auditor's or the"
-    " hub's view of headers shows them) names it in a letter to mailbox m1: m1's limited"
-    " client then downloads m2's document, which C never held, and may attach it onward.",
-)
 async def test_a_letter_naming_a_digest_gives_no_mailbox_the_nodes_copy_held_for_another(
     agency: Agency, tmp_path: Path
 ) -> None:
+    """Review F4, mended: DownloadDocument (node/documents.py) served a document of another
+    owner (chapar://C/...) from this node's own store whenever it held that digest, for any
+    reason; senders_documents (node/core/documents.py) takes C's address with any digest as
+    C's own. A sender node C that knows only a digest (an auditor's or the hub's view of
+    headers shows them) named it in a letter to mailbox m1: m1's limited client then
+    downloaded m2's document, which C never held, and could attach it onward. Now the
+    letter lets m1 have it only as fetched from C through the hub (here: no hub, so
+    UNAVAILABLE; a real C without it answers DOCUMENT_NOT_FOUND)."""
     from node.core.documents import document_uri, senders_documents
     from node.document_store import DocumentStore
     from node.documents import Documents
@@ -266,10 +265,37 @@ async def test_a_letter_naming_a_digest_gives_no_mailbox_the_nodes_copy_held_for
         return m1
 
     agency._authorize = authorize  # type: ignore[method-assign,assignment]
-    context = _Context()
-    with contextlib.suppress(grpc.aio.AbortError):
-        await Documents(agency, store).DownloadDocument(
-            pb.DownloadDocumentRequest(uri=uri), cast(Any, context)
-        )
-    served = b"".join(m.chunk for m in context.written)
+    documents = Documents(agency, store)
+
+    async def download(address: str) -> tuple[bytes, grpc.StatusCode | None]:
+        context = _Context()
+        with contextlib.suppress(grpc.aio.AbortError):
+            await documents.DownloadDocument(
+                pb.DownloadDocumentRequest(uri=address), cast(Any, context)
+            )
+        return b"".join(m.chunk for m in context.written), context.aborted
+
+    served, aborted = await download(uri)
     assert secret not in served, "m1's client was served m2's document"
+    assert aborted == grpc.StatusCode.UNAVAILABLE  # asked of C through the hub, not here
+    # Nor under this agency's own address, nor does a stat tell it is held here.
+    own = document_uri(SENDER, digest)
+    served, aborted = await download(own)
+    assert (served, aborted) == (b"", grpc.StatusCode.PERMISSION_DENIED)
+    stat = await documents.StatDocument(pb.StatDocumentRequest(uri=uri), cast(Any, _Context()))
+    assert not stat.stored
+    # Nor may m1 attach it onward (to C itself, say), as this agency's document.
+    attach = _draft("m1")
+    attach.draft.attachments.add(
+        uri=own, sha256=digest, size=len(secret), media_type="application/pdf", file_name="a.pdf"
+    )
+    (refused,) = await agency._submit([attach], m1)
+    assert isinstance(refused, ChaparError), refused
+    assert (refused.code, refused.reason) == (Code.PERMISSION_DENIED, "MAILBOX_NOT_ALLOWED")
+    # Once this node has it from C (a verified fetch through the hub records it so), the
+    # letter gives m1 the node's copy: C had the document.
+    await agency.store.record_fetch(digest, RECIPIENT)
+    assert await download(uri) == (secret, None)
+    assert (await documents.StatDocument(pb.StatDocumentRequest(uri=uri), cast(Any, None))).stored
+    (attached,) = await agency._submit([attach], m1)
+    assert isinstance(attached, pb.Receipt), attached

@@ -1428,6 +1428,15 @@ async def test_documents_of_letters_sent_received_or_uploaded_are_usable_by_thei
 
     assert await store.may_use_document(sent, "clerk", legal)
     assert not await store.may_use_document(sent, "clerk", registry)
+    # Received: to be fetched from its sender, whose document it is; the node's copy is
+    # the mailbox's only once the node has it from that sender.
+    assert not await store.may_use_document(received, "clerk", registry)
+    assert await store.document_senders(received, registry) == {RECIPIENT_C}
+    assert await store.document_senders(received, legal) == set()
+    assert await store.document_senders(sent, legal) == set()  # sent: never fetched
+    await store.record_fetch(received, RECIPIENT_B)  # from another agency: no matter
+    assert not await store.may_use_document(received, "clerk", registry)
+    await store.record_fetch(received, RECIPIENT_C)
     assert await store.may_use_document(received, "clerk", registry)
     assert not await store.may_use_document(received, "clerk", legal)
     assert await store.may_use_document(uploaded, "clerk", frozenset())
@@ -1491,7 +1500,8 @@ async def test_letters_stored_before_the_document_index_are_indexed_once(
         assert await store.may_use_document(sent, "clerk", frozenset({"legal"}))
         assert await store.may_use_document(sent, "clerk", frozenset({"registry"}))  # the 2nd
         assert not await store.may_use_document(sent, "clerk", frozenset({"archive"}))
-        assert await store.may_use_document(received, "clerk", frozenset({"registry"}))
+        assert await store.document_senders(received, frozenset({"registry"})) == {RECIPIENT_C}
+        assert not await store.document_senders(held, frozenset({"registry"}))
         assert not await store.may_use_document(held, "clerk", frozenset({"registry"}))
         assert await store.index_documents() == 0  # once
     finally:

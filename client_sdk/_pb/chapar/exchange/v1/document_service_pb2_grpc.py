@@ -103,7 +103,13 @@ class DocumentServiceServicer:
         match the address (nothing kept; the next download fetches it again); UNAVAILABLE,
         with RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
         OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
-        after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED.
+        after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED. A client
+        that [[clients]] limits to some mailboxes gets a document that a letter received into
+        one of them attaches as its sender has it: fetched from that sender through the hub
+        (NOT_FOUND DOCUMENT_NOT_FOUND if it does not have it), even when the node holds the
+        same content for another reason, until the node has had it from that sender; a
+        document no letter of its mailboxes gives it, and that it did not upload, is refused
+        (PERMISSION_DENIED MAILBOX_NOT_ALLOWED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +117,9 @@ class DocumentServiceServicer:
 
     def StatDocument(self, request, context):
         """Says whether the node holds a document, and its digest and size (INVALID_ARGUMENT
-        INVALID_DOCUMENT_URI for a malformed address).
+        INVALID_DOCUMENT_URI for a malformed address); for a client limited to some mailboxes,
+        whether it holds it for that client (not a received letter's document still to be
+        fetched from its sender: see DownloadDocument).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,11 +70,19 @@ class DocumentServiceStub:
     match the address (nothing kept; the next download fetches it again); UNAVAILABLE,
     with RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
     OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
-    after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED.
+    after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED. A client
+    that [[clients]] limits to some mailboxes gets a document that a letter received into
+    one of them attaches as its sender has it: fetched from that sender through the hub
+    (NOT_FOUND DOCUMENT_NOT_FOUND if it does not have it), even when the node holds the
+    same content for another reason, until the node has had it from that sender; a
+    document no letter of its mailboxes gives it, and that it did not upload, is refused
+    (PERMISSION_DENIED MAILBOX_NOT_ALLOWED).
     """
     StatDocument: _grpc.UnaryUnaryMultiCallable[_document_service_pb2.StatDocumentRequest, _document_service_pb2.StatDocumentResponse]
     """Says whether the node holds a document, and its digest and size (INVALID_ARGUMENT
-    INVALID_DOCUMENT_URI for a malformed address).
+    INVALID_DOCUMENT_URI for a malformed address); for a client limited to some mailboxes,
+    whether it holds it for that client (not a received letter's document still to be
+    fetched from its sender: see DownloadDocument).
     """
 
 @_typing.type_check_only
@@ -119,11 +127,19 @@ class DocumentServiceAsyncStub(DocumentServiceStub):
     match the address (nothing kept; the next download fetches it again); UNAVAILABLE,
     with RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
     OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
-    after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED.
+    after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED. A client
+    that [[clients]] limits to some mailboxes gets a document that a letter received into
+    one of them attaches as its sender has it: fetched from that sender through the hub
+    (NOT_FOUND DOCUMENT_NOT_FOUND if it does not have it), even when the node holds the
+    same content for another reason, until the node has had it from that sender; a
+    document no letter of its mailboxes gives it, and that it did not upload, is refused
+    (PERMISSION_DENIED MAILBOX_NOT_ALLOWED).
     """
     StatDocument: _aio.UnaryUnaryMultiCallable[_document_service_pb2.StatDocumentRequest, _document_service_pb2.StatDocumentResponse]  # type: ignore[assignment]
     """Says whether the node holds a document, and its digest and size (INVALID_ARGUMENT
-    INVALID_DOCUMENT_URI for a malformed address).
+    INVALID_DOCUMENT_URI for a malformed address); for a client limited to some mailboxes,
+    whether it holds it for that client (not a received letter's document still to be
+    fetched from its sender: see DownloadDocument).
     """
 
 class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -177,7 +193,13 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
         match the address (nothing kept; the next download fetches it again); UNAVAILABLE,
         with RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
         OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
-        after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED.
+        after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED. A client
+        that [[clients]] limits to some mailboxes gets a document that a letter received into
+        one of them attaches as its sender has it: fetched from that sender through the hub
+        (NOT_FOUND DOCUMENT_NOT_FOUND if it does not have it), even when the node holds the
+        same content for another reason, until the node has had it from that sender; a
+        document no letter of its mailboxes gives it, and that it did not upload, is refused
+        (PERMISSION_DENIED MAILBOX_NOT_ALLOWED).
         """
 
     @_abc_1.abstractmethod
@@ -187,7 +209,9 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_document_service_pb2.StatDocumentResponse, _abc.Awaitable[_document_service_pb2.StatDocumentResponse]]:
         """Says whether the node holds a document, and its digest and size (INVALID_ARGUMENT
-        INVALID_DOCUMENT_URI for a malformed address).
+        INVALID_DOCUMENT_URI for a malformed address); for a client limited to some mailboxes,
+        whether it holds it for that client (not a received letter's document still to be
+        fetched from its sender: see DownloadDocument).
         """
 
 def add_DocumentServiceServicer_to_server(servicer: DocumentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
