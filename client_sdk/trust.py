@@ -119,7 +119,8 @@ class TrustStore:
         *,
         kid: bytes | None = None,
     ) -> Identity:
-        """Checks chain to a root, validity at ``at``, key usage and revocation.
+        """Checks chain to a root, validity at ``at``, key usage and revocation (of every
+        certificate of the chain, the root it ends at included, on every call).
 
         Returns the certificate's Chapar identity. ``kid``: the certificate's key id when the
         caller already knows it (it found the certificate by it).
@@ -153,6 +154,12 @@ class TrustStore:
             root = self._issuer_in(current, self.roots, cas_below, when)
             if root is not None:
                 chain.append(root)
+                # The anchor too, as the cached path does: a revoked CA (its key compromised)
+                # would otherwise admit every certificate it mints at that one's first check.
+                if root.serial_number in self.revoked_serials:
+                    raise VerificationError(
+                        "CERTIFICATE_REVOKED", f"CA certificate {root.serial_number:x} is revoked"
+                    )
                 if not _valid_at(root, when):
                     raise VerificationError(
                         "CERTIFICATE_EXPIRED", "root CA not valid at the time of use"

@@ -493,6 +493,44 @@ def test_certificate_without_identity_is_refused(layout: PkiLayout) -> None:
     assert info.value.reason == "CERTIFICATE_NO_IDENTITY"
 
 
+@pytest.mark.parametrize("anchor", ["root", "intermediate-in-tls-ca"])
+def test_a_revoked_trust_anchor_refuses_a_chain_at_its_first_verification(
+    layout: PkiLayout, anchor: str
+) -> None:
+    # Found by a security review (F1): the chain walk checked the revocation of the leaf and
+    # of each intermediate it passed, but of the CA it found among the roots only the dates,
+    # then cached the chain; only the cached path compared every serial. Whoever holds a
+    # revoked CA's key minted a fresh leaf per call and was admitted every time.
+    root = _leaf(layout.root_cert)
+    intermediate = _leaf(layout.intermediate_cert)
+    if anchor == "root":
+        trust = TrustStore([root], [intermediate])
+        revoked = root
+    else:
+        # tls.ca holding the CA bundle (root and intermediate), as operators often give it:
+        # node.server._trust makes every certificate of tls.ca a root of the trust store.
+        trust = TrustStore([root, intermediate])
+        revoked = intermediate
+    trust.set_revoked({revoked.serial_number})
+
+    def fresh_leaf() -> x509.Certificate:  # what the holder of the revoked CA key mints
+        return issue_certificate(
+            issuer_cert=intermediate,
+            issuer_key=load_key(layout.intermediate_key),
+            subject_key=generate_key("ecdsa-p256"),
+            identity_uri=f"urn:chapar:client:{AGENCIES[0]}:mallory",
+            kind="client",
+        )
+
+    leaf = fresh_leaf()
+    for attempt in (leaf, leaf, fresh_leaf()):  # first look, cached look, next fresh leaf
+        with pytest.raises(VerificationError) as refused:
+            trust.verify_certificate(attempt, "tls")  # what node.rpc.peer does on every call
+        assert refused.value.reason == "CERTIFICATE_REVOKED"
+    trust.set_revoked(set())  # a refused chain was not cached: lifting the revocation counts
+    assert trust.verify_certificate(leaf, "tls").name == "mallory"
+
+
 # -- building blocks ----------------------------------------------------------------------
 
 

@@ -13,23 +13,19 @@ from typing import Any, cast
 
 import grpc
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from certs.pki import (
     PkiLayout,
-    generate_key,
     init_pki,
-    issue_certificate,
     issue_party,
     load_certs,
-    load_key,
 )
 from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams
 from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer
-from client_sdk.trust import TrustStore, VerificationError, set_timestamp
+from client_sdk.trust import TrustStore, set_timestamp
 from node.agency import Access, Agency
 from node.core.errors import ChaparError, Code
 from node.rpc.hub_link import _NotTheHub, check_hub_attestation
@@ -46,64 +42,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiLayout:
     # same CA (a staging or test hub, a hub renamed, an operator's slip).
     issue_party(layout.root, Identity.for_hub("staging"))
     return layout
-
-
-def _fresh_leaf(pki: PkiLayout, uri: str) -> x509.Certificate:
-    """A new client certificate under the PKI's intermediate: what whoever holds a CA key
-    (the one revoked for its compromise) mints at will."""
-    key = generate_key("ecdsa-p256")
-    return issue_certificate(
-        issuer_cert=load_certs(pki.intermediate_cert)[0],
-        issuer_key=load_key(pki.intermediate_key),
-        subject_key=key,
-        identity_uri=uri,
-        kind="client",
-    )
-
-
-# -- F1: a revoked CA held as a trust anchor counts only from the second look ----------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="review F1: TrustStore.verify_certificate checks the revocation of the leaf and of"
-    " each intermediate it walks, but not of the CA it finds among its roots: a chain's first"
-    " verification passes, only the cached second one is refused (client_sdk/trust.py,"
-    " the root branch of the chain walk). Every freshly minted leaf is admitted once.",
-)
-@pytest.mark.parametrize("anchor", ["root", "intermediate-in-tls-ca"])
-def test_a_revoked_trust_anchor_refuses_a_chain_at_its_first_verification(
-    pki: PkiLayout, anchor: str
-) -> None:
-    root = load_certs(pki.root_cert)[0]
-    intermediate = load_certs(pki.intermediate_cert)[0]
-    if anchor == "root":
-        trust = TrustStore([root], [intermediate])
-        revoked = root
-    else:
-        # tls.ca holding the CA bundle (root and intermediate), as operators often give it:
-        # node.server._trust makes every certificate of tls.ca a root of the trust store.
-        trust = TrustStore([root, intermediate])
-        revoked = intermediate
-    trust.set_revoked({revoked.serial_number})
-    leaf = _fresh_leaf(pki, f"urn:chapar:client:{A}:mallory")
-    with pytest.raises(VerificationError) as refused:
-        trust.verify_certificate(leaf, "tls")  # what node.rpc.peer does on every call
-    assert refused.value.reason == "CERTIFICATE_REVOKED"
-
-
-def test_f1_detail_the_same_chain_is_refused_from_its_second_verification(pki: PkiLayout) -> None:
-    """Not a proof, the inconsistency F1 rests on: the cached chain is checked whole."""
-    root = load_certs(pki.root_cert)[0]
-    trust = TrustStore([root], load_certs(pki.intermediate_cert))
-    trust.set_revoked({root.serial_number})
-    leaf = _fresh_leaf(pki, f"urn:chapar:client:{A}:mallory")
-    assert trust.verify_certificate(leaf, "tls").uri.endswith(":mallory")  # admitted once
-    with pytest.raises(VerificationError):
-        trust.verify_certificate(leaf, "tls")
-    # ... and the next fresh leaf is admitted once again.
-    other = _fresh_leaf(pki, f"urn:chapar:client:{A}:mallory")
-    assert trust.verify_certificate(other, "tls").name == "mallory"
 
 
 # -- F2: any hub identity of the CA is "the hub" ----------------------------------------------
