@@ -40,6 +40,7 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Callable,
+    Collection,
     Iterable,
     Iterator,
     Sequence,
@@ -580,14 +581,20 @@ class Tracking:
             raise VerificationError("BUNDLE_MALFORMED", f"not an evidence bundle: {exc}") from exc
         return replace(tracking, revoked_serials=revoked)
 
-    def verify(self, trust: TrustStore) -> list[VerifiedEvidence]:
+    def verify(
+        self, trust: TrustStore, *, hubs: Collection[str] | None = None
+    ) -> list[VerifiedEvidence]:
         """Verifies the letter, every evidence and every status update offline, in order.
 
         Adds the response's certificates to ``trust`` (they still have to chain to its
         roots) and applies a bundle's revoked serials for this call only, checks the sender's
         signature and body digest (unless retention purged the body: ``body_purged`` and
         no body), then each evidence's signature, issuer, and that it concerns this very letter
-        (SHAMS and header digest), then each status update: its signature (and its body's
+        (SHAMS and header digest); the hub's evidence (relays, expiry) counts only from one
+        of ``hubs`` (identity URIs, ``urn:chapar:hub:<NAME>``), or, without them, only all
+        from one hub (the first to attest one): the CA may certify other hubs (a staging
+        one), whose signature is no word of the hub that relayed the letter
+        (``ISSUER_NOT_ALLOWED``). Then each status update: its signature (and its body's
         digest, when it still has its body), that it is a status update about this letter,
         and that it goes between the letter's two sides (``client_sdk.statuses``: a third
         party's "update" fails with ``NOT_A_PARTY``); last, that each recipient's
@@ -616,6 +623,7 @@ class Tracking:
                 self.envelope,
                 self.evidence,
                 check_body=not self.body_purged or bool(self.envelope.body),
+                hubs=hubs,
             )
             _verify_status_updates(trust, self.header, self.status_updates, self.business_statuses)
         finally:
@@ -2512,13 +2520,19 @@ def _verify_as_created(
     return header
 
 
+_HUB_URI = "urn:chapar:hub:"
+
+
 def _verify_letter(
     trust: TrustStore,
     envelope: pb.Envelope,
     evidence: Iterable[pb.Evidence],
     *,
     check_body: bool = True,
+    hubs: Collection[str] | None = None,
 ) -> list[VerifiedEvidence]:
+    """The letter's signature, then each evidence's; the hub's (relays, expiry) only from
+    ``hubs``, or, when none are given, all from one hub: the first that attests one."""
     try:
         header = _verify_as_created(trust, envelope, check_body=check_body)
     except VerificationError as exc:
@@ -2535,7 +2549,14 @@ def _verify_letter(
                     f"evidence {content.evidence_id} is about another letter than "
                     f"{format_shams(header.shams)}",
                 )
-            check_attestation(content, sender=header.sender.agency, recipients=recipients)
+            check_attestation(
+                content, sender=header.sender.agency, recipients=recipients, hubs=hubs
+            )
+            if hubs is None and content.issuer.startswith(_HUB_URI):
+                # Allowed above, so a hub's event: its hub is the letter's from now on. A
+                # letter is relayed by one hub; evidence from another certificate of the CA
+                # (a staging hub's, say) beside it is not that hub's word.
+                hubs = (content.issuer,)
         except VerificationError as exc:  # say which one: a bundle may hold many
             raise VerificationError(exc.reason, f"evidence {position}: {exc}") from exc
         verified.append(VerifiedEvidence.from_content(content))

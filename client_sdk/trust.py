@@ -433,21 +433,27 @@ def check_attestation(
     *,
     sender: str | None = None,
     recipients: Collection[str] | None = None,
+    hubs: Collection[str] | None = None,
 ) -> None:
     """That the evidence's (verified) issuer may attest its event: the sender's agency a
     submission, a hub a relay or an expiry, the agency it names as ``recipient`` a delivery
     or a handover. With the letter's ``sender`` and ``recipients`` (agency codes), also that
-    it names them. Otherwise ``VerificationError`` ``ISSUER_NOT_ALLOWED``: an agency's
-    signature on a HANDOVER it claims for another, or on a relay, proves nothing.
+    it names them; with ``hubs`` (identity URIs), that a relay or an expiry is by one of
+    those hubs, not by any hub the CA certified (a staging hub, a renamed one). Otherwise
+    ``VerificationError`` ``ISSUER_NOT_ALLOWED``: an agency's signature on a HANDOVER it
+    claims for another, or on a relay, proves nothing.
     """
     issuer = _issuer(content.issuer)
     event, named = content.event, content.recipient
+    not_the_hub = ""
     if issuer is None:
         allowed = False
     elif event in _BY_SENDER:
         allowed = issuer.kind == "agency" and sender in (None, issuer.agency)
     elif event in _BY_HUB:
-        allowed = issuer.kind == "hub"
+        if hubs is not None and content.issuer not in hubs:
+            not_the_hub = f": the hub is {' or '.join(sorted(hubs)) or 'none given'}"
+        allowed = issuer.kind == "hub" and not not_the_hub
     elif event in _BY_RECIPIENT:
         allowed = issuer.kind == "agency" and bool(named) and issuer.agency == named
     else:
@@ -459,7 +465,8 @@ def check_attestation(
             "ISSUER_NOT_ALLOWED",
             f"{content.issuer} may not attest "
             + (_E.Name(event) if event in _E.values() else f"event {event}")
-            + (f" for {named}" if named else ""),
+            + (f" for {named}" if named else "")
+            + not_the_hub,
         )
 
 

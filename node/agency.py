@@ -231,6 +231,12 @@ class Agency(pb.NodeServiceServicer):
         self.trust = trust
         self.identity = config.identity
         self.directory: DirectoryView | None = None
+        # The hub identity this node accepts (node.rpc.hub_link.check_hub_attestation):
+        # the one its saved directory names (hold_hub_of), before it holds one
+        # node.hub_name's; None: the first hub to attest is taken (trust on first use).
+        self.hub_identity: str | None = (
+            Identity.for_hub(config.hub_name).uri if config.hub_name else None
+        )
         self.outbox_changed = asyncio.Event()
         self.receipts_changed = asyncio.Event()
         self.hub_connected = False
@@ -351,7 +357,30 @@ class Agency(pb.NodeServiceServicer):
         self._log_own_state(was)
         if persist:
             await self.store.save_directory(directory)
+            self.hold_hub_of(directory)
         log.info("directory version %d: %d agencies", directory.version, len(directory.agencies))
+
+    def hold_hub_of(self, directory: pb.Directory) -> None:
+        """Accepts as the hub, from now on, only the hub ``directory`` names: one this node
+        saves (or saved before a restart). Only the hub link saves a directory, one fetched
+        over a stream whose server attested being the hub this node accepts, so only that
+        hub can name another (a rename); an unattested server's is never saved."""
+        if not directory.hub or directory.hub == self.hub_identity:
+            return
+        try:
+            named = Identity.parse(directory.hub)
+        except ValueError:
+            named = None
+        if named is None or named.kind != "hub":  # no hub could attest as it: keep ours
+            log.error("the directory names %r as its hub, which is no hub", directory.hub)
+            return
+        if self.hub_identity is not None:
+            log.warning(
+                "the directory names the hub %s: it is accepted as the hub from now on, not %s",
+                directory.hub,
+                self.hub_identity,
+            )
+        self.hub_identity = directory.hub
 
     def own_state(self) -> pb.AgencyState.ValueType | None:
         """This agency's state in the directory held (None without one, or if unlisted)."""

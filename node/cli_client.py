@@ -24,7 +24,7 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from client_sdk import (
     Unavailable,
     pb,
 )
+from client_sdk.identity import Identity
 from client_sdk.trust import TrustStore, VerificationError
 from node.cli_output import OutputFailed, emit, failed
 
@@ -188,6 +189,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="SERIAL",
         help="a certificate serial (hexadecimal) revoked since the bundle was saved (repeatable)",
+    )
+    verify.add_argument(
+        "--hub",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the hub whose relay and expiry evidence counts (its name, or its"
+        " urn:chapar:hub: URI; repeatable, for a hub renamed while the letter went);"
+        " without it, that evidence must all come from one hub",
     )
     verify.add_argument("--json", action="store_true", help="print JSON")
     verify.set_defaults(func=_handler(_verify))
@@ -585,19 +595,30 @@ async def _verify(ns: argparse.Namespace) -> int:
     trust = TrustStore.from_pem_files(ns.ca if ns.ca is not None else ns.pki / "ca" / "root.crt")
     tracking = Tracking.from_bundle(ns.bundle.read_bytes())
     trust.set_revoked(int(serial, 16) for serial in ns.revoked)  # ValueError: BAD_VALUE
+    hubs = [_hub_uri(name) for name in ns.hub] or None
     return _verified_or_failed(
-        ns, tracking, trust, f"the verification of {ns.bundle} could not be printed"
+        ns, tracking, trust, f"the verification of {ns.bundle} could not be printed", hubs
     )
 
 
+def _hub_uri(name: str) -> str:
+    """A hub's identity URI from its name or URI; ValueError (BAD_VALUE) for neither."""
+    return Identity.for_hub(name.removeprefix("urn:chapar:hub:")).uri
+
+
 def _verified_or_failed(
-    ns: argparse.Namespace, tracking: Tracking, trust: TrustStore, undone: str
+    ns: argparse.Namespace,
+    tracking: Tracking,
+    trust: TrustStore,
+    undone: str,
+    hubs: Sequence[str] | None = None,
 ) -> int:
-    """Prints the tracking, each evidence marked verified only if the whole chain is;
-    ``undone`` says what a failure to print it leaves undone."""
+    """Prints the tracking, each evidence marked verified only if the whole chain is (with
+    hub evidence only from ``hubs``, if given); ``undone`` says what a failure to print it
+    leaves undone."""
     failure: VerificationError | None = None
     try:
-        verified = [_evidence(v.content) for v in tracking.verify(trust)]
+        verified = [_evidence(v.content) for v in tracking.verify(trust, hubs=hubs)]
     except VerificationError as exc:
         failure = exc
         verified = [_unverified(e) for e in tracking.evidence]

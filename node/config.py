@@ -173,6 +173,10 @@ class NodeConfig:
     # 0 keeps every document.
     documents_retention_s: float = 0.0
     keepalive_s: float = 20.0
+    # The hub's name (urn:chapar:hub:<name>), accepted alone before the node holds a
+    # directory; "" takes the first hub to attest (trust on first use). Once a directory is
+    # saved, the hub it names is the one accepted (Agency.hub_identity).
+    hub_name: str = ""
 
     @property
     def identity(self) -> Identity:
@@ -578,6 +582,14 @@ def _node_config(t: Table) -> NodeConfig:
     agency = node.text("agency")
     if not is_agency_code(agency):
         raise ConfigError(f"node.agency: {agency!r} is not 2-64 characters of A-Z 0-9 . -")
+    hub_name = node.optional_text("hub_name")
+    if hub_name:
+        try:
+            Identity.for_hub(hub_name)
+        except ValueError as exc:
+            raise ConfigError(
+                f"node.hub_name: {exc} (the name, as the hub's hub.name: not its URI)"
+            ) from exc
     limits = t.table("limits", required=False)
     defaults = LetterLimits()
     documents, documents_dir, documents_retention_s = _documents(t)
@@ -613,6 +625,7 @@ def _node_config(t: Table) -> NodeConfig:
         documents_dir=documents_dir,
         documents_retention_s=documents_retention_s,
         keepalive_s=node.between("keepalive_s", 20.0, *KEEPALIVE_RANGE_S),
+        hub_name=hub_name,
     )
     if config.limits.max_body_bytes > config.max_message_bytes:
         if "max_body_bytes" in limits.data:  # set so: no such letter could be submitted

@@ -453,6 +453,7 @@ async def serve_node(config: NodeConfig) -> None:
         cached = await store.load_directory()
         if cached is not None:
             await agency.set_directory(cached, persist=False)
+            agency.hold_hub_of(cached)  # saved by this node: its hub is the one accepted
         # The hub's frame limit as it last said it, so that the submission check holds
         # from the first call even while the hub is down (its next welcome updates it).
         hub_frame_bytes = await store.load_hub_frame_bytes()

@@ -90,12 +90,19 @@ class _NotTheHub(Exception):
 
 
 def check_hub_attestation(
-    trust: TrustStore, welcome: pb.ConnectWelcome, agency: str, nonce: bytes
+    trust: TrustStore,
+    welcome: pb.ConnectWelcome,
+    agency: str,
+    nonce: bytes,
+    hub: str | None = None,
 ) -> str:
     """The hub's identity URI, once its welcome's attestation proves, for ``nonce``, that
     a hub's signing key (chained to this node's roots, not revoked) authenticated
-    ``agency`` on this connection; ``_NotTheHub`` says why not. The certificates it
-    carries go into a store of their own, never this node's."""
+    ``agency`` on this connection; ``_NotTheHub`` says why not. ``hub``: the identity URI
+    of the hub this node accepts (``Agency.hub_identity``: its saved directory's, or
+    ``node.hub_name``'s); a signing key of any other hub is refused, since the CA may
+    certify more than one (a staging hub, a renamed one). None: any hub (trust on first
+    use). The certificates it carries go into a store of their own, never this node's."""
     if not welcome.HasField("attestation"):
         raise _NotTheHub("it did not attest that it is the hub (an older hub, or not a hub)")
     attestation = welcome.attestation
@@ -112,6 +119,11 @@ def check_hub_attestation(
         raise _NotTheHub(f"its attestation is malformed: {exc!r}") from exc
     if identity.kind != "hub" or content.hub != identity.uri:
         raise _NotTheHub(f"its attestation is signed by {identity.uri}, not a hub")
+    if hub is not None and identity.uri != hub:
+        raise _NotTheHub(
+            f"its attestation is signed by {identity.uri}, not by {hub}, the hub this node"
+            " accepts (the one its directory names, or node.hub_name)"
+        )
     if content.agency != agency or content.nonce != nonce:
         raise _NotTheHub(
             f"its attestation is for {content.agency!r} and another hello: relayed from"
@@ -347,7 +359,11 @@ class HubLink:
             # Before anything else goes to it or is taken from it: TLS admits any server
             # certificate of the exchange's CA that names the address, an agency's too.
             check_hub_attestation(
-                self.agency.trust, first.welcome, self.agency.config.agency, nonce
+                self.agency.trust,
+                first.welcome,
+                self.agency.config.agency,
+                nonce,
+                self.agency.hub_identity,
             )
             self._stub = stub
             self.agency.set_in_directory(True)

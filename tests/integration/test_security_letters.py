@@ -691,6 +691,12 @@ async def test_a_saved_evidence_bundle_verifies_offline_until_its_signer_is_revo
     assert {"SUBMISSION_ACCEPTANCE", "RELAY_ACCEPTANCE", "DELIVERY"} <= {
         e["event"] for e in report["evidence"]
     }
+    # The hub's relay evidence counts from the hub named, not from another of the CA's.
+    named = await _chapar("verify", before, "--pki", cluster.pki.root, "--hub", HUB_NAME)
+    assert named.returncode == 0, named.stderr
+    other = await _chapar("verify", before, "--pki", cluster.pki.root, "--hub", "staging")
+    assert other.returncode == 1
+    assert "VERIFICATION_FAILED ISSUER_NOT_ALLOWED" in other.stderr, other.stderr
     async with _revoked(cluster, signing):
         tracked = await _chapar("track", *node, receipt.shams, "--save", during)
         assert tracked.returncode == 1

@@ -312,3 +312,14 @@ def test_retention_may_be_as_long_as_wanted(tmp_path: Path, key: str) -> None:
     path = _write(tmp_path, text.replace(f"[{table}]", f"[{table}]\n{name} = 3.2e9", 1))
     config = load_node_config(path)
     assert (config.retention_s if table == "node" else config.documents_retention_s) == 3.2e9
+
+
+def test_a_node_may_pin_the_hubs_name_and_only_a_name_a_hub_can_have(tmp_path: Path) -> None:
+    # node.hub_name: the hub accepted before the node holds a directory (SECURITY.md).
+    assert load_node_config(_write(tmp_path, NODE)).hub_name == ""
+    pinned = NODE.replace("[node]\n", '[node]\nhub_name = "national"\n', 1)
+    assert load_node_config(_write(tmp_path, pinned)).hub_name == "national"
+    for wrong in ("urn:chapar:hub:national", "National"):
+        text = NODE.replace("[node]\n", f'[node]\nhub_name = "{wrong}"\n', 1)
+        with pytest.raises(ConfigError, match=re.escape("node.hub_name: invalid hub name")):
+            load_node_config(_write(tmp_path, text))

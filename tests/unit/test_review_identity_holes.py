@@ -7,85 +7,18 @@ failure, so the mark must then go)."""
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 from pathlib import Path
 from typing import Any, cast
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
 
-from certs.pki import (
-    PkiLayout,
-    init_pki,
-    issue_party,
-    load_certs,
-)
 from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams
-from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer
-from client_sdk.trust import TrustStore, set_timestamp
 from node.agency import Access, Agency
 from node.core.errors import ChaparError, Code
-from node.rpc.hub_link import _NotTheHub, check_hub_attestation
 from tests.unit.conftest import RECIPIENT, SENDER
-
-A, B = "000.00.00.G22", "10861234567"
-NONCE = b"n" * 32
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiLayout:
-    layout = init_pki(tmp_path_factory.mktemp("review") / "pki", hub="national", agencies=[A, B])
-    # What `chapar pki issue --dir pki --hub staging` makes: a second hub identity from the
-    # same CA (a staging or test hub, a hub renamed, an operator's slip).
-    issue_party(layout.root, Identity.for_hub("staging"))
-    return layout
-
-
-# -- F2: any hub identity of the CA is "the hub" ----------------------------------------------
-
-
-def _welcome(signer: Signer, *, hub: str, agency: str, nonce: bytes) -> pb.ConnectWelcome:
-    content = pb.HubAttestationContent(hub=hub, agency=agency, nonce=nonce)
-    set_timestamp(content.attest_time, dt.datetime.now(dt.UTC))
-    raw = content.SerializeToString()
-    welcome = pb.ConnectWelcome(hub=hub)
-    welcome.attestation.CopyFrom(
-        pb.HubAttestation(
-            content=raw,
-            signature=signer.sign(HUB_ATTESTATION_PAYLOAD_TYPE, raw),
-            certificates=[signer.certificate.public_bytes(serialization.Encoding.DER)],
-        )
-    )
-    return welcome
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="review F2: check_hub_attestation (node/rpc/hub_link.py) takes any"
-    " urn:chapar:hub:* signing key of the CA as the hub; a node knows no hub name (its"
-    " config has only the address) and does not compare with the hub its directory names."
-    " A holder of a second hub certificate (`chapar pki issue --hub staging`) that answers"
-    " the node's dial is attested, then its directory (revocations, hub keys) is applied.",
-)
-def test_a_node_refuses_a_hub_other_than_the_one_its_directory_names(pki: PkiLayout) -> None:
-    trust = TrustStore(load_certs(pki.root_cert), load_certs(pki.intermediate_cert))
-    # The hub this node has always talked to (its held directory says hub = this URI).
-    national = Signer.from_files(
-        pki.hub_dir("national") / "signing.key", pki.hub_dir("national") / "signing.crt"
-    )
-    held = pb.Directory(version=1, hub="urn:chapar:hub:national")
-    trust.add_certificates([national.certificate])
-    assert held.hub == "urn:chapar:hub:national"
-    staging = Signer.from_files(
-        pki.hub_dir("staging") / "signing.key", pki.hub_dir("staging") / "signing.crt"
-    )
-    welcome = _welcome(staging, hub="urn:chapar:hub:staging", agency=A, nonce=NONCE)
-    with pytest.raises(_NotTheHub):
-        check_hub_attestation(trust, welcome, A, NONCE)
-
 
 # -- F3: a mailbox-limited client replies into another mailbox's letter -----------------------
 
