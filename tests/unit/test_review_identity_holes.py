@@ -1,8 +1,10 @@
 """Security review (certificate holders): holes proved against the real checking code.
 
-Each test states what should hold; each is marked ``xfail(strict=True)`` because it does
-not hold on the code as it is. A fix turns the test into a pass (and strict xfail into a
-failure, so the mark must then go)."""
+Each test states what should hold, and failed on the code before its mend (a limited
+client replying into another mailbox's thread, F3; a letter naming a digest giving a
+mailbox the node's copy held for another, F4). The review's F1 (a revoked trust anchor)
+and F2 (any hub identity taken for the hub) are proved in tests/unit/test_pki.py,
+test_bundle_hub.py and tests/integration/test_hub_identity.py."""
 
 from __future__ import annotations
 
