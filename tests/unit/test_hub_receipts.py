@@ -428,6 +428,20 @@ async def test_a_handover_right_behind_its_delivery_is_kept(store: HubStore) -> 
         assert (await _state(store, letter.shams))[0] == lifecycle.HANDED_OVER
 
 
+def _hub_verifying(store: HubStore, content: pb.EvidenceContent) -> SimpleNamespace:
+    """What ``Hub._receipts`` uses of a hub, its trust store verifying every receipt as
+    ``content``; ``_leave_window`` the hub's own."""
+    hub = SimpleNamespace(
+        trust=SimpleNamespace(verify_evidence_many=lambda items: [content]),
+        store=store,
+        _unanswered={},
+        _wake=lambda agency, notices: None,
+        _count=lambda agency, delta: None,
+    )
+    hub._leave_window = lambda session, shams: Hub._leave_window(hub, session, shams)  # type: ignore[arg-type]
+    return hub
+
+
 async def test_a_refused_handover_leaves_its_letter_unanswered_not_free_to_expire(
     store: HubStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -438,14 +452,7 @@ async def test_a_refused_handover_leaves_its_letter_unanswered_not_free_to_expir
     letter = _letter(11)
     await store.accept([letter], _relay)
     item, content, _ = _receipt(letter, E.EVIDENCE_EVENT_HANDOVER)
-    hub = SimpleNamespace(
-        trust=SimpleNamespace(verify_evidence_many=lambda items: [content]),
-        store=store,
-        _unanswered={},
-        _wake=lambda agency, notices: None,
-        _count=lambda agency, delta: None,
-    )
-    hub._leave_window = lambda session, shams: Hub._leave_window(hub, session, shams)  # type: ignore[arg-type]
+    hub = _hub_verifying(store, content)
     session = _Session(RECIPIENT, None)  # type: ignore[arg-type]
     session.inflight.add(letter.shams)
     with caplog.at_level("WARNING", logger="chapar.hub"):
@@ -466,13 +473,7 @@ async def test_a_verified_receipt_naming_no_valid_number_is_acknowledged(
     await store.accept([letter], _relay)
     item, content, _ = _receipt(letter, E.EVIDENCE_EVENT_DELIVERY)
     content.shams.sequence = -1  # not a number a SHAMS can carry
-    hub = SimpleNamespace(
-        trust=SimpleNamespace(verify_evidence_many=lambda items: [content]),
-        store=store,
-        _unanswered={},
-        _wake=lambda agency, notices: None,
-        _count=lambda agency, delta: None,
-    )
+    hub = _hub_verifying(store, content)
     session = _Session(RECIPIENT, None)  # type: ignore[arg-type]
     ids = await Hub._receipts(hub, session, [item])  # type: ignore[arg-type]
     assert ids == [content.evidence_id]
