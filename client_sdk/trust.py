@@ -95,10 +95,14 @@ class TrustStore:
 
     def add_certificates(self, certs: Iterable[x509.Certificate | bytes]) -> None:
         """Adds certificates (DER bytes or objects): CA ones as intermediates, others by key id."""
+        # A set, not a scan of the list per certificate: a bundle or a welcome of many CA
+        # certificates (anyone's to make) took time in the square of their number.
+        known = set(self.intermediates)
         for item in certs:
             cert = x509.load_der_x509_certificate(item) if isinstance(item, bytes) else item
             if is_ca(cert):
-                if all(c != cert for c in self.intermediates):
+                if cert not in known:
+                    known.add(cert)
                     self.intermediates.append(cert)
             else:
                 kid = key_id(cert)
