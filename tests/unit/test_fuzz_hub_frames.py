@@ -54,7 +54,7 @@ _INT64 = st.integers(-(2**63), 2**63 - 1)
 _INT32 = st.integers(-(2**31), 2**31 - 1)
 
 
-@dataclass
+@dataclass(repr=False)
 class Material:
     root: Path
     cluster: Cluster
@@ -199,10 +199,9 @@ def _frame(data: st.DataObject, material: Material) -> pb.ConnectResponse | byte
         frame.directory_update.version = data.draw(_INT64)
     elif kind == "document_request":
         request = frame.document_request
-        request.uri = data.draw(
-            st.sampled_from(["", "chapar://x", f"chapar://{A}/documents/sha256/00"])
-        )
-        request.requester = data.draw(st.sampled_from(["", B, C]))
+        request.request_id = data.draw(st.text(max_size=20))
+        request.sha256 = data.draw(st.sampled_from([b"", b"\0" * 32, b"\1" * 40]))
+        request.offset = data.draw(_INT64)
     elif kind == "welcome":
         frame.welcome.hub = "again"
     elif kind == "raw":
