@@ -89,6 +89,11 @@ class _NotTheHub(Exception):
     """The server dialled did not prove that it is the hub (ConnectWelcome.attestation)."""
 
 
+class _HubFault(Exception):
+    """The hub ended the stream, or sent a frame that does not parse: the session ends with
+    this reason logged (no traceback: nothing of the node's failed), and the link dials again."""
+
+
 def check_hub_attestation(
     trust: TrustStore,
     welcome: pb.ConnectWelcome,
@@ -272,6 +277,8 @@ class HubLink:
                 pass  # logged once, when learnt (Agency.set_in_directory, set_directory)
             except _NotTheHub as exc:
                 log.error("refusing %s as the hub: %s", self.agency.config.hub, exc)
+            except _HubFault as exc:
+                log.warning("hub stream ended: %s", exc)
             except grpc.aio.AioRpcError as exc:
                 log.warning("hub stream ended: %s %s", exc.code().name, exc.details())
             except Exception:
@@ -546,7 +553,9 @@ class _Session:
         while True:
             frame = await self.call.read()
             if frame is grpc.aio.EOF:
-                raise RuntimeError("hub closed the stream")
+                raise _HubFault("hub closed the stream")
+            if frame is None:  # grpc's word for a message its deserializer could not parse
+                raise _HubFault("hub sent a frame that does not parse (MALFORMED_FRAME)")
             yield frame
 
     async def _read(self) -> None:
@@ -701,6 +710,18 @@ class _Session:
                 mine = [r for r in header.recipients if r.agency == me]
                 if not mine:
                     raise VerificationError("NOT_A_RECIPIENT", f"letter is not addressed to {me}")
+                # The hub relays no other (Hub._check_letter), but a letter under a number
+                # that is none, or another agency's, must not end the session (format_shams
+                # below) nor enter the inbox: the SDK's verification refuses it too.
+                try:
+                    validate_shams(header.shams, "header.shams")
+                except ChaparError as exc:
+                    raise VerificationError("INVALID_SHAMS", exc.message) from exc
+                if header.shams.origin != header.sender.agency:
+                    raise VerificationError(
+                        "SENDER_MISMATCH",
+                        f"letter from {header.sender.agency} numbered by {header.shams.origin}",
+                    )
                 if header.kind == _STATUS_UPDATE and not header.HasField("in_reply_to"):
                     # A status about no letter, which nothing can judge (the hub refuses
                     # it, MISSING_IN_REPLY_TO, but not one before that check): refused, not
