@@ -68,6 +68,12 @@ def load_pem_certificates(path: Path) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(path.read_bytes())
 
 
+# The most CA certificates not held yet that one add_certificates call looks at: an honest
+# bundle, directory or welcome carries the exchange's few; a flood of forged ones (anyone's
+# to make, each a signature check to turn away) is cut here.
+_MAX_NEW_CAS = 64
+
+
 @dataclass
 class TrustStore:
     """Root CAs, known intermediates, known signing certificates and revoked serials.
@@ -94,20 +100,46 @@ class TrustStore:
         return store
 
     def add_certificates(self, certs: Iterable[x509.Certificate | bytes]) -> None:
-        """Adds certificates (DER bytes or objects): CA ones as intermediates, others by key id."""
+        """Adds certificates (DER bytes or objects): CA ones as intermediates, others by key id.
+
+        A CA certificate is kept only once its signature is a held CA's (a root's, or one
+        kept before, in any order among ``certs``); others are dropped. Chain building takes
+        the first issuer whose key verifies a certificate, so a copy of an intermediate
+        with a broken signature (same name and key), kept from one hostile bundle, made
+        every later chain through that intermediate fail ``CERTIFICATE_UNTRUSTED``. At most
+        ``_MAX_NEW_CAS`` CA certificates not held yet are looked at a call (an exchange has a
+        few; each costs a signature check)."""
         # A set, not a scan of the list per certificate: a bundle or a welcome of many CA
         # certificates (anyone's to make) took time in the square of their number.
-        known = set(self.intermediates)
+        known = set(self.intermediates) | set(self.roots)
+        waiting: dict[x509.Certificate, None] = {}
         for item in certs:
             cert = x509.load_der_x509_certificate(item) if isinstance(item, bytes) else item
             if is_ca(cert):
-                if cert not in known:
-                    known.add(cert)
-                    self.intermediates.append(cert)
+                if cert not in known and len(waiting) < _MAX_NEW_CAS:
+                    waiting[cert] = None
             else:
                 kid = key_id(cert)
                 self._by_key_id[kid] = cert
                 self._verifiers.pop(kid, None)
+        while waiting:  # a round a level of CAs: each checked once a round
+            signed = [cert for cert in waiting if self._issued_by_held_ca(cert)]
+            if not signed:
+                break
+            for cert in signed:
+                del waiting[cert]
+                self.intermediates.append(cert)
+
+    def _issued_by_held_ca(self, cert: x509.Certificate) -> bool:
+        for ca in (*self.roots, *self.intermediates):
+            if ca.subject != cert.issuer:
+                continue
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            return True
+        return False
 
     def certificate(self, kid: bytes) -> x509.Certificate | None:
         return self._by_key_id.get(kid)
