@@ -111,12 +111,22 @@ class TrustStore:
         few; each costs a signature check)."""
         # A set, not a scan of the list per certificate: a bundle or a welcome of many CA
         # certificates (anyone's to make) took time in the square of their number.
-        known = set(self.intermediates) | set(self.roots)
+        known = set(self.intermediates)
+        roots = set(self.roots)
         waiting: dict[x509.Certificate, None] = {}
         for item in certs:
             cert = x509.load_der_x509_certificate(item) if isinstance(item, bytes) else item
             if is_ca(cert):
-                if cert not in known and len(waiting) < _MAX_NEW_CAS:
+                if cert in known:
+                    continue
+                if cert in roots:
+                    # Trusted as it is (an intermediate given in tls.ca is taken as a root)
+                    # and kept as an intermediate too: what a hub holds there is what its
+                    # directory publishes, and so what bundles carry to be verified with
+                    # the root CA alone.
+                    known.add(cert)
+                    self.intermediates.append(cert)
+                elif len(waiting) < _MAX_NEW_CAS:
                     waiting[cert] = None
             else:
                 kid = key_id(cert)

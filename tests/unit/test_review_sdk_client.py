@@ -343,13 +343,6 @@ def test_a_bundle_that_fails_verification_says_so_when_its_output_fails_too(
 # -- R6: a hub whose tls.ca holds the CA bundle publishes no intermediate ----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R6: add_certificates skips a CA held as a root (3bc4d12: 'known' includes"
-    " roots); the old code compared with intermediates only. A hub whose tls.ca holds root"
-    " and intermediate keeps no intermediate, its directory publishes none, and the bundles"
-    " nodes give (GetEnvelope's certificates) no longer verify with the root CA alone",
-)
 def test_a_hub_whose_tls_ca_holds_the_ca_bundle_still_gives_the_intermediate(
     pki: PkiLayout, tmp_path: Path
 ) -> None:
