@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import math
 import mimetypes
@@ -590,11 +591,13 @@ class Tracking:
         roots) and applies a bundle's revoked serials for this call only, checks the sender's
         signature and body digest (unless retention purged the body: ``body_purged`` and
         no body), then each evidence's signature, issuer, and that it concerns this very letter
-        (SHAMS and header digest); the hub's evidence (relays, expiry) counts only from one
-        of ``hubs`` (identity URIs, ``urn:chapar:hub:<NAME>``), or, without them, only all
-        from one hub (the first to attest one): the CA may certify other hubs (a staging
-        one), whose signature is no word of the hub that relayed the letter
-        (``ISSUER_NOT_ALLOWED``). Then each status update: its signature (and its body's
+        (SHAMS and header digest); with ``hubs`` (identity URIs, ``urn:chapar:hub:<NAME>``),
+        the hub's evidence (relays, expiry) counts only from one of them
+        (``ISSUER_NOT_ALLOWED``): the CA may certify other hubs (a staging one), and only a
+        name the verifier gives tells the exchange's hub from them (the bundle names none
+        its holder could not edit); without, from any hub the CA certified, each shown with
+        its issuer (a hub renamed while a letter went signs under both names). Then each
+        status update: its signature (and its body's
         digest, when it still has its body), that it is a status update about this letter,
         and that it goes between the letter's two sides (``client_sdk.statuses``: a third
         party's "update" fails with ``NOT_A_PARTY``); last, that each recipient's
@@ -798,14 +801,17 @@ class Correspondence:
             yield depth, letter
             stack.extend((depth + 1, child) for child in reversed(letter.children))
 
-    def verify(self, trust: TrustStore) -> list[VerifiedEvidence]:
+    def verify(
+        self, trust: TrustStore, *, hubs: Collection[str] | None = None
+    ) -> list[VerifiedEvidence]:
         """Verifies offline that the answer is about the letter asked for (``shams``, its
         first letter, shown in full: ``TRACK_MISMATCH``), and every letter shown in full:
         that its sender is the origin of its number, its envelope's signature (with its
         batch proof; the body is not there, its signed header is what verifies), that the
         hub's account (sender, recipients, kind, in_reply_to, status) is what that header
         signs (``TRACK_MISMATCH``), and each evidence: signature, issuer allowed for its
-        event, about this very letter. A letter without its envelope (``signed`` False)
+        event (with ``hubs``, a relay or an expiry only from one of them, as
+        ``Tracking.verify``), about this very letter. A letter without its envelope (``signed`` False)
         has only its evidence verified: its account stays the hub's word. A redacted
         letter must carry nothing but its number and the one it answers
         (``TRACK_MISMATCH``). Adds ``certificates`` to ``trust`` (they still have to chain
@@ -830,7 +836,7 @@ class Correspondence:
                 if letter.redacted:
                     _verify_redacted(letter.message)
                     continue
-                verified.extend(_verify_tracked(trust, letter.message))
+                verified.extend(_verify_tracked(trust, letter.message, hubs))
             except VerificationError as exc:
                 raise VerificationError(exc.reason, f"letter {letter.shams}: {exc}") from exc
         return verified
@@ -1778,13 +1784,22 @@ def _open_part(part: Path) -> BinaryIO:
     bundle). One left readable by others (by an earlier version, which took the umask's
     mode) is made owner-only before a byte more goes into it, where the file system keeps
     modes (on FAT, say, the mount's options decide them, and chmod fails). A link under
-    that name is not followed (OSError, ELOOP): the name is fixed, so another local user
-    who can write in the directory could point it at a file of the saving user's."""
+    that name is not followed (OSError, ELOOP), and a file of another user there is not
+    used (PermissionError): the name is fixed, so another local user who can write in the
+    directory could point it at a file of the saving user's, or leave one of their own."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
     flags |= getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(part, flags, _SAVED_MODE)
     try:
-        if os.fstat(fd).st_mode & 0o077 and hasattr(os, "fchmod"):  # not on Windows
+        st = os.fstat(fd)
+        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            # Another local user's file under the fixed name (a shared directory): what
+            # went into it, and the attachment linked from it, would be theirs to read and
+            # change whatever its mode.
+            raise PermissionError(
+                errno.EPERM, "a partial file of another user is in the way", str(part)
+            )
+        if st.st_mode & 0o077 and hasattr(os, "fchmod"):  # not on Windows
             with contextlib.suppress(OSError):
                 os.fchmod(fd, _SAVED_MODE)
         return os.fdopen(fd, "ab")
@@ -2520,9 +2535,6 @@ def _verify_as_created(
     return header
 
 
-_HUB_URI = "urn:chapar:hub:"
-
-
 def _verify_letter(
     trust: TrustStore,
     envelope: pb.Envelope,
@@ -2532,7 +2544,7 @@ def _verify_letter(
     hubs: Collection[str] | None = None,
 ) -> list[VerifiedEvidence]:
     """The letter's signature, then each evidence's; the hub's (relays, expiry) only from
-    ``hubs``, or, when none are given, all from one hub: the first that attests one."""
+    ``hubs``, when given."""
     try:
         header = _verify_as_created(trust, envelope, check_body=check_body)
     except VerificationError as exc:
@@ -2552,11 +2564,6 @@ def _verify_letter(
             check_attestation(
                 content, sender=header.sender.agency, recipients=recipients, hubs=hubs
             )
-            if hubs is None and content.issuer.startswith(_HUB_URI):
-                # Allowed above, so a hub's event: its hub is the letter's from now on. A
-                # letter is relayed by one hub; evidence from another certificate of the CA
-                # (a staging hub's, say) beside it is not that hub's word.
-                hubs = (content.issuer,)
         except VerificationError as exc:  # say which one: a bundle may hold many
             raise VerificationError(exc.reason, f"evidence {position}: {exc}") from exc
         verified.append(VerifiedEvidence.from_content(content))
@@ -2607,7 +2614,9 @@ def _verify_status_updates(
             )
 
 
-def _verify_tracked(trust: TrustStore, letter: pb.TrackedLetter) -> list[VerifiedEvidence]:
+def _verify_tracked(
+    trust: TrustStore, letter: pb.TrackedLetter, hubs: Collection[str] | None = None
+) -> list[VerifiedEvidence]:
     """One unredacted letter of a tree: its envelope and the hub's account of it, then
     its evidence (see ``Correspondence.verify``)."""
     sender, recipients = letter.sender, list(letter.recipients)
@@ -2656,7 +2665,7 @@ def _verify_tracked(trust: TrustStore, letter: pb.TrackedLetter) -> list[Verifie
                     f"evidence {content.evidence_id} is about another letter",
                 )
             digest = content.envelope_sha256  # without the envelope: the first one's
-            check_attestation(content, sender=sender, recipients=set(recipients))
+            check_attestation(content, sender=sender, recipients=set(recipients), hubs=hubs)
         except VerificationError as exc:
             raise VerificationError(exc.reason, f"evidence {position}: {exc}") from exc
         verified.append(VerifiedEvidence.from_content(content))

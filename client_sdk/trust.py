@@ -484,11 +484,13 @@ def check_attestation(
     """That the evidence's (verified) issuer may attest its event: the sender's agency a
     submission, a hub a relay or an expiry, the agency it names as ``recipient`` a delivery
     or a handover. With the letter's ``sender`` and ``recipients`` (agency codes), also that
-    it names them; with ``hubs`` (identity URIs), that a relay or an expiry is by one of
-    those hubs, not by any hub the CA certified (a staging hub, a renamed one). Otherwise
+    it names them; with ``hubs`` (identity URIs, or one URI), that a relay or an expiry is
+    by one of those hubs, not by any hub the CA certified (a staging hub). Otherwise
     ``VerificationError`` ``ISSUER_NOT_ALLOWED``: an agency's signature on a HANDOVER it
     claims for another, or on a relay, proves nothing.
     """
+    if isinstance(hubs, str):  # one URI (a str is a Collection[str], of its characters)
+        hubs = (hubs,)
     issuer = _issuer(content.issuer)
     event, named = content.event, content.recipient
     not_the_hub = ""

@@ -173,6 +173,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="also save the letter, its evidence and the revocations as an evidence bundle "
         "that `chapar verify` checks offline (mode 0600: it holds the letter's body)",
     )
+    _hub_option(track)
     track.set_defaults(func=_handler(_track))
 
     verify = subparsers.add_parser(
@@ -190,15 +191,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SERIAL",
         help="a certificate serial (hexadecimal) revoked since the bundle was saved (repeatable)",
     )
-    verify.add_argument(
-        "--hub",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="the hub whose relay and expiry evidence counts (its name, or its"
-        " urn:chapar:hub: URI; repeatable, for a hub renamed while the letter went);"
-        " without it, that evidence must all come from one hub",
-    )
+    _hub_option(verify)
     verify.add_argument("--json", action="store_true", help="print JSON")
     verify.set_defaults(func=_handler(_verify))
 
@@ -520,7 +513,7 @@ async def _track(ns: argparse.Namespace) -> int:
             _write_replacing(ns.save, bundle.SerializeToString())
         undone += f" (its evidence bundle is saved in {ns.save})"
     return _verified_or_failed(
-        ns, Tracking.from_bundle(bundle), connection.credentials.trust_store(), undone
+        ns, Tracking.from_bundle(bundle), connection.credentials.trust_store(), undone, _hubs(ns)
     )
 
 
@@ -533,7 +526,7 @@ async def _track_tree(ns: argparse.Namespace, connection: _Connection) -> int:
     trust.set_revoked(revoked)
     failure: VerificationError | None = None
     try:
-        tree.verify(trust)
+        tree.verify(trust, hubs=_hubs(ns))
     except VerificationError as exc:
         failure = exc
     rows = [_tree_row(depth, letter, tree.shams) for depth, letter in tree.walk()]
@@ -553,7 +546,7 @@ async def _track_tree(ns: argparse.Namespace, connection: _Connection) -> int:
         if tree.truncated:
             lines.append("(the hub cut the tree: track a letter of the missing part to see it)")
         lines.append("verified" if failure is None else "NOT VERIFIED")
-    emit(lines, f"the correspondence tree of {ns.shams} could not be printed")
+    emit(lines, _undone(f"the correspondence tree of {ns.shams} could not be printed", failure))
     if failure is not None:
         raise failure
     return 0
@@ -595,10 +588,25 @@ async def _verify(ns: argparse.Namespace) -> int:
     trust = TrustStore.from_pem_files(ns.ca if ns.ca is not None else ns.pki / "ca" / "root.crt")
     tracking = Tracking.from_bundle(ns.bundle.read_bytes())
     trust.set_revoked(int(serial, 16) for serial in ns.revoked)  # ValueError: BAD_VALUE
-    hubs = [_hub_uri(name) for name in ns.hub] or None
     return _verified_or_failed(
-        ns, tracking, trust, f"the verification of {ns.bundle} could not be printed", hubs
+        ns, tracking, trust, f"the verification of {ns.bundle} could not be printed", _hubs(ns)
     )
+
+
+def _hub_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hub",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the hub whose relay and expiry evidence counts (its name, or its"
+        " urn:chapar:hub: URI; repeatable, for a hub renamed while the letter went);"
+        " without it, any hub the CA certified (each evidence line names its issuer)",
+    )
+
+
+def _hubs(ns: argparse.Namespace) -> list[str] | None:
+    return [_hub_uri(name) for name in ns.hub] or None
 
 
 def _hub_uri(name: str) -> str:
@@ -623,10 +631,20 @@ def _verified_or_failed(
         failure = exc
         verified = [_unverified(e) for e in tracking.evidence]
     # Status updates are shown verified only when everything is, evidence likewise.
-    emit(_tracking_lines(ns, tracking, verified, verified=failure is None), undone)
+    emit(
+        _tracking_lines(ns, tracking, verified, verified=failure is None), _undone(undone, failure)
+    )
     if failure is not None:
         raise failure
     return 0
+
+
+def _undone(undone: str, failure: VerificationError | None) -> str:
+    """What a failure to print a verification leaves undone, and its verdict: a failed
+    verification must not read, on standard error, like an output error alone."""
+    if failure is None:
+        return f"{undone} (it verified)"
+    return f"{undone}; it did NOT verify: {failure.reason} {failure}"
 
 
 @contextlib.contextmanager
