@@ -1,0 +1,97 @@
+"""Review of the day's server-side changes (aa44039..07ec00e): proofs of defects, each an
+expected failure (strict) until mended."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from client_sdk import pb
+from client_sdk.identity import Identity
+from client_sdk.shams import format_shams
+from node.agency import Access, Agency
+from tests.unit.conftest import RECIPIENT, SENDER
+
+
+class _Context:
+    """Enough of a grpc servicer context for DownloadDocument."""
+
+    def __init__(self) -> None:
+        self.written: list[pb.DownloadDocumentResponse] = []
+        self.aborted: grpc.StatusCode | None = None
+        self.details = ""
+
+    async def write(self, message: pb.DownloadDocumentResponse) -> None:
+        self.written.append(message)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()
+    ) -> None:
+        self.aborted = code
+        self.details = details
+        raise grpc.aio.AbortError()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="R1: a document fetched before the upgrade (no document_uploads row under its"
+    " owner's URI) is no longer served from the node's copy to a mailbox-limited client:"
+    " it must be fetched from its owner again, and cannot be attached; with the owner"
+    " offline, retired or its copy purged, the client has lost a document its letter gave it",
+)
+async def test_a_document_fetched_before_the_upgrade_stays_available_to_its_mailbox(
+    agency: Agency, tmp_path: Path
+) -> None:
+    """A node of aa44039 received a letter from RECIPIENT into mailbox m1 attaching
+    RECIPIENT's own document, and fetched that document from RECIPIENT through the hub
+    (DownloadDocument by m1's client). Its database then holds: the inbox letter, its
+    letter_documents row, the document in the store, and no document_uploads row (the
+    version wrote none for a fetch). After the upgrade, m1's limited client asks for it
+    again while the hub (or the owner) cannot be reached: before, the node's copy was
+    served; now it is asked of the owner (UNAVAILABLE here; DOCUMENT_NOT_FOUND if the owner
+    purged it under documents.retention_s), a stat says it is not held, and attaching it to
+    a forward is refused MAILBOX_NOT_ALLOWED. Nothing in the upgrade (no migration, no
+    index at start) keeps the right the letter gave."""
+    from node.core.documents import document_uri
+    from node.document_store import DocumentStore
+    from node.documents import Documents
+
+    store = DocumentStore(tmp_path / "docs", agency.config.documents)
+    agency.document_store = store
+    content = b"RECIPIENT's annex, fetched from RECIPIENT through the hub before the upgrade"
+    writer = store.writer(expected_size=len(content))
+    writer.write(content)
+    digest, _, _ = await writer.commit()
+    uri = document_uri(RECIPIENT, digest)
+    shams = pb.Shams(origin=RECIPIENT, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=3)
+    header = pb.EnvelopeHeader(
+        shams=shams,
+        sender=pb.Address(agency=RECIPIENT, mailbox="x"),
+        recipients=[pb.Address(agency=SENDER, mailbox="m1")],
+    )
+    header.attachments.add(
+        uri=uri, sha256=digest, size=len(content), media_type="application/pdf", file_name="a.pdf"
+    )
+    envelope = pb.Envelope(header=header.SerializeToString(), body=b"b")
+    delivery = pb.Evidence(content=pb.EvidenceContent(evidence_id="d-3").SerializeToString())
+    await agency.store.store_incoming(
+        [(format_shams(shams), RECIPIENT, ["m1"], envelope)],
+        lambda _i: delivery,
+        documents=[[digest]],
+    )
+    m1 = Access(Identity.for_client(SENDER, "clerk"), frozenset({"m1"}))
+
+    def authorize(_context: object, *, read_only: bool = False) -> Access:
+        return m1
+
+    agency._authorize = authorize  # type: ignore[method-assign,assignment]
+    documents = Documents(agency, store)  # no hub link: the hub is down
+    context = _Context()
+    with contextlib.suppress(grpc.aio.AbortError):
+        await documents.DownloadDocument(pb.DownloadDocumentRequest(uri=uri), cast(Any, context))
+    served = b"".join(m.chunk for m in context.written)
+    assert (served, context.aborted) == (content, None), (context.aborted, context.details)
