@@ -261,6 +261,32 @@ class Hub(pb.HubServiceServicer):
             self._missing_logged = path
         return kept
 
+    async def _keep_revocations(self) -> None:
+        """At start: the revoked serials in force are kept in the store, so that a restart
+        while the configured revocation file is missing (a path mistyped in a reload, a
+        file replaced mid-way, which the running hub kept them through) keeps them in
+        force, logged, instead of lifting every one. Removing the key, or emptying the
+        file, still lifts them: that is the operator's word."""
+        path = self.config.revocation_file
+        if path is not None and not path.exists():
+            kept = await self.store.saved_revocations()
+            if kept and not self.directory.message.revoked_serials:
+                log.error(
+                    "revocation file %s is missing; keeping the %d revoked serials of the"
+                    " last run in force until it exists",
+                    path,
+                    len(kept),
+                )
+                directory = pb.Directory()
+                directory.CopyFrom(self.directory.message)
+                directory.revoked_serials[:] = kept
+                self._trust_directory(directory)
+                self.directory = DirectoryView(directory)
+                self._revocations_from = path  # kept from: reloads keep them while missing
+                self._missing_logged = path
+                return
+        await self.store.save_revocations(list(self.directory.message.revoked_serials))
+
     async def reload_if_changed(self) -> int:
         """Re-reads the configuration and revocation file when either changed.
 
@@ -300,6 +326,8 @@ class Hub(pb.HubServiceServicer):
             return 0
         self._trust_directory(directory)
         self.directory = DirectoryView(directory)
+        # What a restart keeps in force while the file is missing (_keep_revocations).
+        await self.store.save_revocations(list(directory.revoked_serials))
         log.info(
             "directory version %d: %d agencies, %d revoked serials",
             directory.version,
@@ -332,7 +360,9 @@ class Hub(pb.HubServiceServicer):
     # -- lifecycle of the hub itself ------------------------------------------------------
 
     async def start(self) -> None:
-        """Loads queue depths and starts the expiry and retention loops."""
+        """Keeps the revocations in force, loads queue depths and starts the expiry and
+        retention loops."""
+        await self._keep_revocations()
         self._depth = await self.store.depths()
         mark = await self.store.restore_mark()
         if mark is not None:

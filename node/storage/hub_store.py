@@ -153,6 +153,9 @@ MIGRATIONS = [
 ]
 # ``meta`` key set once the letters accepted before schema 8 have been linked.
 _LINKED = "letters_linked"
+# The revoked serials of the directory in force (one hexadecimal serial a line): what a
+# restart keeps in force while the configured revocation file is missing (Hub.start).
+_REVOKED = "revoked_serials"
 # A tree read stops at this many letters, and at this many bytes of envelopes and evidence
 # (a reply well under the 64 MiB a message may have): ``Tree.truncated`` says so.
 TREE_LIMIT = 1000
@@ -1015,6 +1018,22 @@ class HubStore(Store):
         """When this database was restored from a backup (``node.backup``), if it was."""
         row = await self.db.fetchone("SELECT value FROM meta WHERE key = ?", (RESTORED_KEY,))
         return RestoreMark.decode(row[0]) if row else None
+
+    async def save_revocations(self, serials: Sequence[str]) -> None:
+        """Keeps the revoked serials of the directory in force (replacing those kept)."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_REVOKED, "\n".join(serials).encode()),
+            )
+
+        await self.db.write(job)
+
+    async def saved_revocations(self) -> list[str]:
+        """The revoked serials ``save_revocations`` kept last (none if never)."""
+        row = await self.db.fetchone("SELECT value FROM meta WHERE key = ?", (_REVOKED,))
+        return bytes(row[0]).decode().split() if row else []
 
     async def may_fetch(self, digest: bytes, owner: str, recipient: str) -> bool:
         row = await self.db.fetchone(

@@ -97,13 +97,6 @@ async def test_a_document_fetched_before_the_upgrade_stays_available_to_its_mail
     assert (served, context.aborted) == (content, None), (context.aborted, context.details)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R2: revocations kept for a revocation_file path edited to a missing file (49ed007)"
-    " hold only until the hub restarts: serve_hub builds its directory from the configured"
-    " file alone, missing, so every revocation is lifted at the next start, though the hub"
-    " logged it kept them 'in force until it exists' (SECURITY.md says the same)",
-)
 async def test_revocations_kept_for_a_mistyped_path_survive_a_restart_of_the_hub(
     tmp_path: Path,
 ) -> None:
@@ -127,25 +120,40 @@ async def test_revocations_kept_for_a_mistyped_path_survive_a_restart_of_the_hub
         lines.insert(lines.index("[hub]") + 1, f"revocation_file = {json.dumps(str(path))}")
         config_path.write_text("\n".join(lines) + "\n")
 
-    def start(store: HubStore) -> Hub:  # as node.server.serve_hub builds it
+    async def start(store: HubStore) -> Hub:  # as node.server.serve_hub builds and starts it
         config = load_hub_config(config_path)
         signer = _signer(config.signing, config.identity)
         trust = _trust(config.tls, config.signing)
         directory = build_directory(config, signer, trust.intermediates)
-        return Hub(config, store, signer, trust, directory, config_path)
+        hub = Hub(config, store, signer, trust, directory, config_path)
+        await hub.start()
+        started.append(hub)
+        return hub
+
+    started: list[Hub] = []
 
     revoked = tmp_path / "revoked.txt"
     revoked.write_text("0a1b2c\n")
     configure(revoked)
     store = await HubStore.open(tmp_path / "hub.db", durability="normal")
     try:
-        hub = start(store)
+        hub = await start(store)
         assert list(hub.directory.message.revoked_serials) == ["0a1b2c"]
         configure(tmp_path / "revokd.txt")  # the operator's slip, in the running hub
         hub._sources = ()
         await hub.reload_if_changed()
         assert list(hub.directory.message.revoked_serials) == ["0a1b2c"]  # kept, logged
-        restarted = start(store)  # a deploy, a crash, a host reboot: the file still missing
+        await hub.stop()
+        restarted = await start(store)  # a deploy, a crash, a reboot: the file still missing
         assert list(restarted.directory.message.revoked_serials) == ["0a1b2c"]
+        assert restarted.trust.revoked_serials == {0x0A1B2C}
+        await restarted.reload_if_changed()  # and a reload while it is still missing
+        assert list(restarted.directory.message.revoked_serials) == ["0a1b2c"]
+        configure(revoked)  # the slip mended: read from the file again
+        revoked.write_text("0a1b2c\n0d0e0f\n")
+        await restarted.reload_if_changed()
+        assert list(restarted.directory.message.revoked_serials) == ["0a1b2c", "0d0e0f"]
     finally:
+        for each in started:
+            await each.stop()
         await store.close()
