@@ -432,6 +432,8 @@ async def serve_node(config: NodeConfig) -> None:
         cleanup.push_async_callback(store.close)
         if indexed := await store.index_documents():
             log.info("indexed the attachments of %d letters stored before this version", indexed)
+        if marked := await store.mark_documents_fetched_before():
+            log.info("%d documents fetched before this version marked as their owners'", marked)
         agency = Agency(config, store, signer, trust)
         agency.numbers_unconfirmed = await store.unconfirmed_restore()
         if agency.numbers_unconfirmed is not None:

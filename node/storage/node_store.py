@@ -168,6 +168,9 @@ MIGRATIONS = [
     """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
+# Set once documents fetched before fetches were recorded have been marked as fetched from
+# their owner where that is certain (NodeStore.mark_documents_fetched_before).
+_FETCHES_MARKED = "document_fetches_marked"
 # How document_uploads names an owner the node fetched a document from (an agency's
 # identity URI; a client's name has no ':', client_sdk.identity).
 _FETCHED_FROM = "urn:chapar:agency:"
@@ -1046,6 +1049,38 @@ class NodeStore(Store):
             digests,
         )
         return {bytes(r[0]) for r in rows}
+
+    async def mark_documents_fetched_before(self) -> int:
+        """Once, at the first start of a version that records fetches (``record_fetch``):
+        marks as fetched from its owner each document this node could only have fetched,
+        from that owner alone: attached to received letters of one sender only (a
+        letter's documents are its sender's, ``senders_documents``), neither uploaded by a
+        client nor attached to a letter this agency sent. Without it, a mailbox-limited
+        client's download of such a document went back to the owner, and failed for good
+        once the owner could not give it, though this node holds a copy. A digest that
+        letters of several senders name stays unmarked: the node may hold it for one of
+        them only, and another naming it (knowing only the digest) must not get that copy.
+        Returns how many were marked."""
+        if await self.db.fetchone("SELECT 1 FROM meta WHERE key = ?", (_FETCHES_MARKED,)):
+            return 0
+
+        def job(conn: sqlite3.Connection) -> int:
+            marked = conn.execute(
+                "INSERT OR IGNORE INTO document_uploads (sha256, client)"
+                " SELECT d.sha256, ? || min(i.sender) FROM letter_documents d"
+                " JOIN inbox i ON i.shams = d.shams"
+                " WHERE d.sha256 NOT IN (SELECT sha256 FROM document_uploads)"
+                " AND NOT EXISTS (SELECT 1 FROM letter_documents s JOIN outbox o"
+                " ON o.shams = s.shams WHERE s.sha256 = d.sha256)"
+                " GROUP BY d.sha256 HAVING count(DISTINCT i.sender) = 1",
+                (_FETCHED_FROM,),
+            ).rowcount
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, x'01')", (_FETCHES_MARKED,)
+            )
+            return max(marked, 0)
+
+        return await self.db.write(job)
 
     async def index_documents(self, chunk: int = 1000) -> int:
         """Indexes the attachments of letters stored before ``letter_documents`` existed,

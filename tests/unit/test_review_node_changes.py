@@ -1,5 +1,5 @@
-"""Review of the day's server-side changes (aa44039..07ec00e): proofs of defects, each an
-expected failure (strict) until mended."""
+"""Review of the day's server-side changes (aa44039..07ec00e): proofs of defects, each of
+which failed on the code before its mend."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import grpc
-import pytest
 
 from client_sdk import pb
 from client_sdk.identity import Identity
@@ -36,13 +35,6 @@ class _Context:
         raise grpc.aio.AbortError()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R1: a document fetched before the upgrade (no document_uploads row under its"
-    " owner's URI) is no longer served from the node's copy to a mailbox-limited client:"
-    " it must be fetched from its owner again, and cannot be attached; with the owner"
-    " offline, retired or its copy purged, the client has lost a document its letter gave it",
-)
 async def test_a_document_fetched_before_the_upgrade_stays_available_to_its_mailbox(
     agency: Agency, tmp_path: Path
 ) -> None:
@@ -55,7 +47,9 @@ async def test_a_document_fetched_before_the_upgrade_stays_available_to_its_mail
     served; now it is asked of the owner (UNAVAILABLE here; DOCUMENT_NOT_FOUND if the owner
     purged it under documents.retention_s), a stat says it is not held, and attaching it to
     a forward is refused MAILBOX_NOT_ALLOWED. Nothing in the upgrade (no migration, no
-    index at start) keeps the right the letter gave."""
+    index at start) kept the right the letter gave; the node's start now marks such a
+    document as fetched from its owner when letters of that owner alone name it
+    (NodeStore.mark_documents_fetched_before, which serve_node runs)."""
     from node.core.documents import document_uri
     from node.document_store import DocumentStore
     from node.documents import Documents
@@ -83,6 +77,7 @@ async def test_a_document_fetched_before_the_upgrade_stays_available_to_its_mail
         lambda _i: delivery,
         documents=[[digest]],
     )
+    assert await agency.store.mark_documents_fetched_before() == 1  # the upgraded start
     m1 = Access(Identity.for_client(SENDER, "clerk"), frozenset({"m1"}))
 
     def authorize(_context: object, *, read_only: bool = False) -> Access:

@@ -1554,3 +1554,61 @@ async def test_the_hub_frame_limit_last_announced_survives_a_reopen_without_a_sc
         assert await reopened.load_hub_frame_bytes() == 0
     finally:
         await reopened.close()
+
+
+async def test_documents_fetched_before_fetches_were_recorded_are_marked_once_where_certain(
+    store: NodeStore,
+) -> None:
+    # A node upgraded from a version that did not record fetches: a mailbox-limited
+    # client's download of a document a letter gave it went back to the owner (and failed
+    # for good once the owner could not give it), though the node held a checked copy.
+    only_c, named_by_two, uploaded, sent = (
+        hashlib.sha256(n).digest() for n in (b"c", b"two", b"up", b"sent")
+    )
+    registry = frozenset({"registry"})
+    letters = []
+    for i, (sender, digests) in enumerate(
+        [
+            (RECIPIENT_C, [only_c, named_by_two, uploaded, sent]),
+            (RECIPIENT_B, [named_by_two]),  # another sender naming the same digest
+        ],
+        start=1,
+    ):
+        shams, _, _, _ = _incoming(i)
+        header = pb.EnvelopeHeader(shams=_shams(i, sender))
+        header.sender.agency = sender
+        letters.append((shams, sender, ["registry"], _with_attachments(header, digests)))
+    await store.store_incoming(
+        letters, DeliveryMaker(), documents=[[only_c, named_by_two, uploaded, sent], [named_by_two]]
+    )
+    await store.record_upload(uploaded, "clerk")
+
+    def build(_i: int, shams: pb.Shams) -> NewLetter:
+        letter = _new_letter(shams)
+        envelope = _with_attachments(
+            pb.EnvelopeHeader.FromString(letter.envelope.header), [sent], "legal"
+        )
+        return dataclasses.replace(letter, envelope=envelope, mailbox="legal", documents=[sent])
+
+    await _submit_one(store, "sent-with-attachment", build)
+    assert not await store.may_use_document(only_c, "clerk2", registry)
+
+    assert await store.mark_documents_fetched_before() == 1
+    assert await store.may_use_document(only_c, "clerk2", registry)
+    # Letters of two senders name it: the node may hold it for one only; neither is told.
+    assert not await store.may_use_document(named_by_two, "clerk2", registry)
+    # Held for a client's upload, or attached to a letter sent: not the received letter's.
+    assert not await store.may_use_document(uploaded, "clerk2", registry)
+    assert not await store.may_use_document(sent, "clerk2", registry)
+    # Once: documents received later are marked only when fetched (record_fetch).
+    shams, _, _, _ = _incoming(9)
+    later = hashlib.sha256(b"later").digest()
+    header = pb.EnvelopeHeader(shams=_shams(9, RECIPIENT_C))
+    header.sender.agency = RECIPIENT_C
+    await store.store_incoming(
+        [(shams, RECIPIENT_C, ["registry"], _with_attachments(header, [later]))],
+        DeliveryMaker(),
+        documents=[[later]],
+    )
+    assert await store.mark_documents_fetched_before() == 0
+    assert not await store.may_use_document(later, "clerk2", registry)
