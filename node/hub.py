@@ -39,7 +39,7 @@ from node.config import (
 from node.core.directory import DirectoryView
 from node.core.errors import ChaparError, Code, letter_not_found
 from node.core.evidence import evidence_content
-from node.core.letters import quoted_shams, valid_timestamp, validate_shams
+from node.core.letters import NEEDS_PARENT, quoted_shams, valid_timestamp, validate_shams
 from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
 from node.hub_documents import DocumentRelay, document_grants
 from node.metrics import (
@@ -74,7 +74,6 @@ E = pb.EvidenceEvent
 _RECEIPT_EVENTS = frozenset(
     {E.EVIDENCE_EVENT_DELIVERY, E.EVIDENCE_EVENT_DELIVERY_FAILURE, E.EVIDENCE_EVENT_HANDOVER}
 )
-_STATUS_UPDATE = pb.LETTER_KIND_STATUS_UPDATE
 # The most a receipt may hold, serialised with only its known fields (its detail is free
 # text): the hub keeps every receipt, and shows it in every Track of its letter. Honest
 # details are a line.
@@ -844,13 +843,14 @@ class Hub(pb.HubServiceServicer):
         validate_shams(header.shams, "header.shams")
         if header.HasField("in_reply_to"):  # its recipients parse and look it up
             validate_shams(header.in_reply_to, "header.in_reply_to")
-        elif header.kind == _STATUS_UPDATE:
-            # A status about no letter: its recipient could judge it against nothing, and
-            # would deliver it looking like a real one. Nodes refuse to build one.
+        elif header.kind in NEEDS_PARENT:
+            # A reply or a status about no letter: a status could be judged against
+            # nothing, and either would be delivered looking like a real one, threaded to
+            # nothing. Nodes refuse to build one.
             raise ChaparError(
                 Code.INVALID_ARGUMENT,
                 "MISSING_IN_REPLY_TO",
-                "a status update names the letter it is about (in_reply_to)",
+                "a reply or a status update names the letter it answers (in_reply_to)",
             )
         if header.shams.origin != agency:
             raise ChaparError(

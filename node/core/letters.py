@@ -26,6 +26,7 @@ from node.core.errors import ChaparError, Code
 
 __all__ = [
     "DEFAULT_CONTENT_TYPE",
+    "NEEDS_PARENT",
     "LetterLimits",
     "build_header",
     "fit_status_update",
@@ -39,9 +40,9 @@ __all__ = [
 DEFAULT_CONTENT_TYPE = "text/plain; charset=utf-8"
 _KINDS = frozenset(pb.LetterKind.values())
 _PRIORITIES = frozenset(pb.Priority.values())
-_NEEDS_PARENT = frozenset(
-    {pb.LetterKind.LETTER_KIND_REPLY, pb.LetterKind.LETTER_KIND_STATUS_UPDATE}
-)
+# Kinds that answer a letter, so name it (in_reply_to): refused without one at submission,
+# at the hub and at the recipient's node alike.
+NEEDS_PARENT = frozenset({pb.LetterKind.LETTER_KIND_REPLY, pb.LetterKind.LETTER_KIND_STATUS_UPDATE})
 _STATUS_UPDATE = pb.LETTER_KIND_STATUS_UPDATE
 
 
@@ -168,7 +169,7 @@ def validate_draft(
         out.priority = pb.PRIORITY_NORMAL
     if draft.HasField("in_reply_to"):
         validate_shams(draft.in_reply_to, "draft.in_reply_to")
-    elif out.kind in _NEEDS_PARENT:
+    elif out.kind in NEEDS_PARENT:
         raise _invalid(
             "MISSING_IN_REPLY_TO", "a reply or status update needs in_reply_to", "draft.in_reply_to"
         )

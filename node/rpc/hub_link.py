@@ -33,7 +33,7 @@ from node.config import MAX_MESSAGE
 from node.core.documents import refused_attachment, senders_documents
 from node.core.errors import ChaparError
 from node.core.evidence import evidence_content
-from node.core.letters import quoted_shams, validate_shams
+from node.core.letters import NEEDS_PARENT, quoted_shams, validate_shams
 from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
 from node.metrics import RECONNECTS, count_verification_failure
 from node.rpc.wire import serialize
@@ -722,12 +722,13 @@ class _Session:
                         "SENDER_MISMATCH",
                         f"letter from {header.sender.agency} numbered by {header.shams.origin}",
                     )
-                if header.kind == _STATUS_UPDATE and not header.HasField("in_reply_to"):
-                    # A status about no letter, which nothing can judge (the hub refuses
-                    # it, MISSING_IN_REPLY_TO, but not one before that check): refused, not
-                    # delivered looking like a real update.
+                if header.kind in NEEDS_PARENT and not header.HasField("in_reply_to"):
+                    # A reply or a status about no letter, which nothing can judge or
+                    # thread (the hub refuses it, MISSING_IN_REPLY_TO, but not one before
+                    # that check): refused, not delivered looking like a real one.
                     raise VerificationError(
-                        "MISSING_IN_REPLY_TO", "a status update names no letter (in_reply_to)"
+                        "MISSING_IN_REPLY_TO",
+                        "a reply or status update names no letter (in_reply_to)",
                     )
                 if (
                     header.HasField("expire_time")

@@ -562,13 +562,20 @@ async def test_only_a_status_update_naming_a_valid_letter_number_is_handed_on_to
     assert receiver.signed == []  # nothing refused
 
 
-async def test_a_status_update_that_names_no_letter_is_refused_not_delivered() -> None:
+@pytest.mark.parametrize(
+    "kind", [pb.LetterKind.LETTER_KIND_STATUS_UPDATE, pb.LetterKind.LETTER_KIND_REPLY]
+)
+async def test_a_status_update_that_names_no_letter_is_refused_not_delivered(
+    kind: pb.LetterKind.ValueType,
+) -> None:
     # Relayed by a hub before it refused such letters (or by a hostile hub): an update
-    # about nothing was delivered with its status, unjudged, looking like a real one. It
-    # is refused as a letter failing its checks is, the letters around it delivered.
+    # about nothing was delivered with its status, unjudged, looking like a real one (a
+    # reply about nothing, threaded to nothing). It is refused as a letter failing its
+    # checks is, the letters around it delivered.
     header = _letter(1)[1]
-    header.kind = pb.LetterKind.LETTER_KIND_STATUS_UPDATE
-    header.status = pb.BusinessStatus.BUSINESS_STATUS_COMPLETED
+    header.kind = kind
+    if kind == pb.LetterKind.LETTER_KIND_STATUS_UPDATE:
+        header.status = pb.BusinessStatus.BUSINESS_STATUS_COMPLETED
     letters = [(pb.Envelope(header=header.SerializeToString()), header), _letter(2)]
     headers = {envelope.header: header for envelope, header in letters}
     receiver = _Receiver(

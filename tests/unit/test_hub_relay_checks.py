@@ -80,8 +80,9 @@ def _number(sequence: int) -> pb.Shams:
     return pb.Shams(origin=A, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=sequence)
 
 
+@pytest.mark.parametrize("kind", [STATUS_UPDATE, pb.LetterKind.LETTER_KIND_REPLY])
 async def test_a_status_update_that_names_no_letter_is_rejected_with_its_reason(
-    hub: tuple[Hub, Signer],
+    hub: tuple[Hub, Signer], kind: pb.LetterKind.ValueType
 ) -> None:
     # A status update says what its sender did with a letter: without in_reply_to it is
     # about nothing, and was relayed and delivered with its status all the same (the
@@ -89,8 +90,10 @@ async def test_a_status_update_that_names_no_letter_is_rejected_with_its_reason(
     # build one (MISSING_IN_REPLY_TO at submission): only an old or hostile node sends it.
     relay, signer = hub
     letter = _signed(signer, pb.EnvelopeHeader(shams=_number(1)))
-    update = pb.EnvelopeHeader(shams=_number(2), kind=STATUS_UPDATE, status=ACCEPTED)
-    about = pb.EnvelopeHeader(shams=_number(3), kind=STATUS_UPDATE, status=ACCEPTED)
+    # A reply naming no letter likewise (relayed before: threaded to nothing).
+    status = ACCEPTED if kind == STATUS_UPDATE else None
+    update = pb.EnvelopeHeader(shams=_number(2), kind=kind, status=status)
+    about = pb.EnvelopeHeader(shams=_number(3), kind=kind, status=status)
     about.in_reply_to.CopyFrom(_number(1))
     frame = [letter, _signed(signer, update), _signed(signer, about)]
     answers = [pb.EvidenceContent.FromString(e.content) for e in await relay._relay(A, frame)]

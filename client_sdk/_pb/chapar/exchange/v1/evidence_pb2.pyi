@@ -49,8 +49,8 @@ class _EvidenceEventEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Evidenc
     its expire_time), SHAMS_REUSED (the node holds another letter under the number), an
     attachment its document store would refuse (DOCUMENT_TOO_LARGE,
     MEDIA_TYPE_NOT_ALLOWED), a number that is none (INVALID_SHAMS) or not its sender's
-    (SENDER_MISMATCH), a status update that names no letter (MISSING_IN_REPLY_TO) or
-    does not fit its letter (NOT_A_PARTY, STATUS_WRONG_DIRECTION, ...: LetterDraft.status).
+    (SENDER_MISMATCH), a reply or status update that names no letter (MISSING_IN_REPLY_TO),
+    a status update that does not fit its letter (NOT_A_PARTY, STATUS_WRONG_DIRECTION, ...: LetterDraft.status).
     """
     EVIDENCE_EVENT_HANDOVER: _EvidenceEvent.ValueType  # 8
     """The recipient agency's back-end acknowledged the letter."""
@@ -84,8 +84,8 @@ for RELAY_REJECTION), NOT_A_RECIPIENT, LETTER_EXPIRED (it came over a minute aft
 its expire_time), SHAMS_REUSED (the node holds another letter under the number), an
 attachment its document store would refuse (DOCUMENT_TOO_LARGE,
 MEDIA_TYPE_NOT_ALLOWED), a number that is none (INVALID_SHAMS) or not its sender's
-(SENDER_MISMATCH), a status update that names no letter (MISSING_IN_REPLY_TO) or
-does not fit its letter (NOT_A_PARTY, STATUS_WRONG_DIRECTION, ...: LetterDraft.status).
+(SENDER_MISMATCH), a reply or status update that names no letter (MISSING_IN_REPLY_TO),
+a status update that does not fit its letter (NOT_A_PARTY, STATUS_WRONG_DIRECTION, ...: LetterDraft.status).
 """
 EVIDENCE_EVENT_HANDOVER: EvidenceEvent.ValueType  # 8
 """The recipient agency's back-end acknowledged the letter."""

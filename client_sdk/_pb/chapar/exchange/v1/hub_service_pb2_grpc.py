@@ -98,7 +98,7 @@ class HubServiceServicer:
         ends the stream with PERMISSION_DENIED, SENDER_MISMATCH (nothing of that frame is
         stored); any other fault of a letter (signature, proof, body digest, unknown or
         inactive recipient, create_time window, malformed SHAMS, a number already used for
-        another letter, a status update naming no letter) gets a signed RELAY_REJECTION with
+        another letter, a reply or status update naming no letter) gets a signed RELAY_REJECTION with
         the reason. Frames are handled concurrently, so their answers may come in another order
         than the frames went: match them by envelope_sha256. The hub takes frames up to its max_frame_bytes (32 MiB by
         default) and sends frames of up to 8 MiB of letters (more when one letter is larger):
@@ -113,8 +113,8 @@ class HubServiceServicer:
         CERTIFICATE_REVOKED, CERTIFICATE_USAGE, ...); HEADER_MALFORMED, BODY_DIGEST_MISMATCH;
         INVALID_SHAMS (the number or in_reply_to); NO_RECIPIENTS, UNKNOWN_RECIPIENT,
         RECIPIENT_INACTIVE; CREATE_TIME_MISSING, INVALID_TIME, CREATE_TIME_OUT_OF_WINDOW; and
-        SHAMS_REUSED (another letter holds the number); MISSING_IN_REPLY_TO (a status update
-        naming no letter).
+        SHAMS_REUSED (another letter holds the number); MISSING_IN_REPLY_TO (a reply or a
+        status update naming no letter).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
