@@ -1082,6 +1082,7 @@ class Hub(pb.HubServiceServicer):
                 log.warning(
                     "receipt from %s about someone else refused: %s", agency, content.evidence_id
                 )
+                count_rejection(Code.PERMISSION_DENIED.name, "RECEIPT_ISSUER_MISMATCH")
                 continue
             valid.append((item, content, shams))
         if valid:
@@ -1096,7 +1097,9 @@ class Hub(pb.HubServiceServicer):
                     self._count(agency, -dequeued)
 
             # Refused receipts (logged by the store, which knows why): not answers.
-            _, _, strangers = await self.store.record_receipts(agency, valid, committed)
+            _, _, strangers = await self.store.record_receipts(
+                agency, valid, committed, _count_refused_receipts
+            )
             answered = {s for _, _, s in valid} - set(strangers)
             session.inflight.difference_update(answered)
             if unanswered := self._unanswered.get(agency):
@@ -1254,6 +1257,11 @@ async def _after(
     yield first
     async for frame in rest:
         yield frame
+
+
+def _count_refused_receipts(reason: str, count: int) -> None:
+    """Receipts the store refused (HubStore.record_receipts), in chapar_rejections_total."""
+    count_rejection(Code.INVALID_ARGUMENT.name, reason, count)
 
 
 def _check_frame_count(agency: str, what: str, count: int) -> None:

@@ -821,6 +821,7 @@ class HubStore(Store):
         recipient: str,
         items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]],
         on_commit: Callable[[tuple[list[str], int, list[str]]], None] | None = None,
+        on_refused: Callable[[str, int], None] | None = None,
     ) -> tuple[list[str], int, list[str]]:
         """Stores evidence a recipient node issued, routes it to the sender, dequeues.
 
@@ -833,7 +834,9 @@ class HubStore(Store):
         for a resend), or a HANDOVER with no DELIVERY from ``recipient`` kept before it
         (stored earlier, or earlier in ``items``). ``on_commit`` gets the same, once
         committed (even if the caller was cancelled meanwhile). Refusals are logged here,
-        with why, one warning a batch and cause.
+        with why, one warning a batch and cause, and given to ``on_refused`` (reason,
+        count) once committed: ``RECEIPT_MISMATCH`` for the first kinds above,
+        ``HANDOVER_WITHOUT_DELIVERY`` for the last.
 
         The evidence chain is RELAY_ACCEPTANCE, DELIVERY, HANDOVER: a node hands a letter
         over to its back-end only once it has stored it, and sends the DELIVERY first (a
@@ -976,6 +979,13 @@ class HubStore(Store):
                     recipient,
                     extra={"shams": surplus, "count": len(surplus), "peer": recipient},
                 )
+            if on_refused is not None:
+                for reason, refused in (
+                    ("RECEIPT_MISMATCH", strangers),
+                    ("HANDOVER_WITHOUT_DELIVERY", undelivered),
+                ):
+                    if refused:
+                        on_refused(reason, len(refused))
             if on_commit is not None:
                 on_commit((senders, dequeued, strangers + undelivered))
 

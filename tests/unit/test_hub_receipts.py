@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from prometheus_client import REGISTRY
 
 from client_sdk import pb
 from client_sdk.shams import format_shams
@@ -455,12 +456,16 @@ async def test_a_refused_handover_leaves_its_letter_unanswered_not_free_to_expir
     hub = _hub_verifying(store, content)
     session = _Session(RECIPIENT, None)  # type: ignore[arg-type]
     session.inflight.add(letter.shams)
+    refused = {"code": "INVALID_ARGUMENT", "reason": "HANDOVER_WITHOUT_DELIVERY"}
+    before = REGISTRY.get_sample_value("chapar_rejections_total", refused) or 0.0
     with caplog.at_level("WARNING", logger="chapar.hub"):
         ids = await Hub._receipts(hub, session, [item])  # type: ignore[arg-type]
     assert ids == [content.evidence_id]  # answered: its node need not send it again
     assert letter.shams not in session.inflight
     assert hub._unanswered == {RECIPIENT: {letter.shams}}
     assert [r.__dict__.get("reason") for r in caplog.records] == ["HANDOVER_WITHOUT_DELIVERY"]
+    # Counted where operators look (chapar_rejections_total), not only logged.
+    assert REGISTRY.get_sample_value("chapar_rejections_total", refused) == before + 1
 
 
 async def test_a_verified_receipt_naming_no_valid_number_is_acknowledged(
