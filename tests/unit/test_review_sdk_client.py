@@ -1,18 +1,14 @@
-"""Review of today's client-side changes (aa44039..07ec00e): proofs of the defects found.
-
-Each test is marked ``xfail(strict=True)``: it fails on the code as reviewed, and passes
-once the defect is mended (then its mark must go).
+"""Review of today's client-side changes (aa44039..07ec00e): proofs of the defects found,
+each of which failed on the code as reviewed and passes since its mend.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import io
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,9 +23,10 @@ from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
 )
 from client_sdk.client import partial_path
 from client_sdk.identity import Identity
-from client_sdk.signing import EVIDENCE_PAYLOAD_TYPE, Signer, sha256
-from client_sdk.trust import TrustStore, VerificationError, set_timestamp
+from client_sdk.signing import sha256
+from client_sdk.trust import TrustStore, VerificationError
 from node import cli_client
+from tests.unit.test_bundle_hub import _evidence, _letter, _signer
 from tests.unit.test_sdk import _attachment_of, _GatedDocuments, _serve
 
 SENDER = "000.00.00.G22"
@@ -49,41 +46,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiLayout:
     issue_party(layout.root, Identity.for_hub("staging"))  # the hub renamed, or a staging one
     issue_party(layout.root, Identity.for_hub("nation"))
     return layout
-
-
-def _signer(folder: Path) -> Signer:
-    return Signer.from_files(folder / "signing.key", folder / "signing.crt")
-
-
-def _letter(pki: PkiLayout) -> pb.Envelope:
-    body = b"kept for the court"
-    header = pb.EnvelopeHeader(
-        shams=pb.Shams(origin=SENDER, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=1),
-        body_sha256=sha256(body),
-        body_size=len(body),
-    )
-    header.sender.agency = SENDER
-    header.recipients.add(agency=RECIPIENT)
-    set_timestamp(header.create_time, dt.datetime.now(dt.UTC))
-    envelope = pb.Envelope(header=header.SerializeToString(), body=body)
-    _signer(pki.agency_dir(SENDER)).seal_envelopes([envelope])
-    return envelope
-
-
-def _evidence(
-    signer: Signer, issuer: str, envelope: pb.Envelope, event: pb.EvidenceEvent.ValueType
-) -> pb.Evidence:
-    content = pb.EvidenceContent(
-        evidence_id=str(uuid.uuid4()),
-        event=event,
-        issuer=issuer,
-        shams=pb.EnvelopeHeader.FromString(envelope.header).shams,
-        envelope_sha256=sha256(envelope.header),
-        recipient="" if event == E.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE else RECIPIENT,
-    )
-    set_timestamp(content.event_time, dt.datetime.now(dt.UTC))
-    data = content.SerializeToString()
-    return pb.Evidence(content=data, signature=signer.sign(EVIDENCE_PAYLOAD_TYPE, data))
 
 
 def _letter_and_evidence(
