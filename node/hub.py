@@ -1098,7 +1098,7 @@ class Hub(pb.HubServiceServicer):
 
             # Refused receipts (logged by the store, which knows why): not answers.
             _, _, strangers = await self.store.record_receipts(
-                agency, valid, committed, _count_refused_receipts
+                agency, valid, committed, on_refused=_count_refused_receipts
             )
             answered = {s for _, _, s in valid} - set(strangers)
             session.inflight.difference_update(answered)

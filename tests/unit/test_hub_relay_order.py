@@ -120,7 +120,9 @@ async def test_a_receipt_that_does_not_verify_frees_its_letters_place_in_the_win
 
     stranger = "000.00.00.G01/O/2026/0000003"
 
-    async def record_receipts(agency: str, items: Sequence[Any], on_commit: Any) -> Any:
+    async def record_receipts(
+        agency: str, items: Sequence[Any], on_commit: Any, on_refused: Any = None
+    ) -> Any:
         recorded.extend(shams for _, _, shams in items if shams != stranger)
         return [], 0, [stranger]  # it names another letter's digest, say
 
