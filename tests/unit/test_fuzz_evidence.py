@@ -461,9 +461,15 @@ def _check_bundle(world: World, raw: bytes) -> Tracking | None:
     return tracking
 
 
+# The same examples on every run (derandomize, no example database): a fresh clone's run
+# once stopped on hypothesis's FlakyStrategyDefinition (an example replayed drew less than
+# when it was made), which says nothing of the code under test and must not fail CI. Wider
+# searches are run by hand (2,500 examples each when these tests were written).
 _FUZZ = settings(
     max_examples=150,
     deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
