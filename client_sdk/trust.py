@@ -141,15 +141,7 @@ class TrustStore:
                 self.intermediates.append(cert)
 
     def _issued_by_held_ca(self, cert: x509.Certificate) -> bool:
-        for ca in (*self.roots, *self.intermediates):
-            if ca.subject != cert.issuer:
-                continue
-            try:
-                cert.verify_directly_issued_by(ca)
-            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-                continue
-            return True
-        return False
+        return any(_signed_by(cert, ca) for ca in (*self.roots, *self.intermediates))
 
     def certificate(self, kid: bytes) -> x509.Certificate | None:
         return self._by_key_id.get(kid)
@@ -239,13 +231,12 @@ class TrustStore:
         # verifies the signature; the one of the time of use is the one that counts.
         ordered = sorted(candidates, key=lambda c: not _valid_at(c, when))
         for candidate in ordered:
-            if candidate.subject != cert.issuer or not _may_issue(candidate, cas_below):
-                continue
-            try:
-                cert.verify_directly_issued_by(candidate)
-            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-                continue  # not this issuer (or a key we cannot read): try the next candidate
-            return candidate
+            if (
+                candidate.subject == cert.issuer
+                and _may_issue(candidate, cas_below)
+                and _signed_by(cert, candidate)
+            ):
+                return candidate
         return None
 
     def _signer(self, signature: pb.Signature, at: dt.datetime) -> tuple[Verifier, Identity]:
@@ -569,6 +560,18 @@ class _Verified:
     start: dt.datetime
     end: dt.datetime
     serials: frozenset[int]
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` issued ``cert``: its name is the issuer's and its key verifies the
+    signature (a key that cannot be read, or another issuer's, does not)."""
+    if ca.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def _may_issue(ca: x509.Certificate, cas_below: int) -> bool:

@@ -189,11 +189,18 @@ class HubLink:
         if self._stub is None:
             return
         held = self._version()
-        response = await self._stub.GetDirectory(pb.GetDirectoryRequest(), timeout=30)
-        self.agency.set_in_directory(True)
-        await self.agency.set_directory(response.directory)
+        await self.agency.set_directory(await self._ask_directory(self._stub))
         if self._version() != held:
             self._refetch_every = _REFETCH_EVERY_S
+
+    async def _ask_directory(self, stub: pb.HubServiceStub) -> pb.Directory:
+        """The directory the server answers with: it knows this agency then (one removed
+        from the directory is refused the call too)."""
+        response: pb.GetDirectoryResponse = await stub.GetDirectory(
+            pb.GetDirectoryRequest(), timeout=30
+        )
+        self.agency.set_in_directory(True)
+        return response.directory
 
     async def _learn_own_state(self) -> None:
         """After a refused welcome: this agency's state as the server's directory gives it.
@@ -206,14 +213,13 @@ class HubLink:
         if self._stub is None:
             return
         async with self._refetch:
-            response = await self._stub.GetDirectory(pb.GetDirectoryRequest(), timeout=30)
-            self.agency.set_in_directory(True)
+            directory = await self._ask_directory(self._stub)
             held = self.agency.directory
             if held is None:
-                await self.agency.set_directory(response.directory, persist=False)
+                await self.agency.set_directory(directory, persist=False)
                 return
             code = self.agency.config.agency
-            said = {a.code: a.state for a in response.directory.agencies}
+            said = {a.code: a.state for a in directory.agencies}
             if code not in said:
                 return
             mended = pb.Directory()

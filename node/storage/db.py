@@ -400,6 +400,21 @@ class Store:
     async def close(self) -> None:
         await self.db.close()
 
+    # -- the ``meta`` table both stores have: one value a key ------------------------------
+
+    async def meta_value(self, key: str) -> bytes | None:
+        """The value kept under ``key`` in ``meta``; None if none is."""
+        row = await self.db.fetchone("SELECT value FROM meta WHERE key = ?", (key,))
+        return bytes(row[0]) if row else None
+
+    async def set_meta_value(self, key: str, value: bytes) -> None:
+        """Keeps ``value`` under ``key`` in ``meta``, replacing what was there."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+        await self.db.write(job)
+
 
 S = TypeVar("S", bound=Store)
 

@@ -1031,19 +1031,12 @@ class HubStore(Store):
 
     async def save_revocations(self, serials: Sequence[str]) -> None:
         """Keeps the revoked serials of the directory in force (replacing those kept)."""
-
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                (_REVOKED, "\n".join(serials).encode()),
-            )
-
-        await self.db.write(job)
+        await self.set_meta_value(_REVOKED, "\n".join(serials).encode())
 
     async def saved_revocations(self) -> list[str]:
         """The revoked serials ``save_revocations`` kept last (none if never)."""
-        row = await self.db.fetchone("SELECT value FROM meta WHERE key = ?", (_REVOKED,))
-        return bytes(row[0]).decode().split() if row else []
+        value = await self.meta_value(_REVOKED)
+        return value.decode().split() if value is not None else []
 
     async def may_fetch(self, digest: bytes, owner: str, recipient: str) -> bool:
         row = await self.db.fetchone(

@@ -1239,36 +1239,22 @@ class NodeStore(Store):
 
     async def save_directory(self, directory: pb.Directory) -> None:
         """Keeps the last directory so the node can take submissions while the hub is down."""
-        blob = directory.SerializeToString()
-
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('directory', ?)", (blob,)
-            )
-
-        await self.db.write(job)
+        await self.set_meta_value("directory", directory.SerializeToString())
 
     async def load_directory(self) -> pb.Directory | None:
-        row = await self.db.fetchone("SELECT value FROM meta WHERE key = 'directory'")
-        return pb.Directory.FromString(row[0]) if row else None
+        blob = await self.meta_value("directory")
+        return pb.Directory.FromString(blob) if blob is not None else None
 
     async def save_hub_frame_bytes(self, max_frame_bytes: int) -> None:
         """Keeps the max_frame_bytes the hub's welcome announced (0: it said none), so that
         a node restarted while the hub is down refuses at once what the hub would not take."""
-
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                (_HUB_FRAME_BYTES, str(max_frame_bytes).encode()),
-            )
-
-        await self.db.write(job)
+        await self.set_meta_value(_HUB_FRAME_BYTES, str(max_frame_bytes).encode())
 
     async def load_hub_frame_bytes(self) -> int | None:
         """The max_frame_bytes the hub last announced; None if no hub has welcomed this
         node yet."""
-        row = await self.db.fetchone("SELECT value FROM meta WHERE key = ?", (_HUB_FRAME_BYTES,))
-        return int(bytes(row[0])) if row else None
+        value = await self.meta_value(_HUB_FRAME_BYTES)
+        return int(value) if value is not None else None
 
     async def earlier_answers(
         self, letters: Sequence[tuple[str, bytes]], issuer: str
