@@ -2029,13 +2029,13 @@ class _Frame:
     def __init__(self, size: int) -> None:
         self.drafts: list[_Submittable] = []
         self._size = size
-        self._bytes = 0
+        self.bytes = 0  # of the drafts taken
 
     def take(self, draft: _Submittable) -> bool:
         """Adds ``draft``; False (and not added) when it must start the next frame."""
-        self._bytes += draft.size
-        if self.drafts and self._bytes > STREAM_FRAME_BYTES:
+        if self.drafts and self.bytes + draft.size > STREAM_FRAME_BYTES:
             return False
+        self.bytes += draft.size
         self.drafts.append(draft)
         return True
 
@@ -2450,7 +2450,8 @@ class _AsyncFeed:
     (the stream has a frame unanswered or sent within the linger), what comes within
     ``linger_s``: a flood goes in full frames, a trickle a few drafts a frame, a draft on a
     quiet stream at once, at the cost of one queue put and get per draft. The linger ends
-    when the iterable does (exhausted or failed): no more can come, so the frame goes."""
+    when the iterable does (exhausted or failed): no more can come, so the frame goes; and
+    as soon as what came meanwhile fills the frame (by count or bytes), which then goes."""
 
     def __init__(
         self,
@@ -2467,18 +2468,28 @@ class _AsyncFeed:
         self._linger_s = linger_s
         self._busy = busy
         self._held: _Submittable | _End | _Failed | None = None
-        self._ended = asyncio.Event()  # the end or the failure is in the queue
+        self._ended = False  # the end or the failure is in the queue
+        # While a frame lingers: what it still takes (drafts, bytes), counted down by the
+        # pump, which sets _wake when the frame would be full or the drafts end.
+        self._room: list[int] | None = None
+        self._wake = asyncio.Event()
         self._pump = asyncio.create_task(self._run(drafts))
 
     async def _run(self, drafts: AsyncIterable[_Submittable]) -> None:
         try:
             async for draft in drafts:
                 await self._queue.put(draft)
+                if (room := self._room) is not None:
+                    room[0] -= 1
+                    room[1] -= draft.size
+                    if room[0] <= 0 or room[1] < 0:
+                        self._wake.set()
         except Exception as exc:  # handed to the writer, which raises it to the caller
             await self._queue.put(_Failed(exc))
         else:
             await self._queue.put(_End())
-        self._ended.set()
+        self._ended = True
+        self._wake.set()
 
     async def next_batch(self) -> list[_Submittable]:
         frame = _Frame(self._size)
@@ -2499,14 +2510,21 @@ class _AsyncFeed:
                 return frame.drafts
             if frame.full:
                 return frame.drafts
-            if self._queue.empty() and not lingered and self._busy():
+            if self._queue.empty() and not lingered and self._busy() and not self._ended:
                 lingered = True
                 # Not a plain sleep: once the drafts have ended none can come, and the
                 # last frame of a blocking send_stream (whose drafts and end reach the
-                # loop a thread hop apart) waited out the linger for nothing.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._linger_s):
-                        await self._ended.wait()
+                # loop a thread hop apart) waited out the linger for nothing; and a frame
+                # filled meanwhile waited it out too (a linger late, every frame of a
+                # stream faster than a frame a linger).
+                self._room = [self._size - len(frame.drafts), STREAM_FRAME_BYTES - frame.bytes]
+                self._wake.clear()
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._linger_s):
+                            await self._wake.wait()
+                finally:
+                    self._room = None
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:

@@ -127,3 +127,33 @@ async def test_a_lingering_frame_goes_as_soon_as_the_drafts_end(ending: str) -> 
             assert await feed.next_batch() == []
     finally:
         await feed.aclose()
+
+
+@pytest.mark.parametrize("limit", ["count", "bytes"])
+async def test_a_lingering_frame_goes_as_soon_as_it_fills(limit: str) -> None:
+    # The frame waits for more and the producer then gives a whole frame's worth at once:
+    # the frame is full, so it goes then, not at the linger's end (30 s here would time
+    # the test out). It waited out the linger, so a stream faster than a frame a linger
+    # (64 drafts a 20 ms: 3,200 a second) sent each frame a linger late.
+    go = asyncio.Event()
+    sizes = [10] * 5 if limit == "count" else [10] + [STREAM_FRAME_BYTES // 2] * 3
+
+    async def produce() -> AsyncIterator[_Ready]:
+        drafts = _drafts(sizes)
+        yield drafts[0]
+        await go.wait()
+        for draft in drafts[1:]:
+            yield draft
+        await asyncio.Event().wait()  # then nothing more, and no end either
+
+    feed = _AsyncFeed(produce(), 4, 8, linger_s=30.0, busy=lambda: True)
+    try:
+        lingering = asyncio.create_task(feed.next_batch())
+        await asyncio.sleep(0.05)
+        assert not lingering.done()  # the frame holds draft 0 and waits for more
+        go.set()
+        first = await asyncio.wait_for(lingering, timeout=5)
+    finally:
+        await feed.aclose()
+    expected = ["0", "1", "2", "3"] if limit == "count" else ["0", "1"]
+    assert [d.request.draft.subject for d in first] == expected
