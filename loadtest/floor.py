@@ -349,7 +349,13 @@ def hub_jobs() -> list[Job]:
 
 
 _EVIDENCE_IDS_IN = "SELECT evidence_id FROM evidence WHERE evidence_id IN ({marks})"
-_STATES_IN = "SELECT shams, recipient, state FROM recipient_state WHERE shams IN ({marks})"
+# The letters the evidence names, with their recipients' states (record_sender_evidence:
+# the check that the evidence is about the letter sent, and advance_states).
+_SENT_IN = (
+    "SELECT o.shams, o.envelope_sha256, o.relayed_at, s.recipient, s.state"
+    " FROM outbox o JOIN recipient_state s ON s.shams = o.shams"
+    " WHERE o.shams IN ({marks})"
+)
 _UPDATE_STATE = "UPDATE recipient_state SET state = ? WHERE shams = ? AND recipient = ?"
 _NODE_EVIDENCE = (
     "INSERT INTO evidence (evidence_id, shams, event, evidence, recorded_at) VALUES (?, ?, ?, ?, ?)"
@@ -441,7 +447,7 @@ def sender_jobs(batch: int) -> list[Job]:
                     "UPDATE outbox SET relay_state = 1 WHERE shams = ? AND relay_state = 0",
                     1,
                 ),
-                Statement("read states (advance_states)", _STATES_IN, 1, "in"),
+                Statement("read letters and states", _SENT_IN, 1, "in"),
                 Statement("update recipient_state", _UPDATE_STATE, 1),
             ),
         ),
@@ -452,7 +458,7 @@ def sender_jobs(batch: int) -> list[Job]:
             (
                 Statement("look up evidence ids", _EVIDENCE_IDS_IN, 2, "in"),
                 Statement("insert evidence", _NODE_EVIDENCE, 2),
-                Statement("read states (advance_states)", _STATES_IN, 1, "in"),
+                Statement("read letters and states", _SENT_IN, 1, "in"),
                 Statement("update recipient_state", _UPDATE_STATE, 1),
             ),
         ),
@@ -1356,7 +1362,7 @@ def _params(job: Job, st: Statement, r: _Rows, k: int) -> Sequence[Any]:
             for i, x in zip(r.relay_ids[lo:hi], s, strict=True)
         ],
         ("record_sender_evidence (relay)", "update outbox"): lambda: [(x,) for x in s],
-        ("record_sender_evidence (relay)", "read states (advance_states)"): lambda: s,
+        ("record_sender_evidence (relay)", "read letters and states"): lambda: s,
         ("record_sender_evidence (relay)", "update recipient_state"): lambda: [
             (lifecycle.RELAYED, x, B) for x in s
         ],
@@ -1369,7 +1375,7 @@ def _params(job: Job, st: Statement, r: _Rows, k: int) -> Sequence[Any]:
             )
             for i, x in zip(ids[lo:hi], s, strict=True)
         ],
-        ("record_sender_evidence (notices)", "read states (advance_states)"): lambda: s,
+        ("record_sender_evidence (notices)", "read letters and states"): lambda: s,
         ("record_sender_evidence (notices)", "update recipient_state"): lambda: [
             (lifecycle.HANDED_OVER, x, B) for x in s
         ],

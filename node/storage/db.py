@@ -484,20 +484,27 @@ def existing(conn: sqlite3.Connection, sql: str, keys: Sequence[str]) -> set[str
     return {str(r[0]) for r in rows_in(conn, sql, keys)}
 
 
-def advance_states(conn: sqlite3.Connection, moves: Sequence[tuple[str, str | None, int]]) -> None:
+def advance_states(
+    conn: sqlite3.Connection,
+    moves: Sequence[tuple[str, str | None, int]],
+    states: dict[tuple[str, str], int] | None = None,
+) -> None:
     """Applies (shams, recipient, event) moves in order; recipient None moves every
     recipient of the letter. States only move forward (the lifecycle table decides).
-    Reads the states concerned in one query and writes the changed ones in one batch."""
+    Reads the states concerned in one query (unless the caller read them, every recipient
+    of every letter concerned, in its own: ``states``, updated here) and writes the changed
+    ones in one batch."""
     if not moves:
         return
-    states: dict[tuple[str, str], int] = {
-        (str(shams), str(recipient)): int(state)
-        for shams, recipient, state in rows_in(
-            conn,
-            "SELECT shams, recipient, state FROM recipient_state WHERE shams IN ({marks})",
-            [m[0] for m in moves],
-        )
-    }
+    if states is None:
+        states = {
+            (str(shams), str(recipient)): int(state)
+            for shams, recipient, state in rows_in(
+                conn,
+                "SELECT shams, recipient, state FROM recipient_state WHERE shams IN ({marks})",
+                [m[0] for m in moves],
+            )
+        }
     by_letter: dict[str, list[str]] = {}
     for letter, who in states:
         by_letter.setdefault(letter, []).append(who)

@@ -38,6 +38,7 @@ __all__ = [
     "LinkedUpdate",
     "NewLetter",
     "NodeStore",
+    "RefusedEvidence",
     "StoredEvidence",
     "StoredLetter",
     "request_key",
@@ -47,6 +48,17 @@ T = TypeVar("T")
 log = logging.getLogger("chapar.node")
 # (SHAMS text, parsed content) of the evidence rows one job wrote, in their order.
 _Stored = list[tuple[str, pb.EvidenceContent]]
+
+
+class RefusedEvidence(NamedTuple):
+    """Evidence routed to this node as a letter's sender that is not about the letter it
+    sent under that number (``NodeStore.record_sender_evidence``): its id, the number it
+    names, and why, as an UPPER_SNAKE reason and a detail."""
+
+    evidence_id: str
+    shams: str
+    reason: str
+    detail: str
 
 
 class StoredEvidence(NamedTuple):
@@ -514,21 +526,49 @@ class NodeStore(Store):
 
     async def record_sender_evidence(
         self, items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]]
-    ) -> None:
+    ) -> list[RefusedEvidence]:
         """Stores relay results and routed evidence (evidence, content, shams text).
 
         Idempotent on evidence id; moves each recipient's state along the lifecycle table.
+        Returns the evidence refused, neither stored nor moving anything: not about the
+        letter this node sent under its number (``_misfit``). The caller logs it; it is
+        refused again if it comes again.
         """
 
-        def job(conn: sqlite3.Connection) -> tuple[None, _Stored]:
+        def job(conn: sqlite3.Connection) -> tuple[list[RefusedEvidence], _Stored]:
             now = time.time()
+            # Each letter's digest, whether it was relayed before and its recipients'
+            # states, read once for the check below and for the moves (advance_states
+            # reads nothing more).
+            digests: dict[str, bytes] = {}
+            relayed: set[str] = set()
+            states: dict[tuple[str, str], int] = {}
+            for shams, digest, relayed_at, recipient, state in rows_in(
+                conn,
+                "SELECT o.shams, o.envelope_sha256, o.relayed_at, s.recipient, s.state"
+                " FROM outbox o JOIN recipient_state s ON s.shams = o.shams"
+                " WHERE o.shams IN ({marks})",
+                list(dict.fromkeys(s for _, _, s in items)),
+            ):
+                digests[str(shams)] = bytes(digest)
+                if relayed_at is not None:
+                    relayed.add(str(shams))
+                states[(str(shams), str(recipient))] = int(state)
+            refused: list[RefusedEvidence] = []
+            taken: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
+            for item in items:
+                misfit = _misfit(item[1], item[2], digests, states)
+                if misfit is None:
+                    taken.append(item)
+                else:
+                    refused.append(misfit)
             known = existing(
                 conn,
                 "SELECT evidence_id FROM evidence WHERE evidence_id IN ({marks})",
-                [c.evidence_id for _, c, _ in items],
+                [c.evidence_id for _, c, _ in taken],
             )
             new: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
-            for item in items:
+            for item in taken:
                 if item[1].evidence_id not in known:
                     known.add(item[1].evidence_id)
                     new.append(item)
@@ -543,7 +583,7 @@ class NodeStore(Store):
             # forward, the relay state is set once).
             conn.executemany(
                 "UPDATE outbox SET relay_state = 1, relayed_at = ? WHERE shams = ? AND relay_state = 0",
-                [(now, s) for _, c, s in items if c.event == pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE],
+                [(now, s) for _, c, s in taken if c.event == pb.EVIDENCE_EVENT_RELAY_ACCEPTANCE],
             )
             # A rejection of a letter relayed before (relayed_at set), sent again after a
             # restore of the hub (handle_hub_restore), is kept as evidence (the hub did
@@ -551,18 +591,13 @@ class NodeStore(Store):
             # suspended) but changes nothing: the letter was accepted and went on, its
             # DELIVERY and HANDOVER stand. It is relayed again, not sent in a loop.
             again = {
-                str(r[0])
-                for r in rows_in(
-                    conn,
-                    "SELECT shams FROM outbox WHERE shams IN ({marks}) AND relayed_at IS NOT NULL",
-                    [s for _, c, s in items if c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION],
-                )
-            }
+                s for _, c, s in taken if c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION
+            } & relayed
             conn.executemany(
                 "UPDATE outbox SET relay_state = ? WHERE shams = ?",
                 [
                     (1 if s in again else 2, s)
-                    for _, c, s in items
+                    for _, c, s in taken
                     if c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION
                 ],
             )
@@ -571,13 +606,14 @@ class NodeStore(Store):
                 conn,
                 [
                     (s, c.recipient or None, c.event)
-                    for _, c, s in items
+                    for _, c, s in taken
                     if not (c.event == pb.EVIDENCE_EVENT_RELAY_REJECTION and s in again)
                 ],
+                states,
             )
-            return None, [(s, c) for _, c, s in new]
+            return refused, [(s, c) for _, c, s in new]
 
-        await self._write(job)
+        return await self._write(job)
 
     async def mark_relay_rejected(self, shams: str) -> None:
         def job(conn: sqlite3.Connection) -> None:
@@ -1487,6 +1523,51 @@ def _judge_early_links(conn: sqlite3.Connection, arrived: Mapping[str, bytes]) -
             extra={"shams": [shams, about], "peer": update.sender.agency, "reason": fault.reason},
         )
         conn.execute("DELETE FROM status_links WHERE shams = ?", (shams,))
+
+
+def _misfit(
+    content: pb.EvidenceContent,
+    shams: str,
+    digests: Mapping[str, bytes],
+    states: Mapping[tuple[str, str], int],
+) -> RefusedEvidence | None:
+    """Why evidence routed to this node as the letter's sender is not about the letter it
+    sent under that number (``digests``: each letter's header digest; ``states``: its
+    recipients), else None. The hub routes what recipients' nodes sign, and a hostile hub
+    with an agency it colludes with could have "delivered to" an agency the letter was
+    never addressed to, or a DELIVERY of other content, shown by ``chapar track``. The
+    reasons are the offline verifier's for the same evidence in a bundle
+    (client_sdk.client): EVIDENCE_MISMATCH for another letter (digest or number),
+    ISSUER_NOT_ALLOWED for a recipient the letter does not name."""
+    digest = digests.get(shams)
+    if digest is None:
+        return RefusedEvidence(
+            content.evidence_id,
+            shams,
+            "EVIDENCE_MISMATCH",
+            f"evidence {content.evidence_id} is about {shams}, which this node did not send",
+        )
+    if content.envelope_sha256 != digest:
+        return RefusedEvidence(
+            content.evidence_id,
+            shams,
+            "EVIDENCE_MISMATCH",
+            f"evidence {content.evidence_id} is about another letter than the one this node"
+            f" sent as {shams} (another digest)",
+        )
+    if content.recipient and (shams, content.recipient) not in states:
+        return RefusedEvidence(
+            content.evidence_id,
+            shams,
+            "ISSUER_NOT_ALLOWED",
+            f"{content.issuer} may not attest {_event_name(content.event)} for"
+            f" {content.recipient}: not a recipient of {shams}",
+        )
+    return None
+
+
+def _event_name(event: int) -> str:
+    return pb.EvidenceEvent.Name(event) if event in pb.EvidenceEvent.values() else str(event)  # type: ignore[arg-type]
 
 
 def _of_another_letter(item: pb.Evidence, digest: bytes) -> bool:

@@ -66,7 +66,25 @@ def _insert(path: Path, origin: str, seq: int, event: int, recipient: str, at_s:
 
 
 async def _store(store: NodeStore, evidence: list[tuple[str, int, int, str, float]]) -> None:
-    """Evidence (origin, sequence, event, recipient, time) stored now, in one write."""
+    """Evidence (origin, sequence, event, recipient, time) stored now, in one write, about
+    letters in the outbox (added here, to the recipients the tests name): the store takes
+    routed evidence only about a letter it sent, to one of its recipients, under its
+    digest."""
+
+    def sent(conn: sqlite3.Connection) -> None:
+        for origin, seq, _, _, _ in evidence:
+            shams = f"{origin}/O/2026/{seq}"
+            conn.execute(
+                "INSERT OR IGNORE INTO outbox (shams, envelope, envelope_sha256, receipt,"
+                " created_at) VALUES (?, x'', ?, x'', 0)",
+                (shams, b"\0" * 32),
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO recipient_state VALUES (?, ?, 1)",
+                [(shams, r) for r in ("X.Y", "Z.Z", ME)],
+            )
+
+    await store.db.write(sent)
     items = []
     for origin, seq, event, recipient, at_s in evidence:
         content = _content(origin, seq, event, recipient, at_s)

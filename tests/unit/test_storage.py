@@ -782,12 +782,14 @@ async def test_submission_creates_submitted_state_per_distinct_recipient(store: 
 
 async def test_sender_evidence_advances_recipient_state_per_lifecycle(store: NodeStore) -> None:
     receipt = await _submit_one(store, "r", Builder(recipients=[RECIPIENT_B, RECIPIENT_C]))
-    text, shams = receipt.shams_text, receipt.shams
+    text, shams, digest = receipt.shams_text, receipt.shams, receipt.envelope_sha256
 
     async def record(
         event: pb.EvidenceEvent.ValueType, recipient: str, eid: str | None = None
     ) -> None:
-        evidence, content = _evidence(event, shams=shams, recipient=recipient, evidence_id=eid)
+        evidence, content = _evidence(
+            event, shams=shams, recipient=recipient, evidence_id=eid, envelope_sha256=digest
+        )
         await store.record_sender_evidence([(evidence, content, text)])
 
     async def statuses() -> dict[str, int]:
@@ -816,12 +818,20 @@ async def test_sender_evidence_advances_recipient_state_per_lifecycle(store: Nod
 async def test_sender_evidence_is_idempotent_on_evidence_id(store: NodeStore) -> None:
     receipt = await _submit_one(store, "r", Builder())
     text = receipt.shams_text
-    failure = _evidence(E.EVIDENCE_EVENT_RELAY_FAILURE, shams=receipt.shams, evidence_id="ev-1")
+    failure = _evidence(
+        E.EVIDENCE_EVENT_RELAY_FAILURE,
+        shams=receipt.shams,
+        evidence_id="ev-1",
+        envelope_sha256=receipt.envelope_sha256,
+    )
     await store.record_sender_evidence([(*failure, text), (*failure, text)])
     await store.record_sender_evidence([(*failure, text)])
     # The same id again, even claiming another event, is the evidence already recorded.
     relabelled = _evidence(
-        E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, shams=receipt.shams, evidence_id="ev-1"
+        E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+        shams=receipt.shams,
+        evidence_id="ev-1",
+        envelope_sha256=receipt.envelope_sha256,
     )
     await store.record_sender_evidence([(*relabelled, text)])
     letter = await store.letter(text)
@@ -835,7 +845,11 @@ async def test_relay_rejection_marks_the_letter_rejected_and_stops_relaying(
     store: NodeStore,
 ) -> None:
     receipt = await _submit_one(store, "r", Builder())
-    rejection = _evidence(E.EVIDENCE_EVENT_RELAY_REJECTION, shams=receipt.shams)
+    rejection = _evidence(
+        E.EVIDENCE_EVENT_RELAY_REJECTION,
+        shams=receipt.shams,
+        envelope_sha256=receipt.envelope_sha256,
+    )
     await store.record_sender_evidence([(*rejection, receipt.shams_text)])
     letter = await store.letter(receipt.shams_text)
     assert letter is not None
@@ -848,7 +862,12 @@ async def test_relay_rejection_of_the_whole_letter_moves_every_recipient(
 ) -> None:
     """The hub rejects a letter as a whole (recipient ""): no recipient may stay SUBMITTED."""
     receipt = await _submit_one(store, "whole", Builder())
-    rejection = _evidence(E.EVIDENCE_EVENT_RELAY_REJECTION, shams=receipt.shams, recipient="")
+    rejection = _evidence(
+        E.EVIDENCE_EVENT_RELAY_REJECTION,
+        shams=receipt.shams,
+        recipient="",
+        envelope_sha256=receipt.envelope_sha256,
+    )
     await store.record_sender_evidence([(*rejection, receipt.shams_text)])
     letter = await store.letter(receipt.shams_text)
     assert letter is not None
@@ -874,7 +893,14 @@ async def test_every_evidence_stored_is_handed_to_the_listener_once_after_commit
     receipt = await _submit_one(store, "r", Builder())
     await _submit_one(store, "r", Builder())  # a retry: the receipt stored before
     text = receipt.shams_text
-    relay = (*_evidence(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, shams=receipt.shams), text)
+    relay = (
+        *_evidence(
+            E.EVIDENCE_EVENT_RELAY_ACCEPTANCE,
+            shams=receipt.shams,
+            envelope_sha256=receipt.envelope_sha256,
+        ),
+        text,
+    )
     await store.record_sender_evidence([relay, relay])
     await store.record_sender_evidence([relay])
     letter = _incoming(1)
@@ -893,6 +919,60 @@ async def test_every_evidence_stored_is_handed_to_the_listener_once_after_commit
         ("", E.EVIDENCE_EVENT_DELIVERY_FAILURE),
     ]
     assert await store.count("evidence") == len(seen)
+
+
+async def test_routed_evidence_not_about_the_letter_sent_is_refused_and_moves_nothing(
+    store: NodeStore,
+) -> None:
+    """Evidence routed to the sender names the letter it is about by number, digest and
+    recipient; a hostile hub (with an agency it colludes with) can route any signed
+    evidence. Only what fits the letter this node sent under that number is taken:
+    another agency than its recipients, another digest (other content), a number this
+    node never sent are refused with the reason the offline verifier would give, not
+    stored, and no state or relay state moves; the genuine evidence beside them is taken."""
+    receipt = await _submit_one(store, "r", Builder(recipients=[RECIPIENT_B]))
+    text, shams, digest = receipt.shams_text, receipt.shams, receipt.envelope_sha256
+    other = hashlib.sha256(b"another letter's header").digest()
+
+    def item(
+        event: pb.EvidenceEvent.ValueType,
+        recipient: str = RECIPIENT_B,
+        sha: bytes = digest,
+        about: pb.Shams = shams,
+    ) -> tuple[pb.Evidence, pb.EvidenceContent, str]:
+        evidence, content = _evidence(event, shams=about, recipient=recipient, envelope_sha256=sha)
+        return evidence, content, format_shams(about)
+
+    not_a_recipient = [
+        item(E.EVIDENCE_EVENT_DELIVERY, RECIPIENT_C),
+        item(E.EVIDENCE_EVENT_HANDOVER, RECIPIENT_C),
+        item(E.EVIDENCE_EVENT_EXPIRY, RECIPIENT_C),
+    ]
+    other_content = [
+        item(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, sha=other),
+        item(E.EVIDENCE_EVENT_DELIVERY, sha=other),
+        item(E.EVIDENCE_EVENT_HANDOVER, sha=other),
+        item(E.EVIDENCE_EVENT_RELAY_REJECTION, "", sha=other),
+    ]
+    never_sent = [item(E.EVIDENCE_EVENT_DELIVERY, about=_shams(shams.sequence + 1))]
+    refused = await store.record_sender_evidence([*not_a_recipient, *other_content, *never_sent])
+    assert [(r.evidence_id, r.reason) for r in refused] == [
+        *[(c.evidence_id, "ISSUER_NOT_ALLOWED") for _, c, _ in not_a_recipient],
+        *[(c.evidence_id, "EVIDENCE_MISMATCH") for _, c, _ in [*other_content, *never_sent]],
+    ]
+    assert all(r.detail for r in refused)
+    letter = await store.letter(text)
+    assert letter is not None
+    assert letter.statuses == {RECIPIENT_B: lifecycle.SUBMITTED}
+    assert await store.count("evidence") == 1  # its SUBMISSION_ACCEPTANCE only
+    assert len(await store.outbox_to_relay(0, 10, 1 << 20)) == 1  # still to relay
+
+    genuine = [item(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE), item(E.EVIDENCE_EVENT_DELIVERY)]
+    assert await store.record_sender_evidence([*genuine, not_a_recipient[1]]) == refused[1:2]
+    letter = await store.letter(text)
+    assert letter is not None
+    assert letter.statuses == {RECIPIENT_B: lifecycle.DELIVERED}
+    assert [e.content for e in letter.evidence][1:] == [e.content for e, _, _ in genuine]
 
 
 async def test_a_failing_evidence_listener_does_not_fail_the_write(
@@ -1252,12 +1332,15 @@ async def test_receipt_from_an_agency_the_letter_is_not_addressed_to_is_refused(
 
 async def test_one_batch_of_sender_evidence_moves_states_in_its_order(store: NodeStore) -> None:
     receipt = await _submit_one(store, "batch", Builder(recipients=[RECIPIENT_B, RECIPIENT_C]))
-    text, shams = receipt.shams_text, receipt.shams
+    text, shams, digest = receipt.shams_text, receipt.shams, receipt.envelope_sha256
     batch = [
-        _evidence(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, shams=shams, recipient=RECIPIENT_B),
-        _evidence(E.EVIDENCE_EVENT_HANDOVER, shams=shams, recipient=RECIPIENT_B),
-        _evidence(E.EVIDENCE_EVENT_DELIVERY, shams=shams, recipient=RECIPIENT_B),  # late
-        _evidence(E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, shams=shams, recipient=RECIPIENT_C),
+        _evidence(event, shams=shams, recipient=recipient, envelope_sha256=digest)
+        for event, recipient in [
+            (E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, RECIPIENT_B),
+            (E.EVIDENCE_EVENT_HANDOVER, RECIPIENT_B),
+            (E.EVIDENCE_EVENT_DELIVERY, RECIPIENT_B),  # late
+            (E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, RECIPIENT_C),
+        ]
     ]
     await store.record_sender_evidence([(*item, text) for item in [*batch, batch[0]]])
     letter = await store.letter(text)
