@@ -638,18 +638,31 @@ class _Session:
                 if id(item) not in kept and (digest := _quoted_digest(item)):
                     self.relaying.pop(digest, None)
         if items:
-            await self.agency.store.record_sender_evidence(items)
+            await self._record(items)
+
+    async def _record(self, items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]]) -> None:
+        """Stores verified evidence about letters this node sent. What the store refuses as
+        not about the letter sent under its number (another digest, a recipient the letter
+        does not name, a number this node never sent: NodeStore.record_sender_evidence) is
+        counted and logged as evidence that does not verify, as an offline verifier would
+        find it; it is acknowledged as such evidence is (``_evidence``)."""
+        for refused in await self.agency.store.record_sender_evidence(items):
+            count_verification_failure("evidence", refused.reason)
+            log.error(
+                "evidence from the hub does not verify (%s): %s", refused.reason, refused.detail
+            )
 
     async def _evidence(self, evidence: Sequence[pb.Evidence]) -> None:
         version = self.link._version()  # read first: a change during the check retries it
         verified, unmended = await self._verify(evidence)
         items = [(e, c, shams) for e, c, shams in verified if shams]
         if items:
-            await self.agency.store.record_sender_evidence(items)
+            await self._record(items)
         if self.unmended:  # verified now: no longer held (nothing held, nothing to look up)
             for _, content, _ in verified:
                 self.unmended.pop(content.evidence_id, None)
-        # Acknowledge what we stored and what can never verify (it would only come back);
+        # Acknowledge what we stored and what can never verify (it would only come back;
+        # the store's refusals too: not about the letter sent, they never will be);
         # content too malformed to name its id cannot be acknowledged, but must not stop
         # the stream either. Not what failed only for a key or CA this node's directory
         # lacks: acknowledged, the hub would forget it and this node never store it (the

@@ -23,7 +23,7 @@ import contextlib
 import datetime as dt
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,13 @@ from hypothesis import strategies as st
 from certs.pki import load_certs
 from client_sdk import pb
 from client_sdk.identity import is_agency_code
+from client_sdk.shams import format_shams
 from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer, sha256
 from client_sdk.trust import set_timestamp
 from node.agency import Agency
 from node.cluster import Cluster
 from node.config import load_node_config
+from node.core import lifecycle
 from node.core.evidence import evidence_content
 from node.rpc.hub_link import HubLink
 from node.server import _signer, _trust, channel_credentials
@@ -213,11 +215,21 @@ def _frame(data: st.DataObject, material: Material) -> pb.ConnectResponse | byte
 
 
 class FakeHub:
-    def __init__(self, material: Material, script: list[pb.ConnectResponse | bytes]) -> None:
+    def __init__(
+        self,
+        material: Material,
+        script: list[pb.ConnectResponse | bytes],
+        acks: frozenset[str] = frozenset(),
+    ) -> None:
         self.material = material
         self.script = script
         self.sessions = 0
         self.probed = asyncio.Event()
+        self.acks = acks  # evidence ids the node is to acknowledge before the run ends
+        self.acked: set[str] = set()
+        self.all_acked = asyncio.Event()
+        if not acks:
+            self.all_acked.set()
 
     def _welcome(self, nonce: bytes) -> pb.ConnectResponse:
         content = pb.HubAttestationContent(hub=HUB, agency=A, nonce=nonce)
@@ -251,6 +263,9 @@ class FakeHub:
         yield probe
         probe_digest = sha256(self.material.probe.header)
         async for request in requests:
+            self.acked.update(request.evidence_acks.evidence_ids)
+            if self.acks <= self.acked:
+                self.all_acked.set()
             for item in request.receipts.evidence:
                 content = pb.EvidenceContent.FromString(item.content)
                 if (
@@ -279,8 +294,16 @@ class _Failures(logging.Handler):
             self.tracebacks.append(self.format(record))
 
 
-async def _run(material: Material, script: list[pb.ConnectResponse | bytes], at: Path) -> Path:
-    fake = FakeHub(material, script)
+async def _run(
+    material: Material,
+    script: list[pb.ConnectResponse | bytes],
+    at: Path,
+    prepare: Callable[[NodeStore], Awaitable[None]] | None = None,
+    acks: frozenset[str] = frozenset(),
+) -> Path:
+    """Runs node A against the fake hub until it answers the probe (and acknowledges
+    ``acks``); ``prepare`` gets A's store before its link starts."""
+    fake = FakeHub(material, script, acks)
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
         pb.HUB_SERVICE_NAME,
@@ -316,12 +339,15 @@ async def _run(material: Material, script: list[pb.ConnectResponse | bytes], at:
     )
     link = HubLink(agency, channel_credentials(config.tls))
     agency.hub_link = link
+    if prepare is not None:
+        await prepare(store)
     failures = _Failures()
     logger = logging.getLogger("chapar")
     logger.addHandler(failures)
     task = asyncio.create_task(link.run())
     try:
         await asyncio.wait_for(fake.probed.wait(), 20)
+        await asyncio.wait_for(fake.all_acked.wait(), 20)
         assert not task.done(), "the node's hub link ended"
         assert failures.tracebacks == [], failures.tracebacks[0]
     finally:
@@ -402,3 +428,71 @@ def test_a_signed_letter_under_a_number_that_is_none_or_not_its_senders_is_refus
     frame.deliveries.envelopes.extend(material.misfits)
     database = asyncio.run(_run(material, [frame], tmp_path))
     _assert_stored_only_what_verifies(material, database)
+
+
+def test_routed_evidence_not_about_the_letter_a_sent_is_refused_and_acknowledged(
+    material: Material, tmp_path: Path
+) -> None:
+    # A hub colluding with C routed to A, the sender, evidence signed by C that C received
+    # A's letter to B, a DELIVERY of other content signed by B, and the hub's own EXPIRY
+    # for C. Each verified (signed by its issuer, about the agency it names) and A stored
+    # it: ``chapar track`` showed the letter delivered to C, and B's state moved on a
+    # delivery of something else. Refused now, acknowledged (not sent again for ever), and
+    # the genuine evidence of the same frame is taken.
+    pki = material.cluster.pki
+    b = Signer.from_files(pki.agency_dir(B) / "signing.key", pki.agency_dir(B) / "signing.crt")
+    c = Signer.from_files(pki.agency_dir(C) / "signing.key", pki.agency_dir(C) / "signing.crt")
+    digest = sha256(b"A's letter")  # what the material's genuine evidence about A/1 names
+    now = dt.datetime.now(dt.UTC)
+
+    def about(event: int, issuer: str, recipient: str, sha: bytes = digest) -> bytes:
+        return evidence_content(
+            event,  # type: ignore[arg-type]
+            issuer=issuer,
+            shams=_shams(A, 1),
+            envelope_sha256=sha,
+            recipient=recipient,
+            now=now,
+        )
+
+    hostile = (
+        c.sign_evidence([about(E.EVIDENCE_EVENT_DELIVERY, f"urn:chapar:agency:{C}", C)])
+        + b.sign_evidence(
+            [about(E.EVIDENCE_EVENT_DELIVERY, f"urn:chapar:agency:{B}", B, sha256(b"other"))]
+        )
+        + material.hub.sign_evidence([about(E.EVIDENCE_EVENT_EXPIRY, HUB, C)])
+    )
+    genuine = [material.evidence[0], material.evidence[2]]  # relay to B, B's DELIVERY, of A/1
+    frame = pb.ConnectResponse()
+    frame.evidence.evidence.extend([*hostile, *genuine])
+
+    async def sent(store: NodeStore) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO outbox (shams, envelope, envelope_sha256, receipt, relay_state,"
+                " created_at) VALUES (?, x'', ?, x'', 1, 0)",
+                (format_shams(_shams(A, 1)), digest),
+            )
+            conn.execute(
+                "INSERT INTO recipient_state VALUES (?, ?, 1)", (format_shams(_shams(A, 1)), B)
+            )
+
+        await store.db.write(job)
+
+    ids = frozenset(
+        pb.EvidenceContent.FromString(e.content).evidence_id for e in frame.evidence.evidence
+    )
+    database = asyncio.run(_run(material, [frame], tmp_path, prepare=sent, acks=ids))
+    _assert_stored_only_what_verifies(material, database)
+    conn = sqlite3.connect(database)
+    try:
+        evidence = conn.execute(
+            "SELECT evidence FROM evidence WHERE shams = ?", (format_shams(_shams(A, 1)),)
+        ).fetchall()
+        states = conn.execute("SELECT recipient, state FROM recipient_state").fetchall()
+    finally:
+        conn.close()
+    assert sorted(pb.Evidence.FromString(blob).content for (blob,) in evidence) == sorted(
+        e.content for e in genuine
+    )
+    assert states == [(B, lifecycle.DELIVERED)]

@@ -21,8 +21,9 @@ from client_sdk import pb
 from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
 from client_sdk.trust import VerificationError
+from node.metrics import VERIFICATION_FAILURES
 from node.rpc.hub_link import HubLink, _Session
-from node.storage.node_store import NodeStore, StoredEvidence
+from node.storage.node_store import NodeStore, RefusedEvidence, StoredEvidence
 
 
 class _StuckCall:
@@ -111,8 +112,11 @@ async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_no
 ):
     stored: list[str] = []
 
-    async def record(items: list[tuple[pb.Evidence, pb.EvidenceContent, str]]) -> None:
+    async def record(
+        items: list[tuple[pb.Evidence, pb.EvidenceContent, str]],
+    ) -> list[RefusedEvidence]:
         stored.extend(c.evidence_id for _, c, _ in items)
+        return []
 
     agency = SimpleNamespace(
         trust=_Trust(), store=SimpleNamespace(record_sender_evidence=record), directory=None
@@ -133,6 +137,43 @@ async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_no
     (frame,) = [session.outgoing.get_nowait() for _ in range(session.outgoing.qsize())]
     # The stored one and those that can never verify; the unnamed one cannot be.
     assert sorted(frame.evidence_acks.evidence_ids) == ["e1", "e2", "e3", "e4"]
+
+
+async def test_routed_evidence_the_store_refuses_is_counted_logged_and_acknowledged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Evidence that verifies but is not about the letter this node sent under its number
+    (NodeStore.record_sender_evidence refuses it) goes as evidence that does not verify:
+    counted, one line with its reason, and acknowledged, so the hub does not send it again
+    for ever; the genuine evidence beside it is stored and acknowledged as before."""
+    stored: list[str] = []
+
+    async def record(
+        items: list[tuple[pb.Evidence, pb.EvidenceContent, str]],
+    ) -> list[RefusedEvidence]:
+        stored.extend(c.evidence_id for _, c, _ in items if c.evidence_id != "e2")
+        return [
+            RefusedEvidence(c.evidence_id, s, "EVIDENCE_MISMATCH", "another digest")
+            for _, c, s in items
+            if c.evidence_id == "e2"
+        ]
+
+    agency = SimpleNamespace(
+        trust=_Trust(), store=SimpleNamespace(record_sender_evidence=record), directory=None
+    )
+    link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
+    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+    counter = VERIFICATION_FAILURES.labels(kind="evidence", reason="EVIDENCE_MISMATCH")
+    before = counter._value.get()
+    with caplog.at_level(logging.ERROR, logger="chapar"):
+        await session._evidence([_evidence("e1", HUB), _evidence("e2", HUB)])
+    assert stored == ["e1"]
+    assert counter._value.get() == before + 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "evidence from the hub does not verify (EVIDENCE_MISMATCH): another digest"
+    ]
+    (frame,) = [session.outgoing.get_nowait() for _ in range(session.outgoing.qsize())]
+    assert sorted(frame.evidence_acks.evidence_ids) == ["e1", "e2"]
 
 
 class _DeferringStore:
@@ -434,8 +475,11 @@ async def test_relay_results_that_do_not_verify_leave_the_window_instead_of_fill
         item.content = content.SerializeToString()
     recorded: list[str] = []
 
-    async def record_sender_evidence(items: list[tuple[object, object, str]]) -> None:
+    async def record_sender_evidence(
+        items: list[tuple[object, object, str]],
+    ) -> list[RefusedEvidence]:
         recorded.extend(shams for _, _, shams in items)
+        return []
 
     trust = _Trust()
     agency = SimpleNamespace(
@@ -656,8 +700,11 @@ async def test_evidence_signed_with_a_key_not_yet_known_is_not_acknowledged_unst
     (or DELIVERED) for good, and the letter's body was never purged. (A review's test.)"""
     recorded: list[str] = []
 
-    async def record_sender_evidence(items: list[tuple[object, object, str]]) -> None:
+    async def record_sender_evidence(
+        items: list[tuple[object, object, str]],
+    ) -> list[RefusedEvidence]:
         recorded.extend(c.evidence_id for _, c, _ in items)  # type: ignore[attr-defined]
+        return []
 
     agency = SimpleNamespace(
         trust=SimpleNamespace(
@@ -700,8 +747,11 @@ async def test_evidence_held_for_a_key_not_yet_known_is_stored_after_a_directory
     # can never verify (a forged signature) is acknowledged and dropped at once, as before.
     recorded: list[str] = []
 
-    async def record_sender_evidence(items: list[tuple[object, object, str]]) -> None:
+    async def record_sender_evidence(
+        items: list[tuple[object, object, str]],
+    ) -> list[RefusedEvidence]:
         recorded.extend(c.evidence_id for _, c, _ in items)  # type: ignore[attr-defined]
+        return []
 
     trust = _RotatedTrust()
     agency = SimpleNamespace(
