@@ -73,14 +73,19 @@ Global___EvidenceBatch: _TypeAlias = EvidenceBatch  # noqa: Y015
 
 @_typing.final
 class EvidenceAckBatch(_message.Message):
-    """EvidenceAckBatch acknowledges routed evidence that the node has stored."""
+    """EvidenceAckBatch acknowledges routed evidence that the node has stored, or refused for
+    good: it can never verify (a bad signature, an issuer that may not attest it), or it is
+    not about the letter the node sent under its number (another header digest, a recipient
+    the letter does not name, a number the node never sent). Sending it again would change
+    nothing. Evidence signed with a key the node's directory lacks yet is not acknowledged.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVIDENCE_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def evidence_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids of the stored evidence."""
+        """Ids of the stored or refused evidence."""
 
     def __init__(
         self,
