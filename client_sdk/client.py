@@ -34,6 +34,7 @@ import hashlib
 import math
 import mimetypes
 import os
+import re
 import shutil
 import stat
 from collections.abc import (
@@ -411,10 +412,15 @@ class _AttachmentFields:
     def safe_file_name(self) -> str:
         """``file_name`` as a name to save under in a directory of one's choice: its last
         part only (the sender chose it: ``../`` or ``/etc/...`` must not lead out of that
-        directory), or ``attachment-<digest>`` when nothing usable is left."""
+        directory), each control character as ``_`` (a NUL cannot be in a file name at
+        all; a newline or an escape sequence makes listings lie), or
+        ``attachment-<digest>`` when nothing usable is left."""
         # No leading dots either: hidden names are where downloads keep their partial
-        # files (``fetch``), and the sender must not name one of those.
-        name = self.file_name.replace("\\", "/").rsplit("/", 1)[-1].strip().lstrip(".")
+        # files (``fetch``), and the sender must not name one of those. Control characters
+        # go first: a sender's node checks for them, but a recipient's does not (a node
+        # of another version, or hostile, chooses the name).
+        name = _CONTROL.sub("_", self.file_name)
+        name = name.replace("\\", "/").rsplit("/", 1)[-1].strip().lstrip(".")
         if not name:
             return f"attachment-{self.sha256.hex()[:16]}"
         return _fit_name(name, _NAME_BYTES)
@@ -1832,6 +1838,7 @@ def _is_at(out: BinaryIO, path: Path) -> bool:
 
 
 _NAME_BYTES = 255  # the longest file name most file systems take, in bytes
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (Cc)
 _SUFFIX_BYTES = 16  # a longer "suffix" (text after a dot in a long name) is no extension
 
 

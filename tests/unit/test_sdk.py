@@ -2789,6 +2789,12 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         ("..", None),
         ("", None),
         ("dir/", None),
+        # Control characters: NUL ended save_into with a bare ValueError ("embedded null
+        # byte"), the others made names a shell or a listing shows falsely.
+        ("a\x00b.pdf", "a_b.pdf"),
+        ("line\nbreak\r.pdf", "line_break_.pdf"),
+        ("\x1b[31mred.pdf", "_[31mred.pdf"),
+        ("\x00", "_"),
     ],
 )
 def test_an_attachment_name_cannot_lead_out_of_the_directory_it_is_saved_into(

@@ -106,6 +106,18 @@ async def test_a_file_name_that_is_not_utf_8_is_saved(
     assert _names(tmp_path) == [target.name]
 
 
+async def test_an_attachment_named_with_a_nul_byte_is_saved_under_a_usable_name(
+    client: ExchangeClient, tmp_path: Path
+) -> None:
+    # The name is the sender's (a node of another agency, or an older one, checks nothing
+    # of it): with a NUL in it save_into raised a bare ValueError ("embedded null byte")
+    # on every try, and the attachment could not be saved into a directory at all.
+    saved = await _attachment_of(ONE, "minutes\x00.pdf", client).save_into(tmp_path)
+    assert saved == tmp_path / "minutes_.pdf"
+    assert saved.read_bytes() == ONE
+    assert _names(tmp_path) == ["minutes_.pdf"]
+
+
 async def test_when_both_names_are_taken_the_verified_download_waits_for_a_free_name(
     client: ExchangeClient, tmp_path: Path
 ) -> None:
