@@ -33,7 +33,8 @@ __all__ = ["DocumentRelay"]
 
 log = logging.getLogger("chapar.hub.documents")
 _QUEUE_CHUNKS = 4
-_OWNER_ANSWER_S = 30.0  # for the owner's push to start, and between two of its chunks
+# For the owner to be asked and its push to start, and between two of its chunks.
+_OWNER_ANSWER_S = 30.0
 
 
 @dataclass(eq=False)
@@ -117,15 +118,18 @@ class DocumentRelay:
                 )
             transfer = _Transfer(owner, request.offset)
             self._transfers[request_id] = transfer
-            await session.out.put(
-                pb.ConnectResponse(
-                    document_request=pb.DocumentRequest(
-                        request_id=request_id, sha256=digest, offset=request.offset
-                    )
-                )
-            )
             try:
-                header = await asyncio.wait_for(transfer.take(), _OWNER_ANSWER_S)
+                # Asking counts against the owner's time to answer: its stream may be full
+                # (a slow reader), or its session over, with nobody to read the queue again.
+                async with asyncio.timeout(_OWNER_ANSWER_S):
+                    await session.out.put(
+                        pb.ConnectResponse(
+                            document_request=pb.DocumentRequest(
+                                request_id=request_id, sha256=digest, offset=request.offset
+                            )
+                        )
+                    )
+                    header = await transfer.take()
             except TimeoutError:
                 raise ChaparError(
                     Code.UNAVAILABLE,

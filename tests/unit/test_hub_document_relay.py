@@ -202,3 +202,29 @@ async def test_an_owner_answering_not_found_has_its_push_end_ok_not_fetch_ended(
     assert fetching.aborted is not None
     assert fetching.aborted[0] == grpc.StatusCode.NOT_FOUND
     assert pushing.aborted is None, f"the owner's push ended {pushing.aborted} ({pushing.reason})"
+
+
+async def test_a_fetch_whose_request_cannot_reach_the_owner_ends_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The owner's Connect stream is full (its node reads slowly, or its session has just
+    ended: then nobody ever reads the queue again). The fetch waited for room to ask the
+    owner with no bound: the fetching node's call hung for ever, and every download of
+    that document on that node joined the hung fetch. Asking the owner counts now against
+    the time the owner has to answer."""
+    monkeypatch.setattr("node.hub_documents._OWNER_ANSWER_S", 0.3)
+    relay = DocumentRelay(_Hub())  # type: ignore[arg-type]
+    hub: _Hub = relay.hub  # type: ignore[assignment]
+    full: asyncio.Queue[pb.ConnectResponse] = asyncio.Queue(1)
+    full.put_nowait(pb.ConnectResponse())  # a frame nobody takes
+    hub._sessions[OWNER] = SimpleNamespace(out=full)
+    fetching = _Context(FETCHER)
+    with contextlib.suppress(grpc.aio.AbortError):
+        await asyncio.wait_for(relay.fetch(pb.FetchDocumentRequest(uri=URI), fetching), 5)  # type: ignore[arg-type]
+    assert fetching.aborted is not None
+    assert (fetching.aborted[0], fetching.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "OWNER_NOT_ANSWERING",
+    )
+    assert not relay._transfers
+    assert full.qsize() == 1  # no request left behind to reach the owner later

@@ -135,8 +135,9 @@ class HubServiceServicer:
         needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
         INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
         that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
-        OWNER_NOT_ANSWERING, and once bytes have come PUSH_STALLED or PUSH_INTERRUPTED: fetch
-        again from the bytes received.
+        OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
+        time to ask it on a full or ended Connect stream counted), and once bytes have come
+        PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

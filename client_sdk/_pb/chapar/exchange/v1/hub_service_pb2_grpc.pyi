@@ -83,8 +83,9 @@ class HubServiceStub:
     needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
     INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
     that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
-    OWNER_NOT_ANSWERING, and once bytes have come PUSH_STALLED or PUSH_INTERRUPTED: fetch
-    again from the bytes received.
+    OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
+    time to ask it on a full or ended Connect stream counted), and once bytes have come
+    PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received.
     """
     PushDocument: _grpc.StreamUnaryMultiCallable[_hub_service_pb2.PushDocumentRequest, _hub_service_pb2.PushDocumentResponse]
     """The owning node's answer to a document_request: a client stream whose first message
@@ -179,8 +180,9 @@ class HubServiceAsyncStub(HubServiceStub):
     needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
     INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
     that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
-    OWNER_NOT_ANSWERING, and once bytes have come PUSH_STALLED or PUSH_INTERRUPTED: fetch
-    again from the bytes received.
+    OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
+    time to ask it on a full or ended Connect stream counted), and once bytes have come
+    PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received.
     """
     PushDocument: _aio.StreamUnaryMultiCallable[_hub_service_pb2.PushDocumentRequest, _hub_service_pb2.PushDocumentResponse]  # type: ignore[assignment]
     """The owning node's answer to a document_request: a client stream whose first message
@@ -290,8 +292,9 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
         INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
         that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
-        OWNER_NOT_ANSWERING, and once bytes have come PUSH_STALLED or PUSH_INTERRUPTED: fetch
-        again from the bytes received.
+        OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
+        time to ask it on a full or ended Connect stream counted), and once bytes have come
+        PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received.
         """
 
     @_abc_1.abstractmethod
