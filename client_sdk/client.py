@@ -1599,10 +1599,25 @@ class ExchangeClient:
         resumed_from = offset
         while True:
             try:
-                async for response in self._download(uri, offset, timeout):
-                    if response.HasField("document") and expected_size is None:
-                        expected_size = response.document.size
-                    if response.chunk:
+                # Closed on the way out, so that a stop here cancels the call at once.
+                async with contextlib.aclosing(self._download(uri, offset, timeout)) as got:
+                    async for response in got:
+                        if response.HasField("document") and expected_size is None:
+                            expected_size = response.document.size
+                        if not response.chunk:
+                            continue
+                        if (
+                            expected_size is not None
+                            and offset + len(response.chunk) > expected_size
+                        ):
+                            # Past the size signed (or announced): not the document, whatever
+                            # follows. Stop reading, rather than write up to the node's own
+                            # limit (gigabytes) before the check at the end says so.
+                            raise DataLoss(
+                                f"the node sent more of {uri} than its {expected_size} bytes; nothing kept",
+                                reason="DIGEST_MISMATCH",
+                                metadata={"uri": uri},
+                            )
                         hasher.update(response.chunk)
                         await asyncio.to_thread(out.write, response.chunk)
                         offset += len(response.chunk)

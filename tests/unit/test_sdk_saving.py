@@ -280,3 +280,47 @@ async def test_a_link_at_the_partial_files_name_is_not_followed(
     assert raised.value.errno == errno.ELOOP
     assert await asyncio.to_thread(victim.read_bytes) == b"mine"
     assert not target.exists()
+
+
+class _Overlong(pb.DocumentServiceServicer):
+    """Serves more bytes than the attachment's signed size: a first chunk already past it,
+    then, after a pause, much more. Records whether it got to send the rest."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sent_all = False
+
+    async def DownloadDocument(
+        self, request: pb.DownloadDocumentRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadDocumentResponse]:
+        digest = bytes.fromhex(request.uri.rsplit("/", 1)[1])
+        info = pb.DocumentInfo(uri=request.uri, sha256=digest, size=self.size)
+        yield pb.DownloadDocumentResponse(document=info, chunk=b"x" * (self.size + 1))
+        await asyncio.sleep(1.0)  # a client still reading gets the rest
+        for _ in range(16):
+            yield pb.DownloadDocumentResponse(chunk=b"x" * 65536)
+        self.sent_all = True
+
+
+async def test_a_download_past_the_signed_size_stops_at_once_and_keeps_nothing(
+    tmp_path: Path,
+) -> None:
+    # The signed reference says how many bytes the attachment has; the node relays what
+    # the owner announces and sends (up to its own max_file_bytes, 2 GiB by default).
+    # fetch() wrote all of it into the partial file and only then found it was not the
+    # document: a hostile sender made every save of a 10-byte attachment write gigabytes.
+    docs = _Overlong(len(ONE))
+    server, address = await _serve(docs, add_DocumentServiceServicer_to_server)
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        with pytest.raises(errors.DataLoss) as info:
+            await _attachment_of(ONE, "a.pdf", ExchangeClient.from_channel(channel)).save(
+                tmp_path / "a.pdf"
+            )
+        await asyncio.sleep(1.5)  # the server would have sent the rest by now
+    finally:
+        await channel.close()
+        await server.stop(None)
+    assert info.value.reason == "DIGEST_MISMATCH"
+    assert not docs.sent_all, "the client read on past the signed size"
+    assert _names(tmp_path) == []
