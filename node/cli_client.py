@@ -23,7 +23,6 @@ import json
 import math
 import os
 import secrets
-import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from client_sdk import (
 )
 from client_sdk.identity import Identity
 from client_sdk.trust import TrustStore, VerificationError
-from node.cli_output import OutputFailed, emit, failed
+from node.cli_output import OutputFailed, emit, fail, failed
 
 __all__ = ["register"]
 
@@ -279,27 +278,21 @@ def _handler(
         try:
             return asyncio.run(command(ns))
         except ChaparError as exc:
-            return _fail(exc.code.name, exc.reason, exc.message)
+            return fail(exc.code.name, exc.reason, exc.message)
         except VerificationError as exc:
-            return _fail("VERIFICATION_FAILED", exc.reason, str(exc))
+            return fail("VERIFICATION_FAILED", exc.reason, str(exc))
         except _UsageError as exc:
-            return _fail("INVALID_ARGUMENT", exc.reason, str(exc))
+            return fail("INVALID_ARGUMENT", exc.reason, str(exc))
         except OutputFailed as exc:  # standard output: no file of the command's, no value
             return failed(exc)
         except OSError as exc:
-            return _fail("INVALID_ARGUMENT", "FILE_UNREADABLE", str(exc))
+            return fail("INVALID_ARGUMENT", "FILE_UNREADABLE", str(exc))
         except ValueError as exc:
-            return _fail("INVALID_ARGUMENT", "BAD_VALUE", str(exc))
+            return fail("INVALID_ARGUMENT", "BAD_VALUE", str(exc))
         except KeyboardInterrupt:
             return _EXIT_INTERRUPTED
 
     return handler
-
-
-def _fail(code: str, reason: str, message: str) -> int:
-    label = f"{code} {reason}" if reason else code
-    print(f"error: {label}: {' '.join(message.split())}", file=sys.stderr)
-    return 1
 
 
 def _recipient(text: str) -> str | tuple[str, str]:

@@ -11,10 +11,12 @@ the letter's, and ``inbox --ack`` hands over only a letter it printed as it is.
 
 ``failed`` ends such a command (the client commands' handler and ``main`` call it): one
 line on stderr, ``error: OUTPUT_FAILED <REASON>: <what was left undone> (<why>)``, exit 1,
-and nothing more at exit. ``main`` calls ``finish`` after every command, which flushes what
-it printed with ``print`` as the interpreter would at exit, but with that ending. Commands
-that still ``print`` (``pki``, ``demo``, ``loadtest``) get it only for what Python buffers:
-unbuffered (``PYTHONUNBUFFERED``), a print that fails is theirs to handle.
+and nothing more at exit. That line is ``fail``'s, the one form of every client command's
+error (``error: <CODE> <REASON>: <message>``). ``main`` calls ``finish`` after every
+command, which flushes what it printed with ``print`` as the interpreter would at exit, but
+with that ending. Commands that still ``print`` (``pki``, ``demo``, ``loadtest``) get it
+only for what Python buffers: unbuffered (``PYTHONUNBUFFERED``), a print that fails is
+theirs to handle.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import contextlib
 import os
 import sys
 
-__all__ = ["OutputFailed", "emit", "failed", "finish"]
+__all__ = ["OutputFailed", "emit", "fail", "failed", "finish"]
 
 
 class OutputFailed(Exception):
@@ -67,7 +69,14 @@ def failed(exc: OutputFailed) -> int:
     """Ends a command whose output failed: its one line on stderr; returns the exit code."""
     if exc.closed:
         _stdout_gone()
-    print(f"error: OUTPUT_FAILED {exc.reason}: {' '.join(str(exc).split())}", file=sys.stderr)
+    return fail("OUTPUT_FAILED", exc.reason, str(exc))
+
+
+def fail(code: str, reason: str, message: str) -> int:
+    """A command's error: one line on stderr, ``error: <CODE> <REASON>: <message>`` (the
+    message's line breaks and runs of spaces made one space); returns the exit code, 1."""
+    label = f"{code} {reason}" if reason else code
+    print(f"error: {label}: {' '.join(message.split())}", file=sys.stderr)
     return 1
 
 
