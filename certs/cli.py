@@ -24,6 +24,7 @@ from certs.pki import (
     revoke_certificate,
 )
 from client_sdk.identity import Identity
+from node.cli_output import OutputFailed, emit, failed
 
 __all__ = ["main", "register"]
 
@@ -174,14 +175,16 @@ def _cmd_issue(args: argparse.Namespace) -> int:
             signing_algorithm=args.signing_algorithm,
             validity_days=args.validity_days,
         )
-        print(f"issued for {identity.uri}:")
-        for path in paths:
-            print(f"  {path}")
+        lines = [f"issued for {identity.uri}:", *(f"  {path}" for path in paths)]
         if identity.kind == "agency":
-            print(
+            lines.append(
                 "add it to the hub's configuration ([[agencies]] code, signing_certificates) "
                 "and give its node tls.crt/key and signing.crt/key"
             )
+        emit(
+            lines,
+            f"the certificates of {identity.uri} are issued; their files could not be printed",
+        )
 
     return _guarded("issue", run)
 
@@ -189,11 +192,11 @@ def _cmd_issue(args: argparse.Namespace) -> int:
 def _cmd_renew(args: argparse.Namespace) -> int:
     def run() -> None:
         done = renew_certificate(args.directory, args.cert, validity_days=args.validity_days)
-        print(
+        lines = [
             f"renewed {done.kind} certificate of {done.identity.uri}: {done.cert} "
             f"(old serial {done.old_serial:x}; its certificate kept as {done.old_cert}, "
             "its key not kept)"
-        )
+        ]
         until = f"valid until {done.not_after:%Y-%m-%d %H:%M} UTC"
         if done.capped:
             until += (
@@ -201,21 +204,26 @@ def _cmd_renew(args: argparse.Namespace) -> int:
                 "the intermediate CA that issues it; renew the CA (`chapar pki init --force` "
                 "for a development PKI) before then"
             )
-        print(until)
+        lines.append(until)
         if done.kept_names:
-            print(f"kept the old certificate's other names: {', '.join(done.kept_names)}")
+            lines.append(f"kept the old certificate's other names: {', '.join(done.kept_names)}")
         if done.kind == "signing" and done.identity.kind == "hub":
-            print(
+            lines.append(
                 "restart the hub: its directory then names the new certificate; nodes keep "
                 "every signing certificate they have seen, so the old evidence verifies"
             )
         elif done.kind == "signing":
-            print(
+            lines.append(
                 "now list both in the hub's [[agencies]] signing_certificates (the new one, "
                 f"and {done.old_cert} for what the old key signed), then restart the node"
             )
         else:
-            print("restart the server or client that uses it")
+            lines.append("restart the server or client that uses it")
+        emit(
+            lines,
+            f"{done.cert} is renewed (the old certificate kept as {done.old_cert}); what was"
+            " done and what to do next could not be printed",
+        )
 
     return _guarded("renew", run)
 
@@ -224,13 +232,18 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     def run() -> None:
         added = revoke_certificate(args.file, args.cert, note=args.note)
         serial = f"{load_certs(args.cert)[0].serial_number:x}"
-        print(f"{serial} {'listed in' if added else 'was already in'} {args.file}")
+        emit(
+            [f"{serial} {'listed in' if added else 'was already in'} {args.file}"],
+            f"{serial} is listed in {args.file}; that could not be printed",
+        )
 
     return _guarded("revoke", run)
 
 
 def _guarded(command: str, run: Callable[[], None]) -> int:
-    """Runs a command; a refusal or a file problem is one line on stderr, not a traceback."""
+    """Runs a command; a refusal or a file problem is one line on stderr, not a traceback.
+    Standard output that cannot be written is not a file of the PKI's: ``OutputFailed``
+    goes through to the caller, as from every ``chapar`` command."""
     try:
         run()
     except PkiError as exc:
@@ -283,7 +296,7 @@ def _print_summary(layout: PkiLayout, args: argparse.Namespace) -> None:
             f"  auditor {name:<8} {layout.auditor_dir(name)}/client.crt  urn:chapar:auditor:{name}"
         )
     lines.append("private keys (*.key) are mode 0600: keep them out of version control")
-    print("\n".join(lines))
+    emit(lines, f"the PKI is written in {layout.root}; its account could not be printed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chapar")
     register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except OutputFailed as exc:
+        return failed(exc)
     return result
 
 

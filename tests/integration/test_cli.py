@@ -15,12 +15,13 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from certs.pki import init_pki, load_certs
 from client_sdk import ExchangeClient, Letter, pb
 from node.cluster import Cluster
 from node.demo import AGENCY_A, AGENCY_B, EXPECTED_CHAIN
@@ -726,3 +727,42 @@ def test_files_the_command_cannot_read_or_write_are_not_output_failures(
         _assert_fails_in_one_line(result, text)
         assert result.stderr.startswith(f"error: INVALID_ARGUMENT {reason}: "), result.stderr
         assert result.returncode == 1, result.stderr
+
+
+# -- pki and demo: their output closed, the same one line as the client commands' -------------
+
+
+def _pki_command(command: str, tmp_path: Path) -> tuple[list[str], Callable[[], bool]]:
+    """The command line of each ``pki`` command, on a PKI made in ``tmp_path`` (none for
+    ``init``), and a test that it did its work although its output could not be shown."""
+    root = tmp_path / "pki"
+    if command == "init":
+        argv = ["pki", "init", "--dir", str(root), "--hub", "national", "--agency", AGENCY_A]
+        return argv, (root / "ca" / "root.crt").is_file
+    layout = init_pki(root, hub="national", agencies=[AGENCY_A])
+    if command == "issue":
+        argv = ["pki", "issue", "--dir", str(root), "--agency", AGENCY_B]
+        return argv, (layout.agency_dir(AGENCY_B) / "signing.crt").is_file
+    tls = layout.agency_dir(AGENCY_A) / "tls.crt"
+    if command == "renew":
+        argv = ["pki", "renew", "--dir", str(root), str(tls)]
+        return argv, lambda: len(list(tls.parent.glob("tls.*.crt"))) == 1  # the old one, kept
+    revoked = tmp_path / "revoked.txt"
+    serial = f"{load_certs(tls)[0].serial_number:x}"
+    argv = ["pki", "revoke", "--file", str(revoked), str(tls)]
+    return argv, lambda: revoked.is_file() and serial in revoked.read_text()
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("command", ["init", "issue", "renew", "revoke"])
+def test_a_pki_command_whose_output_is_closed_ends_in_one_output_failed_line(
+    tmp_path: Path, command: str, buffered: bool
+) -> None:
+    """``chapar pki init ... | head -0``. Unbuffered, ``init`` ended in a BrokenPipeError
+    traceback, and the others took the failed write for a file of the PKI they could not
+    write (``chapar pki issue: error: [Errno 32] Broken pipe``). The work is done: the line
+    says so."""
+    argv, done = _pki_command(command, tmp_path)
+    line = _assert_output_failed(_run_into(argv, buffered=buffered), "STDOUT_CLOSED")
+    assert done(), line
+    assert "could not be printed" in line, line
