@@ -14,9 +14,9 @@ line on stderr, ``error: OUTPUT_FAILED <REASON>: <what was left undone> (<why>)`
 and nothing more at exit. That line is ``fail``'s, the one form of every client command's
 error (``error: <CODE> <REASON>: <message>``). ``main`` calls ``finish`` after every
 command, which flushes what it printed with ``print`` as the interpreter would at exit, but
-with that ending. Commands that still ``print`` (``pki``, ``demo``, ``loadtest``) get it
-only for what Python buffers: unbuffered (``PYTHONUNBUFFERED``), a print that fails is
-theirs to handle.
+with that ending. The summary ``loadtest`` prints when its report cannot be written still
+uses ``print`` and gets that only for what Python buffers: unbuffered
+(``PYTHONUNBUFFERED``), a print that fails is its own to handle.
 """
 
 from __future__ import annotations

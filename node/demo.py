@@ -24,13 +24,23 @@ from pathlib import Path
 
 from client_sdk import ExchangeClient, Tracking, pb
 from client_sdk.trust import TrustStore, VerificationError
+from node.cli_output import OutputFailed, emit
 from node.cluster import Cluster
 
 __all__ = ["AGENCY_A", "AGENCY_B", "EXPECTED_CHAIN", "run_demo", "wait_for_chain"]
 
+# What a standard output that fails leaves undone (``| head -3``: the reader went).
+_UNDONE = "the demo could not print its account; it stopped there, and stopped its servers"
+
 AGENCY_A = "000.00.00.G22"
 AGENCY_B = "10861234567"
 EXPECTED_CHAIN = ("SUBMISSION_ACCEPTANCE", "RELAY_ACCEPTANCE", "DELIVERY", "HANDOVER")
+
+
+def _say(text: str, undone: str = _UNDONE) -> None:
+    """Prints ``text`` and flushes it: each line out as the demo goes. An output that
+    fails ends the demo (``OutputFailed``, one line from ``chapar``), its servers stopped."""
+    emit([text], undone)
 
 
 async def wait_for_chain(client: ExchangeClient, shams: str, timeout: float = 30.0) -> Tracking:
@@ -52,20 +62,20 @@ async def wait_for_chain(client: ExchangeClient, shams: str, timeout: float = 30
 
 
 def _print_chain(title: str, shams: str, tracking: Tracking, trust: TrustStore) -> bool:
-    print(f"\n{title}\n  SHAMS {shams}")
+    _say(f"\n{title}\n  SHAMS {shams}")
     try:
         verified = tracking.verify(trust)
     except VerificationError as exc:
-        print(f"  VERIFICATION FAILED: {exc.reason}: {exc}")
+        _say(f"  VERIFICATION FAILED: {exc.reason}: {exc}")
         return False
     for item in verified:
-        print(
+        _say(
             f"  {item.event:<22} by {item.issuer:<34} {item.event_time:%H:%M:%S.%f}  signature verified"
         )
     events = [v.event for v in verified]
     missing = [e for e in EXPECTED_CHAIN if e not in events]
     if missing:
-        print(f"  MISSING: {', '.join(missing)}")
+        _say(f"  MISSING: {', '.join(missing)}")
         return False
     return True
 
@@ -75,16 +85,16 @@ async def _business_status(client: ExchangeClient, shams: str, trust: TrustStore
     deadline = asyncio.get_running_loop().time() + 30
     while (tracking := await client.track(shams)).business_statuses.get(AGENCY_B) is None:
         if asyncio.get_running_loop().time() > deadline:
-            print(f"\nBusiness status of {shams}: MISSING")
+            _say(f"\nBusiness status of {shams}: MISSING")
             return False
         await asyncio.sleep(0.1)
     try:
         tracking.verify(trust)
     except VerificationError as exc:
-        print(f"\nBusiness status of {shams}: VERIFICATION FAILED: {exc.reason}: {exc}")
+        _say(f"\nBusiness status of {shams}: VERIFICATION FAILED: {exc.reason}: {exc}")
         return False
     (update,) = tracking.status_updates
-    print(
+    _say(
         f"\nBusiness status of {shams}: {AGENCY_B} {tracking.business_statuses[AGENCY_B]}"
         f" (status update {update.shams}, its sender's signature and its link to the letter"
         " verified)"
@@ -99,12 +109,12 @@ async def _correspondence(client: ExchangeClient, shams: str, trust: TrustStore)
     try:
         verified = tree.verify(trust)
     except VerificationError as exc:
-        print(f"\nCorrespondence of {shams}: VERIFICATION FAILED: {exc.reason}: {exc}")
+        _say(f"\nCorrespondence of {shams}: VERIFICATION FAILED: {exc.reason}: {exc}")
         return False
-    print(f"\nCorrespondence of {shams} at the hub ({len(verified)} evidence verified):")
+    _say(f"\nCorrespondence of {shams} at the hub ({len(verified)} evidence verified):")
     for depth, letter in tree.walk():
         what = letter.status or letter.kind or "?"
-        print(
+        _say(
             f"  {'  ' * depth}{letter.shams}  {what:<13} {letter.sender} -> "
             f"{', '.join(letter.recipients)}  signed header verified"
         )
@@ -122,9 +132,9 @@ def _saved_and_verified(shams: str, bundle: pb.EvidenceBundle, path: Path, root:
     try:
         kept = Tracking.from_bundle(path.read_bytes()).verify(TrustStore.from_pem_files(root))
     except VerificationError as exc:
-        print(f"\nEvidence bundle {path.name}: VERIFICATION FAILED: {exc.reason}: {exc}")
+        _say(f"\nEvidence bundle {path.name}: VERIFICATION FAILED: {exc.reason}: {exc}")
         return False
-    print(
+    _say(
         f"\nEvidence bundle of {shams} saved ({path.stat().st_size} bytes, {len(kept)} "
         "evidence): verified again from the file with the root CA alone"
     )
@@ -175,27 +185,25 @@ async def _exchange(cluster: Cluster) -> bool:
             body="Kính gửi: please confirm the figures of the 2026 budget report.\n",
             attachments=[report],
         )
-        print(f"A ({AGENCY_A}) sent {letter.shams} with the attachment {report.name}")
+        _say(f"A ({AGENCY_A}) sent {letter.shams} with the attachment {report.name}")
         inbox = b.inbox()
         received = await anext(inbox)
-        print(
-            f"B ({AGENCY_B}) received {received.shams} from {received.sender}: {received.subject}"
-        )
+        _say(f"B ({AGENCY_B}) received {received.shams} from {received.sender}: {received.subject}")
         for attachment in received.attachments:
-            print(f"  attachment {attachment.uri} ({attachment.size} bytes)")
+            _say(f"  attachment {attachment.uri} ({attachment.size} bytes)")
             saved = await attachment.save(files / f"received-{attachment.safe_file_name}")
             intact = hashlib.sha256(saved.read_bytes()).digest() == attachment.sha256
             ok = intact and saved.read_bytes() == report.read_bytes() and ok
-            print(
+            _say(
                 f"  saved to {saved}: "
                 + ("arrived intact, SHA-256 verified" if intact else "CORRUPTED")
             )
         if not received.attachments:
-            print("  the attachment is MISSING")
+            _say("  the attachment is MISSING")
             ok = False
         await received.ack()
         accepted = await b.send_status(received.shams, "accepted", "Taken up by the budget desk.")
-        print(f"B reported ACCEPTED on {received.shams} (status update {accepted.shams})")
+        _say(f"B reported ACCEPTED on {received.shams} (status update {accepted.shams})")
         reply = await b.send(
             to=[AGENCY_A],
             subject="Re: request for cooperation",
@@ -203,14 +211,14 @@ async def _exchange(cluster: Cluster) -> bool:
             in_reply_to=received.shams,
             body="The figures are confirmed.\n",
         )
-        print(f"B replied {reply.shams} (in reply to {received.shams})")
+        _say(f"B replied {reply.shams} (in reply to {received.shams})")
         expected = {accepted.shams, reply.shams}
         async with contextlib.aclosing(a.inbox()) as a_inbox:
             async for got in a_inbox:  # B's status update and its reply, in either order
                 if got.status is not None:
-                    print(f"A received {got.shams}: B's status {got.status} on {got.in_reply_to}")
+                    _say(f"A received {got.shams}: B's status {got.status} on {got.in_reply_to}")
                 else:
-                    print(f"A received {got.shams} in reply to {got.in_reply_to}")
+                    _say(f"A received {got.shams} in reply to {got.in_reply_to}")
                 await got.ack()
                 expected.discard(got.shams)
                 if not expected:
@@ -236,15 +244,19 @@ async def run_demo(serve_dir: Path | None = None) -> int:
             if serve_dir is not None
             else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         )
-        print(f"Starting a hub and two agency nodes on loopback in {root} ...")
+        _say(
+            f"Starting a hub and two agency nodes on loopback in {root} ...",
+            "the demo could not print its account; it started no server",
+        )
         cluster = await Cluster.start(root, [AGENCY_A, AGENCY_B])
+        output_failed = False
         try:
-            print(
+            _say(
                 f"hub {cluster.hub.address}; node {AGENCY_A} {cluster.nodes[AGENCY_A].address}; "
                 f"node {AGENCY_B} {cluster.nodes[AGENCY_B].address}"
             )
             ok = await _exchange(cluster)
-            print(
+            _say(
                 "\nAll evidence chains verified." if ok else "\nSome evidence chain did NOT verify."
             )
             if serve_dir is not None:
@@ -252,8 +264,8 @@ async def run_demo(serve_dir: Path | None = None) -> int:
                 metrics = [f"hub {cluster.hub.metrics}"] + [
                     f"node {code} {p.metrics}" for code, p in cluster.nodes.items()
                 ]
-                print("Prometheus metrics: " + "; ".join(metrics))
-                print(
+                _say("Prometheus metrics: " + "; ".join(metrics))
+                _say(
                     f"\nServers keep running; addresses in {serve_dir / 'addresses.json'}. "
                     f"Try: chapar send --demo {serve_dir} --agency {AGENCY_A} --to {AGENCY_B} "
                     "--subject hello --body hi\nPress Ctrl-C to stop."
@@ -263,7 +275,11 @@ async def run_demo(serve_dir: Path | None = None) -> int:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, stop.set)
                 await stop.wait()
+        except OutputFailed:
+            output_failed = True  # nothing more to say: no one reads it
+            raise
         finally:
             codes = cluster.stop()
-            print("Stopped: " + ", ".join(f"{name} exit {code}" for name, code in codes.items()))
+            if not output_failed:
+                _say("Stopped: " + ", ".join(f"{name} exit {code}" for name, code in codes.items()))
     return 0 if ok else 1

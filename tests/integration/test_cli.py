@@ -766,3 +766,56 @@ def test_a_pki_command_whose_output_is_closed_ends_in_one_output_failed_line(
     line = _assert_output_failed(_run_into(argv, buffered=buffered), "STDOUT_CLOSED")
     assert done(), line
     assert "could not be printed" in line, line
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_demo_whose_output_is_closed_ends_in_one_output_failed_line(buffered: bool) -> None:
+    """``chapar demo | head -0``: unbuffered, its first line ended it in a BrokenPipeError
+    traceback."""
+    line = _assert_output_failed(_run_into(["demo"], buffered=buffered), "STDOUT_CLOSED")
+    assert "it started no server" in line, line
+
+
+def _servers_under(root: Path) -> list[str]:
+    """The command lines of the running processes that name ``root`` (the demo's servers
+    name their configuration files in it)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if str(root) in text and " serve " in text:
+                found.append(text)
+    return found
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_demo_whose_reader_goes_stops_its_servers_and_ends_in_one_line(buffered: bool) -> None:
+    """``chapar demo | head -2``: the reader goes once the servers are up. Unbuffered, the
+    next line ended the demo in two BrokenPipeError tracebacks (the second from the line
+    that says the servers stopped); buffered, nothing came out until the demo had ended,
+    whose output went into the pipe unread, exit 0. Now each line goes out as it comes, and
+    the first that cannot ends the demo: its servers stopped, one line, exit 1."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        environ["PYTHONUNBUFFERED"] = "1"
+    with subprocess.Popen(
+        [*CHAPAR, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            match = re.search(r" in (\S+) \.\.\.$", first.rstrip("\n"))
+            assert match, first
+            root = Path(match.group(1))
+            assert proc.stdout.readline().startswith("hub "), "the servers did not start"
+            assert len(_servers_under(root)) == 3  # a hub and two nodes, running
+            proc.stdout.close()  # the reader goes
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    line = _assert_output_failed(result, "STDOUT_CLOSED")
+    assert "stopped its servers" in line, line
+    assert _servers_under(root) == []
+    assert not root.exists()
