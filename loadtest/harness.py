@@ -1152,7 +1152,13 @@ def _cmd(ns: argparse.Namespace) -> int:
         try:
             ns.json.write_text(json.dumps(report, indent=2) + "\n")
         except OSError as exc:
-            print(_summary(report))
+            # The summary in its stead; if that cannot be printed either, one line says
+            # both were lost.
+            emit(
+                [_summary(report)],
+                "the run's summary could not be printed, and its report could not be written"
+                f" to {ns.json}: {exc.strerror or exc}",
+            )
             print(f"error: --json: cannot write the report: {exc}", file=sys.stderr)
             return 1
     emit(

@@ -14,9 +14,8 @@ line on stderr, ``error: OUTPUT_FAILED <REASON>: <what was left undone> (<why>)`
 and nothing more at exit. That line is ``fail``'s, the one form of every client command's
 error (``error: <CODE> <REASON>: <message>``). ``main`` calls ``finish`` after every
 command, which flushes what it printed with ``print`` as the interpreter would at exit, but
-with that ending. The summary ``loadtest`` prints when its report cannot be written still
-uses ``print`` and gets that only for what Python buffers: unbuffered
-(``PYTHONUNBUFFERED``), a print that fails is its own to handle.
+with that ending. Every command's own lines, ``pki``'s, ``demo``'s and ``loadtest``'s too,
+go out through ``emit``, buffered or not (``PYTHONUNBUFFERED``).
 """
 
 from __future__ import annotations

@@ -391,3 +391,39 @@ def test_a_closed_standard_output_loses_no_report(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "OUTPUT_FAILED STDOUT_CLOSED" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_report_that_cannot_be_written_into_a_closed_output_ends_in_one_line(
+    tmp_path: Path, buffered: bool
+) -> None:
+    # The report could not be written (--json names a directory), so the summary was
+    # printed in its stead, with bare print: into a closed pipe, unbuffered, a
+    # BrokenPipeError traceback; buffered, the --json error and then, at exit, a second
+    # error line for the summary. One line now says both were lost.
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        environ["PYTHONUNBUFFERED"] = "1"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "node", "loadtest", "--letters", "40"),
+                *("--senders", "1", "--baseline-seconds", "0", "--json", str(tmp_path)),
+            ],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env=environ,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: OUTPUT_FAILED STDOUT_CLOSED: "), result.stderr
+    assert f"report could not be written to {tmp_path}" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
