@@ -607,11 +607,13 @@ class _Session:
         out = []
         unmended = []
         checked = await self.link.verified(evidence, self.agency.trust.verify_evidence_many)
+        me = self.agency.config.agency  # the sender of every letter the hub tells us of
         for item, content in zip(evidence, checked, strict=True):
             try:
                 if isinstance(content, VerificationError):
                     raise content
-                check_attestation(content)  # a relay by the hub, a delivery by its recipient
+                # A relay by the hub, a delivery by its recipient, a submission by us.
+                check_attestation(content, sender=me)
                 out.append((item, content, _shams_text(content)))
             except VerificationError as exc:
                 count_verification_failure("evidence", exc.reason)

@@ -119,7 +119,10 @@ async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_no
         return []
 
     agency = SimpleNamespace(
-        trust=_Trust(), store=SimpleNamespace(record_sender_evidence=record), directory=None
+        config=SimpleNamespace(agency="000.00.00.G01"),
+        trust=_Trust(),
+        store=SimpleNamespace(record_sender_evidence=record),
+        directory=None,
     )
     link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
     session = _Session(link, _StuckCall())  # type: ignore[arg-type]
@@ -159,7 +162,10 @@ async def test_routed_evidence_the_store_refuses_is_counted_logged_and_acknowled
         ]
 
     agency = SimpleNamespace(
-        trust=_Trust(), store=SimpleNamespace(record_sender_evidence=record), directory=None
+        config=SimpleNamespace(agency="000.00.00.G01"),
+        trust=_Trust(),
+        store=SimpleNamespace(record_sender_evidence=record),
+        directory=None,
     )
     link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
     session = _Session(link, _StuckCall())  # type: ignore[arg-type]
@@ -172,6 +178,41 @@ async def test_routed_evidence_the_store_refuses_is_counted_logged_and_acknowled
     assert [r.getMessage() for r in caplog.records] == [
         "evidence from the hub does not verify (EVIDENCE_MISMATCH): another digest"
     ]
+    (frame,) = [session.outgoing.get_nowait() for _ in range(session.outgoing.qsize())]
+    assert sorted(frame.evidence_acks.evidence_ids) == ["e1", "e2"]
+
+
+async def test_a_submission_attested_by_another_agency_is_refused_and_acknowledged() -> None:
+    """Only this node's own agency may attest its letters' submission: another agency's
+    signed SUBMISSION_ACCEPTANCE for a letter of ours, routed by a hostile hub, was stored
+    (check_attestation without the sender), though a bundle with it fails offline."""
+    stored: list[str] = []
+
+    async def record(
+        items: list[tuple[pb.Evidence, pb.EvidenceContent, str]],
+    ) -> list[RefusedEvidence]:
+        stored.extend(c.evidence_id for _, c, _ in items)
+        return []
+
+    def submission(evidence_id: str, issuer: str) -> pb.Evidence:
+        content = pb.EvidenceContent.FromString(_evidence(evidence_id, issuer).content)
+        content.event = pb.EvidenceEvent.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE
+        content.ClearField("recipient")
+        return pb.Evidence(content=content.SerializeToString())
+
+    agency = SimpleNamespace(
+        config=SimpleNamespace(agency="000.00.00.G01"),
+        trust=_Trust(),
+        store=SimpleNamespace(record_sender_evidence=record),
+        directory=None,
+    )
+    link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
+    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+    counter = VERIFICATION_FAILURES.labels(kind="evidence", reason="ISSUER_NOT_ALLOWED")
+    before = counter._value.get()
+    await session._evidence([_evidence("e1", HUB), submission("e2", AN_AGENCY)])
+    assert stored == ["e1"]
+    assert counter._value.get() == before + 1
     (frame,) = [session.outgoing.get_nowait() for _ in range(session.outgoing.qsize())]
     assert sorted(frame.evidence_acks.evidence_ids) == ["e1", "e2"]
 
@@ -483,6 +524,7 @@ async def test_relay_results_that_do_not_verify_leave_the_window_instead_of_fill
 
     trust = _Trust()
     agency = SimpleNamespace(
+        config=SimpleNamespace(agency="000.00.00.G01"),
         trust=SimpleNamespace(
             verify_evidence_many=lambda items: [
                 VerificationError("SIGNER_UNKNOWN", "no")
@@ -707,6 +749,7 @@ async def test_evidence_signed_with_a_key_not_yet_known_is_not_acknowledged_unst
         return []
 
     agency = SimpleNamespace(
+        config=SimpleNamespace(agency="000.00.00.G01"),
         trust=SimpleNamespace(
             verify_evidence_many=lambda items: (
                 [VerificationError("SIGNER_UNKNOWN", "signed by a key no directory held lists")]
@@ -755,6 +798,7 @@ async def test_evidence_held_for_a_key_not_yet_known_is_stored_after_a_directory
 
     trust = _RotatedTrust()
     agency = SimpleNamespace(
+        config=SimpleNamespace(agency="000.00.00.G01"),
         trust=trust,
         store=SimpleNamespace(record_sender_evidence=record_sender_evidence),
         directory=SimpleNamespace(version=0),
