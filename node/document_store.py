@@ -115,10 +115,18 @@ class DocumentStore:
         the store: run it in a thread)."""
         found: list[bytes] = []
         for folder in (self.root / "sha256").iterdir():
+            # Only a document's place and name count: anything else there (an operator's
+            # note, a restore's leftovers) is left alone, and does not stop the walk.
+            if not _is_hex(folder.name, 2) or not folder.is_dir():
+                continue
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    with contextlib.suppress(FileNotFoundError, ValueError):
-                        if entry.stat().st_mtime < cutoff:
+                    if not _is_hex(entry.name, 2 * _DIGEST_BYTES) or not entry.name.startswith(
+                        folder.name
+                    ):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
                             found.append(bytes.fromhex(entry.name))
         return found
 
@@ -229,3 +237,8 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _is_hex(name: str, length: int) -> bool:
+    """A name of ``length`` lower-case hex digits, as the store names its entries."""
+    return len(name) == length and all(c in "0123456789abcdef" for c in name)

@@ -326,3 +326,21 @@ async def test_a_push_asked_for_a_digest_that_is_not_32_bytes_says_not_found(
     await push(_Stub(), store, request)  # type: ignore[arg-type]
     assert [m.WhichOneof("part") for m in sent] == ["header"]
     assert sent[0].header.error_reason == "DOCUMENT_NOT_FOUND"
+
+
+async def test_stray_entries_in_the_store_do_not_stop_retention(tmp_path: Path) -> None:
+    # An operator's note or a restore's leftovers among the stored documents: a file where
+    # a folder belongs made every retention walk fail (NotADirectoryError, documents never
+    # removed again); a folder or a short hex name where a document belongs was taken for
+    # one. Only what has a document's place and name is a candidate.
+    store = _store(tmp_path)
+    now = time.time()
+    old = await _stored(store, b"old", now - 1000)
+    root = store.path(old).parent.parent
+    (root / "README").write_text("notes")
+    (root / old.hex()[:2] / "ab").write_text("not a document")
+    (root / old.hex()[:2] / ("0" * 64)).mkdir()
+    for path in (root / "README", root / old.hex()[:2] / "ab", root / old.hex()[:2] / ("0" * 64)):
+        os.utime(path, (now - 1000, now - 1000))
+    assert store.unused_since(now - 100) == [old]
+    assert store.remove_unused(old, now - 100)
