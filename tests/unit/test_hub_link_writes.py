@@ -107,6 +107,19 @@ def _evidence(evidence_id: str, issuer: str) -> pb.Evidence:
     return pb.Evidence(content=content.SerializeToString())
 
 
+def _session_storing_with(record: object) -> _Session:
+    """A session of a link not connected (no stub), whose agency (000.00.00.G01) trusts
+    as _Trust does and stores the hub's evidence with ``record``."""
+    agency = SimpleNamespace(
+        config=SimpleNamespace(agency="000.00.00.G01"),
+        trust=_Trust(),
+        store=SimpleNamespace(record_sender_evidence=record),
+        directory=None,
+    )
+    link = HubLink(agency, None)  # type: ignore[arg-type]
+    return _Session(link, _StuckCall())  # type: ignore[arg-type]
+
+
 async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_not_stop_the_stream() -> (
     None
 ):
@@ -118,14 +131,7 @@ async def test_evidence_is_stored_and_acknowledged_and_malformed_content_does_no
         stored.extend(c.evidence_id for _, c, _ in items)
         return []
 
-    agency = SimpleNamespace(
-        config=SimpleNamespace(agency="000.00.00.G01"),
-        trust=_Trust(),
-        store=SimpleNamespace(record_sender_evidence=record),
-        directory=None,
-    )
-    link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
-    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+    session = _session_storing_with(record)
     garbage = pb.Evidence(content=b"\xff\xff\xff")
     bad_number = _evidence("e3", HUB)  # signed, but about no valid SHAMS number
     content = pb.EvidenceContent.FromString(bad_number.content)
@@ -161,14 +167,7 @@ async def test_routed_evidence_the_store_refuses_is_counted_logged_and_acknowled
             if c.evidence_id == "e2"
         ]
 
-    agency = SimpleNamespace(
-        config=SimpleNamespace(agency="000.00.00.G01"),
-        trust=_Trust(),
-        store=SimpleNamespace(record_sender_evidence=record),
-        directory=None,
-    )
-    link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
-    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+    session = _session_storing_with(record)
     counter = VERIFICATION_FAILURES.labels(kind="evidence", reason="EVIDENCE_MISMATCH")
     before = counter._value.get()
     with caplog.at_level(logging.ERROR, logger="chapar"):
@@ -200,14 +199,7 @@ async def test_a_submission_attested_by_another_agency_is_refused_and_acknowledg
         content.ClearField("recipient")
         return pb.Evidence(content=content.SerializeToString())
 
-    agency = SimpleNamespace(
-        config=SimpleNamespace(agency="000.00.00.G01"),
-        trust=_Trust(),
-        store=SimpleNamespace(record_sender_evidence=record),
-        directory=None,
-    )
-    link = HubLink(agency, None)  # type: ignore[arg-type]  # not connected: no stub
-    session = _Session(link, _StuckCall())  # type: ignore[arg-type]
+    session = _session_storing_with(record)
     counter = VERIFICATION_FAILURES.labels(kind="evidence", reason="ISSUER_NOT_ALLOWED")
     before = counter._value.get()
     await session._evidence([_evidence("e1", HUB), submission("e2", AN_AGENCY)])
