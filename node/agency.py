@@ -213,6 +213,9 @@ class _OpenStream:
     certificate: x509.Certificate
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     refused: ChaparError | None = None  # set when its certificate was revoked
+    # Set with ``refused`` (``ended`` is set at a stop too): what a document transfer,
+    # which a stop lets finish, waits on.
+    revoked: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def identity(self) -> Identity:
@@ -350,6 +353,7 @@ class Agency(pb.NodeServiceServicer):
                     Code.UNAUTHENTICATED, exc.reason, f"client certificate refused: {exc}"
                 )
                 stream.ended.set()
+                stream.revoked.set()
         await self.store.remember_certificates(known)
         was = self.own_state()
         self.directory = DirectoryView(directory)
@@ -1143,10 +1147,12 @@ class Agency(pb.NodeServiceServicer):
         if stream.refused is not None:
             await abort(context, stream.refused)
 
-    def _open_stream(self, context: grpc.aio.ServicerContext) -> _OpenStream:
+    def _open_stream(
+        self, context: grpc.aio.ServicerContext, *, read_only: bool = False
+    ) -> _OpenStream:
         """An authorised back-end stream, with the certificate it was admitted with."""
         certificate, identity = peer_certificate(context, self.trust)
-        return _OpenStream(self._access(identity), certificate)
+        return _OpenStream(self._access(identity, read_only=read_only), certificate)
 
     @contextlib.contextmanager
     def _registered(self, stream: _OpenStream) -> Iterator[None]:

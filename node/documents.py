@@ -1,7 +1,9 @@
 """The node's DocumentService, and its two sides of moving documents through the hub.
 
 * Back-ends upload (client stream) into the store, download (server stream from an
-  offset) and stat. Same mutual TLS and authorisation as NodeService.
+  offset) and stat. Same mutual TLS and authorisation as NodeService; an upload or
+  download under way ends when a directory revokes its certificate, as the back-end's
+  other streams do.
 * A document of another agency is fetched at its first download: ``HubService.
   FetchDocument`` streams it from the owning node through the hub; this node writes it to
   a temporary file while hashing it and keeps it only when size and SHA-256 match the
@@ -22,15 +24,15 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, BinaryIO
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import grpc
 
 from client_sdk import pb
 from client_sdk.documents import CHUNK_BYTES
 from client_sdk.errors import from_rpc_error
-from node.agency import Agency
+from node.agency import Access, Agency
 from node.core.documents import (
     check_media_type,
     check_size,
@@ -41,6 +43,7 @@ from node.core.documents import (
 from node.core.errors import ChaparError, Code, hub_unavailable
 from node.document_store import DocumentStore, DocumentWriter
 from node.rpc.errors import abort, code_of, storage_error
+from node.tasks import unless_set
 
 if TYPE_CHECKING:
     from node.rpc.hub_link import HubLink
@@ -73,8 +76,38 @@ class Documents(pb.DocumentServiceServicer):
         request_iterator: AsyncIterator[pb.UploadDocumentRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
+        await self._revocable(context, False, lambda a: self._upload(a, request_iterator, context))
+
+    async def _revocable(
+        self,
+        context: grpc.aio.ServicerContext,
+        read_only: bool,
+        transfer: Callable[[Access], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Runs an upload or a download for an authorised back-end until its end, or until
+        a directory revokes the certificate it was admitted with (or a CA above it): it
+        then ends at once, UNAUTHENTICATED with the revocation's reason, as the back-end's
+        inbox and submission streams do (an upload keeps nothing: its temporary file goes).
+        A stop of the node lets it finish within the grace period."""
         try:
-            access = self.agency._authorize(context)
+            stream = self.agency._open_stream(context, read_only=read_only)
+        except ChaparError as exc:
+            await abort(context, exc)
+            return
+        with self.agency._registered(stream):
+            if await unless_set(transfer(stream.access), stream.revoked):
+                return
+        assert stream.refused is not None
+        log.warning("a transfer of %s ended: %s", stream.identity.uri, stream.refused.reason)
+        await abort(context, stream.refused)
+
+    async def _upload(
+        self,
+        access: Access,
+        request_iterator: AsyncIterator[pb.UploadDocumentRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        try:
             first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise ChaparError(
@@ -154,9 +187,13 @@ class Documents(pb.DocumentServiceServicer):
     async def DownloadDocument(  # type: ignore[override]  # answers via context.write
         self, request: pb.DownloadDocumentRequest, context: grpc.aio.ServicerContext
     ) -> None:
+        await self._revocable(context, True, lambda a: self._download(a, request, context))
+
+    async def _download(
+        self, access: Access, request: pb.DownloadDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         joined: tuple[_Fetch, BinaryIO] | None = None
         try:
-            access = self.agency._authorize(context, read_only=True)
             owner, digest = parse_document_uri(request.uri)
             # False: this caller may have it only as fetched from its owner, whatever copy
             # the store holds (Agency.document_access).
@@ -526,8 +563,13 @@ async def push(stub: pb.HubServiceStub, store: DocumentStore, request: pb.Docume
                     await call.write(pb.PushDocumentRequest(chunk=chunk))
         await call.done_writing()
         await call
-    except asyncio.InvalidStateError:
-        log.info("push of %s ended early by the hub", request.request_id)
+    except asyncio.InvalidStateError:  # a write after the hub's status: say which
+        log.info(
+            "push of %s ended early by the hub: %s %s",
+            request.request_id,
+            await call.code(),
+            await call.details(),
+        )
     except grpc.aio.AioRpcError as exc:
         log.warning("push of %s ended: %s %s", request.request_id, exc.code(), exc.details())
     except OSError as exc:  # removed by retention meanwhile, or a disk error: the fetch fails

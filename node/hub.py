@@ -334,19 +334,33 @@ class Hub(pb.HubServiceServicer):
             len(directory.revoked_serials),
         )
         for session in list(self._sessions.values()):
-            agency = self.directory.agency(session.agency)
-            try:  # the whole chain, as at connection: a revoked CA above it counts too
-                self.trust.verify_certificate(session.certificate, "tls")
-                admitted = agency is not None and agency.state == pb.AGENCY_STATE_ACTIVE
-            except VerificationError:
-                admitted = False
-            if admitted:
+            if self.refusal(session.agency, session.certificate) is None:
                 self._push_unanswered_again(session)
                 session.wake.set()
             else:
                 log.warning("closing the stream of %s: no longer admitted", session.agency)
                 session.closed.set()
+        # Document transfers too: a fetch or push under way would otherwise run to its end
+        # (a 1 GiB attachment) for a certificate no longer admitted.
+        self.documents.end_refused()
         return 1
+
+    def refusal(self, agency: str, certificate: x509.Certificate) -> ChaparError | None:
+        """Why a call of ``agency``'s node with ``certificate``, admitted before the
+        directory in force, would be refused now (what ``_peer`` says to a new call);
+        None while it is admitted. The whole chain is checked, as at connection: a revoked
+        CA above it counts too."""
+        try:
+            self.trust.verify_certificate(certificate, "tls")
+        except VerificationError as exc:
+            return ChaparError(
+                Code.UNAUTHENTICATED, exc.reason, f"client certificate refused: {exc}"
+            )
+        try:
+            self.directory.require_sender(agency)
+        except ChaparError as exc:
+            return exc
+        return None
 
     @property
     def connected(self) -> int:

@@ -7,6 +7,11 @@ header before the letter is accepted), asks the owning node with a ``document_re
 frame on its Connect stream, and pipes the chunks the owner pushes (``PushDocument``, a
 node-initiated call) through a queue of a few chunks: memory stays flat and a slow
 reader slows the owner down (backpressure), whatever the file's size.
+
+A reload of the directory that no longer admits the fetching node's certificate (revoked,
+its agency suspended or retired) ends the fetch at once with the status a new call would
+get (``Hub.refusal``); one that no longer admits the owner's ends its push the same way,
+and the fetch with UNAVAILABLE / OWNER_NOT_ADMITTED (its node keeps nothing of it).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
+from cryptography import x509
 
 from client_sdk import pb
 from node.core.documents import chunk_of, parse_document_uri, senders_documents
 from node.core.errors import ChaparError, Code
 from node.rpc.errors import abort
+from node.tasks import unless_set
 
 if TYPE_CHECKING:
     from node.hub import Hub
@@ -40,7 +47,17 @@ _OWNER_ANSWER_S = 30.0
 @dataclass(eq=False)
 class _Transfer:
     owner: str
+    fetcher: str
+    fetcher_certificate: x509.Certificate
     offset: int = 0  # where the fetch asked the owner's push to start
+    # The certificate of the owner's push, once it started.
+    pusher_certificate: x509.Certificate | None = None
+    # Set by a reload that no longer admits the fetcher (fetch_refused) or the owner
+    # (push_refused): that call ends at once with that status (its event set).
+    fetch_refused: ChaparError | None = None
+    push_refused: ChaparError | None = None
+    fetch_stop: asyncio.Event = field(default_factory=asyncio.Event)
+    push_stop: asyncio.Event = field(default_factory=asyncio.Event)
     queue: asyncio.Queue[pb.PushHeader | bytes | ChaparError | None] = field(
         default_factory=lambda: asyncio.Queue(_QUEUE_CHUNKS)
     )
@@ -49,6 +66,27 @@ class _Transfer:
     # what the fetch reads once the chunks already queued are out.
     broken: ChaparError | None = None
     cut: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def refuse_fetch(self, error: ChaparError) -> None:
+        if self.fetch_refused is None:
+            self.fetch_refused = error
+            self.break_off(error)  # a fetch still waiting for the owner's header
+            self.fetch_stop.set()
+
+    def refuse_push(self, error: ChaparError) -> None:
+        if self.push_refused is None:
+            self.push_refused = error
+            self.break_off(
+                ChaparError(
+                    Code.UNAVAILABLE,
+                    "OWNER_NOT_ADMITTED",
+                    f"the node of {self.owner} is no longer admitted ({error.reason}); its"
+                    " push ended",
+                    metadata={"owner": self.owner, "cause": error.reason},
+                    retry_after_s=5.0,
+                )
+            )
+            self.push_stop.set()
 
     def break_off(self, error: ChaparError) -> None:
         if self.broken is None:
@@ -78,6 +116,20 @@ class DocumentRelay:
         self.hub = hub
         self._transfers: dict[str, _Transfer] = {}
 
+    def end_refused(self) -> None:
+        """After a reload: the transfers whose fetching or owning node the directory no
+        longer admits end (each call with the status a new call of it would get)."""
+        for transfer in list(self._transfers.values()):
+            error = self.hub.refusal(transfer.fetcher, transfer.fetcher_certificate)
+            if error is not None:
+                log.warning("ending a fetch by %s: %s", transfer.fetcher, error.reason)
+                transfer.refuse_fetch(error)
+            if transfer.pusher_certificate is not None:
+                error = self.hub.refusal(transfer.owner, transfer.pusher_certificate)
+                if error is not None:
+                    log.warning("ending a push by %s: %s", transfer.owner, error.reason)
+                    transfer.refuse_push(error)
+
     async def fetch(
         self, request: pb.FetchDocumentRequest, context: grpc.aio.ServicerContext
     ) -> None:
@@ -95,7 +147,7 @@ class DocumentRelay:
     ) -> None:
         transfer: _Transfer | None = None
         try:
-            agency, _ = self.hub._peer(context)
+            agency, certificate = self.hub._peer(context)
             owner, digest = parse_document_uri(request.uri)
             if request.offset < 0:
                 raise ChaparError(Code.INVALID_ARGUMENT, "INVALID_OFFSET", "offset is negative")
@@ -116,7 +168,10 @@ class DocumentRelay:
                     metadata={"owner": owner},
                     retry_after_s=5.0,
                 )
-            transfer = _Transfer(owner, request.offset)
+            # Admitted again, with no wait before the transfer is registered: a reload
+            # while the grant was read ends only transfers registered then.
+            agency, certificate = self.hub._peer(context)
+            transfer = _Transfer(owner, agency, certificate, request.offset)
             self._transfers[request_id] = transfer
             try:
                 # Asking counts against the owner's time to answer: its stream may be full
@@ -151,6 +206,14 @@ class DocumentRelay:
             self._end(request_id, transfer)
             await abort(context, exc)
             return
+        if not await unless_set(self._relay(transfer, header, context), transfer.fetch_stop):
+            assert transfer.fetch_refused is not None
+            await abort(context, transfer.fetch_refused)
+
+    async def _relay(
+        self, transfer: _Transfer, header: pb.PushHeader, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Sends the fetcher what the owner pushes, until the push's end."""
         await context.write(pb.FetchDocumentResponse(size=header.size))
         while (item := await self._next(transfer)) is not None:
             if isinstance(item, ChaparError):  # the push broke: the fetcher resumes
@@ -205,26 +268,38 @@ class DocumentRelay:
                     "NO_SUCH_REQUEST",
                     "no document request of this node is waiting under that id",
                 )
-            await self._put(transfer, first.header)
-            async for message in request_iterator:
-                chunk = chunk_of(message, what="a push", missing="PUSH_PART_MISSING")
-                await self._put(transfer, chunk)
-                relayed += len(chunk)
-            if not first.header.error_reason and transfer.offset + relayed != first.header.size:
-                # The stream ended short of (or past) the document: a cancelled call ends
-                # the request iterator like a finished one (the hub shutting down). The
-                # fetch must then fail in a way its node resumes from, never end "OK".
-                cut = ChaparError(
-                    Code.UNAVAILABLE,
-                    "PUSH_INTERRUPTED",
-                    f"the owner's push ended after {transfer.offset + relayed} of "
-                    f"{first.header.size} bytes; retry from the bytes received",
-                    retry_after_s=1.0,
-                )
-                await self._put(transfer, cut)
-                raise cut
-            await self._put(transfer, None)
-            finished = True
+            # Admitted again after the wait for the header: a reload meanwhile ends only
+            # pushes it found started (end_refused).
+            _, transfer.pusher_certificate = self.hub._peer(context)
+            header, pipe = first.header, transfer
+
+            async def relay() -> None:
+                nonlocal relayed, finished
+                await self._put(pipe, header)
+                async for message in request_iterator:
+                    chunk = chunk_of(message, what="a push", missing="PUSH_PART_MISSING")
+                    await self._put(pipe, chunk)
+                    relayed += len(chunk)
+                if not header.error_reason and pipe.offset + relayed != header.size:
+                    # The stream ended short of (or past) the document: a cancelled call
+                    # ends the request iterator like a finished one (the hub shutting
+                    # down). The fetch must then fail in a way its node resumes from,
+                    # never end "OK".
+                    cut = ChaparError(
+                        Code.UNAVAILABLE,
+                        "PUSH_INTERRUPTED",
+                        f"the owner's push ended after {pipe.offset + relayed} of "
+                        f"{header.size} bytes; retry from the bytes received",
+                        retry_after_s=1.0,
+                    )
+                    await self._put(pipe, cut)
+                    raise cut
+                await self._put(pipe, None)
+                finished = True
+
+            if not await unless_set(relay(), transfer.push_stop):
+                assert transfer.push_refused is not None
+                raise transfer.push_refused
         except ChaparError as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc

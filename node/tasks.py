@@ -7,7 +7,14 @@ import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["BOOKKEEPING_INTERVAL_S", "Cadence", "drain", "every", "handle_concurrently"]
+__all__ = [
+    "BOOKKEEPING_INTERVAL_S",
+    "Cadence",
+    "drain",
+    "every",
+    "handle_concurrently",
+    "unless_set",
+]
 
 T = TypeVar("T")
 
@@ -112,3 +119,30 @@ async def handle_concurrently(
                 task.add_done_callback(lambda _: slots.release())
     except BaseExceptionGroup as failed:
         raise failed.exceptions[0] from None
+
+
+async def unless_set(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Runs ``work`` until it ends (True; its exception, if any, raised) or ``stop`` is set
+    first (``work`` is then cancelled wherever it waits, a write to a slow reader included:
+    False).
+
+    For a call that a revocation must end now (a document transfer): the caller answers
+    with the status the revocation gives, nothing more of ``work`` runs."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # we are cancelled ourselves, not only ``work``
+    if task.cancelled():
+        return False
+    task.result()
+    return True

@@ -18,7 +18,7 @@ import pytest
 from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams
-from node.agency import Access, Agency
+from node.agency import Access, Agency, _OpenStream
 from node.core.errors import ChaparError, Code
 from tests.unit.conftest import RECIPIENT, SENDER
 
@@ -138,6 +138,12 @@ async def test_a_letter_naming_a_digest_gives_no_mailbox_the_nodes_copy_held_for
         return m1
 
     agency._authorize = authorize  # type: ignore[method-assign,assignment]
+
+    def open_stream(_context: object, *, read_only: bool = False) -> _OpenStream:
+        # Documents' transfers are open streams (a revocation ends them); no certificate here.
+        return _OpenStream(m1, cast(Any, None))
+
+    agency._open_stream = open_stream  # type: ignore[method-assign,assignment]
     documents = Documents(agency, store)
 
     async def download(address: str) -> tuple[bytes, grpc.StatusCode | None]:

@@ -12,7 +12,7 @@ import grpc
 from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams
-from node.agency import Access, Agency
+from node.agency import Access, Agency, _OpenStream
 from tests.unit.conftest import RECIPIENT, SENDER
 
 
@@ -84,6 +84,12 @@ async def test_a_document_fetched_before_the_upgrade_stays_available_to_its_mail
         return m1
 
     agency._authorize = authorize  # type: ignore[method-assign,assignment]
+
+    def open_stream(_context: object, *, read_only: bool = False) -> _OpenStream:
+        # Documents' transfers are open streams (a revocation ends them); no certificate here.
+        return _OpenStream(m1, cast(Any, None))
+
+    agency._open_stream = open_stream  # type: ignore[method-assign,assignment]
     documents = Documents(agency, store)  # no hub link: the hub is down
     context = _Context()
     with contextlib.suppress(grpc.aio.AbortError):
