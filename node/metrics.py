@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -327,11 +327,16 @@ def count_verification_failure(kind: str, reason: str) -> None:
 
 
 def serve_metrics(
-    listen: str, tls: TlsConfig | None = None
+    listen: str, tls: TlsConfig | None = None, refusal: Callable[[bytes], str] | None = None
 ) -> tuple[WSGIServer, threading.Thread, str]:
     """Serves /metrics on ``HOST:PORT`` (port 0 picks one); returns where to scrape it:
     ``HOST:PORT`` over plain HTTP, or with ``tls`` an ``https://`` URL served with the
-    server's certificate that requires a client certificate chaining to ``tls.ca``."""
+    server's certificate that requires a client certificate chaining to ``tls.ca``.
+
+    ``refusal`` (with ``tls``): given the client certificate (DER), why it is refused
+    ("" when it is not); a refused client gets 403 with the reason as the body. The TLS
+    layer admits any certificate of the CA; this is where the directory's revocations
+    apply."""
     host, _, port = listen.rpartition(":")
     if tls is None:
         server, thread = start_http_server(int(port), addr=host)
@@ -345,4 +350,38 @@ def serve_metrics(
         client_auth_required=True,
         tls_min_version=ssl.TLSVersion.TLSv1_2,
     )
+    if refusal is not None:
+        _refuse_with(server, refusal)
     return server, thread, f"https://{host}:{server.server_port}/metrics"
+
+
+_PEER = "chapar.peer_certificate"  # the client certificate's DER, in the WSGI environ
+
+
+def _refuse_with(server: WSGIServer, refusal: Callable[[bytes], str]) -> None:
+    """Puts each request's client certificate in its environ, and answers 403 to those
+    ``refusal`` refuses before the metrics app sees them."""
+    handler = server.RequestHandlerClass
+
+    class Handler(handler):  # type: ignore[valid-type,misc]
+        def get_environ(self) -> dict[str, Any]:
+            environ: dict[str, Any] = super().get_environ()
+            environ[_PEER] = self.connection.getpeercert(binary_form=True) or b""
+            return environ
+
+    server.RequestHandlerClass = Handler
+    app = server.get_app()
+    assert app is not None
+
+    def checked(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        reason = refusal(environ.get(_PEER, b"")) if environ.get(_PEER) else "NO_CLIENT_CERTIFICATE"
+        if reason:
+            body = f"{reason}: client certificate refused\n".encode()
+            start_response(
+                "403 Forbidden",
+                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+            )
+            return [body]
+        return app(environ, start_response)
+
+    server.set_app(checked)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -41,6 +42,7 @@ from node.config import (
     TlsConfig,
     read_certificates,
 )
+from node.rpc.side import SideServiceAdmission, revocation
 from node.rpc.wire import add_servicer
 
 __all__ = ["LOG_FIELDS", "check_key_file", "configure_logging", "serve_hub", "serve_node"]
@@ -307,7 +309,7 @@ async def _health_changed(
     return serving
 
 
-def _metrics(listen: str, role: str, tls: TlsConfig | None, db: Database) -> str:
+def _metrics(listen: str, role: str, tls: TlsConfig | None, db: Database, trust: TrustStore) -> str:
     m.register_role(role)
     main = threading.get_ident()  # this runs in the event loop's thread
     m.track_thread_cpu("event_loop", lambda: main)
@@ -317,10 +319,27 @@ def _metrics(listen: str, role: str, tls: TlsConfig | None, db: Database) -> str
     from node.metrics import serve_metrics
 
     try:
-        _, _, address = serve_metrics(listen, tls)
+        _, _, address = serve_metrics(listen, tls, _metrics_refusal(trust))
     except OSError as exc:  # ssl.SSLError (a certificate or key that will not load) too
         raise ConfigError(f"metrics_listen: cannot serve {listen}: {exc}") from exc
     return address
+
+
+def _metrics_refusal(trust: TrustStore) -> Callable[[bytes], str]:
+    """Why /metrics refuses a client certificate (DER), asked from the metrics server's
+    threads: the check runs on the event loop, which alone changes the trust store."""
+    loop = asyncio.get_running_loop()
+
+    async def check(der: bytes) -> str:
+        try:
+            return revocation(x509.load_der_x509_certificate(der), trust)
+        except ValueError:
+            return "CERTIFICATE_MALFORMED"
+
+    def refusal(der: bytes) -> str:
+        return asyncio.run_coroutine_threadsafe(check(der), loop).result(timeout=10)
+
+    return refusal
 
 
 async def _start(
@@ -372,10 +391,17 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         hub = Hub(config, store, signer, trust, directory, config_path)
         cleanup.push_async_callback(hub.stop)
         await hub.start()
-        server = grpc.aio.server(options=_server_options(config.keepalive_s))
+        server = grpc.aio.server(
+            options=_server_options(config.keepalive_s),
+            interceptors=[SideServiceAdmission(trust)],  # health, reflection: revocations too
+        )
         add_servicer(server, hub, pb.HUB_SERVICE, limit=config.max_frame_bytes)
         metrics = _metrics(
-            config.metrics_listen, "hub", config.tls if config.metrics_tls else None, store.db
+            config.metrics_listen,
+            "hub",
+            config.tls if config.metrics_tls else None,
+            store.db,
+            trust,
         )
         health_servicer = health.aio.HealthServicer()
         monitor = HubMonitor(hub)
@@ -461,11 +487,18 @@ async def serve_node(config: NodeConfig) -> None:
         hub_frame_bytes = await store.load_hub_frame_bytes()
         if hub_frame_bytes is not None:
             await agency.set_hub_frame_bytes(hub_frame_bytes, persist=False)
-        server = grpc.aio.server(options=_server_options(config.keepalive_s))
+        server = grpc.aio.server(
+            options=_server_options(config.keepalive_s),
+            interceptors=[SideServiceAdmission(trust)],  # health, reflection: revocations too
+        )
         add_servicer(server, agency, pb.NODE_SERVICE, limit=config.max_message_bytes)
         add_servicer(server, documents, pb.DOCUMENT_SERVICE, limit=config.max_message_bytes)
         metrics = _metrics(
-            config.metrics_listen, "node", config.tls if config.metrics_tls else None, store.db
+            config.metrics_listen,
+            "node",
+            config.tls if config.metrics_tls else None,
+            store.db,
+            trust,
         )
         health_servicer = health.aio.HealthServicer()
         link = HubLink(agency, link_creds)

@@ -1,6 +1,7 @@
 """A revocation holds on every call of the port, not only on the letter streams: document
 transfers already under way end (at the hub and at a node) with the status a new call of
-that certificate gets, and nothing half-sent is kept as a document.
+that certificate gets, and nothing half-sent is kept as a document; health checks,
+reflection and ``/metrics`` over mutual TLS refuse a revoked certificate too.
 
 One cluster for the module: nodes for A and B, C without one (the tests speak raw gRPC
 to the hub as C's node). The hub re-reads its revocation file every 0.2 s; every test
@@ -15,12 +16,15 @@ import hashlib
 import os
 import ssl
 import time
+import urllib.error
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client_sdk import Credentials, ExchangeClient, pb
 from client_sdk.errors import from_rpc_error
@@ -359,6 +363,9 @@ async def test_a_download_under_way_ends_when_its_clients_certificate_is_revoked
     assert count < 64 * MIB // (256 * 1024)
 
 
+# -- health, reflection and /metrics -----------------------------------------------------
+
+
 def _metrics_tls(
     cluster: Cluster, creds: Credentials | None = None, tmp: Path | None = None
 ) -> ssl.SSLContext:
@@ -370,3 +377,59 @@ def _metrics_tls(
     (tmp / "c.key").write_bytes(creds.private_key)
     (tmp / "c.key").chmod(0o600)
     return client_context(cluster.pki.root_cert, tmp / "c.crt", tmp / "c.key")
+
+
+_ANSWERS = (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+async def _health(address: str, creds: Credentials) -> int:
+    async with grpc.aio.secure_channel(address, creds.channel_credentials()) as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+    return int(answer.status)
+
+
+async def _services(address: str, creds: Credentials) -> list[str]:
+    async with grpc.aio.secure_channel(address, creds.channel_credentials()) as channel:
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(timeout=10)
+        # A write after a refusal fails bare (grpc/grpc#36066); the read says the status.
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        answer = await call.read()
+        if answer is grpc.aio.EOF:
+            raise AssertionError(f"reflection ended: {await call.code()}")
+        call.cancel()
+    return [s.name for s in answer.list_services_response.service]
+
+
+async def test_health_reflection_and_metrics_refuse_a_revoked_certificate(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    creds = client_credentials(cluster, A, "prober")
+    serial = _serial_of_pem(creds.certificate_chain)
+    context = _metrics_tls(cluster, creds, tmp_path)
+    servers = [cluster.hub, cluster.nodes[A]]
+    for server in servers:  # admitted before
+        assert await _health(server.address, creds) in _ANSWERS
+        assert await _services(server.address, creds)
+        assert fetch(server.metrics, tls=context).value("chapar_ready") is not None
+    async with _revoked(cluster, serial, at_node=A):
+        for server in servers:
+            with pytest.raises(grpc.aio.AioRpcError) as health:
+                await _health(server.address, creds)
+            assert health.value.code() == grpc.StatusCode.UNAUTHENTICATED, server.name
+            assert _reason(health.value) == "CERTIFICATE_REVOKED", server.name
+            with pytest.raises(grpc.aio.AioRpcError) as listed:
+                await _services(server.address, creds)
+            assert listed.value.code() == grpc.StatusCode.UNAUTHENTICATED, server.name
+            with pytest.raises(urllib.error.HTTPError) as scraped:
+                fetch(server.metrics, tls=context)
+            assert scraped.value.code == 403, server.name
+            assert b"CERTIFICATE_REVOKED" in scraped.value.read()
+            # Others are still served.
+            auditor = _auditor(cluster)
+            assert await _health(server.address, auditor) in _ANSWERS
+            assert (
+                fetch(server.metrics, tls=_metrics_tls(cluster)).value("chapar_ready") is not None
+            )
