@@ -149,6 +149,22 @@ class TrustStore:
     def set_revoked(self, serials: Iterable[int]) -> None:
         self.revoked_serials = set(serials)
 
+    def chain_revoked(self, cert: x509.Certificate) -> bool:
+        """Whether ``cert`` or a CA above it (as this store holds them) is revoked. Only
+        that: no validity, usage or identity is asked (health, reflection and ``/metrics``
+        serve any other certificate of the CA: an operator's scraper has no identity)."""
+        current = cert
+        for _ in range(_MAX_CHAIN):
+            if current.serial_number in self.revoked_serials:
+                return True
+            issuer = next(
+                (ca for ca in (*self.intermediates, *self.roots) if _signed_by(current, ca)), None
+            )
+            if issuer is None or issuer == current:
+                return False
+            current = issuer
+        return False
+
     def verify_certificate(
         self,
         cert: x509.Certificate,
