@@ -75,6 +75,7 @@ def _hub(store: HubStore, inflight: dict[str, set[str]]) -> SimpleNamespace:
     )
     hub._sign = lambda content: Hub._sign(hub, content)  # type: ignore[arg-type]
     hub._expiries = lambda rows, now: Hub._expiries(hub, rows, now)  # type: ignore[arg-type]
+    hub._expire = lambda items: Hub._expire(hub, items)  # type: ignore[arg-type]
     hub._count = lambda recipient, n: hub.counted.append((recipient, n))
     hub._wake = lambda *_, **__: None
     return hub
@@ -319,3 +320,68 @@ async def test_a_letter_whose_node_never_answers_expires_a_grace_after_its_expir
     content = pb.EvidenceContent.FromString(pb.Evidence.FromString(row[0]).content)
     assert content.reason == "DELIVERY_UNCONFIRMED"
     assert hub._unanswered[BUSY] == set()
+
+
+# -- expiry's pace: a run expires every letter due, a page at a time ---------------------------
+
+
+async def test_one_run_expires_every_letter_due_not_one_page(store: HubStore) -> None:
+    # 100,000 letters for an offline recipient expiring together took 200 runs (one page
+    # a run): their senders waited that long for the EXPIRY, and the queue stayed counted
+    # full, refusing new letters to it, all the while.
+    past = time.time() - 3600
+    letters = [_letter(i, QUIET, past + i / 1000) for i in range(1, 2 * _EXPIRY_PAGE + 2)]
+    await store.accept(letters, _relay)
+    hub = _hub(store, {})
+    assert await Hub.expire_due(hub) == len(letters)  # type: ignore[arg-type]
+    assert await store.expired(time.time(), 10) == []
+    assert await _expiries_stored(store) == len(letters)
+    assert sum(n for _, n in hub.counted) == -len(letters)
+
+
+async def test_a_run_gives_the_event_loop_a_turn_between_pages(store: HubStore) -> None:
+    # The evidence of a page is made and signed on the event loop: the next page waits
+    # for another task's turn (a stream's frame), so a large expiry holds no stream up.
+    past = time.time() - 3600
+    letters = [_letter(i, QUIET, past + i / 1000) for i in range(1, 2 * _EXPIRY_PAGE + 2)]
+    await store.accept(letters, _relay)
+    hub = _hub(store, {})
+    turns: list[int] = []  # letters whose EXPIRY was signed when another task had a turn
+    signed: list[int] = []
+
+    def sign(contents: Sequence[bytes]) -> list[pb.Evidence]:
+        signed.extend(1 for _ in contents)
+        return [pb.Evidence(content=c) for c in contents]
+
+    async def other_task() -> None:
+        while True:
+            turns.append(len(signed))
+            await asyncio.sleep(0)
+
+    hub.signer.sign_evidence = sign
+    ticker = asyncio.create_task(other_task())
+    try:
+        assert await Hub.expire_due(hub) == len(letters)  # type: ignore[arg-type]
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+    # Some turn came between the first page's signing and the last's.
+    assert any(0 < n < len(letters) for n in turns)
+
+
+async def test_letters_past_their_expire_time_the_expiry_has_not_reached_are_not_pushed(
+    store: HubStore,
+) -> None:
+    # Expiry lagging behind (a large backlog expiring at once) must cost no more than
+    # late EXPIRY evidence: a letter past its expire_time is never pushed to its
+    # recipient, expired or not yet (the node refuses one it never had, too).
+    past = time.time() - 60
+    letters = [_letter(i, BUSY, past + i / 1000) for i in range(1, 4)]
+    fresh = _letter(100, BUSY, time.time() + 3600)
+    await store.accept([*letters, fresh], _relay)
+    hub = _hub(store, {})
+    _Pushing.add_to(hub)
+    session = hub._sessions[BUSY] = _session(BUSY)
+    assert await _pushed(hub, session) == [fresh.shams]
+    assert await Hub.expire_due(hub) == len(letters)  # type: ignore[arg-type]
