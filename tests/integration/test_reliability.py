@@ -345,20 +345,29 @@ async def test_letter_not_delivered_before_expire_time_yields_expiry_evidence(
     async with started(tmp_path, hub_settings="expiry_interval_s = 0.2") as cluster:
         await asyncio.to_thread(cluster.nodes[B].terminate)
         expire = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
-        (receipt,) = (await send_all(cluster, drafts(1, expire_time=expire))).values()
+        # Three, expiring in one page: their EXPIRY evidence is signed as one batch (a
+        # Merkle tree), which the sender's node takes and the SDK verifies, each alone.
+        receipts = list((await send_all(cluster, drafts(3, expire_time=expire))).values())
         async with client(cluster, A) as a:
-            deadline = time.monotonic() + 30
-            while True:
-                tracking = await a.track(receipt.shams)
-                if tracking.statuses.get(B) == "EXPIRED":
-                    break
-                assert time.monotonic() < deadline, tracking.statuses
-                await asyncio.sleep(0.2)
-            verified = tracking.verify(cluster.credentials(A).trust_store())
-        expiry = [v for v in verified if v.event == "EXPIRY"]
-        assert len(expiry) == 1
-        assert expiry[0].issuer == "urn:chapar:hub:national"
-        assert expiry[0].reason == "LETTER_EXPIRED"
+            for receipt in receipts:
+                deadline = time.monotonic() + 30
+                while True:
+                    tracking = await a.track(receipt.shams)
+                    if tracking.statuses.get(B) == "EXPIRED":
+                        break
+                    assert time.monotonic() < deadline, tracking.statuses
+                    await asyncio.sleep(0.2)
+                verified = tracking.verify(cluster.credentials(A).trust_store())
+                expiry = [v for v in verified if v.event == "EXPIRY"]
+                assert len(expiry) == 1
+                assert expiry[0].issuer == "urn:chapar:hub:national"
+                assert expiry[0].reason == "LETTER_EXPIRED"
+        signed = query(
+            cluster, "hub", "SELECT evidence FROM evidence WHERE event = ?",
+            (pb.EvidenceEvent.EVIDENCE_EVENT_EXPIRY,),
+        )  # fmt: skip
+        proofs = [pb.Evidence.FromString(row[0]).HasField("batch_proof") for row in signed]  # type: ignore[arg-type]
+        assert proofs == [True] * 3
         assert count(cluster, "hub", "SELECT count(*) FROM queue") == 0
         cluster.nodes[B].start()
         await cluster.nodes[B].wait_ready()

@@ -40,7 +40,6 @@ def _hub() -> SimpleNamespace:
         trust=TrustStore([certificate]),
         store=SimpleNamespace(accepted_relays=accepted_relays),
     )
-    hub._sign = lambda content: Hub._sign(hub, content)  # type: ignore[arg-type]
     hub._check_letter = lambda agency, envelope, verified: Hub._check_letter(  # type: ignore[arg-type]
         hub, agency, envelope, verified
     )

@@ -35,9 +35,6 @@ class _Hub:
         )
         self.store = SimpleNamespace(accept=self._accept, accepted_relays=self._accepted_relays)
 
-    def _sign(self, content: bytes) -> pb.Evidence:
-        return Hub._sign(self, content)  # type: ignore[arg-type]
-
     def _check_letter(self, agency: str, envelope: pb.Envelope, verified: object) -> IncomingLetter:
         if envelope.header == REFUSED:
             raise ChaparError(Code.FAILED_PRECONDITION, "RECIPIENT_SUSPENDED", "suspended")
