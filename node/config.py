@@ -67,6 +67,11 @@ MAX_MESSAGE = 256 * 1024 * 1024
 # checks a frame's letters in one turn of its event loop, which every other agency's stream
 # waits for, so a frame's count is bounded, not only its bytes.
 MAX_FRAME_LETTERS = 4096
+# The most letters hub.queue_quota may let wait for one recipient: a billion letters of
+# about 3.2 KB (OPERATIONS.md) is 3.2 TB of queue for one agency, past which a value is a
+# slip (or a wish for no quota, which the hub does not offer: a queue must stop somewhere
+# before the disk does). One past a float's range stopped the hub (quota * 0.9).
+MAX_QUEUE_QUOTA = 1_000_000_000
 
 
 # What numbering and signing add to a draft's bytes in its envelope, at most (the number,
@@ -471,7 +476,7 @@ def _hub_config(t: Table) -> HubConfig:
         ),
         grace_s=hub.number("shutdown_grace_s", 5.0, maximum=HOUR_S),
         delivery_window=hub.integer("delivery_window", 1024, maximum=1_000_000),
-        queue_quota=hub.integer("queue_quota", 100_000),
+        queue_quota=hub.integer("queue_quota", 100_000, maximum=MAX_QUEUE_QUOTA),
         quota_retry_after_s=hub.number("quota_retry_after_s", 30.0, maximum=DAY_S),
         expiry_interval_s=hub.between("expiry_interval_s", 1.0, MIN_INTERVAL_S, HOUR_S),
         retention_s=hub.number("retention_s", 30 * 86400.0),

@@ -225,6 +225,13 @@ def test_keepalive_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
             "limits.max_body_bytes (2000) is larger than limits.max_message_bytes (1000)",
         ),
         ("hub", "metrics_top_n = 1001", "hub.metrics_top_n: must be an integer from 1 to 1000"),
+        # No quota, or one no disk holds (a billion letters of 3.2 KB is 3.2 TB for one
+        # recipient): a slip. One past a float's range stopped the hub with a traceback
+        # (OverflowError, quota * 0.9) at the first letter queued.
+        *(
+            ("hub", f"queue_quota = {quota}", "hub.queue_quota: must be an integer from 1 to")
+            for quota in ("0", "-5", "1000000001", "1" + "0" * 400)
+        ),
     ],
 )
 def test_sizes_and_counts_out_of_reach_are_refused_with_the_key(
@@ -237,6 +244,12 @@ def test_sizes_and_counts_out_of_reach_are_refused_with_the_key(
     path = _write(tmp_path, text.replace(f"[{section}]", f"[{section}]\n{setting}", 1))
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(path)
+
+
+@pytest.mark.parametrize("quota", [1, 1_000_000_000])
+def test_a_queue_quota_in_range_is_taken(tmp_path: Path, quota: int) -> None:
+    path = _write(tmp_path, HUB.replace("[hub]", f"[hub]\nqueue_quota = {quota}", 1))
+    assert load_hub_config(path).queue_quota == quota
 
 
 def test_a_lowered_message_limit_takes_the_body_limit_down_with_it(tmp_path: Path) -> None:
