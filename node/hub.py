@@ -618,10 +618,9 @@ class Hub(pb.HubServiceServicer):
                 if caller is None or request.shams.origin == caller:
                     raise letter_not_found(shams, "at the hub")
                 raise _not_a_party(caller, shams)
-            sender, recipients = parties
-            if caller is not None and caller != sender and caller not in recipients:
+            if caller is not None and caller != parties.sender and caller not in parties.recipients:
                 raise _not_a_party(caller, shams)
-            tree = await self.store.tree(shams, caller)
+            tree = await self.store.tree(shams, caller, parties=parties)
             if tree is None:  # letters are never removed: not after the read above
                 raise letter_not_found(shams, "at the hub")
         except ChaparError as exc:

@@ -24,7 +24,15 @@ from node.core import lifecycle
 from node.storage.db import Page, Store, advance_state, fits, rows_in
 from node.storage.restore import RESTORED_KEY, RestoreMark
 
-__all__ = ["MIGRATIONS", "TREE_LIMIT", "HubStore", "IncomingLetter", "Tree", "TreeLetter"]
+__all__ = [
+    "MIGRATIONS",
+    "TREE_LIMIT",
+    "HubStore",
+    "IncomingLetter",
+    "Parties",
+    "Tree",
+    "TreeLetter",
+]
 
 log = logging.getLogger("chapar.hub")
 
@@ -217,6 +225,15 @@ class TreeLetter:
     redacted: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Parties:
+    """Who a letter is between, and the letter it answers (``HubStore.parties``)."""
+
+    sender: str
+    recipients: list[str]  # agency codes, in the header's order
+    in_reply_to: str | None
+
+
 @dataclass(slots=True)
 class _Node:
     """A letter met by a tree walk: what the walk and the redaction need of it."""
@@ -359,16 +376,19 @@ class HubStore(Store):
 
         return await self.db.write(job, on_commit)
 
-    async def parties(self, shams: str) -> tuple[str, list[str]] | None:
-        """The sender and recipients of letter ``shams``; None if the hub never accepted
-        it. Two indexed reads: what ``Track`` asks before any walk."""
-        row = await self.db.fetchone("SELECT sender FROM letters WHERE shams = ?", (shams,))
+    async def parties(self, shams: str) -> Parties | None:
+        """The sender and recipients of letter ``shams`` (and the letter it answers); None
+        if the hub never accepted it. Two indexed reads: what ``Track`` asks before any
+        walk, and gives ``tree`` so that the walk does not read them again."""
+        row = await self.db.fetchone(
+            "SELECT sender, in_reply_to FROM letters WHERE shams = ?", (shams,)
+        )
         if row is None:
             return None
         recipients = await self.db.fetchall(
             "SELECT recipient FROM recipient_state WHERE shams = ? ORDER BY rowid", (shams,)
         )
-        return str(row[0]), [str(r[0]) for r in recipients]
+        return Parties(str(row[0]), [str(r[0]) for r in recipients], _text(row[1]))
 
     async def tree(
         self,
@@ -376,6 +396,8 @@ class HubStore(Store):
         viewer: str | None = None,
         limit: int = TREE_LIMIT,
         max_bytes: int = TREE_MAX_BYTES,
+        *,
+        parties: Parties | None = None,
     ) -> Tree | None:
         """The correspondence tree around letter ``shams`` (see ``Tree``) as ``viewer`` may
         see it (an agency code; None: an auditor, all of it); None if the hub never
@@ -389,16 +411,19 @@ class HubStore(Store):
         made before its letter existed is judged by the letter that came. Each letter is
         taken once (hostile links make cycles). At most ``limit`` letters; at most
         ``max_bytes`` of envelopes and evidence shown (those of the letter asked for too:
-        its evidence is cut there). ``truncated`` says the tree was cut.
+        its evidence is cut there). ``truncated`` says the tree was cut. ``parties``: what
+        ``parties`` read of letter ``shams`` already (letters are never removed), not read
+        again.
         """
-        first = await self.db.fetchone(
-            "SELECT sender, in_reply_to FROM letters WHERE shams = ?", (shams,)
-        )
-        if first is None:
-            return None
+        if parties is None:
+            parties = await self.parties(shams)
+            if parties is None:
+                return None
         nodes: dict[str, _Node] = {}
         order = [shams]
-        nodes[shams] = _Node(str(first[0]), _text(first[1]), followed=False)
+        nodes[shams] = _Node(
+            parties.sender, parties.in_reply_to, followed=False, recipients=parties.recipients
+        )
         truncated = False
         # Up: the letter it answers, while its sender is a party of that letter.
         child = shams

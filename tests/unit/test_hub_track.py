@@ -79,9 +79,9 @@ async def test_an_agency_no_party_of_the_letter_is_refused_before_any_walk(
     walks: list[str | None] = []
     real_tree = store.tree
 
-    async def tree(shams: str, viewer: str | None = None) -> Any:
+    async def tree(shams: str, viewer: str | None = None, **kwargs: Any) -> Any:
         walks.append(viewer)
-        return await real_tree(shams, viewer)
+        return await real_tree(shams, viewer, **kwargs)
 
     hub = SimpleNamespace(
         store=SimpleNamespace(parties=store.parties, tree=tree),
@@ -97,6 +97,42 @@ async def test_an_agency_no_party_of_the_letter_is_refused_before_any_walk(
     hub._tracked = lambda tree: pb.TrackResponse(letters=[pb.TrackedLetter()] * len(tree.letters))
     assert await _track_as(monkeypatch, hub, B, x.shams_pb) is None
     assert walks == [B]
+
+
+async def test_track_reads_the_letter_asked_for_and_its_recipients_once(
+    store: HubStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Track asks who the letter's parties are before any walk, then walks the tree, which
+    # read the same letter row and its recipients again.
+    x = _letter(A, 1, [B, C])
+    await _accept(store, x, _letter(B, 1, [A], reply_to=x.shams_pb))
+    reads: list[tuple[str, list[object]]] = []
+    db = store.db
+    for name in ("fetchone", "fetchall"):  # fetchall_in reads through fetchall
+        real = getattr(db, name)
+
+        def recording(sql: str, *args: Any, _real: Any = real) -> Any:
+            reads.append(
+                (sql, [v for a in args for v in (a if isinstance(a, list | tuple) else [a])])
+            )
+            return _real(sql, *args)
+
+        monkeypatch.setattr(db, name, recording)
+    hub = SimpleNamespace(store=store, trust=None, _tracker=lambda identity: identity.agency)
+    hub._tracked = lambda tree: pb.TrackResponse(letters=[pb.TrackedLetter()] * len(tree.letters))
+    assert x.shams_pb is not None
+    assert await _track_as(monkeypatch, hub, B, x.shams_pb) is None
+
+    def of_x(table: str, column: str) -> int:
+        return sum(
+            1
+            for sql, params in reads
+            if f"FROM {table} " in sql
+            and column in sql.split("FROM")[0]
+            and params[-1:] == [x.shams]
+        )
+
+    assert (of_x("letters", "sender"), of_x("recipient_state", "recipient")) == (1, 1)
 
 
 async def test_a_receipt_too_large_to_keep_is_refused_and_its_letter_left_unanswered(
