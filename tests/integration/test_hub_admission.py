@@ -121,10 +121,14 @@ async def _held_stream_after(
         # A fresh stream is refused now, as it should be ...
         async with grpc.aio.secure_channel(cluster.hub.address, node_tls(cluster, C)) as other:
             fresh = pb.HubServiceStub(other).Connect()
-            # Refused at once (its hello's write may already fail) or at the first read.
-            with pytest.raises(grpc.aio.AioRpcError):
+
+            async def hello_and_read() -> object:
+                # Refused at once (its hello's write may already fail) or at the first read.
                 await fresh.write(pb.ConnectRequest(hello=pb.ConnectHello(software_version="t")))
-                await asyncio.wait_for(fresh.read(), 10)
+                return await asyncio.wait_for(fresh.read(), 10)
+
+            with pytest.raises(grpc.aio.AioRpcError):
+                await hello_and_read()
         # ... but the one held open since before the change:
         try:
             await call.write(pb.ConnectRequest(hello=pb.ConnectHello(software_version="t")))
