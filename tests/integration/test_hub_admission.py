@@ -156,6 +156,8 @@ async def _held_stream_after(
                     ]
         except grpc.aio.AioRpcError as exc:
             seen["error"] = (exc.code(), exc.details())
+        except asyncio.InvalidStateError:  # refused after the hello, before the letter's write
+            seen["error"] = (await call.code(), await call.details())
         call.cancel()
     return seen
 
