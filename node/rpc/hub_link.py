@@ -645,9 +645,10 @@ class _Session:
     async def _record(self, items: Sequence[tuple[pb.Evidence, pb.EvidenceContent, str]]) -> None:
         """Stores verified evidence about letters this node sent. What the store refuses as
         not about the letter sent under its number (another digest, a recipient the letter
-        does not name, a number this node never sent: NodeStore.record_sender_evidence) is
-        counted and logged as evidence that does not verify, as an offline verifier would
-        find it; it is acknowledged as such evidence is (``_evidence``)."""
+        does not name, a number this node never sent unless it was restored from a copy:
+        NodeStore.record_sender_evidence) is counted and logged as evidence that does not
+        verify, as an offline verifier would find it; it is acknowledged as such evidence
+        is (``_evidence``)."""
         for refused in await self.agency.store.record_sender_evidence(items):
             count_verification_failure("evidence", refused.reason)
             log.error(

@@ -554,10 +554,17 @@ class NodeStore(Store):
                 if relayed_at is not None:
                     relayed.add(str(shams))
                 states[(str(shams), str(recipient))] = int(state)
+            # A node restored from an older copy has lost the letters it relayed after
+            # the copy; their DELIVERY and HANDOVER still come (OPERATIONS.md, "What a
+            # restore loses"), stored about a number its outbox no longer holds. Only a
+            # node never restored knows every number it sent.
+            restored = any(s not in digests for _, _, s in items) and (
+                read_restore_mark(conn) is not None
+            )
             refused: list[RefusedEvidence] = []
             taken: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
             for item in items:
-                misfit = _misfit(item[1], item[2], digests, states)
+                misfit = _misfit(item[1], item[2], digests, states, restored=restored)
                 if misfit is None:
                     taken.append(item)
                 else:
@@ -1530,10 +1537,14 @@ def _misfit(
     shams: str,
     digests: Mapping[str, bytes],
     states: Mapping[tuple[str, str], int],
+    *,
+    restored: bool,
 ) -> RefusedEvidence | None:
     """Why evidence routed to this node as the letter's sender is not about the letter it
     sent under that number (``digests``: each letter's header digest; ``states``: its
-    recipients), else None. The hub routes what recipients' nodes sign, and a hostile hub
+    recipients), else None. A number the outbox does not hold is refused unless the node
+    was ``restored`` from a copy (the letter may have been sent after it: nothing to
+    compare it with; it is stored and moves nothing). The hub routes what recipients' nodes sign, and a hostile hub
     with an agency it colludes with could have "delivered to" an agency the letter was
     never addressed to, or a DELIVERY of other content, shown by ``chapar track``. The
     reasons are the offline verifier's for the same evidence in a bundle
@@ -1541,6 +1552,8 @@ def _misfit(
     ISSUER_NOT_ALLOWED for a recipient the letter does not name."""
     digest = digests.get(shams)
     if digest is None:
+        if restored:
+            return None
         return RefusedEvidence(
             content.evidence_id,
             shams,

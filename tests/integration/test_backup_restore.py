@@ -294,6 +294,23 @@ async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_the
             )
         assert count(database(node_a), "SELECT count(*) FROM outbox WHERE relay_state = 2") == 0
         assert count(database(hub), "SELECT count(*) FROM letters") == 28
+        # The letters relayed after the copy are lost to the restored outbox, not to the
+        # exchange: handed over now, their HANDOVER still reaches the sender's node and is
+        # stored there (OPERATIONS.md, "What a restore loses"), not refused as evidence of
+        # a number it never sent.
+        seen: list[str] = []
+        reader = asyncio.create_task(acknowledge_all(cluster, B, seen))
+        try:
+            for shams in after:
+                await eventually(
+                    lambda s=shams: evidence_count(node_a, s, pb.EVIDENCE_EVENT_HANDOVER) == 1,  # type: ignore[misc]
+                    f"HANDOVER of {shams}, relayed after the copy, at the restored sender",
+                )
+        finally:
+            await stop_task(reader)
+        assert not set(after) & {
+            str(r[0]) for r in rows(database(node_a), "SELECT shams FROM outbox")
+        }
         # Once confirmed, a restart takes letters at once, hub or no hub.
         hub.terminate()
         await node_a.restart()

@@ -28,6 +28,7 @@ from node.storage import db as db_module
 from node.storage.db import Database, fits
 from node.storage.hub_store import HubStore, IncomingLetter
 from node.storage.node_store import MIGRATIONS, NewLetter, NodeStore, request_key
+from node.storage.restore import RESTORED_KEY, RestoreMark
 
 ORIGIN = "000.00.00.G22"
 RECIPIENT_B = "10101010101"
@@ -973,6 +974,39 @@ async def test_routed_evidence_not_about_the_letter_sent_is_refused_and_moves_no
     assert letter is not None
     assert letter.statuses == {RECIPIENT_B: lifecycle.DELIVERED}
     assert [e.content for e in letter.evidence][1:] == [e.content for e, _, _ in genuine]
+
+
+async def test_a_restored_node_stores_routed_evidence_of_a_letter_its_outbox_lost(
+    store: NodeStore,
+) -> None:
+    """A node restored from an older copy has lost the letters it relayed after the copy;
+    the hub holds and delivers them, and their DELIVERY and HANDOVER still come to the
+    node (OPERATIONS.md, "What a restore loses"): stored as evidence of a number its outbox
+    no longer holds, moving nothing, not refused as about a letter never sent. A node
+    never restored still refuses them (the test above)."""
+    receipt = await _submit_one(store, "in the copy", Builder(recipients=[RECIPIENT_B]))
+    mark = RestoreMark(restore_time=1000.0, snapshot_time=900.0)
+
+    def restored(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (RESTORED_KEY, mark.encode())
+        )
+
+    await store.db.write(restored)
+    lost = _shams(receipt.shams.sequence + 1)  # relayed after the copy: not in the outbox
+    digest = hashlib.sha256(b"the lost letter's header").digest()
+    routed = [
+        (*_evidence(event, shams=lost, envelope_sha256=digest), format_shams(lost))
+        for event in (E.EVIDENCE_EVENT_DELIVERY, E.EVIDENCE_EVENT_HANDOVER)
+    ]
+    assert await store.record_sender_evidence(routed) == []
+    stored = await store.db.fetchall(
+        "SELECT evidence_id FROM evidence WHERE shams = ? ORDER BY rowid", (format_shams(lost),)
+    )
+    assert [str(r[0]) for r in stored] == [c.evidence_id for _, c, _ in routed]
+    letter = await store.letter(receipt.shams_text)
+    assert letter is not None
+    assert letter.statuses == {RECIPIENT_B: lifecycle.SUBMITTED}  # the other letter: unmoved
 
 
 async def test_a_failing_evidence_listener_does_not_fail_the_write(
