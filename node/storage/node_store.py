@@ -1544,11 +1544,11 @@ def _misfit(
     sent under that number (``digests``: each letter's header digest; ``states``: its
     recipients), else None. A number the outbox does not hold is refused unless the node
     was ``restored`` from a copy (the letter may have been sent after it: nothing to
-    compare it with; it is stored and moves nothing). The hub routes what recipients' nodes sign, and a hostile hub
-    with an agency it colludes with could have "delivered to" an agency the letter was
-    never addressed to, or a DELIVERY of other content, shown by ``chapar track``. The
-    reasons are the offline verifier's for the same evidence in a bundle
-    (client_sdk.client): EVIDENCE_MISMATCH for another letter (digest or number),
+    compare it with; it is stored and moves nothing). The hub routes what recipients'
+    nodes sign, and a hostile hub with an agency it colludes with could have "delivered
+    to" an agency the letter was never addressed to, or a DELIVERY of other content, shown
+    by ``chapar track``. The reasons are the offline verifier's for the same evidence in a
+    bundle (client_sdk.client): EVIDENCE_MISMATCH for another letter (digest or number),
     ISSUER_NOT_ALLOWED for a recipient the letter does not name."""
     digest = digests.get(shams)
     if digest is None:
