@@ -176,14 +176,19 @@ class DocumentRelay:
             try:
                 # Asking counts against the owner's time to answer: its stream may be full
                 # (a slow reader), or its session over, with nobody to read the queue again.
-                async with asyncio.timeout(_OWNER_ANSWER_S):
-                    await session.out.put(
-                        pb.ConnectResponse(
-                            document_request=pb.DocumentRequest(
-                                request_id=request_id, sha256=digest, offset=request.offset
-                            )
+                # A reload that refuses the fetcher ends the wait for room too (the wait
+                # for the header ends with it: refuse_fetch breaks the transfer off).
+                ask = session.out.put(
+                    pb.ConnectResponse(
+                        document_request=pb.DocumentRequest(
+                            request_id=request_id, sha256=digest, offset=request.offset
                         )
                     )
+                )
+                async with asyncio.timeout(_OWNER_ANSWER_S):
+                    if not await unless_set(ask, transfer.fetch_stop):
+                        assert transfer.fetch_refused is not None
+                        raise transfer.fetch_refused
                     header = await transfer.take()
             except TimeoutError:
                 raise ChaparError(

@@ -19,6 +19,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from client_sdk import pb
+from node.core.errors import ChaparError, Code
 from node.hub_documents import DocumentRelay
 
 OWNER, FETCHER = "SENDER.A", "RECIPIENT.B"
@@ -228,3 +229,37 @@ async def test_a_fetch_whose_request_cannot_reach_the_owner_ends_unavailable(
     )
     assert not relay._transfers
     assert full.qsize() == 1  # no request left behind to reach the owner later
+
+
+async def test_a_fetch_still_asking_a_slow_owner_ends_at_once_when_its_fetcher_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload that no longer admits the fetching node ends its fetch at once with the
+    status a new call would get (``end_refused``). A fetch still waiting for room on the
+    owner's Connect stream to ask it (a slow reader) was not ended: it waited the owner's
+    whole time to answer (30 s) and then said UNAVAILABLE / OWNER_NOT_ANSWERING, which
+    tells the revoked node to retry."""
+    monkeypatch.setattr("node.hub_documents._OWNER_ANSWER_S", 3.0)
+    relay = DocumentRelay(_Hub())  # type: ignore[arg-type]
+    hub: _Hub = relay.hub  # type: ignore[assignment]
+    full: asyncio.Queue[pb.ConnectResponse] = asyncio.Queue(1)
+    full.put_nowait(pb.ConnectResponse())  # a frame the slow owner has not taken yet
+    hub._sessions[OWNER] = SimpleNamespace(out=full)
+    revoked = ChaparError(Code.UNAUTHENTICATED, "CERTIFICATE_REVOKED", "client certificate refused")
+    hub.refusal = lambda agency, certificate: revoked if agency == FETCHER else None  # type: ignore[attr-defined]
+    fetching = _Context(FETCHER)
+    fetch = asyncio.create_task(relay.fetch(pb.FetchDocumentRequest(uri=URI), fetching))  # type: ignore[arg-type]
+    for _ in range(100):  # registered, and waiting for room to ask the owner
+        if relay._transfers:
+            break
+        await asyncio.sleep(0.01)
+    assert relay._transfers
+    relay.end_refused()
+    with contextlib.suppress(grpc.aio.AbortError):
+        await asyncio.wait_for(fetch, 1.0)
+    assert fetching.aborted is not None
+    assert (fetching.aborted[0], fetching.reason) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "CERTIFICATE_REVOKED",
+    )
+    assert not relay._transfers
