@@ -1074,6 +1074,7 @@ class Hub(pb.HubServiceServicer):
         _check_frame_count(agency, "receipts", len(evidence))
         valid: list[tuple[pb.Evidence, pb.EvidenceContent, str]] = []
         ids: list[str] = []
+        refused: list[tuple[str, str]] = []  # (reason, message): one log line a frame
         for item, content in zip(evidence, self.trust.verify_evidence_many(evidence), strict=True):
             # Kept as the hub stores, routes and shows it: only what the proto defines (the
             # signature covers the content alone, so fields unknown to it, kept by a parse
@@ -1082,14 +1083,13 @@ class Hub(pb.HubServiceServicer):
             if item.ByteSize() > MAX_RECEIPT_BYTES:
                 # Stored for good and shown in every Track of its letter: a recipient may
                 # not make a letter's record grow by megabytes a receipt.
-                log.warning("receipt from %s refused: over %d bytes", agency,
-                            MAX_RECEIPT_BYTES)  # fmt: skip
+                refused.append(("EVIDENCE_TOO_LARGE", f"over {MAX_RECEIPT_BYTES} bytes"))
                 count_rejection(Code.INVALID_ARGUMENT.name, "EVIDENCE_TOO_LARGE")
                 self._unverified_receipt(session, item)
                 continue
             if isinstance(content, VerificationError):
                 count_verification_failure("evidence", content.reason)
-                log.warning("receipt from %s refused: %s %s", agency, content.reason, content)
+                refused.append((content.reason, str(content)))
                 count_rejection(Code.INVALID_ARGUMENT.name, content.reason)
                 self._unverified_receipt(session, item)
                 continue
@@ -1099,7 +1099,7 @@ class Hub(pb.HubServiceServicer):
             try:
                 shams = format_shams(content.shams)
             except ValueError:
-                log.warning("receipt from %s without a valid number refused", agency)
+                refused.append(("INVALID_SHAMS", "it names no valid number"))
                 count_rejection(Code.INVALID_ARGUMENT.name, "INVALID_SHAMS")
                 continue
             if (
@@ -1107,12 +1107,12 @@ class Hub(pb.HubServiceServicer):
                 or content.recipient != agency
                 or content.event not in _RECEIPT_EVENTS
             ):
-                log.warning(
-                    "receipt from %s about someone else refused: %s", agency, content.evidence_id
-                )
+                refused.append(("RECEIPT_ISSUER_MISMATCH", "about someone else"))
                 count_rejection(Code.PERMISSION_DENIED.name, "RECEIPT_ISSUER_MISMATCH")
                 continue
             valid.append((item, content, shams))
+        if refused:
+            _log_refused_receipts(agency, refused)
         if valid:
 
             def committed(outcome: tuple[list[str], int, list[str]]) -> None:
@@ -1331,6 +1331,24 @@ def _log_rejected(agency: str, rejected: Sequence[tuple[str, str, str]]) -> None
             "count": len(rejected),
             "shams": [shams for _, shams, _ in rejected],
         },
+    )
+
+
+def _log_refused_receipts(agency: str, refused: Sequence[tuple[str, str]]) -> None:
+    """One warning line for a frame's refused receipts, as for its refused letters
+    (``_log_rejected``): the count by reason and the first one's message. A line each let
+    a node write MAX_FRAME_LETTERS lines into the hub's log with a frame of empty receipts
+    (2 bytes each), frame after frame."""
+    reasons = collections.Counter(reason for reason, _ in refused)
+    reason, message = refused[0]
+    log.warning(
+        "receipts from %s refused: %d receipts (%s); first: %s %s",
+        agency,
+        len(refused),
+        ", ".join(f"{r} {n}" for r, n in reasons.most_common()),
+        reason,
+        message,
+        extra={"peer": agency, "reason": reason, "count": len(refused)},
     )
 
 

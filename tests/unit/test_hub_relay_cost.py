@@ -138,3 +138,57 @@ async def test_receipt_frames_are_bounded_too() -> None:
     with pytest.raises(ChaparError) as over:
         await Hub._receipts(_hub(), session, too_many)  # type: ignore[arg-type]
     assert (over.value.code, over.value.reason) == (Code.INVALID_ARGUMENT, "TOO_MANY_LETTERS")
+
+
+async def test_a_full_frame_of_refused_receipts_is_logged_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each refused receipt was logged in a warning of its own: a node sending frames of
+    # empty receipts (2 bytes each on the wire, MAX_FRAME_LETTERS a frame, one frame after
+    # another) wrote 4,096 lines a frame into the hub's log, burying everything else and
+    # filling its disk. Refused letters are logged one line a frame (_log_rejected); so
+    # are refused receipts now, with their count by reason.
+    from node.hub import MAX_RECEIPT_BYTES, _Session
+
+    hub = _hub()
+    hub._unanswered = {}
+    hub._unverified_receipt = lambda session, item: Hub._unverified_receipt(hub, session, item)  # type: ignore[arg-type]
+    hub._leave_window = lambda session, shams: Hub._leave_window(hub, session, shams)  # type: ignore[arg-type]
+    # Three that verify (a stand-in check passes the signed ones; the rest go to the real
+    # trust store) but are not the node's: refused as RECEIPT_ISSUER_MISMATCH; and one too
+    # large to keep.
+    shams = pb.Shams(origin=NODE, domain=pb.SHAMS_DOMAIN_OUTGOING, year=2026, sequence=1)
+    strangers = hub.signer.sign_evidence(
+        [
+            pb.EvidenceContent(
+                evidence_id=f"e{i}", issuer=HUB, event=pb.EVIDENCE_EVENT_DELIVERY, shams=shams
+            ).SerializeToString()
+            for i in range(3)
+        ]
+    )
+    trust = hub.trust
+
+    def verify_evidence_many(items: list[pb.Evidence]) -> list[object]:
+        checked: list[object] = list(trust.verify_evidence_many(items))
+        return [
+            pb.EvidenceContent.FromString(item.content) if item.signature.value else result
+            for item, result in zip(items, checked, strict=True)
+        ]
+
+    hub.trust = SimpleNamespace(verify_evidence_many=verify_evidence_many)
+    too_large = pb.Evidence(content=b"x" * (MAX_RECEIPT_BYTES + 1))
+    empty = [pb.Evidence() for _ in range(MAX_FRAME_LETTERS - len(strangers) - 1)]
+    frame = [*empty, too_large, *strangers]
+    session = _Session(NODE, None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="chapar.hub"):
+        acknowledged = await Hub._receipts(hub, session, frame)  # type: ignore[arg-type]
+    assert acknowledged == ["e0", "e1", "e2"]  # verified: taken or refused for good
+    lines = [r for r in caplog.records if r.name == "chapar.hub"]
+    assert len(lines) == 1, f"{len(lines)} log lines for one frame of receipts"
+    (line,) = lines
+    assert line.levelno == logging.WARNING
+    assert line.__dict__["peer"] == NODE
+    assert line.__dict__["count"] == MAX_FRAME_LETTERS
+    assert f"{MAX_FRAME_LETTERS} receipts" in line.getMessage()
+    assert "RECEIPT_ISSUER_MISMATCH 3" in line.getMessage()
+    assert "EVIDENCE_TOO_LARGE 1" in line.getMessage()
