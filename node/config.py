@@ -485,7 +485,7 @@ def _hub_config(t: Table) -> HubConfig:
         reload_interval_s=hub.between("reload_interval_s", 5.0, MIN_INTERVAL_S, HOUR_S),
         clock_skew_s=hub.number("clock_skew_s", 300.0, maximum=DAY_S),
         max_letter_age_s=hub.number("max_letter_age_s", 7 * 86400.0, maximum=MAX_LETTER_AGE_S),
-        metrics_interval_s=hub.positive("metrics_interval_s", 5.0, maximum=HOUR_S),
+        metrics_interval_s=hub.between("metrics_interval_s", 5.0, MIN_INTERVAL_S, HOUR_S),
         metrics_top_n=hub.integer("metrics_top_n", 10, maximum=1000),
         keepalive_s=hub.between("keepalive_s", 20.0, *KEEPALIVE_RANGE_S),
     )
@@ -625,7 +625,7 @@ def _node_config(t: Table) -> NodeConfig:
         clients=_clients(t, agency, defaults.max_mailbox_chars),
         retention_s=node.number("retention_s", 30 * 86400.0),
         purge_interval_s=node.between("purge_interval_s", 3600.0, MIN_INTERVAL_S, WEEK_S),
-        metrics_interval_s=node.positive("metrics_interval_s", 5.0, maximum=HOUR_S),
+        metrics_interval_s=node.between("metrics_interval_s", 5.0, MIN_INTERVAL_S, HOUR_S),
         documents=documents,
         documents_dir=documents_dir,
         documents_retention_s=documents_retention_s,

@@ -572,7 +572,7 @@ def _context_with(ca: Path, cert: Any, key: Any, where: Path) -> ssl.SSLContext:
         ),
         (
             ("metrics_interval_s = 0.5", "metrics_interval_s = 0"),
-            "node.metrics_interval_s: must be a number > 0",
+            "node.metrics_interval_s: must be a number from 0.1 to 3600",
         ),
         (
             ('metrics_listen = "127.0.0.1:0"', 'metrics_listen = "localhost"'),
