@@ -2,7 +2,11 @@
 
 Label values are bounded: reasons are this program's own UPPER_SNAKE codes (or a
 ``VerificationError`` reason, also ours), stages and outcomes are fixed words below, and
-never an agency code or anything a peer chooses freely. The one exception is the hub's
+never an agency code or anything a peer chooses freely. A node passes on the reason the
+hub refused a call with (a Track, a document fetched through the hub), so ``reason`` is
+bounded where the label is made too (``_Reasons``): a reason not of the UPPER_SNAKE form
+(64 characters at most), or a new one once ``MAX_REASONS`` label sets are held, is counted
+as ``OTHER``. The one exception is the hub's
 top-N queue gauge, whose ``agency`` label takes at most ``metrics_top_n`` values at a time
 (the N largest queues; ranks are fixed ``1``..``N``), and whose old series are removed at
 every refresh, so a scrape never carries more than N of them.
@@ -14,7 +18,9 @@ expiry, connected nodes) are set by a periodic task in ``node.monitor``, off the
 
 from __future__ import annotations
 
+import logging
 import platform
+import re
 import resource
 import ssl
 import threading
@@ -53,6 +59,7 @@ __all__ = [
     "HUB_QUEUE_TOP_DEPTH",
     "IN_DIRECTORY",
     "LAST_REJECTION",
+    "MAX_REASONS",
     "METRICS_REFRESHED",
     "NODE_INBOX_UNACKED",
     "NODE_LETTERS",
@@ -74,6 +81,11 @@ __all__ = [
 ]
 
 VERSION = "0.1.0"
+log = logging.getLogger("chapar.metrics")
+# The most (code, reason) label sets a counter by reason holds: this program has some
+# hundred reasons, and a refusal kind seldom comes with more than one code.
+MAX_REASONS = 256
+_REASON_FORM = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 # -- counters (hot path) ------------------------------------------------------------------
 
@@ -315,15 +327,55 @@ def register_role(role: str) -> None:
     )
 
 
+class _Reasons:
+    """The label sets a counter by reason has been given, at most ``MAX_REASONS``."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.seen: set[tuple[str, str]] = set()
+        self.full_logged = False
+
+    def label(self, first: str, reason: str) -> str:
+        """``reason`` as the label to count it under: itself when of our form and held (or
+        room for it), else OTHER."""
+        reason = reason or "UNSPECIFIED"
+        if (first, reason) in self.seen:
+            return reason
+        if not _REASON_FORM.fullmatch(reason):
+            reason = "OTHER"
+        elif len(self.seen) >= MAX_REASONS:
+            if not self.full_logged:
+                self.full_logged = True
+                log.warning(
+                    "%s holds %d label sets: new reasons are counted as OTHER",
+                    self.metric,
+                    MAX_REASONS,
+                )
+            reason = "OTHER"
+        self.seen.add((first, reason))
+        return reason
+
+
+_REJECTION_REASONS = _Reasons("chapar_rejections_total")
+_VERIFICATION_REASONS = _Reasons("chapar_verification_failures_total")
+
+
+def _forget_reasons() -> None:
+    """For tests that removed the series they made."""
+    for reasons in (_REJECTION_REASONS, _VERIFICATION_REASONS):
+        reasons.seen.clear()
+        reasons.full_logged = False
+
+
 def count_rejection(code: str, reason: str, n: int = 1) -> None:
-    reason = reason or "UNSPECIFIED"
+    reason = _REJECTION_REASONS.label(code, reason)
     REJECTIONS.labels(code=code, reason=reason).inc(n)
     LAST_REJECTION.labels(code=code, reason=reason).set_to_current_time()
 
 
 def count_verification_failure(kind: str, reason: str) -> None:
     """``kind``: envelope, evidence or certificate."""
-    VERIFICATION_FAILURES.labels(kind=kind, reason=reason or "UNSPECIFIED").inc()
+    VERIFICATION_FAILURES.labels(kind=kind, reason=_VERIFICATION_REASONS.label(kind, reason)).inc()
 
 
 def serve_metrics(

@@ -3,6 +3,7 @@ fails, and the SDK's tree (``Correspondence``) built from an answer, cycles incl
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import grpc
@@ -182,3 +183,61 @@ def test_chapar_track_tree_marks_the_letter_asked_for_and_says_an_account_is_uns
         f"{y}  LETTER  MOFA.IR -> 10861234567  no evidence  unsigned (body and header purged"
         " by retention)"
     )
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What ``abort`` uses of a servicer context."""
+
+    async def abort(self, code: grpc.StatusCode, message: str, trailing_metadata: object) -> None:
+        raise _Aborted(code)
+
+
+async def test_reasons_the_hub_answers_with_do_not_grow_the_nodes_metrics_without_bound(
+    agency: Agency,
+) -> None:
+    # The node answers a back-end's TrackCorrespondence (and a download fetched through the
+    # hub) with the hub's ErrorInfo reason, and counts it in chapar_rejections_total and
+    # chapar_last_rejection_timestamp_seconds under that reason: a hub answering each call
+    # with a reason of its own making (any string, kilobytes long) added two series a call
+    # to the node's scrape and to its memory, for good. Labels take bounded values only
+    # (DESIGN section 10): a reason not of our form, or new past MAX_REASONS, is OTHER.
+    from node import metrics
+    from node.rpc.errors import abort
+
+    def label_sets() -> set[tuple[str, str]]:
+        return {
+            (sample.labels["code"], sample.labels["reason"])
+            for metric in (metrics.REJECTIONS, metrics.LAST_REJECTION)
+            for family in metric.collect()
+            for sample in family.samples
+        }
+
+    before = label_sets()
+    reasons = [f"HUB_SAYS_{i}" for i in range(1000)] + ["X" * 5000, "not\nours", "NOT_A_PARTY"]
+    answered: list[str] = []
+    try:
+        for reason in reasons:
+            agency.hub_link = _failing(grpc.StatusCode.PERMISSION_DENIED, reason)  # type: ignore[assignment]
+            with pytest.raises(ChaparError) as caught:
+                await agency._hub_track(parse_shams(X), None)
+            answered.append(caught.value.reason)
+            with pytest.raises(_Aborted):
+                await abort(_Context(), caught.value)  # type: ignore[arg-type]
+        grown = label_sets() - before
+        bound = getattr(metrics, "MAX_REASONS", 0)
+        assert len(grown) <= bound + 1, f"{len(grown)} new label sets for {len(reasons)} calls"
+        assert all(len(reason) <= 64 for _, reason in grown)
+        # The back-end is still told the hub's reason, as the hub gave it.
+        assert answered == reasons
+    finally:  # what other tests count starts again from what it was
+        for code, reason in label_sets() - before:
+            for metric in (metrics.REJECTIONS, metrics.LAST_REJECTION):
+                with contextlib.suppress(KeyError):
+                    metric.remove(code, reason)
+        reset = getattr(metrics, "_forget_reasons", None)
+        if reset is not None:
+            reset()
