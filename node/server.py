@@ -100,6 +100,13 @@ def _server_options(keepalive_s: float) -> list[tuple[str, int]]:
 LOG_FIELDS = ("shams", "request_ids", "peer", "agency", "reason", "count", "incident", "method")
 
 
+# What json.dumps leaves raw with ensure_ascii=False (it escapes U+0000-U+001F only) and
+# readers still take for the end of a line: Python's splitlines() and JavaScript split at
+# NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR. A peer's string (a back-end's request_id
+# may hold U+2028) would start a line of its own making. Escaped, the value is the same.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -115,7 +122,7 @@ class _JsonFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -35,3 +35,26 @@ def test_batch_line_carries_numbers_and_request_ids_as_json_arrays() -> None:
 def test_fields_not_listed_or_empty_are_left_out() -> None:
     entry = _format("letters relayed", shams=["A/O/2026/1"], peer="", body="secret")
     assert set(entry) == {"time", "level", "logger", "message", "shams"}
+
+
+def test_a_line_stays_one_line_for_every_reader_whatever_a_peer_put_in_it() -> None:
+    # json.dumps escapes only U+0000-U+001F; with ensure_ascii=False it wrote NEL (U+0085),
+    # LINE SEPARATOR (U+2028) and PARAGRAPH SEPARATOR (U+2029) raw. A back-end's
+    # request_id may hold U+2028 (the node refuses only C0 and C1 controls there) and is
+    # logged in "letters accepted": a reader that splits lines as Python's splitlines() or
+    # JavaScript do saw a second line of the back-end's making (a forged entry, here
+    # claiming an error). Still readable: escaped, the value decodes the same.
+    forged = '{"level":"error","logger":"chapar.hub","message":"hub compromised"}'
+    request_id = f"r-1\u2028{forged}"
+    record = logging.LogRecord(
+        "chapar.node", logging.INFO, __file__, 1, "refused %s", ("a\x85b\u2029c",), None
+    )
+    record.__dict__.update(request_ids=[request_id], peer="urn:chapar:client:X.Y:backend")
+    line = _JsonFormatter().format(record)
+    assert line.splitlines() == [line]
+    entry = json.loads(line)
+    assert entry["request_ids"] == [request_id]
+    assert entry["message"] == "refused a\x85b\u2029c"
+    assert "é" in _JsonFormatter().format(
+        logging.LogRecord("chapar.node", logging.INFO, __file__, 1, "café", (), None)
+    )  # other text stays as it is (ensure_ascii=False), readable
