@@ -447,6 +447,7 @@ class Attachment(_AttachmentFields):
     async def save_into(self, directory: Path | str, *, timeout: float | None = None) -> Path:
         """Downloads into ``directory`` under ``safe_file_name``; returns the file's path.
 
+        The directory must exist (FileNotFoundError otherwise): it is not made here.
         A file of that name holding another document (another letter's attachment of the
         same name) is left alone: this one is saved as ``<stem>-<digest prefix><suffix>``.
         """
