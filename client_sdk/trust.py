@@ -11,7 +11,7 @@ import contextlib
 import datetime as dt
 import functools
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -91,6 +91,11 @@ class TrustStore:
         default_factory=OrderedDict
     )
     _chain_ok: dict[tuple[bytes, CertificateUsage], _Verified] = field(default_factory=dict)
+    # Called after every ``set_revoked``: what holds calls admitted before (a server's
+    # side-service streams, node.rpc.side) checks them again.
+    revocation_listeners: list[Callable[[], None]] = field(
+        default_factory=list, repr=False, compare=False
+    )
 
     @classmethod
     def from_pem_files(cls, roots: Path, intermediates: Path | None = None) -> TrustStore:
@@ -148,6 +153,8 @@ class TrustStore:
 
     def set_revoked(self, serials: Iterable[int]) -> None:
         self.revoked_serials = set(serials)
+        for listener in self.revocation_listeners:
+            listener()
 
     def chain_revoked(self, cert: x509.Certificate) -> bool:
         """Whether ``cert`` or a CA above it (as this store holds them) is revoked. Only

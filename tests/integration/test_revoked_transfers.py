@@ -19,6 +19,7 @@ import time
 import urllib.error
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -433,3 +434,46 @@ async def test_health_reflection_and_metrics_refuse_a_revoked_certificate(
             assert (
                 fetch(server.metrics, tls=_metrics_tls(cluster)).value("chapar_ready") is not None
             )
+
+
+async def test_health_watch_and_reflection_streams_end_when_their_certificate_is_revoked(
+    cluster: Cluster,
+) -> None:
+    """A health Watch or a reflection stream opened before the revocation does not go on
+    after it: each ends UNAUTHENTICATED / CERTIFICATE_REVOKED, at the hub and at a node, as
+    the letter streams and transfers do."""
+    creds = client_credentials(cluster, A, "watcher")
+    serial = _serial_of_pem(creds.certificate_chain)
+    servers = [cluster.hub, cluster.nodes[A]]
+    async with contextlib.AsyncExitStack() as stack:
+        watches: list[grpc.aio.UnaryStreamCall[Any, Any]] = []
+        reflections: list[grpc.aio.StreamStreamCall[Any, Any]] = []
+        for server in servers:  # open and answered before the revocation
+            channel = await stack.enter_async_context(
+                grpc.aio.secure_channel(server.address, creds.channel_credentials())
+            )
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status in _ANSWERS, server.name
+            watches.append(watch)
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+            await reflection.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            assert (await reflection.read()).list_services_response.service, server.name
+            reflections.append(reflection)
+        async with _revoked(cluster, serial, at_node=A):
+            for server, call in [
+                *zip(servers, watches, strict=True),
+                *zip(servers, reflections, strict=True),
+            ]:
+                ended: grpc.aio.AioRpcError | None = None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ENDS_WITHIN_S):
+                        try:
+                            while await call.read() is not grpc.aio.EOF:
+                                pass
+                        except grpc.aio.AioRpcError as exc:
+                            ended = exc
+                assert ended is not None, (
+                    f"{server.name}: still open {ENDS_WITHIN_S} s after revocation"
+                )
+                assert ended.code() == grpc.StatusCode.UNAUTHENTICATED, server.name
+                assert _reason(ended) == "CERTIFICATE_REVOKED", server.name
