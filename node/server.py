@@ -334,17 +334,27 @@ def _metrics(listen: str, role: str, tls: TlsConfig | None, db: Database, trust:
 
 def _metrics_refusal(trust: TrustStore) -> Callable[[bytes], str]:
     """Why /metrics refuses a client certificate (DER), asked from the metrics server's
-    threads: the check runs on the event loop, which alone changes the trust store."""
-    loop = asyncio.get_running_loop()
+    threads. They never touch ``trust`` (the event loop's, which changes it) nor wait for
+    the loop (stuck, or closed while the process shuts down, a scrape got a 500 and a
+    traceback): they read a copy of its CAs and revoked serials, replaced whole, by one
+    assignment, whenever its revocations change (every directory change sets them)."""
 
-    async def check(der: bytes) -> str:
-        try:
-            return revocation(x509.load_der_x509_certificate(der), trust)
-        except ValueError:
-            return "CERTIFICATE_MALFORMED"
+    def copied() -> TrustStore:
+        return TrustStore(list(trust.roots), list(trust.intermediates), set(trust.revoked_serials))
+
+    current = copied()
+
+    def renew() -> None:
+        nonlocal current
+        current = copied()
+
+    trust.revocation_listeners.append(renew)
 
     def refusal(der: bytes) -> str:
-        return asyncio.run_coroutine_threadsafe(check(der), loop).result(timeout=10)
+        try:
+            return revocation(x509.load_der_x509_certificate(der), current)
+        except ValueError:
+            return "CERTIFICATE_MALFORMED"
 
     return refusal
 
