@@ -19,6 +19,7 @@ from client_sdk.client import StatusUpdate as StatusUpdate
 from client_sdk.client import Tracking as Tracking
 from client_sdk.client import TreeLetter as TreeLetter
 from client_sdk.client import VerifiedEvidence as VerifiedEvidence
+from client_sdk.client import save_bundle as save_bundle
 from client_sdk.credentials import Credentials as Credentials
 from client_sdk.errors import AlreadyExists as AlreadyExists
 from client_sdk.errors import Cancelled as Cancelled
@@ -67,4 +68,5 @@ __all__ = [
     "VerifiedEvidence",
     "format_shams",
     "parse_shams",
+    "save_bundle",
 ]

@@ -35,6 +35,7 @@ import math
 import mimetypes
 import os
 import re
+import secrets
 import shutil
 import stat
 from collections.abc import (
@@ -133,6 +134,7 @@ __all__ = [
     "Tracking",
     "TreeLetter",
     "VerifiedEvidence",
+    "save_bundle",
     "to_business_status",
     "to_letter_kind",
     "to_priority",
@@ -1775,6 +1777,31 @@ _PART_LOCK_POLL_S: Final = 0.05
 """How often a download waiting for another into the same path tries its lock again."""
 _SAVED_MODE: Final = 0o600
 """Of a downloaded document and its partial file: owner only, from creation."""
+
+
+def save_bundle(path: Path | str, bundle: pb.EvidenceBundle | bytes) -> Path:
+    """Saves an evidence bundle (``ExchangeClient.evidence_bundle``) as ``chapar track
+    --save`` does, for ``chapar verify`` or ``Tracking.from_bundle``: whole or not at all
+    (a new temporary file beside ``path``, never one another user placed there nor through
+    a link, synced, then renamed over it), mode 0600 from creation (a bundle holds the
+    letter's body, no other local user's to read; a file it replaces keeps none of its
+    mode). Blocking: in a busy event loop, ``await asyncio.to_thread(save_bundle, ...)``.
+    Returns the path; an ``OSError`` leaves nothing behind."""
+    path = Path(path)
+    data = bundle if isinstance(bundle, bytes) else bundle.SerializeToString()
+    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(part, flags, _SAVED_MODE)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return path
 
 
 async def _lock_part(part: Path) -> tuple[BinaryIO, bool]:

@@ -21,8 +21,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
-import secrets
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from client_sdk import (
     TreeLetter,
     Unavailable,
     pb,
+    save_bundle,
 )
 from client_sdk.identity import Identity
 from client_sdk.trust import TrustStore, VerificationError
@@ -503,7 +502,7 @@ async def _track(ns: argparse.Namespace) -> int:
     undone = f"the tracking of {ns.shams} could not be printed"
     if ns.save is not None:
         with _saving(ns.save):
-            _write_replacing(ns.save, bundle.SerializeToString())
+            save_bundle(ns.save, bundle)
         undone += f" (its evidence bundle is saved in {ns.save})"
     return _verified_or_failed(
         ns, Tracking.from_bundle(bundle), connection.credentials.trust_store(), undone, _hubs(ns)
@@ -648,25 +647,6 @@ def _saving(path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise _UsageError("FILE_UNWRITABLE", f"cannot save {path}: {exc.strerror or exc}") from exc
-
-
-def _write_replacing(path: Path, data: bytes) -> None:
-    """Writes ``path`` whole or not at all: a new temporary file beside it (never one an
-    other user placed there, nor through a link), synced, then renamed over it. Mode 0600
-    from creation, as the PKI writes keys: what is saved here (an evidence bundle) holds a
-    letter's body, which is no other local user's to read; a file it replaces keeps none
-    of its mode."""
-    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(part, path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
 
 
 def _unverified(evidence: pb.Evidence) -> dict[str, Any]:
