@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -94,6 +95,39 @@ _NOTICES = Field(pb.ConnectResponse, "evidence")
 
 def _existing(path: Path | None) -> Path | None:
     return path if path is not None and path.exists() else None
+
+
+# What the hub reads once, at start (the server's addresses, options and credentials, its
+# store), under the key docs/OPERATIONS.md names: a reload keeps the value running and says
+# so (Hub._warn_restart_only). Every other key a reload applies; hub.name too, which a
+# reload publishes in the directory (a rename announced, OPERATIONS.md) while the hub
+# attests and signs as its start's name (self.identity) until a restart.
+_RESTART_ONLY = {
+    "listen": "hub.listen",
+    "database": "hub.database",
+    "ready_file": "hub.ready_file",
+    "durability": "hub.durability",
+    "metrics_listen": "hub.metrics_listen",
+    "metrics_tls": "hub.metrics_tls",
+    "max_frame_bytes": "hub.max_frame_bytes",
+    "keepalive_s": "hub.keepalive_s",
+    "tls": "tls",
+    "signing": "signing",
+}
+_RESTART_ONLY_FIELDS = tuple(_RESTART_ONLY)
+
+
+def _restart_only_keys(config: HubConfig) -> dict[str, object]:
+    """The restart-only keys of ``config`` by their dotted names (``tls.cert``), in order."""
+    keys: dict[str, object] = {}
+    for name, key in _RESTART_ONLY.items():
+        value = getattr(config, name)
+        if dataclasses.is_dataclass(value):  # [tls], [signing]: each file key by itself
+            for f in dataclasses.fields(value):
+                keys[f"{key}.{f.name}"] = getattr(value, f.name)
+        else:
+            keys[key] = value
+    return keys
 
 
 def build_directory(
@@ -182,6 +216,8 @@ class Hub(pb.HubServiceServicer):
     ) -> None:
         self.config = config
         self.config_path = config_path
+        # Set, and replaced by a new one, whenever a reload took a configuration.
+        self.reloaded = asyncio.Event()
         # What add_servicer enforces on each frame, fixed when the server starts (a reload
         # does not change it): the welcome tells nodes this, not a reloaded value.
         self.max_frame_bytes = config.max_frame_bytes
@@ -286,6 +322,26 @@ class Hub(pb.HubServiceServicer):
                 return
         await self.store.save_revocations(list(self.directory.message.revoked_serials))
 
+    def _keep_restart_only(self, read: HubConfig) -> HubConfig:
+        """``read`` with the keys only a restart applies kept at their running values:
+        ``self.config`` stays what is in force."""
+        return dataclasses.replace(
+            read, **{f: getattr(self.config, f) for f in _RESTART_ONLY_FIELDS}
+        )
+
+    def _warn_restart_only(self, read: HubConfig) -> None:
+        """One warning naming each key of ``read`` (the file as reloaded) that differs from
+        the value running and takes effect only at a restart; said at every reload until
+        then, so an edit is never taken in silence."""
+        running = _restart_only_keys(self.config)
+        changed = [key for key, value in _restart_only_keys(read).items() if value != running[key]]
+        if changed:
+            log.warning(
+                "configuration reloaded, but %s changed and take effect only at a restart;"
+                " the running values stay until then",
+                ", ".join(changed),
+            )
+
     async def reload_if_changed(self) -> int:
         """Re-reads the configuration and revocation file when either changed.
 
@@ -297,7 +353,8 @@ class Hub(pb.HubServiceServicer):
         if stamps == self._sources:
             return 0
         try:
-            config = load_hub_config(self.config_path) if self.config_path else self.config
+            read = load_hub_config(self.config_path) if self.config_path else self.config
+            config = self._keep_restart_only(read)
             kept = self._vanished_revocations(config)
             directory = build_directory(
                 config,
@@ -315,6 +372,10 @@ class Hub(pb.HubServiceServicer):
             config.revocation_file if kept is not None else None
         )
         self.config = config
+        self._warn_restart_only(read)
+        # The repeating tasks measure the wait under way against their periods as reloaded.
+        self.reloaded.set()
+        self.reloaded = asyncio.Event()
         for recipient in list(self._depth):  # against the quota as reloaded
             self._update_full(recipient)
         unchanged = pb.Directory()
@@ -387,17 +448,15 @@ class Hub(pb.HubServiceServicer):
         for recipient in list(self._depth):
             self._update_full(recipient)
         await self._load_unanswered()
+        # Their periods are read from the configuration in force, which a reload changes,
+        # and a reload wakes a wait under way to measure it again.
         self._tasks = [
-            asyncio.create_task(
-                every(self.config.expiry_interval_s, self.expire_due, "expiry"), name="expiry"
-            ),
-            asyncio.create_task(
-                every(self.config.purge_interval_s, self.purge, "retention"), name="retention"
-            ),
-            asyncio.create_task(
-                every(self.config.reload_interval_s, self.reload_if_changed, "reload"),
-                name="reload",
-            ),
+            asyncio.create_task(every(period, action, name, lambda: self.reloaded), name=name)
+            for period, action, name in (
+                (lambda: self.config.expiry_interval_s, self.expire_due, "expiry"),
+                (lambda: self.config.purge_interval_s, self.purge, "retention"),
+                (lambda: self.config.reload_interval_s, self.reload_if_changed, "reload"),
+            )
         ]
 
     def link_held_letters_later(self) -> asyncio.Task[None]:

@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ from cryptography import x509
 from client_sdk import pb
 from client_sdk.trust import seconds_of
 from node import metrics as m
+from node.tasks import wait_period
 
 if TYPE_CHECKING:
     from node.agency import Agency
@@ -80,7 +81,10 @@ def certificate_expiry(path: Path, now: float) -> float:
 class _Common:
     database: Path
     certificates: dict[str, Path]
-    interval_s: float
+    # Read at each turn, and again when ``changed``'s event is set: a hub's reload changes
+    # it (node.tasks.wait_period).
+    interval_s: Callable[[], float]
+    changed: Callable[[], asyncio.Event] | None = None
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     def _files(self, now: float) -> None:
@@ -115,7 +119,7 @@ class _Common:
                 raise
             except Exception:
                 log.exception("metrics refresh failed")
-            await asyncio.sleep(self.interval_s)
+            await wait_period(self.interval_s, self.changed)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="metrics")
@@ -132,7 +136,7 @@ class NodeMonitor(_Common):
         super().__init__(
             config.database,
             {"tls": config.tls.cert, "signing": config.signing.cert},
-            config.metrics_interval_s,
+            lambda: config.metrics_interval_s,  # a node does not reload its configuration
         )
         self.agency = agency
         self._prefix = config.agency + "/"
@@ -240,10 +244,10 @@ class HubMonitor(_Common):
         super().__init__(
             config.database,
             {"tls": config.tls.cert, "signing": config.signing.cert},
-            config.metrics_interval_s,
+            lambda: hub.config.metrics_interval_s,  # as a reload sets it
+            lambda: hub.reloaded,
         )
         self.hub = hub
-        self.top_n = config.metrics_top_n
         self._top: set[tuple[str, str]] = set()
 
     async def refresh(self) -> None:
@@ -251,7 +255,7 @@ class HubMonitor(_Common):
         db = self.hub.store.db
         depths = self.hub.queue_depths()  # counted in memory; a GROUP BY costs 0.1 s at 1M
         nonempty = [(agency, depth) for agency, depth in depths.items() if depth > 0]
-        top = sorted(nonempty, key=lambda kv: (-kv[1], kv[0]))[: self.top_n]
+        top = sorted(nonempty, key=lambda kv: (-kv[1], kv[0]))[: self.hub.config.metrics_top_n]
         # Read first, then set every gauge at once: a scrape between two awaits would see
         # the new total beside the old top-N.
         row = await db.fetchone("SELECT enqueued_at FROM queue ORDER BY id LIMIT 1")

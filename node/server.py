@@ -445,13 +445,14 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         )
         cleanup.callback(watcher.cancel)
         await _until_signalled()
-        log.info("hub stopping (grace %.1fs)", config.grace_s)
+        grace_s = hub.config.grace_s  # as a reload may have set it
+        log.info("hub stopping (grace %.1fs)", grace_s)
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         m.READY.set(0)
         await health_servicer.enter_graceful_shutdown()
         hub.close_sessions()
-        await server.stop(config.grace_s)
+        await server.stop(grace_s)
 
 
 async def serve_node(config: NodeConfig) -> None:

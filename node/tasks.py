@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ __all__ = [
     "every",
     "handle_concurrently",
     "unless_set",
+    "wait_period",
 ]
 
 T = TypeVar("T")
@@ -82,10 +84,39 @@ class Cadence:
         self._wake()
 
 
-async def every(interval_s: float, action: Callable[[], Awaitable[int]], name: str) -> None:
-    """Runs ``action`` every ``interval_s`` until cancelled; a failure is logged, not fatal."""
-    while True:
+async def wait_period(
+    interval_s: float | Callable[[], float],
+    changed: Callable[[], asyncio.Event] | None = None,
+) -> None:
+    """Waits one period of a repeating task. With ``changed``, ``interval_s`` is a callable
+    (a reloadable configuration's value) and ``changed`` gives the event that is set when it
+    may have changed (a reload): the wait under way is then measured again, from when it
+    began, so a period lowered from an hour to a second ends it at once, not in an hour."""
+    if not callable(interval_s):
         await asyncio.sleep(interval_s)
+        return
+    if changed is None:
+        await asyncio.sleep(interval_s())
+        return
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    # interval_s() and changed() are read in one step: a change after it sets the event.
+    while (left := began + interval_s() - loop.time()) > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed().wait(), left)
+
+
+async def every(
+    interval_s: float | Callable[[], float],
+    action: Callable[[], Awaitable[int]],
+    name: str,
+    changed: Callable[[], asyncio.Event] | None = None,
+) -> None:
+    """Runs ``action`` every ``interval_s`` (a number, or a callable read each period, and
+    with ``changed`` during it: ``wait_period``) until cancelled; a failure is logged, not
+    fatal."""
+    while True:
+        await wait_period(interval_s, changed)
         try:
             await action()
         except Exception:

@@ -1,0 +1,231 @@
+"""What a reload of the hub's configuration applies, and what it says it does not.
+
+``Hub.reload_if_changed`` took the whole new configuration as ``self.config``, but the
+repeating tasks (expiry, retention, the reload itself) and the gauges' refresh had read
+their periods, and the monitor its top-N, once at start: a reload accepted a new value,
+showed it in ``hub.config``, and went on with the old one without a word. What the
+server read at start (addresses, database, TLS and signing files, keepalive, the frame
+limit) cannot change without a restart; a reload took those silently too. (``hub.name``
+is not one of them: a reload publishes it in the directory, the first step of a rename,
+OPERATIONS.md; the hub attests as its start's name until a restart.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from node import metrics as m
+from node.cluster import Cluster
+from node.config import load_hub_config
+from node.hub import Hub, _restart_only_keys, build_directory
+from node.monitor import HubMonitor
+from node.server import _signer, _trust
+from node.storage.hub_store import HubStore
+
+A, B = "000.00.00.G22", "10861234567"
+# Periods of an hour at start: a task still waiting on one has not taken the reload.
+SLOW = {"expiry_interval_s": "3600", "purge_interval_s": "3600", "metrics_interval_s": "3600"}
+
+
+def _set(path: Path, key: str, value: str, table: str = "hub") -> None:
+    """``key = value`` in ``[table]`` of the TOML file at ``path``, as an operator's edit."""
+    lines = path.read_text().splitlines()
+    at = lines.index(f"[{table}]") + 1
+    end = next((i for i in range(at, len(lines)) if lines[i].startswith("[")), len(lines))
+    lines = [ln for i, ln in enumerate(lines) if not (at <= i < end and ln.startswith(f"{key} "))]
+    lines.insert(at, f"{key} = {value}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _reload_seen(hub: Hub) -> None:
+    hub._sources = ()  # as if the reload loop saw a new modification time
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
+    cluster = Cluster.prepare(tmp_path, [A, B])
+    config_path = cluster.hub.config
+    for key, value in SLOW.items():
+        _set(config_path, key, value)
+    config = load_hub_config(config_path)
+    signer = _signer(config.signing, config.identity)
+    trust = _trust(config.tls, config.signing)
+    directory = build_directory(config, signer, trust.intermediates)
+    store = await HubStore.open(tmp_path / "hub.db", durability="normal")
+    hub = Hub(config, store, signer, trust, directory, config_path)
+    try:
+        yield hub
+    finally:
+        await hub.stop()
+        await store.close()
+
+
+def _counting(calls: list[float]) -> object:
+    async def action() -> int:
+        calls.append(asyncio.get_running_loop().time())
+        return 0
+
+    return action
+
+
+async def test_a_reloaded_expiry_and_retention_interval_is_the_one_their_tasks_wait(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expired: list[float] = []
+    purged: list[float] = []
+    monkeypatch.setattr(hub, "expire_due", _counting(expired))
+    monkeypatch.setattr(hub, "purge", _counting(purged))
+    await hub.start()
+    assert hub.config_path is not None
+    _set(hub.config_path, "expiry_interval_s", "0.1")
+    _set(hub.config_path, "purge_interval_s", "0.1")
+    _reload_seen(hub)
+    await hub.reload_if_changed()
+    await asyncio.sleep(2.0)
+    # The wait of an hour under way when the reload came is cut short too (within a
+    # second), then every 0.1 s: several turns, not none until the hour is out.
+    assert len(expired) >= 5, f"expiry ran {len(expired)} times in 2 s after a reload to 0.1 s"
+    assert len(purged) >= 5, f"retention ran {len(purged)} times in 2 s after a reload to 0.1 s"
+
+
+async def test_a_reloaded_reload_interval_is_the_one_the_reload_task_waits(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert hub.config_path is not None
+    _set(hub.config_path, "reload_interval_s", "3600")
+    _reload_seen(hub)
+    await hub.reload_if_changed()
+    assert hub.config.reload_interval_s == 3600
+    reloads: list[float] = []
+    real = hub.reload_if_changed
+
+    async def counted() -> int:
+        reloads.append(asyncio.get_running_loop().time())
+        return await real()
+
+    monkeypatch.setattr(hub, "reload_if_changed", counted)
+    await hub.start()
+    _set(hub.config_path, "reload_interval_s", "0.1")
+    await real()  # the operator's edit, read by some reload
+    await asyncio.sleep(2.0)
+    assert len(reloads) >= 5, f"reload ran {len(reloads)} times in 2 s after a reload to 0.1 s"
+
+
+def _top_series() -> set[tuple[str, str]]:
+    return {
+        (s.labels["rank"], s.labels["agency"])
+        for s in m.HUB_QUEUE_TOP_DEPTH.collect()[0].samples
+        if s.name == "chapar_hub_queue_top_depth"
+    }
+
+
+async def test_a_reloaded_metrics_interval_and_top_n_are_the_ones_the_monitor_uses(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monitor = HubMonitor(hub)
+    hub._depth = {A: 3, B: 2}
+    await monitor.refresh()
+    assert _top_series() == {("1", A), ("2", B)}
+
+    assert hub.config_path is not None
+    _set(hub.config_path, "metrics_top_n", "1")
+    _set(hub.config_path, "metrics_interval_s", "0.1")
+    _reload_seen(hub)
+    await hub.reload_if_changed()
+    await monitor.refresh()
+    assert _top_series() == {("1", A)}, "metrics_top_n reloaded to 1"
+
+    refreshed: list[float] = []
+    monkeypatch.setattr(monitor, "refresh", _counting(refreshed))
+    monitor.start()
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        await monitor.stop()
+    assert len(refreshed) >= 5, f"gauges refreshed {len(refreshed)} times in 1 s at 0.1 s"
+
+
+async def test_a_reload_warns_of_each_changed_key_that_takes_effect_at_a_restart(
+    hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = hub.config
+    assert hub.config_path is not None
+    other_cert = tmp_path / "tls-renewed.crt"
+    shutil.copy(started.tls.cert, other_cert)
+    _set(hub.config_path, "keepalive_s", "40")
+    _set(hub.config_path, "listen", '"127.0.0.1:7443"')
+    _set(hub.config_path, "name", '"renamed"')  # announced in the directory: not named
+    _set(hub.config_path, "metrics_listen", '"127.0.0.1:9999"')
+    _set(hub.config_path, "max_frame_bytes", "65536")
+    _set(hub.config_path, "cert", f'"{other_cert}"', table="tls")
+    _set(hub.config_path, "queue_quota", "7")  # applied by a reload: not named
+    _reload_seen(hub)
+    caplog.set_level(logging.WARNING, "chapar.hub")
+    await hub.reload_if_changed()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    named = set(re.findall(r"\b(?:hub|tls|signing)\.[a-z_]+", warnings[0]))
+    assert named == {
+        "hub.keepalive_s",
+        "hub.listen",
+        "hub.metrics_listen",
+        "hub.max_frame_bytes",
+        "tls.cert",
+    }, warnings[0]
+    assert "restart" in warnings[0]
+    # What is in force is what runs: the start's values.
+    assert hub.config.keepalive_s == started.keepalive_s
+    assert hub.config.listen == started.listen
+    assert hub.config.tls == started.tls
+    assert hub.config.max_frame_bytes == started.max_frame_bytes
+    assert hub.config.queue_quota == 7
+    assert hub.directory.message.hub == "urn:chapar:hub:renamed"
+    assert hub.identity == started.identity
+
+    caplog.clear()
+    _reload_seen(hub)  # another edit, of a key a reload applies: still said, once a reload
+    _set(hub.config_path, "queue_quota", "8")
+    await hub.reload_if_changed()
+    assert hub.config.queue_quota == 8
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "hub.keepalive_s" in warnings[0]
+
+
+async def test_a_reload_of_keys_it_applies_warns_of_nothing(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert hub.config_path is not None
+    for key, value in {
+        "queue_quota": "7",
+        "delivery_window": "8",
+        "clock_skew_s": "60",
+        "expiry_interval_s": "2",
+        "metrics_top_n": "3",
+        "shutdown_grace_s": "1",
+    }.items():
+        _set(hub.config_path, key, value)
+    _reload_seen(hub)
+    caplog.set_level(logging.WARNING, "chapar.hub")
+    await hub.reload_if_changed()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert (hub.config.queue_quota, hub.config.delivery_window, hub.config.grace_s) == (7, 8, 1.0)
+
+
+def test_operations_md_marks_exactly_the_keys_a_reload_does_not_apply(hub: Hub) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "OPERATIONS.md").read_text()
+    table = text[text.index("### Hub (`hub.toml`)") : text.index("### Node (`node.toml`)")]
+    marked = {
+        row.split("`")[1]
+        for row in table.splitlines()
+        if row.startswith("| `") and "takes effect at a restart, not a reload" in row
+    }
+    assert marked == set(_restart_only_keys(hub.config))
