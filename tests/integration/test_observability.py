@@ -793,3 +793,72 @@ def test_the_error_rate_alert_fires_for_one_stage_that_fails_among_busy_ones(
         [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _promtool_test(promtool: str, tmp_path: Path, name: str, test: dict[str, Any]) -> None:
+    path = tmp_path / f"{name}.yml"
+    path.write_text(json.dumps({"rule_files": [str(p) for p in RULES], **test}))  # JSON is YAML
+    result = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_node_not_ready_or_left_out_of_the_directory_raises_an_alert(tmp_path: Path) -> None:
+    # n1's store cannot write: its hub stream stays up (no ChaparNodeDisconnected), but it
+    # is NOT_SERVING. n2's agency was removed from the hub's directory: it refuses every
+    # letter (and has no stream: ChaparNodeDisconnected's, not paged twice as not ready).
+    # n3 is well. Neither n1 nor n2 raised an alert that said what is wrong.
+    promtool, _ = _prometheus_tools()
+    gauges = {
+        "n1": {"chapar_ready": 0, "chapar_node_hub_connected": 1, "chapar_node_in_directory": 1},
+        "n2": {"chapar_ready": 0, "chapar_node_hub_connected": 0, "chapar_node_in_directory": 0},
+        "n3": {"chapar_ready": 1, "chapar_node_hub_connected": 1, "chapar_node_in_directory": 1},
+    }
+    series = [
+        {"series": f'{metric}{{job="chapar-node", instance="{node}"}}', "values": f"{value}x30"}
+        for node, values in gauges.items()
+        for metric, value in values.items()
+    ]
+
+    def fired(alert: str, node: str, summary: str, description: str) -> dict[str, object]:
+        return {
+            "eval_time": "15m",
+            "alertname": alert,
+            "exp_alerts": [
+                {
+                    "exp_labels": {"severity": "warning", "job": "chapar-node", "instance": node},
+                    "exp_annotations": {"summary": summary, "description": description},
+                }
+            ],
+        }
+
+    test = {
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    fired(
+                        "ChaparNodeNotReady",
+                        "n1",
+                        "Agency node n1 has reported NOT_SERVING for 5 minutes with its hub"
+                        " stream up",
+                        'Its log says why ("health: NOT_SERVING (...)"): most often its database'
+                        " cannot be written (disk full, permissions), and submissions are"
+                        " refused.",
+                    ),
+                    fired(
+                        "ChaparNodeNotInDirectory",
+                        "n2",
+                        "The hub refuses agency node n2: its agency is not in the hub's directory",
+                        "It refuses every letter (AGENCY_NOT_IN_DIRECTORY) until the hub lists"
+                        " its agency again: the hub's [[agencies]] lost it, or the node is"
+                        " configured with the wrong agency code.",
+                    ),
+                ],
+            }
+        ],
+    }
+    _promtool_test(promtool, tmp_path, "node_ready_test", test)
