@@ -45,9 +45,10 @@ DEFAULT_LISTEN = "127.0.0.1:0"
 # often than every second are no use (and servers refuse them: min_ping_interval, 1 s).
 KEEPALIVE_RANGE_S = (1.0, 3600.0)
 # Upper bounds of the other intervals and delays: past them a value is a slip (seconds
-# typed as milliseconds) rather than a choice. What acts every so often (expiry, reload,
-# gauges), and what a stop or a reconnect waits, at most an hour: letters expire, a
-# revocation takes effect and a node comes back at most that late. Retention may run as
+# typed as milliseconds) rather than a choice. What acts every so often (expiry, reload;
+# the gauges at most every minute: MAX_METRICS_INTERVAL_S), and what a stop or a reconnect
+# waits, at most an hour: letters expire, a revocation takes effect and a node comes back
+# at most that late. Retention may run as
 # seldom as once a week; a retry delay quoted to back-ends (RetryInfo, int64 milliseconds
 # to the nodes) and the clock skew tolerated are at most a day; a letter may have waited
 # in an outbox for a year at most. Retention periods (how long to keep) have none: a
@@ -55,6 +56,11 @@ KEEPALIVE_RANGE_S = (1.0, 3600.0)
 HOUR_S = 3600.0
 DAY_S = 86400.0
 WEEK_S = 7 * DAY_S
+# The longest period of the gauges' refresh: ChaparMetricsStale (ops/prometheus) fires when
+# they are 120 s old, so a refresh on time must come well within that. Refreshing costs a
+# few milliseconds at a million letters queued (BENCHMARKS.md): nothing gained by waiting
+# longer, and alerts judging gauges minutes old.
+MAX_METRICS_INTERVAL_S = 60.0
 # The shortest period of a repeating task: at 0 it ran again at once, a core kept busy for
 # ever (retention walks the whole document store each time).
 MIN_INTERVAL_S = 0.1
@@ -485,7 +491,9 @@ def _hub_config(t: Table) -> HubConfig:
         reload_interval_s=hub.between("reload_interval_s", 5.0, MIN_INTERVAL_S, HOUR_S),
         clock_skew_s=hub.number("clock_skew_s", 300.0, maximum=DAY_S),
         max_letter_age_s=hub.number("max_letter_age_s", 7 * 86400.0, maximum=MAX_LETTER_AGE_S),
-        metrics_interval_s=hub.between("metrics_interval_s", 5.0, MIN_INTERVAL_S, HOUR_S),
+        metrics_interval_s=hub.between(
+            "metrics_interval_s", 5.0, MIN_INTERVAL_S, MAX_METRICS_INTERVAL_S
+        ),
         metrics_top_n=hub.integer("metrics_top_n", 10, maximum=1000),
         keepalive_s=hub.between("keepalive_s", 20.0, *KEEPALIVE_RANGE_S),
     )
@@ -625,7 +633,9 @@ def _node_config(t: Table) -> NodeConfig:
         clients=_clients(t, agency, defaults.max_mailbox_chars),
         retention_s=node.number("retention_s", 30 * 86400.0),
         purge_interval_s=node.between("purge_interval_s", 3600.0, MIN_INTERVAL_S, WEEK_S),
-        metrics_interval_s=node.between("metrics_interval_s", 5.0, MIN_INTERVAL_S, HOUR_S),
+        metrics_interval_s=node.between(
+            "metrics_interval_s", 5.0, MIN_INTERVAL_S, MAX_METRICS_INTERVAL_S
+        ),
         documents=documents,
         documents_dir=documents_dir,
         documents_retention_s=documents_retention_s,

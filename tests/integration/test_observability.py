@@ -572,7 +572,7 @@ def _context_with(ca: Path, cert: Any, key: Any, where: Path) -> ssl.SSLContext:
         ),
         (
             ("metrics_interval_s = 0.5", "metrics_interval_s = 0"),
-            "node.metrics_interval_s: must be a number from 0.1 to 3600",
+            "node.metrics_interval_s: must be a number from 0.1 to 60",
         ),
         (
             ('metrics_listen = "127.0.0.1:0"', 'metrics_listen = "localhost"'),
@@ -862,3 +862,60 @@ def test_a_node_not_ready_or_left_out_of_the_directory_raises_an_alert(tmp_path:
         ],
     }
     _promtool_test(promtool, tmp_path, "node_ready_test", test)
+
+
+def test_gauges_refreshed_at_the_longest_metrics_interval_are_never_stale(tmp_path: Path) -> None:
+    # ChaparMetricsStale fires once the gauges are 120 s old; metrics_interval_s was allowed
+    # up to 3600, so a node refreshing every 10 minutes raised it for ever. At the longest
+    # interval the configuration takes, a refresh on time never does; one that stops does.
+    from node.config import MAX_METRICS_INTERVAL_S
+
+    promtool, _ = _prometheus_tools()
+    scrape_s, minutes = 15, 30
+    on_time = [
+        int(t // MAX_METRICS_INTERVAL_S * MAX_METRICS_INTERVAL_S)
+        for t in range(0, minutes * 60, scrape_s)
+    ]
+    stopped = [min(t, 600) for t in on_time]  # its last refresh at 10 minutes
+
+    def values(samples: list[int]) -> str:
+        return " ".join(map(str, samples))
+
+    metric = 'chapar_metrics_refresh_timestamp_seconds{job="chapar-node", instance="%s"}'
+    test = {
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": f"{scrape_s}s",
+                "input_series": [
+                    {"series": metric % "on-time", "values": values(on_time)},
+                    {"series": metric % "stopped", "values": values(stopped)},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": f"{m}m",
+                        "alertname": "ChaparMetricsStale",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "job": "chapar-node",
+                                    "instance": "stopped",
+                                },
+                                "exp_annotations": {
+                                    "summary": "The queue and outbox gauges of stopped have"
+                                    " not been refreshed for 5 minutes",
+                                    "description": "Their refresh fails (the server's log says"
+                                    " why): alerts on queues and outboxes judge old values.",
+                                },
+                            }
+                        ]
+                        if m >= 16
+                        else [],
+                    }
+                    for m in range(1, minutes)
+                ],
+            }
+        ],
+    }
+    _promtool_test(promtool, tmp_path, "metrics_stale_test", test)
