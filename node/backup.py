@@ -285,6 +285,7 @@ def restore(
         path.unlink(missing_ok=True)  # an earlier restore's that failed
     try:
         shutil.copyfile(copy, incoming)
+        _check_copy(incoming, copy, manifest)
         asyncio.run(
             _mark(
                 server.store,
@@ -294,10 +295,12 @@ def restore(
         )
         _fold_wal(incoming)
         fsync_path(incoming)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, BackupError) as exc:
         for path in _database_files(incoming):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+        if isinstance(exc, BackupError):
+            raise
         raise RestoreFailed(f"could not prepare the copy ({exc}); {db} is unchanged") from exc
     _refuse_if_open(db)  # a server started meanwhile
     aside = _free_name(db.with_name(f"{db.name}.before-restore-{_stamp(restored_at)}"))
@@ -312,6 +315,40 @@ def restore(
                 f" {source / 'documents'} into {server.documents_dir}, or restore again"
             ) from exc
     return manifest, aside
+
+
+def _check_copy(path: Path, copy: Path, manifest: Manifest) -> None:
+    """Refuses a copy (``path``, taken from the backup's ``copy``) that SQLite finds
+    damaged, or whose tables do not hold the rows its manifest counted when the backup
+    was taken: a file damaged since (a bad disk, a transfer cut short), or a database and
+    a manifest from two backups. SQLite reads a damaged page only when a query reaches
+    it, so without this a restore put such a copy in place of a sound database."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        problems = [str(r[0]) for r in conn.execute("PRAGMA integrity_check(5)")]
+        if problems != ["ok"]:
+            raise BackupError(
+                f"the backup's database {copy} is damaged ({'; '.join(problems)}):"
+                " restore another backup"
+            )
+        counts = _counts(conn)
+    except sqlite3.DatabaseError as exc:
+        raise BackupError(
+            f"the backup's database {copy} is damaged ({exc}): restore another backup"
+        ) from exc
+    finally:
+        conn.close()
+    if counts != dict(manifest.counts):
+        differ = [
+            f"{t} {counts.get(t, 'no')} rows, the manifest says {manifest.counts.get(t, 'no')}"
+            for t in sorted({*counts, *manifest.counts})
+            if counts.get(t) != manifest.counts.get(t)
+        ]
+        raise BackupError(
+            f"the backup's database {copy} is not the one its {MANIFEST} describes"
+            f" ({'; '.join(differ)}): a backup cut short, or put together from two;"
+            " restore another backup"
+        )
 
 
 def _fold_wal(db: Path) -> None:

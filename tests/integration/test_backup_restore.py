@@ -231,6 +231,63 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
     assert mark_of(node_db) is not None
 
 
+def overwrite_a_middle_page(db: Path, page: int = 8192) -> None:
+    """Damages ``db`` as a bad disk would: one page in its middle overwritten."""
+    with open(db, "r+b") as f:
+        pages = f.seek(0, os.SEEK_END) // page
+        f.seek(pages // 2 * page)
+        f.write(bytes(range(256)) * (page // 256))
+
+
+async def test_a_restore_refuses_a_corrupt_copy_or_one_its_manifest_does_not_describe(
+    tmp_path: Path,
+) -> None:
+    """A backup damaged after it was taken (a bad disk, a copy cut short off the machine)
+    or put together from two backups is refused before the server's database is touched:
+    a page overwritten in the middle of the copy used to be restored (exit 0) in place of a
+    sound database, which the node could then no longer read."""
+    cluster = await Cluster.start(tmp_path / "c", [A, B], without_node=[B])
+    node_a = cluster.nodes[A]
+    backups = tmp_path / "backups"
+    try:
+        async with client(node_a, cluster, A) as a:
+            for i in range(200):
+                await a.send(to=[B], subject=f"s{i}", body="x" * 2000)
+            made = chapar("backup", "--config", node_a.config, "--to", backups / "first")
+            assert made.returncode == 0, made.stdout + made.stderr
+            await a.send(to=[B], subject="after the first backup", body="x")
+            made = chapar("backup", "--config", node_a.config, "--to", backups / "second")
+            assert made.returncode == 0, made.stdout + made.stderr
+    finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes
+    node_db = database(node_a)
+    live = node_db.read_bytes()
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(backups / "first", corrupt)
+    overwrite_a_middle_page(corrupt / "node.db")
+    refused = chapar("restore", "--config", node_a.config, "--from", corrupt)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "is damaged" in refused.stderr, refused.stderr
+
+    # The second backup's database under the first one's manifest.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(backups / "first", mixed)
+    shutil.copyfile(backups / "second" / "node.db", mixed / "node.db")
+    refused = chapar("restore", "--config", node_a.config, "--from", mixed)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "outbox 201 rows, the manifest says 200" in refused.stderr, refused.stderr
+
+    assert node_db.read_bytes() == live
+    assert not list(node_db.parent.glob("node.db.before-restore-*"))
+    assert not list(node_db.parent.glob("node.db.restoring*"))
+    # The sound backups are taken.
+    for name in ("first", "second"):
+        done = chapar("restore", "--config", node_a.config, "--from", backups / name)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("skip", [0, 10])
 async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_them(
     tmp_path: Path, skip: int
