@@ -157,6 +157,7 @@ def backup(config_path: Path, to: Path) -> Manifest:
     server = _server(config_path)
     if not server.database.is_file():
         raise BackupError(f"no database at {server.database}")
+    _refuse_own_files(server, to)
     to.mkdir(parents=True, exist_ok=True)
     name = server.database.name
     partial = to / f"{name}.partial"
@@ -187,6 +188,27 @@ def backup(config_path: Path, to: Path) -> Manifest:
     _write_json(to / MANIFEST, manifest.to_json())
     _fsync_dir(to)
     return manifest
+
+
+def _refuse_own_files(server: _Server, to: Path) -> None:
+    """Refuses a backup directory whose database or documents would be the server's own:
+    the copy would be renamed over the live database under the running server, which
+    goes on writing into the file it has open, now unlinked (what it accepts after is
+    lost at its next start)."""
+    db = server.database
+    if (to / db.name).resolve() == db.resolve() or (
+        (to / db.name).exists() and os.path.samefile(to / db.name, db)
+    ):
+        raise BackupError(
+            f"{to} is the server's own directory ({to / db.name} is its database):"
+            " back up into another directory"
+        )
+    docs = server.documents_dir
+    if docs is not None and (to / "documents").resolve() == docs.resolve():
+        raise BackupError(
+            f"{to} is the server's own directory ({to / 'documents'} is its document"
+            " store): back up into another directory"
+        )
 
 
 def _counts(conn: sqlite3.Connection) -> dict[str, int]:

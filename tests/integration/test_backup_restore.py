@@ -288,6 +288,32 @@ async def test_a_restore_refuses_a_corrupt_copy_or_one_its_manifest_does_not_des
         assert done.returncode == 0, done.stdout + done.stderr
 
 
+async def test_a_backup_into_the_servers_own_directory_is_refused(tmp_path: Path) -> None:
+    """``--to`` the directory that holds the server's database (a slip of the operator's)
+    used to rename the copy over the live database under the running server."""
+    cluster = await Cluster.start(tmp_path / "c", [A, B], without_node=[B])
+    node_a = cluster.nodes[A]
+    node_db = database(node_a)
+    try:
+        async with client(node_a, cluster, A) as a:
+            await a.send(to=[B], subject="before", body="x")
+            live = node_db.stat().st_ino
+            link = tmp_path / "link"
+            link.symlink_to(node_db.parent)
+            for to in (node_db.parent, node_db.parent / "documents" / "..", link):
+                refused = chapar("backup", "--config", node_a.config, "--to", to)
+                assert refused.returncode == 1, refused.stdout + refused.stderr
+                assert "the server's own" in refused.stderr, refused.stderr
+            assert node_db.stat().st_ino == live
+            assert not (node_db.parent / "manifest.json").exists()
+            await a.send(to=[B], subject="after", body="x")
+        await node_a.restart()
+        assert count(node_db, "SELECT count(*) FROM outbox") == 2
+    finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes
+
+
 @pytest.mark.parametrize("skip", [0, 10])
 async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_them(
     tmp_path: Path, skip: int

@@ -207,6 +207,16 @@ def test_only_whole_documents_are_copied_never_a_copy_cut_short(tmp_path: Path) 
     assert [p.name for p in (target / "sha256" / "ab").iterdir()] == [whole]
 
 
+def test_a_backup_whose_documents_would_be_the_servers_own_is_refused(tmp_path: Path) -> None:
+    # The database elsewhere, the documents in the backup directory's documents/.
+    server = backup_module._Server(
+        "node", NODE, tmp_path / "db" / "node.db", tmp_path / "data" / "documents", NodeStore
+    )
+    with pytest.raises(BackupError, match="is its document store"):
+        backup_module._refuse_own_files(server, tmp_path / "data")
+    backup_module._refuse_own_files(server, tmp_path / "backup")
+
+
 async def test_a_node_restored_with_skip_numbers_moves_its_counters_on_once(
     tmp_path: Path,
 ) -> None:
