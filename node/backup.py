@@ -54,6 +54,8 @@ __all__ = [
 MANIFEST = "manifest.json"
 _FORMAT = 1
 _DOCUMENT_NAME = re.compile("[0-9a-f]{64}")
+_PRIVATE_DIR, _PRIVATE_FILE = 0o700, 0o600  # a backup's directories and files
+_COPY_CHUNK = 1 << 20
 _LOCK_TIMEOUT_S = 0.5  # how long restore waits for the database lock before it refuses
 Role = Literal["hub", "node"]
 
@@ -158,10 +160,14 @@ def backup(config_path: Path, to: Path) -> Manifest:
     if not server.database.is_file():
         raise BackupError(f"no database at {server.database}")
     _refuse_own_files(server, to)
-    to.mkdir(parents=True, exist_ok=True)
+    # Owner only (_PRIVATE_DIR, _PRIVATE_FILE), from creation: a backup holds letter
+    # bodies and documents. A directory that exists keeps the mode the operator gave it.
+    to.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
     name = server.database.name
     partial = to / f"{name}.partial"
     partial.unlink(missing_ok=True)
+    # SQLite keeps the mode of a file that exists (and gives its journal the same).
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE))
     # Read-write, though it writes nothing: a read-only connection cannot open a WAL
     # database whose server is stopped and left no -shm file behind.
     source = sqlite3.connect(server.database, timeout=10.0)
@@ -183,7 +189,7 @@ def backup(config_path: Path, to: Path) -> Manifest:
     os.replace(partial, to / name)
     documents = 0
     if server.documents_dir is not None:
-        documents = _copy_documents(server.documents_dir, to / "documents")
+        documents = _copy_documents(server.documents_dir, to / "documents", True)
     manifest = Manifest(server.role, server.identity, version, taken, name, counts, documents)
     _write_json(to / MANIFEST, manifest.to_json())
     _fsync_dir(to)
@@ -235,24 +241,35 @@ def _document_files(root: Path) -> list[Path]:
     )
 
 
-def _copy_documents(source: Path, target: Path) -> int:
+def _copy_documents(source: Path, target: Path, private: bool = False) -> int:
     """Copies the documents ``target`` lacks (a document never changes under its name);
-    returns how many ``source`` holds."""
+    returns how many ``source`` holds. ``private``: into a backup, whose directories and
+    files it makes readable by their owner only (a restore's copies into the server's
+    document store are made as the store makes its own)."""
     files = _document_files(source)
+    dir_mode, file_mode = (_PRIVATE_DIR, _PRIVATE_FILE) if private else (0o777, 0o666)
+    made: set[Path] = set()
     for rel in files:
-        _copy_new(source / rel, target / rel)
+        # Each level made with the mode: mkdir(parents=True) gives parents the umask's.
+        for folder in (target, *(target / p for p in reversed(rel.parents[:-1]))):
+            if folder not in made:
+                folder.mkdir(mode=dir_mode, exist_ok=True)
+                made.add(folder)
+        _copy_new(source / rel, target / rel, file_mode)
     return len(files)
 
 
-def _copy_new(source: Path, target: Path) -> None:
+def _copy_new(source: Path, target: Path, mode: int) -> None:
     if target.exists():
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)  # an earlier copy's cut short (it may have another mode)
     try:
-        shutil.copyfile(source, partial)
+        reader = open(source, "rb")  # noqa: SIM115 (closed by the with below)
     except FileNotFoundError:  # removed by retention meanwhile: nothing to keep
         return
+    with reader, open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as out:
+        shutil.copyfileobj(reader, out, _COPY_CHUNK)
     fsync_path(partial)
     os.replace(partial, target)
 
@@ -528,7 +545,9 @@ def _stamp(t: float) -> str:
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    partial.unlink(missing_ok=True)
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE), "w") as out:
+        out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
     fsync_path(partial)
     os.replace(partial, path)
 

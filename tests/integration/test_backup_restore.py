@@ -314,6 +314,36 @@ async def test_a_backup_into_the_servers_own_directory_is_refused(tmp_path: Path
     assert set(codes.values()) == {0}, codes
 
 
+async def test_a_backup_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """A backup holds letter bodies and documents: its directories are 0700 and its files
+    0600 from creation, whatever the umask (they used to follow it: 0755 and 0644)."""
+    cluster = await Cluster.start(tmp_path / "c", [A, B], without_node=[B])
+    node_a = cluster.nodes[A]
+    source = tmp_path / "report.txt"
+    source.write_bytes(b"attachment " * 1000)
+    backup = tmp_path / "backups" / "a"
+    umask = os.umask(0o022)
+    try:
+        async with client(node_a, cluster, A) as a:
+            await a.send(to=[B], subject="file", body="x", attachments=[source])
+        made = chapar("backup", "--config", node_a.config, "--to", backup)
+        assert made.returncode == 0, made.stdout + made.stderr
+        # Into a directory that exists (the operator's, left as it is): its files still 0600.
+        again = tmp_path / "again"
+        again.mkdir(mode=0o755)
+        made = chapar("backup", "--config", node_a.config, "--to", again)
+        assert made.returncode == 0, made.stdout + made.stderr
+    finally:
+        os.umask(umask)
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes
+    found = [backup, *backup.rglob("*"), *again.rglob("*")]
+    assert len([p for p in found if p.name == "node.db"]) == 2
+    assert len([p for p in found if p.parent.parent.name == "sha256"]) == 2  # the document
+    modes = {p: oct(p.stat().st_mode & 0o777) for p in found}
+    assert modes == {p: "0o700" if p.is_dir() else "0o600" for p in found}
+
+
 @pytest.mark.parametrize("skip", [0, 10])
 async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_them(
     tmp_path: Path, skip: int
