@@ -243,7 +243,8 @@ def _document_files(root: Path) -> list[Path]:
 
 def _copy_documents(source: Path, target: Path, private: bool = False) -> int:
     """Copies the documents ``target`` lacks (a document never changes under its name);
-    returns how many ``source`` holds. ``private``: into a backup, whose directories and
+    returns how many of ``source``'s ``target`` then holds (one retention removed from
+    ``source`` meanwhile is not counted: a restore checks the count). ``private``: into a backup, whose directories and
     files it makes readable by their owner only (a restore's copies into the server's
     document store are made as the store makes its own)."""
     files = _document_files(source)
@@ -256,7 +257,7 @@ def _copy_documents(source: Path, target: Path, private: bool = False) -> int:
                 folder.mkdir(mode=dir_mode, exist_ok=True)
                 made.add(folder)
         _copy_new(source / rel, target / rel, file_mode)
-    return len(files)
+    return sum(1 for rel in files if (target / rel).is_file())
 
 
 def _copy_new(source: Path, target: Path, mode: int) -> None:
@@ -310,6 +311,14 @@ def restore(
         server.identity,
         newest,
     )
+    if server.documents_dir is not None:
+        held = len(_document_files(source / "documents"))
+        if held < manifest.documents:
+            raise BackupError(
+                f"the backup holds {held} of the {manifest.documents} documents its"
+                f" {MANIFEST} counts ({source / 'documents'}): copied without them or cut"
+                " short; put them back or restore another backup"
+            )
     db = server.database
     _refuse_if_open(db)
     restored_at = time.time() if now is None else now

@@ -344,6 +344,38 @@ async def test_a_backup_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     assert modes == {p: "0o700" if p.is_dir() else "0o600" for p in found}
 
 
+async def test_a_restore_refuses_a_node_backup_without_the_documents_its_manifest_counts(
+    tmp_path: Path,
+) -> None:
+    """A node's backup copied off the machine without its documents/ (or cut short) used to
+    be restored (exit 0) onto a machine that had lost its store: the letters came back,
+    their attachments did not, and nothing said so."""
+    cluster = await Cluster.start(tmp_path / "c", [A, B], without_node=[B])
+    node_a = cluster.nodes[A]
+    source = tmp_path / "report.txt"
+    source.write_bytes(b"attachment " * 1000)
+    backup = tmp_path / "backup"
+    try:
+        async with client(node_a, cluster, A) as a:
+            await a.send(to=[B], subject="file", body="x", attachments=[source])
+        made = chapar("backup", "--config", node_a.config, "--to", backup)
+        assert made.returncode == 0, made.stdout + made.stderr
+    finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes
+    assert json.loads((backup / "manifest.json").read_text())["documents"] == 1
+    store = node_a.config.parent / "documents"
+    shutil.rmtree(store / "sha256")  # the site lost, its store with it
+    node_db = database(node_a)
+    live = node_db.read_bytes()
+    shutil.rmtree(backup / "documents")
+    refused = chapar("restore", "--config", node_a.config, "--from", backup)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "holds 0 of the 1 documents" in refused.stderr, refused.stderr
+    assert node_db.read_bytes() == live
+    assert not list(node_db.parent.glob("node.db.before-restore-*"))
+
+
 @pytest.mark.parametrize("skip", [0, 10])
 async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_them(
     tmp_path: Path, skip: int
