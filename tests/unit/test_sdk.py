@@ -2769,6 +2769,7 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         "InternalError",
         "format_shams",
         "parse_shams",
+        "save_bundle",
     }
     for name in client_sdk.__all__:
         assert getattr(client_sdk, name).__module__.startswith("client_sdk.")
