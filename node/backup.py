@@ -186,6 +186,11 @@ def backup(config_path: Path, to: Path) -> Manifest:
     finally:
         source.close()
     fsync_path(partial)
+    # A backup again into this directory: the older manifest goes first, so a backup cut
+    # short from here on (a full disk among the documents) has none, and a restore refuses
+    # it, rather than taking the new copy under the older snapshot time.
+    (to / MANIFEST).unlink(missing_ok=True)
+    _fsync_dir(to)
     os.replace(partial, to / name)
     documents = 0
     if server.documents_dir is not None:

@@ -426,3 +426,30 @@ async def test_a_node_database_migrates_to_acknowledgement_times_and_older_rows_
         assert [r[0] for r in resend] == ["since"]
     finally:
         await store.close()
+
+
+def test_a_backup_again_into_a_directory_cut_short_leaves_no_manifest_of_the_older_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second backup into the same directory whose document copy fails (a full disk)
+    # left the new database beside the first backup's manifest.json: a restore from it
+    # took the new copy under the old snapshot time. No manifest now until one is whole.
+    db = tmp_path / "data" / "node.db"
+    db.parent.mkdir()
+    sqlite3.connect(db).close()
+    documents = tmp_path / "data" / "documents"
+    (documents / "sha256").mkdir(parents=True)
+    server = backup_module._Server("node", NODE, db, documents, NodeStore)
+    monkeypatch.setattr(backup_module, "_server", lambda _: server)
+    monkeypatch.setattr(backup_module, "_counts", lambda _: {})
+    to = tmp_path / "backup"
+    backup_module.backup(tmp_path / "node.toml", to)
+    assert (to / backup_module.MANIFEST).is_file()
+
+    def no_room(*_: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(backup_module, "_copy_documents", no_room)
+    with pytest.raises(OSError, match="No space left"):
+        backup_module.backup(tmp_path / "node.toml", to)
+    assert not (to / backup_module.MANIFEST).exists()
