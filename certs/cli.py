@@ -209,8 +209,8 @@ def _cmd_renew(args: argparse.Namespace) -> int:
             lines.append(f"kept the old certificate's other names: {', '.join(done.kept_names)}")
         if done.kind == "signing" and done.identity.kind == "hub":
             lines.append(
-                "restart the hub: its directory then names the new certificate; nodes keep "
-                "every signing certificate they have seen, so the old evidence verifies"
+                "restart the hub: its directory then lists the new certificate and, after "
+                "it, those the hub signed with before, so the old evidence verifies"
             )
         elif done.kind == "signing":
             lines.append(

@@ -233,6 +233,8 @@ class Hub(pb.HubServiceServicer):
         # one configured is missing); None while none has been.
         self._revocations_from = _existing(config.revocation_file)
         self._missing_logged: Path | None = None  # the missing file last logged
+        # The hub's signing certificates before the one in use (_keep_earlier_signers).
+        self._earlier_signers: list[bytes] = []
         self._sessions: dict[str, _Session] = {}
         # Letters pushed to an agency on a session that ended before it answered them: its
         # node may have delivered them (its receipt lost with the stream), so they do not
@@ -322,6 +324,28 @@ class Hub(pb.HubServiceServicer):
                 return
         await self.store.save_revocations(list(self.directory.message.revoked_serials))
 
+    async def _keep_earlier_signers(self) -> None:
+        """At start: the hub's signing certificate is kept in the store, and those it
+        signed with before (a key renewed with ``chapar pki renew``, then a restart) are
+        listed after it in the directory's ``hub_signing_certificates``. Without them the
+        evidence the old key signed, in letters' chains here and at every node, would find
+        no certificate: an auditor's ``Track`` here, a back-end's ``trust_from_directory``,
+        a node that joins later. The old private key is gone; a revoked one is refused by
+        the trust stores as any revoked certificate."""
+        self._earlier_signers = await self.store.keep_signing_certificate(
+            der(self.signer.certificate)
+        )
+        if self._earlier_signers:
+            directory = pb.Directory()
+            directory.CopyFrom(self.directory.message)
+            directory.hub_signing_certificates.extend(self._earlier_signers)
+            self._trust_directory(directory)
+            self.directory = DirectoryView(directory)
+            log.info(
+                "the directory lists %d earlier signing certificates of this hub",
+                len(self._earlier_signers),
+            )
+
     def _keep_restart_only(self, read: HubConfig) -> HubConfig:
         """``read`` with the keys only a restart applies kept at their running values:
         ``self.config`` stays what is in force."""
@@ -363,6 +387,7 @@ class Hub(pb.HubServiceServicer):
                 version=self.directory.version + 1,
                 revoked_serials=kept,
             )
+            directory.hub_signing_certificates.extend(self._earlier_signers)
         except (ConfigError, OSError, ValueError) as exc:
             self._sources = stamps  # logged once; read again when a file changes
             log.error("directory not reloaded, keeping version %d: %s", self.directory.version, exc)
@@ -437,6 +462,7 @@ class Hub(pb.HubServiceServicer):
         """Keeps the revocations in force, loads queue depths and starts the expiry and
         retention loops."""
         await self._keep_revocations()
+        await self._keep_earlier_signers()
         self._depth = await self.store.depths()
         mark = await self.store.restore_mark()
         if mark is not None:

@@ -164,6 +164,9 @@ _LINKED = "letters_linked"
 # The revoked serials of the directory in force (one hexadecimal serial a line): what a
 # restart keeps in force while the configured revocation file is missing (Hub.start).
 _REVOKED = "revoked_serials"
+# The DER signing certificates the hub has signed with (hexadecimal, one a line, oldest
+# first): a renewed key's predecessor stays in the directory, so what it signed verifies.
+_SIGNERS = "hub_signing_certificates"
 # A tree read stops at this many letters, and at this many bytes of envelopes and evidence
 # (a reply well under the 64 MiB a message may have): ``Tree.truncated`` says so.
 TREE_LIMIT = 1000
@@ -1062,6 +1065,18 @@ class HubStore(Store):
         """The revoked serials ``save_revocations`` kept last (none if never)."""
         value = await self.meta_value(_REVOKED)
         return value.decode().split() if value is not None else []
+
+    async def keep_signing_certificate(self, der: bytes) -> list[bytes]:
+        """Adds the hub's signing certificate in use (DER) to those kept, once; returns the
+        others kept, oldest first: the hub signed evidence with their keys, which stays
+        in letters' chains after a renewal (the operator lists an agency's old ones, the
+        hub its own)."""
+        value = await self.meta_value(_SIGNERS)
+        kept = [bytes.fromhex(line) for line in value.decode().split()] if value else []
+        if der not in kept:
+            kept.append(der)
+            await self.set_meta_value(_SIGNERS, "\n".join(d.hex() for d in kept).encode())
+        return [d for d in kept if d != der]
 
     async def may_fetch(self, digest: bytes, owner: str, recipient: str) -> bool:
         row = await self.db.fetchone(

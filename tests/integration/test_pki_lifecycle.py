@@ -12,12 +12,15 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
 from certs.pki import load_certs
-from client_sdk import ExchangeClient, Unauthenticated
+from client_sdk import Correspondence, ExchangeClient, Unauthenticated, pb
+from client_sdk.shams import parse_shams
 from client_sdk.signing import sha256
+from client_sdk.trust import TrustStore
 from node.cluster import Cluster
 
 pytestmark = pytest.mark.integration
@@ -146,5 +149,83 @@ async def test_an_agency_issued_renewed_and_revoked_with_chapar_pki_on_a_running
                 return False
 
             await _until(refused, f"{D}'s node refusing its revoked back-end")
+    finally:
+        cluster.stop()
+
+
+def _auditor_tls(cluster: Cluster) -> grpc.ChannelCredentials:
+    d = cluster.pki.auditor_dir("auditor")
+    return grpc.ssl_channel_credentials(
+        root_certificates=cluster.pki.root_cert.read_bytes(),
+        private_key=(d / "client.key").read_bytes(),
+        certificate_chain=(d / "client.crt").read_bytes(),
+    )
+
+
+async def _hub_track(cluster: Cluster, shams: str) -> pb.TrackResponse:
+    async with grpc.aio.secure_channel(cluster.hub.address, _auditor_tls(cluster)) as channel:
+        response: pb.TrackResponse = await pb.HubServiceStub(channel).Track(
+            pb.TrackRequest(shams=parse_shams(shams)), timeout=10
+        )
+        return response
+
+
+async def test_evidence_the_hub_signed_before_its_signing_key_was_renewed_verifies_after_it(
+    tmp_path: Path,
+) -> None:
+    """The hub's signing certificate renewed with ``chapar pki renew`` and the hub
+    restarted, as OPERATIONS.md says: the RELAY_ACCEPTANCE its old key signed must still
+    verify, for an auditor tracking at the hub (the root alone) and for a back-end that
+    learns its trust from the directory, as the new key's evidence does."""
+    cluster = await Cluster.start(tmp_path, [A, B])
+    try:
+        hub_signing = cluster.pki.hub_dir("national") / "signing.crt"
+        root = TrustStore.from_pem_files(cluster.pki.root_cert)
+        async with ExchangeClient(cluster.nodes[A].address, cluster.credentials(A)) as a:
+            before = await a.send(to=[B], subject="before the renewal", body="x")
+            old_der = _der(hub_signing)
+
+            async def relayed() -> bool:  # the hub answers, with its evidence of the letter
+                try:
+                    response = await _hub_track(cluster, before.shams)
+                except grpc.aio.AioRpcError:
+                    return False
+                return any(e.signature.key_id for t in response.letters for e in t.evidence)
+
+            await _until(relayed, "the first letter's relay evidence at the hub")
+            verified = Correspondence.from_response(await _hub_track(cluster, before.shams))
+            assert "urn:chapar:hub:national" in {v.issuer for v in verified.verify(root)}
+
+            renewed = await _chapar("pki", "renew", "--dir", cluster.pki.root, hub_signing)
+            assert renewed.returncode == 0, renewed.stderr
+            assert _der(hub_signing) != old_der
+            await cluster.hub.restart()
+
+        async with ExchangeClient(cluster.nodes[A].address, cluster.credentials(A)) as a:
+            after = await a.send(to=[B], subject="after the renewal", body="y")
+            await _until(relayed, "the hub answering again")
+            tree = Correspondence.from_response(await _hub_track(cluster, before.shams))
+            signers = {e.signature.key_id for t in tree.letters for e in t.evidence}
+            assert sha256(old_der) in signers  # the old key's RELAY_ACCEPTANCE
+            fresh = TrustStore.from_pem_files(cluster.pki.root_cert)  # `root` learnt the old one
+            assert "urn:chapar:hub:national" in {v.issuer for v in tree.verify(fresh)}
+
+            # A back-end trusting what the directory lists verifies both keys' evidence.
+            async def listed_new() -> bool:
+                response = await a.trust_from_directory(cluster.credentials(A).trust_store())
+                return response.certificate(sha256(_der(hub_signing))) is not None
+
+            await _until(listed_new, "the node's directory from the restarted hub")
+            trust = await a.trust_from_directory(cluster.credentials(A).trust_store())
+            assert trust.certificate(sha256(old_der)) is not None
+
+            async def tracked_after() -> bool:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    tree = Correspondence.from_response(await _hub_track(cluster, after.shams))
+                    fresh = TrustStore.from_pem_files(cluster.pki.root_cert)
+                    return any(v.issuer == "urn:chapar:hub:national" for v in tree.verify(fresh))
+                return False
+
+            await _until(tracked_after, "the second letter's relay evidence (the new key)")
     finally:
         cluster.stop()

@@ -67,7 +67,9 @@ class Directory(_message.Message):
     """Identity URI of the hub that publishes it: urn:chapar:hub:<NAME>."""
     @_builtins.property
     def hub_signing_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """DER signing certificates of the hub (it signs relay evidence)."""
+        """DER signing certificates of the hub (it signs relay evidence): the one in use first,
+        then those it signed with before (a renewed key's), so older evidence still verifies.
+        """
 
     @_builtins.property
     def intermediate_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
