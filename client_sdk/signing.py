@@ -103,10 +103,18 @@ class Signer:
         self.algorithm = algorithm_of_key(private_key)
         if algorithm_of_key(certificate.public_key()) != self.algorithm:  # type: ignore[arg-type]
             raise ValueError("the private key does not match the certificate")
+        # The same algorithm is not the same key: another party's certificate (a mix-up of
+        # files) would make every signature fail verification, found out only downstream.
+        der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        mine = private_key.public_key().public_bytes(der, spki)
+        if mine != certificate.public_key().public_bytes(der, spki):
+            raise ValueError("the private key does not match the certificate's public key")
         self.key_id = key_id(certificate)
 
     @classmethod
     def from_files(cls, key_path: Path, cert_path: Path) -> Signer:
+        """Reads a PEM private key and its certificate (the first of the file); ValueError
+        when the key is not the certificate's."""
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
             raise ValueError(f"{key_path}: unsupported signing key type")

@@ -310,6 +310,17 @@ def test_signing_keys_work_with_signer(tmp_path: Path, algorithm: KeyAlgorithm) 
     assert hub_signer.algorithm == expected
 
 
+def test_a_signer_refuses_a_key_that_is_not_its_certificates_at_load(layout: PkiLayout) -> None:
+    """One agency's signing key with another's certificate (same algorithm, a mix-up of
+    files): refused when the Signer is made, not found out when every letter and piece of
+    evidence it signs fails verification at the hub and in court."""
+    mine, theirs = (layout.agency_dir(code) for code in AGENCIES)
+    with pytest.raises(ValueError, match="does not match"):
+        Signer.from_files(mine / "signing.key", theirs / "signing.crt")
+    with pytest.raises(ValueError, match="does not match"):
+        Signer(load_key(mine / "signing.key"), load_certs(theirs / "signing.crt")[0])
+
+
 # -- refusals -----------------------------------------------------------------------------
 
 
