@@ -164,11 +164,11 @@ def generate_key(algorithm: KeyAlgorithm) -> PrivateKey:
     )
 
 
-def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Writes ``data`` to ``path`` through a fresh file created with ``mode``.
+def _staged(path: Path, data: bytes, mode: int) -> Path:
+    """A fresh temporary file beside ``path`` holding ``data``, created with ``mode``.
 
-    The temporary file is created with O_EXCL and its final mode, so a private key is never
-    readable by others, not even for a moment, and an existing file at ``path`` (whatever
+    It is created with O_EXCL and its final mode, so a private key is never readable by
+    others, not even for a moment; renamed over ``path``, an existing file there (whatever
     its mode, or a symlink) is replaced rather than written through.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,28 +178,55 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
 
 
-def write_key(path: Path, key: CertificateIssuerPrivateKeyTypes) -> None:
-    """Writes ``key`` as unencrypted PKCS#8 PEM, mode 0600 from creation."""
-    pem = key.private_bytes(
+def _write_new_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Writes each ``(path, data, mode)`` through a fresh file (``_staged``), all of them
+    before any takes its name: a key and its certificate are replaced together, or (a full
+    disk, a quota, a permission) neither is, never a new key beside the old certificate."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            staged.append((_staged(path, data, mode), path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Writes ``data`` to ``path`` through a fresh file created with ``mode`` (``_staged``)."""
+    _write_new_files([(path, data, mode)])
+
+
+def _key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_new_file(path, pem, _KEY_MODE)
+
+
+def _certs_pem(path: Path, certs: Iterable[x509.Certificate]) -> bytes:
+    pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
+    if not pem:
+        raise PkiError(f"{path}: no certificates to write")
+    return pem
+
+
+def write_key(path: Path, key: CertificateIssuerPrivateKeyTypes) -> None:
+    """Writes ``key`` as unencrypted PKCS#8 PEM, mode 0600 from creation."""
+    _write_new_file(path, _key_pem(key), _KEY_MODE)
 
 
 def write_certs(path: Path, certs: Iterable[x509.Certificate]) -> None:
     """Writes the certificates as concatenated PEM (leaf first for a chain), mode 0644."""
-    pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
-    if not pem:
-        raise PkiError(f"{path}: no certificates to write")
-    _write_new_file(path, pem, _CERT_MODE)
+    _write_new_file(path, _certs_pem(path, certs), _CERT_MODE)
 
 
 def load_key(path: Path) -> PrivateKey:
@@ -442,11 +469,16 @@ def _issue_leaf(
         common_name=common_name,
         extra_sans=extra_sans,
     )
-    write_key(directory / f"{stem}.key", key)
     # TLS and client files carry the intermediate too: gRPC sends exactly what it is given,
     # and peers trust only the root, so the chain must travel with the leaf.
     chain = [cert] if kind == "signing" else [cert, issuer.cert]
-    write_certs(directory / f"{stem}.crt", chain)
+    cert_path = directory / f"{stem}.crt"
+    _write_new_files(
+        [
+            (directory / f"{stem}.key", _key_pem(key), _KEY_MODE),
+            (cert_path, _certs_pem(cert_path, chain), _CERT_MODE),
+        ]
+    )
 
 
 def init_pki(
@@ -502,10 +534,18 @@ def init_pki(
         identity_uri=None,
         kind="intermediate",
     )
-    write_key(layout.root_key, root_key)
-    write_certs(layout.root_cert, [root_cert])
-    write_key(layout.intermediate_key, intermediate_key)
-    write_certs(layout.intermediate_cert, [intermediate_cert])
+    _write_new_files(  # with --force: the old CA stays whole if these cannot be written
+        [
+            (layout.root_key, _key_pem(root_key), _KEY_MODE),
+            (layout.root_cert, _certs_pem(layout.root_cert, [root_cert]), _CERT_MODE),
+            (layout.intermediate_key, _key_pem(intermediate_key), _KEY_MODE),
+            (
+                layout.intermediate_cert,
+                _certs_pem(layout.intermediate_cert, [intermediate_cert]),
+                _CERT_MODE,
+            ),
+        ]
+    )
 
     issuer = _Issuer(intermediate_cert, intermediate_key)
     leaf_end = min(now + dt.timedelta(days=validity_days), intermediate_cert.not_valid_after_utc)

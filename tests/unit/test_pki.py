@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import ipaddress
+import os
 import stat
 from collections.abc import Iterator
 from concurrent import futures
@@ -36,6 +38,7 @@ from certs.pki import (
     write_key,
 )
 from client_sdk import pb
+from client_sdk.credentials import key_matches_certificate
 from client_sdk.identity import Identity, identity_of_certificate
 from client_sdk.signing import ENVELOPE_PAYLOAD_TYPE, Signer, verify_signature
 from client_sdk.trust import TrustStore, VerificationError
@@ -738,6 +741,34 @@ def test_a_party_issued_later_verifies_like_one_issued_at_init(
 def test_issuing_needs_an_existing_pki(tmp_path: Path) -> None:
     with pytest.raises(PkiError, match="no PKI"):
         issue_party(tmp_path, Identity.for_agency("AB"))
+
+
+def test_a_renewal_that_cannot_write_the_certificate_leaves_the_old_pair_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills (or a quota is hit) while ``renew`` writes: the node's key and
+    certificate must still be a pair, the old one. Writing the new key first and then
+    failing on the certificate left the new key beside the old certificate: the node
+    could not start (its key matched nothing) and the old key was gone."""
+    layout = _init(tmp_path / "pki")
+    path = layout.agency_dir(AGENCIES[0]) / "signing.crt"
+    key_path = path.with_suffix(".key")
+    old_cert, old_key = path.read_bytes(), key_path.read_bytes()
+    real_open = os.open
+
+    def full_disk(file: str | os.PathLike[str], flags: int, mode: int = 0o777) -> int:
+        if Path(file).name.startswith(f".{path.name}."):  # the new certificate's file
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, flags, mode)
+
+    monkeypatch.setattr(os, "open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        renew_certificate(layout.root, path)
+    monkeypatch.undo()
+    assert (path.read_bytes(), key_path.read_bytes()) == (old_cert, old_key)
+    assert not list(path.parent.glob(".*.tmp"))  # no temporary file left behind
+    renew_certificate(layout.root, path)  # once there is room, it renews
+    assert key_matches_certificate(load_key(key_path), _leaf(path))
 
 
 @pytest.mark.parametrize("stem", ["tls", "signing", "client"])
