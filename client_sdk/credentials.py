@@ -46,6 +46,13 @@ class Credentials:
         except (ValueError, TypeError) as exc:
             raise ValueError(f"client private key is not a PEM private key: {exc}") from None
         if not key_matches_certificate(key, chain[0]):
+            later = [i for i, c in enumerate(chain[1:], 2) if key_matches_certificate(key, c)]
+            if later:  # the files concatenated the other way round: say so, not "not yours"
+                raise ValueError(
+                    f"client certificate chain: the private key's certificate is number "
+                    f"{later[0]} of {len(chain)}; it must come first, then its issuers "
+                    "(leaf first)"
+                )
             raise ValueError("client private key does not match the client certificate")
 
     @classmethod

@@ -2541,6 +2541,23 @@ def test_credentials_refuse_a_key_that_is_not_the_certificates(pki: Pki) -> None
         )
 
 
+def test_credentials_name_a_chain_in_the_wrong_order(pki: Pki) -> None:
+    """The intermediate first and the client certificate after it (files concatenated the
+    other way round): the key is the chain's second certificate's, and the error says the
+    order is wrong, not that the key is someone else's."""
+    folder = pki.dir / "agencies" / SENDER
+    leaf, intermediate = x509.load_pem_x509_certificates((folder / "client.crt").read_bytes())
+    reversed_chain = b"".join(
+        c.public_bytes(serialization.Encoding.PEM) for c in (intermediate, leaf)
+    )
+    with pytest.raises(ValueError, match=r"client certificate chain: .*first.*leaf first"):
+        Credentials(
+            (pki.dir / "ca" / "root.crt").read_bytes(),
+            (folder / "client.key").read_bytes(),
+            reversed_chain,
+        )
+
+
 @pytest.fixture
 async def tls_node(
     pki: Pki, fake_node: tuple[FakeNode, str]
