@@ -471,7 +471,7 @@ _WAITING = (
 )
 _UNACKED = (
     "FROM inbox i LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams "
-    "WHERE i.handover IS NULL AND i.rowid > ? "
+    "WHERE i.pending = 1 AND i.rowid > ? "
 )
 
 
@@ -492,8 +492,8 @@ def recipient_jobs() -> list[Job]:
                 ),
                 Statement(
                     "insert inbox",
-                    "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at,"
+                    " pending) VALUES (?, ?, ?, ?, ?, ?, 1)",
                     1,
                 ),
                 Statement(
@@ -517,7 +517,7 @@ def recipient_jobs() -> list[Job]:
                 Statement(
                     "read inbox rows",
                     "SELECT i.rowid, i.shams, i.mailboxes, i.envelope, i.delivery, i.received_at,"
-                    f" b.body {_UNACKED} AND i.rowid <= ? ORDER BY i.rowid LIMIT ?",
+                    f" b.body, i.acked {_UNACKED} AND i.rowid <= ? ORDER BY i.rowid LIMIT ?",
                     1,
                     "read",
                 ),
@@ -532,7 +532,8 @@ def recipient_jobs() -> list[Job]:
             (
                 Statement(
                     "read inbox entries",
-                    "SELECT shams, mailboxes, envelope, handover FROM inbox WHERE shams IN ({marks})",
+                    "SELECT shams, mailboxes, envelope, handover, acked, pending FROM inbox"
+                    " WHERE shams IN ({marks})",
                     1,
                     "in",
                 ),
@@ -547,7 +548,8 @@ def recipient_jobs() -> list[Job]:
             (
                 Statement(
                     "update inbox",
-                    "UPDATE inbox SET handover = ? WHERE shams = ? AND handover IS NULL",
+                    "UPDATE inbox SET handover = ?, pending = NULL"
+                    " WHERE shams = ? AND handover IS NULL",
                     1,
                 ),
                 Statement("insert evidence", _NODE_RECEIPT, 1),

@@ -1056,8 +1056,10 @@ class Agency(pb.NodeServiceServicer):
                     continue
                 cursor = rows[-1][0]
                 letters = []
-                for _, shams, mailboxes, envelope, delivery, received_at in rows:
-                    boxes = mailboxes.split("\n")
+                # Each letter with the mailboxes of it that have not acknowledged it: a
+                # stream shows it while one of those it reads is among them.
+                for _, shams, unread, envelope, delivery, received_at in rows:
+                    boxes = unread.split("\n")
                     if (mailbox and mailbox not in boxes) or not access.may_see(boxes):
                         continue
                     # The stored envelope and evidence are spliced in as they are.
@@ -1195,6 +1197,10 @@ class Agency(pb.NodeServiceServicer):
         entries = await self.store.inbox_entries([t for t in texts if isinstance(t, str)])
         outcomes: list[pb.Evidence | ChaparError | str] = []
         contents: dict[str, bytes] = {}  # numbers to hand over now, once each
+        # Numbers handed over before that mailboxes of this caller's have not acknowledged
+        # yet (a letter to several mailboxes, one's limited client acknowledged): marked
+        # now, with the evidence they have.
+        marked: dict[str, pb.Evidence] = {}
         now = dt.datetime.now(dt.UTC)
         for text in texts:
             if isinstance(text, ChaparError):
@@ -1204,14 +1210,18 @@ class Agency(pb.NodeServiceServicer):
             if entry is None:
                 outcomes.append(letter_not_found(text, "in the inbox"))
                 continue
-            boxes, header_bytes, evidence = entry
+            boxes, header_bytes, evidence, unread = entry
             try:
                 access.require(boxes, f"the letter {text}")
             except ChaparError as exc:
                 outcomes.append(exc)
                 continue
             if evidence is not None:  # acknowledged before: the same evidence again
-                outcomes.append(evidence)
+                if unread and access.may_see(unread):  # and now for this caller's too
+                    marked[text] = evidence
+                    outcomes.append(text)
+                else:
+                    outcomes.append(evidence)
                 continue
             if text not in contents:
                 contents[text] = evidence_content(
@@ -1224,18 +1234,22 @@ class Agency(pb.NodeServiceServicer):
                 )
             outcomes.append(text)
         issued: dict[str, pb.Evidence] = {}
-        if contents:
-            signed = self.signer.sign_evidence(list(contents.values()))
+        if contents or marked:
+            signed = self.signer.sign_evidence(list(contents.values())) if contents else []
+            items = [*zip(contents, signed, strict=True), *marked.items()]
             stored = await self.store.record_handovers(
-                list(zip(contents, signed, strict=True)),
+                items,
                 # At the commit, even if this call is cancelled meanwhile (its deadline):
                 # a retry finds the handover stored and would not wake the hub link.
                 on_commit=lambda _: self.receipts_changed.set(),
+                # A client limited to some mailboxes acknowledges for those only: the
+                # letter stays in the streams of its other mailboxes until they have it.
+                mailboxes=[access.mailboxes] * len(items) if access.mailboxes is not None else (),
             )
             handed: list[str] = []
-            for text, mine, standing in zip(contents, signed, stored, strict=True):
+            for (text, mine), standing in zip(items, stored, strict=True):
                 issued[text] = standing
-                if standing is mine:  # issued now, not by a concurrent call
+                if standing is mine and text in contents:  # issued now, not concurrently
                     handed.append(text)
             if handed and log.isEnabledFor(logging.INFO):
                 _log_letters("letters handed over", handed, access)

@@ -195,7 +195,7 @@ NODE_OUTBOX_OLDEST_AGE = Gauge(
 )
 NODE_INBOX_UNACKED = Gauge(
     "chapar_node_inbox_unacked",
-    "Letters delivered to the node and not yet handed over.",
+    "Letters delivered to the node that a mailbox of theirs has not yet acknowledged.",
     registry=None,
 )
 HUB_CONNECTED_NODES = Gauge(

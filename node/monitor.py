@@ -162,7 +162,7 @@ class NodeMonitor(_Common):
         depth = int(row[0]) if row else 0
         m.NODE_OUTBOX_DEPTH.set(depth)
         m.NODE_OUTBOX_OLDEST_AGE.set(max(0.0, now - float(row[1])) if row and depth else 0.0)
-        row = await db.fetchone("SELECT count(*) FROM inbox WHERE handover IS NULL")
+        row = await db.fetchone("SELECT count(*) FROM inbox WHERE pending = 1")
         m.NODE_INBOX_UNACKED.set(int(row[0]) if row else 0)
         await self._observe_waiting()
 

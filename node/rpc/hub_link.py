@@ -871,7 +871,7 @@ class _Session:
         entries = await self.agency.store.inbox_entries(numbers)
         return [
             StoredEvidence.of(handover.SerializeToString())
-            for _, _, handover in entries.values()
+            for _, _, handover, _ in entries.values()
             if handover is not None
         ]
 

@@ -16,7 +16,7 @@ import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
@@ -177,6 +177,21 @@ MIGRATIONS = [
     # have none; their recorded_at stands in.
     """
     ALTER TABLE evidence ADD COLUMN acked_at REAL;
+    """,
+    # 9: acknowledgement by mailbox. A letter to several mailboxes of this agency is stored
+    # once; a client limited to some of them ([[clients]]) acknowledges it for those only,
+    # and it stays in the inbox streams that read any other until that one's back-end has
+    # it too. ``acked``: the mailboxes acknowledged ('\n'-joined; NULL: none, or all once
+    # ``pending`` is NULL); ``pending``: 1 while a mailbox is not, NULL once every one is
+    # (what the streams, the unacknowledged count and retention read). The HANDOVER
+    # evidence is still issued once, at the first acknowledgement. Rows from before are
+    # pending while not handed over, as they were.
+    """
+    ALTER TABLE inbox ADD COLUMN acked TEXT;
+    ALTER TABLE inbox ADD COLUMN pending INTEGER;
+    UPDATE inbox SET pending = 1 WHERE handover IS NULL;
+    DROP INDEX inbox_unacked;
+    CREATE INDEX inbox_pending ON inbox (pending) WHERE pending = 1;
     """,
 ]
 _DOCUMENTS_INDEXED = "letter_documents_indexed"
@@ -725,8 +740,8 @@ class NodeStore(Store):
             if not evidence_rows:
                 return out, []
             conn.executemany(
-                "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO inbox (shams, sender, mailboxes, envelope, delivery, received_at,"
+                " pending) VALUES (?, ?, ?, ?, ?, ?, 1)",
                 [
                     (s, snd, "\n".join(m), _without_body(env), blob, now)
                     for s, snd, m, env, _, blob in rows
@@ -764,26 +779,34 @@ class NodeStore(Store):
     async def unacked_inbox(
         self, after: int, limit: int, max_bytes: int
     ) -> Page[tuple[int, str, str, bytes, bytes, float]]:
-        """(rowid, shams, mailboxes, envelope, delivery evidence, received_at), oldest first:
+        """(rowid, shams, mailboxes not yet acknowledged ('\n'-joined), envelope, delivery
+        evidence, received_at) of letters some mailbox has not acknowledged, oldest first:
         at most ``limit`` letters and ``max_bytes`` of envelopes and bodies (but always one);
         ``more`` if the read stopped at either limit. The sizes are read first, so large
         letters are never all loaded at once."""
         unacked = (
             "FROM inbox i LEFT JOIN bodies b ON b.box = 'I' AND b.shams = i.shams "
-            "WHERE i.handover IS NULL AND i.rowid > ? "
+            "WHERE i.pending = 1 AND i.rowid > ? "
         )
         page = await self.db.fetch_page(
             "SELECT i.rowid, length(i.envelope) + coalesce(length(b.body), 0) "
             f"{unacked} ORDER BY i.rowid LIMIT ?",
-            "SELECT i.rowid, i.shams, i.mailboxes, i.envelope, i.delivery, i.received_at, b.body "
-            f"{unacked} AND i.rowid <= ? ORDER BY i.rowid LIMIT ?",
+            "SELECT i.rowid, i.shams, i.mailboxes, i.envelope, i.delivery, i.received_at, b.body,"
+            f" i.acked {unacked} AND i.rowid <= ? ORDER BY i.rowid LIMIT ?",
             (after,),
             limit,
             max_bytes,
         )
         return Page(
             [
-                (int(r[0]), str(r[1]), str(r[2]), _with_body(r[3], r[6]), bytes(r[4]), float(r[5]))
+                (
+                    int(r[0]),
+                    str(r[1]),
+                    "\n".join(_unread(str(r[2]), r[7])),
+                    _with_body(r[3], r[6]),
+                    bytes(r[4]),
+                    float(r[5]),
+                )
                 for r in page
             ],
             page.more,
@@ -793,8 +816,11 @@ class NodeStore(Store):
         self,
         items: Sequence[tuple[str, pb.Evidence]],
         on_commit: Callable[[list[pb.Evidence]], None] | None = None,
+        mailboxes: Sequence[Collection[str] | None] = (),
     ) -> list[pb.Evidence]:
-        """Stores HANDOVER evidence (shams, evidence) for received letters, once each.
+        """Stores HANDOVER evidence (shams, evidence) for received letters, once each, and
+        marks them acknowledged for ``mailboxes[i]`` (those of the letter's a limited client
+        may use; None, or no ``mailboxes``: every one).
 
         Returns per item the evidence that stands: this one, or the one stored before (an
         earlier or concurrent acknowledgement). Every number must be in the inbox.
@@ -804,12 +830,23 @@ class NodeStore(Store):
             now = time.time()
             out: list[pb.Evidence] = []
             stored: _Stored = []
-            for shams, evidence in items:
+            for i, (shams, evidence) in enumerate(items):
                 blob = evidence.SerializeToString()
-                if conn.execute(
-                    "UPDATE inbox SET handover = ? WHERE shams = ? AND handover IS NULL",
-                    (blob, shams),
-                ).rowcount:
+                boxes = mailboxes[i] if mailboxes else None
+                if boxes is None:  # every mailbox: one statement, as before mailboxes
+                    handed = conn.execute(
+                        "UPDATE inbox SET handover = ?, pending = NULL"
+                        " WHERE shams = ? AND handover IS NULL",
+                        (blob, shams),
+                    ).rowcount
+                    if not handed:
+                        conn.execute(
+                            "UPDATE inbox SET pending = NULL WHERE shams = ? AND pending = 1",
+                            (shams,),
+                        )
+                else:
+                    handed = _acknowledge_boxes(conn, shams, blob, boxes)
+                if handed:
                     content = pb.EvidenceContent.FromString(evidence.content)
                     conn.execute(
                         "INSERT INTO evidence (evidence_id, shams, event, evidence, to_send,"
@@ -831,10 +868,13 @@ class NodeStore(Store):
 
     async def inbox_entries(
         self, numbers: Sequence[str]
-    ) -> dict[str, tuple[list[str], bytes, pb.Evidence | None]]:
-        """``inbox_entry`` for many numbers in one read; numbers not received are absent."""
+    ) -> dict[str, tuple[list[str], bytes, pb.Evidence | None, list[str]]]:
+        """(mailboxes, header bytes, HANDOVER evidence or None, mailboxes not yet
+        acknowledged) of many received letters in one read; numbers not received are
+        absent."""
         rows = await self.db.fetchall_in(
-            "SELECT shams, mailboxes, envelope, handover FROM inbox WHERE shams IN ({marks})",
+            "SELECT shams, mailboxes, envelope, handover, acked, pending FROM inbox"
+            " WHERE shams IN ({marks})",
             numbers,
         )
         return {
@@ -842,8 +882,9 @@ class NodeStore(Store):
                 str(boxes).split("\n"),
                 pb.Envelope.FromString(envelope).header,
                 pb.Evidence.FromString(handover) if handover is not None else None,
+                _unread(str(boxes), acked) if pending is not None else [],
             )
-            for shams, boxes, envelope, handover in rows
+            for shams, boxes, envelope, handover, acked, pending in rows
         }
 
     async def receipts_to_send(self, limit: int, after: int = 0) -> list[pb.Evidence]:
@@ -971,7 +1012,8 @@ class NodeStore(Store):
             count = 0
             for table, box, clause in (
                 ("outbox", "O", _OUTBOX_DONE),
-                ("inbox", "I", "handover IS NOT NULL AND received_at < ?"),
+                # Once every mailbox has it: a body its other mailbox has not read stays.
+                ("inbox", "I", "pending IS NULL AND handover IS NOT NULL AND received_at < ?"),
             ):
                 params = (before, *_FINAL) if table == "outbox" else (before,)
                 rows = list(
@@ -1364,6 +1406,39 @@ def _without_body(envelope: pb.Envelope) -> bytes:
     stored.CopyFrom(envelope)
     stored.ClearField("body")
     return stored.SerializeToString()
+
+
+def _unread(mailboxes: str, acked: str | None) -> list[str]:
+    """The mailboxes of a pending inbox letter (its '\n'-joined ``mailboxes``) that no
+    acknowledgement has taken yet (``acked``, '\n'-joined or None)."""
+    boxes = mailboxes.split("\n")
+    if acked is None:
+        return boxes
+    done = set(acked.split("\n"))
+    return [box for box in boxes if box not in done]
+
+
+def _acknowledge_boxes(
+    conn: sqlite3.Connection, shams: str, handover: bytes, boxes: Collection[str]
+) -> bool:
+    """Marks the inbox letter ``shams`` acknowledged for ``boxes`` (those of its mailboxes
+    among them), with ``handover`` as its HANDOVER evidence unless it has one; True if it
+    was set now. A letter not in the inbox is left to the caller."""
+    row = conn.execute(
+        "SELECT mailboxes, acked, pending, handover IS NULL FROM inbox WHERE shams = ?", (shams,)
+    ).fetchone()
+    if row is None:
+        return False
+    mailboxes, acked, pending, unhanded = str(row[0]), row[1], row[2], bool(row[3])
+    if pending is None and not unhanded:
+        return False  # every mailbox has it
+    left = [box for box in _unread(mailboxes, acked) if box not in boxes]
+    taken = [box for box in mailboxes.split("\n") if box not in left]
+    conn.execute(
+        "UPDATE inbox SET handover = coalesce(handover, ?), acked = ?, pending = ? WHERE shams = ?",
+        (handover, "\n".join(taken) if left else None, 1 if left else None, shams),
+    )
+    return unhanded
 
 
 def _with_body(stored: bytes, body: bytes | None) -> bytes:

@@ -1143,18 +1143,65 @@ async def test_node_knows_nothing_of_a_letter_between_two_other_agencies(
     assert err.value.reason == "LETTER_NOT_FOUND"
 
 
-async def _inbox_for(client: ExchangeClient, seconds: float) -> set[str]:
-    """The SHAMS numbers an inbox stream yields within ``seconds``."""
+async def _inbox_for(
+    client: ExchangeClient, seconds: float, mailbox: str | None = None
+) -> set[str]:
+    """The SHAMS numbers an inbox stream (of ``mailbox``, if given) yields within
+    ``seconds``."""
     seen: set[str] = set()
 
     async def read() -> None:
-        async with contextlib.aclosing(client.inbox()) as letters:
+        async with contextlib.aclosing(client.inbox(mailbox)) as letters:
             async for letter in letters:
                 seen.add(letter.shams)
 
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(read(), seconds)
     return seen
+
+
+async def test_a_letter_to_two_mailboxes_reaches_the_second_after_the_first_acknowledges(
+    cluster: Cluster,
+) -> None:
+    """A letter to two mailboxes of one agency is stored once. The registry's back-end
+    (a client limited to it) reads and acknowledges it: legal's reader must still get it,
+    and the whole agency's stream too, until legal has it; the HANDOVER evidence is the
+    one the first acknowledgement issued. Before, the registry's acknowledgement took the
+    letter out of every stream: legal's back-end never saw a letter addressed to it."""
+    registry_credentials = client_credentials(cluster, A, "registry")
+    async with (
+        _client(cluster, B) as b,
+        _client(cluster, A) as backend,
+        ExchangeClient(cluster.nodes[A].address, registry_credentials) as registry,
+    ):
+        both = await b.send(to=[(A, "registry"), (A, "legal")], subject="to two", body="2")
+        inbox_a = _node_db(cluster, A)
+
+        async def arrived() -> bool:
+            return _count(inbox_a, "SELECT count(*) FROM inbox WHERE shams = ?", (both.shams,)) == 1
+
+        await _eventually(arrived, "the letter to two mailboxes at A", timeout=20)
+        async with contextlib.aclosing(registry.inbox()) as letters:
+            async for letter in letters:
+                if letter.shams == both.shams:
+                    first = await letter.ack()
+                    break
+        assert both.shams not in await _inbox_for(registry, 1.0)
+        assert both.shams in await _inbox_for(backend, 1.0, "legal")
+        assert both.shams in await _inbox_for(backend, 1.0)
+        assert await registry.ack(both.shams) == first  # again: the same evidence
+        (by_legal,) = await backend.ack_many([both.shams])
+        assert by_legal == first
+        assert both.shams not in await _inbox_for(backend, 1.0, "legal")
+        assert both.shams not in await _inbox_for(backend, 1.0)
+        assert (
+            _count(
+                inbox_a,
+                "SELECT count(*) FROM evidence WHERE shams = ? AND event = ?",
+                (both.shams, E.EVIDENCE_EVENT_HANDOVER),
+            )
+            == 1
+        )
 
 
 async def test_client_limited_to_a_mailbox_sees_and_acts_only_on_that_mailbox(

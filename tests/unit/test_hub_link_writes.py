@@ -246,7 +246,7 @@ class _AnsweringStore:
         self.issued: list[tuple[str, pb.Evidence]] = []
 
     async def inbox_entries(self, numbers: list[str]) -> dict[str, object]:
-        return {n: (None, None, self.handovers[n]) for n in numbers if n in self.handovers}
+        return {n: (None, None, self.handovers[n], []) for n in numbers if n in self.handovers}
 
     async def earlier_answers(
         self, letters: list[tuple[str, bytes]], issuer: str

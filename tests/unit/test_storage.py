@@ -12,6 +12,7 @@ import hashlib
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -1452,7 +1453,12 @@ async def test_handovers_recorded_in_a_batch_stand_once_each(store: NodeStore) -
     await store.store_incoming([first, second], DeliveryMaker())
     entries = await store.inbox_entries([first[0], second[0], "NOBODY/O/2026/0000001"])
     assert set(entries) == {first[0], second[0]}
-    assert entries[first[0]] == (["legal", "registry"], first[3].header, None)
+    assert entries[first[0]] == (
+        ["legal", "registry"],
+        first[3].header,
+        None,
+        ["legal", "registry"],
+    )
 
     h1, _ = _evidence(E.EVIDENCE_EVENT_HANDOVER, recipient=RECIPIENT_B)
     h2, _ = _evidence(E.EVIDENCE_EVENT_HANDOVER, recipient=RECIPIENT_B)
@@ -1464,6 +1470,28 @@ async def test_handovers_recorded_in_a_batch_stand_once_each(store: NodeStore) -
     with pytest.raises(ChaparError) as info:
         await store.record_handovers([("NOBODY/O/2026/0000001", late)])
     assert info.value.reason == "LETTER_NOT_FOUND"
+
+
+async def test_a_letter_acknowledged_for_one_mailbox_waits_for_the_other(
+    store: NodeStore,
+) -> None:
+    """A letter to legal and registry, acknowledged by registry's limited client: handed
+    over (the evidence stands for later acknowledgements), still pending for legal, its
+    body kept from retention; then legal's acknowledgement ends it."""
+    letter = _incoming(1)
+    await store.store_incoming([letter], DeliveryMaker())
+    h1, _ = _evidence(E.EVIDENCE_EVENT_HANDOVER, recipient=RECIPIENT_B)
+    late, _ = _evidence(E.EVIDENCE_EVENT_HANDOVER, recipient=RECIPIENT_B)
+    assert await store.record_handovers([(letter[0], h1)], mailboxes=[{"registry"}]) == [h1]
+    (row,) = await store.unacked_inbox(0, 10, 1 << 20)
+    assert (row[1], row[2]) == (letter[0], "legal")
+    assert (await store.inbox_entries([letter[0]]))[letter[0]][2:] == (h1, ["legal"])
+    assert await store.purge(time.time() + 10) == 0  # legal has not read it
+    assert await store.record_handovers([(letter[0], late)], mailboxes=[{"legal"}]) == [h1]
+    assert await store.unacked_inbox(0, 10, 1 << 20) == []
+    assert (await store.inbox_entries([letter[0]]))[letter[0]][2:] == (h1, [])
+    assert await store.count("evidence") == 1 + 1  # its delivery, one handover
+    assert await store.purge(time.time() + 10) == 1
 
 
 def test_fits_takes_at_least_one_then_what_stays_within_the_limit() -> None:

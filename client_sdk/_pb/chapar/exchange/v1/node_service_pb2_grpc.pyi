@@ -97,11 +97,15 @@ class NodeServiceStub:
     arrive. A letter is sent again on a new stream until it is acknowledged. The stream
     never ends by itself: a node that stops ends it (OK) once the frame it is writing is
     sent, so open it again. A client that [[clients]] limits to some mailboxes gets only
-    the letters addressed to them.
+    the letters addressed to them. A letter to several mailboxes of the agency is
+    acknowledged by mailbox: one such client's acknowledgement takes it out of the
+    streams of its own mailboxes only, and the streams reading another of its mailboxes
+    (that mailbox's, or the whole agency's) still send it until that one is acknowledged
+    too, by its limited client or by a client not limited.
     """
     AckEnvelope: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.AckEnvelopeRequest, _node_service_pb2.AckEnvelopeResponse]
     """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
-    the same evidence. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND
+    the same evidence, as does acknowledging for another of its mailboxes (StreamInbox). Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND
     for a letter this node has not received (one it only sent, one it refused at
     delivery).
     """
@@ -216,11 +220,15 @@ class NodeServiceAsyncStub(NodeServiceStub):
     arrive. A letter is sent again on a new stream until it is acknowledged. The stream
     never ends by itself: a node that stops ends it (OK) once the frame it is writing is
     sent, so open it again. A client that [[clients]] limits to some mailboxes gets only
-    the letters addressed to them.
+    the letters addressed to them. A letter to several mailboxes of the agency is
+    acknowledged by mailbox: one such client's acknowledgement takes it out of the
+    streams of its own mailboxes only, and the streams reading another of its mailboxes
+    (that mailbox's, or the whole agency's) still send it until that one is acknowledged
+    too, by its limited client or by a client not limited.
     """
     AckEnvelope: _aio.UnaryUnaryMultiCallable[_node_service_pb2.AckEnvelopeRequest, _node_service_pb2.AckEnvelopeResponse]  # type: ignore[assignment]
     """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
-    the same evidence. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND
+    the same evidence, as does acknowledging for another of its mailboxes (StreamInbox). Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND
     for a letter this node has not received (one it only sent, one it refused at
     delivery).
     """
@@ -356,7 +364,11 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         arrive. A letter is sent again on a new stream until it is acknowledged. The stream
         never ends by itself: a node that stops ends it (OK) once the frame it is writing is
         sent, so open it again. A client that [[clients]] limits to some mailboxes gets only
-        the letters addressed to them.
+        the letters addressed to them. A letter to several mailboxes of the agency is
+        acknowledged by mailbox: one such client's acknowledgement takes it out of the
+        streams of its own mailboxes only, and the streams reading another of its mailboxes
+        (that mailbox's, or the whole agency's) still send it until that one is acknowledged
+        too, by its limited client or by a client not limited.
         """
 
     @_abc_1.abstractmethod
@@ -366,7 +378,7 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_service_pb2.AckEnvelopeResponse, _abc.Awaitable[_node_service_pb2.AckEnvelopeResponse]]:
         """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
-        the same evidence. Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND
+        the same evidence, as does acknowledging for another of its mailboxes (StreamInbox). Errors: INVALID_ARGUMENT INVALID_SHAMS; NOT_FOUND LETTER_NOT_FOUND
         for a letter this node has not received (one it only sent, one it refused at
         delivery).
         """
