@@ -13,6 +13,7 @@ the subject CN is a human-readable label and nothing reads it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -178,22 +179,44 @@ def _staged(path: Path, data: bytes, mode: int) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            # Synced before it is renamed: after a power loss the name could otherwise be
+            # durable and the data not (an empty key file where the old pair was).
+            os.fsync(handle.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
 
 
+def _fsync_dir(path: Path) -> None:
+    """Makes the renames into directory ``path`` durable. A filesystem that cannot sync a
+    directory (some network ones refuse) has done what it can: the files are synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_new_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
     """Writes each ``(path, data, mode)`` through a fresh file (``_staged``), all of them
     before any takes its name: a key and its certificate are replaced together, or (a full
-    disk, a quota, a permission) neither is, never a new key beside the old certificate."""
+    disk, a quota, a permission) neither is, never a new key beside the old certificate.
+    Each file is synced before its rename and each directory after, so what ``chapar pki``
+    reports done survives a power loss."""
     staged: list[tuple[Path, Path]] = []
     try:
         for path, data, mode in files:
             staged.append((_staged(path, data, mode), path))
         for tmp, path in staged:
             os.replace(tmp, path)
+        for folder in dict.fromkeys(path.parent for _, path in staged):
+            _fsync_dir(folder)
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)

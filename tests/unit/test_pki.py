@@ -1006,3 +1006,56 @@ def test_a_ca_certified_again_under_its_name_and_key_verifies_then_and_now(order
     with pytest.raises(VerificationError) as info:  # with the old one alone: expired now
         store.verify_certificate(leaf, "signing", now)
     assert info.value.reason == "CERTIFICATE_EXPIRED"
+
+
+def _record_syncs_and_renames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """``("fsync", path)`` for each file or directory synced and ``("replace", path)`` for
+    each file renamed (by the path it had), in the order they happen."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("replace", str(Path(src).resolve())))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_a_renewal_syncs_each_new_file_before_its_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power loss right after ``renew`` must not leave an empty key file under the new
+    name: each new file's data is synced before it is renamed into place, and the
+    directory (the renames themselves) after. Power loss cannot be simulated; the order of
+    the calls is what can be checked."""
+    layout = _init(tmp_path / "pki")
+    path = layout.agency_dir(AGENCIES[0]) / "tls.crt"
+    folder = path.parent.resolve()
+    events = _record_syncs_and_renames(monkeypatch)
+    renew_certificate(layout.root, path)
+    monkeypatch.undo()
+    renamed = [name for what, name in events if what == "replace"]
+    assert len(renamed) == 2  # the key and the certificate
+    for name in renamed:
+        assert events.index(("fsync", name)) < events.index(("replace", name))
+    assert ("fsync", str(folder)) in events[events.index(("replace", renamed[-1])) :]
+
+
+def test_a_revocation_file_is_synced_before_it_replaces_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = _init(tmp_path / "pki")
+    file = tmp_path / "revoked.txt"
+    file.write_text("0abc\n")
+    events = _record_syncs_and_renames(monkeypatch)
+    assert revoke_certificate(file, layout.agency_dir(AGENCIES[0]) / "client.crt")
+    monkeypatch.undo()
+    [(_, staged)] = [e for e in events if e[0] == "replace"]
+    assert events.index(("fsync", staged)) < events.index(("replace", staged))
+    assert events[-1] == ("fsync", str(tmp_path.resolve()))
