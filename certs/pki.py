@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from client_sdk.identity import Identity, identity_of_certificate
+from client_sdk.signing import load_private_key
 
 __all__ = [
     "CertificateKind",
@@ -255,9 +256,9 @@ def write_certs(path: Path, certs: Iterable[x509.Certificate]) -> None:
 def load_key(path: Path) -> PrivateKey:
     """Reads an unencrypted PEM private key of a type Chapar uses (Ed25519 or ECDSA)."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise PkiError(f"{path}: not an unencrypted PEM private key ({exc})") from exc
+        key = load_private_key(path.read_bytes(), str(path))
+    except ValueError as exc:
+        raise PkiError(str(exc)) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         raise PkiError(f"{path}: unsupported private key type {type(key).__name__}")
     return key

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from client_sdk.identity import Identity, identity_of_certificate
+from client_sdk.signing import load_private_key
 from client_sdk.trust import TrustStore, is_ca
 
 __all__ = ["DEFAULT_CLIENT_NAME", "Credentials", "key_matches_certificate"]
@@ -41,10 +42,7 @@ class Credentials:
     def __post_init__(self) -> None:
         _load_certificates(self.root_certificates, "root certificates")
         chain = _load_certificates(self.certificate_chain, "client certificate chain")
-        try:
-            key = serialization.load_pem_private_key(self.private_key, password=None)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"client private key is not a PEM private key: {exc}") from None
+        key = load_private_key(self.private_key, "client private key")
         if not key_matches_certificate(key, chain[0]):
             later = [i for i, c in enumerate(chain[1:], 2) if key_matches_certificate(key, c)]
             if later:  # the files concatenated the other way round: say so, not "not yours"
@@ -57,10 +55,13 @@ class Credentials:
 
     @classmethod
     def from_files(cls, ca: Path, cert: Path, key: Path) -> Credentials:
-        """Reads the root CA, the client certificate chain and the client key (PEM)."""
+        """Reads the root CA, the client certificate chain and the client key (PEM); a key
+        that cannot be read (encrypted, not PEM) is named by its file."""
+        private_key = Path(key).read_bytes()
+        load_private_key(private_key, str(key))
         return cls(
             root_certificates=Path(ca).read_bytes(),
-            private_key=Path(key).read_bytes(),
+            private_key=private_key,
             certificate_chain=Path(cert).read_bytes(),
         )
 

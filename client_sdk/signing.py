@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from client_sdk import pb
 
@@ -31,6 +32,7 @@ __all__ = [
     "algorithm_of_key",
     "batch_tree_head",
     "key_id",
+    "load_private_key",
     "merkle_leaf",
     "merkle_paths_hold",
     "merkle_root_from_path",
@@ -51,6 +53,22 @@ _MAX_TREE_SIZE = 1 << 32
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+
+
+def load_private_key(pem: bytes, source: str) -> PrivateKeyTypes:
+    """The unencrypted PEM private key ``pem`` read from ``source`` (a file name, or what
+    the bytes are), any type; ValueError naming ``source`` otherwise, saying so when the
+    key is encrypted (Chapar's servers and SDK take no passphrase: a key is protected by
+    its file's mode, 0600)."""
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except TypeError:  # with no password given, raised only for an encrypted key
+        raise ValueError(
+            f"{source} is encrypted (protected by a passphrase); Chapar reads unencrypted "
+            "keys only, kept mode 0600 (openssl pkey -in KEY -out NEW writes it decrypted)"
+        ) from None
+    except ValueError as exc:
+        raise ValueError(f"{source} is not a PEM private key: {exc}") from None
 
 
 class SignatureError(Exception):
@@ -115,7 +133,7 @@ class Signer:
     def from_files(cls, key_path: Path, cert_path: Path) -> Signer:
         """Reads a PEM private key and its certificate (the first of the file); ValueError
         when the key is not the certificate's."""
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        key = load_private_key(key_path.read_bytes(), str(key_path))
         if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
             raise ValueError(f"{key_path}: unsupported signing key type")
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())

@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client_sdk import pb
 from client_sdk.credentials import key_matches_certificate
 from client_sdk.identity import Identity, identity_of_certificate
-from client_sdk.signing import Signer
+from client_sdk.signing import Signer, load_private_key
 from client_sdk.trust import TrustStore
 from node import metrics as m
 from node.config import (
@@ -165,7 +164,7 @@ def _check_identity(path: Path, key: str, expected: Identity) -> None:
 def _signer(signing: SigningConfig, expected: Identity) -> Signer:
     key = check_key_file(signing.key, "signing.key")
     _check_identity(signing.cert, "signing.cert", expected)
-    _check_key_matches(key, signing.cert, "signing.key", "signing.cert")
+    _check_key_matches(key, signing.key, signing.cert, "signing.key", "signing.cert")
     signer = Signer.from_files(signing.key, signing.cert)
     if signing.algorithm is not None:
         wanted = {
@@ -179,12 +178,15 @@ def _signer(signing: SigningConfig, expected: Identity) -> Signer:
     return signer
 
 
-def _check_key_matches(key_pem: bytes, cert_path: Path, key: str, cert_key: str) -> None:
-    """A key that is not the certificate's is named here (gRPC would say only 'cannot bind')."""
+def _check_key_matches(
+    key_pem: bytes, key_path: Path, cert_path: Path, key: str, cert_key: str
+) -> None:
+    """A key that is not the certificate's is named here (gRPC would say only 'cannot bind'),
+    as is one that cannot be read (encrypted: the servers take no passphrase)."""
     try:
-        private = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{key}: not a readable unencrypted PEM private key") from exc
+        private = load_private_key(key_pem, str(key_path))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
     if not key_matches_certificate(private, read_certificates(cert_path, cert_key)[0]):
         raise ConfigError(f"{key}: does not match the public key of {cert_path}")
 
@@ -192,7 +194,7 @@ def _check_key_matches(key_pem: bytes, cert_path: Path, key: str, cert_key: str)
 def _server_credentials(tls: TlsConfig, expected: Identity) -> grpc.ServerCredentials:
     key = check_key_file(tls.key, "tls.key")
     _check_identity(tls.cert, "tls.cert", expected)
-    _check_key_matches(key, tls.cert, "tls.key", "tls.cert")
+    _check_key_matches(key, tls.key, tls.cert, "tls.key", "tls.cert")
     return grpc.ssl_server_credentials(
         [(key, tls.cert.read_bytes())],
         root_certificates=tls.ca.read_bytes(),

@@ -888,6 +888,30 @@ def test_server_with_a_tls_key_that_does_not_match_its_certificate_names_the_key
     assert "cannot bind" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(("role", "stem"), [("node", "tls"), ("node", "signing"), ("hub", "tls")])
+def test_server_with_an_encrypted_key_names_the_file_as_encrypted(
+    cluster: Cluster, key_fragments: KeyFragments, tmp_path: Path, role: str, stem: str
+) -> None:
+    """A key protected by a passphrase (0600, the right key): exit 2 with one line naming
+    the key, its file and that it is encrypted, no traceback. It said only "not a readable
+    unencrypted PEM private key", naming no file."""
+    config, copies = _private_copy(cluster, role, tmp_path)
+    key = serialization.load_pem_private_key(copies[stem].read_bytes(), password=None)
+    copies[stem].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    result = _serve(role, config)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"{stem}.key: {copies[stem]} is encrypted" in result.stderr, result.stderr
+    assert not (tmp_path / "ready.json").exists()
+    assert_no_key_material(result.stdout + result.stderr, key_fragments)
+
+
 def test_no_private_key_material_appears_in_any_server_log(
     cluster: Cluster, key_fragments: KeyFragments
 ) -> None:

@@ -6,6 +6,7 @@ import datetime as dt
 import errno
 import ipaddress
 import os
+import re
 import stat
 from collections.abc import Iterator
 from concurrent import futures
@@ -322,6 +323,33 @@ def test_a_signer_refuses_a_key_that_is_not_its_certificates_at_load(layout: Pki
         Signer.from_files(mine / "signing.key", theirs / "signing.crt")
     with pytest.raises(ValueError, match="does not match"):
         Signer(load_key(mine / "signing.key"), load_certs(theirs / "signing.crt")[0])
+
+
+@pytest.mark.parametrize("form", ["pkcs8", "traditional"])
+def test_a_signer_names_an_encrypted_key_file_as_encrypted(
+    layout: PkiLayout, tmp_path: Path, form: str
+) -> None:
+    """A signing key protected by a passphrase: a ValueError naming the file and saying it
+    is encrypted. cryptography's bare TypeError ("Password was not given ...") named no
+    file, and was not the ValueError that Signer.from_files says it raises."""
+    folder = layout.agency_dir(AGENCIES[0])
+    key = load_key(folder / "signing.key")
+    fmt = {
+        "pkcs8": serialization.PrivateFormat.PKCS8,
+        "traditional": serialization.PrivateFormat.TraditionalOpenSSL,
+    }[form]
+    if form == "traditional" and isinstance(key, ed25519.Ed25519PrivateKey):
+        pytest.skip("Ed25519 keys have no traditional OpenSSL form")
+    encrypted = tmp_path / "signing.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, fmt, serialization.BestAvailableEncryption(b"secret")
+        )
+    )
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(encrypted))} is encrypted"):
+        Signer.from_files(encrypted, folder / "signing.crt")
+    with pytest.raises(PkiError, match=rf"^{re.escape(str(encrypted))} is encrypted"):
+        load_key(encrypted)
 
 
 # -- refusals -----------------------------------------------------------------------------

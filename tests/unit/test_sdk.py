@@ -10,6 +10,8 @@ import fcntl
 import json
 import os
 import queue
+import re
+import shutil
 import signal
 import threading
 import time
@@ -2556,6 +2558,41 @@ def test_credentials_name_a_chain_in_the_wrong_order(pki: Pki) -> None:
             (folder / "client.key").read_bytes(),
             reversed_chain,
         )
+
+
+def _encrypted(key_file: Path, out: Path, form: str) -> Path:
+    """``key_file``'s key written encrypted under a passphrase, as PKCS#8 or in OpenSSL's
+    traditional form (``Proc-Type: 4,ENCRYPTED``)."""
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    fmt = {
+        "pkcs8": serialization.PrivateFormat.PKCS8,
+        "traditional": serialization.PrivateFormat.TraditionalOpenSSL,
+    }[form]
+    out.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, fmt, serialization.BestAvailableEncryption(b"secret")
+        )
+    )
+    return out
+
+
+@pytest.mark.parametrize("form", ["pkcs8", "traditional"])
+def test_credentials_name_an_encrypted_key_file_as_encrypted(
+    pki: Pki, tmp_path: Path, form: str
+) -> None:
+    """A client key protected by a passphrase: one error naming the file and saying it is
+    encrypted, from from_files and from_pki alike (it said only "not a PEM private key",
+    naming no file)."""
+    folder = pki.dir / "agencies" / SENDER
+    key = _encrypted(folder / "client.key", tmp_path / "client.key", form)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(key))} is encrypted"):
+        Credentials.from_files(pki.dir / "ca" / "root.crt", folder / "client.crt", key)
+    copy = tmp_path / "pki"
+    shutil.copytree(pki.dir, copy)
+    _encrypted(folder / "client.key", copy / "agencies" / SENDER / "client.key", form)
+    where = re.escape(str(copy / "agencies" / SENDER / "client.key"))
+    with pytest.raises(ValueError, match=rf"^{where} is encrypted"):
+        Credentials.from_pki(copy, SENDER)
 
 
 @pytest.fixture
