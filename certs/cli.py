@@ -118,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="list a certificate's serial in the hub's revocation file",
         description=(
             "Append the certificate's serial to the hub's revocation_file (the file is "
-            "replaced whole). The hub publishes it within reload_interval_s; from then on "
+            "replaced whole, keeping its mode and, where allowed, its group; a new file is "
+            "0644 less the umask). The hub publishes it within reload_interval_s; from then on "
             "the certificate is refused everywhere, and what its key signed fails "
             "verification."
         ),

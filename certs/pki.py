@@ -18,6 +18,7 @@ import datetime as dt
 import ipaddress
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,19 +167,24 @@ def generate_key(algorithm: KeyAlgorithm) -> PrivateKey:
     )
 
 
-def _staged(path: Path, data: bytes, mode: int) -> Path:
+def _staged(path: Path, data: bytes, mode: int, like: os.stat_result | None = None) -> Path:
     """A fresh temporary file beside ``path`` holding ``data``, created with ``mode``.
 
     It is created with O_EXCL and its final mode, so a private key is never readable by
     others, not even for a moment; renamed over ``path``, an existing file there (whatever
-    its mode, or a symlink) is replaced rather than written through.
+    its mode, or a symlink) is replaced rather than written through. Given ``like`` (the
+    file it is to replace), it takes that file's mode exactly (not through the umask) and,
+    before any data goes in, its owner and group as far as the user may give them: both
+    as root, the group when the user is a member of it, else the user's own.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, mode)
+    fd = os.open(tmp, flags, mode if like is None else _KEY_MODE)
     try:
         with os.fdopen(fd, "wb") as handle:
+            if like is not None:
+                _take_ownership_of(handle.fileno(), like)
             handle.write(data)
             handle.flush()
             # Synced before it is renamed: after a power loss the name could otherwise be
@@ -188,6 +194,26 @@ def _staged(path: Path, data: bytes, mode: int) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+def _take_ownership_of(fd: int, like: os.stat_result) -> None:
+    """Gives the open file ``fd`` the owner, group and mode of ``like``, as far as allowed.
+    The owner and group come first: a chown by another than root may clear set-id bits,
+    and the file is private (0600) until its mode is set."""
+    if (like.st_uid, like.st_gid) != (os.geteuid(), os.getegid()):
+        try:
+            os.fchown(fd, like.st_uid, like.st_gid)
+        except PermissionError:
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, -1, like.st_gid)
+    os.fchmod(fd, stat.S_IMODE(like.st_mode))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -204,16 +230,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_new_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+def _write_new_files(files: Sequence[tuple[Path, bytes, int]], *, keep: bool = False) -> None:
     """Writes each ``(path, data, mode)`` through a fresh file (``_staged``), all of them
     before any takes its name: a key and its certificate are replaced together, or (a full
     disk, a quota, a permission) neither is, never a new key beside the old certificate.
     Each file is synced before its rename and each directory after, so what ``chapar pki``
-    reports done survives a power loss."""
+    reports done survives a power loss. With ``keep``, a file replaced keeps its mode,
+    owner and group (see ``_staged``); a new one gets ``mode``."""
     staged: list[tuple[Path, Path]] = []
     try:
         for path, data, mode in files:
-            staged.append((_staged(path, data, mode), path))
+            like = _stat_or_none(path) if keep else None
+            staged.append((_staged(path, data, mode, like), path))
         for tmp, path in staged:
             os.replace(tmp, path)
         for folder in dict.fromkeys(path.parent for _, path in staged):
@@ -836,5 +864,7 @@ def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = ""
     if data and not data.endswith(b"\n"):
         data += b"\n"
     line = f"{serial}  # {', '.join(words)}\n".encode()
-    _write_new_file(path, data + line, _CERT_MODE)  # what the file had, byte for byte
+    # What the file had, byte for byte, under the mode, owner and group the operator gave
+    # it (the hub may read it through its group); a new file is 0644, less the umask.
+    _write_new_files([(path, data + line, _CERT_MODE)], keep=True)
     return True

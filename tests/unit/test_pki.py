@@ -907,6 +907,63 @@ def test_revoking_appends_once_and_keeps_what_the_file_had(tmp_path: Path) -> No
     assert read_revocations(file) == ["0abc", f"{serial:x}"]  # as the hub reads it
 
 
+def test_revoking_keeps_the_files_mode_owner_and_group(tmp_path: Path) -> None:
+    """The operator made the hub's revocation file readable by the hub's group (0660 here,
+    group chapar): `chapar pki revoke` replaced it with 0644 under the current user and
+    group (the mode the PKI gives certificates, and the umask's), so a hub reading it
+    through its group could no longer, or others now could."""
+    layout = _init(tmp_path / "pki")
+    file = tmp_path / "revoked.txt"
+    file.write_text("0abc\n")
+    file.chmod(0o660)  # group-writable: the umask (022) alone would take that away
+    other_groups = [g for g in os.getgroups() if g != os.getegid()]
+    if os.geteuid() == 0:  # as root, any owner and group can be kept
+        os.chown(file, 4242, 4243)
+    elif other_groups:  # a member of a group may give a file of its own to it
+        os.chown(file, -1, other_groups[0])
+    before = file.stat()
+    assert revoke_certificate(file, layout.agency_dir(AGENCIES[0]) / "client.crt")
+    after = file.stat()
+    assert stat.S_IMODE(after.st_mode) == 0o660
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+    serial = _leaf(layout.agency_dir(AGENCIES[0]) / "client.crt").serial_number
+    assert read_revocations(file) == ["0abc", f"{serial:x}"]
+
+
+def test_revoking_as_a_user_who_may_not_give_the_group_keeps_the_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not root and not a member of the file's group: the new file is the user's, with the
+    # old mode; the revocation is written all the same.
+    layout = _init(tmp_path / "pki")
+    file = tmp_path / "revoked.txt"
+    file.write_text("0abc\n")
+    file.chmod(0o640)
+
+    def refused(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refused)
+    if os.geteuid() == 0:
+        os.chown(file, 4242, 4243)
+    assert revoke_certificate(file, layout.agency_dir(AGENCIES[0]) / "client.crt")
+    after = file.stat()
+    assert stat.S_IMODE(after.st_mode) == 0o640
+    assert (after.st_uid, after.st_gid) == (os.geteuid(), os.getegid())
+    assert len(read_revocations(file)) == 2
+
+
+def test_a_new_revocation_file_is_0644(tmp_path: Path) -> None:
+    layout = _init(tmp_path / "pki")
+    file = tmp_path / "revoked.txt"
+    old = os.umask(0o022)
+    try:
+        assert revoke_certificate(file, layout.agency_dir(AGENCIES[0]) / "client.crt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(file.stat().st_mode) == 0o644
+
+
 @pytest.mark.parametrize("text", ["svc\nnot-hex", "svc\x85abc", "svc\u2028abc", "svc\rabc"])
 def test_a_subject_or_note_with_a_line_break_writes_one_line(tmp_path: Path, text: str) -> None:
     # A certificate without a Chapar identity is described by its subject: a line break in
