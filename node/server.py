@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -162,9 +163,10 @@ def _check_identity(path: Path, key: str, expected: Identity) -> None:
 
 
 def _signer(signing: SigningConfig, expected: Identity) -> Signer:
-    key = check_key_file(signing.key, "signing.key")
+    key = _private_key(check_key_file(signing.key, "signing.key"), signing.key, "signing.key")
+    _check_order(key, signing.cert, "signing.key", "signing.cert")
     _check_identity(signing.cert, "signing.cert", expected)
-    _check_key_matches(key, signing.key, signing.cert, "signing.key", "signing.cert")
+    _check_key_matches(key, signing.cert, "signing.key", "signing.cert")
     signer = Signer.from_files(signing.key, signing.cert)
     if signing.algorithm is not None:
         wanted = {
@@ -178,25 +180,44 @@ def _signer(signing: SigningConfig, expected: Identity) -> Signer:
     return signer
 
 
-def _check_key_matches(
-    key_pem: bytes, key_path: Path, cert_path: Path, key: str, cert_key: str
-) -> None:
-    """A key that is not the certificate's is named here (gRPC would say only 'cannot bind'),
-    as is one that cannot be read (encrypted: the servers take no passphrase)."""
+def _private_key(key_pem: bytes, key_path: Path, key: str) -> PrivateKeyTypes:
+    """The key of ``key_path``, or a ConfigError saying why it cannot be read (encrypted:
+    the servers take no passphrase)."""
     try:
-        private = load_private_key(key_pem, str(key_path))
+        return load_private_key(key_pem, str(key_path))
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from None
+
+
+def _check_order(private: PrivateKeyTypes, cert_path: Path, key: str, cert_key: str) -> None:
+    """A chain file concatenated the other way round (the intermediate first) is named as
+    such; read for its first certificate, it would "speak for nobody"."""
+    chain = read_certificates(cert_path, cert_key)
+    if key_matches_certificate(private, chain[0]):
+        return
+    later = [i for i, c in enumerate(chain[1:], 2) if key_matches_certificate(private, c)]
+    if later:
+        raise ConfigError(
+            f"{cert_key}: {cert_path} is in the wrong order: the certificate of {key} is "
+            f"number {later[0]} of {len(chain)}; it must come first, then its issuers "
+            "(leaf first)"
+        )
+
+
+def _check_key_matches(private: PrivateKeyTypes, cert_path: Path, key: str, cert_key: str) -> None:
+    """A key that is not the certificate's is named here (gRPC would say only 'cannot bind')."""
     if not key_matches_certificate(private, read_certificates(cert_path, cert_key)[0]):
         raise ConfigError(f"{key}: does not match the public key of {cert_path}")
 
 
 def _server_credentials(tls: TlsConfig, expected: Identity) -> grpc.ServerCredentials:
-    key = check_key_file(tls.key, "tls.key")
+    key_pem = check_key_file(tls.key, "tls.key")
+    key = _private_key(key_pem, tls.key, "tls.key")
+    _check_order(key, tls.cert, "tls.key", "tls.cert")
     _check_identity(tls.cert, "tls.cert", expected)
-    _check_key_matches(key, tls.key, tls.cert, "tls.key", "tls.cert")
+    _check_key_matches(key, tls.cert, "tls.key", "tls.cert")
     return grpc.ssl_server_credentials(
-        [(key, tls.cert.read_bytes())],
+        [(key_pem, tls.cert.read_bytes())],
         root_certificates=tls.ca.read_bytes(),
         require_client_auth=True,
     )

@@ -912,6 +912,32 @@ def test_server_with_an_encrypted_key_names_the_file_as_encrypted(
     assert_no_key_material(result.stdout + result.stderr, key_fragments)
 
 
+@pytest.mark.parametrize("role", ["node", "hub"])
+def test_server_with_its_tls_chain_in_the_wrong_order_names_the_order(
+    cluster: Cluster, tmp_path: Path, role: str
+) -> None:
+    """tls.cert with the intermediate first and the server's certificate after it (two
+    PEM files concatenated the other way round): the error must say the order is wrong.
+    It said the file "speaks for nobody" (the intermediate carries no identity), sending
+    the operator after the wrong certificate."""
+    config, _ = _private_copy(cluster, role, tmp_path)
+    server = cluster.hub if role == "hub" else cluster.nodes[AGENCY_A]
+    source = cluster.pki.hub_dir("national") if role == "hub" else cluster.pki.agency_dir(AGENCY_A)
+    leaf, intermediate = x509.load_pem_x509_certificates((source / "tls.crt").read_bytes())
+    reversed_chain = tmp_path / "tls.crt"
+    reversed_chain.write_bytes(_pem(intermediate) + _pem(leaf))
+    text = config.read_text()
+    assert f'"{source / "tls.crt"}"' in text, server.config
+    config.write_text(text.replace(f'"{source / "tls.crt"}"', f'"{reversed_chain}"'))
+    result = _serve(role, config)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"tls.cert: {reversed_chain}" in result.stderr, result.stderr
+    assert "number 2 of 2" in result.stderr, result.stderr
+    assert "leaf first" in result.stderr, result.stderr
+    assert not (tmp_path / "ready.json").exists()
+
+
 def test_no_private_key_material_appears_in_any_server_log(
     cluster: Cluster, key_fragments: KeyFragments
 ) -> None:
