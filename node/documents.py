@@ -138,12 +138,17 @@ class Documents(pb.DocumentServiceServicer):
                         chunk = chunk_of(message, what="an upload", missing="UPLOAD_PART_MISSING")
                         try:
                             writer.write(chunk)
-                        except OSError as exc:
+                        except (OSError, ChaparError) as exc:
                             writer.discard()
-                            # Read the rest before the status goes: a status that ends
-                            # the call under a client's write reaches it as a bare INTERNAL
-                            # (grpc/grpc#36066), which would tell it to retry at once.
+                            # The content is refused (past the size limit or the size
+                            # announced: RESOURCE_EXHAUSTED, INVALID_ARGUMENT) or the disk
+                            # failed, while the client still sends. Read the rest before
+                            # the status goes: a status that ends the call under a client's
+                            # write reaches it as a bare INTERNAL (grpc/grpc#36066), its
+                            # code and reason lost, which would tell it to retry at once.
                             await _drain(request_iterator, header.size or writer.limit)
+                            if isinstance(exc, ChaparError):
+                                raise
                             raise storage_error(exc, "nothing was stored", where=_STORE) from exc
                     digest, size, existed = await writer.commit()
                 finally:

@@ -84,8 +84,12 @@ class DocumentServiceServicer:
         copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
         The content itself is refused, nothing stored, when it passes the size limit
         (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
-        (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH). The
-        errors NodeService's comment lists for every call apply here too.
+        (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH); a
+        refusal found while the client still sends (past the limit or the size announced)
+        comes after the node has read the rest, up to that size or limit again, so that the
+        client sees this status and not an INTERNAL from its own write (one that sends more
+        than that still may). The errors NodeService's comment lists for every call apply
+        here too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,8 +55,12 @@ class DocumentServiceStub:
     copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
     The content itself is refused, nothing stored, when it passes the size limit
     (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
-    (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH). The
-    errors NodeService's comment lists for every call apply here too.
+    (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH); a
+    refusal found while the client still sends (past the limit or the size announced)
+    comes after the node has read the rest, up to that size or limit again, so that the
+    client sees this status and not an INTERNAL from its own write (one that sends more
+    than that still may). The errors NodeService's comment lists for every call apply
+    here too.
     """
     DownloadDocument: _grpc.UnaryStreamMultiCallable[_document_service_pb2.DownloadDocumentRequest, _document_service_pb2.DownloadDocumentResponse]
     """Streams a document from a byte offset (to resume an interrupted download). A document
@@ -112,8 +116,12 @@ class DocumentServiceAsyncStub(DocumentServiceStub):
     copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
     The content itself is refused, nothing stored, when it passes the size limit
     (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
-    (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH). The
-    errors NodeService's comment lists for every call apply here too.
+    (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH); a
+    refusal found while the client still sends (past the limit or the size announced)
+    comes after the node has read the rest, up to that size or limit again, so that the
+    client sees this status and not an INTERNAL from its own write (one that sends more
+    than that still may). The errors NodeService's comment lists for every call apply
+    here too.
     """
     DownloadDocument: _aio.UnaryStreamMultiCallable[_document_service_pb2.DownloadDocumentRequest, _document_service_pb2.DownloadDocumentResponse]  # type: ignore[assignment]
     """Streams a document from a byte offset (to resume an interrupted download). A document
@@ -172,8 +180,12 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
         copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
         The content itself is refused, nothing stored, when it passes the size limit
         (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
-        (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH). The
-        errors NodeService's comment lists for every call apply here too.
+        (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH); a
+        refusal found while the client still sends (past the limit or the size announced)
+        comes after the node has read the rest, up to that size or limit again, so that the
+        client sees this status and not an INTERNAL from its own write (one that sends more
+        than that still may). The errors NodeService's comment lists for every call apply
+        here too.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,131 @@
+"""Edges of DocumentService.UploadDocument that only a raw gRPC client reaches.
+
+The SDK always announces the size and half-closes after the last chunk; an integrator's
+client in another language may announce nothing, cancel mid-way or write past a limit.
+One node (A) with a small size limit, real processes and real mutual TLS on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from client_sdk import pb
+from node.cluster import Cluster
+from tests.conftest import AGENCY_A, AGENCY_B
+
+pytestmark = pytest.mark.integration
+
+LIMIT = 100_000  # the node's [documents] max_file_bytes
+_SETTINGS = f"""
+[documents]
+max_file_bytes = {LIMIT}
+media_types = ["application/octet-stream", "text/plain"]
+"""
+READ_TIMEOUT = 15.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("upload-edges")
+    started = asyncio.run(
+        Cluster.start(root, [AGENCY_A, AGENCY_B], node_settings=_SETTINGS, without_node=[AGENCY_B])
+    )
+    try:
+        yield started
+    finally:
+        codes = started.stop()
+        assert all(code == 0 for code in codes.values()), codes
+
+
+def _store(cluster: Cluster) -> Path:
+    return cluster.nodes[AGENCY_A].config.parent / "documents"
+
+
+def _stored(cluster: Cluster) -> set[str]:
+    return {p.name for p in (_store(cluster) / "sha256").rglob("*") if p.is_file()}
+
+
+def _temp_files(cluster: Cluster) -> list[Path]:
+    return list((_store(cluster) / "tmp").iterdir())
+
+
+def _channel(cluster: Cluster) -> grpc.aio.Channel:
+    return grpc.aio.secure_channel(
+        cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A).channel_credentials()
+    )
+
+
+def _reason(err: grpc.aio.AioRpcError) -> str | None:
+    """The ErrorInfo reason of a status, None when it carries none."""
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)  # type: ignore[arg-type]
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info.reason
+    return None
+
+
+def _header(**fields: object) -> pb.UploadDocumentRequest:
+    return pb.UploadDocumentRequest(
+        header=pb.UploadHeader(media_type="application/octet-stream", **fields)  # type: ignore[arg-type]
+    )
+
+
+# -- 2. past the size limit with no size announced ---------------------------------------------
+
+
+async def _refusal_while_writing(
+    cluster: Cluster, header: pb.UploadDocumentRequest, chunks: list[bytes]
+) -> grpc.aio.AioRpcError:
+    """Writes the header then ``chunks`` as fast as grpc takes them, then half-closes; the
+    status the node ended the call with, as a raw client first sees it (from a write or
+    from the read that follows)."""
+    async with _channel(cluster) as channel:
+        call = pb.DocumentServiceStub(channel).UploadDocument()
+        try:
+            await call.write(header)
+            first = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+            assert first is not grpc.aio.EOF
+            assert not first.HasField("document")
+            try:
+                with contextlib.suppress(asyncio.InvalidStateError):  # the node ended the call
+                    for chunk in chunks:
+                        await call.write(pb.UploadDocumentRequest(chunk=chunk))
+                    await call.done_writing()
+                answer = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+            except grpc.aio.AioRpcError as err:
+                return err
+            raise AssertionError(f"the upload was accepted: {answer}")
+        finally:
+            call.cancel()
+
+
+async def test_an_unannounced_upload_past_the_limit_is_resource_exhausted_with_its_reason(
+    cluster: Cluster,
+) -> None:
+    """Nothing announced, so the limit is found in the content, while the client still
+    writes: it must get RESOURCE_EXHAUSTED / DOCUMENT_TOO_LARGE every time, not (about one
+    time in two) a bare INTERNAL "Internal error from Core" from its write, the refusal
+    lost because the node ended the call under it (grpc/grpc#36066). The file is under
+    twice the limit: the node reads (and drops) up to the limit again after its refusal,
+    and no further (a client sending more may still see INTERNAL)."""
+    chunks = [b"z" * 16_384] * 12  # 196 608 bytes; the limit is passed at the 7th
+    assert LIMIT < sum(map(len, chunks)) < 2 * LIMIT
+    before = _stored(cluster)
+    for _ in range(8):
+        err = await _refusal_while_writing(cluster, _header(), chunks)
+        assert (err.code(), _reason(err)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "DOCUMENT_TOO_LARGE",
+        ), (err.code(), err.details())
+    assert _stored(cluster) == before
+    assert not _temp_files(cluster)  # removed before the status went
