@@ -57,6 +57,9 @@ _RESUME_WAIT_S = 15.0
 _RESUME_PAUSE_S = 0.2
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
 _DIGEST_BYTES = hashlib.sha256().digest_size
+# How long an upload whose request stream ended, and whose content may be cut short,
+# waits for a cancellation by its client before it is committed (see _upload).
+_SETTLE_S = 0.05
 _STORE = "the node's document store"  # what failed, in a storage_error's message
 
 
@@ -150,6 +153,14 @@ class Documents(pb.DocumentServiceServicer):
                             if isinstance(exc, ChaparError):
                                 raise
                             raise storage_error(exc, "nothing was stored", where=_STORE) from exc
+                    if not header.size or writer.size != header.size:
+                        # gRPC ends the request stream alike whether the client
+                        # half-closed or cancelled; the cancellation reaches this task a
+                        # moment later. Content that may be cut short (nothing announced,
+                        # or short of the size announced) waits for it here: a cancelled
+                        # upload is then neither stored nor refused with a status that can
+                        # no longer be sent (an incident in the log).
+                        await asyncio.sleep(_SETTLE_S)
                     digest, size, existed = await writer.commit()
                 finally:
                     writer.discard()

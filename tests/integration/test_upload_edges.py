@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,40 @@ def _header(**fields: object) -> pb.UploadDocumentRequest:
     return pb.UploadDocumentRequest(
         header=pb.UploadHeader(media_type="application/octet-stream", **fields)  # type: ignore[arg-type]
     )
+
+
+# -- 1. an upload cancelled by its client ------------------------------------------------------
+
+
+def _incidents(cluster: Cluster) -> int:
+    """Errors the node logged as unexpected (an exception out of a servicer)."""
+    return cluster.nodes[AGENCY_A].log_file.read_text().count("failed unexpectedly")
+
+
+@pytest.mark.parametrize("announced", [False, True], ids=["nothing-announced", "size-announced"])
+async def test_an_upload_cancelled_mid_stream_stores_nothing_and_is_no_incident(
+    cluster: Cluster, announced: bool
+) -> None:
+    """A client that cancels after some chunks has not sent a document. gRPC hands the
+    node the cancel as the end of the request stream, the cancellation itself a moment
+    later: the prefix must not be stored (nothing announced), nor refused with a status
+    that can no longer be sent, logged as an unexpected failure (size announced)."""
+    before, incidents = _stored(cluster), _incidents(cluster)
+    for attempt in range(4):
+        prefix = b"the first part of a file, then the client gave up %d " % attempt * 100
+        async with _channel(cluster) as channel:
+            call = pb.DocumentServiceStub(channel).UploadDocument()
+            await call.write(_header(size=2 * len(prefix)) if announced else _header())
+            first = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+            assert first is not grpc.aio.EOF
+            await call.write(pb.UploadDocumentRequest(chunk=prefix))
+            await asyncio.sleep(0.3)  # the node has read the chunk
+            call.cancel()
+        await asyncio.sleep(0.5)  # a commit or refusal the cancel raced has happened by now
+        assert hashlib.sha256(prefix).hexdigest() not in _stored(cluster)
+    assert _stored(cluster) == before
+    assert not _temp_files(cluster)
+    assert _incidents(cluster) == incidents
 
 
 # -- 2. past the size limit with no size announced ---------------------------------------------

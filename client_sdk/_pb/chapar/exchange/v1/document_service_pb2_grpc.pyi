@@ -48,7 +48,11 @@ class DocumentServiceStub:
     not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
     RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
     content. After the last chunk (half-close) the node answers with the
-    file's address, digest and size. A partial upload is never visible. When the node's
+    file's address, digest and size. A partial upload is never visible, and an upload the
+    client cancels is not stored. gRPC gives the node a cancel as the end of the stream,
+    the cancellation a moment later: the node waits for it (some milliseconds) when the
+    content may be cut short, nothing or another size having been announced. Announce
+    the size (or the SHA-256) to make certain that a cut upload is never stored. When the node's
     disk has no room it reads the rest of the upload and then ends the call with
     RESOURCE_EXHAUSTED, STORAGE_FULL and a RetryInfo (INTERNAL, STORAGE_FAILED for another
     disk error); nothing is stored. Uploading content the node holds already replaces its
@@ -109,7 +113,11 @@ class DocumentServiceAsyncStub(DocumentServiceStub):
     not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
     RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
     content. After the last chunk (half-close) the node answers with the
-    file's address, digest and size. A partial upload is never visible. When the node's
+    file's address, digest and size. A partial upload is never visible, and an upload the
+    client cancels is not stored. gRPC gives the node a cancel as the end of the stream,
+    the cancellation a moment later: the node waits for it (some milliseconds) when the
+    content may be cut short, nothing or another size having been announced. Announce
+    the size (or the SHA-256) to make certain that a cut upload is never stored. When the node's
     disk has no room it reads the rest of the upload and then ends the call with
     RESOURCE_EXHAUSTED, STORAGE_FULL and a RetryInfo (INTERNAL, STORAGE_FAILED for another
     disk error); nothing is stored. Uploading content the node holds already replaces its
@@ -173,7 +181,11 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
         not allowed: INVALID_ARGUMENT, MEDIA_TYPE_NOT_ALLOWED; a size over the limit:
         RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), so a client learns it before sending the
         content. After the last chunk (half-close) the node answers with the
-        file's address, digest and size. A partial upload is never visible. When the node's
+        file's address, digest and size. A partial upload is never visible, and an upload the
+        client cancels is not stored. gRPC gives the node a cancel as the end of the stream,
+        the cancellation a moment later: the node waits for it (some milliseconds) when the
+        content may be cut short, nothing or another size having been announced. Announce
+        the size (or the SHA-256) to make certain that a cut upload is never stored. When the node's
         disk has no room it reads the rest of the upload and then ends the call with
         RESOURCE_EXHAUSTED, STORAGE_FULL and a RetryInfo (INTERNAL, STORAGE_FAILED for another
         disk error); nothing is stored. Uploading content the node holds already replaces its
