@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 from client_sdk import (
     ChaparError,
     Credentials,
+    DeadlineExceeded,
     ExchangeClient,
     Letter,
     StatusUpdate,
@@ -40,6 +41,7 @@ from client_sdk import (
     pb,
     save_bundle,
 )
+from client_sdk.client import DEFAULT_TIMEOUT
 from client_sdk.identity import Identity
 from client_sdk.trust import TrustStore, VerificationError
 from node.cli_output import OutputFailed, emit, fail, failed
@@ -64,8 +66,10 @@ class _Connection:
     credentials: Credentials
     server_name: str | None
 
-    def client(self) -> ExchangeClient:
-        return ExchangeClient(self.target, self.credentials, server_name=self.server_name)
+    def client(self, timeout: float | None = DEFAULT_TIMEOUT) -> ExchangeClient:
+        return ExchangeClient(
+            self.target, self.credentials, server_name=self.server_name, timeout=timeout
+        )
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -142,7 +146,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     inbox.add_argument("--limit", type=int, metavar="N", help="stop after N letters")
     inbox.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="stop listening after SECONDS"
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop listening after SECONDS; an acknowledgement under way then is waited for"
+        " (each acknowledgement up to SECONDS)",
     )
     inbox.add_argument(
         "--json",
@@ -450,7 +458,8 @@ async def _inbox(ns: argparse.Namespace) -> int:
         raise _UsageError("BAD_TIMEOUT", "--timeout must be a number of seconds above 0")
     connection = _connection(ns)
     count = 0
-    async with connection.client() as client:
+    # Each acknowledgement is answered within --timeout (the SDK's deadline on it), or fails.
+    async with connection.client(ns.timeout or DEFAULT_TIMEOUT) as client:
         if ns.timeout is not None:
             # The timeout ends listening to a node that answers: one that never does (hung,
             # or not the node) is a failure, not an empty inbox.
@@ -462,33 +471,64 @@ async def _inbox(ns: argparse.Namespace) -> int:
                     f" {ns.timeout:g} s",
                     reason="NODE_NOT_ANSWERING",
                 ) from None
-        with contextlib.suppress(TimeoutError):
-            async with (
-                asyncio.timeout(ns.timeout),
-                contextlib.aclosing(client.inbox(ns.mailbox)) as letters,
-            ):
-                async for letter in letters:
-                    # Printed first, acknowledged after: a letter whose lines could not be
-                    # written (the reader went, as `| head -1` does) is not handed over; it
-                    # stays in the inbox. Interrupted in between, it is printed again next
-                    # time rather than handed over unseen. So is a letter the output's
-                    # encoding cannot show: it is printed as it is or not at all.
-                    left = "not acknowledged: it" if ns.ack else "it"
+        deadline = None if ns.timeout is None else asyncio.get_running_loop().time() + ns.timeout
+        async with contextlib.aclosing(client.inbox(ns.mailbox)) as letters:
+            while True:
+                # The timeout ends the wait for the next letter only. Cutting an
+                # acknowledgement under way would leave a letter the node may have handed
+                # over with no HANDOVER printed, and the command ending 0 as if all were done.
+                listening = asyncio.timeout_at(deadline)
+                try:
+                    async with listening:
+                        letter = await anext(letters)
+                except TimeoutError:
+                    if not listening.expired():
+                        raise
+                    break
+                # Printed first, acknowledged after: a letter whose lines could not be
+                # written (the reader went, as `| head -1` does) is not handed over; it
+                # stays in the inbox. Interrupted in between, it is printed again next
+                # time rather than handed over unseen. So is a letter the output's
+                # encoding cannot show: it is printed as it is or not at all.
+                left = "not acknowledged: it" if ns.ack else "it"
+                emit(
+                    _letter_lines(letter, as_json=ns.json),
+                    f"letter {letter.shams} could not be printed; {left} stays in the inbox",
+                )
+                if ns.ack:
+                    handover = await _acknowledged(letter, ns.timeout or DEFAULT_TIMEOUT)
                     emit(
-                        _letter_lines(letter, as_json=ns.json),
-                        f"letter {letter.shams} could not be printed; {left} stays in the inbox",
+                        [_handover_line(letter, handover, as_json=ns.json)],
+                        f"letter {letter.shams} was printed and handed over; its HANDOVER"
+                        " evidence could not be printed",
                     )
-                    if ns.ack:
-                        handover = await letter.ack()
-                        emit(
-                            [_handover_line(letter, handover, as_json=ns.json)],
-                            f"letter {letter.shams} was printed and handed over; its HANDOVER"
-                            " evidence could not be printed",
-                        )
-                    count += 1
-                    if ns.limit is not None and count >= ns.limit:
-                        break
+                count += 1
+                if ns.limit is not None and count >= ns.limit:
+                    break
     return 0
+
+
+async def _acknowledged(letter: Letter, within: float) -> pb.Evidence:
+    """``letter.ack()``; a failure names the printed letter, whose handing over is then
+    unknown (the node may have taken the acknowledgement and its answer been lost)."""
+    try:
+        return await letter.ack()
+    except ChaparError as exc:
+        check = f"`chapar track {letter.shams}` tells whether it was handed over"
+        if isinstance(exc, DeadlineExceeded) and exc.reason == "ACK_TIMEOUT":
+            raise DeadlineExceeded(
+                f"letter {letter.shams} was printed, and the node did not answer its"
+                f" acknowledgement within {within:g} s: it may have been handed over; {check}"
+                " (if not, the next `chapar inbox` prints it again)",
+                reason="ACK_UNANSWERED",
+            ) from exc
+        raise ChaparError(
+            f"letter {letter.shams} was printed, and its acknowledgement failed: {exc.message};"
+            f" {check}",
+            code=exc.code,
+            reason=exc.reason,
+            metadata=exc.metadata,
+        ) from exc
 
 
 async def _track(ns: argparse.Namespace) -> int:

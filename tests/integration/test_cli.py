@@ -545,6 +545,154 @@ def test_inbox_ack_hands_over_no_letter_it_could_not_print(
     assert second in error, err
 
 
+# -- a timeout that comes while an acknowledgement is in flight -------------------------------
+
+
+class _HeldRelay:
+    """A TCP relay on 127.0.0.1 to a node, whose client-to-node direction the test can hold:
+    what the client sends meanwhile (an acknowledgement) waits in the relay until ``release``.
+    The TLS passes through untouched, so the command talks to the node as it would."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._open = threading.Event()
+        self._open.set()
+        self.connected = threading.Event()
+        self.last_sent = time.monotonic()  # when the client last sent bytes towards the node
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            node = socket.create_connection(self._target)
+            self._sockets += [client, node]
+            self.connected.set()
+            threading.Thread(target=self._pipe, args=(client, node, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(node, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, held: bool) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if held:
+                self.last_sent = time.monotonic()
+                self._open.wait()
+            try:
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def wait_idle(self, quiet: float, within: float) -> None:
+        """Until the client has been connected and silent for ``quiet`` seconds (its inbox
+        stream open and waiting)."""
+        assert self.connected.wait(within), "the command never connected"
+        deadline = time.monotonic() + within
+        while time.monotonic() - self.last_sent < quiet:
+            assert time.monotonic() < deadline, "the command never went quiet"
+            time.sleep(0.05)
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self.release()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def _inbox_ack_through(
+    cluster: Cluster, relay: _HeldRelay, mailbox: str, timeout: float, release_after: float | None
+) -> tuple[str, str, str, int]:
+    """``chapar inbox --ack --timeout`` through ``relay``: once the command listens, the
+    relay holds what it sends and a letter is sent to ``mailbox``; its acknowledgement is
+    held past the timeout, and let through ``release_after`` seconds after the timeout
+    (None: never, until the command ends), within the ``timeout`` the acknowledgement
+    itself has from when it went. Returns the letter's number, the command's
+    stdout, stderr and exit code."""
+    proc = subprocess.Popen(
+        [
+            *CHAPAR, "inbox", "--pki", str(cluster.pki.root), "--agency", AGENCY_B,
+            "--node", relay.address, "--mailbox", mailbox,
+            "--ack", "--timeout", str(timeout),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        relay.wait_idle(quiet=1.0, within=30)
+        listening_since = time.monotonic() - 1.0
+        relay.hold()
+        shams = asyncio.run(_send_to_box(cluster, mailbox, "Acknowledged late"))
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the letter, printed; its acknowledgement held
+        assert shams in line, (line, proc.communicate(timeout=60))
+        printed = time.monotonic()
+        assert printed < listening_since + timeout - 1, "the letter came too near the timeout"
+        if release_after is not None:
+            assert listening_since + release_after < printed - 0.5, "no time to release it in"
+            time.sleep(max(0.0, listening_since + timeout + release_after - time.monotonic()))
+            relay.release()
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        relay.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return shams, line + rest, err, proc.returncode
+
+
+def test_inbox_ack_waits_past_the_timeout_for_an_acknowledgement_in_flight(
+    cluster: Cluster,
+) -> None:
+    """The timeout came while a printed letter's acknowledgement was on its way: the
+    command ended at once, exit 0, with no HANDOVER line, though the node may have taken
+    the acknowledgement (the letter handed over, its evidence never shown). The timeout
+    ends listening, not an acknowledgement under way: the command waits for its answer
+    (up to the timeout again) and prints the HANDOVER."""
+    mailbox = f"cli-ack-late-{uuid.uuid4().hex[:8]}"
+    relay = _HeldRelay(cluster.nodes[AGENCY_B].address)
+    shams, out, err, code = _inbox_ack_through(cluster, relay, mailbox, 6.0, release_after=0.5)
+    assert code == 0, (out, err)
+    assert "HANDOVER" in out, (out, err)
+    assert "HANDOVER" in " ".join(asyncio.run(_events_at_b(cluster, shams)))
+    assert asyncio.run(_still_in_inbox(cluster, mailbox)) == []
+
+
+def test_inbox_ack_names_the_letter_whose_acknowledgement_went_unanswered(
+    cluster: Cluster,
+) -> None:
+    """An acknowledgement never answered, past the timeout and as long again: the command
+    does not claim all was done (exit 0); it ends in one error line naming the letter, whose
+    handing over is unknown, exit 1."""
+    mailbox = f"cli-ack-lost-{uuid.uuid4().hex[:8]}"
+    relay = _HeldRelay(cluster.nodes[AGENCY_B].address)
+    shams, out, err, code = _inbox_ack_through(cluster, relay, mailbox, 4.0, release_after=None)
+    asyncio.run(_still_in_inbox(cluster, mailbox))  # acknowledged: no other test meets it
+    assert code == 1, (code, out, err)
+    assert "HANDOVER" not in out, out
+    assert "Traceback" not in err, err
+    (error,) = err.splitlines()
+    assert error.startswith("error: DEADLINE_EXCEEDED ACK_UNANSWERED: "), err
+    assert shams in error, err
+
+
 # -- standard output closed, or unable to show the text: one line, exit 1, every command ------
 
 
