@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import grpc
 
@@ -48,7 +48,7 @@ from node.tasks import unless_set
 if TYPE_CHECKING:
     from node.rpc.hub_link import HubLink
 
-__all__ = ["Documents", "push"]
+__all__ = ["MAX_EMPTY_CHUNKS", "Documents", "push"]
 
 log = logging.getLogger("chapar.documents")
 # A fetch that broke after some bytes goes on from them for as long as this passes
@@ -61,6 +61,11 @@ _DIGEST_BYTES = hashlib.sha256().digest_size
 # waits for a cancellation by its client before it is committed (see _upload).
 _SETTLE_S = 0.05
 _STORE = "the node's document store"  # what failed, in a storage_error's message
+# Empty chunks an upload may carry: no size limit counts them, so without a bound a raw
+# client could send them for ever, holding the call (and, after a refusal, the node's reading
+# of the rest) open. The SDK sends none; a client in another language may send an empty last
+# read, or a few.
+MAX_EMPTY_CHUNKS: Final = 1024
 
 
 class Documents(pb.DocumentServiceServicer):
@@ -137,14 +142,19 @@ class Documents(pb.DocumentServiceServicer):
                 writer = self.store.writer(expected_size=header.size, expected_sha256=header.sha256)
                 try:
                     await context.write(pb.UploadDocumentResponse())  # header accepted: send on
+                    empty = 0
                     async for message in request_iterator:
                         chunk = chunk_of(message, what="an upload", missing="UPLOAD_PART_MISSING")
                         try:
+                            empty += not chunk
+                            if empty > MAX_EMPTY_CHUNKS:
+                                raise _too_many_empty_chunks()
                             writer.write(chunk)
                         except (OSError, ChaparError) as exc:
                             writer.discard()
                             # The content is refused (past the size limit or the size
-                            # announced: RESOURCE_EXHAUSTED, INVALID_ARGUMENT) or the disk
+                            # announced: RESOURCE_EXHAUSTED, INVALID_ARGUMENT; too many
+                            # empty chunks: INVALID_ARGUMENT) or the disk
                             # failed, while the client still sends. Read the rest before
                             # the status goes: a status that ends the call under a client's
                             # write reaches it as a bare INTERNAL (grpc/grpc#36066), its
@@ -542,12 +552,24 @@ class _Fetch:
 
 
 async def _drain(messages: AsyncIterator[pb.UploadDocumentRequest], limit: int) -> None:
-    """Reads and drops the rest of an upload, up to ``limit`` bytes of chunks."""
-    seen = 0
+    """Reads and drops the rest of an upload, up to ``limit`` bytes of chunks and
+    ``MAX_EMPTY_CHUNKS`` messages with none (which no count of bytes ever bounds)."""
+    seen = empty = 0
     async for message in messages:
         seen += len(message.chunk)
-        if seen > limit:
+        empty += not message.chunk
+        if seen > limit or empty > MAX_EMPTY_CHUNKS:
             return
+
+
+def _too_many_empty_chunks() -> ChaparError:
+    return ChaparError(
+        Code.INVALID_ARGUMENT,
+        "UPLOAD_EMPTY_CHUNKS",
+        f"an upload may carry at most {MAX_EMPTY_CHUNKS} empty chunks; send none",
+        metadata={"max_empty_chunks": str(MAX_EMPTY_CHUNKS)},
+        field_violations=[("chunk", f"empty, more than {MAX_EMPTY_CHUNKS} times")],
+    )
 
 
 def _moving() -> ChaparError:

@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from client_sdk import pb
 from node.cluster import Cluster
+from node.documents import MAX_EMPTY_CHUNKS
 from tests.conftest import AGENCY_A, AGENCY_B
 
 pytestmark = pytest.mark.integration
@@ -164,3 +165,60 @@ async def test_an_unannounced_upload_past_the_limit_is_resource_exhausted_with_i
         ), (err.code(), err.details())
     assert _stored(cluster) == before
     assert not _temp_files(cluster)  # removed before the status went
+
+
+# -- 3. empty chunks, which no size counts ---------------------------------------------------
+
+
+async def test_an_upload_of_too_many_empty_chunks_is_refused_with_its_reason(
+    cluster: Cluster,
+) -> None:
+    """A 0-byte chunk adds nothing to the size any limit checks: a raw client could send
+    them for ever, holding the upload open (the SDK never sends one). More than a generous
+    number is INVALID_ARGUMENT / UPLOAD_EMPTY_CHUNKS, nothing stored; a few pass."""
+    before = _stored(cluster)
+    err = await _refusal_while_writing(
+        cluster, _header(), [b"some content"] + [b""] * (MAX_EMPTY_CHUNKS + 200)
+    )
+    assert (err.code(), _reason(err)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UPLOAD_EMPTY_CHUNKS",
+    ), (err.code(), err.details())
+    assert _stored(cluster) == before
+    assert not _temp_files(cluster)
+
+    content = b"an integrator's client that sends an empty last read"
+    async with _channel(cluster) as channel:
+        call = pb.DocumentServiceStub(channel).UploadDocument()
+        await call.write(_header(size=len(content)))
+        for chunk in [b"", content, b"", b""]:
+            await call.write(pb.UploadDocumentRequest(chunk=chunk))
+        await call.done_writing()
+        answers = [answer async for answer in call]
+    assert answers[-1].document.size == len(content)
+
+
+async def test_a_refused_upload_is_not_held_open_by_empty_chunks(cluster: Cluster) -> None:
+    """After a refusal the node reads the rest of the upload (so that the client sees the
+    status, grpc/grpc#36066) up to a bound in bytes, which 0-byte chunks never reach: a
+    client sending them without end held the call, and the node's reading, open for ever.
+    The call must end while the client still writes (how many writes grpc took before
+    it saw the end depends on its buffers, not on the node)."""
+    sent, started = 0, asyncio.get_running_loop().time()
+    async with _channel(cluster) as channel:
+        call = pb.DocumentServiceStub(channel).UploadDocument()
+        try:
+            await call.write(_header(size=10))
+            first = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+            assert first is not grpc.aio.EOF
+            with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                await call.write(pb.UploadDocumentRequest(chunk=b"eleven byte"))  # refused
+                while asyncio.get_running_loop().time() - started < 10:
+                    await call.write(pb.UploadDocumentRequest(chunk=b""))
+                    sent += 1
+            took = asyncio.get_running_loop().time() - started
+            assert took < 10, f"the node still read after {sent} empty chunks and {took:.1f} s"
+            code = await asyncio.wait_for(call.code(), READ_TIMEOUT)
+        finally:
+            call.cancel()
+    assert code != grpc.StatusCode.OK

@@ -86,7 +86,8 @@ Global___UploadHeader: _TypeAlias = UploadHeader  # noqa: Y015
 class UploadDocumentRequest(_message.Message):
     """UploadDocumentRequest is one message of an upload stream. Any other order ends the
     call with INVALID_ARGUMENT: UPLOAD_HEADER_MISSING (the first message is not a header),
-    UNEXPECTED_HEADER (a later one is), UPLOAD_PART_MISSING (a later one has no part set).
+    UNEXPECTED_HEADER (a later one is), UPLOAD_PART_MISSING (a later one has no part set),
+    UPLOAD_EMPTY_CHUNKS (more than 1024 empty chunks: no size limit counts them).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -94,7 +95,9 @@ class UploadDocumentRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
-    """The next piece of the file (keep chunks well below the message size limit)."""
+    """The next piece of the file (keep chunks well below the message size limit). Send
+    no empty chunk: a few are skipped, more than 1024 in one upload refuse it.
+    """
     @_builtins.property
     def header(self) -> Global___UploadHeader:
         """First message: what is coming."""
