@@ -663,10 +663,12 @@ async def _progress(
     stats: _Stats, start: float, stop: asyncio.Event, p: Params, sent: asyncio.Event
 ) -> None:
     """A live line on standard error: redrawn every second on a terminal, a line every
-    5 s otherwise (a log)."""
+    5 s otherwise (a log). Ends as soon as ``stop`` is set, not at its next tick: the run
+    waits for it."""
     tty = sys.stderr.isatty()
     while not stop.is_set():
-        await asyncio.sleep(1.0 if tty else 5.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0 if tty else 5.0)
         line = _progress_line(stats, time.perf_counter() - start, p, not sent.is_set())
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
     if tty:

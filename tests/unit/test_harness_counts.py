@@ -489,3 +489,19 @@ async def test_a_letter_delivered_before_its_receipt_or_of_an_earlier_run_is_no_
     report = _report(stats)
     assert (report["delivered"], report["lost"], report["duplicates"]) == (1, 0, 0)
     assert report["numbered_twice"] == 0
+
+
+async def test_the_progress_line_stops_when_the_run_ends_not_at_its_next_tick() -> None:
+    # Off a terminal the line is written every 5 s; a run that has drained must not wait
+    # out the rest of that interval (it did, up to 5 s a run, in every loadtest tool).
+    stop, sent = asyncio.Event(), asyncio.Event()
+    progress = asyncio.create_task(
+        harness._progress(
+            harness._Stats(), time.perf_counter(), stop, harness.Params(letters=1), sent
+        )
+    )
+    await asyncio.sleep(0.1)
+    stop.set()
+    ended = time.monotonic()
+    await asyncio.wait_for(progress, 10)
+    assert time.monotonic() - ended < 1.0
