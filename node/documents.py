@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import grpc
 
@@ -34,10 +34,12 @@ from client_sdk.documents import CHUNK_BYTES
 from client_sdk.errors import from_rpc_error
 from node.agency import Access, Agency
 from node.core.documents import (
+    MAX_EMPTY_CHUNKS,
     check_media_type,
     check_size,
     chunk_of,
     document_uri,
+    empty_chunks_refused,
     parse_document_uri,
 )
 from node.core.errors import ChaparError, Code, hub_unavailable
@@ -61,11 +63,6 @@ _DIGEST_BYTES = hashlib.sha256().digest_size
 # waits for a cancellation by its client before it is committed (see _upload).
 _SETTLE_S = 0.05
 _STORE = "the node's document store"  # what failed, in a storage_error's message
-# Empty chunks an upload may carry: no size limit counts them, so without a bound a raw
-# client could send them for ever, holding the call (and, after a refusal, the node's reading
-# of the rest) open. The SDK sends none; a client in another language may send an empty last
-# read, or a few.
-MAX_EMPTY_CHUNKS: Final = 1024
 
 
 class Documents(pb.DocumentServiceServicer):
@@ -148,7 +145,9 @@ class Documents(pb.DocumentServiceServicer):
                         try:
                             empty += not chunk
                             if empty > MAX_EMPTY_CHUNKS:
-                                raise _too_many_empty_chunks()
+                                raise empty_chunks_refused(
+                                    what="an upload", reason="UPLOAD_EMPTY_CHUNKS"
+                                )
                             writer.write(chunk)
                         except (OSError, ChaparError) as exc:
                             writer.discard()
@@ -560,16 +559,6 @@ async def _drain(messages: AsyncIterator[pb.UploadDocumentRequest], limit: int) 
         empty += not message.chunk
         if seen > limit or empty > MAX_EMPTY_CHUNKS:
             return
-
-
-def _too_many_empty_chunks() -> ChaparError:
-    return ChaparError(
-        Code.INVALID_ARGUMENT,
-        "UPLOAD_EMPTY_CHUNKS",
-        f"an upload may carry at most {MAX_EMPTY_CHUNKS} empty chunks; send none",
-        metadata={"max_empty_chunks": str(MAX_EMPTY_CHUNKS)},
-        field_violations=[("chunk", f"empty, more than {MAX_EMPTY_CHUNKS} times")],
-    )
 
 
 def _moving() -> ChaparError:

@@ -28,7 +28,13 @@ import grpc
 from cryptography import x509
 
 from client_sdk import pb
-from node.core.documents import chunk_of, parse_document_uri, senders_documents
+from node.core.documents import (
+    MAX_EMPTY_CHUNKS,
+    chunk_of,
+    empty_chunks_refused,
+    parse_document_uri,
+    senders_documents,
+)
 from node.core.errors import ChaparError, Code
 from node.rpc.errors import abort
 from node.tasks import unless_set
@@ -281,8 +287,14 @@ class DocumentRelay:
             async def relay() -> None:
                 nonlocal relayed, finished
                 await self._put(pipe, header)
+                empty = 0
                 async for message in request_iterator:
                     chunk = chunk_of(message, what="a push", missing="PUSH_PART_MISSING")
+                    if not chunk:  # not passed on, and bounded: no byte count sees them
+                        empty += 1
+                        if empty > MAX_EMPTY_CHUNKS:
+                            raise empty_chunks_refused(what="a push", reason="PUSH_EMPTY_CHUNKS")
+                        continue
                     await self._put(pipe, chunk)
                     relayed += len(chunk)
                 if not header.error_reason and pipe.offset + relayed != header.size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Final
 
 from client_sdk import pb
 from node.core.errors import ChaparError, Code
@@ -17,12 +18,14 @@ __all__ = [
     "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_MEDIA_TYPES",
     "MAX_ATTACHMENTS",
+    "MAX_EMPTY_CHUNKS",
     "DocumentLimits",
     "base_media_type",
     "check_media_type",
     "check_size",
     "chunk_of",
     "document_uri",
+    "empty_chunks_refused",
     "parse_document_uri",
     "refused_attachment",
     "validate_attachments",
@@ -30,6 +33,11 @@ __all__ = [
 
 DEFAULT_MAX_FILE_BYTES = 2 * 1024 * 1024 * 1024
 MAX_ATTACHMENTS = 100
+# Empty chunks an upload or a push may carry: no size limit counts them, so without a bound
+# a raw client (or a bad owner) could send them for ever, holding the call (and, after a
+# refusal, the node's reading of the rest; for a push, the fetch it answers) open. Our code
+# sends none; a client in another language may send an empty last read, or a few.
+MAX_EMPTY_CHUNKS: Final = 1024
 DEFAULT_MEDIA_TYPES = frozenset(
     {
         "application/pdf",
@@ -216,3 +224,15 @@ def chunk_of(
             field_violations=[("chunk", "missing")],
         )
     return message.chunk
+
+
+def empty_chunks_refused(*, what: str, reason: str) -> ChaparError:
+    """The refusal of ``what`` (an upload, a push) once it carried more than
+    ``MAX_EMPTY_CHUNKS`` empty chunks: INVALID_ARGUMENT with ``reason``."""
+    return ChaparError(
+        Code.INVALID_ARGUMENT,
+        reason,
+        f"{what} may carry at most {MAX_EMPTY_CHUNKS} empty chunks; send none",
+        metadata={"max_empty_chunks": str(MAX_EMPTY_CHUNKS)},
+        field_violations=[("chunk", f"empty, more than {MAX_EMPTY_CHUNKS} times")],
+    )

@@ -19,6 +19,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from client_sdk import pb
+from node.core.documents import MAX_EMPTY_CHUNKS
 from node.core.errors import ChaparError, Code
 from node.hub_documents import DocumentRelay
 
@@ -135,6 +136,34 @@ async def test_a_push_message_after_the_header_that_is_not_a_chunk_is_refused(
         "PUSH_INTERRUPTED",
     )
     assert b"".join(m.chunk for m in fetching.written[1:]) == b"x" * 60
+
+
+async def test_a_push_of_too_many_empty_chunks_is_refused_and_the_fetch_breaks_off() -> None:
+    """A 0-byte chunk adds nothing to the bytes relayed, so an owner could hold a push (and
+    the fetch it answers, whose stall timer each chunk reset) open for ever with them. More
+    than MAX_EMPTY_CHUNKS refuse the push with its reason; the fetch breaks off, to be
+    resumed from the bytes it has."""
+    fetching, pushing = await _relay(
+        0, 100, [b"x" * 60] + [b""] * (MAX_EMPTY_CHUNKS + 1) + [b"y" * 40]
+    )
+    assert pushing.aborted is not None
+    assert (pushing.aborted[0], pushing.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PUSH_EMPTY_CHUNKS",
+    )
+    assert fetching.aborted is not None
+    assert (fetching.aborted[0], fetching.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "PUSH_INTERRUPTED",
+    )
+    assert b"".join(m.chunk for m in fetching.written[1:]) == b"x" * 60
+
+
+async def test_a_push_with_a_few_empty_chunks_ends_the_fetch_ok_without_them() -> None:
+    fetching, pushing = await _relay(0, 100, [b"", b"x" * 60, b"", b"", b"y" * 40, b""])
+    assert fetching.aborted is None
+    assert pushing.aborted is None
+    assert [m.chunk for m in fetching.written[1:]] == [b"x" * 60, b"y" * 40]
 
 
 async def test_a_push_that_stalls_ends_the_fetch_unavailable_and_then_the_push(

@@ -674,7 +674,8 @@ class PushDocumentRequest(_message.Message):
     """PushDocumentRequest is one message of a push stream: the header, then chunks. Any other
     order ends the push with INVALID_ARGUMENT: PUSH_HEADER_MISSING (the first message is not
     a header), UNEXPECTED_HEADER (a later one is), PUSH_PART_MISSING (a later one has no part
-    set); the fetch it answers breaks off, to be resumed.
+    set), PUSH_EMPTY_CHUNKS (more than 1024 empty chunks: no byte count sees them); the fetch
+    it answers breaks off, to be resumed.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -682,7 +683,9 @@ class PushDocumentRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
-    """The next piece of the document."""
+    """The next piece of the document. Send no empty chunk: a few are skipped (not passed
+    on to the fetch), more than 1024 in one push refuse it.
+    """
     @_builtins.property
     def header(self) -> Global___PushHeader:
         """First message."""
