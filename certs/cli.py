@@ -8,6 +8,7 @@ the same commands stand-alone (``python -m certs.cli pki init ...``).
 from __future__ import annotations
 
 import argparse
+import grp
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -118,8 +119,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="list a certificate's serial in the hub's revocation file",
         description=(
             "Append the certificate's serial to the hub's revocation_file (the file is "
-            "replaced whole, keeping its mode and, where allowed, its group; a new file is "
-            "0644 less the umask). The hub publishes it within reload_interval_s; from then on "
+            "replaced whole, keeping its mode and, where allowed, its group, else a warning "
+            "names the group it lost; a new file is 0644 less the umask). The hub publishes "
+            "it within reload_interval_s; from then on "
             "the certificate is refused everywhere, and what its key signed fails "
             "verification."
         ),
@@ -231,7 +233,21 @@ def _cmd_renew(args: argparse.Namespace) -> int:
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
     def run() -> None:
+        before = _group_of(args.file)
         added = revoke_certificate(args.file, args.cert, note=args.note)
+        after = _group_of(args.file)
+        if before is not None and after is not None and after != before:
+            # The user may not give the file its group (not root, not a member of it): it
+            # is written under the user's own, and a hub that reads it through its group
+            # no longer can. The revocation is written all the same: a warning, status 0,
+            # said before the report (which a closed output would cut short).
+            print(
+                f"chapar pki revoke: warning: {args.file} could not keep its group"
+                f" {_group_name(before)} (it now has group {_group_name(after)}): a hub that"
+                f" reads it through that group cannot until it is given back (chgrp"
+                f" {_group_name(before)} {args.file}, as root or a member of the group)",
+                file=sys.stderr,
+            )
         serial = f"{load_certs(args.cert)[0].serial_number:x}"
         emit(
             [f"{serial} {'listed in' if added else 'was already in'} {args.file}"],
@@ -239,6 +255,21 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         )
 
     return _guarded("revoke", run)
+
+
+def _group_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_gid
+    except FileNotFoundError:
+        return None
+
+
+def _group_name(gid: int) -> str:
+    """The group's name, or its number when it has none here."""
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _guarded(command: str, run: Callable[[], None]) -> int:

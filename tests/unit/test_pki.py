@@ -953,6 +953,55 @@ def test_revoking_as_a_user_who_may_not_give_the_group_keeps_the_mode(
     assert len(read_revocations(file)) == 2
 
 
+def test_revoke_warns_when_the_file_could_not_keep_its_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user who may not give the file its group (not root, not a member) writes the
+    revocation under the user's own group: a hub reading the file through its group then
+    cannot, and `chapar pki revoke` said nothing of it. It says so on stderr, naming the
+    file and the group, and still succeeds (the revocation is written)."""
+    layout = _init(tmp_path / "pki")
+    file = tmp_path / "revoked.txt"
+    file.write_text("0abc\n")
+    file.chmod(0o640)
+    other_groups = [g for g in os.getgroups() if g != os.getegid()]
+    if os.geteuid() == 0:
+        os.chown(file, 4242, 4243)
+    elif other_groups:
+        os.chown(file, -1, other_groups[0])
+    else:
+        pytest.skip("needs root, or a user in a second group, to give the file another group")
+    group = file.stat().st_gid
+
+    def refused(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refused)
+    cert = layout.agency_dir(AGENCIES[0]) / "client.crt"
+    assert cli.main(["pki", "revoke", "--file", str(file), str(cert)]) == 0
+    out, err = capsys.readouterr()
+    assert "listed in" in out
+    assert file.stat().st_gid == os.getegid()
+    assert len(read_revocations(file)) == 2
+    assert err.count("\n") == 1
+    assert err.startswith("chapar pki revoke: warning: ")
+    assert str(file) in err
+    assert str(group) in err  # gid 4243 has no name here: its number
+
+
+def test_revoke_says_nothing_when_the_file_keeps_its_group(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layout = _init(tmp_path / "pki")
+    file = tmp_path / "revoked.txt"
+    file.write_text("0abc\n")
+    cert = layout.agency_dir(AGENCIES[0]) / "client.crt"
+    assert cli.main(["pki", "revoke", "--file", str(file), str(cert)]) == 0
+    assert capsys.readouterr().err == ""
+    assert cli.main(["pki", "revoke", "--file", str(tmp_path / "new.txt"), str(cert)]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_a_new_revocation_file_is_0644(tmp_path: Path) -> None:
     layout = _init(tmp_path / "pki")
     file = tmp_path / "revoked.txt"
