@@ -19,11 +19,9 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from client_sdk.identity import Identity, identity_of_certificate
-from client_sdk.signing import load_private_key
+from client_sdk.signing import key_matches_certificate, leaf_position, load_private_key
 from client_sdk.trust import TrustStore, is_ca
 
 __all__ = ["DEFAULT_CLIENT_NAME", "Credentials", "key_matches_certificate"]
@@ -43,15 +41,14 @@ class Credentials:
         _load_certificates(self.root_certificates, "root certificates")
         chain = _load_certificates(self.certificate_chain, "client certificate chain")
         key = load_private_key(self.private_key, "client private key")
-        if not key_matches_certificate(key, chain[0]):
-            later = [i for i, c in enumerate(chain[1:], 2) if key_matches_certificate(key, c)]
-            if later:  # the files concatenated the other way round: say so, not "not yours"
-                raise ValueError(
-                    f"client certificate chain: the private key's certificate is number "
-                    f"{later[0]} of {len(chain)}; it must come first, then its issuers "
-                    "(leaf first)"
-                )
+        place = leaf_position(key, chain)
+        if place is None:
             raise ValueError("client private key does not match the client certificate")
+        if place > 1:  # the files concatenated the other way round: say so, not "not yours"
+            raise ValueError(
+                f"client certificate chain: the private key's certificate is number "
+                f"{place} of {len(chain)}; it must come first, then its issuers (leaf first)"
+            )
 
     @classmethod
     def from_files(cls, ca: Path, cert: Path, key: Path) -> Credentials:
@@ -104,12 +101,6 @@ class Credentials:
         chain = _load_certificates(self.certificate_chain, "client certificate chain")
         store.add_certificates(c for c in chain if is_ca(c))
         return store
-
-
-def key_matches_certificate(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
-    """Whether ``key`` is the private half of ``cert``'s public key."""
-    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
 
 
 def _load_certificates(pem: bytes, what: str) -> list[x509.Certificate]:

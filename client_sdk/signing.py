@@ -32,6 +32,8 @@ __all__ = [
     "algorithm_of_key",
     "batch_tree_head",
     "key_id",
+    "key_matches_certificate",
+    "leaf_position",
     "load_private_key",
     "merkle_leaf",
     "merkle_paths_hold",
@@ -53,6 +55,19 @@ _MAX_TREE_SIZE = 1 << 32
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+
+
+def key_matches_certificate(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
+    """Whether ``key`` is the private half of ``cert``'s public key."""
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+
+
+def leaf_position(key: PrivateKeyTypes, chain: Sequence[x509.Certificate]) -> int | None:
+    """The 1-based place in ``chain`` of ``key``'s certificate (1: leaf first, as it must
+    be), or None when it is in none: a chain concatenated the other way round is then
+    named as such, not as another party's key."""
+    return next((i for i, c in enumerate(chain, 1) if key_matches_certificate(key, c)), None)
 
 
 def load_private_key(pem: bytes, source: str) -> PrivateKeyTypes:
@@ -123,9 +138,7 @@ class Signer:
             raise ValueError("the private key does not match the certificate")
         # The same algorithm is not the same key: another party's certificate (a mix-up of
         # files) would make every signature fail verification, found out only downstream.
-        der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        mine = private_key.public_key().public_bytes(der, spki)
-        if mine != certificate.public_key().public_bytes(der, spki):
+        if not key_matches_certificate(private_key, certificate):
             raise ValueError("the private key does not match the certificate's public key")
         self.key_id = key_id(certificate)
 

@@ -28,9 +28,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client_sdk import pb
-from client_sdk.credentials import key_matches_certificate
 from client_sdk.identity import Identity, identity_of_certificate
-from client_sdk.signing import Signer, load_private_key
+from client_sdk.signing import Signer, key_matches_certificate, leaf_position, load_private_key
 from client_sdk.trust import TrustStore
 from node import metrics as m
 from node.config import (
@@ -193,13 +192,11 @@ def _check_order(private: PrivateKeyTypes, cert_path: Path, key: str, cert_key: 
     """A chain file concatenated the other way round (the intermediate first) is named as
     such; read for its first certificate, it would "speak for nobody"."""
     chain = read_certificates(cert_path, cert_key)
-    if key_matches_certificate(private, chain[0]):
-        return
-    later = [i for i, c in enumerate(chain[1:], 2) if key_matches_certificate(private, c)]
-    if later:
+    place = leaf_position(private, chain)
+    if place is not None and place > 1:
         raise ConfigError(
             f"{cert_key}: {cert_path} is in the wrong order: the certificate of {key} is "
-            f"number {later[0]} of {len(chain)}; it must come first, then its issuers "
+            f"number {place} of {len(chain)}; it must come first, then its issuers "
             "(leaf first)"
         )
 
