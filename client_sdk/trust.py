@@ -151,6 +151,11 @@ class TrustStore:
     def certificate(self, kid: bytes) -> x509.Certificate | None:
         return self._by_key_id.get(kid)
 
+    def snapshot(self) -> TrustStore:
+        """A store of its own with this one's roots, CA certificates and revoked serials
+        (added to or changed without touching this one); no caches, no listeners."""
+        return TrustStore(list(self.roots), list(self.intermediates), set(self.revoked_serials))
+
     def set_revoked(self, serials: Iterable[int]) -> None:
         self.revoked_serials = set(serials)
         for listener in self.revocation_listeners:

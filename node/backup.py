@@ -534,14 +534,7 @@ async def _mark(store_class: type[Store], db: Path, mark: RestoreMark) -> None:
     the restore in it."""
     store = await store_class.open(db)
     try:
-
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                (RESTORED_KEY, mark.encode()),
-            )
-
-        await store.db.write(job)
+        await store.set_meta_value(RESTORED_KEY, mark.encode())
     finally:
         await store.close()
 

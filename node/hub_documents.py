@@ -342,17 +342,7 @@ class DocumentRelay:
         no one; a not-found answer's end still ends its push OK)."""
         if transfer.gone.is_set() and isinstance(item, bytes):  # chunks for no one
             raise _fetch_ended()
-        put = asyncio.create_task(transfer.queue.put(item))
-        gone = asyncio.create_task(transfer.gone.wait())
-        try:
-            await asyncio.wait({put, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not put.done():
-                put.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await put
-        if not put.done() or put.cancelled():
+        if not await unless_set(transfer.queue.put(item), transfer.gone):
             raise _fetch_ended()
 
 

@@ -359,14 +359,11 @@ def _metrics_refusal(trust: TrustStore) -> Callable[[bytes], str]:
     traceback): they read a copy of its CAs and revoked serials, replaced whole, by one
     assignment, whenever its revocations change (every directory change sets them)."""
 
-    def copied() -> TrustStore:
-        return TrustStore(list(trust.roots), list(trust.intermediates), set(trust.revoked_serials))
-
-    current = copied()
+    current = trust.snapshot()
 
     def renew() -> None:
         nonlocal current
-        current = copied()
+        current = trust.snapshot()
 
     trust.revocation_listeners.append(renew)
 

@@ -111,7 +111,7 @@ def check_hub_attestation(
     if not welcome.HasField("attestation"):
         raise _NotTheHub("it did not attest that it is the hub (an older hub, or not a hub)")
     attestation = welcome.attestation
-    scratch = TrustStore(trust.roots, list(trust.intermediates), set(trust.revoked_serials))
+    scratch = trust.snapshot()
     try:
         scratch.add_certificates(attestation.certificates)
         identity = scratch.verify_signed(

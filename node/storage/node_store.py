@@ -1146,7 +1146,7 @@ class NodeStore(Store):
         letters of several senders name stays unmarked: the node may hold it for one of
         them only, and another naming it (knowing only the digest) must not get that copy.
         Returns how many were marked."""
-        if await self.db.fetchone("SELECT 1 FROM meta WHERE key = ?", (_FETCHES_MARKED,)):
+        if await self.meta_value(_FETCHES_MARKED) is not None:
             return 0
 
         def job(conn: sqlite3.Connection) -> int:
@@ -1175,7 +1175,7 @@ class NodeStore(Store):
         takes grows with the database. Indexing twice is harmless (INSERT OR IGNORE), so a
         start stopped half-way starts over; letters stored meanwhile index themselves.
         """
-        if await self.db.fetchone("SELECT 1 FROM meta WHERE key = ?", (_DOCUMENTS_INDEXED,)):
+        if await self.meta_value(_DOCUMENTS_INDEXED) is not None:
             return 0
         indexed = 0
         # Sent letters belong to the sender's mailbox, received ones to those stored.
