@@ -1197,7 +1197,7 @@ class Hub(pb.HubServiceServicer):
                 continue
             valid.append((item, content, shams))
         if refused:
-            _log_refused_receipts(agency, refused)
+            _log_refusals("receipts from %s refused: %d receipts", agency, refused)
         if valid:
 
             def committed(outcome: tuple[list[str], int, list[str]]) -> None:
@@ -1399,41 +1399,40 @@ def _shams_text(shams: pb.Shams | None) -> str:
 
 
 def _log_rejected(agency: str, rejected: Sequence[tuple[str, str, str]]) -> None:
-    """One warning line for a frame's rejected letters: the count by reason and the first
-    one's message; the numbers in ``shams``."""
-    reasons = collections.Counter(reason for reason, _, _ in rejected)
-    reason, _, message = rejected[0]
-    log.warning(
-        "relay rejected from %s: %d letters (%s); first: %s %s",
+    """One warning line for a frame's rejected letters (reason, shams, message)."""
+    _log_refusals(
+        "relay rejected from %s: %d letters",
         agency,
-        len(rejected),
-        ", ".join(f"{r} {n}" for r, n in reasons.most_common()),
-        reason,
-        message,
-        extra={
-            "peer": agency,
-            "reason": reason,
-            "count": len(rejected),
-            "shams": [shams for _, shams, _ in rejected],
-        },
+        [(reason, message) for reason, _, message in rejected],
+        shams=[shams for _, shams, _ in rejected],
     )
 
 
-def _log_refused_receipts(agency: str, refused: Sequence[tuple[str, str]]) -> None:
-    """One warning line for a frame's refused receipts, as for its refused letters
-    (``_log_rejected``): the count by reason and the first one's message. A line each let
-    a node write MAX_FRAME_LETTERS lines into the hub's log with a frame of empty receipts
-    (2 bytes each), frame after frame."""
+def _log_refusals(
+    head: str,
+    agency: str,
+    refused: Sequence[tuple[str, str]],
+    *,
+    shams: Sequence[str] | None = None,
+) -> None:
+    """One warning line for what a frame had refused (reason, message), letters or
+    receipts: ``head`` (the agency, the count), the count by reason and the first one's
+    message; the letters' numbers, when given, in ``shams``. A line each let a node write
+    MAX_FRAME_LETTERS lines into the hub's log with a frame of empty receipts (2 bytes
+    each), frame after frame."""
     reasons = collections.Counter(reason for reason, _ in refused)
     reason, message = refused[0]
+    extra: dict[str, object] = {"peer": agency, "reason": reason, "count": len(refused)}
+    if shams is not None:
+        extra["shams"] = list(shams)
     log.warning(
-        "receipts from %s refused: %d receipts (%s); first: %s %s",
+        head + " (%s); first: %s %s",
         agency,
         len(refused),
         ", ".join(f"{r} {n}" for r, n in reasons.most_common()),
         reason,
         message,
-        extra={"peer": agency, "reason": reason, "count": len(refused)},
+        extra=extra,
     )
 
 
