@@ -22,7 +22,6 @@ import datetime as dt
 import fcntl
 import json
 import os
-import re
 import shutil
 import sqlite3
 import time
@@ -33,7 +32,7 @@ from typing import Any, Literal
 
 from node.config import ConfigError, HubConfig, NodeConfig, load_hub_config, load_node_config
 from node.config import read_table as _read_table
-from node.document_store import fsync_path
+from node.document_store import DOCUMENT_NAME, fsync_path
 from node.storage.db import Store
 from node.storage.restore import RESTORED_KEY, RestoreMark, read_restore_mark
 
@@ -53,7 +52,6 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 _FORMAT = 1
-_DOCUMENT_NAME = re.compile("[0-9a-f]{64}")
 _PRIVATE_DIR, _PRIVATE_FILE = 0o700, 0o600  # a backup's directories and files
 _COPY_CHUNK = 1 << 20
 _LOCK_TIMEOUT_S = 0.5  # how long restore waits for the database lock before it refuses
@@ -242,7 +240,7 @@ def _document_files(root: Path) -> list[Path]:
     return sorted(
         p.relative_to(root)
         for p in base.glob("*/*")
-        if p.is_file() and _DOCUMENT_NAME.fullmatch(p.name)  # not a copy's .partial
+        if p.is_file() and DOCUMENT_NAME.fullmatch(p.name)  # not a copy's .partial
     )
 
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncGenerator
@@ -25,9 +26,18 @@ from client_sdk.documents import CHUNK_BYTES, read_chunks
 from node.core.documents import DocumentLimits, check_size
 from node.core.errors import ChaparError, Code
 
-__all__ = ["CHUNK_BYTES", "DocumentStore", "DocumentWriter", "FileId", "fsync_path"]
+__all__ = [
+    "CHUNK_BYTES",
+    "DOCUMENT_NAME",
+    "DocumentStore",
+    "DocumentWriter",
+    "FileId",
+    "fsync_path",
+]
 
 _DIGEST_BYTES = hashlib.sha256().digest_size
+DOCUMENT_NAME = re.compile(f"[0-9a-f]{{{2 * _DIGEST_BYTES}}}")
+"""A stored document's file name (its SHA-256 in hex), in the folder of its first two."""
 FileId = tuple[int, int]
 
 
@@ -117,13 +127,11 @@ class DocumentStore:
         for folder in (self.root / "sha256").iterdir():
             # Only a document's place and name count: anything else there (an operator's
             # note, a restore's leftovers) is left alone, and does not stop the walk.
-            if not _is_hex(folder.name, 2) or not folder.is_dir():
+            if len(folder.name) != 2 or not folder.is_dir():
                 continue
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if not _is_hex(entry.name, 2 * _DIGEST_BYTES) or not entry.name.startswith(
-                        folder.name
-                    ):
+                    if not DOCUMENT_NAME.fullmatch(entry.name) or entry.name[:2] != folder.name:
                         continue
                     with contextlib.suppress(FileNotFoundError):
                         if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
@@ -237,8 +245,3 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _is_hex(name: str, length: int) -> bool:
-    """A name of ``length`` lower-case hex digits, as the store names its entries."""
-    return len(name) == length and all(c in "0123456789abcdef" for c in name)

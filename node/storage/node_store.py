@@ -802,7 +802,7 @@ class NodeStore(Store):
                 (
                     int(r[0]),
                     str(r[1]),
-                    "\n".join(_unread(str(r[2]), r[7])),
+                    str(r[2]) if r[7] is None else "\n".join(_unread(str(r[2]), r[7])),
                     _with_body(r[3], r[6]),
                     bytes(r[4]),
                     float(r[5]),
