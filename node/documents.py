@@ -8,7 +8,9 @@
   FetchDocument`` streams it from the owning node through the hub; this node writes it to
   a temporary file while hashing it and keeps it only when size and SHA-256 match the
   address (DATA_LOSS / DIGEST_MISMATCH otherwise, nothing kept), and records that it had
-  it from that owner (``NodeStore.record_fetch``). A broken fetch resumes from the bytes
+  it from that owner (``NodeStore.record_fetch``). Its size is the one the letters naming
+  it sign: another announced, or a chunk past it, ends the fetch there (DATA_LOSS /
+  SIZE_MISMATCH, nothing kept), before the node writes more than that. A broken fetch resumes from the bytes
   already written. For a client limited to some mailboxes whose right to it comes from a
   letter its owner sent, the node fetches it from that owner even when the store holds
   the same content for another reason, until it has had it from that owner
@@ -411,6 +413,10 @@ class Documents(pb.DocumentServiceServicer):
         loop = asyncio.get_running_loop()
         resume_by: float | None = None  # set at a break: when to stop trying to go on
         try:
+            # What the letters naming it sign (their sender is its owner): the owner's
+            # announcement must be one of these, and no byte past it is written.
+            signed = await self.agency.store.signed_sizes(uri)
+            most = max(signed) if signed else None
             link = self.link
             while True:
                 if link is None:
@@ -428,8 +434,17 @@ class Documents(pb.DocumentServiceServicer):
                     async for message in call:
                         if message.size:
                             check_size(message.size, self.store.limits)
+                            if signed and message.size not in signed:
+                                raise _wrong_size(uri, signed, 0, announced=message.size)
                             writer.expected_size = message.size
                             fetch.announce(message.size)
+                        bound = writer.expected_size or most
+                        if bound is not None and writer.size + len(message.chunk) > bound:
+                            # Not the document, whatever follows: stop at this chunk rather
+                            # than write on to max_file_bytes before the digest says so.
+                            raise _wrong_size(
+                                uri, signed, bound, sent=writer.size + len(message.chunk)
+                            )
                         writer.write(message.chunk)
                         fetch.notify()
                     if not writer.expected_size or writer.size >= writer.expected_size:
@@ -486,6 +501,26 @@ def _interrupted() -> ChaparError:
         "FETCH_INTERRUPTED",
         "the fetch through the hub was interrupted; retry the download",
         retry_after_s=1.0,
+    )
+
+
+def _wrong_size(
+    uri: str, signed: set[int], bound: int, *, announced: int | None = None, sent: int = 0
+) -> ChaparError:
+    """DATA_LOSS / SIZE_MISMATCH: the owner announced another size than the letters naming
+    ``uri`` sign (``signed``), or sent more than ``bound`` bytes (that size, or the one it
+    announced when no letter names it). Nothing is kept."""
+    expected = " or ".join(str(size) for size in sorted(signed or {bound}))
+    if announced is not None:
+        what, metadata = f"announced {announced} bytes", {"announced": str(announced)}
+    else:
+        what, metadata = f"sent {sent} bytes or more", {"actual": str(sent)}
+    source = "its letters sign" if signed else "it announced"
+    return ChaparError(
+        Code.DATA_LOSS,
+        "SIZE_MISMATCH",
+        f"the owner of {uri} {what}; {source} {expected}: nothing was kept",
+        metadata={"uri": uri, "expected": expected, **metadata},
     )
 
 

@@ -25,7 +25,7 @@ from client_sdk.shams import format_shams
 from client_sdk.signing import sha256
 from client_sdk.statuses import StatusFault, status_name, status_update_fault
 from node.core import lifecycle
-from node.core.documents import senders_documents
+from node.core.documents import parse_document_uri, senders_documents
 from node.core.errors import ChaparError, letter_not_found, request_id_reused
 from node.core.splice import Field
 from node.storage.db import Database, Job, Page, Store, advance_states, existing, rows_in
@@ -1124,6 +1124,24 @@ class NodeStore(Store):
             (digest,),
         )
         return {str(r[0]) for r in rows}
+
+    async def signed_sizes(self, uri: str) -> set[int]:
+        """The sizes that the letters received from the owner of document ``uri`` sign for
+        it (their attachment references to it; one, unless that owner signed several):
+        empty when no letter received names it."""
+        owner, digest = parse_document_uri(uri)
+        rows = await self.db.fetchall(
+            "SELECT DISTINCT i.envelope FROM letter_documents d JOIN inbox i ON i.shams = d.shams"
+            " WHERE d.sha256 = ? AND i.sender = ?",
+            (digest, owner),
+        )
+        sizes: set[int] = set()
+        for (envelope,) in rows:
+            header = pb.EnvelopeHeader.FromString(pb.Envelope.FromString(envelope).header)
+            sizes.update(
+                ref.size for ref in header.attachments if ref.uri == uri and ref.sha256 == digest
+            )
+        return sizes
 
     async def documents_in_use(self, digests: Sequence[bytes]) -> set[bytes]:
         """The ``digests`` attached to a letter whose body is still kept (not purged)."""

@@ -267,8 +267,13 @@ async def test_a_fetch_that_ends_without_error_but_short_resumes_from_the_bytes_
     async def record_fetch(digest: bytes, owner: str) -> None:
         recorded.append((digest, owner))
 
+    async def signed_sizes(uri: str) -> set[int]:
+        return {len(content)}  # what the letter naming it signs
+
     store = _store(tmp_path)
-    agency = SimpleNamespace(store=SimpleNamespace(record_fetch=record_fetch))
+    agency = SimpleNamespace(
+        store=SimpleNamespace(record_fetch=record_fetch, signed_sizes=signed_sizes)
+    )
     documents = Documents(agency=agency, store=store)  # type: ignore[arg-type]
     documents.link = SimpleNamespace(stub=_Stub(), wait_stub=wait_stub)  # type: ignore[assignment]
     fetch = _Fetch(store.writer(expected_sha256=digest))

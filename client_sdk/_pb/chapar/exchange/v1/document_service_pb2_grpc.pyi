@@ -75,8 +75,12 @@ class DocumentServiceStub:
     the document's info and no bytes); NOT_FOUND DOCUMENT_NOT_FOUND for a document of
     this agency the node does not hold, or of another that its node does not; DATA_LOSS
     DIGEST_MISMATCH when the content fetched, or this node's copy read whole, does not
-    match the address (nothing kept; the next download fetches it again); UNAVAILABLE,
-    with RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
+    match the address (nothing kept; the next download fetches it again); DATA_LOSS
+    SIZE_MISMATCH when the owner announces another size than the letters naming the
+    document sign, or sends more than that size (or, when no letter received names it,
+    than it announced): the fetch ends at that announcement or at the first chunk past
+    the size, so the node never writes more than signed; nothing kept; UNAVAILABLE, with
+    RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
     OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
     after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED. A client
     that [[clients]] limits to some mailboxes gets a document that a letter received into
@@ -140,8 +144,12 @@ class DocumentServiceAsyncStub(DocumentServiceStub):
     the document's info and no bytes); NOT_FOUND DOCUMENT_NOT_FOUND for a document of
     this agency the node does not hold, or of another that its node does not; DATA_LOSS
     DIGEST_MISMATCH when the content fetched, or this node's copy read whole, does not
-    match the address (nothing kept; the next download fetches it again); UNAVAILABLE,
-    with RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
+    match the address (nothing kept; the next download fetches it again); DATA_LOSS
+    SIZE_MISMATCH when the owner announces another size than the letters naming the
+    document sign, or sends more than that size (or, when no letter received names it,
+    than it announced): the fetch ends at that announcement or at the first chunk past
+    the size, so the node never writes more than signed; nothing kept; UNAVAILABLE, with
+    RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
     OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
     after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED. A client
     that [[clients]] limits to some mailboxes gets a document that a letter received into
@@ -214,8 +222,12 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
         the document's info and no bytes); NOT_FOUND DOCUMENT_NOT_FOUND for a document of
         this agency the node does not hold, or of another that its node does not; DATA_LOSS
         DIGEST_MISMATCH when the content fetched, or this node's copy read whole, does not
-        match the address (nothing kept; the next download fetches it again); UNAVAILABLE,
-        with RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
+        match the address (nothing kept; the next download fetches it again); DATA_LOSS
+        SIZE_MISMATCH when the owner announces another size than the letters naming the
+        document sign, or sends more than that size (or, when no letter received names it,
+        than it announced): the fetch ends at that announcement or at the first chunk past
+        the size, so the node never writes more than signed; nothing kept; UNAVAILABLE, with
+        RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
         OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
         after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED. A client
         that [[clients]] limits to some mailboxes gets a document that a letter received into
