@@ -176,7 +176,8 @@ class DocumentRelay:
                 )
             # Admitted again, with no wait before the transfer is registered: a reload
             # while the grant was read ends only transfers registered then.
-            agency, certificate = self.hub._peer(context)
+            if (refused := self.hub.refusal(agency, certificate)) is not None:
+                raise refused
             transfer = _Transfer(owner, agency, certificate, request.offset)
             self._transfers[request_id] = transfer
             try:
@@ -266,7 +267,7 @@ class DocumentRelay:
         transfer: _Transfer | None = None
         finished = False
         try:
-            agency, _ = self.hub._peer(context)
+            agency, certificate = self.hub._peer(context)
             first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise ChaparError(
@@ -281,7 +282,9 @@ class DocumentRelay:
                 )
             # Admitted again after the wait for the header: a reload meanwhile ends only
             # pushes it found started (end_refused).
-            _, transfer.pusher_certificate = self.hub._peer(context)
+            if (refused := self.hub.refusal(agency, certificate)) is not None:
+                raise refused
+            transfer.pusher_certificate = certificate
             header, pipe = first.header, transfer
 
             async def relay() -> None:

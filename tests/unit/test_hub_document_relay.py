@@ -67,6 +67,10 @@ class _Hub:
     def _peer(context: _Context) -> tuple[str, int]:
         return context.agency, 1
 
+    @staticmethod
+    def refusal(agency: str, certificate: int) -> ChaparError | None:
+        return None
+
 
 async def _relay(
     offset: int, size: int, pushed: list[bytes | pb.PushDocumentRequest]
@@ -275,7 +279,6 @@ async def test_a_fetch_still_asking_a_slow_owner_ends_at_once_when_its_fetcher_i
     full.put_nowait(pb.ConnectResponse())  # a frame the slow owner has not taken yet
     hub._sessions[OWNER] = SimpleNamespace(out=full)
     revoked = ChaparError(Code.UNAUTHENTICATED, "CERTIFICATE_REVOKED", "client certificate refused")
-    hub.refusal = lambda agency, certificate: revoked if agency == FETCHER else None  # type: ignore[attr-defined]
     fetching = _Context(FETCHER)
     fetch = asyncio.create_task(relay.fetch(pb.FetchDocumentRequest(uri=URI), fetching))  # type: ignore[arg-type]
     for _ in range(100):  # registered, and waiting for room to ask the owner
@@ -283,6 +286,8 @@ async def test_a_fetch_still_asking_a_slow_owner_ends_at_once_when_its_fetcher_i
             break
         await asyncio.sleep(0.01)
     assert relay._transfers
+    # A reload now: it no longer admits the fetcher.
+    hub.refusal = lambda agency, certificate: revoked if agency == FETCHER else None  # type: ignore[method-assign]
     relay.end_refused()
     with contextlib.suppress(grpc.aio.AbortError):
         await asyncio.wait_for(fetch, 1.0)
