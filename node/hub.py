@@ -226,7 +226,7 @@ class Hub(pb.HubServiceServicer):
         self.restore: pb.HubRestore | None = None
         self.signer = signer
         self.trust = trust
-        self.directory = DirectoryView(directory)
+        self._take_directory(directory)
         self.identity = config.identity
         self._sources = self._source_stamps()
         # The revocation file the serials in force were read from (kept from, while the
@@ -247,8 +247,12 @@ class Hub(pb.HubServiceServicer):
         self._full: set[str] = set()
         self._status_version = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._trust_directory(directory)
         self.documents = DocumentRelay(self)
+
+    def _take_directory(self, directory: pb.Directory) -> None:
+        """Puts ``directory`` in force, its certificates and revoked serials trusted."""
+        self._trust_directory(directory)
+        self.directory = DirectoryView(directory)
 
     def _trust_directory(self, directory: pb.Directory) -> None:
         self.trust.add_certificates(directory.intermediate_certificates)
@@ -317,8 +321,7 @@ class Hub(pb.HubServiceServicer):
                 directory = pb.Directory()
                 directory.CopyFrom(self.directory.message)
                 directory.revoked_serials[:] = kept
-                self._trust_directory(directory)
-                self.directory = DirectoryView(directory)
+                self._take_directory(directory)
                 self._revocations_from = path  # kept from: reloads keep them while missing
                 self._missing_logged = path
                 return
@@ -339,8 +342,7 @@ class Hub(pb.HubServiceServicer):
             directory = pb.Directory()
             directory.CopyFrom(self.directory.message)
             directory.hub_signing_certificates.extend(self._earlier_signers)
-            self._trust_directory(directory)
-            self.directory = DirectoryView(directory)
+            self._take_directory(directory)
             log.info(
                 "the directory lists %d earlier signing certificates of this hub",
                 len(self._earlier_signers),
