@@ -108,6 +108,7 @@ if TYPE_CHECKING:
     from client_sdk._pb.chapar.exchange.v1.node_service_pb2_grpc import NodeServiceAsyncStub
 
 __all__ = [
+    "CONTROL_CHARACTERS",
     "DEFAULT_KEEPALIVE_S",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -171,6 +172,9 @@ every second at most."""
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """Message size limit of channels the client creates (gRPC's default is 4 MiB)."""
 TEXT_PLAIN: Final = "text/plain; charset=utf-8"
+CONTROL_CHARACTERS: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""Unicode's control characters (category Cc: C0, DEL and C1): replaced in a file name
+saved (``Attachment.safe_file_name``), refused in a request_id by the node."""
 
 Recipient: TypeAlias = "str | tuple[str, str]"
 """An agency code, or ``(agency code, mailbox)``."""
@@ -421,7 +425,7 @@ class _AttachmentFields:
         # files (``fetch``), and the sender must not name one of those. Control characters
         # go first: a sender's node checks for them, but a recipient's does not (a node
         # of another version, or hostile, chooses the name).
-        name = _CONTROL.sub("_", self.file_name)
+        name = CONTROL_CHARACTERS.sub("_", self.file_name)
         name = name.replace("\\", "/").rsplit("/", 1)[-1].strip().lstrip(".")
         if not name:
             return f"attachment-{self.sha256.hex()[:16]}"
@@ -1881,7 +1885,6 @@ def _is_at(out: BinaryIO, path: Path) -> bool:
 
 
 _NAME_BYTES = 255  # the longest file name most file systems take, in bytes
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (Cc)
 _SUFFIX_BYTES = 16  # a longer "suffix" (text after a dot in a long name) is no extension
 
 

@@ -12,7 +12,6 @@ import contextlib
 import datetime as dt
 import functools
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from google.protobuf.message import DecodeError
 
 from client_sdk import pb
+from client_sdk.client import CONTROL_CHARACTERS
 from client_sdk.errors import from_rpc_error
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
@@ -62,9 +62,6 @@ _MAX_BATCH = 1024
 # copy's time: the copy's time is by the clock of the machine that took it, ours by ours.
 HUB_RESTORE_MARGIN_S = 300.0
 _MAX_ACK_BATCH = 1000
-# Not in a request_id (the store's scope mark): C0, DEL and C1, every Unicode control
-# character (category Cc), as in a letter's text.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 F = TypeVar("F")
 R = TypeVar("R")
 # Letters numbered and signed together at most (several calls' worth; trees of 256).
@@ -564,7 +561,8 @@ class Agency(pb.NodeServiceServicer):
                             "request_id is longer than 128 characters",
                             field_violations=[("request_id", "too long")],
                         )
-                    if _CONTROL.search(request.request_id):
+                    # Not in a request_id (the store's scope mark), as in a letter's text.
+                    if CONTROL_CHARACTERS.search(request.request_id):
                         raise ChaparError(
                             Code.INVALID_ARGUMENT,
                             "INVALID_REQUEST_ID",
