@@ -251,11 +251,6 @@ def _write_new_files(files: Sequence[tuple[Path, bytes, int]], *, keep: bool = F
             tmp.unlink(missing_ok=True)
 
 
-def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Writes ``data`` to ``path`` through a fresh file created with ``mode`` (``_staged``)."""
-    _write_new_files([(path, data, mode)])
-
-
 def _key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -273,12 +268,12 @@ def _certs_pem(path: Path, certs: Iterable[x509.Certificate]) -> bytes:
 
 def write_key(path: Path, key: CertificateIssuerPrivateKeyTypes) -> None:
     """Writes ``key`` as unencrypted PKCS#8 PEM, mode 0600 from creation."""
-    _write_new_file(path, _key_pem(key), _KEY_MODE)
+    _write_new_files([(path, _key_pem(key), _KEY_MODE)])
 
 
 def write_certs(path: Path, certs: Iterable[x509.Certificate]) -> None:
     """Writes the certificates as concatenated PEM (leaf first for a chain), mode 0644."""
-    _write_new_file(path, _certs_pem(path, certs), _CERT_MODE)
+    _write_new_files([(path, _certs_pem(path, certs), _CERT_MODE)])
 
 
 def load_key(path: Path) -> PrivateKey:
