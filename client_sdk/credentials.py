@@ -22,7 +22,7 @@ from cryptography import x509
 
 from client_sdk.identity import Identity, identity_of_certificate
 from client_sdk.signing import key_matches_certificate, leaf_position, load_private_key
-from client_sdk.trust import TrustStore, is_ca
+from client_sdk.trust import TrustStore, chain_break, is_ca
 
 __all__ = ["DEFAULT_CLIENT_NAME", "Credentials", "key_matches_certificate"]
 
@@ -38,7 +38,7 @@ class Credentials:
     certificate_chain: bytes
 
     def __post_init__(self) -> None:
-        _load_certificates(self.root_certificates, "root certificates")
+        roots = _load_certificates(self.root_certificates, "root certificates")
         chain = _load_certificates(self.certificate_chain, "client certificate chain")
         key = load_private_key(self.private_key, "client private key")
         place = leaf_position(key, chain)
@@ -49,18 +49,21 @@ class Credentials:
                 f"client certificate chain: the private key's certificate is number "
                 f"{place} of {len(chain)}; it must come first, then its issuers (leaf first)"
             )
+        _check_chain(chain, roots, "client certificate chain", "the root certificates")
 
     @classmethod
     def from_files(cls, ca: Path, cert: Path, key: Path) -> Credentials:
         """Reads the root CA, the client certificate chain and the client key (PEM); a key
-        that cannot be read (encrypted, not PEM) is named by its file."""
+        that cannot be read (encrypted, not PEM), or a chain that does not lead to a CA of
+        ``ca`` (its intermediate left out), is named by its file."""
         private_key = Path(key).read_bytes()
         load_private_key(private_key, str(key))
-        return cls(
-            root_certificates=Path(ca).read_bytes(),
-            private_key=private_key,
-            certificate_chain=Path(cert).read_bytes(),
+        roots, chain = Path(ca).read_bytes(), Path(cert).read_bytes()
+        # Checked here to name the files; __post_init__ checks the bytes again, by role.
+        _check_chain(
+            _load_certificates(chain, str(cert)), _load_certificates(roots, str(ca)), cert, ca
         )
+        return cls(root_certificates=roots, private_key=private_key, certificate_chain=chain)
 
     @classmethod
     def from_pki(
@@ -101,6 +104,16 @@ class Credentials:
         chain = _load_certificates(self.certificate_chain, "client certificate chain")
         store.add_certificates(c for c in chain if is_ca(c))
         return store
+
+
+def _check_chain(
+    chain: list[x509.Certificate], roots: list[x509.Certificate], what: object, of: object
+) -> None:
+    """A chain that cannot reach the roots (its intermediate left out, another CA's) is
+    named with the issuer missing: the handshake would fail only as UNAVAILABLE."""
+    gap = chain_break(chain, roots)
+    if gap is not None:
+        raise ValueError(f"{what} does not chain to {of}: {gap}")
 
 
 def _load_certificates(pem: bytes, what: str) -> list[x509.Certificate]:

@@ -43,6 +43,7 @@ __all__ = [
     "CertificateUsage",
     "TrustStore",
     "VerificationError",
+    "chain_break",
     "check_attestation",
     "datetime_of",
     "is_ca",
@@ -600,6 +601,27 @@ def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
+
+
+def chain_break(
+    chain: Sequence[x509.Certificate], anchors: Collection[x509.Certificate]
+) -> str | None:
+    """Why ``chain`` (leaf first, then the CA certificates sent with it) does not lead to a
+    certificate of ``anchors`` (a CA bundle), in words naming the issuer missing from both;
+    None when it does. Only names and signatures are followed: validity, usage and
+    revocation are the handshake's and ``TrustStore.verify_certificate``'s. A file missing
+    its intermediate is so named at load, not left to a handshake that fails as UNAVAILABLE."""
+    current, seen = chain[0], {chain[0]}
+    while current not in anchors and not any(_signed_by(current, ca) for ca in anchors):
+        issuer = next((c for c in chain if c not in seen and _signed_by(current, c)), None)
+        if issuer is None:
+            subject, name = current.subject.rfc4514_string(), current.issuer.rfc4514_string()
+            if current.issuer == current.subject:
+                return f'"{subject}" is self-signed and not one of them'
+            return f'no certificate of "{name}", the issuer of "{subject}", is in either'
+        seen.add(issuer)
+        current = issuer
+    return None
 
 
 def _may_issue(ca: x509.Certificate, cas_below: int) -> bool:

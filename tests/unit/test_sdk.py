@@ -2560,6 +2560,52 @@ def test_credentials_name_a_chain_in_the_wrong_order(pki: Pki) -> None:
         )
 
 
+def test_credentials_name_a_chain_that_cannot_reach_the_root(pki: Pki, tmp_path: Path) -> None:
+    """A client certificate without its intermediate (the leaf alone in the file) or from
+    another CA: the file and the issuer that is missing are named at load. The handshake
+    said only UNAVAILABLE, which a back-end retries for ever."""
+    root = pki.dir / "ca" / "root.crt"
+    folder = pki.dir / "agencies" / SENDER
+    leaf, _ = x509.load_pem_x509_certificates((folder / "client.crt").read_bytes())
+    leaf_only = tmp_path / "client.crt"
+    leaf_only.write_bytes(_pem(leaf))
+    inter = re.escape(pki.intermediate.subject.rfc4514_string())
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(leaf_only))} does not chain to .*{inter}"
+    ):
+        Credentials.from_files(root, leaf_only, folder / "client.key")
+    with pytest.raises(ValueError, match=rf"^client certificate chain does not chain to .*{inter}"):
+        Credentials(root.read_bytes(), (folder / "client.key").read_bytes(), _pem(leaf))
+    # Another CA's whole chain but its root: the root is what is missing.
+    other_root_key = ec.generate_private_key(ec.SECP256R1())
+    other_root = _issue("Other Root", other_root_key.public_key(), None, other_root_key, ca=True)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_inter = _issue(
+        "Other Inter", other_key.public_key(), (other_root, other_root_key), other_root_key, ca=True
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    other_leaf = _issue(
+        "other client",
+        key.public_key(),
+        (other_inter, other_key),
+        other_key,
+        tls=True,
+        uri=f"urn:chapar:client:{SENDER}:backend",
+    )
+    missing = r'no certificate of "CN=Other Root", the issuer of "CN=Other Inter", is in either$'
+    with pytest.raises(ValueError, match=missing):
+        Credentials(root.read_bytes(), _key_pem(key), _pem(other_leaf, other_inter))
+    alone = _issue(
+        "alone", key.public_key(), None, key, tls=True, uri=f"urn:chapar:client:{SENDER}:x"
+    )
+    with pytest.raises(ValueError, match=r'"CN=alone" is self-signed and not one of them$'):
+        Credentials(root.read_bytes(), _key_pem(key), _pem(alone))
+    # The leaf alone still loads when the roots given hold its intermediate.
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(_pem(pki.root, pki.intermediate))
+    assert Credentials.from_files(bundle, leaf_only, folder / "client.key").identity() is not None
+
+
 def _encrypted(key_file: Path, out: Path, form: str) -> Path:
     """``key_file``'s key written encrypted under a passphrase, as PKCS#8 or in OpenSSL's
     traditional form (``Proc-Type: 4,ENCRYPTED``)."""
