@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from client_sdk import pb
 from client_sdk.identity import Identity, identity_of_certificate
 from client_sdk.signing import Signer, key_matches_certificate, leaf_position, load_private_key
-from client_sdk.trust import TrustStore
+from client_sdk.trust import TrustStore, chain_break
 from node import metrics as m
 from node.config import (
     MAX_MESSAGE,
@@ -207,12 +207,23 @@ def _check_key_matches(private: PrivateKeyTypes, cert_path: Path, key: str, cert
         raise ConfigError(f"{key}: does not match the public key of {cert_path}")
 
 
+def _check_chain(tls: TlsConfig) -> None:
+    """A tls.cert that cannot lead to a CA of tls.ca (its intermediate left out) is named,
+    with the issuer missing: gRPC would start, and every handshake with the server, and
+    the node's with the hub, would fail, seen on the other side only as UNAVAILABLE."""
+    chain = read_certificates(tls.cert, "tls.cert")
+    gap = chain_break(chain, read_certificates(tls.ca, "tls.ca"))
+    if gap is not None:
+        raise ConfigError(f"tls.cert: {tls.cert} does not chain to tls.ca ({tls.ca}): {gap}")
+
+
 def _server_credentials(tls: TlsConfig, expected: Identity) -> grpc.ServerCredentials:
     key_pem = check_key_file(tls.key, "tls.key")
     key = _private_key(key_pem, tls.key, "tls.key")
     _check_order(key, tls.cert, "tls.key", "tls.cert")
     _check_identity(tls.cert, "tls.cert", expected)
     _check_key_matches(key, tls.cert, "tls.key", "tls.cert")
+    _check_chain(tls)
     return grpc.ssl_server_credentials(
         [(key_pem, tls.cert.read_bytes())],
         root_certificates=tls.ca.read_bytes(),

@@ -936,6 +936,30 @@ def test_server_with_its_tls_chain_in_the_wrong_order_names_the_order(
     assert not (tmp_path / "ready.json").exists()
 
 
+@pytest.mark.parametrize("role", ["node", "hub"])
+def test_server_with_a_tls_chain_that_cannot_reach_its_ca_names_the_missing_issuer(
+    cluster: Cluster, tmp_path: Path, role: str
+) -> None:
+    """tls.cert holding the server's certificate alone, without the intermediate that
+    issued it (tls.ca holds the root only): start-up stops naming the file and the
+    intermediate. The server started, and every client's and the hub's handshake with it
+    failed (a node's dial to the hub too), seen only as UNAVAILABLE on the other side."""
+    config, _ = _private_copy(cluster, role, tmp_path)
+    source = cluster.pki.hub_dir("national") if role == "hub" else cluster.pki.agency_dir(AGENCY_A)
+    leaf, intermediate = x509.load_pem_x509_certificates((source / "tls.crt").read_bytes())
+    leaf_only = tmp_path / "tls.crt"
+    leaf_only.write_bytes(_pem(leaf))
+    text = config.read_text()
+    config.write_text(text.replace(f'"{source / "tls.crt"}"', f'"{leaf_only}"'))
+    result = _serve(role, config)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"tls.cert: {leaf_only} does not chain to tls.ca" in result.stderr, result.stderr
+    assert intermediate.subject.rfc4514_string() in result.stderr, result.stderr
+    assert not (tmp_path / "ready.json").exists()
+
+
 def test_no_private_key_material_appears_in_any_server_log(
     cluster: Cluster, key_fragments: KeyFragments
 ) -> None:
