@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import datetime as dt
 import logging
 import time
@@ -31,7 +30,6 @@ from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer, sha256
 from client_sdk.trust import TrustStore, VerificationError, der, seconds_of, set_timestamp
 from node.config import (
     MAX_FRAME_LETTERS,
-    ConfigError,
     HubConfig,
     load_hub_config,
     read_certificates,
@@ -52,6 +50,7 @@ from node.metrics import (
     count_rejection,
     count_verification_failure,
 )
+from node.reload import NOT_LOADED, RestartOnly, modification_times
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
 from node.storage.hub_store import HubStore, IncomingLetter, Tree
@@ -99,35 +98,24 @@ def _existing(path: Path | None) -> Path | None:
 
 # What the hub reads once, at start (the server's addresses, options and credentials, its
 # store), under the key docs/OPERATIONS.md names: a reload keeps the value running and says
-# so (Hub._warn_restart_only). Every other key a reload applies; hub.name too, which a
-# reload publishes in the directory (a rename announced, OPERATIONS.md) while the hub
-# attests and signs as its start's name (self.identity) until a restart.
-_RESTART_ONLY = {
-    "listen": "hub.listen",
-    "database": "hub.database",
-    "ready_file": "hub.ready_file",
-    "durability": "hub.durability",
-    "metrics_listen": "hub.metrics_listen",
-    "metrics_tls": "hub.metrics_tls",
-    "max_frame_bytes": "hub.max_frame_bytes",
-    "keepalive_s": "hub.keepalive_s",
-    "tls": "tls",
-    "signing": "signing",
-}
-_RESTART_ONLY_FIELDS = tuple(_RESTART_ONLY)
-
-
-def _restart_only_keys(config: HubConfig) -> dict[str, object]:
-    """The restart-only keys of ``config`` by their dotted names (``tls.cert``), in order."""
-    keys: dict[str, object] = {}
-    for name, key in _RESTART_ONLY.items():
-        value = getattr(config, name)
-        if dataclasses.is_dataclass(value):  # [tls], [signing]: each file key by itself
-            for f in dataclasses.fields(value):
-                keys[f"{key}.{f.name}"] = getattr(value, f.name)
-        else:
-            keys[key] = value
-    return keys
+# so (node.reload). Every other key a reload applies; hub.name too, which a reload
+# publishes in the directory (a rename announced, OPERATIONS.md) while the hub attests and
+# signs as its start's name (self.identity) until a restart.
+_RESTART_ONLY = RestartOnly(
+    {
+        "listen": "hub.listen",
+        "database": "hub.database",
+        "ready_file": "hub.ready_file",
+        "durability": "hub.durability",
+        "metrics_listen": "hub.metrics_listen",
+        "metrics_tls": "hub.metrics_tls",
+        "max_frame_bytes": "hub.max_frame_bytes",
+        "keepalive_s": "hub.keepalive_s",
+        "tls": "tls",
+        "signing": "signing",
+    },
+    log,
+)
 
 
 def build_directory(
@@ -264,13 +252,7 @@ class Hub(pb.HubServiceServicer):
     # -- directory changes without a restart -------------------------------------------------
 
     def _source_stamps(self) -> tuple[float, ...]:
-        stamps = []
-        for path in (self.config_path, self.config.revocation_file):
-            try:
-                stamps.append(path.stat().st_mtime if path is not None else 0.0)
-            except FileNotFoundError:
-                stamps.append(-1.0)
-        return tuple(stamps)
+        return modification_times(self.config_path, self.config.revocation_file)
 
     def _vanished_revocations(self, config: HubConfig) -> list[str] | None:
         """The running revoked serials when the revocation file configured is missing and
@@ -348,26 +330,6 @@ class Hub(pb.HubServiceServicer):
                 len(self._earlier_signers),
             )
 
-    def _keep_restart_only(self, read: HubConfig) -> HubConfig:
-        """``read`` with the keys only a restart applies kept at their running values:
-        ``self.config`` stays what is in force."""
-        return dataclasses.replace(
-            read, **{f: getattr(self.config, f) for f in _RESTART_ONLY_FIELDS}
-        )
-
-    def _warn_restart_only(self, read: HubConfig) -> None:
-        """One warning naming each key of ``read`` (the file as reloaded) that differs from
-        the value running and takes effect only at a restart; said at every reload until
-        then, so an edit is never taken in silence."""
-        running = _restart_only_keys(self.config)
-        changed = [key for key, value in _restart_only_keys(read).items() if value != running[key]]
-        if changed:
-            log.warning(
-                "configuration reloaded, but %s changed and take effect only at a restart;"
-                " the running values stay until then",
-                ", ".join(changed),
-            )
-
     async def reload_if_changed(self) -> int:
         """Re-reads the configuration and revocation file when either changed.
 
@@ -380,7 +342,7 @@ class Hub(pb.HubServiceServicer):
             return 0
         try:
             read = load_hub_config(self.config_path) if self.config_path else self.config
-            config = self._keep_restart_only(read)
+            config = _RESTART_ONLY.kept(read, self.config)
             kept = self._vanished_revocations(config)
             directory = build_directory(
                 config,
@@ -390,7 +352,7 @@ class Hub(pb.HubServiceServicer):
                 revoked_serials=kept,
             )
             directory.hub_signing_certificates.extend(self._earlier_signers)
-        except (ConfigError, OSError, ValueError) as exc:
+        except NOT_LOADED as exc:
             self._sources = stamps  # logged once; read again when a file changes
             log.error("directory not reloaded, keeping version %d: %s", self.directory.version, exc)
             return 0
@@ -398,8 +360,8 @@ class Hub(pb.HubServiceServicer):
         self._revocations_from = _existing(config.revocation_file) or (
             config.revocation_file if kept is not None else None
         )
+        _RESTART_ONLY.warn(read, self.config)
         self.config = config
-        self._warn_restart_only(read)
         # The repeating tasks measure the wait under way against their periods as reloaded.
         self.reloaded.set()
         self.reloaded = asyncio.Event()

@@ -24,7 +24,8 @@ import pytest
 from node import metrics as m
 from node.cluster import Cluster
 from node.config import load_hub_config
-from node.hub import Hub, _restart_only_keys, build_directory
+from node.hub import _RESTART_ONLY as HUB_RESTART_ONLY
+from node.hub import Hub, build_directory
 from node.monitor import HubMonitor
 from node.server import _signer, _trust
 from node.storage.hub_store import HubStore
@@ -231,4 +232,4 @@ def test_operations_md_marks_exactly_the_keys_a_reload_does_not_apply(hub: Hub) 
         for row in table.splitlines()
         if row.startswith("| `") and "takes effect at a restart, not a reload" in row
     }
-    assert marked == set(_restart_only_keys(hub.config))
+    assert marked == set(HUB_RESTART_ONLY.named(hub.config))
