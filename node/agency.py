@@ -14,7 +14,8 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -30,7 +31,7 @@ from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, key_id, sha256
 from client_sdk.statuses import latest_statuses
 from client_sdk.trust import TrustStore, VerificationError, is_ca, seconds_of, set_timestamp
-from node.config import ENVELOPE_EXTRA_BYTES, NodeConfig, frame_room
+from node.config import ENVELOPE_EXTRA_BYTES, NodeConfig, frame_room, load_node_config
 from node.core.directory import DirectoryView
 from node.core.documents import parse_document_uri
 from node.core.errors import ChaparError, Code, hub_unavailable, letter_not_found
@@ -39,6 +40,7 @@ from node.core.letters import build_header, fit_status_update, normalise_text, v
 from node.core.splice import Field
 from node.document_store import DocumentStore
 from node.metrics import SUBMIT_REJECTED
+from node.reload import NOT_LOADED, RestartOnly, modification_times
 from node.rpc.errors import abort, code_of, to_submit_error
 from node.rpc.peer import peer_certificate
 from node.storage.node_store import HeldLetter, NewLetter, NodeStore, request_key
@@ -75,6 +77,31 @@ _INCOMING = pb.LetterDirection.LETTER_DIRECTION_INCOMING
 _TRACK_TIMEOUT_S = 10.0
 _HUB_GONE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+# What the node reads once, at start, under the key docs/OPERATIONS.md names: a reload
+# keeps the value running and says so (node.reload). Its identity (node.agency: its
+# numbers, its certificates), the hub it dials and the one it accepts before a directory
+# (the hub link's), the server's address, options, message limit and credentials, its
+# store and document directory, its /metrics server. Every other key a reload applies
+# (Agency.reload_if_changed): each is read where it is used, at each use.
+_RESTART_ONLY = RestartOnly(
+    {
+        "agency": "node.agency",
+        "listen": "node.listen",
+        "hub": "node.hub",
+        "hub_name": "node.hub_name",
+        "database": "node.database",
+        "ready_file": "node.ready_file",
+        "durability": "node.durability",
+        "metrics_listen": "node.metrics_listen",
+        "metrics_tls": "node.metrics_tls",
+        "keepalive_s": "node.keepalive_s",
+        "max_message_bytes": "limits.max_message_bytes",
+        "documents_dir": "documents.directory",
+        "tls": "tls",
+        "signing": "signing",
+    },
+    log,
 )
 
 
@@ -223,9 +250,20 @@ class Agency(pb.NodeServiceServicer):
     """State shared by the node's servicer and its hub link."""
 
     def __init__(
-        self, config: NodeConfig, store: NodeStore, signer: Signer, trust: TrustStore
+        self,
+        config: NodeConfig,
+        store: NodeStore,
+        signer: Signer,
+        trust: TrustStore,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
+        # The file ``config`` was read from, read again when it changes (reload_if_changed);
+        # None: never reloaded.
+        self.config_path = config_path
+        self._sources = modification_times(config_path)
+        # Set, and replaced by a new one, whenever a reload took a configuration.
+        self.reloaded = asyncio.Event()
         self.store = store
         self.signer = signer
         self.trust = trust
@@ -273,14 +311,20 @@ class Agency(pb.NodeServiceServicer):
         self._streams: dict[_OpenStream, x509.Certificate] = {}
         self.full_recipients: frozenset[str] = frozenset()
         self.quota_retry_after_s = 30.0
-        self._purger: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.document_store: DocumentStore | None = None
         self.hub_link: HubLink | None = None  # set by serve_node: Track rides on its channel
 
     def start(self) -> None:
-        self._purger = asyncio.create_task(
-            every(self.config.purge_interval_s, self.purge, "retention"), name="retention"
-        )
+        # Their periods are read from the configuration in force, which a reload changes,
+        # and a reload wakes a wait under way to measure it again.
+        self._tasks = [
+            asyncio.create_task(every(period, action, name, lambda: self.reloaded), name=name)
+            for period, action, name in (
+                (lambda: self.config.purge_interval_s, self.purge, "retention"),
+                (lambda: self.config.reload_interval_s, self.reload_if_changed, "reload"),
+            )
+        ]
 
     def end_streams(self) -> None:
         """The node is stopping: every back-end stream ends once what it read is answered."""
@@ -290,10 +334,53 @@ class Agency(pb.NodeServiceServicer):
 
     async def stop(self) -> None:
         self.end_streams()
-        if self._purger is not None:
-            self._purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purger
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def reload_if_changed(self) -> int:
+        """Reads the configuration file again when it changed, and applies it (1), or
+        nothing changed (0). A file that does not load is refused whole, logged once (until
+        it changes again): the configuration running stays. The keys only a restart
+        applies keep their running values, with a warning naming each that changed
+        (node.reload); every other is read where it is used, so the next use takes it.
+
+        The back-ends' streams whose client's mailboxes changed end (as at a stop: the
+        SDK's STREAM_ENDED, and the back-end reads again, admitted with its new
+        mailboxes); a stream admitted with the old ones would go on showing their letters.
+        """
+        stamps = modification_times(self.config_path)
+        if self.config_path is None or stamps == self._sources:
+            return 0
+        self._sources = stamps  # a bad file is logged once; read again when it changes
+        try:
+            read = load_node_config(self.config_path)
+        except NOT_LOADED as exc:
+            log.error("configuration not reloaded, keeping the one running: %s", exc)
+            return 0
+        config = _RESTART_ONLY.kept(read, self.config)
+        if config.limits.max_body_bytes > config.max_message_bytes:
+            # A message limit raised with the body's takes a restart: the body's waits for it.
+            limits = replace(config.limits, max_body_bytes=config.max_message_bytes)
+            config = replace(config, limits=limits)
+        _RESTART_ONLY.warn(read, self.config)
+        if config == self.config:
+            return 0
+        self.config = config
+        if self.document_store is not None:  # uploads check its copy of the limits
+            self.document_store.limits = config.documents
+        # The repeating tasks measure the wait under way against their periods as reloaded.
+        self.reloaded.set()
+        self.reloaded = asyncio.Event()
+        for stream in self._streams:
+            identity = stream.identity
+            if identity.kind == "client" and (
+                config.clients.get(identity.name) != stream.access.mailboxes
+            ):
+                log.info("ending a stream of %s: its mailboxes changed", identity.uri)
+                stream.ended.set()
+        log.info("configuration reloaded")
+        return 1
 
     async def purge(self) -> int:
         """Drops bodies of done letters this node took (sent or received) more than

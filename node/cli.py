@@ -31,7 +31,7 @@ def _serve(ns: argparse.Namespace) -> int:
         if ns.role == "hub":
             asyncio.run(serve_hub(load_hub_config(ns.config), ns.config))
         else:
-            asyncio.run(serve_node(load_node_config(ns.config)))
+            asyncio.run(serve_node(load_node_config(ns.config), ns.config))
     except ConfigError as exc:
         print(f"error: configuration {ns.config}: {exc}", file=sys.stderr)
         return 2

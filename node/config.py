@@ -175,6 +175,7 @@ class NodeConfig:
     reconnect_max_s: float = 10.0
     retention_s: float = 30 * 86400.0
     purge_interval_s: float = 3600.0
+    reload_interval_s: float = 5.0
     # Back-end client name -> the mailboxes it may use; a client not listed may use all.
     clients: dict[str, frozenset[str]] = field(default_factory=dict)
     metrics_interval_s: float = 5.0
@@ -633,6 +634,7 @@ def _node_config(t: Table) -> NodeConfig:
         clients=_clients(t, agency, defaults.max_mailbox_chars),
         retention_s=node.number("retention_s", 30 * 86400.0),
         purge_interval_s=node.between("purge_interval_s", 3600.0, MIN_INTERVAL_S, WEEK_S),
+        reload_interval_s=node.between("reload_interval_s", 5.0, MIN_INTERVAL_S, HOUR_S),
         metrics_interval_s=node.between(
             "metrics_interval_s", 5.0, MIN_INTERVAL_S, MAX_METRICS_INTERVAL_S
         ),

@@ -81,8 +81,8 @@ def certificate_expiry(path: Path, now: float) -> float:
 class _Common:
     database: Path
     certificates: dict[str, Path]
-    # Read at each turn, and again when ``changed``'s event is set: a hub's reload changes
-    # it (node.tasks.wait_period).
+    # Read at each turn, and again when ``changed``'s event is set: a reload changes it
+    # (node.tasks.wait_period).
     interval_s: Callable[[], float]
     changed: Callable[[], asyncio.Event] | None = None
     _task: asyncio.Task[None] | None = field(default=None, init=False)
@@ -136,7 +136,8 @@ class NodeMonitor(_Common):
         super().__init__(
             config.database,
             {"tls": config.tls.cert, "signing": config.signing.cert},
-            lambda: config.metrics_interval_s,  # a node does not reload its configuration
+            lambda: agency.config.metrics_interval_s,  # as a reload sets it
+            lambda: agency.reloaded,
         )
         self.agency = agency
         self._prefix = config.agency + "/"

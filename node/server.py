@@ -483,7 +483,7 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
         await server.stop(grace_s)
 
 
-async def serve_node(config: NodeConfig) -> None:
+async def serve_node(config: NodeConfig, config_path: Path | None = None) -> None:
     from node.agency import Agency
     from node.document_store import DocumentStore
     from node.documents import Documents
@@ -506,7 +506,7 @@ async def serve_node(config: NodeConfig) -> None:
             log.info("indexed the attachments of %d letters stored before this version", indexed)
         if marked := await store.mark_documents_fetched_before():
             log.info("%d documents fetched before this version marked as their owners'", marked)
-        agency = Agency(config, store, signer, trust)
+        agency = Agency(config, store, signer, trust, config_path)
         agency.numbers_unconfirmed = await store.unconfirmed_restore()
         if agency.numbers_unconfirmed is not None:
             log.warning(
@@ -587,14 +587,15 @@ async def serve_node(config: NodeConfig) -> None:
             )
         ready.cancel()
         await stop
-        log.info("node stopping (grace %.1fs)", config.grace_s)
+        grace_s = agency.config.grace_s  # as a reload may have set it
+        log.info("node stopping (grace %.1fs)", grace_s)
         if watcher is not None:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
         m.READY.set(0)
         await health_servicer.enter_graceful_shutdown()
         agency.end_streams()  # back-end streams end now, not at the end of the grace
-        await server.stop(config.grace_s)
+        await server.stop(grace_s)
 
 
 async def _stop_link(link: HubLink, task: asyncio.Task[None]) -> None:

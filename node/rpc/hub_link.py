@@ -461,8 +461,6 @@ class _Session:
 
     async def _send(self) -> None:
         agency = self.agency
-        batch = agency.config.relay_batch
-        window = batch * 4
         cursor = 0
         # What must be read again: set by the agency's signals, cleared when read, so a
         # wake-up with nothing new costs no database read.
@@ -478,6 +476,8 @@ class _Session:
                 agency.receipts_changed.clear()
                 receipts_dirty = True
             sent = False
+            batch = agency.config.relay_batch  # as a reload may have set it
+            window = batch * 4
             if outbox_dirty and len(self.relaying) < window and self.relay_cadence.ready():
                 outbox_dirty = False
                 # Frames under the hub's frame limit (the first letter always goes), read

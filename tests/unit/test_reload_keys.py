@@ -1,4 +1,5 @@
-"""What a reload of the hub's configuration applies, and what it says it does not.
+"""What a reload of the hub's (and a node's) configuration applies, and what it says it
+does not.
 
 ``Hub.reload_if_changed`` took the whole new configuration as ``self.config``, but the
 repeating tasks (expiry, retention, the reload itself) and the gauges' refresh had read
@@ -21,14 +22,19 @@ from pathlib import Path
 
 import pytest
 
+from client_sdk.identity import Identity
 from node import metrics as m
+from node.agency import _RESTART_ONLY as NODE_RESTART_ONLY
+from node.agency import Agency, _OpenStream
 from node.cluster import Cluster
-from node.config import load_hub_config
+from node.config import load_hub_config, load_node_config
+from node.document_store import DocumentStore
 from node.hub import _RESTART_ONLY as HUB_RESTART_ONLY
 from node.hub import Hub, build_directory
-from node.monitor import HubMonitor
+from node.monitor import HubMonitor, NodeMonitor
 from node.server import _signer, _trust
 from node.storage.hub_store import HubStore
+from node.storage.node_store import NodeStore
 
 A, B = "000.00.00.G22", "10861234567"
 # The longest periods at start: a task still waiting on one has not taken the reload.
@@ -233,3 +239,252 @@ def test_operations_md_marks_exactly_the_keys_a_reload_does_not_apply(hub: Hub) 
         if row.startswith("| `") and "takes effect at a restart, not a reload" in row
     }
     assert marked == set(HUB_RESTART_ONLY.named(hub.config))
+
+
+# -- the node ------------------------------------------------------------------------------
+#
+# A node read its configuration once, at start: an operator who changed a back-end's
+# mailboxes, a retention period or a document limit had to restart it, and nothing said
+# which edits a restart was needed for. It now reloads as the hub does.
+
+CLIENTS = """reload_interval_s = 3600
+purge_interval_s = 3600
+metrics_interval_s = 60
+[[clients]]
+name = "backend"
+mailboxes = ["a"]
+[[clients]]
+name = "archive"
+mailboxes = ["x"]"""
+
+
+def _node_reload_seen(node: Agency) -> None:
+    node._sources = ()  # as if the reload loop saw a new modification time
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Agency]:
+    cluster = Cluster.prepare(tmp_path, [A, B])
+    cluster.hub.address = "127.0.0.1:1"  # never dialled: no hub link here
+    config_path = cluster.add_node(A, CLIENTS).config
+    config = load_node_config(config_path)
+    store = await NodeStore.open(tmp_path / "node.db", durability="normal")
+    agency = Agency(
+        config,
+        store,
+        _signer(config.signing, config.identity),
+        _trust(config.tls, config.signing),
+        config_path=config_path,
+    )
+    agency.document_store = DocumentStore(config.documents_dir, config.documents)
+    try:
+        yield agency
+    finally:
+        await agency.stop()
+        await store.close()
+
+
+def _mailboxes_of(node: Agency, client: str) -> frozenset[str] | None:
+    return node._access(Identity.for_client(A, client)).mailboxes
+
+
+def _stream_of(node: Agency, client: str) -> _OpenStream:
+    """An open back-end stream of ``client``, as the node registers one (_registered)."""
+    identity = Identity.for_client(A, client)
+    stream = _OpenStream(node._access(identity), node.signer.certificate)
+    node._streams[stream] = stream.certificate
+    return stream
+
+
+async def test_a_node_reload_applies_a_changed_mailbox_list_and_ends_the_streams_it_changes(
+    node: Agency, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert node.config_path is not None
+    backend, archive = _stream_of(node, "backend"), _stream_of(node, "archive")
+    text = node.config_path.read_text()
+    node.config_path.write_text(
+        text.replace('mailboxes = ["a"]', 'mailboxes = ["a", "b"]')
+        + '[[clients]]\nname = "registry"\nmailboxes = ["r"]\n'
+    )
+    assert _mailboxes_of(node, "registry") is None  # not listed: every mailbox
+    _node_reload_seen(node)
+    caplog.set_level(logging.WARNING, "chapar")
+    assert await node.reload_if_changed() == 1
+    assert _mailboxes_of(node, "backend") == {"a", "b"}
+    assert _mailboxes_of(node, "registry") == {"r"}
+    assert _mailboxes_of(node, "archive") == {"x"}
+    # The stream opened with the old list ends (its back-end reads again, STREAM_ENDED,
+    # and is admitted with the new one); another client's goes on.
+    assert backend.ended.is_set()
+    assert backend.refused is None
+    assert not archive.ended.is_set()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_node_reload_of_keys_it_applies_warns_of_nothing(
+    node: Agency, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert node.config_path is not None
+    assert node.document_store is not None
+    for key, value in {
+        "shutdown_grace_s": "1",
+        "relay_batch": "8",
+        "relay_frame_bytes": "65536",
+        "reconnect_max_s": "2",
+        "retention_s": "60",
+    }.items():
+        _set(node.config_path, key, value, table="node")
+    with node.config_path.open("a") as f:
+        f.write(
+            "[limits]\nmax_body_bytes = 1000\nmax_recipients = 3\nmax_subject_chars = 20\n"
+            '[documents]\nmax_file_bytes = 4096\nmedia_types = ["text/plain"]\nretention_s = 60\n'
+        )
+    _node_reload_seen(node)
+    caplog.set_level(logging.WARNING, "chapar")
+    await node.reload_if_changed()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    config = node.config
+    assert (config.grace_s, config.relay_batch, config.relay_frame_bytes) == (1.0, 8, 65536)
+    assert (config.reconnect_max_s, config.retention_s, config.documents_retention_s) == (
+        2.0,
+        60.0,
+        60.0,
+    )
+    assert (config.limits.max_body_bytes, config.limits.max_recipients) == (1000, 3)
+    # The document store checks uploads against its own copy of the limits: it has the new.
+    assert node.document_store.limits == config.documents
+    assert config.documents.max_file_bytes == 4096
+
+
+async def test_a_reloaded_node_retention_and_reload_interval_are_the_ones_their_tasks_wait(
+    node: Agency, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    purged: list[float] = []
+    monkeypatch.setattr(node, "purge", _counting(purged))
+    reloads: list[float] = []
+    real = node.reload_if_changed
+
+    async def counted() -> int:
+        reloads.append(asyncio.get_running_loop().time())
+        return await real()
+
+    monkeypatch.setattr(node, "reload_if_changed", counted)
+    node.start()  # both wait an hour ...
+    assert node.config_path is not None
+    _set(node.config_path, "purge_interval_s", "0.1", table="node")
+    _set(node.config_path, "reload_interval_s", "0.1", table="node")
+    _node_reload_seen(node)
+    await real()  # ... which the operator's edit, read by some reload, cuts short
+    await asyncio.sleep(2.0)
+    assert len(purged) >= 5, f"retention ran {len(purged)} times in 2 s after a reload to 0.1 s"
+    assert len(reloads) >= 5, f"reload ran {len(reloads)} times in 2 s after a reload to 0.1 s"
+
+
+async def test_a_reloaded_node_metrics_interval_is_the_one_the_monitor_uses(
+    node: Agency, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monitor = NodeMonitor(node)
+    refreshed: list[float] = []
+    monkeypatch.setattr(monitor, "refresh", _counting(refreshed))
+    monitor.start()  # refreshes at once, then waits a minute ...
+    try:
+        await asyncio.sleep(0.2)
+        assert node.config_path is not None
+        _set(node.config_path, "metrics_interval_s", "0.1", table="node")  # ... cut short
+        _node_reload_seen(node)
+        await node.reload_if_changed()
+        await asyncio.sleep(1.0)
+    finally:
+        await monitor.stop()
+    assert len(refreshed) >= 6, f"gauges refreshed {len(refreshed)} times in 1.2 s at 0.1 s"
+
+
+async def test_a_node_reload_warns_of_each_changed_key_that_takes_effect_at_a_restart(
+    node: Agency, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = node.config
+    assert node.config_path is not None
+    other_cert = tmp_path / "tls-renewed.crt"
+    shutil.copy(started.tls.cert, other_cert)
+    _set(node.config_path, "keepalive_s", "40", table="node")
+    _set(node.config_path, "listen", '"127.0.0.1:7443"', table="node")
+    _set(node.config_path, "hub", '"127.0.0.1:7444"', table="node")
+    _set(node.config_path, "database", '"elsewhere.db"', table="node")
+    _set(node.config_path, "cert", f'"{other_cert}"', table="tls")
+    _set(node.config_path, "retention_s", "60", table="node")  # applied: not named
+    with node.config_path.open("a") as f:
+        f.write('[limits]\nmax_message_bytes = 65536\n[documents]\ndirectory = "docs-2"\n')
+    _node_reload_seen(node)
+    caplog.set_level(logging.WARNING, "chapar")
+    await node.reload_if_changed()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    named = set(re.findall(r"\b(?:node|tls|signing|limits|documents)\.[a-z_]+", warnings[0]))
+    assert named == {
+        "node.keepalive_s",
+        "node.listen",
+        "node.hub",
+        "node.database",
+        "tls.cert",
+        "limits.max_message_bytes",
+        "documents.directory",
+    }, warnings[0]
+    assert "restart" in warnings[0]
+    # What is in force is what runs: the start's values.
+    config = node.config
+    assert (config.keepalive_s, config.listen, config.hub) == (
+        started.keepalive_s,
+        started.listen,
+        started.hub,
+    )
+    assert (config.database, config.tls, config.documents_dir) == (
+        started.database,
+        started.tls,
+        started.documents_dir,
+    )
+    assert config.max_message_bytes == started.max_message_bytes
+    assert config.retention_s == 60
+
+
+async def test_a_broken_node_configuration_is_refused_whole_and_the_running_one_kept(
+    node: Agency, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = node.config
+    assert node.config_path is not None
+    text = node.config_path.read_text()
+    # A live key changed, beside a key that does not load: neither is taken.
+    _set(node.config_path, "retention_s", "60", table="node")
+    _set(node.config_path, "relay_batch", "0", table="node")
+    _node_reload_seen(node)
+    caplog.set_level(logging.INFO, "chapar")
+    assert await node.reload_if_changed() == 0
+    assert node.config == started
+    assert _mailboxes_of(node, "backend") == {"a"}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1, errors
+    assert "not reloaded" in errors[0], errors[0]
+    assert "node.relay_batch" in errors[0], errors[0]
+
+    caplog.clear()  # not TOML at all: the same
+    node.config_path.write_text(text + "[[clients]\n")
+    _node_reload_seen(node)
+    assert await node.reload_if_changed() == 0
+    assert node.config == started
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+    node.config_path.write_text(text.replace('mailboxes = ["a"]', 'mailboxes = ["b"]'))
+    _node_reload_seen(node)  # mended: taken at the next change
+    assert await node.reload_if_changed() == 1
+    assert _mailboxes_of(node, "backend") == {"b"}
+
+
+def test_operations_md_marks_exactly_the_node_keys_a_reload_does_not_apply(node: Agency) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "OPERATIONS.md").read_text()
+    table = text[text.index("### Node (`node.toml`)") : text.index("## Changing the directory")]
+    marked = {
+        row.split("`")[1]
+        for row in table.splitlines()
+        if row.startswith("| `") and "takes effect at a restart, not a reload" in row
+    }
+    assert marked == set(NODE_RESTART_ONLY.named(node.config))
