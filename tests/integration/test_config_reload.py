@@ -5,7 +5,8 @@ A node read its configuration once, at start: a back-end's mailboxes (``[[client
 changed in the file were not in force until the node was restarted, and nothing said so.
 It now reads the file again when it changes (``node.reload_interval_s``), as the hub does
 (tests/unit/test_reload_keys.py holds what a reload applies and what it warns of). And
-``shutdown_grace_s``, which a reload applies, is the grace a stop after it uses.
+``shutdown_grace_s``, which both roles apply live, is the grace a stop after the reload
+uses.
 """
 
 from __future__ import annotations
@@ -85,3 +86,14 @@ async def test_a_node_takes_a_backends_new_mailbox_and_its_grace_without_a_resta
     log = node.log_file.read_text()
     assert "configuration reloaded" in log
     assert "node stopping (grace 3.5s)" in log, node.log_tail()
+
+
+async def test_a_hub_stops_with_the_grace_a_reload_set(tmp_path: Path) -> None:
+    cluster = await Cluster.start(tmp_path, [A, B], without_node=[A, B], hub_settings=RELOAD)
+    try:
+        _edit(cluster.hub.config, "hub", add="shutdown_grace_s = 2.5")
+        await asyncio.sleep(1.5)  # reloaded (reload_interval_s)
+    finally:
+        codes = cluster.stop()
+    assert codes == {"hub": 0}, codes
+    assert "hub stopping (grace 2.5s)" in cluster.hub.log_file.read_text(), cluster.hub.log_tail()
