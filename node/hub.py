@@ -373,10 +373,13 @@ class Hub(pb.HubServiceServicer):
         unchanged.update_time.CopyFrom(self.directory.message.update_time)
         if unchanged == self.directory.message:  # a file touched, or only the quota changed
             return 0
-        self._trust_directory(directory)
-        self.directory = DirectoryView(directory)
-        # What a restart keeps in force while the file is missing (_keep_revocations).
-        await self.store.save_revocations(list(directory.revoked_serials))
+        revocations_changed = list(directory.revoked_serials) != list(
+            self.directory.message.revoked_serials
+        )
+        self._take_directory(directory)
+        if revocations_changed:
+            # What a restart keeps in force while the file is missing (_keep_revocations).
+            await self.store.save_revocations(list(directory.revoked_serials))
         log.info(
             "directory version %d: %d agencies, %d revoked serials",
             directory.version,
