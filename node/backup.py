@@ -7,7 +7,8 @@ documents (content-addressed, so a backup into the same directory again copies o
 new ones), and ``manifest.json`` saying whose database it is and when it was taken.
 
 A restore refuses while a server has the database open, refuses another role's or
-identity's backup and a schema newer than this program, moves the current files aside
+identity's backup, a schema newer than this program, a damaged database and a damaged
+document (each one copied is checked against its SHA-256 name), moves the current files aside
 (never deletes them), puts the copy in place, and records in it (``meta`` row
 ``restored``) that it was restored and from which snapshot: a restored node then waits for
 the hub's numbers before it numbers letters again, and a restored hub tells its nodes
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -55,6 +57,7 @@ _FORMAT = 1
 _PRIVATE_DIR, _PRIVATE_FILE = 0o700, 0o600  # a backup's directories and files
 _COPY_CHUNK = 1 << 20
 _LOCK_TIMEOUT_S = 0.5  # how long restore waits for the database lock before it refuses
+_RESTORING = "restoring"  # in a node's document store: the documents a restore checked
 Role = Literal["hub", "node"]
 
 
@@ -247,9 +250,8 @@ def _document_files(root: Path) -> list[Path]:
 def _copy_documents(source: Path, target: Path, private: bool = False) -> int:
     """Copies the documents ``target`` lacks (a document never changes under its name);
     returns how many of ``source``'s ``target`` then holds (one retention removed from
-    ``source`` meanwhile is not counted: a restore checks the count). ``private``: into a backup, whose directories and
-    files it makes readable by their owner only (a restore's copies into the server's
-    document store are made as the store makes its own)."""
+    ``source`` meanwhile is not counted: a restore checks the count). ``private``: into a
+    backup, whose directories and files it makes readable by their owner only."""
     files = _document_files(source)
     dir_mode, file_mode = (_PRIVATE_DIR, _PRIVATE_FILE) if private else (0o777, 0o666)
     made: set[Path] = set()
@@ -263,7 +265,10 @@ def _copy_documents(source: Path, target: Path, private: bool = False) -> int:
     return sum(1 for rel in files if (target / rel).is_file())
 
 
-def _copy_new(source: Path, target: Path, mode: int) -> None:
+def _copy_new(source: Path, target: Path, mode: int, check: bool = False) -> None:
+    """Copies ``source`` to ``target`` unless it exists. ``check``: refuses (BackupError,
+    nothing kept) a document whose content is not the SHA-256 its name says, hashed
+    chunk by chunk as it is copied."""
     if target.exists():
         return
     partial = target.with_name(target.name + ".partial")
@@ -272,8 +277,17 @@ def _copy_new(source: Path, target: Path, mode: int) -> None:
         reader = open(source, "rb")  # noqa: SIM115 (closed by the with below)
     except FileNotFoundError:  # removed by retention meanwhile: nothing to keep
         return
+    digest = hashlib.sha256()
     with reader, open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as out:
-        shutil.copyfileobj(reader, out, _COPY_CHUNK)
+        while chunk := reader.read(_COPY_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    if check and digest.hexdigest() != target.name:
+        partial.unlink()
+        raise BackupError(
+            f"the backup's document {source} is damaged (its content's SHA-256 is"
+            f" {digest.hexdigest()}, not its name): restore another backup"
+        )
     fsync_path(partial)
     os.replace(partial, target)
 
@@ -334,6 +348,15 @@ def restore(
     incoming = db.with_name(f"{db.name}.restoring")
     for path in _database_files(incoming):
         path.unlink(missing_ok=True)  # an earlier restore's that failed
+    # A node's documents the store lacks are copied and checked first into a folder of
+    # the store (renamed into place after the swap): one damaged refuses the restore
+    # before anything the server reads has changed.
+    store = server.documents_dir
+    made_store = store is not None and not store.exists()
+    staged = None
+    if store is not None and (source / "documents").is_dir():
+        staged = store / _RESTORING
+        shutil.rmtree(staged, ignore_errors=True)  # an earlier restore's that failed
     try:
         shutil.copyfile(copy, incoming)
         _check_copy(incoming, copy, manifest)
@@ -346,26 +369,59 @@ def restore(
         )
         _fold_wal(incoming)
         fsync_path(incoming)
+        if staged is not None:
+            _stage_documents(source / "documents", staged)
     except (OSError, sqlite3.Error, BackupError) as exc:
         for path in _database_files(incoming):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+            if made_store:
+                with contextlib.suppress(OSError):
+                    staged.parent.rmdir()
         if isinstance(exc, BackupError):
             raise
         raise RestoreFailed(f"could not prepare the copy ({exc}); {db} is unchanged") from exc
     _refuse_if_open(db)  # a server started meanwhile
     aside = _free_name(db.with_name(f"{db.name}.before-restore-{_stamp(restored_at)}"))
     _swap_in(db, incoming, aside)
-    if server.documents_dir is not None and (source / "documents").is_dir():
+    if staged is not None:
         try:
-            _copy_documents(source / "documents", server.documents_dir)
+            _place_documents(staged)
         except OSError as exc:
             raise RestoreFailed(
                 f"the database is restored (the replaced files are in {aside}), but the"
                 f" documents could not all be copied back ({exc}): copy"
-                f" {source / 'documents'} into {server.documents_dir}, or restore again"
+                f" {source / 'documents'} into {staged.parent}, or restore again"
             ) from exc
     return manifest, aside
+
+
+def _stage_documents(source: Path, staged: Path) -> None:
+    """Copies into ``staged`` (a folder of the server's document store) the backup's
+    documents (``source``) that the store lacks, each checked against its name as it is
+    read (BackupError if one is damaged). Those the store holds are not read."""
+    store = staged.parent
+    staged.mkdir(parents=True)
+    for rel in _document_files(source):
+        if not (store / rel).exists():
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            _copy_new(source / rel, staged / rel, 0o666, check=True)
+
+
+def _place_documents(staged: Path) -> None:
+    """Renames the documents a restore checked into ``staged`` into the store, its parent
+    (which lacked them, and no server runs), then removes ``staged``."""
+    store = staged.parent
+    folders: set[Path] = set()
+    for rel in _document_files(staged):
+        (store / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / rel, store / rel)
+        folders.add((store / rel).parent)
+    for folder in folders:
+        _fsync_dir(folder)
+    shutil.rmtree(staged)
 
 
 def _check_copy(path: Path, copy: Path, manifest: Manifest) -> None:

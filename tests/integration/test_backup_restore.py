@@ -216,16 +216,23 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
     assert done.returncode == 0, done.stdout + done.stderr
     assert rows(hub_db, "SELECT count(*) FROM letters") == [(1,)]
 
-    # The database restored but a document not copied back: said as a failure, with
-    # where things are, not as a refusal.
+    # The documents are copied (and checked) before the database is swapped: a full disk
+    # then leaves the database as it was. Put in place after it, a document that cannot
+    # be is said as a failure, with where things are, not as a refusal.
     node_db = node_a.config.parent / "node.db"
     (backups / "a" / "documents").mkdir(exist_ok=True)
 
-    def no_room(*_: object) -> int:
+    def no_room(*_: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(backup_module, "_copy_documents", no_room)
+        m.setattr(backup_module, "_stage_documents", no_room)
+        with pytest.raises(RestoreFailed, match="is unchanged"):
+            await asyncio.to_thread(restore, node_a.config, backups / "a")
+    assert mark_of(node_db) is None
+    assert not (node_a.config.parent / "documents" / "restoring").exists()
+    with monkeypatch.context() as m:
+        m.setattr(backup_module, "_place_documents", no_room)
         with pytest.raises(RestoreFailed, match="the database is restored"):
             await asyncio.to_thread(restore, node_a.config, backups / "a")
     assert mark_of(node_db) is not None
@@ -349,7 +356,8 @@ async def test_a_restore_refuses_a_node_backup_without_the_documents_its_manifes
 ) -> None:
     """A node's backup copied off the machine without its documents/ (or cut short) used to
     be restored (exit 0) onto a machine that had lost its store: the letters came back,
-    their attachments did not, and nothing said so."""
+    their attachments did not, and nothing said so. One whose document is damaged is
+    refused too, and a sound one brings the document back."""
     cluster = await Cluster.start(tmp_path / "c", [A, B], without_node=[B])
     node_a = cluster.nodes[A]
     source = tmp_path / "report.txt"
@@ -368,12 +376,36 @@ async def test_a_restore_refuses_a_node_backup_without_the_documents_its_manifes
     shutil.rmtree(store / "sha256")  # the site lost, its store with it
     node_db = database(node_a)
     live = node_db.read_bytes()
+    sound = tmp_path / "sound"
+    shutil.copytree(backup, sound)
     shutil.rmtree(backup / "documents")
     refused = chapar("restore", "--config", node_a.config, "--from", backup)
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "holds 0 of the 1 documents" in refused.stderr, refused.stderr
     assert node_db.read_bytes() == live
     assert not list(node_db.parent.glob("node.db.before-restore-*"))
+
+    # A document damaged in the backup (its bytes rotted, or another file under its
+    # name) was copied back unchecked (exit 0) and served later as if sound.
+    (document,) = (sound / "documents" / "sha256").glob("*/*")
+    held = sorted(store.rglob("*"))
+    for damage in (b"attachment " * 999 + b"attachmenT ", b"another file"):
+        damaged = tmp_path / f"damaged-{len(damage)}"
+        shutil.copytree(sound, damaged)
+        bad = damaged / document.relative_to(sound)
+        bad.write_bytes(damage)
+        refused = chapar("restore", "--config", node_a.config, "--from", damaged)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert f"document {bad} is damaged" in refused.stderr, refused.stderr
+        assert node_db.read_bytes() == live
+        assert not list(node_db.parent.glob("node.db.before-restore-*"))
+        assert not list(node_db.parent.glob("node.db.restoring*"))
+        assert sorted(store.rglob("*")) == held
+    done = chapar("restore", "--config", node_a.config, "--from", sound)
+    assert done.returncode == 0, done.stdout + done.stderr
+    back = store / document.relative_to(sound / "documents")
+    assert back.read_bytes() == source.read_bytes()
 
 
 @pytest.mark.parametrize("skip", [0, 10])
