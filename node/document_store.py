@@ -4,7 +4,8 @@ A document lives at ``<dir>/sha256/<first two hex digits>/<hex>``. Every write g
 temporary file under ``<dir>/tmp`` while its SHA-256 is computed chunk by chunk; only when
 digest and size are right is it linked into place (``os.link`` is atomic and fails if the
 name exists: an upload of content already held then replaces the copy there with its own,
-checked one, which repairs a copy rotted on the disk). A partial or
+checked one, which repairs a copy rotted on the disk). On a file system without hard links
+(some SMB and FUSE mounts) it is renamed into place instead. A partial or
 refused upload is never visible, and memory stays flat for any file size: the store never
 holds more than one chunk.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -29,6 +31,7 @@ from node.core.errors import ChaparError, Code
 __all__ = [
     "CHUNK_BYTES",
     "DOCUMENT_NAME",
+    "NO_HARD_LINKS",
     "DocumentStore",
     "DocumentWriter",
     "FileId",
@@ -39,6 +42,8 @@ _DIGEST_BYTES = hashlib.sha256().digest_size
 DOCUMENT_NAME = re.compile(f"[0-9a-f]{{{2 * _DIGEST_BYTES}}}")
 """A stored document's file name (its SHA-256 in hex), in the folder of its first two."""
 FileId = tuple[int, int]
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK})
+"""What ``os.link`` fails with on a file system that has no hard links (or none here)."""
 
 
 class DocumentStore:
@@ -214,6 +219,17 @@ class DocumentWriter:
                 # the file again is how an operator repairs a corrupt document; a reader
                 # of the old copy keeps reading it). Its fresh mtime is a use, counted
                 # before the first await below: retention runs between awaits.
+                os.replace(self.path, target)
+            except OSError as exc:
+                if exc.errno not in NO_HARD_LINKS:
+                    raise
+                # No hard links here (some SMB and FUSE mounts): the same, by a rename,
+                # which is as atomic. Whether the name is taken is asked just before,
+                # with no await between, so no other upload of this process stores the
+                # document meanwhile; one of another process sharing the directory
+                # could, and both would then say it did not exist (the file is whole
+                # and the same either way).
+                existed = target.exists()
                 os.replace(self.path, target)
             await asyncio.to_thread(fsync_path, target.parent)
         finally:

@@ -5,6 +5,7 @@ Real files under tmp_path: what is visible after a write, a refusal, or a crash'
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -57,6 +58,51 @@ async def test_same_content_written_twice_is_stored_once(tmp_path: Path) -> None
     assert (await first.commit())[2] is False
     assert (await second.commit())[2] is True
     assert len(_visible(store)) == 1
+    assert _temporary(store) == []
+
+
+@pytest.mark.parametrize("name", ["EPERM", "EOPNOTSUPP", "EXDEV", "EMLINK"])
+async def test_where_hard_links_are_refused_a_document_is_stored_by_a_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # On a file system without hard links (some SMB and FUSE mounts) the link into place
+    # failed, and with it every upload. A rename places the checked file instead; a copy
+    # already there is reported as existed, and replaced (which repairs one rotted).
+    code = getattr(errno, name)
+
+    def no_links(*_: object, **__: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(document_store.os, "link", no_links)
+    store = _store(tmp_path)
+    first = store.writer()
+    first.write(b"on a share")
+    digest, size, existed = await first.commit()
+    assert (digest, size, existed) == (hashlib.sha256(b"on a share").digest(), 10, False)
+    assert _visible(store) == [store.path(digest)]
+    assert store.path(digest).read_bytes() == b"on a share"
+    store.path(digest).write_bytes(b"on a shar3")  # rotted on the disk
+    again = store.writer()
+    again.write(b"on a share")
+    assert (await again.commit())[2] is True
+    assert store.path(digest).read_bytes() == b"on a share"
+    assert _visible(store) == [store.path(digest)]
+    assert _temporary(store) == []
+
+
+async def test_a_link_failing_otherwise_fails_the_upload_and_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(document_store.os, "link", broken)
+    store = _store(tmp_path)
+    writer = store.writer()
+    writer.write(b"lost")
+    with pytest.raises(OSError, match="Input/output error"):
+        await writer.commit()
+    assert _visible(store) == []
     assert _temporary(store) == []
 
 
