@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from node.config import ConfigError, HubConfig, NodeConfig, load_hub_config, load_node_config
 from node.config import read_table as _read_table
-from node.document_store import DOCUMENT_NAME, fsync_path
+from node.document_store import DOCUMENT_NAME, NO_HARD_LINKS, fsync_path
 from node.storage.db import Store
 from node.storage.restore import RESTORED_KEY, RestoreMark, read_restore_mark
 
@@ -482,18 +482,26 @@ def _free_name(path: Path) -> Path:
 
 def _swap_in(db: Path, incoming: Path, aside: Path) -> None:
     """Keeps ``db``'s files in ``aside`` and puts ``incoming`` in its place. The database
-    file itself is linked into ``aside`` and then replaced by one rename, so a restore
-    cut short at any point (a kill, a power cut) leaves the old file or the new one where
-    the server looks, never none. Its ``-wal`` and ``-shm`` (none after ``_refuse_if_open``
-    closed the last connection, normally) are moved aside before. On a failure, puts back
-    what was moved."""
+    file itself is linked into ``aside`` (copied, where the file system has no hard
+    links) and then replaced by one rename, so a restore cut short at any point (a kill,
+    a power cut) leaves the old file or the new one where the server looks, never none.
+    Its ``-wal`` and ``-shm`` (none after ``_refuse_if_open`` closed the last connection,
+    normally) are moved aside before. On a failure, puts back what was moved."""
     moved: list[Path] = []
     linked = False
     try:
         if any(p.exists() for p in _database_files(db)):
             aside.mkdir(parents=True)
         if db.exists():
-            os.link(db, aside / db.name)
+            try:
+                os.link(db, aside / db.name)
+            except OSError as exc:
+                if exc.errno not in NO_HARD_LINKS:
+                    raise
+                # No hard links here (some SMB and FUSE mounts): a copy, on disk before
+                # the rename below replaces the file, which stays in place until then.
+                shutil.copyfile(db, aside / db.name)
+                fsync_path(aside / db.name)
             linked = True
         for path in _database_files(db)[1:]:
             if path.exists():

@@ -209,6 +209,21 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
         _, aside = await asyncio.to_thread(restore, hub.config, backups / "hub", now=twice)
         assert (aside / "hub.db").is_file()
 
+    # On a file system without hard links (some SMB and FUSE mounts) the database is
+    # copied aside instead of linked; the restore used to fail ("could not put the copy
+    # in place ([Errno 1] ...)").
+    def no_links(*_: object, **__: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    replaced = hub_db.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(backup_module.os, "link", no_links)
+        _, aside = await asyncio.to_thread(
+            restore, hub.config, backups / "hub", now=time.time() + 25
+        )
+    assert (aside / "hub.db").read_bytes() == replaced
+    assert mark_of(hub_db) != mark_of(aside / "hub.db")
+
     # A database SQLite cannot read any more (what a restore is most often for) is put
     # aside and replaced; it used to be refused as "not a database".
     hub_db.write_bytes(b"not a database " * 1000)
