@@ -292,6 +292,18 @@ class DocumentRelay:
                 await self._put(pipe, header)
                 empty = 0
                 async for message in request_iterator:
+                    if message.WhichOneof("part") == "error_reason":
+                        # The owner cannot send the rest: its copy is corrupt (it has set
+                        # it aside). The fetch ends with that, not resumed; the push OK.
+                        log.warning(
+                            "push from %s ended after %d bytes: %r",
+                            pipe.owner,
+                            pipe.offset + relayed,
+                            message.error_reason,
+                        )
+                        await self._put(pipe, _owner_copy_corrupt(pipe.owner))
+                        finished = True
+                        return
                     chunk = chunk_of(message, what="a push", missing="PUSH_PART_MISSING")
                     if not chunk:  # not passed on, and bounded: no byte count sees them
                         empty += 1
@@ -347,6 +359,16 @@ class DocumentRelay:
             raise _fetch_ended()
         if not await unless_set(transfer.queue.put(item), transfer.gone):
             raise _fetch_ended()
+
+
+def _owner_copy_corrupt(owner: str) -> ChaparError:
+    return ChaparError(
+        Code.DATA_LOSS,
+        "DOCUMENT_CORRUPT",
+        f"the node of {owner} found its copy corrupt while sending it, and set it aside: it"
+        " has none to send until the file is uploaded there again",
+        metadata={"owner": owner},
+    )
 
 
 def _fetch_ended() -> ChaparError:

@@ -142,6 +142,25 @@ async def test_a_push_message_after_the_header_that_is_not_a_chunk_is_refused(
     assert b"".join(m.chunk for m in fetching.written[1:]) == b"x" * 60
 
 
+@pytest.mark.parametrize("chunks", [[b"x" * 60], []], ids=["after-a-chunk", "before-any"])
+async def test_a_push_ended_with_an_error_reason_ends_the_fetch_data_loss(
+    chunks: list[bytes],
+) -> None:
+    """The owner found its copy corrupt while pushing it, and ends its push with
+    error_reason in place of the rest: the fetch ends DATA_LOSS / DOCUMENT_CORRUPT (not
+    resumed, not a digest mismatch the fetching node finds at its end), the push OK."""
+    corrupt = pb.PushDocumentRequest(error_reason="DOCUMENT_CORRUPT")
+    fetching, pushing = await _relay(0, 100, [*chunks, corrupt])
+    assert fetching.aborted is not None
+    assert (fetching.aborted[0], fetching.reason) == (
+        grpc.StatusCode.DATA_LOSS,
+        "DOCUMENT_CORRUPT",
+    )
+    assert f"the node of {OWNER} found its copy" in fetching.aborted[1]
+    assert b"".join(m.chunk for m in fetching.written[1:]) == b"".join(chunks)
+    assert pushing.aborted is None, f"the owner's push ended {pushing.aborted} ({pushing.reason})"
+
+
 async def test_a_push_of_too_many_empty_chunks_is_refused_and_the_fetch_breaks_off() -> None:
     """A 0-byte chunk adds nothing to the bytes relayed, so an owner could hold a push (and
     the fetch it answers, whose stall timer each chunk reset) open for ever with them. More

@@ -671,20 +671,28 @@ Global___PushHeader: _TypeAlias = PushHeader  # noqa: Y015
 
 @_typing.final
 class PushDocumentRequest(_message.Message):
-    """PushDocumentRequest is one message of a push stream: the header, then chunks. Any other
-    order ends the push with INVALID_ARGUMENT: PUSH_HEADER_MISSING (the first message is not
-    a header), UNEXPECTED_HEADER (a later one is), PUSH_PART_MISSING (a later one has no part
-    set), PUSH_EMPTY_CHUNKS (more than 1024 empty chunks: no byte count sees them); the fetch
-    it answers breaks off, to be resumed.
+    """PushDocumentRequest is one message of a push stream: the header, then chunks (and, to
+    end it early, an error_reason). Any other order ends the push with INVALID_ARGUMENT:
+    PUSH_HEADER_MISSING (the first message is not a header), UNEXPECTED_HEADER (a later one
+    is), PUSH_PART_MISSING (a later one has no part set), PUSH_EMPTY_CHUNKS (more than 1024
+    empty chunks: no byte count sees them); the fetch it answers breaks off, to be resumed.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """The next piece of the document. Send no empty chunk: a few are skipped (not passed
     on to the fetch), more than 1024 in one push refuse it.
+    """
+    error_reason: _builtins.str
+    """Ends the push short of the document's end, in place of the rest: the node cannot
+    send it after all. DOCUMENT_CORRUPT: reading it, the node found that its copy does
+    not match its digest or size, and set it aside (it holds none until the file is
+    uploaded there again). The hub ends the fetch with DATA_LOSS DOCUMENT_CORRUPT
+    (whatever the reason), and the push OK.
     """
     @_builtins.property
     def header(self) -> Global___PushHeader:
@@ -695,12 +703,13 @@ class PushDocumentRequest(_message.Message):
         *,
         header: Global___PushHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        error_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "error_reason", b"error_reason", "header", b"header", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "error_reason", b"error_reason", "header", b"header", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk", "error_reason"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 

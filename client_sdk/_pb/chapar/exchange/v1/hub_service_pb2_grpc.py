@@ -137,7 +137,10 @@ class HubServiceServicer:
         that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
         OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
         time to ask it on a full or ended Connect stream counted), and once bytes have come
-        PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received.
+        PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received; DATA_LOSS
+        DOCUMENT_CORRUPT when the owner found its copy corrupt while pushing it (it ends its
+        push with that error_reason in place of the last chunk, and sets the copy aside:
+        fetching again finds DOCUMENT_NOT_FOUND until the owner uploads the file again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

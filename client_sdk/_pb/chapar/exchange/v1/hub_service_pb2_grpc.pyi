@@ -85,7 +85,10 @@ class HubServiceStub:
     that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
     OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
     time to ask it on a full or ended Connect stream counted), and once bytes have come
-    PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received.
+    PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received; DATA_LOSS
+    DOCUMENT_CORRUPT when the owner found its copy corrupt while pushing it (it ends its
+    push with that error_reason in place of the last chunk, and sets the copy aside:
+    fetching again finds DOCUMENT_NOT_FOUND until the owner uploads the file again).
     """
     PushDocument: _grpc.StreamUnaryMultiCallable[_hub_service_pb2.PushDocumentRequest, _hub_service_pb2.PushDocumentResponse]
     """The owning node's answer to a document_request: a client stream whose first message
@@ -182,7 +185,10 @@ class HubServiceAsyncStub(HubServiceStub):
     that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
     OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
     time to ask it on a full or ended Connect stream counted), and once bytes have come
-    PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received.
+    PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received; DATA_LOSS
+    DOCUMENT_CORRUPT when the owner found its copy corrupt while pushing it (it ends its
+    push with that error_reason in place of the last chunk, and sets the copy aside:
+    fetching again finds DOCUMENT_NOT_FOUND until the owner uploads the file again).
     """
     PushDocument: _aio.StreamUnaryMultiCallable[_hub_service_pb2.PushDocumentRequest, _hub_service_pb2.PushDocumentResponse]  # type: ignore[assignment]
     """The owning node's answer to a document_request: a client stream whose first message
@@ -294,7 +300,10 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
         OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
         time to ask it on a full or ended Connect stream counted), and once bytes have come
-        PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received.
+        PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received; DATA_LOSS
+        DOCUMENT_CORRUPT when the owner found its copy corrupt while pushing it (it ends its
+        push with that error_reason in place of the last chunk, and sets the copy aside:
+        fetching again finds DOCUMENT_NOT_FOUND until the owner uploads the file again).
         """
 
     @_abc_1.abstractmethod
