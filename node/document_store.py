@@ -101,18 +101,21 @@ class DocumentStore:
             with contextlib.suppress(FileNotFoundError):
                 aside.unlink()
 
-    def quarantine(self, digest: bytes, read: FileId | None) -> None:
+    def quarantine(self, digest: bytes, read: FileId | None) -> bool:
         """Moves aside this agency's own document found corrupt (kept, for inspection, in
         ``corrupt/``): nobody can send it a good copy, but uploading the file again now
         stores it afresh instead of finding the corrupt copy in its place. ``read`` as for
-        ``remove``."""
+        ``remove``. False when nothing was moved (another reader of it moved it first)."""
         path = self._still(digest, read)
         if path is None:
-            return
+            return False
         aside = self.root / "corrupt"
         aside.mkdir(exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.replace(path, aside / f"{digest.hex()}.{time.time_ns()}")
+        except FileNotFoundError:
+            return False
+        return True
 
     def _still(self, digest: bytes, read: FileId | None) -> Path | None:
         """The document's path if the file there is still the one ``read`` names."""

@@ -17,7 +17,8 @@
   (``Agency.document_access``).
 * When the hub asks for one of this agency's documents (a ``document_request`` frame on
   the Connect stream), ``push`` answers with a node-initiated ``PushDocument`` stream:
-  the node never needs an inbound port.
+  the node never needs an inbound port. It checks its copy as it reads it: a corrupt one
+  is set aside, and the fetch ends with DATA_LOSS / DOCUMENT_CORRUPT.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from node.core.documents import (
 )
 from node.core.errors import ChaparError, Code, hub_unavailable
 from node.document_store import DocumentStore, DocumentWriter
+from node.metrics import count_rejection
 from node.rpc.errors import abort, code_of, storage_error
 from node.tasks import unless_set
 
@@ -600,9 +602,33 @@ def _moving() -> ChaparError:
     return ChaparError(Code.UNAVAILABLE, "DOCUMENT_MOVING", "retry the download", retry_after_s=0.1)
 
 
-async def push(stub: pb.HubServiceStub, store: DocumentStore, request: pb.DocumentRequest) -> None:
-    """Answers the hub's document_request: streams the document from the asked offset."""
+async def push(
+    stub: pb.HubServiceStub, store: DocumentStore, request: pb.DocumentRequest, agency: str
+) -> None:
+    """Answers the hub's document_request: streams the document from the asked offset.
+
+    Asked from its start (as every fetch first is), the document is checked as it is read,
+    each chunk sent once the next is read: a copy that does not match its digest, or the
+    size announced, is set aside as a whole-file download of it does (``DocumentStore.
+    quarantine``: uploading the file again repairs it), logged and counted once, and the
+    push ends with DOCUMENT_CORRUPT in place of its last chunk, which the hub passes on to
+    the fetch. A push the hub ends early (the fetching node refused the size announced, or
+    went away) still reads the rest for the check: a truncated copy is refused so.
+    """
     size = store.size(request.sha256)
+    read = store.file_id(request.sha256)  # before the file is opened: see DocumentStore.remove
+    uri = document_uri(agency, request.sha256) if size is not None else ""
+    hasher = hashlib.sha256() if request.offset == 0 else None
+    got = 0
+
+    def unsound() -> bool:
+        """After a whole read: whether the copy is corrupt (then set aside, and said once)."""
+        if hasher is None or (got == size and hasher.digest() == request.sha256):
+            return False
+        if store.quarantine(request.sha256, read):  # not when another push just did
+            log.error("our document %s is corrupt; moved aside: upload it again to repair it", uri)
+            count_rejection(Code.DATA_LOSS.name, "DOCUMENT_CORRUPT")
+        return True
 
     call = stub.PushDocument()
     try:
@@ -620,9 +646,27 @@ async def push(stub: pb.HubServiceStub, store: DocumentStore, request: pb.Docume
                     header=pb.PushHeader(request_id=request.request_id, size=size)
                 )
             )
+            held = b""
             async with contextlib.aclosing(store.read(request.sha256, request.offset)) as chunks:
-                async for chunk in chunks:
-                    await call.write(pb.PushDocumentRequest(chunk=chunk))
+                try:
+                    async for chunk in chunks:
+                        got += len(chunk)
+                        if hasher is not None:
+                            hasher.update(chunk)
+                        if held:
+                            await call.write(pb.PushDocumentRequest(chunk=held))
+                        held = chunk
+                except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                    if hasher is not None:  # the hub ended it early: read on for the check
+                        async for chunk in chunks:
+                            got += len(chunk)
+                            hasher.update(chunk)
+                        unsound()
+                    raise
+            if unsound():
+                await call.write(pb.PushDocumentRequest(error_reason="DOCUMENT_CORRUPT"))
+            elif held:
+                await call.write(pb.PushDocumentRequest(chunk=held))
         await call.done_writing()
         await call
     except asyncio.InvalidStateError:  # a write after the hub's status: say which

@@ -170,7 +170,9 @@ class HubLink:
 
         if self._stub is None or self.document_store is None:
             return
-        task = asyncio.create_task(push(self._stub, self.document_store, request))
+        task = asyncio.create_task(
+            push(self._stub, self.document_store, request, self.agency.config.agency)
+        )
         self._pushes.add(task)
         task.add_done_callback(self._pushes.discard)
 

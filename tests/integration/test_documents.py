@@ -16,11 +16,13 @@ import resource
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from client_sdk import ExchangeClient, Letter, SyncExchangeClient, pb
 from client_sdk.client import partial_path
@@ -380,18 +382,94 @@ async def test_corrupted_byte_at_the_owner_is_detected_and_nothing_is_kept(
     source = tmp_path / "tampered.pdf"
     size = 1024 * 1024 + 1
     digest = _write_random(source, size)
-    async with _client(docs_cluster, AGENCY_B) as b:
+    async with _client(docs_cluster, AGENCY_B) as b, _client(docs_cluster, AGENCY_A) as a:
         _, letter = await _send_with(docs_cluster, source, b)
         stored = next(p for p in _stored_files(docs_cluster, AGENCY_A) if p.name == digest)
         _flip_byte(stored, size // 2)
         with pytest.raises(DataLoss) as info:
             await letter.attachments[0].save(tmp_path / "bad.pdf")
-        assert info.value.reason == "DIGEST_MISMATCH"
+        # The owner's push finds it (and sets its copy aside): the fetch ends with that.
+        assert info.value.reason == "DOCUMENT_CORRUPT"
         assert not (tmp_path / "bad.pdf").exists()
         assert not _partials(tmp_path)
         assert digest not in {p.name for p in _stored_files(docs_cluster, AGENCY_B)}
         assert not _temp_files(docs_cluster, AGENCY_B)
-        _flip_byte(stored, size // 2)  # repaired at the owner: the same reference now works
+        await a.upload(source)  # repaired at the owner: the same reference now works
+        saved = await letter.attachments[0].save(tmp_path / "good.pdf")
+    assert _sha256_file(saved) == digest
+
+
+def _truncate(path: Path, size: int) -> None:
+    with path.open("r+b") as f:
+        f.truncate(size)
+
+
+def _rejected(cluster: Cluster, agency: str, code: str, reason: str) -> float:
+    """chapar_rejections_total{code, reason} of a node's /metrics."""
+    address = cluster.nodes[agency].metrics
+    assert address, f"the node of {agency} serves no metrics"
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "chapar_rejections_total" and sample.labels == {
+                "code": code,
+                "reason": reason,
+            }:
+                return sample.value
+    return 0.0
+
+
+@pytest.mark.parametrize(
+    ("size", "damage", "refused"),
+    [
+        (1024 * 1024 + 1, lambda p: _flip_byte(p, 512 * 1024), "DOCUMENT_CORRUPT"),
+        (100 * 1024 + 3, lambda p: _flip_byte(p, 7), "DOCUMENT_CORRUPT"),
+        # The fetching node refuses the size announced (its letter signs another) before
+        # a byte comes: the owner's push is ended early, and still reads it to the end.
+        (3 * 1024 * 1024 + 5, lambda p: _truncate(p, 2 * 1024 * 1024), "SIZE_MISMATCH"),
+    ],
+    ids=["flipped-byte", "flipped-byte-one-chunk", "truncated"],
+)
+async def test_an_owner_that_pushes_a_corrupt_copy_sets_it_aside_and_says_so(
+    docs_cluster: Cluster,
+    tmp_path: Path,
+    size: int,
+    damage: Callable[[Path], None],
+    refused: str,
+) -> None:
+    # Nobody at the owner reads its copy whole: only the recipient's fetch, through the
+    # owner's push, does. The push checks what it reads: the owner moves the copy aside
+    # (as a whole-file download of its own would), logs it once and counts it; the fetch
+    # gets a status that says so, and the next one finds nothing to fetch until the file
+    # is uploaded again.
+    source = tmp_path / "rotten.pdf"
+    digest = _write_random(source, size)
+    uri = f"chapar://{AGENCY_A}/documents/sha256/{digest}"
+    counted = _rejected(docs_cluster, AGENCY_A, "DATA_LOSS", "DOCUMENT_CORRUPT")
+    async with _client(docs_cluster, AGENCY_B) as b, _client(docs_cluster, AGENCY_A) as a:
+        _, letter = await _send_with(docs_cluster, source, b)
+        stored = next(p for p in _stored_files(docs_cluster, AGENCY_A) if p.name == digest)
+        damage(stored)
+        with pytest.raises(DataLoss) as info:
+            await letter.attachments[0].save(tmp_path / "bad.pdf")
+        assert info.value.reason == refused
+        assert not info.value.retryable
+        assert not _partials(tmp_path)
+        assert not _temp_files(docs_cluster, AGENCY_B)
+        deadline = time.monotonic() + 10
+        while stored.exists():  # a push ended early finishes its check after the fetch
+            assert time.monotonic() < deadline, "the owner kept its corrupt copy in place"
+            await asyncio.sleep(0.05)
+        aside = list((_store(docs_cluster, AGENCY_A) / "corrupt").glob(f"{digest}.*"))
+        assert len(aside) == 1
+        with pytest.raises(NotFound) as gone:
+            await letter.attachments[0].save(tmp_path / "again.pdf")
+        assert gone.value.reason == "DOCUMENT_NOT_FOUND"
+        log = docs_cluster.nodes[AGENCY_A].log_file.read_text()
+        assert log.count(f"our document {uri} is corrupt") == 1
+        assert _rejected(docs_cluster, AGENCY_A, "DATA_LOSS", "DOCUMENT_CORRUPT") == counted + 1
+        await a.upload(source)  # the repair: the same reference works again
         saved = await letter.attachments[0].save(tmp_path / "good.pdf")
     assert _sha256_file(saved) == digest
 
@@ -420,9 +498,9 @@ async def test_a_corrupt_copy_of_an_agencys_own_document_is_repaired_by_uploadin
 async def test_uploading_again_repairs_a_corrupt_copy_a_recipient_fetches(
     docs_cluster: Cluster, tmp_path: Path
 ) -> None:
-    # The owner's copy rots and nobody at the owner reads it whole: the recipient's fetch
-    # through the hub finds it (DIGEST_MISMATCH). Uploading the file again must replace
-    # the rotten copy, not find it "existing" and keep it.
+    # The owner's copy rots and nobody at the owner reads it whole: the owner's push for
+    # the recipient's fetch through the hub finds it (DOCUMENT_CORRUPT). Uploading the file
+    # again must store it afresh, not find the rotten copy "existing" and keep it.
     source = tmp_path / "rots.pdf"
     size = 200 * 1024 + 3
     digest = _write_random(source, size)
@@ -432,7 +510,7 @@ async def test_uploading_again_repairs_a_corrupt_copy_a_recipient_fetches(
         _flip_byte(stored, size // 2)
         with pytest.raises(DataLoss) as info:
             await letter.attachments[0].save(tmp_path / "bad.pdf")
-        assert info.value.reason == "DIGEST_MISMATCH"
+        assert info.value.reason == "DOCUMENT_CORRUPT"
         await a.upload(source)
         assert _sha256_file(stored) == digest
         saved = await letter.attachments[0].save(tmp_path / "good.pdf")

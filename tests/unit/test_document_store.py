@@ -330,6 +330,57 @@ async def test_a_fetch_that_ends_without_error_but_short_resumes_from_the_bytes_
     assert recorded == [(digest, "SENDER.A")]  # verified: its owner had it (record_fetch)
 
 
+async def test_a_fetch_of_bytes_changed_on_the_way_is_refused_and_nothing_is_kept(
+    tmp_path: Path,
+) -> None:
+    """The owner's push checks its copy as it reads it (a corrupt one ends the push with
+    DOCUMENT_CORRUPT); bytes changed after that, on the way, are the fetching node's own
+    check's to find: DATA_LOSS / DIGEST_MISMATCH, nothing kept, no fetch recorded."""
+    from collections.abc import AsyncIterator
+    from types import SimpleNamespace
+
+    from client_sdk import pb
+    from node.documents import Documents, _Fetch
+
+    content = os.urandom(100)
+    digest = hashlib.sha256(content).digest()
+    changed = content[:50] + bytes([content[50] ^ 1]) + content[51:]
+
+    class _Call:
+        async def __aiter__(self) -> AsyncIterator[pb.FetchDocumentResponse]:
+            yield pb.FetchDocumentResponse(size=len(content))
+            yield pb.FetchDocumentResponse(chunk=changed)
+
+        def cancel(self) -> None:
+            pass
+
+    class _Stub:
+        def FetchDocument(self, request: pb.FetchDocumentRequest) -> _Call:
+            return _Call()
+
+    recorded: list[tuple[bytes, str]] = []
+
+    async def record_fetch(digest: bytes, owner: str) -> None:
+        recorded.append((digest, owner))
+
+    async def signed_sizes(uri: str) -> set[int]:
+        return {len(content)}
+
+    store = _store(tmp_path)
+    agency = SimpleNamespace(
+        store=SimpleNamespace(record_fetch=record_fetch, signed_sizes=signed_sizes)
+    )
+    documents = Documents(agency=agency, store=store)  # type: ignore[arg-type]
+    documents.link = SimpleNamespace(stub=_Stub())  # type: ignore[assignment]
+    fetch = _Fetch(store.writer(expected_sha256=digest))
+    with pytest.raises(ChaparError) as info:
+        await documents._fetch(document_uri("SENDER.A", digest), digest, fetch)
+    assert (info.value.code, info.value.reason) == (Code.DATA_LOSS, "DIGEST_MISMATCH")
+    assert _visible(store) == []
+    assert _temporary(store) == []
+    assert recorded == []
+
+
 @pytest.mark.parametrize("digest", [b"", b"\xab" * 31], ids=["empty", "31-bytes"])
 def test_a_digest_that_is_not_32_bytes_names_no_stored_document(
     tmp_path: Path, digest: bytes
@@ -374,7 +425,7 @@ async def test_a_push_asked_for_a_digest_that_is_not_32_bytes_says_not_found(
             return _Call()
 
     request = pb.DocumentRequest(request_id="r1", sha256=digest)
-    await push(_Stub(), store, request)  # type: ignore[arg-type]
+    await push(_Stub(), store, request, "SENDER.A")  # type: ignore[arg-type]
     assert [m.WhichOneof("part") for m in sent] == ["header"]
     assert sent[0].header.error_reason == "DOCUMENT_NOT_FOUND"
 

@@ -109,7 +109,11 @@ class DocumentServiceServicer:
         this agency the node does not hold, or of another that its node does not; DATA_LOSS
         DIGEST_MISMATCH when the content fetched, or this node's copy read whole, does not
         match the address (nothing kept; the next download fetches it again); DATA_LOSS
-        SIZE_MISMATCH when the owner announces another size than the letters naming the
+        DOCUMENT_CORRUPT when the owner's node, reading its copy for the fetch, found it does
+        not match its address (nothing kept; not retryable: the owner set its copy aside, and
+        a download finds NOT_FOUND DOCUMENT_NOT_FOUND until its owner uploads the file again;
+        its log and chapar_rejections_total{code="DATA_LOSS",reason="DOCUMENT_CORRUPT"} say
+        so); DATA_LOSS SIZE_MISMATCH when the owner announces another size than the letters naming the
         document sign, or sends more than that size (or, when no letter received names it,
         than it announced): the fetch ends at that announcement or at the first chunk past
         the size, so the node never writes more than signed; nothing kept; UNAVAILABLE, with
