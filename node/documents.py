@@ -602,6 +602,10 @@ def _moving() -> ChaparError:
     return ChaparError(Code.UNAVAILABLE, "DOCUMENT_MOVING", "retry the download", retry_after_s=0.1)
 
 
+PUSH_CHECK_REST_BYTES = 64 * 1024 * 1024
+"""A push ended early reads at most this much more of its file to check it (``push``)."""
+
+
 async def push(
     stub: pb.HubServiceStub, store: DocumentStore, request: pb.DocumentRequest, agency: str
 ) -> None:
@@ -613,7 +617,8 @@ async def push(
     quarantine``: uploading the file again repairs it), logged and counted once, and the
     push ends with DOCUMENT_CORRUPT in place of its last chunk, which the hub passes on to
     the fetch. A push the hub ends early (the fetching node refused the size announced, or
-    went away) still reads the rest for the check: a truncated copy is refused so.
+    went away) still reads the rest for the check when it is at most
+    ``PUSH_CHECK_REST_BYTES``: a truncated copy is refused so.
     """
     size = store.size(request.sha256)
     read = store.file_id(request.sha256)  # before the file is opened: see DocumentStore.remove
@@ -657,7 +662,10 @@ async def push(
                             await call.write(pb.PushDocumentRequest(chunk=held))
                         held = chunk
                 except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-                    if hasher is not None:  # the hub ended it early: read on for the check
+                    # The hub ended it early: read on for the check, unless the rest is
+                    # large (a fetch cancelled at its start would make the node read and
+                    # hash a whole 2 GiB file each time; a truncated copy has little left).
+                    if hasher is not None and (size or 0) - got <= PUSH_CHECK_REST_BYTES:
                         async for chunk in chunks:
                             got += len(chunk)
                             hasher.update(chunk)

@@ -5,6 +5,7 @@ Real files under tmp_path: what is visible after a write, a refusal, or a crash'
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -446,3 +447,58 @@ async def test_stray_entries_in_the_store_do_not_stop_retention(tmp_path: Path) 
         os.utime(path, (now - 1000, now - 1000))
     assert store.unused_since(now - 100) == [old]
     assert store.remove_unused(old, now - 100)
+
+
+@pytest.mark.parametrize(("cap_chunks", "whole"), [(2, False), (8, True)])
+async def test_a_push_ended_early_reads_on_for_its_check_only_when_little_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap_chunks: int, whole: bool
+) -> None:
+    """A push the hub ends at its first chunk (the fetching node refused the size, or its
+    back-end went away) reads the rest of the file to check it, so that a truncated copy
+    is found; but not a large rest: a fetch cancelled at its start would otherwise make
+    the owner read and hash a whole 2 GiB file each time."""
+    import asyncio
+    from collections.abc import AsyncGenerator, Generator
+
+    from client_sdk import pb
+    from client_sdk.documents import CHUNK_BYTES
+    from node import documents
+
+    monkeypatch.setattr(documents, "PUSH_CHECK_REST_BYTES", cap_chunks * CHUNK_BYTES)
+    store = DocumentStore(tmp_path / "docs", DocumentLimits(max_file_bytes=8 * CHUNK_BYTES))
+    digest = await _stored(store, os.urandom(8 * CHUNK_BYTES))
+    read = store.read
+    yielded = 0
+
+    async def counted(digest: bytes, offset: int = 0) -> AsyncGenerator[bytes, None]:
+        nonlocal yielded
+        async for chunk in read(digest, offset):
+            yielded += 1
+            yield chunk
+
+    monkeypatch.setattr(store, "read", counted)
+
+    class _Call:
+        async def write(self, message: pb.PushDocumentRequest) -> None:
+            if message.WhichOneof("part") == "chunk":
+                raise asyncio.InvalidStateError("the hub ended the call")
+
+        async def done_writing(self) -> None:
+            pass
+
+        def __await__(self) -> Generator[None, None, pb.PushDocumentResponse]:
+            return asyncio.sleep(0, pb.PushDocumentResponse()).__await__()
+
+        def cancel(self) -> bool:
+            return True
+
+    class _Stub:
+        def PushDocument(self) -> _Call:
+            return _Call()
+
+    request = pb.DocumentRequest(request_id="r1", sha256=digest)
+    with contextlib.suppress(Exception):
+        await documents.push(_Stub(), store, request, "SENDER.A")  # type: ignore[arg-type]
+    # The first write comes once the second chunk is read (each goes once the next is).
+    assert yielded == (8 if whole else 2)
+    assert store.path(digest).exists()  # a sound copy stays where it is, checked or not
