@@ -27,6 +27,10 @@ from typing import BinaryIO
 from client_sdk.documents import CHUNK_BYTES, read_chunks
 from node.core.documents import DocumentLimits, check_size
 from node.core.errors import ChaparError, Code
+from node.metrics import DOCUMENTS_SET_ASIDE
+
+SET_ASIDE_OWN = DOCUMENTS_SET_ASIDE.labels(kind="own")
+SET_ASIDE_FETCHED = DOCUMENTS_SET_ASIDE.labels(kind="fetched")
 
 __all__ = [
     "CHUNK_BYTES",
@@ -92,20 +96,27 @@ class DocumentStore:
             return None
         return st.st_dev, st.st_ino
 
-    def remove(self, digest: bytes, read: FileId | None) -> None:
+    def remove(self, digest: bytes, read: FileId | None) -> bool:
         """Drops a copy found corrupt; the next download fetches it again. ``read`` is the
         ``file_id`` taken before the corrupt content was read: a good copy stored since
-        (fetched again, uploaded again) has another and stays."""
+        (fetched again, uploaded again) has another and stays. False when nothing was
+        dropped. Counted in ``chapar_documents_set_aside_total{kind="fetched"}``."""
         aside = self._still(digest, read)
-        if aside is not None:
-            with contextlib.suppress(FileNotFoundError):
-                aside.unlink()
+        if aside is None:
+            return False
+        try:
+            aside.unlink()
+        except FileNotFoundError:
+            return False
+        SET_ASIDE_FETCHED.inc()
+        return True
 
     def quarantine(self, digest: bytes, read: FileId | None) -> bool:
         """Moves aside this agency's own document found corrupt (kept, for inspection, in
         ``corrupt/``): nobody can send it a good copy, but uploading the file again now
         stores it afresh instead of finding the corrupt copy in its place. ``read`` as for
-        ``remove``. False when nothing was moved (another reader of it moved it first)."""
+        ``remove``. False when nothing was moved (another reader of it moved it first).
+        Counted in ``chapar_documents_set_aside_total{kind="own"}``."""
         path = self._still(digest, read)
         if path is None:
             return False
@@ -115,6 +126,7 @@ class DocumentStore:
             os.replace(path, aside / f"{digest.hex()}.{time.time_ns()}")
         except FileNotFoundError:
             return False
+        SET_ASIDE_OWN.inc()
         return True
 
     def _still(self, digest: bytes, read: FileId | None) -> Path | None:

@@ -130,6 +130,14 @@ RECONNECTS = Counter(
     "Times a node's stream to the hub ended and was dialled again (retries).",
     registry=None,
 )
+DOCUMENTS_SET_ASIDE = Counter(
+    "chapar_documents_set_aside",
+    "Stored documents found corrupt (content not matching their SHA-256) and taken out of"
+    " the document store. kind: own (this agency's: moved to corrupt/, a back-end must"
+    " upload the file again), fetched (another agency's copy: dropped, fetched again).",
+    ["kind"],
+    registry=None,
+)
 VERIFICATION_FAILURES = Counter(
     "chapar_verification_failures",
     "Signatures and certificates that did not verify, by what was checked and the reason.",
@@ -259,6 +267,7 @@ _ROLE_METRICS = {
         NODE_OUTBOX_DEPTH,
         NODE_OUTBOX_OLDEST_AGE,
         NODE_INBOX_UNACKED,
+        DOCUMENTS_SET_ASIDE,
     ),
     "hub": (
         HUB_LETTERS,

@@ -404,20 +404,27 @@ def _truncate(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-def _rejected(cluster: Cluster, agency: str, code: str, reason: str) -> float:
-    """chapar_rejections_total{code, reason} of a node's /metrics."""
+def _sample(cluster: Cluster, agency: str, name: str, **labels: str) -> float:
+    """The sample ``name{labels}`` of a node's /metrics (0 when it has none)."""
     address = cluster.nodes[agency].metrics
     assert address, f"the node of {agency} serves no metrics"
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
         text = response.read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "chapar_rejections_total" and sample.labels == {
-                "code": code,
-                "reason": reason,
-            }:
+            if sample.name == name and sample.labels == labels:
                 return sample.value
     return 0.0
+
+
+def _rejected(cluster: Cluster, agency: str, code: str, reason: str) -> float:
+    """chapar_rejections_total{code, reason} of a node's /metrics."""
+    return _sample(cluster, agency, "chapar_rejections_total", code=code, reason=reason)
+
+
+def _set_aside(cluster: Cluster, agency: str, kind: str) -> float:
+    """chapar_documents_set_aside_total{kind} of a node's /metrics."""
+    return _sample(cluster, agency, "chapar_documents_set_aside_total", kind=kind)
 
 
 @pytest.mark.parametrize(
@@ -447,6 +454,7 @@ async def test_an_owner_that_pushes_a_corrupt_copy_sets_it_aside_and_says_so(
     digest = _write_random(source, size)
     uri = f"chapar://{AGENCY_A}/documents/sha256/{digest}"
     counted = _rejected(docs_cluster, AGENCY_A, "DATA_LOSS", "DOCUMENT_CORRUPT")
+    set_aside = _set_aside(docs_cluster, AGENCY_A, "own")
     async with _client(docs_cluster, AGENCY_B) as b, _client(docs_cluster, AGENCY_A) as a:
         _, letter = await _send_with(docs_cluster, source, b)
         stored = next(p for p in _stored_files(docs_cluster, AGENCY_A) if p.name == digest)
@@ -469,6 +477,7 @@ async def test_an_owner_that_pushes_a_corrupt_copy_sets_it_aside_and_says_so(
         log = docs_cluster.nodes[AGENCY_A].log_file.read_text()
         assert log.count(f"our document {uri} is corrupt") == 1
         assert _rejected(docs_cluster, AGENCY_A, "DATA_LOSS", "DOCUMENT_CORRUPT") == counted + 1
+        assert _set_aside(docs_cluster, AGENCY_A, "own") == set_aside + 1
         await a.upload(source)  # the repair: the same reference works again
         saved = await letter.attachments[0].save(tmp_path / "good.pdf")
     assert _sha256_file(saved) == digest
@@ -681,9 +690,11 @@ async def test_corrupted_byte_in_the_recipient_copy_is_detected_and_refetched(
         await letter.attachments[0].save(tmp_path / "first.pdf")
         copy = next(p for p in _stored_files(docs_cluster, AGENCY_B) if p.name == digest)
         _flip_byte(copy, size - 1)
+        dropped = _set_aside(docs_cluster, AGENCY_B, "fetched")
         with pytest.raises(DataLoss) as info:
             await letter.attachments[0].save(tmp_path / "second.pdf")
         assert info.value.reason == "DIGEST_MISMATCH"
+        assert _set_aside(docs_cluster, AGENCY_B, "fetched") == dropped + 1
         assert not (tmp_path / "second.pdf").exists()
         assert not _partials(tmp_path)
         saved = await letter.attachments[0].save(tmp_path / "third.pdf")  # fetched again

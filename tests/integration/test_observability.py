@@ -864,6 +864,57 @@ def test_a_node_not_ready_or_left_out_of_the_directory_raises_an_alert(tmp_path:
     _promtool_test(promtool, tmp_path, "node_ready_test", test)
 
 
+def test_an_own_document_set_aside_as_corrupt_raises_an_alert(tmp_path: Path) -> None:
+    # n1 found one of its own documents corrupt (no agency can download it until a back-end
+    # uploads the file again); n2 dropped a corrupt copy it had fetched, which it fetches
+    # again by itself: no alert for n2. Neither was alerted on before.
+    promtool, _ = _prometheus_tools()
+    metric = 'chapar_documents_set_aside_total{job="chapar-node", instance="%s", kind="%s"}'
+    series = [
+        {"series": metric % ("n1", "own"), "values": "0x20 1x40"},
+        {"series": metric % ("n1", "fetched"), "values": "0x60"},
+        {"series": metric % ("n2", "own"), "values": "0x60"},
+        {"series": metric % ("n2", "fetched"), "values": "0x20 3x40"},
+    ]
+    fired = {
+        "exp_labels": {
+            "severity": "warning",
+            "job": "chapar-node",
+            "instance": "n1",
+            "kind": "own",
+        },
+        "exp_annotations": {
+            "summary": "Agency node n1 found a document of its own corrupt on disk and set it aside",
+            "description": 'Its log names it ("our document ... is corrupt; moved aside"); the'
+            " copy is kept in corrupt/ under the documents directory. Other agencies cannot"
+            " download it until a back-end uploads the file again. Check the disk.",
+        },
+    }
+    test = {
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "ChaparOwnDocumentCorrupt", "exp_alerts": []},
+                    {
+                        "eval_time": "30m",
+                        "alertname": "ChaparOwnDocumentCorrupt",
+                        "exp_alerts": [fired],
+                    },
+                    {
+                        "eval_time": "59m",
+                        "alertname": "ChaparOwnDocumentCorrupt",
+                        "exp_alerts": [fired],
+                    },
+                ],
+            }
+        ],
+    }
+    _promtool_test(promtool, tmp_path, "own_document_corrupt_test", test)
+
+
 def test_gauges_refreshed_at_the_longest_metrics_interval_are_never_stale(tmp_path: Path) -> None:
     # ChaparMetricsStale fires once the gauges are 120 s old; metrics_interval_s was allowed
     # up to 3600, so a node refreshing every 10 minutes raised it for ever. At the longest
