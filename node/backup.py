@@ -357,6 +357,18 @@ def restore(
     if store is not None and (source / "documents").is_dir():
         staged = store / _RESTORING
         shutil.rmtree(staged, ignore_errors=True)  # an earlier restore's that failed
+
+    def discard() -> None:
+        """What the restore made, removed when it fails before the swap is done."""
+        for path in _database_files(incoming):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+            if made_store:
+                with contextlib.suppress(OSError):
+                    staged.parent.rmdir()
+
     try:
         shutil.copyfile(copy, incoming)
         _check_copy(incoming, copy, manifest)
@@ -372,20 +384,19 @@ def restore(
         if staged is not None:
             _stage_documents(source / "documents", staged)
     except (OSError, sqlite3.Error, BackupError) as exc:
-        for path in _database_files(incoming):
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        if staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)
-            if made_store:
-                with contextlib.suppress(OSError):
-                    staged.parent.rmdir()
+        discard()
         if isinstance(exc, BackupError):
             raise
         raise RestoreFailed(f"could not prepare the copy ({exc}); {db} is unchanged") from exc
-    _refuse_if_open(db)  # a server started meanwhile
-    aside = _free_name(db.with_name(f"{db.name}.before-restore-{_stamp(restored_at)}"))
-    _swap_in(db, incoming, aside)
+    try:
+        _refuse_if_open(db)  # a server started meanwhile
+        aside = _free_name(db.with_name(f"{db.name}.before-restore-{_stamp(restored_at)}"))
+        _swap_in(db, incoming, aside)
+    except BackupError:
+        # The database is as it was: the documents checked for it are not left in the
+        # store's restoring/ (nothing but another restore would remove them).
+        discard()
+        raise
     if staged is not None:
         try:
             _place_documents(staged)

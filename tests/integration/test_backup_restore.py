@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import pytest
 
 from client_sdk import ChaparError, ExchangeClient, Unavailable, pb
 from node import backup as backup_module
-from node.backup import RestoreFailed, RestoreMark, read_restore_mark, restore
+from node.backup import BackupError, RestoreFailed, RestoreMark, read_restore_mark, restore
 from node.cluster import Cluster, ServerProcess
 from node.core import lifecycle
 
@@ -245,7 +246,37 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
         with pytest.raises(RestoreFailed, match="is unchanged"):
             await asyncio.to_thread(restore, node_a.config, backups / "a")
     assert mark_of(node_db) is None
-    assert not (node_a.config.parent / "documents" / "restoring").exists()
+    restoring = node_a.config.parent / "documents" / "restoring"
+    assert not restoring.exists()
+    # Failing after the documents were staged (the swap refused, or a server started
+    # meanwhile) also leaves no copy of them in the store: they stayed in restoring/,
+    # which nothing but another restore removes.
+    content = b"a document of the backup"
+    name = hashlib.sha256(content).hexdigest()
+    (backups / "a" / "documents" / "sha256" / name[:2]).mkdir(parents=True)
+    (backups / "a" / "documents" / "sha256" / name[:2] / name).write_bytes(content)
+
+    def no_node_swap(src: str | Path, dst: str | Path) -> None:
+        if Path(src).name == "node.db.restoring":
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    def opened_meanwhile(db: Path) -> None:
+        if (db.parent / "node.db.restoring").exists():  # the check after the staging
+            raise backup_module.BackupError(f"{db} is in use (a server has it open)")
+
+    for patch, value, refusal in (
+        (backup_module.os, "replace", (no_node_swap, RestoreFailed, "is unchanged")),
+        (backup_module, "_refuse_if_open", (opened_meanwhile, BackupError, "in use")),
+    ):
+        stand_in, error, message = refusal
+        with monkeypatch.context() as m:
+            m.setattr(patch, value, stand_in)
+            with pytest.raises(error, match=message):
+                await asyncio.to_thread(restore, node_a.config, backups / "a")
+        assert mark_of(node_db) is None
+        assert not restoring.exists(), sorted(restoring.rglob("*"))
+        assert not (node_a.config.parent / "documents" / "sha256" / name[:2] / name).exists()
     with monkeypatch.context() as m:
         m.setattr(backup_module, "_place_documents", no_room)
         with pytest.raises(RestoreFailed, match="the database is restored"):
