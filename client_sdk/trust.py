@@ -607,8 +607,8 @@ def chain_break(
     chain: Sequence[x509.Certificate], anchors: Collection[x509.Certificate]
 ) -> str | None:
     """Why ``chain`` (leaf first, then the CA certificates sent with it) does not lead to a
-    certificate of ``anchors`` (a CA bundle), in words naming the issuer missing from both;
-    None when it does. Only names and signatures are followed: validity, usage and
+    certificate of ``anchors`` (a CA bundle), in words naming the issuer missing from both
+    (or given, but of another key than the one that signed); None when it does. Only names and signatures are followed: validity, usage and
     revocation are the handshake's and ``TrustStore.verify_certificate``'s. A file missing
     its intermediate is so named at load, not left to a handshake that fails as UNAVAILABLE."""
     current, seen = chain[0], {chain[0]}
@@ -618,6 +618,13 @@ def chain_break(
             subject, name = current.subject.rfc4514_string(), current.issuer.rfc4514_string()
             if current.issuer == current.subject:
                 return f'"{subject}" is self-signed and not one of them'
+            if any(c.subject == current.issuer for c in (*chain, *anchors)):
+                # One of that name is given, but its key did not sign (a CA renewed with
+                # a new key, the file holding the old certificate): not "missing".
+                return (
+                    f'the certificate of "{name}" given is not the issuer of "{subject}"'
+                    " (another key: a renewed CA's old certificate?)"
+                )
             return f'no certificate of "{name}", the issuer of "{subject}", is in either'
         seen.add(issuer)
         current = issuer

@@ -2606,6 +2606,34 @@ def test_credentials_name_a_chain_that_cannot_reach_the_root(pki: Pki, tmp_path:
     assert Credentials.from_files(bundle, leaf_only, folder / "client.key").identity() is not None
 
 
+def test_credentials_name_an_issuer_given_with_another_key_as_such() -> None:
+    """The intermediate renewed with a new key, the client certificate issued by the new
+    one, and the file still holding the old intermediate (same name): the error said that
+    no certificate of that name was given, when one was, the one of the old key."""
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _issue("Root", root_key.public_key(), None, root_key, ca=True)
+    old_key, new_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    old_inter = _issue("Inter", old_key.public_key(), (root, root_key), root_key, ca=True)
+    new_inter = _issue("Inter", new_key.public_key(), (root, root_key), root_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _issue(
+        "client",
+        key.public_key(),
+        (new_inter, new_key),
+        new_key,
+        tls=True,
+        uri=f"urn:chapar:client:{SENDER}:backend",
+    )
+    given = r'the certificate of "CN=Inter" given is not the issuer of "CN=client" \(another key'
+    with pytest.raises(ValueError, match=given):
+        Credentials(_pem(root), _key_pem(key), _pem(leaf, old_inter))
+    # The renewed intermediate in its place: it loads.
+    assert Credentials(_pem(root), _key_pem(key), _pem(leaf, new_inter)).identity() is not None
+
+
 def _encrypted(key_file: Path, out: Path, form: str) -> Path:
     """``key_file``'s key written encrypted under a passphrase, as PKCS#8 or in OpenSSL's
     traditional form (``Proc-Type: 4,ENCRYPTED``)."""
