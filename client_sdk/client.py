@@ -1311,7 +1311,8 @@ class ExchangeClient:
         """Streams letters not yet acknowledged, then new ones as they arrive (endless).
 
         A letter comes again on a new stream until it is acknowledged with ``ack``. A node
-        that stops ends the stream: ``Unavailable`` (reason ``STREAM_ENDED``, retryable),
+        that stops ends the stream (as does one whose reloaded configuration changed this
+        client's mailboxes): ``Unavailable`` (reason ``STREAM_ENDED``, retryable),
         as on the submission streams, so that a back-end reading in a loop learns it and
         reads again, rather than finding its loop ended as if the inbox had no end. A stream
         that breaks after the client's certificate expired ends with ``FailedPrecondition``
@@ -2040,8 +2041,13 @@ async def _write_translated(
 
 def _stream_ended() -> Unavailable:
     """A stream the node ended (OK) with frames unanswered: a stopping node answers what it
-    has read and ends its streams; the rest may be sent again (same request ids)."""
-    return Unavailable("the node ended the stream (it is stopping)", reason="STREAM_ENDED")
+    has read and ends its streams, and so does a node whose configuration, reloaded,
+    changed this client's mailboxes; the rest may be sent again (same request ids)."""
+    return Unavailable(
+        "the node ended the stream (it is stopping, or a reload of its configuration"
+        " changed this client's mailboxes): open it again",
+        reason="STREAM_ENDED",
+    )
 
 
 def _results(
