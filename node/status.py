@@ -211,6 +211,9 @@ def _status(ns: argparse.Namespace) -> int:
     try:
         tls = client_context(ns.ca, ns.cert, ns.key) if ns.ca else None
         body = _scrape(address, 10.0, tls)
+    except urllib.error.HTTPError as exc:  # a refusal says why in its body (403: revoked)
+        print(f"error: cannot read metrics at {address}: {_refusal(exc)}", file=sys.stderr)
+        return 1
     # URLError and ssl.SSLError are OSErrors; http.client.InvalidURL ("a:b") and a reply
     # that is not HTTP/1 are HTTPExceptions; a URL urllib cannot split is a ValueError.
     except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -227,7 +230,19 @@ def _status(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line(exc: Exception, limit: int = 200) -> str:
+def _refusal(exc: urllib.error.HTTPError) -> str:
+    """``HTTP 403: CERTIFICATE_REVOKED: client certificate refused``: the status and the
+    start of the body, where the server says why; its characters that do not print (the
+    server's text, on the operator's terminal) as spaces."""
+    try:
+        said = exc.read(200).decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        said = ""
+    said = "".join(c if c.isprintable() else " " for c in said)
+    return _one_line(f"HTTP {exc.code}: {said.strip() or exc.reason}")
+
+
+def _one_line(exc: Exception | str, limit: int = 200) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

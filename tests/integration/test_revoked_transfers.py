@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import ssl
+import sys
 import time
 import urllib.error
 from collections.abc import AsyncIterator, Iterator
@@ -432,6 +433,17 @@ async def test_health_reflection_and_metrics_refuse_a_revoked_certificate(
                 fetch(server.metrics, tls=context)
             assert scraped.value.code == 403, server.name
             assert b"CERTIFICATE_REVOKED" in scraped.value.read()
+            # `chapar status` with that certificate says why, not only "403: Forbidden".
+            status = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "node", "status", server.metrics,
+                "--ca", str(cluster.pki.root_cert),
+                "--cert", str(tmp_path / "c.crt"), "--key", str(tmp_path / "c.key"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _, said = await status.communicate()
+            assert status.returncode == 1, server.name
+            assert said.count(b"\n") == 1, said
+            assert b"HTTP 403: CERTIFICATE_REVOKED" in said, said
             # Others are still served.
             auditor = _auditor(cluster)
             assert await _health(server.address, auditor) in _ANSWERS
