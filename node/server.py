@@ -307,12 +307,13 @@ async def _watch_health(
     servicer: health.aio.HealthServicer,
     services: Sequence[str],
     trouble: Callable[[], str],
-    serving: bool,
+    why: str,
     db: Database,
 ) -> None:
-    """Polls ``trouble()`` and sets health (and ``chapar_ready``) when it changes. While
-    the store fails, a probe write a second tells when it can write again, should no other
-    write come (a load balancer sends nothing to a server that is NOT_SERVING)."""
+    """Polls ``trouble()`` and sets health (and ``chapar_ready``) when it changes; ``why``
+    is what it said when health was last set ("": SERVING). While the store fails, a probe
+    write a second tells when it can write again, should no other write come (a load
+    balancer sends nothing to a server that is NOT_SERVING)."""
     probe: asyncio.Task[None] | None = None
     probed = 0.0
     try:
@@ -322,7 +323,7 @@ async def _watch_health(
             if db.write_failing and (probe is None or probe.done()) and now - probed >= 1.0:
                 probed = now
                 probe = asyncio.create_task(_probe(db))
-            serving = await _health_changed(servicer, services, trouble(), serving)
+            why = await _health_changed(servicer, services, trouble(), why)
     finally:
         if probe is not None:
             probe.cancel()
@@ -334,17 +335,21 @@ async def _probe(db: Database) -> None:
 
 
 async def _health_changed(
-    servicer: health.aio.HealthServicer, services: Sequence[str], why: str, serving: bool
-) -> bool:
-    """Sets health when ``why`` (empty: serving) differs from ``serving``; the new state."""
-    if (not why) != serving:
-        serving = not why
-        await _set_health(servicer, *services, serving=serving)
-        if serving:
-            log.info("health: SERVING")
-        else:
-            log.warning("health: NOT_SERVING (%s)", why)
-    return serving
+    servicer: health.aio.HealthServicer, services: Sequence[str], why: str, was: str
+) -> str:
+    """Sets health when ``why`` (empty: serving) and ``was`` differ on serving, and logs
+    every change of ``why``: a server already NOT_SERVING that finds another reason says
+    so (a node whose hub closed its stream, "hub stream down", then learns that its agency
+    is suspended: the directory, not the network, is the operator's lead). Returns ``why``."""
+    if why == was:
+        return why
+    if bool(why) != bool(was):
+        await _set_health(servicer, *services, serving=not why)
+    if why:
+        log.warning("health: NOT_SERVING (%s)", why)
+    else:
+        log.info("health: SERVING")
+    return why
 
 
 def _metrics(listen: str, role: str, tls: TlsConfig | None, db: Database, trust: TrustStore) -> str:
@@ -467,7 +472,7 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
                 health_servicer,
                 (pb.HUB_SERVICE_NAME,),
                 lambda: _store_trouble(store.db),
-                True,
+                "",
                 store.db,
             )
         )
@@ -576,13 +581,13 @@ async def serve_node(config: NodeConfig, config_path: Path | None = None) -> Non
         watcher: asyncio.Task[None] | None = None
         if ready.done():
             services = (pb.NODE_SERVICE_NAME, pb.DOCUMENT_SERVICE_NAME)
-            serving = not _node_trouble(agency)
-            await _set_health(health_servicer, *services, serving=serving)
+            why = _node_trouble(agency)
+            await _set_health(health_servicer, *services, serving=not why)
             _write_ready(config.ready_file, address, "node", metrics)
             log.info("node %s ready", config.agency)
             watcher = asyncio.create_task(
                 _watch_health(
-                    health_servicer, services, lambda: _node_trouble(agency), serving, store.db
+                    health_servicer, services, lambda: _node_trouble(agency), why, store.db
                 )
             )
         ready.cancel()

@@ -928,6 +928,7 @@ async def test_suspended_agency_can_neither_send_nor_receive_until_reactivated(
             link_complaints = [
                 r for r in _complaints(log[learned_at:]) if r["logger"] == "chapar.link"
             ]
+            health = _health_lines(log[log_start:])
         finally:
             _write_replacing(config, original)
             await _wait_state(cluster, A, B, pb.AGENCY_STATE_ACTIVE)
@@ -945,6 +946,10 @@ async def test_suspended_agency_can_neither_send_nor_receive_until_reactivated(
     assert [r.get("reason") for r in told] == ["SENDER_INACTIVE"]
     assert "is suspended in the hub's directory" in told[0]["message"]
     assert link_complaints == []
+    # Its log says why it is not serving: the suspension, which it learns after the hub
+    # closed its stream (it said "hub stream down" first, and no more).
+    why = "health: NOT_SERVING (agency suspended in the hub's directory)"
+    assert health[-1:] == [why], health
 
 
 async def test_a_retry_of_a_letter_accepted_before_its_recipient_was_suspended_gets_its_receipt(
@@ -986,6 +991,17 @@ def _without_agency(config: str, code: str) -> str:
     changed, n = pattern.subn("", config)
     assert n == 1, f"no [[agencies]] block for {code} in the hub configuration"
     return changed
+
+
+def _health_lines(log: str) -> list[str]:
+    """What (a part of) a server's log says of its health, in order."""
+    said = []
+    for line in log.splitlines():
+        with contextlib.suppress(ValueError):
+            message = json.loads(line).get("message", "")
+            if message.startswith("health: "):
+                said.append(message)
+    return said
 
 
 def _complaints(log: str) -> list[dict[str, str]]:
@@ -1070,6 +1086,9 @@ async def test_agency_removed_from_the_directory_is_refused_at_its_node_until_ad
             log = node_b.log_file.read_text()
             told = [r for r in _complaints(log[log_start:]) if r.get("agency") == B]
             assert [r.get("reason") for r in told] == ["AGENCY_NOT_IN_DIRECTORY"], told
+            health = _health_lines(log[log_start:])
+            why = "health: NOT_SERVING (agency not in the hub's directory)"
+            assert health[-1:] == [why], health
             assert [r for r in _complaints(log[learned_at:]) if r["logger"] == "chapar.link"] == []
         finally:
             _write_replacing(config, original)
