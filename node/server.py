@@ -252,6 +252,27 @@ def _write_ready(path: Path | None, address: str, role: str, metrics: str) -> No
         raise ConfigError(f"ready_file: cannot write {path}: {exc.strerror}") from exc
 
 
+def _withdraw_ready(path: Path | None) -> None:
+    """At start: removes the ready file an earlier run left (killed, crashed), which would
+    say that a dead process is ready, also should this start fail."""
+    if path is None:
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"ready_file: cannot remove {path}: {exc.strerror}") from exc
+
+
+def _remove_own_ready(path: Path | None) -> None:
+    """At the end: removes the ready file if it is still this process's."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError, ValueError):  # gone, or not JSON: not ours
+        info = json.loads(path.read_text())
+        if isinstance(info, dict) and info.get("pid") == os.getpid():
+            path.unlink()
+
+
 async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -428,11 +449,13 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
     from node.monitor import HubMonitor
     from node.storage.hub_store import HubStore
 
+    _withdraw_ready(config.ready_file)
     creds = _server_credentials(config.tls, config.identity)
     signer = _signer(config.signing, config.identity)
     trust = _trust(config.tls, config.signing)
     directory = build_directory(config, signer, trust.intermediates)
     async with contextlib.AsyncExitStack() as cleanup:
+        cleanup.callback(_remove_own_ready, config.ready_file)  # last, once all is closed
         # From here on whatever was opened is closed again, however start-up or serving
         # ends: left open, the store's writer (not a daemon thread) keeps the process alive.
         store = await HubStore.open(config.database, config.durability)
@@ -496,11 +519,13 @@ async def serve_node(config: NodeConfig, config_path: Path | None = None) -> Non
     from node.rpc.hub_link import HubLink
     from node.storage.node_store import NodeStore
 
+    _withdraw_ready(config.ready_file)
     creds = _server_credentials(config.tls, config.identity)
     signer = _signer(config.signing, config.identity)
     trust = _trust(config.tls, config.signing)
     link_creds = channel_credentials(config.tls)
     async with contextlib.AsyncExitStack() as cleanup:
+        cleanup.callback(_remove_own_ready, config.ready_file)  # last, once all is closed
         # From here on whatever was opened is closed again, however start-up or serving
         # ends: left open, the store's writer (not a daemon thread) keeps the process alive.
         # Stopped in the reverse order: monitor, agency, hub link, store.

@@ -220,6 +220,35 @@ def test_hub_serve_exits_when_its_ready_file_cannot_be_written(tmp_path: Path) -
     _assert_one_error_line(result, 2, "ready_file: cannot write")
 
 
+@pytest.mark.parametrize("role", ["hub", "node"])
+def test_a_failed_start_leaves_no_ready_file_of_an_earlier_run(tmp_path: Path, role: str) -> None:
+    """A ready file says that the process running now is ready: one an earlier run left
+    (killed, crashed) must not go on saying so, with a dead pid, when this start fails."""
+    config = _server_configs(tmp_path)[role]
+    ready = config.parent / "ready.json"
+    assert 'ready_file = "ready.json"' in config.read_text()
+    earlier = {"address": "127.0.0.1:9", "pid": 1, "role": role, "metrics": ""}
+    ready.write_text(json.dumps(earlier))
+    text = config.read_text()
+    config.write_text(
+        text.replace('metrics_listen = "127.0.0.1:0"', 'metrics_listen = "192.0.2.1:9100"')
+    )
+    result = _serve_briefly(role, config)
+    _assert_one_error_line(result, 2, "metrics_listen: cannot serve 192.0.2.1:9100")
+    assert not ready.exists(), ready.read_text()
+
+
+def test_a_stopped_server_removes_its_ready_file(tmp_path: Path) -> None:
+    cluster = asyncio.run(Cluster.start(tmp_path, [AGENCY_A]))
+    ready = [cluster.hub.ready_file, cluster.nodes[AGENCY_A].ready_file]
+    try:
+        assert all(path.exists() for path in ready)
+    finally:
+        codes = cluster.stop()
+    assert all(code == 0 for code in codes.values()), codes
+    assert [path for path in ready if path.exists()] == []
+
+
 def test_node_serve_exits_when_the_documents_directory_cannot_be_made(tmp_path: Path) -> None:
     config = _server_configs(tmp_path)["node"]
     config.write_text(config.read_text() + '[documents]\ndirectory = "/etc/passwd/docs"\n')
