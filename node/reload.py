@@ -76,7 +76,9 @@ class RestartOnly:
         changed = [key for key, value in self.named(read).items() if value != now[key]]
         if changed:
             self._log.warning(
-                "configuration reloaded, but %s changed and take effect only at a restart;"
-                " the running values stay until then",
+                "configuration reloaded, but %s changed and %s effect only at a restart;"
+                " the running %s until then",
                 ", ".join(changed),
+                "takes" if len(changed) == 1 else "take",
+                "value stays" if len(changed) == 1 else "values stay",
             )

@@ -399,6 +399,23 @@ async def test_a_reloaded_node_metrics_interval_is_the_one_the_monitor_uses(
     assert len(refreshed) >= 6, f"gauges refreshed {len(refreshed)} times in 1.2 s at 0.1 s"
 
 
+async def test_a_reload_that_finds_one_restart_only_key_changed_says_so_in_the_singular(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "hub.keepalive_s changed and take effect only at a restart": an operator's first
+    # edit of a restart-only key is most often one key.
+    assert hub.config_path is not None
+    _set(hub.config_path, "keepalive_s", "40")
+    _reload_seen(hub)
+    caplog.set_level(logging.WARNING, "chapar.hub")
+    await hub.reload_if_changed()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "configuration reloaded, but hub.keepalive_s changed and takes effect only at a"
+        " restart; the running value stays until then"
+    ]
+
+
 async def test_a_node_reload_warns_of_each_changed_key_that_takes_effect_at_a_restart(
     node: Agency, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
