@@ -7,12 +7,21 @@ A's inbox, acknowledgements, errors) and the node of agency C, which has no Pyth
 the test cluster (letters it signs itself, relayed by the hub to B). The Python SDK is the
 other side: B sends to the JS back-end, and B's back-end reads and verifies every letter
 the JavaScript side sent or signed.
+
+Attachments go both ways: the JS back-end uploads a file (DocumentService, in several
+chunks, size and SHA-256 announced) and attaches it to a letter to B, whose back-end saves
+it through B's node; B attaches a file of its own to a letter to A, which the JS back-end
+downloads through A's node. Both are checked against the signed reference and the
+original bytes. An upload whose content is not the SHA-256 announced is refused
+(DATA_LOSS, DIGEST_MISMATCH), and nothing is stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -128,21 +137,33 @@ async def test_a_grpc_js_client_interoperates_with_nodes_and_hub(
     )
     run = uuid.uuid4().hex[:8]
     js_mailbox, py_mailbox = f"interop-js-{run}", f"interop-py-{run}"
-    to_js = [
-        Draft(
-            to=[(AGENCY_A, js_mailbox)],
-            subject=f"Python → JS {i} ({run})",
-            body=f"Kính gửi: Văn phòng {i}. سلام",
-        )
-        for i in range(2)
-    ]
-    from_backend = [
+    # A few hundred KiB each, new every run (so stored anew): the JS side uploads the first
+    # in several chunks, B's back-end the second.
+    from_js_file, to_js_file = tmp_path / "from-js.pdf", tmp_path / "to-js.pdf"
+    from_js_file.write_bytes(os.urandom(300 * 1024 + 77))
+    to_js_file.write_bytes(os.urandom(200 * 1024 + 5))
+    from_backend: list[dict[str, Any]] = [
         {"subject": f"JS back-end → Python {i} ({run})", "body": f"Nội dung {i}"} for i in range(2)
     ]
+    from_backend[1]["attachment"] = {
+        "path": str(from_js_file),
+        "media_type": "application/pdf",
+        "file_name": "Báo cáo JS.pdf",
+    }
     alone = [{"subject": f"JS-signed alone ({run})", "body": f"{algorithm} from node:crypto"}]
     batch = [{"subject": f"JS-signed batch {i} ({run})", "body": f"leaf {i}"} for i in range(3)]
 
     async with ExchangeClient(cluster.nodes[AGENCY_B].address, cluster.credentials(AGENCY_B)) as b:
+        to_js_ref = await b.upload(to_js_file, media_type="application/pdf", file_name="گزارش.pdf")
+        to_js = [
+            Draft(
+                to=[(AGENCY_A, js_mailbox)],
+                subject=f"Python → JS {i} ({run})",
+                body=f"Kính gửi: Văn phòng {i}. سلام",
+                attachments=[to_js_ref] if i == 1 else [],
+            )
+            for i in range(2)
+        ]
         receipts = await b.send_many(to_js)  # one call: the node signs them as one batch
         sent_shams = [r.shams for r in receipts if not isinstance(r, Exception)]
         assert len(sent_shams) == 2, receipts
@@ -174,7 +195,7 @@ async def test_a_grpc_js_client_interoperates_with_nodes_and_hub(
 
         backend, node = report["backend"], report["node"]
         _check_errors(backend["errors"])
-        _check_backend(backend, algorithm, sent_shams, to_js, js_mailbox)
+        _check_backend(backend, algorithm, sent_shams, to_js, js_mailbox, to_js_file.read_bytes())
         _check_node(node, cluster, algorithm, [x["subject"] for x in alone + batch])
 
         # What the JS side submitted or signed reached B's back-end and verified there
@@ -196,6 +217,33 @@ async def test_a_grpc_js_client_interoperates_with_nodes_and_hub(
                 signed_in_batch = from_c[shams]["signed"] == "batch"
                 assert letter.envelope.HasField("batch_proof") == signed_in_batch
                 assert letter.header.metadata.signer_name == "grpc-js"
+
+        # The JS back-end's upload, attached to its second letter: B's back-end saves it
+        # through B's node (which fetches it from A's through the hub); ``save`` checks size
+        # and SHA-256 against the signed reference, and the bytes are the file's.
+        content = from_js_file.read_bytes()
+        digest = hashlib.sha256(content).digest()
+        uploaded = backend["submitted"][1]["attachments"]
+        assert [(u["sha256"], u["size"], u["existed"]) for u in uploaded] == [
+            (digest.hex(), len(content), False)
+        ]
+        assert uploaded[0]["chunks"] >= 3
+        assert [len(s["attachments"]) for s in backend["submitted"]] == [0, 1]
+        (with_file,) = (x for x in received.values() if x.header.attachments)
+        assert with_file.subject == from_backend[1]["subject"]
+        (attachment,) = with_file.attachments
+        assert (attachment.uri, attachment.sha256, attachment.size) == (
+            f"chapar://{AGENCY_A}/documents/sha256/{digest.hex()}",
+            digest,
+            len(content),
+        )
+        assert uploaded[0]["uri"] == attachment.uri
+        assert (attachment.media_type, attachment.file_name) == (
+            "application/pdf",
+            "Báo cáo JS.pdf",
+        )
+        saved = await attachment.save(tmp_path / "saved-from-js.pdf")
+        assert saved.read_bytes() == content
 
         # B's letters to the JS back-end: handed over, every evidence verifies in Python.
         for shams in sent_shams:
@@ -241,12 +289,24 @@ async def _run_js(
 
 def _check_errors(errors: list[dict[str, Any]]) -> None:
     """The bad requests: code and google.rpc.Status from the trailer, decoded in JS."""
-    unknown, malformed = errors
+    unknown, malformed, bad_digest = errors
     assert (unknown["code"], unknown["code_name"], unknown["status_code"]) == (5, "NOT_FOUND", 5)
     assert (unknown["domain"], unknown["reason"]) == ("chapar.exchange", "UNKNOWN_RECIPIENT")
     assert unknown["metadata"] == {"agency": "NO.SUCH.AGENCY"}
     assert (malformed["code"], malformed["reason"]) == (3, "INVALID_AGENCY_CODE")
     assert malformed["field_violations"] == ["draft.recipients[0].agency"]  # BadRequest
+    # An upload whose content is not the SHA-256 its header announced: refused at its end,
+    # after the header was accepted and the chunks sent; StatDocument then finds nothing
+    # stored under the content's own digest.
+    assert (bad_digest["code_name"], bad_digest["status_code"]) == ("DATA_LOSS", 15)
+    assert (bad_digest["domain"], bad_digest["reason"]) == ("chapar.exchange", "DIGEST_MISMATCH")
+    assert bad_digest["metadata"] == {
+        "expected": bad_digest["announced_sha256"],
+        "actual": bad_digest["content_sha256"],
+    }
+    assert bad_digest["announced_sha256"] != bad_digest["content_sha256"]
+    assert (bad_digest["header_accepted"], bad_digest["chunks"]) == (True, 2)
+    assert bad_digest["stored_after"] is False
 
 
 def _check_backend(
@@ -255,8 +315,10 @@ def _check_backend(
     sent_shams: list[str],
     to_js: list[Draft],
     js_mailbox: str,
+    to_js_content: bytes,
 ) -> None:
-    """What the JS back-end of A verified: its receipts, B's letters, the whole trail."""
+    """What the JS back-end of A verified: its receipts, B's letters, the whole trail, and
+    the attachment of B's second letter, downloaded through A's node."""
     for submitted in backend["submitted"]:  # two drafts in one call: one signed batch
         evidence = submitted["evidence"]
         assert (evidence["event"], evidence["issuer"]) == ("SUBMISSION_ACCEPTANCE", _urn(AGENCY_A))
@@ -277,6 +339,23 @@ def _check_backend(
         for name, event in (("delivery", "DELIVERY"), ("handover", "HANDOVER")):
             assert (got[name]["event"], got[name]["issuer"]) == (event, _urn(AGENCY_A))
         assert got["handover"]["tree_size"] == 2  # acknowledged in one batch
+        # Each attachment as the header signs it, and what the download gave: the JS side
+        # checked it against the reference already; here, against the file B uploaded.
+        assert got["attachments"] == [
+            {
+                "uri": ref.uri,
+                "sha256": ref.sha256.hex(),
+                "size": ref.size,
+                "media_type": ref.media_type,
+                "file_name": ref.file_name,
+                "downloaded_sha256": hashlib.sha256(to_js_content).hexdigest(),
+                "downloaded_size": len(to_js_content),
+                "verified": True,
+            }
+            for ref in draft.attachments
+        ]
+        assert got["short_attachment_refused"] == ["ATTACHMENT_MISMATCH"] * len(draft.attachments)
+    assert [len(got["attachments"]) for got in backend["received"]] == [0, 1]
 
     assert len(backend["tracked"]) == 2
     for tracked in backend["tracked"]:  # verified in JS from the root CA alone

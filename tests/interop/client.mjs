@@ -16,6 +16,10 @@
 //            sign letters: it submits a LetterDraft, and its node numbers, signs and
 //            stores it. The back-end verifies what the node signs and what other agencies
 //            signed: the letters of its inbox, every evidence, offline, from the root CA.
+//            It uploads an attachment to its node's document store (DocumentService, on
+//            the node's same address), references it in a letter, and downloads the
+//            attachments of letters it received through its node, checking each against
+//            the reference the sender signed.
 //   node     an agency's node talking to the hub (HubService.Connect) with the agency's
 //            TLS certificate; it builds EnvelopeHeaders, serialises them and signs
 //            PAE("chapar.envelope.v1", header) itself (one letter alone, then several as
@@ -45,7 +49,11 @@ const log = (...args) => console.error('[interop-js]', ...args);
 
 // -- contracts -------------------------------------------------------------------------
 
-const SERVICES = ['chapar/exchange/v1/node_service.proto', 'chapar/exchange/v1/hub_service.proto'];
+const SERVICES = [
+  'chapar/exchange/v1/node_service.proto',
+  'chapar/exchange/v1/document_service.proto',
+  'chapar/exchange/v1/hub_service.proto',
+];
 const definition = protoLoader.loadSync(SERVICES, {
   keepCase: true, // field names as in the .proto
   longs: Number, // int64 values here (sequences, sizes, versions) stay below 2^53
@@ -509,14 +517,107 @@ async function expectError(client, method, request) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// -- documents: upload (a header, then chunks), download (from an offset) ---------------
+
+// Chunks well below the message limits; several for a file of a few hundred KiB.
+const UPLOAD_CHUNK_BYTES = 64 * 1024;
+const documentUri = (agency, digest) =>
+  `chapar://${agency}/documents/sha256/${digest.toString('hex')}`;
+
+// UploadDocument is a bidirectional stream: the header goes first, and the node answers it
+// (an empty UploadDocumentResponse) before any content is sent, or ends the call with its
+// refusal; then the chunks, a half-close, and the node's answer: the stored document.
+// Announcing size and SHA-256 makes the node refuse content that is not that file.
+// Returns the DocumentInfo and `existed`; a refusal throws the grpc-js error (decodeError).
+async function uploadDocument(documents, header, content) {
+  const call = documents.UploadDocument({ deadline: Date.now() + TIMEOUT_MS });
+  const ended = new Promise((resolve) => call.once('status', resolve)); // the call is over
+  const responses = call[Symbol.asyncIterator]();
+  const progress = { header_accepted: false, chunks: 0 };
+  try {
+    call.write({ header });
+    const accepted = await responses.next();
+    if (accepted.done || accepted.value.document) throw new Error('no acceptance of the header');
+    progress.header_accepted = true;
+    for (let at = 0; at < content.length; at += UPLOAD_CHUNK_BYTES) {
+      const more = call.write({ chunk: content.subarray(at, at + UPLOAD_CHUNK_BYTES) });
+      progress.chunks += 1;
+      // Flow control: wait until gRPC has sent what it buffered (or the call ended: the
+      // next read then throws its status).
+      if (!more) await Promise.race([new Promise((r) => call.once('drain', r)), ended]);
+    }
+    call.end(); // half-close: the whole content is sent
+    const stored = await responses.next();
+    if (stored.done || !stored.value.document) throw new Error('the node did not answer');
+    return { ...stored.value, ...progress };
+  } catch (err) {
+    err.progress = progress;
+    throw err;
+  } finally {
+    call.cancel(); // nothing more to read; a no-op once the call has its status
+  }
+}
+
+// Downloads a document through this agency's own node (which fetches another agency's
+// from its owner through the hub) and checks it against `ref`, the AttachmentRef of a
+// header verified before: the address names the digest signed, the bytes have that size
+// and SHA-256. Stops reading at the first byte past the signed size. The first response
+// carries the DocumentInfo (and may carry the first chunk too).
+async function downloadAttachment(documents, ref, sender) {
+  const [, owner, , , hex] = /^chapar:\/\/([^/]+)\/(documents)\/(sha256)\/([0-9a-f]{64})$/
+    .exec(ref.uri) ?? [];
+  if (!hex || hex !== Buffer.from(ref.sha256).toString('hex')) {
+    throw new VerificationError('ATTACHMENT_MISMATCH', `${ref.uri} is not its signed digest`);
+  }
+  if (owner !== sender) {
+    throw new VerificationError('ATTACHMENT_MISMATCH', `${ref.uri} is not the sender's`);
+  }
+  const call = documents.DownloadDocument(
+    { uri: ref.uri, offset: 0 },
+    { deadline: Date.now() + TIMEOUT_MS },
+  );
+  const hash = crypto.createHash('sha256');
+  let size = 0;
+  let info = null;
+  try {
+    for await (const response of call) {
+      info ??= response.document;
+      size += response.chunk.length;
+      if (size > ref.size) {
+        throw new VerificationError('ATTACHMENT_MISMATCH', `${ref.uri}: over ${ref.size} bytes`);
+      }
+      hash.update(response.chunk);
+    }
+  } finally {
+    call.cancel();
+  }
+  const digest = hash.digest();
+  if (size !== ref.size || !digest.equals(ref.sha256)) {
+    throw new VerificationError('ATTACHMENT_MISMATCH', `${ref.uri}: not the signed content`);
+  }
+  if (!info || info.uri !== ref.uri || info.size !== ref.size || !digest.equals(info.sha256)) {
+    throw new Error(`${ref.uri}: the node described another document`);
+  }
+  return {
+    uri: ref.uri,
+    sha256: hex,
+    size: ref.size,
+    media_type: ref.media_type,
+    file_name: ref.file_name,
+    downloaded_sha256: digest.toString('hex'),
+    downloaded_size: size,
+    verified: true,
+  };
+}
+
 // -- the back-end role ------------------------------------------------------------------
 
 async function backend(cfg) {
-  const client = new v1.NodeService(
-    cfg.address,
-    tlsCredentials(cfg.cert, cfg.key),
-    CHANNEL_OPTIONS,
-  );
+  const credentials = tlsCredentials(cfg.cert, cfg.key);
+  const client = new v1.NodeService(cfg.address, credentials, CHANNEL_OPTIONS);
+  // The same node, address and client certificate serve the document store.
+  const documents = new v1.DocumentService(cfg.address, credentials, CHANNEL_OPTIONS);
+  const agency = identityOf(new crypto.X509Certificate(readFileSync(cfg.cert))).agency;
   const result = { errors: [], submitted: [], received: [], tracked: [] };
   try {
     // Trust: the root CA alone, then what the directory gives: the intermediate CAs, the
@@ -547,9 +648,67 @@ async function backend(cfg) {
         draft: { recipients: [{ agency: 'lower.case' }], subject: 'bad', body: Buffer.from('x') },
       })),
     });
+    // An upload whose content is not the SHA-256 announced: refused at its end, and
+    // nothing stored under the content's own address either.
+    const junk = crypto.randomBytes(UPLOAD_CHUNK_BYTES + 1000);
+    const announced = sha256(junk, Buffer.from('not this file'));
+    try {
+      await uploadDocument(
+        documents,
+        { media_type: 'text/plain', size: junk.length, sha256: announced },
+        junk,
+      );
+      throw new Error('an upload of other content than announced was stored');
+    } catch (err) {
+      if (err.code === undefined) throw err;
+      const { stored } = await unary(documents, 'StatDocument', {
+        uri: documentUri(agency, sha256(junk)),
+      });
+      result.errors.push({
+        case: 'upload digest mismatch',
+        ...decodeError(err),
+        ...err.progress,
+        announced_sha256: announced.toString('hex'),
+        content_sha256: sha256(junk).toString('hex'),
+        stored_after: stored,
+      });
+    }
+
+    // Attachments first: each file goes to the node's document store, and the draft
+    // references it (address, digest, size from the upload; media type and name).
+    const uploads = [];
+    for (const letter of cfg.send.letters) {
+      if (!letter.attachment) {
+        uploads.push([]);
+        continue;
+      }
+      const { path: file, media_type, file_name } = letter.attachment;
+      const bytes = readFileSync(file);
+      const digest = sha256(bytes);
+      const stored = await uploadDocument(
+        documents,
+        { media_type, size: bytes.length, sha256: digest },
+        bytes,
+      );
+      const { uri, sha256: stored_sha256, size } = stored.document;
+      if (
+        !digest.equals(stored_sha256) ||
+        size !== bytes.length ||
+        uri !== documentUri(agency, digest)
+      ) {
+        throw new Error(`the node stored ${uri}, not ${file}`);
+      }
+      const { chunks, existed } = stored;
+      uploads.push([
+        {
+          ref: { uri, sha256: digest, size, media_type, file_name },
+          report: { uri, sha256: digest.toString('hex'), size, chunks, existed },
+        },
+      ]);
+    }
 
     // Submit drafts in one call: the node numbers and signs them together (a Merkle batch).
-    const drafts = cfg.send.letters.map((letter) => ({
+    const drafts = cfg.send.letters.map((letter, i) => ({
       request_id: crypto.randomUUID(),
       draft: {
         recipients: [{ agency: cfg.send.to, mailbox: cfg.send.mailbox }],
@@ -558,6 +717,7 @@ async function backend(cfg) {
         content_type: 'text/plain; charset=utf-8',
         kind: 'LETTER_KIND_LETTER',
         priority: 'PRIORITY_URGENT',
+        attachments: uploads[i].map((u) => u.ref),
       },
     }));
     const submitted = await unary(client, 'BatchSubmitEnvelopes', { requests: drafts });
@@ -580,6 +740,7 @@ async function backend(cfg) {
         subject: drafts[i].draft.subject,
         request_id: drafts[i].request_id,
         evidence: describe(content, receipt.evidence),
+        attachments: uploads[i].map((u) => u.report),
       });
     }
 
@@ -632,6 +793,21 @@ async function backend(cfg) {
         verified: true,
         tampered_header_refused: tamperReason,
         delivery: describe(delivery, letter.delivery),
+        // Through this agency's node, checked against the references just verified.
+        attachments: await Promise.all(
+          header.attachments.map((ref) => downloadAttachment(documents, ref, header.sender.agency)),
+        ),
+        // Negative control: a reference signing one byte less must refuse the download.
+        short_attachment_refused: await Promise.all(
+          header.attachments.map((ref) =>
+            downloadAttachment(documents, { ...ref, size: ref.size - 1 }, header.sender.agency)
+              .then(() => null)
+              .catch((err) => {
+                if (!(err instanceof VerificationError)) throw err;
+                return err.reason;
+              }),
+          ),
+        ),
       });
     }
 
@@ -649,6 +825,8 @@ async function backend(cfg) {
   } catch (err) {
     client.close();
     throw err;
+  } finally {
+    documents.close();
   }
 }
 
