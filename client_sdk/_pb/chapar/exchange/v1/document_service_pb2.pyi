@@ -26,7 +26,10 @@ class DocumentInfo(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
-    """chapar://<agency>/documents/sha256/<hex>"""
+    """chapar://<agency>/documents/sha256/<hex>: the owning agency's code, and the content's
+    SHA-256 as 64 lower-case hex digits (an address in another form is refused,
+    INVALID_ARGUMENT INVALID_DOCUMENT_URI).
+    """
     sha256: _builtins.bytes
     """SHA-256 of the content."""
     size: _builtins.int
@@ -56,7 +59,11 @@ class UploadHeader(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     media_type: _builtins.str
-    """Media type of the file, e.g. "application/pdf"; must be allowed by the node."""
+    """Media type of the file, e.g. "application/pdf"; must be allowed by the node (its
+    documents.media_types; docs/OPERATIONS.md lists the default ones). The store keeps
+    the content alone: the media type and name a recipient sees are those of the letter's
+    AttachmentRef, which must be allowed too.
+    """
     size: _builtins.int
     """Expected size in bytes, if known (0: unknown). A size over the limit is refused at
     once, as is a negative one (INVALID_ARGUMENT, INVALID_SIZE); the upload fails if the
@@ -186,7 +193,9 @@ class DownloadDocumentResponse(_message.Message):
     """The next piece of the file, from the requested offset on."""
     @_builtins.property
     def document(self) -> Global___DocumentInfo:
-        """The document's digest and full size; set in the first message only."""
+        """The document's digest and full size; set in the first message only, which carries
+        the first chunk too (none when the offset is the document's end).
+        """
 
     def __init__(
         self,

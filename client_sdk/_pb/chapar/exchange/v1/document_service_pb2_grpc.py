@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class DocumentServiceStub:
-    """DocumentService is every node's document store, served to the agency's own back-ends.
+    """DocumentService is every node's document store, served to the agency's own back-ends
+    on the node's address, beside NodeService, with the same client certificates and the
+    same authorisation.
 
     Attachments do not travel inside letters: a back-end uploads a file here and receives
     its address, chapar://<agency>/documents/sha256/<hex>, which a letter header references
@@ -60,7 +62,9 @@ class DocumentServiceStub:
 
 
 class DocumentServiceServicer:
-    """DocumentService is every node's document store, served to the agency's own back-ends.
+    """DocumentService is every node's document store, served to the agency's own back-ends
+    on the node's address, beside NodeService, with the same client certificates and the
+    same authorisation.
 
     Attachments do not travel inside letters: a back-end uploads a file here and receives
     its address, chapar://<agency>/documents/sha256/<hex>, which a letter header references
@@ -88,7 +92,9 @@ class DocumentServiceServicer:
         copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
         The content itself is refused, nothing stored, when it passes the size limit
         (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
-        (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH); a
+        (INVALID_ARGUMENT, SIZE_MISMATCH; metadata "expected" and "actual", in bytes, the
+        actual one as far as the node counted) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH;
+        metadata "expected" and "actual", in lower-case hex); a
         refusal found while the client still sends (past the limit or the size announced)
         comes after the node has read the rest, up to that size or limit again, so that the
         client sees this status and not an INTERNAL from its own write (one that sends more
@@ -168,7 +174,9 @@ def add_DocumentServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DocumentService:
-    """DocumentService is every node's document store, served to the agency's own back-ends.
+    """DocumentService is every node's document store, served to the agency's own back-ends
+    on the node's address, beside NodeService, with the same client certificates and the
+    same authorisation.
 
     Attachments do not travel inside letters: a back-end uploads a file here and receives
     its address, chapar://<agency>/documents/sha256/<hex>, which a letter header references

@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class DocumentServiceStub:
-    """DocumentService is every node's document store, served to the agency's own back-ends.
+    """DocumentService is every node's document store, served to the agency's own back-ends
+    on the node's address, beside NodeService, with the same client certificates and the
+    same authorisation.
 
     Attachments do not travel inside letters: a back-end uploads a file here and receives
     its address, chapar://<agency>/documents/sha256/<hex>, which a letter header references
@@ -59,7 +61,9 @@ class DocumentServiceStub:
     copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
     The content itself is refused, nothing stored, when it passes the size limit
     (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
-    (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH); a
+    (INVALID_ARGUMENT, SIZE_MISMATCH; metadata "expected" and "actual", in bytes, the
+    actual one as far as the node counted) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH;
+    metadata "expected" and "actual", in lower-case hex); a
     refusal found while the client still sends (past the limit or the size announced)
     comes after the node has read the rest, up to that size or limit again, so that the
     client sees this status and not an INTERNAL from its own write (one that sends more
@@ -103,7 +107,9 @@ class DocumentServiceStub:
 
 @_typing.type_check_only
 class DocumentServiceAsyncStub(DocumentServiceStub):
-    """DocumentService is every node's document store, served to the agency's own back-ends.
+    """DocumentService is every node's document store, served to the agency's own back-ends
+    on the node's address, beside NodeService, with the same client certificates and the
+    same authorisation.
 
     Attachments do not travel inside letters: a back-end uploads a file here and receives
     its address, chapar://<agency>/documents/sha256/<hex>, which a letter header references
@@ -132,7 +138,9 @@ class DocumentServiceAsyncStub(DocumentServiceStub):
     copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
     The content itself is refused, nothing stored, when it passes the size limit
     (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
-    (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH); a
+    (INVALID_ARGUMENT, SIZE_MISMATCH; metadata "expected" and "actual", in bytes, the
+    actual one as far as the node counted) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH;
+    metadata "expected" and "actual", in lower-case hex); a
     refusal found while the client still sends (past the limit or the size announced)
     comes after the node has read the rest, up to that size or limit again, so that the
     client sees this status and not an INTERNAL from its own write (one that sends more
@@ -175,7 +183,9 @@ class DocumentServiceAsyncStub(DocumentServiceStub):
     """
 
 class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
-    """DocumentService is every node's document store, served to the agency's own back-ends.
+    """DocumentService is every node's document store, served to the agency's own back-ends
+    on the node's address, beside NodeService, with the same client certificates and the
+    same authorisation.
 
     Attachments do not travel inside letters: a back-end uploads a file here and receives
     its address, chapar://<agency>/documents/sha256/<hex>, which a letter header references
@@ -208,7 +218,9 @@ class DocumentServiceServicer(metaclass=_abc_1.ABCMeta):
         copy with the new, checked one (how a copy corrupted on the node's disk is repaired).
         The content itself is refused, nothing stored, when it passes the size limit
         (RESOURCE_EXHAUSTED, DOCUMENT_TOO_LARGE), when it has not the header's size
-        (INVALID_ARGUMENT, SIZE_MISMATCH) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH); a
+        (INVALID_ARGUMENT, SIZE_MISMATCH; metadata "expected" and "actual", in bytes, the
+        actual one as far as the node counted) or its SHA-256 (DATA_LOSS, DIGEST_MISMATCH;
+        metadata "expected" and "actual", in lower-case hex); a
         refusal found while the client still sends (past the limit or the size announced)
         comes after the node has read the rest, up to that size or limit again, so that the
         client sees this status and not an INTERNAL from its own write (one that sends more
