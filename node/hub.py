@@ -36,6 +36,7 @@ from node.config import (
     read_revocations,
 )
 from node.core.directory import DirectoryView
+from node.core.documents import unfetchable_attachment
 from node.core.errors import ChaparError, Code, letter_not_found
 from node.core.evidence import evidence_content, evidence_message
 from node.core.letters import NEEDS_PARENT, quoted_shams, valid_timestamp, validate_shams
@@ -940,6 +941,8 @@ class Hub(pb.HubServiceServicer):
             )
         if not header.recipients:
             raise ChaparError(Code.INVALID_ARGUMENT, "NO_RECIPIENTS", "letter has no recipients")
+        if header.attachments and (unfit := unfetchable_attachment(header, agency)):
+            raise ChaparError(Code.INVALID_ARGUMENT, *unfit)
         for i, r in enumerate(header.recipients):
             self.directory.require_recipient(r.agency, f"header.recipients[{i}].agency")
         self._check_create_time(header)

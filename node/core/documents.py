@@ -28,6 +28,7 @@ __all__ = [
     "empty_chunks_refused",
     "parse_document_uri",
     "refused_attachment",
+    "unfetchable_attachment",
     "validate_attachments",
 ]
 
@@ -125,11 +126,46 @@ def check_media_type(media_type: str, limits: DocumentLimits, field: str) -> Non
         )
 
 
+def unfetchable_attachment(header: pb.EnvelopeHeader, sender: str) -> tuple[str, str] | None:
+    """Why no recipient could ever download an attachment of a verified letter from
+    ``sender`` (reason, detail), or None: a reference to another agency's document, or
+    whose address and digest differ, grants nothing (``senders_documents``), so its fetch
+    is refused for good. Honest nodes refuse to number such a letter (``validate_attachments``
+    gives the same reasons); the hub refuses to relay it, a recipient's node to take it, as
+    for a letter whose attachment its own store would refuse."""
+    if len(header.attachments) > MAX_ATTACHMENTS:
+        return (
+            "TOO_MANY_ATTACHMENTS",
+            f"{len(header.attachments)} attachments, at most {MAX_ATTACHMENTS}",
+        )
+    for i, ref in enumerate(header.attachments):
+        try:
+            owner, digest = parse_document_uri(ref.uri)
+        except ChaparError as exc:
+            return exc.reason, f"attachment {i}: {exc.message}"
+        if owner != sender:
+            return (
+                "DOCUMENT_NOT_OWNED",
+                f"attachment {i} is a document of {owner}, not of the letter's sender {sender}",
+            )
+        if ref.sha256 != digest:
+            return (
+                "DOCUMENT_DIGEST_MISMATCH",
+                f"attachment {i}'s sha256 is not the digest in its uri",
+            )
+        if ref.size < 0:
+            return "INVALID_SIZE", f"attachment {i}'s size is negative"
+    return None
+
+
 def refused_attachment(header: pb.EnvelopeHeader, limits: DocumentLimits) -> tuple[str, str] | None:
-    """Why this node's document store would not take an attachment of a received letter
-    (reason, detail), or None. Checked at delivery: the sender's node holds its own limits,
-    which may be wider; a letter whose attachment the recipient can never download would
-    otherwise be DELIVERED and handed over, and its attachment lost for good."""
+    """Why this node would not take an attachment of a received letter (reason, detail),
+    or None: one no recipient could download (``unfetchable_attachment``), or one its
+    document store would refuse. Checked at delivery: the sender's node holds its own
+    limits, which may be wider; a letter whose attachment the recipient can never download
+    would otherwise be DELIVERED and handed over, and its attachment lost for good."""
+    if unfit := unfetchable_attachment(header, header.sender.agency):
+        return unfit
     for i, ref in enumerate(header.attachments):
         if ref.size > limits.max_file_bytes:
             return (

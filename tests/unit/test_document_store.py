@@ -502,3 +502,35 @@ async def test_a_push_ended_early_reads_on_for_its_check_only_when_little_is_lef
     # The first write comes once the second chunk is read (each goes once the next is).
     assert yielded == (8 if whole else 2)
     assert store.path(digest).exists()  # a sound copy stays where it is, checked or not
+
+
+@pytest.mark.parametrize(
+    ("owner", "hex_in_uri", "size", "reason"),
+    [
+        ("OTHER", "ab" * 32, 5, "DOCUMENT_NOT_OWNED"),
+        ("SENDER", "cd" * 32, 5, "DOCUMENT_DIGEST_MISMATCH"),
+        ("SENDER", "AB" * 32, 5, "INVALID_DOCUMENT_URI"),
+        ("SENDER", "ab" * 32, -1, "INVALID_SIZE"),
+        ("SENDER", "ab" * 32, 0, None),
+    ],
+)
+def test_a_received_letter_whose_attachment_no_recipient_could_fetch_is_refused(
+    owner: str, hex_in_uri: str, size: int, reason: str | None
+) -> None:
+    # A hostile sender's node (or a hub that let it through) delivers a letter naming
+    # another agency's document, or an address whose digest is not the reference's: no
+    # fetch of it is ever granted, so the letter was DELIVERED and handed over with an
+    # attachment its recipients could never read. Refused at delivery instead.
+    from client_sdk import pb
+    from node.core.documents import refused_attachment
+
+    header = pb.EnvelopeHeader()
+    header.sender.agency = "SENDER"
+    header.attachments.add(
+        uri=f"chapar://{owner}/documents/sha256/{hex_in_uri}",
+        sha256=bytes.fromhex("ab" * 32),
+        size=size,
+        media_type="application/pdf",
+    )
+    unfit = refused_attachment(header, LIMITS)
+    assert (unfit[0] if unfit else None) == reason

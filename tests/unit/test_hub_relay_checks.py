@@ -105,3 +105,39 @@ async def test_a_status_update_that_names_no_letter_is_rejected_with_its_reason(
     assert answers[1].detail  # says why
     assert await relay.store.queue_depth(B) == 2  # the letter and the update naming it
     assert await relay.store.parties(f"{A}/O/2026/0000002") is None  # nothing stored
+
+
+@pytest.mark.parametrize(
+    ("uri", "digest", "size", "reason"),
+    [
+        (f"chapar://{B}/documents/sha256/{'ab' * 32}", bytes.fromhex("ab" * 32), 5, "DOCUMENT_NOT_OWNED"),
+        (f"chapar://{A}/documents/sha256/{'ab' * 32}", bytes.fromhex("cd" * 32), 5, "DOCUMENT_DIGEST_MISMATCH"),
+        (f"chapar://{A}/documents/{'ab' * 32}", bytes.fromhex("ab" * 32), 5, "INVALID_DOCUMENT_URI"),
+        (f"chapar://{A}/documents/sha256/{'ab' * 32}", bytes.fromhex("ab" * 32), -1, "INVALID_SIZE"),
+    ],
+)  # fmt: skip
+async def test_a_letter_whose_attachment_no_recipient_could_fetch_is_rejected(
+    hub: tuple[Hub, Signer], uri: str, digest: bytes, size: int, reason: str
+) -> None:
+    # A reference to another agency's document (or whose address and digest differ) grants
+    # its recipients nothing: their downloads are refused for good, and the letter, relayed
+    # and delivered, carried an attachment nobody could ever read. Honest nodes refuse to
+    # number it (validate_attachments); a hostile node's was relayed.
+    relay, signer = hub
+    header = pb.EnvelopeHeader(shams=_number(1))
+    header.attachments.add(uri=uri, sha256=digest, size=size, media_type="application/pdf")
+    own = pb.EnvelopeHeader(shams=_number(2))
+    own.attachments.add(
+        uri=f"chapar://{A}/documents/sha256/{'ab' * 32}",
+        sha256=bytes.fromhex("ab" * 32),
+        size=0,
+        media_type="application/pdf",
+    )
+    frame = [_signed(signer, header), _signed(signer, own)]
+    answers = [pb.EvidenceContent.FromString(e.content) for e in await relay._relay(A, frame)]
+    assert [(c.event, c.reason) for c in answers] == [
+        (E.EVIDENCE_EVENT_RELAY_REJECTION, reason),
+        (E.EVIDENCE_EVENT_RELAY_ACCEPTANCE, ""),
+    ]
+    assert answers[0].detail
+    assert await relay.store.parties(f"{A}/O/2026/0000001") is None  # nothing stored

@@ -48,7 +48,8 @@ class _EvidenceEventEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Evidenc
     for RELAY_REJECTION), NOT_A_RECIPIENT, LETTER_EXPIRED (it came over a minute after
     its expire_time), SHAMS_REUSED (the node holds another letter under the number), an
     attachment its document store would refuse (DOCUMENT_TOO_LARGE,
-    MEDIA_TYPE_NOT_ALLOWED), a number that is none (INVALID_SHAMS) or not its sender's
+    MEDIA_TYPE_NOT_ALLOWED) or that no recipient could fetch (as for RELAY_REJECTION:
+    DOCUMENT_NOT_OWNED, DOCUMENT_DIGEST_MISMATCH, ...), a number that is none (INVALID_SHAMS) or not its sender's
     (SENDER_MISMATCH), a reply or status update that names no letter (MISSING_IN_REPLY_TO),
     a status update that does not fit its letter (NOT_A_PARTY, STATUS_WRONG_DIRECTION, ...: LetterDraft.status).
     """
@@ -83,7 +84,8 @@ EVIDENCE_EVENT_DELIVERY_FAILURE: EvidenceEvent.ValueType  # 7
 for RELAY_REJECTION), NOT_A_RECIPIENT, LETTER_EXPIRED (it came over a minute after
 its expire_time), SHAMS_REUSED (the node holds another letter under the number), an
 attachment its document store would refuse (DOCUMENT_TOO_LARGE,
-MEDIA_TYPE_NOT_ALLOWED), a number that is none (INVALID_SHAMS) or not its sender's
+MEDIA_TYPE_NOT_ALLOWED) or that no recipient could fetch (as for RELAY_REJECTION:
+DOCUMENT_NOT_OWNED, DOCUMENT_DIGEST_MISMATCH, ...), a number that is none (INVALID_SHAMS) or not its sender's
 (SENDER_MISMATCH), a reply or status update that names no letter (MISSING_IN_REPLY_TO),
 a status update that does not fit its letter (NOT_A_PARTY, STATUS_WRONG_DIRECTION, ...: LetterDraft.status).
 """

@@ -114,7 +114,10 @@ class HubServiceServicer:
         INVALID_SHAMS (the number or in_reply_to); NO_RECIPIENTS, UNKNOWN_RECIPIENT,
         RECIPIENT_INACTIVE; CREATE_TIME_MISSING, INVALID_TIME, CREATE_TIME_OUT_OF_WINDOW; and
         SHAMS_REUSED (another letter holds the number); MISSING_IN_REPLY_TO (a reply or a
-        status update naming no letter).
+        status update naming no letter); an attachment no recipient could fetch, which a node
+        refuses to number: DOCUMENT_NOT_OWNED (another agency's document),
+        DOCUMENT_DIGEST_MISMATCH (sha256 is not the digest in its uri), INVALID_DOCUMENT_URI,
+        INVALID_SIZE (negative), TOO_MANY_ATTACHMENTS (over 100).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -71,7 +71,10 @@ class HubServiceStub:
     INVALID_SHAMS (the number or in_reply_to); NO_RECIPIENTS, UNKNOWN_RECIPIENT,
     RECIPIENT_INACTIVE; CREATE_TIME_MISSING, INVALID_TIME, CREATE_TIME_OUT_OF_WINDOW; and
     SHAMS_REUSED (another letter holds the number); MISSING_IN_REPLY_TO (a reply or a
-    status update naming no letter).
+    status update naming no letter); an attachment no recipient could fetch, which a node
+    refuses to number: DOCUMENT_NOT_OWNED (another agency's document),
+    DOCUMENT_DIGEST_MISMATCH (sha256 is not the digest in its uri), INVALID_DOCUMENT_URI,
+    INVALID_SIZE (negative), TOO_MANY_ATTACHMENTS (over 100).
     """
     GetDirectory: _grpc.UnaryUnaryMultiCallable[_hub_service_pb2.GetDirectoryRequest, _hub_service_pb2.GetDirectoryResponse]
     """Returns the current directory."""
@@ -171,7 +174,10 @@ class HubServiceAsyncStub(HubServiceStub):
     INVALID_SHAMS (the number or in_reply_to); NO_RECIPIENTS, UNKNOWN_RECIPIENT,
     RECIPIENT_INACTIVE; CREATE_TIME_MISSING, INVALID_TIME, CREATE_TIME_OUT_OF_WINDOW; and
     SHAMS_REUSED (another letter holds the number); MISSING_IN_REPLY_TO (a reply or a
-    status update naming no letter).
+    status update naming no letter); an attachment no recipient could fetch, which a node
+    refuses to number: DOCUMENT_NOT_OWNED (another agency's document),
+    DOCUMENT_DIGEST_MISMATCH (sha256 is not the digest in its uri), INVALID_DOCUMENT_URI,
+    INVALID_SIZE (negative), TOO_MANY_ATTACHMENTS (over 100).
     """
     GetDirectory: _aio.UnaryUnaryMultiCallable[_hub_service_pb2.GetDirectoryRequest, _hub_service_pb2.GetDirectoryResponse]  # type: ignore[assignment]
     """Returns the current directory."""
@@ -274,7 +280,10 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         INVALID_SHAMS (the number or in_reply_to); NO_RECIPIENTS, UNKNOWN_RECIPIENT,
         RECIPIENT_INACTIVE; CREATE_TIME_MISSING, INVALID_TIME, CREATE_TIME_OUT_OF_WINDOW; and
         SHAMS_REUSED (another letter holds the number); MISSING_IN_REPLY_TO (a reply or a
-        status update naming no letter).
+        status update naming no letter); an attachment no recipient could fetch, which a node
+        refuses to number: DOCUMENT_NOT_OWNED (another agency's document),
+        DOCUMENT_DIGEST_MISMATCH (sha256 is not the digest in its uri), INVALID_DOCUMENT_URI,
+        INVALID_SIZE (negative), TOO_MANY_ATTACHMENTS (over 100).
         """
 
     @_abc_1.abstractmethod
