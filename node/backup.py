@@ -4,7 +4,9 @@ A backup is a directory: the database as one consistent snapshot, taken with SQL
 online backup API in a single step while the server keeps running (a file copy of a live
 WAL database can be torn between the database file and its WAL), a node's stored
 documents (content-addressed, so a backup into the same directory again copies only the
-new ones), and ``manifest.json`` saying whose database it is and when it was taken.
+new ones; each one copied is checked against its SHA-256 name, and one damaged in the
+server's store is left out and set aside there), and ``manifest.json`` saying whose
+database it is and when it was taken.
 
 A restore refuses while a server has the database open, refuses another role's or
 identity's backup, a schema newer than this program, a damaged database and a damaged
@@ -34,7 +36,8 @@ from typing import Any, Literal
 
 from node.config import ConfigError, HubConfig, NodeConfig, load_hub_config, load_node_config
 from node.config import read_table as _read_table
-from node.document_store import DOCUMENT_NAME, NO_HARD_LINKS, fsync_path
+from node.core.documents import DocumentLimits
+from node.document_store import DOCUMENT_NAME, NO_HARD_LINKS, DocumentStore, FileId, fsync_path
 from node.storage.db import Store
 from node.storage.restore import RESTORED_KEY, RestoreMark, read_restore_mark
 
@@ -155,8 +158,11 @@ def _server(config_path: Path) -> _Server:
 # -- backup ----------------------------------------------------------------------------------
 
 
-def backup(config_path: Path, to: Path) -> Manifest:
-    """Copies a (running or stopped) server's database and documents into ``to``."""
+def backup(config_path: Path, to: Path) -> tuple[Manifest, list[str]]:
+    """Copies a (running or stopped) server's database and documents into ``to``; returns
+    its manifest and a line for each document found damaged in the server's store, which
+    the backup leaves out (the manifest does not count it) and the store sets aside
+    (``_set_aside``)."""
     server = _server(config_path)
     if not server.database.is_file():
         raise BackupError(f"no database at {server.database}")
@@ -193,13 +199,14 @@ def backup(config_path: Path, to: Path) -> Manifest:
     (to / MANIFEST).unlink(missing_ok=True)
     _fsync_dir(to)
     os.replace(partial, to / name)
-    documents = 0
+    documents, damaged = 0, []
     if server.documents_dir is not None:
-        documents = _copy_documents(server.documents_dir, to / "documents", True)
+        documents, found = _copy_documents(server.documents_dir, to / "documents", True)
+        damaged = [_set_aside(server.documents_dir, to / name, damage) for damage in found]
     manifest = Manifest(server.role, server.identity, version, taken, name, counts, documents)
     _write_json(to / MANIFEST, manifest.to_json())
     _fsync_dir(to)
-    return manifest
+    return manifest, damaged
 
 
 def _refuse_own_files(server: _Server, to: Path) -> None:
@@ -247,49 +254,102 @@ def _document_files(root: Path) -> list[Path]:
     )
 
 
-def _copy_documents(source: Path, target: Path, private: bool = False) -> int:
-    """Copies the documents ``target`` lacks (a document never changes under its name);
-    returns how many of ``source``'s ``target`` then holds (one retention removed from
-    ``source`` meanwhile is not counted: a restore checks the count). ``private``: into a
-    backup, whose directories and files it makes readable by their owner only."""
+@dataclass(frozen=True, slots=True)
+class _Damage:
+    """A document whose content is not the SHA-256 its name says."""
+
+    path: Path
+    actual: str  # its content's SHA-256, hex
+    read: FileId  # the file read (DocumentStore.quarantine, remove)
+
+
+def _copy_documents(source: Path, target: Path, private: bool = False) -> tuple[int, list[_Damage]]:
+    """Copies the documents ``target`` lacks (a document never changes under its name),
+    each checked against its name as it is copied; returns how many of ``source``'s
+    ``target`` then holds (one retention removed from ``source`` meanwhile is not counted:
+    a restore checks the count) and the damaged ones, which are not copied. ``private``:
+    into a backup, whose directories and files it makes readable by their owner only."""
     files = _document_files(source)
     dir_mode, file_mode = (_PRIVATE_DIR, _PRIVATE_FILE) if private else (0o777, 0o666)
     made: set[Path] = set()
+    damaged: list[_Damage] = []
     for rel in files:
         # Each level made with the mode: mkdir(parents=True) gives parents the umask's.
         for folder in (target, *(target / p for p in reversed(rel.parents[:-1]))):
             if folder not in made:
                 folder.mkdir(mode=dir_mode, exist_ok=True)
                 made.add(folder)
-        _copy_new(source / rel, target / rel, file_mode)
-    return sum(1 for rel in files if (target / rel).is_file())
+        damage = _copy_new(source / rel, target / rel, file_mode)
+        if damage is not None:
+            damaged.append(damage)
+    return sum(1 for rel in files if (target / rel).is_file()), damaged
 
 
-def _copy_new(source: Path, target: Path, mode: int, check: bool = False) -> None:
-    """Copies ``source`` to ``target`` unless it exists. ``check``: refuses (BackupError,
-    nothing kept) a document whose content is not the SHA-256 its name says, hashed
-    chunk by chunk as it is copied."""
+def _copy_new(source: Path, target: Path, mode: int) -> _Damage | None:
+    """Copies the document ``source`` to ``target`` unless it exists, hashing it chunk by
+    chunk as it is copied (one read, memory flat); one whose content is not the SHA-256
+    its name says is not kept, and returned."""
     if target.exists():
-        return
+        return None
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)  # an earlier copy's cut short (it may have another mode)
     try:
         reader = open(source, "rb")  # noqa: SIM115 (closed by the with below)
     except FileNotFoundError:  # removed by retention meanwhile: nothing to keep
-        return
+        return None
     digest = hashlib.sha256()
     with reader, open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as out:
+        st = os.fstat(reader.fileno())  # the file read, whatever is stored in its place since
         while chunk := reader.read(_COPY_CHUNK):
             digest.update(chunk)
             out.write(chunk)
-    if check and digest.hexdigest() != target.name:
+    if digest.hexdigest() != target.name:
         partial.unlink()
-        raise BackupError(
-            f"the backup's document {source} is damaged (its content's SHA-256 is"
-            f" {digest.hexdigest()}, not its name): restore another backup"
-        )
+        return _Damage(source, digest.hexdigest(), (st.st_dev, st.st_ino))
     fsync_path(partial)
     os.replace(partial, target)
+    return None
+
+
+def _set_aside(root: Path, snapshot: Path, damage: _Damage) -> str:
+    """Sets aside a document found damaged in the server's store (``root``) as the node
+    does one it reads corrupt (node.documents): a copy fetched from another agency is
+    removed (the next download fetches it again), any other moved to ``corrupt/``
+    (``DocumentStore.quarantine``), which the database copy (``snapshot``) decides. Only
+    the file read goes (a sound copy stored since stays), as the running server's readers
+    do. Returns the line that says what was done."""
+    from node.storage.node_store import fetched_only
+
+    digest = bytes.fromhex(damage.path.name)
+    said = (
+        f"the document {damage.path} is damaged (its content's SHA-256 is {damage.actual},"
+        " not its name): left out of the backup"
+    )
+    try:
+        conn = sqlite3.connect(f"file:{snapshot}?mode=ro", uri=True)
+        try:
+            fetched = fetched_only(conn, digest)
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        fetched = False  # not known to be another agency's: moved aside, so kept
+    try:
+        # Beside the running server: its uploads in progress (tmp/) are left alone.
+        store = DocumentStore(root, DocumentLimits(), clean=False)
+        done = (store.remove if fetched else store.quarantine)(digest, damage.read)
+    except OSError as exc:
+        return (
+            f"{said}, but could not be {'removed' if fetched else 'moved aside'} ({exc}):"
+            f" move it out of {damage.path.parent}"
+        )
+    if not done:
+        return f"{said}; the store's copy was replaced or removed meanwhile, and is left as it is"
+    if fetched:
+        return (
+            f"{said}, and removed from the store (a copy fetched from another agency):"
+            " the next download fetches it again"
+        )
+    return f"{said}, and moved aside into {root / 'corrupt'}: upload the file again to repair it"
 
 
 # -- restore ---------------------------------------------------------------------------------
@@ -418,7 +478,12 @@ def _stage_documents(source: Path, staged: Path) -> None:
     for rel in _document_files(source):
         if not (store / rel).exists():
             (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-            _copy_new(source / rel, staged / rel, 0o666, check=True)
+            damage = _copy_new(source / rel, staged / rel, 0o666)
+            if damage is not None:
+                raise BackupError(
+                    f"the backup's document {damage.path} is damaged (its content's SHA-256"
+                    f" is {damage.actual}, not its name): restore another backup"
+                )
 
 
 def _place_documents(staged: Path) -> None:

@@ -16,6 +16,7 @@ from node.config import ConfigError, load_hub_config, load_node_config
 __all__ = ["main"]
 
 _GC_YOUNG = 20_000
+_EXIT_DAMAGED = 3  # chapar backup: done, but damaged documents found (left out, set aside)
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -57,18 +58,20 @@ def _backup(ns: argparse.Namespace) -> int:
     from node.backup import BackupError, backup, describe
 
     try:
-        manifest = backup(ns.config, ns.to)
+        manifest, damaged = backup(ns.config, ns.to)
     except ConfigError as exc:
         print(f"error: configuration {ns.config}: {exc}", file=sys.stderr)
         return 2
     except (BackupError, OSError, sqlite3.Error) as exc:
         print(f"error: backup refused: {exc}", file=sys.stderr)
         return 1
+    for line in damaged:
+        print(f"warning: {line}", file=sys.stderr)
     emit(
         [f"backed up into {ns.to}", *(f"  {line}" for line in describe(manifest))],
         f"the backup in {ns.to} is made; its account could not be printed",
     )
-    return 0
+    return _EXIT_DAMAGED if damaged else 0
 
 
 def _restore(ns: argparse.Namespace) -> int:
@@ -118,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
     backup = sub.add_parser(
-        "backup", help="copy a server's database (one consistent snapshot) and documents"
+        "backup",
+        help="copy a server's database (one consistent snapshot) and documents",
+        epilog="exit status: 0 the backup is made; 3 the backup is made, but documents found"
+        " damaged in the server's store were left out of it and set aside there (one"
+        " 'warning:' line each on stderr); 1 the backup was refused or failed (one 'error:' line); 2 the configuration is"
+        " wrong",
     )
     backup.add_argument("--config", type=Path, required=True, help="the server's TOML file")
     backup.add_argument("--to", type=Path, required=True, metavar="DIR", help="backup directory")

@@ -51,14 +51,17 @@ NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.E
 
 
 class DocumentStore:
-    def __init__(self, root: Path, limits: DocumentLimits) -> None:
+    def __init__(self, root: Path, limits: DocumentLimits, *, clean: bool = True) -> None:
+        """``clean``: removes the leftovers of uploads cut short (at the server's start);
+        False for another process opening the store beside a running server (``chapar
+        backup``): they would be the server's uploads in progress."""
         self.root = root
         self.limits = limits
         self._tmp = root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
         (root / "sha256").mkdir(exist_ok=True)
         # Leftovers of uploads cut short by a crash: never visible, now removed.
-        for stale in self._tmp.iterdir():
+        for stale in self._tmp.iterdir() if clean else ():
             with contextlib.suppress(OSError):
                 stale.unlink()
 

@@ -41,6 +41,7 @@ __all__ = [
     "RefusedEvidence",
     "StoredEvidence",
     "StoredLetter",
+    "fetched_only",
     "request_key",
 ]
 
@@ -1708,6 +1709,25 @@ def _earlier_refusal(
         if content.issuer == issuer and content.envelope_sha256 == digest:
             return StoredEvidence(content.evidence_id, bytes(blob))
     return None
+
+
+def fetched_only(conn: sqlite3.Connection, digest: bytes) -> bool:
+    """Whether this node holds document ``digest`` only as fetched from other agencies
+    (``record_fetch``): none of its clients uploaded it and no letter it sent attaches
+    it. A copy of such a document found corrupt is removed (the next download fetches it
+    again); any other is, or may be, this agency's own, and is moved aside
+    (``DocumentStore.quarantine``)."""
+    holders = [
+        str(r[0])
+        for r in conn.execute("SELECT client FROM document_uploads WHERE sha256 = ?", (digest,))
+    ]
+    if not holders or not all(h.startswith(_FETCHED_FROM) for h in holders):
+        return False
+    return not conn.execute(
+        "SELECT 1 FROM letter_documents d JOIN outbox o ON o.shams = d.shams"
+        " WHERE d.sha256 = ? LIMIT 1",
+        (digest,),
+    ).fetchone()
 
 
 def _index_stored_documents(

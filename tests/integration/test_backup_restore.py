@@ -454,6 +454,67 @@ async def test_a_restore_refuses_a_node_backup_without_the_documents_its_manifes
     assert back.read_bytes() == source.read_bytes()
 
 
+async def test_a_backup_leaves_out_a_damaged_document_and_sets_the_live_copy_aside(
+    tmp_path: Path,
+) -> None:
+    """A document rotted in a node's store was copied into the backup unread (exit 0): the
+    operator learnt of it only when a restore of that backup was refused. The backup now
+    leaves it out (and uncounted, so the backup restores), sets the live copy aside as the
+    node does for one it finds corrupt (the agency's own moved to corrupt/, a copy fetched
+    from another agency removed), says so in one line each, and ends with exit status 3."""
+    cluster = await Cluster.start(tmp_path / "c", [A, B], node_settings=NODE_SETTINGS)
+    node_a, node_b = cluster.nodes[A], cluster.nodes[B]
+    sound, rotten = tmp_path / "sound.txt", tmp_path / "rotten.txt"
+    sound.write_bytes(b"sound " * 1000)
+    rotten.write_bytes(b"rotten " * 1000)
+    digest = hashlib.sha256(rotten.read_bytes()).hexdigest()
+    stores = {A: node_a.config.parent / "documents", B: node_b.config.parent / "documents"}
+    lives = {code: store / "sha256" / digest[:2] / digest for code, store in stores.items()}
+    backups = {A: tmp_path / "backup-a", B: tmp_path / "backup-b"}
+    try:
+        async with client(node_a, cluster, A) as a, client(node_b, cluster, B) as b:
+            shams = (
+                await a.send(to=[B], subject="files", body="x", attachments=[sound, rotten])
+            ).shams
+            async with asyncio.timeout(60):
+                letter = await anext(x async for x in b.inbox() if x.shams == shams)
+            await letter.ack()
+            for attachment in letter.attachments:  # B fetches both from A
+                await attachment.save(tmp_path / f"b-{attachment.file_name}")
+        for live in lives.values():  # the same bytes rot in both stores
+            live.write_bytes(b"rotten " * 999 + b"rottem ")
+        made = {code: chapar("backup", "--config", node.config, "--to", backups[code])
+                for code, node in ((A, node_a), (B, node_b))}  # fmt: skip
+        again = chapar("backup", "--config", node_a.config, "--to", backups[A])
+    finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes
+    for code, done in made.items():
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert done.stdout.startswith(f"backed up into {backups[code]}"), done.stdout
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert f"document {lives[code]} is damaged" in done.stderr, done.stderr
+        held = sorted(p.name for p in (backups[code] / "documents").rglob("*") if p.is_file())
+        assert held == [hashlib.sha256(sound.read_bytes()).hexdigest()]
+        assert json.loads((backups[code] / "manifest.json").read_text())["documents"] == 1
+    # A's own document: moved aside for inspection; uploading the file again repairs it.
+    assert "moved aside" in made[A].stderr, made[A].stderr
+    assert not lives[A].exists()
+    (kept,) = (stores[A] / "corrupt").iterdir()
+    assert kept.name.startswith(f"{digest}.")
+    assert kept.read_bytes() == b"rotten " * 999 + b"rottem "
+    # B's copy fetched from A: removed, as B's node does; the next download fetches it again.
+    assert "removed" in made[B].stderr, made[B].stderr
+    assert not lives[B].exists()
+    assert not (stores[B] / "corrupt").exists()
+    # Set aside, it is no longer found: a backup again is whole, and says so (exit 0).
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stderr == ""
+    for code, node in ((A, node_a), (B, node_b)):
+        restored = chapar("restore", "--config", node.config, "--from", backups[code])
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+
+
 @pytest.mark.parametrize("skip", [0, 10])
 async def test_a_restored_node_waits_for_the_hubs_numbers_then_numbers_above_them(
     tmp_path: Path, skip: int

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import sqlite3
 import time
 from pathlib import Path
@@ -197,14 +198,14 @@ def test_only_whole_documents_are_copied_never_a_copy_cut_short(tmp_path: Path) 
     # A backup interrupted while copying a document leaves <hex>.partial beside it; a
     # restore from that directory used to copy it into the server's document store.
     source = tmp_path / "documents"
-    whole = "ab" + "0" * 62
-    folder = source / "sha256" / "ab"
+    whole = hashlib.sha256(b"whole").hexdigest()
+    folder = source / "sha256" / whole[:2]
     folder.mkdir(parents=True)
     (folder / whole).write_bytes(b"whole")
-    (folder / ("ab" + "1" * 62 + ".partial")).write_bytes(b"cut")
+    (folder / (whole[:2] + "1" * 62 + ".partial")).write_bytes(b"cut")
     target = tmp_path / "restored"
-    assert backup_module._copy_documents(source, target) == 1
-    assert [p.name for p in (target / "sha256" / "ab").iterdir()] == [whole]
+    assert backup_module._copy_documents(source, target) == (1, [])
+    assert [p.name for p in (target / "sha256" / whole[:2]).iterdir()] == [whole]
 
 
 def test_a_backup_whose_documents_would_be_the_servers_own_is_refused(tmp_path: Path) -> None:
@@ -453,3 +454,36 @@ def test_a_backup_again_into_a_directory_cut_short_leaves_no_manifest_of_the_old
     with pytest.raises(OSError, match="No space left"):
         backup_module.backup(tmp_path / "node.toml", to)
     assert not (to / backup_module.MANIFEST).exists()
+
+
+def test_a_damaged_document_the_backup_cannot_set_aside_is_still_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backup run by an account that may read the server's store but not write it: the
+    # damaged document cannot be moved aside, yet the backup is made whole without it
+    # (an error there would have left it without a manifest), and the line says so.
+    db = tmp_path / "data" / "node.db"
+    db.parent.mkdir()
+    sqlite3.connect(db).close()  # no document_uploads: not known to be fetched
+    documents = tmp_path / "data" / "documents"
+    sound, rotten = hashlib.sha256(b"sound").hexdigest(), hashlib.sha256(b"rotten").hexdigest()
+    for name, content in ((sound, b"sound"), (rotten, b"rottem")):
+        (documents / "sha256" / name[:2]).mkdir(parents=True, exist_ok=True)
+        (documents / "sha256" / name[:2] / name).write_bytes(content)
+    server = backup_module._Server("node", NODE, db, documents, NodeStore)
+    monkeypatch.setattr(backup_module, "_server", lambda _: server)
+
+    def refused(*_: object) -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(backup_module.DocumentStore, "quarantine", refused)
+    to = tmp_path / "backup"
+    manifest, damaged = backup_module.backup(tmp_path / "node.toml", to)
+    assert manifest.documents == 1
+    assert (to / backup_module.MANIFEST).is_file()
+    assert [p.name for p in (to / "documents").rglob("*") if p.is_file()] == [sound]
+    (line,) = damaged
+    live = documents / "sha256" / rotten[:2] / rotten
+    assert line.startswith(f"the document {live} is damaged"), line
+    assert "could not be moved aside ([Errno 13] Permission denied)" in line, line
+    assert live.read_bytes() == b"rottem"
