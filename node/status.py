@@ -4,9 +4,9 @@ It reads the server's Prometheus endpoint, the same numbers the dashboards and a
 so the terminal and the dashboards never disagree, and it needs no new RPC and no write
 access: only network reach to the metrics port (which operators bind to a management
 network) and, where a server has ``metrics_tls = true``, a certificate of the national CA
-(``--ca``, ``--cert``, ``--key``). TARGET is ``HOST:PORT`` of the metrics endpoint, an
-``https://`` URL, or with ``--demo DIR`` the word ``hub`` or an agency code from
-``DIR/addresses.json``.
+(``--ca``, ``--cert``, ``--key``). TARGET is ``HOST:PORT`` of the metrics endpoint (read
+over https when those are given), an ``https://`` URL, or with ``--demo DIR`` the word
+``hub`` or an agency code from ``DIR/addresses.json``.
 """
 
 from __future__ import annotations
@@ -59,12 +59,19 @@ def parse(text: str) -> Snapshot:
 
 
 def fetch(address: str, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> Snapshot:
-    """Scrapes ``address`` (``HOST:PORT`` or a URL); ``tls`` for an https:// endpoint."""
+    """Scrapes ``address`` (``HOST:PORT`` or a URL); ``tls`` for an https:// endpoint, or
+    for ``HOST:PORT`` read over https."""
     return parse(_scrape(address, timeout, tls).decode("utf-8"))
 
 
+def _url(address: str, tls: ssl.SSLContext | None) -> str:
+    if address.startswith(("http://", "https://")):
+        return address
+    return f"{'https' if tls else 'http'}://{address}/metrics"
+
+
 def _scrape(address: str, timeout: float, tls: ssl.SSLContext | None) -> bytes:
-    url = address if address.startswith(("http://", "https://")) else f"http://{address}/metrics"
+    url = _url(address, tls)
     with urllib.request.urlopen(url, timeout=timeout, context=tls) as response:  # noqa: S310 - http(s) only
         body: bytes = response.read()
     return body
@@ -250,7 +257,9 @@ def _one_line(exc: Exception | str, limit: int = 200) -> str:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="one screen about a running node or hub (from its metrics)")
     p.add_argument(
-        "target", help="HOST:PORT of the metrics endpoint, or with --demo: hub or an agency code"
+        "target",
+        help="HOST:PORT of the metrics endpoint (https with --ca), an https:// URL,"
+        " or with --demo: hub or an agency code",
     )
     p.add_argument(
         "--demo", type=Path, metavar="DIR", help="read addresses from DIR/addresses.json"

@@ -518,6 +518,16 @@ def test_metrics_tls_serves_only_clients_with_a_certificate_of_the_national_ca(
         )  # fmt: skip
         assert status.returncode == 0, status.stderr
         assert "READY (SERVING)" in status.stdout
+        # With a certificate to present, a bare HOST:PORT is read over https (it was read
+        # over plain HTTP, ignoring the files, and failed with "Connection reset by peer").
+        host_port = cluster.hub.metrics.removeprefix("https://").removesuffix("/metrics")
+        status = subprocess.run(
+            [*CHAPAR, "status", host_port, "--ca", str(pki.root_cert),
+             "--cert", str(a / "tls.crt"), "--key", str(a / "tls.key")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        assert "READY (SERVING)" in status.stdout
         refused = subprocess.run(
             [*CHAPAR, "status", cluster.hub.metrics], capture_output=True, text=True, check=False
         )
