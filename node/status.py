@@ -64,14 +64,14 @@ def fetch(address: str, timeout: float = 10.0, tls: ssl.SSLContext | None = None
     return parse(_scrape(address, timeout, tls).decode("utf-8"))
 
 
-def _url(address: str, tls: ssl.SSLContext | None) -> str:
+def _url(address: str, tls: bool) -> str:
     if address.startswith(("http://", "https://")):
         return address
     return f"{'https' if tls else 'http'}://{address}/metrics"
 
 
 def _scrape(address: str, timeout: float, tls: ssl.SSLContext | None) -> bytes:
-    url = _url(address, tls)
+    url = _url(address, tls is not None)
     with urllib.request.urlopen(url, timeout=timeout, context=tls) as response:  # noqa: S310 - http(s) only
         body: bytes = response.read()
     return body
@@ -224,7 +224,10 @@ def _status(ns: argparse.Namespace) -> int:
     # URLError and ssl.SSLError are OSErrors; http.client.InvalidURL ("a:b") and a reply
     # that is not HTTP/1 are HTTPExceptions; a URL urllib cannot split is a ValueError.
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        print(f"error: cannot read metrics at {address}: {_one_line(exc)}", file=sys.stderr)
+        print(
+            f"error: cannot read metrics at {address}: {_failure(exc, address, ns.ca)}",
+            file=sys.stderr,
+        )
         return 1
     try:
         snap = parse(body.decode("utf-8"))
@@ -235,6 +238,30 @@ def _status(ns: argparse.Namespace) -> int:
         return 1
     emit([render(snap, address)], f"the status of {address} could not be printed")
     return 0
+
+
+def _failure(exc: Exception, address: str, ca: Path | None) -> str:
+    """What went wrong, and for the two ways of missing a ``metrics_tls`` server (https
+    without a certificate of its CA, plain HTTP to it) what to give instead."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        failed = f"certificate verify failed ({_one_line(reason.verify_message)})"
+        if ca is not None:
+            return f"{failed}: the server's certificate does not chain to --ca {ca}"
+        return (
+            f"{failed}: the server's certificate is not from a CA this machine trusts; for a"
+            " server with metrics_tls give --ca (the national root certificate), --cert and --key"
+        )
+    plain = _url(address, ca is not None).startswith("http://")
+    if plain and isinstance(reason, ConnectionResetError | http.client.BadStatusLine):
+        said = _one_line(
+            reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+        )
+        return (
+            f"{said}: the server closed the connection without an HTTP answer; if it has"
+            " metrics_tls, give --ca, --cert and --key (or an https:// URL)"
+        )
+    return _one_line(exc)
 
 
 def _refusal(exc: urllib.error.HTTPError) -> str:
