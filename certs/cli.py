@@ -120,7 +120,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Append the certificate's serial to the hub's revocation_file (the file is "
             "replaced whole, keeping its mode and, where allowed, its group, else a warning "
-            "names the group it lost; a new file is 0644 less the umask). The hub publishes "
+            "names the group it lost; a new file is 0644 less the umask and said on stderr; "
+            "its directory must exist). The hub publishes "
             "it within reload_interval_s; from then on "
             "the certificate is refused everywhere, and what its key signed fails "
             "verification."
@@ -246,6 +247,12 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
                 f" {_group_name(before)} (it now has group {_group_name(after)}): a hub that"
                 f" reads it through that group cannot until it is given back (chgrp"
                 f" {_group_name(before)} {args.file}, as root or a member of the group)",
+                file=sys.stderr,
+            )
+        if before is None:  # a typo in the file name makes a file the hub never reads
+            print(
+                f"chapar pki revoke: warning: {args.file} did not exist: a new revocation file"
+                " was created there; the hub reads only the file its revocation_file names",
                 file=sys.stderr,
             )
         serial = f"{load_certs(args.cert)[0].serial_number:x}"

@@ -837,11 +837,18 @@ def revocation_file_lines(data: bytes) -> list[str]:
 
 def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = "") -> bool:
     """Lists the certificate's serial in the hub's revocation file (one hexadecimal serial a
-    line, ``#`` comments). The file is replaced whole, never missing or half written.
+    line, ``#`` comments). The file is replaced whole, never missing or half written; a
+    new one is made where none is, but not a directory for it: a path whose directory does
+    not exist (a typo, the hub reading another file) raises FileNotFoundError.
     Returns False if the serial was listed already."""
     cert = load_certs(Path(cert_path))[0]
     serial = f"{cert.serial_number:x}"
     path = Path(revocation_file)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"no directory {path.parent} for the revocation file {path}: give the path the"
+            " hub's revocation_file names; nothing written"
+        )
     data = path.read_bytes() if path.exists() else b""
     listed = {
         line.split("#", 1)[0].strip().lower().removeprefix("0x").lstrip("0")

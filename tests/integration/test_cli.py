@@ -925,6 +925,7 @@ def _pki_command(command: str, tmp_path: Path) -> tuple[list[str], Callable[[], 
         argv = ["pki", "renew", "--dir", str(root), str(tls)]
         return argv, lambda: len(list(tls.parent.glob("tls.*.crt"))) == 1  # the old one, kept
     revoked = tmp_path / "revoked.txt"
+    revoked.write_text("")  # a new one is said on stderr; this test is about stdout
     serial = f"{load_certs(tls)[0].serial_number:x}"
     argv = ["pki", "revoke", "--file", str(revoked), str(tls)]
     return argv, lambda: revoked.is_file() and serial in revoked.read_text()

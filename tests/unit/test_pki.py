@@ -998,8 +998,47 @@ def test_revoke_says_nothing_when_the_file_keeps_its_group(
     cert = layout.agency_dir(AGENCIES[0]) / "client.crt"
     assert cli.main(["pki", "revoke", "--file", str(file), str(cert)]) == 0
     assert capsys.readouterr().err == ""
-    assert cli.main(["pki", "revoke", "--file", str(tmp_path / "new.txt"), str(cert)]) == 0
-    assert capsys.readouterr().err == ""
+
+
+def test_revoke_refuses_a_file_whose_directory_does_not_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --file (here its directory) made the directories and a new file and
+    reported the certificate listed, while the hub reads another file. Refused, nothing
+    made."""
+    layout = _init(tmp_path / "pki")
+    cert = layout.agency_dir(AGENCIES[0]) / "client.crt"
+    file = tmp_path / "hbu" / "revoked.txt"  # the hub's is hub/revoked.txt
+    assert cli.main(["pki", "revoke", "--file", str(file), str(cert)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("chapar pki revoke: error: ")
+    assert str(file.parent) in err
+    assert "nothing written" in err
+    assert not file.parent.exists()
+    with pytest.raises(FileNotFoundError):
+        revoke_certificate(file, cert)
+    assert not file.parent.exists()
+
+
+def test_revoke_says_so_when_it_makes_a_new_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first revocation makes the file, and so does a mistyped file name: either way it
+    is said on stderr, naming the path, so a typo is seen."""
+    layout = _init(tmp_path / "pki")
+    cert = layout.agency_dir(AGENCIES[0]) / "client.crt"
+    file = tmp_path / "revokd.txt"
+    assert cli.main(["pki", "revoke", "--file", str(file), str(cert)]) == 0
+    out, err = capsys.readouterr()
+    assert "listed in" in out
+    assert len(read_revocations(file)) == 1
+    assert err.count("\n") == 1
+    assert err.startswith(f"chapar pki revoke: warning: {file} did not exist: ")
+    assert "new revocation file" in err
+    assert cli.main(["pki", "revoke", "--file", str(file), str(cert)]) == 0
+    assert capsys.readouterr().err == ""  # it exists now
 
 
 def test_a_new_revocation_file_is_0644(tmp_path: Path) -> None:
