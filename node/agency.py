@@ -240,10 +240,19 @@ class _OpenStream:
     # Set with ``refused`` (``ended`` is set at a stop too): what a document transfer,
     # which a stop lets finish, waits on.
     revoked: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set with ``ended`` when a reload changed its client's mailboxes: it was admitted with
+    # the old ones.
+    stale: bool = False
 
     @property
     def identity(self) -> Identity:
         return self.access.identity
+
+    @property
+    def current(self) -> bool:
+        """What it read may still be shown: its certificate not revoked since, nor its
+        client's mailboxes changed."""
+        return self.refused is None and not self.stale
 
 
 class Agency(pb.NodeServiceServicer):
@@ -378,6 +387,7 @@ class Agency(pb.NodeServiceServicer):
                 config.clients.get(identity.name) != stream.access.mailboxes
             ):
                 log.info("ending a stream of %s: its mailboxes changed", identity.uri)
+                stream.stale = True
                 stream.ended.set()
         log.info("configuration reloaded")
         return 1
@@ -1161,7 +1171,8 @@ class Agency(pb.NodeServiceServicer):
                             )
                         )
                     )
-                if letters and stream.refused is None:  # read before a revocation
+                # Not a page read as a revocation or a reload's new mailboxes landed.
+                if letters and stream.current:
                     await context.write(_INBOX_LETTERS.many(letters))
         finally:
             closing.cancel()

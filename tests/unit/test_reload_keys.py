@@ -33,6 +33,7 @@ from node.hub import _RESTART_ONLY as HUB_RESTART_ONLY
 from node.hub import Hub, build_directory
 from node.monitor import HubMonitor, NodeMonitor
 from node.server import _signer, _trust
+from node.storage.db import Page
 from node.storage.hub_store import HubStore
 from node.storage.node_store import NodeStore
 
@@ -319,6 +320,41 @@ async def test_a_node_reload_applies_a_changed_mailbox_list_and_ends_the_streams
     assert backend.refused is None
     assert not archive.ended.is_set()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_an_inbox_page_read_as_a_reload_removes_its_mailbox_is_not_shown(
+    node: Agency, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload ends the stream of a client whose mailboxes changed, but a page of its
+    inbox read from the database as the reload landed was still written to the stream,
+    once, with the old mailboxes: a letter of a mailbox just taken from the client shown
+    to it after the reload (as a page read as its certificate is revoked is not)."""
+    assert node.config_path is not None
+    backend = _stream_of(node, "backend")
+    text = node.config_path.read_text()
+
+    async def read_as_the_reload_lands(
+        after: int, limit: int, max_bytes: int
+    ) -> Page[tuple[int, str, str, bytes, bytes, float]]:
+        page = Page([(1, f"{B}/O/2026/0000001", "a", b"envelope", b"delivery", 0.0)], False)
+        node.config_path.write_text(text.replace('mailboxes = ["a"]', 'mailboxes = ["b"]'))
+        _node_reload_seen(node)
+        assert await node.reload_if_changed() == 1
+        return page
+
+    monkeypatch.setattr(node.store, "unacked_inbox", read_as_the_reload_lands)
+
+    class Context:
+        def __init__(self) -> None:
+            self.written: list[object] = []
+
+        async def write(self, message: object) -> None:
+            self.written.append(message)
+
+    context = Context()
+    await asyncio.wait_for(node._send_inbox("", context, backend), 5)  # type: ignore[arg-type]
+    assert backend.ended.is_set()
+    assert context.written == []
 
 
 async def test_a_node_reload_of_keys_it_applies_warns_of_nothing(
