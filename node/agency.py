@@ -543,18 +543,8 @@ class Agency(pb.NodeServiceServicer):
         """The hub's welcome: moves the SHAMS counters up to the numbers the hub holds of
         this agency, and ends the wait of a restored node."""
         restore = self.numbers_unconfirmed
-        moved = await self.store.raise_counters(self.config.agency, accepted, restore)
-        for domain, year, old, new in moved:
-            log.warning(
-                "SHAMS counter %s/%s/%d moved from %d to %d: the hub holds numbers this node"
-                " had not recorded (restored from an older copy?)",
-                self.config.agency,
-                domain,
-                year,
-                old,
-                new,
-                extra={"reason": "COUNTER_BEHIND_HUB"},
-            )
+        # It logs the counters it moved up, then those a restore's --skip-numbers moved on.
+        await self.store.raise_counters(self.config.agency, accepted, restore)
         if restore is not None and self.numbers_unconfirmed == restore:
             self.numbers_unconfirmed = None
             log.info("numbers confirmed by the hub after the restore; taking letters again")

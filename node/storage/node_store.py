@@ -260,6 +260,7 @@ _DOMAIN_LETTER = {
     pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING: "O",
     pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL: "I",
 }
+_Move = tuple[str, int, int, int]  # a SHAMS counter moved: domain, year, old, new
 
 
 @dataclass(frozen=True, slots=True)
@@ -1244,11 +1245,14 @@ class NodeStore(Store):
     ) -> list[tuple[str, int, int, int]]:
         """Moves ``origin``'s SHAMS counters up to the sequences the hub has accepted (never
         down); with ``confirms_restore``, in the same transaction, records that the numbers
-        after that restore are confirmed. Returns (domain, year, old, new) of each counter
-        moved: after a restore from an older copy, the numbers it would have reused."""
+        after that restore are confirmed, and the first time moves them on as far as the
+        restore asked (``--skip-numbers``). Returns (domain, year, old, new) of each counter
+        moved up: after a restore from an older copy, the numbers it would have reused.
+        Both are logged once committed, in that order."""
 
-        def job(conn: sqlite3.Connection) -> list[tuple[str, int, int, int]]:
-            moved: list[tuple[str, int, int, int]] = []
+        def job(conn: sqlite3.Connection) -> tuple[list[_Move], list[_Move]]:
+            moved: list[_Move] = []
+            skipped: list[_Move] = []
             for item in accepted:
                 letter = _DOMAIN_LETTER.get(item.domain)
                 if letter is None or item.sequence <= 0:
@@ -1272,14 +1276,37 @@ class NodeStore(Store):
                 ).fetchone()
                 first = done is None or float(done[0]) != confirms_restore
                 if first and mark is not None and mark.restore_time == confirms_restore:
-                    _skip_numbers(conn, origin, mark.skip_numbers)  # once a restore
+                    skipped = _skip_numbers(conn, origin, mark.skip_numbers)  # once a restore
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     (_NUMBERS_CONFIRMED, repr(confirms_restore).encode()),
                 )
-            return moved
+            return moved, skipped
 
-        return await self.db.write(job)
+        moved, skipped = await self.db.write(job)
+        for domain, year, old, new in moved:
+            log.warning(
+                "SHAMS counter %s/%s/%d moved from %d to %d: the hub holds numbers this node"
+                " had not recorded (restored from an older copy?)",
+                origin,
+                domain,
+                year,
+                old,
+                new,
+                extra={"reason": "COUNTER_BEHIND_HUB"},
+            )
+        for domain, year, old, new in skipped:
+            log.warning(
+                "SHAMS numbers %s/%s/%d/%d to %d skipped after the restore, as asked: letters"
+                " this node may have numbered after its backup keep numbers no other letter gets",
+                origin,
+                domain,
+                year,
+                old + 1,
+                new,
+                extra={"reason": "NUMBERS_SKIPPED"},
+            )
+        return moved
 
     async def hub_restore_handled(self, restore_time: str) -> bool:
         """Whether the hub restore named ``restore_time`` was handled here already."""
@@ -1565,13 +1592,14 @@ def _judged(
     return about, fault
 
 
-def _skip_numbers(conn: sqlite3.Connection, origin: str, skip: int) -> None:
+def _skip_numbers(conn: sqlite3.Connection, origin: str, skip: int) -> list[_Move]:
     """Moves every counter of ``origin`` (and this year's of both domains) ``skip`` numbers
     on, once, as ``chapar restore --skip-numbers`` asked: numbers this node may have given
     letters after its backup and never relayed are then never given again (a gap, which
-    the restore explains, instead of one number on two letters)."""
+    the restore explains, instead of one number on two letters). Returns (domain, year,
+    old, new) of each counter."""
     if skip <= 0:
-        return
+        return []
     year = time.gmtime().tm_year
     for letter in _DOMAIN_LETTER.values():
         conn.execute(
@@ -1582,17 +1610,7 @@ def _skip_numbers(conn: sqlite3.Connection, origin: str, skip: int) -> None:
         "SELECT domain, year, last FROM shams_counter WHERE origin = ?", (origin,)
     ).fetchall()
     conn.execute("UPDATE shams_counter SET last = last + ? WHERE origin = ?", (skip, origin))
-    for domain, year_, last in rows:
-        log.warning(
-            "SHAMS numbers %s/%s/%d/%d to %d skipped after the restore, as asked: letters"
-            " this node may have numbered after its backup keep numbers no other letter gets",
-            origin,
-            domain,
-            year_,
-            int(last) + 1,
-            int(last) + skip,
-            extra={"reason": "NUMBERS_SKIPPED"},
-        )
+    return [(str(domain), int(year_), int(last), int(last) + skip) for domain, year_, last in rows]
 
 
 def _judge_early_links(conn: sqlite3.Connection, arrived: Mapping[str, bytes]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -219,7 +220,7 @@ def test_a_backup_whose_documents_would_be_the_servers_own_is_refused(tmp_path: 
 
 
 async def test_a_node_restored_with_skip_numbers_moves_its_counters_on_once(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Numbers a node gave letters after its backup and never relayed are unknown to the
     # hub; without a skip they go to new letters, and one number names two letters.
@@ -235,8 +236,17 @@ async def test_a_node_restored_with_skip_numbers_moves_its_counters_on_once(
 
         await store.db.write(restored)
         said = [pb.AcceptedSequence(domain=pb.SHAMS_DOMAIN_OUTGOING, year=2025, sequence=42)]
+        caplog.set_level(logging.INFO, "chapar")
         await store.raise_counters("SENDER.A", said, mark.restore_time)
         year = dt.datetime.now(dt.UTC).year
+        # Logged in the order it happened: up to the hub's 42, then 100 on (the skip was
+        # logged in the transaction, and the move after it, by the caller, so it read as if
+        # the skip came first: "numbers 43 to 142 skipped" before "moved from 30 to 42").
+        reasons = [getattr(r, "reason", None) for r in caplog.records]
+        assert reasons == ["COUNTER_BEHIND_HUB"] + ["NUMBERS_SKIPPED"] * 3, caplog.text
+        moved, *skipped = [r.getMessage() for r in caplog.records]
+        assert "SHAMS counter SENDER.A/O/2025 moved from 30 to 42" in moved
+        assert any("SENDER.A/O/2025/43 to 142 skipped" in line for line in skipped), skipped
         counters = {
             (str(d), int(y)): int(last)
             for d, y, last in await store.db.fetchall(
