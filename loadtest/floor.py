@@ -58,7 +58,7 @@ hub                parse the envelopes frame and the header; envelope proof and 
                    contents x2, proofs x2, 2/256 verifications (_receipts); SQL of
                    HubStore.record_receipts (both receipts in one job); serialise the
                    receipt acks; read notices x2 (HubStore.notices); parse the evidence
-                   acks and delete the notices x2 (ack_notices_later, riding on another
+                   acks and mark the notices x2 acknowledged (ack_notices_later, riding on another
                    commit); gRPC: reads 3 frames, writes 4
 sender node        parse the submission frame; build_header (with the body's SHA-256);
                    SHA-256 of the header; build the SUBMISSION_ACCEPTANCE content; seal
@@ -324,7 +324,8 @@ def hub_jobs() -> list[Job]:
             (
                 Statement(
                     "read notices",
-                    "SELECT id, evidence FROM notices WHERE agency = ? AND id > ? ORDER BY id LIMIT ?",
+                    "SELECT id, evidence FROM notices WHERE agency = ? AND id > ? AND acked_at IS NULL"
+                    " ORDER BY id LIMIT ?",
                     2,
                     "read",
                 ),
@@ -338,8 +339,9 @@ def hub_jobs() -> list[Job]:
             "hub_store.py:HubStore.ack_notices_later",
             (
                 Statement(
-                    "delete notices",
-                    "DELETE FROM notices WHERE agency = ? AND evidence_id = ?",
+                    "mark notices acknowledged",
+                    "UPDATE notices SET acked_at = ? WHERE agency = ? AND evidence_id = ?"
+                    " AND acked_at IS NULL",
                     2,
                 ),
             ),
@@ -1341,7 +1343,7 @@ def _params(job: Job, st: Statement, r: _Rows, k: int) -> Sequence[Any]:
             (lifecycle.HANDED_OVER, _RECEIPT_BITS, x, B) for x in s
         ],
         ("notices page", "read notices"): lambda: (A, 2 * lo, 2 * size),
-        ("ack_notices_later", "delete notices"): lambda: [(A, i) for i in both],
+        ("ack_notices_later", "mark notices acknowledged"): lambda: [(1.0, A, i) for i in both],
         # sender node
         ("submit", "look up request ids"): lambda: r.request_keys[lo:hi],
         ("submit", "insert counter"): lambda: [(A, "O", 2026)],

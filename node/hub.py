@@ -54,7 +54,7 @@ from node.metrics import (
 from node.reload import NOT_LOADED, RestartOnly, modification_times
 from node.rpc.errors import abort
 from node.rpc.peer import peer_certificate
-from node.storage.hub_store import HubStore, IncomingLetter, Tree
+from node.storage.hub_store import NOTICES_KEPT_S, HubStore, IncomingLetter, Tree
 from node.tasks import (
     BOOKKEEPING_INTERVAL_S,
     LETTER_INTERVAL_S,
@@ -611,11 +611,15 @@ class Hub(pb.HubServiceServicer):
 
     async def purge(self) -> int:
         """Drops envelopes of letters accepted more than retention_s ago that are in no
-        queue any more."""
-        before = time.time() - self.config.retention_s
+        queue any more, and notices acknowledged more than NOTICES_KEPT_S ago."""
+        now = time.time()
+        before = now - self.config.retention_s
         total = await drain(lambda: self.store.purge(before))
         if total:
             log.info("retention: purged %d envelopes", total)
+        notices = await drain(lambda: self.store.purge_notices(now - NOTICES_KEPT_S))
+        if notices:
+            log.info("retention: deleted %d acknowledged notices", notices)
         return total
 
     def _peer(

@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 
 from node.core import lifecycle
+from node.storage.restore import RESTORED_KEY, RestoreMark
 
 __all__ = [
     "Database",
@@ -414,6 +415,11 @@ class Store:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
         await self.db.write(job)
+
+    async def restore_mark(self) -> RestoreMark | None:
+        """When this database was restored from a backup (``node.backup``), if it was."""
+        blob = await self.meta_value(RESTORED_KEY)
+        return RestoreMark.decode(blob) if blob is not None else None
 
 
 S = TypeVar("S", bound=Store)

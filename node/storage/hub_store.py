@@ -1,8 +1,10 @@
 """The hub's tables: letters, one durable queue per recipient, evidence and notices.
 
 A *notice* is evidence waiting to be routed back to a letter's sender (DELIVERY,
-HANDOVER ...); it stays until the sender's node acknowledges it. A queue row stays until the
-recipient's node answers with DELIVERY or DELIVERY_FAILURE evidence. Both survive restarts.
+HANDOVER ...); it is routed until the sender's node acknowledges it, and kept for
+NOTICES_KEPT_S after, for a sender's node restored from a copy older than its
+acknowledgement (``route_again``). A queue row stays until the recipient's node answers
+with DELIVERY or DELIVERY_FAILURE evidence. Both survive restarts.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
 from node.core import lifecycle
 from node.storage.db import Page, Store, advance_state, fits, rows_in
-from node.storage.restore import RESTORED_KEY, RestoreMark
 
 __all__ = [
     "MIGRATIONS",
@@ -158,7 +159,22 @@ MIGRATIONS = [
     """
     ALTER TABLE recipient_state ADD COLUMN receipts INTEGER;
     """,
+    # 10: when the sender's node acknowledged each notice (NULL: not yet). An acknowledged
+    # notice is kept for NOTICES_KEPT_S instead of deleted, so that a node restored from an
+    # older copy, which lost the evidence it acknowledged since, gets it again
+    # (HubStore.route_again). Only those waiting are routed: the index of the pusher's
+    # pages holds them alone.
+    """
+    ALTER TABLE notices ADD COLUMN acked_at REAL;
+    DROP INDEX notices_by_agency;
+    CREATE INDEX notices_waiting ON notices (agency, id) WHERE acked_at IS NULL;
+    CREATE INDEX notices_acked ON notices (acked_at) WHERE acked_at IS NOT NULL;
+    """,
 ]
+# How long the hub keeps a notice after its sender's node acknowledged it (HubStore.
+# route_again): as long as a node sends again after a restore of the hub (node_store.
+# HUB_RESTORE_WINDOW_S).
+NOTICES_KEPT_S = 8 * 24 * 3600.0
 # ``meta`` key set once the letters accepted before schema 8 have been linked.
 _LINKED = "letters_linked"
 # The revoked serials of the directory in force (one hexadecimal serial a line): what a
@@ -1021,24 +1037,54 @@ class HubStore(Store):
         return senders, dequeued, strangers + undelivered
 
     async def notices(self, agency: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """The notices waiting for ``agency``'s node (not acknowledged) after id ``after``."""
         rows = await self.db.fetchall(
-            "SELECT id, evidence FROM notices WHERE agency = ? AND id > ? ORDER BY id LIMIT ?",
+            "SELECT id, evidence FROM notices WHERE agency = ? AND id > ? AND acked_at IS NULL"
+            " ORDER BY id LIMIT ?",
             (agency, after, limit),
         )
         return [(int(r[0]), bytes(r[1])) for r in rows]
 
     def ack_notices_later(self, agency: str, evidence_ids: Sequence[str]) -> None:
-        """Forgets notices their sender's node acknowledged, in the next transaction
-        (``Database.write_later``): a notice whose deletion a crash lost is sent again, and
-        the sender's node stores it once."""
+        """Marks notices their sender's node acknowledged, and when, in the next transaction
+        (``Database.write_later``): no longer routed, kept for ``route_again`` until
+        ``purge_notices``. A notice whose mark a crash lost is sent again, and the sender's
+        node stores it once."""
+        now = time.time()
 
         def job(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "DELETE FROM notices WHERE agency = ? AND evidence_id = ?",
-                [(agency, e) for e in evidence_ids],
+                "UPDATE notices SET acked_at = ? WHERE agency = ? AND evidence_id = ?"
+                " AND acked_at IS NULL",
+                [(now, agency, e) for e in evidence_ids],
             )
 
         self.db.write_later(job)
+
+    async def route_again(self, agency: str, since: float) -> int:
+        """After ``agency``'s node was restored from a copy taken around ``since`` (less a
+        margin): marks as waiting again the notices its node acknowledged since then, which
+        the copy lacks; how many. Those acknowledged more than NOTICES_KEPT_S ago are gone."""
+
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE notices SET acked_at = NULL WHERE acked_at >= ? AND agency = ?",
+                (since, agency),
+            ).rowcount
+
+        return max(await self.db.write(job), 0)
+
+    async def purge_notices(self, before: float, limit: int = 1000) -> int:
+        """Deletes up to ``limit`` notices acknowledged before ``before``; how many."""
+
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM notices WHERE id IN"
+                " (SELECT id FROM notices WHERE acked_at < ? LIMIT ?)",
+                (before, limit),
+            ).rowcount
+
+        return max(await self.db.write(job), 0)
 
     async def accepted_sequences(self, origin: str) -> list[pb.AcceptedSequence]:
         """The highest sequence accepted from ``origin`` per (domain, year)."""
@@ -1051,11 +1097,6 @@ class HubStore(Store):
             )
             if str(d) in _LETTER_DOMAIN
         ]
-
-    async def restore_mark(self) -> RestoreMark | None:
-        """When this database was restored from a backup (``node.backup``), if it was."""
-        row = await self.db.fetchone("SELECT value FROM meta WHERE key = ?", (RESTORED_KEY,))
-        return RestoreMark.decode(row[0]) if row else None
 
     async def save_revocations(self, serials: Sequence[str]) -> None:
         """Keeps the revoked serials of the directory in force (replacing those kept)."""

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiosqlite
@@ -25,9 +26,10 @@ from client_sdk import pb
 from client_sdk.shams import format_shams, parse_shams
 from node.core import lifecycle
 from node.core.errors import ChaparError, Code
+from node.hub import Hub
 from node.storage import db as db_module
 from node.storage.db import Database, fits
-from node.storage.hub_store import HubStore, IncomingLetter
+from node.storage.hub_store import NOTICES_KEPT_S, HubStore, IncomingLetter
 from node.storage.node_store import MIGRATIONS, NewLetter, NodeStore, request_key
 from node.storage.restore import RESTORED_KEY, RestoreMark
 
@@ -1230,8 +1232,42 @@ async def test_delivery_receipt_dequeues_and_notifies_the_sender(hub: HubStore) 
     hub.ack_notices_later(ORIGIN, [delivery[1].evidence_id])
     await hub.db.write(lambda conn: None)  # it rides on the next transaction
     assert await hub.notices(ORIGIN, 0, 10) == []
-    assert await hub.count("notices") == 0
+    assert await hub.count("notices") == 1  # kept, for a restore of the sender's node
     assert await hub.count("evidence") == 3  # two relays and the delivery
+
+
+async def test_an_acknowledged_notice_is_routed_again_to_a_sender_restored_from_an_older_copy(
+    hub: HubStore,
+) -> None:
+    letter = _hub_letter(recipients=[RECIPIENT_B])
+    await hub.accept([letter], RelayMaker())
+    delivery = _receipt(E.EVIDENCE_EVENT_DELIVERY, letter, RECIPIENT_B)
+    await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)])
+    before = time.time()
+    hub.ack_notices_later(ORIGIN, [delivery[1].evidence_id])
+    await hub.db.write(lambda conn: None)  # it rides on the next transaction
+    assert await hub.notices(ORIGIN, 0, 10) == []
+    # A copy taken after the acknowledgement holds the evidence; another agency has none.
+    assert await hub.route_again(ORIGIN, time.time() + 1) == 0
+    assert await hub.route_again(RECIPIENT_B, before) == 0
+    assert await hub.notices(ORIGIN, 0, 10) == []
+    # A copy taken before it lacks it: routed again, until acknowledged again.
+    assert await hub.route_again(ORIGIN, before) == 1
+    notices = await hub.notices(ORIGIN, 0, 10)
+    assert [blob for _, blob in notices] == [delivery[0].SerializeToString()]
+    hub.ack_notices_later(ORIGIN, [delivery[1].evidence_id])
+    await hub.db.write(lambda conn: None)
+    assert await hub.notices(ORIGIN, 0, 10) == []
+    # Kept NOTICES_KEPT_S after its acknowledgement, then deleted by the retention loop.
+    retention = SimpleNamespace(store=hub, config=SimpleNamespace(retention_s=3600.0))
+    await Hub.purge(retention)  # type: ignore[arg-type]
+    assert await hub.count("notices") == 1
+    await hub.db.write(
+        lambda conn: conn.execute("UPDATE notices SET acked_at = acked_at - ?", (NOTICES_KEPT_S,))
+    )
+    await Hub.purge(retention)  # type: ignore[arg-type]
+    assert await hub.count("notices") == 0
+    assert await hub.route_again(ORIGIN, before) == 0
 
 
 async def test_handover_receipt_notifies_after_its_delivery_without_touching_the_queue(
