@@ -133,6 +133,7 @@ from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
     HubAttestationContent as HubAttestationContent,
 )
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import HubRestore as HubRestore
+from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import NodeRestore as NodeRestore
 from client_sdk._pb.chapar.exchange.v1.hub_service_pb2 import (
     PushDocumentRequest as PushDocumentRequest,
 )

@@ -88,6 +88,9 @@ _PUSH_FRAME_BYTES = 8 * 1024 * 1024
 _FRAMES_IN_FLIGHT = 8
 _MIN_NONCE, _MAX_NONCE = 16, 64  # bytes of a hello's nonce the welcome signs back
 _HELLO_WAIT_S = 30.0  # for a node's first frame, once its stream is open
+# After a restore of a node, the notices it acknowledged are routed again from this long
+# before its copy's time: the copy's time is by its machine's clock, ours by ours.
+NODE_RESTORE_MARGIN_S = 300.0
 # Deliveries and notices go out as stored, spliced into their frames (node.core.splice).
 _DELIVERIES = Field(pb.ConnectResponse, "deliveries")
 _NOTICES = Field(pb.ConnectResponse, "evidence")
@@ -782,8 +785,21 @@ class Hub(pb.HubServiceServicer):
         if first is None:
             return
         nonce = b""
+        restored: pb.NodeRestore | None = None
         if first.WhichOneof("frame") == "hello":
             nonce = first.hello.nonce
+            if first.hello.HasField("node_restore"):
+                restored = first.hello.node_restore
+                if not valid_timestamp(restored.snapshot_time):
+                    await abort(
+                        context,
+                        ChaparError(
+                            Code.INVALID_ARGUMENT,
+                            "INVALID_TIME",
+                            "hello node_restore.snapshot_time is not a valid time",
+                        ),
+                    )
+                    return
         else:  # handled as any frame (a client that sends no hello gets no attestation)
             request_iterator = _after(first, request_iterator)
         old = self._sessions.get(agency)
@@ -797,6 +813,10 @@ class Hub(pb.HubServiceServicer):
         log.info("node %s connected", agency)
         tasks: list[asyncio.Task[object]] = []
         try:  # from here on the session is registered: whatever happens, it is removed
+            if restored is not None:
+                # Before the welcome, which ends the node's asking, and before this
+                # stream's pusher reads the notices from the first.
+                await self._route_again(agency, restored)
             welcome = pb.ConnectWelcome(
                 hub=self.identity.uri,
                 directory_version=self.directory.version,
@@ -829,6 +849,20 @@ class Hub(pb.HubServiceServicer):
                 pending.cancel()
             self._end_session(session)
             log.info("node %s disconnected", agency)
+
+    async def _route_again(self, agency: str, restored: pb.NodeRestore) -> None:
+        """A node restored from a copy: routes again the notices it acknowledged since
+        shortly before the copy's time (HubStore.route_again)."""
+        snapshot = seconds_of(restored.snapshot_time)
+        count = await self.store.route_again(agency, snapshot - NODE_RESTORE_MARGIN_S)
+        log.warning(
+            "node %s was restored from a copy taken at %s: routing again %d notices it"
+            " acknowledged since",
+            agency,
+            dt.datetime.fromtimestamp(snapshot, dt.UTC).isoformat(timespec="seconds"),
+            count,
+            extra={"peer": agency, "reason": "NODE_RESTORED", "count": count},
+        )
 
     def _attest(self, agency: str, nonce: bytes) -> pb.HubAttestation:
         """The hub's signed word, for a node's hello, that it is the hub and authenticated

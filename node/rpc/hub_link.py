@@ -335,18 +335,20 @@ class HubLink:
             )()
             directory_version = self.agency.directory.version if self.agency.directory else 0
             nonce = os.urandom(32)  # signed back in the welcome: check_hub_attestation
+            hello = pb.ConnectHello(
+                software_version="chapar/0.1", directory_version=directory_version, nonce=nonce
+            )
+            if self.agency.numbers_unconfirmed is not None:
+                # Restored, and no welcome since (confirm_numbers below ends this): the hub
+                # routes again the evidence this node acknowledged after its copy.
+                mark = await self.agency.store.restore_mark()
+                if mark is not None:
+                    snapshot = round(mark.snapshot_time * 1e9)
+                    hello.node_restore.snapshot_time.FromNanoseconds(snapshot)
             try:
                 # The hub may refuse the stream before it reads our hello: then the write
                 # raises its refusal, as a read would.
-                await call.write(
-                    pb.ConnectRequest(
-                        hello=pb.ConnectHello(
-                            software_version="chapar/0.1",
-                            directory_version=directory_version,
-                            nonce=nonce,
-                        )
-                    )
-                )
+                await call.write(pb.ConnectRequest(hello=hello))
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (

@@ -838,3 +838,82 @@ async def test_after_a_hub_restore_a_receipt_it_stored_after_its_snapshot_reache
     finally:
         codes = cluster.stop()
     assert set(codes.values()) == {0}, codes
+
+
+# Notices the hub holds for a sender's node that it has not acknowledged.
+WAITING_NOTICES = "SELECT count(*) FROM notices WHERE acked_at IS NULL"
+
+
+async def test_a_sender_restored_from_a_copy_gets_again_the_evidence_routed_to_it_since(
+    tmp_path: Path,
+) -> None:
+    """The DELIVERY and HANDOVER the hub routed to a sender's node after its backup, which
+    the node stored and acknowledged (the hub then forgot them), are lost with its data:
+    restored, it tells the hub when its copy was taken, and the hub routes them again."""
+    cluster = await Cluster.start(tmp_path / "c", [A, B], node_settings=NODE_SETTINGS)
+    hub, node_a, node_b = cluster.hub, cluster.nodes[A], cluster.nodes[B]
+    backup = tmp_path / "backup-a"
+    acker: asyncio.Task[None] | None = None
+    try:
+        async with client(node_a, cluster, A) as a:
+            delivered = (await a.send(to=[B], subject="delivered", body="x")).shams
+            await eventually(
+                lambda: states(database(node_a), [delivered]) == {delivered: lifecycle.DELIVERED},
+                "delivery",
+            )
+            assert node_b.terminate() == 0
+            relayed = (await a.send(to=[B], subject="relayed", body="x")).shams
+        await eventually(
+            lambda: states(database(node_a), [relayed]) == {relayed: lifecycle.RELAYED}, "relay"
+        )
+        made = await asyncio.to_thread(chapar, "backup", "--config", node_a.config, "--to", backup)
+        assert made.returncode == 0, made.stdout + made.stderr
+        # After the copy: both delivered and handed over, their notices acknowledged by A.
+        node_b.start()
+        await node_b.wait_ready()
+        seen: list[str] = []
+        acker = asyncio.create_task(acknowledge_all(cluster, B, seen))
+        both = [delivered, relayed]
+        await eventually(
+            lambda: set(states(database(node_a), both).values()) == {lifecycle.HANDED_OVER},
+            "handover at the sender",
+        )
+        await eventually(
+            lambda: count(database(hub), WAITING_NOTICES) == 0, "the notices acknowledged"
+        )
+        assert node_a.terminate() == 0
+        done = chapar("restore", "--config", node_a.config, "--from", backup)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert states(database(node_a), both) == {
+            delivered: lifecycle.DELIVERED,
+            relayed: lifecycle.RELAYED,
+        }
+
+        node_a.start()
+        await node_a.wait_ready()
+        await eventually(
+            lambda: set(states(database(node_a), both).values()) == {lifecycle.HANDED_OVER},
+            "the evidence routed since the copy at the restored sender",
+            timeout=20.0,
+        )
+        for shams in both:
+            for event in (pb.EVIDENCE_EVENT_DELIVERY, pb.EVIDENCE_EVENT_HANDOVER):
+                assert evidence_count(node_a, shams, event) == 1, (shams, event)
+        async with client(node_a, cluster, A) as a:
+            tracked = await a.track(relayed)
+            assert tracked.statuses == {B: "HANDED_OVER"}, tracked.statuses
+
+        # Asked once: the node says it was restored until the hub's welcome, not after.
+        def log() -> str:
+            return hub.log_tail(100_000)
+
+        connected = log().count(f"node {A} connected")
+        await node_a.restart()
+        await eventually(lambda: log().count(f"node {A} connected") > connected, "reconnection")
+        assert log().count(f"node {A} was restored from a copy") == 1, log()
+        assert "routing again 4 notices" in log(), log()
+    finally:
+        if acker is not None:
+            await stop_task(acker)
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes

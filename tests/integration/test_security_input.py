@@ -905,6 +905,28 @@ async def test_malformed_connect_frame_ends_stream_with_malformed_message(
     await _hub_refuses_frame(cluster, raw, INVALID, "MALFORMED_MESSAGE")
 
 
+async def test_a_hello_saying_a_restore_from_no_valid_time_ends_the_stream_invalid_time(
+    cluster: Cluster,
+) -> None:
+    hello = pb.ConnectHello(software_version="security-input-test")
+    hello.node_restore.snapshot_time.CopyFrom(_ts(2**40))  # past year 9999
+    before = await _rejections(cluster.hub)
+
+    async def send() -> None:
+        async with _hub_channel_as_c(cluster) as channel:
+            call = channel.stream_stream(
+                CONNECT, request_serializer=None, response_deserializer=None
+            )()
+            await call.write(pb.ConnectRequest(hello=hello).SerializeToString())
+            await asyncio.wait_for(call.read(), READ_TIMEOUT)
+
+    refusal = await _refused(send)
+    assert (refusal.code, refusal.reason, refusal.domain) == (INVALID, "INVALID_TIME", DOMAIN)
+    after = await _rejections(cluster.hub)
+    key = (INVALID.name, "INVALID_TIME")
+    assert after.get(key, 0.0) - before.get(key, 0.0) == 1, (key, before.get(key), after.get(key))
+
+
 def _c_signer(cluster: Cluster) -> Signer:
     return _signer(cluster.pki.agency_dir(AGENCY_C))
 

@@ -193,6 +193,7 @@ async def test_the_hub_link_refuses_a_hub_the_node_does_not_accept_before_using_
     told: list[object] = []
     agency = SimpleNamespace(
         config=SimpleNamespace(hub="hub.example:443", keepalive_s=20.0, agency=A),
+        numbers_unconfirmed=None,
         directory=None,
         trust=_trust(pki),
         hub_identity=NATIONAL,

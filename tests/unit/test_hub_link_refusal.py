@@ -85,6 +85,7 @@ def _agency() -> SimpleNamespace:
 
     return SimpleNamespace(
         config=SimpleNamespace(hub="hub.example:443", keepalive_s=20.0, agency=AGENCY),
+        numbers_unconfirmed=None,  # not restored: the hello says nothing of a restore
         directory=None,
         told=told,
         set_in_directory=told.append,

@@ -29,7 +29,7 @@ from client_sdk._pb.chapar.exchange.v1 import tracking_pb2 as chapar_dot_exchang
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$chapar/exchange/v1/hub_service.proto\x12\x12\x63hapar.exchange.v1\x1a\"chapar/exchange/v1/directory.proto\x1a!chapar/exchange/v1/envelope.proto\x1a!chapar/exchange/v1/evidence.proto\x1a!chapar/exchange/v1/tracking.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\rEnvelopeBatch\x12/\n\tenvelopes\x18\x01 \x03(\x0b\x32\x1c.chapar.exchange.v1.Envelope\"?\n\rEvidenceBatch\x12.\n\x08\x65vidence\x18\x01 \x03(\x0b\x32\x1c.chapar.exchange.v1.Evidence\"(\n\x10\x45videnceAckBatch\x12\x14\n\x0c\x65vidence_ids\x18\x01 \x03(\t\"R\n\x0c\x43onnectHello\x12\x18\n\x10software_version\x18\x01 \x01(\t\x12\x19\n\x11\x64irectory_version\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"\x81\x02\n\x0e\x43onnectWelcome\x12\x0b\n\x03hub\x18\x01 \x01(\t\x12\x19\n\x11\x64irectory_version\x18\x02 \x01(\x03\x12@\n\x12\x61\x63\x63\x65pted_sequences\x18\x03 \x03(\x0b\x32$.chapar.exchange.v1.AcceptedSequence\x12\x33\n\x0bhub_restore\x18\x04 \x01(\x0b\x32\x1e.chapar.exchange.v1.HubRestore\x12\x17\n\x0fmax_frame_bytes\x18\x05 \x01(\x04\x12\x37\n\x0b\x61ttestation\x18\x06 \x01(\x0b\x32\".chapar.exchange.v1.HubAttestation\"i\n\x0eHubAttestation\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x30\n\tsignature\x18\x02 \x01(\x0b\x32\x1d.chapar.exchange.v1.Signature\x12\x14\n\x0c\x63\x65rtificates\x18\x03 \x03(\x0c\"t\n\x15HubAttestationContent\x12\x0b\n\x03hub\x18\x01 \x01(\t\x12\x0e\n\x06\x61gency\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12/\n\x0b\x61ttest_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\nHubRestore\x12\x31\n\rsnapshot_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0crestore_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x10\x41\x63\x63\x65ptedSequence\x12/\n\x06\x64omain\x18\x01 \x01(\x0e\x32\x1f.chapar.exchange.v1.ShamsDomain\x12\x0c\n\x04year\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\"\xfa\x01\n\x0e\x43onnectRequest\x12\x31\n\x05hello\x18\x01 \x01(\x0b\x32 .chapar.exchange.v1.ConnectHelloH\x00\x12\x36\n\tenvelopes\x18\x02 \x01(\x0b\x32!.chapar.exchange.v1.EnvelopeBatchH\x00\x12\x35\n\x08receipts\x18\x03 \x01(\x0b\x32!.chapar.exchange.v1.EvidenceBatchH\x00\x12=\n\revidence_acks\x18\x04 \x01(\x0b\x32$.chapar.exchange.v1.EvidenceAckBatchH\x00\x42\x07\n\x05\x66rame\"\xf6\x03\n\x0f\x43onnectResponse\x12\x35\n\x07welcome\x18\x01 \x01(\x0b\x32\".chapar.exchange.v1.ConnectWelcomeH\x00\x12:\n\rrelay_results\x18\x02 \x01(\x0b\x32!.chapar.exchange.v1.EvidenceBatchH\x00\x12\x37\n\ndeliveries\x18\x03 \x01(\x0b\x32!.chapar.exchange.v1.EnvelopeBatchH\x00\x12\x35\n\x08\x65vidence\x18\x04 \x01(\x0b\x32!.chapar.exchange.v1.EvidenceBatchH\x00\x12<\n\x0creceipt_acks\x18\x05 \x01(\x0b\x32$.chapar.exchange.v1.EvidenceAckBatchH\x00\x12\x37\n\x0cqueue_status\x18\x06 \x01(\x0b\x32\x1f.chapar.exchange.v1.QueueStatusH\x00\x12?\n\x10\x64irectory_update\x18\x07 \x01(\x0b\x32#.chapar.exchange.v1.DirectoryUpdateH\x00\x12?\n\x10\x64ocument_request\x18\x08 \x01(\x0b\x32#.chapar.exchange.v1.DocumentRequestH\x00\x42\x07\n\x05\x66rame\"E\n\x0f\x44ocumentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"\"\n\x0f\x44irectoryUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x03\">\n\x0bQueueStatus\x12\x17\n\x0f\x66ull_recipients\x18\x01 \x03(\t\x12\x16\n\x0eretry_after_ms\x18\x02 \x01(\x03\"\x15\n\x13GetDirectoryRequest\"H\n\x14GetDirectoryResponse\x12\x30\n\tdirectory\x18\x01 \x01(\x0b\x32\x1d.chapar.exchange.v1.Directory\"3\n\x14\x46\x65tchDocumentRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"4\n\x15\x46\x65tchDocumentResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"D\n\nPushHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x14\n\x0c\x65rror_reason\x18\x03 \x01(\t\"x\n\x13PushDocumentRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.chapar.exchange.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0c\x65rror_reason\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"-\n\x14PushDocumentResponse\x12\x15\n\rbytes_relayed\x18\x01 \x01(\x03\"8\n\x0cTrackRequest\x12(\n\x05shams\x18\x01 \x01(\x0b\x32\x19.chapar.exchange.v1.Shams\"l\n\rTrackResponse\x12\x32\n\x07letters\x18\x01 \x03(\x0b\x32!.chapar.exchange.v1.TrackedLetter\x12\x14\n\x0c\x63\x65rtificates\x18\x02 \x03(\x0c\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x32\xe2\x03\n\nHubService\x12V\n\x07\x43onnect\x12\".chapar.exchange.v1.ConnectRequest\x1a#.chapar.exchange.v1.ConnectResponse(\x01\x30\x01\x12\x61\n\x0cGetDirectory\x12\'.chapar.exchange.v1.GetDirectoryRequest\x1a(.chapar.exchange.v1.GetDirectoryResponse\x12\x66\n\rFetchDocument\x12(.chapar.exchange.v1.FetchDocumentRequest\x1a).chapar.exchange.v1.FetchDocumentResponse0\x01\x12\x63\n\x0cPushDocument\x12\'.chapar.exchange.v1.PushDocumentRequest\x1a(.chapar.exchange.v1.PushDocumentResponse(\x01\x12L\n\x05Track\x12 .chapar.exchange.v1.TrackRequest\x1a!.chapar.exchange.v1.TrackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$chapar/exchange/v1/hub_service.proto\x12\x12\x63hapar.exchange.v1\x1a\"chapar/exchange/v1/directory.proto\x1a!chapar/exchange/v1/envelope.proto\x1a!chapar/exchange/v1/evidence.proto\x1a!chapar/exchange/v1/tracking.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\rEnvelopeBatch\x12/\n\tenvelopes\x18\x01 \x03(\x0b\x32\x1c.chapar.exchange.v1.Envelope\"?\n\rEvidenceBatch\x12.\n\x08\x65vidence\x18\x01 \x03(\x0b\x32\x1c.chapar.exchange.v1.Evidence\"(\n\x10\x45videnceAckBatch\x12\x14\n\x0c\x65vidence_ids\x18\x01 \x03(\t\"\x89\x01\n\x0c\x43onnectHello\x12\x18\n\x10software_version\x18\x01 \x01(\t\x12\x19\n\x11\x64irectory_version\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x35\n\x0cnode_restore\x18\x04 \x01(\x0b\x32\x1f.chapar.exchange.v1.NodeRestore\"@\n\x0bNodeRestore\x12\x31\n\rsnapshot_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x02\n\x0e\x43onnectWelcome\x12\x0b\n\x03hub\x18\x01 \x01(\t\x12\x19\n\x11\x64irectory_version\x18\x02 \x01(\x03\x12@\n\x12\x61\x63\x63\x65pted_sequences\x18\x03 \x03(\x0b\x32$.chapar.exchange.v1.AcceptedSequence\x12\x33\n\x0bhub_restore\x18\x04 \x01(\x0b\x32\x1e.chapar.exchange.v1.HubRestore\x12\x17\n\x0fmax_frame_bytes\x18\x05 \x01(\x04\x12\x37\n\x0b\x61ttestation\x18\x06 \x01(\x0b\x32\".chapar.exchange.v1.HubAttestation\"i\n\x0eHubAttestation\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x30\n\tsignature\x18\x02 \x01(\x0b\x32\x1d.chapar.exchange.v1.Signature\x12\x14\n\x0c\x63\x65rtificates\x18\x03 \x03(\x0c\"t\n\x15HubAttestationContent\x12\x0b\n\x03hub\x18\x01 \x01(\t\x12\x0e\n\x06\x61gency\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12/\n\x0b\x61ttest_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\nHubRestore\x12\x31\n\rsnapshot_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0crestore_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x10\x41\x63\x63\x65ptedSequence\x12/\n\x06\x64omain\x18\x01 \x01(\x0e\x32\x1f.chapar.exchange.v1.ShamsDomain\x12\x0c\n\x04year\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\"\xfa\x01\n\x0e\x43onnectRequest\x12\x31\n\x05hello\x18\x01 \x01(\x0b\x32 .chapar.exchange.v1.ConnectHelloH\x00\x12\x36\n\tenvelopes\x18\x02 \x01(\x0b\x32!.chapar.exchange.v1.EnvelopeBatchH\x00\x12\x35\n\x08receipts\x18\x03 \x01(\x0b\x32!.chapar.exchange.v1.EvidenceBatchH\x00\x12=\n\revidence_acks\x18\x04 \x01(\x0b\x32$.chapar.exchange.v1.EvidenceAckBatchH\x00\x42\x07\n\x05\x66rame\"\xf6\x03\n\x0f\x43onnectResponse\x12\x35\n\x07welcome\x18\x01 \x01(\x0b\x32\".chapar.exchange.v1.ConnectWelcomeH\x00\x12:\n\rrelay_results\x18\x02 \x01(\x0b\x32!.chapar.exchange.v1.EvidenceBatchH\x00\x12\x37\n\ndeliveries\x18\x03 \x01(\x0b\x32!.chapar.exchange.v1.EnvelopeBatchH\x00\x12\x35\n\x08\x65vidence\x18\x04 \x01(\x0b\x32!.chapar.exchange.v1.EvidenceBatchH\x00\x12<\n\x0creceipt_acks\x18\x05 \x01(\x0b\x32$.chapar.exchange.v1.EvidenceAckBatchH\x00\x12\x37\n\x0cqueue_status\x18\x06 \x01(\x0b\x32\x1f.chapar.exchange.v1.QueueStatusH\x00\x12?\n\x10\x64irectory_update\x18\x07 \x01(\x0b\x32#.chapar.exchange.v1.DirectoryUpdateH\x00\x12?\n\x10\x64ocument_request\x18\x08 \x01(\x0b\x32#.chapar.exchange.v1.DocumentRequestH\x00\x42\x07\n\x05\x66rame\"E\n\x0f\x44ocumentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"\"\n\x0f\x44irectoryUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x03\">\n\x0bQueueStatus\x12\x17\n\x0f\x66ull_recipients\x18\x01 \x03(\t\x12\x16\n\x0eretry_after_ms\x18\x02 \x01(\x03\"\x15\n\x13GetDirectoryRequest\"H\n\x14GetDirectoryResponse\x12\x30\n\tdirectory\x18\x01 \x01(\x0b\x32\x1d.chapar.exchange.v1.Directory\"3\n\x14\x46\x65tchDocumentRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"4\n\x15\x46\x65tchDocumentResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"D\n\nPushHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x14\n\x0c\x65rror_reason\x18\x03 \x01(\t\"x\n\x13PushDocumentRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.chapar.exchange.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0c\x65rror_reason\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"-\n\x14PushDocumentResponse\x12\x15\n\rbytes_relayed\x18\x01 \x01(\x03\"8\n\x0cTrackRequest\x12(\n\x05shams\x18\x01 \x01(\x0b\x32\x19.chapar.exchange.v1.Shams\"l\n\rTrackResponse\x12\x32\n\x07letters\x18\x01 \x03(\x0b\x32!.chapar.exchange.v1.TrackedLetter\x12\x14\n\x0c\x63\x65rtificates\x18\x02 \x03(\x0c\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x32\xe2\x03\n\nHubService\x12V\n\x07\x43onnect\x12\".chapar.exchange.v1.ConnectRequest\x1a#.chapar.exchange.v1.ConnectResponse(\x01\x30\x01\x12\x61\n\x0cGetDirectory\x12\'.chapar.exchange.v1.GetDirectoryRequest\x1a(.chapar.exchange.v1.GetDirectoryResponse\x12\x66\n\rFetchDocument\x12(.chapar.exchange.v1.FetchDocumentRequest\x1a).chapar.exchange.v1.FetchDocumentResponse0\x01\x12\x63\n\x0cPushDocument\x12\'.chapar.exchange.v1.PushDocumentRequest\x1a(.chapar.exchange.v1.PushDocumentResponse(\x01\x12L\n\x05Track\x12 .chapar.exchange.v1.TrackRequest\x1a!.chapar.exchange.v1.TrackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,46 +42,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVIDENCEBATCH']._serialized_end=363
   _globals['_EVIDENCEACKBATCH']._serialized_start=365
   _globals['_EVIDENCEACKBATCH']._serialized_end=405
-  _globals['_CONNECTHELLO']._serialized_start=407
-  _globals['_CONNECTHELLO']._serialized_end=489
-  _globals['_CONNECTWELCOME']._serialized_start=492
-  _globals['_CONNECTWELCOME']._serialized_end=749
-  _globals['_HUBATTESTATION']._serialized_start=751
-  _globals['_HUBATTESTATION']._serialized_end=856
-  _globals['_HUBATTESTATIONCONTENT']._serialized_start=858
-  _globals['_HUBATTESTATIONCONTENT']._serialized_end=974
-  _globals['_HUBRESTORE']._serialized_start=976
-  _globals['_HUBRESTORE']._serialized_end=1089
-  _globals['_ACCEPTEDSEQUENCE']._serialized_start=1091
-  _globals['_ACCEPTEDSEQUENCE']._serialized_end=1190
-  _globals['_CONNECTREQUEST']._serialized_start=1193
-  _globals['_CONNECTREQUEST']._serialized_end=1443
-  _globals['_CONNECTRESPONSE']._serialized_start=1446
-  _globals['_CONNECTRESPONSE']._serialized_end=1948
-  _globals['_DOCUMENTREQUEST']._serialized_start=1950
-  _globals['_DOCUMENTREQUEST']._serialized_end=2019
-  _globals['_DIRECTORYUPDATE']._serialized_start=2021
-  _globals['_DIRECTORYUPDATE']._serialized_end=2055
-  _globals['_QUEUESTATUS']._serialized_start=2057
-  _globals['_QUEUESTATUS']._serialized_end=2119
-  _globals['_GETDIRECTORYREQUEST']._serialized_start=2121
-  _globals['_GETDIRECTORYREQUEST']._serialized_end=2142
-  _globals['_GETDIRECTORYRESPONSE']._serialized_start=2144
-  _globals['_GETDIRECTORYRESPONSE']._serialized_end=2216
-  _globals['_FETCHDOCUMENTREQUEST']._serialized_start=2218
-  _globals['_FETCHDOCUMENTREQUEST']._serialized_end=2269
-  _globals['_FETCHDOCUMENTRESPONSE']._serialized_start=2271
-  _globals['_FETCHDOCUMENTRESPONSE']._serialized_end=2323
-  _globals['_PUSHHEADER']._serialized_start=2325
-  _globals['_PUSHHEADER']._serialized_end=2393
-  _globals['_PUSHDOCUMENTREQUEST']._serialized_start=2395
-  _globals['_PUSHDOCUMENTREQUEST']._serialized_end=2515
-  _globals['_PUSHDOCUMENTRESPONSE']._serialized_start=2517
-  _globals['_PUSHDOCUMENTRESPONSE']._serialized_end=2562
-  _globals['_TRACKREQUEST']._serialized_start=2564
-  _globals['_TRACKREQUEST']._serialized_end=2620
-  _globals['_TRACKRESPONSE']._serialized_start=2622
-  _globals['_TRACKRESPONSE']._serialized_end=2730
-  _globals['_HUBSERVICE']._serialized_start=2733
-  _globals['_HUBSERVICE']._serialized_end=3215
+  _globals['_CONNECTHELLO']._serialized_start=408
+  _globals['_CONNECTHELLO']._serialized_end=545
+  _globals['_NODERESTORE']._serialized_start=547
+  _globals['_NODERESTORE']._serialized_end=611
+  _globals['_CONNECTWELCOME']._serialized_start=614
+  _globals['_CONNECTWELCOME']._serialized_end=871
+  _globals['_HUBATTESTATION']._serialized_start=873
+  _globals['_HUBATTESTATION']._serialized_end=978
+  _globals['_HUBATTESTATIONCONTENT']._serialized_start=980
+  _globals['_HUBATTESTATIONCONTENT']._serialized_end=1096
+  _globals['_HUBRESTORE']._serialized_start=1098
+  _globals['_HUBRESTORE']._serialized_end=1211
+  _globals['_ACCEPTEDSEQUENCE']._serialized_start=1213
+  _globals['_ACCEPTEDSEQUENCE']._serialized_end=1312
+  _globals['_CONNECTREQUEST']._serialized_start=1315
+  _globals['_CONNECTREQUEST']._serialized_end=1565
+  _globals['_CONNECTRESPONSE']._serialized_start=1568
+  _globals['_CONNECTRESPONSE']._serialized_end=2070
+  _globals['_DOCUMENTREQUEST']._serialized_start=2072
+  _globals['_DOCUMENTREQUEST']._serialized_end=2141
+  _globals['_DIRECTORYUPDATE']._serialized_start=2143
+  _globals['_DIRECTORYUPDATE']._serialized_end=2177
+  _globals['_QUEUESTATUS']._serialized_start=2179
+  _globals['_QUEUESTATUS']._serialized_end=2241
+  _globals['_GETDIRECTORYREQUEST']._serialized_start=2243
+  _globals['_GETDIRECTORYREQUEST']._serialized_end=2264
+  _globals['_GETDIRECTORYRESPONSE']._serialized_start=2266
+  _globals['_GETDIRECTORYRESPONSE']._serialized_end=2338
+  _globals['_FETCHDOCUMENTREQUEST']._serialized_start=2340
+  _globals['_FETCHDOCUMENTREQUEST']._serialized_end=2391
+  _globals['_FETCHDOCUMENTRESPONSE']._serialized_start=2393
+  _globals['_FETCHDOCUMENTRESPONSE']._serialized_end=2445
+  _globals['_PUSHHEADER']._serialized_start=2447
+  _globals['_PUSHHEADER']._serialized_end=2515
+  _globals['_PUSHDOCUMENTREQUEST']._serialized_start=2517
+  _globals['_PUSHDOCUMENTREQUEST']._serialized_end=2637
+  _globals['_PUSHDOCUMENTRESPONSE']._serialized_start=2639
+  _globals['_PUSHDOCUMENTRESPONSE']._serialized_end=2684
+  _globals['_TRACKREQUEST']._serialized_start=2686
+  _globals['_TRACKREQUEST']._serialized_end=2742
+  _globals['_TRACKRESPONSE']._serialized_start=2744
+  _globals['_TRACKRESPONSE']._serialized_end=2852
+  _globals['_HUBSERVICE']._serialized_start=2855
+  _globals['_HUBSERVICE']._serialized_end=3337
 # @@protoc_insertion_point(module_scope)

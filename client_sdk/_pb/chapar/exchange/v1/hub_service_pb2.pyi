@@ -109,6 +109,7 @@ class ConnectHello(_message.Message):
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
     DIRECTORY_VERSION_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
+    NODE_RESTORE_FIELD_NUMBER: _builtins.int
     software_version: _builtins.str
     """Version of the node software."""
     directory_version: _builtins.int
@@ -118,20 +119,60 @@ class ConnectHello(_message.Message):
     node knows it speaks to a hub: TLS alone admits any server certificate of the
     exchange's CA that names the address dialled, an agency node's too.
     """
+    @_builtins.property
+    def node_restore(self) -> Global___NodeRestore:
+        """Set by a node whose database was restored from a backup (chapar restore), in each hello
+        until the hub's first welcome after the restore; absent otherwise. The node has lost
+        the evidence routed to it (DELIVERY, DELIVERY_FAILURE, HANDOVER, EXPIRY) that it
+        acknowledged after the backup's snapshot. The hub routes again, on this stream, the
+        notices of this agency it holds acknowledged since shortly (5 minutes, for the two
+        machines' clocks) before snapshot_time: it keeps acknowledged notices 8 days. The node
+        stores each once (by evidence id). A snapshot_time that is not a valid time ends the
+        stream INVALID_ARGUMENT / INVALID_TIME. A hub that does not know the field routes
+        nothing again.
+        """
+
     def __init__(
         self,
         *,
         software_version: _builtins.str = ...,
         directory_version: _builtins.int = ...,
         nonce: _builtins.bytes = ...,
+        node_restore: Global___NodeRestore | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node_restore", b"node_restore"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory_version", b"directory_version", "nonce", b"nonce", "software_version", b"software_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory_version", b"directory_version", "node_restore", b"node_restore", "nonce", b"nonce", "software_version", b"software_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConnectHello: _TypeAlias = ConnectHello  # noqa: Y015
+
+@_typing.final
+class NodeRestore(_message.Message):
+    """NodeRestore says that a node's database was restored from a backup, and from when the
+    copy dates.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def snapshot_time(self) -> _timestamp_pb2.Timestamp:
+        """When the copy was taken, by the clock of the node's machine."""
+
+    def __init__(
+        self,
+        *,
+        snapshot_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot_time", b"snapshot_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot_time", b"snapshot_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeRestore: _TypeAlias = NodeRestore  # noqa: Y015
 
 @_typing.final
 class ConnectWelcome(_message.Message):
