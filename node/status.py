@@ -18,6 +18,7 @@ import json
 import ssl
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -240,12 +241,30 @@ def _status(ns: argparse.Namespace) -> int:
     return 0
 
 
+# OpenSSL's verify codes (X509_V_ERR_*): the name dialled is not the certificate's
+# (HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH); no way to a CA trusted (UNABLE_TO_GET_ISSUER_CERT,
+# DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN, UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
+# UNABLE_TO_VERIFY_LEAF_SIGNATURE, CERT_SIGNATURE_FAILURE).
+_NAME_MISMATCH = frozenset({62, 64})
+_NO_CHAIN = frozenset({2, 7, 18, 19, 20, 21})
+
+
 def _failure(exc: Exception, address: str, ca: Path | None) -> str:
     """What went wrong, and for the two ways of missing a ``metrics_tls`` server (https
-    without a certificate of its CA, plain HTTP to it) what to give instead."""
+    without a certificate of its CA, plain HTTP to it) what to give instead. A certificate
+    refused for another cause (issued for another name than the one dialled, expired) is
+    said so, not as one of an unknown CA."""
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     if isinstance(reason, ssl.SSLCertVerificationError):
         failed = f"certificate verify failed ({_one_line(reason.verify_message)})"
+        if reason.verify_code in _NAME_MISMATCH:  # the CA is right: the name dialled is not
+            host = urllib.parse.urlsplit(_url(address, ca is not None)).hostname
+            return (
+                f"{failed}: the server's certificate does not name {host}; give the host"
+                " name or address it was issued for"
+            )
+        if reason.verify_code not in _NO_CHAIN:  # expired, not yet valid, ...: said above
+            return failed
         if ca is not None:
             return f"{failed}: the server's certificate does not chain to --ca {ca}"
         return (

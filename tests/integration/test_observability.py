@@ -545,6 +545,20 @@ def test_metrics_tls_serves_only_clients_with_a_certificate_of_the_national_ca(
             assert "metrics_tls" in refused.stderr
             assert "--ca" in refused.stderr
             assert "--cert and --key" in refused.stderr
+        # With the right files, but dialled by a name its certificate does not give ("127.1"
+        # reaches 127.0.0.1, but is no IP address to the name check): the line says that,
+        # not that the certificate does not chain to --ca (which sent the operator to the
+        # wrong file).
+        misnamed = host_port.replace("127.0.0.1", "127.1")
+        refused = subprocess.run(
+            [*CHAPAR, "status", misnamed, "--ca", str(pki.root_cert),
+             "--cert", str(a / "tls.crt"), "--key", str(a / "tls.key")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert "does not chain" not in refused.stderr
+        assert "the server's certificate does not name 127.1" in refused.stderr
     finally:
         codes = cluster.stop()
     assert all(code == 0 for code in codes.values()), codes
