@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["DocumentRelay"]
 
 log = logging.getLogger("chapar.hub.documents")
+# Of an owner's error_reason (its text, as long as a message may be), what the log shows.
+_REASON_LOGGED = 100
 _QUEUE_CHUNKS = 4
 # For the owner to be asked and its push to start, and between two of its chunks.
 _OWNER_ANSWER_S = 30.0
@@ -299,7 +301,7 @@ class DocumentRelay:
                             "push from %s ended after %d bytes: %r",
                             pipe.owner,
                             pipe.offset + relayed,
-                            message.error_reason,
+                            message.error_reason[:_REASON_LOGGED],  # the owner's text
                         )
                         await self._put(pipe, _owner_copy_corrupt(pipe.owner))
                         finished = True

@@ -161,6 +161,23 @@ async def test_a_push_ended_with_an_error_reason_ends_the_fetch_data_loss(
     assert pushing.aborted is None, f"the owner's push ended {pushing.aborted} ({pushing.reason})"
 
 
+async def test_an_owners_error_reason_is_logged_by_the_hub_cut_short(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """error_reason is the owner's text, up to a message's size: the hub logged it whole,
+    so that a hostile node wrote a line of megabytes into the hub's log at each push it
+    ended so. Its start is logged; the fetch's status carries none of it."""
+    said = "DOCUMENT_CORRUPT " + "x" * 1_000_000
+    with caplog.at_level("WARNING", logger="chapar"):
+        fetching, _ = await _relay(0, 100, [pb.PushDocumentRequest(error_reason=said)])
+    assert fetching.aborted is not None
+    assert "xxx" not in fetching.aborted[1]
+    lines = [r.getMessage() for r in caplog.records if "ended after" in r.getMessage()]
+    assert len(lines) == 1
+    assert "DOCUMENT_CORRUPT" in lines[0]
+    assert len(lines[0]) < 300, len(lines[0])
+
+
 async def test_a_push_of_too_many_empty_chunks_is_refused_and_the_fetch_breaks_off() -> None:
     """A 0-byte chunk adds nothing to the bytes relayed, so an owner could hold a push (and
     the fetch it answers, whose stall timer each chunk reset) open for ever with them. More
