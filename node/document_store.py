@@ -48,6 +48,8 @@ DOCUMENT_NAME = re.compile(f"[0-9a-f]{{{2 * _DIGEST_BYTES}}}")
 FileId = tuple[int, int]
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK})
 """What ``os.link`` fails with on a file system that has no hard links (or none here)."""
+_SOUND_KEPT = 10_000
+"""How many files found sound a store remembers (``DocumentStore.found_sound``)."""
 
 
 class DocumentStore:
@@ -60,6 +62,8 @@ class DocumentStore:
         self._tmp = root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
         (root / "sha256").mkdir(exist_ok=True)
+        # The files read whole and found sound, by digest: file id and size (``sound``).
+        self._sound: dict[bytes, tuple[FileId, int]] = {}
         # Leftovers of uploads cut short by a crash: never visible, now removed.
         for stale in self._tmp.iterdir() if clean else ():
             with contextlib.suppress(OSError):
@@ -131,6 +135,21 @@ class DocumentStore:
             return False
         SET_ASIDE_OWN.inc()
         return True
+
+    def found_sound(self, digest: bytes, read: FileId | None, size: int) -> None:
+        """Notes that the file ``read`` names, of ``size`` bytes, was read whole and matched
+        ``digest`` (the last ``_SOUND_KEPT`` so noted are remembered)."""
+        if read is None:
+            return
+        self._sound.pop(digest, None)
+        if len(self._sound) >= _SOUND_KEPT:
+            del self._sound[next(iter(self._sound))]
+        self._sound[digest] = (read, size)
+
+    def sound(self, digest: bytes, read: FileId | None, size: int | None) -> bool:
+        """Whether the file ``read`` names, of ``size`` bytes, was found sound before
+        (``found_sound``): an owner's push ended early need not read it whole again."""
+        return read is not None and self._sound.get(digest) == (read, size)
 
     def _still(self, digest: bytes, read: FileId | None) -> Path | None:
         """The document's path if the file there is still the one ``read`` names."""

@@ -603,7 +603,8 @@ def _moving() -> ChaparError:
 
 
 PUSH_CHECK_REST_BYTES = 64 * 1024 * 1024
-"""A push ended early reads at most this much more of its file to check it (``push``)."""
+"""A push ended early reads at most this much more of a file found sound before to check it
+again (``push``)."""
 
 
 async def push(
@@ -617,8 +618,10 @@ async def push(
     quarantine``: uploading the file again repairs it), logged and counted once, and the
     push ends with DOCUMENT_CORRUPT in place of its last chunk, which the hub passes on to
     the fetch. A push the hub ends early (the fetching node refused the size announced, or
-    went away) still reads the rest for the check when it is at most
-    ``PUSH_CHECK_REST_BYTES``: a truncated copy is refused so.
+    went away) still reads the rest for the check: a truncated copy is found so. A file
+    already found sound (``DocumentStore.found_sound``) is read on only when at most
+    ``PUSH_CHECK_REST_BYTES`` is left: a fetch cancelled at its start each time reads a
+    large file whole once, not each time.
     """
     size = store.size(request.sha256)
     read = store.file_id(request.sha256)  # before the file is opened: see DocumentStore.remove
@@ -628,7 +631,10 @@ async def push(
 
     def unsound() -> bool:
         """After a whole read: whether the copy is corrupt (then set aside, and said once)."""
-        if hasher is None or (got == size and hasher.digest() == request.sha256):
+        if hasher is None:
+            return False
+        if got == size and hasher.digest() == request.sha256:
+            store.found_sound(request.sha256, read, got)
             return False
         if store.quarantine(request.sha256, read):  # not when another push just did
             log.error("our document %s is corrupt; moved aside: upload it again to repair it", uri)
@@ -662,10 +668,15 @@ async def push(
                             await call.write(pb.PushDocumentRequest(chunk=held))
                         held = chunk
                 except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-                    # The hub ended it early: read on for the check, unless the rest is
-                    # large (a fetch cancelled at its start would make the node read and
-                    # hash a whole 2 GiB file each time; a truncated copy has little left).
-                    if hasher is not None and (size or 0) - got <= PUSH_CHECK_REST_BYTES:
+                    # The hub ended it early (the fetching node refused the size a
+                    # truncated copy announces, or went away): read on for the check,
+                    # unless the rest is large and this file was found sound before (a
+                    # fetch cancelled at its start each time would make the node read and
+                    # hash a whole 2 GiB file each time).
+                    if hasher is not None and (
+                        (size or 0) - got <= PUSH_CHECK_REST_BYTES
+                        or not store.sound(request.sha256, read, size)
+                    ):
                         async for chunk in chunks:
                             got += len(chunk)
                             hasher.update(chunk)

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import time
+from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from node import document_store
 from node.core.documents import DocumentLimits, document_uri, parse_document_uri
 from node.core.errors import ChaparError, Code
-from node.document_store import DocumentStore
+from node.document_store import CHUNK_BYTES, SET_ASIDE_OWN, DocumentStore
 
 LIMITS = DocumentLimits(max_file_bytes=1000, media_types=frozenset({"application/pdf"}))
 
@@ -399,7 +400,6 @@ async def test_a_push_asked_for_a_digest_that_is_not_32_bytes_says_not_found(
     """The hub's document_request names the document by its digest; one that cannot be a
     SHA-256 is answered DOCUMENT_NOT_FOUND, as any document the node does not hold."""
     import asyncio
-    from collections.abc import Generator
 
     from client_sdk import pb
     from node.documents import push
@@ -449,59 +449,98 @@ async def test_stray_entries_in_the_store_do_not_stop_retention(tmp_path: Path) 
     assert store.remove_unused(old, now - 100)
 
 
-@pytest.mark.parametrize(("cap_chunks", "whole"), [(2, False), (8, True)])
-async def test_a_push_ended_early_reads_on_for_its_check_only_when_little_is_left(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap_chunks: int, whole: bool
-) -> None:
-    """A push the hub ends at its first chunk (the fetching node refused the size, or its
-    back-end went away) reads the rest of the file to check it, so that a truncated copy
-    is found; but not a large rest: a fetch cancelled at its start would otherwise make
-    the owner read and hash a whole 2 GiB file each time."""
-    import asyncio
-    from collections.abc import AsyncGenerator, Generator
+class _EndedPush:
+    """A push call the hub ended at once (the fetching node refused the size announced, or
+    its back-end went away): each write of a chunk fails."""
 
-    from client_sdk import pb
-    from client_sdk.documents import CHUNK_BYTES
-    from node import documents
+    async def write(self, message: object) -> None:
+        import asyncio
 
-    monkeypatch.setattr(documents, "PUSH_CHECK_REST_BYTES", cap_chunks * CHUNK_BYTES)
-    store = DocumentStore(tmp_path / "docs", DocumentLimits(max_file_bytes=8 * CHUNK_BYTES))
-    digest = await _stored(store, os.urandom(8 * CHUNK_BYTES))
+        from client_sdk import pb
+
+        assert isinstance(message, pb.PushDocumentRequest)
+        if message.WhichOneof("part") == "chunk":
+            raise asyncio.InvalidStateError("the hub ended the call")
+
+    async def done_writing(self) -> None:
+        pass
+
+    def __await__(self) -> Generator[None, None, object]:
+        import asyncio
+
+        from client_sdk import pb
+
+        return asyncio.sleep(0, pb.PushDocumentResponse()).__await__()
+
+    def cancel(self) -> bool:
+        return True
+
+
+class _EndedPushStub:
+    def PushDocument(self) -> _EndedPush:
+        return _EndedPush()
+
+
+async def _counted_reads(store: DocumentStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many chunks each read of the store yielded, one entry a read."""
     read = store.read
-    yielded = 0
+    counts: list[int] = []
 
     async def counted(digest: bytes, offset: int = 0) -> AsyncGenerator[bytes, None]:
-        nonlocal yielded
+        counts.append(0)
         async for chunk in read(digest, offset):
-            yielded += 1
+            counts[-1] += 1
             yield chunk
 
     monkeypatch.setattr(store, "read", counted)
+    return counts
 
-    class _Call:
-        async def write(self, message: pb.PushDocumentRequest) -> None:
-            if message.WhichOneof("part") == "chunk":
-                raise asyncio.InvalidStateError("the hub ended the call")
 
-        async def done_writing(self) -> None:
-            pass
+async def test_a_push_ended_early_reads_on_for_its_check_once_a_file_then_only_when_little_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push the hub ends at its first chunk reads the rest of the file to check it, so
+    that a truncated copy is found; a file already found sound so is not read whole again
+    (a large rest): a fetch cancelled at its start each time would otherwise make the owner
+    read and hash a whole 2 GiB file each time."""
+    from client_sdk import pb
+    from node import documents
 
-        def __await__(self) -> Generator[None, None, pb.PushDocumentResponse]:
-            return asyncio.sleep(0, pb.PushDocumentResponse()).__await__()
+    monkeypatch.setattr(documents, "PUSH_CHECK_REST_BYTES", 2 * CHUNK_BYTES)
+    store = DocumentStore(tmp_path / "docs", DocumentLimits(max_file_bytes=8 * CHUNK_BYTES))
+    digest = await _stored(store, os.urandom(8 * CHUNK_BYTES))
+    counts = await _counted_reads(store, monkeypatch)
+    request = pb.DocumentRequest(request_id="r1", sha256=digest)
+    for _ in range(3):
+        with contextlib.suppress(Exception):
+            await documents.push(_EndedPushStub(), store, request, "SENDER.A")  # type: ignore[arg-type]
+    # The first write comes once the second chunk is read (each goes once the next is).
+    assert counts == [8, 2, 2]
+    assert store.path(digest).exists()  # a sound copy stays where it is, checked or not
 
-        def cancel(self) -> bool:
-            return True
 
-    class _Stub:
-        def PushDocument(self) -> _Call:
-            return _Call()
+async def test_a_truncated_copy_is_set_aside_by_a_push_ended_at_its_size_whatever_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner's copy lost its end (a disk or a copy cut short): it announces the size
+    of what it holds, which the fetching node refuses at once (SIZE_MISMATCH: not what the
+    letters sign), ending the push. Its check read on only when at most
+    PUSH_CHECK_REST_BYTES was left: a truncated copy larger than that was never set aside,
+    every fetch of it refused, and nothing said the owner's copy was corrupt."""
+    from client_sdk import pb
+    from node import documents
 
+    monkeypatch.setattr(documents, "PUSH_CHECK_REST_BYTES", 2 * CHUNK_BYTES)
+    store = DocumentStore(tmp_path / "docs", DocumentLimits(max_file_bytes=8 * CHUNK_BYTES))
+    digest = await _stored(store, os.urandom(8 * CHUNK_BYTES))
+    os.truncate(store.path(digest), 6 * CHUNK_BYTES)
+    set_aside = SET_ASIDE_OWN._value.get()
     request = pb.DocumentRequest(request_id="r1", sha256=digest)
     with contextlib.suppress(Exception):
-        await documents.push(_Stub(), store, request, "SENDER.A")  # type: ignore[arg-type]
-    # The first write comes once the second chunk is read (each goes once the next is).
-    assert yielded == (8 if whole else 2)
-    assert store.path(digest).exists()  # a sound copy stays where it is, checked or not
+        await documents.push(_EndedPushStub(), store, request, "SENDER.A")  # type: ignore[arg-type]
+    assert not store.path(digest).exists()
+    assert [p.name.split(".")[0] for p in (store.root / "corrupt").iterdir()] == [digest.hex()]
+    assert SET_ASIDE_OWN._value.get() == set_aside + 1
 
 
 @pytest.mark.parametrize(
