@@ -859,7 +859,8 @@ class Hub(pb.HubServiceServicer):
             "node %s was restored from a copy taken at %s: routing again %d notices it"
             " acknowledged since",
             agency,
-            dt.datetime.fromtimestamp(snapshot, dt.UTC).isoformat(timespec="seconds"),
+            # From the Timestamp, not the float: the last valid instant rounds into year 10000.
+            restored.snapshot_time.ToDatetime(dt.UTC).isoformat(timespec="seconds"),
             count,
             extra={"peer": agency, "reason": "NODE_RESTORED", "count": count},
         )

@@ -927,6 +927,23 @@ async def test_a_hello_saying_a_restore_from_no_valid_time_ends_the_stream_inval
     assert after.get(key, 0.0) - before.get(key, 0.0) == 1, (key, before.get(key), after.get(key))
 
 
+async def test_a_hello_saying_a_restore_from_the_last_valid_instant_is_welcomed(
+    cluster: Cluster,
+) -> None:
+    # 9999-12-31T23:59:59.999999999Z is a valid Timestamp, but as float seconds it rounds up
+    # into year 10000, which the hub's log line of the restore could not format.
+    hello = pb.ConnectHello(software_version="security-input-test")
+    hello.node_restore.snapshot_time.CopyFrom(_ts(253402300799, 999_999_999))
+    async with _hub_channel_as_c(cluster) as channel:
+        call = channel.stream_stream(CONNECT, request_serializer=None, response_deserializer=None)()
+        await call.write(pb.ConnectRequest(hello=hello).SerializeToString())
+        first = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+        assert first is not grpc.aio.EOF
+        assert pb.ConnectResponse.FromString(first).WhichOneof("frame") == "welcome"
+        call.cancel()
+    assert "9999-12-31T23:59:59" in cluster.hub.log_tail(20_000)
+
+
 def _c_signer(cluster: Cluster) -> Signer:
     return _signer(cluster.pki.agency_dir(AGENCY_C))
 
