@@ -1061,18 +1061,34 @@ class HubStore(Store):
 
         self.db.write_later(job)
 
-    async def route_again(self, agency: str, since: float) -> int:
+    async def route_again(self, agency: str, since: float, limit: int = 1000) -> int:
         """After ``agency``'s node was restored from a copy taken around ``since`` (less a
         margin): marks as waiting again the notices its node acknowledged since then, which
-        the copy lacks; how many. Those acknowledged more than NOTICES_KEPT_S ago are gone."""
+        the copy lacks; how many. Those acknowledged more than NOTICES_KEPT_S ago are gone.
 
-        def job(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "UPDATE notices SET acked_at = NULL WHERE acked_at >= ? AND agency = ?",
-                (since, agency),
-            ).rowcount
+        The agency's notices are read in the order of their unique index, ``limit`` a
+        transaction: a busy agency holds hundreds of thousands, and marked in one they held
+        the hub's one writer, every other agency's relays and receipts, for seconds."""
 
-        return max(await self.db.write(job), 0)
+        def step(after: str) -> Callable[[sqlite3.Connection], tuple[int, str | None]]:
+            def job(conn: sqlite3.Connection) -> tuple[int, str | None]:
+                rows = conn.execute(
+                    "SELECT id, evidence_id, acked_at FROM notices"
+                    " WHERE agency = ? AND evidence_id > ? ORDER BY evidence_id LIMIT ?",
+                    (agency, after, limit),
+                ).fetchall()
+                again = [(r[0],) for r in rows if r[2] is not None and r[2] >= since]
+                conn.executemany("UPDATE notices SET acked_at = NULL WHERE id = ?", again)
+                return len(again), str(rows[-1][1]) if len(rows) == limit else None
+
+            return job
+
+        total = 0
+        after: str | None = ""
+        while after is not None:
+            count, after = await self.db.write(step(after))
+            total += count
+        return total
 
     async def purge_notices(self, before: float, limit: int = 1000) -> int:
         """Deletes up to ``limit`` notices acknowledged before ``before``; how many."""

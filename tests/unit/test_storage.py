@@ -1270,6 +1270,46 @@ async def test_an_acknowledged_notice_is_routed_again_to_a_sender_restored_from_
     assert await hub.route_again(ORIGIN, before) == 0
 
 
+async def test_notices_are_routed_again_a_bounded_number_a_transaction(
+    hub: HubStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A busy agency's node restored from a copy days old has acknowledged hundreds of
+    # thousands of notices since: marked again in one UPDATE, they held the hub's one
+    # writer (every other agency's relays and receipts) for seconds (12 s for 500,000).
+    now = time.time()
+    rows = [
+        (agency, f"ev-{agency}-{i:05d}", b"e", acked)
+        for agency in (ORIGIN, RECIPIENT_B)
+        for i, acked in enumerate([None] * 300 + [now - 100.0] * 200 + [now] * 2300)
+    ]
+    await hub.db.write(
+        lambda conn: conn.executemany(
+            "INSERT INTO notices (agency, evidence_id, evidence, acked_at) VALUES (?, ?, ?, ?)",
+            rows,
+        )
+    )
+    changed: list[int] = []
+    write = hub.db.write
+
+    async def counted(job: Any, on_commit: Any = None) -> Any:
+        def counting(conn: sqlite3.Connection) -> Any:
+            start = conn.total_changes
+            try:
+                return job(conn)
+            finally:
+                changed.append(conn.total_changes - start)
+
+        return await write(counting, on_commit)
+
+    monkeypatch.setattr(hub.db, "write", counted)
+    assert await hub.route_again(ORIGIN, now - 10.0) == 2300
+    assert sum(changed) == 2300
+    assert max(changed) <= 1000, changed
+    monkeypatch.undo()
+    assert len(await hub.notices(ORIGIN, 0, 5000)) == 2600
+    assert len(await hub.notices(RECIPIENT_B, 0, 5000)) == 300
+
+
 async def test_handover_receipt_notifies_after_its_delivery_without_touching_the_queue(
     hub: HubStore,
 ) -> None:
