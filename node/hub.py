@@ -91,6 +91,9 @@ _HELLO_WAIT_S = 30.0  # for a node's first frame, once its stream is open
 # After a restore of a node, the notices it acknowledged are routed again from this long
 # before its copy's time: the copy's time is by its machine's clock, ours by ours.
 NODE_RESTORE_MARGIN_S = 300.0
+# At most once in this long an agency's hello has its notices routed again: each reads all
+# the agency's notices kept. A hello asking sooner is refused, and its node asks again.
+NODE_RESTORE_EVERY_S = 60.0
 # Deliveries and notices go out as stored, spliced into their frames (node.core.splice).
 _DELIVERIES = Field(pb.ConnectResponse, "deliveries")
 _NOTICES = Field(pb.ConnectResponse, "evidence")
@@ -228,6 +231,8 @@ class Hub(pb.HubServiceServicer):
         # The hub's signing certificates before the one in use (_keep_earlier_signers).
         self._earlier_signers: list[bytes] = []
         self._sessions: dict[str, _Session] = {}
+        # When (monotonic) each agency's notices were last routed again (NODE_RESTORE_EVERY_S).
+        self._routed_again: dict[str, float] = {}
         # Letters pushed to an agency on a session that ended before it answered them: its
         # node may have delivered them (its receipt lost with the stream), so they do not
         # expire (for UNANSWERED_GRACE_S); they are pushed again, expired or not, and its
@@ -800,6 +805,21 @@ class Hub(pb.HubServiceServicer):
                         ),
                     )
                     return
+                now = time.monotonic()
+                since = now - self._routed_again.get(agency, -NODE_RESTORE_EVERY_S)
+                if since < NODE_RESTORE_EVERY_S:
+                    await abort(
+                        context,
+                        ChaparError(
+                            Code.UNAVAILABLE,
+                            "NODE_RESTORE_TOO_SOON",
+                            f"this agency's notices were routed again after a restore {since:.0f} s"
+                            f" ago; a hello saying so again is taken after {NODE_RESTORE_EVERY_S:g} s",
+                            retry_after_s=NODE_RESTORE_EVERY_S - since,
+                        ),
+                    )
+                    return
+                self._routed_again[agency] = now
         else:  # handled as any frame (a client that sends no hello gets no attestation)
             request_iterator = _after(first, request_iterator)
         old = self._sessions.get(agency)

@@ -944,6 +944,39 @@ async def test_a_hello_saying_a_restore_from_the_last_valid_instant_is_welcomed(
     assert "9999-12-31T23:59:59" in cluster.hub.log_tail(20_000)
 
 
+async def test_a_hello_saying_a_restore_again_within_a_minute_is_refused_until_then(
+    cluster: Cluster,
+) -> None:
+    # Each such hello has the hub read all the agency's notices kept (8 days of them): a
+    # node saying so at every stream, hostile or stuck, had it read them at every stream.
+    hello = pb.ConnectHello(software_version="security-input-test")
+    hello.node_restore.snapshot_time.CopyFrom(_ts(1_700_000_000))
+    raw = pb.ConnectRequest(hello=hello).SerializeToString()
+
+    async def connect() -> None:
+        async with _hub_channel_as_c(cluster) as channel:
+            call = channel.stream_stream(
+                CONNECT, request_serializer=None, response_deserializer=None
+            )()
+            await call.write(raw)
+            first = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+            assert pb.ConnectResponse.FromString(first).WhichOneof("frame") == "welcome"
+            call.cancel()
+
+    with contextlib.suppress(grpc.aio.AioRpcError):  # an earlier test's may be that recent
+        await connect()
+    before = await _rejections(cluster.hub)
+    refusal = await _refused(connect)
+    assert (refusal.code, refusal.reason, refusal.domain) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "NODE_RESTORE_TOO_SOON",
+        DOMAIN,
+    ), refusal
+    after = await _rejections(cluster.hub)
+    key = ("UNAVAILABLE", "NODE_RESTORE_TOO_SOON")
+    assert after.get(key, 0.0) - before.get(key, 0.0) == 1, (key, before.get(key), after.get(key))
+
+
 def _c_signer(cluster: Cluster) -> Signer:
     return _signer(cluster.pki.agency_dir(AGENCY_C))
 

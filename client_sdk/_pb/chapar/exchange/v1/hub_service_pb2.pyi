@@ -128,8 +128,11 @@ class ConnectHello(_message.Message):
         notices of this agency it holds acknowledged since shortly (5 minutes, for the two
         machines' clocks) before snapshot_time: it keeps acknowledged notices 8 days. The node
         stores each once (by evidence id). A snapshot_time that is not a valid time ends the
-        stream INVALID_ARGUMENT / INVALID_TIME. A hub that does not know the field routes
-        nothing again.
+        stream INVALID_ARGUMENT / INVALID_TIME; a hello with node_restore less than a minute
+        after the last one of the same agency the hub took ends it UNAVAILABLE /
+        NODE_RESTORE_TOO_SOON, with RetryInfo (each has the hub read all the agency's notices
+        kept): the node asks again then. A hub that does not know the field routes nothing
+        again.
         """
 
     def __init__(
