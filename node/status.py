@@ -216,8 +216,21 @@ def _status(ns: argparse.Namespace) -> int:
     if any(tls_files) and not all(tls_files):
         print("error: --ca, --cert and --key go together", file=sys.stderr)
         return 2
+    tls = None
+    if ns.ca:
+        for option, path in (("--ca", ns.ca), ("--cert", ns.cert), ("--key", ns.key)):
+            if not path.is_file():
+                print(f"error: {option} {path}: no such file", file=sys.stderr)
+                return 2
+        try:
+            tls = client_context(ns.ca, ns.cert, ns.key)
+        except (OSError, ssl.SSLError) as exc:  # not PEM, a key not the certificate's ...
+            print(
+                f"error: cannot load --ca {ns.ca}, --cert {ns.cert} and --key {ns.key}: {exc}",
+                file=sys.stderr,
+            )
+            return 2
     try:
-        tls = client_context(ns.ca, ns.cert, ns.key) if ns.ca else None
         body = _scrape(address, 10.0, tls)
     except urllib.error.HTTPError as exc:  # a refusal says why in its body (403: revoked)
         print(f"error: cannot read metrics at {address}: {_refusal(exc)}", file=sys.stderr)

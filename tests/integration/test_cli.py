@@ -356,6 +356,33 @@ def test_status_of_a_malformed_address(target: str) -> None:
     _assert_fails_in_one_line(result, f"cannot read metrics at {target}")
 
 
+@pytest.mark.parametrize("missing", ["--ca", "--cert", "--key"])
+def test_status_with_a_tls_file_missing_names_it(tmp_path: Path, missing: str) -> None:
+    # It said "cannot read metrics at ...: [Errno 2] No such file or directory", naming
+    # neither the option nor the file, and blaming the server.
+    files = {}
+    for option in ("--ca", "--cert", "--key"):
+        path = tmp_path / option.strip("-")
+        if option != missing:
+            path.write_text("not PEM")
+        files[option] = path
+    args = [x for option, path in files.items() for x in (option, str(path))]
+    result = _run("status", "127.0.0.1:1", *args, timeout=30)
+    _assert_fails_in_one_line(result, f"{missing} {files[missing]}: no such file")
+    assert result.returncode == 2
+
+
+def test_status_with_tls_files_that_do_not_load_says_so_not_the_server(tmp_path: Path) -> None:
+    files = []
+    for option in ("--ca", "--cert", "--key"):
+        path = tmp_path / option.strip("-")
+        path.write_text("not PEM")
+        files += [option, str(path)]
+    result = _run("status", "127.0.0.1:1", *files, timeout=30)
+    _assert_fails_in_one_line(result, f"cannot load --ca {tmp_path / 'ca'}")
+    assert result.returncode == 2
+
+
 @pytest.mark.parametrize(
     ("content", "text"),
     [
