@@ -288,7 +288,9 @@ def _verify(cluster: Cluster, p: Params) -> dict[str, int]:
         "hub_delivery_evidence": _count(
             hub_db, "SELECT count(*) FROM evidence WHERE event = ?", (E.EVIDENCE_EVENT_DELIVERY,)
         ),
-        "notices_for_sender": _count(hub_db, "SELECT count(*) FROM notices WHERE agency = ?", (A,)),
+        "notices_for_sender": _count(
+            hub_db, "SELECT count(*) FROM notices WHERE agency = ? AND acked_at IS NULL", (A,)
+        ),
     }
 
 
