@@ -39,6 +39,7 @@ from node.config import read_table as _read_table
 from node.core.documents import DocumentLimits
 from node.document_store import DOCUMENT_NAME, NO_HARD_LINKS, DocumentStore, FileId, fsync_path
 from node.storage.db import Store
+from node.storage.node_store import fetched_only
 from node.storage.restore import RESTORED_KEY, RestoreMark, read_restore_mark
 
 __all__ = [
@@ -318,8 +319,6 @@ def _set_aside(root: Path, snapshot: Path, damage: _Damage) -> str:
     (``DocumentStore.quarantine``), which the database copy (``snapshot``) decides. Only
     the file read goes (a sound copy stored since stays), as the running server's readers
     do. Returns the line that says what was done."""
-    from node.storage.node_store import fetched_only
-
     digest = bytes.fromhex(damage.path.name)
     said = (
         f"the document {damage.path} is damaged (its content's SHA-256 is {damage.actual},"
