@@ -795,31 +795,9 @@ class Hub(pb.HubServiceServicer):
             nonce = first.hello.nonce
             if first.hello.HasField("node_restore"):
                 restored = first.hello.node_restore
-                if not valid_timestamp(restored.snapshot_time):
-                    await abort(
-                        context,
-                        ChaparError(
-                            Code.INVALID_ARGUMENT,
-                            "INVALID_TIME",
-                            "hello node_restore.snapshot_time is not a valid time",
-                        ),
-                    )
+                if (refused := self._node_restore_refusal(agency, restored)) is not None:
+                    await abort(context, refused)
                     return
-                now = time.monotonic()
-                since = now - self._routed_again.get(agency, -NODE_RESTORE_EVERY_S)
-                if since < NODE_RESTORE_EVERY_S:
-                    await abort(
-                        context,
-                        ChaparError(
-                            Code.UNAVAILABLE,
-                            "NODE_RESTORE_TOO_SOON",
-                            f"this agency's notices were routed again after a restore {since:.0f} s"
-                            f" ago; a hello saying so again is taken after {NODE_RESTORE_EVERY_S:g} s",
-                            retry_after_s=NODE_RESTORE_EVERY_S - since,
-                        ),
-                    )
-                    return
-                self._routed_again[agency] = now
         else:  # handled as any frame (a client that sends no hello gets no attestation)
             request_iterator = _after(first, request_iterator)
         old = self._sessions.get(agency)
@@ -869,6 +847,29 @@ class Hub(pb.HubServiceServicer):
                 pending.cancel()
             self._end_session(session)
             log.info("node %s disconnected", agency)
+
+    def _node_restore_refusal(self, agency: str, restored: pb.NodeRestore) -> ChaparError | None:
+        """Why a hello saying ``agency``'s node was restored is refused (a snapshot time
+        that is none; its notices routed again less than NODE_RESTORE_EVERY_S ago), or None,
+        the routing again then counted as done now."""
+        if not valid_timestamp(restored.snapshot_time):
+            return ChaparError(
+                Code.INVALID_ARGUMENT,
+                "INVALID_TIME",
+                "hello node_restore.snapshot_time is not a valid time",
+            )
+        now = time.monotonic()
+        since = now - self._routed_again.get(agency, -NODE_RESTORE_EVERY_S)
+        if since < NODE_RESTORE_EVERY_S:
+            return ChaparError(
+                Code.UNAVAILABLE,
+                "NODE_RESTORE_TOO_SOON",
+                f"this agency's notices were routed again after a restore {since:.0f} s"
+                f" ago; a hello saying so again is taken after {NODE_RESTORE_EVERY_S:g} s",
+                retry_after_s=NODE_RESTORE_EVERY_S - since,
+            )
+        self._routed_again[agency] = now
+        return None
 
     async def _route_again(self, agency: str, restored: pb.NodeRestore) -> None:
         """A node restored from a copy: routes again the notices it acknowledged since
