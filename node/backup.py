@@ -52,6 +52,7 @@ __all__ = [
     "backup",
     "check_manifest",
     "describe",
+    "place_staged",
     "read_restore_mark",
     "restore",
 ]
@@ -497,6 +498,41 @@ def _place_documents(staged: Path) -> None:
     for folder in folders:
         _fsync_dir(folder)
     shutil.rmtree(staged)
+
+
+def place_staged(store: Path) -> str | None:
+    """Finishes a restore cut short (killed, the machine stopped) before it renamed into
+    the node's document store (``store``) the documents it checked into ``restoring/``:
+    each one the store lacks is hashed again (only one whose content is its name is
+    placed: it may have rotted since; one cut short in the copy is still a ``.partial``,
+    never under its name) and renamed into place, and the folder removed. Returns the line
+    that says so, None when there is no such folder. Run where no server uses the store:
+    at the node's start, before it opens it, and by a restore (whose swap may have been
+    done: the database in place then needs them)."""
+    staged = store / _RESTORING
+    if not staged.is_dir():
+        return None
+    placed = held = damaged = 0
+    for rel in _document_files(staged):
+        if (store / rel).exists():
+            held += 1
+            (staged / rel).unlink()
+            continue
+        with open(staged / rel, "rb") as file:
+            sound = hashlib.file_digest(file, "sha256").hexdigest() == rel.name
+        if sound:
+            placed += 1
+        else:
+            damaged += 1
+            (staged / rel).unlink()
+    _place_documents(staged)
+    line = (
+        f"the documents a restore cut short left in {staged}: {placed} placed in the store,"
+        f" {held} held already, {damaged} dropped as damaged"
+    )
+    if damaged:
+        line += " (their content is not their SHA-256 name): restore again to bring them back"
+    return line
 
 
 def _check_copy(path: Path, copy: Path, manifest: Manifest) -> None:

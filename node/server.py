@@ -513,6 +513,7 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
 
 async def serve_node(config: NodeConfig, config_path: Path | None = None) -> None:
     from node.agency import Agency
+    from node.backup import place_staged
     from node.document_store import DocumentStore
     from node.documents import Documents
     from node.monitor import NodeMonitor
@@ -542,6 +543,15 @@ async def serve_node(config: NodeConfig, config_path: Path | None = None) -> Non
             log.warning(
                 "restored from a backup: submissions wait until the hub confirms the numbers"
             )
+        try:
+            # Before the store is opened: what a restore cut short left unplaced.
+            if placed := place_staged(config.documents_dir):
+                log.warning("%s", placed)
+        except OSError as exc:
+            raise ConfigError(
+                f"documents.directory: cannot place what a restore cut short left in"
+                f" {config.documents_dir}: {exc}"
+            ) from exc
         try:
             document_store = DocumentStore(config.documents_dir, config.documents)
         except OSError as exc:

@@ -454,6 +454,67 @@ async def test_a_restore_refuses_a_node_backup_without_the_documents_its_manifes
     assert back.read_bytes() == source.read_bytes()
 
 
+async def test_documents_a_restore_cut_short_after_its_swap_left_are_placed_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore killed after it swapped the database in, before it renamed the documents
+    it had checked into the store, left them in restoring/ for good: the node started on
+    the restored database, and the attachments of its letters could not be downloaded
+    (NOT_FOUND). The node's start now places them (one whose content is not its name is
+    dropped) and says so."""
+    cluster = await Cluster.start(tmp_path / "c", [A, B], without_node=[B])
+    node_a = cluster.nodes[A]
+    source = tmp_path / "report.txt"
+    source.write_bytes(b"attachment " * 1000)
+    backup = tmp_path / "backup"
+    store = node_a.config.parent / "documents"
+    staged = store / "restoring"
+    rotten = hashlib.sha256(b"rotten").hexdigest()
+    rotten_rel = Path("sha256") / rotten[:2] / rotten
+
+    def killed(where: Path) -> None:
+        """A kill before the first rename; a file under a name its content is not."""
+        (where / rotten_rel).parent.mkdir(parents=True, exist_ok=True)
+        (where / rotten_rel).write_bytes(b"rottem")
+        raise KeyboardInterrupt
+
+    async def restore_killed() -> None:
+        node_a.terminate()
+        shutil.rmtree(store / "sha256")  # the site lost, its store with it
+        with monkeypatch.context() as m:
+            m.setattr(backup_module, "_place_documents", killed)
+            with pytest.raises(KeyboardInterrupt):
+                await asyncio.to_thread(restore, node_a.config, backup)
+        assert mark_of(database(node_a)) is not None  # swapped in
+        assert sorted(p.name for p in staged.rglob("*") if p.is_file()) == sorted(
+            [document, rotten]
+        )
+
+    try:
+        async with client(node_a, cluster, A) as a:
+            sent = await a.send(to=[B], subject="file", body="x", attachments=[source])
+            (ref,) = (await a.track(sent.shams)).header.attachments
+        document = ref.sha256.hex()
+        made = chapar("backup", "--config", node_a.config, "--to", backup)
+        assert made.returncode == 0, made.stdout + made.stderr
+        await restore_killed()
+        node_a.start()
+        await node_a.wait_ready()
+        async with client(node_a, cluster, A) as a:
+            assert b"".join([c async for c in a.download(ref.uri)]) == source.read_bytes()
+        assert not staged.exists()
+        assert not (store / rotten_rel).exists()
+        line = (
+            f"the documents a restore cut short left in {staged}: 1 placed in the store,"
+            " 0 held already, 1 dropped as damaged"
+        )
+        assert line in node_a.log_tail(), node_a.log_tail()
+
+    finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes
+
+
 async def test_a_backup_leaves_out_a_damaged_document_and_sets_the_live_copy_aside(
     tmp_path: Path,
 ) -> None:
