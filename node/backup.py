@@ -29,7 +29,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -359,12 +359,19 @@ MAX_SKIP_NUMBERS = 10_000_000
 
 
 def restore(
-    config_path: Path, source: Path, *, now: float | None = None, skip_numbers: int = 0
+    config_path: Path,
+    source: Path,
+    *,
+    now: float | None = None,
+    skip_numbers: int = 0,
+    warn: Callable[[str], object] = lambda _: None,
 ) -> tuple[Manifest, Path]:
     """Puts the backup in ``source`` in place of the server's database; returns its
     manifest and the directory the replaced files were moved to. A node restored with
     ``skip_numbers`` moves its SHAMS counters that many numbers on at the hub's first
-    word (past those it may have given letters after the backup and never relayed)."""
+    word (past those it may have given letters after the backup and never relayed).
+    ``warn`` is given the line saying what it did with the documents an earlier restore,
+    cut short, left unplaced (``place_staged``), refused or not after."""
     server = _server(config_path)
     if skip_numbers and server.role != "node":
         raise BackupError("--skip-numbers is for a node: only a node numbers letters")
@@ -412,11 +419,22 @@ def restore(
     # the store (renamed into place after the swap): one damaged refuses the restore
     # before anything the server reads has changed.
     store = server.documents_dir
+    if store is not None:
+        # An earlier restore's, killed after its swap: the database in place needs them.
+        try:
+            placed = place_staged(store)
+        except OSError as exc:
+            raise BackupError(
+                f"could not place the documents an earlier restore left in"
+                f" {store / _RESTORING} ({exc}), which the database in place may need:"
+                " make room or fix the permissions, then restore again"
+            ) from exc
+        if placed is not None:
+            warn(placed)
     made_store = store is not None and not store.exists()
     staged = None
     if store is not None and (source / "documents").is_dir():
         staged = store / _RESTORING
-        shutil.rmtree(staged, ignore_errors=True)  # an earlier restore's that failed
 
     def discard() -> None:
         """What the restore made, removed when it fails before the swap is done."""
@@ -454,7 +472,8 @@ def restore(
         _swap_in(db, incoming, aside)
     except BackupError:
         # The database is as it was: the documents checked for it are not left in the
-        # store's restoring/ (nothing but another restore would remove them).
+        # store's restoring/ (the node's start would place them, for a database that
+        # does not need them).
         discard()
         raise
     if staged is not None:
@@ -463,8 +482,8 @@ def restore(
         except OSError as exc:
             raise RestoreFailed(
                 f"the database is restored (the replaced files are in {aside}), but the"
-                f" documents could not all be copied back ({exc}): copy"
-                f" {source / 'documents'} into {staged.parent}, or restore again"
+                f" documents could not all be copied back ({exc}): start the node (it"
+                f" places those left in {staged}), or restore again"
             ) from exc
     return manifest, aside
 

@@ -78,7 +78,12 @@ def _restore(ns: argparse.Namespace) -> int:
     from node.backup import BackupError, RestoreFailed, describe, restore
 
     try:
-        manifest, aside = restore(ns.config, ns.source, skip_numbers=ns.skip_numbers)
+        manifest, aside = restore(
+            ns.config,
+            ns.source,
+            skip_numbers=ns.skip_numbers,
+            warn=lambda line: print(f"warning: {line}", file=sys.stderr),
+        )
     except ConfigError as exc:
         print(f"error: configuration {ns.config}: {exc}", file=sys.stderr)
         return 2

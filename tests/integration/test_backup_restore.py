@@ -249,8 +249,8 @@ async def test_restore_refuses_a_running_server_another_identity_and_a_newer_sch
     restoring = node_a.config.parent / "documents" / "restoring"
     assert not restoring.exists()
     # Failing after the documents were staged (the swap refused, or a server started
-    # meanwhile) also leaves no copy of them in the store: they stayed in restoring/,
-    # which nothing but another restore removes.
+    # meanwhile) also leaves no copy of them in the store: they stayed in restoring/
+    # (which the node's next start would place in the store).
     content = b"a document of the backup"
     name = hashlib.sha256(content).hexdigest()
     (backups / "a" / "documents" / "sha256" / name[:2]).mkdir(parents=True)
@@ -460,8 +460,9 @@ async def test_documents_a_restore_cut_short_after_its_swap_left_are_placed_not_
     """A restore killed after it swapped the database in, before it renamed the documents
     it had checked into the store, left them in restoring/ for good: the node started on
     the restored database, and the attachments of its letters could not be downloaded
-    (NOT_FOUND). The node's start now places them (one whose content is not its name is
-    dropped) and says so."""
+    (NOT_FOUND); the next restore deleted them first thing, even one then refused. The
+    node's start and a restore's now place them (one whose content is not its name is
+    dropped) and say so."""
     cluster = await Cluster.start(tmp_path / "c", [A, B], without_node=[B])
     node_a = cluster.nodes[A]
     source = tmp_path / "report.txt"
@@ -510,6 +511,21 @@ async def test_documents_a_restore_cut_short_after_its_swap_left_are_placed_not_
         )
         assert line in node_a.log_tail(), node_a.log_tail()
 
+        # Cut short again, then a restore refused (a manifest of another backup): it
+        # used to delete restoring/ first, and the database in place lost the document.
+        await restore_killed()
+        mixed = tmp_path / "mixed"
+        shutil.copytree(backup, mixed)
+        manifest = json.loads((mixed / "manifest.json").read_text())
+        manifest["counts"]["outbox"] += 1
+        (mixed / "manifest.json").write_text(json.dumps(manifest))
+        refused = chapar("restore", "--config", node_a.config, "--from", mixed)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"warning: {line}" in refused.stderr, refused.stderr
+        assert "the manifest says" in refused.stderr, refused.stderr
+        assert not staged.exists()
+        assert (store / "sha256" / document[:2] / document).read_bytes() == source.read_bytes()
+        assert not (store / rotten_rel).exists()
     finally:
         codes = cluster.stop()
     assert set(codes.values()) == {0}, codes
