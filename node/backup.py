@@ -494,15 +494,22 @@ def _stage_documents(source: Path, staged: Path) -> None:
     read (BackupError if one is damaged). Those the store holds are not read."""
     store = staged.parent
     staged.mkdir(parents=True)
+    folders = {staged}
     for rel in _document_files(source):
         if not (store / rel).exists():
             (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            folders.add((staged / rel).parent)
             damage = _copy_new(source / rel, staged / rel, 0o666)
             if damage is not None:
                 raise BackupError(
                     f"the backup's document {damage.path} is damaged (its content's SHA-256"
                     f" is {damage.actual}, not its name): restore another backup"
                 )
+    # Their names on disk before the swap, as the files are: after a power cut the
+    # restored database finds them in restoring/ (placed at the node's start).
+    for folder in folders:
+        _fsync_dir(folder)
+    _fsync_dir(store)
 
 
 def _place_documents(staged: Path) -> None:
