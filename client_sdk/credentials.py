@@ -14,7 +14,7 @@ Development PKI layout (``chapar pki``)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,8 @@ from client_sdk.trust import TrustStore, chain_break, is_ca
 __all__ = ["DEFAULT_CLIENT_NAME", "Credentials", "key_matches_certificate"]
 
 DEFAULT_CLIENT_NAME = "backend"
+# What Credentials' errors call its parts (ca, cert, key) when not read from files.
+_ROLES = ("root certificates", "client certificate chain", "client private key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +38,15 @@ class Credentials:
     root_certificates: bytes
     private_key: bytes = field(repr=False)
     certificate_chain: bytes
+    # from_files's files (ca, cert, key): its errors name them rather than their roles.
+    _files: InitVar[tuple[Path, Path, Path] | None] = field(default=None, kw_only=True)
 
-    def __post_init__(self) -> None:
-        roots = _load_certificates(self.root_certificates, "root certificates")
-        chain = _load_certificates(self.certificate_chain, "client certificate chain")
-        key = load_private_key(self.private_key, "client private key")
-        place = leaf_position(key, chain)
+    def __post_init__(self, _files: tuple[Path, Path, Path] | None) -> None:
+        ca, cert, key = _files or _ROLES
+        roots = _load_certificates(self.root_certificates, str(ca))
+        chain = _load_certificates(self.certificate_chain, str(cert))
+        private = load_private_key(self.private_key, str(key))
+        place = leaf_position(private, chain)
         if place is None:
             raise ValueError("client private key does not match the client certificate")
         if place > 1:  # the files concatenated the other way round: say so, not "not yours"
@@ -49,21 +54,22 @@ class Credentials:
                 f"client certificate chain: the private key's certificate is number "
                 f"{place} of {len(chain)}; it must come first, then its issuers (leaf first)"
             )
-        _check_chain(chain, roots, "client certificate chain", "the root certificates")
+        # A chain that cannot reach the roots (its intermediate left out, another CA's) is
+        # named with the issuer missing: the handshake would fail only as UNAVAILABLE.
+        gap = chain_break(chain, roots)
+        if gap is not None:
+            of = ca if _files else "the root certificates"
+            raise ValueError(f"{cert} does not chain to {of}: {gap}")
 
     @classmethod
     def from_files(cls, ca: Path, cert: Path, key: Path) -> Credentials:
         """Reads the root CA, the client certificate chain and the client key (PEM); a key
         that cannot be read (encrypted, not PEM), or a chain that does not lead to a CA of
         ``ca`` (its intermediate left out), is named by its file."""
-        private_key = Path(key).read_bytes()
-        load_private_key(private_key, str(key))
-        roots, chain = Path(ca).read_bytes(), Path(cert).read_bytes()
-        # Checked here to name the files; __post_init__ checks the bytes again, by role.
-        _check_chain(
-            _load_certificates(chain, str(cert)), _load_certificates(roots, str(ca)), cert, ca
-        )
-        return cls(root_certificates=roots, private_key=private_key, certificate_chain=chain)
+        ca, cert, key = Path(ca), Path(cert), Path(key)
+        private_key = key.read_bytes()
+        roots, chain = ca.read_bytes(), cert.read_bytes()
+        return cls(roots, private_key, chain, _files=(ca, cert, key))
 
     @classmethod
     def from_pki(
@@ -104,16 +110,6 @@ class Credentials:
         chain = _load_certificates(self.certificate_chain, "client certificate chain")
         store.add_certificates(c for c in chain if is_ca(c))
         return store
-
-
-def _check_chain(
-    chain: list[x509.Certificate], roots: list[x509.Certificate], what: object, of: object
-) -> None:
-    """A chain that cannot reach the roots (its intermediate left out, another CA's) is
-    named with the issuer missing: the handshake would fail only as UNAVAILABLE."""
-    gap = chain_break(chain, roots)
-    if gap is not None:
-        raise ValueError(f"{what} does not chain to {of}: {gap}")
 
 
 def _load_certificates(pem: bytes, what: str) -> list[x509.Certificate]:
