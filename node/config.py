@@ -35,6 +35,7 @@ __all__ = [
     "config_keys",
     "load_hub_config",
     "load_node_config",
+    "read_certificate_file",
     "read_certificates",
     "read_revocations",
     "read_table",
@@ -381,6 +382,11 @@ def read_table(path: Path) -> Table:
 def read_certificates(path: Path, key: str) -> list[x509.Certificate]:
     """The PEM certificates in ``path`` (at least one); else a ConfigError naming ``key``
     (a key file given for a certificate is the usual mix-up)."""
+    return read_certificate_file(path, key)[1]
+
+
+def read_certificate_file(path: Path, key: str) -> tuple[bytes, list[x509.Certificate]]:
+    """``path``'s bytes and the PEM certificates in them, as ``read_certificates``."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -394,7 +400,7 @@ def read_certificates(path: Path, key: str) -> list[x509.Certificate]:
     # "by an unexpected error" instead of naming the key.
     except Exception as exc:
         raise ConfigError(f"{key}: not a valid PEM certificate: {path} ({exc})") from exc
-    return certificates
+    return data, certificates
 
 
 def _tls(t: Table) -> TlsConfig:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,7 @@ from node.config import (
     NodeConfig,
     SigningConfig,
     TlsConfig,
+    read_certificate_file,
     read_certificates,
 )
 from node.rpc.side import SideServiceAdmission, revocation
@@ -143,18 +145,49 @@ def check_key_file(path: Path, key: str) -> bytes:
     return path.read_bytes()
 
 
-def _trust(tls: TlsConfig, signing: SigningConfig) -> TrustStore:
-    trust = TrustStore(read_certificates(tls.ca, "tls.ca"))
-    chain = read_certificates(tls.cert, "tls.cert")
-    trust.add_certificates(chain[1:])
+@dataclass(frozen=True, slots=True)
+class _TlsFiles:
+    """A server's TLS files, each read once at start (``_read_tls``) and checked: the key,
+    the certificate chain (leaf first) and the CA bundle, as PEM and, parsed, as certificates."""
+
+    key_pem: bytes
+    cert_pem: bytes
+    chain: list[x509.Certificate]
+    ca_pem: bytes
+    roots: list[x509.Certificate]
+
+
+def _read_tls(tls: TlsConfig, expected: Identity) -> _TlsFiles:
+    """Reads tls.key, tls.cert and tls.ca, refusing (ConfigError) a key others can read or
+    that is not the certificate's, a chain in the wrong order, speaking for another than
+    ``expected`` or that cannot lead to a CA of tls.ca. The last is named with the issuer
+    missing: gRPC would start, and every handshake with the server, and the node's with the
+    hub, would fail, seen on the other side only as UNAVAILABLE."""
+    key_pem = check_key_file(tls.key, "tls.key")
+    key = _private_key(key_pem, tls.key, "tls.key")
+    cert_pem, chain = read_certificate_file(tls.cert, "tls.cert")
+    _check_order(key, chain, tls.cert, "tls.key", "tls.cert")
+    _check_identity(chain, tls.cert, "tls.cert", expected)
+    _check_key_matches(key, chain, tls.cert, "tls.key")
+    ca_pem, roots = read_certificate_file(tls.ca, "tls.ca")
+    gap = chain_break(chain, roots)
+    if gap is not None:
+        raise ConfigError(f"tls.cert: {tls.cert} does not chain to tls.ca ({tls.ca}): {gap}")
+    return _TlsFiles(key_pem, cert_pem, chain, ca_pem, roots)
+
+
+def _trust(tls: _TlsFiles, signing: SigningConfig) -> TrustStore:
+    trust = TrustStore(tls.roots)
+    trust.add_certificates(tls.chain[1:])
     if signing.intermediates is not None:
         trust.add_certificates(read_certificates(signing.intermediates, "signing.intermediates"))
     return trust
 
 
-def _check_identity(path: Path, key: str, expected: Identity) -> None:
-    cert = read_certificates(path, key)[0]
-    found = identity_of_certificate(cert)
+def _check_identity(
+    chain: list[x509.Certificate], path: Path, key: str, expected: Identity
+) -> None:
+    found = identity_of_certificate(chain[0])
     if found != expected:
         raise ConfigError(
             f"{key}: {path} speaks for {found.uri if found else 'nobody'}, not {expected.uri}"
@@ -163,9 +196,10 @@ def _check_identity(path: Path, key: str, expected: Identity) -> None:
 
 def _signer(signing: SigningConfig, expected: Identity) -> Signer:
     key = _private_key(check_key_file(signing.key, "signing.key"), signing.key, "signing.key")
-    _check_order(key, signing.cert, "signing.key", "signing.cert")
-    _check_identity(signing.cert, "signing.cert", expected)
-    _check_key_matches(key, signing.cert, "signing.key", "signing.cert")
+    chain = read_certificates(signing.cert, "signing.cert")
+    _check_order(key, chain, signing.cert, "signing.key", "signing.cert")
+    _check_identity(chain, signing.cert, "signing.cert", expected)
+    _check_key_matches(key, chain, signing.cert, "signing.key")
     signer = Signer.from_files(signing.key, signing.cert)
     if signing.algorithm is not None:
         wanted = {
@@ -188,10 +222,15 @@ def _private_key(key_pem: bytes, key_path: Path, key: str) -> PrivateKeyTypes:
         raise ConfigError(f"{key}: {exc}") from None
 
 
-def _check_order(private: PrivateKeyTypes, cert_path: Path, key: str, cert_key: str) -> None:
+def _check_order(
+    private: PrivateKeyTypes,
+    chain: list[x509.Certificate],
+    cert_path: Path,
+    key: str,
+    cert_key: str,
+) -> None:
     """A chain file concatenated the other way round (the intermediate first) is named as
     such; read for its first certificate, it would "speak for nobody"."""
-    chain = read_certificates(cert_path, cert_key)
     place = leaf_position(private, chain)
     if place is not None and place > 1:
         raise ConfigError(
@@ -201,42 +240,24 @@ def _check_order(private: PrivateKeyTypes, cert_path: Path, key: str, cert_key: 
         )
 
 
-def _check_key_matches(private: PrivateKeyTypes, cert_path: Path, key: str, cert_key: str) -> None:
+def _check_key_matches(
+    private: PrivateKeyTypes, chain: list[x509.Certificate], cert_path: Path, key: str
+) -> None:
     """A key that is not the certificate's is named here (gRPC would say only 'cannot bind')."""
-    if not key_matches_certificate(private, read_certificates(cert_path, cert_key)[0]):
+    if not key_matches_certificate(private, chain[0]):
         raise ConfigError(f"{key}: does not match the public key of {cert_path}")
 
 
-def _check_chain(tls: TlsConfig) -> None:
-    """A tls.cert that cannot lead to a CA of tls.ca (its intermediate left out) is named,
-    with the issuer missing: gRPC would start, and every handshake with the server, and
-    the node's with the hub, would fail, seen on the other side only as UNAVAILABLE."""
-    chain = read_certificates(tls.cert, "tls.cert")
-    gap = chain_break(chain, read_certificates(tls.ca, "tls.ca"))
-    if gap is not None:
-        raise ConfigError(f"tls.cert: {tls.cert} does not chain to tls.ca ({tls.ca}): {gap}")
-
-
-def _server_credentials(tls: TlsConfig, expected: Identity) -> grpc.ServerCredentials:
-    key_pem = check_key_file(tls.key, "tls.key")
-    key = _private_key(key_pem, tls.key, "tls.key")
-    _check_order(key, tls.cert, "tls.key", "tls.cert")
-    _check_identity(tls.cert, "tls.cert", expected)
-    _check_key_matches(key, tls.cert, "tls.key", "tls.cert")
-    _check_chain(tls)
+def _server_credentials(tls: _TlsFiles) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
-        [(key_pem, tls.cert.read_bytes())],
-        root_certificates=tls.ca.read_bytes(),
-        require_client_auth=True,
+        [(tls.key_pem, tls.cert_pem)], root_certificates=tls.ca_pem, require_client_auth=True
     )
 
 
-def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
+def channel_credentials(tls: _TlsFiles) -> grpc.ChannelCredentials:
     """The node's credentials towards the hub (the same TLS certificate and key)."""
     return grpc.ssl_channel_credentials(
-        root_certificates=tls.ca.read_bytes(),
-        private_key=check_key_file(tls.key, "tls.key"),
-        certificate_chain=tls.cert.read_bytes(),
+        root_certificates=tls.ca_pem, private_key=tls.key_pem, certificate_chain=tls.cert_pem
     )
 
 
@@ -450,9 +471,10 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
     from node.storage.hub_store import HubStore
 
     _withdraw_ready(config.ready_file)
-    creds = _server_credentials(config.tls, config.identity)
+    tls = _read_tls(config.tls, config.identity)
+    creds = _server_credentials(tls)
     signer = _signer(config.signing, config.identity)
-    trust = _trust(config.tls, config.signing)
+    trust = _trust(tls, config.signing)
     directory = build_directory(config, signer, trust.intermediates)
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.callback(_remove_own_ready, config.ready_file)  # last, once all is closed
@@ -521,10 +543,11 @@ async def serve_node(config: NodeConfig, config_path: Path | None = None) -> Non
     from node.storage.node_store import NodeStore
 
     _withdraw_ready(config.ready_file)
-    creds = _server_credentials(config.tls, config.identity)
+    tls = _read_tls(config.tls, config.identity)
+    creds = _server_credentials(tls)
     signer = _signer(config.signing, config.identity)
-    trust = _trust(config.tls, config.signing)
-    link_creds = channel_credentials(config.tls)
+    trust = _trust(tls, config.signing)
+    link_creds = channel_credentials(tls)
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.callback(_remove_own_ready, config.ready_file)  # last, once all is closed
         # From here on whatever was opened is closed again, however start-up or serving

@@ -46,7 +46,7 @@ from node.config import load_node_config
 from node.core import lifecycle
 from node.core.evidence import evidence_content
 from node.rpc.hub_link import HubLink
-from node.server import _signer, _trust, channel_credentials
+from node.server import _read_tls, _signer, _trust, channel_credentials
 from node.storage.node_store import NodeStore
 
 A, B, C = "000.00.00.G22", "10861234567", "MOFA.IR"
@@ -334,10 +334,11 @@ async def _run(
     process = Cluster._node_process(at, material.cluster.pki, A, f"localhost:{port}", "")
     config = load_node_config(process.config)
     store = await NodeStore.open(config.database, durability="normal")
+    tls = _read_tls(config.tls, config.identity)
     agency = Agency(
-        config, store, _signer(config.signing, config.identity), _trust(config.tls, config.signing)
+        config, store, _signer(config.signing, config.identity), _trust(tls, config.signing)
     )
-    link = HubLink(agency, channel_credentials(config.tls))
+    link = HubLink(agency, channel_credentials(tls))
     agency.hub_link = link
     if prepare is not None:
         await prepare(store)

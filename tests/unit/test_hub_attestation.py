@@ -215,7 +215,7 @@ async def test_a_hub_renamed_through_its_directory_is_followed_by_the_nodes_it_t
     cluster = Cluster.prepare(tmp_path / "cluster", [A, B])
     config = load_hub_config(cluster.hub.config)
     signer = server._signer(config.signing, config.identity)
-    trust = server._trust(config.tls, config.signing)
+    trust = server._trust(server._read_tls(config.tls, config.identity), config.signing)
     store = await HubStore.open(tmp_path / "hub.db", durability="normal")
     try:
         directory = build_directory(config, signer, trust.intermediates)

@@ -40,7 +40,7 @@ from client_sdk import pb
 from node.cluster import Cluster
 from node.config import ConfigError, load_hub_config
 from node.hub import Hub, build_directory
-from node.server import _signer, _trust
+from node.server import _read_tls, _signer, _trust
 from node.storage.hub_store import HubStore
 
 A, B = "000.00.00.G22", "10861234567"
@@ -103,7 +103,7 @@ async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
     config_path = cluster.hub.config
     config = load_hub_config(config_path)
     signer = _signer(config.signing, config.identity)
-    trust = _trust(config.tls, config.signing)
+    trust = _trust(_read_tls(config.tls, config.identity), config.signing)
     directory = build_directory(config, signer, trust.intermediates)
     store = await HubStore.open(tmp_path / "hub.db", durability="normal")
     try:

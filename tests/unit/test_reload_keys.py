@@ -32,7 +32,7 @@ from node.document_store import DocumentStore
 from node.hub import _RESTART_ONLY as HUB_RESTART_ONLY
 from node.hub import Hub, build_directory
 from node.monitor import HubMonitor, NodeMonitor
-from node.server import _signer, _trust
+from node.server import _read_tls, _signer, _trust
 from node.storage.db import Page
 from node.storage.hub_store import HubStore
 from node.storage.node_store import NodeStore
@@ -64,7 +64,7 @@ async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
         _set(config_path, key, value)
     config = load_hub_config(config_path)
     signer = _signer(config.signing, config.identity)
-    trust = _trust(config.tls, config.signing)
+    trust = _trust(_read_tls(config.tls, config.identity), config.signing)
     directory = build_directory(config, signer, trust.intermediates)
     store = await HubStore.open(tmp_path / "hub.db", durability="normal")
     hub = Hub(config, store, signer, trust, directory, config_path)
@@ -274,7 +274,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Agency]:
         config,
         store,
         _signer(config.signing, config.identity),
-        _trust(config.tls, config.signing),
+        _trust(_read_tls(config.tls, config.identity), config.signing),
         config_path=config_path,
     )
     agency.document_store = DocumentStore(config.documents_dir, config.documents)

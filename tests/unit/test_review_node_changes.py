@@ -106,7 +106,7 @@ async def test_revocations_kept_for_a_mistyped_path_survive_a_restart_of_the_hub
     from node.cluster import Cluster
     from node.config import load_hub_config
     from node.hub import Hub, build_directory
-    from node.server import _signer, _trust
+    from node.server import _read_tls, _signer, _trust
     from node.storage.hub_store import HubStore
 
     cluster = Cluster.prepare(tmp_path, [SENDER, RECIPIENT])
@@ -124,7 +124,7 @@ async def test_revocations_kept_for_a_mistyped_path_survive_a_restart_of_the_hub
     async def start(store: HubStore) -> Hub:  # as node.server.serve_hub builds and starts it
         config = load_hub_config(config_path)
         signer = _signer(config.signing, config.identity)
-        trust = _trust(config.tls, config.signing)
+        trust = _trust(_read_tls(config.tls, config.identity), config.signing)
         directory = build_directory(config, signer, trust.intermediates)
         hub = Hub(config, store, signer, trust, directory, config_path)
         await hub.start()

@@ -283,6 +283,7 @@ def test_a_hub_whose_tls_ca_holds_the_ca_bundle_still_gives_the_intermediate(
     pki: PkiLayout, tmp_path: Path
 ) -> None:
     from node.config import SigningConfig, TlsConfig
+    from node.server import _read_tls
     from node.server import _trust as server_trust
 
     # tls.ca holding the CA bundle, root and intermediate, "as operators often give it"
@@ -292,7 +293,8 @@ def test_a_hub_whose_tls_ca_holds_the_ca_bundle_still_gives_the_intermediate(
     ca_bundle.write_bytes(pki.root_cert.read_bytes() + pki.intermediate_cert.read_bytes())
     hub = pki.hub_dir("national")
     trust = server_trust(
-        TlsConfig(ca=ca_bundle, cert=hub / "tls.crt", key=hub / "tls.key"),
+        _read_tls(TlsConfig(ca=ca_bundle, cert=hub / "tls.crt", key=hub / "tls.key"),
+                  Identity.parse(NATIONAL)),
         SigningConfig(cert=hub / "signing.crt", key=hub / "signing.key",
                       intermediates=pki.intermediate_cert),
     )  # fmt: skip
