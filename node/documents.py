@@ -46,7 +46,7 @@ from node.core.documents import (
     parse_document_uri,
 )
 from node.core.errors import ChaparError, Code, hub_unavailable
-from node.document_store import DocumentStore, DocumentWriter
+from node.document_store import DocumentStore, DocumentWriter, FileId
 from node.metrics import count_rejection
 from node.rpc.errors import abort, code_of, storage_error
 from node.tasks import unless_set
@@ -299,11 +299,7 @@ class Documents(pb.DocumentServiceServicer):
                 log.error("stored document %s is corrupt; dropping this copy", request.uri)
                 self.store.remove(digest, read)  # the next download fetches it again
             else:
-                log.error(
-                    "our document %s is corrupt; moved aside: upload it again to repair it",
-                    request.uri,
-                )
-                self.store.quarantine(digest, read)
+                _set_aside_own(self.store, digest, read, request.uri)
             await abort(
                 context,
                 ChaparError(
@@ -598,6 +594,16 @@ async def _drain(messages: AsyncIterator[pb.UploadDocumentRequest], limit: int) 
             return
 
 
+def _set_aside_own(store: DocumentStore, digest: bytes, read: FileId | None, uri: str) -> bool:
+    """Moves aside this agency's own copy of ``uri`` found corrupt (``DocumentStore.
+    quarantine``) and says so; False, saying nothing, when another reader moved it first
+    (the copy now in place may be a good one, uploaded again since)."""
+    if not store.quarantine(digest, read):
+        return False
+    log.error("our document %s is corrupt; moved aside: upload it again to repair it", uri)
+    return True
+
+
 def _moving() -> ChaparError:
     return ChaparError(Code.UNAVAILABLE, "DOCUMENT_MOVING", "retry the download", retry_after_s=0.1)
 
@@ -636,8 +642,7 @@ async def push(
         if got == size and hasher.digest() == request.sha256:
             store.found_sound(request.sha256, read, got)
             return False
-        if store.quarantine(request.sha256, read):  # not when another push just did
-            log.error("our document %s is corrupt; moved aside: upload it again to repair it", uri)
+        if _set_aside_own(store, request.sha256, read, uri):  # not when another push just did
             count_rejection(Code.DATA_LOSS.name, "DOCUMENT_CORRUPT")
         return True
 

@@ -531,7 +531,8 @@ async def test_a_reader_of_a_corrupt_copy_leaves_alone_the_good_copy_stored_sinc
 ) -> None:
     # A slow whole-file download opens the corrupt copy; another finds it corrupt and moves
     # it aside; the file is uploaded again. When the slow one ends (DIGEST_MISMATCH: it read
-    # the corrupt file) it must not move aside the good copy now in its place.
+    # the corrupt file) it must not move aside the good copy now in its place, nor log that
+    # it moved it aside (the copy in place is the good one).
     source = tmp_path / "slow.pdf"
     size = 20 * 1024 * 1024
     digest = _write_random(source, size)
@@ -550,6 +551,8 @@ async def test_a_reader_of_a_corrupt_copy_leaves_alone_the_good_copy_stored_sinc
         assert (await a.stat(ref.uri)).stored
         assert _sha256_file(stored) == digest
         assert hashlib.sha256(await _read(a, ref.uri)).hexdigest() == digest
+    log = docs_cluster.nodes[AGENCY_A].log_file.read_text()
+    assert log.count(f"our document {ref.uri} is corrupt") == 1, log
 
 
 @contextlib.contextmanager
