@@ -105,12 +105,30 @@ _RESTART_ONLY = RestartOnly(
 )
 
 
+class _StreamEnded(Exception):
+    """A back-end stream's frame found its client's mailboxes changed by a reload after it
+    was read, before it was applied: it is not applied, and the stream ends (OK) with it
+    unanswered, as at a stop; the back-end sends it again on a new stream, admitted with
+    its new mailboxes (the SDK's STREAM_ENDED)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Access:
     """A caller's identity and the mailboxes it may use (None: all of them)."""
 
     identity: Identity
     mailboxes: frozenset[str] | None
+    # The back-end stream whose frames act with it, which a reload may end while one is
+    # being handled (``still_current``); None: a unary call's.
+    stream: _OpenStream | None = field(default=None, compare=False, repr=False)
+
+    def still_current(self) -> None:
+        """Raises _StreamEnded when this is the access of a stream whose client's mailboxes
+        a reload has changed since. Asked once a frame's checks have read what they need,
+        with no wait from there to its storing: a reload landing while they read is not
+        missed."""
+        if self.stream is not None and self.stream.stale:
+            raise _StreamEnded
 
     def may_see(self, mailboxes: Iterable[str]) -> bool:
         return self.mailboxes is None or not self.mailboxes.isdisjoint(mailboxes)
@@ -176,7 +194,8 @@ async def _answer_in_order(
     their writes; at most eight wait ahead of the answer being written). A ChaparError,
     from handling a frame or from reading one (malformed, oversized), ends the stream with
     that error. Once ``closing`` is set no more frames are read: those read are answered
-    and the stream ends (OK)."""
+    and the stream ends (OK); if one of them raises _StreamEnded (its client's mailboxes
+    changed before it was applied), it ends there, those from it on unanswered."""
     # The places ahead are a semaphore, not the queue's bound: the reader's last word
     # (None) must never wait for a place, or a reader cancelled then (the node stopping,
     # the caller gone) would leave the answers waiting for it, or itself waiting forever.
@@ -203,6 +222,8 @@ async def _answer_in_order(
                 result = await task
             except ChaparError as exc:
                 await abort(context, exc)
+                return
+            except _StreamEnded:  # it and those after it unanswered: the stream ends (OK)
                 return
             await context.write(respond(result))
         try:
@@ -243,6 +264,10 @@ class _OpenStream:
     # Set with ``ended`` when a reload changed its client's mailboxes: it was admitted with
     # the old ones.
     stale: bool = False
+
+    def __post_init__(self) -> None:
+        # Its frames act with an access that knows the stream (Access.still_current).
+        self.access = replace(self.access, stream=self)
 
     @property
     def identity(self) -> Identity:
@@ -357,6 +382,8 @@ class Agency(pb.NodeServiceServicer):
         The back-ends' streams whose client's mailboxes changed end (as at a stop: the
         SDK's STREAM_ENDED, and the back-end reads again, admitted with its new
         mailboxes); a stream admitted with the old ones would go on showing their letters.
+        A frame such a stream read and had not applied is left unanswered, nothing of it
+        stored (Access.still_current): the back-end sends it again on its new stream.
         """
         stamps = modification_times(self.config_path)
         if self.config_path is None or stamps == self._sources:
@@ -701,6 +728,8 @@ class Agency(pb.NodeServiceServicer):
                     results.append(_PENDING)  # replaced below
                 except ChaparError as exc:
                     results.append(exc)
+            # The checks' reads are done: nothing is awaited from here to the storing.
+            access.still_current()
             if not valid:
                 return await self._retries_answered(requests, results, access)
             if future is None:
@@ -1281,6 +1310,7 @@ class Agency(pb.NodeServiceServicer):
             except ChaparError as exc:
                 texts.append(exc)
         entries = await self.store.inbox_entries([t for t in texts if isinstance(t, str)])
+        access.still_current()  # nothing is awaited from here to the storing
         outcomes: list[pb.Evidence | ChaparError | str] = []
         contents: dict[str, bytes] = {}  # numbers to hand over now, once each
         # Numbers handed over before that mailboxes of this caller's have not acknowledged

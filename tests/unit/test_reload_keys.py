@@ -17,17 +17,21 @@ import asyncio
 import logging
 import re
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from client_sdk import pb
 from client_sdk.identity import Identity
+from client_sdk.shams import parse_shams
 from node import metrics as m
 from node.agency import _RESTART_ONLY as NODE_RESTART_ONLY
 from node.agency import Agency, _OpenStream
 from node.cluster import Cluster
 from node.config import load_hub_config, load_node_config
+from node.core.directory import DirectoryView
 from node.document_store import DocumentStore
 from node.hub import _RESTART_ONLY as HUB_RESTART_ONLY
 from node.hub import Hub, build_directory
@@ -355,6 +359,107 @@ async def test_an_inbox_page_read_as_a_reload_removes_its_mailbox_is_not_shown(
     await asyncio.wait_for(node._send_inbox("", context, backend), 5)  # type: ignore[arg-type]
     assert backend.ended.is_set()
     assert context.written == []
+
+
+class _Written:
+    """A back-end stream's context: what the node wrote to it (an abort has no stand-in:
+    a stream that ends with an error fails the test)."""
+
+    def __init__(self) -> None:
+        self.written: list[object] = []
+
+    async def write(self, message: object) -> None:
+        self.written.append(message)
+
+
+def _removing_mailbox_a(node: Agency) -> None:
+    """Edits the file as an operator who moves the back-end from mailbox "a" to "b"."""
+    assert node.config_path is not None
+    text = node.config_path.read_text()
+    node.config_path.write_text(text.replace('mailboxes = ["a"]', 'mailboxes = ["b"]'))
+    _node_reload_seen(node)
+
+
+async def test_a_submission_frame_read_just_before_a_reload_removes_its_mailbox_is_not_stored(
+    node: Agency, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload ends the stream of a client whose mailboxes changed once the frames it
+    read are answered, but a frame read before the reload and handled after it was
+    handled with the old mailboxes: a letter from a mailbox just taken from the client
+    accepted after the reload. It is not applied: the stream ends (OK, the SDK's
+    STREAM_ENDED) with it unanswered, as at a stop, and the back-end sends it again on a
+    new stream, admitted with its new mailboxes."""
+    node.directory = DirectoryView(
+        pb.Directory(
+            version=1,
+            agencies=[
+                pb.Agency(code=code, display_name=code, state=pb.AGENCY_STATE_ACTIVE)
+                for code in (A, B)
+            ],
+        )
+    )
+    backend = _stream_of(node, "backend")
+    monkeypatch.setattr(node, "_open_stream", lambda context: backend)
+    stored: list[object] = []
+    submit = node.store.submit
+
+    async def submit_seen(request_ids: Sequence[str], **kwargs: Any) -> Any:
+        stored.append(request_ids)
+        return await submit(request_ids, **kwargs)
+
+    monkeypatch.setattr(node.store, "submit", submit_seen)
+
+    async def frames() -> AsyncIterator[pb.StreamSubmitEnvelopesRequest]:
+        draft = pb.LetterDraft(
+            recipients=[pb.Address(agency=B)], subject="from a", body=b"x", sender_mailbox="a"
+        )
+        yield pb.StreamSubmitEnvelopesRequest(
+            requests=[pb.SubmitEnvelopeRequest(request_id="r-1", draft=draft)]
+        )
+        # Read, not yet handled: the reload lands now.
+        _removing_mailbox_a(node)
+        assert await node.reload_if_changed() == 1
+
+    context = _Written()
+    await asyncio.wait_for(node.StreamSubmitEnvelopes(frames(), context), 5)  # type: ignore[arg-type]
+    assert backend.ended.is_set()
+    assert (stored, context.written) == ([], [])
+
+
+async def test_an_acknowledgement_frame_handled_as_a_reload_removes_its_mailbox_is_not_applied(
+    node: Agency, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a submission frame: an acknowledgement of a letter of mailbox "a" whose entry
+    was being read from the database as a reload took "a" from the client was recorded,
+    for "a", after the reload. It is not applied, and the stream ends with it unanswered."""
+    backend = _stream_of(node, "backend")
+    monkeypatch.setattr(node, "_open_stream", lambda context: backend)
+    text = f"{B}/O/2026/0000001"
+    header = pb.EnvelopeHeader(shams=parse_shams(text)).SerializeToString()
+
+    async def read_as_the_reload_lands(
+        numbers: Sequence[str],
+    ) -> dict[str, tuple[list[str], bytes, pb.Evidence | None, list[str]]]:
+        _removing_mailbox_a(node)
+        assert await node.reload_if_changed() == 1
+        return {text: (["a"], header, None, ["a"])}
+
+    recorded: list[object] = []
+
+    async def record_handovers(items: Sequence[tuple[str, pb.Evidence]], **kwargs: Any) -> Any:
+        recorded.append(kwargs.get("mailboxes"))
+        return [evidence for _, evidence in items]
+
+    monkeypatch.setattr(node.store, "inbox_entries", read_as_the_reload_lands)
+    monkeypatch.setattr(node.store, "record_handovers", record_handovers)
+
+    async def frames() -> AsyncIterator[pb.StreamAckEnvelopesRequest]:
+        yield pb.StreamAckEnvelopesRequest(shams=[parse_shams(text)])
+
+    context = _Written()
+    await asyncio.wait_for(node.StreamAckEnvelopes(frames(), context), 5)  # type: ignore[arg-type]
+    assert backend.ended.is_set()
+    assert (recorded, context.written) == ([], [])
 
 
 async def test_a_node_reload_of_keys_it_applies_warns_of_nothing(
