@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import http.client
 import json
+import socket
 import ssl
 import sys
 import urllib.error
@@ -238,10 +239,8 @@ def _status(ns: argparse.Namespace) -> int:
     # URLError and ssl.SSLError are OSErrors; http.client.InvalidURL ("a:b") and a reply
     # that is not HTTP/1 are HTTPExceptions; a URL urllib cannot split is a ValueError.
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        print(
-            f"error: cannot read metrics at {address}: {_failure(exc, address, ns.ca)}",
-            file=sys.stderr,
-        )
+        said = _failure(exc, address, ns.ca, tls, ns.cert)
+        print(f"error: cannot read metrics at {address}: {said}", file=sys.stderr)
         return 1
     try:
         snap = parse(body.decode("utf-8"))
@@ -262,12 +261,24 @@ _NAME_MISMATCH = frozenset({62, 64})
 _NO_CHAIN = frozenset({2, 7, 18, 19, 20, 21})
 
 
-def _failure(exc: Exception, address: str, ca: Path | None) -> str:
+def _failure(
+    exc: Exception,
+    address: str,
+    ca: Path | None,
+    tls: ssl.SSLContext | None = None,
+    cert: Path | None = None,
+) -> str:
     """What went wrong, and for the two ways of missing a ``metrics_tls`` server (https
     without a certificate of its CA, plain HTTP to it) what to give instead. A certificate
     refused for another cause (issued for another name than the one dialled, expired) is
-    said so, not as one of an unknown CA."""
+    said so, not as one of an unknown CA; and so is our ``cert`` refused by the server as
+    one of a CA it does not trust."""
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if tls is not None and _alert(reason, address, tls) == "TLSV1_ALERT_UNKNOWN_CA":
+        return (
+            f"the server refused our client certificate --cert {cert} (TLS alert: unknown CA):"
+            " is it issued by the CA the server trusts?"
+        )
     if isinstance(reason, ssl.SSLCertVerificationError):
         failed = f"certificate verify failed ({_one_line(reason.verify_message)})"
         if reason.verify_code in _NAME_MISMATCH:  # the CA is right: the name dialled is not
@@ -294,6 +305,37 @@ def _failure(exc: Exception, address: str, ca: Path | None) -> str:
             " metrics_tls, give --ca, --cert and --key (or an https:// URL)"
         )
     return _one_line(exc)
+
+
+# What a scrape whose client certificate the server refused mostly fails with instead of
+# the server's alert (see _alert).
+_CUT = (ssl.SSLEOFError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
+def _alert(reason: object, address: str, tls: ssl.SSLContext) -> str | None:
+    """The TLS alert (OpenSSL's name: ``TLSV1_ALERT_UNKNOWN_CA``) with which the server
+    ended a scrape over https, or None. Under TLS 1.3 the handshake ends before the server
+    checks our certificate, and the request is written at once: the server's alert races
+    that write, and the scrape most often fails with the connection cut under it (``EOF
+    occurred in violation of protocol``), the alert lost. Then a connection of its own,
+    that writes nothing, hears it (at most a second, and only after such a failure: a
+    server that took our certificate says nothing, waiting for a request)."""
+    if isinstance(reason, ssl.SSLError) and not isinstance(reason, ssl.SSLEOFError):
+        return reason.reason
+    url = urllib.parse.urlsplit(_url(address, True))
+    if not isinstance(reason, _CUT) or url.scheme != "https" or url.hostname is None:
+        return None
+    try:
+        with (
+            socket.create_connection((url.hostname, url.port or 443), timeout=1.0) as raw,
+            tls.wrap_socket(raw, server_hostname=url.hostname) as conn,
+        ):
+            conn.recv(1)
+    except ssl.SSLError as exc:
+        return exc.reason
+    except (OSError, ValueError):  # a timeout: nothing said; or the address is gone
+        return None
+    return None
 
 
 def _refusal(exc: urllib.error.HTTPError) -> str:
