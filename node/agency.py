@@ -118,16 +118,20 @@ class Access:
 
     identity: Identity
     mailboxes: frozenset[str] | None
-    # The back-end stream whose frames act with it, which a reload may end while one is
-    # being handled (``still_current``); None: a unary call's.
+    # The back-end stream whose frames act with it, which a revocation or a reload may end
+    # while one is being handled (``still_current``); None: a unary call's.
     stream: _OpenStream | None = field(default=None, compare=False, repr=False)
 
     def still_current(self) -> None:
-        """Raises _StreamEnded when this is the access of a stream whose client's mailboxes
-        a reload has changed since. Asked once a frame's checks have read what they need,
-        with no wait from there to its storing: a reload landing while they read is not
-        missed."""
-        if self.stream is not None and self.stream.stale:
+        """Raises when this is the access of a stream ended since: its refusal when its
+        certificate was revoked, _StreamEnded when a reload changed its client's mailboxes.
+        Asked once a frame's checks have read what they need, with no wait from there to
+        its storing: a revocation or reload landing while they read is not missed."""
+        if self.stream is None:
+            return
+        if self.stream.refused is not None:
+            raise self.stream.refused
+        if self.stream.stale:
             raise _StreamEnded
 
     def may_see(self, mailboxes: Iterable[str]) -> bool:

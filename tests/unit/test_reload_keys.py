@@ -19,9 +19,10 @@ import re
 import shutil
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
+from cryptography import x509
 
 from client_sdk import pb
 from client_sdk.identity import Identity
@@ -32,6 +33,7 @@ from node.agency import Agency, _OpenStream
 from node.cluster import Cluster
 from node.config import load_hub_config, load_node_config
 from node.core.directory import DirectoryView
+from node.core.errors import ChaparError
 from node.document_store import DocumentStore
 from node.hub import _RESTART_ONLY as HUB_RESTART_ONLY
 from node.hub import Hub, build_directory
@@ -459,6 +461,55 @@ async def test_an_acknowledgement_frame_handled_as_a_reload_removes_its_mailbox_
     context = _Written()
     await asyncio.wait_for(node.StreamAckEnvelopes(frames(), context), 5)  # type: ignore[arg-type]
     assert backend.ended.is_set()
+    assert (recorded, context.written) == ([], [])
+
+
+async def test_an_acknowledgement_frame_handled_as_its_certificate_is_revoked_is_refused(
+    node: Agency, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same window for a revocation: a frame was checked against the stream's
+    refusal only as its handling began, so an acknowledgement whose letter's entry was
+    being read as the directory revoked the stream's certificate was recorded after the
+    revocation. It is refused with the stream's refusal (CERTIFICATE_REVOKED), as a frame
+    read before the revocation and not yet handled is."""
+    assert node.config.tls.cert.is_file()
+    certificate = x509.load_pem_x509_certificate(node.config.tls.cert.read_bytes())
+    identity = Identity.for_client(A, "backend")
+    backend = _OpenStream(node._access(identity), certificate)
+    monkeypatch.setattr(node, "_open_stream", lambda context: backend)
+    text = f"{B}/O/2026/0000001"
+    header = pb.EnvelopeHeader(shams=parse_shams(text)).SerializeToString()
+
+    async def read_as_the_revocation_lands(
+        numbers: Sequence[str],
+    ) -> dict[str, tuple[list[str], bytes, pb.Evidence | None, list[str]]]:
+        await node.set_directory(
+            pb.Directory(version=2, revoked_serials=[f"{certificate.serial_number:x}"]),
+            persist=False,
+        )
+        assert backend.refused is not None
+        return {text: (["a"], header, None, ["a"])}
+
+    recorded: list[object] = []
+
+    async def record_handovers(items: Sequence[tuple[str, pb.Evidence]], **kwargs: Any) -> Any:
+        recorded.append(kwargs.get("mailboxes"))
+        return [evidence for _, evidence in items]
+
+    monkeypatch.setattr(node.store, "inbox_entries", read_as_the_revocation_lands)
+    monkeypatch.setattr(node.store, "record_handovers", record_handovers)
+
+    async def frames() -> AsyncIterator[pb.StreamAckEnvelopesRequest]:
+        yield pb.StreamAckEnvelopesRequest(shams=[parse_shams(text)])
+
+    async def abort(context: object, error: ChaparError) -> NoReturn:
+        raise error  # as grpc's abort ends the call, with its status
+
+    monkeypatch.setattr("node.agency.abort", abort)
+    context = _Written()
+    with pytest.raises(ChaparError) as ended:
+        await asyncio.wait_for(node.StreamAckEnvelopes(frames(), context), 5)  # type: ignore[arg-type]
+    assert ended.value.reason == "CERTIFICATE_REVOKED"
     assert (recorded, context.written) == ([], [])
 
 
