@@ -59,6 +59,9 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 _FORMAT = 1
+# The Unix seconds a google.protobuf.Timestamp (and a datetime) holds: 0001-01-01T00:00:00Z
+# to 9999-12-31T23:59:59Z.
+_FIRST_TIME, _LAST_TIME = -62_135_596_800.0, 253_402_300_799.0
 _PRIVATE_DIR, _PRIVATE_FILE = 0o700, 0o600  # a backup's directories and files
 _COPY_CHUNK = 1 << 20
 _LOCK_TIMEOUT_S = 0.5  # how long restore waits for the database lock before it refuses
@@ -105,7 +108,7 @@ class Manifest:
         try:
             if data.get("format") != _FORMAT:
                 raise BackupError(f"manifest format {data.get('format')!r} is not {_FORMAT}")
-            return cls(
+            manifest = cls(
                 role=str(data["role"]),
                 identity=str(data["identity"]),
                 schema_version=int(data["schema_version"]),
@@ -116,6 +119,14 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BackupError(f"{MANIFEST} is not a Chapar backup manifest: {exc}") from exc
+        # Told to the hub as a Timestamp (a node's hello, a hub's welcome) and shown as a
+        # date: a time of 0001..9999, not NaN or Infinity (which JSON parses).
+        if not _FIRST_TIME <= manifest.snapshot_time <= _LAST_TIME:
+            raise BackupError(
+                f"{MANIFEST} is not a Chapar backup manifest: snapshot_time"
+                f" {manifest.snapshot_time!r} is not a time between the years 1 and 9999"
+            )
+        return manifest
 
 
 def check_manifest(manifest: Manifest, role: str, identity: str, newest_schema: int) -> None:

@@ -59,6 +59,25 @@ def test_a_manifest_reads_back_what_it_wrote_and_refuses_another_format() -> Non
         Manifest.from_json({"format": 1, "role": "node"})
 
 
+@pytest.mark.parametrize(
+    "snapshot_time",
+    [float("nan"), float("inf"), 1e300, 1e12, 253_402_300_800.0, -62_135_596_801.0],
+    ids=["nan", "infinity", "huge", "year-33658", "year-10000", "year-0"],
+)
+def test_a_manifest_whose_snapshot_time_is_no_time_is_refused(snapshot_time: float) -> None:
+    """A snapshot time outside 0001..9999 (or not a number: JSON's NaN and Infinity parse)
+    was taken, and the restore swapped the database in: a hub restored so then failed at
+    every start (its welcome's hub_restore, a Timestamp, cannot hold it: ValueError or
+    OverflowError in Hub.start), a node never had its numbers confirmed (its hello could
+    not be built), and chapar restore ended in a traceback printing the time."""
+    data = {**_manifest().to_json(), "snapshot_time": snapshot_time}
+    with pytest.raises(BackupError, match="snapshot_time"):
+        Manifest.from_json(data)
+    # The edges of the range are times, and taken.
+    for edge in (-62_135_596_800.0, 253_402_300_799.0):
+        assert Manifest.from_json({**data, "snapshot_time": edge}).snapshot_time == edge
+
+
 def test_the_restore_mark_is_read_back_and_absent_without_a_restore() -> None:
     conn = sqlite3.connect(":memory:")
     assert read_restore_mark(conn) is None  # no meta table at all (a hub before schema 6)
