@@ -252,7 +252,13 @@ class Draft:
         if self.in_reply_to is not None:
             draft.in_reply_to.CopyFrom(_shams_pb(self.in_reply_to))
         if self.expire_time is not None:
-            draft.expire_time.FromDatetime(self.expire_time)
+            try:
+                draft.expire_time.FromDatetime(self.expire_time)
+            except OverflowError as exc:  # e.g. datetime.max west of Greenwich
+                raise ValueError(
+                    f"expire_time {self.expire_time.isoformat()} is not in the years 1 to 9999"
+                    " in UTC"
+                ) from exc
         if self.metadata is not None:
             draft.metadata.CopyFrom(self.metadata)
         if self.attachments:

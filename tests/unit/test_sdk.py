@@ -660,6 +660,24 @@ def test_draft_rejects_bad_values_before_any_call() -> None:
         Draft(to=[OTHER], subject="s", expire_time=dt.datetime(2026, 1, 1))
 
 
+@pytest.mark.parametrize(
+    "expire",
+    [
+        dt.datetime.max.replace(tzinfo=dt.timezone(-dt.timedelta(hours=5))),
+        dt.datetime.min.replace(tzinfo=dt.timezone(dt.timedelta(hours=3, minutes=30))),
+    ],
+    ids=["year-10000-in-utc", "year-0-in-utc"],
+)
+def test_a_draft_whose_expire_time_is_out_of_range_in_utc_is_a_value_error(
+    expire: dt.datetime,
+) -> None:
+    """An aware datetime a Timestamp cannot hold once in UTC (datetime.max west of
+    Greenwich, as "never"): the draft raised OverflowError ("date value out of range"),
+    which the documented ValueError of a bad draft does not catch."""
+    with pytest.raises(ValueError, match="invalid draft: expire_time"):
+        Draft(to=[OTHER], subject="s", expire_time=expire)
+
+
 def test_draft_keeps_its_request_id_so_resubmitting_is_idempotent() -> None:
     draft = Draft(to=[OTHER], subject="s", body="x")
     assert draft.request_id
