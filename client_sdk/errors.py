@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
@@ -89,7 +90,8 @@ class ChaparError(Exception):
 
     ``reason`` is "" when the failure did not come with an ErrorInfo (e.g. the node could
     not be reached). ``field_violations`` lists ``(field, description)`` pairs from a
-    ``BadRequest``; ``retry_after`` is the delay in seconds from a ``RetryInfo``.
+    ``BadRequest``; ``retry_after`` is the delay in seconds from a ``RetryInfo`` (0 for a
+    negative one; None without one, or for one out of a Duration's range).
 
     ``unanswered``, on an error that ended a ``send_stream``, holds the drafts the stream
     had taken from its producer and not answered, in order: sending them again is safe
@@ -309,7 +311,7 @@ def from_rpc_error(
         elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
-            retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+            retry_after = _delay_seconds(retry.retry_delay)
     return _error(
         code,
         status.message or details or code.name,
@@ -329,10 +331,20 @@ def from_submit_error(err: pb.SubmitError) -> ChaparError:
         err.message or code.name,
         reason=err.reason,
         metadata=err.metadata,
-        retry_after=(
-            err.retry_delay.ToTimedelta().total_seconds() if err.HasField("retry_delay") else None
-        ),
+        retry_after=_delay_seconds(err.retry_delay) if err.HasField("retry_delay") else None,
     )
+
+
+# google.protobuf.Duration's valid range: about 10,000 years either way.
+_MAX_DURATION_S = 315_576_000_000
+
+
+def _delay_seconds(delay: duration_pb2.Duration) -> float | None:
+    """A retry delay in seconds, never below 0 (a sleep refuses a negative one); None for
+    a Duration out of its range, which is no delay (ToTimedelta raised OverflowError)."""
+    if abs(delay.seconds) > _MAX_DURATION_S or abs(delay.nanos) >= 1_000_000_000:
+        return None
+    return max(0.0, delay.seconds + delay.nanos / 1e9)
 
 
 def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:

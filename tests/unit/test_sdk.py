@@ -823,6 +823,42 @@ def test_unavailable_becomes_certificate_not_valid_only_once_the_certificate_exp
     assert type(deadline) is errors.DeadlineExceeded
 
 
+@pytest.mark.parametrize(
+    ("delay", "seconds"),
+    [
+        (duration_pb2.Duration(seconds=2**62), None),
+        (duration_pb2.Duration(seconds=-(2**62)), None),
+        (duration_pb2.Duration(seconds=315_576_000_001), None),
+        (duration_pb2.Duration(seconds=1, nanos=-(10**9)), None),
+        (duration_pb2.Duration(seconds=-5), 0.0),
+        (duration_pb2.Duration(seconds=2, nanos=500_000_000), 2.5),
+    ],
+    ids=["huge", "huge-negative", "past-10000-years", "nanos-out-of-range", "negative", "valid"],
+)
+def test_a_retry_delay_that_is_no_duration_is_no_retry_after(
+    delay: duration_pb2.Duration, seconds: float | None
+) -> None:
+    """A status's RetryInfo, or a batch result's retry_delay, out of the Duration range
+    raised OverflowError ("Python int too large to convert to C int") out of the error's
+    translation, in place of the node's refusal; a negative one was given as it is, which
+    time.sleep(retry_after) refuses (ValueError)."""
+    retry = any_pb2.Any()
+    retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(
+        code=grpc.StatusCode.UNAVAILABLE.value[0], message="later", details=[retry]
+    )
+    trailing = grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString()))
+    failed = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing, details="later"
+    )
+    error = errors.from_rpc_error(failed)
+    assert (type(error), error.message, error.retry_after) == (errors.Unavailable, "later", seconds)
+    submitted = errors.from_submit_error(
+        pb.SubmitError(code=14, reason="RECIPIENT_QUEUE_FULL", retry_delay=delay)
+    )
+    assert (submitted.reason, submitted.retry_after) == ("RECIPIENT_QUEUE_FULL", seconds)
+
+
 async def test_a_client_whose_certificate_expired_fails_calls_and_streams_as_not_valid(
     client: ExchangeClient, fake_node: tuple[FakeNode, str]
 ) -> None:
