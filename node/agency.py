@@ -580,16 +580,18 @@ class Agency(pb.NodeServiceServicer):
             self.numbers_unconfirmed = None
             log.info("numbers confirmed by the hub after the restore; taking letters again")
 
-    async def on_hub_restore(self, restore: pb.HubRestore) -> None:
+    async def on_hub_restore(self, restore: pb.HubRestore, *, hub_ahead_s: float = 0.0) -> None:
         """The hub says its database was restored from a copy: once per restore, sends
         again the letters and receipts it may have lost (``NodeStore.handle_hub_restore``),
-        from ``HUB_RESTORE_MARGIN_S`` before the copy's time, for the two clocks."""
+        from ``HUB_RESTORE_MARGIN_S`` before the copy's time, for the two clocks, and
+        further back by ``hub_ahead_s``, how far the hub's clock is ahead of this node's
+        (the copy's time is by the hub's clock, what this node recorded by its own)."""
         name = str(restore.restore_time.ToNanoseconds())
         if await self.store.hub_restore_handled(name):
             return
         snapshot = seconds_of(restore.snapshot_time)
         letters, receipts = await self.store.handle_hub_restore(
-            name, snapshot - HUB_RESTORE_MARGIN_S, self.identity.uri
+            name, snapshot - HUB_RESTORE_MARGIN_S - max(0.0, hub_ahead_s), self.identity.uri
         )
         log.warning(
             "the hub was restored from a copy taken at %s: sending again %d letters and %d"

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -27,7 +28,13 @@ from client_sdk.errors import from_rpc_error
 from client_sdk.shams import format_shams
 from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, sha256
 from client_sdk.statuses import StatusFault
-from client_sdk.trust import TrustStore, VerificationError, check_attestation, seconds_of
+from client_sdk.trust import (
+    TrustStore,
+    VerificationError,
+    check_attestation,
+    seconds_of,
+    valid_timestamp,
+)
 from node.agency import Agency
 from node.config import MAX_MESSAGE
 from node.core.documents import refused_attachment, senders_documents
@@ -135,6 +142,15 @@ def check_hub_attestation(
             " another connection"
         )
     return identity.uri
+
+
+def _hub_ahead_s(attestation: pb.HubAttestation) -> float:
+    """How far the hub's clock is ahead of this node's (negative: behind), as its welcome's
+    signed attest_time says (checked by check_hub_attestation); 0 without a valid one."""
+    content = pb.HubAttestationContent.FromString(attestation.content)
+    if not content.HasField("attest_time") or not valid_timestamp(content.attest_time):
+        return 0.0
+    return seconds_of(content.attest_time) - time.time()
 
 
 class HubLink:
@@ -382,6 +398,7 @@ class HubLink:
                 nonce,
                 self.agency.hub_identity,
             )
+            hub_ahead_s = _hub_ahead_s(first.welcome.attestation)
             self._stub = stub
             self.agency.set_in_directory(True)
             await self.agency.set_hub_frame_bytes(first.welcome.max_frame_bytes)
@@ -389,7 +406,7 @@ class HubLink:
             if first.welcome.HasField("hub_restore"):
                 # Before this stream's session reads the outbox and the receipts: what it
                 # marks for sending again is read from the start.
-                await self.agency.on_hub_restore(first.welcome.hub_restore)
+                await self.agency.on_hub_restore(first.welcome.hub_restore, hub_ahead_s=hub_ahead_s)
             if first.welcome.directory_version != directory_version:
                 await self.refresh_directory()
             log.info("connected to hub %s", first.welcome.hub)

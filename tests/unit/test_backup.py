@@ -10,11 +10,13 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from client_sdk import pb
 from node import backup as backup_module
+from node.agency import Agency
 from node.backup import BackupError, Manifest, check_manifest
 from node.core import lifecycle
 from node.storage import hub_store, node_store
@@ -327,6 +329,47 @@ async def test_a_letter_sent_again_after_a_hub_restore_and_refused_stays_relayed
             ("resent", 1, lifecycle.DELIVERED),
         ]
         assert await store.count("evidence") == 3  # each rejection kept
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(("hub_ahead_s", "again"), [(0.0, 0), (600.0, 1), (-600.0, 1)])
+async def test_after_a_hub_restore_a_node_behind_the_hubs_clock_sends_again_by_the_hubs_time(
+    tmp_path: Path, hub_ahead_s: float, again: int
+) -> None:
+    """The copy's time is by the hub's clock, a letter's relayed_at by this node's. A node
+    10 minutes behind the hub (which the hub does not refuse: only a create_time ahead of
+    its clock, or a week old) recorded a letter the hub accepted a minute after its copy
+    as relayed 9 minutes before it, and did not send it again (5 minutes of margin): the
+    restored hub never had it, its sender held it relayed for ever. The hub's clock, as
+    its welcome's signed attest_time tells it, widens the margin; never narrows it."""
+    copy = time.time() - 3600.0  # by the hub's clock
+    store = await NodeStore.open(tmp_path / "node.db")
+
+    def fill(conn: sqlite3.Connection) -> None:
+        relayed = copy + 60.0 - hub_ahead_s  # a minute after the copy, by this node's clock
+        if hub_ahead_s == 0.0:
+            relayed = copy - 540.0  # clocks agree: relayed 9 minutes before the copy
+        conn.execute(
+            "INSERT INTO outbox (shams, envelope, envelope_sha256, receipt, relay_state,"
+            " relayed_at, created_at) VALUES ('after', x'', x'', x'', 1, ?, ?)",
+            (relayed, relayed),
+        )
+        conn.execute("INSERT INTO recipient_state VALUES ('after', 'R', ?)", (lifecycle.RELAYED,))
+
+    await store.db.write(fill)
+    agency = Agency.__new__(Agency)
+    agency.store = store
+    agency.identity = SimpleNamespace(uri=NODE)  # type: ignore[assignment]
+    agency.outbox_changed, agency.receipts_changed = asyncio.Event(), asyncio.Event()
+    restore = pb.HubRestore()
+    restore.snapshot_time.FromNanoseconds(round(copy * 1e9))
+    restore.restore_time.FromNanoseconds(round((copy + 1800.0) * 1e9))
+    try:
+        await agency.on_hub_restore(restore, hub_ahead_s=hub_ahead_s)
+        again_rows = await store.db.fetchall("SELECT shams FROM outbox WHERE relay_state = 0")
+        assert len(again_rows) == again
+        assert agency.outbox_changed.is_set() == bool(again)
     finally:
         await store.close()
 

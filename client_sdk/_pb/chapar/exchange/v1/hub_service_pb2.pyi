@@ -297,7 +297,9 @@ class HubAttestationContent(_message.Message):
     """The nonce of the node's ConnectHello."""
     @_builtins.property
     def attest_time(self) -> _timestamp_pb2.Timestamp:
-        """When the hub signed it, by its clock."""
+        """When the hub signed it, by its clock. A node reads from it how far the hub's clock is
+        ahead of its own, and after a hub_restore sends again from that much further back.
+        """
 
     def __init__(
         self,
