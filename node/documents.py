@@ -296,8 +296,7 @@ class Documents(pb.DocumentServiceServicer):
             await context.write(pb.DownloadDocumentResponse(document=info))
         if hasher is not None and hasher.digest() != digest:
             if owner != self.agency.config.agency:
-                log.error("stored document %s is corrupt; dropping this copy", request.uri)
-                self.store.remove(digest, read)  # the next download fetches it again
+                _drop_fetched(self.store, digest, read, request.uri)
             else:
                 _set_aside_own(self.store, digest, read, request.uri)
             await abort(
@@ -597,11 +596,40 @@ async def _drain(messages: AsyncIterator[pb.UploadDocumentRequest], limit: int) 
 def _set_aside_own(store: DocumentStore, digest: bytes, read: FileId | None, uri: str) -> bool:
     """Moves aside this agency's own copy of ``uri`` found corrupt (``DocumentStore.
     quarantine``) and says so; False, saying nothing, when another reader moved it first
-    (the copy now in place may be a good one, uploaded again since)."""
-    if not store.quarantine(digest, read):
-        return False
+    (the copy now in place may be a good one, uploaded again since). A move the disk
+    refuses is said too, with its error: the copy stays in place, and uploading the file
+    again still repairs it (the upload replaces it)."""
+    try:
+        if not store.quarantine(digest, read):
+            return False
+    except OSError as exc:
+        log.error(
+            "our document %s is corrupt, and could not be moved aside (%s): upload it again"
+            " to repair it",
+            uri,
+            exc,
+        )
+        return True
     log.error("our document %s is corrupt; moved aside: upload it again to repair it", uri)
     return True
+
+
+def _drop_fetched(store: DocumentStore, digest: bytes, read: FileId | None, uri: str) -> None:
+    """Drops a copy of another agency's ``uri`` found corrupt (``DocumentStore.remove``):
+    the next download fetches it again. A removal the disk refuses is said, with its error
+    (until it is removed, each download of it ends DATA_LOSS)."""
+    try:
+        store.remove(digest, read)
+    except OSError as exc:
+        log.error(
+            "stored document %s is corrupt, and this copy could not be dropped (%s): remove"
+            " %s, and the next download fetches it again",
+            uri,
+            exc,
+            store.path(digest),
+        )
+        return
+    log.error("stored document %s is corrupt; dropping this copy", uri)
 
 
 def _moving() -> ChaparError:

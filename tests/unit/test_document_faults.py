@@ -1,0 +1,189 @@
+"""The node's document service when the file system fails under it (node/documents.py).
+
+Faults are simulated by replacing the store's ``os`` calls: the tests run as root, which
+permissions (chmod) would not stop. Each call must still end with a status that has a
+canonical code and a reason, and the log must say what the disk refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from client_sdk import pb
+from client_sdk.identity import Identity
+from node import document_store, documents
+from node.agency import Access, Agency, _OpenStream
+from node.core.documents import DocumentLimits, document_uri
+from node.document_store import DocumentStore
+from node.documents import Documents
+from node.metrics import REJECTIONS
+from tests.unit.conftest import RECIPIENT, SENDER
+from tests.unit.test_fetch_signed_size import _Context
+
+CONTENT = b"an annex that rots on the disk"
+DIGEST = hashlib.sha256(CONTENT).digest()
+ROTTEN = b"an annex that rots on the dusk"
+
+
+async def _rotten(store: DocumentStore) -> None:
+    """``CONTENT`` stored, then changed on the disk."""
+    writer = store.writer()
+    writer.write(CONTENT)
+    await writer.commit()
+    store.path(DIGEST).write_bytes(ROTTEN)
+
+
+@pytest.fixture
+def service(agency: Agency, tmp_path: Path) -> Documents:
+    """SENDER's DocumentService; its caller may use every document (an unlimited client)."""
+    store = DocumentStore(tmp_path / "docs", agency.config.documents)
+    agency.document_store = store
+    anyone = Access(Identity.for_client(SENDER, "clerk"), None)
+
+    def open_stream(_context: object, *, read_only: bool = False) -> _OpenStream:
+        return _OpenStream(anyone, cast(Any, None))  # no certificate here
+
+    agency._open_stream = open_stream  # type: ignore[method-assign,assignment]
+    return Documents(agency, store)
+
+
+def _refuse(monkeypatch: pytest.MonkeyPatch, name: str, code: int) -> None:
+    """The store's ``os.<name>`` fails with ``code``."""
+
+    def refused(*_: object, **__: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(document_store.os, name, refused)
+
+
+async def _download(service: Documents, uri: str) -> _Context:
+    context = _Context()
+    with contextlib.suppress(grpc.aio.AbortError):
+        await asyncio.wait_for(
+            service.DownloadDocument(pb.DownloadDocumentRequest(uri=uri), cast(Any, context)), 10
+        )
+    return context
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES], ids=["EROFS", "EACCES"])
+async def test_a_corrupt_own_copy_that_cannot_be_moved_aside_still_ends_the_download_data_loss(
+    service: Documents,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    code: int,
+) -> None:
+    # A whole-file download of the agency's own document finds it corrupt and moves it
+    # aside (DocumentStore.quarantine). When the disk refuses the move, the OSError left
+    # the handler: the back-end got INTERNAL / STORAGE_FAILED (the server's incident), not
+    # that the copy is corrupt, and the log did not say the copy was.
+    await _rotten(service.store)
+    _refuse(monkeypatch, "replace", code)
+    uri = document_uri(SENDER, DIGEST)
+    with caplog.at_level(logging.ERROR, logger="chapar.documents"):
+        context = await _download(service, uri)
+    assert (context.aborted, context.reason) == (grpc.StatusCode.DATA_LOSS, "DIGEST_MISMATCH")
+    said = [r.getMessage() for r in caplog.records if uri in r.getMessage()]
+    assert len(said) == 1, said
+    assert f"our document {uri} is corrupt" in said[0]
+    assert "could not be moved aside" in said[0], said
+    assert os.strerror(code) in said[0], said
+    assert service.store.path(DIGEST).read_bytes() == ROTTEN  # left in place, said so
+
+
+async def test_a_corrupt_fetched_copy_that_cannot_be_removed_still_ends_the_download_data_loss(
+    service: Documents,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The same for a copy fetched from another agency, which is dropped (DocumentStore.
+    # remove): a refused unlink left the handler as the move aside did.
+    await _rotten(service.store)
+    path = service.store.path(DIGEST)
+    unlink = Path.unlink
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        if self == path:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    uri = document_uri(RECIPIENT, DIGEST)
+    with caplog.at_level(logging.ERROR, logger="chapar.documents"):
+        context = await _download(service, uri)
+    assert (context.aborted, context.reason) == (grpc.StatusCode.DATA_LOSS, "DIGEST_MISMATCH")
+    said = " ".join(r.getMessage() for r in caplog.records if uri in r.getMessage())
+    assert "could not be dropped" in said, said
+    assert os.strerror(errno.EROFS) in said, said
+
+
+class _Push:
+    """The owner's PushDocument call, as the hub takes it: records what is written."""
+
+    def __init__(self) -> None:
+        self.sent: list[pb.PushDocumentRequest] = []
+        self.cancelled = False
+
+    async def write(self, message: pb.PushDocumentRequest) -> None:
+        self.sent.append(message)
+
+    async def done_writing(self) -> None:
+        pass
+
+    def __await__(self) -> Generator[None, None, pb.PushDocumentResponse]:
+        return asyncio.sleep(0, pb.PushDocumentResponse()).__await__()
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+def _corrupt_count() -> float:
+    return REJECTIONS.labels(code="DATA_LOSS", reason="DOCUMENT_CORRUPT")._value.get()
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC], ids=["EROFS", "ENOSPC"])
+async def test_a_push_of_a_corrupt_copy_that_cannot_be_moved_aside_still_says_it_is_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    # The owner's push finds its copy corrupt and moves it aside. When the disk refused the
+    # move, the OSError was taken for a failed read ("push of r1 failed reading the
+    # document"): the push was cancelled without its DOCUMENT_CORRUPT, which the hub then
+    # passes on as a broken push (UNAVAILABLE / PUSH_INTERRUPTED, to retry, or resumed from
+    # the bytes the fetching node had, unchecked at the owner), and the owner's log never
+    # said its copy is corrupt.
+    store = DocumentStore(tmp_path / "docs", DocumentLimits())
+    await _rotten(store)
+    _refuse(monkeypatch, "replace", code)
+    call = _Push()
+
+    class _Stub:
+        def PushDocument(self) -> _Push:
+            return call
+
+    counted = _corrupt_count()
+    uri = document_uri(SENDER, DIGEST)
+    request = pb.DocumentRequest(request_id="r1", sha256=DIGEST)
+    with caplog.at_level(logging.ERROR, logger="chapar.documents"):
+        await documents.push(cast(Any, _Stub()), store, request, SENDER)
+    assert not call.cancelled
+    assert [m.WhichOneof("part") for m in call.sent] == ["header", "error_reason"]
+    assert call.sent[-1].error_reason == "DOCUMENT_CORRUPT"
+    said = [r.getMessage() for r in caplog.records]
+    assert any(
+        f"our document {uri} is corrupt" in line
+        and "could not be moved aside" in line
+        and os.strerror(code) in line
+        for line in said
+    ), said
+    assert _corrupt_count() == counted + 1
