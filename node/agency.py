@@ -442,14 +442,27 @@ class Agency(pb.NodeServiceServicer):
         assert store is not None
         candidates = await asyncio.to_thread(store.unused_since, cutoff)
         removed = 0
+        refused: list[OSError] = []  # one the disk refuses to remove does not stop the rest
         for start in range(0, len(candidates), 500):
             chunk = candidates[start : start + 500]
             in_use = await self.store.documents_in_use(chunk)
             # No await from the mtime check to the unlink: a submission attaching one of
             # these touches it first (_check_documents), and it is then kept.
-            removed += sum(store.remove_unused(d, cutoff) for d in chunk if d not in in_use)
+            for digest in chunk:
+                if digest in in_use:
+                    continue
+                try:
+                    removed += store.remove_unused(digest, cutoff)
+                except OSError as exc:
+                    refused.append(exc)
         if removed:
             log.info("retention: removed %d documents", removed)
+        if refused:
+            log.error(
+                "retention: %d documents could not be removed, the first: %s",
+                len(refused),
+                refused[0],
+            )
         return removed
 
     # -- directory ------------------------------------------------------------------------

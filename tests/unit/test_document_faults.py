@@ -13,6 +13,7 @@ import errno
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any, cast
@@ -187,3 +188,42 @@ async def test_a_push_of_a_corrupt_copy_that_cannot_be_moved_aside_still_says_it
         for line in said
     ), said
     assert _corrupt_count() == counted + 1
+
+
+async def _stored(store: DocumentStore, content: bytes, mtime: float | None = None) -> bytes:
+    writer = store.writer()
+    writer.write(content)
+    digest, _, _ = await writer.commit()
+    if mtime is not None:
+        os.utime(store.path(digest), (mtime, mtime))
+    return digest
+
+
+async def test_retention_goes_on_past_a_document_it_cannot_remove(
+    agency: Agency,
+    service: Documents,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Document retention removes, one by one, the documents unused since its cutoff. One
+    # the disk refused to remove (a folder restored under another owner, an immutable file)
+    # raised out of the walk: the documents after it were never removed, at this run or
+    # any later one (the walk meets them in the same order), and the disk filled.
+    store = service.store
+    old = time.time() - 1000
+    digests = [await _stored(store, bytes([n]) * 10, old) for n in range(6)]
+    stuck = digests[0]
+    unlink = Path.unlink
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        if self == store.path(stuck):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with caplog.at_level(logging.WARNING):
+        removed = await agency.purge_documents(time.time() - 100)
+    assert removed == 5
+    assert [d for d in digests if store.size(d) is not None] == [stuck]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert os.strerror(errno.EACCES) in said, said
