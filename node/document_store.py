@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -42,6 +43,7 @@ __all__ = [
     "fsync_path",
 ]
 
+log = logging.getLogger("chapar.documents")
 _DIGEST_BYTES = hashlib.sha256().digest_size
 DOCUMENT_NAME = re.compile(f"[0-9a-f]{{{2 * _DIGEST_BYTES}}}")
 """A stored document's file name (its SHA-256 in hex), in the folder of its first two."""
@@ -64,6 +66,7 @@ class DocumentStore:
         (root / "sha256").mkdir(exist_ok=True)
         # The files read whole and found sound, by digest: file id and size (``sound``).
         self._sound: dict[bytes, tuple[FileId, int]] = {}
+        self._touch_refused = False  # the last mark of a use failed (said once: ``touch``)
         # Leftovers of uploads cut short by a crash: never visible, now removed.
         for stale in self._tmp.iterdir() if clean else ():
             with contextlib.suppress(OSError):
@@ -158,9 +161,22 @@ class DocumentStore:
         return self.path(digest)
 
     def touch(self, digest: bytes) -> None:
-        """Marks a document as used now (retention counts from its last use)."""
-        with contextlib.suppress(FileNotFoundError):
+        """Marks a document as used now (retention counts from its last use). A store that
+        refuses it (read-only, a file of another owner) is said once, until a mark works
+        again: the document is still served and attached, its use counted from before."""
+        try:
             os.utime(self.path(digest))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if not self._touch_refused:
+                log.warning(
+                    "cannot mark documents used (%s): retention counts their use from before",
+                    exc,
+                )
+            self._touch_refused = True
+        else:
+            self._touch_refused = False
 
     def unused_since(self, cutoff: float) -> list[bytes]:
         """Digests of the documents last written or touched before ``cutoff`` (a walk of

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -197,6 +198,42 @@ async def _stored(store: DocumentStore, content: bytes, mtime: float | None = No
     if mtime is not None:
         os.utime(store.path(digest), (mtime, mtime))
     return digest
+
+
+async def test_a_letter_attaching_a_stored_document_is_accepted_when_its_use_cannot_be_marked(
+    agency: Agency,
+    service: Documents,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # With [documents] retention_s, a submission marks each attached document used
+    # (DocumentStore.touch, the file's mtime). On a store the node may read but not change
+    # (remounted read-only after disk errors, files restored under another owner) that
+    # failed, and with it the whole batch: a letter attaching a document the node holds
+    # and can serve was refused with the storage's error.
+    agency.config = dataclasses.replace(agency.config, documents_retention_s=3600.0)
+    digest = await _stored(service.store, CONTENT)
+    _refuse(monkeypatch, "utime", errno.EROFS)
+    draft = pb.LetterDraft(
+        sender_mailbox="m1", recipients=[pb.Address(agency=RECIPIENT)], subject="s", body=b"b"
+    )
+    draft.attachments.add(
+        uri=document_uri(SENDER, digest),
+        sha256=digest,
+        size=len(CONTENT),
+        media_type="application/pdf",
+        file_name="a.pdf",
+    )
+    everyone = Access(Identity.for_agency(SENDER), None)
+    with caplog.at_level(logging.WARNING, logger="chapar.documents"):
+        for _ in range(2):
+            (receipt,) = await agency._submit([pb.SubmitEnvelopeRequest(draft=draft)], everyone)
+            assert isinstance(receipt, pb.Receipt), receipt
+    said = [
+        r.getMessage() for r in caplog.records if "cannot mark documents used" in r.getMessage()
+    ]
+    assert len(said) == 1, said  # once, not at every letter
+    assert os.strerror(errno.EROFS) in said[0]
 
 
 async def test_retention_goes_on_past_a_document_it_cannot_remove(
