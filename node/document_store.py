@@ -187,14 +187,27 @@ class DocumentStore:
             # note, a restore's leftovers) is left alone, and does not stop the walk.
             if len(folder.name) != 2 or not folder.is_dir():
                 continue
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if not DOCUMENT_NAME.fullmatch(entry.name) or entry.name[:2] != folder.name:
-                        continue
-                    with contextlib.suppress(FileNotFoundError):
-                        if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                            found.append(bytes.fromhex(entry.name))
+            try:
+                self._unused_in(folder, cutoff, found)
+            except OSError as exc:  # the other folders are walked all the same
+                log.error(
+                    "retention: cannot read the folder %s (%s): its documents stay",
+                    folder,
+                    exc.strerror or exc,
+                )
         return found
+
+    @staticmethod
+    def _unused_in(folder: Path, cutoff: float, found: list[bytes]) -> None:
+        """Adds to ``found`` the digests of the documents in ``folder`` (one of sha256/'s)
+        last written or touched before ``cutoff``."""
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not DOCUMENT_NAME.fullmatch(entry.name) or entry.name[:2] != folder.name:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                        found.append(bytes.fromhex(entry.name))
 
     def remove_unused(self, digest: bytes, cutoff: float) -> bool:
         """Removes a document still unused since ``cutoff``; False if it was used since."""

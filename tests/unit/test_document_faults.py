@@ -264,3 +264,35 @@ async def test_retention_goes_on_past_a_document_it_cannot_remove(
     assert [d for d in digests if store.size(d) is not None] == [stuck]
     said = " ".join(r.getMessage() for r in caplog.records)
     assert os.strerror(errno.EACCES) in said, said
+
+
+async def test_retention_walks_on_past_a_folder_it_cannot_read(
+    agency: Agency,
+    service: Documents,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The walk for documents unused since the cutoff (DocumentStore.unused_since) lists
+    # each sha256/ folder. One it could not list (restored under another owner, a disk
+    # error) ended the walk, and with it every run of document retention: nothing removed
+    # again, whatever the other folders held.
+    store = service.store
+    old = time.time() - 1000
+    digests = [await _stored(store, bytes([n]) * 10, old) for n in range(6)]
+    unreadable = store.path(digests[0]).parent
+    scandir = os.scandir
+
+    def refused(path: Any) -> Any:
+        if Path(path) == unreadable:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(document_store.os, "scandir", refused)
+    with caplog.at_level(logging.WARNING):
+        await agency.purge_documents(time.time() - 100)
+    assert [d for d in digests if store.size(d) is not None] == [
+        d for d in digests if store.path(d).parent == unreadable
+    ]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert str(unreadable) in said, said
+    assert os.strerror(errno.EACCES) in said, said
