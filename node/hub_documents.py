@@ -367,8 +367,8 @@ def _owner_copy_corrupt(owner: str) -> ChaparError:
     return ChaparError(
         Code.DATA_LOSS,
         "DOCUMENT_CORRUPT",
-        f"the node of {owner} found its copy corrupt while sending it, and set it aside: it"
-        " has none to send until the file is uploaded there again",
+        f"the node of {owner} found its copy corrupt while sending it (and set it aside, or"
+        " tried to): it has none to send until the file is uploaded there again",
         metadata={"owner": owner},
     )
 

@@ -736,8 +736,8 @@ class PushDocumentRequest(_message.Message):
     error_reason: _builtins.str
     """Ends the push short of the document's end, in place of the rest: the node cannot
     send it after all. DOCUMENT_CORRUPT: reading it, the node found that its copy does
-    not match its digest or size, and set it aside (it holds none until the file is
-    uploaded there again). The hub ends the fetch with DATA_LOSS DOCUMENT_CORRUPT
+    not match its digest or size, and set it aside, or tried to (it serves none until
+    the file is uploaded there again). The hub ends the fetch with DATA_LOSS DOCUMENT_CORRUPT
     (whatever the reason), and the push OK.
     """
     @_builtins.property
