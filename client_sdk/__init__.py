@@ -36,7 +36,9 @@ from client_sdk.errors import ResourceExhausted as ResourceExhausted
 from client_sdk.errors import Unauthenticated as Unauthenticated
 from client_sdk.errors import Unavailable as Unavailable
 from client_sdk.shams import format_shams as format_shams
+from client_sdk.shams import format_shams_checked as format_shams_checked
 from client_sdk.shams import parse_shams as parse_shams
+from client_sdk.shams import parse_shams_typed as parse_shams_typed
 from client_sdk.sync import SyncExchangeClient as SyncExchangeClient
 
 __all__ = [
@@ -67,6 +69,8 @@ __all__ = [
     "Unavailable",
     "VerifiedEvidence",
     "format_shams",
+    "format_shams_checked",
     "parse_shams",
+    "parse_shams_typed",
     "save_bundle",
 ]

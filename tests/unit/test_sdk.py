@@ -13,6 +13,7 @@ import queue
 import re
 import shutil
 import signal
+import string
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import client_sdk
@@ -44,7 +45,9 @@ from client_sdk import (
     Tracking,
     errors,
     format_shams,
+    format_shams_checked,
     parse_shams,
+    parse_shams_typed,
     pb,
 )
 from client_sdk._pb.chapar.exchange.v1.document_service_pb2_grpc import (
@@ -585,6 +588,164 @@ def test_format_shams_rejects_invalid_numbers() -> None:
         format_shams(pb.Shams(origin="G22", year=2026, sequence=1))
     with pytest.raises(ValueError, match="sequence"):
         format_shams(shams_of(0))
+
+
+# --- SHAMS check character (ISO 7064 MOD 37,36) ---------------------------------------------
+
+_ALNUM = string.digits + string.ascii_uppercase  # MOD 37,36's alphabet, in its order
+_FORM = _ALNUM + "./-:"  # every character a checked number holds
+_SHAMS_NUMBERS = st.builds(
+    pb.Shams,
+    origin=st.from_regex(r"[A-Z0-9.\-]{2,64}", fullmatch=True).filter(is_agency_code),
+    domain=st.sampled_from(
+        [pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL]
+    ),
+    year=st.integers(1, 9999),
+    sequence=st.integers(1, 2**63 - 1),
+)
+
+
+def _mod_37_36(text: str) -> str:
+    """ISO 7064 MOD 37,36 as the standard writes it (hybrid system, M = 36): the test's
+    own reckoning, checked against the standard's example below, not the library's."""
+    product = 36
+    for char in text:
+        total = (product + _ALNUM.index(char)) % 36 or 36
+        product = total * 2 % 37
+    return _ALNUM[(37 - product) % 36]
+
+
+def test_the_reckoning_of_the_tests_gives_the_standards_example() -> None:
+    assert _mod_37_36("A12425GABC1234002") == "M"  # ISO 7064, MOD 37,36
+
+
+def test_the_checked_form_of_the_design_example() -> None:
+    assert format_shams_checked(shams_of(42)) == "000.00.00.G22/O/2026/0000042:3"
+    assert format_shams_checked("000.00.00.G22/O/2026/0000042") == "000.00.00.G22/O/2026/0000042:3"
+    big = pb.Shams(
+        origin="G22", domain=pb.ShamsDomain.SHAMS_DOMAIN_INTERNAL, year=1404, sequence=123456789
+    )
+    assert format_shams_checked(big) == "G22/I/1404/123456789:W"
+
+
+@given(number=_SHAMS_NUMBERS)
+def test_the_check_character_is_mod_37_36_of_the_letters_and_digits(number: pb.Shams) -> None:
+    canonical = format_shams(number)
+    checked = format_shams_checked(number)
+    letters_and_digits = "".join(c for c in canonical if c in _ALNUM)
+    assert checked == f"{canonical}:{_mod_37_36(letters_and_digits)}"
+    assert parse_shams_typed(checked) == number
+    assert parse_shams_typed(canonical) == number
+
+
+def test_parse_shams_stays_strict_about_the_checked_form() -> None:
+    with pytest.raises(ValueError, match="invalid SHAMS number"):
+        parse_shams("000.00.00.G22/O/2026/0000042:J")
+
+
+def test_format_shams_checked_takes_only_valid_numbers() -> None:
+    with pytest.raises(ValueError, match="sequence"):
+        format_shams_checked(shams_of(0))
+    with pytest.raises(ValueError, match="invalid SHAMS number"):
+        format_shams_checked("000.00.00.G22/O/2026/0000042:J")
+
+
+def test_a_wrong_check_character_is_refused_as_probably_mistyped() -> None:
+    typed = "000.00.00.G22/O/2026/0000024:3"  # the last two digits swapped
+    with pytest.raises(ValueError, match="probably mistyped") as refused:
+        parse_shams_typed(typed)
+    assert typed in str(refused.value)
+    assert ":7" not in str(refused.value)  # the right one (7) is not given away: check the text
+    assert parse_shams_typed("000.00.00.G22/O/2026/0000024:7") == shams_of(24)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "000.00.00.G22/O/2026/0000042:",
+        "000.00.00.G22/O/2026/0000042:j",
+        "000.00.00.G22/O/2026/0000042:JJ",
+        "000.00.00.G22/O/2026/0000042:*",
+        "000.00.00.G22/O/2026/0000042 J",
+        "000.00.00.G22/O/2026/42:J",
+        ":J",
+    ],
+)
+def test_parse_shams_typed_refuses_a_malformed_number(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid SHAMS number"):
+        parse_shams_typed(text)
+
+
+_PUNCTUATION = str.maketrans("", "", ".-")
+
+
+def _neighbours(a: str, b: str) -> bool:
+    """Next to each other in MOD 37,36's alphabet, taken as a circle (0 1, 9 A, Z 0)."""
+    return a in _ALNUM and b in _ALNUM and (_ALNUM.index(a) - _ALNUM.index(b)) % 36 in (1, 35)
+
+
+def test_a_swap_of_two_neighbours_in_the_alphabet_can_go_unseen() -> None:
+    """What MOD 37,36 does not promise (the module's docstring says it): two adjacent
+    characters that are next to each other in 0-9A-Z, swapped, give the same check
+    character at one running value in 36."""
+    number = pb.Shams(origin="11", domain=pb.ShamsDomain.SHAMS_DOMAIN_OUTGOING, year=1, sequence=1)
+    assert format_shams_checked(number) == "11/O/0001/0000001:1"
+    assert parse_shams_typed("11/O/0010/0000001:1").year == 10  # "01" typed "10": unseen
+    with pytest.raises(ValueError, match="mistyped"):
+        parse_shams_typed("11/O/0001/0000010:1")  # the same swap elsewhere: seen
+
+
+def _read(typed: str) -> pb.Shams | None:
+    try:
+        return parse_shams_typed(typed)
+    except ValueError:
+        return None
+
+
+@settings(max_examples=40, deadline=None)
+@given(number=_SHAMS_NUMBERS)
+def test_every_single_typo_of_a_checked_number_is_refused(number: pb.Shams) -> None:
+    """Every character changed into any other the form uses, and every two adjacent
+    characters swapped: refused (mistyped, or malformed), but for the origin's '.' and '-',
+    which the check does not cover, and the ':' typed as a digit, which makes a canonical
+    number (the module's docstring says both)."""
+    canonical = format_shams(number)
+    checked = format_shams_checked(number)
+    typos = []  # (position, the characters, only moved or punctuation for punctuation, text)
+    for i, char in enumerate(checked):
+        for other in _FORM.replace(char, ""):
+            moved = {char, other} <= set(".-")
+            typos.append((i, char + other, moved, checked[:i] + other + checked[i + 1 :]))
+        if i + 1 < len(checked) and checked[i + 1] != char:
+            swapped = checked[:i] + checked[i + 1] + char + checked[i + 2 :]
+            typos.append((i, char + checked[i + 1], True, swapped))
+    for i, chars, moved, typed in typos:
+        if _neighbours(*chars) and moved:
+            continue  # MOD 37,36 misses 1 in 36 of these: the test below
+        if i < len(number.origin) and set(chars) & set(".-"):
+            # Outside the check: such a typo can only be read as another origin. One that
+            # leaves the letters and digits as they were (a '.' or '-' moved, or one for the
+            # other) is not seen at all; one that adds or drops a letter or digit is caught
+            # 35 times in 36, with no guarantee.
+            read = _read(typed)
+            if read is not None:
+                kept = (read.domain, read.year, read.sequence)
+                assert kept == (number.domain, number.year, number.sequence), typed
+                if moved:
+                    assert read.origin.translate(_PUNCTUATION) == number.origin.translate(
+                        _PUNCTUATION
+                    ), typed
+            continue
+        if typed.find(":") < 0 <= i - len(canonical):  # ':' typed as a digit (or ':' lost)
+            # Read as the canonical number with the two digits after its sequence when they
+            # make a sequence (no leading zero): one a hundred times past the one given.
+            read = _read(typed)
+            if read is not None:
+                assert format_shams(read) == typed, typed
+                assert read.sequence >= 100 * number.sequence, typed
+            continue
+        with pytest.raises(ValueError, match=r"mistyped|invalid SHAMS number"):
+            parse_shams_typed(typed)
 
 
 # --- send -----------------------------------------------------------------------------------
@@ -2950,7 +3111,9 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         "DataLoss",
         "InternalError",
         "format_shams",
+        "format_shams_checked",
         "parse_shams",
+        "parse_shams_typed",
         "save_bundle",
     }
     for name in client_sdk.__all__:
