@@ -10,6 +10,11 @@ and credentials one of three ways::
     --pki DIR --agency CODE --node H:P    the agency's back-end client certificate
     --ca F --cert F --key F --node H:P    explicit PEM files
 
+A SHAMS number a person types (``track SHAMS``, ``send --in-reply-to SHAMS``) is taken in
+its canonical form or its checked form (``client_sdk.shams``: ``...0000042:3``), and handed
+on to the node canonical; one whose check character does not match is refused before
+anything else is done, ``INVALID_SHAMS``, as probably mistyped.
+
 Failures print one line, ``error: <CODE> <REASON>: <message>``, on stderr and exit 1; one
 to write standard output is ``OUTPUT_FAILED`` (``node.cli_output``), whichever command it was.
 """
@@ -38,6 +43,8 @@ from client_sdk import (
     Tracking,
     TreeLetter,
     Unavailable,
+    format_shams,
+    parse_shams_typed,
     pb,
     save_bundle,
 )
@@ -105,7 +112,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the business status a status update reports about --in-reply-to",
     )
     send.add_argument("--priority", choices=_names(pb.Priority, "PRIORITY_"))
-    send.add_argument("--in-reply-to", metavar="SHAMS")
+    send.add_argument(
+        "--in-reply-to",
+        metavar="SHAMS",
+        help="the letter's number, with its check character or not",
+    )
     send.add_argument("--request-id", metavar="ID", help="idempotency key (default: a UUID)")
     send.add_argument(
         "--attach",
@@ -163,7 +174,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     track = subparsers.add_parser(
         "track", parents=[common], help="show a letter's state and verify its evidence"
     )
-    track.add_argument("shams", metavar="SHAMS", help="e.g. 000.00.00.G22/O/2026/0000042")
+    track.add_argument(
+        "shams",
+        metavar="SHAMS",
+        help="e.g. 000.00.00.G22/O/2026/0000042, or with its check character as `send`"
+        " prints it, 000.00.00.G22/O/2026/0000042:3",
+    )
     track.add_argument("--json", action="store_true", help="print JSON")
     shown = track.add_mutually_exclusive_group()
     shown.add_argument(
@@ -302,6 +318,15 @@ def _handler(
     return handler
 
 
+def _typed_shams(text: str) -> str:
+    """The canonical text of a number a person typed, canonical or checked: what the SDK
+    and the node take. A malformed or mistyped one is ``INVALID_SHAMS``."""
+    try:
+        return format_shams(parse_shams_typed(text))
+    except ValueError as exc:
+        raise _UsageError("INVALID_SHAMS", str(exc)) from None
+
+
 def _recipient(text: str) -> str | tuple[str, str]:
     agency, sep, mailbox = text.partition(":")
     return (agency, mailbox) if sep else agency
@@ -341,11 +366,12 @@ async def _send(ns: argparse.Namespace) -> int:
     missing = [option for option, value in given.items() if value is None or value == []]
     if missing and kind != "status_update":
         raise _UsageError("MISSING_OPTION", f"a letter needs {', '.join(missing)}")
+    in_reply_to = _typed_shams(ns.in_reply_to) if ns.in_reply_to else ns.in_reply_to
     connection = _connection(ns)
     body: bytes | str = ns.body_file.read_bytes() if ns.body_file is not None else (ns.body or "")
     subject: str = ns.subject
     if subject is None:  # a status update's (the node refuses an empty one)
-        subject = f"{(ns.status or 'status').upper()}: {ns.in_reply_to or '-'}"
+        subject = f"{(ns.status or 'status').upper()}: {in_reply_to or '-'}"
     async with connection.client() as client:
         receipt = await client.send(
             to=[_recipient(t) for t in ns.to],
@@ -353,7 +379,7 @@ async def _send(ns: argparse.Namespace) -> int:
             body=body,
             kind=kind,
             priority=ns.priority,
-            in_reply_to=ns.in_reply_to,
+            in_reply_to=in_reply_to,
             content_type=ns.content_type,
             request_id=ns.request_id,
             attachments=list(ns.attach),
@@ -532,14 +558,15 @@ async def _acknowledged(letter: Letter, within: float) -> pb.Evidence:
 
 
 async def _track(ns: argparse.Namespace) -> int:
+    shams = _typed_shams(ns.shams)
     connection = _connection(ns)
     if ns.tree:
-        return await _track_tree(ns, connection)
+        return await _track_tree(ns, shams, connection)
     async with connection.client() as client:
         # The bundle carries the exchange's revocations: what a revoked key signed does not
         # show as verified here either.
-        bundle = await client.evidence_bundle(ns.shams)
-    undone = f"the tracking of {ns.shams} could not be printed"
+        bundle = await client.evidence_bundle(shams)
+    undone = f"the tracking of {shams} could not be printed"
     if ns.save is not None:
         with _saving(ns.save):
             save_bundle(ns.save, bundle)
@@ -549,10 +576,10 @@ async def _track(ns: argparse.Namespace) -> int:
     )
 
 
-async def _track_tree(ns: argparse.Namespace, connection: _Connection) -> int:
+async def _track_tree(ns: argparse.Namespace, shams: str, connection: _Connection) -> int:
     """``track --tree``: the hub's tree, verified with the exchange's revocations too."""
     async with connection.client() as client:
-        tree = await client.track_correspondence(ns.shams)
+        tree = await client.track_correspondence(shams)
         revoked = await client.revocations()
     trust = connection.credentials.trust_store()
     trust.set_revoked(revoked)
@@ -578,7 +605,7 @@ async def _track_tree(ns: argparse.Namespace, connection: _Connection) -> int:
         if tree.truncated:
             lines.append("(the hub cut the tree: track a letter of the missing part to see it)")
         lines.append("verified" if failure is None else "NOT VERIFIED")
-    emit(lines, _undone(f"the correspondence tree of {ns.shams} could not be printed", failure))
+    emit(lines, _undone(f"the correspondence tree of {shams} could not be printed", failure))
     if failure is not None:
         raise failure
     return 0

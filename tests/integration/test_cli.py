@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from certs.pki import init_pki, load_certs
-from client_sdk import ExchangeClient, Letter, pb
+from client_sdk import ExchangeClient, Letter, format_shams_checked, pb
 from node.cluster import Cluster
 from node.demo import AGENCY_A, AGENCY_B, EXPECTED_CHAIN
 
@@ -747,6 +747,42 @@ def test_inbox_ack_names_the_letter_whose_acknowledgement_went_unanswered(
     (error,) = err.splitlines()
     assert error.startswith("error: DEADLINE_EXCEEDED ACK_UNANSWERED: "), err
     assert shams in error, err
+
+
+# -- numbers as people type them: with their check character -----------------------------
+
+
+def test_track_and_in_reply_to_take_a_number_with_its_check_character(
+    cluster: Cluster, sent_by_a: dict[str, str]
+) -> None:
+    """The checked form (``...0000042:3``) is a number as a person quotes it: `track` and
+    `send --in-reply-to` take it as the canonical one (the SDK and the node see only that)."""
+    shams = sent_by_a["shams"]
+    for shown in ([], ["--tree"]):
+        tracked = _run("track", *_conn_a(cluster), format_shams_checked(shams), *shown, "--json")
+        assert tracked.returncode == 0, tracked.stderr
+        assert json.loads(tracked.stdout)["shams"] == shams
+    mailbox = f"cli-checked-{uuid.uuid4().hex[:8]}"
+    letter = asyncio.run(_send_to_box(cluster, mailbox, "Quoted with its check character"))
+    asyncio.run(_still_in_inbox(cluster, mailbox))  # at B's node, and acknowledged
+    b = ["--pki", str(cluster.pki.root), "--agency", AGENCY_B]
+    b += ["--node", cluster.nodes[AGENCY_B].address]
+    status = _run("send", *b, "--status", "accepted", "--in-reply-to", format_shams_checked(letter))
+    assert status.returncode == 0, status.stderr
+    # Its default subject names the letter canonical, as it always did.
+    assert asyncio.run(_status_subject_at_a(cluster, letter)) == f"ACCEPTED: {letter}"
+
+
+async def _status_subject_at_a(cluster: Cluster, shams: str) -> str:
+    """The subject of the status update A's node linked to its letter ``shams``, once it has."""
+    async with ExchangeClient(cluster.nodes[AGENCY_A].address, cluster.credentials(AGENCY_A)) as a:
+        for _ in range(300):
+            tracking = await a.track(shams)
+            if tracking.status_updates:
+                (update,) = tracking.status_updates
+                return update.header.subject
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no status update linked to {shams} within 30 s")
 
 
 # -- standard output closed, or unable to show the text: one line, exit 1, every command ------
