@@ -13,7 +13,10 @@ and credentials one of three ways::
 A SHAMS number a person types (``track SHAMS``, ``send --in-reply-to SHAMS``) is taken in
 its canonical form or its checked form (``client_sdk.shams``: ``...0000042:3``), and handed
 on to the node canonical; one whose check character does not match is refused before
-anything else is done, ``INVALID_SHAMS``, as probably mistyped.
+anything else is done, ``INVALID_SHAMS``, as probably mistyped. What the commands print for
+people shows each number in its checked form, the one to quote; ``--json`` keeps ``shams``
+canonical, the letter's key, and adds ``shams_checked`` beside it. Messages on stderr name
+numbers canonical, as the logs do.
 
 Failures print one line, ``error: <CODE> <REASON>: <message>``, on stderr and exit 1; one
 to write standard output is ``OUTPUT_FAILED`` (``node.cli_output``), whichever command it was.
@@ -44,6 +47,7 @@ from client_sdk import (
     TreeLetter,
     Unavailable,
     format_shams,
+    format_shams_checked,
     parse_shams_typed,
     pb,
     save_bundle,
@@ -393,6 +397,7 @@ async def _send(ns: argparse.Namespace) -> int:
             _json_line(
                 {
                     "shams": receipt.shams,
+                    "shams_checked": format_shams_checked(receipt.shams),
                     "request_id": receipt.request_id,
                     "envelope_sha256": receipt.envelope_sha256.hex(),
                     "evidence": evidence,
@@ -401,7 +406,7 @@ async def _send(ns: argparse.Namespace) -> int:
             )
         ]
     else:
-        lines = [receipt.shams, _evidence_line(evidence)]
+        lines = [format_shams_checked(receipt.shams), _evidence_line(evidence)]
         lines += [
             f"attachment {ref.uri}  {ref.size} bytes  {ref.media_type}  {ref.file_name}"
             for ref in refs
@@ -441,6 +446,7 @@ async def _fetch(ns: argparse.Namespace) -> int:
 def _letter_json(letter: Letter) -> dict[str, Any]:
     return {
         "shams": letter.shams,
+        "shams_checked": format_shams_checked(letter.shams),
         "from": letter.sender,
         "to": list(letter.recipients),
         "subject": letter.subject,
@@ -459,9 +465,11 @@ def _letter_lines(letter: Letter, *, as_json: bool) -> list[str]:
     if as_json:
         return [json.dumps(_letter_json(letter), ensure_ascii=False)]
     first_line = next(iter(letter.text.splitlines()), "")
-    lines = [f"{letter.shams}  from {letter.sender}  {letter.subject}  | {first_line}"]
+    number = format_shams_checked(letter.shams)
+    lines = [f"{number}  from {letter.sender}  {letter.subject}  | {first_line}"]
     if letter.status is not None:
-        lines.append(f"  status {letter.status} about {letter.in_reply_to}")
+        about = format_shams_checked(letter.in_reply_to) if letter.in_reply_to else "-"
+        lines.append(f"  status {letter.status} about {about}")
     lines += [
         f"  attachment {ref.uri}  {ref.size} bytes  {ref.file_name}"
         for ref in letter.header.attachments
@@ -615,6 +623,7 @@ def _tree_row(depth: int, letter: TreeLetter, asked: str) -> dict[str, Any]:
     return {
         "depth": depth,
         "shams": letter.shams,
+        "shams_checked": format_shams_checked(letter.shams),
         "asked": letter.shams == asked,
         "redacted": letter.redacted,
         "in_reply_to": letter.in_reply_to,
@@ -631,8 +640,8 @@ def _tree_row(depth: int, letter: TreeLetter, asked: str) -> dict[str, Any]:
 def _tree_line(row: dict[str, Any]) -> str:
     mark = "  <- asked" if row["asked"] else ""
     if row["redacted"]:
-        return f"{row['shams']}  redacted{mark}"
-    parts = [row["shams"], row["kind"] or "links unknown"]
+        return f"{row['shams_checked']}  redacted{mark}"
+    parts = [row["shams_checked"], row["kind"] or "links unknown"]
     if row["status"]:
         parts.append(row["status"])
     parts.append(f"{row['from']} -> {','.join(row['to'])}")
@@ -733,6 +742,7 @@ def _tracking_lines(
             _json_line(
                 {
                     "shams": tracking.shams,
+                    "shams_checked": format_shams_checked(tracking.shams),
                     "direction": tracking.direction,
                     "from": header.sender.agency,
                     "subject": header.subject,
@@ -749,7 +759,7 @@ def _tracking_lines(
         ]
     suffix = "  verified" if verified else ""
     lines = [
-        f"{tracking.shams}  {tracking.direction}  from {header.sender.agency}",
+        f"{format_shams_checked(tracking.shams)}  {tracking.direction}  from {header.sender.agency}",
         f"subject: {header.subject}",
     ]
     if tracking.body_purged and not tracking.envelope.body:
@@ -767,7 +777,7 @@ def _tracking_lines(
         for update in tracking.status_updates:
             described = _status_update(update)
             parts = [described["status"], described["time"] or "-", f"from {described['from']}"]
-            parts += [f"to {','.join(described['to'])}", described["shams"]]
+            parts += [f"to {','.join(described['to'])}", described["shams_checked"]]
             if described["note"]:
                 parts.append(f"| {' '.join(described['note'].split())}")
             lines.append(f"  {'  '.join(parts)}{suffix}")
@@ -777,6 +787,7 @@ def _tracking_lines(
 def _status_update(update: StatusUpdate) -> dict[str, Any]:
     return {
         "shams": update.shams,
+        "shams_checked": format_shams_checked(update.shams),
         "status": update.status,
         "from": update.agency,
         "to": [r.agency for r in update.header.recipients],

@@ -10,7 +10,8 @@ HANDOVER) is fetched and every signature verified against the root CA alone; the
 correspondence tree, as the hub recorded it (the letter, B's status update and B's reply),
 is asked through A's node and verified; the letter's evidence bundle is saved and verified
 again from the file, as an auditor would. Exit status 0 only if every chain verified and
-the attachment arrived intact.
+the attachment arrived intact. Numbers are shown as people quote them, with their check
+character (``000.00.00.G22/O/2026/0000001:L``), as the client commands print them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from client_sdk import ExchangeClient, Tracking, pb
+from client_sdk import ExchangeClient, Tracking, format_shams_checked, pb
 from client_sdk.trust import TrustStore, VerificationError
 from node.cli_output import OutputFailed, emit
 from node.cluster import Cluster
@@ -35,6 +36,11 @@ _UNDONE = "the demo could not print its account; it stopped there, and stopped i
 AGENCY_A = "000.00.00.G22"
 AGENCY_B = "10861234567"
 EXPECTED_CHAIN = ("SUBMISSION_ACCEPTANCE", "RELAY_ACCEPTANCE", "DELIVERY", "HANDOVER")
+
+
+def _n(shams: str) -> str:
+    """A number as the demo shows it: with its check character."""
+    return format_shams_checked(shams)
 
 
 def _say(text: str, undone: str = _UNDONE) -> None:
@@ -62,7 +68,7 @@ async def wait_for_chain(client: ExchangeClient, shams: str, timeout: float = 30
 
 
 def _print_chain(title: str, shams: str, tracking: Tracking, trust: TrustStore) -> bool:
-    _say(f"\n{title}\n  SHAMS {shams}")
+    _say(f"\n{title}\n  SHAMS {_n(shams)}")
     try:
         verified = tracking.verify(trust)
     except VerificationError as exc:
@@ -85,18 +91,18 @@ async def _business_status(client: ExchangeClient, shams: str, trust: TrustStore
     deadline = asyncio.get_running_loop().time() + 30
     while (tracking := await client.track(shams)).business_statuses.get(AGENCY_B) is None:
         if asyncio.get_running_loop().time() > deadline:
-            _say(f"\nBusiness status of {shams}: MISSING")
+            _say(f"\nBusiness status of {_n(shams)}: MISSING")
             return False
         await asyncio.sleep(0.1)
     try:
         tracking.verify(trust)
     except VerificationError as exc:
-        _say(f"\nBusiness status of {shams}: VERIFICATION FAILED: {exc.reason}: {exc}")
+        _say(f"\nBusiness status of {_n(shams)}: VERIFICATION FAILED: {exc.reason}: {exc}")
         return False
     (update,) = tracking.status_updates
     _say(
-        f"\nBusiness status of {shams}: {AGENCY_B} {tracking.business_statuses[AGENCY_B]}"
-        f" (status update {update.shams}, its sender's signature and its link to the letter"
+        f"\nBusiness status of {_n(shams)}: {AGENCY_B} {tracking.business_statuses[AGENCY_B]}"
+        f" (status update {_n(update.shams)}, its sender's signature and its link to the letter"
         " verified)"
     )
     return True
@@ -109,13 +115,13 @@ async def _correspondence(client: ExchangeClient, shams: str, trust: TrustStore)
     try:
         verified = tree.verify(trust)
     except VerificationError as exc:
-        _say(f"\nCorrespondence of {shams}: VERIFICATION FAILED: {exc.reason}: {exc}")
+        _say(f"\nCorrespondence of {_n(shams)}: VERIFICATION FAILED: {exc.reason}: {exc}")
         return False
-    _say(f"\nCorrespondence of {shams} at the hub ({len(verified)} evidence verified):")
+    _say(f"\nCorrespondence of {_n(shams)} at the hub ({len(verified)} evidence verified):")
     for depth, letter in tree.walk():
         what = letter.status or letter.kind or "?"
         _say(
-            f"  {'  ' * depth}{letter.shams}  {what:<13} {letter.sender} -> "
+            f"  {'  ' * depth}{_n(letter.shams)}  {what:<13} {letter.sender} -> "
             f"{', '.join(letter.recipients)}  signed header verified"
         )
     return len(tree.letters) == 3  # the letter, B's status update and B's reply
@@ -135,7 +141,7 @@ def _saved_and_verified(shams: str, bundle: pb.EvidenceBundle, path: Path, root:
         _say(f"\nEvidence bundle {path.name}: VERIFICATION FAILED: {exc.reason}: {exc}")
         return False
     _say(
-        f"\nEvidence bundle of {shams} saved ({path.stat().st_size} bytes, {len(kept)} "
+        f"\nEvidence bundle of {_n(shams)} saved ({path.stat().st_size} bytes, {len(kept)} "
         "evidence): verified again from the file with the root CA alone"
     )
     return True
@@ -185,10 +191,13 @@ async def _exchange(cluster: Cluster) -> bool:
             body="Kính gửi: please confirm the figures of the 2026 budget report.\n",
             attachments=[report],
         )
-        _say(f"A ({AGENCY_A}) sent {letter.shams} with the attachment {report.name}")
+        _say(f"A ({AGENCY_A}) sent {_n(letter.shams)} with the attachment {report.name}")
         inbox = b.inbox()
         received = await anext(inbox)
-        _say(f"B ({AGENCY_B}) received {received.shams} from {received.sender}: {received.subject}")
+        _say(
+            f"B ({AGENCY_B}) received {_n(received.shams)} from {received.sender}:"
+            f" {received.subject}"
+        )
         for attachment in received.attachments:
             _say(f"  attachment {attachment.uri} ({attachment.size} bytes)")
             saved = await attachment.save(files / f"received-{attachment.safe_file_name}")
@@ -203,7 +212,7 @@ async def _exchange(cluster: Cluster) -> bool:
             ok = False
         await received.ack()
         accepted = await b.send_status(received.shams, "accepted", "Taken up by the budget desk.")
-        _say(f"B reported ACCEPTED on {received.shams} (status update {accepted.shams})")
+        _say(f"B reported ACCEPTED on {_n(received.shams)} (status update {_n(accepted.shams)})")
         reply = await b.send(
             to=[AGENCY_A],
             subject="Re: request for cooperation",
@@ -211,14 +220,15 @@ async def _exchange(cluster: Cluster) -> bool:
             in_reply_to=received.shams,
             body="The figures are confirmed.\n",
         )
-        _say(f"B replied {reply.shams} (in reply to {received.shams})")
+        _say(f"B replied {_n(reply.shams)} (in reply to {_n(received.shams)})")
         expected = {accepted.shams, reply.shams}
         async with contextlib.aclosing(a.inbox()) as a_inbox:
             async for got in a_inbox:  # B's status update and its reply, in either order
+                about = _n(got.in_reply_to) if got.in_reply_to else "-"
                 if got.status is not None:
-                    _say(f"A received {got.shams}: B's status {got.status} on {got.in_reply_to}")
+                    _say(f"A received {_n(got.shams)}: B's status {got.status} on {about}")
                 else:
-                    _say(f"A received {got.shams} in reply to {got.in_reply_to}")
+                    _say(f"A received {_n(got.shams)} in reply to {about}")
                 await got.ack()
                 expected.discard(got.shams)
                 if not expected:

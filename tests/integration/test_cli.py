@@ -52,6 +52,12 @@ def test_demo_prints_every_chain_verified_and_exits_zero() -> None:
     assert out.count("signed header verified") == 3, out
     assert re.search(r"\n    \S+  ACCEPTED +10861234567 -> 000.00.00.G22  signed header", out), out
     assert "hub exit 0" in out
+    # Numbers as people quote them: with their check character, everywhere the demo names one.
+    sent = re.search(rf"A \({re.escape(AGENCY_A)}\) sent (\S+) with", out)
+    assert sent is not None, out
+    assert sent[1] == format_shams_checked(sent[1].rpartition(":")[0]), out
+    assert f"Business status of {sent[1]}: " in out, out
+    assert f"  SHAMS {sent[1]}\n" in out, out
 
 
 def test_demo_serve_keeps_servers_for_send_inbox_and_track(tmp_path: Path) -> None:
@@ -91,6 +97,7 @@ def test_demo_serve_keeps_servers_for_send_inbox_and_track(tmp_path: Path) -> No
         assert sent.returncode == 0, sent.stderr
         shams = json.loads(sent.stdout)["shams"]
         assert shams.startswith(f"{AGENCY_A}/O/")
+        assert json.loads(sent.stdout)["shams_checked"] == format_shams_checked(shams)
 
         inbox = _run(
             "inbox",
@@ -105,7 +112,7 @@ def test_demo_serve_keeps_servers_for_send_inbox_and_track(tmp_path: Path) -> No
             "30",
         )
         assert inbox.returncode == 0, inbox.stderr
-        assert shams in inbox.stdout
+        assert inbox.stdout.startswith(f"{format_shams_checked(shams)}  from {AGENCY_A}  By hand")
 
         deadline = time.monotonic() + 30
         while True:

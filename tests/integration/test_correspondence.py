@@ -29,7 +29,7 @@ from client_sdk import (
 )
 from client_sdk.errors import from_rpc_error
 from client_sdk.identity import identity_of_certificate
-from client_sdk.shams import parse_shams
+from client_sdk.shams import format_shams_checked, parse_shams
 from client_sdk.trust import TrustStore, VerificationError
 from node.cluster import Cluster
 from tests.conftest import AGENCY_A, AGENCY_B, AGENCY_C, client_credentials, node_tls
@@ -378,10 +378,11 @@ async def test_chapar_track_tree_prints_the_tree_and_that_it_verified(
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     lines = out.decode().splitlines()
-    assert lines[0].startswith(f"{thread.x}  LETTER  {A} -> {B}  HANDOVER  <- asked")
-    assert lines[1].startswith(f"  {thread.y}  REPLY  {B} -> {A}")
-    assert lines[2] == f"    {thread.z}  redacted"
-    assert lines[3].startswith(f"  {thread.update}  STATUS_UPDATE  ACCEPTED  {B} -> {A}")
+    x, y, z, update = map(format_shams_checked, (thread.x, thread.y, thread.z, thread.update))
+    assert lines[0].startswith(f"{x}  LETTER  {A} -> {B}  HANDOVER  <- asked")
+    assert lines[1].startswith(f"  {y}  REPLY  {B} -> {A}")
+    assert lines[2] == f"    {z}  redacted"
+    assert lines[3].startswith(f"  {update}  STATUS_UPDATE  ACCEPTED  {B} -> {A}")
     assert lines[-1] == "verified"
     proc = await asyncio.create_subprocess_exec(
         *_cli("track", thread.z, "--tree", "--json", "--node", cluster.nodes[C].address),
@@ -399,6 +400,7 @@ async def test_chapar_track_tree_prints_the_tree_and_that_it_verified(
         (thread.z, False),
         (thread.update, True),
     ]
+    assert [r["shams_checked"] for r in report["letters"]] == [x, y, z, update]
 
 
 def _cli(*args: str) -> list[str]:

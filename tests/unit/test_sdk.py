@@ -2927,8 +2927,16 @@ async def test_cli_send_and_track_over_mutual_tls(
     assert (code, err) == (0, "")
     printed = json.loads(out)
     assert printed["shams"] == "000.00.00.G22/O/2026/0000001"
+    assert printed["shams_checked"] == "000.00.00.G22/O/2026/0000001:L"  # added beside it
     assert printed["evidence"]["event"] == "SUBMISSION_ACCEPTANCE"
     assert fake.submits[0].draft.kind == pb.LetterKind.LETTER_KIND_INQUIRY
+    code = await asyncio.to_thread(
+        run_cli, "send", "--demo", str(demo), "--agency", SENDER, "--to", OTHER,
+        "--subject", "Budget", "--body", "hello",
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == "000.00.00.G22/O/2026/0000002:J"  # the number to quote
 
     fake.get_response = get_response(pki, signed_letter(pki, 1))
     code = await asyncio.to_thread(
@@ -2937,7 +2945,7 @@ async def test_cli_send_and_track_over_mutual_tls(
     )  # fmt: skip
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
-    assert "OUTGOING" in out
+    assert out.startswith("000.00.00.G22/O/2026/0000001:L  OUTGOING")
     assert f"{OTHER}  DELIVERED" in out
     assert out.count("verified") == 2
 
@@ -2989,7 +2997,7 @@ async def test_cli_inbox_acks_and_agencies_over_mutual_tls(
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     first, second = out.splitlines()
-    assert first == (f"000.00.00.G22/O/2026/0000004  from {SENDER}  Circular 4  | Dear colleagues,")
+    assert first == f"000.00.00.G22/O/2026/0000004:F  from {SENDER}  Circular 4  | Dear colleagues,"
     assert second.startswith("  HANDOVER ")
     assert [a.shams for a in fake.acks] == [shams_of(4)]
 
@@ -2998,7 +3006,12 @@ async def test_cli_inbox_acks_and_agencies_over_mutual_tls(
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     (line,) = out.splitlines()
-    assert json.loads(line)["subject"] == "Circular 4"
+    printed = json.loads(line)
+    assert printed["subject"] == "Circular 4"
+    assert (printed["shams"], printed["shams_checked"]) == (
+        "000.00.00.G22/O/2026/0000004",
+        "000.00.00.G22/O/2026/0000004:F",
+    )
     assert len(fake.acks) == 1
 
     # --json --ack: the letter's object (printed before it is acknowledged), then its
@@ -3061,7 +3074,7 @@ async def test_cli_sends_a_status_update_and_track_prints_the_statuses(
     assert f"  {OTHER}  DELIVERED  status COMPLETED\n" in out
     lines = out.split("status updates:\n")[1].splitlines()
     assert [line.split("  ")[1] for line in lines] == ["ACCEPTED", "COMPLETED"]
-    assert lines[1].endswith(f"to {SENDER}  000.00.00.G01/O/2026/0000002  | done all  verified")
+    assert lines[1].endswith(f"to {SENDER}  000.00.00.G01/O/2026/0000002:O  | done all  verified")
     code = await asyncio.to_thread(run_cli, "track", format_shams(shams_of(23)), *conn, "--json")
     out, err = capsys.readouterr()
     printed = json.loads(out)
@@ -3070,6 +3083,11 @@ async def test_cli_sends_a_status_update_and_track_prints_the_statuses(
         (OTHER, "ACCEPTED", True),
         (OTHER, "COMPLETED", True),
     ]
+    completed = printed["status_updates"][1]
+    assert (completed["shams"], completed["shams_checked"]) == (
+        "000.00.00.G01/O/2026/0000002",
+        "000.00.00.G01/O/2026/0000002:O",
+    )
 
 
 def test_cli_reports_missing_credentials_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:

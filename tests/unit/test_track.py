@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from client_sdk import Correspondence, pb
+from client_sdk import Correspondence, format_shams_checked, pb
 from client_sdk.shams import parse_shams
 from client_sdk.trust import TrustStore, VerificationError
 from node.agency import Agency
@@ -180,7 +180,7 @@ def test_chapar_track_tree_marks_the_letter_asked_for_and_says_an_account_is_uns
         (y, False, False),
     ]
     assert _tree_line(rows[1]) == (
-        f"{y}  LETTER  MOFA.IR -> 10861234567  no evidence  unsigned (body and header purged"
+        f"{format_shams_checked(y)}  LETTER  MOFA.IR -> 10861234567  no evidence  unsigned (body and header purged"
         " by retention)"
     )
 
