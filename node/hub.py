@@ -89,7 +89,8 @@ _FRAMES_IN_FLIGHT = 8
 _MIN_NONCE, _MAX_NONCE = 16, 64  # bytes of a hello's nonce the welcome signs back
 _HELLO_WAIT_S = 30.0  # for a node's first frame, once its stream is open
 # After a restore of a node, the notices it acknowledged are routed again from this long
-# before its copy's time: the copy's time is by its machine's clock, ours by ours.
+# before its copy's time (or hub.clock_skew_s, if more): the copy's time is by its
+# machine's clock, ours by ours, and a node that far ahead of ours has its letters taken.
 NODE_RESTORE_MARGIN_S = 300.0
 # At most once in this long an agency's hello has its notices routed again: each reads all
 # the agency's notices kept. A hello asking sooner is refused, and its node asks again.
@@ -873,9 +874,12 @@ class Hub(pb.HubServiceServicer):
 
     async def _route_again(self, agency: str, restored: pb.NodeRestore) -> None:
         """A node restored from a copy: routes again the notices it acknowledged since
-        shortly before the copy's time (HubStore.route_again)."""
+        shortly before the copy's time (HubStore.route_again): by NODE_RESTORE_MARGIN_S,
+        or clock_skew_s if more, as far as the node's clock may be ahead of ours while we
+        take its letters (the copy's time is by its clock)."""
         snapshot = seconds_of(restored.snapshot_time)
-        count = await self.store.route_again(agency, snapshot - NODE_RESTORE_MARGIN_S)
+        margin = max(NODE_RESTORE_MARGIN_S, self.config.clock_skew_s)
+        count = await self.store.route_again(agency, snapshot - margin)
         log.warning(
             "node %s was restored from a copy taken at %s: routing again %d notices it"
             " acknowledged since",

@@ -1270,6 +1270,29 @@ async def test_an_acknowledged_notice_is_routed_again_to_a_sender_restored_from_
     assert await hub.route_again(ORIGIN, before) == 0
 
 
+@pytest.mark.parametrize(("clock_skew_s", "node_ahead_s"), [(300.0, 240.0), (900.0, 840.0)])
+async def test_a_restored_node_ahead_of_the_hubs_clock_by_up_to_clock_skew_s_gets_its_notices(
+    hub: HubStore, clock_skew_s: float, node_ahead_s: float
+) -> None:
+    # The copy's time is by the node's clock, acked_at by the hub's. The hub takes letters
+    # from a node up to clock_skew_s ahead of it; with clock_skew_s raised to 15 minutes, a
+    # node 14 minutes ahead whose copy was taken a minute before the hub's acknowledgement
+    # says a time 13 minutes after it, and 5 minutes of margin left the notice out.
+    letter = _hub_letter(recipients=[RECIPIENT_B])
+    await hub.accept([letter], RelayMaker())
+    delivery = _receipt(E.EVIDENCE_EVENT_DELIVERY, letter, RECIPIENT_B)
+    await hub.record_receipts(RECIPIENT_B, [(*delivery, letter.shams)])
+    hub.ack_notices_later(ORIGIN, [delivery[1].evidence_id])
+    await hub.db.write(lambda conn: None)  # it rides on the next transaction
+    (acked_at,) = await hub.db.fetchone("SELECT acked_at FROM notices")
+    restored = pb.NodeRestore()
+    restored.snapshot_time.FromNanoseconds(round((acked_at - 60.0 + node_ahead_s) * 1e9))
+    routing = SimpleNamespace(store=hub, config=SimpleNamespace(clock_skew_s=clock_skew_s))
+    await Hub._route_again(routing, ORIGIN, restored)  # type: ignore[arg-type]
+    notices = await hub.notices(ORIGIN, 0, 10)
+    assert [blob for _, blob in notices] == [delivery[0].SerializeToString()]
+
+
 async def test_notices_are_routed_again_a_bounded_number_a_transaction(
     hub: HubStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

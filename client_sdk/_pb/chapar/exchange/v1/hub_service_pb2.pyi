@@ -126,7 +126,7 @@ class ConnectHello(_message.Message):
         the evidence routed to it (DELIVERY, DELIVERY_FAILURE, HANDOVER, EXPIRY) that it
         acknowledged after the backup's snapshot. The hub routes again, on this stream, the
         notices of this agency it holds acknowledged since shortly (5 minutes, for the two
-        machines' clocks) before snapshot_time: it keeps acknowledged notices 8 days. The node
+        machines' clocks; its clock_skew_s if more) before snapshot_time: it keeps acknowledged notices 8 days. The node
         stores each once (by evidence id). A snapshot_time that is not a valid time ends the
         stream INVALID_ARGUMENT / INVALID_TIME; a hello with node_restore less than a minute
         after the last one of the same agency the hub took ends it UNAVAILABLE /
