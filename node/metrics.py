@@ -50,6 +50,7 @@ __all__ = [
     "BYTES_STORED",
     "CERT_EXPIRY",
     "DUPLICATES",
+    "HUB_CLOCK_OFFSET",
     "HUB_CONNECTED",
     "HUB_CONNECTED_NODES",
     "HUB_LETTERS",
@@ -184,6 +185,12 @@ READY = Gauge(
 HUB_CONNECTED = Gauge(
     "chapar_node_hub_connected", "1 while the node's stream to the hub is up.", registry=None
 )
+HUB_CLOCK_OFFSET = Gauge(
+    "chapar_node_hub_clock_offset_seconds",
+    "How far the hub's clock is ahead of this node's (negative: behind), from the signed"
+    " attest_time of the hub's welcome on the latest stream (0 before one).",
+    registry=None,
+)
 IN_DIRECTORY = Gauge(
     "chapar_node_in_directory",
     "1 unless the hub refused this node's agency as unknown (removed from its directory): "
@@ -263,6 +270,7 @@ _ROLE_METRICS = {
         RECONNECTS,
         STAGE_SECONDS,
         HUB_CONNECTED,
+        HUB_CLOCK_OFFSET,
         IN_DIRECTORY,
         NODE_OUTBOX_DEPTH,
         NODE_OUTBOX_OLDEST_AGE,

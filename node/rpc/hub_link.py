@@ -42,7 +42,7 @@ from node.core.errors import ChaparError
 from node.core.evidence import evidence_content
 from node.core.letters import NEEDS_PARENT, quoted_shams, validate_shams
 from node.core.splice import ENVELOPE_BATCH, EVIDENCE_BATCH, Field
-from node.metrics import RECONNECTS, count_verification_failure
+from node.metrics import HUB_CLOCK_OFFSET, RECONNECTS, count_verification_failure
 from node.rpc.wire import serialize
 from node.storage.db import fits
 from node.storage.node_store import StoredEvidence
@@ -51,13 +51,17 @@ from node.tasks import BOOKKEEPING_INTERVAL_S, LETTER_INTERVAL_S, Cadence, handl
 if TYPE_CHECKING:
     from node.document_store import DocumentStore
 
-__all__ = ["HubLink"]
+__all__ = ["HUB_CLOCK_WARN_S", "HubLink"]
 
 log = logging.getLogger("chapar.link")
 T = TypeVar("T")
 R = TypeVar("R")
 E = pb.EvidenceEvent
 _INITIAL_BACKOFF_S = 0.2
+# The hub's clock this far from ours (either way) is logged as a warning at each stream:
+# the hub refuses letters created more than its clock_skew_s (5 minutes by default) ahead
+# of its clock, and the restore margins assume clocks at most 5 minutes apart.
+HUB_CLOCK_WARN_S = 60.0
 _RECEIPT_BATCH = 256
 # Frames from the hub handled at once (their store jobs share commits).
 _FRAMES_IN_FLIGHT = 8
@@ -151,6 +155,21 @@ def _hub_ahead_s(attestation: pb.HubAttestation) -> float:
     if not content.HasField("attest_time") or not valid_timestamp(content.attest_time):
         return 0.0
     return seconds_of(content.attest_time) - time.time()
+
+
+def _note_hub_clock(hub_ahead_s: float) -> None:
+    """Exports how far the hub's clock is ahead of ours (chapar_node_hub_clock_offset_seconds)
+    and warns when it is HUB_CLOCK_WARN_S or more either way."""
+    HUB_CLOCK_OFFSET.set(hub_ahead_s)
+    if abs(hub_ahead_s) >= HUB_CLOCK_WARN_S:
+        log.warning(
+            "the hub's clock is %.0f s %s this node's: the hub refuses letters created more"
+            " than its clock_skew_s (5 minutes by default) ahead of its clock; set both"
+            " machines' clocks by NTP",
+            abs(hub_ahead_s),
+            "ahead of" if hub_ahead_s > 0 else "behind",
+            extra={"reason": "HUB_CLOCK_OFFSET"},
+        )
 
 
 class HubLink:
@@ -399,6 +418,7 @@ class HubLink:
                 self.agency.hub_identity,
             )
             hub_ahead_s = _hub_ahead_s(first.welcome.attestation)
+            _note_hub_clock(hub_ahead_s)
             self._stub = stub
             self.agency.set_in_directory(True)
             await self.agency.set_hub_frame_bytes(first.welcome.max_frame_bytes)

@@ -917,6 +917,52 @@ def test_a_node_not_ready_or_left_out_of_the_directory_raises_an_alert(tmp_path:
     _promtool_test(promtool, tmp_path, "node_ready_test", test)
 
 
+def test_a_node_whose_clock_is_far_from_the_hubs_raises_an_alert(tmp_path: Path) -> None:
+    # n1's hub is 10 minutes ahead of it, n2's 3 minutes behind: both are alerted on after
+    # 10 minutes. n3 is 30 s off, and n4 was 10 minutes off for 5 minutes only (its clock
+    # stepped by NTP): neither. Nothing told an operator of either before.
+    promtool, _ = _prometheus_tools()
+    metric = 'chapar_node_hub_clock_offset_seconds{job="chapar-node", instance="%s"}'
+    series = [
+        {"series": metric % "n1", "values": "600x40"},
+        {"series": metric % "n2", "values": "-180x40"},
+        {"series": metric % "n3", "values": "30x40"},
+        {"series": metric % "n4", "values": "600x5 0x35"},
+    ]
+
+    def fired(node: str) -> dict[str, object]:
+        return {
+            "exp_labels": {"severity": "warning", "job": "chapar-node", "instance": node},
+            "exp_annotations": {
+                "summary": f"The clocks of agency node {node} and of the hub are more than 2"
+                " minutes apart",
+                "description": "chapar_node_hub_clock_offset_seconds says by how much (positive:"
+                " the hub's is ahead). At 5 minutes (hub.clock_skew_s) the hub refuses the"
+                " letters of a node ahead of it (CREATE_TIME_OUT_OF_WINDOW), and a restore may"
+                " leave out letters or notices. Set both machines' clocks by NTP.",
+            },
+        }
+
+    test = {
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "8m", "alertname": "ChaparNodeClockOffTheHubs", "exp_alerts": []},
+                    {
+                        "eval_time": "15m",
+                        "alertname": "ChaparNodeClockOffTheHubs",
+                        "exp_alerts": [fired("n1"), fired("n2")],
+                    },
+                ],
+            }
+        ],
+    }
+    _promtool_test(promtool, tmp_path, "node_clock_test", test)
+
+
 def test_an_own_document_set_aside_as_corrupt_raises_an_alert(tmp_path: Path) -> None:
     # n1 found one of its own documents corrupt (no agency can download it until a back-end
     # uploads the file again); n2 dropped a corrupt copy it had fetched, which it fetches

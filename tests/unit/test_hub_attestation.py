@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,12 +25,12 @@ from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer
 from client_sdk.trust import TrustStore, set_timestamp
-from node import server
+from node import metrics, server
 from node.agency import Agency
 from node.cluster import Cluster
 from node.config import load_hub_config
 from node.hub import Hub, build_directory
-from node.rpc.hub_link import HubLink, _NotTheHub, check_hub_attestation
+from node.rpc.hub_link import HUB_CLOCK_WARN_S, HubLink, _NotTheHub, check_hub_attestation
 from node.storage.hub_store import HubStore
 
 A, B = "000.00.00.G22", "10861234567"
@@ -55,9 +56,12 @@ def _signer(folder: Path) -> Signer:
     return Signer.from_files(folder / "signing.key", folder / "signing.crt")
 
 
-def _welcome(signer: Signer, *, hub: str, agency: str, nonce: bytes) -> pb.ConnectWelcome:
+def _welcome(
+    signer: Signer, *, hub: str, agency: str, nonce: bytes, ahead_s: float = 0.0
+) -> pb.ConnectWelcome:
+    """A welcome signed by ``signer``, attested at its clock's now: ``ahead_s`` ahead of ours."""
     content = pb.HubAttestationContent(hub=hub, agency=agency, nonce=nonce)
-    set_timestamp(content.attest_time, dt.datetime.now(dt.UTC))
+    set_timestamp(content.attest_time, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=ahead_s))
     raw = content.SerializeToString()
     welcome = pb.ConnectWelcome(hub=hub)
     welcome.attestation.CopyFrom(
@@ -159,11 +163,12 @@ async def test_the_hub_accepted_is_the_saved_directorys_then_node_hub_name(agenc
     assert restarted.hub_identity == f"{uri}national-2"
 
 
-async def test_the_hub_link_refuses_a_hub_the_node_does_not_accept_before_using_it(
-    pki: PkiLayout, monkeypatch: pytest.MonkeyPatch
+def _dialled(
+    monkeypatch: pytest.MonkeyPatch, signer: Signer, hub: str, ahead_s: float = 0.0
 ) -> None:
-    # The staging hub answers the node's dial with a welcome it validly signed: the link
-    # takes nothing from it, neither its directory nor its word on this agency.
+    """The link's dial answered by a welcome of ``hub`` signed by ``signer``, whose clock is
+    ``ahead_s`` ahead of ours."""
+
     class Call:
         hello: pb.ConnectRequest | None = None
 
@@ -173,7 +178,7 @@ async def test_the_hub_link_refuses_a_hub_the_node_does_not_accept_before_using_
         async def read(self) -> pb.ConnectResponse:
             assert self.hello is not None
             welcome = _welcome(
-                _signer(pki.hub_dir("staging")), hub=STAGING, agency=A, nonce=self.hello.hello.nonce
+                signer, hub=hub, agency=A, nonce=self.hello.hello.nonce, ahead_s=ahead_s
             )
             return pb.ConnectResponse(welcome=welcome)
 
@@ -190,6 +195,14 @@ async def test_the_hub_link_refuses_a_hub_the_node_does_not_accept_before_using_
 
     monkeypatch.setattr(grpc.aio, "secure_channel", secure_channel)
     monkeypatch.setattr(pb, "HubServiceStub", lambda _: object())
+
+
+async def test_the_hub_link_refuses_a_hub_the_node_does_not_accept_before_using_it(
+    pki: PkiLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The staging hub answers the node's dial with a welcome it validly signed: the link
+    # takes nothing from it, neither its directory nor its word on this agency.
+    _dialled(monkeypatch, _signer(pki.hub_dir("staging")), STAGING)
     told: list[object] = []
     agency = SimpleNamespace(
         config=SimpleNamespace(hub="hub.example:443", keepalive_s=20.0, agency=A),
@@ -203,6 +216,48 @@ async def test_the_hub_link_refuses_a_hub_the_node_does_not_accept_before_using_
     with pytest.raises(_NotTheHub, match=f"signed by {STAGING}, not by {NATIONAL}"):
         await link._session()
     assert (told, link.stub) == ([], None)
+
+
+class _Welcomed(Exception):
+    """Raised by the stand-in agency once the link has taken the hub's welcome."""
+
+
+@pytest.mark.parametrize("ahead_s", [600.0, -600.0, 20.0, -20.0])
+async def test_the_hubs_clock_as_its_welcome_says_is_exported_and_warned_of_when_far(
+    pki: PkiLayout,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    ahead_s: float,
+) -> None:
+    # The hub refuses letters created more than its clock_skew_s (5 minutes) ahead of its
+    # clock, and the restore margins assume clocks 5 minutes apart at most: how far the
+    # hub's clock is from this node's is for its operator to see (a gauge; an alert rule in
+    # ops/) and, beyond a minute, to be told in the log, once a stream.
+    _dialled(monkeypatch, _signer(pki.hub_dir("national")), NATIONAL, ahead_s)
+
+    def welcomed(_: bool) -> None:
+        raise _Welcomed
+
+    agency = SimpleNamespace(
+        config=SimpleNamespace(hub="hub.example:443", keepalive_s=20.0, agency=A),
+        numbers_unconfirmed=None,
+        directory=None,
+        trust=_trust(pki),
+        hub_identity=NATIONAL,
+        set_in_directory=welcomed,
+    )
+    link = HubLink(agency, grpc.ssl_channel_credentials())  # type: ignore[arg-type]
+    metrics.HUB_CLOCK_OFFSET.set(0)
+    with caplog.at_level(logging.WARNING, "chapar.link"), pytest.raises(_Welcomed):
+        await link._session()
+    assert metrics.HUB_CLOCK_OFFSET._value.get() == pytest.approx(ahead_s, abs=5.0)
+    warned = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+    if abs(ahead_s) < HUB_CLOCK_WARN_S:
+        assert warned == []
+    else:
+        (line,) = warned
+        side = "ahead of" if ahead_s > 0 else "behind"
+        assert f"the hub's clock is 600 s {side} this node's" in line, line
 
 
 async def test_a_hub_renamed_through_its_directory_is_followed_by_the_nodes_it_tells(
