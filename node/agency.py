@@ -574,6 +574,34 @@ class Agency(pb.NodeServiceServicer):
             metadata={"agency": code},
         )
 
+    def signing_certificate_fault(self, now: dt.datetime | None = None) -> str:
+        """Why this node's signing certificate cannot sign a letter now ("" when it can):
+        expired or not yet valid. The hub refuses every letter it signs then
+        (CERTIFICATE_EXPIRED: it checks the signer's certificate as of its clock's now).
+        Read at each call, from the signer held: a certificate renewed is taken at once."""
+        certificate = self.signer.certificate
+        now = now or dt.datetime.now(dt.UTC)
+        if now > certificate.not_valid_after_utc:
+            return (
+                "this node's signing certificate expired at"
+                f" {certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        if now < certificate.not_valid_before_utc:
+            return (
+                "this node's signing certificate is not valid before"
+                f" {certificate.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        return ""
+
+    def _signing_certificate_not_valid(self, fault: str) -> ChaparError:
+        return ChaparError(
+            Code.FAILED_PRECONDITION,
+            "CERTIFICATE_EXPIRED",
+            f"{fault}: the hub would refuse the letters it signs; letters are refused until"
+            " the node's operator renews it (signing.cert) and restarts the node",
+            metadata={"certificate": "signing"},
+        )
+
     def _numbers_unconfirmed(self) -> ChaparError:
         return ChaparError(
             Code.UNAVAILABLE,
@@ -672,6 +700,9 @@ class Agency(pb.NodeServiceServicer):
     ) -> list[pb.Receipt | ChaparError]:
         if not self.in_directory:  # as a suspended sender's: each letter refused
             refused: list[pb.Receipt | ChaparError] = [self._not_in_directory() for _ in requests]
+            return await self._retries_answered(requests, refused, access)
+        if fault := self.signing_certificate_fault():  # as the hub would refuse each letter
+            refused = [self._signing_certificate_not_valid(fault) for _ in requests]
             return await self._retries_answered(requests, refused, access)
         if self.numbers_unconfirmed is not None:
             raise self._numbers_unconfirmed()

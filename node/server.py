@@ -324,7 +324,7 @@ def _store_trouble(db: Database) -> str:
 
 def _node_trouble(agency: Agency) -> str:
     """Why the node is not SERVING, or "": it serves while its store is open and writing,
-    a directory is held and the hub stream is up.
+    a directory is held, its signing certificate is valid and the hub stream is up.
 
     Without the hub a node still accepts letters into its outbox, but it cannot deliver,
     relay or learn revocations: a load balancer or operator should see it as not ready.
@@ -338,6 +338,8 @@ def _node_trouble(agency: Agency) -> str:
     if (state := agency.own_state()) not in (None, pb.AGENCY_STATE_ACTIVE):
         name = pb.AgencyState.Name(state).removeprefix("AGENCY_STATE_").lower()
         return f"agency {name} in the hub's directory"
+    if fault := agency.signing_certificate_fault():
+        return f"{fault}: letters refused"
     if not agency.hub_connected:
         if agency.numbers_unconfirmed is not None:  # letters refused, not only held
             return "hub stream down, and restored from a backup: letters refused until the hub confirms the numbers"

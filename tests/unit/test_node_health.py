@@ -25,6 +25,7 @@ def _agency(state: int) -> SimpleNamespace:
         hub_connected=False,  # the hub refuses its stream
         numbers_unconfirmed=None,
         config=SimpleNamespace(agency=CODE),
+        signing_certificate_fault=lambda: "",
     )
     agency.own_state = lambda: Agency.own_state(agency)  # type: ignore[arg-type]
     return agency
@@ -52,3 +53,15 @@ def test_a_restored_node_without_the_hub_says_it_refuses_letters_not_only_holds_
     why = _node_trouble(agency)  # type: ignore[arg-type]
     assert why.startswith("hub stream down")
     assert "letters refused until the hub confirms the numbers" in why
+
+
+def test_a_node_whose_signing_certificate_expired_says_so() -> None:
+    # It refuses every letter (CERTIFICATE_EXPIRED: the hub would refuse them) with its
+    # hub stream up and its store writing: nothing else said it was not serving.
+    agency = _agency(pb.AGENCY_STATE_ACTIVE)
+    agency.hub_connected = True
+    agency.store = SimpleNamespace(db=SimpleNamespace(is_open=True, write_failing=False))
+    assert _node_trouble(agency) == ""  # type: ignore[arg-type]
+    fault = "this node's signing certificate expired at 2026-01-01 00:00:00 UTC"
+    agency.signing_certificate_fault = lambda: fault
+    assert _node_trouble(agency) == f"{fault}: letters refused"  # type: ignore[arg-type]

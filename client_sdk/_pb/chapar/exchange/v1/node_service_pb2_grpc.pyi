@@ -75,7 +75,10 @@ class NodeServiceStub:
     The draft's faults are told at LetterDraft's fields. The node also refuses every
     letter while this agency is not active in the directory it holds (FAILED_PRECONDITION
     SENDER_INACTIVE), not in it (PERMISSION_DENIED UNKNOWN_SENDER) or refused by the hub
-    as unknown (FAILED_PRECONDITION AGENCY_NOT_IN_DIRECTORY); a letter larger than the
+    as unknown (FAILED_PRECONDITION AGENCY_NOT_IN_DIRECTORY), and while its own signing
+    certificate is expired or not yet valid (FAILED_PRECONDITION CERTIFICATE_EXPIRED,
+    metadata "certificate": "signing"; the hub would refuse every letter it signs, and
+    the node numbers and stores none); a letter larger than the
     hub takes in a frame (RESOURCE_EXHAUSTED LETTER_TOO_LARGE_FOR_HUB, metadata "limit");
     and, for the whole call (a batch's too, a stream then ends), with RetryInfo:
     UNAVAILABLE DIRECTORY_UNAVAILABLE before the node has fetched the directory,
@@ -198,7 +201,10 @@ class NodeServiceAsyncStub(NodeServiceStub):
     The draft's faults are told at LetterDraft's fields. The node also refuses every
     letter while this agency is not active in the directory it holds (FAILED_PRECONDITION
     SENDER_INACTIVE), not in it (PERMISSION_DENIED UNKNOWN_SENDER) or refused by the hub
-    as unknown (FAILED_PRECONDITION AGENCY_NOT_IN_DIRECTORY); a letter larger than the
+    as unknown (FAILED_PRECONDITION AGENCY_NOT_IN_DIRECTORY), and while its own signing
+    certificate is expired or not yet valid (FAILED_PRECONDITION CERTIFICATE_EXPIRED,
+    metadata "certificate": "signing"; the hub would refuse every letter it signs, and
+    the node numbers and stores none); a letter larger than the
     hub takes in a frame (RESOURCE_EXHAUSTED LETTER_TOO_LARGE_FOR_HUB, metadata "limit");
     and, for the whole call (a batch's too, a stream then ends), with RetryInfo:
     UNAVAILABLE DIRECTORY_UNAVAILABLE before the node has fetched the directory,
@@ -324,7 +330,10 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         The draft's faults are told at LetterDraft's fields. The node also refuses every
         letter while this agency is not active in the directory it holds (FAILED_PRECONDITION
         SENDER_INACTIVE), not in it (PERMISSION_DENIED UNKNOWN_SENDER) or refused by the hub
-        as unknown (FAILED_PRECONDITION AGENCY_NOT_IN_DIRECTORY); a letter larger than the
+        as unknown (FAILED_PRECONDITION AGENCY_NOT_IN_DIRECTORY), and while its own signing
+        certificate is expired or not yet valid (FAILED_PRECONDITION CERTIFICATE_EXPIRED,
+        metadata "certificate": "signing"; the hub would refuse every letter it signs, and
+        the node numbers and stores none); a letter larger than the
         hub takes in a frame (RESOURCE_EXHAUSTED LETTER_TOO_LARGE_FOR_HUB, metadata "limit");
         and, for the whole call (a batch's too, a stream then ends), with RetryInfo:
         UNAVAILABLE DIRECTORY_UNAVAILABLE before the node has fetched the directory,
