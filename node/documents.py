@@ -655,10 +655,22 @@ async def push(
     went away) still reads the rest for the check: a truncated copy is found so. A file
     already found sound (``DocumentStore.found_sound``) is read on only when at most
     ``PUSH_CHECK_REST_BYTES`` is left: a fetch cancelled at its start each time reads a
-    large file whole once, not each time.
+    large file whole once, not each time. A store that cannot look the document up (a disk
+    error, a file where a folder belongs: not "no such file") is logged, and the push
+    answers at once with a header whose error_reason is STORAGE_FAILED.
     """
-    size = store.size(request.sha256)
-    read = store.file_id(request.sha256)  # before the file is opened: see DocumentStore.remove
+    refusal = "DOCUMENT_NOT_FOUND"  # the header's error_reason when no copy is sent
+    try:
+        size = store.size(request.sha256)
+        read = store.file_id(request.sha256)  # before the file is opened: see DocumentStore.remove
+    except OSError as exc:  # not "no such file" (None): a disk error, a file for a folder
+        log.error(
+            "push of %s failed: the document store cannot look up %s (%s)",
+            request.request_id,
+            document_uri(agency, request.sha256),
+            exc,
+        )
+        size, read, refusal = None, None, "STORAGE_FAILED"
     uri = document_uri(agency, request.sha256) if size is not None else ""
     hasher = hashlib.sha256() if request.offset == 0 else None
     got = 0
@@ -679,9 +691,7 @@ async def push(
         if size is None or request.offset < 0 or request.offset > size:
             await call.write(
                 pb.PushDocumentRequest(
-                    header=pb.PushHeader(
-                        request_id=request.request_id, error_reason="DOCUMENT_NOT_FOUND"
-                    )
+                    header=pb.PushHeader(request_id=request.request_id, error_reason=refusal)
                 )
             )
         else:

@@ -191,6 +191,49 @@ async def test_a_push_of_a_corrupt_copy_that_cannot_be_moved_aside_still_says_it
     assert _corrupt_count() == counted + 1
 
 
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOTDIR], ids=["EIO", "ENOTDIR"])
+async def test_a_push_whose_store_cannot_be_read_answers_at_once_that_its_storage_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    # The owner's push first looks its document up (DocumentStore.size, file_id: a stat).
+    # An error there other than "no such file" (a disk error; a file where a sha256/xx
+    # folder belongs) was raised before the push's call was even made: it left the push's
+    # task (asyncio's "Task exception was never retrieved" the only trace in the log), and
+    # the hub waited 30 s for an answer and ended the fetch OWNER_NOT_ANSWERING.
+    store = DocumentStore(tmp_path / "docs", DocumentLimits())
+    path = store.path(DIGEST)
+    if code == errno.ENOTDIR:
+        path.parent.write_bytes(b"not a folder")  # a real fault: stat says ENOTDIR
+    else:
+        stat = Path.stat
+
+        def refused(self: Path, **kwargs: Any) -> os.stat_result:
+            if self == path:
+                raise OSError(code, os.strerror(code), str(self))
+            return stat(self, **kwargs)
+
+        monkeypatch.setattr(Path, "stat", refused)
+    call = _Push()
+
+    class _Stub:
+        def PushDocument(self) -> _Push:
+            return call
+
+    request = pb.DocumentRequest(request_id="r1", sha256=DIGEST)
+    with caplog.at_level(logging.INFO, logger="chapar.documents"):
+        await asyncio.wait_for(documents.push(cast(Any, _Stub()), store, request, SENDER), 5)
+    assert not call.cancelled
+    assert [m.WhichOneof("part") for m in call.sent] == ["header"]
+    assert call.sent[0].header.request_id == "r1"
+    assert call.sent[0].header.error_reason == "STORAGE_FAILED"
+    said = [r for r in caplog.records if "r1" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]  # once
+    assert said[0].levelno == logging.ERROR
+    assert os.strerror(code) in said[0].getMessage()
+    assert document_uri(SENDER, DIGEST) in said[0].getMessage()
+    assert said[0].exc_info is None  # the OS error, not a traceback
+
+
 async def _stored(store: DocumentStore, content: bytes, mtime: float | None = None) -> bytes:
     writer = store.writer()
     writer.write(content)

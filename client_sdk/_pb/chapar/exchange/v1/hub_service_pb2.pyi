@@ -699,7 +699,10 @@ class PushHeader(_message.Message):
     size: _builtins.int
     """Full size of the document."""
     error_reason: _builtins.str
-    """Set when the node cannot serve the document (e.g. DOCUMENT_NOT_FOUND); no chunks follow."""
+    """Set when the node cannot serve the document; no chunks follow. DOCUMENT_NOT_FOUND: it
+    holds none (or not as far as the offset asked); STORAGE_FAILED: its document store
+    failed to look the document up (a disk error; the node logs it).
+    """
     def __init__(
         self,
         *,
