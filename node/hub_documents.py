@@ -209,12 +209,7 @@ class DocumentRelay:
             if isinstance(header, ChaparError):  # the push broke off before its header
                 raise header
             if not isinstance(header, pb.PushHeader) or header.error_reason:
-                raise ChaparError(
-                    Code.NOT_FOUND,
-                    "DOCUMENT_NOT_FOUND",
-                    f"the node of {owner} does not hold {request.uri}",
-                    metadata={"uri": request.uri},
-                )
+                raise _owner_refused(owner, request.uri, header)
         except ChaparError as exc:
             log.info("fetch refused: %s %s", exc.reason, exc.message)
             self._end(request_id, transfer)
@@ -361,6 +356,27 @@ class DocumentRelay:
             raise _fetch_ended()
         if not await unless_set(transfer.queue.put(item), transfer.gone):
             raise _fetch_ended()
+
+
+def _owner_refused(owner: str, uri: str, header: pb.PushHeader | bytes | None) -> ChaparError:
+    """Why the fetch ends when the owner's push opens with an error_reason (or not with a
+    header): UNAVAILABLE / OWNER_STORAGE_FAILED when its document store failed to look the
+    document up, NOT_FOUND / DOCUMENT_NOT_FOUND for DOCUMENT_NOT_FOUND and any reason this
+    hub does not know (a newer node's)."""
+    if isinstance(header, pb.PushHeader) and header.error_reason == "STORAGE_FAILED":
+        return ChaparError(
+            Code.UNAVAILABLE,
+            "OWNER_STORAGE_FAILED",
+            f"the node of {owner} could not read its document store (it logs why); retry later",
+            metadata={"owner": owner, "uri": uri},
+            retry_after_s=5.0,
+        )
+    return ChaparError(
+        Code.NOT_FOUND,
+        "DOCUMENT_NOT_FOUND",
+        f"the node of {owner} does not hold {uri}",
+        metadata={"uri": uri},
+    )
 
 
 def _owner_copy_corrupt(owner: str) -> ChaparError:

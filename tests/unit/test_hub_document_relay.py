@@ -33,6 +33,7 @@ class _Context:
         self.written: list[Any] = []
         self.aborted: tuple[grpc.StatusCode, str] | None = None
         self.reason = ""  # of the abort's ErrorInfo
+        self.retry_after: float | None = None  # of its RetryInfo
 
     async def write(self, message: Any) -> None:
         self.written.append(message)
@@ -48,8 +49,11 @@ class _Context:
             if key == "grpc-status-details-bin":
                 for detail in status_pb2.Status.FromString(value).details:
                     info = error_details_pb2.ErrorInfo()
+                    retry = error_details_pb2.RetryInfo()
                     if detail.Unpack(info):
                         self.reason = info.reason
+                    elif detail.Unpack(retry):
+                        self.retry_after = retry.retry_delay.ToTimedelta().total_seconds()
         raise grpc.aio.AbortError()
 
 
@@ -272,6 +276,60 @@ async def test_an_owner_answering_not_found_has_its_push_end_ok_not_fetch_ended(
     assert fetching.aborted is not None
     assert fetching.aborted[0] == grpc.StatusCode.NOT_FOUND
     assert pushing.aborted is None, f"the owner's push ended {pushing.aborted} ({pushing.reason})"
+
+
+async def _answered(error_reason: str) -> tuple[_Context, _Context]:
+    """A fetch whose owner answers with a header carrying ``error_reason``, and ends its
+    push (node.documents.push); the fetch's and the push's contexts once both ended."""
+    relay = DocumentRelay(_Hub())  # type: ignore[arg-type]
+    hub: _Hub = relay.hub  # type: ignore[assignment]
+    fetching, pushing = _Context(FETCHER), _Context(OWNER)
+    fetch = asyncio.create_task(
+        relay.fetch(pb.FetchDocumentRequest(uri=URI), fetching)  # type: ignore[arg-type]
+    )
+    request = (await asyncio.wait_for(hub.out.get(), 5)).document_request
+
+    async def push() -> AsyncIterator[pb.PushDocumentRequest]:
+        yield pb.PushDocumentRequest(
+            header=pb.PushHeader(request_id=request.request_id, error_reason=error_reason)
+        )
+
+    with contextlib.suppress(grpc.aio.AbortError):
+        await relay.push(push(), pushing)  # type: ignore[arg-type]
+    with contextlib.suppress(grpc.aio.AbortError):
+        await asyncio.wait_for(fetch, 1)  # at once: not the owner's 30 s to answer
+    return fetching, pushing
+
+
+async def test_an_owner_whose_storage_failed_ends_the_fetch_unavailable_not_not_found() -> None:
+    """An owner whose document store fails to look the document up answers STORAGE_FAILED
+    in its header's error_reason. The hub took every error_reason for DOCUMENT_NOT_FOUND:
+    the fetching node's back-end was told, not to retry, that the owner has no such
+    document. It is UNAVAILABLE / OWNER_STORAGE_FAILED now, with a delay to retry after."""
+    fetching, pushing = await _answered("STORAGE_FAILED")
+    assert fetching.aborted is not None
+    assert (fetching.aborted[0], fetching.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "OWNER_STORAGE_FAILED",
+    )
+    assert f"the node of {OWNER}" in fetching.aborted[1]
+    assert fetching.retry_after == 5.0
+    assert pushing.aborted is None, f"the owner's push ended {pushing.aborted} ({pushing.reason})"
+
+
+@pytest.mark.parametrize("said", ["DOCUMENT_NOT_FOUND", "SOMETHING_NEWER"])
+async def test_an_owners_not_found_or_unknown_header_reason_ends_the_fetch_not_found(
+    said: str,
+) -> None:
+    """DOCUMENT_NOT_FOUND stays NOT_FOUND; so does a reason this hub does not know (from a
+    newer node), at once, as every error_reason was before OWNER_STORAGE_FAILED."""
+    fetching, pushing = await _answered(said)
+    assert fetching.aborted is not None
+    assert (fetching.aborted[0], fetching.reason) == (
+        grpc.StatusCode.NOT_FOUND,
+        "DOCUMENT_NOT_FOUND",
+    )
+    assert pushing.aborted is None
 
 
 async def test_a_fetch_whose_request_cannot_reach_the_owner_ends_unavailable(

@@ -124,7 +124,8 @@ class DocumentServiceServicer:
         than it announced): the fetch ends at that announcement or at the first chunk past
         the size, so the node never writes more than signed; nothing kept; UNAVAILABLE, with
         RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
-        OWNER_NOT_ANSWERING, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
+        OWNER_NOT_ANSWERING, OWNER_STORAGE_FAILED: the owner's node could not read its document
+        store, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
         after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED. A client
         that [[clients]] limits to some mailboxes gets a document that a letter received into
         one of them attaches as its sender has it: fetched from that sender through the hub

@@ -701,7 +701,10 @@ class PushHeader(_message.Message):
     error_reason: _builtins.str
     """Set when the node cannot serve the document; no chunks follow. DOCUMENT_NOT_FOUND: it
     holds none (or not as far as the offset asked); STORAGE_FAILED: its document store
-    failed to look the document up (a disk error; the node logs it).
+    failed to look the document up (a disk error; the node logs it). The hub ends the fetch
+    NOT_FOUND DOCUMENT_NOT_FOUND for the first and for a reason it does not know (as a hub
+    older than STORAGE_FAILED ends it for that too), UNAVAILABLE OWNER_STORAGE_FAILED with
+    RetryInfo for the second.
     """
     def __init__(
         self,

@@ -85,9 +85,12 @@ class HubServiceStub:
     Connect stream, and pipes the chunks that node pushes, with backpressure. No node
     needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
     INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
-    that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
-    OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
-    time to ask it on a full or ended Connect stream counted), and once bytes have come
+    that far, or its node answers a reason this hub does not know); UNAVAILABLE, with
+    RetryInfo, OWNER_OFFLINE (the owner is not connected), OWNER_NOT_ANSWERING (the
+    owner's push did not start within 30 s of the fetch, the time to ask it on a full or
+    ended Connect stream counted), OWNER_STORAGE_FAILED (the owner's document store failed
+    to look the document up: its push header's error_reason STORAGE_FAILED; the owner's
+    node logs why), and once bytes have come
     PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received; DATA_LOSS
     DOCUMENT_CORRUPT when the owner found its copy corrupt while pushing it (it ends its
     push with that error_reason in place of the last chunk, and sets the copy aside:
@@ -188,9 +191,12 @@ class HubServiceAsyncStub(HubServiceStub):
     Connect stream, and pipes the chunks that node pushes, with backpressure. No node
     needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
     INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
-    that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
-    OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
-    time to ask it on a full or ended Connect stream counted), and once bytes have come
+    that far, or its node answers a reason this hub does not know); UNAVAILABLE, with
+    RetryInfo, OWNER_OFFLINE (the owner is not connected), OWNER_NOT_ANSWERING (the
+    owner's push did not start within 30 s of the fetch, the time to ask it on a full or
+    ended Connect stream counted), OWNER_STORAGE_FAILED (the owner's document store failed
+    to look the document up: its push header's error_reason STORAGE_FAILED; the owner's
+    node logs why), and once bytes have come
     PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received; DATA_LOSS
     DOCUMENT_CORRUPT when the owner found its copy corrupt while pushing it (it ends its
     push with that error_reason in place of the last chunk, and sets the copy aside:
@@ -306,9 +312,12 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         Connect stream, and pipes the chunks that node pushes, with backpressure. No node
         needs an inbound port. Errors also: INVALID_ARGUMENT INVALID_DOCUMENT_URI,
         INVALID_OFFSET; NOT_FOUND DOCUMENT_NOT_FOUND when the owner does not hold it (or not
-        that far); UNAVAILABLE, with RetryInfo, OWNER_OFFLINE (the owner is not connected),
-        OWNER_NOT_ANSWERING (the owner's push did not start within 30 s of the fetch, the
-        time to ask it on a full or ended Connect stream counted), and once bytes have come
+        that far, or its node answers a reason this hub does not know); UNAVAILABLE, with
+        RetryInfo, OWNER_OFFLINE (the owner is not connected), OWNER_NOT_ANSWERING (the
+        owner's push did not start within 30 s of the fetch, the time to ask it on a full or
+        ended Connect stream counted), OWNER_STORAGE_FAILED (the owner's document store failed
+        to look the document up: its push header's error_reason STORAGE_FAILED; the owner's
+        node logs why), and once bytes have come
         PUSH_STALLED or PUSH_INTERRUPTED: fetch again from the bytes received; DATA_LOSS
         DOCUMENT_CORRUPT when the owner found its copy corrupt while pushing it (it ends its
         push with that error_reason in place of the last chunk, and sets the copy aside:
