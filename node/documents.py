@@ -319,7 +319,8 @@ class Documents(pb.DocumentServiceServicer):
         One fetch per address at a time. None when a fetch completed meanwhile and
         ``held_serves``: the store holds the document (without it, the store's copy is not
         for this download, which fetches afresh). No await here, so nothing moves between
-        the checks.
+        the checks. A temporary file the disk refuses to make or open is the storage's
+        error, as for an upload (``storage_error``), logged; none is left behind.
         """
         fetch = self._fetches.get(uri)
         if fetch is not None:
@@ -328,9 +329,16 @@ class Documents(pb.DocumentServiceServicer):
             except FileNotFoundError:  # that fetch has just ended
                 if held_serves and self.store.size(digest) is not None:
                     return None
-        writer = self.store.writer(expected_sha256=digest)
+        try:
+            writer = self.store.writer(expected_sha256=digest)
+        except OSError as exc:
+            raise _no_temporary_file(uri, exc) from exc
         fetch = _Fetch(writer)
-        reader = fetch.open_reader()
+        try:
+            reader = fetch.open_reader()
+        except OSError as exc:
+            writer.discard()
+            raise _no_temporary_file(uri, exc) from exc
         self._fetches[uri] = fetch
         fetch.task = asyncio.create_task(self._fetch(uri, digest, fetch))
 
@@ -490,6 +498,11 @@ class Documents(pb.DocumentServiceServicer):
             fetch.notify(final=True)
         log.info("fetched %s (%d bytes), digest verified", uri, size)
         return size
+
+
+def _no_temporary_file(uri: str, exc: OSError) -> ChaparError:
+    log.error("fetch of %s failed: the document store refused its temporary file (%s)", uri, exc)
+    return storage_error(exc, "nothing was fetched", where=_STORE)
 
 
 def _interrupted() -> ChaparError:

@@ -129,6 +129,62 @@ async def test_a_corrupt_fetched_copy_that_cannot_be_removed_still_ends_the_down
     assert os.strerror(errno.EROFS) in said, said
 
 
+_STORAGE = {
+    errno.EROFS: (grpc.StatusCode.INTERNAL, "STORAGE_FAILED"),
+    errno.EACCES: (grpc.StatusCode.INTERNAL, "STORAGE_FAILED"),
+    errno.ENOSPC: (grpc.StatusCode.RESOURCE_EXHAUSTED, "STORAGE_FULL"),
+}
+
+
+@pytest.mark.parametrize("code", list(_STORAGE), ids=["EROFS", "EACCES", "ENOSPC"])
+async def test_a_fetch_whose_temporary_file_cannot_be_made_ends_as_an_upload_would(
+    service: Documents,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    code: int,
+) -> None:
+    # The first download of another agency's document fetches it into a temporary file
+    # of the store. A disk that refused to make it (read-only, permissions, full) raised
+    # out of the handler: the back-end got its status through the server's path for
+    # unexpected errors, with an incident id, and the log a traceback, unlike any other
+    # failure of a fetch. It ends now as an upload does for the same error, and says it.
+    def refused(*_: object, **__: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(document_store.tempfile, "mkstemp", refused)
+    uri = document_uri(RECIPIENT, DIGEST)
+    with caplog.at_level(logging.INFO, logger="chapar"):
+        context = await _download(service, uri)
+    assert (context.aborted, context.reason) == _STORAGE[code]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1, said
+    assert uri in said[0], said
+    assert os.strerror(code) in said[0], said
+    assert not service._fetches
+
+
+async def test_a_fetch_whose_temporary_file_cannot_be_read_leaves_none_behind(
+    service: Documents,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The download reads the fetch's temporary file as it grows (_Fetch.open_reader).
+    # When that open failed, the file just made stayed in the store's tmp/ until the
+    # node's next start, and the error left the handler as above.
+    def refused(self: object) -> None:
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(documents._Fetch, "open_reader", refused)
+    uri = document_uri(RECIPIENT, DIGEST)
+    with caplog.at_level(logging.INFO, logger="chapar"):
+        context = await _download(service, uri)
+    assert (context.aborted, context.reason) == _STORAGE[errno.EACCES]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert list((service.store.root / "tmp").iterdir()) == []
+    assert not service._fetches
+
+
 class _Push:
     """The owner's PushDocument call, as the hub takes it: records what is written."""
 

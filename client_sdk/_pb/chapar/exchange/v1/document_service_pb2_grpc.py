@@ -126,7 +126,10 @@ class DocumentServiceServicer:
         RetryInfo, while it cannot be had now (HUB_UNAVAILABLE, OWNER_OFFLINE,
         OWNER_NOT_ANSWERING, OWNER_STORAGE_FAILED: the owner's node could not read its document
         store, FETCH_INTERRUPTED, DOCUMENT_MOVING, ...: a fetch that broke
-        after some bytes is resumed by the node itself first); INTERNAL FETCH_FAILED. A client
+        after some bytes is resumed by the node itself first); RESOURCE_EXHAUSTED STORAGE_FULL,
+        with RetryInfo, or INTERNAL STORAGE_FAILED when this node's disk refuses the copy
+        fetched (its temporary file, or writing to it: nothing kept), as for an upload;
+        INTERNAL FETCH_FAILED. A client
         that [[clients]] limits to some mailboxes gets a document that a letter received into
         one of them attaches as its sender has it: fetched from that sender through the hub
         (NOT_FOUND DOCUMENT_NOT_FOUND if it does not have it), even when the node holds the
