@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import http.client
 import json
+import math
 import socket
 import ssl
 import sys
@@ -98,6 +99,15 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
+def _time_of_day(seconds: float) -> str:
+    """``seconds`` since the epoch as HH:MM:SS in UTC; "?" for a value that is no time (NaN,
+    an infinity, out of the years a datetime holds: a proxy's or a broken exporter's)."""
+    try:
+        return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        return "?"
+
+
 def _bytes(value: float | None) -> str:
     if value is None:
         return "-"
@@ -170,16 +180,18 @@ def render(snap: Snapshot, target: str) -> str:
         (labels["code"], labels["reason"]): v
         for labels, v in snap.series("chapar_rejections_total")
     }
-    last = sorted(
-        snap.series("chapar_last_rejection_timestamp_seconds"), key=lambda s: s[1], reverse=True
-    )[:_LAST_ERRORS]
+    # The latest first; a value that is no time (shown "?") after those that are.
+    dated = [
+        (labels, when, _time_of_day(when))
+        for labels, when in snap.series("chapar_last_rejection_timestamp_seconds")
+    ]
+    last = sorted(dated, key=lambda s: s[1] if s[2] != "?" else -math.inf, reverse=True)
     if last:
         lines.append("Last errors          when (UTC)  code / reason (count)")
-        for labels, when in last:
+        for labels, _, at in last[:_LAST_ERRORS]:
             key = (labels["code"], labels["reason"])
-            at = dt.datetime.fromtimestamp(when, dt.UTC).strftime("%H:%M:%S")
             lines.append(
-                f"                     {at}    {key[0]} / {key[1]} ({counts.get(key, 0):.0f})"
+                f"                     {at:<8}    {key[0]} / {key[1]} ({counts.get(key, 0):.0f})"
             )
     else:
         lines.append("Last errors          none")
