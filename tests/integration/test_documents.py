@@ -829,6 +829,35 @@ async def test_owner_offline_is_unavailable_and_the_fetch_works_once_it_is_back(
     assert _sha256_file(saved) == digest
 
 
+async def test_an_owner_whose_store_fails_to_look_a_document_up_says_so_at_once(
+    docs_cluster: Cluster, tmp_path: Path
+) -> None:
+    # A file where the owner's sha256/xx folder belongs (a restore gone wrong; a disk error
+    # does the same): its push raised before it answered the hub, which ended the fetch
+    # after 30 s, UNAVAILABLE / OWNER_NOT_ANSWERING.
+    source = tmp_path / "shelved.pdf"
+    digest = _write_random(source, 300_000)
+    async with _client(docs_cluster, AGENCY_B) as b:
+        _, letter = await _send_with(docs_cluster, source, b)
+        folder = _store(docs_cluster, AGENCY_A) / "sha256" / digest[:2]
+        aside = folder.with_name(f"{folder.name}.aside")
+        folder.rename(aside)
+        try:
+            folder.write_bytes(b"not a folder")
+            began = time.monotonic()
+            with pytest.raises(Unavailable) as info:
+                await letter.attachments[0].save(tmp_path / "shelved-copy.pdf")
+            assert time.monotonic() - began < 10
+            assert info.value.reason == "OWNER_STORAGE_FAILED"
+            assert info.value.retryable
+        finally:
+            folder.unlink(missing_ok=True)
+            aside.rename(folder)
+        saved = await letter.attachments[0].save(tmp_path / "shelved-copy.pdf")
+    assert _sha256_file(saved) == digest
+    assert not _temp_files(docs_cluster, AGENCY_B)
+
+
 async def _cut_hub(cluster: Cluster) -> None:
     await asyncio.to_thread(cluster.hub.terminate)
     cluster.hub.start()
