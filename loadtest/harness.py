@@ -71,6 +71,8 @@ def node_names(n: int) -> list[str]:
 # running targets, whose streams stay open (a copy already streamed comes within it).
 _READ_ON_S = 30.0
 _TARGETS_READ_ON_S = 1.0
+# A receiving node's back-end has at most this many acknowledgements under way.
+_ACKS_UNDER_WAY = 256
 _FAST_RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
@@ -554,7 +556,11 @@ async def _consumer(
     twice (``_numbered_twice``)."""
     creds = node.credentials
     mark = f" {stats.run}"
-    acks = asyncio.Semaphore(256)
+    # At most _ACKS_UNDER_WAY acknowledgements under way, one task each; the letters
+    # behind them wait in ``queued``, in the order they came. (Not a task a letter waiting
+    # on a Semaphore: Python 3.11's scans its waiters at every release, the ones it woke and
+    # that have not run yet among them, and thousands wait flat out.)
+    queued: collections.deque[Letter] = collections.deque()
     pending: set[asyncio.Task[None]] = set()
 
     current: ExchangeClient | None = None  # the connection the inbox is read on now
@@ -569,23 +575,32 @@ async def _consumer(
         return await current.ack(shams)
 
     async def ack(letter: Letter) -> None:
-        async with acks:
-            acknowledge: Callable[[], Awaitable[object]] = letter.ack
-            while True:
-                try:
-                    await acknowledge()
-                    stats.handed_over.setdefault(letter.shams, time.perf_counter())
-                    streamed.pop(letter.shams, None)
+        acknowledge: Callable[[], Awaitable[object]] = letter.ack
+        while True:
+            try:
+                await acknowledge()
+                stats.handed_over.setdefault(letter.shams, time.perf_counter())
+                streamed.pop(letter.shams, None)
+                return
+            except ChaparError as exc:
+                if exc.reason == "CLIENT_CLOSED":
+                    # Its client closed in a reconnect, maybe after the node had taken the
+                    # ack (the letter then does not come again): acknowledged again, which
+                    # is idempotent, on the connection of the moment.
+                    acknowledge = functools.partial(on_current, letter.shams)
+                elif not exc.retryable:
                     return
-                except ChaparError as exc:
-                    if exc.reason == "CLIENT_CLOSED":
-                        # Its client closed in a reconnect, maybe after the node had taken
-                        # the ack (the letter then does not come again): acknowledged again,
-                        # which is idempotent, on the connection of the moment.
-                        acknowledge = functools.partial(on_current, letter.shams)
-                    elif not exc.retryable:
-                        return
-                    await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)
+
+    def start_ack(letter: Letter) -> None:
+        task = asyncio.create_task(ack(letter))
+        pending.add(task)
+        task.add_done_callback(ack_done)
+
+    def ack_done(task: asyncio.Task[None]) -> None:
+        pending.discard(task)
+        if queued:
+            start_ack(queued.popleft())
 
     try:
         while not ending.is_set():
@@ -626,15 +641,17 @@ async def _consumer(
                                 stats.unreceipted.add(letter.shams)
                         # else: streamed again after a reconnect, not yet acknowledged (an ack
                         # through the closed client can no longer go): acknowledged on this one
-                        task = asyncio.create_task(ack(letter))
-                        pending.add(task)
-                        task.add_done_callback(pending.discard)
+                        if len(pending) < _ACKS_UNDER_WAY:
+                            start_ack(letter)
+                        else:
+                            queued.append(letter)
             except ChaparError:
                 if ending.is_set():  # the stream closed after the drain: nothing more comes
                     return
                 await asyncio.sleep(0.3)
     finally:
-        for task in pending:  # acknowledgements nobody waits for any more
+        queued.clear()  # acknowledgements nobody waits for any more
+        for task in pending:
             task.cancel()
 
 
@@ -841,6 +858,10 @@ def _drained(stats: _Stats) -> bool:
     """Every accepted letter delivered and handed over. The counts answer at once while
     they fall short; letters of an earlier run found in a target's inbox count in them, so
     the sets have the last word."""
+    # The counts first, without a set: there are at least this many to wait for.
+    least = len(stats.accepted) - len(stats.unverified)
+    if len(stats.handed_over) < least or len(stats.delivered) < least:
+        return False
     # A letter that came only in copies that did not verify settles at once, as lost.
     accepted = stats.accepted.keys() - (stats.unverified - stats.delivered.keys())
     if len(stats.handed_over) < len(accepted) or len(stats.delivered) < len(accepted):
