@@ -30,6 +30,7 @@ import collections
 import contextlib
 import datetime as dt
 import errno
+import functools
 import hashlib
 import math
 import mimetypes
@@ -2822,6 +2823,9 @@ def _time(message: Any, name: str) -> dt.datetime | None:
     return datetime_of(getattr(message, name))
 
 
+# Cached: protobuf's EnumTypeWrapper.Name and .Value are Python code, about 3 us a call,
+# and a letter made or received asks them the same few questions each time.
+@functools.lru_cache(maxsize=1024)
 def _enum_name(name_of: Any, value: int, prefix: str) -> str:
     try:
         name: str = name_of(value)
@@ -2832,15 +2836,20 @@ def _enum_name(name_of: Any, value: int, prefix: str) -> str:
 
 def _enum_value(value_of: Any, value: int | str, prefix: str, what: str) -> int:
     if isinstance(value, str):
-        name = value.strip().upper().replace("-", "_").replace(" ", "_")
-        if not name.startswith(prefix):
-            name = prefix + name
-        try:
-            number: int = value_of(name)
-        except ValueError:
-            raise ValueError(f"unknown {what} {value!r}") from None
-        return number
+        return _enum_named(value_of, value, prefix, what)
     return value
+
+
+@functools.lru_cache(maxsize=1024)  # a name that is none raises, and is not kept
+def _enum_named(value_of: Any, value: str, prefix: str, what: str) -> int:
+    name = value.strip().upper().replace("-", "_").replace(" ", "_")
+    if not name.startswith(prefix):
+        name = prefix + name
+    try:
+        number: int = value_of(name)
+    except ValueError:
+        raise ValueError(f"unknown {what} {value!r}") from None
+    return number
 
 
 def to_letter_kind(value: KindLike) -> pb.LetterKind.ValueType:

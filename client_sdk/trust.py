@@ -653,8 +653,9 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 def datetime_of(ts: Timestamp) -> dt.datetime:
     """A valid Timestamp as an aware UTC datetime: what ``ToDatetime(tzinfo=dt.UTC)`` gives
-    (microseconds, rounded toward zero), without its per-call cost."""
-    return _EPOCH + dt.timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+    (microseconds, rounded toward zero), without its per-call cost. (timedelta's
+    arguments by position: by keyword it takes a fifth to two fifths longer.)"""
+    return _EPOCH + dt.timedelta(0, ts.seconds, ts.nanos // 1000)
 
 
 def set_timestamp(ts: Timestamp, when: dt.datetime) -> None:
