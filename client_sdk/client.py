@@ -211,6 +211,11 @@ class Draft:
     status: StatusLike | None = None
     """Set on a status update (``kind="status_update"``), and only there; ``to`` may then
     be empty: the update goes to the other side of the letter ``in_reply_to`` names."""
+    # The request built when the draft was made, kept when nothing in the draft can change
+    # (see ``_built``): the streams send it rather than build it a second time.
+    _request: pb.SubmitEnvelopeRequest | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         # A bare string is a Sequence[str] too; it means one recipient, not its characters.
@@ -224,9 +229,29 @@ class Draft:
         # stream or a batch builds its frame would end the stream, or a send_many after
         # earlier calls were accepted, and lose the good drafts around it.
         try:
-            self.to_request()
+            request = self.to_request()
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid draft: {exc}") from exc
+        if self._unchangeable():
+            object.__setattr__(self, "_request", request)
+
+    def _unchangeable(self) -> bool:
+        """Whether every value of the draft is immutable: no protobuf message (metadata,
+        attachments, an ``in_reply_to`` as a Shams), no bytearray body, no list as a
+        recipient. A draft holding one is built again when sent, as a caller may have
+        changed it since."""
+        return (
+            self.metadata is None
+            and not self.attachments
+            and (self.in_reply_to is None or isinstance(self.in_reply_to, str))
+            and isinstance(self.body, bytes | str)
+            and all(isinstance(r, str | tuple) for r in self.to)
+        )
+
+    def _built(self) -> pb.SubmitEnvelopeRequest:
+        """The request to send: the one built when the draft was made, when kept (nothing
+        in the draft can have changed since; the SDK only reads it), else a new one."""
+        return self.to_request() if self._request is None else self._request
 
     def to_request(self) -> pb.SubmitEnvelopeRequest:
         """The SubmitEnvelopeRequest for this letter (its values were checked when it was
@@ -873,7 +898,7 @@ class _Ready:
 
     @classmethod
     def of(cls, draft: Draft) -> _Ready:
-        request = draft.to_request()
+        request = draft._built()
         return cls(request, request.ByteSize())
 
     def to_request(self) -> pb.SubmitEnvelopeRequest:
@@ -1086,7 +1111,7 @@ class ExchangeClient:
 
     async def _submit_one(self, draft: Draft, timeout: float | None) -> Receipt:
         try:
-            return await self._submit_request(draft.to_request(), timeout)
+            return await self._submit_request(draft._built(), timeout)
         except ChaparError as error:
             # A retryable failure (a deadline, a node restarting) may come after the node
             # stored the letter: the draft, with the request id generated for it, lets the

@@ -845,6 +845,38 @@ def test_draft_keeps_its_request_id_so_resubmitting_is_idempotent() -> None:
     assert draft.to_request().request_id == draft.to_request().request_id == draft.request_id
 
 
+async def test_a_draft_is_built_once_and_one_changed_since_is_sent_as_it_is_now(
+    client: ExchangeClient, fake_node: tuple[FakeNode, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A draft's request was built when it was made (to check its values) and again when a
+    # stream or a call sent it: 1.8 us, about 3 % of the load generator's CPU. A draft of
+    # immutable values now sends the request it was made with; one holding a protobuf
+    # message (its metadata here), which its caller may change, is built when sent.
+    built = 0
+    to_request = Draft.to_request
+
+    def counting(self: Draft) -> pb.SubmitEnvelopeRequest:
+        nonlocal built
+        built += 1
+        return to_request(self)
+
+    monkeypatch.setattr(Draft, "to_request", counting)
+    drafts = [Draft(to=[OTHER], subject=f"once {i}", body="x") for i in range(3)]
+    changing = Draft(
+        to=[OTHER], subject="changed", metadata=pb.DocumentMetadata(signer_name="before")
+    )
+    changing.metadata.signer_name = "after"  # type: ignore[union-attr]
+    assert built == 4
+    results = [r async for r in client.send_stream([*drafts, changing])]
+    assert all(isinstance(r, Receipt) for r in results)
+    await client.send(to=[OTHER], subject="one call", body="y")
+    assert built == 4 + 1 + 1, "a draft of immutable values was built again to be sent"
+    sent = [r for frame in fake_node[0].frames for r in frame.requests]
+    assert [r.draft.subject for r in sent] == ["once 0", "once 1", "once 2", "changed"]
+    assert sent[3].draft.metadata.signer_name == "after"
+    assert [r.request_id for r in sent[:3]] == [d.request_id for d in drafts]
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 
@@ -1359,7 +1391,7 @@ async def test_shared_stream_answers_each_concurrent_caller_and_sends_them_toget
 async def test_shared_stream_builds_each_draft_once(
     client: ExchangeClient, fake_node: tuple[FakeNode, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The request a ``send`` builds to check its draft is the one that goes."""
+    """The request built to check a draft when it is made is the one that goes."""
     built: list[str] = []
     real = Draft.to_request
 
@@ -1367,8 +1399,8 @@ async def test_shared_stream_builds_each_draft_once(
         built.append(draft.subject)
         return real(draft)
 
-    drafts = [Draft(to=[OTHER], subject=f"once {i}") for i in range(20)]  # checked as made
     monkeypatch.setattr(Draft, "to_request", counting)
+    drafts = [Draft(to=[OTHER], subject=f"once {i}") for i in range(20)]  # checked as made
     async with client.shared_stream(batch_size=8) as shared:
         receipts = await asyncio.gather(*(shared.send(d) for d in drafts))
     assert [r.request_id for r in receipts] == [d.request_id for d in drafts]
