@@ -99,6 +99,19 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
+def _rank(labels: dict[str, str]) -> tuple[bool, int]:
+    """Where a top-N sample sorts: by its rank, one that is no integer last."""
+    rank = labels.get("rank", "0")
+    return (False, int(rank)) if rank.isdecimal() else (True, 0)
+
+
+def _offset(seconds: float) -> str:
+    """The hub's clock against ours: "3 s ahead of ours", "10 min behind ours"."""
+    if math.isnan(seconds):
+        return "?"
+    return f"{_age(abs(seconds))} {'ahead of' if seconds >= 0 else 'behind'} ours"
+
+
 def _time_of_day(seconds: float) -> str:
     """``seconds`` since the epoch as HH:MM:SS in UTC; "?" for a value that is no time (NaN,
     an infinity, out of the years a datetime holds: a proxy's or a broken exporter's)."""
@@ -141,9 +154,7 @@ def render(snap: Snapshot, target: str) -> str:
             labels["agency"]: v
             for labels, v in snap.series("chapar_hub_queue_top_oldest_age_seconds")
         }
-        top = sorted(
-            snap.series("chapar_hub_queue_top_depth"), key=lambda s: int(s[0].get("rank", "0"))
-        )
+        top = sorted(snap.series("chapar_hub_queue_top_depth"), key=lambda s: _rank(s[0]))
         if top:
             lines.append("Deepest queues       rank  agency                 depth  oldest")
             for labels, depth in top:
@@ -164,8 +175,11 @@ def render(snap: Snapshot, target: str) -> str:
             f"   oldest {_age(snap.value('chapar_node_outbox_oldest_age_seconds'))}",
             f"Inbox (not acked)    {_count(snap.value('chapar_node_inbox_unacked'))}",
         ]
+        offset = snap.value("chapar_node_hub_clock_offset_seconds")
+        if offset is not None:
+            lines.append(f"Hub clock            {_offset(offset)}")
     letters = [
-        f"{labels['stage']} {labels['outcome']} {value:.0f}"
+        f"{labels.get('stage', '?')} {labels.get('outcome', '?')} {value:.0f}"
         for labels, value in snap.series("chapar_letters_total")
         if value > 0
     ]
@@ -177,7 +191,7 @@ def render(snap: Snapshot, target: str) -> str:
     for labels, seconds in snap.series("chapar_certificate_expiry_seconds"):
         lines.append(f"Certificate {labels.get('certificate', '?'):<9} expires in {_age(seconds)}")
     counts = {
-        (labels["code"], labels["reason"]): v
+        (labels.get("code", "?"), labels.get("reason", "?")): v
         for labels, v in snap.series("chapar_rejections_total")
     }
     # The latest first; a value that is no time (shown "?") after those that are.
@@ -189,7 +203,7 @@ def render(snap: Snapshot, target: str) -> str:
     if last:
         lines.append("Last errors          when (UTC)  code / reason (count)")
         for labels, _, at in last[:_LAST_ERRORS]:
-            key = (labels["code"], labels["reason"])
+            key = (labels.get("code", "?"), labels.get("reason", "?"))
             lines.append(
                 f"                     {at:<8}    {key[0]} / {key[1]} ({counts.get(key, 0):.0f})"
             )
