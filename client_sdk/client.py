@@ -2631,7 +2631,7 @@ def _verify_as_created(
 ) -> pb.EnvelopeHeader:
     # Verify the signature as of the letter's own creation time, as verify_evidence does
     # with the event time, so a letter stays verifiable after its signer's certificate
-    # expires; revocation is checked regardless of time.
+    # expires; a revocation counts as of that time too (one from a later time does not).
     header = trust.verify_envelope(envelope, check_body=check_body, as_created=True)
     # The signer is the header's sender (verify_envelope); a number is its origin's to give:
     # the hub relays no other, and a bundle of one would tie another agency's number to it.

@@ -11,7 +11,7 @@ import contextlib
 import datetime as dt
 import functools
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -79,6 +79,11 @@ _MAX_NEW_CAS = 64
 class TrustStore:
     """Root CAs, known intermediates, known signing certificates and revoked serials.
 
+    A revoked serial is revoked for all time, or, when ``revoked_since`` gives it a time,
+    from that time on (a key retired, not stolen: what it signed before still verifies).
+    Each check asks as of its own moment: a signature as of its letter's ``create_time``
+    or its evidence's ``event_time``, a live check (a connection, a call) as of now.
+
     Chain checks are cached per certificate (by key id), so verifying many letters from
     the same agency costs one signature check each, not three.
     """
@@ -86,6 +91,8 @@ class TrustStore:
     roots: list[x509.Certificate]
     intermediates: list[x509.Certificate] = field(default_factory=list)
     revoked_serials: set[int] = field(default_factory=set)
+    # Those of ``revoked_serials`` revoked only from a time on (aware datetimes).
+    revoked_since: dict[int, dt.datetime] = field(default_factory=dict)
     _by_key_id: dict[bytes, x509.Certificate] = field(default_factory=dict)
     _verifiers: dict[bytes, Verifier] = field(default_factory=dict)
     _batch_heads: OrderedDict[tuple[bytes, str, int, bytes, bytes], None] = field(
@@ -155,20 +162,53 @@ class TrustStore:
     def snapshot(self) -> TrustStore:
         """A store of its own with this one's roots, CA certificates and revoked serials
         (added to or changed without touching this one); no caches, no listeners."""
-        return TrustStore(list(self.roots), list(self.intermediates), set(self.revoked_serials))
+        return TrustStore(
+            list(self.roots),
+            list(self.intermediates),
+            set(self.revoked_serials),
+            dict(self.revoked_since),
+        )
 
-    def set_revoked(self, serials: Iterable[int]) -> None:
-        self.revoked_serials = set(serials)
+    def set_revoked(
+        self, serials: Iterable[int], since: Mapping[int, dt.datetime] | None = None
+    ) -> None:
+        """Replaces the revocations: each of ``serials`` revoked for all time, unless
+        ``since`` gives it a time (aware), from which on it is revoked; a serial ``since``
+        gives alone is revoked from its time too."""
+        since = dict(since or {})
+        self.revoked_serials = set(serials) | set(since)
+        self.revoked_since = since
         for listener in self.revocation_listeners:
             listener()
 
-    def chain_revoked(self, cert: x509.Certificate) -> bool:
-        """Whether ``cert`` or a CA above it (as this store holds them) is revoked. Only
-        that: no validity, usage or identity is asked (health, reflection and ``/metrics``
-        serve any other certificate of the CA: an operator's scraper has no identity)."""
+    def add_revoked(
+        self, serials: Iterable[int], since: Mapping[int, dt.datetime] | None = None
+    ) -> None:
+        """Adds revocations (as ``set_revoked`` reads them) to those held: of two for one
+        serial, the one revoking earlier counts (one for all time over any time)."""
+        given = dict(since or {})
+        forever = (self.revoked_serials - self.revoked_since.keys()) | (set(serials) - given.keys())
+        times = dict(self.revoked_since)
+        for serial, when in given.items():
+            times[serial] = min(times.get(serial, when), when)
+        self.set_revoked(forever, {s: t for s, t in times.items() if s not in forever})
+
+    def revoked_at(self, serial: int, when: dt.datetime) -> bool:
+        """Whether ``serial`` is revoked at ``when`` (listed, with no time or one not after it)."""
+        if serial not in self.revoked_serials:
+            return False
+        since = self.revoked_since.get(serial)
+        return since is None or since <= when
+
+    def chain_revoked(self, cert: x509.Certificate, at: dt.datetime | None = None) -> bool:
+        """Whether ``cert`` or a CA above it (as this store holds them) is revoked at ``at``
+        (now when not given). Only that: no validity, usage or identity is asked (health,
+        reflection and ``/metrics`` serve any other certificate of the CA: an operator's
+        scraper has no identity)."""
+        when = at or dt.datetime.now(dt.UTC)
         current = cert
         for _ in range(_MAX_CHAIN):
-            if current.serial_number in self.revoked_serials:
+            if self.revoked_at(current.serial_number, when):
                 return True
             issuer = next(
                 (ca for ca in (*self.intermediates, *self.roots) if _signed_by(current, ca)), None
@@ -186,8 +226,8 @@ class TrustStore:
         *,
         kid: bytes | None = None,
     ) -> Identity:
-        """Checks chain to a root, validity at ``at``, key usage and revocation (of every
-        certificate of the chain, the root it ends at included, on every call).
+        """Checks chain to a root, validity at ``at``, key usage and revocation at ``at``
+        (of every certificate of the chain, the root it ends at included, on every call).
 
         Returns the certificate's Chapar identity. ``kid``: the certificate's key id when the
         caller already knows it (it found the certificate by it).
@@ -199,7 +239,9 @@ class TrustStore:
         cached = self._chain_ok.get((kid, usage))
         if cached is not None and cached.start <= when <= cached.end:
             # Revocation is checked on every use, so a serial revoked after caching still counts.
-            if self.revoked_serials.isdisjoint(cached.serials):
+            if self.revoked_serials.isdisjoint(cached.serials) or not any(
+                self.revoked_at(serial, when) for serial in cached.serials
+            ):
                 return cached.identity
             raise VerificationError("CERTIFICATE_REVOKED", "a certificate of the chain is revoked")
         identity = identity_of_certificate(cert)
@@ -209,7 +251,7 @@ class TrustStore:
         chain = [cert]
         current = cert
         for _ in range(_MAX_CHAIN):
-            if current.serial_number in self.revoked_serials:
+            if self.revoked_at(current.serial_number, when):
                 raise VerificationError(
                     "CERTIFICATE_REVOKED", f"certificate {current.serial_number:x} is revoked"
                 )
@@ -223,7 +265,7 @@ class TrustStore:
                 chain.append(root)
                 # The anchor too, as the cached path does: a revoked CA (its key compromised)
                 # would otherwise admit every certificate it mints at that one's first check.
-                if root.serial_number in self.revoked_serials:
+                if self.revoked_at(root.serial_number, when):
                     raise VerificationError(
                         "CERTIFICATE_REVOKED", f"CA certificate {root.serial_number:x} is revoked"
                     )
@@ -322,7 +364,7 @@ class TrustStore:
         """``verify_envelope`` for each envelope, in order, each failure returned in its
         place: as of now, or with ``as_created`` as of each header's ``create_time`` (a
         letter the hub relayed, which checked it as of then, stays valid after its signer's
-        certificate expires; revocation applies whatever the time). Whole batches among
+        certificate expires; so does a revocation from a time after it). Whole batches among
         them have their inclusion proofs checked together (see ``merkle_paths_hold``); the
         outcome is the same as one by one."""
         roots = _whole_batch_roots([(e.header, e) for e in envelopes])
