@@ -53,8 +53,10 @@ __all__ = [
     "load_certs",
     "load_key",
     "renew_certificate",
+    "revocation_entry",
     "revocation_file_lines",
     "revoke_certificate",
+    "rfc3339_time",
     "write_certs",
     "write_key",
 ]
@@ -833,6 +835,37 @@ def revocation_file_lines(data: bytes) -> list[str]:
     and U+2028, which a comment may hold: its rest would read as a serial)."""
     text = data.decode("utf-8-sig", errors="replace")
     return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def rfc3339_time(text: str) -> dt.datetime:
+    """An RFC 3339 date and time with its offset (2026-03-01T00:00:00Z, ...+03:30) in UTC;
+    ValueError for anything else (a date alone, a time with no offset: whose midnight?)."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or "T" not in text.upper():
+        raise ValueError(
+            f"{text!r} is not an RFC 3339 time with its offset (e.g. 2026-03-01T00:00:00Z)"
+        )
+    return when.astimezone(dt.UTC)
+
+
+def revocation_entry(line: str) -> tuple[str, dt.datetime | None] | None:
+    """One line of a revocation file: its serial (hexadecimal, lowercase, no 0x) and the
+    time it is revoked from (None: for all time); None for a blank or comment line.
+    ValueError says what is wrong with the line."""
+    words = line.split("#", 1)[0].split()
+    if not words:
+        return None
+    serial = words[0].lower().removeprefix("0x")
+    try:
+        int(serial, 16)
+    except ValueError:
+        raise ValueError(f"{line!r} is not a hexadecimal serial") from None
+    if len(words) > 2:
+        raise ValueError(f"{words[2]!r}: a line is a serial and at most a time ({line!r})")
+    return serial, rfc3339_time(words[1]) if len(words) == 2 else None
 
 
 def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = "") -> bool:

@@ -7,6 +7,7 @@ Relative paths are resolved against the directory of the configuration file.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import math
 import re
 import tomllib
@@ -17,7 +18,7 @@ from typing import Any, cast
 
 from cryptography import x509
 
-from certs.pki import revocation_file_lines
+from certs.pki import revocation_entry, revocation_file_lines
 from client_sdk.identity import Identity, is_agency_code
 from node.core.documents import DocumentLimits, base_media_type
 from node.core.errors import ChaparError
@@ -37,6 +38,7 @@ __all__ = [
     "load_node_config",
     "read_certificate_file",
     "read_certificates",
+    "read_revocation_times",
     "read_revocations",
     "read_table",
 ]
@@ -507,25 +509,41 @@ def _hub_config(t: Table) -> HubConfig:
 
 
 def read_revocations(path: Path | None) -> list[str]:
-    """Revoked serials (hexadecimal, one per line, '#' comments) from the revocation file.
+    """Revoked serials (hexadecimal, one per line, '#' comments) from the revocation file:
+    every one, whether for all time or from a time on (``read_revocation_times``).
 
     A missing file means nothing is revoked; a malformed line is a ConfigError.
     """
+    return [serial for serial, _ in _revocation_entries(path)]
+
+
+def read_revocation_times(path: Path | None) -> dict[str, dt.datetime]:
+    """The serials of the revocation file revoked from a time on (``SERIAL TIME`` lines,
+    the time RFC 3339 with its offset), each with its time: the earliest, when listed more
+    than once. A serial also listed with no time is revoked for all time: not here."""
+    forever: set[int] = set()
+    times: dict[int, tuple[str, dt.datetime]] = {}
+    for serial, since in _revocation_entries(path):
+        number = int(serial, 16)
+        if since is None:
+            forever.add(number)
+        elif number not in times or since < times[number][1]:
+            times[number] = (times.get(number, (serial, since))[0], since)
+    return {serial: since for number, (serial, since) in times.items() if number not in forever}
+
+
+def _revocation_entries(path: Path | None) -> list[tuple[str, dt.datetime | None]]:
     if path is None or not path.exists():
         return []
-    serials: list[str] = []
+    entries: list[tuple[str, dt.datetime | None]] = []
     for number, line in enumerate(revocation_file_lines(path.read_bytes()), start=1):
-        serial = line.split("#", 1)[0].strip().lower().removeprefix("0x")
-        if not serial:
-            continue
         try:
-            int(serial, 16)
-        except ValueError:
-            raise ConfigError(
-                f"revocation_file {path}, line {number}: {line!r} is not a hexadecimal serial"
-            ) from None
-        serials.append(serial)
-    return serials
+            entry = revocation_entry(line)
+        except ValueError as exc:
+            raise ConfigError(f"revocation_file {path}, line {number}: {exc}") from None
+        if entry is not None:
+            entries.append(entry)
+    return entries
 
 
 def _clients(t: Table, agency: str, max_mailbox_chars: int) -> dict[str, frozenset[str]]:

@@ -19,6 +19,7 @@ from certs.pki import init_pki, load_certs
 from client_sdk import pb
 from client_sdk.signing import Signer
 from client_sdk.trust import TrustStore, VerificationError, set_timestamp
+from node.config import ConfigError, read_revocation_times, read_revocations
 
 AGENCY = "000.00.00.G22"
 NOW = dt.datetime.now(dt.UTC)
@@ -98,3 +99,40 @@ def test_revocations_added_to_those_held_keep_the_earlier_of_two() -> None:
     trust.add_revoked([3, 5], since={1: early, 2: early, 4: late, 6: late})
     assert trust.revoked_serials == {1, 2, 3, 4, 5, 6}
     assert trust.revoked_since == {2: early, 4: early, 6: late}  # 1, 3, 5: for all time
+
+
+def test_a_revocation_file_line_may_give_a_time_from_which_on_it_is_revoked(
+    tmp_path: Path,
+) -> None:
+    file = tmp_path / "revoked.txt"
+    file.write_text(
+        "0abc  # a key stolen: for all time\n"
+        "DEF 2026-03-01T00:00:00Z  # retired\n"
+        "0x12 2026-03-01T03:30:00+03:30\n"
+        "def 2026-02-01T00:00:00Z  # listed twice: the earlier counts\n"
+        "abc 2026-01-01T00:00:00Z  # listed with no time too: for all time\n"
+    )
+    assert read_revocations(file) == ["0abc", "def", "12", "def", "abc"]  # every one listed
+    assert read_revocation_times(file) == {
+        "def": dt.datetime(2026, 2, 1, tzinfo=dt.UTC),
+        "12": dt.datetime(2026, 3, 1, tzinfo=dt.UTC),
+    }
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("0abc 2026-03-01", "'2026-03-01'"),  # no time of day, no offset
+        ("0abc 2026-03-01T00:00:00", "'2026-03-01T00:00:00'"),  # no offset: whose midnight?
+        ("0abc yesterday", "'yesterday'"),
+        ("0abc 2026-03-01T00:00:00Z extra", "'extra'"),
+    ],
+)
+def test_a_revocation_file_line_whose_time_is_no_time_is_refused_with_its_number(
+    tmp_path: Path, line: str, named: str
+) -> None:
+    file = tmp_path / "revoked.txt"
+    file.write_text(f"0def\n{line}  # note\n")
+    for read in (read_revocations, read_revocation_times):
+        with pytest.raises(ConfigError, match=f"line 2: .*{named}"):
+            read(file)
