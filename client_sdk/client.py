@@ -47,6 +47,7 @@ from collections.abc import (
     Collection,
     Iterable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from dataclasses import dataclass, field, replace
@@ -99,6 +100,7 @@ from client_sdk.trust import (
     VerificationError,
     check_attestation,
     datetime_of,
+    revocations_of,
     valid_timestamp,
 )
 
@@ -570,6 +572,9 @@ class Tracking:
     body_purged: bool = False
     revoked_serials: frozenset[int] = frozenset()
     """Serials a saved bundle listed as revoked (``from_bundle``); ``verify`` applies them."""
+    revoked_since: Mapping[int, dt.datetime] = field(default_factory=dict)
+    """Of those, the ones revoked from a time on, with their time: what their keys signed
+    before it verifies (``TrustStore.set_revoked``)."""
     status_updates: list[StatusUpdate] = field(default_factory=list)
     """The status updates about this letter its node sent or received, in the order it
     stored them; a node lists them without their notes (``StatusUpdate.note`` None)."""
@@ -622,10 +627,11 @@ class Tracking:
             if not bundle.HasField("letter") or not bundle.letter.HasField("envelope"):
                 raise ValueError("the bundle holds no letter")
             tracking = cls.from_response(bundle.letter)
-            revoked = frozenset(int(serial, 16) for serial in bundle.revoked_serials)
-        except (DecodeError, ValueError) as exc:  # ValueError: a serial that is not hex
+            revoked, since = revocations_of(bundle.revoked_serials, bundle.revocations)
+        # ValueError: a serial that is not hex, a revocation's time that is none
+        except (DecodeError, ValueError) as exc:
             raise VerificationError("BUNDLE_MALFORMED", f"not an evidence bundle: {exc}") from exc
-        return replace(tracking, revoked_serials=revoked)
+        return replace(tracking, revoked_serials=frozenset(revoked), revoked_since=since)
 
     def verify(
         self, trust: TrustStore, *, hubs: Collection[str] | None = None
@@ -633,7 +639,8 @@ class Tracking:
         """Verifies the letter, every evidence and every status update offline, in order.
 
         Adds the response's certificates to ``trust`` (they still have to chain to its
-        roots) and applies a bundle's revoked serials for this call only, checks the sender's
+        roots) and applies a bundle's revoked serials for this call only (a serial ``trust``
+        revokes already, for all time or from an earlier time, stays so), checks the sender's
         signature and body digest (unless retention purged the body: ``body_purged`` and
         no body), then each evidence's signature, issuer, and that it concerns this very letter
         (SHAMS and header digest); with ``hubs`` (identity URIs, ``urn:chapar:hub:<NAME>``),
@@ -660,9 +667,9 @@ class Tracking:
         # The bundle's revocations apply to this verification only: a bundle is anyone's
         # to hand over, and one listing an honest key would otherwise have every later
         # verification with this store refuse that key's letters.
-        revoked = trust.revoked_serials
+        revoked, since = trust.revoked_serials, trust.revoked_since
         if self.revoked_serials:
-            trust.set_revoked(revoked | self.revoked_serials)
+            trust.add_revoked(self.revoked_serials, self.revoked_since)
         try:
             # body_purged is not signed: a body that is there is always checked, or a
             # changed body with the flag set would pass.
@@ -676,7 +683,7 @@ class Tracking:
             _verify_status_updates(trust, self.header, self.status_updates, self.business_statuses)
         finally:
             if self.revoked_serials:
-                trust.set_revoked(revoked)
+                trust.set_revoked(revoked, since)
         return verified
 
 
@@ -1453,6 +1460,7 @@ class ExchangeClient:
         bundle = pb.EvidenceBundle(
             letter=letter,
             revoked_serials=directory.revoked_serials,
+            revocations=directory.revocations,
             directory_version=directory.directory_version,
         )
         bundle.saved_time.GetCurrentTime()
@@ -1721,23 +1729,25 @@ class ExchangeClient:
     ) -> TrustStore:
         """Adds to ``trust`` (which holds the root CA: ``credentials.trust_store()``) what
         the node's directory holds: the intermediate CAs, every agency's and hub's signing
-        certificates, and the revoked serials. Returns it, ready to verify inbox letters,
+        certificates, and the revoked serials (with the times of those revoked from a time
+        on: what their keys signed before verifies). Returns it, ready to verify inbox letters,
         receipts and evidence from any agency, whichever intermediate CA issued its key."""
         with _translated(self._certificate):
             response: pb.ListAgenciesResponse = await self._stub.ListAgencies(
                 pb.ListAgenciesRequest(), timeout=self._deadline(timeout)
             )
         try:
-            revoked = {int(serial, 16) for serial in response.revoked_serials}
+            revoked, since = revocations_of(response.revoked_serials, response.revocations)
             trust.add_certificates(response.intermediate_certificates)
             trust.add_certificates(response.hub_signing_certificates)
             for agency in response.agencies:
                 trust.add_certificates(agency.signing_certificates)
-        except ValueError as exc:  # a serial that is not hex, or DER that is no certificate
+        # a serial that is not hex, a revocation's time that is none, DER that is no certificate
+        except ValueError as exc:
             raise InternalError(
                 f"a directory that does not parse: {exc}", reason="MALFORMED_RESPONSE"
             ) from exc
-        trust.set_revoked(trust.revoked_serials | revoked)
+        trust.add_revoked(revoked, since)
         return trust
 
     async def revocations(self, *, timeout: float | None = None) -> list[int]:

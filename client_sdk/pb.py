@@ -24,6 +24,7 @@ from client_sdk._pb.chapar.exchange.v1.directory_pb2 import (
 from client_sdk._pb.chapar.exchange.v1.directory_pb2 import Agency as Agency
 from client_sdk._pb.chapar.exchange.v1.directory_pb2 import AgencyState as AgencyState
 from client_sdk._pb.chapar.exchange.v1.directory_pb2 import Directory as Directory
+from client_sdk._pb.chapar.exchange.v1.directory_pb2 import Revocation as Revocation
 from client_sdk._pb.chapar.exchange.v1.document_service_pb2 import DocumentInfo as DocumentInfo
 from client_sdk._pb.chapar.exchange.v1.document_service_pb2 import (
     DownloadDocumentRequest as DownloadDocumentRequest,

@@ -48,6 +48,7 @@ __all__ = [
     "datetime_of",
     "is_ca",
     "load_pem_certificates",
+    "revocations_of",
     "seconds_of",
     "set_timestamp",
     "valid_timestamp",
@@ -578,6 +579,31 @@ def check_attestation(
             + (f" for {named}" if named else "")
             + not_the_hub,
         )
+
+
+def revocations_of(
+    serials: Iterable[str], timed: Iterable[pb.Revocation] = ()
+) -> tuple[set[int], dict[int, dt.datetime]]:
+    """A directory's, a ``ListAgencies`` answer's or a bundle's revocations as
+    ``TrustStore.set_revoked`` takes them: its ``revoked_serials`` (hexadecimal, every one)
+    and the times its ``revocations`` give (the earliest of a serial given twice; one given
+    there with no time is revoked for all time). ValueError for a serial that is not
+    hexadecimal or a time that is none."""
+    forever = {int(serial, 16) for serial in serials}
+    since: dict[int, dt.datetime] = {}
+    untimed: set[int] = set()
+    for revocation in timed:
+        serial = int(revocation.serial, 16)
+        if not revocation.HasField("since"):
+            untimed.add(serial)
+        elif not valid_timestamp(revocation.since):
+            raise ValueError(f"the revocation of {revocation.serial} has no valid time")
+        else:
+            when = datetime_of(revocation.since)
+            since[serial] = min(since.get(serial, when), when)
+    for serial in untimed:
+        since.pop(serial, None)
+    return forever | untimed, since
 
 
 def _whole_batch_roots(

@@ -30,7 +30,14 @@ from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import Signer, key_id, sha256
 from client_sdk.statuses import latest_statuses
-from client_sdk.trust import TrustStore, VerificationError, is_ca, seconds_of, set_timestamp
+from client_sdk.trust import (
+    TrustStore,
+    VerificationError,
+    is_ca,
+    revocations_of,
+    seconds_of,
+    set_timestamp,
+)
 from node.config import ENVELOPE_EXTRA_BYTES, NodeConfig, frame_room, load_node_config
 from node.core.directory import DirectoryView
 from node.core.documents import parse_document_uri
@@ -481,7 +488,7 @@ class Agency(pb.NodeServiceServicer):
             known.append((key_id(x509.load_der_x509_certificate(der)), der))
         known.append((self.signer.key_id, self.signer.certificate.public_bytes(Encoding.DER)))
         self.trust.add_certificates([self.signer.certificate])
-        self.trust.set_revoked(int(s, 16) for s in directory.revoked_serials)
+        self.trust.set_revoked(*revocations_of(directory.revoked_serials, directory.revocations))
         for stream, certificate in self._streams.items():
             try:
                 self.trust.verify_certificate(certificate, "tls")
@@ -1591,6 +1598,7 @@ class Agency(pb.NodeServiceServicer):
             agencies=directory.message.agencies,
             directory_version=directory.version,
             revoked_serials=directory.message.revoked_serials,
+            revocations=directory.message.revocations,
             intermediate_certificates=directory.message.intermediate_certificates,
             hub_signing_certificates=directory.message.hub_signing_certificates,
         )

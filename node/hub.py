@@ -14,7 +14,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +27,21 @@ from client_sdk import pb
 from client_sdk.identity import Identity
 from client_sdk.shams import format_shams, parse_shams
 from client_sdk.signing import HUB_ATTESTATION_PAYLOAD_TYPE, Signer, sha256
-from client_sdk.trust import TrustStore, VerificationError, der, seconds_of, set_timestamp
+from client_sdk.trust import (
+    TrustStore,
+    VerificationError,
+    datetime_of,
+    der,
+    revocations_of,
+    seconds_of,
+    set_timestamp,
+)
 from node.config import (
     MAX_FRAME_LETTERS,
     HubConfig,
     load_hub_config,
     read_certificates,
+    read_revocation_times,
     read_revocations,
 )
 from node.core.directory import DirectoryView
@@ -126,6 +135,16 @@ _RESTART_ONLY = RestartOnly(
 )
 
 
+def revocation_messages(times: Mapping[str, dt.datetime]) -> list[pb.Revocation]:
+    """``Directory.revocations`` for the serials revoked from a time on."""
+    out = []
+    for serial, since in times.items():
+        revocation = pb.Revocation(serial=serial)
+        set_timestamp(revocation.since, since)
+        out.append(revocation)
+    return out
+
+
 def build_directory(
     config: HubConfig,
     signer: Signer,
@@ -133,9 +152,10 @@ def build_directory(
     *,
     version: int | None = None,
     revoked_serials: Sequence[str] | None = None,
+    revocations: Sequence[pb.Revocation] = (),
 ) -> pb.Directory:
     """The directory message the hub publishes: its configuration plus the revocation file
-    (or ``revoked_serials``, when given instead).
+    (or ``revoked_serials`` and the times of ``revocations``, when given instead).
 
     The version defaults to the current time in microseconds, so it grows across hub
     restarts too, past the versions a run's reloads (one more each) gave: a node compares
@@ -153,6 +173,11 @@ def build_directory(
         version=version if version is not None else time.time_ns() // 1000,
         revoked_serials=(
             read_revocations(config.revocation_file) if revoked_serials is None else revoked_serials
+        ),
+        revocations=(
+            revocation_messages(read_revocation_times(config.revocation_file))
+            if revoked_serials is None
+            else revocations
         ),
         hub=config.identity.uri,
         hub_signing_certificates=[signer.certificate.public_bytes(Encoding.DER)],
@@ -257,7 +282,7 @@ class Hub(pb.HubServiceServicer):
         self.trust.add_certificates(directory.hub_signing_certificates)
         for agency in directory.agencies:
             self.trust.add_certificates(agency.signing_certificates)
-        self.trust.set_revoked(int(s, 16) for s in directory.revoked_serials)
+        self.trust.set_revoked(*revocations_of(directory.revoked_serials, directory.revocations))
 
     # -- directory changes without a restart -------------------------------------------------
 
@@ -303,6 +328,7 @@ class Hub(pb.HubServiceServicer):
         path = self.config.revocation_file
         if path is not None and not path.exists():
             kept = await self.store.saved_revocations()
+            times = await self.store.saved_revocation_times()
             if kept and not self.directory.message.revoked_serials:
                 log.error(
                     "revocation file %s is missing; keeping the %d revoked serials of the"
@@ -313,11 +339,18 @@ class Hub(pb.HubServiceServicer):
                 directory = pb.Directory()
                 directory.CopyFrom(self.directory.message)
                 directory.revoked_serials[:] = kept
+                directory.revocations.extend(revocation_messages(times))
                 self._take_directory(directory)
                 self._revocations_from = path  # kept from: reloads keep them while missing
                 self._missing_logged = path
                 return
-        await self.store.save_revocations(list(self.directory.message.revoked_serials))
+        await self._save_revocations(self.directory.message)
+
+    async def _save_revocations(self, directory: pb.Directory) -> None:
+        await self.store.save_revocations(
+            list(directory.revoked_serials),
+            {r.serial: datetime_of(r.since) for r in directory.revocations},
+        )
 
     async def _keep_earlier_signers(self) -> None:
         """At start: the hub's signing certificate is kept in the store, and those it
@@ -360,6 +393,7 @@ class Hub(pb.HubServiceServicer):
                 self.trust.intermediates,
                 version=self.directory.version + 1,
                 revoked_serials=kept,
+                revocations=self.directory.message.revocations if kept is not None else (),
             )
             directory.hub_signing_certificates.extend(self._earlier_signers)
         except NOT_LOADED as exc:
@@ -383,13 +417,14 @@ class Hub(pb.HubServiceServicer):
         unchanged.update_time.CopyFrom(self.directory.message.update_time)
         if unchanged == self.directory.message:  # a file touched, or only the quota changed
             return 0
-        revocations_changed = list(directory.revoked_serials) != list(
-            self.directory.message.revoked_serials
+        revocations_changed = (directory.revoked_serials, directory.revocations) != (
+            self.directory.message.revoked_serials,
+            self.directory.message.revocations,
         )
         self._take_directory(directory)
         if revocations_changed:
             # What a restart keeps in force while the file is missing (_keep_revocations).
-            await self.store.save_revocations(list(directory.revoked_serials))
+            await self._save_revocations(directory)
         log.info(
             "directory version %d: %d agencies, %d revoked serials",
             directory.version,

@@ -10,11 +10,12 @@ with DELIVERY or DELIVERY_FAILURE evidence. Both survive restarts.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,6 +181,10 @@ _LINKED = "letters_linked"
 # The revoked serials of the directory in force (one hexadecimal serial a line): what a
 # restart keeps in force while the configured revocation file is missing (Hub.start).
 _REVOKED = "revoked_serials"
+# Of those, the ones revoked from a time on, "SERIAL TIME" a line (RFC 3339): a key of its
+# own, so that a hub older than it, restored or downgraded, reads the serials alone (each
+# revoked for all time, the safe direction).
+_REVOKED_SINCE = "revocation_times"
 # The DER signing certificates the hub has signed with (hexadecimal, one a line, oldest
 # first): a renewed key's predecessor stays in the directory, so what it signed verifies.
 _SIGNERS = "hub_signing_certificates"
@@ -1114,9 +1119,29 @@ class HubStore(Store):
             if str(d) in _LETTER_DOMAIN
         ]
 
-    async def save_revocations(self, serials: Sequence[str]) -> None:
-        """Keeps the revoked serials of the directory in force (replacing those kept)."""
-        await self.set_meta_value(_REVOKED, "\n".join(serials).encode())
+    async def save_revocations(
+        self, serials: Sequence[str], since: Mapping[str, dt.datetime] | None = None
+    ) -> None:
+        """Keeps the revoked serials of the directory in force, and the times of those
+        revoked from a time on (``since``), replacing those kept."""
+        rows = [
+            (_REVOKED, "\n".join(serials).encode()),
+            (
+                _REVOKED_SINCE,
+                "\n".join(f"{s} {t.isoformat()}" for s, t in (since or {}).items()).encode(),
+            ),
+        ]
+
+        def job(conn: sqlite3.Connection) -> None:  # both or neither
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", rows)
+
+        await self.db.write(job)
+
+    async def saved_revocation_times(self) -> dict[str, dt.datetime]:
+        """The times ``save_revocations`` kept last (none if never)."""
+        value = await self.meta_value(_REVOKED_SINCE)
+        pairs = (line.split() for line in (value or b"").decode().splitlines() if line)
+        return {serial: dt.datetime.fromisoformat(when) for serial, when in pairs}
 
     async def saved_revocations(self) -> list[str]:
         """The revoked serials ``save_revocations`` kept last (none if never)."""

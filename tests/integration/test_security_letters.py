@@ -188,14 +188,16 @@ async def _wait_for_new_directory(cluster: Cluster, before: dict[str, int]) -> d
 
 
 @contextlib.asynccontextmanager
-async def _revoked(cluster: Cluster, *cert_files: Path) -> AsyncIterator[None]:
-    """Lists the certificates' serials in the revocation file until the block ends.
+async def _revoked(cluster: Cluster, *cert_files: Path, since: str = "") -> AsyncIterator[None]:
+    """Lists the certificates' serials in the revocation file until the block ends (from
+    ``since`` on, an RFC 3339 time, when given).
 
     Waits for the new directory to reach every node on the way in and on the way out.
     """
     path = _revocation_file(cluster)
     before = await _versions(cluster)
-    _write_replacing(path, "".join(f"{_serial(f)}  # revoked by a test\n" for f in cert_files))
+    lines = (f"{_serial(f)} {since}  # revoked by a test\n" for f in cert_files)
+    _write_replacing(path, "".join(lines))
     try:
         await _wait_for_new_directory(cluster, before)
         yield
@@ -702,6 +704,17 @@ async def test_a_saved_evidence_bundle_verifies_offline_until_its_signer_is_revo
         assert tracked.returncode == 1
         assert "VERIFICATION_FAILED CERTIFICATE_REVOKED" in tracked.stderr
     assert pb.EvidenceBundle.FromString(during.read_bytes()).revoked_serials == [serial]
+    # A key retired (not stolen) from a time after the letter and its evidence: what it
+    # signed before that time still verifies, saved with the revocation and after it.
+    retired, since = tmp_path / "retired.bundle", dt.datetime.now(dt.UTC).isoformat()
+    async with _revoked(cluster, signing, since=since):
+        tracked = await _chapar("track", *node, receipt.shams, "--save", retired)
+        assert tracked.returncode == 0, tracked.stderr
+    saved = pb.EvidenceBundle.FromString(retired.read_bytes())
+    assert saved.revoked_serials == [serial]  # an older verifier: revoked for all time
+    assert [r.serial for r in saved.revocations] == [serial]
+    kept = await _chapar("verify", retired, "--ca", cluster.pki.root_cert)
+    assert kept.returncode == 0, kept.stderr
     for bundle, extra in ((during, []), (before, ["--revoked", serial])):
         refused = await _chapar("verify", bundle, "--ca", cluster.pki.root_cert, *extra)
         assert refused.returncode == 1, refused.stdout

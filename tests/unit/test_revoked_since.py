@@ -136,3 +136,71 @@ def test_a_revocation_file_line_whose_time_is_no_time_is_refused_with_its_number
     for read in (read_revocations, read_revocation_times):
         with pytest.raises(ConfigError, match=f"line 2: .*{named}"):
             read(file)
+
+
+async def test_the_hub_publishes_the_times_and_keeps_them_through_a_restart(
+    tmp_path: Path,
+) -> None:
+    # As test_review_node_changes' test of a mistyped path: the revocations in force (their
+    # times too) stay in force through a restart while the configured file is missing.
+    import json
+
+    from node.cluster import Cluster
+    from node.config import load_hub_config
+    from node.hub import Hub, build_directory
+    from node.server import _read_tls, _signer, _trust
+    from node.storage.hub_store import HubStore
+
+    cluster = Cluster.prepare(tmp_path, [AGENCY, "10861234567"])
+    config_path = cluster.hub.config
+
+    def configure(path: Path) -> None:
+        lines = [
+            line
+            for line in config_path.read_text().splitlines()
+            if not line.startswith("revocation_file")
+        ]
+        lines.insert(lines.index("[hub]") + 1, f"revocation_file = {json.dumps(str(path))}")
+        config_path.write_text("\n".join(lines) + "\n")
+
+    async def start(store: HubStore) -> Hub:  # as node.server.serve_hub builds and starts it
+        config = load_hub_config(config_path)
+        signer = _signer(config.signing, config.identity)
+        trust = _trust(_read_tls(config.tls, config.identity), config.signing)
+        hub = Hub(config, store, signer, trust, build_directory(config, signer, []), config_path)
+        await hub.start()
+        started.append(hub)
+        return hub
+
+    def published(hub: Hub) -> tuple[list[str], dict[str, int], dict[int, dt.datetime]]:
+        message = hub.directory.message
+        times = {r.serial: r.since.seconds for r in message.revocations}
+        return list(message.revoked_serials), times, hub.trust.revoked_since
+
+    started: list[Hub] = []
+    since = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    expected = (["0a1b2c", "0d0e0f"], {"0a1b2c": int(since.timestamp())}, {0x0A1B2C: since})
+    revoked = tmp_path / "revoked.txt"
+    revoked.write_text("0a1b2c 2026-03-01T00:00:00Z  # retired\n0d0e0f\n")
+    configure(revoked)
+    store = await HubStore.open(tmp_path / "hub.db", durability="normal")
+    try:
+        hub = await start(store)
+        assert published(hub) == expected
+        configure(tmp_path / "revokd.txt")  # the operator's slip, in the running hub
+        hub._sources = ()
+        await hub.reload_if_changed()
+        assert published(hub) == expected  # kept, logged
+        await hub.stop()
+        restarted = await start(store)  # the file still missing
+        assert published(restarted) == expected
+        await restarted.reload_if_changed()
+        assert published(restarted) == expected
+        configure(revoked)
+        revoked.write_text("0a1b2c  # stolen after all\n0d0e0f\n")
+        await restarted.reload_if_changed()
+        assert published(restarted) == (["0a1b2c", "0d0e0f"], {}, {})
+    finally:
+        for each in started:
+            await each.stop()
+        await store.close()

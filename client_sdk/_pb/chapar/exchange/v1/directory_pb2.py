@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"chapar/exchange/v1/directory.proto\x12\x12\x63hapar.exchange.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x01\n\tDirectory\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0b\n\x03hub\x18\x02 \x01(\t\x12 \n\x18hub_signing_certificates\x18\x03 \x03(\x0c\x12!\n\x19intermediate_certificates\x18\x04 \x03(\x0c\x12,\n\x08\x61gencies\x18\x05 \x03(\x0b\x32\x1a.chapar.exchange.v1.Agency\x12\x17\n\x0frevoked_serials\x18\x06 \x03(\t\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"z\n\x06\x41gency\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.chapar.exchange.v1.AgencyState\x12\x1c\n\x14signing_certificates\x18\x04 \x03(\x0c*z\n\x0b\x41gencyState\x12\x1c\n\x18\x41GENCY_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENCY_STATE_ACTIVE\x10\x01\x12\x1a\n\x16\x41GENCY_STATE_SUSPENDED\x10\x02\x12\x18\n\x14\x41GENCY_STATE_RETIRED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"chapar/exchange/v1/directory.proto\x12\x12\x63hapar.exchange.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x02\n\tDirectory\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0b\n\x03hub\x18\x02 \x01(\t\x12 \n\x18hub_signing_certificates\x18\x03 \x03(\x0c\x12!\n\x19intermediate_certificates\x18\x04 \x03(\x0c\x12,\n\x08\x61gencies\x18\x05 \x03(\x0b\x32\x1a.chapar.exchange.v1.Agency\x12\x17\n\x0frevoked_serials\x18\x06 \x03(\t\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0brevocations\x18\x08 \x03(\x0b\x32\x1e.chapar.exchange.v1.Revocation\"G\n\nRevocation\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"z\n\x06\x41gency\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.chapar.exchange.v1.AgencyState\x12\x1c\n\x14signing_certificates\x18\x04 \x03(\x0c*z\n\x0b\x41gencyState\x12\x1c\n\x18\x41GENCY_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENCY_STATE_ACTIVE\x10\x01\x12\x1a\n\x16\x41GENCY_STATE_SUSPENDED\x10\x02\x12\x18\n\x14\x41GENCY_STATE_RETIRED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chapar.exchange.v1.directory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENCYSTATE']._serialized_start=448
-  _globals['_AGENCYSTATE']._serialized_end=570
+  _globals['_AGENCYSTATE']._serialized_start=574
+  _globals['_AGENCYSTATE']._serialized_end=696
   _globals['_DIRECTORY']._serialized_start=92
-  _globals['_DIRECTORY']._serialized_end=322
-  _globals['_AGENCY']._serialized_start=324
-  _globals['_AGENCY']._serialized_end=446
+  _globals['_DIRECTORY']._serialized_end=375
+  _globals['_REVOCATION']._serialized_start=377
+  _globals['_REVOCATION']._serialized_end=448
+  _globals['_AGENCY']._serialized_start=450
+  _globals['_AGENCY']._serialized_end=572
 # @@protoc_insertion_point(module_scope)

@@ -61,6 +61,7 @@ class Directory(_message.Message):
     AGENCIES_FIELD_NUMBER: _builtins.int
     REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    REVOCATIONS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Increases with every change."""
     hub: _builtins.str
@@ -81,11 +82,20 @@ class Directory(_message.Message):
 
     @_builtins.property
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Hexadecimal serial numbers of revoked certificates."""
+        """Hexadecimal serial numbers of revoked certificates: every one, those revoked from a
+        time on (revocations) too, so that a reader older than that field treats them as
+        revoked for all time.
+        """
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When this version was published."""
+
+    @_builtins.property
+    def revocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Revocation]:
+        """The times of those of revoked_serials revoked from a time on; a serial of
+        revoked_serials not here is revoked for all time.
+        """
 
     def __init__(
         self,
@@ -97,14 +107,48 @@ class Directory(_message.Message):
         agencies: _abc.Iterable[Global___Agency] | None = ...,
         revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        revocations: _abc.Iterable[Global___Revocation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agencies", b"agencies", "hub", b"hub", "hub_signing_certificates", b"hub_signing_certificates", "intermediate_certificates", b"intermediate_certificates", "revoked_serials", b"revoked_serials", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agencies", b"agencies", "hub", b"hub", "hub_signing_certificates", b"hub_signing_certificates", "intermediate_certificates", b"intermediate_certificates", "revocations", b"revocations", "revoked_serials", b"revoked_serials", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Directory: _TypeAlias = Directory  # noqa: Y015
+
+@_typing.final
+class Revocation(_message.Message):
+    """Revocation says from when a certificate is revoked: a key retired (a staff change, a
+    rotation, a node decommissioned), not stolen. What its key signed before `since` (an
+    evidence as of its event_time, a letter as of its create_time) still verifies; from
+    `since` on, its certificate is refused, for signatures and for connections alike. A
+    key compromised is revoked with no time (listed in revoked_serials alone).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    """Hexadecimal serial number (compare them as numbers)."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """The time from which on it is revoked; unset: for all time."""
+
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["serial", b"serial", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Revocation: _TypeAlias = Revocation  # noqa: Y015
 
 @_typing.final
 class Agency(_message.Message):

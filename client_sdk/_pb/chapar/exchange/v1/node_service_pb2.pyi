@@ -952,6 +952,7 @@ class EvidenceBundle(_message.Message):
     REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
     DIRECTORY_VERSION_FIELD_NUMBER: _builtins.int
     SAVED_TIME_FIELD_NUMBER: _builtins.int
+    REVOCATIONS_FIELD_NUMBER: _builtins.int
     directory_version: _builtins.int
     """The version of the directory those serials come from."""
     @_builtins.property
@@ -963,12 +964,21 @@ class EvidenceBundle(_message.Message):
     @_builtins.property
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Serials (hexadecimal) the exchange's directory listed as revoked when the bundle was
-        saved; a verifier applies them, and may add serials revoked since.
+        saved (every one, those of revocations too); a verifier applies them, and may add
+        serials revoked since.
         """
 
     @_builtins.property
     def saved_time(self) -> _timestamp_pb2.Timestamp:
         """When the bundle was saved, by the saving machine's clock (not signed)."""
+
+    @_builtins.property
+    def revocations(self) -> _containers.RepeatedCompositeFieldContainer[_directory_pb2.Revocation]:
+        """The times of those of revoked_serials revoked from a time on (Directory.revocations):
+        what their keys signed before still verifies. Like the rest of the bundle it is not
+        signed: a verifier's own revocations of the same serials (with no time, or earlier)
+        count over it.
+        """
 
     def __init__(
         self,
@@ -977,10 +987,11 @@ class EvidenceBundle(_message.Message):
         revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
         directory_version: _builtins.int = ...,
         saved_time: _timestamp_pb2.Timestamp | None = ...,
+        revocations: _abc.Iterable[_directory_pb2.Revocation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["letter", b"letter", "saved_time", b"saved_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory_version", b"directory_version", "letter", b"letter", "revoked_serials", b"revoked_serials", "saved_time", b"saved_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory_version", b"directory_version", "letter", b"letter", "revocations", b"revocations", "revoked_serials", b"revoked_serials", "saved_time", b"saved_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1017,6 +1028,7 @@ class ListAgenciesResponse(_message.Message):
     REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
     INTERMEDIATE_CERTIFICATES_FIELD_NUMBER: _builtins.int
     HUB_SIGNING_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    REVOCATIONS_FIELD_NUMBER: _builtins.int
     directory_version: _builtins.int
     """Version of the directory they come from."""
     @_builtins.property
@@ -1027,7 +1039,8 @@ class ListAgenciesResponse(_message.Message):
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Serials (hexadecimal; compare them as numbers) of the certificates that directory
         lists as revoked. Offline verification (an auditor's, the SDK's Tracking.verify) must
-        apply them to its trust store, or it accepts what a revoked key signed.
+        apply them to its trust store, or it accepts what a revoked key signed. Every one,
+        those of revocations too.
         """
 
     @_builtins.property
@@ -1040,6 +1053,12 @@ class ListAgenciesResponse(_message.Message):
     def hub_signing_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """DER signing certificates of the hub(s), which sign relay and expiry evidence."""
 
+    @_builtins.property
+    def revocations(self) -> _containers.RepeatedCompositeFieldContainer[_directory_pb2.Revocation]:
+        """The times of those of revoked_serials revoked from a time on (Directory.revocations):
+        a serial of revoked_serials not here is revoked for all time.
+        """
+
     def __init__(
         self,
         *,
@@ -1048,10 +1067,11 @@ class ListAgenciesResponse(_message.Message):
         revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
         intermediate_certificates: _abc.Iterable[_builtins.bytes] | None = ...,
         hub_signing_certificates: _abc.Iterable[_builtins.bytes] | None = ...,
+        revocations: _abc.Iterable[_directory_pb2.Revocation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agencies", b"agencies", "directory_version", b"directory_version", "hub_signing_certificates", b"hub_signing_certificates", "intermediate_certificates", b"intermediate_certificates", "revoked_serials", b"revoked_serials"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agencies", b"agencies", "directory_version", b"directory_version", "hub_signing_certificates", b"hub_signing_certificates", "intermediate_certificates", b"intermediate_certificates", "revocations", b"revocations", "revoked_serials", b"revoked_serials"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
