@@ -8,6 +8,7 @@ the same commands stand-alone (``python -m certs.cli pki init ...``).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import grp
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from certs.pki import (
     load_certs,
     renew_certificate,
     revoke_certificate,
+    rfc3339_time,
 )
 from client_sdk.identity import Identity
 from node.cli_output import OutputFailed, emit, failed
@@ -132,6 +134,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     revoke.add_argument("cert", type=Path, metavar="CERT", help="the .crt file to revoke")
     revoke.add_argument("--note", default="", help="a comment kept on the line (e.g. why)")
+    revoke.add_argument(
+        "--since",
+        type=_since,
+        metavar="TIME",
+        help="revoked from TIME on (RFC 3339 with its offset, or now), for a key retired, not"
+        " stolen: what it signed before still verifies (default: for all time)",
+    )
     revoke.set_defaults(func=_cmd_revoke)
 
 
@@ -232,10 +241,20 @@ def _cmd_renew(args: argparse.Namespace) -> int:
     return _guarded("renew", run)
 
 
+def _since(text: str) -> dt.datetime:
+    """``--since``: an RFC 3339 time with its offset, or ``now``; to the second."""
+    if text == "now":
+        return dt.datetime.now(dt.UTC).replace(microsecond=0)
+    try:
+        return rfc3339_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_revoke(args: argparse.Namespace) -> int:
     def run() -> None:
         before = _group_of(args.file)
-        added = revoke_certificate(args.file, args.cert, note=args.note)
+        added = revoke_certificate(args.file, args.cert, note=args.note, since=args.since)
         after = _group_of(args.file)
         if before is not None and after is not None and after != before:
             # The user may not give the file its group (not root, not a member of it): it
@@ -257,7 +276,10 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
             )
         serial = f"{load_certs(args.cert)[0].serial_number:x}"
         emit(
-            [f"{serial} {'listed in' if added else 'was already in'} {args.file}"],
+            [
+                f"{serial} {'listed in' if added else 'was already in'} {args.file}"
+                + (f" from {args.since:%Y-%m-%dT%H:%M:%SZ} on" if added and args.since else "")
+            ],
             f"{serial} is listed in {args.file}; that could not be printed",
         )
 

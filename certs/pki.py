@@ -868,12 +868,20 @@ def revocation_entry(line: str) -> tuple[str, dt.datetime | None] | None:
     return serial, rfc3339_time(words[1]) if len(words) == 2 else None
 
 
-def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = "") -> bool:
+def revoke_certificate(
+    revocation_file: Path,
+    cert_path: Path,
+    *,
+    note: str = "",
+    since: dt.datetime | None = None,
+) -> bool:
     """Lists the certificate's serial in the hub's revocation file (one hexadecimal serial a
-    line, ``#`` comments). The file is replaced whole, never missing or half written; a
+    line, ``#`` comments), revoked for all time, or with ``since`` (aware) from that time on.
+    The file is replaced whole, never missing or half written; a
     new one is made where none is, but not a directory for it: a path whose directory does
     not exist (a typo, the hub reading another file) raises FileNotFoundError.
-    Returns False if the serial was listed already."""
+    Returns False if the serial was listed already, for all time or from a time not later
+    than ``since`` (the hub takes the earliest of a serial's lines)."""
     cert = load_certs(Path(cert_path))[0]
     serial = f"{cert.serial_number:x}"
     path = Path(revocation_file)
@@ -883,12 +891,17 @@ def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = ""
             " hub's revocation_file names; nothing written"
         )
     data = path.read_bytes() if path.exists() else b""
-    listed = {
-        line.split("#", 1)[0].strip().lower().removeprefix("0x").lstrip("0")
-        for line in revocation_file_lines(data)
-    }
-    if serial.lstrip("0") in listed:
-        return False
+    for listed in revocation_file_lines(data):
+        try:
+            entry = revocation_entry(listed)
+        except ValueError:  # the hub refuses it: not a listing of this serial
+            continue
+        if (
+            entry is not None
+            and int(entry[0], 16) == cert.serial_number
+            and (entry[1] is None or (since is not None and entry[1] <= since))
+        ):
+            return False
     identity = identity_of_certificate(cert)
     # The subject and the note are anyone's text: a line break in either would write a
     # line of its own into the file (another serial, or one the hub cannot read).
@@ -898,7 +911,8 @@ def revoke_certificate(revocation_file: Path, cert_path: Path, *, note: str = ""
         words.append(_one_line(note))
     if data and not data.endswith(b"\n"):
         data += b"\n"
-    line = f"{serial}  # {', '.join(words)}\n".encode()
+    when = "" if since is None else f" {since.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+    line = f"{serial}{when}  # {', '.join(words)}\n".encode()
     # What the file had, byte for byte, under the mode, owner and group the operator gave
     # it (the hub may read it through its group); a new file is 0644, less the umask.
     _write_new_files([(path, data + line, _CERT_MODE)], keep=True)

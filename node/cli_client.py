@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import math
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -36,6 +37,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from certs.pki import rfc3339_time
 from client_sdk import (
     ChaparError,
     Credentials,
@@ -214,8 +216,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--revoked",
         action="append",
         default=[],
-        metavar="SERIAL",
-        help="a certificate serial (hexadecimal) revoked since the bundle was saved (repeatable)",
+        metavar="SERIAL[@TIME]",
+        help="a certificate serial (hexadecimal) revoked since the bundle was saved, for all"
+        " time or from TIME on (RFC 3339 with its offset) (repeatable)",
     )
     _hub_option(verify)
     verify.add_argument("--json", action="store_true", help="print JSON")
@@ -655,7 +658,17 @@ async def _verify(ns: argparse.Namespace) -> int:
     """Offline: reads nothing but the bundle and the root CA, talks to no one."""
     trust = TrustStore.from_pem_files(ns.ca if ns.ca is not None else ns.pki / "ca" / "root.crt")
     tracking = Tracking.from_bundle(ns.bundle.read_bytes())
-    trust.set_revoked(int(serial, 16) for serial in ns.revoked)  # ValueError: BAD_VALUE
+    forever: list[int] = []
+    since: dict[int, dt.datetime] = {}
+    for given in ns.revoked:  # SERIAL or SERIAL@TIME; ValueError: BAD_VALUE
+        serial, at, time = given.partition("@")
+        number, when = int(serial, 16), rfc3339_time(time) if at else None
+        if when is None:
+            forever.append(number)
+        else:
+            since[number] = min(since.get(number, when), when)
+    # A serial given both ways: for all time.
+    trust.set_revoked(forever, {n: t for n, t in since.items() if n not in forever})
     return _verified_or_failed(
         ns, tracking, trust, f"the verification of {ns.bundle} could not be printed", _hubs(ns)
     )

@@ -715,6 +715,9 @@ async def test_a_saved_evidence_bundle_verifies_offline_until_its_signer_is_revo
     assert [r.serial for r in saved.revocations] == [serial]
     kept = await _chapar("verify", retired, "--ca", cluster.pki.root_cert)
     assert kept.returncode == 0, kept.stderr
+    at = f"--revoked={serial}@{since}"  # one given after the bundle was saved, the same way
+    kept = await _chapar("verify", before, "--ca", cluster.pki.root_cert, at)
+    assert kept.returncode == 0, kept.stderr
     for bundle, extra in ((during, []), (before, ["--revoked", serial])):
         refused = await _chapar("verify", bundle, "--ca", cluster.pki.root_cert, *extra)
         assert refused.returncode == 1, refused.stdout

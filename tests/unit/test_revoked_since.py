@@ -204,3 +204,31 @@ async def test_the_hub_publishes_the_times_and_keeps_them_through_a_restart(
         for each in started:
             await each.stop()
         await store.close()
+
+
+def test_chapar_pki_revoke_since_writes_the_time_and_a_later_revocation_without_one_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from certs import cli
+
+    layout = init_pki(tmp_path / "pki", hub="national", agencies=[AGENCY])
+    cert = layout.agency_dir(AGENCY) / "signing.crt"
+    serial = f"{load_certs(cert)[0].serial_number:x}"
+    file = tmp_path / "revoked.txt"
+    revoke = ["pki", "revoke", "--file", str(file), str(cert)]
+    assert cli.main([*revoke, "--since", "2026-03-01T03:30:00+03:30"]) == 0
+    assert "from 2026-03-01T00:00:00Z on" in capsys.readouterr().out
+    assert read_revocation_times(file) == {serial: dt.datetime(2026, 3, 1, tzinfo=dt.UTC)}
+    assert cli.main([*revoke, "--since", "2026-04-01T00:00:00Z"]) == 0  # later: no change
+    assert "was already in" in capsys.readouterr().out
+    assert cli.main([*revoke, "--since", "2026-02-01T00:00:00Z"]) == 0  # earlier: counts
+    assert read_revocation_times(file) == {serial: dt.datetime(2026, 2, 1, tzinfo=dt.UTC)}
+    assert cli.main(revoke) == 0  # stolen after all: for all time
+    assert read_revocation_times(file) == {}
+    assert read_revocations(file) == [serial] * 3
+    assert cli.main(revoke) == 0
+    assert "was already in" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        cli.main([*revoke, "--since", "2026-03-01"])
+    assert refused.value.code == 2
+    assert "not an RFC 3339 time" in capsys.readouterr().err
