@@ -1752,8 +1752,10 @@ class ExchangeClient:
 
     async def revocations(self, *, timeout: float | None = None) -> list[int]:
         """Serials of the certificates the exchange has revoked, as the node last fetched
-        the directory: apply them before verifying offline, or what a revoked key signed
-        verifies (``trust.set_revoked(await client.revocations())``)."""
+        the directory, every one: those revoked from a time on (a key retired) too, without
+        their times, so that applied alone (``trust.set_revoked(await client.revocations())``)
+        they count for all time and what such a key signed before its time fails.
+        ``trust_from_directory`` applies them with their times: use it to verify offline."""
         with _translated(self._certificate):
             response: pb.ListAgenciesResponse = await self._stub.ListAgencies(
                 pb.ListAgenciesRequest(), timeout=self._deadline(timeout)

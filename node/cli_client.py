@@ -588,12 +588,11 @@ async def _track(ns: argparse.Namespace) -> int:
 
 
 async def _track_tree(ns: argparse.Namespace, shams: str, connection: _Connection) -> int:
-    """``track --tree``: the hub's tree, verified with the exchange's revocations too."""
+    """``track --tree``: the hub's tree, verified with the exchange's revocations too (with
+    their times: what a key retired from a time on signed before it verifies)."""
     async with connection.client() as client:
         tree = await client.track_correspondence(shams)
-        revoked = await client.revocations()
-    trust = connection.credentials.trust_store()
-    trust.set_revoked(revoked)
+        trust = await client.trust_from_directory(connection.credentials.trust_store())
     failure: VerificationError | None = None
     try:
         tree.verify(trust, hubs=_hubs(ns))

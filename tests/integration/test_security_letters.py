@@ -710,6 +710,9 @@ async def test_a_saved_evidence_bundle_verifies_offline_until_its_signer_is_revo
     async with _revoked(cluster, signing, since=since):
         tracked = await _chapar("track", *node, receipt.shams, "--save", retired)
         assert tracked.returncode == 0, tracked.stderr
+        # The correspondence tree applies the times too (it held the key revoked for all time).
+        tree = await _chapar("track", *node, receipt.shams, "--tree")
+        assert tree.returncode == 0, tree.stderr
     saved = pb.EvidenceBundle.FromString(retired.read_bytes())
     assert saved.revoked_serials == [serial]  # an older verifier: revoked for all time
     assert [r.serial for r in saved.revocations] == [serial]
