@@ -357,8 +357,10 @@ class Agency(pb.NodeServiceServicer):
         self.closing = asyncio.Event()
         # The back-ends' open streams (inbox, submission, acknowledgement), each with the
         # TLS certificate it was admitted with, checked again whenever the directory brings
-        # revocations: a stream whose certificate (or a CA above it) is revoked ends.
+        # revocations or one comes due: a stream whose certificate (or a CA above it) is
+        # revoked ends (end_revoked).
         self._streams: dict[_OpenStream, x509.Certificate] = {}
+        trust.revocation_listeners.append(self.end_revoked)
         self.full_recipients: frozenset[str] = frozenset()
         self.quota_retry_after_s = 30.0
         self._tasks: list[asyncio.Task[None]] = []
@@ -375,6 +377,21 @@ class Agency(pb.NodeServiceServicer):
                 (lambda: self.config.reload_interval_s, self.reload_if_changed, "reload"),
             )
         ]
+
+    def end_revoked(self) -> None:
+        """Ends the back-end streams and transfers whose certificate (or a CA above it) the
+        trust store refuses now: called whenever its revocations change (a directory) and
+        when a revocation scheduled for a time comes due (node.server)."""
+        for stream, certificate in self._streams.items():
+            try:
+                self.trust.verify_certificate(certificate, "tls")
+            except VerificationError as exc:
+                log.warning("ending a stream of %s: %s", stream.identity.uri, exc.reason)
+                stream.refused = ChaparError(
+                    Code.UNAUTHENTICATED, exc.reason, f"client certificate refused: {exc}"
+                )
+                stream.ended.set()
+                stream.revoked.set()
 
     def end_streams(self) -> None:
         """The node is stopping: every back-end stream ends once what it read is answered."""
@@ -493,17 +510,8 @@ class Agency(pb.NodeServiceServicer):
             known.append((key_id(x509.load_der_x509_certificate(der)), der))
         known.append((self.signer.key_id, self.signer.certificate.public_bytes(Encoding.DER)))
         self.trust.add_certificates([self.signer.certificate])
+        # Its listeners, end_revoked among them, check the open streams again.
         self.trust.set_revoked(*revocations_of(directory.revoked_serials, directory.revocations))
-        for stream, certificate in self._streams.items():
-            try:
-                self.trust.verify_certificate(certificate, "tls")
-            except VerificationError as exc:
-                log.warning("ending a stream of %s: %s", stream.identity.uri, exc.reason)
-                stream.refused = ChaparError(
-                    Code.UNAUTHENTICATED, exc.reason, f"client certificate refused: {exc}"
-                )
-                stream.ended.set()
-                stream.revoked.set()
         await self.store.remember_certificates(known)
         was = self.own_state()
         self.directory = DirectoryView(directory)

@@ -271,11 +271,13 @@ class Hub(pb.HubServiceServicer):
         self._status_version = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.documents = DocumentRelay(self)
+        trust.revocation_listeners.append(self.end_refused)
 
     def _take_directory(self, directory: pb.Directory) -> None:
-        """Puts ``directory`` in force, its certificates and revoked serials trusted."""
-        self._trust_directory(directory)
+        """Puts ``directory`` in force, its certificates and revoked serials trusted: in
+        that order, so that the trust store's listeners (end_refused) see it in force."""
         self.directory = DirectoryView(directory)
+        self._trust_directory(directory)
 
     def _trust_directory(self, directory: pb.Directory) -> None:
         self.trust.add_certificates(directory.intermediate_certificates)
@@ -431,17 +433,27 @@ class Hub(pb.HubServiceServicer):
             len(directory.agencies),
             len(directory.revoked_serials),
         )
+        # Taking it ended the sessions and transfers no longer admitted (end_refused).
         for session in list(self._sessions.values()):
-            if self.refusal(session.agency, session.certificate) is None:
+            if not session.closed.is_set():
                 self._push_unanswered_again(session)
                 session.wake.set()
-            else:
+        return 1
+
+    def end_refused(self) -> None:
+        """Closes the streams of nodes the directory in force or the trust store's
+        revocations no longer admit (revoked, suspended, retired), and ends their document
+        transfers: a fetch or push under way would otherwise run to its end (a 1 GiB
+        attachment). Called whenever the trust store's revocations are set (every
+        directory taken) and when a revocation scheduled for a time comes due
+        (node.server)."""
+        for session in list(self._sessions.values()):
+            if session.closed.is_set():
+                continue
+            if self.refusal(session.agency, session.certificate) is not None:
                 log.warning("closing the stream of %s: no longer admitted", session.agency)
                 session.closed.set()
-        # Document transfers too: a fetch or push under way would otherwise run to its end
-        # (a 1 GiB attachment) for a certificate no longer admitted.
         self.documents.end_refused()
-        return 1
 
     def refusal(self, agency: str, certificate: x509.Certificate) -> ChaparError | None:
         """Why a call of ``agency``'s node with ``certificate``, admitted before the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -436,6 +437,47 @@ def _metrics_refusal(trust: TrustStore) -> Callable[[bytes], str]:
     return refusal
 
 
+def revocations_coming_due(trust: TrustStore) -> Callable[[], None]:
+    """Runs the trust store's revocation listeners again when the earliest revocation
+    scheduled for a time still ahead (``revoked_since``) comes due, so that what each holds
+    open for a certificate retired from that time (a back-end's stream, a node's session,
+    a document transfer, a health Watch) ends then, as at a revocation published without
+    a time, not at the next directory change. One timer on the running loop, armed again
+    whenever the revocations change (it is one of the listeners) and at each time come due
+    (a timer that fires early, by the wall clock, arms again for the same time). Returns
+    what cancels it, for the server's close."""
+    loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle | None = None
+
+    def arm() -> None:
+        nonlocal timer
+        if timer is not None:
+            timer.cancel()
+            timer = None
+        now = dt.datetime.now(dt.UTC)
+        due = min((t for t in trust.revoked_since.values() if t > now), default=None)
+        if due is not None:
+            timer = loop.call_later((due - now).total_seconds(), came_due)
+
+    def came_due() -> None:
+        try:
+            for listener in list(trust.revocation_listeners):
+                if listener is not arm:
+                    listener()
+        finally:
+            arm()  # the next time ahead, if any
+
+    def cancel() -> None:
+        with contextlib.suppress(ValueError):
+            trust.revocation_listeners.remove(arm)
+        if timer is not None:
+            timer.cancel()
+
+    trust.revocation_listeners.append(arm)
+    arm()
+    return cancel
+
+
 async def _start(
     server: grpc.aio.Server,
     listen: str,
@@ -480,6 +522,7 @@ async def serve_hub(config: HubConfig, config_path: Path | None = None) -> None:
     directory = build_directory(config, signer, trust.intermediates)
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.callback(_remove_own_ready, config.ready_file)  # last, once all is closed
+        cleanup.callback(revocations_coming_due(trust))
         # From here on whatever was opened is closed again, however start-up or serving
         # ends: left open, the store's writer (not a daemon thread) keeps the process alive.
         store = await HubStore.open(config.database, config.durability)
@@ -552,6 +595,7 @@ async def serve_node(config: NodeConfig, config_path: Path | None = None) -> Non
     link_creds = channel_credentials(tls)
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.callback(_remove_own_ready, config.ready_file)  # last, once all is closed
+        cleanup.callback(revocations_coming_due(trust))
         # From here on whatever was opened is closed again, however start-up or serving
         # ends: left open, the store's writer (not a daemon thread) keeps the process alive.
         # Stopped in the reverse order: monitor, agency, hub link, store.

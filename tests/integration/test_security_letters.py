@@ -33,6 +33,7 @@ from client_sdk import (
     Draft,
     ExchangeClient,
     FailedPrecondition,
+    Letter,
     NotFound,
     PermissionDenied,
     Tracking,
@@ -804,6 +805,41 @@ async def test_a_revoked_client_loses_the_streams_it_had_open(
             with pytest.raises(Unauthenticated) as refused:
                 await shared.send(Draft(to=[B], subject="after the revocation", body="y"))
             assert refused.value.reason == "CERTIFICATE_REVOKED"
+
+
+async def test_a_clients_streams_end_when_its_scheduled_revocation_comes_due(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # A retirement scheduled (a revocation from a time still ahead) refuses new calls from
+    # its time on; a stream admitted before must end at that time too, as at a revocation
+    # without one, not run on until the next directory change.
+    retiring = client_credentials(cluster, B, "retiring")
+    chain = tmp_path / "retiring.crt"
+    chain.write_bytes(retiring.certificate_chain)
+
+    async def read_until_refused(inbox: AsyncIterator[Letter]) -> tuple[float, Unauthenticated]:
+        try:
+            async for letter in inbox:
+                await letter.ack()  # earlier tests' letters
+        except Unauthenticated as exc:
+            return time.time(), exc
+        raise AssertionError("the inbox stream ended without a refusal")
+
+    async with (
+        ExchangeClient(cluster.nodes[B].address, retiring) as b,
+        contextlib.aclosing(b.inbox()) as inbox,
+    ):
+        await b.agencies()  # admitted
+        reading = asyncio.create_task(read_until_refused(inbox))
+        since = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)
+        async with _revoked(cluster, chain, since=since.isoformat()):
+            assert dt.datetime.now(dt.UTC) < since, "the directory came after the time"
+            assert not reading.done()
+            ended_at, refused = await asyncio.wait_for(reading, 20)
+            assert refused.reason == "CERTIFICATE_REVOKED"
+            assert ended_at >= since.timestamp() - 0.5  # at its time, not at the directory's
+            with pytest.raises(Unauthenticated):
+                await b.agencies()
 
 
 async def test_a_revocation_file_that_vanishes_keeps_its_revocations(cluster: Cluster) -> None:

@@ -9,6 +9,7 @@ time is for all time, as before.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from client_sdk import pb
 from client_sdk.signing import Signer
 from client_sdk.trust import TrustStore, VerificationError, set_timestamp
 from node.config import ConfigError, read_revocation_times, read_revocations
+from node.rpc.side import SideServiceAdmission
+from node.server import revocations_coming_due
 
 AGENCY = "000.00.00.G22"
 NOW = dt.datetime.now(dt.UTC)
@@ -232,3 +235,43 @@ def test_chapar_pki_revoke_since_writes_the_time_and_a_later_revocation_without_
         cli.main([*revoke, "--since", "2026-03-01"])
     assert refused.value.code == 2
     assert "not an RFC 3339 time" in capsys.readouterr().err
+
+
+async def test_streams_end_when_each_scheduled_revocation_comes_due_until_cancelled(
+    tmp_path: Path,
+) -> None:
+    """A server runs the trust store's listeners again when a revocation scheduled for a
+    time ahead comes due (node.server.revocations_coming_due), so that a stream admitted
+    before it ends then, not at the next directory change: here the side services'
+    (health Watch, reflection), whose listener ends the streams of a revoked chain. One
+    timer, armed again for the next time; none once cancelled."""
+    trust, signer, intermediate, _ = _setup(tmp_path)
+    side = SideServiceAdmission(trust)
+    first, second, after = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    side._streams[first] = signer.certificate
+    side._streams[second] = intermediate
+    cancel = revocations_coming_due(trust)
+    try:
+        now = dt.datetime.now(dt.UTC)
+        trust.set_revoked(
+            [],
+            since={
+                signer.certificate.serial_number: now + dt.timedelta(seconds=0.3),
+                intermediate.serial_number: now + dt.timedelta(seconds=0.6),
+            },
+        )
+        assert not first.is_set()
+        await asyncio.wait_for(first.wait(), 2)
+        assert dt.datetime.now(dt.UTC) >= now + dt.timedelta(seconds=0.3)
+        assert not second.is_set()
+        await asyncio.wait_for(second.wait(), 2)
+        assert dt.datetime.now(dt.UTC) >= now + dt.timedelta(seconds=0.6)
+    finally:
+        cancel()
+    del side._streams[first], side._streams[second]
+    side._streams[after] = signer.certificate
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=0.2)
+    trust.set_revoked([], since={signer.certificate.serial_number: soon})
+    await asyncio.sleep(0.5)
+    assert not after.is_set()  # cancelled: nothing runs the listeners at its time
+    assert trust.chain_revoked(signer.certificate)
