@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography import x509
+from prometheus_client import Histogram
 
 from client_sdk import pb
 from client_sdk.trust import seconds_of
@@ -169,29 +170,45 @@ class NodeMonitor(_Common):
 
     def evidence_stored(self, items: Sequence[tuple[str, pb.EvidenceContent]]) -> None:
         """Observes each stage whose earlier event is in memory; the others wait for the
-        next refresh. Called by the store with the evidence one write stored, in order."""
-        wanted: list[tuple[str, pb.EvidenceContent]] = []
+        next refresh. Called by the store with the evidence one write stored, in order.
+
+        A few evidence a letter, flat out thousands a second: each field is read once
+        (each read of a protobuf field is a call), and the stages are observed after the
+        whole write's earlier events are remembered (a frame may hold both)."""
+        issuer, prefix, times = self._issuer, self._prefix, self._times
+        stages: list[tuple[str, pb.EvidenceContent, tuple[str, int, str], float, Histogram]] = []
         counts: dict[pb.EvidenceEvent.ValueType, int] = {}
-        for _, content in items:
-            if content.event in _COUNTED and content.issuer == self._issuer:
-                counts[content.event] = counts.get(content.event, 0) + 1
-        for event, n in counts.items():
-            _COUNTED[event].inc(n)
         for shams, content in items:
+            event = content.event
+            if event in _COUNTED and content.issuer == issuer:
+                counts[event] = counts.get(event, 0) + 1
             # Only our own letters (numbered by this agency): each letter is observed at
             # exactly one node, the sender's, which stores all four kinds of evidence.
-            if not shams.startswith(self._prefix):
+            if not shams.startswith(prefix):
                 continue
-            if content.event in _ANCHORS:
-                self._remember(shams, content)
-            if content.event in _STAGES:
-                wanted.append((shams, content))
-        for shams, content in wanted:
-            before = self._anchor(shams, content)
-            if before is None:
+            stage = _STAGES.get(event)
+            if stage is None and event not in _ANCHORS:
+                continue
+            recipient = content.recipient
+            at = seconds_of(content.event_time)
+            if event in _ANCHORS:  # as _remember does
+                times[(shams, event, recipient)] = at
+                while len(times) > _MAX_REMEMBERED:  # bounded: the oldest go first
+                    times.popitem(last=False)
+            if stage is not None:
+                # Submission acceptance is about the whole letter; the others per
+                # recipient (as _anchor reads it).
+                before, label = stage
+                earlier = (shams, before, "" if before == _SUBMISSION else recipient)
+                stages.append((shams, content, earlier, at, _STAGE_CHILDREN[label]))
+        for event, n in counts.items():
+            _COUNTED[event].inc(n)
+        for shams, content, anchor, at, histogram in stages:
+            start = times.get(anchor)
+            if start is None:
                 self._waiting.append((shams, content))
-            else:
-                _observe(content, before)
+            else:  # as _observe does
+                histogram.observe(max(0.0, at - start))
 
     async def _observe_waiting(self) -> None:
         """Observes the waiting stages whose earlier event the store holds: one query per
