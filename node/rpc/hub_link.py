@@ -719,13 +719,14 @@ class _Session:
                 i in self.unmended or len(self.unmended) < _UNMENDED_HELD
             ):
                 self.unmended[i] = (item, version)
-        stored = {id(e) for e, _, _ in verified}
         ids = [c.evidence_id for _, c, _ in verified]
-        ids += [
-            i
-            for e in evidence
-            if id(e) not in stored and id(e) not in held and (i := _quoted_evidence_id(e))
-        ]
+        if len(verified) < len(evidence):  # the rest: all of it verifies, flat out
+            stored = {id(e) for e, _, _ in verified}
+            ids += [
+                i
+                for e in evidence
+                if id(e) not in stored and id(e) not in held and (i := _quoted_evidence_id(e))
+            ]
         if ids:
             self.write(pb.ConnectRequest(evidence_acks=pb.EvidenceAckBatch(evidence_ids=ids)))
 
