@@ -964,7 +964,10 @@ class Agency(pb.NodeServiceServicer):
         header = build_header(
             draft, sender=self.config.agency, shams=shams, now=now, thread_root=root
         )
-        envelope = pb.Envelope(header=header, body=draft.body)  # signed with the batch: seal
+        # Messages set field by field, as build_header's (half the cost of keywords).
+        envelope = pb.Envelope()  # signed with the batch: seal
+        envelope.header = header
+        envelope.body = draft.body
         digest = sha256(header)
         content = evidence_message(
             pb.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
@@ -974,12 +977,13 @@ class Agency(pb.NodeServiceServicer):
             recipient="",
             now=now,
         )
-        # Signed with the batch: seal.
-        evidence = pb.Evidence(content=content.SerializeToString(deterministic=True))
         text = format_shams(shams)
-        receipt = pb.Receipt(
-            shams=shams, shams_text=text, envelope_sha256=digest, evidence=evidence
-        )
+        receipt = pb.Receipt()
+        receipt.shams.CopyFrom(shams)
+        receipt.shams_text = text
+        receipt.envelope_sha256 = digest
+        # Signed with the batch: seal.
+        receipt.evidence.content = content.SerializeToString(deterministic=True)
         return NewLetter(
             text,
             envelope,

@@ -272,20 +272,25 @@ def build_header(
     now: dt.datetime,
     thread_root: pb.Shams | None = None,
 ) -> bytes:
-    """The header bytes to sign for a validated draft (deterministic serialisation)."""
-    header = pb.EnvelopeHeader(
-        shams=shams,
-        sender=pb.Address(agency=sender, mailbox=draft.sender_mailbox),
-        recipients=draft.recipients,
-        subject=draft.subject,
-        kind=draft.kind,
-        priority=draft.priority,
-        content_type=draft.content_type,
-        body_sha256=sha256(draft.body),
-        body_size=len(draft.body),
-        attachments=draft.attachments,
-        status=draft.status,  # unspecified (not serialised) but on a status update
-    )
+    """The header bytes to sign for a validated draft (deterministic serialisation).
+
+    Set field by field: a protobuf message made with keyword arguments takes about twice
+    as long (each argument goes through a generic path), once a letter at the sender."""
+    header = pb.EnvelopeHeader()
+    header.shams.CopyFrom(shams)
+    header.sender.agency = sender
+    header.sender.mailbox = draft.sender_mailbox
+    header.recipients.MergeFrom(draft.recipients)
+    header.subject = draft.subject
+    header.kind = draft.kind
+    header.priority = draft.priority
+    header.content_type = draft.content_type
+    body = draft.body
+    header.body_sha256 = sha256(body)
+    header.body_size = len(body)
+    if draft.attachments:
+        header.attachments.MergeFrom(draft.attachments)
+    header.status = draft.status  # unspecified (not serialised) but on a status update
     set_timestamp(header.create_time, now)
     if draft.HasField("expire_time"):
         header.expire_time.CopyFrom(draft.expire_time)
