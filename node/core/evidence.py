@@ -32,15 +32,17 @@ def evidence_message(
 ) -> pb.EvidenceContent:
     """An EvidenceContent with a fresh id unless given (``evidence_content`` gives its
     bytes, serialised deterministically, ready to sign)."""
-    content = pb.EvidenceContent(
-        evidence_id=evidence_id or uuid7(),
-        event=event,
-        issuer=issuer,
-        envelope_sha256=envelope_sha256,
-        recipient=recipient,
-        reason=reason,
-        detail=detail,
-    )
+    # Set field by field: protobuf's keyword arguments cost about twice as much.
+    content = pb.EvidenceContent()
+    content.evidence_id = evidence_id or uuid7()
+    content.event = event
+    content.issuer = issuer
+    content.envelope_sha256 = envelope_sha256
+    content.recipient = recipient
+    if reason:
+        content.reason = reason
+    if detail:
+        content.detail = detail
     if shams is not None:
         content.shams.CopyFrom(shams)
     set_timestamp(content.event_time, now)
