@@ -35,6 +35,7 @@ stays the only key: stores, the wire and the logs never carry the check characte
 
 from __future__ import annotations
 
+import functools
 import re
 
 from stdnum.iso7064 import mod_37_36
@@ -59,20 +60,25 @@ _MAX_SEQUENCE = 2**63 - 1  # int64 in the proto
 _CHECK_SEPARATOR = ":"
 # MOD 37,36's alphabet: what the check covers, and what a check character is.
 _ALPHANUMERIC = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# The agency codes seen as origins are few: each checked once (a bounded memo).
+_is_origin = functools.lru_cache(maxsize=1024)(is_agency_code)
 
 
 def format_shams(shams: pb.Shams) -> str:
     """The canonical text of ``shams``; raises ValueError when it is not a valid number."""
-    letter = _LETTER_OF_DOMAIN.get(shams.domain)
+    # Each field read once, the origin's check remembered and %-formatting (a letter's
+    # number is formatted a few times at each server it passes: a third of the cost).
+    origin, domain, year, sequence = shams.origin, shams.domain, shams.year, shams.sequence
+    letter = _LETTER_OF_DOMAIN.get(domain)
     if letter is None:
-        raise ValueError(f"SHAMS number without a valid domain: {shams.domain}")
-    if not is_agency_code(shams.origin):
-        raise ValueError(f"SHAMS number with an invalid origin {shams.origin!r}")
-    if not 1 <= shams.year <= 9999:
-        raise ValueError(f"SHAMS number with an invalid year {shams.year}")
-    if not 1 <= shams.sequence <= _MAX_SEQUENCE:
-        raise ValueError(f"SHAMS number with an invalid sequence {shams.sequence}")
-    return f"{shams.origin}/{letter}/{shams.year:04d}/{shams.sequence:07d}"
+        raise ValueError(f"SHAMS number without a valid domain: {domain}")
+    if not _is_origin(origin):
+        raise ValueError(f"SHAMS number with an invalid origin {origin!r}")
+    if not 1 <= year <= 9999:
+        raise ValueError(f"SHAMS number with an invalid year {year}")
+    if not 1 <= sequence <= _MAX_SEQUENCE:
+        raise ValueError(f"SHAMS number with an invalid sequence {sequence}")
+    return "%s/%s/%04d/%07d" % (origin, letter, year, sequence)  # noqa: UP031 (the fastest)
 
 
 def format_shams_checked(shams: pb.Shams | str) -> str:
