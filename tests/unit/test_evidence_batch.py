@@ -163,6 +163,26 @@ def test_one_evidence_alone_is_signed_as_before(pki: PkiLayout) -> None:
     assert _trust(pki, signer).verify_evidence(single).evidence_id == "id-0"
 
 
+def test_evidence_sealed_again_holds_only_its_new_proof(pki: PkiLayout) -> None:
+    # Signatures and proofs are set field by field in place: sealing evidence again (in
+    # another batch, or alone) must replace the old proof's path, not add to it.
+    signer = _signer(pki)
+    contents = [_content(i) for i in range(7)]
+    items = [pb.Evidence(content=c) for c in contents]
+    signer.seal_evidence(items)
+    signer.seal_evidence(items[:3])
+    signer.seal_evidence(items[3:4])
+    fresh = [pb.Evidence(content=c) for c in contents[:4]]
+    signer.seal_evidence(fresh[:3])
+    signer.seal_evidence(fresh[3:])
+    # (ECDSA signatures differ from one signing to the next: the proofs are compared.)
+    assert [e.batch_proof for e in items[:4]] == [e.batch_proof for e in fresh]
+    assert not items[3].HasField("batch_proof")
+    trust = _trust(pki, signer)
+    ids = [trust.verify_evidence(e).evidence_id for e in items[:4]]
+    assert ids == [f"id-{i}" for i in range(4)]
+
+
 def test_big_batches_are_split_into_trees_of_bounded_size(pki: PkiLayout) -> None:
     signer = _signer(pki)
     batch = signer.sign_evidence([_content(i) for i in range(MAX_EVIDENCE_BATCH + 3)])
