@@ -1346,8 +1346,15 @@ class ExchangeClient:
             self, batch_size=batch_size, max_in_flight=max_in_flight, linger_s=linger_s
         )
 
-    async def inbox(self, mailbox: str | None = None) -> AsyncGenerator[Letter, None]:
+    async def inbox(
+        self, mailbox: str | None = None, *, on_open: Callable[[], object] | None = None
+    ) -> AsyncGenerator[Letter, None]:
         """Streams letters not yet acknowledged, then new ones as they arrive (endless).
+
+        ``on_open``, if given, is called once the node has admitted the stream (its
+        headers came), before the first letter and whether or not any letter waits: from
+        then on a letter stored is streamed (a test or a script can wait for it before
+        sending). A stream refused is not open: the error is raised, ``on_open`` not called.
 
         A letter comes again on a new stream until it is acknowledged with ``ack``. A node
         that stops ends the stream (as does one whose reloaded configuration changed this
@@ -1361,6 +1368,10 @@ class ExchangeClient:
             call = self._stub.StreamInbox(pb.StreamInboxRequest(mailbox=mailbox or ""))
         try:
             with _translated(self._certificate):
+                if on_open is not None:
+                    await call.initial_metadata()
+                    if not call.done():  # headers, not a refusal's trailers alone
+                        on_open()
                 async for response in call:
                     for item in response.letters:
                         yield Letter(**Letter._parse(item), _client=self)

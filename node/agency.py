@@ -1221,6 +1221,9 @@ class Agency(pb.NodeServiceServicer):
         except ChaparError as exc:
             await abort(context, exc)
             return
+        # The stream's headers go now, not with its first letter: a client learns that its
+        # stream is admitted and open (``inbox(on_open=...)``), even on an empty inbox.
+        await context.send_initial_metadata(())
         with self._registered(stream):
             await self._send_inbox(mailbox, context, stream)
         if stream.refused is not None:

@@ -28,8 +28,10 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import math
+import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +176,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="print one JSON object per letter (with --ack, each followed by one"
         ' {"shams", "handover"} object)',
+    )
+    inbox.add_argument(
+        "--listening-line",
+        action="store_true",
+        help="print one line on stderr, 'listening: ...', once the node has opened the inbox"
+        " stream (from then on a letter that arrives is printed), for a script that waits"
+        " for it",
     )
     inbox.set_defaults(func=_handler(_inbox))
 
@@ -509,7 +518,8 @@ async def _inbox(ns: argparse.Namespace) -> int:
                     reason="NODE_NOT_ANSWERING",
                 ) from None
         deadline = None if ns.timeout is None else asyncio.get_running_loop().time() + ns.timeout
-        async with contextlib.aclosing(client.inbox(ns.mailbox)) as letters:
+        opened = functools.partial(_listening, ns.mailbox) if ns.listening_line else None
+        async with contextlib.aclosing(client.inbox(ns.mailbox, on_open=opened)) as letters:
             while True:
                 # The timeout ends the wait for the next letter only. Cutting an
                 # acknowledgement under way would leave a letter the node may have handed
@@ -543,6 +553,14 @@ async def _inbox(ns: argparse.Namespace) -> int:
                 if ns.limit is not None and count >= ns.limit:
                     break
     return 0
+
+
+def _listening(mailbox: str | None) -> None:
+    """``inbox --listening-line``'s line: the node has opened the stream. Only a hint, on
+    stderr: a stderr that cannot take it does not stop the command."""
+    of = f"mailbox {mailbox!r}" if mailbox else "all the mailboxes this client may read"
+    with contextlib.suppress(OSError, UnicodeEncodeError):
+        print(f"listening: the inbox stream of {of} is open", file=sys.stderr, flush=True)
 
 
 async def _acknowledged(letter: Letter, within: float) -> pb.Evidence:

@@ -608,6 +608,35 @@ def test_inbox_ack_hands_over_no_letter_it_could_not_print(
     assert second in error, err
 
 
+def test_inbox_listening_line_comes_once_the_stream_is_open(cluster: Cluster) -> None:
+    """``inbox --listening-line`` says on stderr when the node has opened the stream, empty
+    inbox or not: the node sent the stream's headers only with its first letter, so a
+    script (or a test) had no sign that the command listened, but waiting for it to go
+    quiet. Standard output stays the letters' alone."""
+    mailbox = f"cli-listen-{uuid.uuid4().hex[:8]}"
+    done = _run(
+        "inbox", "--pki", str(cluster.pki.root), "--agency", AGENCY_B,
+        "--node", cluster.nodes[AGENCY_B].address, "--mailbox", mailbox,
+        "--timeout", "3", "--listening-line",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert done.stderr == f"listening: the inbox stream of mailbox {mailbox!r} is open\n"
+
+
+def test_inbox_listening_line_never_comes_for_a_stream_refused(cluster: Cluster) -> None:
+    """A stream the node refuses (a mailbox too long) was never open: one error line, no
+    ``listening:`` before it."""
+    done = _run(
+        "inbox", "--pki", str(cluster.pki.root), "--agency", AGENCY_B,
+        "--node", cluster.nodes[AGENCY_B].address, "--mailbox", "m" * 200,
+        "--timeout", "10", "--listening-line",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    (error,) = done.stderr.splitlines()
+    assert error.startswith("error: INVALID_ARGUMENT TEXT_TOO_LONG: "), error
+
+
 # -- a timeout that comes while an acknowledgement is in flight -------------------------------
 
 
@@ -623,8 +652,6 @@ class _HeldRelay:
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._open = threading.Event()
         self._open.set()
-        self.connected = threading.Event()
-        self.last_sent = time.monotonic()  # when the client last sent bytes towards the node
         self._sockets: list[socket.socket] = [self._listener]
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -636,7 +663,6 @@ class _HeldRelay:
                 return
             node = socket.create_connection(self._target)
             self._sockets += [client, node]
-            self.connected.set()
             threading.Thread(target=self._pipe, args=(client, node, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(node, client, False), daemon=True).start()
 
@@ -647,7 +673,6 @@ class _HeldRelay:
             except OSError:
                 data = b""
             if held:
-                self.last_sent = time.monotonic()
                 self._open.wait()
             try:
                 if not data:
@@ -656,15 +681,6 @@ class _HeldRelay:
                 dst.sendall(data)
             except OSError:
                 return
-
-    def wait_idle(self, quiet: float, within: float) -> None:
-        """Until the client has been connected and silent for ``quiet`` seconds (its inbox
-        stream open and waiting)."""
-        assert self.connected.wait(within), "the command never connected"
-        deadline = time.monotonic() + within
-        while time.monotonic() - self.last_sent < quiet:
-            assert time.monotonic() < deadline, "the command never went quiet"
-            time.sleep(0.05)
 
     def hold(self) -> None:
         self._open.clear()
@@ -682,8 +698,10 @@ class _HeldRelay:
 def _inbox_ack_through(
     cluster: Cluster, relay: _HeldRelay, mailbox: str, timeout: float, release_after: float | None
 ) -> tuple[str, str, str, int]:
-    """``chapar inbox --ack --timeout`` through ``relay``: once the command listens, the
-    relay holds what it sends and a letter is sent to ``mailbox``; its acknowledgement is
+    """``chapar inbox --ack --timeout`` through ``relay``: once the command listens (its
+    ``--listening-line``: the node opened its stream; a wait for the client to go quiet
+    instead held a command on a loaded machine in its TLS handshake), the relay holds what
+    it sends and a letter is sent to ``mailbox``; its acknowledgement is
     held past the timeout, and let through ``release_after`` seconds after the timeout
     (None: never, until the command ends), within the ``timeout`` the acknowledgement
     itself has from when it went. Returns the letter's number, the command's
@@ -692,16 +710,20 @@ def _inbox_ack_through(
         [
             *CHAPAR, "inbox", "--pki", str(cluster.pki.root), "--agency", AGENCY_B,
             "--node", relay.address, "--mailbox", mailbox,
-            "--ack", "--timeout", str(timeout),
+            "--ack", "--timeout", str(timeout), "--listening-line",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
     try:
-        relay.wait_idle(quiet=1.0, within=30)
-        listening_since = time.monotonic() - 1.0
+        assert proc.stderr is not None
+        listening = proc.stderr.readline()
+        assert listening.startswith("listening: "), (listening, proc.communicate(timeout=60))
+        listening_since = time.monotonic()
         relay.hold()
+        if release_after is not None:  # the letter comes late enough to release its ack
+            time.sleep(release_after + 0.6)
         shams = asyncio.run(_send_to_box(cluster, mailbox, "Acknowledged late"))
         assert proc.stdout is not None
         line = proc.stdout.readline()  # the letter, printed; its acknowledgement held

@@ -207,7 +207,9 @@ class NodeServiceServicer:
         acknowledged by mailbox: one such client's acknowledgement takes it out of the
         streams of its own mailboxes only, and the streams reading another of its mailboxes
         (that mailbox's, or the whole agency's) still send it until that one is acknowledged
-        too, by its limited client or by a client not limited.
+        too, by its limited client or by a client not limited. The node sends the stream's
+        headers (initial metadata, empty) as soon as it admits the stream, not with its first
+        letter: from then on the client knows the stream is open, empty inbox or not.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

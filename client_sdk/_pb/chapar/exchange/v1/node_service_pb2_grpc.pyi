@@ -104,7 +104,9 @@ class NodeServiceStub:
     acknowledged by mailbox: one such client's acknowledgement takes it out of the
     streams of its own mailboxes only, and the streams reading another of its mailboxes
     (that mailbox's, or the whole agency's) still send it until that one is acknowledged
-    too, by its limited client or by a client not limited.
+    too, by its limited client or by a client not limited. The node sends the stream's
+    headers (initial metadata, empty) as soon as it admits the stream, not with its first
+    letter: from then on the client knows the stream is open, empty inbox or not.
     """
     AckEnvelope: _grpc.UnaryUnaryMultiCallable[_node_service_pb2.AckEnvelopeRequest, _node_service_pb2.AckEnvelopeResponse]
     """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
@@ -230,7 +232,9 @@ class NodeServiceAsyncStub(NodeServiceStub):
     acknowledged by mailbox: one such client's acknowledgement takes it out of the
     streams of its own mailboxes only, and the streams reading another of its mailboxes
     (that mailbox's, or the whole agency's) still send it until that one is acknowledged
-    too, by its limited client or by a client not limited.
+    too, by its limited client or by a client not limited. The node sends the stream's
+    headers (initial metadata, empty) as soon as it admits the stream, not with its first
+    letter: from then on the client knows the stream is open, empty inbox or not.
     """
     AckEnvelope: _aio.UnaryUnaryMultiCallable[_node_service_pb2.AckEnvelopeRequest, _node_service_pb2.AckEnvelopeResponse]  # type: ignore[assignment]
     """Acknowledges a letter: the node issues HANDOVER evidence. Acknowledging twice returns
@@ -377,7 +381,9 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         acknowledged by mailbox: one such client's acknowledgement takes it out of the
         streams of its own mailboxes only, and the streams reading another of its mailboxes
         (that mailbox's, or the whole agency's) still send it until that one is acknowledged
-        too, by its limited client or by a client not limited.
+        too, by its limited client or by a client not limited. The node sends the stream's
+        headers (initial metadata, empty) as soon as it admits the stream, not with its first
+        letter: from then on the client knows the stream is open, empty inbox or not.
         """
 
     @_abc_1.abstractmethod
