@@ -26,7 +26,10 @@ from node.server import revocations_coming_due
 
 AGENCY = "000.00.00.G22"
 NOW = dt.datetime.now(dt.UTC)
-SIGNED_AT = NOW - dt.timedelta(minutes=2)  # inside the test PKI's validity (5 minutes back)
+# Inside the test PKI's validity (from 5 minutes before it is made): taken from the
+# certificate, not from NOW, which is read when the module is collected, minutes before
+# a test of a whole suite makes its PKI (the evidence was then signed before its key).
+SIGNED_AFTER_ISSUE = dt.timedelta(minutes=3)
 
 
 def _setup(tmp_path: Path) -> tuple[TrustStore, Signer, x509.Certificate, pb.Evidence]:
@@ -41,9 +44,13 @@ def _setup(tmp_path: Path) -> tuple[TrustStore, Signer, x509.Certificate, pb.Evi
         event=pb.EVIDENCE_EVENT_SUBMISSION_ACCEPTANCE,
         issuer=f"urn:chapar:agency:{AGENCY}",
     )
-    set_timestamp(content.event_time, SIGNED_AT)
+    set_timestamp(content.event_time, _signed_at(signer))
     [evidence] = signer.sign_evidence([content.SerializeToString()])
     return trust, signer, intermediate, evidence
+
+
+def _signed_at(signer: Signer) -> dt.datetime:
+    return signer.certificate.not_valid_before_utc + SIGNED_AFTER_ISSUE
 
 
 def _reason(call: object) -> str:
@@ -60,12 +67,13 @@ def test_evidence_signed_before_the_revocations_time_verifies_after_it_not_befor
 ) -> None:
     trust, signer, intermediate, evidence = _setup(tmp_path)
     serial = (signer.certificate if whose == "signer" else intermediate).serial_number
+    signed_at = _signed_at(signer)
     assert _reason(lambda: trust.verify_evidence(evidence)) == "OK"  # and its chain cached
-    trust.set_revoked([serial], since={serial: SIGNED_AT + dt.timedelta(minutes=1)})
+    trust.set_revoked([serial], since={serial: signed_at + dt.timedelta(minutes=1)})
     assert _reason(lambda: trust.verify_evidence(evidence)) == "OK"
-    trust.set_revoked([serial], since={serial: SIGNED_AT})  # at its very time: revoked
+    trust.set_revoked([serial], since={serial: signed_at})  # at its very time: revoked
     assert _reason(lambda: trust.verify_evidence(evidence)) == "CERTIFICATE_REVOKED"
-    trust.set_revoked([serial], since={serial: SIGNED_AT - dt.timedelta(minutes=1)})
+    trust.set_revoked([serial], since={serial: signed_at - dt.timedelta(minutes=1)})
     assert _reason(lambda: trust.verify_evidence(evidence)) == "CERTIFICATE_REVOKED"
     trust.set_revoked([serial])  # no time: for all time, as before
     assert _reason(lambda: trust.verify_evidence(evidence)) == "CERTIFICATE_REVOKED"
