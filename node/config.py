@@ -38,6 +38,7 @@ __all__ = [
     "load_node_config",
     "read_certificate_file",
     "read_certificates",
+    "read_revocation_file",
     "read_revocation_times",
     "read_revocations",
     "read_table",
@@ -514,22 +515,30 @@ def read_revocations(path: Path | None) -> list[str]:
 
     A missing file means nothing is revoked; a malformed line is a ConfigError.
     """
-    return [serial for serial, _ in _revocation_entries(path)]
+    return read_revocation_file(path)[0]
 
 
 def read_revocation_times(path: Path | None) -> dict[str, dt.datetime]:
     """The serials of the revocation file revoked from a time on (``SERIAL TIME`` lines,
     the time RFC 3339 with its offset), each with its time: the earliest, when listed more
     than once. A serial also listed with no time is revoked for all time: not here."""
+    return read_revocation_file(path)[1]
+
+
+def read_revocation_file(path: Path | None) -> tuple[list[str], dict[str, dt.datetime]]:
+    """``read_revocations`` and ``read_revocation_times`` of one read of the file (two
+    reads could straddle its replacement and disagree)."""
+    entries = _revocation_entries(path)
     forever: set[int] = set()
     times: dict[int, tuple[str, dt.datetime]] = {}
-    for serial, since in _revocation_entries(path):
+    for serial, since in entries:
         number = int(serial, 16)
         if since is None:
             forever.add(number)
         elif number not in times or since < times[number][1]:
             times[number] = (times.get(number, (serial, since))[0], since)
-    return {serial: since for number, (serial, since) in times.items() if number not in forever}
+    timed = {serial: since for number, (serial, since) in times.items() if number not in forever}
+    return [serial for serial, _ in entries], timed
 
 
 def _revocation_entries(path: Path | None) -> list[tuple[str, dt.datetime | None]]:

@@ -41,8 +41,7 @@ from node.config import (
     HubConfig,
     load_hub_config,
     read_certificates,
-    read_revocation_times,
-    read_revocations,
+    read_revocation_file,
 )
 from node.core.directory import DirectoryView
 from node.core.documents import unfetchable_attachment
@@ -169,16 +168,13 @@ def build_directory(
         "suspended": pb.AGENCY_STATE_SUSPENDED,
         "retired": pb.AGENCY_STATE_RETIRED,
     }
+    if revoked_serials is None:
+        revoked_serials, times = read_revocation_file(config.revocation_file)
+        revocations = revocation_messages(times)
     directory = pb.Directory(
         version=version if version is not None else time.time_ns() // 1000,
-        revoked_serials=(
-            read_revocations(config.revocation_file) if revoked_serials is None else revoked_serials
-        ),
-        revocations=(
-            revocation_messages(read_revocation_times(config.revocation_file))
-            if revoked_serials is None
-            else revocations
-        ),
+        revoked_serials=revoked_serials,
+        revocations=revocations,
         hub=config.identity.uri,
         hub_signing_certificates=[signer.certificate.public_bytes(Encoding.DER)],
         intermediate_certificates=[c.public_bytes(Encoding.DER) for c in intermediates],
