@@ -722,13 +722,13 @@ class Agency(pb.NodeServiceServicer):
         if not self.in_directory:  # as a suspended sender's: each letter refused
             refused: list[pb.Receipt | ChaparError] = [self._not_in_directory() for _ in requests]
             return await self._retries_answered(requests, refused, access)
-        if fault := self.signing_certificate_fault():  # as the hub would refuse each letter
+        now = dt.datetime.now(dt.UTC)
+        if fault := self.signing_certificate_fault(now):  # as the hub would refuse each letter
             refused = [self._signing_certificate_not_valid(fault) for _ in requests]
             return await self._retries_answered(requests, refused, access)
         if self.numbers_unconfirmed is not None:
             raise self._numbers_unconfirmed()
         directory = self._require_directory()
-        now = dt.datetime.now(dt.UTC)
         results: list[pb.Receipt | ChaparError] = []
         valid: list[tuple[int, pb.LetterDraft, pb.Shams | None]] = []
         keys: list[str] = []  # aligned with valid
